@@ -1,0 +1,5 @@
+"""Routed experts (consume a routing, never logits)."""
+
+from .routed import RoutedExperts
+
+__all__ = ["RoutedExperts"]

@@ -1,0 +1,187 @@
+"""``FusedMoE``: the seed's factory keywords, as a thin front over small config objects.
+
+    layer = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, ...)   # -> MoERunner
+    out = layer(hidden_states, router_logits=None, *, input_ids=None)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from .backend import resolve_backend
+from .config import MoEConfig
+from .experts.routed import RoutedExperts
+from .parallel.placement import PLACEMENT_STRATEGIES
+from .routing.base import BaseRouter
+from .routing.factory import create_fused_moe_router
+from .runner import MoERunner
+
+log = logging.getLogger("moekit")
+
+
+def _unsupported(name: str, value, why: str) -> NotImplementedError:
+    return NotImplementedError(f"{name}={value!r} is not supported by this build: {why}")
+
+
+def FusedMoE(
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    params_dtype: torch.dtype | None = None,
+    renormalize: bool = True,
+    use_grouped_topk: bool = False,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    quant_config: Any = None,
+    tp_size: int | None = None,
+    dp_size: int | None = None,
+    pcp_size: int | None = None,
+    prefix: str = "",
+    custom_routing_function: Callable | None = None,
+    router: BaseRouter | None = None,
+    scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0,
+    swiglu_limit: float | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
+    activation: str = "silu",
+    enable_eplb: bool = False,
+    num_redundant_experts: int = 0,
+    has_bias: bool = False,
+    is_sequence_parallel: bool = False,
+    expert_mapping: list[tuple[str, str, int, str]] | None = None,
+    n_shared_experts: int | None = None,
+    router_logits_dtype: torch.dtype | None = None,
+    gate: torch.nn.Module | None = None,
+    shared_experts: torch.nn.Module | None = None,
+    shared_expert_gate: torch.nn.Module | None = None,
+    routed_input_transform: torch.nn.Module | None = None,
+    routed_output_transform: torch.nn.Module | None = None,
+    apply_routed_scale_to_output: bool = False,
+    zero_expert_type: str | None = None,
+    hash_indices_table: torch.Tensor | None = None,
+    runner_cls: type[MoERunner] | None = None,
+    runner_args: dict[str, Any] | None = None,
+    routed_experts_cls: type[RoutedExperts] | None = None,
+    routed_experts_args: dict[str, Any] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    ep_group=None,
+    tp_group=None,
+    expert_placement_strategy: str = "linear",
+    backend: str = "auto",
+) -> MoERunner:
+    """Build a complete MoE layer: router -> routed experts -> runner (with gate and shared experts).
+
+    Every keyword has the seed's meaning and default; see SPEC §1. Extra keywords: ``device`` (where
+    the weights live), ``ep_group``/``tp_group`` (``torch.distributed`` groups),
+    ``expert_placement_strategy`` ("linear" or "round_robin") and ``backend`` ("auto", "torch",
+    "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``).
+    """
+    if quant_config is not None:
+        raise _unsupported("quant_config", quant_config, "quantised experts (fp8, mxfp4) are not implemented yet")
+    if is_sequence_parallel:
+        raise _unsupported("is_sequence_parallel", True, "sequence-parallel MoE is not implemented")
+    if pcp_size not in (None, 1):
+        raise _unsupported("pcp_size", pcp_size, "pipeline context parallelism is not implemented")
+    if dp_size not in (None, 1):
+        raise _unsupported("dp_size", dp_size, "data parallelism is the caller's; pass ep_group for expert parallelism")
+    if tp_size not in (None, 1) and tp_group is None:
+        raise _unsupported("tp_size", tp_size, "tensor parallelism needs tp_group (a torch.distributed group)")
+    if expert_placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(
+            f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {expert_placement_strategy!r}"
+        )
+    if num_redundant_experts and not enable_eplb:
+        raise ValueError(f"num_redundant_experts={num_redundant_experts} requires enable_eplb=True")
+    if enable_eplb:
+        raise _unsupported("enable_eplb", True, "EPLB is not implemented yet")
+    if ep_group is not None or tp_group is not None:
+        raise _unsupported("ep_group/tp_group", (ep_group, tp_group), "expert/tensor parallelism is not implemented yet")
+
+    num_zero = 0
+    if zero_expert_type is not None:
+        if e_score_correction_bias is None or e_score_correction_bias.dim() != 1:
+            raise ValueError("zero_expert_type needs e_score_correction_bias of shape [E + Z]")
+        num_zero = e_score_correction_bias.shape[0] - num_experts
+        if num_zero < 0:
+            raise ValueError(
+                f"e_score_correction_bias must have length E + Z >= num_experts ({num_experts}), "
+                f"got {e_score_correction_bias.shape[0]}"
+            )
+    params_dtype = params_dtype or torch.get_default_dtype()
+    config = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        activation=activation,
+        has_bias=has_bias,
+        swiglu_limit=swiglu_limit,
+        apply_router_weight_on_input=apply_router_weight_on_input,
+        num_zero_experts=num_zero,
+        params_dtype=params_dtype,
+    )
+    device = torch.device(device) if device is not None else _default_device()
+    chosen = resolve_backend(backend, device)
+    if backend == "auto":
+        log.info("moekit layer %r: backend %r on %s", prefix, chosen, device)
+
+    if router is None:
+        router = create_fused_moe_router(
+            top_k=top_k,
+            global_num_experts=num_experts,
+            renormalize=renormalize,
+            use_grouped_topk=use_grouped_topk,
+            num_expert_group=num_expert_group,
+            topk_group=topk_group,
+            custom_routing_function=custom_routing_function,
+            scoring_func=scoring_func,
+            # scaling on the output: the router must not scale as well
+            routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
+            e_score_correction_bias=e_score_correction_bias,
+            zero_expert_type=zero_expert_type,
+            num_logical_experts=num_experts,
+            hash_indices_table=hash_indices_table,
+        )
+    elif not isinstance(router, BaseRouter):
+        raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
+    router.backend = chosen
+    router.to(device)
+
+    routed_experts = (routed_experts_cls or RoutedExperts)(
+        prefix,
+        params_dtype,
+        config,
+        quant_config,
+        expert_mapping=expert_mapping,
+        backend=chosen,
+        device=device,
+        **(routed_experts_args or {}),
+    )
+    runner = (runner_cls or MoERunner)(
+        layer_name=prefix,
+        moe_config=config,
+        router=router,
+        routed_experts=routed_experts,
+        gate=gate,
+        shared_expert_gate=shared_expert_gate,
+        shared_experts=shared_experts,
+        routed_input_transform=routed_input_transform,
+        routed_output_transform=routed_output_transform,
+        routed_scaling_factor=routed_scaling_factor if apply_routed_scale_to_output else 1.0,
+        router_logits_dtype=router_logits_dtype,
+        **(runner_args or {}),
+    )
+    runner.n_shared_experts = n_shared_experts  # informational: shared experts run via ``shared_experts``
+    runner.expert_mapping = expert_mapping
+    return runner
+
+
+def _default_device() -> torch.device:
+    d = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
+    return torch.device(d)

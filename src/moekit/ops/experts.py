@@ -1,0 +1,263 @@
+"""Routed experts: ``out[t] = Σ_j w[t, j] · expert_{ids[t, j]}(x[t])``.
+
+``expert_e(x) = w2[e] · act(w13[e] · x + b13[e]) + b2[e]`` where ``w13[e]`` holds the gate rows then the
+up rows (``2I`` rows; ``I`` rows for the non-gated relu2). With ``apply_router_weight_on_input``
+(``K == 1`` only) the weight scales the input instead: ``out[t] = expert_{ids[t, 0]}(w[t, 0] · x[t])``.
+``expert_map [E] int32`` maps global ids to local ids, ``-1`` for experts held elsewhere (they add 0).
+
+:func:`fused_experts` validates and dispatches; :func:`fused_experts_torch` is the reference twin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import (
+    FLOAT_DTYPES,
+    check_float_dtype,
+    check_int_dtype,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from .activation import apply_activation_torch, canonical_activation, is_gated
+
+#: Upper bound on the reference path's per-chunk scratch memory (bytes).
+DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExpertsProblem:
+    """Validated sizes of one ``fused_experts`` call."""
+
+    num_tokens: int  # T
+    hidden: int  # H
+    inter: int  # I
+    top_k: int  # K
+    num_local: int  # E_local
+    num_global: int  # E (the id space of topk_ids)
+    activation: str
+
+
+def check_experts_inputs(
+    hidden_states,
+    w1,
+    w2,
+    topk_weights,
+    topk_ids,
+    *,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    w1_bias=None,
+    w2_bias=None,
+    expert_map=None,
+    global_num_experts: int = -1,
+) -> ExpertsProblem:
+    """Check shapes, dtypes and devices of a ``fused_experts`` call; return its sizes."""
+    act = canonical_activation(activation)
+    for name, t in (("hidden_states", hidden_states), ("w1", w1), ("w2", w2)):
+        check_tensor(name, t)
+        check_float_dtype(name, t, FLOAT_DTYPES)
+    check_tensor("topk_weights", topk_weights)
+    check_tensor("topk_ids", topk_ids)
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must have shape [T, H], got {list(hidden_states.shape)}")
+    t, h = hidden_states.shape
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w1 must be [E, 2I|I, H] and w2 [E, H, I], got {list(w1.shape)} and {list(w2.shape)}")
+    e_local, _, inter = w2.shape
+    rows = 2 * inter if is_gated(act) else inter
+    check_shape("w1", w1, (e_local, rows, h))
+    check_shape("w2", w2, (e_local, h, inter))
+    for name, t_ in (("w1", w1), ("w2", w2)):
+        if t_.dtype != hidden_states.dtype:
+            raise TypeError(f"{name} has dtype {t_.dtype} but hidden_states has {hidden_states.dtype}; they must match")
+        check_same_device(name, t_, "hidden_states", hidden_states)
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise ValueError(f"topk_ids must have shape [T={t}, K], got {list(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    check_shape("topk_weights", topk_weights, (t, k))
+    check_int_dtype("topk_ids", topk_ids)
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
+    check_same_device("topk_ids", topk_ids, "hidden_states", hidden_states)
+    check_same_device("topk_weights", topk_weights, "hidden_states", hidden_states)
+    if apply_router_weight_on_input and k != 1:
+        raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={k}")
+    if w1_bias is not None:
+        check_tensor("w1_bias", w1_bias)
+        check_shape("w1_bias", w1_bias, (e_local, rows))
+        check_same_device("w1_bias", w1_bias, "hidden_states", hidden_states)
+    if w2_bias is not None:
+        check_tensor("w2_bias", w2_bias)
+        check_shape("w2_bias", w2_bias, (e_local, h))
+        check_same_device("w2_bias", w2_bias, "hidden_states", hidden_states)
+    num_global = e_local
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map)
+        check_int_dtype("expert_map", expert_map)
+        if expert_map.dim() != 1:
+            raise ValueError(f"expert_map must have shape [E], got {list(expert_map.shape)}")
+        check_same_device("expert_map", expert_map, "hidden_states", hidden_states)
+        num_global = expert_map.shape[0]
+    if global_num_experts not in (-1, None):
+        if expert_map is not None and global_num_experts != num_global:
+            raise ValueError(f"global_num_experts ({global_num_experts}) must equal len(expert_map) ({num_global})")
+        if expert_map is None and global_num_experts != e_local:
+            raise ValueError(
+                f"global_num_experts ({global_num_experts}) differs from w1.shape[0] ({e_local}); pass expert_map"
+            )
+    return ExpertsProblem(t, h, inter, k, e_local, num_global, act)
+
+
+def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise if an id lies outside ``[0, num_experts)`` (a host synchronisation)."""
+    if topk_ids.numel() == 0:
+        return
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    global_num_experts: int = -1,
+    swiglu_limit: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Routed experts (module docstring), on ``backend`` ("auto", "torch" or "triton").
+
+    hidden_states: [T, H] fp32/bf16/fp16; w1: [E_local, 2I, H] (``[E_local, I, H]`` for relu2);
+    w2: [E_local, H, I]; topk_weights: [T, K] float; topk_ids: [T, K] int32/int64 in ``[0, E)``;
+    w1_bias: [E_local, 2I]; w2_bias: [E_local, H]; expert_map: [E] int32.
+    returns: [T, H] dtype of hidden_states.
+    """
+    from ..backend import resolve_backend
+
+    kwargs = dict(
+        activation=activation,
+        apply_router_weight_on_input=apply_router_weight_on_input,
+        w1_bias=w1_bias,
+        w2_bias=w2_bias,
+        expert_map=expert_map,
+        global_num_experts=global_num_experts,
+        swiglu_limit=swiglu_limit,
+    )
+    if resolve_backend(backend, hidden_states.device, quiet=True) == "triton":
+        from .triton_experts import fused_experts_triton
+
+        return fused_experts_triton(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
+    return fused_experts_torch(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
+
+
+def fused_experts_torch(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    global_num_experts: int = -1,
+    swiglu_limit: float | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> torch.Tensor:
+    """Reference routed experts: vectorised over tokens, a loop over experts, bounded memory.
+
+    Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation), the activation in
+    fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
+    Slots with weight exactly 0 (masked zero experts) are skipped on the output-weighted path: they
+    add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
+    does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
+    scratch stays under ``workspace_bytes``; each token lies in one chunk, so chunking is exact.
+    """
+    p = check_experts_inputs(
+        hidden_states,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation=activation,
+        apply_router_weight_on_input=apply_router_weight_on_input,
+        w1_bias=w1_bias,
+        w2_bias=w2_bias,
+        expert_map=expert_map,
+        global_num_experts=global_num_experts,
+    )
+    check_ids_in_range(topk_ids, p.num_global)
+    out = torch.empty_like(hidden_states)
+    if p.num_tokens == 0:
+        return out
+    # scratch per token: K slot outputs [K, H] + activations [K, 2I] (fp32) + gathered inputs [K, H]
+    per_token = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16
+    chunk = max(1, min(p.num_tokens, workspace_bytes // per_token))
+    local_map = expert_map.long() if expert_map is not None else None
+    for start in range(0, p.num_tokens, chunk):
+        stop = min(start + chunk, p.num_tokens)
+        out[start:stop] = _experts_chunk(
+            hidden_states[start:stop],
+            w1,
+            w2,
+            topk_weights[start:stop],
+            topk_ids[start:stop],
+            p,
+            apply_router_weight_on_input,
+            w1_bias,
+            w2_bias,
+            local_map,
+            swiglu_limit,
+        )
+    return out
+
+
+def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
+    """One chunk of tokens: x [Tc, H] -> [Tc, H]."""
+    tc, k = topk_ids.shape
+    ids = topk_ids.reshape(-1).long()
+    weights = topk_weights.reshape(-1).float()
+    local = local_map[ids] if local_map is not None else ids
+    live = local >= 0
+    if not on_input:
+        live &= weights != 0
+    # sort slots by local expert; dead slots get key E_local and sort last
+    key = torch.where(live, local, torch.full_like(local, p.num_local))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=p.num_local + 1)[: p.num_local].tolist()
+    slot_out = torch.zeros(tc * k, p.hidden, dtype=torch.float32, device=x.device)
+    begin = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[begin : begin + n]
+        begin += n
+        xin = x[slots // k]
+        if on_input:
+            xin = (xin.float() * weights[slots].unsqueeze(1)).to(x.dtype)
+        h = xin @ w1[e].t()
+        if b1 is not None:
+            h = h + b1[e]
+        a = apply_activation_torch(h, p.activation, swiglu_limit).to(x.dtype)
+        o = a @ w2[e].t()
+        if b2 is not None:
+            o = o + b2[e]
+        o = o.float()
+        if not on_input:
+            o = o * weights[slots].unsqueeze(1)
+        slot_out[slots] = o
+    return slot_out.view(tc, k, p.hidden).sum(dim=1).to(x.dtype)

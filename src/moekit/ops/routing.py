@@ -1,0 +1,348 @@
+"""Routing ops: scores -> (optionally grouped, optionally biased) top-k -> weights.
+
+One contract, :class:`TopKSpec`, covers every score-based router; :func:`route` dispatches it to the
+torch twin (:func:`route_torch`, any device) or the Triton kernel (CUDA). The public seed-style
+functions :func:`fused_topk`, :func:`fused_topk_bias` and :func:`grouped_topk` are thin fronts over it.
+
+Math (``s = scores(logits)`` in float32, ``b`` the optional selection bias)::
+
+    sel   = s + b                       (selection scores; weights always come from unbiased s)
+    if G > 1:  group_score[g] = top2sum(sel[g]) if b is given else max(sel[g])
+               keep the topk_group best groups, experts of other groups -> -inf
+    ids   = topk(sel, K)                ties -> lower expert id (documented argmax semantics)
+    w     = s[ids]; if renormalize: w /= sum(w); w *= routed_scaling_factor
+
+Output: ``topk_weights [T, K] float32`` and ``topk_ids [T, K] int32`` (or ``indices_type``), each row
+in descending order of selection score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_choice, check_finite, check_int, check_shape, check_tensor
+
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+RENORM_EPS = 1e-20  # guards an all-zero top-k (sigmoid underflow) against 0/0
+
+
+@dataclass(frozen=True)
+class TopKSpec:
+    """Everything a score-based top-k router computes, minus the tensors.
+
+    ``num_expert_group == 1`` means ungrouped. Validate with :meth:`validate` against ``E``.
+    """
+
+    top_k: int
+    scoring_func: str = "softmax"
+    renormalize: bool = False
+    routed_scaling_factor: float = 1.0
+    num_expert_group: int = 1
+    topk_group: int = 1
+
+    def validate(self, num_experts: int) -> "TopKSpec":
+        check_int("top_k", self.top_k, minimum=1)
+        check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
+        if not isinstance(self.routed_scaling_factor, (int, float)) or isinstance(self.routed_scaling_factor, bool):
+            raise TypeError(f"routed_scaling_factor must be a float, got {self.routed_scaling_factor!r}")
+        if self.top_k > num_experts:
+            raise ValueError(f"top_k must be <= the number of experts ({num_experts}), got {self.top_k}")
+        g, kg = self.num_expert_group, self.topk_group
+        check_int("num_expert_group", g, minimum=1)
+        check_int("topk_group", kg, minimum=1)
+        if g > num_experts:
+            raise ValueError(f"num_expert_group must be <= the number of experts ({num_experts}), got {g}")
+        if num_experts % g:
+            raise ValueError(f"num_expert_group ({g}) must divide the number of experts ({num_experts})")
+        if kg > g:
+            raise ValueError(f"topk_group must be <= num_expert_group ({g}), got {kg}")
+        kept = kg * (num_experts // g)
+        if self.top_k > kept:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be <= the experts in the kept groups "
+                f"(topk_group {kg} x {num_experts // g} experts per group = {kept})"
+            )
+        return self
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_expert_group > 1
+
+
+def compute_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """scores: [T, E] float32 from logits [T, E] (any float dtype)."""
+    x = logits.float()
+    if scoring_func == "softmax":
+        return torch.softmax(x, dim=-1)
+    if scoring_func == "sigmoid":
+        return torch.sigmoid(x)
+    if scoring_func == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(x))
+    raise ValueError(f"scoring_func must be one of {list(SCORING_FUNCS)}, got {scoring_func!r}")
+
+
+def topk_lowest_id(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim, descending, ties broken toward the lower index on every device.
+
+    Built from ``argmax``, which documents that it returns the first maximal index.
+    values: [T, N] float; returns (vals [T, k], idx [T, k] int64).
+    """
+    work = values.clone()
+    idx = torch.empty(values.shape[:-1] + (k,), dtype=torch.int64, device=values.device)
+    for j in range(k):
+        best = work.argmax(dim=-1, keepdim=True)
+        idx[..., j : j + 1] = best
+        work.scatter_(-1, best, float("-inf"))
+    return values.gather(-1, idx), idx
+
+
+def _group_mask(sel: torch.Tensor, spec: TopKSpec, biased: bool) -> torch.Tensor:
+    """Boolean [T, E]: True for experts in the ``topk_group`` best groups."""
+    t, e = sel.shape
+    grouped = sel.view(t, spec.num_expert_group, e // spec.num_expert_group)
+    if biased and grouped.shape[-1] >= 2:
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # values only: ties cannot matter
+    else:  # unbiased: max; a one-expert group scores as that expert
+        group_score = grouped.amax(dim=-1)
+    _, keep = topk_lowest_id(group_score, spec.topk_group)
+    mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+    return mask.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+
+
+def finish_weights(weights: torch.Tensor, renormalize: bool, scale: float) -> torch.Tensor:
+    """Renormalise then scale float32 weights [T, K]."""
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(RENORM_EPS)
+    if scale != 1.0:
+        weights = weights * scale
+    return weights
+
+
+def route_torch(
+    gating_output: torch.Tensor,
+    spec: TopKSpec,
+    bias: torch.Tensor | None = None,
+    indices_type: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of every score-based router (see module docstring).
+
+    gating_output: [T, E] any float dtype
+    bias: [E] any float dtype or None
+    returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
+    """
+    scores = compute_scores(gating_output, spec.scoring_func)
+    sel = scores if bias is None else scores + bias.float().unsqueeze(0)
+    if spec.grouped:
+        sel = sel.masked_fill(~_group_mask(sel, spec, bias is not None), float("-inf"))
+    _, ids = topk_lowest_id(sel, spec.top_k)
+    weights = finish_weights(scores.gather(1, ids), spec.renormalize, spec.routed_scaling_factor)
+    return weights, ids.to(indices_type or torch.int32)
+
+
+def check_gating(gating_output, num_tokens: int | None = None, num_experts: int | None = None) -> torch.Tensor:
+    check_tensor("router_logits", gating_output)
+    if gating_output.dim() != 2:
+        raise ValueError(f"router_logits must have shape [T, E], got {list(gating_output.shape)}")
+    if not gating_output.is_floating_point():
+        raise TypeError(f"router_logits must be a float tensor, got {gating_output.dtype}")
+    if num_tokens is not None and gating_output.shape[0] != num_tokens:
+        raise ValueError(f"router_logits must have {num_tokens} rows (one per token), got {gating_output.shape[0]}")
+    if num_experts is not None and gating_output.shape[1] != num_experts:
+        raise ValueError(f"router_logits must have {num_experts} columns (one per expert), got {gating_output.shape[1]}")
+    return gating_output
+
+
+def check_bias(bias, num_experts: int, name: str = "e_score_correction_bias") -> torch.Tensor:
+    check_tensor(name, bias)
+    check_shape(name, bias, (num_experts,))
+    if not bias.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {bias.dtype}")
+    return bias
+
+
+def route(
+    gating_output: torch.Tensor,
+    spec: TopKSpec,
+    bias: torch.Tensor | None = None,
+    indices_type: torch.dtype | None = None,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate, then run ``spec`` on ``backend`` ("torch" or "triton"). Same outputs on both."""
+    check_gating(gating_output)
+    e = gating_output.shape[1]
+    spec.validate(e)
+    if bias is not None:
+        check_bias(bias, e)
+    if backend == "triton":
+        from .triton_routing import route_triton
+
+        return route_triton(gating_output, spec, bias, indices_type)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    check_finite("router_logits", gating_output)
+    return route_torch(gating_output, spec, bias, indices_type)
+
+
+def _resolve(backend: str, t: torch.Tensor) -> str:
+    from ..backend import resolve_backend
+
+    return resolve_backend(backend, t.device, quiet=True)
+
+
+def _check_tokens(hidden_states, gating_output) -> None:
+    if hidden_states is not None and hidden_states.shape[0] != gating_output.shape[0]:
+        raise ValueError(
+            f"hidden_states has {hidden_states.shape[0]} tokens but router_logits has {gating_output.shape[0]} rows"
+        )
+
+
+def fused_topk(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    indices_type: torch.dtype | None = None,
+    scoring_func: str = "softmax",
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ids = topk(scores)``, ``w = scores[ids]``, optionally renormalised.
+
+    hidden_states: [T, H] (only its token count is used); gating_output: [T, E]
+    returns topk_weights [T, K] float32, topk_ids [T, K] int32, token_expert_indices [T, K] int32
+    where ``token_expert_indices[t, k] = k * T + t`` (the seed's source-row index).
+    """
+    check_gating(gating_output)
+    _check_tokens(hidden_states, gating_output)
+    spec = TopKSpec(top_k=topk, scoring_func=scoring_func, renormalize=renormalize)
+    w, ids = route(gating_output, spec, None, indices_type, _resolve(backend, gating_output))
+    t = gating_output.shape[0]
+    src = torch.arange(topk, device=ids.device, dtype=torch.int32).unsqueeze(0) * t
+    src = src + torch.arange(t, device=ids.device, dtype=torch.int32).unsqueeze(1)
+    return w, ids, src
+
+
+def hash_route_torch(
+    gating_output: torch.Tensor,
+    hash_ids: torch.Tensor,
+    spec: TopKSpec,
+    indices_type: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash routing: the ids are given, weights come from the unbiased scores.
+
+    gating_output: [T, E]; hash_ids: [T, K] integer; returns ([T, K] float32, [T, K] int32)
+    """
+    ids = hash_ids.long()
+    scores = compute_scores(gating_output, spec.scoring_func)
+    weights = finish_weights(scores.gather(1, ids), spec.renormalize, spec.routed_scaling_factor)
+    return weights, ids.to(indices_type or torch.int32)
+
+
+def fused_topk_bias(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
+    topk: int,
+    renormalize: bool,
+    scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0,
+    input_tokens: torch.Tensor | None = None,
+    hash_indices_table: torch.Tensor | None = None,
+    indices_type: torch.dtype | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bias-corrected top-k (bias picks, unbiased scores weigh), or hash routing.
+
+    With ``hash_indices_table [vocab, K]`` the ids are ``hash_indices_table[input_tokens]`` and the
+    bias is not used. Returns topk_weights [T, K] float32, topk_ids [T, K] int32.
+    """
+    check_gating(gating_output)
+    _check_tokens(hidden_states, gating_output)
+    e = gating_output.shape[1]
+    spec = TopKSpec(
+        top_k=topk, scoring_func=scoring_func, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor
+    ).validate(e)
+    if hash_indices_table is not None:
+        check_hash_table(hash_indices_table, e, topk)
+        reference = _resolve(backend, gating_output) == "torch"
+        hash_ids = lookup_hash_ids(hash_indices_table, input_tokens, gating_output.shape[0], reference)
+        if reference:
+            check_finite("router_logits", gating_output)
+        return hash_route_torch(gating_output, hash_ids, spec, indices_type)
+    return route(gating_output, spec, e_score_correction_bias, indices_type, _resolve(backend, gating_output))
+
+
+def check_hash_table(table, num_experts: int, top_k: int) -> torch.Tensor:
+    check_tensor("hash_indices_table", table)
+    if table.dim() != 2 or table.shape[1] != top_k:
+        raise ValueError(f"hash_indices_table must have shape [vocab, top_k={top_k}], got {list(table.shape)}")
+    if table.is_floating_point() or table.is_complex():
+        raise TypeError(f"hash_indices_table must be an integer tensor, got {table.dtype}")
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_experts):
+        raise ValueError(
+            f"hash_indices_table values must lie in [0, {num_experts}), got range "
+            f"[{int(table.min())}, {int(table.max())}]"
+        )
+    return table
+
+
+def lookup_hash_ids(table, input_ids, num_tokens: int, check_range: bool = True) -> torch.Tensor:
+    """hash ids [T, K] int64 = table[input_ids]; validates ``input_ids`` (range: a host sync)."""
+    if input_ids is None:
+        raise ValueError("input_ids is required for hash routing (hash_indices_table is set), got None")
+    check_tensor("input_ids", input_ids)
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    input_ids = input_ids.reshape(-1)
+    if input_ids.shape[0] != num_tokens:
+        raise ValueError(f"input_ids must hold one id per token ({num_tokens}), got {input_ids.shape[0]}")
+    if input_ids.device != table.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but hash_indices_table is on {table.device}")
+    if check_range and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= table.shape[0]):
+        raise ValueError(
+            f"input_ids must lie in [0, {table.shape[0]}) (rows of hash_indices_table), got "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+    return table.long()[input_ids.long()]
+
+
+def grouped_topk(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0,
+    e_score_correction_bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2/V3 grouped top-k (see module docstring). Invalid grouping raises ``ValueError``.
+
+    Returns topk_weights [T, K] float32, topk_ids [T, K] int32.
+    """
+    check_gating(gating_output)
+    _check_tokens(hidden_states, gating_output)
+    spec = grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor)
+    return route(gating_output, spec, e_score_correction_bias, None, _resolve(backend, gating_output))
+
+
+def grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor) -> TopKSpec:
+    """TopKSpec for grouped routing; ``num_expert_group``/``topk_group`` must be given (>= 1)."""
+    for name, v in (("num_expert_group", num_expert_group), ("topk_group", topk_group)):
+        if v is None or isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int for grouped top-k routing, got {v!r}")
+    return TopKSpec(
+        top_k=topk,
+        scoring_func=scoring_func,
+        renormalize=renormalize,
+        routed_scaling_factor=routed_scaling_factor,
+        num_expert_group=num_expert_group,
+        topk_group=topk_group,
+    )

@@ -1,0 +1,157 @@
+"""MoERunner: the forward pass of one MoE layer, top to bottom (SPEC §1 "Forward order").
+
+    x        = routed_input_transform(h)            if set, else h          [T, H]
+    logits   = gate(x)                              if not given             [T, E + Z]
+    routing  = router.route(x, logits)              weights [T, K] f32, ids [T, K] i32, zero [T, H]
+    routed   = experts(x, weights, ids) + zero
+    routed  *= routed_scaling_factor                (only when applied to the output)
+    routed   = routed_output_transform(routed)      if set
+    shared   = shared_experts(h) [* sigmoid(shared_expert_gate(h))]
+    return routed + shared
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_float_dtype, check_tensor
+from .config import MoEConfig
+from .experts.routed import RoutedExperts
+from .routing.base import BaseRouter
+
+
+def _first(out):
+    """Modules such as vLLM's linear layers return (output, bias); keep the output."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class MoERunner(torch.nn.Module):
+    """Owns ``router`` and ``routed_experts`` and runs the layer. Build it with :func:`moekit.FusedMoE`."""
+
+    def __init__(
+        self,
+        layer_name: str,
+        moe_config: MoEConfig,
+        router: BaseRouter,
+        routed_experts: RoutedExperts,
+        enable_dbo: bool = False,
+        gate: torch.nn.Module | None = None,
+        shared_expert_gate: torch.nn.Module | None = None,
+        shared_experts: torch.nn.Module | None = None,
+        routed_input_transform: torch.nn.Module | None = None,
+        routed_output_transform: torch.nn.Module | None = None,
+        routed_scaling_factor: float = 1.0,
+        router_logits_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if enable_dbo:
+            raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
+        if shared_expert_gate is not None and shared_experts is None:
+            raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
+        self.layer_name = layer_name
+        self.moe_config = moe_config
+        self.router = router
+        self.routed_experts = routed_experts
+        self.gate = gate
+        self.shared_experts = shared_experts
+        self.shared_expert_gate = shared_expert_gate
+        self.routed_input_transform = routed_input_transform
+        self.routed_output_transform = routed_output_transform
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.router_logits_dtype = router_logits_dtype
+        #: optional callable ``(x, weights, ids, routed_experts) -> [T, H]`` that replaces the local
+        #: expert call (expert/tensor parallel dispatch and combine install one)
+        self.expert_executor = None
+
+    @property
+    def backend(self) -> str:
+        return self.routed_experts.backend
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
+        input_ids: [T] (hash routing). Returns [..., H_out] in the dtype of hidden_states."""
+        self._check_hidden(hidden_states)
+        lead = hidden_states.shape[:-1]
+        h = hidden_states.reshape(-1, hidden_states.shape[-1])
+        x = h if self.routed_input_transform is None else _first(self.routed_input_transform(h))
+        self._check_routed_input(x)
+
+        logits = self._logits(x, router_logits)
+        routing = self.router.route(x, logits, input_ids=input_ids)
+        routed = self._run_experts(x, routing.topk_weights, routing.topk_ids)
+        if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
+            acc = routed.float()
+            if routing.zero_output is not None:
+                acc = acc + routing.zero_output.float()
+            routed = (acc * self.routed_scaling_factor).to(routed.dtype)
+        if self.routed_output_transform is not None:
+            routed = _first(self.routed_output_transform(routed))
+
+        if self.shared_experts is not None:
+            shared = _first(self.shared_experts(h))
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(_first(self.shared_expert_gate(h))) * shared
+            routed = routed + shared
+        return routed.reshape(*lead, routed.shape[-1])
+
+    def _run_experts(self, x, topk_weights, topk_ids) -> torch.Tensor:
+        if self.expert_executor is not None:
+            return self.expert_executor(x, topk_weights, topk_ids, self.routed_experts)
+        return self.routed_experts(x, topk_weights, topk_ids)
+
+    def _logits(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
+        if router_logits is None:
+            if self.gate is None:
+                raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
+            router_logits = _first(self.gate(x))
+        else:
+            check_tensor("router_logits", router_logits)
+            if router_logits.dim() != 2:
+                router_logits = router_logits.reshape(-1, router_logits.shape[-1])
+        if self.router_logits_dtype is not None:
+            router_logits = router_logits.to(self.router_logits_dtype)
+        return router_logits
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_hidden(self, hidden_states) -> None:
+        check_tensor("hidden_states", hidden_states)
+        check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
+        if hidden_states.dim() < 1:
+            raise ValueError("hidden_states must have shape [..., H], got a scalar")
+        if self.routed_input_transform is None and hidden_states.shape[-1] != self.moe_config.hidden_size:
+            raise ValueError(
+                f"hidden_states must have shape [..., {self.moe_config.hidden_size}], got {list(hidden_states.shape)}"
+            )
+
+    def _check_routed_input(self, x: torch.Tensor) -> None:
+        w = self.routed_experts.w13_weight
+        if x.shape[-1] != self.moe_config.hidden_size:
+            raise ValueError(
+                f"the routed input must have width hidden_size={self.moe_config.hidden_size}, got {x.shape[-1]}"
+            )
+        if x.dtype != w.dtype:
+            raise TypeError(
+                f"hidden_states has dtype {x.dtype} but the expert weights are {w.dtype}; "
+                "cast the input or build the layer with params_dtype matching it"
+            )
+        if x.device != w.device:
+            raise ValueError(f"hidden_states is on {x.device} but the expert weights are on {w.device}")
+
+    # -- weights ------------------------------------------------------------------------------
+    def load_expert_weights(self, w13, w2, w13_bias=None, w2_bias=None) -> None:
+        """Take the global ``[E, ...]`` tensors and keep this rank's share (see RoutedExperts)."""
+        self.routed_experts.load_expert_weights(w13, w2, w13_bias, w2_bias)
+
+    def extra_repr(self) -> str:
+        c = self.moe_config
+        return (
+            f"layer_name={self.layer_name!r}, E={c.num_experts}, Z={c.num_zero_experts}, K={c.top_k}, "
+            f"H={c.hidden_size}, I={c.intermediate_size}, activation={c.activation!r}, backend={self.backend!r}"
+        )
