@@ -149,6 +149,12 @@ class MoERunner(torch.nn.Module):
         """Take the global ``[E, ...]`` tensors and keep this rank's share (see RoutedExperts)."""
         self.routed_experts.load_expert_weights(w13, w2, w13_bias, w2_bias)
 
+    def load_weights(self, weights) -> set[str]:
+        """Consume checkpoint ``(name, tensor)`` pairs through the expert-params mapping (SPEC §6)."""
+        from .loading.mapping import load_layer_weights
+
+        return load_layer_weights(self, weights)
+
     def extra_repr(self) -> str:
         c = self.moe_config
         return (
