@@ -9,6 +9,7 @@ from .backend import resolve_backend
 from .config import MoEConfig
 from .experts.routed import RoutedExperts
 from .layer import FusedMoE
+from .loading import fused_moe_make_expert_params_mapping, load_moe_layers
 from .ops.activation import ACTIVATIONS
 from .ops.experts import fused_experts, fused_experts_torch
 from .ops.routing import TopKSpec, fused_topk, fused_topk_bias, grouped_topk
@@ -45,6 +46,8 @@ __all__ = [
     "ZeroExpertRouter",
     "create_fused_moe_router",
     "fused_experts",
+    "fused_moe_make_expert_params_mapping",
+    "load_moe_layers",
     "fused_experts_torch",
     "fused_topk",
     "fused_topk_bias",
