@@ -6,7 +6,9 @@ from typing import Iterable
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: dtypes the Triton kernels take (float64 is for the torch reference path only)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:

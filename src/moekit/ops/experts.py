@@ -16,6 +16,7 @@ import torch
 
 from .._checks import (
     FLOAT_DTYPES,
+    KERNEL_DTYPES,
     check_float_dtype,
     check_int_dtype,
     check_same_device,
@@ -139,7 +140,7 @@ def fused_experts(
 ) -> torch.Tensor:
     """Routed experts (module docstring), on ``backend`` ("auto", "torch" or "triton").
 
-    hidden_states: [T, H] fp32/bf16/fp16; w1: [E_local, 2I, H] (``[E_local, I, H]`` for relu2);
+    hidden_states: [T, H] fp32/bf16/fp16 (fp64 on the torch backend); w1: [E_local, 2I, H] (``[E_local, I, H]`` for relu2);
     w2: [E_local, H, I]; topk_weights: [T, K] float; topk_ids: [T, K] int32/int64 in ``[0, E)``;
     w1_bias: [E_local, 2I]; w2_bias: [E_local, H]; expert_map: [E] int32.
     returns: [T, H] dtype of hidden_states.
@@ -157,6 +158,8 @@ def fused_experts(
     )
     if resolve_backend(backend, hidden_states.device, quiet=True) == "triton":
         from .triton_experts import fused_experts_triton
+
+        check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
 
         return fused_experts_triton(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
     return fused_experts_torch(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
