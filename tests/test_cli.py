@@ -45,6 +45,16 @@ def test_readme_python_example_runs():
 
 
 @pytest.mark.parametrize("name", ["bench", "tune", "inspect"])
-def test_subcommands_are_registered(name):
-    args = build_parser().parse_args([name, "--help"])
-    assert args.command == name and args.rest == ["--help"]
+def test_subcommands_are_forwarded(name, monkeypatch):
+    # `moekit NAME ARGS...` hands ARGS to the subcommand's own entry point untouched
+    import importlib
+
+    from moekit.cli import FORWARDED
+
+    module, func, _ = FORWARDED[name]
+    seen = []
+    fake = type("M", (), {func: staticmethod(lambda argv: seen.append(argv) or 0)})
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda m: fake if m == module else real_import(m))
+    assert main([name, "--help", "x"]) == 0
+    assert seen == [["--help", "x"]]

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+#: subcommands implemented elsewhere; each parses its own arguments
+FORWARDED = {
+    "bench": ("moekit.bench", "main", "benchmark whole MoE layers on a GPU (CUDA graphs, roofline, plot)"),
+    "tune": ("moekit.tuning", "tune_main", "tune Triton kernel configs for your shape and write a JSON config"),
+    "inspect": ("moekit.loading.inspect", "inspect_main", "print the MoE layout of a HF checkpoint directory"),
+}
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
     return 0 if run_demo(device=args.device, dtype=args.dtype, repeats=args.repeats) else 1
-
-
-def _forward(module: str, func: str):
-    """A subcommand implemented elsewhere that parses its own arguments."""
-
-    def run(args) -> int:
-        import importlib
-
-        return int(getattr(importlib.import_module(module), func)(args.rest) or 0)
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,23 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
     d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     d.add_argument("--repeats", type=int, default=5)
-    d.set_defaults(run=_demo)
-    for name, module, func, text in (
-        ("bench", "moekit.bench", "main", "benchmark whole MoE layers on a GPU (CUDA graphs, roofline, plot)"),
-        ("tune", "moekit.tuning", "tune_main", "tune Triton kernel configs for your shape and write a JSON config"),
-        ("inspect", "moekit.loading.inspect", "inspect_main", "print the MoE layout of a HF checkpoint directory"),
-    ):
-        s = sub.add_parser(name, help=text, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(run=_forward(module, func))
+    for name, (_, _, text) in FORWARDED.items():
+        sub.add_parser(name, help=text + f" (see `moekit {name} --help`)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command is None:
-        args = build_parser().parse_args(["demo"])
-    return args.run(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        module, func, _ = FORWARDED[argv[0]]
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    args = build_parser().parse_args(argv or ["demo"])
+    return _demo(args)
 
 
 if __name__ == "__main__":
