@@ -1,7 +1,13 @@
 """Shared pytest setup: the ``gpu`` marker skips without CUDA; deterministic seeds."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# tests/reference.py (the float64 oracles) is importable as ``reference`` from every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_collection_modifyitems(config, items):

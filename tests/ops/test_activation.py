@@ -1,0 +1,91 @@
+"""apply_activation_torch (SPEC §1 "Activations") against the float64 formulas of tests/reference.py."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.ops.activation import ACTIVATIONS, apply_activation_torch, canonical_activation, is_gated
+from reference import ref_act
+
+GATED = ["silu", "gelu", "gelu_tanh", "swigluoai"]
+
+
+@pytest.mark.parametrize("activation", GATED)
+@pytest.mark.parametrize("limit", [None, 1.5])
+def test_gated_activations(activation, limit):
+    # each gated activation, with and without swiglu_limit (large |h| so the clamps bite)
+    h = torch.randn(37, 2 * 11) * 4
+    out = apply_activation_torch(h, activation, limit)
+    assert out.shape == (37, 11) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_act(h, activation, limit), atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_is_exact_erf_and_gelu_tanh_differs():
+    # "gelu" is the erf gelu, "gelu_tanh" the tanh approximation: they must differ measurably
+    g = torch.linspace(-4, 4, 101).unsqueeze(0)
+    h = torch.cat([g, torch.ones_like(g)], dim=-1)
+    exact = apply_activation_torch(h, "gelu")
+    approx = apply_activation_torch(h, "gelu_tanh")
+    erf = 0.5 * g.double() * (1 + torch.erf(g.double() / math.sqrt(2)))
+    torch.testing.assert_close(exact.double(), erf, atol=1e-6, rtol=1e-6)
+    assert (exact - approx).abs().max() > 1e-5
+
+
+def test_swigluoai_default_limit_and_formula():
+    # swigluoai: default limit 7.0; g = min(g, L) (no lower clamp); u clamped to [-L, L]; (u + 1)·g·σ(1.702 g)
+    g = torch.tensor([[-20.0, -1.0, 0.0, 3.0, 10.0]])
+    u = torch.tensor([[-20.0, -1.0, 0.5, 8.0, 10.0]])
+    out = apply_activation_torch(torch.cat([g, u], -1), "swigluoai").double()
+    gc = torch.tensor([-20.0, -1.0, 0.0, 3.0, 7.0], dtype=torch.float64)
+    uc = torch.tensor([-7.0, -1.0, 0.5, 7.0, 7.0], dtype=torch.float64)
+    expect = (uc + 1) * gc * torch.sigmoid(1.702 * gc)
+    torch.testing.assert_close(out[0], expect, atol=1e-6, rtol=1e-6)
+    # an explicit limit replaces 7.0
+    out2 = apply_activation_torch(torch.cat([g, u], -1), "swigluoai", 2.0).double()
+    torch.testing.assert_close(out2, ref_act(torch.cat([g, u], -1), "swigluoai", 2.0), atol=1e-6, rtol=1e-6)
+
+
+def test_swiglu_limit_on_silu():
+    # DeepSeek-V4 swiglu_limit on silu: g = min(g, L), u = clamp(u, -L, L)
+    h = torch.tensor([[10.0, -10.0, 10.0, -10.0]])  # g = [10, -10], u = [10, -10]
+    out = apply_activation_torch(h, "silu", 2.0).double()
+    expect = torch.tensor([2.0 * torch.sigmoid(torch.tensor(2.0)).item() * 2.0,
+                           -10.0 * torch.sigmoid(torch.tensor(-10.0)).item() * -2.0], dtype=torch.float64)
+    torch.testing.assert_close(out[0], expect, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["relu2", "relu2_no_mul"])
+def test_relu2_non_gated(name):
+    # relu2 is non-gated (I rows in, I out); the seed-era name is an alias
+    h = torch.randn(13, 7) * 3
+    out = apply_activation_torch(h, name)
+    assert out.shape == (13, 7)
+    torch.testing.assert_close(out.double(), ref_act(h, "relu2"), atol=1e-6, rtol=1e-6)
+    assert not is_gated(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", GATED + ["relu2"])
+def test_low_precision_input_computes_in_fp32(dtype, activation):
+    # bf16/fp16 input: activation computed in fp32 from the (rounded) input
+    h = (torch.randn(9, 16) * 2).to(dtype)
+    out = apply_activation_torch(h, activation)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_act(h.float(), activation), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_input():
+    # zero rows
+    assert apply_activation_torch(torch.empty(0, 8), "silu").shape == (0, 4)
+
+
+def test_names():
+    # canonical names and the documented aliases; unknown names list the valid ones
+    assert set(ACTIVATIONS) >= {"silu", "gelu", "gelu_tanh", "swigluoai", "relu2"}
+    assert canonical_activation("relu2_no_mul") == "relu2"
+    with pytest.raises(ValueError, match="activation") as err:
+        canonical_activation("tanhh")
+    assert "silu" in str(err.value) and "tanhh" in str(err.value)
+    with pytest.raises(ValueError, match="activation"):
+        apply_activation_torch(torch.zeros(2, 4), "bogus")
