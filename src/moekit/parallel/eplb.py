@@ -1,0 +1,246 @@
+"""EPLB balancing as pure, deterministic functions (no torch.distributed, no state).
+
+Given the load ``L[e]`` of each logical expert (tokens routed to it over a window), find how many
+replicas each expert gets and which GPU holds each replica, so that the per-GPU load
+``Σ_{replicas ρ on g} L[e(ρ)] / count[e(ρ)]`` is as even as a greedy pass makes it. Hierarchical
+(like DeepSeek's EPLB): expert groups → nodes (so a group's tokens stay on one node), then replicas
+inside each node, then replicas → the node's GPUs.
+
+Rules, everywhere: arithmetic on loads is exact (``fractions.Fraction``), ties break toward the lowest
+id (stable), and no GPU ever holds two replicas of one expert. Every rank that calls these functions
+with the same inputs gets the same answer, which is what keeps collectives in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+from .placement import physical_owners
+
+
+def _frac(x) -> Fraction:
+    if isinstance(x, bool) or not isinstance(x, (int, float, Fraction)):
+        raise TypeError(f"loads must be ints or floats, got {x!r} ({type(x).__name__})")
+    if x < 0:
+        raise ValueError(f"loads must be >= 0, got {x}")
+    return Fraction(x)
+
+
+def replicate_experts(load: Sequence, num_physical: int, max_replicas: int | None = None) -> list[int]:
+    """Replica count per expert: start with one each, then give the next replica to the expert with the
+    highest load per replica ``L[e] / count[e]`` (ties: lowest id) that has fewer than ``max_replicas``.
+
+    load: [E] ints/floats >= 0; returns counts [E] summing to ``num_physical``.
+    """
+    loads = [_frac(x) for x in load]
+    e = len(loads)
+    if num_physical < e:
+        raise ValueError(f"num_physical ({num_physical}) must be >= the number of experts ({e})")
+    cap = num_physical if max_replicas is None else max_replicas
+    if e * cap < num_physical:
+        raise ValueError(f"{num_physical} physical experts need more than max_replicas={cap} copies of some of {e} experts")
+    counts = [1] * e
+    for _ in range(num_physical - e):
+        best = None
+        for i in range(e):
+            if counts[i] >= cap:
+                continue
+            # strictly greater per-replica load wins; equal keeps the lower id
+            if best is None or loads[i] * counts[best] > loads[best] * counts[i]:
+                best = i
+        counts[best] += 1
+    return counts
+
+
+def balanced_packing(weights: Sequence, num_packs: int, labels: Sequence | None = None) -> list[list[int]]:
+    """Split items into ``num_packs`` packs of equal size with even total weight (greedy).
+
+    Items go heaviest first (ties: lowest index) to the lightest pack with room (ties: lowest pack id)
+    that holds no item with the same label. If no such pack is left, a repair swap moves an item of a
+    full pack into the lowest-id pack with room and puts the new item in its place.
+    weights: [N]; labels: [N] or None; returns the item indices of each pack, in placement order.
+    """
+    w = [_frac(x) for x in weights]
+    n = len(w)
+    if num_packs < 1 or n % num_packs:
+        raise ValueError(f"{n} items do not split into {num_packs} packs of equal size")
+    cap = n // num_packs
+    lab = list(labels) if labels is not None else list(range(n))
+    packs: list[list[int]] = [[] for _ in range(num_packs)]
+    totals = [Fraction(0)] * num_packs
+    for i in sorted(range(n), key=lambda i: (-w[i], i)):
+        room = [p for p in range(num_packs) if len(packs[p]) < cap]
+        ok = [p for p in room if all(lab[j] != lab[i] for j in packs[p])]
+        if ok:
+            p = min(ok, key=lambda p: (totals[p], p))
+        else:
+            p = _repair(packs, totals, w, lab, i, room[0])
+        packs[p].append(i)
+        totals[p] += w[i]
+    return packs
+
+
+def _repair(packs, totals, w, lab, item, q) -> int:
+    """Every pack with room holds ``item``'s label; ``q`` is the lowest such. Move an item ``j`` of a
+    full pack ``p`` without the label into ``q`` (``j``'s label must not be in ``q``); return ``p``."""
+    q_labels = {lab[j] for j in packs[q]}
+    for p in range(len(packs)):
+        if p == q or any(lab[j] == lab[item] for j in packs[p]):
+            continue
+        for j in packs[p]:
+            if lab[j] not in q_labels:
+                packs[p].remove(j)
+                totals[p] -= w[j]
+                packs[q].append(j)
+                totals[q] += w[j]
+                return p
+    raise RuntimeError(f"balanced_packing: no pack can take label {lab[item]!r} without a duplicate")
+
+
+def rebalance_experts(
+    load: Sequence, num_physical: int, num_gpus: int, num_groups: int = 1, num_nodes: int = 1
+) -> list[list[int]]:
+    """Logical experts on each GPU (each list ascending, ``num_physical / num_gpus`` long).
+
+    Hierarchical when ``num_groups % num_nodes == 0``: (1) pack the ``G`` expert groups (contiguous
+    blocks of ``E / G`` ids) onto nodes by group load; (2) inside each node replicate its experts up to
+    ``num_physical / num_nodes`` slots, at most ``num_gpus / num_nodes`` copies each; (3) pack the
+    replicas (weight ``L[e] / count[e]``, label ``e``) onto the node's GPUs. Otherwise the same with
+    one node and one group (global balancing).
+    load: [E] per-logical-expert load; GPU ``g`` belongs to node ``g // (num_gpus / num_nodes)``.
+    """
+    e = len(load)
+    for name, v in (("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if e % num_groups:
+        raise ValueError(f"the number of experts ({e}) must be divisible by num_groups ({num_groups})")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus ({num_gpus}) must be divisible by num_nodes ({num_nodes})")
+    if num_physical % num_gpus or num_physical < e:
+        raise ValueError(f"num_physical ({num_physical}) must be >= {e} and divisible by num_gpus ({num_gpus})")
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1
+    per_group = e // num_groups
+    group_load = [sum(_frac(x) for x in load[g * per_group : (g + 1) * per_group]) for g in range(num_groups)]
+    node_groups = balanced_packing(group_load, num_nodes)
+    gpus_per_node = num_gpus // num_nodes
+    slots_per_node = num_physical // num_nodes
+    out: list[list[int]] = []
+    for node in range(num_nodes):
+        experts = sorted(x for g in node_groups[node] for x in range(g * per_group, (g + 1) * per_group))
+        if slots_per_node < len(experts) or slots_per_node > len(experts) * gpus_per_node:
+            raise ValueError(
+                f"a node holds {len(experts)} experts in {slots_per_node} slots over {gpus_per_node} GPUs: "
+                "each expert needs one slot and at most one copy per GPU"
+            )
+        counts = replicate_experts([load[x] for x in experts], slots_per_node, gpus_per_node)
+        items = [(x, c) for x, c in zip(experts, counts) for _ in range(c)]
+        weights = [_frac(load[x]) / c for x, c in items]
+        packs = balanced_packing(weights, gpus_per_node, labels=[x for x, _ in items])
+        out.extend(sorted(items[i][0] for i in pack) for pack in packs)
+    return out
+
+
+def assign_slots(gpu_experts: Sequence[Sequence[int]], old_physical_to_logical: Sequence[int], strategy: str) -> list[int]:
+    """New ``physical_to_logical`` from the experts of each GPU, moving as few weights as possible:
+    a slot that already holds one of its GPU's new experts keeps it; the rest go to the remaining
+    slots in ascending order. GPU ``g``'s slots are its physical ids under ``strategy``."""
+    p = len(old_physical_to_logical)
+    owners = physical_owners(p, len(gpu_experts), strategy)
+    slots = [[] for _ in gpu_experts]
+    for phys, (rank, _) in enumerate(owners):
+        slots[rank].append(phys)
+    new = [-1] * p
+    for g, experts in enumerate(gpu_experts):
+        if len(set(experts)) != len(experts) or len(experts) != len(slots[g]):
+            raise ValueError(f"GPU {g} must get {len(slots[g])} distinct experts, got {list(experts)}")
+        todo = set(experts)
+        for phys in slots[g]:
+            if old_physical_to_logical[phys] in todo:
+                new[phys] = old_physical_to_logical[phys]
+                todo.discard(new[phys])
+        rest = sorted(todo)
+        for phys in slots[g]:
+            if new[phys] < 0:
+                new[phys] = rest.pop(0)
+    return new
+
+
+def rank_loads(load: Sequence, physical_to_logical: Sequence[int], ep_size: int, strategy: str) -> list[Fraction]:
+    """Expected load of each rank: every replica of ``e`` takes ``L[e] / count[e]``."""
+    count = [0] * len(load)
+    for e in physical_to_logical:
+        count[e] += 1
+    owners = physical_owners(len(physical_to_logical), ep_size, strategy)
+    out = [Fraction(0)] * ep_size
+    for phys, e in enumerate(physical_to_logical):
+        out[owners[phys][0]] += _frac(load[e]) / count[e]
+    return out
+
+
+def imbalance(load: Sequence, physical_to_logical: Sequence[int], ep_size: int, strategy: str) -> float:
+    """``max / mean`` of :func:`rank_loads` (1.0 is perfect; 1.0 as well when there is no load)."""
+    per_rank = rank_loads(load, physical_to_logical, ep_size, strategy)
+    total = sum(per_rank)
+    if total == 0:
+        return 1.0
+    return float(max(per_rank) * len(per_rank) / total)
+
+
+def logical_to_physical(physical_to_logical: Sequence[int], num_logical: int, max_replicas: int) -> tuple[list, list]:
+    """``(table [E][max_replicas] with -1 padding, counts [E])``; replicas in ascending physical id."""
+    table = [[-1] * max_replicas for _ in range(num_logical)]
+    counts = [0] * num_logical
+    for phys, e in enumerate(physical_to_logical):
+        if not 0 <= e < num_logical:
+            raise ValueError(f"physical_to_logical[{phys}] = {e} is not a logical expert id in [0, {num_logical})")
+        if counts[e] >= max_replicas:
+            raise ValueError(f"expert {e} has more than max_replicas={max_replicas} replicas")
+        table[e][counts[e]] = phys
+        counts[e] += 1
+    missing = [e for e in range(num_logical) if counts[e] == 0]
+    if missing:
+        raise ValueError(f"logical experts {missing} have no physical replica")
+    return table, counts
+
+
+@dataclass(frozen=True)
+class Move:
+    """Copy the weights in slot ``src_slot`` of EP rank ``src`` into slot ``dst_slot`` of rank ``dst``."""
+
+    src: int
+    src_slot: int
+    dst: int
+    dst_slot: int
+
+
+def plan_weight_moves(old: Sequence[int], new: Sequence[int], ep_size: int, strategy: str) -> list[Move]:
+    """The copies that turn placement ``old`` into ``new`` (physical ids ascending). A slot whose new
+    expert its own rank already holds copies locally; otherwise the source is the ``i``-th old holder
+    (ascending physical id) of that expert, ``i`` counting earlier remote fetches of it (spreads sends)."""
+    if len(old) != len(new):
+        raise ValueError(f"old and new placements differ in length: {len(old)} vs {len(new)}")
+    owners = physical_owners(len(old), ep_size, strategy)
+    holders: dict[int, list[int]] = {}
+    for phys, e in enumerate(old):
+        holders.setdefault(e, []).append(phys)
+    fetched: dict[int, int] = {}
+    moves = []
+    for phys, e in enumerate(new):
+        if old[phys] == e:
+            continue
+        dst, dst_slot = owners[phys]
+        if e not in holders:
+            raise ValueError(f"expert {e} is in the new placement but nowhere in the old one")
+        local = [h for h in holders[e] if owners[h][0] == dst]
+        if local:
+            src_phys = local[0]
+        else:
+            i = fetched.get(e, 0)
+            fetched[e] = i + 1
+            src_phys = holders[e][i % len(holders[e])]
+        moves.append(Move(owners[src_phys][0], owners[src_phys][1], dst, dst_slot))
+    return moves
