@@ -5,8 +5,6 @@ tolerances), T = 0 / 1 / primes, K = 1 / K = E, E not a power of two, a hot expe
 262,144 tokens in one call, and batch invariance.
 """
 
-import math
-
 import pytest
 import torch
 
