@@ -1,5 +1,178 @@
-"""Safetensors checkpoint loader (placeholder; being written)."""
+"""``load_moe_layers(path)``: every MoE block of a local Hugging Face checkpoint as a moekit layer.
+
+Reads ``config.json`` and ``*.safetensors`` (sharded through ``model.safetensors.index.json`` or not)
+with the ``safetensors`` package only; transformers is not needed. Tensors are read one at a time and
+copied into the layer being built, so peak memory is the layers' own size plus one checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+
+import torch
+
+from .architectures import ArchSpec, plan_layers, rename_block_key
+from .mapping import missing_pieces
+from .modules import build_layer
+from .plan import LayerPlan
+
+_KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
+_CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_moe_layers(path, *, device=None, dtype=None):
-    raise NotImplementedError("load_moe_layers is being written")
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} does not exist")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """key -> safetensors file, from ``model.safetensors.index.json`` or by listing every shard."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(path, v) for k, v in weight_map.items()}
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {path!r}")
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for k in f.keys():
+                out[k] = os.path.join(path, name)
+    return out
+
+
+def _read(handle, key: str) -> torch.Tensor:
+    """One tensor from an open safetensors file (a seam for tests that count live bytes)."""
+    return handle.get_tensor(key)
+
+
+def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[str, str]]:
+    """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block."""
+    by_idx = {p.layer_idx: p for p in plans}
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
+        m = _KEY_RE.match(key)
+        if m is None or m.group("block") not in spec.ckpt_blocks:
+            continue
+        plan = by_idx.get(int(m.group("idx")))
+        if plan is None or m.group("pre") not in ("", "model."):
+            continue  # dense layers, MTP layers past num_hidden_layers, other towers
+        out[plan.name][rename_block_key(spec, m.group("rest"))] = key
+    return out
+
+
+def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> dict[str, "torch.nn.Module"]:
+    """Build and load every MoE block of the checkpoint at ``path``.
+
+    Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
+    ``{"model.layers.1.mlp": layer, ...}``. Each layer maps ``x [T, H]`` (and ``input_ids [T]`` for
+    DeepSeek-V4 hash layers) to the block's hidden output ``[T, H]``; where the transformers block
+    returns a tuple (gpt-oss: ``(hidden, router_scores)``, Llama 4: ``(hidden, router_logits)``) this
+    is element 0. ``dtype`` defaults to the checkpoint's ``dtype`` in config.json (router logits of
+    DeepSeek-style routers are still computed in fp32, as transformers does).
+    Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
+    tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both shapes.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    config = read_config(path)
+    spec, plans = plan_layers(config)
+    if dtype is None:
+        dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    files = checkpoint_files(path)
+    assigned = assign_keys(spec, plans, files)
+    handles: dict[str, object] = {}
+
+    def read(key: str) -> torch.Tensor:
+        f = files[key]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt", device="cpu")
+        return _read(handles[f], key)
+
+    layers = {}
+    for plan in plans:
+        keys = assigned.get(plan.name, {})
+        if not keys:
+            raise KeyError(
+                f"no checkpoint tensor for MoE block {plan.name} (looked for keys starting with "
+                f"{' or '.join(plan.ckpt_prefixes)})"
+            )
+        construction = {}
+        for rel in _CONSTRUCTION:
+            if rel in keys:
+                construction[rel] = read(keys[rel])
+        _check_construction(plan, construction, keys)
+        layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction)
+        layer._loaded = set(construction)
+        del construction
+        for rel, key in keys.items():
+            if rel in _CONSTRUCTION:
+                continue
+            t = read(key)
+            try:
+                layer.load_weights([(rel, t.to(device))])
+            except (KeyError, ValueError) as err:
+                raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
+            del t
+        _check_complete(layer, plan, keys)
+        del layer._loaded
+        layers[plan.name] = layer
+    return layers
+
+
+def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
+    pre = plan.ckpt_prefixes[0]
+    e_all = plan.num_experts + plan.num_zero_experts
+    if plan.has_score_bias:
+        t = tensors.get("router.e_score_correction_bias")
+        if t is None:
+            raise KeyError(f"missing checkpoint tensor {pre}gate.e_score_correction_bias (router selection bias, [{e_all}])")
+        if tuple(t.shape) != (e_all,):
+            raise ValueError(
+                f"checkpoint key {keys['router.e_score_correction_bias']!r} has shape {list(t.shape)}, expected [{e_all}]"
+            )
+    if plan.hash_routing:
+        t = tensors.get("router.hash_indices_table")
+        if t is None:
+            raise KeyError(f"missing checkpoint tensor {pre}gate.tid2eid (hash routing table, [vocab, {plan.top_k}])")
+        if t.dim() != 2 or t.shape[1] != plan.top_k:
+            raise ValueError(
+                f"checkpoint key {keys['router.hash_indices_table']!r} has shape {list(t.shape)}, "
+                f"expected [vocab, {plan.top_k}]"
+            )
+
+
+_SHARD_NAMES = {"w1": ("gate_proj", "w1"), "w3": ("up_proj", "w3"), "w2": ("down_proj", "w2")}
+
+
+def _check_complete(layer, plan: LayerPlan, keys: dict) -> None:
+    missing = missing_pieces(layer)
+    if not missing:
+        return
+    sample = next(iter(keys.values()))
+    m = _KEY_RE.match(sample)
+    pre = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}." if m else plan.ckpt_prefixes[0]
+    named = []
+    for piece in missing[:8]:
+        if piece.startswith("expert "):
+            _, e, shard, *bias = piece.split()
+            kind = "bias" if bias else "weight"
+            a, b = _SHARD_NAMES[shard]
+            named.append(f"{pre}experts.{e}.{a}.{kind} (or experts.{e}.{b}.{kind})")
+        else:
+            named.append(pre + piece)
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    raise KeyError(f"missing checkpoint tensors for MoE block {plan.name}: {', '.join(named)}{more}")

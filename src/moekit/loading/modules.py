@@ -1,0 +1,129 @@
+"""Small modules the checkpoint loaders attach to a MoE layer, and :func:`build_layer`.
+
+- :class:`RouterLinear`: ``logits = x · Wᵀ (+ b)``, an ``nn.Linear`` that can run in float32 whatever
+  the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32).
+- :class:`SharedMLP`: ``down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
+  (``gate <= L``, ``|up| <= L``).
+- :func:`llama4_routing`: Llama 4's custom routing, ``ids = topk(logits)``, ``w = sigmoid(logits[ids])``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layer import FusedMoE
+from ..runner import MoERunner
+from .plan import LayerPlan
+
+_ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RouterLinear(torch.nn.Linear):
+    """Router gate: x [T, H] -> logits [T, E + Z]; with ``fp32=True`` computed in float32."""
+
+    def __init__(self, in_features, out_features, bias=False, *, fp32=False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fp32 = bool(fp32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32:
+            b = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), b)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp32={self.fp32}"
+
+
+class SharedMLP(torch.nn.Module):
+    """Shared expert: out [T, H] = down(act(min(gate x, L)) * clamp(up x, -L, L)); L only when set."""
+
+    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = torch.nn.Linear(hidden, inter, **kw)
+        self.up_proj = torch.nn.Linear(hidden, inter, **kw)
+        self.down_proj = torch.nn.Linear(inter, hidden, **kw)
+        if activation not in _ACT:
+            raise ValueError(f"shared expert activation must be one of {list(_ACT)}, got {activation!r}")
+        self.activation = activation
+        self.limit = swiglu_limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            g = g.clamp(max=self.limit)
+            u = u.clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(_ACT[self.activation](g) * u)
+
+
+def llama4_routing(hidden_states, gating_output, topk, renormalize):
+    """Llama 4: ids [T, K] = topk(logits), weights [T, K] float32 = sigmoid(logits[ids]); no renormalisation."""
+    vals, ids = torch.topk(gating_output.float(), topk, dim=-1)
+    return torch.sigmoid(vals), ids.to(torch.int32)
+
+
+def build_layer(plan: LayerPlan, *, device=None, dtype=None, backend: str = "auto", tensors=None) -> MoERunner:
+    """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
+    (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
+
+    Weights are allocated but not loaded (see :func:`moekit.loading.mapping.load_layer_weights`).
+    """
+    tensors = tensors or {}
+    dtype = dtype or torch.get_default_dtype()
+    bias = tensors.get("router.e_score_correction_bias")
+    if plan.has_score_bias and bias is None:
+        raise ValueError(f"{plan.name}: router.e_score_correction_bias is needed to build the layer")
+    if bias is not None:
+        bias = bias.to(device=device, dtype=torch.float32)
+    table = tensors.get("router.hash_indices_table")
+    if plan.hash_routing:
+        if table is None:
+            raise ValueError(f"{plan.name}: router.hash_indices_table (tid2eid) is needed for hash routing")
+        table = table.to(device=device, dtype=torch.int64)
+    e_all = plan.num_experts + plan.num_zero_experts
+    gate = RouterLinear(plan.hidden_size, e_all, bias=plan.router_bias, fp32=plan.router_fp32, device=device, dtype=dtype)
+    shared = None
+    if plan.shared_intermediate_size:
+        shared = SharedMLP(
+            plan.hidden_size,
+            plan.shared_intermediate_size,
+            plan.shared_activation,
+            plan.shared_swiglu_limit,
+            device=device,
+            dtype=dtype,
+        )
+    shared_gate = None
+    if plan.shared_expert_gate:
+        shared_gate = torch.nn.Linear(plan.hidden_size, 1, bias=False, device=device, dtype=dtype)
+    layer = FusedMoE(
+        plan.num_experts,
+        plan.top_k,
+        plan.hidden_size,
+        plan.intermediate_size,
+        params_dtype=dtype,
+        renormalize=plan.renormalize,
+        use_grouped_topk=plan.num_expert_group is not None,
+        num_expert_group=plan.num_expert_group,
+        topk_group=plan.topk_group,
+        prefix=plan.name,
+        custom_routing_function=llama4_routing if plan.custom_routing == "llama4" else None,
+        scoring_func=plan.scoring_func,
+        routed_scaling_factor=plan.routed_scaling_factor,
+        swiglu_limit=plan.swiglu_limit,
+        e_score_correction_bias=bias,
+        apply_router_weight_on_input=plan.apply_router_weight_on_input,
+        activation=plan.activation,
+        has_bias=plan.has_bias,
+        gate=gate,
+        shared_experts=shared,
+        shared_expert_gate=shared_gate,
+        zero_expert_type="identity" if plan.num_zero_experts else None,
+        hash_indices_table=table,
+        device=device,
+        backend=backend,
+    )
+    layer.fused_layout = plan.fused_layout
+    layer.plan = plan
+    return layer

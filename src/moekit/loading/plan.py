@@ -1,0 +1,68 @@
+"""LayerPlan: everything needed to build one moekit layer equal to one transformers MoE block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One MoE block of a checkpoint.
+
+    name: the block's module path in the transformers model (``model.layers.3.mlp``).
+    ckpt_prefixes: key prefixes of this block in checkpoints (``model.layers.3.block_sparse_moe.``...).
+    output: what the transformers block returns: ``"hidden"`` (a tensor), ``"hidden_scores"``
+    (gpt-oss: ``(hidden, topk_weights [T, K])``) or ``"hidden_logits"`` (Llama 4: ``(hidden [T, H],
+    router_logits [T, E])``); a moekit layer returns the hidden output (element 0).
+    """
+
+    name: str
+    layer_idx: int
+    ckpt_prefixes: tuple[str, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    routing: str  # human-readable routing kind, for ``moekit inspect``
+    scoring_func: str = "softmax"
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    has_score_bias: bool = False
+    hash_routing: bool = False
+    custom_routing: str | None = None
+    apply_router_weight_on_input: bool = False
+    num_zero_experts: int = 0
+    activation: str = "silu"
+    swiglu_limit: float | None = None
+    has_bias: bool = False
+    router_bias: bool = False
+    router_fp32: bool = False
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    shared_activation: str = "silu"
+    shared_swiglu_limit: float | None = None
+    fused_layout: str = "rows"
+    output: str = "hidden"
+    needs_input_ids: bool = False
+
+    @property
+    def num_shared_experts_width(self) -> int:
+        return self.shared_intermediate_size
+
+    def expert_bytes(self, bytes_per_el: int = 2) -> int:
+        """Bytes of one routed expert (w13 + w2, + biases) at ``bytes_per_el``."""
+        rows = 2 * self.intermediate_size if self.activation != "relu2" else self.intermediate_size
+        n = rows * self.hidden_size + self.hidden_size * self.intermediate_size
+        if self.has_bias:
+            n += rows + self.hidden_size
+        return n * bytes_per_el
+
+    def shared_bytes(self, bytes_per_el: int = 2) -> int:
+        return 3 * self.hidden_size * self.shared_intermediate_size * bytes_per_el
+
+    def active_bytes_per_token(self, bytes_per_el: int = 2) -> int:
+        """Expert weight bytes one token touches: K routed experts + the shared expert + the router."""
+        router = (self.num_experts + self.num_zero_experts) * self.hidden_size * bytes_per_el
+        return self.top_k * self.expert_bytes(bytes_per_el) + self.shared_bytes(bytes_per_el) + router
