@@ -38,6 +38,17 @@ def _act(cfg: dict) -> str:
     raise NotImplementedError(f"hidden_act={act!r} is not supported for experts (silu, gelu, gelu_pytorch_tanh)")
 
 
+def _first(cfg: dict, keys: tuple[str, ...], default):
+    """The first of ``keys`` present (transformers' attribute maps save either name)."""
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+_E_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
 def _layers(cfg: dict) -> int:
     return int(_get(cfg, "num_hidden_layers", 0))
 
@@ -56,7 +67,7 @@ def _mk(spec: ArchSpec, i: int, **kw) -> LayerPlan:
 # -- architectures --------------------------------------------------------------------------------
 def _plan_mixtral(cfg, spec):
     kw = dict(
-        num_experts=int(_get(cfg, "num_local_experts", 8)),
+        num_experts=int(_first(cfg, _E_KEYS[::-1], 8)),
         top_k=int(_get(cfg, "num_experts_per_tok", 2)),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(_get(cfg, "intermediate_size", 14336)),
@@ -70,7 +81,7 @@ def _qwen_sparse(cfg, i) -> bool:
     step = int(_get(cfg, "decoder_sparse_step", 1))
     return (
         i not in _get(cfg, "mlp_only_layers", [])
-        and int(_get(cfg, "num_experts", 0)) > 0
+        and int(_first(cfg, _E_KEYS, 0)) > 0
         and (i + 1) % step == 0
     )
 
@@ -79,7 +90,7 @@ def _plan_qwen(default_e, default_k, default_norm, shared: bool):
     def plan(cfg, spec):
         norm = bool(_get(cfg, "norm_topk_prob", default_norm))
         kw = dict(
-            num_experts=int(_get(cfg, "num_experts", default_e)),
+            num_experts=int(_first(cfg, _E_KEYS, default_e)),
             top_k=int(_get(cfg, "num_experts_per_tok", default_k)),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["moe_intermediate_size"]),
@@ -97,7 +108,7 @@ def _plan_qwen(default_e, default_k, default_norm, shared: bool):
 def _plan_olmoe(cfg, spec):
     norm = bool(_get(cfg, "norm_topk_prob", False))
     kw = dict(
-        num_experts=int(_get(cfg, "num_experts", 64)),
+        num_experts=int(_first(cfg, _E_KEYS, 64)),
         top_k=int(_get(cfg, "num_experts_per_tok", 8)),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(_get(cfg, "intermediate_size", 2048)),
@@ -109,7 +120,7 @@ def _plan_olmoe(cfg, spec):
 
 
 def _plan_deepseek_v2(cfg, spec):
-    e = int(_get(cfg, "n_routed_experts", 64))
+    e = int(_first(cfg, ("n_routed_experts", "num_experts", "num_local_experts"), 64))
     method = _get(cfg, "topk_method", "greedy")
     kw = dict(
         num_experts=e,
@@ -138,7 +149,7 @@ def _plan_deepseek_v3(default_dense):
         norm = bool(_get(cfg, "norm_topk_prob", True))
         g, kg = int(_get(cfg, "n_group", 1)), int(_get(cfg, "topk_group", 1))
         kw = dict(
-            num_experts=int(cfg["n_routed_experts"]),
+            num_experts=int(_first(cfg, ("n_routed_experts", "num_local_experts"), 256)),
             top_k=int(cfg["num_experts_per_tok"]),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["moe_intermediate_size"]),
@@ -175,7 +186,7 @@ def _plan_deepseek_v4(cfg, spec):
             _mk(
                 spec,
                 i,
-                num_experts=int(_get(cfg, "n_routed_experts", 256)),
+                num_experts=int(_first(cfg, ("n_routed_experts", "num_local_experts"), 256)),
                 top_k=int(_get(cfg, "num_experts_per_tok", 6)),
                 hidden_size=int(cfg["hidden_size"]),
                 intermediate_size=inter,
@@ -199,8 +210,8 @@ def _plan_deepseek_v4(cfg, spec):
 def _plan_longcat(cfg, spec):
     z = int(_get(cfg, "zero_expert_num", 0))
     kw = dict(
-        num_experts=int(cfg["n_routed_experts"]),
-        top_k=int(_get(cfg, "moe_topk", 12)),
+        num_experts=int(_first(cfg, ("n_routed_experts", "num_local_experts"), 512)),
+        top_k=int(_first(cfg, ("moe_topk", "num_experts_per_tok"), 12)),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["expert_ffn_hidden_size"]),
         routing=f"softmax + bias top-k over E + Z, scaled ({z} zero experts)",
@@ -220,7 +231,7 @@ def _plan_gpt_oss(cfg, spec):
     if abs(alpha - 1.702) > 1e-9:
         raise NotImplementedError(f"gpt-oss swiglu_alpha={alpha}: moekit's swigluoai uses alpha=1.702")
     kw = dict(
-        num_experts=int(_get(cfg, "num_local_experts", 128)),
+        num_experts=int(_first(cfg, ("num_local_experts", "num_experts"), 128)),
         top_k=int(_get(cfg, "num_experts_per_tok", 4)),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["intermediate_size"]),

@@ -1,0 +1,224 @@
+"""transformers integration: swap a loaded model's MoE blocks for moekit layers, or register moekit as
+an experts implementation (``from_pretrained(..., experts_implementation="moekit")``).
+
+transformers is imported inside the functions only: ``import moekit`` never needs it.
+
+- :func:`patch` replaces every MoE block with :class:`MoEBlockAdapter` around a moekit layer. Router,
+  expert and shared-expert weights are shared with the original block (no copy) where the layouts agree
+  (every architecture but gpt-oss and Llama 4, whose transposed expert stacks are converted once, a
+  copy). The adapter returns what the block returned: a tensor, gpt-oss's ``(hidden, router_scores)``
+  or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
+  (``output_router_logits``) is not reproduced: patched models are for inference.
+- :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
+  router, moekit runs the experts (``fused_experts``) on the block's own weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..loading.architectures import plan_layers
+from ..loading.modules import build_layer
+from ..loading.plan import LayerPlan
+
+_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
+
+
+class MoEBlockAdapter(torch.nn.Module):
+    """Wraps a moekit layer so it is called like the transformers block it replaces.
+
+    forward(hidden_states [..., H], input_ids=None) -> same as the original block (see module docs).
+    """
+
+    def __init__(self, moe, plan: LayerPlan):
+        super().__init__()
+        self.moe = moe
+        self.output = plan.output
+        self.needs_input_ids = plan.needs_input_ids
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None, **_unused):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        ids = input_ids.reshape(-1) if (self.needs_input_ids and input_ids is not None) else None
+        if self.output == "hidden":
+            return self.moe(x, input_ids=ids).reshape(shape)
+        logits = self.moe.gate(x)
+        out = self.moe(x, logits, input_ids=ids)
+        if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
+            return out, logits
+        weights, _ = self.moe.router.select_experts(x, logits)  # gpt-oss: (hidden, router_scores [T, K])
+        return out.reshape(shape), weights.to(hidden_states.dtype)
+
+
+def _model_config_dict(model) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"patch() needs a transformers PreTrainedModel (with .config), got {type(model).__name__}")
+    d = cfg.to_dict()
+    d.setdefault("model_type", getattr(cfg, "model_type", None))
+    return d
+
+
+def patch(model, *, backend: str = "auto") -> list[str]:
+    """Replace every MoE block of ``model`` by a moekit layer sharing its weights; returns their paths.
+
+    Supported: the architectures of :func:`moekit.loading.architectures.supported_model_types`.
+    Unsupported architectures raise ``NotImplementedError`` listing the supported ones.
+    """
+    _spec, plans = plan_layers(_model_config_dict(model))
+    by_idx = {p.layer_idx: p for p in plans}
+    replaced = []
+    for name, module in list(model.named_modules()):
+        m = _BLOCK_RE.search(name)
+        if m is None or int(m.group(1)) not in by_idx or isinstance(module, MoEBlockAdapter):
+            continue
+        plan = by_idx[int(m.group(1))]
+        if m.group(2) != plan.name.rsplit(".", 1)[-1] or not hasattr(module, "experts"):
+            continue
+        adapter = MoEBlockAdapter(_moekit_from_block(module, plan, backend), plan)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, adapter)
+        replaced.append(name)
+    if len(replaced) != len(plans):
+        raise RuntimeError(
+            f"patch found {len(replaced)} MoE blocks but the config describes {len(plans)} "
+            f"({[p.name for p in plans]}); the model structure is not the expected one"
+        )
+    return replaced
+
+
+def _router_parts(block, plan: LayerPlan):
+    """(linear weight, linear bias or None, router module holding the buffers) of a transformers block."""
+    if hasattr(block, "gate"):
+        r = block.gate
+    else:
+        r = block.router
+    lin = r.classifier if hasattr(r, "classifier") else r
+    return lin.weight, getattr(lin, "bias", None), r
+
+
+@torch.no_grad()
+def _moekit_from_block(block, plan: LayerPlan, backend: str):
+    weight, lin_bias, router = _router_parts(block, plan)
+    tensors = {}
+    if plan.has_score_bias:
+        tensors["router.e_score_correction_bias"] = router.e_score_correction_bias
+    if plan.hash_routing:
+        tensors["router.hash_indices_table"] = router.tid2eid
+    layer = build_layer(plan, device=weight.device, dtype=weight.dtype, backend=backend, tensors=tensors)
+    # router: share the gate weights and the selection-bias / hash buffers
+    layer.gate.weight = weight
+    if plan.router_bias:
+        layer.gate.bias = lin_bias
+    if plan.has_score_bias:
+        layer.router.e_score_correction_bias = router.e_score_correction_bias
+    if plan.hash_routing:
+        layer.router.hash_indices_table = router.tid2eid
+    # shared experts: the block's own modules (identical math, shared weights)
+    if plan.shared_intermediate_size:
+        layer.shared_experts = getattr(block, "shared_experts", None) or block.shared_expert
+    if plan.shared_expert_gate:
+        layer.shared_expert_gate = block.shared_expert_gate
+    ex = block.experts
+    routed = layer.routed_experts
+    e = plan.num_experts
+    if plan.fused_layout == "rows" and routed.placement.is_trivial:
+        gu = ex.gate_up_proj
+        routed.w13_weight = gu if gu.shape[0] == e else torch.nn.Parameter(gu.data[:e], requires_grad=False)
+        routed.w2_weight = ex.down_proj
+        if plan.has_bias:
+            routed.w13_bias, routed.w2_bias = ex.gate_up_proj_bias, ex.down_proj_bias
+    else:  # transposed stacks (gpt-oss, Llama 4): convert once
+        pairs = [("experts.gate_up_proj", ex.gate_up_proj), ("experts.down_proj", ex.down_proj)]
+        if plan.has_bias:
+            pairs += [("experts.gate_up_proj_bias", ex.gate_up_proj_bias), ("experts.down_proj_bias", ex.down_proj_bias)]
+        layer.load_weights(pairs)
+    return layer
+
+
+# -- transformers' experts switch ------------------------------------------------------------------
+def _experts_activation(module) -> tuple[str, float | None]:
+    """(moekit activation, swiglu_limit) equal to the experts module's gate function."""
+    from transformers.integrations import moe as hf_moe
+
+    cls = type(module)
+    apply_gate = getattr(cls, "_apply_gate", None)
+    name = cls.__name__
+    if name == "GptOssExperts":
+        if abs(float(module.alpha) - 1.702) > 1e-9:
+            raise NotImplementedError(f"{name} with swiglu alpha={module.alpha}: moekit's swigluoai uses 1.702")
+        return "swigluoai", float(module.limit)
+    if name == "DeepseekV4Experts":
+        return "silu", float(module.limit)
+    if apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
+        raise NotImplementedError(f"experts_implementation='moekit' does not know the gate function of {name}")
+    act = getattr(module.config, "hidden_act", "silu")
+    table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if act not in table:
+        raise NotImplementedError(f"experts_implementation='moekit': hidden_act={act!r} of {name} is not supported")
+    return table[act], None
+
+
+def _experts_weights(module):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) for ``fused_experts``."""
+    if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
+        b13 = module.gate_up_proj_bias if module.has_bias else None
+        b2 = module.down_proj_bias if module.has_bias else None
+        return module.gate_up_proj, module.down_proj, b13, b2
+    key = (module.gate_up_proj.data_ptr(), module.gate_up_proj._version, module.down_proj._version)
+    cache = getattr(module, "_moekit_converted", None)
+    if cache is None or cache[0] != key:
+        gu, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        w13 = gu.transpose(1, 2) if module.is_transposed else gu
+        inter = w13.shape[1] // 2
+        interleaved = not module.is_concatenated
+        gate, up = (w13[:, 0::2], w13[:, 1::2]) if interleaved else (w13[:, :inter], w13[:, inter:])
+        w13 = torch.cat([gate, up], dim=1).contiguous()
+        w2 = (down.transpose(1, 2) if module.is_transposed else down).contiguous()
+        b13 = b2 = None
+        if module.has_bias:
+            b = module.gate_up_proj_bias.detach()
+            b13 = torch.cat([b[:, 0::2], b[:, 1::2]], dim=1) if interleaved else b
+            b2 = module.down_proj_bias.detach()
+        cache = (key, (w13, w2, b13, b2))
+        module._moekit_converted = cache
+    return cache[1]
+
+
+def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers experts forward on moekit: hidden_states [T, H], top_k_index [T, K] int,
+    top_k_weights [T, K] float -> [T, H] (dtype of hidden_states)."""
+    from ..ops.experts import fused_experts
+
+    if not getattr(self, "has_gate", True):
+        raise NotImplementedError(f"experts_implementation='moekit': non-gated experts ({type(self).__name__})")
+    if getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError(f"experts_implementation='moekit': post-expert norm ({type(self).__name__})")
+    if getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError("experts_implementation='moekit' with transformers' expert parallelism")
+    activation, limit = _experts_activation(self)
+    w13, w2, b13, b2 = _experts_weights(self)
+    return fused_experts(
+        hidden_states,
+        w13,
+        w2,
+        top_k_weights.float(),
+        top_k_index,
+        activation=activation,
+        w1_bias=b13,
+        w2_bias=b2,
+        swiglu_limit=limit,
+    )
+
+
+def register(name: str = "moekit") -> str:
+    """Register moekit in transformers' experts switch; returns the name to pass as
+    ``experts_implementation``. Works for every architecture decorated with
+    ``@use_experts_implementation`` (all supported ones except LongCat-Flash and Llama 4)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(name, moekit_experts_forward)
+    return name
