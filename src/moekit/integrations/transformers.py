@@ -19,11 +19,19 @@ import re
 
 import torch
 
+from ..experts.routed import RoutedExperts
 from ..loading.architectures import plan_layers
 from ..loading.modules import build_layer
 from ..loading.plan import LayerPlan
 
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
+
+
+class _UnallocatedRoutedExperts(RoutedExperts):
+    """RoutedExperts whose weights start on the meta device: :func:`patch` installs the block's own."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, device="meta", **kwargs)
 
 
 class MoEBlockAdapter(torch.nn.Module):
@@ -108,7 +116,14 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
         tensors["router.e_score_correction_bias"] = router.e_score_correction_bias
     if plan.hash_routing:
         tensors["router.hash_indices_table"] = router.tid2eid
-    layer = build_layer(plan, device=weight.device, dtype=weight.dtype, backend=backend, tensors=tensors)
+    layer = build_layer(
+        plan,
+        device=weight.device,
+        dtype=weight.dtype,
+        backend=backend,
+        tensors=tensors,
+        routed_experts_cls=_UnallocatedRoutedExperts,
+    )
     # router: share the gate weights and the selection-bias / hash buffers
     layer.gate.weight = weight
     if plan.router_bias:
@@ -132,6 +147,11 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
         if plan.has_bias:
             routed.w13_bias, routed.w2_bias = ex.gate_up_proj_bias, ex.down_proj_bias
     else:  # transposed stacks (gpt-oss, Llama 4): convert once
+        for pname in ("w13_weight", "w2_weight", "w13_bias", "w2_bias"):
+            p = getattr(routed, pname)
+            if p is not None:
+                real = torch.zeros(p.shape, dtype=p.dtype, device=weight.device)
+                setattr(routed, pname, torch.nn.Parameter(real, requires_grad=False))
         pairs = [("experts.gate_up_proj", ex.gate_up_proj), ("experts.down_proj", ex.down_proj)]
         if plan.has_bias:
             pairs += [("experts.gate_up_proj_bias", ex.gate_up_proj_bias), ("experts.down_proj_bias", ex.down_proj_bias)]

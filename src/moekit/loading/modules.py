@@ -64,7 +64,9 @@ def llama4_routing(hidden_states, gating_output, topk, renormalize):
     return torch.sigmoid(vals), ids.to(torch.int32)
 
 
-def build_layer(plan: LayerPlan, *, device=None, dtype=None, backend: str = "auto", tensors=None) -> MoERunner:
+def build_layer(
+    plan: LayerPlan, *, device=None, dtype=None, backend: str = "auto", tensors=None, routed_experts_cls=None
+) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
 
@@ -123,6 +125,7 @@ def build_layer(plan: LayerPlan, *, device=None, dtype=None, backend: str = "aut
         hash_indices_table=table,
         device=device,
         backend=backend,
+        routed_experts_cls=routed_experts_cls,
     )
     layer.fused_layout = plan.fused_layout
     layer.plan = plan

@@ -1,0 +1,237 @@
+"""Transformers models with real layer widths (few layers, random bf16 weights): moekit vs grouped_mm.
+
+For each model shape (Qwen3-MoE 30B-A3B, DeepSeek-V3) this times, with CUDA events (median after
+warm-up), the whole-model forward (``use_cache=False``) and the last MoE block alone, at
+batch x seq = 1x1, 8x1, 1x2048, for three experts paths:
+
+- ``grouped_mm``: transformers' default experts implementation (its own router);
+- ``moekit_switch``: ``experts_implementation="moekit"`` (transformers' router, moekit experts);
+- ``patched``: :func:`moekit.integrations.transformers.patch` (moekit router + experts + shared).
+
+It also records the largest relative logit difference of each moekit path against grouped_mm.
+
+    PYTHONPATH=src python benchmarks/bench_transformers.py [--out FILE] [--tiny]
+
+``--tiny`` shrinks every width (a CPU smoke test of the script itself). Writes
+``benchmarks/results/transformers-<gpu>-<date>.json`` by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+import traceback
+
+import torch
+
+SHAPES = [(1, 1), (8, 1), (1, 2048)]
+
+MODELS = {
+    "qwen3_moe_30b_a3b": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            vocab_size=151936,
+            num_hidden_layers=2,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+            vocab_size=129280,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE: one MoE layer of real size (22.5 GB bf16)
+            max_position_embeddings=4096,
+        ),
+    ),
+}
+
+TINY = dict(
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, vocab_size=128, num_attention_heads=4,
+    num_key_value_heads=4, head_dim=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=16, num_experts=16, n_routed_experts=16,
+)
+
+
+def _time(fn, warmup: int, iters: int, device) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _moe_block(model):
+    return model.model.layers[-1].mlp
+
+
+def _bench_variant(model, name, device, hidden, vocab, shapes, results, ref_logits):
+    block = _moe_block(model)
+    out = {}
+    for b, s in shapes:
+        g = torch.Generator(device="cpu").manual_seed(b * 100003 + s)
+        ids = torch.randint(0, vocab, (b, s), generator=g).to(device)
+        x = (torch.randn(b, s, hidden, generator=g) * 0.5).to(device=device, dtype=torch.bfloat16)
+        iters = 10 if b * s >= 1024 else 30
+        with torch.inference_mode():
+            logits = model(input_ids=ids, use_cache=False).logits
+            key = f"{b}x{s}"
+            if ref_logits is not None and key in ref_logits:
+                ref = ref_logits[key]
+                diff = ((logits.float() - ref).abs().max() / ref.abs().max()).item()
+            else:
+                diff = None
+            full = _time(lambda: model(input_ids=ids, use_cache=False), 3, iters, device)
+            moe = _time(lambda: block(x), 3, iters, device)
+        out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4), max_rel_logit_diff_vs_grouped_mm=diff)
+        if name == "grouped_mm":
+            results.setdefault("_ref", {})[f"{b}x{s}"] = logits.float()
+    return out
+
+
+def run_model(key, cfg_name, model_name, kw, device, tiny, log):
+    import transformers
+
+    from moekit.integrations.transformers import MoEBlockAdapter, patch, register
+
+    kw = dict(kw)
+    if tiny:
+        kw.update({k: v for k, v in TINY.items() if k in kw})
+    config = getattr(transformers, cfg_name)(**kw)
+    t = time.time()
+    with torch.device(device):
+        model = getattr(transformers, model_name)._from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    log(f"{key}: built in {time.time() - t:.1f}s, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
+    shapes = SHAPES if not tiny else [(1, 1), (8, 1), (1, 64)]
+    hidden, vocab = config.hidden_size, config.vocab_size
+    res = {"config": {k: v for k, v in kw.items()}, "variants": {}}
+    scratch = {}
+    model.set_experts_implementation("grouped_mm")
+    res["variants"]["grouped_mm"] = _bench_variant(model, "grouped_mm", device, hidden, vocab, shapes, scratch, None)
+    log(f"{key} grouped_mm: {res['variants']['grouped_mm']}")
+    ref = scratch.pop("_ref")
+    register()
+    try:
+        model.set_experts_implementation("moekit")
+        res["variants"]["moekit_switch"] = _bench_variant(model, "moekit_switch", device, hidden, vocab, shapes, scratch, ref)
+    except Exception as err:  # record and go on: the other variants still say something
+        res["variants"]["moekit_switch"] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-2000:]}
+    log(f"{key} moekit_switch: {res['variants']['moekit_switch']}")
+    model.set_experts_implementation("grouped_mm")
+    names = patch(model)
+    adapters = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
+    backends = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
+    note = None
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
+    except Exception as err:
+        note = f"router backend {backends} failed ({type(err).__name__}: {str(err)[:200]}); routers set to torch"
+        for a in adapters:
+            a.moe.router.backend = "torch"
+        try:
+            with torch.inference_mode():
+                model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
+        except Exception as err2:
+            note += f"; experts failed too ({type(err2).__name__}: {str(err2)[:200]}); experts set to torch"
+            for a in adapters:
+                a.moe.routed_experts.backend = "torch"
+    res["patched_blocks"] = names
+    res["patched_backend"] = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
+    res["patched_note"] = note
+    res["variants"]["patched"] = _bench_variant(model, "patched", device, hidden, vocab, shapes, scratch, ref)
+    log(f"{key} patched ({res['patched_backend']}, {note}): {res['variants']['patched']}")
+    del model
+    if device.type == "cuda":
+        res["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="output JSON file")
+    ap.add_argument("--out-dir", default=None, help="directory for the default file name")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (a CPU smoke test)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args(argv)
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if device.type == "cuda" else "cpu"
+    date = datetime.date.today().isoformat()
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out_path = args.out or os.path.join(out_dir, f"transformers-{gpu}-{date}.json")
+    result = dict(
+        device=gpu,
+        date=date,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        dtype="bfloat16",
+        timing="CUDA events, median of 30 (10 at >= 1024 tokens) after 3 warm-up calls",
+        models={},
+    )
+    for key in args.models.split(","):
+        cfg_name, model_name, kw = MODELS[key]
+        try:
+            result["models"][key] = run_model(key, cfg_name, model_name, kw, device, args.tiny, print)
+        except Exception as err:
+            result["models"][key] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-3000:]}
+            print(f"{key}: FAILED {err!r}")
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+    print("wrote", out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
