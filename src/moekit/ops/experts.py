@@ -90,10 +90,12 @@ def check_experts_inputs(
     if w1_bias is not None:
         check_tensor("w1_bias", w1_bias)
         check_shape("w1_bias", w1_bias, (e_local, rows))
+        _check_bias_dtype("w1_bias", w1_bias, w1)
         check_same_device("w1_bias", w1_bias, "hidden_states", hidden_states)
     if w2_bias is not None:
         check_tensor("w2_bias", w2_bias)
         check_shape("w2_bias", w2_bias, (e_local, h))
+        _check_bias_dtype("w2_bias", w2_bias, w2)
         check_same_device("w2_bias", w2_bias, "hidden_states", hidden_states)
     num_global = e_local
     if expert_map is not None:
@@ -111,6 +113,11 @@ def check_experts_inputs(
                 f"global_num_experts ({global_num_experts}) differs from w1.shape[0] ({e_local}); pass expert_map"
             )
     return ExpertsProblem(t, h, inter, k, e_local, num_global, act)
+
+
+def _check_bias_dtype(name: str, bias: torch.Tensor, weight: torch.Tensor) -> None:
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {bias.dtype} but the expert weights are {weight.dtype}; they must match")
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -156,6 +163,7 @@ def fused_experts(
         global_num_experts=global_num_experts,
         swiglu_limit=swiglu_limit,
     )
+    check_tensor("hidden_states", hidden_states)  # before reading .device: a non-tensor raises TypeError
     if resolve_backend(backend, hidden_states.device, quiet=True) == "triton":
         from .triton_experts import fused_experts_triton
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_finite, check_int, check_shape, check_tensor
+from .._checks import check_choice, check_finite, check_int, check_same_device, check_shape, check_tensor
 
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 RENORM_EPS = 1e-20  # guards an all-zero top-k (sigmoid underflow) against 0/0
@@ -176,6 +176,7 @@ def route(
     spec.validate(e)
     if bias is not None:
         check_bias(bias, e)
+        check_same_device("e_score_correction_bias", bias, "router_logits", gating_output)
     if backend == "triton":
         from .triton_routing import route_triton
 
@@ -235,6 +236,7 @@ def hash_route_torch(
 
     gating_output: [T, E]; hash_ids: [T, K] integer; returns ([T, K] float32, [T, K] int32)
     """
+    check_same_device("hash_indices_table", hash_ids, "router_logits", gating_output)
     ids = hash_ids.long()
     scores = compute_scores(gating_output, spec.scoring_func)
     weights = finish_weights(scores.gather(1, ids), spec.renormalize, spec.routed_scaling_factor)

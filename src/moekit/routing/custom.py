@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .._checks import check_finite
 from ..ops.experts import check_ids_in_range
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter
@@ -41,6 +42,8 @@ class CustomRoutingRouter(BaseRouter):
         return RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
+        if self.backend == "torch":  # reference path: non-finite logits raise (SPEC §7)
+            check_finite("router_logits", router_logits)
         out = self.custom_routing_function(hidden_states, router_logits, self.top_k, self.renormalize)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError("custom_routing_function must return (topk_weights, topk_ids)")

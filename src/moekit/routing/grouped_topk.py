@@ -88,6 +88,9 @@ class GroupedTopk(torch.nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.num_fused_shared_experts = 0
         self.spec = grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor)
+        # construction-time checks that need no E (topk, scoring_func, scale, topk_group <= G): the stand-in
+        # E = G·topk passes every E-dependent check, which runs again against the logits' width in forward
+        self.spec.validate(num_expert_group * topk)
 
     def _run(self, gating_output, e_score_correction_bias, backend: str):
         if gating_output.dim() == 2:
