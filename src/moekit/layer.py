@@ -98,10 +98,21 @@ def FusedMoE(
         )
     if num_redundant_experts and not enable_eplb:
         raise ValueError(f"num_redundant_experts={num_redundant_experts} requires enable_eplb=True")
-    if enable_eplb:
-        raise _unsupported("enable_eplb", True, "EPLB is not implemented yet")
-    if ep_group is not None or tp_group is not None:
-        raise _unsupported("ep_group/tp_group", (ep_group, tp_group), "expert/tensor parallelism is not implemented yet")
+    parallel = None
+    if enable_eplb or ep_group is not None or tp_group is not None:
+        from .parallel.setup import build_parallel
+
+        parallel = build_parallel(
+            num_experts=num_experts,
+            num_redundant_experts=num_redundant_experts,
+            ep_group=ep_group,
+            tp_group=tp_group,
+            tp_size=tp_size,
+            strategy=expert_placement_strategy,
+            enable_eplb=enable_eplb,
+            num_expert_group=num_expert_group if use_grouped_topk else None,
+            device=torch.device(device) if device is not None else _default_device(),
+        )
 
     num_zero = 0
     if zero_expert_type is not None:
@@ -161,6 +172,7 @@ def FusedMoE(
         expert_mapping=expert_mapping,
         backend=chosen,
         device=device,
+        **({"placement": parallel.placement} if parallel is not None else {}),
         **(routed_experts_args or {}),
     )
     runner = (runner_cls or MoERunner)(
@@ -177,6 +189,8 @@ def FusedMoE(
         router_logits_dtype=router_logits_dtype,
         **(runner_args or {}),
     )
+    if parallel is not None:
+        parallel.install(runner)  # expert executor (EP dispatch/combine, TP reduce) and the EPLB routing hook
     runner.n_shared_experts = n_shared_experts  # informational: shared experts run via ``shared_experts``
     runner.expert_mapping = expert_mapping
     return runner

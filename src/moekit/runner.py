@@ -155,6 +155,13 @@ class MoERunner(torch.nn.Module):
 
         return load_layer_weights(self, weights)
 
+    def rebalance(self, **kwargs) -> dict:
+        """EPLB: rebalance this layer's experts over its EP group (``enable_eplb=True`` layers; every
+        rank calls it). Returns the imbalance before/after; see :func:`moekit.parallel.rebalance`."""
+        from .parallel.rebalance import rebalance_layer
+
+        return rebalance_layer(self, **kwargs)
+
     def extra_repr(self) -> str:
         c = self.moe_config
         return (

@@ -1,5 +1,43 @@
-"""Scale-out: placement, EPLB (pure functions) and dispatch/combine over torch.distributed."""
+"""Scale-out: placement, EPLB (pure functions) and dispatch/combine over torch.distributed.
 
-from .placement import PLACEMENT_STRATEGIES, ExpertPlacement, local_physical_ids
+See docs/parallel.md. ``FusedMoE(..., ep_group=, tp_group=, enable_eplb=, num_redundant_experts=)``
+builds the pieces; :func:`rebalance` applies EPLB to many layers.
+"""
 
-__all__ = ["ExpertPlacement", "PLACEMENT_STRATEGIES", "local_physical_ids"]
+from .dispatch import DISPATCH_MODES, AllGatherDispatcher, AllToAllDispatcher, compute_layout
+from .eplb import (
+    assign_slots,
+    balanced_packing,
+    imbalance,
+    plan_weight_moves,
+    rank_loads,
+    rebalance_experts,
+    replicate_experts,
+)
+from .eplb_state import EplbState, replica_hash
+from .executor import ParallelExecutor
+from .placement import PLACEMENT_STRATEGIES, ExpertPlacement, initial_physical_to_logical, local_physical_ids
+from .rebalance import rebalance, rebalance_layer
+
+__all__ = [
+    "AllGatherDispatcher",
+    "AllToAllDispatcher",
+    "DISPATCH_MODES",
+    "EplbState",
+    "ExpertPlacement",
+    "PLACEMENT_STRATEGIES",
+    "ParallelExecutor",
+    "assign_slots",
+    "balanced_packing",
+    "compute_layout",
+    "imbalance",
+    "initial_physical_to_logical",
+    "local_physical_ids",
+    "plan_weight_moves",
+    "rank_loads",
+    "rebalance",
+    "rebalance_experts",
+    "rebalance_layer",
+    "replica_hash",
+    "replicate_experts",
+]

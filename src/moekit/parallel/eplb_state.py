@@ -1,0 +1,94 @@
+"""Per-layer EPLB state: the routing maps (logical ↔ physical) and the load window.
+
+    replica(t, e) = hash(t·W + ep_rank) mod count[e]          (t: the token's index on this rank)
+    physical(t, e) = logical_to_physical[e, replica(t, e)]
+    load_window[s mod window, e] = live slots routed to logical expert e at step s (this rank)
+
+The hash mixes the token index (never ``(t·K + k) mod replicas``, which ties the replica to the slot
+position), so a hot expert's tokens spread evenly over its replicas. All tensors have fixed shapes
+and are updated in place (CUDA graphs that captured them stay valid); the step counter is a device
+tensor advanced once per forward on every rank, so every rank's window covers the same steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .eplb import logical_to_physical
+from .placement import ExpertPlacement
+
+DEFAULT_WINDOW = 128
+
+
+def replica_hash(index: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix of ``index`` (int64 ``>= 0``, ``< 2**31``) -> int64 in ``[0, 2**32)``."""
+    h = (index * 2654435761) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    return h ^ (h >> 12)
+
+
+class EplbState(torch.nn.Module):
+    """Buffers: ``physical_to_logical [P]``, ``logical_to_physical [E, max_replicas]`` (-1 padded),
+    ``replica_count [E]``, ``load_window [window, E]``, ``step []`` (all int64, not in state_dict)."""
+
+    def __init__(self, placement: ExpertPlacement, window_size: int = DEFAULT_WINDOW, num_groups: int = 1, device=None):
+        super().__init__()
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        e, p, w = placement.num_logical, placement.num_physical, placement.ep_size
+        self.num_logical = e
+        self.num_physical = p
+        self.ep_size = w
+        self.ep_rank = placement.ep_rank
+        self.strategy = placement.strategy
+        self.num_groups = num_groups
+        self.window_size = window_size
+        self.max_replicas = min(w, p - e + 1)
+        kw = dict(dtype=torch.int64, device=device)
+        self.register_buffer("physical_to_logical", torch.zeros(p, **kw), persistent=False)
+        self.register_buffer("logical_to_physical", torch.zeros(e, self.max_replicas, **kw), persistent=False)
+        self.register_buffer("replica_count", torch.zeros(e, **kw), persistent=False)
+        self.register_buffer("load_window", torch.zeros(window_size, e, **kw), persistent=False)
+        self.register_buffer("step", torch.zeros((), **kw), persistent=False)
+        self.set_physical_to_logical(placement.physical_to_logical)
+
+    @torch.no_grad()
+    def set_physical_to_logical(self, physical_to_logical) -> None:
+        """Install a placement: the three routing maps are overwritten in place."""
+        table, counts = logical_to_physical(list(physical_to_logical), self.num_logical, self.max_replicas)
+        dev = self.physical_to_logical.device
+        self.physical_to_logical.copy_(torch.tensor(list(physical_to_logical), dtype=torch.int64, device=dev))
+        self.logical_to_physical.copy_(torch.tensor(table, dtype=torch.int64, device=dev))
+        self.replica_count.copy_(torch.tensor(counts, dtype=torch.int64, device=dev))
+
+    def map_logical_to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """topk_ids: [T, K] logical ids -> [T, K] physical ids (same dtype)."""
+        ids = topk_ids.long()
+        t = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)
+        h = replica_hash(t * self.ep_size + self.ep_rank).unsqueeze(1)
+        replica = h % self.replica_count[ids]
+        return self.logical_to_physical[ids, replica].to(topk_ids.dtype)
+
+    @torch.no_grad()
+    def record(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_input: bool) -> None:
+        """Count this step's live slots per logical expert (topk_ids: physical ids [T, K])."""
+        logical = self.physical_to_logical[topk_ids.reshape(-1).long()]
+        live = torch.ones_like(logical) if on_input else (topk_weights.reshape(-1) != 0).long()
+        counts = torch.zeros(self.num_logical, dtype=torch.int64, device=logical.device).index_add_(0, logical, live)
+        self.load_window.index_copy_(0, (self.step % self.window_size).view(1), counts.unsqueeze(0))
+        self.step += 1
+
+    def window_load(self) -> torch.Tensor:
+        """[E] int64: this rank's load summed over the window."""
+        return self.load_window.sum(dim=0)
+
+    @torch.no_grad()
+    def reset_window(self) -> None:
+        self.load_window.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"E={self.num_logical}, P={self.num_physical}, ep_size={self.ep_size}, "
+            f"max_replicas={self.max_replicas}, window={self.window_size}"
+        )

@@ -1,0 +1,106 @@
+"""Apply EPLB to live layers: gather the window load, compute a placement, move weights, remap routing.
+
+    load[e]  = Σ_{ep ranks} Σ_{window} live slots routed to e       (all-reduce over ep_group)
+    new      = assign_slots(rebalance_experts(load, P, W, G, nodes), old)     (pure, same on every rank)
+    moves    = plan_weight_moves(old, new)  -> batch_isend_irecv between EP ranks (same TP rank)
+    routing  : logical_to_physical / replica_count / physical_to_logical rewritten in place
+
+Which rank holds a physical slot never changes (the kernel-side ``expert_map`` is untouched), and a
+slot only receives the exact weights of its new logical expert, so outputs are unchanged (replicas
+are bit-identical copies; the replica a token uses may change).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .comm import all_reduce_sum, global_rank
+from .eplb import Move, assign_slots, imbalance, plan_weight_moves, rebalance_experts
+
+
+def _expert_tensors(experts) -> list[torch.Tensor]:
+    names = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
+    return [getattr(experts, n) for n in names if getattr(experts, n, None) is not None]
+
+
+@torch.no_grad()
+def move_expert_weights(experts, moves: list[Move], ep_group, ep_rank: int) -> int:
+    """Carry out ``moves`` on this rank's ``experts`` (RoutedExperts). Every rank of the EP group calls
+    this with the same ``moves``. Returns how many slots this rank rewrote."""
+    tensors = _expert_tensors(experts)
+    # sources are read before any slot is overwritten: local copies from clones, sends from the params
+    local = {m.src_slot: [t[m.src_slot].clone() for t in tensors] for m in moves if m.src == m.dst == ep_rank}
+    ops, incoming = [], []
+    for m in moves:
+        if m.src == m.dst:
+            continue
+        if m.src == ep_rank:
+            peer = global_rank(ep_group, m.dst)
+            ops.extend(dist.P2POp(dist.isend, t[m.src_slot].contiguous(), peer, ep_group) for t in tensors)
+        elif m.dst == ep_rank:
+            peer = global_rank(ep_group, m.src)
+            bufs = [torch.empty_like(t[m.dst_slot]) for t in tensors]
+            ops.extend(dist.P2POp(dist.irecv, b, peer, ep_group) for b in bufs)
+            incoming.append((m.dst_slot, bufs))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    written = 0
+    for m in moves:
+        if m.src == m.dst == ep_rank:
+            for t, src in zip(tensors, local[m.src_slot]):
+                t[m.dst_slot].copy_(src)
+            written += 1
+    for slot, bufs in incoming:
+        for t, b in zip(tensors, bufs):
+            t[slot].copy_(b)
+        written += 1
+    return written
+
+
+@torch.no_grad()
+def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) -> dict:
+    """Rebalance one layer built with ``enable_eplb=True``; returns the imbalance (``max / mean`` expected
+    load per EP rank over the window) before and after, and the new ``physical_to_logical``."""
+    ex = getattr(layer, "expert_executor", None)
+    state = getattr(ex, "eplb_state", None)
+    if state is None:
+        raise RuntimeError(f"layer {getattr(layer, 'layer_name', '')!r} was not built with enable_eplb=True")
+    experts = layer.routed_experts
+    placement = experts.placement
+    load_t = state.window_load().clone()
+    if ex.ep_size > 1:
+        all_reduce_sum(load_t, ex.ep_group)
+    load = [int(v) for v in load_t.tolist()]
+    old = list(placement.physical_to_logical)
+    w, strategy = placement.ep_size, placement.strategy
+    before = imbalance(load, old, w, strategy)
+    if sum(load) == 0:
+        new = old
+    else:
+        gpus = rebalance_experts(load, placement.num_physical, w, num_groups=state.num_groups, num_nodes=num_nodes)
+        new = assign_slots(gpus, old, strategy)
+    moves = plan_weight_moves(old, new, w, strategy)
+    written = move_expert_weights(experts, moves, ex.ep_group, placement.ep_rank) if moves else 0
+    new_placement = placement.with_physical_to_logical(new)
+    experts.placement = new_placement
+    ex.placement = new_placement
+    state.set_physical_to_logical(new)
+    if reset_window:
+        state.reset_window()
+    return {
+        "imbalance_before": before,
+        "imbalance_after": imbalance(load, new, w, strategy),
+        "moved_slots": len(moves),
+        "written_here": written,
+        "load": load,
+        "physical_to_logical": list(new),
+    }
+
+
+def rebalance(layers: Iterable, *, num_nodes: int = 1, reset_window: bool = False) -> list[dict]:
+    """:func:`rebalance_layer` on each layer, in order (every rank must pass the same layers)."""
+    return [rebalance_layer(layer, num_nodes=num_nodes, reset_window=reset_window) for layer in layers]

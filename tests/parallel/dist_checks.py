@@ -1,0 +1,284 @@
+"""Distributed checks (run inside spawned ranks by dist_harness): every parallel layer is compared with
+the single-process layer built from the same global weights and fed the same tokens."""
+
+from __future__ import annotations
+
+import torch
+
+import moekit
+from moekit.parallel.eplb import imbalance
+
+CHECKS: dict = {}
+WORLD: dict[str, tuple[int, ...]] = {}
+
+
+def check(*worlds):
+    def deco(fn):
+        CHECKS[fn.__name__] = fn
+        WORLD[fn.__name__] = worlds
+        return fn
+
+    return deco
+
+
+def experts_backend(device: torch.device) -> str:
+    """torch on CPU; on CUDA "auto" (Triton) when the Triton experts exist, else torch."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import moekit.ops.triton_experts  # noqa: F401
+    except Exception:
+        return "torch"
+    return "auto"
+
+
+def global_weights(e, h, i, *, gated=True, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * i if gated else i
+    w13 = torch.randn(e, rows, h, generator=g) / h**0.5
+    w2 = torch.randn(e, h, i, generator=g) / i**0.5
+    b13 = torch.randn(e, rows, generator=g) * 0.1 if bias else None
+    b2 = torch.randn(e, h, generator=g) * 0.1 if bias else None
+    return w13, w2, b13, b2
+
+
+def make_pair(ctx, *, E=8, K=2, H=32, I=16, dtype=torch.float32, bias=False, activation="silu", seed=0, **par_kw):
+    """(reference single-process layer, parallel layer) loaded with the same global weights."""
+    common = {k: par_kw.pop(k) for k in list(par_kw) if k not in ("ep_group", "tp_group", "expert_placement_strategy",
+                                                                    "enable_eplb", "num_redundant_experts")}
+    kw = dict(params_dtype=dtype, has_bias=bias, activation=activation, device=ctx.device, backend=ctx.experts_backend)
+    ref = moekit.FusedMoE(E, K, H, I, **kw, **common)
+    par = moekit.FusedMoE(E, K, H, I, **kw, **common, **par_kw)
+    w13, w2, b13, b2 = global_weights(E, H, I, gated=activation != "relu2", bias=bias, seed=seed)
+    args = [t.to(ctx.device, dtype) if t is not None else None for t in (w13, w2, b13, b2)]
+    ref.load_expert_weights(*args)
+    par.load_expert_weights(*args)
+    return ref, par, args
+
+
+def tokens(ctx, counts, H, columns, dtype, seed=1, skew=None):
+    """This rank's slice of per-EP-rank token batches: (x [T, H], logits [T, columns])."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, H, generator=g) for n in counts]
+    ls = [torch.randn(n, columns, generator=g) for n in counts]
+    if skew is not None:
+        ls = [lg + skew for lg in ls]
+    return xs, ls
+
+
+def _rank_batch(ctx, counts, H, columns, dtype, ep_rank, seed=1, skew=None):
+    xs, ls = tokens(ctx, counts, H, columns, dtype, seed, skew)
+    return xs[ep_rank].to(ctx.device, dtype), ls[ep_rank].to(ctx.device)
+
+
+def exact_for(ctx, dtype) -> bool:
+    """Bit-exactness is expected of the all-to-all path when the expert GEMM is batch-invariant: the
+    torch reference on CPU in bf16/fp16 (fp32 CPU GEMMs take another path below 4 rows)."""
+    return ctx.exact and dtype in (torch.bfloat16, torch.float16)
+
+
+def _compare_modes(ctx, ref, par, x, lg, what, modes=("all_to_all", "all_gather", "auto"), exact_a2a=None, **tol):
+    want = ref(x, lg)
+    for mode in modes:
+        par.expert_executor.mode = mode
+        got = par(x, lg)
+        exact = (exact_for(ctx, x.dtype) if exact_a2a is None else exact_a2a) and mode == "all_to_all"
+        ctx.expect_close(got, want, f"{what} mode={mode}", exact=exact, **tol)
+    par.expert_executor.mode = "auto"
+
+
+# ---------------------------------------------------------------------------------------------
+@check(2, 4)
+def ep_linear(ctx):
+    for dtype in (torch.float32, torch.bfloat16):
+        ref, par, _ = make_pair(ctx, dtype=dtype, ep_group=ctx.world_group)
+        for counts in ([7, 0, 3, 5][: ctx.world], [5, 3, 0, 1][: ctx.world], [0] * ctx.world):
+            x, lg = _rank_batch(ctx, counts, 32, 8, dtype, ctx.rank)
+            _compare_modes(ctx, ref, par, x, lg, f"{dtype} tokens {counts}")
+    ctx.expect(par.routed_experts.w13_weight.shape[0] == 8 // ctx.world, "E_local = E / W")
+
+
+@check(2, 4)
+def ep_round_robin_bias_bf16(ctx):
+    ref, par, args = make_pair(ctx, dtype=torch.bfloat16, bias=True, ep_group=ctx.world_group,
+                               expert_placement_strategy="round_robin")
+    held = par.routed_experts.placement.local_ids
+    ctx.expect(held == tuple(range(ctx.rank, 8, ctx.world)), f"round-robin ids {held}")
+    ctx.expect(torch.equal(par.routed_experts.w2_weight[0], args[1][ctx.rank]), "round-robin slot 0 weights")
+    counts = [9, 2, 0, 4][: ctx.world]
+    x, lg = _rank_batch(ctx, counts, 32, 8, torch.bfloat16, ctx.rank)
+    _compare_modes(ctx, ref, par, x, lg, "bf16 bias round_robin")
+
+
+@check(2)
+def ep_auto_switch_and_chunks(ctx):
+    ref, par, _ = make_pair(ctx, ep_group=ctx.world_group)
+    ex = par.expert_executor
+    ex.all_gather_min_tokens = 4
+    for counts, mode in (([5, 2], "all_gather"), ([2, 3], "all_to_all")):
+        x, lg = _rank_batch(ctx, counts, 32, 8, torch.float32, ctx.rank)
+        got = par(x, lg)
+        ctx.expect(ex.last_mode == mode, f"auto chose {ex.last_mode} for {counts}, expected {mode}")
+        ctx.expect_close(got, ref(x, lg), f"auto {counts}")
+    ex.all_gather_min_tokens = 1 << 30
+    ex.chunk_tokens = 3
+    x, lg = _rank_batch(ctx, [8, 1], 32, 8, torch.float32, ctx.rank)
+    ctx.expect_close(par(x, lg), ref(x, lg), "chunked (3 tokens)")
+    x3 = x[: (x.shape[0] // 2) * 2].view(-1, 2, 32)
+    lg3 = lg[: x3.shape[0] * 2]
+    ctx.expect_close(par(x3, lg3), ref(x3, lg3), "chunked 3-D input")
+
+
+@check(2)
+def ep_deepseek_grouped(ctx):
+    bias = torch.linspace(-0.5, 0.5, 16).to(ctx.device)
+    ref, par, _ = make_pair(ctx, E=16, K=4, use_grouped_topk=True, num_expert_group=4, topk_group=2,
+                            scoring_func="sigmoid", e_score_correction_bias=bias, routed_scaling_factor=2.5,
+                            ep_group=ctx.world_group)
+    x, lg = _rank_batch(ctx, [6, 11], 32, 16, torch.float32, ctx.rank)
+    _compare_modes(ctx, ref, par, x, lg, "grouped sigmoid + bias")
+
+
+def _llama4_routing(hidden_states, gating_output, topk, renormalize):
+    w, ids = torch.topk(gating_output.float(), topk, dim=-1)
+    return torch.sigmoid(w), ids.to(torch.int32)
+
+
+@check(2)
+def ep_weight_on_input(ctx):
+    ref, par, _ = make_pair(ctx, K=1, custom_routing_function=_llama4_routing, apply_router_weight_on_input=True,
+                            renormalize=False, ep_group=ctx.world_group)
+    x, lg = _rank_batch(ctx, [4, 7], 32, 8, torch.float32, ctx.rank)
+    _compare_modes(ctx, ref, par, x, lg, "router weight on input")
+
+
+@check(2)
+def ep_zero_experts(ctx):
+    bias = torch.zeros(10).to(ctx.device)
+    ref, par, _ = make_pair(ctx, K=3, zero_expert_type="identity", e_score_correction_bias=bias,
+                            renormalize=False, ep_group=ctx.world_group)
+    x, lg = _rank_batch(ctx, [5, 6], 32, 10, torch.float32, ctx.rank)
+    _compare_modes(ctx, ref, par, x, lg, "zero experts")
+
+
+@check(2, 4)
+def tp_only(ctx):
+    ref, par, _ = make_pair(ctx, bias=True, activation="gelu", tp_group=ctx.world_group)
+    re = par.routed_experts
+    ctx.expect(re.w2_weight.shape[-1] == 16 // ctx.world, f"I_local {re.w2_weight.shape}")
+    ctx.expect(re.add_w2_bias == (ctx.rank == 0), "w2 bias on TP rank 0 only")
+    x, lg = _rank_batch(ctx, [6], 32, 8, torch.float32, 0)  # every TP rank holds the same tokens
+    ctx.expect_close(par(x, lg), ref(x, lg), "TP", atol=2e-5)
+    x, lg = _rank_batch(ctx, [0], 32, 8, torch.float32, 0)
+    ctx.expect_close(par(x, lg), ref(x, lg), "TP zero tokens")
+
+
+@check(4)
+def ep2_tp2(ctx):
+    ep_rank, tp_rank = divmod(ctx.rank, 2)
+    ep, tp = ctx.groups[f"ep{tp_rank}"], ctx.groups[f"tp{ep_rank}"]
+    for strategy in ("linear", "round_robin"):
+        ref, par, _ = make_pair(ctx, bias=True, ep_group=ep, tp_group=tp, expert_placement_strategy=strategy)
+        p = par.routed_experts.placement
+        ctx.expect((p.ep_rank, p.ep_size, p.tp_rank, p.tp_size) == (ep_rank, 2, tp_rank, 2), f"placement {p}")
+        for counts in ([5, 0], [3, 8]):
+            x, lg = _rank_batch(ctx, counts, 32, 8, torch.float32, ep_rank)
+            _compare_modes(ctx, ref, par, x, lg, f"EPxTP {strategy} {counts}", exact_a2a=False, atol=2e-5)
+
+
+@check(2, 4)
+def eplb_redundant(ctx):
+    r = ctx.world  # one replica per rank
+    ref, par, args = make_pair(ctx, ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=r)
+    p = par.routed_experts.placement
+    ctx.expect(p.num_local == (8 + r) // ctx.world, f"local slots {p.num_local}")
+    for slot, logical in enumerate(p.local_logical_ids()):
+        ctx.expect(torch.equal(par.routed_experts.w13_weight[slot], args[0][logical]), f"slot {slot} weights")
+    x, lg = _rank_batch(ctx, [9, 0, 4, 2][: ctx.world], 32, 8, torch.float32, ctx.rank)
+    _compare_modes(ctx, ref, par, x, lg, "redundant experts")
+
+
+def _check_slots(ctx, par, args, what):
+    re = par.routed_experts
+    rows = re.tp_rows
+    for slot, logical in enumerate(re.placement.local_logical_ids()):
+        ctx.expect(torch.equal(re.w2_weight[slot], args[1][logical][:, rows]), f"{what}: slot {slot} != expert {logical}")
+
+
+@check(2, 4)
+def eplb_rebalance(ctx):
+    E = 8
+    kw = dict(ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=ctx.world)
+    if ctx.world == 4:  # hierarchical: 4 expert groups -> 2 "nodes" -> 2 GPUs each
+        kw.update(use_grouped_topk=True, num_expert_group=4, topk_group=2)
+    dt = torch.bfloat16
+    ref, par, args = make_pair(ctx, dtype=dt, **kw)
+    # hot experts that the initial placement serves badly: 2 and 3 (both on rank 0 of 2); 0 and 4
+    # (different expert groups, so the hierarchical pass can give each node one of them) on 4 ranks
+    hot = (2, 3) if ctx.world == 2 else (0, 4)
+    skew = torch.zeros(E)
+    skew[list(hot)] = torch.tensor([4.0, 3.0])
+    counts = [12, 0, 7, 5][: ctx.world]
+    x, lg = _rank_batch(ctx, counts, 32, E, dt, ctx.rank, skew=skew)
+    outs = []
+    for _ in range(3):
+        outs.append(par(x, lg))
+    state = par.router.eplb_state
+    ctx.expect(int(state.step) == 3, f"window step {int(state.step)} after 3 forwards")
+    nodes = 2 if ctx.world == 4 else 1
+    stats = par.rebalance(num_nodes=nodes)
+    ctx.expect(stats["imbalance_after"] < stats["imbalance_before"],
+               f"imbalance {stats['imbalance_before']:.3f} -> {stats['imbalance_after']:.3f}")
+    ctx.expect(stats["moved_slots"] > 0, "rebalance moved nothing")
+    new = stats["physical_to_logical"]
+    ctx.expect(abs(imbalance(stats["load"], new, ctx.world, "linear") - stats["imbalance_after"]) < 1e-12, "stat")
+    _check_slots(ctx, par, args, "after rebalance")
+    ctx.expect(state.physical_to_logical.tolist() == new, "routing map updated")
+    n_rep = state.replica_count[hot[0]].item()
+    ctx.expect(n_rep >= 2, f"hot expert {hot[0]} has {n_rep} replicas")
+    after = par(x, lg)
+    ctx.expect_close(after, outs[0], "output unchanged by rebalance", exact=exact_for(ctx, dt))
+    ctx.expect_close(after, ref(x, lg), "rebalanced vs reference", exact=exact_for(ctx, dt))
+    par.expert_executor.mode = "all_gather"
+    ctx.expect_close(par(x, lg), ref(x, lg), "rebalanced all_gather")
+    # replicas of the hot expert share its tokens (hash of the token index)
+    ids = state.map_logical_to_physical(torch.full((400, 1), hot[0], dtype=torch.int32, device=ctx.device))
+    used = torch.bincount(ids.view(-1).long(), minlength=state.num_physical)
+    reps = state.logical_to_physical[hot[0], :n_rep].tolist()
+    share = [used[p].item() for p in reps]
+    ctx.expect(min(share) > 400 / n_rep * 0.7, f"replica shares {share}")
+    stats2 = moekit.parallel.rebalance([par], num_nodes=nodes)[0]  # same load again: placement is a fixed point
+    ctx.expect(stats2["moved_slots"] == 0, f"second rebalance moved {stats2['moved_slots']}: {stats} {stats2}")
+
+
+@check(2, 4)
+def invalid_sizes(ctx):
+    g = ctx.world_group
+    cases = [
+        (dict(num_experts=7, ep_group=g), "divisible"),
+        (dict(num_experts=8, ep_group=g, enable_eplb=True, num_redundant_experts=1), "divisible"),
+        (dict(num_experts=8, intermediate_size=15 if ctx.world == 2 else 14, tp_group=g), "divisible"),
+        (dict(num_experts=8, tp_group=g, tp_size=ctx.world * 2), "tp_size"),
+        (dict(num_experts=8, ep_group=g, expert_placement_strategy="striped"), "expert_placement_strategy"),
+        (dict(num_experts=8, enable_eplb=True, num_redundant_experts=2), "num_redundant_experts"),
+        (dict(num_experts=8, ep_group=g, enable_eplb=True, num_redundant_experts=8 * ctx.world), "replica"),
+    ]
+    for kw, needle in cases:
+        args = dict(top_k=2, hidden_size=32, intermediate_size=16, device=ctx.device, backend=ctx.experts_backend)
+        args.update(kw)
+        try:
+            moekit.FusedMoE(**args)
+            ctx.expect(False, f"{kw} was accepted")
+        except ValueError as e:
+            ctx.expect(needle in str(e), f"{kw}: message {e!s} lacks {needle!r}")
+    try:
+        moekit.FusedMoE(8, 2, 32, 16, ep_group="world", device=ctx.device)
+        ctx.expect(False, "a string ep_group was accepted")
+    except TypeError:
+        pass
+    _, par, _ = make_pair(ctx, ep_group=g)
+    try:
+        par.expert_executor.mode = "nvshmem"
+        ctx.expect(False, "mode 'nvshmem' accepted")
+    except ValueError:
+        pass
