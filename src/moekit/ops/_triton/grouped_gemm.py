@@ -1,0 +1,227 @@
+"""Grouped GEMMs over the padded expert-block layout of :mod:`.align`.
+
+``w13_kernel``  inter[r, :] = act(x[tok(r)] · w13[e]ᵀ + b13[e])          (gate and up tiles in one program)
+``w2_kernel``   out[t, :]   = Σ_k w[t, k] · (inter[r(t, k)] · w2[e]ᵀ + b2[e])  (combine fused, slot order)
+
+Precision: operands in the input dtype, fp32 accumulation (``DOT_PREC="ieee"`` for fp32 inputs, so
+fp32 is not silently tf32); the activation in fp32, rounded to the input dtype; the weighting and the
+top-k sum in fp32. The per-slot weighted output is rounded once to the input dtype in the combine
+buffer (the torch twin rounds the GEMM output to the input dtype at the same point), then the K slot
+values of a token are summed in fp32 in slot order k = 0..K-1 and rounded once more at the end.
+
+Combine (``COMBINE``): a w2 program writes its weighted tile to ``part[slot]``, then bumps a
+semaphore per (token, column block) with an acq_rel atomic; the program that brings it to the
+token's number of live slots sums ``part[t·K + k]`` for k = 0..K-1 and writes ``out[t]``. The order of
+that sum never depends on scheduling, so the output is deterministic (bit-identical run to run).
+With K == 1 the tile goes straight to ``out``.
+
+Quantisation (next): the main loops mark where fp8 block-quant [128, 128] weight scales and
+per-token-group activation scales load (``# QUANT:``) and where the epilogue dequantises.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .align import slot_local_expert
+
+# activation codes (must match triton_experts.ACT_CODES)
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+ACT_SWIGLUOAI = 3
+ACT_RELU2 = 4
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """fp32 epilogue: gated act(g, u), or relu(g)² for relu2 (``u`` unused)."""
+    if ACT == 4:
+        r = tl.maximum(g, 0.0)
+        return r * r
+    if HAS_LIMIT:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    if ACT == 0:
+        return g * _sigmoid(g) * u
+    if ACT == 1:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
+    if ACT == 2:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
+        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g * _sigmoid(2.0 * y) * u
+    return (u + 1.0) * g * _sigmoid(1.702 * g)  # swigluoai
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a · b in fp32. ``UPCAST`` (interpreter only: its bf16 dot is wrong) multiplies in fp32,
+    which is exact for bf16/fp16 operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _pid_to_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M blocks of rows share weight tiles in L2, and the n tiles of one row
+    block run together so its gathered inputs stay in L2."""
+    in_group = GROUP_M * num_pid_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _block_expert(counts_ptr, b, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, its first block, its live rows) of block ``b``; expert >= E_local past the end."""
+    offs = tl.arange(0, BLOCK_E)
+    cnt = tl.load(counts_ptr + offs, mask=offs < E_local, other=0)
+    nb = (cnt + BM - 1) // BM
+    cum = tl.cumsum(nb, 0)
+    e = tl.sum((cum <= b).to(tl.int32), 0)
+    first = tl.sum(tl.where(offs == e, cum - nb, 0), 0)
+    n_e = tl.sum(tl.where(offs == e, cnt, 0), 0)
+    return e, first, n_e
+
+
+@triton.jit
+def w13_kernel(
+    x_ptr, w1_ptr, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
+    H, I, E_local, K, num_pid_m, limit,
+    stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout)."""
+    pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+    if e >= E_local:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
+    slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
+    tok = (slot // K).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < I
+    offs_k = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    w_base = w1_ptr + e.to(tl.int64) * stride_we
+    g_ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    if ON_INPUT:
+        w_in = tl.load(tw_ptr + tok * stride_twt, mask=valid, other=0.0).to(tl.float32)
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = offs_k < H - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        # QUANT: fp8 w8a8 loads a_scale[tok, k0 // 128] and b_scale[e, n // 128, k0 // 128] here and
+        # accumulates tl.dot(a, g) * a_scale[:, None] * b_scale[None, :] (fp32) instead of the line below.
+        if ON_INPUT:
+            a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
+        acc_g = _mma(a, g, acc_g, DOT_PREC, UPCAST)
+        if GATED:
+            if EVEN_K:
+                u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc_u = _mma(a, u, acc_u, DOT_PREC, UPCAST)
+            u_ptrs += BK
+        a_ptrs += BK
+        g_ptrs += BK
+    # QUANT: a dequantising epilogue (per-tensor / per-channel scales) multiplies acc_g/acc_u here.
+    if HAS_BIAS:
+        b_base = b1_ptr + e.to(tl.int64) * stride_be
+        acc_g += tl.load(b_base + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + I + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+    out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
+    tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def w2_kernel(
+    inter_ptr, w2_ptr, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, counts_ptr, sorted_ptr,
+    part_ptr, sem_ptr, live_ptr,
+    H, I, E_local, E_global, K, num_pid_m, NBN,
+    stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ON_INPUT: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr,
+    COMBINE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only)."""
+    pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
+    e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+    if e >= E_local:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
+    slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
+    tok = slot // K
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < H
+    offs_k = tl.arange(0, BK)
+    a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_k[None, :]
+    w_base = w2_ptr + e.to(tl.int64) * stride_we
+    b_ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = offs_k < I - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        # QUANT: fp8 scale loads (activation groups of `inter`, weight blocks of w2[e]) go here.
+        acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+        a_ptrs += BK
+        b_ptrs += BK
+    # QUANT: dequantising epilogue here.
+    if HAS_BIAS:
+        acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if not ON_INPUT:
+        kk = slot - tok * K
+        wv = tl.load(tw_ptr + tok.to(tl.int64) * stride_twt + kk, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * wv[:, None]
+    tok64 = tok.to(tl.int64)
+    if COMBINE:
+        p_ptrs = part_ptr + slot.to(tl.int64)[:, None] * stride_pr + offs_n[None, :]
+        tl.store(p_ptrs, acc.to(part_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+        tl.debug_barrier()  # every thread's part stores precede the release below
+        old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
+        need = tl.load(live_ptr + tok, mask=valid, other=0)
+        last = valid & (old == need - 1)
+        if tl.max(last.to(tl.int32), axis=0) > 0:
+            tl.debug_barrier()  # the acquiring atomics precede every thread's loads below
+            total = tl.zeros([BM, BN], dtype=tl.float32)
+            for k2 in range(0, K):
+                loc2 = slot_local_expert(
+                    ids_ptr, tw_ptr, map_ptr, tok, k2, last, stride_it, stride_twt, E_local, E_global,
+                    HAS_MAP, SKIP_ZERO,
+                )
+                live2 = last & (loc2 >= 0)
+                q_ptrs = part_ptr + (tok64 * K + k2)[:, None] * stride_pr + offs_n[None, :]
+                v = tl.load(q_ptrs, mask=live2[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
+                total += v.to(tl.float32)
+            o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
+            tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=last[:, None] & nmask[None, :])
+    else:
+        o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])

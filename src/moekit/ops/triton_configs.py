@@ -1,0 +1,129 @@
+"""Kernel configs of the Triton experts path: tuned JSON files per GPU, and a heuristic for the rest.
+
+A config is a dict::
+
+    {"BLOCK_M": 64,                                   # rows per expert block (shared by both GEMMs)
+     "w13": {"BN": 64, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+     "w2":  {"BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}}
+
+Files live in ``moekit/configs/<device>.json`` (``<device>`` = the CUDA device name with spaces as
+``_``), ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
+``shape_key = "E=..,H=..,I=..,K=..,dtype=..,gated=.."``. A lookup takes the entry for the nearest
+bucket (in log scale) of the matching shape; shapes with no entry use :func:`heuristic_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def device_key(device_name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in device_name.replace(" ", "_"))
+
+
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype, gated: bool) -> str:
+    return f"E={num_experts},H={hidden},I={inter},K={top_k},dtype={_DTYPE_NAMES[dtype]},gated={int(gated)}"
+
+
+@functools.lru_cache(maxsize=16)
+def load_config_file(path: str) -> dict:
+    """Entries of one JSON config file ({} when absent). Cached: files are read-only package data."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    with open(p) as f:
+        data = json.load(f)
+    return data.get("entries", {})
+
+
+def config_path(device_name: str) -> Path:
+    override = os.environ.get("MOEKIT_CONFIG_DIR")
+    root = Path(override) if override else CONFIG_DIR
+    return root / f"{device_key(device_name)}.json"
+
+
+def lookup_config(device_name: str, key: str, num_tokens: int) -> dict | None:
+    """Tuned config for ``key`` at the bucket nearest ``num_tokens`` (log scale), or None."""
+    table = load_config_file(str(config_path(device_name))).get(key)
+    if not table:
+        return None
+    t = max(num_tokens, 1)
+    best = min(table, key=lambda b: (abs(math.log2(int(b)) - math.log2(t)), int(b)))
+    return table[best]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def heuristic_config(
+    num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype,
+    num_sms: int = 132,
+) -> dict:
+    """A sound config for any shape: block rows from the expected rows per touched expert, tile
+    widths so that the memory-bound small-T launches still fill the SMs."""
+    slots = max(num_tokens * top_k, 1)
+    touched = min(num_experts, slots)
+    rows = slots / touched
+    small_elt = dtype != torch.float32
+    if rows <= 16:
+        bm = 16
+    elif rows <= 32:
+        bm = 32
+    elif rows <= 96:
+        bm = 64
+    else:
+        bm = 128
+    if bm <= 32:  # weight streaming: wide K tiles, narrow N tiles so that enough programs run
+        bk = 128 if small_elt else 64
+        blocks = touched
+        w13_bn = 64
+        while w13_bn > 16 and blocks * math.ceil(inter / w13_bn) < 2 * num_sms:
+            w13_bn //= 2
+        w2_bn = 64
+        while w2_bn > 16 and blocks * math.ceil(hidden / w2_bn) < 2 * num_sms:
+            w2_bn //= 2
+        stages = 4 if small_elt else 3
+        w13 = dict(BN=w13_bn, BK=bk, GROUP_M=1, num_warps=4, num_stages=stages)
+        w2 = dict(BN=w2_bn, BK=bk, GROUP_M=1, num_warps=4, num_stages=stages)
+    elif bm == 64:
+        bk = 64 if small_elt else 32
+        w13 = dict(BN=64, BK=bk, GROUP_M=4, num_warps=4, num_stages=4 if small_elt else 3)
+        w2 = dict(BN=128, BK=bk, GROUP_M=4, num_warps=4, num_stages=4 if small_elt else 3)
+    else:
+        bk = 64 if small_elt else 32
+        w13 = dict(BN=64, BK=bk, GROUP_M=8, num_warps=8, num_stages=4 if small_elt else 3)
+        w2 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=4 if small_elt else 3)
+    for c, n in ((w13, inter), (w2, hidden)):  # never wider than the problem
+        c["BN"] = max(16, min(c["BN"], _next_pow2(n)))
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2}
+
+
+@functools.lru_cache(maxsize=8)
+def _device_props(index: int) -> tuple[str, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.name, p.multi_processor_count
+
+
+def get_config(
+    device: torch.device, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
+    dtype: torch.dtype, gated: bool,
+) -> dict:
+    """Tuned config for this GPU and shape if shipped, else :func:`heuristic_config`."""
+    if device.type == "cuda":
+        name, sms = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+        cfg = lookup_config(name, shape_key(num_experts, hidden, inter, top_k, dtype, gated), num_tokens)
+        if cfg is not None:
+            return cfg
+    else:
+        sms = 4
+    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms)

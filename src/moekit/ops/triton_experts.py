@@ -1,0 +1,211 @@
+"""Triton routed experts: ``out[t] = Σ_k w[t, k] · expert_{ids[t, k]}(x[t])`` (see :mod:`.experts`).
+
+Pipeline per chunk of tokens (no host synchronisation anywhere: CUDA-graph capturable)::
+
+    align    (1 launch for T·K <= SMALL_SLOTS, else memset + count + scatter)
+             -> counts [E_local], sorted_slot [rows] (per-expert blocks of BLOCK_M rows, padded)
+    w13 GEMM -> inter [rows, I] = act(x[tok] · w13[e]ᵀ + b13[e])   (input dtype)
+    w2 GEMM  -> out [T, H]: weighted, top-k summed in slot order inside the GEMM (deterministic)
+
+Same semantics and output as :func:`~moekit.ops.experts.fused_experts_torch` within the SPEC
+tolerances; precision notes in :mod:`moekit.ops._triton.grouped_gemm`. Tokens run in chunks so that
+the scratch stays under ``workspace_bytes`` (each token lies in one chunk: chunking is exact).
+Ids outside ``[0, E)`` are treated as dead slots (they add 0) instead of raising: the check would be
+a host synchronisation; the torch path validates them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activation import canonical_activation, effective_limit, is_gated
+from .experts import check_experts_inputs
+from .triton_configs import get_config
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4}
+#: upper bound on the scratch of one chunk (inter + combine buffers), bytes
+DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
+#: at most this many slots (T·K) per chunk use the single-launch align kernel
+SMALL_SLOTS = 8192
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def fused_experts_triton(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    global_num_experts: int = -1,
+    swiglu_limit: float | None = None,
+) -> torch.Tensor:
+    """Routed experts on Triton kernels, through the ``moekit::fused_experts`` custom op.
+
+    hidden_states: [T, H] fp32/bf16/fp16; w1: [E_local, 2I, H] ([E_local, I, H] for relu2);
+    w2: [E_local, H, I]; topk_weights: [T, K] float; topk_ids: [T, K] int32/int64;
+    w1_bias: [E_local, 2I]; w2_bias: [E_local, H]; expert_map: [E] int32 (-1: not on this rank).
+    returns: [T, H] dtype of hidden_states.
+    """
+    check_experts_inputs(
+        hidden_states, w1, w2, topk_weights, topk_ids,
+        activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
+        w1_bias=w1_bias, w2_bias=w2_bias, expert_map=expert_map, global_num_experts=global_num_experts,
+    )
+    from . import custom_ops  # noqa: F401  (registers torch.ops.moekit.*)
+
+    return torch.ops.moekit.fused_experts(
+        hidden_states, w1, w2, topk_weights, topk_ids, canonical_activation(activation),
+        bool(apply_router_weight_on_input), w1_bias, w2_bias, expert_map,
+        None if swiglu_limit is None else float(swiglu_limit),
+    )
+
+
+def _launch_config(cfg: dict, name: str) -> dict:
+    c = cfg[name]
+    return dict(num_warps=int(c["num_warps"]), num_stages=int(c["num_stages"]))
+
+
+def fused_experts_impl(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    on_input: bool,
+    w1_bias: torch.Tensor | None,
+    w2_bias: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    swiglu_limit: float | None,
+    *,
+    config: dict | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the kernels on validated inputs (shapes as in :func:`fused_experts_triton`).
+
+    ``config``: a kernel config (see :mod:`.triton_configs`); None picks the tuned/heuristic one.
+    """
+    t, h = x.shape
+    e_local, _, inter = w2.shape
+    k = topk_ids.shape[1]
+    out = torch.empty_like(x) if out is None else out
+    if t == 0:
+        return out
+    act = canonical_activation(activation)
+    gated = is_gated(act)
+    if config is None:
+        config = get_config(x.device, t, e_local, h, inter, k, x.dtype, gated)
+    bm = int(config["BLOCK_M"])
+    combine = k > 1
+    # scratch per token: inter rows + part rows (+ ints); the padding rows are a fixed extra
+    per_token = k * (inter + (h if combine else 0)) * x.element_size() + k * 12 + 64
+    fixed = e_local * bm * inter * x.element_size()
+    chunk = max(1, min(t, (workspace_bytes - fixed) // per_token))
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        _run_chunk(
+            x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], out[start:stop],
+            act, gated, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config,
+        )
+    return out
+
+
+def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swiglu_limit, cfg):
+    from ._triton import align, grouped_gemm
+
+    t, h = x.shape
+    e_local, _, inter = w2.shape
+    k = ids.shape[1]
+    e_global = emap.shape[0] if emap is not None else e_local
+    dev = x.device
+    bm = int(cfg["BLOCK_M"])
+    c13, c2 = cfg["w13"], cfg["w2"]
+    combine = k > 1
+    slots = t * k
+    nbn = triton_cdiv(h, int(c2["BN"]))
+    num_pid_m = triton_cdiv(slots + min(slots, e_local) * (bm - 1), bm)
+    rows = num_pid_m * bm
+    block_e = _next_pow2(e_local + 1)
+    i32 = torch.int32
+    counts = torch.zeros(e_local + 1, dtype=i32, device=dev) if slots > SMALL_SLOTS else torch.empty(
+        e_local + 1, dtype=i32, device=dev
+    )
+    slot_loc = torch.empty(slots, dtype=i32, device=dev)
+    slot_rank = torch.empty(slots, dtype=i32, device=dev)
+    tok_live = torch.empty(t, dtype=i32, device=dev)
+    row_start = torch.empty(e_local, dtype=i32, device=dev)
+    sorted_slot = torch.empty(rows, dtype=i32, device=dev)
+    inter_buf = torch.empty(rows, inter, dtype=x.dtype, device=dev)
+    part = torch.empty(slots if combine else 1, h, dtype=x.dtype, device=dev)
+    sem = torch.empty(t * nbn if combine else 1, dtype=i32, device=dev)
+    emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP
+    kp = _next_pow2(k)
+    bt = max(1, 1024 // kp)
+    skip_zero = not on_input
+    common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=emap is not None,
+                  SKIP_ZERO=skip_zero, COMBINE=combine)
+    args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
+    sizes = (t, k, h, e_local, e_global, nbn, ids.stride(0), tw.stride(0), out.stride(0))
+    if slots <= SMALL_SLOTS:
+        align.align_small_kernel[(1,)](*args, sorted_slot, *sizes, **common, num_warps=4)
+    else:
+        grid = (triton_cdiv(t, bt),)
+        align.count_kernel[grid](*args, *sizes, **common, num_warps=4)
+        align.scatter_kernel[grid](slot_loc, slot_rank, row_start, sorted_slot, t, k, BT=bt, KP=kp, num_warps=4)
+
+    dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    upcast = _interpreting()
+    limit = effective_limit(act, swiglu_limit)
+    bn13, bk13 = int(c13["BN"]), int(c13["BK"])
+    grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
+    grouped_gemm.w13_kernel[grid13](
+        x, w1, b1 if b1 is not None else w1, inter_buf, tw, counts, sorted_slot,
+        h, inter, e_local, k, num_pid_m, 0.0 if limit is None else limit,
+        x.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
+        tw.stride(0),
+        BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=ACT_CODES[act], GATED=gated,
+        HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on_input, EVEN_K=h % bk13 == 0,
+        DOT_PREC=dot_prec, UPCAST=upcast, **_launch_config(cfg, "w13"),
+    )
+    bn2, bk2 = int(c2["BN"]), int(c2["BK"])
+    grouped_gemm.w2_kernel[(num_pid_m * nbn,)](
+        inter_buf, w2, b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
+        part, sem, tok_live,
+        h, inter, e_local, e_global, k, num_pid_m, nbn,
+        inter_buf.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
+        tw.stride(0), ids.stride(0), part.stride(0),
+        BM=bm, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), BLOCK_E=block_e, HAS_BIAS=b2 is not None,
+        ON_INPUT=on_input, HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine,
+        EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, **_launch_config(cfg, "w2"),
+    )
+    return out
+
+
+def _interpreting() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def workspace_estimate(num_tokens: int, hidden: int, inter: int, top_k: int, num_experts: int, dtype) -> int:
+    """Bytes of scratch one un-chunked call needs (for sizing ``workspace_bytes``)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    slots = num_tokens * top_k
+    return slots * (inter + (hidden if top_k > 1 else 0)) * elt + num_experts * 128 * inter * elt + slots * 12
+
+
+__all__ = ["fused_experts_triton", "fused_experts_impl", "ACT_CODES", "DEFAULT_WORKSPACE_BYTES"]
