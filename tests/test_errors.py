@@ -298,6 +298,8 @@ def test_router_select_experts_errors(idx):
         r.select_experts(x, torch.zeros(5, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="router_logits"):  # another device
         r.select_experts(x, torch.randn(5, 8, device=META))
+    with pytest.raises(TypeError, match="hidden_states"):  # not a tensor
+        r.select_experts(x.tolist(), torch.randn(5, 8))
     for bad in (float("nan"), float("inf")):  # non-finite logits on the torch path, every router
         logits = torch.randn(5, 8)
         logits[1, 3] = bad

@@ -54,15 +54,15 @@ class MLP(torch.nn.Module):
 
 
 # ------------------------------------------------------------------ basics
-@pytest.mark.parametrize("t", [1, 7, 31])
+@pytest.mark.parametrize("t,k", [(1, 2), (7, 2), (31, 2), (13, 1), (13, 6)])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_default_layer_matches_reference(t, renormalize):
-    # Mixtral-like default (softmax top-2); T = 1 and primes
-    layer, w13, w2, *_ = build(renormalize=renormalize)
+def test_default_layer_matches_reference(t, k, renormalize):
+    # Mixtral-like default (softmax top-k); T = 1 and primes; K = 1 and K = E = 6 (not a power of two)
+    layer, w13, w2, *_ = build(k=k, renormalize=renormalize)
     assert isinstance(layer, MoERunner) and isinstance(layer, torch.nn.Module)
     x, logits = torch.randn(t, 16), spread_logits(t, 6)
     out = layer(x, logits)
-    ref = ref_layer(x, logits, route_fn=route_fn(2, renormalize=renormalize), num_experts=6, w13=w13, w2=w2)
+    ref = ref_layer(x, logits, route_fn=route_fn(k, renormalize=renormalize), num_experts=6, w13=w13, w2=w2)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert_close_dtype(out, ref, torch.float32)
 
@@ -93,6 +93,52 @@ def test_leading_dims_restored():
     torch.testing.assert_close(out.reshape(15, 16), flat, atol=1e-6, rtol=1e-6)
     ref = ref_layer(x, logits, route_fn=route_fn(2, renormalize=True), num_experts=6, w13=w13, w2=w2)
     assert_close_dtype(out, ref, torch.float32)
+
+
+def test_single_token_without_batch_dim_and_non_contiguous_input():
+    # hidden_states [H] (no leading dims) -> [H]; a non-contiguous [T, H] view works like its copy
+    layer, w13, w2, *_ = build()
+    x, logits = torch.randn(16), spread_logits(1, 6)[0]
+    out = layer(x, logits)
+    assert out.shape == (16,)
+    ref = ref_layer(x.unsqueeze(0), logits.unsqueeze(0), route_fn=route_fn(2, renormalize=True), num_experts=6,
+                    w13=w13, w2=w2)
+    assert_close_dtype(out, ref[0], torch.float32)
+    big = torch.randn(9, 32)
+    view = big[:, ::2]
+    assert not view.is_contiguous()
+    logits = spread_logits(9, 6)
+    torch.testing.assert_close(layer(view, logits), layer(view.contiguous(), logits), atol=1e-6, rtol=1e-6)
+
+
+def test_selection_bias_is_shared_not_copied():
+    # the layer routes with the caller's bias tensor: an in-place update (weight loading) takes effect
+    bias = torch.nn.Parameter(torch.zeros(6), requires_grad=False)
+    layer, *_ = build(e_score_correction_bias=bias)
+    x, logits = torch.randn(5, 16), spread_logits(5, 6)
+    with torch.no_grad():
+        bias[4] = 100.0
+    _, ids = layer.router.select_experts(x, logits)
+    assert (ids[:, 0] == 4).all()
+
+
+def test_tuple_returning_modules():
+    # transforms / shared experts returning (out, bias) tuples, as vLLM linear layers do
+    class Tup(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x), None
+
+    down, up, shared = torch.nn.Linear(24, 16, bias=False), torch.nn.Linear(16, 24, bias=False), MLP(24, 4)
+    plain, w13, w2, *_ = build(routed_input_transform=down, routed_output_transform=up, shared_experts=shared)
+    tup = FusedMoE(6, 2, 16, 8, routed_input_transform=Tup(down), routed_output_transform=Tup(up),
+                   shared_experts=Tup(shared), backend="torch")
+    tup.load_expert_weights(w13, w2)
+    x, logits = torch.randn(7, 24), spread_logits(7, 6)
+    torch.testing.assert_close(tup(x, logits), plain(x, logits))
 
 
 @pytest.mark.parametrize("with_gate", [False, True])

@@ -218,3 +218,38 @@ def test_mixtral():
     x = torch.randn(2, 11, h)
     ref = ref_layer(x, None, route_fn=_route(k, renormalize=True), num_experts=e, w13=w13, w2=w2, gate=f64(gate))
     assert_close_dtype(layer(x), ref, torch.float32)
+
+
+# ------------------------------------------------------------------ every style: T = 0, batch invariance
+def _styles():
+    h = 16
+    return {
+        "longcat": (dict(num_experts=6, top_k=3, renormalize=False, zero_expert_type="identity",
+                         e_score_correction_bias=torch.randn(9) * 0.1, routed_scaling_factor=6.0), 9),
+        "deepseek_v3": (dict(num_experts=8, top_k=2, use_grouped_topk=True, num_expert_group=4, topk_group=2,
+                             scoring_func="sigmoid", e_score_correction_bias=torch.randn(8) * 0.1,
+                             routed_scaling_factor=2.5, shared_experts=MLP(h, 8)), 8),
+        "qwen2_moe": (dict(num_experts=6, top_k=2, renormalize=False, shared_experts=MLP(h, 8),
+                           shared_expert_gate=torch.nn.Linear(h, 1, bias=False)), 6),
+        "gpt_oss": (dict(num_experts=4, top_k=2, activation="swigluoai", has_bias=True), 4),
+        "llama4": (dict(num_experts=4, top_k=1, custom_routing_function=llama4_routing_function,
+                        renormalize=False, apply_router_weight_on_input=True, shared_experts=MLP(h, 8)), 4),
+        "hash": (dict(num_experts=6, top_k=2, hash_indices_table=torch.randint(0, 6, (20, 2)),
+                      scoring_func="sqrtsoftplus"), 6),
+    }
+
+
+@pytest.mark.parametrize("style", ["longcat", "deepseek_v3", "qwen2_moe", "gpt_oss", "llama4", "hash"])
+def test_every_style_empty_batch_and_batch_invariance(style):
+    # T = 0 returns [0, H] for every model style; a token's output alone equals its row in the batch
+    kw, n_logits = _styles()[style]
+    layer = FusedMoE(hidden_size=16, intermediate_size=8, backend="torch", **kw)
+    ids_kw = (lambda ids: {"input_ids": ids}) if style == "hash" else (lambda ids: {})
+    out0 = layer(torch.empty(0, 16), torch.empty(0, n_logits), **ids_kw(torch.empty(0, dtype=torch.long)))
+    assert out0.shape == (0, 16)
+    x, logits, tok = torch.randn(11, 16), torch.randn(11, n_logits), torch.randint(0, 20, (11,))
+    full = layer(x, logits, **ids_kw(tok))
+    assert torch.isfinite(full).all()
+    for i in (0, 5, 10):
+        alone = layer(x[i : i + 1], logits[i : i + 1], **ids_kw(tok[i : i + 1]))
+        torch.testing.assert_close(alone, full[i : i + 1], atol=1e-6, rtol=1e-6)

@@ -153,7 +153,7 @@ GROUPED_CASES = [
 
 
 @pytest.mark.parametrize("e,g,kg,k", GROUPED_CASES)
-@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("scoring_func", SCORING)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_grouped_topk_matches_reference(e, g, kg, k, scoring_func, with_bias):
     # group score = top-2 sum with bias / max without; 1-expert groups; renormalise then scale

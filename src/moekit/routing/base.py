@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_tensor
 from ..ops.routing import check_gating
 from ..types import RoutingMethodType, RoutingResult
 
@@ -82,6 +82,7 @@ class BaseRouter(torch.nn.Module):
         self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *, input_ids: torch.Tensor | None = None
     ) -> RoutingResult:
         """Full routing result, zero-expert contribution included (no side channel)."""
+        check_tensor("hidden_states", hidden_states)
         columns = self.num_logit_columns or self.global_num_experts
         check_gating(router_logits, hidden_states.shape[0], columns)
         if router_logits.device != hidden_states.device:
