@@ -45,6 +45,7 @@ class EplbState(torch.nn.Module):
         self.num_groups = num_groups
         self.window_size = window_size
         self.max_replicas = min(w, p - e + 1)
+        self._owner = [r for r, _ in placement.owners()]
         kw = dict(dtype=torch.int64, device=device)
         self.register_buffer("physical_to_logical", torch.zeros(p, **kw), persistent=False)
         self.register_buffer("logical_to_physical", torch.zeros(e, self.max_replicas, **kw), persistent=False)
@@ -56,9 +57,17 @@ class EplbState(torch.nn.Module):
     @torch.no_grad()
     def set_physical_to_logical(self, physical_to_logical) -> None:
         """Install a placement: the three routing maps are overwritten in place."""
-        table, counts = logical_to_physical(list(physical_to_logical), self.num_logical, self.max_replicas)
+        p2l = [int(e) for e in physical_to_logical]
+        if len(p2l) != self.num_physical:
+            raise ValueError(f"physical_to_logical must have {self.num_physical} entries, got {len(p2l)}")
+        seen = set()
+        for phys, e in enumerate(p2l):
+            if (self._owner[phys], e) in seen:
+                raise ValueError(f"expert {e} would have two replicas on EP rank {self._owner[phys]}")
+            seen.add((self._owner[phys], e))
+        table, counts = logical_to_physical(p2l, self.num_logical, self.max_replicas)
         dev = self.physical_to_logical.device
-        self.physical_to_logical.copy_(torch.tensor(list(physical_to_logical), dtype=torch.int64, device=dev))
+        self.physical_to_logical.copy_(torch.tensor(p2l, dtype=torch.int64, device=dev))
         self.logical_to_physical.copy_(torch.tensor(table, dtype=torch.int64, device=dev))
         self.replica_count.copy_(torch.tensor(counts, dtype=torch.int64, device=dev))
 

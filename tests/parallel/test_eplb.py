@@ -1,0 +1,178 @@
+"""EPLB pure functions and placement: golden examples computed by hand (see the comments)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from moekit.parallel import (
+    ExpertPlacement,
+    assign_slots,
+    balanced_packing,
+    imbalance,
+    initial_physical_to_logical,
+    plan_weight_moves,
+    rank_loads,
+    rebalance_experts,
+    replica_hash,
+    replicate_experts,
+)
+from moekit.parallel.eplb import Move, logical_to_physical
+from moekit.parallel.eplb_state import EplbState
+
+
+# -- placement ------------------------------------------------------------------------------------
+def test_initial_replicas_golden():
+    # linear, W=2, P=6: rank 1 holds p3..p5; p3 = 3; p4: fewest copies, not on rank 1 -> 0; p5 -> 1
+    assert initial_physical_to_logical(4, 6, 2, "linear") == (0, 1, 2, 3, 0, 1)
+    # round robin: rank 0 = {p0, p2, p4} holds {0, 2} -> p4 = 1; rank 1 = {p1, p3, p5} holds {1, 3} -> p5 = 0
+    assert initial_physical_to_logical(4, 6, 2, "round_robin") == (0, 1, 2, 3, 1, 0)
+    # W=4, P=12: rank 2 = {6, 7, p8} -> 0; rank 3 = {p9, p10, p11} -> 1, 2, 3
+    assert initial_physical_to_logical(8, 12, 4, "linear") == (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)
+
+
+def test_placement_build_and_errors():
+    p = ExpertPlacement.build(8, 2, ep_size=2, ep_rank=1)
+    assert p.local_ids == (5, 6, 7, 8, 9) and p.local_logical_ids() == [5, 6, 7, 0, 1]
+    assert p.expert_map().tolist() == [-1] * 5 + [0, 1, 2, 3, 4]
+    rr = ExpertPlacement.build(8, 0, ep_size=4, ep_rank=1, strategy="round_robin")
+    assert rr.local_ids == (1, 5)
+    assert rr.owners()[5] == (1, 1)
+    with pytest.raises(ValueError, match=r"num_experts \(7\) must be divisible by the EP group size \(2\)"):
+        ExpertPlacement.build(7, 0, ep_size=2)
+    with pytest.raises(ValueError, match=r"8 \+ 1 = 9"):
+        ExpertPlacement.build(8, 1, ep_size=2)
+    with pytest.raises(ValueError, match="never holds two replicas"):
+        ExpertPlacement.build(4, 4, ep_size=1)
+    with pytest.raises(ValueError, match="expert_placement_strategy"):
+        ExpertPlacement.build(4, 0, ep_size=2, strategy="striped")
+    with pytest.raises(ValueError, match="tp_rank"):
+        ExpertPlacement.build(4, 0, tp_size=2, tp_rank=2)
+
+
+# -- balancing --------------------------------------------------------------------------------------
+def test_replicate_experts_golden():
+    # [10, 4, 6, 2] -> +1 to 0 (10 is max), then ratios 5, 4, 6, 2 -> +1 to 2
+    assert replicate_experts([10, 4, 6, 2], 6) == [2, 1, 2, 1]
+    # tie 6 vs 6 -> lower id first
+    assert replicate_experts([6, 6, 3, 3], 6) == [2, 2, 1, 1]
+    # cap 2: expert 0 (8) stops at 2 copies, the next goes to 2 (3 ties 3 -> lower id)
+    assert replicate_experts([8, 2, 3, 3], 6, max_replicas=2) == [2, 1, 2, 1]
+    with pytest.raises(ValueError):
+        replicate_experts([1, 1], 5, max_replicas=2)
+    with pytest.raises(ValueError):
+        replicate_experts([1, -1], 2)
+
+
+def test_balanced_packing_golden():
+    # heaviest first: 4(6)->p0, 0(5)->p1, 1(5)->p1, 2(4)->p0, 3(3)->p0 (10 = 10, lower id), 5(2)->p1
+    assert balanced_packing([5, 5, 4, 3, 6, 2], 2) == [[4, 2, 3], [0, 1, 5]]
+    # with labels: never two items of one label in one pack
+    packs = balanced_packing([5, 5, 4, 3, 3, 2], 2, labels=[0, 0, 1, 2, 2, 3])
+    assert packs == [[0, 2, 4], [1, 3, 5]]
+    with pytest.raises(ValueError):
+        balanced_packing([1, 2, 3], 2)
+
+
+def test_balanced_packing_repair_golden():
+    # items H 50, a 1, b 1, d 1, c 0.5, c 0.5 into 2 packs of 3: H->p0; a, b, d -> p1 (full);
+    # first c -> p0; second c: only p0 has room and holds c -> repair: a (p1's first item whose label
+    # p0 lacks) moves to p0 and the second c takes its place in p1
+    packs = balanced_packing([50, 1, 1, 1, 0.5, 0.5], 2, labels=["H", "a", "b", "d", "c", "c"])
+    assert packs == [[0, 4, 1], [2, 3, 5]]
+
+
+def test_rebalance_global_golden():
+    # counts [2, 1, 2, 1]; replicas (e0 5, e0 5, e1 4, e2 3, e2 3, e3 2) packed over 2 GPUs:
+    # e0->g0, e0->g1 (label), e1->g0 (tie), e2->g1, e2->g0 (label), e3->g1
+    gpus = rebalance_experts([10, 4, 6, 2], 6, 2)
+    assert gpus == [[0, 1, 2], [0, 2, 3]]
+    old = (0, 1, 2, 3, 0, 1)
+    new = assign_slots(gpus, old, "linear")
+    assert new == [0, 1, 2, 3, 0, 2]  # rank 1 keeps 3 and 0 in place, slot p5 takes 2
+    assert rank_loads([10, 4, 6, 2], old, 2, "linear") == [13, 9]
+    assert rank_loads([10, 4, 6, 2], new, 2, "linear") == [12, 10]
+    assert imbalance([10, 4, 6, 2], old, 2, "linear") == pytest.approx(13 / 11)
+    assert imbalance([10, 4, 6, 2], new, 2, "linear") == pytest.approx(12 / 11)
+    assert plan_weight_moves(old, new, 2, "linear") == [Move(src=0, src_slot=2, dst=1, dst_slot=2)]
+
+
+def test_rebalance_hierarchical_golden():
+    load = [8, 2, 3, 3, 6, 6, 1, 1]  # groups of 2: g0 10, g1 6, g2 12, g3 2
+    # groups -> 2 nodes: g2->n0, g0->n1, g1->n1, g3->n0. node 0 = experts 4..7, node 1 = 0..3
+    # node 0 [6, 6, 1, 1] -> counts [2, 2, 1, 1]; GPUs 0, 1 get {4, 5, 6}, {4, 5, 7}
+    # node 1 [8, 2, 3, 3] (cap 2 copies) -> counts [2, 1, 2, 1]; GPUs 2, 3 get {0, 2, 3}, {0, 1, 2}
+    gpus = rebalance_experts(load, 12, 4, num_groups=4, num_nodes=2)
+    assert gpus == [[4, 5, 6], [4, 5, 7], [0, 2, 3], [0, 1, 2]]
+    old = initial_physical_to_logical(8, 12, 4, "linear")
+    new = assign_slots(gpus, old, "linear")
+    assert new == [4, 5, 6, 7, 4, 5, 2, 3, 0, 1, 2, 0]
+    assert rank_loads(load, new, 4, "linear") == [7, 7, Fraction(17, 2), Fraction(15, 2)]
+    # groups that do not split over nodes: global balancing (one node, one group)
+    assert rebalance_experts([8, 2, 3, 3, 6, 6], 12, 4, num_groups=3, num_nodes=2) == rebalance_experts(
+        [8, 2, 3, 3, 6, 6], 12, 4
+    )
+
+
+def test_rebalance_never_duplicates_and_is_deterministic():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        e, w = 16, 4
+        load = (torch.rand(e, generator=g) ** 4 * 1000).long().tolist()
+        p = e + 8
+        gpus = rebalance_experts(load, p, w)
+        assert gpus == rebalance_experts(list(load), p, w)
+        assert all(len(set(x)) == len(x) == p // w for x in gpus)
+        assert sorted(set(i for x in gpus for i in x)) == list(range(e))
+        new = assign_slots(gpus, initial_physical_to_logical(e, p, w, "round_robin"), "round_robin")
+        before = imbalance(load, initial_physical_to_logical(e, p, w, "round_robin"), w, "round_robin")
+        assert imbalance(load, new, w, "round_robin") <= before + 1e-12
+
+
+def test_plan_moves_prefers_local_and_spreads_sources():
+    # W=2 linear, P=6. rank 1 slot p4 wants expert 1: rank 1 holds 1 in p5 -> local copy
+    moves = plan_weight_moves([0, 1, 2, 3, 4, 1], [0, 1, 2, 3, 1, 1], 2, "linear")
+    assert moves == [Move(1, 2, 1, 1)]
+    # two slots on rank 1 fetch expert 0 held twice on rank 0 (p0, p1): sources alternate
+    moves = plan_weight_moves([0, 0, 1, 2, 3, 1], [0, 0, 1, 0, 3, 0], 2, "linear")
+    assert moves == [Move(0, 0, 1, 0), Move(0, 1, 1, 2)]
+
+
+def test_logical_to_physical_table():
+    table, counts = logical_to_physical([0, 1, 2, 3, 0, 2], 4, 2)
+    assert table == [[0, 4], [1, -1], [2, 5], [3, -1]] and counts == [2, 1, 2, 1]
+    with pytest.raises(ValueError, match="no physical replica"):
+        logical_to_physical([0, 0, 1, 1], 3, 2)
+
+
+# -- routing map ------------------------------------------------------------------------------------
+def test_eplb_state_map_and_record():
+    p = ExpertPlacement.build(4, 2, ep_size=2, ep_rank=0)  # p2l (0, 1, 2, 3, 0, 1)
+    st = EplbState(p, window_size=2)
+    ids = torch.tensor([[0, 2], [1, 3], [0, 1]], dtype=torch.int32)
+    phys = st.map_logical_to_physical(ids)
+    assert phys.dtype == torch.int32
+    assert torch.equal(st.physical_to_logical[phys.long()], ids.long())  # a replica of the right expert
+    assert phys[0, 1] == 2 and phys[1, 1] == 3  # single-replica experts map to their only slot
+    w = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.3, 0.7]])
+    for _ in range(3):  # window 2: the third step overwrites the first slot
+        st.record(phys, w, on_input=False)
+    assert int(st.step) == 3
+    assert st.window_load().tolist() == [4, 4, 2, 0]  # slot (1, 1) with weight 0 is not counted
+
+
+def test_replica_hash_spreads_tokens():
+    st = EplbState(ExpertPlacement.build(4, 4, ep_size=4, ep_rank=0), window_size=1)
+    # expert 0 gets 4 replicas, one per rank (2 slots a rank): p0, p2, p4, p6
+    st.set_physical_to_logical([0, 1, 0, 2, 0, 3, 0, 1])
+    ids = torch.zeros(1000, 2, dtype=torch.int64)
+    phys = st.map_logical_to_physical(ids)
+    share = torch.bincount(phys[:, 0], minlength=8)[[0, 2, 4, 6]]
+    assert share.min() > 200 and share.max() < 300
+    h = replica_hash(torch.arange(8))
+    assert h.dtype == torch.int64 and (h >= 0).all() and (h < 2**32).all()
+    assert len(set(h.tolist())) == 8
+    with pytest.raises(ValueError, match="two replicas"):
+        st.set_physical_to_logical([0, 1, 2, 3, 0, 0, 0, 1])  # p4, p5 both on rank 2
