@@ -1,0 +1,188 @@
+"""Expert-parallel benchmark: dispatch + combine latency (all-to-all vs all-gather/reduce-scatter) and
+the whole DeepSeek-V3-shaped layer (E256 k8 H7168 I2048, grouped sigmoid + bias, bf16) on W GPUs versus 1.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD/src \\
+        torchrun --nproc-per-node 2 benchmarks/bench_parallel.py --out benchmarks/results/parallel-h200-DATE.json
+
+Timing: CUDA events around each call on every rank (the calls include the layout's host sync), the
+median over iterations per rank, then the maximum over ranks. The single-GPU baseline runs on rank 0
+alone with ``T`` (same tokens per GPU) and ``W·T`` (same total tokens) tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import moekit
+
+E, K, H, I, G, TOPK_GROUP = 256, 8, 7168, 2048, 8, 4
+
+
+def parse():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--layer-iters", type=int, default=7)
+    ap.add_argument("--experts-backend", default="auto")
+    ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny shapes: checks the script runs")
+    return ap.parse_args()
+
+
+def timed(fn, iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` on this rank (CUDA events), after a barrier."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        dist.barrier()
+        return _cpu_median(fn, iters)
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def max_over_ranks(v: float, device) -> float:
+    t = torch.tensor([v], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def routing_inputs(t: int, device, seed: int):
+    g = torch.Generator(device=device).manual_seed(seed)  # per-device generator
+    x = torch.randn(t, H, device=device, dtype=torch.bfloat16, generator=g)
+    logits = torch.randn(t, E, device=device, dtype=torch.float32, generator=g)
+    return x, logits
+
+
+def build(device, backend, ep_group=None):
+    bias = torch.linspace(-0.1, 0.1, E, device=device)
+    return moekit.FusedMoE(
+        E, K, H, I, params_dtype=torch.bfloat16, use_grouped_topk=True, num_expert_group=G, topk_group=TOPK_GROUP,
+        scoring_func="sigmoid", e_score_correction_bias=bias, routed_scaling_factor=2.5, device=device,
+        backend=backend, ep_group=ep_group,
+    )
+
+
+def main():
+    global E, K, H, I, G, TOPK_GROUP
+    args = parse()
+    if args.cpu_smoke:
+        E, K, H, I, G, TOPK_GROUP = 16, 4, 64, 32, 4, 2
+        dist.init_process_group("gloo")
+        dev = torch.device("cpu")
+    else:
+        dist.init_process_group("nccl")
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokens = [int(v) for v in args.tokens.split(",")]
+    backend = args.experts_backend
+    if backend == "auto" and dev.type == "cuda":
+        try:
+            import moekit.ops.triton_experts  # noqa: F401
+        except Exception:
+            backend = "torch"  # the Triton experts are not in this tree
+    res = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "gpus": world,
+        "torch": torch.__version__, "experts_backend": backend,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if dev.type == "cuda" else None,
+        "shape": {"E": E, "K": K, "H": H, "I": I, "groups": G, "topk_group": TOPK_GROUP, "dtype": "bfloat16"},
+        "timing": "CUDA events per call, median over iterations per rank, max over ranks (ms)",
+        "date": time.strftime("%Y-%m-%d"), "dispatch_combine": [], "layer": [], "single_gpu": [],
+    }
+    group = dist.group.WORLD
+    layer = build(dev, backend, ep_group=group)
+    ex = layer.expert_executor
+
+    def identity(x, w, ids):
+        return x
+
+    # 1) dispatch + combine alone (identity experts), routing of the real router
+    for t in tokens:
+        x, lg = routing_inputs(t, dev, 100 + rank)
+        w, ids = layer.router.select_experts(x, lg)
+        for mode in ("all_to_all", "all_gather"):
+            ms = timed(lambda: ex.run_ep(x, w, ids, identity, False, mode=mode), args.iters)
+            res["dispatch_combine"].append({"tokens_per_rank": t, "mode": mode, "ms": max_over_ranks(ms, dev)})
+        if rank == 0:
+            print("dispatch+combine", res["dispatch_combine"][-2:], flush=True)
+
+    # 2) the whole layer on W GPUs, each dispatcher forced and auto
+    with torch.inference_mode():
+        for t in tokens:
+            x, lg = routing_inputs(t, dev, 200 + rank)
+            for mode in ("all_to_all", "all_gather", "auto"):
+                ex.mode = mode
+                ms = timed(lambda: layer(x, lg), args.layer_iters, warmup=1)
+                res["layer"].append({"tokens_per_rank": t, "mode": mode, "chosen": ex.last_mode, "ms": max_over_ranks(ms, dev)})
+            if rank == 0:
+                print("layer", res["layer"][-3:], flush=True)
+    del layer, ex
+    torch.cuda.empty_cache()
+
+    # 3) one GPU holding all 256 experts, same tokens per GPU (T) and same total tokens (W·T)
+    if not args.skip_single and rank == 0:
+        single = build(dev, backend)
+        with torch.inference_mode():
+            for t in tokens:
+                for n in sorted({t, world * t}):
+                    x, lg = routing_inputs(n, dev, 300)
+                    ms = timed_local(lambda: single(x, lg), args.layer_iters)
+                    res["single_gpu"].append({"tokens": n, "ms": ms})
+                print("single", res["single_gpu"][-2:], flush=True)
+        del single
+    dist.barrier()
+    if rank == 0 and args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print("wrote", args.out)
+    dist.destroy_process_group()
+
+
+def _cpu_median(fn, iters):
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def timed_local(fn, iters):
+    """Like :func:`timed` without the barrier (one rank only)."""
+    fn()
+    if not torch.cuda.is_available():
+        return _cpu_median(fn, iters)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()
