@@ -127,7 +127,7 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
             except (KeyError, ValueError) as err:
                 raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
             del t
-        _check_complete(layer, plan, keys)
+        _check_complete(layer, plan, keys, spec)
         del layer._loaded
         layers[plan.name] = layer
     return layers
@@ -158,21 +158,27 @@ def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
 _SHARD_NAMES = {"w1": ("gate_proj", "w1"), "w3": ("up_proj", "w3"), "w2": ("down_proj", "w2")}
 
 
-def _check_complete(layer, plan: LayerPlan, keys: dict) -> None:
+def _check_complete(layer, plan: LayerPlan, keys: dict, spec: ArchSpec) -> None:
     missing = missing_pieces(layer)
     if not missing:
         return
     sample = next(iter(keys.values()))
     m = _KEY_RE.match(sample)
     pre = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}." if m else plan.ckpt_prefixes[0]
+    mixtral_style = any(re.search(r"experts\.\d+\.w[123]\.", k) for k in keys)
     named = []
     for piece in missing[:8]:
         if piece.startswith("expert "):
             _, e, shard, *bias = piece.split()
             kind = "bias" if bias else "weight"
             a, b = _SHARD_NAMES[shard]
-            named.append(f"{pre}experts.{e}.{a}.{kind} (or experts.{e}.{b}.{kind})")
+            first, other = (b, a) if mixtral_style else (a, b)
+            named.append(f"{pre}experts.{e}.{first}.{kind} (or experts.{e}.{other}.{kind}, or a fused stack)")
         else:
+            for old, new in spec.renames:
+                if piece.startswith(new):
+                    piece = old + piece[len(new) :]
+                    break
             named.append(pre + piece)
     more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
     raise KeyError(f"missing checkpoint tensors for MoE block {plan.name}: {', '.join(named)}{more}")
