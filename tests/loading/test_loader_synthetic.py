@@ -147,12 +147,13 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader_mod, "_read", counting_read)
     layers = load_moe_layers(tmp_path)
-    largest = max(v.numel() * v.element_size() for v in t.values())
+    largest = max(v.numel() * v.element_size() for k, v in t.items() if ".ffn." in k)
     construction = max(t[k].numel() * t[k].element_size() for k in t if k.endswith(("gate.bias", "tid2eid")))
     moe_bytes = sum(v.numel() * v.element_size() for k, v in t.items() if ".ffn." in k)
     kept = sum(t[k].numel() * t[k].element_size() for k in t if k.endswith("gate.bias"))
     assert live["now"] == kept  # only the selection biases live on, as the routers' own buffers
-    assert live["peak"] <= largest + construction < moe_bytes / 20, (live, largest, moe_bytes)
+    # peak: one tensor in flight + one layer's construction tensors + the biases already kept
+    assert live["peak"] <= largest + construction + kept < moe_bytes / 20, (live, largest, moe_bytes)
     assert len(layers) == 3
 
 
