@@ -157,6 +157,10 @@ def test_fused_topk_errors():
         fused_topk(None, logits, 2.0, True)
     with pytest.raises(ValueError, match="scoring_func"):
         fused_topk(None, logits, 2, True, scoring_func="tanh")
+    with pytest.raises(ValueError, match="routed_scaling_factor"):  # non-finite scale
+        grouped_topk(None, logits, 2, True, 2, 1, routed_scaling_factor=float("nan"))
+    with pytest.raises(TypeError, match="routed_scaling_factor"):
+        fused_topk_bias(None, logits, torch.zeros(6), 2, True, routed_scaling_factor="2")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -377,6 +381,13 @@ def test_custom_router_bad_returns():
     (dict(router=object()), TypeError, "router"),
     (dict(custom_routing_function="topk"), TypeError, "custom_routing_function"),
     (dict(hash_indices_table=torch.zeros(4, 3, dtype=torch.long)), ValueError, "hash_indices_table"),
+    (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("inf"), apply_routed_scale_to_output=True), ValueError,
+     "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("inf"), custom_routing_function=llama4_routing_function), ValueError,
+     "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("nan"), use_grouped_topk=True, num_expert_group=2, topk_group=1),
+     ValueError, "routed_scaling_factor"),
 ])
 def test_layer_construction_errors(kwargs, exc, what):
     base = dict(num_experts=6, top_k=2, hidden_size=8, intermediate_size=4)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import FLOAT_DTYPES, check_float_dtype, check_tensor
@@ -58,6 +60,8 @@ class MoERunner(torch.nn.Module):
         self.routed_input_transform = routed_input_transform
         self.routed_output_transform = routed_output_transform
         self.routed_scaling_factor = float(routed_scaling_factor)
+        if not math.isfinite(self.routed_scaling_factor):
+            raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor!r}")
         self.router_logits_dtype = router_logits_dtype
         #: optional callable ``(x, weights, ids, routed_experts) -> [T, H]`` that replaces the local
         #: expert call (expert/tensor parallel dispatch and combine install one)

@@ -18,6 +18,7 @@ in descending order of selection score.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,8 @@ class TopKSpec:
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
         if not isinstance(self.routed_scaling_factor, (int, float)) or isinstance(self.routed_scaling_factor, bool):
             raise TypeError(f"routed_scaling_factor must be a float, got {self.routed_scaling_factor!r}")
+        if not math.isfinite(self.routed_scaling_factor):
+            raise ValueError(f"routed_scaling_factor must be finite, got {self.routed_scaling_factor!r}")
         if self.top_k > num_experts:
             raise ValueError(f"top_k must be <= the number of experts ({num_experts}), got {self.top_k}")
         g, kg = self.num_expert_group, self.topk_group

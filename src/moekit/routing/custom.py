@@ -6,6 +6,7 @@ moekit then applies ``routed_scaling_factor`` (the seed ignored it) and checks t
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -36,6 +37,8 @@ class CustomRoutingRouter(BaseRouter):
         self.custom_routing_function = custom_routing_function
         self.renormalize = bool(renormalize)
         self.routed_scaling_factor = float(routed_scaling_factor)
+        if not math.isfinite(self.routed_scaling_factor):
+            raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor!r}")
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
