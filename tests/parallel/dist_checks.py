@@ -3,6 +3,8 @@ the single-process layer built from the same global weights and fed the same tok
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import moekit
@@ -22,7 +24,11 @@ def check(*worlds):
 
 
 def experts_backend(device: torch.device) -> str:
-    """torch on CPU; on CUDA "auto" (Triton) when the Triton experts exist, else torch."""
+    """torch on CPU; on CUDA "auto" (Triton) when the Triton experts exist, else torch.
+    ``MOEKIT_TEST_EXPERTS_BACKEND`` (torch|triton|auto) overrides, for runs of the suite on GPUs."""
+    forced = os.environ.get("MOEKIT_TEST_EXPERTS_BACKEND")
+    if forced:
+        return forced
     if device.type != "cuda":
         return "torch"
     try:
@@ -74,7 +80,7 @@ def _rank_batch(ctx, counts, H, columns, dtype, ep_rank, seed=1, skew=None):
 def exact_for(ctx, dtype) -> bool:
     """Bit-exactness is expected of the all-to-all path when the expert GEMM is batch-invariant: the
     torch reference on CPU in bf16/fp16 (fp32 CPU GEMMs take another path below 4 rows)."""
-    return ctx.exact and dtype in (torch.bfloat16, torch.float16)
+    return ctx.exact and ctx.experts_backend == "torch" and dtype in (torch.bfloat16, torch.float16)
 
 
 def _compare_modes(ctx, ref, par, x, lg, what, modes=("all_to_all", "all_gather", "auto"), exact_a2a=None, **tol):
