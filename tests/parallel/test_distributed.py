@@ -22,7 +22,8 @@ def _results(world: int, backend: str) -> dict:
     key = (world, backend)
     if key not in _RESULTS:
         names = [n for n, worlds in dist_checks.WORLD.items() if world in worlds]
-        _RESULTS[key] = run_checks(world, names, "dist_checks", backend=backend)
+        timeout = float(os.environ.get("MOEKIT_DIST_TIMEOUT", "240"))
+        _RESULTS[key] = run_checks(world, names, "dist_checks", backend=backend, timeout=timeout)
     return _RESULTS[key]
 
 
