@@ -378,3 +378,20 @@ def test_forward_does_not_modify_inputs():
     layer(x, logits)
     assert torch.equal(x, xc) and torch.equal(logits, lc)
 
+
+
+def test_262144_tokens_through_the_layer():
+    # 262,144 tokens in one layer call (routing, zero experts, experts, scaling): int64-safe and exact per token
+    e, z, k, h, inter = 6, 2, 3, 8, 4
+    bias = torch.randn(e + z) * 0.1
+    layer, w13, w2, *_ = build(e, k, h, inter, zero_expert_type="identity", e_score_correction_bias=bias,
+                               renormalize=False, routed_scaling_factor=2.0)
+    t = 262_144
+    gen = torch.Generator().manual_seed(3)
+    x, logits = torch.randn(t, h, generator=gen), torch.randn(t, e + z, generator=gen)
+    out = layer(x, logits)
+    assert out.shape == (t, h) and torch.isfinite(out).all()
+    idx = torch.tensor([0, 1, 65_535, 65_536, 131_072, 262_142, 262_143])
+    ref = ref_layer(x[idx], logits[idx], num_experts=e, w13=w13, w2=w2,
+                    route_fn=route_fn(k, bias=bias, routed_scaling_factor=2.0))
+    assert_close_dtype(out[idx], ref, torch.float32)
