@@ -77,10 +77,13 @@ def patch(model, *, backend: str = "auto") -> list[str]:
     """
     _spec, plans = plan_layers(_model_config_dict(model))
     by_idx = {p.layer_idx: p for p in plans}
-    replaced = []
+    replaced, already = [], 0
     for name, module in list(model.named_modules()):
         m = _BLOCK_RE.search(name)
-        if m is None or int(m.group(1)) not in by_idx or isinstance(module, MoEBlockAdapter):
+        if m is None or int(m.group(1)) not in by_idx:
+            continue
+        if isinstance(module, MoEBlockAdapter):
+            already += 1  # patched before: left as it is
             continue
         plan = by_idx[int(m.group(1))]
         if m.group(2) != plan.name.rsplit(".", 1)[-1] or not hasattr(module, "experts"):
@@ -90,7 +93,7 @@ def patch(model, *, backend: str = "auto") -> list[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, adapter)
         replaced.append(name)
-    if len(replaced) != len(plans):
+    if len(replaced) + already != len(plans):
         raise RuntimeError(
             f"patch found {len(replaced)} MoE blocks but the config describes {len(plans)} "
             f"({[p.name for p in plans]}); the model structure is not the expected one"
