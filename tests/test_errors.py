@@ -99,6 +99,11 @@ def test_experts_routing_errors(fn):
         fn(x, w1, w2, w, ids, apply_router_weight_on_input=True)
     with pytest.raises(ValueError, match="activation"):
         fn(x, w1, w2, w, ids, activation="swish")
+    with pytest.raises(ValueError, match="swiglu_limit"):  # a limit for the non-gated relu2 is not ignored
+        fn(x, w1[:, :4], w2, w, ids, activation="relu2", swiglu_limit=7.0)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="swiglu_limit"):
+            fn(x, w1, w2, w, ids, swiglu_limit=bad)
 
 
 @pytest.mark.parametrize("fn", [fused_experts, fused_experts_torch])

@@ -89,3 +89,13 @@ def test_names():
     assert "silu" in str(err.value) and "tanhh" in str(err.value)
     with pytest.raises(ValueError, match="activation"):
         apply_activation_torch(torch.zeros(2, 4), "bogus")
+
+
+def test_swiglu_limit_validation():
+    # a limit must be positive, and relu2 (non-gated) refuses one instead of ignoring it
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        apply_activation_torch(torch.zeros(2, 4), "relu2", 1.0)
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        apply_activation_torch(torch.zeros(2, 4), "silu", -2.0)
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        apply_activation_torch(torch.zeros(2, 4), "swigluoai", float("nan"))

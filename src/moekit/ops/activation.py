@@ -42,7 +42,14 @@ def is_gated(activation: str) -> bool:
 
 
 def effective_limit(activation: str, swiglu_limit: float | None) -> float | None:
-    """The clamp limit the activation uses (swigluoai defaults to 7.0; others clamp only when set)."""
+    """The clamp limit the activation uses (swigluoai defaults to 7.0; others clamp only when set).
+
+    A limit must be a positive number, and only gated activations take one (``ValueError`` otherwise)."""
+    if swiglu_limit is not None:
+        if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) or not swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit must be a positive float or None, got {swiglu_limit!r}")
+        if not is_gated(activation):
+            raise ValueError(f"swiglu_limit applies to gated activations, not activation={activation!r}")
     if canonical_activation(activation) == "swigluoai":
         return SWIGLUOAI_DEFAULT_LIMIT if swiglu_limit is None else float(swiglu_limit)
     return None if swiglu_limit is None else float(swiglu_limit)
@@ -55,12 +62,12 @@ def apply_activation_torch(h: torch.Tensor, activation: str, swiglu_limit: float
     returns: [N, I] float32
     """
     act = canonical_activation(activation)
+    limit = effective_limit(act, swiglu_limit)  # validates swiglu_limit for every activation
     h = h.float()
     if act == "relu2":
         return torch.relu(h).square()
     inter = h.shape[-1] // 2
     g, u = h[..., :inter], h[..., inter:]
-    limit = effective_limit(act, swiglu_limit)
     if limit is not None:
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
