@@ -53,9 +53,12 @@ def _rank(values: list[float], candidates: list[int]) -> list[int]:
 
 
 def _gaps(values: list[float], ranked: list[int], n: int) -> float:
-    """Smallest gap between consecutive ranked values among the first n + 1 (inf if none)."""
+    """Smallest non-zero gap between consecutive ranked values among the first n + 1 (inf if none).
+
+    Exact ties (gap 0) are left out: equal inputs give equal scores in float32 too, and both sides then
+    break the tie toward the lower id; only a tiny non-zero gap could rank differently in float32."""
     head = [values[i] for i in ranked[: n + 1]]
-    return min((a - b for a, b in zip(head, head[1:])), default=math.inf)
+    return min((a - b for a, b in zip(head, head[1:]) if a != b), default=math.inf)
 
 
 def ref_route(
@@ -87,8 +90,9 @@ def ref_route(
                 else:
                     gscore.append(members[0])
             granked = _rank(gscore, list(range(num_expert_group)))
-            if topk_group < num_expert_group:  # only the kept/dropped boundary decides
-                margin = min(margin, gscore[granked[topk_group - 1]] - gscore[granked[topk_group]])
+            if topk_group < num_expert_group:  # only the kept/dropped boundary decides (exact ties are fine)
+                gap = gscore[granked[topk_group - 1]] - gscore[granked[topk_group]]
+                margin = min(margin, gap if gap != 0 else math.inf)
             kept = sorted(granked[:topk_group])
             candidates = [i for g in kept for i in range(g * per, (g + 1) * per)]
         ranked = _rank(sel, candidates)

@@ -201,3 +201,50 @@ def test_seed_constructor_signatures():
     assert (r.num_expert_group, r.topk_group, r.routed_scaling_factor) == (4, 2, 2.0)
     r = FusedTopKBiasRouter(2, 8, None, torch.zeros(8), "sigmoid", False, 1.5)
     assert r.routed_scaling_factor == 1.5 and r.renormalize is False
+
+
+# ------------------------------------------------------------------ ties, every router kind
+def _grid_logits(t, e, gen):
+    """Logits on a coarse grid (few distinct values per row): many exact ties."""
+    return torch.randint(-2, 3, (t, e), generator=gen).float() * 0.5
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid_bias", "grouped", "grouped_bias", "zero", "sqrtsoftplus"])
+def test_tied_logits_every_router(kind):
+    # tied scores (and tied group scores) break toward the lower expert / group id in every router
+    gen = torch.Generator().manual_seed(7)
+    t, e, k = 41, 12, 4
+    logits = _grid_logits(t, e, gen)
+    bias = torch.randint(0, 2, (e,), generator=gen).float() * 0.25
+    x = torch.zeros(t, 4)
+    if kind == "softmax":
+        r, kw = FusedTopKRouter(k, e, renormalize=True), dict(renormalize=True)
+    elif kind == "sqrtsoftplus":
+        r, kw = FusedTopKRouter(k, e, scoring_func="sqrtsoftplus"), dict(scoring_func="sqrtsoftplus", renormalize=True)
+    elif kind == "sigmoid_bias":
+        r = FusedTopKBiasRouter(k, e, e_score_correction_bias=bias, scoring_func="sigmoid")
+        kw = dict(scoring_func="sigmoid", bias=bias, renormalize=True)
+    elif kind == "grouped":
+        r = GroupedTopKRouter(k, e, num_expert_group=4, topk_group=2)
+        kw = dict(num_expert_group=4, topk_group=2, renormalize=True)
+    elif kind == "grouped_bias":
+        r = GroupedTopKRouter(k, e, num_expert_group=6, topk_group=3, scoring_func="sigmoid",
+                              e_score_correction_bias=bias, routed_scaling_factor=2.5)
+        kw = dict(num_expert_group=6, topk_group=3, scoring_func="sigmoid", bias=bias, renormalize=True,
+                  routed_scaling_factor=2.5)
+    else:  # zero experts: 8 real + 4 zero, the bias over all 12
+        from moekit import ZeroExpertRouter
+
+        r = ZeroExpertRouter(k, 8, e_score_correction_bias=bias, num_logical_experts=8, zero_expert_type="identity")
+        w, ids = r.select_experts(x, logits)
+        ref_w, ref_ids, margin = ref_route(logits, k, bias=bias)
+        assert_tie_free(margin)
+        zero_slot = ref_ids >= 8
+        assert zero_slot.any()
+        assert torch.equal(ids.long(), ref_ids.masked_fill(zero_slot, 0))
+        torch.testing.assert_close(w.double(), ref_w.masked_fill(zero_slot, 0.0), atol=1e-6, rtol=1e-5)
+        return
+    w, ids = r.select_experts(x, logits)
+    ref_w, ref_ids, margin = ref_route(logits, k, **kw)
+    assert_tie_free(margin)
+    _check(w, ids, ref_w, ref_ids)
