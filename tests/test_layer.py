@@ -395,3 +395,18 @@ def test_262144_tokens_through_the_layer():
     ref = ref_layer(x[idx], logits[idx], num_experts=e, w13=w13, w2=w2,
                     route_fn=route_fn(k, bias=bias, routed_scaling_factor=2.0))
     assert_close_dtype(out[idx], ref, torch.float32)
+
+
+def test_enable_eplb_single_process_keeps_outputs():
+    # once EPLB exists: a single-process layer with enable_eplb=True computes the reference output,
+    # before and after a rebalance (until then FusedMoE raises NotImplementedError, see test_errors)
+    try:
+        layer, w13, w2, *_ = build(12, 3, 16, 8, enable_eplb=True)
+    except NotImplementedError:
+        pytest.skip("EPLB is not implemented in this build")
+    x, logits = torch.randn(23, 16), spread_logits(23, 12)
+    ref = ref_layer(x, logits, route_fn=route_fn(3, renormalize=True), num_experts=12, w13=w13, w2=w2)
+    assert_close_dtype(layer(x, logits), ref, torch.float32)
+    if hasattr(layer, "rebalance"):
+        layer.rebalance()
+        assert_close_dtype(layer(x, logits), ref, torch.float32)
