@@ -410,3 +410,25 @@ def test_enable_eplb_single_process_keeps_outputs():
     if hasattr(layer, "rebalance"):
         layer.rebalance()
         assert_close_dtype(layer(x, logits), ref, torch.float32)
+
+
+def test_output_dtype_follows_hidden_states_whatever_modules_return():
+    # SPEC §1: same dtype as hidden_states even when shared experts / gate / transform return float32
+    class ToF32(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x).float()
+
+    shared, sgate = MLP(16, 8).bfloat16(), torch.nn.Linear(16, 1, bias=False).bfloat16()
+    up = torch.nn.Linear(16, 16, bias=False).bfloat16()
+    layer, w13, w2, *_ = build(dtype=torch.bfloat16, shared_experts=ToF32(shared), shared_expert_gate=ToF32(sgate),
+                               routed_output_transform=ToF32(up))
+    x, logits = torch.randn(9, 16).bfloat16(), spread_logits(9, 6)
+    out = layer(x, logits)
+    assert out.dtype == torch.bfloat16
+    ref = ref_layer(x, logits, route_fn=route_fn(2, renormalize=True), num_experts=6, w13=w13, w2=w2,
+                    shared_experts=f64(shared), shared_expert_gate=f64(sgate), routed_output_transform=f64(up))
+    assert_close_dtype(out, ref, torch.bfloat16)

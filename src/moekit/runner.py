@@ -103,7 +103,8 @@ class MoERunner(torch.nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(_first(self.shared_expert_gate(h))) * shared
             routed = routed + shared
-        return routed.reshape(*lead, routed.shape[-1])
+        # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
+        return routed.reshape(*lead, routed.shape[-1]).to(hidden_states.dtype)
 
     def _run_experts(self, x, topk_weights, topk_ids) -> torch.Tensor:
         if self.expert_executor is not None:
