@@ -243,3 +243,20 @@ def test_top_level_exports():
     # SPEC: public names importable from moekit
     for name in ("fused_topk", "fused_topk_bias", "grouped_topk", "GroupedTopk", "RoutingMethodType"):
         assert hasattr(moekit, name)
+
+
+def test_deepseek_v3_size_and_non_contiguous_logits():
+    # DeepSeek-V3 sizes (E = 256, G = 8, topk_group = 4, K = 8) from transposed (non-contiguous) logits
+    t, e = 13, 256
+    logits = spread_logits(t, e, scale=0.05).t().contiguous().t()
+    assert not logits.is_contiguous()
+    bias = torch.randperm(e).float() * 1e-3
+    w, ids = grouped_topk(None, logits, 8, True, 8, 4, "sigmoid", 2.5, bias)
+    ref_w, ref_ids, margin = ref_route(logits, 8, scoring_func="sigmoid", renormalize=True, bias=bias,
+                                       num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
+    assert_tie_free(margin, 1e-6)
+    _check(w, ids, ref_w, ref_ids)
+    w2, ids2, _ = fused_topk(None, logits[:, ::2], 6, True, scoring_func="sqrtsoftplus")
+    ref_w2, ref_ids2, margin2 = ref_route(logits[:, ::2], 6, scoring_func="sqrtsoftplus", renormalize=True)
+    assert_tie_free(margin2, 1e-6)
+    _check(w2, ids2, ref_w2, ref_ids2)
