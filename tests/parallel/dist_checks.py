@@ -288,3 +288,19 @@ def invalid_sizes(ctx):
         ctx.expect(False, "mode 'nvshmem' accepted")
     except ValueError:
         pass
+
+
+@check(4)
+def ep2_tp2_eplb(ctx):
+    ep_rank, tp_rank = divmod(ctx.rank, 2)
+    ep, tp = ctx.groups[f"ep{tp_rank}"], ctx.groups[f"tp{ep_rank}"]
+    ref, par, args = make_pair(ctx, bias=True, ep_group=ep, tp_group=tp, enable_eplb=True, num_redundant_experts=2)
+    skew = torch.zeros(8)
+    skew[[1, 2]] = 4.0  # both on EP rank 0 initially
+    x, lg = _rank_batch(ctx, [10, 3], 32, 8, torch.float32, ep_rank, skew=skew)
+    before = par(x, lg)
+    stats = par.rebalance()
+    ctx.expect(stats["imbalance_after"] < stats["imbalance_before"], f"EPxTP imbalance {stats}")
+    _check_slots(ctx, par, args, "EPxTP after rebalance")
+    ctx.expect_close(par(x, lg), before, "EPxTP output unchanged by rebalance", atol=1e-6)
+    ctx.expect_close(par(x, lg), ref(x, lg), "EPxTP rebalanced vs reference", atol=2e-5)
