@@ -130,3 +130,27 @@ def test_patch_rejects_unsupported_models():
     cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
     with pytest.raises(NotImplementedError, match="not supported; supported architectures: Mixtral"):
         patch(transformers.LlamaForCausalLM(cfg))
+
+
+def test_llama4_multimodal_wrapper(tmp_path):
+    """Llama4ForConditionalGeneration: MoE blocks live at language_model.model.layers.N.feed_forward."""
+    tc = dict(hidden_size=32, intermediate_size=16, intermediate_size_mlp=40, num_hidden_layers=2, num_local_experts=4,
+              num_experts_per_tok=1, head_dim=8, vocab_size=96, num_attention_heads=4, num_key_value_heads=2)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+              patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
+    torch.manual_seed(6)
+    model = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=tc, vision_config=vc)).eval()
+    hf_tiny._randomise(model, 6)
+    ids = _ids(model.language_model, b=1, s=7, seed=6)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    names = ["language_model.model.layers.0.feed_forward", "language_model.model.layers.1.feed_forward"]
+    layers = load_moe_layers(tmp_path)
+    assert list(layers) == names
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        _close(layers[names[1]](x), model.get_submodule(names[1])(x)[0])
+    assert patch(model) == names
+    with torch.no_grad():
+        _close(model(input_ids=ids).logits, ref)

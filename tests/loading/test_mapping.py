@@ -171,3 +171,15 @@ def test_loaded_layer_computes_the_naive_reference():
             ref[t] += p[e] / s * (d["down"] @ (torch.nn.functional.silu(d["gate"] @ x[t]) * (d["up"] @ x[t])))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # routing weights are float32 by contract
     assert moekit.MoERunner.load_weights  # the hook lives on the runner
+
+
+def test_moekit_state_dict_round_trip():
+    src = _layer(gate=torch.nn.Linear(H, E, bias=False), has_bias=True)
+    dst = _layer(gate=torch.nn.Linear(H, E, bias=False), has_bias=True)
+    sd = src.state_dict()
+    assert dst.load_weights(sd.items()) == set(sd)
+    from moekit.loading.mapping import missing_pieces
+
+    assert missing_pieces(dst) == []
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k

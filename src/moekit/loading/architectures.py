@@ -6,7 +6,7 @@ defaults of its config class) and names the keys its checkpoints use on disk. No
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .plan import LayerPlan
@@ -337,7 +337,7 @@ def supported_model_types() -> list[str]:
 def spec_for(config: dict) -> ArchSpec:
     """The spec of a config.json dict; unsupported architectures raise ``NotImplementedError``."""
     mt = config.get("model_type")
-    if mt not in BY_MODEL_TYPE:
+    if mt not in BY_MODEL_TYPE and not (mt == "llama4" and "text_config" in config):
         names = ", ".join(f"{s.name} ({'/'.join(s.model_types)})" for s in SPECS)
         raise NotImplementedError(f"model_type={mt!r} is not supported; supported architectures: {names}")
     return BY_MODEL_TYPE[mt]
@@ -349,6 +349,19 @@ def plan_layers(config: dict) -> tuple[ArchSpec, list[LayerPlan]]:
     if q:
         method = q.get("quant_method", q) if isinstance(q, dict) else q
         raise NotImplementedError(f"quantised checkpoints (quantization_config={method!r}) are not supported yet")
+    if config.get("model_type") == "llama4" and isinstance(config.get("text_config"), dict):
+        # the multimodal wrapper: its text tower is Llama4ForCausalLM at ``language_model``
+        text = dict(config["text_config"], model_type="llama4_text")
+        spec = spec_for(text)
+        plans = [
+            replace(
+                p,
+                name="language_model." + p.name,
+                ckpt_prefixes=tuple("language_model." + c for c in p.ckpt_prefixes if c.startswith("model.")),
+            )
+            for p in spec.plan(text, spec)
+        ]
+        return spec, plans
     spec = spec_for(config)
     return spec, spec.plan(config, spec)
 

@@ -66,7 +66,8 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
         if m is None or m.group("block") not in spec.ckpt_blocks:
             continue
         plan = by_idx.get(int(m.group("idx")))
-        if plan is None or m.group("pre") not in ("", "model."):
+        prefix = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}."
+        if plan is None or prefix not in plan.ckpt_prefixes:
             continue  # dense layers, MTP layers past num_hidden_layers, other towers
         out[plan.name][rename_block_key(spec, m.group("rest"))] = key
     return out

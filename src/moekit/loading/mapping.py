@@ -160,6 +160,12 @@ def _load_one(layer, name, tensor, by_weight, own, loaded) -> None:
     with torch.no_grad():
         target.copy_(tensor.to(target.dtype))
     loaded.add(pname)
+    if pname.startswith("routed_experts."):  # a moekit state_dict entry: the whole local stack at once
+        kind = pname.split(".", 1)[1]
+        shards = {"w13_weight": ("w1", "w3"), "w13_bias": ("w1", "w3"), "w2_weight": ("w2",), "w2_bias": ("w2",)}
+        for e in layer.routed_experts.placement.local_logical_ids():
+            for s in shards.get(kind, ()):
+                loaded.add((e, s, kind.endswith("bias")))
 
 
 def _find_own(name: str, own: dict):
