@@ -11,6 +11,7 @@ from moekit import (
     FusedTopKRouter,
     GroupedTopKRouter,
     RoutingMethodType,
+    ZeroExpertRouter,
 )
 from reference import (
     assert_tie_free,
@@ -184,6 +185,8 @@ def test_routing_method_type_values():
         (FusedTopKRouter(2, 8, scoring_func="sqrtsoftplus"), "Unspecified"),
         (FusedTopKBiasRouter(2, 8, e_score_correction_bias=bias, scoring_func="sigmoid"), "Unspecified"),
         (CustomRoutingRouter(1, 8, custom_routing_function=llama4_routing_function), "Custom"),
+        (ZeroExpertRouter(2, 6, e_score_correction_bias=bias, num_logical_experts=6, zero_expert_type="identity"),
+         "Unspecified"),  # bias-corrected, ungrouped
     ]
     for router, name in cases:
         assert router.routing_method_type == RoutingMethodType[name], (router, name)
@@ -201,6 +204,13 @@ def test_seed_constructor_signatures():
     assert (r.num_expert_group, r.topk_group, r.routed_scaling_factor) == (4, 2, 2.0)
     r = FusedTopKBiasRouter(2, 8, None, torch.zeros(8), "sigmoid", False, 1.5)
     assert r.routed_scaling_factor == 1.5 and r.renormalize is False
+    # the seed's renormalize defaults: True everywhere except the zero-expert router (False)
+    assert FusedTopKRouter(2, 8).renormalize is True
+    assert FusedTopKBiasRouter(2, 8, e_score_correction_bias=torch.zeros(8)).renormalize is True
+    assert GroupedTopKRouter(2, 8, num_expert_group=2, topk_group=1).renormalize is True
+    assert CustomRoutingRouter(2, 8, custom_routing_function=llama4_routing_function).renormalize is True
+    z = ZeroExpertRouter(2, 6, None, torch.zeros(8), 6, "identity")
+    assert z.renormalize is False and z.scoring_func == "softmax" and z.routed_scaling_factor == 1.0
 
 
 # ------------------------------------------------------------------ ties, every router kind
