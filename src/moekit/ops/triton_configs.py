@@ -75,34 +75,35 @@ def heuristic_config(
     touched = min(num_experts, slots)
     rows = slots / touched
     small_elt = dtype != torch.float32
-    if rows <= 16:
+    # Memory-bound below ~150 rows per expert: then padding rows cost only idle MMA, while an expert
+    # split over two blocks streams its weights twice, so BLOCK_M covers the expected rows with room.
+    if rows <= 6:
         bm = 16
-    elif rows <= 32:
+    elif rows <= 14:
         bm = 32
-    elif rows <= 96:
+    elif rows <= 36:
         bm = 64
     else:
         bm = 128
     if bm <= 32:  # weight streaming: wide K tiles, narrow N tiles so that enough programs run
         bk = 128 if small_elt else 64
-        blocks = touched
         w13_bn = 64
-        while w13_bn > 16 and blocks * math.ceil(inter / w13_bn) < 2 * num_sms:
+        while w13_bn > 16 and touched * math.ceil(inter / w13_bn) < 2 * num_sms:
             w13_bn //= 2
         w2_bn = 64
-        while w2_bn > 16 and blocks * math.ceil(hidden / w2_bn) < 2 * num_sms:
+        while w2_bn > 16 and touched * math.ceil(hidden / w2_bn) < 2 * num_sms:
             w2_bn //= 2
         stages = 4 if small_elt else 3
-        w13 = dict(BN=w13_bn, BK=bk, GROUP_M=1, num_warps=4, num_stages=stages)
-        w2 = dict(BN=w2_bn, BK=bk, GROUP_M=1, num_warps=4, num_stages=stages)
-    elif bm == 64:
+        w13 = dict(BN=w13_bn, BK=bk, GROUP_M=8, num_warps=4, num_stages=stages)
+        w2 = dict(BN=w2_bn, BK=bk, GROUP_M=8, num_warps=4, num_stages=stages)
+    elif bm == 64 or rows <= 160:
         bk = 64 if small_elt else 32
-        w13 = dict(BN=64, BK=bk, GROUP_M=4, num_warps=4, num_stages=4 if small_elt else 3)
-        w2 = dict(BN=128, BK=bk, GROUP_M=4, num_warps=4, num_stages=4 if small_elt else 3)
-    else:
+        w13 = dict(BN=64, BK=bk, GROUP_M=8, num_warps=4, num_stages=4 if small_elt else 3)
+        w2 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=4, num_stages=4 if small_elt else 3)
+    else:  # compute-bound: big tiles (w13 holds two accumulators: gate and up)
         bk = 64 if small_elt else 32
-        w13 = dict(BN=64, BK=bk, GROUP_M=8, num_warps=8, num_stages=4 if small_elt else 3)
-        w2 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=4 if small_elt else 3)
+        w13 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
+        w2 = dict(BN=256 if small_elt else 128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
     for c, n in ((w13, inter), (w2, hidden)):  # never wider than the problem
         c["BN"] = max(16, min(c["BN"], _next_pow2(n)))
     return {"BLOCK_M": bm, "w13": w13, "w2": w2}

@@ -1,0 +1,225 @@
+"""Triton experts kernels against the torch twin (float64) and an independent naive loop.
+
+On CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before any kernel
+module is imported) on small shapes; on a CUDA machine the same tests run natively.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import moekit  # noqa: E402
+from moekit.ops import triton_experts as te  # noqa: E402
+from moekit.ops.activation import apply_activation_torch  # noqa: E402
+from moekit.ops.experts import fused_experts, fused_experts_torch  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def naive(x, w1, w2, w, ids, act="silu", b1=None, b2=None, emap=None, on_input=False, limit=None):
+    """Per-token, per-slot loop in float64 (independent of the library's chunked reference)."""
+    x, w1, w2 = x.double(), w1.double(), w2.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if emap is not None:
+                e = int(emap[e])
+                if e < 0:
+                    continue
+            wt = float(w[t, j])
+            xin = x[t] * wt if on_input else x[t]
+            h = w1[e] @ xin + (b1[e].double() if b1 is not None else 0)
+            a = apply_activation_torch(h[None], act, limit)[0].double()
+            o = w2[e] @ a + (b2[e].double() if b2 is not None else 0)
+            out[t] += o if on_input else wt * o
+    return out
+
+
+def make(t, e, k, h, i, dtype=torch.float32, act="silu", bias=False, num_global=None, hot=False):
+    gen = torch.Generator().manual_seed(1234 + t * 7 + e)
+    rows = i if act == "relu2" else 2 * i
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w1 = (torch.randn(e, rows, h, generator=gen) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, generator=gen) / i**0.5).to(dtype)
+    b1 = (torch.randn(e, rows, generator=gen) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(e, h, generator=gen) * 0.1).to(dtype) if bias else None
+    ng = num_global or e
+    if hot:
+        ids = torch.zeros(t, k, dtype=torch.int64)
+        ids[:, 1:] = torch.stack([torch.randperm(ng, generator=gen)[: k - 1] for _ in range(t)]) if k > 1 else ids[:, 1:]
+        ids[:, 1:] = torch.where(ids[:, 1:] == 0, ng - 1, ids[:, 1:])
+    else:
+        ids = torch.stack([torch.randperm(ng, generator=gen)[:k] for _ in range(t)]) if t else torch.empty(0, k)
+    w = torch.rand(t, k, generator=gen) + 0.05
+    to = lambda v: v.to(DEV) if v is not None else None  # noqa: E731
+    return to(x), to(w1), to(w2), to(w), ids.to(torch.int32).to(DEV), to(b1), to(b2)
+
+
+def check(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = ref.cpu().double()
+    out = out.cpu().double()
+    if out.numel() == 0:
+        return
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    else:
+        rel_rms = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        max_err = (out - ref).abs().max().item()
+        assert rel_rms <= 1e-2, rel_rms
+        assert max_err <= 3e-2 * ref.abs().max().item(), (max_err, ref.abs().max().item())
+
+
+def run_both(x, w1, w2, w, ids, **kw):
+    out = te.fused_experts_triton(x, w1, w2, w, ids, **kw)
+    k64 = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in kw.items()}
+    ref = fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids, **k64)
+    return out, ref
+
+
+@pytest.mark.parametrize("t,e,k", [(0, 4, 2), (1, 4, 2), (7, 4, 2), (13, 5, 1), (11, 6, 6), (37, 8, 3)])
+def test_shapes_fp32(t, e, k):
+    x, w1, w2, w, ids, _, _ = make(t, e, k, 32, 24)
+    out, ref = run_both(x, w1, w2, w, ids)
+    check(out, ref, torch.float32)
+    if t:
+        check(out, naive(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu()), torch.float32)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "swigluoai", "relu2"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_activations_and_biases(act, bias):
+    x, w1, w2, w, ids, b1, b2 = make(9, 4, 2, 48, 40, act=act, bias=bias)
+    kw = dict(activation=act, w1_bias=b1, w2_bias=b2)
+    out, ref = run_both(x, w1, w2, w, ids, **kw)
+    check(out, ref, torch.float32)
+    check(out, naive(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu(), act,
+                     b1.cpu() if bias else None, b2.cpu() if bias else None), torch.float32)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "swigluoai"])
+def test_swiglu_limit(act):
+    x, w1, w2, w, ids, _, _ = make(6, 4, 2, 32, 16, act=act)
+    x = x * 30  # large pre-activations so that the clamp matters
+    out, ref = run_both(x, w1, w2, w, ids, activation=act, swiglu_limit=2.5)
+    check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_dtypes(dtype):
+    x, w1, w2, w, ids, b1, b2 = make(17, 6, 3, 64, 32, dtype=dtype, bias=True)
+    out, ref = run_both(x, w1, w2, w, ids, w1_bias=b1, w2_bias=b2)
+    check(out, ref, dtype)
+
+
+def test_apply_router_weight_on_input():
+    x, w1, w2, w, ids, _, _ = make(10, 4, 1, 32, 16)
+    out, ref = run_both(x, w1, w2, w, ids, apply_router_weight_on_input=True)
+    check(out, ref, torch.float32)
+    check(out, naive(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu(), on_input=True), torch.float32)
+
+
+def test_expert_map_with_holes():
+    emap = torch.tensor([0, -1, 1, -1, 2, 3, -1, -1], dtype=torch.int32, device=DEV)
+    x, w1, w2, w, ids, _, _ = make(12, 4, 3, 32, 16, num_global=8)
+    ids[0] = torch.tensor([1, 3, 6], dtype=torch.int32)  # a token whose every slot is held elsewhere
+    out, ref = run_both(x, w1, w2, w, ids, expert_map=emap, global_num_experts=8)
+    check(out, ref, torch.float32)
+    assert torch.equal(out[0].cpu(), torch.zeros(32))
+    check(out, naive(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu(), emap=emap.cpu()), torch.float32)
+
+
+def test_hot_expert_zero_weights_int64_ids():
+    x, w1, w2, w, ids, _, _ = make(29, 5, 3, 32, 16, hot=True)
+    w[::3, 1] = 0.0  # masked zero-expert slots: skipped
+    out, ref = run_both(x, w1, w2, w, ids.long())
+    check(out, ref, torch.float32)
+
+
+def test_multi_launch_align_and_chunking(monkeypatch):
+    x, w1, w2, w, ids, _, _ = make(40, 6, 2, 32, 16)
+    ref = fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids)
+    monkeypatch.setattr(te, "SMALL_SLOTS", 8)  # count + scatter kernels instead of the single program
+    out = te.fused_experts_triton(x, w1, w2, w, ids)
+    check(out, ref, torch.float32)
+    out2 = te.fused_experts_impl(x, w1, w2, w, ids, "silu", False, None, None, None, None, workspace_bytes=6000)
+    check(out2, ref, torch.float32)  # several chunks
+    assert torch.equal(out, te.fused_experts_triton(x, w1, w2, w, ids))  # deterministic
+
+
+@pytest.mark.parametrize("bm", [16, 32])
+def test_explicit_configs(bm):
+    x, w1, w2, w, ids, _, _ = make(21, 4, 2, 40, 24)  # H, I not multiples of the tiles
+    cfg = {"BLOCK_M": bm, "w13": dict(BN=16, BK=32, GROUP_M=2, num_warps=4, num_stages=2),
+           "w2": dict(BN=32, BK=16, GROUP_M=1, num_warps=4, num_stages=2)}
+    out = te.fused_experts_impl(x, w1, w2, w, ids, "silu", False, None, None, None, None, config=cfg)
+    check(out, fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids), torch.float32)
+
+
+def test_dispatcher_and_layer():
+    x, w1, w2, w, ids, _, _ = make(5, 4, 2, 32, 16)
+    out = fused_experts(x, w1, w2, w, ids, backend="triton")
+    check(out, fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids), torch.float32)
+    torch.manual_seed(0)
+    lt = moekit.FusedMoE(6, 2, 32, 16, params_dtype=torch.float32, device=DEV, backend="triton")
+    lr = moekit.FusedMoE(6, 2, 32, 16, params_dtype=torch.float32, device=DEV, backend="torch")
+    lr.load_state_dict(lt.state_dict())
+    xs, logits = torch.randn(9, 32, device=DEV), torch.randn(9, 6, device=DEV)
+    torch.testing.assert_close(lt(xs, logits), lr(xs, logits), atol=1e-4, rtol=1e-4)
+
+
+def test_validation_errors():
+    x, w1, w2, w, ids, _, _ = make(3, 4, 2, 32, 16)
+    with pytest.raises(ValueError):
+        te.fused_experts_triton(x, w1, w2, w, ids, apply_router_weight_on_input=True)
+    with pytest.raises(ValueError):
+        te.fused_experts_triton(x, w1, w2, w, ids, activation="nope")
+    with pytest.raises(TypeError):
+        te.fused_experts_triton(x.double(), w1, w2, w, ids)
+
+
+def test_opcheck():
+    from moekit.ops import custom_ops
+
+    x, w1, w2, w, ids, b1, b2 = make(4, 3, 2, 16, 16, bias=True)
+    args = (x, w1, w2, w, ids, "silu", False, b1, b2, None, None)
+    torch.library.opcheck(custom_ops.fused_experts_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_262144_tokens_int64_offsets():
+    t, e, k, h, i = 262144, 8, 2, 4096, 64  # x alone spans 2^30 elements; slot·H offsets pass 2^31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
+    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16, generator=g) / h**0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16, generator=g) / i**0.5
+    ids = torch.randint(0, e, (t, k), device="cuda", generator=g, dtype=torch.int32)
+    ids[:, 1] = (ids[:, 0] + 1) % e
+    w = torch.rand(t, k, device="cuda", generator=g)
+    out = te.fused_experts_triton(x, w1, w2, w, ids)
+    for rows in (slice(0, 512), slice(t - 512, t), slice(131072, 131584)):
+        ref = fused_experts_torch(x[rows].float(), w1.float(), w2.float(), w[rows], ids[rows])
+        check(out[rows], ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 3000])
+def test_gpu_bf16_large_and_deterministic(t):
+    e, k, h, i = 64, 6, 1024, 384
+    g = torch.Generator(device="cuda").manual_seed(t)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
+    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16, generator=g) / h**0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16, generator=g) / i**0.5
+    ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=-1).indices.int()
+    w = torch.rand(t, k, device="cuda", generator=g)
+    out = te.fused_experts_triton(x, w1, w2, w, ids)
+    check(out, fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids), torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(out, te.fused_experts_triton(x, w1, w2, w, ids))
