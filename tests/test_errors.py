@@ -532,3 +532,35 @@ def test_load_expert_weights_errors():
         biased.load_expert_weights(w13, w2, torch.zeros(6, 4), torch.zeros(6, 8))
     with pytest.raises(ValueError, match="w2_bias"):
         biased.load_expert_weights(w13, w2, torch.zeros(6, 8), torch.zeros(6, 4))
+
+
+# -- routing arguments that select different routers cannot be combined ------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # zero experts + grouping: the grouping would be dropped by the priority order
+        dict(zero_expert_type="identity", e_score_correction_bias=torch.zeros(10), use_grouped_topk=True,
+             num_expert_group=2, topk_group=1),
+        # grouping + custom function: the function would be dropped
+        dict(use_grouped_topk=True, num_expert_group=2, topk_group=1,
+             custom_routing_function=lambda h, g, k, r: (g.topk(k)[0], g.topk(k)[1])),
+        # hash table + grouping
+        dict(use_grouped_topk=True, num_expert_group=2, topk_group=1,
+             hash_indices_table=torch.zeros(5, 2, dtype=torch.int64)),
+        # a custom function computes the weights: a non-default scoring_func would be ignored
+        dict(custom_routing_function=lambda h, g, k, r: (g.topk(k)[0], g.topk(k)[1]), scoring_func="sigmoid"),
+    ],
+)
+def test_conflicting_routing_arguments_raise(kwargs):
+    import moekit
+
+    with pytest.raises(ValueError, match="routing arguments|scoring_func"):
+        moekit.FusedMoE(8, 2, 16, 8, **kwargs)
+
+
+def test_router_instance_with_routing_arguments_raises():
+    import moekit
+
+    router = moekit.FusedTopKRouter(2, 8)
+    with pytest.raises(ValueError, match="router="):
+        moekit.FusedMoE(8, 2, 16, 8, router=router, use_grouped_topk=True, num_expert_group=2, topk_group=1)

@@ -96,6 +96,9 @@ def FusedMoE(
         raise ValueError(
             f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {expert_placement_strategy!r}"
         )
+    _check_routing_combination(
+        zero_expert_type, use_grouped_topk, custom_routing_function, hash_indices_table, scoring_func, router
+    )
     if num_redundant_experts and not enable_eplb:
         raise ValueError(f"num_redundant_experts={num_redundant_experts} requires enable_eplb=True")
     parallel = None
@@ -194,6 +197,29 @@ def FusedMoE(
     runner.n_shared_experts = n_shared_experts  # informational: shared experts run via ``shared_experts``
     runner.expert_mapping = expert_mapping
     return runner
+
+
+def _check_routing_combination(zero_expert_type, use_grouped_topk, custom_fn, hash_table, scoring_func, router):
+    """Refuse routing arguments that the router priority order would otherwise drop silently."""
+    given = {
+        "zero_expert_type": zero_expert_type is not None,
+        "use_grouped_topk": bool(use_grouped_topk),
+        "custom_routing_function": custom_fn is not None,
+        "hash_indices_table": hash_table is not None,
+    }
+    chosen = [name for name, on in given.items() if on]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"routing arguments {chosen} cannot be combined: each selects a different router "
+            "(zero experts, grouped top-k, custom function, hash routing); pass one of them"
+        )
+    if custom_fn is not None and scoring_func != "softmax":
+        raise ValueError(
+            f"scoring_func={scoring_func!r} has no effect with custom_routing_function (the function computes "
+            "the weights itself); leave scoring_func at its default"
+        )
+    if router is not None and chosen:
+        raise ValueError(f"router= is given, so the routing arguments {chosen} would be ignored; pass one or the other")
 
 
 def _default_device() -> torch.device:
