@@ -63,6 +63,29 @@ def time_config(problem, act, cfg) -> float:
     return time_graph(fn, [()], target_ms=8.0, replays=5)
 
 
+def precompile(problem, act, cfgs, log) -> None:
+    """Compile every candidate's kernels in parallel threads (Triton's async compile mode)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .ops.triton_experts import fused_experts_impl
+
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # older Triton: compile lazily, one by one
+        return
+    x, w1, w2, w, ids, b1, b2 = problem
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
+        with AsyncCompileMode(pool, ignore_errors=True):
+            for cfg in cfgs:
+                try:
+                    fused_experts_impl(x, w1, w2, w, ids, act, False, b1, b2, None, None, config=cfg, warmup=True)
+                except Exception as exc:
+                    log(f"  precompile {cfg}: {type(exc).__name__}")
+    log(f"  precompiled {len(cfgs)} configs in {time.time() - t0:.1f} s")
+
+
 def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) -> dict:
     from tqdm import tqdm
 
@@ -83,6 +106,11 @@ def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) 
         rows = t * k / min(e, t * k)
         bms, c13s, c2s = candidates(rows, base["BLOCK_M"])
         tried = {}
+        pre = [base] + [_cfg(bm, c13s[j % len(c13s)], c2s[j % len(c2s)]) for bm in bms
+                        for j in range(max(len(c13s), len(c2s)))]
+        pre += [_cfg(bm, c, tuple(base["w2"][n] for n in ("BN", "BK", "num_warps", "num_stages"))) for bm in bms
+                for c in c13s]
+        precompile(prob, act, pre, log)
 
         def score(cfg):
             key = json.dumps(cfg, sort_keys=True)

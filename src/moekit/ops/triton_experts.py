@@ -90,10 +90,12 @@ def fused_experts_impl(
     config: dict | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     out: torch.Tensor | None = None,
+    warmup: bool = False,
 ) -> torch.Tensor:
     """Launch the kernels on validated inputs (shapes as in :func:`fused_experts_triton`).
 
     ``config``: a kernel config (see :mod:`.triton_configs`); None picks the tuned/heuristic one.
+    ``warmup``: compile the kernels without launching them (the tuner precompiles candidates).
     """
     t, h = x.shape
     e_local, _, inter = w2.shape
@@ -115,13 +117,21 @@ def fused_experts_impl(
         stop = min(start + chunk, t)
         _run_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], out[start:stop],
-            act, gated, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config,
+            act, gated, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config, warmup,
         )
+        if warmup:
+            break
     return out
 
 
-def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swiglu_limit, cfg):
+def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False):
     from ._triton import align, grouped_gemm
+
+    def launch(kernel, grid, *args, **kw):
+        if warmup:
+            kernel.warmup(*args, grid=grid, **kw)
+        else:
+            kernel[grid](*args, **kw)
 
     t, h = x.shape
     e_local, _, inter = w2.shape
@@ -157,19 +167,19 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
     sizes = (t, k, h, e_local, e_global, nbn, ids.stride(0), tw.stride(0), out.stride(0))
     if slots <= SMALL_SLOTS:
-        align.align_small_kernel[(1,)](*args, sorted_slot, *sizes, **common, num_warps=4)
+        launch(align.align_small_kernel, (1,), *args, sorted_slot, *sizes, **common, num_warps=4)
     else:
         grid = (triton_cdiv(t, bt),)
-        align.count_kernel[grid](*args, *sizes, **common, num_warps=4)
-        align.scatter_kernel[grid](slot_loc, slot_rank, row_start, sorted_slot, t, k, BT=bt, KP=kp, num_warps=4)
+        launch(align.count_kernel, grid, *args, *sizes, **common, num_warps=4)
+        launch(align.scatter_kernel, grid, slot_loc, slot_rank, row_start, sorted_slot, t, k, BT=bt, KP=kp, num_warps=4)
 
     dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = _interpreting()
     limit = effective_limit(act, swiglu_limit)
     bn13, bk13 = int(c13["BN"]), int(c13["BK"])
     grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
-    grouped_gemm.w13_kernel[grid13](
-        x, w1, b1 if b1 is not None else w1, inter_buf, tw, counts, sorted_slot,
+    launch(
+        grouped_gemm.w13_kernel, grid13, x, w1, b1 if b1 is not None else w1, inter_buf, tw, counts, sorted_slot,
         h, inter, e_local, k, num_pid_m, 0.0 if limit is None else limit,
         x.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
         tw.stride(0),
@@ -178,8 +188,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
         DOT_PREC=dot_prec, UPCAST=upcast, **_launch_config(cfg, "w13"),
     )
     bn2, bk2 = int(c2["BN"]), int(c2["BK"])
-    grouped_gemm.w2_kernel[(num_pid_m * nbn,)](
-        inter_buf, w2, b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
+    launch(
+        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, w2, b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
         part, sem, tok_live,
         h, inter, e_local, e_global, k, num_pid_m, nbn,
         inter_buf.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
