@@ -120,6 +120,10 @@ def ep_round_robin_bias_bf16(ctx):
 def ep_auto_switch_and_chunks(ctx):
     ref, par, _ = make_pair(ctx, ep_group=ctx.world_group)
     ex = par.expert_executor
+    x, lg = _rank_batch(ctx, [2, 1], 32, 8, torch.float32, ctx.rank)
+    par(x, lg)  # default policy: W (2) <= K (2) -> all-gather at any size
+    ctx.expect(ex.last_mode == "all_gather", f"default auto chose {ex.last_mode} with W <= K")
+    ctx.expect(ex.choose(1, top_k=1) == "all_to_all" and ex.choose(1024, top_k=1) == "all_gather", "W > K policy")
     ex.all_gather_min_tokens = 4
     for counts, mode in (([5, 2], "all_gather"), ([2, 3], "all_to_all")):
         x, lg = _rank_batch(ctx, counts, 32, 8, torch.float32, ctx.rank)

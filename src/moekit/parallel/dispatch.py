@@ -71,8 +71,11 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
     dest = owner_rank[topk_ids.reshape(-1).long()]
     key = torch.where(live_slots(topk_weights, on_input), dest, torch.full_like(dest, world))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=world + 1)[:world]
-    meta = torch.cat([counts.new_tensor([t]), counts]).to(torch.int64)
+    # meta = [T, rows for rank 0..W-1] (+ a dropped bin for dead slots); no host sync before the gather
+    meta = torch.zeros(world + 2, dtype=torch.int64, device=key.device)
+    meta.index_add_(0, key + 1, torch.ones_like(key))
+    meta[0] = t
+    meta = meta[: world + 1]
     everyone = meta.new_empty(world * (world + 1))
     all_gather_into(everyone, meta, group)
     m = everyone.view(world, world + 1).tolist()
@@ -125,19 +128,21 @@ class AllToAllDispatcher:
         out = back.new_empty((t, h))
         if t == 0:
             return out
-        # position of every flat slot in ``back`` (-1: not sent, adds 0)
+        if back.shape[0] == 0:  # nothing was sent (every slot dead): every token's sum is +0
+            return out.zero_()
+        # row of ``back`` holding every flat slot (-1: not sent, adds +0 like the single-GPU path)
         where = torch.full((t * k,), -1, dtype=torch.int64, device=back.device)
         where[layout.order] = torch.arange(layout.order.numel(), device=back.device)
-        w = topk_weights.reshape(-1).float()
+        w = topk_weights.reshape(-1, 1).float()
         block = max(1, min(t, COMBINE_WORKSPACE_BYTES // (k * h * 4)))
-        for start in range(0, t, block):
+        for start in range(0, t, block):  # gathers and masks only: no host sync
             stop = min(start + block, t)
             idx = where[start * k : stop * k]
-            sent = idx >= 0
-            buf = torch.zeros(((stop - start) * k, h), dtype=torch.float32, device=back.device)
-            rows = back[idx[sent]].float()
-            buf[sent] = rows if on_input else rows * w[start * k : stop * k][sent].unsqueeze(1)
-            out[start:stop] = buf.view(stop - start, k, h).sum(dim=1).to(dtype)
+            rows = back.index_select(0, idx.clamp(min=0)).float()
+            if not on_input:
+                rows = rows * w[start * k : stop * k]
+            rows = torch.where((idx >= 0).unsqueeze(1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+            out[start:stop] = rows.view(stop - start, k, h).sum(dim=1).to(dtype)
         return out
 
 

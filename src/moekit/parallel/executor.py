@@ -4,8 +4,12 @@
 
 - Expert parallelism (``ep_group`` of size ``W_ep > 1``): tokens travel by one of the dispatchers of
   :mod:`moekit.parallel.dispatch`. ``mode="auto"`` takes the all-gather/reduce-scatter path when the
-  largest rank has ``>= all_gather_min_tokens`` tokens (SPEC §5 measured it 1.4–3× faster there), the
-  all-to-all path below; every rank sees the same ``max T_r`` so all choose alike. ``mode`` forces one.
+  largest rank has ``>= all_gather_min_tokens`` tokens, the all-to-all path below; every rank sees the
+  same ``max T_r`` so all choose alike. ``mode`` forces one. The default threshold is 0 (always
+  all-gather) when ``W_ep <= K`` — it then moves fewer bytes (``(W-1)·T`` rows against
+  ``T·K·(W-1)/W``) and measured faster at every size from 1 to 4096 tokens per rank on 2 H200s
+  (benchmarks/results/parallel-h200-2026-11-22.json) — and 1024 tokens when ``W_ep > K`` (SPEC §5:
+  1.4–3× faster from 1024 tokens per rank on 2–4 GPUs).
   Beyond ``chunk_tokens`` tokens on any rank the forward runs in chunks (bounded buffers).
 - Tensor parallelism (``tp_group`` of size ``W_tp > 1``): each rank's experts hold an ``I / W_tp``
   slice (the w2 bias on TP rank 0 only); the partial outputs are summed by an all-reduce in the input
@@ -22,7 +26,7 @@ from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
 from .placement import ExpertPlacement
 
 DEFAULT_CHUNK_TOKENS = 8192
-DEFAULT_ALL_GATHER_MIN_TOKENS = 1024
+DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
 
 
 class ParallelExecutor:
@@ -36,7 +40,7 @@ class ParallelExecutor:
         eplb_state=None,
         mode: str = "auto",
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        all_gather_min_tokens: int = DEFAULT_ALL_GATHER_MIN_TOKENS,
+        all_gather_min_tokens: int | None = None,
     ):
         self.placement = placement
         self.ep_group = ep_group
@@ -61,11 +65,14 @@ class ParallelExecutor:
             raise ValueError(f"mode must be one of {list(DISPATCH_MODES)}, got {value!r}")
         self._mode = value
 
-    def choose(self, max_tokens: int) -> str:
+    def choose(self, max_tokens: int, top_k: int) -> str:
         """The dispatcher for a forward whose largest rank holds ``max_tokens`` tokens."""
         if self.mode != "auto":
             return self.mode
-        return "all_gather" if max_tokens >= self.all_gather_min_tokens else "all_to_all"
+        threshold = self.all_gather_min_tokens
+        if threshold is None:
+            threshold = 0 if self.ep_size <= top_k else DEFAULT_ALL_GATHER_MIN_TOKENS
+        return "all_gather" if max_tokens >= threshold else "all_to_all"
 
     def owner_rank(self, device) -> torch.Tensor:
         """[P] int64: the EP rank of every physical expert (fixed for the layer's life)."""
@@ -101,7 +108,7 @@ class ParallelExecutor:
                 for s in range(0, m, c)
             ]
             return torch.cat(parts)
-        chosen = mode or self.choose(m)
+        chosen = mode or self.choose(m, topk_ids.shape[1])
         self.last_mode = chosen
         d = DISPATCHERS[chosen]()
         got = d.dispatch(x, topk_weights, topk_ids, layout, self.ep_group, on_input)
