@@ -114,6 +114,12 @@ def _router_parts(block, plan: LayerPlan):
 @torch.no_grad()
 def _moekit_from_block(block, plan: LayerPlan, backend: str):
     weight, lin_bias, router = _router_parts(block, plan)
+    for pname, p in block.named_parameters():
+        if p.device.type == "meta":
+            raise ValueError(
+                f"{plan.name}.{pname} is on the meta device (offloaded or not materialised); patch() needs "
+                "the block's weights in memory"
+            )
     tensors = {}
     if plan.has_score_bias:
         tensors["router.e_score_correction_bias"] = router.e_score_correction_bias
