@@ -308,3 +308,11 @@ def ep2_tp2_eplb(ctx):
     _check_slots(ctx, par, args, "EPxTP after rebalance")
     ctx.expect_close(par(x, lg), before, "EPxTP output unchanged by rebalance", atol=1e-6)
     ctx.expect_close(par(x, lg), ref(x, lg), "EPxTP rebalanced vs reference", atol=2e-5)
+
+
+@check(2)
+def ep_odd_hidden_fp16(ctx):
+    ref, par, _ = make_pair(ctx, H=33, dtype=torch.float16, ep_group=ctx.world_group)
+    for counts in ([3, 0], [1, 0], [0, 2]):
+        x, lg = _rank_batch(ctx, counts, 33, 8, torch.float16, ctx.rank)
+        _compare_modes(ctx, ref, par, x, lg, f"H=33 fp16 {counts}")

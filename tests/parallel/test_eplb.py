@@ -176,3 +176,39 @@ def test_replica_hash_spreads_tokens():
     assert len(set(h.tolist())) == 8
     with pytest.raises(ValueError, match="two replicas"):
         st.set_physical_to_logical([0, 1, 2, 3, 0, 0, 0, 1])  # p4, p5 both on rank 2
+
+
+# -- single process pieces --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_unpack_roundtrip(dtype):
+    from moekit.parallel.dispatch import pack_rows, unpack_rows
+
+    x = torch.randn(5, 7).to(dtype)  # odd H
+    ids = torch.randint(0, 100, (5, 3), dtype=torch.int32)
+    w = torch.rand(5, 3)
+    buf = pack_rows(x, ids, w)
+    assert buf.dtype == torch.uint8 and buf.shape == (5, 24 + 7 * x.element_size())
+    x2, ids2, w2 = unpack_rows(buf, 3, dtype)
+    assert torch.equal(x2, x) and torch.equal(ids2, ids) and torch.equal(w2, w)
+    empty = pack_rows(x[:0], ids[:0], w[:0])
+    assert unpack_rows(empty, 3, dtype)[0].shape == (0, 7)
+
+
+def test_eplb_single_process_layer():
+    import moekit
+
+    kw = dict(params_dtype=torch.float32, backend="torch", device="cpu")
+    ref = moekit.FusedMoE(8, 2, 16, 8, **kw)
+    lay = moekit.FusedMoE(8, 2, 16, 8, enable_eplb=True, **kw)
+    lay.load_state_dict(ref.state_dict())
+    x, lg = torch.randn(10, 16), torch.randn(10, 8)
+    for _ in range(3):
+        assert torch.equal(lay(x, lg), ref(x, lg))
+    st = lay.router.eplb_state
+    assert int(st.step) == 3 and int(st.window_load().sum()) == 3 * 10 * 2
+    stats = lay.rebalance()
+    assert stats["imbalance_before"] == stats["imbalance_after"] == 1.0 and stats["moved_slots"] == 0
+    with pytest.raises(RuntimeError, match="enable_eplb"):
+        ref.rebalance()
+    with pytest.raises(ValueError, match="never holds two replicas"):
+        moekit.FusedMoE(8, 2, 16, 8, enable_eplb=True, num_redundant_experts=2, **kw)

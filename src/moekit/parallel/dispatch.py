@@ -97,6 +97,15 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torc
 
 def unpack_rows(buf: torch.Tensor, k: int, dtype: torch.dtype):
     """Inverse of :func:`pack_rows` -> (x [N, H] dtype, ids [N, k] int32, weights [N, k] fp32)."""
+    if buf.shape[0] == 0:  # an empty slice counts as contiguous whatever its strides: build fresh ones
+        size = torch.empty((), dtype=dtype).element_size()
+        h = (buf.shape[1] - 8 * k) // size
+        empty = dict(device=buf.device)
+        return (
+            torch.empty((0, h), dtype=dtype, **empty),
+            torch.empty((0, k), dtype=torch.int32, **empty),
+            torch.empty((0, k), dtype=torch.float32, **empty),
+        )
     ids = buf[:, : 4 * k].contiguous().view(torch.int32)
     weights = buf[:, 4 * k : 8 * k].contiguous().view(torch.float32)
     x = buf[:, 8 * k :].contiguous().view(dtype)
