@@ -41,14 +41,18 @@ def _cfg(bm, c13, c2, group_m=8) -> dict:
     return {"BLOCK_M": bm, "w13": mk(c13), "w2": mk(c2)}
 
 
-def make_problem(t, e, h, i, k, dtype, act, has_bias, device, seed=0):
+def make_problem(t, e, h, i, k, dtype, act, has_bias, device, seed=0, weights=None):
+    """(x, w1, w2, topk_weights, topk_ids, b1, b2); ``weights`` = (w1, w2, b1, b2) to reuse."""
     g = torch.Generator(device=device).manual_seed(seed)
     rows = i if act == "relu2" else 2 * i
     x = torch.randn(t, h, device=device, dtype=dtype, generator=g)
-    w1 = torch.randn(e, rows, h, device=device, dtype=dtype, generator=g) * h**-0.5
-    w2 = torch.randn(e, h, i, device=device, dtype=dtype, generator=g) * i**-0.5
-    b1 = torch.randn(e, rows, device=device, dtype=dtype, generator=g) * 0.05 if has_bias else None
-    b2 = torch.randn(e, h, device=device, dtype=dtype, generator=g) * 0.05 if has_bias else None
+    if weights is None:
+        w1 = torch.randn(e, rows, h, device=device, dtype=dtype, generator=g) * h**-0.5
+        w2 = torch.randn(e, h, i, device=device, dtype=dtype, generator=g) * i**-0.5
+        b1 = torch.randn(e, rows, device=device, dtype=dtype, generator=g) * 0.05 if has_bias else None
+        b2 = torch.randn(e, h, device=device, dtype=dtype, generator=g) * 0.05 if has_bias else None
+    else:
+        w1, w2, b1, b2 = weights
     logits = torch.randn(t, e, device=device, generator=g)
     w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
     return x, w1, w2, w / w.sum(-1, keepdim=True), ids.int(), b1, b2
@@ -97,11 +101,8 @@ def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) 
         if time.time() > deadline:
             log(f"  budget spent: T={t} and above keep the heuristic")
             break
-        prob = make_problem(t, e, h, i, k, dtype, act, has_bias, device)
-        if w_shared is not None:  # reuse the big weight tensors across token counts
-            prob = (prob[0], *w_shared[:2], prob[3], prob[4], *w_shared[2:])
-        else:
-            w_shared = (prob[1], prob[2], prob[5], prob[6])
+        prob = make_problem(t, e, h, i, k, dtype, act, has_bias, device, weights=w_shared)
+        w_shared = (prob[1], prob[2], prob[5], prob[6])  # the big weights are reused across token counts
         base = heuristic_config(t, e, h, i, k, dtype)
         rows = t * k / min(e, t * k)
         bms, c13s, c2s = candidates(rows, base["BLOCK_M"])
@@ -110,6 +111,7 @@ def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) 
                         for j in range(max(len(c13s), len(c2s)))]
         pre += [_cfg(bm, c, tuple(base["w2"][n] for n in ("BN", "BK", "num_warps", "num_stages"))) for bm in bms
                 for c in c13s]
+        pre += [dict(c, tma=True) for c in pre]
         precompile(prob, act, pre, log)
 
         def score(cfg):
@@ -128,8 +130,11 @@ def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) 
             b13 = min(c13s, key=lambda c: score(_cfg(bm, c, w2_fixed)))
             b2 = min(c2s, key=lambda c: score(_cfg(bm, b13, c)))
             cand = _cfg(bm, b13, b2)
-            if score(cand) < best_us:
-                best, best_us = cand, score(cand)
+            for c in (cand, dict(cand, tma=True)):  # weight tiles by tensor descriptor (TMA) or by pointers
+                if score(c) < best_us:
+                    best, best_us = c, score(c)
+        if score(dict(base, tma=True)) < best_us:
+            best, best_us = dict(base, tma=True), score(dict(base, tma=True))
         result[str(t)] = best
         log(f"  T={t:6d}: {best_us:9.1f} us (heuristic {score(base):9.1f} us) {best}")
         del prob
@@ -156,6 +161,7 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokens", default="1,8,64,256,1024,4096,16384")
     p.add_argument("--all-bench-shapes", action="store_true", help="tune the shapes of `moekit bench`")
+    p.add_argument("--skip-shapes", type=int, default=0, help="with --all-bench-shapes: start at this shape")
     p.add_argument("--budget-s", type=float, default=600.0, help="seconds per shape before falling back")
     p.add_argument("--out", default=".", help="folder of the JSON file (<device>.json)")
     a = p.parse_args(argv)
@@ -163,7 +169,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         print("moekit tune needs a CUDA GPU")
         return 2
     if a.all_bench_shapes:
-        shapes = BENCH_SHAPES
+        shapes = BENCH_SHAPES[a.skip_shapes:]
     elif None in (a.experts, a.hidden, a.inter, a.top_k):
         p.error("give --experts, --hidden, --inter and --top-k (or --all-bench-shapes)")
     else:

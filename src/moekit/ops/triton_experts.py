@@ -177,28 +177,45 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     upcast = _interpreting()
     limit = effective_limit(act, swiglu_limit)
     bn13, bk13 = int(c13["BN"]), int(c13["BK"])
+    bn2, bk2 = int(c2["BN"]), int(c2["BK"])
+    w1_desc = w2_desc = None
+    if cfg.get("tma") and _tma_ok(w1, w2, h, inter) and x.dtype != torch.float32:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn13, bk13])
+        w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn2, bk2])
     grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
     launch(
-        grouped_gemm.w13_kernel, grid13, x, w1, b1 if b1 is not None else w1, inter_buf, tw, counts, sorted_slot,
-        h, inter, e_local, k, num_pid_m, 0.0 if limit is None else limit,
+        grouped_gemm.w13_kernel, grid13, x, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
+        sorted_slot, h, inter, w1.shape[1], e_local, k, num_pid_m, 0.0 if limit is None else limit,
         x.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
         tw.stride(0),
         BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=ACT_CODES[act], GATED=gated,
         HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on_input, EVEN_K=h % bk13 == 0,
-        DOT_PREC=dot_prec, UPCAST=upcast, **_launch_config(cfg, "w13"),
+        DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, **_launch_config(cfg, "w13"),
     )
-    bn2, bk2 = int(c2["BN"]), int(c2["BK"])
     launch(
-        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, w2, b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
+        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, w2, w2_desc, b2 if b2 is not None else w2, out, tw,
+        ids, emap_arg, counts, sorted_slot,
         part, sem, tok_live,
         h, inter, e_local, e_global, k, num_pid_m, nbn,
         inter_buf.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
         tw.stride(0), ids.stride(0), part.stride(0),
         BM=bm, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), BLOCK_E=block_e, HAS_BIAS=b2 is not None,
         ON_INPUT=on_input, HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine,
-        EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, **_launch_config(cfg, "w2"),
+        EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w2_desc is not None,
+        **_launch_config(cfg, "w2"),
     )
     return out
+
+
+def _tma_ok(w1: torch.Tensor, w2: torch.Tensor, h: int, inter: int) -> bool:
+    """Tensor descriptors need contiguous weights, 16-byte aligned bases and row strides."""
+    elt = w1.element_size()
+    return (
+        w1.is_contiguous() and w2.is_contiguous() and (h * elt) % 16 == 0 and (inter * elt) % 16 == 0
+        and w1.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0
+    )
 
 
 def _interpreting() -> bool:

@@ -95,14 +95,18 @@ def _block_expert(counts_ptr, b, E_local, BM: tl.constexpr, BLOCK_E: tl.constexp
 
 @triton.jit
 def w13_kernel(
-    x_ptr, w1_ptr, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
-    H, I, E_local, K, num_pid_m, limit,
+    x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
+    H, I, N1, E_local, K, num_pid_m, limit,
     stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout)."""
+    """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
+
+    ``USE_TMA``: weight tiles come through a tensor descriptor over ``w1.view(E·N1, H)`` (N1 = 2I or
+    I); rows past ``I`` inside a tile belong to the next half/expert and only feed masked columns."""
     pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, tl.cdiv(I, BN), GROUP_M)
     e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
     if e >= E_local:
@@ -120,15 +124,20 @@ def w13_kernel(
     u_ptrs = g_ptrs + I * stride_wn
     if ON_INPUT:
         w_in = tl.load(tw_ptr + tok * stride_twt, mask=valid, other=0.0).to(tl.float32)
+    row_g = e * N1 + pid_n * BN
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, H, BK):
+        kmask = offs_k < H - k0
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if USE_TMA:
+            g = tl.trans(w1_desc.load([row_g, k0]))
+        elif EVEN_K:
             g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
         else:
-            kmask = offs_k < H - k0
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         # QUANT: fp8 w8a8 loads a_scale[tok, k0 // 128] and b_scale[e, n // 128, k0 // 128] here and
         # accumulates tl.dot(a, g) * a_scale[:, None] * b_scale[None, :] (fp32) instead of the line below.
@@ -136,7 +145,9 @@ def w13_kernel(
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
         acc_g = _mma(a, g, acc_g, DOT_PREC, UPCAST)
         if GATED:
-            if EVEN_K:
+            if USE_TMA:
+                u = tl.trans(w1_desc.load([row_g + I, k0]))
+            elif EVEN_K:
                 u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
             else:
                 u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -157,15 +168,18 @@ def w13_kernel(
 
 @triton.jit
 def w2_kernel(
-    inter_ptr, w2_ptr, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, counts_ptr, sorted_ptr,
+    inter_ptr, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, counts_ptr, sorted_ptr,
     part_ptr, sem_ptr, live_ptr,
     H, I, E_local, E_global, K, num_pid_m, NBN,
     stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_BIAS: tl.constexpr, ON_INPUT: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr,
     COMBINE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only)."""
+    """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
+
+    ``USE_TMA``: weight tiles through a tensor descriptor over ``w2.view(E·H, I)``."""
     pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
     e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
     if e >= E_local:
@@ -180,14 +194,19 @@ def w2_kernel(
     a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_k[None, :]
     w_base = w2_ptr + e.to(tl.int64) * stride_we
     b_ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    row_b = e * H + pid_n * BN
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
+        kmask = offs_k < I - k0
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if USE_TMA:
+            b = tl.trans(w2_desc.load([row_b, k0]))
+        elif EVEN_K:
             b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
         else:
-            kmask = offs_k < I - k0
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         # QUANT: fp8 scale loads (activation groups of `inter`, weight blocks of w2[e]) go here.
         acc = _mma(a, b, acc, DOT_PREC, UPCAST)
