@@ -235,7 +235,7 @@ def bench_routing(tokens, device, log) -> list[dict]:
 
         for impl, fn in (("moekit-route", lambda lg: route(lg, spec, bias, None, "triton")),
                          ("torch-route", lambda lg: route_torch(lg, spec, bias))):
-            us = time_graph(fn, sets, target_ms=5.0)
+            us = time_graph(fn, sets, target_ms=10.0, replays=15)
             rows.append(dict(model="deepseek-v3-routing", tokens=t, impl=impl, us=round(us, 2), pct_roofline=None,
                              device=torch.cuda.get_device_name(device)))
             log(f"routing T={t:6d} {impl:13s} {us:8.2f} us")
