@@ -178,12 +178,13 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     limit = effective_limit(act, swiglu_limit)
     bn13, bk13 = int(c13["BN"]), int(c13["BK"])
     bn2, bk2 = int(c2["BN"]), int(c2["BK"])
-    w1_desc = w2_desc = None
+    w1_desc = w2_desc = inter_desc = None
     if cfg.get("tma") and _tma_ok(w1, w2, h, inter) and x.dtype != torch.float32:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn13, bk13])
         w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn2, bk2])
+        inter_desc = TensorDescriptor.from_tensor(inter_buf, [bm, bk2])
     grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
     launch(
         grouped_gemm.w13_kernel, grid13, x, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
@@ -195,8 +196,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
         DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, **_launch_config(cfg, "w13"),
     )
     launch(
-        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, w2, w2_desc, b2 if b2 is not None else w2, out, tw,
-        ids, emap_arg, counts, sorted_slot,
+        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, inter_desc, w2, w2_desc,
+        b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
         part, sem, tok_live,
         h, inter, e_local, e_global, k, num_pid_m, nbn,
         inter_buf.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),

@@ -168,7 +168,7 @@ def w13_kernel(
 
 @triton.jit
 def w2_kernel(
-    inter_ptr, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, counts_ptr, sorted_ptr,
+    inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, counts_ptr, sorted_ptr,
     part_ptr, sem_ptr, live_ptr,
     H, I, E_local, E_global, K, num_pid_m, NBN,
     stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
@@ -179,7 +179,9 @@ def w2_kernel(
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
 
-    ``USE_TMA``: weight tiles through a tensor descriptor over ``w2.view(E·H, I)``."""
+    ``USE_TMA``: weight tiles through a tensor descriptor over ``w2.view(E·H, I)``, and the rows of
+    ``inter`` (contiguous in the sorted layout) through one over ``inter``; padding rows of a block are
+    never written, and only feed masked output rows."""
     pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
     e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
     if e >= E_local:
@@ -198,7 +200,9 @@ def w2_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         kmask = offs_k < I - k0
-        if EVEN_K:
+        if USE_TMA:
+            a = inter_desc.load([pid_m * BM, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
