@@ -90,6 +90,17 @@ def precompile(problem, act, cfgs, log) -> None:
     log(f"  precompiled {len(cfgs)} configs in {time.time() - t0:.1f} s")
 
 
+def same_output(problem, act, cfg_a, cfg_b) -> bool:
+    """A tuned config must compute what the heuristic one does (relative RMS difference < 1e-2)."""
+    from .ops.triton_experts import fused_experts_impl
+
+    x, w1, w2, w, ids, b1, b2 = problem
+    outs = [fused_experts_impl(x, w1, w2, w, ids, act, False, b1, b2, None, None, config=c).float()
+            for c in (cfg_a, cfg_b)]
+    diff = ((outs[0] - outs[1]).norm() / outs[1].norm().clamp_min(1e-30)).item()
+    return bool(torch.isfinite(outs[0]).all()) and diff < 1e-2
+
+
 def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) -> dict:
     from tqdm import tqdm
 
@@ -135,6 +146,9 @@ def tune_shape(e, h, i, k, dtype, act, has_bias, tokens, device, budget_s, log) 
                     best, best_us = c, score(c)
         if score(dict(base, tma=True)) < best_us:
             best, best_us = dict(base, tma=True), score(dict(base, tma=True))
+        if best is not base and not same_output(prob, act, best, base):
+            log(f"  T={t}: {best} disagrees with the heuristic config's output: keeping the heuristic")
+            best, best_us = base, score(base)
         result[str(t)] = best
         log(f"  T={t:6d}: {best_us:9.1f} us (heuristic {score(base):9.1f} us) {best}")
         del prob
