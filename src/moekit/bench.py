@@ -53,8 +53,9 @@ def build_layer(m: dict, dtype, device, backend="triton"):
     import moekit
 
     bias = None
-    if m["sel_bias"]:
-        bias = (torch.rand(m["E"] + m["Z"], device=device) * 0.1).float()
+    if m["sel_bias"]:  # a perturbation of the order of the score spread (softmax scores are ~1/(E+Z))
+        spread = 0.1 if m["scoring"] == "sigmoid" else 1.0 / (m["E"] + m["Z"])
+        bias = (torch.rand(m["E"] + m["Z"], device=device) * spread).float()
     kw = dict(params_dtype=dtype, renormalize=m["renorm"], scoring_func=m["scoring"],
               routed_scaling_factor=m["scale"], e_score_correction_bias=bias, activation=m["act"],
               has_bias=m["has_bias"], device=device, backend=backend)
