@@ -211,7 +211,9 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
 
 
 def _tma_ok(w1: torch.Tensor, w2: torch.Tensor, h: int, inter: int) -> bool:
-    """Tensor descriptors need contiguous weights, 16-byte aligned bases and row strides."""
+    """Tensor descriptors need sm_90+, contiguous weights, 16-byte aligned bases and row strides."""
+    if w1.device.type == "cuda" and torch.cuda.get_device_capability(w1.device)[0] < 9:
+        return False  # TMA is a Hopper (sm_90+) engine
     elt = w1.element_size()
     return (
         w1.is_contiguous() and w2.is_contiguous() and (h * elt) % 16 == 0 and (inter * elt) % 16 == 0
