@@ -250,8 +250,10 @@ def plot(rows, bw, peak, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    ai = [10 ** (x / 10) for x in range(-10, 50)]
-    ax.loglog(ai, [min(peak, bw * a) / 1e12 for a in ai], "k-", lw=1.5, label="roofline (measured)")
+    ai = [10 ** (x / 10) for x in range(-5, 40)]
+    ax.loglog(ai, [min(peak, bw * a) / 1e12 for a in ai], "k-", lw=1.5, label="roofline (copy BW, the floor)")
+    if READ_BW:
+        ax.loglog(ai, [min(peak, READ_BW * a) / 1e12 for a in ai], "k--", lw=1, label="roofline (read-stream BW)")
     for impl, marker in (("moekit", "o"), ("baseline", "x")):
         for model in MODELS:
             pts = [r for r in rows if r["impl"] == impl and r["model"] == model]
