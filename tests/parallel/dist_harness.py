@@ -73,17 +73,39 @@ def _worker(rank, world, init_file, backend, out_dir, check_module, names):
         ctx = Ctx(rank, world, device, exact, experts_backend)
         for name in names:
             ctx.failures = []
+            results[name] = "started, never finished (a collective hung?)"
+            _dump(out_dir, rank, results)
             try:
                 mod.CHECKS[name](ctx)
                 results[name] = "ok" if not ctx.failures else "\n".join(ctx.failures)
             except Exception:
                 results[name] = traceback.format_exc()
+            _dump(out_dir, rank, results)
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
         results["__setup__"] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    _dump(out_dir, rank, results)
+
+
+def _dump(out_dir, rank, results) -> None:
+    tmp = os.path.join(out_dir, f"rank{rank}.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(results, f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.json"))
+
+
+def _collect(out_dir: str, world: int) -> dict:
+    merged: dict[str, list[str]] = {}
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        if not os.path.exists(path):
+            merged.setdefault("__setup__", []).append(f"[rank {r}] wrote no results")
+            continue
+        with open(path) as f:
+            for name, res in json.load(f).items():
+                merged.setdefault(name, []).append(res if res == "ok" else f"[rank {r}] {res}")
+    return {n: ("ok" if all(x == "ok" for x in v) else "\n".join(x for x in v if x != "ok")) for n, v in merged.items()}
 
 
 def run_checks(world: int, names: list[str], check_module: str, backend: str = "gloo", timeout: float = 240) -> dict:
@@ -105,11 +127,9 @@ def run_checks(world: int, names: list[str], check_module: str, backend: str = "
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
-            raise TimeoutError(f"distributed checks (world {world}) did not finish in {timeout} s")
-    merged: dict[str, list[str]] = {}
-    for r in range(world):
-        path = os.path.join(out_dir, f"rank{r}.json")
-        with open(path) as f:
-            for name, res in json.load(f).items():
-                merged.setdefault(name, []).append(res if res == "ok" else f"[rank {r}] {res}")
-    return {n: ("ok" if all(x == "ok" for x in v) else "\n".join(x for x in v if x != "ok")) for n, v in merged.items()}
+            res = _collect(out_dir, world)
+            res["__setup__"] = f"distributed checks (world {world}) did not finish in {timeout} s: " + repr(
+                {n: v for n, v in res.items() if v != "ok"}
+            )
+            return res
+    return _collect(out_dir, world)

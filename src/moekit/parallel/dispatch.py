@@ -95,20 +95,17 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torc
     return torch.cat([p.view(torch.uint8) for p in parts], dim=1)
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides (``contiguous()`` keeps odd strides of size-0/1 dims, which
+    ``view(dtype)`` rejects)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def unpack_rows(buf: torch.Tensor, k: int, dtype: torch.dtype):
     """Inverse of :func:`pack_rows` -> (x [N, H] dtype, ids [N, k] int32, weights [N, k] fp32)."""
-    if buf.shape[0] == 0:  # an empty slice counts as contiguous whatever its strides: build fresh ones
-        size = torch.empty((), dtype=dtype).element_size()
-        h = (buf.shape[1] - 8 * k) // size
-        empty = dict(device=buf.device)
-        return (
-            torch.empty((0, h), dtype=dtype, **empty),
-            torch.empty((0, k), dtype=torch.int32, **empty),
-            torch.empty((0, k), dtype=torch.float32, **empty),
-        )
-    ids = buf[:, : 4 * k].contiguous().view(torch.int32)
-    weights = buf[:, 4 * k : 8 * k].contiguous().view(torch.float32)
-    x = buf[:, 8 * k :].contiguous().view(dtype)
+    ids = _fresh(buf[:, : 4 * k]).view(torch.int32)
+    weights = _fresh(buf[:, 4 * k : 8 * k]).view(torch.float32)
+    x = _fresh(buf[:, 8 * k :]).view(dtype)
     return x, ids, weights
 
 
