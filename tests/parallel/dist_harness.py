@@ -6,6 +6,7 @@ collective early) and raised at the end of the check. Results come back as one J
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import tempfile
@@ -64,7 +65,12 @@ def _worker(rank, world, init_file, backend, out_dir, check_module, names):
             device = torch.device("cuda", rank)
         else:
             device = torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+        # a rank that fails mid-check leaves its peers in a collective: let that collective time out
+        # (and report) instead of hanging until the harness kills the group
+        dist.init_process_group(
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=float(os.environ.get("MOEKIT_DIST_COLLECTIVE_TIMEOUT", "60"))),
+        )
         import importlib
 
         mod = importlib.import_module(check_module)
