@@ -316,3 +316,28 @@ def ep_odd_hidden_fp16(ctx):
     for counts in ([3, 0], [1, 0], [0, 2]):
         x, lg = _rank_batch(ctx, counts, 33, 8, torch.float16, ctx.rank)
         _compare_modes(ctx, ref, par, x, lg, f"H=33 fp16 {counts}")
+
+
+@check(2)
+def tp_gpt_oss_and_relu2(ctx):
+    """TP slicing of gated biases with the clamped gpt-oss activation, and of the non-gated relu2."""
+    for act, limit in (("swigluoai", 7.0), ("relu2", None)):
+        ref, par, _ = make_pair(ctx, bias=True, activation=act, swiglu_limit=limit, tp_group=ctx.world_group,
+                                ep_group=None)
+        x, lg = _rank_batch(ctx, [9], 32, 8, torch.float32, 0)
+        ctx.expect_close(par(x, lg), ref(x, lg), f"TP {act}", atol=2e-5)
+
+
+@check(2)
+def ep_hash_routing_eplb(ctx):
+    """Hash routing (ids from a table by input_ids) with EP and redundant replicas."""
+    table = torch.randint(0, 8, (50, 2), generator=torch.Generator().manual_seed(5)).to(ctx.device)
+    bias = torch.zeros(8, device=ctx.device)
+    ref, par, _ = make_pair(ctx, hash_indices_table=table, e_score_correction_bias=bias, scoring_func="sigmoid",
+                            ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=2)
+    x, lg = _rank_batch(ctx, [6, 4], 32, 8, torch.float32, ctx.rank)
+    tok = torch.randint(0, 50, (x.shape[0],), generator=torch.Generator().manual_seed(6 + ctx.rank)).to(ctx.device)
+    want = ref(x, lg, input_ids=tok)
+    for mode in ("all_to_all", "all_gather"):
+        par.expert_executor.mode = mode
+        ctx.expect_close(par(x, lg, input_ids=tok), want, f"hash routing {mode}")
