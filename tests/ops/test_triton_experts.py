@@ -154,6 +154,35 @@ def test_multi_launch_align_and_chunking(monkeypatch):
     assert torch.equal(out, te.fused_experts_triton(x, w1, w2, w, ids))  # deterministic
 
 
+@pytest.mark.parametrize("case", ["plain", "holes", "hot", "k1", "zero_w"])
+def test_inline_layout_matches_align(case, monkeypatch):
+    """Decode path (T·K <= INLINE_SLOTS: layout built in registers) against the align kernel."""
+    emap = None
+    if case == "holes":
+        emap = torch.tensor([0, -1, 1, -1, 2, 3, -1, -1], dtype=torch.int32, device=DEV)
+        x, w1, w2, w, ids, _, _ = make(13, 4, 3, 32, 16, num_global=8)
+        ids[2] = torch.tensor([1, 3, 6], dtype=torch.int32)  # a dead token
+    elif case == "hot":  # 40 slots of one expert: several BLOCK_M=16 blocks of one expert
+        x, w1, w2, w, ids, _, _ = make(20, 4, 2, 32, 16, hot=True)
+    elif case == "k1":
+        x, w1, w2, w, ids, _, _ = make(30, 4, 1, 32, 16)
+    else:
+        x, w1, w2, w, ids, _, _ = make(16, 6, 4, 32, 16)
+        if case == "zero_w":
+            w[::2, 1] = 0.0
+            w[3] = 0.0  # every slot of token 3 skipped: its row must be 0
+    cfg = {"BLOCK_M": 16, "w13": dict(BN=16, BK=32, GROUP_M=2, num_warps=4, num_stages=2),
+           "w2": dict(BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=2)}
+    args = (x, w1, w2, w, ids, "silu", False, None, None, emap, None)
+    assert ids.numel() <= te.INLINE_SLOTS
+    fast = te.fused_experts_impl(*args, config=cfg)
+    monkeypatch.setattr(te, "INLINE_SLOTS", 0)
+    slow = te.fused_experts_impl(*args, config=cfg)
+    assert torch.equal(fast, slow)
+    ref = fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids, expert_map=emap)
+    check(fast, ref, torch.float32)
+
+
 @pytest.mark.parametrize("bm", [16, 32])
 def test_explicit_configs(bm):
     x, w1, w2, w, ids, _, _ = make(21, 4, 2, 40, 24)  # H, I not multiples of the tiles

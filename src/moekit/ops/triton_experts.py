@@ -27,6 +27,8 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4}
 DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
 #: at most this many slots (T·K) per chunk use the single-launch align kernel
 SMALL_SLOTS = 8192
+#: at most this many slots skip the align kernel: the GEMMs derive the layout in registers (decode)
+INLINE_SLOTS = 64
 
 
 def _next_pow2(n: int) -> int:
@@ -166,7 +168,11 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
                   SKIP_ZERO=skip_zero, COMBINE=combine)
     args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
     sizes = (t, k, h, e_local, e_global, nbn, ids.stride(0), tw.stride(0), out.stride(0))
-    if slots <= SMALL_SLOTS:
+    inline = slots <= INLINE_SLOTS
+    sp, tp = max(16, _next_pow2(slots)), max(16, _next_pow2(t))
+    if inline:
+        pass  # the w13 launch zeroes the semaphores / dead rows; each GEMM program builds its layout
+    elif slots <= SMALL_SLOTS:
         launch(align.align_small_kernel, (1,), *args, sorted_slot, *sizes, **common, num_warps=4)
     else:
         grid = (triton_cdiv(t, bt),)
@@ -188,24 +194,26 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
     launch(
         grouped_gemm.w13_kernel, grid13, x, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
-        sorted_slot, h, inter, w1.shape[1], e_local, k, num_pid_m, 0.0 if limit is None else limit,
+        sorted_slot, ids, emap_arg, sem, out,
+        h, inter, w1.shape[1], e_local, k, num_pid_m, 0.0 if limit is None else limit, t, e_global, nbn,
         x.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
-        tw.stride(0),
+        tw.stride(0), ids.stride(0), out.stride(0),
         BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=ACT_CODES[act], GATED=gated,
         HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on_input, EVEN_K=h % bk13 == 0,
-        DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, **_launch_config(cfg, "w13"),
+        DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, INLINE=inline, SP=sp, TP=tp,
+        HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine, **_launch_config(cfg, "w13"),
     )
     launch(
         grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, inter_desc, w2, w2_desc,
         b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
         part, sem, tok_live,
-        h, inter, e_local, e_global, k, num_pid_m, nbn,
+        h, inter, e_local, e_global, k, num_pid_m, nbn, slots,
         inter_buf.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
         tw.stride(0), ids.stride(0), part.stride(0),
         BM=bm, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), BLOCK_E=block_e, HAS_BIAS=b2 is not None,
         ON_INPUT=on_input, HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine,
         EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w2_desc is not None,
-        **_launch_config(cfg, "w2"),
+        INLINE=inline, SP=sp, **_launch_config(cfg, "w2"),
     )
     return out
 

@@ -94,26 +94,96 @@ def _block_expert(counts_ptr, b, E_local, BM: tl.constexpr, BLOCK_E: tl.constexp
 
 
 @triton.jit
+def _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
+                  SP: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr):
+    """Local expert of every slot of a tiny batch (S <= SP): [SP] int32, -1 when dead."""
+    j = tl.arange(0, SP)
+    return slot_local_expert(
+        ids_ptr, tw_ptr, map_ptr, j // K, j % K, j < S, stride_it, stride_twt, E_local, E_global, HAS_MAP, SKIP_ZERO,
+    )
+
+
+@triton.jit
+def _inline_block(loc, b, E_local, BM: tl.constexpr, SP: tl.constexpr):
+    """The align layout computed in registers for a tiny batch (no align kernel): slot j of expert e
+    sits at row ``BM · (blocks of experts < e) + #{i < j: loc_i = e}`` — the same block structure as
+    :mod:`.align`, with ranks in slot order. Returns (expert or E_local past the end, valid [BM], slot [BM])."""
+    j = tl.arange(0, SP)
+    live = loc >= 0
+    same = (loc[:, None] == loc[None, :]) & live[:, None] & live[None, :]  # [i, j]
+    n = tl.sum(same.to(tl.int32), axis=0)
+    rank = tl.sum((same & (j[:, None] < j[None, :])).to(tl.int32), axis=0)
+    nb = (n + BM - 1) // BM
+    first = live & (rank == 0)
+    earlier = first[:, None] & (loc[:, None] < loc[None, :])
+    before = tl.sum(tl.where(earlier, nb[:, None], 0), axis=0)
+    row = tl.where(live, before * BM + rank, -1)
+    in_block = live & (row >= b * BM) & (row < b * BM + BM)
+    e = tl.max(tl.where(in_block, loc, -1), axis=0)
+    e = tl.where(e < 0, E_local, e)
+    m = b * BM + tl.arange(0, BM)
+    hit = (row[None, :] == m[:, None]) & live[None, :]
+    valid = tl.max(hit.to(tl.int32), axis=1) > 0
+    slot = tl.sum(tl.where(hit, j[None, :], 0), axis=1)
+    return e, valid, slot
+
+
+@triton.jit
+def _inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot,
+                     SP: tl.constexpr, TP: tl.constexpr, COMBINE: tl.constexpr):
+    """What the align kernel's count phase does besides counting: zero the combine semaphores and
+    the output rows of tokens with no live slot. Run by one program of the w13 launch."""
+    if COMBINE:
+        for j0 in range(0, T * NBN, 1024):
+            jz = j0 + tl.arange(0, 1024)
+            tl.store(sem_ptr + jz, tl.zeros([1024], dtype=tl.int32), mask=jz < T * NBN)
+    j = tl.arange(0, SP)
+    t = tl.arange(0, TP)
+    cnt = tl.sum(((j[None, :] // K == t[:, None]) & (loc[None, :] >= 0)).to(tl.int32), axis=1)
+    dead = (t < T) & (cnt == 0)
+    if tl.max(dead.to(tl.int32), axis=0) > 0:
+        rows = out_ptr + t.to(tl.int64)[:, None] * stride_ot
+        for h0 in range(0, H, 64):
+            h = h0 + tl.arange(0, 64)
+            tl.store(rows + h[None, :], tl.zeros([TP, 64], dtype=out_ptr.dtype.element_ty),
+                     mask=dead[:, None] & (h[None, :] < H))
+
+
+@triton.jit
 def w13_kernel(
     x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
-    H, I, N1, E_local, K, num_pid_m, limit,
-    stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt,
+    ids_ptr, map_ptr, sem_ptr, out_ptr,
+    H, I, N1, E_local, K, num_pid_m, limit, T, E_global, NBN,
+    stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt, stride_it, stride_ot,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr, TP: tl.constexpr,
+    HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
 
+    ``INLINE`` (T·K <= SP, decode): no align kernel ran; every program derives the layout of its
+    block from the ids in registers, and program 0 does the align kernel's zeroing.
+
     ``USE_TMA``: weight tiles come through a tensor descriptor over ``w1.view(E·N1, H)`` (N1 = 2I or
     I); rows past ``I`` inside a tile belong to the next half/expert and only feed masked columns."""
-    pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, tl.cdiv(I, BN), GROUP_M)
-    e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+    pid = tl.program_id(0)
+    pid_m, pid_n = _pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    rows = pid_m * BM + tl.arange(0, BM)
+    if INLINE:
+        loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
+                            SP, HAS_MAP, SKIP_ZERO)
+        if pid == 0:
+            _inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
+        e, valid, slot = _inline_block(loc, pid_m, E_local, BM, SP)
+    else:
+        e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+        valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
     if e >= E_local:
         return
-    rows = pid_m * BM + tl.arange(0, BM)
-    valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
-    slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
+    if not INLINE:
+        slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
     tok = (slot // K).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < I
@@ -170,25 +240,32 @@ def w13_kernel(
 def w2_kernel(
     inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, counts_ptr, sorted_ptr,
     part_ptr, sem_ptr, live_ptr,
-    H, I, E_local, E_global, K, num_pid_m, NBN,
+    H, I, E_local, E_global, K, num_pid_m, NBN, S,
     stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_BIAS: tl.constexpr, ON_INPUT: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr,
     COMBINE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
+    ``INLINE``: as in :func:`w13_kernel` (``T`` = ``S // K`` here: the slot count is ``S``).
 
     ``USE_TMA``: weight tiles through a tensor descriptor over ``w2.view(E·H, I)``, and the rows of
     ``inter`` (contiguous in the sorted layout) through one over ``inter``; padding rows of a block are
     never written, and only feed masked output rows."""
     pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
-    e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+    rows = pid_m * BM + tl.arange(0, BM)
+    if INLINE:
+        loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
+                            SP, HAS_MAP, SKIP_ZERO)
+        e, valid, slot = _inline_block(loc, pid_m, E_local, BM, SP)
+    else:
+        e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+        valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
     if e >= E_local:
         return
-    rows = pid_m * BM + tl.arange(0, BM)
-    valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
-    slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
+    if not INLINE:
+        slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
     tok = slot // K
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < H
@@ -229,7 +306,11 @@ def w2_kernel(
         tl.store(p_ptrs, acc.to(part_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
         tl.debug_barrier()  # every thread's part stores precede the release below
         old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
-        need = tl.load(live_ptr + tok, mask=valid, other=0)
+        if INLINE:
+            jj = tl.arange(0, SP)
+            need = tl.sum(((jj[None, :] // K == tok[:, None]) & (loc[None, :] >= 0)).to(tl.int32), axis=1)
+        else:
+            need = tl.load(live_ptr + tok, mask=valid, other=0)
         last = valid & (old == need - 1)
         if tl.max(last.to(tl.int32), axis=0) > 0:
             tl.debug_barrier()  # the acquiring atomics precede every thread's loads below
