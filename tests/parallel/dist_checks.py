@@ -282,6 +282,11 @@ def invalid_sizes(ctx):
         except ValueError as e:
             ctx.expect(needle in str(e), f"{kw}: message {e!s} lacks {needle!r}")
     try:
+        moekit.FusedMoE(8, 2, 32, 16, ep_group=g, tp_group=g, device=ctx.device)
+        ctx.expect(False, "the same group for EP and TP was accepted")
+    except ValueError as e:
+        ctx.expect("meet only in this rank" in str(e), f"EP/TP overlap message: {e}")
+    try:
         moekit.FusedMoE(8, 2, 32, 16, ep_group="world", device=ctx.device)
         ctx.expect(False, "a string ep_group was accepted")
     except TypeError:

@@ -40,6 +40,15 @@ def build_parallel(
     """Validate the groups and sizes (``ValueError``/``TypeError`` naming them) and build the pieces."""
     check_group("ep_group", ep_group)
     check_group("tp_group", tp_group)
+    if ep_group is not None and tp_group is not None:
+        import torch.distributed as dist
+
+        shared = set(dist.get_process_group_ranks(ep_group)) & set(dist.get_process_group_ranks(tp_group))
+        if shared != {dist.get_rank()}:
+            raise ValueError(
+                f"ep_group and tp_group must meet only in this rank ({dist.get_rank()}), they share ranks "
+                f"{sorted(shared)}: TP peers hold the same tokens and EP peers different ones"
+            )
     w_tp = group_size(tp_group)
     if tp_size not in (None, w_tp):
         raise ValueError(f"tp_size={tp_size} does not match the size of tp_group ({w_tp})")
