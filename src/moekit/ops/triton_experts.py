@@ -27,8 +27,10 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4}
 DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
 #: at most this many slots (T·K) per chunk use the single-launch align kernel
 SMALL_SLOTS = 8192
-#: at most this many slots skip the align kernel: the GEMMs derive the layout in registers (decode)
-INLINE_SLOTS = 64
+#: at most this many slots skip the align kernel: the GEMMs derive the layout in registers (decode).
+#: Measured on H100: a win at T·K <= 16 (Qwen3 T=1: 42.4 -> 40.6 µs), a loss at 64 (DeepSeek T=8:
+#: 1552 -> 1682 µs: every GEMM program redoes an [S, S] rank computation)
+INLINE_SLOTS = 16
 
 
 def _next_pow2(n: int) -> int:
