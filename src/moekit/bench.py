@@ -210,7 +210,8 @@ def bench_model(name: str, tokens, dtype, device, bw, peak, rotations: int, base
                     continue
                 row = dict(model=name, tokens=t, impl=impl, us=round(us, 2),
                            pct_roofline=round(100 * rf["floor_us"] / us, 1),
-                           pct_roofline_readbw=round(100 * max(rf["bytes"] / READ_BW, rf["flops"] / peak) * 1e6 / us, 1),
+                           pct_roofline_readbw=round(
+                               100 * max(rf["bytes"] / READ_BW, rf["flops"] / peak) * 1e6 / us, 1),
                            tflops=round(rf["flops"] / (us * 1e-6) / 1e12, 2), device=dev_name,
                            dtype=str(dtype).replace("torch.", ""), **{k: round(v, 2) for k, v in rf.items()})
                 rows.append(row)

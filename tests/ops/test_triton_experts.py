@@ -52,7 +52,8 @@ def make(t, e, k, h, i, dtype=torch.float32, act="silu", bias=False, num_global=
     ng = num_global or e
     if hot:
         ids = torch.zeros(t, k, dtype=torch.int64)
-        ids[:, 1:] = torch.stack([torch.randperm(ng, generator=gen)[: k - 1] for _ in range(t)]) if k > 1 else ids[:, 1:]
+        if k > 1:
+            ids[:, 1:] = torch.stack([torch.randperm(ng, generator=gen)[: k - 1] for _ in range(t)])
         ids[:, 1:] = torch.where(ids[:, 1:] == 0, ng - 1, ids[:, 1:])
     else:
         ids = torch.stack([torch.randperm(ng, generator=gen)[:k] for _ in range(t)]) if t else torch.empty(0, k)
