@@ -118,9 +118,10 @@ def run_demo(device: str | None = None, dtype: str | None = None, repeats: int =
         layer = build_layer(shape, dev, dt)
         x = torch.randn(shape.tokens, shape.hidden, device=dev, dtype=dt)
         with torch.no_grad():
-            out = layer(x)
-            ref = reference_copy(layer)(x.to("cpu", torch.float64))
+            # one set of router logits for both: a bf16 gate would otherwise flip near-tied experts
             logits = layer.gate(x)
+            out = layer(x, logits)
+            ref = reference_copy(layer)(x.to("cpu", torch.float64), logits.to("cpu", torch.float64))
             routing = layer.router.route(x, logits)
             seconds = _time_call(lambda: layer(x), dev, repeats)
         err = (out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)
