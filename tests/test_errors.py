@@ -564,3 +564,21 @@ def test_router_instance_with_routing_arguments_raises():
     router = moekit.FusedTopKRouter(2, 8)
     with pytest.raises(ValueError, match="router="):
         moekit.FusedMoE(8, 2, 16, 8, router=router, use_grouped_topk=True, num_expert_group=2, topk_group=1)
+
+
+def test_grouping_without_use_grouped_topk_raises():
+    # num_expert_group > 1 without use_grouped_topk would silently route ungrouped
+    import moekit
+
+    with pytest.raises(ValueError, match="use_grouped_topk"):
+        moekit.FusedMoE(8, 2, 16, 8, num_expert_group=4, topk_group=2)
+    moekit.FusedMoE(8, 2, 16, 8, num_expert_group=None, topk_group=None)  # the seed's defaults stay fine
+
+
+def test_custom_routing_with_selection_bias_raises():
+    # the custom function decides the experts: a selection bias would be ignored
+    import moekit
+
+    fn = lambda h, g, k, r: (g.topk(k)[0].sigmoid(), g.topk(k)[1])  # noqa: E731
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        moekit.FusedMoE(8, 2, 16, 8, custom_routing_function=fn, e_score_correction_bias=torch.zeros(8))

@@ -99,6 +99,16 @@ def FusedMoE(
     _check_routing_combination(
         zero_expert_type, use_grouped_topk, custom_routing_function, hash_indices_table, scoring_func, router
     )
+    if not use_grouped_topk and num_expert_group not in (None, 0, 1):
+        raise ValueError(
+            f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
+            "without it the grouping would be ignored"
+        )
+    if custom_routing_function is not None and e_score_correction_bias is not None:
+        raise ValueError(
+            "e_score_correction_bias has no effect with custom_routing_function (the function picks the experts); "
+            "apply the bias inside the function"
+        )
     if num_redundant_experts and not enable_eplb:
         raise ValueError(f"num_redundant_experts={num_redundant_experts} requires enable_eplb=True")
     parallel = None
