@@ -104,6 +104,23 @@ def FusedMoE(
             f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
             "without it the grouping would be ignored"
         )
+    if zero_expert_type is not None and apply_router_weight_on_input:
+        raise ValueError(
+            "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
+            "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"
+        )
+    if hash_indices_table is not None and e_score_correction_bias is not None:
+        raise ValueError(
+            "e_score_correction_bias has no effect with hash_indices_table (the table picks the experts); pass one"
+        )
+    if router is not None:
+        _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, e_score_correction_bias,
+                               routed_scaling_factor, apply_routed_scale_to_output)
+    if n_shared_experts and shared_experts is None:
+        raise NotImplementedError(
+            f"n_shared_experts={n_shared_experts} without shared_experts: moekit does not build shared experts "
+            "itself (fused shared experts are ROCm-aiter only in the seed); pass shared_experts=<module>"
+        )
     if custom_routing_function is not None and e_score_correction_bias is not None:
         raise ValueError(
             "e_score_correction_bias has no effect with custom_routing_function (the function picks the experts); "
@@ -230,6 +247,29 @@ def _check_routing_combination(zero_expert_type, use_grouped_topk, custom_fn, ha
         )
     if router is not None and chosen:
         raise ValueError(f"router= is given, so the routing arguments {chosen} would be ignored; pass one or the other")
+
+
+def _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, bias, scale, scale_on_output):
+    """A given ``router=`` decides the routing: routing keywords that differ from it would be ignored."""
+    if not isinstance(router, BaseRouter):
+        raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
+    if router.top_k != top_k or router.global_num_experts != num_experts:
+        raise ValueError(
+            f"router has top_k={router.top_k}, global_num_experts={router.global_num_experts} but the layer was "
+            f"given top_k={top_k}, num_experts={num_experts}; they must match"
+        )
+    ignored = [
+        name
+        for name, given, default in (
+            ("renormalize", renormalize, True),
+            ("scoring_func", scoring_func, "softmax"),
+            ("e_score_correction_bias", bias, None),
+            ("routed_scaling_factor", None if scale_on_output else scale, None if scale_on_output else 1.0),
+        )
+        if given is not default and given != default
+    ]
+    if ignored:
+        raise ValueError(f"router= is given, so {ignored} would be ignored; configure the router instead")
 
 
 def _default_device() -> torch.device:

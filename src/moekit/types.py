@@ -40,8 +40,8 @@ class RoutingResult:
     topk_weights: [T, K] float32, already renormalised and scaled as configured.
     topk_ids: [T, K] int32 (or the router's ``indices_type``), ids of real experts only:
         zero-expert slots are rewritten to id 0 with weight 0.0.
-    zero_output: [T, H] dtype of the routed input, the zero-expert contribution, or None
-        when the router has no zero experts.
+    zero_output: [T, H] float32, the zero-expert contribution (rounded once, with the routed output,
+        by the runner), or None when the router has no zero experts.
     """
 
     topk_weights: torch.Tensor

@@ -337,8 +337,7 @@ def tp_gpt_oss_and_relu2(ctx):
 def ep_hash_routing_eplb(ctx):
     """Hash routing (ids from a table by input_ids) with EP and redundant replicas."""
     table = torch.randint(0, 8, (50, 2), generator=torch.Generator().manual_seed(5)).to(ctx.device)
-    bias = torch.zeros(8, device=ctx.device)
-    ref, par, _ = make_pair(ctx, hash_indices_table=table, e_score_correction_bias=bias, scoring_func="sigmoid",
+    ref, par, _ = make_pair(ctx, hash_indices_table=table, scoring_func="sigmoid",
                             ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=2)
     x, lg = _rank_batch(ctx, [6, 4], 32, 8, torch.float32, ctx.rank)
     tok = torch.randint(0, 50, (x.shape[0],), generator=torch.Generator().manual_seed(6 + ctx.rank)).to(ctx.device)

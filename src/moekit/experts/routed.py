@@ -33,7 +33,6 @@ class RoutedExperts(torch.nn.Module):
         expert_mapping: list[tuple[str, str, int, str]] | None = None,
         backend: str = "torch",
         device=None,
-        **_routing_kwargs,
     ):
         super().__init__()
         if quant_config is not None:
@@ -104,6 +103,9 @@ class RoutedExperts(torch.nn.Module):
         e, h, inter = c.num_experts, c.hidden_size, c.intermediate_size
         _expect("w13", w13, (e, c.w13_rows(inter), h))
         _expect("w2", w2, (e, h, inter))
+        for name, t in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+            if t is not None and not t.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
         if (w13_bias is not None or w2_bias is not None) and not c.has_bias:
             raise ValueError("w13_bias/w2_bias given but the layer was built with has_bias=False")
         if c.has_bias:

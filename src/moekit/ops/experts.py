@@ -168,6 +168,12 @@ def fused_experts(
         from .triton_experts import fused_experts_triton
 
         check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
+        # the kernels assume unit last-dim strides: make any view contiguous (free when it already is)
+        hidden_states, w1, w2 = hidden_states.contiguous(), w1.contiguous(), w2.contiguous()
+        topk_weights, topk_ids = topk_weights.contiguous(), topk_ids.contiguous()
+        for name in ("w1_bias", "w2_bias", "expert_map"):
+            if kwargs[name] is not None:
+                kwargs[name] = kwargs[name].contiguous()
 
         return fused_experts_triton(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
     return fused_experts_torch(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
@@ -212,6 +218,10 @@ def fused_experts_torch(
         global_num_experts=global_num_experts,
     )
     check_ids_in_range(topk_ids, p.num_global)
+    if expert_map is not None and expert_map.numel():
+        lo, hi = int(expert_map.min()), int(expert_map.max())
+        if lo < -1 or hi >= p.num_local:
+            raise ValueError(f"expert_map values must lie in [-1, {p.num_local}) (local slots), got [{lo}, {hi}]")
     out = torch.empty_like(hidden_states)
     if p.num_tokens == 0:
         return out

@@ -180,14 +180,23 @@ def route(
     if bias is not None:
         check_bias(bias, e)
         check_same_device("e_score_correction_bias", bias, "router_logits", gating_output)
+    check_indices_type(indices_type)
     if backend == "triton":
         from .triton_routing import route_triton
 
-        return route_triton(gating_output, spec, bias, indices_type)
+        # the kernel reads rows with unit stride: make any view contiguous (free when it already is)
+        bias = bias.contiguous() if bias is not None else None
+        return route_triton(gating_output.contiguous(), spec, bias, indices_type)
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     check_finite("router_logits", gating_output)
     return route_torch(gating_output, spec, bias, indices_type)
+
+
+def check_indices_type(indices_type) -> None:
+    if indices_type is not None and (not isinstance(indices_type, torch.dtype) or indices_type.is_floating_point
+                                     or indices_type.is_complex or indices_type == torch.bool):
+        raise TypeError(f"indices_type must be an integer torch.dtype (int32 or int64) or None, got {indices_type!r}")
 
 
 def _resolve(backend: str, t: torch.Tensor) -> str:
@@ -272,8 +281,9 @@ def fused_topk_bias(
         top_k=topk, scoring_func=scoring_func, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor
     ).validate(e)
     if hash_indices_table is not None:
-        check_hash_table(hash_indices_table, e, topk)
+        check_indices_type(indices_type)
         reference = _resolve(backend, gating_output) == "torch"
+        check_hash_table(hash_indices_table, e, topk, check_range=reference)
         hash_ids = lookup_hash_ids(hash_indices_table, input_tokens, gating_output.shape[0], reference)
         if reference:
             check_finite("router_logits", gating_output)
@@ -281,13 +291,14 @@ def fused_topk_bias(
     return route(gating_output, spec, e_score_correction_bias, indices_type, _resolve(backend, gating_output))
 
 
-def check_hash_table(table, num_experts: int, top_k: int) -> torch.Tensor:
+def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True) -> torch.Tensor:
+    """Shape and dtype checks; with ``check_range`` also the id range (a host sync: reference path)."""
     check_tensor("hash_indices_table", table)
     if table.dim() != 2 or table.shape[1] != top_k:
         raise ValueError(f"hash_indices_table must have shape [vocab, top_k={top_k}], got {list(table.shape)}")
     if table.is_floating_point() or table.is_complex():
         raise TypeError(f"hash_indices_table must be an integer tensor, got {table.dtype}")
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_experts):
+    if check_range and table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_experts):
         raise ValueError(
             f"hash_indices_table values must lie in [0, {num_experts}), got range "
             f"[{int(table.min())}, {int(table.max())}]"
@@ -312,7 +323,7 @@ def lookup_hash_ids(table, input_ids, num_tokens: int, check_range: bool = True)
             f"input_ids must lie in [0, {table.shape[0]}) (rows of hash_indices_table), got "
             f"[{int(input_ids.min())}, {int(input_ids.max())}]"
         )
-    return table.long()[input_ids.long()]
+    return table[input_ids.long()].long()  # index first: never converts the whole [vocab, K] table
 
 
 def grouped_topk(

@@ -12,15 +12,19 @@ ZERO_EXPERT_TYPES = ("identity",)
 
 
 def zero_experts_compute_torch(
-    hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """hidden_states: [T, H]; topk_weights: [T, K] float32; topk_ids: [T, K] int.
 
-    returns zero: [T, H] dtype of hidden_states.
+    returns zero: [T, H] in ``out_dtype`` (default: dtype of hidden_states), computed in float32.
     """
     is_zero = topk_ids >= num_experts
     scale = torch.where(is_zero, topk_weights.float(), torch.zeros((), device=topk_weights.device)).sum(-1)
-    return (hidden_states.float() * scale.unsqueeze(-1)).to(hidden_states.dtype)
+    return (hidden_states.float() * scale.unsqueeze(-1)).to(out_dtype or hidden_states.dtype)
 
 
 def mask_zero_experts(

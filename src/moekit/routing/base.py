@@ -100,7 +100,8 @@ class BaseRouter(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
-        self._zero_expert_output = result.zero_output
+        zero = result.zero_output
+        self._zero_expert_output = zero.to(hidden_states.dtype) if zero is not None else None
         return result.topk_weights, result.topk_ids
 
     def extra_repr(self) -> str:

@@ -67,7 +67,8 @@ class ZeroExpertRouter(BaseRouter):
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         w, ids = route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
-        zero = zero_experts_compute_torch(hidden_states, w, ids, self.num_logical_experts)
+        # kept in float32 so the runner rounds routed + zero once (SPEC §3: exact zero-expert output)
+        zero = zero_experts_compute_torch(hidden_states, w, ids, self.num_logical_experts, torch.float32)
         w, ids = mask_zero_experts(w, ids, self.num_logical_experts)
         return RoutingResult(w, ids, zero)
 
