@@ -5,7 +5,8 @@ A config is a dict::
     {"BLOCK_M": 64,                                   # rows per expert block (shared by both GEMMs)
      "w13": {"BN": 64, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
      "w2":  {"BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
-     "tma": False}                                     # optional: weight tiles by tensor descriptor
+     "tma": False,                                     # optional: weight tiles by tensor descriptor
+     "pdl": False}                                     # optional: programmatic dependent launch (sm_90+)
 
 Files live in ``moekit/configs/<device>.json`` (``<device>`` = the CUDA device name with spaces as
 ``_``), ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with

@@ -193,6 +193,10 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
         w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn13, bk13])
         w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn2, bk2])
         inter_desc = TensorDescriptor.from_tensor(inter_buf, [bm, bk2])
+    # programmatic dependent launch (config "pdl": true; sm_90+, compiled kernels only): each GEMM
+    # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
+    pdl = bool(cfg.get("pdl")) and _pdl_ok(x)
+    pdl_kw = dict(launch_pdl=True) if pdl else {}
     grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
     launch(
         grouped_gemm.w13_kernel, grid13, x, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
@@ -203,7 +207,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
         BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=ACT_CODES[act], GATED=gated,
         HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on_input, EVEN_K=h % bk13 == 0,
         DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, INLINE=inline, SP=sp, TP=tp,
-        HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine, **_launch_config(cfg, "w13"),
+        HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine, PDL=pdl, **_launch_config(cfg, "w13"),
+        **pdl_kw,
     )
     launch(
         grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, inter_desc, w2, w2_desc,
@@ -215,7 +220,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
         BM=bm, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), BLOCK_E=block_e, HAS_BIAS=b2 is not None,
         ON_INPUT=on_input, HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine,
         EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w2_desc is not None,
-        INLINE=inline, SP=sp, **_launch_config(cfg, "w2"),
+        INLINE=inline, SP=sp, PDL=pdl, **_launch_config(cfg, "w2"), **pdl_kw,
     )
     return out
 
@@ -229,6 +234,11 @@ def _tma_ok(w1: torch.Tensor, w2: torch.Tensor, h: int, inter: int) -> bool:
         w1.is_contiguous() and w2.is_contiguous() and (h * elt) % 16 == 0 and (inter * elt) % 16 == 0
         and w1.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0
     )
+
+
+def _pdl_ok(x: torch.Tensor) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) or newer, never under the interpreter."""
+    return x.device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def _interpreting() -> bool:
