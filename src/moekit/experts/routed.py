@@ -114,21 +114,19 @@ class RoutedExperts(torch.nn.Module):
             _expect("w13_bias", w13_bias, (e, c.w13_rows(inter)))
             _expect("w2_bias", w2_bias, (e, h))
         for slot, logical in enumerate(self.placement.local_logical_ids()):
-            self.w13_weight[slot].copy_(self._w13_rows(w13[logical], 0))
+            self.w13_weight[slot].copy_(self._w13_rows(w13[logical]))
             self.w2_weight[slot].copy_(w2[logical][:, self.tp_rows])
             if c.has_bias:
-                self.w13_bias[slot].copy_(self._w13_rows(w13_bias[logical], 0))
+                self.w13_bias[slot].copy_(self._w13_rows(w13_bias[logical]))
                 self.w2_bias[slot].copy_(w2_bias[logical])
 
-    def _w13_rows(self, full: torch.Tensor, dim: int) -> torch.Tensor:
-        """This TP rank's rows of one expert's w13 (gate slice then up slice)."""
-        inter = self.moe_config.intermediate_size
+    def _w13_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This TP rank's rows of one expert's w13 ([2I, ...]: gate slice then up slice; [I, ...] for relu2)."""
         rows = self.tp_rows
         if not self.moe_config.gated:
-            return full.narrow(dim, rows.start, rows.stop - rows.start)
-        gate = full.narrow(dim, rows.start, rows.stop - rows.start)
-        up = full.narrow(dim, inter + rows.start, rows.stop - rows.start)
-        return torch.cat([gate, up], dim=dim)
+            return full[rows]
+        inter = self.moe_config.intermediate_size
+        return torch.cat([full[rows], full[inter + rows.start : inter + rows.stop]])
 
     @torch.no_grad()
     def load_expert_shard(self, logical_id: int, shard_id: str, tensor: torch.Tensor, *, bias: bool = False) -> int:

@@ -63,7 +63,8 @@ def lookup_config(device_name: str, key: str, num_tokens: int) -> dict | None:
     return table[best]
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
@@ -107,7 +108,7 @@ def heuristic_config(
         w13 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
         w2 = dict(BN=256 if small_elt else 128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
     for c, n in ((w13, inter), (w2, hidden)):  # never wider than the problem
-        c["BN"] = max(16, min(c["BN"], _next_pow2(n)))
+        c["BN"] = max(16, min(c["BN"], next_pow2(n)))
     # weight tiles by tensor descriptor won every compute-bound point tuned on H100 (T = 16384, five
     # shapes); the wrapper falls back to pointer loads where descriptors cannot describe the weights
     tma = small_elt and rows > 400

@@ -20,7 +20,7 @@ import torch
 
 from .activation import canonical_activation, effective_limit, is_gated
 from .experts import check_experts_inputs
-from .triton_configs import get_config
+from .triton_configs import get_config, next_pow2
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4}
 #: upper bound on the scratch of one chunk (inter + combine buffers), bytes
@@ -31,10 +31,6 @@ SMALL_SLOTS = 8192
 #: Measured on H100: a win at T·K <= 16 (Qwen3 T=1: 42.4 -> 40.6 µs), a loss at 64 (DeepSeek T=8:
 #: 1552 -> 1682 µs: every GEMM program redoes an [S, S] rank computation)
 INLINE_SLOTS = 16
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def fused_experts_triton(
@@ -149,7 +145,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     nbn = triton_cdiv(h, int(c2["BN"]))
     num_pid_m = triton_cdiv(slots + min(slots, e_local) * (bm - 1), bm)
     rows = num_pid_m * bm
-    block_e = _next_pow2(e_local + 1)
+    block_e = next_pow2(e_local + 1)
     i32 = torch.int32
     counts = torch.zeros(e_local + 1, dtype=i32, device=dev) if slots > SMALL_SLOTS else torch.empty(
         e_local + 1, dtype=i32, device=dev
@@ -163,7 +159,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     part = torch.empty(slots if combine else 1, h, dtype=x.dtype, device=dev)
     sem = torch.empty(t * nbn if combine else 1, dtype=i32, device=dev)
     emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP
-    kp = _next_pow2(k)
+    kp = next_pow2(k)
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
     common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=emap is not None,
@@ -171,7 +167,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
     sizes = (t, k, h, e_local, e_global, nbn, ids.stride(0), tw.stride(0), out.stride(0))
     inline = slots <= INLINE_SLOTS
-    sp, tp = max(16, _next_pow2(slots)), max(16, _next_pow2(t))
+    sp, tp = max(16, next_pow2(slots)), max(16, next_pow2(t))
     if inline:
         pass  # the w13 launch zeroes the semaphores / dead rows; each GEMM program builds its layout
     elif slots <= SMALL_SLOTS:
@@ -249,13 +245,6 @@ def _interpreting() -> bool:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def workspace_estimate(num_tokens: int, hidden: int, inter: int, top_k: int, num_experts: int, dtype) -> int:
-    """Bytes of scratch one un-chunked call needs (for sizing ``workspace_bytes``)."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    slots = num_tokens * top_k
-    return slots * (inter + (hidden if top_k > 1 else 0)) * elt + num_experts * 128 * inter * elt + slots * 12
 
 
 __all__ = ["fused_experts_triton", "fused_experts_impl", "ACT_CODES", "DEFAULT_WORKSPACE_BYTES"]

@@ -12,14 +12,11 @@ from __future__ import annotations
 import torch
 
 from .routing import TopKSpec
+from .triton_configs import next_pow2
 
 #: largest expert count one program holds in registers
 MAX_EXPERTS = 4096
 MAX_TOP_K = 64
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def route_triton(
@@ -61,13 +58,13 @@ def route_impl(gating_output, bias, top_k, scoring_func, renormalize, scale, num
     if t == 0:
         return w, ids
     eg = e // num_groups
-    gp, egp = _next_pow2(num_groups), _next_pow2(eg)
+    gp, egp = next_pow2(num_groups), next_pow2(eg)
     warps = 1 if gp * egp <= 128 else 2 if gp * egp <= 512 else 4 if gp * egp <= 2048 else 8
     route_kernel[(t,)](
         gating_output, bias if bias is not None else gating_output, w, ids,
         e, top_k, eg, num_groups, topk_group, scale,
         gating_output.stride(0), w.stride(0), ids.stride(0),
-        GP=gp, EGP=egp, KP=_next_pow2(top_k), SCORING=SCORE_CODES[scoring_func],
+        GP=gp, EGP=egp, KP=next_pow2(top_k), SCORING=SCORE_CODES[scoring_func],
         HAS_BIAS=bias is not None, GROUPED=num_groups > 1, RENORM=renormalize, num_warps=warps,
     )
     return w, ids
