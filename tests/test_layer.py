@@ -432,3 +432,31 @@ def test_output_dtype_follows_hidden_states_whatever_modules_return():
     ref = ref_layer(x, logits, route_fn=route_fn(2, renormalize=True), num_experts=6, w13=w13, w2=w2,
                     shared_experts=f64(shared), shared_expert_gate=f64(sgate), routed_output_transform=f64(up))
     assert_close_dtype(out, ref, torch.bfloat16)
+
+
+def test_skip_bias_add_tuples_add_their_bias():
+    # a module returning (output, bias) with a real bias (vLLM's skip_bias_add) gets the bias added
+    class SkipBias(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.lin.weight), self.lin.bias
+
+    shared = torch.nn.Linear(16, 16)
+    plain, w13, w2, *_ = build(shared_experts=shared)
+    skip = FusedMoE(6, 2, 16, 8, shared_experts=SkipBias(shared), backend="torch")
+    skip.load_expert_weights(w13, w2)
+    x, logits = torch.randn(5, 16), spread_logits(5, 6)
+    torch.testing.assert_close(skip(x, logits), plain(x, logits))
+
+
+def test_three_tuple_module_output_raises():
+    class Three(torch.nn.Module):
+        def forward(self, x):
+            return x, None, None
+
+    layer = FusedMoE(6, 2, 16, 8, shared_experts=Three(), backend="torch")
+    with pytest.raises(TypeError, match="tuple of 3"):
+        layer(torch.randn(2, 16), torch.randn(2, 6))

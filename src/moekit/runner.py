@@ -23,8 +23,13 @@ from .routing.base import BaseRouter
 
 
 def _first(out):
-    """Modules such as vLLM's linear layers return (output, bias); keep the output."""
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """Modules such as vLLM's linear layers return ``(output, output_bias)``, the bias being None unless
+    the layer skipped adding it (``skip_bias_add``): then it is added here, never dropped."""
+    if not isinstance(out, (tuple, list)):
+        return out
+    if len(out) != 2 or (out[1] is not None and not isinstance(out[1], torch.Tensor)):
+        raise TypeError(f"a module returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
+    return out[0] if out[1] is None else out[0] + out[1]
 
 
 class MoERunner(torch.nn.Module):
