@@ -179,6 +179,19 @@ def route(
     spec.validate(e)
     if bias is not None:
         check_bias(bias, e)
+    return run_route(gating_output, spec, bias, indices_type, backend)
+
+
+def run_route(
+    gating_output: torch.Tensor,
+    spec: TopKSpec,
+    bias: torch.Tensor | None,
+    indices_type: torch.dtype | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` without the shape checks, for routers whose spec and bias were validated at
+    construction and whose logits :meth:`BaseRouter.route` has checked (the per-forward path)."""
+    if bias is not None:
         check_same_device("e_score_correction_bias", bias, "router_logits", gating_output)
     check_indices_type(indices_type)
     if backend == "triton":

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..ops.routing import TopKSpec, route
+from ..ops.routing import TopKSpec, run_route
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, get_routing_method_type
 
@@ -38,5 +38,5 @@ class FusedTopKRouter(BaseRouter):
         return get_routing_method_type(self.scoring_func, self.top_k, self.renormalize, None, False)
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
-        w, ids = route(router_logits, self.spec, None, indices_type, self.backend)
+        w, ids = run_route(router_logits, self.spec, None, indices_type, self.backend)
         return RoutingResult(w, ids)

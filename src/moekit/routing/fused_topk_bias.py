@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_finite
-from ..ops.routing import TopKSpec, check_bias, check_hash_table, hash_route_torch, lookup_hash_ids, route
+from ..ops.routing import TopKSpec, check_bias, check_hash_table, hash_route_torch, lookup_hash_ids, run_route
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, get_routing_method_type
 
@@ -58,5 +58,5 @@ class FusedTopKBiasRouter(BaseRouter):
             if reference:
                 check_finite("router_logits", router_logits)
             return RoutingResult(*hash_route_torch(router_logits, hash_ids, self.spec, indices_type))
-        w, ids = route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
+        w, ids = run_route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
         return RoutingResult(w, ids)

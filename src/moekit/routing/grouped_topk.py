@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_finite
-from ..ops.routing import check_bias, grouped_spec, route
+from ..ops.routing import check_bias, grouped_spec, route, run_route
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter
 
@@ -59,7 +59,7 @@ class GroupedTopKRouter(BaseRouter):
         return RoutingMethodType.DeepSeekV3 if self.scoring_func == "sigmoid" else RoutingMethodType.Unspecified
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
-        w, ids = route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
+        w, ids = run_route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
         return RoutingResult(w, ids)
 
 
@@ -93,8 +93,7 @@ class GroupedTopk(torch.nn.Module):
         self.spec.validate(num_expert_group * topk)
 
     def _run(self, gating_output, e_score_correction_bias, backend: str):
-        if gating_output.dim() == 2:
-            self.spec.validate(gating_output.shape[1])
+        # route() checks the logits, the bias and the spec against the logits' width
         return route(gating_output, self.spec, e_score_correction_bias, None, backend)
 
     def forward_native(

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_choice, check_finite, check_int
-from ..ops.routing import TopKSpec, check_bias, route
+from ..ops.routing import TopKSpec, check_bias, run_route
 from ..ops.zero_experts import ZERO_EXPERT_TYPES, mask_zero_experts, zero_experts_compute_torch
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, get_routing_method_type
@@ -66,7 +66,7 @@ class ZeroExpertRouter(BaseRouter):
         return get_routing_method_type(self.scoring_func, self.top_k, self.renormalize, None, True)
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
-        w, ids = route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
+        w, ids = run_route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
         # kept in float32 so the runner rounds routed + zero once (SPEC §3: exact zero-expert output)
         zero = zero_experts_compute_torch(hidden_states, w, ids, self.num_logical_experts, torch.float32)
         w, ids = mask_zero_experts(w, ids, self.num_logical_experts)
