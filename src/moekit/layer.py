@@ -97,35 +97,19 @@ def FusedMoE(
             f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {expert_placement_strategy!r}"
         )
     _check_routing_combination(
-        zero_expert_type, use_grouped_topk, custom_routing_function, hash_indices_table, scoring_func, router
+        zero_expert_type, use_grouped_topk, num_expert_group, topk_group, custom_routing_function,
+        hash_indices_table, e_score_correction_bias, scoring_func, apply_router_weight_on_input,
     )
-    if not use_grouped_topk and num_expert_group not in (None, 0, 1):
-        raise ValueError(
-            f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
-            "without it the grouping would be ignored"
-        )
-    if zero_expert_type is not None and apply_router_weight_on_input:
-        raise ValueError(
-            "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
-            "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"
-        )
-    if hash_indices_table is not None and e_score_correction_bias is not None:
-        raise ValueError(
-            "e_score_correction_bias has no effect with hash_indices_table (the table picks the experts); pass one"
-        )
     if router is not None:
         _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, e_score_correction_bias,
-                               routed_scaling_factor, apply_routed_scale_to_output)
+                               routed_scaling_factor, apply_routed_scale_to_output, zero_expert_type,
+                               use_grouped_topk, custom_routing_function, hash_indices_table)
     if n_shared_experts and shared_experts is None:
         raise NotImplementedError(
             f"n_shared_experts={n_shared_experts} without shared_experts: moekit does not build shared experts "
             "itself (fused shared experts are ROCm-aiter only in the seed); pass shared_experts=<module>"
         )
-    if custom_routing_function is not None and e_score_correction_bias is not None:
-        raise ValueError(
-            "e_score_correction_bias has no effect with custom_routing_function (the function picks the experts); "
-            "apply the bias inside the function"
-        )
+    device = torch.device(device) if device is not None else _default_device()
     if num_redundant_experts and not enable_eplb:
         raise ValueError(f"num_redundant_experts={num_redundant_experts} requires enable_eplb=True")
     parallel = None
@@ -141,7 +125,7 @@ def FusedMoE(
             strategy=expert_placement_strategy,
             enable_eplb=enable_eplb,
             num_expert_group=num_expert_group if use_grouped_topk else None,
-            device=torch.device(device) if device is not None else _default_device(),
+            device=device,
         )
 
     num_zero = 0
@@ -167,7 +151,6 @@ def FusedMoE(
         num_zero_experts=num_zero,
         params_dtype=params_dtype,
     )
-    device = torch.device(device) if device is not None else _default_device()
     chosen = resolve_backend(backend, device)
     if backend == "auto":
         log.info("moekit layer %r: backend %r on %s", prefix, chosen, device)
@@ -189,8 +172,6 @@ def FusedMoE(
             num_logical_experts=num_experts,
             hash_indices_table=hash_indices_table,
         )
-    elif not isinstance(router, BaseRouter):
-        raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
     router.backend = chosen
     router.to(device)
 
@@ -226,7 +207,10 @@ def FusedMoE(
     return runner
 
 
-def _check_routing_combination(zero_expert_type, use_grouped_topk, custom_fn, hash_table, scoring_func, router):
+def _check_routing_combination(
+    zero_expert_type, use_grouped_topk, num_expert_group, topk_group, custom_fn, hash_table, bias, scoring_func,
+    weight_on_input,
+):
     """Refuse routing arguments that the router priority order would otherwise drop silently."""
     given = {
         "zero_expert_type": zero_expert_type is not None,
@@ -245,11 +229,23 @@ def _check_routing_combination(zero_expert_type, use_grouped_topk, custom_fn, ha
             f"scoring_func={scoring_func!r} has no effect with custom_routing_function (the function computes "
             "the weights itself); leave scoring_func at its default"
         )
-    if router is not None and chosen:
-        raise ValueError(f"router= is given, so the routing arguments {chosen} would be ignored; pass one or the other")
+    if bias is not None and (custom_fn is not None or hash_table is not None):
+        picker = "custom_routing_function" if custom_fn is not None else "hash_indices_table"
+        raise ValueError(f"e_score_correction_bias has no effect with {picker} (it picks the experts); pass one")
+    if not use_grouped_topk and num_expert_group not in (None, 0, 1):
+        raise ValueError(
+            f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
+            "without it the grouping would be ignored"
+        )
+    if zero_expert_type is not None and weight_on_input:
+        raise ValueError(
+            "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
+            "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"
+        )
 
 
-def _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, bias, scale, scale_on_output):
+def _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, bias, scale, scale_on_output,
+                           *router_selectors):
     """A given ``router=`` decides the routing: routing keywords that differ from it would be ignored."""
     if not isinstance(router, BaseRouter):
         raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
@@ -258,7 +254,9 @@ def _check_router_instance(router, top_k, num_experts, renormalize, scoring_func
             f"router has top_k={router.top_k}, global_num_experts={router.global_num_experts} but the layer was "
             f"given top_k={top_k}, num_experts={num_experts}; they must match"
         )
-    ignored = [
+    names = ("zero_expert_type", "use_grouped_topk", "custom_routing_function", "hash_indices_table")
+    ignored = [name for name, value in zip(names, router_selectors) if value is not None and value is not False]
+    ignored += [
         name
         for name, given, default in (
             ("renormalize", renormalize, True),
