@@ -37,16 +37,17 @@ def parse():
     return ap.parse_args()
 
 
-def timed(fn, iters: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()`` on this rank (CUDA events), after a barrier."""
+def timed(fn, iters: int, warmup: int = 2, barrier: bool = True) -> float:
+    """Median milliseconds of ``fn()`` on this rank (CUDA events), after a barrier unless ``barrier=False``
+    (one rank timing alone)."""
     for _ in range(warmup):
         fn()
+    sync = dist.barrier if barrier and dist.is_initialized() else (lambda: None)
     if not torch.cuda.is_available():
-        dist.barrier()
+        sync()
         return _cpu_median(fn, iters)
     torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
+    sync()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,7 +160,7 @@ def main():
             for t in tokens:
                 for n in sorted({t, world * t}):
                     x, lg = routing_inputs(n, dev, 300)
-                    ms = timed_local(lambda: single(x, lg), args.layer_iters)
+                    ms = timed(lambda: single(x, lg), args.layer_iters, warmup=1, barrier=False)
                     res["single_gpu"].append({"tokens": n, "ms": ms})
                 print("single", res["single_gpu"][-2:], flush=True)
         del single
@@ -178,23 +179,6 @@ def _cpu_median(fn, iters):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def timed_local(fn, iters):
-    """Like :func:`timed` without the barrier (one rank only)."""
-    fn()
-    if not torch.cuda.is_available():
-        return _cpu_median(fn, iters)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
     return statistics.median(times)
 
 
