@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .layer import FusedMoE
+from .ops.kernels import kernels_for
 from .runner import MoERunner
 
 
@@ -73,7 +74,7 @@ def build_layer(shape: DemoShape, device: torch.device, dtype: torch.dtype, back
 def reference_copy(layer: MoERunner) -> MoERunner:
     """The same layer in float64 on the CPU torch backend."""
     ref = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
-    ref.router.backend = "torch"
+    ref.router.kernels = kernels_for("torch")
     ref.routed_experts.backend = "torch"
     return ref
 

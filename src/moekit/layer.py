@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import resolve_backend
+from .ops.kernels import kernels_for, resolve_backend
 from .config import MoEConfig
 from .experts.routed import RoutedExperts
 from .parallel.placement import PLACEMENT_STRATEGIES
@@ -171,8 +171,10 @@ def FusedMoE(
             zero_expert_type=zero_expert_type,
             num_logical_experts=num_experts,
             hash_indices_table=hash_indices_table,
+            kernels=kernels_for(chosen),
         )
-    router.backend = chosen
+    else:
+        router.kernels = kernels_for(chosen)
     router.to(device)
 
     routed_experts = (routed_experts_cls or RoutedExperts)(

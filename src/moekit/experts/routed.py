@@ -32,6 +32,7 @@ class RoutedExperts(torch.nn.Module):
         placement: ExpertPlacement | None = None,
         expert_mapping: list[tuple[str, str, int, str]] | None = None,
         backend: str = "torch",
+        kernels=None,
         device=None,
     ):
         super().__init__()
@@ -41,7 +42,7 @@ class RoutedExperts(torch.nn.Module):
         self.moe_config = moe_config
         self.placement = placement or ExpertPlacement.single(moe_config.num_experts)
         self.expert_mapping = expert_mapping
-        self.backend = backend
+        self.backend = kernels.name if kernels is not None else backend
         p, c = self.placement, moe_config
         self.tp_rows = p.tp_slice(c.intermediate_size)
         inter = self.tp_rows.stop - self.tp_rows.start

@@ -86,18 +86,32 @@ def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
 
 
 def _torch_kernels() -> Kernels:
+    from .._checks import check_finite
     from .experts import fused_experts_torch
-    from .routing import hash_route_torch, route_torch
+    from .routing import hash_route_torch, lookup_hash_ids, route_torch
 
-    return Kernels("torch", route=route_torch, hash_route=hash_route_torch, experts=fused_experts_torch,
-                   checks_values=True)
+    def route(logits, spec, bias, indices_type):
+        check_finite("router_logits", logits)
+        return route_torch(logits, spec, bias, indices_type)
+
+    def hash_route(logits, table, input_ids, spec, indices_type):
+        ids = lookup_hash_ids(table, input_ids, logits.shape[0], True)
+        check_finite("router_logits", logits)
+        return hash_route_torch(logits, ids, spec, indices_type)
+
+    return Kernels("torch", route=route, hash_route=hash_route, experts=fused_experts_torch, checks_values=True)
 
 
 def _triton_kernels() -> Kernels:
+    from .routing import hash_route_torch, lookup_hash_ids
     from .triton_experts import fused_experts_triton
-    from .triton_routing import hash_route_triton, route_triton
+    from .triton_routing import route_triton
 
-    return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
+    def hash_route(logits, table, input_ids, spec, indices_type):
+        ids = lookup_hash_ids(table, input_ids, logits.shape[0], False)
+        return hash_route_torch(logits, ids, spec, indices_type)
+
+    return Kernels("triton", route=route_triton, hash_route=hash_route, experts=fused_experts_triton,
                    checks_values=False)
 
 

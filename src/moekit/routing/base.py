@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_int, check_tensor
+from ..ops.kernels import kernels_for
 from ..ops.routing import check_gating
 from ..types import RoutingMethodType, RoutingResult
 
@@ -49,6 +50,8 @@ class BaseRouter(torch.nn.Module):
         eplb_state=None,
         enable_eplb: bool = False,
         indices_type_getter: Callable[[], torch.dtype | None] | None = None,
+        *,
+        kernels=None,
     ):
         super().__init__()
         self.top_k = check_int("top_k", top_k, minimum=1)
@@ -56,7 +59,7 @@ class BaseRouter(torch.nn.Module):
         self.eplb_state = eplb_state
         self.enable_eplb = bool(enable_eplb)
         self.indices_type_getter = indices_type_getter
-        self.backend = "torch"
+        self.kernels = kernels if kernels is not None else kernels_for("torch")
         self._zero_expert_output: torch.Tensor | None = None
 
     # -- to implement -------------------------------------------------------------------------
@@ -72,6 +75,10 @@ class BaseRouter(torch.nn.Module):
     @property
     def routing_method_type(self) -> RoutingMethodType:
         return RoutingMethodType.Unspecified
+
+    @property
+    def backend(self) -> str:
+        return self.kernels.name
 
     # -- shared ---------------------------------------------------------------------------------
     @property

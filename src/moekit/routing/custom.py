@@ -28,8 +28,10 @@ class CustomRoutingRouter(BaseRouter):
         enable_eplb: bool = False,
         indices_type_getter: Callable[[], torch.dtype | None] | None = None,
         routed_scaling_factor: float = 1.0,
+        *,
+        kernels=None,
     ):
-        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter)
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
         if not callable(custom_routing_function):
             raise TypeError(f"custom_routing_function must be callable, got {custom_routing_function!r}")
         if top_k > global_num_experts:

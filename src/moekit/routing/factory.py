@@ -36,8 +36,11 @@ def create_fused_moe_router(
     hash_indices_table: torch.Tensor | None = None,
     enable_eplb: bool = False,
     indices_type_getter: Callable[[], torch.dtype | None] | None = None,
+    *,
+    kernels=None,
 ) -> BaseRouter:
-    common = dict(eplb_state=eplb_state, enable_eplb=enable_eplb, indices_type_getter=indices_type_getter)
+    common = dict(eplb_state=eplb_state, enable_eplb=enable_eplb, indices_type_getter=indices_type_getter,
+                  kernels=kernels)
     if zero_expert_type is not None:
         return ZeroExpertRouter(
             top_k,

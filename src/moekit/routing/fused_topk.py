@@ -24,8 +24,10 @@ class FusedTopKRouter(BaseRouter):
         routed_scaling_factor: float = 1.0,
         enable_eplb: bool = False,
         indices_type_getter: Callable[[], torch.dtype | None] | None = None,
+        *,
+        kernels=None,
     ):
-        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter)
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
         self.renormalize = bool(renormalize)
         self.scoring_func = scoring_func
         self.routed_scaling_factor = float(routed_scaling_factor)

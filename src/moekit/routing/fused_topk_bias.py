@@ -28,8 +28,10 @@ class FusedTopKBiasRouter(BaseRouter):
         enable_eplb: bool = False,
         indices_type_getter: Callable[[], torch.dtype | None] | None = None,
         hash_indices_table: torch.Tensor | None = None,
+        *,
+        kernels=None,
     ):
-        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter)
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
         if e_score_correction_bias is None and hash_indices_table is None:
             raise ValueError("FusedTopKBiasRouter needs e_score_correction_bias or hash_indices_table, got neither")
         self.renormalize = bool(renormalize)

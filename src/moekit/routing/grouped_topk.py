@@ -33,8 +33,10 @@ class GroupedTopKRouter(BaseRouter):
         num_fused_shared_experts: int = 0,
         enable_eplb: bool = False,
         indices_type_getter: Callable[[], torch.dtype | None] | None = None,
+        *,
+        kernels=None,
     ):
-        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter)
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
         if num_fused_shared_experts:
             raise NotImplementedError(
                 f"num_fused_shared_experts={num_fused_shared_experts}: fused shared experts (ROCm aiter) are not "

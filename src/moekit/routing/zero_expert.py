@@ -34,8 +34,10 @@ class ZeroExpertRouter(BaseRouter):
         routed_scaling_factor: float = 1.0,
         enable_eplb: bool = False,
         indices_type_getter: Callable[[], torch.dtype | None] | None = None,
+        *,
+        kernels=None,
     ):
-        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter)
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
         check_choice("zero_expert_type", zero_expert_type, ZERO_EXPERT_TYPES)
         if e_score_correction_bias is None:
             raise ValueError("ZeroExpertRouter requires e_score_correction_bias of length E + Z, got None")
