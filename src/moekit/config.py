@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import FLOAT_DTYPES, check_int
-from .ops.activation import canonical_activation, is_gated
+from .ops.activation import Activation, get_activation
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class MoEConfig:
         check_int("intermediate_size", self.intermediate_size, minimum=1)
         check_int("num_zero_experts", self.num_zero_experts, minimum=0)
         check_int("top_k", self.top_k, minimum=1, maximum=self.num_experts + self.num_zero_experts)
-        object.__setattr__(self, "activation", canonical_activation(self.activation))
+        object.__setattr__(self, "activation", get_activation(self.activation).name)
         if self.params_dtype not in FLOAT_DTYPES:
             raise TypeError(f"params_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {self.params_dtype}")
         if self.swiglu_limit is not None:
@@ -49,8 +49,13 @@ class MoEConfig:
             raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={self.top_k}")
 
     @property
+    def act(self) -> Activation:
+        """The activation's record in the registry (:mod:`moekit.ops.activation`)."""
+        return get_activation(self.activation)
+
+    @property
     def gated(self) -> bool:
-        return is_gated(self.activation)
+        return self.act.gated
 
     def w13_rows(self, inter: int | None = None) -> int:
         """Rows of ``w13`` for an intermediate size (``2I`` gated, ``I`` for relu2)."""

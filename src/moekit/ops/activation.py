@@ -1,81 +1,134 @@
-"""Expert activations: ``act([g | u]) -> [*, I]`` for gated ones, ``act(h) -> [*, I]`` for relu2.
+"""THE activation registry: ``act([g | u]) -> [*, I]`` for gated activations, ``act(h) -> [*, I]`` otherwise.
 
-With ``h = w13 · x + b13``:
+With ``h = w13 · x + b13`` and, for gated ones, ``[g | u] = h`` (gate rows first, then up rows):
 
 - ``silu``       : ``silu(g) * u``
 - ``gelu``       : ``gelu(g) * u`` (exact erf gelu)
 - ``gelu_tanh``  : ``gelu_tanh(g) * u``
-- ``swigluoai``  : ``(u + 1) * g * sigmoid(1.702 * g)`` with ``g = min(g, L)``, ``u = clamp(u, -L, L)``,
-  ``L = swiglu_limit`` (default 7.0)
+- ``swigluoai``  : ``(u + 1) * g * sigmoid(1.702 * g)``
 - ``relu2``      : ``relu(h) ** 2`` (non-gated; ``w13`` has ``I`` rows)
 
-For the gated ones other than swigluoai a ``swiglu_limit`` clamps the same way before the activation
-(DeepSeek-V4).
+A clamp limit ``L`` first sets ``g = min(g, L)``, ``u = clamp(u, -L, L)``: ``L = swiglu_limit`` when
+given (DeepSeek-V4), and 7.0 by default for swigluoai (gpt-oss).
+
+Each activation is one :class:`Activation` record: its name, the code the Triton epilogue
+(:mod:`moekit.ops._triton.grouped_gemm`) switches on, the torch function, gated or not, its aliases
+and the transformers/checkpoint ``hidden_act`` names that map to it. Adding an activation means adding
+a record here and its branch in the Triton epilogue.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
-NON_GATED_ACTIVATIONS = ("relu2",)
-ACTIVATIONS = GATED_ACTIVATIONS + NON_GATED_ACTIVATIONS
-ACTIVATION_ALIASES = {"relu2_no_mul": "relu2", "swiglu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 SWIGLUOAI_ALPHA = 1.702
 SWIGLUOAI_DEFAULT_LIMIT = 7.0
 
 
-def canonical_activation(name) -> str:
-    """Return the canonical activation name, or raise ``ValueError`` listing the valid ones."""
+@dataclass(frozen=True)
+class Activation:
+    """One expert activation.
+
+    torch_fn(g, u) -> act: gated ones take the gate half ``g`` and the up half ``u`` (clamped
+    already); a non-gated one takes ``h`` as ``g`` and ``u=None``. Any float dtype in, same dtype out.
+    """
+
+    name: str
+    code: int  # the ACT constexpr of the Triton w13 epilogue
+    torch_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    gated: bool
+    aliases: tuple[str, ...] = ()
+    hf_names: tuple[str, ...] = ()  # transformers / checkpoint ``hidden_act`` values
+    default_limit: float | None = None  # clamp limit when swiglu_limit is None
+
+
+_REGISTRY = (
+    Activation("silu", 0, lambda g, u: F.silu(g) * u, True, aliases=("swiglu",), hf_names=("silu", "swish")),
+    Activation("gelu", 1, lambda g, u: F.gelu(g) * u, True, hf_names=("gelu",)),
+    Activation("gelu_tanh", 2, lambda g, u: F.gelu(g, approximate="tanh") * u, True,
+               aliases=("gelu_pytorch_tanh",), hf_names=("gelu_pytorch_tanh", "gelu_new")),
+    Activation("swigluoai", 3, lambda g, u: (u + 1.0) * g * torch.sigmoid(SWIGLUOAI_ALPHA * g), True,
+               default_limit=SWIGLUOAI_DEFAULT_LIMIT),
+    Activation("relu2", 4, lambda h, u: torch.relu(h).square(), False, aliases=("relu2_no_mul",),
+               hf_names=("relu2",)),
+)
+
+#: canonical names, registry order
+ACTIVATIONS = tuple(a.name for a in _REGISTRY)
+_BY_NAME = {n: a for a in _REGISTRY for n in (a.name, *a.aliases)}
+_BY_HF_NAME = {n: a for a in _REGISTRY for n in a.hf_names}
+
+
+def get_activation(name) -> Activation:
+    """The record of an activation name or alias; ``ValueError`` listing the valid names otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"activation must be a str, got {type(name).__name__}")
-    name = ACTIVATION_ALIASES.get(name, name)
-    if name not in ACTIVATIONS:
-        valid = list(ACTIVATIONS) + list(ACTIVATION_ALIASES)
-        raise ValueError(f"activation must be one of {valid}, got {name!r}")
-    return name
+    act = _BY_NAME.get(name)
+    if act is None:
+        raise ValueError(f"activation must be one of {list(_BY_NAME)}, got {name!r}")
+    return act
 
 
-def is_gated(activation: str) -> bool:
-    return canonical_activation(activation) in GATED_ACTIVATIONS
+def canonical_activation(name) -> str:
+    """The canonical name of an activation name or alias."""
+    return get_activation(name).name
+
+
+def is_gated(name) -> bool:
+    """True when ``w13`` holds gate and up rows (``2I``), False when it holds ``I`` rows."""
+    return get_activation(name).gated
+
+
+def activation_from_hf(hidden_act) -> str:
+    """moekit activation name of a transformers / checkpoint ``hidden_act`` (``"swish"`` -> ``"silu"``).
+
+    An act moekit's experts cannot compute raises ``NotImplementedError`` naming it and the supported ones.
+    """
+    act = _BY_HF_NAME.get(hidden_act) if isinstance(hidden_act, str) else None
+    if act is None:
+        raise NotImplementedError(
+            f"hidden_act={hidden_act!r} is not supported for experts; supported: {list(_BY_HF_NAME)}"
+        )
+    return act.name
+
+
+def check_swiglu_limit(activation: str, swiglu_limit) -> None:
+    """A limit must be a positive number, and only gated activations take one (``ValueError``)."""
+    if swiglu_limit is None:
+        return
+    if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) or not swiglu_limit > 0:
+        raise ValueError(f"swiglu_limit must be a positive float or None, got {swiglu_limit!r}")
+    if not is_gated(activation):
+        raise ValueError(f"swiglu_limit applies to gated activations, not activation={activation!r}")
 
 
 def effective_limit(activation: str, swiglu_limit: float | None) -> float | None:
-    """The clamp limit the activation uses (swigluoai defaults to 7.0; others clamp only when set).
-
-    A limit must be a positive number, and only gated activations take one (``ValueError`` otherwise)."""
+    """The clamp limit the activation uses: ``swiglu_limit``, else the activation's default (or None).
+    Does not validate (see :func:`check_swiglu_limit`)."""
     if swiglu_limit is not None:
-        if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) or not swiglu_limit > 0:
-            raise ValueError(f"swiglu_limit must be a positive float or None, got {swiglu_limit!r}")
-        if not is_gated(activation):
-            raise ValueError(f"swiglu_limit applies to gated activations, not activation={activation!r}")
-    if canonical_activation(activation) == "swigluoai":
-        return SWIGLUOAI_DEFAULT_LIMIT if swiglu_limit is None else float(swiglu_limit)
-    return None if swiglu_limit is None else float(swiglu_limit)
+        return float(swiglu_limit)
+    return get_activation(activation).default_limit
 
 
 def apply_activation_torch(h: torch.Tensor, activation: str, swiglu_limit: float | None = None) -> torch.Tensor:
-    """Torch twin of every fused activation epilogue.
+    """Torch twin of the fused activation epilogue (clamp, then the registry's torch function).
 
-    h: [N, 2I] (gated) or [N, I] (relu2), any float dtype; computed in that dtype's float32 upcast
+    h: [N, 2I] (gated) or [N, I] (non-gated), any float dtype; computed in its float32 upcast
     returns: [N, I] float32
     """
-    act = canonical_activation(activation)
-    limit = effective_limit(act, swiglu_limit)  # validates swiglu_limit for every activation
+    act = get_activation(activation)
+    check_swiglu_limit(act.name, swiglu_limit)
     h = h.float()
-    if act == "relu2":
-        return torch.relu(h).square()
+    if not act.gated:
+        return act.torch_fn(h, None)
     inter = h.shape[-1] // 2
     g, u = h[..., :inter], h[..., inter:]
+    limit = effective_limit(act.name, swiglu_limit)
     if limit is not None:
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
-    if act == "silu":
-        return F.silu(g) * u
-    if act == "gelu":
-        return F.gelu(g) * u
-    if act == "gelu_tanh":
-        return F.gelu(g, approximate="tanh") * u
-    # swigluoai
-    return (u + 1.0) * g * torch.sigmoid(SWIGLUOAI_ALPHA * g)
+    return act.torch_fn(g, u)

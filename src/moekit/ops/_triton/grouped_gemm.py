@@ -24,14 +24,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..activation import SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
 
-# activation codes (must match triton_experts.ACT_CODES)
-ACT_SILU = 0
-ACT_GELU = 1
-ACT_GELU_TANH = 2
-ACT_SWIGLUOAI = 3
-ACT_RELU2 = 4
+# the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
+SILU = tl.constexpr(get_activation("silu").code)
+GELU = tl.constexpr(get_activation("gelu").code)
+GELU_TANH = tl.constexpr(get_activation("gelu_tanh").code)
+SWIGLUOAI = tl.constexpr(get_activation("swigluoai").code)
+RELU2 = tl.constexpr(get_activation("relu2").code)
+OAI_ALPHA = tl.constexpr(SWIGLUOAI_ALPHA)
 
 
 @triton.jit
@@ -41,21 +43,22 @@ def _sigmoid(x):
 
 @triton.jit
 def _activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """fp32 epilogue: gated act(g, u), or relu(g)² for relu2 (``u`` unused)."""
-    if ACT == 4:
+    """fp32 epilogue: gated act(g, u), or relu(g)² for relu2 (``u`` unused). ``ACT``: a registry code."""
+    if ACT == RELU2:
         r = tl.maximum(g, 0.0)
         return r * r
     if HAS_LIMIT:
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
-    if ACT == 0:
+    if ACT == SILU:
         return g * _sigmoid(g) * u
-    if ACT == 1:
+    if ACT == GELU:
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
-    if ACT == 2:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
+    if ACT == GELU_TANH:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
         y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g * _sigmoid(2.0 * y) * u
-    return (u + 1.0) * g * _sigmoid(1.702 * g)  # swigluoai
+    tl.static_assert(ACT == SWIGLUOAI)
+    return (u + 1.0) * g * _sigmoid(OAI_ALPHA * g)
 
 
 @triton.jit
