@@ -5,14 +5,15 @@
     out = layer(hidden_states, router_logits)
 """
 
-from .backend import resolve_backend
 from .config import MoEConfig
 from .experts.routed import RoutedExperts
 from .layer import FusedMoE
 from .loading import fused_moe_make_expert_params_mapping, load_moe_layers
 from .ops.activation import ACTIVATIONS
-from .ops.experts import fused_experts, fused_experts_torch
-from .ops.routing import TopKSpec, fused_topk, fused_topk_bias, grouped_topk
+from .ops.api import fused_experts, fused_topk, fused_topk_bias, grouped_topk
+from .ops.experts import fused_experts_torch
+from .ops.kernels import resolve_backend
+from .ops.routing import TopKSpec
 from .routing import (
     BaseRouter,
     CustomRoutingRouter,

@@ -193,7 +193,7 @@ def bench_model(name: str, tokens, dtype, device, bw, peak, rotations: int, base
         sets = [(torch.randn(t, m["H"], device=device, dtype=dtype),
                  torch.randn(t, m["E"] + m["Z"], device=device, dtype=torch.float32)) for _ in range(rotations)]
         with torch.no_grad():
-            from .ops.routing import route
+            from .ops.api import route
 
             r = layer.router  # unmasked ids (zero-expert slots keep ids >= E) for the roofline
             ids_list = [route(lg, r.spec, getattr(r, "e_score_correction_bias", None), None, r.backend)[1]
@@ -224,7 +224,8 @@ def bench_model(name: str, tokens, dtype, device, bw, peak, rotations: int, base
 
 def bench_routing(tokens, device, log) -> list[dict]:
     """DeepSeek-V3 grouped top-k: the Triton kernel against the torch twin."""
-    from .ops.routing import TopKSpec, route
+    from .ops.api import route
+    from .ops.routing import TopKSpec
 
     spec = TopKSpec(8, "sigmoid", True, 2.5, 8, 4)
     bias = torch.rand(256, device=device) * 0.1

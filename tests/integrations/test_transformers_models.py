@@ -82,7 +82,7 @@ def test_save_pretrained_then_load_moe_layers(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", SWITCH)
 def test_register_experts_implementation(arch, monkeypatch):
-    from moekit.ops import experts as experts_mod
+    from moekit.ops import api as experts_mod
 
     calls = []
     real = experts_mod.fused_experts

@@ -12,7 +12,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from moekit.ops.routing import TopKSpec, route, route_torch  # noqa: E402
+from moekit.ops import triton_routing  # noqa: E402
+from moekit.ops.api import route  # noqa: E402
+from moekit.ops.routing import TopKSpec, route_torch  # noqa: E402
 from moekit.ops.triton_routing import route_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,18 +100,18 @@ def test_route_dispatch_and_validation():
     logits = tie_free_logits(3, 16, seed=1)
     w, ids = route(logits, TopKSpec(2, "softmax", True), backend="triton")
     assert torch.equal(ids.cpu(), route_torch(logits, TopKSpec(2, "softmax", True))[1].cpu())
-    with pytest.raises(ValueError):
-        route_triton(logits, TopKSpec(20))
-    with pytest.raises(ValueError):
-        route_triton(logits, TopKSpec(2, "sigmoid", True, 1.0, 3, 1))
+    with pytest.raises(ValueError, match="top_k"):
+        route(logits, TopKSpec(20), backend="triton")
+    with pytest.raises(ValueError, match="num_expert_group"):
+        route(logits, TopKSpec(2, "sigmoid", True, 1.0, 3, 1), backend="triton")
+    with pytest.raises(ValueError, match="top_k <= 64"):
+        route_triton(tie_free_logits(1, 128, seed=1), TopKSpec(65))  # the kernel's own limit
 
 
 def test_opcheck():
-    from moekit.ops import custom_ops
-
     logits = tie_free_logits(3, 16, seed=2)
     args = (logits, None, 4, "softmax", True, 1.0, 1, 1, torch.int32)
-    torch.library.opcheck(custom_ops.route_op, args)
+    torch.library.opcheck(triton_routing.route_op, args)
 
 
 @pytest.mark.gpu

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import moekit  # noqa: E402
-from moekit.ops.experts import fused_experts  # noqa: E402
-from moekit.ops.routing import TopKSpec, route  # noqa: E402
+from moekit.ops.api import fused_experts, route  # noqa: E402
+from moekit.ops.routing import TopKSpec  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

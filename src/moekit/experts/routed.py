@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..config import MoEConfig
-from ..ops.experts import fused_experts
+from ..ops.api import fused_experts
 from ..parallel.placement import ExpertPlacement
 
 SHARD_IDS = ("w1", "w2", "w3")

@@ -220,7 +220,7 @@ def _experts_weights(module):
 def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers experts forward on moekit: hidden_states [T, H], top_k_index [T, K] int,
     top_k_weights [T, K] float -> [T, H] (dtype of hidden_states)."""
-    from ..ops.experts import fused_experts
+    from ..ops.api import fused_experts
 
     if not getattr(self, "has_gate", True):
         raise NotImplementedError(f"experts_implementation='moekit': non-gated experts ({type(self).__name__})")

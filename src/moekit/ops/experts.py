@@ -5,7 +5,10 @@ up rows (``2I`` rows; ``I`` rows for the non-gated relu2). With ``apply_router_w
 (``K == 1`` only) the weight scales the input instead: ``out[t] = expert_{ids[t, 0]}(w[t, 0] · x[t])``.
 ``expert_map [E] int32`` maps global ids to local ids, ``-1`` for experts held elsewhere (they add 0).
 
-:func:`fused_experts` validates and dispatches; :func:`fused_experts_torch` is the reference twin.
+:func:`check_experts_inputs` is the one argument check (run by the public front
+:func:`moekit.ops.api.fused_experts` and by :func:`fused_experts_torch`); :func:`experts_reference` is the
+torch kernel table's function (it checks values: ids and ``expert_map`` in range, host synchronisations).
+This module never imports Triton code.
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ import torch
 
 from .._checks import (
     FLOAT_DTYPES,
-    KERNEL_DTYPES,
     check_float_dtype,
     check_int_dtype,
     check_same_device,
     check_shape,
     check_tensor,
 )
-from .activation import apply_activation_torch, canonical_activation, is_gated
+from .activation import apply_activation_torch, check_swiglu_limit, get_activation
 
 #: Upper bound on the reference path's per-chunk scratch memory (bytes).
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -39,25 +41,25 @@ class ExpertsProblem:
     top_k: int  # K
     num_local: int  # E_local
     num_global: int  # E (the id space of topk_ids)
-    activation: str
+    activation: str  # canonical name
+
+    @classmethod
+    def of(cls, hidden_states, w2, topk_ids, expert_map, activation: str) -> "ExpertsProblem":
+        """Sizes read off (already checked) tensors."""
+        t, h = hidden_states.shape
+        e_local, _, inter = w2.shape
+        num_global = expert_map.shape[0] if expert_map is not None else e_local
+        return cls(t, h, inter, topk_ids.shape[1], e_local, num_global, activation)
 
 
 def check_experts_inputs(
-    hidden_states,
-    w1,
-    w2,
-    topk_weights,
-    topk_ids,
-    *,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    w1_bias=None,
-    w2_bias=None,
-    expert_map=None,
-    global_num_experts: int = -1,
+    hidden_states, w1, w2, topk_weights, topk_ids, *, activation: str = "silu",
+    apply_router_weight_on_input: bool = False, w1_bias=None, w2_bias=None, expert_map=None,
+    global_num_experts: int = -1, swiglu_limit: float | None = None,
 ) -> ExpertsProblem:
-    """Check shapes, dtypes and devices of a ``fused_experts`` call; return its sizes."""
-    act = canonical_activation(activation)
+    """Check shapes, dtypes and devices of a ``fused_experts`` call (no values read); return its sizes."""
+    act = get_activation(activation)
+    check_swiglu_limit(act.name, swiglu_limit)
     for name, t in (("hidden_states", hidden_states), ("w1", w1), ("w2", w2)):
         check_tensor(name, t)
         check_float_dtype(name, t, FLOAT_DTYPES)
@@ -69,7 +71,7 @@ def check_experts_inputs(
     if w1.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w1 must be [E, 2I|I, H] and w2 [E, H, I], got {list(w1.shape)} and {list(w2.shape)}")
     e_local, _, inter = w2.shape
-    rows = 2 * inter if is_gated(act) else inter
+    rows = 2 * inter if act.gated else inter
     check_shape("w1", w1, (e_local, rows, h))
     check_shape("w2", w2, (e_local, h, inter))
     for name, t_ in (("w1", w1), ("w2", w2)):
@@ -87,37 +89,26 @@ def check_experts_inputs(
     check_same_device("topk_weights", topk_weights, "hidden_states", hidden_states)
     if apply_router_weight_on_input and k != 1:
         raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={k}")
-    if w1_bias is not None:
-        check_tensor("w1_bias", w1_bias)
-        check_shape("w1_bias", w1_bias, (e_local, rows))
-        _check_bias_dtype("w1_bias", w1_bias, w1)
-        check_same_device("w1_bias", w1_bias, "hidden_states", hidden_states)
-    if w2_bias is not None:
-        check_tensor("w2_bias", w2_bias)
-        check_shape("w2_bias", w2_bias, (e_local, h))
-        _check_bias_dtype("w2_bias", w2_bias, w2)
-        check_same_device("w2_bias", w2_bias, "hidden_states", hidden_states)
-    num_global = e_local
+    for name, bias, weight, shape in (("w1_bias", w1_bias, w1, (e_local, rows)), ("w2_bias", w2_bias, w2, (e_local, h))):
+        if bias is None:
+            continue
+        check_tensor(name, bias)
+        check_shape(name, bias, shape)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {bias.dtype} but the expert weights are {weight.dtype}; they must match")
+        check_same_device(name, bias, "hidden_states", hidden_states)
     if expert_map is not None:
         check_tensor("expert_map", expert_map)
         check_int_dtype("expert_map", expert_map)
         if expert_map.dim() != 1:
             raise ValueError(f"expert_map must have shape [E], got {list(expert_map.shape)}")
         check_same_device("expert_map", expert_map, "hidden_states", hidden_states)
-        num_global = expert_map.shape[0]
-    if global_num_experts not in (-1, None):
-        if expert_map is not None and global_num_experts != num_global:
-            raise ValueError(f"global_num_experts ({global_num_experts}) must equal len(expert_map) ({num_global})")
-        if expert_map is None and global_num_experts != e_local:
-            raise ValueError(
-                f"global_num_experts ({global_num_experts}) differs from w1.shape[0] ({e_local}); pass expert_map"
-            )
-    return ExpertsProblem(t, h, inter, k, e_local, num_global, act)
-
-
-def _check_bias_dtype(name: str, bias: torch.Tensor, weight: torch.Tensor) -> None:
-    if bias.dtype != weight.dtype:
-        raise TypeError(f"{name} has dtype {bias.dtype} but the expert weights are {weight.dtype}; they must match")
+    p = ExpertsProblem.of(hidden_states, w2, topk_ids, expert_map, act.name)
+    if global_num_experts not in (-1, None) and global_num_experts != p.num_global:
+        if expert_map is not None:
+            raise ValueError(f"global_num_experts ({global_num_experts}) must equal len(expert_map) ({p.num_global})")
+        raise ValueError(f"global_num_experts ({global_num_experts}) differs from w1.shape[0] ({e_local}); pass expert_map")
+    return p
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -129,73 +120,38 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
 
 
-def fused_experts(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    w1_bias: torch.Tensor | None = None,
-    w2_bias: torch.Tensor | None = None,
-    expert_map: torch.Tensor | None = None,
-    global_num_experts: int = -1,
-    swiglu_limit: float | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Routed experts (module docstring), on ``backend`` ("auto", "torch" or "triton").
-
-    hidden_states: [T, H] fp32/bf16/fp16 (fp64 on the torch backend); w1: [E_local, 2I, H] (``[E_local, I, H]`` for relu2);
-    w2: [E_local, H, I]; topk_weights: [T, K] float; topk_ids: [T, K] int32/int64 in ``[0, E)``;
-    w1_bias: [E_local, 2I]; w2_bias: [E_local, H]; expert_map: [E] int32.
-    returns: [T, H] dtype of hidden_states.
-    """
-    from ..backend import resolve_backend
-
-    kwargs = dict(
-        activation=activation,
-        apply_router_weight_on_input=apply_router_weight_on_input,
-        w1_bias=w1_bias,
-        w2_bias=w2_bias,
-        expert_map=expert_map,
-        global_num_experts=global_num_experts,
-        swiglu_limit=swiglu_limit,
-    )
-    check_tensor("hidden_states", hidden_states)  # before reading .device: a non-tensor raises TypeError
-    if resolve_backend(backend, hidden_states.device, quiet=True) == "triton":
-        from .triton_experts import fused_experts_triton
-
-        check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
-        # the kernels assume unit last-dim strides: make any view contiguous (free when it already is)
-        hidden_states, w1, w2 = hidden_states.contiguous(), w1.contiguous(), w2.contiguous()
-        topk_weights, topk_ids = topk_weights.contiguous(), topk_ids.contiguous()
-        for name in ("w1_bias", "w2_bias", "expert_map"):
-            if kwargs[name] is not None:
-                kwargs[name] = kwargs[name].contiguous()
-
-        return fused_experts_triton(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
-    return fused_experts_torch(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
-
-
 def fused_experts_torch(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    w1_bias: torch.Tensor | None = None,
-    w2_bias: torch.Tensor | None = None,
-    expert_map: torch.Tensor | None = None,
-    global_num_experts: int = -1,
-    swiglu_limit: float | None = None,
+    hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, *, activation: str = "silu", apply_router_weight_on_input: bool = False,
+    w1_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None, global_num_experts: int = -1, swiglu_limit: float | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> torch.Tensor:
-    """Reference routed experts: vectorised over tokens, a loop over experts, bounded memory.
+    """The torch twin as a public function: :func:`check_experts_inputs`, then :func:`experts_reference`
+    (shapes as in :func:`moekit.ops.api.fused_experts`; float64 allowed)."""
+    p = check_experts_inputs(
+        hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+        apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
+        expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
+    )
+    return experts_reference(
+        hidden_states, w1, w2, topk_weights, topk_ids, activation=p.activation,
+        apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
+        expert_map=expert_map, swiglu_limit=swiglu_limit, workspace_bytes=workspace_bytes,
+    )
+
+
+def experts_reference(
+    x, w1, w2, topk_weights, topk_ids, *, activation="silu", apply_router_weight_on_input=False,
+    w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+) -> torch.Tensor:
+    """Reference routed experts (the torch kernel table's ``experts``): vectorised over tokens, a loop
+    over experts, bounded memory. Arguments are checked already; the values of ``topk_ids`` and
+    ``expert_map`` are checked here (host synchronisations).
+
+    x: [T, H]; w1: [E_local, 2I | I, H]; w2: [E_local, H, I]; topk_weights: [T, K] float;
+    topk_ids: [T, K] int in [0, E); w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
+    expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
 
     Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation), the activation in
     fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
@@ -204,25 +160,13 @@ def fused_experts_torch(
     does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
     scratch stays under ``workspace_bytes``; each token lies in one chunk, so chunking is exact.
     """
-    p = check_experts_inputs(
-        hidden_states,
-        w1,
-        w2,
-        topk_weights,
-        topk_ids,
-        activation=activation,
-        apply_router_weight_on_input=apply_router_weight_on_input,
-        w1_bias=w1_bias,
-        w2_bias=w2_bias,
-        expert_map=expert_map,
-        global_num_experts=global_num_experts,
-    )
+    p = ExpertsProblem.of(x, w2, topk_ids, expert_map, get_activation(activation).name)
     check_ids_in_range(topk_ids, p.num_global)
     if expert_map is not None and expert_map.numel():
         lo, hi = int(expert_map.min()), int(expert_map.max())
         if lo < -1 or hi >= p.num_local:
             raise ValueError(f"expert_map values must lie in [-1, {p.num_local}) (local slots), got [{lo}, {hi}]")
-    out = torch.empty_like(hidden_states)
+    out = torch.empty_like(x)
     if p.num_tokens == 0:
         return out
     # scratch per token: K slot outputs [K, H] + activations [K, 2I] (fp32) + gathered inputs [K, H]
@@ -232,17 +176,8 @@ def fused_experts_torch(
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
         out[start:stop] = _experts_chunk(
-            hidden_states[start:stop],
-            w1,
-            w2,
-            topk_weights[start:stop],
-            topk_ids[start:stop],
-            p,
-            apply_router_weight_on_input,
-            w1_bias,
-            w2_bias,
-            local_map,
-            swiglu_limit,
+            x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], p,
+            apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit,
         )
     return out
 

@@ -7,7 +7,8 @@
 Callers validate shapes, dtypes and devices once (the public fronts in :mod:`moekit.ops.api`, or a
 layer at construction and in its forward); a table's functions only compute. ``checks_values`` says
 whether the table raises on non-finite logits and out-of-range ids (the torch reference does, a host
-synchronisation; the Triton kernels follow the NaN policy documented in :mod:`moekit.ops._triton.topk`).
+synchronisation; the Triton kernels follow the NaN policy documented in :mod:`moekit.ops._triton.topk`,
+and the input_ids policy of :mod:`moekit.ops.triton_routing`).
 
 Extension points: a quantised weight format adds keyword tensors (scales) to ``experts`` and a
 ``quantize`` hook; autograd adds a backward to each op. Neither changes who calls what.
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .experts import experts_reference
+from .routing import hash_route_reference, route_reference
 
 BACKENDS = ("auto", "torch", "triton")
 log = logging.getLogger("moekit")
@@ -86,32 +90,16 @@ def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
 
 
 def _torch_kernels() -> Kernels:
-    from .._checks import check_finite
-    from .experts import fused_experts_torch
-    from .routing import hash_route_torch, lookup_hash_ids, route_torch
-
-    def route(logits, spec, bias, indices_type):
-        check_finite("router_logits", logits)
-        return route_torch(logits, spec, bias, indices_type)
-
-    def hash_route(logits, table, input_ids, spec, indices_type):
-        ids = lookup_hash_ids(table, input_ids, logits.shape[0], True)
-        check_finite("router_logits", logits)
-        return hash_route_torch(logits, ids, spec, indices_type)
-
-    return Kernels("torch", route=route, hash_route=hash_route, experts=fused_experts_torch, checks_values=True)
+    return Kernels("torch", route=route_reference, hash_route=hash_route_reference, experts=experts_reference,
+                   checks_values=True)
 
 
 def _triton_kernels() -> Kernels:
-    from .routing import hash_route_torch, lookup_hash_ids
+    # imported here: triton is an optional dependency
     from .triton_experts import fused_experts_triton
-    from .triton_routing import route_triton
+    from .triton_routing import hash_route_triton, route_triton
 
-    def hash_route(logits, table, input_ids, spec, indices_type):
-        ids = lookup_hash_ids(table, input_ids, logits.shape[0], False)
-        return hash_route_torch(logits, ids, spec, indices_type)
-
-    return Kernels("triton", route=route_triton, hash_route=hash_route, experts=fused_experts_triton,
+    return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
                    checks_values=False)
 
 

@@ -1,8 +1,9 @@
-"""Routing ops: scores -> (optionally grouped, optionally biased) top-k -> weights.
+"""Routing: scores -> (optionally grouped, optionally biased) top-k -> weights; torch twins and input checks.
 
-One contract, :class:`TopKSpec`, covers every score-based router; :func:`route` dispatches it to the
-torch twin (:func:`route_torch`, any device) or the Triton kernel (CUDA). The public seed-style
-functions :func:`fused_topk`, :func:`fused_topk_bias` and :func:`grouped_topk` are thin fronts over it.
+One contract, :class:`TopKSpec`, covers every score-based router. This module holds the torch twins
+(:func:`route_torch`, :func:`hash_route_torch`), the torch kernel-table functions that also check values
+(:func:`route_reference`, :func:`hash_route_reference`) and the argument checks the public fronts of
+:mod:`moekit.ops.api` run once. It never imports Triton code.
 
 Math (``s = scores(logits)`` in float32, ``b`` the optional selection bias)::
 
@@ -145,6 +146,45 @@ def route_torch(
     return weights, ids.to(indices_type or torch.int32)
 
 
+def hash_route_torch(
+    gating_output: torch.Tensor,
+    hash_ids: torch.Tensor,
+    spec: TopKSpec,
+    indices_type: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash routing with the ids given: ``w = finish(scores[hash_ids])`` (unbiased scores).
+
+    gating_output: [T, E] any float dtype; hash_ids: [T, K] integer in [0, E)
+    returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
+    """
+    ids = hash_ids.long()
+    scores = compute_scores(gating_output, spec.scoring_func)
+    weights = finish_weights(scores.gather(1, ids), spec.renormalize, spec.routed_scaling_factor)
+    return weights, ids.to(indices_type or torch.int32)
+
+
+# -- the torch kernel table's functions: inputs validated by the caller; values checked here -------------
+
+def route_reference(gating_output, spec: TopKSpec, bias, indices_type):
+    """:func:`route_torch` after checking that the logits are finite (a host synchronisation)."""
+    check_finite("router_logits", gating_output)
+    return route_torch(gating_output, spec, bias, indices_type)
+
+
+def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indices_type):
+    """Hash routing, ``ids = table[input_ids]``, after checking ``input_ids`` against the table's rows
+    and the logits for finiteness (host synchronisations).
+
+    gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
+    """
+    input_ids = input_ids.reshape(-1)
+    check_input_ids_range(input_ids, table.shape[0])
+    check_finite("router_logits", gating_output)
+    return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
+
+
+# -- argument checks (the public fronts run them once per call; routers at construction) ----------------
+
 def check_gating(gating_output, num_tokens: int | None = None, num_experts: int | None = None) -> torch.Tensor:
     check_tensor("router_logits", gating_output)
     if gating_output.dim() != 2:
@@ -166,142 +206,10 @@ def check_bias(bias, num_experts: int, name: str = "e_score_correction_bias") ->
     return bias
 
 
-def route(
-    gating_output: torch.Tensor,
-    spec: TopKSpec,
-    bias: torch.Tensor | None = None,
-    indices_type: torch.dtype | None = None,
-    backend: str = "torch",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate, then run ``spec`` on ``backend`` ("torch" or "triton"). Same outputs on both."""
-    check_gating(gating_output)
-    e = gating_output.shape[1]
-    spec.validate(e)
-    if bias is not None:
-        check_bias(bias, e)
-    return run_route(gating_output, spec, bias, indices_type, backend)
-
-
-def run_route(
-    gating_output: torch.Tensor,
-    spec: TopKSpec,
-    bias: torch.Tensor | None,
-    indices_type: torch.dtype | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`route` without the shape checks, for routers whose spec and bias were validated at
-    construction and whose logits :meth:`BaseRouter.route` has checked (the per-forward path)."""
-    if bias is not None:
-        check_same_device("e_score_correction_bias", bias, "router_logits", gating_output)
-    check_indices_type(indices_type)
-    if backend == "triton":
-        from .triton_routing import route_triton
-
-        # the kernel reads rows with unit stride: make any view contiguous (free when it already is)
-        bias = bias.contiguous() if bias is not None else None
-        return route_triton(gating_output.contiguous(), spec, bias, indices_type)
-    if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-    check_finite("router_logits", gating_output)
-    return route_torch(gating_output, spec, bias, indices_type)
-
-
 def check_indices_type(indices_type) -> None:
     if indices_type is not None and (not isinstance(indices_type, torch.dtype) or indices_type.is_floating_point
                                      or indices_type.is_complex or indices_type == torch.bool):
         raise TypeError(f"indices_type must be an integer torch.dtype (int32 or int64) or None, got {indices_type!r}")
-
-
-def _resolve(backend: str, t: torch.Tensor) -> str:
-    from ..backend import resolve_backend
-
-    return resolve_backend(backend, t.device, quiet=True)
-
-
-def _check_tokens(hidden_states, gating_output) -> None:
-    if hidden_states is not None and hidden_states.shape[0] != gating_output.shape[0]:
-        raise ValueError(
-            f"hidden_states has {hidden_states.shape[0]} tokens but router_logits has {gating_output.shape[0]} rows"
-        )
-
-
-def fused_topk(
-    hidden_states: torch.Tensor,
-    gating_output: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    indices_type: torch.dtype | None = None,
-    scoring_func: str = "softmax",
-    *,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ids = topk(scores)``, ``w = scores[ids]``, optionally renormalised.
-
-    hidden_states: [T, H] (only its token count is used); gating_output: [T, E]
-    returns topk_weights [T, K] float32, topk_ids [T, K] int32, token_expert_indices [T, K] int32
-    where ``token_expert_indices[t, k] = k * T + t`` (the seed's source-row index).
-    """
-    check_gating(gating_output)
-    _check_tokens(hidden_states, gating_output)
-    spec = TopKSpec(top_k=topk, scoring_func=scoring_func, renormalize=renormalize)
-    w, ids = route(gating_output, spec, None, indices_type, _resolve(backend, gating_output))
-    t = gating_output.shape[0]
-    src = torch.arange(topk, device=ids.device, dtype=torch.int32).unsqueeze(0) * t
-    src = src + torch.arange(t, device=ids.device, dtype=torch.int32).unsqueeze(1)
-    return w, ids, src
-
-
-def hash_route_torch(
-    gating_output: torch.Tensor,
-    hash_ids: torch.Tensor,
-    spec: TopKSpec,
-    indices_type: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hash routing: the ids are given, weights come from the unbiased scores.
-
-    gating_output: [T, E]; hash_ids: [T, K] integer; returns ([T, K] float32, [T, K] int32)
-    """
-    check_same_device("hash_indices_table", hash_ids, "router_logits", gating_output)
-    ids = hash_ids.long()
-    scores = compute_scores(gating_output, spec.scoring_func)
-    weights = finish_weights(scores.gather(1, ids), spec.renormalize, spec.routed_scaling_factor)
-    return weights, ids.to(indices_type or torch.int32)
-
-
-def fused_topk_bias(
-    hidden_states: torch.Tensor,
-    gating_output: torch.Tensor,
-    e_score_correction_bias: torch.Tensor | None,
-    topk: int,
-    renormalize: bool,
-    scoring_func: str = "softmax",
-    routed_scaling_factor: float = 1.0,
-    input_tokens: torch.Tensor | None = None,
-    hash_indices_table: torch.Tensor | None = None,
-    indices_type: torch.dtype | None = None,
-    *,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bias-corrected top-k (bias picks, unbiased scores weigh), or hash routing.
-
-    With ``hash_indices_table [vocab, K]`` the ids are ``hash_indices_table[input_tokens]`` and the
-    bias is not used. Returns topk_weights [T, K] float32, topk_ids [T, K] int32.
-    """
-    check_gating(gating_output)
-    _check_tokens(hidden_states, gating_output)
-    e = gating_output.shape[1]
-    spec = TopKSpec(
-        top_k=topk, scoring_func=scoring_func, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor
-    ).validate(e)
-    if hash_indices_table is not None:
-        check_indices_type(indices_type)
-        reference = _resolve(backend, gating_output) == "torch"
-        check_hash_table(hash_indices_table, e, topk, check_range=reference)
-        hash_ids = lookup_hash_ids(hash_indices_table, input_tokens, gating_output.shape[0], reference)
-        if reference:
-            check_finite("router_logits", gating_output)
-        return hash_route_torch(gating_output, hash_ids, spec, indices_type)
-    return route(gating_output, spec, e_score_correction_bias, indices_type, _resolve(backend, gating_output))
 
 
 def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True) -> torch.Tensor:
@@ -319,47 +227,49 @@ def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = Tr
     return table
 
 
-def lookup_hash_ids(table, input_ids, num_tokens: int, check_range: bool = True) -> torch.Tensor:
-    """hash ids [T, K] int64 = table[input_ids]; validates ``input_ids`` (range: a host sync)."""
+def check_input_ids(input_ids, table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Argument checks of hash routing's ``input_ids`` (no values read); returns them flat, ``[T]``."""
     if input_ids is None:
         raise ValueError("input_ids is required for hash routing (hash_indices_table is set), got None")
     check_tensor("input_ids", input_ids)
-    if input_ids.is_floating_point():
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     input_ids = input_ids.reshape(-1)
     if input_ids.shape[0] != num_tokens:
         raise ValueError(f"input_ids must hold one id per token ({num_tokens}), got {input_ids.shape[0]}")
-    if input_ids.device != table.device:
-        raise ValueError(f"input_ids is on {input_ids.device} but hash_indices_table is on {table.device}")
-    if check_range and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= table.shape[0]):
+    check_same_device("input_ids", input_ids, "hash_indices_table", table)
+    return input_ids
+
+
+def check_input_ids_range(input_ids: torch.Tensor, vocab: int) -> None:
+    """Raise ``ValueError`` naming the first bad id when ``input_ids [T]`` leaves ``[0, vocab)`` (the rows
+    of ``hash_indices_table``). One host synchronisation."""
+    if input_ids.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
         raise ValueError(
-            f"input_ids must lie in [0, {table.shape[0]}) (rows of hash_indices_table), got "
-            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            f"input_ids must lie in [0, {vocab}) (rows of hash_indices_table), got {bad} "
+            f"(values span [{lo}, {hi}])"
         )
+
+
+def lookup_hash_ids(table, input_ids, num_tokens: int, check_range: bool = True) -> torch.Tensor:
+    """hash ids [T, K] int64 = ``table[input_ids]`` after :func:`check_input_ids`; the range check (a host
+    sync) runs with ``check_range``, and otherwise whenever a sync is allowed (not while capturing a CUDA
+    graph or compiling). Deprecated: routers should call ``kernels.hash_route``."""
+    input_ids = check_input_ids(input_ids, table, num_tokens)
+    if check_range or host_sync_allowed():
+        check_input_ids_range(input_ids, table.shape[0])
     return table[input_ids.long()].long()  # index first: never converts the whole [vocab, K] table
 
 
-def grouped_topk(
-    hidden_states: torch.Tensor,
-    gating_output: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    num_expert_group: int = 0,
-    topk_group: int = 0,
-    scoring_func: str = "softmax",
-    routed_scaling_factor: float = 1.0,
-    e_score_correction_bias: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V2/V3 grouped top-k (see module docstring). Invalid grouping raises ``ValueError``.
-
-    Returns topk_weights [T, K] float32, topk_ids [T, K] int32.
-    """
-    check_gating(gating_output)
-    _check_tokens(hidden_states, gating_output)
-    spec = grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor)
-    return route(gating_output, spec, e_score_correction_bias, None, _resolve(backend, gating_output))
+def host_sync_allowed() -> bool:
+    """False while torch.compile traces or the current CUDA stream is capturing a graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor) -> TopKSpec:

@@ -1,4 +1,7 @@
-"""Triton routed experts: ``out[t] = Σ_k w[t, k] · expert_{ids[t, k]}(x[t])`` (see :mod:`.experts`).
+"""Triton routed experts: the Triton kernel table's ``experts`` (math in :mod:`.experts`).
+
+    fused_experts_triton -> torch.ops.moekit.fused_experts (custom op, registered here)
+                         -> fused_experts_impl (launcher) -> align / grouped_gemm kernels
 
 Pipeline per chunk of tokens (no host synchronisation anywhere: CUDA-graph capturable)::
 
@@ -7,22 +10,25 @@ Pipeline per chunk of tokens (no host synchronisation anywhere: CUDA-graph captu
     w13 GEMM -> inter [rows, I] = act(x[tok] · w13[e]ᵀ + b13[e])   (input dtype)
     w2 GEMM  -> out [T, H]: weighted, top-k summed in slot order inside the GEMM (deterministic)
 
-Same semantics and output as :func:`~moekit.ops.experts.fused_experts_torch` within the SPEC
+Same semantics and output as :func:`~moekit.ops.experts.experts_reference` within the SPEC
 tolerances; precision notes in :mod:`moekit.ops._triton.grouped_gemm`. Tokens run in chunks so that
 the scratch stays under ``workspace_bytes`` (each token lies in one chunk: chunking is exact).
 Ids outside ``[0, E)`` are treated as dead slots (they add 0) instead of raising: the check would be
-a host synchronisation; the torch path validates them.
+a host synchronisation; the torch path checks them. Inputs are validated by the callers
+(:func:`moekit.ops.api.fused_experts`, or a layer at construction).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import triton
 
-from .activation import canonical_activation, effective_limit, is_gated
-from .experts import check_experts_inputs
-from .triton_configs import get_config, next_pow2
+from ._triton import align, grouped_gemm
+from .activation import effective_limit, get_activation
+from .triton_configs import get_config
 
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4}
 #: upper bound on the scratch of one chunk (inter + combine buffers), bytes
 DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
 #: at most this many slots (T·K) per chunk use the single-launch align kernel
@@ -34,39 +40,49 @@ INLINE_SLOTS = 16
 
 
 def fused_experts_triton(
+    x, w1, w2, topk_weights, topk_ids, *, activation="silu", apply_router_weight_on_input=False,
+    w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None,
+) -> torch.Tensor:
+    """Routed experts on the Triton kernels, through the ``moekit::fused_experts`` custom op.
+
+    x: [T, H] fp32/bf16/fp16; w1: [E_local, 2I | I, H]; w2: [E_local, H, I]; topk_weights: [T, K] float;
+    topk_ids: [T, K] int32/int64; w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
+    expert_map: [E] int32 (-1: not on this rank). returns: [T, H] dtype of x.
+    """
+    # the kernels assume unit last-dim strides: make any view contiguous (free when it already is)
+    b1, b2, emap = (None if t is None else t.contiguous() for t in (w1_bias, w2_bias, expert_map))
+    return fused_experts_op(
+        x.contiguous(), w1.contiguous(), w2.contiguous(), topk_weights.contiguous(), topk_ids.contiguous(),
+        get_activation(activation).name, bool(apply_router_weight_on_input), b1, b2, emap,
+        None if swiglu_limit is None else float(swiglu_limit),
+    )
+
+
+@torch.library.custom_op("moekit::fused_experts", mutates_args=())
+def fused_experts_op(
     hidden_states: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    w1_bias: torch.Tensor | None = None,
-    w2_bias: torch.Tensor | None = None,
-    expert_map: torch.Tensor | None = None,
-    global_num_experts: int = -1,
-    swiglu_limit: float | None = None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+    w1_bias: Optional[torch.Tensor],
+    w2_bias: Optional[torch.Tensor],
+    expert_map: Optional[torch.Tensor],
+    swiglu_limit: Optional[float],
 ) -> torch.Tensor:
-    """Routed experts on Triton kernels, through the ``moekit::fused_experts`` custom op.
-
-    hidden_states: [T, H] fp32/bf16/fp16; w1: [E_local, 2I, H] ([E_local, I, H] for relu2);
-    w2: [E_local, H, I]; topk_weights: [T, K] float; topk_ids: [T, K] int32/int64;
-    w1_bias: [E_local, 2I]; w2_bias: [E_local, H]; expert_map: [E] int32 (-1: not on this rank).
-    returns: [T, H] dtype of hidden_states.
-    """
-    check_experts_inputs(
-        hidden_states, w1, w2, topk_weights, topk_ids,
-        activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
-        w1_bias=w1_bias, w2_bias=w2_bias, expert_map=expert_map, global_num_experts=global_num_experts,
+    """``torch.library`` op around :func:`fused_experts_impl`, so that torch.compile(fullgraph=True)
+    traces through it and CUDA graphs capture it."""
+    return fused_experts_impl(
+        hidden_states, w1, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input,
+        w1_bias, w2_bias, expert_map, swiglu_limit,
     )
-    from . import custom_ops  # noqa: F401  (registers torch.ops.moekit.*)
 
-    return torch.ops.moekit.fused_experts(
-        hidden_states, w1, w2, topk_weights, topk_ids, canonical_activation(activation),
-        bool(apply_router_weight_on_input), w1_bias, w2_bias, expert_map,
-        None if swiglu_limit is None else float(swiglu_limit),
-    )
+
+@fused_experts_op.register_fake
+def _fused_experts_fake(hidden_states, *args):
+    return torch.empty_like(hidden_states)
 
 
 def _launch_config(cfg: dict, name: str) -> dict:
@@ -103,10 +119,9 @@ def fused_experts_impl(
     out = torch.empty_like(x) if out is None else out
     if t == 0:
         return out
-    act = canonical_activation(activation)
-    gated = is_gated(act)
+    act = get_activation(activation)
     if config is None:
-        config = get_config(x.device, t, e_local, h, inter, k, x.dtype, gated)
+        config = get_config(x.device, t, e_local, h, inter, k, x.dtype, act.gated)
     bm = int(config["BLOCK_M"])
     combine = k > 1
     # scratch per token: inter rows + part rows (+ ints); the padding rows are a fixed extra
@@ -117,16 +132,14 @@ def fused_experts_impl(
         stop = min(start + chunk, t)
         _run_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], out[start:stop],
-            act, gated, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config, warmup,
+            act, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config, warmup,
         )
         if warmup:
             break
     return out
 
 
-def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False):
-    from ._triton import align, grouped_gemm
-
+def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False):
     def launch(kernel, grid, *args, **kw):
         if warmup:
             kernel.warmup(*args, grid=grid, **kw)
@@ -142,10 +155,10 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     c13, c2 = cfg["w13"], cfg["w2"]
     combine = k > 1
     slots = t * k
-    nbn = triton_cdiv(h, int(c2["BN"]))
-    num_pid_m = triton_cdiv(slots + min(slots, e_local) * (bm - 1), bm)
+    nbn = triton.cdiv(h, int(c2["BN"]))
+    num_pid_m = triton.cdiv(slots + min(slots, e_local) * (bm - 1), bm)
     rows = num_pid_m * bm
-    block_e = next_pow2(e_local + 1)
+    block_e = triton.next_power_of_2(e_local + 1)
     i32 = torch.int32
     counts = torch.zeros(e_local + 1, dtype=i32, device=dev) if slots > SMALL_SLOTS else torch.empty(
         e_local + 1, dtype=i32, device=dev
@@ -159,7 +172,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     part = torch.empty(slots if combine else 1, h, dtype=x.dtype, device=dev)
     sem = torch.empty(t * nbn if combine else 1, dtype=i32, device=dev)
     emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP
-    kp = next_pow2(k)
+    kp = triton.next_power_of_2(k)
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
     common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=emap is not None,
@@ -167,19 +180,19 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
     sizes = (t, k, h, e_local, e_global, nbn, ids.stride(0), tw.stride(0), out.stride(0))
     inline = slots <= INLINE_SLOTS
-    sp, tp = max(16, next_pow2(slots)), max(16, next_pow2(t))
+    sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     if inline:
         pass  # the w13 launch zeroes the semaphores / dead rows; each GEMM program builds its layout
     elif slots <= SMALL_SLOTS:
         launch(align.align_small_kernel, (1,), *args, sorted_slot, *sizes, **common, num_warps=4)
     else:
-        grid = (triton_cdiv(t, bt),)
+        grid = (triton.cdiv(t, bt),)
         launch(align.count_kernel, grid, *args, *sizes, **common, num_warps=4)
         launch(align.scatter_kernel, grid, slot_loc, slot_rank, row_start, sorted_slot, t, k, BT=bt, KP=kp, num_warps=4)
 
     dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = _interpreting()
-    limit = effective_limit(act, swiglu_limit)
+    limit = effective_limit(act.name, swiglu_limit)
     bn13, bk13 = int(c13["BN"]), int(c13["BK"])
     bn2, bk2 = int(c2["BN"]), int(c2["BK"])
     w1_desc = w2_desc = inter_desc = None
@@ -193,14 +206,14 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, gated, on_input, b1, b2, emap, swig
     # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
     pdl = bool(cfg.get("pdl")) and _pdl_ok(x)
     pdl_kw = dict(launch_pdl=True) if pdl else {}
-    grid13 = (num_pid_m * triton_cdiv(inter, bn13),)
+    grid13 = (num_pid_m * triton.cdiv(inter, bn13),)
     launch(
         grouped_gemm.w13_kernel, grid13, x, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
         sorted_slot, ids, emap_arg, sem, out,
         h, inter, w1.shape[1], e_local, k, num_pid_m, 0.0 if limit is None else limit, t, e_global, nbn,
         x.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
         tw.stride(0), ids.stride(0), out.stride(0),
-        BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=ACT_CODES[act], GATED=gated,
+        BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=act.code, GATED=act.gated,
         HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on_input, EVEN_K=h % bk13 == 0,
         DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, INLINE=inline, SP=sp, TP=tp,
         HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine, PDL=pdl, **_launch_config(cfg, "w13"),
@@ -241,10 +254,3 @@ def _interpreting() -> bool:
     from triton import knobs
 
     return bool(knobs.runtime.interpret)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-__all__ = ["fused_experts_triton", "fused_experts_impl", "ACT_CODES", "DEFAULT_WORKSPACE_BYTES"]

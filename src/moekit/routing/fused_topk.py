@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from ..ops.routing import TopKSpec, run_route
+from ..ops.api import run_route
+from ..ops.routing import TopKSpec
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, get_routing_method_type
 

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 from .._checks import check_finite
-from ..ops.routing import TopKSpec, check_bias, check_hash_table, hash_route_torch, lookup_hash_ids, run_route
+from ..ops.api import run_route
+from ..ops.routing import TopKSpec, check_bias, check_hash_table, hash_route_torch, lookup_hash_ids
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, get_routing_method_type
 

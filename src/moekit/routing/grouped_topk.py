@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from .._checks import check_finite
-from ..ops.routing import check_bias, grouped_spec, route, run_route
+from ..ops.api import route, run_route
+from ..ops.routing import check_bias, grouped_spec
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter
 
@@ -112,7 +113,7 @@ class GroupedTopk(torch.nn.Module):
         gating_output: torch.Tensor,
         e_score_correction_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..backend import resolve_backend
+        from ..ops.kernels import resolve_backend
 
         backend = resolve_backend("auto", gating_output.device, quiet=True)
         return self._run(gating_output, e_score_correction_bias, backend)

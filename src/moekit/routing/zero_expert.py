@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from .._checks import check_choice, check_finite, check_int
-from ..ops.routing import TopKSpec, check_bias, run_route
+from ..ops.api import run_route
+from ..ops.routing import TopKSpec, check_bias
 from ..ops.zero_experts import ZERO_EXPERT_TYPES, mask_zero_experts, zero_experts_compute_torch
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, get_routing_method_type

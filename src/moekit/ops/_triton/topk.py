@@ -49,7 +49,7 @@ def _scores(x, valid, SCORING: tl.constexpr):
 @triton.jit
 def route_kernel(
     logits_ptr, bias_ptr, w_out_ptr, ids_out_ptr,
-    E, K, EG, G, TOPK_GROUP, scale,
+    K, EG, G, TOPK_GROUP, scale,
     stride_lt, stride_wt, stride_it,
     GP: tl.constexpr, EGP: tl.constexpr, KP: tl.constexpr, SCORING: tl.constexpr,
     HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORM: tl.constexpr,
