@@ -142,17 +142,10 @@ def fused_topk_bias(
 
 
 def grouped_topk(
-    hidden_states: torch.Tensor | None,
-    gating_output: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    num_expert_group: int = 0,
-    topk_group: int = 0,
-    scoring_func: str = "softmax",
-    routed_scaling_factor: float = 1.0,
-    e_score_correction_bias: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
+    hidden_states: torch.Tensor | None, gating_output: torch.Tensor, topk: int, renormalize: bool,
+    num_expert_group: int = 0, topk_group: int = 0, scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0, e_score_correction_bias: torch.Tensor | None = None,
+    *, backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V2/V3 grouped top-k (see :mod:`.routing`). Invalid grouping raises ``ValueError``.
 

@@ -33,12 +33,8 @@ MAX_EXPERTS = 4096
 MAX_TOP_K = 64
 
 
-def route_triton(
-    gating_output: torch.Tensor,
-    spec: TopKSpec,
-    bias: torch.Tensor | None = None,
-    indices_type: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor | None = None,
+                 indices_type: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score-based routing on the Triton kernel (through the ``moekit::route`` custom op).
 
     gating_output: [T, E] any float dtype; bias: [E] float or None (validated by the caller)
@@ -57,13 +53,8 @@ def route_triton(
     )
 
 
-def hash_route_triton(
-    gating_output: torch.Tensor,
-    table: torch.Tensor,
-    input_ids: torch.Tensor,
-    spec: TopKSpec,
-    indices_type: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def hash_route_triton(gating_output: torch.Tensor, table: torch.Tensor, input_ids: torch.Tensor, spec: TopKSpec,
+                      indices_type: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hash routing, ``ids = table[input_ids]``, weights from the unbiased scores (torch ops on the
     device); invalid ``input_ids`` follow the module's policy.
 

@@ -31,7 +31,6 @@ from .align import slot_local_expert
 SILU = tl.constexpr(get_activation("silu").code)
 GELU = tl.constexpr(get_activation("gelu").code)
 GELU_TANH = tl.constexpr(get_activation("gelu_tanh").code)
-SWIGLUOAI = tl.constexpr(get_activation("swigluoai").code)
 RELU2 = tl.constexpr(get_activation("relu2").code)
 OAI_ALPHA = tl.constexpr(SWIGLUOAI_ALPHA)
 
@@ -57,8 +56,7 @@ def _activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
     if ACT == GELU_TANH:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
         y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g * _sigmoid(2.0 * y) * u
-    tl.static_assert(ACT == SWIGLUOAI)
-    return (u + 1.0) * g * _sigmoid(OAI_ALPHA * g)
+    return (u + 1.0) * g * _sigmoid(OAI_ALPHA * g)  # swigluoai: the one code left
 
 
 @triton.jit
@@ -98,12 +96,17 @@ def _block_expert(counts_ptr, b, E_local, BM: tl.constexpr, BLOCK_E: tl.constexp
 
 @triton.jit
 def _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
-                  SP: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr):
-    """Local expert of every slot of a tiny batch (S <= SP): [SP] int32, -1 when dead."""
-    j = tl.arange(0, SP)
-    return slot_local_expert(
-        ids_ptr, tw_ptr, map_ptr, j // K, j % K, j < S, stride_it, stride_twt, E_local, E_global, HAS_MAP, SKIP_ZERO,
-    )
+                  SP: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, INLINE: tl.constexpr):
+    """``INLINE``: local expert of every slot of a tiny batch (S <= SP), [SP] int32, -1 when dead.
+    Otherwise an unused placeholder (the align kernel ran)."""
+    if INLINE:
+        j = tl.arange(0, SP)
+        return slot_local_expert(
+            ids_ptr, tw_ptr, map_ptr, j // K, j % K, j < S, stride_it, stride_twt, E_local, E_global, HAS_MAP,
+            SKIP_ZERO,
+        )
+    else:
+        return tl.zeros([SP], dtype=tl.int32)
 
 
 @triton.jit
@@ -153,6 +156,44 @@ def _inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot,
 
 
 @triton.jit
+def _row_block(pid_m, loc, counts_ptr, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr, SP: tl.constexpr,
+               INLINE: tl.constexpr):
+    """Row block ``pid_m`` of the sorted layout: (expert, or >= E_local past the end; valid [BM]; slot [BM]).
+    ``INLINE``: from the slots' local experts ``loc`` in registers. Otherwise from the align kernel's
+    counts, and ``slot`` is a placeholder: a program with work loads it from ``sorted_slot`` after the
+    exit test."""
+    if INLINE:
+        e, valid, slot = _inline_block(loc, pid_m, E_local, BM, SP)
+    else:
+        e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
+        valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
+        slot = tl.zeros([BM], dtype=tl.int32)
+    return e, valid, slot
+
+
+@triton.jit
+def _load_a(ptrs, desc, row, k0, valid, kmask, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """[BM, BK] tile of activation rows (masked rows -> 0): by descriptor, or by pointers."""
+    if USE_TMA:
+        return desc.load([row, k0])
+    elif EVEN_K:
+        return tl.load(ptrs, mask=valid[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """[BK, BN] tile of transposed weight rows: by descriptor (rows ``row..row+BN``), or by pointers."""
+    if USE_TMA:
+        return tl.trans(desc.load([row, k0]))
+    elif EVEN_K:
+        return tl.load(ptrs, mask=nmask[None, :], other=0.0)
+    else:
+        return tl.load(ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+
+
+@triton.jit
 def w13_kernel(
     x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
     ids_ptr, map_ptr, sem_ptr, out_ptr,
@@ -180,15 +221,12 @@ def w13_kernel(
     pid = tl.program_id(0)
     pid_m, pid_n = _pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
+    loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
+                        SP, HAS_MAP, SKIP_ZERO, INLINE)
     if INLINE:
-        loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
-                            SP, HAS_MAP, SKIP_ZERO)
         if pid == 0:
             _inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
-        e, valid, slot = _inline_block(loc, pid_m, E_local, BM, SP)
-    else:
-        e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
-        valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
+    e, valid, slot = _row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
     if e >= E_local:
         return
     if not INLINE:
@@ -208,28 +246,15 @@ def w13_kernel(
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, H, BK):
         kmask = offs_k < H - k0
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-        if USE_TMA:
-            g = tl.trans(w1_desc.load([row_g, k0]))
-        elif EVEN_K:
-            g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
-        else:
-            g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        a = _load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
+        g = _load_w(g_ptrs, w1_desc, row_g, k0, kmask, nmask, EVEN_K, USE_TMA)
         # QUANT: fp8 w8a8 loads a_scale[tok, k0 // 128] and b_scale[e, n // 128, k0 // 128] here and
         # accumulates tl.dot(a, g) * a_scale[:, None] * b_scale[None, :] (fp32) instead of the line below.
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
         acc_g = _mma(a, g, acc_g, DOT_PREC, UPCAST)
         if GATED:
-            if USE_TMA:
-                u = tl.trans(w1_desc.load([row_g + I, k0]))
-            elif EVEN_K:
-                u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            u = _load_w(u_ptrs, w1_desc, row_g + I, k0, kmask, nmask, EVEN_K, USE_TMA)
             acc_u = _mma(a, u, acc_u, DOT_PREC, UPCAST)
             u_ptrs += BK
         a_ptrs += BK
@@ -270,13 +295,9 @@ def w2_kernel(
         tl.extra.cuda.gdc_wait()
     pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
-    if INLINE:
-        loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
-                            SP, HAS_MAP, SKIP_ZERO)
-        e, valid, slot = _inline_block(loc, pid_m, E_local, BM, SP)
-    else:
-        e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
-        valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
+    loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
+                        SP, HAS_MAP, SKIP_ZERO, INLINE)
+    e, valid, slot = _row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
     if e >= E_local:
         return
     if not INLINE:
@@ -292,18 +313,8 @@ def w2_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         kmask = offs_k < I - k0
-        if USE_TMA:
-            a = inter_desc.load([pid_m * BM, k0])
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-        if USE_TMA:
-            b = tl.trans(w2_desc.load([row_b, k0]))
-        elif EVEN_K:
-            b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
-        else:
-            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
+        b = _load_w(b_ptrs, w2_desc, row_b, k0, kmask, nmask, EVEN_K, USE_TMA)
         # QUANT: fp8 scale loads (activation groups of `inter`, weight blocks of w2[e]) go here.
         acc = _mma(a, b, acc, DOT_PREC, UPCAST)
         a_ptrs += BK
