@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from moekit.ops.activation import ACTIVATIONS, apply_activation_torch, canonical_activation, is_gated
+from moekit.ops.activation import (
+    ACTIVATIONS,
+    activation_from_hf,
+    apply_activation_torch,
+    canonical_activation,
+    get_activation,
+    is_gated,
+)
 from reference import ref_act
 
 GATED = ["silu", "gelu", "gelu_tanh", "swigluoai"]
@@ -99,3 +106,61 @@ def test_swiglu_limit_validation():
         apply_activation_torch(torch.zeros(2, 4), "silu", -2.0)
     with pytest.raises(ValueError, match="swiglu_limit"):
         apply_activation_torch(torch.zeros(2, 4), "swigluoai", float("nan"))
+
+
+NAIVE = {  # float64 formulas, written out independently of the registry: (gated, f(g, u))
+    "silu": (True, lambda g, u: g / (1 + torch.exp(-g)) * u),
+    "gelu": (True, lambda g, u: 0.5 * g * (1 + torch.erf(g / math.sqrt(2))) * u),
+    "gelu_tanh": (True, lambda g, u: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))) * u),
+    "swigluoai": (True, lambda g, u: (u + 1) * g / (1 + torch.exp(-1.702 * g))),
+    "relu2": (False, lambda h, u: torch.clamp(h, min=0) ** 2),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_registry_torch_fn_matches_naive_formula(name):
+    # every registry entry: its torch function and gated flag against the formula of SPEC §1
+    act = get_activation(name)
+    assert set(NAIVE) == set(ACTIVATIONS), "a registry entry without a naive formula here"
+    gated, formula = NAIVE[name]
+    assert act.name == name and act.gated == gated == is_gated(name)
+    g, u = torch.randn(2, 7, 33, dtype=torch.float64) * 3
+    got = act.torch_fn(g, u if gated else None)
+    torch.testing.assert_close(got, formula(g, u), atol=1e-12, rtol=1e-12)
+
+
+def test_registry_codes_and_names_are_unique():
+    # the kernel codes the Triton epilogue switches on, and every name an alias may take
+    acts = [get_activation(n) for n in ACTIVATIONS]
+    assert len({a.code for a in acts}) == len(acts)
+    names = [n for a in acts for n in (a.name, *a.aliases)]
+    assert len(names) == len(set(names))
+    for a in acts:  # round trip: every alias resolves to its record
+        assert all(get_activation(n) is a for n in (a.name, *a.aliases))
+
+
+@pytest.mark.parametrize("hidden_act,expected", [
+    ("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"),
+    ("gelu_new", "gelu_tanh"), ("relu2", "relu2"),
+])
+def test_activation_from_hf(hidden_act, expected):
+    assert activation_from_hf(hidden_act) == expected
+
+
+def test_activation_from_hf_unsupported():
+    # NotImplementedError naming the act and the supported ones
+    with pytest.raises(NotImplementedError, match="hidden_act='tanh'") as err:
+        activation_from_hf("tanh")
+    assert "swish" in str(err.value) and "gelu_pytorch_tanh" in str(err.value)
+    with pytest.raises(NotImplementedError, match="hidden_act"):
+        activation_from_hf(None)
+
+
+def test_unknown_names_raise_listing_valid_ones():
+    # get_activation / is_gated: ValueError with every valid name (aliases too); a non-str: TypeError
+    for fn in (get_activation, is_gated):
+        with pytest.raises(ValueError, match="activation") as err:
+            fn("swish")  # a transformers name, not an activation name: activation_from_hf maps it
+        assert all(n in str(err.value) for n in (*ACTIVATIONS, "relu2_no_mul"))
+    with pytest.raises(TypeError, match="activation"):
+        get_activation(3)

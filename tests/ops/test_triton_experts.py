@@ -267,3 +267,17 @@ def test_gpu_bf16_large_and_deterministic(t):
     check(out, fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids), torch.bfloat16)
     for _ in range(3):
         assert torch.equal(out, te.fused_experts_triton(x, w1, w2, w, ids))
+
+
+def test_front_validates_once(monkeypatch):
+    # front -> one validation -> table.experts -> custom op -> launcher (never back to the checks)
+    from moekit.ops import api, experts
+
+    calls = []
+    real = experts.check_experts_inputs
+    counting = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(api, "check_experts_inputs", counting)
+    monkeypatch.setattr(experts, "check_experts_inputs", counting)
+    x, w1, w2, w, ids, _, _ = make(5, 4, 2, 32, 16)
+    fused_experts(x, w1, w2, w, ids, backend="triton")
+    assert len(calls) == 1
