@@ -63,11 +63,6 @@ def lookup_config(device_name: str, key: str, num_tokens: int) -> dict | None:
     return table[best]
 
 
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def heuristic_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype,
     num_sms: int = 132,
@@ -107,8 +102,9 @@ def heuristic_config(
         bk = 64 if small_elt else 32
         w13 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
         w2 = dict(BN=256 if small_elt else 128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
-    for c, n in ((w13, inter), (w2, hidden)):  # never wider than the problem
-        c["BN"] = max(16, min(c["BN"], next_pow2(n)))
+    for c, n in ((w13, inter), (w2, hidden)):  # never wider than the problem (BN stays a power of two >= 16)
+        while c["BN"] > 16 and c["BN"] // 2 >= n:
+            c["BN"] //= 2
     # weight tiles by tensor descriptor won every compute-bound point tuned on H100 (T = 16384, five
     # shapes); the wrapper falls back to pointer loads where descriptors cannot describe the weights
     tma = small_elt and rows > 400
