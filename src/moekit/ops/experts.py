@@ -89,7 +89,8 @@ def check_experts_inputs(
     check_same_device("topk_weights", topk_weights, "hidden_states", hidden_states)
     if apply_router_weight_on_input and k != 1:
         raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={k}")
-    for name, bias, weight, shape in (("w1_bias", w1_bias, w1, (e_local, rows)), ("w2_bias", w2_bias, w2, (e_local, h))):
+    biases = (("w1_bias", w1_bias, w1, (e_local, rows)), ("w2_bias", w2_bias, w2, (e_local, h)))
+    for name, bias, weight, shape in biases:
         if bias is None:
             continue
         check_tensor(name, bias)
@@ -107,7 +108,9 @@ def check_experts_inputs(
     if global_num_experts not in (-1, None) and global_num_experts != p.num_global:
         if expert_map is not None:
             raise ValueError(f"global_num_experts ({global_num_experts}) must equal len(expert_map) ({p.num_global})")
-        raise ValueError(f"global_num_experts ({global_num_experts}) differs from w1.shape[0] ({e_local}); pass expert_map")
+        raise ValueError(
+            f"global_num_experts ({global_num_experts}) differs from w1.shape[0] ({e_local}); pass expert_map"
+        )
     return p
 
 
