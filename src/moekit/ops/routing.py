@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .._checks import check_choice, check_finite, check_int, check_same_device, check_shape, check_tensor
 
@@ -81,10 +80,12 @@ def compute_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     x = logits.float()
     if scoring_func == "softmax":
         return torch.softmax(x, dim=-1)
+    # not torch.sigmoid / F.softplus: on CPU their vector loop and scalar tail differ by an ulp, so equal
+    # logits got scores depending on their memory position and ties did not go to the lowest id
     if scoring_func == "sigmoid":
-        return torch.sigmoid(x)
-    if scoring_func == "sqrtsoftplus":
-        return torch.sqrt(F.softplus(x))
+        return torch.exp(-x).add_(1.0).reciprocal_()
+    if scoring_func == "sqrtsoftplus":  # softplus(x) = x above 20, as F.softplus
+        return torch.where(x > 20.0, x, torch.log1p(torch.exp(x))).sqrt_()
     raise ValueError(f"scoring_func must be one of {list(SCORING_FUNCS)}, got {scoring_func!r}")
 
 

@@ -1,6 +1,10 @@
-"""Routers: math only, one per file, picked by :func:`create_fused_moe_router`."""
+"""Routers: math only, one per file, picked by :func:`create_fused_moe_router`.
 
-from .base import BaseRouter, get_routing_method_type
+``base.py`` holds :class:`BaseRouter` (top_k, E, EPLB state, id dtype, kernel table, input checks) and
+:class:`ScoredRouter` (scoring, renormalisation, scaling, the selection bias: built and checked once).
+"""
+
+from .base import BaseRouter, ScoredRouter, get_routing_method_type, routing_spec
 from .custom import CustomRoutingRouter
 from .factory import create_fused_moe_router
 from .fused_topk import FusedTopKRouter
@@ -15,7 +19,9 @@ __all__ = [
     "FusedTopKRouter",
     "GroupedTopKRouter",
     "GroupedTopk",
+    "ScoredRouter",
     "ZeroExpertRouter",
     "create_fused_moe_router",
     "get_routing_method_type",
+    "routing_spec",
 ]

@@ -1,27 +1,40 @@
-"""The router contract: ``select_experts(x, logits) -> (topk_weights float32 [T, K], topk_ids int32 [T, K])``.
+"""The router contract and the one place that owns scoring, renormalisation, scaling and the bias check.
 
-Routers are math only. Each subclass implements :meth:`BaseRouter._compute_routing` returning a
-:class:`~moekit.types.RoutingResult`; :meth:`BaseRouter.route` adds the checks shared by all routers
-and, with EPLB, the logical -> physical id map. ``backend`` ("torch" or "triton") is set once by the
-layer that owns the router; routers never branch on the platform themselves.
+Every router maps ``(hidden_states [T, H], router_logits [T, N]) -> (topk_weights [T, K] float32,
+topk_ids [T, K] int32)``. :class:`BaseRouter` holds what all routers share (``top_k``, ``E``, the EPLB
+state, the id dtype, the kernel table) and the per-call input checks; :class:`ScoredRouter` adds the
+score-based math, built once by :func:`routing_spec` into a :class:`~moekit.ops.routing.TopKSpec`::
+
+    s   = scores(logits)            softmax | sigmoid | sqrtsoftplus, float32
+    ids = topk(s + bias)            (grouped: only in the topk_group best groups); ties -> lower id
+    w   = s[ids]; if renormalize: w /= Σw; w *= routed_scaling_factor
+
+A subclass implements ``_compute_routing``; routers call the kernel table (``self.kernels.route`` /
+``hash_route``) and never branch on the backend's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 
-from .._checks import check_int, check_tensor
-from ..ops.kernels import kernels_for
-from ..ops.routing import check_gating
+from .._checks import check_finite, check_int, check_same_device, check_tensor
+from ..ops.kernels import Kernels, kernels_for
+from ..ops.routing import TopKSpec, check_bias, check_gating, check_indices_type
 from ..types import RoutingMethodType, RoutingResult
+
+IndicesTypeGetter = Callable[[], "torch.dtype | None"]
 
 
 def get_routing_method_type(
     scoring_func: str, top_k: int, renormalize: bool, num_expert_group: int | None, has_e_score_bias: bool
 ) -> RoutingMethodType:
-    """The seed's classification of a routing configuration."""
+    """bias and ``num_expert_group > 0`` and sigmoid -> DeepSeekV3; other biased -> Unspecified;
+    sigmoid -> Llama4 when ``top_k == 1`` else Unspecified; softmax -> Renormalize if ``renormalize``
+    else Default; anything else -> Unspecified (the seed's classification of a routing configuration).
+    """
     if has_e_score_bias:
         if (num_expert_group or 0) > 0 and scoring_func == "sigmoid":
             return RoutingMethodType.DeepSeekV3
@@ -33,78 +46,105 @@ def get_routing_method_type(
     return RoutingMethodType.Unspecified
 
 
-class BaseRouter(torch.nn.Module):
-    """Common state of every router: ``top_k``, ``global_num_experts``, the EPLB hook, index dtype.
+def routing_spec(
+    top_k: int, num_columns: int, renormalize: bool, routed_scaling_factor: float, **fields
+) -> TopKSpec:
+    """The checked :class:`TopKSpec` of a router: ``w = s[ids]; w /= Σw if renormalize; w *= scale``.
 
-    ``eplb_state``, when given, is an object with ``map_logical_to_physical(topk_ids) -> topk_ids``
-    (it may also record per-expert load); the layer installs it when EPLB is enabled.
+    top_k: experts per token, ``1 <= top_k <= num_columns``.
+    num_columns: logit columns the router reads (``E``, or ``E + Z`` with zero experts).
+    renormalize: a real ``bool`` (``TypeError`` naming it otherwise, e.g. for ``"no"``).
+    routed_scaling_factor: a finite int or float (``TypeError`` for bool / str / None, ``ValueError``
+        for NaN / inf: :meth:`TopKSpec.validate` is the one check); stored as a float.
+    fields: further ``TopKSpec`` fields (``scoring_func``, ``num_expert_group``, ``topk_group``).
+    """
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {renormalize!r} ({type(renormalize).__name__})")
+    spec = TopKSpec(top_k, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor, **fields)
+    spec = spec.validate(num_columns)
+    return dataclasses.replace(spec, routed_scaling_factor=float(spec.routed_scaling_factor))
+
+
+class BaseRouter(torch.nn.Module):
+    """``select_experts(x [T, H], logits [T, N]) -> (w [T, K] float32, ids [T, K] int32)``; with EPLB
+    the logical ids are then mapped to physical replicas: ``ids = eplb_state.map_logical_to_physical(ids)``.
+
+    top_k: experts per token (int >= 1).
+    global_num_experts: ``E``, real routed experts (global, logical).
+    eplb_state: an object with ``map_logical_to_physical(ids [T, K]) -> ids [T, K]`` (moekit's
+        :class:`~moekit.parallel.EplbState`), given at construction, or None.
+    enable_eplb: the seed's flag. ``self.enable_eplb`` is True exactly when ``eplb_state`` is given;
+        ``enable_eplb=True`` without an ``eplb_state`` raises ``ValueError``.
+    indices_type_getter: ``() -> torch.dtype | None``, the id dtype (int32 when it returns None).
+    kernels: the kernel table (:class:`~moekit.ops.kernels.Kernels`) of the layer's backend;
+        ``None`` means the torch reference table.
+
+    A subclass implements ``_compute_routing(hidden_states, router_logits, indices_type, input_ids)
+    -> RoutingResult``; ``num_logit_columns`` overrides ``N`` (default ``E``).
     """
 
     #: number of logit columns this router reads, if not ``global_num_experts``
     num_logit_columns: int | None = None
 
-    def __init__(
-        self,
-        top_k: int,
-        global_num_experts: int,
-        eplb_state=None,
-        enable_eplb: bool = False,
-        indices_type_getter: Callable[[], torch.dtype | None] | None = None,
-        *,
-        kernels=None,
-    ):
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, enable_eplb: bool = False,
+                 indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None):
         super().__init__()
         self.top_k = check_int("top_k", top_k, minimum=1)
         self.global_num_experts = check_int("global_num_experts", global_num_experts, minimum=1)
+        if eplb_state is not None and not callable(getattr(eplb_state, "map_logical_to_physical", None)):
+            raise TypeError(f"eplb_state must have a map_logical_to_physical method, got {type(eplb_state).__name__}")
+        if not isinstance(enable_eplb, bool):
+            raise TypeError(f"enable_eplb must be a bool, got {enable_eplb!r}")
+        if enable_eplb and eplb_state is None:
+            raise ValueError("enable_eplb=True needs eplb_state (the logical -> physical map), got None")
+        if indices_type_getter is not None and not callable(indices_type_getter):
+            raise TypeError(f"indices_type_getter must be callable or None, got {indices_type_getter!r}")
+        if kernels is not None and not isinstance(kernels, Kernels):
+            raise TypeError(f"kernels must be a moekit.ops.kernels.Kernels table or None, got {kernels!r}")
         self.eplb_state = eplb_state
-        self.enable_eplb = bool(enable_eplb)
+        self.enable_eplb = eplb_state is not None
         self.indices_type_getter = indices_type_getter
         self.kernels = kernels if kernels is not None else kernels_for("torch")
         self._zero_expert_output: torch.Tensor | None = None
 
-    # -- to implement -------------------------------------------------------------------------
-    def _compute_routing(
-        self,
-        hidden_states: torch.Tensor,
-        router_logits: torch.Tensor,
-        indices_type: torch.dtype | None,
-        input_ids: torch.Tensor | None,
-    ) -> RoutingResult:
+    def _compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                         indices_type: torch.dtype | None, input_ids: torch.Tensor | None) -> RoutingResult:
         raise NotImplementedError
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
+        """The seed's :class:`RoutingMethodType` of this router (Unspecified unless a subclass knows)."""
         return RoutingMethodType.Unspecified
 
     @property
     def backend(self) -> str:
+        """Name of the kernel table ("torch" or "triton"), for display only."""
         return self.kernels.name
 
-    # -- shared ---------------------------------------------------------------------------------
     @property
     def indices_type(self) -> torch.dtype | None:
+        """The id dtype from ``indices_type_getter`` (None: int32)."""
         return self.indices_type_getter() if self.indices_type_getter is not None else None
 
-    def route(
-        self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *, input_ids: torch.Tensor | None = None
-    ) -> RoutingResult:
-        """Full routing result, zero-expert contribution included (no side channel)."""
+    def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
+              input_ids: torch.Tensor | None = None) -> RoutingResult:
+        """The full :class:`RoutingResult` (zero-expert contribution included, no side channel).
+
+        hidden_states: [T, H]; router_logits: [T, N] float, same device; input_ids: [T] int (hash routing).
+        """
         check_tensor("hidden_states", hidden_states)
-        columns = self.num_logit_columns or self.global_num_experts
-        check_gating(router_logits, hidden_states.shape[0], columns)
-        if router_logits.device != hidden_states.device:
-            raise ValueError(
-                f"router_logits is on {router_logits.device} but hidden_states is on {hidden_states.device}"
-            )
-        result = self._compute_routing(hidden_states, router_logits, self.indices_type, input_ids)
+        check_gating(router_logits, hidden_states.shape[0], self.num_logit_columns or self.global_num_experts)
+        check_same_device("router_logits", router_logits, "hidden_states", hidden_states)
+        indices_type = self.indices_type
+        check_indices_type(indices_type)
+        result = self._compute_routing(hidden_states, router_logits, indices_type, input_ids)
         if self.eplb_state is not None:
             ids = self.eplb_state.map_logical_to_physical(result.topk_ids)
             result = RoutingResult(result.topk_weights, ids, result.zero_output)
         return result
 
-    def select_experts(
-        self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *, input_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
+                       input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
         zero = result.zero_output
@@ -113,3 +153,54 @@ class BaseRouter(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
+
+
+class ScoredRouter(BaseRouter):
+    """Score-based routing (module docstring math): ``s = scores(logits)``, ``ids = topk(s + bias)``,
+    ``w = s[ids]``, renormalised, scaled — the one place that builds the spec and checks the bias.
+
+    top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
+    scoring_func: "softmax", "sigmoid" or "sqrtsoftplus" (``sqrt(softplus(logits))``).
+    renormalize: bool, ``w /= Σw``. routed_scaling_factor: finite float applied after renormalising.
+    e_score_correction_bias: [N] float, finite, the selection bias (weights stay unbiased), or None.
+    num_expert_group, topk_group: grouping (1, 1 = ungrouped); see :class:`GroupedTopKRouter`.
+    num_columns: ``N``, the logit columns (default ``E``).
+    """
+
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, enable_eplb: bool = False,
+                 indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None,
+                 scoring_func: str = "softmax", renormalize: bool = True, routed_scaling_factor: float = 1.0,
+                 e_score_correction_bias: torch.Tensor | None = None, num_expert_group: int = 1,
+                 topk_group: int = 1, num_columns: int | None = None):
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
+        columns = num_columns if num_columns is not None else self.global_num_experts
+        self.spec = routing_spec(top_k, columns, renormalize, routed_scaling_factor, scoring_func=scoring_func,
+                                 num_expert_group=num_expert_group, topk_group=topk_group)
+        if e_score_correction_bias is not None:
+            check_bias(e_score_correction_bias, columns)
+            check_finite("e_score_correction_bias", e_score_correction_bias)
+        self.register_buffer("e_score_correction_bias", e_score_correction_bias, persistent=False)
+
+    # the spec is the one store of these settings; the seed's attribute names read it
+    scoring_func = property(lambda self: self.spec.scoring_func, doc='"softmax", "sigmoid" or "sqrtsoftplus"')
+    renormalize = property(lambda self: self.spec.renormalize, doc="w /= Σw before scaling")
+    routed_scaling_factor = property(lambda self: self.spec.routed_scaling_factor, doc="w *= this, last")
+    num_expert_group = property(lambda self: self.spec.num_expert_group, doc="G (1: ungrouped)")
+    topk_group = property(lambda self: self.spec.topk_group, doc="groups kept (1: ungrouped)")
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        has_bias = self.e_score_correction_bias is not None
+        return get_routing_method_type(self.scoring_func, self.top_k, self.renormalize, None, has_bias)
+
+    def _scored_route(self, router_logits: torch.Tensor,
+                      indices_type: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [T, K] float32, ids [T, K]) from the kernel table; inputs checked, rows unit-stride."""
+        bias = self.e_score_correction_bias
+        if bias is not None:
+            check_same_device("e_score_correction_bias", bias, "router_logits", router_logits)
+            bias = bias.contiguous()
+        return self.kernels.route(router_logits.contiguous(), self.spec, bias, indices_type)
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
+        return RoutingResult(*self._scored_route(router_logits, indices_type))

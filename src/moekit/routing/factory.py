@@ -1,8 +1,4 @@
-"""``create_fused_moe_router``: picks the router class in the seed's priority order.
-
-ZeroExpertRouter (zero_expert_type) -> GroupedTopKRouter (use_grouped_topk) -> CustomRoutingRouter
-(custom_routing_function) -> FusedTopKBiasRouter (bias or hash table) -> FusedTopKRouter.
-"""
+"""``create_fused_moe_router``: picks the router class in the seed's priority order."""
 
 from __future__ import annotations
 
@@ -10,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from .base import BaseRouter
+from ..ops.kernels import Kernels
+from .base import BaseRouter, IndicesTypeGetter
 from .custom import CustomRoutingRouter
 from .fused_topk import FusedTopKRouter
 from .fused_topk_bias import FusedTopKBiasRouter
@@ -19,78 +16,39 @@ from .zero_expert import ZeroExpertRouter
 
 
 def create_fused_moe_router(
-    top_k: int,
-    global_num_experts: int,
-    eplb_state=None,
-    renormalize: bool = True,
-    use_grouped_topk: bool = False,
-    num_expert_group: int | None = None,
-    topk_group: int | None = None,
-    custom_routing_function: Callable | None = None,
-    scoring_func: str = "softmax",
-    routed_scaling_factor: float = 1.0,
-    e_score_correction_bias: torch.Tensor | None = None,
-    num_fused_shared_experts: int = 0,
-    zero_expert_type: str | None = None,
-    num_logical_experts: int | None = None,
-    hash_indices_table: torch.Tensor | None = None,
-    enable_eplb: bool = False,
-    indices_type_getter: Callable[[], torch.dtype | None] | None = None,
-    *,
-    kernels=None,
+    top_k: int, global_num_experts: int, eplb_state=None, renormalize: bool = True, use_grouped_topk: bool = False,
+    num_expert_group: int | None = None, topk_group: int | None = None,
+    custom_routing_function: Callable | None = None, scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0, e_score_correction_bias: torch.Tensor | None = None,
+    num_fused_shared_experts: int = 0, zero_expert_type: str | None = None, num_logical_experts: int | None = None,
+    hash_indices_table: torch.Tensor | None = None, enable_eplb: bool = False,
+    indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None,
 ) -> BaseRouter:
+    """The first that applies: :class:`ZeroExpertRouter` if ``zero_expert_type`` ->
+    :class:`GroupedTopKRouter` if ``use_grouped_topk`` -> :class:`CustomRoutingRouter` if
+    ``custom_routing_function`` -> :class:`FusedTopKBiasRouter` if ``e_score_correction_bias`` or
+    ``hash_indices_table`` -> :class:`FusedTopKRouter`.
+
+    Every argument has the meaning it has on the chosen router's constructor (see those classes):
+    top_k, global_num_experts (``E``), eplb_state, enable_eplb, indices_type_getter and kernels on
+    every router; renormalize (default True here, also for the zero-expert router) and
+    routed_scaling_factor on every router; scoring_func and e_score_correction_bias on the score-based
+    ones; num_expert_group, topk_group, num_fused_shared_experts for grouped routing;
+    zero_expert_type and num_logical_experts for zero experts; hash_indices_table for hash routing.
+    Arguments the chosen class does not take are not used (``FusedMoE`` refuses such conflicts).
+    """
     common = dict(eplb_state=eplb_state, enable_eplb=enable_eplb, indices_type_getter=indices_type_getter,
-                  kernels=kernels)
+                  kernels=kernels, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor)
+    scored = dict(common, scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias)
     if zero_expert_type is not None:
-        return ZeroExpertRouter(
-            top_k,
-            global_num_experts,
-            e_score_correction_bias=e_score_correction_bias,
-            num_logical_experts=num_logical_experts,
-            zero_expert_type=zero_expert_type,
-            scoring_func=scoring_func,
-            renormalize=renormalize,
-            routed_scaling_factor=routed_scaling_factor,
-            **common,
-        )
+        return ZeroExpertRouter(top_k, global_num_experts, num_logical_experts=num_logical_experts,
+                                zero_expert_type=zero_expert_type, **scored)
     if use_grouped_topk:
-        return GroupedTopKRouter(
-            top_k,
-            global_num_experts,
-            num_expert_group=num_expert_group,
-            topk_group=topk_group,
-            renormalize=renormalize,
-            scoring_func=scoring_func,
-            routed_scaling_factor=routed_scaling_factor,
-            e_score_correction_bias=e_score_correction_bias,
-            num_fused_shared_experts=num_fused_shared_experts,
-            **common,
-        )
+        return GroupedTopKRouter(top_k, global_num_experts, num_expert_group=num_expert_group, topk_group=topk_group,
+                                 num_fused_shared_experts=num_fused_shared_experts, **scored)
     if custom_routing_function is not None:
-        return CustomRoutingRouter(
-            top_k,
-            global_num_experts,
-            custom_routing_function=custom_routing_function,
-            renormalize=renormalize,
-            routed_scaling_factor=routed_scaling_factor,
-            **common,
-        )
+        return CustomRoutingRouter(top_k, global_num_experts, custom_routing_function=custom_routing_function,
+                                   **common)
     if e_score_correction_bias is not None or hash_indices_table is not None:
-        return FusedTopKBiasRouter(
-            top_k,
-            global_num_experts,
-            e_score_correction_bias=e_score_correction_bias,
-            scoring_func=scoring_func,
-            renormalize=renormalize,
-            routed_scaling_factor=routed_scaling_factor,
-            hash_indices_table=hash_indices_table,
-            **common,
-        )
-    return FusedTopKRouter(
-        top_k,
-        global_num_experts,
-        renormalize=renormalize,
-        scoring_func=scoring_func,
-        routed_scaling_factor=routed_scaling_factor,
-        **common,
-    )
+        return FusedTopKBiasRouter(top_k, global_num_experts, hash_indices_table=hash_indices_table, **scored)
+    return FusedTopKRouter(top_k, global_num_experts, **common, scoring_func=scoring_func)

@@ -2,64 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .._checks import check_finite
-from ..ops.api import run_route
-from ..ops.routing import TopKSpec, check_bias, check_hash_table, hash_route_torch, lookup_hash_ids
-from ..types import RoutingMethodType, RoutingResult
-from .base import BaseRouter, get_routing_method_type
+from ..ops.kernels import Kernels
+from ..ops.routing import check_hash_table, check_input_ids
+from ..types import RoutingResult
+from .base import IndicesTypeGetter, ScoredRouter
 
 
-class FusedTopKBiasRouter(BaseRouter):
-    """``ids = topk(scores + bias)``, ``w = scores[ids]``; with ``hash_indices_table [vocab, K]`` the ids
-    are ``table[input_ids]`` instead (``input_ids`` then required)."""
+class FusedTopKBiasRouter(ScoredRouter):
+    """``s = scores(logits [T, E])``; ``ids = topk(s + bias, K)`` (ties -> lower id); ``w = s[ids]``
+    (unbiased); ``w /= Σw`` if ``renormalize``; ``w *= routed_scaling_factor``. Hash routing (with
+    ``hash_indices_table``): ``ids = hash_indices_table[input_ids]``, weights as above, bias unused.
 
-    def __init__(
-        self,
-        top_k: int,
-        global_num_experts: int,
-        eplb_state=None,
-        e_score_correction_bias: torch.Tensor | None = None,
-        scoring_func: str = "softmax",
-        renormalize: bool = True,
-        routed_scaling_factor: float = 1.0,
-        enable_eplb: bool = False,
-        indices_type_getter: Callable[[], torch.dtype | None] | None = None,
-        hash_indices_table: torch.Tensor | None = None,
-        *,
-        kernels=None,
-    ):
-        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
+    top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
+    e_score_correction_bias: [E] float, finite; the selection bias.
+    scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus". renormalize: bool (default True).
+    routed_scaling_factor: finite float, applied after renormalisation.
+    hash_indices_table: [vocab, K] int, ids in ``[0, E)``; ``select_experts`` then needs ``input_ids [T]``.
+    One of ``e_score_correction_bias`` and ``hash_indices_table`` is required.
+    """
+
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state=None,
+                 e_score_correction_bias: torch.Tensor | None = None, scoring_func: str = "softmax",
+                 renormalize: bool = True, routed_scaling_factor: float = 1.0, enable_eplb: bool = False,
+                 indices_type_getter: IndicesTypeGetter | None = None,
+                 hash_indices_table: torch.Tensor | None = None, *, kernels: Kernels | None = None):
         if e_score_correction_bias is None and hash_indices_table is None:
             raise ValueError("FusedTopKBiasRouter needs e_score_correction_bias or hash_indices_table, got neither")
-        self.renormalize = bool(renormalize)
-        self.scoring_func = scoring_func
-        self.routed_scaling_factor = float(routed_scaling_factor)
-        self.spec = TopKSpec(top_k, scoring_func, self.renormalize, self.routed_scaling_factor).validate(
-            global_num_experts
-        )
-        if e_score_correction_bias is not None:
-            check_bias(e_score_correction_bias, global_num_experts)
-            check_finite("e_score_correction_bias", e_score_correction_bias)
-        self.register_buffer("e_score_correction_bias", e_score_correction_bias, persistent=False)
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels,
+                         scoring_func=scoring_func, renormalize=renormalize,
+                         routed_scaling_factor=routed_scaling_factor, e_score_correction_bias=e_score_correction_bias)
         if hash_indices_table is not None:
             check_hash_table(hash_indices_table, global_num_experts, top_k)
         self.register_buffer("hash_indices_table", hash_indices_table, persistent=False)
 
-    @property
-    def routing_method_type(self) -> RoutingMethodType:
-        has_bias = self.e_score_correction_bias is not None
-        return get_routing_method_type(self.scoring_func, self.top_k, self.renormalize, None, has_bias)
-
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
-        if self.hash_indices_table is not None:
-            reference = self.backend == "torch"
-            hash_ids = lookup_hash_ids(self.hash_indices_table, input_ids, router_logits.shape[0], reference)
-            if reference:
-                check_finite("router_logits", router_logits)
-            return RoutingResult(*hash_route_torch(router_logits, hash_ids, self.spec, indices_type))
-        w, ids = run_route(router_logits, self.spec, self.e_score_correction_bias, indices_type, self.backend)
-        return RoutingResult(w, ids)
+        if self.hash_indices_table is None:
+            return super()._compute_routing(hidden_states, router_logits, indices_type, input_ids)
+        ids = check_input_ids(input_ids, self.hash_indices_table, router_logits.shape[0])  # the range: the table's
+        return RoutingResult(*self.kernels.hash_route(router_logits, self.hash_indices_table, ids, self.spec,
+                                                      indices_type))
