@@ -17,8 +17,10 @@ weights, so the read stream is the ceiling it can reach and a copy-based ceiling
     flops = 2 · S · H · (2I + I)   (gated; 2 · S · H · 2I for relu2)   S = real (token, expert) slots
     floor = max(bytes / BW, flops / PEAK);   pct_roofline = 100 · floor / time
 
-Writes ``<out>/<gpu>-<date>.json`` (a list of rows: model, tokens, impl, us, pct_roofline, device, ...)
-and ``<out>/<gpu>-<date>.png`` (achieved TFLOP/s against arithmetic intensity, with the roofline).
+Writes ``<out>/<gpu>-<date>.json`` (a list of rows: model, tokens, impl, us, pct_roofline, device,
+dtype, quant, ...) and ``<out>/<gpu>-<date>.png`` (achieved TFLOP/s against arithmetic intensity, with
+the roofline); ``out`` defaults to ``./benchmarks/results`` when that folder exists, else ``.``.
+``quant`` is the weight format: for now the unquantised dtype (``"bf16"`` / ``"fp16"``).
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ def build_layer(m: ModelShape, dtype, device, backend="triton"):
     return layer
 
 
-def baseline_forward(layer, m: dict, x, logits):
-    """Plain PyTorch MoE on the layer's weights: torch routing, torch._grouped_mm experts."""
+def baseline_forward(layer, m: ModelShape, x, logits):
+    """Plain PyTorch MoE on the layer's weights: torch routing, ``torch._grouped_mm`` experts.
+
+    x: [T, H] dtype; logits: [T, E + Z] float32; returns [T, H] dtype (what ``layer(x, logits)`` computes).
+    """
     re = layer.routed_experts
     e, k, z = m.E, m.K, m.Z
     lf = logits.float()
