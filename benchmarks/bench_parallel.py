@@ -4,8 +4,9 @@ the whole DeepSeek-V3-shaped layer (E256 k8 H7168 I2048, grouped sigmoid + bias,
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD/src \\
         torchrun --nproc-per-node 2 benchmarks/bench_parallel.py --out benchmarks/results/parallel-h200-DATE.json
 
-Timing: CUDA events around each call on every rank (the calls include the layout's host sync), the
-median over iterations per rank, then the maximum over ranks. The single-GPU baseline runs on rank 0
+Timing: ``moekit.benchmarking.time_events`` (CUDA events around each call on every rank, the calls
+include the layout's host sync), the median over iterations per rank, then the maximum over ranks.
+The shape is ``moekit.benchmarking.MODELS["deepseek-v3"]``; ``--cpu-smoke`` shrinks it (gloo, CPU). The single-GPU baseline runs on rank 0
 alone with ``T`` (same tokens per GPU) and ``W·T`` (same total tokens) tokens.
 """
 
@@ -14,15 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
 import moekit
+from moekit.benchmarking import MODELS, ModelShape, time_events
 
-E, K, H, I, G, TOPK_GROUP = 256, 8, 7168, 2048, 8, 4
+SHAPE = MODELS["deepseek-v3"]
+SMOKE = SHAPE.replace(E=16, K=4, H=64, I=32, groups=4, topk_group=2)  # --cpu-smoke: tiny widths
 
 
 def parse():
@@ -38,25 +40,9 @@ def parse():
 
 
 def timed(fn, iters: int, warmup: int = 2, barrier: bool = True) -> float:
-    """Median milliseconds of ``fn()`` on this rank (CUDA events), after a barrier unless ``barrier=False``
-    (one rank timing alone)."""
-    for _ in range(warmup):
-        fn()
-    sync = dist.barrier if barrier and dist.is_initialized() else (lambda: None)
-    if not torch.cuda.is_available():
-        sync()
-        return _cpu_median(fn, iters)
-    torch.cuda.synchronize()
-    sync()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` on this rank, after a barrier unless ``barrier=False`` (one rank alone)."""
+    sync = dist.barrier if barrier and dist.is_initialized() else None
+    return time_events(fn, iters, warmup=warmup, before=sync)
 
 
 def max_over_ranks(v: float, device) -> float:
@@ -65,27 +51,31 @@ def max_over_ranks(v: float, device) -> float:
     return t.item()
 
 
-def routing_inputs(t: int, device, seed: int):
-    g = torch.Generator(device=device).manual_seed(seed)  # per-device generator
-    x = torch.randn(t, H, device=device, dtype=torch.bfloat16, generator=g)
-    logits = torch.randn(t, E, device=device, dtype=torch.float32, generator=g)
+def routing_inputs(m: ModelShape, t: int, device, seed: int):
+    """x [T, H] bf16 and router logits [T, E] f32 from a per-device generator."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, m.H, device=device, dtype=torch.bfloat16, generator=g)
+    logits = torch.randn(t, m.E, device=device, dtype=torch.float32, generator=g)
     return x, logits
 
 
-def build(device, backend, ep_group=None):
-    bias = torch.linspace(-0.1, 0.1, E, device=device)
-    return moekit.FusedMoE(
-        E, K, H, I, params_dtype=torch.bfloat16, use_grouped_topk=True, num_expert_group=G, topk_group=TOPK_GROUP,
-        scoring_func="sigmoid", e_score_correction_bias=bias, routed_scaling_factor=2.5, device=device,
-        backend=backend, ep_group=ep_group,
-    )
+def build(m: ModelShape, device, backend, ep_group=None):
+    """The layer of shape ``m`` (its global experts loaded; each rank keeps its share)."""
+    bias = torch.linspace(-0.1, 0.1, m.E, device=device)
+    layer = moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=torch.bfloat16, e_score_correction_bias=bias,
+                            device=device, backend=backend, ep_group=ep_group, **m.layer_kwargs())
+    g = torch.Generator(device=device).manual_seed(0)  # the same global weights on every rank
+    rows = (2 if m.gated else 1) * m.I
+    w13 = torch.randn(m.E, rows, m.H, device=device, dtype=torch.bfloat16, generator=g) * m.H**-0.5
+    w2 = torch.randn(m.E, m.H, m.I, device=device, dtype=torch.bfloat16, generator=g) * m.I**-0.5
+    layer.load_expert_weights(w13, w2)
+    return layer
 
 
 def main():
-    global E, K, H, I, G, TOPK_GROUP
     args = parse()
+    m = SMOKE if args.cpu_smoke else SHAPE
     if args.cpu_smoke:
-        E, K, H, I, G, TOPK_GROUP = 16, 4, 64, 32, 4, 2
         dist.init_process_group("gloo")
         dev = torch.device("cpu")
     else:
@@ -105,15 +95,16 @@ def main():
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "gpus": world,
         "torch": torch.__version__, "experts_backend": backend,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if dev.type == "cuda" else None,
-        "shape": {"E": E, "K": K, "H": H, "I": I, "groups": G, "topk_group": TOPK_GROUP, "dtype": "bfloat16"},
+        "shape": {"E": m.E, "K": m.K, "H": m.H, "I": m.I, "groups": m.groups, "topk_group": m.topk_group,
+                  "dtype": "bfloat16"},
         "timing": "CUDA events per call, median over iterations per rank, max over ranks (ms)",
         "date": time.strftime("%Y-%m-%d"), "dispatch_combine": [], "layer": [], "single_gpu": [],
     }
     group = dist.group.WORLD
-    layer = build(dev, backend, ep_group=group)
+    layer = build(m, dev, backend, ep_group=group)
     try:  # the Triton experts are another contributor's; if they fail here, measure with torch and say so
         with torch.inference_mode():
-            layer(*routing_inputs(8, dev, 1))
+            layer(*routing_inputs(m, 8, dev, 1))
         ok = torch.tensor([1], device=dev)
     except Exception as exc:  # noqa: BLE001 - recorded in the results
         res["experts_backend_error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -122,7 +113,7 @@ def main():
     if ok.item() == 0 and backend != "torch":
         backend = res["experts_backend"] = "torch"
         del layer
-        layer = build(dev, backend, ep_group=group)
+        layer = build(m, dev, backend, ep_group=group)
         if rank == 0:
             print("experts backend failed, using torch:", res.get("experts_backend_error"), flush=True)
     ex = layer.expert_executor
@@ -132,7 +123,7 @@ def main():
 
     # 1) dispatch + combine alone (identity experts), routing of the real router
     for t in tokens:
-        x, lg = routing_inputs(t, dev, 100 + rank)
+        x, lg = routing_inputs(m, t, dev, 100 + rank)
         w, ids = layer.router.select_experts(x, lg)
         for mode in ("all_to_all", "all_gather"):
             ms = timed(lambda: ex.run_ep(x, w, ids, identity, False, mode=mode), args.iters)
@@ -143,11 +134,12 @@ def main():
     # 2) the whole layer on W GPUs, each dispatcher forced and auto
     with torch.inference_mode():
         for t in tokens:
-            x, lg = routing_inputs(t, dev, 200 + rank)
+            x, lg = routing_inputs(m, t, dev, 200 + rank)
             for mode in ("all_to_all", "all_gather", "auto"):
                 ex.mode = mode
                 ms = timed(lambda: layer(x, lg), args.layer_iters, warmup=1)
-                res["layer"].append({"tokens_per_rank": t, "mode": mode, "chosen": ex.last_mode, "ms": max_over_ranks(ms, dev)})
+                res["layer"].append({"tokens_per_rank": t, "mode": mode, "chosen": ex.last_mode,
+                                     "ms": max_over_ranks(ms, dev)})
             if rank == 0:
                 print("layer", res["layer"][-3:], flush=True)
     del layer, ex
@@ -155,11 +147,11 @@ def main():
 
     # 3) one GPU holding all 256 experts, same tokens per GPU (T) and same total tokens (W·T)
     if not args.skip_single and rank == 0:
-        single = build(dev, backend)
+        single = build(m, dev, backend)
         with torch.inference_mode():
             for t in tokens:
                 for n in sorted({t, world * t}):
-                    x, lg = routing_inputs(n, dev, 300)
+                    x, lg = routing_inputs(m, n, dev, 300)
                     ms = timed(lambda: single(x, lg), args.layer_iters, warmup=1, barrier=False)
                     res["single_gpu"].append({"tokens": n, "ms": ms})
                 print("single", res["single_gpu"][-2:], flush=True)
@@ -171,15 +163,6 @@ def main():
             json.dump(res, f, indent=1)
         print("wrote", args.out)
     dist.destroy_process_group()
-
-
-def _cpu_median(fn, iters):
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Transformers models with real layer widths (few layers, random bf16 weights): moekit vs grouped_mm.
 
-For each model shape (Qwen3-MoE 30B-A3B, DeepSeek-V3) this times, with CUDA events (median after
-warm-up), the whole-model forward (``use_cache=False``) and the last MoE block alone, at
+For each model shape (Qwen3-MoE 30B-A3B, DeepSeek-V3; MoE widths from ``moekit.benchmarking.MODELS``)
+this times, with ``moekit.benchmarking.time_events`` (CUDA events, median after warm-up), the whole-model forward (``use_cache=False``) and the last MoE block alone, at
 batch x seq = 1x1, 8x1, 1x2048, for three experts paths:
 
 - ``grouped_mm``: transformers' default experts implementation (its own router);
@@ -23,59 +23,40 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 import traceback
 
 import torch
 
-SHAPES = [(1, 1), (8, 1), (1, 2048)]
+from moekit.benchmarking import ModelShape, get_shape, time_events
 
+SHAPES = [(1, 1), (8, 1), (1, 2048)]  # batch x seq
+
+
+def _qwen3_moe(m: ModelShape) -> dict:
+    return dict(hidden_size=m.H, moe_intermediate_size=m.I, num_experts=m.E, num_experts_per_tok=m.K,
+                norm_topk_prob=m.renorm)
+
+
+def _deepseek_v3(m: ModelShape) -> dict:
+    return dict(hidden_size=m.H, moe_intermediate_size=m.I, n_routed_experts=m.E, num_experts_per_tok=m.K,
+                n_group=m.groups, topk_group=m.topk_group, routed_scaling_factor=m.scale, norm_topk_prob=m.renorm)
+
+
+#: key -> (shape in moekit.benchmarking.MODELS, config class, model class, MoE kwargs of the shape, the rest)
 MODELS = {
     "qwen3_moe_30b_a3b": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(
-            hidden_size=2048,
-            intermediate_size=6144,
-            moe_intermediate_size=768,
-            num_experts=128,
-            num_experts_per_tok=8,
-            norm_topk_prob=True,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            head_dim=128,
-            vocab_size=151936,
-            num_hidden_layers=2,
-            max_position_embeddings=4096,
-        ),
+        "qwen3-30b-a3b", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", _qwen3_moe,
+        dict(intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+             vocab_size=151936, num_hidden_layers=2, max_position_embeddings=4096),
     ),
     "deepseek_v3": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        dict(
-            hidden_size=7168,
-            intermediate_size=18432,
-            moe_intermediate_size=2048,
-            n_routed_experts=256,
-            n_shared_experts=1,
-            num_experts_per_tok=8,
-            n_group=8,
-            topk_group=4,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            num_attention_heads=128,
-            num_key_value_heads=128,
-            q_lora_rank=1536,
-            kv_lora_rank=512,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=128,
-            v_head_dim=128,
-            vocab_size=129280,
-            num_hidden_layers=2,
-            first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE: one MoE layer of real size (22.5 GB bf16)
-            max_position_embeddings=4096,
-        ),
+        "deepseek-v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", _deepseek_v3,
+        dict(intermediate_size=18432, n_shared_experts=1, num_attention_heads=128, num_key_value_heads=128,
+             q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+             vocab_size=129280, num_hidden_layers=2,
+             first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE: one MoE layer of real size (22.5 GB bf16)
+             max_position_embeddings=4096),
     ),
 }
 
@@ -84,26 +65,6 @@ TINY = dict(
     num_key_value_heads=4, head_dim=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
     qk_nope_head_dim=8, v_head_dim=16, num_experts=16, n_routed_experts=16,
 )
-
-
-def _time(fn, warmup: int, iters: int, device) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def _moe_block(model):
@@ -126,20 +87,22 @@ def _bench_variant(model, name, device, hidden, vocab, shapes, results, ref_logi
                 diff = ((logits.float() - ref).abs().max() / ref.abs().max()).item()
             else:
                 diff = None
-            full = _time(lambda: model(input_ids=ids, use_cache=False), 3, iters, device)
-            moe = _time(lambda: block(x), 3, iters, device)
-        out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4), max_rel_logit_diff_vs_grouped_mm=diff)
+            full = time_events(lambda: model(input_ids=ids, use_cache=False), iters, warmup=3, device=device)
+            moe = time_events(lambda: block(x), iters, warmup=3, device=device)
+        out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4),
+                               max_rel_logit_diff_vs_grouped_mm=diff)
         if name == "grouped_mm":
             results.setdefault("_ref", {})[f"{b}x{s}"] = logits.float()
     return out
 
 
-def run_model(key, cfg_name, model_name, kw, device, tiny, log):
+def run_model(key, device, tiny, log):
     import transformers
 
     from moekit.integrations.transformers import MoEBlockAdapter, patch, register
 
-    kw = dict(kw)
+    shape_name, cfg_name, model_name, moe_kwargs, rest = MODELS[key]
+    kw = {**moe_kwargs(get_shape(shape_name)), **rest}
     if tiny:
         kw.update({k: v for k, v in TINY.items() if k in kw})
     config = getattr(transformers, cfg_name)(**kw)
@@ -159,7 +122,8 @@ def run_model(key, cfg_name, model_name, kw, device, tiny, log):
     register()
     try:
         model.set_experts_implementation("moekit")
-        res["variants"]["moekit_switch"] = _bench_variant(model, "moekit_switch", device, hidden, vocab, shapes, scratch, ref)
+        res["variants"]["moekit_switch"] = _bench_variant(model, "moekit_switch", device, hidden, vocab, shapes,
+                                                          scratch, ref)
     except Exception as err:  # record and go on: the other variants still say something
         res["variants"]["moekit_switch"] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-2000:]}
     log(f"{key} moekit_switch: {res['variants']['moekit_switch']}")
@@ -168,24 +132,18 @@ def run_model(key, cfg_name, model_name, kw, device, tiny, log):
     adapters = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
     backends = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
     note = None
-    try:
+    try:  # a failure is recorded, not papered over: the patched layers are built as they are
         with torch.inference_mode():
             model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
     except Exception as err:
-        note = f"router backend {backends} failed ({type(err).__name__}: {str(err)[:200]}); routers set to torch"
-        for a in adapters:
-            a.moe.router.backend = "torch"
-        try:
-            with torch.inference_mode():
-                model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
-        except Exception as err2:
-            note += f"; experts failed too ({type(err2).__name__}: {str(err2)[:200]}); experts set to torch"
-            for a in adapters:
-                a.moe.routed_experts.backend = "torch"
+        note = f"patched model failed with backends {backends}: {type(err).__name__}: {str(err)[:300]}"
     res["patched_blocks"] = names
-    res["patched_backend"] = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
+    res["patched_backend"] = backends
     res["patched_note"] = note
-    res["variants"]["patched"] = _bench_variant(model, "patched", device, hidden, vocab, shapes, scratch, ref)
+    if note is None:
+        res["variants"]["patched"] = _bench_variant(model, "patched", device, hidden, vocab, shapes, scratch, ref)
+    else:
+        res["variants"]["patched"] = {"error": note}
     log(f"{key} patched ({res['patched_backend']}, {note}): {res['variants']['patched']}")
     del model
     if device.type == "cuda":
@@ -220,9 +178,8 @@ def main(argv=None) -> int:
         models={},
     )
     for key in args.models.split(","):
-        cfg_name, model_name, kw = MODELS[key]
         try:
-            result["models"][key] = run_model(key, cfg_name, model_name, kw, device, args.tiny, print)
+            result["models"][key] = run_model(key, device, args.tiny, print)
         except Exception as err:
             result["models"][key] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-3000:]}
             print(f"{key}: FAILED {err!r}")

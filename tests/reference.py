@@ -11,6 +11,7 @@ sharing no code with ``moekit``. Tests compare moekit against these.
 - :func:`ref_hash_route`, :func:`ref_zero_expert_route`, :func:`ref_llama4_routing`: the other kinds.
 - :func:`ref_act`, :func:`ref_expert`, :func:`ref_experts`: ``expert_e(x) = w2[e]·act(w13[e]·x + b13[e]) + b2[e]``.
 - :func:`ref_layer`: a whole layer in SPEC §1's forward order.
+- :class:`GatedMLP`: a SwiGLU MLP module, the shared expert of the model-style tests.
 - :func:`assert_close_dtype`: SPEC §4's tolerances.
 """
 
@@ -213,7 +214,9 @@ def ref_expert(x, e, w13, w2, b13=None, b2=None, activation="silu", swiglu_limit
 
 def ref_experts(x, w13, w2, topk_weights, topk_ids, *, activation="silu", b13=None, b2=None,
                 apply_router_weight_on_input=False, expert_map=None, swiglu_limit=None) -> torch.Tensor:
-    """out[t] = Σ_j w[t,j]·expert_{ids[t,j]}(x[t]) (or expert(w·x) on input); expert_map -1 -> 0. [T, H] f64."""
+    """out[t] = Σ_j w[t,j]·expert_{ids[t,j]}(x[t]) (or expert(w·x) on input), [T, H] float64.
+
+    A slot whose id (after ``expert_map``) is negative adds nothing."""
     t_total, h = x.shape
     out = torch.zeros(t_total, h, dtype=torch.float64)
     wt = topk_weights.double()
@@ -251,17 +254,11 @@ def ref_layer(hidden_states, router_logits, *, route_fn, num_experts, w13, w2, b
     else:
         logits = router_logits.reshape(-1, router_logits.shape[-1])
     w, ids = route_fn(x, logits)  # 3
-    routed = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            wj = float(w[t, j])
-            if e >= num_experts:  # 5: zero (identity) expert
-                routed[t] += wj * x[t]
-            elif apply_router_weight_on_input:  # 4
-                routed[t] += ref_expert(wj * x[t], e, w13, w2, b13, b2, activation, swiglu_limit)
-            else:
-                routed[t] += wj * ref_expert(x[t], e, w13, w2, b13, b2, activation, swiglu_limit)
+    ids, w = torch.as_tensor(ids).long(), torch.as_tensor(w).double()
+    zero = ids >= num_experts  # 5: zero (identity) experts add w · x
+    routed = ref_experts(x, w13, w2, w, ids.masked_fill(zero, -1), activation=activation, b13=b13, b2=b2,
+                         apply_router_weight_on_input=apply_router_weight_on_input, swiglu_limit=swiglu_limit)  # 4
+    routed = routed + (w * zero).sum(-1, keepdim=True) * x
     if scale_on_output is not None:  # 6
         routed = routed * scale_on_output
     if routed_output_transform is not None:  # 7
@@ -273,6 +270,19 @@ def ref_layer(hidden_states, router_logits, *, route_fn, num_experts, w13, w2, b
             shared = (1.0 / (1.0 + torch.exp(-shared_expert_gate(h)))) * shared
         out = out + shared  # 9
     return out.reshape(*lead, out.shape[-1])
+
+
+class GatedMLP(torch.nn.Module):
+    """down(silu(gate(x)) · up(x)) with gate and up in one [2·inter, h] Linear; a shared expert."""
+
+    def __init__(self, h: int, inter: int):
+        super().__init__()
+        self.gate_up = torch.nn.Linear(h, 2 * inter, bias=False)
+        self.down = torch.nn.Linear(inter, h, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, -1)
+        return self.down(torch.nn.functional.silu(g) * u)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from moekit import CustomRoutingRouter, FusedMoE, GroupedTopKRouter, ZeroExpertRouter
 from reference import (
+    GatedMLP,
     assert_close_dtype,
     assert_tie_free,
     llama4_routing_function,
@@ -25,17 +26,6 @@ from reference import (
 
 def f64(m):
     return copy.deepcopy(m).double() if m is not None else None
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, h, inter):
-        super().__init__()
-        self.gate_up = torch.nn.Linear(h, 2 * inter, bias=False)
-        self.down = torch.nn.Linear(inter, h, bias=False)
-
-    def forward(self, x):
-        g, u = self.gate_up(x).chunk(2, -1)
-        return self.down(torch.nn.functional.silu(g) * u)
 
 
 def _route(k, **kw):
@@ -95,7 +85,7 @@ def test_longcat_flash_scale_both_ways(dtype):
 def test_longcat_all_zero_expert_routing(scale_on_output):
     # every slot routed to a zero expert: output is exactly the zero contribution (+ shared)
     bias = torch.tensor([0.0] * E_LC + [50.0] * Z_LC)
-    shared = MLP(H_LC, 8)
+    shared = GatedMLP(H_LC, 8)
     layer = _longcat(scale_on_output, bias, shared=shared)
     w13, w2, _, _ = _load(layer, E_LC, I_LC, H_LC)
     x, logits = torch.randn(9, H_LC), torch.randn(9, E_LC + Z_LC)
@@ -126,13 +116,29 @@ def test_longcat_transform_sees_zero_output():
     assert_close_dtype(layer(x, logits), ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_zero_routing_is_rounded_once(dtype):
+    # every slot goes to a zero expert: the output is exactly round(x · Σw · s), with the scale applied
+    # on the output, rounded once (SPEC §3)
+    e, z, k, t, h = 2, 2, 2, 64, 32
+    bias = torch.tensor([-100.0, -100.0, 100.0, 100.0])
+    layer = FusedMoE(e, k, h, 8, e_score_correction_bias=bias, zero_expert_type="identity",
+                     renormalize=False, routed_scaling_factor=2.5, apply_routed_scale_to_output=True,
+                     params_dtype=dtype)
+    layer.load_expert_weights(*make_expert_weights(e, 8, h, dtype=dtype)[:2])  # never used: no real slot
+    x, logits = torch.randn(t, h).to(dtype), torch.randn(t, e + z)
+    w = torch.softmax(logits, -1)[:, e:].sum(-1)  # both zero experts are picked for every token
+    want = ((x.float() * w.unsqueeze(-1)) * 2.5).to(dtype)  # SPEC order: zero = x·Σw, then the output scale
+    assert torch.equal(layer(x, logits), want)
+
+
 # ------------------------------------------------------------------ DeepSeek-V3
 @pytest.mark.parametrize("scale_on_output", [False, True])
 def test_deepseek_v3(scale_on_output):
     # grouped sigmoid routing with bias (top-2-sum group score), renormalise, scale 2.5, a shared expert
     e, k, g, kg, h, inter, s = 32, 4, 8, 3, 32, 8, 2.5
     bias = torch.randperm(e).float() * 0.007
-    shared = MLP(h, 16)
+    shared = GatedMLP(h, 16)
     gate = torch.nn.Linear(h, e, bias=False)
     layer = FusedMoE(e, k, h, inter, use_grouped_topk=True, num_expert_group=g, topk_group=kg,
                      scoring_func="sigmoid", e_score_correction_bias=bias, routed_scaling_factor=s, renormalize=True,
@@ -152,7 +158,7 @@ def test_deepseek_v3(scale_on_output):
 def test_qwen2_moe_shared_expert_gate(dtype):
     # softmax top-4 without renormalisation, a shared expert scaled by sigmoid(shared_expert_gate(h))
     e, k, h, inter = 12, 4, 32, 8
-    shared, sgate = MLP(h, 24).to(dtype), torch.nn.Linear(h, 1, bias=False).to(dtype)
+    shared, sgate = GatedMLP(h, 24).to(dtype), torch.nn.Linear(h, 1, bias=False).to(dtype)
     layer = FusedMoE(e, k, h, inter, params_dtype=dtype, renormalize=False, shared_experts=shared,
                      shared_expert_gate=sgate, backend="torch")
     w13, w2, _, _ = _load(layer, e, inter, h, dtype)
@@ -188,7 +194,7 @@ def test_gpt_oss(dtype):
 def test_llama4(dtype):
     # custom routing (top-1 of the logits, sigmoid weight) applied on the input, plus a shared expert
     e, h, inter = 16, 32, 16
-    shared = MLP(h, 16).to(dtype)
+    shared = GatedMLP(h, 16).to(dtype)
     layer = FusedMoE(e, 1, h, inter, params_dtype=dtype, custom_routing_function=llama4_routing_function,
                      renormalize=False, apply_router_weight_on_input=True, shared_experts=shared, backend="torch")
     assert isinstance(layer.router, CustomRoutingRouter)
@@ -228,12 +234,12 @@ def _styles():
                          e_score_correction_bias=torch.randn(9) * 0.1, routed_scaling_factor=6.0), 9),
         "deepseek_v3": (dict(num_experts=8, top_k=2, use_grouped_topk=True, num_expert_group=4, topk_group=2,
                              scoring_func="sigmoid", e_score_correction_bias=torch.randn(8) * 0.1,
-                             routed_scaling_factor=2.5, shared_experts=MLP(h, 8)), 8),
-        "qwen2_moe": (dict(num_experts=6, top_k=2, renormalize=False, shared_experts=MLP(h, 8),
+                             routed_scaling_factor=2.5, shared_experts=GatedMLP(h, 8)), 8),
+        "qwen2_moe": (dict(num_experts=6, top_k=2, renormalize=False, shared_experts=GatedMLP(h, 8),
                            shared_expert_gate=torch.nn.Linear(h, 1, bias=False)), 6),
         "gpt_oss": (dict(num_experts=4, top_k=2, activation="swigluoai", has_bias=True), 4),
         "llama4": (dict(num_experts=4, top_k=1, custom_routing_function=llama4_routing_function,
-                        renormalize=False, apply_router_weight_on_input=True, shared_experts=MLP(h, 8)), 4),
+                        renormalize=False, apply_router_weight_on_input=True, shared_experts=GatedMLP(h, 8)), 4),
         "hash": (dict(num_experts=6, top_k=2, hash_indices_table=torch.randint(0, 6, (20, 2)),
                       scoring_func="sqrtsoftplus"), 6),
     }

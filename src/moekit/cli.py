@@ -1,44 +1,310 @@
-"""The ``moekit`` command: ``demo`` (default), ``bench``, ``tune``, ``inspect``."""
+"""The ``moekit`` command: one argparse parser with the subcommands ``demo``, ``bench``, ``tune``, ``inspect``.
+
+    moekit demo [--device cpu|cuda|cuda:N] [--dtype ...] [--repeats N]
+    moekit bench [--models ...] [--tokens ...] [--quant bf16|fp16] [--out DIR]
+    moekit tune (--models ... | --points MODEL:T,... | -E E -H H -I I -K K) [--out DIR]
+    moekit inspect CHECKPOINT_DIR
+    moekit --version          python -m moekit ...  (the same command)
+
+Decisions (issue #12):
+
+- A bare ``moekit`` prints the help to stderr and exits 2, like argparse for a missing required
+  argument. It does not run the demo (a mistyped script would silently do work), and exit 0 would
+  hide the mistake from the shell.
+- Exit codes: 0 success; 1 the command ran and failed (a demo check failed, ``bench``/``tune`` found
+  no CUDA GPU); 2 the command line is wrong; 130 interrupted. Errors go to stderr as one line,
+  ``moekit SUB: error: argument --OPTION: what was expected, got VALUE``, without a traceback.
+- Where results go: ``bench`` writes ``<gpu>-<date>.json`` (and ``.png``) to ``--out``, by default
+  ``./benchmarks/results`` when that folder exists, else the current folder. ``tune`` merges its
+  configs into ``<out>/<gpu>.json``, by default ``$MOEKIT_CONFIG_DIR`` when set, else
+  ``~/.cache/moekit/configs``: the first places the kernel-config lookup searches, so a tuned config
+  is used without further steps.
+- ``inspect`` parses its own arguments: everything after ``inspect`` goes to
+  :func:`moekit.loading.inspect.inspect_main` untouched.
+- ``--version`` reads the installed distribution's version, falling back to ``moekit.__version__``
+  (a source tree on ``PYTHONPATH``); both come from the one ``__version__`` in ``moekit/__init__.py``
+  (``pyproject.toml`` reads it).
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-#: subcommands implemented elsewhere; each parses its own arguments
-FORWARDED = {
-    "bench": ("moekit.bench", "main", "benchmark whole MoE layers on a GPU (CUDA graphs, roofline, plot)"),
-    "tune": ("moekit.tuning", "tune_main", "tune Triton kernel configs for your shape and write a JSON config"),
-    "inspect": ("moekit.loading.inspect", "inspect_main", "print the MoE layout of a HF checkpoint directory"),
-}
+import torch
+
+DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _demo(args) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and the exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def package_version() -> str:
+    """The installed distribution's version (``importlib.metadata``), falling back to ``moekit.__version__``.
+
+    When both exist and differ, a source tree on ``PYTHONPATH`` shadows another install: the version of
+    the code that runs (``__version__``) is the true one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import moekit
+
+    running = getattr(moekit, "__version__", None)
+    try:
+        installed = version("moekit")
+    except PackageNotFoundError:
+        installed = None
+    if installed is None or (running is not None and running != installed):
+        return running or "unknown"
+    return installed
+
+
+# -- argument types: each raises ArgumentTypeError saying what was expected and what was given ------
+def _value(text: str, convert, ok, expected: str):
+    """``convert(text)`` if that works and passes ``ok``, else an error saying ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _value(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def positive_float(text: str) -> float:
+    return _value(text, float, lambda v: v > 0, "a number > 0")
+
+
+def fraction(text: str) -> float:
+    return _value(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def model_list(text: str) -> list:
+    from .benchmarking.shapes import MODELS
+
+    names = list(MODELS) if text == "all" else [v for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected 'all' or names from {', '.join(MODELS)}, got {text!r}")
+    return [MODELS[n] for n in names]
+
+
+def point_list(text: str) -> list[tuple]:
+    """``MODEL:T,MODEL:T`` -> [(ModelShape, [T, ...]), ...] in first-seen order."""
+    targets: dict[str, tuple] = {}
+    for item in [v for v in text.split(",") if v.strip()]:
+        name, _, t = item.partition(":")
+        try:
+            shape, tokens = model_list(name)[0], int_list(t)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected MODEL:TOKENS[,MODEL:TOKENS...], got {item!r}") from None
+        targets.setdefault(shape.name, (shape, []))[1].extend(tokens)
+    if not targets:
+        raise argparse.ArgumentTypeError(f"expected MODEL:TOKENS[,MODEL:TOKENS...], got {text!r}")
+    return list(targets.values())
+
+
+def device(text: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``, and runnable here."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and none is available here; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"expected an index below {torch.cuda.device_count()} (the CUDA devices here), got {text!r}")
+    return dev
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+def _needs_cuda(name: str) -> bool:
+    if torch.cuda.is_available():
+        return True
+    print(f"moekit {name}: error: needs a CUDA GPU; torch.cuda.is_available() is False here", file=sys.stderr)
+    return False
+
+
+def _run_demo(args, parser) -> int:
     from .demo import run_demo
 
-    return 0 if run_demo(device=args.device, dtype=args.dtype, repeats=args.repeats) else 1
+    dev = None if args.device is None else str(args.device)
+    return 0 if run_demo(device=dev, dtype=args.dtype, repeats=args.repeats) else 1
+
+
+def _run_bench(args, parser) -> int:
+    from .benchmarking.bench import check_quant, run_bench
+
+    dtype = getattr(torch, args.dtype)
+    try:
+        check_quant(args.quant, dtype)
+    except ValueError as err:
+        parser.error(f"argument {err}")
+    if not _needs_cuda("bench"):
+        return 1
+    run_bench(args.models, args.tokens, dtype, rotations=args.rotations, baseline=not args.no_baseline,
+              routing=not args.no_routing, longcat_nozero=not args.no_longcat_nozero, out=args.out,
+              log=lambda s: print(s, flush=True))
+    return 0
+
+
+def _run_tune(args, parser) -> int:
+    from .benchmarking.shapes import ModelShape
+    from .benchmarking.tune import run_tune
+
+    shape = (args.experts, args.hidden, args.inter, args.top_k)
+    given = [args.models is not None, args.points is not None, any(v is not None for v in shape)]
+    if sum(given) != 1 or (given[2] and None in shape):
+        parser.error("give one of --models, --points, or all of --experts --hidden --inter --top-k")
+    if args.points is not None:
+        targets = args.points
+    else:
+        models = args.models or [ModelShape("custom", E=shape[0], K=shape[3], H=shape[1], I=shape[2],
+                                            act=args.activation, has_bias=args.has_bias)]
+        targets = [(m, args.tokens) for m in models]
+    if not _needs_cuda("tune"):
+        return 1
+    run_tune(targets, getattr(torch, args.dtype), out=args.out, budget_s=args.budget_s, pdl=args.pdl,
+             min_gain=args.min_gain, rotations=args.rotations, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def _run_inspect(args, parser) -> int:
+    from .loading.inspect import inspect_main
+
+    return int(inspect_main(args.rest) or 0)
+
+
+# -- the parser ----------------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="run two small LongCat-Flash / DeepSeek-V3 shaped layers and check them",
+                       description="Build two small layers, check them against a float64 reference, time them.")
+    d.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    d.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="parameter and activation dtype (default: bfloat16 on cuda, float32 on cpu)")
+    d.add_argument("--repeats", type=positive_int, default=5, help="timed calls per layer, >= 1 (default: 5)")
+    d.set_defaults(run=_run_demo)
+
+
+def _add_bench(sub) -> None:
+    from .benchmarking.bench import QUANT_DTYPES
+    from .benchmarking.shapes import MODELS, TOKENS
+
+    b = sub.add_parser("bench", help="benchmark whole MoE layers on a CUDA GPU (CUDA graphs, roofline, plot)",
+                       description="Time moekit's layer forward against a torch._grouped_mm MoE, per model "
+                                   "shape and token count; write <gpu>-<date>.json and .png.")
+    b.add_argument("--models", type=model_list, default=list(MODELS.values()),
+                   help=f"comma-separated model shapes or 'all' (default: all): {', '.join(MODELS)}")
+    b.add_argument("--tokens", type=int_list, default=list(TOKENS),
+                   help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))})")
+    b.add_argument("--dtype", default="bfloat16", choices=DTYPES[:2], help="weight and activation dtype")
+    b.add_argument("--quant", default=None,
+                   help=f"weight format; for now only the unquantised --dtype ({' or '.join(QUANT_DTYPES)}), "
+                        "its default; quantised formats (fp8, ...) are not implemented yet")
+    b.add_argument("--rotations", type=positive_int, default=4,
+                   help="input sets rotated inside the CUDA graph, so weights are not served from L2 (default: 4)")
+    b.add_argument("--no-baseline", action="store_true", help="skip the torch._grouped_mm baseline")
+    b.add_argument("--no-routing", action="store_true", help="skip the routing-kernel benchmark")
+    b.add_argument("--no-longcat-nozero", action="store_true",
+                   help="skip LongCat-Flash without zero experts (run after longcat-flash by default)")
+    b.add_argument("--out", default=None,
+                   help="folder for the JSON and PNG (default: ./benchmarks/results if it exists, else .)")
+    b.set_defaults(run=_run_bench)
+
+
+def _add_tune(sub) -> None:
+    from .benchmarking.shapes import MODELS, TOKENS
+    from .ops.activation import ACTIVATIONS
+
+    t = sub.add_parser("tune", help="tune Triton kernel configs on a CUDA GPU and store them where lookups find them",
+                       description="Search kernel configs of the Triton experts for model shapes and merge the "
+                                   "winners into <out>/<gpu>.json, where the config lookup finds them.")
+    t.add_argument("--models", type=model_list, default=None,
+                   help=f"comma-separated model shapes or 'all': {', '.join(MODELS)}")
+    t.add_argument("--points", type=point_list, default=None,
+                   help="targeted points MODEL:TOKENS, comma-separated (e.g. qwen3-30b-a3b:1,gpt-oss-120b:1024)")
+    t.add_argument("--experts", "-E", type=positive_int, help="a shape of your own: local experts E")
+    t.add_argument("--hidden", "-H", type=positive_int, help="a shape of your own: hidden size H")
+    t.add_argument("--inter", "-I", type=positive_int, help="a shape of your own: intermediate size I (per TP shard)")
+    t.add_argument("--top-k", "-K", type=positive_int, help="a shape of your own: experts per token K")
+    t.add_argument("--activation", default="silu", choices=list(ACTIVATIONS),
+                   help="with -E/-H/-I/-K: the activation (default: silu)")
+    t.add_argument("--has-bias", action="store_true", help="with -E/-H/-I/-K: the experts have biases")
+    t.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight and activation dtype")
+    t.add_argument("--tokens", type=int_list, default=list(TOKENS),
+                   help=f"token counts to tune, with --models or -E... (default: {','.join(map(str, TOKENS))})")
+    t.add_argument("--pdl", action="store_true",
+                   help="also try programmatic dependent launch (sm_90+; kept only if bit-identical)")
+    t.add_argument("--min-gain", type=fraction, default=0.015,
+                   help="keep a new config only if faster than the one in use by this fraction (default: 0.015)")
+    t.add_argument("--rotations", type=positive_int, default=4, help="routings rotated per timing (default: 4)")
+    t.add_argument("--budget-s", type=positive_float, default=600.0,
+                   help="seconds per shape; token counts after it keep their config (default: 600)")
+    t.add_argument("--out", default=None,
+                   help="folder of <gpu>.json (default: $MOEKIT_CONFIG_DIR if set, else ~/.cache/moekit/configs; "
+                        "the config lookup searches these first, then the configs shipped with moekit)")
+    t.set_defaults(run=_run_tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts layers for PyTorch.")
-    sub = p.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="run two small LongCat-Flash / DeepSeek-V3 shaped layers and check them")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    d.add_argument("--repeats", type=int, default=5)
-    for name, (_, _, text) in FORWARDED.items():
-        sub.add_parser(name, help=text + f" (see `moekit {name} --help`)")
+    """The whole command line: every subcommand and option."""
+    p = _Parser(prog="moekit", description="Mixture-of-Experts layers for PyTorch.")
+    p.add_argument("--version", action="version", version=f"moekit {package_version()}",
+                   help="print moekit's version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.subcommands = sub.choices  # name -> its parser (errors are reported by the subcommand's parser)
+    _add_demo(sub)
+    _add_bench(sub)
+    _add_tune(sub)
+    i = sub.add_parser("inspect", add_help=False, help="print the MoE layout of a HF checkpoint directory "
+                                                       "(see `moekit inspect --help`)")
+    i.set_defaults(run=_run_inspect)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``moekit ARGS``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in FORWARDED:
-        module, func, _ = FORWARDED[argv[0]]
-        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-    args = build_parser().parse_args(argv or ["demo"])
-    return _demo(args)
+    parser = build_parser()
+    try:
+        if not argv:
+            parser.print_help(sys.stderr)
+            return 2
+        args, rest = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.error(f"expected a command (demo, bench, tune or inspect), got {' '.join(rest)!r}")
+        sub = parser.subcommands[args.command]
+        if args.command != "inspect" and rest:
+            sub.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.rest = rest
+        return args.run(args, sub)
+    except SystemExit as stop:  # --help, --version and usage errors
+        return stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

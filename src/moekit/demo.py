@@ -6,14 +6,13 @@ on the torch reference backend, timed, and summarised with its expert-load histo
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
+from .benchmarking.timer import time_events
 from .layer import FusedMoE
-from .ops.kernels import kernels_for
 from .runner import MoERunner
 
 
@@ -65,33 +64,25 @@ def build_layer(shape: DemoShape, device: torch.device, dtype: torch.dtype, back
             routed_scaling_factor=2.5, shared_experts=_SharedMLP(shape.hidden, 2 * shape.inter),
             prefix="deepseek_v3", **common,
         )
-    with torch.no_grad():
-        layer.routed_experts.w13_weight.normal_(0, shape.hidden**-0.5, generator=None)
-        layer.routed_experts.w2_weight.normal_(0, shape.inter**-0.5)
+    re = layer.routed_experts
+    with torch.no_grad():  # random expert weights made in place, then loaded from themselves
+        re.w13_weight.normal_(0, shape.hidden**-0.5)
+        re.w2_weight.normal_(0, shape.inter**-0.5)
+    layer.load_expert_weights(re.w13_weight, re.w2_weight)
     return layer.to(device=device, dtype=dtype)
 
 
-def reference_copy(layer: MoERunner) -> MoERunner:
-    """The same layer in float64 on the CPU torch backend."""
-    ref = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
-    ref.router.kernels = kernels_for("torch")
-    ref.routed_experts.backend = "torch"
+def reference_copy(layer: MoERunner, shape: DemoShape) -> MoERunner:
+    """The same layer (same parameters and buffers) in float64 on the CPU, built on the torch backend."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
+        ref = build_layer(shape, torch.device("cpu"), torch.float64, backend="torch")
+    mine = dict(chain(layer.named_parameters(), layer.named_buffers()))
+    with torch.no_grad():
+        for name, t in chain(ref.named_parameters(), ref.named_buffers()):
+            t.copy_(mine[name])
+    re = layer.routed_experts
+    ref.load_expert_weights(re.w13_weight.double().cpu(), re.w2_weight.double().cpu())
     return ref
-
-
-def _time_call(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds per call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def histogram(counts: list[int], width: int = 40, bins: int = 8) -> list[str]:
@@ -105,11 +96,19 @@ def histogram(counts: list[int], width: int = 40, bins: int = 8) -> list[str]:
     peak = max(buckets) or 1
     for b, n in enumerate(buckets):
         a = lo + b * step
-        rows.append(f"    {a:>6}-{a + step - 1:<6} tokens | {'#' * max(1 if n else 0, round(width * n / peak)):<{width}} {n} experts")
+        bar = "#" * max(1 if n else 0, round(width * n / peak))
+        rows.append(f"    {a:>6}-{a + step - 1:<6} tokens | {bar:<{width}} {n} experts")
     return rows
 
 
 def run_demo(device: str | None = None, dtype: str | None = None, repeats: int = 5) -> bool:
+    """Build, check and time both demo layers; print the report; True when both match their reference.
+
+    device: "cpu", "cuda" or "cuda:N" (default: CUDA when available); dtype: a torch dtype name
+    (default: bfloat16 on CUDA, float32 on CPU); repeats: timed calls per layer (>= 1).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     torch.manual_seed(0)
@@ -122,9 +121,9 @@ def run_demo(device: str | None = None, dtype: str | None = None, repeats: int =
             # one set of router logits for both: a bf16 gate would otherwise flip near-tied experts
             logits = layer.gate(x)
             out = layer(x, logits)
-            ref = reference_copy(layer)(x.to("cpu", torch.float64), logits.to("cpu", torch.float64))
+            ref = reference_copy(layer, shape)(x.to("cpu", torch.float64), logits.to("cpu", torch.float64))
             routing = layer.router.route(x, logits)
-            seconds = _time_call(lambda: layer(x), dev, repeats)
+            seconds = time_events(lambda: layer(x), repeats, warmup=1, device=dev) / 1e3
         err = (out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)
         tol = 1e-4 if dt == torch.float32 else 1e-2
         passed = bool(err <= tol) and out.shape == x.shape

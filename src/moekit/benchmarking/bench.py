@@ -17,13 +17,14 @@ weights, so the read stream is the ceiling it can reach and a copy-based ceiling
     flops = 2 · S · H · (2I + I)   (gated; 2 · S · H · 2I for relu2)   S = real (token, expert) slots
     floor = max(bytes / BW, flops / PEAK);   pct_roofline = 100 · floor / time
 
-Writes ``<out>/<gpu>-<date>.json`` (a list of rows: model, tokens, impl, us, pct_roofline, device, ...)
-and ``<out>/<gpu>-<date>.png`` (achieved TFLOP/s against arithmetic intensity, with the roofline).
+Writes ``<out>/<gpu>-<date>.json`` (a list of rows: model, tokens, impl, us, pct_roofline, device,
+dtype, quant, ...) and ``<out>/<gpu>-<date>.png`` (achieved TFLOP/s against arithmetic intensity, with
+the roofline); ``out`` defaults to ``./benchmarks/results`` when that folder exists, else ``.``.
+``quant`` is the weight format: for now the unquantised dtype (``"bf16"`` / ``"fp16"``).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -32,64 +33,72 @@ from pathlib import Path
 
 import torch
 
-MODELS = {
-    "deepseek-v3": dict(E=256, K=8, H=7168, I=2048, scoring="sigmoid", groups=8, topk_group=4, sel_bias=True,
-                        renorm=True, scale=2.5),
-    "qwen3-30b-a3b": dict(E=128, K=8, H=2048, I=768, scoring="softmax", renorm=True),
-    "mixtral-8x7b": dict(E=8, K=2, H=4096, I=14336, scoring="softmax", renorm=True),
-    "gpt-oss-120b": dict(E=128, K=4, H=2880, I=2880, scoring="softmax", renorm=True, act="swigluoai", has_bias=True),
-    "longcat-flash": dict(E=512, Z=256, K=12, H=6144, I=2048, scoring="softmax", sel_bias=True, renorm=False,
-                          scale=6.0),
-}
-TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
+from .shapes import MODELS, ModelShape
+from .timer import time_graph
+
+QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: weight formats that later releases add (fp8 first); named so that asking for one says so clearly
+QUANT_LATER = ("fp8", "fp8_e4m3", "int8", "int4", "mxfp4", "nvfp4")
 
 
-def _spec(name: str) -> dict:
-    m = dict(Z=0, groups=1, topk_group=1, sel_bias=False, renorm=True, scale=1.0, act="silu", has_bias=False)
-    m.update(MODELS[name] if name in MODELS else {})
-    return m
+def quant_name(dtype: torch.dtype) -> str:
+    """The ``quant`` key of a row whose weights are stored unquantised in ``dtype``."""
+    return {v: k for k, v in QUANT_DTYPES.items()}[dtype]
 
 
-def build_layer(m: dict, dtype, device, backend="triton"):
+def check_quant(quant: str | None, dtype: torch.dtype) -> str:
+    """The weight format to benchmark: today only the unquantised ``dtype`` itself ("bf16" / "fp16")."""
+    want = quant_name(dtype)
+    if quant is None or quant == want:
+        return want
+    if quant in QUANT_LATER:
+        raise ValueError(f"--quant {quant}: not implemented yet; only the unquantised weights of --dtype "
+                         f"({want!r}) can be benchmarked for now")
+    raise ValueError(f"--quant {quant}: expected {want!r} (the --dtype of the run)")
+
+
+def build_layer(m: ModelShape, dtype, device, backend="triton"):
+    """A ``moekit.FusedMoE`` of shape ``m`` with random weights (deterministic for a torch seed)."""
     import moekit
 
     bias = None
-    if m["sel_bias"]:  # a perturbation of the order of the score spread (softmax scores are ~1/(E+Z))
-        spread = 0.1 if m["scoring"] == "sigmoid" else 1.0 / (m["E"] + m["Z"])
-        bias = (torch.rand(m["E"] + m["Z"], device=device) * spread).float()
-    kw = dict(params_dtype=dtype, renormalize=m["renorm"], scoring_func=m["scoring"],
-              routed_scaling_factor=m["scale"], e_score_correction_bias=bias, activation=m["act"],
-              has_bias=m["has_bias"], device=device, backend=backend)
-    if m["groups"] > 1:
-        kw.update(use_grouped_topk=True, num_expert_group=m["groups"], topk_group=m["topk_group"])
-    if m["Z"]:
-        kw.update(zero_expert_type="identity")
-    layer = moekit.FusedMoE(m["E"], m["K"], m["H"], m["I"], **kw)
-    if m["has_bias"]:
-        with torch.no_grad():
-            layer.routed_experts.w13_bias.uniform_(-0.05, 0.05)
-            layer.routed_experts.w2_bias.uniform_(-0.05, 0.05)
+    if m.sel_bias:  # a perturbation of the order of the score spread (softmax scores are ~1/(E+Z))
+        spread = 0.1 if m.scoring == "sigmoid" else 1.0 / (m.E + m.Z)
+        bias = (torch.rand(m.E + m.Z, device=device) * spread).float()
+    layer = moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=dtype, e_score_correction_bias=bias,
+                            device=device, backend=backend, **m.layer_kwargs())
+    re = layer.routed_experts
+    with torch.no_grad():  # random weights made in place, then loaded from themselves: no second copy
+        re.w13_weight.normal_(0, m.H**-0.5)
+        re.w2_weight.normal_(0, m.I**-0.5)
+        if m.has_bias:
+            re.w13_bias.uniform_(-0.05, 0.05)
+            re.w2_bias.uniform_(-0.05, 0.05)
+    layer.load_expert_weights(re.w13_weight, re.w2_weight, re.w13_bias, re.w2_bias)
     return layer
 
 
-def baseline_forward(layer, m: dict, x, logits):
-    """Plain PyTorch MoE on the layer's weights: torch routing, torch._grouped_mm experts."""
+def baseline_forward(layer, m: ModelShape, x, logits):
+    """Plain PyTorch MoE on the layer's weights: torch routing, ``torch._grouped_mm`` experts.
+
+    x: [T, H] dtype; logits: [T, E + Z] float32; returns [T, H] dtype (what ``layer(x, logits)`` computes).
+    """
     re = layer.routed_experts
-    e, k, z = m["E"], m["K"], m["Z"]
+    e, k, z = m.E, m.K, m.Z
     lf = logits.float()
-    s = torch.sigmoid(lf) if m["scoring"] == "sigmoid" else torch.softmax(lf, dim=-1)
+    s = torch.sigmoid(lf) if m.scoring == "sigmoid" else torch.softmax(lf, dim=-1)
     bias = getattr(layer.router, "e_score_correction_bias", None)
     sel = s + bias if bias is not None else s
-    if m["groups"] > 1:
-        g = sel.view(x.shape[0], m["groups"], -1)
+    if m.groups > 1:
+        g = sel.view(x.shape[0], m.groups, -1)
         gs = g.topk(2, dim=-1).values.sum(-1) if bias is not None else g.amax(-1)
-        keep = torch.zeros_like(gs).scatter_(1, gs.topk(m["topk_group"], dim=-1).indices, 1.0)
+        keep = torch.zeros_like(gs).scatter_(1, gs.topk(m.topk_group, dim=-1).indices, 1.0)
         sel = sel.masked_fill(keep.repeat_interleave(g.shape[-1], 1) == 0, float("-inf"))
     ids = sel.topk(k, dim=-1).indices
     w = s.gather(1, ids)
-    if m["renorm"]:
+    if m.renorm:
         w = w / w.sum(-1, keepdim=True)
-    w = w * m["scale"]
+    w = w * m.scale
     zero = None
     if z:
         is_zero = ids >= e
@@ -105,9 +114,9 @@ def baseline_forward(layer, m: dict, x, logits):
     h = torch._grouped_mm(xs, re.w13_weight.transpose(1, 2), offs=offs)
     if re.w13_bias is not None:
         h = h + re.w13_bias[flat[order]]
-    from .ops.activation import apply_activation_torch
+    from ..ops.activation import apply_activation_torch
 
-    a = apply_activation_torch(h, m["act"], layer.moe_config.swiglu_limit).to(x.dtype)
+    a = apply_activation_torch(h, m.act, layer.moe_config.swiglu_limit).to(x.dtype)
     o = torch._grouped_mm(a, re.w2_weight.transpose(1, 2), offs=offs)
     if re.w2_bias is not None:
         o = o + re.w2_bias[flat[order]]
@@ -117,42 +126,6 @@ def baseline_forward(layer, m: dict, x, logits):
     if zero is not None:
         out = out + zero
     return out.to(x.dtype)
-
-
-def time_graph(fn, inputs, target_ms: float = 25.0, replays: int = 7) -> float:
-    """Median µs per call of ``fn(*inputs[i % R])`` captured ``n`` times in one CUDA graph."""
-    torch.cuda.synchronize()
-    for inp in inputs:  # warm up: compile, allocate
-        fn(*inp)
-    torch.cuda.synchronize()
-    t0 = torch.cuda.Event(enable_timing=True)
-    t1 = torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for inp in inputs:
-        fn(*inp)
-    t1.record()
-    torch.cuda.synchronize()
-    est = max(t0.elapsed_time(t1) / len(inputs), 1e-3)
-    n = int(min(200, max(len(inputs), round(target_ms / est))))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        fn(*inputs[0])
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(n):
-                fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        t0.record()
-        graph.replay()
-        t1.record()
-        torch.cuda.synchronize()
-        times.append(t0.elapsed_time(t1) * 1000.0 / n)
-    del graph
-    return statistics.median(times)
 
 
 def measure_ceilings(device) -> tuple[float, float, float]:
@@ -171,34 +144,33 @@ def measure_ceilings(device) -> tuple[float, float, float]:
     return bw, read_bw, peak
 
 
-def roofline(m: dict, t: int, ids_list, e_real: int, bw: float, peak: float, elt: int = 2) -> dict:
-    per_expert = (m["I"] * (2 if m["act"] != "relu2" else 1) * m["H"] + m["H"] * m["I"]) * elt
-    if m["has_bias"]:
-        per_expert += (3 * m["I"] + m["H"]) * elt
+def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: float, elt: int = 2) -> dict:
+    per_expert = (m.I * (2 if m.act != "relu2" else 1) * m.H + m.H * m.I) * elt
+    if m.has_bias:
+        per_expert += (3 * m.I + m.H) * elt
     uniq = statistics.mean(int(torch.unique(i[i < e_real]).numel()) for i in ids_list)
     slots = statistics.mean(int((i < e_real).sum()) for i in ids_list)
-    nbytes = uniq * per_expert + 2 * t * m["H"] * elt + t * (m["E"] + m["Z"]) * 4
-    flops = 2 * slots * m["H"] * (3 if m["act"] != "relu2" else 2) * m["I"]
+    nbytes = uniq * per_expert + 2 * t * m.H * elt + t * (m.E + m.Z) * 4
+    flops = 2 * slots * m.H * (3 if m.act != "relu2" else 2) * m.I
     floor_us = max(nbytes / bw, flops / peak) * 1e6
     return dict(bytes=nbytes, flops=flops, floor_us=floor_us, unique_experts=uniq, real_slots=slots)
 
 
-def bench_model(name: str, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log) -> list[dict]:
-    m = _spec(name)
+def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log) -> list[dict]:
+    """Rows of ``moekit`` (and ``baseline``) at each token count for shape ``m``."""
+    name = m.name
     torch.manual_seed(0)
     layer = build_layer(m, dtype, device)
     rows = []
     dev_name = torch.cuda.get_device_name(device)
     for t in tokens:
-        sets = [(torch.randn(t, m["H"], device=device, dtype=dtype),
-                 torch.randn(t, m["E"] + m["Z"], device=device, dtype=torch.float32)) for _ in range(rotations)]
+        sets = [(torch.randn(t, m.H, device=device, dtype=dtype),
+                 torch.randn(t, m.E + m.Z, device=device, dtype=torch.float32)) for _ in range(rotations)]
         with torch.no_grad():
-            from .ops.api import route
-
             r = layer.router  # unmasked ids (zero-expert slots keep ids >= E) for the roofline
-            ids_list = [route(lg, r.spec, getattr(r, "e_score_correction_bias", None), None, r.backend)[1]
-                        for _, lg in sets]
-            rf = roofline(m, t, ids_list, m["E"], bw, peak)
+            bias = getattr(r, "e_score_correction_bias", None)
+            ids_list = [r.kernels.route(lg, r.spec, bias, None)[1] for _, lg in sets]
+            rf = roofline(m, t, ids_list, m.E, bw, peak)
             impls = [("moekit", lambda x, lg: layer(x, lg))]
             if baseline:
                 impls.append(("baseline", lambda x, lg: baseline_forward(layer, m, x, lg)))
@@ -211,7 +183,8 @@ def bench_model(name: str, tokens, dtype, device, bw, peak, rotations: int, base
                 row = dict(model=name, tokens=t, impl=impl, us=round(us, 2),
                            pct_roofline=round(100 * rf["floor_us"] / us, 1),
                            tflops=round(rf["flops"] / (us * 1e-6) / 1e12, 2), device=dev_name,
-                           dtype=str(dtype).replace("torch.", ""), **{k: round(v, 2) for k, v in rf.items()})
+                           dtype=str(dtype).replace("torch.", ""), quant=quant_name(dtype),
+                           **{k: round(v, 2) for k, v in rf.items()})
                 rows.append(row)
                 log(f"{name:15s} T={t:6d} {impl:9s} {us:10.1f} us  {row['pct_roofline']:5.1f}% roofline "
                     f"{row['tflops']:7.1f} TFLOP/s")
@@ -224,21 +197,21 @@ def bench_model(name: str, tokens, dtype, device, bw, peak, rotations: int, base
 
 def bench_routing(tokens, device, log) -> list[dict]:
     """DeepSeek-V3 grouped top-k: the Triton kernel against the torch twin."""
-    from .ops.api import route
-    from .ops.routing import TopKSpec
+    from ..ops.kernels import kernels_for
+    from ..ops.routing import TopKSpec, route_torch
 
-    spec = TopKSpec(8, "sigmoid", True, 2.5, 8, 4)
-    bias = torch.rand(256, device=device) * 0.1
+    m = MODELS["deepseek-v3"]
+    spec = TopKSpec(m.K, m.scoring, m.renorm, m.scale, m.groups, m.topk_group)
+    bias = torch.rand(m.E, device=device) * 0.1
+    route_triton = kernels_for("triton").route
     rows = []
     for t in tokens:
-        sets = [(torch.randn(t, 256, device=device),) for _ in range(4)]
-        from .ops.routing import route_torch
-
-        for impl, fn in (("moekit-route", lambda lg: route(lg, spec, bias, None, "triton")),
+        sets = [(torch.randn(t, m.E, device=device),) for _ in range(4)]
+        for impl, fn in (("moekit-route", lambda lg: route_triton(lg, spec, bias, None)),
                          ("torch-route", lambda lg: route_torch(lg, spec, bias))):
             us = time_graph(fn, sets, target_ms=10.0, replays=15)
             rows.append(dict(model="deepseek-v3-routing", tokens=t, impl=impl, us=round(us, 2), pct_roofline=None,
-                             device=torch.cuda.get_device_name(device)))
+                             device=torch.cuda.get_device_name(device), quant=None))
             log(f"routing T={t:6d} {impl:13s} {us:8.2f} us")
     return rows
 
@@ -253,7 +226,7 @@ def plot(rows, bw, peak, path: Path) -> None:
     ai = [10 ** (x / 10) for x in range(-5, 40)]
     ax.loglog(ai, [min(peak, bw * a) / 1e12 for a in ai], "k-", lw=1.5, label="roofline (max measured BW)")
     for impl, marker in (("moekit", "o"), ("baseline", "x")):
-        for model in MODELS:
+        for model in sorted({r["model"] for r in rows}):
             pts = [r for r in rows if r["impl"] == impl and r["model"] == model]
             if pts:
                 ax.loglog([r["flops"] / r["bytes"] for r in pts], [r["tflops"] for r in pts], marker,
@@ -266,43 +239,36 @@ def plot(rows, bw, peak, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moekit bench", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--rotations", type=int, default=4, help="input sets rotated inside the graph")
-    p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--no-routing", action="store_true")
-    p.add_argument("--no-longcat-nozero", action="store_true")
-    p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("moekit bench needs a CUDA GPU")
-        return 2
+def default_out() -> Path:
+    """Where ``moekit bench`` writes by default: ``./benchmarks/results`` if that folder exists, else ``.``."""
+    results = Path("benchmarks") / "results"
+    return results if results.is_dir() else Path(".")
+
+
+def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = torch.bfloat16, *,
+              rotations: int = 4, baseline: bool = True, routing: bool = True, longcat_nozero: bool = True,
+              out: Path | None = None, log=print) -> list[dict]:
+    """Benchmark ``models`` at ``tokens`` on the current CUDA device; write the JSON (and plot) to ``out``.
+
+    Returns the rows. ``longcat_nozero`` adds LongCat-Flash without its zero experts (the same
+    layer's real-expert cost) after ``longcat-flash``.
+    """
     device = torch.device("cuda")
-    dtype = getattr(torch, a.dtype)
-    tokens = [int(x) for x in a.tokens.split(",") if x]
-    log = lambda s: print(s, flush=True)  # noqa: E731
     copy_bw, read_bw, peak = measure_ceilings(device)
     bw = max(copy_bw, read_bw)
     log(f"device {torch.cuda.get_device_name(device)}: copy {copy_bw / 1e12:.2f} TB/s, read {read_bw / 1e12:.2f} "
         f"TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     rows = []
-    for name in [x for x in a.models.split(",") if x]:
-        if name not in MODELS:
-            raise SystemExit(f"--models: unknown model {name!r}; choose from {list(MODELS)}")
-        rows += bench_model(name, tokens, dtype, device, bw, peak, a.rotations, not a.no_baseline, log)
-        if name == "longcat-flash" and not a.no_longcat_nozero:
-            MODELS["longcat-flash-nozero"] = dict(MODELS["longcat-flash"], Z=0)
-            rows += bench_model("longcat-flash-nozero", tokens, dtype, device, bw, peak, a.rotations, False, log)
-            del MODELS["longcat-flash-nozero"]
-    if not a.no_routing:
+    for m in models:
+        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log)
+        if m.name == "longcat-flash" and longcat_nozero:
+            nozero = m.replace(name="longcat-flash-nozero", Z=0)
+            rows += bench_model(nozero, tokens, dtype, device, bw, peak, rotations, False, log)
+    if routing:
         rows += bench_routing(tokens, device, log)
-    summary = summarize(rows)
-    for line in summary:
+    for line in summarize(rows):
         log(line)
-    out = Path(a.out)
+    out = default_out() if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{torch.cuda.get_device_name(device).replace(' ', '_')}-{_dt.date.today().isoformat()}"
     meta = dict(copy_bw_TBps=round(copy_bw / 1e12, 3), read_bw_TBps=round(read_bw / 1e12, 3),
@@ -317,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # matplotlib missing: the JSON is the result
         log(f"plot skipped: {exc!r}")
     log(f"wrote {out / stem}.json")
-    return 0
+    return rows
 
 
 def summarize(rows) -> list[str]:
@@ -336,7 +302,3 @@ def summarize(rows) -> list[str]:
         g = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
         lines.append(f"geomean speedup over baseline: {g:.3f} ({len(speedups)} points, min {min(speedups):.2f})")
     return lines
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

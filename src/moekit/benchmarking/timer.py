@@ -1,0 +1,95 @@
+"""The one timer of moekit's benchmarks: a median over repeated calls, in microseconds or milliseconds.
+
+Two ways to time a call on a CUDA device, both reporting a median (robust to a stray slow replay):
+
+- :func:`time_graph`: ``n`` calls over ``R`` rotating input sets captured in ONE CUDA graph, replayed
+  ``replays`` times; ``us = median(replay time) / n``. Launch overhead is gone and rotating inputs
+  keep the weights of one call from being served out of L2 by the previous one. This is what
+  ``moekit bench`` and ``moekit tune`` report. (``triton.testing.do_bench_cudagraph`` times one
+  closure without rotating inputs, so it is not used.)
+- :func:`time_events`: CUDA events around each eager call (host syncs and collectives included),
+  ``ms = median over iters``; on a CPU device the same with ``time.perf_counter``. For scripts that
+  must time what a caller sees: ``benchmarks/bench_parallel.py``, ``benchmarks/bench_transformers.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, replays: int = 7,
+               max_calls: int = 200) -> float:
+    """Median µs per call of ``fn(*inputs[i % R])``, ``n`` calls captured in one CUDA graph.
+
+    ``n`` is chosen so that one replay lasts about ``target_ms`` (at least ``R``, at most ``max_calls``).
+    inputs: R tuples of arguments (``[()]`` for a closure). Needs a CUDA device.
+    """
+    torch.cuda.synchronize()
+    for inp in inputs:  # warm up: compile, allocate
+        fn(*inp)
+    torch.cuda.synchronize()
+    t0 = torch.cuda.Event(enable_timing=True)
+    t1 = torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for inp in inputs:
+        fn(*inp)
+    t1.record()
+    torch.cuda.synchronize()
+    est = max(t0.elapsed_time(t1) / len(inputs), 1e-3)
+    n = int(min(max_calls, max(len(inputs), round(target_ms / est))))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        fn(*inputs[0])
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(n):
+                fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        t0.record()
+        graph.replay()
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) * 1000.0 / n)
+    del graph
+    return statistics.median(times)
+
+
+def time_events(fn: Callable[[], object], iters: int, warmup: int = 2, device=None,
+                before: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` eager calls after ``warmup`` calls.
+
+    CUDA events on a CUDA ``device`` (the default when CUDA is available), ``time.perf_counter``
+    otherwise. ``before`` runs once after the warm-up, e.g. ``torch.distributed.barrier`` so that all
+    ranks start together.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    if before is not None:
+        before()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

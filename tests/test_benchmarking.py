@@ -1,0 +1,103 @@
+"""moekit.benchmarking on the CPU: the shape registry, the timer, bench's baseline and roofline, quant rows.
+
+The CUDA-graph timings themselves need a GPU; what they time is checked here on tiny shapes.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moekit.benchmarking import MODELS, ModelShape, get_shape, time_events
+from moekit.benchmarking.bench import baseline_forward, build_layer, check_quant, quant_name, roofline
+from moekit.benchmarking.tune import _cfg, _search, candidates, make_problem
+
+
+def test_registry_has_the_five_models_and_is_read_only():
+    assert list(MODELS) == ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-120b", "longcat-flash"]
+    with pytest.raises(TypeError):
+        MODELS["new"] = MODELS["mixtral-8x7b"]  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MODELS["longcat-flash"].Z = 0  # type: ignore[misc]
+    variant = MODELS["longcat-flash"].replace(name="longcat-flash-nozero", Z=0)
+    assert variant.Z == 0 and MODELS["longcat-flash"].Z == 256 and "longcat-flash-nozero" not in MODELS
+
+
+def test_registry_shapes_match_the_models():
+    ds = get_shape("deepseek-v3")
+    assert (ds.E, ds.K, ds.H, ds.I, ds.groups, ds.topk_group, ds.scale, ds.scoring) == (
+        256, 8, 7168, 2048, 8, 4, 2.5, "sigmoid")
+    assert get_shape("gpt-oss-120b").act == "swigluoai" and get_shape("gpt-oss-120b").has_bias
+    with pytest.raises(KeyError, match="choose from"):
+        get_shape("gpt-5")
+
+
+def test_time_events_on_cpu_is_a_median_in_ms():
+    calls = []
+    before = []
+    ms = time_events(lambda: calls.append(1), iters=5, warmup=2, device="cpu", before=lambda: before.append(1))
+    assert len(calls) == 7 and before == [1] and 0 <= ms < 100
+    with pytest.raises(ValueError, match="iters"):
+        time_events(lambda: None, iters=0, device="cpu")
+
+
+TINY = {  # registry shapes shrunk so that torch._grouped_mm runs on the CPU (16-byte aligned strides)
+    "deepseek-v3": dict(E=16, K=4, H=32, I=16, groups=4, topk_group=2),
+    "gpt-oss-120b": dict(E=8, K=2, H=32, I=16),
+    "longcat-flash": dict(E=8, Z=4, K=3, H=32, I=16),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_baseline_computes_the_layer(name):
+    # the torch._grouped_mm baseline that bench times is the same MoE as the moekit layer
+    m = MODELS[name].replace(**TINY[name])
+    layer = build_layer(m, torch.float32, torch.device("cpu"), backend="torch")
+    x, logits = torch.randn(12, m.H), torch.randn(12, m.E + m.Z)
+    with torch.no_grad():
+        want = layer(x, logits)
+        got = baseline_forward(layer, m, x, logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_roofline_counts_bytes_and_flops():
+    m = ModelShape("t", E=4, K=2, H=8, I=4)
+    ids = [torch.tensor([[0, 1], [1, 2]]), torch.tensor([[3, 3], [3, 3]])]
+    rf = roofline(m, 2, ids, m.E, bw=1e12, peak=1e15)
+    per_expert = (2 * 4 * 8 + 8 * 4) * 2
+    assert rf["unique_experts"] == 2 and rf["real_slots"] == 4
+    assert rf["bytes"] == 2 * per_expert + 2 * 2 * 8 * 2 + 2 * 4 * 4
+    assert rf["flops"] == 2 * 4 * 8 * 3 * 4
+
+
+def test_quant_is_the_dtype_for_now():
+    assert quant_name(torch.bfloat16) == "bf16" and quant_name(torch.float16) == "fp16"
+    assert check_quant(None, torch.float16) == "fp16" and check_quant("bf16", torch.bfloat16) == "bf16"
+    with pytest.raises(ValueError, match="not implemented yet"):
+        check_quant("fp8", torch.bfloat16)
+
+
+def test_tune_search_is_a_coordinate_descent_over_candidates():
+    base = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
+    fast = _cfg(32, (32, 128, 4, 4), (128, 128, 4, 3), tma=True)
+    seen = []
+
+    def score(cfg):  # a pretend timing, separable by coordinate: each matching part of `fast` saves time
+        seen.append(cfg)
+        return (4.0 - (cfg["BLOCK_M"] == 32) - (cfg["w13"] == fast["w13"]) - (cfg["w2"] == fast["w2"])
+                - 0.5 * bool(cfg.get("tma")))
+
+    assert _search(base, rows=8, pdl=False, score=score) == fast
+    assert not any(c.get("pdl") for c in seen)
+    seen.clear()
+    _search(base, rows=8, pdl=True, score=score)
+    assert any(c.get("pdl") for c in seen)
+    bms, c13s, c2s = candidates(8, 16)
+    assert bms == [16, 32] and c13s and c2s
+
+
+def test_tune_problem_shapes():
+    x, w1, w2, w, ids, b1, b2 = make_problem(5, 4, 8, 6, 2, torch.float32, "silu", True, "cpu")
+    assert x.shape == (5, 8) and w1.shape == (4, 12, 8) and w2.shape == (4, 8, 6)
+    assert ids.dtype == torch.int32 and torch.allclose(w.sum(-1), torch.ones(5))
+    assert b1.shape == (4, 12) and b2.shape == (4, 8)
