@@ -1,7 +1,10 @@
-"""``FusedMoE``: the seed's factory keywords, as a thin front over small config objects.
+"""``FusedMoE``: the seed's factory keywords -> checks -> MoEConfig -> kernel table -> placement and EPLB
+state -> router -> routed experts -> executor -> :class:`~moekit.runner.MoERunner`, each part built
+once with everything it needs (see :func:`FusedMoE`).
 
     layer = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, ...)   # -> MoERunner
-    out = layer(hidden_states, router_logits=None, *, input_ids=None)
+    layer.load_expert_weights(w13 [E, 2I, H], w2 [E, H, I])
+    out = layer(hidden_states [T, H], router_logits [T, E + Z] | None, *, input_ids=None)   # [T, H]
 """
 
 from __future__ import annotations
@@ -100,31 +103,19 @@ def FusedMoE(
     router_scale, output_scale = (1.0, routed_scaling_factor) if apply_routed_scale_to_output else (
         routed_scaling_factor, 1.0
     )
-    routing = dict(
-        renormalize=renormalize,
-        scoring_func=scoring_func,
-        e_score_correction_bias=e_score_correction_bias,
-        routed_scaling_factor=router_scale,
-        zero_expert_type=zero_expert_type,
-        use_grouped_topk=use_grouped_topk,
-        custom_routing_function=custom_routing_function,
-        hash_indices_table=hash_indices_table,
-        num_expert_group=num_expert_group,
-        topk_group=topk_group,
+    routing = dict(  # the router's keywords: checked here, then the factory's (or a given router's)
+        renormalize=renormalize, scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias,
+        routed_scaling_factor=router_scale, zero_expert_type=zero_expert_type, use_grouped_topk=use_grouped_topk,
+        custom_routing_function=custom_routing_function, hash_indices_table=hash_indices_table,
+        num_expert_group=num_expert_group, topk_group=topk_group,
     )
     _check_routing_combination(routing, apply_router_weight_on_input)
     if router is not None:
         _check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
     device = torch.device(device) if device is not None else _default_device()
     config = MoEConfig(
-        num_experts=num_experts,
-        top_k=top_k,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        activation=activation,
-        has_bias=has_bias,
-        swiglu_limit=swiglu_limit,
-        apply_router_weight_on_input=apply_router_weight_on_input,
+        num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
+        swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
         num_zero_experts=_num_zero_experts(zero_expert_type, e_score_correction_bias, num_experts),
         params_dtype=params_dtype or torch.get_default_dtype(),
     )

@@ -73,15 +73,14 @@ class MoERunner(torch.nn.Module):
             raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
         if shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
-        self.layer_name = layer_name
-        self.moe_config = moe_config
+        self.layer_name, self.moe_config = layer_name, moe_config
+        # the path of a forward, in order
+        self.routed_input_transform = routed_input_transform
+        self.gate = gate
         self.router = router
         self.routed_experts = routed_experts
-        self.gate = gate
-        self.shared_experts = shared_experts
-        self.shared_expert_gate = shared_expert_gate
-        self.routed_input_transform = routed_input_transform
         self.routed_output_transform = routed_output_transform
+        self.shared_experts, self.shared_expert_gate = shared_experts, shared_expert_gate
         self.routed_scaling_factor = float(routed_scaling_factor)
         if not math.isfinite(self.routed_scaling_factor):
             raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor!r}")
