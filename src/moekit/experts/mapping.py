@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from .layout import DOWN, GATE, SHARD_OF_PROJ, UP, down_rows, gate_up_rows, get_fused_layout
+from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, down_rows, gate_up_rows, get_fused_layout
 
 _EXPERT_RE = re.compile(r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)(weight|bias)$")
 _FUSED_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|down_proj)(_bias)?$")
@@ -73,9 +73,13 @@ def default_expert_mapping(layer) -> list[tuple[str, str, int, str]]:
     """Both common per-expert conventions: ``{gate,up,down}_proj`` and Mixtral's ``w1/w3/w2``."""
     e = layer.moe_config.num_experts
     redundant = layer.routed_experts.placement.num_physical - e
-    return fused_moe_make_expert_params_mapping(
-        layer, "gate_proj", "down_proj", "up_proj", e, redundant
-    ) + fused_moe_make_expert_params_mapping(layer, "w1", "w2", "w3", e, redundant)
+    return [
+        entry
+        for style in (0, 1)
+        for entry in fused_moe_make_expert_params_mapping(
+            layer, PROJ_NAMES[GATE][style], PROJ_NAMES[DOWN][style], PROJ_NAMES[UP][style], e, redundant
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
