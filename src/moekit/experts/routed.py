@@ -106,9 +106,10 @@ class RoutedExperts(torch.nn.Module):
     def missing(self) -> list[str]:
         """What is still unwritten, by logical expert: ``["expert 3 w2", "expert 0 w1 bias", ...]``."""
         logical = self.placement.local_logical_ids()
-        names = {(logical[slot], s, bias) for slot, s, bias in self._needed - self._written}
         order = {s: i for i, s in enumerate(shards(self.moe_config.gated))}
-        return [f"expert {e} {s}{' bias' if b else ''}" for e, s, b in sorted(names, key=lambda n: (n[0], order[n[1]], n[2]))]
+        names = {(logical[slot], order[s], bias) for slot, s, bias in self._needed - self._written}
+        by_order = shards(self.moe_config.gated)
+        return [f"expert {e} {by_order[i]}{' bias' if b else ''}" for e, i, b in sorted(names)]
 
     def check_loaded(self) -> None:
         """Raise ``RuntimeError`` unless every expert weight of this rank was loaded."""
@@ -226,7 +227,8 @@ class RoutedExperts(torch.nn.Module):
         for name, t in (("w13_weight", w13), ("w2_weight", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
             old = getattr(self, name)
             if (t is None) != (old is None):
-                raise ValueError(f"{name}: the layer has has_bias={c.has_bias}, got {'no' if t is None else 'a'} tensor")
+                got = "no tensor" if t is None else "a tensor"
+                raise ValueError(f"{name}: the layer has has_bias={c.has_bias}, got {got}")
             if t is None:
                 continue
             _expect(name, t, tuple(old.shape))

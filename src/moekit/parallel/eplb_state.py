@@ -56,7 +56,8 @@ class EplbState(torch.nn.Module):
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Derive the routing maps from ``placement`` (the experts' own, after a rebalance)."""
-        if (placement.num_logical, placement.num_physical, placement.ep_size) != (self.num_logical, self.num_physical, self.ep_size):
+        sizes = (placement.num_logical, placement.num_physical, placement.ep_size)
+        if sizes != (self.num_logical, self.num_physical, self.ep_size):
             raise ValueError(
                 f"placement has E={placement.num_logical}, P={placement.num_physical}, ep_size={placement.ep_size}; "
                 f"this state was built for E={self.num_logical}, P={self.num_physical}, ep_size={self.ep_size}"
