@@ -26,8 +26,16 @@ def build(name, backend):
     nb = kw.pop("bias", None)
     if nb:
         kw["e_score_correction_bias"] = torch.linspace(0, 0.1, nb, device="cuda")
-    torch.manual_seed(0)
-    return moekit.FusedMoE(**kw, params_dtype=torch.bfloat16, device="cuda", backend=backend)
+    layer = moekit.FusedMoE(**kw, params_dtype=torch.bfloat16, device="cuda", backend=backend)
+    c, g = layer.moe_config, torch.Generator().manual_seed(0)
+    e, h, i, rows = c.num_experts, c.hidden_size, c.intermediate_size, c.w13_rows()
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to("cuda", torch.bfloat16)
+
+    biases = (rnd(e, rows, scale=0.05), rnd(e, h, scale=0.05)) if c.has_bias else ()
+    layer.load_expert_weights(rnd(e, rows, h, scale=h**-0.5), rnd(e, h, i, scale=i**-0.5), *biases)
+    return layer
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

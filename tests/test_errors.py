@@ -534,6 +534,39 @@ def test_load_expert_weights_errors():
         biased.load_expert_weights(w13, w2, torch.zeros(6, 8), torch.zeros(6, 4))
 
 
+# -- a forward before the expert weights were loaded (SPEC §1) ---------------------------------
+def test_forward_before_load_raises():
+    layer = _layer(has_bias=True)
+    x, logits = torch.randn(3, 8), torch.randn(3, 6)
+    with pytest.raises(RuntimeError, match="before the expert weights were loaded"):
+        layer(x, logits)
+    with pytest.raises(RuntimeError, match="loaded"):  # T = 0 as well: never an initialiser's values
+        layer(x[:0], logits[:0])
+    with pytest.raises(RuntimeError, match="loaded"):  # the experts on their own too
+        layer.routed_experts(x, torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.int32))
+
+
+def test_partial_load_names_what_is_missing():
+    layer = _layer()
+    w13, w2 = torch.randn(6, 8, 8), torch.randn(6, 8, 4)
+    pairs = [(f"experts.{e}.{p}.weight", t) for e in range(6)
+             for p, t in (("gate_proj", w13[e, :4]), ("up_proj", w13[e, 4:]), ("down_proj", w2[e]))]
+    layer.load_weights([p for p in pairs if p[0] not in ("experts.2.down_proj.weight", "experts.5.up_proj.weight")])
+    assert layer.routed_experts.missing() == ["expert 2 w2", "expert 5 w3"]
+    with pytest.raises(RuntimeError, match="expert 2 w2, expert 5 w3"):
+        layer(torch.randn(3, 8), torch.randn(3, 6))
+    layer.load_weights([p for p in pairs if p[0] in ("experts.2.down_proj.weight", "experts.5.up_proj.weight")])
+    assert layer.routed_experts.loaded and layer(torch.randn(3, 8), torch.randn(3, 6)).shape == (3, 8)
+
+
+def test_state_dict_load_counts_as_loaded():
+    src, dst = _layer(), _layer()
+    src.load_expert_weights(torch.randn(6, 8, 8), torch.randn(6, 8, 4))
+    dst.load_state_dict(src.state_dict())
+    x, logits = torch.randn(3, 8), torch.randn(3, 6)
+    assert torch.equal(dst(x, logits), src(x, logits))
+
+
 # -- routing arguments that select different routers cannot be combined ------------------------
 @pytest.mark.parametrize(
     "kwargs",

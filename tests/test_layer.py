@@ -29,6 +29,15 @@ def build(e=6, k=2, h=16, inter=8, *, dtype=torch.float32, activation="silu", ha
     return layer, w13, w2, b13, b2
 
 
+def load_random(layer):
+    """Load random expert weights into ``layer`` (global shapes from its config); returns it."""
+    c = layer.moe_config
+    w13, w2, b13, b2 = make_expert_weights(c.num_experts, c.intermediate_size, c.hidden_size, gated=c.gated,
+                                           bias=c.has_bias, dtype=c.params_dtype)
+    layer.load_expert_weights(w13, w2, b13, b2)
+    return layer
+
+
 def route_fn(k, **kw):
     """Reference routing closure for ref_layer, asserting tie-free input."""
 
@@ -313,11 +322,12 @@ def test_load_expert_weights_casts_to_params_dtype():
 
 def test_layer_attributes_and_backend():
     # layer.router is the router object, layer.backend the resolved backend ("auto" on CPU -> torch)
-    layer = FusedMoE(6, 2, 16, 8)
+    layer = load_random(FusedMoE(6, 2, 16, 8))
     assert isinstance(layer.router, moekit.BaseRouter)
     assert layer.backend == "torch" and layer.router.backend == "torch"
+    assert layer.router.kernels is layer.routed_experts.kernels  # one table, resolved once
     out = layer(torch.randn(3, 16), torch.randn(3, 6))
-    assert torch.isfinite(out).all()  # default init computes finite numbers
+    assert torch.isfinite(out).all()
 
 
 def test_custom_router_object_and_classes():
@@ -366,6 +376,7 @@ def test_seed_keywords_accepted():
                      routed_output_transform=None, apply_routed_scale_to_output=False, zero_expert_type=None,
                      hash_indices_table=None, runner_cls=None, runner_args=None, routed_experts_cls=None,
                      routed_experts_args=None, device=None)
+    load_random(layer)
     assert layer.layer_name == "model.layers.0.mlp.experts"
     assert layer(torch.randn(2, 8), torch.randn(2, 4)).shape == (2, 8)
 
@@ -457,6 +468,44 @@ def test_three_tuple_module_output_raises():
         def forward(self, x):
             return x, None, None
 
-    layer = FusedMoE(6, 2, 16, 8, shared_experts=Three(), backend="torch")
+    layer = load_random(FusedMoE(6, 2, 16, 8, shared_experts=Three(), backend="torch"))
     with pytest.raises(TypeError, match="tuple of 3"):
         layer(torch.randn(2, 16), torch.randn(2, 6))
+
+
+# ------------------------------------------------------------------ construction (bottom-up)
+def test_construction_hands_every_part_in():
+    # the runner's parts are constructor arguments: the executor runs the runner's experts, nothing stamped
+    from moekit.experts import LocalExecutor
+
+    layer = FusedMoE(6, 2, 16, 8, n_shared_experts=None, expert_mapping=None, backend="torch")
+    ex = layer.expert_executor
+    assert isinstance(ex, LocalExecutor) and ex.name == "local" and ex.experts is layer.routed_experts
+    assert ex.__doc__ and layer.router.eplb_state is None
+    for stamped in ("fused_layout", "plan", "_loaded"):
+        assert not hasattr(layer, stamped)
+    runner = MoERunner("r", layer.moe_config, layer.router, layer.routed_experts)  # default executor: local
+    assert isinstance(runner.expert_executor, LocalExecutor) and runner.expert_executor.experts is runner.routed_experts
+    with pytest.raises(ValueError, match="expert_executor"):
+        MoERunner("r", layer.moe_config, layer.router, layer.routed_experts,
+                  expert_executor=LocalExecutor(build()[0].routed_experts))
+
+
+def test_expert_placement_has_one_owner():
+    # moekit.parallel.ExpertPlacement is the experts' class; the experts hold the only instance
+    from moekit.experts.placement import ExpertPlacement
+
+    assert moekit.parallel.ExpertPlacement is ExpertPlacement
+    layer = load_random(FusedMoE(4, 2, 8, 4, enable_eplb=True, backend="torch"))
+    ex = layer.expert_executor
+    assert ex.name == "parallel" and ex.experts is layer.routed_experts and not hasattr(ex, "placement")
+    assert layer.router.eplb_state is ex.eplb_state  # handed to the router at construction
+    layer(torch.randn(5, 8), torch.randn(5, 4))
+    stats = layer.rebalance()
+    assert tuple(stats["physical_to_logical"]) == layer.routed_experts.placement.physical_to_logical
+
+
+def test_router_instance_with_eplb_raises():
+    router = FusedTopKRouter(2, 4)
+    with pytest.raises(ValueError, match="enable_eplb"):
+        FusedMoE(4, 2, 8, 4, router=router, enable_eplb=True)

@@ -1,14 +1,24 @@
 """moekit: one clean, exact and fast Mixture-of-Experts layer for PyTorch.
 
-    import moekit
-    layer = moekit.FusedMoE(num_experts=8, top_k=2, hidden_size=4096, intermediate_size=14336)
-    out = layer(hidden_states, router_logits)
+    import torch, moekit
+    E, K, H, I = 8, 2, 64, 128                       # experts, top-k, hidden size, expert intermediate size
+    layer = moekit.FusedMoE(E, K, H, I)              # -> MoERunner (weights allocated, not yet loaded)
+    layer.load_expert_weights(
+        torch.randn(E, 2 * I, H) * H**-0.5,          # w13: [E, 2I, H] float32, gate rows then up rows
+        torch.randn(E, H, I) * I**-0.5,              # w2:  [E, H, I]  float32
+    )
+    x, logits = torch.randn(5, H), torch.randn(5, E) # hidden_states [T, H], router_logits [T, E]
+    out = layer(x, logits)                           # [T, H]: Σ_k w[t, k] · expert_{ids[t, k]}(x[t])
+
+A forward before the expert weights are loaded raises ``RuntimeError``. Checkpoints:
+``moekit.load_moe_layers(path)``; transformers models: ``moekit.integrations.transformers.patch(model)``.
 """
 
 from .config import MoEConfig
 from .experts.routed import RoutedExperts
 from .layer import FusedMoE
-from .loading import fused_moe_make_expert_params_mapping, load_moe_layers
+from .experts.mapping import fused_moe_make_expert_params_mapping
+from .loading import load_moe_layers
 from .ops.activation import ACTIVATIONS
 from .ops.api import fused_experts, fused_topk, fused_topk_bias, grouped_topk
 from .ops.experts import fused_experts_torch

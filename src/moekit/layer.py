@@ -1,7 +1,10 @@
-"""``FusedMoE``: the seed's factory keywords, as a thin front over small config objects.
+"""``FusedMoE``: the seed's factory keywords -> checks -> MoEConfig -> kernel table -> placement and EPLB
+state -> router -> routed experts -> executor -> :class:`~moekit.runner.MoERunner`, each part built
+once with everything it needs (see :func:`FusedMoE`).
 
     layer = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, ...)   # -> MoERunner
-    out = layer(hidden_states, router_logits=None, *, input_ids=None)
+    layer.load_expert_weights(w13 [E, 2I, H], w2 [E, H, I])
+    out = layer(hidden_states [T, H], router_logits [T, E + Z] | None, *, input_ids=None)   # [T, H]
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from typing import Any, Callable
 
 import torch
 
-from .ops.kernels import kernels_for, resolve_backend
 from .config import MoEConfig
+from .experts.executor import LocalExecutor
+from .experts.placement import PLACEMENT_STRATEGIES
 from .experts.routed import RoutedExperts
-from .parallel.placement import PLACEMENT_STRATEGIES
+from .ops.kernels import resolve_kernels
+from .parallel.executor import ParallelExecutor
+from .parallel.setup import build_placement
 from .routing.base import BaseRouter
 from .routing.factory import create_fused_moe_router
 from .runner import MoERunner
@@ -75,13 +81,103 @@ def FusedMoE(
     expert_placement_strategy: str = "linear",
     backend: str = "auto",
 ) -> MoERunner:
-    """Build a complete MoE layer: router -> routed experts -> runner (with gate and shared experts).
+    """Build a complete MoE layer, bottom-up; nothing is installed on a part after it is built:
+
+        kernels = resolve_kernels(backend, device)                    # once, for router and experts
+        placement, eplb_state = build_placement(...)                  # parallel layers; else single, None
+        router = create_fused_moe_router(..., eplb_state=, kernels=)  # or the given ``router``
+        experts = RoutedExperts(prefix, dtype, config, placement=, kernels=)
+        executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) | LocalExecutor(experts)
+        return MoERunner(prefix, config, router, experts, ..., expert_executor=executor)
 
     Every keyword has the seed's meaning and default; see SPEC §1. Extra keywords: ``device`` (where
     the weights live), ``ep_group``/``tp_group`` (``torch.distributed`` groups),
     ``expert_placement_strategy`` ("linear" or "round_robin") and ``backend`` ("auto", "torch",
     "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``).
+    The expert weights start unloaded: load them (``layer.load_expert_weights`` / ``load_weights``)
+    before the first forward.
     """
+    _check_unsupported(quant_config, is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
+                       n_shared_experts, shared_experts)
+    # routed_scaling_factor applies once: in the router, or (apply_routed_scale_to_output) on the output
+    router_scale, output_scale = (1.0, routed_scaling_factor) if apply_routed_scale_to_output else (
+        routed_scaling_factor, 1.0
+    )
+    routing = dict(  # the router's keywords: checked here, then the factory's (or a given router's)
+        renormalize=renormalize, scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias,
+        routed_scaling_factor=router_scale, zero_expert_type=zero_expert_type, use_grouped_topk=use_grouped_topk,
+        custom_routing_function=custom_routing_function, hash_indices_table=hash_indices_table,
+        num_expert_group=num_expert_group, topk_group=topk_group,
+    )
+    _check_routing_combination(routing, apply_router_weight_on_input)
+    if router is not None:
+        _check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
+    device = torch.device(device) if device is not None else _default_device()
+    config = MoEConfig(
+        num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
+        swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
+        num_zero_experts=_num_zero_experts(zero_expert_type, e_score_correction_bias, num_experts),
+        params_dtype=params_dtype or torch.get_default_dtype(),
+    )
+    kernels = resolve_kernels(backend, device, quiet=True)
+    if backend == "auto":
+        log.info("moekit layer %r: backend %r on %s", prefix, kernels.name, device)
+
+    parallel = enable_eplb or ep_group is not None or tp_group is not None
+    placement, eplb_state = _parallel_pieces(
+        parallel, num_experts, num_redundant_experts, enable_eplb, ep_group, tp_group, tp_size,
+        expert_placement_strategy, num_expert_group if use_grouped_topk else None, device,
+    )
+    if router is None:
+        router = create_fused_moe_router(
+            top_k, num_experts, eplb_state=eplb_state, enable_eplb=enable_eplb, num_logical_experts=num_experts,
+            kernels=kernels, **routing,
+        )
+    router.to(device)
+    experts = (routed_experts_cls or RoutedExperts)(
+        prefix, config.params_dtype, config, quant_config, placement=placement, kernels=kernels, device=device,
+        **(routed_experts_args or {}),
+    )
+    executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) if parallel else LocalExecutor(experts)
+    return (runner_cls or MoERunner)(
+        layer_name=prefix,
+        moe_config=config,
+        router=router,
+        routed_experts=experts,
+        gate=gate,
+        shared_expert_gate=shared_expert_gate,
+        shared_experts=shared_experts,
+        routed_input_transform=routed_input_transform,
+        routed_output_transform=routed_output_transform,
+        routed_scaling_factor=output_scale,
+        router_logits_dtype=router_logits_dtype,
+        expert_executor=executor,
+        n_shared_experts=n_shared_experts,
+        expert_mapping=expert_mapping,
+        **(runner_args or {}),
+    )
+
+
+def _parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group, tp_group, tp_size, strategy,
+                     num_expert_group, device):
+    """(placement, EPLB state) of a parallel layer; (None, None) without parallelism (one placement
+    holding every expert, made by the experts)."""
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {strategy!r}")
+    if num_redundant and not enable_eplb:
+        raise ValueError(f"num_redundant_experts={num_redundant} requires enable_eplb=True")
+    if not parallel:
+        return None, None
+    return build_placement(
+        num_experts=num_experts, num_redundant_experts=num_redundant, ep_group=ep_group, tp_group=tp_group,
+        tp_size=tp_size, strategy=strategy, enable_eplb=enable_eplb, num_expert_group=num_expert_group,
+        device=device,
+    )
+
+
+def _check_unsupported(quant_config, is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
+                       n_shared_experts, shared_experts) -> None:
+    """Arguments this build cannot honour raise ``NotImplementedError`` naming them (SPEC §1)."""
     if quant_config is not None:
         raise _unsupported("quant_config", quant_config, "quantised experts (fp8, mxfp4) are not implemented yet")
     if is_sequence_parallel:
@@ -92,128 +188,32 @@ def FusedMoE(
         raise _unsupported("dp_size", dp_size, "data parallelism is the caller's; pass ep_group for expert parallelism")
     if tp_size not in (None, 1) and tp_group is None:
         raise _unsupported("tp_size", tp_size, "tensor parallelism needs tp_group (a torch.distributed group)")
-    if expert_placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ValueError(
-            f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {expert_placement_strategy!r}"
-        )
-    _check_routing_combination(
-        zero_expert_type, use_grouped_topk, num_expert_group, topk_group, custom_routing_function,
-        hash_indices_table, e_score_correction_bias, scoring_func, apply_router_weight_on_input,
-    )
-    if router is not None:
-        _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, e_score_correction_bias,
-                               routed_scaling_factor, apply_routed_scale_to_output, zero_expert_type,
-                               use_grouped_topk, custom_routing_function, hash_indices_table)
     if n_shared_experts and shared_experts is None:
         raise NotImplementedError(
             f"n_shared_experts={n_shared_experts} without shared_experts: moekit does not build shared experts "
             "itself (fused shared experts are ROCm-aiter only in the seed); pass shared_experts=<module>"
         )
-    device = torch.device(device) if device is not None else _default_device()
-    if num_redundant_experts and not enable_eplb:
-        raise ValueError(f"num_redundant_experts={num_redundant_experts} requires enable_eplb=True")
-    parallel = None
-    if enable_eplb or ep_group is not None or tp_group is not None:
-        from .parallel.setup import build_parallel
 
-        parallel = build_parallel(
-            num_experts=num_experts,
-            num_redundant_experts=num_redundant_experts,
-            ep_group=ep_group,
-            tp_group=tp_group,
-            tp_size=tp_size,
-            strategy=expert_placement_strategy,
-            enable_eplb=enable_eplb,
-            num_expert_group=num_expert_group if use_grouped_topk else None,
-            device=device,
+
+def _num_zero_experts(zero_expert_type, bias, num_experts: int) -> int:
+    """Z = len(e_score_correction_bias) - E for zero-expert layers (SPEC §2), else 0."""
+    if zero_expert_type is None:
+        return 0
+    if bias is None or bias.dim() != 1:
+        raise ValueError("zero_expert_type needs e_score_correction_bias of shape [E + Z]")
+    if bias.shape[0] < num_experts:
+        raise ValueError(
+            f"e_score_correction_bias must have length E + Z >= num_experts ({num_experts}), got {bias.shape[0]}"
         )
-
-    num_zero = 0
-    if zero_expert_type is not None:
-        if e_score_correction_bias is None or e_score_correction_bias.dim() != 1:
-            raise ValueError("zero_expert_type needs e_score_correction_bias of shape [E + Z]")
-        num_zero = e_score_correction_bias.shape[0] - num_experts
-        if num_zero < 0:
-            raise ValueError(
-                f"e_score_correction_bias must have length E + Z >= num_experts ({num_experts}), "
-                f"got {e_score_correction_bias.shape[0]}"
-            )
-    params_dtype = params_dtype or torch.get_default_dtype()
-    config = MoEConfig(
-        num_experts=num_experts,
-        top_k=top_k,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        activation=activation,
-        has_bias=has_bias,
-        swiglu_limit=swiglu_limit,
-        apply_router_weight_on_input=apply_router_weight_on_input,
-        num_zero_experts=num_zero,
-        params_dtype=params_dtype,
-    )
-    chosen = resolve_backend(backend, device)
-    if backend == "auto":
-        log.info("moekit layer %r: backend %r on %s", prefix, chosen, device)
-
-    if router is None:
-        router = create_fused_moe_router(
-            top_k=top_k,
-            global_num_experts=num_experts,
-            renormalize=renormalize,
-            use_grouped_topk=use_grouped_topk,
-            num_expert_group=num_expert_group,
-            topk_group=topk_group,
-            custom_routing_function=custom_routing_function,
-            scoring_func=scoring_func,
-            # scaling on the output: the router must not scale as well
-            routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
-            e_score_correction_bias=e_score_correction_bias,
-            zero_expert_type=zero_expert_type,
-            num_logical_experts=num_experts,
-            hash_indices_table=hash_indices_table,
-            kernels=kernels_for(chosen),
-        )
-    else:
-        router.kernels = kernels_for(chosen)
-    router.to(device)
-
-    routed_experts = (routed_experts_cls or RoutedExperts)(
-        prefix,
-        params_dtype,
-        config,
-        quant_config,
-        expert_mapping=expert_mapping,
-        backend=chosen,
-        device=device,
-        **({"placement": parallel.placement} if parallel is not None else {}),
-        **(routed_experts_args or {}),
-    )
-    runner = (runner_cls or MoERunner)(
-        layer_name=prefix,
-        moe_config=config,
-        router=router,
-        routed_experts=routed_experts,
-        gate=gate,
-        shared_expert_gate=shared_expert_gate,
-        shared_experts=shared_experts,
-        routed_input_transform=routed_input_transform,
-        routed_output_transform=routed_output_transform,
-        routed_scaling_factor=routed_scaling_factor if apply_routed_scale_to_output else 1.0,
-        router_logits_dtype=router_logits_dtype,
-        **(runner_args or {}),
-    )
-    if parallel is not None:
-        parallel.install(runner)  # expert executor (EP dispatch/combine, TP reduce) and the EPLB routing hook
-    runner.n_shared_experts = n_shared_experts  # informational: shared experts run via ``shared_experts``
-    runner.expert_mapping = expert_mapping
-    return runner
+    return bias.shape[0] - num_experts
 
 
-def _check_routing_combination(
-    zero_expert_type, use_grouped_topk, num_expert_group, topk_group, custom_fn, hash_table, bias, scoring_func,
-    weight_on_input,
-):
+def _check_routing_combination(routing: dict, apply_router_weight_on_input: bool) -> None:
     """Refuse routing arguments that the router priority order would otherwise drop silently."""
+    zero_expert_type, use_grouped_topk = routing["zero_expert_type"], routing["use_grouped_topk"]
+    custom_fn, hash_table = routing["custom_routing_function"], routing["hash_indices_table"]
+    num_expert_group, topk_group = routing["num_expert_group"], routing["topk_group"]
+    scoring_func, e_score_correction_bias = routing["scoring_func"], routing["e_score_correction_bias"]
     given = {
         "zero_expert_type": zero_expert_type is not None,
         "use_grouped_topk": bool(use_grouped_topk),
@@ -231,7 +231,7 @@ def _check_routing_combination(
             f"scoring_func={scoring_func!r} has no effect with custom_routing_function (the function computes "
             "the weights itself); leave scoring_func at its default"
         )
-    if bias is not None and (custom_fn is not None or hash_table is not None):
+    if e_score_correction_bias is not None and (custom_fn is not None or hash_table is not None):
         picker = "custom_routing_function" if custom_fn is not None else "hash_indices_table"
         raise ValueError(f"e_score_correction_bias has no effect with {picker} (it picks the experts); pass one")
     if not use_grouped_topk and num_expert_group not in (None, 0, 1):
@@ -239,16 +239,29 @@ def _check_routing_combination(
             f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
             "without it the grouping would be ignored"
         )
-    if zero_expert_type is not None and weight_on_input:
+    if zero_expert_type is not None and apply_router_weight_on_input:
         raise ValueError(
             "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
             "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"
         )
 
 
-def _check_router_instance(router, top_k, num_experts, renormalize, scoring_func, bias, scale, scale_on_output,
-                           *router_selectors):
-    """A given ``router=`` decides the routing: routing keywords that differ from it would be ignored."""
+#: the routing keywords a given ``router=`` replaces, with their FusedMoE defaults
+_ROUTER_DEFAULTS = {
+    "renormalize": True,
+    "scoring_func": "softmax",
+    "e_score_correction_bias": None,
+    "routed_scaling_factor": 1.0,
+    "zero_expert_type": None,
+    "use_grouped_topk": False,
+    "custom_routing_function": None,
+    "hash_indices_table": None,
+}
+
+
+def _check_router_instance(router, routing: dict, *, top_k: int, num_experts: int, enable_eplb: bool) -> None:
+    """A given ``router=`` decides the routing: routing keywords that differ from their defaults would be
+    ignored, so they raise; so does EPLB (whose state the layer would have to hand the router)."""
     if not isinstance(router, BaseRouter):
         raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
     if router.top_k != top_k or router.global_num_experts != num_experts:
@@ -256,20 +269,17 @@ def _check_router_instance(router, top_k, num_experts, renormalize, scoring_func
             f"router has top_k={router.top_k}, global_num_experts={router.global_num_experts} but the layer was "
             f"given top_k={top_k}, num_experts={num_experts}; they must match"
         )
-    names = ("zero_expert_type", "use_grouped_topk", "custom_routing_function", "hash_indices_table")
-    ignored = [name for name, value in zip(names, router_selectors) if value is not None and value is not False]
-    ignored += [
-        name
-        for name, given, default in (
-            ("renormalize", renormalize, True),
-            ("scoring_func", scoring_func, "softmax"),
-            ("e_score_correction_bias", bias, None),
-            ("routed_scaling_factor", None if scale_on_output else scale, None if scale_on_output else 1.0),
-        )
-        if given is not default and given != default
+    ignored = [
+        name for name, default in _ROUTER_DEFAULTS.items()
+        if routing[name] is not default and routing[name] != default
     ]
     if ignored:
         raise ValueError(f"router= is given, so {ignored} would be ignored; configure the router instead")
+    if enable_eplb:
+        raise ValueError(
+            "router= cannot be combined with enable_eplb=True: the layer builds the EPLB routing state and "
+            "hands it to the router it creates; leave router= unset"
+        )
 
 
 def _default_device() -> torch.device:

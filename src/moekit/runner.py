@@ -3,11 +3,13 @@
     x        = routed_input_transform(h)            if set, else h          [T, H]
     logits   = gate(x)                              if not given             [T, E + Z]
     routing  = router.route(x, logits)              weights [T, K] f32, ids [T, K] i32, zero [T, H]
-    routed   = experts(x, weights, ids) + zero
+    routed   = expert_executor(x, weights, ids) + zero      (local, or EP dispatch/combine + TP reduce)
     routed  *= routed_scaling_factor                (only when applied to the output)
     routed   = routed_output_transform(routed)      if set
     shared   = shared_experts(h) [* sigmoid(shared_expert_gate(h))]
     return routed + shared
+
+Everything the runner holds is a constructor argument (:func:`moekit.FusedMoE` builds them bottom-up).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_float_dtype, check_tensor
 from .config import MoEConfig
+from .experts.executor import LocalExecutor
+from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
+from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
 
 
@@ -33,7 +38,16 @@ def _first(out):
 
 
 class MoERunner(torch.nn.Module):
-    """Owns ``router`` and ``routed_experts`` and runs the layer. Build it with :func:`moekit.FusedMoE`."""
+    """Owns ``router``, ``routed_experts`` and the ``expert_executor`` that runs them, and runs the layer.
+    Build it with :func:`moekit.FusedMoE`.
+
+    ``expert_executor``: an object with ``name``, ``experts`` and ``__call__(x, topk_weights,
+    topk_ids) -> [T, H]`` (default :class:`~moekit.experts.executor.LocalExecutor` over
+    ``routed_experts``; parallel layers get a :class:`~moekit.parallel.ParallelExecutor`).
+    ``routed_scaling_factor`` is the output-side factor (1.0 when the router applies it).
+    ``n_shared_experts`` is informational (shared experts run through ``shared_experts``);
+    ``expert_mapping`` names the checkpoint entries :meth:`load_weights` accepts.
+    """
 
     def __init__(
         self,
@@ -49,28 +63,35 @@ class MoERunner(torch.nn.Module):
         routed_output_transform: torch.nn.Module | None = None,
         routed_scaling_factor: float = 1.0,
         router_logits_dtype: torch.dtype | None = None,
+        *,
+        expert_executor=None,
+        n_shared_experts: int | None = None,
+        expert_mapping: list[tuple[str, str, int, str]] | None = None,
     ):
         super().__init__()
         if enable_dbo:
             raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
         if shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
-        self.layer_name = layer_name
-        self.moe_config = moe_config
+        self.layer_name, self.moe_config = layer_name, moe_config
+        # the path of a forward, in order
+        self.routed_input_transform = routed_input_transform
+        self.gate = gate
         self.router = router
         self.routed_experts = routed_experts
-        self.gate = gate
-        self.shared_experts = shared_experts
-        self.shared_expert_gate = shared_expert_gate
-        self.routed_input_transform = routed_input_transform
         self.routed_output_transform = routed_output_transform
+        self.shared_experts, self.shared_expert_gate = shared_experts, shared_expert_gate
         self.routed_scaling_factor = float(routed_scaling_factor)
         if not math.isfinite(self.routed_scaling_factor):
             raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor!r}")
         self.router_logits_dtype = router_logits_dtype
-        #: optional callable ``(x, weights, ids, routed_experts) -> [T, H]`` that replaces the local
-        #: expert call (expert/tensor parallel dispatch and combine install one)
-        self.expert_executor = None
+        if expert_executor is None:
+            expert_executor = LocalExecutor(routed_experts)
+        elif expert_executor.experts is not routed_experts:
+            raise ValueError("expert_executor must run this runner's routed_experts")
+        self.expert_executor = expert_executor
+        self.n_shared_experts = n_shared_experts
+        self.expert_mapping = expert_mapping
 
     @property
     def backend(self) -> str:
@@ -94,7 +115,7 @@ class MoERunner(torch.nn.Module):
 
         logits = self._logits(x, router_logits)
         routing = self.router.route(x, logits, input_ids=input_ids)
-        routed = self._run_experts(x, routing.topk_weights, routing.topk_ids)
+        routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
         if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
             acc = routed.float()
             if routing.zero_output is not None:
@@ -110,11 +131,6 @@ class MoERunner(torch.nn.Module):
             routed = routed + shared
         # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
         return routed.reshape(*lead, routed.shape[-1]).to(hidden_states.dtype)
-
-    def _run_experts(self, x, topk_weights, topk_ids) -> torch.Tensor:
-        if self.expert_executor is not None:
-            return self.expert_executor(x, topk_weights, topk_ids, self.routed_experts)
-        return self.routed_experts(x, topk_weights, topk_ids)
 
     def _logits(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
         if router_logits is None:
@@ -159,22 +175,20 @@ class MoERunner(torch.nn.Module):
         """Take the global ``[E, ...]`` tensors and keep this rank's share (see RoutedExperts)."""
         self.routed_experts.load_expert_weights(w13, w2, w13_bias, w2_bias)
 
-    def load_weights(self, weights) -> set[str]:
-        """Consume checkpoint ``(name, tensor)`` pairs through the expert-params mapping (SPEC §6)."""
-        from .loading.mapping import load_layer_weights
-
-        return load_layer_weights(self, weights)
+    def load_weights(self, weights, *, fused_layout: str = "rows") -> set[str]:
+        """Consume checkpoint ``(name, tensor)`` pairs through the expert-params mapping (SPEC §6);
+        fused expert stacks are read in ``fused_layout`` (see :mod:`moekit.experts.layout`)."""
+        return load_layer_weights(self, weights, fused_layout=fused_layout)
 
     def rebalance(self, **kwargs) -> dict:
         """EPLB: rebalance this layer's experts over its EP group (``enable_eplb=True`` layers; every
         rank calls it). Returns the imbalance before/after; see :func:`moekit.parallel.rebalance`."""
-        from .parallel.rebalance import rebalance_layer
-
         return rebalance_layer(self, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.moe_config
         return (
             f"layer_name={self.layer_name!r}, E={c.num_experts}, Z={c.num_zero_experts}, K={c.top_k}, "
-            f"H={c.hidden_size}, I={c.intermediate_size}, activation={c.activation!r}, backend={self.backend!r}"
+            f"H={c.hidden_size}, I={c.intermediate_size}, activation={c.activation!r}, backend={self.backend!r}, "
+            f"executor={self.expert_executor.name!r}"
         )

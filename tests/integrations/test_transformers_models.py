@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import hf_tiny  # noqa: E402
 
 from moekit import load_moe_layers  # noqa: E402
+from moekit.loading.architectures import plan_layers  # noqa: E402
 from moekit.integrations.transformers import MoEBlockAdapter, patch, register  # noqa: E402
 
 ARCHS = list(hf_tiny.TINY)
@@ -54,7 +55,8 @@ def test_patch_keeps_logits_and_generate(arch):
         router = old.gate if hasattr(old, "gate") else old.router
         router_w = router.classifier.weight if hasattr(router, "classifier") else router.weight
         assert moe.gate.weight.data_ptr() == router_w.data_ptr()  # shared, not copied
-        if moe.fused_layout == "rows":
+        assert moe.routed_experts.loaded  # the block's own tensors count as loaded
+        if adapter.plan.fused_layout == "rows":
             assert moe.routed_experts.w13_weight.data_ptr() == old.experts.gate_up_proj.data_ptr()
             assert moe.routed_experts.w2_weight.data_ptr() == old.experts.down_proj.data_ptr()
     assert patch(model) == []  # idempotent: adapters are not patched again
@@ -65,6 +67,7 @@ def test_save_pretrained_then_load_moe_layers(arch, tmp_path):
     model = hf_tiny.build(arch, seed=1)
     model.save_pretrained(tmp_path)
     layers = load_moe_layers(tmp_path)
+    plans = {p.name: p for p in plan_layers(model.config.to_dict())[1]}
     blocks = [n for n, m in model.named_modules() if hasattr(m, "experts") and n.endswith(("mlp", "feed_forward"))]
     assert list(layers) == blocks
     g = torch.Generator().manual_seed(2)
@@ -74,9 +77,10 @@ def test_save_pretrained_then_load_moe_layers(arch, tmp_path):
         ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=g)
         block = model.get_submodule(name)
         with torch.no_grad():
-            ref = block(x, input_ids=ids) if layer.plan.needs_input_ids else block(x)
+            needs_ids = plans[name].needs_input_ids
+            ref = block(x, input_ids=ids) if needs_ids else block(x)
             ref = ref[0] if isinstance(ref, tuple) else ref  # gpt-oss, Llama 4: (hidden, scores/logits)
-            out = layer(x.reshape(-1, h), input_ids=ids.reshape(-1) if layer.plan.needs_input_ids else None)
+            out = layer(x.reshape(-1, h), input_ids=ids.reshape(-1) if needs_ids else None)
         _close(out, ref.reshape(out.shape))
 
 
@@ -147,6 +151,7 @@ def test_llama4_multimodal_wrapper(tmp_path):
         ref = model(input_ids=ids).logits
     names = ["language_model.model.layers.0.feed_forward", "language_model.model.layers.1.feed_forward"]
     layers = load_moe_layers(tmp_path)
+    plans = {p.name: p for p in plan_layers(model.config.to_dict())[1]}
     assert list(layers) == names
     x = torch.randn(5, 32)
     with torch.no_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moekit
+import moekit.loading
 from moekit import FusedMoE, fused_moe_make_expert_params_mapping
 
 E, K, H, I = 4, 2, 12, 8
@@ -103,7 +104,6 @@ def test_load_user_expert_mapping():
 @pytest.mark.parametrize("layout", ["rows", "transposed_interleaved", "transposed"])
 def test_load_fused_layouts(layout):
     layer = _layer(has_bias=True)
-    layer.fused_layout = layout
     w = _per_expert(3, bias=True)
     gate = torch.stack([w[e]["gate"] for e in range(E)])  # [E, I, H]
     up = torch.stack([w[e]["up"] for e in range(E)])
@@ -121,9 +121,11 @@ def test_load_fused_layouts(layout):
             gu, gub = torch.cat([gate, up], 1).transpose(1, 2), torch.cat([gb, ub], 1)
         dn = down.transpose(1, 2)
     layer.load_weights(
-        [("experts.gate_up_proj", gu), ("experts.down_proj", dn), ("experts.gate_up_proj_bias", gub), ("experts.down_proj_bias", db)]
+        [("experts.gate_up_proj", gu), ("experts.down_proj", dn), ("experts.gate_up_proj_bias", gub), ("experts.down_proj_bias", db)],
+        fused_layout=layout,
     )
     _check(layer, w, bias=True)
+    assert layer.routed_experts.loaded
 
 
 def test_load_zero_expert_rows_are_dropped():
@@ -175,11 +177,11 @@ def test_loaded_layer_computes_the_naive_reference():
 
 def test_moekit_state_dict_round_trip():
     src = _layer(gate=torch.nn.Linear(H, E, bias=False), has_bias=True)
+    src.load_expert_weights(torch.randn(E, 2 * I, H), torch.randn(E, H, I), torch.randn(E, 2 * I), torch.randn(E, H))
     dst = _layer(gate=torch.nn.Linear(H, E, bias=False), has_bias=True)
     sd = src.state_dict()
-    assert dst.load_weights(sd.items()) == set(sd)
-    from moekit.loading.mapping import missing_pieces
-
-    assert missing_pieces(dst) == []
+    loaded = set()
+    assert moekit.loading.load_layer_weights(dst, sd.items(), loaded=loaded) == set(sd)
+    assert dst.routed_experts.missing() == [] and loaded == {"gate.weight"}
     for k, v in dst.state_dict().items():
         assert torch.equal(v, sd[k]), k

@@ -5,20 +5,16 @@ graph is captured (simulated here) the Triton table marks such tokens with NaN w
 On CPU the Triton table runs under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-import moekit  # noqa: E402
-from moekit.ops import triton_routing  # noqa: E402
-from moekit.ops.kernels import kernels_for  # noqa: E402
-from moekit.ops.routing import TopKSpec  # noqa: E402
-from reference import ref_hash_route  # noqa: E402
+import moekit
+from moekit.ops import triton_routing
+from moekit.ops.kernels import kernels_for
+from moekit.ops.routing import TopKSpec
+from reference import ref_hash_route
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB, E, K = 11, 8, 2

@@ -4,20 +4,16 @@ On CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set here b
 module is imported) on small shapes; on a CUDA machine the same tests run natively.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-import moekit  # noqa: E402
-from moekit.ops import triton_experts as te  # noqa: E402
-from moekit.ops.activation import apply_activation_torch  # noqa: E402
-from moekit.ops.api import fused_experts  # noqa: E402
-from moekit.ops.experts import fused_experts_torch  # noqa: E402
+import moekit
+from moekit.ops import triton_experts as te
+from moekit.ops.activation import apply_activation_torch
+from moekit.ops.api import fused_experts
+from moekit.ops.experts import fused_experts_torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,19 +3,15 @@
 On CPU it runs under the Triton interpreter (``TRITON_INTERPRET=1``, set before kernels import).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from moekit.ops import triton_routing  # noqa: E402
-from moekit.ops.api import route  # noqa: E402
-from moekit.ops.routing import TopKSpec, route_torch  # noqa: E402
-from moekit.ops.triton_routing import route_triton  # noqa: E402
+from moekit.ops import triton_routing
+from moekit.ops.api import route
+from moekit.ops.routing import TopKSpec, route_torch
+from moekit.ops.triton_routing import route_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

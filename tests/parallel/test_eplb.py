@@ -200,12 +200,14 @@ def test_eplb_single_process_layer():
 
     kw = dict(params_dtype=torch.float32, backend="torch", device="cpu")
     ref = moekit.FusedMoE(8, 2, 16, 8, **kw)
+    ref.load_expert_weights(torch.randn(8, 16, 16), torch.randn(8, 16, 8))
     lay = moekit.FusedMoE(8, 2, 16, 8, enable_eplb=True, **kw)
     lay.load_state_dict(ref.state_dict())
     x, lg = torch.randn(10, 16), torch.randn(10, 8)
     for _ in range(3):
         assert torch.equal(lay(x, lg), ref(x, lg))
     st = lay.router.eplb_state
+    assert st is lay.expert_executor.eplb_state  # one state, handed to router and executor at construction
     assert int(st.step) == 3 and int(st.window_load().sum()) == 3 * 10 * 2
     stats = lay.rebalance()
     assert stats["imbalance_before"] == stats["imbalance_after"] == 1.0 and stats["moved_slots"] == 0

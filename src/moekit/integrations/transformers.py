@@ -19,16 +19,17 @@ import re
 
 import torch
 
+from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
 from ..experts.routed import RoutedExperts
 from ..loading.architectures import plan_layers
-from ..loading.modules import build_layer
+from ..loading.modules import RouterLinear, build_layer
 from ..loading.plan import LayerPlan
 
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
 
 
 class _UnallocatedRoutedExperts(RoutedExperts):
-    """RoutedExperts whose weights start on the meta device: :func:`patch` installs the block's own."""
+    """RoutedExperts whose weights start on the meta device: :func:`patch` adopts the block's own."""
 
     def __init__(self, *args, device=None, **kwargs):
         super().__init__(*args, device="meta", **kwargs)
@@ -43,6 +44,7 @@ class MoEBlockAdapter(torch.nn.Module):
     def __init__(self, moe, plan: LayerPlan):
         super().__init__()
         self.moe = moe
+        self.plan = plan
         self.output = plan.output
         self.needs_input_ids = plan.needs_input_ids
 
@@ -113,6 +115,8 @@ def _router_parts(block, plan: LayerPlan):
 
 @torch.no_grad()
 def _moekit_from_block(block, plan: LayerPlan, backend: str):
+    """A moekit layer built around the block's own tensors: router weights, selection bias / hash table,
+    shared experts and expert stacks are shared (expert stacks in a transposed layout are converted once)."""
     weight, lin_bias, router = _router_parts(block, plan)
     for pname, p in block.named_parameters():
         if p.device.type == "meta":
@@ -125,6 +129,10 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
         tensors["router.e_score_correction_bias"] = router.e_score_correction_bias
     if plan.hash_routing:
         tensors["router.hash_indices_table"] = router.tid2eid
+    gate = RouterLinear(weight.shape[1], weight.shape[0], bias=plan.router_bias, fp32=plan.router_fp32, device="meta")
+    gate.weight = weight
+    if plan.router_bias:
+        gate.bias = lin_bias
     layer = build_layer(
         plan,
         device=weight.device,
@@ -132,40 +140,28 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
         backend=backend,
         tensors=tensors,
         routed_experts_cls=_UnallocatedRoutedExperts,
+        gate=gate,
+        shared_experts=(getattr(block, "shared_experts", None) or block.shared_expert)
+        if plan.shared_intermediate_size else None,
+        shared_expert_gate=block.shared_expert_gate if plan.shared_expert_gate else None,
     )
-    # router: share the gate weights and the selection-bias / hash buffers
-    layer.gate.weight = weight
-    if plan.router_bias:
-        layer.gate.bias = lin_bias
-    if plan.has_score_bias:
-        layer.router.e_score_correction_bias = router.e_score_correction_bias
-    if plan.hash_routing:
-        layer.router.hash_indices_table = router.tid2eid
-    # shared experts: the block's own modules (identical math, shared weights)
-    if plan.shared_intermediate_size:
-        layer.shared_experts = getattr(block, "shared_experts", None) or block.shared_expert
-    if plan.shared_expert_gate:
-        layer.shared_expert_gate = block.shared_expert_gate
-    ex = block.experts
-    routed = layer.routed_experts
-    e = plan.num_experts
-    if plan.fused_layout == "rows" and routed.placement.is_trivial:
-        gu = ex.gate_up_proj
-        routed.w13_weight = gu if gu.shape[0] == e else torch.nn.Parameter(gu.data[:e], requires_grad=False)
-        routed.w2_weight = ex.down_proj
-        if plan.has_bias:
-            routed.w13_bias, routed.w2_bias = ex.gate_up_proj_bias, ex.down_proj_bias
-    else:  # transposed stacks (gpt-oss, Llama 4): convert once
-        for pname in ("w13_weight", "w2_weight", "w13_bias", "w2_bias"):
-            p = getattr(routed, pname)
-            if p is not None:
-                real = torch.zeros(p.shape, dtype=p.dtype, device=weight.device)
-                setattr(routed, pname, torch.nn.Parameter(real, requires_grad=False))
-        pairs = [("experts.gate_up_proj", ex.gate_up_proj), ("experts.down_proj", ex.down_proj)]
-        if plan.has_bias:
-            pairs += [("experts.gate_up_proj_bias", ex.gate_up_proj_bias), ("experts.down_proj_bias", ex.down_proj_bias)]
-        layer.load_weights(pairs)
+    layer.routed_experts.adopt_weights(*_expert_stacks(block.experts, plan.num_experts, plan.has_bias,
+                                                       get_fused_layout(plan.fused_layout)))
     return layer
+
+
+def _expert_stacks(ex, num_experts: int, has_bias: bool, layout: FusedLayout):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) of a transformers experts
+    module stored in ``layout``: the module's own tensors for "rows", converted copies otherwise.
+    LongCat's gate/up stack has ``E + Z`` rows: the first ``E`` are the real experts."""
+    w13, w2 = gate_up_rows(ex.gate_up_proj, layout), down_rows(ex.down_proj, layout)
+    b13 = gate_up_rows(ex.gate_up_proj_bias, layout, bias=True) if has_bias else None
+    b2 = ex.down_proj_bias if has_bias else None
+    if w13.shape[0] != num_experts:
+        w13, b13 = w13[:num_experts], (b13[:num_experts] if b13 is not None else None)
+    if layout.transposed or layout.interleaved:
+        w13, w2 = w13.contiguous(), w2.contiguous()
+    return w13, w2, b13, b2
 
 
 # -- transformers' experts switch ------------------------------------------------------------------
@@ -200,19 +196,9 @@ def _experts_weights(module):
     key = (module.gate_up_proj.data_ptr(), module.gate_up_proj._version, module.down_proj._version)
     cache = getattr(module, "_moekit_converted", None)
     if cache is None or cache[0] != key:
-        gu, down = module.gate_up_proj.detach(), module.down_proj.detach()
-        w13 = gu.transpose(1, 2) if module.is_transposed else gu
-        inter = w13.shape[1] // 2
-        interleaved = not module.is_concatenated
-        gate, up = (w13[:, 0::2], w13[:, 1::2]) if interleaved else (w13[:, :inter], w13[:, inter:])
-        w13 = torch.cat([gate, up], dim=1).contiguous()
-        w2 = (down.transpose(1, 2) if module.is_transposed else down).contiguous()
-        b13 = b2 = None
-        if module.has_bias:
-            b = module.gate_up_proj_bias.detach()
-            b13 = torch.cat([b[:, 0::2], b[:, 1::2]], dim=1) if interleaved else b
-            b2 = module.down_proj_bias.detach()
-        cache = (key, (w13, w2, b13, b2))
+        layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
+        stacks = _expert_stacks(module, module.gate_up_proj.shape[0], module.has_bias, layout)
+        cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
         module._moekit_converted = cache
     return cache[1]
 

@@ -1,6 +1,9 @@
-"""Checkpoint loading: name maps, the safetensors loader (no transformers needed)."""
+"""Checkpoint loading: architecture specs and plans, the safetensors loader (no transformers needed).
 
-from .mapping import fused_moe_make_expert_params_mapping
+The checkpoint-name mapping lives with the experts (:mod:`moekit.experts.mapping`); it is re-exported here.
+"""
+
+from ..experts.mapping import fused_moe_make_expert_params_mapping, load_layer_weights
 from .loader import load_moe_layers
 
-__all__ = ["fused_moe_make_expert_params_mapping", "load_moe_layers"]
+__all__ = ["fused_moe_make_expert_params_mapping", "load_layer_weights", "load_moe_layers"]

@@ -3,6 +3,10 @@
 Reads ``config.json`` and ``*.safetensors`` (sharded through ``model.safetensors.index.json`` or not)
 with the ``safetensors`` package only; transformers is not needed. Tensors are read one at a time and
 copied into the layer being built, so peak memory is the layers' own size plus one checkpoint tensor.
+
+Per layer the loader keeps its own state (:class:`_LayerLoad`): the plan, the fused layout it reads
+stacks in, and the names of the non-expert parameters written; the experts record their own shards.
+Nothing is stamped on the layer.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import json
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
+from ..experts.layout import PROJ_NAMES
+from ..experts.mapping import load_layer_weights
+from ..runner import MoERunner
 from .architectures import ArchSpec, plan_layers, rename_block_key
-from .mapping import missing_pieces
 from .modules import build_layer
 from .plan import LayerPlan
 
@@ -116,22 +123,38 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
             if rel in keys:
                 construction[rel] = read(keys[rel])
         _check_construction(plan, construction, keys)
-        layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction)
-        layer._loaded = set(construction)
+        state = _LayerLoad(plan, build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction))
+        state.loaded.update(construction)
         del construction
         for rel, key in keys.items():
             if rel in _CONSTRUCTION:
                 continue
             t = read(key)
             try:
-                layer.load_weights([(rel, t.to(device))])
+                state.load([(rel, t.to(device))])
             except (KeyError, ValueError) as err:
                 raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
             del t
-        _check_complete(layer, plan, keys, spec)
-        del layer._loaded
-        layers[plan.name] = layer
+        _check_complete(state, keys, spec)
+        layers[plan.name] = state.layer
     return layers
+
+
+@dataclass
+class _LayerLoad:
+    """The loader's state for one layer: its plan (hence the fused layout) and what was written."""
+
+    plan: LayerPlan
+    layer: MoERunner
+    loaded: set = field(default_factory=set)  # names of non-expert parameters/buffers written
+
+    def load(self, weights) -> set[str]:
+        return load_layer_weights(self.layer, weights, fused_layout=self.plan.fused_layout, loaded=self.loaded)
+
+    def missing(self) -> list[str]:
+        """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
+        own = [n for n, _ in self.layer.named_parameters() if not n.startswith("routed_experts.")]
+        return self.layer.routed_experts.missing() + [n for n in own if n not in self.loaded]
 
 
 def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
@@ -156,11 +179,9 @@ def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
             )
 
 
-_SHARD_NAMES = {"w1": ("gate_proj", "w1"), "w3": ("up_proj", "w3"), "w2": ("down_proj", "w2")}
-
-
-def _check_complete(layer, plan: LayerPlan, keys: dict, spec: ArchSpec) -> None:
-    missing = missing_pieces(layer)
+def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:
+    plan = state.plan
+    missing = state.missing()
     if not missing:
         return
     sample = next(iter(keys.values()))
@@ -172,7 +193,7 @@ def _check_complete(layer, plan: LayerPlan, keys: dict, spec: ArchSpec) -> None:
         if piece.startswith("expert "):
             _, e, shard, *bias = piece.split()
             kind = "bias" if bias else "weight"
-            a, b = _SHARD_NAMES[shard]
+            a, b = PROJ_NAMES[shard]
             first, other = (b, a) if mixtral_style else (a, b)
             named.append(f"{pre}experts.{e}.{first}.{kind} (or experts.{e}.{other}.{kind}, or a fused stack)")
         else:

@@ -65,12 +65,23 @@ def llama4_routing(hidden_states, gating_output, topk, renormalize):
 
 
 def build_layer(
-    plan: LayerPlan, *, device=None, dtype=None, backend: str = "auto", tensors=None, routed_experts_cls=None
+    plan: LayerPlan,
+    *,
+    device=None,
+    dtype=None,
+    backend: str = "auto",
+    tensors=None,
+    routed_experts_cls=None,
+    gate: torch.nn.Module | None = None,
+    shared_experts: torch.nn.Module | None = None,
+    shared_expert_gate: torch.nn.Module | None = None,
 ) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
+    ``gate``, ``shared_experts`` and ``shared_expert_gate`` replace the modules built here (a model's own).
 
-    Weights are allocated but not loaded (see :func:`moekit.loading.mapping.load_layer_weights`).
+    Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
+    ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.
     """
     tensors = tensors or {}
     dtype = dtype or torch.get_default_dtype()
@@ -85,10 +96,11 @@ def build_layer(
             raise ValueError(f"{plan.name}: router.hash_indices_table (tid2eid) is needed for hash routing")
         table = table.to(device=device, dtype=torch.int64)
     e_all = plan.num_experts + plan.num_zero_experts
-    gate = RouterLinear(plan.hidden_size, e_all, bias=plan.router_bias, fp32=plan.router_fp32, device=device, dtype=dtype)
-    shared = None
-    if plan.shared_intermediate_size:
-        shared = SharedMLP(
+    if gate is None:
+        gate = RouterLinear(plan.hidden_size, e_all, bias=plan.router_bias, fp32=plan.router_fp32, device=device,
+                            dtype=dtype)
+    if shared_experts is None and plan.shared_intermediate_size:
+        shared_experts = SharedMLP(
             plan.hidden_size,
             plan.shared_intermediate_size,
             plan.shared_activation,
@@ -96,10 +108,9 @@ def build_layer(
             device=device,
             dtype=dtype,
         )
-    shared_gate = None
-    if plan.shared_expert_gate:
-        shared_gate = torch.nn.Linear(plan.hidden_size, 1, bias=False, device=device, dtype=dtype)
-    layer = FusedMoE(
+    if shared_expert_gate is None and plan.shared_expert_gate:
+        shared_expert_gate = torch.nn.Linear(plan.hidden_size, 1, bias=False, device=device, dtype=dtype)
+    return FusedMoE(
         plan.num_experts,
         plan.top_k,
         plan.hidden_size,
@@ -119,14 +130,11 @@ def build_layer(
         activation=plan.activation,
         has_bias=plan.has_bias,
         gate=gate,
-        shared_experts=shared,
-        shared_expert_gate=shared_gate,
+        shared_experts=shared_experts,
+        shared_expert_gate=shared_expert_gate,
         zero_expert_type="identity" if plan.num_zero_experts else None,
         hash_indices_table=table,
         device=device,
         backend=backend,
         routed_experts_cls=routed_experts_cls,
     )
-    layer.fused_layout = plan.fused_layout
-    layer.plan = plan
-    return layer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ops.activation import is_gated
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -53,7 +55,7 @@ class LayerPlan:
 
     def expert_bytes(self, bytes_per_el: int = 2) -> int:
         """Bytes of one routed expert (w13 + w2, + biases) at ``bytes_per_el``."""
-        rows = 2 * self.intermediate_size if self.activation != "relu2" else self.intermediate_size
+        rows = 2 * self.intermediate_size if is_gated(self.activation) else self.intermediate_size
         n = rows * self.hidden_size + self.hidden_size * self.intermediate_size
         if self.has_bias:
             n += rows + self.hidden_size

@@ -16,7 +16,7 @@ from .eplb import (
 )
 from .eplb_state import EplbState, replica_hash
 from .executor import ParallelExecutor
-from .placement import PLACEMENT_STRATEGIES, ExpertPlacement, initial_physical_to_logical, local_physical_ids
+from ..experts.placement import PLACEMENT_STRATEGIES, ExpertPlacement, initial_physical_to_logical, local_physical_ids
 from .rebalance import rebalance, rebalance_layer
 
 __all__ = [

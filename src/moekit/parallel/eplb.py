@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
-from .placement import physical_owners
+from ..experts.placement import physical_owners
 
 
 def _frac(x) -> Fraction:

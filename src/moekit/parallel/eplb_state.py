@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .eplb import logical_to_physical
-from .placement import ExpertPlacement
+from ..experts.placement import ExpertPlacement
 
 DEFAULT_WINDOW = 128
 
@@ -52,11 +52,21 @@ class EplbState(torch.nn.Module):
         self.register_buffer("replica_count", torch.zeros(e, **kw), persistent=False)
         self.register_buffer("load_window", torch.zeros(window_size, e, **kw), persistent=False)
         self.register_buffer("step", torch.zeros((), **kw), persistent=False)
+        self.set_placement(placement)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Derive the routing maps from ``placement`` (the experts' own, after a rebalance)."""
+        sizes = (placement.num_logical, placement.num_physical, placement.ep_size)
+        if sizes != (self.num_logical, self.num_physical, self.ep_size):
+            raise ValueError(
+                f"placement has E={placement.num_logical}, P={placement.num_physical}, ep_size={placement.ep_size}; "
+                f"this state was built for E={self.num_logical}, P={self.num_physical}, ep_size={self.ep_size}"
+            )
         self.set_physical_to_logical(placement.physical_to_logical)
 
     @torch.no_grad()
     def set_physical_to_logical(self, physical_to_logical) -> None:
-        """Install a placement: the three routing maps are overwritten in place."""
+        """The three routing maps, overwritten in place (CUDA graphs that captured them stay valid)."""
         p2l = [int(e) for e in physical_to_logical]
         if len(p2l) != self.num_physical:
             raise ValueError(f"physical_to_logical must have {self.num_physical} entries, got {len(p2l)}")

@@ -1,6 +1,9 @@
-"""The expert executor that a parallel layer installs on ``MoERunner.expert_executor``.
+"""The parallel expert executor: what :func:`moekit.FusedMoE` hands ``MoERunner`` for a parallel layer.
 
-    out = TP-all-reduce( EP-combine( experts( EP-dispatch(x, weights, ids) ) ) )
+    out [T, H] = TP-all-reduce( EP-combine( experts( EP-dispatch(x [T, H], weights [T, K], ids [T, K]) ) ) )
+
+Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``experts`` and
+``__call__(x, topk_weights, topk_ids)``. The placement is read from ``experts`` (its one owner).
 
 - Expert parallelism (``ep_group`` of size ``W_ep > 1``): tokens travel by one of the dispatchers of
   :mod:`moekit.parallel.dispatch`. ``mode="auto"`` takes the all-gather/reduce-scatter path when the
@@ -22,19 +25,22 @@ from __future__ import annotations
 import torch
 
 from .comm import all_reduce_sum, group_rank, group_size
+from ..experts.routed import RoutedExperts
 from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
-from .placement import ExpertPlacement
 
 DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
 
 
 class ParallelExecutor:
-    """Callable ``(x [T, H], topk_weights [T, K] f32, topk_ids [T, K] int physical, routed_experts) -> [T, H]``."""
+    """Runs ``experts`` over ``ep_group`` / ``tp_group``: ``(x [T, H], topk_weights [T, K] f32,
+    topk_ids [T, K] int32 physical ids) -> [T, H]`` on every rank, for that rank's tokens."""
+
+    name = "parallel"
 
     def __init__(
         self,
-        placement: ExpertPlacement,
+        experts: RoutedExperts,
         ep_group=None,
         tp_group=None,
         eplb_state=None,
@@ -42,7 +48,7 @@ class ParallelExecutor:
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         all_gather_min_tokens: int | None = None,
     ):
-        self.placement = placement
+        self.experts = experts
         self.ep_group = ep_group
         self.tp_group = tp_group
         self.ep_size = group_size(ep_group)
@@ -77,18 +83,20 @@ class ParallelExecutor:
     def owner_rank(self, device) -> torch.Tensor:
         """[P] int64: the EP rank of every physical expert (fixed for the layer's life)."""
         if self._owner_rank is None or self._owner_rank.device != torch.device(device):
-            owners = [r for r, _ in self.placement.owners()]
+            owners = [r for r, _ in self.experts.placement.owners()]
             self._owner_rank = torch.tensor(owners, dtype=torch.int64, device=device)
         return self._owner_rank
 
-    def __call__(self, x, topk_weights, topk_ids, routed_experts) -> torch.Tensor:
-        on_input = routed_experts.moe_config.apply_router_weight_on_input
+    def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        experts = self.experts
+        experts.check_loaded()  # before any collective
+        on_input = experts.moe_config.apply_router_weight_on_input
         if self.eplb_state is not None:
             self.eplb_state.record(topk_ids, topk_weights, on_input)
         if self.ep_size > 1:
-            out = self.run_ep(x, topk_weights, topk_ids, routed_experts, on_input)
+            out = self.run_ep(x, topk_weights, topk_ids, experts, on_input)
         else:
-            out = routed_experts(x, topk_weights, topk_ids)
+            out = experts(x, topk_weights, topk_ids)
         if self.tp_size > 1 and out.numel():
             all_reduce_sum(out, self.tp_group)
         return out
@@ -113,3 +121,6 @@ class ParallelExecutor:
         d = DISPATCHERS[chosen]()
         got = d.dispatch(x, topk_weights, topk_ids, layout, self.ep_group, on_input)
         return d.combine(experts(got.x, got.weights, got.ids), got.handle, self.ep_group)
+
+    def __repr__(self) -> str:
+        return f"ParallelExecutor(ep_size={self.ep_size}, tp_size={self.tp_size}, mode={self.mode!r})"

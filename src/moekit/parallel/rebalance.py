@@ -3,7 +3,8 @@
     load[e]  = Σ_{ep ranks} Σ_{window} live slots routed to e       (all-reduce over ep_group)
     new      = assign_slots(rebalance_experts(load, P, W, G, nodes), old)     (pure, same on every rank)
     moves    = plan_weight_moves(old, new)  -> batch_isend_irecv between EP ranks (same TP rank)
-    routing  : logical_to_physical / replica_count / physical_to_logical rewritten in place
+    placement: experts.set_physical_to_logical(new)   (the experts own it; the executor reads it there)
+    routing  : eplb_state.set_placement(experts.placement) rewrites its maps in place
 
 Which rank holds a physical slot never changes (the kernel-side ``expert_map`` is untouched), and a
 slot only receives the exact weights of its new logical expert, so outputs are unchanged (replicas
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from .comm import all_reduce_sum, global_rank
 from .eplb import Move, assign_slots, imbalance, plan_weight_moves, rebalance_experts
+from .executor import ParallelExecutor
 
 
 def _expert_tensors(experts) -> list[torch.Tensor]:
@@ -65,11 +67,11 @@ def move_expert_weights(experts, moves: list[Move], ep_group, ep_rank: int) -> i
 def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) -> dict:
     """Rebalance one layer built with ``enable_eplb=True``; returns the imbalance (``max / mean`` expected
     load per EP rank over the window) before and after, and the new ``physical_to_logical``."""
-    ex = getattr(layer, "expert_executor", None)
-    state = getattr(ex, "eplb_state", None)
+    ex = layer.expert_executor
+    state = ex.eplb_state if isinstance(ex, ParallelExecutor) else None
     if state is None:
-        raise RuntimeError(f"layer {getattr(layer, 'layer_name', '')!r} was not built with enable_eplb=True")
-    experts = layer.routed_experts
+        raise RuntimeError(f"layer {layer.layer_name!r} was not built with enable_eplb=True")
+    experts = ex.experts
     placement = experts.placement
     load_t = state.window_load().clone()
     if ex.ep_size > 1:
@@ -85,10 +87,7 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
         new = assign_slots(gpus, old, strategy)
     moves = plan_weight_moves(old, new, w, strategy)
     written = move_expert_weights(experts, moves, ex.ep_group, placement.ep_rank) if moves else 0
-    new_placement = placement.with_physical_to_logical(new)
-    experts.placement = new_placement
-    ex.placement = new_placement
-    state.set_physical_to_logical(new)
+    state.set_placement(experts.set_physical_to_logical(new))
     if reset_window:
         state.reset_window()
     return {

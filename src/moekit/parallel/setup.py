@@ -1,31 +1,14 @@
-"""Glue between :func:`moekit.FusedMoE` and the parallel pieces: placement, EPLB state, executor."""
+"""The parallel pieces :func:`moekit.FusedMoE` builds before its router and experts: the placement of
+this rank (which experts, which slice of I) and, with EPLB, the routing state derived from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ..experts.placement import ExpertPlacement
 from .comm import check_group, group_rank, group_size
 from .eplb_state import EplbState
-from .executor import ParallelExecutor
-from .placement import ExpertPlacement
 
 
-@dataclass
-class ParallelSetup:
-    placement: ExpertPlacement
-    ep_group: object
-    tp_group: object
-    eplb_state: EplbState | None
-
-    def install(self, runner) -> None:
-        """Give ``runner`` its executor and its router the EPLB routing hook."""
-        runner.expert_executor = ParallelExecutor(self.placement, self.ep_group, self.tp_group, self.eplb_state)
-        if self.eplb_state is not None:
-            runner.router.eplb_state = self.eplb_state
-            runner.router.enable_eplb = True
-
-
-def build_parallel(
+def build_placement(
     *,
     num_experts: int,
     num_redundant_experts: int,
@@ -36,8 +19,9 @@ def build_parallel(
     enable_eplb: bool,
     num_expert_group: int | None,
     device,
-) -> ParallelSetup:
-    """Validate the groups and sizes (``ValueError``/``TypeError`` naming them) and build the pieces."""
+) -> tuple[ExpertPlacement, EplbState | None]:
+    """Validate the groups and sizes (``ValueError``/``TypeError`` naming them); return this rank's
+    placement and, with ``enable_eplb``, the :class:`EplbState` (routing maps, load window) over it."""
     check_group("ep_group", ep_group)
     check_group("tp_group", tp_group)
     if ep_group is not None and tp_group is not None:
@@ -67,4 +51,4 @@ def build_parallel(
     if enable_eplb:
         groups = num_expert_group if num_expert_group and num_experts % num_expert_group == 0 else 1
         state = EplbState(placement, num_groups=groups, device=device)
-    return ParallelSetup(placement, ep_group, tp_group, state)
+    return placement, state

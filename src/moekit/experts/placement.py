@@ -1,4 +1,4 @@
-"""Expert placement: which physical experts (and which slice of I) one rank holds.
+"""Expert placement: which physical experts (and which slice of I) one rank holds (its owner: RoutedExperts).
 
 Physical experts are the ``E`` logical experts plus ``R`` redundant replicas (``E + R`` slots), spread
 over ``ep_size`` ranks, ``(E + R) / ep_size`` each:
