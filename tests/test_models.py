@@ -250,6 +250,7 @@ def test_every_style_empty_batch_and_batch_invariance(style):
     # T = 0 returns [0, H] for every model style; a token's output alone equals its row in the batch
     kw, n_logits = _styles()[style]
     layer = FusedMoE(hidden_size=16, intermediate_size=8, backend="torch", **kw)
+    _load(layer, layer.moe_config.num_experts, 8, 16, bias=layer.moe_config.has_bias)
     ids_kw = (lambda ids: {"input_ids": ids}) if style == "hash" else (lambda ids: {})
     out0 = layer(torch.empty(0, 16), torch.empty(0, n_logits), **ids_kw(torch.empty(0, dtype=torch.long)))
     assert out0.shape == (0, 16)

@@ -210,6 +210,7 @@ def test_dispatcher_and_layer():
     check(out, fused_experts_torch(x.double(), w1.double(), w2.double(), w, ids), torch.float32)
     torch.manual_seed(0)
     lt = moekit.FusedMoE(6, 2, 32, 16, params_dtype=torch.float32, device=DEV, backend="triton")
+    lt.load_expert_weights(torch.randn(6, 32, 32, device=DEV) * 0.2, torch.randn(6, 32, 16, device=DEV) * 0.2)
     lr = moekit.FusedMoE(6, 2, 32, 16, params_dtype=torch.float32, device=DEV, backend="torch")
     lr.load_state_dict(lt.state_dict())
     xs, logits = torch.randn(9, 32, device=DEV), torch.randn(9, 6, device=DEV)

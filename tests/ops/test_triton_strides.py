@@ -52,5 +52,6 @@ def test_fused_experts_transposed_views(which):
 def test_layer_transposed_inputs():
     # the whole layer on the Triton backend with transposed hidden_states and router_logits
     layer = moekit.FusedMoE(4, 2, 16, 8, backend="triton", device=DEV)
+    layer.load_expert_weights(torch.randn(4, 16, 16, device=DEV) * 0.2, torch.randn(4, 16, 8, device=DEV) * 0.2)
     x, lg = torch.randn(16, 7, device=DEV).t(), torch.randn(4, 7, device=DEV).t()
     torch.testing.assert_close(layer(x, lg), layer(x.contiguous(), lg.contiguous()), atol=1e-5, rtol=1e-5)
