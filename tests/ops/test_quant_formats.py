@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, parse_quant_config
+from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
+from moekit.ops.quant_config import parse_quant_config
 from moekit.ops.quantize import (
     dequantize_experts,
     fp8_block_quantize,

@@ -27,7 +27,8 @@ from .._checks import check_tensor
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
 from .experts import DEFAULT_WORKSPACE_BYTES, check_experts_inputs, check_ids_in_range
-from .formats import Fp8BlockFormat, Fp8ChannelFormat, WeightFormat, parse_quant_config
+from .formats import Fp8BlockFormat, Fp8ChannelFormat, WeightFormat
+from .quant_config import parse_quant_config
 from .quantize import check_quant_weights, dequantize_weight
 
 __all__ = ["fused_experts_quant_torch"]

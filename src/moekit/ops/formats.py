@@ -230,20 +230,3 @@ class Int4GroupFormat(WeightFormat):
     @property
     def k_group(self) -> int:
         return self.group_size
-
-
-def parse_quant_config(quant_config) -> WeightFormat | None:
-    """``None`` | a format object | a Hugging Face ``quantization_config`` dict -> format or None.
-
-    Accepted dicts: ``quant_method "fp8"`` (block fp8, dynamic activations, optional
-    ``scale_fmt "ue8m0"``, ``modules_to_not_convert``), ``"mxfp4"`` (gpt-oss) and
-    ``"compressed-tensors"`` with one config group (fp8 channel / tensor / block, mxfp4, symmetric
-    int4 groups). Anything else raises ``NotImplementedError`` naming the option and its value.
-    """
-    if quant_config is None or isinstance(quant_config, WeightFormat):
-        return quant_config
-    if not isinstance(quant_config, dict):
-        raise TypeError(f"quant_config must be None, a dict or a moekit format object, got {type(quant_config).__name__}")
-    from ._quant_config import parse_hf_dict
-
-    return parse_hf_dict(quant_config)

@@ -29,7 +29,8 @@ from ._quant_rules import (
     mxfp4_dequantize,
     mxfp4_quantize,
 )
-from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat, parse_quant_config
+from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
+from .quant_config import parse_quant_config
 
 __all__ = [
     "fp8_block_quantize",
