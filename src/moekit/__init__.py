@@ -37,7 +37,7 @@ from .routing import (
 from .runner import MoERunner
 from .types import RoutingMethodType, RoutingResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ACTIVATIONS",

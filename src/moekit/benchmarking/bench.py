@@ -145,13 +145,13 @@ def measure_ceilings(device) -> tuple[float, float, float]:
 
 
 def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: float, elt: int = 2) -> dict:
-    per_expert = (m.I * (2 if m.act != "relu2" else 1) * m.H + m.H * m.I) * elt
+    per_expert = (m.I * (2 if m.gated else 1) * m.H + m.H * m.I) * elt
     if m.has_bias:
         per_expert += (3 * m.I + m.H) * elt
     uniq = statistics.mean(int(torch.unique(i[i < e_real]).numel()) for i in ids_list)
     slots = statistics.mean(int((i < e_real).sum()) for i in ids_list)
     nbytes = uniq * per_expert + 2 * t * m.H * elt + t * (m.E + m.Z) * 4
-    flops = 2 * slots * m.H * (3 if m.act != "relu2" else 2) * m.I
+    flops = 2 * slots * m.H * (3 if m.gated else 2) * m.I
     floor_us = max(nbytes / bw, flops / peak) * 1e6
     return dict(bytes=nbytes, flops=flops, floor_us=floor_us, unique_experts=uniq, real_slots=slots)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
+from ..ops.activation import is_gated
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -43,8 +45,8 @@ class ModelShape:
 
     @property
     def gated(self) -> bool:
-        """w13 holds gate and up rows (2I) for every activation but relu2."""
-        return self.act != "relu2"
+        """w13 holds gate and up rows (2I) for gated activations, I rows otherwise."""
+        return is_gated(self.act)
 
     def replace(self, **changes) -> "ModelShape":
         """A copy with ``changes`` (the registry itself never changes)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.activation import is_gated
 from ..ops.triton_configs import device_key, heuristic_config, lookup_config, shape_key
 from .shapes import ModelShape
 from .timer import time_graph
@@ -66,7 +67,7 @@ def make_problem(t, e, h, i, k, dtype, act, has_bias, device, seed=0, weights=No
 
     ``weights`` = (w1, w2, b1, b2) to reuse (the big tensors are shared across routings and T)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    rows = i if act == "relu2" else 2 * i
+    rows = 2 * i if is_gated(act) else i
     x = torch.randn(t, h, device=device, dtype=dtype, generator=g)
     if weights is None:
         w1 = torch.randn(e, rows, h, device=device, dtype=dtype, generator=g) * h**-0.5

@@ -24,6 +24,7 @@ from ..experts.routed import RoutedExperts
 from ..loading.architectures import plan_layers
 from ..loading.modules import RouterLinear, build_layer
 from ..loading.plan import LayerPlan
+from ..ops.activation import activation_from_hf
 
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
 
@@ -180,11 +181,7 @@ def _experts_activation(module) -> tuple[str, float | None]:
         return "silu", float(module.limit)
     if apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
         raise NotImplementedError(f"experts_implementation='moekit' does not know the gate function of {name}")
-    act = getattr(module.config, "hidden_act", "silu")
-    table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
-    if act not in table:
-        raise NotImplementedError(f"experts_implementation='moekit': hidden_act={act!r} of {name} is not supported")
-    return table[act], None
+    return activation_from_hf(getattr(module.config, "hidden_act", "silu")), None
 
 
 def _experts_weights(module):

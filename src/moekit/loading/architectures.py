@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..ops.activation import activation_from_hf
 from .plan import LayerPlan
 
 
@@ -30,12 +31,7 @@ def _get(cfg: dict, key: str, default):
 
 
 def _act(cfg: dict) -> str:
-    act = _get(cfg, "hidden_act", "silu")
-    if act in ("silu", "swish"):
-        return "silu"
-    if act in ("gelu", "gelu_pytorch_tanh"):
-        return "gelu" if act == "gelu" else "gelu_tanh"
-    raise NotImplementedError(f"hidden_act={act!r} is not supported for experts (silu, gelu, gelu_pytorch_tanh)")
+    return activation_from_hf(_get(cfg, "hidden_act", "silu"))
 
 
 def _first(cfg: dict, keys: tuple[str, ...], default):

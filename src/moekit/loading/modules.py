@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..layer import FusedMoE
+from ..ops.activation import get_activation
 from ..runner import MoERunner
 from .plan import LayerPlan
-
-_ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
 
 class RouterLinear(torch.nn.Linear):
     """Router gate: x [T, H] -> logits [T, E + Z]; with ``fp32=True`` computed in float32."""
@@ -45,9 +43,10 @@ class SharedMLP(torch.nn.Module):
         self.gate_proj = torch.nn.Linear(hidden, inter, **kw)
         self.up_proj = torch.nn.Linear(hidden, inter, **kw)
         self.down_proj = torch.nn.Linear(inter, hidden, **kw)
-        if activation not in _ACT:
-            raise ValueError(f"shared expert activation must be one of {list(_ACT)}, got {activation!r}")
-        self.activation = activation
+        self.act = get_activation(activation)
+        if not self.act.gated:
+            raise ValueError(f"shared expert activation must be a gated one, got {activation!r}")
+        self.activation = self.act.name
         self.limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +54,7 @@ class SharedMLP(torch.nn.Module):
         if self.limit is not None:
             g = g.clamp(max=self.limit)
             u = u.clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(_ACT[self.activation](g) * u)
+        return self.down_proj(self.act.torch_fn(g, u))
 
 
 def llama4_routing(hidden_states, gating_output, topk, renormalize):

@@ -156,15 +156,6 @@ def grouped_topk(
     return _route(gating_output, spec, e_score_correction_bias, None, backend)
 
 
-def run_route(gating_output, spec: TopKSpec, bias, indices_type, backend: str):
-    """Deprecated (routers call ``self.kernels.route``): the table of ``backend`` ("torch" or "triton")
-    on logits, spec and bias that the router checked already."""
-    if bias is not None:
-        check_same_device("e_score_correction_bias", bias, "router_logits", gating_output)
-    check_indices_type(indices_type)
-    return kernels_for(backend).route(gating_output, spec, bias, indices_type)
-
-
 def _kernels(backend: str, t: torch.Tensor) -> Kernels:
     return resolve_kernels(backend, t.device, quiet=True)
 
