@@ -275,10 +275,10 @@ def ref_layer(hidden_states, router_logits, *, route_fn, num_experts, w13, w2, b
 class GatedMLP(torch.nn.Module):
     """down(silu(gate(x)) · up(x)) with gate and up in one [2·inter, h] Linear; a shared expert."""
 
-    def __init__(self, h: int, inter: int):
+    def __init__(self, h: int, inter: int, h_out: int | None = None):
         super().__init__()
         self.gate_up = torch.nn.Linear(h, 2 * inter, bias=False)
-        self.down = torch.nn.Linear(inter, h, bias=False)
+        self.down = torch.nn.Linear(inter, h_out or h, bias=False)
 
     def forward(self, x):
         g, u = self.gate_up(x).chunk(2, -1)

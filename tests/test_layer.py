@@ -11,7 +11,15 @@ import torch
 
 import moekit
 from moekit import FusedMoE, FusedTopKRouter, MoERunner, RoutedExperts
-from reference import assert_close_dtype, assert_tie_free, make_expert_weights, ref_layer, ref_route, spread_logits
+from reference import (
+    GatedMLP,
+    assert_close_dtype,
+    assert_tie_free,
+    make_expert_weights,
+    ref_layer,
+    ref_route,
+    spread_logits,
+)
 
 
 def f64(module):
@@ -49,17 +57,7 @@ def route_fn(k, **kw):
     return fn
 
 
-class MLP(torch.nn.Module):
-    """A small SiLU-gated MLP (shared expert / transform)."""
-
-    def __init__(self, h_in, inter, h_out=None):
-        super().__init__()
-        self.up = torch.nn.Linear(h_in, 2 * inter, bias=False)
-        self.down = torch.nn.Linear(inter, h_out or h_in, bias=False)
-
-    def forward(self, x):
-        g, u = self.up(x).chunk(2, dim=-1)
-        return self.down(torch.nn.functional.silu(g) * u)
+MLP = GatedMLP  # a small SiLU-gated MLP (shared expert / transform)
 
 
 # ------------------------------------------------------------------ basics

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from moekit import load_moe_layers
 from moekit.loading import loader as loader_mod
 from moekit.loading.architectures import plan_layers, supported_model_types
+from reference import ref_experts, ref_hash_route, ref_route
 
 H, I, E, K, VOCAB, LIMIT, SCALE = 16, 8, 6, 2, 50, 0.8, 1.5
 V4_CONFIG = dict(
@@ -74,29 +75,23 @@ def write_checkpoint(path, config, tensors, shards=2):
 
 
 def _naive_v4(t, i, x, input_ids):
-    """Per-token loop in float64: DeepSeek-V4 block i (hash or biased sqrtsoftplus top-k, clamped SwiGLU)."""
+    """DeepSeek-V4 block i from its checkpoint tensors, through the float64 oracles of tests/reference.py:
+    hash or biased sqrtsoftplus top-k (renormalised, scaled), clamped SwiGLU experts, a shared expert."""
     p = f"layers.{i}.ffn."
     d = {k[len(p):]: v.double() for k, v in t.items() if k.startswith(p)}
-
-    def mlp(pre, v):
-        gt = (d[pre + "w1.weight"] @ v).clamp(max=LIMIT)
-        up = (d[pre + "w3.weight"] @ v).clamp(-LIMIT, LIMIT)
-        return d[pre + "w2.weight"] @ (gt * torch.sigmoid(gt) * up)
-
-    out = torch.zeros_like(x)
-    for r in range(x.shape[0]):
-        logits = d["gate.weight"] @ x[r]
-        s = torch.sqrt(torch.log1p(torch.exp(logits)))
-        if "gate.tid2eid" in d:
-            ids = [int(v) for v in t[p + "gate.tid2eid"][input_ids[r]]]
-        else:
-            sel = s + d["gate.bias"]
-            ids = sorted(range(E), key=lambda e: -sel[e].item())[:K]
-        total = sum(s[e] for e in ids)
-        for e in ids:
-            out[r] += SCALE * s[e] / total * mlp(f"experts.{e}.", x[r])
-        out[r] += mlp("shared_experts.", x[r])
-    return out
+    w13 = torch.stack([torch.cat([d[f"experts.{e}.w1.weight"], d[f"experts.{e}.w3.weight"]]) for e in range(E)])
+    w2 = torch.stack([d[f"experts.{e}.w2.weight"] for e in range(E)])
+    logits = x @ d["gate.weight"].t()
+    kw = dict(scoring_func="sqrtsoftplus", renormalize=True, routed_scaling_factor=SCALE)
+    if "gate.tid2eid" in d:
+        w, ids = ref_hash_route(logits, t[p + "gate.tid2eid"], input_ids, **kw)
+    else:
+        w, ids, _ = ref_route(logits, K, bias=d["gate.bias"], **kw)
+    out = ref_experts(x, w13, w2, w, ids, swiglu_limit=LIMIT)
+    shared_w13 = torch.cat([d["shared_experts.w1.weight"], d["shared_experts.w3.weight"]])[None]
+    shared = ref_experts(x, shared_w13, d["shared_experts.w2.weight"][None], torch.ones(x.shape[0], 1, dtype=torch.float64),
+                         torch.zeros(x.shape[0], 1, dtype=torch.int64), swiglu_limit=LIMIT)
+    return out + shared
 
 
 def test_deepseek_v4_synthetic_sharded_against_naive(tmp_path):

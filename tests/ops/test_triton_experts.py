@@ -6,12 +6,12 @@ module is imported) on small shapes; on a CUDA machine the same tests run native
 
 import pytest
 import torch
+from reference import ref_experts
 
 pytest.importorskip("triton")
 
 import moekit
 from moekit.ops import triton_experts as te
-from moekit.ops.activation import apply_activation_torch
 from moekit.ops.api import fused_experts
 from moekit.ops.experts import fused_experts_torch
 
@@ -19,23 +19,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def naive(x, w1, w2, w, ids, act="silu", b1=None, b2=None, emap=None, on_input=False, limit=None):
-    """Per-token, per-slot loop in float64 (independent of the library's chunked reference)."""
-    x, w1, w2 = x.double(), w1.double(), w2.double()
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if emap is not None:
-                e = int(emap[e])
-                if e < 0:
-                    continue
-            wt = float(w[t, j])
-            xin = x[t] * wt if on_input else x[t]
-            h = w1[e] @ xin + (b1[e].double() if b1 is not None else 0)
-            a = apply_activation_torch(h[None], act, limit)[0].double()
-            o = w2[e] @ a + (b2[e].double() if b2 is not None else 0)
-            out[t] += o if on_input else wt * o
-    return out
+    """The float64 per-token oracle (tests/reference.py), with this file's argument names."""
+    return ref_experts(x, w1, w2, w, ids, activation=act, b13=b1, b2=b2, apply_router_weight_on_input=on_input,
+                       expert_map=emap, swiglu_limit=limit)
 
 
 def make(t, e, k, h, i, dtype=torch.float32, act="silu", bias=False, num_global=None, hot=False):
