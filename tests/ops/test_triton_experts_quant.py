@@ -82,6 +82,12 @@ def test_formats(name, dtype):
     compare(args, kw)
 
 
+@pytest.mark.parametrize("name", ["fp8_block", "int4_g32"])
+def test_fp16(name):
+    args, kw = make(FORMATS[name], 5, 4, 2, 64, 64, torch.float16, bias=True)
+    compare(args, kw, tol=2e-3)  # measured 3e-4 .. 7e-4 (interpreter)
+
+
 @pytest.mark.parametrize("t,e,k", [(0, 4, 2), (1, 4, 2), (13, 5, 1), (5, 4, 4), (11, 6, 3)])
 def test_fp8_block_shapes(t, e, k):
     """T = 0, T = 1, prime T with K = 1, K = E, and T·K > 16 (the align kernel, not the decode layout)."""
