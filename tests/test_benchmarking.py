@@ -70,11 +70,26 @@ def test_roofline_counts_bytes_and_flops():
     assert rf["flops"] == 2 * 4 * 8 * 3 * 4
 
 
-def test_quant_is_the_dtype_for_now():
+def test_quant_is_the_dtype_or_a_kernel_format():
     assert quant_name(torch.bfloat16) == "bf16" and quant_name(torch.float16) == "fp16"
     assert check_quant(None, torch.float16) == "fp16" and check_quant("bf16", torch.bfloat16) == "bf16"
+    assert [check_quant(q, torch.bfloat16) for q in ("fp8", "mxfp4", "int4")] == ["fp8", "mxfp4", "int4"]
     with pytest.raises(ValueError, match="not implemented yet"):
-        check_quant("fp8", torch.bfloat16)
+        check_quant("nvfp4", torch.bfloat16)
+    with pytest.raises(ValueError, match="'bf16'"):
+        check_quant("fp16", torch.bfloat16)
+
+
+def test_quant_roofline_bytes():
+    """fp8 rows count 1 byte per weight plus the block scales (the format's bytes_per_expert)."""
+    from moekit.benchmarking.bench_quant import QUANT_FORMATS
+
+    m = MODELS["deepseek-v3"]
+    pe = QUANT_FORMATS["fp8"].bytes_per_expert(m.I, m.H, m.gated)
+    assert pe == 3 * m.I * m.H + 4 * (2 * (m.I // 128) * (m.H // 128) + (m.H // 128) * (m.I // 128))
+    ids = [torch.zeros(1, m.K, dtype=torch.int64)]
+    rf = roofline(m, 1, ids, m.E, 1e12, 1e15, per_expert=pe)
+    assert rf["bytes"] == pe + 2 * m.H * 2 + (m.E + m.Z) * 4
 
 
 def test_tune_search_is_a_coordinate_descent_over_candidates():

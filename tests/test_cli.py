@@ -45,7 +45,7 @@ def test_version(capsys):
         (["demo", "--device", "foo"], ["--device", "'foo'", "cpu, cuda or cuda:N"]),
         (["demo", "--dtype", "int8"], ["--dtype", "'int8'"]),
         (["demo", "surplus"], ["unrecognized", "surplus"]),
-        (["bench", "--quant", "fp8"], ["--quant", "fp8", "not implemented yet"]),
+        (["bench", "--quant", "nvfp4"], ["--quant", "nvfp4", "not implemented yet"]),
         (["bench", "--quant", "fp16"], ["--quant", "fp16", "'bf16'"]),
         (["bench", "--models", "gpt-5"], ["--models", "'gpt-5'", "deepseek-v3"]),
         (["bench", "--tokens", "1,0"], ["--tokens", "'1,0'", ">= 1"]),

@@ -1,7 +1,7 @@
 """The ``moekit`` command: one argparse parser with the subcommands ``demo``, ``bench``, ``tune``, ``inspect``.
 
     moekit demo [--device cpu|cuda|cuda:N] [--dtype ...] [--repeats N]
-    moekit bench [--models ...] [--tokens ...] [--quant bf16|fp16] [--out DIR]
+    moekit bench [--models ...] [--tokens ...] [--quant bf16|fp16|fp8|mxfp4|int4] [--out DIR]
     moekit tune (--models ... | --points MODEL:T,... | -E E -H H -I I -K K) [--out DIR]
     moekit inspect CHECKPOINT_DIR
     moekit --version          python -m moekit ...  (the same command)
@@ -158,14 +158,14 @@ def _run_bench(args, parser) -> int:
 
     dtype = getattr(torch, args.dtype)
     try:
-        check_quant(args.quant, dtype)
+        quant = check_quant(args.quant, dtype)
     except ValueError as err:
         parser.error(f"argument {err}")
     if not _needs_cuda("bench"):
         return 1
     run_bench(args.models, args.tokens, dtype, rotations=args.rotations, baseline=not args.no_baseline,
               routing=not args.no_routing, longcat_nozero=not args.no_longcat_nozero, out=args.out,
-              log=lambda s: print(s, flush=True))
+              log=lambda s: print(s, flush=True), quant=quant)
     return 0
 
 
@@ -209,7 +209,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from .benchmarking.bench import QUANT_DTYPES
+    from .benchmarking.bench import QUANT_DTYPES, QUANT_FORMATS
     from .benchmarking.shapes import MODELS, TOKENS
 
     b = sub.add_parser("bench", help="benchmark whole MoE layers on a CUDA GPU (CUDA graphs, roofline, plot)",
@@ -221,8 +221,9 @@ def _add_bench(sub) -> None:
                    help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))})")
     b.add_argument("--dtype", default="bfloat16", choices=DTYPES[:2], help="weight and activation dtype")
     b.add_argument("--quant", default=None,
-                   help=f"weight format; for now only the unquantised --dtype ({' or '.join(QUANT_DTYPES)}), "
-                        "its default; quantised formats (fp8, ...) are not implemented yet")
+                   help=f"weight format: the unquantised --dtype ({' or '.join(QUANT_DTYPES)}, the default), or "
+                        f"{', '.join(QUANT_FORMATS)}: quantised experts timed beside the unquantised layer "
+                        "(rows 'moekit-<quant>'; fp8 = 128x128 blocks, int4 = group 32)")
     b.add_argument("--rotations", type=positive_int, default=4,
                    help="input sets rotated inside the CUDA graph, so weights are not served from L2 (default: 4)")
     b.add_argument("--no-baseline", action="store_true", help="skip the torch._grouped_mm baseline")

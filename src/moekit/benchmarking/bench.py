@@ -20,7 +20,9 @@ weights, so the read stream is the ceiling it can reach and a copy-based ceiling
 Writes ``<out>/<gpu>-<date>.json`` (a list of rows: model, tokens, impl, us, pct_roofline, device,
 dtype, quant, ...) and ``<out>/<gpu>-<date>.png`` (achieved TFLOP/s against arithmetic intensity, with
 the roofline); ``out`` defaults to ``./benchmarks/results`` when that folder exists, else ``.``.
-``quant`` is the weight format: for now the unquantised dtype (``"bf16"`` / ``"fp16"``).
+``quant`` is the weight format: the unquantised dtype (``"bf16"`` / ``"fp16"``), or with ``--quant
+fp8|mxfp4|int4`` the rows of impl ``moekit-<quant>`` beside them (same routing and weights, quantised;
+roofline with the format's bytes and, for fp8, the fp8 matmul peak of the same run: :mod:`.bench_quant`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from pathlib import Path
 
 import torch
 
+from .bench_quant import QUANT_FORMATS, measure_fp8_peak, quant_rows
 from .shapes import MODELS, ModelShape
 from .timer import time_graph
 
 QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: weight formats that later releases add (fp8 first); named so that asking for one says so clearly
-QUANT_LATER = ("fp8", "fp8_e4m3", "int8", "int4", "mxfp4", "nvfp4")
+#: weight formats that later releases add; named so that asking for one says so clearly
+QUANT_LATER = ("fp8_e4m3", "int8", "nvfp4")
 
 
 def quant_name(dtype: torch.dtype) -> str:
@@ -47,14 +50,15 @@ def quant_name(dtype: torch.dtype) -> str:
 
 
 def check_quant(quant: str | None, dtype: torch.dtype) -> str:
-    """The weight format to benchmark: today only the unquantised ``dtype`` itself ("bf16" / "fp16")."""
+    """The weight format to benchmark: the unquantised ``dtype`` itself ("bf16" / "fp16"), or a quantised
+    format of :data:`~.bench_quant.QUANT_FORMATS` (run beside the unquantised layer)."""
     want = quant_name(dtype)
-    if quant is None or quant == want:
-        return want
+    if quant is None or quant == want or quant in QUANT_FORMATS:
+        return want if quant is None else quant
     if quant in QUANT_LATER:
-        raise ValueError(f"--quant {quant}: not implemented yet; only the unquantised weights of --dtype "
-                         f"({want!r}) can be benchmarked for now")
-    raise ValueError(f"--quant {quant}: expected {want!r} (the --dtype of the run)")
+        raise ValueError(f"--quant {quant}: not implemented yet; expected {want!r} (the --dtype of the run) or "
+                         f"one of {sorted(QUANT_FORMATS)}")
+    raise ValueError(f"--quant {quant}: expected {want!r} (the --dtype of the run) or one of {sorted(QUANT_FORMATS)}")
 
 
 def build_layer(m: ModelShape, dtype, device, backend="triton"):
@@ -144,10 +148,13 @@ def measure_ceilings(device) -> tuple[float, float, float]:
     return bw, read_bw, peak
 
 
-def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: float, elt: int = 2) -> dict:
-    per_expert = (m.I * (2 if m.gated else 1) * m.H + m.H * m.I) * elt
-    if m.has_bias:
-        per_expert += (3 * m.I + m.H) * elt
+def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: float, elt: int = 2,
+             per_expert: float | None = None) -> dict:
+    """``per_expert``: bytes of one expert (default: unquantised weights and biases at ``elt`` bytes)."""
+    if per_expert is None:
+        per_expert = (m.I * (2 if m.gated else 1) * m.H + m.H * m.I) * elt
+        if m.has_bias:
+            per_expert += (3 * m.I + m.H) * elt
     uniq = statistics.mean(int(torch.unique(i[i < e_real]).numel()) for i in ids_list)
     slots = statistics.mean(int((i < e_real).sum()) for i in ids_list)
     nbytes = uniq * per_expert + 2 * t * m.H * elt + t * (m.E + m.Z) * 4
@@ -156,8 +163,9 @@ def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: floa
     return dict(bytes=nbytes, flops=flops, floor_us=floor_us, unique_experts=uniq, real_slots=slots)
 
 
-def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log) -> list[dict]:
-    """Rows of ``moekit`` (and ``baseline``) at each token count for shape ``m``."""
+def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log,
+                quant: str | None = None, quant_peak: float | None = None) -> list[dict]:
+    """Rows of ``moekit`` (and ``baseline``, and ``moekit-<quant>``) at each token count for shape ``m``."""
     name = m.name
     torch.manual_seed(0)
     layer = build_layer(m, dtype, device)
@@ -188,6 +196,10 @@ def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, 
                 rows.append(row)
                 log(f"{name:15s} T={t:6d} {impl:9s} {us:10.1f} us  {row['pct_roofline']:5.1f}% roofline "
                     f"{row['tflops']:7.1f} TFLOP/s")
+            if quant in QUANT_FORMATS:
+                rows += quant_rows(layer, m, quant, sets,
+                                   lambda pe, pk: roofline(m, t, ids_list, m.E, bw, pk, per_expert=pe),
+                                   quant_peak or peak, dev_name, dtype, log)
         del sets
         torch.cuda.empty_cache()
     del layer
@@ -247,20 +259,24 @@ def default_out() -> Path:
 
 def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = torch.bfloat16, *,
               rotations: int = 4, baseline: bool = True, routing: bool = True, longcat_nozero: bool = True,
-              out: Path | None = None, log=print) -> list[dict]:
+              out: Path | None = None, log=print, quant: str | None = None) -> list[dict]:
     """Benchmark ``models`` at ``tokens`` on the current CUDA device; write the JSON (and plot) to ``out``.
 
     Returns the rows. ``longcat_nozero`` adds LongCat-Flash without its zero experts (the same
-    layer's real-expert cost) after ``longcat-flash``.
+    layer's real-expert cost) after ``longcat-flash``. ``quant``: a format of
+    :data:`~.bench_quant.QUANT_FORMATS` to time beside the unquantised layer (rows ``moekit-<quant>``).
     """
     device = torch.device("cuda")
     copy_bw, read_bw, peak = measure_ceilings(device)
     bw = max(copy_bw, read_bw)
+    quant = quant if quant in QUANT_FORMATS else None
+    fp8_peak = measure_fp8_peak(device) if quant == "fp8" else None
     log(f"device {torch.cuda.get_device_name(device)}: copy {copy_bw / 1e12:.2f} TB/s, read {read_bw / 1e12:.2f} "
-        f"TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+        f"TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s" + (f", fp8 matmul {fp8_peak / 1e12:.0f} TFLOP/s" if fp8_peak
+                                                            else ""))
     rows = []
     for m in models:
-        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log)
+        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log, quant, fp8_peak)
         if m.name == "longcat-flash" and longcat_nozero:
             nozero = m.replace(name="longcat-flash-nozero", Z=0)
             rows += bench_model(nozero, tokens, dtype, device, bw, peak, rotations, False, log)
@@ -273,6 +289,7 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
     stem = f"{torch.cuda.get_device_name(device).replace(' ', '_')}-{_dt.date.today().isoformat()}"
     meta = dict(copy_bw_TBps=round(copy_bw / 1e12, 3), read_bw_TBps=round(read_bw / 1e12, 3),
                 bf16_peak_TFLOPs=round(peak / 1e12, 1),
+                fp8_peak_TFLOPs=round(fp8_peak / 1e12, 1) if fp8_peak else None,
                 roofline="bytes = unique_experts*bytes_per_expert + 2*T*H*elt + T*(E+Z)*4; "
                          "flops = 2*real_slots*H*3I (gated); floor = max(bytes/BW, flops/PEAK), BW = max(copy, read)")
     for r in rows:
@@ -301,4 +318,9 @@ def summarize(rows) -> list[str]:
     if speedups:
         g = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
         lines.append(f"geomean speedup over baseline: {g:.3f} ({len(speedups)} points, min {min(speedups):.2f})")
+    for (model, t, impl), r in sorted(by.items()):
+        u = by.get((model, t, "moekit"))
+        if impl.startswith("moekit-") and u:
+            lines.append(f"{model:22s} T={t:6d} {impl} {r['us']:10.1f} us  x{u['us'] / r['us']:5.2f} vs moekit "
+                         f"{u['quant']}  {r['pct_roofline']}% of the {impl[7:]} roofline")
     return lines

@@ -32,8 +32,12 @@ def device_key(device_name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in device_name.replace(" ", "_"))
 
 
-def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype, gated: bool) -> str:
-    return f"E={num_experts},H={hidden},I={inter},K={top_k},dtype={_DTYPE_NAMES[dtype]},gated={int(gated)}"
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype, gated: bool,
+              quant: str | None = None) -> str:
+    """``quant``: a quantised weight format's key (e.g. ``fp8_block128x128``, ``mxfp4``), appended as
+    ``,quant=...`` (``dtype`` stays the activations' dtype)."""
+    key = f"E={num_experts},H={hidden},I={inter},K={top_k},dtype={_DTYPE_NAMES[dtype]},gated={int(gated)}"
+    return key if quant is None else f"{key},quant={quant}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -119,12 +123,13 @@ def _device_props(index: int) -> tuple[str, int]:
 
 def get_config(
     device: torch.device, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
-    dtype: torch.dtype, gated: bool,
+    dtype: torch.dtype, gated: bool, quant: str | None = None,
 ) -> dict:
-    """Tuned config for this GPU and shape if shipped, else :func:`heuristic_config`."""
+    """Tuned config for this GPU and shape (and quantised format) if shipped, else :func:`heuristic_config`
+    (the quantised launchers then impose their format's K step / tile constraints)."""
     if device.type == "cuda":
         name, sms = _device_props(device.index if device.index is not None else torch.cuda.current_device())
-        cfg = lookup_config(name, shape_key(num_experts, hidden, inter, top_k, dtype, gated), num_tokens)
+        cfg = lookup_config(name, shape_key(num_experts, hidden, inter, top_k, dtype, gated, quant), num_tokens)
         if cfg is not None:
             return cfg
     else:

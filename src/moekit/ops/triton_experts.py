@@ -107,14 +107,18 @@ def fused_experts_impl(
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     out: torch.Tensor | None = None,
     warmup: bool = False,
+    quant=None,
 ) -> torch.Tensor:
     """Launch the kernels on validated inputs (shapes as in :func:`fused_experts_triton`).
 
     ``config``: a kernel config (see :mod:`.triton_configs`); None picks the tuned/heuristic one.
     ``warmup``: compile the kernels without launching them (the tuner precompiles candidates).
+    ``quant``: quantised weights (a :class:`~moekit.ops.triton_experts_quant.QuantLaunch`: packed
+    ``w1``/``w2``, their scales, the activation quantisation); None for weights in ``x``'s dtype.
     """
     t, h = x.shape
     e_local, _, inter = w2.shape
+    inter *= quant.pack if quant is not None else 1
     k = topk_ids.shape[1]
     out = torch.empty_like(x) if out is None else out
     if t == 0:
@@ -127,19 +131,22 @@ def fused_experts_impl(
     # scratch per token: inter rows + part rows (+ ints); the padding rows are a fixed extra
     per_token = k * (inter + (h if combine else 0)) * x.element_size() + k * 12 + 64
     fixed = e_local * bm * inter * x.element_size()
+    if quant is not None:
+        per_token += quant.bytes_per_token(h, inter, k)
+        fixed *= 2
     chunk = max(1, min(t, (workspace_bytes - fixed) // per_token))
     for start in range(0, t, chunk):
         stop = min(start + chunk, t)
         _run_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], out[start:stop],
-            act, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config, warmup,
+            act, on_input, w1_bias, w2_bias, expert_map, swiglu_limit, config, warmup, quant,
         )
         if warmup:
             break
     return out
 
 
-def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False):
+def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False, q=None):
     def launch(kernel, grid, *args, **kw):
         if warmup:
             kernel.warmup(*args, grid=grid, **kw)
@@ -148,6 +155,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
 
     t, h = x.shape
     e_local, _, inter = w2.shape
+    inter *= q.pack if q is not None else 1
     k = ids.shape[1]
     e_global = emap.shape[0] if emap is not None else e_local
     dev = x.device
@@ -168,7 +176,6 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     tok_live = torch.empty(t, dtype=i32, device=dev)
     row_start = torch.empty(e_local, dtype=i32, device=dev)
     sorted_slot = torch.empty(rows, dtype=i32, device=dev)
-    inter_buf = torch.empty(rows, inter, dtype=x.dtype, device=dev)
     part = torch.empty(slots if combine else 1, h, dtype=x.dtype, device=dev)
     sem = torch.empty(t * nbn if combine else 1, dtype=i32, device=dev)
     emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP
@@ -195,41 +202,50 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     limit = effective_limit(act.name, swiglu_limit)
     bn13, bk13 = int(c13["BN"]), int(c13["BK"])
     bn2, bk2 = int(c2["BN"]), int(c2["BK"])
+    a13, on13, kw13, kw2 = x, on_input, {}, {}
+    if q is None:
+        inter_buf = inter_w2 = torch.empty(rows, inter, dtype=x.dtype, device=dev)
+    else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
+        a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, rows, on_input, upcast, launch)
+        on13 = on_input and not q.fp8  # fp8: the input quantiser applied the routing weight
     w1_desc = w2_desc = inter_desc = None
-    if cfg.get("tma") and _tma_ok(w1, w2, h, inter) and x.dtype != torch.float32:
+    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
+    if cfg.get("tma") and tma_fmt and _tma_ok(w1, w2, h, inter) and x.dtype != torch.float32:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn13, bk13])
         w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn2, bk2])
-        inter_desc = TensorDescriptor.from_tensor(inter_buf, [bm, bk2])
+        inter_desc = TensorDescriptor.from_tensor(inter_w2, [bm, bk2])
     # programmatic dependent launch (config "pdl": true; sm_90+, compiled kernels only): each GEMM
     # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
     pdl = bool(cfg.get("pdl")) and _pdl_ok(x)
     pdl_kw = dict(launch_pdl=True) if pdl else {}
     grid13 = (num_pid_m * triton.cdiv(inter, bn13),)
     launch(
-        grouped_gemm.w13_kernel, grid13, x, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
+        grouped_gemm.w13_kernel, grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
         sorted_slot, ids, emap_arg, sem, out,
         h, inter, w1.shape[1], e_local, k, num_pid_m, 0.0 if limit is None else limit, t, e_global, nbn,
-        x.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
+        a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
         tw.stride(0), ids.stride(0), out.stride(0),
         BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=act.code, GATED=act.gated,
-        HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on_input, EVEN_K=h % bk13 == 0,
+        HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on13, EVEN_K=h % bk13 == 0,
         DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, INLINE=inline, SP=sp, TP=tp,
         HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine, PDL=pdl, **_launch_config(cfg, "w13"),
-        **pdl_kw,
+        **pdl_kw, **kw13,
     )
+    if q is not None:
+        q.after_w13(inter_buf, upcast, launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
     launch(
-        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_buf, inter_desc, w2, w2_desc,
+        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_w2, inter_desc, w2, w2_desc,
         b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
         part, sem, tok_live,
         h, inter, e_local, e_global, k, num_pid_m, nbn, slots,
-        inter_buf.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
+        inter_w2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
         tw.stride(0), ids.stride(0), part.stride(0),
         BM=bm, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), BLOCK_E=block_e, HAS_BIAS=b2 is not None,
         ON_INPUT=on_input, HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine,
         EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w2_desc is not None,
-        INLINE=inline, SP=sp, PDL=pdl, **_launch_config(cfg, "w2"), **pdl_kw,
+        INLINE=inline, SP=sp, PDL=pdl, **_launch_config(cfg, "w2"), **pdl_kw, **kw2,
     )
     return out
 

@@ -7,17 +7,25 @@
 """
 
 
+def _interpreter_to_shim(flag: str):
+    """Triton's interpreter module when it is enabled and shim ``flag`` is not installed yet, else None."""
+    try:
+        from triton import knobs
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover - other Triton versions
+        return None
+    if not knobs.runtime.interpret or getattr(interpreter, flag, False):
+        return None
+    return interpreter
+
+
 def _interpreter_numpy_shim() -> None:
     """Triton 3.6's interpreter converts its 1-element scalar arrays with ``int(array)``, which
     numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"), so any ``range`` with a
     run-time bound fails under ``TRITON_INTERPRET=1``. Re-install ``__index__`` with ``.item()``.
     Only touches the interpreter, and only when it is enabled."""
-    try:
-        from triton import knobs
-        from triton.runtime import interpreter
-    except Exception:  # pragma: no cover - other Triton versions
-        return
-    if not knobs.runtime.interpret or getattr(interpreter, "_moekit_index_shim", False):
+    interpreter = _interpreter_to_shim("_moekit_index_shim")
+    if interpreter is None:
         return
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None:  # pragma: no cover
@@ -32,3 +40,54 @@ def _interpreter_numpy_shim() -> None:
 
 
 _interpreter_numpy_shim()
+
+
+def _interpreter_nested_call_shim() -> None:
+    """Triton 3.6's interpreter re-patches ``triton.language`` on every call of a ``@triton.jit`` helper
+    from inside a kernel (``inspect.getmembers`` over several modules: ~1 ms per call), although the
+    kernel launch has already patched the same modules for its whole run. Skip that redundant patching
+    for helper calls made while a launch is running (a launch still patches, and restores, as before).
+    Only touches the interpreter, and only when it is enabled."""
+    interpreter = _interpreter_to_shim("_moekit_nested_shim")
+    if interpreter is None:
+        return
+    grid_call = getattr(interpreter.GridExecutor, "__call__", None)
+    fn_call = getattr(interpreter.InterpretedFunction, "__call__", None)
+    if grid_call is None or fn_call is None or not hasattr(interpreter.InterpretedFunction, "rewrite"):
+        return  # pragma: no cover
+    import triton.language as tl
+
+    state = {"depth": 0, "patched": set()}  # language modules patched during the running launch
+
+    def langs(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    def launch(self, *args, **kwargs):
+        outer = state["patched"]
+        state["depth"] += 1
+        state["patched"] = set(langs(self.fn))
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            state["depth"] -= 1
+            state["patched"] = outer
+
+    def helper(self, *args, **kwargs):
+        mine = self.__dict__.get("_moekit_langs")
+        if mine is None:
+            mine = self._moekit_langs = langs(self.fn)
+        if state["depth"] == 0 or not mine <= state["patched"]:
+            state["patched"] |= mine
+            return fn_call(self, *args, **kwargs)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    interpreter.GridExecutor.__call__ = launch
+    interpreter.InterpretedFunction.__call__ = helper
+    interpreter._moekit_nested_shim = True
+
+
+_interpreter_nested_call_shim()

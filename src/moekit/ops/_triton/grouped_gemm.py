@@ -15,8 +15,16 @@ token's number of live slots sums ``part[t·K + k]`` for k = 0..K-1 and writes `
 that sum never depends on scheduling, so the output is deterministic (bit-identical run to run).
 With K == 1 the tile goes straight to ``out``.
 
-Quantisation (next): the main loops mark where fp8 block-quant [128, 128] weight scales and
-per-token-group activation scales load (``# QUANT:``) and where the epilogue dequantises.
+Quantised experts (``QUANT`` constexpr, :mod:`.quant`; 0 compiles exactly the unquantised kernels):
+
+- 1 fp8 block ``(bn, bk)``, BK == bk: ``acc += (x_q · Wq) · s_x[row, k0/bk] · S[e, n/bn, k0/bk]`` per K step
+  (fresh fp32 fp8 dot, a per-row times per-column scale); 2 fp8 row: ``acc += x_q · Wq`` per K step, then
+  ``acc · s_x[row] · S[e, n]`` after the loop (per tensor: one S per shard). The w13 epilogue rounds the
+  activation to the params dtype and quantises it again for w2 (``REQ`` 1: per row over its BN == bk
+  columns, one group; 2: a static scale; 0: stored in the params dtype, quantised by a separate pass).
+- 3 mxfp4 / 4 int4: weight tiles are unpacked and dequantised in registers to the params dtype, then the
+  unquantised dot. Scales of column ``n``: ``ws_ptr + e·stride_wse + (n // ws_qbn)·stride_wsn``
+  (+ ``ws_shard·stride_wsn`` for the up half of w13) plus the k index of the scale.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import triton.language as tl
 
 from ..activation import SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
+from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w, requant_store, to_dt
 
 # the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
 SILU = tl.constexpr(get_activation("silu").code)
@@ -194,6 +203,36 @@ def _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K: tl.constexpr, USE_TMA: tl
 
 
 @triton.jit
+def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s_row, DT: tl.constexpr, QUANT: tl.constexpr,
+            PACK: tl.constexpr, QG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
+            USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT``."""
+    if QUANT >= MXFP4:
+        return load_packed_w(ptrs, s_row, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST)
+    return _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
+
+
+@triton.jit
+def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """One K step: fp8 block ``acc + (a · b) · s_x[row, kb] · S[col, kb]`` (``xs_rows`` [BM], ``ws_row``
+    [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc."""
+    if QUANT == FP8_BLOCK:
+        a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
+        w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
+        return acc + dot_f32(a, b, UPCAST) * (a_s[:, None] * w_s[None, :])
+    if QUANT == FP8_ROW:
+        return acc + dot_f32(a, b, UPCAST)
+    return _mma(a, b, acc, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def _w_ptrs(w_base, offs_n, stride_wn, BK: tl.constexpr, PACK: tl.constexpr):
+    """[BK / PACK, BN] pointers to the (packed) weight rows ``offs_n`` at k = 0."""
+    return w_base + offs_n.to(tl.int64)[None, :] * stride_wn + tl.arange(0, BK // PACK)[:, None]
+
+
+@triton.jit
 def w13_kernel(
     x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
     ids_ptr, map_ptr, sem_ptr, out_ptr,
@@ -204,8 +243,16 @@ def w13_kernel(
     ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr, TP: tl.constexpr,
     HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr, PDL: tl.constexpr = False,
+    xs_ptr=None, ws_ptr=None, qs_ptr=None, is_ptr=None, stride_xst=0, stride_wse=0, stride_wsn=0, ws_shard=0,
+    ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
+    QG: tl.constexpr = 1, UE8M0: tl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
+
+    Quantised (``QUANT`` > 0, module docstring): fp8 reads ``x`` = x_q e4m3 with scales ``xs [T, ·]``
+    (stride ``stride_xst``; 0 for a static scale) and writes ``inter`` as e4m3 with ``is [rows, I/BN]``
+    (``REQ`` 1) or with the static ``*qs_ptr`` (``REQ`` 2); 4-bit reads packed ``w1`` (``PACK`` per
+    element along k, scales every ``QG``). ``ON_INPUT`` is left to the fp8 input quantiser.
 
     ``INLINE`` (T·K <= SP, decode): no align kernel ran; every program derives the layout of its
     block from the ids in registers, and program 0 does the align kernel's zeroing.
@@ -237,29 +284,41 @@ def w13_kernel(
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
     w_base = w1_ptr + e.to(tl.int64) * stride_we
-    g_ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    g_ptrs = _w_ptrs(w_base, offs_n, stride_wn, BK, PACK)
     u_ptrs = g_ptrs + I * stride_wn
     if ON_INPUT:
         w_in = tl.load(tw_ptr + tok * stride_twt, mask=valid, other=0.0).to(tl.float32)
+    ws_g = x_ptr  # placeholders (unread) when not quantised
+    ws_u = x_ptr
+    xs_rows = x_ptr
+    if QUANT > 0:  # scale rows of the gate / up columns; fp8: per-row activation scales
+        ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (offs_n // ws_qbn) * stride_wsn
+        ws_u = ws_g + ws_shard * stride_wsn
+        if QUANT <= FP8_ROW:
+            xs_rows = xs_ptr + tok * stride_xst
     row_g = e * N1 + pid_n * BN
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, H, BK):
         kmask = offs_k < H - k0
         a = _load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
-        g = _load_w(g_ptrs, w1_desc, row_g, k0, kmask, nmask, EVEN_K, USE_TMA)
-        # QUANT: fp8 w8a8 loads a_scale[tok, k0 // 128] and b_scale[e, n // 128, k0 // 128] here and
-        # accumulates tl.dot(a, g) * a_scale[:, None] * b_scale[None, :] (fp32) instead of the line below.
+        g = _load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, ws_g, x_ptr.dtype.element_ty, QUANT, PACK, QG,
+                    BK, BN, EVEN_K, USE_TMA, UPCAST)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
-        acc_g = _mma(a, g, acc_g, DOT_PREC, UPCAST)
+        acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST)
         if GATED:
-            u = _load_w(u_ptrs, w1_desc, row_g + I, k0, kmask, nmask, EVEN_K, USE_TMA)
-            acc_u = _mma(a, u, acc_u, DOT_PREC, UPCAST)
-            u_ptrs += BK
+            u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, ws_u, x_ptr.dtype.element_ty, QUANT, PACK,
+                        QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
+            acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST)
+            u_ptrs += BK // PACK
         a_ptrs += BK
-        g_ptrs += BK
-    # QUANT: a dequantising epilogue (per-tensor / per-channel scales) multiplies acc_g/acc_u here.
+        g_ptrs += BK // PACK
+    if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n] (per tensor: S[e, shard])
+        a_s = tl.load(xs_rows, mask=valid, other=0.0)[:, None]
+        acc_g = acc_g * a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :]
+        if GATED:
+            acc_u = acc_u * a_s * tl.load(ws_u, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
         b_base = b1_ptr + e.to(tl.int64) * stride_be
         acc_g += tl.load(b_base + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -267,7 +326,11 @@ def w13_kernel(
             acc_u += tl.load(b_base + I + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
     out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
-    tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+    if REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
+        requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(tl.int64) * stride_isr + pid_n,
+                      valid, qs_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, UPCAST)
+    else:
+        tl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -280,8 +343,12 @@ def w2_kernel(
     HAS_BIAS: tl.constexpr, ON_INPUT: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr,
     COMBINE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False,
+    as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
+    QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
+    Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
+    ``stride_asr``; 0 for a static scale); 4-bit reads packed ``w2`` (see :func:`w13_kernel`).
     ``INLINE``: as in :func:`w13_kernel` (``T`` = ``S // K`` here: the slot count is ``S``).
 
     ``USE_TMA``: weight tiles through a tensor descriptor over ``w2.view(E·H, I)``, and the rows of
@@ -308,18 +375,25 @@ def w2_kernel(
     offs_k = tl.arange(0, BK)
     a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_k[None, :]
     w_base = w2_ptr + e.to(tl.int64) * stride_we
-    b_ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    b_ptrs = _w_ptrs(w_base, offs_n, stride_wn, BK, PACK)
+    ws_row = inter_ptr  # placeholders (unread) when not quantised
+    as_rows = inter_ptr
+    if QUANT > 0:
+        ws_row = ws_ptr + e.to(tl.int64) * stride_wse + (offs_n // ws_qbn) * stride_wsn
+        if QUANT <= FP8_ROW:
+            as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         kmask = offs_k < I - k0
         a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
-        b = _load_w(b_ptrs, w2_desc, row_b, k0, kmask, nmask, EVEN_K, USE_TMA)
-        # QUANT: fp8 scale loads (activation groups of `inter`, weight blocks of w2[e]) go here.
-        acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+        b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, ws_row, inter_ptr.dtype.element_ty, QUANT, PACK,
+                    QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
+        acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST)
         a_ptrs += BK
-        b_ptrs += BK
-    # QUANT: dequantising epilogue here.
+        b_ptrs += BK // PACK
+    if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
+        acc = acc * tl.load(as_rows, mask=valid, other=0.0)[:, None] * tl.load(ws_row, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if not ON_INPUT:
@@ -329,7 +403,7 @@ def w2_kernel(
     tok64 = tok.to(tl.int64)
     if COMBINE:
         p_ptrs = part_ptr + slot.to(tl.int64)[:, None] * stride_pr + offs_n[None, :]
-        tl.store(p_ptrs, acc.to(part_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+        tl.store(p_ptrs, to_dt(acc, part_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
         tl.debug_barrier()  # every thread's part stores precede the release below
         old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
         if INLINE:
@@ -351,7 +425,7 @@ def w2_kernel(
                 v = tl.load(q_ptrs, mask=live2[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
                 total += v.to(tl.float32)
             o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
-            tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=last[:, None] & nmask[None, :])
+            tl.store(o_ptrs, to_dt(total, out_ptr.dtype.element_ty, UPCAST), mask=last[:, None] & nmask[None, :])
     else:
         o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+        tl.store(o_ptrs, to_dt(acc, out_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])

@@ -1,0 +1,287 @@
+"""Quantised routed experts on the Triton kernels (SPEC §8); the math is :func:`.experts_quant.fused_experts_quant_torch`'s.
+
+    fused_experts_quant_triton -> torch.ops.moekit.fused_experts_quant (custom op, registered here)
+        -> triton_experts.fused_experts_impl(quant=QuantLaunch) -> align, [x quantiser], w13, [inter quantiser], w2
+
+What runs where (kernels in :mod:`._triton.quant` and :mod:`._triton.grouped_gemm`):
+
+- **fp8 block** ``(bn, bk)``: a small kernel quantises ``x`` per (token, group of bk): ``x_q [T, H]`` e4m3,
+  ``x_s [T, ⌈H/bk⌉]``. w13 (BK = bk) runs fp8 dots, ``acc += (x_q · Wq) · x_s[t, k/bk] · S[e, n/bn, k/bk]``
+  per K step, then bias, clamp, activation (fp32), rounding to the params dtype and — fused into the
+  epilogue, its BN = bk columns being one group — the fp8 quantisation of w2's input (``inter_q``,
+  ``inter_s [rows, ⌈I/bk⌉]``). w2 runs the same fp8 loop over I, then bias, routing weight and the
+  deterministic slot-order combine of the unquantised path.
+- **fp8 channel / tensor**: ``x`` quantised per token (one group = the row) or with the static scale
+  (the largest ``w13_input_scale``); ``acc = Σ_k-steps x_q · Wq`` then ``acc · s_x[t] · S[e, n]`` after the
+  loop (per tensor: ``S[e, shard]``). A per-token scale of w2's input spans all of I, so w13 stores
+  ``inter`` in the params dtype and the same small kernel quantises its rows; static: fused into w13.
+- **mxfp4 / int4 groups** (weight-only): activations stay in the params dtype; weight tiles are
+  unpacked and dequantised in registers (no dequantised weights in memory), then the unquantised dot.
+
+Batch invariance (SPEC §9): the K step is fixed per shape and format (fp8 block: bk; fp8 row: 128;
+4-bit: 128, 64 for fp32 activations), whatever the token count; no split-K; the combine is the
+unquantised path's. Tile constraints: fp8 block needs ``bk`` a power of two >= 16 and w13's BN = bk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+
+from ._triton import quant as qk
+from .activation import get_activation
+from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
+from .quant_config import parse_quant_config
+from .quantize import check_quant_weights
+from .triton_configs import get_config
+from .triton_experts import fused_experts_impl
+
+__all__ = ["fused_experts_quant_triton", "QuantSpec", "QuantLaunch"]
+
+_CODES = {"fp8_block": 1, "fp8_channel": 2, "mxfp4": 3, "int4_group": 4}
+_FP8 = torch.float8_e4m3fn
+_FAR = 1 << 30  # "scale row = n // _FAR" = 0: one scale for every column (per tensor)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What the kernels need to know of a format: ``code`` (1 fp8 block, 2 fp8 row, 3 mxfp4, 4 int4),
+    ``block_n`` / ``block_k`` (fp8 block; 4-bit: ``block_k`` = the k group), ``ue8m0``, ``per_tensor``,
+    ``static`` (fp8 row with given input scales), ``pack`` (values per stored element along k)."""
+
+    code: int
+    block_n: int = 1
+    block_k: int = 1
+    ue8m0: bool = False
+    per_tensor: bool = False
+    static: bool = False
+    pack: int = 1
+
+    @classmethod
+    def of(cls, fmt: WeightFormat) -> "QuantSpec":
+        if isinstance(fmt, Fp8BlockFormat):
+            bk = fmt.block_k
+            if bk < 16 or bk & (bk - 1):
+                raise NotImplementedError(f"the Triton fp8 block kernels need block_k to be a power of two >= 16 "
+                                          f"(one K step per scale block), got {bk}")
+            return cls(1, fmt.block_n, bk, ue8m0=fmt.ue8m0)
+        if isinstance(fmt, Fp8ChannelFormat):
+            return cls(2, per_tensor=fmt.per_tensor, static=fmt.static_input)
+        if isinstance(fmt, Mxfp4Format):
+            return cls(3, block_k=32, pack=2)
+        if isinstance(fmt, Int4GroupFormat):
+            g = fmt.group_size
+            if g & (g - 1):
+                raise NotImplementedError(f"the Triton int4 kernels need a power-of-two group_size, got {g}")
+            return cls(4, block_k=g, pack=8)
+        raise NotImplementedError(f"no Triton kernel for quantised format {fmt!r}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.code <= 2
+
+    @property
+    def key(self) -> str:
+        """The format's part of a tuned-config shape key."""
+        if self.code == 1:
+            return f"fp8_block{self.block_n}x{self.block_k}"
+        if self.code == 2:
+            return "fp8_tensor" if self.per_tensor else "fp8_channel"
+        return "mxfp4" if self.code == 3 else f"int4_g{self.block_k}"
+
+    def fix_config(self, cfg: dict, dtype: torch.dtype) -> dict:
+        """The tiles this format requires: the K step is fixed per shape (batch invariance), fp8 block
+        w13 tiles are one activation group wide (the fused re-quantisation)."""
+        c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
+        bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
+        c13["BK"] = c2["BK"] = bk
+        if self.code == 1:
+            c13["BN"] = bk
+        if not self.fp8:  # packed tiles: the dequantised B tile needs registers / shared memory too
+            c13["num_stages"] = min(int(c13["num_stages"]), 3)
+            c2["num_stages"] = min(int(c2["num_stages"]), 3)
+        return {**cfg, "w13": c13, "w2": c2}
+
+
+def _ws_args(scale: torch.Tensor, shard: int, qbn: int) -> dict:
+    """Scale of column n: ``scale[e, (n // qbn)(+ shard)]`` (+ the k index of the scale)."""
+    return dict(ws_ptr=scale, stride_wse=scale.stride(0), stride_wsn=scale.stride(1) if scale.dim() > 1 else 0,
+                ws_qbn=qbn, **({"ws_shard": shard} if shard is not None else {}))
+
+
+class QuantLaunch:
+    """One call's quantised operands for :func:`~.triton_experts.fused_experts_impl`: the format, the
+    weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
+
+    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, gated: bool):
+        self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
+        self.s13_static, self.s2_static = s13, s2
+        if spec.fp8:
+            w13_scale, w2_scale = w13_scale.float().contiguous(), w2_scale.float().contiguous()
+        else:
+            w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
+        if spec.code == 1:
+            nb = -(-inter // spec.block_n)
+            self.ws13, self.ws2 = _ws_args(w13_scale, nb, spec.block_n), _ws_args(w2_scale, None, spec.block_n)
+        elif spec.code == 2 and spec.per_tensor:
+            self.ws13, self.ws2 = _ws_args(w13_scale, 1, _FAR), _ws_args(w2_scale.view(-1), None, _FAR)
+            self.ws2["stride_wse"] = 1
+        else:  # one scale row per weight row
+            self.ws13, self.ws2 = _ws_args(w13_scale, inter, 1), _ws_args(w2_scale, None, 1)
+        self.common = dict(QUANT=spec.code, PACK=spec.pack, QG=spec.block_k if not spec.fp8 else 1)
+        self._post = None
+
+    def bytes_per_token(self, h: int, inter: int, k: int) -> int:
+        """Scratch per token besides the unquantised path's: x_q, inter_q and their scales."""
+        return (h + 8 * h // max(self.spec.block_k, 1) + k * inter * 2 + 16 * k) if self.fp8 else 0
+
+    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None):
+        """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales)."""
+        t, n = src.shape
+        xq = torch.empty(t, n, dtype=_FP8, device=src.device)
+        sp = self.spec
+        mode = 2 if static is not None else (0 if sp.code == 1 else 1)
+        if mode == 2:
+            xs, grid = static, (t,)
+        elif mode == 0:
+            ng = triton.cdiv(n, sp.block_k)
+            xs = torch.empty(t, ng, dtype=torch.float32, device=src.device)
+        else:
+            xs, grid = torch.empty(t, 1, dtype=torch.float32, device=src.device), (t,)
+        g = sp.block_k if mode == 0 else 1
+        gp = min(triton.next_power_of_2(triton.cdiv(n, g)), max(1, 2048 // g)) if mode == 0 else 1
+        if mode == 0:
+            grid = (t, triton.cdiv(triton.cdiv(n, g), gp))
+        if t:
+            launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, src.stride(0),
+                   xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
+                   G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
+                   ON_INPUT=on_input, INTERP=interp, num_warps=4)
+        return xq, xs, (xs.stride(0) if mode < 2 else 0)
+
+    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch):
+        """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs)."""
+        n_inter = self._inter
+        dev, sp = x.device, self.spec
+        kw13 = dict(self.common, **self.ws13)
+        kw2 = dict(self.common, **self.ws2)
+        if not self.fp8:
+            buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
+            return x, buf, buf, kw13, kw2
+        xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
+        kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
+        self._post = None
+        if sp.code == 1 or sp.static:  # w2's input quantised in the w13 epilogue
+            inter_q = torch.empty(rows, n_inter, dtype=_FP8, device=dev)
+            if sp.code == 1:
+                inter_s = torch.empty(rows, triton.cdiv(n_inter, sp.block_k), dtype=torch.float32, device=dev)
+                kw13.update(REQ=1, is_ptr=inter_s, stride_isr=inter_s.stride(0))
+                kw2.update(as_ptr=inter_s, stride_asr=inter_s.stride(0))
+            else:
+                kw13.update(REQ=2, qs_ptr=self.s2_static)
+                kw2.update(as_ptr=self.s2_static, stride_asr=0)
+            return xq, inter_q, inter_q, kw13, kw2
+        # dynamic per-token w2 inputs: w13 writes the params dtype, then a pass quantises each row
+        buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
+        inter_q = torch.empty(rows, n_inter, dtype=_FP8, device=dev)
+        inter_s = torch.empty(rows, 1, dtype=torch.float32, device=dev)
+        self._post = (buf, inter_q, inter_s)
+        kw2.update(as_ptr=inter_s, stride_asr=inter_s.stride(0))
+        return xq, buf, inter_q, kw13, kw2
+
+    def after_w13(self, inter_buf, interp: bool, launch) -> None:
+        if self._post is None:
+            return
+        buf, inter_q, inter_s = self._post
+        n = buf.shape[1]
+        launch(qk.act_quant_kernel, (buf.shape[0],), buf, inter_q, inter_s, buf, None, n, buf.stride(0),
+               inter_q.stride(0), inter_s.stride(0), 0, G=1, GP=1, BLOCK=min(1024, triton.next_power_of_2(n)),
+               MODE=1, UE8M0=False, ON_INPUT=False, INTERP=interp, num_warps=4)
+        self._post = None
+
+
+def fused_experts_quant_triton(
+    hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, *, fmt, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+    w13_input_scale: torch.Tensor | None = None, w2_input_scale: torch.Tensor | None = None,
+    activation: str = "silu", apply_router_weight_on_input: bool = False, w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None, expert_map: torch.Tensor | None = None, swiglu_limit: float | None = None,
+    global_num_experts: int = -1,
+) -> torch.Tensor:
+    """Quantised routed experts on the Triton kernels (module docstring), through the
+    ``moekit::fused_experts_quant`` custom op. Arguments as :func:`.experts_quant.fused_experts_quant_torch`
+    (``global_num_experts`` is implied by ``expert_map``). The format and the weight / scale shapes are
+    checked here (no value checks: ids outside ``[0, E)`` are dead slots, as on the unquantised path).
+
+    returns: [T, H] dtype of hidden_states.
+    """
+    fmt = parse_quant_config(fmt)
+    if not isinstance(fmt, WeightFormat):
+        raise ValueError("fmt must name a quantised format (an HF quant dict or a format object), got None")
+    check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
+                        w2_input_scale=w2_input_scale)
+    spec = QuantSpec.of(fmt)
+    c = lambda v: None if v is None else v.contiguous()  # noqa: E731 - the kernels assume unit last-dim strides
+    if spec.fp8:  # fp8 weights cross the op boundary as bytes (torch has few fp8 ops: opcheck's schema check)
+        w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
+    return fused_experts_quant_op(
+        hidden_states.contiguous(), w13.contiguous(), w2.contiguous(), topk_weights.contiguous(),
+        topk_ids.contiguous(), w13_scale, w2_scale, w13_input_scale, w2_input_scale, fmt.name, spec.block_n,
+        spec.block_k, spec.ue8m0, spec.per_tensor, get_activation(activation).name,
+        bool(apply_router_weight_on_input), c(w1_bias), c(w2_bias), c(expert_map),
+        None if swiglu_limit is None else float(swiglu_limit),
+    )
+
+
+@torch.library.custom_op("moekit::fused_experts_quant", mutates_args=())
+def fused_experts_quant_op(
+    hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+    w13_input_scale: Optional[torch.Tensor], w2_input_scale: Optional[torch.Tensor],
+    fmt_name: str, block_n: int, block_k: int, ue8m0: bool, per_tensor: bool,
+    activation: str, apply_router_weight_on_input: bool, w1_bias: Optional[torch.Tensor],
+    w2_bias: Optional[torch.Tensor], expert_map: Optional[torch.Tensor], swiglu_limit: Optional[float],
+) -> torch.Tensor:
+    """``torch.library`` op around :func:`fused_experts_quant_impl` (torch.compile(fullgraph=True) traces
+    through it, CUDA graphs capture it). fp8 weights travel as uint8 views of their bytes (torch has
+    few fp8 ops, and opcheck's schema check multiplies inputs). The format travels as ``fmt_name`` + ``block_n`` /
+    ``block_k`` (fp8 block; int4: ``block_k`` = group size), ``ue8m0``, ``per_tensor``; static fp8 inputs
+    are implied by the input scales."""
+    static = w13_input_scale is not None
+    code = _CODES[fmt_name]
+    if code <= 2:  # fp8 weights arrive as their bytes (uint8 views)
+        w13, w2 = w13.view(_FP8), w2.view(_FP8)
+    spec = QuantSpec(code, block_n, block_k, ue8m0=ue8m0, per_tensor=per_tensor, static=static,
+                     pack={3: 2, 4: 8}.get(code, 1))
+    return fused_experts_quant_impl(
+        hidden_states, w13, w2, topk_weights, topk_ids, spec, w13_scale, w2_scale, w13_input_scale, w2_input_scale,
+        activation, apply_router_weight_on_input, w1_bias, w2_bias, expert_map, swiglu_limit,
+    )
+
+
+@fused_experts_quant_op.register_fake
+def _fused_experts_quant_fake(hidden_states, *args):
+    return torch.empty_like(hidden_states)
+
+
+def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec, w13_scale, w2_scale,
+                             w13_input_scale, w2_input_scale, activation: str, on_input: bool, w1_bias, w2_bias,
+                             expert_map, swiglu_limit, *, config: dict | None = None, warmup: bool = False):
+    """Config (tuned or heuristic, keyed by the format; then :meth:`QuantSpec.fix_config`) and launch."""
+    t, h = x.shape
+    e_local, _, inter_packed = w2.shape
+    inter = inter_packed * spec.pack
+    act = get_activation(activation)
+    if config is None:
+        config = get_config(x.device, t, e_local, h, inter, topk_ids.shape[1], x.dtype, act.gated, quant=spec.key)
+    config = spec.fix_config(config, x.dtype)
+    s13 = s2 = None
+    if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8), on device
+        s13 = w13_input_scale.max().float().reshape(1)
+        s2 = w2_input_scale.max().float().reshape(1)
+    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, act.gated)
+    return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
+                              swiglu_limit, config=config, warmup=warmup, quant=q)

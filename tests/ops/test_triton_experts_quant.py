@@ -1,0 +1,264 @@
+"""Quantised Triton experts (fp8 block / channel / tensor, mxfp4, int4) against the torch twin of the same math.
+
+On CPU they run under the Triton interpreter on small, awkward shapes (blocks of 32 / 64 so that the
+interpreter stays fast; partial blocks at the edges); the ``gpu`` tests repeat the comparisons at real
+shapes and check CUDA graphs, torch.compile, run-to-run and batch invariance on the device.
+Tolerances (SPEC §8, relative RMS of the whole output vs the twin): GPU fp8 <= 1e-2, weight-only <= 1e-2
+in bf16; the interpreter (fp32 arithmetic everywhere) is held to 1e-4 in fp32 and 1e-2 in bf16.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moekit.ops._quant_rules import quantize_fp8_activations
+from moekit.ops.experts_quant import fused_experts_quant_torch
+from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
+from moekit.ops.quantize import quantize_experts
+from moekit.ops import triton_experts_quant as tq
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = Fp8BlockFormat(32, 32)
+FORMATS = {
+    "fp8_block": BLOCK,
+    "fp8_block_ue8m0": Fp8BlockFormat(64, 32, ue8m0=True),
+    "fp8_channel": Fp8ChannelFormat(),
+    "fp8_tensor": Fp8ChannelFormat(per_tensor=True),
+    "fp8_static": Fp8ChannelFormat(per_tensor=True, static_input=True),
+    "mxfp4": Mxfp4Format(),
+    "int4_g32": Int4GroupFormat(32),
+    "int4_g128": Int4GroupFormat(128),  # a group longer than the fp32 K step (64): one scale per tile
+}
+
+
+def make(fmt, t, e, k, h, i, dtype=torch.bfloat16, act="silu", bias=False, hot=False, num_global=None, seed=0):
+    """Quantised experts + routing; returns (args, kwargs) for both implementations."""
+    gen = torch.Generator().manual_seed(1000 + seed + 31 * t + e)
+    rows = i if act == "relu2" else 2 * i
+    w13 = torch.randn(e, rows, h, generator=gen) / h**0.5
+    w2 = torch.randn(e, h, i, generator=gen) / i**0.5
+    w13_q, w2_q, s13, s2 = quantize_experts(w13.to(dtype), w2.to(dtype), fmt)
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    ng = num_global or e
+    ids = torch.stack([torch.randperm(ng, generator=gen)[:k] for _ in range(t)]) if t else torch.empty(0, k)
+    if hot and t:
+        ids[:, 0] = 0
+        ids[:, 1:] = torch.where(ids[:, 1:] == 0, ng - 1, ids[:, 1:])
+    w = torch.rand(t, k, generator=gen) + 0.05
+    kw = dict(fmt=fmt, w13_scale=s13, w2_scale=s2, activation=act)
+    if bias:
+        kw.update(w1_bias=(torch.randn(e, rows, generator=gen) * 0.1).to(dtype),
+                  w2_bias=(torch.randn(e, h, generator=gen) * 0.1).to(dtype))
+    if getattr(fmt, "static_input", False):
+        kw.update(w13_input_scale=torch.rand(e, generator=gen) * 0.01 + 0.004,
+                  w2_input_scale=torch.rand(e, generator=gen) * 0.004 + 0.001)
+    to = lambda v: v.to(DEV) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return [to(v) for v in (x, w13_q, w2_q, w, ids.to(torch.int32))], {n: to(v) for n, v in kw.items()}
+
+
+def rel_rms(out, ref) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def compare(args, kw, tol=None):
+    out = tq.fused_experts_quant_triton(*args, **kw)
+    ref = fused_experts_quant_torch(*args, **kw)
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    if out.numel():
+        assert torch.isfinite(out).all()
+        err = rel_rms(out, ref)
+        assert err <= (tol or (1e-4 if out.dtype == torch.float32 else 1e-2)), err
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_formats(name, dtype):
+    fmt = FORMATS[name]
+    h, i = (80, 48) if fmt.quantizes_activations else (128, 128 if name == "int4_g128" else 64)  # fp8: partial blocks
+    args, kw = make(fmt, 7, 4, 2, h, i, dtype, bias=True, seed=list(FORMATS).index(name))
+    compare(args, kw)
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "int4_g32"])
+def test_fp16(name):
+    args, kw = make(FORMATS[name], 5, 4, 2, 64, 64, torch.float16, bias=True)
+    compare(args, kw, tol=2e-3)  # measured 3e-4 .. 7e-4 (interpreter)
+
+
+@pytest.mark.parametrize("t,e,k", [(0, 4, 2), (1, 4, 2), (13, 5, 1), (5, 4, 4), (11, 6, 3)])
+def test_fp8_block_shapes(t, e, k):
+    """T = 0, T = 1, prime T with K = 1, K = E, and T·K > 16 (the align kernel, not the decode layout)."""
+    args, kw = make(BLOCK, t, e, k, 64, 48)
+    compare(args, kw)
+
+
+@pytest.mark.parametrize("act,limit", [("gelu", None), ("gelu_tanh", 2.0), ("swigluoai", 7.0), ("relu2", None)])
+def test_fp8_block_activations(act, limit):
+    args, kw = make(BLOCK, 6, 4, 2, 64, 48, act=act, bias=True)
+    if limit is not None:
+        args[0] = args[0] * 8  # large pre-activations so that the clamp matters
+    compare(args, dict(kw, swiglu_limit=limit))
+
+
+@pytest.mark.parametrize("name,act", [("mxfp4", "relu2"), ("int4_g32", "swigluoai"), ("fp8_channel", "relu2")])
+def test_other_formats_activations(name, act):
+    args, kw = make(FORMATS[name], 6, 4, 2, 64, 64, act=act, bias=True)
+    compare(args, kw)
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "mxfp4"])
+def test_expert_map_hot_experts(name):
+    """A rank holding 3 of 6 experts (-1 elsewhere), every token on expert 0."""
+    args, kw = make(FORMATS[name], 9, 3, 2, 64, 64, hot=True, num_global=6)
+    emap = torch.tensor([0, -1, 1, -1, 2, -1], dtype=torch.int32, device=DEV)
+    compare(args, dict(kw, expert_map=emap))
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_static", "int4_g32"])
+def test_apply_router_weight_on_input(name):
+    args, kw = make(FORMATS[name], 5, 4, 1, 64, 64)
+    compare(args, dict(kw, apply_router_weight_on_input=True))
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "int4_g32"])
+def test_batch_invariance(name):
+    """A token's output is bit-identical alone (decode layout) and inside a batch (align kernel)."""
+    args, kw = make(FORMATS[name], 9, 4, 2, 64, 64)
+    full = tq.fused_experts_quant_triton(*args, **kw)
+    x, w13, w2, w, ids = args
+    for j in (0, 7):
+        alone = tq.fused_experts_quant_triton(x[j:j + 1], w13, w2, w[j:j + 1], ids[j:j + 1], **kw)
+        assert torch.equal(alone, full[j:j + 1])
+    assert torch.equal(tq.fused_experts_quant_triton(*args, **kw), full)  # run to run
+
+
+@pytest.mark.parametrize("group,ue8m0", [(32, False), (32, True), (None, False)])
+def test_activation_quantiser_matches_rule(group, ue8m0):
+    """The Triton input quantiser is bit-exact against the torch rule (x_q and scales)."""
+    import triton
+
+    from moekit.ops.triton_experts import _interpreting
+
+    x = (torch.randn(5, 80) * torch.logspace(-3, 2, 80)).to(torch.bfloat16).to(DEV)
+    x[2, :40] = 0  # an all-zero group
+    fmt = Fp8BlockFormat(32, group, ue8m0=ue8m0) if group else Fp8ChannelFormat()
+    q = tq.QuantLaunch(tq.QuantSpec.of(fmt), torch.ones(1, 1, 1), torch.ones(1, 1, 1), None, None, 80, True)
+    xq, xs, _ = q._quantise(x, lambda kern, grid, *a, **k: kern[grid](*a, **k), _interpreting())
+    ref_q, ref_s = quantize_fp8_activations(x, group, ue8m0=ue8m0)
+    assert torch.equal(xs, ref_s)
+    assert torch.equal(xq.float(), ref_q.float())  # ±0 aside, bit for bit
+    assert triton.cdiv(80, group or 80) == xs.shape[1]
+
+
+def test_opcheck():
+    args, kw = make(BLOCK, 3, 4, 2, 64, 32, bias=True)
+    x, w13, w2, w, ids = args
+    op_args = (x, w13.view(torch.uint8), w2.view(torch.uint8), w, ids, kw["w13_scale"], kw["w2_scale"], None, None, "fp8_block", 32, 32, False, False,
+               "silu", False, kw["w1_bias"], kw["w2_bias"], None, None)
+    torch.library.opcheck(tq.fused_experts_quant_op, op_args)
+
+
+def test_errors():
+    args, kw = make(BLOCK, 2, 4, 2, 64, 48)
+    with pytest.raises(NotImplementedError, match="power of two"):
+        tq.QuantSpec.of(Fp8BlockFormat(48, 48))
+    with pytest.raises(ValueError, match="w2_scale"):
+        tq.fused_experts_quant_triton(*args, **dict(kw, w2_scale=kw["w2_scale"][:, :1]))
+    with pytest.raises(ValueError, match="fmt"):
+        tq.fused_experts_quant_triton(*args, **dict(kw, fmt=None))
+
+
+def test_config_constraints():
+    """fp8 block: BK = bk for both GEMMs and w13's BN = bk (one group per tile); K steps never depend on T."""
+    from moekit.ops.triton_configs import heuristic_config, shape_key
+
+    spec = tq.QuantSpec.of(Fp8BlockFormat(128, 128))
+    assert shape_key(8, 64, 32, 2, torch.bfloat16, True, spec.key).endswith(",quant=fp8_block128x128")
+    for fmt in (Fp8BlockFormat(128, 128), Fp8ChannelFormat(), Mxfp4Format(), Int4GroupFormat(32)):
+        s = tq.QuantSpec.of(fmt)
+        bks = set()
+        for t in (1, 8, 64, 1024, 16384):
+            c = s.fix_config(heuristic_config(t, 256, 7168, 2048, 8, torch.bfloat16, 132), torch.bfloat16)
+            bks.add((c["w13"]["BK"], c["w2"]["BK"]))
+            if s.code == 1:
+                assert c["w13"]["BN"] == c["w13"]["BK"] == c["w2"]["BK"] == 128
+        assert len(bks) == 1, (fmt, bks)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+GPU_FORMATS = [Fp8BlockFormat(128, 128), Fp8BlockFormat(128, 128, ue8m0=True), Fp8ChannelFormat(),
+               Fp8ChannelFormat(per_tensor=True), Mxfp4Format(), Int4GroupFormat(32), Int4GroupFormat(128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", GPU_FORMATS, ids=lambda f: tq.QuantSpec.of(f).key)
+@pytest.mark.parametrize("t", [1, 64, 1000])
+def test_gpu_deepseek_slice(fmt, t):
+    """DeepSeek-V3-like slice: E = 16, K = 8, H = 7168, I = 2048, bf16; vs the twin."""
+    args, kw = make(fmt, t, 16, 8, 7168, 2048)
+    compare(args, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Mxfp4Format()], ids=["fp8_block", "mxfp4"])
+def test_gpu_gpt_oss_partial_blocks(fmt):
+    """gpt-oss: H = I = 2880 (not a multiple of 128: partial fp8 blocks), swigluoai, biases."""
+    args, kw = make(fmt, 200, 32, 4, 2880, 2880, act="swigluoai", bias=True)
+    compare(args, dict(kw, swiglu_limit=7.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Fp8ChannelFormat(), Mxfp4Format(), Int4GroupFormat(32)],
+                         ids=["fp8_block", "fp8_channel", "mxfp4", "int4"])
+def test_gpu_deterministic_and_batch_invariant(fmt):
+    """Bit-identical run to run, and a token's output equal alone, in 64 and in 4096 tokens (buckets)."""
+    args, kw = make(fmt, 4096, 64, 6, 2048, 768)
+    x, w13, w2, w, ids = args
+    full = tq.fused_experts_quant_triton(*args, **kw)
+    assert torch.equal(tq.fused_experts_quant_triton(*args, **kw), full)
+    for n in (1, 7, 64, 333):
+        part = tq.fused_experts_quant_triton(x[:n], w13, w2, w[:n], ids[:n], **kw)
+        assert torch.equal(part, full[:n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Fp8ChannelFormat(per_tensor=True, static_input=True),
+                                 Mxfp4Format()], ids=["fp8_block", "fp8_static", "mxfp4"])
+def test_gpu_cuda_graph_and_compile(fmt):
+    args, kw = make(fmt, 32, 16, 4, 1024, 512)
+    x, w13, w2, w, ids = args
+    ref = tq.fused_experts_quant_triton(*args, **kw)
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, w13, w2, w, ids, **kw)
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x, w, ids), ref)
+    static = [v.clone() for v in (x, w, ids)]
+    f(*static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f(*static)
+    args2, _ = make(fmt, 32, 16, 4, 1024, 512, seed=5)
+    for dst, src in zip(static, (args2[0], args2[3], args2[4])):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, tq.fused_experts_quant_triton(args2[0], w13, w2, args2[3], args2[4], **kw))
+
+
+def test_compile_fullgraph_traces_the_wrapper():
+    """The Python front (format parsing, shape checks, the uint8 view of fp8 weights) traces without graph
+    breaks; the custom op runs opaque (``aot_eager``: no compiler needed on CPU)."""
+    args, kw = make(BLOCK, 3, 4, 2, 64, 32)
+    x, w13, w2, w, ids = args
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, w13, w2, w, ids, **kw)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, ids), f(x, w, ids))
