@@ -10,7 +10,11 @@
     x, logits = torch.randn(5, H), torch.randn(5, E) # hidden_states [T, H], router_logits [T, E]
     out = layer(x, logits)                           # [T, H]: Σ_k w[t, k] · expert_{ids[t, k]}(x[t])
 
-A forward before the expert weights are loaded raises ``RuntimeError``. Checkpoints:
+A forward before the expert weights are loaded raises ``RuntimeError``. Quantised experts (fp8 block /
+channel, mxfp4, int4 groups): ``FusedMoE(..., quant_config={...HF quantization_config...})`` and
+``q13, q2, s13, s2 = moekit.quantize_experts(w13, w2, quant_config)``,
+``layer.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)`` — or full-precision weights,
+quantised on load. Checkpoints:
 ``moekit.load_moe_layers(path)``; transformers models: ``moekit.integrations.transformers.patch(model)``.
 """
 
@@ -22,6 +26,10 @@ from .loading import load_moe_layers
 from .ops.activation import ACTIVATIONS
 from .ops.api import fused_experts, fused_topk, fused_topk_bias, grouped_topk
 from .ops.experts import fused_experts_torch
+from .ops.experts_quant import fused_experts_quant_torch
+from .ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
+from .ops.quant_config import parse_quant_config
+from .ops.quantize import dequantize_experts, quantize_experts
 from .ops.kernels import resolve_backend
 from .ops.routing import TopKSpec
 from .routing import (
@@ -42,6 +50,15 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "ACTIVATIONS",
     "BaseRouter",
+    "Fp8BlockFormat",
+    "Fp8ChannelFormat",
+    "Int4GroupFormat",
+    "Mxfp4Format",
+    "WeightFormat",
+    "dequantize_experts",
+    "fused_experts_quant_torch",
+    "parse_quant_config",
+    "quantize_experts",
     "CustomRoutingRouter",
     "FusedMoE",
     "FusedTopKBiasRouter",
