@@ -426,7 +426,7 @@ def _eplb_implemented() -> bool:
 
 
 @pytest.mark.parametrize("kwargs,what", [
-    (dict(quant_config=object()), "quant_config"),
+    (dict(quant_config={"quant_method": "awq"}), "quant_config"),
     (dict(is_sequence_parallel=True), "is_sequence_parallel"),
     (dict(dp_size=2), "dp_size"),
     (dict(pcp_size=2), "pcp_size"),

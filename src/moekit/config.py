@@ -8,6 +8,8 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_int
 from .ops.activation import Activation, get_activation
+from .ops.formats import WeightFormat
+from .ops.quant_config import parse_quant_config
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,9 @@ class MoEConfig:
 
     num_experts: E real routed experts; num_zero_experts: Z identity experts;
     intermediate_size: I of a whole expert (before a tensor-parallel split).
+    quant_config: None (weights in ``params_dtype``), an HF ``quantization_config`` dict or a format
+    object; stored as the parsed format object (:mod:`moekit.ops.formats`) and checked against the
+    global sizes here (a tensor-parallel slice is checked by the experts).
     """
 
     num_experts: int
@@ -28,6 +33,7 @@ class MoEConfig:
     apply_router_weight_on_input: bool = False
     num_zero_experts: int = 0
     params_dtype: torch.dtype = torch.float32
+    quant_config: WeightFormat | None = None
 
     def __post_init__(self):
         check_int("num_experts", self.num_experts, minimum=1)
@@ -47,6 +53,10 @@ class MoEConfig:
                 raise ValueError(f"swiglu_limit applies to gated activations, not activation={self.activation!r}")
         if self.apply_router_weight_on_input and self.top_k != 1:
             raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={self.top_k}")
+        fmt = parse_quant_config(self.quant_config)
+        object.__setattr__(self, "quant_config", fmt)
+        if fmt is not None:
+            fmt.validate(self.num_experts, self.intermediate_size, self.hidden_size, self.gated)
 
     @property
     def act(self) -> Activation:

@@ -90,14 +90,17 @@ def FusedMoE(
         executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) | LocalExecutor(experts)
         return MoERunner(prefix, config, router, experts, ..., expert_executor=executor)
 
-    Every keyword has the seed's meaning and default; see SPEC §1. Extra keywords: ``device`` (where
+    Every keyword has the seed's meaning and default; see SPEC §1. ``quant_config`` (SPEC §8): an HF
+    ``quantization_config`` dict or a format object, parsed once into ``config.quant_config``; the
+    experts then hold the format's tensors (see :class:`~moekit.experts.routed.RoutedExperts`) and a
+    format the backend cannot run raises ``NotImplementedError`` here. Extra keywords: ``device`` (where
     the weights live), ``ep_group``/``tp_group`` (``torch.distributed`` groups),
     ``expert_placement_strategy`` ("linear" or "round_robin") and ``backend`` ("auto", "torch",
     "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``).
     The expert weights start unloaded: load them (``layer.load_expert_weights`` / ``load_weights``)
     before the first forward.
     """
-    _check_unsupported(quant_config, is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
+    _check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
                        n_shared_experts, shared_experts)
     # routed_scaling_factor applies once: in the router, or (apply_routed_scale_to_output) on the output
     router_scale, output_scale = (1.0, routed_scaling_factor) if apply_routed_scale_to_output else (
@@ -117,7 +120,7 @@ def FusedMoE(
         num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
         swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
         num_zero_experts=_num_zero_experts(zero_expert_type, e_score_correction_bias, num_experts),
-        params_dtype=params_dtype or torch.get_default_dtype(),
+        params_dtype=params_dtype or torch.get_default_dtype(), quant_config=quant_config,
     )
     kernels = resolve_kernels(backend, device, quiet=True)
     if backend == "auto":
@@ -135,7 +138,7 @@ def FusedMoE(
         )
     router.to(device)
     experts = (routed_experts_cls or RoutedExperts)(
-        prefix, config.params_dtype, config, quant_config, placement=placement, kernels=kernels, device=device,
+        prefix, config.params_dtype, config, config.quant_config, placement=placement, kernels=kernels, device=device,
         **(routed_experts_args or {}),
     )
     executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) if parallel else LocalExecutor(experts)
@@ -175,11 +178,9 @@ def _parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group
     )
 
 
-def _check_unsupported(quant_config, is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
+def _check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
                        n_shared_experts, shared_experts) -> None:
     """Arguments this build cannot honour raise ``NotImplementedError`` naming them (SPEC §1)."""
-    if quant_config is not None:
-        raise _unsupported("quant_config", quant_config, "quantised experts (fp8, mxfp4) are not implemented yet")
     if is_sequence_parallel:
         raise _unsupported("is_sequence_parallel", True, "sequence-parallel MoE is not implemented")
     if pcp_size not in (None, 1):

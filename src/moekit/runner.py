@@ -158,22 +158,26 @@ class MoERunner(torch.nn.Module):
 
     def _check_routed_input(self, x: torch.Tensor) -> None:
         w = self.routed_experts.w13_weight
+        dtype = self.routed_experts.params_dtype
         if x.shape[-1] != self.moe_config.hidden_size:
             raise ValueError(
                 f"the routed input must have width hidden_size={self.moe_config.hidden_size}, got {x.shape[-1]}"
             )
-        if x.dtype != w.dtype:
+        if x.dtype != dtype:
             raise TypeError(
-                f"hidden_states has dtype {x.dtype} but the expert weights are {w.dtype}; "
+                f"hidden_states has dtype {x.dtype} but the layer's params_dtype is {dtype}; "
                 "cast the input or build the layer with params_dtype matching it"
             )
         if x.device != w.device:
             raise ValueError(f"hidden_states is on {x.device} but the expert weights are on {w.device}")
 
     # -- weights ------------------------------------------------------------------------------
-    def load_expert_weights(self, w13, w2, w13_bias=None, w2_bias=None) -> None:
-        """Take the global ``[E, ...]`` tensors and keep this rank's share (see RoutedExperts)."""
-        self.routed_experts.load_expert_weights(w13, w2, w13_bias, w2_bias)
+    def load_expert_weights(self, w13, w2, w13_bias=None, w2_bias=None, *, w13_scale=None, w2_scale=None,
+                            w13_input_scale=None, w2_input_scale=None) -> None:
+        """Take the global ``[E, ...]`` tensors and keep this rank's share; quantised layers take the
+        scales too, or full-precision weights to quantise (see RoutedExperts.load_expert_weights)."""
+        self.routed_experts.load_expert_weights(w13, w2, w13_bias, w2_bias, w13_scale=w13_scale, w2_scale=w2_scale,
+                                                w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale)
 
     def load_weights(self, weights, *, fused_layout: str = "rows") -> set[str]:
         """Consume checkpoint ``(name, tensor)`` pairs through the expert-params mapping (SPEC §6);

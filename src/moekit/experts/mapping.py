@@ -21,10 +21,20 @@ from typing import Iterable
 
 import torch
 
-from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, down_rows, gate_up_rows, get_fused_layout
+from .._checks import FLOAT_DTYPES
+from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, FusedLayout, down_rows, gate_up_rows, get_fused_layout
 
-_EXPERT_RE = re.compile(r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)(weight|bias)$")
-_FUSED_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|down_proj)(_bias)?$")
+EXPERT_KEY_RE = re.compile(
+    r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)"
+    r"(weight|bias|weight_scale_inv|weight_scale|scale|input_scale|weight_packed|weight_shape)$"
+)
+FUSED_KEY_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales|_scale_inv|_scale)?$")
+#: checkpoint suffix -> the kind of expert tensor it is (``weight_shape`` is checked, not stored)
+KIND_OF_SUFFIX = {
+    "weight": "weight", "weight_packed": "weight", "bias": "bias", "weight_scale_inv": "scale",
+    "weight_scale": "scale", "scale": "scale", "input_scale": "input_scale", "weight_shape": None,
+    "": "weight", "_bias": "bias", "_blocks": "weight", "_scales": "scale", "_scale_inv": "scale", "_scale": "scale",
+}
 
 
 def fused_moe_make_expert_params_mapping(
@@ -96,6 +106,14 @@ def load_layer_weights(
     whose name is then added to ``loaded``. Expert ids ``E <= e < E + Z`` (LongCat's zero experts) are
     consumed and dropped. Unknown names raise ``KeyError``; wrong shapes raise ``ValueError`` naming
     the key and both shapes.
+
+    Quantised experts (the layer built with ``quant_config``) also take, per expert, ``.weight`` in the
+    format's storage or ``.weight_packed`` (int4), ``.weight_scale_inv`` / ``.weight_scale`` / ``.scale``
+    (the dequantisation multiplier, fp32, bf16 or e8m0), ``.input_scale`` (static fp8) and
+    ``.weight_shape`` (checked); fused, ``experts.{gate_up_proj|down_proj}`` with ``_scale_inv`` /
+    ``_scale`` / ``_scales``, or gpt-oss's ``_blocks [E, N, K/32, 16]`` + ``_scales``. Quantised stacks
+    are stored ``[E, out, in]`` whatever ``fused_layout`` says of float stacks; its interleaving of
+    gate/up rows applies. A full-precision float weight given to a quantised layer is quantised.
     """
     layout = get_fused_layout(fused_layout)
     mapping = layer.expert_mapping or default_expert_mapping(layer)
@@ -109,12 +127,12 @@ def load_layer_weights(
     for name, tensor in weights:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"checkpoint entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
-        m = _EXPERT_RE.search(name)
-        f = _FUSED_RE.search(name) if m is None else None
+        m = EXPERT_KEY_RE.search(name)
+        f = FUSED_KEY_RE.search(name) if m is None else None
         if m is not None:
             _load_expert(layer, name, tensor, m, by_weight)
         elif f is not None:
-            _load_fused(layer.routed_experts, name, tensor, f.group(1), f.group(2) is not None, layout)
+            _load_fused(layer.routed_experts, name, tensor, f.group(1), f.group(2), layout)
         elif (pname := _load_own(layer, name, tensor, own)) is not None:
             loaded.add(pname)
         consumed.add(name)
@@ -123,7 +141,7 @@ def load_layer_weights(
 
 def _load_expert(layer, name, tensor, m, by_weight) -> None:
     c, experts = layer.moe_config, layer.routed_experts
-    weight_name, eid, proj, bias = m.group(1), int(m.group(2)), m.group(3), m.group(4) == "bias"
+    weight_name, eid, proj, kind = m.group(1), int(m.group(2)), m.group(3), KIND_OF_SUFFIX[m.group(4)]
     entries = by_weight.get(weight_name)
     if entries is None:
         if c.num_experts <= eid < c.num_experts + c.num_zero_experts and proj in SHARD_OF_PROJ:
@@ -132,6 +150,11 @@ def _load_expert(layer, name, tensor, m, by_weight) -> None:
             f"checkpoint key {name!r}: no expert mapping entry matches {weight_name!r} "
             f"(layer has {c.num_experts} experts; known projections: gate_proj/up_proj/down_proj, w1/w3/w2)"
         )
+    if kind is None:  # compressed-tensors' weight_shape [out, in]: the full-precision shape
+        shard = entries[0][1]
+        if [int(v) for v in tensor.reshape(-1).tolist()] != list(experts.shard_shape(shard)):
+            raise ValueError(f"checkpoint key {name!r} = {tensor.tolist()}, expected {list(experts.shard_shape(shard))}")
+        return
     placement = experts.placement
     done = set()
     for physical, shard in entries:
@@ -139,10 +162,17 @@ def _load_expert(layer, name, tensor, m, by_weight) -> None:
         if logical is None or (logical, shard) in done:
             continue
         done.add((logical, shard))
-        expected = experts.shard_shape(shard, bias)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected {list(expected)}")
-        experts.load_expert_shard(logical, shard, tensor.to(experts.w13_weight.dtype), bias=bias)
+        _shard(experts, name, logical, shard, tensor, kind)
+
+
+def _shard(experts, name, logical, shard, tensor, kind, shape=None) -> None:
+    """One expert shard into the experts; shape and dtype errors name the checkpoint key (and the
+    stack's ``shape``)."""
+    try:
+        experts.load_expert_shard(logical, shard, tensor, kind=kind)
+    except (ValueError, TypeError) as err:
+        of = f" of shape {list(shape)}" if shape is not None else ""
+        raise type(err)(f"checkpoint key {name!r}{of}: {err}") from None
 
 
 def _load_own(layer, name, tensor, own) -> str | None:
@@ -167,28 +197,37 @@ def _load_own(layer, name, tensor, own) -> str | None:
     return pname
 
 
-def _load_fused(experts, name, tensor, which, bias, layout) -> None:
-    """Fused stacks: gate_up [E(+Z), 2I, H] (or transposed / interleaved), down [E, H, I] (or [E, I, H])."""
+def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
+    """Fused stacks: gate_up [E(+Z), 2I, H] (or transposed / interleaved), down [E, H, I] (or [E, I, H]);
+    quantised stacks [E, out, in·] (gpt-oss ``_blocks`` [E, out, in/32, 16])."""
     c = experts.moe_config
-    e, z, h, inter = c.num_experts, c.num_zero_experts, c.hidden_size, c.intermediate_size
-    rows = c.w13_rows(inter)
-    if which == "gate_up_proj":
-        tail = (rows,) if bias else ((h, rows) if layout.transposed else (rows, h))
-    else:
-        tail = (h,) if bias else ((inter, h) if layout.transposed else (h, inter))
-    n = tensor.shape[0] if tensor.dim() == len(tail) + 1 else -1
+    e, z, inter = c.num_experts, c.num_zero_experts, c.intermediate_size
+    kind = KIND_OF_SUFFIX[suffix or ""]
+    bias = kind == "bias"
     allowed = (e, e + z) if which == "gate_up_proj" else (e,)
-    if n not in allowed or tuple(tensor.shape[1:]) != tail:
-        exp = [e if z == 0 or which != "gate_up_proj" else f"{e} or {e + z}", *tail]
-        raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected {exp}")
-    dtype = experts.w13_weight.dtype
+    if tensor.dim() < 2 or tensor.shape[0] not in allowed:
+        raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected [{e}, ...] stacked experts")
+    float_weight = kind == "weight" and tensor.dtype in FLOAT_DTYPES
+    if not (float_weight or bias):  # quantised codes / scales: [E, out, in] whatever the float layout
+        layout = FusedLayout(transposed=False, interleaved=layout.interleaved)
+    full = tuple(tensor.shape)
+    if suffix == "_blocks":
+        tensor = tensor.flatten(-2)
     for expert in range(e):  # zero experts' rows (LongCat, e >= E) are dropped
         if which == "down_proj":
-            experts.load_expert_shard(expert, DOWN, down_rows(tensor[expert], layout, bias=bias).to(dtype), bias=bias)
+            _shard(experts, name, expert, DOWN, down_rows(tensor[expert], layout, bias=bias), kind, full)
             continue
-        t = gate_up_rows(tensor[expert], layout, bias=bias)  # [2I, H] / [2I] (or [I, ...] for relu2)
+        t = gate_up_rows(tensor[expert], layout, bias=bias)  # [2I, ...] / [2I] (or [I, ...] for relu2)
         if not c.gated:
-            experts.load_expert_shard(expert, GATE, t.to(dtype), bias=bias)
+            _shard(experts, name, expert, GATE, t, kind, full)
             continue
-        experts.load_expert_shard(expert, GATE, t[:inter].to(dtype), bias=bias)
-        experts.load_expert_shard(expert, UP, t[inter:].to(dtype), bias=bias)
+        if kind == "scale" and t.dim() and t.shape[0] % 2:
+            raise NotImplementedError(
+                f"checkpoint key {name!r}: fused gate/up scales with {t.shape[0]} rows (blocks straddle the gate and "
+                f"up halves, I = {inter}); moekit needs per-shard scale grids"
+            )
+        if kind == "scale" and t.dim() and layout.interleaved and experts.quant.scale_units()[0] != 1:
+            raise NotImplementedError(f"checkpoint key {name!r}: interleaved gate/up rows with block scales")
+        gate, up = t.chunk(2) if t.dim() else (t, t)
+        _shard(experts, name, expert, GATE, gate, kind, full)
+        _shard(experts, name, expert, UP, up, kind, full)

@@ -8,25 +8,36 @@ Weights (``E_local`` experts, ``I_local = I / tp_size``; the layout of :mod:`moe
     w13_bias:   [E_local, 2·I_local] dtype      (has_bias)
     w2_bias:    [E_local, H] dtype              (has_bias; added on TP rank 0 only)
 
+Quantised layers (``moe_config.quant_config``, SPEC §8; ``fmt = self.quant``) hold the same names in
+the format's storage (``fmt.w13_shape`` ... at ``E_local, I_local``) plus
+    w13_scale, w2_scale:              ``fmt.w13_scale_shape`` / ``fmt.w2_scale_shape`` (float32 for fp8
+                                      and int4, uint8 e8m0 for mxfp4)
+    w13_input_scale, w2_input_scale:  [E_local] float32 (static fp8 inputs only; every slot holds the
+                                      largest scale over all experts, the value the math uses)
+``params_dtype`` stays the dtype of activations, biases and outputs. :meth:`expert_tensors` lists every
+per-slot tensor (what an EPLB move carries); :mod:`moekit.experts.params` says how each is sliced.
+
 The weights are allocated uninitialised; every write (:meth:`load_expert_weights`,
-:meth:`load_expert_shard`, :meth:`adopt_weights`, ``load_state_dict``) is recorded per local slot and
-shard, and a forward before every shard was written raises ``RuntimeError`` naming what is missing.
-The :class:`~moekit.experts.placement.ExpertPlacement` lives here and nowhere else; an EPLB rebalance
-changes it through :meth:`set_physical_to_logical`. Experts consume routing, never logits.
+:meth:`load_expert_shard`, :meth:`adopt_weights`, ``load_state_dict``) is recorded per local slot,
+shard and kind (weight, bias, scale, input_scale), and a forward before everything was written raises
+``RuntimeError`` naming what is missing. The :class:`~moekit.experts.placement.ExpertPlacement` lives
+here and nowhere else; an EPLB rebalance changes it through :meth:`set_physical_to_logical`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._checks import KERNEL_DTYPES
+from .._checks import FLOAT_DTYPES, KERNEL_DTYPES
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
+from ..ops.quant_config import parse_quant_config
+from ..ops.quantize import check_quant_weights, quantize_experts, quantize_weight
 from .layout import DOWN, GATE, SHARD_IDS, UP, shards
+from .params import KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, stored
 from .placement import ExpertPlacement
 
-#: parameter -> the shards it holds
-_PARAM_SHARDS = {"w13_weight": (GATE, UP), "w2_weight": (DOWN,), "w13_bias": (GATE, UP), "w2_bias": (DOWN,)}
+_MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
 
 class RoutedExperts(torch.nn.Module):
@@ -42,10 +53,13 @@ class RoutedExperts(torch.nn.Module):
         device=None,
     ):
         super().__init__()
-        if quant_config is not None:
-            raise NotImplementedError(f"quant_config={quant_config!r}: quantised experts are not supported yet")
+        fmt = parse_quant_config(quant_config)
+        if fmt is not None and moe_config.quant_config is not None and fmt != moe_config.quant_config:
+            raise ValueError(f"quant_config={fmt} differs from moe_config.quant_config={moe_config.quant_config}")
+        self.quant = fmt if fmt is not None else moe_config.quant_config
         self.layer_name = layer_name
         self.moe_config = moe_config
+        self._params_dtype = params_dtype
         self.placement = placement or ExpertPlacement.single(moe_config.num_experts)
         self.kernels = kernels if kernels is not None else kernels_for("torch")
         if self.kernels.name == "triton" and params_dtype not in KERNEL_DTYPES:
@@ -53,26 +67,33 @@ class RoutedExperts(torch.nn.Module):
                 f"params_dtype={params_dtype} cannot run on the triton backend; expected one of "
                 f"{[str(d) for d in KERNEL_DTYPES]} (float64 is for the torch reference backend)"
             )
+        self.kernels.check_supports(self.quant)
         p, c = self.placement, moe_config
         self.tp_rows = p.tp_slice(c.intermediate_size)
         self.inter_local = self.tp_rows.stop - self.tp_rows.start
-        e, rows, h = p.num_local, c.w13_rows(self.inter_local), c.hidden_size
-        kw = dict(dtype=params_dtype, device=device)
-        self.w13_weight = _param(torch.empty(e, rows, h, **kw))
-        self.w2_weight = _param(torch.empty(e, h, self.inter_local, **kw))
-        self.w13_bias = _param(torch.empty(e, rows, **kw)) if c.has_bias else None
-        self.w2_bias = _param(torch.empty(e, h, **kw)) if c.has_bias else None
+        if self.quant is not None:
+            check_tp_split(self.quant, c.intermediate_size, p.tp_size)
+            self.quant.validate(p.num_local, self.inter_local, c.hidden_size, c.gated)
+        self.specs = expert_tensors_spec(c.hidden_size, c.intermediate_size, c.gated, c.has_bias, params_dtype,
+                                         self.quant)
+        for name in ("w13_bias", "w2_bias", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
+            setattr(self, name, None)
+        for name, spec in self.specs.items():
+            alloc = torch.zeros if spec.kind == "input_scale" else torch.empty  # input scales: a running max
+            setattr(self, name, _param(alloc(spec.local_shape(p.num_local, self.tp_rows), dtype=spec.dtype,
+                                             device=device)))
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
-        # what has been written: (local slot, shard, is_bias)
-        self._written: set[tuple[int, str, bool]] = set()
-        self._needed = {
-            (slot, s, bias)
-            for slot in range(e)
-            for s in shards(c.gated)
-            for bias in ((False, True) if c.has_bias else (False,))
-        }
+        # what has been written: (local slot, shard, kind)
+        self._written: set[tuple[int, str, str]] = set()
+        self._needed = {(slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
+                        for slot in range(p.num_local)}
         self._complete = False
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The dtype of activations and outputs (unquantised: the weights' dtype, which ``.to()`` moves)."""
+        return self.w13_weight.dtype if self.quant is None else self._params_dtype
 
     @property
     def backend(self) -> str:
@@ -83,23 +104,30 @@ class RoutedExperts(torch.nn.Module):
         """The w2 bias is added once across tensor-parallel ranks: on TP rank 0."""
         return self.w2_bias is not None and self.placement.tp_rank == 0
 
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-slot tensor ``[E_local, ...]`` by name (weights, scales, input scales, biases)."""
+        return {name: getattr(self, name) for name in self.specs}
+
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """hidden_states: [T, H] dtype; topk_weights: [T, K] float32; topk_ids: [T, K] int32 -> [T, H] dtype."""
+        """hidden_states: [T, H] params_dtype; topk_weights: [T, K] float32; topk_ids: [T, K] int32 -> [T, H]."""
         self.check_loaded()
         c = self.moe_config
         # inputs were checked by the layer (x) and at construction (weights): the table only computes
-        return self.kernels.experts(
-            hidden_states,
-            self.w13_weight,
-            self.w2_weight,
-            topk_weights,
-            topk_ids,
+        common = dict(
             activation=c.activation,
             apply_router_weight_on_input=c.apply_router_weight_on_input,
             w1_bias=self.w13_bias,
             w2_bias=self.w2_bias if self.add_w2_bias else None,
             expert_map=self.expert_map,
             swiglu_limit=c.swiglu_limit,
+        )
+        if self.quant is None:
+            return self.kernels.experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
+                                        **common)
+        return self.kernels.experts_quant(
+            hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids, fmt=self.quant,
+            w13_scale=self.w13_scale, w2_scale=self.w2_scale, w13_input_scale=self.w13_input_scale,
+            w2_input_scale=self.w2_input_scale, **common,
         )
 
     # -- the loaded-record --------------------------------------------------------------------
@@ -109,12 +137,14 @@ class RoutedExperts(torch.nn.Module):
         return self._complete
 
     def missing(self) -> list[str]:
-        """What is still unwritten, by logical expert: ``["expert 3 w2", "expert 0 w1 bias", ...]``."""
+        """What is still unwritten, by logical expert: ``["expert 3 w2", "expert 0 w1 bias", "expert 1 w3
+        scale", ...]``."""
         logical = self.placement.local_logical_ids()
         order = {s: i for i, s in enumerate(shards(self.moe_config.gated))}
-        names = {(logical[slot], order[s], bias) for slot, s, bias in self._needed - self._written}
-        by_order = shards(self.moe_config.gated)
-        return [f"expert {e} {by_order[i]}{' bias' if b else ''}" for e, i, b in sorted(names)]
+        kinds = {k: i for i, k in enumerate(_MISSING_KIND)}
+        names = {(logical[slot], order[s], kinds[k]) for slot, s, k in self._needed - self._written}
+        by_order, by_kind = shards(self.moe_config.gated), list(_MISSING_KIND)
+        return [f"expert {e} {by_order[i]}{_MISSING_KIND[by_kind[k]]}" for e, i, k in sorted(names)]
 
     def check_loaded(self) -> None:
         """Raise ``RuntimeError`` unless every expert weight of this rank was loaded."""
@@ -128,15 +158,15 @@ class RoutedExperts(torch.nn.Module):
             "or moekit.load_moe_layers()"
         )
 
-    def _mark(self, slots, shard_ids, bias: bool) -> None:
-        self._written.update((slot, s, bias) for slot in slots for s in shard_ids)
+    def _mark(self, slots, shard_ids, kind: str) -> None:
+        self._written.update((slot, s, kind) for slot in slots for s in shard_ids)
         self._complete = self._needed <= self._written
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        for name, shard_ids in _PARAM_SHARDS.items():
-            if prefix + name in state_dict and getattr(self, name) is not None:
-                self._mark(range(self.placement.num_local), shard_ids, name.endswith("bias"))
+        for name, spec in self.specs.items():
+            if prefix + name in state_dict:
+                self._mark(range(self.placement.num_local), spec.shards, spec.kind)
 
     # -- loading ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,16 +176,40 @@ class RoutedExperts(torch.nn.Module):
         w2: torch.Tensor,
         w13_bias: torch.Tensor | None = None,
         w2_bias: torch.Tensor | None = None,
+        *,
+        w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None,
+        w13_input_scale: torch.Tensor | None = None,
+        w2_input_scale: torch.Tensor | None = None,
     ) -> None:
-        """Copy this rank's share out of the global tensors.
+        """Copy this rank's share (its slots, its TP slice of I) out of the global tensors.
 
-        w13: [E, 2I, H] (gate rows then up rows; [E, I, H] for relu2); w2: [E, H, I];
-        w13_bias: [E, 2I]; w2_bias: [E, H]. Replicas and the TP slice of I are taken here.
+        Unquantised: w13 [E, 2I, H] (gate rows then up rows; [E, I, H] for relu2); w2 [E, H, I].
+        Quantised: the format's global tensors (``fmt.w13_shape(E, I, H)`` ..., as
+        :func:`moekit.quantize_experts` returns them) with ``w13_scale`` / ``w2_scale`` (and the
+        ``[E]`` input scales of static fp8), or full-precision float w13 / w2 without scales, which are
+        quantised here with :func:`moekit.quantize_experts` (static fp8 still needs the input scales).
+        w13_bias: [E, 2I]; w2_bias: [E, H] (any float dtype, stored in ``params_dtype``).
         """
-        c = self.moe_config
+        c, fmt = self.moe_config, self.quant
         e, h, inter = c.num_experts, c.hidden_size, c.intermediate_size
-        _expect("w13", w13, (e, c.w13_rows(inter), h))
-        _expect("w2", w2, (e, h, inter))
+        scales = {"w13_scale": w13_scale, "w2_scale": w2_scale, "w13_input_scale": w13_input_scale,
+                  "w2_input_scale": w2_input_scale}
+        if fmt is None:
+            given = [n for n, t in scales.items() if t is not None]
+            if given:
+                raise ValueError(f"{given} given but the layer is not quantised (quant_config=None)")
+            _expect("w13", w13, (e, c.w13_rows(inter), h))
+            _expect("w2", w2, (e, h, inter))
+        else:
+            if _full_precision(w13) and w13_scale is None and w2_scale is None:
+                _expect("w13", w13, (e, c.w13_rows(inter), h))
+                _expect("w2", w2, (e, h, inter))
+                w13, w2, w13_scale, w2_scale = quantize_experts(w13, w2, fmt)
+            sizes = check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
+                                        w2_input_scale=w2_input_scale)
+            if sizes != (e, inter, h, c.gated):
+                raise ValueError(f"quantised weights hold (E, I, H, gated) = {sizes}, the layer {(e, inter, h, c.gated)}")
         if (w13_bias is not None or w2_bias is not None) and not c.has_bias:
             raise ValueError("w13_bias/w2_bias given but the layer was built with has_bias=False")
         if c.has_bias:
@@ -163,84 +217,105 @@ class RoutedExperts(torch.nn.Module):
                 raise ValueError("the layer has has_bias=True: pass both w13_bias [E, 2I] and w2_bias [E, H]")
             _expect("w13_bias", w13_bias, (e, c.w13_rows(inter)))
             _expect("w2_bias", w2_bias, (e, h))
-        for slot, logical in enumerate(self.placement.local_logical_ids()):
-            self.w13_weight[slot].copy_(self._w13_rows(w13[logical]))
-            self.w2_weight[slot].copy_(w2[logical][:, self.tp_rows])
-            if c.has_bias:
-                self.w13_bias[slot].copy_(self._w13_rows(w13_bias[logical]))
-                self.w2_bias[slot].copy_(w2_bias[logical])
+        stacks = dict(w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias, w13_scale=w13_scale,
+                      w2_scale=w2_scale, w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale)
         every = range(self.placement.num_local)
-        self._mark(every, shards(c.gated), False)
-        if c.has_bias:
-            self._mark(every, shards(c.gated), True)
+        for name, spec in self.specs.items():
+            full = stored(spec, stacks[name], name)
+            param = getattr(self, name)
+            if spec.kind == "input_scale":  # the largest over all experts (SPEC §8), in every slot
+                param.fill_(full.max())
+            else:
+                for slot, logical in enumerate(self.placement.local_logical_ids()):
+                    one = full[logical]
+                    parts = one.chunk(len(spec.shards)) if len(spec.shards) > 1 else (one,)
+                    for s, part in zip(spec.shards, parts):
+                        spec.write(param, slot, s, part, self.tp_rows)
+            self._mark(every, spec.shards, spec.kind)
 
-    def _w13_rows(self, full: torch.Tensor) -> torch.Tensor:
-        """This TP rank's rows of one expert's w13 ([2I, ...]: gate slice then up slice; [I, ...] for relu2)."""
-        rows = self.tp_rows
-        if not self.moe_config.gated:
-            return full[rows]
-        inter = self.moe_config.intermediate_size
-        return torch.cat([full[rows], full[inter + rows.start : inter + rows.stop]])
-
-    @torch.no_grad()
-    def load_expert_shard(self, logical_id: int, shard_id: str, tensor: torch.Tensor, *, bias: bool = False) -> int:
-        """Load one checkpoint tensor of one logical expert into every local slot holding it.
-
-        shard_id "w1" (gate, [I, H]), "w3" (up, [I, H]) or "w2" (down, [H, I]); with ``bias`` the
-        tensors are [I], [I] and [H]. Tensors are full-size: the TP slice is taken here.
-        Returns how many local slots were written (0 when another rank holds the expert).
-        """
+    def _spec(self, shard_id: str, kind: str) -> ExpertTensor:
         if shard_id not in SHARD_IDS:
             raise ValueError(f"shard_id must be one of {list(SHARD_IDS)}, got {shard_id!r}")
-        c = self.moe_config
-        if shard_id == UP and not c.gated:
-            raise ValueError(f"shard 'w3' (up projection) does not exist for non-gated activation {c.activation!r}")
-        param = self._shard_param(shard_id, bias)
-        _expect(f"expert {logical_id} {shard_id}{' bias' if bias else ''}", tensor, self.shard_shape(shard_id, bias))
-        rows, n = self.tp_rows, self.inter_local
+        if shard_id == UP and not self.moe_config.gated:
+            raise ValueError(f"shard 'w3' (up projection) does not exist for non-gated activation "
+                             f"{self.moe_config.activation!r}")
+        side = "w2" if shard_id == DOWN else "w13"
+        name = {"weight": "weight", "bias": "bias"}.get(kind, kind)
+        spec = self.specs.get(f"{side}_{name}")
+        if spec is None:
+            why = "has_bias=False" if kind == "bias" else f"quant_config={self.quant}"
+            raise ValueError(f"a {kind} for shard {shard_id!r} was given but the layer has {why}")
+        return spec
+
+    @torch.no_grad()
+    def load_expert_shard(self, logical_id: int, shard_id: str, tensor: torch.Tensor, *, bias: bool = False,
+                          kind: str | None = None) -> int:
+        """Load one checkpoint tensor of one logical expert into every local slot holding it.
+
+        shard_id "w1" (gate), "w3" (up) or "w2" (down); ``kind`` "weight" (default), "bias" (or
+        ``bias=True``), "scale" or "input_scale". Shapes are one full shard (:mod:`.params`): weights
+        gate/up [I, H] and down [H, I] (quantised: the format's storage, e.g. [I, H/2] uint8 mxfp4),
+        biases [I] / [H]. A quantised layer given a full-precision float weight quantises it here
+        (:func:`moekit.ops.quantize.quantize_weight`) and writes its scale too. The TP slice is taken
+        here. Returns how many local slots were written (0 when another rank holds the expert).
+        """
+        kind = kind or ("bias" if bias else "weight")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        what = f"expert {logical_id} {shard_id} {kind}"
+        spec = self._spec(shard_id, kind)
         slots = [s for s, logical in enumerate(self.placement.local_logical_ids()) if logical == logical_id]
+        if kind == "input_scale":  # a running max over every expert seen, in every slot
+            param = getattr(self, spec.name)
+            param.clamp_(min=float(fit(spec, stored(spec, tensor, what), what)))
+            self._mark(slots, (shard_id,), kind)
+            return len(slots)
+        if kind == "weight" and self.quant is not None and _full_precision(tensor):
+            shape = self.shard_shape(shard_id)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{what} has shape {list(tensor.shape)}, expected {list(shape)} (full precision)")
+            tensor, scale = quantize_weight(tensor, self.quant)
+            self.load_expert_shard(logical_id, shard_id, scale, kind="scale")
+        part = fit(spec, stored(spec, tensor, what), what)
         for slot in slots:
-            if shard_id == DOWN:
-                param[slot].copy_(tensor if bias else tensor[:, rows])
-            else:
-                param[slot].narrow(0, 0 if shard_id == GATE else n, n).copy_(tensor[rows])
-        self._mark(slots, (shard_id,), bias)
+            spec.write(getattr(self, spec.name), slot, shard_id, part, self.tp_rows)
+        self._mark(slots, (shard_id,), kind)
         return len(slots)
 
     def shard_shape(self, shard_id: str, bias: bool = False) -> tuple[int, ...]:
-        """Full (unsliced) shape of one expert's shard: gate/up [I, H] (bias [I]), down [H, I] (bias [H])."""
+        """Full-precision (unsliced) shape of one expert's shard: gate/up [I, H] (bias [I]), down [H, I]
+        (bias [H])."""
         h, inter = self.moe_config.hidden_size, self.moe_config.intermediate_size
         if shard_id == DOWN:
             return (h,) if bias else (h, inter)
         return (inter,) if bias else (inter, h)
 
-    def _shard_param(self, shard_id: str, bias: bool) -> torch.Tensor:
-        param = (self.w2_bias if shard_id == DOWN else self.w13_bias) if bias else (
-            self.w2_weight if shard_id == DOWN else self.w13_weight
-        )
-        if param is None:
-            raise ValueError(f"a bias for shard {shard_id!r} was given but the layer has has_bias=False")
-        return param
-
     @torch.no_grad()
-    def adopt_weights(self, w13, w2, w13_bias=None, w2_bias=None) -> None:
+    def adopt_weights(self, w13, w2, w13_bias=None, w2_bias=None, **scales) -> None:
         """Use these local tensors as the weights, without a copy (e.g. a transformers block's own).
 
-        w13: [E_local, 2·I_local, H]; w2: [E_local, H, I_local]; biases as the parameters. A
+        w13: [E_local, 2·I_local, H]; w2: [E_local, H, I_local]; biases and (quantised layers) the
+        scales by name (``w13_scale=``, ...) shaped and typed as the parameters. A
         ``torch.nn.Parameter`` is kept as it is (shared with its module); a tensor is wrapped."""
-        c = self.moe_config
-        for name, t in (("w13_weight", w13), ("w2_weight", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
-            old = getattr(self, name)
-            if (t is None) != (old is None):
-                got = "no tensor" if t is None else "a tensor"
-                raise ValueError(f"{name}: the layer has has_bias={c.has_bias}, got {got}")
+        given = dict(scales, w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias)
+        unknown = sorted(set(given) - set(self.specs) - {"w13_bias", "w2_bias"})
+        if unknown:
+            raise ValueError(f"adopt_weights: {unknown} are not tensors of this layer ({sorted(self.specs)})")
+        for name, spec in self.specs.items():
+            t = given.get(name)
             if t is None:
-                continue
-            _expect(name, t, tuple(old.shape))
+                raise ValueError(f"{name}: the layer holds it (has_bias={self.moe_config.has_bias}, "
+                                 f"quant={self.quant}), got no tensor")
+            old = getattr(self, name)
+            if tuple(t.shape) != tuple(old.shape):
+                raise ValueError(f"{name} must have shape {list(old.shape)}, got {list(t.shape)}")
             if t.dtype != old.dtype:
                 raise TypeError(f"{name} must have dtype {old.dtype}, got {t.dtype}")
             setattr(self, name, t if isinstance(t, torch.nn.Parameter) else _param(t))
-            self._mark(range(self.placement.num_local), _PARAM_SHARDS[name], name.endswith("bias"))
+            self._mark(range(self.placement.num_local), spec.shards, spec.kind)
+        for name in ("w13_bias", "w2_bias"):
+            if name not in self.specs and given[name] is not None:
+                raise ValueError(f"{name}: the layer has has_bias=False, got a tensor")
 
     # -- placement ----------------------------------------------------------------------------
     def set_physical_to_logical(self, physical_to_logical) -> ExpertPlacement:
@@ -250,17 +325,24 @@ class RoutedExperts(torch.nn.Module):
 
     def extra_repr(self) -> str:
         p = self.placement
-        return f"E_local={p.num_local}, I_local={self.inter_local}, backend={self.backend!r}, loaded={self._complete}"
+        quant = f", quant={self.quant.name!r}" if self.quant is not None else ""
+        return (f"E_local={p.num_local}, I_local={self.inter_local}, backend={self.backend!r}{quant}, "
+                f"loaded={self._complete}")
 
 
 def _param(t: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(t, requires_grad=False)
 
 
+def _full_precision(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES
+
+
 def _expect(name: str, t, shape: tuple) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a full-precision float tensor ({[str(d) for d in FLOAT_DTYPES]}), "
+                        f"got {t.dtype}; quantised weights need a layer built with quant_config")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")

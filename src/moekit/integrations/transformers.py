@@ -24,6 +24,8 @@ from ..experts.routed import RoutedExperts
 from ..loading.architectures import plan_layers
 from ..loading.modules import RouterLinear, build_layer
 from ..loading.plan import LayerPlan
+from ..loading.quant import checkpoint_format, experts_format
+from ..ops.formats import Fp8BlockFormat
 from ..ops.activation import activation_from_hf
 
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
@@ -78,7 +80,9 @@ def patch(model, *, backend: str = "auto") -> list[str]:
     Supported: the architectures of :func:`moekit.loading.architectures.supported_model_types`.
     Unsupported architectures raise ``NotImplementedError`` listing the supported ones.
     """
-    _spec, plans = plan_layers(_model_config_dict(model))
+    config = _model_config_dict(model)
+    _spec, plans = plan_layers(config)
+    fmt, _ = checkpoint_format(config, None)
     by_idx = {p.layer_idx: p for p in plans}
     replaced, already = [], 0
     for name, module in list(model.named_modules()):
@@ -91,7 +95,7 @@ def patch(model, *, backend: str = "auto") -> list[str]:
         plan = by_idx[int(m.group(1))]
         if m.group(2) != plan.name.rsplit(".", 1)[-1] or not hasattr(module, "experts"):
             continue
-        adapter = MoEBlockAdapter(_moekit_from_block(module, plan, backend), plan)
+        adapter = MoEBlockAdapter(_moekit_from_block(module, plan, backend, experts_format(fmt, plan)), plan)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, adapter)
@@ -115,9 +119,11 @@ def _router_parts(block, plan: LayerPlan):
 
 
 @torch.no_grad()
-def _moekit_from_block(block, plan: LayerPlan, backend: str):
+def _moekit_from_block(block, plan: LayerPlan, backend: str, fmt=None):
     """A moekit layer built around the block's own tensors: router weights, selection bias / hash table,
-    shared experts and expert stacks are shared (expert stacks in a transposed layout are converted once)."""
+    shared experts and expert stacks are shared (expert stacks in a transposed layout are converted once).
+    fp8 experts (transformers' FineGrainedFP8 ``FP8Experts``) keep their fp8 stacks and float32 scales."""
+    quant = _fp8_stacks(block.experts, plan, fmt)
     weight, lin_bias, router = _router_parts(block, plan)
     for pname, p in block.named_parameters():
         if p.device.type == "meta":
@@ -145,10 +151,40 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
         shared_experts=(getattr(block, "shared_experts", None) or block.shared_expert)
         if plan.shared_intermediate_size else None,
         shared_expert_gate=block.shared_expert_gate if plan.shared_expert_gate else None,
+        quant_config=quant[0] if quant else None,
     )
+    if quant:
+        w13, w2, b13, b2, scales = quant[1]
+        layer.routed_experts.adopt_weights(w13, w2, b13, b2, **scales)
+        return layer
     layer.routed_experts.adopt_weights(*_expert_stacks(block.experts, plan.num_experts, plan.has_bias,
                                                        get_fused_layout(plan.fused_layout)))
     return layer
+
+
+def _fp8_stacks(ex, plan: LayerPlan, fmt):
+    """(format, (w13, w2, b13, b2, w13_scale=, w2_scale=)) of an experts module holding fp8 stacks
+    ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` e4m3 with ``*_scale_inv`` block scales
+    ``[E, ⌈2I/bn⌉, ⌈H/bk⌉]`` / ``[E, ⌈H/bn⌉, ⌈I/bk⌉]`` (transformers' FineGrainedFP8); None when the
+    stacks are full precision (e.g. dequantised at load). The fp8 stacks are shared; float32 scales too
+    (e8m0 scales are converted, a copy of the scales only)."""
+    w = getattr(ex, "gate_up_proj", None)
+    if w is None or w.dtype != torch.float8_e4m3fn:
+        return None
+    if not isinstance(fmt, Fp8BlockFormat) or not hasattr(ex, "gate_up_proj_scale_inv"):
+        raise NotImplementedError(f"{plan.name}: fp8 experts of format {fmt} (only block fp8, 'FP8Experts', is mapped)")
+    if getattr(ex, "activation_scheme", "dynamic") != "dynamic" or plan.has_bias:
+        raise NotImplementedError(f"{plan.name}: fp8 experts with static activations or biases")
+    s13, s2 = ex.gate_up_proj_scale_inv, ex.down_proj_scale_inv
+    want = fmt.w13_scale_shape(plan.num_experts, plan.intermediate_size, plan.hidden_size)
+    if tuple(s13.shape) != want:
+        raise NotImplementedError(
+            f"{plan.name}: gate_up_proj_scale_inv {list(s13.shape)} is one grid over both halves; moekit keeps a grid "
+            f"per shard {list(want)} (equal only when I = {plan.intermediate_size} is a multiple of {fmt.block_n})"
+        )
+    s13, s2 = (s if s.dtype == torch.float32 else torch.nn.Parameter(s.float(), requires_grad=False)
+               for s in (s13, s2))
+    return fmt, (ex.gate_up_proj, ex.down_proj, None, None, {"w13_scale": s13, "w2_scale": s2})
 
 
 def _expert_stacks(ex, num_experts: int, has_bias: bool, layout: FusedLayout):

@@ -32,11 +32,7 @@ def spec_for(config: dict) -> ArchSpec:
 
 
 def plan_layers(config: dict) -> tuple[ArchSpec, list[LayerPlan]]:
-    """(spec, the MoE blocks of the model in layer order). Quantised checkpoints raise NotImplementedError."""
-    q = config.get("quantization_config")
-    if q:
-        method = q.get("quant_method", q) if isinstance(q, dict) else q
-        raise NotImplementedError(f"quantised checkpoints (quantization_config={method!r}) are not supported yet")
+    """(spec, the MoE blocks of the model in layer order); ``quantization_config`` is read by the loader."""
     if config.get("model_type") == "llama4" and isinstance(config.get("text_config"), dict):
         # the multimodal wrapper: its text tower is Llama4ForCausalLM at ``language_model``
         text = dict(config["text_config"], model_type="llama4_text")

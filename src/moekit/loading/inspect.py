@@ -1,8 +1,10 @@
 """``moekit inspect <dir>``: a table of the MoE blocks of a checkpoint (config.json only, no weights read).
 
 Consecutive blocks with the same shape and routing are grouped into one row. Sizes are at bf16
-(2 bytes per element): one routed expert (w13 + w2, biases included), and the expert weights one token
-touches (K routed experts + shared experts + router).
+(2 bytes per element), or for quantised checkpoints (``quantization_config``) the routed experts in
+their format (``fmt.bytes_per_expert``: packed weights + scales, biases at bf16): one routed expert
+(w13 + w2), and the expert weights one token touches (K routed experts + shared experts + router; the
+shared experts are counted at bf16, as the loader dequantises them).
 """
 
 from __future__ import annotations
@@ -11,9 +13,24 @@ import argparse
 import os
 import sys
 
+from ..ops.activation import is_gated
 from .architectures import plan_layers
 from .loader import read_config
 from .plan import LayerPlan
+from .quant import checkpoint_format, experts_format
+
+
+def _expert_bytes(p: LayerPlan, fmt) -> int:
+    """One routed expert as stored: the format's bytes (+ biases at bf16), or bf16."""
+    if fmt is None:
+        return p.expert_bytes(2)
+    gated = is_gated(p.activation)
+    bias = 2 * ((2 if gated else 1) * p.intermediate_size + p.hidden_size) if p.has_bias else 0
+    return fmt.bytes_per_expert(p.intermediate_size, p.hidden_size, gated) + bias
+
+
+def _token_bytes(p: LayerPlan, fmt) -> int:
+    return p.active_bytes_per_token(2) - p.top_k * (p.expert_bytes(2) - _expert_bytes(p, fmt))
 
 
 def _fmt_bytes(n: int) -> str:
@@ -46,6 +63,7 @@ def _signature(p: LayerPlan):
 def rows(config: dict) -> tuple[str, list[dict]]:
     """(architecture name, one dict per group of identical consecutive MoE blocks)."""
     spec, plans = plan_layers(config)
+    fmt, _ = checkpoint_format(config, None)
     groups: list[list[LayerPlan]] = []
     for p in plans:
         if groups and _signature(groups[-1][-1]) == _signature(p) and groups[-1][-1].layer_idx + 1 == p.layer_idx:
@@ -55,6 +73,7 @@ def rows(config: dict) -> tuple[str, list[dict]]:
     out = []
     for g in groups:
         p = g[0]
+        f = experts_format(fmt, p)
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
         if p.shared_expert_gate:
             shared += " (gated)"
@@ -69,8 +88,11 @@ def rows(config: dict) -> tuple[str, list[dict]]:
                 "H": str(p.hidden_size),
                 "I": str(p.intermediate_size),
                 "act": p.activation + (f" (limit {p.swiglu_limit:g})" if p.swiglu_limit else ""),
-                "bytes/expert": _fmt_bytes(p.expert_bytes(2)),
-                "bytes/token": _fmt_bytes(p.active_bytes_per_token(2)),
+                "quant": f.name if f is not None else "bf16",
+                "bytes/expert": _fmt_bytes(_expert_bytes(p, f)),
+                "bytes/token": _fmt_bytes(_token_bytes(p, f)),
+                "_bytes": _expert_bytes(p, f),
+                "_token_bytes": _token_bytes(p, f),
                 "_count": len(g),
                 "_plan": p,
             }
@@ -79,18 +101,21 @@ def rows(config: dict) -> tuple[str, list[dict]]:
 
 
 def render(arch: str, table: list[dict], config: dict) -> str:
-    cols = ["layers", "module", "experts", "shared", "top_k", "routing", "H", "I", "act", "bytes/expert", "bytes/token"]
+    cols = ["layers", "module", "experts", "shared", "top_k", "routing", "H", "I", "act", "quant", "bytes/expert",
+            "bytes/token"]
     widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in cols} if table else {c: len(c) for c in cols}
     lines = [" | ".join(c.ljust(widths[c]) for c in cols), "-+-".join("-" * widths[c] for c in cols)]
     lines += [" | ".join(r[c].ljust(widths[c]) for c in cols) for r in table]
     n_moe = sum(r["_count"] for r in table)
-    total = sum(r["_count"] * r["_plan"].num_experts * r["_plan"].expert_bytes(2) for r in table)
-    per_token = sum(r["_count"] * r["_plan"].active_bytes_per_token(2) for r in table)
+    total = sum(r["_count"] * r["_plan"].num_experts * r["_bytes"] for r in table)
+    per_token = sum(r["_count"] * r["_token_bytes"] for r in table)
     head = (
         f"{arch} (model_type={config.get('model_type')!r}): {n_moe} MoE blocks of "
         f"{config.get('num_hidden_layers', config.get('num_layers', '?'))} layers"
     )
-    foot = f"routed expert weights: {_fmt_bytes(total)} at bf16; expert weights read per token: {_fmt_bytes(per_token)}"
+    q = config.get("quantization_config")
+    stored = f"as stored ({q.get('quant_method')})" if isinstance(q, dict) else "at bf16"
+    foot = f"routed expert weights: {_fmt_bytes(total)} {stored}; expert weights read per token: {_fmt_bytes(per_token)}"
     return "\n".join([head, *lines, foot])
 
 
@@ -104,7 +129,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
     try:
         config = read_config(args.path)
         arch, table = rows(config)
-    except (NotImplementedError, FileNotFoundError, KeyError, ValueError) as err:
+    except (NotImplementedError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
         print(f"moekit inspect: {err}", file=sys.stderr)
         return 1
     print(render(arch, table, config))

@@ -25,6 +25,7 @@ from ..runner import MoERunner
 from .architectures import ArchSpec, plan_layers, rename_block_key
 from .modules import build_layer
 from .plan import LayerPlan
+from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
 
 _KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
 _CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
@@ -80,7 +81,8 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
     return out
 
 
-def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> dict[str, "torch.nn.Module"]:
+def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto",
+                    quant_config=None) -> dict[str, "torch.nn.Module"]:
     """Build and load every MoE block of the checkpoint at ``path``.
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -91,12 +93,24 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
     DeepSeek-style routers are still computed in fp32, as transformers does).
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both shapes.
+
+    Only the blocks of layers ``< num_hidden_layers`` are returned: DeepSeek's multi-token-prediction
+    layers stored past them (``model.layers.{num_hidden_layers}...``) are skipped, as are dense layers.
+
+    Quantised checkpoints (SPEC §8) load as they ship: config.json's ``quantization_config`` gives the
+    format (fp8 block, compressed-tensors fp8 channel / tensor / block, mxfp4, int4 groups; see
+    :mod:`moekit.loading.quant` and :func:`moekit.experts.mapping.load_layer_weights` for the key
+    forms) and the routed experts keep it (``layer.routed_experts.quant``); ``dtype`` stays the
+    activation dtype. ``quant_config=`` (an HF dict or a format object) quantises a full-precision
+    checkpoint's experts while loading, one tensor at a time. Routers, gates and selection biases stay in
+    full precision; quantised shared experts / dense linears are dequantised into ``dtype``.
     """
     from safetensors import safe_open
 
     path = os.fspath(path)
     config = read_config(path)
     spec, plans = plan_layers(config)
+    fmt, shipped = checkpoint_format(config, quant_config)
     if dtype is None:
         dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -123,21 +137,30 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
             if rel in keys:
                 construction[rel] = read(keys[rel])
         _check_construction(plan, construction, keys)
-        state = _LayerLoad(plan, build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction))
+        layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
+                            quant_config=experts_format(fmt, plan))
+        state = _LayerLoad(plan, layer)
         state.loaded.update(construction)
         del construction
+        dense = dense_groups(keys) if shipped else {}
+        done = {key for parts in dense.values() for key in parts.values()}
+        for mod, parts in dense.items():  # quantised dense linears (shared experts): dequantised
+            w = dequantize_dense({p: read(k) for p, k in parts.items()}, fmt, f"{plan.name}.{mod}")
+            _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
         for rel, key in keys.items():
-            if rel in _CONSTRUCTION:
+            if rel in _CONSTRUCTION or key in done:
                 continue
-            t = read(key)
-            try:
-                state.load([(rel, t.to(device))])
-            except (KeyError, ValueError) as err:
-                raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
-            del t
+            _load_one(state, rel, read(key).to(device), key)
         _check_complete(state, keys, spec)
         layers[plan.name] = state.layer
     return layers
+
+
+def _load_one(state, rel: str, t: torch.Tensor, key: str) -> None:
+    try:
+        state.load([(rel, t)])
+    except (KeyError, ValueError, TypeError) as err:
+        raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
 
 
 @dataclass
@@ -191,8 +214,8 @@ def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:
     named = []
     for piece in missing[:8]:
         if piece.startswith("expert "):
-            _, e, shard, *bias = piece.split()
-            kind = "bias" if bias else "weight"
+            _, e, shard, *rest = piece.split()
+            kind = {"scale": "weight_scale_inv or weight_scale"}.get(rest[0], rest[0]) if rest else "weight"
             a, b = PROJ_NAMES[shard]
             first, other = (b, a) if mixtral_style else (a, b)
             named.append(f"{pre}experts.{e}.{first}.{kind} (or experts.{e}.{other}.{kind}, or a fused stack)")

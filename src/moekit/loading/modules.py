@@ -74,10 +74,12 @@ def build_layer(
     gate: torch.nn.Module | None = None,
     shared_experts: torch.nn.Module | None = None,
     shared_expert_gate: torch.nn.Module | None = None,
+    quant_config=None,
 ) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
     ``gate``, ``shared_experts`` and ``shared_expert_gate`` replace the modules built here (a model's own).
+    ``quant_config``: the routed experts' format (None: full precision in ``dtype``).
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
     ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.
@@ -136,4 +138,5 @@ def build_layer(
         device=device,
         backend=backend,
         routed_experts_cls=routed_experts_cls,
+        quant_config=quant_config,
     )

@@ -15,6 +15,8 @@ import torch
 
 from .._checks import KERNEL_DTYPES, check_float_dtype, check_same_device, check_tensor
 from .experts import check_experts_inputs
+from .experts_quant import check_quant_experts_inputs
+from .quant_config import parse_quant_config
 from .kernels import Kernels, kernels_for, resolve_kernels
 from .routing import (
     TopKSpec,
@@ -42,6 +44,11 @@ def fused_experts(
     global_num_experts: int = -1,
     swiglu_limit: float | None = None,
     backend: str = "auto",
+    quant_config=None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w1_input_scale: torch.Tensor | None = None,
+    w2_input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts: ``out[t] = Σ_j w[t, j] · expert_{ids[t, j]}(x[t])`` (see :mod:`.experts`).
 
@@ -49,9 +56,36 @@ def fused_experts(
     ([E_local, I, H] for a non-gated activation); w2: [E_local, H, I]; topk_weights: [T, K] float;
     topk_ids: [T, K] int32/int64 in [0, E); w1_bias: [E_local, 2I]; w2_bias: [E_local, H];
     expert_map: [E] int32 (-1: expert held elsewhere). returns: [T, H] dtype of hidden_states.
+
+    Quantised experts (SPEC §8): ``quant_config`` (an HF dict or a format object) with w1 / w2 in the
+    format's storage (``fmt.w13_shape`` / ``fmt.w2_shape``, as :func:`moekit.quantize_experts` makes
+    them), ``w1_scale`` / ``w2_scale`` and, for static fp8 inputs, ``w1_input_scale`` / ``w2_input_scale``
+    ``[E_local]``; the math is :mod:`.experts_quant`'s. A format the backend cannot run raises
+    ``NotImplementedError``.
     """
     check_tensor("hidden_states", hidden_states)  # before reading .device: a non-tensor raises TypeError
     kernels = resolve_kernels(backend, hidden_states.device, quiet=True)
+    fmt = parse_quant_config(quant_config)
+    scales = dict(w13_scale=w1_scale, w2_scale=w2_scale, w13_input_scale=w1_input_scale,
+                  w2_input_scale=w2_input_scale)
+    if fmt is not None:
+        kernels.check_supports(fmt)
+        check_quant_experts_inputs(
+            hidden_states, w1, w2, topk_weights, topk_ids, fmt=fmt, **scales, activation=activation,
+            apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
+            expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
+        )
+        if kernels.name == "triton":
+            check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
+        return kernels.experts_quant(
+            hidden_states, w1, w2, topk_weights, topk_ids, fmt=fmt, **scales, activation=activation,
+            apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
+            expert_map=expert_map, swiglu_limit=swiglu_limit, global_num_experts=global_num_experts,
+        )
+    given = [n for n, t in (("w1_scale", w1_scale), ("w2_scale", w2_scale), ("w1_input_scale", w1_input_scale),
+                            ("w2_input_scale", w2_input_scale)) if t is not None]
+    if given:
+        raise ValueError(f"{given} given without quant_config; pass the weights' format (quant_config=...)")
     p = check_experts_inputs(
         hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,

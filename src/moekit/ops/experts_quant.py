@@ -31,7 +31,7 @@ from .formats import Fp8BlockFormat, Fp8ChannelFormat, WeightFormat
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights, dequantize_weight
 
-__all__ = ["fused_experts_quant_torch"]
+__all__ = ["check_quant_experts_inputs", "fused_experts_quant_torch"]
 
 
 class _QuantExperts:
@@ -114,27 +114,13 @@ def fused_experts_quant_torch(
     returns: [T, H] dtype of hidden_states.
     """
     fmt = parse_quant_config(fmt)
-    if not isinstance(fmt, WeightFormat):
-        raise ValueError("fmt must name a quantised format (an HF quant dict or a format object), got None")
-    check_tensor("hidden_states", hidden_states)
-    e, inter, hidden, gated = check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
-                                                  w2_input_scale=w2_input_scale)
-    if hidden_states.dim() == 2 and hidden_states.shape[1] != hidden:
-        raise ValueError(f"hidden_states has width {hidden_states.shape[1]} but the experts hold H = {hidden}")
-    if w13.device != hidden_states.device:
-        raise ValueError(f"w13 is on {w13.device} but hidden_states is on {hidden_states.device}; they must share a device")
-    rows = 2 * inter if gated else inter
-    p = check_experts_inputs(
-        hidden_states, _stand_in((e, rows, hidden), hidden_states), _stand_in((e, hidden, inter), hidden_states),
-        topk_weights, topk_ids, activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
-        w1_bias=w1_bias, w2_bias=w2_bias, expert_map=expert_map, global_num_experts=global_num_experts,
+    e, inter, hidden, gated, p, local_map = check_quant_experts_inputs(
+        hidden_states, w13, w2, topk_weights, topk_ids, fmt=fmt, w13_scale=w13_scale, w2_scale=w2_scale,
+        w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale, activation=activation,
+        apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
+        expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
     )
-    check_ids_in_range(topk_ids, p.num_global)
-    local_map = None
-    if expert_map is not None:
-        local_map = expert_map.long()
-        if local_map.numel() and not bool(((local_map >= -1) & (local_map < e)).all()):
-            raise ValueError(f"expert_map values must lie in [-1, {e}) (local slots), got {local_map.unique().tolist()}")
+    rows = 2 * inter if gated else inter
     out = torch.empty_like(hidden_states)
     if p.num_tokens == 0:
         return out
@@ -169,3 +155,35 @@ def _token_chunk(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, o
         o = experts.run(e, xin)
         acc[tok, slot] = o if on_input else o * w
     return acc.sum(dim=1).to(x.dtype)
+
+
+def check_quant_experts_inputs(hidden_states, w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,
+                               w13_input_scale=None, w2_input_scale=None, activation="silu",
+                               apply_router_weight_on_input=False, w1_bias=None, w2_bias=None, expert_map=None,
+                               global_num_experts=-1, swiglu_limit=None):
+    """The one argument check of the quantised experts (arguments as :func:`fused_experts_quant_torch`;
+    ``fmt`` a format object or HF dict). Returns ``(E_local, I, H, gated, params, expert_map int64 | None)``."""
+    fmt = parse_quant_config(fmt)
+    if not isinstance(fmt, WeightFormat):
+        raise ValueError("fmt must name a quantised format (an HF quant dict or a format object), got None")
+    check_tensor("hidden_states", hidden_states)
+    e, inter, hidden, gated = check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
+                                                  w2_input_scale=w2_input_scale)
+    if hidden_states.dim() == 2 and hidden_states.shape[1] != hidden:
+        raise ValueError(f"hidden_states has width {hidden_states.shape[1]} but the experts hold H = {hidden}")
+    if w13.device != hidden_states.device:
+        raise ValueError(f"w13 is on {w13.device} but hidden_states is on {hidden_states.device}; they must share a device")
+    rows = 2 * inter if gated else inter
+    p = check_experts_inputs(
+        hidden_states, _stand_in((e, rows, hidden), hidden_states), _stand_in((e, hidden, inter), hidden_states),
+        topk_weights, topk_ids, activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
+        w1_bias=w1_bias, w2_bias=w2_bias, expert_map=expert_map, global_num_experts=global_num_experts,
+        swiglu_limit=swiglu_limit,
+    )
+    check_ids_in_range(topk_ids, p.num_global)
+    local_map = None
+    if expert_map is not None:
+        local_map = expert_map.long()
+        if local_map.numel() and not bool(((local_map >= -1) & (local_map < e)).all()):
+            raise ValueError(f"expert_map values must lie in [-1, {e}) (local slots), got {local_map.unique().tolist()}")
+    return e, inter, hidden, gated, p, local_map

@@ -142,6 +142,17 @@ class WeightFormat:
 
     multiple: ClassVar[int] = 1
 
+    # ---- tensor-parallel slices of I
+    def scale_units(self) -> tuple[int | None, int | None]:
+        """``(rows, cols)``: rows of a w13 shard one row of ``w13_scale`` covers (None: one scale per
+        shard, per tensor), and I values one column of ``w2_scale`` covers (None: no I dimension)."""
+        return 1, self.k_group
+
+    def tp_multiple(self) -> int:
+        """A tensor-parallel slice of I must start and end on multiples of this (scale blocks and packing)."""
+        rows, cols = self.scale_units()
+        return math.lcm(rows or 1, cols or 1, self.pack)
+
 
 @dataclass(frozen=True)
 class Fp8BlockFormat(WeightFormat):
@@ -167,6 +178,9 @@ class Fp8BlockFormat(WeightFormat):
     def w2_scale_shape(self, e, inter, hidden, gated=True):
         return (e, _cdiv(hidden, self.block_n), _cdiv(inter, self.block_k))
 
+    def scale_units(self):
+        return self.block_n, self.block_k
+
 
 @dataclass(frozen=True)
 class Fp8ChannelFormat(WeightFormat):
@@ -189,6 +203,9 @@ class Fp8ChannelFormat(WeightFormat):
 
     def w2_scale_shape(self, e, inter, hidden, gated=True):
         return (e,) if self.per_tensor else (e, hidden)
+
+    def scale_units(self):
+        return (None if self.per_tensor else 1), None
 
     def input_scale_shape(self, e: int) -> tuple[int, ...]:
         """``w13_input_scale`` / ``w2_input_scale``: ``[E]`` fp32 (static inputs only)."""

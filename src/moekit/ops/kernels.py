@@ -10,8 +10,12 @@ whether the table raises on non-finite logits and out-of-range ids (the torch re
 synchronisation; the Triton kernels follow the NaN policy documented in :mod:`moekit.ops._triton.topk`,
 and the input_ids policy of :mod:`moekit.ops.triton_routing`).
 
-Extension points: a quantised weight format adds keyword tensors (scales) to ``experts`` and a
-``quantize`` hook; autograd adds a backward to each op. Neither changes who calls what.
+Quantised experts (SPEC §8) have their own op, ``experts_quant`` (the signature of
+:func:`moekit.ops.experts_quant.fused_experts_quant_torch`), and ``quant_formats`` names the formats
+(``fmt.name``) it runs. :meth:`Kernels.check_supports` raises ``NotImplementedError`` for any other,
+so a layer refuses at construction; there is no fallback to another backend. The Triton table takes
+``fused_experts_quant_triton`` and ``QUANT_FORMATS`` from :mod:`moekit.ops.triton_experts_quant`
+when that module exists, else runs no quantised format.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ from typing import Callable
 import torch
 
 from .experts import experts_reference
+from .experts_quant import fused_experts_quant_torch
+from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
 from .routing import hash_route_reference, route_reference
+
+#: every format the torch twin runs
+ALL_QUANT_FORMATS = frozenset(f.name for f in (Fp8BlockFormat, Fp8ChannelFormat, Mxfp4Format, Int4GroupFormat))
 
 BACKENDS = ("auto", "torch", "triton")
 log = logging.getLogger("moekit")
@@ -39,6 +48,10 @@ class Kernels:
     hash_route(logits [T, E], table [V, K] int, input_ids [T] int, spec, indices_type) -> (w, ids)
     experts(x [T, H], w1, w2, topk_weights [T, K], topk_ids [T, K], *, activation,
             apply_router_weight_on_input, w1_bias, w2_bias, expert_map, swiglu_limit) -> [T, H]
+    experts_quant(x [T, H], w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,
+            w13_input_scale, w2_input_scale, activation, apply_router_weight_on_input, w1_bias,
+            w2_bias, expert_map, swiglu_limit, global_num_experts=-1) -> [T, H]   (None: no format)
+    quant_formats: the ``fmt.name`` values ``experts_quant`` runs
     """
 
     name: str
@@ -46,6 +59,21 @@ class Kernels:
     hash_route: Callable
     experts: Callable
     checks_values: bool
+    experts_quant: Callable | None = None
+    quant_formats: frozenset = frozenset()
+
+    def supports(self, fmt) -> bool:
+        """True when ``fmt`` (a format object, or None for unquantised weights) runs on this table."""
+        return fmt is None or (self.experts_quant is not None and fmt.name in self.quant_formats)
+
+    def check_supports(self, fmt) -> None:
+        """Raise ``NotImplementedError`` naming the format and backend unless :meth:`supports`."""
+        if not self.supports(fmt):
+            have = sorted(self.quant_formats) or "none"
+            raise NotImplementedError(
+                f"quantised experts in format {fmt.name!r} ({fmt}) on the {self.name!r} backend: not implemented "
+                f"(formats it runs: {have}); choose backend='torch' or another format"
+            )
 
     def __repr__(self) -> str:
         return f"Kernels({self.name!r})"
@@ -91,7 +119,18 @@ def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
 
 def _torch_kernels() -> Kernels:
     return Kernels("torch", route=route_reference, hash_route=hash_route_reference, experts=experts_reference,
-                   checks_values=True)
+                   checks_values=True, experts_quant=fused_experts_quant_torch, quant_formats=ALL_QUANT_FORMATS)
+
+
+def _triton_quant() -> tuple[Callable | None, frozenset]:
+    """(fused_experts_quant_triton, its QUANT_FORMATS) from :mod:`.triton_experts_quant`, or (None, {})."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}.triton_experts_quant") is None:
+        return None, frozenset()
+    from . import triton_experts_quant as mod
+
+    return mod.fused_experts_quant_triton, frozenset(getattr(mod, "QUANT_FORMATS", ()))
 
 
 def _triton_kernels() -> Kernels:
@@ -99,8 +138,9 @@ def _triton_kernels() -> Kernels:
     from .triton_experts import fused_experts_triton
     from .triton_routing import hash_route_triton, route_triton
 
+    experts_quant, formats = _triton_quant()
     return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
-                   checks_values=False)
+                   checks_values=False, experts_quant=experts_quant, quant_formats=formats)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,8 @@ Layouts (``N`` output rows, ``K`` reduction length; ``w13``: ``N = 2I`` gate row
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .._checks import FLOAT_DTYPES, check_finite, check_float_dtype, check_shape, check_tensor
@@ -213,7 +215,8 @@ def dequantize_experts(w13_q, w2_q, w13_scale, w2_scale, quant_config, *, dtype:
     fmt = parse_quant_config(quant_config)
     if fmt is None:
         raise ValueError("quant_config is None: the weights are not quantised")
-    e, inter, hidden, gated = check_quant_weights(fmt, w13_q, w2_q, w13_scale, w2_scale)
+    weights_only = replace(fmt, static_input=False) if isinstance(fmt, Fp8ChannelFormat) else fmt  # no input scales
+    e, inter, hidden, gated = check_quant_weights(weights_only, w13_q, w2_q, w13_scale, w2_scale)
     w13 = torch.empty(e, 2 * inter if gated else inter, hidden, dtype=dtype, device=w13_q.device)
     w2 = torch.empty(e, hidden, inter, dtype=dtype, device=w13_q.device)
     for i in range(e):

@@ -7,8 +7,9 @@
     routing  : eplb_state.set_placement(experts.placement) rewrites its maps in place
 
 Which rank holds a physical slot never changes (the kernel-side ``expert_map`` is untouched), and a
-slot only receives the exact weights of its new logical expert, so outputs are unchanged (replicas
-are bit-identical copies; the replica a token uses may change).
+slot only receives the exact weights of its new logical expert — every tensor of
+``experts.expert_tensors()``, so quantised layers move their scales with them — and outputs are
+unchanged (replicas are bit-identical copies; the replica a token uses may change).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from .executor import ParallelExecutor
 
 
 def _expert_tensors(experts) -> list[torch.Tensor]:
-    names = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
-    return [getattr(experts, n) for n in names if getattr(experts, n, None) is not None]
+    """Every per-slot tensor of the experts (weights, biases, scales), as gloo/NCCL can carry them:
+    1-byte float8 tensors travel as their bytes (a uint8 view of the same memory)."""
+    return [t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
+            for t in experts.expert_tensors().values()]
 
 
 @torch.no_grad()

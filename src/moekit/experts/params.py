@@ -1,0 +1,155 @@
+"""The per-expert tensors of :class:`~moekit.experts.routed.RoutedExperts`: names, shapes, dtypes, and
+how a rank's tensor-parallel share is cut out of one expert's full (checkpoint-sized) shard.
+
+Every tensor is ``[E_local, ...]``. One expert's shard before the TP split (``I`` whole, ``I_l = I / tp``
+the rank's slice ``[a, b)`` of I; ``pack`` values per stored element; ``(ru, cu) = fmt.scale_units()``):
+
+=================  ====================  ====================================  ================
+name               kind                  one shard (full)                      TP slice
+=================  ====================  ====================================  ================
+w13_weight         weight                gate/up ``[I, H/pack]``               rows ``[a, b)``
+w2_weight          weight                down ``[H, I/pack]``                  cols ``[a/pack, b/pack)``
+w13_bias           bias                  ``[I]``                               rows ``[a, b)``
+w2_bias            bias                  ``[H]``                               none
+w13_scale          scale                 ``[⌈I/ru⌉, …]`` (``ru`` None: ``[1]``)  rows ``[a/ru, ⌈b/ru⌉)``
+w2_scale           scale                 ``[…, ⌈I/cu⌉]`` (``cu`` None: no I)     cols ``[a/cu, ⌈b/cu⌉)``
+w13_input_scale    input_scale           ``[]`` (gate and up: one per expert)  none
+w2_input_scale     input_scale           ``[]``                                none
+=================  ====================  ====================================  ================
+
+A w13 tensor holds its shards one after the other along dim 1 (gate rows, then up rows; relu2: gate
+only). Scales are stored as the kernels read them: float32 for fp8 and int4 (lossless for the fp32,
+bf16 or fp16 scales checkpoints and :func:`moekit.quantize_experts` produce), uint8 e8m0 for mxfp4.
+Input scales are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import FLOAT_DTYPES
+from ..ops.formats import WeightFormat
+from .layout import DOWN, GATE, UP
+
+KINDS = ("weight", "bias", "scale", "input_scale")
+_E8M0 = getattr(torch, "float8_e8m0fnu", None)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One per-expert tensor: ``shard_shape`` is one shard of one expert before the TP split."""
+
+    name: str
+    kind: str
+    shards: tuple[str, ...]
+    shard_shape: tuple[int, ...]
+    dtype: torch.dtype
+    unit: int | None  # w13: I rows per dim-0 row; w2: I values per last-dim column; None: not sliced
+
+    @property
+    def w13(self) -> bool:
+        return DOWN not in self.shards
+
+    def cut(self, tp: slice) -> slice | None:
+        """The index range of this rank's share along the sliced dim (None: the whole tensor)."""
+        if self.unit is None or self.kind == "input_scale":
+            return None
+        return slice(tp.start // self.unit, _cdiv(tp.stop, self.unit))
+
+    def take(self, full: torch.Tensor, tp: slice) -> torch.Tensor:
+        """One full shard -> this rank's share (a view)."""
+        cut = self.cut(tp)
+        if cut is None:
+            return full
+        return full[cut] if self.w13 else full[..., cut]
+
+    def local_shape(self, num_local: int, tp: slice) -> tuple[int, ...]:
+        """``[E_local, ...]`` of the parameter on a rank holding ``tp`` of I."""
+        cut, shape = self.cut(tp), list(self.shard_shape)
+        if cut is not None:
+            shape[0 if self.w13 else -1] = cut.stop - cut.start
+        if self.kind == "input_scale":
+            return (num_local,)
+        if self.w13:
+            shape[0] *= len(self.shards)
+        return (num_local, *shape)
+
+    def write(self, param: torch.Tensor, slot: int, shard: str, full: torch.Tensor, tp: slice) -> None:
+        """Copy this rank's share of one full shard into ``param[slot]`` (dtype already converted)."""
+        part = self.take(full, tp)
+        if not self.w13:
+            param[slot].copy_(part)
+            return
+        n = part.shape[0]
+        param[slot].narrow(0, self.shards.index(shard) * n, n).copy_(part)
+
+
+def expert_tensors_spec(hidden: int, inter: int, gated: bool, has_bias: bool, params_dtype: torch.dtype,
+                        fmt: WeightFormat | None) -> dict[str, ExpertTensor]:
+    """The tensors of an expert of sizes ``H = hidden``, full ``I = inter`` in ``fmt`` (None: unquantised)."""
+    up = (GATE, UP) if gated else (GATE,)
+    down = (DOWN,)
+    out = []
+    if fmt is None:
+        out += [ExpertTensor("w13_weight", "weight", up, (inter, hidden), params_dtype, 1),
+                ExpertTensor("w2_weight", "weight", down, (hidden, inter), params_dtype, 1)]
+    else:
+        pack, (ru, cu) = fmt.pack, fmt.scale_units()
+        s13 = fmt.w13_scale_shape(1, inter, hidden, False)[1:]  # one shard
+        s2 = fmt.w2_scale_shape(1, inter, hidden, gated)[1:]
+        scale_dtype = torch.float32 if fmt.scale_dtype.is_floating_point else fmt.scale_dtype
+        out += [ExpertTensor("w13_weight", "weight", up, (inter, hidden // pack), fmt.weight_dtype, 1),
+                ExpertTensor("w2_weight", "weight", down, (hidden, inter // pack), fmt.weight_dtype, pack),
+                ExpertTensor("w13_scale", "scale", up, s13 if ru is not None else (1,), scale_dtype, ru),
+                ExpertTensor("w2_scale", "scale", down, s2, scale_dtype, cu)]
+        if getattr(fmt, "static_input", False):
+            out += [ExpertTensor("w13_input_scale", "input_scale", up, (), torch.float32, None),
+                    ExpertTensor("w2_input_scale", "input_scale", down, (), torch.float32, None)]
+    if has_bias:
+        out += [ExpertTensor("w13_bias", "bias", up, (inter,), params_dtype, 1),
+                ExpertTensor("w2_bias", "bias", down, (hidden,), params_dtype, None)]
+    return {t.name: t for t in out}
+
+
+def check_tp_split(fmt: WeightFormat | None, inter: int, tp_size: int) -> None:
+    """A TP slice of I must fall on the format's scale blocks and packing; else ``ValueError``."""
+    if fmt is None or tp_size == 1:
+        return
+    m = fmt.tp_multiple()
+    if (inter // tp_size) % m:
+        raise ValueError(
+            f"tensor parallelism over {tp_size} ranks splits intermediate_size {inter} into slices of "
+            f"{inter // tp_size}, which do not fall on the {fmt.name} boundaries ({fmt}: slices must be "
+            f"multiples of {m}); use a TP size that divides I / {m} = {inter / m:g}, or no TP"
+        )
+
+
+def stored(spec: ExpertTensor, t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` in ``spec.dtype``: floats (and e8m0 scales) are converted; quantised codes must already
+    be in the storage dtype (int8 codes are read as uint8, the same bytes). Else ``TypeError``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == spec.dtype:
+        return t
+    if spec.dtype == torch.uint8 and t.dtype in (torch.int8, _E8M0):
+        return t.view(torch.uint8)
+    if spec.dtype in FLOAT_DTYPES and (t.dtype in FLOAT_DTYPES or (t.dtype == _E8M0 and spec.kind == "scale")):
+        return t.to(spec.dtype) if t.dtype != _E8M0 else t.float().to(spec.dtype)
+    raise TypeError(f"{what} must have dtype {spec.dtype} ({spec.name}), got {t.dtype}")
+
+
+def fit(spec: ExpertTensor, t: torch.Tensor, what: str) -> torch.Tensor:
+    """Check one full shard's shape (size-1 dims may differ: ``[N, 1]`` stands for ``[N]``)."""
+    want = spec.shard_shape
+    if tuple(t.shape) != want:
+        if t.numel() == math.prod(want) and [d for d in t.shape if d != 1] == [d for d in want if d != 1]:
+            return t.reshape(want)  # e.g. compressed-tensors' per-channel scale [N, 1], per-tensor [1]
+        raise ValueError(f"{what} has shape {list(t.shape)}, expected {list(want)}")
+    return t

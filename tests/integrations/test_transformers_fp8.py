@@ -1,0 +1,66 @@
+"""patch(model) on a transformers model whose experts are fp8 (FineGrainedFP8's ``FP8Experts``, the
+class transformers puts in place of the experts when it loads an fp8 checkpoint on a GPU).
+
+On CPU transformers' fp8 loader dequantises (its quantizer needs a GPU), so the model is built here by
+hand: a tiny Qwen3-MoE whose experts are replaced by transformers' own ``FP8Experts`` filled with
+``moekit.quantize_experts`` of the original weights. patch must keep those fp8 tensors (same storage,
+no dequantised copy) and compute the twin of the fp8 math."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import moekit
+from moekit.integrations.transformers import patch
+from moekit.ops.experts_quant import fused_experts_quant_torch
+
+transformers = pytest.importorskip("transformers")
+fp8_mod = pytest.importorskip("transformers.integrations.finegrained_fp8")
+
+sys.path.insert(0, os.path.dirname(__file__))
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+
+
+def _model():
+    from hf_tiny import COMMON, TINY
+
+    cfg_name, model_name, kw = TINY["qwen3_moe"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**COMMON, **kw)).eval()
+    fmt = moekit.parse_quant_config(FP8)
+    for layer in model.model.layers:
+        old = getattr(layer.mlp, "experts", None)
+        if old is None:
+            continue
+        ex = fp8_mod.FP8Experts(model.config, block_size=(16, 16))
+        q13, q2, s13, s2 = moekit.quantize_experts(old.gate_up_proj.detach(), old.down_proj.detach(), fmt)
+        with torch.no_grad():
+            for name, t in (("gate_up_proj", q13), ("down_proj", q2), ("gate_up_proj_scale_inv", s13),
+                            ("down_proj_scale_inv", s2)):
+                getattr(ex, name).data = t
+        layer.mlp.experts = ex
+    model.config.quantization_config = dict(FP8)
+    return model, fmt
+
+
+def test_patch_keeps_the_fp8_experts():
+    model, fmt = _model()
+    blocks = {n: m for n, m in model.named_modules() if n.endswith("mlp") and hasattr(m, "experts")}
+    names = patch(model, backend="torch")
+    assert names == list(blocks)
+    for name in names:
+        ex, moe = blocks[name].experts, model.get_submodule(name).moe
+        re = moe.routed_experts
+        assert re.quant == fmt and re.w13_weight.dtype == torch.float8_e4m3fn
+        for mine, theirs in (("w13_weight", "gate_up_proj"), ("w2_weight", "down_proj"),
+                             ("w13_scale", "gate_up_proj_scale_inv"), ("w2_scale", "down_proj_scale_inv")):
+            assert getattr(re, mine).data_ptr() == getattr(ex, theirs).data_ptr(), mine  # shared, no copy
+        x = torch.randn(7, 32)
+        w, ids = moe.router.select_experts(x, moe.gate(x))
+        want = fused_experts_quant_torch(x, ex.gate_up_proj, ex.down_proj, w, ids, fmt=fmt,
+                                         w13_scale=ex.gate_up_proj_scale_inv, w2_scale=ex.down_proj_scale_inv)
+        assert torch.equal(re(x, w, ids), want)
+    logits = model(torch.randint(0, 96, (1, 6))).logits
+    assert torch.isfinite(logits).all()

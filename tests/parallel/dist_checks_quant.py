@@ -1,0 +1,101 @@
+"""Distributed checks of quantised layers (run in spawned gloo ranks by dist_harness): tensor-parallel
+slices on block boundaries, EP placement and an EPLB rebalance that moves scales with the weights; each
+parallel layer is compared with the single-process layer quantised from the same global weights."""
+
+from __future__ import annotations
+
+import torch
+
+import moekit
+from dist_checks import _rank_batch, experts_backend, global_weights  # noqa: F401  (the harness reads experts_backend)
+
+CHECKS: dict = {}
+WORLD: dict[str, tuple[int, ...]] = {}
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+INT4 = moekit.Int4GroupFormat(32)
+
+
+def check(*worlds):
+    def deco(fn):
+        CHECKS[fn.__name__] = fn
+        WORLD[fn.__name__] = worlds
+        return fn
+
+    return deco
+
+
+def _pair(ctx, quant, *, E=8, H=64, I=128, bias=False, **par_kw):
+    kw = dict(params_dtype=torch.float32, has_bias=bias, device=ctx.device, backend="torch", quant_config=quant)
+    ref = moekit.FusedMoE(E, 2, H, I, **kw)
+    par = moekit.FusedMoE(E, 2, H, I, **kw, **par_kw)
+    w13, w2, b13, b2 = global_weights(E, H, I, bias=bias, seed=3)
+    q = moekit.quantize_experts(w13, w2, quant)
+    for layer in (ref, par):
+        layer.load_expert_weights(q[0], q[1], b13, b2, w13_scale=q[2], w2_scale=q[3])
+    return ref, par, q
+
+
+def _close(ctx, got, want, what, tol=5e-3):
+    """SPEC §8 torch-path fp8 tolerance: relative RMS of the whole output (sum orders differ)."""
+    if got.shape != want.shape or not got.numel():
+        ctx.expect(got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}")
+        return
+    rms = ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+    ctx.expect(rms <= tol, f"{what}: relative RMS {rms:.2e} > {tol}")
+
+
+@check(2)
+def tp_quant_block_boundaries(ctx):
+    for quant in (FP8, INT4):
+        ref, par, q = _pair(ctx, quant, bias=True, tp_group=ctx.world_group)
+        re = par.routed_experts
+        n = 64 // 16  # fp8: this rank's block rows of each shard
+        if re.quant.name == "fp8_block":
+            r = slice(ctx.rank * n, (ctx.rank + 1) * n)
+            want = torch.cat([q[2][:, :8][:, r], q[2][:, 8:][:, r]], dim=1)
+            ctx.expect(torch.equal(re.w13_scale, want), "fp8 w13_scale rows of this TP slice")
+            ctx.expect(torch.equal(re.w2_scale, q[3][..., r]), "fp8 w2_scale columns of this TP slice")
+        x, lg = _rank_batch(ctx, [9], 64, 8, torch.float32, 0)
+        _close(ctx, par(x, lg), ref(x, lg), f"TP {re.quant.name}")
+    for quant, inter in ((FP8, 48), (INT4, 96)):  # slices of 24 / 48 cross a 16-block / 32-group
+        try:
+            moekit.FusedMoE(8, 2, 64, inter, quant_config=quant, tp_group=ctx.world_group, backend="torch")
+            ctx.expect(False, f"TP slice of I={inter} accepted for {quant}")
+        except ValueError as err:
+            ctx.expect("boundaries" in str(err), f"error names the boundaries: {err}")
+
+
+@check(2)
+def ep_quant_placement(ctx):
+    for quant in (FP8, INT4):
+        for strategy in ("linear", "round_robin"):
+            ref, par, q = _pair(ctx, quant, ep_group=ctx.world_group, expert_placement_strategy=strategy)
+            re = par.routed_experts
+            for slot, logical in enumerate(re.placement.local_logical_ids()):
+                ctx.expect(torch.equal(re.w2_scale[slot], q[3][logical]), f"{strategy} slot {slot} scale")
+            for counts in ([7, 3], [0, 5]):
+                x, lg = _rank_batch(ctx, counts, 64, 8, torch.float32, ctx.rank)
+                for mode in ("all_to_all", "all_gather"):
+                    par.expert_executor.mode = mode
+                    _close(ctx, par(x, lg), ref(x, lg), f"EP {re.quant.name} {strategy} {counts} {mode}")
+
+
+@check(2)
+def eplb_rebalance_moves_scales(ctx):
+    for quant in (FP8, INT4):
+        ref, par, q = _pair(ctx, quant, ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=2)
+        skew = torch.zeros(8)
+        skew[[1, 2]] = 4.0  # both on EP rank 0 initially
+        x, lg = _rank_batch(ctx, [12, 5], 64, 8, torch.float32, ctx.rank, skew=skew)
+        before = par(x, lg)
+        stats = par.rebalance()
+        ctx.expect(stats["moved_slots"] > 0, f"{quant}: rebalance moved nothing")
+        re = par.routed_experts
+        for slot, logical in enumerate(re.placement.local_logical_ids()):
+            for name, full in (("w13_weight", q[0]), ("w13_scale", q[2]), ("w2_weight", q[1]), ("w2_scale", q[3])):
+                got = re.expert_tensors()[name][slot]
+                same = torch.equal(got.view(torch.uint8), full[logical].view(torch.uint8)) if got.dtype.itemsize == 1 \
+                    else torch.equal(got, full[logical])
+                ctx.expect(same, f"{quant}: slot {slot} {name} != expert {logical} after rebalance")
+        _close(ctx, par(x, lg), before, "output unchanged by rebalance")
+        _close(ctx, par(x, lg), ref(x, lg), "rebalanced vs reference")

@@ -1,0 +1,30 @@
+"""Quantised layers under expert/tensor parallelism and EPLB, in spawned gloo groups (see dist_checks_quant)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_checks_quant  # noqa: E402
+from dist_harness import run_checks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+_RESULTS: dict = {}
+
+
+def _results() -> dict:
+    if not _RESULTS:
+        names = list(dist_checks_quant.CHECKS)
+        _RESULTS.update(run_checks(2, names, "dist_checks_quant", backend="gloo",
+                                   timeout=float(os.environ.get("MOEKIT_DIST_TIMEOUT", "240"))))
+    return _RESULTS
+
+
+@pytest.mark.parametrize("name", list(dist_checks_quant.CHECKS))
+def test_gloo_world2_quant(name):
+    res = _results()
+    assert "__setup__" not in res, res["__setup__"]
+    assert res.get(name) == "ok", res.get(name, f"check {name} did not report")
