@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .eager import bench_eager, summarize_eager
 from .shapes import MODELS, ModelShape
 from .timer import time_graph
 
@@ -156,12 +157,14 @@ def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: floa
     return dict(bytes=nbytes, flops=flops, floor_us=floor_us, unique_experts=uniq, real_slots=slots)
 
 
-def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log) -> list[dict]:
-    """Rows of ``moekit`` (and ``baseline``) at each token count for shape ``m``."""
+def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log,
+                eager_tokens=()) -> list[dict]:
+    """Rows of ``moekit`` (and ``baseline``) at each token count for shape ``m``; then the eager rows
+    of :mod:`.eager` at ``eager_tokens``."""
     name = m.name
     torch.manual_seed(0)
     layer = build_layer(m, dtype, device)
-    rows = []
+    rows = bench_eager(m, layer, eager_tokens, dtype, device, log) if eager_tokens else []
     dev_name = torch.cuda.get_device_name(device)
     for t in tokens:
         sets = [(torch.randn(t, m.H, device=device, dtype=dtype),
@@ -247,11 +250,12 @@ def default_out() -> Path:
 
 def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = torch.bfloat16, *,
               rotations: int = 4, baseline: bool = True, routing: bool = True, longcat_nozero: bool = True,
-              out: Path | None = None, log=print) -> list[dict]:
+              out: Path | None = None, eager_tokens=(), log=print) -> list[dict]:
     """Benchmark ``models`` at ``tokens`` on the current CUDA device; write the JSON (and plot) to ``out``.
 
     Returns the rows. ``longcat_nozero`` adds LongCat-Flash without its zero experts (the same
-    layer's real-expert cost) after ``longcat-flash``.
+    layer's real-expert cost) after ``longcat-flash``. ``eager_tokens``: also the host-time rows of
+    :mod:`moekit.benchmarking.eager` at these token counts (``tokens`` may then be empty).
     """
     device = torch.device("cuda")
     copy_bw, read_bw, peak = measure_ceilings(device)
@@ -260,13 +264,13 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
         f"TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     rows = []
     for m in models:
-        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log)
+        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log, eager_tokens)
         if m.name == "longcat-flash" and longcat_nozero:
             nozero = m.replace(name="longcat-flash-nozero", Z=0)
             rows += bench_model(nozero, tokens, dtype, device, bw, peak, rotations, False, log)
     if routing:
         rows += bench_routing(tokens, device, log)
-    for line in summarize(rows):
+    for line in summarize(rows) + summarize_eager(rows):
         log(line)
     out = default_out() if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
