@@ -1,8 +1,10 @@
 """Transformers models with real layer widths (few layers, random bf16 weights): moekit vs grouped_mm.
 
 For each model shape (Qwen3-MoE 30B-A3B, DeepSeek-V3; MoE widths from ``moekit.benchmarking.MODELS``)
-this times, with ``moekit.benchmarking.time_events`` (CUDA events, median after warm-up), the whole-model forward (``use_cache=False``) and the last MoE block alone, at
-batch x seq = 1x1, 8x1, 1x2048, for three experts paths:
+this times, with ``moekit.benchmarking.time_events`` (CUDA events, median after warm-up), the whole-model
+forward (``use_cache=False``) and the last MoE block alone (eagerly, and replayed in a CUDA graph with
+``time_graph`` where the block can be captured), at batch x seq = 1x1, 8x1, 64x1, 1x1024, 1x2048, for
+three experts paths:
 
 - ``grouped_mm``: transformers' default experts implementation (its own router);
 - ``moekit_switch``: ``experts_implementation="moekit"`` (transformers' router, moekit experts);
@@ -28,9 +30,9 @@ import traceback
 
 import torch
 
-from moekit.benchmarking import ModelShape, get_shape, time_events
+from moekit.benchmarking import ModelShape, get_shape, time_events, time_graph
 
-SHAPES = [(1, 1), (8, 1), (1, 2048)]  # batch x seq
+SHAPES = [(1, 1), (8, 1), (64, 1), (1, 1024), (1, 2048)]  # batch x seq: T <= 64 and T >= 1024 (issue #11 targets)
 
 
 def _qwen3_moe(m: ModelShape) -> dict:
@@ -89,11 +91,38 @@ def _bench_variant(model, name, device, hidden, vocab, shapes, results, ref_logi
                 diff = None
             full = time_events(lambda: model(input_ids=ids, use_cache=False), iters, warmup=3, device=device)
             moe = time_events(lambda: block(x), iters, warmup=3, device=device)
-        out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4),
+            graph = _graph_ms(block, x, device)
+        out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4), moe_block_graph_ms=graph,
                                max_rel_logit_diff_vs_grouped_mm=diff)
         if name == "grouped_mm":
             results.setdefault("_ref", {})[f"{b}x{s}"] = logits.float()
     return out
+
+
+def _graph_ms(block, x, device):
+    """The MoE block replayed in a CUDA graph (ms per call), or an error string if it cannot be captured."""
+    if device.type != "cuda":
+        return None
+    try:
+        return round(time_graph(lambda: block(x), [()], target_ms=10.0) / 1000.0, 4)
+    except Exception as err:  # e.g. a host synchronisation inside the block
+        return f"not capturable: {type(err).__name__}: {str(err)[:200]}"
+
+
+def speedups(res: dict) -> list[str]:
+    """patched / moekit_switch vs grouped_mm per shape: eager (MoE block) and graph (targets: >= 3x eager at
+    T <= 64, >= 1.5x at T >= 1024)."""
+    lines, ref = [], res["variants"].get("grouped_mm", {})
+    for name in ("moekit_switch", "patched"):
+        for key, row in res["variants"].get(name, {}).items():
+            base = ref.get(key)
+            if not isinstance(row, dict) or not isinstance(base, dict):
+                continue
+            eager = base["moe_block_ms"] / row["moe_block_ms"]
+            g0, g1 = base.get("moe_block_graph_ms"), row.get("moe_block_graph_ms")
+            graph = f"{g0 / g1:6.2f}x" if isinstance(g0, float) and isinstance(g1, float) else "   n/a"
+            lines.append(f"{name:13s} {key:7s} MoE block vs grouped_mm: eager {eager:6.2f}x  graph {graph}")
+    return lines
 
 
 def run_model(key, device, tiny, log):
@@ -111,7 +140,7 @@ def run_model(key, device, tiny, log):
         model = getattr(transformers, model_name)._from_config(config, dtype=torch.bfloat16)
     model.eval()
     log(f"{key}: built in {time.time() - t:.1f}s, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
-    shapes = SHAPES if not tiny else [(1, 1), (8, 1), (1, 64)]
+    shapes = SHAPES if not tiny else [(1, 1), (8, 1), (64, 1), (1, 64)]
     hidden, vocab = config.hidden_size, config.vocab_size
     res = {"config": {k: v for k, v in kw.items()}, "variants": {}}
     scratch = {}
@@ -145,6 +174,9 @@ def run_model(key, device, tiny, log):
     else:
         res["variants"]["patched"] = {"error": note}
     log(f"{key} patched ({res['patched_backend']}, {note}): {res['variants']['patched']}")
+    res["speedups"] = speedups(res)
+    for line in res["speedups"]:
+        log(f"{key} {line}")
     del model
     if device.type == "cuda":
         res["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)

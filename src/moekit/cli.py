@@ -1,7 +1,7 @@
 """The ``moekit`` command: one argparse parser with the subcommands ``demo``, ``bench``, ``tune``, ``inspect``.
 
     moekit demo [--device cpu|cuda|cuda:N] [--dtype ...] [--repeats N]
-    moekit bench [--models ...] [--tokens ...] [--quant bf16|fp16|fp8|mxfp4|int4] [--out DIR]
+    moekit bench [--models ...] [--tokens ...] [--quant bf16|fp16|fp8|mxfp4|int4] [--eager | --eager-only] [--out DIR]
     moekit tune (--models ... | --points MODEL:T,... | -E E -H H -I I -K K) [--out DIR]
     moekit inspect CHECKPOINT_DIR
     moekit --version          python -m moekit ...  (the same command)
@@ -163,9 +163,11 @@ def _run_bench(args, parser) -> int:
         parser.error(f"argument {err}")
     if not _needs_cuda("bench"):
         return 1
-    run_bench(args.models, args.tokens, dtype, rotations=args.rotations, baseline=not args.no_baseline,
-              routing=not args.no_routing, longcat_nozero=not args.no_longcat_nozero, out=args.out,
-              log=lambda s: print(s, flush=True), quant=quant)
+    eager = args.eager_tokens if (args.eager or args.eager_only) else ()
+    run_bench(args.models, [] if args.eager_only else args.tokens, dtype, rotations=args.rotations,
+              baseline=not args.no_baseline, routing=not args.no_routing and not args.eager_only,
+              longcat_nozero=not args.no_longcat_nozero and not args.eager_only, out=args.out,
+              log=lambda s: print(s, flush=True), quant=quant, eager_tokens=eager)
     return 0
 
 
@@ -230,6 +232,12 @@ def _add_bench(sub) -> None:
     b.add_argument("--no-routing", action="store_true", help="skip the routing-kernel benchmark")
     b.add_argument("--no-longcat-nozero", action="store_true",
                    help="skip LongCat-Flash without zero experts (run after longcat-flash by default)")
+    b.add_argument("--eager", action="store_true",
+                   help="also time eager calls: host enqueue us per call vs the GPU us of the same call "
+                        "(router, fused_experts, layer with and without its internal graph, one F.linear)")
+    b.add_argument("--eager-only", action="store_true", help="only the --eager rows")
+    b.add_argument("--eager-tokens", type=int_list, default=[1, 8, 64],
+                   help="token counts of the --eager rows (default: 1,8,64)")
     b.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default: ./benchmarks/results if it exists, else .)")
     b.set_defaults(run=_run_bench)

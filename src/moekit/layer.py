@@ -80,6 +80,7 @@ def FusedMoE(
     tp_group=None,
     expert_placement_strategy: str = "linear",
     backend: str = "auto",
+    eager_graph_tokens: int | None = None,
 ) -> MoERunner:
     """Build a complete MoE layer, bottom-up; nothing is installed on a part after it is built:
 
@@ -96,7 +97,9 @@ def FusedMoE(
     format the backend cannot run raises ``NotImplementedError`` here. Extra keywords: ``device`` (where
     the weights live), ``ep_group``/``tp_group`` (``torch.distributed`` groups),
     ``expert_placement_strategy`` ("linear" or "round_robin") and ``backend`` ("auto", "torch",
-    "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``).
+    "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``) and
+    ``eager_graph_tokens`` (eager forwards of up to this many tokens replay an internal CUDA graph;
+    default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS`, 0 disables; see :class:`MoERunner`).
     The expert weights start unloaded: load them (``layer.load_expert_weights`` / ``load_weights``)
     before the first forward.
     """
@@ -157,6 +160,7 @@ def FusedMoE(
         expert_executor=executor,
         n_shared_experts=n_shared_experts,
         expert_mapping=expert_mapping,
+        **({} if eager_graph_tokens is None else {"eager_graph_tokens": eager_graph_tokens}),
         **(runner_args or {}),
     )
 

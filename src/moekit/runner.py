@@ -18,13 +18,25 @@ import math
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_float_dtype, check_tensor
+from ._checks import FLOAT_DTYPES, check_float_dtype, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
+from .experts.graphed import GraphCache
 from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
+
+
+#: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``)
+DEFAULT_EAGER_GRAPH_TOKENS = 8
+
+
+def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
+    """The routed path may be captured: Triton kernels (no host syncs), no collectives, a router
+    that only runs moekit's kernels (no hash input-id checks, no user function, no EPLB map)."""
+    return (experts.backend == "triton" and isinstance(executor, LocalExecutor) and router.capturable
+            and router.eplb_state is None)
 
 
 def _first(out):
@@ -47,6 +59,13 @@ class MoERunner(torch.nn.Module):
     ``routed_scaling_factor`` is the output-side factor (1.0 when the router applies it).
     ``n_shared_experts`` is informational (shared experts run through ``shared_experts``);
     ``expert_mapping`` names the checkpoint entries :meth:`load_weights` accepts.
+
+    ``eager_graph_tokens``: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens on a CUDA
+    device replays route -> experts from an internal CUDA graph per ``T`` (bit-identical to the plain
+    call, a fraction of its host time); 0 disables it. Only for the Triton backend, the local
+    executor and score-based routers; never while torch.compile traces, inside an outer graph capture
+    or when autograd is wanted. ``graph_pool``: a ``torch.cuda.graph_pool_handle()`` shared with other
+    layers (default: the layer's own). See :mod:`moekit.experts.graphed` (memory, invalidation).
     """
 
     def __init__(
@@ -67,6 +86,8 @@ class MoERunner(torch.nn.Module):
         expert_executor=None,
         n_shared_experts: int | None = None,
         expert_mapping: list[tuple[str, str, int, str]] | None = None,
+        eager_graph_tokens: int = DEFAULT_EAGER_GRAPH_TOKENS,
+        graph_pool=None,
     ):
         super().__init__()
         if enable_dbo:
@@ -92,6 +113,15 @@ class MoERunner(torch.nn.Module):
         self.expert_executor = expert_executor
         self.n_shared_experts = n_shared_experts
         self.expert_mapping = expert_mapping
+        check_int("eager_graph_tokens", eager_graph_tokens, minimum=0)
+        self._graphs = None
+        if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
+            self._graphs = GraphCache(eager_graph_tokens, graph_pool)
+
+    @property
+    def eager_graph_tokens(self) -> int:
+        """Largest token count an eager forward replays from an internal CUDA graph (0: never)."""
+        return self._graphs.max_tokens if self._graphs is not None else 0
 
     @property
     def backend(self) -> str:
@@ -114,13 +144,13 @@ class MoERunner(torch.nn.Module):
         self._check_routed_input(x)
 
         logits = self._logits(x, router_logits)
-        routing = self.router.route(x, logits, input_ids=input_ids)
-        routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
-        if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
-            acc = routed.float()
-            if routing.zero_output is not None:
-                acc = acc + routing.zero_output.float()
-            routed = (acc * self.routed_scaling_factor).to(routed.dtype)
+        graphs = self._graphs
+        if graphs is not None and input_ids is None and graphs.eligible(x, logits):
+            # the static output may be returned only through a new tensor (routed + shared)
+            copy = self.routed_output_transform is not None or self.shared_experts is None
+            routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy)
+        else:
+            routed = self._routed(x, logits, input_ids)
         if self.routed_output_transform is not None:
             routed = _first(self.routed_output_transform(routed))
 
@@ -131,6 +161,30 @@ class MoERunner(torch.nn.Module):
             routed = routed + shared
         # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
         return routed.reshape(*lead, routed.shape[-1]).to(hidden_states.dtype)
+
+    def _routed(self, x: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """route -> experts (+ zero experts) (* output scale): moekit's own ops, the graphed part."""
+        routing = self.router.route(x, logits, input_ids=input_ids)
+        routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
+        if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
+            acc = routed.float()
+            if routing.zero_output is not None:
+                acc = acc + routing.zero_output.float()
+            routed = (acc * self.routed_scaling_factor).to(routed.dtype)
+        return routed
+
+    def _graph_state(self) -> tuple:
+        """What the graphs read besides their inputs: addresses/dtypes/shapes of the router's and the
+        experts' tensors, and the routing settings (a change drops the graphs)."""
+        r, e = self.router, self.routed_experts
+        tensors = (*e.parameters(recurse=False), *e.buffers(recurse=False), *r.buffers(recurse=False))
+        return (r.indices_type, getattr(r, "spec", None), self.routed_scaling_factor,
+                *((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+
+    def _apply(self, fn, *args, **kwargs):
+        if self._graphs is not None:  # .to() / .cuda() / .half(): drop the graphs (and their memory) first
+            self._graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _logits(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
         if router_logits is None:

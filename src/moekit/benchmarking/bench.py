@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .bench_quant import QUANT_FORMATS, measure_fp8_peak, quant_rows
+from .eager import bench_eager, summarize_eager
 from .shapes import MODELS, ModelShape
 from .timer import time_graph
 
@@ -164,12 +165,13 @@ def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: floa
 
 
 def bench_model(m: ModelShape, tokens, dtype, device, bw, peak, rotations: int, baseline: bool, log,
-                quant: str | None = None, quant_peak: float | None = None) -> list[dict]:
-    """Rows of ``moekit`` (and ``baseline``, and ``moekit-<quant>``) at each token count for shape ``m``."""
+                quant: str | None = None, quant_peak: float | None = None, eager_tokens=()) -> list[dict]:
+    """Rows of ``moekit`` (and ``baseline``, and ``moekit-<quant>``) at each token count for shape ``m``;
+    then the eager rows of :mod:`.eager` at ``eager_tokens``."""
     name = m.name
     torch.manual_seed(0)
     layer = build_layer(m, dtype, device)
-    rows = []
+    rows = bench_eager(m, layer, eager_tokens, dtype, device, log) if eager_tokens else []
     dev_name = torch.cuda.get_device_name(device)
     for t in tokens:
         sets = [(torch.randn(t, m.H, device=device, dtype=dtype),
@@ -259,12 +261,14 @@ def default_out() -> Path:
 
 def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = torch.bfloat16, *,
               rotations: int = 4, baseline: bool = True, routing: bool = True, longcat_nozero: bool = True,
-              out: Path | None = None, log=print, quant: str | None = None) -> list[dict]:
+              out: Path | None = None, log=print, quant: str | None = None, eager_tokens=()) -> list[dict]:
     """Benchmark ``models`` at ``tokens`` on the current CUDA device; write the JSON (and plot) to ``out``.
 
     Returns the rows. ``longcat_nozero`` adds LongCat-Flash without its zero experts (the same
     layer's real-expert cost) after ``longcat-flash``. ``quant``: a format of
     :data:`~.bench_quant.QUANT_FORMATS` to time beside the unquantised layer (rows ``moekit-<quant>``).
+    ``eager_tokens``: also the host-time rows of :mod:`moekit.benchmarking.eager` at these token counts
+    (``tokens`` may then be empty).
     """
     device = torch.device("cuda")
     copy_bw, read_bw, peak = measure_ceilings(device)
@@ -276,13 +280,14 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
                                                             else ""))
     rows = []
     for m in models:
-        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log, quant, fp8_peak)
+        rows += bench_model(m, tokens, dtype, device, bw, peak, rotations, baseline, log, quant, fp8_peak,
+                            eager_tokens)
         if m.name == "longcat-flash" and longcat_nozero:
             nozero = m.replace(name="longcat-flash-nozero", Z=0)
             rows += bench_model(nozero, tokens, dtype, device, bw, peak, rotations, False, log)
     if routing:
         rows += bench_routing(tokens, device, log)
-    for line in summarize(rows):
+    for line in summarize(rows) + summarize_eager(rows):
         log(line)
     out = default_out() if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)

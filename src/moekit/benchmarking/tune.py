@@ -8,7 +8,14 @@ whole ``fused_experts`` call over ``R`` rotating routings captured in a CUDA gra
 (:func:`moekit.benchmarking.timer.time_graph`). The winner is re-timed against the starting config,
 alternating, ``3`` rounds (median); it is kept only if it is faster by more than ``min_gain`` and
 computes the same output (relative RMS < 1e-2; a PDL config bit-identical to the same tiles without
-PDL, eagerly and under graph replay). Winners are merged into ``<out>/<device>.json``.
+PDL, eagerly and under graph replay). Every tuned bucket's config is merged into ``<out>/<device>.json``
+(the winner, or the starting config when nothing beat it: the lookup takes all buckets of a shape
+from one file, so each tuned bucket is written).
+
+Batch invariance (SPEC §9): the buckets of one shape must keep the reduction order, so the tuner
+refuses split-K and any candidate whose ``BLOCK_K`` (w13 and w2) differs from the shape's buckets
+already in the output file (:func:`invariance_violation`); the first bucket tuned for a new shape fixes
+it. A file whose buckets of one shape already disagree is refused (remove that shape's entries).
 
     moekit tune --models qwen3-30b-a3b --tokens 1,64,1024
     moekit tune --points qwen3-30b-a3b:1,gpt-oss-120b:1024 --pdl
@@ -25,7 +32,9 @@ from pathlib import Path
 import torch
 
 from ..ops.activation import is_gated
-from ..ops.triton_configs import device_key, heuristic_config, lookup_config, shape_key
+from ..ops.triton_configs import (
+    clear_config_cache, device_key, heuristic_config, lookup_config, shape_key, user_config_dir,
+)
 from .shapes import ModelShape
 from .timer import time_graph
 
@@ -41,16 +50,56 @@ def default_out() -> Path:
     """Where ``moekit tune`` writes by default, the first folder the config lookup searches:
     ``$MOEKIT_CONFIG_DIR`` when set, else ``~/.cache/moekit/configs``."""
     env = os.environ.get("MOEKIT_CONFIG_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "moekit" / "configs"
+    return Path(env) if env else user_config_dir()
 
 
-def candidates(rows: float, bm_default: int) -> tuple[list[int], list, list]:
-    """(BLOCK_M values, w13 tiles, w2 tiles) to try for ``rows`` expected rows per touched expert."""
+def block_k(cfg: dict) -> tuple[int, int]:
+    """(w13 BLOCK_K, w2 BLOCK_K): the reduction steps over H and over I."""
+    return int(cfg["w13"]["BK"]), int(cfg["w2"]["BK"])
+
+
+def shape_block_k(table: dict) -> tuple[int, int] | None:
+    """The BLOCK_K shared by every bucket of one shape's ``{bucket: config}`` (None when empty);
+    ``ValueError`` when the buckets disagree (their outputs may differ with the batch size)."""
+    found = {block_k(c) for c in table.values()}
+    if len(found) > 1:
+        raise ValueError(f"the buckets of this shape use different BLOCK_K {sorted(found)}: a token's output "
+                         "could change with the batch size (SPEC §9); remove the shape's entries and re-tune")
+    return found.pop() if found else None
+
+
+def invariance_violation(cfg: dict, fixed_bk: tuple[int, int] | None) -> str | None:
+    """Why ``cfg`` cannot join a shape whose buckets use ``fixed_bk`` without breaking batch
+    invariance (SPEC §9), or None: split-K (the K slices would be summed in another order), or a
+    ``BLOCK_K`` other than ``fixed_bk`` (None: any)."""
+    for part in (cfg, cfg.get("w13", {}), cfg.get("w2", {})):
+        if int(part.get("SPLIT_K", 1)) != 1:
+            return f"split-K ({part['SPLIT_K']})"
+    if fixed_bk is not None and block_k(cfg) != tuple(fixed_bk):
+        return f"BLOCK_K {block_k(cfg)} differs from the shape's {tuple(fixed_bk)}"
+    return None
+
+
+def with_block_k(cfg: dict, bk: tuple[int, int] | None) -> dict:
+    """``cfg`` with its BLOCK_K set to ``bk`` (unchanged when None)."""
+    if bk is None:
+        return cfg
+    return {**cfg, "w13": {**cfg["w13"], "BK": bk[0]}, "w2": {**cfg["w2"], "BK": bk[1]}}
+
+
+def candidates(rows: float, bm_default: int, bk: tuple[int, int] | None = None) -> tuple[list[int], list, list]:
+    """(BLOCK_M values, w13 tiles, w2 tiles) to try for ``rows`` expected rows per touched expert;
+    with ``bk`` the tiles take that (w13, w2) BLOCK_K (batch invariance: see the module docstring)."""
     if rows <= 40:
-        return sorted({bm_default, min(128, bm_default * 2)}), SMALL, SMALL
-    if rows <= 200:
-        return sorted({64, 128, bm_default}), MEDIUM, MEDIUM
-    return [128], LARGE_W13, LARGE_W2
+        bms, c13s, c2s = sorted({bm_default, min(128, bm_default * 2)}), SMALL, SMALL
+    elif rows <= 200:
+        bms, c13s, c2s = sorted({64, 128, bm_default}), MEDIUM, MEDIUM
+    else:
+        bms, c13s, c2s = [128], LARGE_W13, LARGE_W2
+    if bk is not None:
+        fix = lambda tiles, k: list(dict.fromkeys((bn, k, w, st) for bn, _, w, st in tiles))  # noqa: E731
+        c13s, c2s = fix(c13s, bk[0]), fix(c2s, bk[1])
+    return bms, c13s, c2s
 
 
 def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
@@ -144,9 +193,10 @@ def pdl_identical(problems, act: str, cfg: dict) -> bool:
     return bool(ok)
 
 
-def _search(base: dict, rows: float, pdl: bool, score) -> dict:
-    """Coordinate descent from ``base``: the fastest config by ``score(cfg) -> µs``."""
-    bms, c13s, c2s = candidates(rows, base["BLOCK_M"])
+def _search(base: dict, rows: float, pdl: bool, score, bk: tuple[int, int] | None = None) -> dict:
+    """Coordinate descent from ``base``: the fastest config by ``score(cfg) -> µs`` (tiles with
+    BLOCK_K ``bk`` when given; ``base`` must have it too)."""
+    bms, c13s, c2s = candidates(rows, base["BLOCK_M"], bk)
     w2_fixed = _tiles(base["w2"])
     flag_sets = [{}, {"tma": True}] + ([{"pdl": True}, {"tma": True, "pdl": True}] if pdl else [])
     best = base
@@ -160,9 +210,9 @@ def _search(base: dict, rows: float, pdl: bool, score) -> dict:
     return best
 
 
-def _prefill(base: dict, rows: float, pdl: bool) -> list[dict]:
+def _prefill(base: dict, rows: float, pdl: bool, bk: tuple[int, int] | None = None) -> list[dict]:
     """The configs :func:`_search` is likely to time, to compile them in parallel first."""
-    bms, c13s, c2s = candidates(rows, base["BLOCK_M"])
+    bms, c13s, c2s = candidates(rows, base["BLOCK_M"], bk)
     n = max(len(c13s), len(c2s))
     pre = [base] + [_cfg(bm, c13s[j % len(c13s)], c2s[j % len(c2s)]) for bm in bms for j in range(n)]
     pre += [_cfg(bm, c, _tiles(base["w2"])) for bm in bms for c in c13s]
@@ -180,22 +230,28 @@ def _confirm(problems, act: str, base: dict, best: dict, rounds: int = 3) -> tup
 
 
 def tune_point(m: ModelShape, t: int, dtype, device, *, pdl=False, min_gain=0.015, rotations=4,
-               weights=None, log=print) -> tuple[dict | None, tuple]:
-    """(the config to store for ``m`` at ``t`` tokens or None to keep the one in use, the weights used)."""
+               weights=None, fixed_bk=None, log=print) -> tuple[dict, tuple]:
+    """(the config to store for ``m`` at ``t`` tokens, the weights used): the winner, or the config in
+    use when nothing beat it. ``fixed_bk``: the (w13, w2) BLOCK_K of the shape's other buckets (the
+    start and every candidate take it: :func:`invariance_violation`)."""
     name = torch.cuda.get_device_name(device)
     key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated)
-    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype)
+    base = with_block_k(lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype), fixed_bk)
     problems = []
     for r in range(rotations):
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
         weights = (pr[1], pr[2], pr[5], pr[6])
         problems.append(pr)
     rows = t * m.K / min(m.E, t * m.K)
-    precompile(problems[0], m.act, _prefill(base, rows, pdl), log)
+    precompile(problems[0], m.act, _prefill(base, rows, pdl, fixed_bk), log)
     tried: dict[str, float] = {}
 
     def score(cfg: dict) -> float:
         k = json.dumps(cfg, sort_keys=True)
+        why = invariance_violation(cfg, fixed_bk)
+        if why is not None and k not in tried:
+            log(f"  refuse {cfg}: {why} (batch invariance)")
+            tried[k] = float("inf")
         if k not in tried:
             try:
                 tried[k] = time_config(problems, m.act, cfg)
@@ -204,16 +260,16 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, pdl=False, min_gain=0.01
                 tried[k] = float("inf")
         return tried[k]
 
-    best = _search(base, rows, pdl, score)
+    best = _search(base, rows, pdl, score, fixed_bk)
     if best == base:
         log(f"  T={t:6d}: the config in use is the fastest ({score(base):.1f} us) {base}")
-        return None, weights
+        return base, weights
     base_us, best_us = _confirm(problems, m.act, base, best)
     ok = same_output(problems, m.act, best, base) and (not best.get("pdl") or pdl_identical(problems, m.act, best))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use, checks {'ok' if ok else 'FAILED'}: "
         f"{'take' if take else 'keep the config in use'} {best}")
-    return (best if take else None), weights
+    return (best if take else base), weights
 
 
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,
@@ -229,18 +285,25 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
     data = json.loads(path.read_text()) if path.is_file() else {"device": name, "entries": {}}
     for m, tokens in targets:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated)
-        log(f"tuning {m.name} ({key}) on {name}")
+        table = data["entries"].get(key, {})
+        try:
+            fixed_bk = shape_block_k(table)
+        except ValueError as exc:
+            log(f"skipping {m.name} ({key}) in {path}: {exc}")
+            continue
+        log(f"tuning {m.name} ({key}) on {name}" + (f", BLOCK_K fixed at {fixed_bk}" if fixed_bk else ""))
         deadline, weights = time.time() + budget_s, None
         for t in tqdm(tokens, desc=m.name, leave=False):
             if time.time() > deadline:
                 log(f"  budget spent: T={t} and above keep the config in use")
                 break
             found, weights = tune_point(m, t, dtype, device, pdl=pdl, min_gain=min_gain, rotations=rotations,
-                                        weights=weights, log=log)
-            if found is not None:
-                data["entries"].setdefault(key, {})[str(t)] = found
+                                        weights=weights, fixed_bk=fixed_bk, log=log)
+            data["entries"].setdefault(key, {})[str(t)] = found
+            fixed_bk = block_k(found)  # the first bucket of a new shape fixes BLOCK_K for the others
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, sort_keys=True))
+        clear_config_cache()  # later lookups in this process read what was just written
         del weights
         torch.cuda.empty_cache()
     log(f"wrote {path}")

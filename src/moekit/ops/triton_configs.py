@@ -8,10 +8,20 @@ A config is a dict::
      "tma": False,                                     # optional: weight tiles by tensor descriptor
      "pdl": False}                                     # optional: programmatic dependent launch (sm_90+)
 
-Files live in ``moekit/configs/<device>.json`` (``<device>`` = the CUDA device name with spaces as
-``_``), ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
-``shape_key = "E=..,H=..,I=..,K=..,dtype=..,gated=.."``. A lookup takes the entry for the nearest
-bucket (in log scale) of the matching shape; shapes with no entry use :func:`heuristic_config`.
+Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
+``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
+``shape_key = "E=..,H=..,I=..,K=..,dtype=..,gated=.."``. The lookup searches, in order (:func:`config_dirs`):
+
+    $MOEKIT_CONFIG_DIR            (when set)
+    ~/.cache/moekit/configs       (where ``moekit tune`` writes by default)
+    <moekit>/configs              (shipped with the package)
+
+and the first file holding the shape key decides that shape: its entry for the bucket nearest the
+token count (in log scale). Files merge per shape key, never per bucket: the buckets of one shape
+always come from one file, so one tuning run's tiles are never mixed with another's (SPEC §9: the
+buckets of a shape share their reduction order). Shapes in no file use :func:`heuristic_config`.
+Files are read once per process (:func:`clear_config_cache` re-reads them); returned configs are
+shared: do not mutate them.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torc
 
 @functools.lru_cache(maxsize=16)
 def load_config_file(path: str) -> dict:
-    """Entries of one JSON config file ({} when absent). Cached: files are read-only package data."""
+    """Entries of one JSON config file ({} when absent). Cached: see :func:`clear_config_cache`."""
     p = Path(path)
     if not p.is_file():
         return {}
@@ -51,20 +61,60 @@ def load_config_file(path: str) -> dict:
     return data.get("entries", {})
 
 
+def user_config_dir() -> Path:
+    """``~/.cache/moekit/configs``: where ``moekit tune`` writes unless told otherwise."""
+    return Path.home() / ".cache" / "moekit" / "configs"
+
+
+def config_dirs() -> list[Path]:
+    """The folders the lookup searches, first match per shape wins: ``$MOEKIT_CONFIG_DIR`` (if
+    set), ``~/.cache/moekit/configs``, the shipped ``moekit/configs``."""
+    return _config_dirs(os.environ.get("MOEKIT_CONFIG_DIR"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_dirs(env_dir: str | None, home: str | None) -> list[Path]:
+    dirs = [Path(env_dir)] if env_dir else []
+    return [*dirs, user_config_dir(), CONFIG_DIR]
+
+
 def config_path(device_name: str) -> Path:
-    override = os.environ.get("MOEKIT_CONFIG_DIR")
-    root = Path(override) if override else CONFIG_DIR
-    return root / f"{device_key(device_name)}.json"
+    """The first existing ``<device>.json`` of :func:`config_dirs` (the shipped path when none exists)."""
+    name = f"{device_key(device_name)}.json"
+    for d in config_dirs():
+        if (d / name).is_file():
+            return d / name
+    return CONFIG_DIR / name
+
+
+def shape_table(device_name: str, key: str, dirs=None) -> tuple[Path | None, dict]:
+    """(the file that decides shape ``key`` on this device, its ``{bucket: config}``); (None, {}) if
+    none. ``dirs``: the folders to search (default :func:`config_dirs`)."""
+    name = f"{device_key(device_name)}.json"
+    for d in config_dirs() if dirs is None else dirs:
+        table = load_config_file(str(d / name)).get(key)
+        if table:
+            return d / name, table
+    return None, {}
 
 
 def lookup_config(device_name: str, key: str, num_tokens: int) -> dict | None:
     """Tuned config for ``key`` at the bucket nearest ``num_tokens`` (log scale), or None."""
-    table = load_config_file(str(config_path(device_name))).get(key)
+    return _lookup(config_dirs(), device_name, key, max(num_tokens, 1))
+
+
+def _lookup(dirs, device_name: str, key: str, t: int) -> dict | None:
+    _, table = shape_table(device_name, key, dirs)
     if not table:
         return None
-    t = max(num_tokens, 1)
     best = min(table, key=lambda b: (abs(math.log2(int(b)) - math.log2(t)), int(b)))
     return table[best]
+
+
+def clear_config_cache() -> None:
+    """Forget every file read and config looked up (after a config file changed in this process)."""
+    load_config_file.cache_clear()
+    _get_config.cache_clear()
 
 
 def heuristic_config(
@@ -125,13 +175,22 @@ def get_config(
     device: torch.device, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
     dtype: torch.dtype, gated: bool, quant: str | None = None,
 ) -> dict:
-    """Tuned config for this GPU and shape (and quantised format) if shipped, else :func:`heuristic_config`
-    (the quantised launchers then impose their format's K step / tile constraints)."""
+    """Tuned config for this GPU and shape (and quantised format ``quant``) if a config file has it (see
+    the module docstring), else :func:`heuristic_config` (the quantised launchers then impose their format's
+    K step / tile constraints). Cached per argument set and search path (do not mutate the result)."""
     if device.type == "cuda":
-        name, sms = _device_props(device.index if device.index is not None else torch.cuda.current_device())
-        cfg = lookup_config(name, shape_key(num_experts, hidden, inter, top_k, dtype, gated, quant), num_tokens)
-        if cfg is not None:
-            return cfg
+        index = device.index if device.index is not None else torch.cuda.current_device()
     else:
-        sms = 4
-    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms)
+        index = None
+    return _get_config(index, num_tokens, num_experts, hidden, inter, top_k, dtype, gated, quant,
+                       os.environ.get("MOEKIT_CONFIG_DIR"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _get_config(index, num_tokens, num_experts, hidden, inter, top_k, dtype, gated, quant, env_dir, home) -> dict:
+    if index is None:
+        return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, 4)
+    name, sms = _device_props(index)
+    cfg = _lookup(_config_dirs(env_dir, home), name, shape_key(num_experts, hidden, inter, top_k, dtype, gated, quant),
+                  max(num_tokens, 1))
+    return cfg if cfg is not None else heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms)

@@ -20,11 +20,15 @@ a host synchronisation; the torch path checks them. Inputs are validated by the 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
+from triton import knobs
 
+from ._eager import direct_call_ok
 from ._triton import align, grouped_gemm
 from .activation import effective_limit, get_activation
 from .triton_configs import get_config
@@ -43,7 +47,7 @@ def fused_experts_triton(
     x, w1, w2, topk_weights, topk_ids, *, activation="silu", apply_router_weight_on_input=False,
     w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None,
 ) -> torch.Tensor:
-    """Routed experts on the Triton kernels, through the ``moekit::fused_experts`` custom op.
+    """Routed experts on the Triton kernels (the ``moekit::fused_experts`` custom op when traced).
 
     x: [T, H] fp32/bf16/fp16; w1: [E_local, 2I | I, H]; w2: [E_local, H, I]; topk_weights: [T, K] float;
     topk_ids: [T, K] int32/int64; w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
@@ -51,7 +55,10 @@ def fused_experts_triton(
     """
     # the kernels assume unit last-dim strides: make any view contiguous (free when it already is)
     b1, b2, emap = (None if t is None else t.contiguous() for t in (w1_bias, w2_bias, expert_map))
-    return fused_experts_op(
+    # eagerly the launcher is called directly (same kernels, no dispatcher round trip: see ._eager);
+    # torch.compile, fake tensors and dispatch modes go through the op
+    fn = fused_experts_impl if direct_call_ok(x) else fused_experts_op
+    return fn(
         x.contiguous(), w1.contiguous(), w2.contiguous(), topk_weights.contiguous(), topk_ids.contiguous(),
         get_activation(activation).name, bool(apply_router_weight_on_input), b1, b2, emap,
         None if swiglu_limit is None else float(swiglu_limit),
@@ -83,11 +90,6 @@ def fused_experts_op(
 @fused_experts_op.register_fake
 def _fused_experts_fake(hidden_states, *args):
     return torch.empty_like(hidden_states)
-
-
-def _launch_config(cfg: dict, name: str) -> dict:
-    c = cfg[name]
-    return dict(num_warps=int(c["num_warps"]), num_stages=int(c["num_stages"]))
 
 
 def fused_experts_impl(
@@ -135,6 +137,10 @@ def fused_experts_impl(
         per_token += quant.bytes_per_token(h, inter, k)
         fixed *= 2
     chunk = max(1, min(t, (workspace_bytes - fixed) // per_token))
+    if chunk >= t:  # one chunk (every eager decode call): no slicing
+        _run_chunk(x, w1, w2, topk_weights, topk_ids, out, act, on_input, w1_bias, w2_bias, expert_map,
+                   swiglu_limit, config, warmup, quant)
+        return out
     for start in range(0, t, chunk):
         stop = min(start + chunk, t)
         _run_chunk(
@@ -147,112 +153,183 @@ def fused_experts_impl(
 
 
 def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False, q=None):
+    t, h = x.shape
+    e_local, n1, inter = w1.shape[0], w1.shape[1], w2.shape[2]
+    inter *= q.pack if q is not None else 1
+    k = ids.shape[1]
+    limit = effective_limit(act.name, swiglu_limit)
+    p = launch_plan(
+        t, h, inter, n1, e_local, emap.shape[0] if emap is not None else e_local, k, x.dtype, act.code,
+        act.gated, bool(on_input), b1 is not None, b2 is not None, emap is not None, limit, _interpreting(),
+        SMALL_SLOTS, INLINE_SLOTS, _freeze(cfg),
+    )
+    dev = x.device
+    # two scratch allocations, split into views (int32 layout/semaphores; the dtype inter and part rows)
+    counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, sem = torch.empty(
+        p.i32_total, dtype=torch.int32, device=dev
+    ).split_with_sizes(p.i32_sizes)
+    if q is None:
+        buf = torch.empty(p.buf_total, dtype=x.dtype, device=dev)
+        inter_buf = buf.as_strided((p.rows, inter), (inter, 1))
+        part = buf.as_strided((p.part_rows, h), (h, 1), p.part_offset)
+    else:  # the format's own inter buffers (fp8 values + scales); the combine rows alone here
+        part = torch.empty(p.part_rows, h, dtype=x.dtype, device=dev)
+    if p.zero_counts:
+        counts.zero_()
+    emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP
+
     def launch(kernel, grid, *args, **kw):
         if warmup:
             kernel.warmup(*args, grid=grid, **kw)
         else:
             kernel[grid](*args, **kw)
 
-    t, h = x.shape
-    e_local, _, inter = w2.shape
-    inter *= q.pack if q is not None else 1
-    k = ids.shape[1]
-    e_global = emap.shape[0] if emap is not None else e_local
-    dev = x.device
-    bm = int(cfg["BLOCK_M"])
-    c13, c2 = cfg["w13"], cfg["w2"]
+    if p.align != "inline":  # inline: the w13 launch zeroes the semaphores / dead rows itself
+        args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
+        sizes = (t, k, h, e_local, p.e_global, p.nbn, ids.stride(0), tw.stride(0), out.stride(0))
+        if p.align == "small":
+            launch(align.align_small_kernel, (1,), *args, sorted_slot, *sizes, **p.align_kw)
+        else:
+            launch(align.count_kernel, p.align_grid, *args, *sizes, **p.align_kw)
+            launch(align.scatter_kernel, p.align_grid, slot_loc, slot_rank, row_start, sorted_slot, t, k,
+                   **p.scatter_kw)
+
+    a13, inter_w2, w13_kw, w2_kw = x, None, p.w13_kw, p.w2_kw
+    if q is None:
+        inter_w2 = inter_buf
+    else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
+        a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch)
+        # fp8: the input quantiser applied the routing weight already
+        w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
+        w2_kw = dict(p.w2_kw, **kw2)
+    w1_desc = w2_desc = inter_desc = None
+    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
+    if p.want_tma and tma_fmt and _tma_ok(w1, w2, h, inter):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [p.bn13, p.bk13])
+        w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [p.bn2, p.bk2])
+        inter_desc = TensorDescriptor.from_tensor(inter_w2, [p.bm, p.bk2])
+    # programmatic dependent launch (config "pdl": true; sm_90+, compiled kernels only): each GEMM
+    # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
+    pdl = p.want_pdl and _pdl_ok(dev)
+    flags = dict(USE_TMA=w1_desc is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    launch(
+        grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
+        sorted_slot, ids, emap_arg, sem, out,
+        h, inter, n1, e_local, k, p.num_pid_m, p.limit_arg, t, p.e_global, p.nbn,
+        a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
+        tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags,
+    )
+    if q is not None:
+        q.after_w13(inter_buf, _interpreting(), launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
+    flags["USE_TMA"] = w2_desc is not None
+    launch(
+        grouped_gemm.w2_kernel, p.grid2, inter_w2, inter_desc, w2, w2_desc,
+        b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
+        part, sem, tok_live,
+        h, inter, e_local, p.e_global, k, p.num_pid_m, p.nbn, t * k,
+        inter_w2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
+        tw.stride(0), ids.stride(0), part.stride(0), **w2_kw, **flags,
+    )
+    return out
+
+
+def _freeze(cfg: dict) -> tuple:
+    """The hashable image of a config that :func:`launch_plan` reads: every field a plan depends on
+    (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
+    return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
+            bool(cfg.get("pdl")))
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What one chunk launches, derived from shapes, flags and the config only (never from tensor
+    data or addresses): scratch sizes, grids and the constexpr keywords of each kernel. The keyword
+    dicts are shared by every call of the same plan and never mutated."""
+
+    bm: int
+    rows: int  # padded sorted rows: num_pid_m · BLOCK_M
+    num_pid_m: int
+    nbn: int  # w2 column blocks: cdiv(H, w2 BN)
+    e_global: int
+    i32_sizes: tuple  # counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, sem (padded)
+    i32_total: int
+    buf_total: int  # inter rows, then part rows (from part_offset), elements of the input dtype
+    part_offset: int
+    part_rows: int
+    zero_counts: bool
+    align: str  # "inline" (no align kernel), "small" (one program) or "multi" (count + scatter)
+    align_grid: tuple
+    align_kw: dict
+    scatter_kw: dict
+    grid13: tuple
+    grid2: tuple
+    w13_kw: dict
+    w2_kw: dict
+    limit_arg: float
+    bn13: int
+    bk13: int
+    bn2: int
+    bk2: int
+    want_tma: bool
+    want_pdl: bool
+
+
+def _pad(n: int, q: int = 32) -> int:
+    """``n`` rounded up to a multiple of ``q`` elements (>= q): every view starts 128-byte aligned."""
+    return max(q, -(-n // q) * q)
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, on_input, has_b1, has_b2,
+                has_map, limit, upcast, small_slots, inline_slots, cfg) -> LaunchPlan:
+    """The :class:`LaunchPlan` of a chunk of ``t`` tokens (all arguments hashable; ``cfg`` frozen by
+    :func:`_freeze`). A pure cache: the same arguments always give the same plan."""
+    block_m, c13, c2, tma, pdl = cfg
+    c13, c2 = dict(c13), dict(c2)
+    bm = int(block_m)
     combine = k > 1
     slots = t * k
     nbn = triton.cdiv(h, int(c2["BN"]))
     num_pid_m = triton.cdiv(slots + min(slots, e_local) * (bm - 1), bm)
     rows = num_pid_m * bm
     block_e = triton.next_power_of_2(e_local + 1)
-    i32 = torch.int32
-    counts = torch.zeros(e_local + 1, dtype=i32, device=dev) if slots > SMALL_SLOTS else torch.empty(
-        e_local + 1, dtype=i32, device=dev
-    )
-    slot_loc = torch.empty(slots, dtype=i32, device=dev)
-    slot_rank = torch.empty(slots, dtype=i32, device=dev)
-    tok_live = torch.empty(t, dtype=i32, device=dev)
-    row_start = torch.empty(e_local, dtype=i32, device=dev)
-    sorted_slot = torch.empty(rows, dtype=i32, device=dev)
-    part = torch.empty(slots if combine else 1, h, dtype=x.dtype, device=dev)
-    sem = torch.empty(t * nbn if combine else 1, dtype=i32, device=dev)
-    emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP
     kp = triton.next_power_of_2(k)
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
-    common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=emap is not None,
-                  SKIP_ZERO=skip_zero, COMBINE=combine)
-    args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
-    sizes = (t, k, h, e_local, e_global, nbn, ids.stride(0), tw.stride(0), out.stride(0))
-    inline = slots <= INLINE_SLOTS
+    inline = slots <= inline_slots
+    align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
-    if inline:
-        pass  # the w13 launch zeroes the semaphores / dead rows; each GEMM program builds its layout
-    elif slots <= SMALL_SLOTS:
-        launch(align.align_small_kernel, (1,), *args, sorted_slot, *sizes, **common, num_warps=4)
-    else:
-        grid = (triton.cdiv(t, bt),)
-        launch(align.count_kernel, grid, *args, *sizes, **common, num_warps=4)
-        launch(align.scatter_kernel, grid, slot_loc, slot_rank, row_start, sorted_slot, t, k, BT=bt, KP=kp, num_warps=4)
-
-    dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    upcast = _interpreting()
-    limit = effective_limit(act.name, swiglu_limit)
-    bn13, bk13 = int(c13["BN"]), int(c13["BK"])
-    bn2, bk2 = int(c2["BN"]), int(c2["BK"])
-    a13, on13, kw13, kw2 = x, on_input, {}, {}
-    if q is None:
-        inter_buf = inter_w2 = torch.empty(rows, inter, dtype=x.dtype, device=dev)
-    else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
-        a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, rows, on_input, upcast, launch)
-        on13 = on_input and not q.fp8  # fp8: the input quantiser applied the routing weight
-    w1_desc = w2_desc = inter_desc = None
-    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
-    if cfg.get("tma") and tma_fmt and _tma_ok(w1, w2, h, inter) and x.dtype != torch.float32:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn13, bk13])
-        w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn2, bk2])
-        inter_desc = TensorDescriptor.from_tensor(inter_w2, [bm, bk2])
-    # programmatic dependent launch (config "pdl": true; sm_90+, compiled kernels only): each GEMM
-    # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
-    pdl = bool(cfg.get("pdl")) and _pdl_ok(x)
-    pdl_kw = dict(launch_pdl=True) if pdl else {}
-    grid13 = (num_pid_m * triton.cdiv(inter, bn13),)
-    launch(
-        grouped_gemm.w13_kernel, grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
-        sorted_slot, ids, emap_arg, sem, out,
-        h, inter, w1.shape[1], e_local, k, num_pid_m, 0.0 if limit is None else limit, t, e_global, nbn,
-        a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
-        tw.stride(0), ids.stride(0), out.stride(0),
-        BM=bm, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), BLOCK_E=block_e, ACT=act.code, GATED=act.gated,
-        HAS_BIAS=b1 is not None, HAS_LIMIT=limit is not None, ON_INPUT=on13, EVEN_K=h % bk13 == 0,
-        DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w1_desc is not None, INLINE=inline, SP=sp, TP=tp,
-        HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine, PDL=pdl, **_launch_config(cfg, "w13"),
-        **pdl_kw, **kw13,
+    i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if combine else 1))
+    part_rows = slots if combine else 1
+    part_offset = _pad(rows * inter, 64)
+    common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=has_map, SKIP_ZERO=skip_zero,
+                  COMBINE=combine, num_warps=4)
+    bn13, bk13, bn2, bk2 = int(c13["BN"]), int(c13["BK"]), int(c2["BN"]), int(c2["BK"])
+    small_elt = dtype != torch.float32
+    dot_prec = "tf32" if small_elt else "ieee"
+    shared = dict(BM=bm, BLOCK_E=block_e, HAS_MAP=has_map, SKIP_ZERO=skip_zero, COMBINE=combine, ON_INPUT=on_input,
+                  DOT_PREC=dot_prec, UPCAST=upcast, INLINE=inline, SP=sp)
+    w13_kw = dict(shared, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), ACT=act_code, GATED=gated,
+                  HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp,
+                  num_warps=int(c13["num_warps"]), num_stages=int(c13["num_stages"]))
+    w2_kw = dict(shared, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), HAS_BIAS=has_b2, EVEN_K=inter % bk2 == 0,
+                 num_warps=int(c2["num_warps"]), num_stages=int(c2["num_stages"]))
+    return LaunchPlan(
+        bm=bm, rows=rows, num_pid_m=num_pid_m, nbn=nbn, e_global=e_global, i32_sizes=i32_sizes,
+        i32_total=sum(i32_sizes), buf_total=part_offset + part_rows * h, part_offset=part_offset,
+        part_rows=part_rows, zero_counts=align_mode == "multi", align=align_mode,
+        align_grid=(triton.cdiv(t, bt),), align_kw=common, scatter_kw=dict(BT=bt, KP=kp, num_warps=4),
+        grid13=(num_pid_m * triton.cdiv(inter, bn13),), grid2=(num_pid_m * nbn,), w13_kw=w13_kw, w2_kw=w2_kw,
+        limit_arg=0.0 if limit is None else float(limit), bn13=bn13, bk13=bk13, bn2=bn2, bk2=bk2,
+        want_tma=tma and small_elt, want_pdl=pdl,
     )
-    if q is not None:
-        q.after_w13(inter_buf, upcast, launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
-    launch(
-        grouped_gemm.w2_kernel, (num_pid_m * nbn,), inter_w2, inter_desc, w2, w2_desc,
-        b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
-        part, sem, tok_live,
-        h, inter, e_local, e_global, k, num_pid_m, nbn, slots,
-        inter_w2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
-        tw.stride(0), ids.stride(0), part.stride(0),
-        BM=bm, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), BLOCK_E=block_e, HAS_BIAS=b2 is not None,
-        ON_INPUT=on_input, HAS_MAP=emap is not None, SKIP_ZERO=skip_zero, COMBINE=combine,
-        EVEN_K=inter % bk2 == 0, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=w2_desc is not None,
-        INLINE=inline, SP=sp, PDL=pdl, **_launch_config(cfg, "w2"), **pdl_kw, **kw2,
-    )
-    return out
 
 
 def _tma_ok(w1: torch.Tensor, w2: torch.Tensor, h: int, inter: int) -> bool:
     """Tensor descriptors need sm_90+, contiguous weights, 16-byte aligned bases and row strides."""
-    if w1.device.type == "cuda" and torch.cuda.get_device_capability(w1.device)[0] < 9:
+    if w1.device.type == "cuda" and _major(w1.device) < 9:
         return False  # TMA is a Hopper (sm_90+) engine
     elt = w1.element_size()
     return (
@@ -261,12 +338,19 @@ def _tma_ok(w1: torch.Tensor, w2: torch.Tensor, h: int, inter: int) -> bool:
     )
 
 
-def _pdl_ok(x: torch.Tensor) -> bool:
+def _pdl_ok(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper (sm_90) or newer, never under the interpreter."""
-    return x.device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return device.type == "cuda" and not _interpreting() and _major(device) >= 9
+
+
+def _major(device: torch.device) -> int:
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _interpreting() -> bool:
-    from triton import knobs
-
     return bool(knobs.runtime.interpret)

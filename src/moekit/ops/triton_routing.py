@@ -20,11 +20,13 @@ functions here only check what the kernel itself cannot hold (``E`` and ``top_k`
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 
+from ._eager import direct_call_ok
 from ._triton.topk import SCORE_CODES, route_kernel
 from .routing import TopKSpec, check_input_ids_range, hash_route_torch, host_sync_allowed
 
@@ -35,7 +37,7 @@ MAX_TOP_K = 64
 
 def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor | None = None,
                  indices_type: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score-based routing on the Triton kernel (through the ``moekit::route`` custom op).
+    """Score-based routing on the Triton kernel (the ``moekit::route`` custom op when traced).
 
     gating_output: [T, E] any float dtype; bias: [E] float or None (validated by the caller)
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
@@ -45,8 +47,10 @@ def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor
         raise ValueError(f"the Triton router holds at most {MAX_EXPERTS} experts per row, got E={e}")
     if spec.top_k > MAX_TOP_K:
         raise ValueError(f"the Triton router supports top_k <= {MAX_TOP_K}, got {spec.top_k}")
-    # the kernel reads rows with unit stride: make any view contiguous (free when it already is)
-    return route_op(
+    # the kernel reads rows with unit stride: make any view contiguous (free when it already is);
+    # eagerly the launcher is called directly (no dispatcher round trip: see ._eager)
+    fn = route_impl if direct_call_ok(gating_output) else route_op
+    return fn(
         gating_output.contiguous(), None if bias is None else bias.contiguous(), spec.top_k, spec.scoring_func,
         bool(spec.renormalize), float(spec.routed_scaling_factor), spec.num_expert_group, spec.topk_group,
         indices_type or torch.int32,
@@ -108,13 +112,19 @@ def route_impl(gating_output, bias, top_k, scoring_func, renormalize, scale, num
     if t == 0:
         return w, ids
     eg = e // num_groups
-    gp, egp = triton.next_power_of_2(num_groups), triton.next_power_of_2(eg)
-    warps = 1 if gp * egp <= 128 else 2 if gp * egp <= 512 else 4 if gp * egp <= 2048 else 8
     route_kernel[(t,)](
         gating_output, bias if bias is not None else gating_output, w, ids,
         top_k, eg, num_groups, topk_group, scale,
         gating_output.stride(0), w.stride(0), ids.stride(0),
-        GP=gp, EGP=egp, KP=triton.next_power_of_2(top_k), SCORING=SCORE_CODES[scoring_func],
-        HAS_BIAS=bias is not None, GROUPED=num_groups > 1, RENORM=renormalize, num_warps=warps,
+        **_route_constexprs(e, num_groups, top_k, scoring_func, bias is not None, renormalize),
     )
     return w, ids
+
+
+@functools.lru_cache(maxsize=256)
+def _route_constexprs(e, num_groups, top_k, scoring_func, has_bias, renormalize) -> dict:
+    """The kernel's constexpr keywords (a pure cache; the dict is never mutated)."""
+    gp, egp = triton.next_power_of_2(num_groups), triton.next_power_of_2(e // num_groups)
+    warps = 1 if gp * egp <= 128 else 2 if gp * egp <= 512 else 4 if gp * egp <= 2048 else 8
+    return dict(GP=gp, EGP=egp, KP=triton.next_power_of_2(top_k), SCORING=SCORE_CODES[scoring_func],
+                HAS_BIAS=has_bias, GROUPED=num_groups > 1, RENORM=renormalize, num_warps=warps)

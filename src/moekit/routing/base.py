@@ -85,6 +85,9 @@ class BaseRouter(torch.nn.Module):
 
     #: number of logit columns this router reads, if not ``global_num_experts``
     num_logit_columns: int | None = None
+    #: ``route`` only enqueues device work (no host synchronisation, no user code): a layer may capture
+    #: it in its internal CUDA graphs (:mod:`moekit.experts.graphed`). False unless a subclass knows.
+    capturable: bool = False
 
     def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, enable_eplb: bool = False,
                  indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None):
@@ -187,6 +190,11 @@ class ScoredRouter(BaseRouter):
     routed_scaling_factor = property(lambda self: self.spec.routed_scaling_factor, doc="w *= this, last")
     num_expert_group = property(lambda self: self.spec.num_expert_group, doc="G (1: ungrouped)")
     topk_group = property(lambda self: self.spec.topk_group, doc="groups kept (1: ungrouped)")
+
+    @property
+    def capturable(self) -> bool:
+        """On a kernel table that checks no values (Triton): no host synchronisation in ``route``."""
+        return not self.kernels.checks_values
 
     @property
     def routing_method_type(self) -> RoutingMethodType:

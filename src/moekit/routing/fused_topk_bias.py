@@ -37,6 +37,11 @@ class FusedTopKBiasRouter(ScoredRouter):
             check_hash_table(hash_indices_table, global_num_experts, top_k)
         self.register_buffer("hash_indices_table", hash_indices_table, persistent=False)
 
+    @property
+    def capturable(self) -> bool:
+        """Hash routing checks ``input_ids`` on the host (eagerly): never captured by the layer."""
+        return self.hash_indices_table is None and super().capturable
+
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         if self.hash_indices_table is None:
             return super()._compute_routing(hidden_states, router_logits, indices_type, input_ids)

@@ -1,0 +1,113 @@
+"""SPEC §9 batch invariance on a GPU: a token's output is bit-identical alone (T = 1) and inside a
+batch of every token bucket, for the configs a lookup gives on this device (tuned file, else the
+heuristic) and for every config file shipped with moekit (run as explicit configs on this GPU).
+
+Shapes: the benchmark registry's H, I, K, activation and biases; at most 32 experts (invariance is per
+token: the expert count only changes which rows share a block). The first test also runs whole layers.
+"""
+
+import json
+
+import pytest
+import torch
+
+import moekit
+from moekit.benchmarking import MODELS, TOKENS
+from moekit.ops import triton_configs as tc
+from moekit.ops.triton_experts import fused_experts_impl
+
+pytestmark = pytest.mark.gpu
+DT = torch.bfloat16
+PROBES = 4
+
+
+def _device_table(m) -> dict:
+    """{bucket: config} a lookup gives on this GPU for the real shape: the deciding file's, else heuristic."""
+    name = torch.cuda.get_device_name()
+    _, table = tc.shape_table(name, tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated))
+    if table:
+        return {int(b): c for b, c in table.items()}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms) for t in TOKENS}
+
+
+def _shipped_tables():
+    for path in sorted(tc.CONFIG_DIR.glob("*.json")):
+        entries = json.loads(path.read_text())["entries"]
+        for m in MODELS.values():
+            table = entries.get(tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated))
+            if table:
+                yield pytest.param(m.name, path.stem, {int(b): c for b, c in table.items()},
+                                   id=f"{path.stem}-{m.name}")
+
+
+def _problem(m, experts):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e = min(m.E, experts)
+    rows = 2 * m.I if m.gated else m.I
+    w1 = torch.randn(e, rows, m.H, device="cuda", dtype=DT, generator=g) * m.H**-0.5
+    w2 = torch.randn(e, m.H, m.I, device="cuda", dtype=DT, generator=g) * m.I**-0.5
+    b1 = torch.randn(e, rows, device="cuda", dtype=DT, generator=g) * 0.05 if m.has_bias else None
+    b2 = torch.randn(e, m.H, device="cuda", dtype=DT, generator=g) * 0.05 if m.has_bias else None
+    return e, w1, w2, b1, b2
+
+
+def _routing(t, h, e, k, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(t, h, device="cuda", dtype=DT, generator=g)
+    w, ids = torch.softmax(torch.randn(t, e, device="cuda", generator=g), -1).topk(k, dim=-1)
+    return x, (w / w.sum(-1, keepdim=True)).contiguous(), ids.int().contiguous()
+
+
+def _check_rows(m, table, experts=32):
+    """Probe rows alone (the smallest bucket's config: T = 1) against the same rows at random places in
+    a batch of every bucket's size (that bucket's config)."""
+    e, w1, w2, b1, b2 = _problem(m, experts)
+    k = min(m.K, e)
+    run = lambda x, w, ids, cfg: fused_experts_impl(x, w1, w2, w, ids, m.act, False, b1, b2, None, None,  # noqa
+                                                    config=cfg)
+    px, pw, pids = _routing(PROBES, m.H, e, k, seed=1)
+    alone = [run(px[i : i + 1], pw[i : i + 1], pids[i : i + 1], table[min(table)]) for i in range(PROBES)]
+    for bucket, cfg in sorted(table.items()):
+        x, w, ids = _routing(bucket, m.H, e, k, seed=bucket)
+        n = min(PROBES, bucket)
+        pos = torch.randperm(bucket, generator=torch.Generator().manual_seed(bucket))[:n].cuda()
+        x[pos], w[pos], ids[pos] = px[:n], pw[:n], pids[:n]
+        out = run(x, w, ids, cfg)
+        for i in range(n):
+            assert torch.equal(out[pos[i]], alone[i][0]), (m.name, bucket, cfg, i)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rows_alone_and_in_batches_device_configs(name):
+    m = MODELS[name]
+    _check_rows(m, _device_table(m))
+
+
+@pytest.mark.parametrize("name, device, table", list(_shipped_tables()))
+def test_rows_alone_and_in_batches_shipped_configs(name, device, table):
+    _check_rows(MODELS[name], table)
+
+
+def test_whole_layer_rows_alone_and_in_batches():
+    """Routing + experts through the layer's own lookup (and its internal graphs for T <= 8)."""
+    m = MODELS["qwen3-30b-a3b"]
+    layer = moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
+                            **m.layer_kwargs())
+    re = layer.routed_experts
+    with torch.no_grad():
+        re.w13_weight.normal_(0, m.H**-0.5)
+        re.w2_weight.normal_(0, m.I**-0.5)
+    layer.load_expert_weights(re.w13_weight, re.w2_weight)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    px = torch.randn(PROBES, m.H, device="cuda", dtype=DT, generator=g)
+    plg = torch.randn(PROBES, m.E, device="cuda", generator=g)
+    alone = [layer(px[i : i + 1], plg[i : i + 1]) for i in range(PROBES)]
+    for t in (2, 3, 5, 8, 16, 64, 256, 1024, 4096, 16384):
+        x = torch.randn(t, m.H, device="cuda", dtype=DT, generator=g)
+        lg = torch.randn(t, m.E, device="cuda", generator=g)
+        n = min(PROBES, t)
+        x[-n:], lg[-n:] = px[:n], plg[:n]
+        out = layer(x, lg)
+        for i in range(n):
+            assert torch.equal(out[t - n + i], alone[i][0]), (t, i)

@@ -1,0 +1,79 @@
+"""Kernel-config lookup order: $MOEKIT_CONFIG_DIR, then ~/.cache/moekit/configs, then the shipped
+folder; the first file holding a shape decides all of that shape's buckets (no per-bucket mixing)."""
+
+import json
+
+import pytest
+import torch
+
+from moekit.ops import triton_configs as tc
+
+DEV = "Fake GPU 9000"
+KEY = tc.shape_key(8, 64, 32, 2, torch.bfloat16, True)
+OTHER = tc.shape_key(16, 64, 32, 2, torch.bfloat16, True)
+
+
+def _cfg(bm: int) -> dict:
+    tile = dict(BN=32, BK=64, GROUP_M=8, num_warps=4, num_stages=3)
+    return {"BLOCK_M": bm, "w13": dict(tile), "w2": dict(tile)}
+
+
+def _write(folder, entries: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{tc.device_key(DEV)}.json").write_text(json.dumps({"device": DEV, "entries": entries}))
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    env, home, shipped = tmp_path / "env", tmp_path / "home", tmp_path / "shipped"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("MOEKIT_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(tc, "CONFIG_DIR", shipped)
+    monkeypatch.setattr(tc, "_device_props", lambda index: (DEV, 132))
+    tc.clear_config_cache()
+    tc._config_dirs.cache_clear()
+    yield env, home / ".cache" / "moekit" / "configs", shipped
+    tc.clear_config_cache()
+    tc._config_dirs.cache_clear()
+
+
+def test_search_order(dirs, monkeypatch):
+    env, user, shipped = dirs
+    assert tc.config_dirs() == [user, shipped]
+    _write(shipped, {KEY: {"1": _cfg(16), "64": _cfg(32)}, OTHER: {"1": _cfg(64)}})
+    assert tc.lookup_config(DEV, KEY, 50)["BLOCK_M"] == 32
+    _write(user, {KEY: {"8": _cfg(128)}})  # the user's file now decides KEY, every bucket of it
+    tc.clear_config_cache()
+    assert tc.lookup_config(DEV, KEY, 1)["BLOCK_M"] == 128
+    assert tc.lookup_config(DEV, KEY, 64)["BLOCK_M"] == 128  # never the shipped 64 bucket
+    assert tc.lookup_config(DEV, OTHER, 1)["BLOCK_M"] == 64  # shapes merge: OTHER still from shipped
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(env))
+    assert tc.config_dirs() == [env, user, shipped]
+    _write(env, {KEY: {"1": _cfg(16)}})
+    tc.clear_config_cache()
+    assert tc.lookup_config(DEV, KEY, 4096)["BLOCK_M"] == 16
+    path, table = tc.shape_table(DEV, KEY)
+    assert path == env / f"{tc.device_key(DEV)}.json" and list(table) == ["1"]
+    assert tc.shape_table(DEV, tc.shape_key(3, 3, 3, 1, torch.float16, False)) == (None, {})
+
+
+def test_get_config_follows_env_and_falls_back_to_heuristic(dirs, monkeypatch):
+    env, user, shipped = dirs
+    dev = torch.device("cuda", 0)  # _device_props is faked: no CUDA call
+    heur = tc.get_config(dev, 1, 8, 64, 32, 2, torch.bfloat16, True)
+    assert heur == tc.heuristic_config(1, 8, 64, 32, 2, torch.bfloat16, 132)
+    _write(env, {KEY: {"1": _cfg(64)}})
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(env))  # part of the cache key: no clearing needed
+    assert tc.get_config(dev, 1, 8, 64, 32, 2, torch.bfloat16, True)["BLOCK_M"] == 64
+    monkeypatch.delenv("MOEKIT_CONFIG_DIR")
+    assert tc.get_config(dev, 1, 8, 64, 32, 2, torch.bfloat16, True) == heur
+    assert tc.get_config(torch.device("cpu"), 1, 8, 64, 32, 2, torch.bfloat16, True) == tc.heuristic_config(
+        1, 8, 64, 32, 2, torch.bfloat16, 4)
+
+
+def test_config_path_prefers_the_first_existing_file(dirs):
+    env, user, shipped = dirs
+    name = f"{tc.device_key(DEV)}.json"
+    assert tc.config_path(DEV) == shipped / name
+    _write(user, {})
+    assert tc.config_path(DEV) == user / name
