@@ -16,8 +16,18 @@ from .ops.quant_config import parse_quant_config
 class MoEConfig:
     """Sizes and expert math of a layer (global sizes; the placement says what one rank keeps).
 
-    num_experts: E real routed experts; num_zero_experts: Z identity experts;
-    intermediate_size: I of a whole expert (before a tensor-parallel split).
+    Built by :func:`moekit.FusedMoE`; frozen, and every field is checked at construction.
+
+    num_experts: ``E`` real routed experts (>= 1).
+    top_k: ``K`` experts per token, ``1 <= K <= E + Z``.
+    hidden_size: ``H``.
+    intermediate_size: ``I`` of a whole expert (before a tensor-parallel split).
+    activation: a name of ``moekit.ACTIVATIONS`` (or an alias); stored as the canonical name.
+    has_bias: the experts have ``w13``/``w2`` biases.
+    swiglu_limit: clamp limit of gated activations (None: no clamp; swigluoai's default 7.0).
+    apply_router_weight_on_input: the routing weight scales the expert input (needs ``K == 1``).
+    num_zero_experts: ``Z`` identity experts (LongCat-Flash).
+    params_dtype: dtype of the expert weights.
     quant_config: None (weights in ``params_dtype``), an HF ``quantization_config`` dict or a format
     object; stored as the parsed format object (:mod:`moekit.ops.formats`) and checked against the
     global sizes here (a tensor-parallel slice is checked by the experts).

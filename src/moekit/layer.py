@@ -82,26 +82,131 @@ def FusedMoE(
     backend: str = "auto",
     eager_graph_tokens: int | None = None,
 ) -> MoERunner:
-    """Build a complete MoE layer, bottom-up; nothing is installed on a part after it is built:
+    """Build a complete Mixture-of-Experts layer and return it as a :class:`~moekit.MoERunner`
+    (a ``torch.nn.Module``)::
 
-        kernels = resolve_kernels(backend, device)                    # once, for router and experts
-        placement, eplb_state = build_placement(...)                  # parallel layers; else single, None
-        router = create_fused_moe_router(..., eplb_state=, kernels=)  # or the given ``router``
-        experts = RoutedExperts(prefix, dtype, config, placement=, kernels=)
-        executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) | LocalExecutor(experts)
-        return MoERunner(prefix, config, router, experts, ..., expert_executor=executor)
+        layer = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, ...)
+        layer.load_expert_weights(w13 [E, 2I, H], w2 [E, H, I])        # before the first forward
+        out = layer(hidden_states [..., H], router_logits [T, E + Z] | None, *, input_ids=None)  # [..., H]
 
-    Every keyword has the seed's meaning and default; see SPEC §1. ``quant_config`` (SPEC §8): an HF
-    ``quantization_config`` dict or a format object, parsed once into ``config.quant_config``; the
-    experts then hold the format's tensors (see :class:`~moekit.experts.routed.RoutedExperts`) and a
-    format the backend cannot run raises ``NotImplementedError`` here. Extra keywords: ``device`` (where
-    the weights live), ``ep_group``/``tp_group`` (``torch.distributed`` groups),
-    ``expert_placement_strategy`` ("linear" or "round_robin") and ``backend`` ("auto", "torch",
-    "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``) and
-    ``eager_graph_tokens`` (eager forwards of up to this many tokens replay an internal CUDA graph;
-    default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS`, 0 disables; see :class:`MoERunner`).
-    The expert weights start unloaded: load them (``layer.load_expert_weights`` / ``load_weights``)
-    before the first forward.
+    The keywords are those of vLLM's ``FusedMoE`` (the "seed"), with the same meaning and default, plus
+    ``device``, ``ep_group``, ``tp_group``, ``expert_placement_strategy`` and ``backend``. A keyword this
+    build cannot honour raises ``NotImplementedError`` naming it (never silently ignored); invalid values
+    raise ``ValueError``/``TypeError`` naming the argument, the value and what was expected. The parts are
+    built bottom-up, once: kernel table -> placement / EPLB state -> router -> routed experts -> executor
+    -> runner. The expert weights start uninitialised: a forward before they are loaded
+    (``layer.load_expert_weights``, ``layer.load_weights`` or :func:`moekit.load_moe_layers`) raises
+    ``RuntimeError``. Shapes: ``T`` tokens, ``H`` hidden, ``I`` intermediate, ``E`` experts, ``Z`` zero
+    experts, ``K`` top-k, ``G`` groups.
+
+    Args:
+        num_experts: ``E``, the number of real routed experts (global, logical), an int >= 1.
+        top_k: ``K``, experts per token, ``1 <= K <= E + Z``.
+        hidden_size: ``H``, the width of ``hidden_states`` (after ``routed_input_transform``, if any).
+        intermediate_size: ``I``, the intermediate width of one whole expert (before a tensor-parallel
+            split); ``w13`` holds ``2I`` rows for gated activations, ``I`` for ``"relu2"``.
+        params_dtype: dtype of the expert weights (and of activations the layer computes): float32,
+            bfloat16, float16 (float64 on the torch backend only). Default ``None``: the torch default dtype.
+        renormalize: default True. Divide the top-k weights of each token by their sum before scaling.
+        use_grouped_topk: default False. DeepSeek-V2/V3 grouped top-k: scores are split into
+            ``num_expert_group`` groups, the ``topk_group`` best groups are kept, the top-k is taken inside.
+        num_expert_group: ``G`` for grouped top-k (``E % G == 0``); default None. Needs
+            ``use_grouped_topk=True`` (a grouping without it raises ``ValueError``).
+        topk_group: groups kept per token for grouped top-k, ``1 <= topk_group <= G``; default None.
+        quant_config: default None (weights in ``params_dtype``). Otherwise a Hugging Face
+            ``quantization_config`` dict, exactly as a checkpoint's config.json holds it, or a moekit
+            format object equivalent to one. Accepted formats: **fp8 block**
+            (``{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [bn, bk]}``, optionally ``"scale_fmt": "ue8m0"``; DeepSeek-V3, Qwen3-FP8),
+            **fp8 per channel / per tensor** (compressed-tensors ``float-quantized``, e.g. GLM-4.5-FP8),
+            **mxfp4** (``{"quant_method": "mxfp4"}``, gpt-oss; weight-only) and **int4 per group**
+            (compressed-tensors ``pack-quantized``, 4-bit symmetric, ``group_size`` 32; Kimi-K2). Quantised
+            weights and their scales are loaded with ``load_expert_weights(..., w13_scale=, w2_scale=)``;
+            ``params_dtype`` stays the activation dtype. A format or option this build cannot run raises
+            ``NotImplementedError`` naming it.
+        tp_size: tensor-parallel size; default None (= 1). A value > 1 needs ``tp_group``, whose size it
+            must equal; otherwise ``NotImplementedError``.
+        dp_size: data-parallel size; only None or 1 are accepted, anything else raises
+            ``NotImplementedError`` (data parallelism is the caller's; use ``ep_group`` for experts).
+        pcp_size: pipeline context-parallel size; only None or 1 are accepted, anything else raises
+            ``NotImplementedError``.
+        prefix: the layer's name (``"model.layers.3.mlp"``), used in messages and as ``layer.layer_name``;
+            default ``""``.
+        custom_routing_function: ``f(hidden_states, gating_output, topk, renormalize) -> (weights [T, K]
+            float, ids [T, K] int)`` deciding the routing (e.g. Llama 4: top-k of the logits, sigmoid
+            weights); default None. Cannot be combined with another router selector or ``scoring_func``.
+        router: a ready :class:`~moekit.BaseRouter` to use instead of building one; default None. Its
+            ``top_k`` and number of experts must match, and the routing keywords must stay at their
+            defaults (they would be ignored, so they raise ``ValueError``); not with ``enable_eplb``.
+        scoring_func: ``"softmax"`` (default), ``"sigmoid"`` or ``"sqrtsoftplus"`` (``sqrt(softplus(x))``,
+            DeepSeek-V4): how logits become scores.
+        routed_scaling_factor: default 1.0. Multiplies the routing weights after renormalisation (or the
+            routed output, with ``apply_routed_scale_to_output``). A finite float.
+        swiglu_limit: default None. For gated activations: clamp the gate to ``<= limit`` and the up
+            projection to ``[-limit, limit]`` (DeepSeek-V4); for ``"swigluoai"`` the clamp limit (default 7.0).
+        e_score_correction_bias: ``[E]`` float tensor (``[E + Z]`` with zero experts), default None. A
+            selection bias: it picks the experts, the unbiased scores weigh them (DeepSeek-V3, LongCat).
+        apply_router_weight_on_input: default False. Multiply the expert input, not its output, by the
+            routing weight (Llama 4); requires ``top_k == 1``.
+        activation: the expert activation, default ``"silu"``; one of ``moekit.ACTIVATIONS``: ``"silu"``,
+            ``"gelu"``, ``"gelu_tanh"`` (gated: ``act(gate) * up``), ``"swigluoai"`` (gpt-oss's clamped
+            SwiGLU) and ``"relu2"`` (non-gated ``relu(h)**2``; alias ``"relu2_no_mul"``). Unknown names
+            raise ``ValueError`` listing these.
+        enable_eplb: default False. Expert-parallel load balancing: record per-expert loads and move
+            experts with ``layer.rebalance()``. Builds a parallel layer (a process group is optional).
+        num_redundant_experts: default 0. Extra physical replicas of experts for EPLB (needs
+            ``enable_eplb=True``); with ``ep_group`` of size ``W``, ``E + R`` must divide by ``W``.
+        has_bias: default False. The experts have biases: ``w13_bias [E, 2I]``, ``w2_bias [E, H]``.
+        is_sequence_parallel: only False is accepted; True raises ``NotImplementedError``
+            (sequence-parallel MoE is not implemented).
+        expert_mapping: the checkpoint-name mapping ``[(param_name, weight_name, expert_id, shard_id)]``
+            of :func:`~moekit.fused_moe_make_expert_params_mapping` that ``layer.load_weights`` uses;
+            default None (both usual conventions, ``{gate,up,down}_proj`` and Mixtral's ``w1/w3/w2``).
+        n_shared_experts: default None. Informational (how many shared experts ``shared_experts`` fuses);
+            a value without ``shared_experts`` raises ``NotImplementedError`` (moekit does not build them).
+        router_logits_dtype: dtype ``gate`` output is cast to before routing (e.g. ``torch.float32``);
+            default None (as produced). Routing math runs in float32 either way.
+        gate: a module computing ``router_logits [T, E + Z]`` from the (transformed) hidden states when a
+            forward gets none; default None (then ``router_logits`` must be passed).
+        shared_experts: a module ``[T, H] -> [T, H]`` run on the untransformed hidden states and added to
+            the routed output; default None.
+        shared_expert_gate: a module ``[T, H] -> [T, 1]``; the shared output is multiplied by
+            ``sigmoid(shared_expert_gate(hidden_states))`` (Qwen2-MoE); default None; needs ``shared_experts``.
+        routed_input_transform: a module applied to ``hidden_states`` before the gate, router and experts
+            (e.g. a latent projection; the experts then work at its output width); default None.
+        routed_output_transform: a module applied to the routed (+ zero-expert) output before the shared
+            output is added; default None.
+        apply_routed_scale_to_output: default False. Apply ``routed_scaling_factor`` to the routed output
+            instead of inside the router (the router then uses 1.0); results agree either way.
+        zero_expert_type: None (default) or ``"identity"``: LongCat-Flash zero experts. Needs
+            ``e_score_correction_bias`` of length ``E + Z`` (which sets ``Z``) and ``router_logits`` of
+            width ``E + Z``; a slot routed to a zero expert adds ``w * x``.
+        hash_indices_table: ``[vocab, K]`` int tensor, default None. Hash routing (DeepSeek-V4): the ids of
+            token ``t`` are ``table[input_ids[t]]``, weights come from the scores; forwards then need
+            ``input_ids``.
+        runner_cls: a :class:`~moekit.MoERunner` subclass to build instead of ``MoERunner``; default None.
+        runner_args: extra keyword arguments for ``runner_cls``; default None.
+        routed_experts_cls: a :class:`~moekit.RoutedExperts` subclass to build instead; default None.
+        routed_experts_args: extra keyword arguments for ``routed_experts_cls``; default None.
+        device: where the weights live (``"cpu"``, ``"cuda"``, ``torch.device``); default None: torch's
+            default device. A device torch cannot use here raises.
+        ep_group: a ``torch.distributed`` process group for expert parallelism (each rank holds ``E / W``
+            experts); default None. Every rank of the group must call the layer the same number of times.
+        tp_group: a ``torch.distributed`` process group for tensor parallelism (each rank holds an
+            ``I / W`` slice of every expert); default None.
+        expert_placement_strategy: ``"linear"`` (default: contiguous blocks of experts per rank) or
+            ``"round_robin"``.
+        backend: ``"auto"`` (default: ``"triton"`` on CUDA, ``"torch"`` elsewhere, resolved once, here, and
+            recorded on ``layer.backend``), ``"torch"`` (the reference, any device) or ``"triton"`` (raises
+            if Triton cannot run).
+        eager_graph_tokens: eager forwards of ``1 <= T <=`` this many tokens on CUDA replay route ->
+            experts from an internal CUDA graph per ``T`` (bit-identical, a fraction of the host time);
+            default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS`, 0 disables (see :class:`MoERunner`).
+
+    Returns:
+        A :class:`~moekit.MoERunner` (or ``runner_cls``) holding ``layer.router``,
+        ``layer.routed_experts`` (``w13_weight [E_local, 2I, H]``, ``w2_weight [E_local, H, I]``),
+        ``layer.gate`` and ``layer.shared_experts``.
     """
     _check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
                        n_shared_experts, shared_experts)

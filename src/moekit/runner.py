@@ -53,19 +53,34 @@ class MoERunner(torch.nn.Module):
     """Owns ``router``, ``routed_experts`` and the ``expert_executor`` that runs them, and runs the layer.
     Build it with :func:`moekit.FusedMoE`.
 
-    ``expert_executor``: an object with ``name``, ``experts`` and ``__call__(x, topk_weights,
-    topk_ids) -> [T, H]`` (default :class:`~moekit.experts.executor.LocalExecutor` over
-    ``routed_experts``; parallel layers get a :class:`~moekit.parallel.ParallelExecutor`).
-    ``routed_scaling_factor`` is the output-side factor (1.0 when the router applies it).
-    ``n_shared_experts`` is informational (shared experts run through ``shared_experts``);
-    ``expert_mapping`` names the checkpoint entries :meth:`load_weights` accepts.
+    ``forward(hidden_states [..., H], router_logits [T, E + Z] | None = None, *, input_ids [T] | None
+    = None) -> [..., H]`` (same dtype as ``hidden_states``; see the module docstring for the order).
 
-    ``eager_graph_tokens``: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens on a CUDA
-    device replays route -> experts from an internal CUDA graph per ``T`` (bit-identical to the plain
-    call, a fraction of its host time); 0 disables it. Only for the Triton backend, the local
-    executor and score-based routers; never while torch.compile traces, inside an outer graph capture
-    or when autograd is wanted. ``graph_pool``: a ``torch.cuda.graph_pool_handle()`` shared with other
-    layers (default: the layer's own). See :mod:`moekit.experts.graphed` (memory, invalidation).
+    Args:
+        layer_name: the layer's name (messages, ``layer.layer_name``).
+        moe_config: the layer's :class:`~moekit.MoEConfig`.
+        router: the :class:`~moekit.BaseRouter` that turns logits into ``(weights, ids)``.
+        routed_experts: the :class:`~moekit.RoutedExperts` holding this rank's expert weights.
+        enable_dbo: only False; True (dual-batch overlap) raises ``NotImplementedError``.
+        gate: module computing ``router_logits`` when a forward gets none (else they must be passed).
+        shared_expert_gate: module ``[T, H] -> [T, 1]``; scales the shared output by its sigmoid.
+        shared_experts: module ``[T, H] -> [T, H]`` added to the routed output.
+        routed_input_transform: module applied to the hidden states before gate, router and experts.
+        routed_output_transform: module applied to the routed output before the shared output is added.
+        routed_scaling_factor: the output-side factor (1.0 when the router applies it).
+        router_logits_dtype: dtype the gate's logits are cast to before routing (None: as produced).
+        expert_executor: an object with ``name``, ``experts`` and ``__call__(x, topk_weights,
+            topk_ids) -> [T, H]`` (default :class:`~moekit.experts.executor.LocalExecutor` over
+            ``routed_experts``; parallel layers get a :class:`~moekit.parallel.ParallelExecutor`).
+        n_shared_experts: informational (shared experts run through ``shared_experts``).
+        expert_mapping: the checkpoint entries :meth:`load_weights` accepts (see
+            :func:`~moekit.fused_moe_make_expert_params_mapping`); None: both usual conventions.
+        eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens on a CUDA
+            device replays route -> experts from an internal CUDA graph per ``T`` (bit-identical to the
+            plain call, a fraction of its host time); 0 disables it. Only for the Triton backend, the
+            local executor and score-based routers; never while torch.compile traces, inside an outer
+            graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
+        graph_pool: a ``torch.cuda.graph_pool_handle()`` shared with other layers (default: the layer's own).
     """
 
     def __init__(

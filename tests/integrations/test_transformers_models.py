@@ -3,7 +3,9 @@
 - patch(model): logits equal the unpatched model's (fp32, 1e-5 of max |logit|), greedy generate gives
   the same tokens, and router/expert weights are shared (same storage) where the layouts allow;
 - save_pretrained -> load_moe_layers: every block's output equals the transformers block's output;
-- register(): experts_implementation="moekit" runs moekit's experts and matches eager.
+- register(): experts_implementation="moekit" runs moekit's experts (once per MoE block and forward,
+  counted) and matches eager; check_registered() raises for the blocks the switch does not reach
+  (LongCat-Flash, Llama 4) instead of letting them run transformers' own experts silently.
 Skipped without transformers.
 """
 
@@ -19,10 +21,14 @@ import hf_tiny  # noqa: E402
 
 from moekit import load_moe_layers  # noqa: E402
 from moekit.loading.architectures import plan_layers  # noqa: E402
-from moekit.integrations.transformers import MoEBlockAdapter, patch, register  # noqa: E402
+from moekit.integrations.transformers import MoEBlockAdapter, check_registered, patch, register  # noqa: E402
 
 ARCHS = list(hf_tiny.TINY)
-SWITCH = [a for a in ARCHS if a not in ("longcat_flash", "llama4_text")]
+NOT_SWITCHED = ("longcat_flash", "llama4_text")  # experts classes without @use_experts_implementation
+SWITCH = [a for a in ARCHS if a not in NOT_SWITCHED]
+#: transformers releases whose text-only Llama4ForConditionalGeneration.forward raises on every call
+#: (AttributeError: 'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'): an upstream bug
+LLAMA4_WRAPPER_FORWARD_BROKEN = {"5.24.0"}
 
 
 def _close(out, ref, rel=1e-5):
@@ -84,23 +90,61 @@ def test_save_pretrained_then_load_moe_layers(arch, tmp_path):
         _close(out, ref.reshape(out.shape))
 
 
-@pytest.mark.parametrize("arch", SWITCH)
-def test_register_experts_implementation(arch, monkeypatch):
+def _moe_blocks(model):
+    return [n for n, m in model.named_modules() if hasattr(m, "experts") and n.endswith(("mlp", "feed_forward"))]
+
+
+def _count_fused_experts(monkeypatch):
     from moekit.ops import api as experts_mod
 
     calls = []
     real = experts_mod.fused_experts
     monkeypatch.setattr(experts_mod, "fused_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("arch", SWITCH)
+def test_register_experts_implementation(arch, monkeypatch):
+    calls = _count_fused_experts(monkeypatch)
     model = hf_tiny.build(arch, seed=3)
     ids = _ids(model, seed=3)
     with torch.no_grad():
         ref = model(ids).logits
+    assert not calls
     assert register() == "moekit"
+    with pytest.raises(ValueError, match="runs experts_implementation='eager', not 'moekit'"):
+        check_registered(model)
     model.set_experts_implementation("moekit")
+    blocks = _moe_blocks(model)
+    assert check_registered(model) == [b + ".experts" for b in blocks]
     with torch.no_grad():
         out = model(ids).logits
-    assert calls, "moekit's experts were not called"
+    assert len(calls) == len(blocks), "moekit must run the experts of every MoE block, once per forward"
     _close(out, ref)
+
+
+@pytest.mark.parametrize("arch", NOT_SWITCHED)
+def test_register_is_not_silent_where_the_switch_does_not_reach(arch, monkeypatch):
+    calls = _count_fused_experts(monkeypatch)
+    register()
+    model = hf_tiny.build(arch, seed=3)
+    model.config._experts_implementation = "moekit"  # what from_pretrained(..., experts_implementation=) sets
+    with torch.no_grad():
+        model(_ids(model, seed=3))
+    assert not calls  # transformers ran its own experts: the config's "moekit" is not honoured ...
+    blocks = _moe_blocks(model)
+    with pytest.raises(NotImplementedError, match=rf"does not reach {len(blocks)} MoE block.*{blocks[0]}.*patch\(model\)"):
+        check_registered(model)  # ... and check_registered says so
+    patch(model)  # the path that works for them
+    with torch.no_grad():
+        model(_ids(model, seed=3))
+
+
+def test_without_transformers_the_entry_points_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    for fn, args in ((register, ()), (patch, (object(),)), (check_registered, (object(),))):
+        with pytest.raises(ImportError, match=r"pip install 'moekit\[transformers\]'"):
+            fn(*args)
 
 
 def test_from_pretrained_with_moekit_experts(tmp_path):
@@ -136,27 +180,50 @@ def test_patch_rejects_unsupported_models():
         patch(transformers.LlamaForCausalLM(cfg))
 
 
-def test_llama4_multimodal_wrapper(tmp_path):
-    """Llama4ForConditionalGeneration: MoE blocks live at language_model.model.layers.N.feed_forward."""
+def _llama4_wrapper(seed=6):
     tc = dict(hidden_size=32, intermediate_size=16, intermediate_size_mlp=40, num_hidden_layers=2, num_local_experts=4,
               num_experts_per_tok=1, head_dim=8, vocab_size=96, num_attention_heads=4, num_key_value_heads=2)
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
               patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
-    torch.manual_seed(6)
+    torch.manual_seed(seed)
     model = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=tc, vision_config=vc)).eval()
-    hf_tiny._randomise(model, 6)
-    ids = _ids(model.language_model, b=1, s=7, seed=6)
+    hf_tiny._randomise(model, seed)
+    return model, _ids(model.language_model, b=1, s=7, seed=seed)
+
+
+LLAMA4_NAMES = ["language_model.model.layers.0.feed_forward", "language_model.model.layers.1.feed_forward"]
+
+
+def test_llama4_multimodal_wrapper(tmp_path):
+    """Llama4ForConditionalGeneration: MoE blocks live at language_model.model.layers.N.feed_forward.
+
+    Logits come from the wrapper's text model (``model.language_model``, the module patch() changes), not
+    from the wrapper's own forward, which some transformers releases break (see the next test)."""
+    model, ids = _llama4_wrapper()
     model.save_pretrained(tmp_path)
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
-    names = ["language_model.model.layers.0.feed_forward", "language_model.model.layers.1.feed_forward"]
+        ref = model.language_model(input_ids=ids).logits
     layers = load_moe_layers(tmp_path)
-    plans = {p.name: p for p in plan_layers(model.config.to_dict())[1]}
-    assert list(layers) == names
+    assert list(layers) == LLAMA4_NAMES
     x = torch.randn(5, 32)
     with torch.no_grad():
-        _close(layers[names[1]](x), model.get_submodule(names[1])(x)[0])
-    assert patch(model) == names
+        _close(layers[LLAMA4_NAMES[1]](x), model.get_submodule(LLAMA4_NAMES[1])(x)[0])
+    assert patch(model) == LLAMA4_NAMES
+    with torch.no_grad():
+        _close(model.language_model(input_ids=ids).logits, ref)
+
+
+@pytest.mark.skipif(
+    transformers.__version__ in LLAMA4_WRAPPER_FORWARD_BROKEN,
+    reason=f"transformers {transformers.__version__}: Llama4ForConditionalGeneration.forward raises on text-only "
+    "input (AttributeError: 'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'), an upstream bug",
+)
+def test_llama4_multimodal_wrapper_forward():
+    """The wrapper's own forward (text only) gives the same logits once patched."""
+    model, ids = _llama4_wrapper()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert patch(model) == LLAMA4_NAMES
     with torch.no_grad():
         _close(model(input_ids=ids).logits, ref)
 

@@ -50,7 +50,11 @@ def fused_moe_make_expert_params_mapping(
 
     ``model`` may be None or an object whose ``placement.physical_to_logical`` (a MoERunner's
     ``routed_experts``, or the runner itself) gives the physical -> logical map; otherwise replica
-    ``E + r`` copies logical expert ``r % E``.
+    ``E + r`` copies logical expert ``r % E``. ``ckpt_gate_proj_name``, ``ckpt_down_proj_name``,
+    ``ckpt_up_proj_name``: the checkpoint's projection names (``"gate_proj"``, ``"down_proj"``,
+    ``"up_proj"``, or Mixtral's ``"w1"``, ``"w2"``, ``"w3"``); ``num_experts``: ``E``;
+    ``num_redundant_experts``: ``R`` EPLB replicas; ``routed_experts_prefix``: the module name the
+    ``param_name`` entries start with (default ``"routed_experts"``).
     """
     for name, v in (("num_experts", num_experts), ("num_redundant_experts", num_redundant_experts)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -41,6 +41,31 @@ _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale"
 
 
 class RoutedExperts(torch.nn.Module):
+    """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
+
+    ``forward(hidden_states [T, H], topk_weights [T, K] float32, topk_ids [T, K] int32) -> [T, H]``
+    computes ``Σ_k w[t, k] · (w2[e] · act(w13[e] · x[t] + b13[e]) + b2[e])`` for the experts this rank
+    holds (ids it does not hold add 0). :func:`moekit.FusedMoE` builds it (``routed_experts_cls`` selects a
+    subclass); build one by hand only to compose your own runner.
+
+    Args:
+        layer_name: the layer's name, used in messages.
+        params_dtype: dtype of the weights (float32, bfloat16, float16; float64 on the torch backend).
+        moe_config: the layer's :class:`~moekit.MoEConfig` (sizes, activation, biases, global ``E``).
+        quant_config: None (weights in ``params_dtype``); quantised formats are described at
+            :func:`moekit.FusedMoE`; one this build cannot run raises ``NotImplementedError``.
+        placement: which experts (and which tensor-parallel slice of ``I``) this rank holds, an
+            :class:`~moekit.experts.placement.ExpertPlacement`; default: every expert, no TP.
+        kernels: the kernel table (:func:`moekit.ops.kernels.resolve_kernels`); default the torch table.
+        device: where the weights are allocated (uninitialised; ``"meta"`` allocates nothing).
+
+    Weights (``E_local`` experts, ``I_local = I / tp_size``): ``w13_weight [E_local, 2·I_local, H]``
+    (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
+    biases ``w13_bias [E_local, 2·I_local]``, ``w2_bias [E_local, H]``. Writes are recorded per slot and
+    shard; :attr:`loaded` and :meth:`missing` say what is still unwritten, and a forward before every
+    shard was written raises ``RuntimeError``.
+    """
+
     def __init__(
         self,
         layer_name: str,

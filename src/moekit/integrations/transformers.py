@@ -10,7 +10,13 @@ transformers is imported inside the functions only: ``import moekit`` never need
   or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
   (``output_router_logits``) is not reproduced: patched models are for inference.
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
-  router, moekit runs the experts (``fused_experts``) on the block's own weights.
+  router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
+  reaches experts classes that transformers decorates with ``@use_experts_implementation``; LongCat-Flash
+  and Llama 4 have none, so there transformers would keep its own forward without a word.
+  :func:`check_registered` finds that out (and raises); :func:`patch` is the path for those models.
+
+Without transformers installed, :func:`patch`, :func:`register` and :func:`check_registered` raise
+``ImportError`` with the install hint ``pip install 'moekit[transformers]'``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,21 @@ from ..ops.formats import Fp8BlockFormat
 from ..ops.activation import activation_from_hf
 
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
+_INSTALL_HINT = "pip install 'moekit[transformers]'"
+#: attributes transformers' ``@use_experts_implementation`` sets on an experts module (what the switch reads)
+_SWITCH_ATTRS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+
+
+def _require_transformers(what: str):
+    """transformers, or an ``ImportError`` saying how to install it."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            f"moekit.integrations.transformers.{what}() needs the transformers package, which is not "
+            f"installed ({err}); install it with: {_INSTALL_HINT}"
+        ) from err
+    return transformers
 
 
 class _UnallocatedRoutedExperts(RoutedExperts):
@@ -77,9 +98,18 @@ def _model_config_dict(model) -> dict:
 def patch(model, *, backend: str = "auto") -> list[str]:
     """Replace every MoE block of ``model`` by a moekit layer sharing its weights; returns their paths.
 
-    Supported: the architectures of :func:`moekit.loading.architectures.supported_model_types`.
-    Unsupported architectures raise ``NotImplementedError`` listing the supported ones.
+    Args:
+        model: a loaded transformers ``PreTrainedModel`` (causal LM, or a multimodal wrapper such as
+            ``Llama4ForConditionalGeneration``) with its weights in memory (not on the meta device).
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
+    left as they are (a second call returns ``[]``). Supported: the architectures of
+    :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
+    ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
+    config says raises ``RuntimeError``; without transformers, ``ImportError``.
     """
+    _require_transformers("patch")
     config = _model_config_dict(model)
     _spec, plans = plan_layers(config)
     fmt, _ = checkpoint_format(config, None)
@@ -263,10 +293,64 @@ def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def register(name: str = "moekit") -> str:
-    """Register moekit in transformers' experts switch; returns the name to pass as
-    ``experts_implementation``. Works for every architecture decorated with
-    ``@use_experts_implementation`` (all supported ones except LongCat-Flash and Llama 4)."""
+    """Register moekit in transformers' experts switch; returns ``name``, the value to pass as
+    ``experts_implementation`` (``from_pretrained(..., experts_implementation="moekit")`` or
+    ``model.set_experts_implementation("moekit")``).
+
+    transformers keeps its router; moekit's :func:`~moekit.fused_experts` runs the experts on the
+    block's own weights. The switch reaches the experts classes transformers decorates with
+    ``@use_experts_implementation``: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
+    GLM-4.5, OLMoE, gpt-oss. LongCat-Flash and Llama 4 have no such decorator: transformers runs their
+    own experts forward whatever ``experts_implementation`` says. Call :func:`check_registered` on a
+    model to make sure every MoE block runs moekit (it raises for those two); use :func:`patch` for them.
+    Without transformers, ``ImportError``.
+    """
+    _require_transformers("register")
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(name, moekit_experts_forward)
     return name
+
+
+def check_registered(model, name: str = "moekit") -> list[str]:
+    """Check that transformers' experts switch really runs moekit in every MoE block of ``model``.
+
+    Returns the module paths of the experts modules that call moekit. Raises ``ValueError`` when the
+    model was not built with ``experts_implementation=name`` (or :func:`register` was not called), and
+    ``NotImplementedError`` naming the MoE blocks the switch does not reach (LongCat-Flash, Llama 4:
+    their experts classes are not decorated with ``@use_experts_implementation``, so transformers keeps
+    their own forward) with the advice to use :func:`patch`.
+    """
+    _require_transformers("check_registered")
+    from transformers.integrations.moe import ExpertsInterface
+
+    if name not in ExpertsInterface():
+        raise ValueError(f"experts implementation {name!r} is not registered; call register({name!r}) first")
+    _spec, plans = plan_layers(_model_config_dict(model))
+    by_idx = {p.layer_idx: p for p in plans}
+    reached, unreached, other = [], [], []
+    for path, module in model.named_modules():
+        m = _BLOCK_RE.search(path)
+        if m is None or int(m.group(1)) not in by_idx or not hasattr(module, "experts"):
+            continue
+        experts = module.experts
+        if not all(hasattr(experts, a) for a in _SWITCH_ATTRS):
+            unreached.append(f"{path} ({type(experts).__name__})")
+            continue
+        impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+        (reached if impl == name else other).append(f"{path}.experts")
+    if unreached:
+        raise NotImplementedError(
+            f"transformers' experts switch does not reach {len(unreached)} MoE block(s) of "
+            f"{type(model).__name__}: {', '.join(unreached[:4])}{' ...' if len(unreached) > 4 else ''}; their "
+            f"experts class is not decorated with @use_experts_implementation, so experts_implementation="
+            f"{name!r} is ignored there. Use moekit.integrations.transformers.patch(model) instead"
+        )
+    if other or not reached:
+        impl = getattr(model.config, "_experts_implementation", None)
+        raise ValueError(
+            f"{type(model).__name__} runs experts_implementation={impl!r}, not {name!r}: load it with "
+            f"from_pretrained(..., experts_implementation={name!r}) or call "
+            f"model.set_experts_implementation({name!r})"
+        )
+    return reached

@@ -1,8 +1,10 @@
 """``load_moe_layers(path)``: every MoE block of a local Hugging Face checkpoint as a moekit layer.
 
 Reads ``config.json`` and ``*.safetensors`` (sharded through ``model.safetensors.index.json`` or not)
-with the ``safetensors`` package only; transformers is not needed. Tensors are read one at a time and
-copied into the layer being built, so peak memory is the layers' own size plus one checkpoint tensor.
+with the ``safetensors`` package only; transformers is not needed. Every layer is built first (weights
+allocated, not initialised); then each file is opened once and its tensors are read in storage order, one
+at a time, each copied straight into its slot, so peak memory is the layers' own size plus one checkpoint
+tensor. A tqdm bar shows the bytes read (``progress=``).
 
 Per layer the loader keeps its own state (:class:`_LayerLoad`): the plan, the fused layout it reads
 stacks in, and the names of the non-expert parameters written; the experts record their own shards.
@@ -11,15 +13,18 @@ Nothing is stamped on the layer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import struct
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
-from ..experts.layout import PROJ_NAMES
+from ..experts.layout import PROJ_NAMES, SHARD_OF_PROJ
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
 from .architectures import ArchSpec, plan_layers, rename_block_key
@@ -27,6 +32,7 @@ from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
 
+_EXPERT_KEY_RE = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
 _KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
 _CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,28 +42,54 @@ def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} does not exist")
-    with open(cfg_path) as f:
-        return json.load(f)
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_header(file: str) -> dict[str, tuple[str, int, int]]:
+    """key -> (dtype, start, end byte offsets) of one ``.safetensors`` file, from its header alone.
+
+    A truncated or corrupt file raises ``ValueError`` naming it."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ValueError(f"tensor {key!r} ends at byte {end} of a {size - 8 - n}-byte data section")
+            out[key] = (info["dtype"], start, end)
+        return out
+    except (ValueError, KeyError, TypeError, struct.error) as err:
+        raise ValueError(f"{file} is not a readable .safetensors file (truncated or corrupt?): {err}") from None
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
     """key -> safetensors file, from ``model.safetensors.index.json`` or by listing every shard."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index (a JSON object with 'weight_map'): {err}") from None
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    from safetensors import safe_open
-
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path!r}")
-    out = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for k in f.keys():
-                out[k] = os.path.join(path, name)
-    return out
+    return {k: os.path.join(path, name) for name in files for k in read_header(os.path.join(path, name))}
 
 
 def _read(handle, key: str) -> torch.Tensor:
@@ -81,32 +113,51 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
     return out
 
 
-def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto",
-                    quant_config=None) -> dict[str, "torch.nn.Module"]:
-    """Build and load every MoE block of the checkpoint at ``path``.
+def load_moe_layers(
+    path, *, device=None, dtype=None, backend: str = "auto", quant_config=None, progress: bool | None = None
+) -> dict[str, "torch.nn.Module"]:
+    """Build and load every MoE block of the checkpoint at ``path`` (a directory holding
+    ``config.json`` and ``*.safetensors``, sharded through ``model.safetensors.index.json`` or not).
+
+    Args:
+        path: the checkpoint directory (``str`` or ``os.PathLike``).
+        device: where the layers' weights live (default CPU). Tensors are copied from the files straight
+            into the layers' parameters on that device.
+        dtype: dtype of the weights (``torch.float32``, ``torch.bfloat16``, ``torch.float16``); default:
+            the ``dtype`` (or ``torch_dtype``) in config.json, else float32. Router logits of
+            DeepSeek-style routers are still computed in fp32 and selection biases stay fp32, as in
+            transformers. For quantised experts it is the activation dtype.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        quant_config: None (default: the experts as the checkpoint ships them) or an HF
+            ``quantization_config`` dict / format object: quantise a full-precision checkpoint's experts
+            while loading, one tensor at a time.
+        progress: a tqdm progress bar over the bytes read, on stderr. ``None`` (default): shown when
+            stderr is a terminal; ``True``: always; ``False``: never.
+
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
     ``{"model.layers.1.mlp": layer, ...}``. Each layer maps ``x [T, H]`` (and ``input_ids [T]`` for
     DeepSeek-V4 hash layers) to the block's hidden output ``[T, H]``; where the transformers block
     returns a tuple (gpt-oss: ``(hidden, router_scores)``, Llama 4: ``(hidden, router_logits)``) this
-    is element 0. ``dtype`` defaults to the checkpoint's ``dtype`` in config.json (router logits of
-    DeepSeek-style routers are still computed in fp32, as transformers does).
-    Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
-    tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both shapes.
-
-    Only the blocks of layers ``< num_hidden_layers`` are returned: DeepSeek's multi-token-prediction
-    layers stored past them (``model.layers.{num_hidden_layers}...``) are skipped, as are dense layers.
+    is element 0. Only the blocks of layers ``< num_hidden_layers`` are returned: DeepSeek's
+    multi-token-prediction layers stored past them (``model.layers.{num_hidden_layers}...``) are skipped,
+    as are dense layers.
 
     Quantised checkpoints (SPEC §8) load as they ship: config.json's ``quantization_config`` gives the
     format (fp8 block, compressed-tensors fp8 channel / tensor / block, mxfp4, int4 groups; see
     :mod:`moekit.loading.quant` and :func:`moekit.experts.mapping.load_layer_weights` for the key
-    forms) and the routed experts keep it (``layer.routed_experts.quant``); ``dtype`` stays the
-    activation dtype. ``quant_config=`` (an HF dict or a format object) quantises a full-precision
-    checkpoint's experts while loading, one tensor at a time. Routers, gates and selection biases stay in
-    full precision; quantised shared experts / dense linears are dequantised into ``dtype``.
-    """
-    from safetensors import safe_open
+    forms) and the routed experts keep it (``layer.routed_experts.quant``). Routers, gates and selection
+    biases stay in full precision; quantised shared experts / dense linears are dequantised into ``dtype``.
 
+
+    Each file is opened once and read in storage order; every tensor is read once and copied into its
+    slot of the preallocated (uninitialised) weights, so peak memory is the layers' own size plus one
+    checkpoint tensor.
+
+    Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
+    tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both
+    shapes; an unreadable config.json, index or shard -> ``ValueError`` naming the file.
+    """
     path = os.fspath(path)
     config = read_config(path)
     spec, plans = plan_layers(config)
@@ -116,15 +167,9 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto",
     device = torch.device(device) if device is not None else torch.device("cpu")
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
-    handles: dict[str, object] = {}
-
-    def read(key: str) -> torch.Tensor:
-        f = files[key]
-        if f not in handles:
-            handles[f] = safe_open(f, framework="pt", device="cpu")
-        return _read(handles[f], key)
-
-    layers = {}
+    reader = _Reader(files)
+    states: dict[str, _LayerLoad] = {}
+    done: set[str] = set()  # keys already consumed (quantised dense groups)
     for plan in plans:
         keys = assigned.get(plan.name, {})
         if not keys:
@@ -132,28 +177,108 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto",
                 f"no checkpoint tensor for MoE block {plan.name} (looked for keys starting with "
                 f"{' or '.join(plan.ckpt_prefixes)})"
             )
-        construction = {}
-        for rel in _CONSTRUCTION:
-            if rel in keys:
-                construction[rel] = read(keys[rel])
+        construction = {rel: reader.read(keys[rel]) for rel in _CONSTRUCTION if rel in keys}
         _check_construction(plan, construction, keys)
         layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
                             quant_config=experts_format(fmt, plan))
         state = _LayerLoad(plan, layer)
         state.loaded.update(construction)
+        states[plan.name] = state
         del construction
         dense = dense_groups(keys) if shipped else {}
-        done = {key for parts in dense.values() for key in parts.values()}
         for mod, parts in dense.items():  # quantised dense linears (shared experts): dequantised
-            w = dequantize_dense({p: read(k) for p, k in parts.items()}, fmt, f"{plan.name}.{mod}")
+            w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, fmt, f"{plan.name}.{mod}")
             _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
-        for rel, key in keys.items():
-            if rel in _CONSTRUCTION or key in done:
-                continue
-            _load_one(state, rel, read(key).to(device), key)
-        _check_complete(state, keys, spec)
-        layers[plan.name] = state.layer
-    return layers
+            done.update(parts.values())
+    # every other tensor: file by file, in storage order, each into its layer
+    todo = [(key, states[name], rel) for name, keys in assigned.items() for rel, key in keys.items()
+            if rel not in _CONSTRUCTION and key not in done]
+    todo.sort(key=lambda item: reader.position(item[0]))
+    total = sum(reader.nbytes(key) for key, _, _ in todo)
+    with _progress_bar(total, progress) as bar, _one_thread():
+        for key, state, rel in todo:
+            t = reader.read(key)
+            _load_one(state, rel, t, key)
+            bar.update(t.numel() * t.element_size())
+            del t
+    reader.close()
+    for name, state in states.items():
+        _check_complete(state, assigned[name], spec)
+    return {name: state.layer for name, state in states.items()}
+
+
+class _Reader:
+    """The checkpoint's files, each opened once (lazily); errors name the file."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self.order = {f: i for i, f in enumerate(sorted(set(files.values())))}
+        self.headers: dict[str, dict] = {}
+        self.handles: dict[str, object] = {}
+
+    def _header(self, key: str) -> tuple[str, int, int]:
+        f = self.files[key]
+        if f not in self.headers:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"checkpoint shard {f} (holding {key!r}) does not exist")
+            self.headers[f] = read_header(f)
+        if key not in self.headers[f]:
+            raise KeyError(f"checkpoint key {key!r} is listed for {f} but the file does not hold it")
+        return self.headers[f][key]
+
+    def position(self, key: str) -> tuple[int, int]:
+        return self.order[self.files[key]], self._header(key)[1]
+
+    def nbytes(self, key: str) -> int:
+        _, start, end = self._header(key)
+        return end - start
+
+    def read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f = self.files[key]
+        self._header(key)
+        if f not in self.handles:
+            try:
+                self.handles[f] = safe_open(f, framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error types
+                raise ValueError(f"{f} is not a readable .safetensors file: {err}") from None
+        try:
+            return _read(self.handles[f], key)
+        except Exception as err:
+            raise ValueError(f"{f}: cannot read tensor {key!r}: {err}") from None
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, progress: bool | None):
+    if progress is False:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="moekit: loading MoE layers",
+              disable=None if progress is None else False, file=sys.stderr) as bar:
+        yield bar
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Copies of checkpoint tensors are memory-bound and mostly small: with several intra-op threads they
+    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _load_one(state, rel: str, t: torch.Tensor, key: str) -> None:
@@ -173,6 +298,25 @@ class _LayerLoad:
 
     def load(self, weights) -> set[str]:
         return load_layer_weights(self.layer, weights, fused_layout=self.plan.fused_layout, loaded=self.loaded)
+
+    def load_one(self, rel: str, tensor: torch.Tensor) -> None:
+        """One checkpoint tensor (block-relative name ``rel``). Per-expert tensors go straight into their
+        slot (the loader's layers hold every expert once, in order); the rest through :meth:`load`."""
+        m = _EXPERT_KEY_RE.match(rel)
+        if m is None or not tensor.is_floating_point() or self.layer.routed_experts.quant is not None:
+            self.load([(rel, tensor)])
+            return
+        experts, c = self.layer.routed_experts, self.layer.moe_config
+        e, shard, bias = int(m.group(1)), SHARD_OF_PROJ[m.group(2)], m.group(3) == "bias"
+        if c.num_experts <= e < c.num_experts + c.num_zero_experts:
+            return  # a zero (identity) expert: LongCat stores unused rows for it
+        if e >= c.num_experts:
+            self.load([(rel, tensor)])  # raises, naming the key
+            return
+        expected = experts.shard_shape(shard, bias)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"checkpoint key {rel!r} has shape {list(tensor.shape)}, expected {list(expected)}")
+        experts.load_expert_shard(e, shard, tensor, bias=bias)  # copy_ converts the dtype
 
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""

@@ -57,7 +57,9 @@ _REGISTRY = (
                hf_names=("relu2",)),
 )
 
-#: canonical names, registry order
+#: The activation names ``FusedMoE(activation=...)`` and ``fused_experts`` accept, in registry order:
+#: gated ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"swigluoai"`` (gpt-oss, clamped) and non-gated
+#: ``"relu2"`` (alias ``"relu2_no_mul"``).
 ACTIVATIONS = tuple(a.name for a in _REGISTRY)
 _BY_NAME = {n: a for a in _REGISTRY for n in (a.name, *a.aliases)}
 _BY_HF_NAME = {n: a for a in _REGISTRY for n in a.hf_names}

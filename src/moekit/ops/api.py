@@ -56,12 +56,16 @@ def fused_experts(
     ([E_local, I, H] for a non-gated activation); w2: [E_local, H, I]; topk_weights: [T, K] float;
     topk_ids: [T, K] int32/int64 in [0, E); w1_bias: [E_local, 2I]; w2_bias: [E_local, H];
     expert_map: [E] int32 (-1: expert held elsewhere). returns: [T, H] dtype of hidden_states.
-
-    Quantised experts (SPEC §8): ``quant_config`` (an HF dict or a format object) with w1 / w2 in the
-    format's storage (``fmt.w13_shape`` / ``fmt.w2_shape``, as :func:`moekit.quantize_experts` makes
-    them), ``w1_scale`` / ``w2_scale`` and, for static fp8 inputs, ``w1_input_scale`` / ``w2_input_scale``
-    ``[E_local]``; the math is :mod:`.experts_quant`'s. A format the backend cannot run raises
-    ``NotImplementedError``.
+    activation: one of ``moekit.ACTIVATIONS`` (default ``"silu"``).
+    apply_router_weight_on_input: multiply the expert input by the weight instead of its output (K == 1).
+    global_num_experts: ``E`` when ``expert_map`` is given (-1: ``w1.shape[0]``).
+    swiglu_limit: clamp limit of gated activations (None: none; swigluoai: 7.0).
+    backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+    quant_config, w1_scale, w2_scale, w1_input_scale, w2_input_scale: quantised experts (SPEC §8):
+        ``quant_config`` (an HF dict or a format object) with w1 / w2 in the format's storage
+        (``fmt.w13_shape`` / ``fmt.w2_shape``, as :func:`moekit.quantize_experts` makes them), their
+        scales and, for static fp8 inputs, the input scales ``[E_local]``; the math is
+        :mod:`.experts_quant`'s. A format the backend cannot run raises ``NotImplementedError``.
     """
     check_tensor("hidden_states", hidden_states)  # before reading .device: a non-tensor raises TypeError
     kernels = resolve_kernels(backend, hidden_states.device, quiet=True)
@@ -128,7 +132,10 @@ def fused_topk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ids = topk(scores)``, ``w = scores[ids]``, optionally renormalised.
 
-    hidden_states: [T, H] (only its token count is used); gating_output: [T, E]
+    hidden_states: [T, H] (only its token count is checked) or None; gating_output: [T, E] logits;
+    topk: K; renormalize: divide the weights by their sum; indices_type: dtype of the ids (int32
+    default, or int64); scoring_func: "softmax", "sigmoid" or "sqrtsoftplus"; backend: as
+    :func:`fused_experts`.
     returns topk_weights [T, K] float32, topk_ids [T, K] int32, token_expert_indices [T, K] int32
     where ``token_expert_indices[t, k] = k * T + t`` (the seed's source-row index).
     """
@@ -157,8 +164,14 @@ def fused_topk_bias(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bias-corrected top-k (bias picks, unbiased scores weigh), or hash routing.
 
-    With ``hash_indices_table [vocab, K]`` the ids are ``hash_indices_table[input_tokens]`` and the
-    bias is not used. Returns topk_weights [T, K] float32, topk_ids [T, K] int32.
+    hidden_states: [T, H] (only its token count is checked) or None; gating_output: [T, E] logits;
+    e_score_correction_bias: [E] selection bias (picks the experts; the unbiased scores weigh them);
+    topk: K; renormalize: divide the weights by their sum; scoring_func: "softmax", "sigmoid" or
+    "sqrtsoftplus"; routed_scaling_factor: multiplies the weights last; indices_type: dtype of the ids;
+    backend: as :func:`fused_experts`.
+    With ``hash_indices_table [vocab, K]`` the ids are ``hash_indices_table[input_tokens]`` (``input_tokens
+    [T]`` token ids, required then) and the bias is not used. Returns topk_weights [T, K] float32,
+    topk_ids [T, K] int32.
     """
     _check_logits(hidden_states, gating_output)
     spec = TopKSpec(top_k=topk, scoring_func=scoring_func, renormalize=renormalize,
@@ -183,6 +196,11 @@ def grouped_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V2/V3 grouped top-k (see :mod:`.routing`). Invalid grouping raises ``ValueError``.
 
+    hidden_states: [T, H] (only its token count is checked) or None; gating_output: [T, E] logits;
+    topk: K; renormalize: divide the weights by their sum; num_expert_group: G (E % G == 0);
+    topk_group: groups kept per token; scoring_func: "softmax", "sigmoid" or "sqrtsoftplus";
+    routed_scaling_factor: multiplies the weights last; e_score_correction_bias: [E] selection bias
+    (group scores are then the sum of each group's top-2); backend: as :func:`fused_experts`.
     Returns topk_weights [T, K] float32, topk_ids [T, K] int32.
     """
     _check_logits(hidden_states, gating_output)

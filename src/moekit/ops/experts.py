@@ -130,8 +130,14 @@ def fused_experts_torch(
     expert_map: torch.Tensor | None = None, global_num_experts: int = -1, swiglu_limit: float | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> torch.Tensor:
-    """The torch twin as a public function: :func:`check_experts_inputs`, then :func:`experts_reference`
-    (shapes as in :func:`moekit.ops.api.fused_experts`; float64 allowed)."""
+    """The torch twin of :func:`moekit.fused_experts` as a public function (any device, float64 allowed):
+    :func:`check_experts_inputs`, then :func:`experts_reference`.
+
+    hidden_states, w1, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input, w1_bias,
+    w2_bias, expert_map, global_num_experts, swiglu_limit: as in :func:`moekit.fused_experts`.
+    workspace_bytes: the bound on scratch memory; large batches run in chunks under it (exact: every
+    token lies in one chunk). Returns ``[T, H]`` in the dtype of ``hidden_states``.
+    """
     p = check_experts_inputs(
         hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,

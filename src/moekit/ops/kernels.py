@@ -100,7 +100,12 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
-    """Return "torch" or "triton" for ``device``; an explicit backend that cannot run raises."""
+    """Return "torch" or "triton" for ``device``; an explicit backend that cannot run raises.
+
+    backend: ``"auto"`` (Triton on CUDA when it can run, else torch), ``"torch"`` or ``"triton"``
+    (``RuntimeError`` saying why when Triton cannot run on ``device``). device: a ``torch.device`` or
+    string (None: CPU). quiet: do not log the choice ``"auto"`` made.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -34,7 +34,10 @@ RENORM_EPS = 1e-20  # guards an all-zero top-k (sigmoid underflow) against 0/0
 class TopKSpec:
     """Everything a score-based top-k router computes, minus the tensors.
 
-    ``num_expert_group == 1`` means ungrouped. Validate with :meth:`validate` against ``E``.
+    top_k: ``K``; scoring_func: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"``; renormalize: divide
+    the top-k weights by their sum; routed_scaling_factor: multiplies the weights last;
+    num_expert_group: ``G`` (``1`` means ungrouped); topk_group: groups kept per token.
+    Validate with :meth:`validate` against ``E``.
     """
 
     top_k: int
