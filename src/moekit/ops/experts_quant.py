@@ -111,6 +111,8 @@ def fused_experts_quant_torch(
     w13_input_scale / w2_input_scale: [E_local] float, static fp8 inputs only (the largest is used);
     topk_weights: [T, K] float; topk_ids: [T, K] int in [0, E); w1_bias: [E_local, 2I|I] and
     w2_bias: [E_local, H] in hidden_states' dtype; expert_map: [E] int32 (−1: held elsewhere).
+    activation, apply_router_weight_on_input, swiglu_limit, global_num_experts: as in
+    :func:`moekit.fused_experts`; workspace_bytes: the bound on one token chunk's scratch memory.
     returns: [T, H] dtype of hidden_states.
     """
     fmt = parse_quant_config(fmt)

@@ -157,7 +157,9 @@ class WeightFormat:
 @dataclass(frozen=True)
 class Fp8BlockFormat(WeightFormat):
     """fp8 e4m3 weights with one fp32 scale per ``[block_n, block_k]`` block; activations quantised
-    dynamically per token and group of ``block_k``. ``ue8m0``: scales are powers of two."""
+    dynamically per token and group of ``block_k``. ``ue8m0``: scales are powers of two.
+    ``ignore`` / ``targets`` (keyword-only): as in :class:`WeightFormat`.
+    """
 
     block_n: int = 128
     block_k: int = 128
@@ -185,7 +187,9 @@ class Fp8BlockFormat(WeightFormat):
 @dataclass(frozen=True)
 class Fp8ChannelFormat(WeightFormat):
     """fp8 e4m3 weights with one fp32 scale per output row (``per_tensor``: per shard / tensor);
-    activations quantised per token (dynamic) or with a given per-tensor scale (``static_input``)."""
+    activations quantised per token (dynamic) or with a given per-tensor scale (``static_input``).
+    ``ignore`` / ``targets`` (keyword-only): as in :class:`WeightFormat`.
+    """
 
     per_tensor: bool = False
     static_input: bool = False
@@ -214,7 +218,9 @@ class Fp8ChannelFormat(WeightFormat):
 
 @dataclass(frozen=True)
 class Mxfp4Format(WeightFormat):
-    """OCP MX fp4: e2m1 codes two per byte (low nibble = even k), one e8m0 scale per 32 along k."""
+    """OCP MX fp4: e2m1 codes two per byte (low nibble = even k), one e8m0 scale per 32 along k.
+    ``ignore`` / ``targets`` (keyword-only): as in :class:`WeightFormat`.
+    """
 
     name: ClassVar[str] = "mxfp4"
     weight_dtype: ClassVar[torch.dtype] = torch.uint8
@@ -227,7 +233,9 @@ class Mxfp4Format(WeightFormat):
 @dataclass(frozen=True)
 class Int4GroupFormat(WeightFormat):
     """Symmetric int4 with one scale per ``group_size`` along k, packed eight per int32
-    (compressed-tensors ``pack-quantized``)."""
+    (compressed-tensors ``pack-quantized``).
+    ``ignore`` / ``targets`` (keyword-only): as in :class:`WeightFormat`.
+    """
 
     group_size: int = 32
 

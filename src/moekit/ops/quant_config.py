@@ -168,7 +168,8 @@ def _ct_fp8(w: dict, x: dict | None, sel: dict) -> WeightFormat:
 
 
 def parse_quant_config(quant_config) -> WeightFormat | None:
-    """``None`` | a format object | a Hugging Face ``quantization_config`` dict -> format or None.
+    """``quant_config``: ``None`` | a format object | a Hugging Face ``quantization_config`` dict ->
+    format or None.
 
     Accepted dicts: ``quant_method "fp8"`` (block fp8, dynamic activations, optional
     ``scale_fmt "ue8m0"``, ``modules_to_not_convert``), ``"mxfp4"`` (gpt-oss) and

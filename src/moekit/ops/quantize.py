@@ -210,6 +210,8 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, quant_config):
 def dequantize_experts(w13_q, w2_q, w13_scale, w2_scale, quant_config, *, dtype: torch.dtype = torch.float32):
     """Reverse of :func:`quantize_experts`: ``W = Wq · S`` in float32, then cast to ``dtype``.
 
+    w13_q, w2_q: the quantised stacks (``fmt.w13_shape`` / ``fmt.w2_shape``); w13_scale, w2_scale: their
+    scales; quant_config: the format (HF dict or format object); dtype: the result's dtype.
     returns: (w13 [E, 2I|I, H], w2 [E, H, I]) ``dtype``.
     """
     fmt = parse_quant_config(quant_config)
