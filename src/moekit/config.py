@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_int
+from ._checks import FLOAT_DTYPES, check_bool, check_int, check_real
 from .ops.activation import Activation, get_activation
 
 
@@ -16,6 +16,10 @@ class MoEConfig:
 
     num_experts: E real routed experts; num_zero_experts: Z identity experts;
     intermediate_size: I of a whole expert (before a tensor-parallel split).
+    routed_scaling_factor: finite float; applied once, on the routing weights (the router's) or, with
+    ``apply_routed_scale_to_output=True``, on the routed output (the runner reads it from here: this
+    config is the one store of the output-side factor, see :attr:`output_scale`).
+    Booleans must be real ``bool`` values (``"no"`` raises ``TypeError`` instead of meaning True).
     """
 
     num_experts: int
@@ -28,6 +32,8 @@ class MoEConfig:
     apply_router_weight_on_input: bool = False
     num_zero_experts: int = 0
     params_dtype: torch.dtype = torch.float32
+    routed_scaling_factor: float = 1.0
+    apply_routed_scale_to_output: bool = False
 
     def __post_init__(self):
         check_int("num_experts", self.num_experts, minimum=1)
@@ -35,6 +41,10 @@ class MoEConfig:
         check_int("intermediate_size", self.intermediate_size, minimum=1)
         check_int("num_zero_experts", self.num_zero_experts, minimum=0)
         check_int("top_k", self.top_k, minimum=1, maximum=self.num_experts + self.num_zero_experts)
+        for name in ("has_bias", "apply_router_weight_on_input", "apply_routed_scale_to_output"):
+            check_bool(name, getattr(self, name))
+        scale = check_real("routed_scaling_factor", self.routed_scaling_factor)  # the one check (as TopKSpec's)
+        object.__setattr__(self, "routed_scaling_factor", scale)
         object.__setattr__(self, "activation", get_activation(self.activation).name)
         if self.params_dtype not in FLOAT_DTYPES:
             raise TypeError(f"params_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {self.params_dtype}")
@@ -47,6 +57,16 @@ class MoEConfig:
                 raise ValueError(f"swiglu_limit applies to gated activations, not activation={self.activation!r}")
         if self.apply_router_weight_on_input and self.top_k != 1:
             raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={self.top_k}")
+
+    @property
+    def output_scale(self) -> float:
+        """The factor the runner multiplies the routed output by (1.0 when the router applies it)."""
+        return self.routed_scaling_factor if self.apply_routed_scale_to_output else 1.0
+
+    @property
+    def router_scale(self) -> float:
+        """The factor the router multiplies the weights by (1.0 when it is applied to the output)."""
+        return 1.0 if self.apply_routed_scale_to_output else self.routed_scaling_factor
 
     @property
     def act(self) -> Activation:

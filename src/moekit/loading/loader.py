@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import DTYPE_NAMES, as_float_dtype, check_device
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
@@ -28,32 +29,53 @@ from .plan import LayerPlan
 
 _KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
 _CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _read_json(file: str, what: str) -> dict:
+    """A JSON object from ``file``; a malformed file raises ``ValueError`` naming it."""
+    try:
+        with open(file) as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: malformed {what} ({err})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{file}: malformed {what} (expected a JSON object, got {type(out).__name__})")
+    return out
+
+
+def _open_shard(file: str):
+    """``safe_open`` on one shard; a corrupt or truncated file raises ``ValueError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError / ValueError)
+        if isinstance(err, OSError):
+            raise
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({err})") from None
 
 
 def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} does not exist")
-    with open(cfg_path) as f:
-        return json.load(f)
+    return _read_json(cfg_path, "config.json")
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
     """key -> safetensors file, from ``model.safetensors.index.json`` or by listing every shard."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: malformed safetensors index (no 'weight_map' object)")
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    from safetensors import safe_open
-
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path!r}")
     out = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
+        with _open_shard(os.path.join(path, name)) as f:
             for k in f.keys():
                 out[k] = os.path.join(path, name)
     return out
@@ -62,6 +84,16 @@ def checkpoint_files(path: str) -> dict[str, str]:
 def _read(handle, key: str) -> torch.Tensor:
     """One tensor from an open safetensors file (a seam for tests that count live bytes)."""
     return handle.get_tensor(key)
+
+
+def _read_named(handle, key: str, file: str) -> torch.Tensor:
+    """:func:`_read`, a failure naming the file and the key."""
+    try:
+        return _read(handle, key)
+    except Exception as err:
+        if isinstance(err, (OSError, MemoryError)):
+            raise
+        raise ValueError(f"{file}: cannot read tensor {key!r} (corrupt or truncated file?): {err}") from None
 
 
 def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[str, str]]:
@@ -89,17 +121,19 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
     returns a tuple (gpt-oss: ``(hidden, router_scores)``, Llama 4: ``(hidden, router_logits)``) this
     is element 0. ``dtype`` defaults to the checkpoint's ``dtype`` in config.json (router logits of
     DeepSeek-style routers are still computed in fp32, as transformers does).
+    ``dtype`` is a float ``torch.dtype`` or its name ("bf16", "bfloat16", "fp16", "float32"...).
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
-    tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both shapes.
+    tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both shapes;
+    a malformed config.json / index or a corrupt or truncated shard -> ``ValueError`` naming the file;
+    ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` -> ``TypeError``.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
+    device = check_device("device", device) if device is not None else torch.device("cpu")
+    dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
     config = read_config(path)
     spec, plans = plan_layers(config)
     if dtype is None:
-        dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = DTYPE_NAMES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
     handles: dict[str, object] = {}
@@ -107,8 +141,8 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
     def read(key: str) -> torch.Tensor:
         f = files[key]
         if f not in handles:
-            handles[f] = safe_open(f, framework="pt", device="cpu")
-        return _read(handles[f], key)
+            handles[f] = _open_shard(f)
+        return _read_named(handles[f], key, f)
 
     layers = {}
     for plan in plans:
