@@ -498,9 +498,12 @@ def test_layer_forward_logits_errors():
 
 
 def test_layer_forward_gate_and_input_ids_errors():
-    # a gate producing the wrong width; hash routing without input_ids
-    layer = _layer(gate=torch.nn.Linear(8, 5))
-    with pytest.raises(ValueError, match="router_logits"):
+    # a gate producing the wrong width (an nn.Linear is refused at construction, any module at forward);
+    # hash routing without input_ids
+    with pytest.raises(ValueError, match=r"gate is an nn.Linear\(8, 5\).*out_features = E \+ Z \(6\)"):
+        _layer(gate=torch.nn.Linear(8, 5))
+    layer = _layer(gate=torch.nn.Sequential(torch.nn.Linear(8, 5)))
+    with pytest.raises(ValueError, match=r"gate returned shape \[3, 5\]; expected \[3, 6\]"):
         layer(torch.randn(3, 8))
     hashed = _layer(hash_indices_table=torch.randint(0, 6, (10, 2)))
     with pytest.raises(ValueError, match="input_ids"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -19,6 +20,77 @@ def check_int(name: str, value, *, minimum: int | None = None, maximum: int | No
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A real ``bool``: ``"no"``, ``0`` or ``None`` are not silently read as truth values."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_real(name: str, value, *, finite: bool = True) -> float:
+    """An int or float (not a bool, str or None), finite unless ``finite=False``; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_callable(name: str, value) -> None:
+    """None or a callable (a ``torch.nn.Module`` or a function), checked at construction, not at forward."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable (e.g. a torch.nn.Module) or None, got {value!r} "
+                        f"({type(value).__name__})")
+
+
+def check_subclass(name: str, value, base: type) -> None:
+    """None or a class deriving from ``base``."""
+    if value is not None and not (isinstance(value, type) and issubclass(value, base)):
+        raise TypeError(f"{name} must be a subclass of {base.__module__}.{base.__qualname__} or None, got {value!r}")
+
+
+#: dtype names accepted wherever a float dtype is an argument (config.json and command-line spellings)
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def as_float_dtype(name: str, value, allowed=FLOAT_DTYPES) -> torch.dtype:
+    """A ``torch.dtype`` in ``allowed``, or one of its names (:data:`DTYPE_NAMES`, also as ``"torch.bfloat16"``).
+
+    Decision (issue #12): names are accepted, as config.json and the command line spell dtypes that way;
+    anything else raises ``TypeError`` naming the argument and listing what is accepted.
+    """
+    dtype = value
+    if isinstance(value, str):
+        dtype = DTYPE_NAMES.get(value.lower().removeprefix("torch."))
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        names = sorted(k for k, d in DTYPE_NAMES.items() if d in allowed)
+        raise TypeError(
+            f"{name} must be one of {[str(d) for d in allowed]} or a name among {names}, got {value!r}"
+        )
+    return dtype
+
+
+def check_device(name: str, device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` for an unknown device string and
+    for a CUDA device on a machine without one (instead of torch's "Torch not compiled with CUDA")."""
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}={device!r} is not a device (expected e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r}: no CUDA device is available on this machine "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def check_choice(name: str, value, choices: Iterable[str]) -> str:
@@ -57,8 +129,30 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must share a device")
 
 
+def host_sync_allowed() -> bool:
+    """False while ``torch.compile`` traces or the current CUDA stream is capturing a graph: then a
+    check that reads values on the host (a synchronisation, data-dependent control flow) cannot run."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a value check (:func:`check_finite`, id ranges) can read ``t``: not on the meta device
+    (no values) and not while compiling or capturing (see :func:`host_sync_allowed`)."""
+    return t.device.type != "meta" and host_sync_allowed()
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise if ``t`` holds NaN or +-inf (a host synchronisation: reference path only)."""
+    """Raise ``ValueError`` if ``t`` holds NaN or +-inf (a host synchronisation: reference path only).
+
+    Policy (issue #12): the check is skipped where values cannot be read on the host -- while
+    ``torch.compile`` traces (so ``torch.compile(layer, fullgraph=True)`` works on CPU too), while a
+    CUDA graph is captured, and for tensors on the meta device (which hold no values). Eager calls on
+    real tensors are always checked. See :func:`values_checkable`.
+    """
+    if not values_checkable(t):
+        return
     if t.numel() and not bool(torch.isfinite(t).all()):
         bad = t[~torch.isfinite(t)].flatten()[:4].tolist()
         raise ValueError(f"{name} contains non-finite values (e.g. {bad}); expected finite numbers")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_int
+from ._checks import FLOAT_DTYPES, check_bool, check_int, check_real
 from .ops.activation import Activation, get_activation
 from .ops.formats import WeightFormat
 from .ops.quant_config import parse_quant_config
@@ -31,6 +31,10 @@ class MoEConfig:
     quant_config: None (weights in ``params_dtype``), an HF ``quantization_config`` dict or a format
     object; stored as the parsed format object (:mod:`moekit.ops.formats`) and checked against the
     global sizes here (a tensor-parallel slice is checked by the experts).
+    routed_scaling_factor: finite float; applied once, on the routing weights (the router's) or, with
+    ``apply_routed_scale_to_output=True``, on the routed output (the runner reads it from here: this
+    config is the one store of the output-side factor, see :attr:`output_scale`).
+    Booleans must be real ``bool`` values (``"no"`` raises ``TypeError`` instead of meaning True).
     """
 
     num_experts: int
@@ -44,6 +48,8 @@ class MoEConfig:
     num_zero_experts: int = 0
     params_dtype: torch.dtype = torch.float32
     quant_config: WeightFormat | None = None
+    routed_scaling_factor: float = 1.0
+    apply_routed_scale_to_output: bool = False
 
     def __post_init__(self):
         check_int("num_experts", self.num_experts, minimum=1)
@@ -51,6 +57,10 @@ class MoEConfig:
         check_int("intermediate_size", self.intermediate_size, minimum=1)
         check_int("num_zero_experts", self.num_zero_experts, minimum=0)
         check_int("top_k", self.top_k, minimum=1, maximum=self.num_experts + self.num_zero_experts)
+        for name in ("has_bias", "apply_router_weight_on_input", "apply_routed_scale_to_output"):
+            check_bool(name, getattr(self, name))
+        scale = check_real("routed_scaling_factor", self.routed_scaling_factor)  # the one check (as TopKSpec's)
+        object.__setattr__(self, "routed_scaling_factor", scale)
         object.__setattr__(self, "activation", get_activation(self.activation).name)
         if self.params_dtype not in FLOAT_DTYPES:
             raise TypeError(f"params_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {self.params_dtype}")
@@ -67,6 +77,16 @@ class MoEConfig:
         object.__setattr__(self, "quant_config", fmt)
         if fmt is not None:
             fmt.validate(self.num_experts, self.intermediate_size, self.hidden_size, self.gated)
+
+    @property
+    def output_scale(self) -> float:
+        """The factor the runner multiplies the routed output by (1.0 when the router applies it)."""
+        return self.routed_scaling_factor if self.apply_routed_scale_to_output else 1.0
+
+    @property
+    def router_scale(self) -> float:
+        """The factor the router multiplies the weights by (1.0 when it is applied to the output)."""
+        return 1.0 if self.apply_routed_scale_to_output else self.routed_scaling_factor
 
     @property
     def act(self) -> Activation:

@@ -1,6 +1,7 @@
 """``FusedMoE``: the seed's factory keywords -> checks -> MoEConfig -> kernel table -> placement and EPLB
 state -> router -> routed experts -> executor -> :class:`~moekit.runner.MoERunner`, each part built
-once with everything it needs (see :func:`FusedMoE`).
+once with everything it needs (see :func:`build_fused_moe`). ``FusedMoE`` is a class whose call runs
+that factory, so ``isinstance(layer, FusedMoE)`` holds for the layers it builds (see :class:`FusedMoE`).
 
     layer = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, ...)   # -> MoERunner
     layer.load_expert_weights(w13 [E, 2I, H], w2 [E, H, I])
@@ -9,11 +10,13 @@ once with everything it needs (see :func:`FusedMoE`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable
 
 import torch
 
+from ._checks import as_float_dtype, check_bool, check_device, check_subclass
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.placement import PLACEMENT_STRATEGIES
@@ -32,7 +35,7 @@ def _unsupported(name: str, value, why: str) -> NotImplementedError:
     return NotImplementedError(f"{name}={value!r} is not supported by this build: {why}")
 
 
-def FusedMoE(
+def build_fused_moe(
     num_experts: int,
     top_k: int,
     hidden_size: int,
@@ -207,29 +210,65 @@ def FusedMoE(
         A :class:`~moekit.MoERunner` (or ``runner_cls``) holding ``layer.router``,
         ``layer.routed_experts`` (``w13_weight [E_local, 2I, H]``, ``w2_weight [E_local, H, I]``),
         ``layer.gate`` and ``layer.shared_experts``.
+
+    Notes and decisions (issue #12):
+
+    - ``FusedMoE`` is a class whose call runs this factory and returns a :class:`MoERunner`;
+      ``isinstance(layer, FusedMoE)`` and ``issubclass(MoERunner, FusedMoE)`` are True (seed users check
+      them). To customise the layer, subclass :class:`MoERunner` and pass ``runner_cls=``.
+    - Boolean keywords (``renormalize``, ``use_grouped_topk``, ``has_bias``, ``apply_router_weight_on_input``,
+      ``enable_eplb``, ``is_sequence_parallel``, ``apply_routed_scale_to_output``) must be ``bool``;
+      ``routed_scaling_factor`` a finite float (``TypeError`` / ``ValueError`` naming them).
+    - ``params_dtype`` and ``router_logits_dtype`` take a float ``torch.dtype`` or its name ("bf16",
+      "bfloat16", "fp16", "float32", ...). ``device="cuda"`` without a CUDA device raises ``ValueError``.
+    - User modules (``gate``, ``shared_experts``, ``shared_expert_gate``, the routed transforms) must be
+      callable (checked here); the shapes they return are checked at every forward (see
+      :mod:`moekit.runner`): the output always has the shape of ``hidden_states``.
+    - A selection bias or hash table on the meta device is refused unless ``device="meta"`` (it holds no
+      values to route with); value checks skip meta tensors.
+    - Training is not supported yet: expert weights have ``requires_grad=False``; a forward in training
+      mode on an input that requires grad raises ``NotImplementedError`` (use ``.eval()`` or
+      ``torch.no_grad()`` for inference). See :class:`MoERunner`.
+    - fp16: the expert's intermediate activation (``act(w13 · x)``, rounded to the input dtype, as in
+      the kernels) can overflow to ±inf in float16 even when the layer's true output would fit; use
+      bfloat16 (or float32) for models whose activations exceed 65504.
+    - ``torch.compile(layer, fullgraph=True)`` works on both backends; while compiling, the reference
+      backend skips its value checks (non-finite logits, id ranges) and runs a dense, trace-friendly
+      expert loop (see :func:`moekit.ops.experts.experts_reference`).
     """
+    for name, flag in (("renormalize", renormalize), ("use_grouped_topk", use_grouped_topk),
+                       ("has_bias", has_bias), ("apply_router_weight_on_input", apply_router_weight_on_input),
+                       ("enable_eplb", enable_eplb), ("is_sequence_parallel", is_sequence_parallel),
+                       ("apply_routed_scale_to_output", apply_routed_scale_to_output)):
+        check_bool(name, flag)
+    check_subclass("runner_cls", runner_cls, MoERunner)
+    check_subclass("routed_experts_cls", routed_experts_cls, RoutedExperts)
+    for name, extra in (("runner_args", runner_args), ("routed_experts_args", routed_experts_args)):
+        if extra is not None and not isinstance(extra, dict):
+            raise TypeError(f"{name} must be a dict of keyword arguments or None, got {type(extra).__name__}")
     _check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
                        n_shared_experts, shared_experts)
-    # routed_scaling_factor applies once: in the router, or (apply_routed_scale_to_output) on the output
-    router_scale, output_scale = (1.0, routed_scaling_factor) if apply_routed_scale_to_output else (
-        routed_scaling_factor, 1.0
+    device = check_device("device", device) if device is not None else _default_device()
+    _check_not_meta(device, e_score_correction_bias=e_score_correction_bias, hash_indices_table=hash_indices_table)
+    config = MoEConfig(
+        num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
+        swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
+        num_zero_experts=_num_zero_experts(zero_expert_type, e_score_correction_bias, num_experts),
+        params_dtype=torch.get_default_dtype() if params_dtype is None else as_float_dtype("params_dtype",
+                                                                                            params_dtype),
+        routed_scaling_factor=routed_scaling_factor, apply_routed_scale_to_output=apply_routed_scale_to_output,
+        quant_config=quant_config,
     )
     routing = dict(  # the router's keywords: checked here, then the factory's (or a given router's)
         renormalize=renormalize, scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias,
-        routed_scaling_factor=router_scale, zero_expert_type=zero_expert_type, use_grouped_topk=use_grouped_topk,
+        routed_scaling_factor=config.router_scale, zero_expert_type=zero_expert_type,
+        use_grouped_topk=use_grouped_topk,
         custom_routing_function=custom_routing_function, hash_indices_table=hash_indices_table,
         num_expert_group=num_expert_group, topk_group=topk_group,
     )
     _check_routing_combination(routing, apply_router_weight_on_input)
     if router is not None:
         _check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
-    device = torch.device(device) if device is not None else _default_device()
-    config = MoEConfig(
-        num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
-        swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
-        num_zero_experts=_num_zero_experts(zero_expert_type, e_score_correction_bias, num_experts),
-        params_dtype=params_dtype or torch.get_default_dtype(), quant_config=quant_config,
-    )
     kernels = resolve_kernels(backend, device, quiet=True)
     if backend == "auto":
         log.info("moekit layer %r: backend %r on %s", prefix, kernels.name, device)
@@ -260,7 +299,6 @@ def FusedMoE(
         shared_experts=shared_experts,
         routed_input_transform=routed_input_transform,
         routed_output_transform=routed_output_transform,
-        routed_scaling_factor=output_scale,
         router_logits_dtype=router_logits_dtype,
         expert_executor=executor,
         n_shared_experts=n_shared_experts,
@@ -268,6 +306,44 @@ def FusedMoE(
         **({} if eager_graph_tokens is None else {"eager_graph_tokens": eager_graph_tokens}),
         **(runner_args or {}),
     )
+
+
+class _FusedMoEType(type):
+    """Metaclass of :class:`FusedMoE`: calling the class runs :func:`build_fused_moe` (a
+    :class:`MoERunner` comes back), and every MoERunner is an instance (its class a subclass)."""
+
+    def __call__(cls, *args, **kwargs) -> MoERunner:
+        return build_fused_moe(*args, **kwargs)
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, MoERunner)
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return isinstance(sub, type) and issubclass(sub, MoERunner)
+
+
+class FusedMoE(metaclass=_FusedMoEType):
+    # Decision (issue #12): the seed's FusedMoE is a class people check with isinstance; moekit's layer
+    # is a MoERunner built by a factory. A class whose call is the factory keeps both: the seed's
+    # signature and return type, and isinstance(layer, FusedMoE). The docstring is the factory's.
+    __doc__ = build_fused_moe.__doc__
+    __signature__ = inspect.signature(build_fused_moe)
+    __slots__ = ()
+
+    def __init_subclass__(cls, **kwargs):
+        """Refused: the layer's class is MoERunner (subclass it and pass ``runner_cls=``)."""
+        raise TypeError("FusedMoE is a factory and cannot be subclassed; subclass moekit.MoERunner and pass "
+                        "runner_cls= instead")
+
+
+def _check_not_meta(device: torch.device, **tensors) -> None:
+    """Routing tensors on the meta device hold no values: refused unless the layer itself is on meta."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "meta" and device.type != "meta":
+            raise ValueError(
+                f"{name} is on the meta device (it holds no values) but the layer is built on {device}; pass "
+                f"{name} with its values (e.g. on {device}), or build the whole layer with device='meta'"
+            )
 
 
 def _parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group, tp_group, tp_size, strategy,

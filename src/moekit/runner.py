@@ -10,15 +10,23 @@
     return routed + shared
 
 Everything the runner holds is a constructor argument (:func:`moekit.FusedMoE` builds them bottom-up).
+
+Shapes of what user modules return are checked at every forward (shapes only: no host synchronisation),
+so nothing is silently broadcast. ``H_in`` is the width of ``hidden_states``; the output has the shape of
+``hidden_states`` (SPEC §1), so:
+
+    routed_input_transform(h)  -> [T, hidden_size]      (a latent projection maps H_in -> hidden_size)
+    gate(x)                    -> [T, E + Z]
+    routed_output_transform(r) -> [T, H_in]             (without it, hidden_size must equal H_in)
+    shared_experts(h)          -> [T, H_in]
+    shared_expert_gate(h)      -> [T, 1] or [T, H_in]   (a per-token or per-channel gate)
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._checks import FLOAT_DTYPES, check_float_dtype, check_int, check_tensor
+from ._checks import FLOAT_DTYPES, as_float_dtype, check_callable, check_device, check_float_dtype, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
@@ -47,6 +55,30 @@ def _first(out):
     if len(out) != 2 or (out[1] is not None and not isinstance(out[1], torch.Tensor)):
         raise TypeError(f"a module returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
     return out[0] if out[1] is None else out[0] + out[1]
+
+
+def _returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:
+    """The tensor a user module returned, checked to be ``[num_tokens, w]`` for a ``w`` in ``widths``
+    (shapes only): ``ValueError`` naming the module, the shape got and the shape expected."""
+    out = _first(out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} returned a {type(out).__name__}; expected a torch.Tensor")
+    if out.dim() != 2 or out.shape[0] != num_tokens or out.shape[1] not in widths:
+        expected = " or ".join(f"[{num_tokens}, {w}]" for w in widths)
+        raise ValueError(f"{name} returned shape {list(out.shape)}; expected {expected} (T = {num_tokens} tokens)")
+    return out
+
+
+def _check_gate_linear(gate, hidden_size: int, columns: int) -> None:
+    """A ``gate`` that is an ``nn.Linear`` reads the routed input (``hidden_size`` wide) and writes one
+    logit per routed column (``E + Z``); checked at construction."""
+    if not isinstance(gate, torch.nn.Linear):
+        return
+    if gate.in_features != hidden_size or gate.out_features != columns:
+        raise ValueError(
+            f"gate is an nn.Linear({gate.in_features}, {gate.out_features}); expected in_features = hidden_size "
+            f"({hidden_size}) and out_features = E + Z ({columns})"
+        )
 
 
 class MoERunner(torch.nn.Module):
@@ -81,6 +113,22 @@ class MoERunner(torch.nn.Module):
             local executor and score-based routers; never while torch.compile traces, inside an outer
             graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
         graph_pool: a ``torch.cuda.graph_pool_handle()`` shared with other layers (default: the layer's own).
+
+    Output-side ``routed_scaling_factor`` is read from ``moe_config`` (:attr:`MoEConfig.output_scale`, the one
+    store); the keyword stays for the seed's signature and, if given, must agree with the config. User
+    modules must be callables (``TypeError`` at construction); a ``gate`` that is an ``nn.Linear`` must map
+    ``hidden_size -> E + Z`` (``ValueError`` at construction).
+
+    Decisions (issue #12):
+
+    - Training is not supported yet: the expert weights are created with ``requires_grad=False`` and
+      the Triton kernels have no backward, so a backward pass would silently give no expert gradients.
+      A forward in training mode (``self.training``, the default of a fresh module) with grad enabled
+      and ``hidden_states.requires_grad`` raises ``NotImplementedError`` saying so. Inference is
+      unaffected: call ``.eval()`` (``from_pretrained`` models already are) or run under
+      ``torch.no_grad()`` / ``torch.inference_mode()``.
+    - ``.to(device)`` / ``.cuda()`` to a CUDA device on a machine without one raise ``ValueError``
+      naming the device (``moekit._checks.check_device``) instead of torch's assertion.
     """
 
     def __init__(
@@ -95,7 +143,7 @@ class MoERunner(torch.nn.Module):
         shared_experts: torch.nn.Module | None = None,
         routed_input_transform: torch.nn.Module | None = None,
         routed_output_transform: torch.nn.Module | None = None,
-        routed_scaling_factor: float = 1.0,
+        routed_scaling_factor: float | None = None,
         router_logits_dtype: torch.dtype | None = None,
         *,
         expert_executor=None,
@@ -107,8 +155,19 @@ class MoERunner(torch.nn.Module):
         super().__init__()
         if enable_dbo:
             raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
+        modules = dict(gate=gate, shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
+                       routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform)
+        for name, module in modules.items():
+            check_callable(name, module)
         if shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
+        _check_gate_linear(gate, moe_config.hidden_size, router.num_logit_columns or router.global_num_experts)
+        if routed_scaling_factor is not None and routed_scaling_factor != moe_config.output_scale:
+            raise ValueError(
+                f"routed_scaling_factor={routed_scaling_factor!r} disagrees with moe_config (output-side factor "
+                f"{moe_config.output_scale}); build the MoEConfig with routed_scaling_factor= and "
+                "apply_routed_scale_to_output=True instead (the config is the one store)"
+            )
         self.layer_name, self.moe_config = layer_name, moe_config
         # the path of a forward, in order
         self.routed_input_transform = routed_input_transform
@@ -117,10 +176,9 @@ class MoERunner(torch.nn.Module):
         self.routed_experts = routed_experts
         self.routed_output_transform = routed_output_transform
         self.shared_experts, self.shared_expert_gate = shared_experts, shared_expert_gate
-        self.routed_scaling_factor = float(routed_scaling_factor)
-        if not math.isfinite(self.routed_scaling_factor):
-            raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor!r}")
-        self.router_logits_dtype = router_logits_dtype
+        self.router_logits_dtype = (
+            None if router_logits_dtype is None else as_float_dtype("router_logits_dtype", router_logits_dtype)
+        )
         if expert_executor is None:
             expert_executor = LocalExecutor(routed_experts)
         elif expert_executor.experts is not routed_experts:
@@ -142,6 +200,21 @@ class MoERunner(torch.nn.Module):
     def backend(self) -> str:
         return self.routed_experts.backend
 
+    # the output-side factor (1.0 when the router applies it): read from moe_config, its one store
+    routed_scaling_factor = property(lambda self: self.moe_config.output_scale,
+                                     doc="the output-side routed_scaling_factor (from moe_config)")
+
+    # -- device moves: a CUDA target on a machine without CUDA names itself -----------------------
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            check_device("device", device)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None):
+        check_device("device", torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+        return super().cuda(device)
+
     # -- forward ------------------------------------------------------------------------------
     def forward(
         self,
@@ -151,11 +224,14 @@ class MoERunner(torch.nn.Module):
         input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
-        input_ids: [T] (hash routing). Returns [..., H_out] in the dtype of hidden_states."""
+        input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
         self._check_hidden(hidden_states)
-        lead = hidden_states.shape[:-1]
-        h = hidden_states.reshape(-1, hidden_states.shape[-1])
-        x = h if self.routed_input_transform is None else _first(self.routed_input_transform(h))
+        lead, width = hidden_states.shape[:-1], hidden_states.shape[-1]
+        h = hidden_states.reshape(-1, width)
+        t = h.shape[0]
+        x = h
+        if self.routed_input_transform is not None:
+            x = _returned("routed_input_transform", self.routed_input_transform(h), t, (self.moe_config.hidden_size,))
         self._check_routed_input(x)
 
         logits = self._logits(x, router_logits)
@@ -167,15 +243,21 @@ class MoERunner(torch.nn.Module):
         else:
             routed = self._routed(x, logits, input_ids)
         if self.routed_output_transform is not None:
-            routed = _first(self.routed_output_transform(routed))
+            routed = _returned("routed_output_transform", self.routed_output_transform(routed), t, (width,))
+        elif routed.shape[-1] != width:
+            raise ValueError(
+                f"the routed output has width hidden_size={routed.shape[-1]} but hidden_states has width {width}; "
+                "the output has the shape of hidden_states: pass a routed_output_transform mapping back to it"
+            )
 
         if self.shared_experts is not None:
-            shared = _first(self.shared_experts(h))
+            shared = _returned("shared_experts", self.shared_experts(h), t, (width,))
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(_first(self.shared_expert_gate(h))) * shared
+                g = _returned("shared_expert_gate", self.shared_expert_gate(h), t, (1, width))
+                shared = torch.sigmoid(g) * shared
             routed = routed + shared
         # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
-        return routed.reshape(*lead, routed.shape[-1]).to(hidden_states.dtype)
+        return routed.reshape(*lead, width).to(hidden_states.dtype)
 
     def _routed(self, x: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """route -> experts (+ zero experts) (* output scale): moekit's own ops, the graphed part."""
@@ -205,7 +287,8 @@ class MoERunner(torch.nn.Module):
         if router_logits is None:
             if self.gate is None:
                 raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
-            router_logits = _first(self.gate(x))
+            columns = self.router.num_logit_columns or self.router.global_num_experts
+            router_logits = _returned("gate", self.gate(x), x.shape[0], (columns,))
         else:
             check_tensor("router_logits", router_logits)
             if router_logits.dim() != 2:
@@ -220,6 +303,12 @@ class MoERunner(torch.nn.Module):
         check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
         if hidden_states.dim() < 1:
             raise ValueError("hidden_states must have shape [..., H], got a scalar")
+        if self.training and hidden_states.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"layer {self.layer_name!r}: training is not supported yet (the expert weights have "
+                "requires_grad=False and the Triton kernels have no backward, so backward() would give no expert "
+                "gradients). For inference call layer.eval() or run under torch.no_grad()/torch.inference_mode()"
+            )
         if self.routed_input_transform is None and hidden_states.shape[-1] != self.moe_config.hidden_size:
             raise ValueError(
                 f"hidden_states must have shape [..., {self.moe_config.hidden_size}], got {list(hidden_states.shape)}"

@@ -183,6 +183,25 @@ def tp_only(ctx):
     ctx.expect_close(par(x, lg), ref(x, lg), "TP zero tokens")
 
 
+@check(2, 4)
+def tp_token_mismatch_detected(ctx):
+    # issue #12: TP ranks fed different token counts; with check_tp_tokens every rank raises the same
+    # ValueError (before any other collective) instead of aborting inside gloo; equal counts pass
+    _, par, _ = make_pair(ctx, tp_group=ctx.world_group)
+    ex = par.expert_executor
+    ctx.expect(ex.check_tp_tokens is False, "check_tp_tokens is off by default")
+    ex.check_tp_tokens = True
+    x, lg = _rank_batch(ctx, [4 + ctx.rank], 32, 8, torch.float32, 0)
+    try:
+        par(x, lg)
+        ctx.expect(False, "different token counts were accepted")
+    except ValueError as e:
+        counts = str([4 + r for r in range(ctx.world)])
+        ctx.expect(counts in str(e) and "same tokens" in str(e), f"message: {e}")
+    x, lg = _rank_batch(ctx, [6], 32, 8, torch.float32, 0)
+    ctx.expect(par(x, lg).shape == x.shape, "equal counts pass the check")
+
+
 @check(4)
 def ep2_tp2(ctx):
     ep_rank, tp_rank = divmod(ctx.rank, 2)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import DTYPE_NAMES, as_float_dtype, check_device
 from ..experts.layout import PROJ_NAMES, SHARD_OF_PROJ
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
@@ -35,7 +36,30 @@ from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_fo
 _EXPERT_KEY_RE = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
 _KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
 _CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _read_json(file: str, what: str) -> dict:
+    """A JSON object from ``file``; a malformed file raises ``ValueError`` naming it."""
+    try:
+        with open(file) as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: malformed {what} ({err})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{file}: malformed {what} (expected a JSON object, got {type(out).__name__})")
+    return out
+
+
+def _open_shard(file: str):
+    """``safe_open`` on one shard; a corrupt or truncated file raises ``ValueError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError / ValueError)
+        if isinstance(err, OSError):
+            raise
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({err})") from None
 
 
 def read_config(path: str) -> dict:
@@ -97,6 +121,16 @@ def _read(handle, key: str) -> torch.Tensor:
     return handle.get_tensor(key)
 
 
+def _read_named(handle, key: str, file: str) -> torch.Tensor:
+    """:func:`_read`, a failure naming the file and the key."""
+    try:
+        return _read(handle, key)
+    except Exception as err:
+        if isinstance(err, (OSError, MemoryError)):
+            raise
+        raise ValueError(f"{file}: cannot read tensor {key!r} (corrupt or truncated file?): {err}") from None
+
+
 def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[str, str]]:
     """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block."""
     by_idx = {p.layer_idx: p for p in plans}
@@ -156,15 +190,18 @@ def load_moe_layers(
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both
-    shapes; an unreadable config.json, index or shard -> ``ValueError`` naming the file.
+    shapes; an unreadable config.json, index or shard -> ``ValueError`` naming the file;
+    ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float
+    ``torch.dtype`` or its name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``.
     """
     path = os.fspath(path)
+    device = check_device("device", device) if device is not None else torch.device("cpu")
+    dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
     config = read_config(path)
     spec, plans = plan_layers(config)
     fmt, shipped = checkpoint_format(config, quant_config)
     if dtype is None:
-        dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = DTYPE_NAMES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
     reader = _Reader(files)

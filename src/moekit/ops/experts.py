@@ -24,6 +24,7 @@ from .._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    values_checkable,
 )
 from .activation import apply_activation_torch, check_swiglu_limit, get_activation
 
@@ -70,6 +71,7 @@ def check_experts_inputs(
     t, h = hidden_states.shape
     if w1.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w1 must be [E, 2I|I, H] and w2 [E, H, I], got {list(w1.shape)} and {list(w2.shape)}")
+    _check_not_swapped(w1, w2, h, act.gated)
     e_local, _, inter = w2.shape
     rows = 2 * inter if act.gated else inter
     check_shape("w1", w1, (e_local, rows, h))
@@ -114,9 +116,22 @@ def check_experts_inputs(
     return p
 
 
+def _check_not_swapped(w1, w2, h: int, gated: bool) -> None:
+    """w1 [E, H, I] with w2 [E, 2I, H] (or [E, I, H] non-gated) is the w13/w2 pair swapped: say so."""
+    inter = w1.shape[2]
+    rows = 2 * inter if gated else inter
+    if w1.shape[0] == w2.shape[0] and tuple(w1.shape[1:]) == (h, inter) and tuple(w2.shape[1:]) == (rows, h) \
+            and (rows, h) != (h, inter):
+        raise ValueError(
+            f"w1 has shape {list(w1.shape)} and w2 {list(w2.shape)}; expected w1 [E, {'2I' if gated else 'I'}, H] = "
+            f"{[w1.shape[0], rows, h]} and w2 [E, H, I] = {[w1.shape[0], h, inter]}: did you swap w1 and w2?"
+        )
+
+
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Raise if an id lies outside ``[0, num_experts)`` (a host synchronisation)."""
-    if topk_ids.numel() == 0:
+    """Raise if an id lies outside ``[0, num_experts)`` (a host synchronisation; skipped while compiling,
+    capturing a CUDA graph or on the meta device, as :func:`moekit._checks.check_finite`)."""
+    if topk_ids.numel() == 0 or not values_checkable(topk_ids):
         return
     lo, hi = int(topk_ids.min()), int(topk_ids.max())
     if lo < 0 or hi >= num_experts:
@@ -168,10 +183,18 @@ def experts_reference(
     add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
     does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
     scratch stays under ``workspace_bytes``; each token lies in one chunk, so chunking is exact.
+
+    Under ``torch.compile`` (decision, issue #12): the eager loop needs each expert's token count on the
+    host (data-dependent shapes, a graph break), so while compiling each chunk runs the dense,
+    trace-friendly formulation :func:`_experts_chunk_dense` instead -- every local expert over every
+    token of the chunk, the result kept only in the slots routed to it. It computes the same slot
+    values with the same precision steps and sums the slots in the same order, so it matches eager up
+    to GEMM blocking; it costs ``E_local`` times the FLOPs, acceptable for the reference backend (fast
+    compiled layers use the Triton backend). The value checks are skipped while compiling.
     """
     p = ExpertsProblem.of(x, w2, topk_ids, expert_map, get_activation(activation).name)
     check_ids_in_range(topk_ids, p.num_global)
-    if expert_map is not None and expert_map.numel():
+    if expert_map is not None and expert_map.numel() and values_checkable(expert_map):
         lo, hi = int(expert_map.min()), int(expert_map.max())
         if lo < -1 or hi >= p.num_local:
             raise ValueError(f"expert_map values must lie in [-1, {p.num_local}) (local slots), got [{lo}, {hi}]")
@@ -182,24 +205,60 @@ def experts_reference(
     per_token = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16
     chunk = max(1, min(p.num_tokens, workspace_bytes // per_token))
     local_map = expert_map.long() if expert_map is not None else None
+    run_chunk = _experts_chunk_dense if torch.compiler.is_compiling() else _experts_chunk
+    if run_chunk is _experts_chunk_dense:
+        chunk = max(1, min(p.num_tokens, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4)))
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
-        out[start:stop] = _experts_chunk(
+        out[start:stop] = run_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], p,
             apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit,
         )
     return out
 
 
-def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
-    """One chunk of tokens: x [Tc, H] -> [Tc, H]."""
-    tc, k = topk_ids.shape
+def _live_slots(topk_weights, topk_ids, local_map, on_input):
+    """(flat slot weights [Tc·K] f32, local expert per slot [Tc·K] int64, live mask [Tc·K] bool)."""
     ids = topk_ids.reshape(-1).long()
     weights = topk_weights.reshape(-1).float()
     local = local_map[ids] if local_map is not None else ids
     live = local >= 0
     if not on_input:
         live &= weights != 0
+    return weights, local, live
+
+
+def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.Tensor:
+    """``expert_e(xin)`` in float32: xin [N, H] dtype -> [N, H] f32 (precision as the module says)."""
+    h = xin @ w1[e].t()
+    if b1 is not None:
+        h = h + b1[e]
+    a = apply_activation_torch(h, p.activation, swiglu_limit).to(dtype)
+    o = a @ w2[e].t()
+    if b2 is not None:
+        o = o + b2[e]
+    return o.float()
+
+
+def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
+    """The compile-friendly chunk (no data-dependent shapes): x [Tc, H] -> [Tc, H]."""
+    tc, k = topk_ids.shape
+    weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
+    # with the input weighting K == 1, so slot t is token t; otherwise every slot of a token sees x[t]
+    rows = (x.float() * weights.unsqueeze(1)).to(x.dtype) if on_input else x
+    slot_out = torch.zeros(tc * k, p.hidden, dtype=torch.float32, device=x.device)
+    for e in range(p.num_local):
+        o = _expert_rows(rows, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
+        if not on_input:
+            o = (o.unsqueeze(1) * weights.view(tc, k, 1)).reshape(tc * k, p.hidden)
+        slot_out = torch.where((live & (local == e)).unsqueeze(1), o, slot_out)
+    return slot_out.view(tc, k, p.hidden).sum(dim=1).to(x.dtype)
+
+
+def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
+    """One chunk of tokens: x [Tc, H] -> [Tc, H]."""
+    tc, k = topk_ids.shape
+    weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
     # sort slots by local expert; dead slots get key E_local and sort last
     key = torch.where(live, local, torch.full_like(local, p.num_local))
     order = torch.argsort(key, stable=True)
@@ -214,14 +273,7 @@ def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local
         xin = x[slots // k]
         if on_input:
             xin = (xin.float() * weights[slots].unsqueeze(1)).to(x.dtype)
-        h = xin @ w1[e].t()
-        if b1 is not None:
-            h = h + b1[e]
-        a = apply_activation_torch(h, p.activation, swiglu_limit).to(x.dtype)
-        o = a @ w2[e].t()
-        if b2 is not None:
-            o = o + b2[e]
-        o = o.float()
+        o = _expert_rows(xin, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
             o = o * weights[slots].unsqueeze(1)
         slot_out[slots] = o

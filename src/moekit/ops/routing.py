@@ -19,12 +19,14 @@ in descending order of selection score.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_choice, check_finite, check_int, check_same_device, check_shape, check_tensor
+from .._checks import (  # noqa: F401  (host_sync_allowed: re-exported, its home is _checks)
+    check_choice, check_finite, check_int, check_real, check_same_device, check_shape, check_tensor,
+    host_sync_allowed,
+)
 
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 RENORM_EPS = 1e-20  # guards an all-zero top-k (sigmoid underflow) against 0/0
@@ -50,10 +52,7 @@ class TopKSpec:
     def validate(self, num_experts: int) -> "TopKSpec":
         check_int("top_k", self.top_k, minimum=1)
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
-        if not isinstance(self.routed_scaling_factor, (int, float)) or isinstance(self.routed_scaling_factor, bool):
-            raise TypeError(f"routed_scaling_factor must be a float, got {self.routed_scaling_factor!r}")
-        if not math.isfinite(self.routed_scaling_factor):
-            raise ValueError(f"routed_scaling_factor must be finite, got {self.routed_scaling_factor!r}")
+        check_real("routed_scaling_factor", self.routed_scaling_factor)
         if self.top_k > num_experts:
             raise ValueError(f"top_k must be <= the number of experts ({num_experts}), got {self.top_k}")
         g, kg = self.num_expert_group, self.topk_group
@@ -182,7 +181,8 @@ def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indice
     gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
     """
     input_ids = input_ids.reshape(-1)
-    check_input_ids_range(input_ids, table.shape[0])
+    if host_sync_allowed():
+        check_input_ids_range(input_ids, table.shape[0])
     check_finite("router_logits", gating_output)
     return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
 
@@ -267,13 +267,6 @@ def lookup_hash_ids(table, input_ids, num_tokens: int, check_range: bool = True)
     if check_range or host_sync_allowed():
         check_input_ids_range(input_ids, table.shape[0])
     return table[input_ids.long()].long()  # index first: never converts the whole [vocab, K] table
-
-
-def host_sync_allowed() -> bool:
-    """False while torch.compile traces or the current CUDA stream is capturing a graph."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor) -> TopKSpec:

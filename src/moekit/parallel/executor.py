@@ -16,15 +16,25 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
   Beyond ``chunk_tokens`` tokens on any rank the forward runs in chunks (bounded buffers).
 - Tensor parallelism (``tp_group`` of size ``W_tp > 1``): each rank's experts hold an ``I / W_tp``
   slice (the w2 bias on TP rank 0 only); the partial outputs are summed by an all-reduce in the input
-  dtype. The ranks of one TP group must hold the same tokens.
+  dtype. The ranks of one TP group must hold the same tokens. Fed different token counts, the TP
+  all-reduce gets tensors of different sizes: gloo aborts the process ("collective mismatch" / a size
+  error) and leaves the other ranks hanging; NCCL may hang or reduce garbage. Set
+  ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``) while
+  debugging: every forward then all-gathers ``T`` over the TP group first and every rank raises the
+  same ``ValueError`` listing the counts. Decision (issue #12): off by default, because it adds a
+  collective and a host synchronisation to every forward (which CUDA graphs cannot capture); measured
+  on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the
+  forward of a small layer (T=16, H=64, E=8) -- too much to pay on every forward by default.
 - With EPLB the per-expert load is recorded here (live slots only), once per forward.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .comm import all_reduce_sum, group_rank, group_size
+from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
 from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
 
@@ -59,6 +69,8 @@ class ParallelExecutor:
         self.chunk_tokens = chunk_tokens
         self.all_gather_min_tokens = all_gather_min_tokens
         self.last_mode: str | None = None
+        #: all-gather T over the TP group before each forward and raise on a mismatch (module docstring)
+        self.check_tp_tokens = os.environ.get("MOEKIT_CHECK_TP_TOKENS", "") not in ("", "0")
         self._owner_rank: torch.Tensor | None = None
 
     @property
@@ -90,6 +102,8 @@ class ParallelExecutor:
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         experts = self.experts
         experts.check_loaded()  # before any collective
+        if self.check_tp_tokens and self.tp_size > 1:
+            self.check_same_tokens(x)
         on_input = experts.moe_config.apply_router_weight_on_input
         if self.eplb_state is not None:
             self.eplb_state.record(topk_ids, topk_weights, on_input)
@@ -100,6 +114,19 @@ class ParallelExecutor:
         if self.tp_size > 1 and out.numel():
             all_reduce_sum(out, self.tp_group)
         return out
+
+    def check_same_tokens(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` on every rank unless every rank of the TP group holds ``T`` tokens (one
+        all-gather of ``T`` and a host synchronisation)."""
+        mine = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        every = torch.empty(self.tp_size, dtype=torch.int64, device=x.device)
+        all_gather_into(every, mine, self.tp_group)
+        counts = every.tolist()
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"the ranks of tp_group were fed different token counts {counts} (by TP rank); every rank of a "
+                "tensor-parallel group must hold the same tokens (see docs/parallel.md)"
+            )
 
     def run_ep(self, x, topk_weights, topk_ids, experts, on_input: bool, mode: str | None = None) -> torch.Tensor:
         """Dispatch, run ``experts(x, weights, ids)`` on what arrives, combine. ``mode`` overrides."""

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_finite, check_int, check_same_device, check_tensor
+from .._checks import check_bool, check_finite, check_int, check_same_device, check_tensor
 from ..ops.kernels import Kernels, kernels_for
 from ..ops.routing import TopKSpec, check_bias, check_gating, check_indices_type
 from ..types import RoutingMethodType, RoutingResult
@@ -58,8 +58,7 @@ def routing_spec(
         for NaN / inf: :meth:`TopKSpec.validate` is the one check); stored as a float.
     fields: further ``TopKSpec`` fields (``scoring_func``, ``num_expert_group``, ``topk_group``).
     """
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize must be a bool, got {renormalize!r} ({type(renormalize).__name__})")
+    check_bool("renormalize", renormalize)
     spec = TopKSpec(top_k, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor, **fields)
     spec = spec.validate(num_columns)
     return dataclasses.replace(spec, routed_scaling_factor=float(spec.routed_scaling_factor))
@@ -96,8 +95,7 @@ class BaseRouter(torch.nn.Module):
         self.global_num_experts = check_int("global_num_experts", global_num_experts, minimum=1)
         if eplb_state is not None and not callable(getattr(eplb_state, "map_logical_to_physical", None)):
             raise TypeError(f"eplb_state must have a map_logical_to_physical method, got {type(eplb_state).__name__}")
-        if not isinstance(enable_eplb, bool):
-            raise TypeError(f"enable_eplb must be a bool, got {enable_eplb!r}")
+        check_bool("enable_eplb", enable_eplb)
         if enable_eplb and eplb_state is None:
             raise ValueError("enable_eplb=True needs eplb_state (the logical -> physical map), got None")
         if indices_type_getter is not None and not callable(indices_type_getter):

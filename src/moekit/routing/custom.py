@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_finite
+from .._checks import check_callable, check_finite
 from ..ops.experts import check_ids_in_range
 from ..ops.kernels import Kernels
 from ..types import RoutingMethodType, RoutingResult
@@ -37,8 +37,9 @@ class CustomRoutingRouter(BaseRouter):
                  enable_eplb: bool = False, indices_type_getter: IndicesTypeGetter | None = None,
                  routed_scaling_factor: float = 1.0, *, kernels: Kernels | None = None):
         super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
-        if not callable(custom_routing_function):
-            raise TypeError(f"custom_routing_function must be callable, got {custom_routing_function!r}")
+        if custom_routing_function is None:
+            raise TypeError("custom_routing_function must be a callable, got None")
+        check_callable("custom_routing_function", custom_routing_function)
         spec = routing_spec(top_k, self.global_num_experts, renormalize, routed_scaling_factor)
         self.custom_routing_function = custom_routing_function
         self.renormalize = spec.renormalize
