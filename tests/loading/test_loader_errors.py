@@ -2,6 +2,7 @@
 (the error names the file), dtype names, and device="cuda" on a machine without CUDA."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_corrupt_shard_names_the_file(checkpoint, tmp_path, how):
     data = open(shard, "rb").read()
     with open(shard, "wb") as f:
         f.write(data[: len(data) // 2] if how == "truncated" else b"\x07" * 64)
-    with pytest.raises(ValueError, match=f"{shard}: corrupt or truncated safetensors file"):
+    with pytest.raises(ValueError, match=re.escape(shard) + r".*(corrupt|truncated)"):
         load_moe_layers(path)
 
 
@@ -62,15 +63,15 @@ def test_malformed_config_and_index_name_the_file(checkpoint, tmp_path):
     cfg = os.path.join(path, "config.json")
     with open(cfg, "w") as f:
         f.write('{"model_type": "deepseek_v4", ')
-    with pytest.raises(ValueError, match=f"{cfg}: malformed config.json"):
+    with pytest.raises(ValueError, match=re.escape(cfg) + r".*(not valid JSON|malformed)"):
         load_moe_layers(path)
     with open(cfg, "w") as f:
         f.write("[1, 2]")
-    with pytest.raises(ValueError, match=f"{cfg}: malformed config.json .*JSON object"):
+    with pytest.raises(ValueError, match=re.escape(cfg) + r".*JSON object"):
         load_moe_layers(path)
     path = _copy(checkpoint, str(tmp_path / "ckpt2"))
     index = os.path.join(path, "model.safetensors.index.json")
     with open(index, "w") as f:
         f.write('{"weight_map": ')
-    with pytest.raises(ValueError, match=f"{index}: malformed safetensors index"):
+    with pytest.raises(ValueError, match=re.escape(index) + r".*(index|weight_map)"):
         load_moe_layers(path)

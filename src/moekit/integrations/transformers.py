@@ -126,6 +126,7 @@ def patch(model, *, backend: str = "auto") -> list[str]:
         if m.group(2) != plan.name.rsplit(".", 1)[-1] or not hasattr(module, "experts"):
             continue
         adapter = MoEBlockAdapter(_moekit_from_block(module, plan, backend, experts_format(fmt, plan)), plan)
+        adapter.train(module.training)  # the replaced block's mode (an eval model stays in eval)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, adapter)
