@@ -103,16 +103,11 @@ class GraphCache:
             sl.copy_(logits)
             out = fn(sx, sl)  # eager warm-up on the static buffers: compiles; this call's answer
             graph = torch.cuda.CUDAGraph()
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                graph.capture_begin(pool=self._pool(), capture_error_mode="thread_local")
-                try:
-                    static_out = fn(sx, sl)
-                finally:
-                    graph.capture_end()
-            current.wait_stream(side)
+            # torch.cuda.graph (not bare capture_begin/end): it registers the RNG generators with the
+            # capture; bare calls left the default generator's offset tracking broken for later
+            # torch.rand calls ("Offset increment outside graph capture", seen on H200)
+            with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode="thread_local"):
+                static_out = fn(sx, sl)
         return out, _Entry(graph, sx, sl, static_out)
 
     def _pool(self):
