@@ -80,6 +80,10 @@ def FusedMoE(
     tp_group=None,
     expert_placement_strategy: str = "linear",
     backend: str = "auto",
+    gate_input: str = "routed",
+    final_output_transform: torch.nn.Module | None = None,
+    routed_shared_experts: int = 0,
+    expert_output_norm: torch.nn.Module | None = None,
 ) -> MoERunner:
     """Build a complete MoE layer, bottom-up; nothing is installed on a part after it is built:
 
@@ -94,6 +98,19 @@ def FusedMoE(
     the weights live), ``ep_group``/``tp_group`` (``torch.distributed`` groups),
     ``expert_placement_strategy`` ("linear" or "round_robin") and ``backend`` ("auto", "torch",
     "triton"; "auto" resolves once, here, and the choice is on ``layer.backend``).
+
+    Extensions for transformers architectures beyond the seed (issue #13):
+
+    - ``gate_input="block"``: the gate reads the layer's input instead of ``x_routed`` (see
+      :class:`~moekit.runner.MoERunner`); ``final_output_transform``: a module applied to ``routed + shared``.
+    - ``routed_shared_experts=S`` (Inkling): the last ``S`` of the ``num_experts`` experts (and logit
+      columns) are shared experts that every token selects, with their router scores normalised jointly
+      with the ``top_k`` routed ones: ``w_j = s_j / (Σ_{top-k} s + Σ_shared s) · routed_scaling_factor``.
+      The router returns ``top_k + S`` slots (the routed ``top_k``, then the ``S`` shared experts);
+      ``e_score_correction_bias``, when given, has ``num_experts - S`` entries (routed experts only).
+    - ``expert_output_norm``: a module applied to every expert's output rows ``[N, H]`` (after ``b2``,
+      before the routing weight; Muse Spark's post-expert RMSNorm). Torch backend only: the Triton
+      experts raise ``NotImplementedError`` at construction (it is not in the w2 epilogue).
     The expert weights start unloaded: load them (``layer.load_expert_weights`` / ``load_weights``)
     before the first forward.
     """
@@ -113,6 +130,10 @@ def FusedMoE(
     if router is not None:
         _check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
     device = torch.device(device) if device is not None else _default_device()
+    if routed_shared_experts:
+        top_k, routing["e_score_correction_bias"] = _with_shared_slots(
+            routed_shared_experts, num_experts, top_k, routing, device
+        )
     config = MoEConfig(
         num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
         swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
@@ -136,6 +157,7 @@ def FusedMoE(
     router.to(device)
     experts = (routed_experts_cls or RoutedExperts)(
         prefix, config.params_dtype, config, quant_config, placement=placement, kernels=kernels, device=device,
+        **(dict(expert_output_norm=expert_output_norm) if expert_output_norm is not None else {}),
         **(routed_experts_args or {}),
     )
     executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) if parallel else LocalExecutor(experts)
@@ -154,8 +176,36 @@ def FusedMoE(
         expert_executor=executor,
         n_shared_experts=n_shared_experts,
         expert_mapping=expert_mapping,
+        gate_input=gate_input,
+        final_output_transform=final_output_transform,
         **(runner_args or {}),
     )
+
+
+#: selection bias of the shared slots of ``routed_shared_experts``: above any score + bias of a routed expert
+_SHARED_SELECTION_BIAS = 1e9
+
+
+def _with_shared_slots(num_shared, num_experts, top_k, routing, device):
+    """(router top_k = top_k + S, selection bias [E] with the shared experts always selected)."""
+    if isinstance(num_shared, bool) or not isinstance(num_shared, int) or not 0 < num_shared < num_experts:
+        raise ValueError(f"routed_shared_experts must be an int in [0, num_experts={num_experts}), got {num_shared!r}")
+    for name in ("zero_expert_type", "custom_routing_function", "hash_indices_table"):
+        if routing[name] is not None:
+            raise ValueError(f"routed_shared_experts cannot be combined with {name}")
+    if routing["use_grouped_topk"]:
+        raise ValueError("routed_shared_experts cannot be combined with use_grouped_topk")
+    bias = routing["e_score_correction_bias"]
+    n_routed = num_experts - num_shared
+    if bias is None:
+        bias = torch.zeros(n_routed, device=device)
+    if bias.dim() != 1 or bias.shape[0] != n_routed:
+        raise ValueError(
+            f"with routed_shared_experts={num_shared}, e_score_correction_bias must have shape "
+            f"[{n_routed}] (routed experts only), got {list(bias.shape)}"
+        )
+    shared = torch.full((num_shared,), _SHARED_SELECTION_BIAS, dtype=torch.float32, device=bias.device)
+    return top_k + num_shared, torch.cat([bias.float(), shared])
 
 
 def _parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group, tp_group, tp_size, strategy,

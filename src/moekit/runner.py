@@ -1,13 +1,14 @@
 """MoERunner: the forward pass of one MoE layer, top to bottom (SPEC §1 "Forward order").
 
     x        = routed_input_transform(h)            if set, else h          [T, H]
-    logits   = gate(x)                              if not given             [T, E + Z]
+    logits   = gate(x)  (gate(h) with gate_input="block")  if not given     [T, E + Z]
     routing  = router.route(x, logits)              weights [T, K] f32, ids [T, K] i32, zero [T, H]
     routed   = expert_executor(x, weights, ids) + zero      (local, or EP dispatch/combine + TP reduce)
     routed  *= routed_scaling_factor                (only when applied to the output)
     routed   = routed_output_transform(routed)      if set
     shared   = shared_experts(h) [* sigmoid(shared_expert_gate(h))]
-    return routed + shared
+    out      = routed + shared
+    return final_output_transform(out)              if set (AXK1's post-MoE norm), else out
 
 Everything the runner holds is a constructor argument (:func:`moekit.FusedMoE` builds them bottom-up).
 """
@@ -25,6 +26,9 @@ from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
+
+#: what the gate reads: the routed input (SPEC §1) or the layer's input
+GATE_INPUTS = ("routed", "block")
 
 
 def _first(out):
@@ -47,6 +51,9 @@ class MoERunner(torch.nn.Module):
     ``routed_scaling_factor`` is the output-side factor (1.0 when the router applies it).
     ``n_shared_experts`` is informational (shared experts run through ``shared_experts``);
     ``expert_mapping`` names the checkpoint entries :meth:`load_weights` accepts.
+    ``gate_input``: what the gate reads when it computes the logits: ``"routed"`` (``x_routed``, SPEC §1)
+    or ``"block"`` (the layer's input ``hidden_states``: Gemma 4, Muse Spark, Nemotron-H with a latent).
+    ``final_output_transform``: applied to ``routed + shared`` (a module; None: nothing).
     """
 
     def __init__(
@@ -67,8 +74,12 @@ class MoERunner(torch.nn.Module):
         expert_executor=None,
         n_shared_experts: int | None = None,
         expert_mapping: list[tuple[str, str, int, str]] | None = None,
+        gate_input: str = "routed",
+        final_output_transform: torch.nn.Module | None = None,
     ):
         super().__init__()
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {list(GATE_INPUTS)}, got {gate_input!r}")
         if enable_dbo:
             raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
         if shared_expert_gate is not None and shared_experts is None:
@@ -81,6 +92,8 @@ class MoERunner(torch.nn.Module):
         self.routed_experts = routed_experts
         self.routed_output_transform = routed_output_transform
         self.shared_experts, self.shared_expert_gate = shared_experts, shared_expert_gate
+        self.gate_input = gate_input
+        self.final_output_transform = final_output_transform
         self.routed_scaling_factor = float(routed_scaling_factor)
         if not math.isfinite(self.routed_scaling_factor):
             raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor!r}")
@@ -113,7 +126,7 @@ class MoERunner(torch.nn.Module):
         x = h if self.routed_input_transform is None else _first(self.routed_input_transform(h))
         self._check_routed_input(x)
 
-        logits = self._logits(x, router_logits)
+        logits = self._logits(h if self.gate_input == "block" else x, router_logits)
         routing = self.router.route(x, logits, input_ids=input_ids)
         routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
         if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
@@ -129,6 +142,8 @@ class MoERunner(torch.nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(_first(self.shared_expert_gate(h))) * shared
             routed = routed + shared
+        if self.final_output_transform is not None:
+            routed = _first(self.final_output_transform(routed))
         # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
         return routed.reshape(*lead, routed.shape[-1]).to(hidden_states.dtype)
 

@@ -24,7 +24,7 @@ import torch
 from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, down_rows, gate_up_rows, get_fused_layout
 
 _EXPERT_RE = re.compile(r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)(weight|bias)$")
-_FUSED_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|down_proj)(_bias)?$")
+_FUSED_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|up_proj|down_proj)(_bias)?$")
 
 
 def fused_moe_make_expert_params_mapping(
@@ -124,6 +124,9 @@ def load_layer_weights(
 def _load_expert(layer, name, tensor, m, by_weight) -> None:
     c, experts = layer.moe_config, layer.routed_experts
     weight_name, eid, proj, bias = m.group(1), int(m.group(2)), m.group(3), m.group(4) == "bias"
+    if not c.gated and proj in PROJ_NAMES[UP]:  # a non-gated expert's one input projection (Nemotron-H: up_proj)
+        proj = PROJ_NAMES[GATE][PROJ_NAMES[UP].index(proj)]
+        weight_name = weight_name[: -len(m.group(3)) - 1] + proj + "."
     entries = by_weight.get(weight_name)
     if entries is None:
         if c.num_experts <= eid < c.num_experts + c.num_zero_experts and proj in SHARD_OF_PROJ:
@@ -172,6 +175,10 @@ def _load_fused(experts, name, tensor, which, bias, layout) -> None:
     c = experts.moe_config
     e, z, h, inter = c.num_experts, c.num_zero_experts, c.hidden_size, c.intermediate_size
     rows = c.w13_rows(inter)
+    if which == "up_proj":  # a non-gated stack [E, I, H] (Nemotron-H); gated layers have no such stack
+        if c.gated:
+            raise KeyError(f"checkpoint key {name!r}: an up_proj stack needs a non-gated activation, not {c.activation!r}")
+        which = "gate_up_proj"
     if which == "gate_up_proj":
         tail = (rows,) if bias else ((h, rows) if layout.transposed else (rows, h))
     else:

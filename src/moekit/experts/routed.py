@@ -40,6 +40,7 @@ class RoutedExperts(torch.nn.Module):
         placement: ExpertPlacement | None = None,
         kernels=None,
         device=None,
+        expert_output_norm: torch.nn.Module | None = None,
     ):
         super().__init__()
         if quant_config is not None:
@@ -53,6 +54,13 @@ class RoutedExperts(torch.nn.Module):
                 f"params_dtype={params_dtype} cannot run on the triton backend; expected one of "
                 f"{[str(d) for d in KERNEL_DTYPES]} (float64 is for the torch reference backend)"
             )
+        if expert_output_norm is not None and self.kernels.name != "torch":
+            raise NotImplementedError(
+                f"expert_output_norm on the {self.kernels.name!r} backend: the per-expert output norm is not in "
+                "the w2 epilogue of the Triton kernels; use backend='torch'"
+            )
+        #: applied to every expert's output rows before the routing weight (torch backend)
+        self.expert_output_norm = expert_output_norm
         p, c = self.placement, moe_config
         self.tp_rows = p.tp_slice(c.intermediate_size)
         self.inter_local = self.tp_rows.stop - self.tp_rows.start
@@ -100,6 +108,7 @@ class RoutedExperts(torch.nn.Module):
             w2_bias=self.w2_bias if self.add_w2_bias else None,
             expert_map=self.expert_map,
             swiglu_limit=c.swiglu_limit,
+            **({} if self.expert_output_norm is None else {"expert_output_fn": self.expert_output_norm}),
         )
 
     # -- the loaded-record --------------------------------------------------------------------

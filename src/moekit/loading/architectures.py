@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .archs import core
+from .archs import core, ds3, gemma4, sigmoid_bias
 from .archs.common import ArchSpec
 from .plan import LayerPlan
 
-FAMILIES = (core,)
+FAMILIES = (core, ds3, sigmoid_bias, gemma4)
 SPECS: tuple[ArchSpec, ...] = tuple(s for family in FAMILIES for s in family.SPECS)
 BY_MODEL_TYPE = {t: s for s in SPECS for t in s.model_types}
+#: multimodal model types -> the spec of their text tower (``config["text_config"]``)
+WRAPPERS = {w: s for s in SPECS for w in s.wrappers}
 
 
 def supported_model_types() -> list[str]:
@@ -25,7 +27,7 @@ def supported_model_types() -> list[str]:
 def spec_for(config: dict) -> ArchSpec:
     """The spec of a config.json dict; unsupported architectures raise ``NotImplementedError``."""
     mt = config.get("model_type")
-    if mt not in BY_MODEL_TYPE and not (mt == "llama4" and "text_config" in config):
+    if mt not in BY_MODEL_TYPE:
         names = ", ".join(f"{s.name} ({'/'.join(s.model_types)})" for s in SPECS)
         raise NotImplementedError(f"model_type={mt!r} is not supported; supported architectures: {names}")
     return BY_MODEL_TYPE[mt]
@@ -37,15 +39,18 @@ def plan_layers(config: dict) -> tuple[ArchSpec, list[LayerPlan]]:
     if q:
         method = q.get("quant_method", q) if isinstance(q, dict) else q
         raise NotImplementedError(f"quantised checkpoints (quantization_config={method!r}) are not supported yet")
-    if config.get("model_type") == "llama4" and isinstance(config.get("text_config"), dict):
-        # the multimodal wrapper: its text tower is Llama4ForCausalLM at ``language_model``
-        text = dict(config["text_config"], model_type="llama4_text")
+    wrapped = WRAPPERS.get(config.get("model_type"))
+    if wrapped is not None and isinstance(config.get("text_config"), dict):
+        # a multimodal wrapper: its text tower's decoder layers live at ``wrapper_prefix + "layers.N"``
+        text = dict(config["text_config"])
+        text["model_type"] = text.get("model_type") or wrapped.model_types[0]
         spec = spec_for(text)
+        pre = spec.wrapper_prefix
         plans = [
             replace(
                 p,
-                name="language_model." + p.name,
-                ckpt_prefixes=tuple("language_model." + c for c in p.ckpt_prefixes if c.startswith("model.")),
+                name=pre + p.name.removeprefix("model."),
+                ckpt_prefixes=tuple(pre + c.removeprefix("model.") for c in p.ckpt_prefixes if c.startswith("model.")),
             )
             for p in spec.plan(text, spec)
         ]

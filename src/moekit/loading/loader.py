@@ -70,13 +70,15 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for key in keys:
         m = _KEY_RE.match(key)
-        if m is None or m.group("block") not in spec.ckpt_blocks:
+        member = m is not None and m.group("block") in spec.layer_members
+        if m is None or not (member or m.group("block") in spec.ckpt_blocks):
             continue
         plan = by_idx.get(int(m.group("idx")))
-        prefix = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}."
-        if plan is None or prefix not in plan.ckpt_prefixes:
+        layer = f"{m.group('pre')}layers.{m.group('idx')}."
+        prefix = layer if spec.layer_level or member else f"{layer}{m.group('block')}."
+        if plan is None or (prefix if not member else f"{layer}{spec.block}.") not in plan.ckpt_prefixes:
             continue  # dense layers, MTP layers past num_hidden_layers, other towers
-        out[plan.name][rename_block_key(spec, m.group("rest"))] = key
+        out[plan.name][rename_block_key(spec, key[len(prefix):])] = key
     return out
 
 
@@ -131,13 +133,29 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
                 continue
             t = read(key)
             try:
-                state.load([(rel, t.to(device))])
+                state.load(_appended(spec, plan, rel, t.to(device)))
             except (KeyError, ValueError) as err:
                 raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
             del t
         _check_complete(state, keys, spec)
         layers[plan.name] = state.layer
     return layers
+
+
+def _appended(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor) -> list:
+    """``[(name, tensor)]`` to load for one checkpoint tensor: a stack of ``spec.appended_experts``
+    ``[S, ...]`` becomes the per-expert shards of experts ``E - S .. E - 1``; anything else is itself."""
+    first = plan.num_experts - plan.routed_shared_experts
+    if plan.routed_shared_experts and rel in ("experts.gate_up_proj", "experts.down_proj"):
+        if rel == "experts.down_proj":  # the routed experts' stacks: E - S experts, loaded one by one
+            return [(f"experts.{e}.down_proj.weight", t[e]) for e in range(first)]
+        i = plan.intermediate_size
+        return [(f"experts.{e}.{p}.weight", t[e, s * i:(s + 1) * i]) for e in range(first)
+                for s, p in enumerate(("gate_proj", "up_proj"))]
+    if rel not in spec.appended_experts:
+        return [(rel, t)]
+    proj = ("gate_proj", "up_proj", "down_proj")[spec.appended_experts.index(rel)]
+    return [(f"experts.{first + s}.{proj}.weight", t[s]) for s in range(t.shape[0])]
 
 
 @dataclass
@@ -159,7 +177,7 @@ class _LayerLoad:
 
 def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
     pre = plan.ckpt_prefixes[0]
-    e_all = plan.num_experts + plan.num_zero_experts
+    e_all = plan.num_experts + plan.num_zero_experts - plan.routed_shared_experts
     if plan.has_score_bias:
         t = tensors.get("router.e_score_correction_bias")
         if t is None:

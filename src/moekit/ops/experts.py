@@ -147,6 +147,7 @@ def fused_experts_torch(
 def experts_reference(
     x, w1, w2, topk_weights, topk_ids, *, activation="silu", apply_router_weight_on_input=False,
     w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+    expert_output_fn=None,
 ) -> torch.Tensor:
     """Reference routed experts (the torch kernel table's ``experts``): vectorised over tokens, a loop
     over experts, bounded memory. Arguments are checked already; the values of ``topk_ids`` and
@@ -155,6 +156,8 @@ def experts_reference(
     x: [T, H]; w1: [E_local, 2I | I, H]; w2: [E_local, H, I]; topk_weights: [T, K] float;
     topk_ids: [T, K] int in [0, E); w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
     expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
+    expert_output_fn: ``[N, H] -> [N, H]`` applied to each expert's output (after ``b2``, before the
+    routing weight; a layer's ``expert_output_norm``), or None.
 
     Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation), the activation in
     fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
@@ -180,12 +183,12 @@ def experts_reference(
         stop = min(start + chunk, p.num_tokens)
         out[start:stop] = _experts_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], p,
-            apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit,
+            apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit, expert_output_fn,
         )
     return out
 
 
-def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
+def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit, out_fn=None):
     """One chunk of tokens: x [Tc, H] -> [Tc, H]."""
     tc, k = topk_ids.shape
     ids = topk_ids.reshape(-1).long()
@@ -215,6 +218,8 @@ def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local
         o = a @ w2[e].t()
         if b2 is not None:
             o = o + b2[e]
+        if out_fn is not None:
+            o = out_fn(o)
         o = o.float()
         if not on_input:
             o = o * weights[slots].unsqueeze(1)
