@@ -6,7 +6,9 @@ Beam, Nemotron-H, Mistral 4 and Mistral Large 4 (text)."""
 
 from __future__ import annotations
 
-from .common import DS_RENAMES, ArchSpec, act, first, get, layers, mk, sparse_layers
+from dataclasses import replace
+
+from .common import DS_RENAMES, ArchSpec, act, first, get, mk, sparse_layers
 
 _E = ("n_routed_experts", "num_experts", "num_local_experts")
 _K = ("num_experts_per_tok", "num_experts_per_token")
@@ -77,8 +79,6 @@ def _plan_nemotron(cfg, spec):
     if latent:  # the experts run on a latent; the gate and the shared experts read the block input
         shared.update(block_hidden_size=int(cfg["hidden_size"]), hidden_size=int(latent), gate_input="block",
                       input_transform="linear", output_transform="linear")
-    from dataclasses import replace
-
     return [replace(p, **shared) for p in base]
 
 

@@ -4,6 +4,8 @@ MiniMax-M2, MiniMax-M3-VL (text), HY-V3, AFMoE, LFM2-MoE, Laguna, Kolibri-1, Ste
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA
 from .common import DS_RENAMES, ArchSpec, act, first, get, layers, mk, sparse_layers
 
@@ -66,8 +68,6 @@ def _softcaps(cfg):
 
 def _plan_step3p7(cfg, spec):
     """Step-3.x: the clamp after SiLU with a per-layer limit (``swiglu_limits[i]``; 0 / None: plain silu)."""
-    from dataclasses import replace
-
     limits = get(cfg, "swiglu_limits", None) or [None] * layers(cfg)
     shared = get(cfg, "swiglu_limits_shared", None) or [None] * layers(cfg)
     base = _plan(scale_on_output=True)(cfg, spec)
