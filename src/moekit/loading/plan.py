@@ -48,6 +48,27 @@ class LayerPlan:
     fused_layout: str = "rows"
     output: str = "hidden"
     needs_input_ids: bool = False
+    # issue #13 extensions (see moekit.FusedMoE and loading/blocks.py for the module kinds)
+    block_hidden_size: int | None = None  # width of the block's input when the experts run on a latent
+    gate_kind: str = "linear"  # "linear" (RouterLinear) or "rmsnorm" (Gemma 4: norm, scale, proj)
+    logit_scale: float | None = None  # gate logits *= scale (Muse Spark's output_multiplier)
+    logit_softcap: float | None = None  # gate logits = c·tanh(logits / c) (Laguna)
+    gate_input: str = "routed"
+    apply_routed_scale_to_output: bool = False
+    zero_score_bias: bool = False  # a zero selection bias (Mistral 4: grouped by the top-2 sum, no bias)
+    routed_shared_experts: int = 0  # the last S experts are shared, router-weighted (Inkling)
+    input_transform: str | None = None  # routed_input_transform kind
+    output_transform: str | None = None  # routed_output_transform kind
+    final_transform: str | None = None  # final_output_transform kind
+    expert_output_norm: str | None = None
+    norm_eps: float = 1e-6
+    expert_norm_eps: float = 1e-6
+    shared_fused: bool = False  # the shared MLP has one gate_up_proj (MiniMax-M3-VL)
+
+    @property
+    def outer_hidden_size(self) -> int:
+        """Width of the block's input and output (``hidden_size`` unless the experts run on a latent)."""
+        return self.block_hidden_size or self.hidden_size
 
     @property
     def num_shared_experts_width(self) -> int:
@@ -62,7 +83,7 @@ class LayerPlan:
         return n * bytes_per_el
 
     def shared_bytes(self, bytes_per_el: int = 2) -> int:
-        return 3 * self.hidden_size * self.shared_intermediate_size * bytes_per_el
+        return 3 * self.outer_hidden_size * self.shared_intermediate_size * bytes_per_el
 
     def active_bytes_per_token(self, bytes_per_el: int = 2) -> int:
         """Expert weight bytes one token touches: K routed experts + the shared expert + the router."""
