@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, down_rows, gate_up_rows, get_fused_layout
+from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, FusedLayout, down_rows, gate_up_rows, get_fused_layout
 
 _EXPERT_RE = re.compile(r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)(weight|bias)$")
 _FUSED_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|down_proj)(_bias)?$")
@@ -168,7 +168,9 @@ def _load_own(layer, name, tensor, own) -> str | None:
 
 
 def _load_fused(experts, name, tensor, which, bias, layout) -> None:
-    """Fused stacks: gate_up [E(+Z), 2I, H] (or transposed / interleaved), down [E, H, I] (or [E, I, H])."""
+    """Fused stacks: gate_up [E(+Z), 2I, H] (or transposed / interleaved), down [E, H, I] (or [E, I, H]).
+    A non-interleaved stack whose shape only fits the other orientation is read in that one (the
+    layout named decides only when both fit, i.e. a square tail)."""
     c = experts.moe_config
     e, z, h, inter = c.num_experts, c.num_zero_experts, c.hidden_size, c.intermediate_size
     rows = c.w13_rows(inter)
@@ -176,6 +178,9 @@ def _load_fused(experts, name, tensor, which, bias, layout) -> None:
         tail = (rows,) if bias else ((h, rows) if layout.transposed else (rows, h))
     else:
         tail = (h,) if bias else ((inter, h) if layout.transposed else (h, inter))
+    if not bias and not layout.interleaved and tail[0] != tail[1] and tuple(tensor.shape[1:]) == tail[::-1]:
+        # the other orientation (checkpoints of one model ship both, e.g. Qwen3-VL-MoE): unambiguous here
+        layout, tail = FusedLayout(transposed=not layout.transposed, interleaved=False), tail[::-1]
     n = tensor.shape[0] if tensor.dim() == len(tail) + 1 else -1
     allowed = (e, e + z) if which == "gate_up_proj" else (e,)
     if n not in allowed or tuple(tensor.shape[1:]) != tail:

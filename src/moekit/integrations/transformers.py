@@ -15,18 +15,15 @@ transformers is imported inside the functions only: ``import moekit`` never need
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
 from ..experts.routed import RoutedExperts
-from ..loading.architectures import plan_layers
-from ..loading.modules import RouterLinear, build_layer
+from ..loading.architectures import ArchSpec, plan_layers
+from ..loading.modules import OutputBias, RouterLinear, SharedMLP, build_layer
 from ..loading.plan import LayerPlan
 from ..ops.activation import activation_from_hf
 
-_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
 
 
 class _UnallocatedRoutedExperts(RoutedExperts):
@@ -60,6 +57,8 @@ class MoEBlockAdapter(torch.nn.Module):
         if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
             return out, logits
         weights, _ = self.moe.router.select_experts(x, logits)  # gpt-oss: (hidden, router_scores [T, K])
+        if self.output == "hidden_scores_over_k":  # OpenAI privacy filter: router_scores / K
+            weights = weights / weights.shape[-1]
         return out.reshape(shape), weights.to(hidden_states.dtype)
 
 
@@ -78,20 +77,21 @@ def patch(model, *, backend: str = "auto") -> list[str]:
     Supported: the architectures of :func:`moekit.loading.architectures.supported_model_types`.
     Unsupported architectures raise ``NotImplementedError`` listing the supported ones.
     """
-    _spec, plans = plan_layers(_model_config_dict(model))
-    by_idx = {p.layer_idx: p for p in plans}
+    spec, plans = plan_layers(_model_config_dict(model))
+    by_tail: dict[str, list[LayerPlan]] = {}
+    for p in plans:
+        by_tail.setdefault(_tail(p.name), []).append(p)
     replaced, already = [], 0
     for name, module in list(model.named_modules()):
-        m = _BLOCK_RE.search(name)
-        if m is None or int(m.group(1)) not in by_idx:
+        plan = _plan_of(name, by_tail)
+        if plan is None:
             continue
         if isinstance(module, MoEBlockAdapter):
             already += 1  # patched before: left as it is
             continue
-        plan = by_idx[int(m.group(1))]
-        if m.group(2) != plan.name.rsplit(".", 1)[-1] or not hasattr(module, "experts"):
+        if _get(module, spec.experts_paths[0]) is None:
             continue
-        adapter = MoEBlockAdapter(_moekit_from_block(module, plan, backend), plan)
+        adapter = MoEBlockAdapter(_moekit_from_block(module, plan, spec, backend), plan)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, adapter)
@@ -104,21 +104,51 @@ def patch(model, *, backend: str = "auto") -> list[str]:
     return replaced
 
 
-def _router_parts(block, plan: LayerPlan):
+def _tail(name: str) -> str:
+    return ".".join(name.split(".")[-3:])  # "layers.3.mlp", "blocks.0.ffn"
+
+
+def _plan_of(name: str, by_tail: dict) -> LayerPlan | None:
+    """The plan whose block path is ``name``, or a path ``name`` is a tail of (a sub-model was patched)
+    or that is a tail of ``name`` (the model sits inside a larger one)."""
+    for p in by_tail.get(_tail(name), ()):
+        if p.name == name or p.name.endswith("." + name) or name.endswith("." + p.name):
+            return p
+    return None
+
+
+def _get(module, path: str):
+    """``module.a.b`` for ``path="a.b"`` (None where an attribute is missing)."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _router_parts(block, spec: ArchSpec):
     """(linear weight, linear bias or None, router module holding the buffers) of a transformers block."""
-    if hasattr(block, "gate"):
-        r = block.gate
+    if spec.router_path:
+        r = lin = _get(block, spec.router_path)
     else:
-        r = block.router
-    lin = r.classifier if hasattr(r, "classifier") else r
+        r = block.gate if hasattr(block, "gate") else block.router
+        lin = r.classifier if hasattr(r, "classifier") else r
     return lin.weight, getattr(lin, "bias", None), r
 
 
+def _shared_module(block, spec: ArchSpec, plan: LayerPlan):
+    if not plan.shared_intermediate_size:
+        return None
+    mlp = _get(block, spec.shared_path) if spec.shared_path else (
+        getattr(block, "shared_experts", None) or block.shared_expert)
+    return SharedMLP.around(mlp, plan.shared_activation, scale=plan.shared_scale) if plan.shared_scale != 1.0 else mlp
+
+
 @torch.no_grad()
-def _moekit_from_block(block, plan: LayerPlan, backend: str):
+def _moekit_from_block(block, plan: LayerPlan, spec: ArchSpec, backend: str):
     """A moekit layer built around the block's own tensors: router weights, selection bias / hash table,
-    shared experts and expert stacks are shared (expert stacks in a transposed layout are converted once)."""
-    weight, lin_bias, router = _router_parts(block, plan)
+    shared experts and expert stacks are shared (expert stacks in another layout are converted once)."""
+    weight, lin_bias, router = _router_parts(block, spec)
     for pname, p in block.named_parameters():
         if p.device.type == "meta":
             raise ValueError(
@@ -127,13 +157,18 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
             )
     tensors = {}
     if plan.has_score_bias:
-        tensors["router.e_score_correction_bias"] = router.e_score_correction_bias
+        bias = _get(block, spec.score_bias_path) if spec.score_bias_path else router.e_score_correction_bias
+        tensors["router.e_score_correction_bias"] = bias.reshape(-1)
     if plan.hash_routing:
         tensors["router.hash_indices_table"] = router.tid2eid
     gate = RouterLinear(weight.shape[1], weight.shape[0], bias=plan.router_bias, fp32=plan.router_fp32, device="meta")
     gate.weight = weight
     if plan.router_bias:
         gate.bias = lin_bias
+    output_bias = None
+    if plan.output_bias:
+        output_bias = OutputBias(plan.hidden_size, device="meta")
+        output_bias.bias = block.bias
     layer = build_layer(
         plan,
         device=weight.device,
@@ -142,22 +177,34 @@ def _moekit_from_block(block, plan: LayerPlan, backend: str):
         tensors=tensors,
         routed_experts_cls=_UnallocatedRoutedExperts,
         gate=gate,
-        shared_experts=(getattr(block, "shared_experts", None) or block.shared_expert)
-        if plan.shared_intermediate_size else None,
+        shared_experts=_shared_module(block, spec, plan),
         shared_expert_gate=block.shared_expert_gate if plan.shared_expert_gate else None,
+        output_bias=output_bias,
     )
-    layer.routed_experts.adopt_weights(*_expert_stacks(block.experts, plan.num_experts, plan.has_bias,
-                                                       get_fused_layout(plan.fused_layout)))
+    layer.routed_experts.adopt_weights(*_block_stacks(block, spec, plan))
     return layer
 
 
-def _expert_stacks(ex, num_experts: int, has_bias: bool, layout: FusedLayout):
-    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) of a transformers experts
-    module stored in ``layout``: the module's own tensors for "rows", converted copies otherwise.
+def _block_stacks(block, spec: ArchSpec, plan: LayerPlan):
+    """The block's expert stacks in moekit's layout, from ``spec.experts_paths`` in ``spec.memory_layout``."""
+    paths = spec.experts_paths
+    if len(paths) == 3:  # flat [E * I, H] gate, up, down-transposed stacks (DBRX): a converted copy
+        e = plan.num_experts
+        g, u, d = (_get(block, p).view(e, -1, _get(block, p).shape[-1]) for p in paths)
+        return torch.cat([g, u], 1), d.transpose(1, 2).contiguous(), None, None
+    layout = get_fused_layout(spec.memory_layout or plan.fused_layout)
+    w13, w2 = _get(block, paths[0]), _get(block, paths[1])
+    b13 = _get(block, paths[0] + "_bias") if plan.has_bias else None
+    b2 = _get(block, paths[1] + "_bias") if plan.has_bias else None
+    return _convert_stacks(w13, w2, b13, b2, plan.num_experts, layout)
+
+
+def _convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) from fused stacks stored in
+    ``layout``: the tensors themselves for "rows", converted copies otherwise.
     LongCat's gate/up stack has ``E + Z`` rows: the first ``E`` are the real experts."""
-    w13, w2 = gate_up_rows(ex.gate_up_proj, layout), down_rows(ex.down_proj, layout)
-    b13 = gate_up_rows(ex.gate_up_proj_bias, layout, bias=True) if has_bias else None
-    b2 = ex.down_proj_bias if has_bias else None
+    w13, w2 = gate_up_rows(w13, layout), down_rows(w2, layout)
+    b13 = gate_up_rows(b13, layout, bias=True) if b13 is not None else None
     if w13.shape[0] != num_experts:
         w13, b13 = w13[:num_experts], (b13[:num_experts] if b13 is not None else None)
     if layout.transposed or layout.interleaved:
@@ -166,6 +213,9 @@ def _expert_stacks(ex, num_experts: int, has_bias: bool, layout: FusedLayout):
 
 
 # -- transformers' experts switch ------------------------------------------------------------------
+_FIXED_ACTIVATION = {"AriaExperts": "silu"}  # experts whose activation ignores config.hidden_act
+
+
 def _experts_activation(module) -> tuple[str, float | None]:
     """(moekit activation, swiglu_limit) equal to the experts module's gate function."""
     from transformers.integrations import moe as hf_moe
@@ -173,12 +223,14 @@ def _experts_activation(module) -> tuple[str, float | None]:
     cls = type(module)
     apply_gate = getattr(cls, "_apply_gate", None)
     name = cls.__name__
-    if name == "GptOssExperts":
+    if name in ("GptOssExperts", "OpenAIPrivacyFilterExperts"):  # interleaved / concatenated gate-up
         if abs(float(module.alpha) - 1.702) > 1e-9:
             raise NotImplementedError(f"{name} with swiglu alpha={module.alpha}: moekit's swigluoai uses 1.702")
         return "swigluoai", float(module.limit)
     if name == "DeepseekV4Experts":
         return "silu", float(module.limit)
+    if name in _FIXED_ACTIVATION:
+        return _FIXED_ACTIVATION[name], None
     if apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
         raise NotImplementedError(f"experts_implementation='moekit' does not know the gate function of {name}")
     return activation_from_hf(getattr(module.config, "hidden_act", "silu")), None
@@ -194,7 +246,8 @@ def _experts_weights(module):
     cache = getattr(module, "_moekit_converted", None)
     if cache is None or cache[0] != key:
         layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
-        stacks = _expert_stacks(module, module.gate_up_proj.shape[0], module.has_bias, layout)
+        b13, b2 = (module.gate_up_proj_bias, module.down_proj_bias) if module.has_bias else (None, None)
+        stacks = _convert_stacks(module.gate_up_proj, module.down_proj, b13, b2, module.gate_up_proj.shape[0], layout)
         cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
         module._moekit_converted = cache
     return cache[1]

@@ -88,7 +88,7 @@ def render(arch: str, table: list[dict], config: dict) -> str:
     per_token = sum(r["_count"] * r["_plan"].active_bytes_per_token(2) for r in table)
     head = (
         f"{arch} (model_type={config.get('model_type')!r}): {n_moe} MoE blocks of "
-        f"{config.get('num_hidden_layers', config.get('num_layers', '?'))} layers"
+        f"{next((config[k] for k in ('num_hidden_layers', 'num_layers', 'n_layers') if k in config), '?')} layers"
     )
     foot = f"routed expert weights: {_fmt_bytes(total)} at bf16; expert weights read per token: {_fmt_bytes(per_token)}"
     return "\n".join([head, *lines, foot])

@@ -26,7 +26,6 @@ from .architectures import ArchSpec, plan_layers, rename_block_key
 from .modules import build_layer
 from .plan import LayerPlan
 
-_KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
 _CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,19 +64,32 @@ def _read(handle, key: str) -> torch.Tensor:
 
 
 def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[str, str]]:
-    """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block."""
-    by_idx = {p.layer_idx: p for p in plans}
+    """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block.
+
+    A key belongs to a block when it starts with one of the block's ``ckpt_prefixes``; keys of dense
+    layers, MTP layers past ``num_hidden_layers`` and other towers match none and are skipped."""
+    by_prefix = {pre: plan for plan in plans for pre in plan.ckpt_prefixes}
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for key in keys:
-        m = _KEY_RE.match(key)
-        if m is None or m.group("block") not in spec.ckpt_blocks:
-            continue
-        plan = by_idx.get(int(m.group("idx")))
-        prefix = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}."
-        if plan is None or prefix not in plan.ckpt_prefixes:
-            continue  # dense layers, MTP layers past num_hidden_layers, other towers
-        out[plan.name][rename_block_key(spec, m.group("rest"))] = key
+        dot = key.find(".")
+        while dot != -1:
+            plan = by_prefix.get(key[: dot + 1])
+            if plan is not None:
+                out[plan.name][rename_block_key(spec, key[dot + 1 :])] = key
+                break
+            dot = key.find(".", dot + 1)
     return out
+
+
+def _split_stack(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor):
+    """``(rel, t)`` or, for a flat expert stack of ``spec.splits`` (``[E * I, H]``), its per-expert pieces."""
+    for name, proj, transposed in spec.splits:
+        if rel == name:
+            if t.dim() != 2 or t.shape[0] % plan.num_experts:
+                raise ValueError(f"has shape {list(t.shape)}, expected [{plan.num_experts} * I, H]")
+            per = t.view(plan.num_experts, -1, t.shape[-1])
+            return [(f"experts.{e}.{proj}.weight", per[e].T if transposed else per[e]) for e in range(len(per))]
+    return [(rel, t)]
 
 
 def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> dict[str, "torch.nn.Module"]:
@@ -121,7 +133,10 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
         construction = {}
         for rel in _CONSTRUCTION:
             if rel in keys:
-                construction[rel] = read(keys[rel])
+                t = read(keys[rel])
+                if rel == "router.e_score_correction_bias" and t.dim() == 2 and t.shape[0] == 1:
+                    t = t[0]  # ERNIE-4.5 stores it per expert group: [1, E]
+                construction[rel] = t
         _check_construction(plan, construction, keys)
         state = _LayerLoad(plan, build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction))
         state.loaded.update(construction)
@@ -131,7 +146,7 @@ def load_moe_layers(path, *, device=None, dtype=None, backend: str = "auto") -> 
                 continue
             t = read(key)
             try:
-                state.load([(rel, t.to(device))])
+                state.load([(r, x.to(device)) for r, x in _split_stack(spec, plan, rel, t)])
             except (KeyError, ValueError) as err:
                 raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
             del t
@@ -185,8 +200,7 @@ def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:
     if not missing:
         return
     sample = next(iter(keys.values()))
-    m = _KEY_RE.match(sample)
-    pre = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}." if m else plan.ckpt_prefixes[0]
+    pre = next((p for p in plan.ckpt_prefixes if sample.startswith(p)), plan.ckpt_prefixes[0])
     mixtral_style = any(re.search(r"experts\.\d+\.w[123]\.", k) for k in keys)
     named = []
     for piece in missing[:8]:

@@ -2,9 +2,10 @@
 
 - :class:`RouterLinear`: ``logits = x · Wᵀ (+ b)``, an ``nn.Linear`` that can run in float32 whatever
   the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32).
-- :class:`SharedMLP`: ``down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
+- :class:`SharedMLP`: ``scale · down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
   (``gate <= L``, ``|up| <= L``).
-- :func:`llama4_routing`: Llama 4's custom routing, ``ids = topk(logits)``, ``w = sigmoid(logits[ids])``.
+- :class:`OutputBias`: ``x + bias`` (JetMoE adds one ``[H]`` bias to the routed sum).
+- named custom routings (Llama 4, PhiMoE, DBRX): :mod:`moekit.loading.routings`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from ..layer import FusedMoE
 from ..ops.activation import get_activation
 from ..runner import MoERunner
 from .plan import LayerPlan
+from .routings import llama4_routing, routing_function
+
+__all__ = ["RouterLinear", "SharedMLP", "OutputBias", "build_layer", "llama4_routing"]
 
 class RouterLinear(torch.nn.Linear):
     """Router gate: x [T, H] -> logits [T, E + Z]; with ``fp32=True`` computed in float32."""
@@ -35,9 +39,9 @@ class RouterLinear(torch.nn.Linear):
 
 
 class SharedMLP(torch.nn.Module):
-    """Shared expert: out [T, H] = down(act(min(gate x, L)) * clamp(up x, -L, L)); L only when set."""
+    """Shared expert: out [T, H] = scale · down(act(min(gate x, L)) * clamp(up x, -L, L)); L only when set."""
 
-    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, device=None, dtype=None):
+    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, scale=1.0, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
         self.gate_proj = torch.nn.Linear(hidden, inter, **kw)
@@ -48,19 +52,36 @@ class SharedMLP(torch.nn.Module):
             raise ValueError(f"shared expert activation must be a gated one, got {activation!r}")
         self.activation = self.act.name
         self.limit = swiglu_limit
+        self.scale = float(scale)
+
+    @classmethod
+    def around(cls, mlp: torch.nn.Module, activation="silu", *, scale=1.0) -> "SharedMLP":
+        """A SharedMLP using ``mlp``'s own ``gate_proj``/``up_proj``/``down_proj`` modules (no copy)."""
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act = get_activation(activation)
+        self.activation, self.limit, self.scale = self.act.name, None, float(scale)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
         if self.limit is not None:
             g = g.clamp(max=self.limit)
             u = u.clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(self.act.torch_fn(g, u))
+        out = self.down_proj(self.act.torch_fn(g, u))
+        return out * self.scale if self.scale != 1.0 else out
 
 
-def llama4_routing(hidden_states, gating_output, topk, renormalize):
-    """Llama 4: ids [T, K] = topk(logits), weights [T, K] float32 = sigmoid(logits[ids]); no renormalisation."""
-    vals, ids = torch.topk(gating_output.float(), topk, dim=-1)
-    return torch.sigmoid(vals), ids.to(torch.int32)
+class OutputBias(torch.nn.Module):
+    """``x [T, H] + bias [H]`` (a routed output transform)."""
+
+    def __init__(self, hidden, *, device=None, dtype=None):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.to(x.dtype)
 
 
 def build_layer(
@@ -74,10 +95,12 @@ def build_layer(
     gate: torch.nn.Module | None = None,
     shared_experts: torch.nn.Module | None = None,
     shared_expert_gate: torch.nn.Module | None = None,
+    output_bias: torch.nn.Module | None = None,
 ) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
-    ``gate``, ``shared_experts`` and ``shared_expert_gate`` replace the modules built here (a model's own).
+    ``gate``, ``shared_experts``, ``shared_expert_gate`` and ``output_bias`` replace the modules built here
+    (a model's own).
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
     ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.
@@ -104,9 +127,12 @@ def build_layer(
             plan.shared_intermediate_size,
             plan.shared_activation,
             plan.shared_swiglu_limit,
+            scale=plan.shared_scale,
             device=device,
             dtype=dtype,
         )
+    if output_bias is None and plan.output_bias:
+        output_bias = OutputBias(plan.hidden_size, device=device, dtype=dtype)
     if shared_expert_gate is None and plan.shared_expert_gate:
         shared_expert_gate = torch.nn.Linear(plan.hidden_size, 1, bias=False, device=device, dtype=dtype)
     return FusedMoE(
@@ -120,7 +146,7 @@ def build_layer(
         num_expert_group=plan.num_expert_group,
         topk_group=plan.topk_group,
         prefix=plan.name,
-        custom_routing_function=llama4_routing if plan.custom_routing == "llama4" else None,
+        custom_routing_function=routing_function(plan),
         scoring_func=plan.scoring_func,
         routed_scaling_factor=plan.routed_scaling_factor,
         swiglu_limit=plan.swiglu_limit,
@@ -131,6 +157,7 @@ def build_layer(
         gate=gate,
         shared_experts=shared_experts,
         shared_expert_gate=shared_expert_gate,
+        routed_output_transform=output_bias if plan.output_bias else None,
         zero_expert_type="identity" if plan.num_zero_experts else None,
         hash_indices_table=table,
         device=device,
