@@ -56,12 +56,6 @@ def _ids(b=2, s=7, seed=0):
     return torch.randint(3, 96, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
-def _blocks(model, model_type):
-    spec = spec_for(dict(model.config.to_dict(), model_type=tiny.config_type(model_type)))
-    return [n for n, m in model.named_modules() if n.endswith("." + spec.block) and "layers." in n or "blocks." in n
-            and n.endswith(spec.block)], spec
-
-
 @pytest.mark.parametrize("model_type", TYPES)
 def test_patch_keeps_outputs(model_type):
     model = _model(model_type)
@@ -151,3 +145,22 @@ def test_text_tower_loads_from_a_wrapper_checkpoint(model_type, tmp_path):
 def test_refused_types_say_why(model_type):
     with pytest.raises(NotImplementedError, match="not supported by moekit: .*(router|modality)"):
         plan_layers({"model_type": model_type, "hidden_size": 8})
+
+
+@pytest.mark.parametrize("p", [2.0, None])
+def test_dbrx_other_weight_norms(p, tmp_path):
+    """DBRX with moe_normalize_expert_weights = 2 (named routing "pnorm") or None (no renormalisation)."""
+    _skip("dbrx")
+    ffn = dict(tiny.TINY["dbrx"][1]["ffn_config"], moe_normalize_expert_weights=p)
+    model = tiny.build("dbrx", ffn_config=ffn)
+    ids = _ids(seed=4)
+    with torch.no_grad():
+        ref = _out(model(input_ids=ids))
+    model.save_pretrained(tmp_path)
+    layer = load_moe_layers(tmp_path)["transformer.blocks.1.ffn"]
+    x = torch.randn(6, tiny.H)
+    with torch.no_grad():
+        _close(layer(x), model.get_submodule("transformer.blocks.1.ffn")(x[None])[0])
+    patch(model)
+    with torch.no_grad():
+        _close(_out(model(input_ids=ids)), ref)
