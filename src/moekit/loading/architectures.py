@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .archs import core, ds3, gemma4, sigmoid_bias
+from .archs import core, ds3, gemma4, granite, mixtral_like, qwen_like, sigmoid_bias, singletons
 from .archs.common import ArchSpec, block_path, prefixes
 from .plan import LayerPlan
 
-FAMILIES = (core, ds3, sigmoid_bias, gemma4)
+FAMILIES = (core, mixtral_like, granite, qwen_like, singletons, ds3, sigmoid_bias, gemma4)
 SPECS: tuple[ArchSpec, ...] = tuple(s for family in FAMILIES for s in family.SPECS)
 BY_MODEL_TYPE = {t: s for s in SPECS for t in s.model_types}
 #: multimodal wrapper model_type -> (spec of its text tower, sub-config key, layer stack in the wrapper)

@@ -5,14 +5,14 @@ each equal to its transformers counterpart, and :func:`plan_modules` which build
   centred norm: offset 1), or with ``scale_first`` ``norm((x * (offset + w)).to(dtype))`` (Muse Spark's
   input-scaled post-expert norm); ``with_scale=False``: no weight.
 - :class:`RMSNormGate`: Gemma 4's router logits, ``proj(norm(x) * scale * H^-0.5)``.
-- :class:`ExpertScaleRouting`: Gemma 4's routing, softmax top-k renormalised, times ``per_expert_scale[id]``.
-- :class:`LogitBiasRouting`: Kolibri-1's routing, ``ids = topk(logits + bias)``, ``w = sigmoid(logits[ids])``.
+- :class:`OutputBias`: ``x + bias`` (JetMoE's routed output bias).
 - :class:`Scale`: ``x * weight`` (Inkling's ``global_scale``).
 
 Module kinds a :class:`~moekit.loading.plan.LayerPlan` names (``input_transform``, ``output_transform``,
 ``final_transform``, ``expert_output_norm``): ``"linear"`` (a latent projection), ``"linear_centered_norm"``
 (projection, then a centred RMSNorm), ``"rmsnorm"``, ``"scaled_rmsnorm"`` (input-scaled, offset 1),
-``"scale"``.
+``"scale"``, ``"bias"`` (:class:`OutputBias`). The named routings with tensors (Gemma 4, Kolibri-1) live
+in :mod:`moekit.loading.routings`.
 """
 
 from __future__ import annotations
@@ -54,37 +54,15 @@ class RMSNormGate(torch.nn.Module):
         return self.proj(self.norm(x) * self.scale * self.root)
 
 
-class ExpertScaleRouting(torch.nn.Module):
-    """Gemma 4 (a ``custom_routing_function``): ``s = softmax(logits)``, ``ids = topk(s)``, ``w = s[ids]``
-    renormalised (when ``renormalize``), then ``w *= per_expert_scale[ids]``."""
+class OutputBias(torch.nn.Module):
+    """``x [T, H] + bias [H]`` (JetMoE adds one bias to the routed sum)."""
 
-    def __init__(self, num_experts, *, device=None, dtype=None):
+    def __init__(self, hidden, *, device=None, dtype=None):
         super().__init__()
-        self.per_expert_scale = torch.nn.Parameter(torch.empty(num_experts, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.empty(hidden, device=device, dtype=dtype))
 
-    def forward(self, hidden_states, gating_output, topk, renormalize):
-        scores = torch.softmax(gating_output.float(), dim=-1)
-        w, ids = torch.topk(scores, topk, dim=-1)
-        if renormalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.per_expert_scale.float()[ids], ids.to(torch.int32)
-
-
-class LogitBiasRouting(torch.nn.Module):
-    """Kolibri-1 (a ``custom_routing_function``): ``ids = topk(logits + bias)`` (the bias is added to the raw
-    logits, not to the scores), ``w = sigmoid(logits[ids])``, renormalised when ``renormalize``."""
-
-    def __init__(self, num_experts, *, device=None):
-        super().__init__()
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
-
-    def forward(self, hidden_states, gating_output, topk, renormalize):
-        logits = gating_output.float()
-        ids = torch.topk(logits + self.e_score_correction_bias.float(), topk, dim=-1)[1]
-        w = torch.sigmoid(logits.gather(-1, ids))
-        if renormalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w, ids.to(torch.int32)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.to(x.dtype)
 
 
 class Scale(torch.nn.Module):
@@ -113,6 +91,8 @@ def make_module(kind: str | None, d_in: int, d_out: int, eps: float, *, device=N
         return RMSNorm(d_out, eps, offset=1.0, scale_first=True, **kw)
     if kind == "scale":
         return Scale(**kw)
+    if kind == "bias":
+        return OutputBias(d_out, **kw)
     raise ValueError(f"unknown module kind {kind!r}")
 
 

@@ -2,11 +2,10 @@
 
 - :class:`RouterLinear`: ``logits = x · Wᵀ (+ b)``, an ``nn.Linear`` that can run in float32 whatever
   the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32).
-- :class:`SharedMLP`: ``down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
+- :class:`SharedMLP`: ``scale · down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
   (``gate <= L``, ``|up| <= L``); fused gate_up or non-gated (relu2) variants.
-- :func:`llama4_routing`: Llama 4's custom routing, ``ids = topk(logits)``, ``w = sigmoid(logits[ids])``.
-- :func:`plan_gate` / :func:`plan_routing`: a plan's gate module and named custom routing.
-  More modules (norms, Gemma 4's gate and routing, ...) live in :mod:`.blocks`.
+- :func:`plan_gate`: a plan's gate module. More modules (norms, transforms, JetMoE's output bias) live in
+  :mod:`.blocks`; the named custom routings (Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri-1) in :mod:`.routings`.
 """
 
 from __future__ import annotations
@@ -17,8 +16,11 @@ import torch.nn.functional as F
 from ..layer import FusedMoE
 from ..ops.activation import effective_limit, gated_activation, get_activation
 from ..runner import MoERunner
-from .blocks import ExpertScaleRouting, LogitBiasRouting, RMSNormGate, plan_modules
+from .blocks import RMSNormGate, plan_modules
 from .plan import LayerPlan
+from .routings import llama4_routing, routing_function
+
+__all__ = ["RouterLinear", "SharedMLP", "build_layer", "llama4_routing", "plan_gate"]
 
 
 class RouterLinear(torch.nn.Linear):
@@ -52,9 +54,10 @@ class SharedMLP(torch.nn.Module):
     """Shared expert, x [T, H] -> [T, H]. Gated activations: ``down(act(gate x, up x))`` with the
     registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
     ``fused=True`` holds one ``gate_up_proj`` [2I, H] (gate rows, then up). Non-gated (relu2):
-    ``down(act(up x))``."""
+    ``down(act(up x))``. The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
 
-    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, device=None, dtype=None):
+    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, scale=1.0, device=None,
+                 dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
         self.act = get_activation(activation)
@@ -66,21 +69,15 @@ class SharedMLP(torch.nn.Module):
         self.up_proj = None if self.fused else torch.nn.Linear(hidden, inter, **kw)
         self.down_proj = torch.nn.Linear(inter, hidden, **kw)
         self.limit = effective_limit(self.activation, swiglu_limit) if self.act.gated else None
+        self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act.gated:
-            return self.down_proj(self.act.torch_fn(self.up_proj(x), None))
-        if self.fused:
-            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            out = self.down_proj(self.act.torch_fn(self.up_proj(x), None))
         else:
-            g, u = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(gated_activation(self.act, g, u, self.limit))
-
-
-def llama4_routing(hidden_states, gating_output, topk, renormalize):
-    """Llama 4: ids [T, K] = topk(logits), weights [T, K] float32 = sigmoid(logits[ids]); no renormalisation."""
-    vals, ids = torch.topk(gating_output.float(), topk, dim=-1)
-    return torch.sigmoid(vals), ids.to(torch.int32)
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+            out = self.down_proj(gated_activation(self.act, g, u, self.limit))
+        return out * self.scale if self.scale != 1.0 else out
 
 
 def plan_gate(plan, *, device=None, dtype=None) -> torch.nn.Module:
@@ -91,19 +88,6 @@ def plan_gate(plan, *, device=None, dtype=None) -> torch.nn.Module:
         return RMSNormGate(width, e_all, plan.norm_eps, device=device, dtype=dtype)
     return RouterLinear(width, e_all, bias=plan.router_bias, fp32=plan.router_fp32, logit_scale=plan.logit_scale,
                         logit_softcap=plan.logit_softcap, device=device, dtype=dtype)
-
-
-def plan_routing(plan, *, device=None, dtype=None):
-    """The plan's named ``custom_routing_function`` (a function or a module holding its tensors), or None."""
-    if plan.custom_routing is None:
-        return None
-    if plan.custom_routing == "llama4":
-        return llama4_routing
-    if plan.custom_routing == "expert_scale":
-        return ExpertScaleRouting(plan.num_experts, device=device, dtype=dtype)
-    if plan.custom_routing == "logit_bias":
-        return LogitBiasRouting(plan.num_experts, device=device)
-    raise ValueError(f"unknown custom routing {plan.custom_routing!r}")
 
 
 def build_layer(
@@ -145,7 +129,7 @@ def build_layer(
     shared_experts = shared_expert_gate = None
     if plan.shared_intermediate_size:
         shared_experts = SharedMLP(plan.outer_hidden_size, plan.shared_intermediate_size, plan.shared_activation,
-                                   plan.shared_swiglu_limit, fused=plan.shared_fused, **mkw)
+                                   plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale, **mkw)
     if plan.shared_expert_gate:
         shared_expert_gate = torch.nn.Linear(plan.outer_hidden_size, 1, bias=False, **mkw)
     return FusedMoE(
@@ -159,7 +143,7 @@ def build_layer(
         num_expert_group=plan.num_expert_group,
         topk_group=plan.topk_group,
         prefix=plan.name,
-        custom_routing_function=plan_routing(plan, device=device, dtype=dtype),  # tiny: never on meta
+        custom_routing_function=routing_function(plan, device=device, dtype=dtype),  # tiny: never on meta
         scoring_func=plan.scoring_func,
         routed_scaling_factor=plan.routed_scaling_factor,
         swiglu_limit=plan.swiglu_limit,

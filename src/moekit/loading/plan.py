@@ -14,8 +14,14 @@ class LayerPlan:
     name: the block's module path in the transformers model (``model.layers.3.mlp``).
     ckpt_prefixes: key prefixes of this block in checkpoints (``model.layers.3.block_sparse_moe.``...).
     output: what the transformers block returns: ``"hidden"`` (a tensor), ``"hidden_scores"``
-    (gpt-oss: ``(hidden, topk_weights [T, K])``) or ``"hidden_logits"`` (Llama 4: ``(hidden [T, H],
-    router_logits [T, E])``); a moekit layer returns the hidden output (element 0).
+    (gpt-oss: ``(hidden, topk_weights [T, K])``; ``"hidden_scores_over_k"``: the weights divided by K,
+    OpenAI privacy filter) or ``"hidden_logits"`` (Llama 4: ``(hidden [T, H], router_logits [T, E])``);
+    a moekit layer returns the hidden output (element 0).
+    custom_routing / custom_routing_arg: a named routing of :mod:`moekit.loading.routings` and its
+    parameter (PhiMoE's jitter eps, DBRX's p of the p-norm).
+    shared_scale: the shared expert's output is multiplied by it (Cohere2-MoE's "average": 0.5, with
+    ``routed_scaling_factor=0.5``). JetMoE's ``[H]`` bias added once to the routed sum is the
+    ``output_transform="bias"`` module kind (:mod:`moekit.loading.blocks`).
     """
 
     name: str
@@ -34,6 +40,7 @@ class LayerPlan:
     has_score_bias: bool = False
     hash_routing: bool = False
     custom_routing: str | None = None
+    custom_routing_arg: float | None = None
     apply_router_weight_on_input: bool = False
     num_zero_experts: int = 0
     activation: str = "silu"
@@ -45,6 +52,7 @@ class LayerPlan:
     shared_expert_gate: bool = False
     shared_activation: str = "silu"
     shared_swiglu_limit: float | None = None
+    shared_scale: float = 1.0
     fused_layout: str = "rows"
     output: str = "hidden"
     needs_input_ids: bool = False
