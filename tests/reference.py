@@ -181,6 +181,14 @@ def ref_act(h: torch.Tensor, activation: str, swiglu_limit: float | None = None)
         return r * r
     inter = h.shape[-1] // 2
     g, u = h[..., :inter].clone(), h[..., inter:].clone()
+    if activation == "softcap_swiglu":  # Inkling-2: c_g = 4, c_u = 25, no limit
+        return 4.0 * torch.tanh(g / 4.0) / (1.0 + torch.exp(-g)) * 25.0 * torch.tanh(u / 25.0)
+    if activation == "silu_post_clamp":  # Step-3.x: min(silu(g), L) · clamp(u, ±L)
+        s = g / (1.0 + torch.exp(-g))
+        if swiglu_limit is None:
+            return s * u
+        lim = swiglu_limit
+        return torch.where(s > lim, torch.full_like(s, lim), s) * torch.clamp(u, -lim, lim)
     limit = swiglu_limit
     if activation == "swigluoai" and limit is None:
         limit = 7.0

@@ -69,8 +69,8 @@ class MoEConfig:
                 raise TypeError(f"swiglu_limit must be a float or None, got {self.swiglu_limit!r}")
             if not self.swiglu_limit > 0:
                 raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
-            if not self.gated:
-                raise ValueError(f"swiglu_limit applies to gated activations, not activation={self.activation!r}")
+            if not (self.gated and self.act.takes_limit):
+                raise ValueError(f"swiglu_limit does not apply to activation={self.activation!r}")
         if self.apply_router_weight_on_input and self.top_k != 1:
             raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={self.top_k}")
         fmt = parse_quant_config(self.quant_config)

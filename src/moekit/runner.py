@@ -1,13 +1,14 @@
 """MoERunner: the forward pass of one MoE layer, top to bottom (SPEC §1 "Forward order").
 
     x        = routed_input_transform(h)            if set, else h          [T, H]
-    logits   = gate(x)                              if not given             [T, E + Z]
+    logits   = gate(x)  (gate(h) with gate_input="block")  if not given     [T, E + Z]
     routing  = router.route(x, logits)              weights [T, K] f32, ids [T, K] i32, zero [T, H]
     routed   = expert_executor(x, weights, ids) + zero      (local, or EP dispatch/combine + TP reduce)
     routed  *= routed_scaling_factor                (only when applied to the output)
     routed   = routed_output_transform(routed)      if set
     shared   = shared_experts(h) [* sigmoid(shared_expert_gate(h))]
-    return routed + shared
+    out      = routed + shared
+    return final_output_transform(out)              if set (AXK1's post-MoE norm), else out
 
 Everything the runner holds is a constructor argument (:func:`moekit.FusedMoE` builds them bottom-up).
 
@@ -34,6 +35,9 @@ from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
+
+#: what the gate reads: the routed input (SPEC §1) or the layer's input
+GATE_INPUTS = ("routed", "block")
 
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``)
@@ -113,6 +117,9 @@ class MoERunner(torch.nn.Module):
             local executor and score-based routers; never while torch.compile traces, inside an outer
             graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
         graph_pool: a ``torch.cuda.graph_pool_handle()`` shared with other layers (default: the layer's own).
+        gate_input: what the gate reads when it computes the logits: ``"routed"`` (``x_routed``, SPEC §1)
+            or ``"block"`` (the layer's input ``hidden_states``: Gemma 4, Muse Spark, Nemotron-H with a latent).
+        final_output_transform: module applied to ``routed + shared`` (A.X-K1's post-MoE norm); None: nothing.
 
     Output-side ``routed_scaling_factor`` is read from ``moe_config`` (:attr:`MoEConfig.output_scale`, the one
     store); the keyword stays for the seed's signature and, if given, must agree with the config. User
@@ -151,17 +158,23 @@ class MoERunner(torch.nn.Module):
         expert_mapping: list[tuple[str, str, int, str]] | None = None,
         eager_graph_tokens: int = DEFAULT_EAGER_GRAPH_TOKENS,
         graph_pool=None,
+        gate_input: str = "routed",
+        final_output_transform: torch.nn.Module | None = None,
     ):
         super().__init__()
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {list(GATE_INPUTS)}, got {gate_input!r}")
         if enable_dbo:
             raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
         modules = dict(gate=gate, shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
-                       routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform)
+                       routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform,
+                       final_output_transform=final_output_transform)
         for name, module in modules.items():
             check_callable(name, module)
         if shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
-        _check_gate_linear(gate, moe_config.hidden_size, router.num_logit_columns or router.global_num_experts)
+        if gate_input == "routed":  # a gate on the block input has the block's (unknown) width
+            _check_gate_linear(gate, moe_config.hidden_size, router.num_logit_columns or router.global_num_experts)
         if routed_scaling_factor is not None and routed_scaling_factor != moe_config.output_scale:
             raise ValueError(
                 f"routed_scaling_factor={routed_scaling_factor!r} disagrees with moe_config (output-side factor "
@@ -176,6 +189,8 @@ class MoERunner(torch.nn.Module):
         self.routed_experts = routed_experts
         self.routed_output_transform = routed_output_transform
         self.shared_experts, self.shared_expert_gate = shared_experts, shared_expert_gate
+        self.gate_input = gate_input
+        self.final_output_transform = final_output_transform
         self.router_logits_dtype = (
             None if router_logits_dtype is None else as_float_dtype("router_logits_dtype", router_logits_dtype)
         )
@@ -234,7 +249,7 @@ class MoERunner(torch.nn.Module):
             x = _returned("routed_input_transform", self.routed_input_transform(h), t, (self.moe_config.hidden_size,))
         self._check_routed_input(x)
 
-        logits = self._logits(x, router_logits)
+        logits = self._logits(h if self.gate_input == "block" else x, router_logits)
         graphs = self._graphs
         if graphs is not None and input_ids is None and graphs.eligible(x, logits):
             # the static output may be returned only through a new tensor (routed + shared)
@@ -256,6 +271,8 @@ class MoERunner(torch.nn.Module):
                 g = _returned("shared_expert_gate", self.shared_expert_gate(h), t, (1, width))
                 shared = torch.sigmoid(g) * shared
             routed = routed + shared
+        if self.final_output_transform is not None:
+            routed = _returned("final_output_transform", self.final_output_transform(routed), t, (width,))
         # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
         return routed.reshape(*lead, width).to(hidden_states.dtype)
 

@@ -114,7 +114,32 @@ NAIVE = {  # float64 formulas, written out independently of the registry: (gated
     "gelu_tanh": (True, lambda g, u: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))) * u),
     "swigluoai": (True, lambda g, u: (u + 1) * g / (1 + torch.exp(-1.702 * g))),
     "relu2": (False, lambda h, u: torch.clamp(h, min=0) ** 2),
+    "silu_post_clamp": (True, lambda g, u: g / (1 + torch.exp(-g)) * u),  # its clamp: test_silu_post_clamp
+    "softcap_swiglu": (True, lambda g, u: 4 * torch.tanh(g / 4) * torch.sigmoid(g) * 25 * torch.tanh(u / 25)),
 }
+
+
+def test_silu_post_clamp_clamps_after_silu():
+    # Step-3.x: min(silu(g), L) · clamp(u, ±L); g itself is never clamped (silu(g) <= L is what is bounded)
+    g = torch.tensor([[-20.0, -1.0, 0.5, 3.0, 30.0]])
+    u = torch.tensor([[5.0, -4.0, 0.5, 8.0, -9.0]])
+    out = apply_activation_torch(torch.cat([g, u], -1), "silu_post_clamp", 2.0).double()
+    gd, ud = g.double()[0], u.double()[0]
+    expect = torch.clamp(gd * torch.sigmoid(gd), max=2.0) * torch.clamp(ud, -2.0, 2.0)
+    torch.testing.assert_close(out[0], expect, atol=1e-6, rtol=1e-6)
+    assert out[0, 0] != 0  # silu(-20)·2 is tiny but not the min(g, L)-first value
+    # without a limit it is silu
+    torch.testing.assert_close(apply_activation_torch(torch.cat([g, u], -1), "silu_post_clamp"),
+                               apply_activation_torch(torch.cat([g, u], -1), "silu"))
+
+
+def test_softcap_swiglu_formula_and_no_limit():
+    # Inkling-2: 4·tanh(g/4) · sigmoid(g) · 25·tanh(u/25); a swiglu_limit does not apply to it
+    h = torch.randn(5, 2 * 9) * 20
+    torch.testing.assert_close(apply_activation_torch(h, "softcap_swiglu").double(), ref_act(h, "softcap_swiglu"),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        apply_activation_torch(h, "softcap_swiglu", 3.0)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

@@ -77,7 +77,8 @@ def test_shapes_fp32(t, e, k):
         check(out, naive(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu()), torch.float32)
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "swigluoai", "relu2"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "swigluoai", "relu2", "softcap_swiglu",
+                                 "silu_post_clamp"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_activations_and_biases(act, bias):
     x, w1, w2, w, ids, b1, b2 = make(9, 4, 2, 48, 40, act=act, bias=bias)
@@ -88,7 +89,7 @@ def test_activations_and_biases(act, bias):
                      b1.cpu() if bias else None, b2.cpu() if bias else None), torch.float32)
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "swigluoai"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "swigluoai", "silu_post_clamp"])
 def test_swiglu_limit(act):
     x, w1, w2, w, ids, _, _ = make(6, 4, 2, 32, 16, act=act)
     x = x * 30  # large pre-activations so that the clamp matters

@@ -28,7 +28,7 @@ EXPERT_KEY_RE = re.compile(
     r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)"
     r"(weight|bias|weight_scale_inv|weight_scale|scale|input_scale|weight_packed|weight_shape)$"
 )
-FUSED_KEY_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales|_scale_inv|_scale)?$")
+FUSED_KEY_RE = re.compile(r"(?:^|\.)experts\.(gate_up_proj|up_proj|down_proj)(_bias|_blocks|_scales|_scale_inv|_scale)?$")
 #: checkpoint suffix -> the kind of expert tensor it is (``weight_shape`` is checked, not stored)
 KIND_OF_SUFFIX = {
     "weight": "weight", "weight_packed": "weight", "bias": "bias", "weight_scale_inv": "scale",
@@ -146,6 +146,9 @@ def load_layer_weights(
 def _load_expert(layer, name, tensor, m, by_weight) -> None:
     c, experts = layer.moe_config, layer.routed_experts
     weight_name, eid, proj, kind = m.group(1), int(m.group(2)), m.group(3), KIND_OF_SUFFIX[m.group(4)]
+    if not c.gated and proj in PROJ_NAMES[UP]:  # a non-gated expert's one input projection (Nemotron-H: up_proj)
+        proj = PROJ_NAMES[GATE][PROJ_NAMES[UP].index(proj)]
+        weight_name = weight_name[: -len(m.group(3)) - 1] + proj + "."
     entries = by_weight.get(weight_name)
     if entries is None:
         if c.num_experts <= eid < c.num_experts + c.num_zero_experts and proj in SHARD_OF_PROJ:
@@ -201,6 +204,17 @@ def _load_own(layer, name, tensor, own) -> str | None:
     return pname
 
 
+def _orientation(c, which, tensor, layout):
+    """The layout a non-interleaved float stack's shape fits: the one named, or the other orientation when
+    only that one fits (checkpoints of one model ship both, e.g. Qwen3-VL-MoE); a square tail: the named."""
+    rows = (c.w13_rows(c.intermediate_size), c.hidden_size) if which == "gate_up_proj" else (c.hidden_size,
+                                                                                          c.intermediate_size)
+    want = rows[::-1] if layout.transposed else rows
+    if want[0] != want[1] and tuple(tensor.shape[1:]) == want[::-1]:
+        return FusedLayout(transposed=not layout.transposed, interleaved=False)
+    return layout
+
+
 def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
     """Fused stacks: gate_up [E(+Z), 2I, H] (or transposed / interleaved), down [E, H, I] (or [E, I, H]);
     quantised stacks [E, out, in·] (gpt-oss ``_blocks`` [E, out, in/32, 16])."""
@@ -208,10 +222,16 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
     e, z, inter = c.num_experts, c.num_zero_experts, c.intermediate_size
     kind = KIND_OF_SUFFIX[suffix or ""]
     bias = kind == "bias"
+    if which == "up_proj":  # a non-gated stack [E, I, H] (Nemotron-H); gated layers have no such stack
+        if c.gated:
+            raise KeyError(f"checkpoint key {name!r}: an up_proj stack needs a non-gated activation, not {c.activation!r}")
+        which = "gate_up_proj"
     allowed = (e, e + z) if which == "gate_up_proj" else (e,)
     if tensor.dim() < 2 or tensor.shape[0] not in allowed:
         raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected [{e}, ...] stacked experts")
     float_weight = kind == "weight" and tensor.dtype in FLOAT_DTYPES
+    if float_weight and not layout.interleaved:
+        layout = _orientation(c, which, tensor, layout)
     if not (float_weight or bias):  # quantised codes / scales: [E, out, in] whatever the float layout
         layout = FusedLayout(transposed=False, interleaved=layout.interleaved)
     full = tuple(tensor.shape)

@@ -58,6 +58,9 @@ class RoutedExperts(torch.nn.Module):
             :class:`~moekit.experts.placement.ExpertPlacement`; default: every expert, no TP.
         kernels: the kernel table (:func:`moekit.ops.kernels.resolve_kernels`); default the torch table.
         device: where the weights are allocated (uninitialised; ``"meta"`` allocates nothing).
+        expert_output_norm: a module ``[N, H] -> [N, H]`` applied to each expert's output rows (after
+            ``b2``, before the routing weight; Muse Spark), or None. Torch backend and full precision only
+            (``NotImplementedError`` otherwise: it is not in the Triton w2 epilogue).
 
     Weights (``E_local`` experts, ``I_local = I / tp_size``): ``w13_weight [E_local, 2·I_local, H]``
     (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
@@ -76,6 +79,7 @@ class RoutedExperts(torch.nn.Module):
         placement: ExpertPlacement | None = None,
         kernels=None,
         device=None,
+        expert_output_norm: torch.nn.Module | None = None,
     ):
         super().__init__()
         fmt = parse_quant_config(quant_config)
@@ -93,6 +97,14 @@ class RoutedExperts(torch.nn.Module):
                 f"{[str(d) for d in KERNEL_DTYPES]} (float64 is for the torch reference backend)"
             )
         self.kernels.check_supports(self.quant)
+        if expert_output_norm is not None and (self.kernels.name != "torch" or self.quant is not None):
+            raise NotImplementedError(
+                f"expert_output_norm on the {self.kernels.name!r} backend (quantised: {self.quant is not None}): the "
+                "per-expert output norm is not in the w2 epilogue of the Triton kernels; use backend='torch' and "
+                "full-precision experts"
+            )
+        #: applied to every expert's output rows before the routing weight (torch backend)
+        self.expert_output_norm = expert_output_norm
         p, c = self.placement, moe_config
         self.tp_rows = p.tp_slice(c.intermediate_size)
         self.inter_local = self.tp_rows.stop - self.tp_rows.start
@@ -145,6 +157,7 @@ class RoutedExperts(torch.nn.Module):
             w2_bias=self.w2_bias if self.add_w2_bias else None,
             expert_map=self.expert_map,
             swiglu_limit=c.swiglu_limit,
+            **({} if self.expert_output_norm is None else {"expert_output_fn": self.expert_output_norm}),
         )
         if self.quant is None:
             return self.kernels.experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids,

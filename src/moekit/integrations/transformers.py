@@ -3,17 +3,23 @@ an experts implementation (``from_pretrained(..., experts_implementation="moekit
 
 transformers is imported inside the functions only: ``import moekit`` never needs it.
 
-- :func:`patch` replaces every MoE block with :class:`MoEBlockAdapter` around a moekit layer. Router,
-  expert and shared-expert weights are shared with the original block (no copy) where the layouts agree
-  (every architecture but gpt-oss and Llama 4, whose transposed expert stacks are converted once, a
-  copy). The adapter returns what the block returned: a tensor, gpt-oss's ``(hidden, router_scores)``
-  or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
-  (``output_router_logits``) is not reproduced: patched models are for inference.
+- :func:`patch` replaces every MoE block with :class:`MoEBlockAdapter` around a moekit layer (where the
+  MoE is made of decoder-layer attributes, Gemma 4, the layer's ``experts`` becomes a
+  :class:`LayerMoEAdapter`). The blocks are found at the plans' module paths (the spec's ``stack`` /
+  ``towers`` / ``block``); the moekit layer is built from the plan as the loader builds it, then adopts
+  every tensor of the block under the spec's renames (:mod:`moekit.integrations._blocks`): router,
+  expert, shared-expert and transform weights are shared with the original block (no copy) where the
+  layouts agree (transposed / interleaved / flat expert stacks and Inkling's appended shared experts are
+  converted once, a copy). The adapter returns what the block returned: a tensor, gpt-oss's ``(hidden,
+  router_scores)`` (the OpenAI privacy filter's scores divided by K) or Llama 4's ``(hidden [T, H],
+  router_logits)``. Router-logit recording for auxiliary losses (``output_router_logits``) is not
+  reproduced: patched models are for inference.
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
   router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
   reaches experts classes that transformers decorates with ``@use_experts_implementation``; LongCat-Flash
-  and Llama 4 have none, so there transformers would keep its own forward without a word.
-  :func:`check_registered` finds that out (and raises); :func:`patch` is the path for those models.
+  and Llama 4 (and the specs with ``experts_switch=False``) have none, so there transformers would keep
+  its own forward without a word. :func:`check_registered` finds that out (and raises); :func:`patch` is
+  the path for those models.
 
 Without transformers installed, :func:`patch`, :func:`register` and :func:`check_registered` raise
 ``ImportError`` with the install hint ``pip install 'moekit[transformers]'``.
@@ -21,20 +27,16 @@ Without transformers installed, :func:`patch`, :func:`register` and :func:`check
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
-from ..experts.routed import RoutedExperts
-from ..loading.architectures import plan_layers
-from ..loading.modules import RouterLinear, build_layer
+from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
-from ..loading.quant import checkpoint_format, experts_format
-from ..ops.formats import Fp8BlockFormat
-from ..ops.activation import activation_from_hf
+from ..loading.quant import checkpoint_format
+from ._blocks import moekit_from_block
+from ._experts import moekit_experts_forward
 
-_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(mlp|feed_forward)$")
+__all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register"]
+
 _INSTALL_HINT = "pip install 'moekit[transformers]'"
 #: attributes transformers' ``@use_experts_implementation`` sets on an experts module (what the switch reads)
 _SWITCH_ATTRS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
@@ -50,13 +52,6 @@ def _require_transformers(what: str):
             f"installed ({err}); install it with: {_INSTALL_HINT}"
         ) from err
     return transformers
-
-
-class _UnallocatedRoutedExperts(RoutedExperts):
-    """RoutedExperts whose weights start on the meta device: :func:`patch` adopts the block's own."""
-
-    def __init__(self, *args, device=None, **kwargs):
-        super().__init__(*args, device="meta", **kwargs)
 
 
 class MoEBlockAdapter(torch.nn.Module):
@@ -83,7 +78,29 @@ class MoEBlockAdapter(torch.nn.Module):
         if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
             return out, logits
         weights, _ = self.moe.router.select_experts(x, logits)  # gpt-oss: (hidden, router_scores [T, K])
+        if self.output == "hidden_scores_over_k":  # OpenAI privacy filter: router_scores / K
+            weights = weights / weights.shape[-1]
         return out.reshape(shape), weights.to(hidden_states.dtype)
+
+
+class LayerMoEAdapter(torch.nn.Module):
+    """Stands in for the ``experts`` of a decoder layer whose MoE is made of its attributes (Gemma 4):
+    called as ``experts(hidden_states [T, H], top_k_index, top_k_weights)`` with the layer's input (the
+    router and the pre-experts norm are pass-throughs), it returns the complete moekit layer output."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
+        return self.moe(hidden_states)
+
+
+class _NoRouting(torch.nn.Module):
+    """A router made redundant by :class:`LayerMoEAdapter`: returns ``(None, None, None)``."""
+
+    def forward(self, hidden_states):
+        return None, None, None
 
 
 def _model_config_dict(model) -> dict:
@@ -95,6 +112,23 @@ def _model_config_dict(model) -> dict:
     return d
 
 
+def _tail(name: str) -> str:
+    return ".".join(name.split(".")[-2:])  # "3.mlp", "layers.3" (a layer-level block)
+
+
+def _planned_blocks(model, plans: list[LayerPlan]):
+    """(path, module, plan) of every module of ``model`` at a plan's path, or at a path that is a tail
+    of it (a sub-model was passed) or that it is a tail of (the model sits inside a larger one)."""
+    by_tail: dict[str, list[LayerPlan]] = {}
+    for p in plans:
+        by_tail.setdefault(_tail(p.name), []).append(p)
+    for name, module in list(model.named_modules()):
+        for p in by_tail.get(_tail(name), ()):
+            if p.name == name or p.name.endswith("." + name) or name.endswith("." + p.name):
+                yield name, module, p
+                break
+
+
 def patch(model, *, backend: str = "auto") -> list[str]:
     """Replace every MoE block of ``model`` by a moekit layer sharing its weights; returns their paths.
 
@@ -104,32 +138,33 @@ def patch(model, *, backend: str = "auto") -> list[str]:
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
 
     Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
-    left as they are (a second call returns ``[]``). Supported: the architectures of
+    left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder
+    layer (Gemma 4) the layer stays: its ``experts`` attribute becomes a :class:`LayerMoEAdapter` running
+    the whole moekit layer on the layer's input, and the other MoE attributes (router, the norms around
+    the experts, now inside the moekit layer) become pass-throughs; the path returned is the layer's.
+    The replacements keep the replaced block's train/eval mode. Supported: the architectures of
     :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
     ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
     config says raises ``RuntimeError``; without transformers, ``ImportError``.
     """
     _require_transformers("patch")
     config = _model_config_dict(model)
-    _spec, plans = plan_layers(config)
+    spec, plans = plan_layers(config)
     fmt, _ = checkpoint_format(config, None)
-    by_idx = {p.layer_idx: p for p in plans}
     replaced, already = [], 0
-    for name, module in list(model.named_modules()):
-        m = _BLOCK_RE.search(name)
-        if m is None or int(m.group(1)) not in by_idx:
-            continue
-        if isinstance(module, MoEBlockAdapter):
+    for name, module, plan in _planned_blocks(model, plans):
+        if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
             already += 1  # patched before: left as it is
             continue
-        plan = by_idx[int(m.group(1))]
-        if m.group(2) != plan.name.rsplit(".", 1)[-1] or not hasattr(module, "experts"):
-            continue
-        adapter = MoEBlockAdapter(_moekit_from_block(module, plan, backend, experts_format(fmt, plan)), plan)
-        adapter.train(module.training)  # the replaced block's mode (an eval model stays in eval)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, adapter)
+        moe = moekit_from_block(module, spec, plan, backend, fmt)
+        moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
+        if spec.layer_level:
+            _install_in_layer(module, spec, moe)
+        else:
+            adapter = MoEBlockAdapter(moe, plan).train(module.training)
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, adapter)
         replaced.append(name)
     if len(replaced) + already != len(plans):
         raise RuntimeError(
@@ -139,158 +174,15 @@ def patch(model, *, backend: str = "auto") -> list[str]:
     return replaced
 
 
-def _router_parts(block, plan: LayerPlan):
-    """(linear weight, linear bias or None, router module holding the buffers) of a transformers block."""
-    if hasattr(block, "gate"):
-        r = block.gate
-    else:
-        r = block.router
-    lin = r.classifier if hasattr(r, "classifier") else r
-    return lin.weight, getattr(lin, "bias", None), r
-
-
-@torch.no_grad()
-def _moekit_from_block(block, plan: LayerPlan, backend: str, fmt=None):
-    """A moekit layer built around the block's own tensors: router weights, selection bias / hash table,
-    shared experts and expert stacks are shared (expert stacks in a transposed layout are converted once).
-    fp8 experts (transformers' FineGrainedFP8 ``FP8Experts``) keep their fp8 stacks and float32 scales."""
-    quant = _fp8_stacks(block.experts, plan, fmt)
-    weight, lin_bias, router = _router_parts(block, plan)
-    for pname, p in block.named_parameters():
-        if p.device.type == "meta":
-            raise ValueError(
-                f"{plan.name}.{pname} is on the meta device (offloaded or not materialised); patch() needs "
-                "the block's weights in memory"
-            )
-    tensors = {}
-    if plan.has_score_bias:
-        tensors["router.e_score_correction_bias"] = router.e_score_correction_bias
-    if plan.hash_routing:
-        tensors["router.hash_indices_table"] = router.tid2eid
-    gate = RouterLinear(weight.shape[1], weight.shape[0], bias=plan.router_bias, fp32=plan.router_fp32, device="meta")
-    gate.weight = weight
-    if plan.router_bias:
-        gate.bias = lin_bias
-    layer = build_layer(
-        plan,
-        device=weight.device,
-        dtype=weight.dtype,
-        backend=backend,
-        tensors=tensors,
-        routed_experts_cls=_UnallocatedRoutedExperts,
-        gate=gate,
-        shared_experts=(getattr(block, "shared_experts", None) or block.shared_expert)
-        if plan.shared_intermediate_size else None,
-        shared_expert_gate=block.shared_expert_gate if plan.shared_expert_gate else None,
-        quant_config=quant[0] if quant else None,
-    )
-    if quant:
-        w13, w2, b13, b2, scales = quant[1]
-        layer.routed_experts.adopt_weights(w13, w2, b13, b2, **scales)
-        return layer
-    layer.routed_experts.adopt_weights(*_expert_stacks(block.experts, plan.num_experts, plan.has_bias,
-                                                       get_fused_layout(plan.fused_layout)))
-    return layer
-
-
-def _fp8_stacks(ex, plan: LayerPlan, fmt):
-    """(format, (w13, w2, b13, b2, w13_scale=, w2_scale=)) of an experts module holding fp8 stacks
-    ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` e4m3 with ``*_scale_inv`` block scales
-    ``[E, ⌈2I/bn⌉, ⌈H/bk⌉]`` / ``[E, ⌈H/bn⌉, ⌈I/bk⌉]`` (transformers' FineGrainedFP8); None when the
-    stacks are full precision (e.g. dequantised at load). The fp8 stacks are shared; float32 scales too
-    (e8m0 scales are converted, a copy of the scales only)."""
-    w = getattr(ex, "gate_up_proj", None)
-    if w is None or w.dtype != torch.float8_e4m3fn:
-        return None
-    if not isinstance(fmt, Fp8BlockFormat) or not hasattr(ex, "gate_up_proj_scale_inv"):
-        raise NotImplementedError(f"{plan.name}: fp8 experts of format {fmt} (only block fp8, 'FP8Experts', is mapped)")
-    if getattr(ex, "activation_scheme", "dynamic") != "dynamic" or plan.has_bias:
-        raise NotImplementedError(f"{plan.name}: fp8 experts with static activations or biases")
-    s13, s2 = ex.gate_up_proj_scale_inv, ex.down_proj_scale_inv
-    want = fmt.w13_scale_shape(plan.num_experts, plan.intermediate_size, plan.hidden_size)
-    if tuple(s13.shape) != want:
-        raise NotImplementedError(
-            f"{plan.name}: gate_up_proj_scale_inv {list(s13.shape)} is one grid over both halves; moekit keeps a grid "
-            f"per shard {list(want)} (equal only when I = {plan.intermediate_size} is a multiple of {fmt.block_n})"
-        )
-    s13, s2 = (s if s.dtype == torch.float32 else torch.nn.Parameter(s.float(), requires_grad=False)
-               for s in (s13, s2))
-    return fmt, (ex.gate_up_proj, ex.down_proj, None, None, {"w13_scale": s13, "w2_scale": s2})
-
-
-def _expert_stacks(ex, num_experts: int, has_bias: bool, layout: FusedLayout):
-    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) of a transformers experts
-    module stored in ``layout``: the module's own tensors for "rows", converted copies otherwise.
-    LongCat's gate/up stack has ``E + Z`` rows: the first ``E`` are the real experts."""
-    w13, w2 = gate_up_rows(ex.gate_up_proj, layout), down_rows(ex.down_proj, layout)
-    b13 = gate_up_rows(ex.gate_up_proj_bias, layout, bias=True) if has_bias else None
-    b2 = ex.down_proj_bias if has_bias else None
-    if w13.shape[0] != num_experts:
-        w13, b13 = w13[:num_experts], (b13[:num_experts] if b13 is not None else None)
-    if layout.transposed or layout.interleaved:
-        w13, w2 = w13.contiguous(), w2.contiguous()
-    return w13, w2, b13, b2
-
-
-# -- transformers' experts switch ------------------------------------------------------------------
-def _experts_activation(module) -> tuple[str, float | None]:
-    """(moekit activation, swiglu_limit) equal to the experts module's gate function."""
-    from transformers.integrations import moe as hf_moe
-
-    cls = type(module)
-    apply_gate = getattr(cls, "_apply_gate", None)
-    name = cls.__name__
-    if name == "GptOssExperts":
-        if abs(float(module.alpha) - 1.702) > 1e-9:
-            raise NotImplementedError(f"{name} with swiglu alpha={module.alpha}: moekit's swigluoai uses 1.702")
-        return "swigluoai", float(module.limit)
-    if name == "DeepseekV4Experts":
-        return "silu", float(module.limit)
-    if apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
-        raise NotImplementedError(f"experts_implementation='moekit' does not know the gate function of {name}")
-    return activation_from_hf(getattr(module.config, "hidden_act", "silu")), None
-
-
-def _experts_weights(module):
-    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) for ``fused_experts``."""
-    if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
-        b13 = module.gate_up_proj_bias if module.has_bias else None
-        b2 = module.down_proj_bias if module.has_bias else None
-        return module.gate_up_proj, module.down_proj, b13, b2
-    key = (module.gate_up_proj.data_ptr(), module.gate_up_proj._version, module.down_proj._version)
-    cache = getattr(module, "_moekit_converted", None)
-    if cache is None or cache[0] != key:
-        layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
-        stacks = _expert_stacks(module, module.gate_up_proj.shape[0], module.has_bias, layout)
-        cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
-        module._moekit_converted = cache
-    return cache[1]
-
-
-def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """transformers experts forward on moekit: hidden_states [T, H], top_k_index [T, K] int,
-    top_k_weights [T, K] float -> [T, H] (dtype of hidden_states)."""
-    from ..ops.api import fused_experts
-
-    if not getattr(self, "has_gate", True):
-        raise NotImplementedError(f"experts_implementation='moekit': non-gated experts ({type(self).__name__})")
-    if getattr(self, "has_post_expert_norm", False):
-        raise NotImplementedError(f"experts_implementation='moekit': post-expert norm ({type(self).__name__})")
-    if getattr(self, "_is_expert_parallel", False):
-        raise NotImplementedError("experts_implementation='moekit' with transformers' expert parallelism")
-    activation, limit = _experts_activation(self)
-    w13, w2, b13, b2 = _experts_weights(self)
-    return fused_experts(
-        hidden_states,
-        w13,
-        w2,
-        top_k_weights.float(),
-        top_k_index,
-        activation=activation,
-        w1_bias=b13,
-        w2_bias=b2,
-        swiglu_limit=limit,
-    )
+def _install_in_layer(layer, spec: ArchSpec, moe) -> None:
+    for member in spec.ckpt_blocks:
+        if member == "experts":
+            stand_in = LayerMoEAdapter(moe)
+        elif rename_block_key(spec, member + ".").startswith("gate."):
+            stand_in = _NoRouting()
+        else:
+            stand_in = torch.nn.Identity()
+        setattr(layer, member, stand_in.train(layer.training))
 
 
 def register(name: str = "moekit") -> str:
@@ -328,13 +220,12 @@ def check_registered(model, name: str = "moekit") -> list[str]:
     if name not in ExpertsInterface():
         raise ValueError(f"experts implementation {name!r} is not registered; call register({name!r}) first")
     _spec, plans = plan_layers(_model_config_dict(model))
-    by_idx = {p.layer_idx: p for p in plans}
     reached, unreached, other = [], [], []
-    for path, module in model.named_modules():
-        m = _BLOCK_RE.search(path)
-        if m is None or int(m.group(1)) not in by_idx or not hasattr(module, "experts"):
+    for path, module, _plan in _planned_blocks(model, plans):
+        experts = getattr(module, "experts", None)
+        if experts is None:  # no experts module (JetMoE, Granite: stacks on the block itself)
+            unreached.append(f"{path} ({type(module).__name__})")
             continue
-        experts = module.experts
         if not all(hasattr(experts, a) for a in _SWITCH_ATTRS):
             unreached.append(f"{path} ({type(experts).__name__})")
             continue

@@ -3,55 +3,68 @@
 Each spec mirrors the transformers 5.x modeling file of its architecture (module names, routing math,
 defaults of its config class) and names the keys its checkpoints use on disk. No transformers import.
 Specs live in family modules under :mod:`moekit.loading.archs`; add a family module to ``FAMILIES``.
+A family module may also list ``REFUSED`` model types (why the layer contract cannot express them).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from .archs import core
-from .archs.common import ArchSpec
+from .archs import core, ds3, gemma4, granite, mixtral_like, qwen_like, sigmoid_bias, singletons
+from .archs.common import ArchSpec, block_path, prefixes
 from .plan import LayerPlan
 
-FAMILIES = (core,)
+FAMILIES = (core, mixtral_like, granite, qwen_like, singletons, ds3, sigmoid_bias, gemma4)
 SPECS: tuple[ArchSpec, ...] = tuple(s for family in FAMILIES for s in family.SPECS)
 BY_MODEL_TYPE = {t: s for s in SPECS for t in s.model_types}
+#: multimodal wrapper model_type -> (spec of its text tower, sub-config key, layer stack in the wrapper)
+TOWERS = {w: (s, key, stack) for s in SPECS for w, key, stack in s.towers}
+#: model types moekit refuses on purpose, and why (what the layer contract is missing)
+REFUSED = {t: why for family in FAMILIES for t, why in getattr(family, "REFUSED", {}).items()}
 
 
 def supported_model_types() -> list[str]:
-    return sorted(BY_MODEL_TYPE)
+    return sorted(set(BY_MODEL_TYPE) | set(TOWERS))
 
 
 def spec_for(config: dict) -> ArchSpec:
     """The spec of a config.json dict; unsupported architectures raise ``NotImplementedError``."""
     mt = config.get("model_type")
-    if mt not in BY_MODEL_TYPE and not (mt == "llama4" and "text_config" in config):
+    if mt in REFUSED:
+        raise NotImplementedError(f"model_type={mt!r} is not supported by moekit: {REFUSED[mt]}")
+    if mt in TOWERS:
+        return TOWERS[mt][0]
+    if mt not in BY_MODEL_TYPE:
         names = ", ".join(f"{s.name} ({'/'.join(s.model_types)})" for s in SPECS)
         raise NotImplementedError(f"model_type={mt!r} is not supported; supported architectures: {names}")
     return BY_MODEL_TYPE[mt]
 
 
+def restack(plan: LayerPlan, spec: ArchSpec, stack: str) -> LayerPlan:
+    """``plan`` with its block at ``{stack}.{i}.{block}`` (a tower inside a multimodal wrapper)."""
+    i = plan.layer_idx
+    return replace(plan, name=block_path(spec, i, stack), ckpt_prefixes=prefixes(spec, i, stack))
+
+
 def plan_layers(config: dict) -> tuple[ArchSpec, list[LayerPlan]]:
-    """(spec, the MoE blocks of the model in layer order); ``quantization_config`` is read by the loader."""
-    if config.get("model_type") == "llama4" and isinstance(config.get("text_config"), dict):
-        # the multimodal wrapper: its text tower is Llama4ForCausalLM at ``language_model``
-        text = dict(config["text_config"], model_type="llama4_text")
-        spec = spec_for(text)
-        plans = [
-            replace(
-                p,
-                name="language_model." + p.name,
-                ckpt_prefixes=tuple("language_model." + c for c in p.ckpt_prefixes if c.startswith("model.")),
-            )
-            for p in spec.plan(text, spec)
-        ]
-        return spec, plans
+    """(spec, the MoE blocks of the model in layer order); ``quantization_config`` is read by the loader.
+    A multimodal wrapper (``ArchSpec.towers``) plans its text tower's config at the tower's stack."""
     spec = spec_for(config)
-    return spec, spec.plan(config, spec)
+    mt = config.get("model_type")
+    if mt not in TOWERS:
+        return spec, spec.plan(config, spec)
+    _, key, stack = TOWERS[mt]
+    text = config
+    for part in key.split("."):
+        text = text.get(part) if isinstance(text, dict) else None
+    if not isinstance(text, dict):
+        raise ValueError(f"model_type={mt!r}: config.json has no {key!r} (the text tower holding the MoE blocks)")
+    text = dict(text, model_type=text.get("model_type") or spec.model_types[0])
+    return spec, [restack(p, spec, stack) for p in spec.plan(text, spec)]
 
 
 def rename_block_key(spec: ArchSpec, rest: str) -> str:
-    """A block-relative checkpoint key -> the moekit layer's name for it."""
+    """A block-relative checkpoint key (or transformers tensor name) -> the moekit layer's name for it."""
     for old, new in spec.renames:
         if rest.startswith(old):
             return new + rest[len(old) :]

@@ -111,7 +111,7 @@ def render(arch: str, table: list[dict], config: dict) -> str:
     per_token = sum(r["_count"] * r["_token_bytes"] for r in table)
     head = (
         f"{arch} (model_type={config.get('model_type')!r}): {n_moe} MoE blocks of "
-        f"{config.get('num_hidden_layers', config.get('num_layers', '?'))} layers"
+        f"{next((config[k] for k in ('num_hidden_layers', 'num_layers', 'n_layers') if k in config), '?')} layers"
     )
     q = config.get("quantization_config")
     stored = f"as stored ({q.get('quant_method')})" if isinstance(q, dict) else "at bf16"

@@ -19,7 +19,6 @@ import os
 import re
 import struct
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -28,38 +27,13 @@ from .._checks import DTYPE_NAMES, as_float_dtype, check_device
 from ..experts.layout import PROJ_NAMES, SHARD_OF_PROJ
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
-from .architectures import ArchSpec, plan_layers, rename_block_key
+from .architectures import ArchSpec, plan_layers
+from .keys import CONSTRUCTION, assign_keys, construction_tensors, expand_key
 from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
 
 _EXPERT_KEY_RE = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
-_KEY_RE = re.compile(r"^(?P<pre>(?:.*\.)?)layers\.(?P<idx>\d+)\.(?P<block>[A-Za-z0-9_]+)\.(?P<rest>.+)$")
-_CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
-
-
-def _read_json(file: str, what: str) -> dict:
-    """A JSON object from ``file``; a malformed file raises ``ValueError`` naming it."""
-    try:
-        with open(file) as f:
-            out = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: malformed {what} ({err})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{file}: malformed {what} (expected a JSON object, got {type(out).__name__})")
-    return out
-
-
-def _open_shard(file: str):
-    """``safe_open`` on one shard; a corrupt or truncated file raises ``ValueError`` naming it."""
-    from safetensors import safe_open
-
-    try:
-        return safe_open(file, framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError / ValueError)
-        if isinstance(err, OSError):
-            raise
-        raise ValueError(f"{file}: corrupt or truncated safetensors file ({err})") from None
 
 
 def read_config(path: str) -> dict:
@@ -119,32 +93,6 @@ def checkpoint_files(path: str) -> dict[str, str]:
 def _read(handle, key: str) -> torch.Tensor:
     """One tensor from an open safetensors file (a seam for tests that count live bytes)."""
     return handle.get_tensor(key)
-
-
-def _read_named(handle, key: str, file: str) -> torch.Tensor:
-    """:func:`_read`, a failure naming the file and the key."""
-    try:
-        return _read(handle, key)
-    except Exception as err:
-        if isinstance(err, (OSError, MemoryError)):
-            raise
-        raise ValueError(f"{file}: cannot read tensor {key!r} (corrupt or truncated file?): {err}") from None
-
-
-def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[str, str]]:
-    """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block."""
-    by_idx = {p.layer_idx: p for p in plans}
-    out: dict[str, dict[str, str]] = defaultdict(dict)
-    for key in keys:
-        m = _KEY_RE.match(key)
-        if m is None or m.group("block") not in spec.ckpt_blocks:
-            continue
-        plan = by_idx.get(int(m.group("idx")))
-        prefix = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}."
-        if plan is None or prefix not in plan.ckpt_prefixes:
-            continue  # dense layers, MTP layers past num_hidden_layers, other towers
-        out[plan.name][rename_block_key(spec, m.group("rest"))] = key
-    return out
 
 
 def load_moe_layers(
@@ -214,7 +162,7 @@ def load_moe_layers(
                 f"no checkpoint tensor for MoE block {plan.name} (looked for keys starting with "
                 f"{' or '.join(plan.ckpt_prefixes)})"
             )
-        construction = {rel: reader.read(keys[rel]) for rel in _CONSTRUCTION if rel in keys}
+        construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
         _check_construction(plan, construction, keys)
         layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
                             quant_config=experts_format(fmt, plan))
@@ -229,15 +177,16 @@ def load_moe_layers(
             done.update(parts.values())
     # every other tensor: file by file, in storage order, each into its layer
     todo = [(key, states[name], rel) for name, keys in assigned.items() for rel, key in keys.items()
-            if rel not in _CONSTRUCTION and key not in done]
+            if rel not in CONSTRUCTION and key not in done]
     todo.sort(key=lambda item: reader.position(item[0]))
     total = sum(reader.nbytes(key) for key, _, _ in todo)
     with _progress_bar(total, progress) as bar, _one_thread():
         for key, state, rel in todo:
             t = reader.read(key)
-            _load_one(state, rel, t, key)
             bar.update(t.numel() * t.element_size())
-            del t
+            for piece, x in expand_key(spec, state.plan, rel, t):
+                _load_one(state, piece, x, key)
+            del t, x  # nothing of this tensor lives on while the next one is read
     reader.close()
     for name, state in states.items():
         _check_complete(state, assigned[name], spec)
@@ -363,7 +312,7 @@ class _LayerLoad:
 
 def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
     pre = plan.ckpt_prefixes[0]
-    e_all = plan.num_experts + plan.num_zero_experts
+    e_all = plan.num_experts + plan.num_zero_experts - plan.routed_shared_experts
     if plan.has_score_bias:
         t = tensors.get("router.e_score_correction_bias")
         if t is None:
@@ -389,8 +338,7 @@ def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:
     if not missing:
         return
     sample = next(iter(keys.values()))
-    m = _KEY_RE.match(sample)
-    pre = f"{m.group('pre')}layers.{m.group('idx')}.{m.group('block')}." if m else plan.ckpt_prefixes[0]
+    pre = next((p for p in plan.ckpt_prefixes if sample.startswith(p)), plan.ckpt_prefixes[0])
     mixtral_style = any(re.search(r"experts\.\d+\.w[123]\.", k) for k in keys)
     named = []
     for piece in missing[:8]:

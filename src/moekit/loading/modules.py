@@ -2,9 +2,10 @@
 
 - :class:`RouterLinear`: ``logits = x · Wᵀ (+ b)``, an ``nn.Linear`` that can run in float32 whatever
   the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32).
-- :class:`SharedMLP`: ``down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
-  (``gate <= L``, ``|up| <= L``).
-- :func:`llama4_routing`: Llama 4's custom routing, ``ids = topk(logits)``, ``w = sigmoid(logits[ids])``.
+- :class:`SharedMLP`: ``scale · down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
+  (``gate <= L``, ``|up| <= L``); fused gate_up or non-gated (relu2) variants.
+- :func:`plan_gate`: a plan's gate module. More modules (norms, transforms, JetMoE's output bias) live in
+  :mod:`.blocks`; the named custom routings (Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri-1) in :mod:`.routings`.
 """
 
 from __future__ import annotations
@@ -13,54 +14,80 @@ import torch
 import torch.nn.functional as F
 
 from ..layer import FusedMoE
-from ..ops.activation import get_activation
+from ..ops.activation import effective_limit, gated_activation, get_activation
 from ..runner import MoERunner
+from .blocks import RMSNormGate, plan_modules
 from .plan import LayerPlan
+from .routings import llama4_routing, routing_function
+
+__all__ = ["RouterLinear", "SharedMLP", "build_layer", "llama4_routing", "plan_gate"]
+
 
 class RouterLinear(torch.nn.Linear):
-    """Router gate: x [T, H] -> logits [T, E + Z]; with ``fp32=True`` computed in float32."""
+    """Router gate: x [T, H] -> logits [T, E + Z]; with ``fp32=True`` computed in float32; then
+    ``logits *= logit_scale`` (Muse Spark) and ``logits = c·tanh(logits / c)`` with ``c = logit_softcap``
+    (Laguna), in float32, when set."""
 
-    def __init__(self, in_features, out_features, bias=False, *, fp32=False, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=False, *, fp32=False, logit_scale=None, logit_softcap=None,
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fp32 = bool(fp32)
+        self.logit_scale, self.logit_softcap = logit_scale, logit_softcap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp32:
             b = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), b)
-        return super().forward(x)
+            out = F.linear(x.float(), self.weight.float(), b)
+        else:
+            out = super().forward(x)
+        if self.logit_scale is not None:
+            out = out.float() * self.logit_scale
+        if self.logit_softcap is not None:
+            out = self.logit_softcap * torch.tanh(out.float() / self.logit_softcap)
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp32={self.fp32}"
 
 
 class SharedMLP(torch.nn.Module):
-    """Shared expert: out [T, H] = down(act(min(gate x, L)) * clamp(up x, -L, L)); L only when set."""
+    """Shared expert, x [T, H] -> [T, H]. Gated activations: ``down(act(gate x, up x))`` with the
+    registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
+    ``fused=True`` holds one ``gate_up_proj`` [2I, H] (gate rows, then up). Non-gated (relu2):
+    ``down(act(up x))``. The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
 
-    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, device=None, dtype=None):
+    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, scale=1.0, device=None,
+                 dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.gate_proj = torch.nn.Linear(hidden, inter, **kw)
-        self.up_proj = torch.nn.Linear(hidden, inter, **kw)
-        self.down_proj = torch.nn.Linear(inter, hidden, **kw)
         self.act = get_activation(activation)
-        if not self.act.gated:
-            raise ValueError(f"shared expert activation must be a gated one, got {activation!r}")
-        self.activation = self.act.name
-        self.limit = swiglu_limit
+        self.activation, self.fused = self.act.name, bool(fused) and self.act.gated
+        if self.fused:
+            self.gate_up_proj = torch.nn.Linear(hidden, 2 * inter, **kw)
+        elif self.act.gated:
+            self.gate_proj = torch.nn.Linear(hidden, inter, **kw)
+        self.up_proj = None if self.fused else torch.nn.Linear(hidden, inter, **kw)
+        self.down_proj = torch.nn.Linear(inter, hidden, **kw)
+        self.limit = effective_limit(self.activation, swiglu_limit) if self.act.gated else None
+        self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)
-        if self.limit is not None:
-            g = g.clamp(max=self.limit)
-            u = u.clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(self.act.torch_fn(g, u))
+        if not self.act.gated:
+            out = self.down_proj(self.act.torch_fn(self.up_proj(x), None))
+        else:
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+            out = self.down_proj(gated_activation(self.act, g, u, self.limit))
+        return out * self.scale if self.scale != 1.0 else out
 
 
-def llama4_routing(hidden_states, gating_output, topk, renormalize):
-    """Llama 4: ids [T, K] = topk(logits), weights [T, K] float32 = sigmoid(logits[ids]); no renormalisation."""
-    vals, ids = torch.topk(gating_output.float(), topk, dim=-1)
-    return torch.sigmoid(vals), ids.to(torch.int32)
+def plan_gate(plan, *, device=None, dtype=None) -> torch.nn.Module:
+    """The router gate of a plan: x [T, H_block or H] -> logits [T, E + Z]."""
+    width = plan.outer_hidden_size if plan.gate_input == "block" else plan.hidden_size
+    e_all = plan.num_experts + plan.num_zero_experts
+    if plan.gate_kind == "rmsnorm":
+        return RMSNormGate(width, e_all, plan.norm_eps, device=device, dtype=dtype)
+    return RouterLinear(width, e_all, bias=plan.router_bias, fp32=plan.router_fp32, logit_scale=plan.logit_scale,
+                        logit_softcap=plan.logit_softcap, device=device, dtype=dtype)
 
 
 def build_layer(
@@ -71,24 +98,27 @@ def build_layer(
     backend: str = "auto",
     tensors=None,
     routed_experts_cls=None,
-    gate: torch.nn.Module | None = None,
-    shared_experts: torch.nn.Module | None = None,
-    shared_expert_gate: torch.nn.Module | None = None,
+    module_device=None,
     quant_config=None,
 ) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
-    ``gate``, ``shared_experts`` and ``shared_expert_gate`` replace the modules built here (a model's own).
-    ``quant_config``: the routed experts' format (None: full precision in ``dtype``).
+    The small modules (gate, shared experts, transforms, routing module) are built on ``module_device``
+    (default ``device``; :func:`moekit.integrations.transformers.patch` builds them on "meta" and
+    adopts a transformers block's own tensors). ``quant_config``: the routed experts' format (None: full
+    precision in ``dtype``).
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
     ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.
     """
     tensors = tensors or {}
     dtype = dtype or torch.get_default_dtype()
+    mkw = dict(device=module_device if module_device is not None else device, dtype=dtype)
     bias = tensors.get("router.e_score_correction_bias")
     if plan.has_score_bias and bias is None:
         raise ValueError(f"{plan.name}: router.e_score_correction_bias is needed to build the layer")
+    if plan.zero_score_bias:
+        bias = torch.zeros(plan.num_experts)
     if bias is not None:
         bias = bias.to(device=device, dtype=torch.float32)
     table = tensors.get("router.hash_indices_table")
@@ -96,21 +126,12 @@ def build_layer(
         if table is None:
             raise ValueError(f"{plan.name}: router.hash_indices_table (tid2eid) is needed for hash routing")
         table = table.to(device=device, dtype=torch.int64)
-    e_all = plan.num_experts + plan.num_zero_experts
-    if gate is None:
-        gate = RouterLinear(plan.hidden_size, e_all, bias=plan.router_bias, fp32=plan.router_fp32, device=device,
-                            dtype=dtype)
-    if shared_experts is None and plan.shared_intermediate_size:
-        shared_experts = SharedMLP(
-            plan.hidden_size,
-            plan.shared_intermediate_size,
-            plan.shared_activation,
-            plan.shared_swiglu_limit,
-            device=device,
-            dtype=dtype,
-        )
-    if shared_expert_gate is None and plan.shared_expert_gate:
-        shared_expert_gate = torch.nn.Linear(plan.hidden_size, 1, bias=False, device=device, dtype=dtype)
+    shared_experts = shared_expert_gate = None
+    if plan.shared_intermediate_size:
+        shared_experts = SharedMLP(plan.outer_hidden_size, plan.shared_intermediate_size, plan.shared_activation,
+                                   plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale, **mkw)
+    if plan.shared_expert_gate:
+        shared_expert_gate = torch.nn.Linear(plan.outer_hidden_size, 1, bias=False, **mkw)
     return FusedMoE(
         plan.num_experts,
         plan.top_k,
@@ -122,7 +143,7 @@ def build_layer(
         num_expert_group=plan.num_expert_group,
         topk_group=plan.topk_group,
         prefix=plan.name,
-        custom_routing_function=llama4_routing if plan.custom_routing == "llama4" else None,
+        custom_routing_function=routing_function(plan, device=device, dtype=dtype),  # tiny: never on meta
         scoring_func=plan.scoring_func,
         routed_scaling_factor=plan.routed_scaling_factor,
         swiglu_limit=plan.swiglu_limit,
@@ -130,13 +151,17 @@ def build_layer(
         apply_router_weight_on_input=plan.apply_router_weight_on_input,
         activation=plan.activation,
         has_bias=plan.has_bias,
-        gate=gate,
+        gate=plan_gate(plan, **mkw),
         shared_experts=shared_experts,
         shared_expert_gate=shared_expert_gate,
+        apply_routed_scale_to_output=plan.apply_routed_scale_to_output,
         zero_expert_type="identity" if plan.num_zero_experts else None,
         hash_indices_table=table,
         device=device,
         backend=backend,
         routed_experts_cls=routed_experts_cls,
         quant_config=quant_config,
+        gate_input=plan.gate_input,
+        routed_shared_experts=plan.routed_shared_experts,
+        **plan_modules(plan, **mkw),
     )

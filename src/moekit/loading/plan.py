@@ -14,8 +14,14 @@ class LayerPlan:
     name: the block's module path in the transformers model (``model.layers.3.mlp``).
     ckpt_prefixes: key prefixes of this block in checkpoints (``model.layers.3.block_sparse_moe.``...).
     output: what the transformers block returns: ``"hidden"`` (a tensor), ``"hidden_scores"``
-    (gpt-oss: ``(hidden, topk_weights [T, K])``) or ``"hidden_logits"`` (Llama 4: ``(hidden [T, H],
-    router_logits [T, E])``); a moekit layer returns the hidden output (element 0).
+    (gpt-oss: ``(hidden, topk_weights [T, K])``; ``"hidden_scores_over_k"``: the weights divided by K,
+    OpenAI privacy filter) or ``"hidden_logits"`` (Llama 4: ``(hidden [T, H], router_logits [T, E])``);
+    a moekit layer returns the hidden output (element 0).
+    custom_routing / custom_routing_arg: a named routing of :mod:`moekit.loading.routings` and its
+    parameter (PhiMoE's jitter eps, DBRX's p of the p-norm).
+    shared_scale: the shared expert's output is multiplied by it (Cohere2-MoE's "average": 0.5, with
+    ``routed_scaling_factor=0.5``). JetMoE's ``[H]`` bias added once to the routed sum is the
+    ``output_transform="bias"`` module kind (:mod:`moekit.loading.blocks`).
     """
 
     name: str
@@ -34,6 +40,7 @@ class LayerPlan:
     has_score_bias: bool = False
     hash_routing: bool = False
     custom_routing: str | None = None
+    custom_routing_arg: float | None = None
     apply_router_weight_on_input: bool = False
     num_zero_experts: int = 0
     activation: str = "silu"
@@ -45,9 +52,31 @@ class LayerPlan:
     shared_expert_gate: bool = False
     shared_activation: str = "silu"
     shared_swiglu_limit: float | None = None
+    shared_scale: float = 1.0
     fused_layout: str = "rows"
     output: str = "hidden"
     needs_input_ids: bool = False
+    # issue #13 extensions (see moekit.FusedMoE and loading/blocks.py for the module kinds)
+    block_hidden_size: int | None = None  # width of the block's input when the experts run on a latent
+    gate_kind: str = "linear"  # "linear" (RouterLinear) or "rmsnorm" (Gemma 4: norm, scale, proj)
+    logit_scale: float | None = None  # gate logits *= scale (Muse Spark's output_multiplier)
+    logit_softcap: float | None = None  # gate logits = c·tanh(logits / c) (Laguna)
+    gate_input: str = "routed"
+    apply_routed_scale_to_output: bool = False
+    zero_score_bias: bool = False  # a zero selection bias (Mistral 4: grouped by the top-2 sum, no bias)
+    routed_shared_experts: int = 0  # the last S experts are shared, router-weighted (Inkling)
+    input_transform: str | None = None  # routed_input_transform kind
+    output_transform: str | None = None  # routed_output_transform kind
+    final_transform: str | None = None  # final_output_transform kind
+    expert_output_norm: str | None = None
+    norm_eps: float = 1e-6
+    expert_norm_eps: float = 1e-6
+    shared_fused: bool = False  # the shared MLP has one gate_up_proj (MiniMax-M3-VL)
+
+    @property
+    def outer_hidden_size(self) -> int:
+        """Width of the block's input and output (``hidden_size`` unless the experts run on a latent)."""
+        return self.block_hidden_size or self.hidden_size
 
     @property
     def num_shared_experts_width(self) -> int:
@@ -62,7 +91,7 @@ class LayerPlan:
         return n * bytes_per_el
 
     def shared_bytes(self, bytes_per_el: int = 2) -> int:
-        return 3 * self.hidden_size * self.shared_intermediate_size * bytes_per_el
+        return 3 * self.outer_hidden_size * self.shared_intermediate_size * bytes_per_el
 
     def active_bytes_per_token(self, bytes_per_el: int = 2) -> int:
         """Expert weight bytes one token touches: K routed experts + the shared expert + the router."""

@@ -7,9 +7,15 @@ With ``h = w13 · x + b13`` and, for gated ones, ``[g | u] = h`` (gate rows firs
 - ``gelu_tanh``  : ``gelu_tanh(g) * u``
 - ``swigluoai``  : ``(u + 1) * g * sigmoid(1.702 * g)``
 - ``relu2``      : ``relu(h) ** 2`` (non-gated; ``w13`` has ``I`` rows)
+- ``silu_post_clamp`` : ``min(silu(g), L) * clamp(u, -L, L)`` (Step-3.x ``swiglu_limits``: the gate is
+  clamped *after* SiLU); without a limit it is ``silu``
+- ``softcap_swiglu``  : ``c_g·tanh(g/c_g) · sigmoid(g) · c_u·tanh(u/c_u)`` (Inkling-2), with the registry
+  constants ``c_g = SOFTCAP_GATE = 4``, ``c_u = SOFTCAP_UP = 25`` (like swigluoai's alpha: a checkpoint with
+  other caps is refused by its loader spec); takes no ``swiglu_limit``
 
 A clamp limit ``L`` first sets ``g = min(g, L)``, ``u = clamp(u, -L, L)``: ``L = swiglu_limit`` when
-given (DeepSeek-V4), and 7.0 by default for swigluoai (gpt-oss).
+given (DeepSeek-V4), and 7.0 by default for swigluoai (gpt-oss). ``silu_post_clamp`` clamps ``u`` the same
+way but ``silu(g)`` after the activation (``Activation.clamp_gate_after``).
 
 Each activation is one :class:`Activation` record: its name, the code the Triton epilogue
 (:mod:`moekit.ops._triton.grouped_gemm`) switches on, the torch function, gated or not, its aliases
@@ -27,6 +33,12 @@ import torch.nn.functional as F
 
 SWIGLUOAI_ALPHA = 1.702
 SWIGLUOAI_DEFAULT_LIMIT = 7.0
+SOFTCAP_GATE = 4.0
+SOFTCAP_UP = 25.0
+
+
+def _softcap_swiglu(g, u):
+    return SOFTCAP_GATE * torch.tanh(g / SOFTCAP_GATE) * torch.sigmoid(g) * (SOFTCAP_UP * torch.tanh(u / SOFTCAP_UP))
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,8 @@ class Activation:
     aliases: tuple[str, ...] = ()
     hf_names: tuple[str, ...] = ()  # transformers / checkpoint ``hidden_act`` values
     default_limit: float | None = None  # clamp limit when swiglu_limit is None
+    takes_limit: bool = True  # accepts swiglu_limit (gated ones only)
+    clamp_gate_after: bool = False  # the limit clamps act(g) instead of g (silu_post_clamp)
 
 
 _REGISTRY = (
@@ -55,6 +69,8 @@ _REGISTRY = (
                default_limit=SWIGLUOAI_DEFAULT_LIMIT),
     Activation("relu2", 4, lambda h, u: torch.relu(h).square(), False, aliases=("relu2_no_mul",),
                hf_names=("relu2",)),
+    Activation("silu_post_clamp", 5, lambda g, u: F.silu(g) * u, True, clamp_gate_after=True),
+    Activation("softcap_swiglu", 6, _softcap_swiglu, True, takes_limit=False),
 )
 
 #: The activation names ``FusedMoE(activation=...)`` and ``fused_experts`` accept, in registry order:
@@ -104,8 +120,9 @@ def check_swiglu_limit(activation: str, swiglu_limit) -> None:
         return
     if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) or not swiglu_limit > 0:
         raise ValueError(f"swiglu_limit must be a positive float or None, got {swiglu_limit!r}")
-    if not is_gated(activation):
-        raise ValueError(f"swiglu_limit applies to gated activations, not activation={activation!r}")
+    act = get_activation(activation)
+    if not act.gated or not act.takes_limit:
+        raise ValueError(f"swiglu_limit does not apply to activation={activation!r}")
 
 
 def effective_limit(activation: str, swiglu_limit: float | None) -> float | None:
@@ -128,9 +145,14 @@ def apply_activation_torch(h: torch.Tensor, activation: str, swiglu_limit: float
     if not act.gated:
         return act.torch_fn(h, None)
     inter = h.shape[-1] // 2
-    g, u = h[..., :inter], h[..., inter:]
-    limit = effective_limit(act.name, swiglu_limit)
-    if limit is not None:
-        g = g.clamp(max=limit)
-        u = u.clamp(min=-limit, max=limit)
-    return act.torch_fn(g, u)
+    return gated_activation(act, h[..., :inter], h[..., inter:], effective_limit(act.name, swiglu_limit))
+
+
+def gated_activation(act: Activation, g: torch.Tensor, u: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """``act(g, u)`` with the clamp semantics of the module docs, in the dtype of ``g``/``u`` (no checks)."""
+    if limit is None:
+        return act.torch_fn(g, u)
+    u = u.clamp(min=-limit, max=limit)
+    if act.clamp_gate_after:  # min(act(g), L) * u
+        return act.torch_fn(g, torch.ones_like(g)).clamp(max=limit) * u
+    return act.torch_fn(g.clamp(max=limit), u)

@@ -260,6 +260,7 @@ SPECS: tuple[ArchSpec, ...] = (
         _plan_llama4,
         experts_switch=False,
         fused_layout="transposed",
+        towers=(("llama4", "text_config", "language_model.model.layers"),),
     ),
     ArchSpec("GLM-4.5 (Glm4Moe)", ("glm4_moe",), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(1)),
     ArchSpec("OLMoE", ("olmoe",), "mlp", ("mlp",), (), _plan_olmoe),

@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..activation import SWIGLUOAI_ALPHA, get_activation
+from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
 from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w, requant_store, to_dt
 
@@ -41,7 +41,11 @@ SILU = tl.constexpr(get_activation("silu").code)
 GELU = tl.constexpr(get_activation("gelu").code)
 GELU_TANH = tl.constexpr(get_activation("gelu_tanh").code)
 RELU2 = tl.constexpr(get_activation("relu2").code)
+SILU_POST_CLAMP = tl.constexpr(get_activation("silu_post_clamp").code)
+SOFTCAP_SWIGLU = tl.constexpr(get_activation("softcap_swiglu").code)
 OAI_ALPHA = tl.constexpr(SWIGLUOAI_ALPHA)
+CAP_G = tl.constexpr(SOFTCAP_GATE)
+CAP_U = tl.constexpr(SOFTCAP_UP)
 
 
 @triton.jit
@@ -55,6 +59,16 @@ def _activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
     if ACT == RELU2:
         r = tl.maximum(g, 0.0)
         return r * r
+    if ACT == SOFTCAP_SWIGLU:  # c·tanh(x/c) = c·(2·sigmoid(2x/c) - 1)
+        gc = CAP_G * (2.0 * _sigmoid(2.0 * g / CAP_G) - 1.0)
+        uc = CAP_U * (2.0 * _sigmoid(2.0 * u / CAP_U) - 1.0)
+        return gc * _sigmoid(g) * uc
+    if ACT == SILU_POST_CLAMP:  # min(silu(g), L) · clamp(u, ±L)
+        s = g * _sigmoid(g)
+        if HAS_LIMIT:
+            s = tl.minimum(s, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+        return s * u
     if HAS_LIMIT:
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)

@@ -10,29 +10,34 @@ that factory, so ``isinstance(layer, FusedMoE)`` holds for the layers it builds 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from typing import Any, Callable
 
 import torch
 
-from ._checks import as_float_dtype, check_bool, check_device, check_subclass
-from .config import MoEConfig
-from .experts.executor import LocalExecutor
-from .experts.placement import PLACEMENT_STRATEGIES
-from .experts.routed import RoutedExperts
-from .ops.kernels import resolve_kernels
-from .parallel.executor import ParallelExecutor
-from .parallel.setup import build_placement
-from .routing.base import BaseRouter
-from .routing.factory import create_fused_moe_router
-from .runner import MoERunner
+from .._checks import as_float_dtype, check_bool, check_device, check_subclass
+from ..config import MoEConfig
+from ..experts.executor import LocalExecutor
+from ..experts.routed import RoutedExperts
+from ..ops.kernels import resolve_kernels
+from ..parallel.executor import ParallelExecutor
+from ..routing.base import BaseRouter
+from ..routing.factory import create_fused_moe_router
+from ..runner import MoERunner
+from .checks import (
+    check_not_meta,
+    check_router_instance,
+    check_routing_combination,
+    check_unsupported,
+    default_device,
+    parallel_pieces,
+    with_shared_slots,
+    zero_expert_count,
+)
 
 log = logging.getLogger("moekit")
-
-
-def _unsupported(name: str, value, why: str) -> NotImplementedError:
-    return NotImplementedError(f"{name}={value!r} is not supported by this build: {why}")
 
 
 def build_fused_moe(
@@ -84,6 +89,10 @@ def build_fused_moe(
     expert_placement_strategy: str = "linear",
     backend: str = "auto",
     eager_graph_tokens: int | None = None,
+    gate_input: str = "routed",
+    final_output_transform: torch.nn.Module | None = None,
+    routed_shared_experts: int = 0,
+    expert_output_norm: torch.nn.Module | None = None,
 ) -> MoERunner:
     """Build a complete Mixture-of-Experts layer and return it as a :class:`~moekit.MoERunner`
     (a ``torch.nn.Module``)::
@@ -205,6 +214,19 @@ def build_fused_moe(
         eager_graph_tokens: eager forwards of ``1 <= T <=`` this many tokens on CUDA replay route ->
             experts from an internal CUDA graph per ``T`` (bit-identical, a fraction of the host time);
             default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS`, 0 disables (see :class:`MoERunner`).
+        gate_input: ``"routed"`` (default: the gate reads ``x_routed``, SPEC §1) or ``"block"``: the gate reads
+            the layer's input ``hidden_states``, before ``routed_input_transform`` (Gemma 4, Muse Spark,
+            Nemotron-H with a latent; issue #13).
+        final_output_transform: a module ``[T, H_in] -> [T, H_in]`` applied to ``routed + shared`` (A.X-K1's
+            post-MoE RMSNorm); default None.
+        routed_shared_experts: ``S``, default 0. The last ``S`` of the ``num_experts`` experts (and logit
+            columns) are shared experts every token selects, their router scores normalised jointly with the
+            ``top_k`` routed ones: ``w_j = s_j / (Σ_top-k s + Σ_shared s) · routed_scaling_factor`` (Inkling).
+            The router returns ``top_k + S`` slots; ``e_score_correction_bias``, when given, has
+            ``num_experts - S`` entries. Not with zero experts, custom/hash routing or grouped top-k.
+        expert_output_norm: a module applied to every expert's output rows ``[N, H]`` (after ``b2``, before
+            the routing weight; Muse Spark's post-expert RMSNorm); default None. Torch backend and full
+            precision only (``NotImplementedError`` otherwise: it is not in the Triton w2 epilogue).
 
     Returns:
         A :class:`~moekit.MoERunner` (or ``runner_cls``) holding ``layer.router``,
@@ -246,14 +268,14 @@ def build_fused_moe(
     for name, extra in (("runner_args", runner_args), ("routed_experts_args", routed_experts_args)):
         if extra is not None and not isinstance(extra, dict):
             raise TypeError(f"{name} must be a dict of keyword arguments or None, got {type(extra).__name__}")
-    _check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
+    check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
                        n_shared_experts, shared_experts)
-    device = check_device("device", device) if device is not None else _default_device()
-    _check_not_meta(device, e_score_correction_bias=e_score_correction_bias, hash_indices_table=hash_indices_table)
+    device = check_device("device", device) if device is not None else default_device()
+    check_not_meta(device, e_score_correction_bias=e_score_correction_bias, hash_indices_table=hash_indices_table)
     config = MoEConfig(
         num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
         swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
-        num_zero_experts=_num_zero_experts(zero_expert_type, e_score_correction_bias, num_experts),
+        num_zero_experts=zero_expert_count(zero_expert_type, e_score_correction_bias, num_experts),
         params_dtype=torch.get_default_dtype() if params_dtype is None else as_float_dtype("params_dtype",
                                                                                             params_dtype),
         routed_scaling_factor=routed_scaling_factor, apply_routed_scale_to_output=apply_routed_scale_to_output,
@@ -266,15 +288,19 @@ def build_fused_moe(
         custom_routing_function=custom_routing_function, hash_indices_table=hash_indices_table,
         num_expert_group=num_expert_group, topk_group=topk_group,
     )
-    _check_routing_combination(routing, apply_router_weight_on_input)
+    check_routing_combination(routing, apply_router_weight_on_input)
+    if routed_shared_experts:
+        top_k, routing["e_score_correction_bias"] = with_shared_slots(routed_shared_experts, num_experts, top_k,
+                                                                       routing, device)
+        config = dataclasses.replace(config, top_k=top_k)
     if router is not None:
-        _check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
+        check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
     kernels = resolve_kernels(backend, device, quiet=True)
     if backend == "auto":
         log.info("moekit layer %r: backend %r on %s", prefix, kernels.name, device)
 
     parallel = enable_eplb or ep_group is not None or tp_group is not None
-    placement, eplb_state = _parallel_pieces(
+    placement, eplb_state = parallel_pieces(
         parallel, num_experts, num_redundant_experts, enable_eplb, ep_group, tp_group, tp_size,
         expert_placement_strategy, num_expert_group if use_grouped_topk else None, device,
     )
@@ -286,6 +312,7 @@ def build_fused_moe(
     router.to(device)
     experts = (routed_experts_cls or RoutedExperts)(
         prefix, config.params_dtype, config, config.quant_config, placement=placement, kernels=kernels, device=device,
+        **(dict(expert_output_norm=expert_output_norm) if expert_output_norm is not None else {}),
         **(routed_experts_args or {}),
     )
     executor = ParallelExecutor(experts, ep_group, tp_group, eplb_state) if parallel else LocalExecutor(experts)
@@ -304,6 +331,8 @@ def build_fused_moe(
         n_shared_experts=n_shared_experts,
         expert_mapping=expert_mapping,
         **({} if eager_graph_tokens is None else {"eager_graph_tokens": eager_graph_tokens}),
+        gate_input=gate_input,
+        final_output_transform=final_output_transform,
         **(runner_args or {}),
     )
 
@@ -334,140 +363,3 @@ class FusedMoE(metaclass=_FusedMoEType):
         """Refused: the layer's class is MoERunner (subclass it and pass ``runner_cls=``)."""
         raise TypeError("FusedMoE is a factory and cannot be subclassed; subclass moekit.MoERunner and pass "
                         "runner_cls= instead")
-
-
-def _check_not_meta(device: torch.device, **tensors) -> None:
-    """Routing tensors on the meta device hold no values: refused unless the layer itself is on meta."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device.type == "meta" and device.type != "meta":
-            raise ValueError(
-                f"{name} is on the meta device (it holds no values) but the layer is built on {device}; pass "
-                f"{name} with its values (e.g. on {device}), or build the whole layer with device='meta'"
-            )
-
-
-def _parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group, tp_group, tp_size, strategy,
-                     num_expert_group, device):
-    """(placement, EPLB state) of a parallel layer; (None, None) without parallelism (one placement
-    holding every expert, made by the experts)."""
-    if strategy not in PLACEMENT_STRATEGIES:
-        raise ValueError(f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {strategy!r}")
-    if num_redundant and not enable_eplb:
-        raise ValueError(f"num_redundant_experts={num_redundant} requires enable_eplb=True")
-    if not parallel:
-        return None, None
-    return build_placement(
-        num_experts=num_experts, num_redundant_experts=num_redundant, ep_group=ep_group, tp_group=tp_group,
-        tp_size=tp_size, strategy=strategy, enable_eplb=enable_eplb, num_expert_group=num_expert_group,
-        device=device,
-    )
-
-
-def _check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group,
-                       n_shared_experts, shared_experts) -> None:
-    """Arguments this build cannot honour raise ``NotImplementedError`` naming them (SPEC §1)."""
-    if is_sequence_parallel:
-        raise _unsupported("is_sequence_parallel", True, "sequence-parallel MoE is not implemented")
-    if pcp_size not in (None, 1):
-        raise _unsupported("pcp_size", pcp_size, "pipeline context parallelism is not implemented")
-    if dp_size not in (None, 1):
-        raise _unsupported("dp_size", dp_size, "data parallelism is the caller's; pass ep_group for expert parallelism")
-    if tp_size not in (None, 1) and tp_group is None:
-        raise _unsupported("tp_size", tp_size, "tensor parallelism needs tp_group (a torch.distributed group)")
-    if n_shared_experts and shared_experts is None:
-        raise NotImplementedError(
-            f"n_shared_experts={n_shared_experts} without shared_experts: moekit does not build shared experts "
-            "itself (fused shared experts are ROCm-aiter only in the seed); pass shared_experts=<module>"
-        )
-
-
-def _num_zero_experts(zero_expert_type, bias, num_experts: int) -> int:
-    """Z = len(e_score_correction_bias) - E for zero-expert layers (SPEC §2), else 0."""
-    if zero_expert_type is None:
-        return 0
-    if bias is None or bias.dim() != 1:
-        raise ValueError("zero_expert_type needs e_score_correction_bias of shape [E + Z]")
-    if bias.shape[0] < num_experts:
-        raise ValueError(
-            f"e_score_correction_bias must have length E + Z >= num_experts ({num_experts}), got {bias.shape[0]}"
-        )
-    return bias.shape[0] - num_experts
-
-
-def _check_routing_combination(routing: dict, apply_router_weight_on_input: bool) -> None:
-    """Refuse routing arguments that the router priority order would otherwise drop silently."""
-    zero_expert_type, use_grouped_topk = routing["zero_expert_type"], routing["use_grouped_topk"]
-    custom_fn, hash_table = routing["custom_routing_function"], routing["hash_indices_table"]
-    num_expert_group, topk_group = routing["num_expert_group"], routing["topk_group"]
-    scoring_func, e_score_correction_bias = routing["scoring_func"], routing["e_score_correction_bias"]
-    given = {
-        "zero_expert_type": zero_expert_type is not None,
-        "use_grouped_topk": bool(use_grouped_topk),
-        "custom_routing_function": custom_fn is not None,
-        "hash_indices_table": hash_table is not None,
-    }
-    chosen = [name for name, on in given.items() if on]
-    if len(chosen) > 1:
-        raise ValueError(
-            f"routing arguments {chosen} cannot be combined: each selects a different router "
-            "(zero experts, grouped top-k, custom function, hash routing); pass one of them"
-        )
-    if custom_fn is not None and scoring_func != "softmax":
-        raise ValueError(
-            f"scoring_func={scoring_func!r} has no effect with custom_routing_function (the function computes "
-            "the weights itself); leave scoring_func at its default"
-        )
-    if e_score_correction_bias is not None and (custom_fn is not None or hash_table is not None):
-        picker = "custom_routing_function" if custom_fn is not None else "hash_indices_table"
-        raise ValueError(f"e_score_correction_bias has no effect with {picker} (it picks the experts); pass one")
-    if not use_grouped_topk and num_expert_group not in (None, 0, 1):
-        raise ValueError(
-            f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
-            "without it the grouping would be ignored"
-        )
-    if zero_expert_type is not None and apply_router_weight_on_input:
-        raise ValueError(
-            "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
-            "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"
-        )
-
-
-#: the routing keywords a given ``router=`` replaces, with their FusedMoE defaults
-_ROUTER_DEFAULTS = {
-    "renormalize": True,
-    "scoring_func": "softmax",
-    "e_score_correction_bias": None,
-    "routed_scaling_factor": 1.0,
-    "zero_expert_type": None,
-    "use_grouped_topk": False,
-    "custom_routing_function": None,
-    "hash_indices_table": None,
-}
-
-
-def _check_router_instance(router, routing: dict, *, top_k: int, num_experts: int, enable_eplb: bool) -> None:
-    """A given ``router=`` decides the routing: routing keywords that differ from their defaults would be
-    ignored, so they raise; so does EPLB (whose state the layer would have to hand the router)."""
-    if not isinstance(router, BaseRouter):
-        raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
-    if router.top_k != top_k or router.global_num_experts != num_experts:
-        raise ValueError(
-            f"router has top_k={router.top_k}, global_num_experts={router.global_num_experts} but the layer was "
-            f"given top_k={top_k}, num_experts={num_experts}; they must match"
-        )
-    ignored = [
-        name for name, default in _ROUTER_DEFAULTS.items()
-        if routing[name] is not default and routing[name] != default
-    ]
-    if ignored:
-        raise ValueError(f"router= is given, so {ignored} would be ignored; configure the router instead")
-    if enable_eplb:
-        raise ValueError(
-            "router= cannot be combined with enable_eplb=True: the layer builds the EPLB routing state and "
-            "hands it to the router it creates; leave router= unset"
-        )
-
-
-def _default_device() -> torch.device:
-    d = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
-    return torch.device(d)

@@ -1,0 +1,156 @@
+"""A moekit layer around a transformers MoE block's own tensors (the engine of
+:func:`moekit.integrations.transformers.patch`).
+
+The layer is built from the plan exactly as the loader builds it (small modules on the meta device),
+then adopts every tensor of the block under its moekit name: the spec's ``renames``, the same data the
+loader reads checkpoints with. Expert stacks become the routed experts' weights: shared where the
+transformers layout is moekit's, converted once (a copy) otherwise (transposed / interleaved stacks,
+DBRX's flat ``spec.splits``, Inkling's ``spec.appended_experts``). fp8 block stacks (transformers'
+FineGrainedFP8 ``FP8Experts``) keep their fp8 weights and float32 scales.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
+from ..experts.routed import RoutedExperts
+from ..loading.architectures import ArchSpec, rename_block_key
+from ..loading.keys import construction_tensors
+from ..loading.modules import build_layer
+from ..loading.plan import LayerPlan
+from ..ops.formats import Fp8BlockFormat
+
+#: moekit names of fused expert stacks and their biases / scales (``experts.gate_up_proj_scale_inv``...)
+_STACK_RE = re.compile(r"^experts\.[A-Za-z0-9_]+$")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _UnallocatedRoutedExperts(RoutedExperts):
+    """RoutedExperts whose weights start on the meta device: the block's own are adopted."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, device="meta", **kwargs)
+
+
+def _block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Tensor]:
+    """moekit name -> tensor of every parameter and buffer of the block (of the layer's MoE members for
+    a layer-level spec); tensors on the meta device raise ``ValueError``."""
+    own = {}
+    for member in spec.ckpt_blocks if spec.layer_level else ("",):
+        sub = block.get_submodule(member) if member else block
+        pre = member + "." if member else ""
+        for pname, t in list(sub.named_parameters()) + list(sub.named_buffers()):
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"{plan.name}.{pre}{pname} is on the meta device (offloaded or not materialised); patch() "
+                    "needs the block's weights in memory"
+                )
+            own[rename_block_key(spec, pre + pname)] = t
+    return own
+
+
+def _is_stack(spec: ArchSpec, rel: str) -> bool:
+    return bool(_STACK_RE.match(rel)) or rel in spec.appended_experts or any(rel == s[0] for s in spec.splits)
+
+
+@torch.no_grad()
+def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=None):
+    """A moekit layer built around the block's own tensors (see the module docs); ``fmt``: the model's
+    quantisation format (:func:`moekit.loading.quant.checkpoint_format`) or None."""
+    own = _block_tensors(block, spec, plan)
+    stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
+    quant = _fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt)
+    w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
+    dtype = w13.dtype if w13.dtype in _KERNEL_DTYPES else next(t.dtype for t in own.values() if t.dtype in _KERNEL_DTYPES)
+    layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
+                        routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
+                        quant_config=quant[0] if quant else None)
+    layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
+    targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
+               if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
+    for rel, t in own.items():
+        if rel in stacks or rel in construction_tensors({rel: t}):
+            continue
+        if rel not in targets:
+            raise NotImplementedError(f"{plan.name}: the block's tensor {rel!r} has no place in the moekit layer")
+        _set_tensor(layer, rel, t)
+        targets.pop(rel)
+    left = [n for n, t in targets.items() if t is not None and t.device.type == "meta"]
+    if left:
+        raise NotImplementedError(f"{plan.name}: the block has no tensors for {left}")
+    return layer
+
+
+def _set_tensor(layer, name: str, t: torch.Tensor) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    if leaf in parent._parameters:
+        parent._parameters[leaf] = t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, False)
+    else:
+        parent._buffers[leaf] = t
+
+
+def block_stacks(stacks: dict, spec: ArchSpec, plan: LayerPlan):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) from a block's stack tensors
+    by moekit name: fused ``experts.{gate_up_proj | up_proj, down_proj}(_bias)`` in ``spec.memory_layout``
+    (default the plan's layout), or the flat stacks of ``spec.splits``; then the shared-expert stacks of
+    ``spec.appended_experts``."""
+    if spec.splits:
+        per = {}
+        for name, proj, transposed in spec.splits:  # [E * I, H] -> [E, I, H] (transposed: [E, H, I])
+            t = stacks[name].view(plan.num_experts, -1, stacks[name].shape[-1])
+            per[proj] = t.transpose(1, 2) if transposed else t
+        w13, w2, b13, b2 = torch.cat([per["gate_proj"], per["up_proj"]], 1), per["down_proj"].contiguous(), None, None
+    else:
+        w13 = stacks.get("experts.gate_up_proj", stacks.get("experts.up_proj"))
+        b13, b2 = (stacks.get("experts.gate_up_proj_bias"), stacks.get("experts.down_proj_bias")) if plan.has_bias \
+            else (None, None)
+        w13, w2, b13, b2 = convert_stacks(w13, stacks["experts.down_proj"], b13, b2,
+                                          plan.num_experts - plan.routed_shared_experts,
+                                          get_fused_layout(spec.memory_layout or plan.fused_layout))
+    if spec.appended_experts:
+        g, u, d = (stacks[n] for n in spec.appended_experts)
+        w13, w2 = torch.cat([w13, torch.cat([g, u], dim=1)]), torch.cat([w2, d])
+    return w13, w2, b13, b2
+
+
+def convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) from fused stacks stored in
+    ``layout``: the tensors themselves for "rows", converted copies otherwise. LongCat's gate/up stack has
+    ``E + Z`` rows: the first ``E`` are the real experts."""
+    w13, w2 = gate_up_rows(w13, layout), down_rows(w2, layout)
+    b13 = gate_up_rows(b13, layout, bias=True) if b13 is not None else None
+    if w13.shape[0] != num_experts:
+        w13, b13 = w13[:num_experts], (b13[:num_experts] if b13 is not None else None)
+        w2, b2 = w2[:num_experts], (b2[:num_experts] if b2 is not None else None)
+    if layout.transposed or layout.interleaved:
+        w13, w2 = w13.contiguous(), w2.contiguous()
+    return w13, w2, b13, b2
+
+
+def _fp8_stacks(stacks: dict, experts, plan: LayerPlan, fmt):
+    """(format, (w13, w2, b13, b2, {w13_scale, w2_scale})) of fp8 stacks ``gate_up_proj [E, 2I, H]`` /
+    ``down_proj [E, H, I]`` e4m3 with ``*_scale_inv`` block scales ``[E, ⌈2I/bn⌉, ⌈H/bk⌉]`` /
+    ``[E, ⌈H/bn⌉, ⌈I/bk⌉]`` (transformers' FineGrainedFP8); None when the stacks are full precision (e.g.
+    dequantised at load). The fp8 stacks are shared; float32 scales too (e8m0 scales are converted, a
+    copy of the scales only)."""
+    w = stacks.get("experts.gate_up_proj")
+    if w is None or w.dtype != torch.float8_e4m3fn:
+        return None
+    if not isinstance(fmt, Fp8BlockFormat) or "experts.gate_up_proj_scale_inv" not in stacks:
+        raise NotImplementedError(f"{plan.name}: fp8 experts of format {fmt} (only block fp8, 'FP8Experts', is mapped)")
+    if getattr(experts, "activation_scheme", "dynamic") != "dynamic" or plan.has_bias:
+        raise NotImplementedError(f"{plan.name}: fp8 experts with static activations or biases")
+    s13, s2 = stacks["experts.gate_up_proj_scale_inv"], stacks["experts.down_proj_scale_inv"]
+    want = fmt.w13_scale_shape(plan.num_experts, plan.intermediate_size, plan.hidden_size)
+    if tuple(s13.shape) != want:
+        raise NotImplementedError(
+            f"{plan.name}: gate_up_proj_scale_inv {list(s13.shape)} is one grid over both halves; moekit keeps a grid "
+            f"per shard {list(want)} (equal only when I = {plan.intermediate_size} is a multiple of {fmt.block_n})"
+        )
+    s13, s2 = (s if s.dtype == torch.float32 else torch.nn.Parameter(s.float(), requires_grad=False)
+               for s in (s13, s2))
+    return fmt, (w, stacks["experts.down_proj"], None, None, {"w13_scale": s13, "w2_scale": s2})

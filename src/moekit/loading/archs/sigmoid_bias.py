@@ -1,0 +1,135 @@
+"""Ungrouped sigmoid + selection-bias routers (the MiniMax-M2 lineage) and the Inkling family (issue #13):
+MiniMax-M2, MiniMax-M3-VL (text), HY-V3, AFMoE, LFM2-MoE, Laguna, Kolibri-1, Step-3.7 (text), Muse Spark
+(text), Inkling, Inkling-2 and Inkling-2-Loop (text)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ...ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA
+from .common import DS_RENAMES, ArchSpec, act, first, get, layers, mk, sparse_layers, towers
+
+_E = ("num_local_experts", "num_experts", "n_routed_experts")
+_SCALE = ("routed_scaling_factor", "router_scaling_factor", "route_scale", "moe_router_scaling_factor",
+          "moe_routed_scaling_factor")
+_SHARED = ("shared_intermediate_size", "shared_expert_intermediate_size", "share_expert_dim")
+
+
+def _plan(*, inter_keys=("moe_intermediate_size",), dense_key="first_k_dense_replace", norm=None, bias=True,
+          scale_on_output=False, shared=True, **extra):
+    """A plan function; ``norm``: None = always renormalise, else the default of ``norm_topk_prob``."""
+
+    def plan(cfg, spec):
+        renorm = True if norm is None else bool(get(cfg, "norm_topk_prob", norm))
+        has_bias = bias if not callable(bias) else bias(cfg)
+        inter = int(first(cfg, inter_keys, 0))
+        kw = dict(
+            num_experts=int(first(cfg, _E, 8)),
+            top_k=int(get(cfg, "num_experts_per_tok", 2)),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=inter,
+            scoring_func="sigmoid",
+            renormalize=renorm,
+            routed_scaling_factor=float(first(cfg, _SCALE, 1.0)),
+            apply_routed_scale_to_output=scale_on_output,
+            has_score_bias=has_bias,
+            router_fp32=True,
+            activation=act(cfg),
+            routing="sigmoid" + (" + bias" if has_bias else "") + " top-k" + (", renormalised" if renorm else "")
+            + (", scaled on the output" if scale_on_output else ", scaled"),
+            norm_eps=float(get(cfg, "rms_norm_eps", 1e-6)),
+        )
+        if shared:
+            width = first(cfg, _SHARED, None)
+            n = int(first(cfg, ("num_shared_experts", "n_shared_experts"), 1))
+            kw["shared_intermediate_size"] = int(width) if width is not None else inter * n
+        kw.update({k: (v(cfg) if callable(v) else v) for k, v in extra.items()})
+        return [mk(spec, i, **kw) for i in sparse_layers(cfg, dense_key, 0)]
+
+    return plan
+
+
+def _swigluoai(cfg):
+    alpha = float(get(cfg, "swiglu_alpha", SWIGLUOAI_ALPHA))
+    if abs(alpha - SWIGLUOAI_ALPHA) > 1e-9:
+        raise NotImplementedError(f"swiglu_alpha={alpha}: moekit's swigluoai uses alpha={SWIGLUOAI_ALPHA}")
+    return float(get(cfg, "swiglu_limit", 7.0))
+
+
+def _softcaps(cfg):
+    caps = (float(get(cfg, "mlp_gate_softcap", SOFTCAP_GATE)), float(get(cfg, "mlp_up_softcap", SOFTCAP_UP)))
+    if caps != (SOFTCAP_GATE, SOFTCAP_UP):
+        raise NotImplementedError(
+            f"softcapped SwiGLU with mlp_gate_softcap/mlp_up_softcap={caps}: moekit's softcap_swiglu uses "
+            f"({SOFTCAP_GATE}, {SOFTCAP_UP})"
+        )
+    return "softcap_swiglu"
+
+
+def _plan_step3p7(cfg, spec):
+    """Step-3.x: the clamp after SiLU with a per-layer limit (``swiglu_limits[i]``; 0 / None: plain silu)."""
+    limits = get(cfg, "swiglu_limits", None) or [None] * layers(cfg)
+    shared = get(cfg, "swiglu_limits_shared", None) or [None] * layers(cfg)
+    base = _plan(scale_on_output=True)(cfg, spec)
+    out = []
+    for p in base:
+        lim, slim = limits[p.layer_idx] or None, shared[p.layer_idx] or None
+        out.append(replace(p, activation="silu_post_clamp" if lim else p.activation,
+                           swiglu_limit=float(lim) if lim else None,
+                           shared_activation="silu_post_clamp" if slim else p.shared_activation,
+                           shared_swiglu_limit=float(slim) if slim else None))
+    return out
+
+
+_BLOCK_BIAS = (("e_score_correction_bias", "router.e_score_correction_bias"),)
+_NO_SHARED = dict(shared=False)
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec("MiniMax-M2", ("minimax_m2",), "mlp", ("block_sparse_moe", "mlp"), _BLOCK_BIAS,
+             _plan(inter_keys=("intermediate_size",), **_NO_SHARED)),
+    ArchSpec("MiniMax-M3-VL (text)", ("minimax_m3_vl_text",), "mlp", ("block_sparse_moe", "mlp"), DS_RENAMES,
+             _plan(inter_keys=("intermediate_size",), scale_on_output=True, activation="swigluoai",
+                   swiglu_limit=_swigluoai, shared_activation="swigluoai", shared_swiglu_limit=_swigluoai,
+                   shared_fused=True), towers=towers("minimax_m3_vl")),
+    ArchSpec("HY-V3", ("hy_v3",), "mlp", ("mlp",),
+             _BLOCK_BIAS + (("expert_bias", "router.e_score_correction_bias"), ("shared_mlp.", "shared_experts.")),
+             _plan()),
+    ArchSpec("AFMoE", ("afmoe",), "mlp", ("mlp",),
+             (("router.gate.", "gate."), ("expert_bias", "router.e_score_correction_bias")),
+             _plan(dense_key="num_dense_layers")),
+    ArchSpec("LFM2-MoE", ("lfm2_moe",), "feed_forward", ("feed_forward",),
+             (("expert_bias", "router.e_score_correction_bias"),),
+             _plan(dense_key="num_dense_layers", norm=True, bias=lambda c: bool(get(c, "use_expert_bias", True)),
+                   **_NO_SHARED, activation="silu")),
+    ArchSpec("Laguna", ("laguna",), "mlp", ("mlp",), DS_RENAMES + (
+        ("experts.e_score_correction_bias", "router.e_score_correction_bias"), ("shared_expert.", "shared_experts.")),
+             _plan(scale_on_output=True, logit_softcap=lambda c: float(c["moe_router_logit_softcapping"])
+                   if get(c, "moe_router_logit_softcapping", 0) else None)),
+    ArchSpec("Kolibri-1", ("kolibri1",), "mlp", ("mlp",),
+             (("gate.e_score_correction_bias", "router.custom_routing_function.e_score_correction_bias"),
+              ("moe.router.expert_bias", "router.custom_routing_function.e_score_correction_bias")),
+             _plan(norm=False, bias=False, custom_routing="logit_bias", scoring_func="softmax",
+                   routing="top-k of logits + bias, sigmoid weights"), layer_members=("moe",)),
+    ArchSpec("Step-3.7 (text)", ("step3p5",), "mlp", ("mlp",), DS_RENAMES, _plan_step3p7, experts_switch=False,
+             towers=towers("step3p7")),
+    ArchSpec("Muse Spark (text)", ("muse_spark_text",), "mlp", ("mlp",),
+             DS_RENAMES + (("pre_expert_proj.", "routed_input_transform.0."),
+                           ("pre_expert_norm.", "routed_input_transform.1."),
+                           ("experts.post_expert_norm.", "routed_experts.expert_output_norm."),
+                           ("post_expert_proj.", "routed_output_transform.")),
+             _plan(**_NO_SHARED, gate_input="block", logit_scale=lambda c: float(get(c, "output_multiplier", 1.0)),
+                   input_transform="linear_centered_norm", output_transform="linear",
+                   expert_output_norm="scaled_rmsnorm", expert_norm_eps=lambda c: float(get(c, "post_norm_eps", 1e-6)),
+                   block_hidden_size=lambda c: int(c["hidden_size"]),
+                   hidden_size=lambda c: int(get(c, "moe_hidden_size", c["hidden_size"]))),
+             experts_switch=False, towers=towers("muse_spark")),
+    ArchSpec("Inkling (text)", ("inkling_text",), "mlp", ("mlp",),
+             DS_RENAMES + (("gate.global_scale", "routed_output_transform.weight"),),
+             _plan(**_NO_SHARED, output_transform="scale",
+                   num_experts=lambda c: int(first(c, _E, 8)) + int(get(c, "n_shared_experts", 1)),
+                   routed_shared_experts=lambda c: int(get(c, "n_shared_experts", 1))),
+             towers=towers("inkling"),
+             appended_experts=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")),
+    ArchSpec("Inkling-2 (text)", ("inkling2_text", "inkling2_loop_text"), "mlp", ("mlp",), DS_RENAMES,
+             _plan(inter_keys=("moe_intermediate_size", "intermediate_size"), **_NO_SHARED, activation=_softcaps),
+             towers=towers("inkling2", "inkling2_loop")),
+)

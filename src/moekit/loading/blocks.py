@@ -1,0 +1,109 @@
+"""The small modules of the transformers MoE blocks beyond router, experts and shared MLP (issue #13),
+each equal to its transformers counterpart, and :func:`plan_modules` which builds a plan's set.
+
+- :class:`RMSNorm`: ``norm(x) * (offset + w)`` in float32 (Llama / Gemma 4: offset 0; Muse Spark's
+  centred norm: offset 1), or with ``scale_first`` ``norm((x * (offset + w)).to(dtype))`` (Muse Spark's
+  input-scaled post-expert norm); ``with_scale=False``: no weight.
+- :class:`RMSNormGate`: Gemma 4's router logits, ``proj(norm(x) * scale * H^-0.5)``.
+- :class:`OutputBias`: ``x + bias`` (JetMoE's routed output bias).
+- :class:`Scale`: ``x * weight`` (Inkling's ``global_scale``).
+
+Module kinds a :class:`~moekit.loading.plan.LayerPlan` names (``input_transform``, ``output_transform``,
+``final_transform``, ``expert_output_norm``): ``"linear"`` (a latent projection), ``"linear_centered_norm"``
+(projection, then a centred RMSNorm), ``"rmsnorm"``, ``"scaled_rmsnorm"`` (input-scaled, offset 1),
+``"scale"``, ``"bias"`` (:class:`OutputBias`). The named routings with tensors (Gemma 4, Kolibri-1) live
+in :mod:`moekit.loading.routings`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RMSNorm(torch.nn.Module):
+    """x [..., D] -> [..., D] dtype of x; see the module docs for the variants."""
+
+    def __init__(self, dim, eps=1e-6, *, offset=0.0, scale_first=False, with_scale=True, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.offset, self.scale_first = float(eps), float(offset), bool(scale_first)
+        self.weight = torch.nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if with_scale else None
+
+    def _norm(self, x):
+        return x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self._norm(x.float()).type_as(x)
+        w = (self.offset + self.weight.float()) if self.offset else self.weight.float()
+        if self.scale_first:
+            return self._norm((x.float() * w).type_as(x).float()).type_as(x)
+        return (self._norm(x.float()) * w).type_as(x)
+
+
+class RMSNormGate(torch.nn.Module):
+    """Gemma 4 router logits: x [T, H] -> [T, E] = proj(rmsnorm(x) * scale * H^-0.5)."""
+
+    def __init__(self, hidden, num_experts, eps=1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps, with_scale=False)
+        self.scale = torch.nn.Parameter(torch.empty(hidden, device=device, dtype=dtype))
+        self.proj = torch.nn.Linear(hidden, num_experts, bias=False, device=device, dtype=dtype)
+        self.root = hidden**-0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x) * self.scale * self.root)
+
+
+class OutputBias(torch.nn.Module):
+    """``x [T, H] + bias [H]`` (JetMoE adds one bias to the routed sum)."""
+
+    def __init__(self, hidden, *, device=None, dtype=None):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.empty(hidden, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.to(x.dtype)
+
+
+class Scale(torch.nn.Module):
+    """x * weight (a learned scalar or vector)."""
+
+    def __init__(self, shape=(1,), *, device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return (x.float() * self.weight.float()).to(x.dtype)
+
+
+def make_module(kind: str | None, d_in: int, d_out: int, eps: float, *, device=None, dtype=None):
+    """The module of a plan's transform kind (see the module docs); None for None."""
+    kw = dict(device=device, dtype=dtype)
+    if kind is None:
+        return None
+    if kind == "linear":
+        return torch.nn.Linear(d_in, d_out, bias=False, **kw)
+    if kind == "linear_centered_norm":
+        return torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False, **kw), RMSNorm(d_out, eps, offset=1.0, **kw))
+    if kind == "rmsnorm":
+        return RMSNorm(d_out, eps, **kw)
+    if kind == "scaled_rmsnorm":
+        return RMSNorm(d_out, eps, offset=1.0, scale_first=True, **kw)
+    if kind == "scale":
+        return Scale(**kw)
+    if kind == "bias":
+        return OutputBias(d_out, **kw)
+    raise ValueError(f"unknown module kind {kind!r}")
+
+
+def plan_modules(plan, *, device=None, dtype=None) -> dict:
+    """FusedMoE keywords for the plan's transforms and expert output norm."""
+    h, hl, eps = plan.outer_hidden_size, plan.hidden_size, plan.norm_eps
+    kw = dict(device=device, dtype=dtype)
+    return dict(
+        routed_input_transform=make_module(plan.input_transform, h, hl, eps, **kw),
+        routed_output_transform=make_module(plan.output_transform, hl, h, eps, **kw),
+        final_output_transform=make_module(plan.final_transform, h, h, eps, **kw),
+        expert_output_norm=make_module(plan.expert_output_norm, hl, hl, plan.expert_norm_eps, **kw),
+    )
+

@@ -1,0 +1,88 @@
+"""The issue-#13 architectures of the DeepSeek-V3 and MiniMax-M2 families, Inkling and Gemma 4, as tiny random
+transformers models (fp32, eager experts = the reference), one build per type:
+
+- save_pretrained -> load_moe_layers reproduces every MoE block (Gemma 4: the MoE part of the decoder layer);
+- register(): experts_implementation="moekit" keeps the logits (types with an experts switch);
+- patch(model) keeps the logits (or the last hidden state of text-only towers) and greedy generate.
+Types missing from the installed transformers skip.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_tiny13  # noqa: E402
+
+from moekit import load_moe_layers  # noqa: E402
+from moekit.integrations.transformers import LayerMoEAdapter, MoEBlockAdapter, patch, register  # noqa: E402
+from moekit.loading.architectures import plan_layers  # noqa: E402
+
+
+def _close(out, ref, rel=1e-5):
+    torch.testing.assert_close(out, ref, rtol=rel, atol=rel * ref.abs().max().item())
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        o = model(input_ids=ids)
+    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+
+
+def _module(model, name):
+    """The module at a load_moe_layers path (text-only towers have no ``model.`` prefix)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_submodule(name.removeprefix("model."))
+
+
+def _block_ref(spec, block, x):
+    if not spec.layer_level:
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+    x = x.reshape(-1, x.shape[-1])
+    _, w, idx = block.router(x)  # Gemma 4: the MoE half of the decoder layer
+    return block.post_feedforward_layernorm_2(block.experts(block.pre_feedforward_layernorm_2(x), idx, w))
+
+
+@pytest.mark.parametrize("arch", list(hf_tiny13.TINY13))
+def test_architecture(arch, tmp_path):
+    model = hf_tiny13.build(arch)
+    if model is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {hf_tiny13.TINY13[arch][0]}")
+    spec, plans = plan_layers(model.config.to_dict())
+    assert plans
+    ids = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref = _out(model, ids)
+    gen = hasattr(model, "lm_head") and arch not in hf_tiny13.NO_GENERATE
+    ref_gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False) if gen else None
+
+    hf_tiny13.save(arch, model, tmp_path)
+    layers = load_moe_layers(tmp_path)
+    assert [p.name for p in plans] == list(layers)
+    x = torch.randn(1, 9, plans[0].outer_hidden_size, generator=torch.Generator().manual_seed(1))
+    for name, layer in layers.items():
+        with torch.no_grad():
+            _close(layer(x), _block_ref(spec, _module(model, name), x).reshape(x.shape))
+
+    if spec.experts_switch:
+        register()
+        model.set_experts_implementation("moekit")
+        _close(_out(model, ids), ref)
+        model.set_experts_implementation("eager")
+
+    replaced = patch(model)
+    assert len(replaced) == len(plans)
+    for name in replaced:
+        mod = model.get_submodule(name)
+        moe = (mod.experts if spec.layer_level else mod).moe
+        assert isinstance(mod, MoEBlockAdapter) or isinstance(mod.experts, LayerMoEAdapter)
+        assert moe.routed_experts.loaded
+    _close(_out(model, ids), ref)
+    if gen:
+        assert torch.equal(model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False), ref_gen)
+    assert patch(model) == []
