@@ -172,8 +172,9 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         buf = torch.empty(p.buf_total, dtype=x.dtype, device=dev)
         inter_buf = buf.as_strided((p.rows, inter), (inter, 1))
         part = buf.as_strided((p.part_rows, h), (h, 1), p.part_offset)
-    else:  # the format's own inter buffers (fp8 values + scales); the combine rows alone here
-        part = torch.empty(p.part_rows, h, dtype=x.dtype, device=dev)
+    else:  # the format's own inter buffers (fp8 values + scales); the combine rows alone here (fp8: fp32,
+        # SPEC §8 sums the slots' fp32 outputs, as the twin does; weight-only: the bf16 twin's rounding)
+        part = torch.empty(p.part_rows, h, dtype=torch.float32 if q.fp8 else x.dtype, device=dev)
     if p.zero_counts:
         counts.zero_()
     emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP

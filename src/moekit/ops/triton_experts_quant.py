@@ -135,8 +135,8 @@ class QuantLaunch:
         self._post = None
 
     def bytes_per_token(self, h: int, inter: int, k: int) -> int:
-        """Scratch per token besides the unquantised path's: x_q, inter_q and their scales."""
-        return (h + 8 * h // max(self.spec.block_k, 1) + k * inter * 2 + 16 * k) if self.fp8 else 0
+        """Scratch per token besides the unquantised path's: x_q, inter_q and their scales, fp32 combine rows."""
+        return (h + 8 * h // max(self.spec.block_k, 1) + k * inter * 2 + 16 * k + 2 * k * h) if self.fp8 else 0
 
     def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales)."""

@@ -7,7 +7,8 @@ Precision: operands in the input dtype, fp32 accumulation (``DOT_PREC="ieee"`` f
 fp32 is not silently tf32); the activation in fp32, rounded to the input dtype; the weighting and the
 top-k sum in fp32. The per-slot weighted output is rounded once to the input dtype in the combine
 buffer (the torch twin rounds the GEMM output to the input dtype at the same point), then the K slot
-values of a token are summed in fp32 in slot order k = 0..K-1 and rounded once more at the end.
+values of a token are summed in fp32 in slot order k = 0..K-1 and rounded once more at the end
+(fp8 experts: the combine buffer is fp32, no per-slot rounding, as their twin and SPEC §8 sum).
 
 Combine (``COMBINE``): a w2 program writes its weighted tile to ``part[slot]``, then bumps a
 semaphore per (token, column block) with an acq_rel atomic; the program that brings it to the
@@ -221,9 +222,13 @@ def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s_row, DT: tl.constexpr, QUANT
             PACK: tl.constexpr, QG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
             USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
     """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT``."""
+    # if / else on the constexpr: compiled Triton type-checks every return it reaches, and a ``return``
+    # after a taken constexpr ``if`` is still reached (packed pointers in _load_w: a shape error)
     if QUANT >= MXFP4:
-        return load_packed_w(ptrs, s_row, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST)
-    return _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
+        w = load_packed_w(ptrs, s_row, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST)
+    else:
+        w = _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
+    return w
 
 
 @triton.jit
@@ -234,10 +239,12 @@ def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT
     if QUANT == FP8_BLOCK:
         a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
         w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
-        return acc + dot_f32(a, b, UPCAST) * (a_s[:, None] * w_s[None, :])
-    if QUANT == FP8_ROW:
-        return acc + dot_f32(a, b, UPCAST)
-    return _mma(a, b, acc, DOT_PREC, UPCAST)
+        acc = acc + dot_f32(a, b, UPCAST) * (a_s[:, None] * w_s[None, :])
+    elif QUANT == FP8_ROW:
+        acc = acc + dot_f32(a, b, UPCAST)
+    else:
+        acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+    return acc
 
 
 @triton.jit

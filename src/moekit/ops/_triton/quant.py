@@ -80,11 +80,19 @@ def quantize_tile(x, s, INTERP: tl.constexpr):
 
 @triton.jit
 def dot_f32(a, b, INTERP: tl.constexpr):
-    """A fresh fp32 ``a · b`` of fp8 tiles (Hopper: the fp8 tensor-core path). A fresh product per K step
-    keeps Hopper's reduced-precision fp8 accumulation inside one BK chunk; the caller adds in fp32."""
+    """A fresh fp32 ``a · b`` of fp8 tiles (the caller scales it and adds it to its accumulator in fp32).
+
+    ``max_num_imprecise_acc=0``: Triton's sm_90 default (2^30) lets a Hopper fp8 wgmma chain keep its
+    accumulator in reduced precision (the fp8 tensor core truncates the running sum to ~13 mantissa bits),
+    and the instruction then depends on the tile: ``BM >= 64`` lowered to ``wgmma m64nNk32 e4m3`` while
+    ``BM`` 16/32 lowered to ``mma.sync m16n8k16`` on fp16 upcasts, so a token's inter values (and their
+    e4m3 re-quantisation) changed with the token count (SPEC §9) and the error vs the twin reached 1.6e-2.
+    With 0 Triton lowers every fp8 dot, whatever the tile, to fp16 ``mma.sync m16n8k16`` (e4m3 -> fp16 is
+    exact, products exact in fp32, fp32 accumulation in k order): one instruction and one reduction order
+    for every config (checked in the sm_90 PTX by ``benchmarks/compile_sm90.py``)."""
     if INTERP:  # fp8 products are exact in fp32; only the order of the fp32 sum differs from hardware
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+    return tl.dot(a, b, max_num_imprecise_acc=0)
 
 
 @triton.jit

@@ -1,0 +1,178 @@
+"""Compile the Triton experts kernels for sm_90 (Hopper) on a machine without a GPU.
+
+The launcher runs in warm-up mode on CPU tensors (never touched: ``torch.empty``); every kernel launch
+is intercepted and compiled by Triton's own binder and ``triton.compile`` for ``GPUTarget("cuda", 90,
+32)`` (Triton ships ptxas), so the compile errors a first run on an H100/H200 would hit show up here,
+and the TTGIR / PTX / SASS can be inspected. Must run without ``TRITON_INTERPRET`` (the interpreter
+replaces ``triton.jit`` kernels by interpreted ones at import).
+
+    python benchmarks/compile_sm90.py                      # every quantised format, DeepSeek-V3 and gpt-oss slices
+    python benchmarks/compile_sm90.py --fmt fp8_block --t 1 --dump /tmp/ir  # write .ttgir/.ptx per kernel
+
+Configs: :func:`moekit.ops.triton_configs.heuristic_config` with 132 SMs (what an H200 without a tuned
+file runs), then the format's :meth:`QuantSpec.fix_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_sm90: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from moekit.ops import triton_configs as tc  # noqa: E402
+from moekit.ops import triton_experts_quant as tq  # noqa: E402
+from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
+from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FORMATS = {
+    "bf16": None,  # the unquantised kernels (QUANT = 0)
+    "fp8_block": Fp8BlockFormat(128, 128),
+    "fp8_channel": Fp8ChannelFormat(),
+    "fp8_tensor": Fp8ChannelFormat(per_tensor=True),
+    "fp8_static": Fp8ChannelFormat(per_tensor=True, static_input=True),
+    "mxfp4": Mxfp4Format(),
+    "int4_g32": Int4GroupFormat(32),
+    "int4_g128": Int4GroupFormat(128),
+}
+# (name, E, K, H, I, activation, bias)
+SHAPES = {
+    "deepseek": (16, 8, 7168, 2048, "silu", False),
+    "gpt-oss": (32, 4, 2880, 2880, "swigluoai", True),
+    "invariance": (64, 6, 2048, 768, "silu", False),
+}
+
+
+def compile_launch(fn: JITFunction, args, kwargs):
+    """``fn[grid](*args, **kwargs)`` compiled for sm_90, not launched: the ``CompiledKernel`` (its ``asm``
+    holds the ttir, ttgir, llir, ptx and cubin). Triton's cache applies (a second call is fast)."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs, debug=False, instrumentation_mode="")
+    kwargs.pop("launch_pdl", None)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=TARGET, options=options.__dict__)
+
+
+def _make(fmt, t, e, k, h, i, act, bias, dtype=torch.bfloat16):
+    """Empty (untouched) CPU tensors of the quantised layout of ``fmt`` (None: unquantised)."""
+    spec = tq.QuantSpec.of(fmt) if fmt is not None else None
+    rows = 2 * i
+    if spec is None:
+        w13, w2, s13, s2 = torch.empty(e, rows, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype), None, None
+    elif spec.fp8:
+        w13, w2 = torch.empty(e, rows, h, dtype=torch.float8_e4m3fn), torch.empty(e, h, i, dtype=torch.float8_e4m3fn)
+        if spec.code == 1:
+            cd = lambda a, b: -(-a // b)  # noqa: E731
+            s13 = torch.empty(e, 2 * cd(i, fmt.block_n), cd(h, fmt.block_k))
+            s2 = torch.empty(e, cd(h, fmt.block_n), cd(i, fmt.block_k))
+        elif fmt.per_tensor:
+            s13, s2 = torch.empty(e, 2), torch.empty(e)
+        else:
+            s13, s2 = torch.empty(e, rows), torch.empty(e, h)
+    elif spec.code == 3:
+        w13, w2 = torch.empty(e, rows, h // 2, dtype=torch.uint8), torch.empty(e, h, i // 2, dtype=torch.uint8)
+        s13, s2 = torch.empty(e, rows, h // 32, dtype=torch.uint8), torch.empty(e, h, i // 32, dtype=torch.uint8)
+    else:
+        g = fmt.group_size
+        w13, w2 = torch.empty(e, rows, h // 8, dtype=torch.int32), torch.empty(e, h, i // 8, dtype=torch.int32)
+        s13, s2 = torch.empty(e, rows, h // g, dtype=dtype), torch.empty(e, h, i // g, dtype=dtype)
+    x = torch.empty(t, h, dtype=dtype)
+    w = torch.empty(t, k)
+    ids = torch.zeros(t, k, dtype=torch.int32)
+    b1 = torch.empty(e, rows, dtype=dtype) if bias else None
+    b2 = torch.empty(e, h, dtype=dtype) if bias else None
+    s_in = (torch.ones(e), torch.ones(e)) if getattr(fmt, "static_input", False) else (None, None)
+    return x, w13, w2, w, ids, spec, s13, s2, s_in, b1, b2
+
+
+def launches(fmt, t, shape, dtype=torch.bfloat16, config=None):
+    """[(kernel, args, kwargs)] of one call of the quantised launcher (heuristic H200 config)."""
+    e, k, h, i, act, bias = SHAPES[shape] if isinstance(shape, str) else shape
+    x, w13, w2, w, ids, spec, s13, s2, (si13, si2), b1, b2 = _make(fmt, t, e, k, h, i, act, bias, dtype)
+    cfg = config or tc.heuristic_config(t, e, h, i, k, dtype, 132)
+    seen = []
+    kernels = {}
+    from moekit.ops._triton import align, grouped_gemm, quant
+
+    for mod in (align, grouped_gemm, quant):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if isinstance(obj, JITFunction) and hasattr(obj, "warmup"):
+                kernels[name] = obj
+    saved = {n: kf.__dict__.get("warmup") for n, kf in kernels.items()}
+    for name, kf in kernels.items():
+        kf.warmup = (lambda kf: lambda *a, grid, **kw: seen.append((kf, a, kw)))(kf)
+    try:
+        limit = 7.0 if act == "swigluoai" else None
+        if spec is None:
+            fused_experts_impl(x, w13, w2, w, ids, act, False, b1, b2, None, limit, config=cfg, warmup=True)
+        else:
+            tq.fused_experts_quant_impl(x, w13, w2, w, ids, spec, s13, s2, si13, si2, act, False, b1, b2, None, limit,
+                                        config=cfg, warmup=True)
+    finally:
+        for name, kf in kernels.items():
+            if saved[name] is None:
+                del kf.warmup
+            else:
+                kf.warmup = saved[name]
+    return seen
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fmt", default=",".join(f for f in FORMATS if f != "bf16"))
+    ap.add_argument("--shape", default="deepseek,gpt-oss")
+    ap.add_argument("--t", default="1,64,1000")
+    ap.add_argument("--kernels", default="w13_kernel,w2_kernel")
+    ap.add_argument("--dump", default=None, help="folder for <fmt>_<shape>_T<t>_<kernel>.{ttgir,ptx}")
+    a = ap.parse_args(argv)
+    want = set(a.kernels.split(","))
+    fails = 0
+    for fname in a.fmt.split(","):
+        for shape in a.shape.split(","):
+            for t in map(int, a.t.split(",")):
+                for kf, args, kw in launches(FORMATS[fname], t, shape):
+                    if kf.__name__ not in want:
+                        continue
+                    tag = f"{fname}_{shape}_T{t}_{kf.__name__}"
+                    t0 = time.perf_counter()
+                    try:
+                        res = compile_launch(kf, args, kw)
+                    except Exception as exc:  # noqa: BLE001 - report every failing compile
+                        fails += 1
+                        msg = str(exc).strip().splitlines()
+                        print(f"FAIL {tag}: {type(exc).__name__}: {' | '.join(msg[-3:])}")
+                        continue
+                    irs = res.asm
+                    print(f"ok   {tag} ({time.perf_counter() - t0:.1f} s)"
+                          f" BM={kw.get('BM')} BN={kw.get('BN')} BK={kw.get('BK')} warps={kw.get('num_warps')}"
+                          f" tma={kw.get('USE_TMA')} inline={kw.get('INLINE')}")
+                    if a.dump:
+                        d = Path(a.dump)
+                        d.mkdir(parents=True, exist_ok=True)
+                        for ext in ("ttgir", "ptx"):
+                            if ext in irs:
+                                (d / f"{tag}.{ext}").write_text(irs[ext])
+    print(f"{fails} failed")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
