@@ -64,7 +64,10 @@ def rel_rms(out, ref) -> float:
 
 def compare(args, kw, tol=None):
     out = tq.fused_experts_quant_triton(*args, **kw)
-    ref = fused_experts_quant_torch(*args, **kw)
+    # the reference is the twin on the CPU: on an H200 the fp8 twin run on CUDA differed from itself on
+    # the CPU by 1.6e-2 (DeepSeek-V3 slice) while the kernel matched the CPU twin to 3.0e-4 (open question)
+    cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    ref = fused_experts_quant_torch(*[cpu(a) for a in args], **{n: cpu(v) for n, v in kw.items()})
     assert out.shape == ref.shape and out.dtype == args[0].dtype
     if out.numel():
         assert torch.isfinite(out).all()
