@@ -10,17 +10,23 @@ import torch
 import moekit
 from moekit.parallel.eplb import imbalance
 
-CHECKS: dict = {}
-WORLD: dict[str, tuple[int, ...]] = {}
+def registry():
+    """(checks by name, world sizes by name, the ``@check(*worlds)`` decorator filling both)."""
+    checks: dict = {}
+    world: dict[str, tuple[int, ...]] = {}
+
+    def check(*worlds):
+        def deco(fn):
+            checks[fn.__name__] = fn
+            world[fn.__name__] = worlds
+            return fn
+
+        return deco
+
+    return checks, world, check
 
 
-def check(*worlds):
-    def deco(fn):
-        CHECKS[fn.__name__] = fn
-        WORLD[fn.__name__] = worlds
-        return fn
-
-    return deco
+CHECKS, WORLD, check = registry()
 
 
 def experts_backend(device: torch.device) -> str:

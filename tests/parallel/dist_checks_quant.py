@@ -7,21 +7,11 @@ from __future__ import annotations
 import torch
 
 import moekit
-from dist_checks import _rank_batch, experts_backend, global_weights  # noqa: F401  (the harness reads experts_backend)
+from dist_checks import _rank_batch, experts_backend, global_weights, registry  # noqa: F401  (the harness reads experts_backend)
 
-CHECKS: dict = {}
-WORLD: dict[str, tuple[int, ...]] = {}
+CHECKS, WORLD, check = registry()
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
 INT4 = moekit.Int4GroupFormat(32)
-
-
-def check(*worlds):
-    def deco(fn):
-        CHECKS[fn.__name__] = fn
-        WORLD[fn.__name__] = worlds
-        return fn
-
-    return deco
 
 
 def _pair(ctx, quant, *, E=8, H=64, I=128, bias=False, **par_kw):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import DTYPE_NAMES, as_float_dtype, check_device
-from ..experts.layout import PROJ_NAMES, SHARD_OF_PROJ
+from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
 from .architectures import ArchSpec, plan_layers
@@ -33,7 +33,6 @@ from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
 
-_EXPERT_KEY_RE = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
 
 
 def read_config(path: str) -> dict:
@@ -184,6 +183,7 @@ def load_moe_layers(
         for key, state, rel in todo:
             t = reader.read(key)
             bar.update(t.numel() * t.element_size())
+            x = None
             for piece, x in expand_key(spec, state.plan, rel, t):
                 _load_one(state, piece, x, key)
             del t, x  # nothing of this tensor lives on while the next one is read
@@ -284,25 +284,6 @@ class _LayerLoad:
 
     def load(self, weights) -> set[str]:
         return load_layer_weights(self.layer, weights, fused_layout=self.plan.fused_layout, loaded=self.loaded)
-
-    def load_one(self, rel: str, tensor: torch.Tensor) -> None:
-        """One checkpoint tensor (block-relative name ``rel``). Per-expert tensors go straight into their
-        slot (the loader's layers hold every expert once, in order); the rest through :meth:`load`."""
-        m = _EXPERT_KEY_RE.match(rel)
-        if m is None or not tensor.is_floating_point() or self.layer.routed_experts.quant is not None:
-            self.load([(rel, tensor)])
-            return
-        experts, c = self.layer.routed_experts, self.layer.moe_config
-        e, shard, bias = int(m.group(1)), SHARD_OF_PROJ[m.group(2)], m.group(3) == "bias"
-        if c.num_experts <= e < c.num_experts + c.num_zero_experts:
-            return  # a zero (identity) expert: LongCat stores unused rows for it
-        if e >= c.num_experts:
-            self.load([(rel, tensor)])  # raises, naming the key
-            return
-        expected = experts.shard_shape(shard, bias)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"checkpoint key {rel!r} has shape {list(tensor.shape)}, expected {list(expected)}")
-        experts.load_expert_shard(e, shard, tensor, bias=bias)  # copy_ converts the dtype
 
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
