@@ -3,8 +3,9 @@
 The interpreter runs none of the compiled-mode checks (return types of every reached ``return``, shapes
 of dead constexpr branches), so a kernel can pass every interpreter test and still fail to compile on a
 GPU. ``benchmarks/compile_sm90.py`` compiles the launcher's kernels for ``GPUTarget("cuda", 90, 32)``
-without a device (a subprocess: this session's kernels are interpreted). gpt-oss at T = 1000: partial
-K blocks (2880) and the compute-bound tile (BM = 128), where Triton would pick wgmma for fp8.
+without a device (a subprocess: this session's kernels are interpreted). gpt-oss at T = 1 (decode
+tiles) and T = 1000 (partial K blocks of 2880, the compute-bound tile BM = 128): the fp8 dots must lower
+to the same instruction in both (SPEC §9): Hopper's e4m3 wgmma, never an fp16 ``mma.sync`` fallback.
 """
 
 import os
@@ -25,14 +26,15 @@ def test_quantised_kernels_compile_for_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     res = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compile_sm90.py"), "--fmt", FORMATS, "--shape", "gpt-oss",
-         "--t", "1000", "--dump", str(tmp_path / "ir")],
+         "--t", "1,1000", "--dump", str(tmp_path / "ir")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     for fmt in ("fp8_block", "fp8_channel"):
-        for kernel in ("w13_kernel", "w2_kernel"):
-            ptx = (tmp_path / "ir" / f"{fmt}_gpt-oss_T1000_{kernel}.ptx").read_text()
-            # one MMA for every tile config (SPEC §9): fp16 mma.sync on exact e4m3 upcasts, never the
-            # tile-dependent, reduced-precision fp8 wgmma accumulation
-            assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx, (fmt, kernel)
-            assert "e4m3.e4m3" not in ptx, (fmt, kernel)
+        for t in (1, 1000):
+            for kernel in ("w13_kernel", "w2_kernel"):
+                ptx = (tmp_path / "ir" / f"{fmt}_gpt-oss_T{t}_{kernel}.ptx").read_text()
+                # one MMA for every bucket (SPEC §9): fix_config raises BLOCK_M to 64 so no bucket falls
+                # back to mma.sync on fp16 upcasts, whose sums differ from wgmma's
+                assert "wgmma.mma_async.sync.aligned" in ptx and ".e4m3.e4m3" in ptx, (fmt, t, kernel)
+                assert "mma.sync" not in ptx, (fmt, t, kernel)

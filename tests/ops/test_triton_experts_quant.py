@@ -188,7 +188,17 @@ def test_config_constraints():
             bks.add((c["w13"]["BK"], c["w2"]["BK"]))
             if s.code == 1:
                 assert c["w13"]["BN"] == c["w13"]["BK"] == c["w2"]["BK"] == 128
+            if s.fp8:  # wgmma in every bucket: BLOCK_M >= 64 and whole warpgroups, the same fp8_acc
+                assert c["BLOCK_M"] >= 64 and c["fp8_acc"] == tq.DEFAULT_FP8_ACC, c
+                assert c["w13"]["num_warps"] in (4, 8) and c["w2"]["num_warps"] in (4, 8), c
         assert len(bks) == 1, (fmt, bks)
+    exact = tq.QuantSpec.of(Fp8ChannelFormat()).fix_config(
+        dict(heuristic_config(1, 256, 7168, 2048, 8, torch.bfloat16, 132), fp8_acc=0), torch.bfloat16)
+    assert exact["fp8_acc"] == 0 and exact["BLOCK_M"] == heuristic_config(1, 256, 7168, 2048, 8, torch.bfloat16,
+                                                                          132)["BLOCK_M"]
+    with pytest.raises(ValueError, match="fp8_acc"):
+        tq.QuantSpec.of(Fp8ChannelFormat()).fix_config(
+            dict(heuristic_config(1, 8, 64, 32, 2, torch.bfloat16, 132), fp8_acc=-1), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -225,6 +235,46 @@ def test_gpu_deterministic_and_batch_invariant(fmt):
     for n in (1, 7, 64, 333):
         part = tq.fused_experts_quant_triton(x[:n], w13, w2, w[:n], ids[:n], **kw)
         assert torch.equal(part, full[:n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Fp8ChannelFormat(), Mxfp4Format(), Int4GroupFormat(32)],
+                         ids=["fp8_block", "fp8_channel", "mxfp4", "int4"])
+def test_gpu_batch_invariant_every_bucket(fmt):
+    """A token's output is the same bits alone and inside batches whose sizes cover every token bucket of
+    the config lookup (1 ... 16384: BLOCK_M 16 ... 128 on the unquantised path, 64 / 128 for fp8)."""
+    args, kw = make(fmt, 16384, 64, 6, 2048, 768, seed=3)
+    x, w13, w2, w, ids = args
+    rows = [0, 1, 4095]
+    for n in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384):
+        out = tq.fused_experts_quant_triton(x[:n], w13, w2, w[:n], ids[:n], **kw)
+        if n == 1:
+            alone = out[0].clone()
+        assert torch.equal(out[0], alone), n
+        if n == 16384:
+            for r in rows[1:]:
+                one = tq.fused_experts_quant_triton(x[r:r + 1], w13, w2, w[r:r + 1], ids[r:r + 1], **kw)
+                assert torch.equal(out[r], one[0]), r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("acc", [0, 32, 128])
+def test_gpu_fp8_accumulation_modes(acc):
+    """Every fp8 dot instruction (``fp8_acc``: exact fp16 mma, wgmma promoted every 32 / every 128
+    products) stays within SPEC §8's GPU tolerance of the twin on the DeepSeek-V3 slice."""
+    from moekit.ops.triton_configs import heuristic_config
+
+    args, kw = make(Fp8BlockFormat(128, 128), 256, 16, 8, 7168, 2048)
+    x, w13, w2, w, ids = args
+    spec = tq.QuantSpec.of(kw["fmt"])
+    cfg = dict(heuristic_config(256, 16, 7168, 2048, 8, torch.bfloat16, 132), fp8_acc=acc)
+    out = tq.fused_experts_quant_impl(x, w13, w2, w, ids, spec, kw["w13_scale"], kw["w2_scale"], None, None, "silu",
+                                      False, None, None, None, None, config=cfg)
+    cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    ref = fused_experts_quant_torch(*[cpu(a) for a in args], **{n: cpu(v) for n, v in kw.items()})
+    err = rel_rms(out, ref)
+    print(f"fp8_acc={acc}: rel RMS vs the CPU twin {err:.2e}")
+    assert err <= 1e-2, err
 
 
 @pytest.mark.gpu

@@ -47,8 +47,13 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.
 
 
 def fp8_scale(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
-    """``S = amax / 448`` (ue8m0: ``2^ceil(log2(amax / 448))``); ``amax == 0 -> S = 1``. Same dtype as amax."""
-    s = amax / E4M3_MAX
+    """``S = amax / 448`` (ue8m0: ``2^ceil(log2(amax / 448))``); ``amax == 0 -> S = 1``. Same dtype as amax.
+
+    The quotient is the correctly rounded one on every device: PyTorch's CUDA division by a Python scalar
+    multiplies by the rounded reciprocal (``amax · fl(1/448)``, one ulp off for some inputs), which moved
+    the CUDA twin 1.6e-2 away from the CPU twin and the kernels (measured on an H200); a tensor divisor
+    takes the IEEE division path on both, as the kernels' ``amax / 448`` does."""
+    s = amax / torch.full_like(amax, E4M3_MAX)
     if ue8m0:
         s = torch.where(s > 0, _pow2_ceil(s.clamp_min(torch.finfo(s.dtype).tiny)), s)
     return torch.where(amax == 0, torch.ones_like(s), s)
@@ -191,7 +196,8 @@ def int4_group_quantize(w: torch.Tensor, group_size: int):
     if k % group_size or k % 8:
         raise ValueError(f"int4 needs K (the last dim) to be a multiple of group_size={group_size} and of 8, got {k}")
     wg = w.reshape(*lead, n, k // group_size, group_size)
-    scale = wg.abs().amax(dim=-1) / 7.5
+    amax = wg.abs().amax(dim=-1)
+    scale = amax / torch.full_like(amax, 7.5)  # the IEEE quotient on every device (see fp8_scale)
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(w.dtype).eps), scale)
     q = torch.round(torch.clamp(wg / scale[..., None], -8, 7)).to(torch.int64).reshape(*lead, n, k // 8, 8)
     shifts = torch.arange(0, 32, 4, device=w.device, dtype=torch.int64)

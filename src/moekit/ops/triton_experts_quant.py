@@ -44,6 +44,8 @@ __all__ = ["fused_experts_quant_triton", "QuantSpec", "QuantLaunch"]
 _CODES = {"fp8_block": 1, "fp8_channel": 2, "mxfp4": 3, "int4_group": 4}
 _FP8 = torch.float8_e4m3fn
 _FAR = 1 << 30  # "scale row = n // _FAR" = 0: one scale for every column (per tensor)
+#: fp8 dots: wgmma, its reduced-precision sum promoted to fp32 every 32 products (``fix_config``)
+DEFAULT_FP8_ACC = 32
 
 
 @dataclass(frozen=True)
@@ -94,16 +96,31 @@ class QuantSpec:
 
     def fix_config(self, cfg: dict, dtype: torch.dtype) -> dict:
         """The tiles this format requires: the K step is fixed per shape (batch invariance), fp8 block
-        w13 tiles are one activation group wide (the fused re-quantisation)."""
+        w13 tiles are one activation group wide (the fused re-quantisation). fp8: ``cfg["fp8_acc"]``
+        (default :data:`DEFAULT_FP8_ACC`) picks the dot instruction (:func:`._triton.quant.dot_f32`); > 0
+        (wgmma) needs ``BLOCK_M`` >= 64 and 4 or 8 warps in every bucket, raised here, so that no bucket
+        falls back to another instruction (SPEC §9)."""
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
         if self.code == 1:
             c13["BN"] = bk
-        if not self.fp8:  # packed tiles: the dequantised B tile needs registers / shared memory too
+        out = {**cfg}
+        if self.fp8:
+            acc = int(cfg.get("fp8_acc", DEFAULT_FP8_ACC))
+            if acc < 0:
+                raise ValueError(f"config fp8_acc must be >= 0 (0: exact fp16 mma; n: wgmma, promoted every n), "
+                                 f"got {acc}")
+            out["fp8_acc"] = acc
+            if acc > 0:
+                out["BLOCK_M"] = max(64, int(cfg["BLOCK_M"]))
+                for c in (c13, c2):
+                    c["num_warps"] = 8 if int(c["num_warps"]) >= 8 else 4
+        else:  # packed tiles: the dequantised B tile needs registers / shared memory too
             c13["num_stages"] = min(int(c13["num_stages"]), 3)
             c2["num_stages"] = min(int(c2["num_stages"]), 3)
-        return {**cfg, "w13": c13, "w2": c2}
+        out["w13"], out["w2"] = c13, c2
+        return out
 
 
 def _ws_args(scale: torch.Tensor, shard: int, qbn: int) -> dict:
@@ -116,7 +133,7 @@ class QuantLaunch:
     """One call's quantised operands for :func:`~.triton_experts.fused_experts_impl`: the format, the
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
 
-    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, gated: bool):
+    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, gated: bool, fp8_acc: int = 0):
         self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
         self.s13_static, self.s2_static = s13, s2
         if spec.fp8:
@@ -131,7 +148,8 @@ class QuantLaunch:
             self.ws2["stride_wse"] = 1
         else:  # one scale row per weight row
             self.ws13, self.ws2 = _ws_args(w13_scale, inter, 1), _ws_args(w2_scale, None, 1)
-        self.common = dict(QUANT=spec.code, PACK=spec.pack, QG=spec.block_k if not spec.fp8 else 1)
+        self.common = dict(QUANT=spec.code, PACK=spec.pack, QG=spec.block_k if not spec.fp8 else 1,
+                           FP8_ACC=fp8_acc if spec.fp8 else 0)
         self._post = None
 
     def bytes_per_token(self, h: int, inter: int, k: int) -> int:
@@ -282,6 +300,6 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8), on device
         s13 = w13_input_scale.max().float().reshape(1)
         s2 = w2_input_scale.max().float().reshape(1)
-    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, act.gated)
+    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, act.gated, int(config.get("fp8_acc", 0)))
     return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
                               swiglu_limit, config=config, warmup=warmup, quant=q)

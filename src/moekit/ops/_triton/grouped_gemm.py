@@ -233,15 +233,15 @@ def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s_row, DT: tl.constexpr, QUANT
 
 @triton.jit
 def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
-          UPCAST: tl.constexpr):
+          UPCAST: tl.constexpr, FP8_ACC: tl.constexpr):
     """One K step: fp8 block ``acc + (a · b) · s_x[row, kb] · S[col, kb]`` (``xs_rows`` [BM], ``ws_row``
     [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc."""
     if QUANT == FP8_BLOCK:
         a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
         w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
-        acc = acc + dot_f32(a, b, UPCAST) * (a_s[:, None] * w_s[None, :])
+        acc = acc + dot_f32(a, b, UPCAST, FP8_ACC) * (a_s[:, None] * w_s[None, :])
     elif QUANT == FP8_ROW:
-        acc = acc + dot_f32(a, b, UPCAST)
+        acc = acc + dot_f32(a, b, UPCAST, FP8_ACC)
     else:
         acc = _mma(a, b, acc, DOT_PREC, UPCAST)
     return acc
@@ -266,7 +266,7 @@ def w13_kernel(
     HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr, PDL: tl.constexpr = False,
     xs_ptr=None, ws_ptr=None, qs_ptr=None, is_ptr=None, stride_xst=0, stride_wse=0, stride_wsn=0, ws_shard=0,
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
-    QG: tl.constexpr = 1, UE8M0: tl.constexpr = False,
+    QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
 
@@ -327,11 +327,11 @@ def w13_kernel(
                     BK, BN, EVEN_K, USE_TMA, UPCAST)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
-        acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST)
+        acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
         if GATED:
             u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, ws_u, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
-            acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST)
+            acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
             u_ptrs += BK // PACK
         a_ptrs += BK
         g_ptrs += BK // PACK
@@ -365,7 +365,7 @@ def w2_kernel(
     COMBINE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False,
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
-    QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1,
+    QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
     Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
@@ -410,7 +410,7 @@ def w2_kernel(
         a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
         b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, ws_row, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
-        acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST)
+        acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
         a_ptrs += BK
         b_ptrs += BK // PACK
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]

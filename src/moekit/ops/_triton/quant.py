@@ -79,20 +79,28 @@ def quantize_tile(x, s, INTERP: tl.constexpr):
 
 
 @triton.jit
-def dot_f32(a, b, INTERP: tl.constexpr):
+def dot_f32(a, b, INTERP: tl.constexpr, FP8_ACC: tl.constexpr = 0):
     """A fresh fp32 ``a · b`` of fp8 tiles (the caller scales it and adds it to its accumulator in fp32).
 
-    ``max_num_imprecise_acc=0``: Triton's sm_90 default (2^30) lets a Hopper fp8 wgmma chain keep its
-    accumulator in reduced precision (the fp8 tensor core truncates the running sum to ~13 mantissa bits),
-    and the instruction then depends on the tile: ``BM >= 64`` lowered to ``wgmma m64nNk32 e4m3`` while
-    ``BM`` 16/32 lowered to ``mma.sync m16n8k16`` on fp16 upcasts, so a token's inter values (and their
-    e4m3 re-quantisation) changed with the token count (SPEC §9) and the error vs the twin reached 1.6e-2.
-    With 0 Triton lowers every fp8 dot, whatever the tile, to fp16 ``mma.sync m16n8k16`` (e4m3 -> fp16 is
-    exact, products exact in fp32, fp32 accumulation in k order): one instruction and one reduction order
-    for every config (checked in the sm_90 PTX by ``benchmarks/compile_sm90.py``)."""
+    ``FP8_ACC`` picks the instruction, which must be the same for every token bucket of a shape (SPEC §9):
+
+    - ``0`` (``max_num_imprecise_acc=0``): Triton lowers the dot, whatever the tile, to fp16
+      ``mma.sync m16n8k16`` on exact e4m3 -> fp16 upcasts (products exact in fp32, fp32 accumulation in k
+      order). Exact, any ``BLOCK_M``, but at the fp16 rate and with the upcasts in the main loop.
+    - ``n > 0`` (``max_num_imprecise_acc=n``): Hopper fp8 ``wgmma m64nNk32 e4m3`` (needs ``BLOCK_M`` >= 64
+      and 4 or 8 warps: :meth:`QuantSpec.fix_config` enforces both, so every bucket runs the same
+      instruction); the tensor core keeps its running sum in reduced precision for ``n`` products, then
+      Triton promotes it into an fp32 register. With ``n`` = 32 every k32 instruction is promoted; the
+      fresh dot per K step (BK = the scale block) bounds the chain to one block in any case (DeepSeek-V3's
+      "promote every 128" recipe). A row's result depends on its own operands and ``BK`` only, never on
+      ``BLOCK_M``/``BLOCK_N``: one instruction shape per row of 64.
+
+    (Checked in the sm_90 PTX by ``benchmarks/compile_sm90.py``.)"""
     if INTERP:  # fp8 products are exact in fp32; only the order of the fp32 sum differs from hardware
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, max_num_imprecise_acc=0)
+    if FP8_ACC == 0:
+        return tl.dot(a, b, max_num_imprecise_acc=0)
+    return tl.dot(a, b, max_num_imprecise_acc=FP8_ACC)
 
 
 @triton.jit
