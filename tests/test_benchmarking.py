@@ -10,7 +10,7 @@ import torch
 
 from moekit.benchmarking import MODELS, ModelShape, get_shape, time_events
 from moekit.benchmarking.bench import baseline_forward, build_layer, check_quant, quant_name, roofline
-from moekit.benchmarking.tune import _cfg, _search, candidates, make_problem
+from moekit.benchmarking.tune import Space, _cfg, make_problem, search
 
 
 def test_registry_has_the_five_models_and_is_read_only():
@@ -92,23 +92,21 @@ def test_quant_roofline_bytes():
     assert rf["bytes"] == pe + 2 * m.H * 2 + (m.E + m.Z) * 4
 
 
-def test_tune_search_is_a_coordinate_descent_over_candidates():
+def test_tune_search_finds_the_fast_config_in_two_stages():
     base = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
-    fast = _cfg(32, (32, 128, 4, 4), (128, 128, 4, 3), tma=True)
     seen = []
 
-    def score(cfg):  # a pretend timing, separable by coordinate: each matching part of `fast` saves time
+    def score(cfg):  # a pretend timing: wide w2 tiles and TMA save time
         seen.append(cfg)
-        return (4.0 - (cfg["BLOCK_M"] == 32) - (cfg["w13"] == fast["w13"]) - (cfg["w2"] == fast["w2"])
-                - 0.5 * bool(cfg.get("tma")))
+        return 4.0 - cfg["w2"]["BN"] / 128 - 0.5 * bool(cfg.get("tma"))
 
-    assert _search(base, rows=8, pdl=False, score=score) == fast
-    assert not any(c.get("pdl") for c in seen)
+    space = Space((128, 2048, 768, 8, True), torch.bfloat16)
+    best, times = search(base, rows=8, space=space, score=score)
+    assert best["w2"]["BN"] == 256 and best.get("tma")  # two greedy rounds after the priors
+    assert not any(c.get("pdl") for c in seen) and len(times) == len(seen) < 40
     seen.clear()
-    _search(base, rows=8, pdl=True, score=score)
+    search(base, rows=8, space=Space((128, 2048, 768, 8, True), torch.bfloat16), score=score, pdl=True)
     assert any(c.get("pdl") for c in seen)
-    bms, c13s, c2s = candidates(8, 16)
-    assert bms == [16, 32] and c13s and c2s
 
 
 def test_tune_problem_shapes():

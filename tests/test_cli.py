@@ -53,6 +53,9 @@ def test_version(capsys):
         (["tune", "--points", "qwen3-30b-a3b"], ["--points", "MODEL:TOKENS"]),
         (["tune", "--models", "mixtral-8x7b", "-E", "8"], ["one of"]),
         (["tune", "--min-gain", "2", "--models", "all"], ["--min-gain", "'2'"]),
+        (["tune", "--models", "all", "--quant", "nvfp4"], ["--quant", "'nvfp4'", "fp8"]),
+        (["tune", "--models", "all", "--quant", "fp8", "--dtype", "float32"], ["--quant", "16-bit"]),
+        (["tune", "--models", "all", "--budget-s", "0"], ["--budget-s", "'0'"]),
         (["--bogus"], ["--bogus"]),
         (["nosuch"], ["nosuch"]),
     ],
@@ -152,3 +155,17 @@ def test_quickstart_block_has_two_commands():
 def test_readme_python_example_runs():
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_tune_quick_and_quant_reach_run_tune(monkeypatch):
+    import moekit.benchmarking.tune as tune_module
+    import moekit.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_needs_cuda", lambda name: True)
+    monkeypatch.setattr(tune_module, "run_tune", lambda targets, dtype, **kw: seen.update(kw, targets=targets))
+    assert main(["tune", "--models", "all", "--quant", "fp8", "--quick"]) == 0
+    assert seen["quant"] == "fp8" and seen["quick"] and seen["budget_s"] == 45.0 and seen["rotations"] == 2
+    assert len(seen["targets"]) == 5
+    assert main(["tune", "--models", "qwen3-30b-a3b", "--quant", "bf16", "--budget-s", "20"]) == 0
+    assert seen["quant"] is None and not seen["quick"] and seen["budget_s"] == 20.0 and seen["rotations"] == 4

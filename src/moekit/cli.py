@@ -185,11 +185,31 @@ def _run_tune(args, parser) -> int:
         models = args.models or [ModelShape("custom", E=shape[0], K=shape[3], H=shape[1], I=shape[2],
                                             act=args.activation, has_bias=args.has_bias)]
         targets = [(m, args.tokens) for m in models]
+    dtype = getattr(torch, args.dtype)
+    quant = _tune_quant(args.quant, dtype, parser)
     if not _needs_cuda("tune"):
         return 1
-    run_tune(targets, getattr(torch, args.dtype), out=args.out, budget_s=args.budget_s, pdl=args.pdl,
-             min_gain=args.min_gain, rotations=args.rotations, log=lambda s: print(s, flush=True))
+    budget = args.budget_s if args.budget_s is not None else (45.0 if args.quick else 150.0)
+    rotations = args.rotations if args.rotations is not None else (2 if args.quick else 4)
+    run_tune(targets, dtype, out=args.out, budget_s=budget, pdl=args.pdl, min_gain=args.min_gain,
+             rotations=rotations, quant=quant, quick=args.quick, log=lambda s: print(s, flush=True))
     return 0
+
+
+def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
+    """``--quant`` of ``tune``: None for the unquantised dtype (its short name is accepted too), else a
+    quantised format of the benchmark (16-bit activations only)."""
+    from .benchmarking.bench_quant import QUANT_FORMATS
+
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    if quant is None or quant == short:
+        return None
+    if quant not in QUANT_FORMATS:
+        parser.error(f"argument --quant: expected {short!r} (the --dtype) or one of {', '.join(QUANT_FORMATS)}, "
+                     f"got {quant!r}")
+    if dtype == torch.float32:
+        parser.error(f"argument --quant: {quant} runs with 16-bit activations; use --dtype bfloat16 or float16")
+    return quant
 
 
 def _run_inspect(args, parser) -> int:
@@ -268,9 +288,16 @@ def _add_tune(sub) -> None:
                    help="also try programmatic dependent launch (sm_90+; kept only if bit-identical)")
     t.add_argument("--min-gain", type=fraction, default=0.015,
                    help="keep a new config only if faster than the one in use by this fraction (default: 0.015)")
-    t.add_argument("--rotations", type=positive_int, default=4, help="routings rotated per timing (default: 4)")
-    t.add_argument("--budget-s", type=positive_float, default=600.0,
-                   help="seconds per shape; token counts after it keep their config (default: 600)")
+    t.add_argument("--quant", default=None,
+                   help="weight format to tune: the unquantised --dtype (the default), or fp8 (128x128 blocks), "
+                        "mxfp4, int4 (group 32): the quantised kernels, stored under the format's shape key")
+    t.add_argument("--quick", action="store_true",
+                   help="a CI-sized search: fewer candidates, 2 rotations, 45 s per shape unless --budget-s")
+    t.add_argument("--rotations", type=positive_int, default=None,
+                   help="routings rotated per timing (default: 4, --quick: 2)")
+    t.add_argument("--budget-s", type=positive_float, default=None,
+                   help="seconds per shape (default: 150, --quick: 45): each token count gets a share, timing stops "
+                        "at it, and token counts reached after the budget keep the config in use")
     t.add_argument("--out", default=None,
                    help="folder of <gpu>.json (default: $MOEKIT_CONFIG_DIR if set, else ~/.cache/moekit/configs; "
                         "the config lookup searches these first, then the configs shipped with moekit)")

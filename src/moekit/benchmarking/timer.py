@@ -22,11 +22,13 @@ import torch
 
 
 def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, replays: int = 7,
-               max_calls: int = 200) -> float:
+               max_calls: int = 200, abort_above_us: float | None = None) -> float:
     """Median µs per call of ``fn(*inputs[i % R])``, ``n`` calls captured in one CUDA graph.
 
     ``n`` is chosen so that one replay lasts about ``target_ms`` (at least ``R``, at most ``max_calls``).
     inputs: R tuples of arguments (``[()]`` for a closure). Needs a CUDA device.
+    ``abort_above_us``: when the eager estimate (µs per call, host time included) already exceeds it,
+    return that estimate without capturing a graph (the tuner's early stop for clear losers).
     """
     torch.cuda.synchronize()
     for inp in inputs:  # warm up: compile, allocate
@@ -40,6 +42,8 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
     t1.record()
     torch.cuda.synchronize()
     est = max(t0.elapsed_time(t1) / len(inputs), 1e-3)
+    if abort_above_us is not None and est * 1000.0 > abort_above_us:
+        return est * 1000.0
     n = int(min(max_calls, max(len(inputs), round(target_ms / est))))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

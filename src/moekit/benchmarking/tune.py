@@ -1,23 +1,28 @@
 """``moekit tune``: search Triton kernel configs for MoE shapes and write them where lookups find them.
 
-For each (shape, token count) the search starts from the config in use (the tuned file's entry, or
-:func:`moekit.ops.triton_configs.heuristic_config`) and runs a coordinate descent: for each candidate
-``BLOCK_M`` it times w13-kernel tiles (w2 fixed), then w2-kernel tiles with the best w13, each with
-and without TMA weight tiles (and, with ``pdl``, programmatic dependent launch). Each candidate is one
-whole ``fused_experts`` call over ``R`` rotating routings captured in a CUDA graph
-(:func:`moekit.benchmarking.timer.time_graph`). The winner is re-timed against the starting config,
-alternating, ``3`` rounds (median); it is kept only if it is faster by more than ``min_gain`` and
-computes the same output (relative RMS < 1e-2; a PDL config bit-identical to the same tiles without
-PDL, eagerly and under graph replay). Every tuned bucket's config is merged into ``<out>/<device>.json``
-(the winner, or the starting config when nothing beat it: the lookup takes all buckets of a shape
-from one file, so each tuned bucket is written).
+For each shape (and weight format: the unquantised dtype, or ``--quant fp8|mxfp4|int4`` on weights
+from :func:`moekit.quantize_experts` with the benchmark's formats) and each token count, the search
+(:func:`moekit.benchmarking.tune_space.search`) starts from the config in use (the tuned file's
+entry, or :func:`~moekit.ops.triton_configs.heuristic_config`), times a few regime priors, then the
+neighbours of the best. Each candidate is one whole experts call over ``R`` rotating routings in a
+CUDA graph (:func:`~moekit.benchmarking.timer.time_graph`, short replays; clear losers stop after
+the eager estimate). Each stage's candidates are compiled first, in parallel (Triton's async
+compile); compiled kernels are reused by later buckets. The winner is re-timed against the start,
+alternating (median); it is kept only if faster by more than ``min_gain`` and it computes the
+start's output (relative RMS < 1e-2 for fp8, whose re-quantised activations may flip, 1e-3
+otherwise; a PDL config bit-identical to the same tiles without PDL).
 
-Batch invariance (SPEC §9): the buckets of one shape must keep the reduction order, so the tuner
-refuses split-K and any candidate whose ``BLOCK_K`` (w13 and w2) differs from the shape's buckets
-already in the output file (:func:`invariance_violation`); the first bucket tuned for a new shape fixes
-it. A file whose buckets of one shape already disagree is refused (remove that shape's entries).
+Time: ``budget_s`` bounds each shape. Buckets run largest T first (it fixes BLOCK_K for a new
+shape), then ascending; each gets an equal share of what is left (the first 1.5 shares), timing
+stops at its share, and buckets reached after the budget keep the config in use (written too).
+Progress: a line per bucket with elapsed time and ETA (and a tqdm bar on a terminal).
 
-    moekit tune --models qwen3-30b-a3b --tokens 1,64,1024
+Every bucket is merged into ``<out>/<device>.json`` as soon as it is done (:func:`merge_entries`:
+other shapes and buckets of the file are kept). Batch invariance (SPEC §9): see
+:mod:`.tune_space`; a file whose buckets of one shape already disagree is refused for that shape.
+
+    moekit tune --models all --out cfgs                  # -> cfgs/NVIDIA_H200.json
+    moekit tune --models qwen3-30b-a3b --quant fp8 --quick
     moekit tune --points qwen3-30b-a3b:1,gpt-oss-120b:1024 --pdl
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,13 +43,10 @@ from ..ops.triton_configs import (
 )
 from .shapes import ModelShape
 from .timer import time_graph
-
-#: (BN, BK, num_warps, num_stages) candidates per regime of rows per expert
-SMALL = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
-MEDIUM = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3)]
-LARGE_W13 = [(64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]
-LARGE_W2 = [(128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
-TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
+from .tune_space import (  # noqa: F401 - re-exported: the tuner's rules live there
+    ARITH_KEYS, TILE_KEYS, Space, _cfg, _tiles, arith, block_k, config_id, expected_rows, invariance_violation,
+    prior_configs, search, shape_arith, shape_block_k, with_block_k,
+)
 
 
 def default_out() -> Path:
@@ -53,62 +56,15 @@ def default_out() -> Path:
     return Path(env) if env else user_config_dir()
 
 
-def block_k(cfg: dict) -> tuple[int, int]:
-    """(w13 BLOCK_K, w2 BLOCK_K): the reduction steps over H and over I."""
-    return int(cfg["w13"]["BK"]), int(cfg["w2"]["BK"])
+def quant_spec(quant: str | None):
+    """(format, ``QuantSpec``) of a ``--quant`` name of the benchmark's formats, or (None, None)."""
+    if quant is None:
+        return None, None
+    from ..ops.triton_experts_quant import QuantSpec
+    from .bench_quant import QUANT_FORMATS
 
-
-def shape_block_k(table: dict) -> tuple[int, int] | None:
-    """The BLOCK_K shared by every bucket of one shape's ``{bucket: config}`` (None when empty);
-    ``ValueError`` when the buckets disagree (their outputs may differ with the batch size)."""
-    found = {block_k(c) for c in table.values()}
-    if len(found) > 1:
-        raise ValueError(f"the buckets of this shape use different BLOCK_K {sorted(found)}: a token's output "
-                         "could change with the batch size (SPEC §9); remove the shape's entries and re-tune")
-    return found.pop() if found else None
-
-
-def invariance_violation(cfg: dict, fixed_bk: tuple[int, int] | None) -> str | None:
-    """Why ``cfg`` cannot join a shape whose buckets use ``fixed_bk`` without breaking batch
-    invariance (SPEC §9), or None: split-K (the K slices would be summed in another order), or a
-    ``BLOCK_K`` other than ``fixed_bk`` (None: any)."""
-    for part in (cfg, cfg.get("w13", {}), cfg.get("w2", {})):
-        if int(part.get("SPLIT_K", 1)) != 1:
-            return f"split-K ({part['SPLIT_K']})"
-    if fixed_bk is not None and block_k(cfg) != tuple(fixed_bk):
-        return f"BLOCK_K {block_k(cfg)} differs from the shape's {tuple(fixed_bk)}"
-    return None
-
-
-def with_block_k(cfg: dict, bk: tuple[int, int] | None) -> dict:
-    """``cfg`` with its BLOCK_K set to ``bk`` (unchanged when None)."""
-    if bk is None:
-        return cfg
-    return {**cfg, "w13": {**cfg["w13"], "BK": bk[0]}, "w2": {**cfg["w2"], "BK": bk[1]}}
-
-
-def candidates(rows: float, bm_default: int, bk: tuple[int, int] | None = None) -> tuple[list[int], list, list]:
-    """(BLOCK_M values, w13 tiles, w2 tiles) to try for ``rows`` expected rows per touched expert;
-    with ``bk`` the tiles take that (w13, w2) BLOCK_K (batch invariance: see the module docstring)."""
-    if rows <= 40:
-        bms, c13s, c2s = sorted({bm_default, min(128, bm_default * 2)}), SMALL, SMALL
-    elif rows <= 200:
-        bms, c13s, c2s = sorted({64, 128, bm_default}), MEDIUM, MEDIUM
-    else:
-        bms, c13s, c2s = [128], LARGE_W13, LARGE_W2
-    if bk is not None:
-        fix = lambda tiles, k: list(dict.fromkeys((bn, k, w, st) for bn, _, w, st in tiles))  # noqa: E731
-        c13s, c2s = fix(c13s, bk[0]), fix(c2s, bk[1])
-    return bms, c13s, c2s
-
-
-def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
-    mk = lambda c: dict(zip(TILE_KEYS, c), GROUP_M=group_m)  # noqa: E731
-    return {"BLOCK_M": bm, "w13": mk(c13), "w2": mk(c2), **flags}
-
-
-def _tiles(kernel_cfg: dict) -> tuple:
-    return tuple(kernel_cfg[n] for n in TILE_KEYS)
+    fmt = QUANT_FORMATS[quant]
+    return fmt, QuantSpec.of(fmt)
 
 
 def make_problem(t, e, h, i, k, dtype, act, has_bias, device, seed=0, weights=None):
@@ -130,19 +86,34 @@ def make_problem(t, e, h, i, k, dtype, act, has_bias, device, seed=0, weights=No
     return x, w1, w2, w / w.sum(-1, keepdim=True), ids.int(), b1, b2
 
 
-def _call(problem, act: str, cfg: dict, warmup: bool = False) -> torch.Tensor:
-    from ..ops.triton_experts import fused_experts_impl
+class Kernel:
+    """One shape's experts call: unquantised, or quantised (``spec`` + ``qw`` = quantize_experts' four)."""
 
-    x, w1, w2, w, ids, b1, b2 = problem
-    return fused_experts_impl(x, w1, w2, w, ids, act, False, b1, b2, None, None, config=cfg, warmup=warmup)
+    def __init__(self, act: str, spec=None, qw=None):
+        self.act, self.spec, self.qw = act, spec, qw
+
+    def __call__(self, problem, cfg: dict, warmup: bool = False) -> torch.Tensor:
+        x, w1, w2, w, ids, b1, b2 = problem
+        if self.spec is None:
+            from ..ops.triton_experts import fused_experts_impl
+
+            return fused_experts_impl(x, w1, w2, w, ids, self.act, False, b1, b2, None, None, config=cfg,
+                                      warmup=warmup)
+        from ..ops.triton_experts_quant import fused_experts_quant_impl
+
+        q13, q2, s13, s2 = self.qw
+        return fused_experts_quant_impl(x, q13, q2, w, ids, self.spec, s13, s2, None, None, self.act, False, b1, b2,
+                                        None, None, config=cfg, warmup=warmup)
 
 
-def time_config(problems, act: str, cfg: dict, replays: int = 5) -> float:
-    """Median µs of one ``fused_experts`` call with ``cfg``, rotating over ``problems`` in a CUDA graph."""
-    return time_graph(lambda pr: _call(pr, act, cfg), [(pr,) for pr in problems], target_ms=8.0, replays=replays)
+def time_config(problems, call: Kernel, cfg: dict, replays: int = 3, target_ms: float = 3.0,
+                abort_above_us: float | None = None) -> float:
+    """Median µs of one experts call with ``cfg``, rotating over ``problems`` in a CUDA graph."""
+    return time_graph(lambda pr: call(pr, cfg), [(pr,) for pr in problems], target_ms=target_ms, replays=replays,
+                      abort_above_us=abort_above_us)
 
 
-def precompile(problem, act: str, cfgs, log) -> None:
+def precompile(problem, call: Kernel, cfgs, log) -> None:
     """Compile every candidate's kernels in parallel threads (Triton's async compile mode)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -155,36 +126,39 @@ def precompile(problem, act: str, cfgs, log) -> None:
         with AsyncCompileMode(pool, ignore_errors=True):
             for cfg in cfgs:
                 try:
-                    _call(problem, act, cfg, warmup=True)
+                    call(problem, cfg, warmup=True)
                 except Exception as exc:
                     log(f"  precompile {cfg}: {type(exc).__name__}")
-    log(f"  precompiled {len(cfgs)} configs in {time.time() - t0:.1f} s")
+    log(f"  compiled {len(cfgs)} configs in {time.time() - t0:.1f} s")
 
 
-def same_output(problems, act: str, cfg: dict, ref_cfg: dict) -> bool:
-    """``cfg`` computes what ``ref_cfg`` does: finite, relative RMS difference < 1e-2 on every problem."""
-    for pr in problems:
-        got, ref = _call(pr, act, cfg).float(), _call(pr, act, ref_cfg).float()
-        diff = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        if not (bool(torch.isfinite(got).all()) and diff < 1e-2):
-            return False
-    return True
+def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS difference (inf when ``got`` is not finite)."""
+    got, ref = got.float(), ref.float()
+    if not bool(torch.isfinite(got).all()):
+        return float("inf")
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def pdl_identical(problems, act: str, cfg: dict) -> bool:
+def same_output(problems, call: Kernel, cfg: dict, ref_cfg: dict, tol: float) -> bool:
+    """``cfg`` computes what ``ref_cfg`` does: finite, relative RMS difference < ``tol`` on every problem."""
+    return all(rel_rms(call(pr, cfg), call(pr, ref_cfg)) < tol for pr in problems)
+
+
+def pdl_identical(problems, call: Kernel, cfg: dict) -> bool:
     """A PDL config equals the same tiles without PDL, bit for bit, eagerly and under CUDA-graph replay."""
     plain = {k: v for k, v in cfg.items() if k != "pdl"}
-    want = [_call(pr, act, plain) for pr in problems]
-    ok = all(torch.equal(_call(pr, act, cfg), w) for pr, w in zip(problems, want))
+    want = [call(pr, plain) for pr in problems]
+    ok = all(torch.equal(call(pr, cfg), w) for pr, w in zip(problems, want))
     outs = [None] * len(problems)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        _call(problems[0], act, cfg)
+        call(problems[0], cfg)
         with torch.cuda.graph(graph, stream=stream):
             for j, pr in enumerate(problems):
-                outs[j] = _call(pr, act, cfg)
+                outs[j] = call(pr, cfg)
     torch.cuda.synchronize()
     for _ in range(3):
         graph.replay()
@@ -193,118 +167,201 @@ def pdl_identical(problems, act: str, cfg: dict) -> bool:
     return bool(ok)
 
 
-def _search(base: dict, rows: float, pdl: bool, score, bk: tuple[int, int] | None = None) -> dict:
-    """Coordinate descent from ``base``: the fastest config by ``score(cfg) -> µs`` (tiles with
-    BLOCK_K ``bk`` when given; ``base`` must have it too)."""
-    bms, c13s, c2s = candidates(rows, base["BLOCK_M"], bk)
-    w2_fixed = _tiles(base["w2"])
-    flag_sets = [{}, {"tma": True}] + ([{"pdl": True}, {"tma": True, "pdl": True}] if pdl else [])
-    best = base
-    for bm in bms:
-        b13 = min(c13s, key=lambda c: score(_cfg(bm, c, w2_fixed)))
-        b2 = min(c2s, key=lambda c: score(_cfg(bm, b13, c)))
-        for flags in flag_sets:
-            best = min(best, _cfg(bm, b13, b2, **flags), key=score)
-    for flags in flag_sets[1:]:
-        best = min(best, {**base, **flags}, key=score)
-    return best
-
-
-def _prefill(base: dict, rows: float, pdl: bool, bk: tuple[int, int] | None = None) -> list[dict]:
-    """The configs :func:`_search` is likely to time, to compile them in parallel first."""
-    bms, c13s, c2s = candidates(rows, base["BLOCK_M"], bk)
-    n = max(len(c13s), len(c2s))
-    pre = [base] + [_cfg(bm, c13s[j % len(c13s)], c2s[j % len(c2s)]) for bm in bms for j in range(n)]
-    pre += [_cfg(bm, c, _tiles(base["w2"])) for bm in bms for c in c13s]
-    pre += [dict(c, tma=True) for c in pre] + ([dict(c, pdl=True) for c in pre] if pdl else [])
-    return pre
-
-
-def _confirm(problems, act: str, base: dict, best: dict, rounds: int = 3) -> tuple[float, float]:
+def confirm(time_fn, base: dict, best: dict, rounds: int = 3) -> tuple[float, float]:
     """(base µs, best µs): medians of ``rounds`` alternating re-timings (drift hits both alike)."""
     times = {"base": [], "best": []}
     for _ in range(rounds):
-        times["base"].append(time_config(problems, act, base, replays=7))
-        times["best"].append(time_config(problems, act, best, replays=7))
+        times["base"].append(time_fn(base))
+        times["best"].append(time_fn(best))
     return statistics.median(times["base"]), statistics.median(times["best"])
 
 
-def tune_point(m: ModelShape, t: int, dtype, device, *, pdl=False, min_gain=0.015, rotations=4,
-               weights=None, fixed_bk=None, log=print) -> tuple[dict, tuple]:
-    """(the config to store for ``m`` at ``t`` tokens, the weights used): the winner, or the config in
-    use when nothing beat it. ``fixed_bk``: the (w13, w2) BLOCK_K of the shape's other buckets (the
-    start and every candidate take it: :func:`invariance_violation`)."""
+def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pdl=False, min_gain=0.015,
+               rotations=4, weights=None, fixed_bk=None, fixed_arith=None, deadline=None, quick=False,
+               log=print) -> tuple[dict, tuple, dict]:
+    """(the config to store for ``m`` at ``t`` tokens, the weights used, {"base_us", "best_us"}): the
+    winner, or the config in use when nothing beat it. ``spec``/``call``: the quantised format and
+    :class:`Kernel` (None: unquantised); ``fixed_bk`` / ``fixed_arith``: the shape's invariants."""
+    call = call or Kernel(m.act)
     name = torch.cuda.get_device_name(device)
-    key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated)
-    base = with_block_k(lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype), fixed_bk)
+    key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
+    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype)
+    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
+    base = space.apply(base)
     problems = []
     for r in range(rotations):
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
         weights = (pr[1], pr[2], pr[5], pr[6])
         problems.append(pr)
-    rows = t * m.K / min(m.E, t * m.K)
-    precompile(problems[0], m.act, _prefill(base, rows, pdl, fixed_bk), log)
-    tried: dict[str, float] = {}
+    best_seen = [float("inf")]
 
     def score(cfg: dict) -> float:
-        k = json.dumps(cfg, sort_keys=True)
-        why = invariance_violation(cfg, fixed_bk)
-        if why is not None and k not in tried:
-            log(f"  refuse {cfg}: {why} (batch invariance)")
-            tried[k] = float("inf")
-        if k not in tried:
-            try:
-                tried[k] = time_config(problems, m.act, cfg)
-            except Exception as exc:  # e.g. out of shared memory for this tile, PDL before sm_90
-                log(f"  skip {cfg}: {type(exc).__name__}")
-                tried[k] = float("inf")
-        return tried[k]
+        try:
+            us = time_config(problems, call, cfg, abort_above_us=1.3 * best_seen[0] + 1000.0)
+        except Exception as exc:  # e.g. out of shared memory for this tile, PDL before sm_90
+            log(f"  skip {cfg}: {type(exc).__name__}")
+            return float("inf")
+        best_seen[0] = min(best_seen[0], us)
+        return us
 
-    best = _search(base, rows, pdl, score, fixed_bk)
-    if best == base:
-        log(f"  T={t:6d}: the config in use is the fastest ({score(base):.1f} us) {base}")
-        return base, weights
-    base_us, best_us = _confirm(problems, m.act, base, best)
-    ok = same_output(problems, m.act, best, base) and (not best.get("pdl") or pdl_identical(problems, m.act, best))
+    best, times = search(base, expected_rows(t, m.E, m.K), space, score, pdl=pdl, quick=quick, deadline=deadline,
+                         precompile=lambda cfgs: precompile(problems[0], call, cfgs, log))
+    base_us = times.get(config_id(base), float("nan"))
+    if config_id(best) == config_id(base):
+        log(f"  T={t:6d}: the config in use is the fastest of {len(times)} ({base_us:.1f} us) {base}")
+        return base, weights, {"base_us": base_us, "best_us": base_us, "timed": len(times)}
+    base_us, best_us = confirm(lambda c: time_config(problems, call, c, replays=5, target_ms=5.0), base, best,
+                               rounds=2 if quick else 3)
+    tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
+    ok = same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
     take = ok and best_us < (1.0 - min_gain) * base_us
-    log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use, checks {'ok' if ok else 'FAILED'}: "
-        f"{'take' if take else 'keep the config in use'} {best}")
-    return (best if take else base), weights
+    log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "
+        f"{'ok' if ok else 'FAILED'}: {'take' if take else 'keep the config in use'} {best}")
+    return (best if take else base), weights, {"base_us": base_us, "best_us": best_us if take else base_us,
+                                               "timed": len(times)}
+
+
+class Progress:
+    """A line per bucket (done/total, elapsed, ETA within the budget) through ``log``; a tqdm bar too
+    when tqdm is importable and stderr is a terminal (``bar=False``: never)."""
+
+    def __init__(self, desc: str, total: int, log, budget_s: float, bar: bool | None = None, clock=None):
+        self.desc, self.total, self.log, self.budget_s = desc, total, log, budget_s
+        self.clock = clock or time.time
+        self.start, self.done, self.bar = self.clock(), 0, None
+        if bar is None:
+            bar = sys.stderr.isatty()
+        if bar:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False)
+            except ImportError:
+                self.bar = None
+
+    def step(self, t: int, msg: str) -> None:
+        self.done += 1
+        elapsed = self.clock() - self.start
+        left = self.total - self.done
+        eta = min(elapsed / self.done * left, max(self.budget_s - elapsed, 0.0)) if left else 0.0
+        line = f"  [{self.done}/{self.total}] {self.desc} T={t}: {msg} | elapsed {elapsed:.0f} s, ETA {eta:.0f} s"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(line)
+        else:
+            self.log(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def merge_entries(path: Path, device_name: str, key: str, table: dict) -> None:
+    """Merge ``{bucket: config}`` of shape ``key`` into the config file ``path`` (other shapes and
+    buckets kept), re-reading it first and replacing it atomically."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("device", device_name)
+    data.setdefault("entries", {}).setdefault(key, {}).update({str(b): c for b, c in table.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def bucket_order(tokens) -> list[int]:
+    """Largest first (it fixes BLOCK_K for a new shape), then the rest ascending; duplicates dropped."""
+    ts = sorted(set(int(t) for t in tokens))
+    return ts[-1:] + ts[:-1]
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(torch.device("cuda"))
 
 
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,
-             budget_s: float = 600.0, pdl: bool = False, min_gain: float = 0.015, rotations: int = 4,
-             log=print) -> Path:
-    """Tune each (shape, token counts) target on the current CUDA device; merge winners into
-    ``<out>/<device>.json`` (written after every shape, so partial results survive). Returns the path."""
-    from tqdm import tqdm
-
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+             budget_s: float = 150.0, pdl: bool = False, min_gain: float = 0.015, rotations: int = 4,
+             quant: str | None = None, quick: bool = False, log=print, bar: bool | None = None) -> Path:
+    """Tune each (shape, token counts) target on the current CUDA device (weights in ``dtype``, or the
+    ``quant`` format); merge every bucket into ``<out>/<device>.json`` as soon as it is done. Returns the path."""
+    name = _device_name()
     path = (default_out() if out is None else Path(out)) / f"{device_key(name)}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"device": name, "entries": {}}
+    fmt, spec = quant_spec(quant)
+    summary = []
     for m, tokens in targets:
-        key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated)
-        table = data["entries"].get(key, {})
+        key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
+        table = (json.loads(path.read_text()).get("entries", {}) if path.is_file() else {}).get(key, {})
         try:
-            fixed_bk = shape_block_k(table)
+            fixed_bk, fixed_arith = shape_block_k(table), shape_arith(table)
         except ValueError as exc:
             log(f"skipping {m.name} ({key}) in {path}: {exc}")
             continue
-        log(f"tuning {m.name} ({key}) on {name}" + (f", BLOCK_K fixed at {fixed_bk}" if fixed_bk else ""))
-        deadline, weights = time.time() + budget_s, None
-        for t in tqdm(tokens, desc=m.name, leave=False):
-            if time.time() > deadline:
-                log(f"  budget spent: T={t} and above keep the config in use")
-                break
-            found, weights = tune_point(m, t, dtype, device, pdl=pdl, min_gain=min_gain, rotations=rotations,
-                                        weights=weights, fixed_bk=fixed_bk, log=log)
-            data["entries"].setdefault(key, {})[str(t)] = found
-            fixed_bk = block_k(found)  # the first bucket of a new shape fixes BLOCK_K for the others
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, sort_keys=True))
-        clear_config_cache()  # later lookups in this process read what was just written
-        del weights
-        torch.cuda.empty_cache()
+        log(f"tuning {m.name} ({key}) on {name}, budget {budget_s:.0f} s" +
+            (f", BLOCK_K fixed at {fixed_bk}" if fixed_bk else ""))
+        order = bucket_order(tokens)
+        prog = Progress(m.name + (f" {quant}" if quant else ""), len(order), log, budget_s, bar=bar)
+        deadline = prog.start + budget_s
+        weights, call, results = None, None, {}
+        try:
+            for n, t in enumerate(order):
+                now = time.time()
+                if now > deadline:
+                    cfg = tune_fallback(m, t, dtype, name, key, spec, fixed_bk, fixed_arith)
+                    info = {"base_us": float("nan"), "best_us": float("nan"), "timed": 0}
+                    msg = "budget spent: keeps the config in use"
+                else:
+                    share = (deadline - now) / (len(order) - n) * (1.5 if n == 0 else 1.0)
+                    if call is None:
+                        call, weights = make_call(m, dtype, fmt, spec, weights)
+                    cfg, weights, info = tune_point(
+                        m, t, dtype, torch.device("cuda"), spec=spec, call=call, pdl=pdl, min_gain=min_gain,
+                        rotations=rotations, weights=weights, fixed_bk=fixed_bk, fixed_arith=fixed_arith,
+                        deadline=min(deadline, now + share), quick=quick, log=log)
+                    msg = f"{info['best_us']:.1f} us (in use {info['base_us']:.1f} us, {info['timed']} timed)"
+                fixed_bk, fixed_arith = block_k(cfg), arith(cfg)  # the first bucket fixes them for the others
+                results[t] = info
+                merge_entries(path, name, key, {t: cfg})
+                clear_config_cache()  # later lookups in this process read what was just written
+                prog.step(t, msg)
+        finally:
+            prog.close()
+            del weights, call
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        summary.append((m.name, quant or "-", results))
+    log_summary(summary, log)
     log(f"wrote {path}")
     return path
+
+
+def tune_fallback(m, t, dtype, name, key, spec, fixed_bk, fixed_arith) -> dict:
+    """The config in use for a bucket the budget did not reach, with the shape's invariants."""
+    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype)
+    return Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize).apply(base)
+
+
+def make_call(m: ModelShape, dtype, fmt, spec, weights):
+    """(the shape's :class:`Kernel`, the unquantised weights (w1, w2, b1, b2)); quantised once per shape."""
+    if weights is None:
+        pr = make_problem(1, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, torch.device("cuda"))
+        weights = (pr[1], pr[2], pr[5], pr[6])
+    if spec is None:
+        return Kernel(m.act), weights
+    from ..ops.quantize import quantize_experts
+
+    with torch.no_grad():
+        qw = quantize_experts(weights[0], weights[1], fmt)
+    return Kernel(m.act, spec, qw), weights
+
+
+def log_summary(summary, log) -> None:
+    """One line per shape: T: tuned µs (change vs the config in use)."""
+    for model, quant, results in summary:
+        parts = []
+        for t in sorted(results):
+            r = results[t]
+            if r["best_us"] == r["best_us"]:  # not NaN
+                gain = 100.0 * (1.0 - r["best_us"] / r["base_us"]) if r["base_us"] else 0.0
+                parts.append(f"T={t}: {r['best_us']:.1f} us ({gain:.0f}% faster)")
+            else:
+                parts.append(f"T={t}: untuned")
+        log(f"summary {model} [{quant}]: " + ", ".join(parts))

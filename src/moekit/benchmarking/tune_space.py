@@ -1,0 +1,300 @@
+"""The search space of ``moekit tune`` and its rules, free of any GPU (tested on CPU with a fake timer).
+
+A bucket's search (:func:`search`) has two short stages:
+
+1. **priors**: a handful of whole configs for the regime of ``rows`` = T·K / min(E, T·K) (expected rows
+   per touched expert: decode, small, medium, large) and the weight family (``bf16`` for the
+   unquantised dtypes, ``fp8``, ``4bit`` for mxfp4 / int4), drawn from the configs that won on H100
+   (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
+2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
+   doubled, the TMA flag toggled, PDL when asked; repeated once around a new winner (``quick``: one
+   round of the TMA / PDL toggles only).
+
+Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
+clamped to the problem (BN never wider than needed), goes through the format's
+``QuantSpec.fix_config`` (quantised), and is dropped when it breaks invariance, cannot fit in shared
+memory, or duplicates one already listed (after fixing). Unknown top-level keys of the base config
+(e.g. ``fp8_acc``) are carried through unchanged. Timing stops at the bucket's deadline (the base is
+always timed first, so there is always an answer).
+
+Batch invariance (SPEC §9): all buckets of one shape (and quant key) share w13's and w2's BLOCK_K,
+never split K, and share every top-level key that changes the arithmetic (:data:`ARITH_KEYS`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+#: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
+TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
+#: top-level config keys that change a token's arithmetic: equal across the buckets of a shape
+ARITH_KEYS = ("fp8_acc",)
+#: shared memory per block on sm_90 (227 KiB)
+SMEM_BYTES = 232448
+#: the default BLOCK_K of an unquantised shape's candidates per regime (before the shape fixes one)
+DEFAULT_BK = {"decode": 128, "small": 128, "medium": 64, "large": 64}
+
+# family -> regime -> (BLOCK_M values, [((w13 BN, warps, stages), (w2 BN, warps, stages)), ...], tma)
+PRIORS = {
+    "bf16": {
+        "decode": ([16], [((32, 4, 4), (64, 4, 4)), ((64, 4, 4), (64, 4, 4)), ((128, 4, 3), (128, 4, 3)),
+                          ((32, 4, 4), (128, 4, 3)), ((64, 4, 4), (128, 4, 3))], False),
+        "small": ([32, 64], [((64, 4, 4), (128, 4, 3)), ((128, 4, 3), (128, 4, 3)), ((64, 4, 3), (64, 4, 3)),
+                             ((64, 4, 4), (128, 8, 3))], False),
+        "medium": ([64, 128], [((64, 4, 4), (128, 4, 4)), ((128, 8, 4), (128, 8, 4)), ((128, 8, 3), (64, 4, 4)),
+                               ((128, 8, 3), (256, 8, 3))], True),
+        "large": ([128], [((128, 8, 3), (256, 8, 3)), ((128, 8, 4), (128, 8, 4)), ((128, 8, 3), (64, 4, 4)),
+                          ((64, 4, 4), (128, 8, 4)), ((64, 4, 3), (128, 8, 3))], True),
+    },
+    "fp8": {  # BK = the block's k (fixed), w13 BN = BK (fixed), BLOCK_M >= 64
+        "decode": ([64], [((128, 4, 4), (64, 4, 4)), ((128, 4, 3), (128, 4, 3)), ((128, 4, 5), (32, 4, 5)),
+                          ((128, 8, 3), (128, 8, 3))], False),
+        "small": ([64], [((128, 4, 4), (128, 4, 4)), ((128, 4, 4), (64, 4, 4)), ((128, 8, 3), (128, 8, 3))], False),
+        "medium": ([64, 128], [((128, 4, 4), (128, 4, 4)), ((128, 8, 3), (128, 8, 3)), ((128, 8, 4), (256, 8, 3))],
+                   True),
+        "large": ([128], [((128, 8, 4), (128, 8, 4)), ((128, 8, 3), (256, 8, 3)), ((128, 4, 4), (128, 4, 4)),
+                          ((128, 8, 5), (128, 8, 5))], True),
+    },
+    "4bit": {  # BK fixed by the format (128), small BN, few stages, no TMA (packed tiles)
+        "decode": ([16], [((32, 4, 3), (32, 4, 3)), ((64, 4, 3), (64, 4, 3)), ((32, 4, 2), (64, 4, 3)),
+                          ((64, 4, 2), (32, 4, 2))], False),
+        "small": ([32], [((32, 4, 3), (64, 4, 3)), ((64, 4, 3), (64, 4, 3)), ((32, 4, 2), (32, 4, 2))], False),
+        "medium": ([32, 64], [((64, 4, 3), (64, 4, 3)), ((32, 4, 3), (64, 4, 3)), ((64, 8, 3), (128, 8, 3))], False),
+        "large": ([64, 128], [((64, 8, 3), (128, 8, 3)), ((64, 4, 3), (64, 4, 3)), ((128, 8, 2), (128, 8, 2))],
+                  False),
+    },
+}
+
+
+def regime(rows: float) -> str:
+    """decode (<= 8 rows per touched expert), small (<= 48), medium (<= 256), large."""
+    return "decode" if rows <= 8 else "small" if rows <= 48 else "medium" if rows <= 256 else "large"
+
+
+def expected_rows(t: int, e: int, k: int) -> float:
+    """Expected rows per touched expert: T·K / min(E, T·K)."""
+    slots = max(t * k, 1)
+    return slots / min(e, slots)
+
+
+def family(spec) -> str:
+    """``bf16`` (unquantised, any dtype), ``fp8`` or ``4bit`` for a ``QuantSpec`` (None: unquantised)."""
+    return "bf16" if spec is None else "fp8" if spec.fp8 else "4bit"
+
+
+def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
+    mk = lambda c: dict(zip(TILE_KEYS, c), GROUP_M=group_m)  # noqa: E731
+    return {"BLOCK_M": bm, "w13": mk(c13), "w2": mk(c2), **flags}
+
+
+def _tiles(kernel_cfg: dict) -> tuple:
+    return tuple(kernel_cfg[n] for n in TILE_KEYS)
+
+
+def config_id(cfg: dict) -> str:
+    """A canonical string of ``cfg`` (dedup key; ``tma`` / ``pdl`` False count as absent)."""
+    clean = {k: v for k, v in cfg.items() if not (k in ("tma", "pdl") and not v)}
+    return json.dumps(clean, sort_keys=True)
+
+
+# -- batch invariance (SPEC §9) ----------------------------------------------------------------------------
+def block_k(cfg: dict) -> tuple[int, int]:
+    """(w13 BLOCK_K, w2 BLOCK_K): the reduction steps over H and over I."""
+    return int(cfg["w13"]["BK"]), int(cfg["w2"]["BK"])
+
+
+def arith(cfg: dict) -> dict:
+    """The arithmetic-changing top-level keys of ``cfg`` (:data:`ARITH_KEYS`), absent ones as None."""
+    return {k: cfg.get(k) for k in ARITH_KEYS}
+
+
+def shape_block_k(table: dict) -> tuple[int, int] | None:
+    """The BLOCK_K shared by every bucket of one shape's ``{bucket: config}`` (None when empty);
+    ``ValueError`` when the buckets disagree (their outputs may differ with the batch size)."""
+    found = {block_k(c) for c in table.values()}
+    if len(found) > 1:
+        raise ValueError(f"the buckets of this shape use different BLOCK_K {sorted(found)}: a token's output "
+                         "could change with the batch size (SPEC §9); remove the shape's entries and re-tune")
+    return found.pop() if found else None
+
+
+def shape_arith(table: dict) -> dict | None:
+    """The arithmetic keys shared by every bucket of a shape (None when empty); ``ValueError`` if they differ."""
+    found = {json.dumps(arith(c), sort_keys=True) for c in table.values()}
+    if len(found) > 1:
+        raise ValueError(f"the buckets of this shape disagree on {', '.join(ARITH_KEYS)} ({sorted(found)}): a "
+                         "token's output could change with the batch size (SPEC §9); remove the shape's entries")
+    return json.loads(found.pop()) if found else None
+
+
+def invariance_violation(cfg: dict, fixed_bk: tuple[int, int] | None, fixed_arith: dict | None = None) -> str | None:
+    """Why ``cfg`` cannot join a shape whose buckets use ``fixed_bk`` (and ``fixed_arith``) without
+    breaking batch invariance (SPEC §9), or None: split-K, another ``BLOCK_K``, or another value of an
+    arithmetic key (None: not fixed yet)."""
+    for part in (cfg, cfg.get("w13", {}), cfg.get("w2", {})):
+        if int(part.get("SPLIT_K", 1)) != 1:
+            return f"split-K ({part['SPLIT_K']})"
+    if fixed_bk is not None and block_k(cfg) != tuple(fixed_bk):
+        return f"BLOCK_K {block_k(cfg)} differs from the shape's {tuple(fixed_bk)}"
+    if fixed_arith is not None:
+        for key, want in fixed_arith.items():
+            if cfg.get(key) != want:
+                return f"{key}={cfg.get(key)!r} differs from the shape's {want!r}"
+    return None
+
+
+def with_block_k(cfg: dict, bk: tuple[int, int] | None) -> dict:
+    """``cfg`` with its BLOCK_K set to ``bk`` (unchanged when None)."""
+    if bk is None:
+        return cfg
+    return {**cfg, "w13": {**cfg["w13"], "BK": bk[0]}, "w2": {**cfg["w2"], "BK": bk[1]}}
+
+
+def with_arith(cfg: dict, fixed: dict | None) -> dict:
+    """``cfg`` with the shape's arithmetic keys (a None value removes the key; ``fixed`` None: unchanged)."""
+    if fixed is None:
+        return cfg
+    out = {k: v for k, v in cfg.items() if k not in fixed}
+    out.update({k: v for k, v in fixed.items() if v is not None})
+    return out
+
+
+# -- candidates ----------------------------------------------------------------------------------------------
+def smem_estimate(cfg: dict, which: str, elt: float, w_elt: float, gated: bool) -> float:
+    """Shared-memory bytes of one GEMM's pipelined A and B tiles (w13 gated loads gate and up tiles)."""
+    c = cfg[which]
+    nb = 2 if which == "w13" and gated else 1
+    per_stage = cfg["BLOCK_M"] * c["BK"] * elt + nb * c["BN"] * c["BK"] * w_elt
+    return per_stage * max(int(c["num_stages"]) - 1, 1)
+
+
+def clamp(cfg: dict, inter: int, hidden: int) -> dict:
+    """BN never wider than the problem (w13: I columns, w2: H); stays a power of two >= 16."""
+    out = {**cfg, "w13": dict(cfg["w13"]), "w2": dict(cfg["w2"])}
+    for part, n in (("w13", inter), ("w2", hidden)):
+        while out[part]["BN"] > 16 and out[part]["BN"] // 2 >= n:
+            out[part]["BN"] //= 2
+    return out
+
+
+class Space:
+    """Turns raw candidates into valid, distinct ones for one bucket: see the module docstring.
+
+    dims = (E, H, I, K, gated); ``spec``: a ``QuantSpec`` or None; ``dtype``: the activations' dtype;
+    ``bk`` / ``fixed_arith``: the shape's fixed BLOCK_K / arithmetic keys (None: not fixed yet)."""
+
+    def __init__(self, dims, dtype, spec=None, bk=None, fixed_arith=None, elt: int = 2):
+        self.dims, self.dtype, self.spec, self.bk, self.fixed_arith = dims, dtype, spec, bk, fixed_arith
+        self.family = family(spec)
+        self.elt = 1 if self.family == "fp8" else elt
+        self.w_elt = {"fp8": 1, "4bit": 0.5}.get(self.family, elt)
+        self.seen: set[str] = set()
+        self.refused: list[tuple[dict, str]] = []
+
+    def apply(self, cfg: dict) -> dict:
+        """``cfg`` with the shape's BLOCK_K and arithmetic keys, clamped, fixed by the format."""
+        _, h, i, _, _ = self.dims
+        cfg = clamp(with_arith(with_block_k(cfg, self.bk), self.fixed_arith), i, h)
+        if self.family == "4bit":  # packed tiles never use TMA: the flag would only duplicate
+            cfg = {k: v for k, v in cfg.items() if k != "tma"}
+        return self.spec.fix_config(cfg, self.dtype) if self.spec is not None else cfg
+
+    def fix(self, cfg: dict) -> dict | None:
+        """The candidate as it would run, or None when refused or already listed."""
+        gated = self.dims[4]
+        cfg = self.apply(cfg)
+        why = invariance_violation(cfg, self.bk, self.fixed_arith)
+        if why is None and any(smem_estimate(cfg, w, self.elt, self.w_elt, gated) > SMEM_BYTES for w in ("w13", "w2")):
+            why = "shared memory"
+        if why is not None:
+            self.refused.append((cfg, why))
+            return None
+        key = config_id(cfg)
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        return cfg
+
+    def fix_all(self, cfgs) -> list[dict]:
+        return [c for c in (self.fix(c) for c in cfgs) if c is not None]
+
+
+def _extra(base: dict) -> dict:
+    """The base's top-level keys the tuner does not vary (carried through opaquely)."""
+    return {k: v for k, v in base.items() if k not in ("BLOCK_M", "w13", "w2", "tma", "pdl")}
+
+
+def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None, quick: bool = False) -> list[dict]:
+    """Stage-1 candidates (raw, before :meth:`Space.fix`) for ``rows`` rows per touched expert."""
+    reg = regime(rows)
+    bms, pairs, tma = PRIORS[fam][reg]
+    if bk is None:
+        k = DEFAULT_BK[reg] if fam == "bf16" else int(base["w13"]["BK"])
+        bk = (k, k)
+    if quick:
+        bms, pairs = bms[:1], pairs[:3]
+    extra, flags = _extra(base), ({"tma": True} if tma else {})
+    out = [_cfg(bm, (a[0], bk[0], a[1], a[2]), (b[0], bk[1], b[1], b[2]), **flags, **extra)
+           for bm in bms for a, b in pairs]
+    if fam == "bf16" and reg == "large" and not quick and bk == (64, 64):  # a new shape: try BLOCK_K 128 too
+        out += [_cfg(128, (64, 128, 4, 3), (128, 128, 8, 3), tma=True, **extra)]
+    return out
+
+
+def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
+    """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64)."""
+    out = [{**best, "tma": not best.get("tma", False)}]
+    if pdl:
+        out.append({**best, "pdl": True})
+    if quick:
+        return out
+    for part in ("w13", "w2"):
+        c = best[part]
+        for change in ({"BN": c["BN"] // 2}, {"BN": c["BN"] * 2}, {"num_stages": c["num_stages"] + 1},
+                       {"num_stages": c["num_stages"] - 1}):
+            if min(change.values()) >= (16 if "BN" in change else 2) and max(change.values()) <= 256:
+                out.append({**best, part: {**c, **change}})
+    for bm in (best["BLOCK_M"] // 2, best["BLOCK_M"] * 2):
+        if (64 if fam == "fp8" else 16) <= bm <= 128:
+            out.append({**best, "BLOCK_M": bm})
+    return out
+
+
+def search(base: dict, rows: float, space: Space, score, *, pdl: bool = False, quick: bool = False,
+           deadline: float | None = None, precompile=None, clock=time.time, rounds: int = 2) -> tuple[dict, dict]:
+    """(the fastest config by ``score(cfg) -> µs``, {config_id: µs} of everything timed).
+
+    ``base`` (fixed by ``space`` like every candidate) is timed first; stage 1 and 2 as in the module
+    docstring; ``precompile(cfgs)`` is called with each stage's list before it is timed; timing stops
+    once ``clock() > deadline``."""
+    base = space.apply(base)  # the config in use is always timed (even where the estimates would refuse it)
+    space.seen.add(config_id(base))
+    times: dict[str, float] = {}
+
+    def run(cfgs) -> None:
+        if deadline is not None and times and clock() > deadline:
+            return
+        if precompile is not None and cfgs:
+            precompile(cfgs)
+        for c in cfgs:
+            key = config_id(c)
+            if key in times:
+                continue
+            if deadline is not None and times and clock() > deadline:
+                return
+            times[key] = score(c)
+
+    stage1 = space.fix_all(prior_configs(rows, base, space.family, space.bk, quick))
+    run([base] + stage1)
+    by_id = {config_id(c): c for c in [base] + stage1}
+    best = min((by_id[k] for k in times), key=lambda c: times[config_id(c)])
+    for _ in range(1 if quick else rounds):  # greedy: the neighbours of the best, while it improves
+        stage2 = space.fix_all(neighbour_configs(best, pdl, quick, space.family))
+        run(stage2)
+        by_id.update({config_id(c): c for c in stage2})
+        new = min((by_id[k] for k in times), key=lambda c: times[config_id(c)])
+        if config_id(new) == config_id(best):
+            break
+        best = new
+    return best, times

@@ -1,0 +1,200 @@
+"""``moekit tune`` on CPU: candidate generation and pruning per regime and format, fix_config + dedup,
+the search stages and deadline, the point wiring, the output-file merge and the progress lines (the GPU
+timer is mocked)."""
+
+import json
+
+import pytest
+import torch
+
+from moekit.benchmarking import tune
+from moekit.benchmarking.shapes import MODELS
+from moekit.benchmarking.tune_space import (
+    PRIORS, Space, _cfg, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
+    smem_estimate,
+)
+from moekit.ops.triton_configs import heuristic_config, shape_key
+
+DIMS = (128, 2048, 768, 8, True)
+
+
+def test_regimes_follow_rows_per_expert():
+    assert expected_rows(1, 128, 8) == 1 and expected_rows(1024, 128, 8) == 64 and expected_rows(16384, 8, 2) == 4096
+    want = ["decode"] * 2 + ["small"] * 2 + ["medium"] * 2 + ["large"]
+    assert [regime(r) for r in (1, 8, 9, 48, 49, 256, 257)] == want
+    assert family(None) == "bf16" and family(tune.quant_spec("fp8")[1]) == "fp8"
+    assert family(tune.quant_spec("mxfp4")[1]) == family(tune.quant_spec("int4")[1]) == "4bit"
+
+
+@pytest.mark.parametrize("fam", list(PRIORS))
+def test_priors_are_few_and_quick_is_fewer(fam):
+    base = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
+    for rows in (1, 30, 100, 1000):
+        full = prior_configs(rows, base, fam, (128, 128))
+        quick = prior_configs(rows, base, fam, (128, 128), quick=True)
+        assert 3 <= len(full) <= 10 and len(quick) <= 3
+        assert len({config_id(c) for c in full}) == len(full)
+    if fam == "4bit":
+        assert all(c["w13"]["BN"] <= 128 and c["w13"]["num_stages"] <= 3 for c in prior_configs(1, base, fam, (128, 128)))
+
+
+def test_fix_config_is_applied_and_duplicates_dropped():
+    _, spec = tune.quant_spec("fp8")
+    space = Space(DIMS, torch.bfloat16, spec)
+    # w13 BN is forced to the block's k: these two become one candidate
+    a = _cfg(64, (32, 64, 4, 4), (64, 64, 4, 4))
+    b = _cfg(64, (64, 64, 4, 4), (64, 64, 4, 4))
+    got = space.fix_all([a, b, dict(b, tma=False)])
+    assert len(got) == 1 and got[0]["w13"]["BN"] == 128 and got[0]["w13"]["BK"] == got[0]["w2"]["BK"] == 128
+    # 4-bit: BK fixed (128), stages capped, the TMA flag dropped (packed tiles): duplicates go
+    _, spec4 = tune.quant_spec("int4")
+    s4 = Space(DIMS, torch.bfloat16, spec4)
+    got = s4.fix_all([_cfg(16, (32, 64, 4, 5), (32, 64, 4, 5)), _cfg(16, (32, 256, 4, 3), (32, 32, 4, 3), tma=True)])
+    assert len(got) == 1 and got[0]["w13"]["num_stages"] == 3 and "tma" not in got[0]
+    assert block_k_of(got[0]) == (128, 128)
+
+
+def block_k_of(c):
+    return c["w13"]["BK"], c["w2"]["BK"]
+
+
+def test_unknown_top_level_keys_are_carried_through():
+    _, spec = tune.quant_spec("fp8")
+    base = _cfg(64, (128, 128, 4, 4), (128, 128, 4, 4), fp8_acc="two_level", future_flag=3)
+    space = Space(DIMS, torch.bfloat16, spec)
+    cands = space.fix_all(prior_configs(1000, base, "fp8", None) + neighbour_configs(base, True, fam="fp8"))
+    assert cands and all(c["fp8_acc"] == "two_level" and c["future_flag"] == 3 for c in cands)
+    assert all(c["BLOCK_M"] >= 64 for c in cands)
+
+
+def test_clamp_and_shared_memory_pruning():
+    space = Space((8, 64, 32, 2, True), torch.bfloat16, None, (64, 64))
+    got = space.fix(_cfg(16, (256, 64, 4, 3), (256, 64, 4, 3)))
+    assert got["w13"]["BN"] == 32 and got["w2"]["BN"] == 64
+    big = _cfg(128, (256, 256, 8, 6), (256, 256, 8, 6))
+    assert smem_estimate(big, "w13", 2, 2, True) > 232448
+    assert Space(DIMS, torch.bfloat16, None, (256, 256)).fix(big) is None
+
+
+def test_search_stages_and_deadline():
+    base = heuristic_config(1, *DIMS[:4], torch.bfloat16)
+    fast = []
+
+    def score(cfg):
+        fast.append(cfg)
+        return 10.0 - cfg["w13"]["BN"] / 64 - 0.1 * bool(cfg.get("tma"))
+
+    compiled = []
+    best, times = search(base, 1, Space(DIMS, torch.bfloat16), score, precompile=compiled.append)
+    assert len(compiled) in (2, 3) and config_id(fast[0]) == config_id(Space(DIMS, torch.bfloat16).apply(base))
+    assert best["w13"]["BN"] >= 128 and len(times) == len(fast) <= 25
+    # a deadline in the past: only the config in use is timed
+    clock = iter(range(100)).__next__
+    best, times = search(base, 1, Space(DIMS, torch.bfloat16), score, deadline=-1, clock=lambda: clock())
+    assert len(times) == 1
+
+
+class _Spec:
+    key, fp8 = "fake", False
+
+
+def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
+    monkeypatch.setattr(tune, "precompile", lambda *a, **k: None)
+    m = MODELS["qwen3-30b-a3b"].replace(E=4, H=32, I=16, K=2)
+
+    def fake_time(problems, call, cfg, **kw):
+        return 100.0 - cfg["w13"]["BN"] / 8 - 10 * bool(cfg.get("tma"))
+
+    monkeypatch.setattr(tune, "time_config", fake_time)
+    monkeypatch.setattr(tune, "same_output", lambda *a: True)
+    logs = []
+    cfg, w, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
+    assert info["best_us"] < info["base_us"] and cfg.get("tma") and len(w) == 4
+    monkeypatch.setattr(tune, "same_output", lambda *a: False)
+    cfg2, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
+    assert info["best_us"] == info["base_us"] and not cfg2.get("tma") and any("FAILED" in s for s in logs)
+
+
+def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
+    path = tmp_path / "NVIDIA_H200.json"
+    a, b = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4)), _cfg(32, (64, 128, 4, 4), (64, 128, 4, 4))
+    path.write_text(json.dumps({"device": "NVIDIA H200", "entries": {"other": {"1": a}, "k": {"1": a, "8": a}}}))
+    tune.merge_entries(path, "NVIDIA H200", "k", {8: b, 64: b})
+    tune.merge_entries(path, "NVIDIA H200", "new", {1: a})
+    data = json.loads(path.read_text())
+    assert data["entries"]["other"] == {"1": a} and data["entries"]["new"] == {"1": a}
+    assert data["entries"]["k"] == {"1": a, "8": b, "64": b} and data["device"] == "NVIDIA H200"
+    assert [p.name for p in tmp_path.iterdir()] == ["NVIDIA_H200.json"]
+
+
+@pytest.mark.parametrize("quant", [None, "fp8"])
+def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, quant):
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(tune, "_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    seen = []
+
+    def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, deadline, **kw):
+        seen.append((m.name, t, fixed_bk, fixed_arith))
+        space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith)
+        cfg = space.apply(heuristic_config(t, m.E, m.H, m.I, m.K, dtype))
+        if quant and fixed_arith is None:
+            cfg["fp8_acc"] = "fixed_by_first"
+        return cfg, "w", {"base_us": 10.0, "best_us": 9.0, "timed": 5}
+
+    monkeypatch.setattr(tune, "tune_point", fake_point)
+    logs = []
+    models = [MODELS["qwen3-30b-a3b"], MODELS["mixtral-8x7b"]]
+    path = tune.run_tune([(m, [1, 64, 16384]) for m in models], out=tmp_path, quant=quant, log=logs.append, bar=False)
+    assert path == tmp_path / "NVIDIA_H200.json"
+    data = json.loads(path.read_text())
+    spec = tune.quant_spec(quant)[1]
+    for m in models:
+        key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=None if spec is None else spec.key)
+        table = data["entries"][key]
+        assert sorted(table, key=int) == ["1", "64", "16384"]
+        assert len({(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()}) == 1
+        if quant:
+            assert {c["fp8_acc"] for c in table.values()} == {"fixed_by_first"}
+    assert [t for _, t, _, _ in seen[:3]] == [16384, 1, 64] and seen[0][2] is None and seen[1][2] is not None
+    lines = [s for s in logs if s.startswith("  [")]
+    assert len(lines) == 6 and "[3/3]" in lines[2] and "elapsed" in lines[0] and "ETA" in lines[0]
+    assert any(s.startswith("summary qwen3-30b-a3b") for s in logs)
+
+
+def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(tune, "_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    clock = [0.0]
+    monkeypatch.setattr(tune.time, "time", lambda: clock[0])
+
+    def slow_point(m, t, dtype, device, *, deadline, fixed_bk, **kw):
+        assert deadline <= 10.0
+        clock[0] += 20.0  # overran the whole budget
+        cfg = Space((m.E, m.H, m.I, m.K, m.gated), dtype, None, fixed_bk).apply(
+            heuristic_config(t, m.E, m.H, m.I, m.K, dtype))
+        return cfg, "w", {"base_us": 1.0, "best_us": 1.0, "timed": 1}
+
+    monkeypatch.setattr(tune, "tune_point", slow_point)
+    logs = []
+    path = tune.run_tune([(MODELS["qwen3-30b-a3b"], [1, 8, 16384])], out=tmp_path, budget_s=10, log=logs.append,
+                         bar=False)
+    table = next(iter(json.loads(path.read_text())["entries"].values()))
+    assert sorted(table, key=int) == ["1", "8", "16384"]
+    assert len({(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()}) == 1
+    assert sum("budget spent" in s for s in logs) == 2 and any("untuned" in s for s in logs)
+
+
+def test_progress_eta():
+    clock = [0.0]
+    logs = []
+    p = tune.Progress("x", 4, logs.append, budget_s=100, bar=False, clock=lambda: clock[0])
+    clock[0] = 10.0
+    p.step(1, "ok")
+    assert "[1/4]" in logs[0] and "elapsed 10 s" in logs[0] and "ETA 30 s" in logs[0]
+    clock[0] = 95.0
+    p.step(8, "ok")
+    assert "ETA 5 s" in logs[1]
+    p.close()
