@@ -29,15 +29,15 @@ def test_rule():
 
 
 def test_arithmetic_keys_are_part_of_the_rule():
-    a = _cfg(64, (128, 128, 4, 4), (64, 128, 4, 4), fp8_acc="split")
-    assert invariance_violation(a, (128, 128), {"fp8_acc": "split"}) is None
-    assert "fp8_acc" in invariance_violation(a, (128, 128), {"fp8_acc": "fp32"})
-    assert "fp8_acc" in invariance_violation(dict(a, fp8_acc=None), None, {"fp8_acc": "split"})
+    a = _cfg(64, (128, 128, 4, 4), (64, 128, 4, 4), fp8_acc=128)
+    assert invariance_violation(a, (128, 128), {"fp8_acc": 128}) is None
+    assert "fp8_acc" in invariance_violation(a, (128, 128), {"fp8_acc": 32})
+    assert "fp8_acc" in invariance_violation(dict(a, fp8_acc=None), None, {"fp8_acc": 128})
     assert "fp8_acc" in invariance_violation({k: v for k, v in a.items() if k != "fp8_acc"}, None,
-                                             {"fp8_acc": "split"})
-    assert arith(a) == {"fp8_acc": "split"} and arith(_cfg(16, (1, 1, 1, 1), (1, 1, 1, 1))) == {"fp8_acc": None}
+                                             {"fp8_acc": 128})
+    assert arith(a) == {"fp8_acc": 128} and arith(_cfg(16, (1, 1, 1, 1), (1, 1, 1, 1))) == {"fp8_acc": None}
     assert with_arith(a, {"fp8_acc": None}).get("fp8_acc", "gone") == "gone"
-    assert with_arith(a, {"fp8_acc": "fp32"})["fp8_acc"] == "fp32" and with_arith(a, None) is a
+    assert with_arith(a, {"fp8_acc": 32})["fp8_acc"] == 32 and with_arith(a, None) is a
 
 
 def test_shape_block_k_and_arith():
@@ -56,7 +56,7 @@ def test_shape_block_k_and_arith():
 def test_every_candidate_keeps_the_shape_invariants(rows, quant):
     _, spec = quant_spec(quant)
     bk = (64, 128) if quant is None else (128, 128)
-    fixed = {"fp8_acc": "x"} if quant == "fp8" else None
+    fixed = {"fp8_acc": 128} if quant == "fp8" else None
     space = Space(DIMS, torch.bfloat16, spec, bk, fixed)
     base = _cfg(16, (64, 256, 4, 4), (64, 256, 4, 4))
     seen = []

@@ -41,11 +41,13 @@ def test_priors_are_few_and_quick_is_fewer(fam):
 def test_fix_config_is_applied_and_duplicates_dropped():
     _, spec = tune.quant_spec("fp8")
     space = Space(DIMS, torch.bfloat16, spec)
-    # w13 BN is forced to the block's k: these two become one candidate
-    a = _cfg(64, (32, 64, 4, 4), (64, 64, 4, 4))
-    b = _cfg(64, (64, 64, 4, 4), (64, 64, 4, 4))
+    # a w13 BN wider than the block's k becomes the block's k: these two become one candidate
+    a = _cfg(64, (256, 64, 4, 4), (64, 64, 4, 4))
+    b = _cfg(64, (128, 64, 4, 4), (64, 64, 4, 4))
     got = space.fix_all([a, b, dict(b, tma=False)])
     assert len(got) == 1 and got[0]["w13"]["BN"] == 128 and got[0]["w13"]["BK"] == got[0]["w2"]["BK"] == 128
+    # narrower w13 tiles stay (w2's input then quantised by a separate pass)
+    assert [c["w13"]["BN"] for c in space.fix_all([_cfg(64, (32, 64, 4, 4), (64, 64, 4, 4))])] == [32]
     # 4-bit: BK fixed (128), stages capped, the TMA flag dropped (packed tiles): duplicates go
     _, spec4 = tune.quant_spec("int4")
     s4 = Space(DIMS, torch.bfloat16, spec4)
@@ -60,10 +62,10 @@ def block_k_of(c):
 
 def test_unknown_top_level_keys_are_carried_through():
     _, spec = tune.quant_spec("fp8")
-    base = _cfg(64, (128, 128, 4, 4), (128, 128, 4, 4), fp8_acc="two_level", future_flag=3)
+    base = _cfg(64, (128, 128, 4, 4), (128, 128, 4, 4), fp8_acc=64, future_flag=3)
     space = Space(DIMS, torch.bfloat16, spec)
     cands = space.fix_all(prior_configs(1000, base, "fp8", None) + neighbour_configs(base, True, fam="fp8"))
-    assert cands and all(c["fp8_acc"] == "two_level" and c["future_flag"] == 3 for c in cands)
+    assert cands and all(c["fp8_acc"] == 64 and c["future_flag"] == 3 for c in cands)
     assert all(c["BLOCK_M"] >= 64 for c in cands)
 
 
@@ -140,7 +142,7 @@ def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, qu
         space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith)
         cfg = space.apply(heuristic_config(t, m.E, m.H, m.I, m.K, dtype))
         if quant and fixed_arith is None:
-            cfg["fp8_acc"] = "fixed_by_first"
+            cfg["fp8_acc"] = 96
         return cfg, "w", {"base_us": 10.0, "best_us": 9.0, "timed": 5}
 
     monkeypatch.setattr(tune, "tune_point", fake_point)
@@ -156,7 +158,7 @@ def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, qu
         assert sorted(table, key=int) == ["1", "64", "16384"]
         assert len({(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()}) == 1
         if quant:
-            assert {c["fp8_acc"] for c in table.values()} == {"fixed_by_first"}
+            assert {c["fp8_acc"] for c in table.values()} == {96}
     assert [t for _, t, _, _ in seen[:3]] == [16384, 1, 64] and seen[0][2] is None and seen[1][2] is not None
     lines = [s for s in logs if s.startswith("  [")]
     assert len(lines) == 6 and "[3/3]" in lines[2] and "elapsed" in lines[0] and "ETA" in lines[0]

@@ -7,10 +7,11 @@ What runs where (kernels in :mod:`._triton.quant` and :mod:`._triton.grouped_gem
 
 - **fp8 block** ``(bn, bk)``: a small kernel quantises ``x`` per (token, group of bk): ``x_q [T, H]`` e4m3,
   ``x_s [T, ⌈H/bk⌉]``. w13 (BK = bk) runs fp8 dots, ``acc += (x_q · Wq) · x_s[t, k/bk] · S[e, n/bn, k/bk]``
-  per K step, then bias, clamp, activation (fp32), rounding to the params dtype and — fused into the
-  epilogue, its BN = bk columns being one group — the fp8 quantisation of w2's input (``inter_q``,
-  ``inter_s [rows, ⌈I/bk⌉]``). w2 runs the same fp8 loop over I, then bias, routing weight and the
-  deterministic slot-order combine of the unquantised path.
+  per K step, then bias, clamp, activation (fp32), rounding to the params dtype and the fp8 quantisation
+  of w2's input (``inter_q``, ``inter_s [rows, ⌈I/bk⌉]``): fused into the epilogue when w13's BN = bk (one
+  group per tile), else a separate pass over the rounded rows (narrow w13 tiles: more programs at decode;
+  the same rounding and group amax, so the same bits). w2 runs the same fp8 loop over I, then bias,
+  routing weight and the deterministic slot-order combine of the unquantised path.
 - **fp8 channel / tensor**: ``x`` quantised per token (one group = the row) or with the static scale
   (the largest ``w13_input_scale``); ``acc = Σ_k-steps x_q · Wq`` then ``acc · s_x[t] · S[e, n]`` after the
   loop (per tensor: ``S[e, shard]``). A per-token scale of w2's input spans all of I, so w13 stores
@@ -19,8 +20,9 @@ What runs where (kernels in :mod:`._triton.quant` and :mod:`._triton.grouped_gem
   unpacked and dequantised in registers (no dequantised weights in memory), then the unquantised dot.
 
 Batch invariance (SPEC §9): the K step is fixed per shape and format (fp8 block: bk; fp8 row: 128;
-4-bit: 128, 64 for fp32 activations), whatever the token count; no split-K; the combine is the
-unquantised path's. Tile constraints: fp8 block needs ``bk`` a power of two >= 16 and w13's BN = bk.
+4-bit: 128, 64 for fp32 activations), whatever the token count, and so is the fp8 instruction
+(``fp8_acc``: wgmma with ``BLOCK_M`` >= 64 in every bucket); no split-K; the combine is the unquantised
+path's. Tile constraints: fp8 block needs ``bk`` a power of two >= 16 and 32 <= w13's BN <= bk.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ __all__ = ["fused_experts_quant_triton", "QuantSpec", "QuantLaunch"]
 _CODES = {"fp8_block": 1, "fp8_channel": 2, "mxfp4": 3, "int4_group": 4}
 _FP8 = torch.float8_e4m3fn
 _FAR = 1 << 30  # "scale row = n // _FAR" = 0: one scale for every column (per tensor)
-#: fp8 dots: wgmma, its reduced-precision sum promoted to fp32 every 32 products (``fix_config``)
-DEFAULT_FP8_ACC = 32
+#: fp8 dots: wgmma, promoted to fp32 once per K step (= the scale block; ``fix_config``). H200, DeepSeek-V3
+#: experts T=1 / 64 / 1024 / 16384: 128 -> 146 / 3517 / 4122 / 57697 µs, 32 (a promotion per k32
+#: instruction serialises the wgmma chain) -> 443 / 12456 / 14618 / 155984 µs (benchmarks/quant_probe.py)
+DEFAULT_FP8_ACC = 128
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,11 @@ class QuantSpec:
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
-        if self.code == 1:
-            c13["BN"] = bk
+        if self.code == 1 and not (32 <= int(c13["BN"]) <= bk):  # BN == bk: w2's input quantised in w13's
+            c13["BN"] = bk  # epilogue (one group per tile); narrower: a separate pass (more programs at decode)
         out = {**cfg}
         if self.fp8:
+            c2["BN"] = min(int(c2["BN"]), 128)  # the fresh fp32 dot beside the accumulator: registers
             acc = int(cfg.get("fp8_acc", DEFAULT_FP8_ACC))
             if acc < 0:
                 raise ValueError(f"config fp8_acc must be >= 0 (0: exact fp16 mma; n: wgmma, promoted every n), "
@@ -133,8 +138,11 @@ class QuantLaunch:
     """One call's quantised operands for :func:`~.triton_experts.fused_experts_impl`: the format, the
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
 
-    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, gated: bool, fp8_acc: int = 0):
+    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, gated: bool, fp8_acc: int = 0,
+                 bn13: int = 0):
         self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
+        # fp8 block: w13 quantises w2's input in its epilogue when one tile is one group (BN == bk)
+        self.fused_req = spec.static or (spec.code == 1 and bn13 == spec.block_k)
         self.s13_static, self.s2_static = s13, s2
         if spec.fp8:
             w13_scale, w2_scale = w13_scale.float().contiguous(), w2_scale.float().contiguous()
@@ -192,7 +200,7 @@ class QuantLaunch:
         xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
         kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
         self._post = None
-        if sp.code == 1 or sp.static:  # w2's input quantised in the w13 epilogue
+        if self.fused_req:  # w2's input quantised in the w13 epilogue
             inter_q = torch.empty(rows, n_inter, dtype=_FP8, device=dev)
             if sp.code == 1:
                 inter_s = torch.empty(rows, triton.cdiv(n_inter, sp.block_k), dtype=torch.float32, device=dev)
@@ -202,10 +210,12 @@ class QuantLaunch:
                 kw13.update(REQ=2, qs_ptr=self.s2_static)
                 kw2.update(as_ptr=self.s2_static, stride_asr=0)
             return xq, inter_q, inter_q, kw13, kw2
-        # dynamic per-token w2 inputs: w13 writes the params dtype, then a pass quantises each row
+        # w13 writes the params dtype, then a pass quantises each row (per token, or per group of bk: the
+        # same rounding and group amax as the fused epilogue, so the same bits)
         buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
         inter_q = torch.empty(rows, n_inter, dtype=_FP8, device=dev)
-        inter_s = torch.empty(rows, 1, dtype=torch.float32, device=dev)
+        ng = triton.cdiv(n_inter, sp.block_k) if sp.code == 1 else 1
+        inter_s = torch.empty(rows, ng, dtype=torch.float32, device=dev)
         self._post = (buf, inter_q, inter_s)
         kw2.update(as_ptr=inter_s, stride_asr=inter_s.stride(0))
         return xq, buf, inter_q, kw13, kw2
@@ -214,10 +224,17 @@ class QuantLaunch:
         if self._post is None:
             return
         buf, inter_q, inter_s = self._post
-        n = buf.shape[1]
-        launch(qk.act_quant_kernel, (buf.shape[0],), buf, inter_q, inter_s, buf, None, n, buf.stride(0),
-               inter_q.stride(0), inter_s.stride(0), 0, G=1, GP=1, BLOCK=min(1024, triton.next_power_of_2(n)),
-               MODE=1, UE8M0=False, ON_INPUT=False, INTERP=interp, num_warps=4)
+        rows, n = buf.shape
+        sp = self.spec
+        if sp.code == 1:  # groups of bk along I
+            g = sp.block_k
+            gp = min(triton.next_power_of_2(triton.cdiv(n, g)), max(1, 2048 // g))
+            grid, mode = (rows, triton.cdiv(triton.cdiv(n, g), gp)), 0
+        else:
+            g, gp, grid, mode = 1, 1, (rows,), 1
+        launch(qk.act_quant_kernel, grid, buf, inter_q, inter_s, buf, None, n, buf.stride(0),
+               inter_q.stride(0), inter_s.stride(0), 0, G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)),
+               MODE=mode, UE8M0=sp.ue8m0, ON_INPUT=False, INTERP=interp, num_warps=4)
         self._post = None
 
 
@@ -300,6 +317,7 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8), on device
         s13 = w13_input_scale.max().float().reshape(1)
         s2 = w2_input_scale.max().float().reshape(1)
-    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, act.gated, int(config.get("fp8_acc", 0)))
+    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, act.gated, int(config.get("fp8_acc", 0)),
+                    int(config["w13"]["BN"]))
     return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
                               swiglu_limit, config=config, warmup=warmup, quant=q)
