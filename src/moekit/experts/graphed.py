@@ -38,77 +38,120 @@ which the next replay overwrites: only for a caller that consumes it at once (e.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 import torch
 
 from .._checks import check_int
 
+_Tensor = torch.Tensor
+
 
 class _Entry:
-    __slots__ = ("graph", "x", "logits", "out")
+    """One captured graph: its static inputs (``copy_`` targets, in call order) and static output."""
 
-    def __init__(self, graph, x, logits, out):
-        self.graph, self.x, self.logits, self.out = graph, x, logits, out
+    __slots__ = ("graph", "inputs", "out")
+
+    def __init__(self, graph, inputs, out):
+        self.graph, self.inputs, self.out = graph, inputs, out
+
+
+def tensor_key(x) -> tuple | None:
+    """What a replay needs to match exactly: ``(shape, dtype, device index)`` of ``x`` (None for None;
+    a plain ``torch.Tensor`` only, a subclass never matches: ``False``)."""
+    if x is None:
+        return None
+    if type(x) is not _Tensor:
+        return False
+    return x.shape, x.dtype, x.get_device()
+
+
+def watched_fingerprint(modules: Sequence[torch.nn.Module]) -> tuple:
+    """The data pointers of the parameters and buffers of ``modules`` and the identity of their
+    children, read from the modules' own dicts (no generators): any re-assignment, ``set_``, ``.data =``
+    to new memory, ``.to()`` or ``load_state_dict(assign=True)`` changes it; in-place updates do not."""
+    out = []
+    for m in modules:
+        out.extend([t.data_ptr() for t in m._parameters.values() if t is not None])
+        out.extend([t.data_ptr() for t in m._buffers.values() if t is not None])
+        out.extend(m._modules.values())
+    return tuple(out)
 
 
 class GraphCache:
-    """CUDA graphs of ``fn(x, logits) -> out`` per token count ``T <= max_tokens`` (0 disables).
-
-    Holds no reference to its owner: ``fn`` and ``state`` are passed at each call.
+    """CUDA graphs of ``fn(*inputs) -> out`` per input key, for token counts ``T <= max_tokens``
+    (0 disables). Holds no reference to its owner: ``fn`` and ``state`` are passed by the caller.
     """
 
     def __init__(self, max_tokens: int, pool=None):
         self.max_tokens = check_int("eager_graph_tokens", max_tokens, minimum=0)
         self.pool = pool
-        self._entries: dict[tuple, _Entry] = {}
+        self._entries: dict[Hashable, _Entry] = {}
         self._state: Hashable = None
         self._own_pool = None
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def eligible(self, x: torch.Tensor, logits: torch.Tensor) -> bool:
-        """Whether a call on these inputs may use (or capture) a graph; cheap, no synchronisation."""
-        if torch.compiler.is_compiling() or not x.is_cuda or not 0 < x.shape[0] <= self.max_tokens:
+    def eligible(self, x: torch.Tensor, logits: torch.Tensor | None, tokens: int | None = None) -> bool:
+        """Whether a call on these inputs may use (or capture) a graph; cheap, no synchronisation.
+        ``tokens``: ``T`` when ``x`` is not ``[T, H]``."""
+        t = x.shape[0] if tokens is None else tokens
+        if torch.compiler.is_compiling() or not x.is_cuda or not 0 < t <= self.max_tokens:
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or logits.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or (logits is not None and logits.requires_grad)):
             return False
         return not torch.cuda.is_current_stream_capturing()
+
+    def sync_state(self, state: Hashable) -> None:
+        """Drop every graph when ``state`` (see the module docstring) differs from the captured one."""
+        if state != self._state:
+            self.clear()
+            self._state = state
+
+    def lookup(self, key: Hashable) -> _Entry | None:
+        return self._entries.get(key)
+
+    @staticmethod
+    def replay(entry: _Entry, inputs: Sequence[torch.Tensor], copy: bool = True) -> torch.Tensor:
+        """Copy ``inputs`` into the static inputs (one op), replay, return the output (a copy unless
+        ``copy=False``: the static output, which the next replay overwrites)."""
+        if len(inputs) == 1:
+            entry.inputs[0].copy_(inputs[0])
+        else:
+            torch._foreach_copy_(entry.inputs, inputs)
+        entry.graph.replay()
+        return entry.out.clone() if copy else entry.out
 
     def __call__(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor, state: Hashable, *,
                  copy: bool = True) -> torch.Tensor:
         """``fn(x, logits)``, replayed from a graph (captured on the first call of this key).
         The caller checked :meth:`eligible`. ``state``: see the module docstring."""
-        if state != self._state:
-            self.clear()
-            self._state = state
+        self.sync_state(state)
         key = (x.shape[0], x.dtype, logits.dtype, logits.shape[1], x.device)
         entry = self._entries.get(key)
         if entry is None:
-            out, self._entries[key] = self._capture(fn, x, logits)
-            return out
-        entry.x.copy_(x)
-        entry.logits.copy_(logits)
-        entry.graph.replay()
-        return entry.out.clone() if copy else entry.out
+            return self.capture(key, fn, (x, logits))
+        return self.replay(entry, (x, logits), copy)
 
-    def _capture(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor):
-        device = x.device
+    def capture(self, key: Hashable, fn: Callable, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Run ``fn(*static inputs)`` eagerly (its result is returned: this call's answer), then capture
+        it into a graph stored under ``key``. The caller checked :meth:`eligible` and :meth:`sync_state`."""
+        device = inputs[0].device
         with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad():
             # static inputs: plain (never inference) tensors, contiguous, outside the graph's pool
-            sx = torch.empty(x.shape, dtype=x.dtype, device=device)
-            sl = torch.empty(logits.shape, dtype=logits.dtype, device=device)
-            sx.copy_(x)
-            sl.copy_(logits)
-            out = fn(sx, sl)  # eager warm-up on the static buffers: compiles; this call's answer
+            static = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in inputs]
+            for s, t in zip(static, inputs):
+                s.copy_(t)
+            out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
             graph = torch.cuda.CUDAGraph()
             # torch.cuda.graph (not bare capture_begin/end): it registers the RNG generators with the
             # capture; bare calls left the default generator's offset tracking broken for later
             # torch.rand calls ("Offset increment outside graph capture", seen on H200)
             with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode="thread_local"):
-                static_out = fn(sx, sl)
-        return out, _Entry(graph, sx, sl, static_out)
+                static_out = fn(*static)
+        self._entries[key] = _Entry(graph, static, static_out)
+        return out
 
     def _pool(self):
         if self.pool is not None:
