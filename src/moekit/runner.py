@@ -113,8 +113,9 @@ class MoERunner(torch.nn.Module):
         expert_mapping: the checkpoint entries :meth:`load_weights` accepts (see
             :func:`~moekit.fused_moe_make_expert_params_mapping`); None: both usual conventions.
         eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens on a CUDA
-            device replays route -> experts from an internal CUDA graph per ``T`` (bit-identical to the
-            plain call, a fraction of its host time); 0 disables it. Only for the Triton backend, the
+            device replays an internal CUDA graph per input key (bit-identical to the plain call, a
+            fraction of its host time): the whole forward when every module in it is moekit's own or an
+            exact ``nn.Linear`` (:mod:`moekit.experts.graphed_plan`), else route -> experts; 0 disables it. Only for the Triton backend, the
             local executor and score-based routers; never while torch.compile traces, inside an outer
             graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
         graph_pool: a ``torch.cuda.graph_pool_handle()`` shared with other layers (default: the layer's own).

@@ -1,29 +1,30 @@
-"""Internal CUDA graphs of a layer's routed path for small token counts: eager calls without the host tax.
+"""Internal CUDA graphs for small token counts: eager calls without the host tax.
 
-    routed = fn(x [T, H], logits [T, N])        route -> experts (+ zero experts, output scale): moekit's ops
+    out = fn(*inputs)      a layer's whole forward, or its route -> experts part (see .graphed_plan)
 
 An eager call of ``fn`` enqueues a handful of kernels through Python (checks, config lookup, Triton's
 argument binding): on an H200 ~300-400 µs of host time at T = 1 against ~50 µs of GPU time for
-Qwen3-30B-A3B. :class:`GraphCache` captures ``fn`` once per token count ``T <= max_tokens`` (and input
-dtypes, logit width, device) on static input buffers and replays it afterwards::
+Qwen3-30B-A3B. :class:`GraphCache` captures ``fn`` once per key (the caller's: token count, input
+shapes, dtypes, device) on static input buffers and replays it afterwards::
 
-    static_x.copy_(x); static_logits.copy_(logits); graph.replay(); out = static_out (.clone())
+    copy inputs into the static buffers (one op: copy_ / torch._foreach_copy_); graph.replay(); out.clone()
 
-The first call of a key runs ``fn`` eagerly on the static buffers (compiling the kernels; its result is
-that call's output), then captures it. A replay runs the same kernels with the same config as the eager
-call, so its output is bit-identical to it (a GPU test asserts this).
+The first call of a key runs ``fn`` eagerly on the static buffers (compiling the kernels, running its
+checks; its result is that call's output), then captures it. A replay runs the same kernels with the
+same config as the eager call, so its output is bit-identical to it (a GPU test asserts this).
 
 When a call is eligible (:meth:`GraphCache.eligible`): ``1 <= T <= max_tokens``, a CUDA input, not
 traced by torch.compile, not inside an outer CUDA-graph capture (the layer's kernels are then captured
-into the caller's graph as usual), and no autograd wanted (grad disabled, or no input requiring it).
+into the caller's graph as usual; ``torch.cuda.is_current_stream_capturing``, one runtime query, is the
+only exact test and stays), and no autograd wanted (grad disabled, or no input requiring it).
 The owner decides at construction whether ``fn`` is graph-safe at all (the layer allows it for the
 Triton backend, its local executor and score-based routers: never for collectives, hash routing's
 input-id checks or user routing functions).
 
 Invalidation: the caller passes ``state``, a hashable image of everything ``fn`` reads outside its
-inputs (data pointers, dtypes and shapes of the weights and buffers, routing settings). When it
-changes, every graph is dropped and recaptured on demand. Weights updated in place (``load_*``,
-``load_state_dict``) need no recapture: a graph reads them by address.
+inputs (data pointers of the weights and buffers, routing settings; :func:`watched_fingerprint`).
+When it changes, every graph is dropped and recaptured on demand. Weights updated in place
+(``load_*``, ``load_state_dict``) need no recapture: a graph reads them by address.
 
 Memory: graphs of one cache share one private pool (``pool``, a ``torch.cuda.graph_pool_handle()``;
 by default the cache's own). It holds the routing outputs and the experts' scratch of the largest T
