@@ -175,13 +175,13 @@ def test_gate_and_shared_folded(fake_graphs):
                  shared_expert_gate=torch.nn.Linear(H, 1, bias=False))
     for _ in range(3):
         x = torch.randn(4, H)
-        assert layer(x).requires_grad and torch.equal(layer(x), ref(x))  # grad on, weights want it: plain
-    assert fake_graphs.replays == 0 and len(layer._graphs) == 0
+        assert layer(x).requires_grad and torch.equal(layer(x), ref(x))  # grad on, weights want it:
+    assert fake_graphs.replays == 0 and len(layer._graphs) == 0  # the gate's logits want grad: all eager
     with torch.no_grad():
         for _ in range(3):
             x = torch.randn(4, H)
             assert torch.equal(layer(x), ref(x))
-    assert fake_graphs.replays == 2 and len(layer._graphs) == 1
+    assert fake_graphs.replays == 2 and len(layer._graphs) == 1  # one whole graph
 
 
 def test_no_replay_with_grad_or_user_modules(fake_graphs):

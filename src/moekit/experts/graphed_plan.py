@@ -72,7 +72,8 @@ class GraphPlan:
 
     def settings(self) -> tuple:
         """Public attributes and hook counts of the folded modules (a change drops the graphs)."""
-        return tuple((tuple(v for k, v in m.__dict__.items() if k[0] != "_"), len(m._forward_hooks),
+        return tuple((tuple(v for k, v in m.__dict__.items() if k[0] != "_" and k != "training"),
+                      len(m._forward_hooks),
                       len(m._forward_pre_hooks)) for m in self.folded)
 
 
@@ -144,9 +145,10 @@ def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     if not plan.whole(router_logits):
         return None, graphs
     tokens = hidden_states.numel() // max(hidden_states.shape[-1], 1)
-    if (not graphs.eligible(hidden_states, router_logits, tokens) or (plan.folded and _autocast())
-            or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits))):
+    if not graphs.eligible(hidden_states, router_logits, tokens):
         return None, None
+    if plan.folded and (_autocast() or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits))):
+        return None, graphs  # the folded modules must run eagerly now: route -> experts may still replay
     graphs.sync_state(layer._graph_state())
     key = (tensor_key(hidden_states), tensor_key(router_logits))
     inputs = (hidden_states,) if router_logits is None else (hidden_states, router_logits)
