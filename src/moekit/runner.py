@@ -30,7 +30,7 @@ import torch
 from ._checks import FLOAT_DTYPES, as_float_dtype, check_callable, check_device, check_float_dtype, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
-from .experts.graphed import GraphCache, watched_fingerprint
+from .experts.graphed import GraphCache
 from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_whole
 from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
@@ -318,9 +318,9 @@ class MoERunner(torch.nn.Module):
     def _graph_state(self) -> tuple:
         """What the graphs read besides their inputs (a change drops them): the routing settings, the
         data pointers of the watched modules' tensors and the settings of the folded modules."""
-        r, plan = self.router, self._graph_plan or self._make_graph_plan()
-        return (r.indices_type, getattr(r, "spec", None), self.moe_config, watched_fingerprint(plan.watched),
-                plan.settings())
+        plan = self._graph_plan or self._make_graph_plan()
+        r = plan.router
+        return (r.indices_type, getattr(r, "spec", None), self.moe_config, plan.fingerprint(), plan.settings())
 
     def _apply(self, fn, *args, **kwargs):
         if self._graphs is not None:  # .to() / .cuda() / .half(): drop the graphs (and their memory) first

@@ -67,16 +67,14 @@ def tensor_key(x) -> tuple | None:
     return x.shape, x.dtype, x.get_device()
 
 
-def watched_fingerprint(modules: Sequence[torch.nn.Module]) -> tuple:
-    """The data pointers of the parameters and buffers of ``modules`` and the identity of their
-    children, read from the modules' own dicts (no generators): any re-assignment, ``set_``, ``.data =``
-    to new memory, ``.to()`` or ``load_state_dict(assign=True)`` changes it; in-place updates do not."""
-    out = []
-    for m in modules:
-        out.extend([t.data_ptr() for t in m._parameters.values() if t is not None])
-        out.extend([t.data_ptr() for t in m._buffers.values() if t is not None])
-        out.extend(m._modules.values())
-    return tuple(out)
+def watched_fingerprint(tensor_dicts: Sequence[dict], child_dicts: Sequence[dict] = ()) -> tuple:
+    """The data pointers of the tensors in ``tensor_dicts`` (modules' ``_parameters`` / ``_buffers``,
+    read directly: no generators) and the identity of the modules in ``child_dicts`` (``_modules``):
+    any re-assignment, ``set_``, ``.data =`` to new memory, ``.to()`` or ``load_state_dict(assign=True)``
+    changes it; in-place updates do not."""
+    ptrs = [t.data_ptr() for d in tensor_dicts for t in d.values() if t is not None]
+    ptrs.extend([m for d in child_dicts for m in d.values()])
+    return tuple(ptrs)
 
 
 class GraphCache:

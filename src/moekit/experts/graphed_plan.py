@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .graphed import GraphCache, tensor_key
+from .graphed import GraphCache, tensor_key, watched_fingerprint
 
 _Linear = torch.nn.Linear
 
@@ -50,10 +50,17 @@ class GraphPlan:
     (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
     whose tensors the graphs read by address."""
 
-    __slots__ = ("whole_logits", "whole_gate", "folded", "watched")
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children")
 
-    def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple):
+    def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None):
         self.whole_logits, self.whole_gate, self.folded, self.watched = whole_logits, whole_gate, folded, watched
+        self.router = router  # the layer's, read here without nn.Module.__getattr__
+        self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
+        self._children = tuple(m._modules for m in folded)
+
+    def fingerprint(self) -> tuple:
+        """Data pointers of the watched tensors, identity of the folded modules' children."""
+        return watched_fingerprint(self._tensors, self._children)
 
     @property
     def folds(self) -> bool:
@@ -72,6 +79,8 @@ class GraphPlan:
 
     def settings(self) -> tuple:
         """Public attributes and hook counts of the folded modules (a change drops the graphs)."""
+        if not self.folded:
+            return ()
         return tuple((tuple(v for k, v in m.__dict__.items() if k[0] != "_" and k != "training"),
                       len(m._forward_hooks),
                       len(m._forward_pre_hooks)) for m in self.folded)
@@ -113,7 +122,7 @@ def graph_plan(layer) -> GraphPlan:
     whole_gate = whole and gate_foldable(layer.gate)
     if whole_gate:
         folded += (layer.gate,)
-    return GraphPlan(whole, whole_gate, folded, base + folded)
+    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router)
 
 
 def _autocast() -> bool:
