@@ -31,6 +31,7 @@ from ._checks import FLOAT_DTYPES, as_float_dtype, check_callable, check_device,
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
+from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_whole
 from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
@@ -112,8 +113,9 @@ class MoERunner(torch.nn.Module):
         expert_mapping: the checkpoint entries :meth:`load_weights` accepts (see
             :func:`~moekit.fused_moe_make_expert_params_mapping`); None: both usual conventions.
         eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens on a CUDA
-            device replays route -> experts from an internal CUDA graph per ``T`` (bit-identical to the
-            plain call, a fraction of its host time); 0 disables it. Only for the Triton backend, the
+            device replays an internal CUDA graph per input key (bit-identical to the plain call, a
+            fraction of its host time): the whole forward when every module in it is moekit's own or an
+            exact ``nn.Linear`` (:mod:`moekit.experts.graphed_plan`), else route -> experts; 0 disables it. Only for the Triton backend, the
             local executor and score-based routers; never while torch.compile traces, inside an outer
             graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
         graph_pool: a ``torch.cuda.graph_pool_handle()`` shared with other layers (default: the layer's own).
@@ -205,6 +207,14 @@ class MoERunner(torch.nn.Module):
         self._graphs = None
         if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
             self._graphs = GraphCache(eager_graph_tokens, graph_pool)
+        self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)  # a new module or setting: decide again what the graphs may hold
+        if "_graph_plan" in self.__dict__ and name not in ("_graph_plan", "training"):
+            self.__dict__["_graph_plan"] = None
+            if self.__dict__.get("_graphs") is not None:
+                self._graphs.clear()
 
     @property
     def eager_graph_tokens(self) -> int:
@@ -240,7 +250,22 @@ class MoERunner(torch.nn.Module):
     ) -> torch.Tensor:
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
         input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
+        graphs = self._graphs
+        if graphs is not None and input_ids is None and not torch.compiler.is_compiling():
+            # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
+            out = replay_whole(self, graphs, hidden_states, router_logits)
+            if out is not None:
+                return out
+        return self._forward(hidden_states, router_logits, input_ids, graphs)
+
+    def _forward(self, hidden_states, router_logits, input_ids, graphs):
+        """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see
+        :mod:`moekit.experts.graphed_plan`), else replays the partial one (route -> experts)."""
         self._check_hidden(hidden_states)
+        if graphs is not None and input_ids is None:
+            out, graphs = capture_whole(self, graphs, hidden_states, router_logits)
+            if out is not None:
+                return out
         lead, width = hidden_states.shape[:-1], hidden_states.shape[-1]
         h = hidden_states.reshape(-1, width)
         t = h.shape[0]
@@ -250,7 +275,6 @@ class MoERunner(torch.nn.Module):
         self._check_routed_input(x)
 
         logits = self._logits(h if self.gate_input == "block" else x, router_logits)
-        graphs = self._graphs
         if graphs is not None and input_ids is None and graphs.eligible(x, logits):
             # the static output may be returned only through a new tensor (routed + shared)
             copy = self.routed_output_transform is not None or self.shared_experts is None
@@ -287,13 +311,16 @@ class MoERunner(torch.nn.Module):
             routed = (acc * self.routed_scaling_factor).to(routed.dtype)
         return routed
 
+    def _make_graph_plan(self) -> GraphPlan:
+        self.__dict__["_graph_plan"] = plan = graph_plan(self)
+        return plan
+
     def _graph_state(self) -> tuple:
-        """What the graphs read besides their inputs: addresses/dtypes/shapes of the router's and the
-        experts' tensors, and the routing settings (a change drops the graphs)."""
-        r, e = self.router, self.routed_experts
-        tensors = (*e.parameters(recurse=False), *e.buffers(recurse=False), *r.buffers(recurse=False))
-        return (r.indices_type, getattr(r, "spec", None), self.routed_scaling_factor,
-                *((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+        """What the graphs read besides their inputs (a change drops them): the routing settings, the
+        data pointers of the watched modules' tensors and the settings of the folded modules."""
+        plan = self._graph_plan or self._make_graph_plan()
+        r = plan.router
+        return (r.indices_type, getattr(r, "spec", None), self.moe_config, plan.fingerprint(), plan.settings())
 
     def _apply(self, fn, *args, **kwargs):
         if self._graphs is not None:  # .to() / .cuda() / .half(): drop the graphs (and their memory) first

@@ -136,3 +136,35 @@ def test_memory_released_with_the_layer():
     torch.cuda.empty_cache()
     assert torch.cuda.memory_allocated() == alloc
     assert torch.cuda.memory_reserved() <= reserved
+
+
+def test_whole_graph_with_moekit_gate_and_shared_experts():
+    """DeepSeek-V3-like layer with moekit's own gate (fp32 RouterLinear), SharedMLP and a sigmoid shared
+    gate: one whole graph per T (calls without logits), bit-identical to the plain eager call."""
+    from moekit.loading.modules import RouterLinear, SharedMLP
+
+    m = MODELS["deepseek-v3"].replace(E=32)
+    torch.manual_seed(0)
+    bias = torch.rand(m.E, device="cuda") * 0.1
+    mods = [dict(gate=RouterLinear(m.H, m.E, fp32=True, device="cuda", dtype=DT),
+                 shared_experts=SharedMLP(m.H, 256, device="cuda", dtype=DT),
+                 shared_expert_gate=torch.nn.Linear(m.H, 1, bias=False, device="cuda", dtype=DT)) for _ in range(2)]
+    layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
+                              e_score_correction_bias=bias, eager_graph_tokens=n, **m.layer_kwargs(), **kw)
+              for n, kw in zip((8, 0), mods)]
+    graphed, plain = layers
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.02)
+        graphed.load_state_dict(plain.state_dict())
+        assert graphed._make_graph_plan().whole_gate
+        for t in (1, 3, 8):
+            for seed in range(3):
+                shape = (2, t // 2, m.H) if t % 2 == 0 else (t, m.H)  # [B, S, H] inputs too
+                x = torch.randn(*shape, device="cuda", dtype=DT)
+                assert torch.equal(graphed(x), plain(x)), (t, seed)
+        assert len(graphed._graphs) == 3
+        graphed.shared_experts.down_proj.weight = torch.nn.Parameter(plain.shared_experts.down_proj.weight * 2)
+        plain.shared_experts.down_proj.weight.mul_(2)
+        x = torch.randn(1, m.H, device="cuda", dtype=DT)
+        assert torch.equal(graphed(x), plain(x)) and len(graphed._graphs) == 1  # new address: recaptured

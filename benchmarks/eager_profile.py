@@ -1,0 +1,173 @@
+"""Where the host time of an eager ``FusedMoE`` call goes (issue #11 item 1), piece by piece, on a GPU.
+
+For Qwen3-30B-A3B and DeepSeek-V3 (or ``--models``) at T = 1 and 8 (``--tokens``), with the layer built
+as ``moekit.benchmarking.bench.build_layer`` builds it, host µs per call (median of 5 runs of 200 calls
+back to back, ``perf_counter``, no synchronisation inside) of:
+
+- ``layer``: the full ``layer(x, logits)`` (whole-forward graph replay); ``layer-nograph``: the same
+  weights with ``eager_graph_tokens=0`` (plain kernels)
+- the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_state-old``
+  (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
+  ``grad_check``, ``copy_x``, ``copy_logits``, ``foreach_copy`` (both in one op), ``replay``,
+  ``clone``, and the former per-call checks ``checks-old`` (``_check_hidden`` + ``_check_routed_input``
+  + ``check_tensor``)
+- floors: ``linear`` (one ``F.linear`` [T, H] x [H, H]) and ``view`` (an empty op, ``x.view(-1)``)
+
+and ``gpu``: GPU µs of the call (``time_graph``: the plain kernels captured in one CUDA graph). Each
+piece is timed in its own try/except (errors are printed, the row gets ``null``). Writes a JSON list of
+``{model, tokens, piece, host_us | gpu_us, error?}`` to ``--out``. About 30-50 s on an H200.
+
+    PYTHONPATH=src python benchmarks/eager_profile.py --out eager_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import moekit
+from moekit._checks import check_tensor
+from moekit.benchmarking import MODELS, time_graph
+from moekit.benchmarking.bench import build_layer
+from moekit.experts.graphed import tensor_key
+
+DT = torch.bfloat16
+
+
+def host_us(fn, reps: int = 5, calls: int = 200) -> float:
+    """Median over ``reps`` of the host µs per call of ``calls`` back-to-back ``fn()`` (one sync after each)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def old_state(layer) -> tuple:
+    """The former per-call state (generators over parameters and buffers, data_ptr/dtype/shape)."""
+    r, e = layer.router, layer.routed_experts
+    tensors = (*e.parameters(recurse=False), *e.buffers(recurse=False), *r.buffers(recurse=False))
+    return (r.indices_type, getattr(r, "spec", None), layer.routed_scaling_factor,
+            *((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+
+
+def old_checks(layer, x, lg):
+    layer._check_hidden(x)
+    layer._check_routed_input(x)
+    check_tensor("router_logits", lg)
+
+
+def pieces(layer, plain, m, t):
+    """[(piece, fn)] for ``t`` tokens; the layer's graph for this key is captured first."""
+    dev = "cuda"
+    x = torch.randn(t, m.H, device=dev, dtype=DT)
+    lg = torch.randn(t, m.E + m.Z, device=dev)
+    layer(x, lg)  # capture
+    layer(x, lg)
+    g = layer._graphs
+    entry = g.lookup((tensor_key(x), tensor_key(lg)))
+    if entry is None:
+        raise RuntimeError(f"no whole graph captured for T={t} (plan: {layer._graph_plan and vars_of(layer)})")
+    sx, sl = entry.inputs
+    lin = torch.randn(m.H, m.H, device=dev, dtype=DT) * m.H**-0.5
+    xs, ls = [sx], [sl]
+    return [
+        ("layer", lambda: layer(x, lg)),
+        ("layer-nograph", lambda: plain(x, lg)),
+        ("key+lookup", lambda: g.lookup((tensor_key(x), tensor_key(lg)))),
+        ("graph_state", layer._graph_state),
+        ("graph_state-old", lambda: old_state(layer)),
+        ("is_compiling", torch.compiler.is_compiling),
+        ("is_capturing", torch.cuda.is_current_stream_capturing),
+        ("grad_check", lambda: torch.is_grad_enabled() and (x.requires_grad or lg.requires_grad)),
+        ("checks-old", lambda: old_checks(layer, x, lg)),
+        ("copy_x", lambda: sx.copy_(x)),
+        ("copy_logits", lambda: sl.copy_(lg)),
+        ("foreach_copy", lambda: torch._foreach_copy_(xs + ls, [x, lg])),
+        ("replay", entry.graph.replay),
+        ("clone", entry.out.clone),
+        ("linear", lambda: F.linear(x, lin)),
+        ("view", lambda: x.view(-1)),
+    ], (x, lg)
+
+
+def vars_of(layer) -> dict:
+    p = layer._graph_plan
+    return dict(whole_logits=p.whole_logits, whole_gate=p.whole_gate, folded=len(p.folded))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--models", default="qwen3-30b-a3b,deepseek-v3")
+    ap.add_argument("--tokens", default="1,8")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; host µs per call (median of 5 x 200)")
+    rows = []
+    for name in args.models.split(","):
+        m = MODELS[name]
+        torch.manual_seed(0)
+        try:
+            with torch.no_grad():
+                layer = build_layer(m, DT, "cuda")
+                bias = getattr(layer.router, "e_score_correction_bias", None)
+                plain = moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, e_score_correction_bias=bias,
+                                        device="cuda", backend="triton", eager_graph_tokens=0, **m.layer_kwargs())
+                re = layer.routed_experts
+                plain.routed_experts.adopt_weights(re.w13_weight, re.w2_weight, re.w13_bias, re.w2_bias)
+        except Exception:
+            traceback.print_exc()
+            rows.append(dict(model=name, piece="build", error=traceback.format_exc(limit=3)))
+            continue
+        for t in map(int, args.tokens.split(",")):
+            with torch.no_grad():
+                try:
+                    calls, inputs = pieces(layer, plain, m, t)
+                except Exception:
+                    traceback.print_exc()
+                    rows.append(dict(model=name, tokens=t, piece="setup", error=traceback.format_exc(limit=3)))
+                    continue
+                for piece, fn in calls:
+                    row = dict(model=name, tokens=t, piece=piece, host_us=None)
+                    try:
+                        row["host_us"] = round(host_us(fn), 2)
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {e}"
+                        print(f"{name} T={t} {piece}: {row['error']}")
+                    rows.append(row)
+                    if row["host_us"] is not None:
+                        print(f"{name:15s} T={t:2d} {piece:16s} host {row['host_us']:8.2f} us")
+                row = dict(model=name, tokens=t, piece="gpu", gpu_us=None)
+                try:
+                    row["gpu_us"] = round(time_graph(lambda a, b: layer(a, b), [inputs], target_ms=5.0), 2)
+                    print(f"{name:15s} T={t:2d} {'gpu':16s} gpu  {row['gpu_us']:8.2f} us")
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    print(f"{name} T={t} gpu: {row['error']}")
+                rows.append(row)
+        del layer, plain
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

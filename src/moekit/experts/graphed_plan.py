@@ -1,0 +1,164 @@
+"""What a layer's internal CUDA graphs may hold, and the layer side of a replay (issue #11 item 1).
+
+    whole:   out = forward(hidden_states, router_logits | None)     checks, gate, route, experts, shared,
+                                                                     reshape, dtype cast: one graph per key
+    partial: routed = route_and_experts(x, logits)                   user modules run eagerly around it
+
+A **whole** graph replays the layer's entire forward, so a call whose inputs match a captured key costs
+the host: the key lookup, :meth:`GraphPlan` state check, one input copy op (``copy_`` or
+``torch._foreach_copy_`` for ``(hidden_states, router_logits)``), ``graph.replay()`` and one ``clone``
+of the static output (a public forward must return a fresh tensor: the next replay overwrites the
+static one, and a graph writes to fixed addresses, so the copy stays). The key is ``(shape, dtype,
+device)`` of ``hidden_states`` and of ``router_logits`` (or None): every input check of the forward
+depends on these and the layer's state only (the Triton path checks no values), so the first, checked,
+eager call of a key validates every later call of that key, and replays skip the checks.
+
+The fold rule: a graph captures only moekit's own code or exact ``torch.nn.Linear`` modules, never an
+arbitrary user module (it may keep CPU state, synchronise, or change per call). A layer is captured
+whole when
+
+- ``routed_input_transform``, ``routed_output_transform`` and ``final_output_transform`` are None;
+- ``shared_experts`` is None, or exactly moekit's :class:`~moekit.loading.modules.SharedMLP` whose
+  children are exact ``nn.Linear`` modules, and ``shared_expert_gate`` is None or an exact ``nn.Linear``;
+- for calls without ``router_logits``, the ``gate`` is an exact ``nn.Linear`` or moekit's
+  :class:`~moekit.loading.modules.RouterLinear` (other gates: the partial graph, gate run eagerly);
+- no forward hooks are registered on those modules (checked in the state), and, when a gate or shared
+  expert is folded, CUDA autocast is off (its dtype choices would be baked into the graph);
+- no autograd is wanted: grad disabled, or neither an input nor a folded parameter requires grad (a
+  plain ``nn.Linear`` weight does: fold it under ``torch.no_grad()`` / ``inference_mode()`` or after
+  ``requires_grad_(False)``, as transformers' ``generate`` does).
+
+Otherwise the partial graph (route -> experts) is used as before. Invalidation: :meth:`GraphPlan.watched`
+lists the modules whose parameter/buffer addresses and children are compared at every replay
+(:func:`~moekit.experts.graphed.watched_fingerprint`: a few ``data_ptr()`` reads, no generators), with
+the routing settings and the public attributes of folded modules; a reassignment on the layer itself
+(``layer.gate = ...``) drops the plan and the graphs. A tensor re-viewed to another shape or dtype at the
+same address (``w.data = w.view(...)``) is not detected: call ``layer._graphs.clear()`` after such edits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .graphed import GraphCache, tensor_key, watched_fingerprint
+
+_Linear = torch.nn.Linear
+
+
+class GraphPlan:
+    """whole_logits: a call with router_logits may be captured whole; whole_gate: one without them
+    (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
+    whose tensors the graphs read by address."""
+
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children")
+
+    def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None):
+        self.whole_logits, self.whole_gate, self.folded, self.watched = whole_logits, whole_gate, folded, watched
+        self.router = router  # the layer's, read here without nn.Module.__getattr__
+        self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
+        self._children = tuple(m._modules for m in folded)
+
+    def fingerprint(self) -> tuple:
+        """Data pointers of the watched tensors, identity of the folded modules' children."""
+        return watched_fingerprint(self._tensors, self._children)
+
+    @property
+    def folds(self) -> bool:
+        return bool(self.folded)
+
+    def whole(self, router_logits) -> bool:
+        if router_logits is None:
+            return self.whole_gate
+        return self.whole_logits and type(router_logits) is torch.Tensor
+
+    def wants_grad(self, hidden_states, router_logits) -> bool:
+        """(Grad enabled) autograd would track the plain call: an input or a folded parameter requires grad."""
+        if hidden_states.requires_grad or (router_logits is not None and router_logits.requires_grad):
+            return True
+        return any(p is not None and p.requires_grad for m in self.folded for p in m._parameters.values())
+
+    def settings(self) -> tuple:
+        """Public attributes and hook counts of the folded modules (a change drops the graphs)."""
+        if not self.folded:
+            return ()
+        return tuple((tuple(v for k, v in m.__dict__.items() if k[0] != "_" and k != "training"),
+                      len(m._forward_hooks),
+                      len(m._forward_pre_hooks)) for m in self.folded)
+
+
+def _exact_linear(m) -> bool:
+    return type(m) is _Linear
+
+
+def gate_foldable(gate) -> bool:
+    """An exact ``nn.Linear`` or moekit's ``RouterLinear`` (plain torch ops on its own weights)."""
+    from ..loading.modules import RouterLinear
+
+    return gate is not None and (type(gate) is _Linear or type(gate) is RouterLinear)
+
+
+def shared_foldable(shared, shared_gate) -> bool:
+    """No shared experts, or moekit's ``SharedMLP`` of exact ``nn.Linear`` children (+ an exact
+    ``nn.Linear`` gate, or none)."""
+    from ..loading.modules import SharedMLP
+
+    if shared is None:
+        return True
+    if type(shared) is not SharedMLP or not all(map(_exact_linear, shared.children())):
+        return False
+    return shared_gate is None or _exact_linear(shared_gate)
+
+
+def graph_plan(layer) -> GraphPlan:
+    """The plan of a :class:`~moekit.runner.MoERunner` (module docstring rule)."""
+    base = (layer.routed_experts, layer.router)
+    whole = (layer.routed_input_transform is None and layer.routed_output_transform is None
+             and layer.final_output_transform is None
+             and shared_foldable(layer.shared_experts, layer.shared_expert_gate))
+    folded = ()
+    if whole and layer.shared_experts is not None:
+        folded = (layer.shared_experts, *layer.shared_experts.children())
+        folded += (layer.shared_expert_gate,) if layer.shared_expert_gate is not None else ()
+    whole_gate = whole and gate_foldable(layer.gate)
+    if whole_gate:
+        folded += (layer.gate,)
+    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router)
+
+
+def _autocast() -> bool:
+    return torch.is_autocast_enabled("cuda")
+
+
+def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
+    """The layer's output from a whole graph of this key, or None (no graph, or one may not be used now)."""
+    entry = graphs.lookup((tensor_key(hidden_states), tensor_key(router_logits)))
+    if entry is None:
+        return None
+    plan = layer._graph_plan
+    if plan is None or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits)):
+        return None
+    if torch.cuda.is_current_stream_capturing():  # inside a user's capture: the plain kernels are captured
+        return None
+    if plan.folded and _autocast():
+        return None
+    if layer._graph_state() != graphs._state:
+        graphs.clear()
+        return None
+    return graphs.replay(entry, (hidden_states,) if router_logits is None else (hidden_states, router_logits))
+
+
+def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
+    """``(output, None)`` when this call was run and captured as a whole graph; else ``(None, graphs)``
+    (the partial graph may still serve it) or ``(None, None)`` (a whole-graph layer, not eligible now)."""
+    plan = layer._graph_plan or layer._make_graph_plan()
+    if not plan.whole(router_logits):
+        return None, graphs
+    tokens = hidden_states.numel() // max(hidden_states.shape[-1], 1)
+    if not graphs.eligible(hidden_states, router_logits, tokens):
+        return None, None
+    if plan.folded and (_autocast() or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits))):
+        return None, graphs  # the folded modules must run eagerly now: route -> experts may still replay
+    graphs.sync_state(layer._graph_state())
+    key = (tensor_key(hidden_states), tensor_key(router_logits))
+    inputs = (hidden_states,) if router_logits is None else (hidden_states, router_logits)
+    return graphs.capture(key, lambda h, lg=None: layer._forward(h, lg, None, None), inputs), None

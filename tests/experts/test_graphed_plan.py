@@ -1,0 +1,198 @@
+"""What a layer's internal graphs may fold (whole forward or route -> experts only), when they are dropped,
+and the replay path's decisions, on CPU: a fake CUDA graph replays by re-running the captured function
+on the static buffers, so key matching, skipped checks, copies and invalidation run without a GPU.
+(Real capture and bit-identity: tests/experts/test_graphed_gpu.py.)"""
+
+import contextlib
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts import graphed
+from moekit.experts.graphed import GraphCache
+from moekit.loading.modules import RouterLinear, SharedMLP
+
+H, E = 32, 8
+
+
+def _layer(**kw):
+    layer = moekit.FusedMoE(E, 2, H, 16, params_dtype=torch.float32, device="cpu", backend="triton", **kw)
+    re = layer.routed_experts
+    layer.load_expert_weights(torch.randn_like(re.w13_weight) * 0.1, torch.randn_like(re.w2_weight) * 0.1)
+    return layer.eval()
+
+
+class UserShared(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(H, H, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class MyLinear(torch.nn.Linear):
+    pass
+
+
+def _plan(layer):
+    return layer._make_graph_plan()
+
+
+def test_plan_fold_rule():
+    p = _plan(_layer())
+    assert p.whole_logits and not p.whole_gate and not p.folds  # the benchmark layers: one whole graph
+    p = _plan(_layer(gate=torch.nn.Linear(H, E, bias=False)))
+    assert p.whole_gate and p.folds
+    assert _plan(_layer(gate=RouterLinear(H, E, fp32=True))).whole_gate
+    assert not _plan(_layer(gate=MyLinear(H, E))).whole_gate  # a subclass may do anything
+    shared = SharedMLP(H, 16)
+    p = _plan(_layer(shared_experts=shared, shared_expert_gate=torch.nn.Linear(H, 1, bias=False)))
+    assert p.whole_logits and shared in p.folded and shared.down_proj in p.watched
+    assert not _plan(_layer(shared_experts=UserShared())).whole_logits  # user module: partial graph
+    odd = SharedMLP(H, 16)
+    odd.down_proj = MyLinear(16, H)
+    assert not _plan(_layer(shared_experts=odd)).whole_logits
+    assert not _plan(_layer(routed_input_transform=torch.nn.Identity())).whole_logits
+
+
+def _set(p, t):
+    with torch.no_grad():
+        p.set_(t)
+
+
+def test_state_follows_replaced_tensors_not_inplace_updates():
+    gate = RouterLinear(H, E)
+    layer = _layer(gate=gate, shared_experts=SharedMLP(H, 16))
+    re = layer.routed_experts
+    s0 = layer._graph_state()
+    layer.load_expert_weights(torch.randn_like(re.w13_weight), torch.randn_like(re.w2_weight))  # in place
+    assert layer._graph_state() == s0
+    edits = [
+        lambda: setattr(re, "w13_weight", torch.nn.Parameter(re.w13_weight.clone(), requires_grad=False)),
+        lambda: setattr(re.w2_weight, "data", re.w2_weight.data.clone()),
+        lambda: layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True),
+        lambda: _set(layer.shared_experts.up_proj.weight, torch.randn(16, H)),
+        lambda: setattr(layer.shared_experts, "gate_proj", torch.nn.Linear(H, 16, bias=False)),
+        lambda: setattr(gate, "fp32", True),
+        lambda: gate.register_forward_hook(lambda m, i, o: None),
+        lambda: layer.router.spec.__class__ and setattr(layer.router, "spec", layer.router.spec.__class__(
+            **{**layer.router.spec.__dict__, "renormalize": False})),
+    ]
+    for i, edit in enumerate(edits):
+        before = layer._graph_state()
+        edit()
+        assert layer._graph_state() != before, i
+
+
+def test_setattr_on_the_layer_drops_plan_and_graphs():
+    layer = _layer()
+    _plan(layer)
+    layer._graphs._entries["fake"] = object()
+    layer.eval()  # training flag: kept
+    assert layer._graph_plan is not None and len(layer._graphs) == 1
+    layer.gate = torch.nn.Linear(H, E, bias=False)
+    assert layer._graph_plan is None and len(layer._graphs) == 0
+
+
+class _FakeGraph:
+    replays = 0
+
+    def replay(self):
+        _FakeGraph.replays += 1
+        with torch.no_grad():
+            self.run()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """CUDA graphs on CPU: capture records the function, replay re-runs it into the static output."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    real_eligible, real_capture = GraphCache.eligible, GraphCache.capture
+
+    def eligible(self, x, logits, tokens=None):
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+            return real_eligible(self, x, logits, tokens)
+
+    def capture(self, key, fn, inputs):
+        out = real_capture(self, key, fn, inputs)
+        e = self._entries[key]
+        e.graph.run = lambda: e.out.copy_(fn(*e.inputs))
+        return out
+
+    monkeypatch.setattr(GraphCache, "eligible", eligible)
+    monkeypatch.setattr(GraphCache, "capture", capture)
+    _FakeGraph.replays = 0
+    return _FakeGraph
+
+
+def _plain(layer, **kw):
+    ref = _layer(eager_graph_tokens=0, **kw)
+    ref.load_state_dict(layer.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 2)])
+def test_whole_graph_replays_skip_checks_and_return_fresh_tensors(fake_graphs, lead):
+    layer = _layer()
+    ref = _plain(layer)
+    outs = []
+    for seed in range(3):
+        x, lg = torch.randn(*lead, H), torch.randn(*lead, E)
+        out = layer(x, lg)
+        assert out.shape == x.shape and torch.equal(out, ref(x, lg))
+        outs.append((out, ref(x, lg)))
+    assert len(layer._graphs) == 1 and fake_graphs.replays == 2
+    assert all(torch.equal(a, b) for a, b in outs)  # not overwritten by later replays
+    with pytest.raises(TypeError, match="dtype"):  # another dtype is another key: checked, not replayed
+        layer(torch.randn(*lead, H, dtype=torch.float64), torch.randn(*lead, E))
+
+
+def test_whole_graph_recaptured_after_new_weights(fake_graphs):
+    layer = _layer()
+    x, lg = torch.randn(2, H), torch.randn(2, E)
+    layer(x, lg)
+    layer(x, lg)
+    re = layer.routed_experts
+    re.adopt_weights(torch.randn_like(re.w13_weight), torch.randn_like(re.w2_weight))
+    assert torch.equal(layer(x, lg), _plain(layer)(x, lg))
+    assert fake_graphs.replays == 1 and len(layer._graphs) == 1
+    layer(x, lg)
+    assert fake_graphs.replays == 2
+
+
+def test_gate_and_shared_folded(fake_graphs):
+    gate, shared = RouterLinear(H, E), SharedMLP(H, 16)
+    sgate = torch.nn.Linear(H, 1, bias=False)
+    layer = _layer(gate=gate, shared_experts=shared, shared_expert_gate=sgate)
+    ref = _plain(layer, gate=RouterLinear(H, E), shared_experts=SharedMLP(H, 16),
+                 shared_expert_gate=torch.nn.Linear(H, 1, bias=False))
+    for _ in range(3):
+        x = torch.randn(4, H)
+        assert layer(x).requires_grad and torch.equal(layer(x), ref(x))  # grad on, weights want it:
+    assert fake_graphs.replays == 0 and len(layer._graphs) == 0  # the gate's logits want grad: all eager
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(4, H)
+            assert torch.equal(layer(x), ref(x))
+    assert fake_graphs.replays == 2 and len(layer._graphs) == 1  # one whole graph
+
+
+def test_no_replay_with_grad_or_user_modules(fake_graphs):
+    layer = _layer()
+    x, lg = torch.randn(2, H), torch.randn(2, E)
+    layer(x, lg)
+    with torch.enable_grad():
+        layer(x, lg.requires_grad_())
+    assert fake_graphs.replays == 0
+    user = _layer(shared_experts=UserShared())
+    user(x, lg.detach())
+    user(x, lg.detach())  # the partial graph: route -> experts replayed, the user module run eagerly
+    assert fake_graphs.replays == 1 and len(user._graphs) == 1
+    assert graphed.tensor_key(torch.nn.Parameter(x)) is False  # subclasses never match a key
