@@ -19,6 +19,7 @@ _MARKERS = {"moekit": "o", "moekit-experts": "s", "baseline": "x", "vllm-full": 
 _QUANT_MARKER_FILL = {"bf16": "full", "fp16": "full", "fp8": "left", "mxfp4": "bottom", "int4": "none"}
 _QUANT_COLOURS = {"bf16": "tab:blue", "fp16": "tab:blue", "fp8": "tab:orange", "mxfp4": "tab:green",
                   "int4": "tab:red"}
+_REF_COLOURS = {"bf16": "black", "fp16": "black", "fp8": "tab:brown"}
 
 
 def series_key(row: dict) -> str:
@@ -86,18 +87,21 @@ def plot_speed(rows, path: Path, reference=()) -> None:
     rows = [r for r in rows if r.get("us") and r.get("host_us") is None and r["impl"] != "moekit-route"
             and not r["impl"].startswith(("torch-", "eager-"))]
     models = sorted({r["model"] for r in rows})
-    ref_models = {r["model"] for r in reference}
+    # a reference measured with another activation (``activation``) goes to the ``<model>-<activation>`` panel
+    reference = [dict(r, model=f"{r['model']}-{r['activation']}")
+                 if r.get("activation") and f"{r['model']}-{r['activation']}" in models else r for r in reference]
     cols = min(3, max(1, len(models)))
     nrows = max(1, -(-len(models) // cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
     for ax, model in zip(axes.flat, models):
-        for group, style in ((rows, "-"), ([r for r in reference if r["model"] in ref_models], "--")):
-            pts_model = [r for r in group if r["model"] == model or (style == "--" and f"{r['model']}-silu" == model)]
+        for group, style in ((rows, "-"), (reference, "--")):
+            pts_model = [r for r in group if r["model"] == model]
+            colours = _QUANT_COLOURS if style == "-" else _REF_COLOURS
             for key in sorted({series_key(r) for r in pts_model}):
                 pts = sorted((r for r in pts_model if series_key(r) == key), key=lambda r: r["tokens"])
                 impl, quant = pts[0]["impl"], pts[0].get("quant") or ""
                 ax.loglog([r["tokens"] for r in pts], [r["us"] for r in pts], ls=style, lw=1.0,
-                          marker=_MARKERS.get(impl, "*"), color=_QUANT_COLOURS.get(quant, "gray"),
+                          marker=_MARKERS.get(impl, "*"), color=colours.get(quant, "gray"),
                           fillstyle="none" if style == "--" or impl == "moekit-experts" else "full", ms=5,
                           label=key)
         ax.set_title(model, fontsize=9)
