@@ -1,7 +1,7 @@
 """The ``moekit`` command: one argparse parser with the subcommands ``demo``, ``bench``, ``tune``, ``inspect``.
 
     moekit demo [--device cpu|cuda|cuda:N] [--dtype ...] [--repeats N]
-    moekit bench [--models ...] [--tokens ...] [--quant bf16,fp8,mxfp4,int4] [--fast] [--eager | --eager-only] [--out DIR]
+    moekit bench [--models ...] [--tokens ...] [--quant bf16,fp8,mxfp4,int4] [--fast] [--eager] [--out DIR]
     moekit tune (--models ... | --points MODEL:T,... | -E E -H H -I I -K K) [--out DIR]
     moekit inspect CHECKPOINT_DIR
     moekit --version          python -m moekit ...  (the same command)

@@ -101,7 +101,7 @@ def test_check_quants_is_a_comma_list_led_by_the_dtype():
 def test_run_bench_writes_rows_meta_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_mod, "measure_ceilings", lambda device: (2e12, 3e12, 7e14))
     monkeypatch.setattr(bench_mod, "measure_fp8_peak", lambda device: 1.4e15)
-    shapes = [MODELS["deepseek-v3"].replace(**TINY["deepseek-v3"]), MODELS["longcat-flash"].replace(**TINY["longcat-flash"])]
+    shapes = [MODELS[n].replace(**TINY[n]) for n in ("deepseek-v3", "longcat-flash")]
     log = []
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"rows": [dict(model="deepseek-v3", tokens=2, impl="vllm-full", quant="bf16", us=9.0)]}))
