@@ -1,7 +1,7 @@
 """The ``moekit`` command: one argparse parser with the subcommands ``demo``, ``bench``, ``tune``, ``inspect``.
 
     moekit demo [--device cpu|cuda|cuda:N] [--dtype ...] [--repeats N]
-    moekit bench [--models ...] [--tokens ...] [--quant bf16|fp16|fp8|mxfp4|int4] [--eager | --eager-only] [--out DIR]
+    moekit bench [--models ...] [--tokens ...] [--quant bf16,fp8,mxfp4,int4] [--fast] [--eager] [--out DIR]
     moekit tune (--models ... | --points MODEL:T,... | -E E -H H -I I -K K) [--out DIR]
     moekit inspect CHECKPOINT_DIR
     moekit --version          python -m moekit ...  (the same command)
@@ -154,20 +154,26 @@ def _run_demo(args, parser) -> int:
 
 
 def _run_bench(args, parser) -> int:
-    from .benchmarking.bench import check_quant, run_bench
+    from pathlib import Path
+
+    from .benchmarking.bench import check_quants, default_reference, run_bench
 
     dtype = getattr(torch, args.dtype)
     try:
-        quant = check_quant(args.quant, dtype)
+        quants = check_quants(args.quant, dtype)
     except ValueError as err:
         parser.error(f"argument {err}")
+    reference = default_reference() if args.reference is None else args.reference
+    if reference is not None and not Path(reference).is_file():
+        parser.error(f"argument --reference: expected a baseline JSON file, got {str(reference)!r}")
     if not _needs_cuda("bench"):
         return 1
     eager = args.eager_tokens if (args.eager or args.eager_only) else ()
     run_bench(args.models, [] if args.eager_only else args.tokens, dtype, rotations=args.rotations,
               baseline=not args.no_baseline, routing=not args.no_routing and not args.eager_only,
               longcat_nozero=not args.no_longcat_nozero and not args.eager_only, out=args.out,
-              log=lambda s: print(s, flush=True), quant=quant, eager_tokens=eager)
+              log=lambda s: print(s, flush=True), quant=quants, eager_tokens=eager,
+              experts=not args.no_experts, fast=args.fast, reference=reference)
     return 0
 
 
@@ -235,21 +241,31 @@ def _add_bench(sub) -> None:
     from .benchmarking.shapes import MODELS, TOKENS
 
     b = sub.add_parser("bench", help="benchmark whole MoE layers on a CUDA GPU (CUDA graphs, roofline, plot)",
-                       description="Time moekit's layer forward against a torch._grouped_mm MoE, per model "
-                                   "shape and token count; write <gpu>-<date>.json and .png.")
+                       description="Time moekit's layer forward and its experts step, per weight format, against "
+                                   "a torch._grouped_mm MoE, per model shape and token count; write "
+                                   "<gpu>-<date>.json, .png (roofline) and -speed.png.")
     b.add_argument("--models", type=model_list, default=list(MODELS.values()),
                    help=f"comma-separated model shapes or 'all' (default: all): {', '.join(MODELS)}")
     b.add_argument("--tokens", type=int_list, default=list(TOKENS),
                    help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))})")
     b.add_argument("--dtype", default="bfloat16", choices=DTYPES[:2], help="weight and activation dtype")
     b.add_argument("--quant", default=None,
-                   help=f"weight format: the unquantised --dtype ({' or '.join(QUANT_DTYPES)}, the default), or "
-                        f"{', '.join(QUANT_FORMATS)}: quantised experts timed beside the unquantised layer "
-                        "(rows 'moekit-<quant>'; fp8 = 128x128 blocks, int4 = group 32)")
+                   help=f"comma-separated weight formats timed side by side: the unquantised --dtype "
+                        f"({' or '.join(QUANT_DTYPES)}, always timed; the default alone) and any of "
+                        f"{', '.join(QUANT_FORMATS)} (weights quantised once per layer; fp8 = 128x128 blocks, "
+                        "int4 = group 32); rows carry 'quant', e.g. --quant bf16,fp8,mxfp4,int4")
     b.add_argument("--rotations", type=positive_int, default=4,
                    help="input sets rotated inside the CUDA graph, so weights are not served from L2 (default: 4)")
     b.add_argument("--no-baseline", action="store_true", help="skip the torch._grouped_mm baseline")
     b.add_argument("--no-routing", action="store_true", help="skip the routing-kernel benchmark")
+    b.add_argument("--no-experts", action="store_true",
+                   help="skip the experts-step rows (impl 'moekit-experts': fused_experts on precomputed routing)")
+    b.add_argument("--fast", action="store_true",
+                   help="short timing (10 ms graph replays, median of 5) and no baseline, routing or "
+                        "LongCat-without-zero rows")
+    b.add_argument("--reference", default=None,
+                   help="baseline JSON of a peer's numbers drawn in the speed plot (default: "
+                        "./benchmarks/baselines/vllm-h200.json if it exists)")
     b.add_argument("--no-longcat-nozero", action="store_true",
                    help="skip LongCat-Flash without zero experts (run after longcat-flash by default)")
     b.add_argument("--eager", action="store_true",

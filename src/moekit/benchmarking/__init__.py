@@ -4,7 +4,8 @@
   median, ms; ``perf_counter`` on CPU).
 - :mod:`.shapes`: :data:`MODELS`, the read-only registry of :class:`ModelShape` (DeepSeek-V3,
   Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-120b, LongCat-Flash).
-- :mod:`.bench`: ``moekit bench`` (whole layer vs a ``torch._grouped_mm`` MoE, roofline, plot).
+- :mod:`.bench`: ``moekit bench`` (whole layer and experts step per weight format (:mod:`.bench_quant`) vs a
+  ``torch._grouped_mm`` MoE (:mod:`.baseline`), roofline; plots in :mod:`.plot`).
 - :mod:`.tune`: ``moekit tune`` (Triton kernel configs, written where the config lookup finds them).
 
 ``benchmarks/bench_parallel.py`` and ``benchmarks/bench_transformers.py`` (scripts that need

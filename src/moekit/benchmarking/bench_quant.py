@@ -1,82 +1,116 @@
-"""``moekit bench --quant fp8|mxfp4|int4``: quantised experts beside the unquantised layer, in the same run.
+"""``moekit bench --quant bf16,fp8,mxfp4,int4``: every weight format side by side, whole layer and experts step.
 
-The quantised point is the same routing as the layer (``layer.router``) followed by
-:func:`moekit.ops.triton_experts_quant.fused_experts_quant_triton` on the layer's weights quantised by
-:func:`moekit.quantize_experts` (plus the zero-expert output for LongCat). Roofline per point, with the
-format's bytes and peak::
+Per (shape, T) the same rotating input sets are timed for each format of the run (weights quantised
+once per layer and format by :func:`moekit.quantize_experts`, the same routing):
+
+- whole layer, ``impl="moekit"``: the unquantised format is ``FusedMoE.forward`` itself; a quantised
+  format is the layer's routing (``layer.router.select_experts``) followed by the quantised experts
+  (plus the zero-expert output for LongCat).
+- experts step, ``impl="moekit-experts"``: the experts alone on routing precomputed per input set:
+  ``moekit.fused_experts(x, w13, w2, topk_weights, topk_ids, ...)`` for the unquantised format,
+  :func:`moekit.ops.triton_experts_quant.fused_experts_quant_triton` on the quantised weights otherwise
+  (the ``experts_quant`` op of the run's kernel table; the torch twin in a CPU dry run).
+
+Roofline per point, with the format's bytes and peak::
 
     bytes = U · fmt.bytes_per_expert(I, H) (+ biases) + T·H·2·elt + T·(E+Z)·4     (fp8: 1 byte / weight + scales)
     flops = 2 · S · H · 3I;   PEAK = fp8 matmul rate (torch._scaled_mm, 8192³, measured in this run) for
     fp8, the bf16 matmul rate for the weight-only formats (their dot runs in bf16 after dequantisation)
+
+(the experts step reads ``T·K·8`` bytes of routing instead of the logits). Every row carries the peak
+it was measured against as ``peak_tflops``.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format
-from .timer import time_graph
 
 #: ``--quant`` names and the format each benchmarks
 QUANT_FORMATS = {"fp8": Fp8BlockFormat(128, 128), "mxfp4": Mxfp4Format(), "int4": Int4GroupFormat(32)}
 
 
-def measure_fp8_peak(device) -> float:
+def measure_fp8_peak(device, timer: Callable | None = None) -> float:
     """fp8 e4m3 matmul FLOP/s at 8192³ (``torch._scaled_mm``, bf16 output), as the bf16 peak is measured."""
+    from .timer import time_graph
+
     n = 8192
     a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
     b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
     one = torch.ones((), device=device, dtype=torch.float32)
-    us = time_graph(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), [()],
-                    target_ms=50.0)
+    us = (timer or time_graph)(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                               [()], target_ms=50.0)
     return 2 * n**3 / (us * 1e-6)
 
 
-def quant_forward(layer, m, fmt, q):
-    """``(x, logits) -> [T, H]``: the layer's routing, then the quantised experts (``q``: quantize_experts')."""
-    from ..ops.triton_experts_quant import fused_experts_quant_triton
+def quantized_weights(layer, quant: str, cache: dict) -> tuple:
+    """``(w13_q, w2_q, w13_scale, w2_scale)`` of ``layer``'s experts in format ``quant``, made once per
+    layer and format (``cache``: a dict the caller drops with the layer)."""
+    from ..ops.quantize import quantize_experts
 
-    re, r = layer.routed_experts, layer.router
-    limit = layer.moe_config.swiglu_limit
+    if quant not in cache:
+        re = layer.routed_experts
+        with torch.no_grad():
+            cache[quant] = quantize_experts(re.w13_weight, re.w2_weight, QUANT_FORMATS[quant])
+    return cache[quant]
+
+
+def per_expert_bytes(m, quant: str, dtype) -> int | None:
+    """Bytes of one expert in format ``quant`` (weights, scales, biases); None: unquantised (roofline's default)."""
+    if quant not in QUANT_FORMATS:
+        return None
+    pe = QUANT_FORMATS[quant].bytes_per_expert(m.I, m.H, m.gated)
+    if m.has_bias:
+        pe += (3 * m.I + m.H) * dtype.itemsize
+    return pe
+
+
+def experts_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "triton", *, act: str | None = None,
+               biases: bool = True):
+    """``(x, topk_weights, topk_ids) -> [T, H]``: the experts step on precomputed routing.
+
+    quant None / q None: the unquantised weights through ``moekit.fused_experts``; else the quantised
+    weights ``q`` through the kernel table's ``experts_quant`` (Triton: ``fused_experts_quant_triton``).
+    act / biases: override the activation and drop the biases (the peer's ``-silu`` variant).
+    """
+    import moekit
+    from ..ops.kernels import kernels_for
+
+    re = layer.routed_experts
+    act = act or m.act
+    b1, b2 = (re.w13_bias, re.w2_bias) if biases else (None, None)
+    limit = layer.moe_config.swiglu_limit if act == m.act else None
+    if q is None:
+        def fwd(x, w, ids):
+            return moekit.fused_experts(x, re.w13_weight, re.w2_weight, w, ids, activation=act, w1_bias=b1,
+                                        w2_bias=b2, swiglu_limit=limit, backend=backend)
+        return fwd
+    run = kernels_for(backend).experts_quant
+    fmt = QUANT_FORMATS[quant]
+
+    def fwd_q(x, w, ids):
+        return run(x, q[0], q[1], w, ids, fmt=fmt, w13_scale=q[2], w2_scale=q[3], activation=act, w1_bias=b1,
+                   w2_bias=b2, swiglu_limit=limit)
+
+    return fwd_q
+
+
+def layer_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "triton"):
+    """``(x, logits) -> [T, H]``: the whole layer: ``layer(x, logits)`` unquantised, else the layer's
+    routing, then the quantised experts (``q``: quantize_experts'), then the zero-expert output."""
+    if q is None:
+        return lambda x, logits: layer(x, logits)
+    experts = experts_fn(layer, m, quant, q, backend)
+    r = layer.router
 
     def fwd(x, logits):
         w, ids = r.select_experts(x, logits)
-        out = fused_experts_quant_triton(x, q[0], q[1], w, ids, fmt=fmt, w13_scale=q[2], w2_scale=q[3],
-                                         activation=m.act, w1_bias=re.w13_bias, w2_bias=re.w2_bias,
-                                         swiglu_limit=limit)
+        out = experts(x, w, ids)
         zero = r.zero_expert_output if m.Z else None
         return out if zero is None else out + zero
 
     return fwd
 
-
-def quant_rows(layer, m, quant: str, sets, rf_fn, peak: float, dev_name: str, dtype, log) -> list[dict]:
-    """Rows of impl ``moekit-<quant>`` for one (model, T): ``rf_fn(bytes_per_expert, peak)`` is the
-    roofline of :func:`moekit.benchmarking.bench.roofline` with the format's bytes and peak."""
-    from ..ops.quantize import quantize_experts
-
-    fmt = QUANT_FORMATS[quant]
-    re = layer.routed_experts
-    q = getattr(layer, "_bench_quant", None)
-    if q is None or q[0] != quant:  # quantise once per layer
-        with torch.no_grad():
-            q = (quant, quantize_experts(re.w13_weight, re.w2_weight, fmt))
-        layer._bench_quant = q
-    per_expert = fmt.bytes_per_expert(m.I, m.H, m.gated)
-    if m.has_bias:
-        per_expert += (3 * m.I + m.H) * dtype.itemsize
-    rf = rf_fn(per_expert, peak)
-    fwd = quant_forward(layer, m, fmt, q[1])
-    t = sets[0][0].shape[0]
-    try:
-        us = time_graph(fwd, sets)
-    except Exception as exc:
-        log(f"{m.name} T={t} moekit-{quant}: failed: {exc!r}")
-        return []
-    row = dict(model=m.name, tokens=t, impl=f"moekit-{quant}", us=round(us, 2),
-               pct_roofline=round(100 * rf["floor_us"] / us, 1), tflops=round(rf["flops"] / (us * 1e-6) / 1e12, 2),
-               device=dev_name, dtype=str(dtype).replace("torch.", ""), quant=quant,
-               **{k: round(v, 2) for k, v in rf.items()})
-    log(f"{m.name:15s} T={t:6d} {row['impl']:12s} {us:10.1f} us  {row['pct_roofline']:5.1f}% roofline "
-        f"{row['tflops']:7.1f} TFLOP/s")
-    return [row]
