@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
-from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w, requant_store, to_dt
+from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w, load_w_scales, requant_store, to_dt
 
 # the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
 SILU = tl.constexpr(get_activation("silu").code)
@@ -218,14 +218,15 @@ def _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K: tl.constexpr, USE_TMA: tl
 
 
 @triton.jit
-def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s_row, DT: tl.constexpr, QUANT: tl.constexpr,
+def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.constexpr,
             PACK: tl.constexpr, QG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
             USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
-    """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT``."""
+    """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT`` with
+    the step's scales ``s`` (:func:`.quant.load_w_scales`)."""
     # if / else on the constexpr: compiled Triton type-checks every return it reaches, and a ``return``
     # after a taken constexpr ``if`` is still reached (packed pointers in _load_w: a shape error)
     if QUANT >= MXFP4:
-        w = load_packed_w(ptrs, s_row, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST)
+        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST)
     else:
         w = _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
     return w
@@ -249,8 +250,13 @@ def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT
 
 @triton.jit
 def _w_ptrs(w_base, offs_n, stride_wn, BK: tl.constexpr, PACK: tl.constexpr):
-    """[BK / PACK, BN] pointers to the (packed) weight rows ``offs_n`` at k = 0."""
-    return w_base + offs_n.to(tl.int64)[None, :] * stride_wn + tl.arange(0, BK // PACK)[:, None]
+    """Pointers to the weight rows ``offs_n`` at k = 0: [BK, BN] (transposed rows, as the dot takes them), or
+    packed (``PACK`` > 1) [BN, BK / PACK] in memory order (:func:`.quant.load_packed_w` unpacks along k)."""
+    if PACK > 1:
+        ptrs = w_base + offs_n.to(tl.int64)[:, None] * stride_wn + tl.arange(0, BK // PACK)[None, :]
+    else:
+        ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + tl.arange(0, BK // PACK)[:, None]
+    return ptrs
 
 
 @triton.jit
@@ -320,21 +326,36 @@ def w13_kernel(
     row_g = e * N1 + pid_n * BN
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
+    su0 = 0
+    if QUANT >= MXFP4:
+        sg0 = load_w_scales(ws_g, 0, H, nmask, QG, BK)
+        su0 = sg0
+        if GATED:
+            su0 = load_w_scales(ws_u, 0, H, nmask, QG, BK)
     for k0 in range(0, H, BK):
         kmask = offs_k < H - k0
+        if QUANT >= MXFP4:
+            sg1 = load_w_scales(ws_g, k0 + BK, H, nmask, QG, BK)
+            su1 = su0
+            if GATED:
+                su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
         a = _load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
-        g = _load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, ws_g, x_ptr.dtype.element_ty, QUANT, PACK, QG,
+        g = _load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
         acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
         if GATED:
-            u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, ws_u, x_ptr.dtype.element_ty, QUANT, PACK,
+            u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
             acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
             u_ptrs += BK // PACK
         a_ptrs += BK
         g_ptrs += BK // PACK
+        if QUANT >= MXFP4:
+            sg0 = sg1
+            su0 = su1
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n] (per tensor: S[e, shard])
         a_s = tl.load(xs_rows, mask=valid, other=0.0)[:, None]
         acc_g = acc_g * a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :]
@@ -405,14 +426,21 @@ def w2_kernel(
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
+    if QUANT >= MXFP4:
+        s0 = load_w_scales(ws_row, 0, I, nmask, QG, BK)
     for k0 in range(0, I, BK):
         kmask = offs_k < I - k0
+        if QUANT >= MXFP4:
+            s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
         a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
-        b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, ws_row, inter_ptr.dtype.element_ty, QUANT, PACK,
+        b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
         acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
         a_ptrs += BK
         b_ptrs += BK // PACK
+        if QUANT >= MXFP4:
+            s0 = s1
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
         acc = acc * tl.load(as_rows, mask=valid, other=0.0)[:, None] * tl.load(ws_row, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:

@@ -104,13 +104,33 @@ def dot_f32(a, b, INTERP: tl.constexpr, FP8_ACC: tl.constexpr = 0):
 
 
 @triton.jit
-def _e2m1(c):
-    """int32 e2m1 codes (bit 3 sign, bits 0-2 the magnitude index) -> fp32 ±{0, .5, 1, 1.5, 2, 3, 4, 6}.
-    For index m >= 2 the fp32 bits are ``(m + 252) << 22`` (exponent m // 2 - 1, mantissa bit m % 2)."""
-    m = c & 7
-    bits = tl.where(m >= 2, (m + 252) << 22, tl.where(m == 1, 0x3F000000, 0))
-    v = bits.to(tl.float32, bitcast=True)
-    return tl.where(c >= 8, -v, v)
+def _nib(p, j: tl.constexpr):
+    return ((p >> (4 * j)) & 0xF) | 0x4B000000
+
+
+@triton.jit
+def _nib8(p, BN: tl.constexpr, BK: tl.constexpr):
+    """int32 words [BN, BK/8] -> their eight nibbles [BN, BK] (element j of a word at bits 4j, k = 8·kk + j),
+    as fp32 bit patterns ``0x4B000000 | nibble`` (= 2^23 + nibble). A join tree along new trailing axes,
+    so the merge into k is a register renaming (each thread holds whole words)."""
+    # join(x, y) adds a trailing axis; nesting makes the innermost join the leading of the three new
+    # axes: [BN, BK/8, a, b, c] holds nibble 4a + 2b + c, so the innermost joins pair j with j + 4
+    q = tl.join(tl.join(tl.join(_nib(p, 0), _nib(p, 4)), tl.join(_nib(p, 2), _nib(p, 6))),
+                tl.join(tl.join(_nib(p, 1), _nib(p, 5)), tl.join(_nib(p, 3), _nib(p, 7))))
+    return tl.reshape(q, (BN, BK))
+
+
+@triton.jit
+def _e2m1x2(p, BN: tl.constexpr, BK: tl.constexpr):
+    """uint8 bytes [BN, BK/2] (two e2m1 codes, low nibble = even k) -> fp32 [BN, BK] with value
+    ``e2m1(code) · 2^-126``: the code's sign at bit 31 and its 3 magnitude bits at bits 22-24 (exponent
+    field = the e2m1 exponent, mantissa bit = its mantissa; code 1 (0.5) is the subnormal 2^-127). e2m1 has
+    fp32's structure with bias 1, so one exact multiply by 2^126 gives the value."""
+    b = p.to(tl.int32)
+    lo = ((b & 7) << 22) | ((b & 8) << 28)
+    hi = ((b & 0x70) << 18) | ((b & 0x80) << 24)
+    c = tl.reshape(tl.join(lo, hi), (BN, BK))
+    return c.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -123,30 +143,41 @@ def _scale_f32(s, QUANT: tl.constexpr):
 
 
 @triton.jit
-def load_packed_w(ptrs, s_row, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
+def load_w_scales(s_row, k0, K, nmask, G: tl.constexpr, BK: tl.constexpr):
+    """Raw scales of the K step at ``k0``: [BN, NG] with NG = ``BK // G`` groups (1 when ``BK < G``: the
+    step lies in one group); 0 past K. s_row: [BN] pointers to each column's scale row. The grouped GEMMs
+    load these two K steps ahead, in registers: too small for the pipeliner's async copies, and a load in
+    the step that uses it would wait a full memory latency every step."""
+    NG: tl.constexpr = (BK + G - 1) // G
+    g = k0 // G + tl.arange(0, NG)
+    return tl.load(s_row[:, None] + g[None, :], mask=nmask[:, None] & (g[None, :] < K // G), other=0)
+
+
+@triton.jit
+def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                   G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr):
     """[BK, BN] tile of ``W[n, k0 + k]`` in ``DT`` from packed weights, dequantised in registers.
 
-    ptrs: [BK / PACK, BN] pointers to the packed words of k0 (uint8: 2 codes, int32: 8 nibbles);
-    s_row: [BN] pointers to the scale row of each column (``G`` k values per scale); K: true length."""
+    ptrs: [BN, BK / PACK] pointers to the packed words of k0 (memory order: k contiguous; uint8: 2 codes,
+    int32: 8 nibbles); s: the step's raw scales (:func:`load_w_scales`); K: true length. The tile is
+    unpacked along new trailing axes ([BN, BK/PACK, PACK] -> [BN, BK], no data movement), scaled per group
+    as [BN, NG, BK/NG], rounded to ``DT`` and transposed for the dot (Triton then picks the load layout
+    that yields the dot operand directly, no shared-memory round trip of the decoded tile for mma.sync).
+
+    Values (exact in fp32, then one rounding to ``DT``: the twin's dequantisation): mxfp4
+    ``(bits · 2^126) · 2^(s - 127)`` (:func:`_e2m1x2`); int4 ``((2^23 + nib) - (2^23 + 8)) · s``."""
     kp = tl.arange(0, BK // PACK)
     if EVEN_K:
-        p = tl.load(ptrs, mask=nmask[None, :], other=0)
+        p = tl.load(ptrs, mask=nmask[:, None], other=0)
     else:
-        p = tl.load(ptrs, mask=(kp[:, None] < (K - k0) // PACK) & nmask[None, :], other=0)
-    shifts = tl.arange(0, PACK) * 4
-    nib = (p.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/PACK, PACK, BN], k = kk·PACK + j
+        p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] < (K - k0) // PACK), other=0)
     if QUANT == MXFP4:
-        w = tl.reshape(_e2m1(nib), (BK, BN))
+        w = _e2m1x2(p, BN, BK) * 8.507059173023462e37  # 2^126
     else:
-        w = tl.reshape((nib - 8).to(tl.float32), (BK, BN))
-    if BK >= G:
-        g = k0 // G + tl.arange(0, BK // G)
-        s = tl.load(s_row[None, :] + g[:, None], mask=(g[:, None] < K // G) & nmask[None, :], other=0)
-        s = tl.reshape(tl.broadcast_to(_scale_f32(s, QUANT)[:, None, :], (BK // G, G, BN)), (BK, BN))
-    else:  # the whole tile lies in one group
-        s = _scale_f32(tl.load(s_row + k0 // G, mask=nmask, other=0), QUANT)[None, :]
-    return to_dt(w * s, DT, INTERP)
+        w = _nib8(p, BN, BK).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+    NG: tl.constexpr = (BK + G - 1) // G
+    w = tl.reshape(tl.reshape(w, (BN, NG, BK // NG)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
+    return tl.trans(to_dt(w, DT, INTERP))
 
 
 @triton.jit
