@@ -77,3 +77,18 @@ def test_config_path_prefers_the_first_existing_file(dirs):
     assert tc.config_path(DEV) == shipped / name
     _write(user, {})
     assert tc.config_path(DEV) == user / name
+
+
+def test_fp8_heuristic_keeps_the_measured_fp8_tiles():
+    """Untuned fp8 shapes: BLOCK_M 64 / 4 warps at every token count (BLOCK_M 128 with 8 warps measured ~2x
+    slower on H200), w13 BN within the format's 32..64 band, the same BLOCK_K as the heuristic."""
+    from moekit.ops.triton_configs import fp8_heuristic, heuristic_config
+
+    for t in (1, 8, 64, 1024, 16384):
+        base = heuristic_config(t, 512, 6144, 2048, 12, torch.bfloat16, 132)
+        cfg = fp8_heuristic(base, t, 512, 12)
+        assert cfg["BLOCK_M"] == 64 and cfg["tma"] is True
+        assert cfg["w13"]["num_warps"] == cfg["w2"]["num_warps"] == 4
+        assert 32 <= cfg["w13"]["BN"] <= 64 and cfg["w2"]["BN"] in (64, 128)
+        assert (cfg["w13"]["BK"], cfg["w2"]["BK"]) == (base["w13"]["BK"], base["w2"]["BK"])
+        assert base["BLOCK_M"] == heuristic_config(t, 512, 6144, 2048, 12, torch.bfloat16, 132)["BLOCK_M"]  # no mutation

@@ -193,4 +193,19 @@ def _get_config(index, num_tokens, num_experts, hidden, inter, top_k, dtype, gat
     name, sms = _device_props(index)
     cfg = _lookup(_config_dirs(env_dir, home), name, shape_key(num_experts, hidden, inter, top_k, dtype, gated, quant),
                   max(num_tokens, 1))
-    return cfg if cfg is not None else heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms)
+    if cfg is not None:
+        return cfg
+    cfg = heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms)
+    return fp8_heuristic(cfg, num_tokens, num_experts, top_k) if quant and quant.startswith("fp8") else cfg
+
+
+def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> dict:
+    """The fp8 kernels' untuned config, from the H200 tuning of four shapes x seven token counts (moekit
+    tune): every winner at T <= 4096 ran BLOCK_M 64, 4 warps, 4 stages, w13 BN 32-64, w2 BN 64-128, weight
+    tiles by descriptor; BLOCK_M 128 with 8 warps (the fresh fp8 dot beside two accumulators) measured
+    about 2x slower (DeepSeek-V3 T = 16384: 54.7 vs 26.2 ms; LongCat-Flash T = 4096: 39.4 ms vs bf16 14.2)."""
+    slots = max(num_tokens * top_k, 1)
+    rows = slots / min(num_experts, slots)
+    w13 = dict(cfg["w13"], BN=min(max(int(cfg["w13"]["BN"]), 32), 64), num_warps=4, num_stages=4)
+    w2 = dict(cfg["w2"], BN=64 if rows <= 36 else 128, num_warps=4, num_stages=4)
+    return {**cfg, "BLOCK_M": 64, "w13": w13, "w2": w2, "tma": True}

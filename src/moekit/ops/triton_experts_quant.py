@@ -107,8 +107,8 @@ class QuantSpec:
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
-        if self.code == 1 and not (32 <= int(c13["BN"]) <= bk):  # BN == bk: w2's input quantised in w13's
-            c13["BN"] = bk  # epilogue (one group per tile); narrower: a separate pass (more programs at decode)
+        if self.code == 1:  # BN == bk: w2's input quantised in w13's epilogue (one group per tile);
+            c13["BN"] = min(max(int(c13["BN"]), 32), bk)  # narrower: a separate pass (more programs at decode)
         out = {**cfg}
         if self.fp8:
             c2["BN"] = min(int(c2["BN"]), 128)  # the fresh fp32 dot beside the accumulator: registers
