@@ -278,3 +278,16 @@ def test_quantize_experts_errors():
         quantize_experts(w13, w2, GPT_OSS)  # I = 8
     with pytest.raises(NotImplementedError, match="quant_method"):
         quantize_experts(w13, w2, {"quant_method": "bitsandbytes"})
+
+
+def test_fp8_scale_is_the_correctly_rounded_quotient():
+    """S = amax / 448 is the IEEE quotient (what the kernels compute), not amax · fl(1/448): PyTorch's CUDA
+    division by a Python scalar multiplies by the rounded reciprocal, which put the CUDA twin 1.6e-2 away
+    from the CPU twin on an H200. Checked against float64 division rounded once to float32."""
+    from moekit.ops._quant_rules import fp8_scale
+
+    amax = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 100
+    exact = (amax.double() / 448).float()
+    assert torch.equal(fp8_scale(amax), exact)
+    recip = amax * torch.tensor(1 / 448, dtype=torch.float32)
+    assert not torch.equal(recip, exact)  # the two roundings really differ on some inputs

@@ -1,0 +1,79 @@
+"""The kernels' in-register 4-bit decode, tile by tile, against the twin's dequantisation, bit for bit.
+
+The end-to-end experts tests compare outputs within a relative tolerance; a decode that permutes
+nibbles inside a word or misplaces a group scale can stay under a bf16 tolerance of 1e-2 on random
+weights. Here one small kernel runs ``load_w_scales`` + ``load_packed_w`` (the grouped GEMMs' own
+helpers) over every K step of a packed matrix and stores the [BK, BN] tiles; the result must equal
+``mxfp4_dequantize`` / ``int4_group_dequantize`` rounded to the same dtype exactly (the kernels'
+values are exact in fp32 before that one rounding). Shapes cover a K tail (EVEN_K False), groups
+shorter and longer than the K step, and column tails (N not a multiple of BN). (An int4 offset
+one off, 2^23 + 7 for 2^23 + 8, fails 12 of these cases.)
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from moekit.ops._quant_rules import (  # noqa: E402
+    int4_group_dequantize, int4_group_quantize, mxfp4_dequantize, mxfp4_quantize,
+)
+from moekit.ops._triton.quant import INT4, MXFP4, load_packed_w, load_w_scales  # noqa: E402
+from moekit.ops.triton_experts import _interpreting  # noqa: E402
+
+
+@triton.jit
+def _decode_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                   DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, G: tl.constexpr,
+                   BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr):
+    """out[n, k] = W[n, k] for the BN columns of program ``pid``, one [BK, BN] tile per K step."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    ptrs = w_ptr + offs_n[:, None] * stride_wn + tl.arange(0, BK // PACK)[None, :]
+    s_row = s_ptr + offs_n * stride_sn
+    for k0 in range(0, K, BK):
+        s = load_w_scales(s_row, k0, K, nmask, G, BK)
+        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, G, BK, BN, EVEN_K, INTERP)
+        kk = k0 + tl.arange(0, BK)
+        tl.store(out_ptr + kk[:, None] + offs_n[None, :] * stride_on, w, mask=(kk[:, None] < K) & nmask[None, :])
+        ptrs += BK // PACK
+
+
+def _decode(packed, scale, n, k, quant, pack, g, bk, bn, dtype):
+    out = torch.full((n, k), float("nan"), dtype=dtype)
+    dt = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float16: tl.float16}[dtype]
+    _decode_kernel[(triton.cdiv(n, bn),)](
+        packed, scale, out, n, k, packed.stride(0), scale.stride(0), out.stride(0),
+        DT=dt, QUANT=quant, PACK=pack, G=g, BK=bk, BN=bn, EVEN_K=k % bk == 0, INTERP=_interpreting())
+    return out
+
+
+# (N, K, BK, BN): exact tiles; a K tail of one group; a column tail; a K step of one group (BK == 32)
+SHAPES = [(64, 256, 128, 32), (48, 160, 128, 32), (40, 128, 64, 16), (32, 96, 32, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, k, bk, bn", SHAPES)
+def test_mxfp4_tiles_decode_exactly(n, k, bk, bn, dtype):
+    gen = torch.Generator().manual_seed(n * k + bk)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-3, 2, k)  # scales over many exponents
+    codes, scale = mxfp4_quantize(w)
+    ref = mxfp4_dequantize(codes, scale).to(dtype)
+    got = _decode(codes, scale, n, k, MXFP4, 2, 32, bk, bn, dtype)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("n, k, bk, bn", SHAPES)
+def test_int4_tiles_decode_exactly(n, k, bk, bn, group, dtype):
+    if k % group:
+        pytest.skip("int4 groups tile K exactly (the format's rule)")
+    gen = torch.Generator().manual_seed(n * k + group)
+    w = (torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, k)).to(dtype)
+    packed, scale = int4_group_quantize(w, group)
+    ref = int4_group_dequantize(packed, scale, group).to(dtype)
+    got = _decode(packed, scale, n, k, INT4, 8, group, bk, bn, dtype)
+    assert torch.equal(got, ref)
+
