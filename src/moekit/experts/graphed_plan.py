@@ -18,10 +18,11 @@ arbitrary user module (it may keep CPU state, synchronise, or change per call). 
 whole when
 
 - ``routed_input_transform``, ``routed_output_transform`` and ``final_output_transform`` are None;
-- ``shared_experts`` is None, or exactly moekit's :class:`~moekit.loading.modules.SharedMLP` whose
+- ``shared_experts`` is None, or a module whose own class declares ``_moekit_graph_safe = True``
+  (moekit's :class:`~moekit.loading.modules.SharedMLP`; a subclass must declare it again) whose
   children are exact ``nn.Linear`` modules, and ``shared_expert_gate`` is None or an exact ``nn.Linear``;
-- for calls without ``router_logits``, the ``gate`` is an exact ``nn.Linear`` or moekit's
-  :class:`~moekit.loading.modules.RouterLinear` (other gates: the partial graph, gate run eagerly);
+- for calls without ``router_logits``, the ``gate`` is an exact ``nn.Linear`` or declares
+  ``_moekit_graph_safe`` (moekit's :class:`~moekit.loading.modules.RouterLinear`) (other gates: the partial graph, gate run eagerly);
 - no forward hooks are registered on those modules (checked in the state), and, when a gate or shared
   expert is folded, CUDA autocast is off (its dtype choices would be baked into the graph);
 - no autograd is wanted: grad disabled, or neither an input nor a folded parameter requires grad (a
@@ -90,21 +91,24 @@ def _exact_linear(m) -> bool:
     return type(m) is _Linear
 
 
+def _declared_safe(m) -> bool:
+    """The module's own class (not a parent's) declares ``_moekit_graph_safe = True``: moekit's
+    ``RouterLinear`` and ``SharedMLP`` do (plain torch ops on their own weights, no host state); a
+    subclass must declare it again. Read from the class so this part imports nothing above it."""
+    return type(m).__dict__.get("_moekit_graph_safe", False) is True
+
+
 def gate_foldable(gate) -> bool:
     """An exact ``nn.Linear`` or moekit's ``RouterLinear`` (plain torch ops on its own weights)."""
-    from ..loading.modules import RouterLinear
-
-    return gate is not None and (type(gate) is _Linear or type(gate) is RouterLinear)
+    return gate is not None and (type(gate) is _Linear or _declared_safe(gate))
 
 
 def shared_foldable(shared, shared_gate) -> bool:
     """No shared experts, or moekit's ``SharedMLP`` of exact ``nn.Linear`` children (+ an exact
     ``nn.Linear`` gate, or none)."""
-    from ..loading.modules import SharedMLP
-
     if shared is None:
         return True
-    if type(shared) is not SharedMLP or not all(map(_exact_linear, shared.children())):
+    if not _declared_safe(shared) or not all(map(_exact_linear, shared.children())):
         return False
     return shared_gate is None or _exact_linear(shared_gate)
 

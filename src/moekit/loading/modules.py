@@ -28,6 +28,9 @@ class RouterLinear(torch.nn.Linear):
     ``logits *= logit_scale`` (Muse Spark) and ``logits = c·tanh(logits / c)`` with ``c = logit_softcap``
     (Laguna), in float32, when set."""
 
+    #: may be captured in the layer's internal CUDA graph (:mod:`moekit.experts.graphed_plan`)
+    _moekit_graph_safe = True
+
     def __init__(self, in_features, out_features, bias=False, *, fp32=False, logit_scale=None, logit_softcap=None,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -55,6 +58,9 @@ class SharedMLP(torch.nn.Module):
     registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
     ``fused=True`` holds one ``gate_up_proj`` [2I, H] (gate rows, then up). Non-gated (relu2):
     ``down(act(up x))``. The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
+
+    #: may be captured in the layer's internal CUDA graph (:mod:`moekit.experts.graphed_plan`)
+    _moekit_graph_safe = True
 
     def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, scale=1.0, device=None,
                  dtype=None):
