@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device session's measurements in the order that matters, each step bounded and guarded (a failure or
+# a timeout does not stop the next one), logs and JSON under OUT. Sized for calls of <= 600 s:
+#
+#   benchmarks/h200_session.sh OUT tests     # GPU tests not run in round 3 (quantised graph/compile, the
+#                                            # fp8_acc modes, 4-bit batch invariance, whole-forward graphs)
+#   benchmarks/h200_session.sh OUT tune4     # 4-bit configs (mxfp4: gpt-oss, DeepSeek-V3; int4: DeepSeek-V3)
+#   benchmarks/h200_session.sh OUT bench     # every format side by side + eager rows, then compare.py
+#
+# Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
+set -u
+OUT=${1:?usage: $0 OUT tests|tune4|bench}
+WHAT=${2:?usage: $0 OUT tests|tune4|bench}
+mkdir -p "$OUT"
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+cd "$REPO"
+
+step() {  # step NAME SECONDS CMD...: run with a wall bound, log to OUT/NAME.log, report the exit status
+  local name=$1 secs=$2; shift 2
+  echo "== $name (<= $secs s) =="
+  timeout --signal=TERM --kill-after=10 "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "   exit $? ($(tail -1 "$OUT/$name.log"))"
+}
+
+case $WHAT in
+  tests)
+    step gpu-quant-graph 150 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
+      tests/ops/test_triton_experts_quant.py -k "graph or accumulation"
+    step gpu-quant-buckets 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
+      tests/ops/test_triton_experts_quant.py -k "every_bucket and (mxfp4 or int4)"
+    step gpu-graphed 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/experts/test_graphed_gpu.py \
+      tests/test_compile_gpu.py
+    ;;
+  tune4)
+    step tune-mxfp4 200 python -m moekit tune --models gpt-oss-120b,deepseek-v3 --quant mxfp4 --quick \
+      --budget-s 90 --out "$OUT/configs"
+    step tune-int4 150 python -m moekit tune --models deepseek-v3 --quant int4 --quick --budget-s 120 \
+      --out "$OUT/configs"
+    ;;
+  bench)
+    step bench 420 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --fast --eager --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  *) echo "unknown step set $WHAT (tests, tune4, bench)"; exit 2 ;;
+esac
