@@ -135,7 +135,7 @@ def _triton_quant() -> tuple[Callable | None, frozenset]:
         return None, frozenset()
     from . import triton_experts_quant as mod
 
-    return mod.fused_experts_quant_triton, frozenset(getattr(mod, "QUANT_FORMATS", ()))
+    return mod.fused_experts_quant_triton, mod.QUANT_FORMATS
 
 
 def _triton_kernels() -> Kernels:

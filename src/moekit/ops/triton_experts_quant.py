@@ -41,9 +41,11 @@ from .quantize import check_quant_weights
 from .triton_configs import get_config
 from .triton_experts import fused_experts_impl
 
-__all__ = ["fused_experts_quant_triton", "QuantSpec", "QuantLaunch"]
+__all__ = ["fused_experts_quant_triton", "QuantSpec", "QuantLaunch", "QUANT_FORMATS"]
 
 _CODES = {"fp8_block": 1, "fp8_channel": 2, "mxfp4": 3, "int4_group": 4}
+#: the formats (``fmt.name``) these kernels run: the Triton kernel table's ``quant_formats``
+QUANT_FORMATS = frozenset(_CODES)
 _FP8 = torch.float8_e4m3fn
 _FAR = 1 << 30  # "scale row = n // _FAR" = 0: one scale for every column (per tensor)
 #: fp8 dots: wgmma, promoted to fp32 once per K step (= the scale block; ``fix_config``). H200, DeepSeek-V3
