@@ -1,5 +1,5 @@
 """load_moe_layers on tiny synthetic quantised checkpoints, written here the way the real ones ship:
-DeepSeek-V3 fp8 block (per-expert ``weight_scale_inv`` fp32 and bf16, fp8 shared experts, an MTP layer),
+DeepSeek-V3 fp8 block (per-expert ``weight_scale_inv`` fp32 and bf16, fp8 shared experts kept fp8, an MTP layer),
 Qwen3-MoE fp8 block with partial blocks, GLM-4.5 compressed-tensors fp8 channel + static ``input_scale``,
 gpt-oss mxfp4 (``*_blocks`` / ``*_scales`` with interleaved gate/up rows, biases), Kimi-K2 int4
 ``pack-quantized``. Each loaded layer's routed experts equal the torch twin on the same quantised
@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 import moekit
 from moekit import load_moe_layers
 from moekit.loading.inspect import rows
+from moekit.loading.quant_shared import QuantSharedMLP
 from moekit.ops.experts_quant import fused_experts_quant_torch
-from moekit.ops.quantize import dequantize_weight
 
 E, K, T = 8, 2, 12
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
@@ -88,12 +88,17 @@ def test_deepseek_v3_fp8_block_with_shared_experts_and_mtp(tmp_path):
                                        for p in ("gate_proj", "up_proj")]) for e in range(E)])
     assert torch.equal(re.w13_scale, s13_disk)
     _check_routed(layer, fmt, q13, q2, s13_disk, re.w2_scale, h, torch.bfloat16)
-    shared = layer.shared_experts.gate_proj.weight  # dequantised into the layer's dtype
-    want = dequantize_weight(t["model.layers.1.mlp.shared_experts.gate_proj.weight"],
-                             t["model.layers.1.mlp.shared_experts.gate_proj.weight_scale_inv"], fmt)
-    assert shared.dtype == torch.bfloat16 and torch.equal(shared, want.bfloat16())
+    shared = layer.shared_experts  # kept in fp8: one expert with K = 1 (tests/loading/test_loader_quant_shared.py)
+    assert isinstance(shared, QuantSharedMLP) and shared.w13.dtype == torch.float8_e4m3fn
+    pre = "model.layers.1.mlp.shared_experts."
+    assert torch.equal(shared.w13[0].view(torch.uint8), torch.cat([t[pre + "gate_proj.weight"],
+                                                                   t[pre + "up_proj.weight"]]).view(torch.uint8))
+    assert torch.equal(shared.w2_scale[0], t[pre + "down_proj.weight_scale_inv"])
     table = rows(cfg)[1]
     assert table[0]["quant"] == "fp8_block" and table[0]["_bytes"] == fmt.bytes_per_expert(i, h)
+    plan = table[0]["_plan"]  # the shared expert counted in fp8, as it loads
+    assert table[0]["_token_bytes"] == (K * fmt.bytes_per_expert(i, h) + fmt.bytes_per_expert(i, h)
+                                        + plan.active_bytes_per_token(2) - K * plan.expert_bytes(2) - plan.shared_bytes(2))
 
 
 def test_qwen3_fp8_block_partial_blocks_and_quantise_on_load(tmp_path):

@@ -4,7 +4,8 @@ Consecutive blocks with the same shape and routing are grouped into one row. Siz
 (2 bytes per element), or for quantised checkpoints (``quantization_config``) the routed experts in
 their format (``fmt.bytes_per_expert``: packed weights + scales, biases at bf16): one routed expert
 (w13 + w2), and the expert weights one token touches (K routed experts + shared experts + router; the
-shared experts are counted at bf16, as the loader dequantises them).
+shared experts in the format they load in: fp8 where the checkpoint is fp8 and its format applies to
+them, as :func:`moekit.load_moe_layers` keeps them, else bf16).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .architectures import plan_layers
 from .loader import read_config
 from .plan import LayerPlan
 from .quant import checkpoint_format, experts_format
+from .quant_shared import shared_format
 
 
 def _expert_bytes(p: LayerPlan, fmt) -> int:
@@ -29,8 +31,16 @@ def _expert_bytes(p: LayerPlan, fmt) -> int:
     return fmt.bytes_per_expert(p.intermediate_size, p.hidden_size, gated) + bias
 
 
-def _token_bytes(p: LayerPlan, fmt) -> int:
-    return p.active_bytes_per_token(2) - p.top_k * (p.expert_bytes(2) - _expert_bytes(p, fmt))
+def _shared_bytes(p: LayerPlan, sfmt) -> int:
+    """The shared MLP as it loads: fp8 (``sfmt``: weights + scales) or bf16."""
+    if sfmt is None:
+        return p.shared_bytes(2)
+    return sfmt.bytes_per_expert(p.shared_intermediate_size, p.outer_hidden_size, is_gated(p.shared_activation))
+
+
+def _token_bytes(p: LayerPlan, fmt, sfmt=None) -> int:
+    routed = p.top_k * (p.expert_bytes(2) - _expert_bytes(p, fmt))
+    return p.active_bytes_per_token(2) - routed - (p.shared_bytes(2) - _shared_bytes(p, sfmt))
 
 
 def _fmt_bytes(n: int) -> str:
@@ -51,6 +61,15 @@ def _ranges(idx: list[int]) -> str:
         if i is not None:
             start = prev = i
     return ",".join(out)
+
+
+def _ckpt_name(spec, p: LayerPlan, rel: str) -> str:
+    """A block-relative moekit name -> the checkpoint module name (the spec's renames undone)."""
+    dotted = rel + "."
+    for old, new in spec.renames:
+        if dotted.startswith(new):
+            return (p.ckpt_prefixes[0] + old + dotted[len(new):])[:-1]
+    return p.ckpt_prefixes[0] + rel
 
 
 def _signature(p: LayerPlan):
@@ -74,9 +93,12 @@ def rows(config: dict) -> tuple[str, list[dict]]:
     for g in groups:
         p = g[0]
         f = experts_format(fmt, p)
+        sf = shared_format(fmt, p, lambda rel: _ckpt_name(spec, p, rel))
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
         if p.shared_expert_gate:
             shared += " (gated)"
+        if sf is not None:
+            shared += f" {sf.name}"
         out.append(
             {
                 "layers": _ranges([q.layer_idx for q in g]),
@@ -90,9 +112,9 @@ def rows(config: dict) -> tuple[str, list[dict]]:
                 "act": p.activation + (f" (limit {p.swiglu_limit:g})" if p.swiglu_limit else ""),
                 "quant": f.name if f is not None else "bf16",
                 "bytes/expert": _fmt_bytes(_expert_bytes(p, f)),
-                "bytes/token": _fmt_bytes(_token_bytes(p, f)),
+                "bytes/token": _fmt_bytes(_token_bytes(p, f, sf)),
                 "_bytes": _expert_bytes(p, f),
-                "_token_bytes": _token_bytes(p, f),
+                "_token_bytes": _token_bytes(p, f, sf),
                 "_count": len(g),
                 "_plan": p,
             }

@@ -32,6 +32,8 @@ from .keys import CONSTRUCTION, assign_keys, construction_tensors, expand_key
 from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
+from .quant_shared import (quant_shared_from_checkpoint, quant_shared_from_float, shared_format, shared_groups,
+                           shared_projs)
 
 
 
@@ -128,7 +130,12 @@ def load_moe_layers(
     format (fp8 block, compressed-tensors fp8 channel / tensor / block, mxfp4, int4 groups; see
     :mod:`moekit.loading.quant` and :func:`moekit.experts.mapping.load_layer_weights` for the key
     forms) and the routed experts keep it (``layer.routed_experts.quant``). Routers, gates and selection
-    biases stay in full precision; quantised shared experts / dense linears are dequantised into ``dtype``.
+    biases stay in full precision. Shared experts of an fp8 checkpoint (block, channel, tensor) stay fp8:
+    ``layer.shared_experts`` is a :class:`~moekit.loading.quant_shared.QuantSharedMLP`, one expert with
+    K = 1 through the routed experts' quantised kernel; with ``quant_config=`` an fp8 format that applies
+    to the shared experts (not ``ignore``-d; static-input formats excepted) quantises them on load too
+    (:func:`moekit.quantize_experts` on the stacked weights), so every expert is in the format. Other
+    quantised dense linears (and shared experts of mxfp4 / int4 checkpoints) are dequantised into ``dtype``.
 
 
     Each file is opened once and read in storage order; every tensor is read once and copied into its
@@ -170,7 +177,8 @@ def load_moe_layers(
         states[plan.name] = state
         del construction
         dense = dense_groups(keys) if shipped else {}
-        for mod, parts in dense.items():  # quantised dense linears (shared experts): dequantised
+        done.update(_quant_shared(state, fmt, shipped, keys, dense, reader, device))
+        for mod, parts in dense.items():  # other quantised dense linears: dequantised
             w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, fmt, f"{plan.name}.{mod}")
             _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
             done.update(parts.values())
@@ -191,6 +199,44 @@ def load_moe_layers(
     for name, state in states.items():
         _check_complete(state, assigned[name], spec)
     return {name: state.layer for name, state in states.items()}
+
+
+def _quant_shared(state, fmt, shipped: bool, keys: dict, dense: dict, reader, device) -> set[str]:
+    """Replace ``state.layer.shared_experts`` by a :class:`~.quant_shared.QuantSharedMLP` where the shared
+    MLP loads in fp8 (a shipped fp8 shared MLP; or quantise-on-load to an fp8 format that applies to it);
+    the keys consumed (removed from ``dense``). Anything else: nothing done (dequantised / full precision)."""
+    plan, layer = state.plan, state.layer
+    kernels = layer.routed_experts.kernels
+    if fmt is None or layer.shared_experts is None or not kernels.supports(fmt):
+        return set()
+    what = f"{plan.name}.shared_experts"
+    if shipped:
+        groups = shared_groups(dense, plan, fmt)
+        if groups is None:
+            return set()
+        tensors = {proj: {part: reader.read(k) for part, k in parts.items()} for proj, parts in groups.items()}
+        try:
+            mod = quant_shared_from_checkpoint(plan, fmt, tensors, groups, kernels=kernels, device=device)
+        except (KeyError, ValueError, TypeError) as err:
+            raise type(err)(f"{what}: {err.args[0] if err.args else err}") from None
+        if mod is None:
+            return set()
+        used = {k for parts in groups.values() for k in parts.values()}
+        for proj in groups:
+            dense.pop(f"shared_experts.{proj}")
+    else:
+        rels = {proj: f"shared_experts.{proj}.weight" for proj in shared_projs(plan)}
+        if not all(rel in keys for rel in rels.values()):
+            return set()  # incomplete: the missing keys are reported after loading
+        if shared_format(fmt, plan, lambda rel: keys[rel + ".weight"][: -len(".weight")]) is None:
+            return set()
+        mod = quant_shared_from_float(plan, fmt, {p: reader.read(keys[rel]) for p, rel in rels.items()},
+                                      kernels=kernels, device=device)
+        used = {keys[rel] for rel in rels.values()}
+    if mod is None:
+        return set()
+    layer.shared_experts = mod
+    return used
 
 
 class _Reader:

@@ -6,12 +6,16 @@
 - Routed experts are quantised when the format applies to them (``fmt.applies_to`` of the block's
   ``experts.0.gate_proj`` / fused ``experts.gate_up_proj``: ``modules_to_not_convert`` / ``ignore``
   honoured); they then load through :func:`moekit.experts.mapping.load_layer_weights`.
+- Shared experts of an fp8 checkpoint (DeepSeek-V3: ``weight`` e4m3 + ``weight_scale_inv``;
+  compressed-tensors fp8 channel / tensor: ``weight_scale`` [+ ``input_scale``]) stay fp8: a
+  :class:`~.quant_shared.QuantSharedMLP`, one expert with K = 1 through the routed experts' quantised
+  op (:mod:`.quant_shared`); with ``quant_config=`` an fp8 format quantises them on load too, unless it
+  ignores them. Decision and cost: docs/architecture.md.
 - Everything else in the block stays in full precision: routers, gates and selection biases are read
-  as they are (the selection bias in float32, never rounded); a quantised dense linear of the block
-  (DeepSeek-V3's shared experts in fp8: ``weight`` + ``weight_scale_inv``; compressed-tensors
-  ``weight`` / ``weight_packed`` + ``weight_scale`` [+ ``input_scale``, ``weight_shape``]) is
-  dequantised once at load into its module's dtype (:func:`dense_groups`, :func:`dequantize_dense`).
-  Shared experts thus run in ``params_dtype``: decision and its cost are in docs/architecture.md.
+  as they are (the selection bias in float32, never rounded); any other quantised dense linear of the
+  block (``weight`` / ``weight_packed`` + a scale [+ ``input_scale``, ``weight_shape``]; shared experts of
+  mxfp4 / int4 checkpoints) is dequantised once at load into its module's dtype (:func:`dense_groups`,
+  :func:`dequantize_dense`).
 """
 
 from __future__ import annotations
