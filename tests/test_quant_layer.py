@@ -179,3 +179,20 @@ def test_the_triton_table_runs_every_format():
         outs.append(layer(x, logits))
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert err <= 1e-4, err
+
+
+def test_half_keeps_the_quantised_storage():
+    """``.half()`` / ``.to(dtype)`` on a quantised layer keep e4m3 codes and fp32 scales (the params dtype is
+    fixed at construction): a plain Module conversion would turn the codes into fp16 and round the scales."""
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    torch.manual_seed(0)
+    layer = moekit.FusedMoE(4, 2, 64, 64, params_dtype=torch.float32, quant_config=qc, backend="torch")
+    layer.load_expert_weights(torch.randn(4, 128, 64) / 8, torch.randn(4, 64, 64) / 8)
+    x, logits = torch.randn(5, 64), torch.randn(5, 4)
+    before = layer(x, logits)
+    re = layer.routed_experts
+    scale = re.w13_scale.clone()
+    layer.half()
+    assert re.w13_weight.dtype == torch.float8_e4m3fn and re.w13_scale.dtype == torch.float32
+    assert torch.equal(re.w13_scale, scale)
+    assert torch.equal(layer(x, logits), before)

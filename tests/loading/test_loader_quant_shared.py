@@ -167,29 +167,23 @@ def test_quantise_on_load_quantises_shared_experts_unless_ignored(tmp_path):
 
 
 def test_triton_interpreter_matches_twin(tmp_path):
-    """The Triton quantised experts kernel with E = 1, K = 1 (on CPU: the interpreter). The kernel table is
-    built here: :mod:`moekit.ops.triton_experts_quant` does not export ``QUANT_FORMATS`` yet, so the layer's
-    Triton table runs no quantised format (and a loaded fp8 layer needs backend="torch")."""
-    tq = pytest.importorskip("moekit.ops.triton_experts_quant")
+    """A DeepSeek-style fp8 checkpoint loaded on the Triton backend (on CPU: the interpreter): the shared
+    expert runs the Triton quantised kernel with E = 1, K = 1 and agrees with the torch backend's."""
+    pytest.importorskip("moekit.ops.triton_experts_quant")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or the Triton interpreter")
-    from moekit.ops.kernels import Kernels, kernels_for
-
     h, i = 64, 32  # blocks of 32: the interpreter stays fast
     fp8 = dict(FP8, weight_block_size=[32, 32])
     cfg, t, fmt = _ds3(h, i, fp8, dtype="float32", seed=4)
     _write(tmp_path, cfg, t)
-    loaded = load_moe_layers(tmp_path)["model.layers.1.mlp"].shared_experts
-    tr = kernels_for("torch")
-    table = Kernels("triton", tr.route, tr.hash_route, tr.experts, False, experts_quant=tq.fused_experts_quant_triton,
-                    quant_formats=frozenset({"fp8_block"}))
+    ref = load_moe_layers(tmp_path, backend="torch")["model.layers.1.mlp"].shared_experts
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    b = {n: v.to(dev) for n, v in loaded.named_buffers()}
-    shared = QuantSharedMLP(fmt, b["w13"], b["w2"], b["w13_scale"], b["w2_scale"], kernels=table)
+    tri = load_moe_layers(tmp_path, backend="triton", device=dev)["model.layers.1.mlp"].shared_experts
+    assert isinstance(tri, QuantSharedMLP) and tri.kernels.name == "triton"
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
         x = torch.randn(5, h, device=dev).to(dtype)
-        out = shared(x)
-        assert out.dtype == dtype and _rel(out.cpu(), loaded(x.cpu())) <= (tol if dev == "cpu" else 1e-2)
+        out = tri(x)
+        assert out.dtype == dtype and _rel(out.cpu(), ref(x.cpu())) <= (tol if dev == "cpu" else 1e-2)
 
 
 def _module(fmt=None, seed=5, h=32, i=32):

@@ -153,3 +153,18 @@ def fit(spec: ExpertTensor, t: torch.Tensor, what: str) -> torch.Tensor:
             return t.reshape(want)  # e.g. compressed-tensors' per-channel scale [N, 1], per-tensor [1]
         raise ValueError(f"{what} has shape {list(t.shape)}, expected {list(want)}")
     return t
+
+
+def keep_dtypes(fn):
+    """``nn.Module._apply`` function that moves a tensor as ``fn`` would but keeps its dtype.
+
+    ``Module.half()`` / ``.to(dtype)`` convert every floating tensor, float8 included: e4m3 codes would
+    become fp16 and fp32 scales be rounded. Quantised modules keep their storage dtypes (their
+    ``params_dtype`` is fixed at construction); ``fn`` is probed on an empty tensor, so no converted
+    copy of a large weight is ever made."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        probe = fn(t.new_empty(0))
+        return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
+
+    return apply

@@ -34,7 +34,7 @@ from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import check_quant_weights, quantize_experts, quantize_weight
 from .layout import DOWN, GATE, SHARD_IDS, UP, shards
-from .params import KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, stored
+from .params import KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, keep_dtypes, stored
 from .placement import ExpertPlacement
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
@@ -127,9 +127,14 @@ class RoutedExperts(torch.nn.Module):
                         for slot in range(p.num_local)}
         self._complete = False
 
+    def _apply(self, fn, *args, **kwargs):
+        # quantised: device moves only (``keep_dtypes``); unquantised weights follow ``.to(dtype)``
+        return super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
+
     @property
     def params_dtype(self) -> torch.dtype:
-        """The dtype of activations and outputs (unquantised: the weights' dtype, which ``.to()`` moves)."""
+        """The dtype of activations and outputs (unquantised: the weights' dtype, which ``.to()`` moves;
+        quantised: fixed at construction, every tensor keeps its dtype under ``.to(dtype)`` / ``.half()``)."""
         return self.w13_weight.dtype if self.quant is None else self._params_dtype
 
     @property

@@ -21,6 +21,7 @@ from ..ops.activation import effective_limit, get_activation
 from ..ops.formats import Fp8BlockFormat, Fp8ChannelFormat
 from ..ops.kernels import resolve_kernels
 from ..ops.quant_config import parse_quant_config
+from ..experts.params import keep_dtypes
 from ..ops.quantize import check_quant_weights, quantize_experts
 
 __all__ = ["QuantSharedMLP", "quant_shared_from_checkpoint", "quant_shared_from_float", "shared_format",
@@ -102,13 +103,7 @@ class QuantSharedMLP(torch.nn.Module):
         return out * self.scale if self.scale != 1.0 else out
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() convert every floating tensor, float8 included: fp8 codes would
-        # become fp16 and fp32 scales be rounded. Keep each buffer's dtype; follow fn's device only.
-        def keep_dtype(t):
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
-
-        return super()._apply(keep_dtype, recurse)
+        return super()._apply(keep_dtypes(fn), recurse)  # fp8 codes and fp32 scales keep their dtypes
 
     def extra_repr(self) -> str:
         return (f"H={self.hidden_size}, I={self.intermediate_size}, fmt={self.fmt.name}, activation={self.activation!r}, "
