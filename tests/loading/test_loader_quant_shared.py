@@ -236,3 +236,50 @@ def test_checkpoint_scale_of_wrong_shape_names_the_key(tmp_path):
     _write(tmp_path, cfg, t)
     with pytest.raises(ValueError, match=r"up_proj\.weight_scale_inv.*\[1, 2\].*expected \[2, 2\]"):
         load_moe_layers(tmp_path)
+
+
+def _plan(h, i, act="silu", fused=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(outer_hidden_size=h, shared_intermediate_size=i, shared_activation=act,
+                           shared_swiglu_limit=None, shared_scale=1.0, shared_fused=fused)
+
+
+def test_fused_gate_up_and_non_gated_layouts():
+    """A fused ``gate_up_proj`` checkpoint gives the module of the same gate/up rows stored apart (the
+    per-shard block grids stack the same way); a fused grid whose blocks straddle gate/up (I not a
+    multiple of block_n) is refused (None: dequantised instead); a non-gated (relu2) shared MLP holds
+    ``w13 [1, I, H]`` and equals the twin of one expert with K = 1."""
+    from moekit.loading.quant_shared import quant_shared_from_checkpoint
+    from moekit.ops.quantize import quantize_weight
+
+    fmt = moekit.parse_quant_config(dict(FP8, weight_block_size=[32, 32]))
+    g = torch.Generator().manual_seed(11)
+    h, i = 64, 64
+    gate, up, down = (torch.randn(i, h, generator=g) / 8, torch.randn(i, h, generator=g) / 8,
+                      torch.randn(h, i, generator=g) / 8)
+    q = {name: quantize_weight(w, fmt) for name, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down))}
+
+    def parts(names):
+        return ({p: {"weight": q[p][0], "weight_scale_inv": q[p][1]} for p in names},
+                {p: {"weight": f"{p}.weight", "weight_scale_inv": f"{p}.weight_scale_inv"} for p in names})
+
+    apart = quant_shared_from_checkpoint(_plan(h, i), fmt, *parts(("gate_proj", "up_proj", "down_proj")))
+    q["gate_up_proj"] = (torch.cat([q["gate_proj"][0], q["up_proj"][0]]), torch.cat([q["gate_proj"][1], q["up_proj"][1]]))
+    fused = quant_shared_from_checkpoint(_plan(h, i, fused=True), fmt, *parts(("gate_up_proj", "down_proj")))
+    for name in ("w13", "w2", "w13_scale", "w2_scale"):
+        assert torch.equal(getattr(fused, name).float(), getattr(apart, name).float()), name
+    x = torch.randn(3, h, generator=g)
+    assert torch.equal(fused(x), apart(x))
+    # I = 48 with 32-row blocks: the fused grid's second block holds gate and up rows
+    q48 = quantize_weight(torch.randn(96, h, generator=g) / 8, fmt)
+    d48 = quantize_weight(torch.randn(h, 48, generator=g) / 8, fmt)
+    straddle = ({"gate_up_proj": {"weight": q48[0], "weight_scale_inv": q48[1]},
+                 "down_proj": {"weight": d48[0], "weight_scale_inv": d48[1]}},
+                {"gate_up_proj": {"weight": "gu.weight", "weight_scale_inv": "gu.weight_scale_inv"},
+                 "down_proj": {"weight": "d.weight", "weight_scale_inv": "d.weight_scale_inv"}})
+    assert quant_shared_from_checkpoint(_plan(h, 48, fused=True), fmt, *straddle) is None
+    # non-gated relu2: up + down
+    relu = quant_shared_from_checkpoint(_plan(h, i, act="relu2"), fmt, *parts(("up_proj", "down_proj")))
+    assert tuple(relu.w13.shape) == (1, i, h) and relu.activation == "relu2"
+    assert torch.equal(relu(x), _twin(relu, x))
