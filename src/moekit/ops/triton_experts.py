@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 
 from ._eager import direct_call_ok
@@ -215,13 +216,20 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
     pdl = p.want_pdl and _pdl_ok(dev)
     flags = dict(USE_TMA=w1_desc is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    w13_out = inter_buf
+    if p.split:  # fp32 gate | up outputs, then the epilogue pass writes inter_buf (as the fused w13 would)
+        w13_out = torch.empty(p.rows, 2 * inter, dtype=torch.float32, device=dev)
+        epi = {n: w13_kw[n] for n in ("REQ", "is_ptr", "stride_isr", "qs_ptr", "UE8M0") if n in w13_kw}
+        w13_kw = dict(w13_kw, REQ=0)
     launch(
-        grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, inter_buf, tw, counts,
+        grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, w13_out, tw, counts,
         sorted_slot, ids, emap_arg, sem, out,
         h, inter, n1, e_local, k, p.num_pid_m, p.limit_arg, t, p.e_global, p.nbn,
-        a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
+        a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, w13_out.stride(0),
         tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags,
     )
+    if p.split:
+        _epilogue_pass(w13_out, inter_buf, x.dtype, act, p, epi, launch)
     if q is not None:
         q.after_w13(inter_buf, _interpreting(), launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
     flags["USE_TMA"] = w2_desc is not None
@@ -236,11 +244,26 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     return out
 
 
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _epilogue_pass(hbuf, inter_buf, dtype, act, p, epi: dict, launch) -> None:
+    """After a split w13: act(gate, up) of ``hbuf [rows, 2I]`` fp32 into ``inter_buf`` (rounded, or
+    quantised for w2 as ``epi`` says: REQ 1 one program per group of BN = bk columns)."""
+    req = int(epi.get("REQ", 0))
+    n = inter_buf.shape[1]
+    block = p.bn13 if req == 1 else min(1024, triton.next_power_of_2(n))
+    launch(grouped_gemm.act_pass_kernel, (p.rows, triton.cdiv(n, block)), hbuf, inter_buf, epi.get("is_ptr"),
+           epi.get("qs_ptr"), n, p.limit_arg, hbuf.stride(0), inter_buf.stride(0), int(epi.get("stride_isr", 0)),
+           ACT=act.code, HAS_LIMIT=p.w13_kw["HAS_LIMIT"], DT=_TL_DTYPES[dtype], REQ=req,
+           UE8M0=bool(epi.get("UE8M0", False)), BLOCK=block, INTERP=_interpreting(), num_warps=4)
+
+
 def _freeze(cfg: dict) -> tuple:
     """The hashable image of a config that :func:`launch_plan` reads: every field a plan depends on
     (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
     return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
-            bool(cfg.get("pdl")))
+            bool(cfg.get("pdl")), bool(cfg.get("w13_split")))
 
 
 @dataclass(frozen=True)
@@ -275,6 +298,7 @@ class LaunchPlan:
     bk2: int
     want_tma: bool
     want_pdl: bool
+    split: bool  # w13 with one accumulator per program + the epilogue pass (config "w13_split", gated only)
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -287,7 +311,8 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                 has_map, limit, upcast, small_slots, inline_slots, cfg) -> LaunchPlan:
     """The :class:`LaunchPlan` of a chunk of ``t`` tokens (all arguments hashable; ``cfg`` frozen by
     :func:`_freeze`). A pure cache: the same arguments always give the same plan."""
-    block_m, c13, c2, tma, pdl = cfg
+    block_m, c13, c2, tma, pdl, split = cfg
+    split = split and gated
     c13, c2 = dict(c13), dict(c2)
     bm = int(block_m)
     combine = k > 1
@@ -313,7 +338,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     shared = dict(BM=bm, BLOCK_E=block_e, HAS_MAP=has_map, SKIP_ZERO=skip_zero, COMBINE=combine, ON_INPUT=on_input,
                   DOT_PREC=dot_prec, UPCAST=upcast, INLINE=inline, SP=sp)
     w13_kw = dict(shared, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), ACT=act_code, GATED=gated,
-                  HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp,
+                  HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp, SPLIT=split,
                   num_warps=int(c13["num_warps"]), num_stages=int(c13["num_stages"]))
     w2_kw = dict(shared, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), HAS_BIAS=has_b2, EVEN_K=inter % bk2 == 0,
                  num_warps=int(c2["num_warps"]), num_stages=int(c2["num_stages"]))
@@ -322,7 +347,8 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         i32_total=sum(i32_sizes), buf_total=part_offset + part_rows * h, part_offset=part_offset,
         part_rows=part_rows, zero_counts=align_mode == "multi", align=align_mode,
         align_grid=(triton.cdiv(t, bt),), align_kw=common, scatter_kw=dict(BT=bt, KP=kp, num_warps=4),
-        grid13=(num_pid_m * triton.cdiv(inter, bn13),), grid2=(num_pid_m * nbn,), w13_kw=w13_kw, w2_kw=w2_kw,
+        grid13=(num_pid_m * triton.cdiv(inter, bn13) * (2 if split else 1),), grid2=(num_pid_m * nbn,),
+        w13_kw=w13_kw, w2_kw=w2_kw, split=split,
         limit_arg=0.0 if limit is None else float(limit), bn13=bn13, bk13=bk13, bn2=bn2, bk2=bk2,
         want_tma=tma and small_elt, want_pdl=pdl,
     )

@@ -272,9 +272,9 @@ def w13_kernel(
     HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr, PDL: tl.constexpr = False,
     xs_ptr=None, ws_ptr=None, qs_ptr=None, is_ptr=None, stride_xst=0, stride_wse=0, stride_wsn=0, ws_shard=0,
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
-    QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0,
+    QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
 ):
-    """Grid (num_pid_m · cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
+    """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
 
     Quantised (``QUANT`` > 0, module docstring): fp8 reads ``x`` = x_q e4m3 with scales ``xs [T, ·]``
     (stride ``stride_xst``; 0 for a static scale) and writes ``inter`` as e4m3 with ``is [rows, I/BN]``
@@ -288,12 +288,24 @@ def w13_kernel(
     I); rows past ``I`` inside a tile belong to the next half/expert and only feed masked columns.
 
     ``PDL`` (launched as a programmatic dependent launch): wait for the previous kernel before reading
-    or writing anything, then let the w2 launch start early (its programs wait for this grid in turn)."""
+    or writing anything, then let the w2 launch start early (its programs wait for this grid in turn).
+
+    ``SPLIT`` (gated only): one accumulator per program: the first cdiv(I, BN) column blocks compute gate
+    rows, the rest up rows, and ``inter`` is an fp32 ``[rows, 2I]`` (gate columns, then up) of the
+    biased (fp8 row: dequantised) GEMM outputs; :func:`act_pass_kernel` then applies the epilogue. Every
+    output element is the same dot as in the fused kernel, so the result is the same bits."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
-    pid_m, pid_n = _pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    half = 0  # SPLIT: 0 gate rows, 1 up rows
+    if SPLIT:
+        nbn1 = tl.cdiv(I, BN)
+        pid_m, pid_n = _pid_to_tile(pid, num_pid_m, 2 * nbn1, GROUP_M)
+        half = pid_n // nbn1
+        pid_n = pid_n % nbn1
+    else:
+        pid_m, pid_n = _pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
                         SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -311,7 +323,7 @@ def w13_kernel(
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
     w_base = w1_ptr + e.to(tl.int64) * stride_we
-    g_ptrs = _w_ptrs(w_base, offs_n, stride_wn, BK, PACK)
+    g_ptrs = _w_ptrs(w_base, offs_n + half * I, stride_wn, BK, PACK)
     u_ptrs = g_ptrs + I * stride_wn
     if ON_INPUT:
         w_in = tl.load(tw_ptr + tok * stride_twt, mask=valid, other=0.0).to(tl.float32)
@@ -319,11 +331,11 @@ def w13_kernel(
     ws_u = x_ptr
     xs_rows = x_ptr
     if QUANT > 0:  # scale rows of the gate / up columns; fp8: per-row activation scales
-        ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (offs_n // ws_qbn) * stride_wsn
+        ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (offs_n // ws_qbn + half * ws_shard) * stride_wsn
         ws_u = ws_g + ws_shard * stride_wsn
         if QUANT <= FP8_ROW:
             xs_rows = xs_ptr + tok * stride_xst
-    row_g = e * N1 + pid_n * BN
+    row_g = e * N1 + half * I + pid_n * BN
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
@@ -331,14 +343,14 @@ def w13_kernel(
     if QUANT >= MXFP4:
         sg0 = load_w_scales(ws_g, 0, H, nmask, QG, BK)
         su0 = sg0
-        if GATED:
+        if GATED and not SPLIT:
             su0 = load_w_scales(ws_u, 0, H, nmask, QG, BK)
     for k0 in range(0, H, BK):
         kmask = offs_k < H - k0
         if QUANT >= MXFP4:
             sg1 = load_w_scales(ws_g, k0 + BK, H, nmask, QG, BK)
             su1 = su0
-            if GATED:
+            if GATED and not SPLIT:
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
         a = _load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
         g = _load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
@@ -346,7 +358,7 @@ def w13_kernel(
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
         acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
-        if GATED:
+        if GATED and not SPLIT:
             u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
             acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
@@ -359,13 +371,17 @@ def w13_kernel(
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n] (per tensor: S[e, shard])
         a_s = tl.load(xs_rows, mask=valid, other=0.0)[:, None]
         acc_g = acc_g * a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :]
-        if GATED:
+        if GATED and not SPLIT:
             acc_u = acc_u * a_s * tl.load(ws_u, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
-        b_base = b1_ptr + e.to(tl.int64) * stride_be
+        b_base = b1_ptr + e.to(tl.int64) * stride_be + half * I
         acc_g += tl.load(b_base + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
+        if GATED and not SPLIT:
             acc_u += tl.load(b_base + I + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if SPLIT:  # the fp32 GEMM output; act_pass_kernel does the rest of the epilogue
+        h_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + half * I + offs_n[None, :]
+        tl.store(h_ptrs, acc_g, mask=valid[:, None] & nmask[None, :])
+        return
     h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
     out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
     if REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
@@ -373,6 +389,30 @@ def w13_kernel(
                       valid, qs_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, UPCAST)
     else:
         tl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def act_pass_kernel(h_ptr, inter_ptr, is_ptr, qs_ptr, I, limit, stride_hr, stride_ir, stride_isr,
+                    ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, DT: tl.constexpr, REQ: tl.constexpr,
+                    UE8M0: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """The w13 epilogue after a ``SPLIT`` w13: ``inter[r, n] = act(h[r, n], h[r, I + n])`` (fp32), rounded to
+    ``DT`` and stored, or quantised for w2 (``REQ`` 1: one group per program, BLOCK = the group, scale at
+    ``is[r, pid_1]``; 2: the static ``*qs_ptr``) exactly as :func:`w13_kernel`'s fused epilogue.
+    Grid (rows, cdiv(I, BLOCK)); h: [rows, 2I] fp32."""
+    r = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    offs = cb * BLOCK + tl.arange(0, BLOCK)
+    m = offs < I
+    g = tl.load(h_ptr + r * stride_hr + offs, mask=m, other=0.0)[None, :]
+    u = tl.load(h_ptr + r * stride_hr + I + offs, mask=m, other=0.0)[None, :]
+    h = _activate(g, u, limit, ACT, HAS_LIMIT)
+    out_ptrs = inter_ptr + r * stride_ir + offs[None, :]
+    if REQ > 0:
+        one = tl.full([1], 0, tl.int64)
+        requant_store(h, out_ptrs, m[None, :], is_ptr, one + r * stride_isr + cb, one == 0, qs_ptr, m, DT, REQ,
+                      UE8M0, INTERP)
+    else:
+        tl.store(out_ptrs, to_dt(h, DT, INTERP), mask=m[None, :])
 
 
 @triton.jit
