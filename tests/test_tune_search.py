@@ -32,8 +32,10 @@ def test_priors_are_few_and_quick_is_fewer(fam):
     for rows in (1, 30, 100, 1000):
         full = prior_configs(rows, base, fam, (128, 128))
         quick = prior_configs(rows, base, fam, (128, 128), quick=True)
-        assert 3 <= len(full) <= 10 and len(quick) <= 3
+        assert 3 <= len(full) <= 10 and len(quick) <= 4
         assert len({config_id(c) for c in full}) == len(full)
+        # compute-bound regimes also try the split w13 (one accumulator per program: the same bits)
+        assert any(c.get("w13_split") for c in quick) == (fam != "4bit" and rows > 48)
     if fam == "4bit":
         assert all(c["w13"]["BN"] <= 128 and c["w13"]["num_stages"] <= 3 for c in prior_configs(1, base, fam, (128, 128)))
 
@@ -200,3 +202,17 @@ def test_progress_eta():
     p.step(8, "ok")
     assert "ETA 5 s" in logs[1]
     p.close()
+
+
+def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
+    """``split_identical`` compares a ``w13_split`` config with the same config without the key."""
+    seen = []
+
+    def call(pr, cfg):
+        seen.append(cfg)
+        return torch.full((2,), 1.0 + (0.5 if cfg.get("w13_split") and pr == "odd" else 0.0))
+
+    cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), w13_split=True)
+    assert tune.split_identical(["even"], call, cfg)
+    assert not tune.split_identical(["even", "odd"], call, cfg)
+    assert any("w13_split" not in c for c in seen)

@@ -10,7 +10,8 @@ the eager estimate). Each stage's candidates are compiled first, in parallel (Tr
 compile); compiled kernels are reused by later buckets. The winner is re-timed against the start,
 alternating (median); it is kept only if faster by more than ``min_gain`` and it computes the
 start's output (relative RMS < 1e-2 for fp8, whose re-quantised activations may flip, 1e-3
-otherwise; a PDL config bit-identical to the same tiles without PDL).
+otherwise; a PDL config bit-identical to the same tiles without PDL, a ``w13_split`` config to the
+same tiles with the fused w13).
 
 Time: ``budget_s`` bounds each shape. Buckets run largest T first (it fixes BLOCK_K for a new
 shape), then ascending; each gets an equal share of what is left (the first 1.5 shares), timing
@@ -145,6 +146,13 @@ def same_output(problems, call: Kernel, cfg: dict, ref_cfg: dict, tol: float) ->
     return all(rel_rms(call(pr, cfg), call(pr, ref_cfg)) < tol for pr in problems)
 
 
+def split_identical(problems, call: Kernel, cfg: dict) -> bool:
+    """A ``w13_split`` config equals the same tiles with the fused w13, bit for bit (each output element is
+    the same dot, so it must: a split winner may then sit in any bucket without breaking SPEC §9)."""
+    fused = {k: v for k, v in cfg.items() if k != "w13_split"}
+    return all(torch.equal(call(pr, cfg), call(pr, fused)) for pr in problems)
+
+
 def pdl_identical(problems, call: Kernel, cfg: dict) -> bool:
     """A PDL config equals the same tiles without PDL, bit for bit, eagerly and under CUDA-graph replay."""
     plain = {k: v for k, v in cfg.items() if k != "pdl"}
@@ -213,7 +221,8 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     base_us, best_us = confirm(lambda c: time_config(problems, call, c, replays=5, target_ms=5.0), base, best,
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
-    ok = same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
+    ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
+          and (not best.get("w13_split") or split_identical(problems, call, best)))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "
         f"{'ok' if ok else 'FAILED'}: {'take' if take else 'keep the config in use'} {best}")

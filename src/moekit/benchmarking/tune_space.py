@@ -96,7 +96,7 @@ def _tiles(kernel_cfg: dict) -> tuple:
 
 def config_id(cfg: dict) -> str:
     """A canonical string of ``cfg`` (dedup key; ``tma`` / ``pdl`` False count as absent)."""
-    clean = {k: v for k, v in cfg.items() if not (k in ("tma", "pdl") and not v)}
+    clean = {k: v for k, v in cfg.items() if not (k in ("tma", "pdl", "w13_split") and not v)}
     return json.dumps(clean, sort_keys=True)
 
 
@@ -241,12 +241,17 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
            for bm in bms for a, b in pairs]
     if fam == "bf16" and reg == "large" and not quick and bk == (64, 64):  # a new shape: try BLOCK_K 128 too
         out += [_cfg(128, (64, 128, 4, 3), (128, 128, 8, 3), tma=True, **extra)]
+    if fam != "4bit" and reg in ("medium", "large"):
+        # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
+        # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)
+        w2_bn = 128 if fam == "fp8" else 256
+        out += [_cfg(128, (128, bk[0], 8, 4), (w2_bn, bk[1], 8, 3), tma=True, w13_split=True, **extra)]
     return out
 
 
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64)."""
-    out = [{**best, "tma": not best.get("tma", False)}]
+    out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)}]
     if pdl:
         out.append({**best, "pdl": True})
     if quick:
