@@ -5,12 +5,14 @@
 #   benchmarks/h200_session.sh OUT tests     # GPU tests not run in round 3 (quantised graph/compile, the
 #                                            # fp8_acc modes, 4-bit batch invariance, whole-forward graphs)
 #   benchmarks/h200_session.sh OUT tune4     # 4-bit configs (mxfp4: gpt-oss, DeepSeek-V3; int4: DeepSeek-V3)
+#   benchmarks/h200_session.sh OUT split     # compute-bound buckets again, now with w13_split candidates
+#                                            # (fp8 and bf16; a split winner must be bit-identical to fused)
 #   benchmarks/h200_session.sh OUT bench     # every format side by side + eager rows, then compare.py
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|tune4|bench}
-WHAT=${2:?usage: $0 OUT tests|tune4|bench}
+OUT=${1:?usage: $0 OUT tests|tune4|split|bench}
+WHAT=${2:?usage: $0 OUT tests|tune4|split|bench}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -38,9 +40,14 @@ case $WHAT in
     step tune-int4 150 python -m moekit tune --models deepseek-v3 --quant int4 --quick --budget-s 120 \
       --out "$OUT/configs"
     ;;
+  split)
+    P=deepseek-v3:4096,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:16384,mixtral-8x7b:16384,qwen3-30b-a3b:16384
+    step tune-split-fp8 270 python -m moekit tune --points "$P" --quant fp8 --budget-s 240 --out "$OUT/configs"
+    step tune-split-bf16 270 python -m moekit tune --points "$P" --budget-s 240 --out "$OUT/configs"
+    ;;
   bench)
     step bench 420 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --fast --eager --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
-  *) echo "unknown step set $WHAT (tests, tune4, bench)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests, tune4, split, bench)"; exit 2 ;;
 esac
