@@ -114,3 +114,19 @@ def test_tune_problem_shapes():
     assert x.shape == (5, 8) and w1.shape == (4, 12, 8) and w2.shape == (4, 8, 6)
     assert ids.dtype == torch.int32 and torch.allclose(w.sum(-1), torch.ones(5))
     assert b1.shape == (4, 12) and b2.shape == (4, 8)
+
+
+def test_time_host_is_a_median_of_blocks(monkeypatch):
+    """``time_host`` runs warm-up calls, then ``repeats`` blocks of ``calls`` calls, and returns the median
+    per-call time of the blocks (synchronising only between blocks)."""
+    from moekit.benchmarking import eager
+
+    syncs, seen = [], []
+    monkeypatch.setattr(eager.torch.cuda, "synchronize", lambda: syncs.append(1))
+    # block k lasts (k + 1) * 100 µs per 10 calls: per-call 10, 20, 30, 40, 50 µs -> median 30
+    times = iter([0.0, 1e-4, 1.0, 1.0 + 2e-4, 2.0, 2.0 + 3e-4, 3.0, 3.0 + 4e-4, 4.0, 4.0 + 5e-4])
+    monkeypatch.setattr(eager.time, "perf_counter", lambda: next(times))
+    got = eager.time_host(lambda a: seen.append(a), [(1,), (2,)], calls=10, warmup=3, repeats=5)
+    assert abs(got - 30.0) < 1e-6
+    assert len(seen) == 3 + 5 * 10 and seen[:5] == [1, 2, 1, 1, 2]  # warm-up 3, then blocks from input 0
+    assert len(syncs) == 1 + 5

@@ -2,7 +2,8 @@
 
 Per model shape and token count ``T`` (default 1, 8, 64), for each call below::
 
-    host_us = (perf_counter after 100 calls back to back - before) / 100    no sync inside; then one sync
+    host_us = median over 5 blocks of (perf_counter after 100 calls back to back - before) / 100
+              (no sync inside a block; one sync after each)
     us      = time_graph(call)      the same call replayed in a CUDA graph: its GPU time
 
 - ``eager-linear``: one ``F.linear`` [T, H] x [H, H] (the floor of one op)
@@ -19,6 +20,7 @@ Rows join ``moekit bench``'s JSON (``impl`` above, ``host_us`` added).
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -30,18 +32,23 @@ EAGER_TOKENS = (1, 8, 64)
 _QUANT = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # the rows' ``quant``: the unquantised dtype
 
 
-def time_host(fn, inputs, calls: int = 100, warmup: int = 5) -> float:
-    """Host µs per call: ``calls`` calls of ``fn(*inputs[i % R])`` enqueued back to back (no
-    synchronisation inside), timed with ``perf_counter``; one synchronisation after."""
+def time_host(fn, inputs, calls: int = 100, warmup: int = 5, repeats: int = 5) -> float:
+    """Host µs per call: the median over ``repeats`` blocks of ``calls`` calls of ``fn(*inputs[i % R])``
+    enqueued back to back (no synchronisation inside a block), timed with ``perf_counter``; one
+    synchronisation after each block. (One block varied by ±20 µs per call between runs on the H200 host;
+    the median of blocks is what the targets are read against.)"""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(calls):
-        fn(*inputs[i % len(inputs)])
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+    per_call = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        per_call.append((t1 - t0) / calls * 1e6)
+    return statistics.median(per_call)
 
 
 def eager_calls(m: ModelShape, layer, plain, t: int, dtype, device, rotations: int = 4):
