@@ -59,19 +59,17 @@ def test_corrupt_shard_names_the_file(checkpoint, tmp_path, how):
 
 
 def test_malformed_config_and_index_name_the_file(checkpoint, tmp_path):
-    path = _copy(checkpoint, str(tmp_path / "ckpt"))
-    cfg = os.path.join(path, "config.json")
-    with open(cfg, "w") as f:
-        f.write('{"model_type": "deepseek_v4", ')
-    with pytest.raises(ValueError, match=re.escape(cfg) + r".*(not valid JSON|malformed)"):
-        load_moe_layers(path)
-    with open(cfg, "w") as f:
-        f.write("[1, 2]")
-    with pytest.raises(ValueError, match=re.escape(cfg) + r".*JSON object"):
-        load_moe_layers(path)
-    path = _copy(checkpoint, str(tmp_path / "ckpt2"))
-    index = os.path.join(path, "model.safetensors.index.json")
-    with open(index, "w") as f:
-        f.write('{"weight_map": ')
-    with pytest.raises(ValueError, match=re.escape(index) + r".*(index|weight_map)"):
-        load_moe_layers(path)
+    cases = [  # (checkpoint copy, file, its broken text, what the error says after the file's name)
+        ("ckpt", "config.json", '{"model_type": "deepseek_v4", ', r".*(not valid JSON|malformed)"),
+        ("ckpt", "config.json", "[1, 2]", r".*JSON object"),
+        ("ckpt2", "model.safetensors.index.json", '{"weight_map": ', r".*(index|weight_map)"),
+    ]
+    for copy, name, text, says in cases:
+        path = str(tmp_path / copy)
+        if not os.path.isdir(path):
+            _copy(checkpoint, path)
+        target = os.path.join(path, name)
+        with open(target, "w") as f:
+            f.write(text)
+        with pytest.raises(ValueError, match=re.escape(target) + says):
+            load_moe_layers(path)

@@ -166,23 +166,21 @@ class QuantLaunch:
         """Scratch per token besides the unquantised path's: x_q, inter_q and their scales, fp32 combine rows."""
         return (h + 8 * h // max(self.spec.block_k, 1) + k * inter * 2 + 16 * k + 2 * k * h) if self.fp8 else 0
 
-    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None):
-        """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales)."""
+    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None):
+        """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
+        ``out``: preallocated ``(x_q, scales)`` (dynamic modes only)."""
         t, n = src.shape
-        xq = torch.empty(t, n, dtype=_FP8, device=src.device)
         sp = self.spec
-        mode = 2 if static is not None else (0 if sp.code == 1 else 1)
-        if mode == 2:
-            xs, grid = static, (t,)
-        elif mode == 0:
-            ng = triton.cdiv(n, sp.block_k)
-            xs = torch.empty(t, ng, dtype=torch.float32, device=src.device)
-        else:
-            xs, grid = torch.empty(t, 1, dtype=torch.float32, device=src.device), (t,)
+        mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
         g = sp.block_k if mode == 0 else 1
+        if out is not None:
+            xq, xs = out
+        else:
+            xq = torch.empty(t, n, dtype=_FP8, device=src.device)
+            xs = static if mode == 2 else torch.empty(t, triton.cdiv(n, g) if mode == 0 else 1,
+                                                      dtype=torch.float32, device=src.device)
         gp = min(triton.next_power_of_2(triton.cdiv(n, g)), max(1, 2048 // g)) if mode == 0 else 1
-        if mode == 0:
-            grid = (t, triton.cdiv(triton.cdiv(n, g), gp))
+        grid = (t, triton.cdiv(triton.cdiv(n, g), gp)) if mode == 0 else (t,)
         if t:
             launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, src.stride(0),
                    xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
@@ -223,20 +221,11 @@ class QuantLaunch:
         return xq, buf, inter_q, kw13, kw2
 
     def after_w13(self, inter_buf, interp: bool, launch) -> None:
+        """The separate quantisation of w2's input (when w13 did not fuse it): the dynamic quantiser."""
         if self._post is None:
             return
         buf, inter_q, inter_s = self._post
-        rows, n = buf.shape
-        sp = self.spec
-        if sp.code == 1:  # groups of bk along I
-            g = sp.block_k
-            gp = min(triton.next_power_of_2(triton.cdiv(n, g)), max(1, 2048 // g))
-            grid, mode = (rows, triton.cdiv(triton.cdiv(n, g), gp)), 0
-        else:
-            g, gp, grid, mode = 1, 1, (rows,), 1
-        launch(qk.act_quant_kernel, grid, buf, inter_q, inter_s, buf, None, n, buf.stride(0),
-               inter_q.stride(0), inter_s.stride(0), 0, G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)),
-               MODE=mode, UE8M0=sp.ue8m0, ON_INPUT=False, INTERP=interp, num_warps=4)
+        self._quantise(buf, launch, interp, out=(inter_q, inter_s))
         self._post = None
 
 
