@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 from triton import knobs
 
 from ._eager import direct_call_ok
@@ -229,7 +228,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags,
     )
     if p.split:
-        _epilogue_pass(w13_out, inter_buf, x.dtype, act, p, epi, launch)
+        _epilogue_pass(w13_out, inter_buf, out, act, p, epi, launch)
     if q is not None:
         q.after_w13(inter_buf, _interpreting(), launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
     flags["USE_TMA"] = w2_desc is not None
@@ -244,18 +243,15 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     return out
 
 
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-def _epilogue_pass(hbuf, inter_buf, dtype, act, p, epi: dict, launch) -> None:
+def _epilogue_pass(hbuf, inter_buf, out, act, p, epi: dict, launch) -> None:
     """After a split w13: act(gate, up) of ``hbuf [rows, 2I]`` fp32 into ``inter_buf`` (rounded, or
     quantised for w2 as ``epi`` says: REQ 1 one program per group of BN = bk columns)."""
     req = int(epi.get("REQ", 0))
     n = inter_buf.shape[1]
     block = p.bn13 if req == 1 else min(1024, triton.next_power_of_2(n))
     launch(grouped_gemm.act_pass_kernel, (p.rows, triton.cdiv(n, block)), hbuf, inter_buf, epi.get("is_ptr"),
-           epi.get("qs_ptr"), n, p.limit_arg, hbuf.stride(0), inter_buf.stride(0), int(epi.get("stride_isr", 0)),
-           ACT=act.code, HAS_LIMIT=p.w13_kw["HAS_LIMIT"], DT=_TL_DTYPES[dtype], REQ=req,
+           epi.get("qs_ptr"), out, n, p.limit_arg, hbuf.stride(0), inter_buf.stride(0), int(epi.get("stride_isr", 0)),
+           ACT=act.code, HAS_LIMIT=p.w13_kw["HAS_LIMIT"], REQ=req,
            UE8M0=bool(epi.get("UE8M0", False)), BLOCK=block, INTERP=_interpreting(), num_warps=4)
 
 

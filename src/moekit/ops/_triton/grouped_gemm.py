@@ -392,11 +392,11 @@ def w13_kernel(
 
 
 @triton.jit
-def act_pass_kernel(h_ptr, inter_ptr, is_ptr, qs_ptr, I, limit, stride_hr, stride_ir, stride_isr,
-                    ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, DT: tl.constexpr, REQ: tl.constexpr,
+def act_pass_kernel(h_ptr, inter_ptr, is_ptr, qs_ptr, out_ptr, I, limit, stride_hr, stride_ir, stride_isr,
+                    ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, REQ: tl.constexpr,
                     UE8M0: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
     """The w13 epilogue after a ``SPLIT`` w13: ``inter[r, n] = act(h[r, n], h[r, I + n])`` (fp32), rounded to
-    ``DT`` and stored, or quantised for w2 (``REQ`` 1: one group per program, BLOCK = the group, scale at
+    the params dtype (``out_ptr``'s, the layer output's: not read) and stored, or quantised for w2 (``REQ`` 1: one group per program, BLOCK = the group, scale at
     ``is[r, pid_1]``; 2: the static ``*qs_ptr``) exactly as :func:`w13_kernel`'s fused epilogue.
     Grid (rows, cdiv(I, BLOCK)); h: [rows, 2I] fp32."""
     r = tl.program_id(0).to(tl.int64)
@@ -407,6 +407,7 @@ def act_pass_kernel(h_ptr, inter_ptr, is_ptr, qs_ptr, I, limit, stride_hr, strid
     u = tl.load(h_ptr + r * stride_hr + I + offs, mask=m, other=0.0)[None, :]
     h = _activate(g, u, limit, ACT, HAS_LIMIT)
     out_ptrs = inter_ptr + r * stride_ir + offs[None, :]
+    DT: tl.constexpr = out_ptr.dtype.element_ty
     if REQ > 0:
         one = tl.full([1], 0, tl.int64)
         requant_store(h, out_ptrs, m[None, :], is_ptr, one + r * stride_isr + cb, one == 0, qs_ptr, m, DT, REQ,
