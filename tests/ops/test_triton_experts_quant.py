@@ -148,7 +148,7 @@ def test_activation_quantiser_matches_rule(group, ue8m0):
     x = (torch.randn(5, 80) * torch.logspace(-3, 2, 80)).to(torch.bfloat16).to(DEV)
     x[2, :40] = 0  # an all-zero group
     fmt = Fp8BlockFormat(32, group, ue8m0=ue8m0) if group else Fp8ChannelFormat()
-    q = tq.QuantLaunch(tq.QuantSpec.of(fmt), torch.ones(1, 1, 1), torch.ones(1, 1, 1), None, None, 80, True)
+    q = tq.QuantLaunch(tq.QuantSpec.of(fmt), torch.ones(1, 1, 1), torch.ones(1, 1, 1), None, None, 80)
     xq, xs, _ = q._quantise(x, lambda kern, grid, *a, **k: kern[grid](*a, **k), _interpreting())
     ref_q, ref_s = quantize_fp8_activations(x, group, ue8m0=ue8m0)
     assert torch.equal(xs, ref_s)

@@ -128,6 +128,15 @@ def _check_not_swapped(w1, w2, h: int, gated: bool) -> None:
         )
 
 
+def check_expert_map_range(expert_map: torch.Tensor | None, num_local: int) -> None:
+    """``expert_map`` values lie in ``[-1, num_local)`` (a host sync; skipped where values cannot be read:
+    compiling, capturing, fake tensors)."""
+    if expert_map is not None and expert_map.numel() and values_checkable(expert_map):
+        lo, hi = int(expert_map.min()), int(expert_map.max())
+        if lo < -1 or hi >= num_local:
+            raise ValueError(f"expert_map values must lie in [-1, {num_local}) (local slots), got [{lo}, {hi}]")
+
+
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
     """Raise if an id lies outside ``[0, num_experts)`` (a host synchronisation; skipped while compiling,
     capturing a CUDA graph or on the meta device, as :func:`moekit._checks.check_finite`)."""
@@ -197,10 +206,7 @@ def experts_reference(
     """
     p = ExpertsProblem.of(x, w2, topk_ids, expert_map, get_activation(activation).name)
     check_ids_in_range(topk_ids, p.num_global)
-    if expert_map is not None and expert_map.numel() and values_checkable(expert_map):
-        lo, hi = int(expert_map.min()), int(expert_map.max())
-        if lo < -1 or hi >= p.num_local:
-            raise ValueError(f"expert_map values must lie in [-1, {p.num_local}) (local slots), got [{lo}, {hi}]")
+    check_expert_map_range(expert_map, p.num_local)
     out = torch.empty_like(x)
     if p.num_tokens == 0:
         return out

@@ -26,8 +26,8 @@ import torch
 from .._checks import check_tensor
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
-from .experts import DEFAULT_WORKSPACE_BYTES, check_experts_inputs, check_ids_in_range
-from .formats import Fp8BlockFormat, Fp8ChannelFormat, WeightFormat
+from .experts import DEFAULT_WORKSPACE_BYTES, check_expert_map_range, check_experts_inputs, check_ids_in_range
+from .formats import Fp8BlockFormat, WeightFormat
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights, dequantize_weight
 
@@ -116,12 +116,15 @@ def fused_experts_quant_torch(
     returns: [T, H] dtype of hidden_states.
     """
     fmt = parse_quant_config(fmt)
-    e, inter, hidden, gated, p, local_map = check_quant_experts_inputs(
+    e, inter, hidden, gated, p = check_quant_experts_inputs(
         hidden_states, w13, w2, topk_weights, topk_ids, fmt=fmt, w13_scale=w13_scale, w2_scale=w2_scale,
         w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale, activation=activation,
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
         expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
     )
+    check_ids_in_range(topk_ids, p.num_global)
+    check_expert_map_range(expert_map, e)
+    local_map = expert_map.long() if expert_map is not None else None
     rows = 2 * inter if gated else inter
     out = torch.empty_like(hidden_states)
     if p.num_tokens == 0:
@@ -164,7 +167,9 @@ def check_quant_experts_inputs(hidden_states, w13, w2, topk_weights, topk_ids, *
                                apply_router_weight_on_input=False, w1_bias=None, w2_bias=None, expert_map=None,
                                global_num_experts=-1, swiglu_limit=None):
     """The one argument check of the quantised experts (arguments as :func:`fused_experts_quant_torch`;
-    ``fmt`` a format object or HF dict). Returns ``(E_local, I, H, gated, params, expert_map int64 | None)``."""
+    ``fmt`` a format object or HF dict): shapes, dtypes, devices — no value checks (the torch twin checks
+    ids and ``expert_map`` values; the Triton path treats ids outside ``[0, E)`` as dead slots).
+    Returns ``(E_local, I, H, gated, params)``."""
     fmt = parse_quant_config(fmt)
     if not isinstance(fmt, WeightFormat):
         raise ValueError("fmt must name a quantised format (an HF quant dict or a format object), got None")
@@ -182,10 +187,4 @@ def check_quant_experts_inputs(hidden_states, w13, w2, topk_weights, topk_ids, *
         w1_bias=w1_bias, w2_bias=w2_bias, expert_map=expert_map, global_num_experts=global_num_experts,
         swiglu_limit=swiglu_limit,
     )
-    check_ids_in_range(topk_ids, p.num_global)
-    local_map = None
-    if expert_map is not None:
-        local_map = expert_map.long()
-        if local_map.numel() and not bool(((local_map >= -1) & (local_map < e)).all()):
-            raise ValueError(f"expert_map values must lie in [-1, {e}) (local slots), got {local_map.unique().tolist()}")
-    return e, inter, hidden, gated, p, local_map
+    return e, inter, hidden, gated, p

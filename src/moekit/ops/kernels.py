@@ -128,14 +128,15 @@ def _torch_kernels() -> Kernels:
 
 
 def _triton_quant() -> tuple[Callable | None, frozenset]:
-    """(fused_experts_quant_triton, its QUANT_FORMATS) from :mod:`.triton_experts_quant`, or (None, {})."""
+    """(launch_quant_experts: the unchecked entry, its QUANT_FORMATS) from :mod:`.triton_experts_quant`, or
+    (None, {}). The table's functions only compute: inputs were checked at the public front / at load."""
     import importlib.util
 
     if importlib.util.find_spec(f"{__package__}.triton_experts_quant") is None:
         return None, frozenset()
     from . import triton_experts_quant as mod
 
-    return mod.fused_experts_quant_triton, mod.QUANT_FORMATS
+    return mod.launch_quant_experts, mod.QUANT_FORMATS
 
 
 def _triton_kernels() -> Kernels:

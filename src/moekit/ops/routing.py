@@ -259,16 +259,6 @@ def check_input_ids_range(input_ids: torch.Tensor, vocab: int) -> None:
         )
 
 
-def lookup_hash_ids(table, input_ids, num_tokens: int, check_range: bool = True) -> torch.Tensor:
-    """hash ids [T, K] int64 = ``table[input_ids]`` after :func:`check_input_ids`; the range check (a host
-    sync) runs with ``check_range``, and otherwise whenever a sync is allowed (not while capturing a CUDA
-    graph or compiling). Deprecated: routers should call ``kernels.hash_route``."""
-    input_ids = check_input_ids(input_ids, table, num_tokens)
-    if check_range or host_sync_allowed():
-        check_input_ids_range(input_ids, table.shape[0])
-    return table[input_ids.long()].long()  # index first: never converts the whole [vocab, K] table
-
-
 def grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor) -> TopKSpec:
     """TopKSpec for grouped routing; ``num_expert_group``/``topk_group`` must be given (>= 1)."""
     for name, v in (("num_expert_group", num_expert_group), ("topk_group", topk_group)):

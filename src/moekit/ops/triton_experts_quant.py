@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import triton
 
+from ._eager import direct_call_ok
 from ._triton import quant as qk
 from .activation import get_activation
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
@@ -41,7 +42,7 @@ from .quantize import check_quant_weights
 from .triton_configs import get_config
 from .triton_experts import fused_experts_impl
 
-__all__ = ["fused_experts_quant_triton", "QuantSpec", "QuantLaunch", "QUANT_FORMATS"]
+__all__ = ["fused_experts_quant_triton", "launch_quant_experts", "QuantSpec", "QuantLaunch", "QUANT_FORMATS"]
 
 _CODES = {"fp8_block": 1, "fp8_channel": 2, "mxfp4": 3, "int4_group": 4}
 #: the formats (``fmt.name``) these kernels run: the Triton kernel table's ``quant_formats``
@@ -140,8 +141,7 @@ class QuantLaunch:
     """One call's quantised operands for :func:`~.triton_experts.fused_experts_impl`: the format, the
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
 
-    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, gated: bool, fp8_acc: int = 0,
-                 bn13: int = 0):
+    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, fp8_acc: int = 0, bn13: int = 0):
         self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
         # fp8 block: w13 quantises w2's input in its epilogue when one tile is one group (BN == bk)
         self.fused_req = spec.static or (spec.code == 1 and bn13 == spec.block_k)
@@ -249,16 +249,38 @@ def fused_experts_quant_triton(
         raise ValueError("fmt must name a quantised format (an HF quant dict or a format object), got None")
     check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
                         w2_input_scale=w2_input_scale)
+    return launch_quant_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, fmt=fmt, w13_scale=w13_scale, w2_scale=w2_scale,
+        w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale, activation=activation,
+        apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
+        expert_map=expert_map, swiglu_limit=swiglu_limit,
+    )
+
+
+def launch_quant_experts(
+    hidden_states, w13, w2, topk_weights, topk_ids, *, fmt: WeightFormat, w13_scale, w2_scale,
+    w13_input_scale=None, w2_input_scale=None, activation="silu", apply_router_weight_on_input=False,
+    w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, global_num_experts=-1,
+) -> torch.Tensor:
+    """:func:`fused_experts_quant_triton` on inputs already checked (the kernel table's entry: a layer
+    checked its weights when they were loaded). ``fmt``: a format object. Eagerly the launcher is called
+    directly (see :mod:`._eager`); torch.compile, fake tensors and dispatch modes go through the op."""
     spec = QuantSpec.of(fmt)
     c = lambda v: None if v is None else v.contiguous()  # noqa: E731 - the kernels assume unit last-dim strides
+    act, on_input = get_activation(activation).name, bool(apply_router_weight_on_input)
+    limit = None if swiglu_limit is None else float(swiglu_limit)
+    x, ids, tw = hidden_states.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    if direct_call_ok(hidden_states):
+        spec = replace(spec, static=w13_input_scale is not None)
+        return fused_experts_quant_impl(x, w13.contiguous(), w2.contiguous(), tw, ids, spec, w13_scale, w2_scale,
+                                        w13_input_scale, w2_input_scale, act, on_input, c(w1_bias), c(w2_bias),
+                                        c(expert_map), limit)
     if spec.fp8:  # fp8 weights cross the op boundary as bytes (torch has few fp8 ops: opcheck's schema check)
         w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
     return fused_experts_quant_op(
-        hidden_states.contiguous(), w13.contiguous(), w2.contiguous(), topk_weights.contiguous(),
-        topk_ids.contiguous(), w13_scale, w2_scale, w13_input_scale, w2_input_scale, fmt.name, spec.block_n,
-        spec.block_k, spec.ue8m0, spec.per_tensor, get_activation(activation).name,
-        bool(apply_router_weight_on_input), c(w1_bias), c(w2_bias), c(expert_map),
-        None if swiglu_limit is None else float(swiglu_limit),
+        x, w13.contiguous(), w2.contiguous(), tw, ids, w13_scale, w2_scale, w13_input_scale, w2_input_scale,
+        fmt.name, spec.block_n, spec.block_k, spec.ue8m0, spec.per_tensor, act, on_input, c(w1_bias), c(w2_bias),
+        c(expert_map), limit,
     )
 
 
@@ -308,7 +330,7 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8), on device
         s13 = w13_input_scale.max().float().reshape(1)
         s2 = w2_input_scale.max().float().reshape(1)
-    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, act.gated, int(config.get("fp8_acc", 0)),
+    q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, int(config.get("fp8_acc", 0)),
                     int(config["w13"]["BN"]))
     return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
                               swiglu_limit, config=config, warmup=warmup, quant=q)
