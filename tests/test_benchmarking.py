@@ -10,7 +10,8 @@ import torch
 
 from moekit.benchmarking import MODELS, ModelShape, get_shape, time_events
 from moekit.benchmarking.bench import baseline_forward, build_layer, check_quant, quant_name, roofline
-from moekit.benchmarking.tune import Space, _cfg, make_problem, search
+from moekit.benchmarking.tune import make_problem
+from moekit.benchmarking.tune_space import Space, _cfg, search
 
 
 def test_registry_has_the_five_models_and_is_read_only():

@@ -177,9 +177,7 @@ def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: floa
     """``per_expert``: bytes of one expert (default: unquantised weights and biases at ``elt`` bytes);
     ``experts_only``: the experts step (reads ``T·K·8`` bytes of routing instead of the logits)."""
     if per_expert is None:
-        per_expert = (m.I * (2 if m.gated else 1) * m.H + m.H * m.I) * elt
-        if m.has_bias:
-            per_expert += (3 * m.I + m.H) * elt
+        per_expert = (m.I * (2 if m.gated else 1) * m.H + m.H * m.I) * elt + m.bias_bytes(elt)
     uniq = statistics.mean(int(torch.unique(i[i < e_real]).numel()) for i in ids_list)
     slots = statistics.mean(int((i < e_real).sum()) for i in ids_list)
     routing = t * m.K * 8 if experts_only else t * (m.E + m.Z) * 4

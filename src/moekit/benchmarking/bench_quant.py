@@ -62,10 +62,7 @@ def per_expert_bytes(m, quant: str, dtype) -> int | None:
     """Bytes of one expert in format ``quant`` (weights, scales, biases); None: unquantised (roofline's default)."""
     if quant not in QUANT_FORMATS:
         return None
-    pe = QUANT_FORMATS[quant].bytes_per_expert(m.I, m.H, m.gated)
-    if m.has_bias:
-        pe += (3 * m.I + m.H) * dtype.itemsize
-    return pe
+    return QUANT_FORMATS[quant].bytes_per_expert(m.I, m.H, m.gated) + m.bias_bytes(dtype.itemsize)
 
 
 def experts_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "triton", *, act: str | None = None,

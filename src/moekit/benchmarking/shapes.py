@@ -52,6 +52,10 @@ class ModelShape:
         """A copy with ``changes`` (the registry itself never changes)."""
         return dataclasses.replace(self, **changes)
 
+    def bias_bytes(self, elt: int) -> int:
+        """Bytes of one expert's biases (w13 ``[2I]`` or ``[I]``, w2 ``[H]``) at ``elt`` bytes, 0 without."""
+        return ((2 if self.gated else 1) * self.I + self.H) * elt if self.has_bias else 0
+
     def layer_kwargs(self) -> dict:
         """Keyword arguments of ``moekit.FusedMoE`` for this routing (weights and bias excluded)."""
         kw = dict(renormalize=self.renorm, scoring_func=self.scoring, routed_scaling_factor=self.scale,

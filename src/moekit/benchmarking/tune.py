@@ -44,10 +44,7 @@ from ..ops.triton_configs import (
 )
 from .shapes import ModelShape
 from .timer import time_graph
-from .tune_space import (  # noqa: F401 - re-exported: the tuner's rules live there
-    ARITH_KEYS, TILE_KEYS, Space, _cfg, _tiles, arith, block_k, config_id, expected_rows, invariance_violation,
-    prior_configs, search, shape_arith, shape_block_k, with_block_k,
-)
+from .tune_space import Space, arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 
 
 def default_out() -> Path:

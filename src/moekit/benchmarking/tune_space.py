@@ -90,10 +90,6 @@ def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
     return {"BLOCK_M": bm, "w13": mk(c13), "w2": mk(c2), **flags}
 
 
-def _tiles(kernel_cfg: dict) -> tuple:
-    return tuple(kernel_cfg[n] for n in TILE_KEYS)
-
-
 def config_id(cfg: dict) -> str:
     """A canonical string of ``cfg`` (dedup key; ``tma`` / ``pdl`` False count as absent)."""
     clean = {k: v for k, v in cfg.items() if not (k in ("tma", "pdl", "w13_split") and not v)}

@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from .._checks import KERNEL_DTYPES
 from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
 from ..experts.routed import RoutedExperts
 from ..loading.architectures import ArchSpec, rename_block_key
@@ -25,7 +26,6 @@ from ..ops.formats import Fp8BlockFormat
 
 #: moekit names of fused expert stacks and their biases / scales (``experts.gate_up_proj_scale_inv``...)
 _STACK_RE = re.compile(r"^experts\.[A-Za-z0-9_]+$")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _UnallocatedRoutedExperts(RoutedExperts):
@@ -64,7 +64,7 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
     quant = _fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt)
     w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
-    dtype = w13.dtype if w13.dtype in _KERNEL_DTYPES else next(t.dtype for t in own.values() if t.dtype in _KERNEL_DTYPES)
+    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else next(t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES)
     layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
                         routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
                         quant_config=quant[0] if quant else None)

@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from ..experts.mapping import EXPERT_KEY_RE, FUSED_KEY_RE
+from ..experts.mapping import EXPERT_KEY_RE, FUSED_KEY_RE, KIND_OF_SUFFIX
 from ..ops.formats import Int4GroupFormat, Mxfp4Format, WeightFormat
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import dequantize_weight
@@ -32,8 +32,6 @@ from .plan import LayerPlan
 
 _DENSE_RE = re.compile(r"^(?P<mod>.+)\.(?P<part>weight|weight_packed|weight_scale_inv|weight_scale|scale|input_scale|"
                        r"weight_shape)$")
-_PART = {"weight": "weight", "weight_packed": "weight", "weight_scale_inv": "scale", "weight_scale": "scale",
-         "scale": "scale", "input_scale": None, "weight_shape": None}
 
 
 def checkpoint_format(config: dict, quant_config) -> tuple[WeightFormat | None, bool]:
@@ -67,7 +65,7 @@ def dense_groups(keys: dict[str, str]) -> dict[str, dict[str, str]]:
         if m is None or EXPERT_KEY_RE.search(rel) or FUSED_KEY_RE.search(rel):
             continue
         by_mod.setdefault(m.group("mod"), {})[m.group("part")] = key
-    return {mod: parts for mod, parts in by_mod.items() if any(_PART[p] == "scale" for p in parts)}
+    return {mod: parts for mod, parts in by_mod.items() if any(KIND_OF_SUFFIX[p] == "scale" for p in parts)}
 
 
 def dequantize_dense(parts: dict[str, torch.Tensor], fmt: WeightFormat, what: str) -> torch.Tensor:

@@ -118,15 +118,20 @@ def shared_projs(plan) -> tuple[str, ...]:
     return ("gate_up_proj", "down_proj") if plan.shared_fused else ("gate_proj", "up_proj", "down_proj")
 
 
-def shared_format(fmt, plan, ckpt_name=None):
+def shared_format(fmt, plan, ckpt_name):
     """The fp8 format ``plan``'s shared experts load in (SPEC §8: the checkpoint's format), or None.
 
     fmt: the checkpoint's (or asked) format; ckpt_name: ``moekit-relative name -> checkpoint module
-    name`` (default: the name itself under the block's first prefix), checked with ``fmt.applies_to``."""
+    name``, checked with ``fmt.applies_to``."""
     if not plan.shared_intermediate_size or not isinstance(fmt, FP8_FORMATS):
         return None
-    name = ckpt_name or (lambda rel: plan.ckpt_prefixes[0] + rel)
-    return fmt if all(fmt.applies_to(name(f"shared_experts.{p}")) for p in shared_projs(plan)) else None
+    return fmt if all(fmt.applies_to(ckpt_name(f"shared_experts.{p}")) for p in shared_projs(plan)) else None
+
+
+def _fused_grid_holds(fmt, inter: int) -> bool:
+    """A fused fp8 ``gate_up_proj`` block grid splits into SPEC §8's gate / up shard grids only when no
+    block straddles the gate/up boundary (``I`` a multiple of ``block_n``)."""
+    return not isinstance(fmt, Fp8BlockFormat) or inter % fmt.block_n == 0
 
 
 def shared_groups(dense: dict[str, dict[str, str]], plan, fmt) -> dict[str, dict[str, str]] | None:
@@ -137,6 +142,8 @@ def shared_groups(dense: dict[str, dict[str, str]], plan, fmt) -> dict[str, dict
     mods = {mod[len("shared_experts."):]: parts for mod, parts in dense.items() if mod.startswith("shared_experts.")}
     if set(mods) != set(shared_projs(plan)):
         return None
+    if "gate_up_proj" in mods and not _fused_grid_holds(fmt, plan.shared_intermediate_size):
+        return None  # decided before any tensor is read: the dense path reads them once, dequantised
     return mods
 
 
@@ -169,6 +176,8 @@ def quant_shared_from_checkpoint(plan, fmt, tensors: dict[str, dict[str, torch.T
     a scale or weight of the wrong shape -> ValueError; a missing input_scale -> KeyError.
     """
     hidden, inter = plan.outer_hidden_size, plan.shared_intermediate_size
+    if "gate_up_proj" in tensors and not _fused_grid_holds(fmt, inter):
+        return None  # one fused block grid: not the per-shard grids of SPEC §8
     rows = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "gate_up_proj": (2 * inter, hidden),
             "down_proj": (hidden, inter)}
     w, s, x = {}, {}, {}
@@ -184,8 +193,6 @@ def quant_shared_from_checkpoint(plan, fmt, tensors: dict[str, dict[str, torch.T
             raise ValueError(f"checkpoint key {wkey!r} has shape {list(wt.shape)}, expected {[n, k]}")
         st, skey = _scale_of(parts, keys[proj])
         if isinstance(fmt, Fp8BlockFormat):
-            if proj == "gate_up_proj" and inter % fmt.block_n:
-                return None  # one fused block grid: not the per-shard grids of SPEC §8
             want = (_cdiv(n, fmt.block_n), _cdiv(k, fmt.block_k))
         else:
             want = (1,) if fmt.per_tensor else (n,)
