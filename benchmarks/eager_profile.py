@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import traceback
 
 import torch
@@ -36,24 +34,15 @@ import moekit
 from moekit._checks import check_tensor
 from moekit.benchmarking import MODELS, time_graph
 from moekit.benchmarking.bench import build_layer
+from moekit.benchmarking.eager import time_host
 from moekit.experts.graphed import tensor_key
 
 DT = torch.bfloat16
 
 
-def host_us(fn, reps: int = 5, calls: int = 200) -> float:
-    """Median over ``reps`` of the host µs per call of ``calls`` back-to-back ``fn()`` (one sync after each)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+def host_us(fn, calls: int = 200) -> float:
+    """Host µs per ``fn()`` call: :func:`moekit.benchmarking.eager.time_host` (median of 5 blocks)."""
+    return time_host(lambda: fn(), [()], calls=calls)
 
 
 def old_state(layer) -> tuple:
@@ -155,7 +144,7 @@ def main(argv=None) -> int:
                         print(f"{name:15s} T={t:2d} {piece:16s} host {row['host_us']:8.2f} us")
                 row = dict(model=name, tokens=t, piece="gpu", gpu_us=None)
                 try:
-                    row["gpu_us"] = round(time_graph(lambda a, b: layer(a, b), [inputs], target_ms=5.0), 2)
+                    row["gpu_us"] = round(time_graph(layer, [inputs], target_ms=5.0), 2)
                     print(f"{name:15s} T={t:2d} {'gpu':16s} gpu  {row['gpu_us']:8.2f} us")
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"

@@ -6,9 +6,8 @@
 # Sections (each bounded by what is left of the 540 s, and guarded: a failure or a timeout does not
 # stop the next one; every finished token bucket is already merged into the JSON):
 #   bf16   the five benchmark shapes, 55 s per shape
-#   fp8    128x128 blocks for DeepSeek-V3, Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-120b (--quick, 30 s each)
-#   mxfp4  gpt-oss-120b (its checkpoint format; --quick, 30 s)
-#   int4   Mixtral-8x7B (group 32; the largest expert bytes per token; --quick, 30 s)
+#   fp8    128x128 blocks for DeepSeek-V3, Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-120b (--quick, 40 s each)
+# (the run that made configs/NVIDIA_H200.json; 4-bit and w13_split tuning: benchmarks/h200_session.sh)
 # Copy the JSON to src/moekit/configs/ to ship it, or point MOEKIT_CONFIG_DIR at OUT_DIR.
 set -u
 OUT=${1:?usage: $0 OUT_DIR}
@@ -36,8 +35,6 @@ section() {  # section NAME ARGS...: run `moekit tune ARGS --out OUT` with what 
 
 section bf16 --models deepseek-v3,qwen3-30b-a3b,mixtral-8x7b,gpt-oss-120b,longcat-flash --budget-s 55
 section fp8 --models deepseek-v3,qwen3-30b-a3b,mixtral-8x7b,gpt-oss-120b --quant fp8 --quick --budget-s 40
-# 4-bit sections: re-run after the 4-bit unpack rewrite (their kernels change)
-
 
 echo "== summary ($SECONDS s) =="
 for s in "${STATUS[@]}"; do echo "  $s"; done

@@ -10,7 +10,7 @@ import torch
 from moekit.benchmarking import tune
 from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.tune_space import (
-    PRIORS, Space, _cfg, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
+    PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
     smem_estimate,
 )
 from moekit.ops.triton_configs import heuristic_config, shape_key
@@ -55,11 +55,7 @@ def test_fix_config_is_applied_and_duplicates_dropped():
     s4 = Space(DIMS, torch.bfloat16, spec4)
     got = s4.fix_all([_cfg(16, (32, 64, 4, 5), (32, 64, 4, 5)), _cfg(16, (32, 256, 4, 3), (32, 32, 4, 3), tma=True)])
     assert len(got) == 1 and got[0]["w13"]["num_stages"] == 3 and "tma" not in got[0]
-    assert block_k_of(got[0]) == (128, 128)
-
-
-def block_k_of(c):
-    return c["w13"]["BK"], c["w2"]["BK"]
+    assert block_k(got[0]) == (128, 128)
 
 
 def test_unknown_top_level_keys_are_carried_through():

@@ -69,11 +69,12 @@ def test_every_format_whole_layer_and_experts_step(name):
             if m.Z == 0:  # without zero experts the layer is its experts step on the same routing
                 for a, b in zip(layer_out, exp_out):
                     torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+            if q == "bf16":
+                continue
             bf = by[(name, t, "moekit", "bf16")][1]
             for a, b in zip(layer_out, bf):  # a quantised layer is the bf16 layer up to quantisation error
                 err = (a.float() - b.float()).norm() / b.float().norm()
                 assert err < (0.1 if q == "fp8" else 0.3), (q, err)
-        if q != "bf16":
             assert by[(name, t, "moekit", q)][0]["bytes"] < by[(name, t, "moekit", "bf16")][0]["bytes"]
     lines = summarize(rows)
     assert any("fp8" in ln and "vs bf16" in ln for ln in lines) and any("baseline" in ln for ln in lines)

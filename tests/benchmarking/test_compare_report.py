@@ -125,5 +125,5 @@ def test_main_writes_markdown_and_plot(tmp_path, capsys):
     md, png = tmp_path / "out.md", tmp_path / "speed.png"
     assert compare.main([str(res), "--md", str(md), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert md.read_text() == out.rstrip("\n") + "\n" or md.read_text() in out
+    assert md.read_text() == out.rstrip("\n") + "\n"  # the file holds the report that was printed
     assert png.stat().st_size > 10_000

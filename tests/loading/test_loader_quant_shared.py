@@ -9,12 +9,10 @@ same w8a8 math <= 5e-3 (torch path); the whole layer against the old dequantised
 different math, so the bound is a sanity check, not an accuracy claim).
 """
 
-import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import moekit
 from moekit import load_moe_layers
@@ -24,15 +22,9 @@ from moekit.loading.quant import dequantize_dense
 from moekit.loading.quant_shared import QuantSharedMLP
 from moekit.ops.experts_quant import fused_experts_quant_torch
 from moekit.ops.quantize import quantize_weight
+from test_loader_quant import FP8, _write
 
 E, K, T = 4, 2, 9
-
-
-def _write(path, config, tensors):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
 
 
 def _ds3(h, i, fmt_dict, dtype="bfloat16", shared=None, quantised=True, seed=0):
@@ -79,7 +71,6 @@ def _twin(shared, x, **over):
                                      **kw)
 
 
-FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
 
 
 def test_deepseek_fp8_shared_experts_run_fp8(tmp_path):
@@ -251,7 +242,6 @@ def test_fused_gate_up_and_non_gated_layouts():
     multiple of block_n) is refused (None: dequantised instead); a non-gated (relu2) shared MLP holds
     ``w13 [1, I, H]`` and equals the twin of one expert with K = 1."""
     from moekit.loading.quant_shared import quant_shared_from_checkpoint
-    from moekit.ops.quantize import quantize_weight
 
     fmt = moekit.parse_quant_config(dict(FP8, weight_block_size=[32, 32]))
     g = torch.Generator().manual_seed(11)

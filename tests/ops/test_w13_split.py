@@ -80,9 +80,7 @@ def test_quantised_split_is_the_same_bits(name):
     s_in = (None, None)
     if getattr(fmt, "static_input", False):
         s_in = (torch.full((E,), 0.02, device=DEV), torch.full((E,), 0.01, device=DEV))
-    spec = tq.QuantSpec.of(fmt)
-    spec = tq.QuantSpec(spec.code, spec.block_n, spec.block_k, ue8m0=spec.ue8m0, per_tensor=spec.per_tensor,
-                        static=s_in[0] is not None, pack=spec.pack)
+    spec = tq.QuantSpec.of(fmt)  # static inputs: spec.static from the format, as s_in
     outs = [tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2, None,
                                         7.0, config=_cfg(bn, split)) for split in (False, True)]
     assert torch.equal(outs[0], outs[1])
