@@ -58,6 +58,8 @@ DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
+#: the short name of a kernel dtype (config keys, bench rows' ``quant``, command-line values)
+DTYPE_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def as_float_dtype(name: str, value, allowed=FLOAT_DTYPES) -> torch.dtype:

@@ -207,7 +207,9 @@ def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
     quantised format of the benchmark (16-bit activations only)."""
     from .benchmarking.bench_quant import QUANT_FORMATS
 
-    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    from ._checks import DTYPE_SHORT
+
+    short = DTYPE_SHORT[dtype]
     if quant is None or quant == short:
         return None
     if quant not in QUANT_FORMATS:

@@ -50,6 +50,7 @@ from typing import Callable
 
 import torch
 
+from .._checks import DTYPE_SHORT
 from .baseline import baseline_forward  # noqa: F401 - re-exported: bench times it
 from .bench_quant import QUANT_FORMATS, experts_fn, layer_fn, measure_fp8_peak, per_expert_bytes, quantized_weights
 from .eager import bench_eager, summarize_eager
@@ -66,7 +67,7 @@ FAST = dict(target_ms=10.0, replays=5)
 
 def quant_name(dtype: torch.dtype) -> str:
     """The ``quant`` key of a row whose weights are stored unquantised in ``dtype``."""
-    return {v: k for k, v in QUANT_DTYPES.items()}[dtype]
+    return DTYPE_SHORT[dtype]
 
 
 def check_quant(quant: str | None, dtype: torch.dtype) -> str:

@@ -25,11 +25,11 @@ import time
 
 import torch
 
+from .._checks import DTYPE_SHORT
 from .shapes import ModelShape
 from .timer import time_graph
 
 EAGER_TOKENS = (1, 8, 64)
-_QUANT = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # the rows' ``quant``: the unquantised dtype
 
 
 def time_host(fn, inputs, calls: int = 100, warmup: int = 5, repeats: int = 5) -> float:
@@ -93,7 +93,7 @@ def bench_eager(m: ModelShape, layer, tokens, dtype, device, log) -> list[dict]:
                 gpu = time_graph(fn, inputs, target_ms=10.0)
                 rows.append(dict(model=m.name, tokens=t, impl=impl, us=round(gpu, 2), host_us=round(host, 2),
                                  pct_roofline=None, device=name, dtype=str(dtype).replace("torch.", ""),
-                                 quant=_QUANT.get(dtype), eager_graph_tokens=layer.eager_graph_tokens))
+                                 quant=DTYPE_SHORT.get(dtype), eager_graph_tokens=layer.eager_graph_tokens))
                 log(f"{m.name:15s} T={t:5d} {impl:22s} host {host:8.1f} us   gpu {gpu:8.1f} us"
                     f"{'   HOST-BOUND' if host > gpu else ''}")
     del plain

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from .._checks import DTYPE_SHORT
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def device_key(device_name: str) -> str:
@@ -46,7 +47,7 @@ def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torc
               quant: str | None = None) -> str:
     """``quant``: a quantised weight format's key (e.g. ``fp8_block128x128``, ``mxfp4``), appended as
     ``,quant=...`` (``dtype`` stays the activations' dtype)."""
-    key = f"E={num_experts},H={hidden},I={inter},K={top_k},dtype={_DTYPE_NAMES[dtype]},gated={int(gated)}"
+    key = f"E={num_experts},H={hidden},I={inter},K={top_k},dtype={DTYPE_SHORT[dtype]},gated={int(gated)}"
     return key if quant is None else f"{key},quant={quant}"
 
 
