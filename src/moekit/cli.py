@@ -33,6 +33,8 @@ import sys
 
 import torch
 
+from ._checks import DTYPE_SHORT, check_device
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -129,13 +131,10 @@ def device(text: str) -> torch.device:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and none is available here; use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"expected an index below {torch.cuda.device_count()} (the CUDA devices here), got {text!r}")
-    return dev
+    try:  # runnable here: the library's own device check
+        return check_device("--device", text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -206,8 +205,6 @@ def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
     """``--quant`` of ``tune``: None for the unquantised dtype (its short name is accepted too), else a
     quantised format of the benchmark (16-bit activations only)."""
     from .benchmarking.bench_quant import QUANT_FORMATS
-
-    from ._checks import DTYPE_SHORT
 
     short = DTYPE_SHORT[dtype]
     if quant is None or quant == short:
