@@ -341,3 +341,10 @@ def make_expert_weights(e, inter, h, *, gated=True, bias=False, dtype=torch.floa
     b13 = (torch.randn(e, rows) * 0.5).to(dtype) if bias else None
     b2 = (torch.randn(e, h) * 0.5).to(dtype) if bias else None
     return w13, w2, b13, b2
+
+
+def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS error ``|out - ref| / |ref|`` of a whole output, in float64 on the CPU (the tolerance
+    measure of SPEC §8)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()

@@ -23,6 +23,7 @@ from moekit.loading.quant_shared import QuantSharedMLP
 from moekit.ops.experts_quant import fused_experts_quant_torch
 from moekit.ops.quantize import quantize_weight
 from test_loader_quant import FP8, _write
+from reference import rel_rms
 
 E, K, T = 4, 2, 9
 
@@ -56,10 +57,6 @@ def _ds3(h, i, fmt_dict, dtype="bfloat16", shared=None, quantised=True, seed=0):
     return cfg, t, fmt
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _twin(shared, x, **over):
     """The torch twin of one expert with K = 1 on the module's own quantised tensors."""
     kw = dict(fmt=shared.fmt, w13_scale=shared.w13_scale, w2_scale=shared.w2_scale,
@@ -89,7 +86,7 @@ def test_deepseek_fp8_shared_experts_run_fp8(tmp_path):
     assert torch.equal(shared(x), _twin(shared, x))  # exact: the same function on the same tensors
     # against the float64 twin of the same w8a8 math (SPEC §8 torch-path bound)
     x32 = x.float()
-    assert _rel(shared(x32), _twin(shared, x32.double())) <= 5e-3
+    assert rel_rms(shared(x32), _twin(shared, x32.double())) <= 5e-3
     # the whole layer vs the previous behaviour (a dequantised bf16 shared MLP, no activation quantisation)
     old = SharedMLP(h, i, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -99,7 +96,7 @@ def test_deepseek_fp8_shared_experts_run_fp8(tmp_path):
         new_out = layer(x)
         layer.shared_experts = old
         old_out = layer(x)
-    assert new_out.dtype == torch.bfloat16 and 0 < _rel(new_out, old_out) <= 3e-2
+    assert new_out.dtype == torch.bfloat16 and 0 < rel_rms(new_out, old_out) <= 3e-2
 
 
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])
@@ -136,7 +133,7 @@ def test_compressed_tensors_fp8_channel_and_tensor(tmp_path, strategy):
         assert shared.w13_scale[0, 1] == t[sp + "up_proj.weight_scale"][0]
     x = torch.randn(T, h).bfloat16()
     assert torch.equal(shared(x), _twin(shared, x))
-    assert _rel(shared(x.float()), _twin(shared, x.double())) <= 5e-3
+    assert rel_rms(shared(x.float()), _twin(shared, x.double())) <= 5e-3
     assert layer(x).shape == (T, h)
 
 
@@ -174,7 +171,7 @@ def test_triton_interpreter_matches_twin(tmp_path):
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
         x = torch.randn(5, h, device=dev).to(dtype)
         out = tri(x)
-        assert out.dtype == dtype and _rel(out.cpu(), ref(x.cpu())) <= (tol if dev == "cpu" else 1e-2)
+        assert out.dtype == dtype and rel_rms(out.cpu(), ref(x.cpu())) <= (tol if dev == "cpu" else 1e-2)
 
 
 def _module(fmt=None, seed=5, h=32, i=32):

@@ -14,7 +14,7 @@ import torch
 from moekit.ops.experts_quant import fused_experts_quant_torch
 from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.quantize import quantize_experts
-from reference import assert_close_dtype, ref_act
+from reference import assert_close_dtype, ref_act, rel_rms
 
 ACTS = ["silu", "gelu", "gelu_tanh", "swigluoai", "relu2"]
 FP8 = [Fp8BlockFormat(16, 16), Fp8BlockFormat(16, 16, True), Fp8BlockFormat(128, 128), Fp8ChannelFormat(),
@@ -92,10 +92,6 @@ def ref_quant_experts(x, q, fmt, w, ids, *, activation="silu", b13=None, b2=None
             o = o + (b2[e].double() if b2 is not None else 0)
             out[t] += o if on_input else wt * o
     return out
-
-
-def rel_rms(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 # ------------------------------------------------------------------ cases

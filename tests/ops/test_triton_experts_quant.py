@@ -17,6 +17,7 @@ from moekit.ops.experts_quant import fused_experts_quant_torch
 from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.quantize import quantize_experts
 from moekit.ops import triton_experts_quant as tq
+from reference import rel_rms
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = Fp8BlockFormat(32, 32)
@@ -55,11 +56,6 @@ def make(fmt, t, e, k, h, i, dtype=torch.bfloat16, act="silu", bias=False, hot=F
                   w2_input_scale=torch.rand(e, generator=gen) * 0.004 + 0.001)
     to = lambda v: v.to(DEV) if isinstance(v, torch.Tensor) else v  # noqa: E731
     return [to(v) for v in (x, w13_q, w2_q, w, ids.to(torch.int32))], {n: to(v) for n, v in kw.items()}
-
-
-def rel_rms(out, ref) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def compare(args, kw, tol=None):
