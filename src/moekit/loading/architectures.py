@@ -69,3 +69,11 @@ def rename_block_key(spec: ArchSpec, rest: str) -> str:
         if rest.startswith(old):
             return new + rest[len(old) :]
     return rest
+
+
+def checkpoint_block_key(spec: ArchSpec, name: str) -> str:
+    """The inverse of :func:`rename_block_key`: a block-relative moekit name -> the checkpoint's."""
+    for old, new in spec.renames:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name

@@ -15,7 +15,7 @@ import os
 import sys
 
 from ..ops.activation import is_gated
-from .architectures import plan_layers
+from .architectures import checkpoint_block_key, plan_layers
 from .loader import read_config
 from .plan import LayerPlan
 from .quant import checkpoint_format, experts_format
@@ -65,11 +65,7 @@ def _ranges(idx: list[int]) -> str:
 
 def _ckpt_name(spec, p: LayerPlan, rel: str) -> str:
     """A block-relative moekit name -> the checkpoint module name (the spec's renames undone)."""
-    dotted = rel + "."
-    for old, new in spec.renames:
-        if dotted.startswith(new):
-            return (p.ckpt_prefixes[0] + old + dotted[len(new):])[:-1]
-    return p.ckpt_prefixes[0] + rel
+    return (p.ckpt_prefixes[0] + checkpoint_block_key(spec, rel + "."))[:-1]
 
 
 def _signature(p: LayerPlan):

@@ -27,7 +27,7 @@ from .._checks import DTYPE_NAMES, as_float_dtype, check_device
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
-from .architectures import ArchSpec, plan_layers
+from .architectures import ArchSpec, checkpoint_block_key, plan_layers
 from .keys import CONSTRUCTION, assign_keys, construction_tensors, expand_key
 from .modules import build_layer
 from .plan import LayerPlan
@@ -376,10 +376,6 @@ def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:
             first, other = (b, a) if mixtral_style else (a, b)
             named.append(f"{pre}experts.{e}.{first}.{kind} (or experts.{e}.{other}.{kind}, or a fused stack)")
         else:
-            for old, new in spec.renames:
-                if piece.startswith(new):
-                    piece = old + piece[len(new) :]
-                    break
-            named.append(pre + piece)
+            named.append(pre + checkpoint_block_key(spec, piece))
     more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
     raise KeyError(f"missing checkpoint tensors for MoE block {plan.name}: {', '.join(named)}{more}")

@@ -68,11 +68,15 @@ def dense_groups(keys: dict[str, str]) -> dict[str, dict[str, str]]:
     return {mod: parts for mod, parts in by_mod.items() if any(KIND_OF_SUFFIX[p] == "scale" for p in parts)}
 
 
+#: the checkpoint parts that hold a quantised linear's scale, in the order they are looked for
+SCALE_PARTS = ("weight_scale_inv", "weight_scale", "scale")
+
+
 def dequantize_dense(parts: dict[str, torch.Tensor], fmt: WeightFormat, what: str) -> torch.Tensor:
     """One quantised linear's checkpoint parts (``weight`` or ``weight_packed``, a scale) -> its weight
     [N, K] float32: ``W = Wq · S`` by ``fmt``'s rule for one matrix."""
     wq = parts.get("weight", parts.get("weight_packed"))
-    scale = next((parts[p] for p in ("weight_scale_inv", "weight_scale", "scale") if p in parts), None)
+    scale = next((parts[p] for p in SCALE_PARTS if p in parts), None)
     if wq is None or scale is None:
         raise KeyError(f"{what}: a quantised linear needs a weight and its scale, got {sorted(parts)}")
     if isinstance(fmt, Mxfp4Format) and wq.dtype == torch.int8:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from ..experts.params import keep_dtypes
 from ..ops.activation import effective_limit, get_activation
 from ..ops.formats import Fp8BlockFormat, Fp8ChannelFormat
 from ..ops.kernels import resolve_kernels
 from ..ops.quant_config import parse_quant_config
-from ..experts.params import keep_dtypes
 from ..ops.quantize import check_quant_weights, quantize_experts
+from .quant import SCALE_PARTS
 
 __all__ = ["QuantSharedMLP", "quant_shared_from_checkpoint", "quant_shared_from_float", "shared_format",
            "shared_groups", "shared_projs"]
@@ -148,7 +149,7 @@ def shared_groups(dense: dict[str, dict[str, str]], plan, fmt) -> dict[str, dict
 
 
 def _scale_of(parts: dict, key_of: dict) -> tuple[torch.Tensor, str]:
-    for p in ("weight_scale_inv", "weight_scale", "scale"):
+    for p in SCALE_PARTS:
         if p in parts:
             return parts[p], key_of[p]
     raise KeyError(f"{key_of.get('weight', '?')}: a quantised linear needs its scale (weight_scale_inv or weight_scale)")
