@@ -9,8 +9,8 @@ replaces ``triton.jit`` kernels by interpreted ones at import).
     python benchmarks/compile_sm90.py                      # every quantised format, DeepSeek-V3 and gpt-oss slices
     python benchmarks/compile_sm90.py --fmt fp8_block --t 1 --dump /tmp/ir  # write .ttgir/.ptx per kernel
 
-Configs: :func:`moekit.ops.triton_configs.heuristic_config` with 132 SMs (what an H200 without a tuned
-file runs), then the format's :meth:`QuantSpec.fix_config`.
+Configs: :func:`moekit.ops.triton_configs.heuristic_config` with 132 SMs and the format (what a GPU
+without a tuned file runs), then the format's :meth:`QuantSpec.fix_config`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None):
     """[(kernel, args, kwargs)] of one call of the quantised launcher (heuristic H200 config)."""
     e, k, h, i, act, bias = SHAPES[shape] if isinstance(shape, str) else shape
     x, w13, w2, w, ids, spec, s13, s2, (si13, si2), b1, b2 = _make(fmt, t, e, k, h, i, act, bias, dtype)
-    cfg = config or tc.heuristic_config(t, e, h, i, k, dtype, 132)
+    cfg = config or tc.heuristic_config(t, e, h, i, k, dtype, 132, quant=spec.key if spec is not None else None)
     seen = []
     kernels = {}
     from moekit.ops._triton import align, grouped_gemm, quant

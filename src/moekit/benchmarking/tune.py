@@ -190,9 +190,7 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     call = call or Kernel(m.act)
     name = torch.cuda.get_device_name(device)
     key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
-    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype)
-    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
-    base = space.apply(base)
+    space, base = config_in_use(m, t, dtype, name, key, spec, fixed_bk, fixed_arith)
     problems = []
     for r in range(rotations):
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
@@ -311,7 +309,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
             for n, t in enumerate(order):
                 now = time.time()
                 if now > deadline:
-                    cfg = tune_fallback(m, t, dtype, name, key, spec, fixed_bk, fixed_arith)
+                    cfg = config_in_use(m, t, dtype, name, key, spec, fixed_bk, fixed_arith)[1]
                     info = {"base_us": float("nan"), "best_us": float("nan"), "timed": 0}
                     msg = "budget spent: keeps the config in use"
                 else:
@@ -339,10 +337,13 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
     return path
 
 
-def tune_fallback(m, t, dtype, name, key, spec, fixed_bk, fixed_arith) -> dict:
-    """The config in use for a bucket the budget did not reach, with the shape's invariants."""
-    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype)
-    return Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize).apply(base)
+def config_in_use(m, t, dtype, name, key, spec, fixed_bk, fixed_arith) -> tuple[Space, dict]:
+    """(the shape's search space, the config a lookup gives at ``t`` — tuned file, else the heuristic of
+    the format — fixed by the space): where a search starts, and what a bucket past the budget keeps."""
+    quant = None if spec is None else spec.key
+    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant)
+    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
+    return space, space.apply(base)
 
 
 def make_call(m: ModelShape, dtype, fmt, spec, weights):

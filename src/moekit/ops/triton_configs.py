@@ -120,10 +120,11 @@ def clear_config_cache() -> None:
 
 def heuristic_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype,
-    num_sms: int = 132,
+    num_sms: int = 132, quant: str | None = None,
 ) -> dict:
     """A sound config for any shape: block rows from the expected rows per touched expert, tile
-    widths so that the memory-bound small-T launches still fill the SMs."""
+    widths so that the memory-bound small-T launches still fill the SMs. ``quant``: a quantised format's
+    key; fp8 formats take :func:`fp8_heuristic`'s tiles."""
     slots = max(num_tokens * top_k, 1)
     touched = min(num_experts, slots)
     rows = slots / touched
@@ -163,7 +164,8 @@ def heuristic_config(
     # weight tiles by tensor descriptor won every compute-bound point tuned on H100 (T = 16384, five
     # shapes); the wrapper falls back to pointer loads where descriptors cannot describe the weights
     tma = small_elt and rows > 400
-    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
+    cfg = {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
+    return fp8_heuristic(cfg, num_tokens, num_experts, top_k) if quant and quant.startswith("fp8") else cfg
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,14 +192,13 @@ def get_config(
 @functools.lru_cache(maxsize=4096)
 def _get_config(index, num_tokens, num_experts, hidden, inter, top_k, dtype, gated, quant, env_dir, home) -> dict:
     if index is None:
-        return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, 4)
+        return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, 4, quant)
     name, sms = _device_props(index)
     cfg = _lookup(_config_dirs(env_dir, home), name, shape_key(num_experts, hidden, inter, top_k, dtype, gated, quant),
                   max(num_tokens, 1))
     if cfg is not None:
         return cfg
-    cfg = heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms)
-    return fp8_heuristic(cfg, num_tokens, num_experts, top_k) if quant and quant.startswith("fp8") else cfg
+    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms, quant)
 
 
 def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> dict:
