@@ -166,7 +166,8 @@ def stats(d: Path, tag: str) -> dict:
     return row
 
 
-def compile_into(d: Path, fmts: str, shapes: str, ts: str, kernels: str) -> None:
+def compile_into(d: Path, fmts: str, shapes: str, ts: str, kernels: str, patch: dict | None = None,
+                 suffix: str = "") -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import compile_sm90 as cs
 
@@ -175,10 +176,10 @@ def compile_into(d: Path, fmts: str, shapes: str, ts: str, kernels: str) -> None
     for fname in fmts.split(","):
         for shape in shapes.split(","):
             for t in map(int, ts.split(",")):
-                for kf, args, kw in cs.launches(cs.FORMATS[fname], t, shape):
+                for kf, args, kw in cs.launches(cs.FORMATS[fname], t, shape, patch=patch):
                     if kf.__name__ not in want:
                         continue
-                    tag = f"{fname}_{shape}_T{t}_{kf.__name__}"
+                    tag = f"{fname}_{shape}_T{t}_{kf.__name__}{suffix}"
                     res = cs.compile_launch(kf, args, kw)
                     for ext in ("ttgir", "ptx"):
                         (d / f"{tag}.{ext}").write_text(res.asm[ext])
@@ -196,12 +197,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="deepseek,gpt-oss")
     ap.add_argument("--t", default="1,64,1000")
     ap.add_argument("--kernels", default="w13_kernel,w2_kernel")
+    ap.add_argument("--patch", default=None, help='JSON merged into each config, e.g. \'{"w2": {"SWAP": 1}}\'')
+    ap.add_argument("--suffix", default="", help="appended to the tags of this compile (e.g. _swap)")
     a = ap.parse_args(argv)
     d = Path(a.dir)
     if a.compile:
         if os.environ.get("TRITON_INTERPRET") == "1":
             sys.exit("ir_stats --compile: unset TRITON_INTERPRET")
-        compile_into(d, a.fmt, a.shape, a.t, a.kernels)
+        compile_into(d, a.fmt, a.shape, a.t, a.kernels, json.loads(a.patch) if a.patch else None, a.suffix)
     pats = [p for p in a.match.split(",") if p]
     tags = sorted({p.stem for p in d.glob("*.ptx")} | {p.stem for p in d.glob("*.ttgir")})
     tags = [t for t in tags if not pats or any(p in t for p in pats)]

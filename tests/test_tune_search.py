@@ -36,6 +36,8 @@ def test_priors_are_few_and_quick_is_fewer(fam):
         assert len({config_id(c) for c in full}) == len(full)
         # compute-bound regimes also try the split w13 (one accumulator per program: the same bits)
         assert any(c.get("w13_split") for c in quick) == (fam != "4bit" and rows > 48)
+        # fp8 decode also tries swapped tiles (weights on wgmma's M side), and only fp8
+        assert any(c["w13"].get("SWAP") for c in quick) == (fam == "fp8" and rows <= 16)
     if fam == "4bit":
         assert all(c["w13"]["BN"] <= 128 and c["w13"]["num_stages"] <= 3 for c in prior_configs(1, base, fam, (128, 128)))
 
@@ -212,3 +214,19 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     assert tune.split_identical(["even"], call, cfg)
     assert not tune.split_identical(["even", "odd"], call, cfg)
     assert any("w13_split" not in c for c in seen)
+
+
+def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
+    """``swap_identical`` compares a swapped config with the same tiles unswapped at BLOCK_M >= 64."""
+    seen = []
+
+    def call(pr, cfg):
+        seen.append(cfg)
+        return torch.full((2,), 1.0 + (0.5 if cfg["w2"].get("SWAP") and pr == "odd" else 0.0))
+
+    cfg = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
+    cfg["w13"]["SWAP"] = cfg["w2"]["SWAP"] = 1
+    assert tune.swap_identical(["even"], call, cfg)
+    assert not tune.swap_identical(["even", "odd"], call, cfg)
+    plain = [c for c in seen if not c["w2"].get("SWAP")]
+    assert plain and all(c["BLOCK_M"] == 64 and "SWAP" not in c["w13"] for c in plain)

@@ -14,6 +14,8 @@ import torch
 import moekit
 from moekit.benchmarking import MODELS, TOKENS
 from moekit.ops import triton_configs as tc
+from moekit.ops import triton_experts_quant as tq
+from moekit.ops.formats import Fp8BlockFormat
 from moekit.ops.triton_experts import fused_experts_impl
 
 pytestmark = pytest.mark.gpu
@@ -59,13 +61,19 @@ def _routing(t, h, e, k, seed):
     return x, (w / w.sum(-1, keepdim=True)).contiguous(), ids.int().contiguous()
 
 
-def _check_rows(m, table, experts=32):
+def _check_rows(m, table, experts=32, fmt=None):
     """Probe rows alone (the smallest bucket's config: T = 1) against the same rows at random places in
-    a batch of every bucket's size (that bucket's config)."""
+    a batch of every bucket's size (that bucket's config). ``fmt``: the weights quantised to it."""
     e, w1, w2, b1, b2 = _problem(m, experts)
     k = min(m.K, e)
     run = lambda x, w, ids, cfg: fused_experts_impl(x, w1, w2, w, ids, m.act, False, b1, b2, None, None,  # noqa
                                                     config=cfg)
+    if fmt is not None:
+        spec = tq.QuantSpec.of(fmt)
+        q13, q2, s13, s2 = moekit.quantize_experts(w1, w2, fmt)
+        limit = 7.0 if m.act == "swigluoai" else None
+        run = lambda x, w, ids, cfg: tq.fused_experts_quant_impl(  # noqa: E731
+            x, q13, q2, w, ids, spec, s13, s2, None, None, m.act, False, b1, b2, None, limit, config=cfg)
     px, pw, pids = _routing(PROBES, m.H, e, k, seed=1)
     alone = [run(px[i : i + 1], pw[i : i + 1], pids[i : i + 1], table[min(table)]) for i in range(PROBES)]
     for bucket, cfg in sorted(table.items()):
@@ -87,6 +95,23 @@ def test_rows_alone_and_in_batches_device_configs(name):
 @pytest.mark.parametrize("name, device, table", list(_shipped_tables()))
 def test_rows_alone_and_in_batches_shipped_configs(name, device, table):
     _check_rows(MODELS[name], table)
+
+
+def _shipped_fp8_tables():
+    fmt = Fp8BlockFormat(128, 128)
+    for path in sorted(tc.CONFIG_DIR.glob("*.json")):
+        entries = json.loads(path.read_text())["entries"]
+        for m in MODELS.values():
+            table = entries.get(tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated, tq.QuantSpec.of(fmt).key))
+            if table:
+                yield pytest.param(m.name, path.stem, {int(b): c for b, c in table.items()},
+                                   id=f"{path.stem}-{m.name}-fp8")
+
+
+@pytest.mark.parametrize("name, device, table", list(_shipped_fp8_tables()))
+def test_rows_alone_and_in_batches_shipped_fp8_configs(name, device, table):
+    """The shipped fp8 block tables: swapped decode buckets beside unswapped larger ones."""
+    _check_rows(MODELS[name], table, fmt=Fp8BlockFormat(128, 128))
 
 
 def test_whole_layer_rows_alone_and_in_batches():

@@ -80,15 +80,27 @@ def test_config_path_prefers_the_first_existing_file(dirs):
 
 
 def test_fp8_heuristic_keeps_the_measured_fp8_tiles():
-    """Untuned fp8 shapes: BLOCK_M 64 / 4 warps at every token count (BLOCK_M 128 with 8 warps measured ~2x
-    slower on H200), w13 BN within the format's 32..64 band, the same BLOCK_K as the heuristic."""
-    from moekit.ops.triton_configs import fp8_heuristic, heuristic_config
+    """Untuned fp8 shapes: 4 warps everywhere; past :data:`SWAP_MAX_ROWS` expected rows per expert BLOCK_M 64
+    unswapped (BLOCK_M 128 with 8 warps measured ~2x slower on H200), w13 BN within the format's 32..64 band;
+    at decode both GEMMs swapped (weights on wgmma's M side: BN 64, BLOCK_M 16 / 32); the same BLOCK_K as
+    the heuristic."""
+    from moekit.ops.triton_configs import SWAP_MAX_ROWS, fp8_heuristic, heuristic_config
 
-    for t in (1, 8, 64, 1024, 16384):
+    for t, swapped, bm in ((1, True, 16), (8, True, 16), (64, True, 16), (400, True, 32), (1024, False, 64),
+                           (16384, False, 64)):
         base = heuristic_config(t, 512, 6144, 2048, 12, torch.bfloat16, 132)
         cfg = fp8_heuristic(base, t, 512, 12)
-        assert cfg["BLOCK_M"] == 64 and cfg["tma"] is True
+        assert (t * 12 / min(512, t * 12) <= SWAP_MAX_ROWS) == swapped
+        assert cfg["BLOCK_M"] == bm and cfg["tma"] is True, (t, cfg)
         assert cfg["w13"]["num_warps"] == cfg["w2"]["num_warps"] == 4
-        assert 32 <= cfg["w13"]["BN"] <= 64 and cfg["w2"]["BN"] in (64, 128)
+        assert bool(cfg["w13"].get("SWAP")) == bool(cfg["w2"].get("SWAP")) == swapped
+        if swapped:
+            assert cfg["w13"]["BN"] == 64 and cfg["w2"]["BN"] == 64
+        else:
+            assert 32 <= cfg["w13"]["BN"] <= 64 and cfg["w2"]["BN"] in (64, 128)
         assert (cfg["w13"]["BK"], cfg["w2"]["BK"]) == (base["w13"]["BK"], base["w2"]["BK"])
         assert base == heuristic_config(t, 512, 6144, 2048, 12, torch.bfloat16, 132)  # the input is not mutated
+    for t in (1, 64):  # the unquantised and the 4-bit heuristics never swap (no gain / other low bits)
+        for quant in (None, "mxfp4", "int4_g32"):
+            cfg = heuristic_config(t, 256, 7168, 2048, 8, torch.bfloat16, 132, quant=quant)
+            assert not cfg["w13"].get("SWAP") and not cfg["w2"].get("SWAP"), quant

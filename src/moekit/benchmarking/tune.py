@@ -150,6 +150,21 @@ def split_identical(problems, call: Kernel, cfg: dict) -> bool:
     return all(torch.equal(call(pr, cfg), call(pr, fused)) for pr in problems)
 
 
+def unswapped(cfg: dict) -> dict:
+    """``cfg`` without ``SWAP`` in its kernel dicts, at BLOCK_M >= 64 (the fp8 unswapped wgmma rows)."""
+    out = {**cfg, "BLOCK_M": max(64, int(cfg["BLOCK_M"]))}
+    for part in ("w13", "w2"):
+        out[part] = {k: v for k, v in cfg[part].items() if k != "SWAP"}
+    return out
+
+
+def swap_identical(problems, call: Kernel, cfg: dict) -> bool:
+    """A swapped config (``"SWAP"`` in a kernel dict) equals the same tiles unswapped, bit for bit: the
+    condition for a swapped bucket beside unswapped ones (SPEC §9). Measured true for fp8 and bf16 on the
+    H200, false for mxfp4 / int4 (``benchmarks/swap_probe.py``), so this is checked, not assumed."""
+    return all(torch.equal(call(pr, cfg), call(pr, unswapped(cfg))) for pr in problems)
+
+
 def pdl_identical(problems, call: Kernel, cfg: dict) -> bool:
     """A PDL config equals the same tiles without PDL, bit for bit, eagerly and under CUDA-graph replay."""
     plain = {k: v for k, v in cfg.items() if k != "pdl"}
@@ -217,7 +232,8 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
     ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
-          and (not best.get("w13_split") or split_identical(problems, call, best)))
+          and (not best.get("w13_split") or split_identical(problems, call, best))
+          and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best)))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "
         f"{'ok' if ok else 'FAILED'}: {'take' if take else 'keep the config in use'} {best}")

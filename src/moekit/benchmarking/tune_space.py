@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import time
 
+from ..ops.triton_configs import SWAP_MAX_ROWS, swap_tiles
+
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
 #: top-level config keys that change a token's arithmetic: equal across the buckets of a shape
@@ -237,6 +239,15 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
            for bm in bms for a, b in pairs]
     if fam == "bf16" and reg == "large" and not quick and bk == (64, 64):  # a new shape: try BLOCK_K 128 too
         out += [_cfg(128, (64, 128, 4, 3), (128, 128, 8, 3), tma=True, **extra)]
+    if fam == "fp8" and rows <= SWAP_MAX_ROWS:  # swapped decode tiles (weights on wgmma's M side)
+        swapped = [swap_tiles(c, rows) for c in out[:1 if quick else 2]]
+        if not quick:
+            swapped.append(swap_tiles(_cfg(16, (128, bk[0], 4, 4), (128, bk[1], 4, 4), tma=True, **extra), rows))
+        ids = {config_id(c) for c in out}
+        for c in swapped:  # two priors may differ only in what swapping overrides
+            if config_id(c) not in ids:
+                ids.add(config_id(c))
+                out.append(c)
     if fam != "4bit" and reg in ("medium", "large"):
         # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)

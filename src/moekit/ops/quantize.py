@@ -124,7 +124,7 @@ def expert_sizes(fmt: WeightFormat, w13_q: torch.Tensor, w2_q: torch.Tensor) -> 
             raise ValueError(f"{name} must have shape [E, rows, cols], got {list(t.shape)}")
     e, hidden, inter = w2_q.shape[0], w2_q.shape[1], w2_q.shape[2] * fmt.pack
     rows = w13_q.shape[1]
-    if rows not in (inter, 2 * inter):
+    if rows != inter and rows != 2 * inter:  # not ``in (…)``: torch.compile traced that as False (mxfp4, H200)
         raise ValueError(f"w13 must have 2I = {2 * inter} (gated) or I = {inter} (relu2) rows, got {rows}")
     return e, inter, hidden, rows == 2 * inter
 

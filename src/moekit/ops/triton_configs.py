@@ -210,4 +210,23 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
     rows = slots / min(num_experts, slots)
     w13 = dict(cfg["w13"], BN=min(max(int(cfg["w13"]["BN"]), 32), 64), num_warps=4, num_stages=4)
     w2 = dict(cfg["w2"], BN=64 if rows <= 36 else 128, num_warps=4, num_stages=4)
-    return {**cfg, "BLOCK_M": 64, "w13": w13, "w2": w2, "tma": True}
+    out = {**cfg, "BLOCK_M": 64, "w13": w13, "w2": w2, "tma": True}
+    return swap_tiles(out, rows) if rows <= SWAP_MAX_ROWS else out
+
+
+# fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert
+SWAP_MAX_ROWS = 16
+
+
+def swap_tiles(cfg: dict, rows: float) -> dict:
+    """``cfg`` with both GEMMs swapped (``"SWAP": 1``: the weight tile is wgmma's M side, 64 weight rows per
+    warpgroup, the tokens its N side) and ``BLOCK_M`` 16 (<= 6 expected rows per expert) or 32. With fp8 the
+    token rows no longer pad to 64: H200, experts step, fp8 block, T = 1 / 8 / 64 against BLOCK_M 64
+    unswapped: DeepSeek-V3 1.14 / 1.13 / 1.12x, gpt-oss-120b 1.16 / 1.20 / 1.17x, Qwen3-30B-A3B
+    1.17 / 1.34 / 1.30x, every output bit-identical (``benchmarks/swap_probe.py``); at 8-16 rows (BLOCK_M
+    32) 1.06-1.10x (DeepSeek-V3 and gpt-oss T = 256, Qwen3 T = 256, Mixtral T = 64), while at 64 rows and
+    more unswapped won (0.72-0.98x). bf16 gained nothing (0.95-1.04x) and mxfp4 / int4 changed low bits,
+    so only fp8 uses them."""
+    w13 = dict(cfg["w13"], SWAP=1, BN=max(64, int(cfg["w13"]["BN"])), num_warps=4)
+    w2 = dict(cfg["w2"], SWAP=1, BN=max(64, int(cfg["w2"]["BN"])), num_warps=4)
+    return {**cfg, "BLOCK_M": 16 if rows <= 6 else 32, "w13": w13, "w2": w2}

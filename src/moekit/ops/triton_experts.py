@@ -335,9 +335,9 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                   DOT_PREC=dot_prec, UPCAST=upcast, INLINE=inline, SP=sp)
     w13_kw = dict(shared, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), ACT=act_code, GATED=gated,
                   HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp, SPLIT=split,
-                  num_warps=int(c13["num_warps"]), num_stages=int(c13["num_stages"]))
+                  SWAP=bool(c13.get("SWAP", 0)), num_warps=int(c13["num_warps"]), num_stages=int(c13["num_stages"]))
     w2_kw = dict(shared, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), HAS_BIAS=has_b2, EVEN_K=inter % bk2 == 0,
-                 num_warps=int(c2["num_warps"]), num_stages=int(c2["num_stages"]))
+                 SWAP=bool(c2.get("SWAP", 0)), num_warps=int(c2["num_warps"]), num_stages=int(c2["num_stages"]))
     return LaunchPlan(
         bm=bm, rows=rows, num_pid_m=num_pid_m, nbn=nbn, e_global=e_global, i32_sizes=i32_sizes,
         i32_total=sum(i32_sizes), buf_total=part_offset + part_rows * h, part_offset=part_offset,

@@ -106,7 +106,8 @@ class QuantSpec:
         w13 tiles are one activation group wide (the fused re-quantisation). fp8: ``cfg["fp8_acc"]``
         (default :data:`DEFAULT_FP8_ACC`) picks the dot instruction (:func:`._triton.quant.dot_f32`); > 0
         (wgmma) needs ``BLOCK_M`` >= 64 and 4 or 8 warps in every bucket, raised here, so that no bucket
-        falls back to another instruction (SPEC §9)."""
+        falls back to another instruction (SPEC §9); a swapped kernel (``"SWAP": 1``, the weight tile on
+        wgmma's M side) needs ``BN`` >= 64 instead, and ``BLOCK_M`` stays when both kernels are swapped."""
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
@@ -120,10 +121,15 @@ class QuantSpec:
                 raise ValueError(f"config fp8_acc must be >= 0 (0: exact fp16 mma; n: wgmma, promoted every n), "
                                  f"got {acc}")
             out["fp8_acc"] = acc
-            if acc > 0:
-                out["BLOCK_M"] = max(64, int(cfg["BLOCK_M"]))
-                for c in (c13, c2):
+            if acc > 0:  # wgmma's M side (64 per warpgroup): the token rows, or the weight rows when swapped
+                swapped = [bool(c.get("SWAP", 0)) for c in (c13, c2)]
+                if not all(swapped):
+                    out["BLOCK_M"] = max(64, int(cfg["BLOCK_M"]))
+                for c, sw in zip((c13, c2), swapped):
                     c["num_warps"] = 8 if int(c["num_warps"]) >= 8 else 4
+                    if sw:  # one warpgroup per 64 weight rows
+                        c["BN"] = max(64, int(c["BN"]))
+                        c["num_warps"] = min(c["num_warps"], c["BN"] // 16)
         else:  # packed tiles: the dequantised B tile needs registers / shared memory too
             c13["num_stages"] = min(int(c13["num_stages"]), 3)
             c2["num_stages"] = min(int(c2["num_stages"]), 3)

@@ -234,18 +234,50 @@ def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl
 
 @triton.jit
 def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
-          UPCAST: tl.constexpr, FP8_ACC: tl.constexpr):
+          UPCAST: tl.constexpr, FP8_ACC: tl.constexpr, SWAP: tl.constexpr = False):
     """One K step: fp8 block ``acc + (a · b) · s_x[row, kb] · S[col, kb]`` (``xs_rows`` [BM], ``ws_row``
-    [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc."""
+    [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc.
+
+    ``SWAP``: ``acc`` is the transposed accumulator [BN, BM] and the dot is ``bᵀ · aᵀ``: the weight tile
+    is the MMA's left operand (on Hopper a wgmma m64 row block of weights, from registers when it was
+    decoded there; tokens are the narrow N side, >= 16). Every element is the same products and scales;
+    whether the tensor core sums them in the same order either way is measured, not assumed."""
     if QUANT == FP8_BLOCK:
         a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
         w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
-        acc = acc + dot_f32(a, b, UPCAST, FP8_ACC) * (a_s[:, None] * w_s[None, :])
+        if SWAP:
+            acc = acc + dot_f32(tl.trans(b), tl.trans(a), UPCAST, FP8_ACC) * (w_s[:, None] * a_s[None, :])
+        else:
+            acc = acc + dot_f32(a, b, UPCAST, FP8_ACC) * (a_s[:, None] * w_s[None, :])
     elif QUANT == FP8_ROW:
-        acc = acc + dot_f32(a, b, UPCAST, FP8_ACC)
+        if SWAP:
+            acc = acc + dot_f32(tl.trans(b), tl.trans(a), UPCAST, FP8_ACC)
+        else:
+            acc = acc + dot_f32(a, b, UPCAST, FP8_ACC)
     else:
-        acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+        if SWAP:
+            acc = _mma(tl.trans(b), tl.trans(a), acc, DOT_PREC, UPCAST)
+        else:
+            acc = _mma(a, b, acc, DOT_PREC, UPCAST)
     return acc
+
+
+@triton.jit
+def _acc0(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    """A zero fp32 accumulator: [BM, BN], or [BN, BM] for ``SWAP`` (transposed back after the K loop)."""
+    if SWAP:
+        return tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        return tl.zeros([BM, BN], dtype=tl.float32)
+
+
+@triton.jit
+def _acc_out(acc, SWAP: tl.constexpr):
+    """The accumulator as [BM, BN] after the K loop."""
+    if SWAP:
+        return tl.trans(acc)
+    else:
+        return acc
 
 
 @triton.jit
@@ -273,6 +305,7 @@ def w13_kernel(
     xs_ptr=None, ws_ptr=None, qs_ptr=None, is_ptr=None, stride_xst=0, stride_wse=0, stride_wsn=0, ws_shard=0,
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
 
@@ -336,8 +369,8 @@ def w13_kernel(
         if QUANT <= FP8_ROW:
             xs_rows = xs_ptr + tok * stride_xst
     row_g = e * N1 + half * I + pid_n * BN
-    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_g = _acc0(BM, BN, SWAP)
+    acc_u = _acc0(BM, BN, SWAP)
     sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
     su0 = 0
     if QUANT >= MXFP4:
@@ -357,17 +390,20 @@ def w13_kernel(
                     BK, BN, EVEN_K, USE_TMA, UPCAST)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
-        acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
+        acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
-            acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
+            acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
+                          SWAP)
             u_ptrs += BK // PACK
         a_ptrs += BK
         g_ptrs += BK // PACK
         if QUANT >= MXFP4:
             sg0 = sg1
             su0 = su1
+    acc_g = _acc_out(acc_g, SWAP)
+    acc_u = _acc_out(acc_u, SWAP)
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n] (per tensor: S[e, shard])
         a_s = tl.load(xs_rows, mask=valid, other=0.0)[:, None]
         acc_g = acc_g * a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :]
@@ -428,6 +464,7 @@ def w2_kernel(
     USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False,
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
     QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
+    SWAP: tl.constexpr = False,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
     Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
@@ -466,7 +503,7 @@ def w2_kernel(
         if QUANT <= FP8_ROW:
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = _acc0(BM, BN, SWAP)
     s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
     if QUANT >= MXFP4:
         s0 = load_w_scales(ws_row, 0, I, nmask, QG, BK)
@@ -477,11 +514,12 @@ def w2_kernel(
         a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
         b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST)
-        acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC)
+        acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK
         if QUANT >= MXFP4:
             s0 = s1
+    acc = _acc_out(acc, SWAP)
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
         acc = acc * tl.load(as_rows, mask=valid, other=0.0)[:, None] * tl.load(ws_row, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:

@@ -1,0 +1,157 @@
+"""Swapped GEMM tiles (kernel config ``"SWAP": 1``): the weight tile is the MMA's left operand and the
+accumulator is transposed ([BN, BM]) until the epilogue. Every output element is the same products, scales
+and K order, so under the interpreter (fp32 dots) the layer output must be the same bits as unswapped, for
+every format and epilogue. On Hopper the instruction changes (wgmma m64 n=BLOCK_M); the ``gpu`` tests check
+that fp8 and bf16 keep their bits there too (measured: mxfp4 / int4 do not, so only fp8 configs swap).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moekit.ops import triton_experts_quant as tq  # noqa: E402
+from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format  # noqa: E402
+from moekit.ops.quantize import quantize_experts  # noqa: E402
+from moekit.ops.triton_configs import heuristic_config  # noqa: E402
+from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+E, K, H, I, T = 4, 2, 64, 96, 7  # I = 96: a partial 64-column block; T * K = 14 slots over 4 experts
+
+
+def _problem(dtype, act, bias, seed=0, t=T, e=E, h=H, i=I):
+    g = torch.Generator().manual_seed(seed)
+    rows = i if act == "relu2" else 2 * i
+    w13, w2 = torch.randn(e, rows, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+    x = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:K] for _ in range(t)]).int()
+    w = torch.rand(t, K, generator=g) + 0.05
+    b1 = (torch.randn(e, rows, generator=g) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(e, h, generator=g) * 0.1).to(dtype) if bias else None
+    to = lambda v: v.to(DEV) if v is not None else None  # noqa: E731
+    return w13.to(dtype), w2.to(dtype), to(x), to(w), to(ids), to(b1), to(b2)
+
+
+def _cfg(swap: bool, bm: int, bn13: int = 64, t=T, e=E, h=H, i=I):
+    cfg = heuristic_config(t, e, h, i, K, torch.bfloat16, 4)
+    w13, w2 = dict(cfg["w13"], BN=bn13), dict(cfg["w2"], BN=64)
+    if swap:
+        w13["SWAP"] = w2["SWAP"] = 1
+    return dict(cfg, BLOCK_M=bm, w13=w13, w2=w2)
+
+
+# (dtype, activation, bias): each gated epilogue once, fp32 (exact dots) and bf16, and a non-gated one
+CASES = [(torch.bfloat16, "silu", False), (torch.float32, "swigluoai", True), (torch.bfloat16, "gelu_tanh", True),
+         (torch.bfloat16, "silu_post_clamp", False), (torch.bfloat16, "relu2", True)]
+
+
+@pytest.mark.parametrize("dtype, act, bias", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_unquantised_swap_is_the_same_bits(dtype, act, bias):
+    w13, w2, x, w, ids, b1, b2 = _problem(dtype, act, bias)
+    w13, w2 = w13.to(DEV), w2.to(DEV)
+    limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
+    outs = [fused_experts_impl(x, w13, w2, w, ids, act, False, b1, b2, None, limit, config=_cfg(sw, 16))
+            for sw in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+
+
+FORMATS = {
+    "fp8_block_fused_requant": (Fp8BlockFormat(64, 64), 64),  # BN = bk: w2's input quantised in w13's epilogue
+    "fp8_block_ue8m0": (Fp8BlockFormat(64, 32, ue8m0=True), 32),  # narrower than 64: fix_config widens it
+    "fp8_channel": (Fp8ChannelFormat(), 64),
+    "fp8_static": (Fp8ChannelFormat(per_tensor=True, static_input=True), 64),
+    "mxfp4": (Mxfp4Format(), 64),
+    "int4_g32": (Int4GroupFormat(32), 64),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_quantised_swap_is_the_same_bits(name):
+    """Swapped at BLOCK_M 16 (the fp8 decode tiles) against unswapped at BLOCK_M 64 (fp8's wgmma rows)."""
+    fmt, bn = FORMATS[name]
+    w13, w2, x, w, ids, b1, b2 = _problem(torch.bfloat16, "swigluoai", True, seed=1)
+    q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
+    s_in = (None, None)
+    if getattr(fmt, "static_input", False):
+        s_in = (torch.full((E,), 0.02, device=DEV), torch.full((E,), 0.01, device=DEV))
+    spec = tq.QuantSpec.of(fmt)
+    outs = []
+    for sw, bm in ((False, 64), (True, 16)):
+        cfg = _cfg(sw, bm, bn)
+        fixed = spec.fix_config(cfg, torch.bfloat16)
+        if spec.fp8 and sw:  # both swapped: BLOCK_M stays, the weight side is >= 64 rows
+            assert fixed["BLOCK_M"] == 16 and fixed["w13"]["BN"] >= 64 and fixed["w2"]["BN"] >= 64
+        outs.append(tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2,
+                                                None, 7.0, config=cfg))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fp8_half_swapped_keeps_block_m_64():
+    """Only w2 swapped: w13 still puts token rows on wgmma's M side, so BLOCK_M is raised to 64."""
+    spec = tq.QuantSpec.of(Fp8BlockFormat(128, 128))
+    cfg = _cfg(False, 16)
+    cfg = dict(cfg, w2=dict(cfg["w2"], SWAP=1, BN=32, num_warps=8))
+    fixed = spec.fix_config(cfg, torch.bfloat16)
+    assert fixed["BLOCK_M"] == 64 and fixed["w2"]["BN"] == 64 and fixed["w2"]["num_warps"] == 4
+
+
+SM90_SNIPPET = """
+import re
+import compile_sm90 as c
+from moekit.ops.triton_configs import heuristic_config
+cfg = heuristic_config(1, 256, 7168, 2048, 8, c.torch.bfloat16, 132, quant="fp8_block128x128")
+assert cfg["w13"].get("SWAP") and cfg["w2"].get("SWAP") and cfg["BLOCK_M"] == 16, cfg
+seen = set()
+for kf, args, kw in c.launches(c.FORMATS["fp8_block"], 1, "deepseek", config=cfg):
+    if kf.__name__ in ("w13_kernel", "w2_kernel"):
+        ptx = c.compile_launch(kf, args, kw).asm["ptx"]
+        m = re.search(r"wgmma\\.mma_async\\S*m64n(\\d+)k32\\S*e4m3", ptx)
+        assert m and m.group(1) == "16", (kf.__name__, m and m.group(0))
+        seen.add(kf.__name__)
+assert seen == {"w13_kernel", "w2_kernel"}, seen
+print("ok")
+"""
+
+
+def test_swapped_fp8_decode_compiles_to_wgmma_n16(tmp_path):
+    """The fp8 decode config (heuristic, DeepSeek-V3, T = 1) compiles for sm_90 with Triton's real compiler
+    (on CPU) to e4m3 wgmma with the 16 token rows as its N side."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root / "benchmarks")]))
+    res = subprocess.run([sys.executable, "-c", SM90_SNIPPET], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [None, Fp8BlockFormat(128, 128), Fp8ChannelFormat()], ids=["bf16", "fp8_block",
+                                                                                         "fp8_channel"])
+@pytest.mark.parametrize("t", [1, 8, 64, 300])
+def test_gpu_swap_keeps_the_bits(fmt, t):
+    """On the H200: swapped (BLOCK_M 16 / 32, wgmma m64n16 / n32 over weight rows) and unswapped (BLOCK_M 64)
+    give the same bits, DeepSeek-V3 slice (E = 16, K = 8): what lets fp8 decode buckets swap beside
+    unswapped larger buckets (SPEC §9)."""
+    e, h, i = 16, 7168, 2048
+    w13, w2, x, w, ids, _, _ = _problem(torch.bfloat16, "silu", False, seed=2, t=t, e=e, h=h, i=i)
+    ids = torch.stack([torch.randperm(e)[:K] for _ in range(t)]).int().cuda()  # K = 2 of 16 experts
+    outs = []
+    for sw, bm in ((False, 64), (True, 16), (True, 32)):
+        cfg = _cfg(sw, bm, 64, t, e, h, i)
+        if fmt is None:
+            outs.append(fused_experts_impl(x, w13.cuda(), w2.cuda(), w, ids, "silu", False, None, None, None, None,
+                                           config=cfg))
+        else:
+            q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
+            outs.append(tq.fused_experts_quant_impl(x, q13, q2, w, ids, tq.QuantSpec.of(fmt), s13, s2, None, None,
+                                                    "silu", False, None, None, None, None, config=cfg))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
