@@ -7,7 +7,8 @@ helpers) over every K step of a packed matrix and stores the [BK, BN] tiles; the
 ``mxfp4_dequantize`` / ``int4_group_dequantize`` rounded to the same dtype exactly (the kernels'
 values are exact in fp32 before that one rounding). Shapes cover a K tail (EVEN_K False), groups
 shorter and longer than the K step, and column tails (N not a multiple of BN). (An int4 offset
-one off, 2^23 + 7 for 2^23 + 8, fails 12 of these cases.)
+one off, 2^23 + 7 for 2^23 + 8, fails 12 of these cases.) The ``gpu`` tests repeat them compiled, where
+bf16 takes the packed-bf16 PTX decode (``quant._decode_bf16``), and add every byte under every e8m0 scale.
 """
 
 import pytest
@@ -41,7 +42,7 @@ def _decode_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
 
 
 def _decode(packed, scale, n, k, quant, pack, g, bk, bn, dtype):
-    out = torch.full((n, k), float("nan"), dtype=dtype)
+    out = torch.full((n, k), float("nan"), dtype=dtype, device=packed.device)
     dt = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float16: tl.float16}[dtype]
     _decode_kernel[(triton.cdiv(n, bn),)](
         packed, scale, out, n, k, packed.stride(0), scale.stride(0), out.stride(0),
@@ -77,3 +78,61 @@ def test_int4_tiles_decode_exactly(n, k, bk, bn, group, dtype):
     got = _decode(packed, scale, n, k, INT4, 8, group, bk, bn, dtype)
     assert torch.equal(got, ref)
 
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n, k, bk, bn", SHAPES)
+def test_gpu_mxfp4_tiles_decode_exactly(n, k, bk, bn, dtype):
+    gen = torch.Generator().manual_seed(n * k + bk)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-3, 2, k)
+    codes, scale = mxfp4_quantize(w)
+    ref = mxfp4_dequantize(codes, scale).to(dtype)
+    got = _decode(codes.cuda(), scale.cuda(), n, k, MXFP4, 2, 32, bk, bn, dtype)
+    assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_mxfp4_every_byte_under_every_scale():
+    """All 256 bytes (both nibbles, signs, -0) under each e8m0 scale 0..254: subnormal 2^-127 scales and
+    products (bf16 keeps subnormals), overflow to inf at the top; bit for bit against the fp32 route."""
+    n, k = 255, 512
+    codes = torch.arange(256, dtype=torch.uint8).repeat(n, 1)  # [255, 256] bytes = 512 codes per row
+    scale = torch.arange(255, dtype=torch.uint8)[:, None].repeat(1, k // 32)
+    ref = mxfp4_dequantize(codes, scale).to(torch.bfloat16)
+    got = _decode(codes.cuda(), scale.cuda(), n, k, MXFP4, 2, 32, 128, 32, torch.bfloat16).cpu()
+    same = (got.view(torch.int16) == ref.view(torch.int16))
+    assert same.all(), (got[~same][:8], ref[~same][:8], (~same).nonzero()[:8])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("n, k, bk, bn", SHAPES)
+def test_gpu_int4_tiles_decode_exactly(n, k, bk, bn, group, dtype):
+    if k % group:
+        pytest.skip("int4 groups tile K exactly (the format's rule)")
+    gen = torch.Generator().manual_seed(n * k + group)
+    w = (torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, k)).to(dtype)
+    packed, scale = int4_group_quantize(w, group)
+    ref = int4_group_dequantize(packed, scale, group).to(dtype)
+    got = _decode(packed.cuda(), scale.cuda(), n, k, INT4, 8, group, bk, bn, dtype)
+    assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_int4_every_nibble_with_extreme_scales():
+    """Every nibble in every position of a word, with bf16 scales from tiny (products round or go
+    subnormal) to huge, bit for bit against the fp32 route."""
+    n, k, g = 64, 256, 32
+    nib = torch.arange(16, dtype=torch.int64)
+    words = [sum(int((nib[(j + r) % 16]).item()) << (4 * j) for j in range(8)) for r in range(16)]
+    packed = torch.tensor([[(w + (1 << 31)) % (1 << 32) - (1 << 31) for w in words] * (k // 8 // 16)] * n,
+                          dtype=torch.int32)
+    gen = torch.Generator().manual_seed(5)
+    scale = (torch.randn(n, k // g, generator=gen) * torch.logspace(-40, 37, n)[:, None]).to(torch.bfloat16)
+    ref = int4_group_dequantize(packed, scale, g).to(torch.bfloat16)
+    got = _decode(packed.cuda(), scale.cuda(), n, k, INT4, 8, g, 128, 32, torch.bfloat16).cpu()
+    same = (got.view(torch.int16) == ref.view(torch.int16))
+    assert same.all(), (got[~same][:8], ref[~same][:8])

@@ -153,6 +153,104 @@ def load_w_scales(s_row, k0, K, nmask, G: tl.constexpr, BK: tl.constexpr):
     return tl.load(s_row[:, None] + g[None, :], mask=nmask[:, None] & (g[None, :] < K // G), other=0)
 
 
+# bf16 decode by packed-bf16 PTX (sm_90: add / sub / mul .bf16x2), elementwise over bytes (mxfp4, four per
+# call) or int32 words (int4). Every result is the exact value rounded once to bf16, as the fp32 route gives.
+#
+# mxfp4, per byte pair (b0, b1) spread to bytes 0 and 2 of y (prmt): a code's 3 magnitude bits land on
+# bf16 bits 6-8 (exponent 7-8 = e2m1's exponent, mantissa bit 6) and its sign on bit 15, so the 16-bit
+# pattern is e2m1 · 2^-126 (code 1, 0.5, the subnormal 2^-127); one exact multiply by 2^126, then by the
+# e8m0 scale 2^(s - 127) as bf16 (s = 0: the subnormal 2^-127), rounded once. Low codes: (y & 0x000F000F)
+# · 0x1040 = copies shifted by 6 (magnitude) and 12 (sign), no overlapping bits; high codes: (y & 0x00F000F0)
+# · 0x104 (shifts 2 and 8). Outputs: $0 $1 low codes of bytes (0, 1) (2, 3), $2 $3 high codes; $4 the four
+# bytes; $5 $6 the scales of bytes (0, 1) (2, 3).
+E2M1_BF16_ASM = tl.constexpr("""
+{
+.reg .b32 y0, y1, u, t, c;
+mov.b32 c, 0x7E807E80;
+prmt.b32 y0, $4, 0, 0x4140;
+prmt.b32 y1, $4, 0, 0x4342;
+and.b32 u, y0, 0x000F000F;
+mul.lo.u32 t, u, 0x1040;
+and.b32 t, t, 0x81C081C0;
+mul.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 $0, t, $5;
+and.b32 u, y1, 0x000F000F;
+mul.lo.u32 t, u, 0x1040;
+and.b32 t, t, 0x81C081C0;
+mul.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 $1, t, $6;
+and.b32 u, y0, 0x00F000F0;
+mul.lo.u32 t, u, 0x104;
+and.b32 t, t, 0x81C081C0;
+mul.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 $2, t, $5;
+and.b32 u, y1, 0x00F000F0;
+mul.lo.u32 t, u, 0x104;
+and.b32 t, t, 0x81C081C0;
+mul.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 $3, t, $6;
+}
+""")
+
+# int4, per int32 word (nibble j at bits 4j): nibbles j and j + 4 sit 16 bits apart, so (w >> 4j) &
+# 0x000F000F | 0x43004300 is the bf16 pair (128 + q_j, 128 + q_{j+4}); minus 136 (exact), times the bf16
+# group scale (rounded once). Outputs $0..$7: nibbles 0..7 as bf16; $8 the word; $9 its scale.
+INT4_BF16_ASM = tl.constexpr("""
+{
+.reg .b32 t, q, c, s2;
+mov.b32 c, 0x43084308;
+mov.b32 s2, {$9, $9};
+and.b32 t, $8, 0x000F000F;
+or.b32 t, t, 0x43004300;
+sub.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 t, t, s2;
+mov.b32 {$0, $4}, t;
+shr.u32 q, $8, 4;
+and.b32 t, q, 0x000F000F;
+or.b32 t, t, 0x43004300;
+sub.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 t, t, s2;
+mov.b32 {$1, $5}, t;
+shr.u32 q, $8, 8;
+and.b32 t, q, 0x000F000F;
+or.b32 t, t, 0x43004300;
+sub.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 t, t, s2;
+mov.b32 {$2, $6}, t;
+shr.u32 q, $8, 12;
+and.b32 t, q, 0x000F000F;
+or.b32 t, t, 0x43004300;
+sub.rn.bf16x2 t, t, c;
+mul.rn.bf16x2 t, t, s2;
+mov.b32 {$3, $7}, t;
+}
+""")
+
+
+@triton.jit
+def _decode_bf16(p, s, QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr):
+    """Packed tile ``p`` ([BN, BK/2] uint8 or [BN, BK/8] int32) and its raw group scales ``s`` [BN, NG] ->
+    [BN, BK] bf16 by the PTX above (compiled kernels only: the interpreter cannot run inline assembly)."""
+    if QUANT == MXFP4:
+        sb = s.to(tl.int32)
+        sc = tl.where(sb == 0, 0x40, sb << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        p3 = tl.reshape(p, (BN, NG, BK // NG // 2))
+        lo, hi = tl.inline_asm_elementwise(E2M1_BF16_ASM, "=r,=r,=r,=r,r,r,r",
+                                           [p3, tl.broadcast_to(sc[:, :, None], (BN, NG, BK // NG // 2))],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        w = tl.reshape(tl.join(lo, hi), (BN, BK))
+    else:
+        p3 = tl.reshape(p, (BN, NG, BK // NG // 8))
+        q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+            INT4_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h",
+            [p3, tl.broadcast_to(s[:, :, None], (BN, NG, BK // NG // 8))],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        # the join tree of _nib8: the innermost joins pair j with j + 4
+        q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+        w = tl.reshape(q, (BN, BK))
+    return w
+
+
 @triton.jit
 def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                   G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr):
@@ -171,13 +269,18 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
         p = tl.load(ptrs, mask=nmask[:, None], other=0)
     else:
         p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] < (K - k0) // PACK), other=0)
-    if QUANT == MXFP4:
-        w = _e2m1x2(p, BN, BK) * 8.507059173023462e37  # 2^126
-    else:
-        w = _nib8(p, BN, BK).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
     NG: tl.constexpr = (BK + G - 1) // G
-    w = tl.reshape(tl.reshape(w, (BN, NG, BK // NG)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
-    return tl.trans(to_dt(w, DT, INTERP))
+    # bf16 activations (int4: bf16 scales too) on a compiled kernel: the packed-bf16 PTX decode
+    if not INTERP and DT == tl.bfloat16 and (QUANT == MXFP4 or s.dtype == tl.bfloat16):
+        w = _decode_bf16(p, s, QUANT, BN, BK, NG)
+    else:
+        if QUANT == MXFP4:
+            w = _e2m1x2(p, BN, BK) * 8.507059173023462e37  # 2^126
+        else:
+            w = _nib8(p, BN, BK).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+        w = tl.reshape(tl.reshape(w, (BN, NG, BK // NG)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
+        w = to_dt(w, DT, INTERP)
+    return tl.trans(w)
 
 
 @triton.jit
