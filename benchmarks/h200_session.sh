@@ -8,11 +8,13 @@
 #   benchmarks/h200_session.sh OUT split     # compute-bound buckets again, now with w13_split candidates
 #                                            # (fp8 and bf16; a split winner must be bit-identical to fused)
 #   benchmarks/h200_session.sh OUT bench     # every format side by side + eager rows, then compare.py
+#   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 on the packed-bf16 decode: speed
+#                                            # and whether the bits now equal the unswapped tiles (round 4 left it open)
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|tune4|split|bench}
-WHAT=${2:?usage: $0 OUT tests|tune4|split|bench}
+OUT=${1:?usage: $0 OUT tests|tune4|split|bench|swap4}
+WHAT=${2:?usage: $0 OUT tests|tune4|split|bench|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,6 +29,9 @@ step() {  # step NAME SECONDS CMD...: run with a wall bound, log to OUT/NAME.log
 
 case $WHAT in
   tests)
+    step gpu-decode 60 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_quant_decode.py
+    step gpu-swap 150 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_swap_ab.py \
+      tests/ops/test_batch_invariance_gpu.py -k "swap or fp8"
     step gpu-quant-graph 150 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
       tests/ops/test_triton_experts_quant.py -k "graph or accumulation"
     step gpu-quant-buckets 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
@@ -49,5 +54,9 @@ case $WHAT in
     step bench 420 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --fast --eager --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
-  *) echo "unknown step set $WHAT (tests, tune4, split, bench)"; exit 2 ;;
+  swap4)
+    step swap-4bit 300 python benchmarks/swap_probe.py --probe --formats mxfp4,int4 \
+      --shapes deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,8,64,1024 --out "$OUT/swap4.json"
+    ;;
+  *) echo "unknown step set $WHAT (tests, tune4, split, bench, swap4)"; exit 2 ;;
 esac

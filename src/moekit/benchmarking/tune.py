@@ -161,7 +161,8 @@ def unswapped(cfg: dict) -> dict:
 def swap_identical(problems, call: Kernel, cfg: dict) -> bool:
     """A swapped config (``"SWAP"`` in a kernel dict) equals the same tiles unswapped, bit for bit: the
     condition for a swapped bucket beside unswapped ones (SPEC §9). Measured true for fp8 and bf16 on the
-    H200, false for mxfp4 / int4 (``benchmarks/swap_probe.py``), so this is checked, not assumed."""
+    H200, false for mxfp4 / int4 with round 3's decode (``benchmarks/swap_probe.py``), so this is checked,
+    not assumed."""
     return all(torch.equal(call(pr, cfg), call(pr, unswapped(cfg))) for pr in problems)
 
 

@@ -239,10 +239,14 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
            for bm in bms for a, b in pairs]
     if fam == "bf16" and reg == "large" and not quick and bk == (64, 64):  # a new shape: try BLOCK_K 128 too
         out += [_cfg(128, (64, 128, 4, 3), (128, 128, 8, 3), tma=True, **extra)]
-    if fam == "fp8" and rows <= SWAP_MAX_ROWS:  # swapped decode tiles (weights on wgmma's M side)
+    # swapped decode tiles (weights on wgmma's M side): fp8 measured faster and bit-identical on the H200; for
+    # 4-bit the tuner's swap_identical decides whether a swapped winner may stand beside unswapped buckets
+    if fam != "bf16" and rows <= SWAP_MAX_ROWS:
         swapped = [swap_tiles(c, rows) for c in out[:1 if quick else 2]]
         if not quick:
-            swapped.append(swap_tiles(_cfg(16, (128, bk[0], 4, 4), (128, bk[1], 4, 4), tma=True, **extra), rows))
+            st = 3 if fam == "4bit" else 4
+            swapped.append(swap_tiles(_cfg(16, (128, bk[0], 4, st), (128, bk[1], 4, st), tma=fam == "fp8", **extra),
+                                      rows))
         ids = {config_id(c) for c in out}
         for c in swapped:  # two priors may differ only in what swapping overrides
             if config_id(c) not in ids:
