@@ -30,6 +30,8 @@ step() {  # step NAME SECONDS CMD...: run with a wall bound, log to OUT/NAME.log
 case $WHAT in
   tests)
     step gpu-decode 60 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_quant_decode.py
+    step gpu-align 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_triton_experts_quant.py \
+      -k "gpt_oss or (every_bucket and (mxfp4 or int4))"
     step gpu-swap 150 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_swap_ab.py \
       tests/ops/test_batch_invariance_gpu.py -k "swap or fp8"
     step gpu-quant-graph 150 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \

@@ -235,9 +235,11 @@ def test_gpu_deepseek_slice(fmt, t):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Mxfp4Format()], ids=["fp8_block", "mxfp4"])
+@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Mxfp4Format(), Int4GroupFormat(32)],
+                         ids=["fp8_block", "mxfp4", "int4"])
 def test_gpu_gpt_oss_partial_blocks(fmt):
-    """gpt-oss: H = I = 2880 (not a multiple of 128: partial fp8 blocks), swigluoai, biases."""
+    """gpt-oss: H = I = 2880 (not a multiple of 128: partial fp8 blocks, a 64-wide K tail; 4-bit rows of
+    360 int32 / 1440 bytes loaded as aligned 16-byte vectors), swigluoai, biases."""
     args, kw = make(fmt, 200, 32, 4, 2880, 2880, act="swigluoai", bias=True)
     compare(args, dict(kw, swiglu_limit=7.0))
 
@@ -334,3 +336,29 @@ def test_compile_fullgraph_traces_the_wrapper():
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, ids), f(x, w, ids))
+
+
+def test_vector_alignment_of_packed_rows():
+    """``_vector_align``: 16-byte vectors per packed row only when every row starts aligned and holds
+    whole vectors (gpt-oss int4: K / 8 = 360 words, a multiple of 4 but not of 16)."""
+    w = torch.zeros(2, 6, 360, dtype=torch.int32)
+    assert tq._vector_align(w) == 4
+    assert tq._vector_align(torch.zeros(2, 6, 1440, dtype=torch.uint8)) == 16
+    assert tq._vector_align(torch.zeros(2, 6, 362, dtype=torch.int32)) == 1  # rows not whole vectors
+    assert tq._vector_align(torch.zeros(2, 6, 364, dtype=torch.int32)[:, :, :360]) == 4  # stride 364: aligned rows
+    assert tq._vector_align(torch.zeros(2, 6, 362, dtype=torch.int32)[:, :, 2:]) == 1  # base off by 8 bytes
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "int4_g32"])
+def test_aligned_k_tail_equals_unaligned(name):
+    """The vector-aligned K tail (H = 160: a 32-wide tail after one 128 step) gives the same bits as the
+    same weights in a layout the launcher cannot vectorise (each row one element longer, read from offset 1)."""
+    fmt = FORMATS[name]
+    args, kw = make(fmt, 9, 4, 2, 160, 96)
+    x, w13, w2, w, ids = args
+    aligned = tq.fused_experts_quant_triton(*args, **kw)
+    w13u = torch.zeros(*w13.shape[:2], w13.shape[2] + 1, dtype=w13.dtype, device=w13.device)[..., 1:]
+    w13u.copy_(w13)
+    assert tq._vector_align(w13) > 1 and tq._vector_align(w13u) == 1
+    unaligned = tq.fused_experts_quant_triton(x, w13u, w2, w, ids, **kw)
+    assert torch.equal(aligned, unaligned)

@@ -147,8 +147,10 @@ class QuantLaunch:
     """One call's quantised operands for :func:`~.triton_experts.fused_experts_impl`: the format, the
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
 
-    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, fp8_acc: int = 0, bn13: int = 0):
+    def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, fp8_acc: int = 0, bn13: int = 0,
+                 w_align: tuple[int, int] = (1, 1)):
         self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
+        self.w_align = w_align  # packed weights: elements per aligned 16-byte vector of w13 / w2 rows (or 1)
         # fp8 block: w13 quantises w2's input in its epilogue when one tile is one group (BN == bk)
         self.fused_req = spec.static or (spec.code == 1 and bn13 == spec.block_k)
         self.s13_static, self.s2_static = s13, s2
@@ -198,8 +200,8 @@ class QuantLaunch:
         """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs)."""
         n_inter = self._inter
         dev, sp = x.device, self.spec
-        kw13 = dict(self.common, **self.ws13)
-        kw2 = dict(self.common, **self.ws2)
+        kw13 = dict(self.common, **self.ws13, W_ALIGN=self.w_align[0])
+        kw2 = dict(self.common, **self.ws2, W_ALIGN=self.w_align[1])
         if not self.fp8:
             buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
             return x, buf, buf, kw13, kw2
@@ -336,7 +338,17 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8), on device
         s13 = w13_input_scale.max().float().reshape(1)
         s2 = w2_input_scale.max().float().reshape(1)
+    align = (1, 1) if spec.fp8 else (_vector_align(w13), _vector_align(w2))
     q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, int(config.get("fp8_acc", 0)),
-                    int(config["w13"]["BN"]))
+                    int(config["w13"]["BN"]), align)
     return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
                               swiglu_limit, config=config, warmup=warmup, quant=q)
+
+
+def _vector_align(w: torch.Tensor) -> int:
+    """Elements per 16-byte vector when every packed row of ``w [E, N, K/PACK]`` starts 16-byte aligned and
+    holds whole vectors (the kernels may then load rows as vectors), else 1."""
+    v = 16 // w.element_size()
+    ok = (w.stride(2) == 1 and w.shape[2] % v == 0 and w.stride(1) % v == 0 and w.stride(0) % v == 0
+          and w.data_ptr() % 16 == 0)
+    return v if ok else 1

@@ -253,11 +253,13 @@ def _decode_bf16(p, s, QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, 
 
 @triton.jit
 def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
-                  G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr):
+                  G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr,
+                  W_ALIGN: tl.constexpr = 1):
     """[BK, BN] tile of ``W[n, k0 + k]`` in ``DT`` from packed weights, dequantised in registers.
 
     ptrs: [BN, BK / PACK] pointers to the packed words of k0 (memory order: k contiguous; uint8: 2 codes,
-    int32: 8 nibbles); s: the step's raw scales (:func:`load_w_scales`); K: true length. The tile is
+    int32: 8 nibbles); s: the step's raw scales (:func:`load_w_scales`); K: true length; ``W_ALIGN``: K / PACK
+    is a multiple of it (the K-tail mask then covers whole vectors). The tile is
     unpacked along new trailing axes ([BN, BK/PACK, PACK] -> [BN, BK], no data movement), scaled per group
     as [BN, NG, BK/NG], rounded to ``DT`` and transposed for the dot (Triton then picks the load layout
     that yields the dot operand directly, no shared-memory round trip of the decoded tile for mma.sync).
@@ -267,8 +269,8 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
     kp = tl.arange(0, BK // PACK)
     if EVEN_K:
         p = tl.load(ptrs, mask=nmask[:, None], other=0)
-    else:
-        p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] < (K - k0) // PACK), other=0)
+    else:  # the K tail in whole W_ALIGN vectors (the launcher checked K / PACK is a multiple): vector loads stay
+        p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] // W_ALIGN < (K - k0) // PACK // W_ALIGN), other=0)
     NG: tl.constexpr = (BK + G - 1) // G
     # bf16 activations (int4: bf16 scales too) on a compiled kernel: the packed-bf16 PTX decode
     if not INTERP and DT == tl.bfloat16 and (QUANT == MXFP4 or s.dtype == tl.bfloat16):
