@@ -42,9 +42,9 @@ case $WHAT in
       tests/test_compile_gpu.py
     ;;
   tune4)
-    step tune-mxfp4 200 python -m moekit tune --models gpt-oss-120b,deepseek-v3 --quant mxfp4 --quick \
+    step tune-mxfp4 200 python -m moekit tune --models gpt-oss-120b,deepseek-v3 --quant mxfp4 \
       --budget-s 90 --out "$OUT/configs"
-    step tune-int4 150 python -m moekit tune --models deepseek-v3 --quant int4 --quick --budget-s 120 \
+    step tune-int4 150 python -m moekit tune --models deepseek-v3 --quant int4 --budget-s 120 \
       --out "$OUT/configs"
     ;;
   split)

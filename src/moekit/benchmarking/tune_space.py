@@ -252,6 +252,14 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
             if config_id(c) not in ids:
                 ids.add(config_id(c))
                 out.append(c)
+    if fam == "4bit" and reg in ("medium", "large") and not quick:
+        # swapped big tiles: the dequantised weights as wgmma's register operand instead of a shared-memory
+        # tile stored every K step (sm_90 TTGIR: unswapped mxfp4 waits for each wgmma, pendings = 0);
+        # kept only when swap_identical holds on the GPU
+        for bm in (64, 128):
+            c = _cfg(bm, (128, bk[0], 8, 3), (128, bk[1], 8, 3), **extra)
+            c["w13"]["SWAP"] = c["w2"]["SWAP"] = 1
+            out.append(c)
     if fam != "4bit" and reg in ("medium", "large"):
         # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)
