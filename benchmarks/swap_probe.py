@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                 rows_e = t * m.K / min(m.E, t * m.K)
                 for vname, cfg in variants(cfg0, rows_e, a.probe).items():
                     if fmt is None:
-                        def fn(x, w, ids, cfg=cfg):
+                        def fn(x, w, ids, cfg=cfg, w13=w13, w2=w2):
                             return fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit,
                                                       config=cfg)
                     else:
