@@ -8,6 +8,10 @@ A config is a dict::
      "tma": False,                                     # optional: weight tiles by tensor descriptor
      "pdl": False}                                     # optional: programmatic dependent launch (sm_90+)
 
+Optional keys besides: ``"fp8_acc"`` (fp8 dot instruction, one value per shape), ``"w13_split"`` (one
+accumulator per w13 program, then an epilogue pass; the same bits), and per GEMM ``"SWAP": 1`` (the weight
+tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles`).
+
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
 ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
 ``shape_key = "E=..,H=..,I=..,K=..,dtype=..,gated=.."``. The lookup searches, in order (:func:`config_dirs`):
