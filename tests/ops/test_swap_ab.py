@@ -51,9 +51,9 @@ def test_unquantised_swap_is_the_same_bits(dtype, act, bias):
     w13, w2, x, w, ids, b1, b2 = _problem(dtype, act, bias)
     w13, w2 = w13.to(DEV), w2.to(DEV)
     limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
-    outs = [fused_experts_impl(x, w13, w2, w, ids, act, False, b1, b2, None, limit, config=_cfg(sw, 16))
-            for sw in (False, True)]
-    assert torch.equal(outs[0], outs[1])
+    cfgs = (_cfg(False, 16), _cfg(True, 16), dict(_cfg(True, 16), w13_split=True))  # swapped + split w13 too
+    outs = [fused_experts_impl(x, w13, w2, w, ids, act, False, b1, b2, None, limit, config=c) for c in cfgs]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 FORMATS = {
@@ -68,7 +68,8 @@ FORMATS = {
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantised_swap_is_the_same_bits(name):
-    """Swapped at BLOCK_M 16 (the fp8 decode tiles) against unswapped at BLOCK_M 64 (fp8's wgmma rows)."""
+    """Swapped at BLOCK_M 16 (the fp8 decode tiles), also with the split w13, against unswapped at BLOCK_M 64
+    (fp8's wgmma rows)."""
     fmt, bn = FORMATS[name]
     w13, w2, x, w, ids, b1, b2 = _problem(torch.bfloat16, "swigluoai", True, seed=1)
     q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
@@ -77,14 +78,14 @@ def test_quantised_swap_is_the_same_bits(name):
         s_in = (torch.full((E,), 0.02, device=DEV), torch.full((E,), 0.01, device=DEV))
     spec = tq.QuantSpec.of(fmt)
     outs = []
-    for sw, bm in ((False, 64), (True, 16)):
-        cfg = _cfg(sw, bm, bn)
+    for sw, bm, split in ((False, 64, False), (True, 16, False), (True, 16, True)):
+        cfg = dict(_cfg(sw, bm, bn), w13_split=split)
         fixed = spec.fix_config(cfg, torch.bfloat16)
         if spec.fp8 and sw:  # both swapped: BLOCK_M stays, the weight side is >= 64 rows
             assert fixed["BLOCK_M"] == 16 and fixed["w13"]["BN"] >= 64 and fixed["w2"]["BN"] >= 64
         outs.append(tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2,
                                                 None, 7.0, config=cfg))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_fp8_half_swapped_keeps_block_m_64():
