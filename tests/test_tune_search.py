@@ -230,3 +230,10 @@ def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
     assert not tune.swap_identical(["even", "odd"], call, cfg)
     plain = [c for c in seen if not c["w2"].get("SWAP")]
     assert plain and all(c["BLOCK_M"] == 64 and "SWAP" not in c["w13"] for c in plain)
+    # and the bucket's config in use: a 16-row decode tile whose bits differ fails the check
+    base = _cfg(16, (32, 128, 4, 4), (64, 128, 4, 4))
+
+    def call2(pr, c):
+        return torch.full((2,), 2.0 if c is base else 1.0)
+
+    assert tune.swap_identical(["even"], call2, cfg) and not tune.swap_identical(["even"], call2, cfg, base)

@@ -38,3 +38,47 @@ def test_quantised_kernels_compile_for_sm90(tmp_path):
                 # back to mma.sync on fp16 upcasts, whose sums differ from wgmma's
                 assert "wgmma.mma_async.sync.aligned" in ptx and ".e4m3.e4m3" in ptx, (fmt, t, kernel)
                 assert "mma.sync" not in ptx, (fmt, t, kernel)
+    for fmt in ("mxfp4", "int4_g32"):  # bf16 activations on sm_90: the packed-bf16 PTX decode
+        ptx = (tmp_path / "ir" / f"{fmt}_gpt-oss_T1_w13_kernel.ptx").read_text()
+        assert "mul.rn.bf16x2" in ptx, fmt
+
+
+SM80_SNIPPET = """
+import compile_sm90 as c
+from triton.backends.compiler import GPUTarget
+from moekit.ops import triton_experts_quant as tq
+c.TARGET = GPUTarget("cuda", 80, 32)
+tq._ptx_decode = lambda device: False  # what the launcher decides on an sm_80 device
+for fmt in ("mxfp4", "int4_g32"):
+    for kf, args, kw in c.launches(c.FORMATS[fmt], 1, "gpt-oss"):
+        if kf.__name__ in ("w13_kernel", "w2_kernel"):
+            assert kw["PTX"] is False
+            ptx = c.compile_launch(kf, args, kw).asm["ptx"]
+            assert "mul.rn.bf16x2" not in ptx and "sub.rn.bf16x2" not in ptx, (fmt, kf.__name__)
+print("ok")
+"""
+
+
+def test_4bit_kernels_compile_for_sm80_without_the_ptx_decode(tmp_path):
+    """sm_80 (A100) has no ``sub`` / ``mul .bf16x2``: the launcher passes ``PTX=False`` there and the 4-bit
+    kernels compile with the fp32 decode route (ptxas refused the PTX decode for sm_80: a review found it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
+    res = subprocess.run([sys.executable, "-c", SM80_SNIPPET], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_the_launcher_picks_the_ptx_decode_by_architecture(monkeypatch):
+    """sm_90+ compiled: the PTX decode; sm_80 or the interpreter: the fp32 route."""
+    import torch
+
+    from moekit.ops import triton_experts_quant as tq
+
+    monkeypatch.setattr(tq, "_interpreting", lambda: False)
+    for major, want in ((8, False), (9, True), (10, True)):
+        monkeypatch.setattr(tq, "_major", lambda device, m=major: m)
+        assert tq._ptx_decode(torch.device("cuda", 0)) is want
+    monkeypatch.setattr(tq, "_interpreting", lambda: True)
+    assert tq._ptx_decode(torch.device("cuda", 0)) is False

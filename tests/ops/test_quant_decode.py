@@ -22,12 +22,14 @@ from moekit.ops._quant_rules import (  # noqa: E402
 )
 from moekit.ops._triton.quant import INT4, MXFP4, load_packed_w, load_w_scales  # noqa: E402
 from moekit.ops.triton_experts import _interpreting  # noqa: E402
+from moekit.ops.triton_experts_quant import _ptx_decode  # noqa: E402
 
 
 @triton.jit
 def _decode_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
                    DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, G: tl.constexpr,
-                   BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr):
+                   BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr,
+                   PTX: tl.constexpr):
     """out[n, k] = W[n, k] for the BN columns of program ``pid``, one [BK, BN] tile per K step."""
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -35,7 +37,7 @@ def _decode_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
     s_row = s_ptr + offs_n * stride_sn
     for k0 in range(0, K, BK):
         s = load_w_scales(s_row, k0, K, nmask, G, BK)
-        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, G, BK, BN, EVEN_K, INTERP)
+        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, G, BK, BN, EVEN_K, INTERP, 1, PTX)
         kk = k0 + tl.arange(0, BK)
         tl.store(out_ptr + kk[:, None] + offs_n[None, :] * stride_on, w, mask=(kk[:, None] < K) & nmask[None, :])
         ptrs += BK // PACK
@@ -46,7 +48,8 @@ def _decode(packed, scale, n, k, quant, pack, g, bk, bn, dtype):
     dt = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float16: tl.float16}[dtype]
     _decode_kernel[(triton.cdiv(n, bn),)](
         packed, scale, out, n, k, packed.stride(0), scale.stride(0), out.stride(0),
-        DT=dt, QUANT=quant, PACK=pack, G=g, BK=bk, BN=bn, EVEN_K=k % bk == 0, INTERP=_interpreting())
+        DT=dt, QUANT=quant, PACK=pack, G=g, BK=bk, BN=bn, EVEN_K=k % bk == 0, INTERP=_interpreting(),
+        PTX=_ptx_decode(packed.device))
     return out
 
 

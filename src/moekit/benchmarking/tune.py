@@ -158,12 +158,14 @@ def unswapped(cfg: dict) -> dict:
     return out
 
 
-def swap_identical(problems, call: Kernel, cfg: dict) -> bool:
-    """A swapped config (``"SWAP"`` in a kernel dict) equals the same tiles unswapped, bit for bit: the
-    condition for a swapped bucket beside unswapped ones (SPEC §9). Measured true for fp8 and bf16 on the
-    H200, false for mxfp4 / int4 with round 3's decode (``benchmarks/swap_probe.py``), so this is checked,
-    not assumed."""
-    return all(torch.equal(call(pr, cfg), call(pr, unswapped(cfg))) for pr in problems)
+def swap_identical(problems, call: Kernel, cfg: dict, base: dict | None = None) -> bool:
+    """A swapped config (``"SWAP"`` in a kernel dict) equals, bit for bit, the same tiles unswapped (at
+    BLOCK_M >= 64: wgmma over token rows) and ``base``, the bucket's config in use (e.g. a 16-row
+    ``mma.sync`` decode tile): the condition for a swapped bucket beside unswapped ones (SPEC §9). Measured
+    true for fp8 and bf16 on the H200, false for mxfp4 / int4 with round 3's decode
+    (``benchmarks/swap_probe.py``), so this is checked, not assumed."""
+    refs = [unswapped(cfg)] + ([base] if base is not None else [])
+    return all(torch.equal(call(pr, cfg), call(pr, ref)) for pr in problems for ref in refs)
 
 
 def pdl_identical(problems, call: Kernel, cfg: dict) -> bool:
@@ -234,7 +236,7 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
     ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
           and (not best.get("w13_split") or split_identical(problems, call, best))
-          and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best)))
+          and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best, base)))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "
         f"{'ok' if ok else 'FAILED'}: {'take' if take else 'keep the config in use'} {best}")

@@ -40,7 +40,7 @@ from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4For
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights
 from .triton_configs import get_config
-from .triton_experts import fused_experts_impl
+from .triton_experts import _interpreting, _major, fused_experts_impl
 
 __all__ = ["fused_experts_quant_triton", "launch_quant_experts", "QuantSpec", "QuantLaunch", "QUANT_FORMATS"]
 
@@ -148,7 +148,7 @@ class QuantLaunch:
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
 
     def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, fp8_acc: int = 0, bn13: int = 0,
-                 w_align: tuple[int, int] = (1, 1)):
+                 w_align: tuple[int, int] = (1, 1), ptx: bool = False):
         self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
         self.w_align = w_align  # packed weights: elements per aligned 16-byte vector of w13 / w2 rows (or 1)
         # fp8 block: w13 quantises w2's input in its epilogue when one tile is one group (BN == bk)
@@ -167,7 +167,7 @@ class QuantLaunch:
         else:  # one scale row per weight row
             self.ws13, self.ws2 = _ws_args(w13_scale, inter, 1), _ws_args(w2_scale, None, 1)
         self.common = dict(QUANT=spec.code, PACK=spec.pack, QG=spec.block_k if not spec.fp8 else 1,
-                           FP8_ACC=fp8_acc if spec.fp8 else 0)
+                           FP8_ACC=fp8_acc if spec.fp8 else 0, PTX=ptx and not spec.fp8)
         self._post = None
 
     def bytes_per_token(self, h: int, inter: int, k: int) -> int:
@@ -340,7 +340,7 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
         s2 = w2_input_scale.max().float().reshape(1)
     align = (1, 1) if spec.fp8 else (_vector_align(w13), _vector_align(w2))
     q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, int(config.get("fp8_acc", 0)),
-                    int(config["w13"]["BN"]), align)
+                    int(config["w13"]["BN"]), align, ptx=_ptx_decode(x.device))
     return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
                               swiglu_limit, config=config, warmup=warmup, quant=q)
 
@@ -352,3 +352,12 @@ def _vector_align(w: torch.Tensor) -> int:
     ok = (w.stride(2) == 1 and w.shape[2] % v == 0 and w.stride(1) % v == 0 and w.stride(0) % v == 0
           and w.data_ptr() % 16 == 0)
     return v if ok else 1
+
+
+def _ptx_decode(device: torch.device) -> bool:
+    """The packed-bf16 4-bit decode (:func:`._triton.quant._decode_bf16`) needs a compiled kernel on sm_90+
+    (``sub`` / ``mul .bf16x2``); older GPUs and the interpreter take the fp32 route (the same values). CPU
+    tensors outside the interpreter only reach the launcher in ``benchmarks/compile_sm90.py`` (Hopper)."""
+    if _interpreting():
+        return False
+    return device.type != "cuda" or _major(device) >= 9

@@ -220,13 +220,13 @@ def _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K: tl.constexpr, USE_TMA: tl
 @triton.jit
 def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.constexpr,
             PACK: tl.constexpr, QG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
-            USE_TMA: tl.constexpr, UPCAST: tl.constexpr, W_ALIGN: tl.constexpr = 1):
+            USE_TMA: tl.constexpr, UPCAST: tl.constexpr, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False):
     """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT`` with
     the step's scales ``s`` (:func:`.quant.load_w_scales`)."""
     # if / else on the constexpr: compiled Triton type-checks every return it reaches, and a ``return``
     # after a taken constexpr ``if`` is still reached (packed pointers in _load_w: a shape error)
     if QUANT >= MXFP4:
-        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST, W_ALIGN)
+        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST, W_ALIGN, PTX)
     else:
         w = _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
     return w
@@ -308,7 +308,7 @@ def w13_kernel(
     xs_ptr=None, ws_ptr=None, qs_ptr=None, is_ptr=None, stride_xst=0, stride_wse=0, stride_wsn=0, ws_shard=0,
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
-    SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1,
+    SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
 
@@ -360,7 +360,7 @@ def w13_kernel(
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
     w_base = w1_ptr + tl.multiple_of(e.to(tl.int64) * stride_we, W_ALIGN)
     g_ptrs = _w_ptrs(w_base, offs_n + half * I, stride_wn, BK, PACK, W_ALIGN)
-    u_ptrs = g_ptrs + I * stride_wn
+    u_ptrs = g_ptrs + tl.multiple_of(I.to(tl.int64) * stride_wn, W_ALIGN)
     if ON_INPUT:
         w_in = tl.load(tw_ptr + tok * stride_twt, mask=valid, other=0.0).to(tl.float32)
     ws_g = x_ptr  # placeholders (unread) when not quantised
@@ -390,13 +390,13 @@ def w13_kernel(
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
         a = _load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
         g = _load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
-                    BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN)
+                    BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
         acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
-                        QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN)
+                        QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
             acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
                           SWAP)
             u_ptrs += BK // PACK
@@ -467,7 +467,7 @@ def w2_kernel(
     USE_TMA: tl.constexpr, INLINE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False,
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
     QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
-    SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1,
+    SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
     Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
@@ -516,7 +516,7 @@ def w2_kernel(
             s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
         a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
         b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
-                    QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN)
+                    QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK

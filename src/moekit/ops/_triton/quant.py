@@ -153,7 +153,7 @@ def load_w_scales(s_row, k0, K, nmask, G: tl.constexpr, BK: tl.constexpr):
     return tl.load(s_row[:, None] + g[None, :], mask=nmask[:, None] & (g[None, :] < K // G), other=0)
 
 
-# bf16 decode by packed-bf16 PTX (sm_90: add / sub / mul .bf16x2), elementwise over bytes (mxfp4, four per
+# bf16 decode by packed-bf16 PTX (sm_90+: sub / mul .bf16x2), elementwise over bytes (mxfp4, four per
 # call) or int32 words (int4). Every result is the exact value rounded once to bf16, as the fp32 route gives.
 #
 # mxfp4, per byte pair (b0, b1) spread to bytes 0 and 2 of y (prmt): a code's 3 magnitude bits land on
@@ -254,12 +254,13 @@ def _decode_bf16(p, s, QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, 
 @triton.jit
 def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                   G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr,
-                  W_ALIGN: tl.constexpr = 1):
+                  W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False):
     """[BK, BN] tile of ``W[n, k0 + k]`` in ``DT`` from packed weights, dequantised in registers.
 
     ptrs: [BN, BK / PACK] pointers to the packed words of k0 (memory order: k contiguous; uint8: 2 codes,
     int32: 8 nibbles); s: the step's raw scales (:func:`load_w_scales`); K: true length; ``W_ALIGN``: K / PACK
-    is a multiple of it (the K-tail mask then covers whole vectors). The tile is
+    is a multiple of it (the K-tail mask then covers whole vectors); ``PTX``: the target is sm_90+ (the
+    packed-bf16 decode may run). The tile is
     unpacked along new trailing axes ([BN, BK/PACK, PACK] -> [BN, BK], no data movement), scaled per group
     as [BN, NG, BK/NG], rounded to ``DT`` and transposed for the dot (Triton then picks the load layout
     that yields the dot operand directly, no shared-memory round trip of the decoded tile for mma.sync).
@@ -272,8 +273,9 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
     else:  # the K tail in whole W_ALIGN vectors (the launcher checked K / PACK is a multiple): vector loads stay
         p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] // W_ALIGN < (K - k0) // PACK // W_ALIGN), other=0)
     NG: tl.constexpr = (BK + G - 1) // G
-    # bf16 activations (int4: bf16 scales too) on a compiled kernel: the packed-bf16 PTX decode
-    if not INTERP and DT == tl.bfloat16 and (QUANT == MXFP4 or s.dtype == tl.bfloat16):
+    # ``PTX`` (the launcher's: compiled, sm_90+, whose bf16x2 add/sub/mul it needs), bf16 activations (int4:
+    # bf16 scales, groups of whole words): the packed-bf16 PTX decode
+    if PTX and not INTERP and DT == tl.bfloat16 and (QUANT == MXFP4 or (s.dtype == tl.bfloat16 and G % 8 == 0)):
         w = _decode_bf16(p, s, QUANT, BN, BK, NG)
     else:
         if QUANT == MXFP4:
