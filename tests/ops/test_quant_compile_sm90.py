@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from compile_check import run_compiled
+
 pytest.importorskip("triton.backends.nvidia")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,12 +64,7 @@ print("ok")
 def test_4bit_kernels_compile_for_sm80_without_the_ptx_decode(tmp_path):
     """sm_80 (A100) has no ``sub`` / ``mul .bf16x2``: the launcher passes ``PTX=False`` there and the 4-bit
     kernels compile with the fp32 decode route (ptxas refused the PTX decode for sm_80: a review found it)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
-    res = subprocess.run([sys.executable, "-c", SM80_SNIPPET], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_compiled(SM80_SNIPPET, tmp_path)
 
 
 def test_the_launcher_picks_the_ptx_decode_by_architecture(monkeypatch):

@@ -6,6 +6,7 @@ static fp8 inputs. Non-gated experts (relu2: one accumulator already) ignore the
 """
 
 import pytest
+
 import torch
 
 pytest.importorskip("triton")
@@ -15,6 +16,7 @@ from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat
 from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
+from compile_check import run_compiled  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 E, K, H, I, T = 4, 2, 64, 96, 7  # I = 96: a partial 64-column block
@@ -105,16 +107,5 @@ print("ok")
 
 def test_split_kernels_compile_for_sm90(tmp_path):
     """The split w13 and the epilogue pass compile for Hopper with Triton's real compiler (on CPU)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root / "benchmarks")]))
-    res = subprocess.run([sys.executable, "-c", SM90_SNIPPET], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_compiled(SM90_SNIPPET, tmp_path)
