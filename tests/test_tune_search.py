@@ -237,3 +237,12 @@ def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
         return torch.full((2,), 2.0 if c is base else 1.0)
 
     assert tune.swap_identical(["even"], call2, cfg) and not tune.swap_identical(["even"], call2, cfg, base)
+
+
+def test_swapped_fp8_neighbours_vary_block_m_below_64():
+    """A swapped fp8 winner (weights on wgmma's 64-row side) may move to BLOCK_M 32; unswapped fp8 may not."""
+    best = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4), tma=True)
+    best["w13"]["SWAP"] = best["w2"]["SWAP"] = 1
+    assert 32 in {c["BLOCK_M"] for c in neighbour_configs(best, False, fam="fp8")}
+    plain = _cfg(64, (64, 128, 4, 4), (64, 128, 4, 4), tma=True)
+    assert min(c["BLOCK_M"] for c in neighbour_configs(plain, False, fam="fp8")) == 64

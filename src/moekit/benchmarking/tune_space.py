@@ -269,7 +269,7 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
 
 
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
-    """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64)."""
+    """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
     out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)}]
     if pdl:
         out.append({**best, "pdl": True})
@@ -281,8 +281,10 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
                        {"num_stages": c["num_stages"] - 1}):
             if min(change.values()) >= (16 if "BN" in change else 2) and max(change.values()) <= 256:
                 out.append({**best, part: {**c, **change}})
+    # fp8 keeps its token rows on wgmma's 64-row side unless both GEMMs are swapped (weights on that side)
+    swapped = bool(best["w13"].get("SWAP")) and bool(best["w2"].get("SWAP"))
     for bm in (best["BLOCK_M"] // 2, best["BLOCK_M"] * 2):
-        if (64 if fam == "fp8" else 16) <= bm <= 128:
+        if (64 if fam == "fp8" and not swapped else 16) <= bm <= 128:
             out.append({**best, "BLOCK_M": bm})
     return out
 
