@@ -147,3 +147,45 @@ def test_gpu_swap_keeps_the_bits(fmt, t):
             outs.append(tq.fused_experts_quant_impl(x, q13, q2, w, ids, tq.QuantSpec.of(fmt), s13, s2, None, None,
                                                     "silu", False, None, None, None, None, config=cfg))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# (T, E, K, hot, expert_map, on_input): past the inline layout (T·K > 16: the align kernels run) with
+# K = E and a prime T; hot experts (rows of one expert over several 16-row blocks); expert parallelism
+# (4 of 8 global experts local, -1 slots skipped); the routing weight on the input (K = 1)
+EDGES = [(37, 5, 5, False, False, False), (64, 6, 3, True, False, False), (29, 8, 3, False, True, False),
+         (23, 4, 1, False, False, True)]
+
+
+@pytest.mark.parametrize("t, e, k, hot, emap, on_input", EDGES, ids=["prime_T_K_eq_E", "hot", "expert_map",
+                                                                       "on_input"])
+@pytest.mark.parametrize("name", ["bf16", "fp8_block_fused_requant", "mxfp4"])
+def test_swap_same_bits_on_the_aligned_layout(t, e, k, hot, emap, on_input, name):
+    g = torch.Generator().manual_seed(t * 31 + e)
+    h, i = 64, 96
+    w13, w2 = torch.randn(e, 2 * i, h, generator=g) / 8, torch.randn(e, h, i, generator=g) / 8
+    x = torch.randn(t, h, generator=g).bfloat16().to(DEV)
+    n_ids = 2 * e if emap else e
+    ids = torch.stack([torch.randperm(n_ids, generator=g)[:k] for _ in range(t)]).int()
+    if hot:
+        ids[:, 0] = 0
+        ids[:, 1:] = torch.where(ids[:, 1:] == 0, e - 1, ids[:, 1:])
+    w = (torch.rand(t, k, generator=g) + 0.05).to(DEV)
+    ids = ids.to(DEV)
+    mapping = None
+    if emap:  # global experts 0, 2, 4, ... live here as 0 .. e-1
+        mapping = torch.full((n_ids,), -1, dtype=torch.int32)
+        mapping[0::2] = torch.arange(e, dtype=torch.int32)
+        mapping = mapping.to(DEV)
+    outs = []
+    for sw, bm in ((False, 64), (True, 16), (True, 32)):
+        cfg = _cfg(sw, bm, 64, t, e, h, i)
+        if name == "bf16":
+            outs.append(fused_experts_impl(x, w13.bfloat16().to(DEV), w2.bfloat16().to(DEV), w, ids, "silu", on_input,
+                                           None, None, mapping, None, config=cfg))
+        else:
+            fmt = FORMATS[name][0]
+            q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt))
+            outs.append(tq.fused_experts_quant_impl(x, q13, q2, w, ids, tq.QuantSpec.of(fmt), s13, s2, None, None,
+                                                    "silu", on_input, None, None, mapping, None, config=cfg))
+    assert torch.isfinite(outs[0].float()).all()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
