@@ -40,6 +40,27 @@ def quantise(w13, w2, fmt, chunk=16):
     return [torch.cat([p[j] for p in parts]) for j in range(4)]
 
 
+def shape_weights(m, dev):
+    """bf16 weights of shape ``m`` (seeded): ``(w13, w2, b1, b2, swiglu_limit)``, biases None without them."""
+    torch.manual_seed(0)
+    w13 = torch.randn(m.E, (2 if m.gated else 1) * m.I, m.H, device=dev, dtype=torch.bfloat16) * m.H**-0.5
+    w2 = torch.randn(m.E, m.H, m.I, device=dev, dtype=torch.bfloat16) * m.I**-0.5
+    b1 = (torch.randn(m.E, w13.shape[1], device=dev) * 0.05).bfloat16() if m.has_bias else None
+    b2 = (torch.randn(m.E, m.H, device=dev) * 0.05).bfloat16() if m.has_bias else None
+    return w13, w2, b1, b2, (7.0 if m.act == "swigluoai" else None)
+
+
+def routing_sets(m, t: int, n: int, dev) -> list[tuple]:
+    """``n`` rotating ``(x, topk_weights, topk_ids)`` sets of ``t`` tokens, distinct experts per token."""
+    sets = []
+    for _ in range(n):
+        x = torch.randn(t, m.H, device=dev, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(m.E, device=dev)[:m.K] for _ in range(t)]).int() if t <= 4096 else \
+            torch.randint(0, m.E, (t, m.K), device=dev, dtype=torch.int32)
+        sets.append((x, torch.rand(t, m.K, device=dev) + 0.05, ids))
+    return sets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="deepseek-v3,qwen3-30b-a3b,mixtral-8x7b,gpt-oss-120b")
@@ -53,12 +74,7 @@ def main(argv=None) -> int:
     for name in a.shapes.split(","):
         m = MODELS[name]
         t0 = time.time()
-        torch.manual_seed(0)
-        w13 = torch.randn(m.E, (2 if m.gated else 1) * m.I, m.H, device=dev, dtype=torch.bfloat16) * m.H**-0.5
-        w2 = torch.randn(m.E, m.H, m.I, device=dev, dtype=torch.bfloat16) * m.I**-0.5
-        b1 = (torch.randn(m.E, w13.shape[1], device=dev) * 0.05).bfloat16() if m.has_bias else None
-        b2 = (torch.randn(m.E, m.H, device=dev) * 0.05).bfloat16() if m.has_bias else None
-        limit = 7.0 if m.act == "swigluoai" else None
+        w13, w2, b1, b2, limit = shape_weights(m, dev)
         qs = {}
         for v in a.variants.split(","):
             if v != "bf16":
@@ -67,13 +83,7 @@ def main(argv=None) -> int:
                 if key not in qs:
                     qs[key] = quantise(w13, w2, fmt)
         for t in map(int, a.tokens.split(",")):
-            sets = []
-            for _ in range(a.rotations):
-                x = torch.randn(t, m.H, device=dev, dtype=torch.bfloat16)
-                ids = torch.stack([torch.randperm(m.E, device=dev)[:m.K] for _ in range(t)]).int() if t <= 4096 else \
-                    torch.randint(0, m.E, (t, m.K), device=dev, dtype=torch.int32)
-                w = torch.rand(t, m.K, device=dev) + 0.05
-                sets.append((x, w, ids))
+            sets = routing_sets(m, t, a.rotations, dev)
             base = None
             for v in a.variants.split(","):
                 try:

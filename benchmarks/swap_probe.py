@@ -19,13 +19,13 @@ import time
 
 import torch
 
-import moekit
 from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
 from moekit.ops import triton_experts_quant as tq
 from moekit.ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.triton_configs import get_config, swap_tiles
 from moekit.ops.triton_experts import fused_experts_impl
+from quant_probe import quantise, routing_sets, shape_weights  # benchmarks/: the script's own folder
 
 FORMATS = {"bf16": None, "fp8": Fp8BlockFormat(128, 128), "mxfp4": Mxfp4Format(), "int4": Int4GroupFormat(32)}
 
@@ -61,24 +61,14 @@ def main(argv=None) -> int:
     for name in a.shapes.split(","):
         m = MODELS[name]
         t0 = time.time()
-        torch.manual_seed(0)
-        w13 = torch.randn(m.E, (2 if m.gated else 1) * m.I, m.H, device=dev, dtype=torch.bfloat16) * m.H**-0.5
-        w2 = torch.randn(m.E, m.H, m.I, device=dev, dtype=torch.bfloat16) * m.I**-0.5
-        b1 = (torch.randn(m.E, w13.shape[1], device=dev) * 0.05).bfloat16() if m.has_bias else None
-        b2 = (torch.randn(m.E, m.H, device=dev) * 0.05).bfloat16() if m.has_bias else None
-        limit = 7.0 if m.act == "swigluoai" else None
+        w13, w2, b1, b2, limit = shape_weights(m, dev)
         for fname in a.formats.split(","):
             fmt = FORMATS[fname]
             spec = tq.QuantSpec.of(fmt) if fmt is not None else None
             if fmt is not None:
-                parts = [moekit.quantize_experts(w13[i:i + 16], w2[i:i + 16], fmt) for i in range(0, m.E, 16)]
-                q13, q2, s13, s2 = [torch.cat([p[j] for p in parts]) for j in range(4)]
+                q13, q2, s13, s2 = quantise(w13, w2, fmt)
             for t in map(int, a.tokens.split(",")):
-                sets = []
-                for _ in range(4):
-                    x = torch.randn(t, m.H, device=dev, dtype=torch.bfloat16)
-                    ids = torch.stack([torch.randperm(m.E, device=dev)[:m.K] for _ in range(t)]).int()
-                    sets.append((x, torch.rand(t, m.K, device=dev) + 0.05, ids))
+                sets = routing_sets(m, t, 4, dev)
                 cfg0 = get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated,
                                   quant=spec.key if spec is not None else None)
                 ref = None
