@@ -113,10 +113,16 @@ def _nib8(p, BN: tl.constexpr, BK: tl.constexpr):
     """int32 words [BN, BK/8] -> their eight nibbles [BN, BK] (element j of a word at bits 4j, k = 8·kk + j),
     as fp32 bit patterns ``0x4B000000 | nibble`` (= 2^23 + nibble). A join tree along new trailing axes,
     so the merge into k is a register renaming (each thread holds whole words)."""
-    # join(x, y) adds a trailing axis; nesting makes the innermost join the leading of the three new
-    # axes: [BN, BK/8, a, b, c] holds nibble 4a + 2b + c, so the innermost joins pair j with j + 4
-    q = tl.join(tl.join(tl.join(_nib(p, 0), _nib(p, 4)), tl.join(_nib(p, 2), _nib(p, 6))),
-                tl.join(tl.join(_nib(p, 1), _nib(p, 5)), tl.join(_nib(p, 3), _nib(p, 7))))
+    return _join8(_nib(p, 0), _nib(p, 1), _nib(p, 2), _nib(p, 3), _nib(p, 4), _nib(p, 5), _nib(p, 6), _nib(p, 7),
+                  BN, BK)
+
+
+@triton.jit
+def _join8(q0, q1, q2, q3, q4, q5, q6, q7, BN: tl.constexpr, BK: tl.constexpr):
+    """Eight tensors [..., BK/8] (element j of each word) -> [BN, BK] with k = 8·kk + j. join(x, y) adds a
+    trailing axis; nesting makes the innermost join the leading of the three new axes: [.., a, b, c] holds
+    j = 4a + 2b + c, so the innermost joins pair j with j + 4."""
+    q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
     return tl.reshape(q, (BN, BK))
 
 
@@ -163,68 +169,34 @@ def load_w_scales(s_row, k0, K, nmask, G: tl.constexpr, BK: tl.constexpr):
 # · 0x1040 = copies shifted by 6 (magnitude) and 12 (sign), no overlapping bits; high codes: (y & 0x00F000F0)
 # · 0x104 (shifts 2 and 8). Outputs: $0 $1 low codes of bytes (0, 1) (2, 3), $2 $3 high codes; $4 the four
 # bytes; $5 $6 the scales of bytes (0, 1) (2, 3).
-E2M1_BF16_ASM = tl.constexpr("""
-{
-.reg .b32 y0, y1, u, t, c;
-mov.b32 c, 0x7E807E80;
-prmt.b32 y0, $4, 0, 0x4140;
-prmt.b32 y1, $4, 0, 0x4342;
-and.b32 u, y0, 0x000F000F;
-mul.lo.u32 t, u, 0x1040;
-and.b32 t, t, 0x81C081C0;
-mul.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 $0, t, $5;
-and.b32 u, y1, 0x000F000F;
-mul.lo.u32 t, u, 0x1040;
-and.b32 t, t, 0x81C081C0;
-mul.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 $1, t, $6;
-and.b32 u, y0, 0x00F000F0;
-mul.lo.u32 t, u, 0x104;
-and.b32 t, t, 0x81C081C0;
-mul.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 $2, t, $5;
-and.b32 u, y1, 0x00F000F0;
-mul.lo.u32 t, u, 0x104;
-and.b32 t, t, 0x81C081C0;
-mul.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 $3, t, $6;
-}
-""")
+def _e2m1_pair(out: int, y: str, mask: str, mul: str, scale: int) -> str:
+    """One bf16x2 output of E2M1_BF16_ASM: the codes under ``mask`` in ``y``, placed, then scaled."""
+    return (f"and.b32 u, {y}, {mask};\nmul.lo.u32 t, u, {mul};\nand.b32 t, t, 0x81C081C0;\n"
+            f"mul.rn.bf16x2 t, t, c;\nmul.rn.bf16x2 ${out}, t, ${scale};\n")
+
+
+E2M1_BF16_ASM = tl.constexpr(
+    "\n{\n.reg .b32 y0, y1, u, t, c;\nmov.b32 c, 0x7E807E80;\n"
+    "prmt.b32 y0, $4, 0, 0x4140;\nprmt.b32 y1, $4, 0, 0x4342;\n"
+    + "".join(_e2m1_pair(o, y, m, k, sc) for o, y, m, k, sc in ((0, "y0", "0x000F000F", "0x1040", 5),
+                                                               (1, "y1", "0x000F000F", "0x1040", 6),
+                                                               (2, "y0", "0x00F000F0", "0x104", 5),
+                                                               (3, "y1", "0x00F000F0", "0x104", 6)))
+    + "}\n")
 
 # int4, per int32 word (nibble j at bits 4j): nibbles j and j + 4 sit 16 bits apart, so (w >> 4j) &
 # 0x000F000F | 0x43004300 is the bf16 pair (128 + q_j, 128 + q_{j+4}); minus 136 (exact), times the bf16
 # group scale (rounded once). Outputs $0..$7: nibbles 0..7 as bf16; $8 the word; $9 its scale.
-INT4_BF16_ASM = tl.constexpr("""
-{
-.reg .b32 t, q, c, s2;
-mov.b32 c, 0x43084308;
-mov.b32 s2, {$9, $9};
-and.b32 t, $8, 0x000F000F;
-or.b32 t, t, 0x43004300;
-sub.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 t, t, s2;
-mov.b32 {$0, $4}, t;
-shr.u32 q, $8, 4;
-and.b32 t, q, 0x000F000F;
-or.b32 t, t, 0x43004300;
-sub.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 t, t, s2;
-mov.b32 {$1, $5}, t;
-shr.u32 q, $8, 8;
-and.b32 t, q, 0x000F000F;
-or.b32 t, t, 0x43004300;
-sub.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 t, t, s2;
-mov.b32 {$2, $6}, t;
-shr.u32 q, $8, 12;
-and.b32 t, q, 0x000F000F;
-or.b32 t, t, 0x43004300;
-sub.rn.bf16x2 t, t, c;
-mul.rn.bf16x2 t, t, s2;
-mov.b32 {$3, $7}, t;
-}
-""")
+def _int4_pair(j: int) -> str:
+    """Nibbles j and j + 4 of INT4_BF16_ASM's word as a bf16 pair, scaled, into outputs j and j + 4."""
+    src = "$8" if j == 0 else "q"
+    shift = "" if j == 0 else f"shr.u32 q, $8, {4 * j};\n"
+    return (f"{shift}and.b32 t, {src}, 0x000F000F;\nor.b32 t, t, 0x43004300;\nsub.rn.bf16x2 t, t, c;\n"
+            f"mul.rn.bf16x2 t, t, s2;\nmov.b32 {{${j}, ${j + 4}}}, t;\n")
+
+
+INT4_BF16_ASM = tl.constexpr("\n{\n.reg .b32 t, q, c, s2;\nmov.b32 c, 0x43084308;\nmov.b32 s2, {$9, $9};\n"
+                             + "".join(_int4_pair(j) for j in range(4)) + "}\n")
 
 
 @triton.jit
@@ -245,9 +217,7 @@ def _decode_bf16(p, s, QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, 
             INT4_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h",
             [p3, tl.broadcast_to(s[:, :, None], (BN, NG, BK // NG // 8))],
             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        # the join tree of _nib8: the innermost joins pair j with j + 4
-        q = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
-        w = tl.reshape(q, (BN, BK))
+        w = _join8(q0, q1, q2, q3, q4, q5, q6, q7, BN, BK)
     return w
 
 
