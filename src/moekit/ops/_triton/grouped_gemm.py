@@ -245,21 +245,33 @@ def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT
     if QUANT == FP8_BLOCK:
         a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
         w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
-        if SWAP:
-            acc = acc + dot_f32(tl.trans(b), tl.trans(a), UPCAST, FP8_ACC) * (w_s[:, None] * a_s[None, :])
-        else:
-            acc = acc + dot_f32(a, b, UPCAST, FP8_ACC) * (a_s[:, None] * w_s[None, :])
-    elif QUANT == FP8_ROW:
-        if SWAP:
-            acc = acc + dot_f32(tl.trans(b), tl.trans(a), UPCAST, FP8_ACC)
-        else:
-            acc = acc + dot_f32(a, b, UPCAST, FP8_ACC)
+        lhs, rhs = _operands(a, b, SWAP)
+        acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC) * _outer(a_s, w_s, SWAP)
     else:
-        if SWAP:
-            acc = _mma(tl.trans(b), tl.trans(a), acc, DOT_PREC, UPCAST)
+        lhs, rhs = _operands(a, b, SWAP)
+        if QUANT == FP8_ROW:
+            acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC)
         else:
-            acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+            acc = _mma(lhs, rhs, acc, DOT_PREC, UPCAST)
     return acc
+
+
+@triton.jit
+def _operands(a, b, SWAP: tl.constexpr):
+    """The dot's (left, right) operands: (a [BM, BK], b [BK, BN]), or swapped (bᵀ, aᵀ)."""
+    if SWAP:
+        return tl.trans(b), tl.trans(a)
+    else:
+        return a, b
+
+
+@triton.jit
+def _outer(row_s, col_s, SWAP: tl.constexpr):
+    """The per-row times per-column scale product in the accumulator's orientation."""
+    if SWAP:
+        return col_s[:, None] * row_s[None, :]
+    else:
+        return row_s[:, None] * col_s[None, :]
 
 
 @triton.jit
