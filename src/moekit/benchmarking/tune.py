@@ -143,11 +143,15 @@ def same_output(problems, call: Kernel, cfg: dict, ref_cfg: dict, tol: float) ->
     return all(rel_rms(call(pr, cfg), call(pr, ref_cfg)) < tol for pr in problems)
 
 
+def same_bits(problems, call: Kernel, cfg: dict, *refs: dict) -> bool:
+    """``cfg``'s output equals every ``refs`` config's bit for bit on every problem."""
+    return all(torch.equal(call(pr, cfg), call(pr, ref)) for pr in problems for ref in refs)
+
+
 def split_identical(problems, call: Kernel, cfg: dict) -> bool:
     """A ``w13_split`` config equals the same tiles with the fused w13, bit for bit (each output element is
     the same dot, so it must: a split winner may then sit in any bucket without breaking SPEC §9)."""
-    fused = {k: v for k, v in cfg.items() if k != "w13_split"}
-    return all(torch.equal(call(pr, cfg), call(pr, fused)) for pr in problems)
+    return same_bits(problems, call, cfg, {k: v for k, v in cfg.items() if k != "w13_split"})
 
 
 def unswapped(cfg: dict) -> dict:
@@ -164,8 +168,7 @@ def swap_identical(problems, call: Kernel, cfg: dict, base: dict | None = None) 
     ``mma.sync`` decode tile): the condition for a swapped bucket beside unswapped ones (SPEC §9). Measured
     true for fp8 and bf16 on the H200, false for mxfp4 / int4 with round 3's decode
     (``benchmarks/swap_probe.py``), so this is checked, not assumed."""
-    refs = [unswapped(cfg)] + ([base] if base is not None else [])
-    return all(torch.equal(call(pr, cfg), call(pr, ref)) for pr in problems for ref in refs)
+    return same_bits(problems, call, cfg, unswapped(cfg), *([base] if base is not None else []))
 
 
 def pdl_identical(problems, call: Kernel, cfg: dict) -> bool:
