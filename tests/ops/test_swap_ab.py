@@ -17,23 +17,7 @@ from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-E, K, H, I, T = 4, 2, 64, 96, 7  # I = 96: a partial 64-column block; T * K = 14 slots over 4 experts
-
-
-def _problem(dtype, act, bias, seed=0, t=T, e=E, h=H, i=I):
-    g = torch.Generator().manual_seed(seed)
-    rows = i if act == "relu2" else 2 * i
-    w13, w2 = torch.randn(e, rows, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
-    x = torch.randn(t, h, generator=g).to(dtype)
-    ids = torch.stack([torch.randperm(e, generator=g)[:K] for _ in range(t)]).int()
-    w = torch.rand(t, K, generator=g) + 0.05
-    b1 = (torch.randn(e, rows, generator=g) * 0.1).to(dtype) if bias else None
-    b2 = (torch.randn(e, h, generator=g) * 0.1).to(dtype) if bias else None
-    to = lambda v: v.to(DEV) if v is not None else None  # noqa: E731
-    return w13.to(dtype), w2.to(dtype), to(x), to(w), to(ids), to(b1), to(b2)
-
+from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem  # noqa: E402
 
 def _cfg(swap: bool, bm: int, bn13: int = 64, t=T, e=E, h=H, i=I):
     cfg = heuristic_config(t, e, h, i, K, torch.bfloat16, 4)
@@ -43,14 +27,9 @@ def _cfg(swap: bool, bm: int, bn13: int = 64, t=T, e=E, h=H, i=I):
     return dict(cfg, BLOCK_M=bm, w13=w13, w2=w2)
 
 
-# (dtype, activation, bias): each gated epilogue once, fp32 (exact dots) and bf16, and a non-gated one
-CASES = [(torch.bfloat16, "silu", False), (torch.float32, "swigluoai", True), (torch.bfloat16, "gelu_tanh", True),
-         (torch.bfloat16, "silu_post_clamp", False), (torch.bfloat16, "relu2", True)]
-
-
-@pytest.mark.parametrize("dtype, act, bias", CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("dtype, act, bias", EPILOGUES, ids=lambda v: str(v).replace("torch.", ""))
 def test_unquantised_swap_is_the_same_bits(dtype, act, bias):
-    w13, w2, x, w, ids, b1, b2 = _problem(dtype, act, bias)
+    w13, w2, x, w, ids, b1, b2 = experts_problem(dtype, act, bias)
     w13, w2 = w13.to(DEV), w2.to(DEV)
     limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
     cfgs = (_cfg(False, 16), _cfg(True, 16), dict(_cfg(True, 16), w13_split=True))  # swapped + split w13 too
@@ -73,7 +52,7 @@ def test_quantised_swap_is_the_same_bits(name):
     """Swapped at BLOCK_M 16 (the fp8 decode tiles), also with the split w13, against unswapped at BLOCK_M 64
     (fp8's wgmma rows)."""
     fmt, bn = FORMATS[name]
-    w13, w2, x, w, ids, b1, b2 = _problem(torch.bfloat16, "swigluoai", True, seed=1)
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, "swigluoai", True, seed=1)
     q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
     s_in = (None, None)
     if getattr(fmt, "static_input", False):
@@ -134,7 +113,7 @@ def test_gpu_swap_keeps_the_bits(fmt, t):
     give the same bits, DeepSeek-V3 slice (E = 16, K = 8): what lets fp8 decode buckets swap beside
     unswapped larger buckets (SPEC §9)."""
     e, h, i = 16, 7168, 2048
-    w13, w2, x, w, ids, _, _ = _problem(torch.bfloat16, "silu", False, seed=2, t=t, e=e, h=h, i=i)
+    w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=2, t=t, e=e, h=h, i=i)
     ids = torch.stack([torch.randperm(e)[:K] for _ in range(t)]).int().cuda()  # K = 2 of 16 experts
     outs = []
     for sw, bm in ((False, 64), (True, 16), (True, 32)):

@@ -17,23 +17,7 @@ from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-E, K, H, I, T = 4, 2, 64, 96, 7  # I = 96: a partial 64-column block
-
-
-def _problem(dtype, act, bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = I if act == "relu2" else 2 * I
-    w13, w2 = torch.randn(E, rows, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 8
-    x = torch.randn(T, H, generator=g).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
-    w = torch.rand(T, K, generator=g) + 0.05
-    b1 = (torch.randn(E, rows, generator=g) * 0.1).to(dtype) if bias else None
-    b2 = (torch.randn(E, H, generator=g) * 0.1).to(dtype) if bias else None
-    to = lambda v: v.to(DEV) if v is not None else None  # noqa: E731
-    return w13.to(dtype), w2.to(dtype), to(x), to(w), to(ids), to(b1), to(b2)
-
+from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem  # noqa: E402
 
 def _cfg(bn=64, split=False):
     cfg = heuristic_config(T, E, H, I, K, torch.bfloat16, 4)
@@ -41,14 +25,9 @@ def _cfg(bn=64, split=False):
     return dict(cfg, w13_split=True) if split else cfg
 
 
-# (dtype, activation, bias): each gated epilogue once, fp32 (exact dots) and bf16
-CASES = [(torch.bfloat16, "silu", False), (torch.float32, "swigluoai", True), (torch.bfloat16, "gelu_tanh", True),
-         (torch.bfloat16, "silu_post_clamp", False), (torch.bfloat16, "relu2", False)]
-
-
-@pytest.mark.parametrize("dtype, act, bias", CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("dtype, act, bias", EPILOGUES, ids=lambda v: str(v).replace("torch.", ""))
 def test_unquantised_split_is_the_same_bits(dtype, act, bias):
-    w13, w2, x, w, ids, b1, b2 = _problem(dtype, act, bias)
+    w13, w2, x, w, ids, b1, b2 = experts_problem(dtype, act, bias)
     w13, w2 = w13.to(DEV), w2.to(DEV)
     limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
     fused = fused_experts_impl(x, w13, w2, w, ids, act, False, b1, b2, None, limit, config=_cfg())
@@ -77,7 +56,7 @@ FORMATS = {
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantised_split_is_the_same_bits(name):
     fmt, bn = FORMATS[name]
-    w13, w2, x, w, ids, b1, b2 = _problem(torch.bfloat16, "swigluoai", True, seed=1)
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, "swigluoai", True, seed=1)
     q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
     s_in = (None, None)
     if getattr(fmt, "static_input", False):

@@ -1,0 +1,26 @@
+"""A small random experts problem for the kernel tests that compare two configs bit for bit (``w13_split``,
+swapped tiles): the values only have to exercise every epilogue, so one generator serves them all."""
+
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+E, K, H, I, T = 4, 2, 64, 96, 7  # I = 96: a partial 64-column block; T * K = 14 slots over 4 experts
+
+# (dtype, activation, bias): each gated epilogue once, fp32 (exact dots) and bf16, and a non-gated one
+EPILOGUES = [(torch.bfloat16, "silu", False), (torch.float32, "swigluoai", True), (torch.bfloat16, "gelu_tanh", True),
+             (torch.bfloat16, "silu_post_clamp", False), (torch.bfloat16, "relu2", True)]
+
+
+def experts_problem(dtype, act, bias, seed=0, t=T, e=E, h=H, i=I, k=K):
+    """``(w13, w2, x, topk_weights, topk_ids, b1, b2)``: weights on the CPU in ``dtype`` (callers quantise
+    or move them), the rest on :data:`DEV`; biases None without ``bias``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = i if act == "relu2" else 2 * i
+    w13, w2 = torch.randn(e, rows, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+    x = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).int()
+    w = torch.rand(t, k, generator=g) + 0.05
+    b1 = (torch.randn(e, rows, generator=g) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(e, h, generator=g) * 0.1).to(dtype) if bias else None
+    to = lambda v: v.to(DEV) if v is not None else None  # noqa: E731
+    return w13.to(dtype), w2.to(dtype), to(x), to(w), to(ids), to(b1), to(b2)
