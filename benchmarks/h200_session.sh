@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # One device session's measurements in the order that matters, each step bounded and guarded (a failure or
-# a timeout does not stop the next one), logs and JSON under OUT. Sized for calls of <= 600 s:
+# a timeout does not stop the next one), logs and JSON under OUT. Sized for calls of <= 600 s (one step set
+# per call; `bench` alone needs most of a call: round 5 lost a whole sweep to the 600 s limit):
 #
-#   benchmarks/h200_session.sh OUT tests     # GPU tests not run in round 3 (quantised graph/compile, the
-#                                            # fp8_acc modes, 4-bit batch invariance, whole-forward graphs)
+#   benchmarks/h200_session.sh OUT tests     # GPU tests round 5 could not finish: 4-bit every-bucket batch
+#                                            # invariance (kWidth barrier + swapped 4-bit decode tiles), gpt-oss
+#                                            # 4-bit, quantised graph/compile, whole-forward graphs
 #   benchmarks/h200_session.sh OUT tune4     # 4-bit configs (mxfp4: gpt-oss, DeepSeek-V3; int4: DeepSeek-V3)
 #   benchmarks/h200_session.sh OUT split     # compute-bound buckets again, now with w13_split candidates
 #                                            # (fp8 and bf16; a split winner must be bit-identical to fused)
-#   benchmarks/h200_session.sh OUT bench     # every format side by side + eager rows, then compare.py
-#   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 on the packed-bf16 decode: speed
-#                                            # and whether the bits now equal the unswapped tiles (round 4 left it open)
+#   benchmarks/h200_session.sh OUT bench     # bf16 + fp8, every shape, + eager rows, then compare.py (~420 s)
+#   benchmarks/h200_session.sh OUT bench4    # bf16 + fp8 + mxfp4 + int4 beside, DeepSeek-V3, gpt-oss, Qwen3
+#   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 (bits and speed per variant)
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|tune4|split|bench|swap4}
-WHAT=${2:?usage: $0 OUT tests|tune4|split|bench|swap4}
+OUT=${1:?usage: $0 OUT tests|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,16 +31,13 @@ step() {  # step NAME SECONDS CMD...: run with a wall bound, log to OUT/NAME.log
 
 case $WHAT in
   tests)
-    step gpu-decode 60 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_quant_decode.py
-    step gpu-align 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_triton_experts_quant.py \
-      -k "gpt_oss or (every_bucket and (mxfp4 or int4))"
-    step gpu-swap 150 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_swap_ab.py \
-      tests/ops/test_batch_invariance_gpu.py -k "swap or fp8"
-    step gpu-quant-graph 150 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
-      tests/ops/test_triton_experts_quant.py -k "graph or accumulation"
-    step gpu-quant-buckets 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
+    step gpu-buckets-4bit 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
       tests/ops/test_triton_experts_quant.py -k "every_bucket and (mxfp4 or int4)"
-    step gpu-graphed 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/experts/test_graphed_gpu.py \
+    step gpu-align 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_triton_experts_quant.py \
+      -k "gpt_oss or deterministic"
+    step gpu-decode 60 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_quant_decode.py
+    step gpu-swap 100 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_swap_ab.py
+    step gpu-graphed 100 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/experts/test_graphed_gpu.py \
       tests/test_compile_gpu.py
     ;;
   tune4)
@@ -53,12 +52,17 @@ case $WHAT in
     step tune-split-bf16 270 python -m moekit tune --points "$P" --budget-s 240 --out "$OUT/configs"
     ;;
   bench)
-    step bench 420 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --fast --eager --out "$OUT"
+    step bench 480 python -m moekit bench --quant bf16,fp8 --fast --eager --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  bench4)
+    step bench4 300 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   swap4)
     step swap-4bit 300 python benchmarks/swap_probe.py --probe --formats mxfp4,int4 \
       --shapes deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,8,64,1024 --out "$OUT/swap4.json"
     ;;
-  *) echo "unknown step set $WHAT (tests, tune4, split, bench, swap4)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests, tune4, split, bench, bench4, swap4)"; exit 2 ;;
 esac

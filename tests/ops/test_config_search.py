@@ -100,7 +100,10 @@ def test_fp8_heuristic_keeps_the_measured_fp8_tiles():
             assert 32 <= cfg["w13"]["BN"] <= 64 and cfg["w2"]["BN"] in (64, 128)
         assert (cfg["w13"]["BK"], cfg["w2"]["BK"]) == (base["w13"]["BK"], base["w2"]["BK"])
         assert base == heuristic_config(t, 512, 6144, 2048, 12, torch.bfloat16, 132)  # the input is not mutated
-    for t in (1, 64):  # the unquantised and the 4-bit heuristics never swap (no gain / other low bits)
+    for t in (1, 64, 256):  # the unquantised heuristic never swaps (no gain); 4-bit up to 6 rows per expert
         for quant in (None, "mxfp4", "int4_g32"):
             cfg = heuristic_config(t, 256, 7168, 2048, 8, torch.bfloat16, 132, quant=quant)
-            assert not cfg["w13"].get("SWAP") and not cfg["w2"].get("SWAP"), quant
+            want = quant is not None and t * 8 / min(256, t * 8) <= 6  # T = 1, 64 (1 and 2 rows), not 256 (8)
+            assert bool(cfg["w13"].get("SWAP")) == bool(cfg["w2"].get("SWAP")) == want, (quant, t)
+            if want:
+                assert cfg["BLOCK_M"] == 16 and cfg["w13"]["BN"] >= 64 and cfg["w2"]["BN"] >= 64

@@ -128,7 +128,7 @@ def heuristic_config(
 ) -> dict:
     """A sound config for any shape: block rows from the expected rows per touched expert, tile
     widths so that the memory-bound small-T launches still fill the SMs. ``quant``: a quantised format's
-    key; fp8 formats take :func:`fp8_heuristic`'s tiles."""
+    key; fp8 formats take :func:`fp8_heuristic`'s tiles, mxfp4 / int4 swap their decode tiles (:func:`swap_tiles`)."""
     slots = max(num_tokens * top_k, 1)
     touched = min(num_experts, slots)
     rows = slots / touched
@@ -169,7 +169,11 @@ def heuristic_config(
     # shapes); the wrapper falls back to pointer loads where descriptors cannot describe the weights
     tma = small_elt and rows > 400
     cfg = {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
-    return fp8_heuristic(cfg, num_tokens, num_experts, top_k) if quant and quant.startswith("fp8") else cfg
+    if quant and quant.startswith("fp8"):
+        return fp8_heuristic(cfg, num_tokens, num_experts, top_k)
+    if quant and rows <= SWAP_4BIT_MAX_ROWS:  # mxfp4 / int4 decode
+        return swap_tiles(cfg, rows)
+    return cfg
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,6 +224,8 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
 
 # fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert
 SWAP_MAX_ROWS = 16
+# mxfp4 / int4 decode: swapped tiles up to this many (BLOCK_M 16, the tiles measured; 7-16 rows were not)
+SWAP_4BIT_MAX_ROWS = 6
 
 
 def swap_tiles(cfg: dict, rows: float) -> dict:
@@ -229,8 +235,11 @@ def swap_tiles(cfg: dict, rows: float) -> dict:
     unswapped: DeepSeek-V3 1.14 / 1.13 / 1.12x, gpt-oss-120b 1.16 / 1.20 / 1.17x, Qwen3-30B-A3B
     1.17 / 1.34 / 1.30x, every output bit-identical (``benchmarks/swap_probe.py``); at 8-16 rows (BLOCK_M
     32) 1.06-1.10x (DeepSeek-V3 and gpt-oss T = 256, Qwen3 T = 256, Mixtral T = 64), while at 64 rows and
-    more unswapped won (0.72-0.98x). bf16 gained nothing (0.95-1.04x) and mxfp4 / int4 changed low bits,
-    so only fp8 uses them."""
+    more unswapped won (0.72-0.98x). bf16 gained nothing (0.95-1.04x), so it never swaps. mxfp4 / int4 swap
+    up to 6 rows (:data:`SWAP_4BIT_MAX_ROWS`): H200, T = 1 / 8 / 64 against the unswapped BLOCK_M 16 tiles,
+    DeepSeek-V3 mxfp4 1.05 / 1.13 / 1.14x, int4 1.12 / 1.17 / 1.15x, Qwen3-30B-A3B mxfp4 1.03 / 1.15 / 1.11x,
+    int4 1.12x at T = 1, gpt-oss-120b mxfp4 0.93 / 1.09 / 1.08x, all 65 probed outputs bit-identical once the
+    decoded tile kept the bf16 k order (``_k_order_barrier``; before it, 4-bit mma.sync tiles changed low bits)."""
     w13 = dict(cfg["w13"], SWAP=1, BN=max(64, int(cfg["w13"]["BN"])), num_warps=4)
     w2 = dict(cfg["w2"], SWAP=1, BN=max(64, int(cfg["w2"]["BN"])), num_warps=4)
     return {**cfg, "BLOCK_M": 16 if rows <= 6 else 32, "w13": w13, "w2": w2}

@@ -254,7 +254,26 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
             w = _nib8(p, BN, BK).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
         w = tl.reshape(tl.reshape(w, (BN, NG, BK // NG)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
         w = to_dt(w, DT, INTERP)
+    if not INTERP:
+        w = _k_order_barrier(w, DT)
     return tl.trans(w)
+
+
+# An identity move with a side effect, between the decoded tile and the dot. Triton sizes mma.sync's
+# per-thread K run (the dot operand's kWidth) from the narrowest type its backward slice over pure
+# elementwise ops reaches: packed 4-bit words gave kWidth 4 (int4) and 8 (mxfp4) instead of bf16's 2, which
+# hands each MMA instruction another set of k and changes the fp32 sums' order, so mma.sync buckets (BLOCK_M
+# 16 / 32) differed in the last bits from wgmma buckets (BLOCK_M >= 64, the tile through shared memory) and
+# from the bf16 kernel on the same decoded weights (H200, benchmarks/bits_probe.py). A non-pure asm ends the
+# slice at this value: kWidth 2, the bf16 order, in every bucket.
+@triton.jit
+def _k_order_barrier(w, DT: tl.constexpr):
+    if DT == tl.float32:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.float32, is_pure=False, pack=1)
+    elif DT == tl.float16:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.float16, is_pure=False, pack=2)
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.bfloat16, is_pure=False, pack=2)
 
 
 @triton.jit
