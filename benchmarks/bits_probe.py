@@ -58,16 +58,22 @@ def main(argv=None) -> int:
         base = get_config(dev, t, e, h, i, k, torch.bfloat16, True, quant=spec.key)
         cfgs[f"T{t}"] = spec.fix_config(base, torch.bfloat16)
         rows = t * k / min(e, t * k)
-        if rows <= 16:
+        if rows <= 16 and not base["w13"].get("SWAP"):  # the heuristic's own decode tiles may be swapped already
             cfgs[f"T{t}-swap"] = spec.fix_config(swap_tiles(base, rows), torch.bfloat16)
     routes = [("ptx", True)] + ([("fp32", False)] if a.fp32_route else [])
     first = {}
     orig = tq._ptx_decode
     for name, cfg in cfgs.items():
-        d = fused_experts_impl(x, d13, d2, w, ids, "silu", False, None, None, None, None, config=cfg)
-        first.setdefault("d", d)
+        try:  # the bf16 kernel on the 4-bit tiles: its B tile is 4x the packed one (shared memory)
+            d = fused_experts_impl(x, d13, d2, w, ids, "silu", False, None, None, None, None, config=cfg)
+        except Exception as exc:  # noqa: BLE001 - e.g. OutOfResources: report the 4-bit side alone
+            print(f"{name:10s} (bf16 reference: {type(exc).__name__})", flush=True)
+            d = None
+        if d is not None:
+            first.setdefault("d", d)
+        same_d = "-" if d is None else str(torch.equal(d, first["d"]))
         line = [f"{name:10s} BM={cfg['BLOCK_M']:3d} w13 BN={cfg['w13']['BN']:3d} w2 BN={cfg['w2']['BN']:3d} "
-                f"swap={cfg['w13'].get('SWAP', 0)}  d==d0 {torch.equal(d, first['d'])!s:5s}"]
+                f"swap={cfg['w13'].get('SWAP', 0)}  d==d0 {same_d:5s}"]
         for route, ptx in routes:
             tq._ptx_decode = (lambda dev_, ptx=ptx: ptx)
             try:
@@ -76,6 +82,9 @@ def main(argv=None) -> int:
             finally:
                 tq._ptx_decode = orig
             first.setdefault(route, q)
+            if d is None:
+                line.append(f"{route}: q==d -     q==q0 {torch.equal(q, first[route])!s:5s}")
+                continue
             diff = (q.float() - d.float()).abs().max().item()
             line.append(f"{route}: q==d {torch.equal(q, d)!s:5s} (max {diff:.3g}) q==q0 {torch.equal(q, first[route])!s:5s}")
         print("  ".join(line), flush=True)

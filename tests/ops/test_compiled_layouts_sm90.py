@@ -19,19 +19,21 @@ from compile_check import run_compiled
 
 pytest.importorskip("triton.backends.nvidia")
 
-# config of a decode bucket on pointer loads (the H200 table's Qwen3-30B-A3B T = 8 entry)
-POINTER_SNIPPET = """
+# config of a decode bucket on pointer loads (the H200 table's Qwen3-30B-A3B T = 8 entry); every global copy
+# must be a 16-byte cp.async and no global load narrower than 4 bytes (8-byte copies fail too)
+POINTER_SNIPPET = r"""
 import re
 import compile_sm90 as c
+NARROW = re.compile(r"ld\.global[^;\s]*\.[bus](?:8|16)\b")
+WIDTH = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)")
 cfg = {"BLOCK_M": 16, "tma": False, "w13": {"BN": 32, "BK": 64, "num_stages": 5, "num_warps": 4, "GROUP_M": 8},
        "w2": {"BN": 64, "BK": 64, "num_stages": 3, "num_warps": 4, "GROUP_M": 8}}
 for fmt in ("bf16", "fp8_channel"):
     for kf, args, kw in c.launches(c.FORMATS[fmt], 8, "invariance", config=cfg):
         if kf.__name__ in ("w13_kernel", "w2_kernel"):
             ptx = c.compile_launch(kf, args, kw).asm["ptx"]
-            narrow = [w for w in ("ld.global.b16", "ld.global.u16", "ld.global.b8", "ld.global.u8") if w in ptx]
-            assert not narrow, (fmt, kf.__name__, narrow)
-            assert "cp.async.cg.shared.global" in ptx, (fmt, kf.__name__)
+            assert not NARROW.findall(ptx), (fmt, kf.__name__, set(NARROW.findall(ptx)))
+            assert set(WIDTH.findall(ptx)) == {"0x10"}, (fmt, kf.__name__, set(WIDTH.findall(ptx)))
 # packed 4-bit rows of gpt-oss (int4: 360 words, mxfp4: 1440 bytes, no multiple of 16 elements): the launcher's
 # W_ALIGN hint makes every weight copy a 16-byte one (the hint had been lost once: 4-byte copies)
 for fmt in ("int4_g32", "mxfp4"):
@@ -39,8 +41,7 @@ for fmt in ("int4_g32", "mxfp4"):
         if kf.__name__ in ("w13_kernel", "w2_kernel"):
             assert kw["W_ALIGN"] > 1, (fmt, kf.__name__)
             ptx = c.compile_launch(kf, args, kw).asm["ptx"]
-            widths = set(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", ptx))
-            assert widths == {"0x10"}, (fmt, kf.__name__, widths)
+            assert set(WIDTH.findall(ptx)) == {"0x10"}, (fmt, kf.__name__, set(WIDTH.findall(ptx)))
 print("ok")
 """
 
@@ -51,10 +52,12 @@ def test_pointer_loaded_tiles_stay_16_byte_copies(tmp_path):
 
 # every shipped H200 bucket on pointer loads ("tma" false): bf16 and fp8 block, each shape's H, I, K (E = 8:
 # the kernels do not depend on E, and the CPU tensors stay small)
-SHIPPED_SNIPPET = """
+SHIPPED_SNIPPET = r"""
 import json
 import re
 import compile_sm90 as c
+NARROW = re.compile(r"ld\.global[^;\s]*\.[bus](?:8|16)\b")
+WIDTH = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)")
 table = json.load(open("src/moekit/configs/NVIDIA_H200.json"))["entries"]
 n = 0
 for key, buckets in table.items():
@@ -69,8 +72,8 @@ for key, buckets in table.items():
         for kf, args, kw in c.launches(fmt, int(t), shape, config=cfg):
             if kf.__name__ in ("w13_kernel", "w2_kernel"):
                 ptx = c.compile_launch(kf, args, kw).asm["ptx"]
-                narrow = re.findall(r"ld\\.global(?:\\.[a-z]+)*\\.(?:b16|u16|b8|u8)\\b", ptx)
-                assert not narrow and "cp.async.cg.shared.global" in ptx, (key, t, kf.__name__, set(narrow))
+                assert not NARROW.findall(ptx), (key, t, kf.__name__, set(NARROW.findall(ptx)))
+                assert set(WIDTH.findall(ptx)) == {"0x10"}, (key, t, kf.__name__, set(WIDTH.findall(ptx)))
                 n += 1
 assert n >= 20, n
 print("ok", n)
@@ -83,16 +86,29 @@ def test_shipped_pointer_load_buckets_copy_16_bytes(tmp_path):
     run_compiled(SHIPPED_SNIPPET, tmp_path)
 
 
-KWIDTH_SNIPPET = """
+# explicit tiles (the heuristic swaps small buckets, whose wgmma operands have kWidth 2 anyway): unswapped
+# 16- and 32-row mma.sync tiles, bf16 and fp16 activations, sm_90 and sm_80 (no PTX decode)
+KWIDTH_SNIPPET = r"""
 import re
+import torch
+from triton.backends.compiler import GPUTarget
 import compile_sm90 as c
-for fmt in ("mxfp4", "int4_g32", "int4_g128"):
-    for t in (1, 128):
-        for kf, args, kw in c.launches(c.FORMATS[fmt], t, "invariance"):
-            if kf.__name__ in ("w13_kernel", "w2_kernel"):
-                ttgir = c.compile_launch(kf, args, kw).asm["ttgir"]
-                widths = set(re.findall(r"dot_op<\\{opIdx = \\d, parent = #mma, kWidth = (\\d+)\\}>", ttgir))
-                assert widths == {"2"}, (fmt, t, kf.__name__, widths)
+from moekit.ops import triton_experts_quant as tq
+KW = re.compile(r"dot_op<\{opIdx = \d, parent = #mma, kWidth = (\d+)\}>")
+n = 0
+for target, ptx_decode in ((GPUTarget("cuda", 90, 32), True), (GPUTarget("cuda", 80, 32), False)):
+    c.TARGET = target
+    tq._ptx_decode = lambda device, v=ptx_decode: v
+    for fmt in ("mxfp4", "int4_g32", "int4_g128"):
+        for dtype in (torch.bfloat16, torch.float16):
+            for bm in (16, 32):
+                patch = {"BLOCK_M": bm, "w13": {"SWAP": 0}, "w2": {"SWAP": 0}}
+                for kf, args, kw in c.launches(c.FORMATS[fmt], 64, "invariance", dtype=dtype, patch=patch):
+                    if kf.__name__ in ("w13_kernel", "w2_kernel"):
+                        widths = set(KW.findall(c.compile_launch(kf, args, kw).asm["ttgir"]))
+                        assert widths == {"2"}, (target.arch, fmt, dtype, bm, kf.__name__, widths)
+                        n += 1
+assert n == 48, n
 print("ok")
 """
 

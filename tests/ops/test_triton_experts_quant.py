@@ -33,6 +33,19 @@ FORMATS = {
 }
 
 
+@pytest.fixture(params=["swapped", "unswapped"])
+def tiles(request, monkeypatch):
+    """Both kinds of 4-bit decode tile: the heuristic swaps bf16 mxfp4 / int4 up to ``SWAP_4BIT_MAX_ROWS`` rows
+    per expert (these small problems), ``unswapped`` turns that off (what larger buckets run)."""
+    from moekit.ops import triton_configs as tc
+
+    if request.param == "unswapped":
+        monkeypatch.setattr(tc, "SWAP_4BIT_MAX_ROWS", 0)
+    tc.clear_config_cache()
+    yield request.param
+    tc.clear_config_cache()
+
+
 def make(fmt, t, e, k, h, i, dtype=torch.bfloat16, act="silu", bias=False, hot=False, num_global=None, seed=0):
     """Quantised experts + routing; returns (args, kwargs) for both implementations."""
     gen = torch.Generator().manual_seed(1000 + seed + 31 * t + e)
@@ -74,7 +87,7 @@ def compare(args, kw, tol=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_formats(name, dtype):
+def test_formats(name, dtype, tiles):
     fmt = FORMATS[name]
     h, i = (80, 48) if fmt.quantizes_activations else (128, 128 if name == "int4_g128" else 64)  # fp8: partial blocks
     args, kw = make(fmt, 7, 4, 2, h, i, dtype, bias=True, seed=list(FORMATS).index(name))
@@ -82,7 +95,7 @@ def test_formats(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["fp8_block", "int4_g32"])
-def test_fp16(name):
+def test_fp16(name, tiles):
     args, kw = make(FORMATS[name], 5, 4, 2, 64, 64, torch.float16, bias=True)
     compare(args, kw, tol=2e-3)  # measured 3e-4 .. 7e-4 (interpreter)
 
@@ -103,13 +116,13 @@ def test_fp8_block_activations(act, limit):
 
 
 @pytest.mark.parametrize("name,act", [("mxfp4", "relu2"), ("int4_g32", "swigluoai"), ("fp8_channel", "relu2")])
-def test_other_formats_activations(name, act):
+def test_other_formats_activations(name, act, tiles):
     args, kw = make(FORMATS[name], 6, 4, 2, 64, 64, act=act, bias=True)
     compare(args, kw)
 
 
 @pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "mxfp4"])
-def test_expert_map_hot_experts(name):
+def test_expert_map_hot_experts(name, tiles):
     """A rank holding 3 of 6 experts (-1 elsewhere), every token on expert 0."""
     args, kw = make(FORMATS[name], 9, 3, 2, 64, 64, hot=True, num_global=6)
     emap = torch.tensor([0, -1, 1, -1, 2, -1], dtype=torch.int32, device=DEV)
@@ -117,13 +130,13 @@ def test_expert_map_hot_experts(name):
 
 
 @pytest.mark.parametrize("name", ["fp8_block", "fp8_static", "int4_g32"])
-def test_apply_router_weight_on_input(name):
+def test_apply_router_weight_on_input(name, tiles):
     args, kw = make(FORMATS[name], 5, 4, 1, 64, 64)
     compare(args, dict(kw, apply_router_weight_on_input=True))
 
 
 @pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "int4_g32"])
-def test_batch_invariance(name):
+def test_batch_invariance(name, tiles):
     """A token's output is bit-identical alone (decode layout) and inside a batch (align kernel)."""
     args, kw = make(FORMATS[name], 9, 4, 2, 64, 64)
     full = tq.fused_experts_quant_triton(*args, **kw)
@@ -350,7 +363,7 @@ def test_vector_alignment_of_packed_rows():
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "int4_g32"])
-def test_aligned_k_tail_equals_unaligned(name, monkeypatch):
+def test_aligned_k_tail_equals_unaligned(name, monkeypatch, tiles):
     """The vector-aligned K tail (H = 160: a 32-wide tail after one 128 step; W_ALIGN 16 bytes / 4 words)
     gives the same bits as the same weights in a layout the launcher cannot vectorise (each row one element
     longer, read from offset 1: W_ALIGN 1). The launcher is called directly: the public wrapper would make

@@ -166,8 +166,8 @@ def swap_identical(problems, call: Kernel, cfg: dict, base: dict | None = None) 
     """A swapped config (``"SWAP"`` in a kernel dict) equals, bit for bit, the same tiles unswapped (at
     BLOCK_M >= 64: wgmma over token rows) and ``base``, the bucket's config in use (e.g. a 16-row
     ``mma.sync`` decode tile): the condition for a swapped bucket beside unswapped ones (SPEC §9). Measured
-    true for fp8 and bf16 on the H200, false for mxfp4 / int4 with round 3's decode
-    (``benchmarks/swap_probe.py``), so this is checked, not assumed."""
+    true for fp8 and bf16 on the H200, and for mxfp4 / int4 since round 5's k-order barrier (false before:
+    ``benchmarks/swap_probe.py``), so this is checked, not assumed."""
     return same_bits(problems, call, cfg, unswapped(cfg), *([base] if base is not None else []))
 
 

@@ -239,8 +239,8 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
            for bm in bms for a, b in pairs]
     if fam == "bf16" and reg == "large" and not quick and bk == (64, 64):  # a new shape: try BLOCK_K 128 too
         out += [_cfg(128, (64, 128, 4, 3), (128, 128, 8, 3), tma=True, **extra)]
-    # swapped decode tiles (weights on wgmma's M side): fp8 measured faster and bit-identical on the H200; for
-    # 4-bit the tuner's swap_identical decides whether a swapped winner may stand beside unswapped buckets
+    # swapped decode tiles (weights on wgmma's M side): fp8 and (since the k-order barrier) 4-bit measured
+    # faster and bit-identical on the H200; the tuner's swap_identical still checks every swapped winner
     if fam != "bf16" and rows <= SWAP_MAX_ROWS:
         swapped = [swap_tiles(c, rows) for c in out[:1 if quick else 2]]
         if not quick:

@@ -171,7 +171,7 @@ def heuristic_config(
     cfg = {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
     if quant and quant.startswith("fp8"):
         return fp8_heuristic(cfg, num_tokens, num_experts, top_k)
-    if quant and rows <= SWAP_4BIT_MAX_ROWS:  # mxfp4 / int4 decode
+    if quant and dtype == torch.bfloat16 and rows <= SWAP_4BIT_MAX_ROWS:  # mxfp4 / int4 decode (measured: bf16)
         return swap_tiles(cfg, rows)
     return cfg
 
@@ -224,7 +224,8 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
 
 # fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert
 SWAP_MAX_ROWS = 16
-# mxfp4 / int4 decode: swapped tiles up to this many (BLOCK_M 16, the tiles measured; 7-16 rows were not)
+# mxfp4 / int4 decode with bf16 activations: swapped tiles up to this many rows per expert (BLOCK_M 16, the
+# tiles measured on the H200; 7-16 rows, fp16 / fp32 activations and pre-Hopper GPUs were not measured)
 SWAP_4BIT_MAX_ROWS = 6
 
 
@@ -238,8 +239,9 @@ def swap_tiles(cfg: dict, rows: float) -> dict:
     more unswapped won (0.72-0.98x). bf16 gained nothing (0.95-1.04x), so it never swaps. mxfp4 / int4 swap
     up to 6 rows (:data:`SWAP_4BIT_MAX_ROWS`): H200, T = 1 / 8 / 64 against the unswapped BLOCK_M 16 tiles,
     DeepSeek-V3 mxfp4 1.05 / 1.13 / 1.14x, int4 1.12 / 1.17 / 1.15x, Qwen3-30B-A3B mxfp4 1.03 / 1.15 / 1.11x,
-    int4 1.12x at T = 1, gpt-oss-120b mxfp4 0.93 / 1.09 / 1.08x, all 65 probed outputs bit-identical once the
-    decoded tile kept the bf16 k order (``_k_order_barrier``; before it, 4-bit mma.sync tiles changed low bits)."""
+    int4 1.12x at T = 1, gpt-oss-120b mxfp4 0.93 / 1.09 / 1.08x (gpt-oss int4 was timed only on a build with
+    misaligned weight loads: not counted), all 65 probed outputs bit-identical once the decoded tile kept the
+    bf16 k order (``_k_order_barrier``; before it, 4-bit mma.sync tiles changed low bits)."""
     w13 = dict(cfg["w13"], SWAP=1, BN=max(64, int(cfg["w13"]["BN"])), num_warps=4)
     w2 = dict(cfg["w2"], SWAP=1, BN=max(64, int(cfg["w2"]["BN"])), num_warps=4)
     return {**cfg, "BLOCK_M": 16 if rows <= 6 else 32, "w13": w13, "w2": w2}

@@ -107,7 +107,8 @@ class QuantSpec:
         (default :data:`DEFAULT_FP8_ACC`) picks the dot instruction (:func:`._triton.quant.dot_f32`); > 0
         (wgmma) needs ``BLOCK_M`` >= 64 and 4 or 8 warps in every bucket, raised here, so that no bucket
         falls back to another instruction (SPEC §9); a swapped kernel (``"SWAP": 1``, the weight tile on
-        wgmma's M side) needs ``BN`` >= 64 instead, and ``BLOCK_M`` stays when both kernels are swapped."""
+        wgmma's M side) needs ``BN`` >= 64 instead, and ``BLOCK_M`` stays when both kernels are swapped; a swapped
+        mxfp4 / int4 kernel gets ``BN`` >= 64 too (the tiles whose bits were measured)."""
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
@@ -133,6 +134,10 @@ class QuantSpec:
         else:  # packed tiles: the dequantised B tile needs registers / shared memory too
             c13["num_stages"] = min(int(c13["num_stages"]), 3)
             c2["num_stages"] = min(int(c2["num_stages"]), 3)
+            for c in (c13, c2):  # swapped: 64 weight rows per warpgroup (wgmma's M side), as measured
+                if c.get("SWAP"):
+                    c["BN"] = max(64, int(c["BN"]))
+                    c["num_warps"] = min(int(c["num_warps"]), c["BN"] // 16)
         out["w13"], out["w2"] = c13, c2
         return out
 

@@ -232,8 +232,8 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
     is a multiple of it (the K-tail mask then covers whole vectors); ``PTX``: the target is sm_90+ (the
     packed-bf16 decode may run). The tile is
     unpacked along new trailing axes ([BN, BK/PACK, PACK] -> [BN, BK], no data movement), scaled per group
-    as [BN, NG, BK/NG], rounded to ``DT`` and transposed for the dot (Triton then picks the load layout
-    that yields the dot operand directly, no shared-memory round trip of the decoded tile for mma.sync).
+    as [BN, NG, BK/NG], rounded to ``DT``, passed through :func:`_k_order_barrier` (compiled, 16-bit ``DT``)
+    and transposed for the dot.
 
     Values (exact in fp32, then one rounding to ``DT``: the twin's dequantisation): mxfp4
     ``(bits · 2^126) · 2^(s - 127)`` (:func:`_e2m1x2`); int4 ``((2^23 + nib) - (2^23 + 8)) · s``."""
@@ -254,23 +254,24 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
             w = _nib8(p, BN, BK).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
         w = tl.reshape(tl.reshape(w, (BN, NG, BK // NG)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
         w = to_dt(w, DT, INTERP)
-    if not INTERP:
+    if not INTERP and DT != tl.float32:  # fp32 dots run as FMAs: no MMA operand layout to pin
         w = _k_order_barrier(w, DT)
     return tl.trans(w)
 
 
 # An identity move with a side effect, between the decoded tile and the dot. Triton sizes mma.sync's
-# per-thread K run (the dot operand's kWidth) from the narrowest type its backward slice over pure
-# elementwise ops reaches: packed 4-bit words gave kWidth 4 (int4) and 8 (mxfp4) instead of bf16's 2, which
-# hands each MMA instruction another set of k and changes the fp32 sums' order, so mma.sync buckets (BLOCK_M
-# 16 / 32) differed in the last bits from wgmma buckets (BLOCK_M >= 64, the tile through shared memory) and
-# from the bf16 kernel on the same decoded weights (H200, benchmarks/bits_probe.py). A non-pure asm ends the
-# slice at this value: kWidth 2, the bf16 order, in every bucket.
+# per-thread K run (the dot operand's kWidth) from what its backward slice over pure elementwise ops reaches:
+# from the packed words it chose kWidth 4 (int4) / 8 (mxfp4), and 4 for a bf16 operand made in registers,
+# instead of 2 for one loaded from shared memory. That hands each MMA instruction another set of k and
+# changes the fp32 sums' order, so mma.sync buckets (BLOCK_M 16 / 32) differed in the last bits from wgmma
+# buckets (BLOCK_M >= 64, the tile through shared memory) and from the bf16 kernel on the same decoded
+# weights (H200, benchmarks/bits_probe.py). A non-pure asm ends the slice here: kWidth 2, the bf16 order, in
+# every bucket. The price: the decoded tile now goes through shared memory for mma.sync as well (H200,
+# DeepSeek-V3 mxfp4 unswapped BLOCK_M 16, T = 8 750 -> 958 µs; gpt-oss mxfp4 got faster, 409 -> 282 µs).
+# Marking the packed words and scales instead (decode left pure) gave kWidth 4: no fix.
 @triton.jit
 def _k_order_barrier(w, DT: tl.constexpr):
-    if DT == tl.float32:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.float32, is_pure=False, pack=1)
-    elif DT == tl.float16:
+    if DT == tl.float16:
         return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.float16, is_pure=False, pack=2)
     else:
         return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.bfloat16, is_pure=False, pack=2)
