@@ -278,6 +278,8 @@ def report(rows, baseline_rows=(), source: str = "") -> tuple[str, Report]:
     rep.note(f"ceilings of the run: read {meta.get('read_bw_TBps')} TB/s, copy {meta.get('copy_bw_TBps')} TB/s, "
              f"bf16 {meta.get('bf16_peak_TFLOPs')} TFLOP/s, fp8 {meta.get('fp8_peak_TFLOPs')} TFLOP/s; "
              f"formats {meta.get('quants')}")
+    if meta.get("partial"):
+        rep.note("**partial run**: the bench stopped before its last shape; only the shapes finished are here")
     if B.rows:
         rep.note("")
         rep.note(f"peer: {B.meta.get('source') if B.meta else 'baseline file'}")

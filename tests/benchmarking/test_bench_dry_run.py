@@ -118,3 +118,30 @@ def test_run_bench_writes_rows_meta_and_plots(tmp_path, monkeypatch):
     assert not any(r["impl"] == "baseline" or r["model"] == "longcat-flash-nozero" for r in rows)  # --fast
     assert any(s.startswith("deepseek-v3: ") and " s (elapsed " in s for s in log)
 
+
+
+def test_a_run_cut_short_keeps_every_finished_shape(tmp_path, monkeypatch):
+    """The JSON is written after each shape (``meta.partial``), so a run stopped by a time limit (a device
+    call's) keeps what it measured; the finished run rewrites it whole."""
+    monkeypatch.setattr(bench_mod, "measure_ceilings", lambda device: (2e12, 3e12, 7e14))
+    shapes = [MODELS[n].replace(**TINY[n]) for n in ("deepseek-v3", "longcat-flash")]
+    real = bench_mod.bench_model
+
+    def stop_at_longcat(m, *args, **kwargs):
+        if m.name == "longcat-flash":
+            raise KeyboardInterrupt("the call's time limit")
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "bench_model", stop_at_longcat)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(shapes, [2], out=tmp_path, log=lambda s: None, fast=True, routing=False, device="cpu",
+                  backend="torch", timer=RecordingTimer())
+    saved = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    assert saved and {r["model"] for r in saved} == {"deepseek-v3"}
+    assert all(r["meta"]["partial"] is True for r in saved)
+    monkeypatch.setattr(bench_mod, "bench_model", real)
+    rows = run_bench(shapes, [2], out=tmp_path, log=lambda s: None, fast=True, routing=False, device="cpu",
+                     backend="torch", timer=RecordingTimer())
+    saved = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    assert saved == rows and {r["model"] for r in saved} == {"deepseek-v3", "longcat-flash"}
+    assert all(r["meta"]["partial"] is False for r in saved)

@@ -311,6 +311,24 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
     log(f"device {device_name(device)}: copy {copy_bw / 1e12:.2f} TB/s, read {read_bw / 1e12:.2f} "
         f"TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s" + (f", fp8 matmul {fp8_peak / 1e12:.0f} TFLOP/s" if fp8_peak
                                                             else "") + f"; formats {','.join(quants)}")
+    out = default_out() if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_name(device).replace(' ', '_')}-{_dt.date.today().isoformat()}"
+
+    def save(rows: list[dict], done: bool) -> None:
+        """The JSON so far: after each shape (``meta.partial``: a run cut short by a time limit keeps every
+        finished shape), then the whole run."""
+        meta = dict(copy_bw_TBps=round(copy_bw / 1e12, 3), read_bw_TBps=round(read_bw / 1e12, 3),
+                    bf16_peak_TFLOPs=round(peak / 1e12, 1),
+                    fp8_peak_TFLOPs=round(fp8_peak / 1e12, 1) if fp8_peak else None,
+                    quants=quants, timing=dict(target_ms=plan.target_ms, replays=plan.replays, rotations=rotations),
+                    elapsed_s=round(time.perf_counter() - start, 1), partial=not done,
+                    reference=str(reference) if reference else None,
+                    roofline="bytes = unique_experts*bytes_per_expert + 2*T*H*elt + T*(E+Z)*4 (experts step: "
+                             "T*K*8); flops = 2*real_slots*H*3I (gated); floor = max(bytes/BW, flops/PEAK), "
+                             "BW = max(copy, read), PEAK = peak_tflops of the row (fp8 rows: the fp8 matmul peak)")
+        (out / f"{stem}.json").write_text(json.dumps([{**r, "meta": meta} for r in rows], indent=1))
+
     rows = []
     for m in models:
         t0 = time.perf_counter()
@@ -320,25 +338,13 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
             rows += bench_model(nozero, tokens, dtype, device, ceil,
                                 dataclasses.replace(plan, quants=(quants[0],), baseline=False), log)
         log(f"{m.name}: {time.perf_counter() - t0:.1f} s (elapsed {time.perf_counter() - start:.1f} s)")
+        save(rows, done=False)
     if routing:
         rows += bench_routing(tokens, device, log)
     for line in summarize(rows) + summarize_eager(rows):
         log(line)
-    out = default_out() if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device_name(device).replace(' ', '_')}-{_dt.date.today().isoformat()}"
-    meta = dict(copy_bw_TBps=round(copy_bw / 1e12, 3), read_bw_TBps=round(read_bw / 1e12, 3),
-                bf16_peak_TFLOPs=round(peak / 1e12, 1),
-                fp8_peak_TFLOPs=round(fp8_peak / 1e12, 1) if fp8_peak else None,
-                quants=quants, timing=dict(target_ms=plan.target_ms, replays=plan.replays, rotations=rotations),
-                elapsed_s=round(time.perf_counter() - start, 1),
-                reference=str(reference) if reference else None,
-                roofline="bytes = unique_experts*bytes_per_expert + 2*T*H*elt + T*(E+Z)*4 (experts step: T*K*8); "
-                         "flops = 2*real_slots*H*3I (gated); floor = max(bytes/BW, flops/PEAK), BW = max(copy, read), "
-                         "PEAK = peak_tflops of the row (fp8 rows: the fp8 matmul peak)")
-    for r in rows:
-        r.setdefault("meta", meta)
-    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    save(rows, done=True)
+    rows = json.loads((out / f"{stem}.json").read_text())
     write_plots(rows, out / stem, ceil.bw, peak, fp8_peak, load_reference(reference), log=log)
     log(f"wrote {out / stem}.json in {time.perf_counter() - start:.0f} s")
     return rows
