@@ -115,6 +115,7 @@ class QuantSpec:
         if self.code == 1:  # BN == bk: w2's input quantised in w13's epilogue (one group per tile);
             c13["BN"] = min(max(int(c13["BN"]), 32), bk)  # narrower: a separate pass (more programs at decode)
         out = {**cfg}
+        wgmma = True  # 4-bit: decoded bf16 tiles; fp8: unless fp8_acc = 0 (fp16 mma.sync upcasts)
         if self.fp8:
             c2["BN"] = min(int(c2["BN"]), 128)  # the fresh fp32 dot beside the accumulator: registers
             acc = int(cfg.get("fp8_acc", DEFAULT_FP8_ACC))
@@ -122,22 +123,19 @@ class QuantSpec:
                 raise ValueError(f"config fp8_acc must be >= 0 (0: exact fp16 mma; n: wgmma, promoted every n), "
                                  f"got {acc}")
             out["fp8_acc"] = acc
-            if acc > 0:  # wgmma's M side (64 per warpgroup): the token rows, or the weight rows when swapped
-                swapped = [bool(c.get("SWAP", 0)) for c in (c13, c2)]
-                if not all(swapped):
+            wgmma = acc > 0
+            if wgmma:  # wgmma's M side (64 per warpgroup): the token rows, unless both kernels are swapped
+                if not (c13.get("SWAP") and c2.get("SWAP")):
                     out["BLOCK_M"] = max(64, int(cfg["BLOCK_M"]))
-                for c, sw in zip((c13, c2), swapped):
+                for c in (c13, c2):
                     c["num_warps"] = 8 if int(c["num_warps"]) >= 8 else 4
-                    if sw:  # one warpgroup per 64 weight rows
-                        c["BN"] = max(64, int(c["BN"]))
-                        c["num_warps"] = min(c["num_warps"], c["BN"] // 16)
         else:  # packed tiles: the dequantised B tile needs registers / shared memory too
             c13["num_stages"] = min(int(c13["num_stages"]), 3)
             c2["num_stages"] = min(int(c2["num_stages"]), 3)
-            for c in (c13, c2):  # swapped: 64 weight rows per warpgroup (wgmma's M side), as measured
-                if c.get("SWAP"):
-                    c["BN"] = max(64, int(c["BN"]))
-                    c["num_warps"] = min(int(c["num_warps"]), c["BN"] // 16)
+        for c in (c13, c2):
+            if wgmma and c.get("SWAP"):  # the weight rows on wgmma's M side: one warpgroup per 64 of them
+                c["BN"] = max(64, int(c["BN"]))
+                c["num_warps"] = min(int(c["num_warps"]), c["BN"] // 16)
         out["w13"], out["w2"] = c13, c2
         return out
 

@@ -242,17 +242,15 @@ def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT
     is the MMA's left operand (on Hopper a wgmma m64 row block of weights, from registers when it was
     decoded there; tokens are the narrow N side, >= 16). Every element is the same products and scales;
     whether the tensor core sums them in the same order either way is measured, not assumed."""
+    lhs, rhs = _operands(a, b, SWAP)
     if QUANT == FP8_BLOCK:
         a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
         w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
-        lhs, rhs = _operands(a, b, SWAP)
         acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC) * _outer(a_s, w_s, SWAP)
+    elif QUANT == FP8_ROW:
+        acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC)
     else:
-        lhs, rhs = _operands(a, b, SWAP)
-        if QUANT == FP8_ROW:
-            acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC)
-        else:
-            acc = _mma(lhs, rhs, acc, DOT_PREC, UPCAST)
+        acc = _mma(lhs, rhs, acc, DOT_PREC, UPCAST)
     return acc
 
 
