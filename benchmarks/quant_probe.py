@@ -61,6 +61,13 @@ def routing_sets(m, t: int, n: int, dev) -> list[tuple]:
     return sets
 
 
+def save_rows(path, dev, rows: list[dict]) -> None:
+    """``{"device": ..., "rows": rows}`` as JSON at ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="deepseek-v3,qwen3-30b-a3b,mixtral-8x7b,gpt-oss-120b")
@@ -113,9 +120,7 @@ def main(argv=None) -> int:
         print(f"-- {name}: {time.time() - t0:.0f} s", flush=True)
         del w13, w2, qs
         torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
+    save_rows(a.out, dev, rows)
     return 0
 
 

@@ -13,7 +13,6 @@ JSON rows to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -25,7 +24,7 @@ from moekit.ops import triton_experts_quant as tq
 from moekit.ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.triton_configs import get_config, swap_tiles
 from moekit.ops.triton_experts import fused_experts_impl
-from quant_probe import quantise, routing_sets, shape_weights  # benchmarks/: the script's own folder
+from quant_probe import quantise, routing_sets, save_rows, shape_weights  # benchmarks/: the script's own folder
 
 FORMATS = {"bf16": None, "fp8": Fp8BlockFormat(128, 128), "mxfp4": Mxfp4Format(), "int4": Int4GroupFormat(32)}
 
@@ -101,9 +100,7 @@ def main(argv=None) -> int:
         print(f"-- {name}: {time.time() - t0:.0f} s", flush=True)
         del w13, w2
         torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
+    save_rows(a.out, dev, rows)
     return 0
 
 

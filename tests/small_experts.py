@@ -24,3 +24,22 @@ def experts_problem(dtype, act, bias, seed=0, t=T, e=E, h=H, i=I, k=K):
     b2 = (torch.randn(e, h, generator=g) * 0.1).to(dtype) if bias else None
     to = lambda v: v.to(DEV) if v is not None else None  # noqa: E731
     return w13.to(dtype), w2.to(dtype), to(x), to(w), to(ids), to(b1), to(b2)
+
+
+def quantised_call(fmt, seed=1):
+    """``(spec, run)`` for the swigluoai + bias problem quantised to ``fmt`` (static fp8 inputs get fixed input
+    scales): ``run(config)`` is the quantised experts call with that kernel config."""
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.quantize import quantize_experts
+
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, "swigluoai", True, seed=seed)
+    q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
+    s_in = (None, None)
+    if getattr(fmt, "static_input", False):
+        s_in = (torch.full((E,), 0.02, device=DEV), torch.full((E,), 0.01, device=DEV))
+    spec = tq.QuantSpec.of(fmt)  # static inputs: spec.static from the format, as s_in
+
+    def run(config):
+        return tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2,
+                                           None, 7.0, config=config)
+    return spec, run

@@ -19,7 +19,7 @@ from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
-from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem  # noqa: E402
+from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem, quantised_call  # noqa: E402
 
 def _cfg(swap: bool, bm: int, bn13: int = 64, t=T, e=E, h=H, i=I):
     cfg = heuristic_config(t, e, h, i, K, torch.bfloat16, 4)
@@ -54,20 +54,14 @@ def test_quantised_swap_is_the_same_bits(name):
     """Swapped at BLOCK_M 16 (the fp8 decode tiles), also with the split w13, against unswapped at BLOCK_M 64
     (fp8's wgmma rows)."""
     fmt, bn = FORMATS[name]
-    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, "swigluoai", True, seed=1)
-    q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
-    s_in = (None, None)
-    if getattr(fmt, "static_input", False):
-        s_in = (torch.full((E,), 0.02, device=DEV), torch.full((E,), 0.01, device=DEV))
-    spec = tq.QuantSpec.of(fmt)
+    spec, run = quantised_call(fmt)
     outs = []
     for sw, bm, split in ((False, 64, False), (True, 16, False), (True, 16, True)):
         cfg = dict(_cfg(sw, bm, bn), w13_split=split)
         fixed = spec.fix_config(cfg, torch.bfloat16)
         if spec.fp8 and sw:  # both swapped: BLOCK_M stays, the weight side is >= 64 rows
             assert fixed["BLOCK_M"] == 16 and fixed["w13"]["BN"] >= 64 and fixed["w2"]["BN"] >= 64
-        outs.append(tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2,
-                                                None, 7.0, config=cfg))
+        outs.append(run(cfg))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

@@ -11,13 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format  # noqa: E402
-from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
-from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem  # noqa: E402
+from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem, quantised_call  # noqa: E402
 
 def _cfg(bn=64, split=False):
     cfg = heuristic_config(T, E, H, I, K, torch.bfloat16, 4)
@@ -56,14 +54,8 @@ FORMATS = {
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantised_split_is_the_same_bits(name):
     fmt, bn = FORMATS[name]
-    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, "swigluoai", True, seed=1)
-    q13, q2, s13, s2 = (v.to(DEV) for v in quantize_experts(w13, w2, fmt))
-    s_in = (None, None)
-    if getattr(fmt, "static_input", False):
-        s_in = (torch.full((E,), 0.02, device=DEV), torch.full((E,), 0.01, device=DEV))
-    spec = tq.QuantSpec.of(fmt)  # static inputs: spec.static from the format, as s_in
-    outs = [tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2, None,
-                                        7.0, config=_cfg(bn, split)) for split in (False, True)]
+    _, run = quantised_call(fmt)
+    outs = [run(_cfg(bn, split)) for split in (False, True)]
     assert torch.equal(outs[0], outs[1])
 
 
