@@ -15,8 +15,8 @@
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,6 +39,34 @@ case $WHAT in
     step gpu-swap 100 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_swap_ab.py
     step gpu-graphed 100 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/experts/test_graphed_gpu.py \
       tests/test_compile_gpu.py
+    ;;
+  profile)
+    step profile 170 python benchmarks/kernel_profile.py --formats bf16 --variants base,bm128,bm64w8 \
+      --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,mixtral-8x7b:64,mixtral-8x7b:256,gpt-oss-120b:4096,deepseek-v3:4096 \
+      --out "$OUT/profile-bf16.json"
+    step profile-4bit 100 python benchmarks/kernel_profile.py --formats mxfp4,int4,fp8 --points deepseek-v3:1,deepseek-v3:8 \
+      --out "$OUT/profile-4bit.json"
+    ;;
+  align)  # the align's two paths (single launch vs memset + count + scatter) across slot counts
+    P=qwen3-30b-a3b:16,qwen3-30b-a3b:64,qwen3-30b-a3b:128,qwen3-30b-a3b:256,qwen3-30b-a3b:512,qwen3-30b-a3b:1024,qwen3-30b-a3b:2048,deepseek-v3:256,deepseek-v3:1024
+    step align-small 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 1000000000 --calls 10
+    step align-multi 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 0 --calls 10
+    ;;
+  tunec)  # compute-bound bf16 buckets (BLOCK_M 128 was 16 % faster at DeepSeek-V3 T = 4096), PDL at small T
+    step tune-bf16-big 230 python -m moekit tune --points deepseek-v3:4096,deepseek-v3:1024,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:1024 \
+      --budget-s 100 --out "$OUT/configs"
+    step tune-bf16-pdl 120 python -m moekit tune --pdl --points qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:8 \
+      --budget-s 45 --out "$OUT/configs"
+    ;;
+  tune4d)  # 4-bit decode and compute-bound buckets of DeepSeek-V3
+    step tune-mxfp4-ds 110 python -m moekit tune --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:4096 --quant mxfp4 \
+      --budget-s 100 --out "$OUT/configs"
+    step tune-int4-ds 80 python -m moekit tune --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64 --quant int4 \
+      --budget-s 60 --out "$OUT/configs"
+    ;;
+  tune16)
+    step tune-bf16 240 python -m moekit tune --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:1,mixtral-8x7b:4096,mixtral-8x7b:16384 \
+      --budget-s 110 --out "$OUT/configs"
     ;;
   tune4)
     step tune-mxfp4 200 python -m moekit tune --models gpt-oss-120b,deepseek-v3 --quant mxfp4 \

@@ -1,0 +1,124 @@
+"""Where an experts step spends its GPU time: µs per call of each kernel, per shape, token count, format
+and config variant (one GPU; torch.profiler over ``--calls`` eager calls after a warm-up).
+
+    PYTHONPATH=src python benchmarks/kernel_profile.py --points qwen3-30b-a3b:1024,mixtral-8x7b:256 \
+        --formats bf16 --variants base,bm128
+
+Variants (each applied to the lookup's config): ``base`` (as shipped), ``bm128`` (BLOCK_M 128, w13 BN 128 /
+w2 BN 256, 8 warps, 4 / 3 stages, TMA: the tile vLLM ships for Qwen3 at M >= 1024, in moekit's w13 BN
+that counts gate and up columns once), ``bm64w8`` (BLOCK_M 64 with 8-warp BN 128 tiles), or
+``json:<config>``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
+scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same
+call for comparison) and each kernel's share. JSON rows go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+
+from moekit.benchmarking.shapes import MODELS
+from moekit.benchmarking.timer import time_graph
+from moekit.ops import triton_experts_quant as tq
+from moekit.ops.triton_configs import get_config
+from moekit.ops.triton_experts import fused_experts_impl
+from quant_probe import routing_sets, save_rows, shape_weights  # benchmarks/: the script's own folder
+from swap_probe import FORMATS, quantise
+
+
+def variant(cfg: dict, name: str) -> dict:
+    """The config ``name`` (module docstring) derived from the lookup's ``cfg``."""
+    if name == "base":
+        return cfg
+    if name.startswith("json:"):
+        return json.loads(name[5:])
+    tiles = {"bm128": (128, (128, 8, 4), (256, 8, 3), True), "bm64w8": (64, (128, 8, 4), (128, 8, 4), True)}
+    bm, (bn13, w13w, st13), (bn2, w2w, st2), tma = tiles[name]
+    strip = lambda c: {k: v for k, v in c.items() if k != "SWAP"}  # noqa: E731
+    return dict(cfg, BLOCK_M=bm, tma=tma, w13=dict(strip(cfg["w13"]), BN=bn13, num_warps=w13w, num_stages=st13),
+                w2=dict(strip(cfg["w2"]), BN=bn2, num_warps=w2w, num_stages=st2))
+
+
+def kernel_times(fn, sets, calls: int) -> dict[str, float]:
+    """{kernel name: µs per call} over ``calls`` calls of ``fn`` (profiler, CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for s in sets:
+        fn(*s)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+        torch.cuda.synchronize()
+    acc: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            acc[ev.name[:60]] += ev.device_time / calls
+    return dict(acc)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", required=True, help="MODEL:T[,MODEL:T...]")
+    ap.add_argument("--formats", default="bf16")
+    ap.add_argument("--variants", default="base", help="comma-separated (a json: variant must come last)")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--small-slots", type=int, default=None,
+                    help="override triton_experts.SMALL_SLOTS (the single-launch align's bound) for this run")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    if a.small_slots is not None:
+        from moekit.ops import triton_experts
+
+        triton_experts.SMALL_SLOTS = a.small_slots
+    rows, weights = [], {}
+    vnames = a.variants.split(",") if not a.variants.startswith("json:") else [a.variants]
+    for point in a.points.split(","):
+        name, t = point.split(":")
+        t, m = int(t), MODELS[name]
+        if name not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            weights[name] = shape_weights(m, dev)
+        w13, w2, b1, b2, limit = weights[name]
+        sets = routing_sets(m, t, 4, dev)
+        for fname in a.formats.split(","):
+            fmt = FORMATS[fname]
+            spec = tq.QuantSpec.of(fmt) if fmt is not None else None
+            q = quantise(w13, w2, fmt) if fmt is not None else None
+            cfg0 = get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated,
+                              quant=spec.key if spec is not None else None)
+            for vname in vnames:
+                cfg = variant(cfg0, vname)
+                if spec is not None:
+                    cfg = spec.fix_config(cfg, torch.bfloat16)
+
+                def fn(x, w, ids, cfg=cfg, q=q, spec=spec):
+                    if q is None:
+                        return fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
+                    return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act,
+                                                       False, b1, b2, None, limit, config=cfg)
+                try:
+                    per = kernel_times(fn, sets, a.calls)
+                    us = time_graph(fn, sets, target_ms=8.0, replays=5)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    print(f"{name} T={t} {fname} {vname}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    continue
+                total = sum(per.values())
+                parts = "  ".join(f"{k.split('(')[0]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+                print(f"{name:14s} T={t:6d} {fname:5s} {vname:7s} graph {us:9.1f} us  prof {total:9.1f} us | {parts}",
+                      flush=True)
+                print(f"    config {json.dumps(cfg, sort_keys=True)}", flush=True)
+                rows.append(dict(model=name, tokens=t, fmt=fname, variant=vname, us=round(us, 2), kernels=per,
+                                 config=cfg))
+    save_rows(a.out, dev, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
