@@ -15,8 +15,8 @@
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|profile|align|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|r6|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|r6|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,6 +63,12 @@ case $WHAT in
       --budget-s 100 --out "$OUT/configs"
     step tune-int4-ds 80 python -m moekit tune --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64 --quant int4 \
       --budget-s 60 --out "$OUT/configs"
+    ;;
+  r6)  # round 6: shipped-table invariance (bf16, fp8, the new mxfp4 table), then bf16 + fp8 sweep
+    step gpu-invariance 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py
+    step bench 370 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
+    step compare 20 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   tune16)
     step tune-bf16 240 python -m moekit tune --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:1,mixtral-8x7b:4096,mixtral-8x7b:16384 \

@@ -15,7 +15,7 @@ import moekit
 from moekit.benchmarking import MODELS, TOKENS
 from moekit.ops import triton_configs as tc
 from moekit.ops import triton_experts_quant as tq
-from moekit.ops.formats import Fp8BlockFormat
+from moekit.ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.triton_experts import fused_experts_impl
 
 pytestmark = pytest.mark.gpu
@@ -112,6 +112,25 @@ def _shipped_fp8_tables():
 def test_rows_alone_and_in_batches_shipped_fp8_configs(name, device, table):
     """The shipped fp8 block tables: swapped decode buckets beside unswapped larger ones."""
     _check_rows(MODELS[name], table, fmt=Fp8BlockFormat(128, 128))
+
+
+def _shipped_4bit_tables():
+    for fmt in (Mxfp4Format(), Int4GroupFormat(32)):
+        key = tq.QuantSpec.of(fmt).key
+        for path in sorted(tc.CONFIG_DIR.glob("*.json")):
+            entries = json.loads(path.read_text())["entries"]
+            for m in MODELS.values():
+                table = entries.get(tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated, key))
+                if table:
+                    yield pytest.param(m.name, fmt, {int(b): c for b, c in table.items()},
+                                       id=f"{path.stem}-{m.name}-{key}")
+
+
+@pytest.mark.parametrize("name, fmt, table", list(_shipped_4bit_tables()))
+def test_rows_alone_and_in_batches_shipped_4bit_configs(name, fmt, table):
+    """The shipped mxfp4 / int4 tables: swapped decode buckets (one with w13_split), unswapped mid-size
+    ones and the swapped BLOCK_M 128 tile of the compute-bound bucket."""
+    _check_rows(MODELS[name], table, fmt=fmt)
 
 
 def test_whole_layer_rows_alone_and_in_batches():

@@ -35,8 +35,12 @@ from .triton_configs import get_config
 
 #: upper bound on the scratch of one chunk (inter + combine buffers), bytes
 DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
-#: at most this many slots (T·K) per chunk use the single-launch align kernel
-SMALL_SLOTS = 8192
+#: at most this many slots (T·K) per chunk use the single-launch align kernel. Its one program walks the
+#: slots in 1024-slot tiles, a memory round trip each, so its cost grows with T·K; count + scatter runs a
+#: program per tile. H200, Qwen3-30B-A3B (K = 8), µs single / count + scatter (+ a memset): 128 slots 4.2 /
+#: 5.3, 512: 6.3 / 7.2, 1024: 9.2 / 9.4, 2048: 16.4 / 9.4, 8192: 63.6 / 10.5 (the whole experts step 457
+#: -> 407 µs), 16384: 124 / 11.8 (benchmarks/kernel_profile.py --small-slots)
+SMALL_SLOTS = 1024
 #: at most this many slots skip the align kernel: the GEMMs derive the layout in registers (decode).
 #: Measured on H100: a win at T·K <= 16 (Qwen3 T=1: 42.4 -> 40.6 µs), a loss at 64 (DeepSeek T=8:
 #: 1552 -> 1682 µs: every GEMM program redoes an [S, S] rank computation)
