@@ -15,8 +15,8 @@
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|r6|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|profile|align|r6|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|r6|r6b|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|r6|r6b|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -68,6 +68,19 @@ case $WHAT in
     step gpu-invariance 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=5 \
       tests/ops/test_batch_invariance_gpu.py
     step bench 370 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
+    step compare 20 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r6b)  # round 6: tune on a copy of the shipped table (BLOCK_K stays the shape's), then 4-bit tests and sweep
+    mkdir -p "$OUT/configs" && cp src/moekit/configs/NVIDIA_H200.json "$OUT/configs/"
+    export MOEKIT_CONFIG_DIR="$OUT/configs"  # the sweep below runs the configs tuned here
+    step tune-pdl 130 python -m moekit tune --pdl --points mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:1024,qwen3-30b-a3b:8,qwen3-30b-a3b:4096 \
+      --budget-s 55 --out "$OUT/configs"
+    step tune-mxfp4-oss 90 python -m moekit tune --points gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:4096 \
+      --quant mxfp4 --budget-s 75 --out "$OUT/configs"
+    step gpu-buckets-4bit 150 python -m pytest -q -p no:cacheprovider -m gpu -rf \
+      tests/ops/test_triton_experts_quant.py -k "every_bucket and (mxfp4 or int4)"
+    step bench4 200 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
     step compare 20 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   tune16)
