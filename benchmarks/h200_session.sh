@@ -75,8 +75,8 @@ case $WHAT in
     export MOEKIT_CONFIG_DIR="$OUT/configs"  # the sweep below runs the configs tuned here
     step tune-pdl 130 python -m moekit tune --pdl --points mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:1024,qwen3-30b-a3b:8,qwen3-30b-a3b:4096 \
       --budget-s 55 --out "$OUT/configs"
-    step tune-mxfp4-oss 90 python -m moekit tune --points gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:4096 \
-      --quant mxfp4 --budget-s 75 --out "$OUT/configs"
+    step tune-mxfp4-oss 100 python -m moekit tune --models gpt-oss-120b --quant mxfp4 --budget-s 80 \
+      --out "$OUT/configs"  # every bucket: a new table must be whole (a lookup takes the nearest bucket)
     step gpu-buckets-4bit 150 python -m pytest -q -p no:cacheprovider -m gpu -rf \
       tests/ops/test_triton_experts_quant.py -k "every_bucket and (mxfp4 or int4)"
     step bench4 200 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
