@@ -15,8 +15,8 @@
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|r6|r6b|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|profile|align|r6|r6b|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -82,6 +82,20 @@ case $WHAT in
     step bench4 200 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 20 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r6c)  # round 6: whole 4-bit tables (Qwen3 mxfp4 / int4, gpt-oss int4, DeepSeek-V3 int4) on a copy of the shipped
+    # file, their invariance as shipped, the 4-bit sweep on them. At most 8 files come back: one tune log.
+    mkdir -p "$OUT/configs" && cp src/moekit/configs/NVIDIA_H200.json "$OUT/configs/"
+    export MOEKIT_CONFIG_DIR="$OUT/configs"
+    step tune4all 330 bash -c "python -m moekit tune --models qwen3-30b-a3b --quant mxfp4 --budget-s 55 --out $OUT/configs; \
+      python -m moekit tune --models qwen3-30b-a3b --quant int4 --budget-s 55 --out $OUT/configs; \
+      python -m moekit tune --models gpt-oss-120b --quant int4 --budget-s 65 --out $OUT/configs; \
+      python -m moekit tune --models deepseek-v3 --quant int4 --budget-s 80 --out $OUT/configs"
+    cp "$OUT/configs/NVIDIA_H200.json" src/moekit/configs/NVIDIA_H200.json  # the tests read the shipped folder
+    step gpu-inv4 90 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py -k 4bit
+    step bench4 110 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md" > /dev/null 2>&1
     ;;
   tune16)
     step tune-bf16 240 python -m moekit tune --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:1,mixtral-8x7b:4096,mixtral-8x7b:16384 \
