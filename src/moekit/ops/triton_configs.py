@@ -172,7 +172,7 @@ def heuristic_config(
     if quant and quant.startswith("fp8"):
         return fp8_heuristic(cfg, num_tokens, num_experts, top_k)
     if quant and dtype == torch.bfloat16 and rows <= SWAP_4BIT_MAX_ROWS:  # mxfp4 / int4 decode (measured: bf16)
-        return swap_tiles(cfg, rows)
+        return swap_tiles(cfg, rows, bm16_rows=SWAP_4BIT_BM16_ROWS)
     return cfg
 
 
@@ -224,24 +224,31 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
 
 # fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert
 SWAP_MAX_ROWS = 16
-# mxfp4 / int4 decode with bf16 activations: swapped tiles up to this many rows per expert (BLOCK_M 16, the
-# tiles measured on the H200; 7-16 rows, fp16 / fp32 activations and pre-Hopper GPUs were not measured)
-SWAP_4BIT_MAX_ROWS = 6
+# mxfp4 / int4 decode with bf16 activations: swapped tiles up to this many rows per expert, BLOCK_M 16 up to
+# SWAP_4BIT_BM16_ROWS, 32 above. H200 tuning (moekit tune, whole tables of three shapes x two formats, round 6):
+# the swapped tiles won every bucket up to 16 rows; at 8 rows BLOCK_M 16 beat 32 (DeepSeek-V3 int4 T = 256: 3696
+# µs against 5313 for the unswapped BLOCK_M 32 tiles; gpt-oss-120b mxfp4 / int4 T = 256), at 16 rows BLOCK_M 32
+# (Qwen3-30B-A3B mxfp4 T = 256: 286 µs against 336 for BLOCK_M 16). fp16 / fp32 activations and pre-Hopper GPUs
+# were not measured.
+SWAP_4BIT_MAX_ROWS = 16
+SWAP_4BIT_BM16_ROWS = 8
 
 
-def swap_tiles(cfg: dict, rows: float) -> dict:
+def swap_tiles(cfg: dict, rows: float, bm16_rows: float = 6) -> dict:
     """``cfg`` with both GEMMs swapped (``"SWAP": 1``: the weight tile is wgmma's M side, 64 weight rows per
-    warpgroup, the tokens its N side) and ``BLOCK_M`` 16 (<= 6 expected rows per expert) or 32. With fp8 the
+    warpgroup, the tokens its N side) and ``BLOCK_M`` 16 (<= ``bm16_rows`` expected rows per expert: 6 for fp8,
+    8 for mxfp4 / int4) or 32. With fp8 the
     token rows no longer pad to 64: H200, experts step, fp8 block, T = 1 / 8 / 64 against BLOCK_M 64
     unswapped: DeepSeek-V3 1.14 / 1.13 / 1.12x, gpt-oss-120b 1.16 / 1.20 / 1.17x, Qwen3-30B-A3B
     1.17 / 1.34 / 1.30x, every output bit-identical (``benchmarks/swap_probe.py``); at 8-16 rows (BLOCK_M
     32) 1.06-1.10x (DeepSeek-V3 and gpt-oss T = 256, Qwen3 T = 256, Mixtral T = 64), while at 64 rows and
     more unswapped won (0.72-0.98x). bf16 gained nothing (0.95-1.04x), so it never swaps. mxfp4 / int4 swap
-    up to 6 rows (:data:`SWAP_4BIT_MAX_ROWS`): H200, T = 1 / 8 / 64 against the unswapped BLOCK_M 16 tiles,
+    up to 16 rows (:data:`SWAP_4BIT_MAX_ROWS`, round 6's whole-table tuning; round 5's probe measured up to 6
+    rows): H200, T = 1 / 8 / 64 against the unswapped BLOCK_M 16 tiles,
     DeepSeek-V3 mxfp4 1.05 / 1.13 / 1.14x, int4 1.12 / 1.17 / 1.15x, Qwen3-30B-A3B mxfp4 1.03 / 1.15 / 1.11x,
     int4 1.12x at T = 1, gpt-oss-120b mxfp4 0.93 / 1.09 / 1.08x (gpt-oss int4 was timed only on a build with
     misaligned weight loads: not counted), all 65 probed outputs bit-identical once the decoded tile kept the
     bf16 k order (``_k_order_barrier``; before it, 4-bit mma.sync tiles changed low bits)."""
     w13 = dict(cfg["w13"], SWAP=1, BN=max(64, int(cfg["w13"]["BN"])), num_warps=4)
     w2 = dict(cfg["w2"], SWAP=1, BN=max(64, int(cfg["w2"]["BN"])), num_warps=4)
-    return {**cfg, "BLOCK_M": 16 if rows <= 6 else 32, "w13": w13, "w2": w2}
+    return {**cfg, "BLOCK_M": 16 if rows <= bm16_rows else 32, "w13": w13, "w2": w2}
