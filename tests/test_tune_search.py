@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from moekit.benchmarking import tune
-from moekit.benchmarking.shapes import MODELS
+from moekit.benchmarking.shapes import MODELS, TOKENS
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
-    smem_estimate,
+    shape_block_k, smem_estimate,
 )
+from moekit.ops import triton_configs as tc
 from moekit.ops.triton_configs import heuristic_config, shape_key
 
 DIMS = (128, 2048, 768, 8, True)
@@ -132,8 +133,11 @@ def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
 
 @pytest.mark.parametrize("quant", [None, "fp8"])
 def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, quant):
+    """A GPU no folder has a table for: the tuned buckets, and every other bucket of TOKENS filled with the
+    heuristic at the shape's BLOCK_K (a lookup runs the nearest bucket: a partial table would run a decode
+    tile at T = 16384)."""
     monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
-    monkeypatch.setattr(tune, "_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(tune, "_device_name", lambda: "Fake GPU")
     monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
     seen = []
 
@@ -149,25 +153,57 @@ def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, qu
     logs = []
     models = [MODELS["qwen3-30b-a3b"], MODELS["mixtral-8x7b"]]
     path = tune.run_tune([(m, [1, 64, 16384]) for m in models], out=tmp_path, quant=quant, log=logs.append, bar=False)
-    assert path == tmp_path / "NVIDIA_H200.json"
+    assert path == tmp_path / "Fake_GPU.json"
     data = json.loads(path.read_text())
     spec = tune.quant_spec(quant)[1]
     for m in models:
         key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=None if spec is None else spec.key)
         table = data["entries"][key]
-        assert sorted(table, key=int) == ["1", "64", "16384"]
+        assert sorted(table, key=int) == [str(t) for t in TOKENS]
         assert len({(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()}) == 1
         if quant:
             assert {c["fp8_acc"] for c in table.values()} == {96}
+    assert sum("not tuned, written with the heuristic" in s for s in logs) == 2
     assert [t for _, t, _, _ in seen[:3]] == [16384, 1, 64] and seen[0][2] is None and seen[1][2] is not None
     lines = [s for s in logs if s.startswith("  [")]
     assert len(lines) == 6 and "[3/3]" in lines[2] and "elapsed" in lines[0] and "ETA" in lines[0]
     assert any(s.startswith("summary qwen3-30b-a3b") for s in logs)
 
 
-def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):
+def test_run_tune_starts_from_the_table_in_use(tmp_path, monkeypatch):
+    """A shape the shipped file has: the out file starts as a copy of that table (whole), its BLOCK_K binds
+    every tuned bucket, and each search starts from the table's own entry (not from a bucket just written)."""
     monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
     monkeypatch.setattr(tune, "_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    m = MODELS["qwen3-30b-a3b"]
+    key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated)
+    shipped = tc.shape_table("NVIDIA H200", key)[1]
+    assert shipped, "the H200 file ships a Qwen3-30B-A3B table"
+    shipped_bk = shape_block_k(shipped)
+    seen = []
+
+    def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
+        seen.append((t, fixed_bk, before))
+        space, base = tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)
+        assert base["BLOCK_M"] == shipped[str(t)]["BLOCK_M"]  # the shipped bucket, not the one written before
+        return dict(base, GROUP_M_TAG=t), "w", {"base_us": 10.0, "best_us": 9.0, "timed": 5}
+
+    monkeypatch.setattr(tune, "tune_point", fake_point)
+    logs = []
+    path = tune.run_tune([(m, [1, 16384])], out=tmp_path, log=logs.append, bar=False)
+    table = json.loads(path.read_text())["entries"][key]
+    assert sorted(table, key=int) == sorted(shipped, key=int)
+    assert table["1"]["GROUP_M_TAG"] == 1 and table["16384"]["GROUP_M_TAG"] == 16384
+    assert {b: c for b, c in table.items() if b not in ("1", "16384")} == \
+        {b: c for b, c in shipped.items() if b not in ("1", "16384")}
+    assert all(fixed_bk == shipped_bk for _, fixed_bk, _ in seen)
+    assert any("starts from the table in use" in s for s in logs)
+
+
+def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(tune, "_device_name", lambda: "Fake GPU")
     monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
     clock = [0.0]
     monkeypatch.setattr(tune.time, "time", lambda: clock[0])
@@ -184,7 +220,7 @@ def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):
     path = tune.run_tune([(MODELS["qwen3-30b-a3b"], [1, 8, 16384])], out=tmp_path, budget_s=10, log=logs.append,
                          bar=False)
     table = next(iter(json.loads(path.read_text())["entries"].values()))
-    assert sorted(table, key=int) == ["1", "8", "16384"]
+    assert sorted(table, key=int) == [str(t) for t in TOKENS]
     assert len({(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()}) == 1
     assert sum("budget spent" in s for s in logs) == 2 and any("untuned" in s for s in logs)
 

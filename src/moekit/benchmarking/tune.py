@@ -22,6 +22,14 @@ Every bucket is merged into ``<out>/<device>.json`` as soon as it is done (:func
 other shapes and buckets of the file are kept). Batch invariance (SPEC §9): see
 :mod:`.tune_space`; a file whose buckets of one shape already disagree is refused for that shape.
 
+Whole tables: a lookup takes a shape's table from the first folder that has it and runs the nearest
+bucket for any T, so a table of only the tuned buckets would run, e.g., a T = 8 decode tile at T = 16384.
+When ``<out>`` has no table for the shape, the table lookups use before the run (shipped, or another
+folder's) is copied in first (its BLOCK_K then binds the tuned buckets); a shape no folder has gets every
+bucket of :data:`~moekit.benchmarking.shapes.TOKENS` the run did not tune filled with the format's
+heuristic at the shape's BLOCK_K. "In use" (where a search starts, what a bucket past the budget keeps)
+is what lookups gave before the run, never a bucket this run just wrote.
+
     moekit tune --models all --out cfgs                  # -> cfgs/NVIDIA_H200.json
     moekit tune --models qwen3-30b-a3b --quant fp8 --quick
     moekit tune --points qwen3-30b-a3b:1,gpt-oss-120b:1024 --pdl
@@ -40,9 +48,9 @@ import torch
 
 from ..ops.activation import is_gated
 from ..ops.triton_configs import (
-    clear_config_cache, device_key, heuristic_config, lookup_config, shape_key, user_config_dir,
+    clear_config_cache, device_key, heuristic_config, nearest_bucket, shape_key, shape_table, user_config_dir,
 )
-from .shapes import ModelShape
+from .shapes import TOKENS, ModelShape
 from .timer import time_graph
 from .tune_space import Space, arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 
@@ -204,14 +212,16 @@ def confirm(time_fn, base: dict, best: dict, rounds: int = 3) -> tuple[float, fl
 
 def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pdl=False, min_gain=0.015,
                rotations=4, weights=None, fixed_bk=None, fixed_arith=None, deadline=None, quick=False,
-               log=print) -> tuple[dict, tuple, dict]:
+               log=print, before: dict | None = None) -> tuple[dict, tuple, dict]:
     """(the config to store for ``m`` at ``t`` tokens, the weights used, {"base_us", "best_us"}): the
     winner, or the config in use when nothing beat it. ``spec``/``call``: the quantised format and
-    :class:`Kernel` (None: unquantised); ``fixed_bk`` / ``fixed_arith``: the shape's invariants."""
+    :class:`Kernel` (None: unquantised); ``fixed_bk`` / ``fixed_arith``: the shape's invariants; ``before``:
+    the shape's table lookups used before the run (None: the one they use now)."""
     call = call or Kernel(m.act)
-    name = torch.cuda.get_device_name(device)
-    key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
-    space, base = config_in_use(m, t, dtype, name, key, spec, fixed_bk, fixed_arith)
+    if before is None:
+        key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
+        before = shape_table(torch.cuda.get_device_name(device), key)[1]
+    space, base = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)
     problems = []
     for r in range(rotations):
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
@@ -316,11 +326,15 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
     for m, tokens in targets:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
         table = (json.loads(path.read_text()).get("entries", {}) if path.is_file() else {}).get(key, {})
+        before = dict(shape_table(name, key)[1])  # what lookups run for this shape now (any folder)
         try:
-            fixed_bk, fixed_arith = shape_block_k(table), shape_arith(table)
+            fixed_bk, fixed_arith = shape_block_k(table or before), shape_arith(table or before)
         except ValueError as exc:
             log(f"skipping {m.name} ({key}) in {path}: {exc}")
             continue
+        if not table and before:  # a whole table from the start; the tuned buckets replace its entries
+            merge_entries(path, name, key, before)
+            log(f"{m.name}: {path} starts from the table in use ({len(before)} buckets)")
         log(f"tuning {m.name} ({key}) on {name}, budget {budget_s:.0f} s" +
             (f", BLOCK_K fixed at {fixed_bk}" if fixed_bk else ""))
         order = bucket_order(tokens)
@@ -331,7 +345,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
             for n, t in enumerate(order):
                 now = time.time()
                 if now > deadline:
-                    cfg = config_in_use(m, t, dtype, name, key, spec, fixed_bk, fixed_arith)[1]
+                    cfg = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)[1]
                     info = {"base_us": float("nan"), "best_us": float("nan"), "timed": 0}
                     msg = "budget spent: keeps the config in use"
                 else:
@@ -341,13 +355,18 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
                     cfg, weights, info = tune_point(
                         m, t, dtype, torch.device("cuda"), spec=spec, call=call, pdl=pdl, min_gain=min_gain,
                         rotations=rotations, weights=weights, fixed_bk=fixed_bk, fixed_arith=fixed_arith,
-                        deadline=min(deadline, now + share), quick=quick, log=log)
+                        deadline=min(deadline, now + share), quick=quick, log=log, before=before)
                     msg = f"{info['best_us']:.1f} us (in use {info['base_us']:.1f} us, {info['timed']} timed)"
                 fixed_bk, fixed_arith = block_k(cfg), arith(cfg)  # the first bucket fixes them for the others
                 results[t] = info
                 merge_entries(path, name, key, {t: cfg})
                 clear_config_cache()  # later lookups in this process read what was just written
                 prog.step(t, msg)
+            fill = fill_missing(m, dtype, spec, path, key, before, fixed_bk, fixed_arith)
+            if fill:
+                merge_entries(path, name, key, fill)
+                clear_config_cache()
+                log(f"{m.name}: buckets {sorted(fill)} not tuned, written with the heuristic (a whole table)")
         finally:
             prog.close()
             del weights, call
@@ -359,13 +378,24 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
     return path
 
 
-def config_in_use(m, t, dtype, name, key, spec, fixed_bk, fixed_arith) -> tuple[Space, dict]:
-    """(the shape's search space, the config a lookup gives at ``t`` — tuned file, else the heuristic of
-    the format — fixed by the space): where a search starts, and what a bucket past the budget keeps."""
+def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith) -> tuple[Space, dict]:
+    """(the shape's search space, the config lookups gave at ``t`` before the run — the nearest bucket of
+    ``before``, the shape's table then, else the heuristic of the format — fixed by the space): where a
+    search starts, and what a bucket past the budget keeps."""
     quant = None if spec is None else spec.key
-    base = lookup_config(name, key, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant)
+    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant)
     space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
     return space, space.apply(base)
+
+
+def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, fixed_arith) -> dict:
+    """{bucket: config} for the buckets of :data:`TOKENS` the shape's table in ``path`` lacks: the format's
+    heuristic at the shape's BLOCK_K (``before``'s own entry where it has one)."""
+    table = json.loads(path.read_text()).get("entries", {}).get(key, {}) if path.is_file() else {}
+    quant = None if spec is None else spec.key
+    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
+    return {t: space.apply(before.get(str(t)) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant))
+            for t in TOKENS if str(t) not in table}
 
 
 def make_call(m: ModelShape, dtype, fmt, spec, weights):

@@ -109,9 +109,15 @@ def lookup_config(device_name: str, key: str, num_tokens: int) -> dict | None:
 
 
 def _lookup(dirs, device_name: str, key: str, t: int) -> dict | None:
-    _, table = shape_table(device_name, key, dirs)
+    return nearest_bucket(shape_table(device_name, key, dirs)[1], t)
+
+
+def nearest_bucket(table: dict, num_tokens: int) -> dict | None:
+    """The config of ``table`` (``{bucket: config}``, string or int buckets) whose bucket is nearest
+    ``num_tokens`` on a log scale (ties: the smaller bucket); None for an empty table."""
     if not table:
         return None
+    t = max(int(num_tokens), 1)
     best = min(table, key=lambda b: (abs(math.log2(int(b)) - math.log2(t)), int(b)))
     return table[best]
 
