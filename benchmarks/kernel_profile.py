@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     if a.small_slots is not None:
         from moekit.ops import triton_experts
 
-        triton_experts.SMALL_SLOTS = a.small_slots
+        triton_experts.SMALL_SLOTS = triton_experts.CROWDED_SMALL_SLOTS = a.small_slots
     rows, weights = [], {}
     vnames = a.variants.split(",") if not a.variants.startswith("json:") else [a.variants]
     for point in a.points.split(","):

@@ -265,3 +265,23 @@ def test_front_validates_once(monkeypatch):
     x, w1, w2, w, ids, _, _ = make(5, 4, 2, 32, 16)
     fused_experts(x, w1, w2, w, ids, backend="triton")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("t, e, k, mode", [
+    (128, 128, 8, "small"),    # 1024 slots: the single launch (H200 crossover, Qwen3: 9.2 vs 9.4 µs)
+    (256, 128, 8, "multi"),    # 2048 slots over 128 experts: count + scatter (16.4 vs 9.4 µs)
+    (1024, 256, 8, "multi"),   # DeepSeek-V3 T = 1024
+    (1024, 8, 2, "small"),     # Mixtral T = 1024: 256 slots per counter, crowded -> single launch
+    (4096, 8, 2, "small"),     # 8192 slots, crowded: still the single launch
+    (8192, 8, 2, "multi"),     # past the crowded bound
+    (2, 8, 2, "inline"),       # decode: no align kernel
+])
+def test_align_mode_bounds(t, e, k, mode):
+    """Which align path a chunk takes (``launch_plan``): single launch up to ``SMALL_SLOTS`` slots, and up
+    to ``CROWDED_SMALL_SLOTS`` when more than ``CROWDED_SLOTS_PER_EXPERT`` slots share each counter."""
+    from moekit.ops.triton_configs import heuristic_config
+
+    cfg = te._freeze(heuristic_config(t, e, 256, 128, k, torch.bfloat16))
+    plan = te.launch_plan(t, 256, 128, 256, e, e, k, torch.bfloat16, 0, True, False, False, False, False, None,
+                          False, te.SMALL_SLOTS, te.INLINE_SLOTS, cfg, crowded_slots=te.CROWDED_SMALL_SLOTS)
+    assert plan.align == mode
