@@ -47,12 +47,11 @@ from pathlib import Path
 import torch
 
 from ..ops.activation import is_gated
-from ..ops.triton_configs import (
-    clear_config_cache, device_key, heuristic_config, nearest_bucket, shape_key, shape_table, user_config_dir,
-)
-from .shapes import TOKENS, ModelShape
+from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
+from .shapes import ModelShape
 from .timer import time_graph
-from .tune_space import Space, arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
+from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
+from .tune_tables import bucket_order, config_in_use, fill_missing, merge_entries
 
 
 def default_out() -> Path:
@@ -292,24 +291,6 @@ class Progress:
             self.bar.close()
 
 
-def merge_entries(path: Path, device_name: str, key: str, table: dict) -> None:
-    """Merge ``{bucket: config}`` of shape ``key`` into the config file ``path`` (other shapes and
-    buckets kept), re-reading it first and replacing it atomically."""
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("device", device_name)
-    data.setdefault("entries", {}).setdefault(key, {}).update({str(b): c for b, c in table.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def bucket_order(tokens) -> list[int]:
-    """Largest first (it fixes BLOCK_K for a new shape), then the rest ascending; duplicates dropped."""
-    ts = sorted(set(int(t) for t in tokens))
-    return ts[-1:] + ts[:-1]
-
-
 def _device_name() -> str:
     return torch.cuda.get_device_name(torch.device("cuda"))
 
@@ -376,26 +357,6 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
     log_summary(summary, log)
     log(f"wrote {path}")
     return path
-
-
-def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith) -> tuple[Space, dict]:
-    """(the shape's search space, the config lookups gave at ``t`` before the run — the nearest bucket of
-    ``before``, the shape's table then, else the heuristic of the format — fixed by the space): where a
-    search starts, and what a bucket past the budget keeps."""
-    quant = None if spec is None else spec.key
-    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant)
-    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
-    return space, space.apply(base)
-
-
-def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, fixed_arith) -> dict:
-    """{bucket: config} for the buckets of :data:`TOKENS` the shape's table in ``path`` lacks: the format's
-    heuristic at the shape's BLOCK_K (``before``'s own entry where it has one)."""
-    table = json.loads(path.read_text()).get("entries", {}).get(key, {}) if path.is_file() else {}
-    quant = None if spec is None else spec.key
-    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
-    return {t: space.apply(before.get(str(t)) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant))
-            for t in TOKENS if str(t) not in table}
 
 
 def make_call(m: ModelShape, dtype, fmt, spec, weights):
