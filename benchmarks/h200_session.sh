@@ -125,5 +125,11 @@ case $WHAT in
     step swap-4bit 300 python benchmarks/swap_probe.py --probe --formats mxfp4,int4 \
       --shapes deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,8,64,1024 --out "$OUT/swap4.json"
     ;;
-  *) echo "unknown step set $WHAT (tests, tune4, split, bench, bench4, swap4)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests profile align r6 r6b r6c tunec tune4d tune16 tune4 split bench bench4 swap4)"; exit 2 ;;
 esac
+# The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
+# tuned config file and a tune log to the limit)
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && find . -name '*.log' -print0 | tar czf "logs-$WHAT.tgz" --null -T - && find . -name '*.log' -delete)
+  echo "packed the logs into $OUT/logs-$WHAT.tgz"
+fi
