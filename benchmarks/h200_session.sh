@@ -87,11 +87,13 @@ case $WHAT in
     # file, their invariance as shipped, the 4-bit sweep on them. At most 8 files come back: one tune log.
     mkdir -p "$OUT/configs" && cp src/moekit/configs/NVIDIA_H200.json "$OUT/configs/"
     export MOEKIT_CONFIG_DIR="$OUT/configs"
-    step tune4all 250 bash -c "python -m moekit tune --models qwen3-30b-a3b --quant mxfp4 --budget-s 45 --out $OUT/configs; \
-      python -m moekit tune --models qwen3-30b-a3b --quant int4 --budget-s 40 --out $OUT/configs; \
-      python -m moekit tune --models gpt-oss-120b --quant int4 --budget-s 50 --out $OUT/configs; \
-      python -m moekit tune --models deepseek-v3 --quant int4 --budget-s 65 --out $OUT/configs"
-    cp "$OUT/configs/NVIDIA_H200.json" src/moekit/configs/NVIDIA_H200.json  # the tests read the shipped folder
+    step tune4all 250 bash -c "python -m moekit tune --models qwen3-30b-a3b --quant mxfp4 --budget-s 45 --out '$OUT/configs'; \
+      python -m moekit tune --models qwen3-30b-a3b --quant int4 --budget-s 40 --out '$OUT/configs'; \
+      python -m moekit tune --models gpt-oss-120b --quant int4 --budget-s 50 --out '$OUT/configs'; \
+      python -m moekit tune --models deepseek-v3 --quant int4 --budget-s 65 --out '$OUT/configs'"
+    # the invariance tests read the shipped folder: this overwrites the device's copy of the tree (never run it
+    # in a checkout you keep)
+    cp "$OUT/configs/NVIDIA_H200.json" src/moekit/configs/NVIDIA_H200.json
     step gpu-inv4 90 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py -k 4bit
     step bench4 125 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"

@@ -131,13 +131,21 @@ def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["NVIDIA_H200.json"]
 
 
+def _isolate(tmp_path, monkeypatch, device: str, config_dir=None) -> None:
+    """Lookups see only ``config_dir`` (or nothing) and the shipped files; a fake ``device`` with 132 SMs."""
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(config_dir or tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tune, "_device_name", lambda: device)
+    monkeypatch.setattr(tune, "_device_sms", lambda: 132)
+    tc.clear_config_cache()
+
+
 @pytest.mark.parametrize("quant", [None, "fp8"])
 def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, quant):
     """A GPU no folder has a table for: the tuned buckets, and every other bucket of TOKENS filled with the
     heuristic at the shape's BLOCK_K (a lookup runs the nearest bucket: a partial table would run a decode
     tile at T = 16384)."""
-    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
-    monkeypatch.setattr(tune, "_device_name", lambda: "Fake GPU")
+    _isolate(tmp_path, monkeypatch, "Fake GPU")
     monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
     seen = []
 
@@ -171,10 +179,10 @@ def test_run_tune_writes_the_lookup_file_with_progress(tmp_path, monkeypatch, qu
 
 
 def test_run_tune_starts_from_the_table_in_use(tmp_path, monkeypatch):
-    """A shape the shipped file has: the out file starts as a copy of that table (whole), its BLOCK_K binds
-    every tuned bucket, and each search starts from the table's own entry (not from a bucket just written)."""
-    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
-    monkeypatch.setattr(tune, "_device_name", lambda: "NVIDIA H200")
+    """A shape the shipped file has: the out file (here the folder lookups search first) starts as a copy of
+    that table (whole), its BLOCK_K binds every tuned bucket, and each search starts from what lookups gave
+    before the run, never from a bucket the run just wrote (T = 12000 is nearest the T = 16384 bucket)."""
+    _isolate(tmp_path, monkeypatch, "NVIDIA H200", config_dir=tmp_path)
     monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
     m = MODELS["qwen3-30b-a3b"]
     key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated)
@@ -184,26 +192,25 @@ def test_run_tune_starts_from_the_table_in_use(tmp_path, monkeypatch):
     seen = []
 
     def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
-        seen.append((t, fixed_bk, before))
+        seen.append((t, fixed_bk))
         space, base = tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)
-        assert base["BLOCK_M"] == shipped[str(t)]["BLOCK_M"]  # the shipped bucket, not the one written before
-        return dict(base, GROUP_M_TAG=t), "w", {"base_us": 10.0, "best_us": 9.0, "timed": 5}
+        assert "TAG" not in base, (t, base)  # never a bucket this run wrote
+        return dict(base, TAG=t), "w", {"base_us": 10.0, "best_us": 9.0, "timed": 5}
 
     monkeypatch.setattr(tune, "tune_point", fake_point)
     logs = []
-    path = tune.run_tune([(m, [1, 16384])], out=tmp_path, log=logs.append, bar=False)
+    path = tune.run_tune([(m, [1, 12000, 16384])], out=tmp_path, log=logs.append, bar=False)
     table = json.loads(path.read_text())["entries"][key]
-    assert sorted(table, key=int) == sorted(shipped, key=int)
-    assert table["1"]["GROUP_M_TAG"] == 1 and table["16384"]["GROUP_M_TAG"] == 16384
-    assert {b: c for b, c in table.items() if b not in ("1", "16384")} == \
+    assert sorted(table, key=int) == sorted({*shipped, "12000"}, key=int)
+    assert table["1"]["TAG"] == 1 and table["12000"]["TAG"] == 12000 and table["16384"]["TAG"] == 16384
+    assert {b: c for b, c in table.items() if b not in ("1", "12000", "16384")} == \
         {b: c for b, c in shipped.items() if b not in ("1", "16384")}
-    assert all(fixed_bk == shipped_bk for _, fixed_bk, _ in seen)
+    assert [t for t, _ in seen] == [16384, 1, 12000] and all(bk == shipped_bk for _, bk in seen)
     assert any("starts from the table in use" in s for s in logs)
 
 
 def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path / "none"))
-    monkeypatch.setattr(tune, "_device_name", lambda: "Fake GPU")
+    _isolate(tmp_path, monkeypatch, "Fake GPU")
     monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
     clock = [0.0]
     monkeypatch.setattr(tune.time, "time", lambda: clock[0])
@@ -282,3 +289,23 @@ def test_swapped_fp8_neighbours_vary_block_m_below_64():
     assert 32 in {c["BLOCK_M"] for c in neighbour_configs(best, False, fam="fp8")}
     plain = _cfg(64, (64, 128, 4, 4), (64, 128, 4, 4), tma=True)
     assert min(c["BLOCK_M"] for c in neighbour_configs(plain, False, fam="fp8")) == 64
+
+
+def test_fill_never_writes_a_config_the_space_refuses(tmp_path):
+    """An output table already at BLOCK_K 128 for a shape whose table in use has 64 (an older run): the fill
+    skips the table-in-use's entries (another BLOCK_K) and every config it writes fits (shared memory) and
+    keeps the shape's BLOCK_K."""
+    from moekit.benchmarking.tune_tables import fill_missing
+
+    m = MODELS["deepseek-v3"]
+    key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated)
+    shipped = tc.shape_table("NVIDIA H200", key)[1]
+    assert shape_block_k(shipped) == (64, 64)
+    path = tmp_path / "NVIDIA_H200.json"
+    tuned = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
+    tune.merge_entries(path, "NVIDIA H200", key, {8: tuned})
+    fill = fill_missing(m, torch.bfloat16, None, path, key, shipped, (128, 128), {"fp8_acc": None})
+    assert sorted(fill) == [t for t in TOKENS if t != 8]
+    space = Space((m.E, m.H, m.I, m.K, m.gated), torch.bfloat16, None, (128, 128), {"fp8_acc": None})
+    for t, cfg in fill.items():
+        assert space.refusal(cfg) is None and block_k(cfg) == (128, 128), (t, cfg)

@@ -128,8 +128,8 @@ def _shipped_4bit_tables():
 
 @pytest.mark.parametrize("name, fmt, table", list(_shipped_4bit_tables()))
 def test_rows_alone_and_in_batches_shipped_4bit_configs(name, fmt, table):
-    """The shipped mxfp4 / int4 tables: swapped decode buckets (one with w13_split), unswapped mid-size
-    ones and the swapped BLOCK_M 128 tile of the compute-bound bucket."""
+    """The shipped mxfp4 / int4 tables: swapped decode buckets (some with w13_split), unswapped ones and the
+    swapped BLOCK_M 128 tile of DeepSeek-V3 mxfp4 T = 4096."""
     _check_rows(MODELS[name], table, fmt=fmt)
 
 

@@ -220,7 +220,8 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     if before is None:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
         before = shape_table(torch.cuda.get_device_name(device), key)[1]
-    space, base = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 132
+    space, base = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms)
     problems = []
     for r in range(rotations):
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
@@ -295,30 +296,39 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(torch.device("cuda"))
 
 
+def _device_sms() -> int:
+    """The current GPU's SM count (the heuristic's, as a runtime lookup would use it)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,
              budget_s: float = 150.0, pdl: bool = False, min_gain: float = 0.015, rotations: int = 4,
              quant: str | None = None, quick: bool = False, log=print, bar: bool | None = None) -> Path:
     """Tune each (shape, token counts) target on the current CUDA device (weights in ``dtype``, or the
     ``quant`` format); merge every bucket into ``<out>/<device>.json`` as soon as it is done. Returns the path."""
-    name = _device_name()
+    name, sms = _device_name(), _device_sms()
     path = (default_out() if out is None else Path(out)) / f"{device_key(name)}.json"
     fmt, spec = quant_spec(quant)
     summary = []
     for m, tokens in targets:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
         table = (json.loads(path.read_text()).get("entries", {}) if path.is_file() else {}).get(key, {})
-        before = dict(shape_table(name, key)[1])  # what lookups run for this shape now (any folder)
+        src, before = shape_table(name, key)  # what lookups run for this shape now (any folder)
+        before = {str(b): c for b, c in before.items()}
         try:
             fixed_bk, fixed_arith = shape_block_k(table or before), shape_arith(table or before)
         except ValueError as exc:
-            log(f"skipping {m.name} ({key}) in {path}: {exc}")
+            log(f"skipping {m.name} ({key}) in {path if table else src}: {exc}")
+            continue
+        order = bucket_order(tokens)
+        if not order:
+            log(f"skipping {m.name} ({key}): no token counts to tune")
             continue
         if not table and before:  # a whole table from the start; the tuned buckets replace its entries
             merge_entries(path, name, key, before)
             log(f"{m.name}: {path} starts from the table in use ({len(before)} buckets)")
         log(f"tuning {m.name} ({key}) on {name}, budget {budget_s:.0f} s" +
             (f", BLOCK_K fixed at {fixed_bk}" if fixed_bk else ""))
-        order = bucket_order(tokens)
         prog = Progress(m.name + (f" {quant}" if quant else ""), len(order), log, budget_s, bar=bar)
         deadline = prog.start + budget_s
         weights, call, results = None, None, {}
@@ -326,7 +336,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
             for n, t in enumerate(order):
                 now = time.time()
                 if now > deadline:
-                    cfg = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)[1]
+                    cfg = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms)[1]
                     info = {"base_us": float("nan"), "best_us": float("nan"), "timed": 0}
                     msg = "budget spent: keeps the config in use"
                 else:
@@ -343,7 +353,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
                 merge_entries(path, name, key, {t: cfg})
                 clear_config_cache()  # later lookups in this process read what was just written
                 prog.step(t, msg)
-            fill = fill_missing(m, dtype, spec, path, key, before, fixed_bk, fixed_arith)
+            fill = fill_missing(m, dtype, spec, path, key, before, fixed_bk, fixed_arith, sms)
             if fill:
                 merge_entries(path, name, key, fill)
                 clear_config_cache()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..ops.triton_configs import SWAP_MAX_ROWS, swap_tiles
+from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -200,13 +200,18 @@ class Space:
             cfg = {k: v for k, v in cfg.items() if k != "tma"}
         return self.spec.fix_config(cfg, self.dtype) if self.spec is not None else cfg
 
+    def refusal(self, cfg: dict) -> str | None:
+        """Why the (applied) ``cfg`` cannot join this shape: invariance or shared memory; None when it can."""
+        why = invariance_violation(cfg, self.bk, self.fixed_arith)
+        if why is None and any(smem_estimate(cfg, w, self.elt, self.w_elt, self.dims[4]) > SMEM_BYTES
+                               for w in ("w13", "w2")):
+            why = "shared memory"
+        return why
+
     def fix(self, cfg: dict) -> dict | None:
         """The candidate as it would run, or None when refused or already listed."""
-        gated = self.dims[4]
         cfg = self.apply(cfg)
-        why = invariance_violation(cfg, self.bk, self.fixed_arith)
-        if why is None and any(smem_estimate(cfg, w, self.elt, self.w_elt, gated) > SMEM_BYTES for w in ("w13", "w2")):
-            why = "shared memory"
+        why = self.refusal(cfg)
         if why is not None:
             self.refused.append((cfg, why))
             return None
@@ -242,11 +247,12 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
     # swapped decode tiles (weights on wgmma's M side): fp8 and (since the k-order barrier) 4-bit measured
     # faster and bit-identical on the H200; the tuner's swap_identical still checks every swapped winner
     if fam != "bf16" and rows <= SWAP_MAX_ROWS:
-        swapped = [swap_tiles(c, rows) for c in out[:1 if quick else 2]]
+        bm16 = SWAP_4BIT_BM16_ROWS if fam == "4bit" else 6  # the heuristic's BLOCK_M 16 bound per family
+        swapped = [swap_tiles(c, rows, bm16) for c in out[:1 if quick else 2]]
         if not quick:
             st = 3 if fam == "4bit" else 4
             swapped.append(swap_tiles(_cfg(16, (128, bk[0], 4, st), (128, bk[1], 4, st), tma=fam == "fp8", **extra),
-                                      rows))
+                                      rows, bm16))
         ids = {config_id(c) for c in out}
         for c in swapped:  # two priors may differ only in what swapping overrides
             if config_id(c) not in ids:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..ops.triton_configs import heuristic_config, nearest_bucket
 from .shapes import TOKENS
-from .tune_space import Space
+from .tune_space import Space, shape_block_k
 
 
 def merge_entries(path: Path, device_name: str, key: str, table: dict) -> None:
@@ -31,21 +31,42 @@ def bucket_order(tokens) -> list[int]:
     return ts[-1:] + ts[:-1]
 
 
-def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith) -> tuple[Space, dict]:
+def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith, num_sms: int = 132) -> tuple[Space, dict]:
     """(the shape's search space, the config lookups gave at ``t`` before the run — the nearest bucket of
-    ``before``, the shape's table then, else the heuristic of the format — fixed by the space): where a
-    search starts, and what a bucket past the budget keeps."""
+    ``before``, the shape's table then, else the heuristic of the format for ``num_sms`` SMs — fixed by the
+    space): where a search starts (timed even where the space's estimates would refuse it: the search then
+    scores it as failed), and what a bucket past the budget keeps."""
     quant = None if spec is None else spec.key
-    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant)
+    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant)
     space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
     return space, space.apply(base)
 
 
-def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, fixed_arith) -> dict:
-    """{bucket: config} for the buckets of :data:`TOKENS` the shape's table in ``path`` lacks: the format's
-    heuristic at the shape's BLOCK_K (``before``'s own entry where it has one)."""
+def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, fixed_arith,
+                 num_sms: int = 132) -> dict:
+    """{bucket: config} for the buckets of :data:`TOKENS` the shape's table in ``path`` lacks, each the first
+    of these that the shape's space accepts (BLOCK_K and arithmetic keys fixed, shared memory): ``before``'s
+    own entry (only when ``before`` has the shape's BLOCK_K), the format's heuristic for ``num_sms`` SMs, the
+    nearest bucket already in the table (always accepted: it was tuned or kept under the same space)."""
     table = json.loads(path.read_text()).get("entries", {}).get(key, {}) if path.is_file() else {}
     quant = None if spec is None else spec.key
     space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
-    return {t: space.apply(before.get(str(t)) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, quant=quant))
-            for t in TOKENS if str(t) not in table}
+    before = {str(b): c for b, c in before.items()}
+    try:
+        same_bk = fixed_bk is None or not before or shape_block_k(before) == tuple(fixed_bk)
+    except ValueError:  # ``before`` mixes BLOCK_K itself
+        same_bk = False
+    out = {}
+    for t in TOKENS:
+        if str(t) in table:
+            continue
+        tries = [before.get(str(t)) if same_bk else None, heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant)]
+        for cand in [c for c in tries if c is not None]:
+            cfg = space.apply(cand)
+            if space.refusal(cfg) is None:
+                out[t] = cfg
+                break
+        else:
+            if table:
+                out[t] = nearest_bucket(table, t)
+    return out

@@ -232,10 +232,13 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
 SWAP_MAX_ROWS = 16
 # mxfp4 / int4 decode with bf16 activations: swapped tiles up to this many rows per expert, BLOCK_M 16 up to
 # SWAP_4BIT_BM16_ROWS, 32 above. H200 tuning (moekit tune, whole tables of three shapes x two formats, round 6):
-# the swapped tiles won every bucket up to 16 rows; at 8 rows BLOCK_M 16 beat 32 (DeepSeek-V3 int4 T = 256: 3696
-# µs against 5313 for the unswapped BLOCK_M 32 tiles; gpt-oss-120b mxfp4 / int4 T = 256), at 16 rows BLOCK_M 32
-# (Qwen3-30B-A3B mxfp4 T = 256: 286 µs against 336 for BLOCK_M 16). fp16 / fp32 activations and pre-Hopper GPUs
-# were not measured.
+# from 2 to 16 rows per expert the swapped tiles won all 11 tuned buckets (T = 64 and 256 of DeepSeek-V3,
+# gpt-oss-120b and Qwen3-30B-A3B; DeepSeek-V3 mxfp4 T = 256 was filled, not tuned); at 8 rows BLOCK_M 16 beat 32
+# (DeepSeek-V3 int4 T = 256: 3696 µs, the unswapped BLOCK_M 32 heuristic 5313 in the sweep), at 16 rows BLOCK_M
+# 32 (Qwen3 T = 256). At one row (T = 1 and 8 there) it is mixed: swapped won 7 of 12 buckets (all four of
+# DeepSeek-V3), unswapped BLOCK_M 16 the rest (Qwen3 and gpt-oss T = 1, gpt-oss int4 T = 8; round 5's probe:
+# swapped 0.93-1.12x); the heuristic keeps swapping there. fp16 / fp32 activations and pre-Hopper GPUs were not
+# measured.
 SWAP_4BIT_MAX_ROWS = 16
 SWAP_4BIT_BM16_ROWS = 8
 

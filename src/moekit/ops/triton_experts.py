@@ -41,8 +41,8 @@ DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
 #: 5.3, 512: 6.3 / 7.2, 1024: 9.2 / 9.4, 2048: 16.4 / 9.4, 8192: 63.6 / 10.5 (the whole experts step 457
 #: -> 407 µs), 16384: 124 / 11.8 (benchmarks/kernel_profile.py --small-slots)
 SMALL_SLOTS = 1024
-#: ... and up to this many when the slots crowd few experts (more than ``CROWDED_SLOTS_PER_EXPERT`` per local
-#: expert, e.g. Mixtral's 8): count + scatter then funnels every slot's atomic onto a handful of counters.
+#: ... and up to this many when the slots crowd few experts (more than ``CROWDED_SLOTS_PER_EXPERT`` per expert,
+#: e.g. Mixtral's 8): count + scatter then funnels every slot's atomic onto a handful of counters.
 #: Mixtral-8x7B (E = 8, K = 2), H200 experts step, single launch (round 5 sweep) / count + scatter (round 6):
 #: T = 1024 (2048 slots) 1539 / 1665 µs, T = 4096 (8192 slots) 5111 / 5283 µs; across two runs, and the align
 #: kernels alone were not profiled at E = 8 (the contention is the suspected cause, not a measured one).
@@ -172,7 +172,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     p = launch_plan(
         t, h, inter, n1, e_local, emap.shape[0] if emap is not None else e_local, k, x.dtype, act.code,
         act.gated, bool(on_input), b1 is not None, b2 is not None, emap is not None, limit, _interpreting(),
-        SMALL_SLOTS, INLINE_SLOTS, _freeze(cfg), crowded_slots=CROWDED_SMALL_SLOTS,
+        SMALL_SLOTS, INLINE_SLOTS, _freeze(cfg), crowded=(CROWDED_SMALL_SLOTS, CROWDED_SLOTS_PER_EXPERT),
     )
     dev = x.device
     # two scratch allocations, split into views (int32 layout/semaphores; the dtype inter and part rows)
@@ -315,11 +315,12 @@ def _pad(n: int, q: int = 32) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, on_input, has_b1, has_b2,
-                has_map, limit, upcast, small_slots, inline_slots, cfg, crowded_slots: int = 0) -> LaunchPlan:
+                has_map, limit, upcast, small_slots, inline_slots, cfg, crowded: tuple = (0, 0)) -> LaunchPlan:
     """The :class:`LaunchPlan` of a chunk of ``t`` tokens (all arguments hashable; ``cfg`` frozen by
     :func:`_freeze`). A pure cache: the same arguments always give the same plan. The single-launch align
-    runs up to ``small_slots`` slots, and up to ``crowded_slots`` when there are more than
-    :data:`CROWDED_SLOTS_PER_EXPERT` slots per local expert."""
+    runs up to ``small_slots`` slots, and up to ``crowded[0]`` when there are more than ``crowded[1]`` slots
+    per expert of the global set (with expert parallelism a rank counts only its local slots, about
+    ``T·K·E_local / E_global``, on ``E_local`` counters: the same load per counter)."""
     block_m, c13, c2, tma, pdl, split = cfg
     split = split and gated
     c13, c2 = dict(c13), dict(c2)
@@ -334,8 +335,8 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
     inline = slots <= inline_slots
-    crowded = slots <= crowded_slots and slots > CROWDED_SLOTS_PER_EXPERT * e_local
-    align_mode = "inline" if inline else "small" if slots <= small_slots or crowded else "multi"
+    few_counters = slots <= crowded[0] and slots > crowded[1] * e_global
+    align_mode = "inline" if inline else "small" if slots <= small_slots or few_counters else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if combine else 1))
     part_rows = slots if combine else 1
