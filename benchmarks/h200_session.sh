@@ -15,8 +15,8 @@
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|r7|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|r7|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -99,6 +99,15 @@ case $WHAT in
       --fast --out "$OUT"
     python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md" > /dev/null 2>&1
     ;;
+  r7)  # next round's first call: what round 6 changed after its last GPU call, timed and tested
+    P=mixtral-8x7b:512,mixtral-8x7b:1024,mixtral-8x7b:4096,qwen3-30b-a3b:1024
+    step align-e8-small 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 1000000000 --calls 10
+    step align-e8-multi 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 0 --calls 10
+    step gpu-tune-tables 60 python -m pytest -q -p no:cacheprovider tests/test_tune_search.py
+    step gpu-inv 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_experts_quant.py -k "shipped or every_bucket"
+    step bench 240 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
+    ;;
   tune16)
     step tune-bf16 240 python -m moekit tune --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:1,mixtral-8x7b:4096,mixtral-8x7b:16384 \
       --budget-s 110 --out "$OUT/configs"
@@ -127,7 +136,7 @@ case $WHAT in
     step swap-4bit 300 python benchmarks/swap_probe.py --probe --formats mxfp4,int4 \
       --shapes deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,8,64,1024 --out "$OUT/swap4.json"
     ;;
-  *) echo "unknown step set $WHAT (tests profile align r6 r6b r6c tunec tune4d tune16 tune4 split bench bench4 swap4)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests profile align r6 r6b r6c r7 tunec tune4d tune16 tune4 split bench bench4 swap4)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)
