@@ -6,6 +6,9 @@
 #   benchmarks/h200_session.sh OUT tests     # GPU tests round 5 could not finish: 4-bit every-bucket batch
 #                                            # invariance (kWidth barrier + swapped 4-bit decode tiles), gpt-oss
 #                                            # 4-bit, quantised graph/compile, whole-forward graphs
+#   benchmarks/h200_session.sh OUT profile   # µs per kernel of an experts step (benchmarks/kernel_profile.py)
+#   benchmarks/h200_session.sh OUT align     # the align's two paths across slot counts
+#   benchmarks/h200_session.sh OUT r7        # round 7's first call: align at E = 8, shipped-table invariance, sweep
 #   benchmarks/h200_session.sh OUT tune4     # 4-bit configs (mxfp4: gpt-oss, DeepSeek-V3; int4: DeepSeek-V3)
 #   benchmarks/h200_session.sh OUT split     # compute-bound buckets again, now with w13_split candidates
 #                                            # (fp8 and bf16; a split winner must be bit-identical to fused)
@@ -13,10 +16,11 @@
 #   benchmarks/h200_session.sh OUT bench4    # bf16 + fp8 + mxfp4 + int4 beside, DeepSeek-V3, gpt-oss, Qwen3
 #   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 (bits and speed per variant)
 #
-# Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them.
+# Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
+# starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|r7|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|profile|align|r6|r6b|r6c|r7|tunec|tune4d|tune16|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|r7|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|r7|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,53 +56,6 @@ case $WHAT in
     step align-small 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 1000000000 --calls 10
     step align-multi 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 0 --calls 10
     ;;
-  tunec)  # compute-bound bf16 buckets (BLOCK_M 128 was 16 % faster at DeepSeek-V3 T = 4096), PDL at small T
-    step tune-bf16-big 230 python -m moekit tune --points deepseek-v3:4096,deepseek-v3:1024,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:1024 \
-      --budget-s 100 --out "$OUT/configs"
-    step tune-bf16-pdl 120 python -m moekit tune --pdl --points qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:8 \
-      --budget-s 45 --out "$OUT/configs"
-    ;;
-  tune4d)  # 4-bit decode and compute-bound buckets of DeepSeek-V3
-    step tune-mxfp4-ds 110 python -m moekit tune --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:4096 --quant mxfp4 \
-      --budget-s 100 --out "$OUT/configs"
-    step tune-int4-ds 80 python -m moekit tune --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64 --quant int4 \
-      --budget-s 60 --out "$OUT/configs"
-    ;;
-  r6)  # round 6: shipped-table invariance (bf16, fp8, the new mxfp4 table), then bf16 + fp8 sweep
-    step gpu-invariance 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=5 \
-      tests/ops/test_batch_invariance_gpu.py
-    step bench 370 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
-    step compare 20 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
-    ;;
-  r6b)  # round 6: tune on a copy of the shipped table (BLOCK_K stays the shape's), then 4-bit tests and sweep
-    mkdir -p "$OUT/configs" && cp src/moekit/configs/NVIDIA_H200.json "$OUT/configs/"
-    export MOEKIT_CONFIG_DIR="$OUT/configs"  # the sweep below runs the configs tuned here
-    step tune-pdl 130 python -m moekit tune --pdl --points mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:1024,qwen3-30b-a3b:8,qwen3-30b-a3b:4096 \
-      --budget-s 55 --out "$OUT/configs"
-    step tune-mxfp4-oss 100 python -m moekit tune --models gpt-oss-120b --quant mxfp4 --budget-s 80 \
-      --out "$OUT/configs"  # every bucket: a new table must be whole (a lookup takes the nearest bucket)
-    step gpu-buckets-4bit 150 python -m pytest -q -p no:cacheprovider -m gpu -rf \
-      tests/ops/test_triton_experts_quant.py -k "every_bucket and (mxfp4 or int4)"
-    step bench4 200 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
-      --fast --out "$OUT"
-    step compare 20 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
-    ;;
-  r6c)  # round 6: whole 4-bit tables (Qwen3 mxfp4 / int4, gpt-oss int4, DeepSeek-V3 int4) on a copy of the shipped
-    # file, their invariance as shipped, the 4-bit sweep on them. At most 8 files come back: one tune log.
-    mkdir -p "$OUT/configs" && cp src/moekit/configs/NVIDIA_H200.json "$OUT/configs/"
-    export MOEKIT_CONFIG_DIR="$OUT/configs"
-    step tune4all 250 bash -c "python -m moekit tune --models qwen3-30b-a3b --quant mxfp4 --budget-s 45 --out '$OUT/configs'; \
-      python -m moekit tune --models qwen3-30b-a3b --quant int4 --budget-s 40 --out '$OUT/configs'; \
-      python -m moekit tune --models gpt-oss-120b --quant int4 --budget-s 50 --out '$OUT/configs'; \
-      python -m moekit tune --models deepseek-v3 --quant int4 --budget-s 65 --out '$OUT/configs'"
-    # the invariance tests read the shipped folder: this overwrites the device's copy of the tree (never run it
-    # in a checkout you keep)
-    cp "$OUT/configs/NVIDIA_H200.json" src/moekit/configs/NVIDIA_H200.json
-    step gpu-inv4 90 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py -k 4bit
-    step bench4 125 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
-      --fast --out "$OUT"
-    python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md" > /dev/null 2>&1
-    ;;
   r7)  # next round's first call: what round 6 changed after its last GPU call, timed and tested
     P=mixtral-8x7b:512,mixtral-8x7b:1024,mixtral-8x7b:4096,qwen3-30b-a3b:1024
     step align-e8-small 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 1000000000 --calls 10
@@ -107,10 +64,6 @@ case $WHAT in
     step gpu-inv 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
       tests/ops/test_triton_experts_quant.py -k "shipped or every_bucket"
     step bench 240 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
-    ;;
-  tune16)
-    step tune-bf16 240 python -m moekit tune --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,mixtral-8x7b:1,mixtral-8x7b:4096,mixtral-8x7b:16384 \
-      --budget-s 110 --out "$OUT/configs"
     ;;
   tune4)
     step tune-mxfp4 200 python -m moekit tune --models gpt-oss-120b,deepseek-v3 --quant mxfp4 \
@@ -136,7 +89,7 @@ case $WHAT in
     step swap-4bit 300 python benchmarks/swap_probe.py --probe --formats mxfp4,int4 \
       --shapes deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,8,64,1024 --out "$OUT/swap4.json"
     ;;
-  *) echo "unknown step set $WHAT (tests profile align r6 r6b r6c r7 tunec tune4d tune16 tune4 split bench bench4 swap4)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests profile align r7 tune4 split bench bench4 swap4)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)

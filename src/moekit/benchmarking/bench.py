@@ -315,9 +315,9 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device_name(device).replace(' ', '_')}-{_dt.date.today().isoformat()}"
 
-    def save(rows: list[dict], done: bool) -> None:
-        """The JSON so far: after each shape (``meta.partial``: a run cut short by a time limit keeps every
-        finished shape), then the whole run."""
+    def save(rows: list[dict], done: bool) -> list[dict]:
+        """Write the JSON so far (after each shape, ``meta.partial``: a run cut short by a time limit keeps
+        every finished shape; then the whole run) and return its rows, each with the run's ``meta``."""
         meta = dict(copy_bw_TBps=round(copy_bw / 1e12, 3), read_bw_TBps=round(read_bw / 1e12, 3),
                     bf16_peak_TFLOPs=round(peak / 1e12, 1),
                     fp8_peak_TFLOPs=round(fp8_peak / 1e12, 1) if fp8_peak else None,
@@ -327,7 +327,9 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
                     roofline="bytes = unique_experts*bytes_per_expert + 2*T*H*elt + T*(E+Z)*4 (experts step: "
                              "T*K*8); flops = 2*real_slots*H*3I (gated); floor = max(bytes/BW, flops/PEAK), "
                              "BW = max(copy, read), PEAK = peak_tflops of the row (fp8 rows: the fp8 matmul peak)")
-        (out / f"{stem}.json").write_text(json.dumps([{**r, "meta": meta} for r in rows], indent=1))
+        saved = [{**r, "meta": meta} for r in rows]
+        (out / f"{stem}.json").write_text(json.dumps(saved, indent=1))
+        return saved
 
     rows = []
     for m in models:
@@ -343,8 +345,7 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
         rows += bench_routing(tokens, device, log)
     for line in summarize(rows) + summarize_eager(rows):
         log(line)
-    save(rows, done=True)
-    rows = json.loads((out / f"{stem}.json").read_text())
+    rows = save(rows, done=True)
     write_plots(rows, out / stem, ceil.bw, peak, fp8_peak, load_reference(reference), log=log)
     log(f"wrote {out / stem}.json in {time.perf_counter() - start:.0f} s")
     return rows

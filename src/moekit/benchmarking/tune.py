@@ -220,7 +220,7 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     if before is None:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
         before = shape_table(torch.cuda.get_device_name(device), key)[1]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 132
+    sms = _device_sms() if torch.device(device).type == "cuda" else 132
     space, base = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms)
     problems = []
     for r in range(rotations):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
+from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -247,7 +247,7 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
     # swapped decode tiles (weights on wgmma's M side): fp8 and (since the k-order barrier) 4-bit measured
     # faster and bit-identical on the H200; the tuner's swap_identical still checks every swapped winner
     if fam != "bf16" and rows <= SWAP_MAX_ROWS:
-        bm16 = SWAP_4BIT_BM16_ROWS if fam == "4bit" else 6  # the heuristic's BLOCK_M 16 bound per family
+        bm16 = SWAP_4BIT_BM16_ROWS if fam == "4bit" else SWAP_BM16_ROWS  # the heuristic's bound per family
         swapped = [swap_tiles(c, rows, bm16) for c in out[:1 if quick else 2]]
         if not quick:
             st = 3 if fam == "4bit" else 4

@@ -31,6 +31,11 @@ def bucket_order(tokens) -> list[int]:
     return ts[-1:] + ts[:-1]
 
 
+def _space(m, dtype, spec, fixed_bk, fixed_arith) -> Space:
+    """The search space of shape ``m`` with the shape's fixed BLOCK_K and arithmetic keys."""
+    return Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
+
+
 def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith, num_sms: int = 132) -> tuple[Space, dict]:
     """(the shape's search space, the config lookups gave at ``t`` before the run — the nearest bucket of
     ``before``, the shape's table then, else the heuristic of the format for ``num_sms`` SMs — fixed by the
@@ -38,7 +43,7 @@ def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith, num_sm
     scores it as failed), and what a bucket past the budget keeps."""
     quant = None if spec is None else spec.key
     base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant)
-    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
+    space = _space(m, dtype, spec, fixed_bk, fixed_arith)
     return space, space.apply(base)
 
 
@@ -50,7 +55,7 @@ def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, f
     nearest bucket already in the table (always accepted: it was tuned or kept under the same space)."""
     table = json.loads(path.read_text()).get("entries", {}).get(key, {}) if path.is_file() else {}
     quant = None if spec is None else spec.key
-    space = Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
+    space = _space(m, dtype, spec, fixed_bk, fixed_arith)
     before = {str(b): c for b, c in before.items()}
     try:
         same_bk = fixed_bk is None or not before or shape_block_k(before) == tuple(fixed_bk)

@@ -228,8 +228,10 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
     return swap_tiles(out, rows) if rows <= SWAP_MAX_ROWS else out
 
 
-# fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert
+# fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert,
+# BLOCK_M 16 up to SWAP_BM16_ROWS, 32 above (:func:`swap_tiles`)
 SWAP_MAX_ROWS = 16
+SWAP_BM16_ROWS = 6
 # mxfp4 / int4 decode with bf16 activations: swapped tiles up to this many rows per expert, BLOCK_M 16 up to
 # SWAP_4BIT_BM16_ROWS, 32 above. H200 tuning (moekit tune, whole tables of three shapes x two formats, round 6):
 # from 2 to 16 rows per expert the swapped tiles won all 11 tuned buckets (T = 64 and 256 of DeepSeek-V3,
@@ -243,7 +245,7 @@ SWAP_4BIT_MAX_ROWS = 16
 SWAP_4BIT_BM16_ROWS = 8
 
 
-def swap_tiles(cfg: dict, rows: float, bm16_rows: float = 6) -> dict:
+def swap_tiles(cfg: dict, rows: float, bm16_rows: float = SWAP_BM16_ROWS) -> dict:
     """``cfg`` with both GEMMs swapped (``"SWAP": 1``: the weight tile is wgmma's M side, 64 weight rows per
     warpgroup, the tokens its N side) and ``BLOCK_M`` 16 (<= ``bm16_rows`` expected rows per expert: 6 for fp8,
     8 for mxfp4 / int4) or 32. With fp8 the
