@@ -119,9 +119,9 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None):
     cfg = patched(cfg, patch)
     seen = []
     kernels = {}
-    from moekit.ops._triton import align, grouped_gemm, quant
+    from moekit.ops._triton import align, combine, grouped_gemm, quant
 
-    for mod in (align, grouped_gemm, quant):
+    for mod in (align, combine, grouped_gemm, quant):
         for name in dir(mod):
             obj = getattr(mod, name)
             if isinstance(obj, JITFunction) and hasattr(obj, "warmup"):

@@ -8,9 +8,10 @@
 #                                            # 4-bit, quantised graph/compile, whole-forward graphs
 #   benchmarks/h200_session.sh OUT profile   # µs per kernel of an experts step (benchmarks/kernel_profile.py)
 #   benchmarks/h200_session.sh OUT align     # the align's two paths across slot counts
-#   benchmarks/h200_session.sh OUT r7        # round 7's first call: align at E = 8, shipped-table invariance, sweep
+#   benchmarks/h200_session.sh OUT sum       # "sum_pass" (top-k sum after w2) vs the fused combine: bits, µs
+#   benchmarks/h200_session.sh OUT inv       # GPU invariance tests: sum-pass bits, shipped tables, buckets (~450 s)
 #   benchmarks/h200_session.sh OUT tune4     # 4-bit configs (mxfp4: gpt-oss, DeepSeek-V3; int4: DeepSeek-V3)
-#   benchmarks/h200_session.sh OUT split     # compute-bound buckets again, now with w13_split candidates
+#   benchmarks/h200_session.sh OUT split     # compute-bound buckets (4 shapes, 60 s each), w13_split candidates
 #                                            # (fp8 and bf16; a split winner must be bit-identical to fused)
 #   benchmarks/h200_session.sh OUT bench     # bf16 + fp8, every shape, + eager rows, then compare.py (~420 s)
 #   benchmarks/h200_session.sh OUT bench4    # bf16 + fp8 + mxfp4 + int4 beside, DeepSeek-V3, gpt-oss, Qwen3
@@ -19,8 +20,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|r7|tune4|split|bench|bench4|swap4}
-WHAT=${2:?usage: $0 OUT tests|profile|align|r7|tune4|split|bench|bench4|swap4}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -56,14 +57,18 @@ case $WHAT in
     step align-small 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 1000000000 --calls 10
     step align-multi 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 0 --calls 10
     ;;
-  r7)  # next round's first call: what round 6 changed after its last GPU call, timed and tested
-    P=mixtral-8x7b:512,mixtral-8x7b:1024,mixtral-8x7b:4096,qwen3-30b-a3b:1024
-    step align-e8-small 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 1000000000 --calls 10
-    step align-e8-multi 60 python benchmarks/kernel_profile.py --points "$P" --small-slots 0 --calls 10
-    step gpu-tune-tables 60 python -m pytest -q -p no:cacheprovider tests/test_tune_search.py
+  sum)  # the top-k sum in its own pass ("sum_pass") against the fused combine: bits, then µs per kernel
+    step gpu-sum 120 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_sum_pass.py
+    P=qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:16384,mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:1024,mixtral-8x7b:4096,deepseek-v3:1024,deepseek-v3:4096,gpt-oss-120b:4096
+    step profile-sum 300 python benchmarks/kernel_profile.py --formats bf16,fp8 --variants base,base+sum \
+      --points "$P" --out "$OUT/profile-sum.json"
+    ;;
+  inv)  # SPEC §9 on the GPU: the sum pass's bits, every shipped table (bf16, fp8, 4-bit), every quantised bucket
+    step gpu-sum 90 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_sum_pass.py tests/ops/test_w13_split.py
     step gpu-inv 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
-      tests/ops/test_triton_experts_quant.py -k "shipped or every_bucket"
-    step bench 240 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
+      -k "shipped_configs or shipped_fp8"
+    step gpu-inv4 280 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_experts_quant.py -k "shipped_4bit or every_bucket"
     ;;
   tune4)
     step tune-mxfp4 200 python -m moekit tune --models gpt-oss-120b,deepseek-v3 --quant mxfp4 \
@@ -73,15 +78,15 @@ case $WHAT in
     ;;
   split)
     P=deepseek-v3:4096,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:16384,mixtral-8x7b:16384,qwen3-30b-a3b:16384
-    step tune-split-fp8 270 python -m moekit tune --points "$P" --quant fp8 --budget-s 240 --out "$OUT/configs"
-    step tune-split-bf16 270 python -m moekit tune --points "$P" --budget-s 240 --out "$OUT/configs"
+    step tune-split-fp8 270 python -m moekit tune --points "$P" --quant fp8 --budget-s 60 --out "$OUT/configs"
+    step tune-split-bf16 270 python -m moekit tune --points "$P" --budget-s 60 --out "$OUT/configs"
     ;;
   bench)
     step bench 480 python -m moekit bench --quant bf16,fp8 --fast --eager --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   bench4)
-    step bench4 300 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+    step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
@@ -89,7 +94,7 @@ case $WHAT in
     step swap-4bit 300 python benchmarks/swap_probe.py --probe --formats mxfp4,int4 \
       --shapes deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,8,64,1024 --out "$OUT/swap4.json"
     ;;
-  *) echo "unknown step set $WHAT (tests profile align r7 tune4 split bench bench4 swap4)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)

@@ -7,7 +7,7 @@ and config variant (one GPU; torch.profiler over ``--calls`` eager calls after a
 Variants (each applied to the lookup's config): ``base`` (as shipped), ``bm128`` (BLOCK_M 128, w13 BN 128 /
 w2 BN 256, 8 warps, 4 / 3 stages, TMA: the tile vLLM ships for Qwen3 at M >= 1024, in moekit's w13 BN
 that counts gate and up columns once), ``bm64w8`` (BLOCK_M 64 with 8-warp BN 128 tiles), or
-``json:<config>``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
+``json:<config>``; ``<variant>+sum`` adds ``"sum_pass"`` (the top-k sum after w2, in its own pass). ``--small-slots N`` moves the align's single-launch bound (0: always count +
 scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same
 call for comparison) and each kernel's share. JSON rows go to ``--out``.
 """
@@ -32,6 +32,8 @@ from swap_probe import FORMATS, quantise
 
 def variant(cfg: dict, name: str) -> dict:
     """The config ``name`` (module docstring) derived from the lookup's ``cfg``."""
+    if name.endswith("+sum"):  # the same tiles with the top-k sum in its own pass
+        return dict(variant(cfg, name[:-4]), sum_pass=True)
     if name == "base":
         return cfg
     if name.startswith("json:"):
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     if a.small_slots is not None:
         from moekit.ops import triton_experts
 
-        triton_experts.SMALL_SLOTS = triton_experts.CROWDED_SMALL_SLOTS = a.small_slots
+        triton_experts.SMALL_SLOTS = a.small_slots
     rows, weights = [], {}
     vnames = a.variants.split(",") if not a.variants.startswith("json:") else [a.variants]
     for point in a.points.split(","):

@@ -43,3 +43,10 @@ def quantised_call(fmt, seed=1):
         return tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, *s_in, "swigluoai", False, b1, b2,
                                            None, 7.0, config=config)
     return spec, run
+
+
+def quantised_same_bits(fmt, configs) -> bool:
+    """The quantised problem (:func:`quantised_call`) run under each of ``configs``: all outputs the same bits."""
+    _, run = quantised_call(fmt)
+    outs = [run(c) for c in configs]
+    return all(torch.equal(outs[0], o) for o in outs[1:])

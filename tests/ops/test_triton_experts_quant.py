@@ -208,6 +208,10 @@ def test_config_constraints():
     with pytest.raises(ValueError, match="fp8_acc"):
         tq.QuantSpec.of(Fp8ChannelFormat()).fix_config(
             dict(heuristic_config(1, 8, 64, 32, 2, torch.bfloat16, 132), fp8_acc=-1), torch.bfloat16)
+    # 64-wide blocks: one dot spans K = 64, so the promotion interval is capped there (Triton refuses 128 > K)
+    small = tq.QuantSpec.of(Fp8BlockFormat(64, 64)).fix_config(
+        heuristic_config(64, 8, 64, 96, 2, torch.bfloat16, 132), torch.bfloat16)
+    assert small["w13"]["BK"] == small["w2"]["BK"] == 64 and small["fp8_acc"] == 64
 
 
 @pytest.mark.parametrize("ue8m0", [False, True], ids=["fp32_scales", "ue8m0"])

@@ -15,7 +15,7 @@ from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
-from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem, quantised_call  # noqa: E402
+from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
 
 def _cfg(bn=64, split=False):
     cfg = heuristic_config(T, E, H, I, K, torch.bfloat16, 4)
@@ -54,9 +54,7 @@ FORMATS = {
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantised_split_is_the_same_bits(name):
     fmt, bn = FORMATS[name]
-    _, run = quantised_call(fmt)
-    outs = [run(_cfg(bn, split)) for split in (False, True)]
-    assert torch.equal(outs[0], outs[1])
+    assert quantised_same_bits(fmt, [_cfg(bn, split) for split in (False, True)])
 
 
 SM90_SNIPPET = """

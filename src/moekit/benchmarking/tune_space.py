@@ -7,7 +7,7 @@ A bucket's search (:func:`search`) has two short stages:
    unquantised dtypes, ``fp8``, ``4bit`` for mxfp4 / int4), drawn from the configs that won on H100
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
-   doubled, the TMA flag toggled, PDL when asked; repeated once around a new winner (``quick``: one
+   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked; repeated once around a new winner (``quick``: one
    round of the TMA / PDL toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
@@ -94,7 +94,8 @@ def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
 
 def config_id(cfg: dict) -> str:
     """A canonical string of ``cfg`` (dedup key; ``tma`` / ``pdl`` False count as absent)."""
-    clean = {k: v for k, v in cfg.items() if not (k in ("tma", "pdl", "w13_split") and not v)}
+    clean = {k: v for k, v in cfg.items()
+             if not (k in ("tma", "pdl", "w13_split") and not v) and not (k == "sum_pass" and v is None)}
     return json.dumps(clean, sort_keys=True)
 
 
@@ -276,7 +277,8 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
 
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
-    out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)}]
+    out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)},
+           {**best, "sum_pass": True}, {**best, "sum_pass": False}]  # absent: the launcher's slot bound
     if pdl:
         out.append({**best, "pdl": True})
     if quick:

@@ -5,10 +5,11 @@
 
 Pipeline per chunk of tokens (no host synchronisation anywhere: CUDA-graph capturable)::
 
-    align    (1 launch for T·K <= SMALL_SLOTS (or crowded experts), else memset + count + scatter)
+    align    (1 launch for T·K <= SMALL_SLOTS, else memset + count + scatter)
              -> counts [E_local], sorted_slot [rows] (per-expert blocks of BLOCK_M rows, padded)
     w13 GEMM -> inter [rows, I] = act(x[tok] · w13[e]ᵀ + b13[e])   (input dtype)
-    w2 GEMM  -> out [T, H]: weighted, top-k summed in slot order inside the GEMM (deterministic)
+    w2 GEMM  -> out [T, H]: weighted, top-k summed in slot order (deterministic): in the GEMM's tail, or
+             by a sum pass over the stored slot rows (T·K >= SUM_PASS_SLOTS or config "sum_pass": same bits)
 
 Same semantics and output as :func:`~moekit.ops.experts.experts_reference` within the SPEC
 tolerances; precision notes in :mod:`moekit.ops._triton.grouped_gemm`. Tokens run in chunks so that
@@ -29,7 +30,7 @@ import triton
 from triton import knobs
 
 from ._eager import direct_call_ok
-from ._triton import align, grouped_gemm
+from ._triton import align, combine as combine_k, grouped_gemm
 from .activation import effective_limit, get_activation
 from .triton_configs import get_config
 
@@ -41,17 +42,18 @@ DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
 #: 5.3, 512: 6.3 / 7.2, 1024: 9.2 / 9.4, 2048: 16.4 / 9.4, 8192: 63.6 / 10.5 (the whole experts step 457
 #: -> 407 µs), 16384: 124 / 11.8 (benchmarks/kernel_profile.py --small-slots)
 SMALL_SLOTS = 1024
-#: ... and up to this many when the slots crowd few experts (more than ``CROWDED_SLOTS_PER_EXPERT`` per expert,
-#: e.g. Mixtral's 8): count + scatter then funnels every slot's atomic onto a handful of counters.
-#: Mixtral-8x7B (E = 8, K = 2), H200 experts step, single launch (round 5 sweep) / count + scatter (round 6):
-#: T = 1024 (2048 slots) 1539 / 1665 µs, T = 4096 (8192 slots) 5111 / 5283 µs; across two runs, and the align
-#: kernels alone were not profiled at E = 8 (the contention is the suspected cause, not a measured one).
-CROWDED_SMALL_SLOTS = 8192
-CROWDED_SLOTS_PER_EXPERT = 128
+#: Few experts change nothing: Mixtral (E = 8, K = 2) µs single / count + scatter: 1024 slots 8.9 / 9.8, 2048
+#: 15.9 / 9.8, 8192 60.2 / 11.0, GEMMs unchanged (round 7: 8 counters' per-slot atomics cost no contention).
 #: at most this many slots skip the align kernel: the GEMMs derive the layout in registers (decode).
 #: Measured on H100: a win at T·K <= 16 (Qwen3 T=1: 42.4 -> 40.6 µs), a loss at 64 (DeepSeek T=8:
 #: 1552 -> 1682 µs: every GEMM program redoes an [S, S] rank computation)
 INLINE_SLOTS = 16
+#: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
+#: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
+#: experts step µs fused / pass (round 7 kernel_profile): Qwen3 bf16 T = 8 (64 slots) 137.0 / 135.1, 1024 403.9 /
+#: 375.5, 16384 2754 / 2437; fp8 T = 1024 360.8 / 314.0; DeepSeek-V3 bf16 T = 4096 8475 / 8206; Mixtral (K = 2)
+#: T = 8 (16 slots) 585.3 / 585.1. The pass: 1024 columns per program (8 bf16 per thread of 4 warps).
+SUM_PASS_SLOTS, SUM_BH = 64, 1024
 
 
 def fused_experts_triton(
@@ -64,7 +66,6 @@ def fused_experts_triton(
     topk_ids: [T, K] int32/int64; w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
     expert_map: [E] int32 (-1: not on this rank). returns: [T, H] dtype of x.
     """
-    # the kernels assume unit last-dim strides: make any view contiguous (free when it already is)
     b1, b2, emap = (None if t is None else t.contiguous() for t in (w1_bias, w2_bias, expert_map))
     # eagerly the launcher is called directly (same kernels, no dispatcher round trip: see ._eager);
     # torch.compile, fake tensors and dispatch modes go through the op
@@ -139,11 +140,9 @@ def fused_experts_impl(
     act = get_activation(activation)
     if config is None:
         config = get_config(x.device, t, e_local, h, inter, k, x.dtype, act.gated)
-    bm = int(config["BLOCK_M"])
-    combine = k > 1
-    # scratch per token: inter rows + part rows (+ ints); the padding rows are a fixed extra
-    per_token = k * (inter + (h if combine else 0)) * x.element_size() + k * 12 + 64
-    fixed = e_local * bm * inter * x.element_size()
+    # scratch per token: inter rows + part rows (top-k > 1) (+ ints); the padding rows are a fixed extra
+    per_token = k * (inter + (h if k > 1 else 0)) * x.element_size() + k * 12 + 64
+    fixed = e_local * int(config["BLOCK_M"]) * inter * x.element_size()
     if quant is not None:
         per_token += quant.bytes_per_token(h, inter, k)
         fixed *= 2
@@ -172,7 +171,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     p = launch_plan(
         t, h, inter, n1, e_local, emap.shape[0] if emap is not None else e_local, k, x.dtype, act.code,
         act.gated, bool(on_input), b1 is not None, b2 is not None, emap is not None, limit, _interpreting(),
-        SMALL_SLOTS, INLINE_SLOTS, _freeze(cfg), crowded=(CROWDED_SMALL_SLOTS, CROWDED_SLOTS_PER_EXPERT),
+        SMALL_SLOTS, INLINE_SLOTS, _freeze(cfg),
     )
     dev = x.device
     # two scratch allocations, split into views (int32 layout/semaphores; the dtype inter and part rows)
@@ -251,6 +250,10 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         inter_w2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
         tw.stride(0), ids.stride(0), part.stride(0), **w2_kw, **flags,
     )
+    if p.sum_pass:
+        launch(combine_k.sum_slots_kernel, p.grid_sum, part, out, ids, tw, emap_arg, t, k, h, e_local, p.e_global,
+               part.stride(0), out.stride(0), ids.stride(0), tw.stride(0), **p.sum_kw,
+               **({"PDL": True, "launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -270,7 +273,8 @@ def _freeze(cfg: dict) -> tuple:
     """The hashable image of a config that :func:`launch_plan` reads: every field a plan depends on
     (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
     return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
-            bool(cfg.get("pdl")), bool(cfg.get("w13_split")))
+            bool(cfg.get("pdl")), bool(cfg.get("w13_split")),
+            None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]))
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,9 @@ class LaunchPlan:
     want_tma: bool
     want_pdl: bool
     split: bool  # w13 with one accumulator per program + the epilogue pass (config "w13_split", gated only)
+    sum_pass: bool  # the top-k sum in its own pass after w2 (config "sum_pass", K > 1 only)
+    grid_sum: tuple
+    sum_kw: dict
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -315,18 +322,16 @@ def _pad(n: int, q: int = 32) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, on_input, has_b1, has_b2,
-                has_map, limit, upcast, small_slots, inline_slots, cfg, crowded: tuple = (0, 0)) -> LaunchPlan:
-    """The :class:`LaunchPlan` of a chunk of ``t`` tokens (all arguments hashable; ``cfg`` frozen by
-    :func:`_freeze`). A pure cache: the same arguments always give the same plan. The single-launch align
-    runs up to ``small_slots`` slots, and up to ``crowded[0]`` when there are more than ``crowded[1]`` slots
-    per expert of the global set (with expert parallelism a rank counts only its local slots, about
-    ``T·K·E_local / E_global``, on ``E_local`` counters: the same load per counter)."""
-    block_m, c13, c2, tma, pdl, split = cfg
+                has_map, limit, upcast, small_slots, inline_slots, cfg) -> LaunchPlan:
+    """The :class:`LaunchPlan` of a chunk of ``t`` tokens (arguments hashable, ``cfg`` by :func:`_freeze`): a pure
+    cache, the same arguments always give the same plan."""
+    block_m, c13, c2, tma, pdl, split, sum_pass = cfg  # sum_pass: None = by SUM_PASS_SLOTS
     split = split and gated
     c13, c2 = dict(c13), dict(c2)
     bm = int(block_m)
     combine = k > 1
     slots = t * k
+    sum_pass = combine and (slots >= SUM_PASS_SLOTS if sum_pass is None else sum_pass)
     nbn = triton.cdiv(h, int(c2["BN"]))
     num_pid_m = triton.cdiv(slots + min(slots, e_local) * (bm - 1), bm)
     rows = num_pid_m * bm
@@ -335,8 +340,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
     inline = slots <= inline_slots
-    few_counters = slots <= crowded[0] and slots > crowded[1] * e_global
-    align_mode = "inline" if inline else "small" if slots <= small_slots or few_counters else "multi"
+    align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if combine else 1))
     part_rows = slots if combine else 1
@@ -352,14 +356,17 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                   HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp, SPLIT=split,
                   SWAP=bool(c13.get("SWAP", 0)), num_warps=int(c13["num_warps"]), num_stages=int(c13["num_stages"]))
     w2_kw = dict(shared, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), HAS_BIAS=has_b2, EVEN_K=inter % bk2 == 0,
-                 SWAP=bool(c2.get("SWAP", 0)), num_warps=int(c2["num_warps"]), num_stages=int(c2["num_stages"]))
+                 SWAP=bool(c2.get("SWAP", 0)), SUM_PASS=sum_pass, num_warps=int(c2["num_warps"]),
+                 num_stages=int(c2["num_stages"]))
+    bh = min(SUM_BH, triton.next_power_of_2(h))
     return LaunchPlan(
         bm=bm, rows=rows, num_pid_m=num_pid_m, nbn=nbn, e_global=e_global, i32_sizes=i32_sizes,
         i32_total=sum(i32_sizes), buf_total=part_offset + part_rows * h, part_offset=part_offset,
         part_rows=part_rows, zero_counts=align_mode == "multi", align=align_mode,
         align_grid=(triton.cdiv(t, bt),), align_kw=common, scatter_kw=dict(BT=bt, KP=kp, num_warps=4),
         grid13=(num_pid_m * triton.cdiv(inter, bn13) * (2 if split else 1),), grid2=(num_pid_m * nbn,),
-        w13_kw=w13_kw, w2_kw=w2_kw, split=split,
+        w13_kw=w13_kw, w2_kw=w2_kw, split=split, sum_pass=sum_pass, grid_sum=(t, triton.cdiv(h, bh)),
+        sum_kw=dict(BH=bh, HAS_MAP=has_map, SKIP_ZERO=skip_zero, INTERP=upcast, num_warps=4),
         limit_arg=0.0 if limit is None else float(limit), bn13=bn13, bk13=bk13, bn2=bn2, bk2=bk2,
         want_tma=tma and small_elt, want_pdl=pdl,
     )
@@ -385,9 +392,7 @@ def _major(device: torch.device) -> int:
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=16)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+_capability_major = functools.lru_cache(maxsize=16)(lambda index: torch.cuda.get_device_capability(index)[0])
 
 
 def _interpreting() -> bool:

@@ -122,7 +122,8 @@ class QuantSpec:
             if acc < 0:
                 raise ValueError(f"config fp8_acc must be >= 0 (0: exact fp16 mma; n: wgmma, promoted every n), "
                                  f"got {acc}")
-            out["fp8_acc"] = acc
+            # one wgmma dot spans BK: promoting every n > BK products means every BK (Triton refuses n > K)
+            out["fp8_acc"] = acc = min(acc, bk)
             wgmma = acc > 0
             if wgmma:  # wgmma's M side (64 per warpgroup): the token rows, unless both kernels are swapped
                 if not (c13.get("SWAP") and c2.get("SWAP")):

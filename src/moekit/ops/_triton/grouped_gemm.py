@@ -492,8 +492,11 @@ def w2_kernel(
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
     QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
+    SUM_PASS: tl.constexpr = False,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
+    ``SUM_PASS`` (with ``COMBINE``): store the weighted slot rows in ``part`` and stop; the top-k sum runs as
+    :func:`.combine.sum_slots_kernel` (the same bits as the fused sum below).
     Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
     ``stride_asr``; 0 for a static scale); 4-bit reads packed ``w2`` (see :func:`w13_kernel`).
     ``INLINE``: as in :func:`w13_kernel` (``T`` = ``S // K`` here: the slot count is ``S``).
@@ -507,6 +510,8 @@ def w2_kernel(
     into L2 before the wait was measured slower on H100, Qwen3-30B-A3B at T=1.)"""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if SUM_PASS:
+            tl.extra.cuda.gdc_launch_dependents()
     pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
@@ -559,6 +564,8 @@ def w2_kernel(
     if COMBINE:
         p_ptrs = part_ptr + slot.to(tl.int64)[:, None] * stride_pr + offs_n[None, :]
         tl.store(p_ptrs, to_dt(acc, part_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
+        if SUM_PASS:
+            return
         tl.debug_barrier()  # every thread's part stores precede the release below
         old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
         if INLINE:
