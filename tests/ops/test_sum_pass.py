@@ -112,3 +112,32 @@ def test_sum_pass_kernels_compile_for_sm90(tmp_path):
     from compile_check import run_compiled
 
     run_compiled(SM90_SNIPPET, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [40, 3000])
+def test_gpu_pdl_sum_pass_is_the_same_bits(t):
+    """With PDL the sum pass waits for the w2 grid by ``griddepcontrol.wait`` (w2 releases it at once): the
+    output equals the fused combine without PDL, eagerly and replayed from a CUDA graph."""
+    w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, t=t, e=16, h=512, i=256, k=6)
+    w13, w2 = w13.cuda(), w2.cuda()
+    fused = dict(_cfg(False), pdl=False)
+    pdl = dict(_cfg(True), pdl=True)
+
+    def run(cfg):
+        return fused_experts_impl(x, w13, w2, w, ids, "silu", False, None, None, None, None, config=cfg)
+
+    want = run(fused)
+    assert torch.equal(run(pdl), want)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        run(pdl)
+        with torch.cuda.graph(graph, stream=stream):
+            out = run(pdl)
+    torch.cuda.current_stream().wait_stream(stream)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

@@ -2,7 +2,11 @@
 :mod:`moekit.ops.triton_experts` and :mod:`moekit.ops.triton_routing`.
 
 - :mod:`.align`: token sort by expert into a padded block layout, without host synchronisation
-- :mod:`.grouped_gemm`: the w13 GEMM (activation epilogue) and the w2 GEMM (weighted top-k combine)
+- :mod:`.grouped_gemm`: the w13 GEMM (activation epilogue) and the w2 GEMM (weighted top-k combine), built from
+  :mod:`.rows` (row blocks of the sorted layout, the in-register decode layout) and :mod:`.tiles` (operand loads,
+  one K step per format)
+- :mod:`.combine`: the top-k sum as its own pass after w2
+- :mod:`.quant`: fp8 activation quantisation, 4-bit weight decode, the fp8 dot
 - :mod:`.topk`: fused scores -> (grouped, biased) top-k -> weights, one program per token
 """
 

@@ -35,7 +35,9 @@ import triton.language as tl
 
 from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
-from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w, load_w_scales, requant_store, to_dt
+from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
+from .rows import inline_prologue, inline_slots, pid_to_tile, row_block
+from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
 
 # the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
 SILU = tl.constexpr(get_activation("silu").code)
@@ -84,241 +86,6 @@ def _activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a · b in fp32. ``UPCAST`` (interpreter only: its bf16 dot is wrong) multiplies in fp32,
-    which is exact for bf16/fp16 operands."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _pid_to_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped ordering: GROUP_M blocks of rows share weight tiles in L2, and the n tiles of one row
-    block run together so its gathered inputs stay in L2."""
-    in_group = GROUP_M * num_pid_n
-    group = pid // in_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _block_expert(counts_ptr, b, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, its first block, its live rows) of block ``b``; expert >= E_local past the end."""
-    offs = tl.arange(0, BLOCK_E)
-    cnt = tl.load(counts_ptr + offs, mask=offs < E_local, other=0)
-    nb = (cnt + BM - 1) // BM
-    cum = tl.cumsum(nb, 0)
-    e = tl.sum((cum <= b).to(tl.int32), 0)
-    first = tl.sum(tl.where(offs == e, cum - nb, 0), 0)
-    n_e = tl.sum(tl.where(offs == e, cnt, 0), 0)
-    return e, first, n_e
-
-
-@triton.jit
-def _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
-                  SP: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, INLINE: tl.constexpr):
-    """``INLINE``: local expert of every slot of a tiny batch (S <= SP), [SP] int32, -1 when dead.
-    Otherwise an unused placeholder (the align kernel ran)."""
-    if INLINE:
-        j = tl.arange(0, SP)
-        return slot_local_expert(
-            ids_ptr, tw_ptr, map_ptr, j // K, j % K, j < S, stride_it, stride_twt, E_local, E_global, HAS_MAP,
-            SKIP_ZERO,
-        )
-    else:
-        return tl.zeros([SP], dtype=tl.int32)
-
-
-@triton.jit
-def _inline_block(loc, b, E_local, BM: tl.constexpr, SP: tl.constexpr):
-    """The align layout computed in registers for a tiny batch (no align kernel): slot j of expert e
-    sits at row ``BM · (blocks of experts < e) + #{i < j: loc_i = e}`` — the same block structure as
-    :mod:`.align`, with ranks in slot order. Returns (expert or E_local past the end, valid [BM], slot [BM])."""
-    j = tl.arange(0, SP)
-    live = loc >= 0
-    same = (loc[:, None] == loc[None, :]) & live[:, None] & live[None, :]  # [i, j]
-    n = tl.sum(same.to(tl.int32), axis=0)
-    rank = tl.sum((same & (j[:, None] < j[None, :])).to(tl.int32), axis=0)
-    nb = (n + BM - 1) // BM
-    first = live & (rank == 0)
-    earlier = first[:, None] & (loc[:, None] < loc[None, :])
-    before = tl.sum(tl.where(earlier, nb[:, None], 0), axis=0)
-    row = tl.where(live, before * BM + rank, -1)
-    in_block = live & (row >= b * BM) & (row < b * BM + BM)
-    e = tl.max(tl.where(in_block, loc, -1), axis=0)
-    e = tl.where(e < 0, E_local, e)
-    m = b * BM + tl.arange(0, BM)
-    hit = (row[None, :] == m[:, None]) & live[None, :]
-    valid = tl.max(hit.to(tl.int32), axis=1) > 0
-    slot = tl.sum(tl.where(hit, j[None, :], 0), axis=1)
-    return e, valid, slot
-
-
-@triton.jit
-def _inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot,
-                     SP: tl.constexpr, TP: tl.constexpr, COMBINE: tl.constexpr):
-    """What the align kernel's count phase does besides counting: zero the combine semaphores and
-    the output rows of tokens with no live slot. Run by one program of the w13 launch."""
-    if COMBINE:
-        for j0 in range(0, T * NBN, 1024):
-            jz = j0 + tl.arange(0, 1024)
-            tl.store(sem_ptr + jz, tl.zeros([1024], dtype=tl.int32), mask=jz < T * NBN)
-    j = tl.arange(0, SP)
-    t = tl.arange(0, TP)
-    cnt = tl.sum(((j[None, :] // K == t[:, None]) & (loc[None, :] >= 0)).to(tl.int32), axis=1)
-    dead = (t < T) & (cnt == 0)
-    if tl.max(dead.to(tl.int32), axis=0) > 0:
-        rows = out_ptr + t.to(tl.int64)[:, None] * stride_ot
-        for h0 in range(0, H, 64):
-            h = h0 + tl.arange(0, 64)
-            tl.store(rows + h[None, :], tl.zeros([TP, 64], dtype=out_ptr.dtype.element_ty),
-                     mask=dead[:, None] & (h[None, :] < H))
-
-
-@triton.jit
-def _row_block(pid_m, loc, counts_ptr, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr, SP: tl.constexpr,
-               INLINE: tl.constexpr):
-    """Row block ``pid_m`` of the sorted layout: (expert, or >= E_local past the end; valid [BM]; slot [BM]).
-    ``INLINE``: from the slots' local experts ``loc`` in registers. Otherwise from the align kernel's
-    counts, and ``slot`` is a placeholder: a program with work loads it from ``sorted_slot`` after the
-    exit test."""
-    if INLINE:
-        e, valid, slot = _inline_block(loc, pid_m, E_local, BM, SP)
-    else:
-        e, first, n_e = _block_expert(counts_ptr, pid_m, E_local, BM, BLOCK_E)
-        valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
-        slot = tl.zeros([BM], dtype=tl.int32)
-    return e, valid, slot
-
-
-@triton.jit
-def _load_a(ptrs, desc, row, k0, valid, kmask, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
-    """[BM, BK] tile of activation rows (masked rows -> 0): by descriptor, or by pointers."""
-    if USE_TMA:
-        return desc.load([row, k0])
-    elif EVEN_K:
-        return tl.load(ptrs, mask=valid[:, None], other=0.0)
-    else:
-        return tl.load(ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-
-
-@triton.jit
-def _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
-    """[BK, BN] tile of transposed weight rows: by descriptor (rows ``row..row+BN``), or by pointers."""
-    if USE_TMA:
-        return tl.trans(desc.load([row, k0]))
-    elif EVEN_K:
-        return tl.load(ptrs, mask=nmask[None, :], other=0.0)
-    else:
-        return tl.load(ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-
-
-@triton.jit
-def _load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.constexpr,
-            PACK: tl.constexpr, QG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
-            USE_TMA: tl.constexpr, UPCAST: tl.constexpr, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False):
-    """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT`` with
-    the step's scales ``s`` (:func:`.quant.load_w_scales`)."""
-    # if / else on the constexpr: compiled Triton type-checks every return it reaches, and a ``return``
-    # after a taken constexpr ``if`` is still reached (packed pointers in _load_w: a shape error)
-    if QUANT >= MXFP4:
-        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST, W_ALIGN, PTX)
-    else:
-        w = _load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
-    return w
-
-
-@triton.jit
-def _step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
-          UPCAST: tl.constexpr, FP8_ACC: tl.constexpr, SWAP: tl.constexpr = False):
-    """One K step: fp8 block ``acc + (a · b) · s_x[row, kb] · S[col, kb]`` (``xs_rows`` [BM], ``ws_row``
-    [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc.
-
-    ``SWAP``: ``acc`` is the transposed accumulator [BN, BM] and the dot is ``bᵀ · aᵀ``: the weight tile
-    is the MMA's left operand (on Hopper a wgmma m64 row block of weights, from registers when it was
-    decoded there; tokens are the narrow N side, >= 16). Every element is the same products and scales;
-    whether the tensor core sums them in the same order either way is measured, not assumed."""
-    lhs, rhs = _operands(a, b, SWAP)
-    if QUANT == FP8_BLOCK:
-        a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
-        w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
-        acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC) * _outer(a_s, w_s, SWAP)
-    elif QUANT == FP8_ROW:
-        acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC)
-    else:
-        acc = _mma(lhs, rhs, acc, DOT_PREC, UPCAST)
-    return acc
-
-
-@triton.jit
-def _operands(a, b, SWAP: tl.constexpr):
-    """The dot's (left, right) operands: (a [BM, BK], b [BK, BN]), or swapped (bᵀ, aᵀ)."""
-    if SWAP:
-        return tl.trans(b), tl.trans(a)
-    else:
-        return a, b
-
-
-@triton.jit
-def _outer(row_s, col_s, SWAP: tl.constexpr):
-    """The per-row times per-column scale product in the accumulator's orientation."""
-    if SWAP:
-        return col_s[:, None] * row_s[None, :]
-    else:
-        return row_s[:, None] * col_s[None, :]
-
-
-@triton.jit
-def _acc0(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
-    """A zero fp32 accumulator: [BM, BN], or [BN, BM] for ``SWAP`` (transposed back after the K loop)."""
-    if SWAP:
-        return tl.zeros([BN, BM], dtype=tl.float32)
-    else:
-        return tl.zeros([BM, BN], dtype=tl.float32)
-
-
-@triton.jit
-def _acc_out(acc, SWAP: tl.constexpr):
-    """The accumulator as [BM, BN] after the K loop."""
-    if SWAP:
-        return tl.trans(acc)
-    else:
-        return acc
-
-
-@triton.jit
-def _offset(index, stride, W_ALIGN: tl.constexpr):
-    """``index · stride`` (int64), hinted a multiple of ``W_ALIGN`` when it is > 1. Two traps: the hint must
-    sit on the product computed here (on a value passed in as an argument it was dropped: gpt-oss int4 rows
-    went back to 4-byte copies), and ``tl.multiple_of(x, 1)`` is no no-op: it replaces what Triton derived
-    from the strides (divisible by 16), so bf16 weight rows were loaded 2 bytes at a time without cp.async or
-    pipelining (sm_90 SASS main loop 68 -> 229 instructions; H200 pointer-load buckets 2.5-2.8x slower:
-    Qwen3-30B-A3B T = 8 394 vs 141 µs, Mixtral T = 64 1698 vs 683 µs)."""
-    off = index.to(tl.int64) * stride
-    if W_ALIGN > 1:
-        off = tl.multiple_of(off, W_ALIGN)
-    return off
-
-
-@triton.jit
-def _w_ptrs(w_base, offs_n, stride_wn, BK: tl.constexpr, PACK: tl.constexpr, W_ALIGN: tl.constexpr = 1):
-    """Pointers to the weight rows ``offs_n`` at k = 0: [BK, BN] (transposed rows, as the dot takes them), or
-    packed (``PACK`` > 1) [BN, BK / PACK] in memory order (:func:`.quant.load_packed_w` unpacks along k).
-    ``W_ALIGN``: every packed row starts on a multiple of this many elements (the launcher checked it), so
-    the loads can be 16-byte vectors even when the row stride is no multiple of 16 (gpt-oss int4: 360)."""
-    if PACK > 1:
-        row = _offset(offs_n, stride_wn, W_ALIGN)
-        ptrs = w_base + row[:, None] + tl.arange(0, BK // PACK)[None, :]
-    else:
-        ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + tl.arange(0, BK // PACK)[:, None]
-    return ptrs
-
-
-@triton.jit
 def w13_kernel(
     x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, counts_ptr, sorted_ptr,
     ids_ptr, map_ptr, sem_ptr, out_ptr,
@@ -361,18 +128,18 @@ def w13_kernel(
     half = 0  # SPLIT: 0 gate rows, 1 up rows
     if SPLIT:
         nbn1 = tl.cdiv(I, BN)
-        pid_m, pid_n = _pid_to_tile(pid, num_pid_m, 2 * nbn1, GROUP_M)
+        pid_m, pid_n = pid_to_tile(pid, num_pid_m, 2 * nbn1, GROUP_M)
         half = pid_n // nbn1
         pid_n = pid_n % nbn1
     else:
-        pid_m, pid_n = _pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
+        pid_m, pid_n = pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
-    loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
+    loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
                         SP, HAS_MAP, SKIP_ZERO, INLINE)
     if INLINE:
         if pid == 0:
-            _inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
-    e, valid, slot = _row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
+            inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
+    e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
     if e >= E_local:
         return
     if not INLINE:
@@ -382,9 +149,9 @@ def w13_kernel(
     nmask = offs_n < I
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
-    w_base = w1_ptr + _offset(e, stride_we, W_ALIGN)
-    g_ptrs = _w_ptrs(w_base, offs_n + half * I, stride_wn, BK, PACK, W_ALIGN)
-    u_ptrs = g_ptrs + _offset(I, stride_wn, W_ALIGN)
+    w_base = w1_ptr + row_offset(e, stride_we, W_ALIGN)
+    g_ptrs = w_ptrs(w_base, offs_n + half * I, stride_wn, BK, PACK, W_ALIGN)
+    u_ptrs = g_ptrs + row_offset(I, stride_wn, W_ALIGN)
     if ON_INPUT:
         w_in = tl.load(tw_ptr + tok * stride_twt, mask=valid, other=0.0).to(tl.float32)
     ws_g = x_ptr  # placeholders (unread) when not quantised
@@ -396,8 +163,8 @@ def w13_kernel(
         if QUANT <= FP8_ROW:
             xs_rows = xs_ptr + tok * stride_xst
     row_g = e * N1 + half * I + pid_n * BN
-    acc_g = _acc0(BM, BN, SWAP)
-    acc_u = _acc0(BM, BN, SWAP)
+    acc_g = acc0(BM, BN, SWAP)
+    acc_u = acc0(BM, BN, SWAP)
     sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
     su0 = 0
     if QUANT >= MXFP4:
@@ -412,16 +179,16 @@ def w13_kernel(
             su1 = su0
             if GATED and not SPLIT:
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
-        a = _load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
-        g = _load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
+        a = load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
+        g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
-        acc_g = _step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc_g = mma_step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
-            u = _load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
+            u = load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-            acc_u = _step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
+            acc_u = mma_step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
                           SWAP)
             u_ptrs += BK // PACK
         a_ptrs += BK
@@ -429,8 +196,8 @@ def w13_kernel(
         if QUANT >= MXFP4:
             sg0 = sg1
             su0 = su1
-    acc_g = _acc_out(acc_g, SWAP)
-    acc_u = _acc_out(acc_u, SWAP)
+    acc_g = acc_out(acc_g, SWAP)
+    acc_u = acc_out(acc_u, SWAP)
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n] (per tensor: S[e, shard])
         a_s = tl.load(xs_rows, mask=valid, other=0.0)[:, None]
         acc_g = acc_g * a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :]
@@ -512,11 +279,11 @@ def w2_kernel(
         tl.extra.cuda.gdc_wait()
         if SUM_PASS:
             tl.extra.cuda.gdc_launch_dependents()
-    pid_m, pid_n = _pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
+    pid_m, pid_n = pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
-    loc = _inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
+    loc = inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
                         SP, HAS_MAP, SKIP_ZERO, INLINE)
-    e, valid, slot = _row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
+    e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
     if e >= E_local:
         return
     if not INLINE:
@@ -526,8 +293,8 @@ def w2_kernel(
     nmask = offs_n < H
     offs_k = tl.arange(0, BK)
     a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_k[None, :]
-    w_base = w2_ptr + _offset(e, stride_we, W_ALIGN)
-    b_ptrs = _w_ptrs(w_base, offs_n, stride_wn, BK, PACK, W_ALIGN)
+    w_base = w2_ptr + row_offset(e, stride_we, W_ALIGN)
+    b_ptrs = w_ptrs(w_base, offs_n, stride_wn, BK, PACK, W_ALIGN)
     ws_row = inter_ptr  # placeholders (unread) when not quantised
     as_rows = inter_ptr
     if QUANT > 0:
@@ -535,7 +302,7 @@ def w2_kernel(
         if QUANT <= FP8_ROW:
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
-    acc = _acc0(BM, BN, SWAP)
+    acc = acc0(BM, BN, SWAP)
     s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
     if QUANT >= MXFP4:
         s0 = load_w_scales(ws_row, 0, I, nmask, QG, BK)
@@ -543,15 +310,15 @@ def w2_kernel(
         kmask = offs_k < I - k0
         if QUANT >= MXFP4:
             s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
-        a = _load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
-        b = _load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
+        a = load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
+        b = load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-        acc = _step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc = mma_step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK
         if QUANT >= MXFP4:
             s0 = s1
-    acc = _acc_out(acc, SWAP)
+    acc = acc_out(acc, SWAP)
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
         acc = acc * tl.load(as_rows, mask=valid, other=0.0)[:, None] * tl.load(ws_row, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
