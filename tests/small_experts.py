@@ -3,12 +3,25 @@ swapped tiles): the values only have to exercise every epilogue, so one generato
 
 import torch
 
+from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 E, K, H, I, T = 4, 2, 64, 96, 7  # I = 96: a partial 64-column block; T * K = 14 slots over 4 experts
 
 # (dtype, activation, bias): each gated epilogue once, fp32 (exact dots) and bf16, and a non-gated one
 EPILOGUES = [(torch.bfloat16, "silu", False), (torch.float32, "swigluoai", True), (torch.bfloat16, "gelu_tanh", True),
              (torch.bfloat16, "silu_post_clamp", False), (torch.bfloat16, "relu2", True)]
+
+# formats of the bit-for-bit config tests, with the w13 BN that exercises each: (format, BN)
+FORMATS = {
+    "fp8_block_fused_requant": (Fp8BlockFormat(64, 64), 64),  # BN = bk: re-quantised in the epilogue
+    "fp8_block_separate_requant": (Fp8BlockFormat(64, 64), 32),  # narrow tiles: a separate pass
+    "fp8_block_ue8m0": (Fp8BlockFormat(32, 32, ue8m0=True), 32),
+    "fp8_channel": (Fp8ChannelFormat(), 64),
+    "fp8_static": (Fp8ChannelFormat(per_tensor=True, static_input=True), 64),
+    "mxfp4": (Mxfp4Format(), 32),
+    "int4_g32": (Int4GroupFormat(32), 32),
+}
 
 
 def experts_problem(dtype, act, bias, seed=0, t=T, e=E, h=H, i=I, k=K):

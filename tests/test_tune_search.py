@@ -246,7 +246,7 @@ def test_progress_eta():
 
 
 def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
-    """``split_identical`` compares a ``w13_split`` config with the same config without the key."""
+    """``fused_identical`` compares a ``w13_split`` / ``sum_pass`` config with the same config without the key."""
     seen = []
 
     def call(pr, cfg):
@@ -254,13 +254,13 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
         return torch.full((2,), 1.0 + (0.5 if cfg.get("w13_split") and pr == "odd" else 0.0))
 
     cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), w13_split=True)
-    assert tune.split_identical(["even"], call, cfg)
-    assert not tune.split_identical(["even", "odd"], call, cfg)
+    assert tune.fused_identical(["even"], call, cfg)
+    assert not tune.fused_identical(["even", "odd"], call, cfg)
     assert any("w13_split" not in c for c in seen)
     # a sum-pass winner (either word) against the launcher's own choice: the same check
     seen.clear()
     off = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), sum_pass=False)
-    assert tune.split_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), off)
+    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), off)
     assert seen[-1] == {k: v for k, v in off.items() if k != "sum_pass"}
 
 

@@ -11,9 +11,8 @@ import torch
 pytest.importorskip("triton")
 
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
-from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
-from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
-from test_w13_split import FORMATS  # noqa: E402
+from moekit.ops.triton_experts import _freeze, _pad, fused_experts_impl, launch_plan  # noqa: E402
+from small_experts import DEV, EPILOGUES, FORMATS, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
 
 
 def _cfg(sum_pass=False, bn=64):
@@ -73,6 +72,9 @@ def test_default_by_slot_count(t, k, key, on):
     plan = launch_plan(t, H, I, 2 * I, E, E, k, torch.bfloat16, 0, True, False, False, False, False, None, False,
                        8192, 0, _freeze(cfg))
     assert plan.sum_pass == on and plan.w2_kw["SUM_PASS"] == on
+    # the fused sum's semaphores are zeroed (align, inline w13) and sized only when w2 sums in its tail
+    assert plan.align_kw["COMBINE"] == plan.w13_kw["COMBINE"] == (not on)
+    assert plan.i32_sizes[-1] == _pad(1 if on else t * plan.nbn)
 
 
 def test_top1_ignores_the_key():

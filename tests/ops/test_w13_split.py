@@ -11,11 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format  # noqa: E402
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
-from small_experts import DEV, EPILOGUES, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
+from small_experts import DEV, EPILOGUES, FORMATS, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
 
 def _cfg(bn=64, split=False):
     cfg = heuristic_config(T, E, H, I, K, torch.bfloat16, 4)
@@ -40,15 +39,6 @@ def test_unquantised_split_is_the_same_bits(dtype, act, bias):
     assert plan.grid13[0] == base.grid13[0] * (2 if plan.split else 1)
 
 
-FORMATS = {
-    "fp8_block_fused_requant": (Fp8BlockFormat(64, 64), 64),  # BN = bk: re-quantised in the epilogue
-    "fp8_block_separate_requant": (Fp8BlockFormat(64, 64), 32),  # narrow tiles: a separate pass
-    "fp8_block_ue8m0": (Fp8BlockFormat(32, 32, ue8m0=True), 32),
-    "fp8_channel": (Fp8ChannelFormat(), 64),
-    "fp8_static": (Fp8ChannelFormat(per_tensor=True, static_input=True), 64),
-    "mxfp4": (Mxfp4Format(), 32),
-    "int4_g32": (Int4GroupFormat(32), 32),
-}
 
 
 @pytest.mark.parametrize("name", list(FORMATS))

@@ -155,7 +155,7 @@ def same_bits(problems, call: Kernel, cfg: dict, *refs: dict) -> bool:
     return all(torch.equal(call(pr, cfg), call(pr, ref)) for pr in problems for ref in refs)
 
 
-def split_identical(problems, call: Kernel, cfg: dict) -> bool:
+def fused_identical(problems, call: Kernel, cfg: dict) -> bool:
     """A ``w13_split`` / ``sum_pass`` config equals the same tiles with the fused w13 and combine, bit for bit
     (the same dots and sums, so it must: such a winner may then sit in any bucket without breaking SPEC §9)."""
     return same_bits(problems, call, cfg, {k: v for k, v in cfg.items() if k not in ("w13_split", "sum_pass")})
@@ -248,7 +248,7 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
     ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
-          and (not (best.get("w13_split") or best.get("sum_pass")) or split_identical(problems, call, best))
+          and (not (best.get("w13_split") or best.get("sum_pass")) or fused_identical(problems, call, best))
           and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best, base)))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "

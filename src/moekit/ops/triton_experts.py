@@ -36,14 +36,11 @@ from .triton_configs import get_config
 
 #: upper bound on the scratch of one chunk (inter + combine buffers), bytes
 DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
-#: at most this many slots (T·K) per chunk use the single-launch align kernel. Its one program walks the
-#: slots in 1024-slot tiles, a memory round trip each, so its cost grows with T·K; count + scatter runs a
-#: program per tile. H200, Qwen3-30B-A3B (K = 8), µs single / count + scatter (+ a memset): 128 slots 4.2 /
-#: 5.3, 512: 6.3 / 7.2, 1024: 9.2 / 9.4, 2048: 16.4 / 9.4, 8192: 63.6 / 10.5 (the whole experts step 457
-#: -> 407 µs), 16384: 124 / 11.8 (benchmarks/kernel_profile.py --small-slots)
+#: at most this many slots (T·K) per chunk use the single-launch align kernel (one program walks all slots;
+#: count + scatter runs a program per tile). H200 µs single / count + scatter (+ memset), kernel_profile.py
+#: --small-slots: Qwen3 (E = 128) 128 slots 4.2 / 5.3, 1024: 9.2 / 9.4, 2048: 16.4 / 9.4, 8192: 63.6 / 10.5;
+#: Mixtral (E = 8: no atomic contention) 1024: 8.9 / 9.8, 2048: 15.9 / 9.8, 8192: 60.2 / 11.0
 SMALL_SLOTS = 1024
-#: Few experts change nothing: Mixtral (E = 8, K = 2) µs single / count + scatter: 1024 slots 8.9 / 9.8, 2048
-#: 15.9 / 9.8, 8192 60.2 / 11.0, GEMMs unchanged (round 7: 8 counters' per-slot atomics cost no contention).
 #: at most this many slots skip the align kernel: the GEMMs derive the layout in registers (decode).
 #: Measured on H100: a win at T·K <= 16 (Qwen3 T=1: 42.4 -> 40.6 µs), a loss at 64 (DeepSeek T=8:
 #: 1552 -> 1682 µs: every GEMM program redoes an [S, S] rank computation)
@@ -332,6 +329,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     combine = k > 1
     slots = t * k
     sum_pass = combine and (slots >= SUM_PASS_SLOTS if sum_pass is None else sum_pass)
+    sems = combine and not sum_pass  # the fused sum's (token, column block) semaphores: zeroed by align / inline w13
     nbn = triton.cdiv(h, int(c2["BN"]))
     num_pid_m = triton.cdiv(slots + min(slots, e_local) * (bm - 1), bm)
     rows = num_pid_m * bm
@@ -342,11 +340,11 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     inline = slots <= inline_slots
     align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
-    i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if combine else 1))
+    i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if sems else 1))
     part_rows = slots if combine else 1
     part_offset = _pad(rows * inter, 64)
     common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=has_map, SKIP_ZERO=skip_zero,
-                  COMBINE=combine, num_warps=4)
+                  COMBINE=sems, num_warps=4)
     bn13, bk13, bn2, bk2 = int(c13["BN"]), int(c13["BK"]), int(c2["BN"]), int(c2["BK"])
     small_elt = dtype != torch.float32
     dot_prec = "tf32" if small_elt else "ieee"
@@ -354,7 +352,8 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                   DOT_PREC=dot_prec, UPCAST=upcast, INLINE=inline, SP=sp)
     w13_kw = dict(shared, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), ACT=act_code, GATED=gated,
                   HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp, SPLIT=split,
-                  SWAP=bool(c13.get("SWAP", 0)), num_warps=int(c13["num_warps"]), num_stages=int(c13["num_stages"]))
+                  SWAP=bool(c13.get("SWAP", 0)), COMBINE=sems, num_warps=int(c13["num_warps"]),
+                  num_stages=int(c13["num_stages"]))
     w2_kw = dict(shared, BN=bn2, BK=bk2, GROUP_M=int(c2["GROUP_M"]), HAS_BIAS=has_b2, EVEN_K=inter % bk2 == 0,
                  SWAP=bool(c2.get("SWAP", 0)), SUM_PASS=sum_pass, num_warps=int(c2["num_warps"]),
                  num_stages=int(c2["num_stages"]))
@@ -392,7 +391,9 @@ def _major(device: torch.device) -> int:
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_capability_major = functools.lru_cache(maxsize=16)(lambda index: torch.cuda.get_device_capability(index)[0])
+@functools.lru_cache(maxsize=16)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _interpreting() -> bool:

@@ -18,7 +18,8 @@ exit at once. Padding rows of ``sorted_slot`` are never written: the GEMMs mask 
 Scratch per chunk: ``counts [E_local + 1] int32`` (the last entry is a ticket; zero it before
 :func:`count_kernel`), ``slot_loc [S]`` and ``slot_rank [S]`` int32, ``row_start [E_local]`` int32,
 ``tok_live [T]`` int32 (live slots per token). The count phase also zeroes the combine semaphores
-``sem [T, NBN]`` and the output rows of tokens with no live slot (nothing else writes them).
+``sem [T, NBN]`` (``COMBINE``: when w2 sums the top-k in its tail, not in a sum pass) and the output rows of
+tokens with no live slot.
 """
 
 from __future__ import annotations
