@@ -7,8 +7,8 @@ and config variant (one GPU; torch.profiler over ``--calls`` eager calls after a
 Variants (each applied to the lookup's config): ``base`` (as shipped), ``bm128`` (BLOCK_M 128, w13 BN 128 /
 w2 BN 256, 8 warps, 4 / 3 stages, TMA: the tile vLLM ships for Qwen3 at M >= 1024, in moekit's w13 BN
 that counts gate and up columns once), ``bm64w8`` (BLOCK_M 64 with 8-warp BN 128 tiles), or
-``json:<config>``; ``<variant>+sum`` adds ``"sum_pass"`` (the top-k sum after w2, in its own pass). ``--small-slots N`` moves the align's single-launch bound (0: always count +
-scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same
+``json:<config>``, a name from ``--patches`` (a patch merged into the lookup's config); suffixes set one switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false
+(the top-k sum after w2 in its own pass, or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count + scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same
 call for comparison) and each kernel's share. JSON rows go to ``--out``.
 """
 
@@ -30,10 +30,29 @@ from quant_probe import routing_sets, save_rows, shape_weights  # benchmarks/: t
 from swap_probe import FORMATS, quantise
 
 
+#: variant suffixes: the top-k sum in its own pass (or the fused one), PDL launches
+SUFFIXES = (("+sum", "sum_pass", True), ("-sum", "sum_pass", False), ("+pdl", "pdl", True))
+
+
+#: named patches from ``--patches`` (module docstring)
+PATCHES: dict[str, dict] = {}
+
+
+def patched(cfg: dict, patch: dict) -> dict:
+    """``cfg`` with ``patch`` merged in (its ``w13`` / ``w2`` dicts key by key)."""
+    out = {**cfg, **{k: v for k, v in patch.items() if k not in ("w13", "w2")}}
+    for part in ("w13", "w2"):
+        out[part] = {**cfg[part], **patch.get(part, {})}
+    return out
+
+
 def variant(cfg: dict, name: str) -> dict:
     """The config ``name`` (module docstring) derived from the lookup's ``cfg``."""
-    if name.endswith("+sum"):  # the same tiles with the top-k sum in its own pass
-        return dict(variant(cfg, name[:-4]), sum_pass=True)
+    if name in PATCHES:
+        return patched(cfg, PATCHES[name])
+    for suffix, key, value in SUFFIXES:  # the same tiles with one switch set
+        if name.endswith(suffix):
+            return dict(variant(cfg, name[: -len(suffix)]), **{key: value})
     if name == "base":
         return cfg
     if name.startswith("json:"):
@@ -72,12 +91,17 @@ def main(argv=None) -> int:
     ap.add_argument("--small-slots", type=int, default=None,
                     help="override triton_experts.SMALL_SLOTS (the single-launch align's bound) for this run")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--patches", default=None,
+                    help='JSON {name: patch}: variant "name" is the lookup\'s config with the patch merged in, '
+                         'e.g. {"w2s6": {"w2": {"num_stages": 6}}}')
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
     if a.small_slots is not None:
         from moekit.ops import triton_experts
 
         triton_experts.SMALL_SLOTS = a.small_slots
+    if a.patches:
+        PATCHES.update(json.loads(a.patches))
     rows, weights = [], {}
     vnames = a.variants.split(",") if not a.variants.startswith("json:") else [a.variants]
     for point in a.points.split(","):

@@ -246,7 +246,8 @@ def test_progress_eta():
 
 
 def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
-    """``fused_identical`` compares a ``w13_split`` / ``sum_pass`` config with the same config without the key."""
+    """``fused_identical`` compares a ``w13_split`` config with the same config without the key, and a stated
+    ``sum_pass`` with the same config with the other word."""
     seen = []
 
     def call(pr, cfg):
@@ -257,11 +258,13 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     assert tune.fused_identical(["even"], call, cfg)
     assert not tune.fused_identical(["even", "odd"], call, cfg)
     assert any("w13_split" not in c for c in seen)
-    # a sum-pass winner (either word) against the launcher's own choice: the same check
+    # a sum-pass winner (either word) against the other path, never against itself
     seen.clear()
     off = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), sum_pass=False)
     assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), off)
-    assert seen[-1] == {k: v for k, v in off.items() if k != "sum_pass"}
+    assert seen[-1] == {**off, "sum_pass": True}
+    on = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4), sum_pass=True)
+    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["sum_pass"] else 1.0), on)
 
 
 def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("triton")
 
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
-from moekit.ops.triton_experts import _freeze, _pad, fused_experts_impl, launch_plan  # noqa: E402
+from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
+from moekit.ops.triton_plan import _freeze, _pad, launch_plan  # noqa: E402
 from small_experts import DEV, EPILOGUES, FORMATS, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def test_dead_slots_and_dead_tokens(monkeypatch, inline, small):
     (2, 2, True, True),
 ])
 def test_default_by_slot_count(t, k, key, on):
-    from moekit.ops.triton_experts import SUM_PASS_SLOTS
+    from moekit.ops.triton_plan import SUM_PASS_SLOTS
 
     assert SUM_PASS_SLOTS == 64
     cfg = {kk: v for kk, v in _cfg().items() if kk != "sum_pass"}

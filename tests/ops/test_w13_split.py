@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 from moekit.ops.triton_configs import heuristic_config  # noqa: E402
-from moekit.ops.triton_experts import _freeze, fused_experts_impl, launch_plan  # noqa: E402
+from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
+from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
 from small_experts import DEV, EPILOGUES, FORMATS, E, H, I, K, T, experts_problem, quantised_same_bits  # noqa: E402
 

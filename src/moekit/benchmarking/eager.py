@@ -20,6 +20,7 @@ Rows join ``moekit bench``'s JSON (``impl`` above, ``host_us`` added).
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -36,18 +37,27 @@ def time_host(fn, inputs, calls: int = 100, warmup: int = 5, repeats: int = 5) -
     """Host µs per call: the median over ``repeats`` blocks of ``calls`` calls of ``fn(*inputs[i % R])``
     enqueued back to back (no synchronisation inside a block), timed with ``perf_counter``; one
     synchronisation after each block. (One block varied by ±20 µs per call between runs on the H200 host;
-    the median of blocks is what the targets are read against.)"""
+    the median of blocks is what the targets are read against.) Python's garbage collector is collected
+    before and paused inside the blocks, as ``timeit`` does by default: a full collection landing in one
+    block is the heap's cost (a benchmark building 20 GB of weights first leaves a large one), not the call's."""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()
     per_call = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(calls):
-            fn(*inputs[i % len(inputs)])
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        per_call.append((t1 - t0) / calls * 1e6)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(calls):
+                fn(*inputs[i % len(inputs)])
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            per_call.append((t1 - t0) / calls * 1e6)
+    finally:
+        if was_enabled:
+            gc.enable()
     return statistics.median(per_call)
 
 

@@ -50,6 +50,7 @@ from ..ops.activation import is_gated
 from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
 from .shapes import ModelShape
 from .timer import time_graph
+from .tune_checks import SWITCHES, fused_identical, pdl_identical, same_output, swap_identical
 from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 from .tune_tables import bucket_order, config_in_use, fill_missing, merge_entries
 
@@ -137,69 +138,6 @@ def precompile(problem, call: Kernel, cfgs, log) -> None:
     log(f"  compiled {len(cfgs)} configs in {time.time() - t0:.1f} s")
 
 
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative RMS difference (inf when ``got`` is not finite)."""
-    got, ref = got.float(), ref.float()
-    if not bool(torch.isfinite(got).all()):
-        return float("inf")
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def same_output(problems, call: Kernel, cfg: dict, ref_cfg: dict, tol: float) -> bool:
-    """``cfg`` computes what ``ref_cfg`` does: finite, relative RMS difference < ``tol`` on every problem."""
-    return all(rel_rms(call(pr, cfg), call(pr, ref_cfg)) < tol for pr in problems)
-
-
-def same_bits(problems, call: Kernel, cfg: dict, *refs: dict) -> bool:
-    """``cfg``'s output equals every ``refs`` config's bit for bit on every problem."""
-    return all(torch.equal(call(pr, cfg), call(pr, ref)) for pr in problems for ref in refs)
-
-
-def fused_identical(problems, call: Kernel, cfg: dict) -> bool:
-    """A ``w13_split`` / ``sum_pass`` config equals the same tiles with the fused w13 and combine, bit for bit
-    (the same dots and sums, so it must: such a winner may then sit in any bucket without breaking SPEC §9)."""
-    return same_bits(problems, call, cfg, {k: v for k, v in cfg.items() if k not in ("w13_split", "sum_pass")})
-
-
-def unswapped(cfg: dict) -> dict:
-    """``cfg`` without ``SWAP`` in its kernel dicts, at BLOCK_M >= 64 (the fp8 unswapped wgmma rows)."""
-    out = {**cfg, "BLOCK_M": max(64, int(cfg["BLOCK_M"]))}
-    for part in ("w13", "w2"):
-        out[part] = {k: v for k, v in cfg[part].items() if k != "SWAP"}
-    return out
-
-
-def swap_identical(problems, call: Kernel, cfg: dict, base: dict | None = None) -> bool:
-    """A swapped config (``"SWAP"`` in a kernel dict) equals, bit for bit, the same tiles unswapped (at
-    BLOCK_M >= 64: wgmma over token rows) and ``base``, the bucket's config in use (e.g. a 16-row
-    ``mma.sync`` decode tile): the condition for a swapped bucket beside unswapped ones (SPEC §9). Measured
-    true for fp8 and bf16 on the H200, and for mxfp4 / int4 since round 5's k-order barrier (false before:
-    ``benchmarks/swap_probe.py``), so this is checked, not assumed."""
-    return same_bits(problems, call, cfg, unswapped(cfg), *([base] if base is not None else []))
-
-
-def pdl_identical(problems, call: Kernel, cfg: dict) -> bool:
-    """A PDL config equals the same tiles without PDL, bit for bit, eagerly and under CUDA-graph replay."""
-    plain = {k: v for k, v in cfg.items() if k != "pdl"}
-    want = [call(pr, plain) for pr in problems]
-    ok = all(torch.equal(call(pr, cfg), w) for pr, w in zip(problems, want))
-    outs = [None] * len(problems)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        call(problems[0], cfg)
-        with torch.cuda.graph(graph, stream=stream):
-            for j, pr in enumerate(problems):
-                outs[j] = call(pr, cfg)
-    torch.cuda.synchronize()
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        ok &= all(torch.equal(o, w) for o, w in zip(outs, want))
-    return bool(ok)
-
-
 def confirm(time_fn, base: dict, best: dict, rounds: int = 3) -> tuple[float, float]:
     """(base µs, best µs): medians of ``rounds`` alternating re-timings (drift hits both alike)."""
     times = {"base": [], "best": []}
@@ -248,7 +186,7 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
     ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
-          and (not (best.get("w13_split") or best.get("sum_pass")) or fused_identical(problems, call, best))
+          and (not any(best.get(k) is not None for k in SWITCHES) or fused_identical(problems, call, best))
           and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best, base)))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "

@@ -11,7 +11,7 @@ A config is a dict::
 Optional keys besides: ``"fp8_acc"`` (fp8 dot instruction, one value per shape), ``"w13_split"`` (one
 accumulator per w13 program, then an epilogue pass; the same bits), ``"sum_pass"`` (true / false: the top-k sum
 in its own pass after w2, or fused into w2's tail; the same bits; absent: by the slot count,
-:data:`moekit.ops.triton_experts.SUM_PASS_SLOTS`), and per GEMM ``"SWAP": 1`` (the weight
+:data:`moekit.ops.triton_plan.SUM_PASS_SLOTS`), and per GEMM ``"SWAP": 1`` (the weight
 tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles`).
 
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
