@@ -7,9 +7,11 @@ and config variant (one GPU; torch.profiler over ``--calls`` eager calls after a
 Variants (each applied to the lookup's config): ``base`` (as shipped), ``bm128`` (BLOCK_M 128, w13 BN 128 /
 w2 BN 256, 8 warps, 4 / 3 stages, TMA: the tile vLLM ships for Qwen3 at M >= 1024, in moekit's w13 BN
 that counts gate and up columns once), ``bm64w8`` (BLOCK_M 64 with 8-warp BN 128 tiles), or
-``json:<config>``, a name from ``--patches`` (a patch merged into the lookup's config); suffixes set one switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false
-(the top-k sum after w2 in its own pass, or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count + scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same
-call for comparison) and each kernel's share. JSON rows go to ``--out``.
+``json:<config>``, or a name from ``--patches`` (that patch merged into the lookup's config); suffixes set one
+switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false (the top-k sum after w2 in its own pass,
+or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
+scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
+comparison) and each kernel's share. JSON rows go to ``--out``.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ def time_host(fn, inputs, calls: int = 100, warmup: int = 5, repeats: int = 5) -
     """Host µs per call: the median over ``repeats`` blocks of ``calls`` calls of ``fn(*inputs[i % R])``
     enqueued back to back (no synchronisation inside a block), timed with ``perf_counter``; one
     synchronisation after each block. (One block varied by ±20 µs per call between runs on the H200 host;
-    the median of blocks is what the targets are read against.) Python's garbage collector is collected
-    before and paused inside the blocks, as ``timeit`` does by default: a full collection landing in one
-    block is the heap's cost (a benchmark building 20 GB of weights first leaves a large one), not the call's."""
+    the median of blocks is what the targets are read against.) Python's garbage collector runs once before
+    and is paused inside the blocks, as ``timeit`` does by default: a collection landing in one block
+    measures the process's heap, not the call."""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()

@@ -9,7 +9,8 @@ Pipeline per chunk of tokens (no host synchronisation anywhere: CUDA-graph captu
              -> counts [E_local], sorted_slot [rows] (per-expert blocks of BLOCK_M rows, padded)
     w13 GEMM -> inter [rows, I] = act(x[tok] · w13[e]ᵀ + b13[e])   (input dtype)
     w2 GEMM  -> out [T, H]: weighted, top-k summed in slot order (deterministic): in the GEMM's tail, or
-             by a sum pass over the stored slot rows (T·K >= SUM_PASS_SLOTS or config "sum_pass": same bits)
+             by a sum pass over the stored slot rows (T·K >= triton_plan.SUM_PASS_SLOTS, or config "sum_pass";
+             the same bits)
 
 Same semantics and output as :func:`~moekit.ops.experts.experts_reference` within the SPEC
 tolerances; precision notes in :mod:`moekit.ops._triton.grouped_gemm`. Tokens run in chunks so that
