@@ -10,7 +10,9 @@ three experts paths:
 - ``moekit_switch``: ``experts_implementation="moekit"`` (transformers' router, moekit experts);
 - ``patched``: :func:`moekit.integrations.transformers.patch` (moekit router + experts + shared).
 
-It also records the largest relative logit difference of each moekit path against grouped_mm.
+It also records the largest relative logit difference of each moekit path against grouped_mm, and for the
+block, calls enqueued back to back: the host's enqueue ms per call and the wall ms per call until the last
+finished (``moe_block_host_ms``, ``moe_block_stream_ms``).
 
     PYTHONPATH=src python benchmarks/bench_transformers.py [--out FILE] [--tiny]
 
@@ -91,12 +93,33 @@ def _bench_variant(model, name, device, hidden, vocab, shapes, results, ref_logi
                 diff = None
             full = time_events(lambda: model(input_ids=ids, use_cache=False), iters, warmup=3, device=device)
             moe = time_events(lambda: block(x), iters, warmup=3, device=device)
+            host, stream = _back_to_back(lambda: block(x), iters, device)
             graph = _graph_ms(block, x, device)
         out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4), moe_block_graph_ms=graph,
+                               moe_block_host_ms=round(host, 4), moe_block_stream_ms=round(stream, 4),
                                max_rel_logit_diff_vs_grouped_mm=diff)
         if name == "grouped_mm":
             results.setdefault("_ref", {})[f"{b}x{s}"] = logits.float()
     return out
+
+
+def _back_to_back(fn, iters: int, device) -> tuple[float, float]:
+    """(host ms per call, wall ms per call) of ``iters`` eager calls enqueued back to back: the host's enqueue
+    time (no synchronisation inside), and the time until the last call finished (what a model loop sees:
+    about max(host, GPU) per call). ``moe_block_ms`` times one call alone, from an idle GPU, so it also holds
+    the host time spent before the call's large kernels are enqueued."""
+    cuda = device.type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / iters * 1e3, (t2 - t0) / iters * 1e3
 
 
 def _graph_ms(block, x, device):
@@ -121,7 +144,10 @@ def speedups(res: dict) -> list[str]:
             eager = base["moe_block_ms"] / row["moe_block_ms"]
             g0, g1 = base.get("moe_block_graph_ms"), row.get("moe_block_graph_ms")
             graph = f"{g0 / g1:6.2f}x" if isinstance(g0, float) and isinstance(g1, float) else "   n/a"
-            lines.append(f"{name:13s} {key:7s} MoE block vs grouped_mm: eager {eager:6.2f}x  graph {graph}")
+            s0, s1 = base.get("moe_block_stream_ms"), row.get("moe_block_stream_ms")
+            stream = f"{s0 / s1:6.2f}x" if s0 and s1 else "   n/a"
+            lines.append(f"{name:13s} {key:7s} MoE block vs grouped_mm: eager {eager:6.2f}x  back to back {stream}  "
+                         f"graph {graph}  (host {row.get('moe_block_host_ms')} ms per call)")
     return lines
 
 
