@@ -33,6 +33,7 @@ import traceback
 import torch
 
 from moekit.benchmarking import ModelShape, get_shape, time_events, time_graph
+from moekit.benchmarking.eager import back_to_back
 
 SHAPES = [(1, 1), (8, 1), (64, 1), (1, 1024), (1, 2048)]  # batch x seq: T <= 64 and T >= 1024 (issue #11 targets)
 
@@ -93,7 +94,10 @@ def _bench_variant(model, name, device, hidden, vocab, shapes, results, ref_logi
                 diff = None
             full = time_events(lambda: model(input_ids=ids, use_cache=False), iters, warmup=3, device=device)
             moe = time_events(lambda: block(x), iters, warmup=3, device=device)
-            host, stream = _back_to_back(lambda: block(x), iters, device)
+            block(x)  # back to back from a drained stream
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            host, stream = (v / 1e3 for v in back_to_back(lambda: block(x), [()], iters, device.type == "cuda"))
             graph = _graph_ms(block, x, device)
         out[f"{b}x{s}"] = dict(model_ms=round(full, 4), moe_block_ms=round(moe, 4), moe_block_graph_ms=graph,
                                moe_block_host_ms=round(host, 4), moe_block_stream_ms=round(stream, 4),
@@ -101,25 +105,6 @@ def _bench_variant(model, name, device, hidden, vocab, shapes, results, ref_logi
         if name == "grouped_mm":
             results.setdefault("_ref", {})[f"{b}x{s}"] = logits.float()
     return out
-
-
-def _back_to_back(fn, iters: int, device) -> tuple[float, float]:
-    """(host ms per call, wall ms per call) of ``iters`` eager calls enqueued back to back: the host's enqueue
-    time (no synchronisation inside), and the time until the last call finished (what a model loop sees:
-    about max(host, GPU) per call). ``moe_block_ms`` times one call alone, from an idle GPU, so it also holds
-    the host time spent before the call's large kernels are enqueued."""
-    cuda = device.type == "cuda"
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    if cuda:
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return (t1 - t0) / iters * 1e3, (t2 - t0) / iters * 1e3
 
 
 def _graph_ms(block, x, device):

@@ -102,21 +102,13 @@ def _make(fmt, t, e, k, h, i, act, bias, dtype=torch.bfloat16):
     return x, w13, w2, w, ids, spec, s13, s2, s_in, b1, b2
 
 
-def patched(cfg: dict, patch: dict | None) -> dict:
-    """``cfg`` with ``patch`` merged in (top-level keys replaced; the ``w13`` / ``w2`` dicts updated)."""
-    out = dict(cfg)
-    for key, val in (patch or {}).items():
-        out[key] = {**out[key], **val} if key in ("w13", "w2") else val
-    return out
-
-
 def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None):
     """[(kernel, args, kwargs)] of one call of the quantised launcher (heuristic H200 config, or ``config``;
     then ``patch``, e.g. ``{"BLOCK_M": 16, "w13": {"SWAP": 1}}``)."""
     e, k, h, i, act, bias = SHAPES[shape] if isinstance(shape, str) else shape
     x, w13, w2, w, ids, spec, s13, s2, (si13, si2), b1, b2 = _make(fmt, t, e, k, h, i, act, bias, dtype)
     cfg = config or tc.heuristic_config(t, e, h, i, k, dtype, 132, quant=spec.key if spec is not None else None)
-    cfg = patched(cfg, patch)
+    cfg = tc.merge_config(cfg, patch)
     seen = []
     kernels = {}
     from moekit.ops._triton import align, combine, grouped_gemm, quant

@@ -18,15 +18,12 @@
 #   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 (bits and speed per variant)
 #   benchmarks/h200_session.sh OUT decode    # sum-pass bits (PDL incl.), µs per kernel of bf16 / fp8 decode,
 #                                            # eager host rows, bench_transformers.py (~560 s)
-#   benchmarks/h200_session.sh OUT probe     # tile probes (kernel_profile --patches): fp8 decode w2 stages / BN,
-#                                            # w13 BN 128; Mixtral bf16 T = 1024; DeepSeek-V3 fp8 T = 16384 (~550 s)
-#   benchmarks/h200_session.sh OUT probe2    # shipped fp8 tables' invariance, then the same probes at 8 <= T <= 64
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|probe|probe2}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|probe|probe2}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -106,33 +103,7 @@ case $WHAT in
     step eager 160 python -m moekit bench --eager-only --out "$OUT"
     step transformers 160 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
     ;;
-  probe)
-    PF='{"w2s6": {"w2": {"num_stages": 6}}, "w2s8": {"w2": {"num_stages": 8}}, "w2n128": {"w2": {"BN": 128, "num_warps": 8}},
-         "w13n128": {"w13": {"BN": 128, "num_warps": 8}}, "w13n128w2s6": {"w13": {"BN": 128, "num_warps": 8}, "w2": {"num_stages": 6}}}'
-    P=deepseek-v3:1,qwen3-30b-a3b:1,mixtral-8x7b:1,gpt-oss-120b:1,deepseek-v3:8,gpt-oss-120b:8
-    step probe-fp8-decode 300 python benchmarks/kernel_profile.py --formats fp8 --patches "$PF" \
-      --variants base,w2s6,w2s8,w2n128,w13n128,w13n128w2s6 --points "$P" --calls 10 --out "$OUT/probe-fp8-decode.json"
-    PB='{"bm64a": {"BLOCK_M": 64, "w13": {"BN": 128, "num_warps": 8, "num_stages": 4}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}},
-         "bm64b": {"BLOCK_M": 64, "w13": {"BN": 128, "num_warps": 4, "num_stages": 4}, "w2": {"BN": 128, "num_warps": 4, "num_stages": 4}},
-         "bm64c": {"BLOCK_M": 64, "w13": {"BN": 64, "num_warps": 4, "num_stages": 5}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 3}},
-         "w2n256": {"w2": {"BN": 256}}}'
-    step probe-mixtral-bf16 150 python benchmarks/kernel_profile.py --formats bf16 --patches "$PB" \
-      --variants base,bm64a,bm64b,bm64c,w2n256,bm64w8 --points mixtral-8x7b:1024 --calls 10 --out "$OUT/probe-mixtral.json"
-    PD='{"vl": {"w13": {"num_stages": 3, "GROUP_M": 32}, "w2": {"num_stages": 3, "GROUP_M": 32}},
-         "w8": {"BLOCK_M": 128, "w13": {"num_warps": 8}, "w2": {"num_warps": 8}}}'
-    step probe-ds-fp8 100 python benchmarks/kernel_profile.py --formats fp8 --patches "$PD" \
-      --variants base,vl,w8 --points deepseek-v3:16384 --calls 5 --out "$OUT/probe-ds-fp8.json"
-    ;;
-  probe2)
-    step gpu-inv-fp8 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
-      -k "shipped_fp8"
-    PF='{"w2s6": {"w2": {"num_stages": 6}}, "w13n128": {"w13": {"BN": 128, "num_warps": 8}},
-         "w13n128w2s6": {"w13": {"BN": 128, "num_warps": 8}, "w2": {"num_stages": 6}}}'
-    P=mixtral-8x7b:8,mixtral-8x7b:64,qwen3-30b-a3b:8,qwen3-30b-a3b:64,gpt-oss-120b:64,deepseek-v3:64
-    step probe-fp8-mid 250 python benchmarks/kernel_profile.py --formats fp8 --patches "$PF" \
-      --variants base,w2s6,w13n128,w13n128w2s6 --points "$P" --calls 10 --out "$OUT/probe-fp8-mid.json"
-    ;;
-  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode probe probe2)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)

@@ -26,7 +26,7 @@ import torch
 from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
 from moekit.ops import triton_experts_quant as tq
-from moekit.ops.triton_configs import get_config
+from moekit.ops.triton_configs import get_config, merge_config
 from moekit.ops.triton_experts import fused_experts_impl
 from quant_probe import routing_sets, save_rows, shape_weights  # benchmarks/: the script's own folder
 from swap_probe import FORMATS, quantise
@@ -40,18 +40,10 @@ SUFFIXES = (("+sum", "sum_pass", True), ("-sum", "sum_pass", False), ("+pdl", "p
 PATCHES: dict[str, dict] = {}
 
 
-def patched(cfg: dict, patch: dict) -> dict:
-    """``cfg`` with ``patch`` merged in (its ``w13`` / ``w2`` dicts key by key)."""
-    out = {**cfg, **{k: v for k, v in patch.items() if k not in ("w13", "w2")}}
-    for part in ("w13", "w2"):
-        out[part] = {**cfg[part], **patch.get(part, {})}
-    return out
-
-
 def variant(cfg: dict, name: str) -> dict:
     """The config ``name`` (module docstring) derived from the lookup's ``cfg``."""
     if name in PATCHES:
-        return patched(cfg, PATCHES[name])
+        return merge_config(cfg, PATCHES[name])
     for suffix, key, value in SUFFIXES:  # the same tiles with one switch set
         if name.endswith(suffix):
             return dict(variant(cfg, name[: -len(suffix)]), **{key: value})

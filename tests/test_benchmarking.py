@@ -124,10 +124,29 @@ def test_time_host_is_a_median_of_blocks(monkeypatch):
 
     syncs, seen = [], []
     monkeypatch.setattr(eager.torch.cuda, "synchronize", lambda: syncs.append(1))
-    # block k lasts (k + 1) * 100 µs per 10 calls: per-call 10, 20, 30, 40, 50 µs -> median 30
-    times = iter([0.0, 1e-4, 1.0, 1.0 + 2e-4, 2.0, 2.0 + 3e-4, 3.0, 3.0 + 4e-4, 4.0, 4.0 + 5e-4])
+    # block k's calls are enqueued in (k + 1) * 100 µs per 10 calls: per-call 10, 20, 30, 40, 50 µs -> median 30
+    # (each block reads the clock before, after the calls and after its synchronisation: back_to_back)
+    times = iter([v for k in range(5) for v in (float(k), k + (k + 1) * 1e-4, k + 0.5)])
     monkeypatch.setattr(eager.time, "perf_counter", lambda: next(times))
     got = eager.time_host(lambda a: seen.append(a), [(1,), (2,)], calls=10, warmup=3, repeats=5)
     assert abs(got - 30.0) < 1e-6
     assert len(seen) == 3 + 5 * 10 and seen[:5] == [1, 2, 1, 1, 2]  # warm-up 3, then blocks from input 0
     assert len(syncs) == 1 + 5
+
+
+def test_back_to_back_host_and_wall(monkeypatch):
+    """``back_to_back``: host µs per call up to the last enqueue, wall µs per call up to the synchronisation
+    after it (skipped when ``cuda`` is False); the garbage collector is back on afterwards."""
+    import gc
+
+    from moekit.benchmarking import eager
+
+    syncs = []
+    monkeypatch.setattr(eager.torch.cuda, "synchronize", lambda: syncs.append(1))
+    times = iter([0.0, 4e-4, 1e-3])  # 4 calls: enqueued in 400 µs, finished after 1000 µs
+    monkeypatch.setattr(eager.time, "perf_counter", lambda: next(times))
+    host, wall = eager.back_to_back(lambda: None, [()], 4)
+    assert (round(host, 6), round(wall, 6), syncs) == (100.0, 250.0, [1]) and gc.isenabled()
+    times = iter([0.0, 4e-4, 4e-4])
+    monkeypatch.setattr(eager.time, "perf_counter", lambda: next(times))
+    assert eager.back_to_back(lambda: None, [()], 4, cuda=False) == (100.0, 100.0) and syncs == [1]  # no sync

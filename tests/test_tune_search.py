@@ -263,6 +263,8 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     off = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), sum_pass=False)
     assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), off)
     assert seen[-1] == {**off, "sum_pass": True}
+    # neither switch stated: nothing to compare, no call
+    assert tune.fused_identical(["odd"], lambda pr, c: 1 / 0, _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3)))
     on = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4), sum_pass=True)
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["sum_pass"] else 1.0), on)
 

@@ -33,32 +33,38 @@ from .timer import time_graph
 EAGER_TOKENS = (1, 8, 64)
 
 
-def time_host(fn, inputs, calls: int = 100, warmup: int = 5, repeats: int = 5) -> float:
-    """Host µs per call: the median over ``repeats`` blocks of ``calls`` calls of ``fn(*inputs[i % R])``
-    enqueued back to back (no synchronisation inside a block), timed with ``perf_counter``; one
-    synchronisation after each block. (One block varied by ±20 µs per call between runs on the H200 host;
-    the median of blocks is what the targets are read against.) Python's garbage collector runs once before
-    and is paused inside the blocks, as ``timeit`` does by default: a collection landing in one block
-    measures the process's heap, not the call."""
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    per_call = []
+def back_to_back(fn, inputs, calls: int, cuda: bool = True) -> tuple[float, float]:
+    """(host µs, wall µs) per call of ``calls`` calls of ``fn(*inputs[i % R])`` enqueued back to back: the
+    host's enqueue time (``perf_counter``, no synchronisation inside), and the time until the last call has
+    finished (one synchronisation at the end when ``cuda``: about max(host, GPU) per call, what a model loop
+    sees). The caller synchronises before. Python's garbage collector runs once before and is paused during
+    the calls, as ``timeit`` does by default: a collection landing in the timed calls measures the process's
+    heap, not the call."""
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(calls):
-                fn(*inputs[i % len(inputs)])
-            t1 = time.perf_counter()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+        t1 = time.perf_counter()
+        if cuda:
             torch.cuda.synchronize()
-            per_call.append((t1 - t0) / calls * 1e6)
+        t2 = time.perf_counter()
     finally:
         if was_enabled:
             gc.enable()
-    return statistics.median(per_call)
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+
+
+def time_host(fn, inputs, calls: int = 100, warmup: int = 5, repeats: int = 5) -> float:
+    """Host µs per call: the median over ``repeats`` blocks of :func:`back_to_back` (``calls`` calls of
+    ``fn(*inputs[i % R])`` enqueued back to back, one synchronisation after each block). (One block varied by
+    ±20 µs per call between runs on the H200 host; the median of blocks is what the targets are read against.)"""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    return statistics.median(back_to_back(fn, inputs, calls)[0] for _ in range(repeats))
 
 
 def eager_calls(m: ModelShape, layer, plain, t: int, dtype, device, rotations: int = 4):

@@ -50,7 +50,7 @@ from ..ops.activation import is_gated
 from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
 from .shapes import ModelShape
 from .timer import time_graph
-from .tune_checks import SWITCHES, fused_identical, pdl_identical, same_output, swap_identical
+from .tune_checks import fused_identical, pdl_identical, same_output, swap_identical
 from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 from .tune_tables import bucket_order, config_in_use, fill_missing, merge_entries
 
@@ -186,7 +186,7 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
     ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
-          and (not any(best.get(k) is not None for k in SWITCHES) or fused_identical(problems, call, best))
+          and fused_identical(problems, call, best)
           and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best, base)))
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "

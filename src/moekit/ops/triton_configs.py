@@ -124,6 +124,15 @@ def nearest_bucket(table: dict, num_tokens: int) -> dict | None:
     return table[best]
 
 
+def merge_config(cfg: dict, patch: dict | None) -> dict:
+    """A new config: ``cfg`` with ``patch`` merged in (top-level keys replaced, the ``w13`` / ``w2`` kernel dicts
+    updated key by key), e.g. ``{"BLOCK_M": 16, "w13": {"SWAP": 1}}``; ``cfg`` is not mutated."""
+    out = dict(cfg)
+    for key, val in (patch or {}).items():
+        out[key] = {**out[key], **val} if key in ("w13", "w2") else val
+    return out
+
+
 def clear_config_cache() -> None:
     """Forget every file read and config looked up (after a config file changed in this process)."""
     load_config_file.cache_clear()
