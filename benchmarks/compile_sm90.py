@@ -66,8 +66,52 @@ def compile_launch(fn: JITFunction, args, kwargs):
     kwargs.pop("launch_pdl", None)
     bound, spec, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-    src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its source sets the module's layout attributes
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn, signature, constexprs, attrs)
+    else:
+        src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=TARGET, options=options.__dict__)
+
+
+def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int = 4,
+                 bias: bool = False, on_input: bool = False):
+    """The Gluon fp8 block w2 (:mod:`moekit.ops._gluon.fp8_w2`) compiled for sm_90 on CPU tensors (never
+    touched): the ``CompiledKernel``."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from moekit.ops._gluon.fp8_w2 import fp8_w2_sum_kernel
+
+    f8, rows, t, k, bk = torch.float8_e4m3fn, 64 * bm, 512, 8, 128
+    inter, w2 = torch.empty(rows, i, dtype=f8), torch.empty(e, h, i, dtype=f8)
+    lay = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.float8e4nv)  # noqa: E731
+    a_desc = TensorDescriptor.from_tensor(inter, [bm, bk], lay([bm, bk]))
+    w_desc = TensorDescriptor.from_tensor(w2.view(-1, i), [bn, bk], lay([bn, bk]))
+    a_s, w_s = torch.empty(rows, -(-i // bk)), torch.empty(e, -(-h // 128), -(-i // bk))
+    tw, part = torch.empty(t, k), torch.empty(t * k, h)
+    ints = torch.empty(rows, dtype=torch.int32)
+    b2 = torch.empty(e, h, dtype=torch.bfloat16)
+    args = (a_desc, w_desc, a_s, w_s, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn),
+            a_s.stride(0), w_s.stride(0), w_s.stride(1), b2.stride(0), tw.stride(0), part.stride(0))
+    kw = dict(BM=bm, BN=bn, BK=bk, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
+              HAS_BIAS=bias, ON_INPUT=on_input, num_warps=bm // 16)
+    return compile_launch(fp8_w2_sum_kernel, args, kw)
+
+
+def ptxas_report(ptx: str, tmp: Path) -> str:
+    """``ptxas -v`` on ``ptx`` for sm_90a (Triton's own ptxas): registers, spills and the C7514 warning (wgmma
+    serialised because other instructions touch an in-flight accumulator)."""
+    import subprocess
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    src = tmp / "k.ptx"
+    src.write_text(ptx)
+    res = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o", str(tmp / "k.cubin")],
+                         capture_output=True, text=True)
+    return res.stdout + res.stderr
 
 
 def _make(fmt, t, e, k, h, i, act, bias, dtype=torch.bfloat16):

@@ -18,12 +18,13 @@
 #   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 (bits and speed per variant)
 #   benchmarks/h200_session.sh OUT decode    # sum-pass bits (PDL incl.), µs per kernel of bf16 / fp8 decode,
 #                                            # eager host rows, bench_transformers.py (~560 s)
+#   benchmarks/h200_session.sh OUT gluon     # the Gluon fp8 w2: its GPU bit tests, µs per kernel vs the Triton w2
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -103,7 +104,14 @@ case $WHAT in
     step eager 160 python -m moekit bench --eager-only --out "$OUT"
     step transformers 160 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
     ;;
-  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode)"; exit 2 ;;
+  gluon)
+    step gpu-gluon 150 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_gluon_fp8_w2.py
+    P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:16384,gpt-oss-120b:4096,mixtral-8x7b:16384,mixtral-8x7b:4096
+    P=$P,qwen3-30b-a3b:16384,qwen3-30b-a3b:4096,deepseek-v3:1024,qwen3-30b-a3b:1024
+    step profile-gluon 330 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --variants base,gl \
+      --patches '{"gl": {"w2": {"gluon": 1}}}' --calls 5 --out "$OUT/profile-gluon.json"
+    ;;
+  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)

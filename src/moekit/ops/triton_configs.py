@@ -12,7 +12,9 @@ Optional keys besides: ``"fp8_acc"`` (fp8 dot instruction, one value per shape),
 accumulator per w13 program, then an epilogue pass; the same bits), ``"sum_pass"`` (true / false: the top-k sum
 in its own pass after w2, or fused into w2's tail; the same bits; absent: by the slot count,
 :data:`moekit.ops.triton_plan.SUM_PASS_SLOTS`), and per GEMM ``"SWAP": 1`` (the weight
-tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles`).
+tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles`); ``"w2": {"gluon": 1}`` (fp8
+block weights with the sum pass on sm_90: the Gluon w2 of :mod:`moekit.ops._gluon.fp8_w2`, the same bits with
+the scale promotion overlapped; see :func:`moekit.ops.gluon_experts.fp8_w2_ok`).
 
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
 ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with

@@ -30,6 +30,7 @@ import triton
 from triton import knobs
 
 from ._eager import direct_call_ok
+from . import gluon_experts
 from ._triton import align, combine as combine_k, grouped_gemm
 from .activation import effective_limit, get_activation
 from .triton_configs import get_config
@@ -234,6 +235,22 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if q is not None:
         q.after_w13(inter_buf, _interpreting(), launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
     flags["USE_TMA"] = w2_desc is not None
+    if w2_desc is not None and gluon_experts.fp8_w2_ok(p, q, w2, _interpreting()):  # same bits, overlapped promotion
+        gluon_experts.launch_fp8_w2_sum(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, tw, counts, row_start,
+                                        sorted_slot, part, h, inter, k, bool(on_input))
+    else:
+        _launch_w2(launch, p, inter_w2, inter_desc, w2, w2_desc, b2, out, tw, ids, emap_arg, counts, sorted_slot,
+                   part, sem, tok_live, h, inter, e_local, k, t, w2_kw, flags)
+    if p.sum_pass:
+        launch(combine_k.sum_slots_kernel, p.grid_sum, part, out, ids, tw, emap_arg, t, k, h, e_local, p.e_global,
+               part.stride(0), out.stride(0), ids.stride(0), tw.stride(0), **p.sum_kw,
+               **({"PDL": True, "launch_pdl": True} if pdl else {}))
+    return out
+
+
+def _launch_w2(launch, p, inter_w2, inter_desc, w2, w2_desc, b2, out, tw, ids, emap_arg, counts, sorted_slot, part,
+               sem, tok_live, h, inter, e_local, k, t, w2_kw, flags) -> None:
+    """The Triton w2 GEMM (weighting; the top-k sum in its tail unless the plan has the sum pass)."""
     launch(
         grouped_gemm.w2_kernel, p.grid2, inter_w2, inter_desc, w2, w2_desc,
         b2 if b2 is not None else w2, out, tw, ids, emap_arg, counts, sorted_slot,
@@ -242,11 +259,6 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         inter_w2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
         tw.stride(0), ids.stride(0), part.stride(0), **w2_kw, **flags,
     )
-    if p.sum_pass:
-        launch(combine_k.sum_slots_kernel, p.grid_sum, part, out, ids, tw, emap_arg, t, k, h, e_local, p.e_global,
-               part.stride(0), out.stride(0), ids.stride(0), tw.stride(0), **p.sum_kw,
-               **({"PDL": True, "launch_pdl": True} if pdl else {}))
-    return out
 
 
 def _epilogue_pass(hbuf, inter_buf, out, act, p, epi: dict, launch) -> None:

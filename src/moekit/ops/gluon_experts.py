@@ -1,0 +1,62 @@
+"""Launchers of the Gluon kernels (:mod:`._gluon`) inside :func:`.triton_experts.fused_experts_impl`.
+
+A Gluon kernel replaces a Triton kernel only where it computes the same bits (its module says how) and only
+when the config asks for it (``cfg["w2"]["gluon"] = 1``), like TMA: on CPU, under the interpreter, on a GPU
+other than sm_90 (Hopper: wgmma) or without Gluon, the Triton kernel runs. The tuner and the GPU tests compare
+the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+#: fp8 block formats whose w2 may run :func:`._gluon.fp8_w2.fp8_w2_sum_kernel`: the K step is one scale block
+FP8_BLOCK = 1
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_available(index: int) -> bool:
+    """Gluon imports and device ``index`` is sm_90 (the kernels use Hopper's wgmma)."""
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return False
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def fp8_w2_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
+    """The plan asked for the Gluon w2 and it computes the Triton kernel's bits here: fp8 block weights with the
+    K step = one scale block, one dot per step (``fp8_acc`` = BK), one weight scale per tile (BN divides the
+    scale block), tiles on wgmma's M side (BLOCK_M 64 / 128) and TMA-able rows."""
+    if not p.w2_gluon or q is None or q.spec.code != FP8_BLOCK or interp or w2.device.type != "cuda":
+        return False
+    kw = q.common
+    return (gluon_available(w2.device.index or 0) and kw["FP8_ACC"] == p.bk2 == q.spec.block_k
+            and q.ws2["ws_qbn"] % p.bn2 == 0 and p.bm in (64, 128) and (w2.shape[2] * w2.element_size()) % 16 == 0
+            and not p.w2_kw["SWAP"])
+
+
+def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start, sorted_slot, part, h, inter, k,
+                      on_input: bool) -> None:
+    """``part[slot] = (Σ_k promote(x_q · Wqᵀ)) (+ b2) (· w)`` for every live slot row: the SUM_PASS w2.
+    inter_q: [rows, I] e4m3; as_: [rows, cdiv(I, bk)] fp32 (w2's input scales); the rest as the Triton w2."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ._gluon.fp8_w2 import fp8_w2_sum_kernel
+
+    bm, bn, bk = p.bm, p.bn2, p.bk2
+    e_local = w2.shape[0]
+    a_desc = TensorDescriptor.from_tensor(inter_q, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk],
+                                                                                                 gl.float8e4nv))
+    w_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn, bk],
+                                          gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
+    ws = q.ws2
+    stages = max(2, min(int(p.w2_kw["num_stages"]), (200 * 1024) // ((bm + bn) * bk)))
+    launch(fp8_w2_sum_kernel, p.grid2, a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts,
+           row_start, sorted_slot, part, h, inter, e_local, k, p.num_pid_m, p.nbn,
+           as_.stride(0), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, tw.stride(0),
+           part.stride(0), BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(p.w2_kw["GROUP_M"]),
+           BLOCK_E=p.w2_kw["BLOCK_E"], STAGES=stages, HAS_BIAS=b2 is not None, ON_INPUT=on_input,
+           num_warps=bm // 16)
