@@ -100,6 +100,35 @@ def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: i
     return compile_launch(fp8_w2_sum_kernel, args, kw)
 
 
+def gluon_fp8_w13(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: int = 16, stages: int = 4,
+                  bias: bool = False, req: int = 0, act: str = "silu"):
+    """The Gluon fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13`) compiled for sm_90 on CPU tensors (never
+    touched): the ``CompiledKernel``."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from moekit.ops._gluon.fp8_w13 import fp8_w13_kernel
+    from moekit.ops.activation import get_activation
+
+    f8, rows, t, k, bk = torch.float8_e4m3fn, 64 * bm, 512, 8, 128
+    x, w1 = torch.empty(t, h, dtype=f8), torch.empty(e, 2 * i, h, dtype=f8)
+    w_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk],
+                                                                                                        gl.float8e4nv))
+    nb = -(-i // 128)
+    xs, ws = torch.empty(t, -(-h // bk)), torch.empty(e, 2 * nb, -(-h // bk))
+    inter = torch.empty(rows, i, dtype=f8 if req else torch.bfloat16)
+    is_ = torch.empty(rows, -(-i // bn))
+    b1, out = torch.empty(e, 2 * i, dtype=torch.bfloat16), torch.empty(t, h, dtype=torch.bfloat16)
+    ints = torch.empty(rows, dtype=torch.int32)
+    a = get_activation(act)
+    args = (x, w_desc, xs, ws, b1, inter, is_, out, ints, ints, ints, h, i, 2 * i, e, k, rows // bm, 7.0,
+            x.stride(0), xs.stride(0), ws.stride(0), ws.stride(1), nb, b1.stride(0), inter.stride(0), is_.stride(0))
+    kw = dict(BM=bm, BN=bn, BK=bk, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
+              ACT=a.code, HAS_BIAS=bias, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, REQ=req, UE8M0=False,
+              num_warps=bm // 16)
+    return compile_launch(fp8_w13_kernel, args, kw)
+
+
 def ptxas_report(ptx: str, tmp: Path) -> str:
     """``ptxas -v`` on ``ptx`` for sm_90a (Triton's own ptxas): registers, spills and the C7514 warning (wgmma
     serialised because other instructions touch an in-flight accumulator)."""

@@ -18,13 +18,13 @@
 #   benchmarks/h200_session.sh OUT swap4     # swapped tiles for mxfp4 / int4 (bits and speed per variant)
 #   benchmarks/h200_session.sh OUT decode    # sum-pass bits (PDL incl.), µs per kernel of bf16 / fp8 decode,
 #                                            # eager host rows, bench_transformers.py (~560 s)
-#   benchmarks/h200_session.sh OUT gluon     # the Gluon fp8 w2: its GPU bit tests, µs per kernel vs the Triton w2
+#   benchmarks/h200_session.sh OUT gluon     # the Gluon fp8 GEMMs: their GPU bit tests, µs per kernel vs Triton's
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -105,13 +105,24 @@ case $WHAT in
     step transformers 160 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
     ;;
   gluon)
-    step gpu-gluon 150 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_gluon_fp8_w2.py
+    step gpu-gluon 200 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_gluon_fp8.py
     P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:16384,gpt-oss-120b:4096,mixtral-8x7b:16384,mixtral-8x7b:4096
     P=$P,qwen3-30b-a3b:16384,qwen3-30b-a3b:4096,deepseek-v3:1024,qwen3-30b-a3b:1024
-    step profile-gluon 330 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --variants base,gl \
-      --patches '{"gl": {"w2": {"gluon": 1}}}' --calls 5 --out "$OUT/profile-gluon.json"
+    step profile-gluon 330 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --variants base,gl,gl2 \
+      --patches '{"gl": {"w13": {"gluon": 1}, "w2": {"gluon": 1}}, "gl2": {"w2": {"gluon": 1}}}' --calls 5 \
+      --out "$OUT/profile-gluon.json"
     ;;
-  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon)"; exit 2 ;;
+  gluon-inv)  # the shipped fp8 tables with the Gluon GEMMs in their large buckets, then Gluon tile probes
+    step gpu-inv-fp8 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_experts_quant.py -k "shipped_fp8 or (every_bucket and fp8)"
+    P=deepseek-v3:16384,deepseek-v3:4096,mixtral-8x7b:16384,gpt-oss-120b:4096,qwen3-30b-a3b:4096
+    step probe-gluon 300 python benchmarks/kernel_profile.py --formats fp8 --points "$P" \
+      --variants base,nogl,bm128,g32,s3,s5 --calls 5 --out "$OUT/probe-gluon.json" --patches \
+      '{"nogl": {"w13": {"gluon": 0}, "w2": {"gluon": 0}}, "bm128": {"BLOCK_M": 128, "w13": {"num_warps": 8},
+        "w2": {"num_warps": 8}}, "g32": {"w13": {"GROUP_M": 32}, "w2": {"GROUP_M": 32}},
+        "s3": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "s5": {"w13": {"num_stages": 5}, "w2": {"num_stages": 5}}}'
+    ;;
+  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)

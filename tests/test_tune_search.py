@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekit.benchmarking import tune
+from moekit.benchmarking import tune, tune_space
 from moekit.benchmarking.shapes import MODELS, TOKENS
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
@@ -267,6 +267,13 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     assert tune.fused_identical(["odd"], lambda pr, c: 1 / 0, _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3)))
     on = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4), sum_pass=True)
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["sum_pass"] else 1.0), on)
+    # a Gluon winner against the same tiles on the Triton GEMMs (both kernel dicts without the key)
+    seen.clear()
+    gl = tune_space.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
+    assert gl["w13"]["gluon"] == gl["w2"]["gluon"] == 1
+    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), gl)
+    assert seen[-1] == tune_space.gluon_toggled(gl) and "gluon" not in seen[-1]["w2"]
+    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["w2"].get("gluon") else 1.0), gl)
 
 
 def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():

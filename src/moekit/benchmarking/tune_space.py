@@ -275,12 +275,25 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
     return out
 
 
+def gluon_toggled(cfg: dict) -> dict:
+    """``cfg`` with both GEMMs' ``"gluon"`` switched the other way (set when neither has it, else removed)."""
+    on = not (cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))
+    out = {**cfg}
+    for part in ("w13", "w2"):
+        out[part] = {k: v for k, v in cfg[part].items() if k != "gluon"}
+        if on:
+            out[part]["gluon"] = 1
+    return out
+
+
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
     out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)},
            {**best, "sum_pass": True}, {**best, "sum_pass": False}]  # absent: the launcher's slot bound
     if pdl:
         out.append({**best, "pdl": True})
+    if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
+        out.append(gluon_toggled(best))
     if quick:
         return out
     for part in ("w13", "w2"):

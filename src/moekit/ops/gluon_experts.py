@@ -1,7 +1,7 @@
 """Launchers of the Gluon kernels (:mod:`._gluon`) inside :func:`.triton_experts.fused_experts_impl`.
 
 A Gluon kernel replaces a Triton kernel only where it computes the same bits (its module says how) and only
-when the config asks for it (``cfg["w2"]["gluon"] = 1``), like TMA: on CPU, under the interpreter, on a GPU
+when the config asks for it (``cfg["w13"]["gluon"] = 1``, ``cfg["w2"]["gluon"] = 1``), like TMA: on CPU, under the interpreter, on a GPU
 other than sm_90 (Hopper: wgmma) or without Gluon, the Triton kernel runs. The tuner and the GPU tests compare
 the two.
 """
@@ -13,7 +13,7 @@ import importlib.util
 
 import torch
 
-#: fp8 block formats whose w2 may run :func:`._gluon.fp8_w2.fp8_w2_sum_kernel`: the K step is one scale block
+#: the fp8 block format's code (:class:`.triton_experts_quant.QuantSpec`): the K step is one scale block
 FP8_BLOCK = 1
 
 
@@ -60,3 +60,37 @@ def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start,
            part.stride(0), BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(p.w2_kw["GROUP_M"]),
            BLOCK_E=p.w2_kw["BLOCK_E"], STAGES=stages, HAS_BIAS=b2 is not None, ON_INPUT=on_input,
            num_warps=bm // 16)
+
+
+def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
+    """As :func:`fp8_w2_ok` for w13 (gated, fused epilogue, the w2 input stored in the params dtype or quantised
+    per row of a BN = group tile), with weight rows by TMA (config ``"tma"``)."""
+    if not p.w13_gluon or q is None or q.spec.code != FP8_BLOCK or interp or not tma or w1.device.type != "cuda":
+        return False
+    kw = p.w13_kw
+    return (gluon_available(w1.device.index or 0) and q.common["FP8_ACC"] == p.bk13 == q.spec.block_k
+            and q.ws13["ws_qbn"] % p.bn13 == 0 and p.bm in (64, 128) and not kw["SWAP"] and not kw["INLINE"])
+
+
+def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, sorted_slot, h, inter, k,
+                   w13_kw: dict) -> None:
+    """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ._gluon.fp8_w13 import fp8_w13_kernel
+
+    bm, bn, bk = p.bm, p.bn13, p.bk13
+    w_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn, bk],
+                                          gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
+    ws = q.ws13
+    req = int(w13_kw.get("REQ", 0))
+    is_ = w13_kw["is_ptr"] if req else inter_buf
+    stages = max(2, min(int(w13_kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
+    launch(fp8_w13_kernel, p.grid13, xq, w_desc, w13_kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1,
+           inter_buf, is_, out, counts, row_start, sorted_slot, h, inter, w1.shape[1], w1.shape[0], k, p.num_pid_m,
+           p.limit_arg, xq.stride(0), w13_kw["stride_xst"], ws["stride_wse"], ws["stride_wsn"], ws["ws_shard"],
+           b1.stride(0) if b1 is not None else 0, inter_buf.stride(0), int(w13_kw.get("stride_isr", 0)),
+           BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]), BLOCK_E=w13_kw["BLOCK_E"],
+           STAGES=stages, ACT=w13_kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"],
+           EVEN_K=w13_kw["EVEN_K"], REQ=req, UE8M0=bool(w13_kw.get("UE8M0", False)), num_warps=bm // 16)

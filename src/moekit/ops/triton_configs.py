@@ -232,13 +232,19 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
     """The fp8 kernels' untuned config, from the H200 tuning of four shapes x seven token counts (moekit
     tune): every winner at T <= 4096 ran BLOCK_M 64, 4 warps, 4 stages, w13 BN 32-64, w2 BN 64-128, weight
     tiles by descriptor; BLOCK_M 128 with 8 warps (the fresh fp8 dot beside two accumulators) measured
-    about 2x slower (DeepSeek-V3 T = 16384: 54.7 vs 26.2 ms; LongCat-Flash T = 4096: 39.4 ms vs bf16 14.2)."""
+    about 2x slower (DeepSeek-V3 T = 16384: 54.7 vs 26.2 ms; LongCat-Flash T = 4096: 39.4 ms vs bf16 14.2).
+    Unswapped tiles ask for the Gluon GEMMs (``"gluon": 1``, the same bits; the launcher runs them on sm_90 with
+    the count + scatter align): H200 round 9, experts step, T = 1024 / 4096 / 16384, 4-19 % faster in all four
+    shapes (DeepSeek-V3 T = 16384: 24.5 -> 20.5 ms)."""
     slots = max(num_tokens * top_k, 1)
     rows = slots / min(num_experts, slots)
     w13 = dict(cfg["w13"], BN=min(max(int(cfg["w13"]["BN"]), 32), 64), num_warps=4, num_stages=4)
     w2 = dict(cfg["w2"], BN=64 if rows <= 36 else 128, num_warps=4, num_stages=4)
     out = {**cfg, "BLOCK_M": 64, "w13": w13, "w2": w2, "tma": True}
-    return swap_tiles(out, rows) if rows <= SWAP_MAX_ROWS else out
+    if rows <= SWAP_MAX_ROWS:
+        return swap_tiles(out, rows)
+    w13["gluon"] = w2["gluon"] = 1
+    return out
 
 
 # fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert,

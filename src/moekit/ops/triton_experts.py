@@ -223,13 +223,17 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         w13_out = torch.empty(p.rows, 2 * inter, dtype=torch.float32, device=dev)
         epi = {n: w13_kw[n] for n in ("REQ", "is_ptr", "stride_isr", "qs_ptr", "UE8M0") if n in w13_kw}
         w13_kw = dict(w13_kw, REQ=0)
-    launch(
-        grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, w13_out, tw, counts,
-        sorted_slot, ids, emap_arg, sem, out,
-        h, inter, n1, e_local, k, p.num_pid_m, p.limit_arg, t, p.e_global, p.nbn,
-        a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, w13_out.stride(0),
-        tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags,
-    )
+    if gluon_experts.fp8_w13_ok(p, q, w1, w1_desc is not None, _interpreting()):  # same bits, overlapped promotion
+        gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start, sorted_slot, h, inter,
+                                     k, w13_kw)
+    else:
+        launch(
+            grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, w13_out, tw, counts,
+            sorted_slot, ids, emap_arg, sem, out,
+            h, inter, n1, e_local, k, p.num_pid_m, p.limit_arg, t, p.e_global, p.nbn,
+            a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, w13_out.stride(0),
+            tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags,
+        )
     if p.split:
         _epilogue_pass(w13_out, inter_buf, out, act, p, epi, launch)
     if q is not None:

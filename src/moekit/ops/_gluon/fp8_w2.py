@@ -22,23 +22,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-
-@gluon.jit
-def _block_expert(counts_ptr, row_start_ptr, b, E_local, BM: gl.constexpr, BLOCK_E: gl.constexpr,
-                  num_warps: gl.constexpr):
-    """(expert, its first block, its live rows) of row block ``b``, as ``_triton.rows.block_expert``, from
-    the align kernel's ``row_start`` (the exclusive scan it stored): the experts whose padded rows end at or
-    before the block are the ones before its expert."""
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    offs = gl.arange(0, BLOCK_E, layout=lay)
-    m = offs < E_local
-    cnt = gl.load(counts_ptr + offs, mask=m, other=0)
-    start = gl.load(row_start_ptr + offs, mask=m, other=0) // BM
-    end = start + (cnt + BM - 1) // BM
-    e = gl.sum((m & (end <= b)).to(gl.int32), 0)
-    first = gl.sum(gl.where(offs == e, start, 0), 0)
-    n_e = gl.sum(gl.where(offs == e, cnt, 0), 0)
-    return e, first, n_e
+from .common import block_expert, pid_to_tile, step_scale
 
 
 @gluon.jit
@@ -58,13 +42,6 @@ def _mma(a_smem, w_smem, bars, k, zero, STAGES: gl.constexpr, BK: gl.constexpr):
     mbarrier.wait(bars.index(s), (k // STAGES) & 1)
     return warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False,
                          max_num_imprecise_acc=BK, is_async=True)
-
-
-@gluon.jit
-def _scale(as_rows, valid, ws_e, k):
-    """s_x[row, k] · S[e, n-block, k] for the tile's rows ([BM], the accumulator's row layout)."""
-    a_s = gl.load(as_rows + k, mask=valid, other=0.0)
-    return a_s * gl.load(ws_e + k)
 
 
 @gluon.jit
@@ -90,13 +67,8 @@ def fp8_w2_sum_kernel(
     """Grid (num_pid_m · NBN,). a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
     w2.view(E·H, I) e4m3, block [BN, BK]; as: [rows, cdiv(I, BK)] fp32; ws: [E, cdiv(H, QBN), cdiv(I, BK)] fp32
     (QBN % BN == 0: one weight scale per tile and step); part: [T·K, H] fp32."""
-    pid = gl.program_id(0)
-    in_group = GROUP_M * NBN
-    first_m = (pid // in_group) * GROUP_M
-    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    e, first, n_e = _block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
+    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
+    e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
     if e < E_local:
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 32])
@@ -125,21 +97,21 @@ def fp8_w2_sum_kernel(
         # step k - 1 is waited for, step k's wgmma started, then k - 1 promoted while it runs. Steps go in pairs
         # (t0 even, t1 odd), so no in-flight accumulator is carried into a register that must move.
         t0 = _mma(a_smem, w_smem, bars, 0, zero, STAGES, BK)
-        sc0 = _scale(as_rows, valid, ws_e, 0)
+        sc0 = step_scale(as_rows, valid, ws_e, 0)
         for k in range(1, nk - 1, 2):
             c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
             t1 = _mma(a_smem, w_smem, bars, k, zero, STAGES, BK)
             acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, k - 1, nk, row_a, row_w, STAGES, BK)
-            sc1 = _scale(as_rows, valid, ws_e, k)
+            sc1 = step_scale(as_rows, valid, ws_e, k)
             c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
             t0 = _mma(a_smem, w_smem, bars, k + 1, zero, STAGES, BK)
             acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES, BK)
-            sc0 = _scale(as_rows, valid, ws_e, k + 1)
+            sc0 = step_scale(as_rows, valid, ws_e, k + 1)
         if nk % 2 == 0:  # one odd step left
             c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
             t1 = _mma(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK)
             acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, nk - 2, nk, row_a, row_w, STAGES, BK)
-            sc1 = _scale(as_rows, valid, ws_e, nk - 1)
+            sc1 = step_scale(as_rows, valid, ws_e, nk - 1)
             last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
             acc = gl.fma(last, sc1[:, None], acc)
         else:

@@ -1,0 +1,40 @@
+"""Pieces shared by the Gluon grouped GEMMs: program order, the expert of a row block, a K step's fp8 scales."""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+@gluon.jit
+def pid_to_tile(pid, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+    """Grouped program order, as ``_triton.rows.pid_to_tile`` (GROUP_M row blocks share weight tiles in L2)."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@gluon.jit
+def block_expert(counts_ptr, row_start_ptr, b, E_local, BM: gl.constexpr, BLOCK_E: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """(expert, its first block, its live rows) of row block ``b``, as ``_triton.rows.block_expert``, from
+    the align kernel's ``row_start`` (the exclusive scan it stored): the experts whose padded rows end at or
+    before the block are the ones before its expert."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    offs = gl.arange(0, BLOCK_E, layout=lay)
+    m = offs < E_local
+    cnt = gl.load(counts_ptr + offs, mask=m, other=0)
+    start = gl.load(row_start_ptr + offs, mask=m, other=0) // BM
+    end = start + (cnt + BM - 1) // BM
+    e = gl.sum((m & (end <= b)).to(gl.int32), 0)
+    first = gl.sum(gl.where(offs == e, start, 0), 0)
+    n_e = gl.sum(gl.where(offs == e, cnt, 0), 0)
+    return e, first, n_e
+
+
+@gluon.jit
+def step_scale(as_rows, valid, ws_e, k):
+    """s_x[row, k] · S[e, n-block, k] for the tile's rows ([BM], the accumulator's row layout)."""
+    a_s = gl.load(as_rows + k, mask=valid, other=0.0)
+    return a_s * gl.load(ws_e + k)

@@ -1,0 +1,169 @@
+"""fp8 block-scaled w13 GEMM with the scale promotion overlapped (Hopper wgmma, Gluon).
+
+Per output tile (rows of one expert block, BN gate columns and the same BN up columns), K step ``k`` of
+BK = 128 (one scale block)::
+
+    t_g = x_q[tok(rows), k·BK:(k+1)·BK] · Wq[e, n, k·BK:(k+1)·BK]ᵀ        (fp8 wgmma, fp32, fresh; t_u: rows I + n)
+    acc_g = fma(t_g, s_x[tok, k] · S[e, n // 128, k], acc_g)             (acc_u likewise, its own scale block)
+
+then ``+ b13``, the gated activation in fp32 and the store (rounded to the params dtype, or quantised for w2
+per row of the tile when BN is one group): :func:`moekit.ops._triton.grouped_gemm.w13_kernel` for fp8 block
+weights, bit for bit (the same wgmma per K step, products, fma and epilogue functions).
+
+The schedule is :mod:`.fp8_w2`'s: step k's two wgmmas run while step k - 1 is promoted. The token rows are
+gathered (a block's rows are scattered tokens, so no TMA): ``cp.async`` 16-byte copies into a ring of
+``STAGES`` slots, one copy group per step; the weight tiles come by TMA into the same slots.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from .._triton.grouped_gemm import _activate
+from .._triton.quant import requant_store, to_dt
+from .common import block_expert, pid_to_tile, step_scale
+
+
+@gluon.jit
+def _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k, nk, row_g, I, STAGES: gl.constexpr,
+           BK: gl.constexpr, EVEN_K: gl.constexpr):
+    """K step ``k`` into ring slot ``k % STAGES``: the gathered rows by cp.async (one commit group, empty past
+    the last step), the gate and up tiles by TMA on the slot's barrier."""
+    s = k % STAGES
+    if k < nk:
+        if EVEN_K:
+            mask = valid_a[:, None]
+        else:
+            mask = valid_a[:, None] & (offs_k[None, :] < H - k * BK)
+        async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=mask)
+        bar = bars.index(s)
+        mbarrier.expect(bar, 2 * w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
+        tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _mma2(a_smem, w_smem, bars, k, zero, STAGES: gl.constexpr, BK: gl.constexpr):
+    """Step ``k``'s operands ready (the rows' copy group — the caller waited —, the weight tiles' barrier),
+    then its gate and up wgmmas (fresh accumulators); returns the two in-flight tokens."""
+    s = k % STAGES
+    gl.thread_barrier()  # every thread's rows of this step have landed (each waited for its own copies)
+    fence_async_shared()  # ... and are visible to the wgmma's async proxy
+    mbarrier.wait(bars.index(s), (k // STAGES) & 1)
+    tg = warpgroup_mma(a_smem.index(s), w_smem.index(2 * s).permute((1, 0)), zero, use_acc=False,
+                       max_num_imprecise_acc=BK, is_async=True)
+    tu = warpgroup_mma(a_smem.index(s), w_smem.index(2 * s + 1).permute((1, 0)), zero, use_acc=False,
+                       max_num_imprecise_acc=BK, is_async=True)
+    return tg, tu
+
+
+@gluon.jit
+def fp8_w13_kernel(
+    x_ptr, w_desc, xs_ptr, ws_ptr, b1_ptr, inter_ptr, is_ptr, out_ptr, counts_ptr, row_start_ptr, sorted_ptr,
+    H, I, N1, E_local, K, num_pid_m, limit,
+    stride_xt, stride_xst, stride_wse, stride_wsn, ws_shard, stride_be, stride_ir, stride_isr,
+    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
+    BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
+    HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid (num_pid_m · cdiv(I, BN),). x: x_q [T, H] e4m3 (row stride ``stride_xt``), xs: [T, cdiv(H, BK)]
+    fp32; w_desc: TMA over w13.view(E·N1, H) e4m3, block [BN, BK]; ws: [E, 2·ws_shard, cdiv(H, BK)] fp32 (gate
+    blocks, then up; QBN % BN == 0); inter: [rows, I] params dtype (``REQ`` 0) or e4m3 with scales ``is``
+    [rows, cdiv(I, BN)] (``REQ`` 1, BN = the group); ``out_ptr``: any tensor of the params dtype (not read)."""
+    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
+    e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
+    if e < E_local:
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BN, 32])
+        a_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])  # 16-byte row chunks
+        a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
+        # the gathered rows' pointers (cp.async layout) and, in the accumulator's row layout, their scales
+        ra = gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
+        valid_a = (pid_m - first) * BM + ra < n_e
+        tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
+        offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, a_l))
+        a_ptrs = x_ptr + tok_a.to(gl.int64)[:, None] * stride_xt + offs_k[None, :]
+        r = gl.arange(0, BM, layout=gl.SliceLayout(1, mma_l))
+        rows = pid_m * BM + r
+        valid = (pid_m - first) * BM + r < n_e
+        tok = gl.load(sorted_ptr + rows, mask=valid, other=0) // K
+        xs_rows = xs_ptr + tok.to(gl.int64) * stride_xst
+        ws_g = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
+        ws_u = ws_g + ws_shard * stride_wsn
+        row_g = e * N1 + pid_n * BN
+
+        a_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_sl)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES, BN, BK], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+        nk = gl.cdiv(H, BK)
+        for s in gl.static_range(STAGES):
+            _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, s, nk, row_g, I, STAGES, BK, EVEN_K)
+
+        zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
+        acc_g = gl.zeros([BM, BN], gl.float32, layout=mma_l)
+        acc_u = gl.zeros([BM, BN], gl.float32, layout=mma_l)
+        # copy groups committed before step k's wait: STAGES + k - 1 (k >= 1), so STAGES - 2 may stay in flight
+        async_copy.wait_group(STAGES - 1)
+        tg0, tu0 = _mma2(a_smem, w_smem, bars, 0, zero, STAGES, BK)
+        sg0 = step_scale(xs_rows, valid, ws_g, 0)
+        su0 = step_scale(xs_rows, valid, ws_u, 0)
+        for k in range(1, nk - 1, 2):
+            cg0, cu0 = warpgroup_mma_wait(num_outstanding=0, deps=(tg0, tu0))
+            async_copy.wait_group(STAGES - 2)
+            tg1, tu1 = _mma2(a_smem, w_smem, bars, k, zero, STAGES, BK)
+            acc_g = gl.fma(cg0, sg0[:, None], acc_g)
+            acc_u = gl.fma(cu0, su0[:, None], acc_u)
+            gl.thread_barrier()  # every warpgroup is past step k - 1's wgmmas: its slot may be refilled
+            _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k - 1 + STAGES, nk, row_g, I, STAGES,
+                   BK, EVEN_K)
+            sg1 = step_scale(xs_rows, valid, ws_g, k)
+            su1 = step_scale(xs_rows, valid, ws_u, k)
+            cg1, cu1 = warpgroup_mma_wait(num_outstanding=0, deps=(tg1, tu1))
+            async_copy.wait_group(STAGES - 2)
+            tg0, tu0 = _mma2(a_smem, w_smem, bars, k + 1, zero, STAGES, BK)
+            acc_g = gl.fma(cg1, sg1[:, None], acc_g)
+            acc_u = gl.fma(cu1, su1[:, None], acc_u)
+            gl.thread_barrier()
+            _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k + STAGES, nk, row_g, I, STAGES, BK,
+                   EVEN_K)
+            sg0 = step_scale(xs_rows, valid, ws_g, k + 1)
+            su0 = step_scale(xs_rows, valid, ws_u, k + 1)
+        if nk % 2 == 0:  # one odd step left
+            cg0, cu0 = warpgroup_mma_wait(num_outstanding=0, deps=(tg0, tu0))
+            async_copy.wait_group(STAGES - 2)
+            tg1, tu1 = _mma2(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK)
+            acc_g = gl.fma(cg0, sg0[:, None], acc_g)
+            acc_u = gl.fma(cu0, su0[:, None], acc_u)
+            sg1 = step_scale(xs_rows, valid, ws_g, nk - 1)
+            su1 = step_scale(xs_rows, valid, ws_u, nk - 1)
+            lg, lu = warpgroup_mma_wait(num_outstanding=0, deps=(tg1, tu1))
+            acc_g = gl.fma(lg, sg1[:, None], acc_g)
+            acc_u = gl.fma(lu, su1[:, None], acc_u)
+        else:
+            lg, lu = warpgroup_mma_wait(num_outstanding=0, deps=(tg0, tu0))
+            acc_g = gl.fma(lg, sg0[:, None], acc_g)
+            acc_u = gl.fma(lu, su0[:, None], acc_u)
+        async_copy.wait_group(0)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+
+        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_l))
+        nmask = cols < I
+        if HAS_BIAS:
+            b_base = b1_ptr + e.to(gl.int64) * stride_be
+            acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
+            acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
+        h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+        out_ptrs = inter_ptr + rows.to(gl.int64)[:, None] * stride_ir + cols[None, :]
+        if REQ > 0:
+            requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(gl.int64) * stride_isr + pid_n,
+                          valid, is_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, False)
+        else:
+            gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid[:, None] & nmask[None, :])

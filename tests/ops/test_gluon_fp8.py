@@ -1,0 +1,149 @@
+"""The Gluon fp8 block GEMMs (:mod:`moekit.ops._gluon`, config ``"w13" / "w2": {"gluon": 1}``) against Triton's.
+
+Each must give the same bits as the Triton kernel it replaces (w13: the fused epilogue; w2: the sum-pass
+branch): the same wgmma per K step, the same scale product and fma, the same epilogue functions; only the
+schedule differs (the promotion of step k - 1 runs while step k's wgmma does). On CPU: they compile for sm_90
+without wgmma serialisation or spills, and the launcher takes them only where they compute those bits. On the
+H200 (``gpu``): bit-identical outputs over the awkward shapes.
+"""
+
+import pytest
+
+import torch
+
+pytest.importorskip("triton")
+
+from compile_check import run_compiled  # noqa: E402
+from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops import triton_experts_quant as tq  # noqa: E402
+from moekit.ops.formats import Fp8BlockFormat  # noqa: E402
+from moekit.ops.quantize import quantize_experts  # noqa: E402
+from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
+from small_experts import experts_problem  # noqa: E402
+
+
+def _cfg(gluon: bool, bm: int = 64, bn2: int = 128, sum_pass: bool = True, stages: int = 4, w13_gluon=None,
+         bn13: int = 64, bk: int = 128):
+    w13 = {"BN": bn13, "BK": bk, "GROUP_M": 8, "num_warps": bm // 16, "num_stages": stages}
+    w2 = {"BN": bn2, "BK": bk, "GROUP_M": 8, "num_warps": bm // 16, "num_stages": stages}
+    if gluon:
+        w2["gluon"] = 1
+    if gluon if w13_gluon is None else w13_gluon:
+        w13["gluon"] = 1
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, "sum_pass": sum_pass}
+
+
+@pytest.mark.parametrize("t, k, sum_pass, small, want", [
+    (300, 8, True, 1024, True),     # 2400 slots: count + scatter align, sum pass: the Gluon w2 may run
+    (300, 8, False, 1024, False),   # the fused top-k sum in w2's tail: only the Triton kernel has it
+    (100, 8, True, 1024, False),    # 800 slots: the one-program align does not store row_start
+    (300, 1, True, 1024, False),    # K = 1: no combine, no sum pass
+])
+def test_plan_takes_the_gluon_w2_only_with_its_inputs(t, k, sum_pass, small, want):
+    plan = launch_plan(t, 512, 384, 768, 16, 16, k, torch.bfloat16, 0, True, False, False, False, False, None, False,
+                       small, 16, _freeze(_cfg(True, sum_pass=sum_pass)))
+    assert plan.w2_gluon == want
+    assert plan.w13_gluon == (small < t * k)  # w13 needs only the count + scatter align (row_start)
+    assert not launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None,
+                           False, 1024, 16, _freeze(_cfg(False))).w2_gluon
+
+
+def test_launcher_refuses_where_the_bits_would_differ():
+    # CPU tensors, the interpreter, a non-block format, fp8_acc != BK or a tile wider than the scale block: Triton
+    plan = launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None,
+                       False, 1024, 16, _freeze(_cfg(True)))
+    spec = tq.QuantSpec.of(Fp8BlockFormat(128, 128))
+    w2 = torch.empty(16, 512, 384, dtype=torch.float8_e4m3fn)
+    q = tq.QuantLaunch(spec, torch.ones(16, 6, 4), torch.ones(16, 4, 3), None, None, 384, 128, 128)
+    assert not gluon_experts.fp8_w2_ok(plan, q, w2, interp=False)  # on the CPU
+    assert not gluon_experts.fp8_w2_ok(plan, None, w2, interp=False)  # unquantised
+    w1 = torch.empty(16, 768, 512, dtype=torch.float8_e4m3fn)
+    assert not gluon_experts.fp8_w13_ok(plan, q, w1, tma=True, interp=False)
+    split = launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None,
+                        False, 1024, 16, _freeze(dict(_cfg(True), w13_split=True)))
+    assert split.w2_gluon and not split.w13_gluon  # a split w13 has its own epilogue pass: Triton's
+
+
+def test_gluon_fp8_compiles_for_sm90_without_serialised_wgmma(tmp_path):
+    # even (16), odd (3) and partial (2880 = 22.5 blocks) K step counts, BLOCK_M 64 / 128, bias and on-input:
+    # the sm_90 PTX keeps the fp8 m64n128k32 wgmma, waits for one group per step, and ptxas neither spills nor
+    # serialises the wgmmas (C7514: an instruction touched an in-flight accumulator), which would undo the overlap
+    run_compiled("""
+import tempfile, pathlib
+import compile_sm90 as c
+for bm, i, bias, on_input in ((64, 2048, False, False), (128, 2048, False, False), (64, 384, True, True),
+                              (64, 2880, False, False)):
+    k = c.gluon_fp8_w2(bm=bm, i=i, bias=bias, on_input=on_input)
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx, (bm, i)
+    steps = -(-i // 128)
+    waits = ptx.count("wgmma.wait_group.sync.aligned 0;")
+    assert waits >= 2 and "wgmma.wait_group.sync.aligned 1;" not in ptx, (bm, i, waits)
+    rep = c.ptxas_report(ptx, pathlib.Path(tempfile.mkdtemp()))
+    assert "C7514" not in rep and "0 bytes spill stores" in rep, rep
+# w13: gathered rows by cp.async (4 x 16 B per thread and step), two wgmmas per step (gate, up), BN = 64
+for kw in (dict(), dict(bm=128), dict(h=2880, i=2880, bias=True, act="swigluoai"), dict(act="gelu_tanh")):
+    k = c.gluon_fp8_w13(**kw)
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in ptx and "cp.async.cg.shared.global" in ptx, kw
+    assert "wgmma.wait_group.sync.aligned 1;" not in ptx, kw
+    rep = c.ptxas_report(ptx, pathlib.Path(tempfile.mkdtemp()))
+    assert "C751" not in rep and "0 bytes spill stores" in rep, (kw, rep)
+print("ok")
+""", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+# (T, E, K, H, I, activation, bias, on_input, BLOCK_M, hot, expert map, scale block): DeepSeek-like K step counts
+# (w13 56 / w2 16, even), odd (H 640: 5, I 384: 3), partial blocks and swigluoai with a limit and biases (gpt-oss:
+# 2880 = 22.5 blocks), the routing weight on the input with gelu_tanh (K = 2: K = 1 has no sum pass), BLOCK_M 128,
+# a hot expert (one expert's rows over many blocks) with silu_post_clamp, expert parallelism (half the experts
+# local: dead slots), 64 x 64 scale blocks (w13 BN = the group: w2's input quantised in w13's epilogue)
+GPU_CASES = [
+    (600, 16, 8, 7168, 2048, "silu", False, False, 64, False, False, 128),
+    (701, 16, 4, 640, 384, "silu", False, False, 64, False, False, 128),
+    (523, 8, 4, 2880, 2880, "swigluoai", True, False, 64, False, False, 128),
+    (600, 16, 2, 1024, 512, "gelu_tanh", True, True, 64, False, False, 128),
+    (1100, 16, 8, 1024, 1024, "silu", False, False, 128, False, False, 128),
+    (900, 16, 4, 768, 1024, "silu_post_clamp", False, False, 64, True, False, 128),
+    (800, 16, 4, 768, 1024, "silu", False, False, 64, False, True, 128),
+    (600, 16, 4, 1024, 512, "silu", False, False, 64, False, False, 64),
+]
+
+
+def _counting(monkeypatch, name: str) -> list:
+    calls, real = [], getattr(gluon_experts, name)
+    monkeypatch.setattr(gluon_experts, name, lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, bm, hot, emap, block", GPU_CASES,
+                         ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "bm128",
+                              "hot", "expert_map", "block64_fused_requant"])
+def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=3, t=t, e=e, h=h, i=i, k=k)
+    if hot:
+        ids[: t // 2, 0] = 0
+        ids[: t // 2, 1:] = torch.arange(1, k, device=ids.device, dtype=ids.dtype)
+    fmt = Fp8BlockFormat(block, block)
+    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
+    spec = tq.QuantSpec.of(fmt)
+    n_local = e // 2 if emap else e
+    emap_t = None
+    if emap:  # experts 0 .. e/2 - 1 on this rank, in order; the others dead
+        emap_t = torch.full((e,), -1, dtype=torch.int32, device="cuda")
+        emap_t[:n_local] = torch.arange(n_local, dtype=torch.int32, device="cuda")
+    limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
+    calls13, calls2 = _counting(monkeypatch, "launch_fp8_w13"), _counting(monkeypatch, "launch_fp8_w2_sum")
+    outs = []
+    # Triton only; both Gluon kernels; each alone (the w13 output feeds the other kernel unchanged)
+    for g2, g13 in ((False, False), (True, True), (False, True), (True, False)):
+        cfg = _cfg(g2, bm, bn2=min(128, block), w13_gluon=g13, bk=block)
+        outs.append(tq.fused_experts_quant_impl(
+            x, q13[:n_local], q2[:n_local], w, ids, spec, s13[:n_local], s2[:n_local], None, None, act, on_input,
+            b1[:n_local] if bias else None, b2[:n_local] if bias else None, emap_t, limit, config=cfg))
+    assert len(calls13) == 2 and len(calls2) == 2  # each Gluon kernel ran where asked
+    for o in outs[1:]:
+        assert torch.equal(outs[0], o)
+    assert outs[0].isfinite().all()
