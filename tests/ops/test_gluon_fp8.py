@@ -147,3 +147,37 @@ def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
     assert outs[0].isfinite().all()
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch):
+    # the public quantised call with the heuristic config (unswapped tiles at 300 rows per expert: both Gluon
+    # kernels): torch.compile(fullgraph=True) and a CUDA graph replayed on new inputs give the eager bits
+    from moekit.ops.triton_configs import heuristic_config
+
+    t, e, k, h, i = 600, 16, 8, 1024, 512
+    cfg = heuristic_config(t, e, h, i, k, torch.bfloat16, 132, quant="fp8_block128x128")
+    assert cfg["w13"].get("gluon") and cfg["w2"].get("gluon")
+    w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
+    fmt = Fp8BlockFormat(128, 128)
+    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
+    calls = _counting(monkeypatch, "launch_fp8_w13")
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+
+    ref = f(x, w, ids)
+    assert calls, "the Gluon w13 did not run"
+    assert torch.equal(torch.compile(f, fullgraph=True)(x, w, ids), ref)
+    static = [v.clone() for v in (x, w, ids)]
+    f(*static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f(*static)
+    _, _, x2, w2_, ids2, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=5, t=t, e=e, h=h, i=i, k=k)
+    for dst, src in zip(static, (x2, w2_, ids2)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, f(x2, w2_, ids2))
