@@ -33,17 +33,18 @@ def _cfg(gluon: bool, bm: int = 64, bn2: int = 128, sum_pass: bool = True, stage
     return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, "sum_pass": sum_pass}
 
 
-@pytest.mark.parametrize("t, k, sum_pass, small, want", [
-    (300, 8, True, 1024, True),     # 2400 slots: count + scatter align, sum pass: the Gluon w2 may run
-    (300, 8, False, 1024, False),   # the fused top-k sum in w2's tail: only the Triton kernel has it
-    (100, 8, True, 1024, False),    # 800 slots: the one-program align does not store row_start
-    (300, 1, True, 1024, False),    # K = 1: no combine, no sum pass
+@pytest.mark.parametrize("t, k, sum_pass, want", [
+    (300, 8, True, True),     # 2400 slots: count + scatter align, sum pass: the Gluon w2 may run
+    (300, 8, False, False),   # the fused top-k sum in w2's tail: only the Triton kernel has it
+    (100, 8, True, True),     # 800 slots: the one-program align (it stores row_start too)
+    (300, 1, True, False),    # K = 1: no combine, no sum pass
+    (2, 8, True, False),      # 16 slots: no align kernel (the layout in registers, no row_start)
 ])
-def test_plan_takes_the_gluon_w2_only_with_its_inputs(t, k, sum_pass, small, want):
+def test_plan_takes_the_gluon_kernels_only_with_their_inputs(t, k, sum_pass, want):
     plan = launch_plan(t, 512, 384, 768, 16, 16, k, torch.bfloat16, 0, True, False, False, False, False, None, False,
-                       small, 16, _freeze(_cfg(True, sum_pass=sum_pass)))
+                       1024, 16, _freeze(_cfg(True, sum_pass=sum_pass)))
     assert plan.w2_gluon == want
-    assert plan.w13_gluon == (small < t * k)  # w13 needs only the count + scatter align (row_start)
+    assert plan.w13_gluon == (t * k > 16)  # w13 needs only an align kernel's row_start
     assert not launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None,
                            False, 1024, 16, _freeze(_cfg(False))).w2_gluon
 
@@ -98,7 +99,8 @@ print("ok")
 # (w13 56 / w2 16, even), odd (H 640: 5, I 384: 3), partial blocks and swigluoai with a limit and biases (gpt-oss:
 # 2880 = 22.5 blocks), the routing weight on the input with gelu_tanh (K = 2: K = 1 has no sum pass), BLOCK_M 128,
 # a hot expert (one expert's rows over many blocks) with silu_post_clamp, expert parallelism (half the experts
-# local: dead slots), 64 x 64 scale blocks (w13 BN = the group: w2's input quantised in w13's epilogue)
+# local: dead slots), 64 x 64 scale blocks (w13 BN = the group: w2's input quantised in w13's epilogue), 600 slots
+# (the one-program align kernel)
 GPU_CASES = [
     (600, 16, 8, 7168, 2048, "silu", False, False, 64, False, False, 128),
     (701, 16, 4, 640, 384, "silu", False, False, 64, False, False, 128),
@@ -108,6 +110,7 @@ GPU_CASES = [
     (900, 16, 4, 768, 1024, "silu_post_clamp", False, False, 64, True, False, 128),
     (800, 16, 4, 768, 1024, "silu", False, False, 64, False, True, 128),
     (600, 16, 4, 1024, 512, "silu", False, False, 64, False, False, 64),
+    (150, 8, 4, 1024, 768, "silu", False, False, 64, False, False, 128),
 ]
 
 
@@ -120,7 +123,7 @@ def _counting(monkeypatch, name: str) -> list:
 @pytest.mark.gpu
 @pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, bm, hot, emap, block", GPU_CASES,
                          ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "bm128",
-                              "hot", "expert_map", "block64_fused_requant"])
+                              "hot", "expert_map", "block64_fused_requant", "single_program_align"])
 def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
     w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=3, t=t, e=e, h=h, i=i, k=k)
     if hot:

@@ -234,7 +234,7 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
     tiles by descriptor; BLOCK_M 128 with 8 warps (the fresh fp8 dot beside two accumulators) measured
     about 2x slower (DeepSeek-V3 T = 16384: 54.7 vs 26.2 ms; LongCat-Flash T = 4096: 39.4 ms vs bf16 14.2).
     Unswapped tiles ask for the Gluon GEMMs (``"gluon": 1``, the same bits; the launcher runs them on sm_90 with
-    the count + scatter align): H200 round 9, experts step, T = 1024 / 4096 / 16384, 4-19 % faster in all four
+    an align kernel): H200 round 9, experts step, T = 1024 / 4096 / 16384, 4-19 % faster in all four
     shapes (DeepSeek-V3 T = 16384: 24.5 -> 20.5 ms)."""
     slots = max(num_tokens * top_k, 1)
     rows = slots / min(num_experts, slots)

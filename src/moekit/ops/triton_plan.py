@@ -60,8 +60,8 @@ class LaunchPlan:
     want_pdl: bool
     split: bool  # w13 with one accumulator per program + the epilogue pass (config "w13_split", gated only)
     sum_pass: bool  # the top-k sum in its own pass after w2 (config "sum_pass", K > 1 only)
-    w2_gluon: bool  # w2 config "gluon" (sum pass, count + scatter align): the Gluon fp8 block w2, if it may run
-    w13_gluon: bool  # w13 config "gluon" (gated, fused, count + scatter align): the Gluon fp8 block w13, if it may run
+    w2_gluon: bool  # w2 config "gluon" (sum pass, an align kernel ran): the Gluon fp8 block w2, if it may run
+    w13_gluon: bool  # w13 config "gluon" (gated, fused, an align kernel ran): the Gluon fp8 block w13, if it may run
     grid_sum: tuple
     sum_kw: dict
 
@@ -122,6 +122,6 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         sum_kw=dict(BH=bh, HAS_MAP=has_map, SKIP_ZERO=skip_zero, INTERP=upcast, num_warps=4),
         limit_arg=0.0 if limit is None else float(limit), bn13=bn13, bk13=bk13, bn2=bn2, bk2=bk2,
         want_tma=tma and small_elt, want_pdl=pdl,
-        w2_gluon=bool(c2.get("gluon", 0)) and sum_pass and align_mode == "multi",
-        w13_gluon=bool(c13.get("gluon", 0)) and gated and not split and align_mode == "multi",
+        w2_gluon=bool(c2.get("gluon", 0)) and sum_pass and align_mode != "inline",
+        w13_gluon=bool(c13.get("gluon", 0)) and gated and not split and align_mode != "inline",
     )
