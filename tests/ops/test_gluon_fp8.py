@@ -65,6 +65,16 @@ def test_launcher_refuses_where_the_bits_would_differ():
     assert split.w2_gluon and not split.w13_gluon  # a split w13 has its own epilogue pass: Triton's
 
 
+def test_gluon_needs_an_nvidia_hopper(monkeypatch):
+    # ROCm reports its gfx major as the CUDA capability (MI300: 9): the Hopper kernels must not be chosen there
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    gluon_experts.gluon_available.cache_clear()
+    try:
+        assert not gluon_experts.gluon_available(0)
+    finally:
+        gluon_experts.gluon_available.cache_clear()
+
+
 def test_gluon_fp8_compiles_for_sm90_without_serialised_wgmma(tmp_path):
     # even (16), odd (3) and partial (2880 = 22.5 blocks) K step counts, BLOCK_M 64 / 128, bias and on-input:
     # the sm_90 PTX keeps the fp8 m64n128k32 wgmma, waits for one group per step, and ptxas neither spills nor

@@ -19,8 +19,9 @@ FP8_BLOCK = 1
 
 @functools.lru_cache(maxsize=None)
 def gluon_available(index: int) -> bool:
-    """Gluon imports and device ``index`` is sm_90 (the kernels use Hopper's wgmma)."""
-    if importlib.util.find_spec("triton.experimental.gluon") is None:
+    """Gluon imports and device ``index`` is an NVIDIA sm_90 (the kernels use Hopper's wgmma; a ROCm build reports
+    its gfx major as the capability, e.g. 9 for MI300, so HIP is excluded first)."""
+    if torch.version.hip is not None or importlib.util.find_spec("triton.experimental.gluon") is None:
         return False
     return torch.cuda.get_device_capability(index)[0] == 9
 
