@@ -1,9 +1,10 @@
 """Launchers of the Gluon kernels (:mod:`._gluon`) inside :func:`.triton_experts.fused_experts_impl`.
 
 A Gluon kernel replaces a Triton kernel only where it computes the same bits (its module says how) and only
-when the config asks for it (``cfg["w13"]["gluon"] = 1``, ``cfg["w2"]["gluon"] = 1``), like TMA: on CPU, under the interpreter, on a GPU
-other than sm_90 (Hopper: wgmma) or without Gluon, the Triton kernel runs. The tuner and the GPU tests compare
-the two.
+when the config asks for it (``cfg["w13"]["gluon"] = 1``, ``cfg["w2"]["gluon"] = 1``), like ``"tma"``: on CPU,
+under the interpreter, on a GPU other than an NVIDIA sm_90 (Hopper: wgmma), without Gluon, or for tiles it does
+not cover (:func:`fp8_w13_ok`, :func:`fp8_w2_ok`), the Triton kernel runs. Its warps follow its tile: BLOCK_M / 16
+(one warpgroup per 64 rows). The tuner and the GPU tests compare the two bit for bit.
 """
 
 from __future__ import annotations
