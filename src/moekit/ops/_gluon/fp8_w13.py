@@ -3,8 +3,8 @@
 Per output tile (rows of one expert block, BN gate columns and the same BN up columns), K step ``k`` of
 BK = 128 (one scale block)::
 
-    t_g = x_q[tok(rows), k·BK:(k+1)·BK] · Wq[e, n, k·BK:(k+1)·BK]ᵀ        (fp8 wgmma, fp32, fresh; t_u: rows I + n)
-    acc_g = fma(t_g, s_x[tok, k] · S[e, n // 128, k], acc_g)             (acc_u likewise, its own scale block)
+    t_g = x_q[tok(rows), k·BK:(k+1)·BK] · Wq[e, n, k·BK:(k+1)·BK]ᵀ     (fp8 wgmma, fp32, fresh; t_u: rows I + n)
+    acc_g = fma(t_g, s_x[tok, k] · S[e, n // 128, k], acc_g)          (acc_u likewise, its own scale block)
 
 then ``+ b13``, the gated activation in fp32 and the store (rounded to the params dtype, or quantised for w2
 per row of the tile when BN is one group): :func:`moekit.ops._triton.grouped_gemm.w13_kernel` for fp8 block
