@@ -175,9 +175,10 @@ def _make(fmt, t, e, k, h, i, act, bias, dtype=torch.bfloat16):
     return x, w13, w2, w, ids, spec, s13, s2, s_in, b1, b2
 
 
-def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None):
+def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon=False):
     """[(kernel, args, kwargs)] of one call of the quantised launcher (heuristic H200 config, or ``config``;
-    then ``patch``, e.g. ``{"BLOCK_M": 16, "w13": {"SWAP": 1}}``)."""
+    then ``patch``, e.g. ``{"BLOCK_M": 16, "w13": {"SWAP": 1}}``). ``gluon``: the launcher treats the CPU
+    tensors as an sm_90 GPU's, so a config asking for the Gluon kernels launches them (with its own arguments)."""
     e, k, h, i, act, bias = SHAPES[shape] if isinstance(shape, str) else shape
     x, w13, w2, w, ids, spec, s13, s2, (si13, si2), b1, b2 = _make(fmt, t, e, k, h, i, act, bias, dtype)
     cfg = config or tc.heuristic_config(t, e, h, i, k, dtype, 132, quant=spec.key if spec is not None else None)
@@ -186,12 +187,22 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None):
     kernels = {}
     from moekit.ops._triton import align, combine, grouped_gemm, quant
 
-    for mod in (align, combine, grouped_gemm, quant):
+    from moekit.ops import gluon_experts
+
+    mods = [align, combine, grouped_gemm, quant]
+    if gluon:
+        from moekit.ops._gluon import fp8_w2, fp8_w13
+
+        mods += [fp8_w2, fp8_w13]
+    for mod in mods:
         for name in dir(mod):
             obj = getattr(mod, name)
             if isinstance(obj, JITFunction) and hasattr(obj, "warmup"):
                 kernels[name] = obj
     saved = {n: kf.__dict__.get("warmup") for n, kf in kernels.items()}
+    device_ok = gluon_experts._device_ok
+    if gluon:
+        gluon_experts._device_ok = lambda t: True
     for name, kf in kernels.items():
         kf.warmup = (lambda kf: lambda *a, grid, **kw: seen.append((kf, a, kw)))(kf)
     try:
@@ -202,6 +213,7 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None):
             tq.fused_experts_quant_impl(x, w13, w2, w, ids, spec, s13, s2, si13, si2, act, False, b1, b2, None, limit,
                                         config=cfg, warmup=True)
     finally:
+        gluon_experts._device_ok = device_ok
         for name, kf in kernels.items():
             if saved[name] is None:
                 del kf.warmup

@@ -104,6 +104,24 @@ print("ok")
 """, tmp_path)
 
 
+def test_the_launchers_arguments_compile(tmp_path):
+    # the launcher's own call (heuristic fp8 config at T = 1000: unswapped, "gluon": 1), with the CPU tensors
+    # taken for an sm_90 GPU's: both Gluon kernels are launched in place of Triton's w13 / w2, and compile with
+    # exactly the arguments the launcher passes (DeepSeek-V3 slice: silu; gpt-oss: swigluoai + biases, partial K)
+    run_compiled("""
+import compile_sm90 as c
+for shape in ("deepseek", "gpt-oss"):
+    seen = c.launches(c.FORMATS["fp8_block"], 1000, shape, gluon=True)
+    names = [kf.__name__ for kf, _, _ in seen]
+    assert "fp8_w13_kernel" in names and "fp8_w2_sum_kernel" in names, names
+    assert "w13_kernel" not in names and "w2_kernel" not in names, names
+    for kf, args, kw in seen:
+        if kf.__name__.startswith("fp8_"):
+            c.compile_launch(kf, args, kw)
+print("ok")
+""", tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 # (T, E, K, H, I, activation, bias, on_input, BLOCK_M, hot, expert map, scale block): DeepSeek-like K step counts
 # (w13 56 / w2 16, even), odd (H 640: 5, I 384: 3), partial blocks and swigluoai with a limit and biases (gpt-oss:

@@ -27,14 +27,20 @@ def gluon_available(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
+def _device_ok(t: torch.Tensor) -> bool:
+    """``t`` lives on a GPU the Gluon kernels compile for (:func:`gluon_available`)."""
+    return t.device.type == "cuda" and gluon_available(t.device.index if t.device.index is not None
+                                                       else torch.cuda.current_device())
+
+
 def fp8_w2_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
     """The plan asked for the Gluon w2 and it computes the Triton kernel's bits here: fp8 block weights with the
     K step = one scale block, one dot per step (``fp8_acc`` = BK), one weight scale per tile (BN divides the
     scale block), tiles on wgmma's M side (BLOCK_M 64 / 128) and TMA-able rows."""
-    if not p.w2_gluon or q is None or q.spec.code != FP8_BLOCK or interp or w2.device.type != "cuda":
+    if not p.w2_gluon or q is None or q.spec.code != FP8_BLOCK or interp or not _device_ok(w2):
         return False
     kw = q.common
-    return (gluon_available(w2.device.index or 0) and kw["FP8_ACC"] == p.bk2 == q.spec.block_k
+    return (kw["FP8_ACC"] == p.bk2 == q.spec.block_k
             and q.ws2["ws_qbn"] % p.bn2 == 0 and p.bm in (64, 128) and (w2.shape[2] * w2.element_size()) % 16 == 0
             and not p.w2_kw["SWAP"])
 
@@ -67,10 +73,10 @@ def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start,
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
     """As :func:`fp8_w2_ok` for w13 (gated, fused epilogue, the w2 input stored in the params dtype or quantised
     per row of a BN = group tile), with weight rows by TMA (config ``"tma"``)."""
-    if not p.w13_gluon or q is None or q.spec.code != FP8_BLOCK or interp or not tma or w1.device.type != "cuda":
+    if not p.w13_gluon or q is None or q.spec.code != FP8_BLOCK or interp or not tma or not _device_ok(w1):
         return False
     kw = p.w13_kw
-    return (gluon_available(w1.device.index or 0) and q.common["FP8_ACC"] == p.bk13 == q.spec.block_k
+    return (q.common["FP8_ACC"] == p.bk13 == q.spec.block_k
             and q.ws13["ws_qbn"] % p.bn13 == 0 and p.bm in (64, 128) and not kw["SWAP"] and not kw["INLINE"])
 
 
