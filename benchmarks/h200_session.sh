@@ -23,8 +23,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -104,13 +104,36 @@ case $WHAT in
     step eager 160 python -m moekit bench --eager-only --out "$OUT"
     step transformers 160 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
     ;;
-  gluon)
-    step gpu-gluon 200 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_gluon_fp8.py
-    P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:16384,gpt-oss-120b:4096,mixtral-8x7b:16384,mixtral-8x7b:4096
-    P=$P,qwen3-30b-a3b:16384,qwen3-30b-a3b:4096,deepseek-v3:1024,qwen3-30b-a3b:1024
-    step profile-gluon 330 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --variants base,gl,gl2 \
-      --patches '{"gl": {"w13": {"gluon": 1}, "w2": {"gluon": 1}}, "gl2": {"w2": {"gluon": 1}}}' --calls 5 \
-      --out "$OUT/profile-gluon.json"
+  gluon4)  # the Gluon 4-bit GEMMs: their GPU bit tests, then µs per kernel against the shipped Triton tiles
+    step gpu-gluon4 200 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_gluon_w4.py
+    P=deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,deepseek-v3:1024
+    P=$P,gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120b:1024,qwen3-30b-a3b:1,qwen3-30b-a3b:64
+    G='"sum_pass": true, "w13_split": false'
+    step profile-gluon4 360 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,gl,glsw,glsw2 --calls 5 --patches "{\"gl\": {$G, \"w13\": {\"gluon\": 1}, \"w2\": {\"gluon\": 1}},
+      \"glsw\": {$G, \"BLOCK_M\": 16, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64, \"num_warps\": 4},
+      \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64, \"num_warps\": 4}},
+      \"glsw2\": {$G, \"BLOCK_M\": 16, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64, \"num_warps\": 4},
+      \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 128, \"num_warps\": 8}}}" --out "$OUT/profile-gluon4.json"
+    ;;
+  gluon4d)  # decoded tiles in flight (gluon_wbuf 1: three programs per SM; 2), swapped decode tiles; then the bit
+    # tests. Round 10's other probes (gluon4b: ring slots 6 / 10 and scales four steps ahead; gluon4c: w13 BN 128)
+    # were this step with other patches: their configs are in r10-profile-gluon4b/c.log
+    P=deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,gpt-oss-120b:8,gpt-oss-120b:64,qwen3-30b-a3b:64
+    sw() {  # the swapped Gluon tiles with $1 decoded tiles in flight
+      echo "\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 16, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64,
+        \"num_warps\": 4, \"gluon_wbuf\": $1}, \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 128, \"num_warps\": 8, \"gluon_wbuf\": $1}"
+    }
+    step profile-gluon4d 200 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,wb1,wb2 --calls 5 --out "$OUT/profile-gluon4d.json" --patches "{\"wb1\": {$(sw 1)}, \"wb2\": {$(sw 2)}}"
+    step gpu-gluon4d 150 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_gluon_w4.py
+    ;;
+  gluon4-final)  # after the last Gluon 4-bit change: its GPU tests, the fp8 Gluon tests (the plan's align change),
+    # the shipped fp8 tables' invariance (Gluon in their large buckets) and the 4-bit every-bucket invariance
+    step gpu-gluon-final 220 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_gluon_w4.py \
+      tests/ops/test_gluon_fp8.py
+    step gpu-inv-final 260 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_experts_quant.py -k "shipped_fp8 or (every_bucket and fp8) or shipped_4bit"
     ;;
   gluon-inv)  # the shipped fp8 tables with the Gluon GEMMs in their large buckets, then Gluon tile probes
     step gpu-inv-fp8 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
@@ -122,7 +145,7 @@ case $WHAT in
         "w2": {"num_warps": 8}}, "g32": {"w13": {"GROUP_M": 32}, "w2": {"GROUP_M": 32}},
         "s3": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "s5": {"w13": {"num_stages": 5}, "w2": {"num_stages": 5}}}'
     ;;
-  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv)"; exit 2 ;;
+  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv gluon4 gluon4d gluon4-final)"; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)

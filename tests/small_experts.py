@@ -63,3 +63,21 @@ def quantised_same_bits(fmt, configs) -> bool:
     _, run = quantised_call(fmt)
     outs = [run(c) for c in configs]
     return all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def assert_compiled_and_graphed_bits(f, inputs, new_inputs) -> None:
+    """``torch.compile(f, fullgraph=True)`` on ``inputs`` gives ``f``'s eager bits, and a CUDA graph of ``f`` captured
+    on copies of ``inputs`` and replayed after copying ``new_inputs`` in gives ``f(*new_inputs)``'s (CUDA only)."""
+    ref = f(*inputs)
+    assert torch.equal(torch.compile(f, fullgraph=True)(*inputs), ref)
+    static = [v.clone() for v in inputs]
+    f(*static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f(*static)
+    for dst, src in zip(static, new_inputs):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, f(*new_inputs))

@@ -1,10 +1,12 @@
-"""Launchers of the Gluon kernels (:mod:`._gluon`) inside :func:`.triton_experts.fused_experts_impl`.
+"""Launchers of the Gluon kernels (:mod:`._gluon`: the fp8 block GEMMs, the 4-bit GEMMs) inside
+:func:`.triton_experts.fused_experts_impl`.
 
 A Gluon kernel replaces a Triton kernel only where it computes the same bits (its module says how) and only
 when the config asks for it (``cfg["w13"]["gluon"] = 1``, ``cfg["w2"]["gluon"] = 1``), like ``"tma"``: on CPU,
 under the interpreter, on a GPU other than an NVIDIA sm_90 (Hopper: wgmma), without Gluon, or for tiles it does
-not cover (:func:`fp8_w13_ok`, :func:`fp8_w2_ok`), the Triton kernel runs. Its warps follow its tile: BLOCK_M / 16
-(one warpgroup per 64 rows). The tuner and the GPU tests compare the two bit for bit.
+not cover (:func:`fp8_w13_ok`, :func:`fp8_w2_ok`, :func:`w4_ok`), the Triton kernel runs. Its warps follow its
+tile: BLOCK_M / 16 (one warpgroup per 64 rows; swapped 4-bit tiles: BN / 16). The tuner and the GPU tests compare
+the two bit for bit.
 """
 
 from __future__ import annotations
@@ -102,3 +104,92 @@ def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, 
            BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]), BLOCK_E=w13_kw["BLOCK_E"],
            STAGES=stages, ACT=w13_kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"],
            EVEN_K=w13_kw["EVEN_K"], REQ=req, UE8M0=bool(w13_kw.get("UE8M0", False)), num_warps=bm // 16)
+
+
+#: the weight-only 4-bit formats' codes (:class:`.triton_experts_quant.QuantSpec`)
+MXFP4, INT4 = 3, 4
+#: shared memory a Gluon 4-bit program may take: two programs per SM when the ring still gets 3 slots, else one
+_SMEM_THREE, _SMEM_TWO, _SMEM_ONE = 74 * 1024, 112 * 1024, 224 * 1024
+
+
+def _w4_stages(fixed: int, per_stage: int, want: int = 6, two: bool = True) -> int:
+    """Ring slots of a Gluon 4-bit kernel: as many as fit (at most ``want``), two programs per SM if 3 fit
+    (``two``), else three programs per SM with 3 slots when they fit."""
+    if not two and fixed + 3 * per_stage <= _SMEM_THREE:
+        return 3
+    n = (_SMEM_TWO - fixed) // per_stage
+    return max(2, min(want, n if n >= 3 else (_SMEM_ONE - fixed) // per_stage))
+
+
+def w4_ok(p, q, which: str, w: torch.Tensor, x: torch.Tensor, interp: bool) -> bool:
+    """The plan asked for the Gluon 4-bit ``which`` ("w13" / "w2") and it computes the Triton kernel's bits here:
+    mxfp4 or int4 with bf16 scales (the packed-bf16 decode of the Triton kernels, ``PTX``), bf16 activations,
+    whole groups per K step, packed rows that start 16-byte aligned, wgmma-shaped tiles (the weight rows on the M
+    side when swapped: BN 64 / 128; else BLOCK_M 64 / 128); w13 gated, fused and without the weight on the input."""
+    want = p.w13_gluon if which == "w13" else p.w2_gluon
+    if not want or q is None or q.spec.code not in (MXFP4, INT4) or interp or not _device_ok(w):
+        return False
+    kw = p.w13_kw if which == "w13" else p.w2_kw
+    if x.dtype != torch.bfloat16 or not q.common["PTX"] or (which == "w13" and kw["ON_INPUT"]):
+        return False
+    ws = (q.ws13 if which == "w13" else q.ws2)["ws_ptr"]
+    if q.spec.code == INT4 and ws.dtype != torch.bfloat16:
+        return False
+    g, bk, bm, bn = q.spec.block_k, kw["BK"], p.bm, kw["BN"]
+    k_len = w.shape[2] * q.pack
+    row_bytes = w.shape[2] * w.element_size()
+    if kw["SWAP"]:
+        shape_ok = bn in (64, 128) and bm in (16, 32, 64)
+    else:  # w13's two [BM, BN] accumulators: BN <= BM (BLOCK_M 64 with BN 128 spills)
+        shape_ok = bm in (64, 128) and 16 <= bn <= (bm if which == "w13" else 256)
+    fixed, per_stage = _w4_smem(which, bm, bn, bk, p.gluon_wbuf[0 if which == "w13" else 1])
+    return (shape_ok and bk % g == 0 and bk in (64, 128) and k_len % 8 == 0 and row_bytes % 16 == 0
+            and fixed + 2 * per_stage <= _SMEM_ONE and w.is_contiguous() and w.data_ptr() % 16 == 0
+            and ws.is_contiguous())
+
+
+def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int]:
+    """Shared memory of a Gluon 4-bit kernel in bytes: (decoded bf16 weight tiles, one ring slot: activation rows
+    + packed weights at half a byte per weight)."""
+    tiles = 2 if which == "w13" else 1  # gate and up
+    return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
+
+
+def _w4_common(p, q, kw: dict, stages: int, wbuf: int) -> dict:
+    """The constexprs both Gluon 4-bit kernels take: tiles, format, ring slots, orientation, warps."""
+    swap = bool(kw["SWAP"])
+    return dict(BM=p.bm, BN=kw["BN"], BK=kw["BK"], G=q.spec.block_k, QUANT=q.spec.code, GROUP_M=int(kw["GROUP_M"]),
+                BLOCK_E=kw["BLOCK_E"], STAGES=stages, SWAP=swap, WBUF=wbuf,
+                num_warps=(kw["BN"] if swap else p.bm) // 16)
+
+
+def launch_w4_w13(launch, p, q, x, w1, b1, inter_buf, counts, row_start, sorted_slot, h, inter, k) -> None:
+    """``inter[r] = act(x[tok(r)] · decode(W13)ᵀ (+ b13))`` rounded to bf16 (:func:`._gluon.w4.w4_w13_kernel`)."""
+    from ._gluon.w4 import w4_w13_kernel
+
+    kw, ws = p.w13_kw, q.ws13
+    bm, bn, bk = p.bm, kw["BN"], kw["BK"]
+    wbuf = p.gluon_wbuf[0]
+    stages = p.gluon_stages[0] or _w4_stages(*_w4_smem("w13", bm, bn, bk, wbuf), two=wbuf == 2)
+    launch(w4_w13_kernel, p.grid13, x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts, row_start,
+           sorted_slot, h, inter, w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0), w1.stride(1),
+           ws["stride_wse"], ws["stride_wsn"], b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
+           ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], EVEN_K=kw["EVEN_K"],
+           **_w4_common(p, q, kw, stages, wbuf))
+
+
+def launch_w4_w2_sum(launch, p, q, inter_buf, w2, b2, tw, counts, row_start, sorted_slot, part, h, inter, k,
+                     on_input: bool) -> None:
+    """``part[slot] = (inter[r] · decode(W2)ᵀ (+ b2)) (· w)`` rounded to bf16 (:func:`._gluon.w4.w4_w2_sum_kernel`):
+    the SUM_PASS w2."""
+    from ._gluon.w4 import w4_w2_sum_kernel
+
+    kw, ws = p.w2_kw, q.ws2
+    bm, bn, bk = p.bm, kw["BN"], kw["BK"]
+    wbuf = p.gluon_wbuf[1]
+    stages = p.gluon_stages[1] or _w4_stages(*_w4_smem("w2", bm, bn, bk, wbuf), two=wbuf == 2)
+    launch(w4_w2_sum_kernel, p.grid2, inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw, counts,
+           row_start, sorted_slot, part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn, inter_buf.stride(0),
+           w2.stride(0), w2.stride(1), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0,
+           tw.stride(0), part.stride(0), HAS_BIAS=b2 is not None, ON_INPUT=on_input, EVEN_K=kw["EVEN_K"],
+           **_w4_common(p, q, kw, stages, wbuf))

@@ -226,6 +226,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if gluon_experts.fp8_w13_ok(p, q, w1, w1_desc is not None, _interpreting()):  # same bits, overlapped promotion
         gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start, sorted_slot, h, inter,
                                      k, w13_kw)
+    elif gluon_experts.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory
+        gluon_experts.launch_w4_w13(launch, p, q, a13, w1, b1, w13_out, counts, row_start, sorted_slot, h, inter, k)
     else:
         launch(
             grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, w13_out, tw, counts,
@@ -242,6 +244,9 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if w2_desc is not None and gluon_experts.fp8_w2_ok(p, q, w2, _interpreting()):  # same bits, overlapped promotion
         gluon_experts.launch_fp8_w2_sum(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, tw, counts, row_start,
                                         sorted_slot, part, h, inter, k, bool(on_input))
+    elif p.sum_pass and gluon_experts.w4_ok(p, q, "w2", w2, x, _interpreting()):
+        gluon_experts.launch_w4_w2_sum(launch, p, q, inter_w2, w2, b2, tw, counts, row_start, sorted_slot, part, h,
+                                       inter, k, bool(on_input))
     else:
         _launch_w2(launch, p, inter_w2, inter_desc, w2, w2_desc, b2, out, tw, ids, emap_arg, counts, sorted_slot,
                    part, sem, tok_live, h, inter, e_local, k, t, w2_kw, flags)

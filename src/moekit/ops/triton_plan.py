@@ -64,6 +64,8 @@ class LaunchPlan:
     w13_gluon: bool  # w13 config "gluon" (gated, fused, an align kernel ran): the Gluon fp8 block w13, if it may run
     grid_sum: tuple
     sum_kw: dict
+    gluon_stages: tuple = (0, 0)  # config "gluon_stages" of w13 / w2: ring slots of a Gluon kernel (0: it decides)
+    gluon_wbuf: tuple = (1, 1)  # config "gluon_wbuf" (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -91,7 +93,8 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     kp = triton.next_power_of_2(k)
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
-    inline = slots <= inline_slots
+    # a Gluon kernel finds its block's expert in the align kernel's row_start: it asks for one at any T
+    inline = slots <= inline_slots and not (c13.get("gluon") or c2.get("gluon"))
     align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if sems else 1))
@@ -124,4 +127,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         want_tma=tma and small_elt, want_pdl=pdl,
         w2_gluon=bool(c2.get("gluon", 0)) and sum_pass and align_mode != "inline",
         w13_gluon=bool(c13.get("gluon", 0)) and gated and not split and align_mode != "inline",
+        gluon_stages=(int(c13.get("gluon_stages", 0)), int(c2.get("gluon_stages", 0))),
+        # swapped (decode) tiles: one (three programs per SM: H200, DeepSeek-V3 mxfp4 T = 8 w13 634 -> 598 µs)
+        gluon_wbuf=tuple(int(c.get("gluon_wbuf", 1 if c.get("SWAP") else 2)) for c in (c13, c2)),
     )

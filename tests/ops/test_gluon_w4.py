@@ -1,0 +1,211 @@
+"""The Gluon 4-bit GEMMs (:mod:`moekit.ops._gluon.w4`, config ``"w13" / "w2": {"gluon": 1}`` on mxfp4 / int4)
+against Triton's.
+
+Each must give the same bits as the Triton kernel it replaces (w13: the fused gated epilogue; w2: the sum-pass
+branch): the same decoded bf16 tile (the same PTX decode), the same k16 products summed in order on the tensor
+cores, the same epilogue functions; only where the decoded tile lives differs (shared memory, read by wgmma). On
+CPU: they compile for sm_90 with 16-byte copies, wgmma and no spills, and the launcher takes them only where they
+compute those bits. On the H200 (``gpu``): bit-identical outputs over the awkward shapes, swapped and unswapped.
+"""
+
+import pytest
+
+import torch
+
+pytest.importorskip("triton")
+
+from compile_check import run_compiled  # noqa: E402
+from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops import triton_experts_quant as tq  # noqa: E402
+from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
+from moekit.ops.quantize import quantize_experts  # noqa: E402
+from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
+from small_experts import assert_compiled_and_graphed_bits, experts_problem  # noqa: E402
+
+
+def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, bn2: int = 64, wbuf=None):
+    """A 4-bit config (BK 128, the sum pass on) asking for the Gluon w13 / w2 or not (``wbuf``: their
+    ``"gluon_wbuf"``, decoded tiles in flight; None: the plan's default)."""
+    w13 = {"BN": bn13, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": int(swap)}
+    w2 = {"BN": bn2, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": int(swap)}
+    for c, g in ((w13, g13), (w2, g2)):
+        if g:
+            c["gluon"] = 1
+            if wbuf is not None:
+                c["gluon_wbuf"] = wbuf
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "sum_pass": True}
+
+
+def _plan(t, k, cfg, gated=True, on_input=False):
+    return launch_plan(t, 512, 384, 768 if gated else 384, 16, 16, k, torch.bfloat16, 0, gated, on_input, False,
+                       False, False, None, False, 1024, 16, _freeze(cfg))
+
+
+def test_a_gluon_config_runs_an_align_kernel_at_any_t():
+    # 8 slots: the layout would live in registers (no align kernel, no row_start); asking for a Gluon kernel
+    # runs the one-program align instead, which stores row_start
+    assert _plan(1, 8, _cfg(False, False)).align == "inline"
+    p = _plan(1, 8, _cfg(True, True))
+    assert p.align == "small" and p.w13_gluon and p.w2_gluon
+    # one decoded tile in flight for swapped (decode) tiles, two for unswapped; a config may say which
+    assert p.gluon_wbuf == (1, 1)
+    assert _plan(300, 8, _cfg(True, True, bm=64, swap=False)).gluon_wbuf == (2, 2)
+    assert _plan(1, 8, _cfg(True, True, wbuf=2)).gluon_wbuf == (2, 2)
+
+
+def test_w4_launcher_refuses_where_the_bits_would_differ():
+    p = _plan(300, 8, _cfg(True, True))
+    spec = tq.QuantSpec.of(Mxfp4Format())
+    w1 = torch.empty(16, 768, 256, dtype=torch.uint8)
+    x = torch.empty(300, 512, dtype=torch.bfloat16)
+    q = tq.QuantLaunch(spec, torch.ones(16, 768, 16, dtype=torch.uint8), torch.ones(16, 512, 12, dtype=torch.uint8),
+                       None, None, 384, ptx=True)
+    assert not gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False)  # on the CPU
+    dev = gluon_experts._device_ok
+    try:
+        gluon_experts._device_ok = lambda t: True  # as if on an sm_90 GPU
+        assert gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False)
+        assert not gluon_experts.w4_ok(p, q, "w13", w1, x, interp=True)  # the interpreter
+        assert not gluon_experts.w4_ok(p, q, "w13", w1, x.half(), interp=False)  # fp16 activations
+        q_nop = tq.QuantLaunch(spec, q.ws13["ws_ptr"], q.ws2["ws_ptr"], None, None, 384, ptx=False)
+        assert not gluon_experts.w4_ok(p, q_nop, "w13", w1, x, interp=False)  # no packed-bf16 decode
+        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(False, True)), q, "w13", w1, x, interp=False)  # not asked
+        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True), on_input=True), q, "w13", w1, x, False)
+        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, swap=False)), q, "w13", w1, x, False)  # BM 16
+        assert gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, swap=False)), q, "w13", w1, x, False)
+        wide = _plan(300, 8, _cfg(True, True, bm=64, swap=False, bn13=128))
+        assert not gluon_experts.w4_ok(wide, q, "w13", w1, x, False)  # two 64 x 128 accumulators in 4 warps spill
+        assert not gluon_experts.w4_ok(p, q, "w13", w1[:, :, :255], x, interp=False)  # rows not 16-byte aligned
+        i4 = tq.QuantSpec.of(Int4GroupFormat(32))
+        w1i = torch.empty(16, 768, 64, dtype=torch.int32)
+        q32 = tq.QuantLaunch(i4, torch.ones(16, 768, 16), torch.ones(16, 512, 12), None, None, 384, ptx=True)
+        assert not gluon_experts.w4_ok(p, q32, "w13", w1i, x, interp=False)  # int4 with fp32 scales
+        qbf = tq.QuantLaunch(i4, torch.ones(16, 768, 16, dtype=torch.bfloat16),
+                             torch.ones(16, 512, 12, dtype=torch.bfloat16), None, None, 384, ptx=True)
+        assert gluon_experts.w4_ok(p, qbf, "w13", w1i, x, interp=False)
+    finally:
+        gluon_experts._device_ok = dev
+
+
+def test_gluon_w4_compiles_for_sm90_with_vector_copies_and_no_spills(tmp_path):
+    # both kernels, mxfp4 / int4 g32 / int4 g128, swapped (BLOCK_M 16 / 32, BN 64 / 128) and unswapped (BLOCK_M 64),
+    # even and partial K (gpt-oss 2880 = 22.5 steps): every copy a 16-byte cp.async, bf16 wgmma, no spills
+    run_compiled("""
+import re
+from pathlib import Path
+import compile_sm90 as c
+tmp = Path(__import__("tempfile").mkdtemp())
+for which in ("w13", "w2"):
+    for quant, g in (("mxfp4", 32), ("int4", 32), ("int4", 128)):
+        for bm, bn, swap, h, wbuf in ((16, 64, True, 7168, 1), (32, 128, True, 2880, 2), (64, 64, False, 2880, 2),
+                                      (128, 64, False, 7168, 1)):
+            k = c.gluon_w4(which, quant, bm=bm, bn=bn, swap=swap, h=h, i=h, g=g, wbuf=wbuf, stages=3)
+            ptx = k.asm["ptx"]
+            sizes = set(re.findall(r"cp\\.async\\.\\w+\\.shared\\.global \\[[^]]*\\], \\[[^]]*\\], (0x\\w+)", ptx))
+            assert sizes == {"0x10"}, (which, quant, g, bm, bn, sizes)
+            n = bm if swap else bn
+            assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16" in ptx, (which, quant, bm, bn)
+            rep = c.ptxas_report(ptx, tmp)
+            assert "0 bytes spill stores" in rep and "C7514" not in rep, rep
+print("ok")
+""", tmp_path)
+
+
+def test_the_w4_launchers_arguments_compile(tmp_path):
+    # the launcher's own call with a config asking for both Gluon kernels (swapped at T = 1, unswapped at 1000),
+    # the CPU tensors taken for an sm_90 GPU's: the Gluon kernels replace Triton's w13 / w2 and compile with exactly
+    # the launcher's arguments (DeepSeek-V3 slice: silu; gpt-oss: swigluoai + biases, partial K)
+    run_compiled("""
+import compile_sm90 as c
+sw = {"BLOCK_M": 16, "sum_pass": True, "w13_split": False, "w13": {"SWAP": 1, "gluon": 1, "BN": 64},
+      "w2": {"SWAP": 1, "gluon": 1, "BN": 64}}
+un = {"BLOCK_M": 64, "sum_pass": True, "w13_split": False, "w13": {"SWAP": 0, "gluon": 1, "BN": 64},
+      "w2": {"SWAP": 0, "gluon": 1, "BN": 128}}
+for fmt in ("mxfp4", "int4_g32"):
+    for shape in ("deepseek", "gpt-oss"):
+        for t, patch in ((1, sw), (1000, un)):
+            seen = c.launches(c.FORMATS[fmt], t, shape, patch=patch, gluon=True)
+            names = [kf.__name__ for kf, _, _ in seen]
+            assert "w4_w13_kernel" in names and "w4_w2_sum_kernel" in names, names
+            assert "w13_kernel" not in names and "w2_kernel" not in names, names
+            for kf, args, kw in seen:
+                if kf.__name__.startswith("w4_"):
+                    c.compile_launch(kf, args, kw)
+print("ok")
+""", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+# (T, E, K, H, I, activation, bias, format, BLOCK_M, SWAP, w13 BN, w2 BN, hot, expert map, gluon_wbuf): DeepSeek-like
+# decode (swapped BLOCK_M 16, T = 1 and 8: the one-program align the Gluon config asks for), mid-size swapped with
+# BLOCK_M 32 and BN 128, unswapped BLOCK_M 64 and 128, gpt-oss partial K (2880: 22.5 steps) with swigluoai + biases,
+# int4 groups of 32 and 128, a hot expert (its rows over many blocks), half the experts local (dead slots); one or
+# two decoded tiles in flight (None: the plan's default, 1 swapped / 2 unswapped)
+GPU_CASES = [
+    (1, 16, 8, 7168, 2048, "silu", False, "mxfp4", 16, True, 64, 64, False, False, None),
+    (8, 16, 8, 7168, 2048, "silu", False, "int4_g32", 16, True, 64, 64, False, False, 2),
+    (64, 32, 4, 2880, 2880, "swigluoai", True, "mxfp4", 32, True, 64, 128, False, False, None),
+    (600, 16, 8, 1024, 768, "silu", False, "mxfp4", 64, False, 64, 128, False, False, None),
+    (523, 8, 4, 2880, 2880, "swigluoai", True, "int4_g32", 64, False, 64, 128, False, False, 1),
+    (1100, 16, 8, 1024, 1024, "silu", False, "int4_g128", 128, False, 128, 128, False, False, None),
+    (300, 16, 4, 1024, 768, "gelu_tanh", False, "mxfp4", 16, True, 64, 64, True, False, 2),
+    (200, 16, 4, 1024, 768, "silu", True, "int4_g32", 32, True, 128, 64, False, True, None),
+]
+_FMTS = {"mxfp4": Mxfp4Format(), "int4_g32": Int4GroupFormat(32), "int4_g128": Int4GroupFormat(128)}
+
+
+def _counting(monkeypatch, name: str) -> list:
+    calls, real = [], getattr(gluon_experts, name)
+    monkeypatch.setattr(gluon_experts, name, lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, e, k, h, i, act, bias, fmt, bm, swap, bn13, bn2, hot, emap, wbuf", GPU_CASES,
+                         ids=["decode_t1_mxfp4", "decode_t8_int4", "swapped_bm32_gptoss", "unswapped_bm64",
+                              "unswapped_partial_k_int4", "bm128_int4_g128", "hot_gelu_tanh", "expert_map"])
+def test_gpu_gluon_w4_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, fmt, bm, swap, bn13, bn2, hot,
+                                          emap, wbuf):
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=3, t=t, e=e, h=h, i=i, k=k)
+    if hot:
+        ids[: t // 2, 0] = 0
+        ids[: t // 2, 1:] = torch.arange(1, k, device=ids.device, dtype=ids.dtype)
+    f = _FMTS[fmt]
+    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), f)
+    spec = tq.QuantSpec.of(f)
+    n_local = e // 2 if emap else e
+    emap_t = None
+    if emap:
+        emap_t = torch.full((e,), -1, dtype=torch.int32, device="cuda")
+        emap_t[:n_local] = torch.arange(n_local, dtype=torch.int32, device="cuda")
+    limit = 7.0 if act == "swigluoai" else None
+    calls13, calls2 = _counting(monkeypatch, "launch_w4_w13"), _counting(monkeypatch, "launch_w4_w2_sum")
+    outs = []
+    for g13, g2 in ((False, False), (True, True), (True, False), (False, True)):
+        cfg = _cfg(g13, g2, bm=bm, swap=swap, bn13=bn13, bn2=bn2, wbuf=wbuf)
+        outs.append(tq.fused_experts_quant_impl(
+            x, q13[:n_local], q2[:n_local], w, ids, spec, s13[:n_local], s2[:n_local], None, None, act, False,
+            b1[:n_local] if bias else None, b2[:n_local] if bias else None, emap_t, limit, config=cfg))
+    assert len(calls13) == 2 and len(calls2) == 2  # each Gluon kernel ran where asked
+    for o in outs[1:]:
+        assert torch.equal(outs[0], o)
+    assert outs[0].isfinite().all() and outs[0].abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch):
+    # the public quantised call with a config asking for both Gluon kernels: torch.compile(fullgraph=True) and a CUDA
+    # graph replayed on new inputs give the eager bits
+    t, e, k, h, i = 8, 16, 8, 1024, 512
+    w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
+    fmt = Mxfp4Format()
+    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
+    calls = _counting(monkeypatch, "launch_w4_w13")
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, True))  # the lookup finds a Gluon config
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+
+    _, _, x2, w2_, ids2, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=5, t=t, e=e, h=h, i=i, k=k)
+    assert_compiled_and_graphed_bits(f, (x, w, ids), (x2, w2_, ids2))
+    assert calls, "the Gluon w13 did not run"
