@@ -108,17 +108,19 @@ def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, 
 
 #: the weight-only 4-bit formats' codes (:class:`.triton_experts_quant.QuantSpec`)
 MXFP4, INT4 = 3, 4
-#: shared memory a Gluon 4-bit program may take: two programs per SM when the ring still gets 3 slots, else one
+#: shared memory a Gluon 4-bit program may take for three, two or one programs per SM
 _SMEM_THREE, _SMEM_TWO, _SMEM_ONE = 74 * 1024, 112 * 1024, 224 * 1024
+#: ring slots at most (more were slower on the H200: docs/kernels.md round 10)
+_W4_MAX_STAGES = 6
 
 
-def _w4_stages(fixed: int, per_stage: int, want: int = 6, two: bool = True) -> int:
-    """Ring slots of a Gluon 4-bit kernel: as many as fit (at most ``want``), two programs per SM if 3 fit
-    (``two``), else three programs per SM with 3 slots when they fit."""
+def _w4_stages(fixed: int, per_stage: int, two: bool) -> int:
+    """Ring slots of a Gluon 4-bit kernel: three programs per SM with 3 slots when they fit and not ``two`` (one
+    decoded tile in flight), else as many slots as fit two programs per SM if 3 do, else one program per SM."""
     if not two and fixed + 3 * per_stage <= _SMEM_THREE:
         return 3
     n = (_SMEM_TWO - fixed) // per_stage
-    return max(2, min(want, n if n >= 3 else (_SMEM_ONE - fixed) // per_stage))
+    return max(2, min(_W4_MAX_STAGES, n if n >= 3 else (_SMEM_ONE - fixed) // per_stage))
 
 
 def w4_ok(p, q, which: str, w: torch.Tensor, x: torch.Tensor, interp: bool) -> bool:

@@ -60,12 +60,12 @@ class LaunchPlan:
     want_pdl: bool
     split: bool  # w13 with one accumulator per program + the epilogue pass (config "w13_split", gated only)
     sum_pass: bool  # the top-k sum in its own pass after w2 (config "sum_pass", K > 1 only)
-    w2_gluon: bool  # w2 config "gluon" (sum pass, an align kernel ran): the Gluon fp8 block w2, if it may run
-    w13_gluon: bool  # w13 config "gluon" (gated, fused, an align kernel ran): the Gluon fp8 block w13, if it may run
+    w2_gluon: bool  # w2 config "gluon" (sum pass, an align kernel ran): the Gluon fp8 block / 4-bit w2, if it may run
+    w13_gluon: bool  # w13 config "gluon" (gated, fused, an align kernel ran): the Gluon w13, if it may run
     grid_sum: tuple
     sum_kw: dict
-    gluon_stages: tuple = (0, 0)  # config "gluon_stages" of w13 / w2: ring slots of a Gluon kernel (0: it decides)
-    gluon_wbuf: tuple = (1, 1)  # config "gluon_wbuf" (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
+    gluon_stages: tuple  # config "gluon_stages" of w13 / w2: ring slots of a Gluon 4-bit kernel (0: it decides)
+    gluon_wbuf: tuple  # config "gluon_wbuf" of w13 / w2 (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
 
 
 def _pad(n: int, q: int = 32) -> int:

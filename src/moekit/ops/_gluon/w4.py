@@ -36,23 +36,35 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .._triton.grouped_gemm import _activate
-from .._triton.quant import E2M1_BF16_ASM, INT4_BF16_ASM, to_dt
+from .._triton.quant import E2M1_BF16_ASM, INT4_BF16_ASM, MXFP4, to_dt
 from .common import block_expert, pid_to_tile
 
-MXFP4 = gl.constexpr(3)
 _PLAIN = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))  # the packed ring: each thread reads its own copies
 
 
 @gluon.constexpr_function
-def _p_layout(NG, W, VEC, num_warps):
-    """[BN, NG, W] packed tile, VEC elements (16 bytes) per thread along a group's W words."""
-    tw = W // VEC
-    return gl.BlockedLayout([1, 1, VEC], [32 // (NG * tw), NG, tw], [num_warps, 1, 1], [2, 1, 0])
+def _pack(QUANT):
+    """Values per packed element: two e2m1 codes per uint8 (mxfp4), eight int4 per int32."""
+    return 2 if QUANT == MXFP4 else 8
+
+
+@gluon.constexpr_function
+def _p_layout(QUANT, G, BK, num_warps):
+    """The packed tile [BN, BK / G groups, G / PACK elements]: 16 bytes (32 // PACK elements) per thread."""
+    pack = 2 if QUANT == MXFP4 else 8
+    ng, w, vec = BK // G, G // pack, 32 // pack
+    return gl.BlockedLayout([1, 1, vec], [32 // (ng * (w // vec)), ng, w // vec], [num_warps, 1, 1], [2, 1, 0])
+
+
+@gluon.constexpr_function
+def _a_layout(BK, num_warps):
+    """Activation rows [BM, BK] for cp.async: 8 bf16 (16 bytes) per thread."""
+    return gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [num_warps, 1], [1, 0])
 
 
 @gluon.jit
-def _w_ptrs(w_base, n0, N, stride_wn, KP, NG: gl.constexpr, W: gl.constexpr, VEC: gl.constexpr,
-            P_L: gl.constexpr, BN: gl.constexpr):
+def _w_ptrs(w_base, n0, N, stride_wn, NG: gl.constexpr, W: gl.constexpr, VEC: gl.constexpr, P_L: gl.constexpr,
+            BN: gl.constexpr):
     """Pointers [BN, NG, W] to packed rows n0..n0+BN at k = 0, the row mask, and each element's vector index
     along the row (for the K-tail mask in whole 16-byte vectors)."""
     n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, P_L)))
@@ -172,6 +184,16 @@ def _rows_cols(pid_m, pid_n, first, n_e, BM: gl.constexpr, BN: gl.constexpr, SWA
 
 
 @gluon.jit
+def _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM: gl.constexpr, BLOCK_E: gl.constexpr,
+                A_L: gl.constexpr, num_warps: gl.constexpr):
+    """Row block ``pid_m``'s expert, first block and live rows (:func:`.common.block_expert`), and its row offsets
+    with their liveness in the activation-copy layout."""
+    e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
+    ra = gl.arange(0, BM, layout=gl.SliceLayout(1, A_L))
+    return e, first, n_e, ra, (pid_m - first) * BM + ra < n_e
+
+
+@gluon.jit
 def _x_operand(x_ptr, rows_or_tok, valid_a, stride_xt, BK: gl.constexpr, A_L: gl.constexpr):
     """Pointers [BM, BK] to the activation rows at k = 0, the row mask and each element's 16-byte vector index."""
     offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, A_L))
@@ -192,31 +214,26 @@ def w4_w13_kernel(
     """Grid (num_pid_m · cdiv(I, BN),). x: [T, H] bf16; w1: [E, 2I, H / PACK] packed (uint8 mxfp4 / int32 int4,
     gate rows then up rows, every row 16-byte aligned); ws: [E, 2I, H / G] raw scales (uint8 e8m0 / bf16);
     inter: [rows, I] bf16 (sorted row layout)."""
+    PACK: gl.constexpr = _pack(QUANT)
+    P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
+    A_L: gl.constexpr = _a_layout(BK, num_warps)
+    ACC_L: gl.constexpr = _acc_layout(BM, BN, SWAP, num_warps)
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
-    e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
+    e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, num_warps)
     if e < E_local:
-        PACK: gl.constexpr = 2 if QUANT == MXFP4 else 8  # values per packed element (uint8 / int32)
-        NG: gl.constexpr = BK // G
-        W: gl.constexpr = G // PACK
-        P_L: gl.constexpr = _p_layout(NG, W, 32 // PACK, num_warps)  # 32 // PACK: elements per 16 bytes
-        A_L: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [num_warps, 1], [1, 0])
-        ACC_L: gl.constexpr = _acc_layout(BM, BN, SWAP, num_warps)
-
-        ra = gl.arange(0, BM, layout=gl.SliceLayout(1, A_L))
-        valid_a = (pid_m - first) * BM + ra < n_e
         tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
         x_ptrs, x_mask, offs_v = _x_operand(x_ptr, tok_a, valid_a, stride_xt, BK, A_L)
         KP = H // PACK
         w_base = w1_ptr + e.to(gl.int64) * stride_we
-        g_ptrs, w_mask, vid = _w_ptrs(w_base, pid_n * BN, I, stride_wn, KP, NG, W, 32 // PACK, P_L, BN)
+        g_ptrs, w_mask, vid = _w_ptrs(w_base, pid_n * BN, I, stride_wn, BK // G, G // PACK, 32 // PACK, P_L, BN)
         u_ptrs = g_ptrs + I.to(gl.int64) * stride_wn
         ws_base = ws_ptr + e.to(gl.int64) * stride_wse
-        sg_ptrs, s_mask, g2 = _s_ptrs(ws_base, pid_n * BN, I, stride_wsn, NG, P_L, BN)
+        sg_ptrs, s_mask, g2 = _s_ptrs(ws_base, pid_n * BN, I, stride_wsn, BK // G, P_L, BN)
         su_ptrs = sg_ptrs + I.to(gl.int64) * stride_wsn
         NKG = H // G
 
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], _nvmma(BM, BK))
-        p_smem = gl.allocate_shared_memory(w1_ptr.dtype.element_ty, [2 * STAGES, BN, NG, W], _PLAIN)
+        p_smem = gl.allocate_shared_memory(w1_ptr.dtype.element_ty, [2 * STAGES, BN, BK // G, G // PACK], _PLAIN)
         w_smem = gl.allocate_shared_memory(gl.bfloat16, [2 * WBUF, BN, BK], _nvmma(BN, BK))  # (gate, up) × WBUF
         nk = gl.cdiv(H, BK)
         for st in gl.static_range(STAGES - 1):
@@ -226,18 +243,18 @@ def w4_w13_kernel(
             async_copy.commit_group()
         # the group scales, in registers two K steps ahead (four ahead measured slower on the H200: DeepSeek-V3
         # mxfp4 T = 1 w13 86.6 -> 97.4 µs)
-        sg0 = _scales(sg_ptrs, s_mask, g2, 0, NKG, NG)
-        su0 = _scales(su_ptrs, s_mask, g2, 0, NKG, NG)
-        sg1 = _scales(sg_ptrs, s_mask, g2, 1, NKG, NG)
-        su1 = _scales(su_ptrs, s_mask, g2, 1, NKG, NG)
+        sg0 = _scales(sg_ptrs, s_mask, g2, 0, NKG, BK // G)
+        su0 = _scales(su_ptrs, s_mask, g2, 0, NKG, BK // G)
+        sg1 = _scales(sg_ptrs, s_mask, g2, 1, NKG, BK // G)
+        su1 = _scales(su_ptrs, s_mask, g2, 1, NKG, BK // G)
         if SWAP:
             acc_g = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
         else:
             acc_g = gl.zeros([BM, BN], gl.float32, layout=ACC_L)
         acc_u = gl.zeros_like(acc_g)
         for k in range(nk):
-            sg2 = _scales(sg_ptrs, s_mask, g2, k + 2, NKG, NG)
-            su2 = _scales(su_ptrs, s_mask, g2, k + 2, NKG, NG)
+            sg2 = _scales(sg_ptrs, s_mask, g2, k + 2, NKG, BK // G)
+            su2 = _scales(su_ptrs, s_mask, g2, k + 2, NKG, BK // G)
             async_copy.wait_group(STAGES - 2)  # this thread's copies of step k have landed
             slot = k % STAGES
             wg = _decode(p_smem.index(2 * slot).load(P_L), sg0, QUANT, BN, BK)
@@ -283,41 +300,37 @@ def w4_w2_sum_kernel(
 ):
     """Grid (num_pid_m · NBN,). inter: [rows, I] bf16; w2: [E, H, I / PACK] packed; ws: [E, H, I / G];
     part: [T·K, H] bf16 (the slot rows; the top-k sum is the separate pass)."""
+    PACK: gl.constexpr = _pack(QUANT)
+    P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
+    A_L: gl.constexpr = _a_layout(BK, num_warps)
+    ACC_L: gl.constexpr = _acc_layout(BM, BN, SWAP, num_warps)
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
-    e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
+    e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, num_warps)
     if e < E_local:
-        PACK: gl.constexpr = 2 if QUANT == MXFP4 else 8  # values per packed element (uint8 / int32)
-        NG: gl.constexpr = BK // G
-        W: gl.constexpr = G // PACK
-        P_L: gl.constexpr = _p_layout(NG, W, 32 // PACK, num_warps)  # 32 // PACK: elements per 16 bytes
-        A_L: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [num_warps, 1], [1, 0])
-        ACC_L: gl.constexpr = _acc_layout(BM, BN, SWAP, num_warps)
-
-        ra = gl.arange(0, BM, layout=gl.SliceLayout(1, A_L))
-        valid_a = (pid_m - first) * BM + ra < n_e
         x_ptrs, x_mask, offs_v = _x_operand(inter_ptr, pid_m * BM + ra, valid_a, stride_ir, BK, A_L)
         KP = I // PACK
-        w_ptrs, w_mask, vid = _w_ptrs(w2_ptr + e.to(gl.int64) * stride_we, pid_n * BN, H, stride_wn, KP, NG, W,
-                                      32 // PACK, P_L, BN)
-        s_ptrs, s_mask, g2 = _s_ptrs(ws_ptr + e.to(gl.int64) * stride_wse, pid_n * BN, H, stride_wsn, NG, P_L, BN)
+        w_ptrs, w_mask, vid = _w_ptrs(w2_ptr + e.to(gl.int64) * stride_we, pid_n * BN, H, stride_wn, BK // G,
+                                      G // PACK, 32 // PACK, P_L, BN)
+        s_ptrs, s_mask, g2 = _s_ptrs(ws_ptr + e.to(gl.int64) * stride_wse, pid_n * BN, H, stride_wsn, BK // G, P_L,
+                                     BN)
         NKG = I // G
 
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], _nvmma(BM, BK))
-        p_smem = gl.allocate_shared_memory(w2_ptr.dtype.element_ty, [STAGES, BN, NG, W], _PLAIN)
+        p_smem = gl.allocate_shared_memory(w2_ptr.dtype.element_ty, [STAGES, BN, BK // G, G // PACK], _PLAIN)
         w_smem = gl.allocate_shared_memory(gl.bfloat16, [WBUF, BN, BK], _nvmma(BN, BK))
         nk = gl.cdiv(I, BK)
         for st in gl.static_range(STAGES - 1):
             _issue_x(x_smem, x_ptrs, x_mask, offs_v, I, st, nk, STAGES, BK, EVEN_K)
             _issue_w(p_smem, st, w_ptrs, w_mask, vid, KP, st, nk, BK, PACK, EVEN_K)
             async_copy.commit_group()
-        s0 = _scales(s_ptrs, s_mask, g2, 0, NKG, NG)  # two K steps ahead, as in w4_w13_kernel
-        s1 = _scales(s_ptrs, s_mask, g2, 1, NKG, NG)
+        s0 = _scales(s_ptrs, s_mask, g2, 0, NKG, BK // G)  # two K steps ahead, as in w4_w13_kernel
+        s1 = _scales(s_ptrs, s_mask, g2, 1, NKG, BK // G)
         if SWAP:
             acc = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
         else:
             acc = gl.zeros([BM, BN], gl.float32, layout=ACC_L)
         for k in range(nk):
-            s2 = _scales(s_ptrs, s_mask, g2, k + 2, NKG, NG)
+            s2 = _scales(s_ptrs, s_mask, g2, k + 2, NKG, BK // G)
             async_copy.wait_group(STAGES - 2)
             slot = k % STAGES
             w = _decode(p_smem.index(slot).load(P_L), s0, QUANT, BN, BK)
