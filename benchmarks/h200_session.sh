@@ -23,8 +23,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -144,6 +144,25 @@ case $WHAT in
       '{"nogl": {"w13": {"gluon": 0}, "w2": {"gluon": 0}}, "bm128": {"BLOCK_M": 128, "w13": {"num_warps": 8},
         "w2": {"num_warps": 8}}, "g32": {"w13": {"GROUP_M": 32}, "w2": {"GROUP_M": 32}},
         "s3": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "s5": {"w13": {"num_stages": 5}, "w2": {"num_stages": 5}}}'
+    ;;
+  graphs)  # round 11: padded token-bucket graphs (T <= 64): GPU tests, eager host rows, transformers blocks,
+    # host µs per Triton launch by launch path (what a direct launch past the graph would save)
+    step gpu-graphs 150 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=5 \
+      tests/experts/test_graphed_gpu.py tests/test_compile_gpu.py
+    step eager 170 python -m moekit bench --eager-only --out "$OUT"
+    step transformers 170 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
+    step launch-cost 60 python benchmarks/launch_cost.py --models qwen3-30b-a3b,deepseek-v3 --tokens 256,2048
+    ;;
+  graphs-tests)  # round 11, after the shared buffers and buckets up to 2048: GPU tests (graphs, compile, patched
+    # transformers models), then the launch-path costs
+    step gpu-graphs2 330 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 \
+      tests/experts/test_graphed_gpu.py tests/test_compile_gpu.py tests/integrations/test_transformers_models.py
+    step launch-cost 60 python benchmarks/launch_cost.py --models qwen3-30b-a3b,deepseek-v3 --tokens 256,2048
+    ;;
+  graphs-bench)  # round 11: eager host rows (standalone layers: T <= 64) and transformers blocks (patched models:
+    # model_graph_tokens)
+    step eager 200 python -m moekit bench --eager-only --out "$OUT"
+    step transformers 200 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
     ;;
   *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv gluon4 gluon4d gluon4-final)"; exit 2 ;;
 esac

@@ -41,8 +41,9 @@ from .routing.base import BaseRouter
 GATE_INPUTS = ("routed", "block")
 
 
-#: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``)
-DEFAULT_EAGER_GRAPH_TOKENS = 8
+#: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``): the
+#: whole forward per exact T <= 8 where allowed, route -> experts per token bucket above (experts/graphed.py)
+DEFAULT_EAGER_GRAPH_TOKENS = 64
 
 
 def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
@@ -112,13 +113,17 @@ class MoERunner(torch.nn.Module):
         n_shared_experts: informational (shared experts run through ``shared_experts``).
         expert_mapping: the checkpoint entries :meth:`load_weights` accepts (see
             :func:`~moekit.fused_moe_make_expert_params_mapping`); None: both usual conventions.
-        eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens on a CUDA
-            device replays an internal CUDA graph per input key (bit-identical to the plain call, a
-            fraction of its host time): the whole forward when every module in it is moekit's own or an
-            exact ``nn.Linear`` (:mod:`moekit.experts.graphed_plan`), else route -> experts; 0 disables it. Only for the Triton backend, the
+        eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens (default 64) on a
+            CUDA device replays an internal CUDA graph (bit-identical to the plain call, a fraction of its
+            host time). Up to T = 8, one graph per input key: the whole forward when every module in it is
+            moekit's own or an exact ``nn.Linear`` (:mod:`moekit.experts.graphed_plan`), else route ->
+            experts; above, route -> experts of T's token bucket (T rounded up to a multiple of 8 up to 64,
+            32 up to 512, 128 beyond), the padding rows repeating token 0 (SPEC §9 keeps the real rows'
+            bits). 0 disables it. Only for the Triton backend, the
             local executor and score-based routers; never while torch.compile traces, inside an outer
             graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
-        graph_pool: a ``torch.cuda.graph_pool_handle()`` shared with other layers (default: the layer's own).
+        graph_pool: a :class:`~moekit.experts.graphed.GraphPool` (or ``torch.cuda.graph_pool_handle()``)
+            shared with other layers run on the same stream (default: the layer's own).
         gate_input: what the gate reads when it computes the logits: ``"routed"`` (``x_routed``, SPEC §1)
             or ``"block"`` (the layer's input ``hidden_states``: Gemma 4, Muse Spark, Nemotron-H with a latent).
         final_output_transform: module applied to ``routed + shared`` (A.X-K1's post-MoE norm); None: nothing.
@@ -218,8 +223,18 @@ class MoERunner(torch.nn.Module):
 
     @property
     def eager_graph_tokens(self) -> int:
-        """Largest token count an eager forward replays from an internal CUDA graph (0: never)."""
+        """Largest token count an eager forward replays from an internal CUDA graph (0: never). Settable
+        on a layer that may graph (its graphs are dropped); a layer that never graphs (torch backend,
+        collectives, user or hash routing) stays at 0."""
         return self._graphs.max_tokens if self._graphs is not None else 0
+
+    @eager_graph_tokens.setter
+    def eager_graph_tokens(self, tokens: int) -> None:
+        check_int("eager_graph_tokens", tokens, minimum=0)
+        graphs = self.__dict__.get("_graphs")
+        if graphs is not None:
+            graphs.clear()
+            graphs.max_tokens = tokens
 
     @property
     def backend(self) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts.graphed import GraphCache
+from moekit.experts.graphed import GraphCache, GraphPool, graph_bucket, model_graph_tokens, pad_index
 from moekit.runner import DEFAULT_EAGER_GRAPH_TOKENS
 
 
@@ -20,14 +20,14 @@ def _layer(backend="triton", **kw):
 
 
 def test_which_layers_graph():
-    assert _layer().eager_graph_tokens == DEFAULT_EAGER_GRAPH_TOKENS == 8
+    assert _layer().eager_graph_tokens == DEFAULT_EAGER_GRAPH_TOKENS == 64
     assert _layer(eager_graph_tokens=3).eager_graph_tokens == 3
     assert _layer(eager_graph_tokens=0).eager_graph_tokens == 0
     assert _layer(backend="torch").eager_graph_tokens == 0  # the reference path synchronises
     assert _layer(custom_routing_function=lambda x, g, k, r: torch.topk(g, k)).eager_graph_tokens == 0
     table = torch.randint(0, 8, (50, 2))
     assert _layer(hash_indices_table=table).eager_graph_tokens == 0  # input_ids are checked on the host
-    assert _layer(use_grouped_topk=True, num_expert_group=2, topk_group=1).eager_graph_tokens == 8
+    assert _layer(use_grouped_topk=True, num_expert_group=2, topk_group=1).eager_graph_tokens == 64
     assert _layer(runner_args=dict(eager_graph_tokens=5)).eager_graph_tokens == 5
 
 
@@ -63,3 +63,64 @@ def test_copies_and_pickles_carry_settings_only():
         assert torch.equal(clone(x, lg), layer(x, lg))
     layer.to(torch.float32)  # .to() drops the graphs
     assert len(layer._graphs) == 0
+
+
+def test_token_buckets():
+    # exact up to 8; multiples of 8 up to 64, of 32 up to 512, of 128 beyond; capped at the limit
+    got = {t: graph_bucket(t, 64) for t in (1, 7, 8, 9, 15, 16, 17, 33, 57, 63, 64)}
+    assert got == {1: 1, 7: 7, 8: 8, 9: 16, 15: 16, 16: 16, 17: 24, 33: 40, 57: 64, 63: 64, 64: 64}
+    assert [graph_bucket(t, 1000) for t in (65, 96, 97, 257, 512, 513, 999)] == [96, 96, 128, 288, 512, 640, 1000]
+    assert len({graph_bucket(t, 2048) for t in range(1, 2049)}) == 41
+    assert graph_bucket(49, 50) == 50 and graph_bucket(3, 3) == 3  # never above the limit
+    assert len({graph_bucket(t, 64) for t in range(1, 65)}) == 15  # graphs per input key at the default
+    assert pad_index(3, 8, "cpu").tolist() == [0, 1, 2, 0, 0, 0, 0, 0]  # padding rows repeat token 0
+    assert pad_index(5, 5, "cpu").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_eligible_token_limits(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cache = GraphCache(64)
+    ok = lambda t, **kw: cache.eligible(torch.empty(t, 4), torch.empty(t, 2), **kw)  # noqa: E731
+    assert [ok(t) for t in (0, 1, 9, 64, 65)] == [False, True, True, True, False]
+    assert [ok(t, whole=True) for t in (1, 8, 9)] == [True, True, False]  # whole forwards: exact T <= 8
+    assert [GraphCache(5).eligible(torch.empty(t, 4), None, whole=True) for t in (5, 6)] == [True, False]
+
+
+def test_graph_pool_is_lazy_and_never_copied():
+    pool = GraphPool()
+    assert pool._handle is None  # building layers touches no CUDA
+    assert copy.deepcopy(pool) is not pool and pickle.loads(pickle.dumps(pool))._handle is None
+
+
+def test_graph_limit_settable_and_model_rule():
+    layer = _layer()
+    layer.eager_graph_tokens = 300
+    assert layer.eager_graph_tokens == 300 == layer._graphs.max_tokens
+    with pytest.raises(ValueError, match="eager_graph_tokens"):
+        layer.eager_graph_tokens = -1
+    plain = _layer(backend="torch")
+    plain.eager_graph_tokens = 64  # a layer that never graphs stays at 0
+    assert plain.eager_graph_tokens == 0
+    # small-expert layers (<= 2 GiB of expert weights as stored) graph up to T = 2048, others up to 64
+    assert model_graph_tokens(1_200_000_000) == 2048 and model_graph_tokens(2 * 1024**3 + 1) == 64
+
+
+def test_pool_handles_are_not_reused_once_every_graph_is_gone(monkeypatch):
+    """PyTorch asserts when a capture reuses a pool whose graphs are all gone while a block of it is held
+    (seen on H200): a cleared cache takes a fresh handle; a shared GraphPool does once its last graph goes."""
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
+    cache = GraphCache(8)
+    first = cache._pool()
+    assert cache._pool() == first
+    cache.clear()
+    assert cache._pool() != first
+    pool = GraphPool()
+    h = pool.handle()
+    pool.acquire()
+    pool.acquire()
+    pool.release(1)
+    assert pool.handle() == h  # a graph is still in it
+    pool.release(1)
+    assert pool.handle() != h

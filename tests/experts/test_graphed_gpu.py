@@ -1,6 +1,7 @@
 """The layer's internal CUDA graphs (eager calls of T <= eager_graph_tokens) on a GPU: bit-identical to
-the plain eager call, invalidated when weights move, off under torch.compile and inside a user's
-capture, memory returned when the layer goes. (Host time is measured by ``moekit bench --eager``.)"""
+the plain eager call (exact T <= 8, and the padded token buckets above, bf16 and quantised), invalidated
+when weights move, off under torch.compile and inside a user's capture, memory returned when the layer
+goes, one pool shared by layers. (Host time is measured by ``moekit bench --eager``.)"""
 
 import gc
 
@@ -9,9 +10,13 @@ import torch
 
 import moekit
 from moekit.benchmarking import MODELS
+from moekit.experts.graphed import GraphPool
 
 pytestmark = pytest.mark.gpu
 DT = torch.bfloat16
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+MXFP4 = {"quant_method": "mxfp4"}
+INT4 = moekit.Int4GroupFormat(32)
 
 
 class Shared(torch.nn.Module):
@@ -25,7 +30,11 @@ class Shared(torch.nn.Module):
         return self.lin(x)
 
 
-def _pair(name: str, experts: int | None = None, shared: bool = False, **kw):
+#: exact graphs, then padded buckets (16, 24, 40, 64) with repeats inside a bucket
+TOKENS = (*range(1, 9), 9, 13, 16, 23, 40, 57, 64)
+
+
+def _pair(name: str, experts: int | None = None, shared: bool = False, quant=None, **kw):
     """(graphed layer, plain layer) of a benchmark shape with the same weights (fewer experts if
     asked; zero experts, if the model has them, then number half of ``experts``)."""
     m = MODELS[name]
@@ -36,17 +45,15 @@ def _pair(name: str, experts: int | None = None, shared: bool = False, **kw):
     mod = Shared(m.H) if shared else None
     layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
                               e_score_correction_bias=bias, shared_experts=mod, eager_graph_tokens=n,
-                              **m.layer_kwargs(), **kw) for n in (8, 0)]
-    re = layers[1].routed_experts
-    with torch.no_grad():
-        re.w13_weight.normal_(0, m.H**-0.5)
-        re.w2_weight.normal_(0, m.I**-0.5)
-        if m.has_bias:
-            re.w13_bias.uniform_(-0.05, 0.05)
-            re.w2_bias.uniform_(-0.05, 0.05)
-    layers[1].load_expert_weights(re.w13_weight, re.w2_weight, re.w13_bias, re.w2_bias)
-    layers[0].routed_experts.adopt_weights(re.w13_weight, re.w2_weight, re.w13_bias, re.w2_bias)
-    return layers[0], layers[1], m
+                              quant_config=quant, **m.layer_kwargs(), **kw) for n in (64, 0)]
+    rows = 2 * m.I if m.gated else m.I
+    w13 = torch.randn(m.E, rows, m.H, device="cuda", dtype=DT) * m.H**-0.5
+    w2 = torch.randn(m.E, m.H, m.I, device="cuda", dtype=DT) * m.I**-0.5
+    b13 = (torch.rand(m.E, rows, device="cuda", dtype=DT) - 0.5) * 0.1 if m.has_bias else None
+    b2 = (torch.rand(m.E, m.H, device="cuda", dtype=DT) - 0.5) * 0.1 if m.has_bias else None
+    for layer in layers:  # quantised layers quantise the same weights the same way
+        layer.load_expert_weights(w13, w2, b13, b2)
+    return layers[0], layers[1], m  # (both layers hold the same shared-experts module)
 
 
 def _inputs(m, t, seed):
@@ -55,21 +62,50 @@ def _inputs(m, t, seed):
             torch.randn(t, m.E + m.Z, device="cuda", generator=g))
 
 
-@pytest.mark.parametrize("name, experts, shared", [("qwen3-30b-a3b", None, False), ("deepseek-v3", 32, True),
-                                                   ("gpt-oss-120b", 16, False), ("longcat-flash", 64, False)])
-def test_bit_identical_to_plain_eager(name, experts, shared):
-    graphed, plain, m = _pair(name, experts, shared)
+@pytest.mark.parametrize("name, experts, shared, quant", [
+    ("qwen3-30b-a3b", None, False, None), ("deepseek-v3", 32, True, None), ("gpt-oss-120b", 16, False, None),
+    ("longcat-flash", 64, False, None), ("deepseek-v3", 32, False, FP8), ("qwen3-30b-a3b", None, True, FP8),
+    ("gpt-oss-120b", 16, False, MXFP4), ("deepseek-v3", 32, False, INT4)])
+def test_bit_identical_to_plain_eager(name, experts, shared, quant):
+    """Every exact T and padded bucket: the graphed call has the plain eager call's bits (SPEC §9 makes the
+    padding rows invisible); earlier outputs survive later replays; above the limit: eager, no graph."""
+    graphed, plain, m = _pair(name, experts, shared, quant)
     kept = []
-    for t in range(1, 9):
+    for t in TOKENS:
         for seed in range(3):  # capture call, then two replays on new inputs
             x, lg = _inputs(m, t, 100 * t + seed)
             out = graphed(x, lg)
             assert torch.equal(out, plain(x, lg)), (t, seed)
             kept.append((out, plain(x, lg)))
-    assert len(graphed._graphs) == 8
+    assert len(graphed._graphs) == 12  # T = 1..8, buckets 16, 24, 40, 64
     assert all(torch.equal(a, b) for a, b in kept)  # earlier outputs were not overwritten by later replays
-    x, lg = _inputs(m, 9, 7)  # above the limit: eager, no new graph
-    assert torch.equal(graphed(x, lg), plain(x, lg)) and len(graphed._graphs) == 8
+    x, lg = _inputs(m, 65, 7)  # above the limit: eager, no new graph
+    assert torch.equal(graphed(x, lg), plain(x, lg)) and len(graphed._graphs) == 12
+
+
+@pytest.mark.parametrize("name, experts, quant", [("qwen3-30b-a3b", None, None), ("qwen3-30b-a3b", None, FP8),
+                                                  ("gpt-oss-120b", 16, MXFP4), ("mixtral-8x7b", None, None)])
+def test_large_buckets_bit_identical(name, experts, quant):
+    """Buckets above 64 rows (the padding rows keep earlier inputs): the plain call's bits; two calls per
+    bucket with different T, so the second one runs over the first one's rows."""
+    graphed, plain, m = _pair(name, experts, quant=quant)
+    graphed.eager_graph_tokens = 1024
+    for t in (100, 65, 300, 290, 1000, 700, 1024):  # buckets 128, 96, 320, 320, 1024, 768, 1024
+        for seed in range(2):
+            x, lg = _inputs(m, t, 10 * t + seed)
+            assert torch.equal(graphed(x, lg), plain(x, lg)), (t, seed)
+    assert len(graphed._graphs) == 5
+
+
+def test_layers_share_one_pool():
+    """Two layers on one GraphPool, calls interleaved over buckets: each output is its own layer's."""
+    pool = GraphPool()
+    pairs = [_pair("qwen3-30b-a3b", 32, shared, runner_args=dict(graph_pool=pool)) for shared in (False, True)]
+    for t in (3, 13, 64, 3, 40, 13):
+        for graphed, plain, m in pairs:
+            x, lg = _inputs(m, t, t)
+            assert torch.equal(graphed(x, lg), plain(x, lg)), t
+    assert pool._handle is not None and all(g._graphs._pool() is pool._handle for g, _, _ in pairs)
 
 
 def test_invalidation_after_loading_and_adopting():
@@ -79,7 +115,8 @@ def test_invalidation_after_loading_and_adopting():
     graphed(x, lg)
     re = plain.routed_experts
     w13, w2 = torch.randn_like(re.w13_weight) * 0.02, torch.randn_like(re.w2_weight) * 0.03
-    graphed.load_expert_weights(w13, w2)  # in place: the graphs read the new weights by address
+    for layer in (graphed, plain):
+        layer.load_expert_weights(w13, w2)  # in place: the graphs read the new weights by address
     assert torch.equal(graphed(x, lg), plain(x, lg))
     new13, new2 = w13.flip(0).contiguous(), w2.flip(0).contiguous()
     graphed.routed_experts.adopt_weights(new13, new2)  # new addresses: the graphs are recaptured
@@ -140,7 +177,8 @@ def test_memory_released_with_the_layer():
 
 def test_whole_graph_with_moekit_gate_and_shared_experts():
     """DeepSeek-V3-like layer with moekit's own gate (fp32 RouterLinear), SharedMLP and a sigmoid shared
-    gate: one whole graph per T (calls without logits), bit-identical to the plain eager call."""
+    gate: one whole graph per T <= 8 (calls without logits); above, the gate and shared experts run eagerly
+    around the bucket's route -> experts graph; bit-identical to the plain eager call."""
     from moekit.loading.modules import RouterLinear, SharedMLP
 
     m = MODELS["deepseek-v3"].replace(E=32)
@@ -151,19 +189,20 @@ def test_whole_graph_with_moekit_gate_and_shared_experts():
                  shared_expert_gate=torch.nn.Linear(m.H, 1, bias=False, device="cuda", dtype=DT)) for _ in range(2)]
     layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
                               e_score_correction_bias=bias, eager_graph_tokens=n, **m.layer_kwargs(), **kw)
-              for n, kw in zip((8, 0), mods)]
+              for n, kw in zip((64, 0), mods)]
     graphed, plain = layers
     with torch.no_grad():
         for p in plain.parameters():
             p.normal_(0, 0.02)
-        graphed.load_state_dict(plain.state_dict())
+        for layer in layers:  # (a state dict load also records the experts as loaded)
+            layer.load_state_dict(plain.state_dict())
         assert graphed._make_graph_plan().whole_gate
-        for t in (1, 3, 8):
+        for t in (1, 3, 8, 13, 40):
             for seed in range(3):
                 shape = (2, t // 2, m.H) if t % 2 == 0 else (t, m.H)  # [B, S, H] inputs too
                 x = torch.randn(*shape, device="cuda", dtype=DT)
                 assert torch.equal(graphed(x), plain(x)), (t, seed)
-        assert len(graphed._graphs) == 3
+        assert len(graphed._graphs) == 5  # whole: T = 1, 3, 8; route -> experts: buckets 16, 40
         graphed.shared_experts.down_proj.weight = torch.nn.Parameter(plain.shared_experts.down_proj.weight * 2)
         plain.shared_experts.down_proj.weight.mul_(2)
         x = torch.randn(1, m.H, device="cuda", dtype=DT)

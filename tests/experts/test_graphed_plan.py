@@ -115,13 +115,13 @@ def fake_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     real_eligible, real_capture = GraphCache.eligible, GraphCache.capture
 
-    def eligible(self, x, logits, tokens=None):
+    def eligible(self, x, logits, tokens=None, whole=False):
         with monkeypatch.context() as m:
             m.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-            return real_eligible(self, x, logits, tokens)
+            return real_eligible(self, x, logits, tokens, whole)
 
-    def capture(self, key, fn, inputs):
-        out = real_capture(self, key, fn, inputs)
+    def capture(self, key, fn, inputs, rows=None):
+        out = real_capture(self, key, fn, inputs, rows)
         e = self._entries[key]
         e.graph.run = lambda: e.out.copy_(fn(*e.inputs))
         return out
@@ -196,3 +196,67 @@ def test_no_replay_with_grad_or_user_modules(fake_graphs):
     user(x, lg.detach())  # the partial graph: route -> experts replayed, the user module run eagerly
     assert fake_graphs.replays == 1 and len(user._graphs) == 1
     assert graphed.tensor_key(torch.nn.Parameter(x)) is False  # subclasses never match a key
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_token_buckets_pad_and_cut(fake_graphs, shared):
+    """Above T = 8 the route -> experts graph of T's bucket serves the call (a whole-graph layer too):
+    rows 0..T-1 are the call's, the padding repeats row 0, the output is cut to T rows; one graph per
+    bucket; with shared experts the static rows are consumed at once (copy=False), never returned."""
+    kw = dict(shared_experts=SharedMLP(H, 16)) if shared else {}
+    layer = _layer(**kw)
+    ref = _plain(layer, **(dict(shared_experts=SharedMLP(H, 16)) if shared else {}))
+    ref.load_state_dict(layer.state_dict())
+    seen, outs = [], []
+    with torch.no_grad():
+        for t in (9, 13, 16, 9, 40, 33, 64, 63):
+            x, lg = torch.randn(t, H), torch.randn(t, E)
+            out = layer(x, lg)
+            assert out.shape == (t, H) and torch.allclose(out, ref(x, lg), rtol=1e-5, atol=1e-6), t
+            outs.append((out, out.clone()))
+            seen.append(len(layer._graphs))
+            static = layer._graphs._entries[next(iter(layer._graphs._entries))].inputs[0]
+            if t == 13:  # the bucket-16 rows of this call: its 13 tokens, then token 0 three times
+                assert torch.equal(static[:13], x) and torch.equal(static[13:], x[:1].expand(3, H))
+    assert seen == [1, 1, 1, 1, 2, 2, 3, 3]  # buckets 16, 40, 64
+    assert fake_graphs.replays == 5
+    assert all(torch.equal(a, b) for a, b in outs)  # returned rows are not the static rows
+    rows = [e.inputs[0].shape[0] for e in layer._graphs._entries.values()]
+    assert rows == [16, 40, 64] and len({e.inputs[0].data_ptr() for e in layer._graphs._entries.values()}) == 1
+    with torch.no_grad():
+        x = torch.randn(65, H)
+        layer(x, torch.randn(65, E))  # above the limit: eager, no graph
+    assert len(layer._graphs) == 3 and fake_graphs.replays == 5
+
+
+def test_large_buckets_keep_the_rows_there(fake_graphs):
+    """Above 64 rows the padding is whatever the static rows hold (zeros first, then earlier inputs):
+    no index op; the real rows' outputs are unaffected."""
+    layer = _layer(eager_graph_tokens=300)
+    ref = _plain(layer)
+    with torch.no_grad():
+        for t in (70, 90, 70):  # bucket 96 each time
+            x, lg = torch.randn(t, H), torch.randn(t, E)
+            assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6), t
+            static = layer._graphs._entries[next(iter(layer._graphs._entries))].inputs[0]
+            assert static.shape[0] == 96 and torch.equal(static[:t], x)
+            if t == 90:
+                last = x
+        assert torch.equal(static[70:90], last[70:]) and not static[90:].any()  # earlier rows, then zeros
+    assert len(layer._graphs) == 1 and fake_graphs.replays == 2
+
+
+def test_layers_of_one_pool_share_buffers(fake_graphs):
+    """Two layers on one GraphPool: one set of bucket buffers (input, logits, output) between them,
+    interleaved calls each get their own layer's output."""
+    pool = graphed.GraphPool()
+    layers = [_layer(runner_args=dict(graph_pool=pool)) for _ in range(2)]
+    refs = [_plain(layer) for layer in layers]
+    with torch.no_grad():
+        for t in (13, 40, 13, 64):
+            x, lg = torch.randn(t, H), torch.randn(t, E)
+            outs = [layer(x, lg) for layer in layers]
+            for out, ref in zip(outs, refs):
+                assert torch.allclose(out, ref(x, lg), rtol=1e-5, atol=1e-6), t
+    assert sorted(k[0] for k in pool._buffers) == ["in0", "in1", "out"]
+    assert not layers[0]._graphs._buffers and len(layers[0]._graphs) == len(layers[1]._graphs) == 3

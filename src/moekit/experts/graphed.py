@@ -13,7 +13,25 @@ The first call of a key runs ``fn`` eagerly on the static buffers (compiling the
 checks; its result is that call's output), then captures it. A replay runs the same kernels with the
 same config as the eager call, so its output is bit-identical to it (a GPU test asserts this).
 
-When a call is eligible (:meth:`GraphCache.eligible`): ``1 <= T <= max_tokens``, a CUDA input, not
+Token buckets: a call of ``T <= EXACT_GRAPH_TOKENS`` (8) tokens has its own graph (the whole forward where
+:mod:`.graphed_plan` allows). A larger call, up to ``max_tokens``, replays the route -> experts graph of
+its **bucket** (:func:`graph_bucket`: ``T`` rounded up to a multiple of 8 up to 64, of 32 up to 512, of 128
+beyond; at most ``max_tokens``). Its rows go into the first ``T`` rows of the static inputs (one op per
+input) and the output is the first ``T`` rows. SPEC §9 makes this exact: on the Triton path a token's
+output does not depend on the other rows of the batch, so the real rows have the bits of the plain call
+of ``T`` tokens (a GPU test asserts it for every bucket). The padding rows:
+
+- buckets of <= 64 rows (``REPEAT_PAD_TOKENS``): copies of token 0, written with the call's rows by one
+  ``index_select`` per input; they touch no expert the call does not touch already (at decode the cost
+  is weight bytes per expert, not rows);
+- larger buckets: whatever the rows hold (zeros, or earlier calls' inputs): no extra op. Routing keeps
+  every id in range for any finite or non-finite logits (a CPU test feeds NaN / inf rows), and a row's
+  output is its own, so stale rows cost only their compute; at ``T > 64`` nearly every expert is touched.
+
+Whole-forward graphs stay exact-``T`` only: a folded ``nn.Linear`` (cuBLAS) is not batch invariant.
+
+When a call is eligible (:meth:`GraphCache.eligible`): ``1 <= T <= max_tokens`` (``<= 8`` for a whole
+graph), a CUDA input, not
 traced by torch.compile, not inside an outer CUDA-graph capture (the layer's kernels are then captured
 into the caller's graph as usual; ``torch.cuda.is_current_stream_capturing``, one runtime query, is the
 only exact test and stays), and no autograd wanted (grad disabled, or no input requiring it).
@@ -26,12 +44,18 @@ inputs (data pointers of the weights and buffers, routing settings; :func:`watch
 When it changes, every graph is dropped and recaptured on demand. Weights updated in place
 (``load_*``, ``load_state_dict``) need no recapture: a graph reads them by address.
 
-Memory: graphs of one cache share one private pool (``pool``, a ``torch.cuda.graph_pool_handle()``;
-by default the cache's own). It holds the routing outputs and the experts' scratch of the largest T
-(for T <= 8: ~2 MB for Qwen3-30B-A3B, ~5 MB for DeepSeek-V3), rounded up by the caching allocator to
-its segment sizes (2 MB / 20 MB), plus each T's static input and output rows. Several layers may share
-one pool when they run one after another on one stream (each output is consumed before the next
-replay). The memory is released when the cache is cleared or its owner is deleted.
+Memory: graphs of one cache share one private pool (``pool``: a :class:`GraphPool` several layers share,
+a ``torch.cuda.graph_pool_handle()``, or None for the cache's own). It holds the routing outputs and the
+experts' scratch of the largest bucket (T = 64: ~3 MB for Qwen3-30B-A3B, ~10 MB for DeepSeek-V3; T = 2048:
+~100 MB for Qwen3), rounded up by the caching allocator to its segment sizes (2 MB / 20 MB), and the exact
+graphs' static outputs. The bucket graphs read and write row prefixes of three zeroed ``[max_tokens, *]``
+buffers (input, logits, output; each bucket graph copies its result into the output buffer), the
+pool's when a :class:`GraphPool` is shared, so a model's layers hold one set between them. Layers that
+run one after another on one stream may share a pool (``load_moe_layers`` and ``patch`` give a model's
+layers one, and :func:`model_graph_tokens` buckets): a replay's inputs are written just before it and
+its output is consumed (cloned, or added to the shared experts) just after it, in stream order, and a
+graph's intermediates are dead once its replay has run. The memory is released when the caches are
+cleared or their owners deleted.
 
 Outputs: with ``copy=True`` (default) a fresh tensor; ``copy=False`` returns the static output itself,
 which the next replay overwrites: only for a caller that consumes it at once (e.g. ``routed + shared``).
@@ -48,13 +72,78 @@ from .._checks import check_int
 _Tensor = torch.Tensor
 
 
-class _Entry:
-    """One captured graph: its static inputs (``copy_`` targets, in call order) and static output."""
+#: calls of at most this many tokens get a graph of their own T (the whole forward where allowed)
+EXACT_GRAPH_TOKENS = 8
+#: graphs of at most this many rows pad a call by repeating token 0; larger ones keep the rows there
+REPEAT_PAD_TOKENS = 64
 
-    __slots__ = ("graph", "inputs", "out")
+
+def graph_bucket(t: int, max_tokens: int) -> int:
+    """The token count of the graph a call of ``1 <= t <= max_tokens`` tokens replays: ``t`` itself up to
+    8, else ``t`` rounded up to a multiple of 8 (<= 64), 32 (<= 512) or 128, and never above ``max_tokens``
+    (at most 7, 31 or 127 padding rows: 41 graphs per input key up to T = 2048)."""
+    if t <= EXACT_GRAPH_TOKENS:
+        return t
+    step = 8 if t <= 64 else 32 if t <= 512 else 128
+    return min(-(-t // step) * step, max_tokens)
+
+
+def model_graph_tokens(expert_bytes: int) -> int:
+    """``eager_graph_tokens`` for the layers of a model moekit loads or patches (they share a
+    :class:`GraphPool`): 2048 for small-expert layers (at most 2 GiB of expert weights as stored, e.g.
+    Qwen3-30B-A3B 1.2 GB, gpt-oss-20b, OLMoE), whose experts step at T <= 2048 is shorter than an eager
+    call's host time (H200: Qwen3 T = 1024 ~0.4 ms of GPU against ~0.5-1 ms of host); 64 otherwise (the GPU
+    step is the longer one there: a graph only adds its padding rows)."""
+    return 2048 if expert_bytes <= 2 * 1024**3 else 64
+
+
+def pad_index(t: int, rows: int, device) -> torch.Tensor:
+    """``[rows]`` int64: ``0 .. t-1``, then ``rows - t`` zeros (the padding rows repeat token 0)."""
+    idx = torch.zeros(rows, dtype=torch.int64)
+    idx[:t] = torch.arange(t)
+    return idx.to(device)
+
+
+class _Entry:
+    """One captured graph: its static inputs (``copy_`` targets, in call order), static output, and per
+    token count ``t`` below its rows what a padded replay uses (:meth:`fill`)."""
+
+    __slots__ = ("graph", "inputs", "out", "_pads")
 
     def __init__(self, graph, inputs, out):
         self.graph, self.inputs, self.out = graph, inputs, out
+        self._pads: dict[int, tuple] = {}
+
+    def fill(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Write ``inputs`` (``t`` rows) into the static inputs, return the output rows of this call."""
+        t = inputs[0].shape[0]
+        if t == self.out.shape[0]:
+            if len(inputs) == 1:
+                self.inputs[0].copy_(inputs[0])
+            else:
+                torch._foreach_copy_(self.inputs, inputs)
+            return self.out
+        hit = self._pads.get(t)
+        if hit is None:
+            hit = self._pads[t] = _padding(t, self.inputs, self.out)
+        idx, heads, out = hit
+        if idx is not None:
+            for s, x in zip(self.inputs, inputs):
+                torch.index_select(x, 0, idx, out=s)
+        elif len(inputs) == 1:
+            heads[0].copy_(inputs[0])
+        else:
+            torch._foreach_copy_(heads, inputs)
+        return out
+
+
+def _padding(t: int, static: Sequence[torch.Tensor], out: torch.Tensor) -> tuple:
+    """``(index | None, first t rows of each static input, first t output rows)`` for a call of ``t`` rows
+    into a graph of more: up to 64 rows the padding repeats token 0 (an index for ``index_select``),
+    above it keeps the rows already there (zeros, or earlier calls' inputs: see the module docstring)."""
+    rows = out.shape[0]
+    idx = pad_index(t, rows, out.device) if rows <= REPEAT_PAD_TOKENS else None
+    return idx, [s[:t] for s in static], out[:t]
 
 
 def tensor_key(x) -> tuple | None:
@@ -77,6 +166,40 @@ def watched_fingerprint(tensor_dicts: Sequence[dict], child_dicts: Sequence[dict
     return tuple(ptrs)
 
 
+class GraphPool:
+    """One CUDA-graph memory pool shared by several layers' caches (made on first use, so building
+    layers on a CPU-only machine never touches CUDA). Layers sharing it must run on one stream."""
+
+    __slots__ = ("_handle", "_buffers", "_live")
+
+    def __init__(self):
+        self._handle = None
+        self._buffers: dict[Hashable, torch.Tensor] = {}  # the layers' static input / output rows
+        self._live = 0  # graphs captured into the current handle and not dropped
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+    def acquire(self) -> None:
+        self._live += 1
+
+    def release(self, graphs: int) -> None:
+        """``graphs`` were dropped; when none is left the next capture takes a fresh handle (see
+        :meth:`GraphCache.clear`)."""
+        self._live = max(0, self._live - graphs)
+        if self._live == 0:
+            self._handle = None
+
+    # a copied or pickled layer gets a pool of its own
+    def __deepcopy__(self, memo):
+        return GraphPool()
+
+    def __reduce__(self):
+        return GraphPool, ()
+
+
 class GraphCache:
     """CUDA graphs of ``fn(*inputs) -> out`` per input key, for token counts ``T <= max_tokens``
     (0 disables). Holds no reference to its owner: ``fn`` and ``state`` are passed by the caller.
@@ -86,17 +209,20 @@ class GraphCache:
         self.max_tokens = check_int("eager_graph_tokens", max_tokens, minimum=0)
         self.pool = pool
         self._entries: dict[Hashable, _Entry] = {}
+        self._buffers: dict[Hashable, torch.Tensor] = {}  # the bucket graphs' buffers (without a GraphPool)
         self._state: Hashable = None
         self._own_pool = None
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def eligible(self, x: torch.Tensor, logits: torch.Tensor | None, tokens: int | None = None) -> bool:
+    def eligible(self, x: torch.Tensor, logits: torch.Tensor | None, tokens: int | None = None,
+                 whole: bool = False) -> bool:
         """Whether a call on these inputs may use (or capture) a graph; cheap, no synchronisation.
-        ``tokens``: ``T`` when ``x`` is not ``[T, H]``."""
+        ``tokens``: ``T`` when ``x`` is not ``[T, H]``; ``whole``: for a whole-forward graph (exact T <= 8)."""
         t = x.shape[0] if tokens is None else tokens
-        if torch.compiler.is_compiling() or not x.is_cuda or not 0 < t <= self.max_tokens:
+        limit = min(self.max_tokens, EXACT_GRAPH_TOKENS) if whole else self.max_tokens
+        if torch.compiler.is_compiling() or not x.is_cuda or not 0 < t <= limit:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or (logits is not None and logits.requires_grad)):
             return False
@@ -113,46 +239,76 @@ class GraphCache:
 
     @staticmethod
     def replay(entry: _Entry, inputs: Sequence[torch.Tensor], copy: bool = True) -> torch.Tensor:
-        """Copy ``inputs`` into the static inputs (one op), replay, return the output (a copy unless
-        ``copy=False``: the static output, which the next replay overwrites)."""
-        if len(inputs) == 1:
-            entry.inputs[0].copy_(inputs[0])
-        else:
-            torch._foreach_copy_(entry.inputs, inputs)
+        """Fill the static inputs (one op per input at most), replay, return the output (a copy unless
+        ``copy=False``: the static output, which the next replay overwrites). Inputs with fewer rows
+        than the graph's (a bucket) fill its first rows; the output is cut to them."""
+        out = entry.fill(inputs)
         entry.graph.replay()
-        return entry.out.clone() if copy else entry.out
+        return out.clone() if copy else out
 
     def __call__(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor, state: Hashable, *,
                  copy: bool = True) -> torch.Tensor:
-        """``fn(x, logits)``, replayed from a graph (captured on the first call of this key).
-        The caller checked :meth:`eligible`. ``state``: see the module docstring."""
+        """``fn(x, logits)`` for ``x [T, H]``, ``logits [T, E]``, replayed from the graph of ``T``'s bucket
+        (captured on the first call of its key). The caller checked :meth:`eligible`. ``state``: see the
+        module docstring."""
         self.sync_state(state)
-        key = (x.shape[0], x.dtype, logits.dtype, logits.shape[1], x.device)
+        rows = graph_bucket(x.shape[0], self.max_tokens)
+        key = (rows, x.dtype, logits.dtype, logits.shape[1], x.device)
         entry = self._entries.get(key)
         if entry is None:
-            return self.capture(key, fn, (x, logits))
+            return self.capture(key, fn, (x, logits), rows)
         return self.replay(entry, (x, logits), copy)
 
-    def capture(self, key: Hashable, fn: Callable, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def capture(self, key: Hashable, fn: Callable, inputs: Sequence[torch.Tensor],
+                rows: int | None = None) -> torch.Tensor:
         """Run ``fn(*static inputs)`` eagerly (its result is returned: this call's answer), then capture
-        it into a graph stored under ``key``. The caller checked :meth:`eligible` and :meth:`sync_state`."""
+        it into a graph stored under ``key``. The caller checked :meth:`eligible` and :meth:`sync_state`.
+        ``rows``: a bucket's token count (``inputs`` are ``[T, ...]``, ``T <= rows``): the static inputs
+        and output are row prefixes of buffers of ``max_tokens`` rows (the pool's, when a
+        :class:`GraphPool` is shared), filled as :meth:`replay` fills them; the graph copies its output
+        into the output buffer."""
         device = inputs[0].device
         with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad():
             # static inputs: plain (never inference) tensors, contiguous, outside the graph's pool
-            static = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in inputs]
-            for s, t in zip(static, inputs):
-                s.copy_(t)
+            if rows is None:
+                static = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in inputs]
+                for s, t in zip(static, inputs):
+                    s.copy_(t)
+            else:
+                static = [self._buffer(f"in{i}", t)[:rows] for i, t in enumerate(inputs)]
+                _Entry(None, static, static[0]).fill(inputs)  # (the output rows returned are unused here)
             out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
             graph = torch.cuda.CUDAGraph()
+            # bucket graphs copy their output into the output buffer (shared by a pool's layers); exact
+            # ones keep their own (no copy kernel at decode)
+            static_out = None if rows is None or rows <= EXACT_GRAPH_TOKENS else self._buffer("out", out)[:rows]
             # torch.cuda.graph (not bare capture_begin/end): it registers the RNG generators with the
             # capture; bare calls left the default generator's offset tracking broken for later
             # torch.rand calls ("Offset increment outside graph capture", seen on H200)
             with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode="thread_local"):
-                static_out = fn(*static)
+                result = fn(*static)
+                if static_out is None:
+                    static_out = result
+                else:
+                    static_out.copy_(result)
         self._entries[key] = _Entry(graph, static, static_out)
-        return out
+        if isinstance(self.pool, GraphPool):
+            self.pool.acquire()
+        return out if rows is None else out[: inputs[0].shape[0]]
+
+    def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed ``[max_tokens, width]`` buffer in ``like``'s dtype and device for ``role`` (an input
+        position or the output): the shared pool's (one per model) or this cache's own."""
+        key = (role, self.max_tokens, like.shape[1], like.dtype, like.device)
+        owner = self.pool._buffers if isinstance(self.pool, GraphPool) else self._buffers
+        buf = owner.get(key)
+        if buf is None:
+            buf = owner[key] = torch.zeros((self.max_tokens, like.shape[1]), dtype=like.dtype, device=like.device)
+        return buf
 
     def _pool(self):
+        if isinstance(self.pool, GraphPool):
+            return self.pool.handle()
         if self.pool is not None:
             return self.pool
         if self._own_pool is None:
@@ -160,8 +316,15 @@ class GraphCache:
         return self._own_pool
 
     def clear(self) -> None:
-        """Drop every graph and static buffer (their memory returns to the caching allocator)."""
+        """Drop every graph and static buffer (their memory returns to the caching allocator). The next
+        capture takes a fresh pool handle: PyTorch refuses to capture into a pool all of whose graphs are
+        gone while a block of it is still held (an internal assert, seen on H200 after recapturing a graph
+        with cuBLAS calls: the capture stream's cuBLAS workspace is allocated in the first such capture)."""
+        if isinstance(self.pool, GraphPool):
+            self.pool.release(len(self._entries))
+        self._own_pool = None
         self._entries.clear()
+        self._buffers.clear()
         self._state = None
 
     # copies and pickles carry the settings, never graphs or a pool

@@ -2,7 +2,10 @@
 
     whole:   out = forward(hidden_states, router_logits | None)     checks, gate, route, experts, shared,
                                                                      reshape, dtype cast: one graph per key
-    partial: routed = route_and_experts(x, logits)                   user modules run eagerly around it
+                                                                     (T <= 8, exact)
+    partial: routed = route_and_experts(x, logits)                   user modules (and, above T = 8, the
+                                                                     gate and shared experts) run eagerly
+                                                                     around it; graphs per token bucket
 
 A **whole** graph replays the layer's entire forward, so a call whose inputs match a captured key costs
 the host: the key lookup, :meth:`GraphPlan` state check, one input copy op (``copy_`` or
@@ -152,14 +155,14 @@ def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
 
 
 def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
-    """``(output, None)`` when this call was run and captured as a whole graph; else ``(None, graphs)``
-    (the partial graph may still serve it) or ``(None, None)`` (a whole-graph layer, not eligible now)."""
+    """``(output, None)`` when this call was run and captured as a whole graph; else ``(None, graphs)``:
+    the partial graph may still serve it (a token count above the exact ones: a bucket of route -> experts)."""
     plan = layer._graph_plan or layer._make_graph_plan()
     if not plan.whole(router_logits):
         return None, graphs
     tokens = hidden_states.numel() // max(hidden_states.shape[-1], 1)
-    if not graphs.eligible(hidden_states, router_logits, tokens):
-        return None, None
+    if not graphs.eligible(hidden_states, router_logits, tokens, whole=True):
+        return None, graphs
     if plan.folded and (_autocast() or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits))):
         return None, graphs  # the folded modules must run eagerly now: route -> experts may still replay
     graphs.sync_state(layer._graph_state())

@@ -57,9 +57,12 @@ def _is_stack(spec: ArchSpec, rel: str) -> bool:
 
 
 @torch.no_grad()
-def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=None):
+def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=None, graph_pool=None,
+                      eager_graph_tokens: int | None = None):
     """A moekit layer built around the block's own tensors (see the module docs); ``fmt``: the model's
-    quantisation format (:func:`moekit.loading.quant.checkpoint_format`) or None."""
+    quantisation format (:func:`moekit.loading.quant.checkpoint_format`) or None; ``graph_pool``: the
+    :class:`~moekit.experts.graphed.GraphPool` the model's layers share (None: the layer's own);
+    ``eager_graph_tokens``: their graph limit (None: :func:`~moekit.experts.graphed.model_graph_tokens`)."""
     own = _block_tensors(block, spec, plan)
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
     quant = _fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt)
@@ -67,7 +70,8 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else next(t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES)
     layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
                         routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
-                        quant_config=quant[0] if quant else None)
+                        quant_config=quant[0] if quant else None, graph_pool=graph_pool,
+                        eager_graph_tokens=eager_graph_tokens)
     layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ..experts.graphed import GraphPool
 from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_format
@@ -129,13 +130,17 @@ def _planned_blocks(model, plans: list[LayerPlan]):
                 break
 
 
-def patch(model, *, backend: str = "auto") -> list[str]:
+def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None) -> list[str]:
     """Replace every MoE block of ``model`` by a moekit layer sharing its weights; returns their paths.
 
     Args:
         model: a loaded transformers ``PreTrainedModel`` (causal LM, or a multimodal wrapper such as
             ``Llama4ForConditionalGeneration``) with its weights in memory (not on the meta device).
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        eager_graph_tokens: the layers' internal CUDA-graph limit (eager calls of up to this many tokens
+            replay a graph; see :class:`~moekit.MoERunner`); None (default):
+            :func:`~moekit.experts.graphed.model_graph_tokens` (2048 for layers of <= 2 GiB of expert
+            weights, else 64). The layers share one :class:`~moekit.experts.graphed.GraphPool`.
 
     Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
     left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder
@@ -152,11 +157,12 @@ def patch(model, *, backend: str = "auto") -> list[str]:
     spec, plans = plan_layers(config)
     fmt, _ = checkpoint_format(config, None)
     replaced, already = [], 0
+    pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
     for name, module, plan in _planned_blocks(model, plans):
         if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
             already += 1  # patched before: left as it is
             continue
-        moe = moekit_from_block(module, spec, plan, backend, fmt)
+        moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens)
         moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
         if spec.layer_level:
             _install_in_layer(module, spec, moe)

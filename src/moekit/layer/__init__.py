@@ -212,9 +212,10 @@ def build_fused_moe(
             recorded on ``layer.backend``), ``"torch"`` (the reference, any device) or ``"triton"`` (raises
             if Triton cannot run).
         eager_graph_tokens: eager forwards of ``1 <= T <=`` this many tokens on CUDA replay an internal
-            CUDA graph per input shape (the whole forward, or route -> experts when user modules are in
-            it; bit-identical, a fraction of the host time);
-            default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS`, 0 disables (see :class:`MoERunner`).
+            CUDA graph (up to T = 8 per input shape: the whole forward, or route -> experts when user
+            modules are in it; above, route -> experts per token bucket; bit-identical, a fraction of the
+            host time); default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS` (64), 0 disables (see
+            :class:`MoERunner`).
         gate_input: ``"routed"`` (default: the gate reads ``x_routed``, SPEC §1) or ``"block"``: the gate reads
             the layer's input ``hidden_states``, before ``routed_input_transform`` (Gemma 4, Muse Spark,
             Nemotron-H with a latent; issue #13).

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import DTYPE_NAMES, as_float_dtype, check_device
+from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import load_layer_weights
 from ..runner import MoERunner
@@ -97,7 +98,8 @@ def _read(handle, key: str) -> torch.Tensor:
 
 
 def load_moe_layers(
-    path, *, device=None, dtype=None, backend: str = "auto", quant_config=None, progress: bool | None = None
+    path, *, device=None, dtype=None, backend: str = "auto", quant_config=None, progress: bool | None = None,
+    eager_graph_tokens: int | None = None,
 ) -> dict[str, "torch.nn.Module"]:
     """Build and load every MoE block of the checkpoint at ``path`` (a directory holding
     ``config.json`` and ``*.safetensors``, sharded through ``model.safetensors.index.json`` or not).
@@ -116,6 +118,9 @@ def load_moe_layers(
             while loading, one tensor at a time.
         progress: a tqdm progress bar over the bytes read, on stderr. ``None`` (default): shown when
             stderr is a terminal; ``True``: always; ``False``: never.
+        eager_graph_tokens: the layers' internal CUDA-graph limit (see :class:`~moekit.MoERunner`); None
+            (default): :func:`~moekit.experts.graphed.model_graph_tokens` (2048 for layers of <= 2 GiB of
+            expert weights, else 64). The layers share one :class:`~moekit.experts.graphed.GraphPool`.
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -161,6 +166,7 @@ def load_moe_layers(
     reader = _Reader(files)
     states: dict[str, _LayerLoad] = {}
     done: set[str] = set()  # keys already consumed (quantised dense groups)
+    pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
     for plan in plans:
         keys = assigned.get(plan.name, {})
         if not keys:
@@ -171,7 +177,8 @@ def load_moe_layers(
         construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
         _check_construction(plan, construction, keys)
         layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
-                            quant_config=experts_format(fmt, plan))
+                            quant_config=experts_format(fmt, plan), graph_pool=pool,
+                            eager_graph_tokens=eager_graph_tokens)
         state = _LayerLoad(plan, layer)
         state.loaded.update(construction)
         states[plan.name] = state

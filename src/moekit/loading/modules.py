@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..experts.graphed import model_graph_tokens
 from ..layer import FusedMoE
 from ..ops.activation import effective_limit, gated_activation, get_activation
 from ..runner import MoERunner
@@ -106,13 +107,17 @@ def build_layer(
     routed_experts_cls=None,
     module_device=None,
     quant_config=None,
+    graph_pool=None,
+    eager_graph_tokens: int | None = None,
 ) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
     The small modules (gate, shared experts, transforms, routing module) are built on ``module_device``
     (default ``device``; :func:`moekit.integrations.transformers.patch` builds them on "meta" and
     adopts a transformers block's own tensors). ``quant_config``: the routed experts' format (None: full
-    precision in ``dtype``).
+    precision in ``dtype``). ``graph_pool``: the :class:`~moekit.experts.graphed.GraphPool` a model's
+    layers share; with it (or an explicit ``eager_graph_tokens``) the layer's graph limit is
+    ``eager_graph_tokens``, default :func:`~moekit.experts.graphed.model_graph_tokens` of its expert bytes.
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
     ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.
@@ -138,7 +143,7 @@ def build_layer(
                                    plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale, **mkw)
     if plan.shared_expert_gate:
         shared_expert_gate = torch.nn.Linear(plan.outer_hidden_size, 1, bias=False, **mkw)
-    return FusedMoE(
+    layer = FusedMoE(
         plan.num_experts,
         plan.top_k,
         plan.hidden_size,
@@ -170,4 +175,12 @@ def build_layer(
         gate_input=plan.gate_input,
         routed_shared_experts=plan.routed_shared_experts,
         **plan_modules(plan, **mkw),
+        **({"runner_args": {"graph_pool": graph_pool}} if graph_pool is not None else {}),
     )
+    if graph_pool is not None or eager_graph_tokens is not None:  # a model's layers: its buckets
+        if eager_graph_tokens is None:
+            re = layer.routed_experts
+            eager_graph_tokens = model_graph_tokens(
+                sum(t.numel() * t.element_size() for t in (*re.parameters(), *re.buffers())))
+        layer.eager_graph_tokens = eager_graph_tokens
+    return layer
