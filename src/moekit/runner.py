@@ -48,7 +48,8 @@ DEFAULT_EAGER_GRAPH_TOKENS = 64
 
 def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
     """The routed path may be captured: Triton kernels (no host syncs), no collectives, a router
-    that only runs moekit's kernels (no hash input-id checks, no user function, no EPLB map)."""
+    that only enqueues device work (moekit's kernels or a routing function declared graph-safe; no hash
+    input-id checks, no EPLB map)."""
     return (experts.backend == "triton" and isinstance(executor, LocalExecutor) and router.capturable
             and router.eplb_state is None)
 
@@ -211,7 +212,7 @@ class MoERunner(torch.nn.Module):
         check_int("eager_graph_tokens", eager_graph_tokens, minimum=0)
         self._graphs = None
         if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
-            self._graphs = GraphCache(eager_graph_tokens, graph_pool)
+            self._graphs = GraphCache(eager_graph_tokens, graph_pool, buckets=router.batch_invariant)
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
 
     def __setattr__(self, name: str, value) -> None:
@@ -225,8 +226,9 @@ class MoERunner(torch.nn.Module):
     def eager_graph_tokens(self) -> int:
         """Largest token count an eager forward replays from an internal CUDA graph (0: never). Settable
         on a layer that may graph (its graphs are dropped); a layer that never graphs (torch backend,
-        collectives, user or hash routing) stays at 0."""
-        return self._graphs.max_tokens if self._graphs is not None else 0
+        collectives, hash routing, a routing function not declared graph-safe) stays at 0, and one whose
+        router is not batch invariant (a graph-safe routing function) at most 8 (exact-T graphs)."""
+        return self._graphs.limit if self._graphs is not None else 0
 
     @eager_graph_tokens.setter
     def eager_graph_tokens(self, tokens: int) -> None:

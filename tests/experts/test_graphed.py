@@ -124,3 +124,25 @@ def test_pool_handles_are_not_reused_once_every_graph_is_gone(monkeypatch):
     assert pool.handle() == h  # a graph is still in it
     pool.release(1)
     assert pool.handle() != h
+
+
+def test_routing_functions_declared_graph_safe():
+    """moekit's named routings declare themselves graph-safe: exact-T graphs only (T <= 8; a torch function's
+    rows are not promised batch invariant); an undeclared function, or a subclass that does not declare it
+    again, never graphs."""
+    import functools
+
+    from moekit.loading.routings import ExpertScaleRouting, llama4_routing, pnorm_routing
+    from moekit.routing.custom import declared_graph_safe
+
+    class Sub(ExpertScaleRouting):
+        pass
+
+    assert declared_graph_safe(llama4_routing) and declared_graph_safe(functools.partial(pnorm_routing, p=1.0))
+    assert declared_graph_safe(ExpertScaleRouting(8)) and not declared_graph_safe(Sub(8))
+    assert not declared_graph_safe(lambda *a: None)
+    layer = _layer(custom_routing_function=llama4_routing)
+    assert layer.eager_graph_tokens == 8 and not layer._graphs.buckets
+    layer.eager_graph_tokens = 2048  # (a model's rule) still exact-T only
+    assert layer.eager_graph_tokens == 8 and layer._graphs.max_tokens == 2048
+    assert _layer(custom_routing_function=Sub(8)).eager_graph_tokens == 0

@@ -97,6 +97,29 @@ def test_large_buckets_bit_identical(name, experts, quant):
     assert len(graphed._graphs) == 5
 
 
+@pytest.mark.parametrize("routing", ["llama4", "expert_scale", "pnorm"])
+def test_graph_safe_routing_functions(routing):
+    """moekit's named routings (Llama 4, Gemma 4, DBRX) in exact-T graphs: the plain call's bits at T <= 8;
+    above, eager (no bucket: torch routing is not promised batch invariant)."""
+    import functools
+
+    from moekit.loading.routings import ExpertScaleRouting, llama4_routing, pnorm_routing
+
+    if routing == "expert_scale":
+        fn = ExpertScaleRouting(32, device="cuda")
+        with torch.no_grad():
+            fn.per_expert_scale.uniform_(0.5, 1.5)
+    else:
+        fn = llama4_routing if routing == "llama4" else functools.partial(pnorm_routing, p=1.0)
+    graphed, plain, m = _pair("qwen3-30b-a3b", 32, custom_routing_function=fn)
+    assert graphed.eager_graph_tokens == 8
+    for t in (*range(1, 9), 13):
+        for seed in range(3):
+            x, lg = _inputs(m, t, 100 * t + seed)
+            assert torch.equal(graphed(x, lg), plain(x, lg)), (t, seed)
+    assert len(graphed._graphs) == 8
+
+
 def test_layers_share_one_pool():
     """Two layers on one GraphPool, calls interleaved over buckets: each output is its own layer's."""
     pool = GraphPool()

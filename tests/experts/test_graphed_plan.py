@@ -260,3 +260,29 @@ def test_layers_of_one_pool_share_buffers(fake_graphs):
                 assert torch.allclose(out, ref(x, lg), rtol=1e-5, atol=1e-6), t
     assert sorted(k[0] for k in pool._buffers) == ["in0", "in1", "out"]
     assert not layers[0]._graphs._buffers and len(layers[0]._graphs) == len(layers[1]._graphs) == 3
+
+
+def test_graph_safe_routing_function_exact_graphs_only(fake_graphs):
+    """A layer on moekit's Gemma 4 routing (a module holding per_expert_scale): T <= 8 replays a graph,
+    above runs eagerly; a new per_expert_scale tensor (another address) drops the graphs."""
+    from moekit.loading.routings import ExpertScaleRouting
+
+    def build():
+        routing = ExpertScaleRouting(E)
+        with torch.no_grad():
+            routing.per_expert_scale.uniform_(0.5, 1.5)
+        return _layer(custom_routing_function=routing)
+
+    layer = build()
+    ref = _plain(layer, custom_routing_function=ExpertScaleRouting(E))
+    with torch.no_grad():
+        for t in (3, 3, 13, 13):
+            x, lg = torch.randn(t, H), torch.randn(t, E)
+            assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6), t
+        assert len(layer._graphs) == 1 and fake_graphs.replays == 1  # T = 13: eager, no bucket
+        routing = layer.router.custom_routing_function
+        routing.per_expert_scale = torch.nn.Parameter(routing.per_expert_scale * 2)
+        ref.router.custom_routing_function.per_expert_scale.mul_(2)
+        x, lg = torch.randn(3, H), torch.randn(3, E)
+        assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6)
+        assert fake_graphs.replays == 1 and len(layer._graphs) == 1  # recaptured, not replayed

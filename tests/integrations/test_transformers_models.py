@@ -232,13 +232,16 @@ def test_llama4_multimodal_wrapper_forward():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patch_on_cuda_uses_triton_and_keeps_logits(arch):
     # the CUDA path end to end: backend "auto" resolves to the Triton routing + experts kernels
+    # (T = 18: a padded token-bucket graph; T = 6: exact-T graphs, whole or route -> experts, also for the
+    # graph-safe routing functions; each run twice: capture, then replay)
     model = hf_tiny.build(arch).to("cuda")
     ids = _ids(model).to("cuda")
     with torch.no_grad():
-        ref = model(ids).logits
+        refs = [model(i).logits for i in (ids, ids[:, :3])]
     replaced = patch(model)
     assert replaced
     assert all(model.get_submodule(n).moe.backend == "triton" for n in replaced)
     with torch.no_grad():
-        out = model(ids).logits
-    _close(out, ref, rel=1e-4)  # fp32 kernels (ieee dot) against transformers' eager fp32 loop
+        for i, ref in zip((ids, ids[:, :3]), refs):
+            for _ in range(2):
+                _close(model(i).logits, ref, rel=1e-4)  # fp32 kernels (ieee dot) against transformers' fp32 loop

@@ -36,8 +36,10 @@ traced by torch.compile, not inside an outer CUDA-graph capture (the layer's ker
 into the caller's graph as usual; ``torch.cuda.is_current_stream_capturing``, one runtime query, is the
 only exact test and stays), and no autograd wanted (grad disabled, or no input requiring it).
 The owner decides at construction whether ``fn`` is graph-safe at all (the layer allows it for the
-Triton backend, its local executor and score-based routers: never for collectives, hash routing's
-input-id checks or user routing functions).
+Triton backend, its local executor, score-based routers and routing functions declared graph-safe:
+never for collectives, hash routing's input-id checks or other user routing functions), and whether
+buckets may be used (``buckets``: the router is batch invariant; routing functions are not promised to
+be, so their layers get exact-T graphs only, ``T <= 8``).
 
 Invalidation: the caller passes ``state``, a hashable image of everything ``fn`` reads outside its
 inputs (data pointers of the weights and buffers, routing settings; :func:`watched_fingerprint`).
@@ -205,9 +207,10 @@ class GraphCache:
     (0 disables). Holds no reference to its owner: ``fn`` and ``state`` are passed by the caller.
     """
 
-    def __init__(self, max_tokens: int, pool=None):
+    def __init__(self, max_tokens: int, pool=None, buckets: bool = True):
         self.max_tokens = check_int("eager_graph_tokens", max_tokens, minimum=0)
         self.pool = pool
+        self.buckets = bool(buckets)  # False: exact-T graphs only (T <= 8), for a router not batch invariant
         self._entries: dict[Hashable, _Entry] = {}
         self._buffers: dict[Hashable, torch.Tensor] = {}  # the bucket graphs' buffers (without a GraphPool)
         self._state: Hashable = None
@@ -216,12 +219,17 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def limit(self) -> int:
+        """The largest T a call may replay: ``max_tokens``, or at most 8 without buckets."""
+        return self.max_tokens if self.buckets else min(self.max_tokens, EXACT_GRAPH_TOKENS)
+
     def eligible(self, x: torch.Tensor, logits: torch.Tensor | None, tokens: int | None = None,
                  whole: bool = False) -> bool:
         """Whether a call on these inputs may use (or capture) a graph; cheap, no synchronisation.
         ``tokens``: ``T`` when ``x`` is not ``[T, H]``; ``whole``: for a whole-forward graph (exact T <= 8)."""
         t = x.shape[0] if tokens is None else tokens
-        limit = min(self.max_tokens, EXACT_GRAPH_TOKENS) if whole else self.max_tokens
+        limit = self.limit if not whole else min(self.max_tokens, EXACT_GRAPH_TOKENS)
         if torch.compiler.is_compiling() or not x.is_cuda or not 0 < t <= limit:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or (logits is not None and logits.requires_grad)):
@@ -329,10 +337,10 @@ class GraphCache:
 
     # copies and pickles carry the settings, never graphs or a pool
     def __getstate__(self) -> dict:
-        return {"max_tokens": self.max_tokens, "pool": None}
+        return {"max_tokens": self.max_tokens, "pool": None, "buckets": self.buckets}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_tokens"], state["pool"])
+        self.__init__(state["max_tokens"], state["pool"], state.get("buckets", True))
 
     def __repr__(self) -> str:
-        return f"GraphCache(max_tokens={self.max_tokens}, graphs={len(self._entries)})"
+        return f"GraphCache(max_tokens={self.max_tokens}, buckets={self.buckets}, graphs={len(self._entries)})"

@@ -118,7 +118,7 @@ def shared_foldable(shared, shared_gate) -> bool:
 
 def graph_plan(layer) -> GraphPlan:
     """The plan of a :class:`~moekit.runner.MoERunner` (module docstring rule)."""
-    base = (layer.routed_experts, layer.router)
+    base = (layer.routed_experts, *layer.router.modules())  # (a routing function's module holds tensors)
     whole = (layer.routed_input_transform is None and layer.routed_output_transform is None
              and layer.final_output_transform is None
              and shared_foldable(layer.shared_experts, layer.shared_expert_gate))

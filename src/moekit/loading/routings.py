@@ -12,6 +12,9 @@ sampling are not reproduced).
   holding that tensor, :class:`ExpertScaleRouting`).
 - ``"logit_bias"``: Kolibri-1, ``ids = topk(logits + bias)``, ``w = sigmoid(logits[ids])``
   (:class:`LogitBiasRouting`, holding the bias).
+
+All are graph-safe (``_moekit_graph_safe``: torch ops on the device only), so a Triton layer captures them
+in its exact-``T`` internal CUDA graphs (eager calls of ``T <= 8``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ import torch
 from .plan import LayerPlan
 
 
+def _graph_safe(fn):
+    """Mark a routing as graph-safe (device work only, tensors read by address: see
+    :class:`moekit.routing.custom.CustomRoutingRouter`)."""
+    fn._moekit_graph_safe = True
+    return fn
+
+
+@_graph_safe
 def llama4_routing(hidden_states, gating_output, topk, renormalize):
     """Llama 4: ids [T, K] = topk(logits), weights [T, K] float32 = sigmoid(logits[ids]); no renormalisation."""
     vals, ids = torch.topk(gating_output.float(), topk, dim=-1)
@@ -40,6 +51,7 @@ def _sparsemixer_pick(scores: torch.Tensor, masked_scores: torch.Tensor, jitter_
     return gates.gather(-1, ids), ids
 
 
+@_graph_safe
 def phimoe_sparsemixer(hidden_states, gating_output, topk, renormalize, *, jitter_eps: float = 0.01):
     """PhiMoE (transformers ``sparsemixer``, eval): expert 1 = argmax(logits), weight = softmax of the
     logits masked to -inf where ``(max - s) / max(|s|, max) > 2·jitter_eps``, at that expert; expert 2 the
@@ -53,6 +65,7 @@ def phimoe_sparsemixer(hidden_states, gating_output, topk, renormalize, *, jitte
     return torch.cat((w1, w2), -1).float(), torch.cat((id1, id2), -1).to(torch.int32)
 
 
+@_graph_safe
 def pnorm_routing(hidden_states, gating_output, topk, renormalize, *, p: float | None = 1.0):
     """DBRX: ``s = softmax(logits)`` (in the logits' dtype), top-k, then ``w / ||w||_p`` (``p=None``: none)."""
     scores = torch.softmax(gating_output, dim=-1, dtype=gating_output.dtype)
@@ -65,6 +78,8 @@ def pnorm_routing(hidden_states, gating_output, topk, renormalize, *, p: float |
 class ExpertScaleRouting(torch.nn.Module):
     """Gemma 4 (a ``custom_routing_function``): ``s = softmax(logits)``, ``ids = topk(s)``, ``w = s[ids]``
     renormalised (when ``renormalize``), then ``w *= per_expert_scale[ids]``."""
+
+    _moekit_graph_safe = True
 
     def __init__(self, num_experts, *, device=None, dtype=None):
         super().__init__()
@@ -81,6 +96,8 @@ class ExpertScaleRouting(torch.nn.Module):
 class LogitBiasRouting(torch.nn.Module):
     """Kolibri-1 (a ``custom_routing_function``): ``ids = topk(logits + bias)`` (the bias is added to the raw
     logits, not to the scores), ``w = sigmoid(logits[ids])``, renormalised when ``renormalize``."""
+
+    _moekit_graph_safe = True
 
     def __init__(self, num_experts, *, device=None):
         super().__init__()

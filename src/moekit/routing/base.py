@@ -87,6 +87,9 @@ class BaseRouter(torch.nn.Module):
     #: ``route`` only enqueues device work (no host synchronisation, no user code): a layer may capture
     #: it in its internal CUDA graphs (:mod:`moekit.experts.graphed`). False unless a subclass knows.
     capturable: bool = False
+    #: a token's routing never depends on the other rows of the batch (SPEC §9): a layer may replay it in
+    #: padded token-bucket graphs (otherwise exact-T graphs only)
+    batch_invariant: bool = True
 
     def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, enable_eplb: bool = False,
                  indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None):

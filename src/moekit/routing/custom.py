@@ -13,6 +13,15 @@ from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, IndicesTypeGetter, routing_spec
 
 
+def declared_graph_safe(fn) -> bool:
+    """``fn`` (a function, a ``functools.partial`` of one, or a module: its own class) declares
+    ``_moekit_graph_safe = True``."""
+    if isinstance(fn, torch.nn.Module):
+        return type(fn).__dict__.get("_moekit_graph_safe", False) is True
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return getattr(fn, "_moekit_graph_safe", False) is True
+
+
 class CustomRoutingRouter(BaseRouter):
     """``(w, ids) = custom_routing_function(hidden_states, router_logits, top_k, renormalize)``, then
     ``w = float32(w) · routed_scaling_factor`` and ``ids`` cast to int32 (or ``indices_type``). The
@@ -24,6 +33,14 @@ class CustomRoutingRouter(BaseRouter):
         -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required.
     renormalize: bool (default True), passed to the function.
     routed_scaling_factor: finite float, multiplies the returned weights (the seed ignored it).
+
+    Internal CUDA graphs (:mod:`moekit.experts.graphed`): a layer graphs this router's calls only when the
+    function declares ``_moekit_graph_safe = True`` (on the function, the ``functools.partial``'s function,
+    or a module's own class): it only enqueues device work (no host synchronisation, no ``.item()``, no
+    Python state that changes per call) and reads its tensors by address. moekit's named routings do
+    (:mod:`moekit.loading.routings`: Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri). Such graphs are exact-``T``
+    only (``T <= 8``): a torch function's rows are not promised to be batch invariant (``batch_invariant``
+    is False), so no padded token bucket is used.
 
     Checks: the returned pair must have shape ``[T, K]`` and integer ids (always). On the reference
     path (``kernels.checks_values``, the torch table) non-finite logits, non-finite returned weights
@@ -48,6 +65,14 @@ class CustomRoutingRouter(BaseRouter):
     @property
     def routing_method_type(self) -> RoutingMethodType:
         return RoutingMethodType.Custom
+
+    @property
+    def capturable(self) -> bool:
+        """A kernel table that checks no values and a function that declares itself graph-safe."""
+        return not self.kernels.checks_values and declared_graph_safe(self.custom_routing_function)
+
+    #: a token's ids and weights may depend on the batch's row count (torch ops: no promise)
+    batch_invariant = False
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         reference = self.kernels.checks_values
