@@ -48,9 +48,11 @@ When it changes, every graph is dropped and recaptured on demand. Weights update
 
 Memory: graphs of one cache share one private pool (``pool``: a :class:`GraphPool` several layers share,
 a ``torch.cuda.graph_pool_handle()``, or None for the cache's own). It holds the routing outputs and the
-experts' scratch of the largest bucket (T = 64: ~3 MB for Qwen3-30B-A3B, ~10 MB for DeepSeek-V3; T = 2048:
-~100 MB for Qwen3), rounded up by the caching allocator to its segment sizes (2 MB / 20 MB), and the exact
-graphs' static outputs. The bucket graphs read and write row prefixes of three zeroed ``[max_tokens, *]``
+experts' scratch of the largest bucket (T = 64: ~3 MB for Qwen3-30B-A3B, ~10 MB for DeepSeek-V3), rounded
+up by the caching allocator to its segment sizes (2 MB / 20 MB), and the exact graphs' static outputs. H200,
+eight Qwen3-30B-A3B layers on one pool (``benchmarks/graph_cost.py``): the buckets 128 / 320 / 1024 / 2048
+added 20 / 20 / 56 / 100 MiB of reserved memory, the static buffers 17 MiB; a capture costs ~1.7-4 ms per
+layer (plus Triton's compile when the bucket's config is new: ~0.7 s once per process). The bucket graphs read and write row prefixes of three zeroed ``[max_tokens, *]``
 buffers (input, logits, output; each bucket graph copies its result into the output buffer), the
 pool's when a :class:`GraphPool` is shared, so a model's layers hold one set between them. Layers that
 run one after another on one stream may share a pool (``load_moe_layers`` and ``patch`` give a model's
