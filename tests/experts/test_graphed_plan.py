@@ -286,3 +286,18 @@ def test_graph_safe_routing_function_exact_graphs_only(fake_graphs):
         x, lg = torch.randn(3, H), torch.randn(3, E)
         assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6)
         assert fake_graphs.replays == 1 and len(layer._graphs) == 1  # recaptured, not replayed
+
+
+def test_buckets_take_strided_and_3d_inputs(fake_graphs):
+    """Rows of a wider tensor (a column slice: row stride > H) and [B, S, H] inputs fill a bucket like
+    contiguous ones (index_select / copy_ read any strides); the output has the input's shape."""
+    layer = _layer()
+    ref = _plain(layer)
+    with torch.no_grad():
+        for t in (13, 16, 13):
+            wide = torch.randn(t, 2 * H)[:, :H]
+            lg = torch.randn(t, 2 * E)[:, 1 : E + 1]
+            assert torch.allclose(layer(wide, lg), ref(wide.contiguous(), lg.contiguous()), rtol=1e-5, atol=1e-6)
+        x = torch.randn(2, 7, H)
+        out = layer(x, torch.randn(14, E))
+        assert out.shape == (2, 7, H) and len(layer._graphs) == 1  # T = 14: bucket 16 again
