@@ -52,9 +52,10 @@ experts' scratch of the largest bucket (T = 64: ~3 MB for Qwen3-30B-A3B, ~10 MB 
 up by the caching allocator to its segment sizes (2 MB / 20 MB), and the exact graphs' static outputs. H200,
 eight Qwen3-30B-A3B layers on one pool (``benchmarks/graph_cost.py``): the buckets 128 / 320 / 1024 / 2048
 added 20 / 20 / 56 / 100 MiB of reserved memory, the static buffers 17 MiB; a capture costs ~1.7-4 ms per
-layer (plus Triton's compile when the bucket's config is new: ~0.7 s once per process). The bucket graphs read and write row prefixes of three zeroed ``[max_tokens, *]``
-buffers (input, logits, output; each bucket graph copies its result into the output buffer), the
-pool's when a :class:`GraphPool` is shared, so a model's layers hold one set between them. Layers that
+layer (plus Triton's compile when the bucket's config is new: ~0.7 s once per process). The bucket
+graphs read and write row prefixes of three zeroed ``[limit, *]`` buffers (input, logits, output; each
+bucket graph copies its result into the output buffer), the pool's when a :class:`GraphPool` is shared,
+so a model's layers hold one set between them. Layers that
 run one after another on one stream may share a pool (``load_moe_layers`` and ``patch`` give a model's
 layers one, and :func:`model_graph_tokens` buckets): a replay's inputs are written just before it and
 its output is consumed (cloned, or added to the shared experts) just after it, in stream order, and a
@@ -274,7 +275,7 @@ class GraphCache:
         """Run ``fn(*static inputs)`` eagerly (its result is returned: this call's answer), then capture
         it into a graph stored under ``key``. The caller checked :meth:`eligible` and :meth:`sync_state`.
         ``rows``: a bucket's token count (``inputs`` are ``[T, ...]``, ``T <= rows``): the static inputs
-        and output are row prefixes of buffers of ``max_tokens`` rows (the pool's, when a
+        and output are row prefixes of buffers of :attr:`limit` rows (the pool's, when a
         :class:`GraphPool` is shared), filled as :meth:`replay` fills them; the graph copies its output
         into the output buffer."""
         device = inputs[0].device
@@ -307,13 +308,14 @@ class GraphCache:
         return out if rows is None else out[: inputs[0].shape[0]]
 
     def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
-        """A zeroed ``[max_tokens, width]`` buffer in ``like``'s dtype and device for ``role`` (an input
+        """A zeroed ``[limit, width]`` buffer in ``like``'s dtype and device for ``role`` (an input
         position or the output): the shared pool's (one per model) or this cache's own."""
-        key = (role, self.max_tokens, like.shape[1], like.dtype, like.device)
+        rows = self.limit
+        key = (role, rows, like.shape[1], like.dtype, like.device)
         owner = self.pool._buffers if isinstance(self.pool, GraphPool) else self._buffers
         buf = owner.get(key)
         if buf is None:
-            buf = owner[key] = torch.zeros((self.max_tokens, like.shape[1]), dtype=like.dtype, device=like.device)
+            buf = owner[key] = torch.zeros((rows, like.shape[1]), dtype=like.dtype, device=like.device)
         return buf
 
     def _pool(self):
