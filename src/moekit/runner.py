@@ -268,6 +268,8 @@ class MoERunner(torch.nn.Module):
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
         input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
         graphs = self._graphs
+        if graphs is not None and not self._modules["router"].capturable:
+            graphs = None  # a routing function swapped for one not declared graph-safe: plain calls only
         if graphs is not None and input_ids is None and not torch.compiler.is_compiling():
             # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
             out = replay_whole(self, graphs, hidden_states, router_logits)
@@ -334,7 +336,8 @@ class MoERunner(torch.nn.Module):
 
     def _graph_state(self) -> tuple:
         """What the graphs read besides their inputs (a change drops them): the routing settings, the
-        data pointers of the watched modules' tensors and the settings of the folded modules."""
+        data pointers of the watched modules' tensors and the public settings of the router (and its
+        children) and of the folded modules."""
         plan = self._graph_plan or self._make_graph_plan()
         r = plan.router
         return (r.indices_type, getattr(r, "spec", None), self.moe_config, plan.fingerprint(), plan.settings())

@@ -301,3 +301,38 @@ def test_buckets_take_strided_and_3d_inputs(fake_graphs):
         x = torch.randn(2, 7, H)
         out = layer(x, torch.randn(14, E))
         assert out.shape == (2, 7, H) and len(layer._graphs) == 1  # T = 14: bucket 16 again
+
+
+def test_router_settings_drop_the_graphs(fake_graphs):
+    """A graph bakes in a custom router's plain settings (its scaling factor, the function itself): changing
+    them drops the graphs, so the next call is run and captured with the new ones."""
+    from moekit.loading.routings import llama4_routing, pnorm_routing
+
+    layer = _layer(custom_routing_function=llama4_routing)
+    ref = _plain(layer, custom_routing_function=llama4_routing)
+    x, lg = torch.randn(3, H), torch.randn(3, E)
+    with torch.no_grad():
+        layer(x, lg)
+        layer(x, lg)
+        assert fake_graphs.replays == 1
+        for r in (layer.router, ref.router):
+            r.routed_scaling_factor = 2.5
+        assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6) and fake_graphs.replays == 1
+        for r in (layer.router, ref.router):
+            r.custom_routing_function = pnorm_routing
+        assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6) and fake_graphs.replays == 1
+        layer(x, lg)
+        assert fake_graphs.replays == 2
+
+
+def test_undeclared_routing_function_set_later_never_graphs(fake_graphs):
+    from moekit.loading.routings import llama4_routing
+
+    layer = _layer(custom_routing_function=llama4_routing)
+    x, lg = torch.randn(3, H), torch.randn(3, E)
+    with torch.no_grad():
+        layer(x, lg)
+        layer.router.custom_routing_function = lambda h, g, k, r: llama4_routing(h, g, k, r)  # not declared
+        layer(x, lg)
+        layer(x, lg)
+    assert fake_graphs.replays == 0 and len(layer._graphs) == 1  # the first call's graph: never replayed

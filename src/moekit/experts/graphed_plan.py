@@ -54,13 +54,16 @@ class GraphPlan:
     (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
     whose tensors the graphs read by address."""
 
-    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children")
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children", "_configured")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None):
         self.whole_logits, self.whole_gate, self.folded, self.watched = whole_logits, whole_gate, folded, watched
         self.router = router  # the layer's, read here without nn.Module.__getattr__
         self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
         self._children = tuple(m._modules for m in folded)
+        # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
+        # scaling factor) and its children, and the folded modules
+        self._configured = (*(router.modules() if router is not None else ()), *folded)
 
     def fingerprint(self) -> tuple:
         """Data pointers of the watched tensors, identity of the folded modules' children."""
@@ -82,12 +85,11 @@ class GraphPlan:
         return any(p is not None and p.requires_grad for m in self.folded for p in m._parameters.values())
 
     def settings(self) -> tuple:
-        """Public attributes and hook counts of the folded modules (a change drops the graphs)."""
-        if not self.folded:
-            return ()
+        """Public attributes and hook counts of the router, its children and the folded modules (a change
+        drops the graphs: e.g. a routing function replaced, or a custom router's scaling factor)."""
         return tuple((tuple(v for k, v in m.__dict__.items() if k[0] != "_" and k != "training"),
                       len(m._forward_hooks),
-                      len(m._forward_pre_hooks)) for m in self.folded)
+                      len(m._forward_pre_hooks)) for m in self._configured)
 
 
 def _exact_linear(m) -> bool:
