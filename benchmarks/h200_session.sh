@@ -19,6 +19,10 @@
 #   benchmarks/h200_session.sh OUT decode    # sum-pass bits (PDL incl.), µs per kernel of bf16 / fp8 decode,
 #                                            # eager host rows, bench_transformers.py (~560 s)
 #   benchmarks/h200_session.sh OUT gluon     # the Gluon fp8 GEMMs: their GPU bit tests, µs per kernel vs Triton's
+#   benchmarks/h200_session.sh OUT graphs-tests    # round 11: internal-graph GPU tests (buckets, pools, patched
+#                                                  # models), host µs per Triton launch path (~200 s)
+#   benchmarks/h200_session.sh OUT graphs-bench    # eager host rows + transformers blocks (~300 s)
+#   benchmarks/h200_session.sh OUT graphs-routing  # graph-safe routing functions: GPU tests, eager host (~250 s)
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).

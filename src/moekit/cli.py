@@ -271,8 +271,8 @@ def _add_bench(sub) -> None:
                    help="also time eager calls: host enqueue us per call vs the GPU us of the same call "
                         "(router, fused_experts, layer with and without its internal graph, one F.linear)")
     b.add_argument("--eager-only", action="store_true", help="only the --eager rows")
-    b.add_argument("--eager-tokens", type=int_list, default=[1, 8, 37, 64],
-                   help="token counts of the --eager rows (default: 1,8,37,64; 37 replays the padded bucket of 40)")
+    b.add_argument("--eager-tokens", type=int_list, default=[1, 8, 64],
+                   help="token counts of the --eager rows (default: 1,8,64)")
     b.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default: ./benchmarks/results if it exists, else .)")
     b.set_defaults(run=_run_bench)

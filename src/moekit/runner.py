@@ -41,9 +41,13 @@ from .routing.base import BaseRouter
 GATE_INPUTS = ("routed", "block")
 
 
-#: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``): the
-#: whole forward per exact T <= 8 where allowed, route -> experts per token bucket above (experts/graphed.py)
-DEFAULT_EAGER_GRAPH_TOKENS = 64
+#: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
+#: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
+#: allocation (a 20 MB allocator segment) in each layer's own pool: ~1 GB for a hand-built stack of 48
+#: Qwen3-30B-A3B layers, for little gain (a standalone layer's eager call at 8 < T <= 64 is already about
+#: GPU-bound: Qwen3 T = 64 host 292 vs GPU 300 µs on the H200). Layers that share a GraphPool (loaded or
+#: patched models) get experts/graphed.model_graph_tokens: 64, or 2048 for small experts.
+DEFAULT_EAGER_GRAPH_TOKENS = 8
 
 
 def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
@@ -114,7 +118,7 @@ class MoERunner(torch.nn.Module):
         n_shared_experts: informational (shared experts run through ``shared_experts``).
         expert_mapping: the checkpoint entries :meth:`load_weights` accepts (see
             :func:`~moekit.fused_moe_make_expert_params_mapping`); None: both usual conventions.
-        eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens (default 64) on a
+        eager_graph_tokens: an eager forward of ``1 <= T <= eager_graph_tokens`` tokens (default 8) on a
             CUDA device replays an internal CUDA graph (bit-identical to the plain call, a fraction of its
             host time). Up to T = 8, one graph per input key: the whole forward when every module in it is
             moekit's own or an exact ``nn.Linear`` (:mod:`moekit.experts.graphed_plan`), else route ->

@@ -20,14 +20,14 @@ def _layer(backend="triton", **kw):
 
 
 def test_which_layers_graph():
-    assert _layer().eager_graph_tokens == DEFAULT_EAGER_GRAPH_TOKENS == 64
+    assert _layer().eager_graph_tokens == DEFAULT_EAGER_GRAPH_TOKENS == 8  # layers of a model: model_graph_tokens
     assert _layer(eager_graph_tokens=3).eager_graph_tokens == 3
     assert _layer(eager_graph_tokens=0).eager_graph_tokens == 0
     assert _layer(backend="torch").eager_graph_tokens == 0  # the reference path synchronises
     assert _layer(custom_routing_function=lambda x, g, k, r: torch.topk(g, k)).eager_graph_tokens == 0
     table = torch.randint(0, 8, (50, 2))
     assert _layer(hash_indices_table=table).eager_graph_tokens == 0  # input_ids are checked on the host
-    assert _layer(use_grouped_topk=True, num_expert_group=2, topk_group=1).eager_graph_tokens == 64
+    assert _layer(use_grouped_topk=True, num_expert_group=2, topk_group=1).eager_graph_tokens == 8
     assert _layer(runner_args=dict(eager_graph_tokens=5)).eager_graph_tokens == 5
 
 

@@ -204,7 +204,7 @@ def test_token_buckets_pad_and_cut(fake_graphs, shared):
     rows 0..T-1 are the call's, the padding repeats row 0, the output is cut to T rows; one graph per
     bucket; with shared experts the static rows are consumed at once (copy=False), never returned."""
     kw = dict(shared_experts=SharedMLP(H, 16)) if shared else {}
-    layer = _layer(**kw)
+    layer = _layer(eager_graph_tokens=64, **kw)
     ref = _plain(layer, **(dict(shared_experts=SharedMLP(H, 16)) if shared else {}))
     ref.load_state_dict(layer.state_dict())
     seen, outs = [], []
@@ -250,7 +250,7 @@ def test_layers_of_one_pool_share_buffers(fake_graphs):
     """Two layers on one GraphPool: one set of bucket buffers (input, logits, output) between them,
     interleaved calls each get their own layer's output."""
     pool = graphed.GraphPool()
-    layers = [_layer(runner_args=dict(graph_pool=pool)) for _ in range(2)]
+    layers = [_layer(eager_graph_tokens=64, runner_args=dict(graph_pool=pool)) for _ in range(2)]
     refs = [_plain(layer) for layer in layers]
     with torch.no_grad():
         for t in (13, 40, 13, 64):
@@ -291,7 +291,7 @@ def test_graph_safe_routing_function_exact_graphs_only(fake_graphs):
 def test_buckets_take_strided_and_3d_inputs(fake_graphs):
     """Rows of a wider tensor (a column slice: row stride > H) and [B, S, H] inputs fill a bucket like
     contiguous ones (index_select / copy_ read any strides); the output has the input's shape."""
-    layer = _layer()
+    layer = _layer(eager_graph_tokens=64)
     ref = _plain(layer)
     with torch.no_grad():
         for t in (13, 16, 13):

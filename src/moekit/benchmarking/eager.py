@@ -1,6 +1,6 @@
 """``moekit bench --eager``: what an eager call costs the host, against the GPU time of the same call.
 
-Per model shape and token count ``T`` (default 1, 8, 37, 64: 37 replays the padded bucket of 40), for each call below::
+Per model shape and token count ``T`` (default 1, 8, 64), for each call below::
 
     host_us = median over 5 blocks of (perf_counter after 100 calls back to back - before) / 100
               (no sync inside a block; one sync after each)
@@ -30,7 +30,7 @@ from .._checks import DTYPE_SHORT
 from .shapes import ModelShape
 from .timer import time_graph
 
-EAGER_TOKENS = (1, 8, 37, 64)
+EAGER_TOKENS = (1, 8, 64)
 
 
 def back_to_back(fn, inputs, calls: int, cuda: bool = True) -> tuple[float, float]:

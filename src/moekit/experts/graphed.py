@@ -95,7 +95,7 @@ def graph_bucket(t: int, max_tokens: int) -> int:
 
 def model_graph_tokens(expert_bytes: int) -> int:
     """``eager_graph_tokens`` for the layers of a model moekit loads or patches (they share a
-    :class:`GraphPool`): 2048 for small-expert layers (at most 2 GiB of expert weights as stored, e.g.
+    :class:`GraphPool`, so the buckets' scratch is paid once per model): 2048 for small-expert layers (at most 2 GiB of expert weights as stored, e.g.
     Qwen3-30B-A3B 1.2 GB, gpt-oss-20b, OLMoE), whose experts step at T <= 2048 is shorter than an eager
     call's host time (H200: Qwen3 T = 1024 ~0.4 ms of GPU against ~0.5-1 ms of host); 64 otherwise (the GPU
     step is the longer one there: a graph only adds its padding rows)."""
