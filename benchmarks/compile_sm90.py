@@ -258,6 +258,19 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
     return seen
 
 
+def compile_gluon_launches(fmt, t, shape, w13: str, w2: str, patch=None) -> None:
+    """One call of the launcher with a config asking for the Gluon kernels (the tensors taken for an sm_90 GPU's):
+    the Gluon kernels named ``w13`` / ``w2`` replace Triton's ``w13_kernel`` / ``w2_kernel`` and compile with
+    exactly the arguments the launcher passes (``AssertionError`` naming the launches otherwise)."""
+    seen = launches(fmt, t, shape, patch=patch, gluon=True)
+    names = [kf.__name__ for kf, _, _ in seen]
+    assert w13 in names and w2 in names, names
+    assert "w13_kernel" not in names and "w2_kernel" not in names, names
+    for kf, args, kw in seen:
+        if kf.__name__ in (w13, w2):
+            compile_launch(kf, args, kw)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fmt", default=",".join(f for f in FORMATS if f != "bf16"))

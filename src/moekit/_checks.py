@@ -12,6 +12,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def declared_graph_safe(obj) -> bool:
+    """``obj`` declares ``_moekit_graph_safe = True``: it only enqueues device work and reads its tensors by
+    address, so a layer may capture it in its internal CUDA graphs. A module: its own class must declare it
+    (a subclass declares it again); a function: the attribute on it (a ``functools.partial``: on its function)."""
+    if isinstance(obj, torch.nn.Module):
+        return type(obj).__dict__.get("_moekit_graph_safe", False) is True
+    return getattr(getattr(obj, "func", obj), "_moekit_graph_safe", False) is True
+
+
 def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")

@@ -36,6 +36,7 @@ from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
+from .runner_checks import check_gate_linear, returned
 
 #: what the gate reads: the routed input (SPEC §1) or the layer's input
 GATE_INPUTS = ("routed", "block")
@@ -56,40 +57,6 @@ def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
     input-id checks, no EPLB map)."""
     return (experts.backend == "triton" and isinstance(executor, LocalExecutor) and router.capturable
             and router.eplb_state is None)
-
-
-def _first(out):
-    """Modules such as vLLM's linear layers return ``(output, output_bias)``, the bias being None unless
-    the layer skipped adding it (``skip_bias_add``): then it is added here, never dropped."""
-    if not isinstance(out, (tuple, list)):
-        return out
-    if len(out) != 2 or (out[1] is not None and not isinstance(out[1], torch.Tensor)):
-        raise TypeError(f"a module returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
-    return out[0] if out[1] is None else out[0] + out[1]
-
-
-def _returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:
-    """The tensor a user module returned, checked to be ``[num_tokens, w]`` for a ``w`` in ``widths``
-    (shapes only): ``ValueError`` naming the module, the shape got and the shape expected."""
-    out = _first(out)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name} returned a {type(out).__name__}; expected a torch.Tensor")
-    if out.dim() != 2 or out.shape[0] != num_tokens or out.shape[1] not in widths:
-        expected = " or ".join(f"[{num_tokens}, {w}]" for w in widths)
-        raise ValueError(f"{name} returned shape {list(out.shape)}; expected {expected} (T = {num_tokens} tokens)")
-    return out
-
-
-def _check_gate_linear(gate, hidden_size: int, columns: int) -> None:
-    """A ``gate`` that is an ``nn.Linear`` reads the routed input (``hidden_size`` wide) and writes one
-    logit per routed column (``E + Z``); checked at construction."""
-    if not isinstance(gate, torch.nn.Linear):
-        return
-    if gate.in_features != hidden_size or gate.out_features != columns:
-        raise ValueError(
-            f"gate is an nn.Linear({gate.in_features}, {gate.out_features}); expected in_features = hidden_size "
-            f"({hidden_size}) and out_features = E + Z ({columns})"
-        )
 
 
 class MoERunner(torch.nn.Module):
@@ -186,7 +153,7 @@ class MoERunner(torch.nn.Module):
         if shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
         if gate_input == "routed":  # a gate on the block input has the block's (unknown) width
-            _check_gate_linear(gate, moe_config.hidden_size, router.num_logit_columns or router.global_num_experts)
+            check_gate_linear(gate, moe_config.hidden_size, router.num_logit_columns or router.global_num_experts)
         if routed_scaling_factor is not None and routed_scaling_factor != moe_config.output_scale:
             raise ValueError(
                 f"routed_scaling_factor={routed_scaling_factor!r} disagrees with moe_config (output-side factor "
@@ -294,7 +261,7 @@ class MoERunner(torch.nn.Module):
         t = h.shape[0]
         x = h
         if self.routed_input_transform is not None:
-            x = _returned("routed_input_transform", self.routed_input_transform(h), t, (self.moe_config.hidden_size,))
+            x = returned("routed_input_transform", self.routed_input_transform(h), t, (self.moe_config.hidden_size,))
         self._check_routed_input(x)
 
         logits = self._logits(h if self.gate_input == "block" else x, router_logits)
@@ -305,7 +272,7 @@ class MoERunner(torch.nn.Module):
         else:
             routed = self._routed(x, logits, input_ids)
         if self.routed_output_transform is not None:
-            routed = _returned("routed_output_transform", self.routed_output_transform(routed), t, (width,))
+            routed = returned("routed_output_transform", self.routed_output_transform(routed), t, (width,))
         elif routed.shape[-1] != width:
             raise ValueError(
                 f"the routed output has width hidden_size={routed.shape[-1]} but hidden_states has width {width}; "
@@ -313,13 +280,13 @@ class MoERunner(torch.nn.Module):
             )
 
         if self.shared_experts is not None:
-            shared = _returned("shared_experts", self.shared_experts(h), t, (width,))
+            shared = returned("shared_experts", self.shared_experts(h), t, (width,))
             if self.shared_expert_gate is not None:
-                g = _returned("shared_expert_gate", self.shared_expert_gate(h), t, (1, width))
+                g = returned("shared_expert_gate", self.shared_expert_gate(h), t, (1, width))
                 shared = torch.sigmoid(g) * shared
             routed = routed + shared
         if self.final_output_transform is not None:
-            routed = _returned("final_output_transform", self.final_output_transform(routed), t, (width,))
+            routed = returned("final_output_transform", self.final_output_transform(routed), t, (width,))
         # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
         return routed.reshape(*lead, width).to(hidden_states.dtype)
 
@@ -356,7 +323,7 @@ class MoERunner(torch.nn.Module):
             if self.gate is None:
                 raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
             columns = self.router.num_logit_columns or self.router.global_num_experts
-            router_logits = _returned("gate", self.gate(x), x.shape[0], (columns,))
+            router_logits = returned("gate", self.gate(x), x.shape[0], (columns,))
         else:
             check_tensor("router_logits", router_logits)
             if router_logits.dim() != 2:

@@ -124,13 +124,7 @@ un = {"BLOCK_M": 64, "sum_pass": True, "w13_split": False, "w13": {"SWAP": 0, "g
 for fmt in ("mxfp4", "int4_g32"):
     for shape in ("deepseek", "gpt-oss"):
         for t, patch in ((1, sw), (1000, un)):
-            seen = c.launches(c.FORMATS[fmt], t, shape, patch=patch, gluon=True)
-            names = [kf.__name__ for kf, _, _ in seen]
-            assert "w4_w13_kernel" in names and "w4_w2_sum_kernel" in names, names
-            assert "w13_kernel" not in names and "w2_kernel" not in names, names
-            for kf, args, kw in seen:
-                if kf.__name__.startswith("w4_"):
-                    c.compile_launch(kf, args, kw)
+            c.compile_gluon_launches(c.FORMATS[fmt], t, shape, "w4_w13_kernel", "w4_w2_sum_kernel", patch)
 print("ok")
 """, tmp_path)
 

@@ -95,10 +95,10 @@ def graph_bucket(t: int, max_tokens: int) -> int:
 
 def model_graph_tokens(expert_bytes: int) -> int:
     """``eager_graph_tokens`` for the layers of a model moekit loads or patches (they share a
-    :class:`GraphPool`, so the buckets' scratch is paid once per model): 2048 for small-expert layers (at most 2 GiB of expert weights as stored, e.g.
-    Qwen3-30B-A3B 1.2 GB, gpt-oss-20b, OLMoE), whose experts step at T <= 2048 is shorter than an eager
-    call's host time (H200: Qwen3 T = 1024 ~0.4 ms of GPU against ~0.5-1 ms of host); 64 otherwise (the GPU
-    step is the longer one there: a graph only adds its padding rows)."""
+    :class:`GraphPool`, so the buckets' scratch is paid once per model): 2048 for small-expert layers (at
+    most 2 GiB of expert weights as stored, e.g. Qwen3-30B-A3B 1.2 GB, gpt-oss-20b, OLMoE), whose experts
+    step at T <= 2048 is shorter than an eager call's host time (H200: Qwen3 T = 1024 ~0.4 ms of GPU against
+    ~0.5-1 ms of host); 64 otherwise (the GPU step is the longer one there: a graph only adds its padding)."""
     return 2048 if expert_bytes <= 2 * 1024**3 else 64
 
 
@@ -111,7 +111,7 @@ def pad_index(t: int, rows: int, device) -> torch.Tensor:
 
 class _Entry:
     """One captured graph: its static inputs (``copy_`` targets, in call order), static output, and per
-    token count ``t`` below its rows what a padded replay uses (:meth:`fill`)."""
+    token count ``t`` below its rows the padding (:func:`_padding`) and output rows of a padded replay."""
 
     __slots__ = ("graph", "inputs", "out", "_pads")
 
@@ -123,32 +123,35 @@ class _Entry:
         """Write ``inputs`` (``t`` rows) into the static inputs, return the output rows of this call."""
         t = inputs[0].shape[0]
         if t == self.out.shape[0]:
-            if len(inputs) == 1:
-                self.inputs[0].copy_(inputs[0])
-            else:
-                torch._foreach_copy_(self.inputs, inputs)
+            _fill(self.inputs, inputs, None)
             return self.out
         hit = self._pads.get(t)
         if hit is None:
-            hit = self._pads[t] = _padding(t, self.inputs, self.out)
-        idx, heads, out = hit
-        if idx is not None:
-            for s, x in zip(self.inputs, inputs):
-                torch.index_select(x, 0, idx, out=s)
-        elif len(inputs) == 1:
-            heads[0].copy_(inputs[0])
-        else:
-            torch._foreach_copy_(heads, inputs)
-        return out
+            hit = self._pads[t] = (_padding(t, self.inputs), self.out[:t])
+        _fill(self.inputs, inputs, hit[0])
+        return hit[1]
 
 
-def _padding(t: int, static: Sequence[torch.Tensor], out: torch.Tensor) -> tuple:
-    """``(index | None, first t rows of each static input, first t output rows)`` for a call of ``t`` rows
-    into a graph of more: up to 64 rows the padding repeats token 0 (an index for ``index_select``),
-    above it keeps the rows already there (zeros, or earlier calls' inputs: see the module docstring)."""
-    rows = out.shape[0]
-    idx = pad_index(t, rows, out.device) if rows <= REPEAT_PAD_TOKENS else None
-    return idx, [s[:t] for s in static], out[:t]
+def _padding(t: int, static: Sequence[torch.Tensor]) -> tuple:
+    """``(index | None, first t rows of each static input)`` for a call of ``t`` rows into a graph of more:
+    up to 64 rows the padding repeats token 0 (an index for ``index_select``), above it keeps the rows
+    already there (zeros, or earlier calls' inputs: see the module docstring)."""
+    rows = static[0].shape[0]
+    idx = pad_index(t, rows, static[0].device) if rows <= REPEAT_PAD_TOKENS else None
+    return idx, [s[:t] for s in static]
+
+
+def _fill(static: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], padding: tuple | None) -> None:
+    """One op per input at most: ``copy_`` (``_foreach_copy_`` for several) into ``static`` (``padding``
+    None: as many rows) or into its first rows, or ``index_select`` through the padding's index."""
+    idx, heads = padding if padding is not None else (None, static)
+    if idx is not None:
+        for s, x in zip(static, inputs):
+            torch.index_select(x, 0, idx, out=s)
+    elif len(inputs) == 1:
+        heads[0].copy_(inputs[0])
+    else:
+        torch._foreach_copy_(heads, inputs)
 
 
 def tensor_key(x) -> tuple | None:
@@ -287,7 +290,8 @@ class GraphCache:
                     s.copy_(t)
             else:
                 static = [self._buffer(f"in{i}", t)[:rows] for i, t in enumerate(inputs)]
-                _Entry(None, static, static[0]).fill(inputs)  # (the output rows returned are unused here)
+                t = inputs[0].shape[0]
+                _fill(static, inputs, _padding(t, static) if t < rows else None)
             out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
             graph = torch.cuda.CUDAGraph()
             # bucket graphs copy their output into the output buffer (shared by a pool's layers); exact

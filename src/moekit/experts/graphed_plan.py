@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import declared_graph_safe
 from .graphed import GraphCache, tensor_key, watched_fingerprint
 
 _Linear = torch.nn.Linear
@@ -96,16 +97,15 @@ def _exact_linear(m) -> bool:
     return type(m) is _Linear
 
 
-def _declared_safe(m) -> bool:
-    """The module's own class (not a parent's) declares ``_moekit_graph_safe = True``: moekit's
-    ``RouterLinear`` and ``SharedMLP`` do (plain torch ops on their own weights, no host state); a
-    subclass must declare it again. Read from the class so this part imports nothing above it."""
-    return type(m).__dict__.get("_moekit_graph_safe", False) is True
+def _safe_module(m) -> bool:
+    """A module whose own class declares ``_moekit_graph_safe`` (moekit's ``RouterLinear``, ``SharedMLP``:
+    plain torch ops on their own weights, no host state); a plain function never folds (no tensors to watch)."""
+    return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
 
 
 def gate_foldable(gate) -> bool:
     """An exact ``nn.Linear`` or moekit's ``RouterLinear`` (plain torch ops on its own weights)."""
-    return gate is not None and (type(gate) is _Linear or _declared_safe(gate))
+    return gate is not None and (type(gate) is _Linear or _safe_module(gate))
 
 
 def shared_foldable(shared, shared_gate) -> bool:
@@ -113,7 +113,7 @@ def shared_foldable(shared, shared_gate) -> bool:
     ``nn.Linear`` gate, or none)."""
     if shared is None:
         return True
-    if not _declared_safe(shared) or not all(map(_exact_linear, shared.children())):
+    if not _safe_module(shared) or not all(map(_exact_linear, shared.children())):
         return False
     return shared_gate is None or _exact_linear(shared_gate)
 

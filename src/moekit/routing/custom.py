@@ -6,20 +6,11 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_callable, check_finite
+from .._checks import check_callable, check_finite, declared_graph_safe
 from ..ops.experts import check_ids_in_range
 from ..ops.kernels import Kernels
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, IndicesTypeGetter, routing_spec
-
-
-def declared_graph_safe(fn) -> bool:
-    """``fn`` (a function, a ``functools.partial`` of one, or a module: its own class) declares
-    ``_moekit_graph_safe = True``."""
-    if isinstance(fn, torch.nn.Module):
-        return type(fn).__dict__.get("_moekit_graph_safe", False) is True
-    fn = getattr(fn, "func", fn)  # functools.partial
-    return getattr(fn, "_moekit_graph_safe", False) is True
 
 
 class CustomRoutingRouter(BaseRouter):
