@@ -245,3 +245,12 @@ def test_patch_on_cuda_uses_triton_and_keeps_logits(arch):
         for i, ref in zip((ids, ids[:, :3]), refs):
             for _ in range(2):
                 _close(model(i).logits, ref, rel=1e-4)  # fp32 kernels (ieee dot) against transformers' fp32 loop
+
+
+def test_patched_layers_share_a_graph_pool_and_their_limit():
+    # patch gives a model's layers one GraphPool and model_graph_tokens (tiny experts: 2048), or the limit asked
+    for asked, want in ((None, 2048), (16, 16)):
+        model = hf_tiny.build("qwen3_moe")
+        moes = [model.get_submodule(n).moe for n in patch(model, backend="triton", eager_graph_tokens=asked)]
+        assert moes and [m.eager_graph_tokens for m in moes] == [want] * len(moes)
+        assert len({id(m._graphs.pool) for m in moes}) == 1
