@@ -76,7 +76,7 @@ def compile_launch(fn: JITFunction, args, kwargs):
 
 
 def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int = 4,
-                 bias: bool = False, on_input: bool = False):
+                 bias: bool = False, on_input: bool = False, nt: int = 1):
     """The Gluon fp8 block w2 (:mod:`moekit.ops._gluon.fp8_w2`) compiled for sm_90 on CPU tensors (never
     touched): the ``CompiledKernel``."""
     from triton.experimental.gluon import language as gl
@@ -96,7 +96,7 @@ def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: i
     args = (a_desc, w_desc, a_s, w_s, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn),
             a_s.stride(0), w_s.stride(0), w_s.stride(1), b2.stride(0), tw.stride(0), part.stride(0))
     kw = dict(BM=bm, BN=bn, BK=bk, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
-              HAS_BIAS=bias, ON_INPUT=on_input, num_warps=bm // 16)
+              HAS_BIAS=bias, ON_INPUT=on_input, NT=nt, num_warps=bm // 16)
     return compile_launch(fp8_w2_sum_kernel, args, kw)
 
 

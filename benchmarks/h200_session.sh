@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -148,6 +148,63 @@ case $WHAT in
       '{"nogl": {"w13": {"gluon": 0}, "w2": {"gluon": 0}}, "bm128": {"BLOCK_M": 128, "w13": {"num_warps": 8},
         "w2": {"num_warps": 8}}, "g32": {"w13": {"GROUP_M": 32}, "w2": {"GROUP_M": 32}},
         "s3": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "s5": {"w13": {"num_stages": 5}, "w2": {"num_stages": 5}}}'
+    ;;
+  r12-check)  # round 12: the shipped fp8 tables with "gluon_nt" keep a token's bits alone and in every bucket; the
+    # four re-tabled buckets against one column tile per program, twice (drift)
+    step gpu-inv-fp8 260 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_experts_quant.py -k "shipped_fp8 or (every_bucket and fp8)"
+    step probe-tables 200 python benchmarks/kernel_profile.py --formats fp8 --variants base,nt1,base2,nt1b --calls 5 \
+      --points qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:16384,mixtral-8x7b:256 --out "$OUT/probe-tables.json" \
+      --patches '{"nt1": {"w2": {"gluon_nt": 1}}, "nt1b": {"w2": {"gluon_nt": 1}}, "base2": {}}'
+    ;;
+  r12-bench)  # round 12: the bf16 + fp8 sweep (experts step and whole layer), then the comparison with the targets
+    step bench 480 python -m moekit bench --quant bf16,fp8 --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  w2nt)  # round 12: the Gluon fp8 w2 over several column tiles per program ("gluon_nt"): GPU bit tests, then µs
+    step gpu-gluon-nt 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_fp8.py
+    P=deepseek-v3:16384,deepseek-v3:4096,deepseek-v3:1024,gpt-oss-120b:4096,gpt-oss-120b:1024,qwen3-30b-a3b:16384
+    P=$P,qwen3-30b-a3b:4096,qwen3-30b-a3b:1024,mixtral-8x7b:16384,mixtral-8x7b:1024,mixtral-8x7b:256
+    step probe-nt 330 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --variants base,nt2,nt4,nt8,nt1 \
+      --calls 5 --out "$OUT/probe-nt.json" --patches '{"nt1": {"w2": {"gluon_nt": 1}}, "nt2": {"w2": {"gluon_nt": 2}},
+        "nt4": {"w2": {"gluon_nt": 4}}, "nt8": {"w2": {"gluon_nt": 8}}}'
+    ;;
+  scales)  # round 12: fp8 Gluon scale loads moved earlier + equal chunks: GPU bit tests (Gluon vs Triton, shipped
+    # fp8 tables every bucket), old / new kernels side by side, Nsight Compute stall reasons of the new kernels
+    step gpu-gluon 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_fp8.py \
+      tests/ops/test_batch_invariance_gpu.py -k "gluon or shipped_fp8"
+    step gluon-ab 260 python benchmarks/gluon_ab.py --out "$OUT/gluon-ab.json"
+    step ncu-fp8-new 100 ncu --clock-control none --section SpeedOfLight --section WarpStateStats --page raw \
+      -k regex:"fp8_w13|fp8_w2" --launch-skip 4 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format fp8 --calls 2
+    ;;
+  diag2)  # round 12: equal token chunks against full chunks + the rest (fp8 at T = 16384), then Nsight Compute
+    # on the fp8 Gluon GEMMs of a full 8192-token chunk (shipped tiles and BLOCK_M 128 / 8 warps), stall reasons
+    step chunks 200 python benchmarks/chunk_probe.py --out "$OUT/chunks.json"
+    NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --page raw"
+    step ncu-fp8-full 120 $NCU -k regex:"fp8_w13|fp8_w2" --launch-skip 4 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format fp8 --calls 2
+    step ncu-fp8-bm128 120 $NCU -k regex:"fp8_w13|fp8_w2" --launch-skip 4 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format fp8 --calls 2 \
+      --patch '{"BLOCK_M": 128, "w13": {"num_warps": 8}, "w2": {"num_warps": 8}}'
+    ;;
+  diag)  # round 12: Nsight Compute on the compute-bound GEMMs (fp8 Gluon, bf16 Triton; DeepSeek-V3), then config
+    # probes at the bf16 points behind vLLM's GEMMs (#11 item 3) and fp8 Gluon w2 tiles
+    NCU="ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,dram__bytes_read.sum.per_second"
+    step ncu-fp8 120 $NCU -k regex:"fp8_w13|fp8_w2" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format fp8 --calls 2
+    step ncu-bf16 100 $NCU -k regex:"w13_kernel|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format bf16 --calls 2
+    step probe-bf16 240 python benchmarks/kernel_profile.py --formats bf16 \
+      --points qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,mixtral-8x7b:64,gpt-oss-120b:64 \
+      --variants base,w13n64,w13n128,w2n64,w2n128,w2n256,s4,s6,g1,bm16,bm32,base-sum,base+sum --calls 10 \
+      --out "$OUT/probe-bf16.json" --patches '{"w13n64": {"w13": {"BN": 64}}, "w13n128": {"w13": {"BN": 128}},
+        "w2n64": {"w2": {"BN": 64}}, "w2n128": {"w2": {"BN": 128}}, "w2n256": {"w2": {"BN": 256}},
+        "s4": {"w13": {"num_stages": 4}, "w2": {"num_stages": 4}}, "s6": {"w13": {"num_stages": 6}, "w2": {"num_stages": 6}},
+        "g1": {"w13": {"GROUP_M": 1}, "w2": {"GROUP_M": 1}}, "bm16": {"BLOCK_M": 16}, "bm32": {"BLOCK_M": 32}}'
+    step probe-fp8 95 python benchmarks/kernel_profile.py --formats fp8 \
+      --points deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:4096 --variants base,w2n64,w2n64s3 --calls 5 \
+      --out "$OUT/probe-fp8.json" --patches '{"w2n64": {"w2": {"BN": 64}}, "w2n64s3": {"w2": {"BN": 64, "num_stages": 3}}}'
     ;;
   graphs)  # round 11: padded token-bucket graphs (T <= 64): GPU tests, eager host rows, transformers blocks,
     # host µs per Triton launch by launch path (what a direct launch past the graph would save)

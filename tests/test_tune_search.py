@@ -276,6 +276,20 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["w2"].get("gluon") else 1.0), gl)
 
 
+def test_fp8_neighbours_halve_and_double_the_gluon_w2_column_tiles():
+    # a Gluon w2 winner: gluon_nt 2 -> 1 and 4; 8 -> 4 only (at most 8); no Gluon: no gluon_nt candidate; toggling
+    # Gluon off drops the key with it
+    gl = tune_space.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
+    for nt, want in ((None, {2}), (2, {1, 4}), (8, {4})):
+        best = gl if nt is None else {**gl, "w2": {**gl["w2"], "gluon_nt": nt}}
+        got = {c["w2"].get("gluon_nt", 1) for c in neighbour_configs(best, False, quick=True, fam="fp8")
+               if c["w2"].get("gluon")} - {nt or 1}
+        assert got == want, (nt, got)
+        assert "gluon_nt" not in tune_space.gluon_toggled(best)["w2"]
+    plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
+    assert not any("gluon_nt" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
+
+
 def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
     """``swap_identical`` compares a swapped config with the same tiles unswapped at BLOCK_M >= 64."""
     seen = []

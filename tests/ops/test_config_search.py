@@ -100,6 +100,11 @@ def test_fp8_heuristic_keeps_the_measured_fp8_tiles():
             assert 32 <= cfg["w13"]["BN"] <= 64 and cfg["w2"]["BN"] in (64, 128)
         assert (cfg["w13"]["BK"], cfg["w2"]["BK"]) == (base["w13"]["BK"], base["w2"]["BK"])
         assert base == heuristic_config(t, 512, 6144, 2048, 12, torch.bfloat16, 132)  # the input is not mutated
+        assert "gluon_nt" not in cfg["w2"]  # I = 2048: 16 K steps, one column tile per program
+    # a Gluon w2 of few K steps (Qwen3-30B-A3B: I = 768, 6 steps) computes 4 column tiles per program
+    for t, nt in ((16, None), (1024, 4), (16384, 4)):
+        cfg = heuristic_config(t, 128, 2048, 768, 8, torch.bfloat16, 132, quant="fp8_block128x128")
+        assert cfg["w2"].get("gluon_nt") == nt and bool(cfg["w2"].get("gluon")) == (nt is not None), (t, cfg)
     # the unquantised heuristic never swaps (no gain); 4-bit up to 16 rows per expert, BLOCK_M 16 up to 8 rows
     for t, bm in ((1, 16), (64, 16), (256, 16), (512, 32), (1024, None)):  # 1, 2, 8, 16, 32 rows (not swapped)
         for quant in (None, "mxfp4", "int4_g32"):

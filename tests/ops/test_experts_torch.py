@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moekit import fused_experts, fused_experts_torch
+from moekit.ops.experts import chunk_tokens
 from reference import assert_close_dtype, make_expert_weights, ref_act, ref_experts
 
 ACTS = ["silu", "gelu", "gelu_tanh", "swigluoai", "relu2"]
@@ -186,6 +187,28 @@ def test_chunk_boundaries(activation, bias):
         torch.testing.assert_close(many, one, atol=1e-6, rtol=1e-6)
     ref = ref_experts(x, w13, w2, w, ids, activation=activation, b13=b13, b2=b2)
     assert_close_dtype(one, ref, torch.float32)
+
+
+@pytest.mark.parametrize("total,most,want", [
+    (16384, 13740, 8192),  # DeepSeek-V3 fp8 at 4 GiB: 13740 + 2644 before, two equal chunks now
+    (10, 3, 3),  # four chunks 3, 3, 3, 1: the fewest the bound allows
+    (9, 4, 3),  # three chunks of 3 rather than 4, 4, 1
+    (7, 7, 7), (7, 100, 7),  # one chunk
+    (5, 1, 1), (5, 0, 1), (5, -3, 1),  # a bound below one token still makes progress
+    (1, 1, 1),
+])
+def test_chunk_tokens_equal_chunks(total, most, want):
+    assert chunk_tokens(total, most) == want
+
+
+def test_chunk_tokens_properties():
+    for total in range(1, 60):
+        for most in range(1, 70):
+            c = chunk_tokens(total, most)
+            n = -(-total // c)
+            assert c <= max(1, min(total, most))  # within the bound
+            assert n == -(-total // min(total, most))  # no more chunks than the bound needs
+            assert c - (total - (n - 1) * c) < n  # the last chunk is short by less than the chunk count
 
 
 def test_262144_tokens_one_call():

@@ -82,9 +82,9 @@ def test_gluon_fp8_compiles_for_sm90_without_serialised_wgmma(tmp_path):
     run_compiled("""
 import tempfile, pathlib
 import compile_sm90 as c
-for bm, i, bias, on_input in ((64, 2048, False, False), (128, 2048, False, False), (64, 384, True, True),
-                              (64, 2880, False, False)):
-    k = c.gluon_fp8_w2(bm=bm, i=i, bias=bias, on_input=on_input)
+for bm, i, bias, on_input, nt in ((64, 2048, False, False, 1), (128, 2048, False, False, 1), (64, 384, True, True, 1),
+                                  (64, 2880, False, False, 1), (64, 2048, False, False, 4), (64, 384, True, True, 4)):
+    k = c.gluon_fp8_w2(bm=bm, i=i, bias=bias, on_input=on_input, nt=nt)
     ptx = k.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx, (bm, i)
     steps = -(-i // 128)
@@ -162,13 +162,16 @@ def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on
     limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
     calls13, calls2 = _counting(monkeypatch, "launch_fp8_w13"), _counting(monkeypatch, "launch_fp8_w2_sum")
     outs = []
-    # Triton only; both Gluon kernels; each alone (the w13 output feeds the other kernel unchanged)
-    for g2, g13 in ((False, False), (True, True), (False, True), (True, False)):
+    # Triton only; both Gluon kernels; each alone (the w13 output feeds the other kernel unchanged); the Gluon w2
+    # with 3 and 8 column tiles per program ("gluon_nt": a last group short of tiles, more than a row has)
+    for g2, g13, nt in ((False, False, 1), (True, True, 1), (False, True, 1), (True, False, 1), (True, False, 3),
+                        (True, True, 8)):
         cfg = _cfg(g2, bm, bn2=min(128, block), w13_gluon=g13, bk=block)
+        cfg["w2"]["gluon_nt"] = nt
         outs.append(tq.fused_experts_quant_impl(
             x, q13[:n_local], q2[:n_local], w, ids, spec, s13[:n_local], s2[:n_local], None, None, act, on_input,
             b1[:n_local] if bias else None, b2[:n_local] if bias else None, emap_t, limit, config=cfg))
-    assert len(calls13) == 2 and len(calls2) == 2  # each Gluon kernel ran where asked
+    assert len(calls13) == 3 and len(calls2) == 4  # each Gluon kernel ran where asked
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
     assert outs[0].isfinite().all()

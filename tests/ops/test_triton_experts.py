@@ -139,6 +139,21 @@ def test_multi_launch_align_and_chunking(monkeypatch):
     assert torch.equal(out, te.fused_experts_triton(x, w1, w2, w, ids))  # deterministic
 
 
+def test_chunks_are_equal(monkeypatch):
+    # a bound of 17 tokens over 40: three chunks of 14, 14, 12 (not 17, 17, 6), results unchanged
+    x, w1, w2, w, ids, _, _ = make(40, 6, 2, 32, 16)
+    one = te.fused_experts_impl(x, w1, w2, w, ids, "silu", False, None, None, None, None)
+    cfg = te.get_config(x.device, 40, 6, 32, 16, 2, x.dtype, True)
+    per_token = 2 * (16 + 32) * x.element_size() + 2 * 12 + 64
+    fixed = 6 * int(cfg["BLOCK_M"]) * 16 * x.element_size()
+    sizes, run = [], te._run_chunk
+    monkeypatch.setattr(te, "_run_chunk", lambda x, *a, **kw: (sizes.append(x.shape[0]), run(x, *a, **kw)))
+    out = te.fused_experts_impl(x, w1, w2, w, ids, "silu", False, None, None, None, None, config=cfg,
+                                workspace_bytes=fixed + 17 * per_token)
+    assert sizes == [14, 14, 12]
+    assert torch.equal(out, one)
+
+
 @pytest.mark.parametrize("case", ["plain", "holes", "hot", "k1", "zero_w"])
 def test_inline_layout_matches_align(case, monkeypatch):
     """Decode path (T·K <= INLINE_SLOTS: layout built in registers) against the align kernel."""

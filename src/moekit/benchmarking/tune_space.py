@@ -7,7 +7,8 @@ A bucket's search (:func:`search`) has two short stages:
    unquantised dtypes, ``fp8``, ``4bit`` for mxfp4 / int4), drawn from the configs that won on H100
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
-   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked; repeated once around a new winner (``quick``: one
+   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked (fp8: the Gluon GEMMs
+   toggled, the Gluon w2's ``gluon_nt`` halved / doubled); repeated once around a new winner (``quick``: one
    round of the TMA / PDL toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
@@ -280,7 +281,7 @@ def gluon_toggled(cfg: dict) -> dict:
     on = not (cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))
     out = {**cfg}
     for part in ("w13", "w2"):
-        out[part] = {k: v for k, v in cfg[part].items() if k != "gluon"}
+        out[part] = {k: v for k, v in cfg[part].items() if k not in ("gluon", "gluon_nt")}
         if on:
             out[part]["gluon"] = 1
     return out
@@ -294,6 +295,11 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
         out.append({**best, "pdl": True})
     if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
         out.append(gluon_toggled(best))
+        if best["w2"].get("gluon"):  # its column tiles per program, halved / doubled (1 .. 8)
+            nt = int(best["w2"].get("gluon_nt", 1))
+            for n in (nt // 2, nt * 2):
+                if 1 <= n <= 8 and n != nt:
+                    out.append({**best, "w2": {**best["w2"], "gluon_nt": n}})
     if quick:
         return out
     for part in ("w13", "w2"):

@@ -26,7 +26,8 @@ import torch
 from .._checks import check_tensor
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
-from .experts import DEFAULT_WORKSPACE_BYTES, check_expert_map_range, check_experts_inputs, check_ids_in_range
+from .experts import (DEFAULT_WORKSPACE_BYTES, check_expert_map_range, check_experts_inputs, check_ids_in_range,
+                      chunk_tokens)
 from .formats import Fp8BlockFormat, WeightFormat
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights, dequantize_weight
@@ -137,7 +138,7 @@ def fused_experts_quant_torch(
                             hidden_states.dtype, cache=e * per_expert <= workspace_bytes // 2)
     # per token: K slot outputs [K, H] fp32, the w13 output / activation / its quantised copy per slot
     per_token = 4 * p.top_k * (2 * hidden + rows + 2 * inter) + 64
-    step = max(1, min(p.num_tokens, workspace_bytes // per_token))
+    step = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     for lo in range(0, p.num_tokens, step):
         hi = min(lo + step, p.num_tokens)
         out[lo:hi] = _token_chunk(hidden_states[lo:hi], topk_weights[lo:hi], topk_ids[lo:hi], local_map, experts,

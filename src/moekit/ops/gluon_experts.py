@@ -15,6 +15,7 @@ import functools
 import importlib.util
 
 import torch
+import triton
 
 #: the fp8 block format's code (:class:`.triton_experts_quant.QuantSpec`): the K step is one scale block
 FP8_BLOCK = 1
@@ -64,11 +65,13 @@ def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start,
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws = q.ws2
     stages = max(2, min(int(p.w2_kw["num_stages"]), (200 * 1024) // ((bm + bn) * bk)))
-    launch(fp8_w2_sum_kernel, p.grid2, a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts,
+    nt = max(1, min(p.gluon_nt, p.nbn))
+    grid = (p.num_pid_m * triton.cdiv(p.nbn, nt),)
+    launch(fp8_w2_sum_kernel, grid, a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts,
            row_start, sorted_slot, part, h, inter, e_local, k, p.num_pid_m, p.nbn,
            as_.stride(0), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, tw.stride(0),
            part.stride(0), BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(p.w2_kw["GROUP_M"]),
-           BLOCK_E=p.w2_kw["BLOCK_E"], STAGES=stages, HAS_BIAS=b2 is not None, ON_INPUT=on_input,
+           BLOCK_E=p.w2_kw["BLOCK_E"], STAGES=stages, HAS_BIAS=b2 is not None, ON_INPUT=on_input, NT=nt,
            num_warps=bm // 16)
 
 

@@ -14,7 +14,9 @@ in its own pass after w2, or fused into w2's tail; the same bits; absent: by the
 :data:`moekit.ops.triton_plan.SUM_PASS_SLOTS`), and per GEMM ``"SWAP": 1`` (the weight
 tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles`); ``"w2": {"gluon": 1}`` (fp8
 block weights with the sum pass on sm_90: the Gluon w2 of :mod:`moekit.ops._gluon.fp8_w2`, the same bits with
-the scale promotion overlapped; see :func:`moekit.ops.gluon_experts.fp8_w2_ok`).
+the scale promotion overlapped; see :func:`moekit.ops.gluon_experts.fp8_w2_ok`), with ``"gluon_nt": n`` (that
+Gluon w2 computes n neighbouring column tiles per program, one after the other through one ring: the same
+bits).
 
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
 ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
@@ -189,7 +191,7 @@ def heuristic_config(
     tma = small_elt and rows > 400
     cfg = {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
     if quant and quant.startswith("fp8"):
-        return fp8_heuristic(cfg, num_tokens, num_experts, top_k)
+        return fp8_heuristic(cfg, num_tokens, num_experts, top_k, inter)
     if quant and dtype == torch.bfloat16 and rows <= SWAP_4BIT_MAX_ROWS:  # mxfp4 / int4 decode (measured: bf16)
         return swap_tiles(cfg, rows, bm16_rows=SWAP_4BIT_BM16_ROWS)
     return cfg
@@ -228,14 +230,17 @@ def _get_config(index, num_tokens, num_experts, hidden, inter, top_k, dtype, gat
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms, quant)
 
 
-def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> dict:
+def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int, inter: int | None = None) -> dict:
     """The fp8 kernels' untuned config, from the H200 tuning of four shapes x seven token counts (moekit
     tune): every winner at T <= 4096 ran BLOCK_M 64, 4 warps, 4 stages, w13 BN 32-64, w2 BN 64-128, weight
     tiles by descriptor; BLOCK_M 128 with 8 warps (the fresh fp8 dot beside two accumulators) measured
     about 2x slower (DeepSeek-V3 T = 16384: 54.7 vs 26.2 ms; LongCat-Flash T = 4096: 39.4 ms vs bf16 14.2).
     Unswapped tiles ask for the Gluon GEMMs (``"gluon": 1``, the same bits; the launcher runs them on sm_90 with
     an align kernel): H200 round 9, experts step, T = 1024 / 4096 / 16384, 4-19 % faster in all four
-    shapes (DeepSeek-V3 T = 16384: 24.5 -> 20.5 ms)."""
+    shapes (DeepSeek-V3 T = 16384: 24.5 -> 20.5 ms). A Gluon w2 with few K steps (``inter`` <= 8 blocks of 128)
+    computes 4 column tiles per program (``"gluon_nt"``): H200 round 12, Qwen3-30B-A3B (6 steps) w2 at T = 1024
+    / 4096 / 16384 86.4 -> 80.4, 234.6 -> 202.4, 881 -> 778 µs; at 16+ steps no gain (DeepSeek-V3, gpt-oss,
+    Mixtral)."""
     slots = max(num_tokens * top_k, 1)
     rows = slots / min(num_experts, slots)
     w13 = dict(cfg["w13"], BN=min(max(int(cfg["w13"]["BN"]), 32), 64), num_warps=4, num_stages=4)
@@ -244,7 +249,15 @@ def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int) -> d
     if rows <= SWAP_MAX_ROWS:
         return swap_tiles(out, rows)
     w13["gluon"] = w2["gluon"] = 1
+    if inter is not None and -(-inter // 128) <= GLUON_NT_MAX_STEPS:
+        w2["gluon_nt"] = 4
     return out
+
+
+#: at most this many K steps of 128 in w2 (I / 128), the fp8 heuristic's Gluon w2 computes 4 column tiles per
+#: program (:func:`fp8_heuristic`): the row block's setup, slots and router weights are read once, and the next
+#: tile's loads fly while a tile is stored
+GLUON_NT_MAX_STEPS = 8
 
 
 # fp8 decode: swapped tiles (weights on wgmma's M side) up to this many expected rows per touched expert,

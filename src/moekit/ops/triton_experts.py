@@ -33,6 +33,7 @@ from ._eager import direct_call_ok
 from . import gluon_experts
 from ._triton import align, combine as combine_k, grouped_gemm
 from .activation import effective_limit, get_activation
+from .experts import chunk_tokens
 from .triton_configs import get_config
 from .triton_plan import _freeze, launch_plan
 
@@ -139,7 +140,7 @@ def fused_experts_impl(
     if quant is not None:
         per_token += quant.bytes_per_token(h, inter, k)
         fixed *= 2
-    chunk = max(1, min(t, (workspace_bytes - fixed) // per_token))
+    chunk = chunk_tokens(t, (workspace_bytes - fixed) // per_token)
     if chunk >= t:  # one chunk (every eager decode call): no slicing
         _run_chunk(x, w1, w2, topk_weights, topk_ids, out, act, on_input, w1_bias, w2_bias, expert_map,
                    swiglu_limit, config, warmup, quant)

@@ -66,6 +66,7 @@ class LaunchPlan:
     sum_kw: dict
     gluon_stages: tuple  # config "gluon_stages" of w13 / w2: ring slots of a Gluon 4-bit kernel (0: it decides)
     gluon_wbuf: tuple  # config "gluon_wbuf" of w13 / w2 (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
+    gluon_nt: int  # w2 config "gluon_nt" (Gluon fp8 block w2): column tiles per program, one after the other
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -130,4 +131,5 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_stages=(int(c13.get("gluon_stages", 0)), int(c2.get("gluon_stages", 0))),
         # swapped (decode) tiles: one (three programs per SM: H200, DeepSeek-V3 mxfp4 T = 8 w13 634 -> 598 µs)
         gluon_wbuf=tuple(int(c.get("gluon_wbuf", 1 if c.get("SWAP") else 2)) for c in (c13, c2)),
+        gluon_nt=int(c2.get("gluon_nt", 1)),
     )

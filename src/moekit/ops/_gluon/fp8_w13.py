@@ -112,8 +112,12 @@ def fp8_w13_kernel(
         # copy groups committed before step k's wait: STAGES + k - 1 (k >= 1), so STAGES - 2 may stay in flight
         async_copy.wait_group(STAGES - 1)
         tg0, tu0 = _mma2(a_smem, w_smem, bars, 0, zero, STAGES, BK)
+        # scales two steps before their promotion, as in fp8_w2: entering step pair (k, k + 1), (tg0, tu0) = step
+        # k - 1 in flight, (sg0, su0) its scales, (sg1, su1) step k's
         sg0 = step_scale(xs_rows, valid, ws_g, 0)
         su0 = step_scale(xs_rows, valid, ws_u, 0)
+        sg1 = step_scale(xs_rows, valid, ws_g, gl.minimum(1, nk - 1))
+        su1 = step_scale(xs_rows, valid, ws_u, gl.minimum(1, nk - 1))
         for k in range(1, nk - 1, 2):
             cg0, cu0 = warpgroup_mma_wait(num_outstanding=0, deps=(tg0, tu0))
             async_copy.wait_group(STAGES - 2)
@@ -123,8 +127,8 @@ def fp8_w13_kernel(
             gl.thread_barrier()  # every warpgroup is past step k - 1's wgmmas: its slot may be refilled
             _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k - 1 + STAGES, nk, row_g, I, STAGES,
                    BK, EVEN_K)
-            sg1 = step_scale(xs_rows, valid, ws_g, k)
-            su1 = step_scale(xs_rows, valid, ws_u, k)
+            sg0 = step_scale(xs_rows, valid, ws_g, k + 1)
+            su0 = step_scale(xs_rows, valid, ws_u, k + 1)
             cg1, cu1 = warpgroup_mma_wait(num_outstanding=0, deps=(tg1, tu1))
             async_copy.wait_group(STAGES - 2)
             tg0, tu0 = _mma2(a_smem, w_smem, bars, k + 1, zero, STAGES, BK)
@@ -133,16 +137,14 @@ def fp8_w13_kernel(
             gl.thread_barrier()
             _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k + STAGES, nk, row_g, I, STAGES, BK,
                    EVEN_K)
-            sg0 = step_scale(xs_rows, valid, ws_g, k + 1)
-            su0 = step_scale(xs_rows, valid, ws_u, k + 1)
+            sg1 = step_scale(xs_rows, valid, ws_g, gl.minimum(k + 2, nk - 1))
+            su1 = step_scale(xs_rows, valid, ws_u, gl.minimum(k + 2, nk - 1))
         if nk % 2 == 0:  # one odd step left
             cg0, cu0 = warpgroup_mma_wait(num_outstanding=0, deps=(tg0, tu0))
             async_copy.wait_group(STAGES - 2)
             tg1, tu1 = _mma2(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK)
             acc_g = gl.fma(cg0, sg0[:, None], acc_g)
             acc_u = gl.fma(cu0, su0[:, None], acc_u)
-            sg1 = step_scale(xs_rows, valid, ws_g, nk - 1)
-            su1 = step_scale(xs_rows, valid, ws_u, nk - 1)
             lg, lu = warpgroup_mma_wait(num_outstanding=0, deps=(tg1, tu1))
             acc_g = gl.fma(lg, sg1[:, None], acc_g)
             acc_u = gl.fma(lu, su1[:, None], acc_u)

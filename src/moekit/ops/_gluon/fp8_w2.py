@@ -26,32 +26,36 @@ from .common import block_expert, pid_to_tile, step_scale
 
 
 @gluon.jit
-def _issue(a_desc, w_desc, a_smem, w_smem, bars, k, row_a, row_w, STAGES: gl.constexpr, BK: gl.constexpr):
-    """TMA loads of K step ``k`` into ring slot ``k % STAGES``."""
-    s = k % STAGES
+def _issue(a_desc, w_desc, a_smem, w_smem, bars, g, nk, row_a, row_w, STAGES: gl.constexpr, BK: gl.constexpr,
+           BN: gl.constexpr):
+    """TMA loads of the program's step ``g`` (tile ``g // nk``, K step ``g % nk``) into ring slot
+    ``g % STAGES``; ``row_w``: the weight row of the program's first tile."""
+    s = g % STAGES
+    j = g // nk
+    k = g - j * nk
     bar = bars.index(s)
     mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-    tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
+    tma.async_copy_global_to_shared(w_desc, [row_w + j * BN, k * BK], bar, w_smem.index(s))
 
 
 @gluon.jit
-def _mma(a_smem, w_smem, bars, k, zero, STAGES: gl.constexpr, BK: gl.constexpr):
-    """Wait for step ``k``'s tiles, start its wgmma (fresh accumulator); returns the in-flight token."""
-    s = k % STAGES
-    mbarrier.wait(bars.index(s), (k // STAGES) & 1)
+def _mma(a_smem, w_smem, bars, g, zero, STAGES: gl.constexpr, BK: gl.constexpr):
+    """Wait for step ``g``'s tiles, start its wgmma (fresh accumulator); returns the in-flight token."""
+    s = g % STAGES
+    mbarrier.wait(bars.index(s), (g // STAGES) & 1)
     return warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False,
                          max_num_imprecise_acc=BK, is_async=True)
 
 
 @gluon.jit
-def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES: gl.constexpr,
-             BK: gl.constexpr):
-    """Promote step ``k``'s finished product ``c`` into ``acc`` (while the next wgmma runs) and refill its ring
-    slot with step k + STAGES."""
+def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, g, n_steps, nk, row_a, row_w, STAGES: gl.constexpr,
+             BK: gl.constexpr, BN: gl.constexpr):
+    """Promote step ``g``'s finished product ``c`` into ``acc`` (while the next wgmma runs) and refill its ring
+    slot with step g + STAGES (of this tile or the program's next one)."""
     acc = gl.fma(c, sc[:, None], acc)
-    if k + STAGES < nk:
-        _issue(a_desc, w_desc, a_smem, w_smem, bars, k + STAGES, row_a, row_w, STAGES, BK)
+    if g + STAGES < n_steps:
+        _issue(a_desc, w_desc, a_smem, w_smem, bars, g + STAGES, nk, row_a, row_w, STAGES, BK, BN)
     return acc
 
 
@@ -62,12 +66,15 @@ def fp8_w2_sum_kernel(
     stride_asr, stride_wse, stride_wsn, stride_be, stride_twt, stride_pr,
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
     BLOCK_E: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
-    num_warps: gl.constexpr,
+    NT: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Grid (num_pid_m · NBN,). a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
-    w2.view(E·H, I) e4m3, block [BN, BK]; as: [rows, cdiv(I, BK)] fp32; ws: [E, cdiv(H, QBN), cdiv(I, BK)] fp32
-    (QBN % BN == 0: one weight scale per tile and step); part: [T·K, H] fp32."""
-    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
+    """Grid (num_pid_m · cdiv(NBN, NT),): a program computes NT neighbouring column tiles of one row block, one
+    after the other through one ring (the next tile's first loads are in flight while a tile is promoted and
+    stored; the row block's expert, slots and router weights are read once). a_desc: TMA over inter_q [rows, I]
+    e4m3, block [BM, BK]; w_desc: over w2.view(E·H, I) e4m3, block [BN, BK]; as: [rows, cdiv(I, BK)] fp32; ws:
+    [E, cdiv(H, QBN), cdiv(I, BK)] fp32 (QBN % BN == 0: one weight scale per tile and step); part: [T·K, H]
+    fp32."""
+    pid_m, pid_g = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(NBN, NT), GROUP_M)
     e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
     if e < E_local:
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -78,57 +85,69 @@ def fp8_w2_sum_kernel(
         rows = pid_m * BM + r
         valid = (pid_m - first) * BM + r < n_e
         as_rows = as_ptr + rows.to(gl.int64) * stride_asr
-        ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
         row_a = pid_m * BM
-        row_w = e * H + pid_n * BN
+        n0 = pid_g * NT  # the program's first column tile
+        row_w = e * H + n0 * BN
+        nt = gl.minimum(NBN - n0, NT)
+        nk = gl.cdiv(I, BK)
+        n_steps = nt * nk
 
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
         w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(bars.index(s), count=1)
-        nk = gl.cdiv(I, BK)
         for s in gl.static_range(STAGES):
-            if s < nk:
-                _issue(a_desc, w_desc, a_smem, w_smem, bars, s, row_a, row_w, STAGES, BK)
-
-        zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
-        acc = gl.zeros([BM, BN], gl.float32, layout=mma_l)
-        # step k - 1 is waited for, step k's wgmma started, then k - 1 promoted while it runs. Steps go in pairs
-        # (t0 even, t1 odd), so no in-flight accumulator is carried into a register that must move.
-        t0 = _mma(a_smem, w_smem, bars, 0, zero, STAGES, BK)
-        sc0 = step_scale(as_rows, valid, ws_e, 0)
-        for k in range(1, nk - 1, 2):
-            c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            t1 = _mma(a_smem, w_smem, bars, k, zero, STAGES, BK)
-            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, k - 1, nk, row_a, row_w, STAGES, BK)
-            sc1 = step_scale(as_rows, valid, ws_e, k)
-            c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-            t0 = _mma(a_smem, w_smem, bars, k + 1, zero, STAGES, BK)
-            acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES, BK)
-            sc0 = step_scale(as_rows, valid, ws_e, k + 1)
-        if nk % 2 == 0:  # one odd step left
-            c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            t1 = _mma(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK)
-            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, nk - 2, nk, row_a, row_w, STAGES, BK)
-            sc1 = step_scale(as_rows, valid, ws_e, nk - 1)
-            last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-            acc = gl.fma(last, sc1[:, None], acc)
-        else:
-            last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            acc = gl.fma(last, sc0[:, None], acc)
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(s))
-
-        cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
-        nmask = cols < H
-        if HAS_BIAS:
-            acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
+            if s < n_steps:
+                _issue(a_desc, w_desc, a_smem, w_smem, bars, s, nk, row_a, row_w, STAGES, BK, BN)
         slot = gl.load(sorted_ptr + rows, mask=valid, other=0)
         if not ON_INPUT:
             tok = slot // K
-            kk = slot - tok * K
-            wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + kk, mask=valid, other=0.0).to(gl.float32)
-            acc = acc * wv[:, None]
-        p_ptrs = part_ptr + slot.to(gl.int64)[:, None] * stride_pr + cols[None, :]
-        gl.store(p_ptrs, acc, mask=valid[:, None] & nmask[None, :])
+            wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
+        zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
+
+        for j in range(nt):
+            g0 = j * nk  # the tile's first step in the program's ring
+            pid_n = n0 + j
+            ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
+            acc = gl.zeros([BM, BN], gl.float32, layout=mma_l)
+            # step k - 1 is waited for, step k's wgmma started, then k - 1 promoted while it runs. Steps go in
+            # pairs (t0 even, t1 odd), so no in-flight accumulator is carried into a register that must move.
+            t0 = _mma(a_smem, w_smem, bars, g0, zero, STAGES, BK)
+            sc0 = step_scale(as_rows, valid, ws_e, 0)
+            for k in range(1, nk - 1, 2):
+                c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+                t1 = _mma(a_smem, w_smem, bars, g0 + k, zero, STAGES, BK)
+                acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + k - 1, n_steps, nk, row_a,
+                               row_w, STAGES, BK, BN)
+                sc1 = step_scale(as_rows, valid, ws_e, k)
+                c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+                t0 = _mma(a_smem, w_smem, bars, g0 + k + 1, zero, STAGES, BK)
+                acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, g0 + k, n_steps, nk, row_a,
+                               row_w, STAGES, BK, BN)
+                sc0 = step_scale(as_rows, valid, ws_e, k + 1)
+            if nk % 2 == 0:  # one odd step left
+                c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+                t1 = _mma(a_smem, w_smem, bars, g0 + nk - 1, zero, STAGES, BK)
+                acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 2, n_steps, nk, row_a,
+                               row_w, STAGES, BK, BN)
+                sc1 = step_scale(as_rows, valid, ws_e, nk - 1)
+                last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+                acc = _promote(last, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 1, n_steps, nk,
+                               row_a, row_w, STAGES, BK, BN)
+            else:
+                last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+                acc = _promote(last, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 1, n_steps, nk,
+                               row_a, row_w, STAGES, BK, BN)
+
+            cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+            nmask = cols < H
+            if HAS_BIAS:
+                acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[
+                    None, :]
+            if not ON_INPUT:
+                acc = acc * wv.to(gl.float32)[:, None]
+            p_ptrs = part_ptr + slot.to(gl.int64)[:, None] * stride_pr + cols[None, :]
+            gl.store(p_ptrs, acc, mask=valid[:, None] & nmask[None, :])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))

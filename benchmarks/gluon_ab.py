@@ -1,0 +1,90 @@
+"""The fp8 Gluon GEMMs before / after a kernel change, side by side in one run (experts step, µs per kernel
+under the profiler and the CUDA-graph total), alternating the two so that clock drift hits both.
+
+The "before" kernels are copies of the old sources placed beside the new ones as
+``moekit/ops/_gluon/old_fp8_w2.py`` / ``old_fp8_w13.py`` (e.g. ``git show REV:src/moekit/ops/_gluon/fp8_w2.py``);
+the launchers import the kernels at call time, so each variant swaps the module attributes they read.
+
+    PYTHONPATH=src python benchmarks/gluon_ab.py --points deepseek-v3:16384,gpt-oss-120b:4096 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from moekit.benchmarking.shapes import MODELS
+from moekit.benchmarking.timer import time_graph
+from moekit.ops import triton_experts_quant as tq
+from moekit.ops.triton_configs import get_config
+from kernel_profile import kernel_times  # benchmarks/: the script's own folder
+from quant_probe import routing_sets, save_rows, shape_weights
+from swap_probe import FORMATS, quantise
+
+NAMES = (("fp8_w2", "fp8_w2_sum_kernel"), ("fp8_w13", "fp8_w13_kernel"))
+
+
+def kernels(which: str) -> dict:
+    """{(module, name): kernel} of the ``new`` or ``old`` sources."""
+    out = {}
+    for mod, name in NAMES:
+        src = importlib.import_module(f"moekit.ops._gluon.{'old_' if which == 'old' else ''}{mod}")
+        out[(mod, name)] = getattr(src, name)
+    return out
+
+
+def use(ks: dict) -> None:
+    for (mod, name), k in ks.items():
+        setattr(importlib.import_module(f"moekit.ops._gluon.{mod}"), name, k)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", default="deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:4096,mixtral-8x7b:16384,"
+                                        "qwen3-30b-a3b:16384,qwen3-30b-a3b:1024")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    dev, rows = torch.device("cuda"), []
+    variants = {"new": kernels("new"), "old": kernels("old")}
+    fmt = FORMATS["fp8"]
+    spec = tq.QuantSpec.of(fmt)
+    for point in a.points.split(","):
+        name, t = point.split(":")
+        t, m = int(t), MODELS[name]
+        torch.cuda.empty_cache()
+        w13, w2, b1, b2, limit = shape_weights(m, dev)
+        q = quantise(w13, w2, fmt)
+        del w13, w2
+        sets = routing_sets(m, t, 2, dev)
+        cfg = spec.fix_config(get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=spec.key),
+                              torch.bfloat16)
+
+        def fn(x, w, ids):
+            return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False,
+                                               b1, b2, None, limit, config=cfg)
+        outs = {}
+        for r in range(a.rounds):
+            for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                use(variants[v])
+                outs[v] = fn(*sets[0]).clone()
+                per = kernel_times(fn, sets, 5)
+                us = time_graph(fn, sets, target_ms=40.0, replays=5)
+                k13, k2 = per.get("fp8_w13_kernel", 0.0), per.get("fp8_w2_sum_kernel", 0.0)
+                print(f"{name:14s} T={t:6d} {v} round {r}: graph {us:9.1f} us | w13 {k13:8.1f}  w2 {k2:8.1f}",
+                      flush=True)
+                rows.append(dict(model=name, tokens=t, variant=v, round=r, us=round(us, 1), kernels=per))
+        same = torch.equal(outs["old"], outs["new"])
+        print(f"{name:14s} T={t:6d} old and new outputs bit-identical: {same}", flush=True)
+        rows.append(dict(model=name, tokens=t, identical=same))
+        use(variants["new"])
+        del q, sets
+    save_rows(a.out, dev, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
