@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -15,10 +16,8 @@ import torch
 from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
 from moekit.ops import triton_experts as te
-from moekit.ops import triton_experts_quant as tq
-from moekit.ops.triton_configs import get_config
-from quant_probe import routing_sets, save_rows, shape_weights  # benchmarks/: the script's own folder
-from swap_probe import FORMATS, quantise
+from quant_probe import experts_step, routing_sets, save_rows, step_config  # benchmarks/: the script's own folder
+from swap_probe import FORMATS
 
 RULES = {"full+rest": lambda total, most: max(1, min(total, most)), "equal": te.chunk_tokens}
 
@@ -33,17 +32,9 @@ def main(argv=None) -> int:
         name, t, fname = point.split(":")
         t, m = int(t), MODELS[name]
         torch.cuda.empty_cache()
-        w13, w2, b1, b2, limit = shape_weights(m, dev)
-        fmt = FORMATS[fname]
-        spec = tq.QuantSpec.of(fmt) if fmt is not None else None
-        q = quantise(w13, w2, fmt) if fmt is not None else None
-        if q is not None:
-            del w13, w2
-            w13 = w2 = None
+        call, spec = experts_step(m, FORMATS[fname], dev)
         sets = routing_sets(m, t, 2, dev)
-        cfg = get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=spec.key if spec else None)
-        if spec is not None:
-            cfg = spec.fix_config(cfg, torch.bfloat16)
+        cfg = step_config(m, t, spec, dev)
         sizes: list[int] = []
         run = te._run_chunk
 
@@ -51,11 +42,8 @@ def main(argv=None) -> int:
             sizes.append(x.shape[0])
             return run(x, *args, **kw)
 
-        def fn(x, w, ids):
-            if q is None:
-                return te.fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
-            return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False,
-                                               b1, b2, None, limit, config=cfg)
+        fn = functools.partial(call, cfg=cfg)
+
         for rule, f in RULES.items():
             te.chunk_tokens = f
             te._run_chunk = record
@@ -67,7 +55,7 @@ def main(argv=None) -> int:
             print(f"{name:14s} T={t:6d} {fname:5s} {rule:10s} chunks {chunks}  {us:9.1f} us", flush=True)
             rows.append(dict(model=name, tokens=t, fmt=fname, rule=rule, chunks=chunks, us=round(us, 1), config=cfg))
         te.chunk_tokens = RULES["equal"]
-        del q, sets
+        del fn, call, sets
     save_rows(a.out, dev, rows)
     print(json.dumps({r["model"] + ":" + r["fmt"] + ":" + r["rule"]: r["us"] for r in rows}))
     return 0

@@ -3,7 +3,9 @@ under the profiler and the CUDA-graph total), alternating the two so that clock 
 
 The "before" kernels are copies of the old sources placed beside the new ones as
 ``moekit/ops/_gluon/old_fp8_w2.py`` / ``old_fp8_w13.py`` (e.g. ``git show REV:src/moekit/ops/_gluon/fp8_w2.py``);
-the launchers import the kernels at call time, so each variant swaps the module attributes they read.
+the launchers import the kernels at call time, so each variant swaps the module attributes they read. The old
+kernels must take the arguments the current launchers pass (an edit that adds a kernel argument, such as w2's
+``NT``, needs the old source given that argument first).
 
     PYTHONPATH=src python benchmarks/gluon_ab.py --points deepseek-v3:16384,gpt-oss-120b:4096 --rounds 2
 """
@@ -11,6 +13,7 @@ the launchers import the kernels at call time, so each variant swaps the module 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -18,11 +21,9 @@ import torch
 
 from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
-from moekit.ops import triton_experts_quant as tq
-from moekit.ops.triton_configs import get_config
 from kernel_profile import kernel_times  # benchmarks/: the script's own folder
-from quant_probe import routing_sets, save_rows, shape_weights
-from swap_probe import FORMATS, quantise
+from quant_probe import experts_step, routing_sets, save_rows, step_config
+from swap_probe import FORMATS
 
 NAMES = (("fp8_w2", "fp8_w2_sum_kernel"), ("fp8_w13", "fp8_w13_kernel"))
 
@@ -50,22 +51,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     dev, rows = torch.device("cuda"), []
     variants = {"new": kernels("new"), "old": kernels("old")}
-    fmt = FORMATS["fp8"]
-    spec = tq.QuantSpec.of(fmt)
     for point in a.points.split(","):
         name, t = point.split(":")
         t, m = int(t), MODELS[name]
         torch.cuda.empty_cache()
-        w13, w2, b1, b2, limit = shape_weights(m, dev)
-        q = quantise(w13, w2, fmt)
-        del w13, w2
+        call, spec = experts_step(m, FORMATS["fp8"], dev)
         sets = routing_sets(m, t, 2, dev)
-        cfg = spec.fix_config(get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=spec.key),
-                              torch.bfloat16)
+        cfg = step_config(m, t, spec, dev)
 
-        def fn(x, w, ids):
-            return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False,
-                                               b1, b2, None, limit, config=cfg)
+        fn = functools.partial(call, cfg=cfg)
         outs = {}
         for r in range(a.rounds):
             for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
         print(f"{name:14s} T={t:6d} old and new outputs bit-identical: {same}", flush=True)
         rows.append(dict(model=name, tokens=t, identical=same))
         use(variants["new"])
-        del q, sets
+        del fn, call, sets
     save_rows(a.out, dev, rows)
     return 0
 

@@ -16,11 +16,8 @@ import sys
 import torch
 
 from moekit.benchmarking.shapes import MODELS
-from moekit.ops import triton_experts_quant as tq
-from moekit.ops.triton_configs import get_config, merge_config
-from moekit.ops.triton_experts import fused_experts_impl
-from quant_probe import routing_sets, shape_weights  # benchmarks/: the script's own folder
-from swap_probe import FORMATS, quantise
+from quant_probe import experts_step, routing_sets, step_config  # benchmarks/: the script's own folder
+from swap_probe import FORMATS
 
 
 def main(argv=None) -> int:
@@ -33,23 +30,12 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     name, t = a.point.split(":")
     t, m = int(t), MODELS[name]
-    w13, w2, b1, b2, limit = shape_weights(m, dev)
+    call, spec = experts_step(m, FORMATS[a.format], dev)
     x, w, ids = routing_sets(m, t, 1, dev)[0]
-    fmt = FORMATS[a.format]
-    spec = tq.QuantSpec.of(fmt) if fmt is not None else None
-    q = quantise(w13, w2, fmt) if fmt is not None else None
-    cfg = get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=spec.key if spec else None)
-    if a.patch:
-        cfg = merge_config(cfg, json.loads(a.patch))
-    if spec is not None:
-        cfg = spec.fix_config(cfg, torch.bfloat16)
+    cfg = step_config(m, t, spec, dev, json.loads(a.patch) if a.patch else None)
     print(f"{name} T={t} {a.format} config {json.dumps(cfg, sort_keys=True)}", flush=True)
     for _ in range(a.calls):
-        if q is None:
-            fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
-        else:
-            tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False, b1, b2,
-                                        None, limit, config=cfg)
+        call(x, w, ids, cfg)
     torch.cuda.synchronize()
     return 0
 

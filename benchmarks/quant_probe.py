@@ -23,7 +23,8 @@ from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
 from moekit.ops import triton_experts_quant as tq
 from moekit.ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format
-from moekit.ops.triton_configs import get_config
+from moekit.ops.triton_configs import get_config, merge_config
+from moekit.ops.triton_experts import fused_experts_impl
 
 VARIANTS = {
     "fp8-acc0": (Fp8BlockFormat(128, 128), 0),
@@ -48,6 +49,32 @@ def shape_weights(m, dev):
     b1 = (torch.randn(m.E, w13.shape[1], device=dev) * 0.05).bfloat16() if m.has_bias else None
     b2 = (torch.randn(m.E, m.H, device=dev) * 0.05).bfloat16() if m.has_bias else None
     return w13, w2, b1, b2, (7.0 if m.act == "swigluoai" else None)
+
+
+def experts_step(m, fmt, dev):
+    """One shape's experts step on :func:`shape_weights` in weight format ``fmt`` (None: bf16):
+    ``(call, spec)`` with ``call(x, topk_weights, topk_ids, cfg)`` the Triton launcher under config ``cfg``
+    and ``spec`` the format's ``QuantSpec`` (None for bf16)."""
+    w13, w2, b1, b2, limit = shape_weights(m, dev)
+    if fmt is None:
+        def call(x, w, ids, cfg):
+            return fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
+        return call, None
+    spec = tq.QuantSpec.of(fmt)
+    q13, q2, s13, s2 = quantise(w13, w2, fmt)  # the bf16 weights are freed on return (no call keeps them)
+
+    def call_q(x, w, ids, cfg):
+        return tq.fused_experts_quant_impl(x, q13, q2, w, ids, spec, s13, s2, None, None, m.act, False, b1, b2, None,
+                                           limit, config=cfg)
+    return call_q, spec
+
+
+def step_config(m, t: int, spec, dev, patch: dict | None = None) -> dict:
+    """The config lookup's config of shape ``m`` at ``t`` tokens (``patch`` merged in), fixed by the format."""
+    cfg = get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=spec.key if spec else None)
+    if patch:
+        cfg = merge_config(cfg, patch)
+    return spec.fix_config(cfg, torch.bfloat16) if spec is not None else cfg
 
 
 def routing_sets(m, t: int, n: int, dev) -> list[tuple]:

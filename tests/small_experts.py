@@ -81,3 +81,37 @@ def assert_compiled_and_graphed_bits(f, inputs, new_inputs) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, f(*new_inputs))
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Record every call of ``owner.name`` (which still runs): one list entry per call."""
+    calls, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    return calls
+
+
+def quantised_run(fmt, act, bias, *, t, e, h, i, k, hot=False, emap=False, on_input=False, limit=None, seed=3):
+    """``run(config) -> [T, H]``: the quantised Triton launcher (``fused_experts_quant_impl``) on one GPU
+    problem of :func:`experts_problem` with weights in ``fmt``, so that configs can be compared bit for bit.
+    ``hot``: half the tokens on experts 0 .. k-1 (one expert's rows over many blocks); ``emap``: experts
+    0 .. e/2 - 1 local, in order, the others dead (expert parallelism)."""
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.quantize import quantize_experts
+
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=seed, t=t, e=e, h=h, i=i, k=k)
+    if hot:
+        ids[: t // 2, 0] = 0
+        ids[: t // 2, 1:] = torch.arange(1, k, device=ids.device, dtype=ids.dtype)
+    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
+    spec = tq.QuantSpec.of(fmt)
+    n = e // 2 if emap else e
+    emap_t = None
+    if emap:
+        emap_t = torch.full((e,), -1, dtype=torch.int32, device="cuda")
+        emap_t[:n] = torch.arange(n, dtype=torch.int32, device="cuda")
+    b1, b2 = (b1[:n], b2[:n]) if bias else (None, None)
+
+    def run(config):
+        return tq.fused_experts_quant_impl(x, q13[:n], q2[:n], w, ids, spec, s13[:n], s2[:n], None, None, act,
+                                           on_input, b1, b2, emap_t, limit, config=config)
+    return run

@@ -19,7 +19,8 @@ from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Fp8BlockFormat  # noqa: E402
 from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
-from small_experts import assert_compiled_and_graphed_bits, experts_problem  # noqa: E402
+from small_experts import (assert_compiled_and_graphed_bits, count_calls, experts_problem,  # noqa: E402
+                           quantised_run)
 
 
 def _cfg(gluon: bool, bm: int = 64, bn2: int = 128, sum_pass: bool = True, stages: int = 4, w13_gluon=None,
@@ -136,31 +137,16 @@ GPU_CASES = [
 ]
 
 
-def _counting(monkeypatch, name: str) -> list:
-    calls, real = [], getattr(gluon_experts, name)
-    monkeypatch.setattr(gluon_experts, name, lambda *a, **kw: (calls.append(1), real(*a, **kw)))
-    return calls
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, bm, hot, emap, block", GPU_CASES,
                          ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "bm128",
                               "hot", "expert_map", "block64_fused_requant", "single_program_align"])
 def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
-    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=3, t=t, e=e, h=h, i=i, k=k)
-    if hot:
-        ids[: t // 2, 0] = 0
-        ids[: t // 2, 1:] = torch.arange(1, k, device=ids.device, dtype=ids.dtype)
-    fmt = Fp8BlockFormat(block, block)
-    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
-    spec = tq.QuantSpec.of(fmt)
-    n_local = e // 2 if emap else e
-    emap_t = None
-    if emap:  # experts 0 .. e/2 - 1 on this rank, in order; the others dead
-        emap_t = torch.full((e,), -1, dtype=torch.int32, device="cuda")
-        emap_t[:n_local] = torch.arange(n_local, dtype=torch.int32, device="cuda")
     limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
-    calls13, calls2 = _counting(monkeypatch, "launch_fp8_w13"), _counting(monkeypatch, "launch_fp8_w2_sum")
+    run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                        on_input=on_input, limit=limit)
+    calls13 = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13")
+    calls2 = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_sum")
     outs = []
     # Triton only; both Gluon kernels; each alone (the w13 output feeds the other kernel unchanged); the Gluon w2
     # with 3 and 8 column tiles per program ("gluon_nt": a last group short of tiles, more than a row has)
@@ -168,9 +154,7 @@ def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on
                         (True, True, 8)):
         cfg = _cfg(g2, bm, bn2=min(128, block), w13_gluon=g13, bk=block)
         cfg["w2"]["gluon_nt"] = nt
-        outs.append(tq.fused_experts_quant_impl(
-            x, q13[:n_local], q2[:n_local], w, ids, spec, s13[:n_local], s2[:n_local], None, None, act, on_input,
-            b1[:n_local] if bias else None, b2[:n_local] if bias else None, emap_t, limit, config=cfg))
+        outs.append(run(cfg))
     assert len(calls13) == 3 and len(calls2) == 4  # each Gluon kernel ran where asked
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
@@ -189,7 +173,7 @@ def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch):
     w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
     fmt = Fp8BlockFormat(128, 128)
     q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
-    calls = _counting(monkeypatch, "launch_fp8_w13")
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13")
 
     def f(x, w, ids):
         return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)

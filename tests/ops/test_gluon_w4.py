@@ -20,7 +20,8 @@ from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
-from small_experts import assert_compiled_and_graphed_bits, experts_problem  # noqa: E402
+from small_experts import (assert_compiled_and_graphed_bits, count_calls, experts_problem,  # noqa: E402
+                           quantised_run)
 
 
 def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, bn2: int = 64, wbuf=None):
@@ -148,38 +149,20 @@ GPU_CASES = [
 _FMTS = {"mxfp4": Mxfp4Format(), "int4_g32": Int4GroupFormat(32), "int4_g128": Int4GroupFormat(128)}
 
 
-def _counting(monkeypatch, name: str) -> list:
-    calls, real = [], getattr(gluon_experts, name)
-    monkeypatch.setattr(gluon_experts, name, lambda *a, **kw: (calls.append(1), real(*a, **kw)))
-    return calls
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("t, e, k, h, i, act, bias, fmt, bm, swap, bn13, bn2, hot, emap, wbuf", GPU_CASES,
                          ids=["decode_t1_mxfp4", "decode_t8_int4", "swapped_bm32_gptoss", "unswapped_bm64",
                               "unswapped_partial_k_int4", "bm128_int4_g128", "hot_gelu_tanh", "expert_map"])
 def test_gpu_gluon_w4_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, fmt, bm, swap, bn13, bn2, hot,
                                           emap, wbuf):
-    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=3, t=t, e=e, h=h, i=i, k=k)
-    if hot:
-        ids[: t // 2, 0] = 0
-        ids[: t // 2, 1:] = torch.arange(1, k, device=ids.device, dtype=ids.dtype)
-    f = _FMTS[fmt]
-    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), f)
-    spec = tq.QuantSpec.of(f)
-    n_local = e // 2 if emap else e
-    emap_t = None
-    if emap:
-        emap_t = torch.full((e,), -1, dtype=torch.int32, device="cuda")
-        emap_t[:n_local] = torch.arange(n_local, dtype=torch.int32, device="cuda")
-    limit = 7.0 if act == "swigluoai" else None
-    calls13, calls2 = _counting(monkeypatch, "launch_w4_w13"), _counting(monkeypatch, "launch_w4_w2_sum")
+    run = quantised_run(_FMTS[fmt], act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                        limit=7.0 if act == "swigluoai" else None)
+    calls13 = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
+    calls2 = count_calls(monkeypatch, gluon_experts, "launch_w4_w2_sum")
     outs = []
     for g13, g2 in ((False, False), (True, True), (True, False), (False, True)):
         cfg = _cfg(g13, g2, bm=bm, swap=swap, bn13=bn13, bn2=bn2, wbuf=wbuf)
-        outs.append(tq.fused_experts_quant_impl(
-            x, q13[:n_local], q2[:n_local], w, ids, spec, s13[:n_local], s2[:n_local], None, None, act, False,
-            b1[:n_local] if bias else None, b2[:n_local] if bias else None, emap_t, limit, config=cfg))
+        outs.append(run(cfg))
     assert len(calls13) == 2 and len(calls2) == 2  # each Gluon kernel ran where asked
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
@@ -194,7 +177,7 @@ def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch):
     w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
     fmt = Mxfp4Format()
     q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
-    calls = _counting(monkeypatch, "launch_w4_w13")
+    calls = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
     monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, True))  # the lookup finds a Gluon config
 
     def f(x, w, ids):
