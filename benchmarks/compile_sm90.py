@@ -131,10 +131,14 @@ def gluon_fp8_w13(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: i
 
 def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 64, h: int = 7168, i: int = 2048,
              e: int = 16, stages: int = 4, swap: bool = True, bias: bool = False, act: str = "silu", g: int = 32,
-             wbuf: int = 2):
+             wbuf: int = 2, wspec: tuple | None = None, rega: bool = False):
     """The Gluon 4-bit w13 / w2 (:mod:`moekit.ops._gluon.w4`) compiled for sm_90 on CPU tensors: the
-    ``CompiledKernel``."""
+    ``CompiledKernel``. ``wspec``: (D, DEC_REGS) compiles the warp-specialised kernels of
+    :mod:`moekit.ops._gluon.w4_ws` instead (swapped; ``wbuf`` unused); ``rega``: the register-operand kernels of
+    :mod:`moekit.ops._gluon.w4_rega` (swapped)."""
     from moekit.ops._gluon.w4 import w4_w2_sum_kernel, w4_w13_kernel
+    from moekit.ops._gluon.w4_rega import w4ra_w2_sum_kernel, w4ra_w13_kernel
+    from moekit.ops._gluon.w4_ws import w4ws_w2_sum_kernel, w4ws_w13_kernel
     from moekit.ops.activation import get_activation
 
     code, pack = (3, 2) if quant == "mxfp4" else (4, 8)
@@ -145,6 +149,11 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
     ints = torch.empty(rows, dtype=torch.int32)
     common = dict(BM=bm, BN=bn, BK=bk, G=g, QUANT=code, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1),
                   STAGES=stages, HAS_BIAS=bias, SWAP=swap, WBUF=wbuf, num_warps=(bn if swap else bm) // 16)
+    if wspec is not None:
+        common.pop("SWAP"), common.pop("WBUF")
+        common.update(D=wspec[0], DEC_REGS=wspec[1])
+    if rega:
+        common.pop("SWAP"), common.pop("WBUF")
     if which == "w13":
         x, w1 = torch.empty(t, h, dtype=torch.bfloat16), torch.empty(e, 2 * i, h // pack, dtype=wdt)
         ws = torch.empty(e, 2 * i, h // g, dtype=sdt)
@@ -153,7 +162,8 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         args = (x, w1, ws, b1, inter, ints, ints, ints, h, i, e, k, rows // bm, 7.0, x.stride(0), w1.stride(0),
                 w1.stride(1), ws.stride(0), ws.stride(1), b1.stride(0), inter.stride(0))
         kw = dict(common, ACT=a.code, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0)
-        return compile_launch(w4_w13_kernel, args, kw)
+        kern = w4ra_w13_kernel if rega else w4ws_w13_kernel if wspec is not None else w4_w13_kernel
+        return compile_launch(kern, args, kw)
     inter, w2 = torch.empty(rows, i, dtype=torch.bfloat16), torch.empty(e, h, i // pack, dtype=wdt)
     ws = torch.empty(e, h, i // g, dtype=sdt)
     b2, tw, part = torch.empty(e, h, dtype=torch.bfloat16), torch.empty(t, k), torch.empty(t * k, h,
@@ -161,7 +171,8 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
     args = (inter, w2, ws, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn), inter.stride(0),
             w2.stride(0), w2.stride(1), ws.stride(0), ws.stride(1), b2.stride(0), tw.stride(0), part.stride(0))
     kw = dict(common, ON_INPUT=False, EVEN_K=i % bk == 0)
-    return compile_launch(w4_w2_sum_kernel, args, kw)
+    return compile_launch(w4ra_w2_sum_kernel if rega else w4ws_w2_sum_kernel if wspec is not None
+                          else w4_w2_sum_kernel, args, kw)
 
 
 def ptxas_report(ptx: str, tmp: Path) -> str:
@@ -226,19 +237,20 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
 
     mods = [align, combine, grouped_gemm, quant]
     if gluon:
-        from moekit.ops._gluon import fp8_w2, fp8_w13, w4
+        from moekit.ops._gluon import fp8_w2, fp8_w13, w4, w4_rega, w4_ws
 
-        mods += [fp8_w2, fp8_w13, w4]
+        mods += [fp8_w2, fp8_w13, w4, w4_rega, w4_ws]
     for mod in mods:
         for name in dir(mod):
             obj = getattr(mod, name)
             if isinstance(obj, JITFunction) and hasattr(obj, "warmup"):
                 kernels[name] = obj
     saved = {n: kf.__dict__.get("warmup") for n, kf in kernels.items()}
-    device_ok, ptx_decode = gluon_experts._device_ok, tq._ptx_decode
-    if gluon:  # and the packed-bf16 4-bit decode (sm_90+), which the Gluon 4-bit kernels need
+    device_ok, ptx_decode, sm_count = gluon_experts._device_ok, tq._ptx_decode, gluon_experts._sm_count
+    if gluon:  # and the packed-bf16 4-bit decode (sm_90+), which the Gluon 4-bit kernels need; an H200's SMs
         gluon_experts._device_ok = lambda t: True
         tq._ptx_decode = lambda d: True
+        gluon_experts._sm_count = lambda index: 132
     for name, kf in kernels.items():
         kf.warmup = (lambda kf: lambda *a, grid, **kw: seen.append((kf, a, kw)))(kf)
     try:
@@ -249,7 +261,7 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
             tq.fused_experts_quant_impl(x, w13, w2, w, ids, spec, s13, s2, si13, si2, act, False, b1, b2, None, limit,
                                         config=cfg, warmup=True)
     finally:
-        gluon_experts._device_ok, tq._ptx_decode = device_ok, ptx_decode
+        gluon_experts._device_ok, tq._ptx_decode, gluon_experts._sm_count = device_ok, ptx_decode, sm_count
         for name, kf in kernels.items():
             if saved[name] is None:
                 del kf.warmup

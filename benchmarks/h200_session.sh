@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -229,6 +229,48 @@ case $WHAT in
     step gpu-graphs5 300 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=5 \
       tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
     step eager-routing 120 python benchmarks/eager_routing_fn.py
+    ;;
+  ws4|ws4-prof)  # round 13: the warp-specialised (_gluon/w4_ws.py) and register-operand (_gluon/w4_rega.py) 4-bit decode
+    # kernels: GPU bit tests (a hang is bounded by the step's timeout), then µs per kernel against the shipped tiles
+    # and the shared-memory Gluon kernels
+    [ "$WHAT" = ws4 ] && step gpu-ws4 230 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      -k "warp_specialised or register_operand or graph"
+    P=deepseek-v3:1,deepseek-v3:8,gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,qwen3-30b-a3b:8,qwen3-30b-a3b:64
+    sw() {  # swapped Gluon tiles, w13 BN 64; $1: extra w13 keys, $2: extra w2 keys, $3: w2 BN (default 64)
+      echo "\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 16, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64,
+        \"num_warps\": 4$1}, \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": ${3:-64}, \"num_warps\": $(( ${3:-64} / 16 ))$2}"
+    }
+    RA=', "gluon_rega": 1'
+    step profile-ws4 330 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,glsw,ra,ra4,ra6,ra128,ws2 --calls 5 --out "$OUT/profile-ws4.json" --patches "{
+      \"glsw\": {$(sw "" "")}, \"ra\": {$(sw "$RA" "$RA")},
+      \"ra4\": {$(sw "$RA, \"gluon_stages\": 4" "$RA, \"gluon_stages\": 4")},
+      \"ra6\": {$(sw "$RA, \"gluon_stages\": 6" "$RA, \"gluon_stages\": 6")}, \"ra128\": {$(sw "$RA" "$RA" 128)},
+      \"ws2\": {$(sw ", \"gluon_ws\": [2, 4]" ", \"gluon_ws\": [2, 4]")}}"
+    ;;
+  ras4)  # round 13: the register-operand 4-bit kernels: bit tests, µs per kernel, and Nsight Compute on the
+    # DeepSeek-V3 mxfp4 T = 1 GEMMs (Triton's and the register-operand ones). The run of this round also had a
+    # stacked w13 variant (gate and up rows in one tile, a warpgroup each: slower, removed) and an L2 line prefetch
+    # probe (slower, removed): r13-profile-*.log keep their rows
+    step gpu-ras4 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      -k "register_operand"
+    P=deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,qwen3-30b-a3b:8,qwen3-30b-a3b:64
+    sw() {  # swapped BN 64 register-operand tiles
+      echo "\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 16, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64,
+        \"num_warps\": 4, \"gluon_rega\": 1}, \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64, \"num_warps\": 4, \"gluon_rega\": 1}"
+    }
+    step profile-ras4 200 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,ra --calls 5 --out "$OUT/profile-ras4.json" --patches "{\"ra\": {$(sw)}}"
+    NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --page raw"
+    step ncu-w4-triton 90 $NCU -k regex:"w13_kernel|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:1 --format mxfp4 --calls 2
+    step ncu-w4-rega 90 $NCU -k regex:"w4ra" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:1 --format mxfp4 --calls 2 --patch "{$(sw)}"
+    ;;
+  r13-final)  # round 13, after the review: every Gluon 4-bit GPU bit test (shared-memory, warp-specialised and
+    # register-operand forms; graphs / compile) and the shipped 4-bit tables' rows alone vs in batches
+    step gpu-w4-final 380 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      tests/ops/test_batch_invariance_gpu.py -k "gluon_w4_same_bits or swapped_w4_forms or graph or shipped_4bit"
     ;;
   *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv gluon4 gluon4d gluon4-final)"; exit 2 ;;
 esac

@@ -274,6 +274,11 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), gl)
     assert seen[-1] == tune_space.gluon_toggled(gl) and "gluon" not in seen[-1]["w2"]
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["w2"].get("gluon") else 1.0), gl)
+    # a register-operand 4-bit winner: the reference has no gluon key at all (the Triton GEMMs)
+    seen.clear()
+    ra = tune_space.rega_toggled(_cfg(16, (64, 128, 4, 3), (64, 128, 4, 3)))
+    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), ra)
+    assert not any(k.startswith("gluon") for c in seen[1:] for part in ("w13", "w2") for k in c[part])
 
 
 def test_fp8_neighbours_halve_and_double_the_gluon_w2_column_tiles():
@@ -288,6 +293,23 @@ def test_fp8_neighbours_halve_and_double_the_gluon_w2_column_tiles():
         assert "gluon_nt" not in tune_space.gluon_toggled(best)["w2"]
     plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
     assert not any("gluon_nt" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
+
+
+def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
+    # a swapped 4-bit winner: one neighbour asks for the register-operand Gluon GEMMs on both (with the sum pass
+    # and the fused w13 they need); toggling that back gives the winner's tiles without any gluon key; unswapped
+    # or non-4-bit winners get no such neighbour
+    sw = _cfg(16, (64, 128, 4, 3), (64, 128, 4, 3), w13_split=True)
+    sw["w13"]["SWAP"] = sw["w2"]["SWAP"] = 1
+    ra = [c for c in neighbour_configs(sw, False, quick=True, fam="4bit") if c["w13"].get("gluon_rega")]
+    assert len(ra) == 1 and ra[0]["w2"]["gluon_rega"] == ra[0]["w2"]["gluon"] == 1
+    assert ra[0]["sum_pass"] is True and ra[0]["w13_split"] is False
+    assert {k: v for k, v in ra[0]["w13"].items() if not k.startswith("gluon")} == sw["w13"]
+    back = tune_space.rega_toggled(ra[0])
+    assert back["w13"] == sw["w13"] and back["w2"] == sw["w2"]
+    plain = _cfg(64, (64, 128, 4, 3), (128, 128, 4, 3))
+    assert not any(c["w13"].get("gluon_rega") for c in neighbour_configs(plain, False, fam="4bit"))
+    assert not any(c["w13"].get("gluon_rega") for c in neighbour_configs(sw, False, fam="fp8"))
 
 
 def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():

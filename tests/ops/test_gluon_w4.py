@@ -24,9 +24,12 @@ from small_experts import (assert_compiled_and_graphed_bits, count_calls, expert
                            quantised_run)
 
 
-def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, bn2: int = 64, wbuf=None):
+def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, bn2: int = 64, wbuf=None, ws=None,
+         rega=False, stages=None):
     """A 4-bit config (BK 128, the sum pass on) asking for the Gluon w13 / w2 or not (``wbuf``: their
-    ``"gluon_wbuf"``, decoded tiles in flight; None: the plan's default)."""
+    ``"gluon_wbuf"``, decoded tiles in flight; None: the plan's default; ``ws``: their ``"gluon_ws"``, the
+    warp-specialised kernels' decoded slots; ``rega``: ``"gluon_rega"``, the register-operand kernels;
+    ``stages``: ``"gluon_stages"``)."""
     w13 = {"BN": bn13, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": int(swap)}
     w2 = {"BN": bn2, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": int(swap)}
     for c, g in ((w13, g13), (w2, g2)):
@@ -34,6 +37,12 @@ def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, b
             c["gluon"] = 1
             if wbuf is not None:
                 c["gluon_wbuf"] = wbuf
+            if ws is not None:
+                c["gluon_ws"] = ws
+            if rega:
+                c["gluon_rega"] = 1
+            if stages is not None:
+                c["gluon_stages"] = stages
     return {"BLOCK_M": bm, "w13": w13, "w2": w2, "sum_pass": True}
 
 
@@ -88,6 +97,59 @@ def test_w4_launcher_refuses_where_the_bits_would_differ():
         gluon_experts._device_ok = dev
 
 
+def _mxfp4_launch():
+    """(launch, w13, w2, x) of a small mxfp4 problem (E 16, H 512, I 384; CPU tensors, never read) for the
+    launcher's checks."""
+    spec = tq.QuantSpec.of(Mxfp4Format())
+    w1, w2 = torch.empty(16, 768, 256, dtype=torch.uint8), torch.empty(16, 512, 192, dtype=torch.uint8)
+    q = tq.QuantLaunch(spec, torch.ones(16, 768, 16, dtype=torch.uint8), torch.ones(16, 512, 12, dtype=torch.uint8),
+                       None, None, 384, ptx=True)
+    return q, w1, w2, torch.empty(8, 512, dtype=torch.bfloat16)
+
+
+def test_warp_specialised_config_and_its_limits():
+    # "gluon_ws": decoded slots per GEMM reaches the plan; the launcher takes the warp-specialised kernels only for
+    # swapped BN 64 tiles, 2-8 slots, rings within shared memory
+    assert _plan(1, 8, _cfg(True, True)).gluon_ws == (0, 0)
+    assert _plan(1, 8, _cfg(True, True, ws=4)).gluon_ws == (4, 4)
+    q, w1, w2, x = _mxfp4_launch()
+    dev = gluon_experts._device_ok
+    try:
+        gluon_experts._device_ok = lambda t: True  # as if on an sm_90 GPU
+        # slots, w13 ok, w2 ok: w13's 6 slots need 252 KB of shared memory (12 + 192 + 48), w2's 8 slots 164 KB
+        for ws, ok13, ok2 in ((2, True, True), (4, True, True), (5, True, True), (6, False, True), (8, False, True),
+                              (1, False, False), (9, False, False)):
+            p = _plan(8, 8, _cfg(True, True, ws=ws))
+            assert gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False) is ok13, ws
+            assert gluon_experts.w4_ok(p, q, "w2", w2, x, interp=False) is ok2, ws
+        # BN 128 (eight-warp partitions spill), unswapped tiles; swapped BLOCK_M 64 fits
+        assert not gluon_experts.w4_ok(_plan(8, 8, _cfg(True, True, bn13=128, ws=4)), q, "w13", w1, x, False)
+        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, swap=False, ws=4)), q, "w13", w1, x,
+                                       False)
+        assert gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, ws=4)), q, "w2", w2, x, False)
+    finally:
+        gluon_experts._device_ok = dev
+
+
+def test_register_operand_config_and_its_limits():
+    # "gluon_rega": 1 per GEMM reaches the plan; the launcher takes the register-operand kernels for swapped tiles
+    # (BN 64 or 128) only, and not together with "gluon_ws"
+    assert _plan(1, 8, _cfg(True, True)).gluon_rega == (False, False)
+    assert _plan(1, 8, _cfg(True, True, rega=True)).gluon_rega == (True, True)
+    q, w1, w2, x = _mxfp4_launch()
+    dev = gluon_experts._device_ok
+    try:
+        gluon_experts._device_ok = lambda t: True  # as if on an sm_90 GPU
+        for cfg, ok in ((_cfg(True, True, rega=True), True), (_cfg(True, True, bn13=128, bn2=128, rega=True), True),
+                        (_cfg(True, True, bm=64, swap=False, rega=True), False),
+                        (_cfg(True, True, rega=True, ws=4), False)):
+            p = _plan(8, 8, cfg)
+            assert gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False) is ok, cfg
+            assert gluon_experts.w4_ok(p, q, "w2", w2, x, interp=False) is ok, cfg
+    finally:
+        gluon_experts._device_ok = dev
+
+
 def test_gluon_w4_compiles_for_sm90_with_vector_copies_and_no_spills(tmp_path):
     # both kernels, mxfp4 / int4 g32 / int4 g128, swapped (BLOCK_M 16 / 32, BN 64 / 128) and unswapped (BLOCK_M 64),
     # even and partial K (gpt-oss 2880 = 22.5 steps): every copy a 16-byte cp.async, bf16 wgmma, no spills
@@ -112,10 +174,55 @@ print("ok")
 """, tmp_path)
 
 
+@pytest.mark.parametrize("form", ["warp_specialised", "register_operand"])
+def test_swapped_w4_forms_compile_for_sm90_without_spills(tmp_path, form):
+    # the two swapped forms over w13 / w2, mxfp4 / int4 g32 / g128, BLOCK_M 16 / 32 / 64, even and partial K: 16-byte
+    # cp.async copies, bf16 wgmma with the token rows on N, no spills, no serialised wgmma; and each form's own
+    # structure. Warp-specialised (:mod:`moekit.ops._gluon.w4_ws`, BN 64, the launcher's registers, slots and
+    # ring depth): setmaxnreg per partition, mbarrier hand-offs, three 4-warp partitions. Register operand
+    # (:mod:`moekit.ops._gluon.w4_rega`, BN 64 / 128): the wgmma's A is a register list and the fragment needs no
+    # layout conversion (no st.shared, no shuffle: only the ring's cp.async writes shared memory), 16-byte shared
+    # loads, four per row and tile (two rows per thread)
+    run_compiled(f"""
+import re
+from pathlib import Path
+import compile_sm90 as c
+from moekit.ops import gluon_experts as ge
+tmp = Path(__import__("tempfile").mkdtemp())
+form = {form!r}
+for which, quant, g, bm, bn, h, d in (("w13", "mxfp4", 32, 16, 64, 7168, 4), ("w2", "mxfp4", 32, 16, 64, 2048, 6),
+                                      ("w13", "int4", 32, 32, 128, 2880, 3), ("w2", "int4", 128, 64, 64, 2880, 2),
+                                      ("w13", "int4", 128, 16, 64, 7168, 2), ("w2", "mxfp4", 32, 32, 128, 2880, 2)):
+    kw = dict(bm=bm, h=h, i=h, g=g, bias=which == "w13" and h == 2880, act="swigluoai" if h == 2880 else "silu")
+    if form == "warp_specialised":
+        k = c.gluon_w4(which, quant, bn=64, stages=ge._WS_STAGES, wspec=(d, ge._WS_DEC_REGS), **kw)
+    else:
+        k = c.gluon_w4(which, quant, bn=bn, stages=3, rega=True, **kw)
+    ptx = k.asm["ptx"]
+    sizes = set(re.findall(r"cp\\.async\\.\\w+\\.shared\\.global \\[[^]]*\\], \\[[^]]*\\], (0x\\w+)", ptx))
+    assert sizes == {{"0x10"}}, (which, quant, g, bm, sizes)
+    mma = r"wgmma\\.mma_async\\.sync\\.aligned\\.m64n(\\d+)k16\\.f32\\.bf16\\.bf16 \\{{[^}}]*\\}}, (\\S)"
+    wg = re.findall(mma, ptx)
+    assert wg and all(n == str(bm) for n, _ in wg), (which, quant, wg[:2])
+    if form == "warp_specialised":
+        assert "setmaxnreg.inc.sync.aligned.u32" in ptx and "mbarrier.try_wait.parity" in ptx
+        assert k.metadata.num_warps == 12
+    else:
+        assert all(a == "{{" for _, a in wg), (which, quant, wg[:2])  # A: a register list
+        assert "st.shared" not in ptx and "shfl" not in ptx, (which, quant, bm, bn)
+        tiles = 2 if which == "w13" else 1
+        assert len(re.findall(r"ld\\.shared\\.v4\\.b32", ptx)) == tiles * 4 * 2, (which, quant, bm, bn)
+    rep = c.ptxas_report(ptx, tmp)
+    assert "0 bytes spill stores" in rep and "C7514" not in rep, rep
+print("ok")
+""", tmp_path)
+
+
 def test_the_w4_launchers_arguments_compile(tmp_path):
-    # the launcher's own call with a config asking for both Gluon kernels (swapped at T = 1, unswapped at 1000),
-    # the CPU tensors taken for an sm_90 GPU's: the Gluon kernels replace Triton's w13 / w2 and compile with exactly
-    # the launcher's arguments (DeepSeek-V3 slice: silu; gpt-oss: swigluoai + biases, partial K)
+    # the launcher's own call with a config asking for both Gluon kernels (swapped at T = 1, unswapped at 1000;
+    # then the warp-specialised ones), the CPU tensors taken for an sm_90 GPU's: the Gluon kernels replace Triton's
+    # w13 / w2 and compile with exactly the launcher's arguments (DeepSeek-V3 slice: silu; gpt-oss: swigluoai +
+    # biases, partial K)
     run_compiled("""
 import compile_sm90 as c
 sw = {"BLOCK_M": 16, "sum_pass": True, "w13_split": False, "w13": {"SWAP": 1, "gluon": 1, "BN": 64},
@@ -126,6 +233,18 @@ for fmt in ("mxfp4", "int4_g32"):
     for shape in ("deepseek", "gpt-oss"):
         for t, patch in ((1, sw), (1000, un)):
             c.compile_gluon_launches(c.FORMATS[fmt], t, shape, "w4_w13_kernel", "w4_w2_sum_kernel", patch)
+# the warp-specialised kernels with the launcher's arguments and persistent grid (T = 8: DeepSeek-V3 decode; 64)
+ws = {"BLOCK_M": 16, "sum_pass": True, "w13_split": False,
+      "w13": {"SWAP": 1, "gluon": 1, "BN": 64, "num_warps": 4, "gluon_ws": 4},
+      "w2": {"SWAP": 1, "gluon": 1, "BN": 64, "num_warps": 4, "gluon_ws": 6}}
+for fmt, shape, t in (("mxfp4", "deepseek", 8), ("int4_g32", "gpt-oss", 64)):
+    c.compile_gluon_launches(c.FORMATS[fmt], t, shape, "w4ws_w13_kernel", "w4ws_w2_sum_kernel", ws)
+    grids = {kf.__name__: kw for kf, _, kw in c.launches(c.FORMATS[fmt], t, shape, patch=ws, gluon=True)}
+    assert grids["w4ws_w13_kernel"]["D"] == 4 and grids["w4ws_w2_sum_kernel"]["D"] == 6
+ra = {"BLOCK_M": 16, "sum_pass": True, "w13_split": False, "w13": {"SWAP": 1, "gluon": 1, "gluon_rega": 1},
+      "w2": {"SWAP": 1, "gluon": 1, "gluon_rega": 1}}
+for fmt, shape, t in (("mxfp4", "deepseek", 1), ("int4_g32", "gpt-oss", 64)):
+    c.compile_gluon_launches(c.FORMATS[fmt], t, shape, "w4ra_w13_kernel", "w4ra_w2_sum_kernel", ra)
 print("ok")
 """, tmp_path)
 
@@ -170,7 +289,33 @@ def test_gpu_gluon_w4_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias,
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch):
+@pytest.mark.parametrize("form", [{"ws": 2}, {"ws": 4}, {"rega": True}, {"rega": True, "stages": 5}],
+                         ids=["warp_specialised_slots2", "warp_specialised_slots4", "register_operand",
+                              "register_operand_stages5"])
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[9]],
+                         ids=["decode_t1_mxfp4", "decode_t8_int4", "swapped_bm32_gptoss", "hot_gelu_tanh",
+                              "expert_map"])
+def test_gpu_swapped_w4_forms_same_bits_as_triton(monkeypatch, case, form):
+    # the swapped forms against the Triton kernels on the swapped cases above: warp-specialised (BN 64; 2 or 4
+    # decoded slots; persistent programs over many tiles, e.g. the hot expert's) and register operand (the case's BN
+    # 64 / 128; also with 5 ring slots); partial K, dead slots
+    t, e, k, h, i, act, bias, fmt, bm, _, bn13, bn2, hot, emap, _ = case
+    if "ws" in form:
+        bn13 = bn2 = 64
+    run = quantised_run(_FMTS[fmt], act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                        limit=7.0 if act == "swigluoai" else None)
+    calls13 = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
+    calls2 = count_calls(monkeypatch, gluon_experts, "launch_w4_w2_sum")
+    ref = run(_cfg(False, False, bm=bm, bn13=bn13, bn2=bn2))
+    out = run(_cfg(True, True, bm=bm, bn13=bn13, bn2=bn2, **form))
+    assert len(calls13) == 1 and len(calls2) == 1
+    assert torch.equal(ref, out)
+    assert ref.isfinite().all() and ref.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [{}, {"ws": 4}, {"rega": True}], ids=["smem", "warp_specialised", "rega"])
+def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch, variant):
     # the public quantised call with a config asking for both Gluon kernels: torch.compile(fullgraph=True) and a CUDA
     # graph replayed on new inputs give the eager bits
     t, e, k, h, i = 8, 16, 8, 1024, 512
@@ -178,7 +323,7 @@ def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch):
     fmt = Mxfp4Format()
     q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
     calls = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
-    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, True))  # the lookup finds a Gluon config
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, True, **variant))  # a Gluon config
 
     def f(x, w, ids):
         return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)

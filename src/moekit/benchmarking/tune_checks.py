@@ -37,8 +37,8 @@ def fused_identical(problems, call, cfg: dict) -> bool:
     ref = {k: v for k, v in cfg.items() if k != "w13_split"}
     if cfg.get("sum_pass") is not None:
         ref["sum_pass"] = not cfg["sum_pass"]
-    for part in ("w13", "w2"):  # the Gluon fp8 GEMMs: the Triton kernels' bits
-        ref[part] = {k: v for k, v in cfg[part].items() if k != "gluon"}
+    for part in ("w13", "w2"):  # the Gluon GEMMs (fp8, 4-bit, any form): the Triton kernels' bits
+        ref[part] = {k: v for k, v in cfg[part].items() if not k.startswith("gluon")}
     return same_bits(problems, call, cfg, ref)
 
 

@@ -8,8 +8,9 @@ A bucket's search (:func:`search`) has two short stages:
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
    doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked (fp8: the Gluon GEMMs
-   toggled, the Gluon w2's ``gluon_nt`` halved / doubled); repeated once around a new winner (``quick``: one
-   round of the TMA / PDL toggles only).
+   toggled, the Gluon w2's ``gluon_nt`` halved / doubled; 4-bit with swapped tiles: the register-operand
+   Gluon GEMMs toggled); repeated once around a new winner (``quick``: one round of the TMA / PDL / Gluon
+   toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
 clamped to the problem (BN never wider than needed), goes through the format's
@@ -277,13 +278,27 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
 
 
 def gluon_toggled(cfg: dict) -> dict:
-    """``cfg`` with both GEMMs' ``"gluon"`` switched the other way (set when neither has it, else removed)."""
+    """``cfg`` with both GEMMs' ``"gluon"`` switched the other way (set when neither has it, else removed with
+    every ``gluon_*`` key)."""
     on = not (cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))
     out = {**cfg}
     for part in ("w13", "w2"):
-        out[part] = {k: v for k, v in cfg[part].items() if k not in ("gluon", "gluon_nt")}
+        out[part] = {k: v for k, v in cfg[part].items() if not k.startswith("gluon")}
         if on:
             out[part]["gluon"] = 1
+    return out
+
+
+def rega_toggled(cfg: dict) -> dict:
+    """4-bit, both GEMMs swapped: ``cfg`` asking for the register-operand Gluon GEMMs (``"gluon_rega"``: the sum
+    pass on, w13 fused, as they need), or, when it asks for them, on the Triton GEMMs (:func:`gluon_toggled`).
+    H200 round 13: 3-12 % faster decode steps at the same tiles, slower where the inline align and fused sum
+    would have run (gpt-oss T = 1), so the tuner measures it per bucket."""
+    if cfg["w13"].get("gluon_rega") or cfg["w2"].get("gluon_rega"):
+        return gluon_toggled(cfg)
+    out = {**gluon_toggled({**cfg, "w13": {**cfg["w13"], "gluon": 1}}), "sum_pass": True, "w13_split": False}
+    for part in ("w13", "w2"):
+        out[part] = {**out[part], "gluon": 1, "gluon_rega": 1}
     return out
 
 
@@ -300,6 +315,8 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             for n in (nt // 2, nt * 2):
                 if 1 <= n <= 8 and n != nt:
                     out.append({**best, "w2": {**best["w2"], "gluon_nt": n}})
+    if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
+        out.append(rega_toggled(best))
     if quick:
         return out
     for part in ("w13", "w2"):

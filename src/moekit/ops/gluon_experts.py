@@ -7,6 +7,11 @@ under the interpreter, on a GPU other than an NVIDIA sm_90 (Hopper: wgmma), with
 not cover (:func:`fp8_w13_ok`, :func:`fp8_w2_ok`, :func:`w4_ok`), the Triton kernel runs. Its warps follow its
 tile: BLOCK_M / 16 (one warpgroup per 64 rows; swapped 4-bit tiles: BN / 16). The tuner and the GPU tests compare
 the two bit for bit.
+
+The 4-bit kernels come in three forms, all with the Triton kernels' bits: decoded into shared memory
+(:mod:`._gluon.w4`, ``"gluon": 1``), and for swapped tiles the decoded weights as the wgmma's register operand
+(:mod:`._gluon.w4_rega`, ``"gluon_rega": 1``: the H200 table's decode buckets) or a warp-specialised, persistent
+form (:mod:`._gluon.w4_ws`, ``"gluon_ws": slots``: one program per SM, measured slower, in no table).
 """
 
 from __future__ import annotations
@@ -150,7 +155,49 @@ def w4_ok(p, q, which: str, w: torch.Tensor, x: torch.Tensor, interp: bool) -> b
     fixed, per_stage = _w4_smem(which, bm, bn, bk, p.gluon_wbuf[0 if which == "w13" else 1])
     return (shape_ok and bk % g == 0 and bk in (64, 128) and k_len % 8 == 0 and row_bytes % 16 == 0
             and fixed + 2 * per_stage <= _SMEM_ONE and w.is_contiguous() and w.data_ptr() % 16 == 0
-            and ws.is_contiguous())
+            and ws.is_contiguous() and _ws_ok(p, which))
+
+
+def _ws_smem(which: str, bm: int, bn: int, bk: int, stages: int, d: int) -> int:
+    """Shared memory of a warp-specialised Gluon 4-bit kernel in bytes: the token-row ring, ``d`` decoded slots and
+    the two decoders' packed rings."""
+    tiles = 2 if which == "w13" else 1
+    return stages * bm * bk * 2 + d * tiles * bn * bk * 2 + 2 * stages * tiles * bn * bk // 2
+
+
+def _ws_ok(p, which: str) -> bool:
+    """The variants' own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles, not with ``gluon_ws``.
+    Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64 tiles (one warpgroup per partition: BN 128's eight-warp
+    partitions spill), 2-8 decoded slots, the rings in one program's shared memory."""
+    d = p.gluon_ws[0 if which == "w13" else 1]
+    kw = p.w13_kw if which == "w13" else p.w2_kw
+    if p.gluon_rega[0 if which == "w13" else 1]:
+        return bool(kw["SWAP"]) and not d
+    if not d:
+        return True
+    return (bool(kw["SWAP"]) and kw["BN"] == 64 and 2 <= d <= 8
+            and _ws_smem(which, p.bm, kw["BN"], kw["BK"], _WS_STAGES, d) <= _SMEM_ONE)
+
+
+#: packed / token-row ring slots of the warp-specialised 4-bit kernels (each decoder and the MMA partition)
+_WS_STAGES = 3
+#: registers per decoder thread: an even share of the SM's 64 K for one program of three 4-warp partitions
+_WS_DEC_REGS = 160
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (the persistent kernels' program count)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch_ws(launch, kernel, p, q, which: str, grid: tuple, x: torch.Tensor, args: tuple, kw: dict) -> None:
+    """Launch a warp-specialised 4-bit ``kernel`` persistently: one program per SM at most."""
+    pkw = p.w13_kw if which == "w13" else p.w2_kw
+    programs = min(grid[0], _sm_count(x.device.index))
+    launch(kernel, (programs,), *args, **kw, BM=p.bm, BN=pkw["BN"], BK=pkw["BK"], G=q.spec.block_k,
+           QUANT=q.spec.code, GROUP_M=int(pkw["GROUP_M"]), BLOCK_E=pkw["BLOCK_E"], STAGES=_WS_STAGES,
+           D=p.gluon_ws[0 if which == "w13" else 1], DEC_REGS=_WS_DEC_REGS, num_warps=pkw["BN"] // 16)
 
 
 def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int]:
@@ -158,6 +205,12 @@ def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int
     + packed weights at half a byte per weight)."""
     tiles = 2 if which == "w13" else 1  # gate and up
     return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
+
+
+def _ra_common(p, q, kw: dict, stages: int) -> dict:
+    """The constexprs both register-operand 4-bit kernels take (swapped: one warpgroup per 64 weight rows)."""
+    return dict(BM=p.bm, BN=kw["BN"], BK=kw["BK"], G=q.spec.block_k, QUANT=q.spec.code, GROUP_M=int(kw["GROUP_M"]),
+                BLOCK_E=kw["BLOCK_E"], STAGES=stages, num_warps=kw["BN"] // 16)
 
 
 def _w4_common(p, q, kw: dict, stages: int, wbuf: int) -> dict:
@@ -173,6 +226,26 @@ def launch_w4_w13(launch, p, q, x, w1, b1, inter_buf, counts, row_start, sorted_
     from ._gluon.w4 import w4_w13_kernel
 
     kw, ws = p.w13_kw, q.ws13
+    if p.gluon_rega[0]:
+        from ._gluon.w4_rega import w4ra_w13_kernel
+
+        bm, bn, bk = p.bm, kw["BN"], kw["BK"]
+        stages = p.gluon_stages[0] or _w4_stages(*_w4_smem("w13", bm, bn, bk, 0), two=False)
+        launch(w4ra_w13_kernel, p.grid13, x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts,
+               row_start, sorted_slot, h, inter, w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0),
+               w1.stride(1), ws["stride_wse"], ws["stride_wsn"], b1.stride(0) if b1 is not None else 0,
+               inter_buf.stride(0), ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"],
+               EVEN_K=kw["EVEN_K"], **_ra_common(p, q, kw, stages))
+        return
+    if p.gluon_ws[0]:
+        from ._gluon.w4_ws import w4ws_w13_kernel
+
+        _launch_ws(launch, w4ws_w13_kernel, p, q, "w13", p.grid13, x,
+                   (x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts, row_start, sorted_slot, h,
+                    inter, w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0), w1.stride(1),
+                    ws["stride_wse"], ws["stride_wsn"], b1.stride(0) if b1 is not None else 0, inter_buf.stride(0)),
+                   dict(ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], EVEN_K=kw["EVEN_K"]))
+        return
     bm, bn, bk = p.bm, kw["BN"], kw["BK"]
     wbuf = p.gluon_wbuf[0]
     stages = p.gluon_stages[0] or _w4_stages(*_w4_smem("w13", bm, bn, bk, wbuf), two=wbuf == 2)
@@ -190,6 +263,27 @@ def launch_w4_w2_sum(launch, p, q, inter_buf, w2, b2, tw, counts, row_start, sor
     from ._gluon.w4 import w4_w2_sum_kernel
 
     kw, ws = p.w2_kw, q.ws2
+    if p.gluon_rega[1]:
+        from ._gluon.w4_rega import w4ra_w2_sum_kernel
+
+        bm, bn, bk = p.bm, kw["BN"], kw["BK"]
+        stages = p.gluon_stages[1] or _w4_stages(*_w4_smem("w2", bm, bn, bk, 0), two=False)
+        launch(w4ra_w2_sum_kernel, p.grid2, inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw,
+               counts, row_start, sorted_slot, part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn,
+               inter_buf.stride(0), w2.stride(0), w2.stride(1), ws["stride_wse"], ws["stride_wsn"],
+               b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0), HAS_BIAS=b2 is not None,
+               ON_INPUT=on_input, EVEN_K=kw["EVEN_K"], **_ra_common(p, q, kw, stages))
+        return
+    if p.gluon_ws[1]:
+        from ._gluon.w4_ws import w4ws_w2_sum_kernel
+
+        _launch_ws(launch, w4ws_w2_sum_kernel, p, q, "w2", p.grid2, inter_buf,
+                   (inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw, counts, row_start,
+                    sorted_slot, part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn, inter_buf.stride(0),
+                    w2.stride(0), w2.stride(1), ws["stride_wse"], ws["stride_wsn"],
+                    b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0)),
+                   dict(HAS_BIAS=b2 is not None, ON_INPUT=on_input, EVEN_K=kw["EVEN_K"]))
+        return
     bm, bn, bk = p.bm, kw["BN"], kw["BK"]
     wbuf = p.gluon_wbuf[1]
     stages = p.gluon_stages[1] or _w4_stages(*_w4_smem("w2", bm, bn, bk, wbuf), two=wbuf == 2)

@@ -16,7 +16,12 @@ tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles
 block weights with the sum pass on sm_90: the Gluon w2 of :mod:`moekit.ops._gluon.fp8_w2`, the same bits with
 the scale promotion overlapped; see :func:`moekit.ops.gluon_experts.fp8_w2_ok`), with ``"gluon_nt": n`` (that
 Gluon w2 computes n neighbouring column tiles per program, one after the other through one ring: the same
-bits).
+bits). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs of :mod:`moekit.ops._gluon.w4` (the
+decoded tile through shared memory; see :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
+``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
+wgmma's A fragment, in the H200 4-bit table's decode buckets) or ``"gluon_ws": slots`` the
+warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
+Triton kernels' bits.
 
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
 ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with

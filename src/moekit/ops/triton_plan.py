@@ -21,7 +21,10 @@ SUM_PASS_SLOTS, SUM_BH = 64, 1024
 def _freeze(cfg: dict) -> tuple:
     """The hashable image of a config that :func:`launch_plan` reads: every field a plan depends on
     (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
-    return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
+    def items(c: dict) -> tuple:  # list values (a JSON file's "gluon_ws") as tuples
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in c.items())
+
+    return (cfg["BLOCK_M"], items(cfg["w13"]), items(cfg["w2"]), bool(cfg.get("tma")),
             bool(cfg.get("pdl")), bool(cfg.get("w13_split")),
             None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]))
 
@@ -67,6 +70,8 @@ class LaunchPlan:
     gluon_stages: tuple  # config "gluon_stages" of w13 / w2: ring slots of a Gluon 4-bit kernel (0: it decides)
     gluon_wbuf: tuple  # config "gluon_wbuf" of w13 / w2 (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
     gluon_nt: int  # w2 config "gluon_nt" (Gluon fp8 block w2): column tiles per program, one after the other
+    gluon_ws: tuple  # config "gluon_ws" of w13 / w2 (Gluon 4-bit, swapped, warp-specialised): decoded slots, 0: off
+    gluon_rega: tuple  # config "gluon_rega" of w13 / w2 (Gluon 4-bit, swapped): the decoded tile as register operand
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -132,4 +137,6 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         # swapped (decode) tiles: one (three programs per SM: H200, DeepSeek-V3 mxfp4 T = 8 w13 634 -> 598 µs)
         gluon_wbuf=tuple(int(c.get("gluon_wbuf", 1 if c.get("SWAP") else 2)) for c in (c13, c2)),
         gluon_nt=int(c2.get("gluon_nt", 1)),
+        gluon_ws=tuple(int(c.get("gluon_ws", 0)) for c in (c13, c2)),
+        gluon_rega=tuple(bool(c.get("gluon_rega", 0)) for c in (c13, c2)),
     )

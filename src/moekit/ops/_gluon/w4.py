@@ -141,6 +141,18 @@ def _issue_w(p_smem, j, w_ptrs, w_mask, vid, KP, k, nk, BK: gl.constexpr, PACK: 
 
 
 @gluon.jit
+def _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, Kx, w_ptrs, u_ptrs, w_mask, vid, KP, k, nk,
+                STAGES: gl.constexpr, BK: gl.constexpr, PACK: gl.constexpr, EVEN_K: gl.constexpr, NT: gl.constexpr):
+    """All of K step ``k``'s copies into ring slot ``k % STAGES``, one commit group: the activation rows, then
+    ``NT`` packed weight tiles (w13: the gate rows at ``w_ptrs``, the up rows at ``u_ptrs``; w2: one)."""
+    _issue_x(x_smem, x_ptrs, x_mask, offs_v, Kx, k, nk, STAGES, BK, EVEN_K)
+    _issue_w(p_smem, NT * (k % STAGES), w_ptrs, w_mask, vid, KP, k, nk, BK, PACK, EVEN_K)
+    if NT == 2:
+        _issue_w(p_smem, 2 * (k % STAGES) + 1, u_ptrs, w_mask, vid, KP, k, nk, BK, PACK, EVEN_K)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _mma(x_tile, w_tile, acc, SWAP: gl.constexpr):
     """Start ``acc += x · wᵀ`` (or ``w · xᵀ`` swapped) on the tensor cores; returns the in-flight token."""
     if SWAP:
@@ -202,6 +214,38 @@ def _x_operand(x_ptr, rows_or_tok, valid_a, stride_xt, BK: gl.constexpr, A_L: gl
 
 
 @gluon.jit
+def _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit,
+               ACT: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr):
+    """w13's epilogue (:func:`.._triton.grouped_gemm.w13_kernel`'s): ``+ b13``, the gated activation in fp32, the
+    store rounded to the intermediate's dtype. ``rows`` / ``valid`` / ``cols`` broadcast to the accumulators."""
+    nmask = cols < I
+    if HAS_BIAS:
+        b_base = b1_ptr + e.to(gl.int64) * stride_be
+        acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)
+        acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)
+    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+    out_ptrs = inter_ptr + rows.to(gl.int64) * stride_ir + cols
+    gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid & nmask)
+
+
+@gluon.jit
+def _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+              stride_pr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr):
+    """w2's SUM_PASS epilogue (``w2_kernel``'s): ``+ b2``, the router weight (unless applied on the input), the
+    slot row rounded to bf16 into ``part``."""
+    nmask = cols < H
+    if HAS_BIAS:
+        acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)
+    slot = gl.load(sorted_ptr + rows, mask=valid, other=0)
+    if not ON_INPUT:
+        tok = slot // K
+        kk = slot - tok * K
+        acc = acc * gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + kk, mask=valid, other=0.0).to(gl.float32)
+    p_ptrs = part_ptr + slot.to(gl.int64) * stride_pr + cols
+    gl.store(p_ptrs, to_dt(acc, part_ptr.dtype.element_ty, False), mask=valid & nmask)
+
+
+@gluon.jit
 def w4_w13_kernel(
     x_ptr, w1_ptr, ws_ptr, b1_ptr, inter_ptr, counts_ptr, row_start_ptr, sorted_ptr,
     H, I, E_local, K, num_pid_m, limit,
@@ -237,10 +281,8 @@ def w4_w13_kernel(
         w_smem = gl.allocate_shared_memory(gl.bfloat16, [2 * WBUF, BN, BK], _nvmma(BN, BK))  # (gate, up) × WBUF
         nk = gl.cdiv(H, BK)
         for st in gl.static_range(STAGES - 1):
-            _issue_x(x_smem, x_ptrs, x_mask, offs_v, H, st, nk, STAGES, BK, EVEN_K)
-            _issue_w(p_smem, 2 * st, g_ptrs, w_mask, vid, KP, st, nk, BK, PACK, EVEN_K)
-            _issue_w(p_smem, 2 * st + 1, u_ptrs, w_mask, vid, KP, st, nk, BK, PACK, EVEN_K)
-            async_copy.commit_group()
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
+                        PACK, EVEN_K, 2)
         # the group scales, in registers two K steps ahead (four ahead measured slower on the H200: DeepSeek-V3
         # mxfp4 T = 1 w13 86.6 -> 97.4 µs)
         sg0 = _scales(sg_ptrs, s_mask, g2, 0, NKG, BK // G)
@@ -270,23 +312,15 @@ def w4_w13_kernel(
             acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2 * (WBUF - 1), deps=(acc_g, acc_u))
             gl.thread_barrier()  # ... in every warpgroup: its slot and weight buffers may be refilled
             kn = k + STAGES - 1
-            _issue_x(x_smem, x_ptrs, x_mask, offs_v, H, kn, nk, STAGES, BK, EVEN_K)
-            _issue_w(p_smem, 2 * (kn % STAGES), g_ptrs, w_mask, vid, KP, kn, nk, BK, PACK, EVEN_K)
-            _issue_w(p_smem, 2 * (kn % STAGES) + 1, u_ptrs, w_mask, vid, KP, kn, nk, BK, PACK, EVEN_K)
-            async_copy.commit_group()
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
+                        PACK, EVEN_K, 2)
             sg0, su0, sg1, su1 = sg1, su1, sg2, su2
         acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
         async_copy.wait_group(0)
 
         rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
-        nmask = cols < I
-        if HAS_BIAS:
-            b_base = b1_ptr + e.to(gl.int64) * stride_be
-            acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)
-            acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)
-        h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
-        out_ptrs = inter_ptr + rows.to(gl.int64) * stride_ir + cols
-        gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid & nmask)
+        _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, ACT,
+                   HAS_BIAS, HAS_LIMIT)
 
 
 @gluon.jit
@@ -320,9 +354,8 @@ def w4_w2_sum_kernel(
         w_smem = gl.allocate_shared_memory(gl.bfloat16, [WBUF, BN, BK], _nvmma(BN, BK))
         nk = gl.cdiv(I, BK)
         for st in gl.static_range(STAGES - 1):
-            _issue_x(x_smem, x_ptrs, x_mask, offs_v, I, st, nk, STAGES, BK, EVEN_K)
-            _issue_w(p_smem, st, w_ptrs, w_mask, vid, KP, st, nk, BK, PACK, EVEN_K)
-            async_copy.commit_group()
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
+                        PACK, EVEN_K, 1)
         s0 = _scales(s_ptrs, s_mask, g2, 0, NKG, BK // G)  # two K steps ahead, as in w4_w13_kernel
         s1 = _scales(s_ptrs, s_mask, g2, 1, NKG, BK // G)
         if SWAP:
@@ -341,21 +374,12 @@ def w4_w2_sum_kernel(
             acc = warpgroup_mma_wait(num_outstanding=WBUF - 1, deps=(acc, ))
             gl.thread_barrier()
             kn = k + STAGES - 1
-            _issue_x(x_smem, x_ptrs, x_mask, offs_v, I, kn, nk, STAGES, BK, EVEN_K)
-            _issue_w(p_smem, kn % STAGES, w_ptrs, w_mask, vid, KP, kn, nk, BK, PACK, EVEN_K)
-            async_copy.commit_group()
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
+                        PACK, EVEN_K, 1)
             s0, s1 = s1, s2
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         async_copy.wait_group(0)
 
         rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
-        nmask = cols < H
-        if HAS_BIAS:
-            acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)
-        slot = gl.load(sorted_ptr + rows, mask=valid, other=0)
-        if not ON_INPUT:
-            tok = slot // K
-            kk = slot - tok * K
-            acc = acc * gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + kk, mask=valid, other=0.0).to(gl.float32)
-        p_ptrs = part_ptr + slot.to(gl.int64) * stride_pr + cols
-        gl.store(p_ptrs, to_dt(acc, part_ptr.dtype.element_ty, False), mask=valid & nmask)
+        _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+                  stride_pr, HAS_BIAS, ON_INPUT)

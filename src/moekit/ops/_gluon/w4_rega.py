@@ -1,0 +1,223 @@
+"""mxfp4 / int4 (weight-only) swapped grouped GEMMs with the decoded weights as wgmma's register operand (Gluon).
+
+The math and the bits are :mod:`.w4`'s swapped kernels (decode tiles, T small): per output tile (BN weight rows
+of one expert, the BM token rows of one row block) and K step ``k`` of BK::
+
+    W   = decode(packed[e, n, k·BK:(k+1)·BK], scales)       bf16 [BN, BK], exact value rounded once
+    acc = acc + W · x[rows, k·BK:(k+1)·BK]ᵀ                  (bf16 wgmma m64, fp32 accumulator, k16 in order)
+
+then the same epilogues. What differs is where ``W`` lives: :mod:`.w4` stores the decoded tile in shared memory
+for the wgmma to read (four times the packed bytes, written and read once each per step); here each thread
+decodes exactly its own elements of the wgmma's A fragment (``DotOperandLayout``, kWidth 2) in registers, and the
+wgmma takes them from there. In the fragment, thread ``4r + q`` of a warp holds rows r and r + 8 and, of every
+k16 block, the k pairs q and q + 4: packed byte ``j = k / 2`` of a row is one k pair (mxfp4: two e2m1 codes;
+int4: two nibbles of a word, little-endian), so a thread needs byte q of every 4-byte word of its rows. The
+four threads of a quad read the same words from the packed ring (16-byte shared loads, broadcast) and each
+keeps its byte (``prmt``); the decode is the Triton kernels' packed-bf16 PTX, per byte pair.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from .._triton.quant import E2M1_BF16_ASM, MXFP4
+from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _rows_cols,
+                 _w2_store, _w13_store, _w_ptrs, _x_operand)
+from .common import pid_to_tile
+
+# byte q (a per-thread selector ``q | (q + 4) << 4``) of four words -> one word of four bytes
+_GATHER = gl.constexpr("{\n.reg .b32 t0, t1;\nprmt.b32 t0, $1, $2, $5;\nprmt.b32 t1, $3, $4, $5;\n"
+                       "prmt.b32 $0, t0, t1, 0x5410;\n}\n")
+
+# int4 by bytes (two nibbles of a word each, low = even k): (128 + q) - 136 times the bf16 scale, rounded once, as
+# :data:`.._triton.quant.INT4_BF16_ASM`. $0 $1: low nibbles of bytes (0, 1) (2, 3); $2 $3: high nibbles; $4 the four
+# bytes; $5 $6 the scales of bytes (0, 1) (2, 3).
+_INT4B = gl.constexpr(
+    "\n{\n.reg .b32 y0, y1, t, c;\nmov.b32 c, 0x43084308;\nprmt.b32 y0, $4, 0, 0x4140;\nprmt.b32 y1, $4, 0, 0x4342;\n"
+    + "".join(f"{sh}and.b32 t, {src}, 0x000F000F;\nor.b32 t, t, 0x43004300;\nsub.rn.bf16x2 t, t, c;\n"
+              f"mul.rn.bf16x2 ${o}, t, ${sc};\n"
+              for o, sh, src, sc in ((0, "", "y0", 5), (1, "", "y1", 6), (2, "shr.u32 t, y0, 4;\n", "t", 5),
+                                     (3, "shr.u32 t, y1, 4;\n", "t", 6)))
+    + "}\n")
+
+
+@gluon.constexpr_function
+def _words_layout(BN, NG, W32, num_warps):
+    """[BN, NG, W32, 4]: packed words of a tile (W32 per scale group) against the quad lane q that keeps byte q
+    of each: the wgmma A fragment's rows and k pairs (module docstring), the words in registers (consecutive words
+    in consecutive registers: 16-byte shared loads)."""
+    reg = [[0, 0, 1 << i, 0] for i in range((W32 - 1).bit_length())]
+    reg += [[8, 0, 0, 0]] + [[0, 1 << i, 0, 0] for i in range((NG - 1).bit_length())]
+    lane = [[0, 0, 0, 1], [0, 0, 0, 2], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
+    warp = [[16 << i, 0, 0, 0] for i in range((num_warps - 1).bit_length())]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, NG, W32, 4])
+
+
+@gluon.jit
+def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
+          ACC_L: gl.constexpr, num_warps: gl.constexpr):
+    """The A fragment (bf16 [BN, BK], ``DotOperandLayout(0, ACC_L, 2)``) of one packed ring slot ``p_slot`` and its
+    raw group scales ``s`` ([BN, NG] in the words layout's row / group slice; loaded by :func:`_frag_scales`)."""
+    NG: gl.constexpr = BK // G
+    W32: gl.constexpr = G // 8  # 4-byte words per group: 16 bytes (mxfp4: 32 codes) or 4 int32 words of 8 nibbles
+    L4: gl.constexpr = _words_layout(BN, NG, W32, num_warps)
+    words = p_slot._reinterpret(gl.uint32, [BN, NG, W32], _PLAIN).load(gl.SliceLayout(3, L4))
+    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    sel = (q | ((q + 4) << 4))[None, None, None, :]
+    w4, sel4 = gl.broadcast(gl.expand_dims(words, 3), sel)
+    b = gl.inline_asm_elementwise(_GATHER, "=r,r,r,r,r,r,r,r,r", [w4, sel4], dtype=gl.uint8, is_pure=True, pack=4)
+    if QUANT == MXFP4:
+        sb = s.to(gl.int32)
+        sc = gl.where(sb == 0, 0x40, sb << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    else:
+        sc = s
+    b, sc4 = gl.broadcast(b, gl.expand_dims(gl.expand_dims(sc, 2), 3))
+    asm: gl.constexpr = E2M1_BF16_ASM if QUANT == MXFP4 else _INT4B
+    lo, hi = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r,r", [b, sc4], dtype=(gl.bfloat16, gl.bfloat16),
+                                       is_pure=True, pack=4)
+    w = gl.reshape(gl.join(lo, hi), [BN, BK])  # k = 2 · (G/2 · g + 4 · word + q) + code
+    return gl.convert_layout(w, gl.DotOperandLayout(operand_index=0, parent=ACC_L, k_width=2))
+
+
+@gluon.jit
+def _frag_scales(ws_base, n0, N, stride_wsn, k, NKG, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Raw group scales [BN, NG] of K step ``k`` for rows n0.. in the layout :func:`_frag` takes (0 past K)."""
+    NG: gl.constexpr = BK // G
+    S_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, _words_layout(BN, NG, G // 8, num_warps)))
+    n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L))
+    g = k * NG + gl.arange(0, NG, layout=gl.SliceLayout(0, S_L))
+    mask = (n < N)[:, None] & (g < NKG)[None, :]
+    return gl.load(ws_base + n.to(gl.int64)[:, None] * stride_wsn + g[None, :], mask=mask, other=0)
+
+
+@gluon.jit
+def _ready(STAGES: gl.constexpr):
+    """Step k's copies have landed for every thread (the fragments read other threads' bytes) and are visible to
+    the wgmma."""
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    fence_async_shared()
+
+
+@gluon.jit
+def w4ra_w13_kernel(
+    x_ptr, w1_ptr, ws_ptr, b1_ptr, inter_ptr, counts_ptr, row_start_ptr, sorted_ptr,
+    H, I, E_local, K, num_pid_m, limit,
+    stride_xt, stride_we, stride_wn, stride_wse, stride_wsn, stride_be, stride_ir,
+    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
+    GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr,
+    HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid (num_pid_m · cdiv(I, BN),). Arguments as :func:`.w4.w4_w13_kernel` (swapped: BN weight rows, one
+    warpgroup per 64, on the wgmma's M side)."""
+    PACK: gl.constexpr = _pack(QUANT)
+    P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
+    A_L: gl.constexpr = _a_layout(BK, num_warps)
+    ACC_L: gl.constexpr = _acc_layout(BM, BN, True, num_warps)
+    NG: gl.constexpr = BK // G
+    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
+    e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, num_warps)
+    if e < E_local:
+        tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
+        x_ptrs, x_mask, offs_v = _x_operand(x_ptr, tok_a, valid_a, stride_xt, BK, A_L)
+        KP = H // PACK
+        NKG = H // G
+        g_ptrs, w_mask, vid = _w_ptrs(w1_ptr + e.to(gl.int64) * stride_we, pid_n * BN, I, stride_wn, NG, G // PACK,
+                                      32 // PACK, P_L, BN)
+        u_ptrs = g_ptrs + I.to(gl.int64) * stride_wn
+        ws_g = ws_ptr + e.to(gl.int64) * stride_wse
+        ws_u = ws_g + I.to(gl.int64) * stride_wsn
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], _nvmma(BM, BK))
+        p_smem = gl.allocate_shared_memory(w1_ptr.dtype.element_ty, [2 * STAGES, BN, NG, G // PACK], _PLAIN)
+        nk = gl.cdiv(H, BK)
+        for st in gl.static_range(STAGES - 1):
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
+                        PACK, EVEN_K, 2)
+        n0 = pid_n * BN
+        sg0 = _frag_scales(ws_g, n0, I, stride_wsn, 0, NKG, BN, BK, G, num_warps)  # two K steps ahead
+        su0 = _frag_scales(ws_u, n0, I, stride_wsn, 0, NKG, BN, BK, G, num_warps)
+        sg1 = _frag_scales(ws_g, n0, I, stride_wsn, 1, NKG, BN, BK, G, num_warps)
+        su1 = _frag_scales(ws_u, n0, I, stride_wsn, 1, NKG, BN, BK, G, num_warps)
+        acc_g = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
+        acc_u = gl.zeros_like(acc_g)
+        for k in range(nk):
+            sg2 = _frag_scales(ws_g, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, num_warps)
+            su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, num_warps)
+            _ready(STAGES)
+            slot = k % STAGES
+            wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
+            wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
+            xt = x_smem.index(slot).permute((1, 0))
+            acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
+            acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
+            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=(acc_g, acc_u))  # step k - 1's are done
+            gl.thread_barrier()  # ... in every warp: its slot may be refilled
+            kn = k + STAGES - 1
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
+                        PACK, EVEN_K, 2)
+            sg0, su0, sg1, su1 = sg1, su1, sg2, su2
+        acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
+        async_copy.wait_group(0)
+
+        rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, True, ACC_L)
+        _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, ACT,
+                   HAS_BIAS, HAS_LIMIT)
+
+
+@gluon.jit
+def w4ra_w2_sum_kernel(
+    inter_ptr, w2_ptr, ws_ptr, b2_ptr, tw_ptr, counts_ptr, row_start_ptr, sorted_ptr, part_ptr,
+    H, I, E_local, K, num_pid_m, NBN,
+    stride_ir, stride_we, stride_wn, stride_wse, stride_wsn, stride_be, stride_twt, stride_pr,
+    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
+    GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+    ON_INPUT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped)."""
+    PACK: gl.constexpr = _pack(QUANT)
+    P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
+    A_L: gl.constexpr = _a_layout(BK, num_warps)
+    ACC_L: gl.constexpr = _acc_layout(BM, BN, True, num_warps)
+    NG: gl.constexpr = BK // G
+    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
+    e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, num_warps)
+    if e < E_local:
+        x_ptrs, x_mask, offs_v = _x_operand(inter_ptr, pid_m * BM + ra, valid_a, stride_ir, BK, A_L)
+        KP = I // PACK
+        NKG = I // G
+        w_ptrs, w_mask, vid = _w_ptrs(w2_ptr + e.to(gl.int64) * stride_we, pid_n * BN, H, stride_wn, NG, G // PACK,
+                                      32 // PACK, P_L, BN)
+        ws_e = ws_ptr + e.to(gl.int64) * stride_wse
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], _nvmma(BM, BK))
+        p_smem = gl.allocate_shared_memory(w2_ptr.dtype.element_ty, [STAGES, BN, NG, G // PACK], _PLAIN)
+        nk = gl.cdiv(I, BK)
+        for st in gl.static_range(STAGES - 1):
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
+                        PACK, EVEN_K, 1)
+        n0 = pid_n * BN
+        s0 = _frag_scales(ws_e, n0, H, stride_wsn, 0, NKG, BN, BK, G, num_warps)
+        s1 = _frag_scales(ws_e, n0, H, stride_wsn, 1, NKG, BN, BK, G, num_warps)
+        acc = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
+        for k in range(nk):
+            s2 = _frag_scales(ws_e, n0, H, stride_wsn, k + 2, NKG, BN, BK, G, num_warps)
+            _ready(STAGES)
+            slot = k % STAGES
+            w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps)
+            acc = warpgroup_mma(w, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            gl.thread_barrier()
+            kn = k + STAGES - 1
+            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
+                        PACK, EVEN_K, 1)
+            s0, s1 = s1, s2
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        async_copy.wait_group(0)
+
+        rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, True, ACC_L)
+        _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+                  stride_pr, HAS_BIAS, ON_INPUT)
+
