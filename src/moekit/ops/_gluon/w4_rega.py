@@ -14,6 +14,11 @@ k16 block, the k pairs q and q + 4: packed byte ``j = k / 2`` of a row is one k 
 int4: two nibbles of a word, little-endian), so a thread needs byte q of every 4-byte word of its rows. The
 four threads of a quad read the same words from the packed ring (16-byte shared loads, broadcast) and each
 keeps its byte (``prmt``); the decode is the Triton kernels' packed-bf16 PTX, per byte pair.
+
+Measured on the H200 (docs/kernels.md, round 13): the same bits as the Triton kernels, 3-12 % faster decode steps at
+most points (in the H200 4-bit table's decode buckets), slower where a Gluon config's align kernel and separate
+top-k sum cost more than they save (gpt-oss T = 1). The loop is 5.7 instructions per decoded value and the issue
+slots are ~65 % busy: 4-bit decode is bound by instruction issue, not by the shared-memory tile this form removes.
 """
 
 from __future__ import annotations
