@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .tune_space import without_gluon
+
 
 def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS difference (inf when ``got`` is not finite)."""
@@ -38,7 +40,7 @@ def fused_identical(problems, call, cfg: dict) -> bool:
     if cfg.get("sum_pass") is not None:
         ref["sum_pass"] = not cfg["sum_pass"]
     for part in ("w13", "w2"):  # the Gluon GEMMs (fp8, 4-bit, any form): the Triton kernels' bits
-        ref[part] = {k: v for k, v in cfg[part].items() if not k.startswith("gluon")}
+        ref[part] = without_gluon(cfg[part])
     return same_bits(problems, call, cfg, ref)
 
 

@@ -277,16 +277,16 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
     return out
 
 
+def without_gluon(part: dict) -> dict:
+    """A GEMM's config dict without any ``gluon*`` key: the Triton kernel at the same tiles (the same bits)."""
+    return {k: v for k, v in part.items() if not k.startswith("gluon")}
+
+
 def gluon_toggled(cfg: dict) -> dict:
     """``cfg`` with both GEMMs' ``"gluon"`` switched the other way (set when neither has it, else removed with
     every ``gluon_*`` key)."""
     on = not (cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))
-    out = {**cfg}
-    for part in ("w13", "w2"):
-        out[part] = {k: v for k, v in cfg[part].items() if not k.startswith("gluon")}
-        if on:
-            out[part]["gluon"] = 1
-    return out
+    return {**cfg, **{part: {**without_gluon(cfg[part]), **({"gluon": 1} if on else {})} for part in ("w13", "w2")}}
 
 
 def rega_toggled(cfg: dict) -> dict:
@@ -296,10 +296,8 @@ def rega_toggled(cfg: dict) -> dict:
     would have run (gpt-oss T = 1), so the tuner measures it per bucket."""
     if cfg["w13"].get("gluon_rega") or cfg["w2"].get("gluon_rega"):
         return gluon_toggled(cfg)
-    out = {**gluon_toggled({**cfg, "w13": {**cfg["w13"], "gluon": 1}}), "sum_pass": True, "w13_split": False}
-    for part in ("w13", "w2"):
-        out[part] = {**out[part], "gluon": 1, "gluon_rega": 1}
-    return out
+    return {**cfg, "sum_pass": True, "w13_split": False,
+            **{part: {**without_gluon(cfg[part]), "gluon": 1, "gluon_rega": 1} for part in ("w13", "w2")}}
 
 
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:

@@ -152,10 +152,8 @@ def w4_ok(p, q, which: str, w: torch.Tensor, x: torch.Tensor, interp: bool) -> b
         shape_ok = bn in (64, 128) and bm in (16, 32, 64)
     else:  # w13's two [BM, BN] accumulators: BN <= BM (BLOCK_M 64 with BN 128 spills)
         shape_ok = bm in (64, 128) and 16 <= bn <= (bm if which == "w13" else 256)
-    fixed, per_stage = _w4_smem(which, bm, bn, bk, p.gluon_wbuf[0 if which == "w13" else 1])
     return (shape_ok and bk % g == 0 and bk in (64, 128) and k_len % 8 == 0 and row_bytes % 16 == 0
-            and fixed + 2 * per_stage <= _SMEM_ONE and w.is_contiguous() and w.data_ptr() % 16 == 0
-            and ws.is_contiguous() and _ws_ok(p, which))
+            and w.is_contiguous() and w.data_ptr() % 16 == 0 and ws.is_contiguous() and _form_ok(p, which))
 
 
 def _ws_smem(which: str, bm: int, bn: int, bk: int, stages: int, d: int) -> int:
@@ -165,18 +163,27 @@ def _ws_smem(which: str, bm: int, bn: int, bk: int, stages: int, d: int) -> int:
     return stages * bm * bk * 2 + d * tiles * bn * bk * 2 + 2 * stages * tiles * bn * bk // 2
 
 
-def _ws_ok(p, which: str) -> bool:
-    """The variants' own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles, not with ``gluon_ws``.
-    Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64 tiles (one warpgroup per partition: BN 128's eight-warp
-    partitions spill), 2-8 decoded slots, the rings in one program's shared memory."""
-    d = p.gluon_ws[0 if which == "w13" else 1]
-    kw = p.w13_kw if which == "w13" else p.w2_kw
-    if p.gluon_rega[0 if which == "w13" else 1]:
-        return bool(kw["SWAP"]) and not d
-    if not d:
-        return True
-    return (bool(kw["SWAP"]) and kw["BN"] == 64 and 2 <= d <= 8
-            and _ws_smem(which, p.bm, kw["BN"], kw["BK"], _WS_STAGES, d) <= _SMEM_ONE)
+def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int]:
+    """Shared memory of a Gluon 4-bit kernel in bytes: (decoded bf16 weight tiles, one ring slot: activation rows
+    + packed weights at half a byte per weight); ``wbuf`` 0: none decoded (the register-operand form)."""
+    tiles = 2 if which == "w13" else 1  # gate and up
+    return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
+
+
+def _form_ok(p, which: str) -> bool:
+    """The asked form's own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles, not with
+    ``gluon_ws``. Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64 tiles (one warpgroup per partition: BN
+    128's eight-warp partitions spill), 2-8 decoded slots. Every form: its rings in one program's shared memory."""
+    i = 0 if which == "w13" else 1
+    kw, d = (p.w13_kw if i == 0 else p.w2_kw), p.gluon_ws[i]
+    bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])
+    if p.gluon_rega[i]:
+        fixed, per_stage = _w4_smem(which, bm, bn, bk, 0)
+        return swap and not d and fixed + 2 * per_stage <= _SMEM_ONE
+    if d:
+        return swap and bn == 64 and 2 <= d <= 8 and _ws_smem(which, bm, bn, bk, _WS_STAGES, d) <= _SMEM_ONE
+    fixed, per_stage = _w4_smem(which, bm, bn, bk, p.gluon_wbuf[i])
+    return fixed + 2 * per_stage <= _SMEM_ONE
 
 
 #: packed / token-row ring slots of the warp-specialised 4-bit kernels (each decoder and the MMA partition)
@@ -191,104 +198,59 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch_ws(launch, kernel, p, q, which: str, grid: tuple, x: torch.Tensor, args: tuple, kw: dict) -> None:
-    """Launch a warp-specialised 4-bit ``kernel`` persistently: one program per SM at most."""
-    pkw = p.w13_kw if which == "w13" else p.w2_kw
-    programs = min(grid[0], _sm_count(x.device.index))
-    launch(kernel, (programs,), *args, **kw, BM=p.bm, BN=pkw["BN"], BK=pkw["BK"], G=q.spec.block_k,
-           QUANT=q.spec.code, GROUP_M=int(pkw["GROUP_M"]), BLOCK_E=pkw["BLOCK_E"], STAGES=_WS_STAGES,
-           D=p.gluon_ws[0 if which == "w13" else 1], DEC_REGS=_WS_DEC_REGS, num_warps=pkw["BN"] // 16)
+@functools.lru_cache(maxsize=2)
+def _w4_kernels(which: str) -> tuple:
+    """(shared-memory, register-operand, warp-specialised) Gluon 4-bit kernels of ``which``: imported once, on the
+    first call (the modules need Gluon, which :func:`gluon_available` checks first)."""
+    from ._gluon import w4, w4_rega, w4_ws
+
+    if which == "w13":
+        return w4.w4_w13_kernel, w4_rega.w4ra_w13_kernel, w4_ws.w4ws_w13_kernel
+    return w4.w4_w2_sum_kernel, w4_rega.w4ra_w2_sum_kernel, w4_ws.w4ws_w2_sum_kernel
 
 
-def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int]:
-    """Shared memory of a Gluon 4-bit kernel in bytes: (decoded bf16 weight tiles, one ring slot: activation rows
-    + packed weights at half a byte per weight)."""
-    tiles = 2 if which == "w13" else 1  # gate and up
-    return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
-
-
-def _ra_common(p, q, kw: dict, stages: int) -> dict:
-    """The constexprs both register-operand 4-bit kernels take (swapped: one warpgroup per 64 weight rows)."""
-    return dict(BM=p.bm, BN=kw["BN"], BK=kw["BK"], G=q.spec.block_k, QUANT=q.spec.code, GROUP_M=int(kw["GROUP_M"]),
-                BLOCK_E=kw["BLOCK_E"], STAGES=stages, num_warps=kw["BN"] // 16)
-
-
-def _w4_common(p, q, kw: dict, stages: int, wbuf: int) -> dict:
-    """The constexprs both Gluon 4-bit kernels take: tiles, format, ring slots, orientation, warps."""
-    swap = bool(kw["SWAP"])
-    return dict(BM=p.bm, BN=kw["BN"], BK=kw["BK"], G=q.spec.block_k, QUANT=q.spec.code, GROUP_M=int(kw["GROUP_M"]),
-                BLOCK_E=kw["BLOCK_E"], STAGES=stages, SWAP=swap, WBUF=wbuf,
-                num_warps=(kw["BN"] if swap else p.bm) // 16)
+def _launch_w4(launch, kernels: tuple, p, q, which: str, grid: tuple, device: torch.device, args: tuple,
+               epilogue: dict) -> None:
+    """Launch the asked form of a Gluon 4-bit GEMM (``kernels``: its shared-memory, register-operand and
+    warp-specialised kernels, which take the same ``args``): its tiles, format and warps (one warpgroup per 64
+    rows of the wgmma's M side), then the form's own ring slots and keys; the warp-specialised form is persistent,
+    one program per SM at most."""
+    i = 0 if which == "w13" else 1
+    kw = p.w13_kw if i == 0 else p.w2_kw
+    bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])
+    const = dict(BM=bm, BN=bn, BK=bk, G=q.spec.block_k, QUANT=q.spec.code, GROUP_M=int(kw["GROUP_M"]),
+                 BLOCK_E=kw["BLOCK_E"], num_warps=(bn if swap else bm) // 16, **epilogue)
+    smem_kernel, rega_kernel, ws_kernel = kernels
+    if p.gluon_rega[i]:
+        stages = p.gluon_stages[i] or _w4_stages(*_w4_smem(which, bm, bn, bk, 0), two=False)
+        launch(rega_kernel, grid, *args, STAGES=stages, **const)
+    elif p.gluon_ws[i]:
+        launch(ws_kernel, (min(grid[0], _sm_count(device.index)),), *args, STAGES=_WS_STAGES, D=p.gluon_ws[i],
+               DEC_REGS=_WS_DEC_REGS, **const)
+    else:
+        wbuf = p.gluon_wbuf[i]
+        stages = p.gluon_stages[i] or _w4_stages(*_w4_smem(which, bm, bn, bk, wbuf), two=wbuf == 2)
+        launch(smem_kernel, grid, *args, STAGES=stages, SWAP=swap, WBUF=wbuf, **const)
 
 
 def launch_w4_w13(launch, p, q, x, w1, b1, inter_buf, counts, row_start, sorted_slot, h, inter, k) -> None:
-    """``inter[r] = act(x[tok(r)] · decode(W13)ᵀ (+ b13))`` rounded to bf16 (:func:`._gluon.w4.w4_w13_kernel`)."""
-    from ._gluon.w4 import w4_w13_kernel
-
+    """``inter[r] = act(x[tok(r)] · decode(W13)ᵀ (+ b13))`` rounded to bf16 (:func:`._gluon.w4.w4_w13_kernel`, or
+    the register-operand / warp-specialised form the plan asks for)."""
     kw, ws = p.w13_kw, q.ws13
-    if p.gluon_rega[0]:
-        from ._gluon.w4_rega import w4ra_w13_kernel
-
-        bm, bn, bk = p.bm, kw["BN"], kw["BK"]
-        stages = p.gluon_stages[0] or _w4_stages(*_w4_smem("w13", bm, bn, bk, 0), two=False)
-        launch(w4ra_w13_kernel, p.grid13, x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts,
-               row_start, sorted_slot, h, inter, w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0),
-               w1.stride(1), ws["stride_wse"], ws["stride_wsn"], b1.stride(0) if b1 is not None else 0,
-               inter_buf.stride(0), ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"],
-               EVEN_K=kw["EVEN_K"], **_ra_common(p, q, kw, stages))
-        return
-    if p.gluon_ws[0]:
-        from ._gluon.w4_ws import w4ws_w13_kernel
-
-        _launch_ws(launch, w4ws_w13_kernel, p, q, "w13", p.grid13, x,
-                   (x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts, row_start, sorted_slot, h,
-                    inter, w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0), w1.stride(1),
-                    ws["stride_wse"], ws["stride_wsn"], b1.stride(0) if b1 is not None else 0, inter_buf.stride(0)),
-                   dict(ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], EVEN_K=kw["EVEN_K"]))
-        return
-    bm, bn, bk = p.bm, kw["BN"], kw["BK"]
-    wbuf = p.gluon_wbuf[0]
-    stages = p.gluon_stages[0] or _w4_stages(*_w4_smem("w13", bm, bn, bk, wbuf), two=wbuf == 2)
-    launch(w4_w13_kernel, p.grid13, x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts, row_start,
-           sorted_slot, h, inter, w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0), w1.stride(1),
-           ws["stride_wse"], ws["stride_wsn"], b1.stride(0) if b1 is not None else 0, inter_buf.stride(0),
-           ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], EVEN_K=kw["EVEN_K"],
-           **_w4_common(p, q, kw, stages, wbuf))
+    args = (x, w1, ws["ws_ptr"], b1 if b1 is not None else x, inter_buf, counts, row_start, sorted_slot, h, inter,
+            w1.shape[0], k, p.num_pid_m, p.limit_arg, x.stride(0), w1.stride(0), w1.stride(1), ws["stride_wse"],
+            ws["stride_wsn"], b1.stride(0) if b1 is not None else 0, inter_buf.stride(0))
+    _launch_w4(launch, _w4_kernels("w13"), p, q, "w13", p.grid13, x.device, args,
+               dict(ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], EVEN_K=kw["EVEN_K"]))
 
 
 def launch_w4_w2_sum(launch, p, q, inter_buf, w2, b2, tw, counts, row_start, sorted_slot, part, h, inter, k,
                      on_input: bool) -> None:
-    """``part[slot] = (inter[r] · decode(W2)ᵀ (+ b2)) (· w)`` rounded to bf16 (:func:`._gluon.w4.w4_w2_sum_kernel`):
-    the SUM_PASS w2."""
-    from ._gluon.w4 import w4_w2_sum_kernel
-
+    """``part[slot] = (inter[r] · decode(W2)ᵀ (+ b2)) (· w)`` rounded to bf16 (:func:`._gluon.w4.w4_w2_sum_kernel`,
+    or the form the plan asks for): the SUM_PASS w2."""
     kw, ws = p.w2_kw, q.ws2
-    if p.gluon_rega[1]:
-        from ._gluon.w4_rega import w4ra_w2_sum_kernel
-
-        bm, bn, bk = p.bm, kw["BN"], kw["BK"]
-        stages = p.gluon_stages[1] or _w4_stages(*_w4_smem("w2", bm, bn, bk, 0), two=False)
-        launch(w4ra_w2_sum_kernel, p.grid2, inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw,
-               counts, row_start, sorted_slot, part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn,
-               inter_buf.stride(0), w2.stride(0), w2.stride(1), ws["stride_wse"], ws["stride_wsn"],
-               b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0), HAS_BIAS=b2 is not None,
-               ON_INPUT=on_input, EVEN_K=kw["EVEN_K"], **_ra_common(p, q, kw, stages))
-        return
-    if p.gluon_ws[1]:
-        from ._gluon.w4_ws import w4ws_w2_sum_kernel
-
-        _launch_ws(launch, w4ws_w2_sum_kernel, p, q, "w2", p.grid2, inter_buf,
-                   (inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw, counts, row_start,
-                    sorted_slot, part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn, inter_buf.stride(0),
-                    w2.stride(0), w2.stride(1), ws["stride_wse"], ws["stride_wsn"],
-                    b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0)),
-                   dict(HAS_BIAS=b2 is not None, ON_INPUT=on_input, EVEN_K=kw["EVEN_K"]))
-        return
-    bm, bn, bk = p.bm, kw["BN"], kw["BK"]
-    wbuf = p.gluon_wbuf[1]
-    stages = p.gluon_stages[1] or _w4_stages(*_w4_smem("w2", bm, bn, bk, wbuf), two=wbuf == 2)
-    launch(w4_w2_sum_kernel, p.grid2, inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw, counts,
-           row_start, sorted_slot, part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn, inter_buf.stride(0),
-           w2.stride(0), w2.stride(1), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0,
-           tw.stride(0), part.stride(0), HAS_BIAS=b2 is not None, ON_INPUT=on_input, EVEN_K=kw["EVEN_K"],
-           **_w4_common(p, q, kw, stages, wbuf))
+    args = (inter_buf, w2, ws["ws_ptr"], b2 if b2 is not None else inter_buf, tw, counts, row_start, sorted_slot,
+            part, h, inter, w2.shape[0], k, p.num_pid_m, p.nbn, inter_buf.stride(0), w2.stride(0), w2.stride(1),
+            ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0))
+    _launch_w4(launch, _w4_kernels("w2"), p, q, "w2", p.grid2, inter_buf.device, args,
+               dict(HAS_BIAS=b2 is not None, ON_INPUT=on_input, EVEN_K=kw["EVEN_K"]))

@@ -21,10 +21,7 @@ SUM_PASS_SLOTS, SUM_BH = 64, 1024
 def _freeze(cfg: dict) -> tuple:
     """The hashable image of a config that :func:`launch_plan` reads: every field a plan depends on
     (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
-    def items(c: dict) -> tuple:  # list values (a JSON file's "gluon_ws") as tuples
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in c.items())
-
-    return (cfg["BLOCK_M"], items(cfg["w13"]), items(cfg["w2"]), bool(cfg.get("tma")),
+    return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
             bool(cfg.get("pdl")), bool(cfg.get("w13_split")),
             None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]))
 
