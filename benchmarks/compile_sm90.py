@@ -75,29 +75,49 @@ def compile_launch(fn: JITFunction, args, kwargs):
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
-def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int = 4,
-                 bias: bool = False, on_input: bool = False, nt: int = 1):
-    """The Gluon fp8 block w2 (:mod:`moekit.ops._gluon.fp8_w2`) compiled for sm_90 on CPU tensors (never
-    touched): the ``CompiledKernel``."""
+def _fp8_w2_args(bm: int, bn: int, i: int, h: int, e: int, bk: int = 128):
+    """CPU tensors (never touched) and the positional arguments of the Gluon fp8 block w2 kernels (scale blocks
+    of ``bk`` x ``bk``)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from moekit.ops._gluon.fp8_w2 import fp8_w2_sum_kernel
-
-    f8, rows, t, k, bk = torch.float8_e4m3fn, 64 * bm, 512, 8, 128
+    f8, rows, t, k = torch.float8_e4m3fn, 64 * bm, 512, 8
     inter, w2 = torch.empty(rows, i, dtype=f8), torch.empty(e, h, i, dtype=f8)
     lay = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.float8e4nv)  # noqa: E731
     a_desc = TensorDescriptor.from_tensor(inter, [bm, bk], lay([bm, bk]))
     w_desc = TensorDescriptor.from_tensor(w2.view(-1, i), [bn, bk], lay([bn, bk]))
-    a_s, w_s = torch.empty(rows, -(-i // bk)), torch.empty(e, -(-h // 128), -(-i // bk))
+    a_s, w_s = torch.empty(rows, -(-i // bk)), torch.empty(e, -(-h // bk), -(-i // bk))
     tw, part = torch.empty(t, k), torch.empty(t * k, h)
     ints = torch.empty(rows, dtype=torch.int32)
     b2 = torch.empty(e, h, dtype=torch.bfloat16)
-    args = (a_desc, w_desc, a_s, w_s, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn),
+    return (a_desc, w_desc, a_s, w_s, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn),
             a_s.stride(0), w_s.stride(0), w_s.stride(1), b2.stride(0), tw.stride(0), part.stride(0))
-    kw = dict(BM=bm, BN=bn, BK=bk, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
+
+
+def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int = 4,
+                 bias: bool = False, on_input: bool = False, nt: int = 1):
+    """The Gluon fp8 block w2 (:mod:`moekit.ops._gluon.fp8_w2`) compiled for sm_90 on CPU tensors (never
+    touched): the ``CompiledKernel``."""
+    from moekit.ops._gluon.fp8_w2 import fp8_w2_sum_kernel
+
+    kw = dict(BM=bm, BN=bn, BK=128, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
               HAS_BIAS=bias, ON_INPUT=on_input, NT=nt, num_warps=bm // 16)
-    return compile_launch(fp8_w2_sum_kernel, args, kw)
+    return compile_launch(fp8_w2_sum_kernel, _fp8_w2_args(bm, bn, i, h, e), kw)
+
+
+def gluon_fp8_w2_ws(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int | None = None,
+                    bias: bool = False, on_input: bool = False, nc: int = 2, bk: int = 128):
+    """The warp-specialised, persistent Gluon fp8 block w2 (:mod:`moekit.ops._gluon.fp8_w2_ws`, ``nc``
+    consumers, ``bk`` x ``bk`` scale blocks) compiled for sm_90 on CPU tensors (never touched): the
+    ``CompiledKernel``. ``stages``: ring slots per consumer (None: the launcher's choice,
+    :func:`moekit.ops.gluon_experts.fp8_w2_ws_stages`)."""
+    from moekit.ops._gluon.fp8_w2_ws import fp8_w2_ws_sum_kernel
+    from moekit.ops.gluon_experts import fp8_w2_ws_stages
+
+    stages = stages or fp8_w2_ws_stages(bm, bn, bk, nc)
+    kw = dict(BM=bm, BN=bn, BK=bk, QBN=bk, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
+              HAS_BIAS=bias, ON_INPUT=on_input, NC=nc, num_warps=bm // 16)
+    return compile_launch(fp8_w2_ws_sum_kernel, _fp8_w2_args(bm, bn, i, h, e, bk), kw)
 
 
 def gluon_fp8_w13(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: int = 16, stages: int = 4,
@@ -237,9 +257,9 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
 
     mods = [align, combine, grouped_gemm, quant]
     if gluon:
-        from moekit.ops._gluon import fp8_w2, fp8_w13, w4, w4_rega, w4_ws
+        from moekit.ops._gluon import fp8_w2, fp8_w2_ws, fp8_w13, w4, w4_rega, w4_ws
 
-        mods += [fp8_w2, fp8_w13, w4, w4_rega, w4_ws]
+        mods += [fp8_w2, fp8_w2_ws, fp8_w13, w4, w4_rega, w4_ws]
     for mod in mods:
         for name in dir(mod):
             obj = getattr(mod, name)
@@ -281,6 +301,42 @@ def compile_gluon_launches(fmt, t, shape, w13: str, w2: str, patch=None) -> None
     for kf, args, kw in seen:
         if kf.__name__ in (w13, w2):
             compile_launch(kf, args, kw)
+
+
+def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
+    """(instructions, {opcode: count}) of the innermost SASS loop that holds every wgmma (``HGMMA``) of a
+    compiled kernel (Triton's bundled ``nvdisasm``): what one K step issues per thread."""
+    import collections
+    import glob
+    import re
+    import subprocess
+    import tempfile
+
+    nvdisasm = glob.glob(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"))[0]
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1))
+    mma = [i for i, s in enumerate(ins) if "HGMMA" in s]
+    loop = None
+    for i, s in enumerate(ins):  # the backward branch around all of them, the last (innermost enclosing) one
+        m = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", s)
+        if m and m.group(1) in labels and labels[m.group(1)] <= mma[0] and i >= mma[-1]:
+            loop = (labels[m.group(1)], i)
+    if loop is None:
+        raise RuntimeError("no loop around the wgmma instructions")
+    body = ins[loop[0]:loop[1] + 1]
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in body)
+    return len(body), dict(ops)
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -272,6 +272,72 @@ case $WHAT in
     # register-operand forms; graphs / compile) and the shipped 4-bit tables' rows alone vs in batches
     step gpu-w4-final 380 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
       tests/ops/test_batch_invariance_gpu.py -k "gluon_w4_same_bits or swapped_w4_forms or graph or shipped_4bit"
+    ;;
+  r14-w4)  # round 14: the per-pair register-operand decode (no repacking, vector scale loads): the GPU bit tests,
+    # then old / new kernels side by side (src/moekit/ops/_gluon/old_w4_rega.py = the round-13 source, placed for
+    # the run only) at the shipped table's register-operand buckets and, forced by a patch, at gpt-oss T = 1 / 64
+    step gpu-w4-r14 300 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      tests/ops/test_batch_invariance_gpu.py -k "swapped_w4_forms or graph or shipped_4bit"
+    step ab-w4-table 260 python benchmarks/gluon_ab.py --family w4rega --formats mxfp4,int4 --rounds 2 \
+      --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,gpt-oss-120b:8,qwen3-30b-a3b:8,qwen3-30b-a3b:64 \
+      --out "$OUT/ab-w4-table.json"
+    RA='{"sum_pass": true, "w13_split": false, "BLOCK_M": 16, "w13": {"gluon": 1, "SWAP": 1, "BN": 64, "num_warps": 4, "gluon_rega": 1}, "w2": {"gluon": 1, "SWAP": 1, "BN": 64, "num_warps": 4, "gluon_rega": 1}}'
+    step ab-w4-forced 150 python benchmarks/gluon_ab.py --family w4rega --formats mxfp4,int4 --rounds 2 \
+      --points gpt-oss-120b:1,gpt-oss-120b:64,qwen3-30b-a3b:1 --patch "$RA" --out "$OUT/ab-w4-forced.json"
+    ;;
+  r14-w4-tables)  # round 14: the faster register-operand kernels against the shipped 4-bit tiles where the table does
+    # not ask for them yet (ra: BLOCK_M 16, ra32: BLOCK_M 32; swapped BN 64, the sum pass)
+    P=gpt-oss-120b:1,gpt-oss-120b:64,gpt-oss-120b:256,deepseek-v3:256,qwen3-30b-a3b:1,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256
+    ra() { echo "\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": $1, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64,
+      \"num_warps\": 4, \"gluon_rega\": 1}, \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": 64, \"num_warps\": 4, \"gluon_rega\": 1}"; }
+    step profile-w4-tables 420 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,ra,ra32 --calls 5 --out "$OUT/profile-w4-tables.json" --patches "{\"ra\": {$(ra 16)}, \"ra32\": {$(ra 32)}}"
+    ;;
+  r14-fp8ws)  # round 14: the warp-specialised, persistent fp8 w2 (src/moekit/ops/_gluon/fp8_w2_ws.py, "gluon_ws": 1 / 2
+    # consumers): its GPU bit tests (bounded: a barrier phase mismatch would hang), then µs per kernel beside the
+    # shipped fp8 tables (base) at the compute-bound points, and BLOCK_M 128 with one consumer
+    step gpu-fp8ws 240 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
+      -k "gpu_gluon_ws or cuda_graph_and_compile or gpu_gluon_same_bits"
+    P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:4096,mixtral-8x7b:16384,qwen3-30b-a3b:16384,qwen3-30b-a3b:1024,mixtral-8x7b:1024
+    step profile-fp8ws 300 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --variants base,ws1,ws2,ws1m128 \
+      --calls 5 --out "$OUT/profile-fp8ws.json" --patches '{"ws1": {"w2": {"gluon": 1, "gluon_ws": 1}},
+      "ws2": {"w2": {"gluon": 1, "gluon_ws": 2}},
+      "ws1m128": {"BLOCK_M": 128, "w13": {"num_warps": 8}, "w2": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}}}'
+    ;;
+  r14-final)  # round 14, final: the 4-bit GPU bit tests after the int4 lop3 and the new table buckets (register-operand
+    # forms vs Triton, shipped 4-bit tables alone vs in batches, graphs), int4 old / new again, the 4-bit sweep beside
+    # bf16 and fp8, and the warp-specialised fp8 w2 at gpt-oss T = 4096 once more
+    step gpu-w4-final 300 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      tests/ops/test_batch_invariance_gpu.py -k "swapped_w4_forms or graph or shipped_4bit"
+    step ab-w4-int4 120 python benchmarks/gluon_ab.py --family w4rega --formats int4 --rounds 2 \
+      --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,gpt-oss-120b:8 --out "$OUT/ab-w4-int4.json"
+    step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    step profile-fp8ws-confirm 80 python benchmarks/kernel_profile.py --formats fp8 --points gpt-oss-120b:4096 \
+      --variants base,ws2,base,ws2 --calls 5 --patches '{"ws2": {"w2": {"gluon": 1, "gluon_ws": 2}}}'
+    ;;
+  r14-w4-large)  # round 14: the register-operand 4-bit GEMMs with 64 token rows on wgmma's N side (swapped BLOCK_M 64:
+    # the decode amortised over 64 tokens) against the shipped compute-bound 4-bit tiles (Triton, unswapped)
+    P=deepseek-v3:1024,deepseek-v3:4096,gpt-oss-120b:1024,gpt-oss-120b:4096,qwen3-30b-a3b:1024,qwen3-30b-a3b:4096
+    ra() { echo "\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 64, \"w13\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": $1,
+      \"num_warps\": $(( $1 / 16 )), \"gluon_rega\": 1}, \"w2\": {\"gluon\": 1, \"SWAP\": 1, \"BN\": $1, \"num_warps\": $(( $1 / 16 )), \"gluon_rega\": 1}"; }
+    step profile-w4-large 400 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,ra64,ra64n128 --calls 3 --out "$OUT/profile-w4-large.json" \
+      --patches "{\"ra64\": {$(ra 64)}, \"ra64n128\": {$(ra 128)}}"
+    ;;
+  r14-final2)  # round 14, after the compute-bound 4-bit buckets moved to the register-operand GEMMs (BLOCK_M 64): the
+    # shipped 4-bit tables alone vs in batches, then the 4-bit sweep again
+    step gpu-inv-4bit 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_4bit"
+    step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r15-inv-probe)  # prepared in round 14 (not run: the device time was spent): the register-operand 4-bit GEMMs with
+    # BLOCK_M 64 broke batch invariance for DeepSeek-V3 int4 and gpt-oss (mxfp4, int4) at T = 1024 (-r14-gpu-inv-4bit-
+    # rega64.log) but not for DeepSeek-V3 mxfp4 or Qwen3; which configs keep a probe row's bits, and which agree
+    step inv-probe 200 python benchmarks/inv_probe.py
     ;;
   *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv gluon4 gluon4d gluon4-final)"; exit 2 ;;
 esac

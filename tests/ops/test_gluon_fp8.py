@@ -105,6 +105,104 @@ print("ok")
 """, tmp_path)
 
 
+def test_gluon_fp8_ws_compiles_for_sm90_without_spills_or_serialised_wgmma(tmp_path):
+    # the warp-specialised w2 (fp8_w2_ws.py): one or two consumer warpgroups (BLOCK_M 64) and one 8-warp consumer
+    # (BLOCK_M 128), even / odd / partial / single K step counts, bias and on-input, BN 64, 64 x 64 scale blocks and
+    # 256 experts (the producer's expert scan): the fp8 wgmma, no spill and no ptxas C75xx warning (C7514 / C7512:
+    # wgmma serialised; C7517: a wait injected), the register split (producers 40, consumers 232 when they share
+    # the SM with a second consumer), the scales copied by the producer onto the ring's barrier, and in the SASS
+    # every consumer K loop (the innermost loops around the wgmmas) without a global load: its scales come from
+    # shared memory, so no long-scoreboard wait feeds its fma
+    run_compiled("""
+import glob, pathlib, re, subprocess, tempfile
+import triton
+import compile_sm90 as c
+nvdisasm = glob.glob(str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"))[0]
+
+def k_loops(kernel):
+    d = pathlib.Path(tempfile.mkdtemp())
+    (d / "k.cubin").write_bytes(kernel.asm["cubin"])
+    sass = subprocess.run([nvdisasm, "-c", str(d / "k.cubin")], capture_output=True, text=True, check=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\\s*(\\.L_x_\\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.search(r"/\\*[0-9a-f]{4,}\\*/\\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1))
+    loops = [(labels[m.group(1)], i) for i, s in enumerate(ins)
+             for m in [re.search(r"BRA\\s+`?\\(?(\\.L_x_\\d+)", s)] if m and labels.get(m.group(1), i + 1) <= i]
+    # (a barrier's retry stub after the code branches back into a loop: a "loop" over the rest, EXIT included)
+    mma = [(a, b) for a, b in loops if any("GMMA" in s for s in ins[a:b + 1])
+           and not any("EXIT" in s for s in ins[a:b + 1])]
+    inner = [(a, b) for a, b in mma if not any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2 in mma)]
+    return [ins[a:b + 1] for a, b in inner]
+
+cases = [dict(nc=1), dict(nc=2), dict(nc=1, bm=128), dict(nc=2, i=384, bias=True, on_input=True),
+         dict(nc=2, i=2880), dict(nc=1, bm=128, i=2880, bias=True), dict(nc=2, bn=64), dict(nc=2, i=128),
+         dict(nc=2, e=256), dict(nc=1, bm=128, e=256), dict(nc=2, bk=64, bn=64, i=512, h=1024)]
+for kw in cases:
+    k = c.gluon_fp8_w2_ws(**kw)
+    ptx = k.asm["ptx"]
+    n = 64 if kw.get("bn") == 64 else 128
+    assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx, kw
+    assert "wgmma.wait_group.sync.aligned 1;" not in ptx and "cp.async.mbarrier.arrive" in ptx, kw
+    regs = {int(r) for r in re.findall(r"setmaxnreg\\.(?:inc|dec)\\.sync\\.aligned\\.u32\\s+(\\d+);", ptx)}
+    assert max(regs) <= 256 and 40 in regs and (kw.get("nc") == 1 or 232 in regs), (kw, regs)
+    rep = c.ptxas_report(ptx, pathlib.Path(tempfile.mkdtemp()))
+    assert "C75" not in rep and "0 bytes spill stores" in rep, (kw, rep)
+    loops = k_loops(k)
+    assert len(loops) == kw.get("nc", 2), (kw, len(loops))  # one K loop per consumer
+    for body in loops:
+        assert not any("LDG" in s for s in body) and sum("LDS" in s for s in body) >= 2, (kw, body)
+print("ok")
+""", tmp_path)
+
+
+def _ws_plan(nc, bm: int = 64, bn2: int = 128, bk: int = 128):
+    cfg = _cfg(True, bm, bn2=bn2, bk=bk)
+    cfg["w2"]["gluon_ws"] = nc
+    return launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None,
+                       False, 1024, 16, _freeze(cfg))
+
+
+def test_warp_specialised_w2_limits():
+    # "gluon_ws" (w2) is the consumer count of the warp-specialised fp8 w2: 1 or 2 with BLOCK_M 64, 1 with BLOCK_M
+    # 128 (two 8-warp consumers would need twice the SM's registers), BN 32-128; outside these (and at 0) the
+    # one-warpgroup Gluon w2 runs (the same bits). Its rings fit ~220 KB of shared memory with 2+ slots each
+    ok = gluon_experts.fp8_w2_ws_ok
+    assert _ws_plan(2).gluon_ws == (0, 2)
+    assert ok(_ws_plan(1)) and ok(_ws_plan(2)) and ok(_ws_plan(1, bm=128)) and ok(_ws_plan(2, bn2=64, bk=64))
+    assert not ok(_ws_plan(0)) and not ok(_ws_plan(3)) and not ok(_ws_plan(2, bm=128))
+    assert not ok(_ws_plan(1, bn2=256)) and not ok(_ws_plan(1, bm=32))
+    stages = gluon_experts.fp8_w2_ws_stages
+    for bm, bn, bk, nc in ((64, 128, 128, 1), (64, 128, 128, 2), (128, 128, 128, 1), (64, 64, 64, 2), (64, 32, 128, 2)):
+        n = stages(bm, bn, bk, nc)
+        assert 2 <= n <= 8 and nc * n * ((bm + bn) * bk + 8 * bm) <= 220 * 1024, (bm, bn, bk, nc, n)
+    assert stages(64, 128, 128, 2) == 4 and stages(64, 128, 128, 1) == 8 and stages(128, 128, 128, 1) == 6
+
+
+def test_the_warp_specialised_launchers_arguments_compile(tmp_path):
+    # the launcher's own call with "gluon_ws" 1 / 2 (the CPU tensors taken for an sm_90 GPU's, 132 SMs): the
+    # warp-specialised w2 replaces the Gluon w2 with its persistent grid and compiles with exactly the launcher's
+    # arguments; a count outside its limits (3) runs the one-warpgroup Gluon w2
+    run_compiled("""
+import compile_sm90 as c
+for shape in ("deepseek", "gpt-oss"):
+    for nc in (1, 2):
+        c.compile_gluon_launches(c.FORMATS["fp8_block"], 1000, shape, "fp8_w13_kernel", "fp8_w2_ws_sum_kernel",
+                                 {"w2": {"gluon_ws": nc}})
+        kw = {kf.__name__: kw for kf, _, kw in c.launches(c.FORMATS["fp8_block"], 1000, shape,
+                                                          patch={"w2": {"gluon_ws": nc}}, gluon=True)}
+        assert kw["fp8_w2_ws_sum_kernel"]["NC"] == nc and kw["fp8_w2_ws_sum_kernel"]["STAGES"] == 8 // nc, kw
+names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 1000, "deepseek", patch={"w2": {"gluon_ws": 3}},
+                                                 gluon=True)]
+assert "fp8_w2_sum_kernel" in names and "fp8_w2_ws_sum_kernel" not in names, names
+print("ok")
+""", tmp_path)
+
+
 def test_the_launchers_arguments_compile(tmp_path):
     # the launcher's own call (heuristic fp8 config at T = 1000: unswapped, "gluon": 1), with the CPU tensors
     # taken for an sm_90 GPU's: both Gluon kernels are launched in place of Triton's w13 / w2, and compile with
@@ -135,12 +233,14 @@ GPU_CASES = [
     (600, 16, 4, 1024, 512, "silu", False, False, 64, False, False, 64),
     (150, 8, 4, 1024, 768, "silu", False, False, 64, False, False, 128),
 ]
+gpu_cases = pytest.mark.parametrize(
+    "t, e, k, h, i, act, bias, on_input, bm, hot, emap, block", GPU_CASES,
+    ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "bm128", "hot", "expert_map",
+         "block64_fused_requant", "single_program_align"])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, bm, hot, emap, block", GPU_CASES,
-                         ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "bm128",
-                              "hot", "expert_map", "block64_fused_requant", "single_program_align"])
+@gpu_cases
 def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
     limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
     run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
@@ -161,15 +261,51 @@ def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on
     assert outs[0].isfinite().all()
 
 
+def _record_ws(monkeypatch) -> list:
+    """Record what :func:`gluon_experts.fp8_w2_ws_ok` answered at every Gluon w2 launch (True: the
+    warp-specialised kernel ran)."""
+    took, real = [], gluon_experts.fp8_w2_ws_ok
+    monkeypatch.setattr(gluon_experts, "fp8_w2_ws_ok", lambda p: took.append(real(p)) or took[-1])
+    return took
+
+
 @pytest.mark.gpu
-def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch):
+@gpu_cases
+def test_gpu_gluon_ws_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
+    # the warp-specialised, persistent Gluon w2 ("gluon_ws": 1 and 2 consumers) against the Triton kernels, after
+    # Triton's w13 and after the Gluon w13; persistent programs over more tiles than SMs (a consumer with several
+    # tiles, row blocks past the last expert skipped) and, in the last case, fewer tiles than two per program (a
+    # second consumer and its producer with none)
+    limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
+    run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                        on_input=on_input, limit=limit)
+    took = _record_ws(monkeypatch)
+    ref = run(_cfg(False, bm, bn2=min(128, block), bk=block))
+    assert ref.isfinite().all()
+    forms = ((1, False), (2, False), (1, True), (2, True))
+    for nc, g13 in forms:
+        cfg = _cfg(True, bm, bn2=min(128, block), w13_gluon=g13, bk=block)
+        cfg["w2"]["gluon_ws"] = nc
+        assert torch.equal(ref, run(cfg)), (nc, g13)
+    # it ran wherever its limits hold (BLOCK_M 128: one consumer; two fall back to the one-warpgroup Gluon w2)
+    assert took == [bm == 64 or nc == 1 for nc, _ in forms]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ws", [0, 1, 2])
+def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch, ws):
     # the public quantised call with the heuristic config (unswapped tiles at 300 rows per expert: both Gluon
-    # kernels): torch.compile(fullgraph=True) and a CUDA graph replayed on new inputs give the eager bits
+    # kernels; ws: with the warp-specialised w2 of 1 / 2 consumers): torch.compile(fullgraph=True) and a CUDA graph
+    # replayed on new inputs give the eager bits
     from moekit.ops.triton_configs import heuristic_config
 
     t, e, k, h, i = 600, 16, 8, 1024, 512
     cfg = heuristic_config(t, e, h, i, k, torch.bfloat16, 132, quant="fp8_block128x128")
     assert cfg["w13"].get("gluon") and cfg["w2"].get("gluon")
+    took = _record_ws(monkeypatch)
+    if ws:
+        cfg = {**cfg, "w2": {**cfg["w2"], "gluon_ws": ws}}  # (a copy: returned configs are shared)
+        monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
     w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
     fmt = Fp8BlockFormat(128, 128)
     q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
@@ -181,3 +317,4 @@ def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch):
     _, _, x2, w2_, ids2, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=5, t=t, e=e, h=h, i=i, k=k)
     assert_compiled_and_graphed_bits(f, (x, w, ids), (x2, w2_, ids2))
     assert calls, "the Gluon w13 did not run"
+    assert took and all(took) == bool(ws), took  # the warp-specialised w2 ran iff asked

@@ -218,6 +218,23 @@ print("ok")
 """, tmp_path)
 
 
+def test_register_operand_decode_issues_few_instructions_per_value(tmp_path):
+    # 4-bit decode is bound by instruction issue (docs/kernels.md, round 13): the register-operand K step's SASS per
+    # decoded value (DeepSeek-V3 slice, BLOCK_M 16, BN 64: 64 values per thread and weight tile). Round 13's loop
+    # took 5.7 (mxfp4 w13) / 5.0 (int4 w13); the per-pair decode (one prmt places a byte's two codes as the
+    # fragment's k pair: no repacking) and the vector scale loads must keep it at or under these budgets
+    run_compiled("""
+import compile_sm90 as c
+budget = {("w13", "mxfp4"): 5.2, ("w2", "mxfp4"): 5.6, ("w13", "int4"): 3.9, ("w2", "int4"): 4.4}
+for (which, quant), per_value in budget.items():
+    n, ops = c.sass_loop_mix(c.gluon_w4(which, quant, bm=16, bn=64, stages=4, rega=True))
+    values = 64 * (2 if which == "w13" else 1)
+    assert n <= per_value * values, (which, quant, n / values, ops)
+    assert ops["HGMMA"] == values // 8 and ops.get("LDG", 0) <= values // 32, (which, quant, ops)  # 1 scale load/row
+print("ok")
+""", tmp_path)
+
+
 def test_the_w4_launchers_arguments_compile(tmp_path):
     # the launcher's own call with a config asking for both Gluon kernels (swapped at T = 1, unswapped at 1000;
     # then the warp-specialised ones), the CPU tensors taken for an sm_90 GPU's: the Gluon kernels replace Triton's

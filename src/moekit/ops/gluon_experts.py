@@ -8,6 +8,10 @@ not cover (:func:`fp8_w13_ok`, :func:`fp8_w2_ok`, :func:`w4_ok`), the Triton ker
 tile: BLOCK_M / 16 (one warpgroup per 64 rows; swapped 4-bit tiles: BN / 16). The tuner and the GPU tests compare
 the two bit for bit.
 
+The fp8 block w2 also comes warp-specialised and persistent (:mod:`._gluon.fp8_w2_ws`, ``"w2": {"gluon": 1,
+"gluon_ws": n}`` with n = 1 or 2 consumer warpgroups, each fed by its own TMA producer warp; one program per SM;
+the same bits; :func:`fp8_w2_ws_ok` says where it runs, elsewhere the one-warpgroup Gluon w2 does).
+
 The 4-bit kernels come in three forms, all with the Triton kernels' bits: decoded into shared memory
 (:mod:`._gluon.w4`, ``"gluon": 1``), and for swapped tiles the decoded weights as the wgmma's register operand
 (:mod:`._gluon.w4_rega`, ``"gluon_rega": 1``: the H200 table's decode buckets) or a warp-specialised, persistent
@@ -53,14 +57,39 @@ def fp8_w2_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
             and not p.w2_kw["SWAP"])
 
 
+#: shared memory of the warp-specialised fp8 w2's rings (every consumer's), of the 227 KB an H200 block may take
+_FP8_WS_SMEM = 220 * 1024
+#: ring slots per consumer at most
+_FP8_WS_MAX_STAGES = 8
+
+
+def fp8_w2_ws_stages(bm: int, bn: int, bk: int, nc: int) -> int:
+    """Ring slots per consumer of the warp-specialised fp8 w2: as many slots (a [BM, BK] and a [BN, BK] fp8 tile,
+    two fp32 scales per row) as fit ``nc`` rings in :data:`_FP8_WS_SMEM` (at most :data:`_FP8_WS_MAX_STAGES`)."""
+    return min(_FP8_WS_MAX_STAGES, _FP8_WS_SMEM // (nc * ((bm + bn) * bk + 8 * bm)))
+
+
+def fp8_w2_ws_ok(p) -> bool:
+    """The plan asks for the warp-specialised fp8 w2 (w2 config ``"gluon_ws"``: its consumer count) and the kernel
+    covers the tile: 1 or 2 consumers, BLOCK_M 64 (one warpgroup per consumer) or 128 with one consumer (8 warps;
+    two would need twice the registers of an SM), BN 32-128 (three [BM, BN] fp32 accumulators per thread at most
+    fit the registers), and two ring slots per consumer at least. Outside these the one-warpgroup Gluon w2 runs
+    (:func:`fp8_w2_ok` holds first)."""
+    nc, bm, bn = p.gluon_ws[1], p.bm, p.bn2
+    return (nc in (1, 2) and (bm == 64 or (bm == 128 and nc == 1)) and bn in (32, 64, 128)
+            and fp8_w2_ws_stages(bm, bn, p.bk2, nc) >= 2)
+
+
 def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start, sorted_slot, part, h, inter, k,
                       on_input: bool) -> None:
     """``part[slot] = (Σ_k promote(x_q · Wqᵀ)) (+ b2) (· w)`` for every live slot row: the SUM_PASS w2.
-    inter_q: [rows, I] e4m3; as_: [rows, cdiv(I, bk)] fp32 (w2's input scales); the rest as the Triton w2."""
+    inter_q: [rows, I] e4m3; as_: [rows, cdiv(I, bk)] fp32 (w2's input scales); the rest as the Triton w2.
+    With ``"gluon_ws"`` inside :func:`fp8_w2_ws_ok`: the warp-specialised kernel, one program per SM at most."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from ._gluon.fp8_w2 import fp8_w2_sum_kernel
+    from ._gluon.fp8_w2_ws import fp8_w2_ws_sum_kernel
 
     bm, bn, bk = p.bm, p.bn2, p.bk2
     e_local = w2.shape[0]
@@ -69,15 +98,19 @@ def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start,
     w_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn, bk],
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws = q.ws2
+    args = (a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts, row_start, sorted_slot,
+            part, h, inter, e_local, k, p.num_pid_m, p.nbn, as_.stride(0), ws["stride_wse"], ws["stride_wsn"],
+            b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0))
+    const = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(p.w2_kw["GROUP_M"]),
+                 BLOCK_E=p.w2_kw["BLOCK_E"], HAS_BIAS=b2 is not None, ON_INPUT=on_input, num_warps=bm // 16)
+    if fp8_w2_ws_ok(p):
+        nc = p.gluon_ws[1]
+        grid = (min(p.num_pid_m * p.nbn, _sm_count(inter_q.device.index)),)
+        launch(fp8_w2_ws_sum_kernel, grid, *args, STAGES=fp8_w2_ws_stages(bm, bn, bk, nc), NC=nc, **const)
+        return
     stages = max(2, min(int(p.w2_kw["num_stages"]), (200 * 1024) // ((bm + bn) * bk)))
     nt = max(1, min(p.gluon_nt, p.nbn))
-    grid = (p.num_pid_m * triton.cdiv(p.nbn, nt),)
-    launch(fp8_w2_sum_kernel, grid, a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts,
-           row_start, sorted_slot, part, h, inter, e_local, k, p.num_pid_m, p.nbn,
-           as_.stride(0), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, tw.stride(0),
-           part.stride(0), BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(p.w2_kw["GROUP_M"]),
-           BLOCK_E=p.w2_kw["BLOCK_E"], STAGES=stages, HAS_BIAS=b2 is not None, ON_INPUT=on_input, NT=nt,
-           num_warps=bm // 16)
+    launch(fp8_w2_sum_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *args, STAGES=stages, NT=nt, **const)
 
 
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:

@@ -16,8 +16,13 @@ tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles
 block weights with the sum pass on sm_90: the Gluon w2 of :mod:`moekit.ops._gluon.fp8_w2`, the same bits with
 the scale promotion overlapped; see :func:`moekit.ops.gluon_experts.fp8_w2_ok`), with ``"gluon_nt": n`` (that
 Gluon w2 computes n neighbouring column tiles per program, one after the other through one ring: the same
-bits). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs of :mod:`moekit.ops._gluon.w4` (the
-decoded tile through shared memory; see :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
+bits) or ``"gluon_ws": n`` (n = 1 or 2: its warp-specialised, persistent form, :mod:`moekit.ops._gluon.fp8_w2_ws`,
+n consumer warpgroups each fed by a TMA producer warp, one program per SM, ``"gluon_nt"`` unused; BLOCK_M 64, or
+128 with n = 1; elsewhere the one-warpgroup Gluon w2 runs, see :func:`moekit.ops.gluon_experts.fp8_w2_ws_ok`; the
+same bits; measured on the H200 in round 14: faster only for gpt-oss at T = 4096, its fp8 table's bucket, and
+slower at DeepSeek-V3 and Qwen3). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
+of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
+:func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
 wgmma's A fragment, in the H200 4-bit table's decode buckets) or ``"gluon_ws": slots`` the
 warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the

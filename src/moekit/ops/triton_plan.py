@@ -67,7 +67,8 @@ class LaunchPlan:
     gluon_stages: tuple  # config "gluon_stages" of w13 / w2: ring slots of a Gluon 4-bit kernel (0: it decides)
     gluon_wbuf: tuple  # config "gluon_wbuf" of w13 / w2 (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
     gluon_nt: int  # w2 config "gluon_nt" (Gluon fp8 block w2): column tiles per program, one after the other
-    gluon_ws: tuple  # config "gluon_ws" of w13 / w2 (Gluon 4-bit, swapped, warp-specialised): decoded slots, 0: off
+    gluon_ws: tuple  # config "gluon_ws" of w13 / w2, 0: off; Gluon 4-bit (swapped, warp-specialised): decoded slots;
+    #                 fp8 block w2: consumer warpgroups of the warp-specialised form (1 or 2)
     gluon_rega: tuple  # config "gluon_rega" of w13 / w2 (Gluon 4-bit, swapped): the decoded tile as register operand
 
 

@@ -1,4 +1,5 @@
-"""Pieces shared by the Gluon grouped GEMMs: program order, the expert of a row block, a K step's fp8 scales."""
+"""Pieces shared by the Gluon grouped GEMMs: program order, the expert of a row block, a K step's fp8 scales,
+the fp8 w2 epilogue."""
 
 from __future__ import annotations
 
@@ -38,3 +39,19 @@ def step_scale(as_rows, valid, ws_e, k):
     """s_x[row, k] · S[e, n-block, k] for the tile's rows ([BM], the accumulator's row layout)."""
     a_s = gl.load(as_rows + k, mask=valid, other=0.0)
     return a_s * gl.load(ws_e + k)
+
+
+@gluon.jit
+def w2_part_store(acc, e, pid_n, slot, valid, wv, b2_ptr, part_ptr, H, stride_be, stride_pr, BN: gl.constexpr,
+                  col_l: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr):
+    """The fp8 w2 epilogue (the SUM_PASS branch of ``_triton.grouped_gemm.w2_kernel``): ``part[slot] = (acc
+    (+ b2[e]) ) (· w)`` for the tile's live rows and columns < H. acc: [BM, BN] fp32; ``col_l``: its column
+    layout; slot / valid / wv: [BM] in its row layout (``wv`` unused when ``ON_INPUT``)."""
+    cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+    nmask = cols < H
+    if HAS_BIAS:
+        acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
+    if not ON_INPUT:
+        acc = acc * wv.to(gl.float32)[:, None]
+    p_ptrs = part_ptr + slot.to(gl.int64)[:, None] * stride_pr + cols[None, :]
+    gl.store(p_ptrs, acc, mask=valid[:, None] & nmask[None, :])

@@ -22,7 +22,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .common import block_expert, pid_to_tile, step_scale
+from .common import block_expert, pid_to_tile, step_scale, w2_part_store
 
 
 @gluon.jit
@@ -104,6 +104,8 @@ def fp8_w2_sum_kernel(
         if not ON_INPUT:
             tok = slot // K
             wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
+        else:  # the weight went onto the input: nothing to read (the epilogue ignores wv)
+            wv = slot
         zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
 
         for j in range(nt):
@@ -140,14 +142,7 @@ def fp8_w2_sum_kernel(
                 acc = _promote(last, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 1, n_steps, nk,
                                row_a, row_w, STAGES, BK, BN)
 
-            cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
-            nmask = cols < H
-            if HAS_BIAS:
-                acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[
-                    None, :]
-            if not ON_INPUT:
-                acc = acc * wv.to(gl.float32)[:, None]
-            p_ptrs = part_ptr + slot.to(gl.int64)[:, None] * stride_pr + cols[None, :]
-            gl.store(p_ptrs, acc, mask=valid[:, None] & nmask[None, :])
+            w2_part_store(acc, e, pid_n, slot, valid, wv, b2_ptr, part_ptr, H, stride_be, stride_pr, BN, col_l, HAS_BIAS,
+                          ON_INPUT)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))

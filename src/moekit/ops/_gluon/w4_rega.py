@@ -12,13 +12,21 @@ decodes exactly its own elements of the wgmma's A fragment (``DotOperandLayout``
 wgmma takes them from there. In the fragment, thread ``4r + q`` of a warp holds rows r and r + 8 and, of every
 k16 block, the k pairs q and q + 4: packed byte ``j = k / 2`` of a row is one k pair (mxfp4: two e2m1 codes;
 int4: two nibbles of a word, little-endian), so a thread needs byte q of every 4-byte word of its rows. The
-four threads of a quad read the same words from the packed ring (16-byte shared loads, broadcast) and each
-keeps its byte (``prmt``); the decode is the Triton kernels' packed-bf16 PTX, per byte pair.
+four threads of a quad read the same words from the packed ring (16-byte shared loads, broadcast).
 
-Measured on the H200 (docs/kernels.md, round 13): the same bits as the Triton kernels, 3-12 % faster decode steps at
-most points (in the H200 4-bit table's decode buckets), slower where a Gluon config's align kernel and separate
-top-k sum cost more than they save (gpt-oss T = 1). The loop is 5.7 instructions per decoded value and the issue
-slots are ~65 % busy: 4-bit decode is bound by instruction issue, not by the shared-memory tile this form removes.
+The decode is one inline-asm call per (row, group, 4 words), written for this fragment (round 14): gather byte q
+of the 4 words (3 ``prmt``), split the low (even k) and high (odd k) codes once per word, then per k pair one
+``prmt`` puts its two codes 16 bits apart and the arithmetic of the Triton kernels' packed-bf16 PTX turns them into
+the bf16x2 register the fragment holds (mxfp4: place, x 2^126, x the e8m0 scale; int4: ``(128 + q) - 136``, x the
+bf16 scale; each value rounded once, as there). No repacking follows, and a row's K-step scales arrive in one
+vector load (mxfp4: the e8m0 bytes, turned into the bf16x2 scale inside the asm).
+
+Measured on the H200 (docs/kernels.md, rounds 13 and 14): the same bits as the Triton kernels. Round 13's form
+(a decode to (low, low) / (high, high) pairs, then ``prmt`` repacking into k pairs, one scale load per group) took
+5.7 (mxfp4) / 5.0 (int4) SASS instructions per decoded value in the w13 K step with the issue slots ~65 % busy:
+bound by instruction issue. This one takes 5.1 / 4.2, and the decode steps run 8-20 % faster (DeepSeek-V3 int4
+T = 8: 807 -> 657 µs). What is left per k pair (mxfp4): prmt, imad, lop3 and two bf16 multiplies; folding the
+2^126 into the scale (one multiply, where 2^(s - 1) is representable: s <= 128) would save ~10 % more.
 """
 
 from __future__ import annotations
@@ -28,37 +36,58 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .._triton.quant import E2M1_BF16_ASM, MXFP4
+from .._triton.quant import MXFP4
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _rows_cols,
                  _w2_store, _w13_store, _w_ptrs, _x_operand)
 from .common import pid_to_tile
 
-# byte q (a per-thread selector ``q | (q + 4) << 4``) of four words -> one word of four bytes
-_GATHER = gl.constexpr("{\n.reg .b32 t0, t1;\nprmt.b32 t0, $1, $2, $5;\nprmt.b32 t1, $3, $4, $5;\n"
-                       "prmt.b32 $0, t0, t1, 0x5410;\n}\n")
+def _pair_sel(j: int, zero_fill: bool) -> str:
+    """``prmt`` selector that puts byte j of ``lo`` (first source) into byte 0 and byte j of ``hi`` (second) into
+    byte 2 of a word: one k pair's two codes at bits 0-3 and 16-19; ``zero_fill``: bytes 1 and 3 are zero (the
+    sign of a byte < 0x80 replicated), else copies (masked afterwards)."""
+    b1, b3 = (8 + j, 12 + j) if zero_fill else (j, 4 + j)
+    return hex(j | b1 << 4 | (4 + j) << 8 | b3 << 12)
 
-# int4 by bytes (two nibbles of a word each, low = even k): (128 + q) - 136 times the bf16 scale, rounded once, as
-# :data:`.._triton.quant.INT4_BF16_ASM`. $0 $1: low nibbles of bytes (0, 1) (2, 3); $2 $3: high nibbles; $4 the four
-# bytes; $5 $6 the scales of bytes (0, 1) (2, 3).
-_INT4B = gl.constexpr(
-    "\n{\n.reg .b32 y0, y1, t, c;\nmov.b32 c, 0x43084308;\nprmt.b32 y0, $4, 0, 0x4140;\nprmt.b32 y1, $4, 0, 0x4342;\n"
-    + "".join(f"{sh}and.b32 t, {src}, 0x000F000F;\nor.b32 t, t, 0x43004300;\nsub.rn.bf16x2 t, t, c;\n"
-              f"mul.rn.bf16x2 ${o}, t, ${sc};\n"
-              for o, sh, src, sc in ((0, "", "y0", 5), (1, "", "y1", 6), (2, "shr.u32 t, y0, 4;\n", "t", 5),
-                                     (3, "shr.u32 t, y1, 4;\n", "t", 6)))
+
+# One asm per (row, group, 4 words): $4 $6 $8 $10 the words (odd operands: the same words again, the pair dim's
+# broadcast), $12 the thread's byte selector ``q | (q + 4) << 4``, $20 the group scale as bf16x2. Gather byte q of
+# each word (3 prmt: byte j of g = k pair 4j + q), split the low (even k) and high (odd k) codes, then per k pair j
+# one prmt places its two codes 16 bits apart and the decode writes output j as the bf16x2 pair (even k, odd k):
+# the fragment's register, so no repacking follows.
+_GATHER = "prmt.b32 t0, $4, $6, $12;\nprmt.b32 t1, $8, $10, $12;\nprmt.b32 g, t0, t1, 0x5410;\n"
+# mxfp4: (lo, hi) codes clean at bits 0-3 / 16-19, then the same placing and two multiplies as
+# :data:`.._triton.quant.E2M1_BF16_ASM` (x 2^126, then x the e8m0 scale as bf16): the same value, rounded once
+_E2M1_PAIRS = gl.constexpr(
+    "\n{\n.reg .b32 t0, t1, g, lo, hi, y, c, s;\n" + _GATHER
+    + "and.b32 lo, g, 0x0F0F0F0F;\nshr.u32 hi, g, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\nmov.b32 c, 0x7E807E80;\n"
+    + "mul.lo.u32 s, $20, 0x00800080;\nmov.b32 y, 0x00400040;\nmax.u16x2 s, s, y;\n"
+    + "".join(f"prmt.b32 y, lo, hi, {_pair_sel(j, True)};\nmul.lo.u32 y, y, 0x1040;\nand.b32 y, y, 0x81C081C0;\n"
+              f"mul.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, s;\n" for j in range(4))
     + "}\n")
+# int4 (two nibbles of a little-endian word per byte, low = even k): (128 + q) - 136 times the bf16 scale, rounded
+# once, as :data:`.._triton.quant.INT4_BF16_ASM`; one lop3 (``(y & 0x000F000F) | 0x43004300``) drops the neighbouring
+# nibbles the prmt brought along and sets the exponent
+_INT4_PAIRS = gl.constexpr(
+    "\n{\n.reg .b32 t0, t1, g, hi, y, c;\n" + _GATHER + "shr.u32 hi, g, 4;\nmov.b32 c, 0x43084308;\n"
+    + "".join(f"prmt.b32 y, g, hi, {_pair_sel(j, False)};\nlop3.b32 y, y, 0x000F000F, 0x43004300, 0xEA;\n"
+              f"sub.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, $20;\n" for j in range(4))
+    + "}\n")
+# four bf16x2 outputs; the 8 words and 8 selectors of one call (pack 8: 4 words x the code pair), then its scale:
+# mxfp4 the e8m0 byte as 8 u32 (the asm makes the bf16x2 scale), int4 the bf16 scale as 4 bf16x2 pairs
+_MX_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
+_I4_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 20))
 
 
 @gluon.constexpr_function
 def _words_layout(BN, NG, W32, num_warps):
-    """[BN, NG, W32, 4]: packed words of a tile (W32 per scale group) against the quad lane q that keeps byte q
-    of each: the wgmma A fragment's rows and k pairs (module docstring), the words in registers (consecutive words
-    in consecutive registers: 16-byte shared loads)."""
-    reg = [[0, 0, 1 << i, 0] for i in range((W32 - 1).bit_length())]
-    reg += [[8, 0, 0, 0]] + [[0, 1 << i, 0, 0] for i in range((NG - 1).bit_length())]
-    lane = [[0, 0, 0, 1], [0, 0, 0, 2], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
-    warp = [[16 << i, 0, 0, 0] for i in range((num_warps - 1).bit_length())]
-    return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, NG, W32, 4])
+    """[BN, NG, W32, 4, 2]: packed words of a tile (W32 per scale group) against the quad lane q that keeps byte q
+    of each and the two codes of that byte (k even, k odd): the wgmma A fragment's rows and k pairs (module
+    docstring), the pair in one register, the words in consecutive registers (16-byte shared loads)."""
+    reg = [[0, 0, 0, 0, 1]] + [[0, 0, 1 << i, 0, 0] for i in range((W32 - 1).bit_length())]
+    reg += [[0, 1 << i, 0, 0, 0] for i in range((NG - 1).bit_length())] + [[8, 0, 0, 0, 0]]
+    lane = [[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [1, 0, 0, 0, 0], [2, 0, 0, 0, 0], [4, 0, 0, 0, 0]]
+    warp = [[16 << i, 0, 0, 0, 0] for i in range((num_warps - 1).bit_length())]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, NG, W32, 4, 2])
 
 
 @gluon.jit
@@ -68,34 +97,44 @@ def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G:
     raw group scales ``s`` ([BN, NG] in the words layout's row / group slice; loaded by :func:`_frag_scales`)."""
     NG: gl.constexpr = BK // G
     W32: gl.constexpr = G // 8  # 4-byte words per group: 16 bytes (mxfp4: 32 codes) or 4 int32 words of 8 nibbles
-    L4: gl.constexpr = _words_layout(BN, NG, W32, num_warps)
-    words = p_slot._reinterpret(gl.uint32, [BN, NG, W32], _PLAIN).load(gl.SliceLayout(3, L4))
-    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-    sel = (q | ((q + 4) << 4))[None, None, None, :]
-    w4, sel4 = gl.broadcast(gl.expand_dims(words, 3), sel)
-    b = gl.inline_asm_elementwise(_GATHER, "=r,r,r,r,r,r,r,r,r", [w4, sel4], dtype=gl.uint8, is_pure=True, pack=4)
-    if QUANT == MXFP4:
-        sb = s.to(gl.int32)
-        sc = gl.where(sb == 0, 0x40, sb << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    L5: gl.constexpr = _words_layout(BN, NG, W32, num_warps)
+    words = p_slot._reinterpret(gl.uint32, [BN, NG, W32], _PLAIN).load(gl.SliceLayout(3, gl.SliceLayout(4, L5)))
+    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, L5)))))
+    sel = gl.expand_dims((q | ((q + 4) << 4))[None, None, None, :], 4)
+    if QUANT == MXFP4:  # the e8m0 byte; the asm makes the bf16 scale 2^(s - 127) (s = 0: the subnormal 2^-127)
+        sc = s.to(gl.uint32)
     else:
         sc = s
-    b, sc4 = gl.broadcast(b, gl.expand_dims(gl.expand_dims(sc, 2), 3))
-    asm: gl.constexpr = E2M1_BF16_ASM if QUANT == MXFP4 else _INT4B
-    lo, hi = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r,r", [b, sc4], dtype=(gl.bfloat16, gl.bfloat16),
-                                       is_pure=True, pack=4)
-    w = gl.reshape(gl.join(lo, hi), [BN, BK])  # k = 2 · (G/2 · g + 4 · word + q) + code
+    w5 = gl.expand_dims(gl.expand_dims(words, 3), 4)
+    sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(sc, 2), 3), 4)
+    w5, sel5 = gl.broadcast(w5, sel)
+    w5, sc5 = gl.broadcast(w5, sc5)
+    w5, pair = gl.broadcast(w5, gl.zeros([1, 1, 1, 1, 2], gl.uint32, L5))
+    sel5, _ = gl.broadcast(sel5, pair)
+    sc5, _ = gl.broadcast(sc5, pair)
+    if QUANT == MXFP4:
+        w = gl.inline_asm_elementwise(_E2M1_PAIRS, _MX_IO, [w5, sel5, sc5], dtype=gl.bfloat16, is_pure=True, pack=8)
+    else:
+        w = gl.inline_asm_elementwise(_INT4_PAIRS, _I4_IO, [w5, sel5, sc5], dtype=gl.bfloat16, is_pure=True, pack=8)
+    w = gl.reshape(w, [BN, BK])  # k = 2 · (G/2 · g + 4 · word + q) + code
     return gl.convert_layout(w, gl.DotOperandLayout(operand_index=0, parent=ACC_L, k_width=2))
 
 
 @gluon.jit
 def _frag_scales(ws_base, n0, N, stride_wsn, k, NKG, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """Raw group scales [BN, NG] of K step ``k`` for rows n0.. in the layout :func:`_frag` takes (0 past K)."""
+                 EVEN_K: gl.constexpr, num_warps: gl.constexpr):
+    """Raw group scales [BN, NG] of K step ``k`` for rows n0.. in the layout :func:`_frag` takes (0 past K): a
+    row's NG scales in consecutive registers, one vector load where the row stride allows (``EVEN_K``: the mask
+    is the same for the whole row)."""
     NG: gl.constexpr = BK // G
-    S_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, _words_layout(BN, NG, G // 8, num_warps)))
+    S_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, _words_layout(BN, NG, G // 8,
+                                                                                           num_warps))))
     n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L))
     g = k * NG + gl.arange(0, NG, layout=gl.SliceLayout(0, S_L))
-    mask = (n < N)[:, None] & (g < NKG)[None, :]
+    if EVEN_K:
+        mask = (n < N)[:, None] & (k * NG < NKG)
+    else:
+        mask = (n < N)[:, None] & (g < NKG)[None, :]
     return gl.load(ws_base + n.to(gl.int64)[:, None] * stride_wsn + g[None, :], mask=mask, other=0)
 
 
@@ -143,15 +182,15 @@ def w4ra_w13_kernel(
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
                         PACK, EVEN_K, 2)
         n0 = pid_n * BN
-        sg0 = _frag_scales(ws_g, n0, I, stride_wsn, 0, NKG, BN, BK, G, num_warps)  # two K steps ahead
-        su0 = _frag_scales(ws_u, n0, I, stride_wsn, 0, NKG, BN, BK, G, num_warps)
-        sg1 = _frag_scales(ws_g, n0, I, stride_wsn, 1, NKG, BN, BK, G, num_warps)
-        su1 = _frag_scales(ws_u, n0, I, stride_wsn, 1, NKG, BN, BK, G, num_warps)
+        sg0 = _frag_scales(ws_g, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps)  # two K steps ahead
+        su0 = _frag_scales(ws_u, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps)
+        sg1 = _frag_scales(ws_g, n0, I, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps)
+        su1 = _frag_scales(ws_u, n0, I, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps)
         acc_g = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
         acc_u = gl.zeros_like(acc_g)
         for k in range(nk):
-            sg2 = _frag_scales(ws_g, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, num_warps)
-            su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, num_warps)
+            sg2 = _frag_scales(ws_g, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
+            su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
             _ready(STAGES)
             slot = k % STAGES
             wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
@@ -204,11 +243,11 @@ def w4ra_w2_sum_kernel(
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
                         PACK, EVEN_K, 1)
         n0 = pid_n * BN
-        s0 = _frag_scales(ws_e, n0, H, stride_wsn, 0, NKG, BN, BK, G, num_warps)
-        s1 = _frag_scales(ws_e, n0, H, stride_wsn, 1, NKG, BN, BK, G, num_warps)
+        s0 = _frag_scales(ws_e, n0, H, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps)
+        s1 = _frag_scales(ws_e, n0, H, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps)
         acc = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
         for k in range(nk):
-            s2 = _frag_scales(ws_e, n0, H, stride_wsn, k + 2, NKG, BN, BK, G, num_warps)
+            s2 = _frag_scales(ws_e, n0, H, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
             _ready(STAGES)
             slot = k % STAGES
             w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps)
