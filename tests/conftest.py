@@ -6,8 +6,17 @@ module, so before any ``triton.jit`` kernel is defined. Without CUDA the Triton 
 """
 
 import os
+import platform
 import sys
 from pathlib import Path
+
+# The interpreter computes tl.dot with numpy's BLAS, whose float32 sums depend on the kernel OpenBLAS picks (or is
+# told: some images set OPENBLAS_CORETYPE=Haswell): with the Haswell or Zen kernels a swapped tile's fp32 dot
+# rounded differently from the unswapped one (tests/ops/test_swap_ab.py, on an AMD EPYC), with SkylakeX or
+# Sandybridge it did not. The test process uses one kernel on every x86 host (AVX only, set before numpy is
+# first imported), so the bit-exact interpreter tests do not depend on the CI machine.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ["OPENBLAS_CORETYPE"] = "Sandybridge"
 
 
 def _cuda_available() -> bool:
