@@ -1,5 +1,6 @@
-"""Which 4-bit configs keep a probe row's bits (round 14 diagnostic): the same T = 1024 batch under several
-configs, each against the rows alone (the table's bucket-1 config), and the configs against each other."""
+"""Which 4-bit configs keep a probe row's bits (round 14 diagnostic, for the next device session): the same T = 64
+and T = 1024 batches under several configs, each against the rows alone (the table's bucket-1 config), and the
+configs against each other. Run from the repository root on a GPU: ``python benchmarks/inv_probe.py``."""
 
 import copy
 import sys
@@ -14,6 +15,9 @@ from moekit.ops import triton_configs as tc  # noqa: E402
 from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 import moekit  # noqa: E402
+from moekit.ops import gluon_experts  # noqa: E402
+
+gluon_experts._REGA_MAX_BM = 64  # the probe asks for the register-operand form at BLOCK_M 64, which the launcher refuses
 
 
 def cfg(bm, rega, gluon=True, split=False):

@@ -203,16 +203,22 @@ def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int
     return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
 
 
+#: the register-operand form's token rows per tile at most: BLOCK_M 64 (measured 7-24 % faster at T >= 1024) broke
+#: the every-bucket invariance test for gpt-oss and DeepSeek-V3 int4 on the H200, cause not found (docs/kernels.md,
+#: round 14); 16 and 32 keep every shipped table's rows bit-identical alone and in batches
+_REGA_MAX_BM = 32
+
+
 def _form_ok(p, which: str) -> bool:
-    """The asked form's own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles, not with
-    ``gluon_ws``. Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64 tiles (one warpgroup per partition: BN
+    """The asked form's own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles of at most
+    :data:`_REGA_MAX_BM` token rows, not with ``gluon_ws``. Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64 tiles (one warpgroup per partition: BN
     128's eight-warp partitions spill), 2-8 decoded slots. Every form: its rings in one program's shared memory."""
     i = 0 if which == "w13" else 1
     kw, d = (p.w13_kw if i == 0 else p.w2_kw), p.gluon_ws[i]
     bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])
     if p.gluon_rega[i]:
         fixed, per_stage = _w4_smem(which, bm, bn, bk, 0)
-        return swap and not d and fixed + 2 * per_stage <= _SMEM_ONE
+        return swap and bm <= _REGA_MAX_BM and not d and fixed + 2 * per_stage <= _SMEM_ONE
     if d:
         return swap and bn == 64 and 2 <= d <= 8 and _ws_smem(which, bm, bn, bk, _WS_STAGES, d) <= _SMEM_ONE
     fixed, per_stage = _w4_smem(which, bm, bn, bk, p.gluon_wbuf[i])
