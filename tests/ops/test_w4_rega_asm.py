@@ -107,41 +107,35 @@ def _call(asm: str, words: list[int], q: int, scale_regs: list[int]) -> list[int
     return [out[j] for j in range(4)]
 
 
-@pytest.mark.parametrize("s", [0, 1, 100, 120, 127, 128, 130, 200, 254])  # e8m0: 0 (2^-127, subnormal) ... 2^127
-def test_mxfp4_pairs_asm_decodes_every_byte_as_the_reference(s):
-    g = torch.Generator().manual_seed(s)
+def _check_pairs(asm: str, scale_regs: list[int], value, seed: int) -> None:
+    """Every quad lane q of 6 word sets (the first holds every code in every position): output j must be byte q of
+    word j decoded, low nibble (even k) in the low half, each ``value(nibble)`` rounded once to bf16."""
+    g = torch.Generator().manual_seed(seed)
     for trial in range(6):
         words = [int(x) for x in torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64)]
-        if trial == 0:  # every code in every position at least once
+        if trial == 0:
             words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C, 0x8899AABB]
         for q in range(4):
-            out = _call(w4_rega._E2M1_PAIRS.value, words, q, [s] * 8)
+            out = _call(asm, words, q, scale_regs)
             for j in range(4):
                 byte = (words[j] >> (8 * q)) & 0xFF
-                want = 0
-                for half, code in enumerate((byte & 0xF, byte >> 4)):  # low nibble = even k
-                    v = (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * 2.0 ** (s - 127)
-                    want |= _bf16_bits(v) << (16 * half)
-                assert out[j] == want, (s, hex(words[j]), q, j, hex(out[j]), hex(want))
+                want = _bf16_bits(value(byte & 0xF)) | _bf16_bits(value(byte >> 4)) << 16
+                assert out[j] == want, (hex(words[j]), q, j, hex(out[j]), hex(want))
+
+
+@pytest.mark.parametrize("s", [0, 1, 100, 120, 127, 128, 130, 200, 254])  # e8m0: 0 (2^-127, subnormal) ... 2^127
+def test_mxfp4_pairs_asm_decodes_every_byte_as_the_reference(s):
+    def value(code: int) -> float:
+        return (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * 2.0 ** (s - 127)
+
+    _check_pairs(w4_rega._E2M1_PAIRS.value, [s] * 8, value, seed=s)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0123, -0.5, 3.0e-3, 7.25, 1.0e-30])
 def test_int4_pairs_asm_decodes_every_byte_as_the_reference(scale):
     sb = _bf16_bits(scale)
     pair = sb | sb << 16
-    g = torch.Generator().manual_seed(7)
-    for trial in range(6):
-        words = [int(x) for x in torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64)]
-        if trial == 0:
-            words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C, 0x8899AABB]
-        for q in range(4):
-            out = _call(w4_rega._INT4_PAIRS.value, words, q, [pair] * 4)
-            for j in range(4):
-                byte = (words[j] >> (8 * q)) & 0xFF
-                want = 0
-                for half, u in enumerate((byte & 0xF, byte >> 4)):  # offset binary: q = u - 8
-                    want |= _bf16_bits((u - 8) * _bf16(sb)) << (16 * half)
-                assert out[j] == want, (scale, hex(words[j]), q, j, hex(out[j]), hex(want))
+    _check_pairs(w4_rega._INT4_PAIRS.value, [pair] * 4, lambda u: (u - 8) * _bf16(sb), seed=7)  # offset binary
 
 
 def test_the_emulator_catches_a_wrong_selector():
