@@ -239,12 +239,17 @@ gpu_cases = pytest.mark.parametrize(
          "block64_fused_requant", "single_program_align"])
 
 
+def _case_run(t, e, k, h, i, act, bias, on_input, hot, emap, block):
+    """:func:`small_experts.quantised_run` of one ``GPU_CASES`` problem (fp8 block ``block`` x ``block``)."""
+    limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
+    return quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                         on_input=on_input, limit=limit)
+
+
 @pytest.mark.gpu
 @gpu_cases
 def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
-    limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
-    run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
-                        on_input=on_input, limit=limit)
+    run = _case_run(t, e, k, h, i, act, bias, on_input, hot, emap, block)
     calls13 = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13")
     calls2 = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_sum")
     outs = []
@@ -276,9 +281,7 @@ def test_gpu_gluon_ws_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias,
     # Triton's w13 and after the Gluon w13; persistent programs over more tiles than SMs (a consumer with several
     # tiles, row blocks past the last expert skipped) and, in the last case, fewer tiles than two per program (a
     # second consumer and its producer with none)
-    limit = 7.0 if act in ("swigluoai", "silu_post_clamp") else None
-    run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
-                        on_input=on_input, limit=limit)
+    run = _case_run(t, e, k, h, i, act, bias, on_input, hot, emap, block)
     took = _record_ws(monkeypatch)
     ref = run(_cfg(False, bm, bn2=min(128, block), bk=block))
     assert ref.isfinite().all()

@@ -214,10 +214,21 @@ def _x_operand(x_ptr, rows_or_tok, valid_a, stride_xt, BK: gl.constexpr, A_L: gl
 
 
 @gluon.jit
-def _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit,
-               ACT: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr):
-    """w13's epilogue (:func:`.._triton.grouped_gemm.w13_kernel`'s): ``+ b13``, the gated activation in fp32, the
-    store rounded to the intermediate's dtype. ``rows`` / ``valid`` / ``cols`` broadcast to the accumulators."""
+def _token_operand(x_ptr, sorted_ptr, pid_m, ra, valid_a, K, stride_xt, BM: gl.constexpr, BK: gl.constexpr,
+                   A_L: gl.constexpr):
+    """:func:`_x_operand` of w13: the token rows of row block ``pid_m``'s slots (slot // K)."""
+    tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
+    return _x_operand(x_ptr, tok_a, valid_a, stride_xt, BK, A_L)
+
+
+@gluon.jit
+def _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit,
+               BM: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr, ACC_L: gl.constexpr, ACT: gl.constexpr,
+               HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr):
+    """w13's epilogue (:func:`.._triton.grouped_gemm.w13_kernel`'s) for tile (``pid_m``, ``pid_n``) of expert ``e``
+    (its row blocks from ``first``, ``n_e`` live rows): ``+ b13``, the gated activation in fp32, the store rounded
+    to the intermediate's dtype."""
+    rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
     nmask = cols < I
     if HAS_BIAS:
         b_base = b1_ptr + e.to(gl.int64) * stride_be
@@ -229,10 +240,12 @@ def _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_
 
 
 @gluon.jit
-def _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
-              stride_pr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr):
-    """w2's SUM_PASS epilogue (``w2_kernel``'s): ``+ b2``, the router weight (unless applied on the input), the
-    slot row rounded to bf16 into ``part``."""
+def _w2_store(acc, e, pid_m, pid_n, first, n_e, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+              stride_pr, BM: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr, ACC_L: gl.constexpr,
+              HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr):
+    """w2's SUM_PASS epilogue (``w2_kernel``'s) for tile (``pid_m``, ``pid_n``) as :func:`_w13_store`: ``+ b2``, the
+    router weight (unless applied on the input), the slot row rounded to bf16 into ``part``."""
+    rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
     nmask = cols < H
     if HAS_BIAS:
         acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)
@@ -265,8 +278,7 @@ def w4_w13_kernel(
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
     e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, num_warps)
     if e < E_local:
-        tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
-        x_ptrs, x_mask, offs_v = _x_operand(x_ptr, tok_a, valid_a, stride_xt, BK, A_L)
+        x_ptrs, x_mask, offs_v = _token_operand(x_ptr, sorted_ptr, pid_m, ra, valid_a, K, stride_xt, BM, BK, A_L)
         KP = H // PACK
         w_base = w1_ptr + e.to(gl.int64) * stride_we
         g_ptrs, w_mask, vid = _w_ptrs(w_base, pid_n * BN, I, stride_wn, BK // G, G // PACK, 32 // PACK, P_L, BN)
@@ -318,9 +330,8 @@ def w4_w13_kernel(
         acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
         async_copy.wait_group(0)
 
-        rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
-        _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, ACT,
-                   HAS_BIAS, HAS_LIMIT)
+        _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, BM,
+                   BN, SWAP, ACC_L, ACT, HAS_BIAS, HAS_LIMIT)
 
 
 @gluon.jit
@@ -380,6 +391,5 @@ def w4_w2_sum_kernel(
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         async_copy.wait_group(0)
 
-        rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
-        _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
-                  stride_pr, HAS_BIAS, ON_INPUT)
+        _w2_store(acc, e, pid_m, pid_n, first, n_e, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+                  stride_pr, BM, BN, SWAP, ACC_L, HAS_BIAS, ON_INPUT)

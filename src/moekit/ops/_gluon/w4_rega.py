@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .._triton.quant import MXFP4
-from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _rows_cols,
+from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _token_operand,
                  _w2_store, _w13_store, _w_ptrs, _x_operand)
 from .common import pid_to_tile
 
@@ -166,8 +166,7 @@ def w4ra_w13_kernel(
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
     e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, num_warps)
     if e < E_local:
-        tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
-        x_ptrs, x_mask, offs_v = _x_operand(x_ptr, tok_a, valid_a, stride_xt, BK, A_L)
+        x_ptrs, x_mask, offs_v = _token_operand(x_ptr, sorted_ptr, pid_m, ra, valid_a, K, stride_xt, BM, BK, A_L)
         KP = H // PACK
         NKG = H // G
         g_ptrs, w_mask, vid = _w_ptrs(w1_ptr + e.to(gl.int64) * stride_we, pid_n * BN, I, stride_wn, NG, G // PACK,
@@ -207,9 +206,8 @@ def w4ra_w13_kernel(
         acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
         async_copy.wait_group(0)
 
-        rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, True, ACC_L)
-        _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, ACT,
-                   HAS_BIAS, HAS_LIMIT)
+        _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, BM,
+                   BN, True, ACC_L, ACT, HAS_BIAS, HAS_LIMIT)
 
 
 @gluon.jit
@@ -261,7 +259,6 @@ def w4ra_w2_sum_kernel(
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         async_copy.wait_group(0)
 
-        rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, True, ACC_L)
-        _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
-                  stride_pr, HAS_BIAS, ON_INPUT)
+        _w2_store(acc, e, pid_m, pid_n, first, n_e, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+                  stride_pr, BM, BN, True, ACC_L, HAS_BIAS, ON_INPUT)
 

@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .common import block_expert, pid_to_tile
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _decode, _issue_w, _issue_x, _nvmma, _p_layout, _pack,
-                 _rows_cols, _s_ptrs, _scales, _w2_store, _w13_store, _w_ptrs, _x_operand)
+                 _s_ptrs, _scales, _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
 
 @gluon.jit
 def _decoder(w_ptr, ws_ptr, p_smem, w_smem, full, empty, counts_ptr, row_start_ptr,
@@ -168,16 +168,14 @@ def _mma_w13(x_ptr, x_smem, w_smem, full, empty, b1_ptr, inter_ptr, counts_ptr, 
         pid_m, pid_n = pid_to_tile(t, num_pid_m, NBN, GROUP_M)
         e, first, n_e, ra, valid_a = _block_rows(pid_m, counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, A_L, NW)
         if e < E_local:
-            tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
-            x_ptrs, x_mask, offs_v = _x_operand(x_ptr, tok_a, valid_a, stride_xt, BK, A_L)
+            x_ptrs, x_mask, offs_v = _token_operand(x_ptr, sorted_ptr, pid_m, ra, valid_a, K, stride_xt, BM, BK, A_L)
             acc_g = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
             acc_u = gl.zeros_like(acc_g)
             acc_g, acc_u = _mma_steps(x_smem, w_smem, full, empty, x_ptrs, x_mask, offs_v, H, g, acc_g, acc_u, D, 2,
                                       BK, STAGES, EVEN_K)
             g += gl.cdiv(H, BK)
-            rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, True, ACC_L)
-            _w13_store(acc_g, acc_u, e, rows, valid, cols, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, ACT,
-                       HAS_BIAS, HAS_LIMIT)
+            _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit, BM,
+                       BN, True, ACC_L, ACT, HAS_BIAS, HAS_LIMIT)
 
 
 @gluon.jit
@@ -199,9 +197,8 @@ def _mma_w2(inter_ptr, x_smem, w_smem, full, empty, b2_ptr, tw_ptr, counts_ptr, 
             acc, _ = _mma_steps(x_smem, w_smem, full, empty, x_ptrs, x_mask, offs_v, I, g, acc, acc, D, 1, BK,
                                 STAGES, EVEN_K)
             g += gl.cdiv(I, BK)
-            rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, True, ACC_L)
-            _w2_store(acc, e, rows, valid, cols, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
-                      stride_pr, HAS_BIAS, ON_INPUT)
+            _w2_store(acc, e, pid_m, pid_n, first, n_e, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
+                      stride_pr, BM, BN, True, ACC_L, HAS_BIAS, ON_INPUT)
 
 
 @gluon.jit
