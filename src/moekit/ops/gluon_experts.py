@@ -203,10 +203,10 @@ def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int
     return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
 
 
-#: the register-operand form's token rows per tile at most: BLOCK_M 64 (measured 7-24 % faster at T >= 1024) broke
-#: the every-bucket invariance test for gpt-oss and DeepSeek-V3 int4 on the H200, cause not found (docs/kernels.md,
-#: round 14); 16 and 32 keep every shipped table's rows bit-identical alone and in batches
-_REGA_MAX_BM = 32
+#: the register-operand form's token rows per tile at most (the wgmma's N side; measured and bit-tested on the H200
+#: up to 64). Round 14 capped it at 32 after BLOCK_M 64 gave wrong rows: the kernels then wrote the registers of an
+#: in-flight wgmma's A fragment (round 15, docs/kernels.md), fixed since
+_REGA_MAX_BM = 64
 
 
 def _form_ok(p, which: str) -> bool:

@@ -27,6 +27,16 @@ Measured on the H200 (docs/kernels.md, rounds 13 and 14): the same bits as the T
 bound by instruction issue. This one takes 5.1 / 4.2, and the decode steps run 8-20 % faster (DeepSeek-V3 int4
 T = 8: 807 -> 657 µs). What is left per k pair (mxfp4): prmt, imad, lop3 and two bf16 multiplies; folding the
 2^126 into the scale (one multiply, where 2^(s - 1) is representable: s <= 128) would save ~10 % more.
+
+Each K step waits for its own wgmmas right after issuing them (round 15). A register-operand wgmma reads its A
+fragment from registers until a ``wgmma.wait_group`` retires it, but ptxas treats those registers as free once the
+wgmma is issued: round 14's loop waited only for step k - 1, and the compiled SASS put step k + 1's loads and decode
+straight into the registers step k's wgmmas were still reading (listing the deps in the wait does not help: they
+reach ptxas only inside a comment). With 64 token rows (longer wgmmas) that gave wrong rows on the H200; at 16 and 32
+the race was there, unseen. The overlap it bought was worth nothing measurable (the step's time is the decode's
+issue, and other programs on the SM fill the wgmma's wait): the same µs at every shipped bucket
+(``benchmarks/results/*-r15-ab-w4-serial.log``). A CPU test checks the compiled loops for such writes
+(``compile_sm90.inflight_fragment_writes``).
 """
 
 from __future__ import annotations
@@ -197,7 +207,10 @@ def w4ra_w13_kernel(
             xt = x_smem.index(slot).permute((1, 0))
             acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
             acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
-            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=(acc_g, acc_u))  # step k - 1's are done
+            # wait for step k's own wgmmas before anything else runs: they read the A fragments from registers
+            # while in flight, and ptxas may give any later value (the next step's loads and decode) the registers
+            # of a fragment it considers dead once the wgmma is issued (module docstring, round 15)
+            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
             gl.thread_barrier()  # ... in every warp: its slot may be refilled
             kn = k + STAGES - 1
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
@@ -250,7 +263,7 @@ def w4ra_w2_sum_kernel(
             slot = k % STAGES
             w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps)
             acc = warpgroup_mma(w, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))  # the fragment is read until done (w13's note)
             gl.thread_barrier()
             kn = k + STAGES - 1
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
