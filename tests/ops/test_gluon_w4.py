@@ -133,7 +133,7 @@ def test_warp_specialised_config_and_its_limits():
 
 def test_register_operand_config_and_its_limits():
     # "gluon_rega": 1 per GEMM reaches the plan; the launcher takes the register-operand kernels for swapped tiles
-    # (BN 64 or 128) of at most 64 token rows only (round 14's cap of 32 came from the in-flight fragment race, fixed
+    # (BN 64 or 128) of at most 128 token rows only (round 14's cap of 32 came from the in-flight fragment race, fixed
     # in round 15), and not together with "gluon_ws"
     assert _plan(1, 8, _cfg(True, True)).gluon_rega == (False, False)
     assert _plan(1, 8, _cfg(True, True, rega=True)).gluon_rega == (True, True)
@@ -143,7 +143,7 @@ def test_register_operand_config_and_its_limits():
         gluon_experts._device_ok = lambda t: True  # as if on an sm_90 GPU
         for cfg, ok in ((_cfg(True, True, rega=True), True), (_cfg(True, True, bn13=128, bn2=128, rega=True), True),
                         (_cfg(True, True, bm=32, rega=True), True), (_cfg(True, True, bm=64, rega=True), True),
-                        (_cfg(True, True, bm=128, rega=True), False),
+                        (_cfg(True, True, bm=128, rega=True), True), (_cfg(True, True, bm=256, rega=True), False),
                         (_cfg(True, True, bm=64, swap=False, rega=True), False),
                         (_cfg(True, True, rega=True, ws=4), False)):
             p = _plan(8, 8, cfg)
@@ -372,6 +372,24 @@ def test_gpu_swapped_w4_forms_same_bits_as_triton(monkeypatch, case, form):
     assert len(calls13) == 1 and len(calls2) == 1
     assert torch.equal(ref, out)
     assert ref.isfinite().all() and ref.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm", [64, 128])
+@pytest.mark.parametrize("fmt,act,bias,h,i", [("int4_g32", "silu", False, 1024, 512),
+                                               ("mxfp4", "swigluoai", True, 2880, 2880)], ids=["int4", "mxfp4_gptoss"])
+def test_gpu_register_operand_tall_tiles_same_bits_as_triton(monkeypatch, bm, fmt, act, bias, h, i):
+    # round 15: 64 / 128 token rows on the wgmma's N side (the compute-bound buckets' tiles). Round 14's kernels gave
+    # wrong rows here (the next step's decode wrote the registers of an in-flight wgmma's A fragment); 128 rows run
+    # gate, then up, each waited for, with one fragment live. Many row blocks per expert (hot), partial K, biases,
+    # w2 with BN 128
+    run = quantised_run(_FMTS[fmt], act, bias, t=700, e=16, h=h, i=i, k=4, hot=True,
+                        limit=7.0 if act == "swigluoai" else None)
+    calls = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
+    ref = run(_cfg(False, False, bm=bm, bn13=64, bn2=128))
+    for _ in range(2):  # a race would not show every time
+        assert torch.equal(ref, run(_cfg(True, True, bm=bm, bn13=64, bn2=128, rega=True)))
+    assert len(calls) == 2 and ref.isfinite().all() and ref.abs().sum() > 0
 
 
 @pytest.mark.gpu

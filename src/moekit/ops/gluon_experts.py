@@ -181,8 +181,9 @@ def w4_ok(p, q, which: str, w: torch.Tensor, x: torch.Tensor, interp: bool) -> b
     g, bk, bm, bn = q.spec.block_k, kw["BK"], p.bm, kw["BN"]
     k_len = w.shape[2] * q.pack
     row_bytes = w.shape[2] * w.element_size()
-    if kw["SWAP"]:
-        shape_ok = bn in (64, 128) and bm in (16, 32, 64)
+    if kw["SWAP"]:  # 128 token rows: the register-operand form only (:data:`_REGA_MAX_BM`)
+        rega = p.gluon_rega[0 if which == "w13" else 1]
+        shape_ok = bn in (64, 128) and (bm in (16, 32, 64) or (bm == 128 and rega))
     else:  # w13's two [BM, BN] accumulators: BN <= BM (BLOCK_M 64 with BN 128 spills)
         shape_ok = bm in (64, 128) and 16 <= bn <= (bm if which == "w13" else 256)
     return (shape_ok and bk % g == 0 and bk in (64, 128) and k_len % 8 == 0 and row_bytes % 16 == 0
@@ -203,10 +204,10 @@ def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int
     return tiles * wbuf * bn * bk * 2, bm * bk * 2 + tiles * bn * bk // 2
 
 
-#: the register-operand form's token rows per tile at most (the wgmma's N side; measured and bit-tested on the H200
-#: up to 64). Round 14 capped it at 32 after BLOCK_M 64 gave wrong rows: the kernels then wrote the registers of an
-#: in-flight wgmma's A fragment (round 15, docs/kernels.md), fixed since
-_REGA_MAX_BM = 64
+#: the register-operand form's token rows per tile at most (the wgmma's N side; 128: w13 runs gate, then up, one
+#: fragment live). Round 14 capped it at 32 after BLOCK_M 64 gave wrong rows: the kernels then wrote the registers of
+#: an in-flight wgmma's A fragment (round 15, docs/kernels.md), fixed since
+_REGA_MAX_BM = 128
 
 
 def _form_ok(p, which: str) -> bool:

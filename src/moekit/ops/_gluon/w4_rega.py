@@ -202,15 +202,23 @@ def w4ra_w13_kernel(
             su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
             _ready(STAGES)
             slot = k % STAGES
-            wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
-            wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
             xt = x_smem.index(slot).permute((1, 0))
-            acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
-            acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
             # wait for step k's own wgmmas before anything else runs: they read the A fragments from registers
             # while in flight, and ptxas may give any later value (the next step's loads and decode) the registers
             # of a fragment it considers dead once the wgmma is issued (module docstring, round 15)
-            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
+            if BM > 64:  # gate, then up: one fragment's registers at a time beside two [BN, BM > 64] accumulators
+                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
+                acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
+                acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, ))
+                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
+                acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
+                acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_u, ))
+            else:
+                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
+                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
+                acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
+                acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
+                acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
             gl.thread_barrier()  # ... in every warp: its slot may be refilled
             kn = k + STAGES - 1
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
