@@ -77,7 +77,8 @@ def compile_launch(fn: JITFunction, args, kwargs):
 
 def _fp8_w2_args(bm: int, bn: int, i: int, h: int, e: int, bk: int = 128):
     """CPU tensors (never touched) and the positional arguments of the Gluon fp8 block w2 kernels (scale blocks
-    of ``bk`` x ``bk``)."""
+    of ``bk`` x ``bk``): (those up to ``sorted_ptr``, the rest); the persistent kernel takes its block -> expert
+    table in between."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -90,8 +91,10 @@ def _fp8_w2_args(bm: int, bn: int, i: int, h: int, e: int, bk: int = 128):
     tw, part = torch.empty(t, k), torch.empty(t * k, h)
     ints = torch.empty(rows, dtype=torch.int32)
     b2 = torch.empty(e, h, dtype=torch.bfloat16)
-    return (a_desc, w_desc, a_s, w_s, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn),
-            a_s.stride(0), w_s.stride(0), w_s.stride(1), b2.stride(0), tw.stride(0), part.stride(0))
+    head = (a_desc, w_desc, a_s, w_s, b2, tw, ints, ints, ints)
+    tail = (part, h, i, e, k, rows // bm, -(-h // bn), a_s.stride(0), w_s.stride(0), w_s.stride(1), b2.stride(0),
+            tw.stride(0), part.stride(0))
+    return head, tail
 
 
 def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int = 4,
@@ -102,7 +105,8 @@ def gluon_fp8_w2(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: i
 
     kw = dict(BM=bm, BN=bn, BK=128, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
               HAS_BIAS=bias, ON_INPUT=on_input, NT=nt, num_warps=bm // 16)
-    return compile_launch(fp8_w2_sum_kernel, _fp8_w2_args(bm, bn, i, h, e), kw)
+    head, tail = _fp8_w2_args(bm, bn, i, h, e)
+    return compile_launch(fp8_w2_sum_kernel, head + tail, kw)
 
 
 def gluon_fp8_w2_ws(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e: int = 16, stages: int | None = None,
@@ -117,24 +121,33 @@ def gluon_fp8_w2_ws(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e
     stages = stages or fp8_w2_ws_stages(bm, bn, bk, nc)
     kw = dict(BM=bm, BN=bn, BK=bk, QBN=bk, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
               HAS_BIAS=bias, ON_INPUT=on_input, NC=nc, num_warps=bm // 16)
-    return compile_launch(fp8_w2_ws_sum_kernel, _fp8_w2_args(bm, bn, i, h, e, bk), kw)
+    head, tail = _fp8_w2_args(bm, bn, i, h, e, bk)
+    return compile_launch(fp8_w2_ws_sum_kernel, head + (head[-1],) + tail, kw)  # + the block -> expert table
 
 
 def gluon_fp8_w13(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: int = 16, stages: int = 4,
                   bias: bool = False, req: int = 0, act: str = "silu"):
     """The Gluon fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13`) compiled for sm_90 on CPU tensors (never
     touched): the ``CompiledKernel``."""
+    from moekit.ops._gluon.fp8_w13 import fp8_w13_kernel
+
+    args, kw = _fp8_w13_args(bm, bn, h, i, e, req, act, bias)
+    return compile_launch(fp8_w13_kernel, args, dict(kw, STAGES=stages))
+
+
+def _fp8_w13_args(bm: int, bn: int, h: int, i: int, e: int, req: int, act: str, bias: bool, bk: int = 128):
+    """CPU tensors (never touched), the positional arguments and the constexprs (but ``STAGES``) of the Gluon fp8
+    block w13 (scale blocks of ``bk`` x ``bk``)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from moekit.ops._gluon.fp8_w13 import fp8_w13_kernel
     from moekit.ops.activation import get_activation
 
-    f8, rows, t, k, bk = torch.float8_e4m3fn, 64 * bm, 512, 8, 128
+    f8, rows, t, k = torch.float8_e4m3fn, 64 * bm, 512, 8
     x, w1 = torch.empty(t, h, dtype=f8), torch.empty(e, 2 * i, h, dtype=f8)
     w_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk],
                                                                                                         gl.float8e4nv))
-    nb = -(-i // 128)
+    nb = -(-i // bk)
     xs, ws = torch.empty(t, -(-h // bk)), torch.empty(e, 2 * nb, -(-h // bk))
     inter = torch.empty(rows, i, dtype=f8 if req else torch.bfloat16)
     is_ = torch.empty(rows, -(-i // bn))
@@ -143,10 +156,25 @@ def gluon_fp8_w13(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: i
     a = get_activation(act)
     args = (x, w_desc, xs, ws, b1, inter, is_, out, ints, ints, ints, h, i, 2 * i, e, k, rows // bm, 7.0,
             x.stride(0), xs.stride(0), ws.stride(0), ws.stride(1), nb, b1.stride(0), inter.stride(0), is_.stride(0))
-    kw = dict(BM=bm, BN=bn, BK=bk, QBN=128, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), STAGES=stages,
-              ACT=a.code, HAS_BIAS=bias, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, REQ=req, UE8M0=False,
+    kw = dict(BM=bm, BN=bn, BK=bk, QBN=bk, GROUP_M=8, BLOCK_E=triton.next_power_of_2(e + 1), ACT=a.code,
+              HAS_BIAS=bias, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, REQ=req, UE8M0=False,
               num_warps=bm // 16)
-    return compile_launch(fp8_w13_kernel, args, kw)
+    return args, kw
+
+
+def gluon_fp8_w13_ws(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: int = 16,
+                     stages: int | None = None, bias: bool = False, req: int = 0, act: str = "silu", nc: int = 2,
+                     bk: int = 128):
+    """The warp-specialised, persistent Gluon fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`, ``nc``
+    consumers, ``bk`` x ``bk`` scale blocks) compiled for sm_90 on CPU tensors (never touched): the
+    ``CompiledKernel``. ``stages``: ring slots per consumer (None: the launcher's choice,
+    :func:`moekit.ops.gluon_experts.fp8_w13_ws_stages`)."""
+    from moekit.ops._gluon.fp8_w13_ws import fp8_w13_ws_kernel
+    from moekit.ops.gluon_experts import fp8_w13_ws_stages
+
+    args, kw = _fp8_w13_args(bm, bn, h, i, e, req, act, bias, bk)
+    kw.update(STAGES=stages or fp8_w13_ws_stages(bm, bn, bk, nc), NC=nc)
+    return compile_launch(fp8_w13_ws_kernel, args[:11] + (args[8],) + args[11:], kw)  # + the block -> expert table
 
 
 def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 64, h: int = 7168, i: int = 2048,
@@ -257,9 +285,9 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
 
     mods = [align, combine, grouped_gemm, quant]
     if gluon:
-        from moekit.ops._gluon import fp8_w2, fp8_w2_ws, fp8_w13, w4, w4_rega, w4_ws
+        from moekit.ops._gluon import fp8_w2, fp8_w2_ws, fp8_w13, fp8_w13_ws, w4, w4_rega, w4_ws
 
-        mods += [fp8_w2, fp8_w2_ws, fp8_w13, w4, w4_rega, w4_ws]
+        mods += [fp8_w2, fp8_w2_ws, fp8_w13, fp8_w13_ws, w4, w4_rega, w4_ws]
     for mod in mods:
         for name in dir(mod):
             obj = getattr(mod, name)
@@ -303,12 +331,9 @@ def compile_gluon_launches(fmt, t, shape, w13: str, w2: str, patch=None) -> None
             compile_launch(kf, args, kw)
 
 
-def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
-    """(instructions, {opcode: count}) of the innermost SASS loop that holds every wgmma (``HGMMA``) of a
-    compiled kernel (Triton's bundled ``nvdisasm``): what one K step issues per thread."""
-    import collections
+def sass_text(kernel) -> str:
+    """The SASS listing of a compiled kernel (Triton's bundled ``nvdisasm``)."""
     import glob
-    import re
     import subprocess
     import tempfile
 
@@ -316,7 +341,13 @@ def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def _sass_loop(sass: str) -> list[str]:
+    """The instructions of the innermost SASS loop that holds every ``HGMMA`` of a listing."""
+    import re
+
     ins, labels = [], {}
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -325,7 +356,7 @@ def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
             continue
         m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if m:
-            ins.append(m.group(1))
+            ins.append(m.group(1).strip())
     mma = [i for i, s in enumerate(ins) if "HGMMA" in s]
     loop = None
     for i, s in enumerate(ins):  # the backward branch around all of them, the last (innermost enclosing) one
@@ -334,9 +365,97 @@ def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
             loop = (labels[m.group(1)], i)
     if loop is None:
         raise RuntimeError("no loop around the wgmma instructions")
-    body = ins[loop[0]:loop[1] + 1]
+    return ins[loop[0]:loop[1] + 1]
+
+
+def _sass(kernel) -> tuple[list[str], dict[str, int]]:
+    """(the SASS instructions of a compiled kernel, {label: index of the instruction after it})."""
+    import re
+
+    ins, labels = [], {}
+    for line in sass_text(kernel).splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1))
+    return ins, labels
+
+
+def inner_loops(kernel, op: str = "GMMA") -> list[list[str]]:
+    """The innermost SASS loops of a compiled kernel that hold an instruction containing ``op`` (``GMMA``: the
+    wgmmas, a warp-specialised consumer's K loop; ``LDGSTS``: cp.async, a gathering producer's), each as its
+    instructions. A barrier's retry stub after the code that branches back into a loop makes a "loop" over the
+    rest, EXIT included: not counted."""
+    import re
+
+    ins, labels = _sass(kernel)
+    loops = [(labels[m.group(1)], i) for i, s in enumerate(ins)
+             for m in [re.search(r"BRA\s+`?\(?(\.L_x_\d+)", s)] if m and labels.get(m.group(1), i + 1) <= i]
+    hit = [(a, b) for a, b in loops
+           if any(op in s for s in ins[a:b + 1]) and not any("EXIT" in s for s in ins[a:b + 1])]
+    inner = [(a, b) for a, b in hit if not any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2 in hit)]
+    return [ins[a:b + 1] for a, b in inner]
+
+
+def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
+    """(instructions, {opcode: count}) of the innermost SASS loop that holds every wgmma (``HGMMA``) of a
+    compiled kernel: what one K step issues per thread."""
+    import collections
+    import re
+
+    body = _sass_loop(sass_text(kernel))
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in body)
     return len(body), dict(ops)
+
+
+_NO_REG_DEST = ("ST", "BAR", "BRA", "HGMMA", "WARPGROUP", "RED", "ATOM", "LDGSTS", "EXIT", "DEPBAR", "LDGDEPBAR",
+                "NOP", "WARPSYNC", "SYNCS", "UTMA", "FENCE", "MEMBAR", "CCTL", "ARRIVES")
+
+
+def _dest_regs(ins: str) -> list[int]:
+    """The general registers an instruction writes (its first operand; 2 / 4 for 64- / 128-bit results)."""
+    import re
+
+    s = re.sub(r"^@!?U?P\w+\s+", "", ins)
+    op = s.split()[0]
+    m = re.match(r"\S+\s+R(\d+)\b", s)
+    if op.startswith(_NO_REG_DEST) or not m:
+        return []
+    width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
+    return list(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def inflight_fragment_writes(sass: str) -> list[str]:
+    """Instructions of the wgmma loop (run twice, so a step's wgmmas meet the next step's code) that write a
+    register holding the A fragment of a register-operand wgmma still in flight. A wgmma group (``HGMMA`` ... up to
+    the one marked ``gsb0``) reads its A registers until a ``WARPGROUP.DEPBAR.LE gsb0, n`` leaves at most n younger
+    groups; PTX makes touching them before that undefined, and ptxas does not stop its register allocator from
+    handing them to later values (round 15: wrong rows on the H200)."""
+    import re
+
+    groups, cur, bad = [], set(), []
+    body = _sass_loop(sass)
+    for rep in range(2):
+        for ins in body:
+            if "HGMMA" in ins:
+                m = re.search(r"HGMMA\.\S+ R\d+, R(\d+),", ins)  # register A (a descriptor A reads shared memory)
+                if m:
+                    cur |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+                if "gsb0" in ins:
+                    groups, cur = groups + [cur], set()
+                continue
+            m = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", ins)
+            if m:
+                n = int(m.group(1), 16)
+                groups = groups[len(groups) - n:] if n else []
+                continue
+            live = set().union(*groups) if groups else set()
+            if rep == 1 and any(r in live for r in _dest_regs(ins)):
+                bad.append(ins)
+    return bad
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -334,10 +334,78 @@ case $WHAT in
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
+  r15-fp8ws13)  # round 15: the warp-specialised, persistent fp8 w13 (src/moekit/ops/_gluon/fp8_w13_ws.py, "w13":
+    # {"gluon_ws": 1 / 2}: producers gather the token rows by cp.async) and the block -> expert table both persistent
+    # fp8 GEMMs now read: their GPU bit tests (bounded: a barrier phase mismatch would hang), then µs per kernel beside
+    # the shipped fp8 tables (base); Mixtral T = 16384 ships BLOCK_M 128, where only one consumer runs (w13ws2 and
+    # ws2both then fall back to the one-warpgroup Gluon GEMMs: the same as base)
+    step gpu-fp8ws13 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
+      -k "gpu_gluon_w13_ws or gpu_gluon_ws or cuda_graph_and_compile"
+    P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:4096,mixtral-8x7b:16384,qwen3-30b-a3b:16384
+    step profile-fp8ws13 240 python benchmarks/kernel_profile.py --formats fp8 --points "$P" \
+      --variants base,w13ws1,w13ws2,ws2both --calls 5 --out "$OUT/profile-fp8ws13.json" \
+      --patches '{"w13ws1": {"w13": {"gluon": 1, "gluon_ws": 1}}, "w13ws2": {"w13": {"gluon": 1, "gluon_ws": 2}},
+      "ws2both": {"w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"gluon": 1, "gluon_ws": 2}}}'
+    ;;
   r15-inv-probe)  # prepared in round 14 (not run: the device time was spent): the register-operand 4-bit GEMMs with
     # BLOCK_M 64 broke batch invariance for DeepSeek-V3 int4 and gpt-oss (mxfp4, int4) at T = 1024 (-r14-gpu-inv-4bit-
     # rega64.log) but not for DeepSeek-V3 mxfp4 or Qwen3; which configs keep a probe row's bits, and which agree
     step inv-probe 200 python benchmarks/inv_probe.py
+    ;;
+  r15-race)  # round 15: the register-operand 4-bit GEMMs wrote the registers of an in-flight wgmma's A fragment (SASS);
+    # the round-14 kernels (src/moekit/ops/_gluon/old_w4_rega.py, placed for the run) and the waiting ones against
+    # Triton at BLOCK_M 16 / 32 / 64, then both side by side at the shipped table's register-operand buckets
+    step race 200 python benchmarks/rega_race_probe.py
+    step ab-w4-serial 330 python benchmarks/gluon_ab.py --family w4rega --formats mxfp4,int4 --rounds 2 \
+      --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,gpt-oss-120b:8,qwen3-30b-a3b:8,qwen3-30b-a3b:64 \
+      --out "$OUT/ab-w4-serial.json"
+    ;;
+  r15-w4-large)  # round 15: round 14's BLOCK_M 64 register-operand tiles again, now that each step waits for its own
+    # wgmmas (the race that gave wrong rows is gone): against the shipped compute-bound 4-bit tiles at T = 1024 / 4096 /
+    # 16384; ra64: BN 64 both GEMMs, ra64w2n128: w2 with BN 128 (eight warps)
+    P=deepseek-v3:1024,deepseek-v3:4096,gpt-oss-120b:1024,gpt-oss-120b:4096,qwen3-30b-a3b:1024,qwen3-30b-a3b:4096
+    P=$P,qwen3-30b-a3b:16384,gpt-oss-120b:16384,deepseek-v3:16384
+    g() { echo "\"gluon\": 1, \"SWAP\": 1, \"BN\": $1, \"num_warps\": $(( $1 / 16 )), \"gluon_rega\": 1"; }
+    step profile-w4-large 480 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,ra64,ra64w2n128 --calls 3 --out "$OUT/profile-w4-large.json" --patches \
+      "{\"ra64\": {\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 64, \"w13\": {$(g 64)}, \"w2\": {$(g 64)}},
+        \"ra64w2n128\": {\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 64, \"w13\": {$(g 64)}, \"w2\": {$(g 128)}}}"
+    ;;
+  r15-w4-128)  # round 15: register-operand tiles of 128 token rows (w13: gate, then up, one fragment live) at the
+    # compute-bound points: their GPU bit test (64 and 128 rows vs Triton), then µs against the table (base: BLOCK_M 64
+    # register-operand tiles at 4096 where shipped, Triton's at 16384); s2: two ring slots (two programs per SM)
+    step gpu-w4-tall 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      -k "tall_tiles"
+    P=deepseek-v3:4096,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:16384,qwen3-30b-a3b:4096,qwen3-30b-a3b:16384
+    g() { echo "\"gluon\": 1, \"SWAP\": 1, \"BN\": $1, \"num_warps\": $(( $1 / 16 )), \"gluon_rega\": 1${2:-}"; }
+    step profile-w4-128 330 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" \
+      --variants base,ra128,ra128s2 --calls 3 --out "$OUT/profile-w4-128.json" --patches \
+      "{\"ra128\": {\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 128, \"w13\": {$(g 64)}, \"w2\": {$(g 128)}},
+        \"ra128s2\": {\"sum_pass\": true, \"w13_split\": false, \"BLOCK_M\": 128,
+        \"w13\": {$(g 64 ', "gluon_stages": 2')}, \"w2\": {$(g 128 ', "gluon_stages": 2')}}}"
+    ;;
+  r15-w4-mix)  # round 15: at T = 16384 the 128-row register-operand w13 beat Triton's (DeepSeek-V3 mxfp4 24.6 -> 18.0 ms)
+    # and its w2 lost: the table's bucket against that w13 with Triton's w2 (the same BLOCK_M 128 tiles as shipped)
+    MIX='{"BLOCK_M": 128, "sum_pass": true, "w13_split": false, "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1,
+      "gluon": 1, "gluon_rega": 1, "gluon_stages": 2, "num_stages": 3, "num_warps": 4}, "w2": {"BK": 128, "BN": 256,
+      "GROUP_M": 8, "num_stages": 3, "num_warps": 8}}'
+    P=deepseek-v3:16384,gpt-oss-120b:16384,qwen3-30b-a3b:16384
+    step profile-w4-mix-base 120 python benchmarks/kernel_profile.py --formats mxfp4,int4 --calls 3 --points "$P" \
+      --variants base --out "$OUT/profile-w4-mix-base.json"
+    step profile-w4-mix 120 python benchmarks/kernel_profile.py --formats mxfp4,int4 --calls 3 --points "$P" \
+      --variants "json:$MIX" --out "$OUT/profile-w4-mix.json"
+    ;;
+  r15-inv4)  # round 15: the shipped 4-bit tables (BLOCK_M 64 / 128 register-operand buckets) alone vs in batches
+    step gpu-inv-4bit 120 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_4bit"
+    ;;
+  r15-final)  # round 15, final: every register-operand GPU test (swapped forms, tall tiles, graphs), the shipped fp8 and
+    # 4-bit tables alone vs in batches, then the 4-bit sweep beside bf16 and fp8
+    step gpu-w4-final 240 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_w4.py \
+      tests/ops/test_batch_invariance_gpu.py -k "register_operand or tall_tiles or graph or shipped_4bit or shipped_fp8"
+    step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv gluon4 gluon4d gluon4-final)"; exit 2 ;;
 esac

@@ -84,9 +84,10 @@ def assert_compiled_and_graphed_bits(f, inputs, new_inputs) -> None:
 
 
 def count_calls(monkeypatch, owner, name: str) -> list:
-    """Record every call of ``owner.name`` (which still runs): one list entry per call."""
+    """Record every call of ``owner.name`` (which still runs and returns what it returns): one list entry per
+    call."""
     calls, real = [], getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    monkeypatch.setattr(owner, name, lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     return calls
 
 

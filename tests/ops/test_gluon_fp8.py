@@ -4,7 +4,9 @@ Each must give the same bits as the Triton kernel it replaces (w13: the fused ep
 branch): the same wgmma per K step, the same scale product and fma, the same epilogue functions; only the
 schedule differs (the promotion of step k - 1 runs while step k's wgmma does). On CPU: they compile for sm_90
 without wgmma serialisation or spills, and the launcher takes them only where they compute those bits. On the
-H200 (``gpu``): bit-identical outputs over the awkward shapes.
+H200 (``gpu``): bit-identical outputs over the awkward shapes. The warp-specialised, persistent forms (``"gluon_ws"``:
+:mod:`moekit.ops._gluon.fp8_w2_ws`, :mod:`moekit.ops._gluon.fp8_w13_ws`) likewise, and the block -> expert table they
+read (``_triton.align.block_expert_kernel``) against torch, interpreted on CPU.
 """
 
 import pytest
@@ -108,36 +110,14 @@ print("ok")
 def test_gluon_fp8_ws_compiles_for_sm90_without_spills_or_serialised_wgmma(tmp_path):
     # the warp-specialised w2 (fp8_w2_ws.py): one or two consumer warpgroups (BLOCK_M 64) and one 8-warp consumer
     # (BLOCK_M 128), even / odd / partial / single K step counts, bias and on-input, BN 64, 64 x 64 scale blocks and
-    # 256 experts (the producer's expert scan): the fp8 wgmma, no spill and no ptxas C75xx warning (C7514 / C7512:
+    # 256 experts: the fp8 wgmma, no spill and no ptxas C75xx warning (C7514 / C7512:
     # wgmma serialised; C7517: a wait injected), the register split (producers 40, consumers 232 when they share
     # the SM with a second consumer), the scales copied by the producer onto the ring's barrier, and in the SASS
     # every consumer K loop (the innermost loops around the wgmmas) without a global load: its scales come from
     # shared memory, so no long-scoreboard wait feeds its fma
     run_compiled("""
-import glob, pathlib, re, subprocess, tempfile
-import triton
+import pathlib, re, tempfile
 import compile_sm90 as c
-nvdisasm = glob.glob(str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"))[0]
-
-def k_loops(kernel):
-    d = pathlib.Path(tempfile.mkdtemp())
-    (d / "k.cubin").write_bytes(kernel.asm["cubin"])
-    sass = subprocess.run([nvdisasm, "-c", str(d / "k.cubin")], capture_output=True, text=True, check=True).stdout
-    ins, labels = [], {}
-    for line in sass.splitlines():
-        m = re.match(r"\\s*(\\.L_x_\\d+):", line)
-        if m:
-            labels[m.group(1)] = len(ins)
-        m = re.search(r"/\\*[0-9a-f]{4,}\\*/\\s+(.*?);", line)
-        if m:
-            ins.append(m.group(1))
-    loops = [(labels[m.group(1)], i) for i, s in enumerate(ins)
-             for m in [re.search(r"BRA\\s+`?\\(?(\\.L_x_\\d+)", s)] if m and labels.get(m.group(1), i + 1) <= i]
-    # (a barrier's retry stub after the code branches back into a loop: a "loop" over the rest, EXIT included)
-    mma = [(a, b) for a, b in loops if any("GMMA" in s for s in ins[a:b + 1])
-           and not any("EXIT" in s for s in ins[a:b + 1])]
-    inner = [(a, b) for a, b in mma if not any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2 in mma)]
-    return [ins[a:b + 1] for a, b in inner]
 
 cases = [dict(nc=1), dict(nc=2), dict(nc=1, bm=128), dict(nc=2, i=384, bias=True, on_input=True),
          dict(nc=2, i=2880), dict(nc=1, bm=128, i=2880, bias=True), dict(nc=2, bn=64), dict(nc=2, i=128),
@@ -152,7 +132,7 @@ for kw in cases:
     assert max(regs) <= 256 and 40 in regs and (kw.get("nc") == 1 or 232 in regs), (kw, regs)
     rep = c.ptxas_report(ptx, pathlib.Path(tempfile.mkdtemp()))
     assert "C75" not in rep and "0 bytes spill stores" in rep, (kw, rep)
-    loops = k_loops(k)
+    loops = c.inner_loops(k)
     assert len(loops) == kw.get("nc", 2), (kw, len(loops))  # one K loop per consumer
     for body in loops:
         assert not any("LDG" in s for s in body) and sum("LDS" in s for s in body) >= 2, (kw, body)
@@ -160,9 +140,120 @@ print("ok")
 """, tmp_path)
 
 
-def _ws_plan(nc, bm: int = 64, bn2: int = 128, bk: int = 128):
-    cfg = _cfg(True, bm, bn2=bn2, bk=bk)
-    cfg["w2"]["gluon_ws"] = nc
+def test_gluon_fp8_w13_ws_compiles_for_sm90_without_spills_or_serialised_wgmma(tmp_path):
+    # the warp-specialised w13 (fp8_w13_ws.py): one or two consumer warpgroups (BLOCK_M 64) and one 8-warp consumer
+    # (BLOCK_M 128); even (56), odd (5, 3), partial (2880 = 22.5 blocks) and single K step counts; swigluoai with
+    # biases, gelu_tanh; BN 16 / 32 / 64; 64 x 64 scale blocks with w2's input quantised in the epilogue (REQ 1); 256
+    # experts: the fp8 m64nBNk32 wgmma (one wait per step pair), no spill and no ptxas C75xx warning, the register
+    # split (producers 48, consumers 224-232 beside a second consumer), the gathered rows and scales copied by
+    # cp.async onto the ring's barrier, one K loop per consumer without a global load (its scales come from
+    # shared memory) and one gathering loop per producer (BK / 16 row chunks of 16 bytes and 3 scales per thread
+    # and step)
+    run_compiled("""
+import pathlib, re, tempfile
+import compile_sm90 as c
+
+cases = [dict(nc=2), dict(nc=1), dict(nc=1, bm=128), dict(nc=2, h=2880, i=2880, bias=True, act="swigluoai"),
+         dict(nc=2, bn=32, h=640, i=384), dict(nc=1, h=384, act="gelu_tanh", bias=True), dict(nc=2, h=128),
+         dict(nc=2, req=1, bk=64, h=1024, i=512), dict(nc=1, bm=128, h=2880, i=2880, bias=True, act="swigluoai"),
+         dict(nc=2, e=256), dict(nc=2, bn=16, h=640, i=384)]
+for kw in cases:
+    k = c.gluon_fp8_w13_ws(**kw)
+    ptx = k.asm["ptx"]
+    assert f"wgmma.mma_async.sync.aligned.m64n{kw.get('bn', 64)}k32.f32.e4m3.e4m3" in ptx, kw
+    assert "wgmma.wait_group.sync.aligned 1;" not in ptx and "cp.async.mbarrier.arrive" in ptx, kw
+    assert "cp.async.cg.shared.global" in ptx, kw
+    regs = {int(r) for r in re.findall(r"setmaxnreg\\.(?:inc|dec)\\.sync\\.aligned\\.u32\\s+(\\d+);", ptx)}
+    assert max(regs) <= 256 and 48 in regs and (kw["nc"] == 1 or {224, 232} <= regs), (kw, regs)
+    rep = c.ptxas_report(ptx, pathlib.Path(tempfile.mkdtemp()))
+    assert "C75" not in rep and "0 bytes spill stores" in rep, (kw, rep)
+    loops = c.inner_loops(k)
+    assert len(loops) == kw["nc"], (kw, len(loops))  # one K loop per consumer
+    for body in loops:
+        assert not any("LDG" in s for s in body) and sum("LDS" in s for s in body) >= 6, (kw, body)
+        assert sum("QGMMA" in s for s in body) == 2 * 2 * (kw.get("bk", 128) // 32), kw  # 2 steps x gate, up
+    gathers = c.inner_loops(k, "LDGSTS")
+    copies = [sum(bool(re.match(r"(@!?U?P\\w+\\s+)?LDGSTS", s)) for s in b) for b in gathers]
+    assert len(gathers) == kw["nc"] and copies == [kw.get("bk", 128) // 16 + 3] * kw["nc"], (kw, copies)
+print("ok")
+""", tmp_path)
+
+
+def _block_table(counts: torch.Tensor, bm: int, n_blocks: int) -> torch.Tensor:
+    """``_triton.align.block_expert_kernel``'s table for ``counts`` (rows per local expert), run (interpreted on
+    CPU) on the align kernel's exclusive scan: [n_blocks] int32."""
+    from moekit.ops._triton.align import block_expert_kernel
+
+    e = counts.numel()
+    nb = (counts + bm - 1) // bm
+    row_start = ((torch.cumsum(nb, 0) - nb) * bm).to(torch.int32)
+    blk = torch.full((n_blocks,), -1, dtype=torch.int32, device=counts.device)
+    block_e = 1 << e.bit_length()  # next power of two >= e + 1, as the plan's BLOCK_E
+    block_b = max(16, min(256, 8192 // block_e))
+    block_expert_kernel[(-(-n_blocks // block_b),)](counts, row_start, blk, n_blocks, e, BM=bm, BLOCK_E=block_e,
+                                                    BLOCK_B=block_b)
+    return blk
+
+
+@pytest.mark.parametrize("e, bm, seed", [(1, 64, 0), (5, 16, 1), (16, 64, 2), (16, 128, 3), (256, 64, 4)])
+def test_block_expert_table_against_torch(e, bm, seed):
+    # the persistent Gluon GEMMs' block -> expert table: block b belongs to expert e iff it lies in e's padded
+    # blocks (experts with no row have none), E_local for the blocks past the last expert's (up to the plan's
+    # bound on the blocks); experts with no rows, one hot expert over many blocks, exact multiples of BM
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 3 * bm, (e,), generator=g)
+    counts[torch.randperm(e, generator=g)[: e // 3]] = 0
+    counts[0] = 5 * bm + 1 if e > 1 else counts[0]
+    counts[-1] = 2 * bm if e > 2 else counts[-1]
+    slots = int(counts.sum())
+    n_blocks = -(-(slots + min(slots, e) * (bm - 1)) // bm)  # the plan's num_pid_m
+    blk = _block_table(counts.to(torch.int32).to(dev), bm, n_blocks).cpu()
+    want = torch.cat([torch.full((int(-(-c // bm)),), i, dtype=torch.int32) for i, c in enumerate(counts.tolist())])
+    assert want.numel() <= n_blocks
+    want = torch.cat([want, torch.full((n_blocks - want.numel(),), e, dtype=torch.int32)])
+    assert torch.equal(blk, want)
+
+
+def test_block_expert_table_after_the_align_kernel():
+    # end to end on the align kernel's own layout (the one-program align, interpreted on CPU): every live sorted row
+    # r holds a slot of the expert blk[r // BM], and the blocks past the last expert's say E_local
+    from moekit.ops._triton import align
+    from moekit.ops.triton_plan import launch_plan
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t, k, e, bm = 40, 4, 12, 16
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
+    ids[:10] = torch.arange(k, dtype=torch.int32)  # a hot expert (0) and experts with no slot (e - 1 at most)
+    ids, tw = ids.to(dev), torch.rand(t, k, generator=g).to(dev) + 0.1
+    cfg = _cfg(True, bm)
+    cfg["w13"]["gluon_ws"] = 2
+    p = launch_plan(t, 64, 64, 128, e, e, k, torch.bfloat16, 0, True, False, False, False, False, None, False, 1024,
+                    16, _freeze(cfg))
+    assert p.align == "small" and p.i32_sizes[6] >= p.num_pid_m  # the table has its own scratch view
+    i32 = lambda n: torch.zeros(n, dtype=torch.int32, device=dev)  # noqa: E731
+    counts, loc, rank, live, row_start = i32(e + 1), i32(t * k), i32(t * k), i32(t), i32(e)
+    srt, sem = i32(p.rows), i32(1)
+    out = torch.zeros(t, 64, dtype=torch.bfloat16, device=dev)
+    align.align_small_kernel[(1,)](ids, tw, loc, counts, loc, rank, live, sem, out, row_start, srt, t, k, 64, e, e,
+                                   1, ids.stride(0), tw.stride(0), out.stride(0), **p.align_kw)
+    blk = torch.full((p.num_pid_m,), -1, dtype=torch.int32, device=dev)
+    from moekit.ops import gluon_experts
+
+    gluon_experts.launch_block_table(lambda kf, grid, *a, **kw: kf[grid](*a, **kw), p, counts, row_start, blk, e)
+    counts, row_start, srt, blk = counts[:e].cpu(), row_start.cpu(), srt.cpu(), blk.cpu()
+    for x in range(e):
+        rows = torch.arange(int(row_start[x]), int(row_start[x]) + int(counts[x]))
+        assert torch.equal(ids.cpu().flatten()[srt[rows].long()], torch.full_like(rows, x).int()), x
+        assert (blk[rows // bm] == x).all(), x
+    used = int(((counts + bm - 1) // bm).sum())
+    assert (blk[used:] == e).all() and (blk[:used] < e).all()
+
+
+def _ws_plan(nc, bm: int = 64, bn2: int = 128, bk: int = 128, part: str = "w2", bn13: int = 64):
+    cfg = _cfg(True, bm, bn2=bn2, bk=bk, bn13=bn13)
+    cfg[part]["gluon_ws"] = nc
     return launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None,
                        False, 1024, 16, _freeze(cfg))
 
@@ -183,10 +274,42 @@ def test_warp_specialised_w2_limits():
     assert stages(64, 128, 128, 2) == 4 and stages(64, 128, 128, 1) == 8 and stages(128, 128, 128, 1) == 6
 
 
+def test_warp_specialised_w13_limits():
+    # "gluon_ws" (w13): the consumer count of the warp-specialised fp8 w13, 1 or 2 with BLOCK_M 64, 1 with BLOCK_M
+    # 128; BN 16-64 (six [BM, BN] fp32 tiles per consumer thread), BK 64 / 128; outside these (and at 0) the
+    # one-warpgroup Gluon w13 runs (the same bits). Its rings (a [BM, BK] and two [BN, BK] fp8 tiles, three scales
+    # per row and slot) fit ~220 KB of shared memory with 2+ slots each; a plan asking for a warp-specialised GEMM
+    # holds a block -> expert table of one entry per row block
+    ok = gluon_experts.fp8_w13_ws_ok
+    plan = lambda nc, **kw: _ws_plan(nc, part="w13", **kw)  # noqa: E731
+    assert plan(2).gluon_ws == (2, 0) and plan(2).i32_sizes[6] >= plan(2).num_pid_m
+    assert _ws_plan(0).i32_sizes[6] == 32  # no table asked: a minimal view
+    assert ok(plan(1)) and ok(plan(2)) and ok(plan(1, bm=128)) and ok(plan(2, bn13=32)) and ok(plan(2, bk=64))
+    assert not ok(plan(0)) and not ok(plan(3)) and not ok(plan(2, bm=128)) and not ok(plan(1, bm=32))
+    assert not ok(plan(1, bn13=128)) and not ok(_ws_plan(2))  # BN 128: twelve accumulators; the w2 key is w2's
+    stages = gluon_experts.fp8_w13_ws_stages
+    for bm, bn, bk, nc in ((64, 64, 128, 1), (64, 64, 128, 2), (128, 64, 128, 1), (64, 32, 128, 2), (64, 64, 64, 2)):
+        n = stages(bm, bn, bk, nc)
+        assert 2 <= n <= 8 and nc * n * ((bm + 2 * bn) * bk + 12 * bm) <= 220 * 1024, (bm, bn, bk, nc, n)
+    assert stages(64, 64, 128, 2) == 4 and stages(64, 64, 128, 1) == 8 and stages(128, 64, 128, 1) == 6
+
+
+@pytest.mark.parametrize("part", ["w13", "w2"])
+@pytest.mark.parametrize("value", ["2", -1, 1.5, None])
+def test_gluon_ws_must_be_a_count(part, value):
+    # a "gluon_ws" that is no int >= 0 is refused when the plan is made, naming the part, the key and the value
+    # (True and 2.0 too, unless the plan cache holds the equal config with 1 / 2: then they mean that)
+    cfg = _cfg(True)
+    cfg[part]["gluon_ws"] = value
+    with pytest.raises(ValueError, match=f'"{part}": "gluon_ws" = {value!r}, expected an int >= 0'):
+        launch_plan(300, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None, False,
+                    1024, 16, _freeze(cfg))
+
+
 def test_the_warp_specialised_launchers_arguments_compile(tmp_path):
     # the launcher's own call with "gluon_ws" 1 / 2 (the CPU tensors taken for an sm_90 GPU's, 132 SMs): the
-    # warp-specialised w2 replaces the Gluon w2 with its persistent grid and compiles with exactly the launcher's
-    # arguments; a count outside its limits (3) runs the one-warpgroup Gluon w2
+    # warp-specialised w2 / w13 replace the Gluon w2 / w13 with their persistent grids and compile with exactly the
+    # launcher's arguments; a count outside their limits (3) runs the one-warpgroup Gluon kernel
     run_compiled("""
 import compile_sm90 as c
 for shape in ("deepseek", "gpt-oss"):
@@ -199,6 +322,29 @@ for shape in ("deepseek", "gpt-oss"):
 names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 1000, "deepseek", patch={"w2": {"gluon_ws": 3}},
                                                  gluon=True)]
 assert "fp8_w2_sum_kernel" in names and "fp8_w2_ws_sum_kernel" not in names, names
+# the warp-specialised w13 (alone and beside the warp-specialised w2): its persistent grid, ring slots and
+# consumers, the block -> expert table written once per chunk, before the first kernel that reads it (and not at
+# all when neither runs: a count outside the limits gives the one-warpgroup Gluon w13)
+for shape in ("deepseek", "gpt-oss"):
+    for ws13, ws2 in ((1, 0), (2, 0), (2, 2), (1, 1)):
+        patch = {"w13": {"gluon_ws": ws13}, "w2": {"gluon_ws": ws2}}
+        w2 = "fp8_w2_ws_sum_kernel" if ws2 else "fp8_w2_sum_kernel"
+        c.compile_gluon_launches(c.FORMATS["fp8_block"], 1000, shape, "fp8_w13_ws_kernel", w2, patch)
+        seen = c.launches(c.FORMATS["fp8_block"], 1000, shape, patch=patch, gluon=True)
+        names = [kf.__name__ for kf, _, _ in seen]
+        assert names.count("block_expert_kernel") == 1, names
+        assert names.index("block_expert_kernel") + 1 == names.index("fp8_w13_ws_kernel"), names
+        kw = {kf.__name__: kw for kf, _, kw in seen}
+        assert kw["fp8_w13_ws_kernel"]["NC"] == ws13 and kw["fp8_w13_ws_kernel"]["STAGES"] == 8 // ws13, kw
+        grid = {kf.__name__: a for kf, a, _ in seen}  # (the launches record no grid: the table's size instead)
+        assert grid["block_expert_kernel"][3] == grid["fp8_w13_ws_kernel"][17], names  # n_blocks = num_pid_m
+names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 1000, "deepseek",
+                                                 patch={"w13": {"gluon_ws": 3}}, gluon=True)]
+assert "fp8_w13_kernel" in names and "fp8_w13_ws_kernel" not in names and "block_expert_kernel" not in names, names
+names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 1000, "deepseek", patch={"w2": {"gluon_ws": 2}},
+                                                 gluon=True)]
+assert names.count("block_expert_kernel") == 1 and names.index("block_expert_kernel") + 1 == names.index(
+    "fp8_w2_ws_sum_kernel"), names
 print("ok")
 """, tmp_path)
 
@@ -266,21 +412,21 @@ def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on
     assert outs[0].isfinite().all()
 
 
-def _record_ws(monkeypatch) -> list:
-    """Record what :func:`gluon_experts.fp8_w2_ws_ok` answered at every Gluon w2 launch (True: the
-    warp-specialised kernel ran)."""
-    took, real = [], gluon_experts.fp8_w2_ws_ok
-    monkeypatch.setattr(gluon_experts, "fp8_w2_ws_ok", lambda p: took.append(real(p)) or took[-1])
+def _record_ws(monkeypatch, name: str = "fp8_w2_ws_ok") -> list:
+    """Record what :func:`gluon_experts.fp8_w2_ws_ok` (or ``name``: ``fp8_w13_ws_ok``) answered at every Gluon
+    w2 (w13) launch (True: the warp-specialised kernel ran)."""
+    took, real = [], getattr(gluon_experts, name)
+    monkeypatch.setattr(gluon_experts, name, lambda p: took.append(real(p)) or took[-1])
     return took
 
 
 @pytest.mark.gpu
 @gpu_cases
 def test_gpu_gluon_ws_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap, block):
-    # the warp-specialised, persistent Gluon w2 ("gluon_ws": 1 and 2 consumers) against the Triton kernels, after
-    # Triton's w13 and after the Gluon w13; persistent programs over more tiles than SMs (a consumer with several
-    # tiles, row blocks past the last expert skipped) and, in the last case, fewer tiles than two per program (a
-    # second consumer and its producer with none)
+    # the warp-specialised, persistent Gluon w2 ("gluon_ws": 1 and 2 consumers; each tile's expert from the block ->
+    # expert table) against the Triton kernels, after Triton's w13 and after the Gluon w13; persistent programs
+    # over more tiles than SMs (a consumer with several tiles, row blocks past the last expert skipped) and, in the
+    # last case, fewer tiles than two per program (a second consumer and its producer with none)
     run = _case_run(t, e, k, h, i, act, bias, on_input, hot, emap, block)
     took = _record_ws(monkeypatch)
     ref = run(_cfg(False, bm, bn2=min(128, block), bk=block))
@@ -295,19 +441,47 @@ def test_gpu_gluon_ws_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ws", [0, 1, 2])
-def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch, ws):
+@gpu_cases
+def test_gpu_gluon_w13_ws_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, bm, hot, emap,
+                                              block):
+    # the warp-specialised, persistent Gluon w13 ("gluon_ws": 1 and 2 consumers, rows gathered by its producers)
+    # against the Triton kernels and the one-warpgroup Gluon w13, before Triton's w2, the Gluon w2 and the
+    # warp-specialised w2 (which then reads the table the w13 wrote): odd / partial K steps, swigluoai with biases,
+    # w2's input quantised in the epilogue (64 x 64 blocks), a hot expert, expert parallelism (dead slots), row
+    # blocks past the last expert, fewer tiles than consumers (the last case)
+    run = _case_run(t, e, k, h, i, act, bias, on_input, hot, emap, block)
+    took13 = _record_ws(monkeypatch, "fp8_w13_ws_ok")
+    took2 = _record_ws(monkeypatch)
+    bn2 = min(128, block)
+    ref = run(_cfg(False, bm, bn2=bn2, bk=block))
+    assert ref.isfinite().all()
+    assert torch.equal(ref, run(_cfg(True, bm, bn2=bn2, bk=block)))  # the one-warpgroup Gluon GEMMs
+    forms = ((1, False, 0), (2, False, 0), (1, True, 0), (2, True, 0), (2, True, 2), (1, True, 1))
+    for nc, g2, ws2 in forms:
+        cfg = _cfg(g2, bm, bn2=bn2, w13_gluon=True, bk=block)
+        cfg["w13"]["gluon_ws"] = nc
+        if ws2:
+            cfg["w2"]["gluon_ws"] = ws2
+        assert torch.equal(ref, run(cfg)), (nc, g2, ws2)
+    # each ran wherever its limits hold (BLOCK_M 128: one consumer; two fall back to the one-warpgroup Gluon GEMM)
+    assert took13 == [False] + [bm == 64 or nc == 1 for nc, _, _ in forms], took13
+    assert took2 == [False] + [bool(ws2) and (bm == 64 or ws2 == 1) for _, g2, ws2 in forms if g2], took2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ws13, ws", [(0, 0), (0, 1), (0, 2), (2, 0), (1, 2)])
+def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch, ws13, ws):
     # the public quantised call with the heuristic config (unswapped tiles at 300 rows per expert: both Gluon
-    # kernels; ws: with the warp-specialised w2 of 1 / 2 consumers): torch.compile(fullgraph=True) and a CUDA graph
-    # replayed on new inputs give the eager bits
+    # kernels; ws13 / ws: with the warp-specialised w13 / w2 of 1 / 2 consumers, and their block -> expert table):
+    # torch.compile(fullgraph=True) and a CUDA graph replayed on new inputs give the eager bits
     from moekit.ops.triton_configs import heuristic_config
 
     t, e, k, h, i = 600, 16, 8, 1024, 512
     cfg = heuristic_config(t, e, h, i, k, torch.bfloat16, 132, quant="fp8_block128x128")
     assert cfg["w13"].get("gluon") and cfg["w2"].get("gluon")
-    took = _record_ws(monkeypatch)
-    if ws:
-        cfg = {**cfg, "w2": {**cfg["w2"], "gluon_ws": ws}}  # (a copy: returned configs are shared)
+    took, took13 = _record_ws(monkeypatch), _record_ws(monkeypatch, "fp8_w13_ws_ok")
+    if ws or ws13:  # (a copy: returned configs are shared)
+        cfg = {**cfg, "w13": {**cfg["w13"], "gluon_ws": ws13}, "w2": {**cfg["w2"], "gluon_ws": ws}}
         monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
     w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
     fmt = Fp8BlockFormat(128, 128)
@@ -321,3 +495,4 @@ def test_gpu_gluon_under_cuda_graph_and_compile(monkeypatch, ws):
     assert_compiled_and_graphed_bits(f, (x, w, ids), (x2, w2_, ids2))
     assert calls, "the Gluon w13 did not run"
     assert took and all(took) == bool(ws), took  # the warp-specialised w2 ran iff asked
+    assert took13 and all(took13) == bool(ws13), took13  # the warp-specialised w13 likewise

@@ -8,9 +8,11 @@ not cover (:func:`fp8_w13_ok`, :func:`fp8_w2_ok`, :func:`w4_ok`), the Triton ker
 tile: BLOCK_M / 16 (one warpgroup per 64 rows; swapped 4-bit tiles: BN / 16). The tuner and the GPU tests compare
 the two bit for bit.
 
-The fp8 block w2 also comes warp-specialised and persistent (:mod:`._gluon.fp8_w2_ws`, ``"w2": {"gluon": 1,
-"gluon_ws": n}`` with n = 1 or 2 consumer warpgroups, each fed by its own TMA producer warp; one program per SM;
-the same bits; :func:`fp8_w2_ws_ok` says where it runs, elsewhere the one-warpgroup Gluon w2 does).
+The fp8 block GEMMs also come warp-specialised and persistent (:mod:`._gluon.fp8_w2_ws`, :mod:`._gluon.fp8_w13_ws`,
+``"w2" / "w13": {"gluon": 1, "gluon_ws": n}`` with n = 1 or 2 consumer warpgroups, each fed by its own producer;
+one program per SM; the same bits; :func:`fp8_w2_ws_ok` / :func:`fp8_w13_ws_ok` say where they run, elsewhere the
+one-warpgroup Gluon GEMM does). They find a tile's expert in a block -> expert table (:func:`launch_block_table`,
+one small launch after the align kernel, only when one of them runs).
 
 The 4-bit kernels come in three forms, all with the Triton kernels' bits: decoded into shared memory
 (:mod:`._gluon.w4`, ``"gluon": 1``), and for swapped tiles the decoded weights as the wgmma's register operand
@@ -80,11 +82,12 @@ def fp8_w2_ws_ok(p) -> bool:
             and fp8_w2_ws_stages(bm, bn, p.bk2, nc) >= 2)
 
 
-def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start, sorted_slot, part, h, inter, k,
-                      on_input: bool) -> None:
+def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start, sorted_slot, blk, blk_ready: bool,
+                      part, h, inter, k, on_input: bool) -> None:
     """``part[slot] = (Σ_k promote(x_q · Wqᵀ)) (+ b2) (· w)`` for every live slot row: the SUM_PASS w2.
     inter_q: [rows, I] e4m3; as_: [rows, cdiv(I, bk)] fp32 (w2's input scales); the rest as the Triton w2.
-    With ``"gluon_ws"`` inside :func:`fp8_w2_ws_ok`: the warp-specialised kernel, one program per SM at most."""
+    With ``"gluon_ws"`` inside :func:`fp8_w2_ws_ok`: the warp-specialised kernel, one program per SM at most, with
+    the block -> expert table ``blk`` (written here unless ``blk_ready``: the warp-specialised w13 wrote it)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -98,19 +101,22 @@ def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start,
     w_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [bn, bk],
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws = q.ws2
-    args = (a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts, row_start, sorted_slot,
-            part, h, inter, e_local, k, p.num_pid_m, p.nbn, as_.stride(0), ws["stride_wse"], ws["stride_wsn"],
+    head = (a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, tw, counts, row_start, sorted_slot)
+    tail = (part, h, inter, e_local, k, p.num_pid_m, p.nbn, as_.stride(0), ws["stride_wse"], ws["stride_wsn"],
             b2.stride(0) if b2 is not None else 0, tw.stride(0), part.stride(0))
     const = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(p.w2_kw["GROUP_M"]),
                  BLOCK_E=p.w2_kw["BLOCK_E"], HAS_BIAS=b2 is not None, ON_INPUT=on_input, num_warps=bm // 16)
     if fp8_w2_ws_ok(p):
         nc = p.gluon_ws[1]
+        if not blk_ready:
+            launch_block_table(launch, p, counts, row_start, blk, e_local)
         grid = (min(p.num_pid_m * p.nbn, _sm_count(inter_q.device.index)),)
-        launch(fp8_w2_ws_sum_kernel, grid, *args, STAGES=fp8_w2_ws_stages(bm, bn, bk, nc), NC=nc, **const)
+        launch(fp8_w2_ws_sum_kernel, grid, *head, blk, *tail, STAGES=fp8_w2_ws_stages(bm, bn, bk, nc), NC=nc,
+               **const)
         return
     stages = max(2, min(int(p.w2_kw["num_stages"]), (200 * 1024) // ((bm + bn) * bk)))
     nt = max(1, min(p.gluon_nt, p.nbn))
-    launch(fp8_w2_sum_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *args, STAGES=stages, NT=nt, **const)
+    launch(fp8_w2_sum_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *head, *tail, STAGES=stages, NT=nt, **const)
 
 
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
@@ -123,28 +129,68 @@ def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
             and q.ws13["ws_qbn"] % p.bn13 == 0 and p.bm in (64, 128) and not kw["SWAP"] and not kw["INLINE"])
 
 
-def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, sorted_slot, h, inter, k,
-                   w13_kw: dict) -> None:
-    """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1)."""
+def fp8_w13_ws_stages(bm: int, bn: int, bk: int, nc: int) -> int:
+    """Ring slots per consumer of the warp-specialised fp8 w13: as many slots (a [BM, BK] and two [BN, BK] fp8
+    tiles, three fp32 scales per row) as fit ``nc`` rings in :data:`_FP8_WS_SMEM` (at most
+    :data:`_FP8_WS_MAX_STAGES`)."""
+    return min(_FP8_WS_MAX_STAGES, _FP8_WS_SMEM // (nc * ((bm + 2 * bn) * bk + 12 * bm)))
+
+
+def fp8_w13_ws_ok(p) -> bool:
+    """The plan asks for the warp-specialised fp8 w13 (w13 config ``"gluon_ws"``: its consumer count) and the
+    kernel covers the tile: 1 or 2 consumers, BLOCK_M 64 or 128 with one consumer (as :func:`fp8_w2_ws_ok`), BN
+    16-64 (six [BM, BN] fp32 tiles per consumer thread fit its 232 registers up to BN 64), BK 64 / 128 (a row's
+    16-byte chunks across 4 / 8 producer threads), two ring slots per consumer at least. Outside these the
+    one-warpgroup Gluon w13 runs (:func:`fp8_w13_ok` holds first)."""
+    nc, bm, bn, bk = p.gluon_ws[0], p.bm, p.bn13, p.bk13
+    return (nc in (1, 2) and (bm == 64 or (bm == 128 and nc == 1)) and bn in (16, 32, 64) and bk in (64, 128)
+            and fp8_w13_ws_stages(bm, bn, bk, nc) >= 2)
+
+
+def launch_block_table(launch, p, counts, row_start, blk, e_local: int) -> None:
+    """``blk[b]`` = the expert of row block ``b`` (``E_local`` past the last), for the persistent kernels
+    (:func:`._triton.align.block_expert_kernel`; after the align kernel, on the device: graph-safe)."""
+    from ._triton.align import block_expert_kernel
+
+    block_e = int(p.w13_kw["BLOCK_E"])
+    block_b = max(16, min(256, 8192 // block_e))  # a [BLOCK_B, BLOCK_E] comparison per program
+    launch(block_expert_kernel, (triton.cdiv(p.num_pid_m, block_b),), counts, row_start, blk, p.num_pid_m, e_local,
+           BM=p.bm, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=4)
+
+
+def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, sorted_slot, blk, h, inter, k,
+                   w13_kw: dict) -> bool:
+    """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1).
+    With ``"gluon_ws"`` inside :func:`fp8_w13_ws_ok`: the block -> expert table into ``blk`` ([num_pid_m] int32),
+    then the warp-specialised kernel, one program per SM at most. Returns whether it wrote ``blk``."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from ._gluon.fp8_w13 import fp8_w13_kernel
+    from ._gluon.fp8_w13_ws import fp8_w13_ws_kernel
 
     bm, bn, bk = p.bm, p.bn13, p.bk13
     w_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn, bk],
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws = q.ws13
     req = int(w13_kw.get("REQ", 0))
-    is_ = w13_kw["is_ptr"] if req else inter_buf
+    head = (xq, w_desc, w13_kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1, inter_buf,
+            w13_kw["is_ptr"] if req else inter_buf, out, counts, row_start, sorted_slot)
+    tail = (h, inter, w1.shape[1], w1.shape[0], k, p.num_pid_m, p.limit_arg, xq.stride(0), w13_kw["stride_xst"],
+            ws["stride_wse"], ws["stride_wsn"], ws["ws_shard"], b1.stride(0) if b1 is not None else 0,
+            inter_buf.stride(0), int(w13_kw.get("stride_isr", 0)))
+    const = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]),
+                 BLOCK_E=w13_kw["BLOCK_E"], ACT=w13_kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"],
+                 EVEN_K=w13_kw["EVEN_K"], REQ=req, UE8M0=bool(w13_kw.get("UE8M0", False)), num_warps=bm // 16)
+    if fp8_w13_ws_ok(p):
+        nc = p.gluon_ws[0]
+        launch_block_table(launch, p, counts, row_start, blk, w1.shape[0])
+        grid = (min(p.grid13[0], _sm_count(xq.device.index)),)
+        launch(fp8_w13_ws_kernel, grid, *head, blk, *tail, STAGES=fp8_w13_ws_stages(bm, bn, bk, nc), NC=nc, **const)
+        return True
     stages = max(2, min(int(w13_kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
-    launch(fp8_w13_kernel, p.grid13, xq, w_desc, w13_kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1,
-           inter_buf, is_, out, counts, row_start, sorted_slot, h, inter, w1.shape[1], w1.shape[0], k, p.num_pid_m,
-           p.limit_arg, xq.stride(0), w13_kw["stride_xst"], ws["stride_wse"], ws["stride_wsn"], ws["ws_shard"],
-           b1.stride(0) if b1 is not None else 0, inter_buf.stride(0), int(w13_kw.get("stride_isr", 0)),
-           BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]), BLOCK_E=w13_kw["BLOCK_E"],
-           STAGES=stages, ACT=w13_kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"],
-           EVEN_K=w13_kw["EVEN_K"], REQ=req, UE8M0=bool(w13_kw.get("UE8M0", False)), num_warps=bm // 16)
+    launch(fp8_w13_kernel, p.grid13, *head, *tail, STAGES=stages, **const)
+    return False
 
 
 #: the weight-only 4-bit formats' codes (:class:`.triton_experts_quant.QuantSpec`)

@@ -20,7 +20,11 @@ bits) or ``"gluon_ws": n`` (n = 1 or 2: its warp-specialised, persistent form, :
 n consumer warpgroups each fed by a TMA producer warp, one program per SM, ``"gluon_nt"`` unused; BLOCK_M 64, or
 128 with n = 1; elsewhere the one-warpgroup Gluon w2 runs, see :func:`moekit.ops.gluon_experts.fp8_w2_ws_ok`; the
 same bits; measured on the H200 in round 14: faster only for gpt-oss at T = 4096, its fp8 table's bucket, and
-slower at DeepSeek-V3 and Qwen3). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
+slower at DeepSeek-V3 and Qwen3). ``"w13": {"gluon": 1, "gluon_ws": n}`` likewise runs the warp-specialised,
+persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n consumer warpgroups, each with a producer that
+gathers the token rows by cp.async; BLOCK_M 64 or 128 with n = 1, BN <= 64; elsewhere the one-warpgroup Gluon w13,
+see :func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits). ``"gluon_ws"`` must be an int >= 0
+(:func:`gluon_ws_value`). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
 of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
@@ -151,6 +155,18 @@ def clear_config_cache() -> None:
     """Forget every file read and config looked up (after a config file changed in this process)."""
     load_config_file.cache_clear()
     _get_config.cache_clear()
+
+
+def gluon_ws_value(part: str, cfg_part: dict) -> int:
+    """The ``"gluon_ws"`` key of config part ``part`` (``"w13"`` / ``"w2"``; 0 when absent): an int >= 0, else
+    ``ValueError`` naming the key, the value and what is expected. What a positive count means depends on the
+    weights (fp8 block: consumer warpgroups, 1 or 2; mxfp4 / int4: decoded slots, 2-8); a count the kernel does not
+    cover runs the one-warpgroup Gluon GEMM (:func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`, ``fp8_w2_ws_ok``)."""
+    v = cfg_part.get("gluon_ws", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f'config "{part}": "gluon_ws" = {v!r}, expected an int >= 0 (0: off; fp8 block weights: '
+                         f'1 or 2 consumer warpgroups of the warp-specialised GEMM; mxfp4 / int4: 2-8 decoded slots)')
+    return v
 
 
 def heuristic_config(

@@ -169,7 +169,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     )
     dev = x.device
     # two scratch allocations, split into views (int32 layout/semaphores; the dtype inter and part rows)
-    counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, sem = torch.empty(
+    counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, blk, sem = torch.empty(
         p.i32_total, dtype=torch.int32, device=dev
     ).split_with_sizes(p.i32_sizes)
     if q is None:
@@ -224,9 +224,10 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         w13_out = torch.empty(p.rows, 2 * inter, dtype=torch.float32, device=dev)
         epi = {n: w13_kw[n] for n in ("REQ", "is_ptr", "stride_isr", "qs_ptr", "UE8M0") if n in w13_kw}
         w13_kw = dict(w13_kw, REQ=0)
+    blk_ready = False  # the persistent Gluon GEMMs' block -> expert table (blk) is written
     if gluon_experts.fp8_w13_ok(p, q, w1, w1_desc is not None, _interpreting()):  # same bits, overlapped promotion
-        gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start, sorted_slot, h, inter,
-                                     k, w13_kw)
+        blk_ready = gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start,
+                                                 sorted_slot, blk, h, inter, k, w13_kw)
     elif gluon_experts.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory
         gluon_experts.launch_w4_w13(launch, p, q, a13, w1, b1, w13_out, counts, row_start, sorted_slot, h, inter, k)
     else:
@@ -244,7 +245,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     flags["USE_TMA"] = w2_desc is not None
     if w2_desc is not None and gluon_experts.fp8_w2_ok(p, q, w2, _interpreting()):  # same bits, overlapped promotion
         gluon_experts.launch_fp8_w2_sum(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, tw, counts, row_start,
-                                        sorted_slot, part, h, inter, k, bool(on_input))
+                                        sorted_slot, blk, blk_ready, part, h, inter, k, bool(on_input))
     elif gluon_experts.w4_ok(p, q, "w2", w2, x, _interpreting()):  # (the plan asks only with the sum pass)
         gluon_experts.launch_w4_w2_sum(launch, p, q, inter_w2, w2, b2, tw, counts, row_start, sorted_slot, part, h,
                                        inter, k, bool(on_input))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .triton_configs import gluon_ws_value
+
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
 #: experts step µs fused / pass (round 7 kernel_profile): Qwen3 bf16 T = 8 (64 slots) 137.0 / 135.1, 1024 403.9 /
@@ -37,7 +39,7 @@ class LaunchPlan:
     num_pid_m: int
     nbn: int  # w2 column blocks: cdiv(H, w2 BN)
     e_global: int
-    i32_sizes: tuple  # counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, sem (padded)
+    i32_sizes: tuple  # counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, block_expert, sem (padded)
     i32_total: int
     buf_total: int  # inter rows, then part rows (from part_offset), elements of the input dtype
     part_offset: int
@@ -68,7 +70,7 @@ class LaunchPlan:
     gluon_wbuf: tuple  # config "gluon_wbuf" of w13 / w2 (Gluon 4-bit): decoded weight tiles in flight, 1 or 2
     gluon_nt: int  # w2 config "gluon_nt" (Gluon fp8 block w2): column tiles per program, one after the other
     gluon_ws: tuple  # config "gluon_ws" of w13 / w2, 0: off; Gluon 4-bit (swapped, warp-specialised): decoded slots;
-    #                 fp8 block w2: consumer warpgroups of the warp-specialised form (1 or 2)
+    #                 fp8 block w13 / w2: consumer warpgroups of the warp-specialised form (1 or 2)
     gluon_rega: tuple  # config "gluon_rega" of w13 / w2 (Gluon 4-bit, swapped): the decoded tile as register operand
 
 
@@ -101,7 +103,10 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     inline = slots <= inline_slots and not (c13.get("gluon") or c2.get("gluon"))
     align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
-    i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, t * nbn if sems else 1))
+    ws = tuple(gluon_ws_value(part, c) for part, c in (("w13", c13), ("w2", c2)))
+    # block_expert [num_pid_m]: the persistent Gluon GEMMs' block -> expert table (gluon_experts.launch_block_table)
+    table = num_pid_m if any(ws) else 1
+    i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, table, t * nbn if sems else 1))
     part_rows = slots if combine else 1
     part_offset = _pad(rows * inter, 64)
     common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=has_map, SKIP_ZERO=skip_zero,
@@ -135,6 +140,6 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         # swapped (decode) tiles: one (three programs per SM: H200, DeepSeek-V3 mxfp4 T = 8 w13 634 -> 598 µs)
         gluon_wbuf=tuple(int(c.get("gluon_wbuf", 1 if c.get("SWAP") else 2)) for c in (c13, c2)),
         gluon_nt=int(c2.get("gluon_nt", 1)),
-        gluon_ws=tuple(int(c.get("gluon_ws", 0)) for c in (c13, c2)),
+        gluon_ws=ws,
         gluon_rega=tuple(bool(c.get("gluon_rega", 0)) for c in (c13, c2)),
     )

@@ -1,5 +1,5 @@
-"""Pieces shared by the Gluon grouped GEMMs: program order, the expert of a row block, a K step's fp8 scales,
-the fp8 w2 epilogue."""
+"""Pieces shared by the Gluon grouped GEMMs: program order, the expert of a row block (scanned, or from the
+block -> expert table for the persistent kernels), a K step's fp8 scales, the fp8 w2 epilogue."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def block_expert(counts_ptr, row_start_ptr, b, E_local, BM: gl.constexpr, BLOCK_
     first = gl.sum(gl.where(offs == e, start, 0), 0)
     n_e = gl.sum(gl.where(offs == e, cnt, 0), 0)
     return e, first, n_e
+
+
+@gluon.jit
+def block_tile(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, num_pid_n, E_local,
+               GROUP_M: gl.constexpr, BM: gl.constexpr):
+    """(row block, column tile, expert, its first block, its live rows) of tile ``t`` of a persistent GEMM, the
+    expert from the block -> expert table ``blk`` (``_triton.align.block_expert_kernel``): three scalar loads, two
+    of them dependent. Expert ``E_local`` (skip; first block and live rows 0) past the last row block with rows
+    and past the last tile (a look-ahead: pid_to_tile is only defined for tiles that exist, so the last one's)."""
+    pid_m, pid_n = pid_to_tile(gl.minimum(t, num_tiles - 1), num_pid_m, num_pid_n, GROUP_M)
+    e = gl.where(t >= num_tiles, E_local, gl.load(blk_ptr + pid_m))
+    live = e < E_local
+    first = gl.load(row_start_ptr + e, mask=live, other=0) // BM
+    return pid_m, pid_n, e, first, gl.load(counts_ptr + e, mask=live, other=0)
 
 
 @gluon.jit

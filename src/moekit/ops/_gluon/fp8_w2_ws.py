@@ -36,8 +36,11 @@ per consumer the pipelines are independent, and one consumer's epilogue overlaps
 
 The programs are persistent: program ``p`` of ``P`` (one per SM) takes tiles ``p, p + P, ...`` in the grouped
 order of :func:`.common.pid_to_tile`, consumer (and producer) ``c`` the program's tiles ``p + c·P, p + (c +
-NC)·P, ...``; row blocks past the last expert (:func:`.common.block_expert` gives ``E_local``) are skipped by
-both partitions of a pair alike (the same tile sequence, the same expert lookup).
+NC)·P, ...``. A tile's expert comes from the block -> expert table that ``_triton.align.block_expert_kernel``
+writes after the align kernel (:func:`.common.block_tile`: one load, then the expert's first block and rows);
+each partition looks the next tile up when a tile starts, so the loads land while it runs. Row blocks past the
+last expert (expert ``E_local``) are skipped by both partitions of a pair alike (the same tile sequence, the same
+table).
 
 Registers (ptxas for sm_90, checked by ``tests/ops/test_gluon_fp8.py``): a consumer holds three [64, BN] fp32
 accumulators per warpgroup (the running sum, the product being promoted, the wgmma in flight) and gets 232 per
@@ -48,10 +51,10 @@ fp8 table -> one / two consumers): the same bits (every case of the Gluon tests,
 in batches), faster for gpt-oss-120b T = 4096 (530 -> 509 / 473, twice; shipped in that bucket with two
 consumers) and Mixtral T = 1024 (355 -> 333 / 327, not shipped: 2 % of the step), slower at DeepSeek-V3 (T = 16384
 6390 -> 7916 / 7389, T = 4096 1762 -> 2297 / 2027) and Qwen3 (T = 16384 767 -> 846 / 838). The one per-tile cost
-this schedule does not hide is the expert lookup (a scan over the experts in 32-wide chunks, which the producer
-runs before a tile's first loads: 8 chunks for 256 experts); DeepSeek-V3's loss at T = 16384, ~1.8 µs per tile
-over 869 tiles per program, fits it (not measured apart). A row-block -> expert table written once (e.g. by the
-align kernel) would make it one load.
+this schedule did not hide was the expert lookup (a scan over the experts in 32-wide chunks, which the producer
+ran before a tile's first loads: 8 chunks for 256 experts); DeepSeek-V3's loss at T = 16384, ~1.8 µs per tile
+over 869 tiles per program, fits it (not measured apart). Since round 15 the block -> expert table replaces that
+scan (the same tiles, experts and bits; not yet measured on the GPU).
 """
 
 from __future__ import annotations
@@ -61,46 +64,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .common import pid_to_tile, w2_part_store
+from .common import block_tile, w2_part_store
 
 #: registers per thread of a producer warp (its warpgroup is padded with idle warps that get as many)
 PRODUCER_REGS = gl.constexpr(40)
 #: registers per thread of the second consumer (NC = 2); the default partition gets what is left (also 232)
 CONSUMER_REGS = gl.constexpr(232)
-
-
-@gluon.jit
-def _block_expert(counts_ptr, row_start_ptr, b, E_local, BM: gl.constexpr, NW: gl.constexpr):
-    """:func:`.common.block_expert`'s three numbers (expert, its first block, its live rows) of row block ``b``,
-    over chunks of one expert per thread (a loop, not a [BLOCK_E] vector: a one-warp producer would hold
-    BLOCK_E / 32 counts and starts per lane, 16 each for 256 experts, more than its registers). The expert is the
-    count of experts whose padded rows end at or before the block; its first block and live rows are then read
-    for it alone (0 past the last expert, as there)."""
-    CH: gl.constexpr = 32 * NW
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-    offs = gl.arange(0, CH, layout=lay)
-    before = gl.zeros([CH], gl.int32, layout=lay)
-    for c in range(0, E_local, CH):  # counts and row_start stay in L1: one short wait per chunk
-        m = c + offs < E_local
-        cnt = gl.load(counts_ptr + c + offs, mask=m, other=0)
-        end = gl.load(row_start_ptr + c + offs, mask=m, other=0) // BM + (cnt + BM - 1) // BM
-        before += (m & (end <= b)).to(gl.int32)
-    e = gl.sum(before, 0)
-    live = e < E_local
-    first = gl.load(row_start_ptr + e, mask=live, other=0) // BM
-    return e, first, gl.load(counts_ptr + e, mask=live, other=0)
-
-
-@gluon.jit
-def _tile(t, num_tiles, counts_ptr, row_start_ptr, num_pid_m, NBN, E_local, GROUP_M: gl.constexpr, BM: gl.constexpr,
-          NW: gl.constexpr):
-    """(row block, column tile, expert, its first block, its live rows) of tile ``t``; expert ``E_local`` (skip)
-    past the last row block with rows, and past the last tile (a consumer's look-ahead): then the last tile's
-    blocks with no live row (pid_to_tile is only defined for tiles that exist)."""
-    past = t >= num_tiles
-    pid_m, pid_n = pid_to_tile(gl.minimum(t, num_tiles - 1), num_pid_m, NBN, GROUP_M)
-    e, first, n_e = _block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, NW)
-    return pid_m, pid_n, gl.where(past, E_local, e), first, gl.where(past, 0, n_e)
 
 
 @gluon.jit
@@ -111,20 +80,25 @@ def _rows(pid_m, first, n_e, BM: gl.constexpr, ROW_L: gl.constexpr):
 
 
 @gluon.jit
-def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, counts_ptr,
+def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr, counts_ptr,
              row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn,
              C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
-    """Producer ``C_ID``: every load of consumer ``C_ID``'s K steps, into its ring slot by slot."""
+    """Producer ``C_ID``: every load of consumer ``C_ID``'s K steps, into its ring slot by slot. The next tile's
+    expert is looked up when a tile starts (its loads land while this tile's steps are issued)."""
     RING: gl.constexpr = C_ID * STAGES
     ROW_L: gl.constexpr = gl.BlockedLayout([BM // (32 * NW)], [32], [NW], [0])
     nbytes: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
     nk = gl.cdiv(I, BK)
     num_tiles = num_pid_m * NBN
+    stride = NC * gl.num_programs(0)
+    t_first = gl.program_id(0) + C_ID * gl.num_programs(0)
+    pid_m, pid_n, e, first, n_e = block_tile(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN,
+                                             E_local, GROUP_M, BM)
     g = 0  # this ring's steps so far (the consumer counts alike)
-    for t in range(gl.program_id(0) + C_ID * gl.num_programs(0), num_tiles, NC * gl.num_programs(0)):
-        pid_m, pid_n, e, first, n_e = _tile(t, num_tiles, counts_ptr, row_start_ptr, num_pid_m, NBN, E_local,
-                                            GROUP_M, BM, NW)
+    for t in range(t_first, num_tiles, stride):
+        pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m,
+                                                NBN, E_local, GROUP_M, BM)
         if e < E_local:
             rows, valid = _rows(pid_m, first, n_e, BM, ROW_L)
             as_rows = as_ptr + rows.to(gl.int64) * stride_asr
@@ -142,6 +116,7 @@ def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_p
                 tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k * BK], bar, a_smem.index(s))
                 tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
                 g += 1
+        pid_m, pid_n, e, first, n_e = pm1, pn1, e1, first1, n_e1
 
 
 @gluon.jit
@@ -203,19 +178,19 @@ def _steps(t0, sa0, sw0, a_smem, w_smem, sa_smem, sw_smem, full, empty, g, nk, z
 
 
 @gluon.jit
-def _next(t, num_tiles, counts_ptr, row_start_ptr, sorted_ptr, num_pid_m, NBN, E_local, GROUP_M: gl.constexpr,
-          BM: gl.constexpr, NW: gl.constexpr, ROW_L: gl.constexpr):
-    """A consumer's next tile ``t``: :func:`_tile`'s numbers and the slot of each of its rows (loaded now, used
-    when it starts)."""
-    pid_m, pid_n, e, first, n_e = _tile(t, num_tiles, counts_ptr, row_start_ptr, num_pid_m, NBN, E_local, GROUP_M, BM,
-                                        NW)
+def _next(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, num_pid_m, NBN, E_local,
+          GROUP_M: gl.constexpr, BM: gl.constexpr, ROW_L: gl.constexpr):
+    """A consumer's next tile ``t``: :func:`.common.block_tile`'s numbers and the slot of each of its rows (loaded
+    now, used when it starts)."""
+    pid_m, pid_n, e, first, n_e = block_tile(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN, E_local,
+                                             GROUP_M, BM)
     rows, valid = _rows(pid_m, first, n_e, BM, ROW_L)
     return pid_m, pid_n, e, first, n_e, gl.load(sorted_ptr + rows, mask=valid, other=0)
 
 
 @gluon.jit
-def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, counts_ptr, row_start_ptr, sorted_ptr,
-             part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt, stride_pr,
+def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr, row_start_ptr,
+             sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt, stride_pr,
              C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
              NW: gl.constexpr):
@@ -233,8 +208,8 @@ def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, coun
     t_first = gl.program_id(0) + C_ID * gl.num_programs(0)
     zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
 
-    pid_m, pid_n, e, first, n_e, slot = _next(t_first, num_tiles, counts_ptr, row_start_ptr, sorted_ptr, num_pid_m,
-                                              NBN, E_local, GROUP_M, BM, NW, row_l)
+    pid_m, pid_n, e, first, n_e, slot = _next(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr,
+                                              num_pid_m, NBN, E_local, GROUP_M, BM, row_l)
     g = 0  # this ring's steps so far (the producer counts alike)
     for t in range(t_first, num_tiles, stride):
         valid = _rows(pid_m, first, n_e, BM, row_l)[1]
@@ -247,14 +222,14 @@ def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, coun
         acc = zero
         if live:
             t0, sa0, sw0 = _mma(a_smem, w_smem, sa_smem, sw_smem, full, g, zero, RING, STAGES, BK, row_l)
-            pm1, pn1, e1, first1, n_e1, slot1 = _next(t + stride, num_tiles, counts_ptr, row_start_ptr, sorted_ptr,
-                                                      num_pid_m, NBN, E_local, GROUP_M, BM, NW, row_l)
+            pm1, pn1, e1, first1, n_e1, slot1 = _next(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
+                                                      sorted_ptr, num_pid_m, NBN, E_local, GROUP_M, BM, row_l)
             acc = _steps(t0, sa0, sw0, a_smem, w_smem, sa_smem, sw_smem, full, empty, g, nk, zero, RING, STAGES, BK,
                          row_l)
             g += nk
         else:
-            pm1, pn1, e1, first1, n_e1, slot1 = _next(t + stride, num_tiles, counts_ptr, row_start_ptr, sorted_ptr,
-                                                      num_pid_m, NBN, E_local, GROUP_M, BM, NW, row_l)
+            pm1, pn1, e1, first1, n_e1, slot1 = _next(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
+                                                      sorted_ptr, num_pid_m, NBN, E_local, GROUP_M, BM, row_l)
         if live:
             w2_part_store(acc, e, pid_n, slot, valid, wv, b2_ptr, part_ptr, H, stride_be, stride_pr, BN, col_l,
                           HAS_BIAS, ON_INPUT)
@@ -264,7 +239,7 @@ def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, coun
 
 @gluon.jit
 def fp8_w2_ws_sum_kernel(
-    a_desc, w_desc, as_ptr, ws_ptr, b2_ptr, tw_ptr, counts_ptr, row_start_ptr, sorted_ptr, part_ptr,
+    a_desc, w_desc, as_ptr, ws_ptr, b2_ptr, tw_ptr, counts_ptr, row_start_ptr, sorted_ptr, blk_ptr, part_ptr,
     H, I, E_local, K, num_pid_m, NBN,
     stride_asr, stride_wse, stride_wsn, stride_be, stride_twt, stride_pr,
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
@@ -274,8 +249,9 @@ def fp8_w2_ws_sum_kernel(
     """Persistent grid (P,), P <= num_pid_m · NBN (one program per SM). Arguments as
     :func:`.fp8_w2.fp8_w2_sum_kernel` (a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
     w2.view(E·H, I), block [BN, BK]; QBN % BN == 0), without ``NT``; ``NC``: consumers (1 or 2), each with its
-    own producer warp and ring of ``STAGES`` slots. ``num_warps`` = BM / 16 (the default partition: consumer 0);
-    BM 128 only with NC = 1. ``BLOCK_E`` is unused (the experts are scanned in chunks: :func:`_block_expert`)."""
+    own producer warp and ring of ``STAGES`` slots; ``blk``: [num_pid_m] int32, each row block's expert
+    (``_triton.align.block_expert_kernel``). ``num_warps`` = BM / 16 (the default partition: consumer 0); BM 128
+    only with NC = 1. ``BLOCK_E`` is unused (the tiles look their expert up in ``blk``)."""
     scale_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # per slot: [BM] fp32
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [NC * STAGES, BM, BK], a_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [NC * STAGES, BN, BK], w_desc.layout)
@@ -295,25 +271,25 @@ def fp8_w2_ws_sum_kernel(
     # every argument written into the call: a tuple held in a variable loses its constexprs (w4_ws.py)
     if NC == 1:
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, counts_ptr, row_start_ptr,
-             sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt, stride_pr, C0, NC, BM, BN,
-             BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, counts_ptr,
-             row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C0, NC, BM, BN, BK,
-             QBN, GROUP_M, STAGES, ONE)),
+            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr,
+             row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt,
+             stride_pr, C0, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr,
+             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C0, NC,
+             BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
         ], [1], [PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, counts_ptr, row_start_ptr,
-             sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt, stride_pr, C0, NC, BM, BN,
-             BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
-            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, counts_ptr, row_start_ptr,
-             sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt, stride_pr, C1, NC, BM, BN,
-             BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, WG)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, counts_ptr,
-             row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C0, NC, BM, BN, BK,
-             QBN, GROUP_M, STAGES, ONE)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, counts_ptr,
-             row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C1, NC, BM, BN, BK,
-             QBN, GROUP_M, STAGES, ONE)),
+            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr,
+             row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt,
+             stride_pr, C0, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
+            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr,
+             row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt,
+             stride_pr, C1, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, WG)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr,
+             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C0, NC,
+             BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr,
+             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C1, NC,
+             BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
         ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])

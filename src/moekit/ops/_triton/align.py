@@ -19,7 +19,8 @@ Scratch per chunk: ``counts [E_local + 1] int32`` (the last entry is a ticket; z
 :func:`count_kernel`), ``slot_loc [S]`` and ``slot_rank [S]`` int32, ``row_start [E_local]`` int32,
 ``tok_live [T]`` int32 (live slots per token). The count phase also zeroes the combine semaphores
 ``sem [T, NBN]`` (``COMBINE``: when w2 sums the top-k in its tail, not in a sum pass) and the output rows of
-tokens with no live slot.
+tokens with no live slot. For the persistent (warp-specialised) Gluon GEMMs, :func:`block_expert_kernel` then
+writes ``block_expert [num_pid_m]`` int32: each row block's expert, so a tile finds it with one load.
 """
 
 from __future__ import annotations
@@ -164,3 +165,24 @@ def align_small_kernel(
     tl.debug_barrier()
     for t0 in range(0, T, BT):
         _scatter_tile(t0, loc_ptr, rank_ptr, row_start_ptr, sorted_ptr, T, K, BT, KP)
+
+
+@triton.jit
+def block_expert_kernel(
+    counts_ptr, row_start_ptr, blk_ptr, n_blocks, E_local,
+    BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Grid (cdiv(n_blocks, BLOCK_B),), after the scan: ``block_expert[b]`` = the local expert of row block
+    ``b`` = the number of experts whose padded rows end at or before it,
+
+        block_expert[b] = #{e < E_local : row_start[e] / BM + ceil(counts[e] / BM) <= b}
+
+    (``E_local`` for the blocks past the last expert's). The persistent Gluon GEMMs look a tile's expert up here
+    (one load) instead of scanning ``row_start``. counts / row_start: [E_local] int32; blk: [n_blocks] int32."""
+    offs = tl.arange(0, BLOCK_E)
+    m = offs < E_local
+    cnt = tl.load(counts_ptr + offs, mask=m, other=0)
+    end = tl.load(row_start_ptr + offs, mask=m, other=0) // BM + (cnt + BM - 1) // BM
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    e = tl.sum((m[None, :] & (end[None, :] <= b[:, None])).to(tl.int32), axis=1)
+    tl.store(blk_ptr + b, e, mask=b < n_blocks)
