@@ -16,7 +16,8 @@ one small launch after the align kernel, only when one of them runs).
 
 The 4-bit kernels come in three forms, all with the Triton kernels' bits: decoded into shared memory
 (:mod:`._gluon.w4`, ``"gluon": 1``), and for swapped tiles the decoded weights as the wgmma's register operand
-(:mod:`._gluon.w4_rega`, ``"gluon_rega": 1``: the H200 table's decode buckets) or a warp-specialised, persistent
+(:mod:`._gluon.w4_rega`, ``"gluon_rega": 1``: the H200 4-bit table's decode buckets and, with 64 / 128 token rows,
+its compute-bound ones) or a warp-specialised, persistent
 form (:mod:`._gluon.w4_ws`, ``"gluon_ws": slots``: one program per SM, measured slower, in no table).
 """
 
