@@ -344,8 +344,8 @@ def sass_text(kernel) -> str:
         return subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
-def _sass_loop(sass: str) -> list[str]:
-    """The instructions of the innermost SASS loop that holds every ``HGMMA`` of a listing."""
+def _parse_sass(sass: str) -> tuple[list[str], dict[str, int]]:
+    """(the instructions of a SASS listing, {label: index of the instruction after it})."""
     import re
 
     ins, labels = [], {}
@@ -357,6 +357,14 @@ def _sass_loop(sass: str) -> list[str]:
         m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if m:
             ins.append(m.group(1).strip())
+    return ins, labels
+
+
+def _sass_loop(sass: str) -> list[str]:
+    """The instructions of the innermost SASS loop that holds every ``HGMMA`` of a listing."""
+    import re
+
+    ins, labels = _parse_sass(sass)
     mma = [i for i, s in enumerate(ins) if "HGMMA" in s]
     loop = None
     for i, s in enumerate(ins):  # the backward branch around all of them, the last (innermost enclosing) one
@@ -368,22 +376,6 @@ def _sass_loop(sass: str) -> list[str]:
     return ins[loop[0]:loop[1] + 1]
 
 
-def _sass(kernel) -> tuple[list[str], dict[str, int]]:
-    """(the SASS instructions of a compiled kernel, {label: index of the instruction after it})."""
-    import re
-
-    ins, labels = [], {}
-    for line in sass_text(kernel).splitlines():
-        m = re.match(r"\s*(\.L_x_\d+):", line)
-        if m:
-            labels[m.group(1)] = len(ins)
-            continue
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if m:
-            ins.append(m.group(1))
-    return ins, labels
-
-
 def inner_loops(kernel, op: str = "GMMA") -> list[list[str]]:
     """The innermost SASS loops of a compiled kernel that hold an instruction containing ``op`` (``GMMA``: the
     wgmmas, a warp-specialised consumer's K loop; ``LDGSTS``: cp.async, a gathering producer's), each as its
@@ -391,7 +383,7 @@ def inner_loops(kernel, op: str = "GMMA") -> list[list[str]]:
     rest, EXIT included: not counted."""
     import re
 
-    ins, labels = _sass(kernel)
+    ins, labels = _parse_sass(sass_text(kernel))
     loops = [(labels[m.group(1)], i) for i, s in enumerate(ins)
              for m in [re.search(r"BRA\s+`?\(?(\.L_x_\d+)", s)] if m and labels.get(m.group(1), i + 1) <= i]
     hit = [(a, b) for a, b in loops

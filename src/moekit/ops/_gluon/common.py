@@ -1,10 +1,14 @@
-"""Pieces shared by the Gluon grouped GEMMs: program order, the expert of a row block (scanned, or from the
-block -> expert table for the persistent kernels), a K step's fp8 scales, the fp8 w2 epilogue."""
+"""Pieces shared by the Gluon grouped GEMMs: program order (and the persistent kernels' walk over tiles), the
+expert of a row block (scanned, or from the block -> expert table for the persistent kernels), a tile's rows, a K
+step's fp8 scales, the fp8 w13 and w2 epilogues."""
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+
+from .._triton.grouped_gemm import _activate
+from .._triton.quant import requant_store, to_dt
 
 
 @gluon.jit
@@ -49,6 +53,21 @@ def block_tile(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, num_
 
 
 @gluon.jit
+def tile_walk(C_ID: gl.constexpr, NC: gl.constexpr):
+    """(first tile, stride) of consumer ``C_ID`` of ``NC`` (and its producer) in a persistent program: program
+    ``p`` of ``P`` takes tiles ``p + C_ID·P, p + (C_ID + NC)·P, ...``."""
+    return gl.program_id(0) + C_ID * gl.num_programs(0), NC * gl.num_programs(0)
+
+
+@gluon.jit
+def tile_rows(pid_m, first, n_e, BM: gl.constexpr, ROW_L: gl.constexpr):
+    """The tile's sorted rows ([BM] in ``ROW_L``) and which of them hold a slot (row block ``pid_m`` of an expert
+    whose blocks start at ``first`` and hold ``n_e`` live rows)."""
+    r = gl.arange(0, BM, layout=ROW_L)
+    return pid_m * BM + r, (pid_m - first) * BM + r < n_e
+
+
+@gluon.jit
 def step_scale(as_rows, valid, ws_e, k):
     """s_x[row, k] · S[e, n-block, k] for the tile's rows ([BM], the accumulator's row layout)."""
     a_s = gl.load(as_rows + k, mask=valid, other=0.0)
@@ -69,3 +88,26 @@ def w2_part_store(acc, e, pid_n, slot, valid, wv, b2_ptr, part_ptr, H, stride_be
         acc = acc * wv.to(gl.float32)[:, None]
     p_ptrs = part_ptr + slot.to(gl.int64)[:, None] * stride_pr + cols[None, :]
     gl.store(p_ptrs, acc, mask=valid[:, None] & nmask[None, :])
+
+
+@gluon.jit
+def w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
+              stride_ir, stride_isr, BN: gl.constexpr, col_l: gl.constexpr, ACT: gl.constexpr,
+              HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr):
+    """The fp8 w13 epilogue (``_triton.grouped_gemm.w13_kernel``'s): ``+ b13``, the gated activation in fp32, the
+    store rounded to the intermediate's dtype (``REQ`` 0) or quantised per row of the tile for w2 (``REQ`` 1, BN =
+    the group, scales into ``is``). acc_g / acc_u: [BM, BN] fp32; ``col_l``: their column layout; rows / valid:
+    [BM] in their row layout; ``out_ptr``: any tensor of the params dtype (not read)."""
+    cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+    nmask = cols < I
+    if HAS_BIAS:
+        b_base = b1_ptr + e.to(gl.int64) * stride_be
+        acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
+        acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
+    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+    out_ptrs = inter_ptr + rows.to(gl.int64)[:, None] * stride_ir + cols[None, :]
+    if REQ > 0:
+        requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(gl.int64) * stride_isr + pid_n,
+                      valid, is_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, False)
+    else:
+        gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid[:, None] & nmask[None, :])

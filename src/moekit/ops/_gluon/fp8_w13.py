@@ -23,9 +23,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .._triton.grouped_gemm import _activate
-from .._triton.quant import requant_store, to_dt
-from .common import block_expert, pid_to_tile, step_scale
+from .common import block_expert, pid_to_tile, step_scale, w13_store
 
 
 @gluon.jit
@@ -156,16 +154,5 @@ def fp8_w13_kernel(
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
-        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_l))
-        nmask = cols < I
-        if HAS_BIAS:
-            b_base = b1_ptr + e.to(gl.int64) * stride_be
-            acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
-            acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
-        h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
-        out_ptrs = inter_ptr + rows.to(gl.int64)[:, None] * stride_ir + cols[None, :]
-        if REQ > 0:
-            requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(gl.int64) * stride_isr + pid_n,
-                          valid, is_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, False)
-        else:
-            gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid[:, None] & nmask[None, :])
+        w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
+                  stride_ir, stride_isr, BN, gl.SliceLayout(0, mma_l), ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0)

@@ -25,7 +25,7 @@ the last expert skipped by both partitions of a pair):
 - consumer ``c`` (one warpgroup per 64 rows) waits ``full[s]``, fences the gathered rows into the async proxy,
   reads the step's scales from the slot (its K loop loads nothing from global memory), runs step k's two wgmmas
   while it promotes step k - 1 (in pairs of steps, as in :mod:`.fp8_w2_ws`), frees slot ``s`` once its wgmmas
-  are waited for, and runs the epilogue of :func:`.fp8_w13.fp8_w13_kernel`.
+  are waited for, and runs the epilogue of :func:`.fp8_w13.fp8_w13_kernel` (:func:`.common.w13_store`).
 
 The gather is the producer's cost: BM rows x 128 bytes per step, BM·8 copies of 16 bytes. A one-warp producer (as
 in the w2, whose operands all come by TMA) would issue 16 copies per lane and step for BM 64 and hold 16 row
@@ -36,7 +36,8 @@ per consumer would make NC = 2 three warpgroups besides the consumers. So a prod
 (two warpgroups) and :data:`PRODUCER_REGS` = 48 per producer thread. Per K step a consumer's two m64n64k128
 wgmmas take ~256 cycles of the tensor cores at the fp8 peak, ~512 when two consumers share them; in that time
 each of the SM's four schedulers issues one warp of each consumer (~142 instructions per step, below) and one
-producer warp (~104): ~390 of ~512 issue slots, so the gather should keep up, with little slack (not measured).
+producer warp (~104): ~390 of ~512 issue slots, so the gather should keep up, with little slack (not measured
+apart; the kernel as a whole was measured slower, below).
 A producer waits for its tile's slots (``sorted``) once per tile (the next tile's expert is looked up at a
 tile's start, so that lands meanwhile); the ring (4 slots with NC = 2, BN 64) covers that wait.
 
@@ -45,7 +46,13 @@ tiles per warpgroup (acc_g, acc_u, the two products being promoted, the two in f
 at BN 64 (so BN <= 64), and gets 232 (the default partition 224 beside a second consumer); no spills, no
 serialised wgmma. Its K loop issues ~142 instructions per step (the one-warpgroup kernel's ~198, which also
 gathers and loads its scales), a producer thread ~104 (11 copies, 4 partition barriers Triton puts around the
-copies' arrival and the single-thread expect / TMA issues). Not yet measured on the GPU.
+copies' arrival and the single-thread expect / TMA issues).
+
+Measured on the H200 (docs/kernels.md, round 15): the same bits as the Triton and one-warpgroup kernels (23 GPU
+tests), but slower than the one-warpgroup w13 at every compute-bound point but one (DeepSeek-V3 T = 16384: step
+20405 -> 21869 µs with two consumers, w13 11225 -> 13309; gpt-oss T = 4096: -5 %, then -2 % in a second run).
+Opt-in, in no table. The likely bound is the producers' gather; fp8 activations written in the sorted row order
+would let them load a row tile by TMA.
 """
 
 from __future__ import annotations
@@ -56,9 +63,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .._triton.grouped_gemm import _activate
-from .._triton.quant import requant_store, to_dt
-from .common import block_tile
+from .common import block_tile, tile_rows, tile_walk, w13_store
 
 #: registers per thread of the producers' warpgroup (two 2-warp producers, or one of 2 or 4 warps, padded)
 PRODUCER_REGS = gl.constexpr(48)
@@ -80,8 +85,7 @@ def _produce(x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, emp
     nbytes: gl.constexpr = 2 * w_desc.block_type.nbytes
     nk = gl.cdiv(H, BK)
     num_tiles = num_pid_m * NBN
-    stride = NC * gl.num_programs(0)
-    t_first = gl.program_id(0) + C_ID * gl.num_programs(0)
+    t_first, stride = tile_walk(C_ID, NC)
     ra = gl.arange(0, BM, layout=gl.SliceLayout(1, A_L))
     offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, A_L))
     r = gl.arange(0, BM, layout=ROW_L)
@@ -190,30 +194,6 @@ def _steps(tg, tu, pg, pu, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empt
 
 
 @gluon.jit
-def _store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
-           stride_ir, stride_isr, BM: gl.constexpr, BN: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
-           HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, MMA_L: gl.constexpr):
-    """The epilogue of :func:`.fp8_w13.fp8_w13_kernel`, instruction for instruction: + b13, the activation, the
-    store rounded (``REQ`` 0) or quantised per row of the tile (``REQ`` 1)."""
-    r = gl.arange(0, BM, layout=gl.SliceLayout(1, MMA_L))
-    rows = pid_m * BM + r
-    valid = (pid_m - first) * BM + r < n_e
-    cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA_L))
-    nmask = cols < I
-    if HAS_BIAS:
-        b_base = b1_ptr + e.to(gl.int64) * stride_be
-        acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
-        acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
-    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
-    out_ptrs = inter_ptr + rows.to(gl.int64)[:, None] * stride_ir + cols[None, :]
-    if REQ > 0:
-        requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(gl.int64) * stride_isr + pid_n,
-                      valid, is_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, False)
-    else:
-        gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid[:, None] & nmask[None, :])
-
-
-@gluon.jit
 def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr, blk_ptr,
              counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir, stride_isr,
              C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
@@ -227,8 +207,7 @@ def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, int
     row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
     nk = gl.cdiv(H, BK)
     num_tiles = num_pid_m * NBN
-    stride = NC * gl.num_programs(0)
-    t_first = gl.program_id(0) + C_ID * gl.num_programs(0)
+    t_first, stride = tile_walk(C_ID, NC)
     zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
     pid_m, pid_n, e, first, n_e = block_tile(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN,
                                              E_local, GROUP_M, BM)
@@ -248,8 +227,9 @@ def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, int
             pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
                                                     num_pid_m, NBN, E_local, GROUP_M, BM)
         if live:
-            _store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit,
-                   stride_be, stride_ir, stride_isr, BM, BN, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, mma_l)
+            rows, valid = tile_rows(pid_m, first, n_e, BM, row_l)
+            w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
+                      stride_ir, stride_isr, BN, gl.SliceLayout(0, mma_l), ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0)
         pid_m, pid_n, e, first, n_e = pm1, pn1, e1, first1, n_e1
     return ()
 

@@ -64,19 +64,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .common import block_tile, w2_part_store
+from .common import block_tile, tile_rows, tile_walk, w2_part_store
 
 #: registers per thread of a producer warp (its warpgroup is padded with idle warps that get as many)
 PRODUCER_REGS = gl.constexpr(40)
 #: registers per thread of the second consumer (NC = 2); the default partition gets what is left (also 232)
 CONSUMER_REGS = gl.constexpr(232)
-
-
-@gluon.jit
-def _rows(pid_m, first, n_e, BM: gl.constexpr, ROW_L: gl.constexpr):
-    """The tile's sorted rows ([BM]) and which of them hold a slot."""
-    r = gl.arange(0, BM, layout=ROW_L)
-    return pid_m * BM + r, (pid_m - first) * BM + r < n_e
 
 
 @gluon.jit
@@ -91,8 +84,7 @@ def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_p
     nbytes: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
     nk = gl.cdiv(I, BK)
     num_tiles = num_pid_m * NBN
-    stride = NC * gl.num_programs(0)
-    t_first = gl.program_id(0) + C_ID * gl.num_programs(0)
+    t_first, stride = tile_walk(C_ID, NC)
     pid_m, pid_n, e, first, n_e = block_tile(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN,
                                              E_local, GROUP_M, BM)
     g = 0  # this ring's steps so far (the consumer counts alike)
@@ -100,7 +92,7 @@ def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_p
         pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m,
                                                 NBN, E_local, GROUP_M, BM)
         if e < E_local:
-            rows, valid = _rows(pid_m, first, n_e, BM, ROW_L)
+            rows, valid = tile_rows(pid_m, first, n_e, BM, ROW_L)
             as_rows = as_ptr + rows.to(gl.int64) * stride_asr
             # S[e, n-block, k] for every row (the consumer multiplies row by row, as step_scale does)
             ws_rows = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn + rows * 0
@@ -184,7 +176,7 @@ def _next(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, num_pid_
     now, used when it starts)."""
     pid_m, pid_n, e, first, n_e = block_tile(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN, E_local,
                                              GROUP_M, BM)
-    rows, valid = _rows(pid_m, first, n_e, BM, ROW_L)
+    rows, valid = tile_rows(pid_m, first, n_e, BM, ROW_L)
     return pid_m, pid_n, e, first, n_e, gl.load(sorted_ptr + rows, mask=valid, other=0)
 
 
@@ -204,15 +196,14 @@ def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_
     col_l: gl.constexpr = gl.SliceLayout(0, mma_l)
     nk = gl.cdiv(I, BK)
     num_tiles = num_pid_m * NBN
-    stride = NC * gl.num_programs(0)
-    t_first = gl.program_id(0) + C_ID * gl.num_programs(0)
+    t_first, stride = tile_walk(C_ID, NC)
     zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
 
     pid_m, pid_n, e, first, n_e, slot = _next(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr,
                                               num_pid_m, NBN, E_local, GROUP_M, BM, row_l)
     g = 0  # this ring's steps so far (the producer counts alike)
     for t in range(t_first, num_tiles, stride):
-        valid = _rows(pid_m, first, n_e, BM, row_l)[1]
+        valid = tile_rows(pid_m, first, n_e, BM, row_l)[1]
         if not ON_INPUT:  # w[tok, kk] of the slot rows
             tok = slot // K
             wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)

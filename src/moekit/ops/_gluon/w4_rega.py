@@ -158,6 +158,14 @@ def _ready(STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _mma_waited(w, xt, acc):
+    """``acc + w · xt`` by one wgmma (A ``w`` from registers), waited for before anything else runs: the wgmma
+    reads ``w``'s registers until then (module docstring, round 15)."""
+    acc = warpgroup_mma(w, xt, acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+
+@gluon.jit
 def w4ra_w13_kernel(
     x_ptr, w1_ptr, ws_ptr, b1_ptr, inter_ptr, counts_ptr, row_start_ptr, sorted_ptr,
     H, I, E_local, K, num_pid_m, limit,
@@ -207,12 +215,9 @@ def w4ra_w13_kernel(
             # while in flight, and ptxas may give any later value (the next step's loads and decode) the registers
             # of a fragment it considers dead once the wgmma is issued (module docstring, round 15)
             if BM > 64:  # gate, then up: one fragment's registers at a time beside two [BN, BM > 64] accumulators
-                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
-                acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
-                acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, ))
-                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
-                acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
-                acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_u, ))
+                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps), xt, acc_g)
+                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps), xt,
+                                    acc_u)
             else:
                 wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
                 wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
@@ -270,8 +275,7 @@ def w4ra_w2_sum_kernel(
             _ready(STAGES)
             slot = k % STAGES
             w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps)
-            acc = warpgroup_mma(w, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))  # the fragment is read until done (w13's note)
+            acc = _mma_waited(w, x_smem.index(slot).permute((1, 0)), acc)
             gl.thread_barrier()
             kn = k + STAGES - 1
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
