@@ -1,6 +1,8 @@
-"""Which 4-bit configs keep a probe row's bits (round 14 diagnostic, for the next device session): the same T = 64
-and T = 1024 batches under several configs, each against the rows alone (the table's bucket-1 config), and the
-configs against each other. Run from the repository root on a GPU: ``python benchmarks/inv_probe.py``."""
+"""Which 4-bit configs keep a probe row's bits (round 14 diagnostic, run in round 15: ``-r15-inv-probe.log``; it
+showed the BLOCK_M 64 register-operand rows wrong, not merely batch-dependent, which ``rega_race_probe.py`` then
+traced to the in-flight fragment race): the same T = 64 and T = 1024 batches under several configs, each against
+the rows alone (the table's bucket-1 config), and the configs against each other. Run from the repository root on
+a GPU: ``python benchmarks/inv_probe.py``."""
 
 import copy
 import sys
@@ -17,7 +19,7 @@ from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 import moekit  # noqa: E402
 from moekit.ops import gluon_experts  # noqa: E402
 
-gluon_experts._REGA_MAX_BM = 64  # the probe asks for the register-operand form at BLOCK_M 64, which the launcher refuses
+gluon_experts._REGA_MAX_BM = 64  # BLOCK_M 64 register-operand tiles (the launcher refused them before round 15)
 
 
 def cfg(bm, rega, gluon=True, split=False):
