@@ -126,13 +126,13 @@ def gluon_fp8_w2_ws(bm: int = 64, bn: int = 128, i: int = 2048, h: int = 7168, e
 
 
 def gluon_fp8_w13(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e: int = 16, stages: int = 4,
-                  bias: bool = False, req: int = 0, act: str = "silu"):
+                  bias: bool = False, req: int = 0, act: str = "silu", stack: bool = False):
     """The Gluon fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13`) compiled for sm_90 on CPU tensors (never
-    touched): the ``CompiledKernel``."""
+    touched): the ``CompiledKernel``. ``stack``: gate and up as one [2·BN, BK] tile and one wgmma."""
     from moekit.ops._gluon.fp8_w13 import fp8_w13_kernel
 
     args, kw = _fp8_w13_args(bm, bn, h, i, e, req, act, bias)
-    return compile_launch(fp8_w13_kernel, args, dict(kw, STAGES=stages))
+    return compile_launch(fp8_w13_kernel, args, dict(kw, STAGES=stages, STACK=stack))
 
 
 def _fp8_w13_args(bm: int, bn: int, h: int, i: int, e: int, req: int, act: str, bias: bool, bk: int = 128):
@@ -172,9 +172,23 @@ def gluon_fp8_w13_ws(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e
     from moekit.ops._gluon.fp8_w13_ws import fp8_w13_ws_kernel
     from moekit.ops.gluon_experts import fp8_w13_ws_stages
 
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
     args, kw = _fp8_w13_args(bm, bn, h, i, e, req, act, bias, bk)
+    rows = 64 * bm
+    xq = torch.empty(rows, h, dtype=torch.float8_e4m3fn)  # the sorted rows, their scales transposed
+    xs = torch.empty(-(-h // bk), rows)
+    a_desc = TensorDescriptor.from_tensor(xq, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk],
+                                                                                           gl.float8e4nv))
+    kw = {n: v for n, v in kw.items() if n not in ("BLOCK_E", "EVEN_K")}
     kw.update(STAGES=stages or fp8_w13_ws_stages(bm, bn, bk, nc), NC=nc)
-    return compile_launch(fp8_w13_ws_kernel, args[:11] + (args[8],) + args[11:], kw)  # + the block -> expert table
+    if bm == 128 and nc == 2:  # two 64-row consumers on each tile: the default partition is one of them
+        kw["num_warps"] = 4
+    # (a_desc, w_desc, xs, ws, b1, inter, is, out, counts, row_start, the block -> expert table, H, I, N1, E_local,
+    # num_pid_m, limit, xs's group stride, the weight scales' strides and shard, b1's, inter's, is' row strides)
+    ws_args = (a_desc, args[1], xs) + args[3:10] + (args[8],) + args[11:15] + args[16:18] + (xs.stride(0),) + args[20:]
+    return compile_launch(fp8_w13_ws_kernel, ws_args, kw)
 
 
 def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 64, h: int = 7168, i: int = 2048,

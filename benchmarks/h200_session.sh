@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -333,6 +333,74 @@ case $WHAT in
     step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r16-row)  # round 16: DeepSeek-V3 fp8 T = 4096, the experts-step row slower than its whole layer (rounds 9, 12, 16):
+    # the layer, the experts step on the precomputed routing and on fresh copies of it, alternated, graph + profiler
+    step row-probe 200 python benchmarks/experts_row_probe.py --model deepseek-v3 --tokens 4096 --quant fp8
+    ;;
+  r16-mixtral)  # round 16: Mixtral's bf16 points behind vLLM's GEMMs (T = 8, 64, 1024, 16384; its H200 buckets were never
+    # tuned past the heuristic's decode tiles): moekit tune into $OUT/tuned, then the bf16 sweep of Mixtral with those
+    # configs first in the lookup
+    step tune-mixtral 300 python -m moekit tune --points mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:1024,mixtral-8x7b:16384 \
+      --budget-s 200 --out "$OUT/tuned"
+    mkdir -p "$OUT/bench-tuned"
+    step bench-mixtral 150 env MOEKIT_CONFIG_DIR="$OUT/tuned" python -m moekit bench --quant bf16 --models mixtral-8x7b \
+      --fast --out "$OUT/bench-tuned"
+    ;;
+  r16-final)  # round 16, final: gpt-oss's fp8 bucket 16384 on the cooperative ws w13 + the ws w2 (BLOCK_M 128): the
+    # shipped fp8 tables alone vs in batches, the graph / compile tests, then the sweep of bf16 and fp8
+    step gpu-final 240 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8 or cuda_graph_and_compile"
+    step bench 300 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r16-confirm)  # round 16: the points where the cooperative ws w13 and / or the warp-specialised w2 at BLOCK_M 128
+    # looked faster, each variant twice, alternated (base, a, b, base, a, b)
+    P=gpt-oss-120b:16384,gpt-oss-120b:4096,mixtral-8x7b:16384,qwen3-30b-a3b:16384,deepseek-v3:16384
+    step profile-confirm 420 python benchmarks/kernel_profile.py --formats fp8 --points "$P" \
+      --variants base,coopws2,w2ws128,baseb,coopws2b,w2ws128b --calls 5 --out "$OUT/profile-confirm.json" \
+      --patches '{"coopws2": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}},
+      "w2ws128": {"BLOCK_M": 128, "w13": {"gluon": 1, "num_warps": 8}, "w2": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}},
+      "baseb": {}, "coopws2b": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}},
+      "w2ws128b": {"BLOCK_M": 128, "w13": {"gluon": 1, "num_warps": 8}, "w2": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}}}'
+    ;;
+  r16-coop)  # round 16: the warp-specialised fp8 w13 with two consumers on one 128-row tile (64 rows each, one ring and
+    # one TMA producer: each weight tile crosses L2 once per 128 rows; BLOCK_M 128 with "gluon_ws": 2): its GPU bit
+    # tests, then µs per kernel beside the shipped tables (base), the w2 at BLOCK_M 128 as the one-warpgroup Gluon
+    # kernel (8 warps) or the warp-specialised one (1 consumer)
+    step gpu-coop 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
+      -k "gpu_gluon_w13_ws"
+    P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:4096,gpt-oss-120b:16384,mixtral-8x7b:16384,mixtral-8x7b:4096
+    P=$P,qwen3-30b-a3b:16384,qwen3-30b-a3b:4096
+    step profile-coop 360 python benchmarks/kernel_profile.py --formats fp8 --points "$P" \
+      --variants base,coop,coopws2 --calls 5 --out "$OUT/profile-coop.json" \
+      --patches '{"coop": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"num_warps": 8}},
+      "coopws2": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}}}'
+    ;;
+  r16-stack)  # round 16: the Gluon fp8 w13 with gate and up stacked into one [2·BN, BK] tile and one m64n128k32 wgmma
+    # ("w13": {"gluon_stack": 1}; the smem operand reads per step drop by a quarter): its GPU bit tests, then µs per
+    # kernel beside the shipped fp8 tables (base) at BLOCK_M 64 and 128 (8 warps, w2 too)
+    step gpu-stack 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
+      -k "gpu_gluon_same_bits"
+    P=deepseek-v3:16384,deepseek-v3:4096,deepseek-v3:1024,gpt-oss-120b:4096,gpt-oss-120b:16384,mixtral-8x7b:16384
+    P=$P,mixtral-8x7b:4096,qwen3-30b-a3b:16384,qwen3-30b-a3b:4096
+    step profile-stack 360 python benchmarks/kernel_profile.py --formats fp8 --points "$P" \
+      --variants base,stack,stack128 --calls 5 --out "$OUT/profile-stack.json" \
+      --patches '{"stack": {"w13": {"gluon": 1, "gluon_stack": 1}},
+      "stack128": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_stack": 1, "num_warps": 8}, "w2": {"num_warps": 8}}}'
+    ;;
+  r16-ws13tma)  # round 16: the warp-specialised fp8 w13 reads its rows by TMA from activations quantised into the
+    # sorted rows (one-warp producers; src/moekit/ops/_gluon/fp8_w13_ws.py, _triton/quant.act_quant_sorted_kernel):
+    # its GPU bit tests (bounded), then µs per kernel beside the shipped fp8 tables (base): 1 / 2 consumers at BLOCK_M
+    # 64, one 8-warp consumer at BLOCK_M 128 (w2 then at BLOCK_M 128 too)
+    step gpu-ws13tma 180 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
+      -k "gpu_gluon_w13_ws or cuda_graph_and_compile"
+    P=deepseek-v3:16384,deepseek-v3:4096,gpt-oss-120b:4096,gpt-oss-120b:16384,mixtral-8x7b:16384,qwen3-30b-a3b:16384
+    step profile-ws13tma 360 python benchmarks/kernel_profile.py --formats fp8 --points "$P" \
+      --variants base,w13ws1,w13ws2,bm128ws1 --calls 5 --out "$OUT/profile-ws13tma.json" \
+      --patches '{"w13ws1": {"w13": {"gluon": 1, "gluon_ws": 1}}, "w13ws2": {"w13": {"gluon": 1, "gluon_ws": 2}},
+      "bm128ws1": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 1, "num_warps": 8}, "w2": {"num_warps": 8}}}'
     ;;
   r15-fp8ws13)  # round 15: the warp-specialised, persistent fp8 w13 (src/moekit/ops/_gluon/fp8_w13_ws.py, "w13":
     # {"gluon_ws": 1 / 2}: producers gather the token rows by cp.async) and the block -> expert table both persistent

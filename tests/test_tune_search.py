@@ -295,6 +295,20 @@ def test_fp8_neighbours_halve_and_double_the_gluon_w2_column_tiles():
     assert not any("gluon_nt" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
 
 
+def test_fp8_neighbours_toggle_the_gluon_w13_forms():
+    # a Gluon w13 winner: one neighbour each with gate | up stacked into one wgmma ("gluon_stack") and with the
+    # warp-specialised w13 ("gluon_ws" 2: two consumers; at BLOCK_M 128 on one tile), and back; without the Gluon
+    # w13 neither is offered (the keys mean nothing to the Triton kernel)
+    gl = tune_space.gluon_toggled(_cfg(128, (64, 128, 8, 4), (128, 128, 8, 4)))
+    got = [c["w13"] for c in neighbour_configs(gl, False, quick=True, fam="fp8")]
+    assert {**gl["w13"], "gluon_stack": 1} in got and {**gl["w13"], "gluon_ws": 2} in got
+    on = {**gl, "w13": {**gl["w13"], "gluon_stack": 1, "gluon_ws": 2}}
+    got = [c["w13"] for c in neighbour_configs(on, False, quick=True, fam="fp8")]
+    assert {**on["w13"], "gluon_stack": 0} in got and {**on["w13"], "gluon_ws": 0} in got
+    plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
+    assert not any({"gluon_stack", "gluon_ws"} & set(c["w13"]) for c in neighbour_configs(plain, False, fam="fp8"))
+
+
 def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
     # a swapped 4-bit winner: one neighbour asks for the register-operand Gluon GEMMs on both (with the sum pass
     # and the fused w13 they need); toggling that back gives the winner's tiles without any gluon key; unswapped

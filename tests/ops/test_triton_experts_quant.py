@@ -165,6 +165,52 @@ def test_activation_quantiser_matches_rule(group, ue8m0):
     assert triton.cdiv(80, group or 80) == xs.shape[1]
 
 
+@pytest.mark.parametrize("topk, on_input, ue8m0", [
+    (4, False, False),  # slots of local experts and dead ones (another rank's), a padding row left alone
+    (4, False, True),   # power-of-two scales
+    (1, True, False),   # K = 1 with the routing weight on the input (rounded to bf16 first, as the twin)
+])
+def test_sorted_activation_quantiser_stores_each_tokens_row_at_its_slots_rows(topk, on_input, ue8m0):
+    """The input quantiser of the warp-specialised fp8 w13 (rows in the align kernel's sorted order, scales
+    transposed) stores exactly the plain quantiser's bytes and scales of token t at row ``row_start[loc] + rank``
+    of every live slot, one row per live slot, nothing for a slot of no local expert."""
+    from moekit.ops.triton_experts import _interpreting
+
+    t, h, g, e_local = 7, 300, 128, 3  # 300 = 2 groups + a partial one
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(t, h, generator=gen) * torch.logspace(-2, 2, h)).to(torch.bfloat16).to(DEV)
+    x[1, :128] = 0  # an all-zero group
+    tw = torch.rand(t, topk, generator=gen).to(torch.bfloat16).to(DEV)
+    loc = torch.randint(-1, e_local, (t * topk,), generator=gen, dtype=torch.int32)
+    loc[0] = -1
+    counts = torch.bincount(loc[loc >= 0].long(), minlength=e_local)
+    rank = torch.zeros_like(loc)
+    seen = [0] * e_local
+    for s in reversed(range(t * topk)):  # any order within an expert (the align kernel's atomics)
+        if loc[s] >= 0:
+            rank[s], seen[loc[s]] = seen[loc[s]], seen[loc[s]] + 1
+    bm = 4
+    blocks = (counts + bm - 1) // bm
+    row_start = ((torch.cumsum(blocks, 0) - blocks) * bm).to(torch.int32)
+    rows = int(blocks.sum()) * bm + bm  # one more block of padding only
+    fmt = Fp8BlockFormat(g, g, ue8m0=ue8m0)
+    q = tq.QuantLaunch(tq.QuantSpec.of(fmt), torch.ones(1, 1, 1), torch.ones(1, 1, 1), None, None, 80)
+    launch = lambda kern, grid, *a, **k: kern[grid](*a, **k)  # noqa: E731
+    xq, xs, _ = q._quantise(x, launch, _interpreting(), on_input=on_input, tw=tw)
+    sq, ss, stride = q._quantise_sorted(x, tw, rows, (loc.to(DEV), rank.to(DEV), row_start.to(DEV)), on_input,
+                                        _interpreting(), launch)
+    assert sq.shape == (rows, h) and ss.shape == (3, rows) and stride == rows
+    written = torch.zeros(rows, dtype=torch.bool)
+    for s in range(t * topk):
+        if loc[s] < 0:
+            continue
+        r = int(row_start[loc[s]] + rank[s])
+        written[r] = True
+        assert torch.equal(sq[r].view(torch.uint8), xq[s // topk].view(torch.uint8)), s
+        assert torch.equal(ss[:, r], xs[s // topk]), s
+    assert written.sum() == int((loc >= 0).sum())  # every live slot has its own row
+
+
 def test_opcheck():
     args, kw = make(BLOCK, 3, 4, 2, 64, 32, bias=True)
     x, w13, w2, w, ids = args

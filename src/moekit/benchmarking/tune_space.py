@@ -8,7 +8,8 @@ A bucket's search (:func:`search`) has two short stages:
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
    doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked (fp8: the Gluon GEMMs
-   toggled, the Gluon w2's ``gluon_nt`` halved / doubled; 4-bit with swapped tiles: the register-operand
+   toggled, the Gluon w2's ``gluon_nt`` halved / doubled, the Gluon w13's ``gluon_stack`` and ``gluon_ws`` (0 / 2)
+   toggled; 4-bit with swapped tiles: the register-operand
    Gluon GEMMs toggled); repeated once around a new winner (``quick``: one round of the TMA / PDL / Gluon
    toggles only).
 
@@ -313,6 +314,10 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             for n in (nt // 2, nt * 2):
                 if 1 <= n <= 8 and n != nt:
                     out.append({**best, "w2": {**best["w2"], "gluon_nt": n}})
+        if best["w13"].get("gluon"):  # the Gluon w13's forms: gate | up as one wgmma, warp-specialised (2 consumers)
+            c13 = best["w13"]
+            out.append({**best, "w13": {**c13, "gluon_stack": 0 if c13.get("gluon_stack") else 1}})
+            out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
     if quick:

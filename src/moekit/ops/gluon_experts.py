@@ -9,10 +9,14 @@ tile: BLOCK_M / 16 (one warpgroup per 64 rows; swapped 4-bit tiles: BN / 16). Th
 the two bit for bit.
 
 The fp8 block GEMMs also come warp-specialised and persistent (:mod:`._gluon.fp8_w2_ws`, :mod:`._gluon.fp8_w13_ws`,
-``"w2" / "w13": {"gluon": 1, "gluon_ws": n}`` with n = 1 or 2 consumer warpgroups, each fed by its own producer;
-one program per SM; the same bits; :func:`fp8_w2_ws_ok` / :func:`fp8_w13_ws_ok` say where they run, elsewhere the
-one-warpgroup Gluon GEMM does). They find a tile's expert in a block -> expert table (:func:`launch_block_table`,
-one small launch after the align kernel, only when one of them runs).
+``"w2" / "w13": {"gluon": 1, "gluon_ws": n}`` with n = 1 or 2 consumer warpgroups, each fed by its own producer,
+or for w13 with BLOCK_M 128 and n = 2 both on every tile (:func:`fp8_w13_ws_coop`); one program per SM; the same
+bits; :func:`fp8_w2_ws_ok` / :func:`fp8_w13_ws_ok` say where they run, elsewhere the one-warpgroup Gluon GEMM does).
+They find a tile's expert in a block -> expert table (:func:`launch_block_table`, one small launch after the align
+kernel, only when one of them runs). The warp-specialised w13 reads its rows by TMA from the input quantised into
+the sorted rows (``_triton.quant.act_quant_sorted_kernel``, run by the caller when :func:`fp8_w13_ws_ok` and
+:func:`fp8_w13_ws_rows_ok` hold). ``"w13": {"gluon_stack": 1}`` runs the one-warpgroup w13 with one wgmma for the
+gate and up rows (:mod:`._gluon.fp8_w13`).
 
 The 4-bit kernels come in three forms, all with the Triton kernels' bits: decoded into shared memory
 (:mod:`._gluon.w4`, ``"gluon": 1``), and for swapped tiles the decoded weights as the wgmma's register operand
@@ -130,22 +134,36 @@ def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
             and q.ws13["ws_qbn"] % p.bn13 == 0 and p.bm in (64, 128) and not kw["SWAP"] and not kw["INLINE"])
 
 
+def fp8_w13_ws_coop(bm: int, nc: int) -> bool:
+    """The warp-specialised fp8 w13 with two consumers on one 128-row tile (64 rows each, one ring and producer,
+    each weight tile loaded once for both): BLOCK_M 128 with ``"gluon_ws": 2``."""
+    return bm == 128 and nc == 2
+
+
 def fp8_w13_ws_stages(bm: int, bn: int, bk: int, nc: int) -> int:
-    """Ring slots per consumer of the warp-specialised fp8 w13: as many slots (a [BM, BK] and two [BN, BK] fp8
-    tiles, three fp32 scales per row) as fit ``nc`` rings in :data:`_FP8_WS_SMEM` (at most
-    :data:`_FP8_WS_MAX_STAGES`)."""
-    return min(_FP8_WS_MAX_STAGES, _FP8_WS_SMEM // (nc * ((bm + 2 * bn) * bk + 12 * bm)))
+    """Ring slots per ring of the warp-specialised fp8 w13: as many slots (a [BM, BK] and two [BN, BK] fp8
+    tiles, three fp32 scales per row) as fit its rings (one per consumer, one shared by two on a 128-row tile:
+    :func:`fp8_w13_ws_coop`) in :data:`_FP8_WS_SMEM` (at most :data:`_FP8_WS_MAX_STAGES`)."""
+    rings = 1 if fp8_w13_ws_coop(bm, nc) else nc
+    return min(_FP8_WS_MAX_STAGES, _FP8_WS_SMEM // (rings * ((bm + 2 * bn) * bk + 12 * bm)))
 
 
 def fp8_w13_ws_ok(p) -> bool:
     """The plan asks for the warp-specialised fp8 w13 (w13 config ``"gluon_ws"``: its consumer count) and the
-    kernel covers the tile: 1 or 2 consumers, BLOCK_M 64 or 128 with one consumer (as :func:`fp8_w2_ws_ok`), BN
-    16-64 (six [BM, BN] fp32 tiles per consumer thread fit its 232 registers up to BN 64), BK 64 / 128 (a row's
-    16-byte chunks across 4 / 8 producer threads), two ring slots per consumer at least. Outside these the
-    one-warpgroup Gluon w13 runs (:func:`fp8_w13_ok` holds first)."""
+    kernel covers the tile: 1 or 2 consumers; BLOCK_M 64 (each consumer its own tiles) or 128 (one 8-warp consumer,
+    or two sharing each tile: :func:`fp8_w13_ws_coop`); BN 16-64 (six [64, BN] fp32 tiles per consumer thread fit
+    its 232 registers up to BN 64), BK 64 / 128, two ring slots at least. Outside these the one-warpgroup Gluon w13
+    runs (:func:`fp8_w13_ok` holds first)."""
     nc, bm, bn, bk = p.gluon_ws[0], p.bm, p.bn13, p.bk13
-    return (nc in (1, 2) and (bm == 64 or (bm == 128 and nc == 1)) and bn in (16, 32, 64) and bk in (64, 128)
+    return (nc in (1, 2) and bm in (64, 128) and bn in (16, 32, 64) and bk in (64, 128)
             and fp8_w13_ws_stages(bm, bn, bk, nc) >= 2)
+
+
+def fp8_w13_ws_rows_ok(h: int) -> bool:
+    """The warp-specialised fp8 w13 loads its sorted rows by TMA: their stride (H bytes) must be a multiple of
+    16. Elsewhere the one-warpgroup Gluon w13 runs (a documented limit of the ``"gluon_ws"`` form, as
+    :func:`fp8_w13_ws_ok`'s)."""
+    return h % 16 == 0
 
 
 def launch_block_table(launch, p, counts, row_start, blk, e_local: int) -> None:
@@ -160,10 +178,11 @@ def launch_block_table(launch, p, counts, row_start, blk, e_local: int) -> None:
 
 
 def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, sorted_slot, blk, h, inter, k,
-                   w13_kw: dict) -> bool:
+                   w13_kw: dict, sorted_rows: bool) -> bool:
     """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1).
-    With ``"gluon_ws"`` inside :func:`fp8_w13_ws_ok`: the block -> expert table into ``blk`` ([num_pid_m] int32),
-    then the warp-specialised kernel, one program per SM at most. Returns whether it wrote ``blk``."""
+    ``sorted_rows`` (:func:`fp8_w13_ws_ok` and :func:`fp8_w13_ws_rows_ok` held, and the input quantiser wrote
+    ``xq`` in the sorted rows, its scales transposed): the block -> expert table into ``blk`` ([num_pid_m] int32), then the
+    warp-specialised kernel, one program per SM at most. Returns whether it wrote ``blk``."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -183,14 +202,22 @@ def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, 
     const = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]),
                  BLOCK_E=w13_kw["BLOCK_E"], ACT=w13_kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"],
                  EVEN_K=w13_kw["EVEN_K"], REQ=req, UE8M0=bool(w13_kw.get("UE8M0", False)), num_warps=bm // 16)
-    if fp8_w13_ws_ok(p):
+    if sorted_rows:
         nc = p.gluon_ws[0]
         launch_block_table(launch, p, counts, row_start, blk, w1.shape[0])
+        a_desc = TensorDescriptor.from_tensor(xq, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk],
+                                                                                                 gl.float8e4nv))
         grid = (min(p.grid13[0], _sm_count(xq.device.index)),)
-        launch(fp8_w13_ws_kernel, grid, *head, blk, *tail, STAGES=fp8_w13_ws_stages(bm, bn, bk, nc), NC=nc, **const)
+        for name in ("BLOCK_E", "EVEN_K"):  # TMA zero-fills past H; the tile's expert comes from the table
+            const.pop(name)
+        if fp8_w13_ws_coop(bm, nc):  # the default partition is the first 64-row consumer
+            const["num_warps"] = 4
+        launch(fp8_w13_ws_kernel, grid, a_desc, w_desc, *head[2:10], blk, h, inter, w1.shape[1], w1.shape[0],
+               p.num_pid_m, p.limit_arg, w13_kw["stride_xst"], *tail[9:], STAGES=fp8_w13_ws_stages(bm, bn, bk, nc),
+               NC=nc, **const)
         return True
     stages = max(2, min(int(w13_kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
-    launch(fp8_w13_kernel, p.grid13, *head, *tail, STAGES=stages, **const)
+    launch(fp8_w13_kernel, p.grid13, *head, *tail, STAGES=stages, STACK=p.gluon_stack, **const)
     return False
 
 

@@ -21,10 +21,13 @@ n consumer warpgroups each fed by a TMA producer warp, one program per SM, ``"gl
 128 with n = 1; elsewhere the one-warpgroup Gluon w2 runs, see :func:`moekit.ops.gluon_experts.fp8_w2_ws_ok`; the
 same bits; measured on the H200 in round 14: faster only for gpt-oss at T = 4096, its fp8 table's bucket, and
 slower at DeepSeek-V3 and Qwen3). ``"w13": {"gluon": 1, "gluon_ws": n}`` likewise runs the warp-specialised,
-persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n consumer warpgroups, each with a producer that
-gathers the token rows by cp.async; BLOCK_M 64 or 128 with n = 1, BN <= 64; elsewhere the one-warpgroup Gluon w13,
-see :func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits). ``"gluon_ws"`` must be an int >= 0
-(:func:`gluon_ws_value`). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
+persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n consumer warpgroups fed by one-warp TMA producers,
+the input quantised into the sorted rows; BLOCK_M 64 (each consumer its own tiles) or 128 (one 8-warp consumer, or
+with n = 2 both on each tile), BN <= 64; elsewhere the one-warpgroup Gluon w13, see
+:func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits), and ``"w13": {"gluon": 1, "gluon_stack": 1}`` the
+one-warpgroup Gluon w13 with the gate and up rows as one tile and one wgmma (the same bits). Neither is in a
+shipped table (H200 round 16: no faster at DeepSeek-V3); the tuner tries both. ``"gluon_ws"`` must be an int
+>= 0 (:func:`gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`gluon_flag_value`). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
 of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
@@ -167,6 +170,15 @@ def gluon_ws_value(part: str, cfg_part: dict) -> int:
         raise ValueError(f'config "{part}": "gluon_ws" = {v!r}, expected an int >= 0 (0: off; fp8 block weights: '
                          f'1 or 2 consumer warpgroups of the warp-specialised GEMM; mxfp4 / int4: 2-8 decoded slots)')
     return v
+
+
+def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
+    """An on / off key of config part ``part`` (``"gluon_stack"``; off when absent): 0, 1 or a bool, else
+    ``ValueError`` naming the part, the key and the value."""
+    v = cfg_part.get(key, 0)
+    if v not in (0, 1) or not isinstance(v, (int, bool)):
+        raise ValueError(f'config "{part}": "{key}" = {v!r}, expected 0 or 1')
+    return bool(v)
 
 
 def heuristic_config(

@@ -138,7 +138,7 @@ def fused_experts_impl(
     per_token = k * (inter + (h if k > 1 else 0)) * x.element_size() + k * 12 + 64
     fixed = e_local * int(config["BLOCK_M"]) * inter * x.element_size()
     if quant is not None:
-        per_token += quant.bytes_per_token(h, inter, k)
+        per_token += quant.bytes_per_token(h, inter, k, bool(config.get("w13", {}).get("gluon_ws", 0)))
         fixed *= 2
     chunk = chunk_tokens(t, (workspace_bytes - fixed) // per_token)
     if chunk >= t:  # one chunk (every eager decode call): no slicing
@@ -200,16 +200,21 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
                    **p.scatter_kw)
 
     a13, inter_w2, w13_kw, w2_kw = x, None, p.w13_kw, p.w2_kw
+    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
+    use_tma = p.want_tma and tma_fmt and _tma_ok(w1, w2, h, inter)
+    # the warp-specialised fp8 w13 reads its rows by TMA: the input quantiser writes them in sorted order
+    ws13 = (gluon_experts.fp8_w13_ok(p, q, w1, use_tma, _interpreting()) and gluon_experts.fp8_w13_ws_ok(p)
+            and gluon_experts.fp8_w13_ws_rows_ok(h))
     if q is None:
         inter_w2 = inter_buf
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
-        a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch)
+        a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
+                                                      (slot_loc, slot_rank, row_start) if ws13 else None)
         # fp8: the input quantiser applied the routing weight already
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)
     w1_desc = w2_desc = inter_desc = None
-    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
-    if p.want_tma and tma_fmt and _tma_ok(w1, w2, h, inter):
+    if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [p.bn13, p.bk13])
@@ -227,7 +232,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     blk_ready = False  # the persistent Gluon GEMMs' block -> expert table (blk) is written
     if gluon_experts.fp8_w13_ok(p, q, w1, w1_desc is not None, _interpreting()):  # same bits, overlapped promotion
         blk_ready = gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start,
-                                                 sorted_slot, blk, h, inter, k, w13_kw)
+                                                 sorted_slot, blk, h, inter, k, w13_kw, ws13)
     elif gluon_experts.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory
         gluon_experts.launch_w4_w13(launch, p, q, a13, w1, b1, w13_out, counts, row_start, sorted_slot, h, inter, k)
     else:

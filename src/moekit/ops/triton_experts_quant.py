@@ -174,9 +174,13 @@ class QuantLaunch:
                            FP8_ACC=fp8_acc if spec.fp8 else 0, PTX=ptx and not spec.fp8)
         self._post = None
 
-    def bytes_per_token(self, h: int, inter: int, k: int) -> int:
-        """Scratch per token besides the unquantised path's: x_q, inter_q and their scales, fp32 combine rows."""
-        return (h + 8 * h // max(self.spec.block_k, 1) + k * inter * 2 + 16 * k + 2 * k * h) if self.fp8 else 0
+    def bytes_per_token(self, h: int, inter: int, k: int, sorted_rows: bool = False) -> int:
+        """Scratch per token besides the unquantised path's: x_q, inter_q and their scales, fp32 combine rows;
+        ``sorted_rows``: x_q and its scales once per slot (:meth:`_quantise_sorted`)."""
+        if not self.fp8:
+            return 0
+        xq = (k if sorted_rows else 1) * (h + 8 * h // max(self.spec.block_k, 1))
+        return xq + k * inter * 2 + 16 * k + 2 * k * h
 
     def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
@@ -200,8 +204,27 @@ class QuantLaunch:
                    ON_INPUT=on_input, INTERP=interp, num_warps=4)
         return xq, xs, (xs.stride(0) if mode < 2 else 0)
 
-    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch):
-        """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs)."""
+    def _quantise_sorted(self, x, tw, rows: int, layout: tuple, on_input: bool, interp: bool, launch):
+        """fp8 block: the input quantiser writing each token's row at the sorted rows of its live slots
+        (:func:`._triton.quant.act_quant_sorted_kernel`; ``layout`` = the align kernel's (loc, rank, row_start))
+        -> (x_q [rows, H] e4m3, scales [⌈H/bk⌉, rows] fp32, the scales' group stride)."""
+        t, n = x.shape
+        g = self.spec.block_k
+        ng = triton.cdiv(n, g)
+        xq = torch.empty(rows, n, dtype=_FP8, device=x.device)
+        xs = torch.empty(ng, rows, dtype=torch.float32, device=x.device)
+        gp = min(triton.next_power_of_2(ng), max(1, 2048 // g))
+        if t:
+            loc, rank, row_start = layout
+            launch(qk.act_quant_sorted_kernel, (t, triton.cdiv(ng, gp)), x, xq, xs, tw, loc, rank, row_start, n,
+                   tw.shape[1], x.stride(0), xq.stride(0), xs.stride(0), tw.stride(0), G=g, GP=gp,
+                   UE8M0=self.spec.ue8m0, ON_INPUT=on_input, INTERP=interp, num_warps=4)
+        return xq, xs, xs.stride(0)
+
+    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None):
+        """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs). ``sorted_layout``
+        (fp8 block, for the warp-specialised Gluon w13): the align kernel's (loc, rank, row_start); w13's A
+        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`)."""
         n_inter = self._inter
         dev, sp = x.device, self.spec
         kw13 = dict(self.common, **self.ws13, W_ALIGN=self.w_align[0])
@@ -209,7 +232,10 @@ class QuantLaunch:
         if not self.fp8:
             buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
             return x, buf, buf, kw13, kw2
-        xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
+        if sorted_layout is not None:
+            xq, xs, sxs = self._quantise_sorted(x, tw, rows, sorted_layout, on_input, interp, launch)
+        else:
+            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
         kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
         self._post = None
         if self.fused_req:  # w2's input quantised in the w13 epilogue

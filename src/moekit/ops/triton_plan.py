@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_configs import gluon_ws_value
+from .triton_configs import gluon_flag_value, gluon_ws_value
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -72,6 +72,7 @@ class LaunchPlan:
     gluon_ws: tuple  # config "gluon_ws" of w13 / w2, 0: off; Gluon 4-bit (swapped, warp-specialised): decoded slots;
     #                 fp8 block w13 / w2: consumer warpgroups of the warp-specialised form (1 or 2)
     gluon_rega: tuple  # config "gluon_rega" of w13 / w2 (Gluon 4-bit, swapped): the decoded tile as register operand
+    gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -142,4 +143,5 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_nt=int(c2.get("gluon_nt", 1)),
         gluon_ws=ws,
         gluon_rega=tuple(bool(c.get("gluon_rega", 0)) for c in (c13, c2)),
+        gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"),
     )

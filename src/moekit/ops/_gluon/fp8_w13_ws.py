@@ -11,48 +11,44 @@ row of a BN = group tile): the same wgmma instructions per K step (m64nBNk32 e4m
 ``max_num_imprecise_acc`` = BK), the same scale product, fma order and epilogue functions, so
 :func:`moekit.ops._triton.grouped_gemm.w13_kernel` for fp8 block weights bit for bit.
 
-The schedule is :mod:`.fp8_w2_ws`'s: each of ``NC`` consumers (1 or 2) has its own producer partition and ring
-of ``STAGES`` slots, and the programs are persistent (one per SM; program ``p`` of ``P`` takes tiles ``p, p +
-P, ...`` in the grouped order of :func:`.common.pid_to_tile`, consumer ``c`` the program's tiles ``p + c·P, p +
-(c + NC)·P, ...``; each tile's expert from the block -> expert table, :func:`.common.block_tile`; row blocks past
-the last expert skipped by both partitions of a pair):
+The rows come by TMA: the input quantiser writes each token's fp8 row at the sorted rows of its slots
+(:func:`moekit.ops._triton.quant.act_quant_sorted_kernel`, ``x_q [rows, H]``, the scales transposed ``[⌈H/BK⌉,
+rows]``), so a row block is one [BM, BK] box (zero-filled past H; a block's padding rows are never written and
+their products never stored).
 
-- producer ``c`` waits ``empty[s]``, gathers the step's token rows (a row block's rows are scattered tokens, so
-  no TMA: ``cp.async``, 16-byte chunks, zero-filled past H and for the block's padding rows) and the scales
-  (``s_x`` of each row, ``S`` of the gate and the up block once per row) into the slot, makes ``full[s]`` wait
-  for every thread's copies (``cp.async.mbarrier.arrive``), then ``expect``s the two weight tiles' bytes and
-  issues their TMA loads (gate rows ``e·N1 + n``, up rows ``e·N1 + I + n``) onto ``full[s]``;
-- consumer ``c`` (one warpgroup per 64 rows) waits ``full[s]``, fences the gathered rows into the async proxy,
-  reads the step's scales from the slot (its K loop loads nothing from global memory), runs step k's two wgmmas
-  while it promotes step k - 1 (in pairs of steps, as in :mod:`.fp8_w2_ws`), frees slot ``s`` once its wgmmas
-  are waited for, and runs the epilogue of :func:`.fp8_w13.fp8_w13_kernel` (:func:`.common.w13_store`).
+The schedule is :mod:`.fp8_w2_ws`'s, the programs persistent (one per SM; program ``p`` of ``P`` takes tiles ``p,
+p + P, ...`` in the grouped order of :func:`.common.pid_to_tile`; each tile's expert from the block -> expert
+table, :func:`.common.block_tile`; row blocks past the last expert skipped). Three forms:
 
-The gather is the producer's cost: BM rows x 128 bytes per step, BM·8 copies of 16 bytes. A one-warp producer (as
-in the w2, whose operands all come by TMA) would issue 16 copies per lane and step for BM 64 and hold 16 row
-pointers (32 registers) beside its loop state, more than the 40 registers such a warp gets; a 4-warp producer
-per consumer would make NC = 2 three warpgroups besides the consumers. So a producer has ``BM / 32`` warps (BM
-64: 2 warps, BM 128: 4): 8 copies of 16 bytes per thread and step plus 3 scale copies, 8 row pointers. The two
-2-warp producers of NC = 2 share one warpgroup, so the SM's 64 K registers split as 232 per consumer thread
-(two warpgroups) and :data:`PRODUCER_REGS` = 48 per producer thread. Per K step a consumer's two m64n64k128
-wgmmas take ~256 cycles of the tensor cores at the fp8 peak, ~512 when two consumers share them; in that time
-each of the SM's four schedulers issues one warp of each consumer (~142 instructions per step, below) and one
-producer warp (~104): ~390 of ~512 issue slots, so the gather should keep up, with little slack (not measured
-apart; the kernel as a whole was measured slower, below).
-A producer waits for its tile's slots (``sorted``) once per tile (the next tile's expert is looked up at a
-tile's start, so that lands meanwhile); the ring (4 slots with NC = 2, BN 64) covers that wait.
+- ``NC`` = 1 or 2 consumers with BLOCK_M 64 (or one 8-warp consumer with BLOCK_M 128), each with its own one-warp
+  producer and ring of ``STAGES`` slots; consumer ``c`` takes the program's tiles ``p + c·P, p + (c + NC)·P, ...``;
+- ``NC`` = 2 with BLOCK_M 128 (:func:`moekit.ops.gluon_experts.fp8_w13_ws_coop`): both consumers on every tile of
+  the program, rows [0, 64) and [64, 128), one ring and producer: a weight tile crosses L2 once per 128 rows (as
+  for the 8-warp consumer) while the two warpgroups wait, issue and promote independently.
 
-Registers (ptxas for sm_90, checked by ``tests/ops/test_gluon_fp8.py``): a consumer holds six [64, BN] fp32
-tiles per warpgroup (acc_g, acc_u, the two products being promoted, the two in flight), 192 registers per thread
-at BN 64 (so BN <= 64), and gets 232 (the default partition 224 beside a second consumer); no spills, no
-serialised wgmma. Its K loop issues ~142 instructions per step (the one-warpgroup kernel's ~198, which also
-gathers and loads its scales), a producer thread ~104 (11 copies, 4 partition barriers Triton puts around the
-copies' arrival and the single-thread expect / TMA issues).
+- a producer waits ``empty[s]`` (every consumer of the slot released it), copies the step's scales by
+  ``cp.async`` (``s_x`` of the block's rows, contiguous in the transposed scales; ``S`` of the gate and the up
+  block once per row) with ``full[s]`` waiting for every lane's copies (``cp.async.mbarrier.arrive``), then
+  ``expect``s the row tile's and the two weight tiles' bytes and issues their TMA loads onto ``full[s]``;
+- a consumer (one warpgroup per 64 rows) waits ``full[s]``, reads its rows' scales from the slot (its K loop loads
+  nothing from global memory), runs step k's two wgmmas on its rows of the tile while it promotes step k - 1 (in
+  pairs of steps, as in :mod:`.fp8_w2_ws`), frees slot ``s`` once its wgmmas are waited for, and runs the epilogue
+  of :func:`.fp8_w13.fp8_w13_kernel` (:func:`.common.w13_store`) for its rows.
 
-Measured on the H200 (docs/kernels.md, round 15): the same bits as the Triton and one-warpgroup kernels (23 GPU
-tests), but slower than the one-warpgroup w13 at every compute-bound point but one (DeepSeek-V3 T = 16384: step
-20405 -> 21869 µs with two consumers, w13 11225 -> 13309; gpt-oss T = 4096: -5 %, then -2 % in a second run).
-Opt-in, in no table. The likely bound is the producers' gather; fp8 activations written in the sorted row order
-would let them load a row tile by TMA.
+Registers (ptxas for sm_90, checked by ``tests/ops/test_gluon_fp8.py``): a consumer holds six [64, BN] fp32 tiles
+per warpgroup (acc_g, acc_u, the two products being promoted, the two in flight), 192 registers per thread at BN 64
+(so BN <= 64), and gets 232 (the default partition 224 beside a second consumer); :data:`PRODUCER_REGS` = 48 per
+producer thread; no spills, no serialised wgmma. A consumer's K loop issues ~135 instructions per step, a producer's
+~35-45 (round 15's producers gathered the rows by ``cp.async``: ~104 with two or four warps each).
+
+Measured on the H200 (docs/kernels.md, rounds 15 and 16): the same bits as the Triton and one-warpgroup kernels,
+but no faster where it matters. The w13 kernel alone, µs, one-warpgroup -> 2 consumers (BLOCK_M 64) / 2 consumers
+on 128-row tiles (round 16, ``-r16-profile-ws13tma.log``, ``-r16-profile-coop.log``): DeepSeek-V3 T = 16384 11590
+-> 14043 / 12665 (round 15's gathering producers: 13309), T = 4096 3153 -> 3638 / 3755; gpt-oss T = 16384 3478 ->
+3408 / 3228; Mixtral T = 16384 (BLOCK_M 128) 10214 -> 10247 (coop); Qwen3 T = 16384 1175 -> 1109 / 1063. The step
+also pays the sorted quantiser (DeepSeek-V3 T = 16384: 463 µs; it writes each token's row K = 8 times).
+So the row gather was not the bound, and neither one tile per two warpgroups nor TMA-fed consumers make the
+DeepSeek-V3 w13 faster. Opt-in, in no table; the tuner tries it (``"gluon_ws"`` 0 / 2).
 """
 
 from __future__ import annotations
@@ -60,10 +56,10 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .common import block_tile, tile_rows, tile_walk, w13_store
+from .common import block_tile, tile_walk, w13_store
 
 #: registers per thread of the producers' warpgroup (two 2-warp producers, or one of 2 or 4 warps, padded)
 PRODUCER_REGS = gl.constexpr(48)
@@ -72,22 +68,17 @@ CONSUMER_REGS = gl.constexpr(232)
 
 
 @gluon.jit
-def _produce(x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr, blk_ptr,
-             counts_ptr, row_start_ptr, sorted_ptr, H, I, N1, E_local, K, num_pid_m, NBN, stride_xt, stride_xst,
-             stride_wse, stride_wsn, ws_shard, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-             EVEN_K: gl.constexpr, NW: gl.constexpr):
-    """Producer ``C_ID`` (``NW`` = BM / 32 warps): every load of consumer ``C_ID``'s K steps, slot by slot."""
+def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr, blk_ptr,
+             counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse, stride_wsn,
+             ws_shard, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+             QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """Producer ``C_ID`` (one warp): every load of consumer ``C_ID``'s K steps, slot by slot."""
     RING: gl.constexpr = C_ID * STAGES
-    TK: gl.constexpr = BK // 16  # threads along a row: 16 bytes each
-    A_L: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TK, TK], [NW, 1], [1, 0])
-    ROW_L: gl.constexpr = gl.BlockedLayout([BM // (32 * NW)], [32], [NW], [0])
-    nbytes: gl.constexpr = 2 * w_desc.block_type.nbytes
+    ROW_L: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
     nk = gl.cdiv(H, BK)
     num_tiles = num_pid_m * NBN
     t_first, stride = tile_walk(C_ID, NC)
-    ra = gl.arange(0, BM, layout=gl.SliceLayout(1, A_L))
-    offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, A_L))
     r = gl.arange(0, BM, layout=ROW_L)
     pid_m, pid_n, e, first, n_e = block_tile(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN,
                                              E_local, GROUP_M, BM)
@@ -96,13 +87,8 @@ def _produce(x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, emp
         pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m,
                                                 NBN, E_local, GROUP_M, BM)
         if e < E_local:
-            # the rows' tokens, in the copy layout (16-byte chunks) and one row per thread (the scales)
-            valid_a = (pid_m - first) * BM + ra < n_e
-            tok_a = gl.load(sorted_ptr + pid_m * BM + ra, mask=valid_a, other=0) // K
-            a_ptrs = x_ptr + tok_a.to(gl.int64)[:, None] * stride_xt + offs_k[None, :]
-            valid = (pid_m - first) * BM + r < n_e
-            tok = gl.load(sorted_ptr + pid_m * BM + r, mask=valid, other=0) // K
-            xs_rows = xs_ptr + tok.to(gl.int64) * stride_xst
+            row0 = pid_m * BM
+            xs_rows = xs_ptr + row0 + r  # s_x of the tile's sorted rows, step k at + k · stride_xsk
             # S[e, n-block, k] of the gate and the up columns for every row (the consumer multiplies row by row)
             ws_g = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn + r * 0
             ws_u = ws_g + ws_shard * stride_wsn
@@ -111,16 +97,12 @@ def _produce(x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, emp
                 s = RING + g % STAGES
                 mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # the wgmmas that read it are done
                 bar = full.index(s)
-                if EVEN_K:
-                    mask = valid_a[:, None]
-                else:
-                    mask = valid_a[:, None] & (offs_k[None, :] < H - k * BK)
-                async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=mask)
-                async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k, mask=valid)
+                async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k * stride_xsk)
                 async_copy.async_copy_global_to_shared(sg_smem.index(s), ws_g + k)
                 async_copy.async_copy_global_to_shared(su_smem.index(s), ws_u + k)
                 async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals, once landed
                 mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(a_desc, [row0, k * BK], bar, a_smem.index(s))
                 tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
                 tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
                 g += 1
@@ -129,19 +111,19 @@ def _produce(x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, emp
 
 @gluon.jit
 def _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, g, zero, RING: gl.constexpr, STAGES: gl.constexpr,
-          BK: gl.constexpr, ROW_L: gl.constexpr):
-    """Wait for ring step ``g``'s rows, tiles and scales, start its gate and up wgmmas (fresh accumulators):
-    (the two tokens, the rows' gate and up scales ``s_x · S``)."""
+          BK: gl.constexpr, ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
+    """Wait for ring step ``g``'s rows, tiles and scales, start its gate and up wgmmas (fresh accumulators) on the
+    consumer's rows [ROW0, ROW0 + BMC) of the slot: (the two tokens, the rows' gate and up scales ``s_x · S``)."""
     s = RING + g % STAGES
-    mbarrier.wait(full.index(s), (g // STAGES) & 1)
-    fence_async_shared()  # the rows the producer's cp.async wrote (generic proxy) are read by the wgmma (async)
-    sa = sa_smem.index(s).load(ROW_L)
-    sg = sg_smem.index(s).load(ROW_L)
-    su = su_smem.index(s).load(ROW_L)
-    tg = warpgroup_mma(a_smem.index(s), w_smem.index(2 * s).permute((1, 0)), zero, use_acc=False,
-                       max_num_imprecise_acc=BK, is_async=True)
-    tu = warpgroup_mma(a_smem.index(s), w_smem.index(2 * s + 1).permute((1, 0)), zero, use_acc=False,
-                       max_num_imprecise_acc=BK, is_async=True)
+    mbarrier.wait(full.index(s), (g // STAGES) & 1)  # rows and weight tiles by TMA, the scales by cp.async
+    sa = sa_smem.index(s).slice(ROW0, BMC).load(ROW_L)
+    sg = sg_smem.index(s).slice(ROW0, BMC).load(ROW_L)
+    su = su_smem.index(s).slice(ROW0, BMC).load(ROW_L)
+    a = a_smem.index(s).slice(ROW0, BMC)
+    tg = warpgroup_mma(a, w_smem.index(2 * s).permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=BK,
+                       is_async=True)
+    tu = warpgroup_mma(a, w_smem.index(2 * s + 1).permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=BK,
+                       is_async=True)
     return tg, tu, sa * sg, sa * su
 
 
@@ -154,12 +136,14 @@ def _release(empty, g, RING: gl.constexpr, STAGES: gl.constexpr):
 
 @gluon.jit
 def _turn(tg, tu, pg, pu, acc_g, acc_u, j, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, zero,
-          RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr):
+          RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr, ROW0: gl.constexpr,
+          BMC: gl.constexpr):
     """Wait for ring step ``j``'s wgmmas, start step j + 1's, free step j's slot and promote step j (scales
     ``pg``, ``pu``) while j + 1 runs: (step j + 1's tokens and scales, acc_g, acc_u)."""
     # the accumulators pass through the wait: the promotion before stays before it (as in fp8_w2_ws)
     cg, cu, acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(tg, tu, acc_g, acc_u))
-    tg1, tu1, pg1, pu1 = _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, j + 1, zero, RING, STAGES, BK, ROW_L)
+    tg1, tu1, pg1, pu1 = _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, j + 1, zero, RING, STAGES, BK, ROW_L,
+                               ROW0, BMC)
     _release(empty, j, RING, STAGES)
     return tg1, tu1, pg1, pu1, gl.fma(cg, pg[:, None], acc_g), gl.fma(cu, pu[:, None], acc_u)
 
@@ -174,19 +158,19 @@ def _last(tg, tu, pg, pu, acc_g, acc_u, j, empty, RING: gl.constexpr, STAGES: gl
 
 @gluon.jit
 def _steps(tg, tu, pg, pu, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, g, nk, zero, RING: gl.constexpr,
-           STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr):
+           STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
     """One tile's K loop from ring step ``g`` (its first wgmmas already started), steps in pairs (the in-flight
     tokens alternate between two names, so none is carried into a register that must move): (acc_g, acc_u)."""
     acc_g = gl.zeros_like(zero)
     acc_u = gl.zeros_like(zero)
     for k in range(1, nk - 1, 2):
         tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + k - 1, a_smem, w_smem, sa_smem,
-                                                 sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L)
+                                                 sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
         tg, tu, pg, pu, acc_g, acc_u = _turn(tg1, tu1, pg1, pu1, acc_g, acc_u, g + k, a_smem, w_smem, sa_smem,
-                                             sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L)
+                                             sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
     if nk % 2 == 0:  # two steps left (nk - 2 in flight), else one
         tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + nk - 2, a_smem, w_smem, sa_smem,
-                                                 sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L)
+                                                 sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
         acc_g, acc_u = _last(tg1, tu1, pg1, pu1, acc_g, acc_u, g + nk - 1, empty, RING, STAGES)
     else:
         acc_g, acc_u = _last(tg, tu, pg, pu, acc_g, acc_u, g + nk - 1, empty, RING, STAGES)
@@ -198,17 +182,20 @@ def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, int
              counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir, stride_isr,
              C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              GROUP_M: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
-             HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, NW: gl.constexpr):
-    """Consumer ``C_ID`` (``NW`` warps): the wgmmas, promotions and epilogues of its tiles. The next tile's expert
-    is looked up while a tile's first wgmmas run (its loads land during the K loop, which loads nothing); the
-    epilogue loads the bias (HAS_BIAS)."""
+             HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, NW: gl.constexpr,
+             ROW0: gl.constexpr, BMC: gl.constexpr):
+    """Consumer ``C_ID`` (``NW`` warps): the wgmmas, promotions and epilogues of its tiles' rows [ROW0, ROW0 + BMC)
+    (all BM of them, or one half of a tile shared with a second consumer). The next tile's expert is looked up
+    while a tile's first wgmmas run (its loads land during the K loop, which loads nothing); the epilogue loads the
+    bias (HAS_BIAS)."""
     RING: gl.constexpr = C_ID * STAGES
     mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
     nk = gl.cdiv(H, BK)
     num_tiles = num_pid_m * NBN
     t_first, stride = tile_walk(C_ID, NC)
-    zero = gl.zeros([BM, BN], gl.float32, layout=mma_l)
+    zero = gl.zeros([BMC, BN], gl.float32, layout=mma_l)
+    r = ROW0 + gl.arange(0, BMC, layout=row_l)
     pid_m, pid_n, e, first, n_e = block_tile(t_first, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, NBN,
                                              E_local, GROUP_M, BM)
     g = 0  # this ring's steps so far (the producer counts alike)
@@ -217,17 +204,18 @@ def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, int
         acc_g = zero
         acc_u = zero
         if live:
-            tg, tu, pg, pu = _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, g, zero, RING, STAGES, BK, row_l)
+            tg, tu, pg, pu = _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, g, zero, RING, STAGES, BK, row_l,
+                                   ROW0, BMC)
             pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
                                                     num_pid_m, NBN, E_local, GROUP_M, BM)
             acc_g, acc_u = _steps(tg, tu, pg, pu, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, g, nk, zero,
-                                  RING, STAGES, BK, row_l)
+                                  RING, STAGES, BK, row_l, ROW0, BMC)
             g += nk
         else:
             pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
                                                     num_pid_m, NBN, E_local, GROUP_M, BM)
         if live:
-            rows, valid = tile_rows(pid_m, first, n_e, BM, row_l)
+            rows, valid = pid_m * BM + r, (pid_m - first) * BM + r < n_e
             w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
                       stride_ir, stride_isr, BN, gl.SliceLayout(0, mma_l), ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0)
         pid_m, pid_n, e, first, n_e = pm1, pn1, e1, first1, n_e1
@@ -236,60 +224,79 @@ def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, int
 
 @gluon.jit
 def fp8_w13_ws_kernel(
-    x_ptr, w_desc, xs_ptr, ws_ptr, b1_ptr, inter_ptr, is_ptr, out_ptr, counts_ptr, row_start_ptr, sorted_ptr,
-    blk_ptr, H, I, N1, E_local, K, num_pid_m, limit,
-    stride_xt, stride_xst, stride_wse, stride_wsn, ws_shard, stride_be, stride_ir, stride_isr,
+    a_desc, w_desc, xs_ptr, ws_ptr, b1_ptr, inter_ptr, is_ptr, out_ptr, counts_ptr, row_start_ptr, blk_ptr,
+    H, I, N1, E_local, num_pid_m, limit,
+    stride_xsk, stride_wse, stride_wsn, ws_shard, stride_be, stride_ir, stride_isr,
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
-    BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
-    HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, NC: gl.constexpr,
-    num_warps: gl.constexpr,
+    STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, REQ: gl.constexpr,
+    UE8M0: gl.constexpr, NC: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Persistent grid (P,), P <= num_pid_m · cdiv(I, BN) (one program per SM). Arguments as
-    :func:`.fp8_w13.fp8_w13_kernel`, and ``blk``: [num_pid_m] int32, each row block's expert
-    (``_triton.align.block_expert_kernel``); ``NC``: consumers (1 or 2), each with its own producer (BM / 32
-    warps) and ring of ``STAGES`` slots. ``num_warps`` = BM / 16 (the default partition: consumer 0); BM 128 only
-    with NC = 1; BN <= 64. ``BLOCK_E`` is unused."""
+    """Persistent grid (P,), P <= num_pid_m · cdiv(I, BN) (one program per SM). ``a_desc``: TMA over the
+    activations quantised into the sorted rows (``x_q`` of row r's token at row r: [num_pid_m · BM, H] e4m3,
+    block [BM, BK]; padding rows never stored to), ``xs``: their scales transposed, ``xs[k, r]`` (k-stride
+    ``stride_xsk``); ``blk``: [num_pid_m] int32, each row block's expert (``_triton.align.block_expert_kernel``);
+    the rest as :func:`.fp8_w13.fp8_w13_kernel`. ``NC``: consumers (1 or 2), each with its own one-warp producer
+    and ring of ``STAGES`` slots. ``num_warps`` = BM / 16 (the default partition: consumer 0); BM 128 only with
+    NC = 1; BN <= 64."""
     scale_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # per slot: [BM] fp32
-    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
-    a_smem = gl.allocate_shared_memory(gl.float8e4nv, [NC * STAGES, BM, BK], a_sl)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [2 * NC * STAGES, BN, BK], w_desc.layout)
-    sa_smem = gl.allocate_shared_memory(gl.float32, [NC * STAGES, BM], scale_l)
-    sg_smem = gl.allocate_shared_memory(gl.float32, [NC * STAGES, BM], scale_l)
-    su_smem = gl.allocate_shared_memory(gl.float32, [NC * STAGES, BM], scale_l)
-    full = gl.allocate_shared_memory(gl.int64, [NC * STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NC * STAGES, 1], mbarrier.MBarrierLayout())
-    PW: gl.constexpr = BM // 32  # producer warps
-    for s in gl.static_range(NC * STAGES):
-        # full: the producer's expect (1 arrival, then the TMA bytes) and each producer thread's copies (one
-        # arrival per thread, made when its copies have landed)
-        mbarrier.init(full.index(s), count=1 + 32 * PW)
-        mbarrier.init(empty.index(s), count=1)
+    COOP: gl.constexpr = NC == 2 and BM == 128  # two consumers share each tile (64 rows each) and one ring
+    NR: gl.constexpr = 1 if COOP else NC  # rings (and producers)
+    a_smem = gl.allocate_shared_memory(gl.float8e4nv, [NR * STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [2 * NR * STAGES, BN, BK], w_desc.layout)
+    sa_smem = gl.allocate_shared_memory(gl.float32, [NR * STAGES, BM], scale_l)
+    sg_smem = gl.allocate_shared_memory(gl.float32, [NR * STAGES, BM], scale_l)
+    su_smem = gl.allocate_shared_memory(gl.float32, [NR * STAGES, BM], scale_l)
+    full = gl.allocate_shared_memory(gl.int64, [NR * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NR * STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(NR * STAGES):
+        # full: the producer's expect (1 arrival, then the TMA bytes) and each producer thread's scale copies (one
+        # arrival per thread, made when its copies have landed); empty: each consumer reading the slot
+        mbarrier.init(full.index(s), count=1 + 32)
+        mbarrier.init(empty.index(s), count=NC // NR)
     C0: gl.constexpr = 0
     C1: gl.constexpr = 1
     WG: gl.constexpr = 4
+    HALF: gl.constexpr = BM // 2
+    PW: gl.constexpr = 1  # producer warps
     NBN = gl.cdiv(I, BN)
     # every argument written into the call: a tuple held in a variable loses its constexprs (w4_ws.py)
-    if NC == 1:
+    if COOP:  # one tile walk (NC 1 in the walk), consumer c the rows [64c, 64c + 64) of each tile
         gl.warp_specialize([
             (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
              blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps)),
-            (_produce, (x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, H, I, N1, E_local, K, num_pid_m, NBN, stride_xt,
-             stride_xst, stride_wse, stride_wsn, ws_shard, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES, EVEN_K, PW)),
+             stride_isr, C0, NR, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps, C0,
+             HALF)),
+            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
+             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
+             stride_isr, C0, NR, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG, HALF,
+             HALF)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
+             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
+             stride_wsn, ws_shard, C0, NR, BM, BN, BK, QBN, GROUP_M, STAGES)),
+        ], [4, PW], [CONSUMER_REGS, PRODUCER_REGS])
+    elif NC == 1:
+        gl.warp_specialize([
+            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
+             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
+             stride_isr, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps, C0,
+             BM)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
+             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
+             stride_wsn, ws_shard, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
         ], [PW], [PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
              blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps)),
+             stride_isr, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps, C0,
+             BM)),
             (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
              blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C1, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG)),
-            (_produce, (x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, H, I, N1, E_local, K, num_pid_m, NBN, stride_xt,
-             stride_xst, stride_wse, stride_wsn, ws_shard, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES, EVEN_K, PW)),
-            (_produce, (x_ptr, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, H, I, N1, E_local, K, num_pid_m, NBN, stride_xt,
-             stride_xst, stride_wse, stride_wsn, ws_shard, C1, NC, BM, BN, BK, QBN, GROUP_M, STAGES, EVEN_K, PW)),
+             stride_isr, C1, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG, C0, BM)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
+             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
+             stride_wsn, ws_shard, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
+            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
+             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
+             stride_wsn, ws_shard, C1, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
         ], [4, PW, PW], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])

@@ -339,3 +339,34 @@ def act_quant_kernel(
             if ON_INPUT:
                 x = to_dt(x * w_in, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
             tl.store(qrow + cols, quantize_tile(x, s, INTERP), mask=cols < K)
+
+
+@triton.jit
+def act_quant_sorted_kernel(
+    x_ptr, q_ptr, s_ptr, tw_ptr, loc_ptr, rank_ptr, row_start_ptr, K, TOPK, stride_xt, stride_qr, stride_sg,
+    stride_twt, G: tl.constexpr, GP: tl.constexpr, UE8M0: tl.constexpr, ON_INPUT: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """``act_quant_kernel``'s ``MODE`` 0 (groups of ``G`` columns, the same values and scales), each token's row
+    stored at the sorted rows of its live slots instead of at row t: slot ``t · TOPK + j`` of local expert
+    ``loc[slot] >= 0`` sits at row ``row_start[loc] + rank[slot]`` (the align kernel's layout), so
+    ``q [rows, K]`` e4m3 holds the rows a row block's GEMM reads as one tile, and ``s [⌈K/G⌉, rows]`` their
+    scales transposed (group stride ``stride_sg``: a step's scales of a row block are contiguous). Rows of no
+    slot (a block's padding) are not written. Grid (T, cdiv(⌈K/G⌉, GP))."""
+    t = tl.program_id(0).to(tl.int64)
+    xrow = x_ptr + t * stride_xt
+    gi = tl.program_id(1) * GP + tl.arange(0, GP)
+    cols = gi[:, None] * G + tl.arange(0, G)[None, :]
+    m = cols < K
+    x = tl.load(xrow + cols, mask=m, other=0.0).to(tl.float32)
+    if ON_INPUT:
+        x = to_dt(x * tl.load(tw_ptr + t * stride_twt).to(tl.float32), x_ptr.dtype.element_ty, INTERP).to(tl.float32)
+    s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
+    xq = quantize_tile(x, s[:, None], INTERP)
+    for j in range(TOPK):
+        slot = t * TOPK + j
+        e = tl.load(loc_ptr + slot)
+        live = e >= 0
+        r = (tl.load(row_start_ptr + e, mask=live, other=0) + tl.load(rank_ptr + slot)).to(tl.int64)
+        tl.store(q_ptr + r * stride_qr + cols, xq, mask=m & live)
+        tl.store(s_ptr + gi * stride_sg + r, s, mask=(gi * G < K) & live)
