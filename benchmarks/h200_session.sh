@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -333,6 +333,17 @@ case $WHAT in
     step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r16-bf16dec)  # round 16: #11's bf16 decode points behind vLLM's GEMMs by 0.2-8 % (Qwen3 T = 8 / 64, gpt-oss T = 64,
+    # Mixtral T = 8 / 64): the shipped unswapped BLOCK_M 16 tiles against PDL launches and swapped tiles (weights on
+    # wgmma's 64-row side), alternated twice
+    P=qwen3-30b-a3b:8,qwen3-30b-a3b:64,gpt-oss-120b:64,mixtral-8x7b:8,mixtral-8x7b:64
+    step probe-bf16dec 300 python benchmarks/kernel_profile.py --formats bf16 --points "$P" --calls 10 \
+      --variants base,base+pdl,swap,swap+pdl,swap8,baseb,baseb+pdl,swapb,swapb+pdl --out "$OUT/probe-bf16dec.json" \
+      --patches '{"swap": {"BLOCK_M": 16, "w13": {"SWAP": 1, "BN": 64, "num_warps": 4}, "w2": {"SWAP": 1, "BN": 64,
+      "num_warps": 4}}, "swapb": {"BLOCK_M": 16, "w13": {"SWAP": 1, "BN": 64, "num_warps": 4}, "w2": {"SWAP": 1,
+      "BN": 64, "num_warps": 4}}, "swap8": {"BLOCK_M": 16, "w13": {"SWAP": 1, "BN": 128, "num_warps": 8}, "w2":
+      {"SWAP": 1, "BN": 128, "num_warps": 8}}, "baseb": {}}'
     ;;
   r16-row)  # round 16: DeepSeek-V3 fp8 T = 4096, the experts-step row slower than its whole layer (rounds 9, 12, 16):
     # the layer, the experts step on the precomputed routing and on fresh copies of it, alternated, graph + profiler
