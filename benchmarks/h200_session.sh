@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -333,6 +333,27 @@ case $WHAT in
     step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r16-group)  # round 16: the cooperative ws w13 read 19.2 GB from DRAM per DeepSeek-V3 chunk against the one-warpgroup
+    # kernel's 11.3 (Nsight Compute, L2 hit rate 39 vs 65 %): the grouped tile order's GROUP_M (row blocks sharing a
+    # weight tile while they run) for both, at DeepSeek-V3 T = 16384 and 4096
+    P=deepseek-v3:16384,deepseek-v3:4096
+    step profile-group 200 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --calls 3 \
+      --variants base,g16,g32,coop,coopg16,coopg32 --out "$OUT/profile-group.json" \
+      --patches '{"g16": {"w13": {"GROUP_M": 16}}, "g32": {"w13": {"GROUP_M": 32}},
+      "coop": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"num_warps": 8}},
+      "coopg16": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2, "GROUP_M": 16}, "w2": {"num_warps": 8}},
+      "coopg32": {"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2, "GROUP_M": 32}, "w2": {"num_warps": 8}}}'
+    ;;
+  r16-ncu)  # round 16: Nsight Compute on DeepSeek-V3 fp8 T = 16384's w13 (one 8192-token chunk): the shipped
+    # one-warpgroup kernel (BLOCK_M 64) against the cooperative warp-specialised one (BLOCK_M 128, two consumers per
+    # tile, rows by TMA): tensor-pipe activity, L2 and DRAM throughput, stalls
+    NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,lts__t_bytes.sum,dram__bytes_read.sum,dram__bytes_read.sum.per_second,lts__t_sector_hit_rate.pct"
+    step ncu-w13-base 120 $NCU -k regex:"fp8_w13" --launch-skip 2 --launch-count 1 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format fp8 --calls 2
+    step ncu-w13-coop 120 $NCU -k regex:"fp8_w13" --launch-skip 2 --launch-count 1 \
+      python benchmarks/ncu_driver.py deepseek-v3:16384 --format fp8 --calls 2 \
+      --patch '{"BLOCK_M": 128, "w13": {"gluon": 1, "gluon_ws": 2}, "w2": {"num_warps": 8}}'
     ;;
   r16-bf16dec)  # round 16: #11's bf16 decode points behind vLLM's GEMMs by 0.2-8 % (Qwen3 T = 8 / 64, gpt-oss T = 64,
     # Mixtral T = 8 / 64): the shipped unswapped BLOCK_M 16 tiles against PDL launches and swapped tiles (weights on
