@@ -202,9 +202,9 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     a13, inter_w2, w13_kw, w2_kw = x, None, p.w13_kw, p.w2_kw
     tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
     use_tma = p.want_tma and tma_fmt and _tma_ok(w1, w2, h, inter)
+    gluon13 = gluon_experts.fp8_w13_ok(p, q, w1, use_tma, _interpreting())  # same bits, overlapped promotion
     # the warp-specialised fp8 w13 reads its rows by TMA: the input quantiser writes them in sorted order
-    ws13 = (gluon_experts.fp8_w13_ok(p, q, w1, use_tma, _interpreting()) and gluon_experts.fp8_w13_ws_ok(p)
-            and gluon_experts.fp8_w13_ws_rows_ok(h))
+    ws13 = gluon13 and gluon_experts.fp8_w13_ws_ok(p) and gluon_experts.fp8_w13_ws_rows_ok(h)
     if q is None:
         inter_w2 = inter_buf
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
@@ -230,7 +230,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         epi = {n: w13_kw[n] for n in ("REQ", "is_ptr", "stride_isr", "qs_ptr", "UE8M0") if n in w13_kw}
         w13_kw = dict(w13_kw, REQ=0)
     blk_ready = False  # the persistent Gluon GEMMs' block -> expert table (blk) is written
-    if gluon_experts.fp8_w13_ok(p, q, w1, w1_desc is not None, _interpreting()):  # same bits, overlapped promotion
+    if gluon13:
         blk_ready = gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start,
                                                  sorted_slot, blk, h, inter, k, w13_kw, ws13)
     elif gluon_experts.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory
