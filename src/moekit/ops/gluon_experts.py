@@ -181,8 +181,8 @@ def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, 
                    w13_kw: dict, sorted_rows: bool) -> bool:
     """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1).
     ``sorted_rows`` (:func:`fp8_w13_ws_ok` and :func:`fp8_w13_ws_rows_ok` held, and the input quantiser wrote
-    ``xq`` in the sorted rows, its scales transposed): the block -> expert table into ``blk`` ([num_pid_m] int32), then the
-    warp-specialised kernel, one program per SM at most. Returns whether it wrote ``blk``."""
+    ``xq`` in the sorted rows, its scales transposed): the block -> expert table into ``blk`` ([num_pid_m] int32),
+    then the warp-specialised kernel, one program per SM at most. Returns whether it wrote ``blk``."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -194,30 +194,31 @@ def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, 
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws = q.ws13
     req = int(w13_kw.get("REQ", 0))
-    head = (xq, w_desc, w13_kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1, inter_buf,
-            w13_kw["is_ptr"] if req else inter_buf, out, counts, row_start, sorted_slot)
-    tail = (h, inter, w1.shape[1], w1.shape[0], k, p.num_pid_m, p.limit_arg, xq.stride(0), w13_kw["stride_xst"],
-            ws["stride_wse"], ws["stride_wsn"], ws["ws_shard"], b1.stride(0) if b1 is not None else 0,
-            inter_buf.stride(0), int(w13_kw.get("stride_isr", 0)))
-    const = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]),
-                 BLOCK_E=w13_kw["BLOCK_E"], ACT=w13_kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"],
-                 EVEN_K=w13_kw["EVEN_K"], REQ=req, UE8M0=bool(w13_kw.get("UE8M0", False)), num_warps=bm // 16)
-    if sorted_rows:
+    # the arguments both kernels take: after the rows' operand (x_q and its descriptor), ...
+    bufs = (w13_kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1, inter_buf,
+            w13_kw["is_ptr"] if req else inter_buf, out, counts, row_start)
+    sizes = (h, inter, w1.shape[1], w1.shape[0])
+    # ... and after the rows' strides
+    strides = (ws["stride_wse"], ws["stride_wsn"], ws["ws_shard"], b1.stride(0) if b1 is not None else 0,
+               inter_buf.stride(0), int(w13_kw.get("stride_isr", 0)))
+    const = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(w13_kw["GROUP_M"]), ACT=w13_kw["ACT"],
+                 HAS_BIAS=b1 is not None, HAS_LIMIT=w13_kw["HAS_LIMIT"], REQ=req,
+                 UE8M0=bool(w13_kw.get("UE8M0", False)))
+    if sorted_rows:  # TMA zero-fills past H; each tile's expert comes from the table
         nc = p.gluon_ws[0]
         launch_block_table(launch, p, counts, row_start, blk, w1.shape[0])
         a_desc = TensorDescriptor.from_tensor(xq, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk],
                                                                                                  gl.float8e4nv))
         grid = (min(p.grid13[0], _sm_count(xq.device.index)),)
-        for name in ("BLOCK_E", "EVEN_K"):  # TMA zero-fills past H; the tile's expert comes from the table
-            const.pop(name)
-        if fp8_w13_ws_coop(bm, nc):  # the default partition is the first 64-row consumer
-            const["num_warps"] = 4
-        launch(fp8_w13_ws_kernel, grid, a_desc, w_desc, *head[2:10], blk, h, inter, w1.shape[1], w1.shape[0],
-               p.num_pid_m, p.limit_arg, w13_kw["stride_xst"], *tail[9:], STAGES=fp8_w13_ws_stages(bm, bn, bk, nc),
-               NC=nc, **const)
+        warps = 4 if fp8_w13_ws_coop(bm, nc) else bm // 16  # coop: the default partition is one 64-row consumer
+        launch(fp8_w13_ws_kernel, grid, a_desc, w_desc, *bufs, blk, *sizes, p.num_pid_m, p.limit_arg,
+               w13_kw["stride_xst"], *strides, STAGES=fp8_w13_ws_stages(bm, bn, bk, nc), NC=nc, num_warps=warps,
+               **const)
         return True
     stages = max(2, min(int(w13_kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
-    launch(fp8_w13_kernel, p.grid13, *head, *tail, STAGES=stages, STACK=p.gluon_stack, **const)
+    launch(fp8_w13_kernel, p.grid13, xq, w_desc, *bufs, sorted_slot, *sizes, k, p.num_pid_m, p.limit_arg,
+           xq.stride(0), w13_kw["stride_xst"], *strides, BLOCK_E=w13_kw["BLOCK_E"], EVEN_K=w13_kw["EVEN_K"],
+           STAGES=stages, STACK=p.gluon_stack, num_warps=bm // 16, **const)
     return False
 
 
@@ -286,8 +287,9 @@ _REGA_MAX_BM = 128
 
 def _form_ok(p, which: str) -> bool:
     """The asked form's own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles of at most
-    :data:`_REGA_MAX_BM` token rows, not with ``gluon_ws``. Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64 tiles (one warpgroup per partition: BN
-    128's eight-warp partitions spill), 2-8 decoded slots. Every form: its rings in one program's shared memory."""
+    :data:`_REGA_MAX_BM` token rows, not with ``gluon_ws``. Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64
+    tiles (one warpgroup per partition: BN 128's eight-warp partitions spill), 2-8 decoded slots. Every form: its
+    rings in one program's shared memory."""
     i = 0 if which == "w13" else 1
     kw, d = (p.w13_kw if i == 0 else p.w2_kw), p.gluon_ws[i]
     bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])

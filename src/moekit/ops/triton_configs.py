@@ -19,15 +19,16 @@ Gluon w2 computes n neighbouring column tiles per program, one after the other t
 bits) or ``"gluon_ws": n`` (n = 1 or 2: its warp-specialised, persistent form, :mod:`moekit.ops._gluon.fp8_w2_ws`,
 n consumer warpgroups each fed by a TMA producer warp, one program per SM, ``"gluon_nt"`` unused; BLOCK_M 64, or
 128 with n = 1; elsewhere the one-warpgroup Gluon w2 runs, see :func:`moekit.ops.gluon_experts.fp8_w2_ws_ok`; the
-same bits; measured on the H200 in round 14: faster only for gpt-oss at T = 4096, its fp8 table's bucket, and
-slower at DeepSeek-V3 and Qwen3). ``"w13": {"gluon": 1, "gluon_ws": n}`` likewise runs the warp-specialised,
-persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n consumer warpgroups fed by one-warp TMA producers,
-the input quantised into the sorted rows; BLOCK_M 64 (each consumer its own tiles) or 128 (one 8-warp consumer, or
-with n = 2 both on each tile), BN <= 64; elsewhere the one-warpgroup Gluon w13, see
-:func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits), and ``"w13": {"gluon": 1, "gluon_stack": 1}`` the
-one-warpgroup Gluon w13 with the gate and up rows as one tile and one wgmma (the same bits). Neither is in a
-shipped table (H200 round 16: no faster at DeepSeek-V3); the tuner tries both. ``"gluon_ws"`` must be an int
->= 0 (:func:`gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`gluon_flag_value`). For mxfp4 / int4 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
+same bits; measured on the H200: faster only for gpt-oss, in its fp8 table's buckets 4096 (round 14) and 16384
+(round 16), slower at DeepSeek-V3 and Qwen3). ``"w13": {"gluon": 1, "gluon_ws": n}`` likewise runs the
+warp-specialised, persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n consumer warpgroups fed by
+one-warp TMA producers, the input quantised into the sorted rows; BLOCK_M 64 (each consumer its own tiles) or 128
+(one 8-warp consumer, or with n = 2 both on each tile), BN <= 64; elsewhere the one-warpgroup Gluon w13, see
+:func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits; in the H200 fp8 table at gpt-oss T = 16384 only), and
+``"w13": {"gluon": 1, "gluon_stack": 1}`` the one-warpgroup Gluon w13 with the gate and up rows as one tile and one
+wgmma (the same bits; in no table: no faster on the H200, round 16); the tuner tries both. ``"gluon_ws"`` must be
+an int >= 0 (:func:`gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`gluon_flag_value`). For mxfp4 / int4
+weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
 of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .._triton.grouped_gemm import _activate
 from .._triton.quant import requant_store, to_dt
@@ -50,6 +51,18 @@ def block_tile(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, num_pid_m, num_
     live = e < E_local
     first = gl.load(row_start_ptr + e, mask=live, other=0) // BM
     return pid_m, pid_n, e, first, gl.load(counts_ptr + e, mask=live, other=0)
+
+
+@gluon.jit
+def ring_barriers(N: gl.constexpr, FULL: gl.constexpr, EMPTY: gl.constexpr):
+    """(full, empty): ``N`` mbarriers each, initialised for ``FULL`` / ``EMPTY`` arrivals per phase (the slots of a
+    warp-specialised kernel's ring: ``full[s]`` when its operands landed, ``empty[s]`` when its readers are done)."""
+    full = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(N):
+        mbarrier.init(full.index(s), count=FULL)
+        mbarrier.init(empty.index(s), count=EMPTY)
+    return full, empty
 
 
 @gluon.jit

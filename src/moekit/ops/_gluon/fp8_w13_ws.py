@@ -65,7 +65,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .common import block_tile, tile_walk, w13_store
+from .common import block_tile, ring_barriers, tile_walk, w13_store
 
 #: registers per thread of the producers' warpgroup (two 2-warp producers, or one of 2 or 4 warps, padded)
 PRODUCER_REGS = gl.constexpr(48)
@@ -74,11 +74,13 @@ CONSUMER_REGS = gl.constexpr(232)
 
 
 @gluon.jit
-def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr, blk_ptr,
-             counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse, stride_wsn,
-             ws_shard, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-             QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-    """Producer ``C_ID`` (one warp): every load of consumer ``C_ID``'s K steps, slot by slot."""
+def _produce(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+             BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """Producer ``C_ID`` (one warp): every load of consumer ``C_ID``'s K steps, slot by slot. ``ring``, ``args``: the
+    kernel's shared-memory ring and the producers' arguments (:func:`fp8_w13_ws_kernel`)."""
+    a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty = ring
+    (a_desc, w_desc, xs_ptr, ws_ptr, blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN,
+     stride_xsk, stride_wse, stride_wsn, ws_shard) = args
     RING: gl.constexpr = C_ID * STAGES
     ROW_L: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
     nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
@@ -116,10 +118,11 @@ def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, em
 
 
 @gluon.jit
-def _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, g, zero, RING: gl.constexpr, STAGES: gl.constexpr,
-          BK: gl.constexpr, ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
+def _mma2(ring, g, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr,
+          ROW0: gl.constexpr, BMC: gl.constexpr):
     """Wait for ring step ``g``'s rows, tiles and scales, start its gate and up wgmmas (fresh accumulators) on the
     consumer's rows [ROW0, ROW0 + BMC) of the slot: (the two tokens, the rows' gate and up scales ``s_x · S``)."""
+    a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty = ring
     s = RING + g % STAGES
     mbarrier.wait(full.index(s), (g // STAGES) & 1)  # rows and weight tiles by TMA, the scales by cp.async
     sa = sa_smem.index(s).slice(ROW0, BMC).load(ROW_L)
@@ -134,66 +137,65 @@ def _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, g, zero, RING: gl.con
 
 
 @gluon.jit
-def _release(empty, g, RING: gl.constexpr, STAGES: gl.constexpr):
+def _release(ring, g, RING: gl.constexpr, STAGES: gl.constexpr):
     """Ring step ``g``'s wgmmas were waited for by every warp of the consumer: its slot may be refilled."""
+    empty = ring[6]  # (a, w, s_x, S gate, S up, full, empty)
     gl.thread_barrier()
     mbarrier.arrive(empty.index(RING + g % STAGES), count=1)
 
 
 @gluon.jit
-def _turn(tg, tu, pg, pu, acc_g, acc_u, j, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, zero,
-          RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr, ROW0: gl.constexpr,
-          BMC: gl.constexpr):
+def _turn(tg, tu, pg, pu, acc_g, acc_u, j, ring, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr,
+          ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
     """Wait for ring step ``j``'s wgmmas, start step j + 1's, free step j's slot and promote step j (scales
     ``pg``, ``pu``) while j + 1 runs: (step j + 1's tokens and scales, acc_g, acc_u)."""
     # the accumulators pass through the wait: the promotion before stays before it (as in fp8_w2_ws)
     cg, cu, acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(tg, tu, acc_g, acc_u))
-    tg1, tu1, pg1, pu1 = _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, j + 1, zero, RING, STAGES, BK, ROW_L,
-                               ROW0, BMC)
-    _release(empty, j, RING, STAGES)
+    tg1, tu1, pg1, pu1 = _mma2(ring, j + 1, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
+    _release(ring, j, RING, STAGES)
     return tg1, tu1, pg1, pu1, gl.fma(cg, pg[:, None], acc_g), gl.fma(cu, pu[:, None], acc_u)
 
 
 @gluon.jit
-def _last(tg, tu, pg, pu, acc_g, acc_u, j, empty, RING: gl.constexpr, STAGES: gl.constexpr):
+def _last(tg, tu, pg, pu, acc_g, acc_u, j, ring, RING: gl.constexpr, STAGES: gl.constexpr):
     """The tile's last step ``j``: wait for its wgmmas, free its slot, promote it."""
     cg, cu, acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(tg, tu, acc_g, acc_u))
-    _release(empty, j, RING, STAGES)
+    _release(ring, j, RING, STAGES)
     return gl.fma(cg, pg[:, None], acc_g), gl.fma(cu, pu[:, None], acc_u)
 
 
 @gluon.jit
-def _steps(tg, tu, pg, pu, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, g, nk, zero, RING: gl.constexpr,
-           STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
+def _steps(tg, tu, pg, pu, ring, g, nk, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr,
+           ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
     """One tile's K loop from ring step ``g`` (its first wgmmas already started), steps in pairs (the in-flight
     tokens alternate between two names, so none is carried into a register that must move): (acc_g, acc_u)."""
     acc_g = gl.zeros_like(zero)
     acc_u = gl.zeros_like(zero)
     for k in range(1, nk - 1, 2):
-        tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + k - 1, a_smem, w_smem, sa_smem,
-                                                 sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
-        tg, tu, pg, pu, acc_g, acc_u = _turn(tg1, tu1, pg1, pu1, acc_g, acc_u, g + k, a_smem, w_smem, sa_smem,
-                                             sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
+        tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + k - 1, ring, zero, RING, STAGES,
+                                                 BK, ROW_L, ROW0, BMC)
+        tg, tu, pg, pu, acc_g, acc_u = _turn(tg1, tu1, pg1, pu1, acc_g, acc_u, g + k, ring, zero, RING, STAGES, BK,
+                                             ROW_L, ROW0, BMC)
     if nk % 2 == 0:  # two steps left (nk - 2 in flight), else one
-        tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + nk - 2, a_smem, w_smem, sa_smem,
-                                                 sg_smem, su_smem, full, empty, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
-        acc_g, acc_u = _last(tg1, tu1, pg1, pu1, acc_g, acc_u, g + nk - 1, empty, RING, STAGES)
+        tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + nk - 2, ring, zero, RING, STAGES,
+                                                 BK, ROW_L, ROW0, BMC)
+        acc_g, acc_u = _last(tg1, tu1, pg1, pu1, acc_g, acc_u, g + nk - 1, ring, RING, STAGES)
     else:
-        acc_g, acc_u = _last(tg, tu, pg, pu, acc_g, acc_u, g + nk - 1, empty, RING, STAGES)
+        acc_g, acc_u = _last(tg, tu, pg, pu, acc_g, acc_u, g + nk - 1, ring, RING, STAGES)
     return acc_g, acc_u
 
 
 @gluon.jit
-def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr, blk_ptr,
-             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir, stride_isr,
-             C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-             GROUP_M: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
-             HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, NW: gl.constexpr,
-             ROW0: gl.constexpr, BMC: gl.constexpr):
+def _consume(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+             BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr,
+             HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr,
+             NW: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
     """Consumer ``C_ID`` (``NW`` warps): the wgmmas, promotions and epilogues of its tiles' rows [ROW0, ROW0 + BMC)
     (all BM of them, or one half of a tile shared with a second consumer). The next tile's expert is looked up
     while a tile's first wgmmas run (its loads land during the K loop, which loads nothing); the epilogue loads the
-    bias (HAS_BIAS)."""
+    bias (HAS_BIAS). ``ring``, ``args``: the kernel's shared-memory ring and the consumers' arguments."""
+    (b1_ptr, inter_ptr, is_ptr, out_ptr, blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit,
+     stride_be, stride_ir, stride_isr) = args
     RING: gl.constexpr = C_ID * STAGES
     mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
@@ -210,12 +212,10 @@ def _consume(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, int
         acc_g = zero
         acc_u = zero
         if live:
-            tg, tu, pg, pu = _mma2(a_smem, w_smem, sa_smem, sg_smem, su_smem, full, g, zero, RING, STAGES, BK, row_l,
-                                   ROW0, BMC)
+            tg, tu, pg, pu = _mma2(ring, g, zero, RING, STAGES, BK, row_l, ROW0, BMC)
             pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
                                                     num_pid_m, NBN, E_local, GROUP_M, BM)
-            acc_g, acc_u = _steps(tg, tu, pg, pu, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, g, nk, zero,
-                                  RING, STAGES, BK, row_l, ROW0, BMC)
+            acc_g, acc_u = _steps(tg, tu, pg, pu, ring, g, nk, zero, RING, STAGES, BK, row_l, ROW0, BMC)
             g += nk
         else:
             pm1, pn1, e1, first1, n_e1 = block_tile(t + stride, num_tiles, blk_ptr, counts_ptr, row_start_ptr,
@@ -252,57 +252,42 @@ def fp8_w13_ws_kernel(
     sa_smem = gl.allocate_shared_memory(gl.float32, [NR * STAGES, BM], scale_l)
     sg_smem = gl.allocate_shared_memory(gl.float32, [NR * STAGES, BM], scale_l)
     su_smem = gl.allocate_shared_memory(gl.float32, [NR * STAGES, BM], scale_l)
-    full = gl.allocate_shared_memory(gl.int64, [NR * STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NR * STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(NR * STAGES):
-        # full: the producer's expect (1 arrival, then the TMA bytes) and each producer thread's scale copies (one
-        # arrival per thread, made when its copies have landed); empty: each consumer reading the slot
-        mbarrier.init(full.index(s), count=1 + 32)
-        mbarrier.init(empty.index(s), count=NC // NR)
+    # full: the producer's expect (1 arrival, then the TMA bytes) and each producer thread's scale copies (one
+    # arrival per thread, made when its copies have landed); empty: each consumer reading the slot
+    full, empty = ring_barriers(NR * STAGES, 1 + 32, NC // NR)
     C0: gl.constexpr = 0
     C1: gl.constexpr = 1
     WG: gl.constexpr = 4
     HALF: gl.constexpr = BM // 2
     PW: gl.constexpr = 1  # producer warps
     NBN = gl.cdiv(I, BN)
-    # every argument written into the call: a tuple held in a variable loses its constexprs (w4_ws.py)
+    # the tensors travel in tuples; the constexprs are written into each call (a tuple held in a variable loses its
+    # constexprs, w4_ws.py)
+    ring = (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty)
+    cargs = (b1_ptr, inter_ptr, is_ptr, out_ptr, blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN,
+             limit, stride_be, stride_ir, stride_isr)
+    pargs = (a_desc, w_desc, xs_ptr, ws_ptr, blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN,
+             stride_xsk, stride_wse, stride_wsn, ws_shard)
     if COOP:  # one tile walk (NC 1 in the walk), consumer c the rows [64c, 64c + 64) of each tile
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C0, NR, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps, C0,
-             HALF)),
-            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C0, NR, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG, HALF,
-             HALF)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
-             stride_wsn, ws_shard, C0, NR, BM, BN, BK, QBN, GROUP_M, STAGES)),
+            (_consume, (ring, cargs, C0, NR, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0,
+                        num_warps, C0, HALF)),
+            (_consume, (ring, cargs, C0, NR, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG,
+                        HALF, HALF)),
+            (_produce, (ring, pargs, C0, NR, BM, BN, BK, QBN, GROUP_M, STAGES)),
         ], [4, PW], [CONSUMER_REGS, PRODUCER_REGS])
     elif NC == 1:
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps, C0,
-             BM)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
-             stride_wsn, ws_shard, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
+            (_consume, (ring, cargs, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0,
+                        num_warps, C0, BM)),
+            (_produce, (ring, pargs, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
         ], [PW], [PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, num_warps, C0,
-             BM)),
-            (_consume, (a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, b1_ptr, inter_ptr, is_ptr, out_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, limit, stride_be, stride_ir,
-             stride_isr, C1, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG, C0, BM)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
-             stride_wsn, ws_shard, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty, xs_ptr, ws_ptr,
-             blk_ptr, counts_ptr, row_start_ptr, H, I, N1, E_local, num_pid_m, NBN, stride_xsk, stride_wse,
-             stride_wsn, ws_shard, C1, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
+            (_consume, (ring, cargs, C0, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0,
+                        num_warps, C0, BM)),
+            (_consume, (ring, cargs, C1, NC, BM, BN, BK, GROUP_M, STAGES, ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, WG,
+                        C0, BM)),
+            (_produce, (ring, pargs, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
+            (_produce, (ring, pargs, C1, NC, BM, BN, BK, QBN, GROUP_M, STAGES)),
         ], [4, PW, PW], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])

@@ -64,7 +64,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .common import block_tile, tile_rows, tile_walk, w2_part_store
+from .common import block_tile, ring_barriers, tile_rows, tile_walk, w2_part_store
 
 #: registers per thread of a producer warp (its warpgroup is padded with idle warps that get as many)
 PRODUCER_REGS = gl.constexpr(40)
@@ -73,12 +73,14 @@ CONSUMER_REGS = gl.constexpr(232)
 
 
 @gluon.jit
-def _produce(a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr, counts_ptr,
-             row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn,
-             C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-             QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
+def _produce(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+             BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
     """Producer ``C_ID``: every load of consumer ``C_ID``'s K steps, into its ring slot by slot. The next tile's
-    expert is looked up when a tile starts (its loads land while this tile's steps are issued)."""
+    expert is looked up when a tile starts (its loads land while this tile's steps are issued). ``ring``, ``args``:
+    the kernel's shared-memory ring and the producers' arguments (:func:`fp8_w2_ws_sum_kernel`)."""
+    a_smem, w_smem, sa_smem, sw_smem, full, empty = ring
+    (a_desc, w_desc, as_ptr, ws_ptr, blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr,
+     stride_wse, stride_wsn) = args
     RING: gl.constexpr = C_ID * STAGES
     ROW_L: gl.constexpr = gl.BlockedLayout([BM // (32 * NW)], [32], [NW], [0])
     nbytes: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
@@ -181,15 +183,17 @@ def _next(t, num_tiles, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, num_pid_
 
 
 @gluon.jit
-def _consume(a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr, row_start_ptr,
-             sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt, stride_pr,
-             C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-             GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
-             NW: gl.constexpr):
+def _consume(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+             BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+             ON_INPUT: gl.constexpr, NW: gl.constexpr):
     """Consumer ``C_ID``: the wgmmas, promotions and epilogues of its tiles (``NW`` warps). A tile's global loads
     are issued at its start and land during its K loop (which loads nothing): the router weights of its rows
     (their slots were loaded at the tile before's start), the next tile's expert (looked up while step 0's wgmma
-    runs) and slot rows; only the bias (HAS_BIAS) is loaded by the epilogue."""
+    runs) and slot rows; only the bias (HAS_BIAS) is loaded by the epilogue. ``ring``, ``args``: the kernel's
+    shared-memory ring and the consumers' arguments."""
+    a_smem, w_smem, sa_smem, sw_smem, full, empty = ring
+    (b2_ptr, tw_ptr, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN,
+     stride_be, stride_twt, stride_pr) = args
     RING: gl.constexpr = C_ID * STAGES
     mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
@@ -248,39 +252,29 @@ def fp8_w2_ws_sum_kernel(
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [NC * STAGES, BN, BK], w_desc.layout)
     sa_smem = gl.allocate_shared_memory(gl.float32, [NC * STAGES, BM], scale_l)
     sw_smem = gl.allocate_shared_memory(gl.float32, [NC * STAGES, BM], scale_l)
-    full = gl.allocate_shared_memory(gl.int64, [NC * STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NC * STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(NC * STAGES):
-        # a slot is full after its producer's expect (1 arrival, then the TMA bytes) and each of its 32 lanes'
-        # scale copies (one arrival per lane, made when the lane's copies have landed)
-        mbarrier.init(full.index(s), count=1 + 32)
-        mbarrier.init(empty.index(s), count=1)
+    # a slot is full after its producer's expect (1 arrival, then the TMA bytes) and each of its 32 lanes' scale
+    # copies (one arrival per lane, made when the lane's copies have landed)
+    full, empty = ring_barriers(NC * STAGES, 1 + 32, 1)
     C0: gl.constexpr = 0
     C1: gl.constexpr = 1
     ONE: gl.constexpr = 1
     WG: gl.constexpr = 4
-    # every argument written into the call: a tuple held in a variable loses its constexprs (w4_ws.py)
+    # the tensors travel in tuples; the constexprs are written into each call (a tuple held in a variable loses its
+    # constexprs, w4_ws.py)
+    ring = (a_smem, w_smem, sa_smem, sw_smem, full, empty)
+    cargs = (b2_ptr, tw_ptr, blk_ptr, counts_ptr, row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m,
+             NBN, stride_be, stride_twt, stride_pr)
+    pargs = (a_desc, w_desc, as_ptr, ws_ptr, blk_ptr, counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN,
+             stride_asr, stride_wse, stride_wsn)
     if NC == 1:
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr,
-             row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt,
-             stride_pr, C0, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr,
-             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C0, NC,
-             BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
+            (_consume, (ring, cargs, C0, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
+            (_produce, (ring, pargs, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
         ], [1], [PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr,
-             row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt,
-             stride_pr, C0, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
-            (_consume, (a_smem, w_smem, sa_smem, sw_smem, full, empty, b2_ptr, tw_ptr, blk_ptr, counts_ptr,
-             row_start_ptr, sorted_ptr, part_ptr, H, I, E_local, K, num_pid_m, NBN, stride_be, stride_twt,
-             stride_pr, C1, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, WG)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr,
-             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C0, NC,
-             BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
-            (_produce, (a_desc, w_desc, a_smem, w_smem, sa_smem, sw_smem, full, empty, as_ptr, ws_ptr, blk_ptr,
-             counts_ptr, row_start_ptr, H, I, E_local, num_pid_m, NBN, stride_asr, stride_wse, stride_wsn, C1, NC,
-             BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
+            (_consume, (ring, cargs, C0, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, num_warps)),
+            (_consume, (ring, cargs, C1, NC, BM, BN, BK, GROUP_M, STAGES, HAS_BIAS, ON_INPUT, WG)),
+            (_produce, (ring, pargs, C0, NC, BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
+            (_produce, (ring, pargs, C1, NC, BM, BN, BK, QBN, GROUP_M, STAGES, ONE)),
         ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .common import block_expert, pid_to_tile
+from .common import block_expert, pid_to_tile, ring_barriers
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _decode, _issue_w, _issue_x, _nvmma, _p_layout, _pack,
                  _s_ptrs, _scales, _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
 
@@ -209,11 +209,7 @@ def _rings(x_dtype, w_dtype, ND: gl.constexpr, D: gl.constexpr, NT: gl.constexpr
     x_smem = gl.allocate_shared_memory(x_dtype, [STAGES, BM, BK], _nvmma(BM, BK))
     w_smem = gl.allocate_shared_memory(gl.bfloat16, [D * NT, BN, BK], _nvmma(BN, BK))
     p_smem = gl.allocate_shared_memory(w_dtype, [ND * STAGES * NT, BN, BK // G, G // _pack(QUANT)], _PLAIN)
-    full = gl.allocate_shared_memory(gl.int64, [D, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [D, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(D):
-        mbarrier.init(full.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+    full, empty = ring_barriers(D, 1, 1)
     return x_smem, w_smem, p_smem, full, empty
 
 

@@ -294,6 +294,21 @@ def requant_store(h, q_ptrs, qmask, s_ptr, s_offs, smask, qs_ptr, nmask, DT: tl.
 
 
 @triton.jit
+def _quant_groups(xrow, gi, K, w_in, G: tl.constexpr, UE8M0: tl.constexpr, ON_INPUT: tl.constexpr,
+                  INTERP: tl.constexpr):
+    """Groups ``gi`` ([GP]) of ``G`` columns of one row ``xrow`` (params dtype, K columns), quantised (``ON_INPUT``:
+    the row times the routing weight ``w_in``, rounded to the params dtype first): (the columns [GP, G], their mask,
+    the e4m3 values, the groups' scales [GP])."""
+    cols = gi[:, None] * G + tl.arange(0, G)[None, :]
+    m = cols < K
+    x = tl.load(xrow + cols, mask=m, other=0.0).to(tl.float32)
+    if ON_INPUT:
+        x = to_dt(x * w_in, xrow.dtype.element_ty, INTERP).to(tl.float32)
+    s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
+    return cols, m, quantize_tile(x, s[:, None], INTERP), s
+
+
+@triton.jit
 def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
@@ -308,17 +323,13 @@ def act_quant_kernel(
     t = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + t * stride_xt
     qrow = q_ptr + t * stride_qt
+    w_in = 1.0
     if ON_INPUT:
         w_in = tl.load(tw_ptr + t * stride_twt).to(tl.float32)
     if MODE == 0:
         gi = tl.program_id(1) * GP + tl.arange(0, GP)
-        cols = gi[:, None] * G + tl.arange(0, G)[None, :]
-        m = cols < K
-        x = tl.load(xrow + cols, mask=m, other=0.0).to(tl.float32)
-        if ON_INPUT:
-            x = to_dt(x * w_in, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
-        s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
-        tl.store(qrow + cols, quantize_tile(x, s[:, None], INTERP), mask=m)
+        cols, m, xq, s = _quant_groups(xrow, gi, K, w_in, G, UE8M0, ON_INPUT, INTERP)
+        tl.store(qrow + cols, xq, mask=m)
         tl.store(s_ptr + t * stride_st + gi, s, mask=gi * G < K)
     else:
         if MODE == 1:
@@ -354,15 +365,11 @@ def act_quant_sorted_kernel(
     scales transposed (group stride ``stride_sg``: a step's scales of a row block are contiguous). Rows of no
     slot (a block's padding) are not written. Grid (T, cdiv(⌈K/G⌉, GP))."""
     t = tl.program_id(0).to(tl.int64)
-    xrow = x_ptr + t * stride_xt
-    gi = tl.program_id(1) * GP + tl.arange(0, GP)
-    cols = gi[:, None] * G + tl.arange(0, G)[None, :]
-    m = cols < K
-    x = tl.load(xrow + cols, mask=m, other=0.0).to(tl.float32)
+    w_in = 1.0
     if ON_INPUT:
-        x = to_dt(x * tl.load(tw_ptr + t * stride_twt).to(tl.float32), x_ptr.dtype.element_ty, INTERP).to(tl.float32)
-    s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
-    xq = quantize_tile(x, s[:, None], INTERP)
+        w_in = tl.load(tw_ptr + t * stride_twt).to(tl.float32)
+    gi = tl.program_id(1) * GP + tl.arange(0, GP)
+    cols, m, xq, s = _quant_groups(x_ptr + t * stride_xt, gi, K, w_in, G, UE8M0, ON_INPUT, INTERP)
     for j in range(TOPK):
         slot = t * TOPK + j
         e = tl.load(loc_ptr + slot)
