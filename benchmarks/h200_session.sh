@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -331,6 +331,55 @@ case $WHAT in
     step gpu-inv-4bit 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
       tests/ops/test_batch_invariance_gpu.py -k "shipped_4bit"
     step bench4 250 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r17-tail)  # round 17: tail tiles ("tail_bm": an expert's last <= BS rows in a BS-row tile of the same grid instead of a
+    # padded 128-row tile): their GPU bit tests, then µs per kernel at the compute-bound bf16 points, the shipped tables
+    # (base, and again last: baseb) beside BS 32 (mma.sync tail tiles) and 64 (wgmma)
+    step gpu-tail 170 python -m pytest -q -p no:cacheprovider -rf --durations=5 tests/ops/test_tail_tiles.py
+    P=deepseek-v3:4096,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:16384,qwen3-30b-a3b:4096
+    P=$P,qwen3-30b-a3b:16384,mixtral-8x7b:1024,mixtral-8x7b:4096
+    step profile-tail 400 python benchmarks/kernel_profile.py --formats bf16 --points "$P" --calls 3 \
+      --variants base,t32,t64,baseb --out "$OUT/profile-tail.json" \
+      --patches '{"t32": {"tail_bm": 32}, "t64": {"tail_bm": 64}, "baseb": {}}'
+    ;;
+  r17-ship)  # round 17: the tail tiles again, each variant twice in alternation (the step drifts by a few % within a run),
+    # at every bucket whose shipped bf16 tiles are 128 rows, to decide per bucket
+    P=deepseek-v3:4096,deepseek-v3:16384,gpt-oss-120b:4096,gpt-oss-120b:16384,qwen3-30b-a3b:4096
+    P=$P,qwen3-30b-a3b:16384,mixtral-8x7b:256,mixtral-8x7b:1024,mixtral-8x7b:4096,mixtral-8x7b:16384
+    step profile-ship 560 python benchmarks/kernel_profile.py --formats bf16 --points "$P" --calls 2 \
+      --variants base,t32,t64,baseb,t32b,t64b --out "$OUT/profile-ship.json" \
+      --patches '{"t32": {"tail_bm": 32}, "t64": {"tail_bm": 64}, "baseb": {}, "t32b": {"tail_bm": 32},
+      "t64b": {"tail_bm": 64}}'
+    ;;
+  r17-dec)  # round 17: fp8 decode stage counts (fewer stages: more CTAs per SM, so DeepSeek-V3 T = 1's 896 w2 programs
+    # fit one wave: 4 stages x 10 KB -> 5 CTAs / SM = 660 slots, 3 stages -> 7 = 924), each twice in alternation; then
+    # tail tiles at the 64-row T = 1024 buckets (tail 32) and a third look at the two mixed 128-row buckets
+    P=deepseek-v3:1,deepseek-v3:8,qwen3-30b-a3b:1,qwen3-30b-a3b:8,qwen3-30b-a3b:64,gpt-oss-120b:1,gpt-oss-120b:8
+    P=$P,gpt-oss-120b:64,mixtral-8x7b:1,mixtral-8x7b:8,mixtral-8x7b:64
+    step profile-dec 300 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --calls 10 \
+      --variants base,w2s3,w2s2,s3,baseb,w2s3b,w2s2b,s3b --out "$OUT/profile-dec.json" \
+      --patches '{"w2s3": {"w2": {"num_stages": 3}}, "w2s2": {"w2": {"num_stages": 2}},
+      "s3": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "baseb": {}, "w2s3b": {"w2": {"num_stages": 3}},
+      "w2s2b": {"w2": {"num_stages": 2}}, "s3b": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}}'
+    P=qwen3-30b-a3b:1024,deepseek-v3:1024,gpt-oss-120b:1024,qwen3-30b-a3b:16384,mixtral-8x7b:16384
+    step profile-tail2 220 python benchmarks/kernel_profile.py --formats bf16 --points "$P" --calls 3 \
+      --variants base,t32,t64,baseb,t32b,t64b --out "$OUT/profile-tail2.json" \
+      --patches '{"t32": {"tail_bm": 32}, "t64": {"tail_bm": 64}, "baseb": {}, "t32b": {"tail_bm": 32},
+      "t64b": {"tail_bm": 64}}'
+    ;;
+  r17-gpu)  # round 17, the GPU tests after the grouped-GEMM refactor (tile helpers, tail blocks) and the table changes:
+    # the Triton experts' GPU tests, PDL, swapped tiles, tail tiles, and every shipped bf16 / fp8 table alone vs in batches
+    step gpu-triton 200 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_triton_experts.py \
+      tests/ops/test_triton_pdl_gpu.py tests/ops/test_swap_ab.py tests/ops/test_tail_tiles.py tests/ops/test_sum_pass.py
+    step gpu-inv 300 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_configs or shipped_fp8 or device_configs or whole_layer"
+    ;;
+  r17-final)  # round 17, final: the two GPU tests r17-gpu's time bound cut off, the sweep of bf16 and fp8 (rows timed
+    # after 200 ms of warm replays), then compare
+    step gpu-sum 120 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_sum_pass.py
+    step bench 420 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;

@@ -376,3 +376,27 @@ def test_fill_never_writes_a_config_the_space_refuses(tmp_path):
     space = Space((m.E, m.H, m.I, m.K, m.gated), torch.bfloat16, None, (128, 128), {"fp8_acc": None})
     for t, cfg in fill.items():
         assert space.refusal(cfg) is None and block_k(cfg) == (128, 128), (t, cfg)
+
+
+def test_neighbours_toggle_tail_blocks_where_the_tiles_take_them():
+    # unswapped Triton tiles at BLOCK_M 128: tail blocks of 32 and 64 rows (fp8 wgmma: 64 only), and back to none;
+    # Gluon tiles get none, nor BLOCK_M 32 (a tail block is shorter than BLOCK_M, and 32 rows is the shortest tried)
+    big = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3))
+    assert {c.get("tail_bm", 0) for c in neighbour_configs(big, False, quick=True)} == {0, 32, 64}
+    assert {c.get("tail_bm", 0) for c in neighbour_configs(big, False, quick=True, fam="fp8")} == {0, 64}
+    on = {**big, "tail_bm": 32}
+    assert {c.get("tail_bm", 0) for c in neighbour_configs(on, False)} == {0, 32, 64}
+    assert all("tail_bm" not in c for c in neighbour_configs(_cfg(32, (64, 64, 4, 4), (64, 64, 4, 4)), False))
+    gl = tune_space.gluon_toggled({**big, "tail_bm": 64})
+    assert all("tail_bm" not in c for c in neighbour_configs(gl, False, fam="fp8") if c["w2"].get("gluon"))
+    # the BLOCK_M halving of a tail-64 winner drops the key (64 is not below 64)
+    assert all("tail_bm" not in c for c in neighbour_configs({**big, "tail_bm": 64}, False) if c["BLOCK_M"] == 64)
+    assert config_id({**big, "tail_bm": 0}) == config_id(big)
+
+
+def test_a_tail_winner_must_match_the_same_tiles_without_tail_blocks():
+    seen = []
+    cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), tail_bm=32)
+    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
+    assert "tail_bm" not in seen[-1] and seen[-1]["BLOCK_M"] == 128
+    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("tail_bm") else 1.0), cfg)

@@ -25,7 +25,7 @@ class RecordingTimer:
     def __init__(self):
         self.outputs = []  # (inputs, outputs) per timed call, in order
 
-    def __call__(self, fn, inputs, target_ms=25.0, replays=7):
+    def __call__(self, fn, inputs, target_ms=25.0, replays=7, warm_ms=0.0):
         outs = [fn(*inp) for inp in inputs]
         for inp, out in zip(inputs, outs):
             assert out.shape == inp[0].shape and out.dtype == inp[0].dtype
@@ -114,7 +114,7 @@ def test_run_bench_writes_rows_meta_and_plots(tmp_path, monkeypatch):
     assert saved == json.loads(json.dumps(rows))
     meta = saved[0]["meta"]
     assert meta["quants"] == ["bf16", "fp8", "mxfp4", "int4"] and meta["fp8_peak_TFLOPs"] == 1400.0
-    assert meta["timing"] == {"target_ms": 10.0, "replays": 5, "rotations": 4}
+    assert meta["timing"] == {"target_ms": 10.0, "replays": 5, "warm_ms": 200.0, "rotations": 4}
     assert not any(r["impl"] == "baseline" or r["model"] == "longcat-flash-nozero" for r in rows)  # --fast
     assert any(s.startswith("deepseek-v3: ") and " s (elapsed " in s for s in log)
 

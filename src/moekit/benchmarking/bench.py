@@ -1,8 +1,9 @@
 """``moekit bench``: whole MoE layer forward and the experts step alone, per weight format, on a CUDA GPU.
 
 Each point captures one CUDA graph holding ``n`` calls over ``R`` rotating input sets (different
-tokens and routings, so weights are not served from L2 across calls) and reports the median replay
-time over ``n``. Side by side, in the same process, per shape and token count (same inputs, same routing):
+tokens and routings, so weights are not served from L2 across calls), replays it for :data:`WARM_MS` (so that no
+row is timed at the higher clocks an H200 holds briefly after an idle gap), and reports the median replay
+time over ``n``; ``sm_mhz`` is the SM clock read right after (None without NVML). Side by side, in the same process, per shape and token count (same inputs, same routing):
 
 - ``impl="moekit"``: the whole layer (routing + experts + combine), ``moekit.FusedMoE(..., backend="triton")``
 - ``impl="moekit-experts"``: the experts step alone on routing precomputed per input set
@@ -29,7 +30,7 @@ ceiling would read above 100 %)::
     flops = 2 · S · H · (2I + I)   (gated; 2 · S · H · 2I for relu2)   S = real (token, expert) slots
     floor = max(bytes / BW, flops / PEAK);   pct_roofline = 100 · floor / time
 
-Writes ``<out>/<gpu>-<date>.json``: a list of rows ``{model, tokens, impl, quant, us, pct_roofline,
+Writes ``<out>/<gpu>-<date>.json``: a list of rows ``{model, tokens, impl, quant, us, sm_mhz, pct_roofline,
 tflops, peak_tflops, bytes, flops, floor_us, device, dtype, meta}`` (``meta``: the run's ceilings,
 formats, timing and elapsed time), and the plots of :mod:`.plot` (``<gpu>-<date>.png``, the roofline,
 and ``<gpu>-<date>-speed.png``, µs against T with the peer's reference numbers when a reference file is
@@ -56,13 +57,16 @@ from .bench_quant import QUANT_FORMATS, experts_fn, layer_fn, measure_fp8_peak, 
 from .eager import bench_eager, summarize_eager
 from .plot import load_reference, write_plots
 from .shapes import MODELS, ModelShape
-from .timer import time_graph
+from .timer import sm_clock_mhz, time_graph
 
 QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: weight formats that later releases add; named so that asking for one says so clearly
 QUANT_LATER = ("fp8_e4m3", "int8", "nvfp4")
 #: the timing of ``--fast``
 FAST = dict(target_ms=10.0, replays=5)
+#: graph replays before each row's timed ones (:func:`~.timer.time_graph`'s ``warm_ms``): every row is timed at the
+#: clocks of a busy GPU, not the first one after an idle gap (round 17)
+WARM_MS = 200.0
 
 
 def quant_name(dtype: torch.dtype) -> str:
@@ -122,7 +126,7 @@ class Ceilings:
 class Plan:
     """What one run times and how. ``quants``: formats (the unquantised one first); ``experts``: the
     experts-step rows; ``peer_silu``: the ``<model>-silu`` experts-step rows of non-silu gated shapes;
-    ``target_ms`` / ``replays``: :func:`~.timer.time_graph`'s; ``backend`` / ``timer``: "triton" and
+    ``target_ms`` / ``replays`` / ``warm_ms``: :func:`~.timer.time_graph`'s; ``backend`` / ``timer``: "triton" and
     ``time_graph`` on the GPU ("torch" and a fake timer make a CPU dry run)."""
 
     quants: tuple = ("bf16",)
@@ -132,6 +136,7 @@ class Plan:
     peer_silu: bool = True
     target_ms: float = 25.0
     replays: int = 7
+    warm_ms: float = WARM_MS
     backend: str = "triton"
     timer: Callable = time_graph
 
@@ -191,16 +196,17 @@ def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: floa
 def _time_row(plan: Plan, fn, inputs, m: ModelShape, t: int, impl: str, quant: str, rf: dict, peak: float,
               dev: str, dtype, log) -> dict | None:
     try:
-        us = plan.timer(fn, inputs, target_ms=plan.target_ms, replays=plan.replays)
+        us = plan.timer(fn, inputs, target_ms=plan.target_ms, replays=plan.replays, warm_ms=plan.warm_ms)
     except Exception as exc:  # an op missing on this torch build, a format refused: the other rows still run
         log(f"{m.name} T={t} {impl} {quant}: failed: {exc!r}")
         return None
-    row = dict(model=m.name, tokens=t, impl=impl, quant=quant, us=round(us, 2),
+    mhz = sm_clock_mhz() if plan.timer is time_graph else None  # right after the timed replays
+    row = dict(model=m.name, tokens=t, impl=impl, quant=quant, us=round(us, 2), sm_mhz=mhz,
                pct_roofline=round(100 * rf["floor_us"] / us, 1), tflops=round(rf["flops"] / (us * 1e-6) / 1e12, 2),
                peak_tflops=round(peak / 1e12, 1), device=dev, dtype=str(dtype).replace("torch.", ""),
                **{k: round(v, 2) for k, v in rf.items()})
     log(f"{m.name:20s} T={t:6d} {impl:14s} {quant:5s} {us:10.1f} us  {row['pct_roofline']:5.1f}% roofline "
-        f"{row['tflops']:7.1f} TFLOP/s")
+        f"{row['tflops']:7.1f} TFLOP/s" + (f"  {mhz} MHz" if mhz else ""))
     return row
 
 
@@ -321,7 +327,8 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
         meta = dict(copy_bw_TBps=round(copy_bw / 1e12, 3), read_bw_TBps=round(read_bw / 1e12, 3),
                     bf16_peak_TFLOPs=round(peak / 1e12, 1),
                     fp8_peak_TFLOPs=round(fp8_peak / 1e12, 1) if fp8_peak else None,
-                    quants=quants, timing=dict(target_ms=plan.target_ms, replays=plan.replays, rotations=rotations),
+                    quants=quants, timing=dict(target_ms=plan.target_ms, replays=plan.replays, warm_ms=plan.warm_ms,
+                                                   rotations=rotations),
                     elapsed_s=round(time.perf_counter() - start, 1), partial=not done,
                     reference=str(reference) if reference else None,
                     roofline="bytes = unique_experts*bytes_per_expert + 2*T*H*elt + T*(E+Z)*4 (experts step: "

@@ -22,13 +22,16 @@ import torch
 
 
 def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, replays: int = 7,
-               max_calls: int = 200, abort_above_us: float | None = None) -> float:
+               max_calls: int = 200, abort_above_us: float | None = None, warm_ms: float = 0.0) -> float:
     """Median µs per call of ``fn(*inputs[i % R])``, ``n`` calls captured in one CUDA graph.
 
     ``n`` is chosen so that one replay lasts about ``target_ms`` (at least ``R``, at most ``max_calls``).
     inputs: R tuples of arguments (``[()]`` for a closure). Needs a CUDA device.
     ``abort_above_us``: when the eager estimate (µs per call, host time included) already exceeds it,
     return that estimate without capturing a graph (the tuner's early stop for clear losers).
+    ``warm_ms``: replay the graph for about this long before the timed replays, so that every timed call runs at
+    the clocks a busy GPU holds (after the capture's idle gap an H200 first runs a compute-bound step up to ~7 %
+    faster: round 16's probe, ``benchmarks/experts_row_probe.py``, and round 17's alternated profiles).
     """
     torch.cuda.synchronize()
     for inp in inputs:  # warm up: compile, allocate
@@ -54,7 +57,12 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
             for i in range(n):
                 fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()
+    t0.record()
     graph.replay()
+    t1.record()
+    torch.cuda.synchronize()
+    for _ in range(int(warm_ms // max(t0.elapsed_time(t1), 1e-3))):
+        graph.replay()
     times = []
     for _ in range(replays):
         t0.record()
@@ -64,6 +72,14 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
         times.append(t0.elapsed_time(t1) * 1000.0 / n)
     del graph
     return statistics.median(times)
+
+
+def sm_clock_mhz(device=None) -> int | None:
+    """The GPU's current SM clock in MHz (NVML through ``torch.cuda.clock_rate``), None where NVML is missing."""
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # noqa: BLE001 - no pynvml / no NVML: the row just goes without it
+        return None
 
 
 def time_events(fn: Callable[[], object], iters: int, warmup: int = 2, device=None,

@@ -98,7 +98,7 @@ def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
 def config_id(cfg: dict) -> str:
     """A canonical string of ``cfg`` (dedup key; ``tma`` / ``pdl`` False count as absent)."""
     clean = {k: v for k, v in cfg.items()
-             if not (k in ("tma", "pdl", "w13_split") and not v) and not (k == "sum_pass" and v is None)}
+             if not (k in ("tma", "pdl", "w13_split", "tail_bm") and not v) and not (k == "sum_pass" and v is None)}
     return json.dumps(clean, sort_keys=True)
 
 
@@ -320,8 +320,12 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
+    bm, tail = int(best["BLOCK_M"]), int(best.get("tail_bm", 0))
+    for v in (0, 32, 64):  # tail blocks (the Triton GEMMs, unswapped; fp8 wgmma: >= 64 rows)
+        if v != tail and v < bm and not (fam == "fp8" and 0 < v < 64):
+            out.append({**best, "tail_bm": v})
     if quick:
-        return out
+        return [tail_ok(c) for c in out]
     for part in ("w13", "w2"):
         c = best[part]
         for change in ({"BN": c["BN"] // 2}, {"BN": c["BN"] * 2}, {"num_stages": c["num_stages"] + 1},
@@ -333,7 +337,17 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
     for bm in (best["BLOCK_M"] // 2, best["BLOCK_M"] * 2):
         if (64 if fam == "fp8" and not swapped else 16) <= bm <= 128:
             out.append({**best, "BLOCK_M": bm})
-    return out
+    return [tail_ok(c) for c in out]
+
+
+def tail_ok(cfg: dict) -> dict:
+    """``cfg`` without ``"tail_bm"`` where its tiles cannot take tail blocks (a swapped or Gluon GEMM, or tail blocks
+    as tall as BLOCK_M: the launch plan would refuse it); ``"tail_bm": 0`` dropped too."""
+    tail = int(cfg.get("tail_bm", 0))
+    other = any(cfg[part].get(key) for part in ("w13", "w2") for key in ("SWAP", "gluon"))
+    if "tail_bm" in cfg and (tail == 0 or other or tail >= int(cfg["BLOCK_M"])):
+        return {k: v for k, v in cfg.items() if k != "tail_bm"}
+    return cfg
 
 
 def search(base: dict, rows: float, space: Space, score, *, pdl: bool = False, quick: bool = False,

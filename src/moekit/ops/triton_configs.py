@@ -36,6 +36,11 @@ wgmma's A fragment, in the H200 4-bit table's decode buckets) or ``"gluon_ws": s
 warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
 Triton kernels' bits.
 
+``"tail_bm": BS`` (a power of two, 16 <= BS < BLOCK_M; :func:`tail_bm_value`): an expert's last rows, when at most
+BS of them are left past its last whole BLOCK_M block, run in a BS-row tile of the same Triton GEMMs and grid instead
+of a padded BLOCK_M tile (:mod:`moekit.ops._triton.align`; the same bits; not with swapped or Gluon GEMMs, fp8 wgmma
+dots need BS >= 64). In the H200 bf16 table at the 128-row buckets where it measured faster (round 17).
+
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
 ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
 ``shape_key = "E=..,H=..,I=..,K=..,dtype=..,gated=.."``. The lookup searches, in order (:func:`config_dirs`):
@@ -180,6 +185,22 @@ def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
     if v not in (0, 1) or not isinstance(v, (int, bool)):
         raise ValueError(f'config "{part}": "{key}" = {v!r}, expected 0 or 1')
     return bool(v)
+
+
+def tail_bm_value(cfg: dict) -> int:
+    """The top-level ``"tail_bm"`` key (0 when absent): tail blocks of BS rows (:mod:`moekit.ops._triton.align`).
+    A power of two with 16 <= BS < BLOCK_M, else ``ValueError`` naming the key, the value and what is expected.
+    With tail blocks an expert's last rows (at most BS of them past its last whole BLOCK_M block) run in a
+    BS-row tile of the same kernels instead of a padded BLOCK_M tile; the Triton GEMMs only (not with SWAP tiles
+    or a Gluon GEMM: the launch plan refuses those)."""
+    v = cfg.get("tail_bm", 0)
+    if v == 0 and not isinstance(v, bool):
+        return 0
+    bm = cfg.get("BLOCK_M")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1) or not isinstance(bm, int) or v >= bm:
+        raise ValueError(f'config "tail_bm" = {v!r}, expected 0 (off) or a power of two >= 16 and below BLOCK_M '
+                         f'({bm!r})')
+    return v
 
 
 def heuristic_config(

@@ -107,7 +107,8 @@ class QuantSpec:
         (default :data:`DEFAULT_FP8_ACC`) picks the dot instruction (:func:`._triton.quant.dot_f32`); > 0
         (wgmma) needs ``BLOCK_M`` >= 64 and 4 or 8 warps in every bucket, raised here, so that no bucket
         falls back to another instruction (SPEC §9); a swapped kernel (``"SWAP": 1``, the weight tile on
-        wgmma's M side) needs ``BN`` >= 64 instead, and ``BLOCK_M`` stays when both kernels are swapped; a swapped
+        wgmma's M side) needs ``BN`` >= 64 instead, and ``BLOCK_M`` stays when both kernels are swapped; tail tiles
+        (``"tail_bm"``) are token rows too: >= 64 with wgmma, refused below; a swapped
         mxfp4 / int4 kernel gets ``BN`` >= 64 too (the tiles whose bits were measured)."""
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
@@ -128,6 +129,10 @@ class QuantSpec:
             if wgmma:  # wgmma's M side (64 per warpgroup): the token rows, unless both kernels are swapped
                 if not (c13.get("SWAP") and c2.get("SWAP")):
                     out["BLOCK_M"] = max(64, int(cfg["BLOCK_M"]))
+                tail = cfg.get("tail_bm", 0)
+                if isinstance(tail, int) and not isinstance(tail, bool) and 0 < tail < 64:
+                    raise ValueError(f'config "tail_bm" = {tail} with fp8 wgmma dots (fp8_acc = {acc}): a tail tile '
+                                     f'is token rows on wgmma\'s M side too, expected 0 or >= 64')
                 for c in (c13, c2):
                     c["num_warps"] = 8 if int(c["num_warps"]) >= 8 else 4
         else:  # packed tiles: the dequantised B tile needs registers / shared memory too

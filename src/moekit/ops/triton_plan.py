@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_configs import gluon_flag_value, gluon_ws_value
+from .triton_configs import gluon_flag_value, gluon_ws_value, tail_bm_value
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -25,7 +25,7 @@ def _freeze(cfg: dict) -> tuple:
     (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
     return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
             bool(cfg.get("pdl")), bool(cfg.get("w13_split")),
-            None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]))
+            None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]), tail_bm_value(cfg))
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class LaunchPlan:
     #                 fp8 block w13 / w2: consumer warpgroups of the warp-specialised form (1 or 2)
     gluon_rega: tuple  # config "gluon_rega" of w13 / w2 (Gluon 4-bit, swapped): the decoded tile as register operand
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
+    tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -85,10 +86,16 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                 has_map, limit, upcast, small_slots, inline_slots, cfg) -> LaunchPlan:
     """The :class:`LaunchPlan` of a chunk of ``t`` tokens (arguments hashable, ``cfg`` by :func:`_freeze`): a pure
     cache, the same arguments always give the same plan."""
-    block_m, c13, c2, tma, pdl, split, sum_pass = cfg  # sum_pass: None = by SUM_PASS_SLOTS
+    block_m, c13, c2, tma, pdl, split, sum_pass, tail = cfg  # sum_pass: None = by SUM_PASS_SLOTS
     split = split and gated
     c13, c2 = dict(c13), dict(c2)
     bm = int(block_m)
+    if tail:
+        other = [f'"{part}": "{key}"' for part, c in (("w13", c13), ("w2", c2)) for key in ("SWAP", "gluon")
+                 if c.get(key)]
+        if other:
+            raise ValueError(f'config "tail_bm" = {tail} runs the Triton GEMMs with unswapped tiles; it cannot be '
+                             f'combined with {", ".join(other)}')
     combine = k > 1
     slots = t * k
     sum_pass = combine and (slots >= SUM_PASS_SLOTS if sum_pass is None else sum_pass)
@@ -101,7 +108,8 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     bt = max(1, 1024 // kp)
     skip_zero = not on_input
     # a Gluon kernel finds its block's expert in the align kernel's row_start: it asks for one at any T
-    inline = slots <= inline_slots and not (c13.get("gluon") or c2.get("gluon"))
+    # tail blocks ask for one too: the inline layout has BLOCK_M blocks only
+    inline = slots <= inline_slots and not (c13.get("gluon") or c2.get("gluon") or tail)
     align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     ws = tuple(gluon_ws_value(part, c) for part, c in (("w13", c13), ("w2", c2)))
@@ -111,12 +119,12 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     part_rows = slots if combine else 1
     part_offset = _pad(rows * inter, 64)
     common = dict(BM=bm, BLOCK_E=block_e, BT=bt, KP=kp, ZB=1024, BH=64, HAS_MAP=has_map, SKIP_ZERO=skip_zero,
-                  COMBINE=sems, num_warps=4)
+                  COMBINE=sems, num_warps=4, **({"TAIL": tail} if tail else {}))
     bn13, bk13, bn2, bk2 = int(c13["BN"]), int(c13["BK"]), int(c2["BN"]), int(c2["BK"])
     small_elt = dtype != torch.float32
     dot_prec = "tf32" if small_elt else "ieee"
     shared = dict(BM=bm, BLOCK_E=block_e, HAS_MAP=has_map, SKIP_ZERO=skip_zero, COMBINE=combine, ON_INPUT=on_input,
-                  DOT_PREC=dot_prec, UPCAST=upcast, INLINE=inline, SP=sp)
+                  DOT_PREC=dot_prec, UPCAST=upcast, INLINE=inline, SP=sp, **({"TAIL": tail} if tail else {}))
     w13_kw = dict(shared, BN=bn13, BK=bk13, GROUP_M=int(c13["GROUP_M"]), ACT=act_code, GATED=gated,
                   HAS_BIAS=has_b1, HAS_LIMIT=limit is not None, EVEN_K=h % bk13 == 0, TP=tp, SPLIT=split,
                   SWAP=bool(c13.get("SWAP", 0)), COMBINE=sems, num_warps=int(c13["num_warps"]),
@@ -143,5 +151,5 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_nt=int(c2.get("gluon_nt", 1)),
         gluon_ws=ws,
         gluon_rega=tuple(bool(c.get("gluon_rega", 0)) for c in (c13, c2)),
-        gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"),
+        gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
     )

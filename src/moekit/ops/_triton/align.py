@@ -10,6 +10,11 @@ Layout (``BM`` rows per block; expert ``e`` has ``n_e`` live slots)::
     row_start_e = BM · Σ_{e' < e} blocks_e'          (exclusive scan)
     sorted_slot[row_start_e + rank] = s              rank = the slot's arrival order in expert e
 
+Tail tiles (``TAIL`` = BS rows, 0 < BS < BM; config ``"tail_bm"``): an expert's rows past its last whole
+``BM`` block take one ``BS``-row block when they are at most ``BS``, else one more ``BM`` block
+(:func:`tail_split`), and ``row_start`` is the exclusive scan of those rows (a multiple of ``BS``). An expert
+has ``ceil(n_e / BM)`` blocks either way, so the block bound below holds for both layouts.
+
 Every quantity is computed on the device: no host synchronisation, so the whole path can be
 captured in a CUDA graph. The number of blocks is bounded on the host by
 ``ceil((S + min(S, E_local)·(BM - 1)) / BM)`` with ``S = T·K``; GEMM programs past the real count
@@ -88,12 +93,31 @@ def _count_tile(
 
 
 @triton.jit
-def _scan(counts_ptr, row_start_ptr, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+def tail_split(cnt, BM: tl.constexpr, TAIL: tl.constexpr):
+    """An expert's blocks for ``cnt`` live rows: (BM-row blocks, BS-row tail blocks (0 or 1), padded rows).
+    ``TAIL`` = BS (0: off, every block BM rows). Works on scalars and tensors alike."""
+    if TAIL > 0:
+        nbig = cnt // BM
+        rest = cnt - nbig * BM
+        small = ((rest > 0) & (rest <= TAIL)).to(tl.int32)
+        nbig = nbig + (rest > TAIL).to(tl.int32)
+        return nbig, small, nbig * BM + small * TAIL
+    else:
+        nb = (cnt + BM - 1) // BM
+        return nb, nb * 0, nb * BM
+
+
+@triton.jit
+def _scan(counts_ptr, row_start_ptr, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr, TAIL: tl.constexpr):
     offs = tl.arange(0, BLOCK_E)
     m = offs < E_local
     cnt = tl.load(counts_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-    nb = (cnt + BM - 1) // BM
-    start = (tl.cumsum(nb, 0) - nb) * BM
+    if TAIL > 0:
+        _, _, rows = tail_split(cnt, BM, TAIL)
+        start = tl.cumsum(rows, 0) - rows
+    else:
+        nb = (cnt + BM - 1) // BM
+        start = (tl.cumsum(nb, 0) - nb) * BM
     tl.store(row_start_ptr + offs, start, mask=m)
 
 
@@ -118,6 +142,7 @@ def count_kernel(
     T, K, H, E_local, E_global, NBN, stride_it, stride_wt, stride_ot,
     BM: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, ZB: tl.constexpr,
     BH: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr,
+    TAIL: tl.constexpr = 0,
 ):
     """Grid (cdiv(T, BT),). Per-expert counts by atomics; the last program to finish scans them.
 
@@ -132,7 +157,7 @@ def count_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counts_ptr + E_local, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
-        _scan(counts_ptr, row_start_ptr, E_local, BM, BLOCK_E)
+        _scan(counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, TAIL)
 
 
 @triton.jit
@@ -149,6 +174,7 @@ def align_small_kernel(
     sorted_ptr, T, K, H, E_local, E_global, NBN, stride_it, stride_wt, stride_ot,
     BM: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, ZB: tl.constexpr,
     BH: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr,
+    TAIL: tl.constexpr = 0,
 ):
     """One program does count, scan and scatter (small T: a single launch, no memset needed)."""
     offs = tl.arange(0, BLOCK_E)
@@ -161,7 +187,7 @@ def align_small_kernel(
             BT, KP, ZB, BH, HAS_MAP, SKIP_ZERO, COMBINE,
         )
     tl.debug_barrier()
-    _scan(counts_ptr, row_start_ptr, E_local, BM, BLOCK_E)
+    _scan(counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, TAIL)
     tl.debug_barrier()
     for t0 in range(0, T, BT):
         _scatter_tile(t0, loc_ptr, rank_ptr, row_start_ptr, sorted_ptr, T, K, BT, KP)

@@ -36,7 +36,7 @@ import triton.language as tl
 from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
 from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
-from .rows import inline_prologue, inline_slots, pid_to_tile, row_block
+from .rows import inline_prologue, inline_slots, pid_to_tile, row_block, tail_block
 from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
 
 # the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
@@ -99,7 +99,7 @@ def w13_kernel(
     xs_ptr=None, ws_ptr=None, qs_ptr=None, is_ptr=None, stride_xst=0, stride_wse=0, stride_wsn=0, ws_shard=0,
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
-    SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
+    SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False, TAIL: tl.constexpr = 0,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
 
@@ -110,6 +110,10 @@ def w13_kernel(
 
     ``INLINE`` (T·K <= SP, decode): no align kernel ran; every program derives the layout of its
     block from the ids in registers, and program 0 does the align kernel's zeroing.
+
+    ``TAIL`` (= BS > 0, never with ``INLINE``): the tail-tile layout of :mod:`.align`; a program whose block is
+    an expert's BS-row tail block runs the same tile code with BS rows (one kernel: the tail blocks of a row
+    group run beside its BM blocks and find the same weight tiles in L2).
 
     ``USE_TMA``: weight tiles come through a tensor descriptor over ``w1.view(E·N1, H)`` (N1 = 2I or
     I); rows past ``I`` inside a tile belong to the next half/expert and only feed masked columns.
@@ -133,15 +137,55 @@ def w13_kernel(
         pid_n = pid_n % nbn1
     else:
         pid_m, pid_n = pid_to_tile(pid, num_pid_m, tl.cdiv(I, BN), GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
-                        SP, HAS_MAP, SKIP_ZERO, INLINE)
-    if INLINE:
-        if pid == 0:
-            inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
-    e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
-    if e >= E_local:
-        return
+    if TAIL > 0:
+        e, row0, big, n_left = tail_block(counts_ptr, pid_m, E_local, BM, TAIL, BLOCK_E)
+        if e < E_local:
+            if big:  # (distinct names per branch: the compiler unifies a name across an if's branches)
+                rb = tl.arange(0, BM)
+                _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, row0 + rb, rb < n_left,
+                          rb, e, pid_n, half, H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be,
+                          stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
+                          ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
+                          EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
+                          SWAP, W_ALIGN, PTX)
+            else:
+                rt = tl.arange(0, TAIL)
+                _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, row0 + rt, rt < n_left,
+                          rt, e, pid_n, half, H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be,
+                          stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
+                          ws_shard, ws_qbn, stride_isr, TAIL, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
+                          EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
+                          SWAP, W_ALIGN, PTX)
+    else:
+        loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
+                            SP, HAS_MAP, SKIP_ZERO, INLINE)
+        if INLINE:
+            if pid == 0:
+                inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
+        e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
+        if e >= E_local:
+            return
+        _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
+                  pid_m * BM + tl.arange(0, BM), valid, slot, e, pid_n, half, H, I, N1, K, limit, stride_xt,
+                  stride_we, stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr,
+                  stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED,
+                  HAS_BIAS, HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, INLINE, QUANT, REQ, PACK, QG,
+                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX)
+
+
+@triton.jit
+def _w13_tile(
+    x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, rows, valid, slot, e, pid_n, half,
+    H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt,
+    xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, INLINE: tl.constexpr,
+    QUANT: tl.constexpr, REQ: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr, UE8M0: tl.constexpr,
+    FP8_ACC: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr,
+):
+    """One [BM rows, BN columns] tile of :func:`w13_kernel` for expert ``e``: sorted rows ``rows`` [BM] (``valid``
+    [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here)."""
     if not INLINE:
         slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
     tok = (slot // K).to(tl.int64)
@@ -211,14 +255,15 @@ def w13_kernel(
     if SPLIT:  # the fp32 GEMM output; act_pass_kernel does the rest of the epilogue
         h_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + half * I + offs_n[None, :]
         tl.store(h_ptrs, acc_g, mask=valid[:, None] & nmask[None, :])
-        return
-    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
-    out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
-    if REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
-        requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(tl.int64) * stride_isr + pid_n,
-                      valid, qs_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, UPCAST)
     else:
-        tl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
+        h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+        out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
+        if REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
+            requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr,
+                          rows.to(tl.int64) * stride_isr + pid_n, valid, qs_ptr, nmask, out_ptr.dtype.element_ty, REQ,
+                          UE8M0, UPCAST)
+        else:
+            tl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -259,7 +304,7 @@ def w2_kernel(
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
     QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
-    SUM_PASS: tl.constexpr = False,
+    SUM_PASS: tl.constexpr = False, TAIL: tl.constexpr = 0,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
     ``SUM_PASS`` (with ``COMBINE``): store the weighted slot rows in ``part`` and stop; the top-k sum runs as
@@ -267,6 +312,8 @@ def w2_kernel(
     Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
     ``stride_asr``; 0 for a static scale); 4-bit reads packed ``w2`` (see :func:`w13_kernel`).
     ``INLINE``: as in :func:`w13_kernel` (``T`` = ``S // K`` here: the slot count is ``S``).
+    ``TAIL``: as in :func:`w13_kernel`; a tail block loads its ``inter`` rows by pointers (the descriptor's
+    block is BM rows).
 
     ``USE_TMA``: weight tiles through a tensor descriptor over ``w2.view(E·H, I)``, and the rows of
     ``inter`` (contiguous in the sorted layout) through one over ``inter``; padding rows of a block are
@@ -280,12 +327,55 @@ def w2_kernel(
         if SUM_PASS:
             tl.extra.cuda.gdc_launch_dependents()
     pid_m, pid_n = pid_to_tile(tl.program_id(0), num_pid_m, NBN, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    loc = inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
-                        SP, HAS_MAP, SKIP_ZERO, INLINE)
-    e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
-    if e >= E_local:
-        return
+    if TAIL > 0:
+        e, row0, big, n_left = tail_block(counts_ptr, pid_m, E_local, BM, TAIL, BLOCK_E)
+        if e < E_local:
+            if big:  # (distinct names per branch, as in w13_kernel)
+                rb = tl.arange(0, BM)
+                _w2_tile(inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, sorted_ptr,
+                         part_ptr, sem_ptr, live_ptr, row0, rb < n_left, rb, rb, e, pid_n, H, I, E_local, E_global, K,
+                         NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it,
+                         stride_pr, as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, BM, BN, BK, HAS_BIAS,
+                         ON_INPUT, HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, USE_TMA, False,
+                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
+            else:
+                rt = tl.arange(0, TAIL)
+                _w2_tile(inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, sorted_ptr,
+                         part_ptr, sem_ptr, live_ptr, row0, rt < n_left, rt, rt, e, pid_n, H, I, E_local, E_global, K,
+                         NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it,
+                         stride_pr, as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, TAIL, BN, BK, HAS_BIAS,
+                         ON_INPUT, HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, False,
+                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
+    else:
+        loc = inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
+                            SP, HAS_MAP, SKIP_ZERO, INLINE)
+        e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
+        if e >= E_local:
+            return
+        _w2_tile(inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, sorted_ptr,
+                 part_ptr, sem_ptr, live_ptr, pid_m * BM, valid, slot, loc, e, pid_n, H, I, E_local, E_global, K,
+                 NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
+                 as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, BM, BN, BK, HAS_BIAS, ON_INPUT,
+                 HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, USE_TMA, INLINE, SP, QUANT, PACK,
+                 QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
+
+
+@triton.jit
+def _w2_tile(
+    inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, sorted_ptr,
+    part_ptr, sem_ptr, live_ptr, row0, valid, slot, loc, e, pid_n, H, I, E_local, E_global, K, NBN, S,
+    stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
+    as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, ON_INPUT: tl.constexpr,
+    HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, TMA_A: tl.constexpr,
+    INLINE: tl.constexpr, SP: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr,
+    FP8_ACC: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr, SUM_PASS: tl.constexpr,
+):
+    """One [BM rows, BN columns] tile of :func:`w2_kernel` for expert ``e``: the sorted rows ``row0 + [0, BM)``
+    (``valid`` [BM]: live), their slots ``slot`` (``INLINE``, with the slots' experts ``loc``; else loaded here).
+    ``TMA_A``: the ``inter`` rows through ``inter_desc`` (weights: ``USE_TMA``)."""
+    rows = row0 + tl.arange(0, BM)
     if not INLINE:
         slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
     tok = slot // K
@@ -310,7 +400,7 @@ def w2_kernel(
         kmask = offs_k < I - k0
         if QUANT >= MXFP4:
             s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
-        a = load_a(a_ptrs, inter_desc, pid_m * BM, k0, valid, kmask, EVEN_K, USE_TMA)
+        a = load_a(a_ptrs, inter_desc, row0, k0, valid, kmask, EVEN_K, TMA_A)
         b = load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         acc = mma_step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
@@ -331,30 +421,42 @@ def w2_kernel(
     if COMBINE:
         p_ptrs = part_ptr + slot.to(tl.int64)[:, None] * stride_pr + offs_n[None, :]
         tl.store(p_ptrs, to_dt(acc, part_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
-        if SUM_PASS:
-            return
-        tl.debug_barrier()  # every thread's part stores precede the release below
-        old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
-        if INLINE:
-            jj = tl.arange(0, SP)
-            need = tl.sum(((jj[None, :] // K == tok[:, None]) & (loc[None, :] >= 0)).to(tl.int32), axis=1)
-        else:
-            need = tl.load(live_ptr + tok, mask=valid, other=0)
-        last = valid & (old == need - 1)
-        if tl.max(last.to(tl.int32), axis=0) > 0:
-            tl.debug_barrier()  # the acquiring atomics precede every thread's loads below
-            total = tl.zeros([BM, BN], dtype=tl.float32)
-            for k2 in range(0, K):
-                loc2 = slot_local_expert(
-                    ids_ptr, tw_ptr, map_ptr, tok, k2, last, stride_it, stride_twt, E_local, E_global,
-                    HAS_MAP, SKIP_ZERO,
-                )
-                live2 = last & (loc2 >= 0)
-                q_ptrs = part_ptr + (tok64 * K + k2)[:, None] * stride_pr + offs_n[None, :]
-                v = tl.load(q_ptrs, mask=live2[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
-                total += v.to(tl.float32)
-            o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
-            tl.store(o_ptrs, to_dt(total, out_ptr.dtype.element_ty, UPCAST), mask=last[:, None] & nmask[None, :])
+        if not SUM_PASS:
+            _combine_tail(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc, tok, valid, offs_n,
+                          nmask, pid_n, K, NBN, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN,
+                          HAS_MAP, SKIP_ZERO, INLINE, SP, UPCAST)
     else:
         o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
         tl.store(o_ptrs, to_dt(acc, out_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _combine_tail(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc, tok, valid, offs_n, nmask,
+                  pid_n, K, NBN, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM: tl.constexpr,
+                  BN: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, INLINE: tl.constexpr,
+                  SP: tl.constexpr, UPCAST: tl.constexpr):
+    """The fused top-k sum (module docstring): after this tile's ``part`` stores, bump the (token, column block)
+    semaphores; the program that completes a token sums its K slot rows in slot order and writes ``out``."""
+    tok64 = tok.to(tl.int64)
+    tl.debug_barrier()  # every thread's part stores precede the release below
+    old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
+    if INLINE:
+        jj = tl.arange(0, SP)
+        need = tl.sum(((jj[None, :] // K == tok[:, None]) & (loc[None, :] >= 0)).to(tl.int32), axis=1)
+    else:
+        need = tl.load(live_ptr + tok, mask=valid, other=0)
+    last = valid & (old == need - 1)
+    if tl.max(last.to(tl.int32), axis=0) > 0:
+        tl.debug_barrier()  # the acquiring atomics precede every thread's loads below
+        total = tl.zeros([BM, BN], dtype=tl.float32)
+        for k2 in range(0, K):
+            loc2 = slot_local_expert(
+                ids_ptr, tw_ptr, map_ptr, tok, k2, last, stride_it, stride_twt, E_local, E_global,
+                HAS_MAP, SKIP_ZERO,
+            )
+            live2 = last & (loc2 >= 0)
+            q_ptrs = part_ptr + (tok64 * K + k2)[:, None] * stride_pr + offs_n[None, :]
+            v = tl.load(q_ptrs, mask=live2[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
+            total += v.to(tl.float32)
+        o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
+        tl.store(o_ptrs, to_dt(total, out_ptr.dtype.element_ty, UPCAST), mask=last[:, None] & nmask[None, :])

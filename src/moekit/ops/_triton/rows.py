@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .align import slot_local_expert
+from .align import slot_local_expert, tail_split
 
 
 @triton.jit
@@ -33,6 +33,26 @@ def block_expert(counts_ptr, b, E_local, BM: tl.constexpr, BLOCK_E: tl.constexpr
     first = tl.sum(tl.where(offs == e, cum - nb, 0), 0)
     n_e = tl.sum(tl.where(offs == e, cnt, 0), 0)
     return e, first, n_e
+
+
+@triton.jit
+def tail_block(counts_ptr, b, E_local, BM: tl.constexpr, TAIL: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Block ``b`` of the tail-tile layout (:func:`.align.tail_split`): (expert, or >= E_local past the end; its
+    first sorted row; True for a BM-row block, False for the expert's BS-row tail block; the expert's live rows
+    from that first row on). An expert's blocks are numbered BM blocks first, then its tail block."""
+    offs = tl.arange(0, BLOCK_E)
+    cnt = tl.load(counts_ptr + offs, mask=offs < E_local, other=0)
+    nbig, small, rows = tail_split(cnt, BM, TAIL)
+    nb = nbig + small
+    cum = tl.cumsum(nb, 0)
+    e = tl.sum((cum <= b).to(tl.int32), 0)
+    sel = offs == e
+    j = b - tl.sum(tl.where(sel, cum - nb, 0), 0)  # the block's index within its expert
+    nbig_e = tl.sum(tl.where(sel, nbig, 0), 0)
+    start = tl.sum(tl.where(sel, tl.cumsum(rows, 0) - rows, 0), 0)
+    big = j < nbig_e
+    first = tl.where(big, j, nbig_e) * BM
+    return e, start + first, big, tl.sum(tl.where(sel, cnt, 0), 0) - first
 
 
 @triton.jit
