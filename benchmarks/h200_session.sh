@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -380,6 +380,28 @@ case $WHAT in
     # after 200 ms of warm replays), then compare
     step gpu-sum 120 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_sum_pass.py
     step bench 420 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r17-slots)  # round 17: w2's separate fp8 input quantiser over the live slots' rows only (SLOTS) instead of every
+    # padded row: the fp8 GPU tests, the shipped fp8 tables alone vs in batches, then µs per kernel at the buckets whose
+    # w13 tiles are narrower than the 128-column group (act_quant_kernel; round 17's r17-dec run is the before)
+    step gpu-slots 260 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_triton_experts_quant.py tests/ops/test_batch_invariance_gpu.py -k "fp8"
+    P=deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256
+    P=$P,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,mixtral-8x7b:8,mixtral-8x7b:64
+    step profile-slots 200 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --calls 10 \
+      --variants base,baseb --out "$OUT/profile-slots.json" --patches '{"baseb": {}}'
+    ;;
+  r17-last)  # round 17: the GPU tests r17-slots' time bound cut off: the fp8 graph / compile tests and the shipped fp8
+    # tables alone vs in batches, with w2's input quantised over the live slots' rows
+    step gpu-last 250 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_triton_experts_quant.py tests/ops/test_batch_invariance_gpu.py \
+      -k "(cuda_graph_and_compile and fp8) or shipped_fp8"
+    ;;
+  r17-sweep)  # round 17, last: the sweep again with w2's fp8 input quantised over the live slots' rows (r17-final ran
+    # before that change), then compare
+    step bench 220 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;

@@ -260,19 +260,51 @@ def test_config_constraints():
     assert small["w13"]["BK"] == small["w2"]["BK"] == 64 and small["fp8_acc"] == 64
 
 
+@pytest.mark.parametrize("fmt", [Fp8BlockFormat(128, 128), Fp8ChannelFormat()], ids=["block", "channel"])
+def test_slot_quantiser_writes_the_row_quantisers_bytes_at_live_rows_only(fmt):
+    """w2's separate input quantiser after an align kernel (``SLOTS``): one program per slot, the plain quantiser's
+    bytes and scales at the live slots' sorted rows, and nothing at padding rows (left as they were)."""
+    from moekit.ops.triton_experts import _interpreting
+
+    rows, h, e_local, s_count = 24, 300, 3, 9  # 300 = 2 groups + a partial one
+    gen = torch.Generator().manual_seed(5)
+    src = (torch.randn(rows, h, generator=gen) * torch.logspace(-2, 2, h)).to(torch.bfloat16).to(DEV)
+    loc = torch.tensor([0, -1, 2, 0, 1, 2, 2, -1, 0], dtype=torch.int32)
+    rank = torch.tensor([0, 0, 1, 2, 0, 0, 2, 0, 1], dtype=torch.int32)  # any order within an expert
+    row_start = torch.tensor([0, 8, 16], dtype=torch.int32)  # blocks of 8 rows: rows 3-7, 9-15, 19-23 are padding
+    spec = tq.QuantSpec.of(fmt)
+    q = tq.QuantLaunch(spec, torch.ones(1, 1, 1), torch.ones(1, 1, 1), None, None, 80)
+    launch = lambda kern, grid, *a, **k: kern[grid](*a, **k)  # noqa: E731
+    xq, xs, _ = q._quantise(src, launch, _interpreting())
+    sq = torch.full_like(xq.view(torch.uint8), 0x5A).view(xq.dtype)
+    ss = torch.full_like(xs, -7.0)
+    q._quantise(src, launch, _interpreting(), out=(sq, ss), slots=(loc.to(DEV), rank.to(DEV), row_start.to(DEV)))
+    live = {int(row_start[loc[j]] + rank[j]) for j in range(s_count) if loc[j] >= 0}
+    assert len(live) == 7
+    for r in range(rows):
+        if r in live:
+            assert torch.equal(sq[r].view(torch.uint8), xq[r].view(torch.uint8)) and torch.equal(ss[r], xs[r]), r
+        else:  # a padding row: untouched
+            assert bool((sq[r].view(torch.uint8) == 0x5A).all()) and bool((ss[r] == -7.0).all()), r
+
+
+@pytest.mark.parametrize("t, align", [(5, "inline"), (40, "small"), (40, "multi")])
 @pytest.mark.parametrize("ue8m0", [False, True], ids=["fp32_scales", "ue8m0"])
-def test_fp8_block_requant_fused_or_separate_same_bits(ue8m0):
-    """w2's input quantised in w13's epilogue (BN == bk) or by a separate pass (narrow w13 tiles): the same
-    rounding and group amax, so the same output bits; both within tolerance of the twin."""
+def test_fp8_block_requant_fused_or_separate_same_bits(ue8m0, t, align, monkeypatch):
+    """w2's input quantised in w13's epilogue (BN == bk) or by a separate pass (narrow w13 tiles: over every row
+    of the inline layout, or over the live slots' rows after either align kernel): the same rounding and group
+    amax, so the same output bits; both within tolerance of the twin."""
+    from moekit.ops import triton_experts as te
     from moekit.ops.triton_configs import heuristic_config
 
+    monkeypatch.setattr(te, "SMALL_SLOTS", 0 if align == "multi" else 1 << 20)
     fmt = Fp8BlockFormat(64, 64, ue8m0=ue8m0)
-    args, kw = make(fmt, 5, 4, 2, 128, 96, bias=True)  # I = 96: a partial group at the end
+    args, kw = make(fmt, t, 4, 2, 128, 96, bias=True)  # I = 96: a partial group at the end
     x, w13, w2, w, ids = args
     spec = tq.QuantSpec.of(fmt)
     outs = []
     for bn in (64, 32):
-        cfg = heuristic_config(5, 4, 128, 96, 2, torch.bfloat16, 132)
+        cfg = heuristic_config(t, 4, 128, 96, 2, torch.bfloat16, 132)
         cfg = dict(cfg, w13=dict(cfg["w13"], BN=bn))
         assert spec.fix_config(cfg, torch.bfloat16)["w13"]["BN"] == bn
         outs.append(tq.fused_experts_quant_impl(x, w13, w2, w, ids, spec, kw["w13_scale"], kw["w2_scale"], None, None,

@@ -246,7 +246,9 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if p.split:
         _epilogue_pass(w13_out, inter_buf, out, act, p, epi, launch)
     if q is not None:
-        q.after_w13(inter_buf, _interpreting(), launch)  # fp8 per-row inputs of w2: a row spans every w13 tile
+        # fp8 per-row inputs of w2 (a row spans every w13 tile): over the live slots' rows after an align kernel
+        by_slot = None if p.align == "inline" else (slot_loc[: t * k], slot_rank[: t * k], row_start)
+        q.after_w13(inter_buf, _interpreting(), launch, by_slot)
     flags["USE_TMA"] = w2_desc is not None
     if w2_desc is not None and gluon_experts.fp8_w2_ok(p, q, w2, _interpreting()):  # same bits, overlapped promotion
         gluon_experts.launch_fp8_w2_sum(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, tw, counts, row_start,

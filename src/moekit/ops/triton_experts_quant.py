@@ -187,9 +187,10 @@ class QuantLaunch:
         xq = (k if sorted_rows else 1) * (h + 8 * h // max(self.spec.block_k, 1))
         return xq + k * inter * 2 + 16 * k + 2 * k * h
 
-    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None):
+    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
-        ``out``: preallocated ``(x_q, scales)`` (dynamic modes only)."""
+        ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
+        sorted rows of live slots (``src`` in the sorted layout), one program per slot."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -201,12 +202,15 @@ class QuantLaunch:
             xs = static if mode == 2 else torch.empty(t, triton.cdiv(n, g) if mode == 0 else 1,
                                                       dtype=torch.float32, device=src.device)
         gp = min(triton.next_power_of_2(triton.cdiv(n, g)), max(1, 2048 // g)) if mode == 0 else 1
-        grid = (t, triton.cdiv(triton.cdiv(n, g), gp)) if mode == 0 else (t,)
-        if t:
+        progs = t if slots is None else slots[0].shape[0]
+        grid = (progs, triton.cdiv(triton.cdiv(n, g), gp)) if mode == 0 else (progs,)
+        by_slot = {} if slots is None else dict(SLOTS=True, loc_ptr=slots[0], rank_ptr=slots[1],
+                                                row_start_ptr=slots[2])
+        if progs:
             launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, src.stride(0),
                    xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
-                   ON_INPUT=on_input, INTERP=interp, num_warps=4)
+                   ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot)
         return xq, xs, (xs.stride(0) if mode < 2 else 0)
 
     def _quantise_sorted(self, x, tw, rows: int, layout: tuple, on_input: bool, interp: bool, launch):
@@ -263,12 +267,14 @@ class QuantLaunch:
         kw2.update(as_ptr=inter_s, stride_asr=inter_s.stride(0))
         return xq, buf, inter_q, kw13, kw2
 
-    def after_w13(self, inter_buf, interp: bool, launch) -> None:
-        """The separate quantisation of w2's input (when w13 did not fuse it): the dynamic quantiser."""
+    def after_w13(self, inter_buf, interp: bool, launch, slots: tuple | None = None) -> None:
+        """The separate quantisation of w2's input (when w13 did not fuse it): the dynamic quantiser, over the live
+        slots' rows when ``slots`` (the align kernel's ``(loc, rank, row_start)``) is given, else over every row
+        (the inline layout at decode: a few rows)."""
         if self._post is None:
             return
         buf, inter_q, inter_s = self._post
-        self._quantise(buf, launch, interp, out=(inter_q, inter_s))
+        self._quantise(buf, launch, interp, out=(inter_q, inter_s), slots=slots)
         self._post = None
 
 

@@ -312,15 +312,26 @@ def _quant_groups(xrow, gi, K, w_in, G: tl.constexpr, UE8M0: tl.constexpr, ON_IN
 def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
-    ON_INPUT: tl.constexpr, INTERP: tl.constexpr,
+    ON_INPUT: tl.constexpr, INTERP: tl.constexpr, SLOTS: tl.constexpr = False, loc_ptr=None, rank_ptr=None,
+    row_start_ptr=None,
 ):
     """x [T, K] (params dtype) -> x_q [T, K] e4m3 and s (module docstring).
 
     ``MODE`` 0: groups of ``G`` columns, grid (T, cdiv(⌈K/G⌉, GP)), ``GP`` groups per program, s [T, ⌈K/G⌉];
     1: one group per row, grid (T,), two passes over ``BLOCK`` columns, s [T, 1];
     2: static, ``s = *qs_ptr`` (nothing stored in s), grid (T,).
-    ``ON_INPUT`` (K = 1 routing weight on the input): ``x = round(x · w[t, 0])`` first, as the twin does."""
-    t = tl.program_id(0).to(tl.int64)
+    ``ON_INPUT`` (K = 1 routing weight on the input): ``x = round(x · w[t, 0])`` first, as the twin does.
+    ``SLOTS`` (w2's input in the sorted layout): the grid's first axis runs over the S slots instead, and program
+    ``s`` quantises row ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when the slot is live, else
+    nothing: a block's padding rows, which no GEMM output reads, are skipped (at decode most rows are padding)."""
+    if SLOTS:
+        slot = tl.program_id(0)
+        e = tl.load(loc_ptr + slot)
+        if e < 0:
+            return
+        t = (tl.load(row_start_ptr + e) + tl.load(rank_ptr + slot)).to(tl.int64)
+    else:
+        t = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + t * stride_xt
     qrow = q_ptr + t * stride_qt
     w_in = 1.0
