@@ -41,6 +41,12 @@ step() {  # step NAME SECONDS CMD...: run with a wall bound, log to OUT/NAME.log
   echo "   exit $? ($(tail -1 "$OUT/$name.log"))"
 }
 
+sweep() {  # sweep SECONDS: moekit bench of bf16 + fp8 on the four benchmark models, then compare.py against the peer
+  step bench "$1" python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+    --fast --out "$OUT"
+  step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+}
+
 case $WHAT in
   tests)
     step gpu-buckets-4bit 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
@@ -379,9 +385,7 @@ case $WHAT in
   r17-final)  # round 17, final: the two GPU tests r17-gpu's time bound cut off, the sweep of bf16 and fp8 (rows timed
     # after 200 ms of warm replays), then compare
     step gpu-sum 120 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_sum_pass.py
-    step bench 420 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
-      --fast --out "$OUT"
-    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    sweep 420
     ;;
   r17-slots)  # round 17: w2's separate fp8 input quantiser over the live slots' rows only (SLOTS) instead of every
     # padded row: the fp8 GPU tests, the shipped fp8 tables alone vs in batches, then µs per kernel at the buckets whose
@@ -401,9 +405,7 @@ case $WHAT in
     ;;
   r17-sweep)  # round 17, last: the sweep again with w2's fp8 input quantised over the live slots' rows (r17-final ran
     # before that change), then compare
-    step bench 220 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
-      --fast --out "$OUT"
-    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    sweep 220
     ;;
   r16-group)  # round 16: the cooperative ws w13 read 19.2 GB from DRAM per DeepSeek-V3 chunk against the one-warpgroup
     # kernel's 11.3 (Nsight Compute, L2 hit rate 39 vs 65 %): the grouped tile order's GROUP_M (row blocks sharing a
@@ -454,9 +456,7 @@ case $WHAT in
     # shipped fp8 tables alone vs in batches, the graph / compile tests, then the sweep of bf16 and fp8
     step gpu-final 240 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 tests/ops/test_gluon_fp8.py \
       tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8 or cuda_graph_and_compile"
-    step bench 300 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
-      --fast --out "$OUT"
-    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    sweep 300
     ;;
   r16-confirm)  # round 16: the points where the cooperative ws w13 and / or the warp-specialised w2 at BLOCK_M 128
     # looked faster, each variant twice, alternated (base, a, b, base, a, b)

@@ -17,6 +17,7 @@ from moekit.ops.experts_quant import fused_experts_quant_torch
 from moekit.ops.formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.quantize import quantize_experts
 from moekit.ops import triton_experts_quant as tq
+from moekit.ops.quant_spec import DEFAULT_FP8_ACC
 from reference import rel_rms
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -244,7 +245,7 @@ def test_config_constraints():
             if s.code == 1:
                 assert c["w13"]["BK"] == c["w2"]["BK"] == 128 and c["w13"]["BN"] in (32, 64, 128), c
             if s.fp8:  # wgmma in every bucket: BLOCK_M >= 64 and whole warpgroups, the same fp8_acc
-                assert c["BLOCK_M"] >= 64 and c["fp8_acc"] == tq.DEFAULT_FP8_ACC, c
+                assert c["BLOCK_M"] >= 64 and c["fp8_acc"] == DEFAULT_FP8_ACC, c
                 assert c["w13"]["num_warps"] in (4, 8) and c["w2"]["num_warps"] in (4, 8), c
         assert len(bks) == 1, (fmt, bks)
     exact = tq.QuantSpec.of(Fp8ChannelFormat()).fix_config(
@@ -266,7 +267,7 @@ def test_slot_quantiser_writes_the_row_quantisers_bytes_at_live_rows_only(fmt):
     bytes and scales at the live slots' sorted rows, and nothing at padding rows (left as they were)."""
     from moekit.ops.triton_experts import _interpreting
 
-    rows, h, e_local, s_count = 24, 300, 3, 9  # 300 = 2 groups + a partial one
+    rows, h, s_count = 24, 300, 9  # 300 = 2 groups + a partial one; 3 local experts
     gen = torch.Generator().manual_seed(5)
     src = (torch.randn(rows, h, generator=gen) * torch.logspace(-2, 2, h)).to(torch.bfloat16).to(DEV)
     loc = torch.tensor([0, -1, 2, 0, 1, 2, 2, -1, 0], dtype=torch.int32)

@@ -66,7 +66,7 @@ def quant_spec(quant: str | None):
     """(format, ``QuantSpec``) of a ``--quant`` name of the benchmark's formats, or (None, None)."""
     if quant is None:
         return None, None
-    from ..ops.triton_experts_quant import QuantSpec
+    from ..ops.quant_spec import QuantSpec
     from .bench_quant import QUANT_FORMATS
 
     fmt = QUANT_FORMATS[quant]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
+from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles, tail_conflicts
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -344,8 +344,7 @@ def tail_ok(cfg: dict) -> dict:
     """``cfg`` without ``"tail_bm"`` where its tiles cannot take tail blocks (a swapped or Gluon GEMM, or tail blocks
     as tall as BLOCK_M: the launch plan would refuse it); ``"tail_bm": 0`` dropped too."""
     tail = int(cfg.get("tail_bm", 0))
-    other = any(cfg[part].get(key) for part in ("w13", "w2") for key in ("SWAP", "gluon"))
-    if "tail_bm" in cfg and (tail == 0 or other or tail >= int(cfg["BLOCK_M"])):
+    if "tail_bm" in cfg and (tail == 0 or tail_conflicts(cfg["w13"], cfg["w2"]) or tail >= int(cfg["BLOCK_M"])):
         return {k: v for k, v in cfg.items() if k != "tail_bm"}
     return cfg
 

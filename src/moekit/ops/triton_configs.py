@@ -203,6 +203,12 @@ def tail_bm_value(cfg: dict) -> int:
     return v
 
 
+def tail_conflicts(c13: dict, c2: dict) -> list[str]:
+    """The kernel keys of config parts ``c13`` / ``c2`` that rule tail blocks out: swapped or Gluon GEMMs (their
+    layouts are BLOCK_M blocks), as ``'"w13": "SWAP"'`` strings for an error message; empty when none does."""
+    return [f'"{part}": "{key}"' for part, c in (("w13", c13), ("w2", c2)) for key in ("SWAP", "gluon") if c.get(key)]
+
+
 def heuristic_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype,
     num_sms: int = 132, quant: str | None = None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_configs import gluon_flag_value, gluon_ws_value, tail_bm_value
+from .triton_configs import gluon_flag_value, gluon_ws_value, tail_bm_value, tail_conflicts
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -91,8 +91,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     c13, c2 = dict(c13), dict(c2)
     bm = int(block_m)
     if tail:
-        other = [f'"{part}": "{key}"' for part, c in (("w13", c13), ("w2", c2)) for key in ("SWAP", "gluon")
-                 if c.get(key)]
+        other = tail_conflicts(c13, c2)
         if other:
             raise ValueError(f'config "tail_bm" = {tail} runs the Triton GEMMs with unswapped tiles; it cannot be '
                              f'combined with {", ".join(other)}')
