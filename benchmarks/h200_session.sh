@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -402,6 +402,38 @@ case $WHAT in
     step gpu-last 250 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
       tests/ops/test_triton_experts_quant.py tests/ops/test_batch_invariance_gpu.py \
       -k "(cuda_graph_and_compile and fp8) or shipped_fp8"
+    ;;
+  r18-pairs)  # round 18: µs per kernel where the fp8 input quantiser runs over (row, group) pairs at T·K > 1024 (round
+    # 17's profiles are the before). (This round's first form of the step also ran the GPU tests of an in-loop
+    # activation quantisation, since removed: 3x slower at decode, docs/kernels.md round 18.)
+    P=qwen3-30b-a3b:1024,qwen3-30b-a3b:16384,deepseek-v3:4096,gpt-oss-120b:1024,mixtral-8x7b:1024
+    step profile-pairs 150 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --calls 3 \
+      --variants base,baseb --out "$OUT/profile-pairs.json" --patches '{"baseb": {}}'
+    ;;
+  r18-tests)  # round 18: the GPU tests after the (row, group)-pair quantiser and the one-tile align_small_kernel: the
+    # align layout against its twin (compiled), every shipped bf16 / fp8 table alone vs in batches, the fp8 experts
+    step gpu-align 60 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_align_layout.py
+    step gpu-inv 220 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_configs or shipped_fp8 or device_configs or whole_layer"
+    step gpu-quant 250 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
+      tests/ops/test_triton_experts_quant.py tests/ops/test_triton_experts.py tests/ops/test_sum_pass.py \
+      -k "not every_bucket"
+    ;;
+  r18-final)  # round 18, last: µs per kernel at the small-T buckets (align_small_kernel, act_quant_kernel; round 17's
+    # profiles are the before), then the sweep of bf16 and fp8, and compare
+    step gpu-quant2 60 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_triton_experts_quant.py \
+      -k "gpt_oss_partial_blocks or (cuda_graph_and_compile and fp8)"
+    P=qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256,gpt-oss-120b:8,mixtral-8x7b:8
+    step profile-small 80 python benchmarks/kernel_profile.py --formats bf16,fp8 --points "$P" --calls 5 \
+      --variants base --out "$OUT/profile-small.json"
+    sweep 420
+    ;;
+  r18-last)  # round 18, last: the align layout test compiled (after the count kernel's eager weight loads), the fp8
+    # CUDA-graph / compile tests r18-final's bound cut off, and a second sweep
+    step gpu-align2 60 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_align_layout.py
+    step gpu-graph 120 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_triton_experts_quant.py \
+      -k "cuda_graph_and_compile and fp8"
+    sweep 300
     ;;
   r17-sweep)  # round 17, last: the sweep again with w2's fp8 input quantised over the live slots' rows (r17-final ran
     # before that change), then compare

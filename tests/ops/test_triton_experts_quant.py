@@ -148,19 +148,30 @@ def test_batch_invariance(name, tiles):
     assert torch.equal(tq.fused_experts_quant_triton(*args, **kw), full)  # run to run
 
 
-@pytest.mark.parametrize("group,ue8m0", [(32, False), (32, True), (None, False)])
-def test_activation_quantiser_matches_rule(group, ue8m0):
+@pytest.mark.parametrize("rows,group,ue8m0,on_input", [
+    (5, 32, False, False),  # 15 (row, group) pairs: one pair per program
+    (5, 32, True, False),  # power-of-two scales
+    (5, None, False, False),  # one group per row (the row mode)
+    (1, 32, False, False),  # a single row
+    (4099, 32, False, False),  # 12297 pairs, 8 per program: programs span rows, the last one partial
+    (4099, 32, True, True),  # ... with the routing weight on the input (rounded to bf16 first, as the twin)
+])
+def test_activation_quantiser_matches_rule(rows, group, ue8m0, on_input):
     """The Triton input quantiser is bit-exact against the torch rule (x_q and scales)."""
     import triton
 
     from moekit.ops.triton_experts import _interpreting
 
-    x = (torch.randn(5, 80) * torch.logspace(-3, 2, 80)).to(torch.bfloat16).to(DEV)
-    x[2, :40] = 0  # an all-zero group
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 80, generator=gen) * torch.logspace(-3, 2, 80)).to(torch.bfloat16).to(DEV)
+    x[rows // 2, :40] = 0  # an all-zero group
+    w = (torch.rand(rows, 1, generator=gen) + 0.5).to(DEV)
     fmt = Fp8BlockFormat(32, group, ue8m0=ue8m0) if group else Fp8ChannelFormat()
     q = tq.QuantLaunch(tq.QuantSpec.of(fmt), torch.ones(1, 1, 1), torch.ones(1, 1, 1), None, None, 80)
-    xq, xs, _ = q._quantise(x, lambda kern, grid, *a, **k: kern[grid](*a, **k), _interpreting())
-    ref_q, ref_s = quantize_fp8_activations(x, group, ue8m0=ue8m0)
+    xq, xs, _ = q._quantise(x, lambda kern, grid, *a, **k: kern[grid](*a, **k), _interpreting(),
+                            on_input=on_input, tw=w if on_input else None)
+    ref_q, ref_s = quantize_fp8_activations((x.float() * w).to(torch.bfloat16) if on_input else x, group,
+                                            ue8m0=ue8m0)
     assert torch.equal(xs, ref_s)
     assert torch.equal(xq.float(), ref_q.float())  # ±0 aside, bit for bit
     assert triton.cdiv(80, group or 80) == xs.shape[1]

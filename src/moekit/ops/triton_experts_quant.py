@@ -105,14 +105,15 @@ class QuantLaunch:
             xq = torch.empty(t, n, dtype=_FP8, device=src.device)
             xs = static if mode == 2 else torch.empty(t, triton.cdiv(n, g) if mode == 0 else 1,
                                                       dtype=torch.float32, device=src.device)
-        gp = min(triton.next_power_of_2(triton.cdiv(n, g)), max(1, 2048 // g)) if mode == 0 else 1
         progs = t if slots is None else slots[0].shape[0]
-        grid = (progs, triton.cdiv(triton.cdiv(n, g), gp)) if mode == 0 else (progs,)
+        pairs = progs * triton.cdiv(n, g)  # mode 0: (row, group) pairs, up to 4096 elements per program while there
+        gp = max(1, min(4096 // g, triton.next_power_of_2(triton.cdiv(pairs, 2112)))) if mode == 0 else 1  # 16/SM
+        grid = (triton.cdiv(pairs, gp),) if mode == 0 else (progs,)
         by_slot = {} if slots is None else dict(SLOTS=True, loc_ptr=slots[0], rank_ptr=slots[1],
                                                 row_start_ptr=slots[2])
         if progs:
-            launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, src.stride(0),
-                   xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
+            launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, progs,
+                   src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
                    ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot)
         return xq, xs, (xs.stride(0) if mode < 2 else 0)

@@ -310,39 +310,57 @@ def _quant_groups(xrow, gi, K, w_in, G: tl.constexpr, UE8M0: tl.constexpr, ON_IN
 
 @triton.jit
 def act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, stride_xt, stride_qt, stride_st, stride_twt,
+    x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
     ON_INPUT: tl.constexpr, INTERP: tl.constexpr, SLOTS: tl.constexpr = False, loc_ptr=None, rank_ptr=None,
     row_start_ptr=None,
 ):
-    """x [T, K] (params dtype) -> x_q [T, K] e4m3 and s (module docstring).
+    """x [R, K] (params dtype) -> x_q [R, K] e4m3 and s (module docstring).
 
-    ``MODE`` 0: groups of ``G`` columns, grid (T, cdiv(⌈K/G⌉, GP)), ``GP`` groups per program, s [T, ⌈K/G⌉];
-    1: one group per row, grid (T,), two passes over ``BLOCK`` columns, s [T, 1];
-    2: static, ``s = *qs_ptr`` (nothing stored in s), grid (T,).
+    ``MODE`` 0: groups of ``G`` columns, s [R, ⌈K/G⌉]; the R·⌈K/G⌉ (row, group) pairs in row-major order, ``GP``
+    of them per program, grid (cdiv(R·⌈K/G⌉, GP),) (a program may span rows: far fewer, fuller programs than one
+    per row at large R); 1: one group per row, grid (R,), two passes over
+    ``BLOCK`` columns, s [R, 1]; 2: static, ``s = *qs_ptr`` (nothing stored in s), grid (R,).
     ``ON_INPUT`` (K = 1 routing weight on the input): ``x = round(x · w[t, 0])`` first, as the twin does.
-    ``SLOTS`` (w2's input in the sorted layout): the grid's first axis runs over the S slots instead, and program
-    ``s`` quantises row ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when the slot is live, else
-    nothing: a block's padding rows, which no GEMM output reads, are skipped (at decode most rows are padding)."""
-    if SLOTS:
-        slot = tl.program_id(0)
-        e = tl.load(loc_ptr + slot)
-        if e < 0:
-            return
-        t = (tl.load(row_start_ptr + e) + tl.load(rank_ptr + slot)).to(tl.int64)
-    else:
-        t = tl.program_id(0).to(tl.int64)
-    xrow = x_ptr + t * stride_xt
-    qrow = q_ptr + t * stride_qt
-    w_in = 1.0
-    if ON_INPUT:
-        w_in = tl.load(tw_ptr + t * stride_twt).to(tl.float32)
+    ``SLOTS`` (w2's input in the sorted layout): ``R`` counts the S slots instead, and slot ``s`` stands for row
+    ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
+    rows, which no GEMM output reads, are skipped (at decode most rows are padding)."""
     if MODE == 0:
-        gi = tl.program_id(1) * GP + tl.arange(0, GP)
-        cols, m, xq, s = _quant_groups(xrow, gi, K, w_in, G, UE8M0, ON_INPUT, INTERP)
-        tl.store(qrow + cols, xq, mask=m)
-        tl.store(s_ptr + t * stride_st + gi, s, mask=gi * G < K)
+        pair = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
+        ng = tl.cdiv(K, G)
+        r = pair // ng
+        gi = pair - r * ng
+        live = r < R
+        if SLOTS:
+            e = tl.load(loc_ptr + r, mask=live, other=-1)
+            live = live & (e >= 0)
+            t = tl.load(row_start_ptr + e, mask=live, other=0) + tl.load(rank_ptr + r, mask=live, other=0)
+            t = t.to(tl.int64)
+        else:
+            t = r
+        cols = gi[:, None] * G + tl.arange(0, G)[None, :]
+        m = live[:, None] & (cols < K)
+        x = tl.load(x_ptr + t[:, None] * stride_xt + cols, mask=m, other=0.0).to(tl.float32)
+        if ON_INPUT:
+            w_in = tl.load(tw_ptr + t * stride_twt, mask=live, other=0.0).to(tl.float32)
+            x = to_dt(x * w_in[:, None], x_ptr.dtype.element_ty, INTERP).to(tl.float32)
+        s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
+        tl.store(q_ptr + t[:, None] * stride_qt + cols, quantize_tile(x, s[:, None], INTERP), mask=m)
+        tl.store(s_ptr + t * stride_st + gi, s, mask=live)
     else:
+        if SLOTS:
+            slot = tl.program_id(0)
+            e = tl.load(loc_ptr + slot)
+            if e < 0:
+                return
+            t = (tl.load(row_start_ptr + e) + tl.load(rank_ptr + slot)).to(tl.int64)
+        else:
+            t = tl.program_id(0).to(tl.int64)
+        xrow = x_ptr + t * stride_xt
+        qrow = q_ptr + t * stride_qt
+        w_in = 1.0
+        if ON_INPUT:
+            w_in = tl.load(tw_ptr + t * stride_twt).to(tl.float32)
         if MODE == 1:
             amax = tl.zeros([BLOCK], dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
