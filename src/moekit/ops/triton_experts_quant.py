@@ -56,6 +56,11 @@ def _ws_args(scale: torch.Tensor, shard: int, qbn: int) -> dict:
                 ws_qbn=qbn, **({"ws_shard": shard} if shard is not None else {}))
 
 
+#: the activation quantiser's programs (mode 0): up to 4096 values each, fewer values while that would leave under
+#: this many programs (~16 per SM of a 132-SM H200; round 18: 4 per SM took Mixtral T = 8 from 7.3 to 10.5 µs)
+_QUANT_PROGRAMS = 2112
+
+
 class QuantLaunch:
     """One call's quantised operands for :func:`~.triton_experts.fused_experts_impl`: the format, the
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
@@ -106,8 +111,8 @@ class QuantLaunch:
             xs = static if mode == 2 else torch.empty(t, triton.cdiv(n, g) if mode == 0 else 1,
                                                       dtype=torch.float32, device=src.device)
         progs = t if slots is None else slots[0].shape[0]
-        pairs = progs * triton.cdiv(n, g)  # mode 0: (row, group) pairs, up to 4096 elements per program while there
-        gp = max(1, min(4096 // g, triton.next_power_of_2(triton.cdiv(pairs, 2112)))) if mode == 0 else 1  # 16/SM
+        pairs = progs * triton.cdiv(n, g)  # mode 0: (row, group) pairs, GP per program
+        gp = max(1, min(4096 // g, triton.next_power_of_2(triton.cdiv(pairs, _QUANT_PROGRAMS)))) if mode == 0 else 1
         grid = (triton.cdiv(pairs, gp),) if mode == 0 else (progs,)
         by_slot = {} if slots is None else dict(SLOTS=True, loc_ptr=slots[0], rank_ptr=slots[1],
                                                 row_start_ptr=slots[2])

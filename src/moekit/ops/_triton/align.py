@@ -196,7 +196,7 @@ def align_small_kernel(
 
     When the tokens fit one tile (T <= BT, at most 1024 slots) the layout stays in registers: the counts are the
     histogram of the slots' experts, the scan runs on it, and each slot's ``row_start`` is gathered from the scan
-    (two dependent memory round trips, the ids then the rank atomics, instead of six)."""
+    (two dependent memory round trips, the ids then the rank atomics, three with an expert map, instead of six)."""
     offs = tl.arange(0, BLOCK_E)
     tl.store(counts_ptr + offs, tl.zeros([BLOCK_E], dtype=tl.int32), mask=offs <= E_local)
     tl.debug_barrier()

@@ -318,9 +318,9 @@ def act_quant_kernel(
     """x [R, K] (params dtype) -> x_q [R, K] e4m3 and s (module docstring).
 
     ``MODE`` 0: groups of ``G`` columns, s [R, ⌈K/G⌉]; the R·⌈K/G⌉ (row, group) pairs in row-major order, ``GP``
-    of them per program, grid (cdiv(R·⌈K/G⌉, GP),) (a program may span rows: far fewer, fuller programs than one
-    per row at large R); 1: one group per row, grid (R,), two passes over
-    ``BLOCK`` columns, s [R, 1]; 2: static, ``s = *qs_ptr`` (nothing stored in s), grid (R,).
+    of them per program, grid (cdiv(R·⌈K/G⌉, GP),) (a program may span rows: fewer, fuller programs than one per
+    row when rows hold few groups). 1: one group per row, grid (R,), two passes over ``BLOCK`` columns, s [R, 1].
+    2: static, ``s = *qs_ptr`` (nothing stored in s), grid (R,).
     ``ON_INPUT`` (K = 1 routing weight on the input): ``x = round(x · w[t, 0])`` first, as the twin does.
     ``SLOTS`` (w2's input in the sorted layout): ``R`` counts the S slots instead, and slot ``s`` stands for row
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
