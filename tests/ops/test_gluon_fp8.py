@@ -150,9 +150,9 @@ print("ok")
 
 def test_gluon_fp8_w13_ws_compiles_for_sm90_without_spills_or_serialised_wgmma(tmp_path):
     # the warp-specialised w13 (fp8_w13_ws.py): one or two consumer warpgroups (BLOCK_M 64), one 8-warp consumer
-    # (BLOCK_M 128) and two consumers sharing each 128-row tile (64 rows each, one ring); even (56), odd (5, 3), partial (2880 = 22.5 blocks) and single K step counts; swigluoai with
-    # biases, gelu_tanh; BN 16 / 32 / 64; 64 x 64 scale blocks with w2's input quantised in the epilogue (REQ 1); 256
-    # experts: the fp8 m64nBNk32 wgmma (one wait per step pair), no spill and no ptxas C75xx warning, the register
+    # (BLOCK_M 128) and two consumers sharing each 128-row tile (64 rows each, one ring); even (56), odd (5, 3),
+    # partial (2880 = 22.5 blocks) and single K step counts; swigluoai with biases, gelu_tanh; BN 16 / 32 / 64;
+    # 64 x 64 scale blocks with w2's input quantised in the epilogue (REQ 1); 256 experts: the fp8 m64nBNk32 wgmma (one wait per step pair), no spill and no ptxas C75xx warning, the register
     # split (producers 48, consumers 224-232 beside a second consumer), one K loop per consumer without a global
     # load (its scales come from shared memory) and one loop per one-warp producer that loads the sorted row tile
     # and both weight tiles by TMA (3 bulk tensor copies) and only the step's scales by cp.async (BM / 32 per

@@ -226,8 +226,8 @@ def test_sorted_activation_quantiser_stores_each_tokens_row_at_its_slots_rows(to
 def test_opcheck():
     args, kw = make(BLOCK, 3, 4, 2, 64, 32, bias=True)
     x, w13, w2, w, ids = args
-    op_args = (x, w13.view(torch.uint8), w2.view(torch.uint8), w, ids, kw["w13_scale"], kw["w2_scale"], None, None, "fp8_block", 32, 32, False, False,
-               "silu", False, kw["w1_bias"], kw["w2_bias"], None, None)
+    op_args = (x, w13.view(torch.uint8), w2.view(torch.uint8), w, ids, kw["w13_scale"], kw["w2_scale"], None, None,
+               "fp8_block", 32, 32, False, False, "silu", False, kw["w1_bias"], kw["w2_bias"], None, None)
     torch.library.opcheck(tq.fused_experts_quant_op, op_args)
 
 

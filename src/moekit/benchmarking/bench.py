@@ -3,7 +3,8 @@
 Each point captures one CUDA graph holding ``n`` calls over ``R`` rotating input sets (different
 tokens and routings, so weights are not served from L2 across calls), replays it for :data:`WARM_MS` (so that no
 row is timed at the higher clocks an H200 holds briefly after an idle gap), and reports the median replay
-time over ``n``; ``sm_mhz`` is the SM clock read right after (None without NVML). Side by side, in the same process, per shape and token count (same inputs, same routing):
+time over ``n``; ``sm_mhz`` is the SM clock read right after (None without NVML). Side by side, in the same
+process, per shape and token count (same inputs, same routing):
 
 - ``impl="moekit"``: the whole layer (routing + experts + combine), ``moekit.FusedMoE(..., backend="triton")``
 - ``impl="moekit-experts"``: the experts step alone on routing precomputed per input set

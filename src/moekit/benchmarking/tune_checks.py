@@ -29,8 +29,9 @@ def same_bits(problems, call, cfg: dict, *refs: dict) -> bool:
 
 def fused_identical(problems, call, cfg: dict) -> bool:
     """A ``w13_split`` / ``sum_pass`` / ``gluon`` / ``tail_bm`` config equals the same tiles with the fused w13, the
-    Triton GEMMs, BLOCK_M blocks only, and with a stated ``sum_pass`` turned the other way (the fused combine or the sum pass), bit for bit: the same dots, sums
-    and roundings, so it must, and such a winner may then sit in any bucket without breaking SPEC §9.
+    Triton GEMMs, BLOCK_M blocks only, and with a stated ``sum_pass`` turned the other way (the fused combine or the
+    sum pass), bit for bit: the same dots, sums and roundings, so it must, and such a winner may then sit in any
+    bucket without breaking SPEC §9.
     (Without the key the launcher picks by slot count, which may be the winner's own word: round 7 compared
     against that and so could test a config with itself.)"""
     gluon = bool(cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))

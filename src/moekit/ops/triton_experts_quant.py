@@ -1,5 +1,6 @@
-"""Quantised routed experts on the Triton kernels (SPEC §8); the math is :func:`.experts_quant.fused_experts_quant_torch`'s
-(a format as the kernels see it, and the tiles it requires: :mod:`.quant_spec`).
+"""Quantised routed experts on the Triton kernels (SPEC §8); the math is
+:func:`.experts_quant.fused_experts_quant_torch`'s (a format as the kernels see it, and the tiles it requires:
+:mod:`.quant_spec`).
 
     fused_experts_quant_triton -> torch.ops.moekit.fused_experts_quant (custom op, registered here)
         -> triton_experts.fused_experts_impl(quant=QuantLaunch) -> align, [x quantiser], w13, [inter quantiser], w2
@@ -99,7 +100,7 @@ class QuantLaunch:
     def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
         ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
-        sorted rows of live slots (``src`` in the sorted layout), one program per slot."""
+        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots)."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -110,14 +111,14 @@ class QuantLaunch:
             xq = torch.empty(t, n, dtype=_FP8, device=src.device)
             xs = static if mode == 2 else torch.empty(t, triton.cdiv(n, g) if mode == 0 else 1,
                                                       dtype=torch.float32, device=src.device)
-        progs = t if slots is None else slots[0].shape[0]
-        pairs = progs * triton.cdiv(n, g)  # mode 0: (row, group) pairs, GP per program
+        rows = t if slots is None else slots[0].shape[0]
+        pairs = rows * triton.cdiv(n, g)  # mode 0: (row, group) pairs, GP per program
         gp = max(1, min(4096 // g, triton.next_power_of_2(triton.cdiv(pairs, _QUANT_PROGRAMS)))) if mode == 0 else 1
-        grid = (triton.cdiv(pairs, gp),) if mode == 0 else (progs,)
+        grid = (triton.cdiv(pairs, gp),) if mode == 0 else (rows,)
         by_slot = {} if slots is None else dict(SLOTS=True, loc_ptr=slots[0], rank_ptr=slots[1],
                                                 row_start_ptr=slots[2])
-        if progs:
-            launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, progs,
+        if rows:
+            launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, rows,
                    src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
                    ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot)

@@ -118,8 +118,10 @@ def tail_split(cnt, BM: tl.constexpr, TAIL: tl.constexpr):
 
 
 @triton.jit
-def _starts(cnt, BM: tl.constexpr, TAIL: tl.constexpr):
-    """row_start of every expert from its live rows ``cnt`` [BLOCK_E] (the exclusive scan of its padded rows)."""
+def expert_row_starts(cnt, BM: tl.constexpr, TAIL: tl.constexpr):
+    """row_start of every expert from its live rows ``cnt`` [BLOCK_E]: the exclusive scan of its padded rows (BM
+    blocks, or with ``TAIL`` :func:`tail_split`'s rows). The one definition of the layout's row offsets: the align
+    kernels store it, the GEMMs' :func:`.rows.tail_block` reads an expert's from it."""
     if TAIL > 0:
         _, _, rows = tail_split(cnt, BM, TAIL)
         start = tl.cumsum(rows, 0) - rows
@@ -134,7 +136,7 @@ def _scan(counts_ptr, row_start_ptr, E_local, BM: tl.constexpr, BLOCK_E: tl.cons
     offs = tl.arange(0, BLOCK_E)
     m = offs < E_local
     cnt = tl.load(counts_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-    tl.store(row_start_ptr + offs, _starts(cnt, BM, TAIL), mask=m)
+    tl.store(row_start_ptr + offs, expert_row_starts(cnt, BM, TAIL), mask=m)
 
 
 @triton.jit
@@ -209,7 +211,7 @@ def align_small_kernel(
         e = tl.reshape(tl.where(loc >= 0, loc, BLOCK_E - 1), [BT * KP])  # dead slots: bin BLOCK_E - 1 >= E_local
         cnt = tl.histogram(e, BLOCK_E)
         cnt = tl.where(offs < E_local, cnt, 0)
-        start = _starts(cnt, BM, TAIL)
+        start = expert_row_starts(cnt, BM, TAIL)
         tl.store(row_start_ptr + offs, start, mask=offs < E_local)
         row = tl.reshape(tl.gather(start, e, 0), [BT, KP]) + rank
         tl.store(sorted_ptr + row, slot, mask=loc >= 0)

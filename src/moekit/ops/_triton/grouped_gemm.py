@@ -101,7 +101,8 @@ def w13_kernel(
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False, TAIL: tl.constexpr = 0,
 ):
-    """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype (sorted row layout).
+    """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype
+    (sorted row layout).
 
     Quantised (``QUANT`` > 0, module docstring): fp8 reads ``x`` = x_q e4m3 with scales ``xs [T, ·]``
     (stride ``stride_xst``; 0 for a static scale) and writes ``inter`` as e4m3 with ``is [rows, I/BN]``
@@ -271,8 +272,9 @@ def act_pass_kernel(h_ptr, inter_ptr, is_ptr, qs_ptr, out_ptr, I, limit, stride_
                     ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, REQ: tl.constexpr,
                     UE8M0: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
     """The w13 epilogue after a ``SPLIT`` w13: ``inter[r, n] = act(h[r, n], h[r, I + n])`` (fp32), rounded to
-    the params dtype (``out_ptr``'s, the layer output's: not read) and stored, or quantised for w2 (``REQ`` 1: one group per program, BLOCK = the group, scale at
-    ``is[r, pid_1]``; 2: the static ``*qs_ptr``) exactly as :func:`w13_kernel`'s fused epilogue.
+    the params dtype (``out_ptr``'s, the layer output's: not read) and stored, or quantised for w2 (``REQ`` 1: one
+    group per program, BLOCK = the group, scale at ``is[r, pid_1]``; 2: the static ``*qs_ptr``) exactly as
+    :func:`w13_kernel`'s fused epilogue.
     Grid (rows, cdiv(I, BLOCK)); h: [rows, 2I] fp32."""
     r = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)

@@ -294,18 +294,15 @@ def requant_store(h, q_ptrs, qmask, s_ptr, s_offs, smask, qs_ptr, nmask, DT: tl.
 
 
 @triton.jit
-def _quant_groups(xrow, gi, K, w_in, G: tl.constexpr, UE8M0: tl.constexpr, ON_INPUT: tl.constexpr,
-                  INTERP: tl.constexpr):
-    """Groups ``gi`` ([GP]) of ``G`` columns of one row ``xrow`` (params dtype, K columns), quantised (``ON_INPUT``:
-    the row times the routing weight ``w_in``, rounded to the params dtype first): (the columns [GP, G], their mask,
-    the e4m3 values, the groups' scales [GP])."""
-    cols = gi[:, None] * G + tl.arange(0, G)[None, :]
-    m = cols < K
-    x = tl.load(xrow + cols, mask=m, other=0.0).to(tl.float32)
+def _quant_groups(rows, cols, m, w_in, UE8M0: tl.constexpr, ON_INPUT: tl.constexpr, INTERP: tl.constexpr):
+    """Groups of columns quantised, one group per row of ``cols`` ([GP, G] column offsets, mask ``m``) from the
+    params-dtype rows at ``rows`` (one row's pointer, or [GP, 1] of them); ``ON_INPUT``: times the routing weight
+    ``w_in`` (broadcastable), rounded to the params dtype first. Returns (the e4m3 values [GP, G], the scales [GP])."""
+    x = tl.load(rows + cols, mask=m, other=0.0).to(tl.float32)
     if ON_INPUT:
-        x = to_dt(x * w_in, xrow.dtype.element_ty, INTERP).to(tl.float32)
+        x = to_dt(x * w_in, rows.dtype.element_ty, INTERP).to(tl.float32)
     s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
-    return cols, m, quantize_tile(x, s[:, None], INTERP), s
+    return quantize_tile(x, s[:, None], INTERP), s
 
 
 @triton.jit
@@ -340,12 +337,11 @@ def act_quant_kernel(
             t = r
         cols = gi[:, None] * G + tl.arange(0, G)[None, :]
         m = live[:, None] & (cols < K)
-        x = tl.load(x_ptr + t[:, None] * stride_xt + cols, mask=m, other=0.0).to(tl.float32)
+        w_in = 1.0
         if ON_INPUT:
-            w_in = tl.load(tw_ptr + t * stride_twt, mask=live, other=0.0).to(tl.float32)
-            x = to_dt(x * w_in[:, None], x_ptr.dtype.element_ty, INTERP).to(tl.float32)
-        s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
-        tl.store(q_ptr + t[:, None] * stride_qt + cols, quantize_tile(x, s[:, None], INTERP), mask=m)
+            w_in = tl.load(tw_ptr + t * stride_twt, mask=live, other=0.0).to(tl.float32)[:, None]
+        xq, s = _quant_groups(x_ptr + t[:, None] * stride_xt, cols, m, w_in, UE8M0, ON_INPUT, INTERP)
+        tl.store(q_ptr + t[:, None] * stride_qt + cols, xq, mask=m)
         tl.store(s_ptr + t * stride_st + gi, s, mask=live)
     else:
         if SLOTS:
@@ -398,7 +394,9 @@ def act_quant_sorted_kernel(
     if ON_INPUT:
         w_in = tl.load(tw_ptr + t * stride_twt).to(tl.float32)
     gi = tl.program_id(1) * GP + tl.arange(0, GP)
-    cols, m, xq, s = _quant_groups(x_ptr + t * stride_xt, gi, K, w_in, G, UE8M0, ON_INPUT, INTERP)
+    cols = gi[:, None] * G + tl.arange(0, G)[None, :]
+    m = cols < K
+    xq, s = _quant_groups(x_ptr + t * stride_xt, cols, m, w_in, UE8M0, ON_INPUT, INTERP)
     for j in range(TOPK):
         slot = t * TOPK + j
         e = tl.load(loc_ptr + slot)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .align import slot_local_expert, tail_split
+from .align import expert_row_starts, slot_local_expert, tail_split
 
 
 @triton.jit
@@ -42,14 +42,14 @@ def tail_block(counts_ptr, b, E_local, BM: tl.constexpr, TAIL: tl.constexpr, BLO
     from that first row on). An expert's blocks are numbered BM blocks first, then its tail block."""
     offs = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + offs, mask=offs < E_local, other=0)
-    nbig, small, rows = tail_split(cnt, BM, TAIL)
+    nbig, small, _ = tail_split(cnt, BM, TAIL)
     nb = nbig + small
     cum = tl.cumsum(nb, 0)
     e = tl.sum((cum <= b).to(tl.int32), 0)
     sel = offs == e
     j = b - tl.sum(tl.where(sel, cum - nb, 0), 0)  # the block's index within its expert
     nbig_e = tl.sum(tl.where(sel, nbig, 0), 0)
-    start = tl.sum(tl.where(sel, tl.cumsum(rows, 0) - rows, 0), 0)
+    start = tl.sum(tl.where(sel, expert_row_starts(cnt, BM, TAIL), 0), 0)
     big = j < nbig_e
     first = tl.where(big, j, nbig_e) * BM
     return e, start + first, big, tl.sum(tl.where(sel, cnt, 0), 0) - first
