@@ -193,11 +193,13 @@ def gluon_fp8_w13_ws(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e
 
 def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 64, h: int = 7168, i: int = 2048,
              e: int = 16, stages: int = 4, swap: bool = True, bias: bool = False, act: str = "silu", g: int = 32,
-             wbuf: int = 2, wspec: tuple | None = None, rega: bool = False):
+             wbuf: int = 2, wspec: tuple | None = None, rega: bool = False, serial: bool = False,
+             sword: bool = False):
     """The Gluon 4-bit w13 / w2 (:mod:`moekit.ops._gluon.w4`) compiled for sm_90 on CPU tensors: the
     ``CompiledKernel``. ``wspec``: (D, DEC_REGS) compiles the warp-specialised kernels of
     :mod:`moekit.ops._gluon.w4_ws` instead (swapped; ``wbuf`` unused); ``rega``: the register-operand kernels of
-    :mod:`moekit.ops._gluon.w4_rega` (swapped)."""
+    :mod:`moekit.ops._gluon.w4_rega` (swapped), ``serial`` their w13 with gate, then up (``"gluon_rega": 2``),
+    ``sword`` (mxfp4) their step scales loaded as one u32 per row."""
     from moekit.ops._gluon.w4 import w4_w2_sum_kernel, w4_w13_kernel
     from moekit.ops._gluon.w4_rega import w4ra_w2_sum_kernel, w4ra_w13_kernel
     from moekit.ops._gluon.w4_ws import w4ws_w2_sum_kernel, w4ws_w13_kernel
@@ -216,6 +218,7 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         common.update(D=wspec[0], DEC_REGS=wspec[1])
     if rega:
         common.pop("SWAP"), common.pop("WBUF")
+        common["SWORD"] = sword
     if which == "w13":
         x, w1 = torch.empty(t, h, dtype=torch.bfloat16), torch.empty(e, 2 * i, h // pack, dtype=wdt)
         ws = torch.empty(e, 2 * i, h // g, dtype=sdt)
@@ -223,7 +226,8 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         a = get_activation(act)
         args = (x, w1, ws, b1, inter, ints, ints, ints, h, i, e, k, rows // bm, 7.0, x.stride(0), w1.stride(0),
                 w1.stride(1), ws.stride(0), ws.stride(1), b1.stride(0), inter.stride(0))
-        kw = dict(common, ACT=a.code, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0)
+        kw = dict(common, ACT=a.code, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, **({"SERIAL": serial} if rega
+                                                                                            else {}))
         kern = w4ra_w13_kernel if rega else w4ws_w13_kernel if wspec is not None else w4_w13_kernel
         return compile_launch(kern, args, kw)
     inter, w2 = torch.empty(rows, i, dtype=torch.bfloat16), torch.empty(e, h, i // pack, dtype=wdt)

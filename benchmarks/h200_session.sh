@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -402,6 +402,49 @@ case $WHAT in
     step gpu-last 250 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
       tests/ops/test_triton_experts_quant.py tests/ops/test_batch_invariance_gpu.py \
       -k "(cuda_graph_and_compile and fp8) or shipped_fp8"
+    ;;
+  r19-serial)  # round 19: the register-operand w13 decoding gate, then up (one fragment live: 111-122 registers, four
+    # programs per SM instead of three; "gluon_rega": 2), with 3 / 4 ring slots, beside the shipped decode buckets,
+    # plain and folded mxfp4 scales; then int4; then the GPU bit tests of the serial form
+    P='{"ser": {"w13": {"gluon_rega": 2}}, "ser4": {"w13": {"gluon_rega": 2, "gluon_stages": 4}}}'
+    step r19-profile-ser-mx 300 python benchmarks/kernel_profile.py --formats mxfp4 --calls 20 --patches "$P" \
+      --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,gpt-oss-120b:8,gpt-oss-120b:64,qwen3-30b-a3b:8,qwen3-30b-a3b:64 \
+      --variants base,ser,ser4,ser+fold,base,ser,ser4,ser+fold --out "$OUT/r19-profile-ser-mx.json"
+    step r19-profile-ser-i4 200 python benchmarks/kernel_profile.py --formats int4 --calls 20 --patches "$P" \
+      --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,gpt-oss-120b:8,gpt-oss-120b:64 \
+      --variants base,ser,ser4,base,ser,ser4 --out "$OUT/r19-profile-ser-i4.json"
+    step r19-gpu-serial 90 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py -k "serial"
+    ;;
+  r19-ship)  # round 19: after "gluon_rega": 2 went into seven 4-bit buckets of the H200 table: the shipped 4-bit tables
+    # alone vs in batches, the register-operand GPU bit tests; then fp8 decode w2 tiles probed (stages, BN 128, GROUP_M)
+    step r19-gpu-inv4 240 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_4bit"
+    step r19-gpu-rega 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py \
+      -k "register_operand and not tall"
+    P='{"w2s6": {"w2": {"num_stages": 6}}, "w2s8": {"w2": {"num_stages": 8}}, "w2n128": {"w2": {"BN": 128, "num_warps": 8}},
+        "w2n128w4": {"w2": {"BN": 128, "num_warps": 4}}, "w2g1": {"w2": {"GROUP_M": 1}}}'
+    step r19-probe-fp8dec 200 python benchmarks/kernel_profile.py --formats fp8 --calls 20 --patches "$P" \
+      --points deepseek-v3:1,mixtral-8x7b:1,gpt-oss-120b:8,qwen3-30b-a3b:8 \
+      --variants base,w2s6,w2s8,w2n128,w2n128w4,w2g1,base,w2s6,w2n128 --out "$OUT/r19-probe-fp8dec.json"
+    ;;
+  r19-sword)  # round 19: the register-operand decode with its high nibbles moved by mul.hi (FMA pipe) instead of shr,
+    # and mxfp4's step scales as one u32 per row picked inside the asm (SWORD), against the same kernels before both
+    # (benchmarks/gluon_ab.py --family w4rega; old_w4_rega.py placed beside for the run), then the GPU bit tests
+    step r19-ab-sword 300 python benchmarks/gluon_ab.py --family w4rega --formats mxfp4,int4 --rounds 2 \
+      --points deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,qwen3-30b-a3b:8,qwen3-30b-a3b:64,gpt-oss-120b:8,gpt-oss-120b:64 \
+      --out "$OUT/r19-ab-sword.json"
+    step r19-gpu-sword 150 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py \
+      -k "register_operand and not tall"
+    ;;
+  r19-final)  # round 19, last: the shipped 4-bit tables alone vs in batches and the Gluon 4-bit GPU tests after SWORD,
+    # then the sweep with the 4-bit formats beside bf16 and fp8 (DeepSeek-V3, gpt-oss, Qwen3)
+    step r19-gpu-inv4b 150 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      -k "shipped_4bit"
+    step r19-gpu-w4 150 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py \
+      -k "(register_operand and not tall) or under_cuda_graph"
+    step bench4 260 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   r18-pairs)  # round 18: µs per kernel where the fp8 input quantiser runs over (row, group) pairs at T·K > 1024 (round
     # 17's profiles are the before). (This round's first form of the step also ran the GPU tests of an in-loop

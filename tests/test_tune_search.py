@@ -321,6 +321,13 @@ def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
     assert {k: v for k, v in ra[0]["w13"].items() if not k.startswith("gluon")} == sw["w13"]
     back = tune_space.rega_toggled(ra[0])
     assert back["w13"] == sw["w13"] and back["w2"] == sw["w2"]
+    # a register-operand winner: one neighbour runs its w13 gate, then up ("gluon_rega" 2: one fragment live), and
+    # from there one goes back to 1; w2 (one fragment) keeps 1
+    ser = [c for c in neighbour_configs(ra[0], False, quick=True, fam="4bit") if c["w13"].get("gluon_rega") == 2]
+    assert len(ser) == 1 and ser[0]["w2"] == ra[0]["w2"]
+    assert {**ser[0]["w13"], "gluon_rega": 1} == ra[0]["w13"]
+    assert [c for c in neighbour_configs(ser[0], False, quick=True, fam="4bit")
+            if c["w13"].get("gluon_rega") == 1 and c["w2"] == ser[0]["w2"] and c["BLOCK_M"] == 16]
     plain = _cfg(64, (64, 128, 4, 3), (128, 128, 4, 3))
     assert not any(c["w13"].get("gluon_rega") for c in neighbour_configs(plain, False, fam="4bit"))
     assert not any(c["w13"].get("gluon_rega") for c in neighbour_configs(sw, False, fam="fp8"))

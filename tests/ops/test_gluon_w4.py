@@ -39,8 +39,8 @@ def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, b
                 c["gluon_wbuf"] = wbuf
             if ws is not None:
                 c["gluon_ws"] = ws
-            if rega:
-                c["gluon_rega"] = 1
+            if rega:  # 2: w13 decodes gate, then up (one fragment live); w2 has one fragment
+                c["gluon_rega"] = int(rega) if c is w13 else 1
             if stages is not None:
                 c["gluon_stages"] = stages
     return {"BLOCK_M": bm, "w13": w13, "w2": w2, "sum_pass": True}
@@ -135,8 +135,14 @@ def test_register_operand_config_and_its_limits():
     # "gluon_rega": 1 per GEMM reaches the plan; the launcher takes the register-operand kernels for swapped tiles
     # (BN 64 or 128) of at most 128 token rows only (round 14's cap of 32 came from the in-flight fragment race, fixed
     # in round 15), and not together with "gluon_ws"
-    assert _plan(1, 8, _cfg(True, True)).gluon_rega == (False, False)
-    assert _plan(1, 8, _cfg(True, True, rega=True)).gluon_rega == (True, True)
+    assert _plan(1, 8, _cfg(True, True)).gluon_rega == (0, 0)
+    assert _plan(1, 8, _cfg(True, True, rega=True)).gluon_rega == (1, 1)
+    assert _plan(1, 8, _cfg(True, True, rega=2)).gluon_rega == (2, 1)  # w13 gate, then up (w2: one fragment)
+    for part, bad in (("w13", 3), ("w13", "1"), ("w13", -1), ("w2", 2)):
+        cfg = _cfg(True, True, rega=True)
+        cfg[part]["gluon_rega"] = bad
+        with pytest.raises(ValueError, match=f'"{part}": "gluon_rega" = {bad!r}, expected one of'):
+            _plan(1, 8, cfg)
     q, w1, w2, x = _mxfp4_launch()
     dev = gluon_experts._device_ok
     try:
@@ -225,15 +231,38 @@ def test_register_operand_decode_issues_few_instructions_per_value(tmp_path):
     # 4-bit decode is bound by instruction issue (docs/kernels.md, round 13): the register-operand K step's SASS per
     # decoded value (DeepSeek-V3 slice, BLOCK_M 16, BN 64: 64 values per thread and weight tile). Round 13's loop
     # took 5.7 (mxfp4 w13) / 5.0 (int4 w13); the per-pair decode (one prmt places a byte's two codes as the
-    # fragment's k pair: no repacking) and the vector scale loads must keep it at or under these budgets
+    # fragment's k pair: no repacking) and the vector scale loads must keep it at or under these budgets; mxfp4 with
+    # its step scales as one u32 per row (SWORD, round 19: 663 -> 611 / 352 -> 330 per step) under its own
     run_compiled("""
 import compile_sm90 as c
-budget = {("w13", "mxfp4"): 5.2, ("w2", "mxfp4"): 5.6, ("w13", "int4"): 3.9, ("w2", "int4"): 4.4}
-for (which, quant), per_value in budget.items():
-    n, ops = c.sass_loop_mix(c.gluon_w4(which, quant, bm=16, bn=64, stages=4, rega=True))
+budget = {("w13", "mxfp4", False): 5.2, ("w2", "mxfp4", False): 5.6, ("w13", "int4", False): 3.9,
+          ("w2", "int4", False): 4.4, ("w13", "mxfp4", True): 4.8, ("w2", "mxfp4", True): 5.2}
+for (which, quant, sword), per_value in budget.items():
+    n, ops = c.sass_loop_mix(c.gluon_w4(which, quant, bm=16, bn=64, stages=4, rega=True, sword=sword))
     values = 64 * (2 if which == "w13" else 1)
-    assert n <= per_value * values, (which, quant, n / values, ops)
+    assert n <= per_value * values, (which, quant, sword, n / values, ops)
     assert ops["HGMMA"] == values // 8 and ops.get("LDG", 0) <= values // 32, (which, quant, ops)  # 1 scale load/row
+print("ok")
+""", tmp_path)
+
+
+def test_serial_register_operand_w13_fits_four_programs_per_sm(tmp_path):
+    # "gluon_rega": 2 exists for its registers (round 19): with gate, then up, one fragment live, the w13 needs at most
+    # 128 per thread (four 4-warp programs in an SM's 64 K registers; the two-fragment loop: 145-156, three programs)
+    # without spilling, for both formats at the shipped buckets' tiles (BLOCK_M 16, 3 ring slots, DeepSeek-V3 slice);
+    # at BLOCK_M 32 (two accumulator columns more) it still takes fewer registers, but over 128
+    run_compiled("""
+import pathlib, re, tempfile
+import compile_sm90 as c
+for quant in ("mxfp4", "int4"):
+    for bm in (16, 32):
+        regs = {}
+        for serial in (False, True):
+            k = c.gluon_w4("w13", quant, bm, 64, stages=3, rega=True, serial=serial)
+            rep = c.ptxas_report(k.asm["ptx"], pathlib.Path(tempfile.mkdtemp()))
+            regs[serial] = int(re.search(r"Used (\\d+) registers", rep).group(1))
+            assert " 0 bytes spill stores" in rep, rep
+        assert regs[True] < regs[False] and (regs[True] <= 128 < regs[False] or bm > 16), (quant, bm, regs)
 print("ok")
 """, tmp_path)
 
@@ -265,16 +294,19 @@ def test_register_operand_gemm_never_writes_an_inflight_fragment(tmp_path):
     # still reading. With BLOCK_M 64 (longer wgmmas) that gave wrong rows on the H200 for gpt-oss and DeepSeek-V3 int4
     # (benchmarks/rega_race_probe.py); at 16 / 32 the race was there but not seen. Now each step waits for its own
     # wgmmas first: no instruction of the loop may write an in-flight fragment, for both formats, both GEMMs, the
-    # three tile heights, DeepSeek-V3 (full K steps) and gpt-oss (partial K, biases, swigluoai) slices
+    # three tile heights, DeepSeek-V3 (full K steps; mxfp4 with its step scales as one word) and gpt-oss (partial K,
+    # biases, swigluoai) slices; w13 also in its gate-then-up form ("gluon_rega": 2)
     run_compiled("""
 import compile_sm90 as c
 for quant in ("mxfp4", "int4"):
-    for which in ("w13", "w2"):
+    for which, serial in (("w13", False), ("w13", True), ("w2", False)):
         for bm in (16, 32, 64):
             for h, i, act, bias in ((7168, 2048, "silu", False), (2880, 2880, "swigluoai", True)):
-                k = c.gluon_w4(which, quant, bm, 64, h, i, stages=3 if bm == 64 else 4, act=act, bias=bias, rega=True)
+                sword = quant == "mxfp4" and h == 7168  # the step scales as one word (whole K steps only)
+                k = c.gluon_w4(which, quant, bm, 64, h, i, stages=3 if bm == 64 else 4, act=act, bias=bias, rega=True,
+                               serial=serial, sword=sword)
                 bad = c.inflight_fragment_writes(c.sass_text(k))
-                assert bad == [], (quant, which, bm, h, bad[:4])
+                assert bad == [], (quant, which, serial, bm, h, bad[:4])
 print("ok")
 """, tmp_path)
 
@@ -304,8 +336,13 @@ for fmt, shape, t in (("mxfp4", "deepseek", 8), ("int4_g32", "gpt-oss", 64)):
     assert grids["w4ws_w13_kernel"]["D"] == 4 and grids["w4ws_w2_sum_kernel"]["D"] == 6
 ra = {"BLOCK_M": 16, "sum_pass": True, "w13_split": False, "w13": {"SWAP": 1, "gluon": 1, "gluon_rega": 1},
       "w2": {"SWAP": 1, "gluon": 1, "gluon_rega": 1}}
-for fmt, shape, t in (("mxfp4", "deepseek", 1), ("int4_g32", "gpt-oss", 64)):
+for fmt, shape, t in (("mxfp4", "deepseek", 1), ("int4_g32", "gpt-oss", 64), ("mxfp4", "gpt-oss", 8)):
     c.compile_gluon_launches(c.FORMATS[fmt], t, shape, "w4ra_w13_kernel", "w4ra_w2_sum_kernel", ra)
+    # mxfp4's step scales as one u32 per row where K steps are whole and scale rows whole words (DeepSeek-V3: 224
+    # bytes), not for gpt-oss (2880: a half step, 90-byte rows) nor int4 (bf16 scales)
+    sword = {kf.__name__: kw["SWORD"] for kf, _, kw in c.launches(c.FORMATS[fmt], t, shape, patch=ra, gluon=True)
+             if kf.__name__.startswith("w4ra")}
+    assert set(sword.values()) == {fmt == "mxfp4" and shape == "deepseek"}, (fmt, shape, sword)
 print("ok")
 """, tmp_path)
 
@@ -350,9 +387,9 @@ def test_gpu_gluon_w4_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", [{"ws": 2}, {"ws": 4}, {"rega": True}, {"rega": True, "stages": 5}],
+@pytest.mark.parametrize("form", [{"ws": 2}, {"ws": 4}, {"rega": True}, {"rega": True, "stages": 5}, {"rega": 2}],
                          ids=["warp_specialised_slots2", "warp_specialised_slots4", "register_operand",
-                              "register_operand_stages5"])
+                              "register_operand_stages5", "register_operand_serial"])
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c[9]],
                          ids=["decode_t1_mxfp4", "decode_t8_int4", "swapped_bm32_gptoss", "hot_gelu_tanh",
                               "expert_map"])

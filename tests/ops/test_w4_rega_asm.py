@@ -80,6 +80,8 @@ def run_asm(asm: str, operands: dict[int, int]) -> dict[int, int]:
             r = xs[0]
         elif op == "mul.lo.u32":
             r = (xs[0] * xs[1]) & M32
+        elif op == "mul.hi.u32":
+            r = (xs[0] * xs[1]) >> 32
         elif op == "lop3.b32":
             r = _lop3(*xs)
         elif op == "max.u16x2":
@@ -94,8 +96,9 @@ def run_asm(asm: str, operands: dict[int, int]) -> dict[int, int]:
     return {int(k[1:]): v for k, v in regs.items() if re.fullmatch(r"\$\d+", k)}
 
 
-def _call(asm: str, words: list[int], q: int, scale_regs: list[int]) -> list[int]:
-    """One call of a pairs asm (pack 8): the 4 words twice each (the pair dim), 8 selectors, then the scales."""
+def _call(asm: str, words: list[int], q: int, scale_regs: list[int], group_sel: int | None = None) -> list[int]:
+    """One call of a pairs asm (pack 8): the 4 words twice each (the pair dim), 8 selectors, then the scales (and,
+    for the scale-word asm, 8 copies of the group selector)."""
     ops = {}
     for j, w in enumerate(words):
         ops[4 + 2 * j] = ops[5 + 2 * j] = w
@@ -103,6 +106,9 @@ def _call(asm: str, words: list[int], q: int, scale_regs: list[int]) -> list[int
         ops[n] = q | (q + 4) << 4
     for n, s in enumerate(scale_regs):
         ops[20 + n] = s
+    if group_sel is not None:
+        for n in range(28, 36):
+            ops[n] = group_sel
     out = run_asm(asm, ops)
     return [out[j] for j in range(4)]
 
@@ -129,6 +135,22 @@ def test_mxfp4_pairs_asm_decodes_every_byte_as_the_reference(s):
         return (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * 2.0 ** (s - 127)
 
     _check_pairs(w4_rega._E2M1_PAIRS.value, [s] * 8, value, seed=s)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mxfp4_pairs_asm_with_the_scale_word_picks_each_groups_byte(seed):
+    # ``SWORD``: the row's four e8m0 bytes arrive as one u32 and the group selector j | 4 << 4 | j << 8 | 4 << 12 picks
+    # byte j inside the asm: the same outputs as the byte-per-call asm given that byte, for every group and quad lane
+    # (scale bytes 0 and 254 among them)
+    g = torch.Generator().manual_seed(seed)
+    words = [int(x) for x in torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64)]
+    scales = [int(x) for x in torch.randint(0, 255, (4,), generator=g)]
+    scales[seed % 4] = (0, 254, 127, 1)[seed]
+    word = sum(b << (8 * i) for i, b in enumerate(scales))
+    for j in range(4):
+        for q in range(4):
+            got = _call(w4_rega._E2M1_PAIRS_W.value, words, q, [word] * 8, group_sel=j * 0x101 + 0x4040)
+            assert got == _call(w4_rega._E2M1_PAIRS.value, words, q, [scales[j]] * 8), (seed, j, q)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0123, -0.5, 3.0e-3, 7.25, 1.0e-30])

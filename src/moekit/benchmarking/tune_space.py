@@ -320,6 +320,9 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
+        rega = int(best["w13"].get("gluon_rega", 0))
+        if rega:  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
+            out.append({**best, "w13": {**best["w13"], "gluon_rega": 3 - rega}})
     bm, tail = int(best["BLOCK_M"]), int(best.get("tail_bm", 0))
     for v in (0, 32, 64):  # tail blocks (the Triton GEMMs, unswapped; fp8 wgmma: >= 64 rows)
         if v != tail and v < bm and not (fam == "fp8" and 0 < v < 64):

@@ -339,7 +339,12 @@ def _launch_w4(launch, kernels: tuple, p, q, which: str, grid: tuple, device: to
     smem_kernel, rega_kernel, ws_kernel = kernels
     if p.gluon_rega[i]:
         stages = p.gluon_stages[i] or _w4_stages(*_w4_smem(which, bm, bn, bk, 0), two=False)
-        launch(rega_kernel, grid, *args, STAGES=stages, **const)
+        serial = dict(SERIAL=p.gluon_rega[i] == 2) if which == "w13" else {}
+        ws = (q.ws13 if i == 0 else q.ws2)["ws_ptr"]
+        # mxfp4, whole K steps of four groups, scale rows of whole 4-byte words: a row's step scales as one u32
+        sword = (q.spec.code == MXFP4 and kw["EVEN_K"] and bk // q.spec.block_k == 4 and ws.stride(1) % 4 == 0
+                 and ws.data_ptr() % 4 == 0)
+        launch(rega_kernel, grid, *args, STAGES=stages, SWORD=sword, **serial, **const)
     elif p.gluon_ws[i]:
         launch(ws_kernel, (min(grid[0], _sm_count(device.index)),), *args, STAGES=_WS_STAGES, D=p.gluon_ws[i],
                DEC_REGS=_WS_DEC_REGS, **const)

@@ -32,7 +32,8 @@ weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
 of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
-wgmma's A fragment, in the H200 4-bit table's decode buckets) or ``"gluon_ws": slots`` the
+wgmma's A fragment, in the H200 4-bit table's decode buckets; w13 ``2``: gate, then up, one fragment live, fewer
+registers, :func:`gluon_rega_value`) or ``"gluon_ws": slots`` the
 warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
 Triton kernels' bits.
 
@@ -185,6 +186,18 @@ def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
     if v not in (0, 1) or not isinstance(v, (int, bool)):
         raise ValueError(f'config "{part}": "{key}" = {v!r}, expected 0 or 1')
     return bool(v)
+
+
+def gluon_rega_value(part: str, cfg_part: dict) -> int:
+    """The ``"gluon_rega"`` key of config part ``part`` (0 when absent): 0 off, 1 the register-operand Gluon 4-bit
+    GEMM, 2 (w13 only) the same with gate, then up, each fragment waited for before the next is decoded (one fragment
+    live: 111-122 registers instead of 145-156, four programs per SM instead of three); a bool is 0 / 1. Else
+    ``ValueError``."""
+    v = cfg_part.get("gluon_rega", 0)
+    allowed = (0, 1, 2) if part == "w13" else (0, 1)
+    if not isinstance(v, int) or v not in allowed:
+        raise ValueError(f'config "{part}": "gluon_rega" = {v!r}, expected one of {list(allowed)}')
+    return int(v)
 
 
 def tail_bm_value(cfg: dict) -> int:

@@ -25,8 +25,12 @@ Measured on the H200 (docs/kernels.md, rounds 13 and 14): the same bits as the T
 (a decode to (low, low) / (high, high) pairs, then ``prmt`` repacking into k pairs, one scale load per group) took
 5.7 (mxfp4) / 5.0 (int4) SASS instructions per decoded value in the w13 K step with the issue slots ~65 % busy:
 bound by instruction issue. This one takes 5.1 / 4.2, and the decode steps run 8-20 % faster (DeepSeek-V3 int4
-T = 8: 807 -> 657 µs). What is left per k pair (mxfp4): prmt, imad, lop3 and two bf16 multiplies; folding the
-2^126 into the scale (one multiply, where 2^(s - 1) is representable: s <= 128) would save ~10 % more.
+T = 8: 807 -> 657 µs). What is left per k pair (mxfp4): prmt, imad, lop3 and two bf16 multiplies. Folding the
+2^126 into the scale (one multiply where 2^(s - 1) is representable: s <= 128, a bound the caller must promise)
+took the w13 K step from 663 to 595 SASS instructions but the steps only 1-3 % faster (gpt-oss: slower), so the
+loop is not bound by issue alone: not shipped (round 19, docs/kernels.md). ``SERIAL`` (config ``"gluon_rega": 2``)
+decodes and multiplies gate, then up, with one fragment live: 111-122 registers instead of 145-156, four programs
+per SM instead of three, 2-4 % faster mxfp4 steps (round 19).
 
 Each K step waits for its own wgmmas right after issuing them (round 15). A register-operand wgmma reads its A
 fragment from registers until a ``wgmma.wait_group`` retires it, but ptxas treats those registers as free once the
@@ -65,26 +69,38 @@ def _pair_sel(j: int, zero_fill: bool) -> str:
 # one prmt places its two codes 16 bits apart and the decode writes output j as the bf16x2 pair (even k, odd k):
 # the fragment's register, so no repacking follows.
 _GATHER = "prmt.b32 t0, $4, $6, $12;\nprmt.b32 t1, $8, $10, $12;\nprmt.b32 g, t0, t1, 0x5410;\n"
+# the codes' high nibbles moved down by 4 (round 19: a mul.hi by 2^28, the FMA pipe instead of the integer one, made
+# the steps 1-2 % slower)
+_SHR4 = "shr.u32 hi, g, 4;\n"
 # mxfp4: (lo, hi) codes clean at bits 0-3 / 16-19, then the same placing and two multiplies as
 # :data:`.._triton.quant.E2M1_BF16_ASM` (x 2^126, then x the e8m0 scale as bf16): the same value, rounded once
-_E2M1_PAIRS = gl.constexpr(
-    "\n{\n.reg .b32 t0, t1, g, lo, hi, y, c, s;\n" + _GATHER
-    + "and.b32 lo, g, 0x0F0F0F0F;\nshr.u32 hi, g, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\nmov.b32 c, 0x7E807E80;\n"
-    + "mul.lo.u32 s, $20, 0x00800080;\nmov.b32 y, 0x00400040;\nmax.u16x2 s, s, y;\n"
-    + "".join(f"prmt.b32 y, lo, hi, {_pair_sel(j, True)};\nmul.lo.u32 y, y, 0x1040;\nand.b32 y, y, 0x81C081C0;\n"
-              f"mul.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, s;\n" for j in range(4))
-    + "}\n")
+def _e2m1_pairs(scale: str) -> str:
+    """The mxfp4 pairs asm around ``scale``, the instructions that leave the e8m0 byte of the call's group as u32 in
+    both halves' bits 7-14 of ``s`` (the bf16 exponent field)."""
+    return ("\n{\n.reg .b32 t0, t1, g, lo, hi, y, c, s;\n" + _GATHER
+            + "and.b32 lo, g, 0x0F0F0F0F;\n" + _SHR4 + "and.b32 hi, hi, 0x0F0F0F0F;\nmov.b32 c, 0x7E807E80;\n"
+            + scale + "mov.b32 y, 0x00400040;\nmax.u16x2 s, s, y;\n"
+            + "".join(f"prmt.b32 y, lo, hi, {_pair_sel(j, True)};\nmul.lo.u32 y, y, 0x1040;\n"
+                      f"and.b32 y, y, 0x81C081C0;\nmul.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, s;\n" for j in range(4))
+            + "}\n")
+
+
+_E2M1_PAIRS = gl.constexpr(_e2m1_pairs("mul.lo.u32 s, $20, 0x00800080;\n"))
+# the same with the row's four group scales as one u32 word ($20, one load: ``SWORD``) and the call's group selector
+# $28 (``j | 4 << 4 | j << 8 | 4 << 12``: byte j and a zero byte, twice), so no byte is unpacked outside the asm
+_E2M1_PAIRS_W = gl.constexpr(_e2m1_pairs("prmt.b32 s, $20, 0, $28;\nmul.lo.u32 s, s, 0x80;\n"))
 # int4 (two nibbles of a little-endian word per byte, low = even k): (128 + q) - 136 times the bf16 scale, rounded
 # once, as :data:`.._triton.quant.INT4_BF16_ASM`; one lop3 (``(y & 0x000F000F) | 0x43004300``) drops the neighbouring
 # nibbles the prmt brought along and sets the exponent
 _INT4_PAIRS = gl.constexpr(
-    "\n{\n.reg .b32 t0, t1, g, hi, y, c;\n" + _GATHER + "shr.u32 hi, g, 4;\nmov.b32 c, 0x43084308;\n"
+    "\n{\n.reg .b32 t0, t1, g, hi, y, c;\n" + _GATHER + _SHR4 + "mov.b32 c, 0x43084308;\n"
     + "".join(f"prmt.b32 y, g, hi, {_pair_sel(j, False)};\nlop3.b32 y, y, 0x000F000F, 0x43004300, 0xEA;\n"
               f"sub.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, $20;\n" for j in range(4))
     + "}\n")
 # four bf16x2 outputs; the 8 words and 8 selectors of one call (pack 8: 4 words x the code pair), then its scale:
 # mxfp4 the e8m0 byte as 8 u32 (the asm makes the bf16x2 scale), int4 the bf16 scale as 4 bf16x2 pairs
 _MX_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
+_MXW_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 32))
 _I4_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 20))
 
 
@@ -102,27 +118,35 @@ def _words_layout(BN, NG, W32, num_warps):
 
 @gluon.jit
 def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
-          ACC_L: gl.constexpr, num_warps: gl.constexpr):
+          ACC_L: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False):
     """The A fragment (bf16 [BN, BK], ``DotOperandLayout(0, ACC_L, 2)``) of one packed ring slot ``p_slot`` and its
-    raw group scales ``s`` ([BN, NG] in the words layout's row / group slice; loaded by :func:`_frag_scales`)."""
+    raw group scales ``s`` ([BN, NG] in the words layout's row / group slice; ``SWORD``: [BN] u32, each row's four
+    e8m0 bytes; loaded by :func:`_frag_scales`)."""
     NG: gl.constexpr = BK // G
     W32: gl.constexpr = G // 8  # 4-byte words per group: 16 bytes (mxfp4: 32 codes) or 4 int32 words of 8 nibbles
     L5: gl.constexpr = _words_layout(BN, NG, W32, num_warps)
     words = p_slot._reinterpret(gl.uint32, [BN, NG, W32], _PLAIN).load(gl.SliceLayout(3, gl.SliceLayout(4, L5)))
     q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, L5)))))
     sel = gl.expand_dims((q | ((q + 4) << 4))[None, None, None, :], 4)
-    if QUANT == MXFP4:  # the e8m0 byte; the asm makes the bf16 scale 2^(s - 127) (s = 0: the subnormal 2^-127)
-        sc = s.to(gl.uint32)
+    if SWORD:  # the row's word, the same for its NG groups; the group picks its byte inside the asm
+        sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3), 4)
+    elif QUANT == MXFP4:  # the e8m0 byte; the asm makes the bf16 scale 2^(s - 127) (s = 0: the subnormal 2^-127)
+        sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s.to(gl.uint32), 2), 3), 4)
     else:
-        sc = s
+        sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 2), 3), 4)
     w5 = gl.expand_dims(gl.expand_dims(words, 3), 4)
-    sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(sc, 2), 3), 4)
     w5, sel5 = gl.broadcast(w5, sel)
     w5, sc5 = gl.broadcast(w5, sc5)
     w5, pair = gl.broadcast(w5, gl.zeros([1, 1, 1, 1, 2], gl.uint32, L5))
     sel5, _ = gl.broadcast(sel5, pair)
     sc5, _ = gl.broadcast(sc5, pair)
-    if QUANT == MXFP4:
+    if SWORD:
+        j = gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))))
+        gsel = gl.expand_dims(gl.expand_dims(gl.expand_dims((j * 0x101 + 0x4040).to(gl.uint32)[None, :], 2), 3), 4)
+        w5, gsel5 = gl.broadcast(w5, gsel)
+        w = gl.inline_asm_elementwise(_E2M1_PAIRS_W, _MXW_IO, [w5, sel5, sc5, gsel5], dtype=gl.bfloat16, is_pure=True,
+                                      pack=8)
+    elif QUANT == MXFP4:
         w = gl.inline_asm_elementwise(_E2M1_PAIRS, _MX_IO, [w5, sel5, sc5], dtype=gl.bfloat16, is_pure=True, pack=8)
     else:
         w = gl.inline_asm_elementwise(_INT4_PAIRS, _I4_IO, [w5, sel5, sc5], dtype=gl.bfloat16, is_pure=True, pack=8)
@@ -132,20 +156,26 @@ def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G:
 
 @gluon.jit
 def _frag_scales(ws_base, n0, N, stride_wsn, k, NKG, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
-                 EVEN_K: gl.constexpr, num_warps: gl.constexpr):
+                 EVEN_K: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False):
     """Raw group scales [BN, NG] of K step ``k`` for rows n0.. in the layout :func:`_frag` takes (0 past K): a
     row's NG scales in consecutive registers, one vector load where the row stride allows (``EVEN_K``: the mask
-    is the same for the whole row)."""
+    is the same for the whole row). ``SWORD`` (mxfp4, NG = 4, ``EVEN_K``, scale rows a multiple of 4 bytes): the
+    row's four e8m0 bytes as one u32 [BN] (0 past K)."""
     NG: gl.constexpr = BK // G
     S_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, _words_layout(BN, NG, G // 8,
                                                                                            num_warps))))
     n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L))
-    g = k * NG + gl.arange(0, NG, layout=gl.SliceLayout(0, S_L))
-    if EVEN_K:
-        mask = (n < N)[:, None] & (k * NG < NKG)
+    if SWORD:
+        ptr = (ws_base + n.to(gl.int64) * stride_wsn + k * NG).to(gl.pointer_type(gl.uint32))
+        out = gl.load(ptr, mask=(n < N) & (k * NG < NKG), other=0)
     else:
-        mask = (n < N)[:, None] & (g < NKG)[None, :]
-    return gl.load(ws_base + n.to(gl.int64)[:, None] * stride_wsn + g[None, :], mask=mask, other=0)
+        g = k * NG + gl.arange(0, NG, layout=gl.SliceLayout(0, S_L))
+        if EVEN_K:
+            mask = (n < N)[:, None] & (k * NG < NKG)
+        else:
+            mask = (n < N)[:, None] & (g < NKG)[None, :]
+        out = gl.load(ws_base + n.to(gl.int64)[:, None] * stride_wsn + g[None, :], mask=mask, other=0)
+    return out
 
 
 @gluon.jit
@@ -173,9 +203,11 @@ def w4ra_w13_kernel(
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
     GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr,
+    SERIAL: gl.constexpr = False, SWORD: gl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). Arguments as :func:`.w4.w4_w13_kernel` (swapped: BN weight rows, one
-    warpgroup per 64, on the wgmma's M side)."""
+    warpgroup per 64, on the wgmma's M side). ``SERIAL`` (config ``"gluon_rega": 2``; always with BM > 64): gate,
+    then up, each fragment's wgmma waited for before the next fragment is decoded (fewer registers)."""
     PACK: gl.constexpr = _pack(QUANT)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
@@ -199,28 +231,30 @@ def w4ra_w13_kernel(
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
                         PACK, EVEN_K, 2)
         n0 = pid_n * BN
-        sg0 = _frag_scales(ws_g, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps)  # two K steps ahead
-        su0 = _frag_scales(ws_u, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps)
-        sg1 = _frag_scales(ws_g, n0, I, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps)
-        su1 = _frag_scales(ws_u, n0, I, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps)
+        sg0 = _frag_scales(ws_g, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)  # two K steps ahead
+        su0 = _frag_scales(ws_u, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
+        sg1 = _frag_scales(ws_g, n0, I, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
+        su1 = _frag_scales(ws_u, n0, I, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
         acc_g = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
         acc_u = gl.zeros_like(acc_g)
         for k in range(nk):
-            sg2 = _frag_scales(ws_g, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
-            su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
+            sg2 = _frag_scales(ws_g, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
+            su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
             _ready(STAGES)
             slot = k % STAGES
             xt = x_smem.index(slot).permute((1, 0))
             # wait for step k's own wgmmas before anything else runs: they read the A fragments from registers
             # while in flight, and ptxas may give any later value (the next step's loads and decode) the registers
             # of a fragment it considers dead once the wgmma is issued (module docstring, round 15)
-            if BM > 64:  # gate, then up: one fragment's registers at a time beside two [BN, BM > 64] accumulators
-                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps), xt, acc_g)
-                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps), xt,
-                                    acc_u)
+            if BM > 64 or SERIAL:  # gate, then up: one fragment's registers at a time (beside two [BN, BM > 64]
+                # accumulators; SERIAL: fewer registers, more programs per SM)
+                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD), xt,
+                                    acc_g)
+                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD),
+                                    xt, acc_u)
             else:
-                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps)
-                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps)
+                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
+                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
                 acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
                 acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
                 acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
@@ -243,9 +277,9 @@ def w4ra_w2_sum_kernel(
     stride_ir, stride_we, stride_wn, stride_wse, stride_wsn, stride_be, stride_twt, stride_pr,
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
     GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-    ON_INPUT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr,
+    ON_INPUT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False,
 ):
-    """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped)."""
+    """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped); ``SWORD`` as the w13's."""
     PACK: gl.constexpr = _pack(QUANT)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
@@ -267,14 +301,14 @@ def w4ra_w2_sum_kernel(
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
                         PACK, EVEN_K, 1)
         n0 = pid_n * BN
-        s0 = _frag_scales(ws_e, n0, H, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps)
-        s1 = _frag_scales(ws_e, n0, H, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps)
+        s0 = _frag_scales(ws_e, n0, H, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
+        s1 = _frag_scales(ws_e, n0, H, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
         acc = gl.zeros([BN, BM], gl.float32, layout=ACC_L)
         for k in range(nk):
-            s2 = _frag_scales(ws_e, n0, H, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps)
+            s2 = _frag_scales(ws_e, n0, H, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
             _ready(STAGES)
             slot = k % STAGES
-            w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps)
+            w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
             acc = _mma_waited(w, x_smem.index(slot).permute((1, 0)), acc)
             gl.thread_barrier()
             kn = k + STAGES - 1
