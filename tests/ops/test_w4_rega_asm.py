@@ -149,7 +149,8 @@ def test_mxfp4_pairs_asm_with_the_scale_word_picks_each_groups_byte(seed):
     word = sum(b << (8 * i) for i, b in enumerate(scales))
     for j in range(4):
         for q in range(4):
-            got = _call(w4_rega._E2M1_PAIRS_W.value, words, q, [word] * 8, group_sel=j * 0x101 + 0x4040)
+            sel = j * w4_rega._GSEL_MUL.value + w4_rega._GSEL_ADD.value  # the kernel's selector of group j
+            got = _call(w4_rega._E2M1_PAIRS_W.value, words, q, [word] * 8, group_sel=sel)
             assert got == _call(w4_rega._E2M1_PAIRS.value, words, q, [scales[j]] * 8), (seed, j, q)
 
 

@@ -89,6 +89,9 @@ _E2M1_PAIRS = gl.constexpr(_e2m1_pairs("mul.lo.u32 s, $20, 0x00800080;\n"))
 # the same with the row's four group scales as one u32 word ($20, one load: ``SWORD``) and the call's group selector
 # $28 (``j | 4 << 4 | j << 8 | 4 << 12``: byte j and a zero byte, twice), so no byte is unpacked outside the asm
 _E2M1_PAIRS_W = gl.constexpr(_e2m1_pairs("prmt.b32 s, $20, 0, $28;\nmul.lo.u32 s, s, 0x80;\n"))
+#: group j's selector for $28 is ``j * _GSEL_MUL + _GSEL_ADD``
+_GSEL_MUL = gl.constexpr(0x101)
+_GSEL_ADD = gl.constexpr(0x4040)
 # int4 (two nibbles of a little-endian word per byte, low = even k): (128 + q) - 136 times the bf16 scale, rounded
 # once, as :data:`.._triton.quant.INT4_BF16_ASM`; one lop3 (``(y & 0x000F000F) | 0x43004300``) drops the neighbouring
 # nibbles the prmt brought along and sets the exponent
@@ -142,7 +145,8 @@ def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G:
     sc5, _ = gl.broadcast(sc5, pair)
     if SWORD:
         j = gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))))
-        gsel = gl.expand_dims(gl.expand_dims(gl.expand_dims((j * 0x101 + 0x4040).to(gl.uint32)[None, :], 2), 3), 4)
+        gsel = gl.expand_dims(gl.expand_dims(gl.expand_dims((j * _GSEL_MUL + _GSEL_ADD).to(gl.uint32)[None, :], 2), 3),
+                              4)
         w5, gsel5 = gl.broadcast(w5, gsel)
         w = gl.inline_asm_elementwise(_E2M1_PAIRS_W, _MXW_IO, [w5, sel5, sc5, gsel5], dtype=gl.bfloat16, is_pure=True,
                                       pack=8)
