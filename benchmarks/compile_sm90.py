@@ -216,9 +216,11 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
     if wspec is not None:
         common.pop("SWAP"), common.pop("WBUF")
         common.update(D=wspec[0], DEC_REGS=wspec[1])
+    serial_kw = {}
     if rega:
         common.pop("SWAP"), common.pop("WBUF")
         common["SWORD"] = sword
+        serial_kw = {"SERIAL": serial}
     if which == "w13":
         x, w1 = torch.empty(t, h, dtype=torch.bfloat16), torch.empty(e, 2 * i, h // pack, dtype=wdt)
         ws = torch.empty(e, 2 * i, h // g, dtype=sdt)
@@ -226,8 +228,7 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         a = get_activation(act)
         args = (x, w1, ws, b1, inter, ints, ints, ints, h, i, e, k, rows // bm, 7.0, x.stride(0), w1.stride(0),
                 w1.stride(1), ws.stride(0), ws.stride(1), b1.stride(0), inter.stride(0))
-        kw = dict(common, ACT=a.code, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, **({"SERIAL": serial} if rega
-                                                                                            else {}))
+        kw = dict(common, ACT=a.code, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, **serial_kw)
         kern = w4ra_w13_kernel if rega else w4ws_w13_kernel if wspec is not None else w4_w13_kernel
         return compile_launch(kern, args, kw)
     inter, w2 = torch.empty(rows, i, dtype=torch.bfloat16), torch.empty(e, h, i // pack, dtype=wdt)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import time
 
-from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles, tail_conflicts
+from ..ops.triton_configs import (SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, gluon_rega_value, swap_tiles,
+                                  tail_conflicts)
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -320,7 +321,7 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
-        rega = int(best["w13"].get("gluon_rega", 0))
+        rega = gluon_rega_value("w13", best["w13"])
         if rega:  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
             out.append({**best, "w13": {**best["w13"], "gluon_rega": 3 - rega}})
     bm, tail = int(best["BLOCK_M"]), int(best.get("tail_bm", 0))

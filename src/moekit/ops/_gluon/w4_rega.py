@@ -136,12 +136,13 @@ def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G:
     q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, L5)))))
     sel = gl.expand_dims((q | ((q + 4) << 4))[None, None, None, :], 4)
     if SWORD:  # the row's word, the same for its NG groups; the group picks its byte inside the asm
-        sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3), 4)
+        sc = gl.expand_dims(s, 1)
     elif QUANT == MXFP4:  # the e8m0 byte; the asm makes the bf16 scale 2^(s - 127) (s = 0: the subnormal 2^-127)
-        sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s.to(gl.uint32), 2), 3), 4)
+        sc = s.to(gl.uint32)
     else:
-        sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 2), 3), 4)
+        sc = s
     w5 = gl.expand_dims(gl.expand_dims(words, 3), 4)
+    sc5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(sc, 2), 3), 4)
     w5, sel5 = gl.broadcast(w5, sel)
     w5, sc5 = gl.broadcast(w5, sc5)
     w5, pair = gl.broadcast(w5, gl.zeros([1, 1, 1, 1, 2], gl.uint32, L5))
