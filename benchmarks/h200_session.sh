@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -426,6 +426,71 @@ case $WHAT in
     step r19-probe-fp8dec 200 python benchmarks/kernel_profile.py --formats fp8 --calls 20 --patches "$P" \
       --points deepseek-v3:1,mixtral-8x7b:1,gpt-oss-120b:8,qwen3-30b-a3b:8 \
       --variants base,w2s6,w2s8,w2n128,w2n128w4,w2g1,base,w2s6,w2n128 --out "$OUT/r19-probe-fp8dec.json"
+    ;;
+  r20-ncu4)  # round 20: Nsight Compute on the compute-bound 4-bit experts (gpt-oss T = 4096: the 64-row register-operand
+    # w13 and w2; DeepSeek-V3 T = 4096: the 128-row register-operand w13 and Triton's w2) beside bf16's kernels of the
+    # same points: tensor-pipe activity, issue, pipes, stalls, occupancy
+    NCU="ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,dram__bytes_read.sum.per_second,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__issue_active.avg.pct_of_peak_sustained_active"
+    step ncu-oss-mx 150 $NCU -k regex:"w4ra" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py gpt-oss-120b:4096 --format mxfp4 --calls 2
+    step ncu-oss-bf16 100 $NCU -k regex:"w13_kernel|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py gpt-oss-120b:4096 --format bf16 --calls 2
+    step ncu-ds-mx 150 $NCU -k regex:"w4ra|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:4096 --format mxfp4 --calls 2
+    step ncu-ds-bf16 100 $NCU -k regex:"w13_kernel|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:4096 --format bf16 --calls 2
+    ;;
+  r20-w4cb)  # round 20: the compute-bound 4-bit buckets (T = 1024 / 4096): the register-operand w13 gate-then-up
+    # (SERIAL: fewer registers, round 20's Nsight run found 237 registers and 2 programs per SM at 64 rows), the w2 at
+    # BN 64 (4 warps), and DeepSeek-V3 T = 4096 at 64 rows; each variant twice
+    P=gpt-oss-120b:1024,gpt-oss-120b:4096,qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,deepseek-v3:1024,deepseek-v3:4096
+    step r20-profile-w4cb 420 python benchmarks/kernel_profile.py --formats mxfp4,int4 --points "$P" --calls 3 \
+      --variants base,ser,w2n64,serw2,bm64ser,baseb,serb --out "$OUT/r20-profile-w4cb.json" \
+      --patches '{"ser": {"w13": {"gluon_rega": 2}}, "serb": {"w13": {"gluon_rega": 2}}, "baseb": {},
+      "w2n64": {"w2": {"BN": 64, "num_warps": 4}}, "serw2": {"w13": {"gluon_rega": 2}, "w2": {"BN": 64, "num_warps": 4}},
+      "bm64ser": {"BLOCK_M": 64, "w13": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_rega": 2, "num_warps": 4,
+      "gluon_stages": 0}, "w2": {"BN": 128, "SWAP": 1, "gluon": 1, "gluon_rega": 1, "num_warps": 8, "num_stages": 2}}}'
+    ;;
+  r20-stall)  # round 20: where the 64-row register-operand 4-bit w13 waits (gpt-oss mxfp4 T = 4096): the warp stall
+    # reasons (raw counters) and the sampled stall locations of its SASS
+    step ncu-stall-raw 120 ncu --clock-control none --section WarpStateStats --page raw -k regex:"w4ra_w13" \
+      --launch-skip 1 --launch-count 1 python benchmarks/ncu_driver.py gpt-oss-120b:4096 --format mxfp4 --calls 2
+    step ncu-stall-src 150 ncu --clock-control none --section SourceCounters --section WarpStateStats \
+      --print-details all -k regex:"w4ra_w13" --launch-skip 1 --launch-count 1 \
+      python benchmarks/ncu_driver.py gpt-oss-120b:4096 --format mxfp4 --calls 2
+    step ncu-stall-ds 120 ncu --clock-control none --section WarpStateStats --page raw -k regex:"w4ra_w13" \
+      --launch-skip 1 --launch-count 1 python benchmarks/ncu_driver.py deepseek-v3:4096 --format mxfp4 --calls 2
+    ;;
+  r20-early)  # round 20: the register-operand 4-bit GEMMs refilling a ring slot right after the step's first barrier
+    # (a step earlier, one barrier fewer) against the kernels before (old_w4_rega.py placed beside for the run),
+    # decode and compute-bound buckets, alternated twice; then the GPU bit tests of those kernels
+    P=deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,deepseek-v3:1024,deepseek-v3:4096,gpt-oss-120b:8,gpt-oss-120b:64
+    P=$P,gpt-oss-120b:1024,gpt-oss-120b:4096,qwen3-30b-a3b:64,qwen3-30b-a3b:1024
+    step r20-ab-early 420 python benchmarks/gluon_ab.py --family w4rega --formats mxfp4,int4 --rounds 2 \
+      --points "$P" --out "$OUT/r20-ab-early.json"
+    step r20-gpu-early 120 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py \
+      -k "register_operand or under_cuda_graph"
+    ;;
+  r20-early2)  # round 20: "gluon_early" at the register-operand buckets r20-early did not time (both GEMMs, or the w13
+    # alone where w2 is Triton's), alternated twice; then the GPU bit tests with the key (both formats, tall tiles)
+    step r20-profile-eboth 200 python benchmarks/kernel_profile.py --formats mxfp4,int4 --calls 3 \
+      --points qwen3-30b-a3b:8,qwen3-30b-a3b:256,gpt-oss-120b:256,deepseek-v3:1 --variants base,eboth,baseb,ebothb \
+      --out "$OUT/r20-profile-eboth.json" --patches '{"eboth": {"w13": {"gluon_early": 1}, "w2": {"gluon_early": 1}},
+      "ebothb": {"w13": {"gluon_early": 1}, "w2": {"gluon_early": 1}}, "baseb": {}}'
+    step r20-profile-e13 200 python benchmarks/kernel_profile.py --formats mxfp4,int4 --calls 3 \
+      --points qwen3-30b-a3b:4096,qwen3-30b-a3b:16384,gpt-oss-120b:16384,deepseek-v3:16384 \
+      --variants base,e13,baseb,e13b --out "$OUT/r20-profile-e13.json" \
+      --patches '{"e13": {"w13": {"gluon_early": 1}}, "e13b": {"w13": {"gluon_early": 1}}, "baseb": {}}'
+    step r20-gpu-early2 280 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py \
+      -k "early or tall"
+    ;;
+  r20-final)  # round 20, last: the shipped 4-bit tables ("gluon_early" in 26 buckets) alone vs in batches, then the
+    # sweep with the 4-bit formats beside bf16 and fp8 (DeepSeek-V3, gpt-oss, Qwen3)
+    step r20-gpu-inv4 170 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      -k "shipped_4bit"
+    step bench4 280 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   r19-sword)  # round 19: the register-operand decode with its high nibbles moved by mul.hi (FMA pipe) instead of shr,
     # and mxfp4's step scales as one u32 per row picked inside the asm (SWORD), against the same kernels before both

@@ -328,6 +328,13 @@ def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
     assert {**ser[0]["w13"], "gluon_rega": 1} == ra[0]["w13"]
     assert [c for c in neighbour_configs(ser[0], False, quick=True, fam="4bit")
             if c["w13"].get("gluon_rega") == 1 and c["w2"] == ser[0]["w2"] and c["BLOCK_M"] == 16]
+    # and one refills both GEMMs' rings a step earlier ("gluon_early", round 20), from which one goes back
+    ear = [c for c in neighbour_configs(ra[0], False, quick=True, fam="4bit") if c["w13"].get("gluon_early")]
+    assert len(ear) == 1 and ear[0]["w2"]["gluon_early"] == 1
+    assert {**ear[0]["w13"], "gluon_early": 0} == {**ra[0]["w13"], "gluon_early": 0}
+    back = [c for c in neighbour_configs(ear[0], False, quick=True, fam="4bit")
+            if c["w13"].get("gluon_early") == 0 and c["w2"].get("gluon_early") == 0]
+    assert len(back) == 1 and back[0]["BLOCK_M"] == ear[0]["BLOCK_M"]
     plain = _cfg(64, (64, 128, 4, 3), (128, 128, 4, 3))
     assert not any(c["w13"].get("gluon_rega") for c in neighbour_configs(plain, False, fam="4bit"))
     assert not any(c["w13"].get("gluon_rega") for c in neighbour_configs(sw, False, fam="fp8"))

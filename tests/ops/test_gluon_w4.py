@@ -25,11 +25,11 @@ from small_experts import (assert_compiled_and_graphed_bits, count_calls, expert
 
 
 def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, bn2: int = 64, wbuf=None, ws=None,
-         rega=False, stages=None):
+         rega=False, stages=None, early=False):
     """A 4-bit config (BK 128, the sum pass on) asking for the Gluon w13 / w2 or not (``wbuf``: their
     ``"gluon_wbuf"``, decoded tiles in flight; None: the plan's default; ``ws``: their ``"gluon_ws"``, the
     warp-specialised kernels' decoded slots; ``rega``: ``"gluon_rega"``, the register-operand kernels;
-    ``stages``: ``"gluon_stages"``)."""
+    ``stages``: ``"gluon_stages"``; ``early``: ``"gluon_early"`` beside ``rega``)."""
     w13 = {"BN": bn13, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": int(swap)}
     w2 = {"BN": bn2, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": int(swap)}
     for c, g in ((w13, g13), (w2, g2)):
@@ -43,6 +43,8 @@ def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, b
                 c["gluon_rega"] = int(rega) if c is w13 else 1
             if stages is not None:
                 c["gluon_stages"] = stages
+            if early:
+                c["gluon_early"] = 1
     return {"BLOCK_M": bm, "w13": w13, "w2": w2, "sum_pass": True}
 
 
@@ -143,6 +145,18 @@ def test_register_operand_config_and_its_limits():
         cfg[part]["gluon_rega"] = bad
         with pytest.raises(ValueError, match=f'"{part}": "gluon_rega" = {bad!r}, expected one of'):
             _plan(1, 8, cfg)
+    # "gluon_early" (round 20): 0 / 1 per GEMM, and only beside "gluon_rega"
+    assert _plan(1, 8, _cfg(True, True, rega=True)).gluon_early == (False, False)
+    assert _plan(1, 8, _cfg(True, True, rega=2, early=True)).gluon_early == (True, True)
+    for part, bad in (("w13", 2), ("w2", "1"), ("w13", -1)):
+        cfg = _cfg(True, True, rega=True)
+        cfg[part]["gluon_early"] = bad
+        with pytest.raises(ValueError, match=f'"{part}": "gluon_early" = {bad!r}, expected 0 or 1'):
+            _plan(1, 8, cfg)
+    cfg = _cfg(True, True)
+    cfg["w2"]["gluon_early"] = 1
+    with pytest.raises(ValueError, match='"w2": "gluon_early" = 1 needs "gluon_rega"'):
+        _plan(1, 8, cfg)
     q, w1, w2, x = _mxfp4_launch()
     dev = gluon_experts._device_ok
     try:
@@ -299,14 +313,46 @@ def test_register_operand_gemm_never_writes_an_inflight_fragment(tmp_path):
     run_compiled("""
 import compile_sm90 as c
 for quant in ("mxfp4", "int4"):
-    for which, serial in (("w13", False), ("w13", True), ("w2", False)):
+    for which, serial, early in (("w13", False, False), ("w13", True, False), ("w2", False, False),
+                                 ("w13", False, True), ("w13", True, True), ("w2", False, True)):
         for bm in (16, 32, 64):
             for h, i, act, bias in ((7168, 2048, "silu", False), (2880, 2880, "swigluoai", True)):
                 sword = quant == "mxfp4" and h == 7168  # the step scales as one word (whole K steps only)
                 k = c.gluon_w4(which, quant, bm, 64, h, i, stages=3 if bm == 64 else 4, act=act, bias=bias, rega=True,
-                               serial=serial, sword=sword)
+                               serial=serial, sword=sword, early=early)
                 bad = c.inflight_fragment_writes(c.sass_text(k))
-                assert bad == [], (quant, which, serial, bm, h, bad[:4])
+                assert bad == [], (quant, which, serial, early, bm, h, bad[:4])
+print("ok")
+""", tmp_path)
+
+
+def test_register_operand_early_refill_issues_the_copies_before_the_decode(tmp_path):
+    # "gluon_early" (round 20) moves a step's cp.async refill from after its wgmmas to right after its first barrier:
+    # in the compiled loop every LDGSTS comes before the decode's first 16-byte shared load (LDS.128) and before the
+    # first wgmma; without the key every one comes after the step's last wgmma wait. Both GEMMs, both formats, the
+    # three launch shapes the key ships with (BLOCK_M 16 / 64 with 3 slots, 128 with 2), the same instructions
+    run_compiled("""
+import collections, re
+import compile_sm90 as c
+def first(body, op):
+    return min(i for i, s in enumerate(body) if op in s)
+for quant in ("mxfp4", "int4"):
+    for which, bm, bn, st, serial in (("w13", 16, 64, 3, True), ("w13", 64, 64, 3, False), ("w13", 128, 64, 2, True),
+                                      ("w2", 16, 64, 3, False), ("w2", 64, 128, 3, False)):
+        mixes = []
+        for early in (False, True):
+            k = c.gluon_w4(which, quant, bm, bn, 7168, 2048, stages=st, rega=True, serial=serial, early=early,
+                           sword=quant == "mxfp4")
+            body = c._sass_loop(c.sass_text(k))
+            copies = [i for i, s in enumerate(body) if "LDGSTS" in s]
+            wait = max(i for i, s in enumerate(body) if "WARPGROUP.DEPBAR" in s)
+            if early:
+                assert max(copies) < min(first(body, "LDS.128"), first(body, "HGMMA")), (quant, which, bm)
+            else:
+                assert min(copies) > wait, (quant, which, bm)
+            mixes.append(collections.Counter(re.sub(r"^@!?U?P\\w+\\s+", "", s).split()[0] for s in body))
+        assert mixes[0]["LDGSTS.E.BYPASS.128"] == mixes[1]["LDGSTS.E.BYPASS.128"] > 0, (quant, which, bm, mixes)
+        assert mixes[0]["HGMMA.64x%dx16.F32.BF16" % bm] == mixes[1]["HGMMA.64x%dx16.F32.BF16" % bm] > 0
 print("ok")
 """, tmp_path)
 
@@ -343,6 +389,11 @@ for fmt, shape, t in (("mxfp4", "deepseek", 1), ("int4_g32", "gpt-oss", 64), ("m
     sword = {kf.__name__: kw["SWORD"] for kf, _, kw in c.launches(c.FORMATS[fmt], t, shape, patch=ra, gluon=True)
              if kf.__name__.startswith("w4ra")}
     assert set(sword.values()) == {fmt == "mxfp4" and shape == "deepseek"}, (fmt, shape, sword)
+# "gluon_early" reaches the kernel it is set on, and only that one
+ear = {**ra, "w2": {**ra["w2"], "gluon_early": 1}}
+early = {kf.__name__: kw["EARLY"] for kf, _, kw in c.launches(c.FORMATS["mxfp4"], 8, "deepseek", patch=ear, gluon=True)
+         if kf.__name__.startswith("w4ra")}
+assert early == {"w4ra_w13_kernel": False, "w4ra_w2_sum_kernel": True}, early
 print("ok")
 """, tmp_path)
 
@@ -387,9 +438,11 @@ def test_gpu_gluon_w4_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", [{"ws": 2}, {"ws": 4}, {"rega": True}, {"rega": True, "stages": 5}, {"rega": 2}],
+@pytest.mark.parametrize("form", [{"ws": 2}, {"ws": 4}, {"rega": True}, {"rega": True, "stages": 5}, {"rega": 2},
+                                  {"rega": True, "early": True}, {"rega": 2, "early": True, "stages": 2}],
                          ids=["warp_specialised_slots2", "warp_specialised_slots4", "register_operand",
-                              "register_operand_stages5", "register_operand_serial"])
+                              "register_operand_stages5", "register_operand_serial", "register_operand_early",
+                              "register_operand_serial_early_stages2"])
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c[9]],
                          ids=["decode_t1_mxfp4", "decode_t8_int4", "swapped_bm32_gptoss", "hot_gelu_tanh",
                               "expert_map"])
@@ -426,7 +479,9 @@ def test_gpu_register_operand_tall_tiles_same_bits_as_triton(monkeypatch, bm, fm
     ref = run(_cfg(False, False, bm=bm, bn13=64, bn2=128))
     for _ in range(2):  # a race would not show every time
         assert torch.equal(ref, run(_cfg(True, True, bm=bm, bn13=64, bn2=128, rega=True)))
-    assert len(calls) == 2 and ref.isfinite().all() and ref.abs().sum() > 0
+    # the ring refilled a step earlier (round 20), with two slots as DeepSeek-V3 T = 4096 ships it
+    assert torch.equal(ref, run(_cfg(True, True, bm=bm, bn13=64, bn2=128, rega=True, early=True, stages=2)))
+    assert len(calls) == 3 and ref.isfinite().all() and ref.abs().sum() > 0
 
 
 @pytest.mark.gpu

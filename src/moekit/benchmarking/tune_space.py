@@ -324,6 +324,10 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
         rega = gluon_rega_value("w13", best["w13"])
         if rega:  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
             out.append({**best, "w13": {**best["w13"], "gluon_rega": 3 - rega}})
+            # and the ring refilled a step earlier, in both GEMMs (round 20: faster or slower by bucket), or back
+            early = 0 if best["w13"].get("gluon_early") else 1
+            out.append({**best, **{part: {**best[part], "gluon_early": early} for part in ("w13", "w2")
+                                   if gluon_rega_value(part, best[part])}})
     bm, tail = int(best["BLOCK_M"]), int(best.get("tail_bm", 0))
     for v in (0, 32, 64):  # tail blocks (the Triton GEMMs, unswapped; fp8 wgmma: >= 64 rows)
         if v != tail and v < bm and not (fam == "fp8" and 0 < v < 64):

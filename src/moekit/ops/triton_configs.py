@@ -33,7 +33,8 @@ of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
 wgmma's A fragment, in the H200 4-bit table's decode buckets; w13 ``2``: gate, then up, one fragment live, fewer
-registers, :func:`gluon_rega_value`) or ``"gluon_ws": slots`` the
+registers, :func:`gluon_rega_value`; beside it ``"gluon_early": 1``, :func:`gluon_early_value`: the ring slot refilled
+a step earlier, in the buckets where that measured faster) or ``"gluon_ws": slots`` the
 warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
 Triton kernels' bits.
 
@@ -198,6 +199,17 @@ def gluon_rega_value(part: str, cfg_part: dict) -> int:
     if not isinstance(v, int) or v not in allowed:
         raise ValueError(f'config "{part}": "gluon_rega" = {v!r}, expected one of {list(allowed)}')
     return int(v)
+
+
+def gluon_early_value(part: str, cfg_part: dict) -> bool:
+    """The ``"gluon_early"`` key of config part ``part`` (off when absent): 0 / 1 (a bool is 0 / 1), and 1 only beside
+    ``"gluon_rega"`` (the register-operand 4-bit GEMMs refill a ring slot right after a step's first barrier,
+    :mod:`moekit.ops._gluon.w4_rega`); else ``ValueError`` naming the part, the key and the value."""
+    on = gluon_flag_value(part, cfg_part, "gluon_early")
+    if on and not gluon_rega_value(part, cfg_part):
+        raise ValueError(f'config "{part}": "gluon_early" = {cfg_part["gluon_early"]!r} needs "gluon_rega" (the '
+                         f'register-operand Gluon 4-bit GEMM), which is {cfg_part.get("gluon_rega", 0)!r}')
+    return on
 
 
 def tail_bm_value(cfg: dict) -> int:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_configs import gluon_flag_value, gluon_rega_value, gluon_ws_value, tail_bm_value, tail_conflicts
+from .triton_configs import (gluon_early_value, gluon_flag_value, gluon_rega_value, gluon_ws_value, tail_bm_value,
+                             tail_conflicts)
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -73,6 +74,8 @@ class LaunchPlan:
     #                 fp8 block w13 / w2: consumer warpgroups of the warp-specialised form (1 or 2)
     gluon_rega: tuple  # config "gluon_rega" of w13 / w2 (Gluon 4-bit, swapped): the decoded tile as register operand
     #                  (w13 2: gate, then up, one fragment live: fewer registers)
+    gluon_early: tuple  # config "gluon_early" of w13 / w2 (with "gluon_rega"): refill a ring slot right after a step's
+    #                   first barrier, a step earlier
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
 
@@ -151,5 +154,6 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_nt=int(c2.get("gluon_nt", 1)),
         gluon_ws=ws,
         gluon_rega=(gluon_rega_value("w13", c13), gluon_rega_value("w2", c2)),
+        gluon_early=(gluon_early_value("w13", c13), gluon_early_value("w2", c2)),
         gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
     )

@@ -35,6 +35,15 @@ K steps of four groups and scale rows of whole 4-byte words): a row's step scale
 each group's byte, instead of the compiler unpacking four bytes into u32 operands in every step (the integer pipe,
 which carries the decode): 672 -> 624 instructions per w13 step, 5-7 % faster steps (round 19).
 
+``EARLY`` (config ``"gluon_early": 1``, round 20): a step's barrier in :func:`_ready` already shows every warp past
+step k - 1 (whose wgmmas each warp waited for), so step k refills that slot with step k + STAGES - 1's copies right
+there, a whole step before the old place after its own wgmmas and their trailing barrier. The copies get one step
+more to land (with 2 slots, one instead of none), and a step keeps two barriers (the compiler puts one between the
+refill and the decode's shared loads: it cannot tell the ring slots apart). The same bits. On the H200 (experts step,
+old / new alternated twice): DeepSeek-V3 mxfp4 T = 4096 (2 slots) 10161 -> 9340 µs, w13 6046 -> 5113; the decode
+buckets of DeepSeek-V3 and Qwen3 2-7 % faster; gpt-oss 1-5 % slower at T >= 64 (DeepSeek-V3 mxfp4 T = 1024 +2 %):
+so a per-bucket key, not the default (``benchmarks/results/*-r20-ab-early.log``).
+
 Each K step waits for its own wgmmas right after issuing them (round 15). A register-operand wgmma reads its A
 fragment from registers until a ``wgmma.wait_group`` retires it, but ptxas treats those registers as free once the
 wgmma is issued: round 14's loop waited only for step k - 1, and the compiled SASS put step k + 1's loads and decode
@@ -212,11 +221,13 @@ def w4ra_w13_kernel(
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
     GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr,
-    SERIAL: gl.constexpr = False, SWORD: gl.constexpr = False,
+    SERIAL: gl.constexpr = False, SWORD: gl.constexpr = False, EARLY: gl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). Arguments as :func:`.w4.w4_w13_kernel` (swapped: BN weight rows, one
     warpgroup per 64, on the wgmma's M side). ``SERIAL`` (config ``"gluon_rega": 2``; always with BM > 64): gate,
-    then up, each fragment's wgmma waited for before the next fragment is decoded (fewer registers)."""
+    then up, each fragment's wgmma waited for before the next fragment is decoded (fewer registers). ``EARLY``
+    (config ``"gluon_early": 1``): step k refills the ring slot of step k - 1 right after its first barrier instead of
+    after its own wgmmas (module docstring)."""
     PACK: gl.constexpr = _pack(QUANT)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
@@ -250,6 +261,9 @@ def w4ra_w13_kernel(
             sg2 = _frag_scales(ws_g, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
             su2 = _frag_scales(ws_u, n0, I, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
             _ready(STAGES)
+            if EARLY:
+                _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, k + STAGES - 1,
+                            nk, STAGES, BK, PACK, EVEN_K, 2)
             slot = k % STAGES
             xt = x_smem.index(slot).permute((1, 0))
             # wait for step k's own wgmmas before anything else runs: they read the A fragments from registers
@@ -267,10 +281,10 @@ def w4ra_w13_kernel(
                 acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
                 acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
                 acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
-            gl.thread_barrier()  # ... in every warp: its slot may be refilled
-            kn = k + STAGES - 1
-            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
-                        PACK, EVEN_K, 2)
+            if not EARLY:
+                gl.thread_barrier()  # ... in every warp: its slot may be refilled
+                _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP,
+                            k + STAGES - 1, nk, STAGES, BK, PACK, EVEN_K, 2)
             sg0, su0, sg1, su1 = sg1, su1, sg2, su2
         acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
         async_copy.wait_group(0)
@@ -287,8 +301,10 @@ def w4ra_w2_sum_kernel(
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
     GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     ON_INPUT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False,
+    EARLY: gl.constexpr = False,
 ):
-    """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped); ``SWORD`` as the w13's."""
+    """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped); ``SWORD``, ``EARLY`` as the
+    w13's."""
     PACK: gl.constexpr = _pack(QUANT)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
@@ -316,13 +332,16 @@ def w4ra_w2_sum_kernel(
         for k in range(nk):
             s2 = _frag_scales(ws_e, n0, H, stride_wsn, k + 2, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
             _ready(STAGES)
+            if EARLY:
+                _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, k + STAGES - 1,
+                            nk, STAGES, BK, PACK, EVEN_K, 1)
             slot = k % STAGES
             w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
             acc = _mma_waited(w, x_smem.index(slot).permute((1, 0)), acc)
-            gl.thread_barrier()
-            kn = k + STAGES - 1
-            _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
-                        PACK, EVEN_K, 1)
+            if not EARLY:
+                gl.thread_barrier()
+                _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, k + STAGES - 1,
+                            nk, STAGES, BK, PACK, EVEN_K, 1)
             s0, s1 = s1, s2
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         async_copy.wait_group(0)
