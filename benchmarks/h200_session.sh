@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -491,6 +491,11 @@ case $WHAT in
     step bench4 280 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r20-last)  # round 20: the Gluon 4-bit GPU tests the first r20-early run left at its bound (the register-operand
+    # forms without the key; r20-early2 ran those with it) and the graph / compile path, now with "gluon_early" too
+    step r20-gpu-w4 300 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_gluon_w4.py \
+      -k "under_cuda_graph or (register_operand and not early and not tall)"
     ;;
   r19-sword)  # round 19: the register-operand decode with its high nibbles moved by mul.hi (FMA pipe) instead of shr,
     # and mxfp4's step scales as one u32 per row picked inside the asm (SWORD), against the same kernels before both

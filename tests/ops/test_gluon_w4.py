@@ -485,7 +485,8 @@ def test_gpu_register_operand_tall_tiles_same_bits_as_triton(monkeypatch, bm, fm
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{}, {"ws": 4}, {"rega": True}], ids=["smem", "warp_specialised", "rega"])
+@pytest.mark.parametrize("variant", [{}, {"ws": 4}, {"rega": True}, {"rega": True, "early": True}],
+                         ids=["smem", "warp_specialised", "rega", "rega_early"])
 def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch, variant):
     # the public quantised call with a config asking for both Gluon kernels: torch.compile(fullgraph=True) and a CUDA
     # graph replayed on new inputs give the eager bits

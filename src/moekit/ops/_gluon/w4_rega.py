@@ -40,9 +40,10 @@ step k - 1 (whose wgmmas each warp waited for), so step k refills that slot with
 there, a whole step before the old place after its own wgmmas and their trailing barrier. The copies get one step
 more to land (with 2 slots, one instead of none), and a step keeps two barriers (the compiler puts one between the
 refill and the decode's shared loads: it cannot tell the ring slots apart). The same bits. On the H200 (experts step,
-old / new alternated twice): DeepSeek-V3 mxfp4 T = 4096 (2 slots) 10161 -> 9340 µs, w13 6046 -> 5113; the decode
-buckets of DeepSeek-V3 and Qwen3 2-7 % faster; gpt-oss 1-5 % slower at T >= 64 (DeepSeek-V3 mxfp4 T = 1024 +2 %):
-so a per-bucket key, not the default (``benchmarks/results/*-r20-ab-early.log``).
+old / new alternated twice): DeepSeek-V3 mxfp4 T = 4096 (2 slots) 10161 -> 9340 µs, w13 6046 -> 5113; the two-slot
+128-row w13s at T = 16384 and Qwen3's at 4096 9-11 % faster (steps 4-7 %); the decode buckets of DeepSeek-V3 and
+Qwen3 2-7 % faster; gpt-oss 1-5 % slower at 64 <= T <= 4096 (DeepSeek-V3 mxfp4 T = 1024 +2 %): so a per-bucket key,
+not the default (``benchmarks/results/*-r20-ab-early.log``, ``*-r20-profile-e*.log``).
 
 Each K step waits for its own wgmmas right after issuing them (round 15). A register-operand wgmma reads its A
 fragment from registers until a ``wgmma.wait_group`` retires it, but ptxas treats those registers as free once the
