@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -491,6 +491,45 @@ case $WHAT in
     step bench4 280 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r21-dec)  # round 21: fp8 decode. The Gluon w2 (promotion overlapped, "gluon_nt" column tiles per program through one
+    # ring; BLOCK_M 64, an align kernel and the sum pass) against the shipped swapped Triton w2, each variant twice;
+    # then Nsight Compute launch statistics / occupancy / throughput of the shipped decode GEMMs
+    P=deepseek-v3:1,mixtral-8x7b:1,gpt-oss-120b:1,gpt-oss-120b:8,qwen3-30b-a3b:8,qwen3-30b-a3b:64
+    G='{"BLOCK_M": 64, "sum_pass": true, "w2": {"gluon": 1, "SWAP": 0, "BN": 64, "num_stages": 4, "gluon_nt": 1}}'
+    step r21-profile-dec 300 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --calls 20 \
+      --variants base,g1,g4,g2b,baseb,g1b,g4b --out "$OUT/r21-profile-dec.json" --patches "{\"baseb\": {}, \
+      \"g1\": $G, \"g1b\": $G, \"g4\": {\"BLOCK_M\": 64, \"sum_pass\": true, \"w2\": {\"gluon\": 1, \"SWAP\": 0, \"BN\": 64, \"num_stages\": 4, \"gluon_nt\": 4}}, \
+      \"g4b\": {\"BLOCK_M\": 64, \"sum_pass\": true, \"w2\": {\"gluon\": 1, \"SWAP\": 0, \"BN\": 64, \"num_stages\": 4, \"gluon_nt\": 4}}, \
+      \"g2b\": {\"BLOCK_M\": 64, \"sum_pass\": true, \"w2\": {\"gluon\": 1, \"SWAP\": 0, \"BN\": 128, \"num_stages\": 4, \"gluon_nt\": 2}}}"
+    NCU="ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --metrics dram__bytes_read.sum.per_second,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"
+    step r21-ncu-ds1 100 $NCU -k regex:"w13_kernel|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py deepseek-v3:1 --format fp8 --calls 2
+    step r21-ncu-mx1 100 $NCU -k regex:"w13_kernel|w2_kernel" --launch-skip 2 --launch-count 2 \
+      python benchmarks/ncu_driver.py mixtral-8x7b:1 --format fp8 --calls 2
+    ;;
+  r21-stages)  # round 21: fp8 decode GEMMs whose grids run past one wave (Nsight: DeepSeek-V3 T = 1 w2 1.36 waves at
+    # 5 programs per SM, Mixtral T = 1 w13 1.70 at 1) or leave SMs idle: fewer / more ring stages per GEMM
+    P=deepseek-v3:1,deepseek-v3:8,mixtral-8x7b:1,mixtral-8x7b:8,gpt-oss-120b:1,gpt-oss-120b:8,qwen3-30b-a3b:1,qwen3-30b-a3b:8,qwen3-30b-a3b:64
+    step r21-profile-stages 400 python benchmarks/kernel_profile.py --formats fp8 --points "$P" --calls 20 \
+      --variants base,w2s3,w2s2,w13s3,w13s2,both3,w2s8,w2s12,baseb,w2s3b,w13s3b,both3b --out "$OUT/r21-profile-stages.json" \
+      --patches '{"baseb": {}, "w2s3": {"w2": {"num_stages": 3}}, "w2s3b": {"w2": {"num_stages": 3}}, "w2s2": {"w2": {"num_stages": 2}}, "w13s3": {"w13": {"num_stages": 3}}, "w13s3b": {"w13": {"num_stages": 3}}, "w13s2": {"w13": {"num_stages": 2}}, "both3": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "both3b": {"w13": {"num_stages": 3}, "w2": {"num_stages": 3}}, "w2s8": {"w2": {"num_stages": 8}}, "w2s12": {"w2": {"num_stages": 12}}}'
+    ;;
+  r21-probe2)  # round 21: the two fp8 decode buckets re-staged (DeepSeek-V3 T = 1 w2 3 stages, Mixtral T = 1 w13 3
+    # stages) against the stages before, alternated; the shipped fp8 tables alone vs in batches; bf16 T = 16384 (the
+    # compute-bound >= 75 % target) against stage / GROUP_M / tail-block variants, alternated
+    step r21-confirm-ds 120 python benchmarks/kernel_profile.py --formats fp8 --points deepseek-v3:1 --calls 30 \
+      --variants base,old,baseb,oldb,basec,oldc --out "$OUT/r21-confirm-ds.json" \
+      --patches '{"old": {"w2": {"num_stages": 4}}, "oldb": {"w2": {"num_stages": 4}}, "oldc": {"w2": {"num_stages": 4}}, "baseb": {}, "basec": {}}'
+    step r21-confirm-mx 120 python benchmarks/kernel_profile.py --formats fp8 --points mixtral-8x7b:1 --calls 30 \
+      --variants base,old,baseb,oldb,basec,oldc --out "$OUT/r21-confirm-mx.json" \
+      --patches '{"old": {"w13": {"num_stages": 4}}, "oldb": {"w13": {"num_stages": 4}}, "oldc": {"w13": {"num_stages": 4}}, "baseb": {}, "basec": {}}'
+    step r21-gpu-inv-fp8 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      -k "shipped_fp8"
+    step r21-profile-big 240 python benchmarks/kernel_profile.py --formats bf16 \
+      --points deepseek-v3:16384,gpt-oss-120b:16384 --calls 10 \
+      --variants base,w13s4,w2s4,gm16,gm4,t64,t32,t16,baseb,w13s4b,w2s4b --out "$OUT/r21-profile-big.json" \
+      --patches '{"baseb": {}, "w13s4": {"w13": {"num_stages": 4}}, "w13s4b": {"w13": {"num_stages": 4}}, "w2s4": {"w2": {"num_stages": 4}}, "w2s4b": {"w2": {"num_stages": 4}}, "gm16": {"w13": {"GROUP_M": 16}, "w2": {"GROUP_M": 16}}, "gm4": {"w13": {"GROUP_M": 4}, "w2": {"GROUP_M": 4}}, "t64": {"tail_bm": 64}, "t32": {"tail_bm": 32}, "t16": {"tail_bm": 16}}'
     ;;
   r20-last)  # round 20: the Gluon 4-bit GPU tests the first r20-early run left at its bound (the register-operand
     # forms without the key; r20-early2 ran those with it) and the graph / compile path, now with "gluon_early" too
