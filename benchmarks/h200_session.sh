@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -530,6 +530,59 @@ case $WHAT in
       --points deepseek-v3:16384,gpt-oss-120b:16384 --calls 10 \
       --variants base,w13s4,w2s4,gm16,gm4,t64,t32,t16,baseb,w13s4b,w2s4b --out "$OUT/r21-profile-big.json" \
       --patches '{"baseb": {}, "w13s4": {"w13": {"num_stages": 4}}, "w13s4b": {"w13": {"num_stages": 4}}, "w2s4": {"w2": {"num_stages": 4}}, "w2s4b": {"w2": {"num_stages": 4}}, "gm16": {"w13": {"GROUP_M": 16}, "w2": {"GROUP_M": 16}}, "gm4": {"w13": {"GROUP_M": 4}, "w2": {"GROUP_M": 4}}, "t64": {"tail_bm": 64}, "t32": {"tail_bm": 32}, "t16": {"tail_bm": 16}}'
+    ;;
+  r21-w2big)  # round 21: #10 at T >= 4096, where the 4-bit w2 is still Triton's (DeepSeek-V3 mxfp4 T = 4096: 4.0 ms against
+    # bf16's 2.4): the register-operand w2 at 128 token rows (BN 128 / 64, with and without "gluon_early") and the
+    # unswapped Gluon w2 (decoded into shared memory), alternated twice against the shipped tiles
+    R='{"gluon": 1, "gluon_rega": 1, "SWAP": 1, "BN": 128, "num_warps": 8, "num_stages": 3}'
+    step r21-profile-w2big 400 python benchmarks/kernel_profile.py --formats mxfp4 \
+      --points deepseek-v3:4096,qwen3-30b-a3b:16384,gpt-oss-120b:16384,deepseek-v3:16384 --calls 6 \
+      --variants base,rw2,rw2e,rw64e,gns,baseb,rw2b,rw2eb --out "$OUT/r21-profile-w2big.json" \
+      --patches "{\"baseb\": {}, \"rw2\": {\"w2\": $R}, \"rw2b\": {\"w2\": $R}, \
+      \"rw2e\": {\"w2\": {\"gluon\": 1, \"gluon_rega\": 1, \"gluon_early\": 1, \"SWAP\": 1, \"BN\": 128, \"num_warps\": 8, \"num_stages\": 3}}, \
+      \"rw2eb\": {\"w2\": {\"gluon\": 1, \"gluon_rega\": 1, \"gluon_early\": 1, \"SWAP\": 1, \"BN\": 128, \"num_warps\": 8, \"num_stages\": 3}}, \
+      \"rw64e\": {\"w2\": {\"gluon\": 1, \"gluon_rega\": 1, \"gluon_early\": 1, \"SWAP\": 1, \"BN\": 64, \"num_warps\": 4, \"num_stages\": 3}}, \
+      \"gns\": {\"w2\": {\"gluon\": 1, \"SWAP\": 0, \"BN\": 256, \"num_warps\": 8, \"num_stages\": 3}}}"
+    ;;
+  r21-t2048)  # round 21: T = 2048 falls between the 1024 and 4096 buckets and takes the 1024 one (log-scale tie: the
+    # smaller), i.e. 64-row tiles at ~64 rows per expert for DeepSeek-V3 / gpt-oss (most experts read their weights
+    # twice). 128-row candidates for a 2048 bucket, alternated twice (bf16, four models)
+    step r21-profile-t2048 300 python benchmarks/kernel_profile.py --formats bf16 \
+      --points deepseek-v3:2048,gpt-oss-120b:2048,qwen3-30b-a3b:2048,mixtral-8x7b:2048 --calls 10 \
+      --variants base,L32,L64,M32,baseb,L32b,L64b,M32b --out "$OUT/r21-profile-t2048.json" \
+      --patches '{"baseb": {}, "L32": {"BLOCK_M": 128, "tail_bm": 32, "tma": true, "w13": {"BN": 128, "num_warps": 8, "num_stages": 3}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}}, "L32b": {"BLOCK_M": 128, "tail_bm": 32, "tma": true, "w13": {"BN": 128, "num_warps": 8, "num_stages": 3}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}}, "L64": {"BLOCK_M": 128, "tail_bm": 64, "tma": true, "w13": {"BN": 128, "num_warps": 8, "num_stages": 4}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}}, "L64b": {"BLOCK_M": 128, "tail_bm": 64, "tma": true, "w13": {"BN": 128, "num_warps": 8, "num_stages": 4}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}}, "M32": {"BLOCK_M": 128, "tail_bm": 32, "tma": true, "w13": {"BN": 64, "num_warps": 4, "num_stages": 4}, "w2": {"BN": 128, "num_warps": 8, "num_stages": 4}}, "M32b": {"BLOCK_M": 128, "tail_bm": 32, "tma": true, "w13": {"BN": 64, "num_warps": 4, "num_stages": 4}, "w2": {"BN": 128, "num_warps": 8, "num_stages": 4}}}'
+    ;;
+  r21-gaps)  # round 21: token counts between the shipped buckets (a lookup takes the nearest on a log scale): the
+    # neighbouring buckets' configs ("lo" / "hi") and the 128-row tile that won at T = 2048 (L64), alternated twice;
+    # bf16 at the rows-per-expert crossings of each model, then fp8 / mxfp4 / int4 at T = 2048 and 8192
+    step r21-gaps-bf16 240 python benchmarks/kernel_profile.py --formats bf16 --calls 8 \
+      --points deepseek-v3:512,deepseek-v3:8192,gpt-oss-120b:512,gpt-oss-120b:8192,qwen3-30b-a3b:128,qwen3-30b-a3b:512,qwen3-30b-a3b:8192,mixtral-8x7b:32,mixtral-8x7b:128,mixtral-8x7b:512,mixtral-8x7b:8192 \
+      --variants lo,hi,L64,lo2,hi2,L642 --out "$OUT/r21-gaps-bf16.json" --patches '{"L64": {"BLOCK_M": 128, "tail_bm": 64, "tma": true, "w13": {"BN": 128, "num_warps": 8, "num_stages": 4}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}}, "L642": {"BLOCK_M": 128, "tail_bm": 64, "tma": true, "w13": {"BN": 128, "num_warps": 8, "num_stages": 4}, "w2": {"BN": 256, "num_warps": 8, "num_stages": 4}}}'
+    step r21-gaps-fp8 150 python benchmarks/kernel_profile.py --formats fp8 --calls 8 \
+      --points deepseek-v3:2048,deepseek-v3:8192,gpt-oss-120b:2048,gpt-oss-120b:8192,qwen3-30b-a3b:2048,qwen3-30b-a3b:8192,mixtral-8x7b:2048,mixtral-8x7b:8192 \
+      --variants lo,hi,lo2,hi2 --out "$OUT/r21-gaps-fp8.json"
+    step r21-gaps-4bit 200 python benchmarks/kernel_profile.py --formats mxfp4,int4 --calls 8 \
+      --points deepseek-v3:2048,deepseek-v3:8192,gpt-oss-120b:2048,gpt-oss-120b:8192,qwen3-30b-a3b:2048,qwen3-30b-a3b:8192 \
+      --variants lo,hi,lo2,hi2 --out "$OUT/r21-gaps-4bit.json"
+    ;;
+  r21-final)  # round 21, last: the new buckets (2048 / 512 / 8192, from r21-t2048 and r21-gaps) against the bucket a
+    # lookup took before (the nearest below: "lo"), alternated twice; every shipped table's rows alone vs in batches;
+    # (the transformers blocks: r21-tf)
+    B='{"base2": {}}'
+    step r21-new-bf16 150 python benchmarks/kernel_profile.py --formats bf16 --calls 8 --variants base,lo,base2,lo2 \
+      --points deepseek-v3:2048,gpt-oss-120b:2048,qwen3-30b-a3b:2048,qwen3-30b-a3b:512 --patches "$B" \
+      --out "$OUT/r21-new-bf16.json"
+    step r21-new-fp8 120 python benchmarks/kernel_profile.py --formats fp8 --calls 8 --variants base,lo,base2,lo2 \
+      --points gpt-oss-120b:2048,gpt-oss-120b:8192,mixtral-8x7b:8192 --patches "$B" --out "$OUT/r21-new-fp8.json"
+    step r21-new-mx 100 python benchmarks/kernel_profile.py --formats mxfp4 --calls 8 --variants base,lo,base2,lo2 \
+      --points gpt-oss-120b:8192,qwen3-30b-a3b:2048 --patches "$B" --out "$OUT/r21-new-mx.json"
+    step r21-new-i4 120 python benchmarks/kernel_profile.py --formats int4 --calls 8 --variants base,lo,base2,lo2 \
+      --points deepseek-v3:8192,gpt-oss-120b:8192,qwen3-30b-a3b:2048 --patches "$B" --out "$OUT/r21-new-i4.json"
+    step r21-gpu-inv 300 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      -k "shipped"
+    ;;
+  r21-tf)  # round 21: the transformers blocks after the new buckets (DeepSeek-V3 1x2048 runs the 2048 bucket now)
+    step r21-transformers 300 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
     ;;
   r20-last)  # round 20: the Gluon 4-bit GPU tests the first r20-early run left at its bound (the register-operand
     # forms without the key; r20-early2 ran those with it) and the graph / compile path, now with "gluon_early" too

@@ -7,7 +7,9 @@ and config variant (one GPU; torch.profiler over ``--calls`` eager calls after a
 Variants (each applied to the lookup's config): ``base`` (as shipped), ``bm128`` (BLOCK_M 128, w13 BN 128 /
 w2 BN 256, 8 warps, 4 / 3 stages, TMA: the tile vLLM ships for Qwen3 at M >= 1024, in moekit's w13 BN
 that counts gate and up columns once), ``bm64w8`` (BLOCK_M 64 with 8-warp BN 128 tiles), or
-``json:<config>``, or a name from ``--patches`` (that patch merged into the lookup's config); suffixes set one
+``json:<config>``, ``lo`` / ``hi`` (the shipped table's config at the nearest bucket below / above T, for the
+gaps between buckets; a trailing digit repeats it: ``lo2``), or a name from ``--patches`` (that patch merged into
+the lookup's config); suffixes set one
 switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false (the top-k sum after w2 in its own pass,
 or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
 scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
@@ -40,8 +42,27 @@ SUFFIXES = (("+sum", "sum_pass", True), ("-sum", "sum_pass", False), ("+pdl", "p
 PATCHES: dict[str, dict] = {}
 
 
-def variant(cfg: dict, name: str) -> dict:
-    """The config ``name`` (module docstring) derived from the lookup's ``cfg``."""
+def neighbours(dev, m, t: int, spec) -> dict[str, dict]:
+    """{"lo": config, "hi": config}: the device table's configs at the nearest buckets below / above ``t`` (either
+    missing where the table has none there)."""
+    from moekit.ops import triton_configs as tc
+
+    key = tc.shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, spec.key if spec is not None else None)
+    _, raw = tc.shape_table(torch.cuda.get_device_name(dev), key)
+    table = {int(b): c for b, c in raw.items()}
+    below, above = [b for b in table if b < t], [b for b in table if b > t]
+    out = {}
+    if below:
+        out["lo"] = table[max(below)]
+    if above:
+        out["hi"] = table[min(above)]
+    return out
+
+
+def variant(cfg: dict, name: str, near: dict | None = None) -> dict:
+    """The config ``name`` (module docstring) derived from the lookup's ``cfg``; ``near``: :func:`neighbours`."""
+    if near is not None and name.rstrip("0123456789") in ("lo", "hi"):
+        return near[name.rstrip("0123456789")]
     if name in PATCHES:
         return merge_config(cfg, PATCHES[name])
     for suffix, key, value in SUFFIXES:  # the same tiles with one switch set
@@ -113,8 +134,11 @@ def main(argv=None) -> int:
             q = quantise(w13, w2, fmt) if fmt is not None else None
             cfg0 = get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated,
                               quant=spec.key if spec is not None else None)
+            near = neighbours(dev, m, t, spec)
             for vname in vnames:
-                cfg = variant(cfg0, vname)
+                if vname.rstrip("0123456789") in ("lo", "hi") and vname.rstrip("0123456789") not in near:
+                    continue  # no shipped bucket on that side of T
+                cfg = variant(cfg0, vname, near)
                 if spec is not None:
                     cfg = spec.fix_config(cfg, torch.bfloat16)
 
