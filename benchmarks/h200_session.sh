@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -583,6 +583,16 @@ case $WHAT in
     ;;
   r21-tf)  # round 21: the transformers blocks after the new buckets (DeepSeek-V3 1x2048 runs the 2048 bucket now)
     step r21-transformers 300 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
+    ;;
+  r21-overlap)  # round 21: the shared experts on a side stream beside the routed experts, eager, DeepSeek-V3 shapes at
+    # T = 1024 / 2048 / 4096 (bits and ms, alternated twice), and where an eager layer call's host time goes
+    step r21-overlap 200 python benchmarks/shared_overlap_probe.py
+    ;;
+  r21-dec-bench)  # round 21: #9's decode points (fp8 vs bf16, whole layer, T = 1 / 8 / 64, four models) after the re-staged
+    # fp8 decode buckets, then compare.py
+    step bench 240 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --tokens 1,8,64 --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     ;;
   r20-last)  # round 20: the Gluon 4-bit GPU tests the first r20-early run left at its bound (the register-operand
     # forms without the key; r20-early2 ran those with it) and the graph / compile path, now with "gluon_early" too
