@@ -59,10 +59,16 @@ def neighbours(dev, m, t: int, spec) -> dict[str, dict]:
     return out
 
 
+def neighbour_name(name: str) -> str | None:
+    """"lo" / "hi" for a neighbour variant (``lo``, ``hi2``, ...), else None."""
+    side = name.rstrip("0123456789")
+    return side if side in ("lo", "hi") else None
+
+
 def variant(cfg: dict, name: str, near: dict | None = None) -> dict:
     """The config ``name`` (module docstring) derived from the lookup's ``cfg``; ``near``: :func:`neighbours`."""
-    if near is not None and name.rstrip("0123456789") in ("lo", "hi"):
-        return near[name.rstrip("0123456789")]
+    if near is not None and neighbour_name(name):
+        return near[neighbour_name(name)]
     if name in PATCHES:
         return merge_config(cfg, PATCHES[name])
     for suffix, key, value in SUFFIXES:  # the same tiles with one switch set
@@ -136,8 +142,9 @@ def main(argv=None) -> int:
                               quant=spec.key if spec is not None else None)
             near = neighbours(dev, m, t, spec)
             for vname in vnames:
-                if vname.rstrip("0123456789") in ("lo", "hi") and vname.rstrip("0123456789") not in near:
-                    continue  # no shipped bucket on that side of T
+                if neighbour_name(vname) and neighbour_name(vname) not in near:
+                    print(f"{name} T={t} {fname} {vname}: no shipped bucket on that side of T", flush=True)
+                    continue
                 cfg = variant(cfg0, vname, near)
                 if spec is not None:
                     cfg = spec.fix_config(cfg, torch.bfloat16)
