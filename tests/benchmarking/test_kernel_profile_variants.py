@@ -43,3 +43,22 @@ def test_suffixes_stack_on_any_variant(kp, monkeypatch):
     got = kp.variant(BASE, "w2s6+pdl")
     assert got["pdl"] is True and got["w2"]["num_stages"] == 6
     assert "SWAP" not in kp.variant(BASE, "bm128")["w13"]  # a named tile set drops the swap
+
+
+def test_neighbour_variants_take_the_buckets_around_t(kp, monkeypatch):
+    # lo / hi (and repeats lo2, hi3) are the shipped table's configs at the nearest buckets below / above T; a T
+    # past the table's last bucket has no hi; other names are not neighbour variants
+    from types import SimpleNamespace
+
+    from moekit.ops import triton_configs as tc
+
+    table = {"1": {"BLOCK_M": 16}, "1024": {"BLOCK_M": 64}, "4096": {"BLOCK_M": 128}}
+    monkeypatch.setattr(tc, "shape_table", lambda name, key: (None, table))
+    monkeypatch.setattr(kp.torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H200")
+    m = SimpleNamespace(E=8, H=64, I=32, K=2, gated=True)
+    near = kp.neighbours(None, m, 2048, None)
+    assert near == {"lo": {"BLOCK_M": 64}, "hi": {"BLOCK_M": 128}}
+    assert kp.variant(BASE, "lo2", near) == {"BLOCK_M": 64} and kp.variant(BASE, "hi", near) == {"BLOCK_M": 128}
+    assert kp.neighbours(None, m, 1024, None) == {"lo": {"BLOCK_M": 16}, "hi": {"BLOCK_M": 128}}  # T's own bucket
+    assert kp.neighbours(None, m, 16384, None) == {"lo": {"BLOCK_M": 128}}
+    assert [kp.neighbour_name(n) for n in ("lo", "hi3", "L64", "base", "hot")] == ["lo", "hi", None, None, None]
