@@ -16,7 +16,8 @@ finished (``moe_block_host_ms``, ``moe_block_stream_ms``).
 
     PYTHONPATH=src python benchmarks/bench_transformers.py [--out FILE] [--tiny]
 
-``--tiny`` shrinks every width (a CPU smoke test of the script itself). Writes
+``--tiny`` shrinks every width (a CPU smoke test of the script itself). ``--graph-tokens N`` patches with
+``eager_graph_tokens=N`` (default: the model's own limit, :func:`moekit.experts.graphed.model_graph_tokens`). Writes
 ``benchmarks/results/transformers-<gpu>-<date>.json`` by default.
 """
 
@@ -136,7 +137,7 @@ def speedups(res: dict) -> list[str]:
     return lines
 
 
-def run_model(key, device, tiny, log):
+def run_model(key, device, tiny, log, graph_tokens=None):
     import transformers
 
     from moekit.integrations.transformers import MoEBlockAdapter, patch, register
@@ -168,7 +169,7 @@ def run_model(key, device, tiny, log):
         res["variants"]["moekit_switch"] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-2000:]}
     log(f"{key} moekit_switch: {res['variants']['moekit_switch']}")
     model.set_experts_implementation("grouped_mm")
-    names = patch(model)
+    names = patch(model) if graph_tokens is None else patch(model, eager_graph_tokens=graph_tokens)
     adapters = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
     backends = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
     note = None
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=None, help="directory for the default file name")
     ap.add_argument("--tiny", action="store_true", help="tiny widths (a CPU smoke test)")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--graph-tokens", type=int, default=None,
+                    help="patch(model, eager_graph_tokens=N) (default: the model's own limit)")
     args = ap.parse_args(argv)
     import transformers
 
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
     )
     for key in args.models.split(","):
         try:
-            result["models"][key] = run_model(key, device, args.tiny, print)
+            result["models"][key] = run_model(key, device, args.tiny, print, args.graph_tokens)
         except Exception as err:
             result["models"][key] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-3000:]}
             print(f"{key}: FAILED {err!r}")
