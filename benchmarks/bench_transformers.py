@@ -169,7 +169,7 @@ def run_model(key, device, tiny, log, graph_tokens=None):
         res["variants"]["moekit_switch"] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-2000:]}
     log(f"{key} moekit_switch: {res['variants']['moekit_switch']}")
     model.set_experts_implementation("grouped_mm")
-    names = patch(model) if graph_tokens is None else patch(model, eager_graph_tokens=graph_tokens)
+    names = patch(model, eager_graph_tokens=graph_tokens)  # None: the model's own limit
     adapters = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
     backends = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
     note = None
