@@ -1,0 +1,125 @@
+"""Host µs of an eager patched transformers MoE block, piece by piece (inclusive), on a GPU.
+
+``block_trace.py`` shows where the GPU waits for the host; the profiler inflates every host op, so this
+measures the host side without it. Per model and batch x seq shape: the block's host µs per call
+(``time_host``: median of 5 blocks of 100 calls back to back), then the same calls with timing wrappers
+(``perf_counter``, ~0.2 µs each) around the layer's pieces: the adapter, ``MoERunner.forward`` / ``_forward``,
+the whole-graph lookup, the checks, the gate, the graph-state image, the graph cache's call and replay, the
+shared experts. Inclusive µs per block call (a piece's time holds the pieces it calls).
+
+    PYTHONPATH=src:benchmarks python benchmarks/block_host.py --models deepseek_v3 --shapes 64x1,1x1024 \
+        [--graph-tokens N] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+import bench_transformers as bt
+from block_trace import _build
+from moekit.benchmarking.eager import back_to_back, time_host
+
+
+def _wrap(owner, name: str, label: str, acc: dict, undo: list) -> None:
+    fn = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[label] += time.perf_counter() - t
+
+    setattr(owner, name, timed)
+    undo.append((owner, name, fn))
+
+
+def pieces(block, acc: dict) -> list:
+    """Install the wrappers; returns the undo list."""
+    from moekit import runner
+    from moekit.experts import graphed
+
+    undo: list = []
+    moe = block.moe
+    _wrap(type(block), "forward", "adapter.forward", acc, undo)
+    _wrap(runner.MoERunner, "forward", "runner.forward", acc, undo)
+    _wrap(runner.MoERunner, "_forward", "runner._forward", acc, undo)
+    _wrap(runner, "replay_whole", "replay_whole (miss)", acc, undo)
+    _wrap(runner, "capture_whole", "capture_whole (not whole)", acc, undo)
+    _wrap(runner.MoERunner, "_check_hidden", "_check_hidden", acc, undo)
+    _wrap(runner.MoERunner, "_check_routed_input", "_check_routed_input", acc, undo)
+    _wrap(runner.MoERunner, "_logits", "_logits (gate)", acc, undo)
+    _wrap(runner.MoERunner, "_graph_state", "_graph_state", acc, undo)
+    _wrap(graphed.GraphCache, "eligible", "GraphCache.eligible", acc, undo)
+    _wrap(graphed.GraphCache, "__call__", "GraphCache.__call__", acc, undo)
+    _wrap(graphed.GraphCache, "replay", "GraphCache.replay", acc, undo)
+    _wrap(torch.cuda.CUDAGraph, "replay", "CUDAGraph.replay", acc, undo)
+    if moe.shared_experts is not None:
+        _wrap(type(moe.shared_experts), "forward", "shared_experts", acc, undo)
+    if moe.gate is not None:
+        _wrap(type(moe.gate), "forward", "gate.forward", acc, undo)
+    return undo
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="deepseek_v3")
+    ap.add_argument("--shapes", default="64x1,1x1024")
+    ap.add_argument("--graph-tokens", type=int, default=None)
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    result = {}
+    for key in args.models.split(","):
+        model, config = _build(key, device, args.tiny)
+        model.set_experts_implementation("grouped_mm")
+        from moekit.integrations.transformers import patch
+
+        patch(model, eager_graph_tokens=args.graph_tokens)
+        block = bt._moe_block(model)
+        for shape in args.shapes.split(","):
+            b, s = (int(v) for v in shape.split("x"))
+            x = (torch.randn(b, s, config.hidden_size) * 0.5).to(device=device, dtype=torch.bfloat16)
+            row = {}
+            with torch.inference_mode():
+                for _ in range(5):
+                    block(x)
+                if cuda:
+                    torch.cuda.synchronize()
+                    row["host_us"] = round(time_host(lambda: block(x), [()], args.calls), 1)
+                acc: dict = defaultdict(float)
+                undo = pieces(block, acc)
+                try:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    host, wall = back_to_back(lambda: block(x), [()], args.calls, cuda)
+                finally:
+                    for owner, name, fn in reversed(undo):
+                        setattr(owner, name, fn)
+            row["wrapped_host_us"], row["wrapped_wall_us"] = round(host, 1), round(wall, 1)
+            row["pieces_us"] = {k: round(v / args.calls * 1e6, 1) for k, v in acc.items()}
+            name = f"{key} graph_tokens={args.graph_tokens} {shape}"
+            print(f"\n== {name}: host {row.get('host_us')} us per call (wrapped {row['wrapped_host_us']}, "
+                  f"wall {row['wrapped_wall_us']})")
+            for k, v in row["pieces_us"].items():
+                print(f"   {v:8.1f}  {k}")
+            result[name] = row
+        del model, block
+        if cuda:
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
