@@ -17,7 +17,7 @@ finished (``moe_block_host_ms``, ``moe_block_stream_ms``).
     PYTHONPATH=src python benchmarks/bench_transformers.py [--out FILE] [--tiny]
 
 ``--tiny`` shrinks every width (a CPU smoke test of the script itself). ``--graph-tokens N`` patches with
-``eager_graph_tokens=N`` (default: the model's own limit, :func:`moekit.experts.graphed.model_graph_tokens`). Writes
+``eager_graph_tokens=N`` (default: :data:`moekit.experts.graphed.MODEL_GRAPH_TOKENS`). Writes
 ``benchmarks/results/transformers-<gpu>-<date>.json`` by default.
 """
 
@@ -169,7 +169,7 @@ def run_model(key, device, tiny, log, graph_tokens=None):
         res["variants"]["moekit_switch"] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-2000:]}
     log(f"{key} moekit_switch: {res['variants']['moekit_switch']}")
     model.set_experts_implementation("grouped_mm")
-    names = patch(model, eager_graph_tokens=graph_tokens)  # None: the model's own limit
+    names = patch(model, eager_graph_tokens=graph_tokens)  # None: MODEL_GRAPH_TOKENS
     adapters = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
     backends = sorted({(a.moe.router.backend, a.moe.routed_experts.backend) for a in adapters})
     note = None
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny widths (a CPU smoke test)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--graph-tokens", type=int, default=None,
-                    help="patch(model, eager_graph_tokens=N) (default: the model's own limit)")
+                    help="patch(model, eager_graph_tokens=N) (default: MODEL_GRAPH_TOKENS, 2048)")
     args = ap.parse_args(argv)
     import transformers
 

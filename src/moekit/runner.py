@@ -47,7 +47,7 @@ GATE_INPUTS = ("routed", "block")
 #: allocation (a 20 MB allocator segment) in each layer's own pool: ~1 GB for a hand-built stack of 48
 #: Qwen3-30B-A3B layers, for little gain (a standalone layer's eager call at 8 < T <= 64 is already about
 #: GPU-bound: Qwen3 T = 64 host 292 vs GPU 300 µs on the H200). Layers that share a GraphPool (loaded or
-#: patched models) get experts/graphed.model_graph_tokens: 64, or 2048 for small experts.
+#: patched models) get experts/graphed.MODEL_GRAPH_TOKENS: 2048.
 DEFAULT_EAGER_GRAPH_TOKENS = 8
 
 

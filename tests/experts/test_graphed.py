@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts.graphed import GraphCache, GraphPool, graph_bucket, model_graph_tokens, pad_index
+from moekit.experts.graphed import MODEL_GRAPH_TOKENS, GraphCache, GraphPool, graph_bucket, pad_index
 from moekit.runner import DEFAULT_EAGER_GRAPH_TOKENS
 
 
@@ -20,7 +20,7 @@ def _layer(backend="triton", **kw):
 
 
 def test_which_layers_graph():
-    assert _layer().eager_graph_tokens == DEFAULT_EAGER_GRAPH_TOKENS == 8  # layers of a model: model_graph_tokens
+    assert _layer().eager_graph_tokens == DEFAULT_EAGER_GRAPH_TOKENS == 8  # layers of a model: MODEL_GRAPH_TOKENS
     assert _layer(eager_graph_tokens=3).eager_graph_tokens == 3
     assert _layer(eager_graph_tokens=0).eager_graph_tokens == 0
     assert _layer(backend="torch").eager_graph_tokens == 0  # the reference path synchronises
@@ -102,8 +102,8 @@ def test_graph_limit_settable_and_model_rule():
     plain = _layer(backend="torch")
     plain.eager_graph_tokens = 64  # a layer that never graphs stays at 0
     assert plain.eager_graph_tokens == 0
-    # small-expert layers (<= 2 GiB of expert weights as stored) graph up to T = 2048, others up to 64
-    assert model_graph_tokens(1_200_000_000) == 2048 and model_graph_tokens(2 * 1024**3 + 1) == 64
+    # a model's layers graph up to T = 2048 whatever their expert bytes (round 22: large experts too)
+    assert MODEL_GRAPH_TOKENS == 2048
 
 
 def test_pool_handles_are_not_reused_once_every_graph_is_gone(monkeypatch):

@@ -79,11 +79,18 @@ def test_state_follows_replaced_tensors_not_inplace_updates():
         lambda: gate.register_forward_hook(lambda m, i, o: None),
         lambda: layer.router.spec.__class__ and setattr(layer.router, "spec", layer.router.spec.__class__(
             **{**layer.router.spec.__dict__, "renormalize": False})),
+        # the attribute names are read once: a new public attribute, one deleted, one swapped at the same size
+        lambda: setattr(gate, "logit_extra", 1.0),
+        lambda: setattr(gate, "logit_extra", 2.0),
+        lambda: delattr(gate, "logit_extra"),
+        lambda: (delattr(gate, "logit_softcap"), setattr(gate, "logit_other", 5.0)),
+        lambda: setattr(gate, "logit_other", 3.0),
     ]
     for i, edit in enumerate(edits):
         before = layer._graph_state()
         edit()
         assert layer._graph_state() != before, i
+        assert layer._graph_state() == layer._graph_state(), i  # and stable after it
 
 
 def test_setattr_on_the_layer_drops_plan_and_graphs():

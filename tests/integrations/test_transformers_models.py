@@ -248,7 +248,7 @@ def test_patch_on_cuda_uses_triton_and_keeps_logits(arch):
 
 
 def test_patched_layers_share_a_graph_pool_and_their_limit():
-    # patch gives a model's layers one GraphPool and model_graph_tokens (tiny experts: 2048), or the limit asked
+    # patch gives a model's layers one GraphPool and MODEL_GRAPH_TOKENS (2048), or the limit asked
     for asked, want in ((None, 2048), (16, 16)):
         model = hf_tiny.build("qwen3_moe")
         moes = [model.get_submodule(n).moe for n in patch(model, backend="triton", eager_graph_tokens=asked)]

@@ -57,7 +57,7 @@ graphs read and write row prefixes of three zeroed ``[limit, *]`` buffers (input
 bucket graph copies its result into the output buffer), the pool's when a :class:`GraphPool` is shared,
 so a model's layers hold one set between them. Layers that
 run one after another on one stream may share a pool (``load_moe_layers`` and ``patch`` give a model's
-layers one, and :func:`model_graph_tokens` buckets): a replay's inputs are written just before it and
+layers one, and the buckets up to :data:`MODEL_GRAPH_TOKENS`): a replay's inputs are written just before it and
 its output is consumed (cloned, or added to the shared experts) just after it, in stream order, and a
 graph's intermediates are dead once its replay has run. The memory is released when the caches are
 cleared or their owners deleted.
@@ -93,13 +93,14 @@ def graph_bucket(t: int, max_tokens: int) -> int:
     return min(-(-t // step) * step, max_tokens)
 
 
-def model_graph_tokens(expert_bytes: int) -> int:
-    """``eager_graph_tokens`` for the layers of a model moekit loads or patches (they share a
-    :class:`GraphPool`, so the buckets' scratch is paid once per model): 2048 for small-expert layers (at
-    most 2 GiB of expert weights as stored, e.g. Qwen3-30B-A3B 1.2 GB, gpt-oss-20b, OLMoE), whose experts
-    step at T <= 2048 is shorter than an eager call's host time (H200: Qwen3 T = 1024 ~0.4 ms of GPU against
-    ~0.5-1 ms of host); 64 otherwise (the GPU step is the longer one there: a graph only adds its padding)."""
-    return 2048 if expert_bytes <= 2 * 1024**3 else 64
+#: ``eager_graph_tokens`` of the layers of a model moekit loads or patches (they share a :class:`GraphPool`, so
+#: the buckets' scratch is paid once per model), whatever their expert bytes. Small-expert layers (Qwen3-30B-A3B)
+#: are host-bound there (an eager step at T = 1024: ~0.4 ms of GPU against ~0.5-1 ms of host). Large-expert
+#: layers are not, but an eager call still leaves the GPU idle while the host enqueues the gate, routing and
+#: alignment launches before the first GEMM: H200, round 22, transformers' DeepSeek-V3 block patched, eager ms
+#: at 1x1024 / 1x2048: 6.59 / 7.30 with graphs up to 64 tokens, 5.97 / 6.52 up to 2048 (CUDA-graph time of
+#: the block: 5.65 / 6.25). Round 11 had capped layers of more than 2 GiB of experts at 64.
+MODEL_GRAPH_TOKENS = 2048
 
 
 def pad_index(t: int, rows: int, device) -> torch.Tensor:

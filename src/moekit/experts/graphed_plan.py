@@ -42,6 +42,8 @@ same address (``w.data = w.view(...)``) is not detected: call ``layer._graphs.cl
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 
 from .._checks import declared_graph_safe
@@ -55,7 +57,8 @@ class GraphPlan:
     (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
     whose tensors the graphs read by address."""
 
-    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children", "_configured")
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children", "_configured",
+                 "_readers")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None):
         self.whole_logits, self.whole_gate, self.folded, self.watched = whole_logits, whole_gate, folded, watched
@@ -65,6 +68,7 @@ class GraphPlan:
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, and the folded modules
         self._configured = (*(router.modules() if router is not None else ()), *folded)
+        self._readers = _settings_readers(self._configured)
 
     def fingerprint(self) -> tuple:
         """Data pointers of the watched tensors, identity of the folded modules' children."""
@@ -87,10 +91,33 @@ class GraphPlan:
 
     def settings(self) -> tuple:
         """Public attributes and hook counts of the router, its children and the folded modules (a change
-        drops the graphs: e.g. a routing function replaced, or a custom router's scaling factor)."""
-        return tuple((tuple(v for k, v in m.__dict__.items() if k[0] != "_" and k != "training"),
-                      len(m._forward_hooks),
-                      len(m._forward_pre_hooks)) for m in self._configured)
+        drops the graphs: e.g. a routing function replaced, or a custom router's scaling factor). The
+        attribute names are read once (:func:`_settings_readers`) and again when a module's ``__dict__``
+        changes size (an attribute added or deleted): a call reads the values by one ``itemgetter`` per module."""
+        try:
+            out = tuple((len(d), get(d), len(fh), len(fph)) for d, n, get, fh, fph in self._readers if len(d) == n)
+            if len(out) == len(self._readers):
+                return out
+        except KeyError:  # a public attribute deleted and another added (same size)
+            pass
+        self._readers = _settings_readers(self._configured)
+        return tuple((len(d), get(d), len(fh), len(fph)) for d, n, get, fh, fph in self._readers)
+
+
+def _settings_readers(modules) -> tuple:
+    """Per module: ``(__dict__, its size, itemgetter of its public attributes but training, forward hooks,
+    forward pre-hooks)`` for :meth:`GraphPlan.settings`."""
+    out = []
+    for m in modules:
+        d = m.__dict__
+        keys = [k for k in d if k[0] != "_" and k != "training"]
+        get = itemgetter(*keys) if keys else _nothing
+        out.append((d, len(d), get, m._forward_hooks, m._forward_pre_hooks))
+    return tuple(out)
+
+
+def _nothing(_d) -> tuple:
+    return ()
 
 
 def _exact_linear(m) -> bool:

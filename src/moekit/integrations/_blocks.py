@@ -62,7 +62,7 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     """A moekit layer built around the block's own tensors (see the module docs); ``fmt``: the model's
     quantisation format (:func:`moekit.loading.quant.checkpoint_format`) or None; ``graph_pool``: the
     :class:`~moekit.experts.graphed.GraphPool` the model's layers share (None: the layer's own);
-    ``eager_graph_tokens``: their graph limit (None: :func:`~moekit.experts.graphed.model_graph_tokens`)."""
+    ``eager_graph_tokens``: their graph limit (None: :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`)."""
     own = _block_tensors(block, spec, plan)
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
     quant = _fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt)

@@ -139,8 +139,8 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
         eager_graph_tokens: the layers' internal CUDA-graph limit (eager calls of up to this many tokens
             replay a graph; see :class:`~moekit.MoERunner`); None (default):
-            :func:`~moekit.experts.graphed.model_graph_tokens` (2048 for layers of <= 2 GiB of expert
-            weights, else 64). The layers share one :class:`~moekit.experts.graphed.GraphPool`.
+            :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). The layers share one
+            :class:`~moekit.experts.graphed.GraphPool`.
 
     Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
     left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder

@@ -215,7 +215,7 @@ def build_fused_moe(
             CUDA graph (up to T = 8 per input shape: the whole forward, or route -> experts when user
             modules are in it; above, route -> experts per token bucket; bit-identical, a fraction of the
             host time); default :data:`moekit.runner.DEFAULT_EAGER_GRAPH_TOKENS` (8; layers of a model
-            loaded or patched by moekit: :func:`moekit.experts.graphed.model_graph_tokens`), 0 disables (see
+            loaded or patched by moekit: :data:`moekit.experts.graphed.MODEL_GRAPH_TOKENS`, 2048), 0 disables (see
             :class:`MoERunner`).
         gate_input: ``"routed"`` (default: the gate reads ``x_routed``, SPEC §1) or ``"block"``: the gate reads
             the layer's input ``hidden_states``, before ``routed_input_transform`` (Gemma 4, Muse Spark,

@@ -119,8 +119,8 @@ def load_moe_layers(
         progress: a tqdm progress bar over the bytes read, on stderr. ``None`` (default): shown when
             stderr is a terminal; ``True``: always; ``False``: never.
         eager_graph_tokens: the layers' internal CUDA-graph limit (see :class:`~moekit.MoERunner`); None
-            (default): :func:`~moekit.experts.graphed.model_graph_tokens` (2048 for layers of <= 2 GiB of
-            expert weights, else 64). The layers share one :class:`~moekit.experts.graphed.GraphPool`.
+            (default): :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). The layers share one
+            :class:`~moekit.experts.graphed.GraphPool`.
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
