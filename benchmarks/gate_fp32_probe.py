@@ -1,11 +1,12 @@
-"""An fp32 router gate over bf16 inputs, two ways, on a GPU: ``F.linear(x.float(), w.float())`` (FFMA sgemm, plus
-two casts) against ``torch.mm(x, w.t(), out_dtype=torch.float32)`` (bf16 tensor cores, fp32 accumulation; the
-bf16 products are exact in fp32 either way, the sums' order and rounding differ).
+"""A float32 router gate over bf16 inputs, three ways, on a GPU: ``F.linear(x.float(), w.float())`` (cuBLAS FFMA
+sgemm plus two upcast copies: the torch backend of ``RouterLinear(fp32=True)``), ``torch.mm(x, w.t(),
+out_dtype=torch.float32)`` (cuBLAS on bf16 tensor cores) and moekit's Triton gate (``router_gate_triton``:
+the Triton backend, batch invariant); and the bf16-output gate, cuBLAS ``F.linear`` against the Triton gate.
 
-Per T: GPU µs of each (CUDA graph replay, ``time_graph``), the largest |difference| relative to max |logit|, and
-how many tokens' top-k sets (DeepSeek-V3's sigmoid + bias, grouped top-k) differ between the two.
+Per T: GPU µs of each (CUDA graph replay, ``time_graph``), the largest |difference| against the first relative
+to max |logit|, and how many tokens' top-k sets (sigmoid scores) differ from the first's.
 
-    PYTHONPATH=src python benchmarks/gate_fp32_probe.py [--tokens 1,64,1024,2048] [--H 7168] [--E 256]
+    PYTHONPATH=src python benchmarks/gate_fp32_probe.py [--tokens 1,8,64,1024,2048] [--H 7168] [--E 256]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.benchmarking import time_graph
+from moekit.ops.triton_gate import router_gate_triton
 
 
 def main(argv=None) -> int:
@@ -27,17 +29,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(args.E, args.H, generator=g) * args.H ** -0.5).to("cuda", torch.bfloat16)
+    print(f"H={args.H} E={args.E}")
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, args.H, generator=g).to("cuda", torch.bfloat16)
-        a = F.linear(x.float(), w.float())
-        b = torch.mm(x, w.t(), out_dtype=torch.float32)
-        rel = ((a - b).abs().max() / a.abs().max()).item()
-        ta, tb = torch.sigmoid(a).topk(args.K).indices.sort().values, torch.sigmoid(b).topk(args.K).indices.sort().values
-        flips = int((ta != tb).any(dim=1).sum())
-        us_a = time_graph(lambda: F.linear(x.float(), w.float()), [()], target_ms=20.0)
-        us_b = time_graph(lambda: torch.mm(x, w.t(), out_dtype=torch.float32), [()], target_ms=20.0)
-        print(f"T={t:5d}  fp32 linear {us_a:7.1f} us   bf16 mm out fp32 {us_b:7.1f} us   max rel diff {rel:.2e}   "
-              f"tokens with another top-{args.K}: {flips}")
+        ways = {
+            "fp32 F.linear(upcast)": lambda: F.linear(x.float(), w.float()),
+            "fp32 mm(out_dtype)": lambda: torch.mm(x, w.t(), out_dtype=torch.float32),
+            "fp32 triton gate": lambda: router_gate_triton(x, w, None, torch.float32),
+            "bf16 F.linear": lambda: F.linear(x, w),
+            "bf16 triton gate": lambda: router_gate_triton(x, w, None, torch.bfloat16),
+        }
+        ref = ways["fp32 F.linear(upcast)"]()
+        top = torch.sigmoid(ref).topk(args.K).indices.sort().values
+        for name, fn in ways.items():
+            out = fn().float()
+            rel = ((out - ref).abs().max() / ref.abs().max()).item()
+            flips = int((torch.sigmoid(out).topk(args.K).indices.sort().values != top).any(dim=1).sum())
+            us = time_graph(fn, [()], target_ms=20.0)
+            print(f"T={t:5d}  {name:22s} {us:7.1f} us   max rel diff {rel:.2e}   tokens with another top-{args.K}: {flips}")
     return 0
 
 

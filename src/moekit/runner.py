@@ -264,13 +264,18 @@ class MoERunner(torch.nn.Module):
             x = returned("routed_input_transform", self.routed_input_transform(h), t, (self.moe_config.hidden_size,))
         self._check_routed_input(x)
 
-        logits = self._logits(h if self.gate_input == "block" else x, router_logits)
-        if graphs is not None and input_ids is None and graphs.eligible(x, logits):
-            # the static output may be returned only through a new tensor (routed + shared)
-            copy = self.routed_output_transform is not None or self.shared_experts is None
-            routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy)
+        # the static output may be returned only through a new tensor (routed + shared)
+        copy = self.routed_output_transform is not None or self.shared_experts is None
+        if (graphs is not None and input_ids is None and router_logits is None
+                and (self._graph_plan or self._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
+            # a batch-invariant gate: gate -> route -> experts from the graph of T's bucket
+            routed = graphs(self._gate_routed, x, None, self._graph_state(), copy=copy)
         else:
-            routed = self._routed(x, logits, input_ids)
+            logits = self._logits(h if self.gate_input == "block" else x, router_logits)
+            if graphs is not None and input_ids is None and graphs.eligible(x, logits):
+                routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy)
+            else:
+                routed = self._routed(x, logits, input_ids)
         if self.routed_output_transform is not None:
             routed = returned("routed_output_transform", self.routed_output_transform(routed), t, (width,))
         elif routed.shape[-1] != width:
@@ -300,6 +305,10 @@ class MoERunner(torch.nn.Module):
                 acc = acc + routing.zero_output.float()
             routed = (acc * self.routed_scaling_factor).to(routed.dtype)
         return routed
+
+    def _gate_routed(self, x: torch.Tensor) -> torch.Tensor:
+        """gate -> route -> experts: the graphed part when the gate is batch invariant."""
+        return self._routed(x, self._logits(x, None))
 
     def _make_graph_plan(self) -> GraphPlan:
         self.__dict__["_graph_plan"] = plan = graph_plan(self)

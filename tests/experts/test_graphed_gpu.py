@@ -198,16 +198,18 @@ def test_memory_released_with_the_layer():
     assert torch.cuda.memory_reserved() <= reserved
 
 
-def test_whole_graph_with_moekit_gate_and_shared_experts():
+@pytest.mark.parametrize("gate_backend", ["torch", "triton"])
+def test_whole_graph_with_moekit_gate_and_shared_experts(gate_backend):
     """DeepSeek-V3-like layer with moekit's own gate (fp32 RouterLinear), SharedMLP and a sigmoid shared
-    gate: one whole graph per T <= 8 (calls without logits); above, the gate and shared experts run eagerly
-    around the bucket's route -> experts graph; bit-identical to the plain eager call."""
+    gate: one whole graph per T <= 8 (calls without logits); above, the shared experts run eagerly around the
+    bucket's route -> experts graph, and the gate too on the torch backend (on the Triton one, batch invariant,
+    it is inside: gate -> route -> experts); bit-identical to the plain eager call."""
     from moekit.loading.modules import RouterLinear, SharedMLP
 
     m = MODELS["deepseek-v3"].replace(E=32)
     torch.manual_seed(0)
     bias = torch.rand(m.E, device="cuda") * 0.1
-    mods = [dict(gate=RouterLinear(m.H, m.E, fp32=True, device="cuda", dtype=DT),
+    mods = [dict(gate=RouterLinear(m.H, m.E, fp32=True, backend=gate_backend, device="cuda", dtype=DT),
                  shared_experts=SharedMLP(m.H, 256, device="cuda", dtype=DT),
                  shared_expert_gate=torch.nn.Linear(m.H, 1, bias=False, device="cuda", dtype=DT)) for _ in range(2)]
     layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
@@ -226,6 +228,8 @@ def test_whole_graph_with_moekit_gate_and_shared_experts():
                 x = torch.randn(*shape, device="cuda", dtype=DT)
                 assert torch.equal(graphed(x), plain(x)), (t, seed)
         assert len(graphed._graphs) == 5  # whole: T = 1, 3, 8; route -> experts: buckets 16, 40
+        keys = list(graphed._graphs._entries)[3:]
+        assert all((k[2] is None) == (gate_backend == "triton") for k in keys)  # the gate inside, or logits in
         graphed.shared_experts.down_proj.weight = torch.nn.Parameter(plain.shared_experts.down_proj.weight * 2)
         plain.shared_experts.down_proj.weight.mul_(2)
         x = torch.randn(1, m.H, device="cuda", dtype=DT)

@@ -343,3 +343,41 @@ def test_undeclared_routing_function_set_later_never_graphs(fake_graphs):
         layer(x, lg)
         layer(x, lg)
     assert fake_graphs.replays == 0 and len(layer._graphs) == 1  # the first call's graph: never replayed
+
+
+def test_batch_invariant_gate_inside_the_bucket_graphs(fake_graphs):
+    """A Triton RouterLinear (batch invariant) runs inside the route -> experts graphs of the token buckets: their
+    one input is x (no logits copy, no eager gate launch); a torch-backend gate stays outside (cuBLAS is not batch
+    invariant), as it does when router_logits are passed, and switching the backend drops the graphs."""
+    layer = _layer(gate=RouterLinear(H, E, fp32=True, backend="triton"), shared_experts=UserShared(),
+                   eager_graph_tokens=64)
+    ref = _plain(layer, gate=RouterLinear(H, E, fp32=True, backend="triton"), shared_experts=UserShared())
+    assert layer._make_graph_plan().bucket_gate is layer.gate and not layer._graph_plan.whole_gate
+    with torch.no_grad():
+        for t in (13, 13, 40, 3):  # buckets 16, 16, 40 and the exact T = 3 (user shared experts: no whole graph)
+            x = torch.randn(t, H)
+            assert torch.allclose(layer(x), ref(x), rtol=1e-5, atol=1e-6), t
+        keys = list(layer._graphs._entries)
+        assert [k[0] for k in keys] == [16, 40, 3] and all(k[2] is None for k in keys)  # (rows, dtype, no logits)
+        assert all(len(e.inputs) == 1 for e in layer._graphs._entries.values()) and fake_graphs.replays == 1
+        layer(torch.randn(13, H), torch.randn(13, E))  # logits passed: the gate-less graph of bucket 16
+        assert len(layer._graphs) == 4 and list(layer._graphs._entries)[-1][2] == torch.float32
+        layer.gate.backend = "torch"  # a setting of a watched module: the graphs go, the gate runs eagerly
+        x = torch.randn(13, H)
+        assert torch.allclose(layer(x), ref(x), rtol=1e-5, atol=1e-6)
+        assert [k[2] for k in layer._graphs._entries] == [torch.float32]
+    with torch.enable_grad():  # the gate's weight wants grad: it runs eagerly, the routed part may still replay
+        layer.gate.backend = "triton"
+        x = torch.randn(13, H)
+        out = layer(x)
+        assert out.requires_grad and [k[2] for k in layer._graphs._entries] == [torch.float32]
+
+
+def test_bucket_gate_needs_a_gate_reading_the_routed_input():
+    # (Gemma 4: the gate reads the block input before routed_input_transform: outside the graphs)
+    gate = RouterLinear(H, E, backend="triton")
+    assert _plan(_layer(gate=gate)).bucket_gate is gate
+    assert _plan(_layer(gate=torch.nn.Linear(H, E, bias=False))).bucket_gate is None  # no batch_invariant
+    layer = _layer(gate=RouterLinear(H, E, backend="triton"), gate_input="block",
+                   routed_input_transform=torch.nn.Identity())
+    assert _plan(layer).bucket_gate is None

@@ -1,53 +1,95 @@
-"""RouterLinear's float32 gate (``linear_fp32``): the float32 GEMM of the upcast operands on CPU (bit for bit), and
-on CUDA for bf16 / fp16 operands one tensor-core GEMM with a float32 output, within float32 summation error of
-it (``gpu`` cases)."""
+"""RouterLinear: the torch backend (nn.Linear, or the float32 GEMM of the upcast operands with fp32=True, bit for
+bit) and the Triton backend (``router_gate_triton``: float32 sums rounded once; on CPU under the interpreter
+here, within float32 summation error of the twin); on a GPU (``gpu`` cases) the Triton gate's rows are the same
+bits alone and inside batches of every tile shape (SPEC §9)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.loading.modules import RouterLinear, linear_fp32
+from moekit.loading.modules import RouterLinear
 
 
-def _ref(x, w, b=None):
-    return F.linear(x.double(), w.double(), None if b is None else b.double())
+def _twin(x, gate, out_dtype):
+    b = None if gate.bias is None else gate.bias.float()
+    return F.linear(x.float(), gate.weight.float(), b).to(out_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_is_the_fp32_gemm_of_the_upcast_operands(dtype, bias):
+def test_torch_backend_is_the_fp32_gemm_of_the_upcast_operands(dtype, bias):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 64, generator=g).to(dtype)  # [B, S, H]: leading dims kept
     gate = RouterLinear(64, 16, bias=bias, fp32=True, dtype=dtype)
     out = gate(x)
-    assert out.dtype == torch.float32 and out.shape == (2, 5, 16)
-    b = None if gate.bias is None else gate.bias.float()
-    assert torch.equal(out, F.linear(x.float(), gate.weight.float(), b))
-    # fp32=False keeps the weight dtype
-    assert RouterLinear(64, 16, dtype=dtype)(x).dtype == dtype
+    assert out.dtype == torch.float32 and out.shape == (2, 5, 16) and not gate.batch_invariant
+    assert torch.equal(out, _twin(x, gate, torch.float32))
+    assert RouterLinear(64, 16, dtype=dtype)(x).dtype == dtype  # fp32=False keeps the weight dtype
+
+
+# shapes: the empty batch, decode, a prime width, each tile shape of the launcher (T <= 16, <= 32, <= 64, above)
+@pytest.mark.parametrize("t,h,n", [(0, 64, 8), (1, 97, 13), (5, 64, 8), (17, 130, 16), (33, 64, 40), (129, 200, 24)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fp32", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_gate_matches_its_twin(t, h, n, dtype, fp32, bias):
+    g = torch.Generator().manual_seed(t * 7 + h)
+    gate = RouterLinear(h, n, bias=bias, fp32=fp32, backend="triton", dtype=dtype)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(n, h, generator=g))
+        if bias:
+            gate.bias.copy_(torch.randn(n, generator=g))
+    x = torch.randn(t, h, generator=g).to(dtype)
+    out = gate(x)
+    want = torch.float32 if fp32 else dtype
+    assert out.dtype == want and out.shape == (t, n) and gate.batch_invariant
+    if t:
+        ref = _twin(x.double(), gate.double(), torch.float64)
+        tol = 1e-6 if want == torch.float32 else 2 ** -8  # fp32 sums; one bf16 rounding
+        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_triton_gate_errors(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        RouterLinear(8, 4, backend="cuda")
+    gate = RouterLinear(8, 4, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):  # fp32=False keeps one dtype
+        gate(torch.randn(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="in_features=8"):
+        gate(torch.randn(2, 9))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA input"):
+        gate(torch.randn(2, 8))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [0, 1, 7, 64, 1031])  # the empty batch, decode, a prime above a tile
-@pytest.mark.parametrize("bias", [False, True])
-def test_cuda_half_operands_sum_in_fp32(dtype, tokens, bias):
-    g = torch.Generator().manual_seed(tokens)
-    h, e = 7168, 256  # DeepSeek-V3's gate
-    x = torch.randn(tokens, h, generator=g).to("cuda", dtype)
-    w = (torch.randn(e, h, generator=g) * h ** -0.5).to("cuda", dtype)
-    b = (torch.randn(e, generator=g) * 0.1).to("cuda", dtype) if bias else None
-    out = linear_fp32(x, w, b)
-    assert out.dtype == torch.float32 and out.shape == (tokens, e)
-    if tokens:
-        ref = _ref(x, w, b)
-        # float32 sums of 7168 exact products: a few ulp of the largest partial sums
-        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
-        assert torch.equal(linear_fp32(x, w, b), out)  # deterministic
-    # autograd wanted: the upcast float32 GEMM (mm with out_dtype is not differentiated here)
-    wg = w.clone().requires_grad_(True)
-    slow = linear_fp32(x, wg, b)
-    assert slow.requires_grad and torch.equal(slow.detach(), F.linear(x.float(), w.float(),
-                                                                      None if b is None else b.float()))
-    # mixed dtypes (a float32 weight, as some checkpoints store the gate): the upcast GEMM
-    assert torch.equal(linear_fp32(x, w.float(), b), F.linear(x.float(), w.float(), None if b is None else b.float()))
+@pytest.mark.parametrize("dtype,fp32", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True),
+                                        (torch.float32, True)])
+def test_triton_gate_rows_are_batch_invariant(dtype, fp32):
+    """DeepSeek-V3's gate (7168 -> 256): each row of batches of 1 .. 2048 tokens (every tile shape) equals the
+    same row computed alone and inside the largest batch, bit for bit; within float32 summation error of the
+    float64 product."""
+    g = torch.Generator().manual_seed(0)
+    h, e = 7168, 256
+    gate = RouterLinear(h, e, fp32=fp32, backend="triton", device="cuda", dtype=dtype)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(e, h, generator=g) * h ** -0.5)
+        big = torch.randn(2048, h, generator=g).to("cuda", dtype)
+        full = gate(big)
+        ref = F.linear(big.double(), gate.weight.double())
+        tol = 2e-5 if fp32 or dtype == torch.float32 else 2 ** -8
+        assert ((full.double() - ref).abs().max() / ref.abs().max()).item() < tol
+        for t in (1, 2, 7, 16, 17, 32, 33, 64, 65, 129, 1031):
+            for start in (0, 2048 - t):
+                assert torch.equal(gate(big[start:start + t]), full[start:start + t]), (t, start)
+        assert torch.equal(gate(big[5:6]), full[5:6])
+        assert torch.equal(gate(big[:0]), full[:0])
+
+
+def test_router_gate_opcheck():
+    # the custom op torch.compile traces (fake tensor shapes, schema, aliasing)
+    from moekit.ops import triton_gate
+
+    x, w, b = torch.randn(3, 40), torch.randn(6, 40), torch.randn(6)
+    torch.library.opcheck(triton_gate.router_gate_op, (x, w, b, torch.float32))
+    torch.library.opcheck(triton_gate.router_gate_op, (x.bfloat16(), w.bfloat16(), None, torch.bfloat16))

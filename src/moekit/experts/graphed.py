@@ -261,18 +261,21 @@ class GraphCache:
         entry.graph.replay()
         return out.clone() if copy else out
 
-    def __call__(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor, state: Hashable, *,
+    def __call__(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor | None, state: Hashable, *,
                  copy: bool = True) -> torch.Tensor:
-        """``fn(x, logits)`` for ``x [T, H]``, ``logits [T, E]``, replayed from the graph of ``T``'s bucket
-        (captured on the first call of its key). The caller checked :meth:`eligible`. ``state``: see the
-        module docstring."""
+        """``fn(x, logits)`` for ``x [T, H]``, ``logits [T, E]`` (or ``fn(x)`` when ``logits`` is None: the
+        gate is inside), replayed from the graph of ``T``'s bucket (captured on the first call of its key).
+        The caller checked :meth:`eligible`. ``state``: see the module docstring."""
         self.sync_state(state)
         rows = graph_bucket(x.shape[0], self.max_tokens)
-        key = (rows, x.dtype, logits.dtype, logits.shape[1], x.device)
+        if logits is None:
+            key, inputs = (rows, x.dtype, None, x.device), (x,)
+        else:
+            key, inputs = (rows, x.dtype, logits.dtype, logits.shape[1], x.device), (x, logits)
         entry = self._entries.get(key)
         if entry is None:
-            return self.capture(key, fn, (x, logits), rows)
-        return self.replay(entry, (x, logits), copy)
+            return self.capture(key, fn, inputs, rows)
+        return self.replay(entry, inputs, copy)
 
     def capture(self, key: Hashable, fn: Callable, inputs: Sequence[torch.Tensor],
                 rows: int | None = None) -> torch.Tensor:

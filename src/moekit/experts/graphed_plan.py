@@ -57,17 +57,20 @@ class GraphPlan:
     (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
     whose tensors the graphs read by address."""
 
-    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "_tensors", "_children", "_configured",
-                 "_readers")
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "bucket_gate", "_tensors", "_children",
+                 "_configured", "_readers")
 
-    def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None):
+    def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
+                 bucket_gate=None):
         self.whole_logits, self.whole_gate, self.folded, self.watched = whole_logits, whole_gate, folded, watched
         self.router = router  # the layer's, read here without nn.Module.__getattr__
+        self.bucket_gate = bucket_gate  # the gate the route -> experts graphs may hold (when batch invariant)
         self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
         self._children = tuple(m._modules for m in folded)
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, and the folded modules
-        self._configured = (*(router.modules() if router is not None else ()), *folded)
+        self._configured = (*(router.modules() if router is not None else ()), *folded,
+                            *((bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()))
         self._readers = _settings_readers(self._configured)
 
     def fingerprint(self) -> tuple:
@@ -77,6 +80,14 @@ class GraphPlan:
     @property
     def folds(self) -> bool:
         return bool(self.folded)
+
+    def gate_in_bucket(self) -> bool:
+        """The route -> experts graphs may start at the gate: it is batch invariant now, autocast is off and no
+        autograd is wanted through its parameters (the caller checked the inputs: :meth:`GraphCache.eligible`)."""
+        g = self.bucket_gate
+        if g is None or not g.batch_invariant or _autocast():
+            return False
+        return not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in g._parameters.values()))
 
     def whole(self, router_logits) -> bool:
         if router_logits is None:
@@ -158,7 +169,18 @@ def graph_plan(layer) -> GraphPlan:
     whole_gate = whole and gate_foldable(layer.gate)
     if whole_gate:
         folded += (layer.gate,)
-    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router)
+    bucket_gate = layer.gate if bucket_gate_candidate(layer) else None
+    watched = base + folded + ((bucket_gate,) if bucket_gate is not None and not whole_gate else ())
+    return GraphPlan(whole, whole_gate, folded, watched, layer.router, bucket_gate)
+
+
+def bucket_gate_candidate(layer) -> bool:
+    """The gate may run inside the route -> experts graphs (token buckets): a graph-safe module that says
+    whether it is batch invariant (moekit's ``RouterLinear``; invariant on its Triton backend, checked per
+    call), reading the routed input. (A cuBLAS ``nn.Linear`` is not batch invariant: it stays outside.)"""
+    g = layer.gate
+    return (gate_foldable(g) and hasattr(type(g), "batch_invariant")
+            and (layer.gate_input == "routed" or layer.routed_input_transform is None))
 
 
 def _autocast() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_choice
 from ..experts.graphed import MODEL_GRAPH_TOKENS
 from ..layer import FusedMoE
 from ..ops.activation import effective_limit, gated_activation, get_activation
@@ -24,46 +25,38 @@ from .routings import llama4_routing, routing_function
 __all__ = ["RouterLinear", "SharedMLP", "build_layer", "llama4_routing", "plan_gate"]
 
 
-#: ``torch.mm(a, b, out_dtype=torch.float32)`` for bf16 / fp16 operands (CUDA; torch >= 2.8)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · Wᵀ (+ b)`` in float32: the products of the operands taken exactly in float32, summed in float32.
-
-    x: [..., H] any float; weight: [N, H]; bias: [N] or None. Returns [..., N] float32.
-
-    bf16 / fp16 ``x`` and ``weight`` of one dtype on CUDA (no autograd wanted): one tensor-core GEMM with a float32
-    output (``torch.mm(out_dtype=torch.float32)``); a product of two bf16 / fp16 values is exact in float32,
-    so this is the float32 GEMM of the upcast operands up to the order of the sums (H200, DeepSeek-V3's gate
-    [7168 -> 256]: <= 8e-6 of max |logit| apart, no top-8 set changed over 2048 tokens; 11 µs against
-    122 µs at T = 1024, without the two upcast copies). Otherwise that float32 GEMM itself."""
-    if (_MM_OUT_DTYPE and x.is_cuda and x.dtype in _HALF and weight.dtype == x.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
-        out = out.view(*x.shape[:-1], weight.shape[0])
-        return out if bias is None else out + bias.float()
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-
-
 class RouterLinear(torch.nn.Linear):
-    """Router gate: x [T, H] -> logits [T, E + Z]; with ``fp32=True`` computed in float32
-    (:func:`linear_fp32`); then ``logits *= logit_scale`` (Muse Spark) and ``logits = c·tanh(logits / c)``
-    with ``c = logit_softcap`` (Laguna), in float32, when set."""
+    """Router gate: ``logits = x · Wᵀ (+ b)``, x [..., H] -> [..., E + Z]; with ``fp32=True`` in float32
+    (products and sums in float32, whatever the weight dtype); then ``logits *= logit_scale`` (Muse Spark) and
+    ``logits = c·tanh(logits / c)`` with ``c = logit_softcap`` (Laguna), in float32, when set.
+
+    ``backend``: ``"torch"`` (default: ``nn.Linear``, or ``F.linear`` of the float32-upcast operands when
+    ``fp32``) or ``"triton"`` (:func:`moekit.ops.triton_gate.router_gate_triton`: one kernel, float32 sums
+    rounded once to the output dtype, and **batch invariant**: a row's logits do not depend on the other rows
+    (SPEC §9), so a layer's bucket graphs may hold the gate). :func:`build_layer` sets it to the layer's
+    backend. The two agree within float32 summation order (and one rounding to the output dtype)."""
 
     #: may be captured in the layer's internal CUDA graph (:mod:`moekit.experts.graphed_plan`)
     _moekit_graph_safe = True
 
     def __init__(self, in_features, out_features, bias=False, *, fp32=False, logit_scale=None, logit_softcap=None,
-                 device=None, dtype=None):
+                 backend: str = "torch", device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fp32 = bool(fp32)
         self.logit_scale, self.logit_softcap = logit_scale, logit_softcap
+        self.backend = check_choice("backend", backend, GATE_BACKENDS)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """A row's logits are the same bits whatever else is in the batch (the Triton gate)."""
+        return self.backend == "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32:
-            out = linear_fp32(x, self.weight, self.bias)
+        if self.backend == "triton":
+            out = _triton_gate(x, self.weight, self.bias, self.fp32)
+        elif self.fp32:
+            b = None if self.bias is None else self.bias.float()
+            out = F.linear(x.float(), self.weight.float(), b)
         else:
             out = super().forward(x)
         if self.logit_scale is not None:
@@ -73,7 +66,33 @@ class RouterLinear(torch.nn.Linear):
         return out
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", fp32={self.fp32}"
+        return super().extra_repr() + f", fp32={self.fp32}, backend={self.backend!r}"
+
+
+#: RouterLinear's backends
+GATE_BACKENDS = ("torch", "triton")
+
+
+def _triton_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool) -> torch.Tensor:
+    """RouterLinear's Triton path: checks, then the kernel over ``x`` flattened to [T, H]."""
+    if not (x.is_cuda or _interpreting()):
+        raise ValueError(f"RouterLinear(backend='triton') needs a CUDA input (or TRITON_INTERPRET=1), got device "
+                         f"{x.device}; use backend='torch'")
+    if not fp32 and x.dtype != weight.dtype:
+        raise TypeError(f"RouterLinear: x has dtype {x.dtype} but the weight {weight.dtype} (fp32=False keeps one "
+                        "dtype); cast x or build the gate with fp32=True")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"RouterLinear: x has width {x.shape[-1]}, the gate expects in_features={weight.shape[1]}")
+    from ..ops.triton_gate import router_gate_triton
+
+    out = router_gate_triton(x.reshape(-1, x.shape[-1]), weight, bias, torch.float32 if fp32 else x.dtype)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class SharedMLP(torch.nn.Module):
@@ -137,7 +156,7 @@ def build_layer(
     The small modules (gate, shared experts, transforms, routing module) are built on ``module_device``
     (default ``device``; :func:`moekit.integrations.transformers.patch` builds them on "meta" and
     adopts a transformers block's own tensors). ``quant_config``: the routed experts' format (None: full
-    precision in ``dtype``). ``graph_pool``: the :class:`~moekit.experts.graphed.GraphPool` a model's
+    precision in ``dtype``). A :class:`RouterLinear` gate gets the layer's backend. ``graph_pool``: the :class:`~moekit.experts.graphed.GraphPool` a model's
     layers share; with it (or an explicit ``eager_graph_tokens``) the layer's graph limit is
     ``eager_graph_tokens``, default :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048).
 
@@ -199,6 +218,8 @@ def build_layer(
         **plan_modules(plan, **mkw),
         **({"runner_args": {"graph_pool": graph_pool}} if graph_pool is not None else {}),
     )
+    if isinstance(layer.gate, RouterLinear):  # the gate runs on the layer's backend (Triton: batch invariant)
+        layer.gate.backend = layer.backend
     if graph_pool is not None or eager_graph_tokens is not None:  # a model's layers: its buckets
         layer.eager_graph_tokens = MODEL_GRAPH_TOKENS if eager_graph_tokens is None else eager_graph_tokens
     return layer

@@ -1,0 +1,73 @@
+"""The router gate on Triton (:mod:`._triton.gate`): ``logits = x · Wᵀ (+ b)``, float32 sums, batch invariant.
+
+    router_gate_triton -> torch.ops.moekit.router_gate (custom op, registered here) -> router_gate_impl -> gate_kernel
+
+Against cuBLAS (``F.linear``) it gives up a little speed at large T (H200, DeepSeek-V3's gate 7168 -> 256;
+numbers in docs/kernels.md) for two properties: a row's logits are the same bits whatever else is in the
+batch (the tile shapes change with T, the H loop's step and order never do), so a layer's internal bucket
+graphs may hold the gate (:mod:`moekit.experts.graphed_plan`); and one launch gives float32 logits of bf16
+operands without upcast copies.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from triton import knobs
+
+from ._eager import direct_call_ok
+from ._triton.gate import gate_kernel
+
+#: the H step of every gate launch (fixed: the order of a row's sums, SPEC §9)
+GATE_BK = 64
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def router_gate_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x: [T, H] float; weight: [N, H] float; bias: [N] float or None -> [T, N] ``out_dtype`` (validated by
+    the caller: same device, matching widths). The ``moekit::router_gate`` custom op when traced."""
+    fn = router_gate_impl if direct_call_ok(x) else router_gate_op
+    return fn(x if x.stride(-1) == 1 else x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
+              bias, out_dtype)
+
+
+@torch.library.custom_op("moekit::router_gate", mutates_args=())
+def router_gate_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch.library`` op around :func:`router_gate_impl` (torch.compile traces it, CUDA graphs capture it)."""
+    return router_gate_impl(x, weight, bias, out_dtype)
+
+
+@router_gate_op.register_fake
+def _router_gate_fake(x, weight, bias, out_dtype):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+def router_gate_impl(x, weight, bias, out_dtype):
+    """Launch the gate kernel (rows of unit column stride)."""
+    t, h = x.shape
+    n = weight.shape[0]
+    out = torch.empty(t, n, dtype=out_dtype, device=x.device)
+    if t == 0 or n == 0:
+        return out
+    bm, bn, warps = _tiles(t)
+    ieee = not (x.dtype == weight.dtype and x.dtype in _HALF)
+    gate_kernel[(triton.cdiv(t, bm), triton.cdiv(n, bn))](
+        x, weight, bias if bias is not None else weight, out, t, n, h, x.stride(0), weight.stride(0), out.stride(0),
+        BM=bm, BN=bn, BK=GATE_BK, HAS_BIAS=bias is not None, IEEE=ieee, INTERP=bool(knobs.runtime.interpret), num_warps=warps,
+        num_stages=3,
+    )
+    return out
+
+
+def _tiles(t: int) -> tuple[int, int, int]:
+    """(BM, BN, warps) by T: small tiles while few rows (more programs reading the weight at decode)."""
+    if t <= 16:
+        return 16, 16, 4
+    if t <= 64:
+        return 32 if t <= 32 else 64, 16, 4
+    return 64, 32, 4
+
