@@ -27,8 +27,10 @@ def test_torch_backend_is_the_fp32_gemm_of_the_upcast_operands(dtype, bias):
     assert RouterLinear(64, 16, dtype=dtype)(x).dtype == dtype  # fp32=False keeps the weight dtype
 
 
-# shapes: the empty batch, decode, a prime width, each tile shape of the launcher (T <= 16, <= 32, <= 64, above)
-@pytest.mark.parametrize("t,h,n", [(0, 64, 8), (1, 97, 13), (5, 64, 8), (17, 130, 16), (33, 64, 40), (129, 200, 24)])
+# shapes: the empty batch, decode, a prime width, each tile shape of the launcher (T <= 16, <= 32, <= 64, above),
+# H in chunks (> GATE_KS = 1024 columns: fp32 partials summed in chunk order; a last chunk of one column)
+@pytest.mark.parametrize("t,h,n", [(0, 64, 8), (1, 97, 13), (5, 64, 8), (17, 130, 16), (33, 64, 40), (129, 200, 24),
+                                   (1, 2500, 13), (3, 1025, 8), (70, 2100, 40)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fp32", [True, False])
 @pytest.mark.parametrize("bias", [False, True])

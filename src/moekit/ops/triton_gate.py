@@ -18,10 +18,11 @@ import triton
 from triton import knobs
 
 from ._eager import direct_call_ok
-from ._triton.gate import gate_kernel
+from ._triton.gate import gate_kernel, gate_sum_kernel
 
-#: the H step of every gate launch (fixed: the order of a row's sums, SPEC §9)
+#: the H step of every gate launch and the columns of one chunk of H (fixed: the order of a row's sums, SPEC §9)
 GATE_BK = 64
+GATE_KS = 1024
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -47,27 +48,44 @@ def _router_gate_fake(x, weight, bias, out_dtype):
 
 
 def router_gate_impl(x, weight, bias, out_dtype):
-    """Launch the gate kernel (rows of unit column stride)."""
+    """Launch the gate kernel(s) (rows of unit column stride): one GEMM pass, or ``S`` chunks of H into fp32
+    partials and the chunk-order sum (:func:`gate_split`)."""
     t, h = x.shape
     n = weight.shape[0]
     out = torch.empty(t, n, dtype=out_dtype, device=x.device)
     if t == 0 or n == 0:
         return out
-    bm, bn, warps = _tiles(t)
+    bm, bn = _tiles(t)
+    splits, ks = gate_split(h)
     ieee = not (x.dtype == weight.dtype and x.dtype in _HALF)
-    gate_kernel[(triton.cdiv(t, bm), triton.cdiv(n, bn))](
-        x, weight, bias if bias is not None else weight, out, t, n, h, x.stride(0), weight.stride(0), out.stride(0),
-        BM=bm, BN=bn, BK=GATE_BK, HAS_BIAS=bias is not None, IEEE=ieee, INTERP=bool(knobs.runtime.interpret), num_warps=warps,
-        num_stages=3,
+    interp = bool(knobs.runtime.interpret)
+    dst = out if splits == 1 else torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+    gate_kernel[(triton.cdiv(t, bm), triton.cdiv(n, bn), splits)](
+        x, weight, bias if bias is not None else weight, dst, t, n, h, ks, x.stride(0), weight.stride(0),
+        dst.stride(0) if splits > 1 else 0, dst.stride(-2), BM=bm, BN=bn, BK=GATE_BK,
+        HAS_BIAS=bias is not None and splits == 1, IEEE=ieee, INTERP=interp, num_warps=4, num_stages=3,
     )
+    if splits > 1:
+        br = min(256, triton.next_power_of_2(n))
+        gate_sum_kernel[(t, triton.cdiv(n, br))](
+            dst, bias if bias is not None else dst, out, n, splits, dst.stride(0), dst.stride(1), out.stride(0),
+            BN=br, HAS_BIAS=bias is not None, INTERP=interp, num_warps=1 if br <= 128 else 2,
+        )
     return out
 
 
-def _tiles(t: int) -> tuple[int, int, int]:
-    """(BM, BN, warps) by T: small tiles while few rows (more programs reading the weight at decode)."""
-    if t <= 16:
-        return 16, 16, 4
-    if t <= 64:
-        return 32 if t <= 32 else 64, 16, 4
-    return 64, 32, 4
+def gate_split(h: int) -> tuple[int, int]:
+    """(S, KS): H in ``S`` chunks of ``KS = GATE_KS`` columns (the last shorter); a function of H alone (the
+    order of a row's sums may not depend on T). At decode the chunks multiply the programs reading the weight:
+    DeepSeek-V3's 7168 -> 256 at T = 1 runs 16 x 7 programs of 1024 columns instead of 16 of 7168."""
+    splits = triton.cdiv(h, GATE_KS)
+    return splits, GATE_KS
 
+
+def _tiles(t: int) -> tuple[int, int]:
+    """(BM, BN) by T: small tiles while few rows (more programs reading the weight at decode)."""
+    if t <= 16:
+        return 16, 16
+    if t <= 64:
+        return (32 if t <= 32 else 64), 16
+    return 64, 32
