@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import time
 from collections import defaultdict
 
 import torch
 
-import bench_transformers as bt
-from block_trace import _build
+from block_trace import block_inputs, write_json
 from moekit.benchmarking.eager import back_to_back, time_host
 
 
@@ -80,54 +78,38 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     result = {}
-    for key in args.models.split(","):
-        model, config = _build(key, device, args.tiny)
-        model.set_experts_implementation("grouped_mm")
-        from moekit.integrations.transformers import patch
-
-        patch(model, eager_graph_tokens=args.graph_tokens)
-        block = bt._moe_block(model)
-        for shape in args.shapes.split(","):
-            b, s = (int(v) for v in shape.split("x"))
-            x = (torch.randn(b, s, config.hidden_size) * 0.5).to(device=device, dtype=torch.bfloat16)
-            row = {}
-            with torch.inference_mode():
-                for _ in range(5):
+    for key, shape, block, x in block_inputs(args.models, args.shapes, device, args.tiny, args.graph_tokens):
+        row = {}
+        with torch.inference_mode():
+            if cuda:
+                torch.cuda.synchronize()
+                row["host_us"] = round(time_host(lambda: block(x), [()], args.calls), 1)
+            acc: dict = defaultdict(float)
+            undo = pieces(block, acc)
+            try:
+                if cuda:
+                    torch.cuda.synchronize()
+                host, wall = back_to_back(lambda: block(x), [()], args.calls, cuda)
+                for v in acc:  # back to back, a full launch queue blocks inside some piece: pieces from
+                    acc[v] = 0.0  # calls each started on an idle GPU instead (synchronised between calls)
+                for _ in range(args.calls):
+                    if cuda:
+                        torch.cuda.synchronize()
                     block(x)
                 if cuda:
                     torch.cuda.synchronize()
-                    row["host_us"] = round(time_host(lambda: block(x), [()], args.calls), 1)
-                acc: dict = defaultdict(float)
-                undo = pieces(block, acc)
-                try:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    host, wall = back_to_back(lambda: block(x), [()], args.calls, cuda)
-                    for v in acc:  # back to back, a full launch queue blocks inside some piece: pieces from
-                        acc[v] = 0.0  # calls each started on an idle GPU instead (synchronised between calls)
-                    for _ in range(args.calls):
-                        if cuda:
-                            torch.cuda.synchronize()
-                        block(x)
-                    if cuda:
-                        torch.cuda.synchronize()
-                finally:
-                    for owner, name, fn in reversed(undo):
-                        setattr(owner, name, fn)
-            row["wrapped_host_us"], row["wrapped_wall_us"] = round(host, 1), round(wall, 1)
-            row["pieces_us"] = {k: round(v / args.calls * 1e6, 1) for k, v in acc.items()}
-            name = f"{key} graph_tokens={args.graph_tokens} {shape}"
-            print(f"\n== {name}: host {row.get('host_us')} us per call (wrapped {row['wrapped_host_us']}, "
-                  f"wall {row['wrapped_wall_us']})")
-            for k, v in row["pieces_us"].items():
-                print(f"   {v:8.1f}  {k}")
-            result[name] = row
-        del model, block
-        if cuda:
-            torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            finally:
+                for owner, name, fn in reversed(undo):
+                    setattr(owner, name, fn)
+        row["wrapped_host_us"], row["wrapped_wall_us"] = round(host, 1), round(wall, 1)
+        row["pieces_us"] = {k: round(v / args.calls * 1e6, 1) for k, v in acc.items()}
+        name = f"{key} graph_tokens={args.graph_tokens} {shape}"
+        print(f"\n== {name}: host {row.get('host_us')} us per call (wrapped {row['wrapped_host_us']}, "
+              f"wall {row['wrapped_wall_us']})")
+        for k, v in row["pieces_us"].items():
+            print(f"   {v:8.1f}  {k}")
+        result[name] = row
+    write_json(result, args.out)
     return 0
 
 

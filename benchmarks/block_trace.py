@@ -38,6 +38,37 @@ def _build(key: str, device, tiny: bool):
     return model.eval(), config
 
 
+def block_inputs(models: str, shapes: str, device, tiny: bool, graph_tokens, patched: bool = True):
+    """Yield ``(model key, "BxS", MoE block, x [B, S, H] bf16)`` per model and shape: the model built as
+    ``bench_transformers`` builds it, patched with moekit (``eager_graph_tokens=graph_tokens``) or left on
+    ``grouped_mm``, each block called 5 times first (compiles, graph captures)."""
+    for key in models.split(","):
+        model, config = _build(key, device, tiny)
+        model.set_experts_implementation("grouped_mm")
+        if patched:
+            from moekit.integrations.transformers import patch
+
+            patch(model, eager_graph_tokens=graph_tokens)
+        block = bt._moe_block(model)
+        for shape in shapes.split(","):
+            b, s = (int(v) for v in shape.split("x"))
+            g = torch.Generator(device="cpu").manual_seed(b * 100003 + s)
+            x = (torch.randn(b, s, config.hidden_size, generator=g) * 0.5).to(device=device, dtype=torch.bfloat16)
+            with torch.inference_mode():
+                for _ in range(5):
+                    block(x)
+            yield key, shape, block, x
+        del model, block
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def write_json(result: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def _events(prof):
     """(cpu ops, gpu kernels): lists of dicts with name, start, end (µs on the profiler's clock), and for
     kernels the correlated launch op's start."""
@@ -109,43 +140,25 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     result = {}
-    for key in args.models.split(","):
-        model, config = _build(key, device, args.tiny)
-        model.set_experts_implementation("grouped_mm")
-        if args.variant == "patched":
-            from moekit.integrations.transformers import patch
-
-            patch(model, eager_graph_tokens=args.graph_tokens)
-        block = bt._moe_block(model)
-        for shape in args.shapes.split(","):
-            b, s = (int(v) for v in shape.split("x"))
-            g = torch.Generator(device="cpu").manual_seed(b * 100003 + s)
-            x = (torch.randn(b, s, config.hidden_size, generator=g) * 0.5).to(device=device, dtype=torch.bfloat16)
-            with torch.inference_mode():
-                for _ in range(5):
-                    block(x)
-            calls = trace_calls(lambda: block(x), args.calls, cuda)
-            summaries = [summarise(*c) for c in calls]
-            summaries.sort(key=lambda r: r["gpu_span_us"] + (r["first_kernel_at_us"] or 0.0))
-            med = summaries[len(summaries) // 2]
-            name = f"{key} {args.variant} graph_tokens={args.graph_tokens} {shape}"
-            print(f"\n== {name}: first kernel at {med['first_kernel_at_us']} us, GPU busy {med['gpu_busy_us']} us, "
-                  f"idle inside {med['gpu_idle_inside_us']} us, span {med['gpu_span_us']} us, host {med['host_us']} us")
-            for r in med["kernels"]:
-                print(f"  {r['start_us']:9.1f} +{r['dur_us']:8.1f}  gap {r['gap_before_us']:7.1f}  {r['kernel']}")
-            print("  timeline (H: host launch call, G: GPU work; us from the call's first host op):")
-            for line in med["timeline"]:
-                print("   ", line)
-            print("  top host ops (self CPU us, calls):")
-            for r in med["top_host_ops"]:
-                print(f"    {r['self_cpu_us']:9.1f} {r['calls']:4d}  {r['name']}")
-            result[name] = med
-        del model, block
-        if cuda:
-            torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    for key, shape, block, x in block_inputs(args.models, args.shapes, device, args.tiny, args.graph_tokens,
+                                             args.variant == "patched"):
+        calls = trace_calls(lambda: block(x), args.calls, cuda)
+        summaries = [summarise(*c) for c in calls]
+        summaries.sort(key=lambda r: r["gpu_span_us"] + (r["first_kernel_at_us"] or 0.0))
+        med = summaries[len(summaries) // 2]
+        name = f"{key} {args.variant} graph_tokens={args.graph_tokens} {shape}"
+        print(f"\n== {name}: first kernel at {med['first_kernel_at_us']} us, GPU busy {med['gpu_busy_us']} us, "
+              f"idle inside {med['gpu_idle_inside_us']} us, span {med['gpu_span_us']} us, host {med['host_us']} us")
+        for r in med["kernels"]:
+            print(f"  {r['start_us']:9.1f} +{r['dur_us']:8.1f}  gap {r['gap_before_us']:7.1f}  {r['kernel']}")
+        print("  timeline (H: host launch call, G: GPU work; us from the call's first host op):")
+        for line in med["timeline"]:
+            print("   ", line)
+        print("  top host ops (self CPU us, calls):")
+        for r in med["top_host_ops"]:
+            print(f"    {r['self_cpu_us']:9.1f} {r['calls']:4d}  {r['name']}")
+        result[name] = med
+    write_json(result, args.out)
     return 0
 
 

@@ -28,7 +28,9 @@ of ``T`` tokens (a GPU test asserts it for every bucket). The padding rows:
   every id in range for any finite or non-finite logits (a CPU test feeds NaN / inf rows), and a row's
   output is its own, so stale rows cost only their compute; at ``T > 64`` nearly every expert is touched.
 
-Whole-forward graphs stay exact-``T`` only: a folded ``nn.Linear`` (cuBLAS) is not batch invariant.
+Whole-forward graphs stay exact-``T`` only: a folded ``nn.Linear`` (cuBLAS) is not batch invariant. A batch-invariant
+gate (moekit's Triton ``RouterLinear``) may start a bucket graph: ``fn(x)`` then computes the logits itself
+(:mod:`.graphed_plan`).
 
 When a call is eligible (:meth:`GraphCache.eligible`): ``1 <= T <= max_tokens`` (``<= 8`` for a whole
 graph), a CUDA input, not

@@ -4,8 +4,9 @@
                                                                      reshape, dtype cast: one graph per key
                                                                      (T <= 8, exact)
     partial: routed = route_and_experts(x, logits)                   user modules (and, above T = 8, the
-                                                                     gate and shared experts) run eagerly
-                                                                     around it; graphs per token bucket
+             routed = gate_route_and_experts(x)                      gate and shared experts) run eagerly
+                                                                     around it; graphs per token bucket; a
+                                                                     batch-invariant gate runs inside
 
 A **whole** graph replays the layer's entire forward, so a call whose inputs match a captured key costs
 the host: the key lookup, :meth:`GraphPlan` state check, one input copy op (``copy_`` or
@@ -32,7 +33,14 @@ whole when
   plain ``nn.Linear`` weight does: fold it under ``torch.no_grad()`` / ``inference_mode()`` or after
   ``requires_grad_(False)``, as transformers' ``generate`` does).
 
-Otherwise the partial graph (route -> experts) is used as before. Invalidation: :meth:`GraphPlan.watched`
+Otherwise the partial graph (route -> experts) is used as before. The partial graphs start at the gate
+(``x`` their one input: no logits copy, no eager gate launch before the replay) for calls without
+``router_logits`` when the gate is **batch invariant** (:attr:`GraphPlan.bucket_gate`: a graph-safe gate
+class with a ``batch_invariant`` attribute, true now: moekit's ``RouterLinear`` on its Triton backend) and
+reads the routed input; a padded bucket then runs the gate on its padding rows too, and a real row's logits
+are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, so it stays outside). H200,
+round 22, transformers' blocks patched, eager: DeepSeek-V3 1x1024 6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1
+0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``). Invalidation: :meth:`GraphPlan.watched`
 lists the modules whose parameter/buffer addresses and children are compared at every replay
 (:func:`~moekit.experts.graphed.watched_fingerprint`: a few ``data_ptr()`` reads, no generators), with
 the routing settings and the public attributes of folded modules; a reassignment on the layer itself
