@@ -60,7 +60,7 @@ def test_triton_gate_errors(monkeypatch):
     with pytest.raises(ValueError, match="in_features=8"):
         gate(torch.randn(2, 9))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="CUDA input"):
+    with pytest.raises(ValueError, match="CUDA device"):
         gate(torch.randn(2, 8))
 
 

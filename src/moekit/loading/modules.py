@@ -17,12 +17,17 @@ from .._checks import check_choice
 from ..experts.graphed import MODEL_GRAPH_TOKENS
 from ..layer import FusedMoE
 from ..ops.activation import effective_limit, gated_activation, get_activation
+from ..ops.kernels import triton_unavailable_reason
 from ..runner import MoERunner
 from .blocks import RMSNormGate, plan_modules
 from .plan import LayerPlan
 from .routings import llama4_routing, routing_function
 
 __all__ = ["RouterLinear", "SharedMLP", "build_layer", "llama4_routing", "plan_gate"]
+
+
+#: RouterLinear's backends
+GATE_BACKENDS = ("torch", "triton")
 
 
 class RouterLinear(torch.nn.Linear):
@@ -69,15 +74,10 @@ class RouterLinear(torch.nn.Linear):
         return super().extra_repr() + f", fp32={self.fp32}, backend={self.backend!r}"
 
 
-#: RouterLinear's backends
-GATE_BACKENDS = ("torch", "triton")
-
-
 def _triton_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool) -> torch.Tensor:
     """RouterLinear's Triton path: checks, then the kernel over ``x`` flattened to [T, H]."""
-    if not (x.is_cuda or _interpreting()):
-        raise ValueError(f"RouterLinear(backend='triton') needs a CUDA input (or TRITON_INTERPRET=1), got device "
-                         f"{x.device}; use backend='torch'")
+    if not x.is_cuda and (reason := triton_unavailable_reason(x.device)) is not None:
+        raise ValueError(f"RouterLinear(backend='triton') cannot run on this input: {reason}; use backend='torch'")
     if not fp32 and x.dtype != weight.dtype:
         raise TypeError(f"RouterLinear: x has dtype {x.dtype} but the weight {weight.dtype} (fp32=False keeps one "
                         "dtype); cast x or build the gate with fp32=True")
@@ -87,13 +87,6 @@ def _triton_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     out = router_gate_triton(x.reshape(-1, x.shape[-1]), weight, bias, torch.float32 if fp32 else x.dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 class SharedMLP(torch.nn.Module):
     """Shared expert, x [T, H] -> [T, H]. Gated activations: ``down(act(gate x, up x))`` with the
@@ -156,8 +149,8 @@ def build_layer(
     The small modules (gate, shared experts, transforms, routing module) are built on ``module_device``
     (default ``device``; :func:`moekit.integrations.transformers.patch` builds them on "meta" and
     adopts a transformers block's own tensors). ``quant_config``: the routed experts' format (None: full
-    precision in ``dtype``). A :class:`RouterLinear` gate gets the layer's backend. ``graph_pool``: the :class:`~moekit.experts.graphed.GraphPool` a model's
-    layers share; with it (or an explicit ``eager_graph_tokens``) the layer's graph limit is
+    precision in ``dtype``). A :class:`RouterLinear` gate gets the layer's backend. ``graph_pool``: the
+    :class:`~moekit.experts.graphed.GraphPool` a model's layers share; with it (or an explicit ``eager_graph_tokens``) the layer's graph limit is
     ``eager_graph_tokens``, default :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048).
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with

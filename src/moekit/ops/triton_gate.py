@@ -5,8 +5,8 @@
 Against cuBLAS (``F.linear``) it gives up a little speed at large T (H200, DeepSeek-V3's gate 7168 -> 256;
 numbers in docs/kernels.md) for two properties: a row's logits are the same bits whatever else is in the
 batch (the tile shapes change with T, the H loop's step and order never do), so a layer's internal bucket
-graphs may hold the gate (:mod:`moekit.experts.graphed_plan`); and one launch gives float32 logits of bf16
-operands without upcast copies.
+graphs may hold the gate (:mod:`moekit.experts.graphed_plan`); and float32 logits of bf16 operands come
+without upcast copies (one launch, or two when H is cut into chunks: :func:`gate_split`).
 """
 
 from __future__ import annotations
