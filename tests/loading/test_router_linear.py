@@ -95,3 +95,14 @@ def test_router_gate_opcheck():
     x, w, b = torch.randn(3, 40), torch.randn(6, 40), torch.randn(6)
     torch.library.opcheck(triton_gate.router_gate_op, (x, w, b, torch.float32))
     torch.library.opcheck(triton_gate.router_gate_op, (x.bfloat16(), w.bfloat16(), None, torch.bfloat16))
+
+
+def test_triton_gate_rows_in_blocks(monkeypatch):
+    # huge batches run the chunked gate over row blocks (bounded partials): the same bits as one launch pair
+    from moekit.ops import triton_gate
+
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(37, 1100, generator=g), torch.randn(9, 1100, generator=g), torch.randn(9, generator=g)
+    whole = triton_gate.router_gate_triton(x, w, b, torch.float32)
+    monkeypatch.setattr(triton_gate, "GATE_ROWS", 16)  # blocks of 16, 16, 5 rows
+    assert torch.equal(triton_gate.router_gate_triton(x, w, b, torch.float32), whole)

@@ -23,6 +23,9 @@ from ._triton.gate import gate_kernel, gate_sum_kernel
 #: the H step of every gate launch and the columns of one chunk of H (fixed: the order of a row's sums, SPEC §9)
 GATE_BK = 64
 GATE_KS = 1024
+#: rows per launch pair when H is cut into chunks (their fp32 partials: S x GATE_ROWS x N x 4 bytes, e.g. 470 MB
+#: for DeepSeek-V3's gate)
+GATE_ROWS = 65536
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -49,28 +52,33 @@ def _router_gate_fake(x, weight, bias, out_dtype):
 
 def router_gate_impl(x, weight, bias, out_dtype):
     """Launch the gate kernel(s) (rows of unit column stride): one GEMM pass, or ``S`` chunks of H into fp32
-    partials and the chunk-order sum (:func:`gate_split`)."""
+    partials and the chunk-order sum (:func:`gate_split`), over at most ``GATE_ROWS`` rows at a time (the
+    partials' memory stays bounded on huge batches; a row's bits do not depend on the others)."""
     t, h = x.shape
     n = weight.shape[0]
     out = torch.empty(t, n, dtype=out_dtype, device=x.device)
     if t == 0 or n == 0:
         return out
-    bm, bn = _tiles(t)
     splits, ks = gate_split(h)
     ieee = not (x.dtype == weight.dtype and x.dtype in _HALF)
     interp = bool(knobs.runtime.interpret)
-    dst = out if splits == 1 else torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
-    gate_kernel[(triton.cdiv(t, bm), triton.cdiv(n, bn), splits)](
-        x, weight, bias if bias is not None else weight, dst, t, n, h, ks, x.stride(0), weight.stride(0),
-        dst.stride(0) if splits > 1 else 0, dst.stride(-2), BM=bm, BN=bn, BK=GATE_BK,
-        HAS_BIAS=bias is not None and splits == 1, IEEE=ieee, INTERP=interp, num_warps=4, num_stages=3,
-    )
-    if splits > 1:
-        br = min(256, triton.next_power_of_2(n))
-        gate_sum_kernel[(t, triton.cdiv(n, br))](
-            dst, bias if bias is not None else dst, out, n, splits, dst.stride(0), dst.stride(1), out.stride(0),
-            BN=br, HAS_BIAS=bias is not None, INTERP=interp, num_warps=1 if br <= 128 else 2,
+    part = None if splits == 1 else torch.empty(splits, min(t, GATE_ROWS), n, dtype=torch.float32, device=x.device)
+    b = bias if bias is not None else weight
+    for r0 in range(0, t, GATE_ROWS if splits > 1 else t):
+        rows = min(t - r0, GATE_ROWS) if splits > 1 else t
+        xr, dst = x[r0:r0 + rows], out[r0:r0 + rows] if splits == 1 else part
+        bm, bn = _tiles(rows)
+        gate_kernel[(triton.cdiv(rows, bm), triton.cdiv(n, bn), splits)](
+            xr, weight, b, dst, rows, n, h, ks, xr.stride(0), weight.stride(0),
+            dst.stride(0) if splits > 1 else 0, dst.stride(-2), BM=bm, BN=bn, BK=GATE_BK,
+            HAS_BIAS=bias is not None and splits == 1, IEEE=ieee, INTERP=interp, num_warps=4, num_stages=3,
         )
+        if splits > 1:
+            br = min(256, triton.next_power_of_2(n))
+            gate_sum_kernel[(rows, triton.cdiv(n, br))](
+                part, b, out[r0:r0 + rows], n, splits, part.stride(0), part.stride(1), out.stride(0),
+                BN=br, HAS_BIAS=bias is not None, INTERP=interp, num_warps=1 if br <= 128 else 2,
+            )
     return out
 
 
