@@ -70,12 +70,11 @@ def write_json(result: dict, out: str | None) -> None:
 
 
 def _events(prof):
-    """(cpu ops, gpu kernels): lists of dicts with name, start, end (µs on the profiler's clock), and for
-    kernels the correlated launch op's start."""
+    """(cpu ops, gpu kernels, launch calls): lists of dicts with name, start, end (µs on the profiler's clock)."""
     cpu, gpu, launches = [], [], []
     for e in prof.events():
         rng = e.time_range
-        row = dict(name=e.name, start=rng.start, end=rng.end, corr=getattr(e, "id", None))
+        row = dict(name=e.name, start=rng.start, end=rng.end)
         if e.device_type == torch.autograd.DeviceType.CUDA:
             gpu.append(row)
         else:

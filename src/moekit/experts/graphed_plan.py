@@ -70,15 +70,17 @@ class GraphPlan:
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
                  bucket_gate=None):
-        self.whole_logits, self.whole_gate, self.folded, self.watched = whole_logits, whole_gate, folded, watched
+        # the gate the route -> experts graphs may hold (when batch invariant): watched like a folded module
+        extra = (bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()
+        self.whole_logits, self.whole_gate, self.folded = whole_logits, whole_gate, folded
+        self.watched = watched + extra
         self.router = router  # the layer's, read here without nn.Module.__getattr__
-        self.bucket_gate = bucket_gate  # the gate the route -> experts graphs may hold (when batch invariant)
+        self.bucket_gate = bucket_gate
         self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
         self._children = tuple(m._modules for m in folded)
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, and the folded modules
-        self._configured = (*(router.modules() if router is not None else ()), *folded,
-                            *((bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()))
+        self._configured = (*(router.modules() if router is not None else ()), *folded, *extra)
         self._readers = _settings_readers(self._configured)
 
     def fingerprint(self) -> tuple:
@@ -178,8 +180,7 @@ def graph_plan(layer) -> GraphPlan:
     if whole_gate:
         folded += (layer.gate,)
     bucket_gate = layer.gate if bucket_gate_candidate(layer) else None
-    watched = base + folded + ((bucket_gate,) if bucket_gate is not None and not whole_gate else ())
-    return GraphPlan(whole, whole_gate, folded, watched, layer.router, bucket_gate)
+    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate)
 
 
 def bucket_gate_candidate(layer) -> bool:

@@ -64,9 +64,11 @@ def router_gate_impl(x, weight, bias, out_dtype):
     interp = bool(knobs.runtime.interpret)
     part = None if splits == 1 else torch.empty(splits, min(t, GATE_ROWS), n, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else weight
-    for r0 in range(0, t, GATE_ROWS if splits > 1 else t):
-        rows = min(t - r0, GATE_ROWS) if splits > 1 else t
-        xr, dst = x[r0:r0 + rows], out[r0:r0 + rows] if splits == 1 else part
+    step = GATE_ROWS if splits > 1 else t
+    for r0 in range(0, t, step):
+        rows = min(t - r0, step)
+        xr, yr = x[r0:r0 + rows], out[r0:r0 + rows]
+        dst = yr if splits == 1 else part
         bm, bn = _tiles(rows)
         gate_kernel[(triton.cdiv(rows, bm), triton.cdiv(n, bn), splits)](
             xr, weight, b, dst, rows, n, h, ks, xr.stride(0), weight.stride(0),
@@ -76,7 +78,7 @@ def router_gate_impl(x, weight, bias, out_dtype):
         if splits > 1:
             br = min(256, triton.next_power_of_2(n))
             gate_sum_kernel[(rows, triton.cdiv(n, br))](
-                part, b, out[r0:r0 + rows], n, splits, part.stride(0), part.stride(1), out.stride(0),
+                part, b, yr, n, splits, part.stride(0), part.stride(1), yr.stride(0),
                 BN=br, HAS_BIAS=bias is not None, INTERP=interp, num_warps=1 if br <= 128 else 2,
             )
     return out
