@@ -239,9 +239,11 @@ class MoERunner(torch.nn.Module):
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
         input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
         graphs = self._graphs
-        if graphs is not None and not self._modules["router"].capturable:
-            graphs = None  # a routing function swapped for one not declared graph-safe: plain calls only
-        if graphs is not None and input_ids is None and not torch.compiler.is_compiling():
+        if graphs is not None and (torch.compiler.is_compiling() or not self._modules["router"].capturable):
+            # traced by torch.compile (nothing of the graph machinery is traced), or a routing function swapped
+            # for one not declared graph-safe: plain calls only
+            graphs = None
+        if graphs is not None and input_ids is None:
             # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
             out = replay_whole(self, graphs, hidden_states, router_logits)
             if out is not None:

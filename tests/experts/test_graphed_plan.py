@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts import graphed
+from moekit.experts import graphed, graphed_plan
+from moekit import runner
 from moekit.experts.graphed import GraphCache
 from moekit.loading.modules import RouterLinear, SharedMLP
 
@@ -381,3 +382,21 @@ def test_bucket_gate_needs_a_gate_reading_the_routed_input():
     layer = _layer(gate=RouterLinear(H, E, backend="triton"), gate_input="block",
                    routed_input_transform=torch.nn.Identity())
     assert _plan(layer).bucket_gate is None
+
+
+def test_compile_traces_no_graph_machinery(monkeypatch):
+    # torch.compile of a fresh layer (no plan yet): the traced forward must not build the plan or touch the
+    # graphs (round 22's H200 failure: torch 2.11's dynamo could not trace the plan's settings readers)
+    def refuse(*_a, **_k):
+        raise AssertionError("graph machinery traced under torch.compile")
+
+    layer = _layer()
+    for name in ("graph_plan", "capture_whole", "replay_whole"):
+        monkeypatch.setattr(graphed_plan, name, refuse)
+        monkeypatch.setattr(runner, name, refuse, raising=False)
+    monkeypatch.setattr(GraphCache, "eligible", refuse)
+    x, lg = torch.randn(5, H), torch.randn(5, E)
+    torch._dynamo.reset()
+    out = torch.compile(layer, fullgraph=True, backend="eager")(x, lg)
+    torch.testing.assert_close(out, _plain(layer)(x, lg))
+    assert layer._graph_plan is None and len(layer._graphs) == 0
