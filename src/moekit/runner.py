@@ -30,8 +30,8 @@ import torch
 from ._checks import FLOAT_DTYPES, as_float_dtype, check_callable, check_device, check_float_dtype, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
-from .experts.graphed import GraphCache
-from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_whole
+from .experts.graphed import GraphCache, tensor_key
+from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_bucket, replay_whole
 from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
@@ -248,6 +248,10 @@ class MoERunner(torch.nn.Module):
             out = replay_whole(self, graphs, hidden_states, router_logits)
             if out is not None:
                 return out
+            if router_logits is None:  # a bucket graph (gate inside) this key already replayed: no checks again
+                routed = replay_bucket(self, graphs, hidden_states)
+                if routed is not None:
+                    return self._tail(hidden_states, routed, self._copy_routed())
         return self._forward(hidden_states, router_logits, input_ids, graphs)
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
@@ -258,26 +262,43 @@ class MoERunner(torch.nn.Module):
             out, graphs = capture_whole(self, graphs, hidden_states, router_logits)
             if out is not None:
                 return out
-        lead, width = hidden_states.shape[:-1], hidden_states.shape[-1]
-        h = hidden_states.reshape(-1, width)
-        t = h.shape[0]
+        h = hidden_states.reshape(-1, hidden_states.shape[-1])
         x = h
         if self.routed_input_transform is not None:
-            x = returned("routed_input_transform", self.routed_input_transform(h), t, (self.moe_config.hidden_size,))
+            x = returned("routed_input_transform", self.routed_input_transform(h), h.shape[0],
+                         (self.moe_config.hidden_size,))
         self._check_routed_input(x)
 
-        # the static output may be returned only through a new tensor (routed + shared)
-        copy = self.routed_output_transform is not None or self.shared_experts is None
+        copy = self._copy_routed()
         if (graphs is not None and input_ids is None and router_logits is None
                 and (self._graph_plan or self._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
-            # a batch-invariant gate: gate -> route -> experts from the graph of T's bucket
-            routed = graphs(self._gate_routed, x, None, self._graph_state(), copy=copy)
+            # a batch-invariant gate: gate -> route -> experts from the graph of T's bucket; later calls of this
+            # input key (x is the checked input itself) go straight to it (replay_bucket)
+            direct = tensor_key(hidden_states) if self.routed_input_transform is None else None
+            routed = graphs(self._gate_routed, x, None, self._graph_state(), copy=copy, direct=direct)
         else:
             logits = self._logits(h if self.gate_input == "block" else x, router_logits)
             if graphs is not None and input_ids is None and graphs.eligible(x, logits):
                 routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy)
             else:
                 routed = self._routed(x, logits, input_ids)
+        return self._tail(hidden_states, routed, False, h)
+
+    def _copy_routed(self) -> bool:
+        """Whether a graph's static routed output must be copied: it would be returned as it is (no shared
+        experts to add to it) or handed to a user module (``routed_output_transform``)."""
+        return self.routed_output_transform is not None or self.shared_experts is None
+
+    def _tail(self, hidden_states, routed, copy: bool, h=None) -> torch.Tensor:
+        """routed [T, *] -> the layer's output: routed_output_transform, + shared experts (of ``h``, the input
+        as [T, H_in]), final_output_transform, the shape and dtype of hidden_states. ``copy``: ``routed`` is a
+        graph's static output that must be cloned first (see :meth:`_copy_routed`)."""
+        width = hidden_states.shape[-1]
+        if h is None:
+            h = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, width)
+        if copy:
+            routed = routed.clone()
+        t = h.shape[0]
         if self.routed_output_transform is not None:
             routed = returned("routed_output_transform", self.routed_output_transform(routed), t, (width,))
         elif routed.shape[-1] != width:
@@ -294,8 +315,10 @@ class MoERunner(torch.nn.Module):
             routed = routed + shared
         if self.final_output_transform is not None:
             routed = returned("final_output_transform", self.final_output_transform(routed), t, (width,))
-        # SPEC §1: the output has the dtype of hidden_states, whatever dtype user modules returned
-        return routed.reshape(*lead, width).to(hidden_states.dtype)
+        # SPEC §1: the output has the shape and dtype of hidden_states, whatever dtype user modules returned
+        if routed.dim() != hidden_states.dim():
+            routed = routed.reshape(hidden_states.shape)
+        return routed if routed.dtype == hidden_states.dtype else routed.to(hidden_states.dtype)
 
     def _routed(self, x: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """route -> experts (+ zero experts) (* output scale): moekit's own ops, the graphed part."""

@@ -400,3 +400,38 @@ def test_compile_traces_no_graph_machinery(monkeypatch):
     out = torch.compile(layer, fullgraph=True, backend="eager")(x, lg)
     torch.testing.assert_close(out, _plain(layer)(x, lg))
     assert layer._graph_plan is None and len(layer._graphs) == 0
+
+
+@pytest.mark.parametrize("shared", [None, "moekit", "user"])
+def test_bucket_replays_of_a_checked_key_skip_the_checks(fake_graphs, monkeypatch, shared):
+    """A call without logits whose input key (shape, dtype, device) already replayed a bucket graph (gate
+    inside) goes straight to it: no checks, no plan or key work, the same bits, a fresh tensor (or the static
+    rows consumed by routed + shared at once). Autograd, new weights, another key: the checked path again."""
+    mk = {None: lambda: None, "moekit": lambda: SharedMLP(H, 16), "user": UserShared}[shared]
+    layer = _layer(gate=RouterLinear(H, E, fp32=True, backend="triton"), shared_experts=mk(), eager_graph_tokens=64)
+    ref = _plain(layer, gate=RouterLinear(H, E, fp32=True, backend="triton"), shared_experts=mk())
+    checks = []
+    real = layer._check_hidden
+    monkeypatch.setattr(layer, "_check_hidden", lambda h: (checks.append(tuple(h.shape)), real(h)))
+    with torch.no_grad():
+        outs = []
+        for lead in [(13,), (13,), (13,), (2, 13), (2, 13), (40,)]:  # buckets 16 (2-D and 3-D keys) and 40
+            x = torch.randn(*lead, H)
+            out = layer(x)
+            assert out.shape == x.shape and torch.allclose(out, ref(x), rtol=1e-5, atol=1e-6), lead
+            outs.append((out, ref(x)))
+        assert checks == [(13, H), (2, 13, H), (40, H)]  # the first call of each key only
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in outs)  # not overwritten later
+        assert fake_graphs.replays == 3 and len(layer._graphs._direct) == 3
+        re = layer.routed_experts  # new weights: the state differs, the graphs go, the checked path again
+        re.adopt_weights(torch.randn_like(re.w13_weight) * 0.1, torch.randn_like(re.w2_weight) * 0.1)
+        ref.routed_experts.adopt_weights(re.w13_weight, re.w2_weight)
+        x = torch.randn(13, H)
+        assert torch.allclose(layer(x), ref(x), rtol=1e-5, atol=1e-6) and len(checks) == 4
+        assert list(layer._graphs._direct) == [graphed.tensor_key(x)]
+    x = torch.randn(13, H, requires_grad=True)  # autograd wanted: checked, and eager
+    with torch.enable_grad():
+        layer(x)
+        assert len(checks) == 5
+    with pytest.raises(TypeError, match="dtype"), torch.no_grad():  # another dtype: another key, checked
+        layer(torch.randn(13, H, dtype=torch.float64))

@@ -221,6 +221,7 @@ class GraphCache:
         self.pool = pool
         self.buckets = bool(buckets)  # False: exact-T graphs only (T <= 8), for a router not batch invariant
         self._entries: dict[Hashable, _Entry] = {}
+        self._direct: dict[Hashable, _Entry] = {}  # the caller's input key -> the bucket graph it replays
         self._buffers: dict[Hashable, torch.Tensor] = {}  # the bucket graphs' buffers (without a GraphPool)
         self._state: Hashable = None
         self._own_pool = None
@@ -264,10 +265,11 @@ class GraphCache:
         return out.clone() if copy else out
 
     def __call__(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor | None, state: Hashable, *,
-                 copy: bool = True) -> torch.Tensor:
+                 copy: bool = True, direct: Hashable = None) -> torch.Tensor:
         """``fn(x, logits)`` for ``x [T, H]``, ``logits [T, E]`` (or ``fn(x)`` when ``logits`` is None: the
         gate is inside), replayed from the graph of ``T``'s bucket (captured on the first call of its key).
-        The caller checked :meth:`eligible`. ``state``: see the module docstring."""
+        The caller checked :meth:`eligible`. ``state``: see the module docstring. ``direct``: the caller's key
+        of this (checked) input; :meth:`direct` then finds this graph by it until the graphs are dropped."""
         self.sync_state(state)
         rows = graph_bucket(x.shape[0], self.max_tokens)
         if logits is None:
@@ -276,8 +278,16 @@ class GraphCache:
             key, inputs = (rows, x.dtype, logits.dtype, logits.shape[1], x.device), (x, logits)
         entry = self._entries.get(key)
         if entry is None:
-            return self.capture(key, fn, inputs, rows)
-        return self.replay(entry, inputs, copy)
+            out = self.capture(key, fn, inputs, rows)
+        else:
+            out = self.replay(entry, inputs, copy)
+        if direct:  # (a plain tensor's key: tensor_key gives False for a subclass)
+            self._direct[direct] = self._entries[key]
+        return out
+
+    def direct(self, key: Hashable) -> _Entry | None:
+        """The graph a call of the caller's input ``key`` replayed (see :meth:`__call__`), or None."""
+        return self._direct.get(key)
 
     def capture(self, key: Hashable, fn: Callable, inputs: Sequence[torch.Tensor],
                 rows: int | None = None) -> torch.Tensor:
@@ -346,6 +356,7 @@ class GraphCache:
             self.pool.release(len(self._entries))
         self._own_pool = None
         self._entries.clear()
+        self._direct.clear()
         self._buffers.clear()
         self._state = None
 

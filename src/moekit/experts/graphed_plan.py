@@ -214,6 +214,28 @@ def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     return graphs.replay(entry, (hidden_states,) if router_logits is None else (hidden_states, router_logits))
 
 
+def replay_bucket(layer, graphs: GraphCache, hidden_states):
+    """The routed output ``[T, H]`` (the graph's static rows) of a call without router logits from the bucket
+    graph (gate inside) that a checked call of this input key (shape, dtype, device) replayed, or None. Every
+    check of the forward before the gate depends on that key and on the layer's state only, as for whole
+    graphs; what may change between calls is checked again: autograd, autocast, an outer capture, the state."""
+    entry = graphs.direct(tensor_key(hidden_states))
+    if entry is None:
+        return None
+    plan = layer._graph_plan
+    if plan is None or not plan.gate_in_bucket() or (torch.is_grad_enabled() and hidden_states.requires_grad):
+        return None
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    if layer._graph_state() != graphs._state:
+        graphs.clear()
+        return None
+    x = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = entry.fill((x,))
+    entry.graph.replay()
+    return out
+
+
 def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     """``(output, None)`` when this call was run and captured as a whole graph; else ``(None, graphs)``:
     the partial graph may still serve it (a token count above the exact ones: a bucket of route -> experts)."""
