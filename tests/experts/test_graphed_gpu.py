@@ -228,9 +228,37 @@ def test_whole_graph_with_moekit_gate_and_shared_experts(gate_backend):
                 x = torch.randn(*shape, device="cuda", dtype=DT)
                 assert torch.equal(graphed(x), plain(x)), (t, seed)
         assert len(graphed._graphs) == 5  # whole: T = 1, 3, 8; route -> experts: buckets 16, 40
+        # the later calls of input keys 13 and [2, 20] went straight to their bucket graphs (gate inside)
+        assert len(graphed._graphs._direct) == (2 if gate_backend == "triton" else 0)
         keys = list(graphed._graphs._entries)[3:]
         assert all((k[2] is None) == (gate_backend == "triton") for k in keys)  # the gate inside, or logits in
         graphed.shared_experts.down_proj.weight = torch.nn.Parameter(plain.shared_experts.down_proj.weight * 2)
         plain.shared_experts.down_proj.weight.mul_(2)
         x = torch.randn(1, m.H, device="cuda", dtype=DT)
         assert torch.equal(graphed(x), plain(x)) and len(graphed._graphs) == 1  # new address: recaptured
+
+
+def test_direct_bucket_replays_return_fresh_bits():
+    """Qwen3-like layer, Triton gate, no shared experts: repeated input keys above T = 8 replay their bucket
+    graph directly (no checks) and return fresh tensors with the plain call's bits, never overwritten later."""
+    from moekit.loading.modules import RouterLinear
+
+    m = MODELS["qwen3-30b-a3b"].replace(E=32)
+    torch.manual_seed(1)
+    layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
+                              gate=RouterLinear(m.H, m.E, backend="triton", device="cuda", dtype=DT),
+                              eager_graph_tokens=n, **m.layer_kwargs()) for n in (2048, 0)]
+    graphed, plain = layers
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.02)
+        graphed.load_state_dict(plain.state_dict())
+        plain.load_state_dict(plain.state_dict())
+        kept = []
+        for t in (13, 13, 13, 100, 100, 1500, 1500):
+            x = torch.randn(t, m.H, device="cuda", dtype=DT)
+            out = graphed(x)
+            assert torch.equal(out, plain(x)), t
+            kept.append((out, plain(x)))
+        assert all(torch.equal(a, b) for a, b in kept)
+        assert len(graphed._graphs._direct) == 3 and len(graphed._graphs) == 3

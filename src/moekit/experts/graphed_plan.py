@@ -38,7 +38,10 @@ Otherwise the partial graph (route -> experts) is used as before. The partial gr
 ``router_logits`` when the gate is **batch invariant** (:attr:`GraphPlan.bucket_gate`: a graph-safe gate
 class with a ``batch_invariant`` attribute, true now: moekit's ``RouterLinear`` on its Triton backend) and
 reads the routed input; a padded bucket then runs the gate on its padding rows too, and a real row's logits
-are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, so it stays outside). H200,
+are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, so it stays outside). A later
+call of an input key (shape, dtype, device) that such a graph already served goes straight to it
+(:func:`replay_bucket`, as whole graphs do): only autograd, autocast, an outer capture and the state are checked
+again, then the layer's tail (shared experts, transforms) runs as usual. H200,
 round 22, transformers' blocks patched, eager: DeepSeek-V3 1x1024 6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1
 0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``). Invalidation: :meth:`GraphPlan.watched`
 lists the modules whose parameter/buffer addresses and children are compared at every replay
