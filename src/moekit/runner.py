@@ -248,10 +248,10 @@ class MoERunner(torch.nn.Module):
             out = replay_whole(self, graphs, hidden_states, router_logits)
             if out is not None:
                 return out
-            if router_logits is None:  # a bucket graph (gate inside) this key already replayed: no checks again
-                routed = replay_bucket(self, graphs, hidden_states)
-                if routed is not None:
-                    return self._tail(hidden_states, routed, self._copy_routed())
+            # a bucket graph that a checked call of these input keys already replayed: no checks again
+            routed = replay_bucket(self, graphs, hidden_states, router_logits)
+            if routed is not None:
+                return self._tail(hidden_states, routed, self._copy_routed())
         return self._forward(hidden_states, router_logits, input_ids, graphs)
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
@@ -273,13 +273,16 @@ class MoERunner(torch.nn.Module):
         if (graphs is not None and input_ids is None and router_logits is None
                 and (self._graph_plan or self._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
             # a batch-invariant gate: gate -> route -> experts from the graph of T's bucket; later calls of this
-            # input key (x is the checked input itself) go straight to it (replay_bucket)
-            direct = tensor_key(hidden_states) if self.routed_input_transform is None else None
+            # input key go straight to it (replay_bucket) when x is the checked input itself
+            direct = (tensor_key(hidden_states), None) if self.routed_input_transform is None else None
             routed = graphs(self._gate_routed, x, None, self._graph_state(), copy=copy, direct=direct)
         else:
             logits = self._logits(h if self.gate_input == "block" else x, router_logits)
             if graphs is not None and input_ids is None and graphs.eligible(x, logits):
-                routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy)
+                # (direct replays when x and the logits are the inputs themselves: no transform, reshape or cast)
+                direct = ((tensor_key(hidden_states), tensor_key(router_logits))
+                          if self.routed_input_transform is None and logits is router_logits else None)
+                routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy, direct=direct)
             else:
                 routed = self._routed(x, logits, input_ids)
         return self._tail(hidden_states, routed, False, h)

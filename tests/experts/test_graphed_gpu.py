@@ -239,8 +239,9 @@ def test_whole_graph_with_moekit_gate_and_shared_experts(gate_backend):
 
 
 def test_direct_bucket_replays_return_fresh_bits():
-    """Qwen3-like layer, Triton gate, no shared experts: repeated input keys above T = 8 replay their bucket
-    graph directly (no checks) and return fresh tensors with the plain call's bits, never overwritten later."""
+    """Qwen3-like layer, Triton gate, no shared experts: repeated input keys above T = 8 (with and without
+    logits) replay their bucket graph directly (no checks) and return fresh tensors with the plain call's bits,
+    never overwritten later."""
     from moekit.loading.modules import RouterLinear
 
     m = MODELS["qwen3-30b-a3b"].replace(E=32)
@@ -260,5 +261,10 @@ def test_direct_bucket_replays_return_fresh_bits():
             out = graphed(x)
             assert torch.equal(out, plain(x)), t
             kept.append((out, plain(x)))
+        for t in (13, 13, 13):  # logits passed (gpt-oss's adapter): keyed by both inputs
+            x, lg = torch.randn(t, m.H, device="cuda", dtype=DT), torch.randn(t, m.E, device="cuda")
+            out = graphed(x, lg)
+            assert torch.equal(out, plain(x, lg)), t
+            kept.append((out, plain(x, lg)))
         assert all(torch.equal(a, b) for a, b in kept)
-        assert len(graphed._graphs._direct) == 3 and len(graphed._graphs) == 3
+        assert len(graphed._graphs._direct) == 4 and len(graphed._graphs) == 4

@@ -428,10 +428,33 @@ def test_bucket_replays_of_a_checked_key_skip_the_checks(fake_graphs, monkeypatc
         ref.routed_experts.adopt_weights(re.w13_weight, re.w2_weight)
         x = torch.randn(13, H)
         assert torch.allclose(layer(x), ref(x), rtol=1e-5, atol=1e-6) and len(checks) == 4
-        assert list(layer._graphs._direct) == [graphed.tensor_key(x)]
+        assert list(layer._graphs._direct) == [(graphed.tensor_key(x), None)]
     x = torch.randn(13, H, requires_grad=True)  # autograd wanted: checked, and eager
     with torch.enable_grad():
         layer(x)
         assert len(checks) == 5
     with pytest.raises(TypeError, match="dtype"), torch.no_grad():  # another dtype: another key, checked
         layer(torch.randn(13, H, dtype=torch.float64))
+
+
+def test_bucket_replays_with_logits_skip_the_checks(fake_graphs, monkeypatch):
+    """The same with router logits passed (gpt-oss's and Llama 4's adapters run the gate themselves): keyed by
+    both inputs; logits the forward would reshape or cast are never a direct key (checked every call)."""
+    layer = _layer(shared_experts=UserShared(), eager_graph_tokens=64)  # user shared experts: no whole graphs
+    ref = _plain(layer, shared_experts=UserShared())
+    ref.shared_experts.load_state_dict(layer.shared_experts.state_dict())
+    checks = []
+    real = layer._check_hidden
+    monkeypatch.setattr(layer, "_check_hidden", lambda h: (checks.append(tuple(h.shape)), real(h)))
+    with torch.no_grad():
+        for t in (13, 13, 13, 5, 5):
+            x, lg = torch.randn(t, H), torch.randn(t, E)
+            assert torch.allclose(layer(x, lg), ref(x, lg), rtol=1e-5, atol=1e-6), t
+        assert checks == [(13, H), (5, H)] and len(layer._graphs._direct) == 2
+        x, lg = torch.randn(13, H), torch.randn(13, E)
+        layer(x, lg.double())  # another logits dtype: another key, checked once, then direct
+        layer(x, lg.double())
+        assert len(checks) == 3
+        for _ in range(2):  # [1, T, E] logits are reshaped by the forward: checked every call
+            assert torch.allclose(layer(x, lg[None]), ref(x, lg), rtol=1e-5, atol=1e-6)
+        assert len(checks) == 5 and len(layer._graphs._direct) == 3

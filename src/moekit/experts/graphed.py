@@ -281,7 +281,7 @@ class GraphCache:
             out = self.capture(key, fn, inputs, rows)
         else:
             out = self.replay(entry, inputs, copy)
-        if direct:  # (a plain tensor's key: tensor_key gives False for a subclass)
+        if direct and False not in direct:  # (tensor_key gives False for a subclass: never a direct key)
             self._direct[direct] = self._entries[key]
         return out
 

@@ -39,9 +39,10 @@ Otherwise the partial graph (route -> experts) is used as before. The partial gr
 class with a ``batch_invariant`` attribute, true now: moekit's ``RouterLinear`` on its Triton backend) and
 reads the routed input; a padded bucket then runs the gate on its padding rows too, and a real row's logits
 are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, so it stays outside). A later
-call of an input key (shape, dtype, device) that such a graph already served goes straight to it
-(:func:`replay_bucket`, as whole graphs do): only autograd, autocast, an outer capture and the state are checked
-again, then the layer's tail (shared experts, transforms) runs as usual. H200,
+call of an input key (shape, dtype, device of ``hidden_states``, and of ``router_logits`` when passed) that a
+bucket graph already served goes straight to it (:func:`replay_bucket`, as whole graphs do): only autograd,
+autocast, an outer capture and the state are checked again, then the layer's tail (shared experts, transforms)
+runs as usual. H200,
 round 22, transformers' blocks patched, eager: DeepSeek-V3 1x1024 6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1
 0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``). Invalidation: :meth:`GraphPlan.watched`
 lists the modules whose parameter/buffer addresses and children are compared at every replay
@@ -217,24 +218,26 @@ def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     return graphs.replay(entry, (hidden_states,) if router_logits is None else (hidden_states, router_logits))
 
 
-def replay_bucket(layer, graphs: GraphCache, hidden_states):
-    """The routed output ``[T, H]`` (the graph's static rows) of a call without router logits from the bucket
-    graph (gate inside) that a checked call of this input key (shape, dtype, device) replayed, or None. Every
-    check of the forward before the gate depends on that key and on the layer's state only, as for whole
-    graphs; what may change between calls is checked again: autograd, autocast, an outer capture, the state."""
-    entry = graphs.direct(tensor_key(hidden_states))
+def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits):
+    """The routed output ``[T, H]`` (the graph's static rows) from the bucket graph that a checked call of these
+    input keys (shape, dtype, device of ``hidden_states`` and of ``router_logits`` or None) replayed, or None.
+    Every check of the forward before the graph depends on those keys and on the layer's state only, as for whole
+    graphs; what may change between calls is checked again: autograd, autocast (the gate inside), an outer
+    capture, the state."""
+    entry = graphs.direct((tensor_key(hidden_states), tensor_key(router_logits)))
     if entry is None:
         return None
     plan = layer._graph_plan
-    if plan is None or not plan.gate_in_bucket() or (torch.is_grad_enabled() and hidden_states.requires_grad):
+    if plan is None or (torch.is_grad_enabled() and (hidden_states.requires_grad or (
+            router_logits is not None and router_logits.requires_grad))):
         return None
-    if torch.cuda.is_current_stream_capturing():
+    if (router_logits is None and not plan.gate_in_bucket()) or torch.cuda.is_current_stream_capturing():
         return None
     if layer._graph_state() != graphs._state:
         graphs.clear()
         return None
     x = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
-    out = entry.fill((x,))
+    out = entry.fill((x,) if router_logits is None else (x, router_logits))
     entry.graph.replay()
     return out
 
