@@ -4,7 +4,7 @@
 measures the host side without it. Per model and batch x seq shape: the block's host µs per call
 (``time_host``: median of 5 blocks of 100 calls back to back), then the same calls with timing wrappers
 (``perf_counter``, ~0.2 µs each) around the layer's pieces: the adapter, ``MoERunner.forward`` / ``_forward``,
-the whole-graph lookup, the checks, the gate, the graph-state image, the graph cache's call and replay, the
+the whole-graph lookup, the direct bucket replay, the checks, the gate, the graph-state image, the graph cache's call and replay, the
 shared experts. Inclusive µs per block call (a piece's time holds the pieces it calls).
 
     PYTHONPATH=src:benchmarks python benchmarks/block_host.py --models deepseek_v3 --shapes 64x1,1x1024 \
@@ -50,6 +50,7 @@ def pieces(block, acc: dict) -> list:
     _wrap(runner.MoERunner, "forward", "runner.forward", acc, undo)
     _wrap(runner.MoERunner, "_forward", "runner._forward", acc, undo)
     _wrap(runner, "replay_whole", "replay_whole (miss)", acc, undo)
+    _wrap(runner, "replay_bucket", "replay_bucket (direct)", acc, undo)
     _wrap(runner, "capture_whole", "capture_whole (not whole)", acc, undo)
     _wrap(runner.MoERunner, "_check_hidden", "_check_hidden", acc, undo)
     _wrap(runner.MoERunner, "_check_routed_input", "_check_routed_input", acc, undo)

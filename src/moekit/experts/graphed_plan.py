@@ -208,14 +208,20 @@ def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     plan = layer._graph_plan
     if plan is None or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits)):
         return None
-    if torch.cuda.is_current_stream_capturing():  # inside a user's capture: the plain kernels are captured
-        return None
-    if plan.folded and _autocast():
-        return None
-    if layer._graph_state() != graphs._state:
-        graphs.clear()
+    if (plan.folded and _autocast()) or not _current(layer, graphs):
         return None
     return graphs.replay(entry, (hidden_states,) if router_logits is None else (hidden_states, router_logits))
+
+
+def _current(layer, graphs: GraphCache) -> bool:
+    """The graphs may replay now: not inside a user's capture (the plain kernels are captured into it then), and
+    captured for the layer's current state (else they are dropped)."""
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    if layer._graph_state() != graphs._state:
+        graphs.clear()
+        return False
+    return True
 
 
 def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits):
@@ -231,15 +237,10 @@ def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits):
     if plan is None or (torch.is_grad_enabled() and (hidden_states.requires_grad or (
             router_logits is not None and router_logits.requires_grad))):
         return None
-    if (router_logits is None and not plan.gate_in_bucket()) or torch.cuda.is_current_stream_capturing():
-        return None
-    if layer._graph_state() != graphs._state:
-        graphs.clear()
+    if (router_logits is None and not plan.gate_in_bucket()) or not _current(layer, graphs):
         return None
     x = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
-    out = entry.fill((x,) if router_logits is None else (x, router_logits))
-    entry.graph.replay()
-    return out
+    return graphs.replay(entry, (x,) if router_logits is None else (x, router_logits), copy=False)
 
 
 def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
