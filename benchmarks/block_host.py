@@ -4,8 +4,8 @@
 measures the host side without it. Per model and batch x seq shape: the block's host µs per call
 (``time_host``: median of 5 blocks of 100 calls back to back), then the same calls with timing wrappers
 (``perf_counter``, ~0.2 µs each) around the layer's pieces: the adapter, ``MoERunner.forward`` / ``_forward``,
-the whole-graph lookup, the direct bucket replay, the checks, the gate, the graph-state image, the graph cache's call and replay, the
-shared experts. Inclusive µs per block call (a piece's time holds the pieces it calls).
+the whole-graph lookup, the direct bucket replay, the checks, the gate, the graph-state image, the graph
+cache's call and replay, the shared experts. Inclusive µs per block call (a piece's time holds the pieces it calls).
 
     PYTHONPATH=src:benchmarks python benchmarks/block_host.py --models deepseek_v3 --shapes 64x1,1x1024 \
         [--graph-tokens N] [--out FILE.json]

@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -660,6 +660,15 @@ case $WHAT in
     # carried: the device has no internet); correctness only, no test times anything
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r23-gpu-all 540 python -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short -n 4 --durations=30 tests
+    ;;
+  r23-last)  # round 23, last: the graphed-layer GPU tests after the direct replay took logits too (and the review),
+    # then the smaller GPU test files no round-23 run reached
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r23-gpu-graphed 110 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
+      tests/experts/test_graphed_gpu.py
+    step r23-gpu-small 120 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
+      tests/ops/test_triton_experts.py tests/ops/test_triton_pdl_gpu.py tests/ops/test_triton_routing.py \
+      tests/ops/test_sum_pass.py tests/ops/test_tail_tiles.py tests/ops/test_swap_ab.py
     ;;
   r23-ab)  # round 23, last call: the GPU tests round 23's first full run (r23-gpu-all, cut at 80 %) likely left
     # unreached, with the graphed-layer file (the direct bucket replay's tests) first; then the eager bucket

@@ -42,9 +42,10 @@ are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, 
 call of an input key (shape, dtype, device of ``hidden_states``, and of ``router_logits`` when passed) that a
 bucket graph already served goes straight to it (:func:`replay_bucket`, as whole graphs do): only autograd,
 autocast, an outer capture and the state are checked again, then the layer's tail (shared experts, transforms)
-runs as usual. H200,
-round 22, transformers' blocks patched, eager: DeepSeek-V3 1x1024 6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1
-0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``). Invalidation: :meth:`GraphPlan.watched`
+runs as usual. H200, transformers' blocks patched, eager: the gate inside (round 22) DeepSeek-V3 1x1024
+6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1 0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``);
+the direct replay (round 23, A/B in one run: ``NVIDIA_H200-2026-12-01-r23-ab-*``) Qwen3-30B-A3B 64x1 0.375 ->
+0.348 ms, DeepSeek-V3 1x1024 5.96 -> 5.87 ms. Invalidation: :meth:`GraphPlan.watched`
 lists the modules whose parameter/buffer addresses and children are compared at every replay
 (:func:`~moekit.experts.graphed.watched_fingerprint`: a few ``data_ptr()`` reads, no generators), with
 the routing settings and the public attributes of folded modules; a reassignment on the layer itself
