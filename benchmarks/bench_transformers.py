@@ -49,6 +49,10 @@ def _deepseek_v3(m: ModelShape) -> dict:
                 n_group=m.groups, topk_group=m.topk_group, routed_scaling_factor=m.scale, norm_topk_prob=m.renorm)
 
 
+def _gpt_oss(m: ModelShape) -> dict:
+    return dict(hidden_size=m.H, intermediate_size=m.I, num_local_experts=m.E, num_experts_per_tok=m.K)
+
+
 #: key -> (shape in moekit.benchmarking.MODELS, config class, model class, MoE kwargs of the shape, the rest)
 MODELS = {
     "qwen3_moe_30b_a3b": (
@@ -64,12 +68,17 @@ MODELS = {
              first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE: one MoE layer of real size (22.5 GB bf16)
              max_position_embeddings=4096),
     ),
+    "gpt_oss_120b": (  # gpt-oss's adapter runs the gate itself and passes the logits (router_scores returned)
+        "gpt-oss-120b", "GptOssConfig", "GptOssForCausalLM", _gpt_oss,
+        dict(num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088, num_hidden_layers=2,
+             max_position_embeddings=4096),
+    ),
 }
 
 TINY = dict(
     hidden_size=64, intermediate_size=96, moe_intermediate_size=32, vocab_size=128, num_attention_heads=4,
     num_key_value_heads=4, head_dim=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-    qk_nope_head_dim=8, v_head_dim=16, num_experts=16, n_routed_experts=16,
+    qk_nope_head_dim=8, v_head_dim=16, num_experts=16, n_routed_experts=16, num_local_experts=16,
 )
 
 
