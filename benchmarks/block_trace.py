@@ -38,6 +38,13 @@ def _build(key: str, device, tiny: bool):
     return model.eval(), config
 
 
+def block_input(shape: str, hidden: int, device) -> torch.Tensor:
+    """``x [B, S, hidden]`` bf16 for ``shape`` "BxS" (seeded by the shape, as ``bench_transformers`` seeds it)."""
+    b, s = (int(v) for v in shape.split("x"))
+    g = torch.Generator(device="cpu").manual_seed(b * 100003 + s)
+    return (torch.randn(b, s, hidden, generator=g) * 0.5).to(device=device, dtype=torch.bfloat16)
+
+
 def block_inputs(models: str, shapes: str, device, tiny: bool, graph_tokens, patched: bool = True):
     """Yield ``(model key, "BxS", MoE block, x [B, S, H] bf16)`` per model and shape: the model built as
     ``bench_transformers`` builds it, patched with moekit (``eager_graph_tokens=graph_tokens``) or left on
@@ -51,9 +58,7 @@ def block_inputs(models: str, shapes: str, device, tiny: bool, graph_tokens, pat
             patch(model, eager_graph_tokens=graph_tokens)
         block = bt._moe_block(model)
         for shape in shapes.split(","):
-            b, s = (int(v) for v in shape.split("x"))
-            g = torch.Generator(device="cpu").manual_seed(b * 100003 + s)
-            x = (torch.randn(b, s, config.hidden_size, generator=g) * 0.5).to(device=device, dtype=torch.bfloat16)
+            x = block_input(shape, config.hidden_size, device)
             with torch.inference_mode():
                 for _ in range(5):
                     block(x)

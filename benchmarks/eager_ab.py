@@ -20,16 +20,9 @@ import statistics
 import torch
 
 import bench_transformers as bt
-from block_trace import _build, write_json
+from block_trace import _build, block_input, write_json
 from moekit.benchmarking import time_events
 from moekit.benchmarking.eager import time_host
-
-
-def _inputs(shapes: str, hidden: int, device):
-    for shape in shapes.split(","):
-        b, s = (int(v) for v in shape.split("x"))
-        g = torch.Generator(device="cpu").manual_seed(b * 100003 + s)
-        yield shape, (torch.randn(b, s, hidden, generator=g) * 0.5).to(device=device, dtype=torch.bfloat16)
 
 
 def _eager_ms(block, x, device, iters: int) -> float:
@@ -56,7 +49,7 @@ def main(argv=None) -> int:
         model, config = _build(key, device, args.tiny)
         model.set_experts_implementation("grouped_mm")
         block = bt._moe_block(model)
-        inputs = list(_inputs(args.shapes, config.hidden_size, device))
+        inputs = [(shape, block_input(shape, config.hidden_size, device)) for shape in args.shapes.split(",")]
         rows = {}
         with torch.inference_mode():
             for shape, x in inputs:
