@@ -458,3 +458,7 @@ def test_bucket_replays_with_logits_skip_the_checks(fake_graphs, monkeypatch):
         for _ in range(2):  # [1, T, E] logits are reshaped by the forward: checked every call
             assert torch.allclose(layer(x, lg[None]), ref(x, lg), rtol=1e-5, atol=1e-6)
         assert len(checks) == 5 and len(layer._graphs._direct) == 3
+        monkeypatch.setattr(graphed, "DIRECT_KEYS", 3)  # full: a new key is checked every call
+        for _ in range(2):
+            layer(torch.randn(14, H), torch.randn(14, E))
+        assert len(checks) == 7 and len(layer._graphs._direct) == 3

@@ -83,6 +83,9 @@ _Tensor = torch.Tensor
 EXACT_GRAPH_TOKENS = 8
 #: graphs of at most this many rows pad a call by repeating token 0; larger ones keep the rows there
 REPEAT_PAD_TOKENS = 64
+#: at most this many caller input keys find their bucket graph directly (:meth:`GraphCache.direct`): a few hundred
+#: bytes each; [B, S, H] inputs of every B x S <= 2048 would be ~15k keys. Keys past it take the checked path.
+DIRECT_KEYS = 1024
 
 
 def graph_bucket(t: int, max_tokens: int) -> int:
@@ -281,7 +284,8 @@ class GraphCache:
             out = self.capture(key, fn, inputs, rows)
         else:
             out = self.replay(entry, inputs, copy)
-        if direct and False not in direct:  # (tensor_key gives False for a subclass: never a direct key)
+        # (tensor_key gives False for a subclass: never a direct key)
+        if direct and False not in direct and len(self._direct) < DIRECT_KEYS:
             self._direct[direct] = self._entries[key]
         return out
 

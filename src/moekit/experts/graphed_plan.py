@@ -40,7 +40,8 @@ class with a ``batch_invariant`` attribute, true now: moekit's ``RouterLinear`` 
 reads the routed input; a padded bucket then runs the gate on its padding rows too, and a real row's logits
 are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, so it stays outside). A later
 call of an input key (shape, dtype, device of ``hidden_states``, and of ``router_logits`` when passed) that a
-bucket graph already served goes straight to it (:func:`replay_bucket`, as whole graphs do): only autograd,
+bucket graph already served goes straight to it (:func:`replay_bucket`, as whole graphs do; up to
+:data:`~moekit.experts.graphed.DIRECT_KEYS` keys per layer, later keys stay on the checked path): only autograd,
 autocast, an outer capture and the state are checked again, then the layer's tail (shared experts, transforms)
 runs as usual. H200, transformers' blocks patched, eager: the gate inside (round 22) DeepSeek-V3 1x1024
 6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1 0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``);
