@@ -9,7 +9,7 @@ back to back, ``perf_counter``, no synchronisation inside) of:
 - the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_state-old``
   (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
   ``grad_check``, ``copy_x``, ``copy_logits``, ``foreach_copy`` (both in one op), ``replay``,
-  ``clone``, and the former per-call checks ``checks-old`` (``_check_hidden`` + ``_check_routed_input``
+  ``clone``, and the former per-call checks ``checks-old`` (``check_hidden`` + ``check_routed_input``
   + ``check_tensor``)
 - floors: ``linear`` (one ``F.linear`` [T, H] x [H, H]) and ``view`` (an empty op, ``x.view(-1)``)
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import moekit
 from moekit._checks import check_tensor
+from moekit.runner_checks import check_hidden, check_routed_input
 from moekit.benchmarking import MODELS, time_graph
 from moekit.benchmarking.bench import build_layer
 from moekit.benchmarking.eager import time_host
@@ -54,8 +55,8 @@ def old_state(layer) -> tuple:
 
 
 def old_checks(layer, x, lg):
-    layer._check_hidden(x)
-    layer._check_routed_input(x)
+    check_hidden(layer, x)
+    check_routed_input(layer, x)
     check_tensor("router_logits", lg)
 
 

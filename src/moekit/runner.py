@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, as_float_dtype, check_callable, check_device, check_float_dtype, check_int, check_tensor
+from ._checks import as_float_dtype, check_callable, check_device, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache, tensor_key
@@ -36,7 +36,7 @@ from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import check_gate_linear, returned
+from .runner_checks import check_gate_linear, check_hidden, check_routed_input, returned
 
 #: what the gate reads: the routed input (SPEC §1) or the layer's input
 GATE_INPUTS = ("routed", "block")
@@ -257,7 +257,7 @@ class MoERunner(torch.nn.Module):
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see
         :mod:`moekit.experts.graphed_plan`), else replays the partial one (route -> experts)."""
-        self._check_hidden(hidden_states)
+        check_hidden(self, hidden_states)
         if graphs is not None and input_ids is None:
             out, graphs = capture_whole(self, graphs, hidden_states, router_logits)
             if out is not None:
@@ -267,7 +267,7 @@ class MoERunner(torch.nn.Module):
         if self.routed_input_transform is not None:
             x = returned("routed_input_transform", self.routed_input_transform(h), h.shape[0],
                          (self.moe_config.hidden_size,))
-        self._check_routed_input(x)
+        check_routed_input(self, x)
 
         copy = self._copy_routed()
         if (graphs is not None and input_ids is None and router_logits is None
@@ -368,38 +368,6 @@ class MoERunner(torch.nn.Module):
         if self.router_logits_dtype is not None:
             router_logits = router_logits.to(self.router_logits_dtype)
         return router_logits
-
-    # -- checks -------------------------------------------------------------------------------
-    def _check_hidden(self, hidden_states) -> None:
-        check_tensor("hidden_states", hidden_states)
-        check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
-        if hidden_states.dim() < 1:
-            raise ValueError("hidden_states must have shape [..., H], got a scalar")
-        if self.training and hidden_states.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(
-                f"layer {self.layer_name!r}: training is not supported yet (the expert weights have "
-                "requires_grad=False and the Triton kernels have no backward, so backward() would give no expert "
-                "gradients). For inference call layer.eval() or run under torch.no_grad()/torch.inference_mode()"
-            )
-        if self.routed_input_transform is None and hidden_states.shape[-1] != self.moe_config.hidden_size:
-            raise ValueError(
-                f"hidden_states must have shape [..., {self.moe_config.hidden_size}], got {list(hidden_states.shape)}"
-            )
-
-    def _check_routed_input(self, x: torch.Tensor) -> None:
-        w = self.routed_experts.w13_weight
-        dtype = self.routed_experts.params_dtype
-        if x.shape[-1] != self.moe_config.hidden_size:
-            raise ValueError(
-                f"the routed input must have width hidden_size={self.moe_config.hidden_size}, got {x.shape[-1]}"
-            )
-        if x.dtype != dtype:
-            raise TypeError(
-                f"hidden_states has dtype {x.dtype} but the layer's params_dtype is {dtype}; "
-                "cast the input or build the layer with params_dtype matching it"
-            )
-        if x.device != w.device:
-            raise ValueError(f"hidden_states is on {x.device} but the expert weights are on {w.device}")
 
     # -- weights ------------------------------------------------------------------------------
     def load_expert_weights(self, w13, w2, w13_bias=None, w2_bias=None, *, w13_scale=None, w2_scale=None,

@@ -1,10 +1,46 @@
-"""What the runner checks of the modules it calls (shapes only: no host synchronisation), so nothing is
-silently broadcast: a module's returned tensor (or vLLM-style ``(output, bias)`` pair), and a gate
+"""What the runner checks (shapes, dtypes, devices only: no host synchronisation), so nothing is silently
+broadcast: a forward's inputs, a module's returned tensor (or vLLM-style ``(output, bias)`` pair), and a gate
 ``nn.Linear``'s sizes at construction. See :mod:`moekit.runner` for the shapes each module must return."""
 
 from __future__ import annotations
 
 import torch
+
+from ._checks import FLOAT_DTYPES, check_float_dtype, check_tensor
+
+
+def check_hidden(layer, hidden_states) -> None:
+    """A :class:`~moekit.MoERunner` forward's ``hidden_states`` [..., H_in]: a float tensor, not a scalar, of
+    width ``hidden_size`` unless a ``routed_input_transform`` maps it; no training with autograd (unsupported)."""
+    check_tensor("hidden_states", hidden_states)
+    check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
+    if hidden_states.dim() < 1:
+        raise ValueError("hidden_states must have shape [..., H], got a scalar")
+    if layer.training and hidden_states.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"layer {layer.layer_name!r}: training is not supported yet (the expert weights have "
+            "requires_grad=False and the Triton kernels have no backward, so backward() would give no expert "
+            "gradients). For inference call layer.eval() or run under torch.no_grad()/torch.inference_mode()"
+        )
+    hidden = layer.moe_config.hidden_size
+    if layer.routed_input_transform is None and hidden_states.shape[-1] != hidden:
+        raise ValueError(f"hidden_states must have shape [..., {hidden}], got {list(hidden_states.shape)}")
+
+
+def check_routed_input(layer, x: torch.Tensor) -> None:
+    """The routed input x [T, hidden_size] matches the routed experts: width, ``params_dtype``, device."""
+    w = layer.routed_experts.w13_weight
+    dtype = layer.routed_experts.params_dtype
+    hidden = layer.moe_config.hidden_size
+    if x.shape[-1] != hidden:
+        raise ValueError(f"the routed input must have width hidden_size={hidden}, got {x.shape[-1]}")
+    if x.dtype != dtype:
+        raise TypeError(
+            f"hidden_states has dtype {x.dtype} but the layer's params_dtype is {dtype}; "
+            "cast the input or build the layer with params_dtype matching it"
+        )
+    if x.device != w.device:
+        raise ValueError(f"hidden_states is on {x.device} but the expert weights are on {w.device}")
 
 
 def first_output(out):

@@ -88,6 +88,7 @@ def _triton_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = router_gate_triton(x.reshape(-1, x.shape[-1]), weight, bias, torch.float32 if fp32 else x.dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
 
+
 class SharedMLP(torch.nn.Module):
     """Shared expert, x [T, H] -> [T, H]. Gated activations: ``down(act(gate x, up x))`` with the
     registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
@@ -150,8 +151,9 @@ def build_layer(
     (default ``device``; :func:`moekit.integrations.transformers.patch` builds them on "meta" and
     adopts a transformers block's own tensors). ``quant_config``: the routed experts' format (None: full
     precision in ``dtype``). A :class:`RouterLinear` gate gets the layer's backend. ``graph_pool``: the
-    :class:`~moekit.experts.graphed.GraphPool` a model's layers share; with it (or an explicit ``eager_graph_tokens``) the layer's graph limit is
-    ``eager_graph_tokens``, default :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048).
+    :class:`~moekit.experts.graphed.GraphPool` a model's layers share; with it (or an explicit
+    ``eager_graph_tokens``) the layer's graph limit is ``eager_graph_tokens``, default
+    :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048).
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
     ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.

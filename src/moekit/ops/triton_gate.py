@@ -6,7 +6,7 @@ Against cuBLAS (``F.linear``) it gives up a little speed at large T (H200, DeepS
 numbers in docs/kernels.md) for two properties: a row's logits are the same bits whatever else is in the
 batch (the tile shapes change with T, the H loop's step and order never do), so a layer's internal bucket
 graphs may hold the gate (:mod:`moekit.experts.graphed_plan`); and float32 logits of bf16 operands come
-without upcast copies (one launch, or two when H is cut into chunks: :func:`gate_split`).
+without upcast copies (one launch, or two when H is cut into chunks: :func:`gate_chunks`).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def _router_gate_fake(x, weight, bias, out_dtype):
 
 def router_gate_impl(x, weight, bias, out_dtype):
     """Launch the gate kernel(s) (rows of unit column stride): one GEMM pass, or ``S`` chunks of H into fp32
-    partials and the chunk-order sum (:func:`gate_split`), over at most ``GATE_ROWS`` rows at a time (the
+    partials and the chunk-order sum (:func:`gate_chunks`), over at most ``GATE_ROWS`` rows at a time (the
     partials' memory stays bounded on huge batches; a row's bits do not depend on the others)."""
     t, h = x.shape
     n = weight.shape[0]
     out = torch.empty(t, n, dtype=out_dtype, device=x.device)
     if t == 0 or n == 0:
         return out
-    splits, ks = gate_split(h)
+    splits = gate_chunks(h)
     ieee = not (x.dtype == weight.dtype and x.dtype in _HALF)
     interp = bool(knobs.runtime.interpret)
     part = None if splits == 1 else torch.empty(splits, min(t, GATE_ROWS), n, dtype=torch.float32, device=x.device)
@@ -71,7 +71,7 @@ def router_gate_impl(x, weight, bias, out_dtype):
         dst = yr if splits == 1 else part
         bm, bn = _tiles(rows)
         gate_kernel[(triton.cdiv(rows, bm), triton.cdiv(n, bn), splits)](
-            xr, weight, b, dst, rows, n, h, ks, xr.stride(0), weight.stride(0),
+            xr, weight, b, dst, rows, n, h, GATE_KS, xr.stride(0), weight.stride(0),
             dst.stride(0) if splits > 1 else 0, dst.stride(-2), BM=bm, BN=bn, BK=GATE_BK,
             HAS_BIAS=bias is not None and splits == 1, IEEE=ieee, INTERP=interp, num_warps=4, num_stages=3,
         )
@@ -84,12 +84,11 @@ def router_gate_impl(x, weight, bias, out_dtype):
     return out
 
 
-def gate_split(h: int) -> tuple[int, int]:
-    """(S, KS): H in ``S`` chunks of ``KS = GATE_KS`` columns (the last shorter); a function of H alone (the
-    order of a row's sums may not depend on T). At decode the chunks multiply the programs reading the weight:
+def gate_chunks(h: int) -> int:
+    """S: H in ``S`` chunks of ``GATE_KS`` columns (the last shorter); a function of H alone (the order of a
+    row's sums may not depend on T). At decode the chunks multiply the programs reading the weight:
     DeepSeek-V3's 7168 -> 256 at T = 1 runs 16 x 7 programs of 1024 columns instead of 16 of 7168."""
-    splits = triton.cdiv(h, GATE_KS)
-    return splits, GATE_KS
+    return triton.cdiv(h, GATE_KS)
 
 
 def _tiles(t: int) -> tuple[int, int]:
