@@ -666,7 +666,8 @@ case $WHAT in
       --out "$OUT/r23-ab-oss.json"
     ;;
   r24-qa)  # round 24: fp8 block activations quantised in the GEMMs' main loops (config "qa": no quantiser launches):
-    # GPU bits against the launches, then µs per kernel at decode, each variant twice, alternated
+    # GPU bits against the launches, then µs per kernel at decode, each variant twice, alternated. Measured 2.5-11x
+    # slower GEMMs (NVIDIA_H200-2026-12-02-r24-profile-qa.log); the code is in commit 5ba2054 only (reverted after)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r24-gpu-qa 120 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 4 -v \
       tests/ops/test_fp8_loop_quant.py

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
-from .triton_configs import gluon_flag_value, tail_bm_value
+from .triton_configs import tail_bm_value
 
 __all__ = ["QuantSpec", "QUANT_FORMATS", "DEFAULT_FP8_ACC"]
 
@@ -76,8 +76,7 @@ class QuantSpec:
         falls back to another instruction (SPEC §9); a swapped kernel (``"SWAP": 1``, the weight tile on
         wgmma's M side) needs ``BN`` >= 64 instead, and ``BLOCK_M`` stays when both kernels are swapped; tail tiles
         (``"tail_bm"``) are token rows too: >= 64 with wgmma, refused below; a swapped
-        mxfp4 / int4 kernel gets ``BN`` >= 64 too (the tiles whose bits were measured). ``"qa"`` (per GEMM, fp8 block
-        only): :meth:`_check_qa`."""
+        mxfp4 / int4 kernel gets ``BN`` >= 64 too (the tiles whose bits were measured)."""
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
@@ -110,19 +109,5 @@ class QuantSpec:
             if wgmma and c.get("SWAP"):  # the weight rows on wgmma's M side: one warpgroup per 64 of them
                 c["BN"] = max(64, int(c["BN"]))
                 c["num_warps"] = min(int(c["num_warps"]), c["BN"] // 16)
-        for part, c in (("w13", c13), ("w2", c2)):
-            self._check_qa(part, c, c13, c2)
         out["w13"], out["w2"] = c13, c2
         return out
-
-    def _check_qa(self, part: str, c: dict, c13: dict, c2: dict) -> None:
-        """Config ``"qa"`` of ``part`` (0 / 1: the GEMM quantises its activation tiles in its main loop, no quantiser
-        launch; the same bits): fp8 block weights and the Triton GEMMs only, else ``ValueError``."""
-        if not gluon_flag_value(part, c, "qa"):
-            return
-        if self.code != 1:
-            raise ValueError(f'config "{part}": "qa" = 1 quantises fp8 activations per block in the GEMM loop; the '
-                             f'weights are {self.key}, expected fp8 block weights')
-        if c13.get("gluon") or c2.get("gluon"):
-            raise ValueError(f'config "{part}": "qa" = 1 runs in the Triton GEMMs; it cannot be combined with a '
-                             f'Gluon GEMM ("gluon" set)')

@@ -38,10 +38,6 @@ a step earlier, in the buckets where that measured faster) or ``"gluon_ws": slot
 warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
 Triton kernels' bits.
 
-``"qa": 1`` in ``"w13"`` / ``"w2"`` (fp8 block weights, the Triton GEMMs only; :meth:`moekit.ops.quant_spec.QuantSpec.
-fix_config` refuses it elsewhere): that GEMM quantises its activation tiles (x for w13, w13's params-dtype output for
-w2) per K step in its main loop instead of after a quantiser launch; the same bits, one launch fewer each (decode).
-
 ``"tail_bm": BS`` (a power of two, 16 <= BS < BLOCK_M; :func:`tail_bm_value`): an expert's last rows, when at most
 BS of them are left past its last whole BLOCK_M block, run in a BS-row tile of the same Triton GEMMs and grid instead
 of a padded BLOCK_M tile (:mod:`moekit.ops._triton.align`; the same bits; not with swapped or Gluon GEMMs, fp8 wgmma

@@ -210,8 +210,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
         a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
                                                       (slot_loc, slot_rank, row_start) if ws13 else None)
-        # fp8: the input quantiser applied the routing weight already (unless w13 quantises its tiles itself)
-        w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.x_quantiser, **kw13)
+        # fp8: the input quantiser applied the routing weight already
+        w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)
     w1_desc = w2_desc = inter_desc = None
     if use_tma:

@@ -13,9 +13,7 @@ What runs where (kernels in :mod:`._triton.quant` and :mod:`._triton.grouped_gem
   of w2's input (``inter_q``, ``inter_s [rows, ⌈I/bk⌉]``): fused into the epilogue when w13's BN = bk (one
   group per tile), else a separate pass over the rounded rows (narrow w13 tiles: more programs at decode;
   the same rounding and group amax, so the same bits). w2 runs the same fp8 loop over I, then bias,
-  routing weight and the deterministic slot-order combine of the unquantised path. Config ``"qa"`` of w13 / w2:
-  that GEMM quantises its params-dtype activation tiles in its K loop instead (:func:`._triton.tiles.a_operand`;
-  no quantiser launch before it, the same bits: decode, where a launch costs more than the work).
+  routing weight and the deterministic slot-order combine of the unquantised path.
 - **fp8 channel / tensor**: ``x`` quantised per token (one group = the row) or with the static scale
   (the largest ``w13_input_scale``); ``acc = Σ_k-steps x_q · Wq`` then ``acc · s_x[t] · S[e, n]`` after the
   loop (per tensor: ``S[e, shard]``). A per-token scale of w2's input spans all of I, so w13 stores
@@ -69,17 +67,11 @@ class QuantLaunch:
     weight scales (fp32, or uint8 e8m0 / the int4 scale dtype), static input scales ``[1]`` (device)."""
 
     def __init__(self, spec: QuantSpec, w13_scale, w2_scale, s13, s2, inter: int, fp8_acc: int = 0, bn13: int = 0,
-                 w_align: tuple[int, int] = (1, 1), ptx: bool = False, qa: tuple[bool, bool] = (False, False)):
+                 w_align: tuple[int, int] = (1, 1), ptx: bool = False):
         self.spec, self.fp8, self.pack, self._inter = spec, spec.fp8, spec.pack, inter
         self.w_align = w_align  # packed weights: elements per aligned 16-byte vector of w13 / w2 rows (or 1)
-        # fp8 block, config "qa" of w13 / w2: that GEMM quantises its input tiles in its main loop (no quantiser
-        # launch before it; QuantSpec.fix_config allows it for fp8 block weights only)
-        self.qa13, self.qa2 = (bool(v) and spec.code == 1 for v in qa)
-        #: the input quantiser launch runs (and applies a routing weight on the input): fp8, unless w13 quantises
-        self.x_quantiser = spec.fp8 and not self.qa13
-        # fp8 block: w13 quantises w2's input in its epilogue when one tile is one group (BN == bk), unless w2
-        # quantises it in its own loop (w13 then stores the params dtype)
-        self.fused_req = spec.static or (spec.code == 1 and bn13 == spec.block_k and not self.qa2)
+        # fp8 block: w13 quantises w2's input in its epilogue when one tile is one group (BN == bk)
+        self.fused_req = spec.static or (spec.code == 1 and bn13 == spec.block_k)
         self.s13_static, self.s2_static = s13, s2
         if spec.fp8:
             w13_scale, w2_scale = w13_scale.float().contiguous(), w2_scale.float().contiguous()
@@ -160,21 +152,12 @@ class QuantLaunch:
         if not self.fp8:
             buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
             return x, buf, buf, kw13, kw2
-        self._post = None
-        if self.qa2:  # w2 reads w13's params-dtype rows and quantises them in its loop
-            kw2.update(QA=True, UE8M0=sp.ue8m0)
-        if self.qa13:  # w13 reads x and quantises its tiles in its loop: no quantiser launch
-            kw13.update(QA=True, UE8M0=sp.ue8m0)
-            xq = x
-        elif sorted_layout is not None:
+        if sorted_layout is not None:
             xq, xs, sxs = self._quantise_sorted(x, tw, rows, sorted_layout, on_input, interp, launch)
         else:
             xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
-        if not self.qa13:
-            kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
-        if self.qa2:
-            buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
-            return xq, buf, buf, kw13, kw2
+        kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
+        self._post = None
         if self.fused_req:  # w2's input quantised in the w13 epilogue
             inter_q = torch.empty(rows, n_inter, dtype=_FP8, device=dev)
             if sp.code == 1:
@@ -309,8 +292,7 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
         s2 = w2_input_scale.max().float().reshape(1)
     align = (1, 1) if spec.fp8 else (_vector_align(w13), _vector_align(w2))
     q = QuantLaunch(spec, w13_scale, w2_scale, s13, s2, inter, int(config.get("fp8_acc", 0)),
-                    int(config["w13"]["BN"]), align, ptx=_ptx_decode(x.device),
-                    qa=(config["w13"].get("qa", 0), config["w2"].get("qa", 0)))
+                    int(config["w13"]["BN"]), align, ptx=_ptx_decode(x.device))
     return fused_experts_impl(x, w13, w2, topk_weights, topk_ids, act.name, on_input, w1_bias, w2_bias, expert_map,
                               swiglu_limit, config=config, warmup=warmup, quant=q)
 

@@ -22,9 +22,7 @@ Quantised experts (``QUANT`` constexpr, :mod:`.quant`; 0 compiles exactly the un
   (fresh fp32 fp8 dot, a per-row times per-column scale); 2 fp8 row: ``acc += x_q · Wq`` per K step, then
   ``acc · s_x[row] · S[e, n]`` after the loop (per tensor: one S per shard). The w13 epilogue rounds the
   activation to the params dtype and quantises it again for w2 (``REQ`` 1: per row over its BN == bk
-  columns, one group; 2: a static scale; 0: stored in the params dtype, quantised by a separate pass, or by w2
-  itself). ``QA`` (fp8 block): the GEMM reads its activations in the params dtype and quantises each K step's tile
-  in the loop (one group per row, BK == bk), the quantiser launch's values and scales.
+  columns, one group; 2: a static scale; 0: stored in the params dtype, quantised by a separate pass).
 - 3 mxfp4 / 4 int4: weight tiles are unpacked and dequantised in registers to the params dtype, then the
   unquantised dot. Scales of column ``n``: ``ws_ptr + e·stride_wse + (n // ws_qbn)·stride_wsn``
   (+ ``ws_shard·stride_wsn`` for the up half of w13) plus the k index of the scale.
@@ -39,7 +37,7 @@ from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activati
 from .align import slot_local_expert
 from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
 from .rows import inline_prologue, inline_slots, pid_to_tile, row_block, tail_block
-from .tiles import a_operand, acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
+from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
 
 # the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
 SILU = tl.constexpr(get_activation("silu").code)
@@ -102,7 +100,6 @@ def w13_kernel(
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False, TAIL: tl.constexpr = 0,
-    QA: tl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype
     (sorted row layout).
@@ -110,9 +107,7 @@ def w13_kernel(
     Quantised (``QUANT`` > 0, module docstring): fp8 reads ``x`` = x_q e4m3 with scales ``xs [T, ·]``
     (stride ``stride_xst``; 0 for a static scale) and writes ``inter`` as e4m3 with ``is [rows, I/BN]``
     (``REQ`` 1) or with the static ``*qs_ptr`` (``REQ`` 2); 4-bit reads packed ``w1`` (``PACK`` per
-    element along k, scales every ``QG``). ``ON_INPUT`` is left to the fp8 input quantiser. ``QA`` (fp8 block,
-    config ``"qa"``): ``x`` in the params dtype, each K step's tile quantised in the loop (:func:`.tiles.a_operand`;
-    no quantiser launch, the same bits; ``ON_INPUT`` applied first, as the quantiser does).
+    element along k, scales every ``QG``). ``ON_INPUT`` is left to the fp8 input quantiser.
 
     ``INLINE`` (T·K <= SP, decode): no align kernel ran; every program derives the layout of its
     block from the ids in registers, and program 0 does the align kernel's zeroing.
@@ -153,7 +148,7 @@ def w13_kernel(
                           stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
                           ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
                           EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
-                          SWAP, W_ALIGN, PTX, QA)
+                          SWAP, W_ALIGN, PTX)
             else:
                 rt = tl.arange(0, TAIL)
                 _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, row0 + rt, rt < n_left,
@@ -161,7 +156,7 @@ def w13_kernel(
                           stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
                           ws_shard, ws_qbn, stride_isr, TAIL, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
                           EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
-                          SWAP, W_ALIGN, PTX, QA)
+                          SWAP, W_ALIGN, PTX)
     else:
         loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
                             SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -176,7 +171,7 @@ def w13_kernel(
                   stride_we, stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr,
                   stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED,
                   HAS_BIAS, HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, INLINE, QUANT, REQ, PACK, QG,
-                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, QA)
+                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX)
 
 
 @triton.jit
@@ -189,7 +184,6 @@ def _w13_tile(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, INLINE: tl.constexpr,
     QUANT: tl.constexpr, REQ: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr, UE8M0: tl.constexpr,
     FP8_ACC: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr,
-    QA: tl.constexpr,
 ):
     """One [BM rows, BN columns] tile of :func:`w13_kernel` for expert ``e``: sorted rows ``rows`` [BM] (``valid``
     [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here)."""
@@ -211,7 +205,7 @@ def _w13_tile(
     if QUANT > 0:  # scale rows of the gate / up columns; fp8: per-row activation scales
         ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (offs_n // ws_qbn + half * ws_shard) * stride_wsn
         ws_u = ws_g + ws_shard * stride_wsn
-        if QUANT <= FP8_ROW and not QA:
+        if QUANT <= FP8_ROW:
             xs_rows = xs_ptr + tok * stride_xst
     row_g = e * N1 + half * I + pid_n * BN
     acc_g = acc0(BM, BN, SWAP)
@@ -234,13 +228,13 @@ def _w13_tile(
         g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         if ON_INPUT:
-            a = to_dt(a.to(tl.float32) * w_in[:, None], x_ptr.dtype.element_ty, UPCAST)
-        a, a_s = a_operand(a, xs_rows, k0 // BK, valid, QUANT, QA, UE8M0, UPCAST)
-        acc_g = mma_step(a, g, acc_g, a_s, ws_g, k0 // BK, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+            a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
+        acc_g = mma_step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-            acc_u = mma_step(a, u, acc_u, a_s, ws_u, k0 // BK, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+            acc_u = mma_step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
+                          SWAP)
             u_ptrs += BK // PACK
         a_ptrs += BK
         g_ptrs += BK // PACK
@@ -312,15 +306,13 @@ def w2_kernel(
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
     QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
-    SUM_PASS: tl.constexpr = False, TAIL: tl.constexpr = 0, QA: tl.constexpr = False, UE8M0: tl.constexpr = False,
+    SUM_PASS: tl.constexpr = False, TAIL: tl.constexpr = 0,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
     ``SUM_PASS`` (with ``COMBINE``): store the weighted slot rows in ``part`` and stop; the top-k sum runs as
     :func:`.combine.sum_slots_kernel` (the same bits as the fused sum below).
     Quantised (``QUANT`` > 0): fp8 reads ``inter`` as e4m3 with scales ``as [rows, ·]`` (stride
-    ``stride_asr``; 0 for a static scale); 4-bit reads packed ``w2`` (see :func:`w13_kernel`). ``QA`` (fp8 block):
-    ``inter`` in the params dtype, quantised per K step in the loop as :func:`w13_kernel`'s ``QA`` does (no
-    quantiser launch between the GEMMs; ``UE8M0``: the scales' format).
+    ``stride_asr``; 0 for a static scale); 4-bit reads packed ``w2`` (see :func:`w13_kernel`).
     ``INLINE``: as in :func:`w13_kernel` (``T`` = ``S // K`` here: the slot count is ``S``).
     ``TAIL``: as in :func:`w13_kernel`; a tail block loads its ``inter`` rows by pointers (the descriptor's
     block is BM rows).
@@ -347,7 +339,7 @@ def w2_kernel(
                          NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it,
                          stride_pr, as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, BM, BN, BK, HAS_BIAS,
                          ON_INPUT, HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, USE_TMA, False,
-                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS, QA, UE8M0)
+                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
             else:
                 rt = tl.arange(0, TAIL)
                 _w2_tile(inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, sorted_ptr,
@@ -355,7 +347,7 @@ def w2_kernel(
                          NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it,
                          stride_pr, as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, TAIL, BN, BK, HAS_BIAS,
                          ON_INPUT, HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, False,
-                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS, QA, UE8M0)
+                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
     else:
         loc = inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
                             SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -367,7 +359,7 @@ def w2_kernel(
                  NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
                  as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, BM, BN, BK, HAS_BIAS, ON_INPUT,
                  HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, USE_TMA, INLINE, SP, QUANT, PACK,
-                 QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS, QA, UE8M0)
+                 QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
 
 
 @triton.jit
@@ -381,7 +373,6 @@ def _w2_tile(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, TMA_A: tl.constexpr,
     INLINE: tl.constexpr, SP: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr,
     FP8_ACC: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr, SUM_PASS: tl.constexpr,
-    QA: tl.constexpr, UE8M0: tl.constexpr,
 ):
     """One [BM rows, BN columns] tile of :func:`w2_kernel` for expert ``e``: the sorted rows ``row0 + [0, BM)``
     (``valid`` [BM]: live), their slots ``slot`` (``INLINE``, with the slots' experts ``loc``; else loaded here).
@@ -400,7 +391,7 @@ def _w2_tile(
     as_rows = inter_ptr
     if QUANT > 0:
         ws_row = ws_ptr + e.to(tl.int64) * stride_wse + (offs_n // ws_qbn) * stride_wsn
-        if QUANT <= FP8_ROW and not QA:
+        if QUANT <= FP8_ROW:
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
     acc = acc0(BM, BN, SWAP)
@@ -414,8 +405,7 @@ def _w2_tile(
         a = load_a(a_ptrs, inter_desc, row0, k0, valid, kmask, EVEN_K, TMA_A)
         b = load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-        a, a_s = a_operand(a, as_rows, k0 // BK, valid, QUANT, QA, UE8M0, UPCAST)
-        acc = mma_step(a, b, acc, a_s, ws_row, k0 // BK, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc = mma_step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK
         if QUANT >= MXFP4:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant import FP8_BLOCK, FP8_ROW, MXFP4, act_scale, dot_f32, load_packed_w, quantize_tile
+from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w
 
 
 @triton.jit
@@ -56,28 +56,10 @@ def load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.
 
 
 @triton.jit
-def a_operand(a, xs_rows, kb, valid, QUANT: tl.constexpr, QA: tl.constexpr, UE8M0: tl.constexpr,
-              INTERP: tl.constexpr):
-    """The A tile of one K step as the dot takes it, and its per-row scales (fp8 block; else 0): the loaded
-    e4m3 tile with ``xs_rows[kb]`` ([BM] scale pointers), or (``QA``, the config's ``"qa"``) the params-dtype
-    tile ``a`` quantised here, each row one group of BK == bk columns: the values and scales of
-    :func:`.quant.act_quant_kernel` (the same amax, scale and rounding: the same bits), without its launch."""
-    if QUANT == FP8_BLOCK:
-        if QA:
-            x = a.to(tl.float32)
-            s = act_scale(tl.max(tl.abs(x), axis=1), UE8M0)
-            return quantize_tile(x, s[:, None], INTERP), s
-        else:
-            return a, tl.load(xs_rows + kb, mask=valid, other=0.0)
-    else:
-        return a, 0.0
-
-
-@triton.jit
-def mma_step(a, b, acc, a_s, ws_row, kb, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
-             UPCAST: tl.constexpr, FP8_ACC: tl.constexpr, SWAP: tl.constexpr = False):
-    """One K step: fp8 block ``acc + (a · b) · s_x[row] · S[col, kb]`` (``a_s`` [BM] the rows' scales of this step,
-    :func:`a_operand`; ``ws_row`` [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc.
+def mma_step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
+          UPCAST: tl.constexpr, FP8_ACC: tl.constexpr, SWAP: tl.constexpr = False):
+    """One K step: fp8 block ``acc + (a · b) · s_x[row, kb] · S[col, kb]`` (``xs_rows`` [BM], ``ws_row``
+    [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc.
 
     ``SWAP``: ``acc`` is the transposed accumulator [BN, BM] and the dot is ``bᵀ · aᵀ``: the weight tile
     is the MMA's left operand (on Hopper a wgmma m64 row block of weights, from registers when it was
@@ -85,6 +67,7 @@ def mma_step(a, b, acc, a_s, ws_row, kb, nmask, QUANT: tl.constexpr, DOT_PREC: t
     whether the tensor core sums them in the same order either way is measured, not assumed."""
     lhs, rhs = dot_operands(a, b, SWAP)
     if QUANT == FP8_BLOCK:
+        a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
         w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
         acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC) * scale_outer(a_s, w_s, SWAP)
     elif QUANT == FP8_ROW:
