@@ -4,8 +4,8 @@
 measures the host side without it. Per model and batch x seq shape: the block's host µs per call
 (``time_host``: median of 5 blocks of 100 calls back to back), then the same calls with timing wrappers
 (``perf_counter``, ~0.2 µs each) around the layer's pieces: the adapter, ``MoERunner.forward`` / ``_forward``,
-the whole-graph lookup, the direct bucket replay, the checks, the gate, the graph-state image, the graph
-cache's call and replay, the shared experts. Inclusive µs per block call (a piece's time holds the pieces it calls).
+the whole-graph lookup, the direct bucket replay, ``forward_with_scores`` and its unpacking, the checks, the gate,
+the graph-state image, the graph cache's call and replay, the shared experts. Inclusive µs per block call (a piece's time holds the pieces it calls).
 
     PYTHONPATH=src:benchmarks python benchmarks/block_host.py --models deepseek_v3 --shapes 64x1,1x1024 \
         [--graph-tokens N] [--out FILE.json]
@@ -41,7 +41,7 @@ def _wrap(owner, name: str, label: str, acc: dict, undo: list) -> None:
 
 def pieces(block, acc: dict) -> list:
     """Install the wrappers; returns the undo list."""
-    from moekit import runner
+    from moekit import runner, runner_scores
     from moekit.experts import graphed
 
     undo: list = []
@@ -49,6 +49,8 @@ def pieces(block, acc: dict) -> list:
     _wrap(type(block), "forward", "adapter.forward", acc, undo)
     _wrap(runner.MoERunner, "forward", "runner.forward", acc, undo)
     _wrap(runner.MoERunner, "_forward", "runner._forward", acc, undo)
+    _wrap(runner.MoERunner, "forward_with_scores", "runner.forward_with_scores", acc, undo)
+    _wrap(runner_scores, "unpack_scores", "unpack_scores", acc, undo)
     _wrap(runner, "replay_whole", "replay_whole (miss)", acc, undo)
     _wrap(runner, "replay_bucket", "replay_bucket (direct)", acc, undo)
     _wrap(runner, "capture_whole", "capture_whole (not whole)", acc, undo)

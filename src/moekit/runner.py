@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_float_dtype, check_callable, check_device, check_int, check_tensor
+from ._checks import as_float_dtype, check_device, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache, tensor_key
@@ -36,11 +36,8 @@ from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import check_gate_linear, check_hidden, check_routed_input, returned
-
-#: what the gate reads: the routed input (SPEC §1) or the layer's input
-GATE_INPUTS = ("routed", "block")
-
+from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned
+from .runner_scores import forward_with_scores
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
 #: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
@@ -64,7 +61,8 @@ class MoERunner(torch.nn.Module):
     Build it with :func:`moekit.FusedMoE`.
 
     ``forward(hidden_states [..., H], router_logits [T, E + Z] | None = None, *, input_ids [T] | None
-    = None) -> [..., H]`` (same dtype as ``hidden_states``; see the module docstring for the order).
+    = None) -> [..., H]`` (same dtype as ``hidden_states``; see the module docstring for the order);
+    :meth:`forward_with_scores` returns the routing weights beside it.
 
     Args:
         layer_name: the layer's name (messages, ``layer.layer_name``).
@@ -141,25 +139,10 @@ class MoERunner(torch.nn.Module):
         final_output_transform: torch.nn.Module | None = None,
     ):
         super().__init__()
-        if gate_input not in GATE_INPUTS:
-            raise ValueError(f"gate_input must be one of {list(GATE_INPUTS)}, got {gate_input!r}")
-        if enable_dbo:
-            raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
-        modules = dict(gate=gate, shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
-                       routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform,
-                       final_output_transform=final_output_transform)
-        for name, module in modules.items():
-            check_callable(name, module)
-        if shared_expert_gate is not None and shared_experts is None:
-            raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
-        if gate_input == "routed":  # a gate on the block input has the block's (unknown) width
-            check_gate_linear(gate, moe_config.hidden_size, router.num_logit_columns or router.global_num_experts)
-        if routed_scaling_factor is not None and routed_scaling_factor != moe_config.output_scale:
-            raise ValueError(
-                f"routed_scaling_factor={routed_scaling_factor!r} disagrees with moe_config (output-side factor "
-                f"{moe_config.output_scale}); build the MoEConfig with routed_scaling_factor= and "
-                "apply_routed_scale_to_output=True instead (the config is the one store)"
-            )
+        check_runner_args(moe_config, router, enable_dbo, gate_input, routed_scaling_factor, dict(
+            gate=gate, shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
+            routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform,
+            final_output_transform=final_output_transform))
         self.layer_name, self.moe_config = layer_name, moe_config
         # the path of a forward, in order
         self.routed_input_transform = routed_input_transform
@@ -238,11 +221,7 @@ class MoERunner(torch.nn.Module):
     ) -> torch.Tensor:
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
         input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
-        graphs = self._graphs
-        if graphs is not None and (torch.compiler.is_compiling() or not self._modules["router"].capturable):
-            # traced by torch.compile (nothing of the graph machinery is traced), or a routing function swapped
-            # for one not declared graph-safe: plain calls only
-            graphs = None
+        graphs = self._graphs_now()
         if graphs is not None and input_ids is None:
             # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
             out = replay_whole(self, graphs, hidden_states, router_logits)
@@ -253,6 +232,21 @@ class MoERunner(torch.nn.Module):
             if routed is not None:
                 return self._tail(hidden_states, routed, self._copy_routed())
         return self._forward(hidden_states, router_logits, input_ids, graphs)
+
+    def _graphs_now(self) -> GraphCache | None:
+        """The internal graphs, unless torch.compile traces this call (nothing of the graph machinery is traced) or
+        a routing function was swapped for one not declared graph-safe (plain calls only)."""
+        graphs = self._graphs
+        if graphs is not None and (torch.compiler.is_compiling() or not self._modules["router"].capturable):
+            return None
+        return graphs
+
+    def forward_with_scores(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
+                            input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, and the routing weights it used: ``(out [..., H_in], topk_weights [T, K] float32)``, the
+        bits of ``router.select_experts(x, logits)[0]``, from one routing (inside the internal graphs when they
+        serve the call: :mod:`moekit.runner_scores`)."""
+        return forward_with_scores(self, hidden_states, router_logits, input_ids=input_ids)
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see
@@ -325,6 +319,10 @@ class MoERunner(torch.nn.Module):
 
     def _routed(self, x: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """route -> experts (+ zero experts) (* output scale): moekit's own ops, the graphed part."""
+        return self._route_experts(x, logits, input_ids)[0]
+
+    def _route_experts(self, x, logits, input_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_routed` and the routing weights it used: ``(routed [T, W], topk_weights [T, K] float32)``."""
         routing = self.router.route(x, logits, input_ids=input_ids)
         routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
         if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
@@ -332,7 +330,7 @@ class MoERunner(torch.nn.Module):
             if routing.zero_output is not None:
                 acc = acc + routing.zero_output.float()
             routed = (acc * self.routed_scaling_factor).to(routed.dtype)
-        return routed
+        return routed, routing.topk_weights
 
     def _gate_routed(self, x: torch.Tensor) -> torch.Tensor:
         """gate -> route -> experts: the graphed part when the gate is batch invariant."""

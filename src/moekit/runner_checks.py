@@ -6,7 +6,34 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_float_dtype, check_tensor
+from ._checks import FLOAT_DTYPES, check_callable, check_float_dtype, check_tensor
+
+#: what the gate reads: the routed input (SPEC §1) or the layer's input
+GATE_INPUTS = ("routed", "block")
+
+
+def check_runner_args(moe_config, router, enable_dbo: bool, gate_input: str, routed_scaling_factor,
+                      modules: dict) -> None:
+    """A :class:`~moekit.MoERunner`'s constructor arguments: ``gate_input``, no dual-batch overlap, callable user
+    ``modules`` (by name), a shared gate only with shared experts, a gate ``nn.Linear``'s sizes, and an output-side
+    ``routed_scaling_factor`` that agrees with ``moe_config``."""
+    if gate_input not in GATE_INPUTS:
+        raise ValueError(f"gate_input must be one of {list(GATE_INPUTS)}, got {gate_input!r}")
+    if enable_dbo:
+        raise NotImplementedError("enable_dbo=True (dual-batch overlap) is not supported")
+    for name, module in modules.items():
+        check_callable(name, module)
+    if modules["shared_expert_gate"] is not None and modules["shared_experts"] is None:
+        raise ValueError("shared_expert_gate is set but shared_experts is None; the gate needs shared experts")
+    if gate_input == "routed":  # a gate on the block input has the block's (unknown) width
+        check_gate_linear(modules["gate"], moe_config.hidden_size,
+                          router.num_logit_columns or router.global_num_experts)
+    if routed_scaling_factor is not None and routed_scaling_factor != moe_config.output_scale:
+        raise ValueError(
+            f"routed_scaling_factor={routed_scaling_factor!r} disagrees with moe_config (output-side factor "
+            f"{moe_config.output_scale}); build the MoEConfig with routed_scaling_factor= and "
+            "apply_routed_scale_to_output=True instead (the config is the one store)"
+        )
 
 
 def check_hidden(layer, hidden_states) -> None:

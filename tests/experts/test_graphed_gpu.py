@@ -268,3 +268,32 @@ def test_direct_bucket_replays_return_fresh_bits():
             kept.append((out, plain(x, lg)))
         assert all(torch.equal(a, b) for a, b in kept)
         assert len(graphed._graphs._direct) == 4 and len(graphed._graphs) == 4
+
+
+@pytest.mark.parametrize("gate_backend", ["triton", "torch"])
+def test_forward_with_scores_bit_identical(gate_backend):
+    """gpt-oss-like layer (biases, swigluoai), moekit's gate: ``forward_with_scores`` replays its own graphs (the
+    gate inside on the Triton backend, eager on the torch one) and returns the plain forward's bits and the plain
+    ``select_experts`` weights' bits, at exact T and in padded buckets; earlier results are not overwritten."""
+    from moekit.loading.modules import RouterLinear
+
+    m = MODELS["gpt-oss-120b"].replace(E=16)
+    torch.manual_seed(2)
+    layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
+                              gate=RouterLinear(m.H, m.E, bias=True, backend=gate_backend, device="cuda", dtype=DT),
+                              eager_graph_tokens=n, swiglu_limit=7.0, **m.layer_kwargs()) for n in (64, 0)]
+    graphed, plain = layers
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.02)
+        graphed.load_state_dict(plain.state_dict())
+        plain.load_state_dict(plain.state_dict())
+        kept = []
+        for t in (1, 1, 5, 5, 13, 13, 40):
+            x = torch.randn(t, m.H, device="cuda", dtype=DT)
+            out, w = graphed.forward_with_scores(x)
+            ref, wref = plain(x), plain.router.select_experts(x, plain.gate(x))[0]
+            assert torch.equal(out, ref) and torch.equal(w, wref), t
+            kept.append((out, w, ref, wref))
+        assert all(torch.equal(a, c) and torch.equal(b, d) for a, b, c, d in kept)
+        assert [k[0] for k in graphed._graphs._entries if k[-1] == "scores"] == [1, 5, 16, 40]

@@ -268,17 +268,18 @@ class GraphCache:
         return out.clone() if copy else out
 
     def __call__(self, fn: Callable, x: torch.Tensor, logits: torch.Tensor | None, state: Hashable, *,
-                 copy: bool = True, direct: Hashable = None) -> torch.Tensor:
+                 copy: bool = True, direct: Hashable = None, tag: Hashable = None) -> torch.Tensor:
         """``fn(x, logits)`` for ``x [T, H]``, ``logits [T, E]`` (or ``fn(x)`` when ``logits`` is None: the
         gate is inside), replayed from the graph of ``T``'s bucket (captured on the first call of its key).
         The caller checked :meth:`eligible`. ``state``: see the module docstring. ``direct``: the caller's key
-        of this (checked) input; :meth:`direct` then finds this graph by it until the graphs are dropped."""
+        of this (checked) input; :meth:`direct` then finds this graph by it until the graphs are dropped. ``tag``:
+        which of the owner's functions ``fn`` is, when it has several (their graphs are keyed apart)."""
         self.sync_state(state)
         rows = graph_bucket(x.shape[0], self.max_tokens)
         if logits is None:
-            key, inputs = (rows, x.dtype, None, x.device), (x,)
+            key, inputs = (rows, x.dtype, None, x.device, tag), (x,)
         else:
-            key, inputs = (rows, x.dtype, logits.dtype, logits.shape[1], x.device), (x, logits)
+            key, inputs = (rows, x.dtype, logits.dtype, logits.shape[1], x.device, tag), (x, logits)
         entry = self._entries.get(key)
         if entry is None:
             out = self.capture(key, fn, inputs, rows)

@@ -74,11 +74,12 @@ class MoEBlockAdapter(torch.nn.Module):
         ids = input_ids.reshape(-1) if (self.needs_input_ids and input_ids is not None) else None
         if self.output == "hidden":
             return self.moe(x, input_ids=ids).reshape(shape)
-        logits = self.moe.gate(x)
-        out = self.moe(x, logits, input_ids=ids)
         if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
-            return out, logits
-        weights, _ = self.moe.router.select_experts(x, logits)  # gpt-oss: (hidden, router_scores [T, K])
+            logits = self.moe.gate(x)
+            return self.moe(x, logits, input_ids=ids), logits
+        # gpt-oss: (hidden, router_scores [T, K]), the weights of the forward's own routing (one routing, the gate
+        # inside the layer's internal graphs where they serve the call)
+        out, weights = self.moe.forward_with_scores(x, input_ids=ids)
         if self.output == "hidden_scores_over_k":  # OpenAI privacy filter: router_scores / K
             weights = weights / weights.shape[-1]
         return out.reshape(shape), weights.to(hidden_states.dtype)
