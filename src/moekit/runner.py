@@ -257,12 +257,7 @@ class MoERunner(torch.nn.Module):
             if out is not None:
                 return out
         h = hidden_states.reshape(-1, hidden_states.shape[-1])
-        x = h
-        if self.routed_input_transform is not None:
-            x = returned("routed_input_transform", self.routed_input_transform(h), h.shape[0],
-                         (self.moe_config.hidden_size,))
-        check_routed_input(self, x)
-
+        x = self._routed_input(h)
         copy = self._copy_routed()
         if (graphs is not None and input_ids is None and router_logits is None
                 and (self._graph_plan or self._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
@@ -280,6 +275,16 @@ class MoERunner(torch.nn.Module):
             else:
                 routed = self._routed(x, logits, input_ids)
         return self._tail(hidden_states, routed, False, h)
+
+    def _routed_input(self, h: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden_size]: ``routed_input_transform(h)`` if set, else ``h`` (h: the input as [T, H_in]), checked
+        against the routed experts."""
+        x = h
+        if self.routed_input_transform is not None:
+            x = returned("routed_input_transform", self.routed_input_transform(h), h.shape[0],
+                         (self.moe_config.hidden_size,))
+        check_routed_input(self, x)
+        return x
 
     def _copy_routed(self) -> bool:
         """Whether a graph's static routed output must be copied: it would be returned as it is (no shared

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .runner_checks import check_hidden, check_routed_input, returned
+from .runner_checks import check_hidden
 
 _TAG = "scores"
 
@@ -26,8 +26,8 @@ _TAG = "scores"
 def pack_scores(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``[T, W]`` routed output and ``[T, K]`` float32 weights -> ``[T, C + W]`` of the routed dtype, the weights'
     bits first (``C`` = 2K columns of a 16-bit dtype, K of float32; a float64 output takes them as values)."""
-    if routed.element_size() == 2:
-        w = weights.contiguous().view(routed.dtype)
+    if routed.element_size() == 2:  # (float() first: a routing function's weights in another dtype)
+        w = weights.float().contiguous().view(routed.dtype)
     else:
         w = weights.to(routed.dtype)
     return torch.cat([w, routed], dim=1)
@@ -48,11 +48,7 @@ def forward_with_scores(layer, hidden_states: torch.Tensor, router_logits: torch
     graphs = layer._graphs_now() if input_ids is None else None  # (hash routing's id checks: plain calls)
     check_hidden(layer, hidden_states)
     h = hidden_states.reshape(-1, hidden_states.shape[-1])
-    x = h
-    if layer.routed_input_transform is not None:
-        x = returned("routed_input_transform", layer.routed_input_transform(h), h.shape[0],
-                     (layer.moe_config.hidden_size,))
-    check_routed_input(layer, x)
+    x = layer._routed_input(h)
     k = layer.router.top_k
     if (graphs is not None and router_logits is None
             and (layer._graph_plan or layer._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):

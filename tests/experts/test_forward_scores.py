@@ -57,6 +57,8 @@ def test_pack_unpack_round_trip(dtype, width, k):
     r2, w2 = unpack_scores(packed, k)
     assert r2.is_contiguous() and w2.is_contiguous() and w2.dtype == torch.float32
     assert torch.equal(r2, routed) and torch.equal(w2.view(torch.int32), w.view(torch.int32))
+    r3, w3 = unpack_scores(pack_scores(routed, w.to(torch.bfloat16)), k)  # weights in another dtype: as float32
+    assert torch.equal(w3[1:], w[1:].to(torch.bfloat16).float())
     packed.zero_()  # fresh tensors: the static output may be overwritten
     assert torch.equal(r2, routed)
 

@@ -238,23 +238,30 @@ def test_whole_graph_with_moekit_gate_and_shared_experts(gate_backend):
         assert torch.equal(graphed(x), plain(x)) and len(graphed._graphs) == 1  # new address: recaptured
 
 
-def test_direct_bucket_replays_return_fresh_bits():
-    """Qwen3-like layer, Triton gate, no shared experts: repeated input keys above T = 8 (with and without
-    logits) replay their bucket graph directly (no checks) and return fresh tensors with the plain call's bits,
-    never overwritten later."""
+def _gated_pair(m, tokens: int, seed: int, bias: bool = False, backend: str = "triton", **kw):
+    """(graphed layer, plain layer) of shape ``m`` with moekit's gate (``backend``, with a bias if asked), random
+    weights shared by both (a state dict load also records the experts as loaded)."""
     from moekit.loading.modules import RouterLinear
 
-    m = MODELS["qwen3-30b-a3b"].replace(E=32)
-    torch.manual_seed(1)
-    layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
-                              gate=RouterLinear(m.H, m.E, backend="triton", device="cuda", dtype=DT),
-                              eager_graph_tokens=n, **m.layer_kwargs()) for n in (2048, 0)]
-    graphed, plain = layers
+    torch.manual_seed(seed)
+    graphed, plain = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
+                                      gate=RouterLinear(m.H, m.E, bias=bias, backend=backend, device="cuda", dtype=DT),
+                                      eager_graph_tokens=n, **m.layer_kwargs(), **kw) for n in (tokens, 0)]
     with torch.no_grad():
         for p in plain.parameters():
             p.normal_(0, 0.02)
         graphed.load_state_dict(plain.state_dict())
         plain.load_state_dict(plain.state_dict())
+    return graphed, plain
+
+
+def test_direct_bucket_replays_return_fresh_bits():
+    """Qwen3-like layer, Triton gate, no shared experts: repeated input keys above T = 8 (with and without
+    logits) replay their bucket graph directly (no checks) and return fresh tensors with the plain call's bits,
+    never overwritten later."""
+    m = MODELS["qwen3-30b-a3b"].replace(E=32)
+    graphed, plain = _gated_pair(m, 2048, seed=1)
+    with torch.no_grad():
         kept = []
         for t in (13, 13, 13, 100, 100, 1500, 1500):
             x = torch.randn(t, m.H, device="cuda", dtype=DT)
@@ -275,19 +282,9 @@ def test_forward_with_scores_bit_identical(gate_backend):
     """gpt-oss-like layer (biases, swigluoai), moekit's gate: ``forward_with_scores`` replays its own graphs (the
     gate inside on the Triton backend, eager on the torch one) and returns the plain forward's bits and the plain
     ``select_experts`` weights' bits, at exact T and in padded buckets; earlier results are not overwritten."""
-    from moekit.loading.modules import RouterLinear
-
     m = MODELS["gpt-oss-120b"].replace(E=16)
-    torch.manual_seed(2)
-    layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=DT, device="cuda", backend="triton",
-                              gate=RouterLinear(m.H, m.E, bias=True, backend=gate_backend, device="cuda", dtype=DT),
-                              eager_graph_tokens=n, swiglu_limit=7.0, **m.layer_kwargs()) for n in (64, 0)]
-    graphed, plain = layers
+    graphed, plain = _gated_pair(m, 64, seed=2, bias=True, backend=gate_backend, swiglu_limit=7.0)
     with torch.no_grad():
-        for p in plain.parameters():
-            p.normal_(0, 0.02)
-        graphed.load_state_dict(plain.state_dict())
-        plain.load_state_dict(plain.state_dict())
         kept = []
         for t in (1, 1, 5, 5, 13, 13, 40):
             x = torch.randn(t, m.H, device="cuda", dtype=DT)
