@@ -44,6 +44,11 @@ import torch  # noqa: E402
 # tests/reference.py (the one float64 oracle) is importable as ``reference`` from every test folder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# pytest-xdist workers (the device runs use 4-6 on one host): each takes its share of the cores for torch's CPU ops
+# (the quantisation of test weights, the CPU twin), not all of them; N workers x all cores oversubscribe the host.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_collection_modifyitems(config, items):
     if CUDA:
