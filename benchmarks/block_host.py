@@ -41,8 +41,8 @@ def _wrap(owner, name: str, label: str, acc: dict, undo: list) -> None:
 
 def pieces(block, acc: dict) -> list:
     """Install the wrappers; returns the undo list."""
-    from moekit import runner, runner_scores
-    from moekit.experts import graphed
+    from moekit import runner
+    from moekit.experts import graphed, graphed_plan
 
     undo: list = []
     moe = block.moe
@@ -50,7 +50,7 @@ def pieces(block, acc: dict) -> list:
     _wrap(runner.MoERunner, "forward", "runner.forward", acc, undo)
     _wrap(runner.MoERunner, "_forward", "runner._forward", acc, undo)
     _wrap(runner.MoERunner, "forward_with_scores", "runner.forward_with_scores", acc, undo)
-    _wrap(runner_scores, "unpack_scores", "unpack_scores", acc, undo)
+    _wrap(graphed_plan, "unpack_scores", "unpack_scores", acc, undo)
     _wrap(runner, "replay_whole", "replay_whole (miss)", acc, undo)
     _wrap(runner, "replay_bucket", "replay_bucket (direct)", acc, undo)
     _wrap(runner, "capture_whole", "capture_whole (not whole)", acc, undo)

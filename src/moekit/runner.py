@@ -30,14 +30,13 @@ import torch
 from ._checks import as_float_dtype, check_device, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
-from .experts.graphed import GraphCache, tensor_key
-from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_bucket, replay_whole
+from .experts.graphed import GraphCache
+from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_bucket, replay_whole, route_graphed
 from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
 from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned
-from .runner_scores import forward_with_scores
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
 #: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
@@ -245,8 +244,11 @@ class MoERunner(torch.nn.Module):
                             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`, and the routing weights it used: ``(out [..., H_in], topk_weights [T, K] float32)``, the
         bits of ``router.select_experts(x, logits)[0]``, from one routing (inside the internal graphs when they
-        serve the call: :mod:`moekit.runner_scores`)."""
-        return forward_with_scores(self, hidden_states, router_logits, input_ids=input_ids)
+        serve the call, the weights riding in the graph's output: :func:`~moekit.experts.graphed_plan.pack_scores`)."""
+        check_hidden(self, hidden_states)
+        h = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, self._graphs_now(), True)
+        return self._tail(hidden_states, routed, False, h), weights
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see
@@ -257,23 +259,7 @@ class MoERunner(torch.nn.Module):
             if out is not None:
                 return out
         h = hidden_states.reshape(-1, hidden_states.shape[-1])
-        x = self._routed_input(h)
-        copy = self._copy_routed()
-        if (graphs is not None and input_ids is None and router_logits is None
-                and (self._graph_plan or self._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
-            # a batch-invariant gate: gate -> route -> experts from the graph of T's bucket; later calls of this
-            # input key go straight to it (replay_bucket) when x is the checked input itself
-            direct = (tensor_key(hidden_states), None) if self.routed_input_transform is None else None
-            routed = graphs(self._gate_routed, x, None, self._graph_state(), copy=copy, direct=direct)
-        else:
-            logits = self._logits(h if self.gate_input == "block" else x, router_logits)
-            if graphs is not None and input_ids is None and graphs.eligible(x, logits):
-                # (direct replays when x and the logits are the inputs themselves: no transform, reshape or cast)
-                direct = ((tensor_key(hidden_states), tensor_key(router_logits))
-                          if self.routed_input_transform is None and logits is router_logits else None)
-                routed = graphs(self._routed, x, logits, self._graph_state(), copy=copy, direct=direct)
-            else:
-                routed = self._routed(x, logits, input_ids)
+        routed = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, False)[0]
         return self._tail(hidden_states, routed, False, h)
 
     def _routed_input(self, h: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 import moekit
 from moekit.loading.modules import RouterLinear, SharedMLP
-from moekit.runner_scores import pack_scores, unpack_scores
+from moekit.experts.graphed_plan import pack_scores, unpack_scores
 
 H, E, K = 32, 8, 2
 

@@ -46,7 +46,13 @@ autocast, an outer capture and the state are checked again, then the layer's tai
 runs as usual. H200, transformers' blocks patched, eager: the gate inside (round 22) DeepSeek-V3 1x1024
 6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1 0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``);
 the direct replay (round 23, A/B in one run: ``NVIDIA_H200-2026-12-01-r23-ab-*``) Qwen3-30B-A3B 64x1 0.375 ->
-0.348 ms, DeepSeek-V3 1x1024 5.96 -> 5.87 ms. Invalidation: :meth:`GraphPlan.watched`
+0.348 ms, DeepSeek-V3 1x1024 5.96 -> 5.87 ms.
+
+**Routing weights beside the output** (``forward_with_scores``: transformers' gpt-oss block returns
+``(hidden, router_scores)``): the same bucket graphs (gate inside or not), keyed apart (``tag="scores"``), return
+both through their one output, the weights' float32 bits as ``2K`` extra columns of the output's 16-bit dtype
+(:func:`pack_scores`, :func:`unpack_scores`: one copy each after the replay), so a call routes once; elsewhere
+the same ops run eagerly. Invalidation: :meth:`GraphPlan.watched`
 lists the modules whose parameter/buffer addresses and children are compared at every replay
 (:func:`~moekit.experts.graphed.watched_fingerprint`: a few ``data_ptr()`` reads, no generators), with
 the routing settings and the public attributes of folded modules; a reassignment on the layer itself
@@ -260,3 +266,49 @@ def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     key = (tensor_key(hidden_states), tensor_key(router_logits))
     inputs = (hidden_states,) if router_logits is None else (hidden_states, router_logits)
     return graphs.capture(key, lambda h, lg=None: layer._forward(h, lg, None, None), inputs), None
+
+
+def route_graphed(layer, hidden_states, h, router_logits, input_ids, graphs, scores: bool) -> tuple:
+    """(gate ->) route -> experts of a checked input ``h`` [T, H_in] -> ``(routed, topk_weights | None)``: from the
+    graph of T's bucket when ``graphs`` serve the call (the gate inside when it is batch invariant), else eagerly.
+    ``scores``: the routing weights too (``forward_with_scores``): they ride in the graph's output
+    (:func:`pack_scores`), and those graphs are keyed apart (``tag="scores"``); else the forward's graphs, whose
+    checked input keys later replay directly (:func:`replay_bucket`)."""
+    x = layer._routed_input(h)
+    kw = dict(copy=False, tag="scores") if scores else dict(copy=layer._copy_routed())
+    plain = layer.routed_input_transform is None and not scores  # x is the caller's input: a direct key
+    if (graphs is not None and input_ids is None and router_logits is None
+            and (layer._graph_plan or layer._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
+        fn = (lambda xs: pack_scores(*layer._route_experts(xs, layer._logits(xs, None)))) if scores else \
+            layer._gate_routed
+        out = graphs(fn, x, None, layer._graph_state(), direct=(tensor_key(hidden_states), None) if plain else None,
+                     **kw)
+    else:
+        logits = layer._logits(h if layer.gate_input == "block" else x, router_logits)
+        if not (graphs is not None and input_ids is None and graphs.eligible(x, logits)):
+            routed, weights = layer._route_experts(x, logits, input_ids)
+            return routed, weights if scores else None
+        fn = (lambda xs, ls: pack_scores(*layer._route_experts(xs, ls))) if scores else layer._routed
+        # (direct replays when x and the logits are the inputs themselves: no transform, reshape or cast)
+        direct = (tensor_key(hidden_states), tensor_key(router_logits)) if plain and logits is router_logits else None
+        out = graphs(fn, x, logits, layer._graph_state(), direct=direct, **kw)
+    return unpack_scores(out, layer.router.top_k) if scores else (out, None)
+
+
+def pack_scores(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[T, W]`` routed output and ``[T, K]`` float32 weights -> ``[T, C + W]`` of the routed dtype, the weights'
+    bits first (``C`` = 2K columns of a 16-bit dtype, K of float32; a float64 output takes them as values)."""
+    if routed.element_size() == 2:  # (float() first: a routing function's weights in another dtype)
+        w = weights.float().contiguous().view(routed.dtype)
+    else:
+        w = weights.to(routed.dtype)
+    return torch.cat([w, routed], dim=1)
+
+
+def unpack_scores(packed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_scores` undone: ``(routed [T, W], weights [T, K] float32)``, each a fresh contiguous tensor
+    (``packed`` may be a graph's static output, which the next replay overwrites)."""
+    c = 2 * k if packed.element_size() == 2 else k
+    head = packed[:, :c].contiguous()
+    weights = head.view(torch.float32) if packed.element_size() == 2 else head.float()
+    return packed[:, c:].contiguous(), weights
