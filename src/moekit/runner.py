@@ -31,7 +31,8 @@ from ._checks import as_float_dtype, check_device, check_int, check_tensor
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
-from .experts.graphed_plan import GraphPlan, capture_whole, graph_plan, replay_bucket, replay_whole, route_graphed
+from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, replay_bucket, replay_whole, route_graphed,
+                                   unpack_scores)
 from .experts.mapping import load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
@@ -245,9 +246,15 @@ class MoERunner(torch.nn.Module):
         """:meth:`forward`, and the routing weights it used: ``(out [..., H_in], topk_weights [T, K] float32)``, the
         bits of ``router.select_experts(x, logits)[0]``, from one routing (inside the internal graphs when they
         serve the call, the weights riding in the graph's output: :func:`~moekit.experts.graphed_plan.pack_scores`)."""
+        graphs = self._graphs_now()
+        if graphs is not None and input_ids is None:  # a checked call of these input keys was served: no checks
+            packed = replay_bucket(self, graphs, hidden_states, router_logits, tag="scores")
+            if packed is not None:
+                routed, weights = unpack_scores(packed, self.router.top_k)
+                return self._tail(hidden_states, routed, False), weights
         check_hidden(self, hidden_states)
         h = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, self._graphs_now(), True)
+        routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, True)
         return self._tail(hidden_states, routed, False, h), weights
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import moekit
+from moekit import runner
 from moekit.loading.modules import RouterLinear, SharedMLP
 from moekit.experts.graphed_plan import pack_scores, unpack_scores
 
@@ -123,6 +124,47 @@ def test_graphs_with_logits_and_shared_experts(fake_graphs):
         out, w = layer.forward_with_scores(x)
         ref, wref = _want(layer, x)
         assert torch.equal(out, ref) and torch.equal(w, wref)
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["gate_inside", "logits_passed"])
+def test_direct_replays_of_a_checked_key_skip_the_checks(fake_graphs, monkeypatch, logits):
+    """A later call of an input key (shape, dtype, device of x, and of the logits when passed) whose checked call
+    a scores graph served goes straight to that graph: no checks, the same bits, fresh tensors. The forward's
+    direct keys are tagged apart (a forward call of the same key never gets the packed output); new weights
+    and autograd take the checked path again."""
+    layer = _layer(eager_graph_tokens=64)
+    checks = []
+    real = runner.check_hidden
+    monkeypatch.setattr(runner, "check_hidden",
+                        lambda lay, h: (lay is layer and checks.append(tuple(h.shape)), real(lay, h)))
+    kept = []
+    with torch.no_grad():
+        for lead in [(13,), (13,), (13,), (2, 13), (2, 13)]:  # bucket 16, 2-D and 3-D keys
+            x = torch.randn(*lead, H)
+            lg = torch.randn(x.numel() // H, E) if logits else None
+            kept.append((x, lg) + layer.forward_with_scores(x, lg))
+        assert checks == [(13, H), (2, 13, H)]  # the first call of each key only
+        assert fake_graphs.replays == 3
+        for x, lg, out, w in kept:  # the same bits as the checked calls, not overwritten by later replays
+            ref, wref = _want(layer, x, lg)
+            assert torch.equal(out, ref) and torch.equal(w, wref)
+        tags = sorted(str(key[-1]) for key in layer._graphs._direct)
+        assert tags == ["None", "None", "scores", "scores"]  # one key per input shape, each function's own
+        x = torch.randn(13, H)  # a forward call of a scores key: the forward's output, not the packed one
+        lg = torch.randn(13, E) if logits else None
+        assert torch.equal(layer(x, lg), _want(layer, x, lg)[0])
+        re = layer.routed_experts  # new weights: the state differs, the graphs go, the checked path again
+        re.adopt_weights(torch.randn_like(re.w13_weight) * 0.1, torch.randn_like(re.w2_weight) * 0.1)
+        before = len(checks)
+        out, w = layer.forward_with_scores(x, lg)
+        ref, wref = _want(layer, x, lg)
+        assert len(checks) == before + 2 and torch.equal(out, ref) and torch.equal(w, wref)
+    with torch.enable_grad():  # autograd wanted: checked, eager
+        x = torch.randn(13, H, requires_grad=True)
+        before = len(checks)
+        out, w = layer.forward_with_scores(x, lg)
+        assert len(checks) == before + 1 and torch.equal(w, layer.router.select_experts(
+            x, layer.gate(x) if lg is None else lg)[0])
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "openai_privacy_filter"])

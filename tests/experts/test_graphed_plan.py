@@ -391,7 +391,7 @@ def test_bucket_replays_of_a_checked_key_skip_the_checks(fake_graphs, monkeypatc
         ref.routed_experts.adopt_weights(re.w13_weight, re.w2_weight)
         x = torch.randn(13, H)
         assert torch.allclose(layer(x), ref(x), rtol=1e-5, atol=1e-6) and len(checks) == 4
-        assert list(layer._graphs._direct) == [(graphed.tensor_key(x), None)]
+        assert list(layer._graphs._direct) == [(graphed.tensor_key(x), None, None)]
     x = torch.randn(13, H, requires_grad=True)  # autograd wanted: checked, and eager
     with torch.enable_grad():
         layer(x)

@@ -51,8 +51,9 @@ the direct replay (round 23, A/B in one run: ``NVIDIA_H200-2026-12-01-r23-ab-*``
 **Routing weights beside the output** (``forward_with_scores``: transformers' gpt-oss block returns
 ``(hidden, router_scores)``): the same bucket graphs (gate inside or not), keyed apart (``tag="scores"``), return
 both through their one output, the weights' float32 bits as ``2K`` extra columns of the output's 16-bit dtype
-(:func:`pack_scores`, :func:`unpack_scores`: one copy each after the replay), so a call routes once; elsewhere
-the same ops run eagerly. Invalidation: :meth:`GraphPlan.watched`
+(:func:`pack_scores`, :func:`unpack_scores`: one copy each after the replay), so a call routes once; later calls
+of a checked input key replay directly as the forward's do (their direct keys tagged apart); elsewhere the same ops
+run eagerly. Invalidation: :meth:`GraphPlan.watched`
 lists the modules whose parameter/buffer addresses and children are compared at every replay
 (:func:`~moekit.experts.graphed.watched_fingerprint`: a few ``data_ptr()`` reads, no generators), with
 the routing settings and the public attributes of folded modules; a reassignment on the layer itself
@@ -232,13 +233,13 @@ def _current(layer, graphs: GraphCache) -> bool:
     return True
 
 
-def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits):
-    """The routed output ``[T, H]`` (the graph's static rows) from the bucket graph that a checked call of these
-    input keys (shape, dtype, device of ``hidden_states`` and of ``router_logits`` or None) replayed, or None.
-    Every check of the forward before the graph depends on those keys and on the layer's state only, as for whole
-    graphs; what may change between calls is checked again: autograd, autocast (the gate inside), an outer
-    capture, the state."""
-    entry = graphs.direct((tensor_key(hidden_states), tensor_key(router_logits)))
+def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits, tag=None):
+    """The routed output ``[T, H]`` (the graph's static rows; with ``tag="scores"`` the packed output of
+    :func:`pack_scores`) from the bucket graph that a checked call of these input keys (shape, dtype, device of
+    ``hidden_states`` and of ``router_logits`` or None) replayed, or None. Every check of the forward before the
+    graph depends on those keys and on the layer's state only, as for whole graphs; what may change between calls
+    is checked again: autograd, autocast (the gate inside), an outer capture, the state."""
+    entry = graphs.direct((tensor_key(hidden_states), tensor_key(router_logits), tag))
     if entry is None:
         return None
     plan = layer._graph_plan
@@ -272,17 +273,18 @@ def route_graphed(layer, hidden_states, h, router_logits, input_ids, graphs, sco
     """(gate ->) route -> experts of a checked input ``h`` [T, H_in] -> ``(routed, topk_weights | None)``: from the
     graph of T's bucket when ``graphs`` serve the call (the gate inside when it is batch invariant), else eagerly.
     ``scores``: the routing weights too (``forward_with_scores``): they ride in the graph's output
-    (:func:`pack_scores`), and those graphs are keyed apart (``tag="scores"``); else the forward's graphs, whose
-    checked input keys later replay directly (:func:`replay_bucket`)."""
+    (:func:`pack_scores`), and those graphs are keyed apart (``tag="scores"``). Checked input keys later replay
+    directly (:func:`replay_bucket`, with the tag)."""
     x = layer._routed_input(h)
-    kw = dict(copy=False, tag="scores") if scores else dict(copy=layer._copy_routed())
-    plain = layer.routed_input_transform is None and not scores  # x is the caller's input: a direct key
+    tag = "scores" if scores else None
+    kw = dict(copy=False, tag=tag) if scores else dict(copy=layer._copy_routed())
+    plain = layer.routed_input_transform is None  # x is the caller's input: a direct key (see replay_bucket)
     if (graphs is not None and input_ids is None and router_logits is None
             and (layer._graph_plan or layer._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
         fn = (lambda xs: pack_scores(*layer._route_experts(xs, layer._logits(xs, None)))) if scores else \
             layer._gate_routed
-        out = graphs(fn, x, None, layer._graph_state(), direct=(tensor_key(hidden_states), None) if plain else None,
-                     **kw)
+        direct = (tensor_key(hidden_states), None, tag) if plain else None
+        out = graphs(fn, x, None, layer._graph_state(), direct=direct, **kw)
     else:
         logits = layer._logits(h if layer.gate_input == "block" else x, router_logits)
         if not (graphs is not None and input_ids is None and graphs.eligible(x, logits)):
@@ -290,7 +292,8 @@ def route_graphed(layer, hidden_states, h, router_logits, input_ids, graphs, sco
             return routed, weights if scores else None
         fn = (lambda xs, ls: pack_scores(*layer._route_experts(xs, ls))) if scores else layer._routed
         # (direct replays when x and the logits are the inputs themselves: no transform, reshape or cast)
-        direct = (tensor_key(hidden_states), tensor_key(router_logits)) if plain and logits is router_logits else None
+        direct = (tensor_key(hidden_states), tensor_key(router_logits), tag) if plain and logits is router_logits \
+            else None
         out = graphs(fn, x, logits, layer._graph_state(), direct=direct, **kw)
     return unpack_scores(out, layer.router.top_k) if scores else (out, None)
 
