@@ -35,9 +35,9 @@ import triton.language as tl
 
 from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activation
 from .align import slot_local_expert
-from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
+from .quant import FP8_BLOCK, FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
 from .rows import inline_prologue, inline_slots, pid_to_tile, row_block, tail_block
-from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
+from .tiles import acc0, acc_out, fp8_scales, load_a, load_b, mma_step, row_offset, w_ptrs
 
 # the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
 SILU = tl.constexpr(get_activation("silu").code)
@@ -210,13 +210,21 @@ def _w13_tile(
     row_g = e * N1 + half * I + pid_n * BN
     acc_g = acc0(BM, BN, SWAP)
     acc_u = acc0(BM, BN, SWAP)
-    sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
-    su0 = 0
+    sg0 = 0  # 4-bit / fp8 block: the weight scales of this K step, loaded one step ahead (quant.load_w_scales,
+    su0 = 0  # tiles.fp8_scales); fp8 block: the rows' activation scales too
+    sx0 = 0
+    nkb = tl.cdiv(H, BK)
     if QUANT >= MXFP4:
         sg0 = load_w_scales(ws_g, 0, H, nmask, QG, BK)
         su0 = sg0
         if GATED and not SPLIT:
             su0 = load_w_scales(ws_u, 0, H, nmask, QG, BK)
+    if QUANT == FP8_BLOCK:
+        sx0 = fp8_scales(xs_rows, 0, nkb, valid)
+        sg0 = fp8_scales(ws_g, 0, nkb, nmask)
+        su0 = sg0
+        if GATED and not SPLIT:
+            su0 = fp8_scales(ws_u, 0, nkb, nmask)
     for k0 in range(0, H, BK):
         kmask = offs_k < H - k0
         if QUANT >= MXFP4:
@@ -224,21 +232,30 @@ def _w13_tile(
             su1 = su0
             if GATED and not SPLIT:
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
+        if QUANT == FP8_BLOCK:
+            sx1 = fp8_scales(xs_rows, k0 // BK + 1, nkb, valid)
+            sg1 = fp8_scales(ws_g, k0 // BK + 1, nkb, nmask)
+            su1 = su0
+            if GATED and not SPLIT:
+                su1 = fp8_scales(ws_u, k0 // BK + 1, nkb, nmask)
         a = load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
         g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
-        acc_g = mma_step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc_g = mma_step(a, g, acc_g, sx0, sg0, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-            acc_u = mma_step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
-                          SWAP)
+            acc_u = mma_step(a, u, acc_u, sx0, su0, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
             u_ptrs += BK // PACK
         a_ptrs += BK
         g_ptrs += BK // PACK
         if QUANT >= MXFP4:
+            sg0 = sg1
+            su0 = su1
+        if QUANT == FP8_BLOCK:
+            sx0 = sx1
             sg0 = sg1
             su0 = su1
     acc_g = acc_out(acc_g, SWAP)
@@ -395,20 +412,31 @@ def _w2_tile(
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
     acc = acc0(BM, BN, SWAP)
-    s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
+    s0 = 0  # 4-bit / fp8 block: the weight scales of this K step, loaded one step ahead (as in w13_kernel);
+    sa0 = 0  # fp8 block: the rows' activation scales too
+    nkb = tl.cdiv(I, BK)
     if QUANT >= MXFP4:
         s0 = load_w_scales(ws_row, 0, I, nmask, QG, BK)
+    if QUANT == FP8_BLOCK:
+        sa0 = fp8_scales(as_rows, 0, nkb, valid)
+        s0 = fp8_scales(ws_row, 0, nkb, nmask)
     for k0 in range(0, I, BK):
         kmask = offs_k < I - k0
         if QUANT >= MXFP4:
             s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
+        if QUANT == FP8_BLOCK:
+            sa1 = fp8_scales(as_rows, k0 // BK + 1, nkb, valid)
+            s1 = fp8_scales(ws_row, k0 // BK + 1, nkb, nmask)
         a = load_a(a_ptrs, inter_desc, row0, k0, valid, kmask, EVEN_K, TMA_A)
         b = load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-        acc = mma_step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc = mma_step(a, b, acc, sa0, s0, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK
         if QUANT >= MXFP4:
+            s0 = s1
+        if QUANT == FP8_BLOCK:
+            sa0 = sa1
             s0 = s1
     acc = acc_out(acc, SWAP)
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
