@@ -300,11 +300,11 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
     cfg = tc.merge_config(cfg, patch)
     seen = []
     kernels = {}
-    from moekit.ops._triton import align, combine, grouped_gemm, quant
+    from moekit.ops._triton import align, combine, epilogue, grouped_gemm, quant
 
     from moekit.ops import gluon_experts
 
-    mods = [align, combine, grouped_gemm, quant]
+    mods = [align, combine, epilogue, grouped_gemm, quant]
     if gluon:
         from moekit.ops._gluon import fp8_w2, fp8_w2_ws, fp8_w13, fp8_w13_ws, w4, w4_rega, w4_ws
 

@@ -281,7 +281,8 @@ def test_direct_bucket_replays_return_fresh_bits():
 def test_forward_with_scores_bit_identical(gate_backend):
     """gpt-oss-like layer (biases, swigluoai), moekit's gate: ``forward_with_scores`` replays its own graphs (the
     gate inside on the Triton backend, eager on the torch one) and returns the plain forward's bits and the plain
-    ``select_experts`` weights' bits, at exact T and in padded buckets; earlier results are not overwritten."""
+    ``select_experts`` weights' bits, at exact T and in padded buckets, by the checked path and by direct replays;
+    earlier results are not overwritten."""
     m = MODELS["gpt-oss-120b"].replace(E=16)
     graphed, plain = _gated_pair(m, 64, seed=2, bias=True, backend=gate_backend, swiglu_limit=7.0)
     with torch.no_grad():
@@ -294,3 +295,5 @@ def test_forward_with_scores_bit_identical(gate_backend):
             kept.append((out, w, ref, wref))
         assert all(torch.equal(a, c) and torch.equal(b, d) for a, b, c, d in kept)
         assert [k[0] for k in graphed._graphs._entries if k[-1] == "scores"] == [1, 5, 16, 40]
+        # the second call of each input key replayed directly (gate inside: no logits to key by)
+        assert len(graphed._graphs._direct) == (4 if gate_backend == "triton" else 0)

@@ -31,7 +31,7 @@ from triton import knobs
 
 from ._eager import direct_call_ok
 from . import gluon_experts
-from ._triton import align, combine as combine_k, grouped_gemm
+from ._triton import align, combine as combine_k, epilogue, grouped_gemm
 from .activation import effective_limit, get_activation
 from .experts import chunk_tokens
 from .triton_configs import get_config
@@ -285,7 +285,7 @@ def _epilogue_pass(hbuf, inter_buf, out, act, p, epi: dict, launch) -> None:
     req = int(epi.get("REQ", 0))
     n = inter_buf.shape[1]
     block = p.bn13 if req == 1 else min(1024, triton.next_power_of_2(n))
-    launch(grouped_gemm.act_pass_kernel, (p.rows, triton.cdiv(n, block)), hbuf, inter_buf, epi.get("is_ptr"),
+    launch(epilogue.act_pass_kernel, (p.rows, triton.cdiv(n, block)), hbuf, inter_buf, epi.get("is_ptr"),
            epi.get("qs_ptr"), out, n, p.limit_arg, hbuf.stride(0), inter_buf.stride(0), int(epi.get("stride_isr", 0)),
            ACT=act.code, HAS_LIMIT=p.w13_kw["HAS_LIMIT"], REQ=req,
            UE8M0=bool(epi.get("UE8M0", False)), BLOCK=block, INTERP=_interpreting(), num_warps=4)

@@ -8,7 +8,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .._triton.grouped_gemm import _activate
+from .._triton.epilogue import activate
 from .._triton.quant import requant_store, to_dt
 
 
@@ -117,7 +117,7 @@ def w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, ou
         b_base = b1_ptr + e.to(gl.int64) * stride_be
         acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
         acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
-    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+    h = activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
     out_ptrs = inter_ptr + rows.to(gl.int64)[:, None] * stride_ir + cols[None, :]
     if REQ > 0:
         requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(gl.int64) * stride_isr + pid_n,

@@ -35,7 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .._triton.grouped_gemm import _activate
+from .._triton.epilogue import activate
 from .._triton.quant import E2M1_BF16_ASM, INT4_BF16_ASM, MXFP4, to_dt
 from .common import block_expert, pid_to_tile
 
@@ -234,7 +234,7 @@ def _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, 
         b_base = b1_ptr + e.to(gl.int64) * stride_be
         acc_g += gl.load(b_base + cols, mask=nmask, other=0.0).to(gl.float32)
         acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)
-    h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+    h = activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
     out_ptrs = inter_ptr + rows.to(gl.int64) * stride_ir + cols
     gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid & nmask)
 

@@ -14,7 +14,8 @@ Combine (``COMBINE``): a w2 program writes its weighted tile to ``part[slot]``, 
 semaphore per (token, column block) with an acq_rel atomic; the program that brings it to the
 token's number of live slots sums ``part[t·K + k]`` for k = 0..K-1 and writes ``out[t]``. The order of
 that sum never depends on scheduling, so the output is deterministic (bit-identical run to run).
-With K == 1 the tile goes straight to ``out``.
+With K == 1 the tile goes straight to ``out``. (That tail: :func:`.combine.combine_tail`; the activation epilogue:
+:func:`.epilogue.activate`.)
 
 Quantised experts (``QUANT`` constexpr, :mod:`.quant`; 0 compiles exactly the unquantised kernels):
 
@@ -33,57 +34,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, get_activation
-from .align import slot_local_expert
-from .quant import FP8_BLOCK, FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
+from .combine import combine_tail
+from .epilogue import activate
+from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
 from .rows import inline_prologue, inline_slots, pid_to_tile, row_block, tail_block
-from .tiles import acc0, acc_out, fp8_scales, load_a, load_b, mma_step, row_offset, w_ptrs
-
-# the ACT codes of the activation registry (:mod:`moekit.ops.activation`), as constexpr globals
-SILU = tl.constexpr(get_activation("silu").code)
-GELU = tl.constexpr(get_activation("gelu").code)
-GELU_TANH = tl.constexpr(get_activation("gelu_tanh").code)
-RELU2 = tl.constexpr(get_activation("relu2").code)
-SILU_POST_CLAMP = tl.constexpr(get_activation("silu_post_clamp").code)
-SOFTCAP_SWIGLU = tl.constexpr(get_activation("softcap_swiglu").code)
-OAI_ALPHA = tl.constexpr(SWIGLUOAI_ALPHA)
-CAP_G = tl.constexpr(SOFTCAP_GATE)
-CAP_U = tl.constexpr(SOFTCAP_UP)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """fp32 epilogue: gated act(g, u), or relu(g)² for relu2 (``u`` unused). ``ACT``: a registry code."""
-    if ACT == RELU2:
-        r = tl.maximum(g, 0.0)
-        return r * r
-    if ACT == SOFTCAP_SWIGLU:  # c·tanh(x/c) = c·(2·sigmoid(2x/c) - 1)
-        gc = CAP_G * (2.0 * _sigmoid(2.0 * g / CAP_G) - 1.0)
-        uc = CAP_U * (2.0 * _sigmoid(2.0 * u / CAP_U) - 1.0)
-        return gc * _sigmoid(g) * uc
-    if ACT == SILU_POST_CLAMP:  # min(silu(g), L) · clamp(u, ±L)
-        s = g * _sigmoid(g)
-        if HAS_LIMIT:
-            s = tl.minimum(s, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-        return s * u
-    if HAS_LIMIT:
-        g = tl.minimum(g, limit)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-    if ACT == SILU:
-        return g * _sigmoid(g) * u
-    if ACT == GELU:
-        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
-    if ACT == GELU_TANH:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
-        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return g * _sigmoid(2.0 * y) * u
-    return (u + 1.0) * g * _sigmoid(OAI_ALPHA * g)  # swigluoai: the one code left
-
+from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
 
 @triton.jit
 def w13_kernel(
@@ -210,21 +165,13 @@ def _w13_tile(
     row_g = e * N1 + half * I + pid_n * BN
     acc_g = acc0(BM, BN, SWAP)
     acc_u = acc0(BM, BN, SWAP)
-    sg0 = 0  # 4-bit / fp8 block: the weight scales of this K step, loaded one step ahead (quant.load_w_scales,
-    su0 = 0  # tiles.fp8_scales); fp8 block: the rows' activation scales too
-    sx0 = 0
-    nkb = tl.cdiv(H, BK)
+    sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
+    su0 = 0
     if QUANT >= MXFP4:
         sg0 = load_w_scales(ws_g, 0, H, nmask, QG, BK)
         su0 = sg0
         if GATED and not SPLIT:
             su0 = load_w_scales(ws_u, 0, H, nmask, QG, BK)
-    if QUANT == FP8_BLOCK:
-        sx0 = fp8_scales(xs_rows, 0, nkb, valid)
-        sg0 = fp8_scales(ws_g, 0, nkb, nmask)
-        su0 = sg0
-        if GATED and not SPLIT:
-            su0 = fp8_scales(ws_u, 0, nkb, nmask)
     for k0 in range(0, H, BK):
         kmask = offs_k < H - k0
         if QUANT >= MXFP4:
@@ -232,30 +179,21 @@ def _w13_tile(
             su1 = su0
             if GATED and not SPLIT:
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
-        if QUANT == FP8_BLOCK:
-            sx1 = fp8_scales(xs_rows, k0 // BK + 1, nkb, valid)
-            sg1 = fp8_scales(ws_g, k0 // BK + 1, nkb, nmask)
-            su1 = su0
-            if GATED and not SPLIT:
-                su1 = fp8_scales(ws_u, k0 // BK + 1, nkb, nmask)
         a = load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
         g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
-        acc_g = mma_step(a, g, acc_g, sx0, sg0, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc_g = mma_step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
                         QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-            acc_u = mma_step(a, u, acc_u, sx0, su0, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+            acc_u = mma_step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
+                          SWAP)
             u_ptrs += BK // PACK
         a_ptrs += BK
         g_ptrs += BK // PACK
         if QUANT >= MXFP4:
-            sg0 = sg1
-            su0 = su1
-        if QUANT == FP8_BLOCK:
-            sx0 = sx1
             sg0 = sg1
             su0 = su1
     acc_g = acc_out(acc_g, SWAP)
@@ -274,7 +212,7 @@ def _w13_tile(
         h_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + half * I + offs_n[None, :]
         tl.store(h_ptrs, acc_g, mask=valid[:, None] & nmask[None, :])
     else:
-        h = _activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
+        h = activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
         out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
         if REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
             requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr,
@@ -282,32 +220,6 @@ def _w13_tile(
                           UE8M0, UPCAST)
         else:
             tl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
-
-
-@triton.jit
-def act_pass_kernel(h_ptr, inter_ptr, is_ptr, qs_ptr, out_ptr, I, limit, stride_hr, stride_ir, stride_isr,
-                    ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, REQ: tl.constexpr,
-                    UE8M0: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
-    """The w13 epilogue after a ``SPLIT`` w13: ``inter[r, n] = act(h[r, n], h[r, I + n])`` (fp32), rounded to
-    the params dtype (``out_ptr``'s, the layer output's: not read) and stored, or quantised for w2 (``REQ`` 1: one
-    group per program, BLOCK = the group, scale at ``is[r, pid_1]``; 2: the static ``*qs_ptr``) exactly as
-    :func:`w13_kernel`'s fused epilogue.
-    Grid (rows, cdiv(I, BLOCK)); h: [rows, 2I] fp32."""
-    r = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1)
-    offs = cb * BLOCK + tl.arange(0, BLOCK)
-    m = offs < I
-    g = tl.load(h_ptr + r * stride_hr + offs, mask=m, other=0.0)[None, :]
-    u = tl.load(h_ptr + r * stride_hr + I + offs, mask=m, other=0.0)[None, :]
-    h = _activate(g, u, limit, ACT, HAS_LIMIT)
-    out_ptrs = inter_ptr + r * stride_ir + offs[None, :]
-    DT: tl.constexpr = out_ptr.dtype.element_ty
-    if REQ > 0:
-        one = tl.full([1], 0, tl.int64)
-        requant_store(h, out_ptrs, m[None, :], is_ptr, one + r * stride_isr + cb, one == 0, qs_ptr, m, DT, REQ,
-                      UE8M0, INTERP)
-    else:
-        tl.store(out_ptrs, to_dt(h, DT, INTERP), mask=m[None, :])
 
 
 @triton.jit
@@ -412,31 +324,20 @@ def _w2_tile(
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
     acc = acc0(BM, BN, SWAP)
-    s0 = 0  # 4-bit / fp8 block: the weight scales of this K step, loaded one step ahead (as in w13_kernel);
-    sa0 = 0  # fp8 block: the rows' activation scales too
-    nkb = tl.cdiv(I, BK)
+    s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
     if QUANT >= MXFP4:
         s0 = load_w_scales(ws_row, 0, I, nmask, QG, BK)
-    if QUANT == FP8_BLOCK:
-        sa0 = fp8_scales(as_rows, 0, nkb, valid)
-        s0 = fp8_scales(ws_row, 0, nkb, nmask)
     for k0 in range(0, I, BK):
         kmask = offs_k < I - k0
         if QUANT >= MXFP4:
             s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
-        if QUANT == FP8_BLOCK:
-            sa1 = fp8_scales(as_rows, k0 // BK + 1, nkb, valid)
-            s1 = fp8_scales(ws_row, k0 // BK + 1, nkb, nmask)
         a = load_a(a_ptrs, inter_desc, row0, k0, valid, kmask, EVEN_K, TMA_A)
         b = load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
                     QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
-        acc = mma_step(a, b, acc, sa0, s0, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
+        acc = mma_step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK
         if QUANT >= MXFP4:
-            s0 = s1
-        if QUANT == FP8_BLOCK:
-            sa0 = sa1
             s0 = s1
     acc = acc_out(acc, SWAP)
     if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
@@ -452,41 +353,9 @@ def _w2_tile(
         p_ptrs = part_ptr + slot.to(tl.int64)[:, None] * stride_pr + offs_n[None, :]
         tl.store(p_ptrs, to_dt(acc, part_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
         if not SUM_PASS:
-            _combine_tail(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc, tok, valid, offs_n,
+            combine_tail(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc, tok, valid, offs_n,
                           nmask, pid_n, K, NBN, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN,
                           HAS_MAP, SKIP_ZERO, INLINE, SP, UPCAST)
     else:
         o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
         tl.store(o_ptrs, to_dt(acc, out_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _combine_tail(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc, tok, valid, offs_n, nmask,
-                  pid_n, K, NBN, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM: tl.constexpr,
-                  BN: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, INLINE: tl.constexpr,
-                  SP: tl.constexpr, UPCAST: tl.constexpr):
-    """The fused top-k sum (module docstring): after this tile's ``part`` stores, bump the (token, column block)
-    semaphores; the program that completes a token sums its K slot rows in slot order and writes ``out``."""
-    tok64 = tok.to(tl.int64)
-    tl.debug_barrier()  # every thread's part stores precede the release below
-    old = tl.atomic_add(sem_ptr + tok64 * NBN + pid_n, 1, mask=valid, sem="acq_rel", scope="gpu")
-    if INLINE:
-        jj = tl.arange(0, SP)
-        need = tl.sum(((jj[None, :] // K == tok[:, None]) & (loc[None, :] >= 0)).to(tl.int32), axis=1)
-    else:
-        need = tl.load(live_ptr + tok, mask=valid, other=0)
-    last = valid & (old == need - 1)
-    if tl.max(last.to(tl.int32), axis=0) > 0:
-        tl.debug_barrier()  # the acquiring atomics precede every thread's loads below
-        total = tl.zeros([BM, BN], dtype=tl.float32)
-        for k2 in range(0, K):
-            loc2 = slot_local_expert(
-                ids_ptr, tw_ptr, map_ptr, tok, k2, last, stride_it, stride_twt, E_local, E_global,
-                HAS_MAP, SKIP_ZERO,
-            )
-            live2 = last & (loc2 >= 0)
-            q_ptrs = part_ptr + (tok64 * K + k2)[:, None] * stride_pr + offs_n[None, :]
-            v = tl.load(q_ptrs, mask=live2[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
-            total += v.to(tl.float32)
-        o_ptrs = out_ptr + tok64[:, None] * stride_ot + offs_n[None, :]
-        tl.store(o_ptrs, to_dt(total, out_ptr.dtype.element_ty, UPCAST), mask=last[:, None] & nmask[None, :])

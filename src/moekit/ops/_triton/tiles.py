@@ -56,10 +56,10 @@ def load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.
 
 
 @triton.jit
-def mma_step(a, b, acc, a_s, w_s, QUANT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-             FP8_ACC: tl.constexpr, SWAP: tl.constexpr = False):
-    """One K step: fp8 block ``acc + (a · b) · s_x[row] · S[col]`` (``a_s`` [BM], ``w_s`` [BN]: the step's scales,
-    :func:`fp8_scales`), fp8 row ``acc + a · b``, else the dot into acc.
+def mma_step(a, b, acc, xs_rows, ws_row, kb, valid, nmask, QUANT: tl.constexpr, DOT_PREC: tl.constexpr,
+          UPCAST: tl.constexpr, FP8_ACC: tl.constexpr, SWAP: tl.constexpr = False):
+    """One K step: fp8 block ``acc + (a · b) · s_x[row, kb] · S[col, kb]`` (``xs_rows`` [BM], ``ws_row``
+    [BN] scale pointers), fp8 row ``acc + a · b``, else the dot into acc.
 
     ``SWAP``: ``acc`` is the transposed accumulator [BN, BM] and the dot is ``bᵀ · aᵀ``: the weight tile
     is the MMA's left operand (on Hopper a wgmma m64 row block of weights, from registers when it was
@@ -67,21 +67,14 @@ def mma_step(a, b, acc, a_s, w_s, QUANT: tl.constexpr, DOT_PREC: tl.constexpr, U
     whether the tensor core sums them in the same order either way is measured, not assumed."""
     lhs, rhs = dot_operands(a, b, SWAP)
     if QUANT == FP8_BLOCK:
+        a_s = tl.load(xs_rows + kb, mask=valid, other=0.0)
+        w_s = tl.load(ws_row + kb, mask=nmask, other=0.0)
         acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC) * scale_outer(a_s, w_s, SWAP)
     elif QUANT == FP8_ROW:
         acc = acc + dot_f32(lhs, rhs, UPCAST, FP8_ACC)
     else:
         acc = mma(lhs, rhs, acc, DOT_PREC, UPCAST)
     return acc
-
-
-@triton.jit
-def fp8_scales(s_ptrs, kb, nkb, mask):
-    """fp8 block: the scales of K step ``kb`` at ``s_ptrs + kb`` (a row's activation scales or a weight tile's
-    column scales), zeros past the last step (``nkb`` steps). The K loops load them a step ahead: inside the step
-    that uses them, the load's latency stood between the wgmma and its scaling at every step (one program per
-    SM at Mixtral's T = 1 w2: ~0.35 µs a step, whatever the stages)."""
-    return tl.load(s_ptrs + kb, mask=mask & (kb < nkb), other=0.0)
 
 
 @triton.jit
