@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    real, off = runner.replay_bucket, (lambda *_a: None)
+    real, off = runner.replay_bucket, (lambda *_a, **_k: None)
     result = {}
     for key in args.models.split(","):
         model, config = _build(key, device, args.tiny)
