@@ -4,7 +4,7 @@ path every call), alternated in one process, beside transformers' ``grouped_mm``
 
 Per model and batch x seq shape: ``grouped_mm`` eager ms (CUDA events, median; measured before patching), then
 ``rounds`` alternations of
-``direct`` / ``checked``: the block's eager ms (``time_events``, median of ``iters`` calls, each from an idle
+``direct`` / ``checked`` (each first in every other round: clock drift within a round hits both): the block's eager ms (``time_events``, median of ``iters`` calls, each from an idle
 GPU: what ``bench_transformers`` reports) and its host µs per call back to back (``time_host``). The ``checked``
 variant disables the direct replay by replacing ``moekit.runner.replay_bucket`` with a function returning None.
 
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                 for _ in range(5):
                     block(x)  # captures
                 for r in range(args.rounds):
-                    for name, fn in (("direct", real), ("checked", off)):
+                    pair = (("direct", real), ("checked", off))
+                    for name, fn in pair if r % 2 == 0 else pair[::-1]:  # each variant first in every other round
                         runner.replay_bucket = fn
                         try:
                             ms = _eager_ms(block, x, device, args.iters)
