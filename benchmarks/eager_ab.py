@@ -3,9 +3,9 @@ replay (``replay_bucket``: a checked input key goes straight to its bucket graph
 path every call), alternated in one process, beside transformers' ``grouped_mm`` block of the same model.
 
 Per model and batch x seq shape: ``grouped_mm`` eager ms (CUDA events, median; measured before patching), then
-``rounds`` alternations of
-``direct`` / ``checked`` (each first in every other round: clock drift within a round hits both): the block's eager ms (``time_events``, median of ``iters`` calls, each from an idle
-GPU: what ``bench_transformers`` reports) and its host µs per call back to back (``time_host``). The ``checked``
+``rounds`` alternations of ``direct`` / ``checked`` (each first in every other round: clock drift within a round
+hits both): the block's eager ms (``time_events``, median of ``iters`` calls, each from an idle GPU: what
+``bench_transformers`` reports) and its host µs per call back to back (``time_host``). The ``checked``
 variant disables the direct replay by replacing ``moekit.runner.replay_bucket`` with a function returning None.
 
     PYTHONPATH=src:benchmarks python benchmarks/eager_ab.py --models qwen3_moe_30b_a3b,deepseek_v3 \
