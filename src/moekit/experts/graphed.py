@@ -170,6 +170,12 @@ def tensor_key(x) -> tuple | None:
     return x.shape, x.dtype, x.get_device()
 
 
+def inputs_want_grad(x: torch.Tensor, logits: torch.Tensor | None) -> bool:
+    """Autograd would track a call on these inputs (a graph replay would not): grad is enabled and ``x`` or the
+    logits require grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or (logits is not None and logits.requires_grad))
+
+
 def watched_fingerprint(tensor_dicts: Sequence[dict], child_dicts: Sequence[dict] = ()) -> tuple:
     """The data pointers of the tensors in ``tensor_dicts`` (modules' ``_parameters`` / ``_buffers``,
     read directly: no generators) and the identity of the modules in ``child_dicts`` (``_modules``):
@@ -245,7 +251,7 @@ class GraphCache:
         limit = self.limit if not whole else min(self.max_tokens, EXACT_GRAPH_TOKENS)
         if torch.compiler.is_compiling() or not x.is_cuda or not 0 < t <= limit:
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or (logits is not None and logits.requires_grad)):
+        if inputs_want_grad(x, logits):
             return False
         return not torch.cuda.is_current_stream_capturing()
 

@@ -68,7 +68,7 @@ from operator import itemgetter
 import torch
 
 from .._checks import declared_graph_safe
-from .graphed import GraphCache, tensor_key, watched_fingerprint
+from .graphed import GraphCache, inputs_want_grad, tensor_key, watched_fingerprint
 
 _Linear = torch.nn.Linear
 
@@ -118,8 +118,9 @@ class GraphPlan:
         return self.whole_logits and type(router_logits) is torch.Tensor
 
     def wants_grad(self, hidden_states, router_logits) -> bool:
-        """(Grad enabled) autograd would track the plain call: an input or a folded parameter requires grad."""
-        if hidden_states.requires_grad or (router_logits is not None and router_logits.requires_grad):
+        """Autograd would track the plain call (its caller checked that grad is enabled): an input or a folded
+        parameter requires grad."""
+        if inputs_want_grad(hidden_states, router_logits):
             return True
         return any(p is not None and p.requires_grad for m in self.folded for p in m._parameters.values())
 
@@ -243,8 +244,7 @@ def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits, tag=N
     if entry is None:
         return None
     plan = layer._graph_plan
-    if plan is None or (torch.is_grad_enabled() and (hidden_states.requires_grad or (
-            router_logits is not None and router_logits.requires_grad))):
+    if plan is None or inputs_want_grad(hidden_states, router_logits):
         return None
     if (router_logits is None and not plan.gate_in_bucket()) or not _current(layer, graphs):
         return None
@@ -277,7 +277,7 @@ def route_graphed(layer, hidden_states, h, router_logits, input_ids, graphs, sco
     directly (:func:`replay_bucket`, with the tag)."""
     x = layer._routed_input(h)
     tag = "scores" if scores else None
-    kw = dict(copy=False, tag=tag) if scores else dict(copy=layer._copy_routed())
+    kw = dict(copy=not scores and layer._copy_routed(), tag=tag)  # (scores: unpack_scores copies)
     plain = layer.routed_input_transform is None  # x is the caller's input: a direct key (see replay_bucket)
     if (graphs is not None and input_ids is None and router_logits is None
             and (layer._graph_plan or layer._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
