@@ -9,8 +9,11 @@ back to back, ``perf_counter``, no synchronisation inside) of:
 - the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_state-old``
   (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
   ``grad_check``, ``copy_x``, ``copy_logits``, ``foreach_copy`` (both in one op), ``replay``,
-  ``clone``, and the former per-call checks ``checks-old`` (``check_hidden`` + ``check_routed_input``
-  + ``check_tensor``)
+  ``clone``, ``empty_like``, the raw replay's parts where the graph has one (``raw_copy_in``: both inputs,
+  ``raw_launch``, ``raw_stream``, ``raw_replay`` with its output copy, ``raw_replay_nocopy``), and the former
+  per-call checks ``checks-old`` (``check_hidden`` + ``check_routed_input`` + ``check_tensor``)
+- ``layer-torchops``: the full call with the raw replay switched off (the torch ops replay), then ``layer-again``:
+  the first row again, so that drift within the run shows
 - floors: ``linear`` (one ``F.linear`` [T, H] x [H, H]) and ``view`` (an empty op, ``x.view(-1)``)
 
 and ``gpu``: GPU µs of the call (``time_graph``: the plain kernels captured in one CUDA graph). Each
@@ -89,9 +92,37 @@ def pieces(layer, plain, m, t):
         ("foreach_copy", lambda: torch._foreach_copy_(xs + ls, [x, lg])),
         ("replay", entry.graph.replay),
         ("clone", entry.out.clone),
+        ("empty_like", lambda: torch.empty_like(entry.out)),
+        *raw_pieces(entry, x, lg),
+        ("layer-torchops", lambda: without_raw(layer, entry, x, lg)),
+        ("layer-again", lambda: layer(x, lg)),
         ("linear", lambda: F.linear(x, lin)),
         ("view", lambda: x.view(-1)),
     ], (x, lg)
+
+
+def without_raw(layer, entry, x, lg):
+    raw, entry.raw = entry.raw, None
+    try:
+        return layer(x, lg)
+    finally:
+        entry.raw = raw
+
+
+def raw_pieces(entry, x, lg) -> list:
+    """The raw replay's parts (``experts/graphed_raw.py``), where the entry has one."""
+    raw = entry.raw
+    if raw is None:
+        print("no raw replay for this graph (no libcudart mapped, or declined)")
+        return []
+    rt, stream = raw.rt, raw.rt.stream(raw.device)
+    return [
+        ("raw_copy_in", lambda: rt.copy(raw._in, stream)),
+        ("raw_launch", lambda: rt.launch(raw.graph_exec, stream)),
+        ("raw_stream", lambda: rt.stream(raw.device)),
+        ("raw_replay", lambda: raw.replay((x, lg), True)),
+        ("raw_replay_nocopy", lambda: raw.replay((x, lg), False)),
+    ]
 
 
 def vars_of(layer) -> dict:

@@ -297,3 +297,71 @@ def test_forward_with_scores_bit_identical(gate_backend):
         assert [k[0] for k in graphed._graphs._entries if k[-1] == "scores"] == [1, 5, 16, 40]
         # the second call of each input key replayed directly (gate inside: no logits to key by)
         assert len(graphed._graphs._direct) == (4 if gate_backend == "triton" else 0)
+
+
+def test_raw_replays_have_the_torch_ops_bits():
+    """Where this build maps libcudart, the whole graphs replay through the CUDA runtime (``graphed_raw``): the
+    same bits as the same replay by torch ops and as the plain call, on the default and on a side stream; fresh
+    outputs; a strided input (declined by the raw path) takes the torch ops; the direct bucket replays of a gate
+    inside (``copy=False``) too."""
+    from moekit.experts.graphed import tensor_key
+    from moekit.experts.graphed_raw import cuda_runtime
+
+    if cuda_runtime() is None:
+        pytest.skip("no libcudart mapped in this process (a static link): the torch ops replay")
+    graphed, plain, m = _pair("deepseek-v3", 32)  # whole graphs (selection bias, grouped top-k)
+    side = torch.cuda.Stream()
+    with torch.no_grad():
+        kept = []
+        for t in (1, 2, 7, 8):
+            x, lg = _inputs(m, t, t)
+            graphed(x, lg)  # capture
+            entry = graphed._graphs.lookup((tensor_key(x), tensor_key(lg)))
+            assert entry is not None and entry.raw is not None, t
+            for seed in range(3):
+                x, lg = _inputs(m, t, 10 * t + seed)
+                ref = plain(x, lg)
+                out = graphed(x, lg)
+                raw, entry.raw = entry.raw, None
+                by_torch = graphed(x, lg)
+                entry.raw = raw
+                assert torch.equal(out, ref) and torch.equal(by_torch, ref), (t, seed)
+                kept.append((out, ref))
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = graphed(x, lg)
+            torch.cuda.current_stream().wait_stream(side)
+            assert torch.equal(out, ref), t
+            wide = torch.zeros(t, 2 * m.H, device="cuda", dtype=DT)
+            wide[:, ::2] = x
+            strided = wide[:, ::2]  # every other element: strided for any t
+            assert not strided.is_contiguous() and torch.equal(graphed(strided, lg), ref), t
+        assert all(torch.equal(a, b) for a, b in kept)
+    m = MODELS["qwen3-30b-a3b"].replace(E=32)
+    graphed, plain = _gated_pair(m, 64, seed=3)
+    with torch.no_grad():
+        for t in (3, 3, 3, 16, 16, 16):
+            x = torch.randn(t, m.H, device="cuda", dtype=DT)
+            assert torch.equal(graphed(x), plain(x)), t
+        assert all(e.raw is not None for e in graphed._graphs._entries.values())
+
+
+def test_copy_kernel_moves_every_byte():
+    """``moekit_copy2`` (the raw replays' copies): both buffers, every 16-byte unit, none past the end, at unit
+    counts around the block (256 threads) and past the grid's 1024 blocks (the grid-stride loop), or none."""
+    from moekit.experts.graphed_raw import CopyArgs, cuda_runtime
+
+    rt = cuda_runtime()
+    if rt is None:
+        pytest.skip("no libcudart mapped in this process (a static link)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n0, n1 in ((1, 0), (0, 5), (255, 257), (256, 1), (1024 * 256 + 3, 17)):
+        src = [torch.randint(0, 256, (16 * n,), dtype=torch.uint8, device="cuda", generator=g) for n in (n0, n1)]
+        dst = [torch.full((16 * n + 32,), 0xAB, dtype=torch.uint8, device="cuda") for n in (n0, n1)]
+        args = CopyArgs(dst[0].data_ptr(), n0, dst[1].data_ptr(), n1)
+        args.vals[1], args.vals[4] = src[0].data_ptr(), src[1].data_ptr()
+        rt.copy(args, rt.stream(torch.cuda.current_device()))
+        torch.cuda.synchronize()
+        for s, d in zip(src, dst):
+            n = s.numel()
+            assert torch.equal(d[:n], s) and bool((d[n:] == 0xAB).all()), (n0, n1)

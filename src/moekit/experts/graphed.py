@@ -9,6 +9,8 @@ shapes, dtypes, device) on static input buffers and replays it afterwards::
 
     copy inputs into the static buffers (one op: copy_ / torch._foreach_copy_); graph.replay(); out.clone()
 
+(where it may, the same three steps as CUDA runtime calls without the dispatcher: :mod:`.graphed_raw`).
+
 The first call of a key runs ``fn`` eagerly on the static buffers (compiling the kernels, running its
 checks; its result is that call's output), then captures it. A replay runs the same kernels with the
 same config as the eager call, so its output is bit-identical to it (a GPU test asserts this).
@@ -75,6 +77,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from .._checks import check_int
+from .graphed_raw import RawReplay, rng_offset
 
 _Tensor = torch.Tensor
 
@@ -119,10 +122,11 @@ class _Entry:
     """One captured graph: its static inputs (``copy_`` targets, in call order), static output, and per
     token count ``t`` below its rows the padding (:func:`_padding`) and output rows of a padded replay."""
 
-    __slots__ = ("graph", "inputs", "out", "_pads")
+    __slots__ = ("graph", "inputs", "out", "raw", "_pads")
 
-    def __init__(self, graph, inputs, out):
+    def __init__(self, graph, inputs, out, raw: RawReplay | None = None):
         self.graph, self.inputs, self.out = graph, inputs, out
+        self.raw = raw  # the replay without torch ops, where it may be used (:mod:`.graphed_raw`)
         self._pads: dict[int, tuple] = {}
 
     def fill(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -268,7 +272,12 @@ class GraphCache:
     def replay(entry: _Entry, inputs: Sequence[torch.Tensor], copy: bool = True) -> torch.Tensor:
         """Fill the static inputs (one op per input at most), replay, return the output (a copy unless
         ``copy=False``: the static output, which the next replay overwrites). Inputs with fewer rows
-        than the graph's (a bucket) fill its first rows; the output is cut to them."""
+        than the graph's (a bucket) fill its first rows; the output is cut to them. The entry's
+        :class:`~.graphed_raw.RawReplay` runs the same copies and launch where it may."""
+        if entry.raw is not None:
+            out = entry.raw.replay(inputs, copy)
+            if out is not None:
+                return out
         out = entry.fill(inputs)
         entry.graph.replay()
         return out.clone() if copy else out
@@ -319,7 +328,9 @@ class GraphCache:
                 static = [self._buffer(f"in{i}", t)[:rows] for i, t in enumerate(inputs)]
                 t = inputs[0].shape[0]
                 _fill(static, inputs, _padding(t, static) if t < rows else None)
+            rng = rng_offset(device)
             out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
+            rng_used = rng is None or rng_offset(device) != rng
             graph = torch.cuda.CUDAGraph()
             # bucket graphs copy their output into the output buffer (shared by a pool's layers); exact
             # ones keep their own (no copy kernel at decode)
@@ -333,7 +344,7 @@ class GraphCache:
                     static_out = result
                 else:
                     static_out.copy_(result)
-        self._entries[key] = _Entry(graph, static, static_out)
+        self._entries[key] = _Entry(graph, static, static_out, RawReplay.build(graph, static, static_out, rng_used))
         if isinstance(self.pool, GraphPool):
             self.pool.acquire()
         return out if rows is None else out[: inputs[0].shape[0]]
