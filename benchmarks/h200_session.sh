@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -664,6 +664,37 @@ case $WHAT in
   r23-oss)  # round 23, with the last device seconds: the logits-keyed direct replay on gpt-oss-120b's block
     step r23-ab-oss 150 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 64x1,1x1024 --rounds 2 \
       --out "$OUT/r23-ab-oss.json"
+    ;;
+  r26-node2)  # round 26: r26-node again after its fix (a failed scratch-graph call had left "invalid device function"
+    # pending for torch's next check; the copy nodes are now found from the graph's root, the kernel loaded by an
+    # empty launch before the capture, and every failed runtime call's error cleared); a smoke run first
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r26m-smoke 90 python benchmarks/raw_smoke.py
+    step r26m-gpu-graphed 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
+      tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
+    step r26m-pieces 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
+      --out "$OUT/r26m-pieces.json"
+    for r in 1 2; do
+      step "r26m-eager-$r" 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
+        --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$r"
+    done
+    step r26m-ab-oss 100 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
+      --out "$OUT/r26m-ab-oss.json"
+    ;;
+  r26-node)  # round 26: the raw replays' copies as nodes of the graph, set per call (cudaGraphExecKernelNodeSetParams;
+    # r26-kern measured a cudaLaunchKernel of the copy kernel at 6.2-9.0 µs of host): GPU tests, the replay's pieces
+    # with the torch-op replay beside it, eager host rows twice, gpt-oss-120b's patched block eager
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r26n-gpu-graphed 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
+      tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
+    step r26n-pieces 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
+      --out "$OUT/r26n-pieces.json"
+    for r in 1 2; do
+      step "r26n-eager-$r" 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
+        --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$r"
+    done
+    step r26n-ab-oss 100 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
+      --out "$OUT/r26n-ab-oss.json"
     ;;
   r26-kern)  # round 26: the raw replays' copies as one kernel launch (r26-raw measured cudaMemcpyAsync at 6.5-10 µs of
     # host per call): the copy kernel and graphed-layer GPU tests, the replay's pieces with the torch-op replay beside

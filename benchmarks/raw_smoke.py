@@ -1,0 +1,47 @@
+"""A layer's internal graphs with the raw replays (``experts/graphed_raw.py``) on a GPU, in one minute: which
+``libcudart`` serves them, whether each captured graph got its copy nodes, and the bits of raw replays, torch-op
+replays and the plain call at T = 1, 3, 8 (DeepSeek-V3 shape with 32 experts). Exit status 1 on any mismatch.
+
+    PYTHONPATH=src python benchmarks/raw_smoke.py
+"""
+
+import torch
+
+import moekit
+from moekit.benchmarking import MODELS
+from moekit.experts.graphed import tensor_key
+from moekit.experts.graphed_raw import cuda_runtime
+
+
+def main() -> int:
+    rt = cuda_runtime()
+    print("runtime:", rt and rt.path)
+    m = MODELS["deepseek-v3"].replace(E=32)
+    torch.manual_seed(0)
+    layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=torch.bfloat16, device="cuda", backend="triton",
+                              e_score_correction_bias=torch.rand(m.E, device="cuda") * 0.1, eager_graph_tokens=n,
+                              **m.layer_kwargs()) for n in (8, 0)]
+    w13 = torch.randn(m.E, 2 * m.I, m.H, device="cuda", dtype=torch.bfloat16) * m.H**-0.5
+    w2 = torch.randn(m.E, m.H, m.I, device="cuda", dtype=torch.bfloat16) * m.I**-0.5
+    for layer in layers:
+        layer.load_expert_weights(w13, w2)
+    graphed, plain = layers
+    bad = 0
+    with torch.no_grad():
+        for t in (1, 3, 8):
+            for seed in range(3):
+                x = torch.randn(t, m.H, device="cuda", dtype=torch.bfloat16)
+                lg = torch.randn(t, m.E, device="cuda")
+                out = graphed(x, lg)
+                entry = graphed._graphs.lookup((tensor_key(x), tensor_key(lg)))
+                ref = plain(x, lg)
+                ok = torch.equal(out, ref)
+                bad += not ok
+                print(f"T={t} call {seed}: raw={entry is not None and entry.raw is not None} equal={ok}")
+    torch.cuda.synchronize()
+    print("mismatches:", bad)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
