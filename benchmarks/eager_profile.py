@@ -9,7 +9,7 @@ back to back, ``perf_counter``, no synchronisation inside) of:
 - the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_state-old``
   (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
   ``grad_check``, ``copy_x``, ``copy_logits``, ``foreach_copy`` (both in one op), ``replay``,
-  ``clone``, ``empty_like``, the raw replay's parts where the graph has one (``raw_set_params``: one copy node's,
+  ``clone``, ``empty_like``, the raw replay's parts where the graph has one (``raw_copy_in``: both inputs,
   ``raw_launch``, ``raw_stream``, ``raw_replay`` with its output copy, ``raw_replay_nocopy``), and the former
   per-call checks ``checks-old`` (``check_hidden`` + ``check_routed_input`` + ``check_tensor``)
 - ``layer-torchops``: the full call with the raw replay switched off (the torch ops replay), then ``layer-again``:
@@ -90,7 +90,7 @@ def pieces(layer, plain, m, t):
         ("copy_x", lambda: sx.copy_(x)),
         ("copy_logits", lambda: sl.copy_(lg)),
         ("foreach_copy", lambda: torch._foreach_copy_(xs + ls, [x, lg])),
-        ("replay", lambda: torch_replay(entry)),
+        ("replay", entry.graph.replay),
         ("clone", entry.out.clone),
         ("empty_like", lambda: torch.empty_like(entry.out)),
         *raw_pieces(entry, x, lg),
@@ -101,16 +101,7 @@ def pieces(layer, plain, m, t):
     ], (x, lg)
 
 
-def torch_replay(entry):
-    """``graph.replay()`` (the copy nodes of a raw replay set back to self-copies first: the last call's output
-    tensor, which its copy-out node points at, may be gone)."""
-    if entry.raw is not None:
-        entry.raw.neutral()
-    entry.graph.replay()
-
-
 def without_raw(layer, entry, x, lg):
-    entry.raw.neutral()  # the copy nodes back to self-copies before the torch ops replay the graph
     raw, entry.raw = entry.raw, None
     try:
         return layer(x, lg)
@@ -126,7 +117,7 @@ def raw_pieces(entry, x, lg) -> list:
         return []
     rt, stream = raw.rt, raw.rt.stream(raw.device)
     return [
-        ("raw_set_params", lambda: rt.set_params(raw.graph_exec, raw._node_in, raw._in)),
+        ("raw_copy_in", lambda: rt.copy(raw._in, stream)),
         ("raw_launch", lambda: rt.launch(raw.graph_exec, stream)),
         ("raw_stream", lambda: rt.stream(raw.device)),
         ("raw_replay", lambda: raw.replay((x, lg), True)),

@@ -18,9 +18,9 @@ def main() -> int:
     print("runtime:", rt and rt.path)
     m = MODELS["deepseek-v3"].replace(E=32)
     torch.manual_seed(0)
+    bias = torch.rand(m.E, device="cuda") * 0.1  # one selection bias for both layers
     layers = [moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=torch.bfloat16, device="cuda", backend="triton",
-                              e_score_correction_bias=torch.rand(m.E, device="cuda") * 0.1, eager_graph_tokens=n,
-                              **m.layer_kwargs()) for n in (8, 0)]
+                              e_score_correction_bias=bias, eager_graph_tokens=n, **m.layer_kwargs()) for n in (8, 0)]
     w13 = torch.randn(m.E, 2 * m.I, m.H, device="cuda", dtype=torch.bfloat16) * m.H**-0.5
     w2 = torch.randn(m.E, m.H, m.I, device="cuda", dtype=torch.bfloat16) * m.I**-0.5
     for layer in layers:

@@ -11,9 +11,6 @@ from moekit.experts.graphed import GraphCache
 class _FakeGraph:
     replays = 0
 
-    def __init__(self, keep_graph=False):
-        self.keep_graph = keep_graph
-
     def replay(self):
         _FakeGraph.replays += 1
         with torch.no_grad():

@@ -300,10 +300,10 @@ def test_forward_with_scores_bit_identical(gate_backend):
 
 
 def test_raw_replays_have_the_torch_ops_bits():
-    """Where this build maps libcudart, the whole graphs replay through the CUDA runtime (``graphed_raw``: copy nodes
-    set per call, one launch): the same bits as the same replay by torch ops and as the plain call, on the default
-    and on a side stream; fresh outputs, not overwritten later; a strided input (declined by the raw path) takes the
-    torch ops after the nodes are reset; the bucket replays of a gate inside (``copy=False`` and exact buckets) too."""
+    """Where this build maps libcudart, the whole graphs replay through the CUDA runtime (``graphed_raw``): the
+    same bits as the same replay by torch ops and as the plain call, on the default and on a side stream; fresh
+    outputs; a strided input (declined by the raw path) takes the torch ops; the direct bucket replays of a gate
+    inside (``copy=False``) too."""
     from moekit.experts.graphed import tensor_key
     from moekit.experts.graphed_raw import cuda_runtime
 
@@ -322,7 +322,6 @@ def test_raw_replays_have_the_torch_ops_bits():
                 x, lg = _inputs(m, t, 10 * t + seed)
                 ref = plain(x, lg)
                 out = graphed(x, lg)
-                entry.raw.neutral()  # the copy nodes back to self-copies, then the torch ops
                 raw, entry.raw = entry.raw, None
                 by_torch = graphed(x, lg)
                 entry.raw = raw

@@ -9,7 +9,7 @@ shapes, dtypes, device) on static input buffers and replays it afterwards::
 
     copy inputs into the static buffers (one op: copy_ / torch._foreach_copy_); graph.replay(); out.clone()
 
-(where it may, one graph launch whose first and last nodes copy: :mod:`.graphed_raw`).
+(where it may, the same three steps as CUDA runtime calls without the dispatcher: :mod:`.graphed_raw`).
 
 The first call of a key runs ``fn`` eagerly on the static buffers (compiling the kernels, running its
 checks; its result is that call's output), then captures it. A replay runs the same kernels with the
@@ -77,7 +77,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from .._checks import check_int
-from .graphed_raw import RawCapture, RawReplay, rng_offset
+from .graphed_raw import RawReplay, rng_offset
 
 _Tensor = torch.Tensor
 
@@ -278,7 +278,6 @@ class GraphCache:
             out = entry.raw.replay(inputs, copy)
             if out is not None:
                 return out
-            entry.raw.neutral()
         out = entry.fill(inputs)
         entry.graph.replay()
         return out.clone() if copy else out
@@ -331,8 +330,8 @@ class GraphCache:
                 _fill(static, inputs, _padding(t, static) if t < rows else None)
             rng = rng_offset(device)
             out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
-            raw = RawCapture.begin(static, rng_used=rng is None or rng_offset(device) != rng)
-            graph = torch.cuda.CUDAGraph() if raw is None else torch.cuda.CUDAGraph(keep_graph=True)
+            rng_used = rng is None or rng_offset(device) != rng
+            graph = torch.cuda.CUDAGraph()
             # bucket graphs copy their output into the output buffer (shared by a pool's layers); exact
             # ones keep their own (no copy kernel at decode)
             static_out = None if rows is None or rows <= EXACT_GRAPH_TOKENS else self._buffer("out", out)[:rows]
@@ -340,18 +339,12 @@ class GraphCache:
             # capture; bare calls left the default generator's offset tracking broken for later
             # torch.rand calls ("Offset increment outside graph capture", seen on H200)
             with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode="thread_local"):
-                if raw is not None:
-                    raw.copy_in()  # the copy nodes of the raw replays (.graphed_raw): self-copies until set
                 result = fn(*static)
                 if static_out is None:
                     static_out = result
                 else:
                     static_out.copy_(result)
-                if raw is not None:
-                    raw.copy_out(static_out)
-            if raw is not None:
-                raw = raw.finish(graph, static_out)
-        self._entries[key] = _Entry(graph, static, static_out, raw)
+        self._entries[key] = _Entry(graph, static, static_out, RawReplay.build(graph, static, static_out, rng_used))
         if isinstance(self.pool, GraphPool):
             self.pool.acquire()
         return out if rows is None else out[: inputs[0].shape[0]]
