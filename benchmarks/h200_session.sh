@@ -47,6 +47,21 @@ sweep() {  # sweep SECONDS: moekit bench of bf16 + fp8 on the four benchmark mod
   step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
 }
 
+raw_eager() {  # raw_eager PREFIX (round 26): the graphed-layer and patched-model GPU tests, the replay's pieces beside the
+  # torch-op replay (eager_profile.py), eager host rows twice, gpt-oss-120b's patched block eager (eager_ab.py)
+  local p=$1
+  step "$p-gpu-graphed" 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
+    tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
+  step "$p-pieces" 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
+    --out "$OUT/$p-pieces.json"
+  for r in 1 2; do
+    step "$p-eager-$r" 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$r"
+  done
+  step "$p-ab-oss" 100 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
+    --out "$OUT/$p-ab-oss.json"
+}
+
 case $WHAT in
   tests)
     step gpu-buckets-4bit 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
@@ -681,46 +696,19 @@ case $WHAT in
     # empty launch before the capture, and every failed runtime call's error cleared); a smoke run first
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r26m-smoke 90 python benchmarks/raw_smoke.py
-    step r26m-gpu-graphed 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
-      tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
-    step r26m-pieces 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
-      --out "$OUT/r26m-pieces.json"
-    for r in 1 2; do
-      step "r26m-eager-$r" 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
-        --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$r"
-    done
-    step r26m-ab-oss 100 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
-      --out "$OUT/r26m-ab-oss.json"
+    raw_eager r26m
     ;;
   r26-node)  # round 26: the raw replays' copies as nodes of the graph, set per call (cudaGraphExecKernelNodeSetParams;
     # r26-kern measured a cudaLaunchKernel of the copy kernel at 6.2-9.0 µs of host): GPU tests, the replay's pieces
     # with the torch-op replay beside it, eager host rows twice, gpt-oss-120b's patched block eager
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r26n-gpu-graphed 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
-      tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
-    step r26n-pieces 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
-      --out "$OUT/r26n-pieces.json"
-    for r in 1 2; do
-      step "r26n-eager-$r" 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
-        --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$r"
-    done
-    step r26n-ab-oss 100 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
-      --out "$OUT/r26n-ab-oss.json"
+    raw_eager r26n
     ;;
   r26-kern)  # round 26: the raw replays' copies as one kernel launch (r26-raw measured cudaMemcpyAsync at 6.5-10 µs of
     # host per call): the copy kernel and graphed-layer GPU tests, the replay's pieces with the torch-op replay beside
     # it in one process, eager host rows twice, gpt-oss-120b's patched block eager
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r26k-gpu-graphed 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
-      tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
-    step r26k-pieces 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
-      --out "$OUT/r26k-pieces.json"
-    for r in 1 2; do
-      step "r26k-eager-$r" 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
-        --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$r"
-    done
-    step r26k-ab-oss 100 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
-      --out "$OUT/r26k-ab-oss.json"
+    raw_eager r26k
     ;;
   r26-raw)  # round 26: graph replays through the CUDA runtime's C functions (experts/graphed_raw.py). Which libcudart
     # this process maps, the graphed-layer and patched-model GPU tests (raw vs torch-op replays incl.), the replay's
