@@ -358,8 +358,7 @@ def test_copy_kernel_moves_every_byte():
     for n0, n1 in ((1, 0), (0, 5), (255, 257), (256, 1), (1024 * 256 + 3, 17)):
         src = [torch.randint(0, 256, (16 * n,), dtype=torch.uint8, device="cuda", generator=g) for n in (n0, n1)]
         dst = [torch.full((16 * n + 32,), 0xAB, dtype=torch.uint8, device="cuda") for n in (n0, n1)]
-        args = CopyArgs(dst[0].data_ptr(), n0, dst[1].data_ptr(), n1)
-        args.vals[1], args.vals[4] = src[0].data_ptr(), src[1].data_ptr()
+        args = CopyArgs(dst[0].data_ptr(), src[0].data_ptr(), n0, dst[1].data_ptr(), src[1].data_ptr(), n1)
         rt.copy(args, rt.stream(torch.cuda.current_device()))
         torch.cuda.synchronize()
         for s, d in zip(src, dst):

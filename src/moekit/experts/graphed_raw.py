@@ -100,13 +100,14 @@ class Dim3(ctypes.Structure):
 
 
 class CopyArgs:
-    """The six arguments of one ``moekit_copy2`` launch, in place (``vals``; ``ptrs``: what ``cudaLaunchKernel``
-    reads them through), and its grid. ``units``: 16-byte units of the two copies (0: none)."""
+    """The six arguments of one ``moekit_copy2`` launch, in the kernel's order, in place (``vals``, which a replay
+    updates; ``ptrs``: what ``cudaLaunchKernel`` reads them through), and its grid. ``n0`` / ``n1``: 16-byte units of
+    the two copies (0: none)."""
 
     __slots__ = ("vals", "ptrs", "grid")
 
-    def __init__(self, dst0: int, n0: int, dst1: int = 0, n1: int = 0):
-        self.vals = (ctypes.c_uint64 * 6)(dst0, 0, n0, dst1, 0, n1)
+    def __init__(self, dst0: int, src0: int, n0: int, dst1: int = 0, src1: int = 0, n1: int = 0):
+        self.vals = (ctypes.c_uint64 * 6)(dst0, src0, n0, dst1, src1, n1)
         base = ctypes.addressof(self.vals)
         self.ptrs = (ctypes.c_void_p * 6)(*(base + 8 * i for i in range(6)))
         self.grid = Dim3(min(max(1, -(-max(n0, n1) // _THREADS)), _MAX_BLOCKS), 1, 1)
@@ -189,10 +190,10 @@ class RawReplay:
         self.device = out.get_device()
         self.specs = tuple((s.dtype, s.shape) for s in static)
         self.out = out
-        dst = [(s.data_ptr(), s.nbytes // 16) for s in static]
-        self._in = CopyArgs(*dst[0], *(dst[1] if len(dst) > 1 else (0, 0)))
-        self._out = CopyArgs(0, out.nbytes // 16)
-        self._out.vals[1] = out.data_ptr()
+        # (dst, src, units) per copy: the static buffers and sizes fixed, the inputs' sources and the output's
+        # destination set per replay
+        self._in = CopyArgs(*(v for s in static for v in (s.data_ptr(), 0, s.nbytes // 16)))
+        self._out = CopyArgs(0, out.data_ptr(), out.nbytes // 16)
 
     @classmethod
     def build(cls, graph, static: Sequence[_Tensor], out: _Tensor, rng_used: bool, rt=None) -> RawReplay | None:
