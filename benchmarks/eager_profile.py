@@ -9,8 +9,9 @@ back to back, ``perf_counter``, no synchronisation inside) of:
 - the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_state-old``
   (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
   ``grad_check``, ``copy_x``, ``copy_logits``, ``foreach_copy`` (both in one op), ``replay``,
-  ``clone``, ``empty_like``, the raw replay's parts where the graph has one (``raw_copy_in``: both inputs,
-  ``raw_launch``, ``raw_stream``, ``raw_replay`` with its output copy, ``raw_replay_nocopy``), and the former
+  ``clone``, ``empty_like``, the raw replay's parts where the graph has one (``raw_set_in``: one update of the copy-in node,
+  ``raw_launch``: the wrapper graph, ``raw_copy_launch``: one launch of the copy kernel, round 26's form,
+  ``raw_stream``, ``raw_replay`` with its output copy, ``raw_replay_nocopy``), and the former
   per-call checks ``checks-old`` (``check_hidden`` + ``check_routed_input`` + ``check_tensor``)
 - ``layer-torchops``: the full call with the raw replay switched off (the torch ops replay), then ``layer-again``:
   the first row again, so that drift within the run shows
@@ -26,6 +27,7 @@ piece is timed in its own try/except (errors are printed, the row gets ``null``)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import traceback
@@ -113,13 +115,17 @@ def raw_pieces(entry, x, lg) -> list:
     """The raw replay's parts (``experts/graphed_raw.py``), where the entry has one."""
     raw = entry.raw
     if raw is None:
-        print("no raw replay for this graph (no libcudart mapped, or declined)")
+        print("no raw replay for this graph (no CUDA driver, or declined)")
         return []
-    rt, stream = raw.rt, raw.rt.stream(raw.device)
+    cu, stream = raw.cu, raw.cu.stream(raw.device)
+    (d0, n0), (d1, n1) = raw._in_vals
+    # the copy-in node's values alternate: each call is a real update
+    flip = itertools.cycle([(d0, x.data_ptr(), n0, d1, lg.data_ptr(), n1), (d0, d0, n0, d1, d1, n1)])
     return [
-        ("raw_copy_in", lambda: rt.copy(raw._in, stream)),
-        ("raw_launch", lambda: rt.launch(raw.graph_exec, stream)),
-        ("raw_stream", lambda: rt.stream(raw.device)),
+        ("raw_set_in", lambda: cu.set(raw.graph_exec, raw._in, next(flip))),
+        ("raw_launch", lambda: cu.launch(raw.graph_exec, stream)),
+        ("raw_copy_launch", lambda: cu.copy(raw._in, stream)),  # round 26's form of a copy: one kernel launch
+        ("raw_stream", lambda: cu.stream(raw.device)),
         ("raw_replay", lambda: raw.replay((x, lg), True)),
         ("raw_replay_nocopy", lambda: raw.replay((x, lg), False)),
     ]

@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -679,6 +679,24 @@ case $WHAT in
   r23-oss)  # round 23, with the last device seconds: the logits-keyed direct replay on gpt-oss-120b's block
     step r23-ab-oss 150 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 64x1,1x1024 --rounds 2 \
       --out "$OUT/r23-ab-oss.json"
+    ;;
+  r27-wrap)  # round 27: the raw replays in one submission (copy nodes around the captured graph, set through the
+    # driver): smoke, the graphed and patched-model GPU tests, the pieces, eager rows of this code and of round 26's
+    # form (its src carried in .ab/base) alternated twice, gpt-oss-120b's patched block
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r27a-smoke 60 python benchmarks/raw_smoke.py
+    step r27a-gpu-graphed 150 python -m pytest -p no:cacheprovider -m gpu -rf --tb=short -n 6 -v \
+      tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
+    step r27a-pieces 150 python benchmarks/eager_profile.py --models qwen3-30b-a3b,deepseek-v3,gpt-oss-120b,mixtral-8x7b \
+      --out "$OUT/r27a-pieces.json"
+    for r in 1 2; do
+      step r27a-eager-new-$r 70 python -m moekit bench --eager-only --eager-tokens 1,8 \
+        --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-new-$r"
+      step r27a-eager-base-$r 70 env PYTHONPATH="$REPO/.ab/base/src" python -m moekit bench --eager-only \
+        --eager-tokens 1,8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-base-$r"
+    done
+    step r27a-ab-oss 80 python benchmarks/eager_ab.py --models gpt_oss_120b --shapes 1x1,8x1 --rounds 2 \
+      --out "$OUT/r27a-ab-oss.json"
     ;;
   r26-final)  # round 26, last: the shipped raw replays (copy-kernel launches, 8f42ad3 + the runtime's error cleared
     # after a failed call): smoke, the graphed and patched-model GPU tests; then why r26-node2's copy nodes were not

@@ -1,21 +1,37 @@
-"""A layer's internal graphs with the raw replays (``experts/graphed_raw.py``) on a GPU, in one minute: which
-``libcudart`` serves them, whether each captured graph got its copy nodes, and the bits of raw replays, torch-op
-replays and the plain call at T = 1, 3, 8 (DeepSeek-V3 shape with 32 experts). Exit status 1 on any mismatch.
+"""A layer's internal graphs with the raw replays (``experts/graphed_raw.py``) on a GPU, in one minute: whether the
+CUDA driver serves them, one wrapper built directly around ``out = 2 * x`` (its errors printed, not turned into the
+torch ops), whether each captured graph got its one-submission replay, and the bits of raw replays, torch-op replays
+and the plain call at T = 1, 3, 8 (DeepSeek-V3 shape with 32 experts). Exit status 1 on any mismatch.
 
     PYTHONPATH=src python benchmarks/raw_smoke.py
 """
+
+import traceback
 
 import torch
 
 import moekit
 from moekit.benchmarking import MODELS
 from moekit.experts.graphed import tensor_key
-from moekit.experts.graphed_raw import cuda_runtime
+from moekit.experts.graphed_raw import RawReplay, cuda_driver
 
 
 def main() -> int:
-    rt = cuda_runtime()
-    print("runtime:", rt and rt.path)
+    torch.cuda.init()
+    cu = cuda_driver()
+    print("driver:", cu and cu.path)
+    static = torch.randn(4, 64, device="cuda")
+    g = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(g):
+        out = static * 2
+    try:
+        raw = RawReplay(cu, g, [static], out)
+        x = torch.randn_like(static)
+        y, z = raw.replay((x,), True), raw.replay((2 * x,), True)
+        torch.cuda.synchronize()
+        print("direct wrapper: equal", torch.equal(y, 2 * x), torch.equal(z, 4 * x))
+    except Exception:
+        traceback.print_exc()
     m = MODELS["deepseek-v3"].replace(E=32)
     torch.manual_seed(0)
     bias = torch.rand(m.E, device="cuda") * 0.1  # one selection bias for both layers

@@ -11,6 +11,12 @@ from moekit.experts.graphed import GraphCache
 class _FakeGraph:
     replays = 0
 
+    def __init__(self, keep_graph=False):
+        self.keep_graph, self.instantiated = keep_graph, not keep_graph
+
+    def instantiate(self):
+        self.instantiated = True
+
     def replay(self):
         _FakeGraph.replays += 1
         with torch.no_grad():

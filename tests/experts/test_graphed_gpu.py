@@ -300,15 +300,14 @@ def test_forward_with_scores_bit_identical(gate_backend):
 
 
 def test_raw_replays_have_the_torch_ops_bits():
-    """Where this build maps libcudart, the whole graphs replay through the CUDA runtime (``graphed_raw``): the
-    same bits as the same replay by torch ops and as the plain call, on the default and on a side stream; fresh
-    outputs; a strided input (declined by the raw path) takes the torch ops; the direct bucket replays of a gate
-    inside (``copy=False``) too."""
+    """Whole graphs replay in one submission through the CUDA driver (``graphed_raw``): the same bits as the same
+    replay by torch ops and as the plain call, on the default and on a side stream; fresh outputs; a strided input
+    (declined by the raw path) takes the torch ops; the direct bucket replays of a gate inside (``copy=False``) too."""
     from moekit.experts.graphed import tensor_key
-    from moekit.experts.graphed_raw import cuda_runtime
+    from moekit.experts.graphed_raw import cuda_driver
 
-    if cuda_runtime() is None:
-        pytest.skip("no libcudart mapped in this process (a static link): the torch ops replay")
+    torch.cuda.init()
+    assert cuda_driver() is not None  # the H200's torch 2.11 + CUDA 13 driver: this path must engage
     graphed, plain, m = _pair("deepseek-v3", 32)  # whole graphs (selection bias, grouped top-k)
     side = torch.cuda.Stream()
     with torch.no_grad():
@@ -349,17 +348,17 @@ def test_raw_replays_have_the_torch_ops_bits():
 def test_copy_kernel_moves_every_byte():
     """``moekit_copy2`` (the raw replays' copies): both buffers, every 16-byte unit, none past the end, at unit
     counts around the block (256 threads) and past the grid's 1024 blocks (the grid-stride loop), or none."""
-    from moekit.experts.graphed_raw import CopyArgs, cuda_runtime
+    from moekit.experts.graphed_raw import CopyNode, cuda_driver
 
-    rt = cuda_runtime()
-    if rt is None:
-        pytest.skip("no libcudart mapped in this process (a static link)")
+    torch.cuda.init()
+    cu = cuda_driver()
+    func = cu.function()
     g = torch.Generator(device="cuda").manual_seed(0)
     for n0, n1 in ((1, 0), (0, 5), (255, 257), (256, 1), (1024 * 256 + 3, 17)):
         src = [torch.randint(0, 256, (16 * n,), dtype=torch.uint8, device="cuda", generator=g) for n in (n0, n1)]
         dst = [torch.full((16 * n + 32,), 0xAB, dtype=torch.uint8, device="cuda") for n in (n0, n1)]
-        args = CopyArgs(dst[0].data_ptr(), src[0].data_ptr(), n0, dst[1].data_ptr(), src[1].data_ptr(), n1)
-        rt.copy(args, rt.stream(torch.cuda.current_device()))
+        node = CopyNode(func, (dst[0].data_ptr(), src[0].data_ptr(), n0, dst[1].data_ptr(), src[1].data_ptr(), n1))
+        cu.copy(node, cu.stream(torch.cuda.current_device()))
         torch.cuda.synchronize()
         for s, d in zip(src, dst):
             n = s.numel()

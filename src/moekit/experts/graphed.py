@@ -9,7 +9,8 @@ shapes, dtypes, device) on static input buffers and replays it afterwards::
 
     copy inputs into the static buffers (one op: copy_ / torch._foreach_copy_); graph.replay(); out.clone()
 
-(where it may, the same three steps as CUDA runtime calls without the dispatcher: :mod:`.graphed_raw`).
+(where it may, one launch of a graph whose first and last nodes are the copies, set through the CUDA driver:
+:mod:`.graphed_raw`).
 
 The first call of a key runs ``fn`` eagerly on the static buffers (compiling the kernels, running its
 checks; its result is that call's output), then captures it. A replay runs the same kernels with the
@@ -77,7 +78,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from .._checks import check_int
-from .graphed_raw import RawReplay, rng_offset
+from .graphed_raw import RawReplay, keeps_graph, rng_offset
 
 _Tensor = torch.Tensor
 
@@ -273,7 +274,7 @@ class GraphCache:
         """Fill the static inputs (one op per input at most), replay, return the output (a copy unless
         ``copy=False``: the static output, which the next replay overwrites). Inputs with fewer rows
         than the graph's (a bucket) fill its first rows; the output is cut to them. The entry's
-        :class:`~.graphed_raw.RawReplay` runs the same copies and launch where it may."""
+        :class:`~.graphed_raw.RawReplay` runs the same copies and graph in one launch where it may."""
         if entry.raw is not None:
             out = entry.raw.replay(inputs, copy)
             if out is not None:
@@ -330,8 +331,9 @@ class GraphCache:
                 _fill(static, inputs, _padding(t, static) if t < rows else None)
             rng = rng_offset(device)
             out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
-            rng_used = rng is None or rng_offset(device) != rng
-            graph = torch.cuda.CUDAGraph()
+            keep = keeps_graph(static, rng_used=rng is None or rng_offset(device) != rng)
+            # kept graphs: wrapped for the raw replays (.graphed_raw), which instantiates them
+            graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
             # bucket graphs copy their output into the output buffer (shared by a pool's layers); exact
             # ones keep their own (no copy kernel at decode)
             static_out = None if rows is None or rows <= EXACT_GRAPH_TOKENS else self._buffer("out", out)[:rows]
@@ -344,7 +346,8 @@ class GraphCache:
                     static_out = result
                 else:
                     static_out.copy_(result)
-        self._entries[key] = _Entry(graph, static, static_out, RawReplay.build(graph, static, static_out, rng_used))
+            raw = RawReplay.build(graph, static, static_out) if keep else None
+        self._entries[key] = _Entry(graph, static, static_out, raw)
         if isinstance(self.pool, GraphPool):
             self.pool.acquire()
         return out if rows is None else out[: inputs[0].shape[0]]
