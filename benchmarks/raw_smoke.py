@@ -1,7 +1,8 @@
 """A layer's internal graphs with the raw replays (``experts/graphed_raw.py``) on a GPU, in one minute: whether the
 CUDA driver serves them, one wrapper built directly around ``out = 2 * x`` (its errors printed, not turned into the
 torch ops), whether each captured graph got its one-submission replay, and the bits of raw replays, torch-op replays
-and the plain call at T = 1, 3, 8 (DeepSeek-V3 shape with 32 experts). Exit status 1 on any mismatch.
+and the plain call at T = 1, 3, 8 (DeepSeek-V3 shape with 32 experts); with two GPUs, the host µs of a layer on cuda:1
+with either device current. Exit status 1 on any mismatch.
 
     PYTHONPATH=src python benchmarks/raw_smoke.py
 """
@@ -12,6 +13,7 @@ import torch
 
 import moekit
 from moekit.benchmarking import MODELS
+from moekit.benchmarking.eager import time_host
 from moekit.experts.graphed import tensor_key
 from moekit.experts.graphed_raw import RawReplay, cuda_driver
 
@@ -56,7 +58,27 @@ def main() -> int:
                 print(f"T={t} call {seed}: raw={entry is not None and entry.raw is not None} equal={ok}")
     torch.cuda.synchronize()
     print("mismatches:", bad)
+    if torch.cuda.device_count() > 1:
+        other_device(m)
     return 1 if bad else 0
+
+
+def other_device(m) -> None:
+    """Host µs per call (``time_host``) of a layer on cuda:1 at T = 1, with cuda:1 current, then cuda:0 (the graph's
+    context pushed: what a model spread over GPUs pays), and with cuda:0 current through the torch ops."""
+    dev = torch.device("cuda", 1)
+    layer = moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=torch.bfloat16, device=dev, backend="triton",
+                            eager_graph_tokens=8, **m.layer_kwargs())
+    sets = [(torch.randn(1, m.H, device=dev, dtype=torch.bfloat16), torch.randn(1, m.E, device=dev))
+            for _ in range(4)]
+    with torch.no_grad():
+        for current in (1, 0, 1, 0):
+            torch.cuda.set_device(current)
+            print(f"layer on cuda:1, cuda:{current} current: host {time_host(layer, sets):.1f} us per call")
+        for entry in layer._graphs._entries.values():
+            entry.raw = None  # round 26's behaviour with another device current: the torch ops
+        print(f"layer on cuda:1, cuda:0 current, torch ops: host {time_host(layer, sets):.1f} us per call")
+    torch.cuda.set_device(0)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ class FakeDriver(graphed_raw.CudaDriver):
         self.device, self.warned, self.path, self.fail, self._kernel = -1, False, "fake", None, 42
         self.stream = lambda device: 7
         self.current_device = lambda: self.device
+        self.ctx = [1]  # the context stack (the graph's device's context: 1)
         for name in ("function", "kernel_launch", "create", "add_kernel", "add_child", "instantiate", "set",
-                     "graph_launch", "exec_destroy", "graph_destroy", "error"):
+                     "graph_launch", "exec_destroy", "graph_destroy", "error", "ctx_get", "ctx_push", "ctx_pop"):
             setattr(self, "_" + name, self._recorded(name, getattr(self, "c_" + name)))
 
     def _recorded(self, name, fn):
@@ -104,6 +105,7 @@ class FakeDriver(graphed_raw.CudaDriver):
         return 0
 
     def c_graph_launch(self, graph_exec, stream):
+        assert self.ctx[-1] == 1, "launched while another device's context is current"
         nodes, done = self.execs[graph_exec], None
         for _ in nodes:  # dependency order: the chain from the root
             node = next(h for h, (dep, _) in nodes.items() if dep == done)
@@ -118,6 +120,19 @@ class FakeDriver(graphed_raw.CudaDriver):
 
     def c_graph_destroy(self, graph):
         del self.graphs[graph]
+        return 0
+
+    def c_ctx_get(self, addr):
+        _out(addr, self.ctx[-1])
+        return 0
+
+    def c_ctx_push(self, ctx):
+        self.ctx.append(ctx)
+        return 0
+
+    def c_ctx_pop(self, addr):
+        assert addr is None and len(self.ctx) > 1
+        self.ctx.pop()
         return 0
 
     def c_error(self, rc, addr):
@@ -157,7 +172,8 @@ def test_one_launch_copies_the_inputs_and_returns_a_fresh_output(raw_graphs, t):
         assert torch.equal(first, plain(x, lg))
         (entry,) = layer._graphs._entries.values()
         assert entry.raw is not None and entry.graph.instantiated  # torch's own executable too
-        assert raw_graphs.names() == ["function", "create", "add_kernel", "add_child", "add_kernel", "instantiate"]
+        assert raw_graphs.names() == ["function", "ctx_get", "create", "add_kernel", "add_child", "add_kernel",
+                                      "instantiate"]
         sx, sl = entry.inputs
         (n_in, (_, (*_, vals_in))), (_, (_, child)), (n_out, (_, (*_, vals_out))) = \
             raw_graphs.graphs[entry.raw.wrapper].items()
@@ -225,7 +241,6 @@ def test_unchanged_nodes_are_not_set_again_and_copy_false_returns_the_static_out
     "width",          # the same bytes in another shape
     "strided",        # a transposed view: copy_ follows the strides
     "subclass",       # a Parameter (a tensor subclass may override anything)
-    "device",         # the current device is not the graph's
     "unaligned",      # rows 4 bytes past a 16-byte boundary (the copy kernel moves 16-byte units)
 ])
 def test_raw_replay_declines_before_changing_anything(case):
@@ -244,17 +259,27 @@ def test_raw_replay_declines_before_changing_anything(case):
         inputs = (torch.randn(H, 3).t(), lg)
     elif case == "subclass":
         inputs = (torch.nn.Parameter(x, requires_grad=False), lg)
-    elif case == "unaligned":
-        inputs = (torch.randn(3 * H + 1)[1:].view(3, H), lg)
     else:
-        inputs, cu.device = (x, lg), 0
+        inputs = (torch.randn(3 * H + 1)[1:].view(3, H), lg)
     assert raw.replay(inputs, copy=True) is None
     assert cu.calls == []
-    if case == "device":
-        assert raw.replay((x, lg), copy=False) is None and cu.calls == []
-    else:  # the exact inputs do take the path
-        assert raw.replay((x, lg), copy=False) is raw.out
-        assert torch.equal(static[0], x) and torch.equal(static[1], lg) and torch.equal(raw.out, 2 * x)
+    assert raw.replay((x, lg), copy=False) is raw.out  # the exact inputs do take the path
+    assert torch.equal(static[0], x) and torch.equal(static[1], lg) and torch.equal(raw.out, 2 * x)
+
+
+def test_another_device_current_pushes_the_graphs_context():
+    raw, cu, static, _ = _raw()
+    cu.device, cu.ctx = 0, [1, 0]  # device 0 (context 0) current; the graph is the CPU's stand-in device -1
+    cu.calls.clear()
+    x, lg = torch.randn(3, H), torch.randn(3, E)
+    out = raw.replay((x, lg), copy=True)
+    assert torch.equal(out, 2 * x)
+    assert cu.names() == ["ctx_push", "set", "set", "graph_launch", "ctx_pop"] and cu.ctx == [1, 0]
+    assert cu.calls[0] == ("ctx_push", 1)
+    cu.fail = "graph_launch"
+    with pytest.raises(RuntimeError, match="cuGraphLaunch failed"):
+        raw.replay((x, lg), copy=True)
+    assert cu.names()[-1] == "ctx_pop" and cu.ctx == [1, 0]  # popped after a failure too
 
 
 def test_one_input():

@@ -25,8 +25,9 @@ The copy kernel (:data:`COPY_PTX`, 16 bytes per thread and step, grid-stride) is
 (``cuLibraryLoadData``), its function per device at capture (``cuKernelGetFunction``).
 
 A replay takes this path only when every input is the plain, contiguous, 16-byte aligned tensor the graph's static
-input expects (same dtype, shape and device) and the graph's device is the current one; otherwise
-:meth:`RawReplay.replay` returns None before changing anything and the caller runs the torch ops (the same bits). A
+input expects (same dtype, shape and device); otherwise :meth:`RawReplay.replay` returns None before changing anything
+and the caller runs the torch ops (the same bits). When another device is current, the graph's context is pushed
+around the driver calls (``cuCtxPushCurrent``). A
 graph gets a :class:`RawReplay` only when the process can load the CUDA driver (``libcuda.so.1``) with the
 library-loading API (CUDA >= 12), PyTorch keeps captured graphs for its caller (``keep_graph``, ``raw_cuda_graph``),
 the graph has one or two inputs, every static tensor is a whole number of aligned 16-byte units, and its eager
@@ -49,7 +50,8 @@ _THREADS = 256
 _MAX_BLOCKS = 1024
 
 #: ``moekit_copy2(dst0, src0, n0, dst1, src1, n1)``: copy ``n0`` 16-byte units from ``src0`` to ``dst0`` and ``n1``
-#: from ``src1`` to ``dst1`` (grid-stride loops; pointers 16-byte aligned). JIT-compiled by the driver once (:class:`CudaDriver`).
+#: from ``src1`` to ``dst1`` (grid-stride loops; pointers 16-byte aligned). JIT-compiled by the driver once
+#: (:class:`CudaDriver`).
 COPY_PTX = b"""
 .version 7.0
 .target sm_70
@@ -164,6 +166,9 @@ class CudaDriver:
         self._exec_destroy = fn(lib, "cuGraphExecDestroy", [vp])
         self._graph_destroy = fn(lib, "cuGraphDestroy", [vp])
         self._error = fn(lib, "cuGetErrorString", [ctypes.c_int, vp])
+        self._ctx_get = fn(lib, "cuCtxGetCurrent", [vp])
+        self._ctx_push = fn(lib, "cuCtxPushCurrent_v2", [vp])
+        self._ctx_pop = fn(lib, "cuCtxPopCurrent_v2", [vp])
         self._ptx = COPY_PTX  # kept alive with the library
         library, kernel = vp(), vp()
         self._check("cuLibraryLoadData", load(ctypes.addressof(library), self._ptx, None, None, 0, None, None, 0))
@@ -185,6 +190,19 @@ class CudaDriver:
         func = ctypes.c_void_p()
         self._check("cuKernelGetFunction", self._function(ctypes.addressof(func), self._kernel))
         return func.value
+
+    def context(self) -> int:
+        """The calling thread's current context (a graph's device's, at its capture)."""
+        ctx = ctypes.c_void_p()
+        self._check("cuCtxGetCurrent", self._ctx_get(ctypes.addressof(ctx)))
+        return ctx.value
+
+    def push(self, ctx: int) -> None:
+        """Make ``ctx`` current until :meth:`pop` (a replay while another device is current)."""
+        self._check("cuCtxPushCurrent", self._ctx_push(ctx))
+
+    def pop(self) -> None:
+        self._check("cuCtxPopCurrent", self._ctx_pop(None))
 
     def copy(self, node: CopyNode, stream: int) -> None:
         """Launch ``node``'s copy on ``stream`` (outside any graph: ``benchmarks/eager_profile.py``, the GPU tests)."""
@@ -272,7 +290,7 @@ class RawReplay:
 
     static: 1 or 2 [rows, *] tensors the graph reads (contiguous); out: the tensor it writes (contiguous)."""
 
-    __slots__ = ("cu", "graph", "wrapper", "graph_exec", "device", "specs", "out", "_in", "_out", "_in_vals",
+    __slots__ = ("cu", "graph", "wrapper", "graph_exec", "device", "ctx", "specs", "out", "_in", "_out", "_in_vals",
                  "_out_units")
 
     def __init__(self, cu, graph, static: Sequence[_Tensor], out: _Tensor):
@@ -281,7 +299,7 @@ class RawReplay:
         self.device = out.get_device()
         self.specs = tuple((s.dtype, s.shape) for s in static)
         self.out = out
-        func = cu.function()
+        func, self.ctx = cu.function(), cu.context()  # (captured on its device: that device's context)
         dst = [(s.data_ptr(), s.nbytes // 16) for s in static] + [(0, 0)] * (2 - len(static))
         self._in_vals = dst  # (static input, units) per copy; the sources come per call
         self._in = CopyNode(func, (dst[0][0], dst[0][0], dst[0][1], dst[1][0], dst[1][0], dst[1][1]))  # self-copies
@@ -309,29 +327,36 @@ class RawReplay:
 
     def replay(self, inputs: Sequence[_Tensor], copy: bool) -> _Tensor | None:
         """The output of a replay on ``inputs`` (a fresh tensor unless ``copy=False``: the static output), or None
-        when an input is not exactly what the static input holds, or the graph's device is not the current one:
-        nothing was changed then."""
-        cu, specs = self.cu, self.specs
-        if len(inputs) != len(specs) or cu.current_device() != self.device:
+        when an input is not exactly what the static input holds: nothing was changed then. When another device is
+        current (a model spread over GPUs, as transformers' ``device_map`` runs it), the graph's context is pushed
+        around the driver calls (the stream: the graph's device's current one, as the torch ops would use)."""
+        cu, specs, device = self.cu, self.specs, self.device
+        if len(inputs) != len(specs):
             return None
         src = [0, 0]
         for i, (x, (dtype, shape)) in enumerate(zip(inputs, specs)):
             if (type(x) is not _Tensor or x.dtype is not dtype or x.shape != shape or not x.is_contiguous()
-                    or x.get_device() != self.device):
+                    or x.get_device() != device):
                 return None
             src[i] = x.data_ptr()
             if src[i] % 16:
                 return None
-        (d0, n0), (d1, n1) = self._in_vals
-        cu.set(self.graph_exec, self._in, (d0, src[0], n0, d1, src[1], n1))
         static_out = self.out
-        if copy:
-            out = torch.empty_like(static_out)
-            cu.set(self.graph_exec, self._out, (out.data_ptr(), static_out.data_ptr(), self._out_units, 0, 0, 0))
-        else:
-            out = static_out
-            cu.set(self.graph_exec, self._out, (static_out.data_ptr(), static_out.data_ptr(), 0, 0, 0, 0))
-        cu.launch(self.graph_exec, cu.stream(self.device))
+        out = torch.empty_like(static_out) if copy else static_out  # (torch calls before any context is pushed)
+        stream = cu.stream(device)
+        other = cu.current_device() != device
+        if other:
+            cu.push(self.ctx)
+        try:
+            (d0, n0), (d1, n1) = self._in_vals
+            cu.set(self.graph_exec, self._in, (d0, src[0], n0, d1, src[1], n1))
+            p = static_out.data_ptr()
+            units = self._out_units if copy else 0  # copy=False: nothing copied out
+            cu.set(self.graph_exec, self._out, (out.data_ptr(), p, units, 0, 0, 0))
+            cu.launch(self.graph_exec, stream)
+        finally:
+            if other:
+                cu.pop()
         return out
 
     def __del__(self):
