@@ -171,7 +171,7 @@ def test_one_launch_copies_the_inputs_and_returns_a_fresh_output(raw_graphs, t):
         first = layer(x, lg)  # checked call: capture and wrap
         assert torch.equal(first, plain(x, lg))
         (entry,) = layer._graphs._entries.values()
-        assert entry.raw is not None and entry.graph.instantiated  # torch's own executable too
+        assert entry.raw is not None and not entry.graph.instantiated  # torch's own: at a torch-op replay only
         assert raw_graphs.names() == ["function", "ctx_get", "create", "add_kernel", "add_child", "add_kernel",
                                       "instantiate"]
         sx, sl = entry.inputs
@@ -309,9 +309,9 @@ def test_graphs_that_keep_the_torch_ops(monkeypatch):
 
 def test_build_declines_and_driver_refusals():
     raw, cu, static, g = _raw()
-    g.instantiated = False
+    assert not g.instantiated  # a raw replay: torch's own executable left to its first replay
     assert RawReplay.build(g, static, torch.zeros(H, 3).t(), cu=cu) is None  # strided output
-    assert g.instantiated  # torch's own executable, for the torch ops
+    assert g.instantiated  # no raw replay: torch's own executable now, as for any graph
     cu.fail = "add_child"  # e.g. a captured graph the driver will not nest
     with pytest.warns(UserWarning, match="cuGraphAddChildGraphNode failed with CUDA error 700: stand-in error"):
         assert RawReplay.build(g, static, raw.out, cu=cu) is None

@@ -332,7 +332,7 @@ class GraphCache:
             rng = rng_offset(device)
             out = fn(*static)  # eager warm-up on the static buffers: compiles, checks; this call's answer
             keep = keeps_graph(static, rng_used=rng is None or rng_offset(device) != rng)
-            # kept graphs: wrapped for the raw replays (.graphed_raw), which instantiates them
+            # kept graphs: wrapped for the raw replays (.graphed_raw); torch instantiates its own on first replay
             graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
             # bucket graphs copy their output into the output buffer (shared by a pool's layers); exact
             # ones keep their own (no copy kernel at decode)

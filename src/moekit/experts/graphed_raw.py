@@ -12,7 +12,8 @@ A replay points the two copy nodes at this call's tensors (``cuGraphExecKernelNo
 values changed) and launches once (``cuGraphLaunch``) on the current stream of the graph's device, as the torch ops
 would. The bytes copied are the same, so the output bits are the same (GPU tests compare both paths). A parameter
 update changes the executable graph's next launches only: launches already enqueued keep the values they were
-launched with. PyTorch's own executable of the captured graph is untouched, so the torch ops replay it as before.
+launched with. PyTorch's own executable of the captured graph is separate: instantiated on the first torch-op
+replay (an input the raw replay declines), which replays it as before.
 
 Why: on the H200 host (round 26, ``benchmarks/eager_profile.py``) torch's ``_foreach_copy_`` took 14-22 µs to
 enqueue, ``clone`` 9-14.5 and ``replay`` 4-6; round 26's replay by runtime calls (one kernel launch for both input
@@ -310,9 +311,10 @@ class RawReplay:
     @classmethod
     def build(cls, graph, static: Sequence[_Tensor], out: _Tensor, cu=None) -> RawReplay | None:
         """The raw replay of the captured, kept ``graph`` (its inputs passed :func:`keeps_graph`), or None when the
-        output is not whole 16-byte units or the driver refuses the wrapper. PyTorch's own executable is
-        instantiated either way (the torch ops' replays). ``cu``: the driver (default :func:`cuda_driver`; tests
-        pass a stand-in)."""
+        output is not whole 16-byte units or the driver refuses the wrapper: PyTorch's own executable is instantiated
+        then, for the torch ops' replays. With a raw replay it is left to ``graph.replay()``'s first call (an input
+        the raw replay declines): one executable per graph in the common case, not two. ``cu``: the driver (default
+        :func:`cuda_driver`; tests pass a stand-in)."""
         cu = cuda_driver() if cu is None else cu
         raw = None
         if cu is not None and _units(out) and out.device == static[0].device:
@@ -322,7 +324,8 @@ class RawReplay:
                 if not cu.warned:
                     cu.warned = True
                     warnings.warn(f"moekit: internal CUDA graphs replay through torch ops ({err})", stacklevel=2)
-        graph.instantiate()
+        if raw is None:
+            graph.instantiate()
         return raw
 
     def replay(self, inputs: Sequence[_Tensor], copy: bool) -> _Tensor | None:
