@@ -12,8 +12,7 @@ gaps between buckets; a trailing digit repeats it: ``lo2``), or a name from ``--
 the lookup's config); suffixes set one
 switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false (the top-k sum after w2 in its own pass,
 or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
-scatter). A trailing ``-aq`` runs fp8 block's small align and input quantiser as two launches, not one
-(``QuantLaunch.fuses_align`` off). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
+scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
 comparison) and each kernel's share. JSON rows go to ``--out``.
 """
 
@@ -146,8 +145,7 @@ def main(argv=None) -> int:
                 if neighbour_name(vname) and neighbour_name(vname) not in near:
                     print(f"{name} T={t} {fname} {vname}: no shipped bucket on that side of T", flush=True)
                     continue
-                separate = vname.endswith("-aq")  # the small align and the fp8 input quantiser as two launches
-                cfg = variant(cfg0, vname[:-3] if separate else vname, near)
+                cfg = variant(cfg0, vname, near)
                 if spec is not None:
                     cfg = spec.fix_config(cfg, torch.bfloat16)
 
@@ -156,17 +154,12 @@ def main(argv=None) -> int:
                         return fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
                     return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act,
                                                        False, b1, b2, None, limit, config=cfg)
-                fuses = tq.QuantLaunch.fuses_align
-                if separate:
-                    tq.QuantLaunch.fuses_align = lambda self: False
                 try:
                     per = kernel_times(fn, sets, a.calls)
                     us = time_graph(fn, sets, target_ms=8.0, replays=5)
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     print(f"{name} T={t} {fname} {vname}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                     continue
-                finally:
-                    tq.QuantLaunch.fuses_align = fuses
                 total = sum(per.values())
                 parts = "  ".join(f"{k.split('(')[0]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
                 print(f"{name:14s} T={t:6d} {fname:5s} {vname:7s} graph {us:9.1f} us  prof {total:9.1f} us | {parts}",

@@ -327,55 +327,6 @@ def test_fp8_block_requant_fused_or_separate_same_bits(ue8m0, t, align, monkeypa
     assert rel_rms(outs[0], twin) <= 1e-2  # and the (shared) result is the twin's within SPEC §8
 
 
-class _Spy:
-    """A Triton kernel whose launches are counted (``kernel[grid](...)``)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
-@pytest.mark.parametrize("t, k, ue8m0, hot", [
-    (9, 2, False, False),   # 18 slots: just past the decode (inline) layout, the first small-align batch
-    (40, 4, True, True),    # ue8m0 scales, every token on one hot expert
-    (256, 4, False, False),  # 1024 slots: the small align's last batch (its multi-tile count / scan / scatter)
-])
-def test_fp8_block_input_quantiser_in_the_align_launch_same_bits(t, k, ue8m0, hot, monkeypatch):
-    """fp8 block, 16 < T·K <= 1024: the small align and the layer input's quantiser run as one launch
-    (``align_quant_small_kernel``: program 0 aligns, the others quantise): the bits of the two launches, within
-    tolerance of the twin."""
-    from moekit.ops import triton_experts as te
-    from moekit.ops._triton import align_quant
-
-    fmt = Fp8BlockFormat(64, 64, ue8m0=ue8m0)
-    args, kw = make(fmt, t, 6, k, 128, 96, bias=True, hot=hot)
-    x, w13, w2, w, ids = args
-    spec = tq.QuantSpec.of(fmt)
-
-    def run():
-        return tq.fused_experts_quant_impl(x, w13, w2, w, ids, spec, kw["w13_scale"], kw["w2_scale"], None, None,
-                                           "silu", False, kw["w1_bias"], kw["w2_bias"], None, None)
-
-    fused = _Spy(align_quant.align_quant_small_kernel)
-    small = _Spy(te.align.align_small_kernel)
-    monkeypatch.setattr(tq.aq, "align_quant_small_kernel", fused)
-    monkeypatch.setattr(te.align, "align_small_kernel", small)
-    one = run()
-    assert len(fused.grids) == 1 and small.grids == []  # one launch: align + quantiser
-    pairs = t * 2  # H = 128 in groups of 64
-    assert fused.grids[0][0] >= 1 + 1 and fused.grids[0][0] <= 1 + pairs
-    monkeypatch.setattr(tq.QuantLaunch, "fuses_align", lambda self: False)
-    two = run()
-    assert len(small.grids) == 1 and len(fused.grids) == 1  # the align alone, then the quantiser
-    assert torch.equal(one, two)
-    cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
-    twin = fused_experts_quant_torch(*[cpu(a) for a in args], **{n: cpu(v) for n, v in kw.items()})
-    assert rel_rms(one, twin) <= 1e-2
-
-
 # ------------------------------------------------------------------------------------------------ GPU
 GPU_FORMATS = [Fp8BlockFormat(128, 128), Fp8BlockFormat(128, 128, ue8m0=True), Fp8ChannelFormat(),
                Fp8ChannelFormat(per_tensor=True), Mxfp4Format(), Int4GroupFormat(32), Int4GroupFormat(128)]

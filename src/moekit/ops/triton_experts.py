@@ -189,31 +189,27 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         else:
             kernel[grid](*args, **kw)
 
-    a13, inter_w2, w13_kw, w2_kw = x, None, p.w13_kw, p.w2_kw
-    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
-    use_tma = p.want_tma and tma_fmt and _tma_ok(w1, w2, h, inter)
-    gluon13 = gluon_experts.fp8_w13_ok(p, q, w1, use_tma, _interpreting())  # same bits, overlapped promotion
-    # the warp-specialised fp8 w13 reads its rows by TMA: the input quantiser writes them in sorted order
-    ws13 = gluon13 and gluon_experts.fp8_w13_ws_ok(p) and gluon_experts.fp8_w13_ws_rows_ok(h)
-    fused_align = None  # the small align run in the fp8 input quantiser's launch (the same stores, one launch)
     if p.align != "inline":  # inline: the w13 launch zeroes the semaphores / dead rows itself
         args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)
         sizes = (t, k, h, e_local, p.e_global, p.nbn, ids.stride(0), tw.stride(0), out.stride(0))
-        if p.align == "small" and q is not None and not ws13 and q.fuses_align():
-            fused_align = ((*args, sorted_slot, *sizes), p.align_kw)
-        elif p.align == "small":
+        if p.align == "small":
             launch(align.align_small_kernel, (1,), *args, sorted_slot, *sizes, **p.align_kw)
         else:
             launch(align.count_kernel, p.align_grid, *args, *sizes, **p.align_kw)
             launch(align.scatter_kernel, p.align_grid, slot_loc, slot_rank, row_start, sorted_slot, t, k,
                    **p.scatter_kw)
 
+    a13, inter_w2, w13_kw, w2_kw = x, None, p.w13_kw, p.w2_kw
+    tma_fmt = q is None or q.fp8  # packed 4-bit tiles are not TMA-shaped
+    use_tma = p.want_tma and tma_fmt and _tma_ok(w1, w2, h, inter)
+    gluon13 = gluon_experts.fp8_w13_ok(p, q, w1, use_tma, _interpreting())  # same bits, overlapped promotion
+    # the warp-specialised fp8 w13 reads its rows by TMA: the input quantiser writes them in sorted order
+    ws13 = gluon13 and gluon_experts.fp8_w13_ws_ok(p) and gluon_experts.fp8_w13_ws_rows_ok(h)
     if q is None:
         inter_w2 = inter_buf
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
         a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
-                                                      (slot_loc, slot_rank, row_start) if ws13 else None,
-                                                      fused_align)
+                                                      (slot_loc, slot_rank, row_start) if ws13 else None)
         # fp8: the input quantiser applied the routing weight already
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)

@@ -36,7 +36,6 @@ import torch
 import triton
 
 from ._eager import direct_call_ok
-from ._triton import align_quant as aq
 from ._triton import quant as qk
 from .activation import get_activation
 from .formats import WeightFormat
@@ -98,18 +97,10 @@ class QuantLaunch:
         xq = (k if sorted_rows else 1) * (h + 8 * h // max(self.spec.block_k, 1))
         return xq + k * inter * 2 + 16 * k + 2 * k * h
 
-    def fuses_align(self) -> bool:
-        """The layer input's quantiser may run in the small align's launch (:meth:`setup`'s ``align``): fp8 block,
-        dynamic (per token and group)."""
-        return self.fp8 and self.spec.code == 1 and self.s13_static is None
-
-    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None,
-                  align=None):
+    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
         ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
-        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots); ``align``:
-        the small align's ``(arguments, keywords)``, run as program 0 of the same launch
-        (:func:`._triton.align_quant.align_quant_small_kernel`; per-group mode only)."""
+        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots)."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -126,15 +117,9 @@ class QuantLaunch:
         grid = (triton.cdiv(pairs, gp),) if mode == 0 else (rows,)
         by_slot = {} if slots is None else dict(SLOTS=True, loc_ptr=slots[0], rank_ptr=slots[1],
                                                 row_start_ptr=slots[2])
-        tw_args = (tw if tw is not None else src, static)
-        strides = (src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0)
-        if align is not None:
-            assert mode == 0 and slots is None, "the fused align quantises per group of the layer input only"
-            a_args, a_kw = align
-            launch(aq.align_quant_small_kernel, (1 + grid[0],), *a_args, src, xq, xs, tw_args[0], n, rows, *strides,
-                   G=g, GP=gp, UE8M0=sp.ue8m0, ON_INPUT=on_input, INTERP=interp, **a_kw)
-        elif rows:
-            launch(qk.act_quant_kernel, grid, src, xq, xs, *tw_args, n, rows, *strides,
+        if rows:
+            launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, rows,
+                   src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
                    ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot)
         return xq, xs, (xs.stride(0) if mode < 2 else 0)
@@ -156,12 +141,10 @@ class QuantLaunch:
                    UE8M0=self.spec.ue8m0, ON_INPUT=on_input, INTERP=interp, num_warps=4)
         return xq, xs, xs.stride(0)
 
-    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None,
-              align: tuple | None = None):
+    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None):
         """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs). ``sorted_layout``
         (fp8 block, for the warp-specialised Gluon w13): the align kernel's (loc, rank, row_start); w13's A
-        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``align`` (when
-        :meth:`fuses_align`): the small align's launch, which the input quantiser's then carries."""
+        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`)."""
         n_inter = self._inter
         dev, sp = x.device, self.spec
         kw13 = dict(self.common, **self.ws13, W_ALIGN=self.w_align[0])
@@ -172,8 +155,7 @@ class QuantLaunch:
         if sorted_layout is not None:
             xq, xs, sxs = self._quantise_sorted(x, tw, rows, sorted_layout, on_input, interp, launch)
         else:
-            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw,
-                                         align=align)
+            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
         kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
         self._post = None
         if self.fused_req:  # w2's input quantised in the w13 epilogue

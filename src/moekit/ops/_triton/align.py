@@ -194,22 +194,7 @@ def align_small_kernel(
     BH: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr,
     TAIL: tl.constexpr = 0,
 ):
-    """Grid (1,): :func:`align_small` (small T: a single launch, no memset needed)."""
-    align_small(
-        ids_ptr, w_ptr, map_ptr, counts_ptr, loc_ptr, rank_ptr, live_ptr, sem_ptr, out_ptr, row_start_ptr,
-        sorted_ptr, T, K, H, E_local, E_global, NBN, stride_it, stride_wt, stride_ot,
-        BM, BLOCK_E, BT, KP, ZB, BH, HAS_MAP, SKIP_ZERO, COMBINE, TAIL,
-    )
-
-
-@triton.jit
-def align_small(
-    ids_ptr, w_ptr, map_ptr, counts_ptr, loc_ptr, rank_ptr, live_ptr, sem_ptr, out_ptr, row_start_ptr,
-    sorted_ptr, T, K, H, E_local, E_global, NBN, stride_it, stride_wt, stride_ot,
-    BM: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, ZB: tl.constexpr,
-    BH: tl.constexpr, HAS_MAP: tl.constexpr, SKIP_ZERO: tl.constexpr, COMBINE: tl.constexpr, TAIL: tl.constexpr,
-):
-    """One program does count, scan and scatter.
+    """One program does count, scan and scatter (small T: a single launch, no memset needed).
 
     When the tokens fit one tile (T <= BT, at most 1024 slots) the layout stays in registers: the counts are the
     histogram of the slots' experts, the scan runs on it, and each slot's ``row_start`` is gathered from the scan
@@ -230,18 +215,18 @@ def align_small(
         tl.store(row_start_ptr + offs, start, mask=offs < E_local)
         row = tl.reshape(tl.gather(start, e, 0), [BT, KP]) + rank
         tl.store(sorted_ptr + row, slot, mask=loc >= 0)
-    else:
-        for t0 in range(0, T, BT):
-            _count_tile(
-                t0, ids_ptr, w_ptr, map_ptr, counts_ptr, loc_ptr, rank_ptr, live_ptr, sem_ptr, out_ptr,
-                T, K, H, E_local, E_global, NBN, stride_it, stride_wt, stride_ot,
-                BT, KP, ZB, BH, HAS_MAP, SKIP_ZERO, COMBINE, True,
-            )
-        tl.debug_barrier()
-        _scan(counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, TAIL)
-        tl.debug_barrier()
-        for t0 in range(0, T, BT):
-            _scatter_tile(t0, loc_ptr, rank_ptr, row_start_ptr, sorted_ptr, T, K, BT, KP)
+        return
+    for t0 in range(0, T, BT):
+        _count_tile(
+            t0, ids_ptr, w_ptr, map_ptr, counts_ptr, loc_ptr, rank_ptr, live_ptr, sem_ptr, out_ptr,
+            T, K, H, E_local, E_global, NBN, stride_it, stride_wt, stride_ot,
+            BT, KP, ZB, BH, HAS_MAP, SKIP_ZERO, COMBINE, True,
+        )
+    tl.debug_barrier()
+    _scan(counts_ptr, row_start_ptr, E_local, BM, BLOCK_E, TAIL)
+    tl.debug_barrier()
+    for t0 in range(0, T, BT):
+        _scatter_tile(t0, loc_ptr, rank_ptr, row_start_ptr, sorted_ptr, T, K, BT, KP)
 
 
 @triton.jit

@@ -306,33 +306,6 @@ def _quant_groups(rows, cols, m, w_in, UE8M0: tl.constexpr, ON_INPUT: tl.constex
 
 
 @triton.jit
-def quant_pairs(pid, x_ptr, q_ptr, s_ptr, tw_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
-                G: tl.constexpr, GP: tl.constexpr, UE8M0: tl.constexpr, ON_INPUT: tl.constexpr, INTERP: tl.constexpr,
-                SLOTS: tl.constexpr, loc_ptr, rank_ptr, row_start_ptr):
-    """:func:`act_quant_kernel`'s ``MODE`` 0 for program ``pid``: its ``GP`` (row, group) pairs."""
-    pair = pid.to(tl.int64) * GP + tl.arange(0, GP)
-    ng = tl.cdiv(K, G)
-    r = pair // ng
-    gi = pair - r * ng
-    live = r < R
-    if SLOTS:
-        e = tl.load(loc_ptr + r, mask=live, other=-1)
-        live = live & (e >= 0)
-        t = tl.load(row_start_ptr + e, mask=live, other=0) + tl.load(rank_ptr + r, mask=live, other=0)
-        t = t.to(tl.int64)
-    else:
-        t = r
-    cols = gi[:, None] * G + tl.arange(0, G)[None, :]
-    m = live[:, None] & (cols < K)
-    w_in = 1.0
-    if ON_INPUT:
-        w_in = tl.load(tw_ptr + t * stride_twt, mask=live, other=0.0).to(tl.float32)[:, None]
-    xq, s = _quant_groups(x_ptr + t[:, None] * stride_xt, cols, m, w_in, UE8M0, ON_INPUT, INTERP)
-    tl.store(q_ptr + t[:, None] * stride_qt + cols, xq, mask=m)
-    tl.store(s_ptr + t * stride_st + gi, s, mask=live)
-
-
-@triton.jit
 def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
@@ -350,8 +323,26 @@ def act_quant_kernel(
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
     rows, which no GEMM output reads, are skipped (at decode most rows are padding)."""
     if MODE == 0:
-        quant_pairs(tl.program_id(0), x_ptr, q_ptr, s_ptr, tw_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
-                    G, GP, UE8M0, ON_INPUT, INTERP, SLOTS, loc_ptr, rank_ptr, row_start_ptr)
+        pair = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
+        ng = tl.cdiv(K, G)
+        r = pair // ng
+        gi = pair - r * ng
+        live = r < R
+        if SLOTS:
+            e = tl.load(loc_ptr + r, mask=live, other=-1)
+            live = live & (e >= 0)
+            t = tl.load(row_start_ptr + e, mask=live, other=0) + tl.load(rank_ptr + r, mask=live, other=0)
+            t = t.to(tl.int64)
+        else:
+            t = r
+        cols = gi[:, None] * G + tl.arange(0, G)[None, :]
+        m = live[:, None] & (cols < K)
+        w_in = 1.0
+        if ON_INPUT:
+            w_in = tl.load(tw_ptr + t * stride_twt, mask=live, other=0.0).to(tl.float32)[:, None]
+        xq, s = _quant_groups(x_ptr + t[:, None] * stride_xt, cols, m, w_in, UE8M0, ON_INPUT, INTERP)
+        tl.store(q_ptr + t[:, None] * stride_qt + cols, xq, mask=m)
+        tl.store(s_ptr + t * stride_st + gi, s, mask=live)
     else:
         if SLOTS:
             slot = tl.program_id(0)
