@@ -118,7 +118,7 @@ def raw_pieces(entry, x, lg) -> list:
         print("no raw replay for this graph (no CUDA driver, or declined)")
         return []
     cu, stream = raw.cu, raw.cu.stream(raw.device)
-    (d0, n0), (d1, n1) = raw._in_vals
+    d0, n0, d1, n1 = raw._in_vals
     # the copy-in node's values alternate: each call is a real update
     flip = itertools.cycle([(d0, x.data_ptr(), n0, d1, lg.data_ptr(), n1), (d0, d0, n0, d1, d1, n1)])
     return [

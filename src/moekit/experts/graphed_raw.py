@@ -292,7 +292,7 @@ class RawReplay:
     static: 1 or 2 [rows, *] tensors the graph reads (contiguous); out: the tensor it writes (contiguous)."""
 
     __slots__ = ("cu", "graph", "wrapper", "graph_exec", "device", "ctx", "specs", "out", "_in", "_out", "_in_vals",
-                 "_out_units")
+                 "_out_vals")
 
     def __init__(self, cu, graph, static: Sequence[_Tensor], out: _Tensor):
         self.cu, self.graph = cu, graph  # PyTorch's graph: kept alive, its pool holds the child's memory
@@ -302,10 +302,10 @@ class RawReplay:
         self.out = out
         func, self.ctx = cu.function(), cu.context()  # (captured on its device: that device's context)
         dst = [(s.data_ptr(), s.nbytes // 16) for s in static] + [(0, 0)] * (2 - len(static))
-        self._in_vals = dst  # (static input, units) per copy; the sources come per call
+        self._in_vals = (*dst[0], *dst[1])  # (static input, units) per copy; the sources come per call
         self._in = CopyNode(func, (dst[0][0], dst[0][0], dst[0][1], dst[1][0], dst[1][0], dst[1][1]))  # self-copies
-        self._out_units = out.nbytes // 16
-        self._out = CopyNode(func, (out.data_ptr(), out.data_ptr(), self._out_units, 0, 0, 0))
+        self._out_vals = (out.data_ptr(), out.nbytes // 16)  # (static output, units); the destination per call
+        self._out = CopyNode(func, (out.data_ptr(), out.data_ptr(), out.nbytes // 16, 0, 0, 0))
         self.wrapper, self.graph_exec = cu.wrap(graph.raw_cuda_graph(), self._in, self._out)
 
     @classmethod
@@ -351,11 +351,10 @@ class RawReplay:
         if other:
             cu.push(self.ctx)
         try:
-            (d0, n0), (d1, n1) = self._in_vals
+            d0, n0, d1, n1 = self._in_vals
             cu.set(self.graph_exec, self._in, (d0, src[0], n0, d1, src[1], n1))
-            p = static_out.data_ptr()
-            units = self._out_units if copy else 0  # copy=False: nothing copied out
-            cu.set(self.graph_exec, self._out, (out.data_ptr(), p, units, 0, 0, 0))
+            p, units = self._out_vals
+            cu.set(self.graph_exec, self._out, (out.data_ptr(), p, units if copy else 0, 0, 0, 0))  # copy=False: none
             cu.launch(self.graph_exec, stream)
         finally:
             if other:
