@@ -1,5 +1,6 @@
 """Token chunks of the Triton experts step: the old rule (full chunks + the rest) against equal chunks
-(:func:`moekit.ops.experts.chunk_tokens`), side by side in one run (experts step in a CUDA graph, µs).
+(:func:`moekit.ops.experts.chunk_tokens`) and one chunk past the bound, side by side in one run (experts step in
+a CUDA graph, µs).
 
     PYTHONPATH=src python benchmarks/chunk_probe.py --points deepseek-v3:16384:fp8,longcat-flash:16384:fp8
 """
@@ -19,7 +20,9 @@ from moekit.ops import triton_experts as te
 from quant_probe import experts_step, routing_sets, save_rows, step_config  # benchmarks/: the script's own folder
 from swap_probe import FORMATS
 
-RULES = {"full+rest": lambda total, most: max(1, min(total, most)), "equal": te.chunk_tokens}
+#: "one": the whole call in one chunk, past the workspace bound (how much the bound itself costs)
+RULES = {"full+rest": lambda total, most: max(1, min(total, most)), "equal": te.chunk_tokens,
+         "one": lambda total, most: max(1, total)}
 
 
 def main(argv=None) -> int:

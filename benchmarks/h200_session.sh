@@ -27,8 +27,8 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap|r27-blocks|r27-ctx|r27-final|r27-aq}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap|r27-blocks|r27-ctx|r27-final|r27-aq}
+OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap|r27-blocks|r27-ctx|r27-final|r27-aq|r28-diag|r28-pair|r28-sweep}
+WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap|r27-blocks|r27-ctx|r27-final|r27-aq|r28-diag|r28-pair|r28-sweep}
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -714,6 +714,42 @@ case $WHAT in
       tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed_gpu.py tests/integrations/test_transformers_models.py
     step r27c-eager 70 python -m moekit bench --eager-only --eager-tokens 1,8 \
       --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager"
+    ;;
+  r28-pair)  # round 28: w13 tiles of half an fp8 scale group quantise w2's input themselves, two per group (REQ 3):
+    # the GPU bit tests (Triton and Gluon, pair vs the separate pass, shipped fp8 tables alone vs in batches), then
+    # µs per kernel with the pair (base) vs the separate pass ("pass": w13 "req_pair": 0) alternated twice
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r28p-gpu-quant 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q \
+      tests/ops/test_triton_experts_quant.py -k "requant or zeroes or (gpu and not mxfp4 and not int4)"
+    step r28p-gpu-gluon 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8.py
+    step r28p-gpu-inv 120 python -m pytest -p no:cacheprovider -rf --tb=short -n 2 -q -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k fp8
+    PTS=deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,gpt-oss-120b:8,gpt-oss-120b:64,qwen3-30b-a3b:8,qwen3-30b-a3b:64
+    PTS=$PTS,qwen3-30b-a3b:1024,mixtral-8x7b:256,mixtral-8x7b:1024,deepseek-v3:4096
+    step r28p-profile 330 python benchmarks/kernel_profile.py --formats fp8 --variants base,pass,base,pass \
+      --patches '{"pass": {"w13": {"req_pair": 0}}}' --points $PTS --out "$OUT/r28p-profile.json"
+    ;;
+  r28-sweep)  # round 28, last: the bf16 + fp8 sweep of record (whole layer and experts step) and the comparison
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    sweep 330
+    ;;
+  r28-diag)  # round 28: gpt-oss-120b's patched block host pieces and trace (8x1's host time doubled in r27), DeepSeek-V3
+    # fp8 T = 16384 in one chunk past the workspace bound, Nsight Compute on the fp8 decode w2 (DeepSeek-V3 / Mixtral
+    # T = 1: ~70 % of the read ceiling, w13 80-92 %)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r28a-oss-host 100 env PYTHONPATH=src:benchmarks python benchmarks/block_host.py --models gpt_oss_120b \
+      --shapes 1x1,8x1,64x1 --out "$OUT/r28a-oss-host.json"
+    step r28a-oss-trace 100 env PYTHONPATH=src:benchmarks python benchmarks/block_trace.py --models gpt_oss_120b \
+      --shapes 1x1,8x1 --out "$OUT/r28a-oss-trace.json"
+    step r28a-chunks 150 env PYTHONPATH=src:benchmarks python benchmarks/chunk_probe.py --points deepseek-v3:16384:fp8 \
+      --out "$OUT/r28a-chunks.json"
+    NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy --metrics dram__bytes_read.sum,dram__bytes_read.sum.per_second,lts__t_sector_hit_rate.pct"
+    for pt in deepseek-v3:1 mixtral-8x7b:1; do
+      step "r28a-ncu-w2-${pt%%:*}" 100 $NCU -k regex:"w2_kernel" --launch-skip 1 --launch-count 1 \
+        python benchmarks/ncu_driver.py "$pt" --format fp8 --calls 2
+      step "r28a-ncu-w13-${pt%%:*}" 100 $NCU -k regex:"w13_kernel" --launch-skip 1 --launch-count 1 \
+        python benchmarks/ncu_driver.py "$pt" --format fp8 --calls 2
+    done
     ;;
   r27-blocks)  # round 27: the one-submission replays in what a user runs: a third eager run, the host µs of the
     # patched Qwen3 block piece by piece, the transformers blocks (eager / graph) against grouped_mm

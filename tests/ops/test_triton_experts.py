@@ -154,6 +154,26 @@ def test_chunks_are_equal(monkeypatch):
     assert torch.equal(out, one)
 
 
+def test_chunk_size_default_bound():
+    # the default bound's chunks of the benchmark shapes at T = 16384 (shipped H200 tiles: BLOCK_M 64):
+    # DeepSeek-V3 fp8 block in one chunk (round 28: 18840 vs 19928 µs in two), LongCat-Flash fp8 still in two
+    from types import SimpleNamespace
+    from moekit.ops.triton_experts_quant import QuantLaunch
+
+    fp8 = SimpleNamespace(fp8=True, spec=SimpleNamespace(block_k=128))
+    fp8.bytes_per_token = lambda *a: QuantLaunch.bytes_per_token(fp8, *a)
+    cfg = {"BLOCK_M": 64}
+    assert te.DEFAULT_WORKSPACE_BYTES == 6 * 1024**3
+    assert te.chunk_size(16384, 7168, 2048, 8, 256, 2, cfg, fp8) == 16384  # DeepSeek-V3 fp8
+    assert te.chunk_size(16384, 7168, 2048, 8, 256, 2, cfg, fp8, 4 * 1024**3) == 8192  # the old 4 GiB bound
+    assert te.chunk_size(16384, 7168, 2048, 8, 256, 2, cfg) == 16384  # DeepSeek-V3 bf16
+    assert te.chunk_size(16384, 6144, 2048, 12, 512, 2, cfg, fp8) == 8192  # LongCat-Flash fp8: two chunks
+    assert te.chunk_size(65536, 7168, 2048, 8, 256, 2, cfg) == 65536 // 2  # bf16 past ~44K tokens: two
+    # the bound holds: the chosen chunk's scratch, by the same accounting, fits
+    per_token = 8 * (2048 + 7168) * 2 + 8 * 12 + 64 + fp8.bytes_per_token(7168, 2048, 8, False)
+    assert 2 * 256 * 64 * 2048 * 2 + 16384 * per_token <= te.DEFAULT_WORKSPACE_BYTES
+
+
 @pytest.mark.parametrize("case", ["plain", "holes", "hot", "k1", "zero_w"])
 def test_inline_layout_matches_align(case, monkeypatch):
     """Decode path (T·K <= INLINE_SLOTS: layout built in registers) against the align kernel."""

@@ -37,8 +37,11 @@ from .experts import chunk_tokens
 from .triton_configs import get_config
 from .triton_plan import _freeze, launch_plan
 
-#: upper bound on the scratch of one chunk (inter + combine buffers), bytes
-DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
+#: upper bound on the scratch of one chunk (inter + combine buffers), bytes. 6 GiB holds DeepSeek-V3 fp8 block at
+#: T = 16384 in one chunk (~302 KB per token, 80 % of it the fp32 slot rows): every chunk streams every expert's
+#: weights, and one chunk instead of two measured 19928 -> 18840 µs on the H200 (round 28, chunk_probe.py).
+#: bf16 DeepSeek-V3 fits ~44K tokens. (vLLM's default 32K-token chunk of that shape holds ~6 GB of caches.)
+DEFAULT_WORKSPACE_BYTES = 6 * 1024**3
 #: at most this many slots (T·K) per chunk use the single-launch align kernel (one program walks all slots;
 #: count + scatter runs a program per tile). H200 µs single / count + scatter (+ memset), kernel_profile.py
 #: --small-slots: Qwen3 (E = 128) 128 slots 4.2 / 5.3, 1024: 9.2 / 9.4, 2048: 16.4 / 9.4, 8192: 63.6 / 10.5;
@@ -134,13 +137,7 @@ def fused_experts_impl(
     act = get_activation(activation)
     if config is None:
         config = get_config(x.device, t, e_local, h, inter, k, x.dtype, act.gated)
-    # scratch per token: inter rows + part rows (top-k > 1) (+ ints); the padding rows are a fixed extra
-    per_token = k * (inter + (h if k > 1 else 0)) * x.element_size() + k * 12 + 64
-    fixed = e_local * int(config["BLOCK_M"]) * inter * x.element_size()
-    if quant is not None:
-        per_token += quant.bytes_per_token(h, inter, k, bool(config.get("w13", {}).get("gluon_ws", 0)))
-        fixed *= 2
-    chunk = chunk_tokens(t, (workspace_bytes - fixed) // per_token)
+    chunk = chunk_size(t, h, inter, k, e_local, x.element_size(), config, quant, workspace_bytes)
     if chunk >= t:  # one chunk (every eager decode call): no slicing
         _run_chunk(x, w1, w2, topk_weights, topk_ids, out, act, on_input, w1_bias, w2_bias, expert_map,
                    swiglu_limit, config, warmup, quant)
@@ -154,6 +151,20 @@ def fused_experts_impl(
         if warmup:
             break
     return out
+
+
+def chunk_size(t: int, h: int, inter: int, k: int, e_local: int, elt: int, config: dict, quant=None,
+               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
+    """Tokens per chunk of a ``t``-token call whose scratch must stay under ``workspace_bytes``
+    (:func:`~moekit.ops.experts.chunk_tokens`: the fewest equal chunks). ``elt``: the activations' element size;
+    ``quant``: the :class:`~moekit.ops.triton_experts_quant.QuantLaunch` (its own buffers per token)."""
+    # scratch per token: inter rows + part rows (top-k > 1) (+ ints); the padding rows are a fixed extra
+    per_token = k * (inter + (h if k > 1 else 0)) * elt + k * 12 + 64
+    fixed = e_local * int(config["BLOCK_M"]) * inter * elt
+    if quant is not None:
+        per_token += quant.bytes_per_token(h, inter, k, bool(config.get("w13", {}).get("gluon_ws", 0)))
+        fixed *= 2
+    return chunk_tokens(t, (workspace_bytes - fixed) // per_token)
 
 
 def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limit, cfg, warmup=False, q=None):
@@ -208,8 +219,12 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if q is None:
         inter_w2 = inter_buf
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
+        # fp8 block w13 tiles of half a group quantise w2's input themselves (REQ 3), two per group; w13 config
+        # "req_pair": 0 keeps the separate pass (the same bits)
+        pair = q.pair_ok(p.bn13) and p.req_pair and not (ws13 or p.split or p.tail)
+        n_sems = p.num_pid_m * ((triton.cdiv(inter, p.bn13) + 1) // 2) if pair else 0
         a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
-                                                      (slot_loc, slot_rank, row_start) if ws13 else None)
+                                                      (slot_loc, slot_rank, row_start) if ws13 else None, n_sems)
         # fp8: the input quantiser applied the routing weight already
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)
