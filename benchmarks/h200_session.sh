@@ -717,7 +717,9 @@ case $WHAT in
     ;;
   r28-pair)  # round 28: w13 tiles of half an fp8 scale group quantise w2's input themselves, two per group (REQ 3):
     # the GPU bit tests (Triton and Gluon, pair vs the separate pass, shipped fp8 tables alone vs in batches), then
-    # µs per kernel with the pair (base) vs the separate pass ("pass": w13 "req_pair": 0) alternated twice
+    # µs per kernel with the pair (base) vs the separate pass ("pass": w13 "req_pair": 0) alternated twice. Needs
+    # commit 90bacc5's tree (REQ 3, the "req_pair" key); reverted after this run: the w13 epilogue cost more than the
+    # pass it replaced at 10 of 11 points (Qwen3 T = 1024 w13 133 -> 177 µs, step 263 -> 297)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r28p-gpu-quant 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q \
       tests/ops/test_triton_experts_quant.py -k "requant or zeroes or (gpu and not mxfp4 and not int4)"

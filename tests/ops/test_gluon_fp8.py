@@ -433,20 +433,14 @@ def test_gpu_gluon_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on
     # Triton only; both Gluon kernels; each alone (the w13 output feeds the other kernel unchanged); the Gluon w2
     # with 3 and 8 column tiles per program ("gluon_nt": a last group short of tiles, more than a row has); the
     # Gluon w13 with gate and up stacked into one tile and one wgmma ("gluon_stack"), alone and beside the Gluon w2
-    # w13 tiles of half a scale group (BN 64 of 128) quantise w2's input two per group (REQ 3) unless "req_pair": 0
-    # (the separate quantiser pass), Triton and Gluon alike
-    for g2, g13, nt, stack, pair in ((False, False, 1, 0, 1), (True, True, 1, 0, 1), (False, True, 1, 0, 1),
-                                     (True, False, 1, 0, 1), (True, False, 3, 0, 1), (True, True, 8, 0, 1),
-                                     (False, True, 1, 1, 1), (True, True, 1, 1, 1), (False, False, 1, 0, 0),
-                                     (True, True, 1, 0, 0)):
+    for g2, g13, nt, stack in ((False, False, 1, 0), (True, True, 1, 0), (False, True, 1, 0), (True, False, 1, 0),
+                               (True, False, 3, 0), (True, True, 8, 0), (False, True, 1, 1), (True, True, 1, 1)):
         cfg = _cfg(g2, bm, bn2=min(128, block), w13_gluon=g13, bk=block)
         cfg["w2"]["gluon_nt"] = nt
         if stack:
             cfg["w13"]["gluon_stack"] = 1
-        if not pair:
-            cfg["w13"]["req_pair"] = 0
         outs.append(run(cfg))
-    assert len(calls13) == 6 and len(calls2) == 6  # each Gluon kernel ran where asked
+    assert len(calls13) == 5 and len(calls2) == 5  # each Gluon kernel ran where asked
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
     assert outs[0].isfinite().all()

@@ -179,8 +179,7 @@ def launch_block_table(launch, p, counts, row_start, blk, e_local: int) -> None:
 
 def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, sorted_slot, blk, h, inter, k,
                    w13_kw: dict, sorted_rows: bool) -> bool:
-    """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1 / 3:
-    rounded into ``inter_buf``, quantised into ``w13_kw["rq_ptr"]`` by the tile completing each group).
+    """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, rounded or quantised (``w13_kw["REQ"]`` 0 / 1).
     ``sorted_rows`` (:func:`fp8_w13_ws_ok` and :func:`fp8_w13_ws_rows_ok` held, and the input quantiser wrote
     ``xq`` in the sorted rows, its scales transposed): the block -> expert table into ``blk`` ([num_pid_m] int32),
     then the warp-specialised kernel, one program per SM at most. Returns whether it wrote ``blk``."""
@@ -217,10 +216,9 @@ def launch_fp8_w13(launch, p, q, xq, w1, b1, inter_buf, out, counts, row_start, 
                **const)
         return True
     stages = max(2, min(int(w13_kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
-    pair = dict(rq_ptr=w13_kw["rq_ptr"], rq_sem_ptr=w13_kw["rq_sem_ptr"]) if req == 3 else {}
     launch(fp8_w13_kernel, p.grid13, xq, w_desc, *bufs, sorted_slot, *sizes, k, p.num_pid_m, p.limit_arg,
            xq.stride(0), w13_kw["stride_xst"], *strides, BLOCK_E=w13_kw["BLOCK_E"], EVEN_K=w13_kw["EVEN_K"],
-           STAGES=stages, STACK=p.gluon_stack, num_warps=bm // 16, **const, **pair)
+           STAGES=stages, STACK=p.gluon_stack, num_warps=bm // 16, **const)
     return False
 
 

@@ -38,10 +38,6 @@ a step earlier, in the buckets where that measured faster) or ``"gluon_ws": slot
 warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
 Triton kernels' bits.
 
-``"w13": {"req_pair": 0}`` (default 1): fp8 block with dynamic activations and w13 tiles of half a scale group
-(BN = bk / 2) quantise w2's input in the w13 epilogue, the second tile of a group to finish taking both halves
-(:func:`moekit.ops._triton.quant.requant_pair_store`); 0 keeps the separate quantiser pass. The same bits either way.
-
 ``"tail_bm": BS`` (a power of two, 16 <= BS < BLOCK_M; :func:`tail_bm_value`): an expert's last rows, when at most
 BS of them are left past its last whole BLOCK_M block, run in a BS-row tile of the same Triton GEMMs and grid instead
 of a padded BLOCK_M tile (:mod:`moekit.ops._triton.align`; the same bits; not with swapped or Gluon GEMMs, fp8 wgmma

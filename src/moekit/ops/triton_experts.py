@@ -219,12 +219,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if q is None:
         inter_w2 = inter_buf
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
-        # fp8 block w13 tiles of half a group quantise w2's input themselves (REQ 3), two per group; w13 config
-        # "req_pair": 0 keeps the separate pass (the same bits)
-        pair = q.pair_ok(p.bn13) and p.req_pair and not (ws13 or p.split or p.tail)
-        n_sems = p.num_pid_m * ((triton.cdiv(inter, p.bn13) + 1) // 2) if pair else 0
         a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
-                                                      (slot_loc, slot_rank, row_start) if ws13 else None, n_sems)
+                                                      (slot_loc, slot_rank, row_start) if ws13 else None)
         # fp8: the input quantiser applied the routing weight already
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)

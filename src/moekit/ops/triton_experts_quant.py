@@ -97,18 +97,10 @@ class QuantLaunch:
         xq = (k if sorted_rows else 1) * (h + 8 * h // max(self.spec.block_k, 1))
         return xq + k * inter * 2 + 16 * k + 2 * k * h
 
-    def pair_ok(self, bn13: int) -> bool:
-        """w13 tiles of ``bn13`` columns can quantise w2's input themselves, two tiles per group (``REQ`` 3): fp8
-        block with dynamic activations whose group is two such tiles."""
-        sp = self.spec
-        return sp.code == 1 and not sp.static and 2 * bn13 == sp.block_k
-
-    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None,
-                  zero=None):
+    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
         ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
-        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots); ``zero``: an
-        int32 tensor the same launch zeroes (mode 0 only)."""
+        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots)."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -125,10 +117,6 @@ class QuantLaunch:
         grid = (triton.cdiv(pairs, gp),) if mode == 0 else (rows,)
         by_slot = {} if slots is None else dict(SLOTS=True, loc_ptr=slots[0], rank_ptr=slots[1],
                                                 row_start_ptr=slots[2])
-        if zero is not None:
-            if mode != 0:
-                raise ValueError(f"the quantiser zeroes a tensor only per group of columns (mode 0), got mode {mode}")
-            by_slot.update(ZERO=True, zero_ptr=zero, n_zero=zero.numel())
         if rows:
             launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, rows,
                    src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
@@ -153,13 +141,10 @@ class QuantLaunch:
                    UE8M0=self.spec.ue8m0, ON_INPUT=on_input, INTERP=interp, num_warps=4)
         return xq, xs, xs.stride(0)
 
-    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None,
-              pair_sems: int = 0):
+    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None):
         """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs). ``sorted_layout``
         (fp8 block, for the warp-specialised Gluon w13): the align kernel's (loc, rank, row_start); w13's A
-        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``pair_sems`` > 0 (fp8 block,
-        :meth:`pair_ok`): w13 quantises w2's input two tiles per group (``REQ`` 3) with that many semaphores,
-        which the input quantiser zeroes."""
+        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`)."""
         n_inter = self._inter
         dev, sp = x.device, self.spec
         kw13 = dict(self.common, **self.ws13, W_ALIGN=self.w_align[0])
@@ -167,13 +152,10 @@ class QuantLaunch:
         if not self.fp8:
             buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
             return x, buf, buf, kw13, kw2
-        pair = pair_sems > 0 and sorted_layout is None and not self.fused_req
-        sems = torch.empty(pair_sems, dtype=torch.int32, device=dev) if pair else None
         if sorted_layout is not None:
             xq, xs, sxs = self._quantise_sorted(x, tw, rows, sorted_layout, on_input, interp, launch)
         else:
-            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw,
-                                         zero=sems)
+            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
         kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
         self._post = None
         if self.fused_req:  # w2's input quantised in the w13 epilogue
@@ -187,15 +169,12 @@ class QuantLaunch:
                 kw2.update(as_ptr=self.s2_static, stride_asr=0)
             return xq, inter_q, inter_q, kw13, kw2
         # w13 writes the params dtype, then a pass quantises each row (per token, or per group of bk: the
-        # same rounding and group amax as the fused epilogue, so the same bits); REQ 3: w13 does that pass itself
+        # same rounding and group amax as the fused epilogue, so the same bits)
         buf = torch.empty(rows, n_inter, dtype=x.dtype, device=dev)
         inter_q = torch.empty(rows, n_inter, dtype=_FP8, device=dev)
         ng = triton.cdiv(n_inter, sp.block_k) if sp.code == 1 else 1
         inter_s = torch.empty(rows, ng, dtype=torch.float32, device=dev)
-        if pair:
-            kw13.update(REQ=3, is_ptr=inter_s, stride_isr=inter_s.stride(0), rq_ptr=inter_q, rq_sem_ptr=sems)
-        else:
-            self._post = (buf, inter_q, inter_s)
+        self._post = (buf, inter_q, inter_s)
         kw2.update(as_ptr=inter_s, stride_asr=inter_s.stride(0))
         return xq, buf, inter_q, kw13, kw2
 

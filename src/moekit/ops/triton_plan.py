@@ -78,8 +78,6 @@ class LaunchPlan:
     #                   first barrier, a step earlier
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
-    req_pair: bool  # w13 config "req_pair" (default 1): fp8 block w13 tiles of half a group quantise w2's input
-    #                 themselves, two per group (REQ 3); 0: the separate quantiser pass (the same bits)
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -158,5 +156,4 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_rega=(gluon_rega_value("w13", c13), gluon_rega_value("w2", c2)),
         gluon_early=(gluon_early_value("w13", c13), gluon_early_value("w2", c2)),
         gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
-        req_pair=gluon_flag_value("w13", {"req_pair": c13.get("req_pair", 1)}, "req_pair"),
     )

@@ -9,7 +9,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .._triton.epilogue import activate
-from .._triton.quant import act_scale, quantize_tile, requant_store, to_dt
+from .._triton.quant import requant_store, to_dt
 
 
 @gluon.jit
@@ -104,43 +104,13 @@ def w2_part_store(acc, e, pid_n, slot, valid, wv, b2_ptr, part_ptr, H, stride_be
 
 
 @gluon.jit
-def pair_store(h, cols, inter_ptr, rq_ptr, is_ptr, rq_sem, rows, valid, pid_n, I, stride_ir, stride_isr,
-               BN: gl.constexpr, UE8M0: gl.constexpr):
-    """``REQ`` 3 (BN = half a group): ``_triton.quant.requant_pair_store`` in Gluon: this tile's half rounded into
-    ``inter``, the group's semaphore ``*rq_sem`` bumped; the tile completing the group quantises both halves into
-    ``rq`` (e4m3) and ``is``. h: [BM, BN] fp32; cols: its [BN] columns."""
-    g = pid_n // 2
-    m = valid[:, None] & (cols < I)[None, :]
-    r64 = rows.to(gl.int64)
-    DT: gl.constexpr = inter_ptr.dtype.element_ty
-    hr = to_dt(h, DT, False).to(gl.float32)
-    gl.store(inter_ptr + r64[:, None] * stride_ir + cols[None, :], hr.to(DT), mask=m)
-    gl.thread_barrier()  # every thread's half stored before the release below
-    halves = gl.minimum(gl.cdiv(I, BN) - 2 * g, 2)
-    old = gl.atomic_add(rq_sem, 1, sem="acq_rel", scope="gpu")
-    if old == halves - 1:
-        gl.thread_barrier()  # the acquiring atomic precedes every thread's loads below
-        po = cols + ((pid_n ^ 1) - pid_n) * BN
-        pm = valid[:, None] & (po < I)[None, :] & (halves == 2)
-        hp = gl.load(inter_ptr + r64[:, None] * stride_ir + po[None, :], mask=pm, other=0.0,
-                     cache_modifier=".cg").to(gl.float32)
-        amax = gl.maximum(gl.max(gl.where(m, gl.abs(hr), 0.0), axis=1), gl.max(gl.abs(hp), axis=1))
-        sc = act_scale(amax, UE8M0)
-        gl.store(is_ptr + r64 * stride_isr + g, sc, mask=valid)
-        gl.store(rq_ptr + r64[:, None] * stride_ir + cols[None, :], quantize_tile(hr, sc[:, None], False), mask=m)
-        gl.store(rq_ptr + r64[:, None] * stride_ir + po[None, :], quantize_tile(hp, sc[:, None], False), mask=pm)
-
-
-@gluon.jit
 def w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
               stride_ir, stride_isr, BN: gl.constexpr, col_l: gl.constexpr, ACT: gl.constexpr,
-              HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr,
-              rq_ptr=None, rq_sem=None):
+              HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr):
     """The fp8 w13 epilogue (``_triton.grouped_gemm.w13_kernel``'s): ``+ b13``, the gated activation in fp32, the
-    store rounded to the intermediate's dtype (``REQ`` 0), quantised per row of the tile for w2 (``REQ`` 1, BN =
-    the group, scales into ``is``) or per row of a group of two tiles (``REQ`` 3, :func:`pair_store`). acc_g /
-    acc_u: [BM, BN] fp32; ``col_l``: their column layout; rows / valid: [BM] in their row layout; ``out_ptr``: any
-    tensor of the params dtype (not read)."""
+    store rounded to the intermediate's dtype (``REQ`` 0) or quantised per row of the tile for w2 (``REQ`` 1, BN =
+    the group, scales into ``is``). acc_g / acc_u: [BM, BN] fp32; ``col_l``: their column layout; rows / valid:
+    [BM] in their row layout; ``out_ptr``: any tensor of the params dtype (not read)."""
     cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
     nmask = cols < I
     if HAS_BIAS:
@@ -149,10 +119,7 @@ def w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, ou
         acc_u += gl.load(b_base + I + cols, mask=nmask, other=0.0).to(gl.float32)[None, :]
     h = activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
     out_ptrs = inter_ptr + rows.to(gl.int64)[:, None] * stride_ir + cols[None, :]
-    if REQ == 3:
-        pair_store(h, cols, inter_ptr, rq_ptr, is_ptr, rq_sem, rows, valid, pid_n, I, stride_ir, stride_isr, BN,
-                   UE8M0)
-    elif REQ > 0:
+    if REQ > 0:
         requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr, rows.to(gl.int64) * stride_isr + pid_n,
                       valid, is_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, False)
     else:

@@ -102,14 +102,12 @@ def fp8_w13_kernel(
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
     BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, STACK: gl.constexpr,
-    num_warps: gl.constexpr, rq_ptr=None, rq_sem_ptr=None,
+    num_warps: gl.constexpr,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). x: x_q [T, H] e4m3 (row stride ``stride_xt``), xs: [T, cdiv(H, BK)]
     fp32; w_desc: TMA over w13.view(E·N1, H) e4m3, block [BN, BK]; ws: [E, 2·ws_shard, cdiv(H, BK)] fp32 (gate
     blocks, then up; QBN % BN == 0); inter: [rows, I] params dtype (``REQ`` 0) or e4m3 with scales ``is``
-    [rows, cdiv(I, BN)] (``REQ`` 1, BN = the group), or the rounded activations with the e4m3 rows in ``rq`` and
-    ``is`` [rows, ⌈I/2BN⌉] written by a group's last tile (``REQ`` 3, BN = half the group, semaphores ``rq_sem``
-    [num_pid_m, ⌈cdiv(I, BN) / 2⌉] zeroed); ``out_ptr``: any tensor of the params dtype (not read)."""
+    [rows, cdiv(I, BN)] (``REQ`` 1, BN = the group); ``out_ptr``: any tensor of the params dtype (not read)."""
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
     e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
     if e < E_local:
@@ -201,9 +199,5 @@ def fp8_w13_kernel(
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
-        rq_sem = rq_sem_ptr
-        if REQ == 3:
-            rq_sem = rq_sem_ptr + pid_m * ((gl.cdiv(I, BN) + 1) // 2) + pid_n // 2
         w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, out_ptr, I, limit, stride_be,
-                  stride_ir, stride_isr, BN, gl.SliceLayout(0, mma_l), ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0, rq_ptr,
-                  rq_sem)
+                  stride_ir, stride_isr, BN, gl.SliceLayout(0, mma_l), ACT, HAS_BIAS, HAS_LIMIT, REQ, UE8M0)

@@ -23,8 +23,7 @@ Quantised experts (``QUANT`` constexpr, :mod:`.quant`; 0 compiles exactly the un
   (fresh fp32 fp8 dot, a per-row times per-column scale); 2 fp8 row: ``acc += x_q · Wq`` per K step, then
   ``acc · s_x[row] · S[e, n]`` after the loop (per tensor: one S per shard). The w13 epilogue rounds the
   activation to the params dtype and quantises it again for w2 (``REQ`` 1: per row over its BN == bk
-  columns, one group; 2: a static scale; 3: BN == bk / 2, the group's second tile to finish quantises both
-  halves; 0: stored in the params dtype, quantised by a separate pass).
+  columns, one group; 2: a static scale; 0: stored in the params dtype, quantised by a separate pass).
 - 3 mxfp4 / 4 int4: weight tiles are unpacked and dequantised in registers to the params dtype, then the
   unquantised dot. Scales of column ``n``: ``ws_ptr + e·stride_wse + (n // ws_qbn)·stride_wsn``
   (+ ``ws_shard·stride_wsn`` for the up half of w13) plus the k index of the scale.
@@ -37,7 +36,7 @@ import triton.language as tl
 
 from .combine import combine_tail
 from .epilogue import activate
-from .quant import FP8_ROW, MXFP4, load_w_scales, requant_pair_store, requant_store, to_dt
+from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
 from .rows import inline_prologue, inline_slots, pid_to_tile, row_block, tail_block
 from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
 
@@ -56,18 +55,14 @@ def w13_kernel(
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False, TAIL: tl.constexpr = 0,
-    rq_ptr=None, rq_sem_ptr=None,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype
     (sorted row layout).
 
     Quantised (``QUANT`` > 0, module docstring): fp8 reads ``x`` = x_q e4m3 with scales ``xs [T, ·]``
     (stride ``stride_xst``; 0 for a static scale) and writes ``inter`` as e4m3 with ``is [rows, I/BN]``
-    (``REQ`` 1) or with the static ``*qs_ptr`` (``REQ`` 2); with ``REQ`` 3 (BN = half a group, never with
-    ``TAIL`` or ``SPLIT``) ``inter`` holds the rounded activations and the program completing a group writes
-    ``rq`` [rows, I] e4m3 and ``is`` (:func:`.quant.requant_pair_store`; ``rq_sem`` [num_pid_m, ⌈cdiv(I, BN) / 2⌉]
-    int32 zeroed by the input quantiser); 4-bit reads packed ``w1`` (``PACK`` per element along k, scales every
-    ``QG``). ``ON_INPUT`` is left to the fp8 input quantiser.
+    (``REQ`` 1) or with the static ``*qs_ptr`` (``REQ`` 2); 4-bit reads packed ``w1`` (``PACK`` per
+    element along k, scales every ``QG``). ``ON_INPUT`` is left to the fp8 input quantiser.
 
     ``INLINE`` (T·K <= SP, decode): no align kernel ran; every program derives the layout of its
     block from the ids in registers, and program 0 does the align kernel's zeroing.
@@ -108,7 +103,7 @@ def w13_kernel(
                           stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
                           ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
                           EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
-                          SWAP, W_ALIGN, PTX, rq_ptr, rq_sem_ptr)
+                          SWAP, W_ALIGN, PTX)
             else:
                 rt = tl.arange(0, TAIL)
                 _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, row0 + rt, rt < n_left,
@@ -116,7 +111,7 @@ def w13_kernel(
                           stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
                           ws_shard, ws_qbn, stride_isr, TAIL, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
                           EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
-                          SWAP, W_ALIGN, PTX, rq_ptr, rq_sem_ptr)
+                          SWAP, W_ALIGN, PTX)
     else:
         loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
                             SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -124,17 +119,14 @@ def w13_kernel(
             if pid == 0:
                 inline_prologue(loc, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP, TP, COMBINE)
         e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
-        if e >= E_local:  # (both tiles of a REQ 3 group: they share the row block)
+        if e >= E_local:
             return
-        rq_sem = rq_sem_ptr
-        if REQ == 3:
-            rq_sem = rq_sem_ptr + pid_m * ((tl.cdiv(I, BN) + 1) // 2) + pid_n // 2
         _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
                   pid_m * BM + tl.arange(0, BM), valid, slot, e, pid_n, half, H, I, N1, K, limit, stride_xt,
                   stride_we, stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr,
                   stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED,
                   HAS_BIAS, HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, INLINE, QUANT, REQ, PACK, QG,
-                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, rq_ptr, rq_sem)
+                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX)
 
 
 @triton.jit
@@ -147,11 +139,9 @@ def _w13_tile(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, INLINE: tl.constexpr,
     QUANT: tl.constexpr, REQ: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr, UE8M0: tl.constexpr,
     FP8_ACC: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr,
-    rq_ptr, rq_sem,
 ):
     """One [BM rows, BN columns] tile of :func:`w13_kernel` for expert ``e``: sorted rows ``rows`` [BM] (``valid``
-    [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here); ``REQ`` 3: ``rq`` the
-    e4m3 rows, ``rq_sem`` this tile's group semaphore."""
+    [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here)."""
     if not INLINE:
         slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
     tok = (slot // K).to(tl.int64)
@@ -224,10 +214,7 @@ def _w13_tile(
     else:
         h = activate(acc_g, acc_u, limit, ACT, HAS_LIMIT)
         out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
-        if REQ == 3:  # half a group per tile: the pair's last program quantises the group
-            requant_pair_store(h, inter_ptr, rq_ptr, is_ptr, rq_sem, rows, valid, pid_n, I, tl.cdiv(I, BN), stride_ir,
-                               stride_isr, BN, inter_ptr.dtype.element_ty, UE8M0, UPCAST)
-        elif REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
+        if REQ > 0:  # fp8 input of w2: round to the params dtype, quantise (per row of this group / static)
             requant_store(h, out_ptrs, valid[:, None] & nmask[None, :], is_ptr,
                           rows.to(tl.int64) * stride_isr + pid_n, valid, qs_ptr, nmask, out_ptr.dtype.element_ty, REQ,
                           UE8M0, UPCAST)

@@ -294,38 +294,6 @@ def requant_store(h, q_ptrs, qmask, s_ptr, s_offs, smask, qs_ptr, nmask, DT: tl.
 
 
 @triton.jit
-def requant_pair_store(h, bf_ptr, q_ptr, s_ptr, sem_ptr, rows, valid, pid_n, I, NBN, stride_ir, stride_isr,
-                       BN: tl.constexpr, DT: tl.constexpr, UE8M0: tl.constexpr, INTERP: tl.constexpr):
-    """The w13 epilogue's activation quantisation when a tile holds half a group (``REQ`` 3: BN = bk / 2): tile
-    ``pid_n`` and its partner ``pid_n ^ 1`` of the same rows share group ``pid_n // 2``. Each stores its half
-    rounded to ``DT`` at ``bf`` [rows, I] and bumps the group's semaphore ``*sem_ptr`` (acq_rel); the one that
-    completes the group (a last group of one half completes alone) reads the partner's half back and quantises
-    both with the group's scale ``act_scale(max |x|)`` into ``q`` [rows, I] e4m3 and ``s`` [rows, ⌈I/bk⌉]. The
-    values, maxima and roundings of the separate pass (:func:`act_quant_kernel` over ``bf``), so the same bits.
-    h: [BM, BN] fp32; rows / valid: [BM]; ``q`` has ``bf``'s row stride ``stride_ir``."""
-    g = pid_n // 2
-    offs = pid_n * BN + tl.arange(0, BN)
-    m = valid[:, None] & (offs < I)[None, :]
-    r64 = rows.to(tl.int64)
-    hr = to_dt(h, DT, INTERP).to(tl.float32)
-    tl.store(bf_ptr + r64[:, None] * stride_ir + offs[None, :], hr.to(DT), mask=m)
-    tl.debug_barrier()  # every thread's half stored before the release below
-    halves = tl.minimum(NBN - 2 * g, 2)
-    old = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
-    if old == halves - 1:
-        tl.debug_barrier()  # the acquiring atomic precedes every thread's loads below
-        po = (pid_n ^ 1) * BN + tl.arange(0, BN)
-        pm = valid[:, None] & (po < I)[None, :] & (halves == 2)
-        hp = tl.load(bf_ptr + r64[:, None] * stride_ir + po[None, :], mask=pm, other=0.0,
-                     cache_modifier=".cg").to(tl.float32)
-        amax = tl.maximum(tl.max(tl.where(m, tl.abs(hr), 0.0), axis=1), tl.max(tl.abs(hp), axis=1))
-        sc = act_scale(amax, UE8M0)
-        tl.store(s_ptr + r64 * stride_isr + g, sc, mask=valid)
-        tl.store(q_ptr + r64[:, None] * stride_ir + offs[None, :], quantize_tile(hr, sc[:, None], INTERP), mask=m)
-        tl.store(q_ptr + r64[:, None] * stride_ir + po[None, :], quantize_tile(hp, sc[:, None], INTERP), mask=pm)
-
-
-@triton.jit
 def _quant_groups(rows, cols, m, w_in, UE8M0: tl.constexpr, ON_INPUT: tl.constexpr, INTERP: tl.constexpr):
     """Groups of columns quantised, one group per row of ``cols`` ([GP, G] column offsets, mask ``m``) from the
     params-dtype rows at ``rows`` (one row's pointer, or [GP, 1] of them); ``ON_INPUT``: times the routing weight
@@ -342,7 +310,7 @@ def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
     ON_INPUT: tl.constexpr, INTERP: tl.constexpr, SLOTS: tl.constexpr = False, loc_ptr=None, rank_ptr=None,
-    row_start_ptr=None, zero_ptr=None, n_zero=0, ZERO: tl.constexpr = False,
+    row_start_ptr=None,
 ):
     """x [R, K] (params dtype) -> x_q [R, K] e4m3 and s (module docstring).
 
@@ -353,12 +321,7 @@ def act_quant_kernel(
     ``ON_INPUT`` (K = 1 routing weight on the input): ``x = round(x · w[t, 0])`` first, as the twin does.
     ``SLOTS`` (w2's input in the sorted layout): ``R`` counts the S slots instead, and slot ``s`` stands for row
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
-    rows, which no GEMM output reads, are skipped (at decode most rows are padding).
-    ``ZERO``: the programs also zero ``zero [n_zero]`` int32 (the w13 epilogue's pair semaphores, ``REQ`` 3)."""
-    if ZERO:
-        for z0 in range(tl.program_id(0) * 1024, n_zero, tl.num_programs(0) * 1024):
-            zo = z0 + tl.arange(0, 1024)
-            tl.store(zero_ptr + zo, tl.zeros([1024], dtype=tl.int32), mask=zo < n_zero)
+    rows, which no GEMM output reads, are skipped (at decode most rows are padding)."""
     if MODE == 0:
         pair = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
         ng = tl.cdiv(K, G)
