@@ -27,8 +27,12 @@
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
 # starts a shape from the table in use, so its buckets share the shipped table's BLOCK_K).
 set -u
-OUT=${1:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap|r27-blocks|r27-ctx|r27-final|r27-aq|r28-diag|r28-pair|r28-sweep|r28-final|r28-bf16|access}
-WHAT=${2:?usage: $0 OUT tests|profile|align|sum|inv|tune4|split|bench|bench4|swap4|decode|gluon|gluon-inv|gluon4|gluon4d|gluon4-final|graphs|graphs-tests|graphs-bench|graphs-routing|diag|diag2|scales|w2nt|r12-check|r12-bench|ws4|ws4-prof|ras4|r13-final|r14-w4|r14-w4-tables|r14-fp8ws|r14-final|r14-w4-large|r14-final2|r15-inv-probe|r15-race|r15-w4-large|r15-w4-128|r15-w4-mix|r15-fp8ws13|r15-inv4|r15-final|r15-last|r16-ws13tma|r16-stack|r16-coop|r16-confirm|r16-final|r16-mixtral|r16-row|r16-bf16dec|r16-ncu|r16-group|r17-tail|r17-ship|r17-dec|r17-gpu|r17-final|r17-slots|r17-last|r17-sweep|r18-pairs|r18-tests|r18-final|r18-last|r19-serial|r19-ship|r19-sword|r19-final|r20-ncu4|r20-w4cb|r20-stall|r20-early|r20-early2|r20-final|r20-last|r21-dec|r21-stages|r21-probe2|r21-w2big|r21-t2048|r21-gaps|r21-final|r21-tf|r21-overlap|r21-dec-bench|r21-tf2k|r22-trace|r22-host|r22-final|r22-gate2|r22-last|r22-check|r23-gpu-all|r23-ab|r23-last|r24-tf|r23-oss|r24-qa|r24-tune|r24-scores|r24-final|r25-mx|r25-sa|r25-final|r25-last|r25-ab2|r26-raw|r26-kern|r26-node|r26-node2|r26-final|r27-wrap|r27-blocks|r27-ctx|r27-final|r27-aq|r28-diag|r28-pair|r28-sweep|r28-final|r28-bf16|access}
+steps() {  # the step sets this script runs: its case labels, "|"-separated (the one list: usage and errors read it)
+  grep -oE '^  [a-z0-9][a-z0-9|-]*\)' "$0" | tr -d ' )' | paste -sd'|'
+}
+if [ $# -lt 2 ]; then echo "usage: $0 OUT $(steps)" >&2; exit 2; fi
+OUT=$1
+WHAT=$2
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -1255,7 +1259,7 @@ print(torch.__version__, torch.version.cuda, hasattr(torch.cuda.CUDAGraph, 'raw_
     step gpu-inv-last 150 python -m pytest -q -p no:cacheprovider -rf -m gpu --durations=5 \
       tests/ops/test_batch_invariance_gpu.py -k "shipped_4bit or shipped_fp8"
     ;;
-  *) echo "unknown step set $WHAT (tests profile align sum inv tune4 split bench bench4 swap4 decode gluon gluon-inv gluon4 gluon4d gluon4-final)"; exit 2 ;;
+  *) echo "unknown step set $WHAT, expected one of: $(steps)" >&2; exit 2 ;;
 esac
 # The device tool brings back at most 8 files: past that, pack the logs into one archive (round 6 lost a
 # tuned config file and a tune log to the limit)
