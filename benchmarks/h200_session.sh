@@ -739,6 +739,57 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r29-sweep)  # round 29, final code: the sweep of record (compute-heavy rows settle 1 s at the power cap first), the
+    # DeepSeek-V3 bf16 compute-heavy rows again with round 28's timing (no settle) beside it, the Gluon / Triton
+    # experts GPU tests and the graphed layer
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    sweep 330
+    step settle0 120 python -m moekit bench --quant bf16 --models deepseek-v3 --tokens 1024,4096,16384 --fast \
+      --settle-ms 0 --out "$OUT/settle0"
+    step r29f-gpu-kernels 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8.py tests/ops/test_triton_experts.py tests/experts/test_graphed_gpu.py -k "not 4bit"
+    ;;
+  r29-dec2)  # round 29: the Gluon decode w2 at 72 registers (7 programs per SM) and shipped at T = 1 for Qwen3, gpt-oss and
+    # Mixtral: its bit tests, the shipped tables' rows alone vs in batches, µs per kernel without / with it, the fp8
+    # experts GPU tests
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r29e-gpu-dec 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_batch_invariance_gpu.py
+    step r29e-profile 150 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"dec": {"w2": {"gluon_dec": 1}}, "nodec": {"w2": {"gluon_dec": 0}}}' --variants nodec,dec,nodec,dec \
+      --points deepseek-v3:1,mixtral-8x7b:1,qwen3-30b-a3b:1,gpt-oss-120b:1,deepseek-v3:2 --out "$OUT/r29e-profile.json"
+    step r29e-gpu-quant 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q \
+      tests/ops/test_triton_experts_quant.py -k "gpu and not mxfp4 and not int4"
+    ;;
+  r29-dec)  # round 29: the Gluon fp8 decode w2 (swapped, inline layout, fused sum; "gluon_dec"): its GPU bit tests, then
+    # µs per kernel against the Triton w2 at the inline decode points, alternated twice
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r29d-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec.py
+    step r29d-profile 240 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"dec": {"w2": {"gluon_dec": 1}}}' --variants base,dec,base,dec \
+      --points deepseek-v3:1,mixtral-8x7b:1,qwen3-30b-a3b:1,gpt-oss-120b:1,mixtral-8x7b:8 --out "$OUT/r29d-profile.json"
+    ;;
+  r29-power)  # round 29: sustained replays with NVML readings (benchmarks/power_probe.py): why DeepSeek-V3 bf16 T = 4096's
+    # experts-step row runs slower than the whole layer that contains it, and which configs hold their speed under load
+    P="env PYTHONPATH=src:benchmarks python benchmarks/power_probe.py --model deepseek-v3"
+    step r29p-ds4096 170 $P --tokens 4096 --quant bf16 --seconds 2 --idle 1.5 --out "$OUT/r29p-ds4096.json" \
+      --phases mm,layer,experts,experts,layer,cfg:base,cfg:lo,cfg:hi,cfg:bm64w8
+    step r29p-ds16384 120 $P --tokens 16384 --quant bf16 --seconds 2 --idle 1.5 --out "$OUT/r29p-ds16384.json" \
+      --phases layer,experts,cfg:base,cfg:lo
+    step r29p-ds4096-fp8 100 $P --tokens 4096 --quant fp8 --seconds 2 --idle 1.5 --out "$OUT/r29p-ds4096-fp8.json" \
+      --phases layer,experts,experts,layer
+    ;;
+  r29-access)  # round 29: the access probe (round 28's `access` step), then µs per kernel of the fp8 decode steps
+    # (T = 1 / 8, four models) as this machine start's baseline
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step access 150 python benchmarks/access_probe.py --out "$OUT/access.json"
+    NCU="ncu --clock-control none --section SpeedOfLight --metrics dram__bytes_read.sum.per_second,lts__t_sector_hit_rate.pct"
+    step access-ncu 120 $NCU -k regex:"stream_kernel" --launch-count 8 python benchmarks/access_probe.py \
+      --shapes deepseek-v3-w2 --once
+    step r29a-profile 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8,bf16 --calls 5 \
+      --points deepseek-v3:1,mixtral-8x7b:1,qwen3-30b-a3b:1,gpt-oss-120b:1,deepseek-v3:8,qwen3-30b-a3b:8,gpt-oss-120b:8 \
+      --out "$OUT/r29a-profile.json"
+    ;;
   access)  # prepared in round 28, not yet run (no device time left): the fp8 decode GEMMs' weight access pattern
     # without the GEMM (benchmarks/access_probe.py): the same programs and ring depth, boxes [64, 128] .. [8, 1024]
     # bytes, TMA and pointer loads; then Nsight Compute's DRAM throughput of the two extreme boxes (DeepSeek-V3 w2)

@@ -309,6 +309,19 @@ def test_fp8_neighbours_toggle_the_gluon_w13_forms():
     assert not any({"gluon_stack", "gluon_ws"} & set(c["w13"]) for c in neighbour_configs(plain, False, fam="fp8"))
 
 
+def test_fp8_neighbours_toggle_the_gluon_decode_w2():
+    # a swapped fp8 winner (a decode bucket): one neighbour asks for the Gluon decode w2 ("gluon_dec"), and back;
+    # an unswapped winner gets none (the key means nothing to its kernels)
+    sw = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 3))
+    sw = {**sw, "w13": {**sw["w13"], "SWAP": 1}, "w2": {**sw["w2"], "SWAP": 1}}
+    got = [c["w2"] for c in neighbour_configs(sw, False, quick=True, fam="fp8")]
+    assert {**sw["w2"], "gluon_dec": 1} in got
+    on = {**sw, "w2": {**sw["w2"], "gluon_dec": 1}}
+    assert {**sw["w2"], "gluon_dec": 0} in [c["w2"] for c in neighbour_configs(on, False, quick=True, fam="fp8")]
+    plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
+    assert not any("gluon_dec" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
+
+
 def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
     # a swapped 4-bit winner: one neighbour asks for the register-operand Gluon GEMMs on both (with the sum pass
     # and the fused w13 they need); toggling that back gives the winner's tiles without any gluon key; unswapped

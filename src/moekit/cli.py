@@ -84,6 +84,10 @@ def positive_float(text: str) -> float:
     return _value(text, float, lambda v: v > 0, "a number > 0")
 
 
+def non_negative_float(text: str) -> float:
+    return _value(text, float, lambda v: v >= 0, "a number >= 0")
+
+
 def fraction(text: str) -> float:
     return _value(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
@@ -172,7 +176,7 @@ def _run_bench(args, parser) -> int:
               baseline=not args.no_baseline, routing=not args.no_routing and not args.eager_only,
               longcat_nozero=not args.no_longcat_nozero and not args.eager_only, out=args.out,
               log=lambda s: print(s, flush=True), quant=quants, eager_tokens=eager,
-              experts=not args.no_experts, fast=args.fast, reference=reference)
+              experts=not args.no_experts, fast=args.fast, reference=reference, settle_ms=args.settle_ms)
     return 0
 
 
@@ -262,6 +266,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--fast", action="store_true",
                    help="short timing (10 ms graph replays, median of 5) and no baseline, routing or "
                         "LongCat-without-zero rows")
+    b.add_argument("--settle-ms", type=non_negative_float, default=1000.0,
+                   help="warm-up of a compute-heavy row (>= 1 ms per call) before its timing, so that it is timed at "
+                        "the clocks a GPU at its power cap settles to (default: 1000; 0: the 200 ms of light rows)")
     b.add_argument("--reference", default=None,
                    help="baseline JSON of a peer's numbers drawn in the speed plot (default: "
                         "./benchmarks/baselines/vllm-h200.json if it exists)")

@@ -25,7 +25,10 @@ class RecordingTimer:
     def __init__(self):
         self.outputs = []  # (inputs, outputs) per timed call, in order
 
-    def __call__(self, fn, inputs, target_ms=25.0, replays=7, warm_ms=0.0):
+    def __call__(self, fn, inputs, target_ms=25.0, replays=7, warm_ms=0.0, settle_ms=0.0, clocks=None):
+        self.settle_ms = settle_ms
+        if clocks is not None:  # SM clocks read after each timed replay (one unreadable): the row keeps their median
+            clocks.extend([1400, None, 1600, 1500])
         outs = [fn(*inp) for inp in inputs]
         for inp, out in zip(inputs, outs):
             assert out.shape == inp[0].shape and out.dtype == inp[0].dtype
@@ -58,6 +61,8 @@ def test_every_format_whole_layer_and_experts_step(name):
                   "flops", "floor_us", "device", "dtype"):
             assert k in r, k
         assert r["peak_tflops"] == (2000.0 if r["quant"] == "fp8" else 1000.0)
+        assert r["sm_mhz"] == 1500  # the median of the readable clocks after the timed replays
+    assert timer.settle_ms == 1000.0  # compute-heavy rows settle at the power-cap clocks first (bench.SETTLE_MS)
     by = {k: (r, out) for k, r, out in zip(keys, rows, timer.outputs)}
     for t in (1, 5):
         for q in QUANTS:
@@ -114,7 +119,7 @@ def test_run_bench_writes_rows_meta_and_plots(tmp_path, monkeypatch):
     assert saved == json.loads(json.dumps(rows))
     meta = saved[0]["meta"]
     assert meta["quants"] == ["bf16", "fp8", "mxfp4", "int4"] and meta["fp8_peak_TFLOPs"] == 1400.0
-    assert meta["timing"] == {"target_ms": 10.0, "replays": 5, "warm_ms": 200.0, "rotations": 4}
+    assert meta["timing"] == {"target_ms": 10.0, "replays": 5, "warm_ms": 200.0, "settle_ms": 1000.0, "rotations": 4}
     assert not any(r["impl"] == "baseline" or r["model"] == "longcat-flash-nozero" for r in rows)  # --fast
     assert any(s.startswith("deepseek-v3: ") and " s (elapsed " in s for s in log)
 

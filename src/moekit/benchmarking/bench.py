@@ -58,7 +58,7 @@ from .bench_quant import QUANT_FORMATS, experts_fn, layer_fn, measure_fp8_peak, 
 from .eager import bench_eager, summarize_eager
 from .plot import load_reference, write_plots
 from .shapes import MODELS, ModelShape
-from .timer import sm_clock_mhz, time_graph
+from .timer import time_graph
 
 QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: weight formats that later releases add; named so that asking for one says so clearly
@@ -68,6 +68,9 @@ FAST = dict(target_ms=10.0, replays=5)
 #: graph replays before each row's timed ones (:func:`~.timer.time_graph`'s ``warm_ms``): every row is timed at the
 #: clocks of a busy GPU, not the first one after an idle gap (round 17)
 WARM_MS = 200.0
+#: the warm-up of a compute-heavy row (``time_graph``'s ``settle_ms``): timed at the H200's settled power-cap clocks,
+#: whatever row ran before it (round 29)
+SETTLE_MS = 1000.0
 
 
 def quant_name(dtype: torch.dtype) -> str:
@@ -127,7 +130,7 @@ class Ceilings:
 class Plan:
     """What one run times and how. ``quants``: formats (the unquantised one first); ``experts``: the
     experts-step rows; ``peer_silu``: the ``<model>-silu`` experts-step rows of non-silu gated shapes;
-    ``target_ms`` / ``replays`` / ``warm_ms``: :func:`~.timer.time_graph`'s; ``backend`` / ``timer``: "triton" and
+    ``target_ms`` / ``replays`` / ``warm_ms`` / ``settle_ms``: :func:`~.timer.time_graph`'s; ``backend`` / ``timer``: "triton" and
     ``time_graph`` on the GPU ("torch" and a fake timer make a CPU dry run)."""
 
     quants: tuple = ("bf16",)
@@ -138,6 +141,7 @@ class Plan:
     target_ms: float = 25.0
     replays: int = 7
     warm_ms: float = WARM_MS
+    settle_ms: float = SETTLE_MS
     backend: str = "triton"
     timer: Callable = time_graph
 
@@ -197,11 +201,14 @@ def roofline(m: ModelShape, t: int, ids_list, e_real: int, bw: float, peak: floa
 def _time_row(plan: Plan, fn, inputs, m: ModelShape, t: int, impl: str, quant: str, rf: dict, peak: float,
               dev: str, dtype, log) -> dict | None:
     try:
-        us = plan.timer(fn, inputs, target_ms=plan.target_ms, replays=plan.replays, warm_ms=plan.warm_ms)
+        clocks: list = []
+        us = plan.timer(fn, inputs, target_ms=plan.target_ms, replays=plan.replays, warm_ms=plan.warm_ms,
+                        settle_ms=plan.settle_ms, clocks=clocks)
     except Exception as exc:  # an op missing on this torch build, a format refused: the other rows still run
         log(f"{m.name} T={t} {impl} {quant}: failed: {exc!r}")
         return None
-    mhz = sm_clock_mhz() if plan.timer is time_graph else None  # right after the timed replays
+    read = [c for c in clocks if c is not None]  # after each timed replay (none without NVML)
+    mhz = statistics.median(read) if read else None
     row = dict(model=m.name, tokens=t, impl=impl, quant=quant, us=round(us, 2), sm_mhz=mhz,
                pct_roofline=round(100 * rf["floor_us"] / us, 1), tflops=round(rf["flops"] / (us * 1e-6) / 1e12, 2),
                peak_tflops=round(peak / 1e12, 1), device=dev, dtype=str(dtype).replace("torch.", ""),
@@ -292,7 +299,7 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
               rotations: int = 4, baseline: bool = True, routing: bool = True, longcat_nozero: bool = True,
               out: Path | None = None, log=print, quant=None, eager_tokens=(), experts: bool = True,
               fast: bool = False, reference: Path | None = None, device="cuda", backend: str = "triton",
-              timer: Callable = time_graph) -> list[dict]:
+              timer: Callable = time_graph, settle_ms: float = SETTLE_MS) -> list[dict]:
     """Benchmark ``models`` at ``tokens`` on the current CUDA device; write the JSON and plots to ``out``.
 
     Returns the rows. ``quant``: None, a format name, a comma list or a list (:func:`check_quants`):
@@ -303,7 +310,7 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
     :mod:`moekit.benchmarking.eager` at these token counts (``tokens`` may then be empty).
     ``reference``: a baseline file (``benchmarks/baselines/vllm-h200.json``) drawn in the speed plot.
     ``device`` / ``backend`` / ``timer``: a CUDA device, "triton", :func:`~.timer.time_graph` (a CPU dry
-    run passes "cpu", "torch" and a fake timer).
+    run passes "cpu", "torch" and a fake timer). ``settle_ms``: the warm-up of compute-heavy rows (:data:`SETTLE_MS`).
     """
     device = torch.device(device)
     start = time.perf_counter()
@@ -311,7 +318,7 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
     if fast:
         baseline = routing = longcat_nozero = False
     plan = Plan(quants=tuple(quants), rotations=rotations, baseline=baseline, experts=experts, backend=backend,
-                timer=timer, **(FAST if fast else {}))
+                timer=timer, settle_ms=settle_ms, **(FAST if fast else {}))
     copy_bw, read_bw, peak = measure_ceilings(device)
     fp8_peak = measure_fp8_peak(device) if "fp8" in quants else None
     ceil = Ceilings(max(copy_bw, read_bw), peak, fp8_peak)
@@ -329,6 +336,7 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
                     bf16_peak_TFLOPs=round(peak / 1e12, 1),
                     fp8_peak_TFLOPs=round(fp8_peak / 1e12, 1) if fp8_peak else None,
                     quants=quants, timing=dict(target_ms=plan.target_ms, replays=plan.replays, warm_ms=plan.warm_ms,
+                                                   settle_ms=plan.settle_ms,
                                                    rotations=rotations),
                     elapsed_s=round(time.perf_counter() - start, 1), partial=not done,
                     reference=str(reference) if reference else None,

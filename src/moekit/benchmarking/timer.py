@@ -21,8 +21,13 @@ from typing import Callable, Sequence
 import torch
 
 
+#: a call at least this long (µs, the eager estimate) is compute-heavy: :func:`time_graph` warms it for ``settle_ms``
+SETTLE_ABOVE_US = 1000.0
+
+
 def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, replays: int = 7,
-               max_calls: int = 200, abort_above_us: float | None = None, warm_ms: float = 0.0) -> float:
+               max_calls: int = 200, abort_above_us: float | None = None, warm_ms: float = 0.0,
+               settle_ms: float = 0.0, clocks: list | None = None) -> float:
     """Median µs per call of ``fn(*inputs[i % R])``, ``n`` calls captured in one CUDA graph.
 
     ``n`` is chosen so that one replay lasts about ``target_ms`` (at least ``R``, at most ``max_calls``).
@@ -32,6 +37,11 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
     ``warm_ms``: replay the graph for about this long before the timed replays, so that every timed call runs at
     the clocks a busy GPU holds (after the capture's idle gap an H200 first runs a compute-bound step up to ~7 %
     faster: round 16's probe, ``benchmarks/experts_row_probe.py``, and round 17's alternated profiles).
+    ``settle_ms``: the warm-up of a compute-heavy call (eager estimate >= :data:`SETTLE_ABOVE_US`), when longer than
+    ``warm_ms``. Such calls hold an H200 at its 700 W power cap, whose SM clock settles after about a second of load
+    (median ~1.4 GHz, dipping to ~1 GHz; the first 0.2 s after an idle gap ran 2-4 % faster: round 29,
+    ``benchmarks/power_probe.py``), so a row timed sooner depends on what ran before it.
+    ``clocks``: if given, the SM clock (MHz, :func:`sm_clock_mhz`) read after each timed replay is appended to it.
     """
     torch.cuda.synchronize()
     for inp in inputs:  # warm up: compile, allocate
@@ -61,7 +71,8 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
     graph.replay()
     t1.record()
     torch.cuda.synchronize()
-    for _ in range(int(warm_ms // max(t0.elapsed_time(t1), 1e-3))):
+    warm = max(warm_ms, settle_ms) if est * 1000.0 >= SETTLE_ABOVE_US else warm_ms
+    for _ in range(int(warm // max(t0.elapsed_time(t1), 1e-3))):
         graph.replay()
     times = []
     for _ in range(replays):
@@ -70,6 +81,8 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
         t1.record()
         torch.cuda.synchronize()
         times.append(t0.elapsed_time(t1) * 1000.0 / n)
+        if clocks is not None:
+            clocks.append(sm_clock_mhz())
     del graph
     return statistics.median(times)
 

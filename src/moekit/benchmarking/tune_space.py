@@ -9,7 +9,7 @@ A bucket's search (:func:`search`) has two short stages:
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
    doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked (fp8: the Gluon GEMMs
    toggled, the Gluon w2's ``gluon_nt`` halved / doubled, the Gluon w13's ``gluon_stack`` and ``gluon_ws`` (0 / 2)
-   toggled; 4-bit with swapped tiles: the register-operand
+   toggled, with swapped w2 tiles the Gluon decode w2's ``gluon_dec``; 4-bit with swapped tiles: the register-operand
    Gluon GEMMs toggled); repeated once around a new winner (``quick``: one round of the TMA / PDL / Gluon
    toggles only).
 
@@ -319,6 +319,8 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             c13 = best["w13"]
             out.append({**best, "w13": {**c13, "gluon_stack": 0 if c13.get("gluon_stack") else 1}})
             out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
+        if best["w2"].get("SWAP"):  # the Gluon decode w2 (inline layout, fused sum; where the plan takes it), or back
+            out.append({**best, "w2": {**best["w2"], "gluon_dec": 0 if best["w2"].get("gluon_dec") else 1}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
         rega = gluon_rega_value("w13", best["w13"])

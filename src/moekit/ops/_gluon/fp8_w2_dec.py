@@ -1,0 +1,215 @@
+"""fp8 block-scaled w2 of a decode batch: swapped tiles, the layout in registers, the top-k sum fused (Gluon).
+
+The Triton w2 of the fp8 decode buckets (``SWAP``, ``INLINE``, ``COMBINE``: :func:`.._triton.grouped_gemm.w2_kernel`)
+lowers each K step's fresh fp8 dot as wgmma + ``wait_group 0``, so the tensor cores and the promotion take turns:
+at T = 1 the DeepSeek-V3 w2 ran 35-38 µs where the same programs only streaming their weight rows take 30.7
+(round 29, ``benchmarks/access_probe.py``). This kernel computes the same bits with step k's wgmma in flight while
+step k - 1 is promoted (as :mod:`.fp8_w2`, in the swapped orientation). Program (row block b, column tile n)::
+
+    t_k[c, m] = Wq[e, c, k·BK:(k+1)·BK] · x_q[row m, k·BK:(k+1)·BK]        (wgmma, M = BN weight rows, N = BM)
+    acc[c, m] = fma(t_k, S[e, c // QBN, k] · s_x[row m, k], acc)           (fp32)
+    part[slot m, c] = (acc (+ b2[e, c])) (· w[slot m])
+
+then the (token, column tile) semaphore of each live slot is bumped (acq_rel) and the program that completes a token
+sums ``part[t·K + k]`` for k = 0..K-1 (live slots; fp32 from 0.0, slot order) into ``out[t]``, rounded once: the
+operations of :func:`.._triton.combine.combine_tail`. The layout is the Triton kernels' inline one
+(:func:`.._triton.rows.inline_block`: slot j of expert e at row BM · (blocks of experts < e) + its rank among
+e's slots), which the Triton w13 of the same launch used for ``inter``; that w13's program 0 zeroed the semaphores
+and the rows of tokens with no live slot.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .._triton.align import slot_local_expert
+from .._triton.quant import to_dt
+from .common import pid_to_tile
+
+
+@gluon.jit
+def inline_layout(ids_ptr, tw_ptr, map_ptr, b, S, K, E_local, E_global, stride_it, stride_twt,
+                  BM: gl.constexpr, SP: gl.constexpr, HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr,
+                  L2: gl.constexpr):
+    """Row block ``b`` of the inline layout (``_triton.rows.inline_slots`` + ``inline_block``, the same
+    arithmetic): (expert or E_local past the end, valid [BM], slot [BM], the slots' experts [SP]), the [BM]
+    vectors in ``SliceLayout(1, L2)``, the experts in ``SliceLayout(0, L2)``; ``L2`` any 2-D layout."""
+    il: gl.constexpr = gl.SliceLayout(1, L2)
+    jl: gl.constexpr = gl.SliceLayout(0, L2)
+    i = gl.arange(0, SP, layout=il)
+    j = gl.arange(0, SP, layout=jl)
+    loc_i = slot_local_expert(ids_ptr, tw_ptr, map_ptr, i // K, i % K, i < S, stride_it, stride_twt, E_local,
+                              E_global, HAS_MAP, SKIP_ZERO)
+    loc_j = slot_local_expert(ids_ptr, tw_ptr, map_ptr, j // K, j % K, j < S, stride_it, stride_twt, E_local,
+                              E_global, HAS_MAP, SKIP_ZERO)
+    live_i = loc_i >= 0
+    live_j = loc_j >= 0
+    same = (loc_i[:, None] == loc_j[None, :]) & live_i[:, None] & live_j[None, :]  # [i, j], symmetric
+    rank_j = gl.sum((same & (i[:, None] < j[None, :])).to(gl.int32), axis=0)  # earlier slots of j's expert
+    n_i = gl.sum(same.to(gl.int32), axis=1)
+    rank_i = gl.sum((same & (j[None, :] < i[:, None])).to(gl.int32), axis=1)
+    nb_i = (n_i + BM - 1) // BM
+    first_i = live_i & (rank_i == 0)  # one slot per expert carries its block count
+    earlier = first_i[:, None] & (loc_i[:, None] < loc_j[None, :])
+    before_j = gl.sum(gl.where(earlier, nb_i[:, None], 0), axis=0)
+    row_j = gl.where(live_j, before_j * BM + rank_j, -1)
+    in_block = live_j & (row_j >= b * BM) & (row_j < b * BM + BM)
+    e = gl.max(gl.where(in_block, loc_j, -1), axis=0)
+    e = gl.where(e < 0, E_local, e)
+    m = b * BM + gl.arange(0, BM, layout=il)
+    hit = (row_j[None, :] == m[:, None]) & live_j[None, :]
+    valid = gl.max(hit.to(gl.int32), axis=1) > 0
+    slot = gl.sum(gl.where(hit, j[None, :], 0), axis=1)
+    return e, valid, slot, loc_j
+
+
+@gluon.jit
+def _issue(a_desc, w_desc, a_smem, w_smem, bars, k, row_a, row_w, STAGES: gl.constexpr, BK: gl.constexpr):
+    """TMA loads of K step ``k`` (the block's x_q rows, the tile's weight rows) into ring slot ``k % STAGES``."""
+    s = k % STAGES
+    bar = bars.index(s)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
+    tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
+
+
+@gluon.jit
+def _mma(a_smem, w_smem, bars, k, zero, STAGES: gl.constexpr, BK: gl.constexpr):
+    """Wait for step ``k``'s tiles, start its swapped wgmma (weights on the M side, fresh accumulator)."""
+    s = k % STAGES
+    mbarrier.wait(bars.index(s), (k // STAGES) & 1)
+    return warpgroup_mma(w_smem.index(s), a_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                         max_num_imprecise_acc=BK, is_async=True)
+
+
+@gluon.jit
+def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES: gl.constexpr,
+             BK: gl.constexpr):
+    """acc += step ``k``'s product ``c`` · its scales ``sc`` [BM] (one per token row) while the next wgmma runs;
+    refill the step's ring slot with step k + STAGES."""
+    acc = gl.fma(c, sc[None, :], acc)
+    if k + STAGES < nk:
+        _issue(a_desc, w_desc, a_smem, w_smem, bars, k + STAGES, row_a, row_w, STAGES, BK)
+    return acc
+
+
+@gluon.jit
+def _scale(as_rows, valid, ws_e, k):
+    """s_x[row, k] · S[e, tile, k] for the block's rows ([BM]), the product in Triton's order (w_s · a_s)."""
+    return gl.load(ws_e + k) * gl.load(as_rows + k, mask=valid, other=0.0)
+
+
+@gluon.jit
+def fp8_w2_dec_kernel(
+    a_desc, w_desc, as_ptr, ws_ptr, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, part_ptr, sem_ptr,
+    H, I, E_local, E_global, K, S, num_pid_m, NBN,
+    stride_asr, stride_wse, stride_wsn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
+    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
+    SP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
+    HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid (num_pid_m · NBN,). a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
+    w2.view(E·H, I) e4m3, block [BN, BK]; as: [rows, cdiv(I, BK)] fp32; ws: [E, cdiv(H, QBN), cdiv(I, BK)] fp32
+    (QBN % BN == 0); part: [S, H] fp32; sem: [T, NBN] int32 (zeroed); out: [T, H]; ids / tw: [T, K]."""
+    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
+    L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+    e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, pid_m, S, K, E_local, E_global, stride_it,
+                                            stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
+    if e < E_local:
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BM, 32])
+        col_l: gl.constexpr = gl.SliceLayout(1, mma_l)  # along the weight rows (output columns)
+        tok_l: gl.constexpr = gl.SliceLayout(0, mma_l)  # along the block's slot rows
+        row_a = pid_m * BM
+        row_w = e * H + pid_n * BN
+        nk = gl.cdiv(I, BK)
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+        for s in gl.static_range(STAGES):
+            if s < nk:
+                _issue(a_desc, w_desc, a_smem, w_smem, bars, s, row_a, row_w, STAGES, BK)
+        valid = gl.convert_layout(valid2, tok_l)
+        slot = gl.convert_layout(slot2, tok_l)
+        rows = row_a + gl.arange(0, BM, layout=tok_l)
+        as_rows = as_ptr + rows.to(gl.int64) * stride_asr
+        ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
+        zero = gl.zeros([BN, BM], gl.float32, layout=mma_l)
+        acc = gl.zeros([BN, BM], gl.float32, layout=mma_l)
+        # as fp8_w2: step k - 1 waited for, step k's wgmma started, k - 1 promoted while it runs; steps in pairs
+        t0 = _mma(a_smem, w_smem, bars, 0, zero, STAGES, BK)
+        sc0 = _scale(as_rows, valid, ws_e, 0)
+        for k in range(1, nk - 1, 2):
+            c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+            t1 = _mma(a_smem, w_smem, bars, k, zero, STAGES, BK)
+            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, k - 1, nk, row_a, row_w, STAGES, BK)
+            sc1 = _scale(as_rows, valid, ws_e, k)
+            c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+            t0 = _mma(a_smem, w_smem, bars, k + 1, zero, STAGES, BK)
+            acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES, BK)
+            sc0 = _scale(as_rows, valid, ws_e, k + 1)
+        if nk % 2 == 0:  # one odd step left
+            c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+            t1 = _mma(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK)
+            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, nk - 2, nk, row_a, row_w, STAGES, BK)
+            sc1 = _scale(as_rows, valid, ws_e, nk - 1)
+            last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+            acc = gl.fma(last, sc1[None, :], acc)
+        else:
+            last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+            acc = gl.fma(last, sc0[None, :], acc)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+
+        # epilogue (the Triton w2's order): + b2, · w, part[slot] in fp32
+        cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+        nmask = cols < H
+        tok = slot // K
+        if HAS_BIAS:
+            acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[:, None]
+        if not ON_INPUT:
+            wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
+            acc = acc * wv.to(gl.float32)[None, :]
+        p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
+        gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
+        _combine(part_ptr, sem_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n, H, K, NBN, S,
+                 E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP, HAS_MAP, SKIP_ZERO, L2,
+                 num_warps)
+
+
+@gluon.jit
+def _combine(part_ptr, sem_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot, valid, pid_n, H, K, NBN, S, E_local,
+             E_global, stride_it, stride_twt, stride_pr, stride_ot, BM: gl.constexpr, BN: gl.constexpr,
+             SP: gl.constexpr, HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, L2: gl.constexpr, NW: gl.constexpr):
+    """``_triton.combine.combine_tail`` (INLINE): bump the (token, column tile) semaphores of the block's live
+    slots; where a token is complete, sum its live slots' ``part`` rows in slot order and write ``out``. slot /
+    valid: [BM] in ``SliceLayout(1, L2)``; loc_j: the slots' experts [SP] in ``SliceLayout(0, L2)``."""
+    tok = slot // K
+    tok64 = tok.to(gl.int64)
+    gl.thread_barrier()  # every thread's part stores precede the release below
+    one = gl.full([BM], 1, gl.int32, layout=gl.SliceLayout(1, L2))
+    old = gl.atomic_add(sem_ptr + tok64 * NBN + pid_n, one, mask=valid, sem="acq_rel", scope="gpu")
+    j = gl.arange(0, SP, layout=gl.SliceLayout(0, L2))
+    need = gl.sum(((j[None, :] // K == tok[:, None]) & (loc_j[None, :] >= 0)).to(gl.int32), axis=1)
+    last = valid & (old == need - 1)
+    if gl.max(last.to(gl.int32), axis=0) > 0:
+        gl.thread_barrier()  # the acquiring atomics precede every thread's loads below
+        lt: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
+        tok_t = gl.convert_layout(tok, gl.SliceLayout(1, lt))
+        last_t = gl.convert_layout(last, gl.SliceLayout(1, lt))
+        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, lt))
+        nmask = cols < H
+        total = gl.zeros([BM, BN], gl.float32, layout=lt)
+        for k2 in range(0, K):
+            loc2 = slot_local_expert(ids_ptr, tw_ptr, map_ptr, tok_t, k2, last_t, stride_it, stride_twt, E_local,
+                                     E_global, HAS_MAP, SKIP_ZERO)
+            live2 = last_t & (loc2 >= 0)
+            q_ptrs = part_ptr + (tok_t.to(gl.int64) * K + k2)[:, None] * stride_pr + cols[None, :]
+            v = gl.load(q_ptrs, mask=live2[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
+            total += v.to(gl.float32)
+        o_ptrs = out_ptr + tok_t.to(gl.int64)[:, None] * stride_ot + cols[None, :]
+        gl.store(o_ptrs, to_dt(total, out_ptr.dtype.element_ty, False), mask=last_t[:, None] & nmask[None, :])

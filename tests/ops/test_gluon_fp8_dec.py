@@ -1,0 +1,155 @@
+"""The Gluon fp8 decode w2 (:mod:`moekit.ops._gluon.fp8_w2_dec`, w2 config ``"gluon_dec": 1``) against Triton's.
+
+It replaces the Triton w2 of the fp8 decode buckets (swapped tiles, the layout derived in registers, the top-k sum
+fused) and must give its bits: the same wgmma per K step, the same scale product and fma, the same epilogue and
+slot-order sum; only the schedule differs (step k's wgmma runs while step k - 1 is promoted). On CPU: the plan takes
+it only where those inputs exist, a bad value is refused, and it compiles for sm_90 with the launcher's arguments.
+On the H200 (``gpu``): bit-identical outputs over the awkward decode shapes, in a CUDA graph and compiled too.
+"""
+
+import pytest
+
+import torch
+
+pytest.importorskip("triton")
+
+from compile_check import run_compiled  # noqa: E402
+from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops.formats import Fp8BlockFormat  # noqa: E402
+from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
+from small_experts import assert_compiled_and_graphed_bits, count_calls, quantised_run  # noqa: E402
+
+
+def _dec_cfg(dec: bool, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3) -> dict:
+    """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon w2."""
+    w13 = {"BN": 64, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": 4}
+    w2 = {"BN": bn2, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": stages2}
+    if dec:
+        w2["gluon_dec"] = 1
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk}
+
+
+def _plan(t, k, cfg):
+    return launch_plan(t, 512, 384, 768, 16, 16, k, torch.bfloat16, 0, True, False, False, False, False, None, False,
+                       1024, 16, _freeze(cfg))
+
+
+@pytest.mark.parametrize("t, k, patch, want", [
+    (2, 8, {}, True),                          # 16 slots: the inline layout, the fused sum
+    (1, 4, {}, True),                          # 4 slots
+    (3, 8, {}, False),                         # 24 slots: an align kernel ran (no inline layout)
+    (4, 1, {}, False),                         # K = 1: no top-k sum (the tile goes straight to out)
+    (2, 8, {"sum_pass": True}, False),         # the sum in its own pass: no semaphores to bump
+    (2, 8, {"w2": {"gluon": 1}}, False),       # the sum-pass Gluon w2 asked too: no inline layout
+])
+def test_plan_takes_the_decode_w2_only_with_its_inputs(t, k, patch, want):
+    cfg = _dec_cfg(True)
+    for key, v in patch.items():
+        if isinstance(v, dict):
+            cfg[key] = dict(cfg[key], **v)
+        else:
+            cfg[key] = v
+    assert _plan(t, k, cfg).w2_gluon_dec == want
+    assert not _plan(t, k, _dec_cfg(False)).w2_gluon_dec
+
+
+@pytest.mark.parametrize("value", [2, -1, "1", 0.5])
+def test_gluon_dec_must_be_on_or_off(value):
+    # refused when the plan is made, naming the part, the key and the value
+    cfg = _dec_cfg(False)
+    cfg["w2"]["gluon_dec"] = value
+    with pytest.raises(ValueError, match=f'"w2": "gluon_dec" = {value!r}, expected 0 or 1'):
+        _plan(2, 8, cfg)
+
+
+def test_the_decode_launchers_arguments_compile(tmp_path):
+    # the launcher's own call (the CPU tensors taken for an sm_90 GPU's) with a swapped decode config asking for the
+    # Gluon w2: it replaces Triton's w2 (after Triton's w13 and the w2-input quantiser) and compiles with exactly the
+    # launcher's arguments, for DeepSeek-V3's slice (16 K steps), gpt-oss's (swigluoai, biases, a partial last K step:
+    # 2880 = 22.5 blocks) and 24 x 128 ... (invariance slice: 6 steps, K = 6), BN 64 and 128; past the inline layout
+    # (32 slots) the Triton w2 runs
+    run_compiled("""
+import compile_sm90 as c
+base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128,
+        "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4},
+        "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 3, "num_warps": 4, "gluon_dec": 1}}
+for shape, t, bn in (("deepseek", 1, 64), ("gpt-oss", 1, 64), ("invariance", 2, 128), ("deepseek", 2, 128)):
+    patch = dict(base, w2=dict(base["w2"], BN=bn))
+    seen = c.launches(c.FORMATS["fp8_block"], t, shape, patch=patch, gluon=True)
+    names = [kf.__name__ for kf, _, _ in seen]
+    assert "fp8_w2_dec_kernel" in names and "w2_kernel" not in names and "w13_kernel" in names, names
+    for kf, args, kw in seen:
+        if kf.__name__ == "fp8_w2_dec_kernel":
+            assert kw["maxnreg"] == 72, kw  # 7 programs of 4 warps per SM, as the Triton w2
+            k = c.compile_launch(kf, args, kw)
+            assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 4, "deepseek", patch=base, gluon=True)]
+assert "w2_kernel" in names and "fp8_w2_dec_kernel" not in names, names
+print("ok")
+""", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+# (T, E, K, H, I, activation, bias, on_input, hot, expert map, scale block, w2 BN): every case has T·K <= 16 (the
+# inline layout). DeepSeek-like K steps (w2: 16, even), odd (I 384: 3), partial blocks with swigluoai, a limit and
+# biases (gpt-oss: 2880 = 22.5 blocks), the routing weight on the input (K = 2), a hot expert (8 slots of one expert:
+# one block, its rows in slot order), expert parallelism (half the experts local: dead slots, tokens with none),
+# 64 x 64 scale blocks, BN 128 (one 128-row weight scale per tile)
+GPU_CASES = [
+    (1, 16, 8, 7168, 2048, "silu", False, False, False, False, 128, 64),
+    (2, 16, 8, 640, 384, "silu", False, False, False, False, 128, 64),
+    (3, 8, 4, 2880, 2880, "swigluoai", True, False, False, False, 128, 64),
+    (5, 16, 2, 1024, 512, "gelu_tanh", True, True, False, False, 128, 64),
+    (8, 16, 2, 1024, 768, "silu", False, False, True, False, 128, 64),
+    (4, 16, 4, 768, 1024, "silu", False, False, False, True, 128, 64),
+    (2, 16, 8, 1024, 512, "silu", False, False, False, False, 64, 64),
+    (1, 16, 8, 1024, 1024, "silu", False, False, False, False, 128, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, hot, emap, block, bn2", GPU_CASES,
+                         ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "hot",
+                              "expert_map", "block64", "bn128"])
+def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, hot, emap, block, bn2):
+    limit = 7.0 if act == "swigluoai" else None
+    run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                        on_input=on_input, limit=limit)
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_dec")
+    ref = run(_dec_cfg(False, block, bn2))
+    assert ref.isfinite().all() and not calls
+    for stages in (2, 3, 6):
+        assert torch.equal(run(_dec_cfg(True, block, bn2, stages2=stages)), ref), stages
+    assert len(calls) == 3  # it ran each time it was asked
+    again = run(_dec_cfg(True, block, bn2))
+    assert torch.equal(again, ref)  # and run to run
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_dec_under_cuda_graph_and_compile(monkeypatch):
+    # the public quantised call (the custom op) on a decode batch, its config asking for the Gluon w2:
+    # torch.compile(fullgraph=True) and a CUDA graph replayed on new inputs (new routing: other experts, other rows
+    # of the inline layout) give the eager bits, and the Gluon w2 ran
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.quantize import quantize_experts
+
+    t, e, k, h, i = 2, 16, 8, 1024, 512
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w13 = torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5
+    w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5
+    fmt = Fp8BlockFormat(128, 128)
+    q13, q2, s13, s2 = quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)
+    cfg = _dec_cfg(True)
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_dec")
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+
+    def inputs():
+        x = torch.randn(t, h, device="cuda", generator=gen).bfloat16()
+        ids = torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]).int()
+        return x, torch.rand(t, k, device="cuda", generator=gen) + 0.1, ids
+
+    assert_compiled_and_graphed_bits(f, inputs(), inputs())
+    assert calls, "the Gluon decode w2 did not run"
