@@ -739,6 +739,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r29-last)  # round 29: the Gluon fp8 w2 kernels after their ring / wgmma / promotion helpers were shared (the sum-pass
+    # w2's sm_90 SASS is unchanged; the decode w2 issues a step's two TMA loads in the other order): their GPU tests
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r29g-gpu 300 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_gluon_fp8.py tests/ops/test_batch_invariance_gpu.py
+    ;;
   r29-sweep)  # round 29, final code: the sweep of record (compute-heavy rows settle 1 s at the power cap first), the
     # DeepSeek-V3 bf16 compute-heavy rows again with round 28's timing (no settle) beside it, the Gluon / Triton
     # experts GPU tests and the graphed layer

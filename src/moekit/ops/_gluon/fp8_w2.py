@@ -40,20 +40,46 @@ def _issue(a_desc, w_desc, a_smem, w_smem, bars, g, nk, row_a, row_w, STAGES: gl
 
 
 @gluon.jit
-def _mma(a_smem, w_smem, bars, g, zero, STAGES: gl.constexpr, BK: gl.constexpr):
-    """Wait for step ``g``'s tiles, start its wgmma (fresh accumulator); returns the in-flight token."""
+def ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+         BK: gl.constexpr):
+    """The program's ring: ``STAGES`` slots of a [BM, BK] and a [BN, BK] e4m3 tile and their barriers, the first
+    ``STAGES`` of its ``n_steps`` steps already in flight: (a_smem, w_smem, bars)."""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    for s in gl.static_range(STAGES):
+        if s < n_steps:
+            _issue(a_desc, w_desc, a_smem, w_smem, bars, s, nk, row_a, row_w, STAGES, BK, BN)
+    return a_smem, w_smem, bars
+
+
+@gluon.jit
+def _mma(a_smem, w_smem, bars, g, zero, STAGES: gl.constexpr, BK: gl.constexpr, SWAP: gl.constexpr = False):
+    """Wait for step ``g``'s tiles, start its wgmma (fresh accumulator); returns the in-flight token. ``SWAP``: the
+    weight rows on the wgmma's M side (:mod:`.fp8_w2_dec`), the accumulator [BN, BM]."""
     s = g % STAGES
     mbarrier.wait(bars.index(s), (g // STAGES) & 1)
-    return warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False,
-                         max_num_imprecise_acc=BK, is_async=True)
+    if SWAP:
+        tok = warpgroup_mma(w_smem.index(s), a_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                            max_num_imprecise_acc=BK, is_async=True)
+    else:
+        tok = warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                            max_num_imprecise_acc=BK, is_async=True)
+    return tok
 
 
 @gluon.jit
 def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, g, n_steps, nk, row_a, row_w, STAGES: gl.constexpr,
-             BK: gl.constexpr, BN: gl.constexpr):
+             BK: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr = False):
     """Promote step ``g``'s finished product ``c`` into ``acc`` (while the next wgmma runs) and refill its ring
-    slot with step g + STAGES (of this tile or the program's next one)."""
-    acc = gl.fma(c, sc[:, None], acc)
+    slot with step g + STAGES (of this tile or the program's next one). ``sc``: one scale per token row, along
+    the accumulator's rows ([BM, BN]) or, ``SWAP``, its columns ([BN, BM])."""
+    if SWAP:
+        acc = gl.fma(c, sc[None, :], acc)
+    else:
+        acc = gl.fma(c, sc[:, None], acc)
     if g + STAGES < n_steps:
         _issue(a_desc, w_desc, a_smem, w_smem, bars, g + STAGES, nk, row_a, row_w, STAGES, BK, BN)
     return acc
@@ -92,14 +118,7 @@ def fp8_w2_sum_kernel(
         nk = gl.cdiv(I, BK)
         n_steps = nt * nk
 
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bars.index(s), count=1)
-        for s in gl.static_range(STAGES):
-            if s < n_steps:
-                _issue(a_desc, w_desc, a_smem, w_smem, bars, s, nk, row_a, row_w, STAGES, BK, BN)
+        a_smem, w_smem, bars = ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES, BM, BN, BK)
         slot = gl.load(sorted_ptr + rows, mask=valid, other=0)
         if not ON_INPUT:
             tok = slot // K

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
 
 from .._triton.align import slot_local_expert
 from .._triton.quant import to_dt
 from .common import pid_to_tile
+from .fp8_w2 import _mma, _promote, ring
 
 
 @gluon.jit
@@ -66,36 +67,6 @@ def inline_layout(ids_ptr, tw_ptr, map_ptr, b, S, K, E_local, E_global, stride_i
 
 
 @gluon.jit
-def _issue(a_desc, w_desc, a_smem, w_smem, bars, k, row_a, row_w, STAGES: gl.constexpr, BK: gl.constexpr):
-    """TMA loads of K step ``k`` (the block's x_q rows, the tile's weight rows) into ring slot ``k % STAGES``."""
-    s = k % STAGES
-    bar = bars.index(s)
-    mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
-    tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-
-
-@gluon.jit
-def _mma(a_smem, w_smem, bars, k, zero, STAGES: gl.constexpr, BK: gl.constexpr):
-    """Wait for step ``k``'s tiles, start its swapped wgmma (weights on the M side, fresh accumulator)."""
-    s = k % STAGES
-    mbarrier.wait(bars.index(s), (k // STAGES) & 1)
-    return warpgroup_mma(w_smem.index(s), a_smem.index(s).permute((1, 0)), zero, use_acc=False,
-                         max_num_imprecise_acc=BK, is_async=True)
-
-
-@gluon.jit
-def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES: gl.constexpr,
-             BK: gl.constexpr):
-    """acc += step ``k``'s product ``c`` · its scales ``sc`` [BM] (one per token row) while the next wgmma runs;
-    refill the step's ring slot with step k + STAGES."""
-    acc = gl.fma(c, sc[None, :], acc)
-    if k + STAGES < nk:
-        _issue(a_desc, w_desc, a_smem, w_smem, bars, k + STAGES, row_a, row_w, STAGES, BK)
-    return acc
-
-
-@gluon.jit
 def _scale(as_rows, valid, ws_e, k):
     """s_x[row, k] · S[e, tile, k] for the block's rows ([BM]), the product in Triton's order (w_s · a_s)."""
     return gl.load(ws_e + k) * gl.load(as_rows + k, mask=valid, other=0.0)
@@ -125,14 +96,7 @@ def fp8_w2_dec_kernel(
         row_a = pid_m * BM
         row_w = e * H + pid_n * BN
         nk = gl.cdiv(I, BK)
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bars.index(s), count=1)
-        for s in gl.static_range(STAGES):
-            if s < nk:
-                _issue(a_desc, w_desc, a_smem, w_smem, bars, s, row_a, row_w, STAGES, BK)
+        a_smem, w_smem, bars = ring(a_desc, w_desc, nk, nk, row_a, row_w, STAGES, BM, BN, BK)
         valid = gl.convert_layout(valid2, tok_l)
         slot = gl.convert_layout(slot2, tok_l)
         rows = row_a + gl.arange(0, BM, layout=tok_l)
@@ -141,21 +105,24 @@ def fp8_w2_dec_kernel(
         zero = gl.zeros([BN, BM], gl.float32, layout=mma_l)
         acc = gl.zeros([BN, BM], gl.float32, layout=mma_l)
         # as fp8_w2: step k - 1 waited for, step k's wgmma started, k - 1 promoted while it runs; steps in pairs
-        t0 = _mma(a_smem, w_smem, bars, 0, zero, STAGES, BK)
+        t0 = _mma(a_smem, w_smem, bars, 0, zero, STAGES, BK, True)
         sc0 = _scale(as_rows, valid, ws_e, 0)
         for k in range(1, nk - 1, 2):
             c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            t1 = _mma(a_smem, w_smem, bars, k, zero, STAGES, BK)
-            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, k - 1, nk, row_a, row_w, STAGES, BK)
+            t1 = _mma(a_smem, w_smem, bars, k, zero, STAGES, BK, True)
+            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
+                           k - 1, nk, nk, row_a, row_w, STAGES, BK, BN, True)
             sc1 = _scale(as_rows, valid, ws_e, k)
             c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-            t0 = _mma(a_smem, w_smem, bars, k + 1, zero, STAGES, BK)
-            acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, k, nk, row_a, row_w, STAGES, BK)
+            t0 = _mma(a_smem, w_smem, bars, k + 1, zero, STAGES, BK, True)
+            acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars,
+                           k, nk, nk, row_a, row_w, STAGES, BK, BN, True)
             sc0 = _scale(as_rows, valid, ws_e, k + 1)
         if nk % 2 == 0:  # one odd step left
             c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            t1 = _mma(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK)
-            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, nk - 2, nk, row_a, row_w, STAGES, BK)
+            t1 = _mma(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK, True)
+            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
+                           nk - 2, nk, nk, row_a, row_w, STAGES, BK, BN, True)
             sc1 = _scale(as_rows, valid, ws_e, nk - 1)
             last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
             acc = gl.fma(last, sc1[None, :], acc)
