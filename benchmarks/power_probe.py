@@ -85,7 +85,8 @@ class Sampler(threading.Thread):
         while not self.halt.is_set():
             self.samples.append(dict(t=time.perf_counter(), sm=nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
                                      w=nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
-                                     c=nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU), reasons=self.reasons(h)))
+                                     c=nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+                                     reasons=self.reasons(h)))
             time.sleep(self.every)
 
 

@@ -12,7 +12,8 @@ def test_decode_reasons():
 
 
 def test_summarise_window():
-    samples = [dict(t=float(i), sm=1000 + 100 * i, w=500.0 + i, c=40 + i, reasons=0x4 if i % 2 else 0) for i in range(10)]
+    samples = [dict(t=float(i), sm=1000 + 100 * i, w=500.0 + i, c=40 + i, reasons=0x4 if i % 2 else 0)
+               for i in range(10)]
     s = pp.summarise(samples, 2.0, 5.0)  # samples 2, 3, 4, 5
     assert s["samples"] == 4
     assert s["sm_mhz"] == 1350 and s["sm_min"] == 1200

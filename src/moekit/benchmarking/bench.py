@@ -130,8 +130,8 @@ class Ceilings:
 class Plan:
     """What one run times and how. ``quants``: formats (the unquantised one first); ``experts``: the
     experts-step rows; ``peer_silu``: the ``<model>-silu`` experts-step rows of non-silu gated shapes;
-    ``target_ms`` / ``replays`` / ``warm_ms`` / ``settle_ms``: :func:`~.timer.time_graph`'s; ``backend`` / ``timer``: "triton" and
-    ``time_graph`` on the GPU ("torch" and a fake timer make a CPU dry run)."""
+    ``target_ms`` / ``replays`` / ``warm_ms`` / ``settle_ms``: :func:`~.timer.time_graph`'s; ``backend`` /
+    ``timer``: "triton" and ``time_graph`` on the GPU ("torch" and a fake timer make a CPU dry run)."""
 
     quants: tuple = ("bf16",)
     rotations: int = 4
