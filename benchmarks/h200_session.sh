@@ -739,6 +739,16 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r29-energy)  # round 29: energy per call of the compute-bound fp8 steps beside the fp8 / bf16 peak matmuls at the power cap
+    # (is fp8 T = 16384's 1.1-1.2x over bf16 the GEMMs' energy per flop?)
+    P="env PYTHONPATH=src:benchmarks python benchmarks/power_probe.py --seconds 2 --idle 1"
+    step r29h-ds16384-fp8 120 $P --model deepseek-v3 --tokens 16384 --quant fp8 --phases mm,mm8,experts \
+      --out "$OUT/r29h-ds16384-fp8.json"
+    step r29h-oss16384-fp8 80 $P --model gpt-oss-120b --tokens 16384 --quant fp8 --phases experts \
+      --out "$OUT/r29h-oss16384-fp8.json"
+    step r29h-oss16384-bf16 80 $P --model gpt-oss-120b --tokens 16384 --quant bf16 --phases experts \
+      --out "$OUT/r29h-oss16384-bf16.json"
+    ;;
   r29-last)  # round 29: the Gluon fp8 w2 kernels after their ring / wgmma / promotion helpers were shared (the sum-pass
     # w2's sm_90 SASS is unchanged; the decode w2 issues a step's two TMA loads in the other order): their GPU tests
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -11,7 +11,8 @@ the order given (repeat it reversed to see an order effect):
 - ``experts``: the bench's experts-step function on the layer router's precomputed routing (``experts_fn``);
 - ``cfg:<variant>``: the experts step through ``fused_experts_impl`` under a config variant of
   ``kernel_profile.variant`` (``base``, ``lo``, ``hi``, ``bm128``, ``bm64w8``, ``json:...``);
-- ``mm``: the bench's peak matmul (bf16 8192³, ``measure_ceilings``) for the same readings at a known load.
+- ``mm`` / ``mm8``: the bench's peak matmuls (bf16 8192³, ``measure_ceilings``; e4m3 8192³, ``measure_fp8_peak``) for
+  the same readings at a known load.
 
 Per phase: median µs per call over the first 0.2 s and over the last half, the SM clock (median, min), power (W),
 energy per call (mJ, from the energy counter), temperature, and the share of samples with each clock-event reason.
@@ -143,6 +144,11 @@ def phase_fn(name: str, layer, m, quant, q, t, dev, sets, esets):
         a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
         b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
         return (lambda: a @ b), [()]
+    if name == "mm8":  # the bench's fp8 peak (bench_quant.measure_fp8_peak): e4m3 8192³, bf16 out
+        a8 = torch.randn(8192, 8192, device=dev).to(torch.float8_e4m3fn)
+        b8 = torch.randn(8192, 8192, device=dev).to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=dev, dtype=torch.float32)
+        return (lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)), [()]
     if name.startswith("cfg:"):
         from kernel_profile import neighbours, variant  # benchmarks/: the script's own folder
         from moekit.ops import triton_experts_quant as tq
@@ -167,7 +173,7 @@ def phase_fn(name: str, layer, m, quant, q, t, dev, sets, esets):
             return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False, b1,
                                                b2, None, limit, config=cfg)
         return fn, esets
-    raise ValueError(f"phase {name!r}: expected layer, experts, mm or cfg:<variant>")
+    raise ValueError(f"phase {name!r}: expected layer, experts, mm, mm8 or cfg:<variant>")
 
 
 def main(argv=None) -> int:
