@@ -94,24 +94,10 @@ class Sampler(threading.Thread):
 def sustained(fn, sets, seconds: float, sampler: Sampler, target_ms: float = 20.0) -> dict:
     """Replay ``fn`` over ``sets`` (one CUDA graph of n calls, ~``target_ms`` per replay) for ``seconds``, each
     replay synchronised (so host time is GPU time): per-replay µs per call, NVML readings over the same window."""
-    for s in sets:
-        fn(*s)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for s in sets:
-        fn(*s)
-    torch.cuda.synchronize()
-    est_ms = max((time.perf_counter() - t0) * 1e3 / len(sets), 1e-3)
-    n = int(min(200, max(len(sets), round(target_ms / est_ms))))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        fn(*sets[0])
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(n):
-                fn(*sets[i % len(sets)])
-    torch.cuda.synchronize()
+    from moekit.benchmarking.timer import capture_graph, eager_estimate_ms
+
+    n = int(min(200, max(len(sets), round(target_ms / eager_estimate_ms(fn, sets)))))
+    graph = capture_graph(fn, sets, n)
     ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     per, stamps = [], []
     e0, start = sampler.energy_mj(), time.perf_counter()

@@ -43,30 +43,13 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
     ``benchmarks/power_probe.py``), so a row timed sooner depends on what ran before it.
     ``clocks``: if given, the SM clock (MHz, :func:`sm_clock_mhz`) read after each timed replay is appended to it.
     """
-    torch.cuda.synchronize()
-    for inp in inputs:  # warm up: compile, allocate
-        fn(*inp)
-    torch.cuda.synchronize()
-    t0 = torch.cuda.Event(enable_timing=True)
-    t1 = torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for inp in inputs:
-        fn(*inp)
-    t1.record()
-    torch.cuda.synchronize()
-    est = max(t0.elapsed_time(t1) / len(inputs), 1e-3)
+    est = eager_estimate_ms(fn, inputs)
     if abort_above_us is not None and est * 1000.0 > abort_above_us:
         return est * 1000.0
     n = int(min(max_calls, max(len(inputs), round(target_ms / est))))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        fn(*inputs[0])
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(n):
-                fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
+    graph = capture_graph(fn, inputs, n)
+    t0 = torch.cuda.Event(enable_timing=True)
+    t1 = torch.cuda.Event(enable_timing=True)
     t0.record()
     graph.replay()
     t1.record()
@@ -85,6 +68,37 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
             clocks.append(sm_clock_mhz())
     del graph
     return statistics.median(times)
+
+
+def eager_estimate_ms(fn: Callable, inputs: Sequence[tuple]) -> float:
+    """Milliseconds per eager call of ``fn`` over the input sets (host time included), after one warm-up call per
+    set (compile, allocate); at least 1 µs."""
+    torch.cuda.synchronize()
+    for inp in inputs:
+        fn(*inp)
+    torch.cuda.synchronize()
+    t0 = torch.cuda.Event(enable_timing=True)
+    t1 = torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for inp in inputs:
+        fn(*inp)
+    t1.record()
+    torch.cuda.synchronize()
+    return max(t0.elapsed_time(t1) / len(inputs), 1e-3)
+
+
+def capture_graph(fn: Callable, inputs: Sequence[tuple], n: int) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``n`` calls ``fn(*inputs[i % R])`` (captured on a side stream after a call there)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        fn(*inputs[0])
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(n):
+                fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    return graph
 
 
 def sm_clock_mhz(device=None) -> int | None:
