@@ -45,8 +45,8 @@ def kernels(which: str, family: str) -> dict:
 def use(ks: dict) -> None:
     for (mod, name), k in ks.items():
         setattr(importlib.import_module(f"moekit.ops._gluon.{mod}"), name, k)
-    from moekit.ops import gluon_experts
-    gluon_experts._w4_kernels.cache_clear()  # the 4-bit launcher caches the kernels it imported
+    from moekit.ops import gluon_w4
+    gluon_w4._w4_kernels.cache_clear()  # the 4-bit launcher caches the kernels it imported
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,9 @@ from moekit.ops import triton_configs as tc  # noqa: E402
 from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 import moekit  # noqa: E402
-from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops import gluon_w4  # noqa: E402
 
-gluon_experts._REGA_MAX_BM = 64  # BLOCK_M 64 register-operand tiles (the launcher refused them before round 15)
+gluon_w4._REGA_MAX_BM = 64  # BLOCK_M 64 register-operand tiles (the launcher refused them before round 15)
 
 
 def cfg(bm, rega, gluon=True, split=False):

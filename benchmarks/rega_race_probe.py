@@ -21,12 +21,12 @@ import test_batch_invariance_gpu as tb  # noqa: E402
 from gluon_ab import kernels, use  # noqa: E402
 
 from moekit.benchmarking import MODELS  # noqa: E402
-from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops import gluon_w4  # noqa: E402
 from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 import moekit  # noqa: E402
 
-gluon_experts._REGA_MAX_BM = 64  # BLOCK_M 64 register-operand tiles, which the launcher refuses since round 14
+gluon_w4._REGA_MAX_BM = 64  # BLOCK_M 64 register-operand tiles, which the launcher refuses since round 14
 
 
 def cfg(bm, gluon, stages):

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from compile_check import run_compiled  # noqa: E402
-from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops import gluon_experts, gluon_w4  # noqa: E402
 from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 from moekit.ops.quantize import quantize_experts  # noqa: E402
@@ -72,29 +72,29 @@ def test_w4_launcher_refuses_where_the_bits_would_differ():
     x = torch.empty(300, 512, dtype=torch.bfloat16)
     q = tq.QuantLaunch(spec, torch.ones(16, 768, 16, dtype=torch.uint8), torch.ones(16, 512, 12, dtype=torch.uint8),
                        None, None, 384, ptx=True)
-    assert not gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False)  # on the CPU
+    assert not gluon_w4.w4_ok(p, q, "w13", w1, x, interp=False)  # on the CPU
     dev = gluon_experts._device_ok
     try:
         gluon_experts._device_ok = lambda t: True  # as if on an sm_90 GPU
-        assert gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False)
-        assert not gluon_experts.w4_ok(p, q, "w13", w1, x, interp=True)  # the interpreter
-        assert not gluon_experts.w4_ok(p, q, "w13", w1, x.half(), interp=False)  # fp16 activations
+        assert gluon_w4.w4_ok(p, q, "w13", w1, x, interp=False)
+        assert not gluon_w4.w4_ok(p, q, "w13", w1, x, interp=True)  # the interpreter
+        assert not gluon_w4.w4_ok(p, q, "w13", w1, x.half(), interp=False)  # fp16 activations
         q_nop = tq.QuantLaunch(spec, q.ws13["ws_ptr"], q.ws2["ws_ptr"], None, None, 384, ptx=False)
-        assert not gluon_experts.w4_ok(p, q_nop, "w13", w1, x, interp=False)  # no packed-bf16 decode
-        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(False, True)), q, "w13", w1, x, interp=False)  # not asked
-        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True), on_input=True), q, "w13", w1, x, False)
-        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, swap=False)), q, "w13", w1, x, False)  # BM 16
-        assert gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, swap=False)), q, "w13", w1, x, False)
+        assert not gluon_w4.w4_ok(p, q_nop, "w13", w1, x, interp=False)  # no packed-bf16 decode
+        assert not gluon_w4.w4_ok(_plan(300, 8, _cfg(False, True)), q, "w13", w1, x, interp=False)  # not asked
+        assert not gluon_w4.w4_ok(_plan(300, 8, _cfg(True, True), on_input=True), q, "w13", w1, x, False)
+        assert not gluon_w4.w4_ok(_plan(300, 8, _cfg(True, True, swap=False)), q, "w13", w1, x, False)  # BM 16
+        assert gluon_w4.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, swap=False)), q, "w13", w1, x, False)
         wide = _plan(300, 8, _cfg(True, True, bm=64, swap=False, bn13=128))
-        assert not gluon_experts.w4_ok(wide, q, "w13", w1, x, False)  # two 64 x 128 accumulators in 4 warps spill
-        assert not gluon_experts.w4_ok(p, q, "w13", w1[:, :, :255], x, interp=False)  # rows not 16-byte aligned
+        assert not gluon_w4.w4_ok(wide, q, "w13", w1, x, False)  # two 64 x 128 accumulators in 4 warps spill
+        assert not gluon_w4.w4_ok(p, q, "w13", w1[:, :, :255], x, interp=False)  # rows not 16-byte aligned
         i4 = tq.QuantSpec.of(Int4GroupFormat(32))
         w1i = torch.empty(16, 768, 64, dtype=torch.int32)
         q32 = tq.QuantLaunch(i4, torch.ones(16, 768, 16), torch.ones(16, 512, 12), None, None, 384, ptx=True)
-        assert not gluon_experts.w4_ok(p, q32, "w13", w1i, x, interp=False)  # int4 with fp32 scales
+        assert not gluon_w4.w4_ok(p, q32, "w13", w1i, x, interp=False)  # int4 with fp32 scales
         qbf = tq.QuantLaunch(i4, torch.ones(16, 768, 16, dtype=torch.bfloat16),
                              torch.ones(16, 512, 12, dtype=torch.bfloat16), None, None, 384, ptx=True)
-        assert gluon_experts.w4_ok(p, qbf, "w13", w1i, x, interp=False)
+        assert gluon_w4.w4_ok(p, qbf, "w13", w1i, x, interp=False)
     finally:
         gluon_experts._device_ok = dev
 
@@ -122,13 +122,13 @@ def test_warp_specialised_config_and_its_limits():
         for ws, ok13, ok2 in ((2, True, True), (4, True, True), (5, True, True), (6, False, True), (8, False, True),
                               (1, False, False), (9, False, False)):
             p = _plan(8, 8, _cfg(True, True, ws=ws))
-            assert gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False) is ok13, ws
-            assert gluon_experts.w4_ok(p, q, "w2", w2, x, interp=False) is ok2, ws
+            assert gluon_w4.w4_ok(p, q, "w13", w1, x, interp=False) is ok13, ws
+            assert gluon_w4.w4_ok(p, q, "w2", w2, x, interp=False) is ok2, ws
         # BN 128 (eight-warp partitions spill), unswapped tiles; swapped BLOCK_M 64 fits
-        assert not gluon_experts.w4_ok(_plan(8, 8, _cfg(True, True, bn13=128, ws=4)), q, "w13", w1, x, False)
-        assert not gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, swap=False, ws=4)), q, "w13", w1, x,
+        assert not gluon_w4.w4_ok(_plan(8, 8, _cfg(True, True, bn13=128, ws=4)), q, "w13", w1, x, False)
+        assert not gluon_w4.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, swap=False, ws=4)), q, "w13", w1, x,
                                        False)
-        assert gluon_experts.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, ws=4)), q, "w2", w2, x, False)
+        assert gluon_w4.w4_ok(_plan(300, 8, _cfg(True, True, bm=64, ws=4)), q, "w2", w2, x, False)
     finally:
         gluon_experts._device_ok = dev
 
@@ -167,8 +167,8 @@ def test_register_operand_config_and_its_limits():
                         (_cfg(True, True, bm=64, swap=False, rega=True), False),
                         (_cfg(True, True, rega=True, ws=4), False)):
             p = _plan(8, 8, cfg)
-            assert gluon_experts.w4_ok(p, q, "w13", w1, x, interp=False) is ok, cfg
-            assert gluon_experts.w4_ok(p, q, "w2", w2, x, interp=False) is ok, cfg
+            assert gluon_w4.w4_ok(p, q, "w13", w1, x, interp=False) is ok, cfg
+            assert gluon_w4.w4_ok(p, q, "w2", w2, x, interp=False) is ok, cfg
     finally:
         gluon_experts._device_ok = dev
 
@@ -210,7 +210,7 @@ def test_swapped_w4_forms_compile_for_sm90_without_spills(tmp_path, form):
 import re
 from pathlib import Path
 import compile_sm90 as c
-from moekit.ops import gluon_experts as ge
+from moekit.ops import gluon_w4 as ge
 tmp = Path(__import__("tempfile").mkdtemp())
 form = {form!r}
 for which, quant, g, bm, bn, h, d in (("w13", "mxfp4", 32, 16, 64, 7168, 4), ("w2", "mxfp4", 32, 16, 64, 2048, 6),
@@ -425,8 +425,8 @@ def test_gpu_gluon_w4_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias,
                                           emap, wbuf):
     run = quantised_run(_FMTS[fmt], act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
                         limit=7.0 if act == "swigluoai" else None)
-    calls13 = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
-    calls2 = count_calls(monkeypatch, gluon_experts, "launch_w4_w2_sum")
+    calls13 = count_calls(monkeypatch, gluon_w4, "launch_w4_w13")
+    calls2 = count_calls(monkeypatch, gluon_w4, "launch_w4_w2_sum")
     outs = []
     for g13, g2 in ((False, False), (True, True), (True, False), (False, True)):
         cfg = _cfg(g13, g2, bm=bm, swap=swap, bn13=bn13, bn2=bn2, wbuf=wbuf)
@@ -455,8 +455,8 @@ def test_gpu_swapped_w4_forms_same_bits_as_triton(monkeypatch, case, form):
         bn13 = bn2 = 64
     run = quantised_run(_FMTS[fmt], act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
                         limit=7.0 if act == "swigluoai" else None)
-    calls13 = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
-    calls2 = count_calls(monkeypatch, gluon_experts, "launch_w4_w2_sum")
+    calls13 = count_calls(monkeypatch, gluon_w4, "launch_w4_w13")
+    calls2 = count_calls(monkeypatch, gluon_w4, "launch_w4_w2_sum")
     ref = run(_cfg(False, False, bm=bm, bn13=bn13, bn2=bn2))
     out = run(_cfg(True, True, bm=bm, bn13=bn13, bn2=bn2, **form))
     assert len(calls13) == 1 and len(calls2) == 1
@@ -475,7 +475,7 @@ def test_gpu_register_operand_tall_tiles_same_bits_as_triton(monkeypatch, bm, fm
     # w2 with BN 128
     run = quantised_run(_FMTS[fmt], act, bias, t=700, e=16, h=h, i=i, k=4, hot=True,
                         limit=7.0 if act == "swigluoai" else None)
-    calls = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
+    calls = count_calls(monkeypatch, gluon_w4, "launch_w4_w13")
     ref = run(_cfg(False, False, bm=bm, bn13=64, bn2=128))
     for _ in range(2):  # a race would not show every time
         assert torch.equal(ref, run(_cfg(True, True, bm=bm, bn13=64, bn2=128, rega=True)))
@@ -494,7 +494,7 @@ def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch, variant):
     w13, w2, x, w, ids, _, _ = experts_problem(torch.bfloat16, "silu", False, seed=4, t=t, e=e, h=h, i=i, k=k)
     fmt = Mxfp4Format()
     q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), fmt)
-    calls = count_calls(monkeypatch, gluon_experts, "launch_w4_w13")
+    calls = count_calls(monkeypatch, gluon_w4, "launch_w4_w13")
     monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, True, **variant))  # a Gluon config
 
     def f(x, w, ids):

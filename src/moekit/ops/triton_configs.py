@@ -34,7 +34,7 @@ each K step's wgmma in flight while the one before is promoted; in the H200 fp8 
 gpt-oss and Mixtral, round 29), elsewhere the Triton w2. For mxfp4 / int4
 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
 of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
-:func:`moekit.ops.gluon_experts.w4_ok`), and with swapped tiles
+:func:`moekit.ops.gluon_w4.w4_ok`), and with swapped tiles
 ``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
 wgmma's A fragment, in the H200 4-bit table's decode buckets; w13 ``2``: gate, then up, one fragment live, fewer
 registers, :func:`gluon_rega_value`; beside it ``"gluon_early": 1``, :func:`gluon_early_value`: the ring slot refilled

@@ -30,7 +30,7 @@ import triton
 from triton import knobs
 
 from ._eager import direct_call_ok
-from . import gluon_experts
+from . import gluon_experts, gluon_w4
 from ._triton import align, combine as combine_k, epilogue, grouped_gemm
 from .activation import effective_limit, get_activation
 from .experts import chunk_tokens
@@ -244,8 +244,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if gluon13:
         blk_ready = gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start,
                                                  sorted_slot, blk, h, inter, k, w13_kw, ws13)
-    elif gluon_experts.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory
-        gluon_experts.launch_w4_w13(launch, p, q, a13, w1, b1, w13_out, counts, row_start, sorted_slot, h, inter, k)
+    elif gluon_w4.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory
+        gluon_w4.launch_w4_w13(launch, p, q, a13, w1, b1, w13_out, counts, row_start, sorted_slot, h, inter, k)
     else:
         launch(
             grouped_gemm.w13_kernel, p.grid13, a13, w1, w1_desc, b1 if b1 is not None else w1, w13_out, tw, counts,
@@ -267,8 +267,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     elif w2_desc is not None and gluon_experts.fp8_w2_dec_ok(p, q, w2, _interpreting()):  # decode: same bits
         gluon_experts.launch_fp8_w2_dec(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, out, tw, ids, emap_arg,
                                         part, sem, h, inter, k, t, bool(on_input))
-    elif gluon_experts.w4_ok(p, q, "w2", w2, x, _interpreting()):  # (the plan asks only with the sum pass)
-        gluon_experts.launch_w4_w2_sum(launch, p, q, inter_w2, w2, b2, tw, counts, row_start, sorted_slot, part, h,
+    elif gluon_w4.w4_ok(p, q, "w2", w2, x, _interpreting()):  # (the plan asks only with the sum pass)
+        gluon_w4.launch_w4_w2_sum(launch, p, q, inter_w2, w2, b2, tw, counts, row_start, sorted_slot, part, h,
                                        inter, k, bool(on_input))
     else:
         _launch_w2(launch, p, inter_w2, inter_desc, w2, w2_desc, b2, out, tw, ids, emap_arg, counts, sorted_slot,
