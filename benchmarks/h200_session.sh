@@ -739,6 +739,15 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r29-review)  # round 29's review: the 4-bit launchers moved to gluon_w4, time_graph's capture in helpers: a smoke of
+    # time_graph (settle, clocks) and the Gluon 4-bit / decode fp8 GPU tests that count their launchers
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r29r-timer 40 python -c "import torch; from moekit.benchmarking.timer import time_graph as tg
+a = torch.randn(4096, 4096, device='cuda', dtype=torch.bfloat16); c = []
+print('mm us', tg(lambda: a @ a, [()], target_ms=10, replays=5, warm_ms=50, settle_ms=300, clocks=c), 'clocks', c)"
+    step r29r-gpu 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 6 -q -m gpu tests/ops/test_gluon_w4.py \
+      tests/ops/test_gluon_fp8_dec.py -k "under_cuda_graph or deepseek_like or expert_map or swapped_w4_forms"
+    ;;
   r29-energy)  # round 29: energy per call of the compute-bound fp8 steps beside the fp8 / bf16 peak matmuls at the power cap
     # (is fp8 T = 16384's 1.1-1.2x over bf16 the GEMMs' energy per flop?)
     P="env PYTHONPATH=src:benchmarks python benchmarks/power_probe.py --seconds 2 --idle 1"
