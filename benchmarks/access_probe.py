@@ -31,6 +31,9 @@ SHAPES = {
     "deepseek-v3-w2": (8 * 7168, 2048, 64, 3),
     "deepseek-v3-w13": (8 * 4096, 7168, 128, 4),  # a w13 program reads 64 gate + 64 up rows
     "mixtral-w2": (2 * 4096, 14336, 64, 6),
+    # round 30: the same w2 rows in fewer, longer programs (the Gluon decode w2's "gluon_nt": 2 / 4 column tiles)
+    "deepseek-v3-w2-nt2": (8 * 7168, 2048, 128, 3),
+    "deepseek-v3-w2-nt4": (8 * 7168, 2048, 256, 3),
 }
 #: (box rows, box bytes per row): 8 KB per step each
 BOXES = [(64, 128), (32, 256), (16, 512), (8, 1024)]
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--boxes", default=None, help="box indices into BOXES to run (e.g. 0 for [64, 128] only)")
     ap.add_argument("--once", action="store_true",
                     help="each variant launched once, checked, not timed (for Nsight Compute: one launch per variant)")
     a = ap.parse_args(argv)
@@ -97,8 +101,8 @@ def main(argv=None) -> int:
         w = torch.randint(0, 256, (n_rows, cols), dtype=torch.uint8, device=dev)
         want = reference(w, rows)
         for tma in (True, False):
-            for box in BOXES:
-                if rows % box[0]:
+            for bi, box in enumerate(BOXES):
+                if rows % box[0] or (a.boxes is not None and str(bi) not in a.boxes.split(",")):
                     continue
                 try:  # (a TMA box wider than 256 elements may be refused by the driver: the other rows still run)
                     got = stream(w, rows, box, stages, tma)

@@ -739,6 +739,20 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r30-a)  # round 30: the Gluon fp8 decode w2 in fewer, longer programs ("gluon_nt") and as a programmatic dependent launch
+    # (its first weight tiles before the grid wait; w13 and the w2-input quantiser launched the same way): bit tests,
+    # the streaming probe at 64 / 128 / 256 rows per program, then µs per kernel at the inline decode points
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r30a-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_triton_pdl_gpu.py
+    step r30a-access 60 env PYTHONPATH=src:benchmarks python benchmarks/access_probe.py --boxes 0 \
+      --shapes deepseek-v3-w2,deepseek-v3-w2-nt2,deepseek-v3-w2-nt4 --out "$OUT/r30a-access.json"
+    step r30a-profile 280 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"dec": {"w2": {"gluon_dec": 1, "gluon_nt": 1}}, "nt2": {"w2": {"gluon_dec": 1, "gluon_nt": 2}},
+                  "nt4": {"w2": {"gluon_dec": 1, "gluon_nt": 4}}}' \
+      --variants base,dec,nt2,nt4,dec+pdl,nt2+pdl,dec,nt2,nt2+pdl \
+      --points deepseek-v3:1,deepseek-v3:2,qwen3-30b-a3b:1,gpt-oss-120b:1,mixtral-8x7b:1 --out "$OUT/r30a-profile.json"
+    ;;
   r29-review)  # round 29's review: the 4-bit launchers moved to gluon_w4, time_graph's capture in helpers: a smoke of
     # time_graph (settle, clocks) and the Gluon 4-bit / decode fp8 GPU tests that count their launchers
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -317,7 +317,13 @@ def test_fp8_neighbours_toggle_the_gluon_decode_w2():
     got = [c["w2"] for c in neighbour_configs(sw, False, quick=True, fam="fp8")]
     assert {**sw["w2"], "gluon_dec": 1} in got
     on = {**sw, "w2": {**sw["w2"], "gluon_dec": 1}}
-    assert {**sw["w2"], "gluon_dec": 0} in [c["w2"] for c in neighbour_configs(on, False, quick=True, fam="fp8")]
+    got_on = [c["w2"] for c in neighbour_configs(on, False, quick=True, fam="fp8")]
+    assert {**sw["w2"], "gluon_dec": 0} in got_on
+    # with it on, its column tiles per program doubled (round 30: fewer, longer programs); from 2: halved and doubled
+    assert {**on["w2"], "gluon_nt": 2} in got_on
+    two = {**on, "w2": {**on["w2"], "gluon_nt": 2}}
+    got_two = [c["w2"] for c in neighbour_configs(two, False, quick=True, fam="fp8")]
+    assert {**on["w2"], "gluon_nt": 1} in got_two and {**on["w2"], "gluon_nt": 4} in got_two
     plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
     assert not any("gluon_dec" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
 

@@ -5,6 +5,8 @@ fused) and must give its bits: the same wgmma per K step, the same scale product
 slot-order sum; only the schedule differs (step k's wgmma runs while step k - 1 is promoted). On CPU: the plan takes
 it only where those inputs exist, a bad value is refused, and it compiles for sm_90 with the launcher's arguments.
 On the H200 (``gpu``): bit-identical outputs over the awkward decode shapes, in a CUDA graph and compiled too.
+Its two schedule options keep those bits: ``"gluon_nt"`` (column tiles per program, one ring) and the plan's
+``"pdl"`` (launched as a programmatic dependent; the first weight tiles requested before the grid wait).
 """
 
 import pytest
@@ -20,13 +22,17 @@ from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
 from small_experts import assert_compiled_and_graphed_bits, count_calls, quantised_run  # noqa: E402
 
 
-def _dec_cfg(dec: bool, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3) -> dict:
-    """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon w2."""
+def _dec_cfg(dec: bool, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3, nt: int = 1,
+             pdl: bool = False) -> dict:
+    """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon w2 (``nt``
+    column tiles per program), with or without programmatic dependent launches."""
     w13 = {"BN": 64, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": 4}
     w2 = {"BN": bn2, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": stages2}
     if dec:
         w2["gluon_dec"] = 1
-    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk}
+    if nt != 1:
+        w2["gluon_nt"] = nt
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, **({"pdl": True} if pdl else {})}
 
 
 def _plan(t, k, cfg):
@@ -62,6 +68,15 @@ def test_gluon_dec_must_be_on_or_off(value):
         _plan(2, 8, cfg)
 
 
+@pytest.mark.parametrize("value", [0, 17, -2, True, "2", 1.5])
+def test_gluon_nt_must_be_a_small_positive_int(value):
+    # column tiles per program: refused when the plan is made (0 would launch no program for some tiles)
+    cfg = _dec_cfg(True)
+    cfg["w2"]["gluon_nt"] = value
+    with pytest.raises(ValueError, match=f'"w2": "gluon_nt" = {value!r}, expected an int in 1..16'):
+        _plan(2, 8, cfg)
+
+
 def test_the_decode_launchers_arguments_compile(tmp_path):
     # the launcher's own call (the CPU tensors taken for an sm_90 GPU's) with a swapped decode config asking for the
     # Gluon w2: it replaces Triton's w2 (after Triton's w13 and the w2-input quantiser) and compiles with exactly the
@@ -85,6 +100,37 @@ for shape, t, bn in (("deepseek", 1, 64), ("gpt-oss", 1, 64), ("invariance", 2, 
             assert k.metadata.shared <= 227 * 1024, k.metadata.shared
 names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 4, "deepseek", patch=base, gluon=True)]
 assert "w2_kernel" in names and "fp8_w2_dec_kernel" not in names, names
+print("ok")
+""", tmp_path)
+
+
+def test_the_decode_w2_with_column_tiles_per_program_and_pdl_compiles(tmp_path):
+    # "gluon_nt" 2 / 3 (DeepSeek-V3's 112 column tiles, gpt-oss's 45: a last program with fewer tiles) and the plan's
+    # "pdl" (the sm_90 check stood in for): the decode w2 gets NT and PDL with the programmatic launch attribute; the
+    # w13 and the w2-input quantiser between them are launched as programmatic dependents too (the quantiser lets w2
+    # start at once, then waits), the layer's input quantiser is not; the kernel compiles for sm_90 with
+    # griddepcontrol.wait in its SASS and no spill inside its K loop
+    run_compiled("""
+import compile_sm90 as c
+from moekit.ops import triton_experts as te
+te._pdl_ok = lambda dev: True
+base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128, "pdl": True,
+        "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4},
+        "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 3, "num_warps": 4, "gluon_dec": 1}}
+for shape, t, nt in (("deepseek", 1, 2), ("gpt-oss", 1, 3)):
+    seen = c.launches(c.FORMATS["fp8_block"], t, shape, patch=dict(base, w2=dict(base["w2"], gluon_nt=nt)), gluon=True)
+    names = [kf.__name__ for kf, _, _ in seen]
+    assert names[-3:] == ["w13_kernel", "act_quant_kernel", "fp8_w2_dec_kernel"], names
+    pdl = [bool(kw.get("launch_pdl")) for _, _, kw in seen]
+    assert pdl[-3:] == [True, True, True] and not pdl[0], (names, pdl)
+    assert seen[-2][2]["PDL"] and seen[-3][2]["PDL"]
+    kf, args, kw = seen[-1]
+    assert kw["NT"] == nt and kw["PDL"] and kw["maxnreg"] == 72, kw
+    k = c.compile_launch(kf, args, kw)
+    sass = c.sass_text(k)
+    assert "ACQBULK" in sass  # griddepcontrol.wait
+    loops = c.inner_loops(k)
+    assert loops and not any("LDL" in i or "STL" in i for loop in loops for i in loop)
 print("ok")
 """, tmp_path)
 
@@ -120,7 +166,9 @@ def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias
     assert ref.isfinite().all() and not calls
     for stages in (2, 3, 6):
         assert torch.equal(run(_dec_cfg(True, block, bn2, stages2=stages)), ref), stages
-    assert len(calls) == 3  # it ran each time it was asked
+    for nt, pdl in ((2, False), (3, False), (1, True), (4, True)):  # tiles per program; programmatic launches
+        assert torch.equal(run(_dec_cfg(True, block, bn2, nt=nt, pdl=pdl)), ref), (nt, pdl)
+    assert len(calls) == 7  # it ran each time it was asked
     again = run(_dec_cfg(True, block, bn2))
     assert torch.equal(again, ref)  # and run to run
 
@@ -139,7 +187,7 @@ def test_gpu_gluon_dec_under_cuda_graph_and_compile(monkeypatch):
     w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5
     fmt = Fp8BlockFormat(128, 128)
     q13, q2, s13, s2 = quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)
-    cfg = _dec_cfg(True)
+    cfg = _dec_cfg(True, nt=2, pdl=True)  # with programmatic launches: their edges captured in the graph
     monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
     calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_dec")
 

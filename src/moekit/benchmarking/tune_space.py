@@ -8,10 +8,10 @@ A bucket's search (:func:`search`) has two short stages:
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
    doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked (fp8: the Gluon GEMMs
-   toggled, the Gluon w2's ``gluon_nt`` halved / doubled, the Gluon w13's ``gluon_stack`` and ``gluon_ws`` (0 / 2)
-   toggled, with swapped w2 tiles the Gluon decode w2's ``gluon_dec``; 4-bit with swapped tiles: the register-operand
-   Gluon GEMMs toggled); repeated once around a new winner (``quick``: one round of the TMA / PDL / Gluon
-   toggles only).
+   toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled, the Gluon w13's ``gluon_stack`` and
+   ``gluon_ws`` (0 / 2) toggled, with swapped w2 tiles the Gluon decode w2's ``gluon_dec``; 4-bit with swapped
+   tiles: the register-operand Gluon GEMMs toggled); repeated once around a new winner (``quick``: one round of
+   the TMA / PDL / Gluon toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
 clamped to the problem (BN never wider than needed), goes through the format's
@@ -310,7 +310,7 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
         out.append({**best, "pdl": True})
     if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
         out.append(gluon_toggled(best))
-        if best["w2"].get("gluon"):  # its column tiles per program, halved / doubled (1 .. 8)
+        if best["w2"].get("gluon") or best["w2"].get("gluon_dec"):  # column tiles per program, halved / doubled
             nt = int(best["w2"].get("gluon_nt", 1))
             for n in (nt // 2, nt * 2):
                 if 1 <= n <= 8 and n != nt:

@@ -184,6 +184,15 @@ def gluon_ws_value(part: str, cfg_part: dict) -> int:
     return v
 
 
+def gluon_nt_value(part: str, cfg_part: dict) -> int:
+    """The ``"gluon_nt"`` key of config part ``part`` (1 when absent): the column tiles a Gluon fp8 w2 program
+    computes one after the other, an int in 1..16, else ``ValueError`` naming the part, the key and the value."""
+    v = cfg_part.get("gluon_nt", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
+        raise ValueError(f'config "{part}": "gluon_nt" = {v!r}, expected an int in 1..16 (column tiles per program)')
+    return v
+
+
 def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
     """An on / off key of config part ``part`` (``"gluon_stack"``; off when absent): 0, 1 or a bool, else
     ``ValueError`` naming the part, the key and the value."""

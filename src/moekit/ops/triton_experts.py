@@ -259,14 +259,14 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     if q is not None:
         # fp8 per-row inputs of w2 (a row spans every w13 tile): over the live slots' rows after an align kernel
         by_slot = None if p.align == "inline" else (slot_loc[: t * k], slot_rank[: t * k], row_start)
-        q.after_w13(inter_buf, _interpreting(), launch, by_slot)
+        q.after_w13(inter_buf, _interpreting(), launch, by_slot, pdl=pdl)
     flags["USE_TMA"] = w2_desc is not None
     if w2_desc is not None and gluon_experts.fp8_w2_ok(p, q, w2, _interpreting()):  # same bits, overlapped promotion
         gluon_experts.launch_fp8_w2_sum(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, tw, counts, row_start,
                                         sorted_slot, blk, blk_ready, part, h, inter, k, bool(on_input))
     elif w2_desc is not None and gluon_experts.fp8_w2_dec_ok(p, q, w2, _interpreting()):  # decode: same bits
         gluon_experts.launch_fp8_w2_dec(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, out, tw, ids, emap_arg,
-                                        part, sem, h, inter, k, t, bool(on_input))
+                                        part, sem, h, inter, k, t, bool(on_input), pdl)
     elif gluon_w4.w4_ok(p, q, "w2", w2, x, _interpreting()):  # (the plan asks only with the sum pass)
         gluon_w4.launch_w4_w2_sum(launch, p, q, inter_w2, w2, b2, tw, counts, row_start, sorted_slot, part, h,
                                        inter, k, bool(on_input))

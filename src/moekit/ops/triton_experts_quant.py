@@ -97,10 +97,12 @@ class QuantLaunch:
         xq = (k if sorted_rows else 1) * (h + 8 * h // max(self.spec.block_k, 1))
         return xq + k * inter * 2 + 16 * k + 2 * k * h
 
-    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None):
+    def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None,
+                  pdl=False):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
         ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
-        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots)."""
+        sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots); ``pdl``: a
+        programmatic dependent launch (``act_quant_kernel``'s ``PDL``)."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -121,7 +123,8 @@ class QuantLaunch:
             launch(qk.act_quant_kernel, grid, src, xq, xs, tw if tw is not None else src, static, n, rows,
                    src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
-                   ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot)
+                   ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot,
+                   **({"PDL": True, "launch_pdl": True} if pdl else {}))
         return xq, xs, (xs.stride(0) if mode < 2 else 0)
 
     def _quantise_sorted(self, x, tw, rows: int, layout: tuple, on_input: bool, interp: bool, launch):
@@ -178,14 +181,15 @@ class QuantLaunch:
         kw2.update(as_ptr=inter_s, stride_asr=inter_s.stride(0))
         return xq, buf, inter_q, kw13, kw2
 
-    def after_w13(self, inter_buf, interp: bool, launch, slots: tuple | None = None) -> None:
+    def after_w13(self, inter_buf, interp: bool, launch, slots: tuple | None = None, pdl: bool = False) -> None:
         """The separate quantisation of w2's input (when w13 did not fuse it): the dynamic quantiser, over the live
         slots' rows when ``slots`` (the align kernel's ``(loc, rank, row_start)``) is given, else over every row
-        (the inline layout at decode: a few rows)."""
+        (the inline layout at decode: a few rows); ``pdl``: launched as a programmatic dependent of w13 (the
+        plan's ``"pdl"``), so that the w2 after it may start its weight loads early."""
         if self._post is None:
             return
         buf, inter_q, inter_s = self._post
-        self._quantise(buf, launch, interp, out=(inter_q, inter_s), slots=slots)
+        self._quantise(buf, launch, interp, out=(inter_q, inter_s), slots=slots, pdl=pdl)
         self._post = None
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_configs import (gluon_early_value, gluon_flag_value, gluon_rega_value, gluon_ws_value, tail_bm_value,
-                             tail_conflicts)
+from .triton_configs import (gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
+                             tail_bm_value, tail_conflicts)
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -152,7 +152,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_stages=(int(c13.get("gluon_stages", 0)), int(c2.get("gluon_stages", 0))),
         # swapped (decode) tiles: one (three programs per SM: H200, DeepSeek-V3 mxfp4 T = 8 w13 634 -> 598 µs)
         gluon_wbuf=tuple(int(c.get("gluon_wbuf", 1 if c.get("SWAP") else 2)) for c in (c13, c2)),
-        gluon_nt=int(c2.get("gluon_nt", 1)),
+        gluon_nt=gluon_nt_value("w2", c2),
         gluon_ws=ws,
         gluon_rega=(gluon_rega_value("w13", c13), gluon_rega_value("w2", c2)),
         gluon_early=(gluon_early_value("w13", c13), gluon_early_value("w2", c2)),

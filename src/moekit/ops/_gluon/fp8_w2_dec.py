@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma_wait
 
 from .._triton.align import slot_local_expert
 from .._triton.quant import to_dt
@@ -73,18 +73,58 @@ def _scale(as_rows, valid, ws_e, k):
 
 
 @gluon.jit
+def grid_wait():
+    """``griddepcontrol.wait``: this grid was launched as a programmatic dependent of the kernel before it; wait
+    until that grid has completed and its memory is visible (a no-op without the launch attribute)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _ring_pdl(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+              BK: gl.constexpr):
+    """:func:`.fp8_w2.ring` for a programmatic dependent launch: the first ``STAGES`` steps' weight tiles are
+    requested before :func:`grid_wait` (they do not depend on the kernels before this one), their ``x_q`` tiles
+    after it, each slot's barrier expecting both."""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    for s in gl.static_range(STAGES):
+        if s < n_steps:
+            j = s // nk
+            bar = bars.index(s)
+            mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [row_w + j * BN, (s - j * nk) * BK], bar, w_smem.index(s))
+    grid_wait()
+    for s in gl.static_range(STAGES):
+        if s < n_steps:
+            j = s // nk
+            tma.async_copy_global_to_shared(a_desc, [row_a, (s - j * nk) * BK], bars.index(s), a_smem.index(s))
+    return a_smem, w_smem, bars
+
+
+@gluon.jit
 def fp8_w2_dec_kernel(
     a_desc, w_desc, as_ptr, ws_ptr, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, part_ptr, sem_ptr,
     H, I, E_local, E_global, K, S, num_pid_m, NBN,
     stride_asr, stride_wse, stride_wsn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
     SP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
-    HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, num_warps: gl.constexpr,
+    HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, NT: gl.constexpr = 1, PDL: gl.constexpr = False,
+    num_warps: gl.constexpr = 4,
 ):
-    """Grid (num_pid_m · NBN,). a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
+    """Grid (num_pid_m · cdiv(NBN, NT),). a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
     w2.view(E·H, I) e4m3, block [BN, BK]; as: [rows, cdiv(I, BK)] fp32; ws: [E, cdiv(H, QBN), cdiv(I, BK)] fp32
-    (QBN % BN == 0); part: [S, H] fp32; sem: [T, NBN] int32 (zeroed); out: [T, H]; ids / tw: [T, K]."""
-    pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
+    (QBN % BN == 0); part: [S, H] fp32; sem: [T, NBN] int32 (zeroed); out: [T, H]; ids / tw: [T, K].
+
+    ``NT``: a program computes NT neighbouring column tiles of its row block one after the other through one ring
+    (the next tile's weight rows stream while a tile is promoted, stored and summed), so fewer, longer programs
+    stream the same rows (the per-tile operations are unchanged: the same bits). ``PDL`` (launched as a
+    programmatic dependent of the kernel that wrote ``inter_q`` / ``as``): the layout (from the routing ids, written
+    before the w13 launch), the expert and the first ``STAGES`` weight tiles are read before the grid wait;
+    ``inter_q``, ``as``, the semaphores and the outputs only after it."""
+    pid_m, pid_g = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(NBN, NT), GROUP_M)
     L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
     e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, pid_m, S, K, E_local, E_global, stride_it,
                                             stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
@@ -94,58 +134,68 @@ def fp8_w2_dec_kernel(
         col_l: gl.constexpr = gl.SliceLayout(1, mma_l)  # along the weight rows (output columns)
         tok_l: gl.constexpr = gl.SliceLayout(0, mma_l)  # along the block's slot rows
         row_a = pid_m * BM
-        row_w = e * H + pid_n * BN
+        n0 = pid_g * NT  # the program's first column tile
+        row_w = e * H + n0 * BN
         nk = gl.cdiv(I, BK)
-        a_smem, w_smem, bars = ring(a_desc, w_desc, nk, nk, row_a, row_w, STAGES, BM, BN, BK)
+        n_steps = gl.minimum(NBN - n0, NT) * nk
+        if PDL:
+            a_smem, w_smem, bars = _ring_pdl(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES, BM, BN, BK)
+        else:
+            a_smem, w_smem, bars = ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES, BM, BN, BK)
         valid = gl.convert_layout(valid2, tok_l)
         slot = gl.convert_layout(slot2, tok_l)
         rows = row_a + gl.arange(0, BM, layout=tok_l)
         as_rows = as_ptr + rows.to(gl.int64) * stride_asr
-        ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
         zero = gl.zeros([BN, BM], gl.float32, layout=mma_l)
-        acc = gl.zeros([BN, BM], gl.float32, layout=mma_l)
-        # as fp8_w2: step k - 1 waited for, step k's wgmma started, k - 1 promoted while it runs; steps in pairs
-        t0 = _mma(a_smem, w_smem, bars, 0, zero, STAGES, BK, True)
-        sc0 = _scale(as_rows, valid, ws_e, 0)
-        for k in range(1, nk - 1, 2):
-            c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            t1 = _mma(a_smem, w_smem, bars, k, zero, STAGES, BK, True)
-            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
-                           k - 1, nk, nk, row_a, row_w, STAGES, BK, BN, True)
-            sc1 = _scale(as_rows, valid, ws_e, k)
-            c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-            t0 = _mma(a_smem, w_smem, bars, k + 1, zero, STAGES, BK, True)
-            acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars,
-                           k, nk, nk, row_a, row_w, STAGES, BK, BN, True)
-            sc0 = _scale(as_rows, valid, ws_e, k + 1)
-        if nk % 2 == 0:  # one odd step left
-            c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            t1 = _mma(a_smem, w_smem, bars, nk - 1, zero, STAGES, BK, True)
-            acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
-                           nk - 2, nk, nk, row_a, row_w, STAGES, BK, BN, True)
-            sc1 = _scale(as_rows, valid, ws_e, nk - 1)
-            last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-            acc = gl.fma(last, sc1[None, :], acc)
-        else:
-            last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            acc = gl.fma(last, sc0[None, :], acc)
+        for g0 in range(0, n_steps, nk):  # one column tile per nk steps of the ring
+            pid_n = n0 + g0 // nk
+            ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
+            acc = gl.zeros([BN, BM], gl.float32, layout=mma_l)
+            # as fp8_w2: step k - 1 waited for, step k's wgmma started, k - 1 promoted while it runs; steps in pairs
+            t0 = _mma(a_smem, w_smem, bars, g0, zero, STAGES, BK, True)
+            sc0 = _scale(as_rows, valid, ws_e, 0)
+            for k in range(1, nk - 1, 2):
+                c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+                t1 = _mma(a_smem, w_smem, bars, g0 + k, zero, STAGES, BK, True)
+                acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
+                               g0 + k - 1, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
+                sc1 = _scale(as_rows, valid, ws_e, k)
+                c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+                t0 = _mma(a_smem, w_smem, bars, g0 + k + 1, zero, STAGES, BK, True)
+                acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars,
+                               g0 + k, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
+                sc0 = _scale(as_rows, valid, ws_e, k + 1)
+            if nk % 2 == 0:  # one odd step left
+                c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+                t1 = _mma(a_smem, w_smem, bars, g0 + nk - 1, zero, STAGES, BK, True)
+                acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
+                               g0 + nk - 2, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
+                sc1 = _scale(as_rows, valid, ws_e, nk - 1)
+                last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+                acc = _promote(last, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars,
+                               g0 + nk - 1, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
+            else:
+                last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+                acc = _promote(last, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
+                               g0 + nk - 1, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
+
+            # epilogue (the Triton w2's order): + b2, · w, part[slot] in fp32, then the slot-order sum
+            cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+            nmask = cols < H
+            if HAS_BIAS:
+                acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask,
+                               other=0.0).to(gl.float32)[:, None]
+            if not ON_INPUT:
+                tok = slot // K
+                wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
+                acc = acc * wv.to(gl.float32)[None, :]
+            p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
+            gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
+            _combine(part_ptr, sem_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n, H, K, NBN, S,
+                     E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP, HAS_MAP, SKIP_ZERO,
+                     L2, num_warps)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
-
-        # epilogue (the Triton w2's order): + b2, · w, part[slot] in fp32
-        cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
-        nmask = cols < H
-        tok = slot // K
-        if HAS_BIAS:
-            acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[:, None]
-        if not ON_INPUT:
-            wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
-            acc = acc * wv.to(gl.float32)[None, :]
-        p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
-        gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
-        _combine(part_ptr, sem_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n, H, K, NBN, S,
-                 E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP, HAS_MAP, SKIP_ZERO, L2,
-                 num_warps)
 
 
 @gluon.jit

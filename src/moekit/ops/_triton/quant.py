@@ -310,7 +310,7 @@ def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
     ON_INPUT: tl.constexpr, INTERP: tl.constexpr, SLOTS: tl.constexpr = False, loc_ptr=None, rank_ptr=None,
-    row_start_ptr=None,
+    row_start_ptr=None, PDL: tl.constexpr = False,
 ):
     """x [R, K] (params dtype) -> x_q [R, K] e4m3 and s (module docstring).
 
@@ -321,7 +321,12 @@ def act_quant_kernel(
     ``ON_INPUT`` (K = 1 routing weight on the input): ``x = round(x · w[t, 0])`` first, as the twin does.
     ``SLOTS`` (w2's input in the sorted layout): ``R`` counts the S slots instead, and slot ``s`` stands for row
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
-    rows, which no GEMM output reads, are skipped (at decode most rows are padding)."""
+    rows, which no GEMM output reads, are skipped (at decode most rows are padding).
+    ``PDL`` (launched as a programmatic dependent of the w13 GEMM): let the w2 launch begin at once (its programs
+    read only the routing and their weights before their own grid wait), then wait for w13's grid."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     if MODE == 0:
         pair = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
         ng = tl.cdiv(K, G)
