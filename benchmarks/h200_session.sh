@@ -739,6 +739,20 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r30-b)  # round 30, after r30-a: the decode w2's tiles unrolled (NT = 1 compiles to round 29's loop again) and past the
+    # inline layout (the align kernel's rows, so T = 8 / 64 buckets may take it): bit tests, then µs per kernel
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r30b-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_triton_pdl_gpu.py
+    PATCHES='{"dec": {"w2": {"gluon_dec": 1, "gluon_nt": 1}}, "nt2": {"w2": {"gluon_dec": 1, "gluon_nt": 2}}}'
+    step r30b-profile1 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches "$PATCHES" --variants base,dec,nt2,dec+pdl,nt2+pdl,base,dec+pdl,nt2+pdl \
+      --points deepseek-v3:1,deepseek-v3:2,qwen3-30b-a3b:1,gpt-oss-120b:1,mixtral-8x7b:1 --out "$OUT/r30b-profile1.json"
+    step r30b-profile8 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches "$PATCHES" --variants base,base+pdl,dec-sum,dec-sum+pdl,nt2-sum+pdl,base,dec-sum+pdl \
+      --points gpt-oss-120b:8,deepseek-v3:8,qwen3-30b-a3b:8,mixtral-8x7b:8,gpt-oss-120b:64,qwen3-30b-a3b:64 \
+      --out "$OUT/r30b-profile8.json"
+    ;;
   r30-a)  # round 30: the Gluon fp8 decode w2 in fewer, longer programs ("gluon_nt") and as a programmatic dependent launch
     # (its first weight tiles before the grid wait; w13 and the w2-input quantiser launched the same way): bit tests,
     # the streaming probe at 64 / 128 / 256 rows per program, then µs per kernel at the inline decode points

@@ -32,7 +32,9 @@ def _dec_cfg(dec: bool, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int
         w2["gluon_dec"] = 1
     if nt != 1:
         w2["gluon_nt"] = nt
-    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, **({"pdl": True} if pdl else {})}
+    # the fused top-k sum (the decode w2's; past 64 slots the default is the sum pass)
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, "sum_pass": False,
+            **({"pdl": True} if pdl else {})}
 
 
 def _plan(t, k, cfg):
@@ -43,10 +45,11 @@ def _plan(t, k, cfg):
 @pytest.mark.parametrize("t, k, patch, want", [
     (2, 8, {}, True),                          # 16 slots: the inline layout, the fused sum
     (1, 4, {}, True),                          # 4 slots
-    (3, 8, {}, False),                         # 24 slots: an align kernel ran (no inline layout)
+    (3, 8, {}, True),                          # 24 slots: the align kernel's layout (round 30)
     (4, 1, {}, False),                         # K = 1: no top-k sum (the tile goes straight to out)
     (2, 8, {"sum_pass": True}, False),         # the sum in its own pass: no semaphores to bump
-    (2, 8, {"w2": {"gluon": 1}}, False),       # the sum-pass Gluon w2 asked too: no inline layout
+    (2, 8, {"w2": {"gluon": 1}}, True),        # the sum-pass Gluon w2 asked too: no inline layout, no sum pass
+    (2, 8, {"w2": {"gluon": 1}, "sum_pass": True}, False),  # ... with its sum pass: that one runs
 ])
 def test_plan_takes_the_decode_w2_only_with_its_inputs(t, k, patch, want):
     cfg = _dec_cfg(True)
@@ -82,7 +85,7 @@ def test_the_decode_launchers_arguments_compile(tmp_path):
     # Gluon w2: it replaces Triton's w2 (after Triton's w13 and the w2-input quantiser) and compiles with exactly the
     # launcher's arguments, for DeepSeek-V3's slice (16 K steps), gpt-oss's (swigluoai, biases, a partial last K step:
     # 2880 = 22.5 blocks) and 24 x 128 ... (invariance slice: 6 steps, K = 6), BN 64 and 128; past the inline layout
-    # (32 slots) the Triton w2 runs
+    # (32 slots) it reads the align kernel's layout; with the sum pass the Triton w2 runs
     run_compiled("""
 import compile_sm90 as c
 base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128,
@@ -98,8 +101,13 @@ for shape, t, bn in (("deepseek", 1, 64), ("gpt-oss", 1, 64), ("invariance", 2, 
             assert kw["maxnreg"] == 72, kw  # 7 programs of 4 warps per SM, as the Triton w2
             k = c.compile_launch(kf, args, kw)
             assert k.metadata.shared <= 227 * 1024, k.metadata.shared
-names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 4, "deepseek", patch=base, gluon=True)]
-assert "w2_kernel" in names and "fp8_w2_dec_kernel" not in names, names
+for kf, args, kw in c.launches(c.FORMATS["fp8_block"], 4, "deepseek", patch=base, gluon=True):  # 32 slots: aligned
+    if kf.__name__ == "fp8_w2_dec_kernel":
+        assert kw["INLINE"] is False and kw["BLOCK_E"] == 32, kw
+        c.compile_launch(kf, args, kw)
+names = [kf.__name__ for kf, _, _ in c.launches(c.FORMATS["fp8_block"], 4, "deepseek", patch=dict(base, sum_pass=True),
+                                                 gluon=True)]
+assert "w2_kernel" in names and "fp8_w2_dec_kernel" not in names, names  # the sum in its own pass: Triton's w2
 print("ok")
 """, tmp_path)
 
@@ -140,7 +148,10 @@ print("ok")
 # inline layout). DeepSeek-like K steps (w2: 16, even), odd (I 384: 3), partial blocks with swigluoai, a limit and
 # biases (gpt-oss: 2880 = 22.5 blocks), the routing weight on the input (K = 2), a hot expert (8 slots of one expert:
 # one block, its rows in slot order), expert parallelism (half the experts local: dead slots, tokens with none),
-# 64 x 64 scale blocks, BN 128 (one 128-row weight scale per tile)
+# 64 x 64 scale blocks, BN 128 (one 128-row weight scale per tile). Past T·K = 16 the align kernel's layout
+# (round 30): gpt-oss's T = 8 (32 slots over 128 experts: partial blocks, swigluoai, biases), a hot expert over
+# two 16-row blocks (80 slots), expert parallelism with dead slots (40 slots) and 128 slots in 2-3 blocks per
+# expert (T = 16)
 GPU_CASES = [
     (1, 16, 8, 7168, 2048, "silu", False, False, False, False, 128, 64),
     (2, 16, 8, 640, 384, "silu", False, False, False, False, 128, 64),
@@ -150,13 +161,18 @@ GPU_CASES = [
     (4, 16, 4, 768, 1024, "silu", False, False, False, True, 128, 64),
     (2, 16, 8, 1024, 512, "silu", False, False, False, False, 64, 64),
     (1, 16, 8, 1024, 1024, "silu", False, False, False, False, 128, 128),
+    (8, 128, 4, 2880, 2880, "swigluoai", True, False, False, False, 128, 64),
+    (40, 16, 2, 1024, 512, "silu", False, False, True, False, 128, 64),
+    (10, 16, 4, 768, 1024, "silu", False, False, False, True, 128, 64),
+    (16, 16, 8, 1024, 768, "silu", False, False, False, False, 128, 128),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, hot, emap, block, bn2", GPU_CASES,
                          ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "hot",
-                              "expert_map", "block64", "bn128"])
+                              "expert_map", "block64", "bn128", "aligned_gpt_oss_t8", "aligned_hot", "aligned_expert_map",
+                              "aligned_t16"])
 def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, hot, emap, block, bn2):
     limit = 7.0 if act == "swigluoai" else None
     run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,

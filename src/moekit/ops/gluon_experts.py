@@ -125,8 +125,8 @@ _FP8_DEC_REGS = 72
 
 
 def fp8_w2_dec_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
-    """The plan asked for the Gluon fp8 decode w2 (w2 config ``"gluon_dec"``: the inline layout and the fused top-k
-    sum, :mod:`._gluon.fp8_w2_dec`) and it computes the Triton kernel's bits here: fp8 block weights with the K
+    """The plan asked for the Gluon fp8 decode w2 (w2 config ``"gluon_dec"``: the fused top-k sum over the inline
+    layout or, past it, the align kernel's, :mod:`._gluon.fp8_w2_dec`) and it computes the Triton kernel's bits here: fp8 block weights with the K
     step = one scale block (``fp8_acc`` = BK), swapped tiles of 64 or 128 weight rows (one weight scale per tile:
     BN divides the scale block) and 16-64 token rows, TMA-able rows (with the plan's ``"pdl"`` it is launched as a
     programmatic dependent and requests its first weight tiles before its grid wait)."""
@@ -138,11 +138,12 @@ def fp8_w2_dec_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
             and (w2.shape[2] * w2.element_size()) % 16 == 0)
 
 
-def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, part, sem, h, inter, k, t,
+def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, part, sem, layout, h, inter, k, t,
                       on_input: bool, pdl: bool = False) -> None:
     """``out[t] = Σ_k (promote(x_q · Wqᵀ) (+ b2)) (· w)`` over the live slots of a decode batch, the Triton
     decode w2's bits (:mod:`._gluon.fp8_w2_dec`). inter_q: [rows, I] e4m3 in the inline layout; as_: [rows,
-    cdiv(I, bk)] fp32; part: [T·K, H] fp32; sem: the (token, column tile) semaphores the inline w13 zeroed.
+    cdiv(I, bk)] fp32; part: [T·K, H] fp32; sem: the (token, column tile) semaphores the inline w13 (or the align
+    kernel) zeroed; layout: the align kernel's (counts, row_start, sorted, live), read past the inline layout.
     ``p.gluon_nt`` (w2 config ``"gluon_nt"``) column tiles per program; ``pdl``: a programmatic dependent launch."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -158,13 +159,13 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
     stages = max(2, min(int(kw["num_stages"]), (200 * 1024) // ((bm + bn) * bk)))
     nt = max(1, min(p.gluon_nt, p.nbn))
     launch(fp8_w2_dec_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), a_desc, w_desc, as_, ws["ws_ptr"],
-           b2 if b2 is not None else w2, out, tw, ids, emap, part, sem,
+           b2 if b2 is not None else w2, out, tw, ids, emap, part, sem, *layout,
            h, inter, w2.shape[0], p.e_global, k, t * k, p.num_pid_m, p.nbn,
            as_.stride(0), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, out.stride(0),
            tw.stride(0), ids.stride(0), part.stride(0),
            BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(kw["GROUP_M"]), SP=int(kw["SP"]), STAGES=stages,
            HAS_BIAS=b2 is not None, ON_INPUT=on_input, HAS_MAP=bool(kw["HAS_MAP"]), SKIP_ZERO=bool(kw["SKIP_ZERO"]),
-           NT=nt, num_warps=4, maxnreg=_FP8_DEC_REGS, **({"PDL": True, "launch_pdl": True} if pdl else {}))
+           NT=nt, INLINE=p.align == "inline", BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC_REGS, **({"PDL": True, "launch_pdl": True} if pdl else {}))
 
 
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:

@@ -28,10 +28,10 @@ one-warp TMA producers, the input quantised into the sorted rows; BLOCK_M 64 (ea
 ``"w13": {"gluon": 1, "gluon_stack": 1}`` the one-warpgroup Gluon w13 with the gate and up rows as one tile and one
 wgmma (the same bits; in no table: no faster on the H200, round 16); the tuner tries both. ``"gluon_ws"`` must be
 an int >= 0 (:func:`gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`gluon_flag_value`). ``"w2": {"gluon_dec": 1}``
-(0 or 1) runs the Gluon fp8 block decode w2 where the plan has the inline layout, the fused top-k sum and swapped
-tiles (:mod:`moekit.ops._gluon.fp8_w2_dec`, :func:`moekit.ops.gluon_experts.fp8_w2_dec_ok`: the Triton w2's bits,
-each K step's wgmma in flight while the one before is promoted; in the H200 fp8 table's T = 1 buckets of Qwen3,
-gpt-oss and Mixtral, round 29), elsewhere the Triton w2. For mxfp4 / int4
+(0 or 1) runs the Gluon fp8 block decode w2 where the plan has the fused top-k sum and swapped tiles
+(:mod:`moekit.ops._gluon.fp8_w2_dec`, :func:`moekit.ops.gluon_experts.fp8_w2_dec_ok`: the Triton w2's bits, each K
+step's wgmma in flight while the one before is promoted; over the inline layout or, past it, the align kernel's;
+``"gluon_nt": n`` column tiles per program), elsewhere the Triton w2. For mxfp4 / int4
 weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
 of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_w4.w4_ok`), and with swapped tiles

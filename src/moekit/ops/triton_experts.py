@@ -266,7 +266,8 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
                                         sorted_slot, blk, blk_ready, part, h, inter, k, bool(on_input))
     elif w2_desc is not None and gluon_experts.fp8_w2_dec_ok(p, q, w2, _interpreting()):  # decode: same bits
         gluon_experts.launch_fp8_w2_dec(launch, p, q, inter_w2, w2_kw["as_ptr"], w2, b2, out, tw, ids, emap_arg,
-                                        part, sem, h, inter, k, t, bool(on_input), pdl)
+                                        part, sem, (counts, row_start, sorted_slot, tok_live), h, inter, k, t,
+                                        bool(on_input), pdl)
     elif gluon_w4.w4_ok(p, q, "w2", w2, x, _interpreting()):  # (the plan asks only with the sum pass)
         gluon_w4.launch_w4_w2_sum(launch, p, q, inter_w2, w2, b2, tw, counts, row_start, sorted_slot, part, h,
                                        inter, k, bool(on_input))

@@ -77,7 +77,7 @@ class LaunchPlan:
     gluon_early: tuple  # config "gluon_early" of w13 / w2 (with "gluon_rega"): refill a ring slot right after a step's
     #                   first barrier, a step earlier
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
-    w2_gluon_dec: bool  # w2 config "gluon_dec" (inline layout, swapped tiles, fused sum): the Gluon fp8 decode w2
+    w2_gluon_dec: bool  # w2 config "gluon_dec" (swapped tiles, fused sum; any align layout): the Gluon fp8 decode w2
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
 
 
@@ -157,5 +157,6 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_rega=(gluon_rega_value("w13", c13), gluon_rega_value("w2", c2)),
         gluon_early=(gluon_early_value("w13", c13), gluon_early_value("w2", c2)),
         gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
-        w2_gluon_dec=gluon_flag_value("w2", c2, "gluon_dec") and align_mode == "inline" and sems,
+        # the Gluon decode w2: swapped tiles (checked by its launcher), the fused sum, BLOCK_M tiles only
+        w2_gluon_dec=gluon_flag_value("w2", c2, "gluon_dec") and sems and not tail,
     )

@@ -15,7 +15,12 @@ sums ``part[t·K + k]`` for k = 0..K-1 (live slots; fp32 from 0.0, slot order) i
 operations of :func:`.._triton.combine.combine_tail`. The layout is the Triton kernels' inline one
 (:func:`.._triton.rows.inline_block`: slot j of expert e at row BM · (blocks of experts < e) + its rank among
 e's slots), which the Triton w13 of the same launch used for ``inter``; that w13's program 0 zeroed the semaphores
-and the rows of tokens with no live slot.
+and the rows of tokens with no live slot. Past the inline bound (``INLINE`` false, round 30) the rows are in the
+align kernel's layout, which also zeroed the semaphores.
+
+Round 30 added two schedule options, each keeping the bits: ``NT`` column tiles per program through one ring (the
+next tile's weight rows stream while a tile is stored and summed), and ``PDL`` (a programmatic dependent launch:
+the first weight tiles are requested before the grid wait, while the w13 grid is still running).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 from .._triton.align import slot_local_expert
 from .._triton.quant import to_dt
-from .common import pid_to_tile
+from .common import block_expert, pid_to_tile
 from .fp8_w2 import _mma, _promote, ring
 
 
@@ -105,18 +110,59 @@ def _ring_pdl(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, B
 
 
 @gluon.jit
+def _tile(a_desc, w_desc, a_smem, w_smem, bars, zero, as_rows, valid, ws_e, g0, n_steps, nk, row_a, row_w,
+          STAGES: gl.constexpr, BK: gl.constexpr, BN: gl.constexpr):
+    """One column tile's K loop, ring steps g0 .. g0 + nk - 1 (each refilling its slot with step + STAGES, of this
+    tile or the program's next): the promoted fp32 accumulator [BN, BM]. As :mod:`.fp8_w2`: step k - 1 waited for,
+    step k's wgmma started, k - 1 promoted while it runs; steps in pairs (t0 even, t1 odd)."""
+    acc = zero  # (SSA: the fma below makes a new tensor; zero stays the wgmmas' fresh accumulator)
+    t0 = _mma(a_smem, w_smem, bars, g0, zero, STAGES, BK, True)
+    sc0 = _scale(as_rows, valid, ws_e, 0)
+    for k in range(1, nk - 1, 2):
+        c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+        t1 = _mma(a_smem, w_smem, bars, g0 + k, zero, STAGES, BK, True)
+        acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + k - 1, n_steps, nk, row_a, row_w,
+                       STAGES, BK, BN, True)
+        sc1 = _scale(as_rows, valid, ws_e, k)
+        c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+        t0 = _mma(a_smem, w_smem, bars, g0 + k + 1, zero, STAGES, BK, True)
+        acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, g0 + k, n_steps, nk, row_a, row_w,
+                       STAGES, BK, BN, True)
+        sc0 = _scale(as_rows, valid, ws_e, k + 1)
+    if nk % 2 == 0:  # one odd step left
+        c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+        t1 = _mma(a_smem, w_smem, bars, g0 + nk - 1, zero, STAGES, BK, True)
+        acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 2, n_steps, nk, row_a, row_w,
+                       STAGES, BK, BN, True)
+        sc1 = _scale(as_rows, valid, ws_e, nk - 1)
+        last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
+        acc = _promote(last, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 1, n_steps, nk, row_a, row_w,
+                       STAGES, BK, BN, True)
+    else:
+        last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
+        acc = _promote(last, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars, g0 + nk - 1, n_steps, nk, row_a, row_w,
+                       STAGES, BK, BN, True)
+    return acc
+
+
+@gluon.jit
 def fp8_w2_dec_kernel(
     a_desc, w_desc, as_ptr, ws_ptr, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, part_ptr, sem_ptr,
+    counts_ptr, row_start_ptr, sorted_ptr, live_ptr,
     H, I, E_local, E_global, K, S, num_pid_m, NBN,
     stride_asr, stride_wse, stride_wsn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
     SP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
     HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, NT: gl.constexpr = 1, PDL: gl.constexpr = False,
-    num_warps: gl.constexpr = 4,
+    INLINE: gl.constexpr = True, BLOCK_E: gl.constexpr = 1, num_warps: gl.constexpr = 4,
 ):
     """Grid (num_pid_m · cdiv(NBN, NT),). a_desc: TMA over inter_q [rows, I] e4m3, block [BM, BK]; w_desc: over
     w2.view(E·H, I) e4m3, block [BN, BK]; as: [rows, cdiv(I, BK)] fp32; ws: [E, cdiv(H, QBN), cdiv(I, BK)] fp32
     (QBN % BN == 0); part: [S, H] fp32; sem: [T, NBN] int32 (zeroed); out: [T, H]; ids / tw: [T, K].
+
+    ``INLINE``: the rows are in the inline layout (derived here from the ids); else in the align kernel's layout
+    (``counts`` / ``row_start`` [E_local] find a block's expert, ``sorted`` [rows] its slots, ``live`` [T] a token's
+    live slot count, which the sum waits for), as the Triton w2 reads them past the inline bound.
 
     ``NT``: a program computes NT neighbouring column tiles of its row block one after the other through one ring
     (the next tile's weight rows stream while a tile is promoted, stored and summed), so fewer, longer programs
@@ -126,8 +172,15 @@ def fp8_w2_dec_kernel(
     ``inter_q``, ``as``, the semaphores and the outputs only after it."""
     pid_m, pid_g = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(NBN, NT), GROUP_M)
     L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
-    e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, pid_m, S, K, E_local, E_global, stride_it,
-                                            stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
+    if INLINE:
+        e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, pid_m, S, K, E_local, E_global, stride_it,
+                                                stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
+    else:
+        e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
+        rr = gl.arange(0, BM, layout=gl.SliceLayout(1, L2))
+        valid2 = (pid_m - first) * BM + rr < n_e
+        slot2 = gl.load(sorted_ptr + pid_m * BM + rr, mask=valid2, other=0)
+        loc_j = valid2  # (the inline layout's slot experts: not used)
     if e < E_local:
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BM, 32])
@@ -147,71 +200,50 @@ def fp8_w2_dec_kernel(
         rows = row_a + gl.arange(0, BM, layout=tok_l)
         as_rows = as_ptr + rows.to(gl.int64) * stride_asr
         zero = gl.zeros([BN, BM], gl.float32, layout=mma_l)
-        for g0 in range(0, n_steps, nk):  # one column tile per nk steps of the ring
-            pid_n = n0 + g0 // nk
-            ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
-            acc = gl.zeros([BN, BM], gl.float32, layout=mma_l)
-            # as fp8_w2: step k - 1 waited for, step k's wgmma started, k - 1 promoted while it runs; steps in pairs
-            t0 = _mma(a_smem, w_smem, bars, g0, zero, STAGES, BK, True)
-            sc0 = _scale(as_rows, valid, ws_e, 0)
-            for k in range(1, nk - 1, 2):
-                c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-                t1 = _mma(a_smem, w_smem, bars, g0 + k, zero, STAGES, BK, True)
-                acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
-                               g0 + k - 1, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
-                sc1 = _scale(as_rows, valid, ws_e, k)
-                c1 = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-                t0 = _mma(a_smem, w_smem, bars, g0 + k + 1, zero, STAGES, BK, True)
-                acc = _promote(c1, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars,
-                               g0 + k, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
-                sc0 = _scale(as_rows, valid, ws_e, k + 1)
-            if nk % 2 == 0:  # one odd step left
-                c0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-                t1 = _mma(a_smem, w_smem, bars, g0 + nk - 1, zero, STAGES, BK, True)
-                acc = _promote(c0, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
-                               g0 + nk - 2, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
-                sc1 = _scale(as_rows, valid, ws_e, nk - 1)
-                last = warpgroup_mma_wait(num_outstanding=0, deps=(t1,))
-                acc = _promote(last, acc, sc1, a_desc, w_desc, a_smem, w_smem, bars,
-                               g0 + nk - 1, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
-            else:
-                last = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-                acc = _promote(last, acc, sc0, a_desc, w_desc, a_smem, w_smem, bars,
-                               g0 + nk - 1, n_steps, nk, row_a, row_w, STAGES, BK, BN, True)
-
-            # epilogue (the Triton w2's order): + b2, · w, part[slot] in fp32, then the slot-order sum
-            cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
-            nmask = cols < H
-            if HAS_BIAS:
-                acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask,
-                               other=0.0).to(gl.float32)[:, None]
-            if not ON_INPUT:
-                tok = slot // K
-                wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
-                acc = acc * wv.to(gl.float32)[None, :]
-            p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
-            gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
-            _combine(part_ptr, sem_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n, H, K, NBN, S,
-                     E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP, HAS_MAP, SKIP_ZERO,
-                     L2, num_warps)
+        for j in gl.static_range(NT):  # column tile n0 + j: steps [j·nk, (j + 1)·nk) of the ring
+            if j * nk < n_steps:  # (the last program of a row block may have fewer tiles)
+                pid_n = n0 + j
+                ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
+                acc = _tile(a_desc, w_desc, a_smem, w_smem, bars, zero, as_rows, valid, ws_e, j * nk, n_steps, nk,
+                            row_a, row_w, STAGES, BK, BN)
+                # epilogue (the Triton w2's order): + b2, · w, part[slot] in fp32, then the slot-order sum
+                cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+                nmask = cols < H
+                if HAS_BIAS:
+                    acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask,
+                                   other=0.0).to(gl.float32)[:, None]
+                if not ON_INPUT:
+                    tok = slot // K
+                    wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
+                    acc = acc * wv.to(gl.float32)[None, :]
+                p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
+                gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
+                _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n,
+                         H, K, NBN, S, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP,
+                         HAS_MAP, SKIP_ZERO, INLINE, L2, num_warps)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
 
 @gluon.jit
-def _combine(part_ptr, sem_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot, valid, pid_n, H, K, NBN, S, E_local,
-             E_global, stride_it, stride_twt, stride_pr, stride_ot, BM: gl.constexpr, BN: gl.constexpr,
-             SP: gl.constexpr, HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, L2: gl.constexpr, NW: gl.constexpr):
-    """``_triton.combine.combine_tail`` (INLINE): bump the (token, column tile) semaphores of the block's live
-    slots; where a token is complete, sum its live slots' ``part`` rows in slot order and write ``out``. slot /
-    valid: [BM] in ``SliceLayout(1, L2)``; loc_j: the slots' experts [SP] in ``SliceLayout(0, L2)``."""
+def _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot, valid, pid_n, H, K, NBN, S,
+             E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM: gl.constexpr, BN: gl.constexpr,
+             SP: gl.constexpr, HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, INLINE: gl.constexpr,
+             L2: gl.constexpr, NW: gl.constexpr):
+    """``_triton.combine.combine_tail``: bump the (token, column tile) semaphores of the block's live slots; where a
+    token is complete, sum its live slots' ``part`` rows in slot order and write ``out``. slot / valid: [BM] in
+    ``SliceLayout(1, L2)``; a token's live slot count from the inline layout's slot experts ``loc_j`` [SP]
+    (``SliceLayout(0, L2)``), else from the align kernel's ``live`` [T]."""
     tok = slot // K
     tok64 = tok.to(gl.int64)
     gl.thread_barrier()  # every thread's part stores precede the release below
     one = gl.full([BM], 1, gl.int32, layout=gl.SliceLayout(1, L2))
     old = gl.atomic_add(sem_ptr + tok64 * NBN + pid_n, one, mask=valid, sem="acq_rel", scope="gpu")
-    j = gl.arange(0, SP, layout=gl.SliceLayout(0, L2))
-    need = gl.sum(((j[None, :] // K == tok[:, None]) & (loc_j[None, :] >= 0)).to(gl.int32), axis=1)
+    if INLINE:
+        j = gl.arange(0, SP, layout=gl.SliceLayout(0, L2))
+        need = gl.sum(((j[None, :] // K == tok[:, None]) & (loc_j[None, :] >= 0)).to(gl.int32), axis=1)
+    else:
+        need = gl.load(live_ptr + tok64, mask=valid, other=0)
     last = valid & (old == need - 1)
     if gl.max(last.to(gl.int32), axis=0) > 0:
         gl.thread_barrier()  # the acquiring atomics precede every thread's loads below
