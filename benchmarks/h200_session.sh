@@ -739,6 +739,14 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r30-sweep)  # round 30, final code (PDL shipped at the fp8 T = 1 buckets of Qwen3 and gpt-oss): the sweep of record, then
+    # the decode w2's bit tests (NT, PDL, the align kernel's layout), PDL bits and the shipped tables' rows alone vs in
+    # batches
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    sweep 330
+    step r30s-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_triton_pdl_gpu.py tests/ops/test_batch_invariance_gpu.py
+    ;;
   r30-b)  # round 30, after r30-a: the decode w2's tiles unrolled (NT = 1 compiles to round 29's loop again) and past the
     # inline layout (the align kernel's rows, so T = 8 / 64 buckets may take it): bit tests, then µs per kernel
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
