@@ -739,6 +739,14 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r30-sweep2)  # round 30: a second sweep on another machine start (the first one's read ceiling was 1.6 % below round
+    # 29's and its unchanged bf16 steps 2-5 % slower), then the fp8 experts and Gluon fp8 GPU tests (the w2-input
+    # quantiser's PDL form is on their path)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    sweep 330
+    step r30t-gpu-quant 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q \
+      tests/ops/test_triton_experts_quant.py tests/ops/test_gluon_fp8.py -k "gpu and not mxfp4 and not int4"
+    ;;
   r30-sweep)  # round 30, final code (PDL shipped at the fp8 T = 1 buckets of Qwen3 and gpt-oss): the sweep of record, then
     # the decode w2's bit tests (NT, PDL, the align kernel's layout), PDL bits and the shipped tables' rows alone vs in
     # batches
