@@ -124,3 +124,10 @@ def w13_store(acc_g, acc_u, e, rows, valid, pid_n, b1_ptr, inter_ptr, is_ptr, ou
                       valid, is_ptr, nmask, out_ptr.dtype.element_ty, REQ, UE8M0, False)
     else:
         gl.store(out_ptrs, to_dt(h, inter_ptr.dtype.element_ty, False), mask=valid[:, None] & nmask[None, :])
+
+
+@gluon.jit
+def grid_wait():
+    """``griddepcontrol.wait``: this grid was launched as a programmatic dependent of the kernel before it; wait
+    until that grid has completed and its memory is visible (a no-op without the launch attribute)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)

@@ -22,7 +22,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .common import block_expert, pid_to_tile, step_scale, w2_part_store
+from .common import block_expert, grid_wait, pid_to_tile, step_scale, w2_part_store
 
 
 @gluon.jit
@@ -41,17 +41,32 @@ def _issue(a_desc, w_desc, a_smem, w_smem, bars, g, nk, row_a, row_w, STAGES: gl
 
 @gluon.jit
 def ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-         BK: gl.constexpr):
+         BK: gl.constexpr, PDL: gl.constexpr = False):
     """The program's ring: ``STAGES`` slots of a [BM, BK] and a [BN, BK] e4m3 tile and their barriers, the first
-    ``STAGES`` of its ``n_steps`` steps already in flight: (a_smem, w_smem, bars)."""
+    ``STAGES`` of its ``n_steps`` steps already in flight: (a_smem, w_smem, bars). ``PDL`` (a programmatic dependent
+    launch): those steps' weight tiles are requested before :func:`.common.grid_wait` (they do not depend on the
+    kernels before this one), their activation tiles after it; each slot's barrier expects both."""
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
-    for s in gl.static_range(STAGES):
-        if s < n_steps:
-            _issue(a_desc, w_desc, a_smem, w_smem, bars, s, nk, row_a, row_w, STAGES, BK, BN)
+    if PDL:
+        for s in gl.static_range(STAGES):
+            if s < n_steps:
+                j = s // nk
+                mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(w_desc, [row_w + j * BN, (s - j * nk) * BK], bars.index(s),
+                                                w_smem.index(s))
+        grid_wait()
+        for s in gl.static_range(STAGES):
+            if s < n_steps:
+                j = s // nk
+                tma.async_copy_global_to_shared(a_desc, [row_a, (s - j * nk) * BK], bars.index(s), a_smem.index(s))
+    else:
+        for s in gl.static_range(STAGES):
+            if s < n_steps:
+                _issue(a_desc, w_desc, a_smem, w_smem, bars, s, nk, row_a, row_w, STAGES, BK, BN)
     return a_smem, w_smem, bars
 
 

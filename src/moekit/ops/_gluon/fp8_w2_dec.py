@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
 
 from .._triton.align import slot_local_expert
 from .._triton.quant import to_dt
@@ -75,38 +75,6 @@ def inline_layout(ids_ptr, tw_ptr, map_ptr, b, S, K, E_local, E_global, stride_i
 def _scale(as_rows, valid, ws_e, k):
     """s_x[row, k] · S[e, tile, k] for the block's rows ([BM]), the product in Triton's order (w_s · a_s)."""
     return gl.load(ws_e + k) * gl.load(as_rows + k, mask=valid, other=0.0)
-
-
-@gluon.jit
-def grid_wait():
-    """``griddepcontrol.wait``: this grid was launched as a programmatic dependent of the kernel before it; wait
-    until that grid has completed and its memory is visible (a no-op without the launch attribute)."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _ring_pdl(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-              BK: gl.constexpr):
-    """:func:`.fp8_w2.ring` for a programmatic dependent launch: the first ``STAGES`` steps' weight tiles are
-    requested before :func:`grid_wait` (they do not depend on the kernels before this one), their ``x_q`` tiles
-    after it, each slot's barrier expecting both."""
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    for s in gl.static_range(STAGES):
-        if s < n_steps:
-            j = s // nk
-            bar = bars.index(s)
-            mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(w_desc, [row_w + j * BN, (s - j * nk) * BK], bar, w_smem.index(s))
-    grid_wait()
-    for s in gl.static_range(STAGES):
-        if s < n_steps:
-            j = s // nk
-            tma.async_copy_global_to_shared(a_desc, [row_a, (s - j * nk) * BK], bars.index(s), a_smem.index(s))
-    return a_smem, w_smem, bars
 
 
 @gluon.jit
@@ -191,10 +159,7 @@ def fp8_w2_dec_kernel(
         row_w = e * H + n0 * BN
         nk = gl.cdiv(I, BK)
         n_steps = gl.minimum(NBN - n0, NT) * nk
-        if PDL:
-            a_smem, w_smem, bars = _ring_pdl(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES, BM, BN, BK)
-        else:
-            a_smem, w_smem, bars = ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES, BM, BN, BK)
+        a_smem, w_smem, bars = ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES, BM, BN, BK, PDL)
         valid = gl.convert_layout(valid2, tok_l)
         slot = gl.convert_layout(slot2, tok_l)
         rows = row_a + gl.arange(0, BM, layout=tok_l)
