@@ -739,6 +739,10 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r30-last)  # round 30, final code: the decode w2 bit tests (now with the Triton w2 after a PDL w2-input quantiser)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r30u-gpu 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec.py
+    ;;
   r30-sweep2)  # round 30: a second sweep on another machine start (the first one's read ceiling was 1.6 % below round
     # 29's and its unchanged bf16 steps 2-5 % slower), then the fp8 experts and Gluon fp8 GPU tests (the w2-input
     # quantiser's PDL form is on their path)

@@ -185,6 +185,10 @@ def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias
     for nt, pdl in ((2, False), (3, False), (1, True), (4, True)):  # tiles per program; programmatic launches
         assert torch.equal(run(_dec_cfg(True, block, bn2, nt=nt, pdl=pdl)), ref), (nt, pdl)
     assert len(calls) == 7  # it ran each time it was asked
+    # and the Triton w2 after the w2-input quantiser launched as a programmatic dependent (it lets w2 start, then
+    # waits for w13): the same bits too
+    assert torch.equal(run(_dec_cfg(False, block, bn2, pdl=True)), ref)
+    assert len(calls) == 7
     again = run(_dec_cfg(True, block, bn2))
     assert torch.equal(again, ref)  # and run to run
 
