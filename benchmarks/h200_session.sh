@@ -751,16 +751,16 @@ case $WHAT in
     step r30t-gpu-quant 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q \
       tests/ops/test_triton_experts_quant.py tests/ops/test_gluon_fp8.py -k "gpu and not mxfp4 and not int4"
     ;;
-  r30-sweep)  # round 30, final code (PDL shipped at the fp8 T = 1 buckets of Qwen3 and gpt-oss): the sweep of record, then
-    # the decode w2's bit tests (NT, PDL, the align kernel's layout), PDL bits and the shipped tables' rows alone vs in
+  r30-sweep)  # round 30, final code (PDL shipped at the fp8 T = 1 buckets of Qwen3 and gpt-oss): the sweep, then the
+    # decode w2's bit tests (NT, PDL, the align kernel's layout), PDL bits and the shipped tables' rows alone vs in
     # batches
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     step r30s-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
       tests/ops/test_gluon_fp8_dec.py tests/ops/test_triton_pdl_gpu.py tests/ops/test_batch_invariance_gpu.py
     ;;
-  r30-b)  # round 30, after r30-a: the decode w2's tiles unrolled (NT = 1 compiles to round 29's loop again) and past the
-    # inline layout (the align kernel's rows, so T = 8 / 64 buckets may take it): bit tests, then µs per kernel
+  r30-b)  # round 30, after r30-a: the decode w2's tiles unrolled (NT = 1 compiles to round 29's loop again) and past
+    # the inline layout (the align kernel's rows, so T = 8 / 64 buckets may take it): bit tests, then µs per kernel
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r30b-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
       tests/ops/test_gluon_fp8_dec.py tests/ops/test_triton_pdl_gpu.py
@@ -773,9 +773,9 @@ case $WHAT in
       --points gpt-oss-120b:8,deepseek-v3:8,qwen3-30b-a3b:8,mixtral-8x7b:8,gpt-oss-120b:64,qwen3-30b-a3b:64 \
       --out "$OUT/r30b-profile8.json"
     ;;
-  r30-a)  # round 30: the Gluon fp8 decode w2 in fewer, longer programs ("gluon_nt") and as a programmatic dependent launch
-    # (its first weight tiles before the grid wait; w13 and the w2-input quantiser launched the same way): bit tests,
-    # the streaming probe at 64 / 128 / 256 rows per program, then µs per kernel at the inline decode points
+  r30-a)  # round 30: the Gluon fp8 decode w2 in fewer, longer programs ("gluon_nt") and as a programmatic dependent
+    # launch (its first weight tiles before the grid wait; w13 and the w2-input quantiser launched the same way): bit
+    # tests, the streaming probe at 64 / 128 / 256 rows per program, then µs per kernel at the inline decode points
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r30a-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
       tests/ops/test_gluon_fp8_dec.py tests/ops/test_triton_pdl_gpu.py

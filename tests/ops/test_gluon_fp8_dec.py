@@ -171,8 +171,8 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, hot, emap, block, bn2", GPU_CASES,
                          ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "bias_on_input", "hot",
-                              "expert_map", "block64", "bn128", "aligned_gpt_oss_t8", "aligned_hot", "aligned_expert_map",
-                              "aligned_t16"])
+                              "expert_map", "block64", "bn128", "aligned_gpt_oss_t8", "aligned_hot",
+                              "aligned_expert_map", "aligned_t16"])
 def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, hot, emap, block, bn2):
     limit = 7.0 if act == "swigluoai" else None
     run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,

@@ -126,10 +126,10 @@ _FP8_DEC_REGS = 72
 
 def fp8_w2_dec_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
     """The plan asked for the Gluon fp8 decode w2 (w2 config ``"gluon_dec"``: the fused top-k sum over the inline
-    layout or, past it, the align kernel's, :mod:`._gluon.fp8_w2_dec`) and it computes the Triton kernel's bits here: fp8 block weights with the K
-    step = one scale block (``fp8_acc`` = BK), swapped tiles of 64 or 128 weight rows (one weight scale per tile:
-    BN divides the scale block) and 16-64 token rows, TMA-able rows (with the plan's ``"pdl"`` it is launched as a
-    programmatic dependent and requests its first weight tiles before its grid wait)."""
+    layout or, past it, the align kernel's, :mod:`._gluon.fp8_w2_dec`) and it computes the Triton kernel's bits
+    here: fp8 block weights with the K step = one scale block (``fp8_acc`` = BK), swapped tiles of 64 or 128 weight
+    rows (one weight scale per tile: BN divides the scale block) and 16-64 token rows, TMA-able rows (with the plan's
+    ``"pdl"`` it is launched as a programmatic dependent and requests its first weight tiles before its grid wait)."""
     if not p.w2_gluon_dec or q is None or q.spec.code != FP8_BLOCK or interp or not _device_ok(w2):
         return False
     kw = q.common
@@ -141,7 +141,7 @@ def fp8_w2_dec_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
 def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, part, sem, layout, h, inter, k, t,
                       on_input: bool, pdl: bool = False) -> None:
     """``out[t] = Σ_k (promote(x_q · Wqᵀ) (+ b2)) (· w)`` over the live slots of a decode batch, the Triton
-    decode w2's bits (:mod:`._gluon.fp8_w2_dec`). inter_q: [rows, I] e4m3 in the inline layout; as_: [rows,
+    decode w2's bits (:mod:`._gluon.fp8_w2_dec`). inter_q: [rows, I] e4m3 in the plan's layout; as_: [rows,
     cdiv(I, bk)] fp32; part: [T·K, H] fp32; sem: the (token, column tile) semaphores the inline w13 (or the align
     kernel) zeroed; layout: the align kernel's (counts, row_start, sorted, live), read past the inline layout.
     ``p.gluon_nt`` (w2 config ``"gluon_nt"``) column tiles per program; ``pdl``: a programmatic dependent launch."""
@@ -165,7 +165,8 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
            tw.stride(0), ids.stride(0), part.stride(0),
            BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(kw["GROUP_M"]), SP=int(kw["SP"]), STAGES=stages,
            HAS_BIAS=b2 is not None, ON_INPUT=on_input, HAS_MAP=bool(kw["HAS_MAP"]), SKIP_ZERO=bool(kw["SKIP_ZERO"]),
-           NT=nt, INLINE=p.align == "inline", BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC_REGS, **({"PDL": True, "launch_pdl": True} if pdl else {}))
+           NT=nt, INLINE=p.align == "inline", BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC_REGS,
+           **({"PDL": True, "launch_pdl": True} if pdl else {}))
 
 
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
