@@ -324,6 +324,11 @@ def test_fp8_neighbours_toggle_the_gluon_decode_w2():
     two = {**on, "w2": {**on["w2"], "gluon_nt": 2}}
     got_two = [c["w2"] for c in neighbour_configs(two, False, quick=True, fam="fp8")]
     assert {**on["w2"], "gluon_nt": 1} in got_two and {**on["w2"], "gluon_nt": 4} in got_two
+    # and PDL toggled around a decode-w2 winner even when not asked for (on, and back off), not around the others
+    assert any(c.get("pdl") for c in neighbour_configs(on, False, quick=True, fam="fp8"))
+    back = neighbour_configs({**on, "pdl": True}, False, quick=True, fam="fp8")
+    assert any(c.get("pdl") is False and c["w2"] == on["w2"] for c in back)
+    assert not any(c.get("pdl") for c in neighbour_configs(sw, False, quick=True, fam="fp8"))
     plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
     assert not any("gluon_dec" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
 

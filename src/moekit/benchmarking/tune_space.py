@@ -7,11 +7,11 @@ A bucket's search (:func:`search`) has two short stages:
    unquantised dtypes, ``fp8``, ``4bit`` for mxfp4 / int4), drawn from the configs that won on H100
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
-   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL when asked (fp8: the Gluon GEMMs
-   toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled, the Gluon w13's ``gluon_stack`` and
-   ``gluon_ws`` (0 / 2) toggled, with swapped w2 tiles the Gluon decode w2's ``gluon_dec``; 4-bit with swapped
-   tiles: the register-operand Gluon GEMMs toggled); repeated once around a new winner (``quick``: one round of
-   the TMA / PDL / Gluon toggles only).
+   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL toggled when asked or around an fp8
+   decode-w2 winner (fp8: the Gluon GEMMs toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled,
+   the Gluon w13's ``gluon_stack`` and ``gluon_ws`` (0 / 2) toggled, with swapped w2 tiles the Gluon decode w2's
+   ``gluon_dec``; 4-bit with swapped tiles: the register-operand Gluon GEMMs toggled); repeated once around a new
+   winner (``quick``: one round of the TMA / PDL / Gluon toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
 clamped to the problem (BN never wider than needed), goes through the format's
@@ -306,8 +306,8 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
     out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)},
            {**best, "sum_pass": True}, {**best, "sum_pass": False}]  # absent: the launcher's slot bound
-    if pdl:
-        out.append({**best, "pdl": True})
+    if pdl or (fam == "fp8" and best["w2"].get("gluon_dec")):  # PDL toggled (round 30: the fp8 decode w2 gains
+        out.append({**best, "pdl": not best.get("pdl", False)})  # 1.4-2.2 µs from it at two T = 1 buckets, loses at one)
     if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
         out.append(gluon_toggled(best))
         if best["w2"].get("gluon") or best["w2"].get("gluon_dec"):  # column tiles per program, halved / doubled
