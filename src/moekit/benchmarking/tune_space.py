@@ -306,8 +306,9 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
     out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)},
            {**best, "sum_pass": True}, {**best, "sum_pass": False}]  # absent: the launcher's slot bound
-    if pdl or (fam == "fp8" and best["w2"].get("gluon_dec")):  # PDL toggled (round 30: the fp8 decode w2 gains
-        out.append({**best, "pdl": not best.get("pdl", False)})  # 1.4-2.2 µs from it at two T = 1 buckets, loses at one)
+    # PDL toggled; around an fp8 decode-w2 winner unasked (round 30: 1.4-2.2 µs at two T = 1 buckets, slower at one)
+    if pdl or (fam == "fp8" and best["w2"].get("gluon_dec")):
+        out.append({**best, "pdl": not best.get("pdl", False)})
     if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
         out.append(gluon_toggled(best))
         if best["w2"].get("gluon") or best["w2"].get("gluon_dec"):  # column tiles per program, halved / doubled
