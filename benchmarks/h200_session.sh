@@ -739,6 +739,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r30-next)  # round 30, for the next session (not run: no device time left): the internal graphs' raw replays with the
+    # PDL launches the H200 fp8 table now ships at Qwen3 / gpt-oss T = 1 (nested as a child graph), and the graphed layer
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r30n-gpu-graphed 250 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed_gpu.py
+    ;;
   r30-last)  # round 30, final code: the decode w2 bit tests (now with the Triton w2 after a PDL w2-input quantiser)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r30u-gpu 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec.py

@@ -57,6 +57,31 @@ def test_raw_replays_have_the_torch_ops_bits():
         assert all(e.raw is not None for e in graphed._graphs._entries.values())
 
 
+def test_raw_replays_nest_programmatic_dependent_launches(monkeypatch):
+    """An fp8 decode config with ``"pdl"`` (w13, the w2-input quantiser and the Gluon decode w2 launched as
+    programmatic dependents, as the H200 fp8 table ships at Qwen3 / gpt-oss T = 1, round 30): the captured graph
+    nests in the raw replay's wrapper (no fallback to torch ops) and replays the plain call's bits."""
+    from moekit.experts.graphed import tensor_key
+    from moekit.ops import triton_experts_quant as tq
+    from test_graphed_gpu import FP8
+
+    cfg = {"BLOCK_M": 16, "fp8_acc": 128, "tma": True, "pdl": True, "sum_pass": False,
+           "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4},
+           "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4, "gluon_dec": 1}}
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
+    torch.cuda.init()
+    graphed, plain, m = _pair("qwen3-30b-a3b", 32, quant=FP8)
+    with torch.no_grad():
+        for t in (1, 2):  # 8 and 16 slots: the inline layout
+            x, lg = _inputs(m, t, t)
+            graphed(x, lg)  # capture
+            entry = graphed._graphs.lookup((tensor_key(x), tensor_key(lg)))
+            assert entry is not None and entry.raw is not None, t
+            for seed in range(2):
+                x, lg = _inputs(m, t, 10 * t + seed)
+                assert torch.equal(graphed(x, lg), plain(x, lg)), (t, seed)
+
+
 def test_copy_kernel_moves_every_byte():
     """``moekit_copy2`` (the raw replays' copies): both buffers, every 16-byte unit, none past the end, at unit
     counts around the block (256 threads) and past the grid's 1024 blocks (the grid-stride loop), or none."""
