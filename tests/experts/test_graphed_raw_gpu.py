@@ -11,11 +11,21 @@ from test_graphed_gpu import DT, _gated_pair, _inputs, _pair
 pytestmark = pytest.mark.gpu
 
 
+def _captured(graphed, m, t: int):
+    """Capture the graph of ``t`` tokens (one call) and return its entry, which must replay through the driver."""
+    from moekit.experts.graphed import tensor_key
+
+    x, lg = _inputs(m, t, t)
+    graphed(x, lg)
+    entry = graphed._graphs.lookup((tensor_key(x), tensor_key(lg)))
+    assert entry is not None and entry.raw is not None, t
+    return entry
+
+
 def test_raw_replays_have_the_torch_ops_bits():
     """Whole graphs replay in one submission through the CUDA driver (``graphed_raw``): the same bits as the same
     replay by torch ops and as the plain call, on the default and on a side stream; fresh outputs; a strided input
     (declined by the raw path) takes the torch ops; the direct bucket replays of a gate inside (``copy=False``) too."""
-    from moekit.experts.graphed import tensor_key
     from moekit.experts.graphed_raw import cuda_driver
 
     torch.cuda.init()
@@ -25,10 +35,7 @@ def test_raw_replays_have_the_torch_ops_bits():
     with torch.no_grad():
         kept = []
         for t in (1, 2, 7, 8):
-            x, lg = _inputs(m, t, t)
-            graphed(x, lg)  # capture
-            entry = graphed._graphs.lookup((tensor_key(x), tensor_key(lg)))
-            assert entry is not None and entry.raw is not None, t
+            entry = _captured(graphed, m, t)
             for seed in range(3):
                 x, lg = _inputs(m, t, 10 * t + seed)
                 ref = plain(x, lg)
@@ -61,7 +68,6 @@ def test_raw_replays_nest_programmatic_dependent_launches(monkeypatch):
     """An fp8 decode config with ``"pdl"`` (w13, the w2-input quantiser and the Gluon decode w2 launched as
     programmatic dependents, as the H200 fp8 table ships at Qwen3 / gpt-oss T = 1, round 30): the captured graph
     nests in the raw replay's wrapper (no fallback to torch ops) and replays the plain call's bits."""
-    from moekit.experts.graphed import tensor_key
     from moekit.ops import triton_experts_quant as tq
     from test_graphed_gpu import FP8
 
@@ -73,10 +79,7 @@ def test_raw_replays_nest_programmatic_dependent_launches(monkeypatch):
     graphed, plain, m = _pair("qwen3-30b-a3b", 32, quant=FP8)
     with torch.no_grad():
         for t in (1, 2):  # 8 and 16 slots: the inline layout
-            x, lg = _inputs(m, t, t)
-            graphed(x, lg)  # capture
-            entry = graphed._graphs.lookup((tensor_key(x), tensor_key(lg)))
-            assert entry is not None and entry.raw is not None, t
+            _captured(graphed, m, t)
             for seed in range(2):
                 x, lg = _inputs(m, t, 10 * t + seed)
                 assert torch.equal(graphed(x, lg), plain(x, lg)), (t, seed)
