@@ -18,7 +18,8 @@ from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.experts import fused_experts_torch  # noqa: E402
 from moekit.ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format  # noqa: E402
 from moekit.ops.quantize import quantize_experts  # noqa: E402
-from moekit.ops.triton_configs import heuristic_config, tail_bm_value  # noqa: E402
+from moekit.ops.config_keys import tail_bm_value  # noqa: E402
+from moekit.ops.triton_configs import heuristic_config  # noqa: E402
 from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
 from compile_check import run_compiled  # noqa: E402
 from small_experts import DEV  # noqa: E402

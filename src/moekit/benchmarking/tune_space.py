@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import time
 
-from ..ops.triton_configs import (SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, gluon_rega_value, swap_tiles,
-                                  tail_conflicts)
+from ..ops.config_keys import gluon_rega_value, tail_conflicts
+from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")

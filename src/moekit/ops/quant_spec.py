@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
-from .triton_configs import tail_bm_value
+from .config_keys import tail_bm_value
 
 __all__ = ["QuantSpec", "QUANT_FORMATS", "DEFAULT_FP8_ACC"]
 

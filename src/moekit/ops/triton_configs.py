@@ -8,44 +8,41 @@ A config is a dict::
      "tma": False,                                     # optional: weight tiles by tensor descriptor
      "pdl": False}                                     # optional: programmatic dependent launch (sm_90+)
 
-Optional keys besides: ``"fp8_acc"`` (fp8 dot instruction, one value per shape), ``"w13_split"`` (one
-accumulator per w13 program, then an epilogue pass; the same bits), ``"sum_pass"`` (true / false: the top-k sum
-in its own pass after w2, or fused into w2's tail; the same bits; absent: by the slot count,
-:data:`moekit.ops.triton_plan.SUM_PASS_SLOTS`), and per GEMM ``"SWAP": 1`` (the weight
-tile as the MMA's left operand, tokens on its narrow side: see :func:`swap_tiles`); ``"w2": {"gluon": 1}`` (fp8
-block weights with the sum pass on sm_90: the Gluon w2 of :mod:`moekit.ops._gluon.fp8_w2`, the same bits with
-the scale promotion overlapped; see :func:`moekit.ops.gluon_experts.fp8_w2_ok`), with ``"gluon_nt": n`` (that
-Gluon w2 computes n neighbouring column tiles per program, one after the other through one ring: the same
-bits) or ``"gluon_ws": n`` (n = 1 or 2: its warp-specialised, persistent form, :mod:`moekit.ops._gluon.fp8_w2_ws`,
-n consumer warpgroups each fed by a TMA producer warp, one program per SM, ``"gluon_nt"`` unused; BLOCK_M 64, or
-128 with n = 1; elsewhere the one-warpgroup Gluon w2 runs, see :func:`moekit.ops.gluon_experts.fp8_w2_ws_ok`; the
-same bits; measured on the H200: faster only for gpt-oss, in its fp8 table's buckets 4096 (round 14) and 16384
-(round 16), slower at DeepSeek-V3 and Qwen3). ``"w13": {"gluon": 1, "gluon_ws": n}`` likewise runs the
-warp-specialised, persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n consumer warpgroups fed by
-one-warp TMA producers, the input quantised into the sorted rows; BLOCK_M 64 (each consumer its own tiles) or 128
-(one 8-warp consumer, or with n = 2 both on each tile), BN <= 64; elsewhere the one-warpgroup Gluon w13, see
-:func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits; in the H200 fp8 table at gpt-oss T = 16384 only), and
-``"w13": {"gluon": 1, "gluon_stack": 1}`` the one-warpgroup Gluon w13 with the gate and up rows as one tile and one
-wgmma (the same bits; in no table: no faster on the H200, round 16); the tuner tries both. ``"gluon_ws"`` must be
-an int >= 0 (:func:`gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`gluon_flag_value`). ``"w2": {"gluon_dec": 1}``
-(0 or 1) runs the Gluon fp8 block decode w2 where the plan has the fused top-k sum and swapped tiles
-(:mod:`moekit.ops._gluon.fp8_w2_dec`, :func:`moekit.ops.gluon_experts.fp8_w2_dec_ok`: the Triton w2's bits, each K
-step's wgmma in flight while the one before is promoted; over the inline layout or, past it, the align kernel's;
-``"gluon_nt": n`` column tiles per program), elsewhere the Triton w2. For mxfp4 / int4
-weights, ``"gluon": 1`` runs the Gluon 4-bit GEMMs
-of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
-:func:`moekit.ops.gluon_w4.w4_ok`), and with swapped tiles
-``"gluon_rega": 1`` their register-operand form (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the
-wgmma's A fragment, in the H200 4-bit table's decode buckets; w13 ``2``: gate, then up, one fragment live, fewer
-registers, :func:`gluon_rega_value`; beside it ``"gluon_early": 1``, :func:`gluon_early_value`: the ring slot refilled
-a step earlier, in the buckets where that measured faster) or ``"gluon_ws": slots`` the
-warp-specialised, persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the
-Triton kernels' bits.
+Optional keys besides: ``"fp8_acc"`` (fp8 dot instruction, one value per shape), ``"w13_split"`` (one accumulator per
+w13 program, then an epilogue pass; the same bits), ``"sum_pass"`` (true / false: the top-k sum in its own pass after
+w2, or fused into w2's tail; the same bits; absent: by the slot count, :data:`moekit.ops.triton_plan.SUM_PASS_SLOTS`),
+and per GEMM ``"SWAP": 1`` (the weight tile as the MMA's left operand, tokens on its narrow side: see
+:func:`swap_tiles`); ``"w2": {"gluon": 1}`` (fp8 block weights with the sum pass on sm_90: the Gluon w2 of
+:mod:`moekit.ops._gluon.fp8_w2`, the same bits with the scale promotion overlapped; see
+:func:`moekit.ops.gluon_experts.fp8_w2_ok`), with ``"gluon_nt": n`` (that Gluon w2 computes n neighbouring column tiles
+per program, one after the other through one ring: the same bits) or ``"gluon_ws": n`` (n = 1 or 2: its
+warp-specialised, persistent form, :mod:`moekit.ops._gluon.fp8_w2_ws`, n consumer warpgroups each fed by a TMA producer
+warp, one program per SM, ``"gluon_nt"`` unused; BLOCK_M 64, or 128 with n = 1; elsewhere the one-warpgroup Gluon w2
+runs, see :func:`moekit.ops.gluon_experts.fp8_w2_ws_ok`; the same bits; measured on the H200: faster only for gpt-oss,
+in its fp8 table's buckets 4096 (round 14) and 16384 (round 16), slower at DeepSeek-V3 and Qwen3). ``"w13": {"gluon": 1,
+"gluon_ws": n}`` likewise runs the warp-specialised, persistent fp8 block w13 (:mod:`moekit.ops._gluon.fp8_w13_ws`: n
+consumer warpgroups fed by one-warp TMA producers, the input quantised into the sorted rows; BLOCK_M 64 (each consumer
+its own tiles) or 128 (one 8-warp consumer, or with n = 2 both on each tile), BN <= 64; elsewhere the one-warpgroup
+Gluon w13, see :func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits; in the H200 fp8 table at gpt-oss T = 16384
+only), and ``"w13": {"gluon": 1, "gluon_stack": 1}`` the one-warpgroup Gluon w13 with the gate and up rows as one tile
+and one wgmma (the same bits; in no table: no faster on the H200, round 16); the tuner tries both. ``"gluon_ws"`` must
+be an int >= 0 (:func:`.config_keys.gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`.config_keys.gluon_flag_value`).
+``"w2": {"gluon_dec": 1}`` (0 or 1) runs the Gluon fp8 block decode w2 where the plan has the fused top-k sum and
+swapped tiles (:mod:`moekit.ops._gluon.fp8_w2_dec`, :func:`moekit.ops.gluon_experts.fp8_w2_dec_ok`: the Triton w2's
+bits, each K step's wgmma in flight while the one before is promoted; over the inline layout or, past it, the align
+kernel's; ``"gluon_nt": n`` column tiles per program), elsewhere the Triton w2. For mxfp4 / int4 weights, ``"gluon": 1``
+runs the Gluon 4-bit GEMMs of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
+:func:`moekit.ops.gluon_w4.w4_ok`), and with swapped tiles ``"gluon_rega": 1`` their register-operand form
+(:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the wgmma's A fragment, in the H200 4-bit table's decode
+buckets; w13 ``2``: gate, then up, one fragment live, fewer registers, :func:`.config_keys.gluon_rega_value`; beside it
+``"gluon_early": 1``, :func:`.config_keys.gluon_early_value`: the ring slot refilled a step earlier, in the buckets
+where that measured faster) or ``"gluon_ws": slots`` the warp-specialised, persistent form
+(:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the Triton kernels' bits.
 
-``"tail_bm": BS`` (a power of two, 16 <= BS < BLOCK_M; :func:`tail_bm_value`): an expert's last rows, when at most
-BS of them are left past its last whole BLOCK_M block, run in a BS-row tile of the same Triton GEMMs and grid instead
-of a padded BLOCK_M tile (:mod:`moekit.ops._triton.align`; the same bits; not with swapped or Gluon GEMMs, fp8 wgmma
-dots need BS >= 64). In the H200 bf16 table at the 128-row buckets where it measured faster (round 17).
+``"tail_bm": BS`` (a power of two, 16 <= BS < BLOCK_M; :func:`.config_keys.tail_bm_value`): an expert's last rows, when
+at most BS of them are left past its last whole BLOCK_M block, run in a BS-row tile of the same Triton GEMMs and grid
+instead of a padded BLOCK_M tile (:mod:`moekit.ops._triton.align`; the same bits; not with swapped or Gluon GEMMs, fp8
+wgmma dots need BS >= 64). In the H200 bf16 table at the 128-row buckets where it measured faster (round 17).
 
 Files are ``<dir>/<device>.json`` (``<device>`` = the CUDA device name with spaces as ``_``),
 ``{"device": ..., "entries": {shape_key: {token_bucket: config}}}`` with
@@ -170,81 +167,6 @@ def clear_config_cache() -> None:
     """Forget every file read and config looked up (after a config file changed in this process)."""
     load_config_file.cache_clear()
     _get_config.cache_clear()
-
-
-def gluon_ws_value(part: str, cfg_part: dict) -> int:
-    """The ``"gluon_ws"`` key of config part ``part`` (``"w13"`` / ``"w2"``; 0 when absent): an int >= 0, else
-    ``ValueError`` naming the key, the value and what is expected. What a positive count means depends on the
-    weights (fp8 block: consumer warpgroups, 1 or 2; mxfp4 / int4: decoded slots, 2-8); a count the kernel does not
-    cover runs the one-warpgroup Gluon GEMM (:func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`, ``fp8_w2_ws_ok``)."""
-    v = cfg_part.get("gluon_ws", 0)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f'config "{part}": "gluon_ws" = {v!r}, expected an int >= 0 (0: off; fp8 block weights: '
-                         f'1 or 2 consumer warpgroups of the warp-specialised GEMM; mxfp4 / int4: 2-8 decoded slots)')
-    return v
-
-
-def gluon_nt_value(part: str, cfg_part: dict) -> int:
-    """The ``"gluon_nt"`` key of config part ``part`` (1 when absent): the column tiles a Gluon fp8 w2 program
-    computes one after the other, an int in 1..16, else ``ValueError`` naming the part, the key and the value."""
-    v = cfg_part.get("gluon_nt", 1)
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
-        raise ValueError(f'config "{part}": "gluon_nt" = {v!r}, expected an int in 1..16 (column tiles per program)')
-    return v
-
-
-def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
-    """An on / off key of config part ``part`` (``"gluon_stack"``; off when absent): 0, 1 or a bool, else
-    ``ValueError`` naming the part, the key and the value."""
-    v = cfg_part.get(key, 0)
-    if v not in (0, 1) or not isinstance(v, (int, bool)):
-        raise ValueError(f'config "{part}": "{key}" = {v!r}, expected 0 or 1')
-    return bool(v)
-
-
-def gluon_rega_value(part: str, cfg_part: dict) -> int:
-    """The ``"gluon_rega"`` key of config part ``part`` (0 when absent): 0 off, 1 the register-operand Gluon 4-bit
-    GEMM, 2 (w13 only) the same with gate, then up, each fragment waited for before the next is decoded (one fragment
-    live: 111-122 registers instead of 145-156, four programs per SM instead of three); a bool is 0 / 1. Else
-    ``ValueError``."""
-    v = cfg_part.get("gluon_rega", 0)
-    allowed = (0, 1, 2) if part == "w13" else (0, 1)
-    if not isinstance(v, int) or v not in allowed:
-        raise ValueError(f'config "{part}": "gluon_rega" = {v!r}, expected one of {list(allowed)}')
-    return int(v)
-
-
-def gluon_early_value(part: str, cfg_part: dict) -> bool:
-    """The ``"gluon_early"`` key of config part ``part`` (off when absent): 0 / 1 (a bool is 0 / 1), and 1 only beside
-    ``"gluon_rega"`` (the register-operand 4-bit GEMMs refill a ring slot right after a step's first barrier,
-    :mod:`moekit.ops._gluon.w4_rega`); else ``ValueError`` naming the part, the key and the value."""
-    on = gluon_flag_value(part, cfg_part, "gluon_early")
-    if on and not gluon_rega_value(part, cfg_part):
-        raise ValueError(f'config "{part}": "gluon_early" = {cfg_part["gluon_early"]!r} needs "gluon_rega" (the '
-                         f'register-operand Gluon 4-bit GEMM), which is {cfg_part.get("gluon_rega", 0)!r}')
-    return on
-
-
-def tail_bm_value(cfg: dict) -> int:
-    """The top-level ``"tail_bm"`` key (0 when absent): tail blocks of BS rows (:mod:`moekit.ops._triton.align`).
-    A power of two with 16 <= BS < BLOCK_M, else ``ValueError`` naming the key, the value and what is expected.
-    With tail blocks an expert's last rows (at most BS of them past its last whole BLOCK_M block) run in a
-    BS-row tile of the same kernels instead of a padded BLOCK_M tile; the Triton GEMMs only (not with SWAP tiles
-    or a Gluon GEMM: the launch plan refuses those)."""
-    v = cfg.get("tail_bm", 0)
-    if v == 0 and not isinstance(v, bool):
-        return 0
-    bm = cfg.get("BLOCK_M")
-    if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1) or not isinstance(bm, int) or v >= bm:
-        raise ValueError(f'config "tail_bm" = {v!r}, expected 0 (off) or a power of two >= 16 and below BLOCK_M '
-                         f'({bm!r})')
-    return v
-
-
-def tail_conflicts(c13: dict, c2: dict) -> list[str]:
-    """The kernel keys of config parts ``c13`` / ``c2`` that rule tail blocks out: swapped or Gluon GEMMs (their
-    layouts are BLOCK_M blocks), as ``'"w13": "SWAP"'`` strings for an error message; empty when none does."""
-    return [f'"{part}": "{key}"' for part, c in (("w13", c13), ("w2", c2)) for key in ("SWAP", "gluon") if c.get(key)]
 
 
 def heuristic_config(

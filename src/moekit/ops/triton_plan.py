@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_configs import (gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
-                             tail_bm_value, tail_conflicts)
+from .config_keys import (gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
+                          tail_bm_value, tail_conflicts)
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
