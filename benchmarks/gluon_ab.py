@@ -4,7 +4,8 @@ under the profiler and the CUDA-graph total), alternating the two so that clock 
 The "before" kernels are copies of the old sources placed beside the new ones as
 ``moekit/ops/_gluon/old_fp8_w2.py`` / ``old_fp8_w13.py`` (e.g. ``git show REV:src/moekit/ops/_gluon/fp8_w2.py``),
 or with ``--family w4rega`` ``old_w4_rega.py`` (the register-operand 4-bit GEMMs, run by the shipped 4-bit
-table's decode buckets, ``--formats mxfp4,int4``);
+table's decode buckets, ``--formats mxfp4,int4``), or with ``--family fp8dec`` ``old_fp8_w2_dec.py`` (the fp8 decode
+w2, run where the point's config asks for ``"gluon_dec"``; its w13 column is the Triton w13's);
 the launchers import the kernels at call time, so each variant swaps the module attributes they read. The old
 kernels must take the arguments the current launchers pass (an edit that adds a kernel argument, such as w2's
 ``NT``, needs the old source given that argument first).
@@ -30,6 +31,7 @@ from quant_probe import experts_step, routing_sets, save_rows, step_config
 from swap_probe import FORMATS
 
 FAMILIES = {"fp8": (("fp8_w2", "fp8_w2_sum_kernel"), ("fp8_w13", "fp8_w13_kernel")),
+            "fp8dec": (("fp8_w2_dec", "fp8_w2_dec_kernel"), ("", "w13_kernel")),
             "w4rega": (("w4_rega", "w4ra_w2_sum_kernel"), ("w4_rega", "w4ra_w13_kernel"))}
 
 
@@ -37,6 +39,8 @@ def kernels(which: str, family: str) -> dict:
     """{(module, name): kernel} of the ``new`` or ``old`` sources."""
     out = {}
     for mod, name in FAMILIES[family]:
+        if not mod:  # a Triton kernel of the step (timed, not swapped)
+            continue
         src = importlib.import_module(f"moekit.ops._gluon.{'old_' if which == 'old' else ''}{mod}")
         out[(mod, name)] = getattr(src, name)
     return out

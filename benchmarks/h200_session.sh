@@ -739,6 +739,31 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r31-b)  # round 31, after r31-a: the decode w2's warp-specialised form ("gluon_dec": 2, the loads in a producer warp)
+    # and the raw replays' copy-kernel test alone in its worker: bit tests, then experts-step µs per variant
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31b-gpu 300 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec.py \
+      tests/experts/test_graphed_raw_gpu.py
+    PATCHES='{"ws": {"w2": {"gluon_dec": 2}}, "ws8": {"w2": {"gluon_dec": 2, "num_stages": 8}},
+              "dec": {"w2": {"gluon_dec": 1}}}'
+    step r31b-profile1 260 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches "$PATCHES" --variants base,ws,ws8,ws+pdl,dec,base,ws,ws8,ws+pdl \
+      --points mixtral-8x7b:1,qwen3-30b-a3b:1,gpt-oss-120b:1,deepseek-v3:1,deepseek-v3:2 --out "$OUT/r31b-profile1.json"
+    step r31b-profile8 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches "$PATCHES" --variants base,ws-sum,ws-sum+pdl,dec-sum+pdl,base,ws-sum,ws-sum+pdl \
+      --points gpt-oss-120b:8,qwen3-30b-a3b:8,mixtral-8x7b:8,qwen3-30b-a3b:64 --out "$OUT/r31b-profile8.json"
+    ;;
+  r31-a)  # round 31: round 30's pending test (the internal graphs' raw replays nesting the PDL launches the H200 fp8
+    # table ships at Qwen3 / gpt-oss T = 1), the decode w2's bit tests with its K loop free of the run-time division
+    # (one column tile per program), then old (old_fp8_w2_dec.py, beside it) vs new in one run at the T = 1 / 2 points
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31a-gpu-graphed 250 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed_gpu.py
+    step r31a-gpu-dec 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec.py
+    step r31a-ab 300 env PYTHONPATH=src:benchmarks python benchmarks/gluon_ab.py --family fp8dec --rounds 2 \
+      --patch '{"w2": {"gluon_dec": 1}}' \
+      --points mixtral-8x7b:1,qwen3-30b-a3b:1,gpt-oss-120b:1,deepseek-v3:1,deepseek-v3:2 --out "$OUT/r31a-ab.json"
+    ;;
   r30-next)  # round 30, for the next session (not run: no device time left): the internal graphs' raw replays with the
     # PDL launches the H200 fp8 table now ships at Qwen3 / gpt-oss T = 1 (nested as a child graph), and the graphed layer
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -324,6 +324,13 @@ def test_fp8_neighbours_toggle_the_gluon_decode_w2():
     two = {**on, "w2": {**on["w2"], "gluon_nt": 2}}
     got_two = [c["w2"] for c in neighbour_configs(two, False, quick=True, fam="fp8")]
     assert {**on["w2"], "gluon_nt": 1} in got_two and {**on["w2"], "gluon_nt": 4} in got_two
+    # the other form (round 31: warp-specialised, "gluon_dec" 2, one column tile per program: gluon_nt dropped), and
+    # back; no column-tile neighbours around it
+    assert {**on["w2"], "gluon_dec": 2} in got_on and {**on["w2"], "gluon_dec": 2} in got_two
+    ws = {**sw, "w2": {**sw["w2"], "gluon_dec": 2}}
+    got_ws = [c["w2"] for c in neighbour_configs(ws, False, quick=True, fam="fp8")]
+    assert {**sw["w2"], "gluon_dec": 1} in got_ws and {**sw["w2"], "gluon_dec": 0} in got_ws
+    assert not any("gluon_nt" in c for c in got_ws)
     # and PDL toggled around a decode-w2 winner even when not asked for (on, and back off), not around the others
     assert any(c.get("pdl") for c in neighbour_configs(on, False, quick=True, fam="fp8"))
     back = neighbour_configs({**on, "pdl": True}, False, quick=True, fam="fp8")

@@ -92,8 +92,12 @@ def test_copy_kernel_moves_every_byte():
 
     torch.cuda.init()
     cu = cuda_driver()
+    if not cu.context():  # alone in its process (round 31: an xdist worker's first test): no context yet
+        with pytest.raises(RuntimeError, match="no current CUDA context on this thread"):
+            cu.function()
+    g = torch.Generator(device="cuda").manual_seed(0)  # (a CUDA op: the device's context is current from here)
+    torch.zeros(1, device="cuda")
     func = cu.function()
-    g = torch.Generator(device="cuda").manual_seed(0)
     for n0, n1 in ((1, 0), (0, 5), (255, 257), (256, 1), (1024 * 256 + 3, 17)):
         src = [torch.randint(0, 256, (16 * n,), dtype=torch.uint8, device="cuda", generator=g) for n in (n0, n1)]
         dst = [torch.full((16 * n + 32,), 0xAB, dtype=torch.uint8, device="cuda") for n in (n0, n1)]

@@ -22,14 +22,15 @@ from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
 from small_experts import assert_compiled_and_graphed_bits, count_calls, quantised_run  # noqa: E402
 
 
-def _dec_cfg(dec: bool, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3, nt: int = 1,
+def _dec_cfg(dec: int, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3, nt: int = 1,
              pdl: bool = False) -> dict:
-    """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon w2 (``nt``
-    column tiles per program), with or without programmatic dependent launches."""
+    """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon w2 (``dec`` 1,
+    ``nt`` column tiles per program; 2: its warp-specialised form), with or without programmatic dependent
+    launches."""
     w13 = {"BN": 64, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": 4}
     w2 = {"BN": bn2, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": stages2}
     if dec:
-        w2["gluon_dec"] = 1
+        w2["gluon_dec"] = int(dec)
     if nt != 1:
         w2["gluon_nt"] = nt
     # the fused top-k sum (the decode w2's; past 64 slots the default is the sum pass)
@@ -60,14 +61,25 @@ def test_plan_takes_the_decode_w2_only_with_its_inputs(t, k, patch, want):
             cfg[key] = v
     assert _plan(t, k, cfg).w2_gluon_dec == want
     assert not _plan(t, k, _dec_cfg(False)).w2_gluon_dec
+    cfg["w2"]["gluon_dec"] = 2  # the warp-specialised form: where the plan has the same inputs
+    assert _plan(t, k, cfg).w2_gluon_dec == (2 if want else 0)
 
 
-@pytest.mark.parametrize("value", [2, -1, "1", 0.5])
-def test_gluon_dec_must_be_on_or_off(value):
-    # refused when the plan is made, naming the part, the key and the value
+@pytest.mark.parametrize("value", [3, -1, "1", 0.5])
+def test_gluon_dec_must_be_off_or_a_form(value):
+    # refused when the plan is made, naming the part, the key and the value, also where the chunk's plan could not
+    # run the decode w2 anyway (K = 1)
     cfg = _dec_cfg(False)
     cfg["w2"]["gluon_dec"] = value
-    with pytest.raises(ValueError, match=f'"w2": "gluon_dec" = {value!r}, expected 0 or 1'):
+    for t, k in ((2, 8), (4, 1)):
+        with pytest.raises(ValueError, match=f'"w2": "gluon_dec" = {value!r}, expected 0, 1 or 2'):
+            _plan(t, k, cfg)
+
+
+def test_the_warp_specialised_decode_w2_has_one_tile_per_program():
+    # "gluon_dec" 2 with "gluon_nt" > 1 is refused when the plan is made (its programs have one column tile)
+    cfg = _dec_cfg(2, nt=2)
+    with pytest.raises(ValueError, match='"gluon_dec" = 2 .* cannot be combined with "gluon_nt" = 2; expected 1'):
         _plan(2, 8, cfg)
 
 
@@ -84,8 +96,9 @@ def test_the_decode_launchers_arguments_compile(tmp_path):
     # the launcher's own call (the CPU tensors taken for an sm_90 GPU's) with a swapped decode config asking for the
     # Gluon w2: it replaces Triton's w2 (after Triton's w13 and the w2-input quantiser) and compiles with exactly the
     # launcher's arguments, for DeepSeek-V3's slice (16 K steps), gpt-oss's (swigluoai, biases, a partial last K step:
-    # 2880 = 22.5 blocks) and 24 x 128 ... (invariance slice: 6 steps, K = 6), BN 64 and 128; past the inline layout
-    # (32 slots) it reads the align kernel's layout; with the sum pass the Triton w2 runs
+    # 2880 = 22.5 blocks) and 24 x 128 ... (invariance slice: 6 steps, K = 6), BN 64 and 128, its K loop without a
+    # division; past the inline layout (32 slots) it reads the align kernel's layout; with the sum pass the Triton w2
+    # runs
     run_compiled("""
 import compile_sm90 as c
 base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128,
@@ -101,6 +114,10 @@ for shape, t, bn in (("deepseek", 1, 64), ("gpt-oss", 1, 64), ("invariance", 2, 
             assert kw["maxnreg"] == 72, kw  # 7 programs of 4 warps per SM, as the Triton w2
             k = c.compile_launch(kf, args, kw)
             assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+            # one column tile per program: its K loop refills without a run-time division (round 31: MUFU.RCP and
+            # ~25 instructions per step of a one-warp chain)
+            loops = c.inner_loops(k)
+            assert loops and not any("MUFU" in i for loop in loops for i in loop), shape
 for kf, args, kw in c.launches(c.FORMATS["fp8_block"], 4, "deepseek", patch=base, gluon=True):  # 32 slots: aligned
     if kf.__name__ == "fp8_w2_dec_kernel":
         assert kw["INLINE"] is False and kw["BLOCK_E"] == 32, kw
@@ -139,6 +156,41 @@ for shape, t, nt in (("deepseek", 1, 2), ("gpt-oss", 1, 3)):
     assert "ACQBULK" in sass  # griddepcontrol.wait
     loops = c.inner_loops(k)
     assert loops and not any("LDL" in i or "STL" in i for loop in loops for i in loop)
+print("ok")
+""", tmp_path)
+
+
+def test_the_warp_specialised_decode_w2_compiles_without_loads_in_its_k_loop(tmp_path):
+    # "gluon_dec" 2 (the sm_90 checks stood in for) replaces the one-warpgroup decode w2 with the launcher's exact
+    # arguments at 128 registers (two programs of 8 warps per SM), for DeepSeek-V3's slice, gpt-oss's (swigluoai,
+    # biases, 22.5 K steps), BN 128, past the inline layout (32 slots) and with the plan's "pdl". In its sm_90 SASS the
+    # consumer's K loop (the one with the wgmmas) has no global load, no TMA issue and no spill: the producer warp's
+    # loop holds the TMA copies and the scales' cp.async
+    run_compiled("""
+import compile_sm90 as c
+from moekit.ops import triton_experts as te
+te._pdl_ok = lambda dev: True
+base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128,
+        "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4},
+        "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 3, "num_warps": 4, "gluon_dec": 2}}
+cases = (("deepseek", 1, 64, False), ("gpt-oss", 1, 64, True), ("invariance", 2, 128, False), ("deepseek", 4, 64, True))
+for shape, t, bn, pdl in cases:
+    patch = dict(base, w2=dict(base["w2"], BN=bn), **({"pdl": True} if pdl else {}))
+    seen = c.launches(c.FORMATS["fp8_block"], t, shape, patch=patch, gluon=True)
+    names = [kf.__name__ for kf, _, _ in seen]
+    assert "fp8_w2_dec_ws_kernel" in names and "fp8_w2_dec_kernel" not in names and "w2_kernel" not in names, names
+    kf, args, kw = [x for x in seen if x[0].__name__ == "fp8_w2_dec_ws_kernel"][0]
+    assert kw["maxnreg"] == 128 and "NT" not in kw and bool(kw.get("PDL")) == pdl, kw
+    assert kw["INLINE"] == (t * 8 <= 16 if shape == "deepseek" else True), kw
+    k = c.compile_launch(kf, args, kw)
+    assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+    sass = c.sass_text(k)
+    assert "LDL" not in sass and "STL" not in sass  # no spill anywhere
+    assert ("ACQBULK" in sass) == pdl  # griddepcontrol.wait
+    mma_loops = c.inner_loops(k)
+    assert mma_loops and not any(op in i for loop in mma_loops for i in loop for op in ("LDG", "UTMALDG")), shape
+    tma_loops = c.inner_loops(k, "UTMALDG")
+    assert tma_loops and all(any("LDGSTS" in i for i in loop) for loop in tma_loops), shape
 print("ok")
 """, tmp_path)
 
@@ -184,11 +236,15 @@ def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias
         assert torch.equal(run(_dec_cfg(True, block, bn2, stages2=stages)), ref), stages
     for nt, pdl in ((2, False), (3, False), (1, True), (4, True)):  # tiles per program; programmatic launches
         assert torch.equal(run(_dec_cfg(True, block, bn2, nt=nt, pdl=pdl)), ref), (nt, pdl)
-    assert len(calls) == 7  # it ran each time it was asked
+    # the warp-specialised form (round 31): ring depths 2 / 6 (a slot refilled while the consumer is still on the
+    # step before), and as a programmatic dependent (weight tiles before the producer's grid wait)
+    for stages, pdl in ((2, False), (6, False), (3, True)):
+        assert torch.equal(run(_dec_cfg(2, block, bn2, stages2=stages, pdl=pdl)), ref), ("ws", stages, pdl)
+    assert len(calls) == 10  # it ran each time it was asked
     # and the Triton w2 after the w2-input quantiser launched as a programmatic dependent (it lets w2 start, then
     # waits for w13): the same bits too
     assert torch.equal(run(_dec_cfg(False, block, bn2, pdl=True)), ref)
-    assert len(calls) == 7
+    assert len(calls) == 10
     again = run(_dec_cfg(True, block, bn2))
     assert torch.equal(again, ref)  # and run to run
 
@@ -207,8 +263,9 @@ def test_gpu_gluon_dec_under_cuda_graph_and_compile(monkeypatch):
     w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5
     fmt = Fp8BlockFormat(128, 128)
     q13, q2, s13, s2 = quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)
-    cfg = _dec_cfg(True, nt=2, pdl=True)  # with programmatic launches: their edges captured in the graph
-    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
+    cfgs = [_dec_cfg(True, nt=2, pdl=True), _dec_cfg(2, pdl=True)]  # with programmatic launches: their edges
+    # captured in the graph; the one-warpgroup decode w2, then its warp-specialised form
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfgs[0])
     calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_dec")
 
     def f(x, w, ids):
@@ -221,3 +278,8 @@ def test_gpu_gluon_dec_under_cuda_graph_and_compile(monkeypatch):
 
     assert_compiled_and_graphed_bits(f, inputs(), inputs())
     assert calls, "the Gluon decode w2 did not run"
+    cfgs.pop(0)
+    calls.clear()
+    torch._dynamo.reset()
+    assert_compiled_and_graphed_bits(f, inputs(), inputs())
+    assert calls, "the warp-specialised decode w2 did not run"

@@ -10,7 +10,7 @@ A bucket's search (:func:`search`) has two short stages:
    doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL toggled when asked or around an fp8
    decode-w2 winner (fp8: the Gluon GEMMs toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled,
    the Gluon w13's ``gluon_stack`` and ``gluon_ws`` (0 / 2) toggled, with swapped w2 tiles the Gluon decode w2's
-   ``gluon_dec``; 4-bit with swapped tiles: the register-operand Gluon GEMMs toggled); repeated once around a new
+   ``gluon_dec`` (on / off, and 1 <-> 2: its warp-specialised form); 4-bit with swapped tiles: the register-operand Gluon GEMMs toggled); repeated once around a new
    winner (``quick``: one round of the TMA / PDL / Gluon toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
@@ -311,7 +311,7 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
         out.append({**best, "pdl": not best.get("pdl", False)})
     if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
         out.append(gluon_toggled(best))
-        if best["w2"].get("gluon") or best["w2"].get("gluon_dec"):  # column tiles per program, halved / doubled
+        if best["w2"].get("gluon") or best["w2"].get("gluon_dec") == 1:  # column tiles per program, halved / doubled
             nt = int(best["w2"].get("gluon_nt", 1))
             for n in (nt // 2, nt * 2):
                 if 1 <= n <= 8 and n != nt:
@@ -321,7 +321,11 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
             out.append({**best, "w13": {**c13, "gluon_stack": 0 if c13.get("gluon_stack") else 1}})
             out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
         if best["w2"].get("SWAP"):  # the Gluon decode w2 (inline layout, fused sum; where the plan takes it), or back
-            out.append({**best, "w2": {**best["w2"], "gluon_dec": 0 if best["w2"].get("gluon_dec") else 1}})
+            dec = int(best["w2"].get("gluon_dec", 0))
+            out.append({**best, "w2": {**best["w2"], "gluon_dec": 0 if dec else 1}})
+            if dec:  # and its other form (2: warp-specialised, one column tile per program)
+                c2 = {k: v for k, v in best["w2"].items() if k != "gluon_nt"}
+                out.append({**best, "w2": {**c2, "gluon_dec": 3 - dec}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
         rega = gluon_rega_value("w13", best["w13"])

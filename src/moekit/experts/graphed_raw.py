@@ -187,7 +187,12 @@ class CudaDriver:
         return f
 
     def function(self) -> int:
-        """The copy kernel's ``CUfunction`` in the current context (loads it there on first use)."""
+        """The copy kernel's ``CUfunction`` in the current context (loads it there on first use). ``RuntimeError``
+        when the thread has none (PyTorch makes its device's context current at the first CUDA op, not at
+        ``torch.cuda.init()``; a graph's replay builds its wrapper after the capture, so it always has one)."""
+        if not self.context():
+            raise RuntimeError("moekit's raw graph replay: no current CUDA context on this thread (run a CUDA op on "
+                               "the device first)")
         func = ctypes.c_void_p()
         self._check("cuKernelGetFunction", self._function(ctypes.addressof(func), self._kernel))
         return func.value

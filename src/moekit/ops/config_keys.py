@@ -26,6 +26,21 @@ def gluon_nt_value(part: str, cfg_part: dict) -> int:
     return v
 
 
+def gluon_dec_value(cfg_part: dict) -> int:
+    """The w2 config's ``"gluon_dec"`` key (0 when absent): 0 off, 1 the Gluon fp8 decode w2
+    (:mod:`moekit.ops._gluon.fp8_w2_dec`), 2 its warp-specialised form (the loads in a producer warp,
+    :mod:`moekit.ops._gluon.fp8_w2_dec_ws`: one column tile per program, so ``"gluon_nt"`` must be 1); a bool is
+    0 / 1. Else ``ValueError`` naming the key, the value and what is expected."""
+    v = cfg_part.get("gluon_dec", 0)
+    if not isinstance(v, int) or v not in (0, 1, 2):
+        raise ValueError(f'config "w2": "gluon_dec" = {v!r}, expected 0, 1 or 2 (off, the Gluon fp8 decode w2, its '
+                         f'warp-specialised form)')
+    if v == 2 and gluon_nt_value("w2", cfg_part) != 1:
+        raise ValueError(f'config "w2": "gluon_dec" = 2 (the warp-specialised decode w2, one column tile per '
+                         f'program) cannot be combined with "gluon_nt" = {cfg_part["gluon_nt"]!r}; expected 1')
+    return int(v)
+
+
 def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
     """An on / off key of config part ``part`` (``"gluon_stack"``; off when absent): 0, 1 or a bool, else
     ``ValueError`` naming the part, the key and the value."""

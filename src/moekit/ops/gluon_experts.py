@@ -122,6 +122,9 @@ def launch_fp8_w2_sum(launch, p, q, inter_q, as_, w2, b2, tw, counts, row_start,
 #: do (ptxas takes 80 unbounded: 6 per SM, and DeepSeek-V3's 896 programs at T = 1 ran in two waves, 43 vs 36 µs;
 #: at 72 one word spills, outside the K loop)
 _FP8_DEC_REGS = 72
+#: registers per thread of its warp-specialised form's 8 warps (the consumer warpgroup, the producer's padded one):
+#: two programs per SM (the producer warps give theirs back, so the consumer may take up to ~200)
+_FP8_DEC_WS_REGS = 128
 
 
 def fp8_w2_dec_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
@@ -129,7 +132,8 @@ def fp8_w2_dec_ok(p, q, w2: torch.Tensor, interp: bool) -> bool:
     layout or, past it, the align kernel's, :mod:`._gluon.fp8_w2_dec`) and it computes the Triton kernel's bits
     here: fp8 block weights with the K step = one scale block (``fp8_acc`` = BK), swapped tiles of 64 or 128 weight
     rows (one weight scale per tile: BN divides the scale block) and 16-64 token rows, TMA-able rows (with the plan's
-    ``"pdl"`` it is launched as a programmatic dependent and requests its first weight tiles before its grid wait)."""
+    ``"pdl"`` it is launched as a programmatic dependent and requests its first weight tiles before its grid wait).
+    ``"gluon_dec": 2`` asks for its warp-specialised form (:mod:`._gluon.fp8_w2_dec_ws`), under the same conditions."""
     if not p.w2_gluon_dec or q is None or q.spec.code != FP8_BLOCK or interp or not _device_ok(w2):
         return False
     kw = q.common
@@ -149,6 +153,7 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from ._gluon.fp8_w2_dec import fp8_w2_dec_kernel
+    from ._gluon.fp8_w2_dec_ws import fp8_w2_dec_ws_kernel
 
     bm, bn, bk = p.bm, p.bn2, p.bk2
     a_desc = TensorDescriptor.from_tensor(inter_q, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk],
@@ -157,16 +162,19 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws, kw = q.ws2, p.w2_kw
     stages = max(2, min(int(kw["num_stages"]), (200 * 1024) // ((bm + bn) * bk)))
+    args = (a_desc, w_desc, as_, ws["ws_ptr"], b2 if b2 is not None else w2, out, tw, ids, emap, part, sem, *layout,
+            h, inter, w2.shape[0], p.e_global, k, t * k, p.num_pid_m, p.nbn,
+            as_.stride(0), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, out.stride(0),
+            tw.stride(0), ids.stride(0), part.stride(0))
+    consts = dict(BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(kw["GROUP_M"]), SP=int(kw["SP"]),
+                  STAGES=stages, HAS_BIAS=b2 is not None, ON_INPUT=on_input, HAS_MAP=bool(kw["HAS_MAP"]),
+                  SKIP_ZERO=bool(kw["SKIP_ZERO"]), INLINE=p.align == "inline", BLOCK_E=int(kw["BLOCK_E"]), num_warps=4,
+                  **({"PDL": True, "launch_pdl": True} if pdl else {}))
+    if p.w2_gluon_dec == 2:  # the loads in a producer warp, one column tile per program (gluon_dec_value)
+        launch(fp8_w2_dec_ws_kernel, (p.num_pid_m * p.nbn,), *args, maxnreg=_FP8_DEC_WS_REGS, **consts)
+        return
     nt = max(1, min(p.gluon_nt, p.nbn))
-    launch(fp8_w2_dec_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), a_desc, w_desc, as_, ws["ws_ptr"],
-           b2 if b2 is not None else w2, out, tw, ids, emap, part, sem, *layout,
-           h, inter, w2.shape[0], p.e_global, k, t * k, p.num_pid_m, p.nbn,
-           as_.stride(0), ws["stride_wse"], ws["stride_wsn"], b2.stride(0) if b2 is not None else 0, out.stride(0),
-           tw.stride(0), ids.stride(0), part.stride(0),
-           BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(kw["GROUP_M"]), SP=int(kw["SP"]), STAGES=stages,
-           HAS_BIAS=b2 is not None, ON_INPUT=on_input, HAS_MAP=bool(kw["HAS_MAP"]), SKIP_ZERO=bool(kw["SKIP_ZERO"]),
-           NT=nt, INLINE=p.align == "inline", BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC_REGS,
-           **({"PDL": True, "launch_pdl": True} if pdl else {}))
+    launch(fp8_w2_dec_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *args, NT=nt, maxnreg=_FP8_DEC_REGS, **consts)
 
 
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:

@@ -27,10 +27,12 @@ Gluon w13, see :func:`moekit.ops.gluon_experts.fp8_w13_ws_ok`; the same bits; in
 only), and ``"w13": {"gluon": 1, "gluon_stack": 1}`` the one-warpgroup Gluon w13 with the gate and up rows as one tile
 and one wgmma (the same bits; in no table: no faster on the H200, round 16); the tuner tries both. ``"gluon_ws"`` must
 be an int >= 0 (:func:`.config_keys.gluon_ws_value`), ``"gluon_stack"`` 0 or 1 (:func:`.config_keys.gluon_flag_value`).
-``"w2": {"gluon_dec": 1}`` (0 or 1) runs the Gluon fp8 block decode w2 where the plan has the fused top-k sum and
+``"w2": {"gluon_dec": 1}`` (0, 1 or 2) runs the Gluon fp8 block decode w2 where the plan has the fused top-k sum and
 swapped tiles (:mod:`moekit.ops._gluon.fp8_w2_dec`, :func:`moekit.ops.gluon_experts.fp8_w2_dec_ok`: the Triton w2's
 bits, each K step's wgmma in flight while the one before is promoted; over the inline layout or, past it, the align
-kernel's; ``"gluon_nt": n`` column tiles per program), elsewhere the Triton w2. For mxfp4 / int4 weights, ``"gluon": 1``
+kernel's; ``"gluon_nt": n`` column tiles per program), ``2`` its warp-specialised form (:mod:`moekit.ops._gluon.
+fp8_w2_dec_ws`: the loads in a producer warp, one column tile per program; :func:`.config_keys.gluon_dec_value`),
+elsewhere the Triton w2. For mxfp4 / int4 weights, ``"gluon": 1``
 runs the Gluon 4-bit GEMMs of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_w4.w4_ok`), and with swapped tiles ``"gluon_rega": 1`` their register-operand form
 (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the wgmma's A fragment, in the H200 4-bit table's decode

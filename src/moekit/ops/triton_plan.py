@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .config_keys import (gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
+from .config_keys import (gluon_dec_value, gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
                           tail_bm_value, tail_conflicts)
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
@@ -77,7 +77,8 @@ class LaunchPlan:
     gluon_early: tuple  # config "gluon_early" of w13 / w2 (with "gluon_rega"): refill a ring slot right after a step's
     #                   first barrier, a step earlier
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
-    w2_gluon_dec: bool  # w2 config "gluon_dec" (swapped tiles, fused sum; any align layout): the Gluon fp8 decode w2
+    w2_gluon_dec: int  # w2 config "gluon_dec" (swapped tiles, fused sum; any align layout): the Gluon fp8 decode w2
+    #                  (1), its warp-specialised form (2); 0: off
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
 
 
@@ -117,6 +118,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     align_mode = "inline" if inline else "small" if slots <= small_slots else "multi"
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     ws = tuple(gluon_ws_value(part, c) for part, c in (("w13", c13), ("w2", c2)))
+    dec = gluon_dec_value(c2)  # validated whether or not this chunk's plan can run it
     # block_expert [num_pid_m]: the persistent Gluon GEMMs' block -> expert table (gluon_experts.launch_block_table)
     table = num_pid_m if any(ws) else 1
     i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, table, t * nbn if sems else 1))
@@ -158,5 +160,5 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_early=(gluon_early_value("w13", c13), gluon_early_value("w2", c2)),
         gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
         # the Gluon decode w2: swapped tiles (checked by its launcher), the fused sum, BLOCK_M tiles only
-        w2_gluon_dec=gluon_flag_value("w2", c2, "gluon_dec") and sems and not tail,
+        w2_gluon_dec=dec if sems and not tail else 0,
     )

@@ -27,12 +27,17 @@ from .common import block_expert, grid_wait, pid_to_tile, step_scale, w2_part_st
 
 @gluon.jit
 def _issue(a_desc, w_desc, a_smem, w_smem, bars, g, nk, row_a, row_w, STAGES: gl.constexpr, BK: gl.constexpr,
-           BN: gl.constexpr):
+           BN: gl.constexpr, ONE: gl.constexpr = False):
     """TMA loads of the program's step ``g`` (tile ``g // nk``, K step ``g % nk``) into ring slot
-    ``g % STAGES``; ``row_w``: the weight row of the program's first tile."""
+    ``g % STAGES``; ``row_w``: the weight row of the program's first tile. ``ONE``: the program has one tile
+    (step g is K step g: no run-time division in the K loop, ~25 instructions of a decode step's chain)."""
     s = g % STAGES
-    j = g // nk
-    k = g - j * nk
+    if ONE:
+        j = 0
+        k = g
+    else:
+        j = g // nk
+        k = g - j * nk
     bar = bars.index(s)
     mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
@@ -87,7 +92,7 @@ def _mma(a_smem, w_smem, bars, g, zero, STAGES: gl.constexpr, BK: gl.constexpr, 
 
 @gluon.jit
 def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, g, n_steps, nk, row_a, row_w, STAGES: gl.constexpr,
-             BK: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr = False):
+             BK: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr = False, ONE: gl.constexpr = False):
     """Promote step ``g``'s finished product ``c`` into ``acc`` (while the next wgmma runs) and refill its ring
     slot with step g + STAGES (of this tile or the program's next one). ``sc``: one scale per token row, along
     the accumulator's rows ([BM, BN]) or, ``SWAP``, its columns ([BN, BM])."""
@@ -96,7 +101,7 @@ def _promote(c, acc, sc, a_desc, w_desc, a_smem, w_smem, bars, g, n_steps, nk, r
     else:
         acc = gl.fma(c, sc[:, None], acc)
     if g + STAGES < n_steps:
-        _issue(a_desc, w_desc, a_smem, w_smem, bars, g + STAGES, nk, row_a, row_w, STAGES, BK, BN)
+        _issue(a_desc, w_desc, a_smem, w_smem, bars, g + STAGES, nk, row_a, row_w, STAGES, BK, BN, ONE)
     return acc
 
 
