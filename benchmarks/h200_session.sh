@@ -739,6 +739,23 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r31-c)  # round 31, final kernels: the warp-specialised decode w2 shipped at the fp8 T = 1 buckets of Mixtral (with PDL)
+    # and gpt-oss. The T = 1 bucket serves T = 2 too: shipped vs the round-30 row ("old") alternated at T = 1 and 2
+    # (and Mixtral with 8 ring slots); the shipped tables' rows alone vs in batches, PDL bits, the decode w2's bits;
+    # then bf16 + fp8 whole layers at T = 1, 2 and 8 (#9's decode ratios)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31c-profile-mix 150 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"old": {"w2": {"gluon_dec": 1}, "pdl": false}, "ws8": {"w2": {"num_stages": 8}}}' \
+      --variants base,old,ws8,base,old,ws8 --points mixtral-8x7b:1,mixtral-8x7b:2 --out "$OUT/r31c-profile-mix.json"
+    step r31c-profile-oss 120 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"old": {"w2": {"gluon_dec": 1}}}' --variants base,old,base,old \
+      --points gpt-oss-120b:1,gpt-oss-120b:2 --out "$OUT/r31c-profile-oss.json"
+    step r31c-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_batch_invariance_gpu.py tests/ops/test_triton_pdl_gpu.py tests/ops/test_gluon_fp8_dec.py
+    step r31c-bench 150 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --tokens 1,2,8 --fast --out "$OUT"
+    step r31c-compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/r31c-compare.md"
+    ;;
   r31-b)  # round 31, after r31-a: the decode w2's warp-specialised form ("gluon_dec": 2, the loads in a producer warp)
     # and the raw replays' copy-kernel test alone in its worker: bit tests, then experts-step µs per variant
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
