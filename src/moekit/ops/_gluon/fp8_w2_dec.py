@@ -75,6 +75,41 @@ def inline_layout(ids_ptr, tw_ptr, map_ptr, b, S, K, E_local, E_global, stride_i
 
 
 @gluon.jit
+def block_layout(ids_ptr, tw_ptr, map_ptr, counts_ptr, row_start_ptr, sorted_ptr, b, S, K, E_local, E_global, stride_it,
+                 stride_twt, BM: gl.constexpr, SP: gl.constexpr, HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr,
+                 INLINE: gl.constexpr, BLOCK_E: gl.constexpr, L2: gl.constexpr, NW: gl.constexpr):
+    """Row block ``b``'s (expert or E_local, valid [BM], slot [BM], the slots' experts [SP] or, past the inline layout,
+    ``valid`` again: unused) from the inline layout (:func:`inline_layout`) or the align kernel's rows."""
+    if INLINE:
+        e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, b, S, K, E_local, E_global, stride_it,
+                                                stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
+    else:
+        e, first, n_e = block_expert(counts_ptr, row_start_ptr, b, E_local, BM, BLOCK_E, NW)
+        rr = gl.arange(0, BM, layout=gl.SliceLayout(1, L2))
+        valid2 = (b - first) * BM + rr < n_e
+        slot2 = gl.load(sorted_ptr + b * BM + rr, mask=valid2, other=0)
+        loc_j = valid2  # (the inline layout's slot experts: not used)
+    return e, valid2, slot2, loc_j
+
+
+@gluon.jit
+def part_store(acc, e, slot, valid, pid_n, b2_ptr, tw_ptr, part_ptr, H, K, stride_be, stride_twt, stride_pr,
+               BN: gl.constexpr, col_l: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr):
+    """The epilogue in the Triton w2's order: ``part[slot] = (acc (+ b2[e])) (· w[slot])`` in fp32 for the block's
+    live slots and columns < H. acc: [BN, BM] (weight rows, slots); slot / valid: [BM] along its columns."""
+    cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+    nmask = cols < H
+    if HAS_BIAS:
+        acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[:, None]
+    if not ON_INPUT:
+        tok = slot // K
+        wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
+        acc = acc * wv.to(gl.float32)[None, :]
+    p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
+    gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
+
+
+@gluon.jit
 def _scale(as_rows, valid, ws_e, k):
     """s_x[row, k] · S[e, tile, k] for the block's rows ([BM]), the product in Triton's order (w_s · a_s)."""
     return gl.load(ws_e + k) * gl.load(as_rows + k, mask=valid, other=0.0)
@@ -143,15 +178,9 @@ def fp8_w2_dec_kernel(
     ``inter_q``, ``as``, the semaphores and the outputs only after it."""
     pid_m, pid_g = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(NBN, NT), GROUP_M)
     L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
-    if INLINE:
-        e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, pid_m, S, K, E_local, E_global, stride_it,
-                                                stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
-    else:
-        e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
-        rr = gl.arange(0, BM, layout=gl.SliceLayout(1, L2))
-        valid2 = (pid_m - first) * BM + rr < n_e
-        slot2 = gl.load(sorted_ptr + pid_m * BM + rr, mask=valid2, other=0)
-        loc_j = valid2  # (the inline layout's slot experts: not used)
+    e, valid2, slot2, loc_j = block_layout(ids_ptr, tw_ptr, map_ptr, counts_ptr, row_start_ptr, sorted_ptr, pid_m, S, K,
+                                           E_local, E_global, stride_it, stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, INLINE,
+                                           BLOCK_E, L2, num_warps)
     if e < E_local:
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BM, 32])
@@ -174,18 +203,8 @@ def fp8_w2_dec_kernel(
                 ws_e = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn
                 acc = _tile(a_desc, w_desc, a_smem, w_smem, bars, zero, as_rows, valid, ws_e, j * nk, n_steps, nk,
                             row_a, row_w, STAGES, BK, BN, NT)
-                # epilogue (the Triton w2's order): + b2, · w, part[slot] in fp32, then the slot-order sum
-                cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
-                nmask = cols < H
-                if HAS_BIAS:
-                    acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask,
-                                   other=0.0).to(gl.float32)[:, None]
-                if not ON_INPUT:
-                    tok = slot // K
-                    wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
-                    acc = acc * wv.to(gl.float32)[None, :]
-                p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
-                gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
+                part_store(acc, e, slot, valid, pid_n, b2_ptr, tw_ptr, part_ptr, H, K, stride_be, stride_twt, stride_pr,
+                           BN, col_l, HAS_BIAS, ON_INPUT)
                 _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n,
                          H, K, NBN, S, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP,
                          HAS_MAP, SKIP_ZERO, INLINE, L2, num_warps)

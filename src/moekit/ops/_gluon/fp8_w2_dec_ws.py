@@ -30,8 +30,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .common import block_expert, grid_wait, pid_to_tile, ring_barriers
-from .fp8_w2_dec import _combine, inline_layout
+from .common import grid_wait, pid_to_tile, ring_barriers
+from .fp8_w2_dec import _combine, block_layout, part_store
 
 #: registers per thread of the producer warp (its warpgroup is padded with idle warps that get as many)
 PRODUCER_REGS = gl.constexpr(40)
@@ -133,17 +133,8 @@ def _consume(ring, e, valid2, slot2, loc_j, pid_n, b2_ptr, out_ptr, tw_ptr, ids_
         last, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t0, acc))
         _release(empty, nk - 1, STAGES)
         acc = gl.fma(last, sc0[None, :], acc)
-    # epilogue (fp8_w2_dec's, the Triton w2's order): + b2, · w, part[slot] in fp32, then the slot-order sum
-    cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
-    nmask = cols < H
-    if HAS_BIAS:
-        acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)[:, None]
-    if not ON_INPUT:
-        tok = slot // K
-        wv = gl.load(tw_ptr + tok.to(gl.int64) * stride_twt + (slot - tok * K), mask=valid, other=0.0)
-        acc = acc * wv.to(gl.float32)[None, :]
-    p_ptrs = part_ptr + slot.to(gl.int64)[None, :] * stride_pr + cols[:, None]
-    gl.store(p_ptrs, acc, mask=valid[None, :] & nmask[:, None])
+    part_store(acc, e, slot, valid, pid_n, b2_ptr, tw_ptr, part_ptr, H, K, stride_be, stride_twt, stride_pr, BN, col_l,
+               HAS_BIAS, ON_INPUT)  # then the slot-order sum
     _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n, H, K, NBN,
              S, E_local, E_global, stride_it, stride_twt, stride_pr, stride_ot, BM, BN, SP, HAS_MAP, SKIP_ZERO,
              INLINE, L2, NW)
@@ -165,15 +156,9 @@ def fp8_w2_dec_ws_kernel(
     plan's padded rows (every row of a block is read; a row without a slot gives a column that is never stored)."""
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
     L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
-    if INLINE:
-        e, valid2, slot2, loc_j = inline_layout(ids_ptr, tw_ptr, map_ptr, pid_m, S, K, E_local, E_global, stride_it,
-                                                stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, L2)
-    else:
-        e, first, n_e = block_expert(counts_ptr, row_start_ptr, pid_m, E_local, BM, BLOCK_E, num_warps)
-        rr = gl.arange(0, BM, layout=gl.SliceLayout(1, L2))
-        valid2 = (pid_m - first) * BM + rr < n_e
-        slot2 = gl.load(sorted_ptr + pid_m * BM + rr, mask=valid2, other=0)
-        loc_j = valid2  # (the inline layout's slot experts: not used)
+    e, valid2, slot2, loc_j = block_layout(ids_ptr, tw_ptr, map_ptr, counts_ptr, row_start_ptr, sorted_ptr, pid_m, S, K,
+                                           E_local, E_global, stride_it, stride_twt, BM, SP, HAS_MAP, SKIP_ZERO, INLINE,
+                                           BLOCK_E, L2, num_warps)
     if e < E_local:
         scale_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # per slot: [BM] fp32
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
