@@ -344,3 +344,18 @@ def test_copy_launch_reads_its_arguments():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA build has the driver")
 def test_no_driver_on_a_cpu_build():
     assert graphed_raw.cuda_driver() is None
+
+
+def test_copy_function_without_a_current_context():
+    # cuKernelGetFunction with no context current on the thread (PyTorch makes one current at its first CUDA op, not
+    # at torch.cuda.init()): a RuntimeError saying so, not the driver's bare error 201; with a context, 201 stays
+    # the driver's error
+    cu = FakeDriver()
+    cu.c_function = lambda addr, kernel: 201
+    cu._function = cu._recorded("function", cu.c_function)
+    cu.ctx = [0]
+    with pytest.raises(RuntimeError, match="no current CUDA context on this thread"):
+        cu.function()
+    cu.ctx = [1]
+    with pytest.raises(RuntimeError, match="cuKernelGetFunction failed with CUDA error 201"):
+        cu.function()

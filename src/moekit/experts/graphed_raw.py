@@ -190,11 +190,12 @@ class CudaDriver:
         """The copy kernel's ``CUfunction`` in the current context (loads it there on first use). ``RuntimeError``
         when the thread has none (PyTorch makes its device's context current at the first CUDA op, not at
         ``torch.cuda.init()``; a graph's replay builds its wrapper after the capture, so it always has one)."""
-        if not self.context():
+        func = ctypes.c_void_p()
+        rc = self._function(ctypes.addressof(func), self._kernel)
+        if rc == 201 and not self.context():  # CUDA_ERROR_INVALID_CONTEXT, and indeed none is current
             raise RuntimeError("moekit's raw graph replay: no current CUDA context on this thread (run a CUDA op on "
                                "the device first)")
-        func = ctypes.c_void_p()
-        self._check("cuKernelGetFunction", self._function(ctypes.addressof(func), self._kernel))
+        self._check("cuKernelGetFunction", rc)
         return func.value
 
     def context(self) -> int:
