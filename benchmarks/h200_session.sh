@@ -739,6 +739,18 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r31-d)  # round 31, the final table (Mixtral fp8 T = 1: the warp-specialised decode w2 with 8 ring slots and PDL; gpt-oss
+    # back on the one-warpgroup decode w2: its T = 2 grid was 5 µs slower with two programs per SM): the shipped rows
+    # alone vs in batches, the Mixtral row vs round 30's ("old") at T = 1 / 2, then bf16 + fp8 layers at T = 1, 2
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31d-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_batch_invariance_gpu.py \
+      -k "fp8"
+    step r31d-profile-mix 120 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"old": {"w2": {"gluon_dec": 1, "num_stages": 6}, "pdl": false}}' \
+      --variants base,old,base,old --points mixtral-8x7b:1,mixtral-8x7b:2 --out "$OUT/r31d-profile-mix.json"
+    step r31d-bench 120 python -m moekit bench --quant bf16,fp8 --models mixtral-8x7b,gpt-oss-120b --tokens 1,2 --fast \
+      --out "$OUT"
+    ;;
   r31-c)  # round 31, final kernels: the warp-specialised decode w2 shipped at the fp8 T = 1 buckets of Mixtral (with PDL)
     # and gpt-oss. The T = 1 bucket serves T = 2 too: shipped vs the round-30 row ("old") alternated at T = 1 and 2
     # (and Mixtral with 8 ring slots); the shipped tables' rows alone vs in batches, PDL bits, the decode w2's bits;
