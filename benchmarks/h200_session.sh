@@ -739,6 +739,13 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r31-e)  # round 31, last: Mixtral fp8 T = 1 / 2 (1.78x bf16 at T = 1 with the shipped row): deeper w2 rings (10 slots:
+    # still two programs per SM for T = 2's grid) and a 4-slot w13, alternated twice
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31e-profile-mix 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"s10": {"w2": {"num_stages": 10}}, "w4": {"w13": {"num_stages": 4}}, "s10w4": {"w2": {"num_stages": 10}, "w13": {"num_stages": 4}}}' \
+      --variants base,s10,w4,s10w4,base,s10,w4,s10w4 --points mixtral-8x7b:1,mixtral-8x7b:2 --out "$OUT/r31e-profile-mix.json"
+    ;;
   r31-d)  # round 31, the final table (Mixtral fp8 T = 1: the warp-specialised decode w2 with 8 ring slots and PDL; gpt-oss
     # back on the one-warpgroup decode w2: its T = 2 grid was 5 µs slower with two programs per SM): the shipped rows
     # alone vs in batches, the Mixtral row vs round 30's ("old") at T = 1 / 2, then bf16 + fp8 layers at T = 1, 2
