@@ -739,6 +739,13 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r31-f)  # round 31, for the next round: Mixtral fp8 T = 1 / 2's w13 (now most of the step) in other tiles: BN 64 (448
+    # programs, the w2 input quantised in its own pass), 4 warps at BN 128
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31f-profile-w13 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"b64": {"w13": {"BN": 64, "num_warps": 4, "num_stages": 4}}, "b64s6": {"w13": {"BN": 64, "num_warps": 4, "num_stages": 6}}, "w4": {"w13": {"num_warps": 4}}}' \
+      --variants base,b64,b64s6,w4,base,b64,b64s6,w4 --points mixtral-8x7b:1,mixtral-8x7b:2 --out "$OUT/r31f-profile-w13.json"
+    ;;
   r31-e)  # round 31, last: Mixtral fp8 T = 1 / 2 (1.78x bf16 at T = 1 with the shipped row): deeper w2 rings (10 slots:
     # still two programs per SM for T = 2's grid) and a 4-slot w13, alternated twice
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
