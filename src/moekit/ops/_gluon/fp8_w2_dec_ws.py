@@ -20,7 +20,10 @@ landed), ``expect``s both tiles' bytes and issues their TMA loads onto ``full[s]
 fixed accumulators, as :mod:`.fp8_w2_ws`) and frees the slot once that wgmma was waited for: its K loop has no global
 load and no TMA issue. ``PDL``: the producer requests its first ``STAGES`` weight tiles before the grid wait, the
 activations and scales after it; the consumer waits for the grid before its first step (the semaphores and ``part``
-it touches are the kernels' before it).
+it touches are the kernels' before it). Registers: ``.maxnreg`` 128 over the 8 warps (the producer's warpgroup is
+padded with idle warps), ``setmaxnreg`` 232 for the consumer, 40 for the producer: two programs per SM, so this form
+pays where one program per SM ran a long K loop (H200, round 31: Mixtral's T = 1 w2 37 -> 34 µs) and is slower where
+seven shared an SM (DeepSeek-V3's 896 programs at T = 1: 35 -> 50 µs).
 """
 
 from __future__ import annotations
