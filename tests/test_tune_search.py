@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekit.benchmarking import tune, tune_space
+from moekit.benchmarking import tune, tune_forms
 from moekit.benchmarking.shapes import MODELS, TOKENS
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
@@ -269,14 +269,14 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["sum_pass"] else 1.0), on)
     # a Gluon winner against the same tiles on the Triton GEMMs (both kernel dicts without the key)
     seen.clear()
-    gl = tune_space.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
+    gl = tune_forms.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
     assert gl["w13"]["gluon"] == gl["w2"]["gluon"] == 1
     assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), gl)
-    assert seen[-1] == tune_space.gluon_toggled(gl) and "gluon" not in seen[-1]["w2"]
+    assert seen[-1] == tune_forms.gluon_toggled(gl) and "gluon" not in seen[-1]["w2"]
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["w2"].get("gluon") else 1.0), gl)
     # a register-operand 4-bit winner: the reference has no gluon key at all (the Triton GEMMs)
     seen.clear()
-    ra = tune_space.rega_toggled(_cfg(16, (64, 128, 4, 3), (64, 128, 4, 3)))
+    ra = tune_forms.rega_toggled(_cfg(16, (64, 128, 4, 3), (64, 128, 4, 3)))
     assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), ra)
     assert not any(k.startswith("gluon") for c in seen[1:] for part in ("w13", "w2") for k in c[part])
 
@@ -284,13 +284,13 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
 def test_fp8_neighbours_halve_and_double_the_gluon_w2_column_tiles():
     # a Gluon w2 winner: gluon_nt 2 -> 1 and 4; 8 -> 4 only (at most 8); no Gluon: no gluon_nt candidate; toggling
     # Gluon off drops the key with it
-    gl = tune_space.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
+    gl = tune_forms.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
     for nt, want in ((None, {2}), (2, {1, 4}), (8, {4})):
         best = gl if nt is None else {**gl, "w2": {**gl["w2"], "gluon_nt": nt}}
         got = {c["w2"].get("gluon_nt", 1) for c in neighbour_configs(best, False, quick=True, fam="fp8")
                if c["w2"].get("gluon")} - {nt or 1}
         assert got == want, (nt, got)
-        assert "gluon_nt" not in tune_space.gluon_toggled(best)["w2"]
+        assert "gluon_nt" not in tune_forms.gluon_toggled(best)["w2"]
     plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
     assert not any("gluon_nt" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
 
@@ -299,7 +299,7 @@ def test_fp8_neighbours_toggle_the_gluon_w13_forms():
     # a Gluon w13 winner: one neighbour each with gate | up stacked into one wgmma ("gluon_stack") and with the
     # warp-specialised w13 ("gluon_ws" 2: two consumers; at BLOCK_M 128 on one tile), and back; without the Gluon
     # w13 neither is offered (the keys mean nothing to the Triton kernel)
-    gl = tune_space.gluon_toggled(_cfg(128, (64, 128, 8, 4), (128, 128, 8, 4)))
+    gl = tune_forms.gluon_toggled(_cfg(128, (64, 128, 8, 4), (128, 128, 8, 4)))
     got = [c["w13"] for c in neighbour_configs(gl, False, quick=True, fam="fp8")]
     assert {**gl["w13"], "gluon_stack": 1} in got and {**gl["w13"], "gluon_ws": 2} in got
     on = {**gl, "w13": {**gl["w13"], "gluon_stack": 1, "gluon_ws": 2}}
@@ -350,7 +350,7 @@ def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
     assert len(ra) == 1 and ra[0]["w2"]["gluon_rega"] == ra[0]["w2"]["gluon"] == 1
     assert ra[0]["sum_pass"] is True and ra[0]["w13_split"] is False
     assert {k: v for k, v in ra[0]["w13"].items() if not k.startswith("gluon")} == sw["w13"]
-    back = tune_space.rega_toggled(ra[0])
+    back = tune_forms.rega_toggled(ra[0])
     assert back["w13"] == sw["w13"] and back["w2"] == sw["w2"]
     # a register-operand winner: one neighbour runs its w13 gate, then up ("gluon_rega" 2: one fragment live), and
     # from there one goes back to 1; w2 (one fragment) keeps 1
@@ -432,7 +432,7 @@ def test_neighbours_toggle_tail_blocks_where_the_tiles_take_them():
     on = {**big, "tail_bm": 32}
     assert {c.get("tail_bm", 0) for c in neighbour_configs(on, False)} == {0, 32, 64}
     assert all("tail_bm" not in c for c in neighbour_configs(_cfg(32, (64, 64, 4, 4), (64, 64, 4, 4)), False))
-    gl = tune_space.gluon_toggled({**big, "tail_bm": 64})
+    gl = tune_forms.gluon_toggled({**big, "tail_bm": 64})
     assert all("tail_bm" not in c for c in neighbour_configs(gl, False, fam="fp8") if c["w2"].get("gluon"))
     # the BLOCK_M halving of a tail-64 winner drops the key (64 is not below 64)
     assert all("tail_bm" not in c for c in neighbour_configs({**big, "tail_bm": 64}, False) if c["BLOCK_M"] == 64)

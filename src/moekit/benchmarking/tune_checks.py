@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .tune_space import without_gluon
+from .tune_forms import without_gluon
 
 
 def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:

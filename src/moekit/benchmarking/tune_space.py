@@ -7,11 +7,9 @@ A bucket's search (:func:`search`) has two short stages:
    unquantised dtypes, ``fp8``, ``4bit`` for mxfp4 / int4), drawn from the configs that won on H100
    (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
-   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, PDL toggled when asked or around an fp8
-   decode-w2 winner (fp8: the Gluon GEMMs toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled,
-   the Gluon w13's ``gluon_stack`` and ``gluon_ws`` (0 / 2) toggled, with swapped w2 tiles the Gluon decode w2's
-   ``gluon_dec`` (on / off, and 1 <-> 2: its warp-specialised form); 4-bit with swapped tiles: the register-operand Gluon GEMMs toggled); repeated once around a new
-   winner (``quick``: one round of the TMA / PDL / Gluon toggles only).
+   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, and the kernel forms and PDL
+   (:func:`.tune_forms.form_neighbours`: the Gluon GEMMs and their keys, the decode w2's two forms, the
+   register-operand 4-bit GEMMs); repeated once around a new winner (``quick``: one round of the TMA / PDL / Gluon toggles only).
 
 Every candidate takes the shape's fixed BLOCK_K and arithmetic keys (batch invariance, below), is
 clamped to the problem (BN never wider than needed), goes through the format's
@@ -29,8 +27,9 @@ from __future__ import annotations
 import json
 import time
 
-from ..ops.config_keys import gluon_rega_value, tail_conflicts
+from ..ops.config_keys import tail_conflicts
 from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
+from .tune_forms import form_neighbours
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -279,62 +278,11 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
     return out
 
 
-def without_gluon(part: dict) -> dict:
-    """A GEMM's config dict without any ``gluon*`` key: the Triton kernel at the same tiles (the same bits)."""
-    return {k: v for k, v in part.items() if not k.startswith("gluon")}
-
-
-def gluon_toggled(cfg: dict) -> dict:
-    """``cfg`` with both GEMMs' ``"gluon"`` switched the other way (set when neither has it, else removed with
-    every ``gluon_*`` key)."""
-    on = not (cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))
-    return {**cfg, **{part: {**without_gluon(cfg[part]), **({"gluon": 1} if on else {})} for part in ("w13", "w2")}}
-
-
-def rega_toggled(cfg: dict) -> dict:
-    """4-bit, both GEMMs swapped: ``cfg`` asking for the register-operand Gluon GEMMs (``"gluon_rega"``: the sum
-    pass on, w13 fused, as they need), or, when it asks for them, on the Triton GEMMs (:func:`gluon_toggled`).
-    H200 round 13: 3-12 % faster decode steps at the same tiles, slower where the inline align and fused sum
-    would have run (gpt-oss T = 1), so the tuner measures it per bucket."""
-    if cfg["w13"].get("gluon_rega") or cfg["w2"].get("gluon_rega"):
-        return gluon_toggled(cfg)
-    return {**cfg, "sum_pass": True, "w13_split": False,
-            **{part: {**without_gluon(cfg[part]), "gluon": 1, "gluon_rega": 1} for part in ("w13", "w2")}}
-
-
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
     out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)},
            {**best, "sum_pass": True}, {**best, "sum_pass": False}]  # absent: the launcher's slot bound
-    # PDL toggled; around an fp8 decode-w2 winner unasked (round 30: 1.4-2.2 µs at two T = 1 buckets, slower at one)
-    if pdl or (fam == "fp8" and best["w2"].get("gluon_dec")):
-        out.append({**best, "pdl": not best.get("pdl", False)})
-    if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
-        out.append(gluon_toggled(best))
-        if best["w2"].get("gluon") or best["w2"].get("gluon_dec") == 1:  # column tiles per program, halved / doubled
-            nt = int(best["w2"].get("gluon_nt", 1))
-            for n in (nt // 2, nt * 2):
-                if 1 <= n <= 8 and n != nt:
-                    out.append({**best, "w2": {**best["w2"], "gluon_nt": n}})
-        if best["w13"].get("gluon"):  # the Gluon w13's forms: gate | up as one wgmma, warp-specialised (2 consumers)
-            c13 = best["w13"]
-            out.append({**best, "w13": {**c13, "gluon_stack": 0 if c13.get("gluon_stack") else 1}})
-            out.append({**best, "w13": {**c13, "gluon_ws": 0 if c13.get("gluon_ws") else 2}})
-        if best["w2"].get("SWAP"):  # the Gluon decode w2 (inline layout, fused sum; where the plan takes it), or back
-            dec = int(best["w2"].get("gluon_dec", 0))
-            out.append({**best, "w2": {**best["w2"], "gluon_dec": 0 if dec else 1}})
-            if dec:  # and its other form (2: warp-specialised, one column tile per program)
-                c2 = {k: v for k, v in best["w2"].items() if k != "gluon_nt"}
-                out.append({**best, "w2": {**c2, "gluon_dec": 3 - dec}})
-    if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
-        out.append(rega_toggled(best))
-        rega = gluon_rega_value("w13", best["w13"])
-        if rega:  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
-            out.append({**best, "w13": {**best["w13"], "gluon_rega": 3 - rega}})
-            # and the ring refilled a step earlier, in both GEMMs (round 20: faster or slower by bucket), or back
-            early = 0 if best["w13"].get("gluon_early") else 1
-            out.append({**best, **{part: {**best[part], "gluon_early": early} for part in ("w13", "w2")
-                                   if gluon_rega_value(part, best[part])}})
+    out += form_neighbours(best, pdl, fam)
     bm, tail = int(best["BLOCK_M"]), int(best.get("tail_bm", 0))
     for v in (0, 32, 64):  # tail blocks (the Triton GEMMs, unswapped; fp8 wgmma: >= 64 rows)
         if v != tail and v < bm and not (fam == "fp8" and 0 < v < 64):
