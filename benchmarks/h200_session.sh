@@ -739,6 +739,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r31-g)  # round 31, after the review: the decode w2's warp-specialised form on fp8_w2_ws's K loop (its SWAP form; the
+    # sum-pass persistent kernel's SASS the same but for register names): both forms' bit tests
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r31g-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec.py \
+      tests/ops/test_gluon_fp8.py -k "dec or gluon_ws_same_bits or under_cuda_graph"
+    ;;
   r31-f)  # round 31, for the next round: Mixtral fp8 T = 1 / 2's w13 (now most of the step) in other tiles: BN 64 (448
     # programs, the w2 input quantised in its own pass), 4 warps at BN 128
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

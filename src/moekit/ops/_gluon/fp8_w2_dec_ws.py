@@ -16,8 +16,8 @@ per step at ~4.5 cycles each (round 28's Nsight reading: one warp issues every 4
 Here a producer warp does every load: per step it waits ``empty[s]``, copies the step's scales (``s_x`` of the
 block's BM rows and ``S``, replicated per row) into the slot with ``cp.async`` (one ``full[s]`` arrival per lane once
 landed), ``expect``s both tiles' bytes and issues their TMA loads onto ``full[s]``. The consumer warpgroup waits
-``full[s]``, reads the scales from the slot, runs step k's wgmma while promoting step k - 1 (steps in pairs, two
-fixed accumulators, as :mod:`.fp8_w2_ws`) and frees the slot once that wgmma was waited for: its K loop has no global
+``full[s]``, reads the scales from the slot, runs step k's wgmma while promoting step k - 1 (:mod:`.fp8_w2_ws`'s K
+loop with ``SWAP``: steps in pairs, two fixed accumulators) and frees the slot once that wgmma was waited for: its K loop has no global
 load and no TMA issue. ``PDL``: the producer requests its first ``STAGES`` weight tiles before the grid wait, the
 activations and scales after it; the consumer waits for the grid before its first step (the semaphores and ``part``
 it touches are the kernels' before it). Registers: ``.maxnreg`` 128 over the 8 warps (the producer's warpgroup is
@@ -31,10 +31,11 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from .common import grid_wait, pid_to_tile, ring_barriers
 from .fp8_w2_dec import _combine, block_layout, part_store
+from .fp8_w2_ws import _mma, _steps
 
 #: registers per thread of the producer warp (its warpgroup is padded with idle warps that get as many)
 PRODUCER_REGS = gl.constexpr(40)
@@ -77,35 +78,6 @@ def _produce(ring, a_desc, w_desc, as_ptr, ws_ptr, e, pid_m, pid_n, H, I, stride
 
 
 @gluon.jit
-def _mma(ring, g, zero, STAGES: gl.constexpr, BK: gl.constexpr, TOK_L: gl.constexpr):
-    """Wait for step ``g``'s tiles and scales, start its wgmma (weight rows on M, fresh accumulator): (token, the
-    step's scale per token column, S · s_x as fp8_w2_dec's ``_scale``)."""
-    a_smem, w_smem, sa_smem, sw_smem, full, empty = ring
-    s = g % STAGES
-    mbarrier.wait(full.index(s), (g // STAGES) & 1)
-    sc = sw_smem.index(s).load(TOK_L) * sa_smem.index(s).load(TOK_L)
-    t = warpgroup_mma(w_smem.index(s), a_smem.index(s).permute((1, 0)), zero, use_acc=False,
-                      max_num_imprecise_acc=BK, is_async=True)
-    return t, sc
-
-
-@gluon.jit
-def _release(empty, g, STAGES: gl.constexpr):
-    """Step ``g``'s wgmma was waited for by every warp of the consumer: its slot may be refilled."""
-    gl.thread_barrier()
-    mbarrier.arrive(empty.index(g % STAGES), count=1)
-
-
-@gluon.jit
-def _turn(t, sc, acc, j, ring, zero, STAGES: gl.constexpr, BK: gl.constexpr, TOK_L: gl.constexpr):
-    """Wait for step ``j``'s wgmma, start step j + 1's, free step j's slot and promote step j while j + 1 runs."""
-    c, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t, acc))
-    t_next, sc_next = _mma(ring, j + 1, zero, STAGES, BK, TOK_L)
-    _release(ring[5], j, STAGES)
-    return t_next, sc_next, gl.fma(c, sc[None, :], acc)
-
-
-@gluon.jit
 def _consume(ring, e, valid2, slot2, loc_j, pid_n, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, part_ptr, sem_ptr,
              live_ptr, H, I, E_local, E_global, K, S, NBN, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, SP: gl.constexpr, STAGES: gl.constexpr,
@@ -120,22 +92,11 @@ def _consume(ring, e, valid2, slot2, loc_j, pid_n, b2_ptr, out_ptr, tw_ptr, ids_
     valid = gl.convert_layout(valid2, tok_l)
     slot = gl.convert_layout(slot2, tok_l)
     zero = gl.zeros([BN, BM], gl.float32, layout=mma_l)
-    nk = gl.cdiv(I, BK)
-    empty = ring[5]
-    acc = zero
-    t0, sc0 = _mma(ring, 0, zero, STAGES, BK, tok_l)
-    for k in range(1, nk - 1, 2):  # steps in pairs: t0 in flight across the back edge
-        t1, sc1, acc = _turn(t0, sc0, acc, k - 1, ring, zero, STAGES, BK, tok_l)
-        t0, sc0, acc = _turn(t1, sc1, acc, k, ring, zero, STAGES, BK, tok_l)
-    if nk % 2 == 0:  # two steps left (nk - 2 in flight), else one
-        t1, sc1, acc = _turn(t0, sc0, acc, nk - 2, ring, zero, STAGES, BK, tok_l)
-        last, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t1, acc))
-        _release(empty, nk - 1, STAGES)
-        acc = gl.fma(last, sc1[None, :], acc)
-    else:
-        last, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t0, acc))
-        _release(empty, nk - 1, STAGES)
-        acc = gl.fma(last, sc0[None, :], acc)
+    a_smem, w_smem, sa_smem, sw_smem, full, empty = ring
+    # fp8_w2_ws's K loop in the swapped orientation (ring 0): the scales along the accumulator's columns
+    t0, sa0, sw0 = _mma(a_smem, w_smem, sa_smem, sw_smem, full, 0, zero, 0, STAGES, BK, tok_l, True)
+    acc = _steps(t0, sa0, sw0, a_smem, w_smem, sa_smem, sw_smem, full, empty, 0, gl.cdiv(I, BK), zero, 0, STAGES, BK,
+                 tok_l, True)
     part_store(acc, e, slot, valid, pid_n, b2_ptr, tw_ptr, part_ptr, H, K, stride_be, stride_twt, stride_pr, BN, col_l,
                HAS_BIAS, ON_INPUT)  # then the slot-order sum
     _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc_j, slot2, valid2, pid_n, H, K, NBN,

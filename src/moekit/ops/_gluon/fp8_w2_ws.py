@@ -115,15 +115,31 @@ def _produce(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr,
 
 @gluon.jit
 def _mma(a_smem, w_smem, sa_smem, sw_smem, full, g, zero, RING: gl.constexpr, STAGES: gl.constexpr,
-         BK: gl.constexpr, ROW_L: gl.constexpr):
-    """Wait for ring step ``g``'s tiles and scales, start its wgmma (fresh accumulator): (token, s_x rows, S)."""
+         BK: gl.constexpr, ROW_L: gl.constexpr, SWAP: gl.constexpr = False):
+    """Wait for ring step ``g``'s tiles and scales, start its wgmma (fresh accumulator): (token, s_x rows, S).
+    ``SWAP``: the weight rows on the wgmma's M side (:mod:`.fp8_w2_dec_ws`: accumulator [BN, BM], ``ROW_L`` along
+    its columns)."""
     s = RING + g % STAGES
     mbarrier.wait(full.index(s), (g // STAGES) & 1)
     sa = sa_smem.index(s).load(ROW_L)
     sw = sw_smem.index(s).load(ROW_L)
-    t = warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False,
-                      max_num_imprecise_acc=BK, is_async=True)
+    if SWAP:
+        t = warpgroup_mma(w_smem.index(s), a_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                          max_num_imprecise_acc=BK, is_async=True)
+    else:
+        t = warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                          max_num_imprecise_acc=BK, is_async=True)
     return t, sa, sw
+
+
+@gluon.jit
+def _promote(c, sa, sw, acc, SWAP: gl.constexpr):
+    """``acc + c · (s_x · S)``, the scale per accumulator row (per column with ``SWAP``)."""
+    if SWAP:
+        acc = gl.fma(c, (sa * sw)[None, :], acc)
+    else:
+        acc = gl.fma(c, (sa * sw)[:, None], acc)
+    return acc
 
 
 @gluon.jit
@@ -135,39 +151,40 @@ def _release(empty, g, RING: gl.constexpr, STAGES: gl.constexpr):
 
 @gluon.jit
 def _turn(t, sa, sw, acc, j, a_smem, w_smem, sa_smem, sw_smem, full, empty, zero, RING: gl.constexpr,
-          STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr):
+          STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr, SWAP: gl.constexpr = False):
     """Wait for ring step ``j``'s wgmma (token ``t``), start step j + 1's, free step j's slot and promote step j
     (``sa · sw``, read from the slot before) while j + 1 runs: (step j + 1's token and scales, acc)."""
     # acc passes through the wait: the promotion before stays before it (LLVM would sink it past the next
     # wgmma, keeping two finished products live: more registers than a consumer has)
     c, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t, acc))
-    t_next, sa_next, sw_next = _mma(a_smem, w_smem, sa_smem, sw_smem, full, j + 1, zero, RING, STAGES, BK, ROW_L)
+    t_next, sa_next, sw_next = _mma(a_smem, w_smem, sa_smem, sw_smem, full, j + 1, zero, RING, STAGES, BK, ROW_L,
+                                    SWAP)
     _release(empty, j, RING, STAGES)
-    return t_next, sa_next, sw_next, gl.fma(c, (sa * sw)[:, None], acc)
+    return t_next, sa_next, sw_next, _promote(c, sa, sw, acc, SWAP)
 
 
 @gluon.jit
 def _steps(t0, sa0, sw0, a_smem, w_smem, sa_smem, sw_smem, full, empty, g, nk, zero, RING: gl.constexpr,
-           STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr):
+           STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr, SWAP: gl.constexpr = False):
     """One tile's K loop from ring step ``g`` (its first wgmma already started: token ``t0``, scales ``sa0``,
     ``sw0``). Steps go in pairs: the tokens alternate between two names (t0 in flight across the back edge), so
     no in-flight accumulator is carried into a register that must move."""
     acc = gl.zeros_like(zero)
     for k in range(1, nk - 1, 2):
         t1, sa1, sw1, acc = _turn(t0, sa0, sw0, acc, g + k - 1, a_smem, w_smem, sa_smem, sw_smem, full, empty, zero,
-                                  RING, STAGES, BK, ROW_L)
+                                  RING, STAGES, BK, ROW_L, SWAP)
         t0, sa0, sw0, acc = _turn(t1, sa1, sw1, acc, g + k, a_smem, w_smem, sa_smem, sw_smem, full, empty, zero,
-                                  RING, STAGES, BK, ROW_L)
+                                  RING, STAGES, BK, ROW_L, SWAP)
     if nk % 2 == 0:  # two steps left (nk - 2 in flight), else one
         t1, sa1, sw1, acc = _turn(t0, sa0, sw0, acc, g + nk - 2, a_smem, w_smem, sa_smem, sw_smem, full, empty,
-                                  zero, RING, STAGES, BK, ROW_L)
+                                  zero, RING, STAGES, BK, ROW_L, SWAP)
         last, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t1, acc))
         _release(empty, g + nk - 1, RING, STAGES)
-        acc = gl.fma(last, (sa1 * sw1)[:, None], acc)
+        acc = _promote(last, sa1, sw1, acc, SWAP)
     else:
         last, acc = warpgroup_mma_wait(num_outstanding=0, deps=(t0, acc))
         _release(empty, g + nk - 1, RING, STAGES)
-        acc = gl.fma(last, (sa0 * sw0)[:, None], acc)
+        acc = _promote(last, sa0, sw0, acc, SWAP)
     return acc
 
 
