@@ -306,10 +306,10 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
 
     mods = [align, combine, epilogue, grouped_gemm, quant]
     if gluon:
-        from moekit.ops._gluon import (fp8_w2, fp8_w2_dec, fp8_w2_dec_ws, fp8_w2_ws, fp8_w13, fp8_w13_ws, w4, w4_rega,
-                                       w4_ws)
+        from moekit.ops._gluon import (fp8_w2, fp8_w2_dec, fp8_w2_dec_ws, fp8_w2_ws, fp8_w13, fp8_w13_dec, fp8_w13_ws,
+                                       w4, w4_rega, w4_ws)
 
-        mods += [fp8_w2, fp8_w2_dec, fp8_w2_dec_ws, fp8_w2_ws, fp8_w13, fp8_w13_ws, w4, w4_rega, w4_ws]
+        mods += [fp8_w2, fp8_w2_dec, fp8_w2_dec_ws, fp8_w2_ws, fp8_w13, fp8_w13_dec, fp8_w13_ws, w4, w4_rega, w4_ws]
     for mod in mods:
         for name in dir(mod):
             obj = getattr(mod, name)

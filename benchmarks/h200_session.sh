@@ -739,6 +739,16 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-a)  # round 32: the Gluon fp8 decode w13 ("w13": {"gluon_dec": 1}: loads in a producer warp, first weight tiles
+    # before the grid wait under PDL): its GPU bit tests, then experts-step µs per kernel at the T = 1 / 2 points against
+    # the shipped rows, alternated twice (d13: the table's ring depth; d13s6: 6 slots, at most what 200 KB holds)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32a-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec13.py
+    step r32a-profile 300 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"d13": {"w13": {"gluon_dec": 1}}, "d13s6": {"w13": {"gluon_dec": 1, "num_stages": 6}}}' \
+      --variants base,d13,d13s6,d13+pdl,base,d13,d13s6,d13+pdl \
+      --points mixtral-8x7b:1,mixtral-8x7b:2,deepseek-v3:1,gpt-oss-120b:1,qwen3-30b-a3b:1 --out "$OUT/r32a-profile.json"
+    ;;
   r31-g)  # round 31, after the review: the decode w2's warp-specialised form on fp8_w2_ws's K loop (its SWAP form; the
     # sum-pass persistent kernel's SASS the same but for register names): both forms' bit tests
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

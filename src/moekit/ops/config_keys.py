@@ -26,12 +26,17 @@ def gluon_nt_value(part: str, cfg_part: dict) -> int:
     return v
 
 
-def gluon_dec_value(cfg_part: dict) -> int:
-    """The w2 config's ``"gluon_dec"`` key (0 when absent): 0 off, 1 the Gluon fp8 decode w2
+def gluon_dec_value(cfg_part: dict, part: str = "w2") -> int:
+    """The ``"gluon_dec"`` key of config part ``part`` (0 when absent). ``"w2"``: 0 off, 1 the Gluon fp8 decode w2
     (:mod:`moekit.ops._gluon.fp8_w2_dec`), 2 its warp-specialised form (the loads in a producer warp,
-    :mod:`moekit.ops._gluon.fp8_w2_dec_ws`: one column tile per program, so ``"gluon_nt"`` must be 1); a bool is
-    0 / 1. Else ``ValueError`` naming the key, the value and what is expected."""
+    :mod:`moekit.ops._gluon.fp8_w2_dec_ws`: one column tile per program, so ``"gluon_nt"`` must be 1). ``"w13"``: 0
+    off, 1 the Gluon fp8 decode w13 (:mod:`moekit.ops._gluon.fp8_w13_dec`, warp-specialised). A bool is 0 / 1. Else
+    ``ValueError`` naming the part, the key, the value and what is expected."""
     v = cfg_part.get("gluon_dec", 0)
+    if part == "w13":
+        if not isinstance(v, int) or v not in (0, 1):
+            raise ValueError(f'config "w13": "gluon_dec" = {v!r}, expected 0 or 1 (off, the Gluon fp8 decode w13)')
+        return int(v)
     if not isinstance(v, int) or v not in (0, 1, 2):
         raise ValueError(f'config "w2": "gluon_dec" = {v!r}, expected 0, 1 or 2 (off, the Gluon fp8 decode w2, its '
                          f'warp-specialised form)')

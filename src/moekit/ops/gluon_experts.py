@@ -177,6 +177,55 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
     launch(fp8_w2_dec_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *args, NT=nt, maxnreg=_FP8_DEC_REGS, **consts)
 
 
+#: registers per thread of the Gluon fp8 decode w13's 8 warps (the consumer warpgroup, the producer's padded one): two
+#: programs per SM (with 3 ring slots of 128-row gate and up tiles, 105 KB of shared memory each)
+_FP8_DEC13_REGS = 128
+
+
+def fp8_w13_dec_ok(p, q, w1: torch.Tensor, interp: bool) -> bool:
+    """The plan asked for the Gluon fp8 decode w13 (w13 config ``"gluon_dec": 1``, :mod:`._gluon.fp8_w13_dec`) and it
+    computes the Triton w13's bits here: fp8 block weights with the K step = one scale block (``fp8_acc`` = BK),
+    swapped tiles of 64 or 128 weight rows (one weight scale per tile: BN divides the scale block) and 16-64 token
+    rows, TMA-able weight rows. With the plan's ``"pdl"`` it is launched as a programmatic dependent of the input
+    quantiser and requests its first weight tiles before its grid wait."""
+    if not p.w13_gluon_dec or q is None or q.spec.code != FP8_BLOCK or interp or not _device_ok(w1):
+        return False
+    return (q.common["FP8_ACC"] == p.bk13 == q.spec.block_k and q.ws13["ws_qbn"] % p.bn13 == 0
+            and p.bn13 in (64, 128) and p.bm in (16, 32, 64) and p.w13_kw["SWAP"]
+            and (w1.shape[2] * w1.element_size()) % 16 == 0)
+
+
+def launch_fp8_w13_dec(launch, p, q, xq, w1, b1, inter_buf, out, tw, ids, emap, sem, layout, h, inter, k, t,
+                       w13_kw: dict, pdl: bool = False) -> None:
+    """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, quantised per row of a BN = group tile (``REQ`` 1)
+    or rounded (``REQ`` 0), over the decode plan's rows: the inline layout (program 0 also zeroes w2's semaphores and
+    the output rows of tokens with no live slot) or, past it, the align kernel's ``layout`` = (counts, row_start,
+    sorted). xq: [T, H] e4m3 with ``w13_kw["xs_ptr"]`` [T, cdiv(H, bk)]; ``pdl``: a programmatic dependent launch."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ._gluon.fp8_w13_dec import fp8_w13_dec_kernel
+
+    bm, bn, bk = p.bm, p.bn13, p.bk13
+    w_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [bn, bk],
+                                          gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
+    ws, kw = q.ws13, w13_kw
+    req = int(kw.get("REQ", 0))
+    stages = max(2, min(int(kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
+    launch(fp8_w13_dec_kernel, p.grid13, xq, w_desc, kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1,
+           inter_buf, kw["is_ptr"] if req else inter_buf, out, ids, tw, emap, sem, *layout,
+           h, inter, w1.shape[1], w1.shape[0], p.e_global, k, t, p.nbn, p.num_pid_m, p.limit_arg,
+           xq.stride(0), kw["stride_xst"], ws["stride_wse"], ws["stride_wsn"], ws["ws_shard"],
+           b1.stride(0) if b1 is not None else 0, inter_buf.stride(0), int(kw.get("stride_isr", 0)), ids.stride(0),
+           tw.stride(0), out.stride(0),
+           BM=bm, BN=bn, BK=bk, QBN=int(ws["ws_qbn"]), GROUP_M=int(kw["GROUP_M"]), SP=int(kw["SP"]), TP=int(kw["TP"]),
+           STAGES=stages, ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], REQ=req,
+           UE8M0=bool(kw.get("UE8M0", False)), HAS_MAP=bool(kw["HAS_MAP"]), SKIP_ZERO=bool(kw["SKIP_ZERO"]),
+           COMBINE=bool(kw["COMBINE"]), EVEN_K=bool(kw["EVEN_K"]), INLINE=p.align == "inline",
+           BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC13_REGS,
+           **({"PDL": True, "launch_pdl": True} if pdl else {}))
+
+
 def fp8_w13_ok(p, q, w1: torch.Tensor, tma: bool, interp: bool) -> bool:
     """As :func:`fp8_w2_ok` for w13 (gated, fused epilogue, the w2 input stored in the params dtype or quantised
     per row of a BN = group tile), with weight rows by TMA (config ``"tma"``)."""

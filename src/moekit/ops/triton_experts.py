@@ -216,11 +216,16 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     gluon13 = gluon_experts.fp8_w13_ok(p, q, w1, use_tma, _interpreting())  # same bits, overlapped promotion
     # the warp-specialised fp8 w13 reads its rows by TMA: the input quantiser writes them in sorted order
     ws13 = gluon13 and gluon_experts.fp8_w13_ws_ok(p) and gluon_experts.fp8_w13_ws_rows_ok(h)
+    # programmatic dependent launch (config "pdl": true; sm_90+, compiled kernels only): each GEMM
+    # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
+    pdl = p.want_pdl and _pdl_ok(dev)
+    dec13 = gluon_experts.fp8_w13_dec_ok(p, q, w1, _interpreting())  # decode: same bits, loads in a producer warp
     if q is None:
         inter_w2 = inter_buf
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
         a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
-                                                      (slot_loc, slot_rank, row_start) if ws13 else None)
+                                                      (slot_loc, slot_rank, row_start) if ws13 else None,
+                                                      early=dec13 and pdl)
         # fp8: the input quantiser applied the routing weight already
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)
@@ -231,9 +236,6 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [p.bn13, p.bk13])
         w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [p.bn2, p.bk2])
         inter_desc = TensorDescriptor.from_tensor(inter_w2, [p.bm, p.bk2])
-    # programmatic dependent launch (config "pdl": true; sm_90+, compiled kernels only): each GEMM
-    # launch overlaps the tail of the kernel before it (H100, Qwen3-30B-A3B T=1: 39.9 -> 38.6 µs)
-    pdl = p.want_pdl and _pdl_ok(dev)
     flags = dict(USE_TMA=w1_desc is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     w13_out = inter_buf
     if p.split:  # fp32 gate | up outputs, then the epilogue pass writes inter_buf (as the fused w13 would)
@@ -241,7 +243,10 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         epi = {n: w13_kw[n] for n in ("REQ", "is_ptr", "stride_isr", "qs_ptr", "UE8M0") if n in w13_kw}
         w13_kw = dict(w13_kw, REQ=0)
     blk_ready = False  # the persistent Gluon GEMMs' block -> expert table (blk) is written
-    if gluon13:
+    if dec13:
+        gluon_experts.launch_fp8_w13_dec(launch, p, q, a13, w1, b1, w13_out, out, tw, ids, emap_arg, sem,
+                                         (counts, row_start, sorted_slot), h, inter, k, t, w13_kw, pdl)
+    elif gluon13:
         blk_ready = gluon_experts.launch_fp8_w13(launch, p, q, a13, w1, b1, w13_out, out, counts, row_start,
                                                  sorted_slot, blk, h, inter, k, w13_kw, ws13)
     elif gluon_w4.w4_ok(p, q, "w13", w1, x, _interpreting()):  # same bits, decoded into shared memory

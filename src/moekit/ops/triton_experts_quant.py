@@ -98,11 +98,12 @@ class QuantLaunch:
         return xq + k * inter * 2 + 16 * k + 2 * k * h
 
     def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None,
-                  pdl=False):
+                  pdl=False, early=False):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
         ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
         sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots); ``pdl``: a
-        programmatic dependent launch (``act_quant_kernel``'s ``PDL``)."""
+        programmatic dependent launch (``act_quant_kernel``'s ``PDL``); ``early``: its ``PDL`` in a plain launch
+        (the launch after it may begin at once)."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -124,7 +125,7 @@ class QuantLaunch:
                    src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
                    ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot,
-                   **({"PDL": True, "launch_pdl": True} if pdl else {}))
+                   **({"PDL": True, "launch_pdl": True} if pdl else {"PDL": True} if early else {}))
         return xq, xs, (xs.stride(0) if mode < 2 else 0)
 
     def _quantise_sorted(self, x, tw, rows: int, layout: tuple, on_input: bool, interp: bool, launch):
@@ -144,10 +145,12 @@ class QuantLaunch:
                    UE8M0=self.spec.ue8m0, ON_INPUT=on_input, INTERP=interp, num_warps=4)
         return xq, xs, xs.stride(0)
 
-    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None):
+    def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None,
+              early: bool = False):
         """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs). ``sorted_layout``
         (fp8 block, for the warp-specialised Gluon w13): the align kernel's (loc, rank, row_start); w13's A
-        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`)."""
+        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``early`` (a plain launch that
+        lets its programmatic dependent, the Gluon decode w13, begin at once): the input quantiser's ``PDL``."""
         n_inter = self._inter
         dev, sp = x.device, self.spec
         kw13 = dict(self.common, **self.ws13, W_ALIGN=self.w_align[0])
@@ -158,7 +161,8 @@ class QuantLaunch:
         if sorted_layout is not None:
             xq, xs, sxs = self._quantise_sorted(x, tw, rows, sorted_layout, on_input, interp, launch)
         else:
-            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw)
+            xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw,
+                                         early=early)
         kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
         self._post = None
         if self.fused_req:  # w2's input quantised in the w13 epilogue

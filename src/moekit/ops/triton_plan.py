@@ -79,6 +79,8 @@ class LaunchPlan:
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
     w2_gluon_dec: int  # w2 config "gluon_dec" (swapped tiles, fused sum; any align layout): the Gluon fp8 decode w2
     #                  (1), its warp-specialised form (2); 0: off
+    w13_gluon_dec: bool  # w13 config "gluon_dec" (gated, fused epilogue, BLOCK_M tiles; any align layout): the Gluon
+    #                    fp8 decode w13, if its launcher finds it may run (swapped tiles, ...)
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
 
 
@@ -119,6 +121,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     sp, tp = max(16, triton.next_power_of_2(slots)), max(16, triton.next_power_of_2(t))
     ws = tuple(gluon_ws_value(part, c) for part, c in (("w13", c13), ("w2", c2)))
     dec = gluon_dec_value(c2)  # validated whether or not this chunk's plan can run it
+    dec13 = gluon_dec_value(c13, "w13")
     # block_expert [num_pid_m]: the persistent Gluon GEMMs' block -> expert table (gluon_experts.launch_block_table)
     table = num_pid_m if any(ws) else 1
     i32_sizes = tuple(_pad(n) for n in (e_local + 1, slots, slots, t, e_local, rows, table, t * nbn if sems else 1))
@@ -161,4 +164,5 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
         # the Gluon decode w2: swapped tiles (checked by its launcher), the fused sum, BLOCK_M tiles only
         w2_gluon_dec=dec if sems and not tail else 0,
+        w13_gluon_dec=bool(dec13) and gated and not split and not tail,
     )

@@ -131,3 +131,12 @@ def grid_wait():
     """``griddepcontrol.wait``: this grid was launched as a programmatic dependent of the kernel before it; wait
     until that grid has completed and its memory is visible (a no-op without the launch attribute)."""
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def grid_launch_dependents():
+    """``griddepcontrol.launch_dependents``: the grid launched as this one's programmatic dependent may start once
+    every program of this grid has made this call or exited (it still waits for this grid before reading what it
+    writes: :func:`grid_wait`)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)

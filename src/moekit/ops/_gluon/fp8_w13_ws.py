@@ -119,9 +119,11 @@ def _produce(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr,
 
 @gluon.jit
 def _mma2(ring, g, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr, ROW_L: gl.constexpr,
-          ROW0: gl.constexpr, BMC: gl.constexpr):
+          ROW0: gl.constexpr, BMC: gl.constexpr, SWAP: gl.constexpr = False):
     """Wait for ring step ``g``'s rows, tiles and scales, start its gate and up wgmmas (fresh accumulators) on the
-    consumer's rows [ROW0, ROW0 + BMC) of the slot: (the two tokens, the rows' gate and up scales ``s_x · S``)."""
+    consumer's rows [ROW0, ROW0 + BMC) of the slot: (the two tokens, the rows' gate and up scales ``s_x · S``).
+    ``SWAP``: the weight rows on the wgmma's M side (:mod:`.fp8_w13_dec`: accumulators [BN, BM], ``ROW_L`` along
+    their columns)."""
     a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty = ring
     s = RING + g % STAGES
     mbarrier.wait(full.index(s), (g // STAGES) & 1)  # rows and weight tiles by TMA, the scales by cp.async
@@ -129,11 +131,26 @@ def _mma2(ring, g, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.conste
     sg = sg_smem.index(s).slice(ROW0, BMC).load(ROW_L)
     su = su_smem.index(s).slice(ROW0, BMC).load(ROW_L)
     a = a_smem.index(s).slice(ROW0, BMC)
-    tg = warpgroup_mma(a, w_smem.index(2 * s).permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=BK,
-                       is_async=True)
-    tu = warpgroup_mma(a, w_smem.index(2 * s + 1).permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=BK,
-                       is_async=True)
+    if SWAP:
+        tg = warpgroup_mma(w_smem.index(2 * s), a.permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=BK,
+                           is_async=True)
+        tu = warpgroup_mma(w_smem.index(2 * s + 1), a.permute((1, 0)), zero, use_acc=False,
+                           max_num_imprecise_acc=BK, is_async=True)
+    else:
+        tg = warpgroup_mma(a, w_smem.index(2 * s).permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=BK,
+                           is_async=True)
+        tu = warpgroup_mma(a, w_smem.index(2 * s + 1).permute((1, 0)), zero, use_acc=False,
+                           max_num_imprecise_acc=BK, is_async=True)
     return tg, tu, sa * sg, sa * su
+
+
+@gluon.jit
+def _promote2(cg, cu, pg, pu, acc_g, acc_u, SWAP: gl.constexpr):
+    """``acc + c · p`` for the gate and the up product, the scale per accumulator row (per column with ``SWAP``)."""
+    if SWAP:
+        return gl.fma(cg, pg[None, :], acc_g), gl.fma(cu, pu[None, :], acc_u)
+    else:
+        return gl.fma(cg, pg[:, None], acc_g), gl.fma(cu, pu[:, None], acc_u)
 
 
 @gluon.jit
@@ -146,42 +163,44 @@ def _release(ring, g, RING: gl.constexpr, STAGES: gl.constexpr):
 
 @gluon.jit
 def _turn(tg, tu, pg, pu, acc_g, acc_u, j, ring, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr,
-          ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
+          ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr, SWAP: gl.constexpr = False):
     """Wait for ring step ``j``'s wgmmas, start step j + 1's, free step j's slot and promote step j (scales
     ``pg``, ``pu``) while j + 1 runs: (step j + 1's tokens and scales, acc_g, acc_u)."""
     # the accumulators pass through the wait: the promotion before stays before it (as in fp8_w2_ws)
     cg, cu, acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(tg, tu, acc_g, acc_u))
-    tg1, tu1, pg1, pu1 = _mma2(ring, j + 1, zero, RING, STAGES, BK, ROW_L, ROW0, BMC)
+    tg1, tu1, pg1, pu1 = _mma2(ring, j + 1, zero, RING, STAGES, BK, ROW_L, ROW0, BMC, SWAP)
     _release(ring, j, RING, STAGES)
-    return tg1, tu1, pg1, pu1, gl.fma(cg, pg[:, None], acc_g), gl.fma(cu, pu[:, None], acc_u)
+    acc_g, acc_u = _promote2(cg, cu, pg, pu, acc_g, acc_u, SWAP)
+    return tg1, tu1, pg1, pu1, acc_g, acc_u
 
 
 @gluon.jit
-def _last(tg, tu, pg, pu, acc_g, acc_u, j, ring, RING: gl.constexpr, STAGES: gl.constexpr):
+def _last(tg, tu, pg, pu, acc_g, acc_u, j, ring, RING: gl.constexpr, STAGES: gl.constexpr,
+          SWAP: gl.constexpr = False):
     """The tile's last step ``j``: wait for its wgmmas, free its slot, promote it."""
     cg, cu, acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(tg, tu, acc_g, acc_u))
     _release(ring, j, RING, STAGES)
-    return gl.fma(cg, pg[:, None], acc_g), gl.fma(cu, pu[:, None], acc_u)
+    return _promote2(cg, cu, pg, pu, acc_g, acc_u, SWAP)
 
 
 @gluon.jit
 def _steps(tg, tu, pg, pu, ring, g, nk, zero, RING: gl.constexpr, STAGES: gl.constexpr, BK: gl.constexpr,
-           ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr):
+           ROW_L: gl.constexpr, ROW0: gl.constexpr, BMC: gl.constexpr, SWAP: gl.constexpr = False):
     """One tile's K loop from ring step ``g`` (its first wgmmas already started), steps in pairs (the in-flight
     tokens alternate between two names, so none is carried into a register that must move): (acc_g, acc_u)."""
     acc_g = gl.zeros_like(zero)
     acc_u = gl.zeros_like(zero)
     for k in range(1, nk - 1, 2):
         tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + k - 1, ring, zero, RING, STAGES,
-                                                 BK, ROW_L, ROW0, BMC)
+                                                 BK, ROW_L, ROW0, BMC, SWAP)
         tg, tu, pg, pu, acc_g, acc_u = _turn(tg1, tu1, pg1, pu1, acc_g, acc_u, g + k, ring, zero, RING, STAGES, BK,
-                                             ROW_L, ROW0, BMC)
+                                             ROW_L, ROW0, BMC, SWAP)
     if nk % 2 == 0:  # two steps left (nk - 2 in flight), else one
         tg1, tu1, pg1, pu1, acc_g, acc_u = _turn(tg, tu, pg, pu, acc_g, acc_u, g + nk - 2, ring, zero, RING, STAGES,
-                                                 BK, ROW_L, ROW0, BMC)
-        acc_g, acc_u = _last(tg1, tu1, pg1, pu1, acc_g, acc_u, g + nk - 1, ring, RING, STAGES)
+                                                 BK, ROW_L, ROW0, BMC, SWAP)
+        acc_g, acc_u = _last(tg1, tu1, pg1, pu1, acc_g, acc_u, g + nk - 1, ring, RING, STAGES, SWAP)
     else:
-        acc_g, acc_u = _last(tg, tu, pg, pu, acc_g, acc_u, g + nk - 1, ring, RING, STAGES)
+        acc_g, acc_u = _last(tg, tu, pg, pu, acc_g, acc_u, g + nk - 1, ring, RING, STAGES, SWAP)
     return acc_g, acc_u
 
 

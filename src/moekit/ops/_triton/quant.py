@@ -323,7 +323,9 @@ def act_quant_kernel(
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
     rows, which no GEMM output reads, are skipped (at decode most rows are padding).
     ``PDL`` (launched as a programmatic dependent of the w13 GEMM): let the w2 launch begin at once (its programs
-    read only the routing and their weights before their own grid wait), then wait for w13's grid."""
+    read only the routing and their weights before their own grid wait), then wait for w13's grid. The layer's input
+    quantiser before the Gluon decode w13 takes ``PDL`` as a plain launch (its grid wait a no-op): the w13 launch
+    begins at once and requests its first weight tiles while the input is quantised."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()

@@ -1,0 +1,208 @@
+"""The Gluon fp8 decode w13 (:mod:`moekit.ops._gluon.fp8_w13_dec`, w13 config ``"gluon_dec": 1``) against Triton's.
+
+It replaces the Triton w13 of the fp8 decode buckets (swapped tiles, the layout derived in registers, w2's input
+quantised in the epilogue) and must give its bits: the same wgmmas per K step, the same scale product and fma, the
+same epilogue; only the schedule differs (a producer warp issues every load, the consumer's step k runs while step
+k - 1 is promoted). In the inline layout its program 0 also zeroes what the align kernel would (w2's semaphores, the
+output rows of tokens without a live slot). On CPU: the plan takes it only for a gated, fused w13, a bad value is
+refused, and it compiles for sm_90 with the launcher's arguments, with no load in the consumer's K loop. On the H200
+(``gpu``): bit-identical outputs over the awkward decode shapes, with and without programmatic dependent launches, in
+a CUDA graph and compiled.
+"""
+
+import pytest
+
+import torch
+
+pytest.importorskip("triton")
+
+from compile_check import run_compiled  # noqa: E402
+from moekit.ops import gluon_experts  # noqa: E402
+from moekit.ops.formats import Fp8BlockFormat  # noqa: E402
+from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
+from small_experts import assert_compiled_and_graphed_bits, count_calls, quantised_run  # noqa: E402
+
+
+def _cfg(dec13: bool, bk: int = 128, bn13: int = 128, bm: int = 16, stages13: int = 3, dec2: int = 0,
+         pdl: bool = False, sum_pass: bool = False) -> dict:
+    """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon decode w13 (and
+    the decode w2 form ``dec2``), with or without programmatic dependent launches."""
+    w13 = {"BN": bn13, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": stages13}
+    w2 = {"BN": 64, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": 4}
+    if dec13:
+        w13["gluon_dec"] = 1
+    if dec2:
+        w2["gluon_dec"] = dec2
+    return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, "sum_pass": sum_pass,
+            **({"pdl": True} if pdl else {})}
+
+
+def _plan(t, k, cfg, gated=True):
+    return launch_plan(t, 512, 384, 768 if gated else 384, 16, 16, k, torch.bfloat16, 0, gated, False, False, False,
+                       False, None, False, 1024, 16, _freeze(cfg))
+
+
+@pytest.mark.parametrize("t, k, patch, gated, want", [
+    (2, 8, {}, True, True),                      # 16 slots: the inline layout, the fused sum
+    (3, 8, {}, True, True),                      # 24 slots: the align kernel's layout
+    (4, 1, {}, True, True),                      # K = 1: no top-k sum, still the decode w13
+    (2, 8, {"sum_pass": True}, True, True),      # the sum in its own pass: w13 is the same
+    (2, 8, {}, False, False),                    # not gated (relu2): no gate and up tiles
+    (2, 8, {"w13_split": True}, True, False),    # the split w13 (one accumulator, an epilogue pass)
+])
+def test_plan_takes_the_decode_w13_only_for_a_gated_fused_w13(t, k, patch, gated, want):
+    cfg = dict(_cfg(True), **patch)
+    assert _plan(t, k, cfg, gated).w13_gluon_dec == want
+    assert not _plan(t, k, _cfg(False), gated).w13_gluon_dec
+
+
+@pytest.mark.parametrize("value", [2, -1, "1", 0.5])
+def test_w13_gluon_dec_must_be_off_or_on(value):
+    # refused when the plan is made, naming the part, the key and the value, also where this chunk's plan could not
+    # run the decode w13 anyway (not gated)
+    cfg = _cfg(False)
+    cfg["w13"]["gluon_dec"] = value
+    for gated in (True, False):
+        with pytest.raises(ValueError, match=f'"w13": "gluon_dec" = {value!r}, expected 0 or 1'):
+            _plan(2, 8, cfg, gated)
+
+
+def test_the_decode_w13_compiles_without_loads_in_its_k_loop(tmp_path):
+    # the launcher's own call (the CPU tensors taken for an sm_90 GPU's) with a swapped decode config asking for the
+    # Gluon w13: it replaces Triton's w13 and compiles with exactly the launcher's arguments at 128 registers over 8
+    # warps and under half an SM's shared memory with 3 ring slots (two programs per SM), for a Mixtral-like slice
+    # (BN 128: w2's input quantised in the epilogue), DeepSeek-V3's (56 K steps, BN 64: a separate quantiser pass),
+    # gpt-oss's (swigluoai, biases, a partial last K step: 2880 = 22.5 blocks) and past the inline layout (32 slots:
+    # the align kernel's layout). With the plan's "pdl" it is a programmatic dependent and the input quantiser before
+    # it, a plain launch, takes PDL (it lets the w13 begin at once). In its sm_90 SASS: no spill, the consumer's K
+    # loop (the wgmmas) without a global load or TMA issue, the producer's loop with both weight tiles by TMA and the
+    # rows and scales by cp.async
+    run_compiled("""
+import compile_sm90 as c
+from moekit.ops import triton_experts as te
+te._pdl_ok = lambda dev: True
+base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128,
+        "w13": {"BK": 128, "BN": 128, "GROUP_M": 8, "SWAP": 1, "num_stages": 3, "num_warps": 8, "gluon_dec": 1},
+        "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 8, "num_warps": 4, "gluon_dec": 2}}
+cases = (((8, 2, 4096, 1024, "silu", False), 1, 128, True), ("deepseek", 1, 64, False), ("gpt-oss", 1, 128, True),
+         ("deepseek", 4, 128, False))
+for shape, t, bn, pdl in cases:
+    patch = dict(base, w13=dict(base["w13"], BN=bn), **({"pdl": True} if pdl else {}))
+    seen = c.launches(c.FORMATS["fp8_block"], t, shape, patch=patch, gluon=True)
+    names = [kf.__name__ for kf, _, _ in seen]
+    assert "fp8_w13_dec_kernel" in names and "w13_kernel" not in names, names
+    quant = [kw for kf, _, kw in seen if kf.__name__ == "act_quant_kernel"][0]
+    assert bool(quant.get("PDL")) == pdl and not quant.get("launch_pdl"), quant  # the input's: a plain launch
+    kf, args, kw = [x for x in seen if x[0].__name__ == "fp8_w13_dec_kernel"][0]
+    assert kw["maxnreg"] == 128 and bool(kw.get("launch_pdl")) == pdl and kw["REQ"] == (1 if bn == 128 else 0), kw
+    assert kw["INLINE"] == (t * 8 <= 16 if shape == "deepseek" else True), kw
+    k = c.compile_launch(kf, args, kw)
+    assert 2 * (k.metadata.shared + 1024) <= 228 * 1024 or bn == 128 and kw["STAGES"] > 3, k.metadata.shared
+    sass = c.sass_text(k)
+    assert "LDL" not in sass and "STL" not in sass  # no spill anywhere
+    assert ("ACQBULK" in sass) == pdl  # griddepcontrol.wait
+    mma_loops = c.inner_loops(k)
+    assert len(mma_loops) == 1, shape
+    assert not any(op in i for i in mma_loops[0] for op in ("LDG", "UTMALDG")), shape
+    assert sum("QGMMA" in i for i in mma_loops[0]) == 2 * 2 * 4 * bn // 64, shape  # 2 steps x gate, up x k32 x m64
+    tma_loops = c.inner_loops(k, "UTMALDG")
+    assert len(tma_loops) == 1 and sum("UTMALDG" in i for i in tma_loops[0]) == 2, shape
+    assert any("LDGSTS" in i for i in tma_loops[0]), shape
+print("ok")
+""", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+# (T, E, K, H, I, activation, bias, hot, expert map, scale block, w13 BN): DeepSeek-like K steps (w13: 56 over H
+# 7168), odd (H 640: 5), partial blocks with swigluoai, a limit and biases (gpt-oss: 2880 = 22.5 blocks), a hot
+# expert (8 slots of one expert: one block of 8 rows of 4 tokens), expert parallelism (half the experts local: dead
+# slots, tokens with none, whose output rows the inline prologue zeroes), 64 x 64 scale blocks, BN 64 (w2's input
+# quantised by its own pass: REQ 0), K = 1 (no semaphores). Past T·K = 16 the align kernel's layout: gpt-oss's T = 8
+# (32 slots over 128 experts), a hot expert over several blocks (80 slots), expert parallelism (40 slots).
+GPU_CASES = [
+    (1, 16, 8, 7168, 2048, "silu", False, False, False, 128, 128),
+    (2, 16, 8, 640, 384, "silu", False, False, False, 128, 128),
+    (3, 8, 4, 2880, 2880, "swigluoai", True, False, False, 128, 128),
+    (8, 16, 2, 1024, 768, "silu", False, True, False, 128, 128),
+    (4, 16, 4, 768, 1024, "silu", False, False, True, 128, 128),
+    (2, 16, 8, 1024, 512, "gelu_tanh", True, False, False, 64, 64),
+    (2, 16, 8, 1024, 1024, "silu", False, False, False, 128, 64),
+    (5, 16, 1, 1024, 512, "silu", False, False, True, 128, 128),
+    (8, 128, 4, 2880, 2880, "swigluoai", True, False, False, 128, 128),
+    (40, 16, 2, 1024, 512, "silu", False, True, False, 128, 128),
+    (10, 16, 4, 768, 1024, "silu", False, False, True, 128, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, e, k, h, i, act, bias, hot, emap, block, bn13", GPU_CASES,
+                         ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "hot", "expert_map",
+                              "block64_gelu_bias", "bn64_req0", "k1_expert_map", "aligned_gpt_oss_t8", "aligned_hot",
+                              "aligned_expert_map"])
+def test_gpu_gluon_dec13_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, hot, emap, block, bn13):
+    limit = 7.0 if act == "swigluoai" else None
+    run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
+                        limit=limit)
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13_dec")
+    ref = run(_cfg(False, block, bn13))
+    assert ref.isfinite().all() and not calls
+    n = 0
+    # ring depths 2 / 3 / 6 (a slot refilled while the consumer is on the step before), with the Triton w2, the
+    # decode w2 and its warp-specialised form after it, and as a programmatic dependent (weight tiles before the
+    # producer's grid wait; the input quantiser lets it begin)
+    for stages, dec2, pdl in ((2, 0, False), (3, 0, False), (6, 0, False), (3, 1, False), (3, 2, True), (2, 0, True)):
+        junk = torch.full_like(ref, float("nan"))  # the output's memory next: rows the prologue must zero
+        del junk
+        got = run(_cfg(True, block, bn13, stages13=stages, dec2=dec2 if k > 1 else 0, pdl=pdl))
+        n += 1
+        assert torch.equal(got, ref), (stages, dec2, pdl)
+    assert len(calls) == n  # it ran each time it was asked
+    if k > 1:  # the top-k sum in its own pass: the prologue zeroes no semaphore
+        assert torch.equal(run(_cfg(True, block, bn13, sum_pass=True)), run(_cfg(False, block, bn13, sum_pass=True)))
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_dec13_zeroes_the_rows_of_tokens_without_a_slot(monkeypatch):
+    # expert parallelism where some tokens have no local slot at all: their output rows are zero (the inline
+    # prologue of the decode w13's program 0, as the align kernel would), even over memory that held NaN
+    t, e, k = 4, 16, 2
+    run = quantised_run(Fp8BlockFormat(128, 128), "silu", False, t=t, e=e, h=1024, i=512, k=k, emap=True)
+    from small_experts import experts_problem
+
+    ids = experts_problem(torch.bfloat16, "silu", False, seed=3, t=t, e=e, h=1024, i=512, k=k)[4]
+    dead = (ids >= e // 2).all(dim=1)
+    assert dead.any() and not dead.all(), ids  # the case has both kinds of token
+    for pdl in (False, True):
+        junk = torch.full((t, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del junk
+        out = run(_cfg(True, pdl=pdl))
+        assert (out[dead] == 0).all() and out[~dead].isfinite().all()
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_dec13_under_cuda_graph_and_compile(monkeypatch):
+    # the public quantised call (the custom op) on a decode batch, its config asking for the Gluon decode w13 with
+    # programmatic launches: torch.compile(fullgraph=True) and a CUDA graph replayed on new inputs (new routing: other
+    # experts, other rows of the inline layout) give the eager bits, and the decode w13 ran
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.quantize import quantize_experts
+
+    t, e, k, h, i = 2, 16, 8, 1024, 512
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w13 = torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5
+    w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5
+    fmt = Fp8BlockFormat(128, 128)
+    q13, q2, s13, s2 = quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, dec2=2, pdl=True))
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13_dec")
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+
+    def inputs():
+        x = torch.randn(t, h, device="cuda", generator=gen).bfloat16()
+        ids = torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]).int()
+        return x, torch.rand(t, k, device="cuda", generator=gen) + 0.1, ids
+
+    assert_compiled_and_graphed_bits(f, inputs(), inputs())
+    assert calls, "the Gluon decode w13 did not run"
