@@ -739,6 +739,32 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-b)  # round 32, after r32-a (the decode w13 as fast as Triton's w13 alone; the graph faster where its PDL start
+    # overlaps the input quantiser): its ring depth, PDL and BN 128 (w2's input quantised in the w13 epilogue: one launch
+    # fewer at DeepSeek-V3 / Qwen3, whose tables have BN 64) at T = 1 and 2, alternated twice; then bf16 + fp8 layers at
+    # T = 1, 2 with the shipped table and with candidate T = 1 rows (cand/: the table with those rows patched)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32b-profile 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"d13s6": {"w13": {"gluon_dec": 1, "num_stages": 6}}, "b128": {"w13": {"gluon_dec": 1, "BN": 128, "num_warps": 8, "num_stages": 5}, "pdl": true}}' \
+      --variants base,d13s6,d13s6+pdl,b128,base,d13s6,d13s6+pdl,b128 \
+      --points deepseek-v3:1,deepseek-v3:2,qwen3-30b-a3b:1,qwen3-30b-a3b:2,gpt-oss-120b:1,gpt-oss-120b:2 \
+      --out "$OUT/r32b-profile.json"
+    mkdir -p "$OUT/cand"
+    python - "$OUT/cand/NVIDIA_H200.json" <<'PY'
+import json, sys
+t = json.load(open("src/moekit/configs/NVIDIA_H200.json"))
+for shape, pdl in (("E=256,H=7168,I=2048", True), ("E=128,H=2048,I=768", True), ("E=128,H=2880,I=2880", True)):
+    key = [k for k in t["entries"] if k.startswith(shape) and "fp8_block" in k][0]
+    row = t["entries"][key]["1"]
+    row["w13"] = dict(row["w13"], gluon_dec=1, num_stages=6)
+    row["pdl"] = pdl
+json.dump(t, open(sys.argv[1], "w"), indent=1)
+PY
+    step r32b-bench 200 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --tokens 1,2 --fast --out "$OUT/ship"
+    step r32b-bench-cand 150 env MOEKIT_CONFIG_DIR="$OUT/cand" python -m moekit bench --quant bf16,fp8 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --tokens 1,2 --fast --out "$OUT/cand"
+    ;;
   r32-a)  # round 32: the Gluon fp8 decode w13 ("w13": {"gluon_dec": 1}: loads in a producer warp, first weight tiles
     # before the grid wait under PDL): its GPU bit tests, then experts-step µs per kernel at the T = 1 / 2 points against
     # the shipped rows, alternated twice (d13: the table's ring depth; d13s6: 6 slots, at most what 200 KB holds)
