@@ -739,6 +739,25 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-c)  # round 32, the final table: the decode w13 shipped at the fp8 T = 1 buckets of DeepSeek-V3 (BN 128: w2's input
+    # quantised in the epilogue; 5 ring slots, PDL), gpt-oss and Qwen3 (6 slots; Qwen3's T = 2 on the old row, a new
+    # bucket, which T = 3 / 4 now take too): the shipped rows alone vs in batches, PDL bits, the raw graph replays over
+    # the new launches; each row against the old one ("old") at T = 1 / 2, Qwen3 T = 3 / 4 against bucket 8 ("hi"),
+    # alternated twice; then bf16 + fp8 layers at T = 1, 2 and 8 (#9's decode ratios)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32c-gpu 280 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_pdl_gpu.py tests/experts/test_graphed_raw_gpu.py -k "fp8 or pdl or raw"
+    KP="env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5"
+    step r32c-profile-ds 60 $KP --patches '{"old": {"w13": {"BN": 64, "num_warps": 4, "num_stages": 4, "gluon_dec": 0}, "pdl": false}}' \
+      --variants base,old,base,old --points deepseek-v3:1,deepseek-v3:2 --out "$OUT/r32c-profile-ds.json"
+    step r32c-profile-q3 60 $KP --patches '{"old": {"w13": {"num_stages": 4, "gluon_dec": 0}}}' \
+      --variants base,old,base,old --points qwen3-30b-a3b:1,gpt-oss-120b:1,gpt-oss-120b:2 --out "$OUT/r32c-profile-q3.json"
+    step r32c-profile-hi 60 $KP --variants base,hi,base,hi --points qwen3-30b-a3b:2,qwen3-30b-a3b:3,qwen3-30b-a3b:4 \
+      --out "$OUT/r32c-profile-hi.json"
+    step r32c-bench 120 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --tokens 1,2,8 --fast --out "$OUT"
+    step r32c-compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/r32c-compare.md"
+    ;;
   r32-b)  # round 32, after r32-a (the decode w13 as fast as Triton's w13 alone; the graph faster where its PDL start
     # overlaps the input quantiser): its ring depth, PDL and BN 128 (w2's input quantised in the w13 epilogue: one launch
     # fewer at DeepSeek-V3 / Qwen3, whose tables have BN 64) at T = 1 and 2, alternated twice; then bf16 + fp8 layers at

@@ -64,17 +64,23 @@ def test_raw_replays_have_the_torch_ops_bits():
         assert all(e.raw is not None for e in graphed._graphs._entries.values())
 
 
-def test_raw_replays_nest_programmatic_dependent_launches(monkeypatch):
+@pytest.mark.parametrize("dec13", [0, 1], ids=["triton_w13", "gluon_dec_w13"])
+def test_raw_replays_nest_programmatic_dependent_launches(monkeypatch, dec13):
     """An fp8 decode config with ``"pdl"`` (w13, the w2-input quantiser and the Gluon decode w2 launched as
-    programmatic dependents, as the H200 fp8 table ships at Qwen3 / gpt-oss T = 1, round 30): the captured graph
-    nests in the raw replay's wrapper (no fallback to torch ops) and replays the plain call's bits."""
+    programmatic dependents, as the H200 fp8 table ships at Qwen3 / gpt-oss T = 1, round 30; round 32: the Gluon
+    decode w13, after an input quantiser that lets it begin at once): the captured graph nests in the raw replay's
+    wrapper (no fallback to torch ops) and replays the plain call's bits."""
     from moekit.ops import triton_experts_quant as tq
     from test_graphed_gpu import FP8
 
     cfg = {"BLOCK_M": 16, "fp8_acc": 128, "tma": True, "pdl": True, "sum_pass": False,
-           "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4},
+           "w13": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4, "gluon_dec": dec13},
            "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 4, "num_warps": 4, "gluon_dec": 1}}
     monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfg)
+    from moekit.ops import gluon_experts
+    from small_experts import count_calls
+
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13_dec")
     torch.cuda.init()
     graphed, plain, m = _pair("qwen3-30b-a3b", 32, quant=FP8)
     with torch.no_grad():
@@ -83,6 +89,7 @@ def test_raw_replays_nest_programmatic_dependent_launches(monkeypatch):
             for seed in range(2):
                 x, lg = _inputs(m, t, 10 * t + seed)
                 assert torch.equal(graphed(x, lg), plain(x, lg)), (t, seed)
+    assert bool(calls) == bool(dec13)
 
 
 def test_copy_kernel_moves_every_byte():
