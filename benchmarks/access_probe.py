@@ -34,20 +34,29 @@ SHAPES = {
     # round 30: the same w2 rows in fewer, longer programs (the Gluon decode w2's "gluon_nt": 2 / 4 column tiles)
     "deepseek-v3-w2-nt2": (8 * 7168, 2048, 128, 3),
     "deepseek-v3-w2-nt4": (8 * 7168, 2048, 256, 3),
+    # round 32: the decode w13 grids of the H200 fp8 table's T = 1 buckets, a program's 128 gate + 128 up rows as 256
+    # contiguous ones (boxes 4 / 5: the 16 / 32 KB a w13 step reads), ring depths as shipped: Mixtral (224 programs,
+    # two per SM), DeepSeek-V3 at BN 128 (128 programs), gpt-oss (92 programs, 2880 bytes cut to 2816 = 22 boxes)
+    "mixtral-w13": (224 * 256, 4096, 256, 3),
+    "deepseek-v3-w13-bn128": (8 * 4096, 7168, 256, 5),
+    "gpt-oss-w13": (92 * 256, 2816, 256, 5),
 }
-#: (box rows, box bytes per row): 8 KB per step each
-BOXES = [(64, 128), (32, 256), (16, 512), (8, 1024)]
+#: (box rows, box bytes per row): 8 KB per step each, then 16 and 32 KB (round 32: a decode w13 step's gate and up
+#: tiles of 64 or 128 rows)
+BOXES = [(64, 128), (32, 256), (16, 512), (8, 1024), (128, 128), (256, 128)]
 
 
 @triton.jit
 def stream_kernel(desc, w_ptr, out_ptr, stride, COLS: tl.constexpr, ROWS: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr, STAGES: tl.constexpr, USE_TMA: tl.constexpr):
     """Program p sums the bytes of rows [p·ROWS, (p + 1)·ROWS) x [0, COLS) of ``w`` (uint8), one [BR, BC] box per
-    step, row groups outer, columns inner (a decode GEMM's order when BR = ROWS); ``out[p]`` = the sum."""
+    step, row groups outer, columns inner (a decode GEMM's order when BR = ROWS); ``out[p]`` = the sum. Each step's
+    box is summed over its rows into a [BC] accumulator (round 32: a [BR, BC] one took too many registers for the
+    32 KB boxes)."""
     pid = tl.program_id(0)
     row0 = pid * ROWS
     n_c: tl.constexpr = COLS // BC
-    acc = tl.zeros([BR, BC], dtype=tl.int32)
+    acc = tl.zeros([BC], dtype=tl.int32)
     for s in tl.range(0, (ROWS // BR) * n_c, num_stages=STAGES):
         r = row0 + (s // n_c) * BR
         c = (s % n_c) * BC
@@ -56,8 +65,8 @@ def stream_kernel(desc, w_ptr, out_ptr, stride, COLS: tl.constexpr, ROWS: tl.con
         else:
             rr = (r + tl.arange(0, BR)).to(tl.int64)
             t = tl.load(w_ptr + rr[:, None] * stride + c + tl.arange(0, BC)[None, :])
-        acc += t.to(tl.int32)
-    tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        acc += tl.sum(t.to(tl.int32), axis=0)
+    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
 def stream(w: torch.Tensor, rows: int, box: tuple[int, int], stages: int, tma: bool) -> torch.Tensor:

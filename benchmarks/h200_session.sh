@@ -739,6 +739,20 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-d)  # round 32, after the final table: the decode w13 at 72 registers for BN 64 (three programs per SM with 3 ring
+    # slots): its bit tests again, then at the BN 64 swapped buckets (Qwen3 T = 2 / 8, DeepSeek-V3, gpt-oss and
+    # Mixtral T = 8) against the shipped rows, alternated twice; and the access probe on the w13 grids of the T = 1
+    # buckets (is a program's weight stream, the GEMM taken out, faster than the kernel?)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32d-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec13.py
+    step r32d-profile 200 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"d13s3": {"w13": {"gluon_dec": 1, "num_stages": 3}}, "d13s4": {"w13": {"gluon_dec": 1, "num_stages": 4}}}' \
+      --variants base,d13s3,d13s4,d13s3+pdl,base,d13s3,d13s4,d13s3+pdl \
+      --points qwen3-30b-a3b:1,qwen3-30b-a3b:2,qwen3-30b-a3b:8,deepseek-v3:8,gpt-oss-120b:8,mixtral-8x7b:8 \
+      --out "$OUT/r32d-profile.json"
+    step r32d-access 120 env PYTHONPATH=src python benchmarks/access_probe.py --boxes 0,4,5 \
+      --shapes mixtral-w13,deepseek-v3-w13-bn128,gpt-oss-w13 --out "$OUT/r32d-access.json"
+    ;;
   r32-c)  # round 32, the final table: the decode w13 shipped at the fp8 T = 1 buckets of DeepSeek-V3 (BN 128: w2's input
     # quantised in the epilogue; 5 ring slots, PDL), gpt-oss and Qwen3 (6 slots; Qwen3's T = 2 on the old row, a new
     # bucket, which T = 3 / 4 now take too): the shipped rows alone vs in batches, PDL bits, the raw graph replays over

@@ -340,6 +340,21 @@ def test_fp8_neighbours_toggle_the_gluon_decode_w2():
     assert not any("gluon_dec" in c["w2"] for c in neighbour_configs(plain, False, fam="fp8"))
 
 
+def test_fp8_neighbours_toggle_the_gluon_decode_w13():
+    # a swapped fp8 winner: one neighbour asks for the Gluon decode w13 (w13 "gluon_dec", round 32), and back; PDL is
+    # toggled around a decode-w13 winner even when not asked for (its first weight tiles come before its grid wait);
+    # an unswapped winner gets neither (the key means nothing to its kernels)
+    sw = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 3))
+    sw = {**sw, "w13": {**sw["w13"], "SWAP": 1}, "w2": {**sw["w2"], "SWAP": 1}}
+    assert {**sw["w13"], "gluon_dec": 1} in [c["w13"] for c in neighbour_configs(sw, False, quick=True, fam="fp8")]
+    on = {**sw, "w13": {**sw["w13"], "gluon_dec": 1}}
+    got_on = neighbour_configs(on, False, quick=True, fam="fp8")
+    assert {**sw["w13"], "gluon_dec": 0} in [c["w13"] for c in got_on]
+    assert any(c.get("pdl") and c["w13"] == on["w13"] for c in got_on)
+    plain = _cfg(64, (64, 128, 4, 4), (128, 128, 4, 4))
+    assert not any("gluon_dec" in c["w13"] for c in neighbour_configs(plain, False, fam="fp8"))
+
+
 def test_4bit_neighbours_toggle_the_register_operand_gluon_gemms():
     # a swapped 4-bit winner: one neighbour asks for the register-operand Gluon GEMMs on both (with the sum pass
     # and the fused w13 they need); toggling that back gives the winner's tiles without any gluon key; unswapped

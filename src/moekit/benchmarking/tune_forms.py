@@ -33,10 +33,12 @@ def form_neighbours(best: dict, pdl: bool, fam: str) -> list[dict]:
     """Candidates around ``best`` that change a kernel form, not a tile: PDL toggled when asked or around an fp8
     decode-w2 winner; fp8: the Gluon GEMMs toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled, the
     Gluon w13's ``gluon_stack`` / ``gluon_ws`` toggled, with swapped w2 tiles the decode w2's ``gluon_dec`` (on / off,
-    1 <-> 2); 4-bit with both GEMMs swapped: the register-operand GEMMs, their gate-then-up w13 and early refill."""
+    1 <-> 2), with swapped w13 tiles the decode w13's (on / off); 4-bit with both GEMMs swapped: the register-operand
+    GEMMs, their gate-then-up w13 and early refill."""
     out = []
-    # PDL toggled; around an fp8 decode-w2 winner unasked (round 30: 1.4-2.2 µs at two T = 1 buckets, slower at one)
-    if pdl or (fam == "fp8" and best["w2"].get("gluon_dec")):
+    # PDL toggled; around an fp8 decode-w2 or decode-w13 winner unasked (round 30: 1.4-2.2 µs at two T = 1 buckets,
+    # slower at one; round 32: the decode w13's first weight tiles before its grid wait, 5 µs at DeepSeek-V3 T = 1)
+    if pdl or (fam == "fp8" and (best["w2"].get("gluon_dec") or best["w13"].get("gluon_dec"))):
         out.append({**best, "pdl": not best.get("pdl", False)})
     if fam == "fp8":  # the Gluon fp8 block GEMMs (the same bits; the launcher runs them where it may)
         out.append(gluon_toggled(best))
@@ -55,6 +57,8 @@ def form_neighbours(best: dict, pdl: bool, fam: str) -> list[dict]:
             if dec:  # and its other form (2: warp-specialised, one column tile per program)
                 c2 = {k: v for k, v in best["w2"].items() if k != "gluon_nt"}
                 out.append({**best, "w2": {**c2, "gluon_dec": 3 - dec}})
+        if best["w13"].get("SWAP"):  # the Gluon decode w13 (loads in a producer warp; where the plan takes it), or back
+            out.append({**best, "w13": {**best["w13"], "gluon_dec": 0 if best["w13"].get("gluon_dec") else 1}})
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
         rega = gluon_rega_value("w13", best["w13"])

@@ -16,7 +16,8 @@ They find a tile's expert in a block -> expert table (:func:`launch_block_table`
 kernel, only when one of them runs). The warp-specialised w13 reads its rows by TMA from the input quantised into
 the sorted rows (``_triton.quant.act_quant_sorted_kernel``, run by the caller when :func:`fp8_w13_ws_ok` and
 :func:`fp8_w13_ws_rows_ok` hold). ``"w13": {"gluon_stack": 1}`` runs the one-warpgroup w13 with one wgmma for the
-gate and up rows (:mod:`._gluon.fp8_w13`).
+gate and up rows (:mod:`._gluon.fp8_w13`). At decode (swapped tiles) ``"gluon_dec"`` asks for the Gluon decode GEMMs
+(:func:`fp8_w2_dec_ok`, :func:`fp8_w13_dec_ok`).
 """
 
 from __future__ import annotations
@@ -177,9 +178,10 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
     launch(fp8_w2_dec_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *args, NT=nt, maxnreg=_FP8_DEC_REGS, **consts)
 
 
-#: registers per thread of the Gluon fp8 decode w13's 8 warps (the consumer warpgroup, the producer's padded one): two
-#: programs per SM (with 3 ring slots of 128-row gate and up tiles, 105 KB of shared memory each)
-_FP8_DEC13_REGS = 128
+#: registers per thread of the Gluon fp8 decode w13's 8 warps (the consumer warpgroup, the producer's padded one) by
+#: BN: 128 at BN 128 (its 3 ring slots take 113 KB of shared memory: two programs per SM; at 80, ptxas spills), 72 at
+#: BN 64 (three per SM where 3 slots, 60 KB, leave room; the consumer raised to 104-120 by setmaxnreg, no spill)
+_FP8_DEC13_REGS = {64: 72, 128: 128}
 
 
 def fp8_w13_dec_ok(p, q, w1: torch.Tensor, interp: bool) -> bool:
@@ -222,7 +224,7 @@ def launch_fp8_w13_dec(launch, p, q, xq, w1, b1, inter_buf, out, tw, ids, emap, 
            STAGES=stages, ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], REQ=req,
            UE8M0=bool(kw.get("UE8M0", False)), HAS_MAP=bool(kw["HAS_MAP"]), SKIP_ZERO=bool(kw["SKIP_ZERO"]),
            COMBINE=bool(kw["COMBINE"]), EVEN_K=bool(kw["EVEN_K"]), INLINE=p.align == "inline",
-           BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC13_REGS,
+           BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC13_REGS[bn],
            **({"PDL": True, "launch_pdl": True} if pdl else {}))
 
 

@@ -32,7 +32,9 @@ swapped tiles (:mod:`moekit.ops._gluon.fp8_w2_dec`, :func:`moekit.ops.gluon_expe
 bits, each K step's wgmma in flight while the one before is promoted; over the inline layout or, past it, the align
 kernel's; ``"gluon_nt": n`` column tiles per program), ``2`` its warp-specialised form (:mod:`moekit.ops._gluon.
 fp8_w2_dec_ws`: the loads in a producer warp, one column tile per program; :func:`.config_keys.gluon_dec_value`),
-elsewhere the Triton w2. For mxfp4 / int4 weights, ``"gluon": 1``
+elsewhere the Triton w2. ``"w13": {"gluon_dec": 1}`` likewise runs the Gluon fp8 block decode w13 with swapped tiles
+(:mod:`moekit.ops._gluon.fp8_w13_dec`, :func:`moekit.ops.gluon_experts.fp8_w13_dec_ok`: the Triton w13's bits, the
+loads in a producer warp; with ``"pdl"`` its first weight tiles before its grid wait). For mxfp4 / int4 weights, ``"gluon": 1``
 runs the Gluon 4-bit GEMMs of :mod:`moekit.ops._gluon.w4` (the decoded tile through shared memory; see
 :func:`moekit.ops.gluon_w4.w4_ok`), and with swapped tiles ``"gluon_rega": 1`` their register-operand form
 (:mod:`moekit.ops._gluon.w4_rega`: the decoded weights as the wgmma's A fragment, in the H200 4-bit table's decode

@@ -4,7 +4,7 @@ The Triton w13 of the fp8 decode buckets (``SWAP``, ``INLINE``, ``REQ``: :func:`
 computes, per program (row block b, column tile n of BN gate and BN up columns) and K step k of BK = 128 (one scale
 block)::
 
-    t_g[c, m] = Wq[e, n·BN + c, k·BK:(k+1)·BK] · x_q[tok(m), k·BK:(k+1)·BK]      (wgmma, M = BN weight rows, N = BM)
+    t_g[c, m] = Wq[e, n·BN + c, k·BK:(k+1)·BK] · x_q[tok(m), k·BK:(k+1)·BK]    (wgmma, M = BN weight rows, N = BM)
     acc_g[c, m] = fma(t_g, S[e, n-block, k] · s_x[tok(m), k], acc_g)             (t_u, acc_u: the up rows I + n·BN)
 
 then ``+ b13``, the gated activation in fp32 and the store of ``inter[row m]`` (quantised for w2 per row of the tile
