@@ -739,6 +739,16 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-e)  # round 32, last: the decode w13 also in DeepSeek-V3's fp8 T = 8 bucket (which serves T = 3-22; r32-d: 607.6 ->
+    # 589.6 µs at T = 8): the shipped fp8 rows alone vs in batches, then that row against the old one ("old") at T = 4,
+    # 8 and 16, alternated twice
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32e-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_batch_invariance_gpu.py \
+      -k fp8
+    step r32e-profile 150 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"old": {"w13": {"gluon_dec": 0}}}' --variants base,old,base,old \
+      --points deepseek-v3:4,deepseek-v3:8,deepseek-v3:16 --out "$OUT/r32e-profile.json"
+    ;;
   r32-d)  # round 32, after the final table: the decode w13 at 72 registers for BN 64 (three programs per SM with 3 ring
     # slots): its bit tests again, then at the BN 64 swapped buckets (Qwen3 T = 2 / 8, DeepSeek-V3, gpt-oss and
     # Mixtral T = 8) against the shipped rows, alternated twice; and the access probe on the w13 grids of the T = 1
