@@ -65,6 +65,31 @@ def quantised_same_bits(fmt, configs) -> bool:
     return all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+def fp8_decode_call(t=2, e=16, k=8, h=1024, i=512, seed=5):
+    """``(f, inputs)`` for the graph / compile tests of the fp8 decode kernels: ``f(x, w, ids)`` is the public quantised
+    call (the custom op) on fp8 block (128 x 128) weights of a random problem, ``inputs()`` a fresh ``(x, w, ids)``
+    decode batch (new routing: other experts, other rows of the inline layout) each time (CUDA)."""
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.formats import Fp8BlockFormat
+    from moekit.ops.quantize import quantize_experts
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w13 = torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5
+    w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5
+    fmt = Fp8BlockFormat(128, 128)
+    q13, q2, s13, s2 = quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)
+
+    def f(x, w, ids):
+        return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+
+    def inputs():
+        x = torch.randn(t, h, device="cuda", generator=gen).bfloat16()
+        ids = torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]).int()
+        return x, torch.rand(t, k, device="cuda", generator=gen) + 0.1, ids
+
+    return f, inputs
+
+
 def assert_compiled_and_graphed_bits(f, inputs, new_inputs) -> None:
     """``torch.compile(f, fullgraph=True)`` on ``inputs`` gives ``f``'s eager bits, and a CUDA graph of ``f`` captured
     on copies of ``inputs`` and replayed after copying ``new_inputs`` in gives ``f(*new_inputs)``'s (CUDA only)."""

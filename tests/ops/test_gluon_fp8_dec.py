@@ -19,7 +19,8 @@ from compile_check import run_compiled  # noqa: E402
 from moekit.ops import gluon_experts  # noqa: E402
 from moekit.ops.formats import Fp8BlockFormat  # noqa: E402
 from moekit.ops.triton_plan import _freeze, launch_plan  # noqa: E402
-from small_experts import assert_compiled_and_graphed_bits, count_calls, quantised_run  # noqa: E402
+from small_experts import (assert_compiled_and_graphed_bits, count_calls, fp8_decode_call,  # noqa: E402
+                           quantised_run)
 
 
 def _dec_cfg(dec: int, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3, nt: int = 1,
@@ -255,26 +256,12 @@ def test_gpu_gluon_dec_under_cuda_graph_and_compile(monkeypatch):
     # torch.compile(fullgraph=True) and a CUDA graph replayed on new inputs (new routing: other experts, other rows
     # of the inline layout) give the eager bits, and the Gluon w2 ran
     from moekit.ops import triton_experts_quant as tq
-    from moekit.ops.quantize import quantize_experts
 
-    t, e, k, h, i = 2, 16, 8, 1024, 512
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    w13 = torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5
-    w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5
-    fmt = Fp8BlockFormat(128, 128)
-    q13, q2, s13, s2 = quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)
+    f, inputs = fp8_decode_call()
     cfgs = [_dec_cfg(True, nt=2, pdl=True), _dec_cfg(2, pdl=True)]  # with programmatic launches: their edges
     # captured in the graph; the one-warpgroup decode w2, then its warp-specialised form
     monkeypatch.setattr(tq, "get_config", lambda *a, **kw: cfgs[0])
     calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w2_dec")
-
-    def f(x, w, ids):
-        return tq.fused_experts_quant_triton(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
-
-    def inputs():
-        x = torch.randn(t, h, device="cuda", generator=gen).bfloat16()
-        ids = torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]).int()
-        return x, torch.rand(t, k, device="cuda", generator=gen) + 0.1, ids
 
     assert_compiled_and_graphed_bits(f, inputs(), inputs())
     assert calls, "the Gluon decode w2 did not run"
