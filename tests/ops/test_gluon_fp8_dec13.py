@@ -116,36 +116,39 @@ print("ok")
 
 
 # ------------------------------------------------------------------------------------------------ GPU
-# (T, E, K, H, I, activation, bias, hot, expert map, scale block, w13 BN): DeepSeek-like K steps (w13: 56 over H
-# 7168), odd (H 640: 5), partial blocks with swigluoai, a limit and biases (gpt-oss: 2880 = 22.5 blocks), a hot
-# expert (8 slots of one expert: one block of 8 rows of 4 tokens), expert parallelism (half the experts local: dead
-# slots, tokens with none, whose output rows the inline prologue zeroes), 64 x 64 scale blocks, BN 64 (w2's input
-# quantised by its own pass: REQ 0), K = 1 (no semaphores). Past T·K = 16 the align kernel's layout: gpt-oss's T = 8
-# (32 slots over 128 experts), a hot expert over several blocks (80 slots), expert parallelism (40 slots).
+# (T, E, K, H, I, activation, bias, weight on input, hot, expert map, scale block, w13 BN): DeepSeek-like K steps
+# (w13: 56 over H 7168), odd (H 640: 5), partial blocks with swigluoai, a limit and biases (gpt-oss: 2880 = 22.5
+# blocks), a hot expert (8 slots of one expert: one block of 8 rows of 4 tokens), expert parallelism (half the experts
+# local: dead slots, tokens with none, whose output rows the inline prologue zeroes), 64 x 64 scale blocks, BN 64
+# (w2's input quantised by its own pass: REQ 0), K = 1 (no semaphores), the routing weight on the input (K = 1: the
+# input quantiser applied it). Past T·K = 16 the align kernel's layout: gpt-oss's T = 8 (32 slots over 128 experts),
+# a hot expert over several blocks (80 slots), expert parallelism (40 slots).
 GPU_CASES = [
-    (1, 16, 8, 7168, 2048, "silu", False, False, False, 128, 128),
-    (2, 16, 8, 640, 384, "silu", False, False, False, 128, 128),
-    (3, 8, 4, 2880, 2880, "swigluoai", True, False, False, 128, 128),
-    (8, 16, 2, 1024, 768, "silu", False, True, False, 128, 128),
-    (4, 16, 4, 768, 1024, "silu", False, False, True, 128, 128),
-    (2, 16, 8, 1024, 512, "gelu_tanh", True, False, False, 64, 64),
-    (2, 16, 8, 1024, 1024, "silu", False, False, False, 128, 64),
-    (5, 16, 1, 1024, 512, "silu", False, False, True, 128, 128),
-    (8, 128, 4, 2880, 2880, "swigluoai", True, False, False, 128, 128),
-    (40, 16, 2, 1024, 512, "silu", False, True, False, 128, 128),
-    (10, 16, 4, 768, 1024, "silu", False, False, True, 128, 128),
+    (1, 16, 8, 7168, 2048, "silu", False, False, False, False, 128, 128),
+    (2, 16, 8, 640, 384, "silu", False, False, False, False, 128, 128),
+    (3, 8, 4, 2880, 2880, "swigluoai", True, False, False, False, 128, 128),
+    (8, 16, 2, 1024, 768, "silu", False, False, True, False, 128, 128),
+    (4, 16, 4, 768, 1024, "silu", False, False, False, True, 128, 128),
+    (2, 16, 8, 1024, 512, "gelu_tanh", True, False, False, False, 64, 64),
+    (2, 16, 8, 1024, 1024, "silu", False, False, False, False, 128, 64),
+    (5, 16, 1, 1024, 512, "silu", False, False, False, True, 128, 128),
+    (6, 16, 1, 1024, 512, "silu", False, True, False, False, 128, 128),
+    (8, 128, 4, 2880, 2880, "swigluoai", True, False, False, False, 128, 128),
+    (40, 16, 2, 1024, 512, "silu", False, False, True, False, 128, 128),
+    (10, 16, 4, 768, 1024, "silu", False, False, False, True, 128, 128),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t, e, k, h, i, act, bias, hot, emap, block, bn13", GPU_CASES,
+@pytest.mark.parametrize("t, e, k, h, i, act, bias, on_input, hot, emap, block, bn13", GPU_CASES,
                          ids=["deepseek_like", "odd_steps", "partial_blocks_swigluoai", "hot", "expert_map",
-                              "block64_gelu_bias", "bn64_req0", "k1_expert_map", "aligned_gpt_oss_t8", "aligned_hot",
-                              "aligned_expert_map"])
-def test_gpu_gluon_dec13_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, hot, emap, block, bn13):
+                              "block64_gelu_bias", "bn64_req0", "k1_expert_map", "k1_weight_on_input",
+                              "aligned_gpt_oss_t8", "aligned_hot", "aligned_expert_map"])
+def test_gpu_gluon_dec13_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias, on_input, hot, emap, block,
+                                            bn13):
     limit = 7.0 if act == "swigluoai" else None
     run = quantised_run(Fp8BlockFormat(block, block), act, bias, t=t, e=e, h=h, i=i, k=k, hot=hot, emap=emap,
-                        limit=limit)
+                        limit=limit, on_input=on_input)
     calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13_dec")
     ref = run(_cfg(False, block, bn13))
     assert ref.isfinite().all() and not calls
