@@ -739,6 +739,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-f)  # round 32, after the review: the decode w13's bit tests (a case with the routing weight on the input added) and
+    # the decode w2's graph / compile test on the shared problem (small_experts.fp8_decode_call)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32f-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec13.py \
+      tests/ops/test_gluon_fp8_dec.py -k "dec13 or graph"
+    ;;
   r32-e)  # round 32, last: the decode w13 also in DeepSeek-V3's fp8 T = 8 bucket (which serves T = 3-22; r32-d: 607.6 ->
     # 589.6 µs at T = 8): the shipped fp8 rows alone vs in batches, then that row against the old one ("old") at T = 4,
     # 8 and 16, alternated twice
