@@ -739,6 +739,16 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-g)  # round 32, last: the decode w13 may take 6 ring slots at BN 128 (218 KB; the launcher capped it at 200 KB, 5
+    # slots): two of its bit tests (ring depth 6 now 6), then DeepSeek-V3 (table: 5 slots) and gpt-oss (table: 6, so
+    # far run with 5) at T = 1 / 2 with 5 and 6 slots, alternated twice
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32g-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec13.py \
+      -k "deepseek_like or partial_blocks or hot"
+    step r32g-profile 150 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5 \
+      --patches '{"s5": {"w13": {"num_stages": 5}}, "s6": {"w13": {"num_stages": 6}}}' --variants base,s5,s6,base,s5,s6 \
+      --points deepseek-v3:1,deepseek-v3:2,gpt-oss-120b:1,gpt-oss-120b:2 --out "$OUT/r32g-profile.json"
+    ;;
   r32-f)  # round 32, after the review: the decode w13's bit tests (a case with the routing weight on the input added) and
     # the decode w2's graph / compile test on the shared problem (small_experts.fp8_decode_call)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -68,6 +68,28 @@ def test_w13_gluon_dec_must_be_off_or_on(value):
             _plan(2, 8, cfg, gated)
 
 
+@pytest.mark.parametrize("patch, want", [
+    ({}, True),                                    # the decode bucket's tiles
+    ({"BLOCK_M": 32}, False),                      # 32 token rows: its accumulators would spill
+    ({"w13": {"BN": 32}}, False),                  # a wgmma M side under 64 weight rows
+    ({"w13": {"SWAP": 0}}, False),                 # unswapped tiles: the Triton w13
+    ({"fp8_acc": 64, "w13": {"BK": 64}}, False),   # a K step of half a scale block
+])
+def test_launcher_takes_the_decode_w13_only_where_it_gives_the_bits(monkeypatch, patch, want):
+    # the GPU check stood in for: the launcher's own test of the tiles (CPU tensors, fp8 block 128 x 128 weights)
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.triton_configs import merge_config
+
+    monkeypatch.setattr(gluon_experts, "_device_ok", lambda t: True)
+    plan = _plan(2, 8, merge_config(_cfg(True), patch))
+    spec = tq.QuantSpec.of(Fp8BlockFormat(128, 128))
+    q = tq.QuantLaunch(spec, torch.ones(16, 6, 4), torch.ones(16, 4, 3), None, None, 384, 128, 128)
+    w1 = torch.empty(16, 768, 512, dtype=torch.float8_e4m3fn)
+    assert gluon_experts.fp8_w13_dec_ok(plan, q, w1, interp=False) == want
+    assert not gluon_experts.fp8_w13_dec_ok(plan, q, w1, interp=True)  # never under the interpreter
+    assert not gluon_experts.fp8_w13_dec_ok(plan, None, w1, interp=False)  # unquantised
+
+
 def test_the_decode_w13_compiles_without_loads_in_its_k_loop(tmp_path):
     # the launcher's own call (the CPU tensors taken for an sm_90 GPU's) with a swapped decode config asking for the
     # Gluon w13: it replaces Triton's w13 and compiles with exactly the launcher's arguments at 128 registers over 8

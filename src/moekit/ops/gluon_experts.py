@@ -182,19 +182,22 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
 #: BN: 128 at BN 128 (its 3 ring slots take 113 KB of shared memory: two programs per SM; at 80, ptxas spills), 72 at
 #: BN 64 (three per SM where 3 slots, 60 KB, leave room; the consumer raised to 104-120 by setmaxnreg, no spill)
 _FP8_DEC13_REGS = {64: 72, 128: 128}
+#: shared memory the decode w13's ring and epilogue may take (of the 227 KB an H200 block may): 6 slots at BLOCK_M 16, BN
+#: 128 (218 KB; the epilogue's [BM, BN] fp32 layout change takes its own BM · BN · 4 bytes)
+_FP8_DEC13_SMEM = 224 * 1024
 
 
 def fp8_w13_dec_ok(p, q, w1: torch.Tensor, interp: bool) -> bool:
     """The plan asked for the Gluon fp8 decode w13 (w13 config ``"gluon_dec": 1``, :mod:`._gluon.fp8_w13_dec`) and it
     computes the Triton w13's bits here: fp8 block weights with the K step = one scale block (``fp8_acc`` = BK),
-    swapped tiles of 64 or 128 weight rows (one weight scale per tile: BN divides the scale block) and 16-64 token
-    rows, TMA-able weight rows. With the plan's ``"pdl"`` it is launched as a programmatic dependent of the input
-    quantiser and requests its first weight tiles before its grid wait."""
+    swapped tiles of 64 or 128 weight rows (one weight scale per tile: BN divides the scale block) and 16 token rows
+    (with 32 or 64 its six accumulators spill: 88-3008 bytes in ptxas for sm_90), TMA-able weight rows. With the
+    plan's ``"pdl"`` it is launched as a programmatic dependent of the input quantiser and requests its first weight
+    tiles before its grid wait."""
     if not p.w13_gluon_dec or q is None or q.spec.code != FP8_BLOCK or interp or not _device_ok(w1):
         return False
     return (q.common["FP8_ACC"] == p.bk13 == q.spec.block_k and q.ws13["ws_qbn"] % p.bn13 == 0
-            and p.bn13 in (64, 128) and p.bm in (16, 32, 64) and p.w13_kw["SWAP"]
-            and (w1.shape[2] * w1.element_size()) % 16 == 0)
+            and p.bn13 in (64, 128) and p.bm == 16 and p.w13_kw["SWAP"] and (w1.shape[2] * w1.element_size()) % 16 == 0)
 
 
 def launch_fp8_w13_dec(launch, p, q, xq, w1, b1, inter_buf, out, tw, ids, emap, sem, layout, h, inter, k, t,
@@ -213,7 +216,8 @@ def launch_fp8_w13_dec(launch, p, q, xq, w1, b1, inter_buf, out, tw, ids, emap, 
                                           gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv))
     ws, kw = q.ws13, w13_kw
     req = int(kw.get("REQ", 0))
-    stages = max(2, min(int(kw["num_stages"]), (200 * 1024) // ((bm + 2 * bn) * bk)))
+    per_slot = (bm + 2 * bn) * bk + 12 * bm  # the row tile, the gate and up tiles, three scales per row
+    stages = max(2, min(int(kw["num_stages"]), (_FP8_DEC13_SMEM - 4 * bm * bn) // per_slot))
     launch(fp8_w13_dec_kernel, p.grid13, xq, w_desc, kw["xs_ptr"], ws["ws_ptr"], b1 if b1 is not None else w1,
            inter_buf, kw["is_ptr"] if req else inter_buf, out, ids, tw, emap, sem, *layout,
            h, inter, w1.shape[1], w1.shape[0], p.e_global, k, t, p.nbn, p.num_pid_m, p.limit_arg,
