@@ -322,10 +322,8 @@ def act_quant_kernel(
     ``SLOTS`` (w2's input in the sorted layout): ``R`` counts the S slots instead, and slot ``s`` stands for row
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
     rows, which no GEMM output reads, are skipped (at decode most rows are padding).
-    ``PDL`` (launched as a programmatic dependent of the w13 GEMM): let the w2 launch begin at once (its programs
-    read only the routing and their weights before their own grid wait), then wait for w13's grid. The layer's input
-    quantiser before the Gluon decode w13 takes ``PDL`` as a plain launch (its grid wait a no-op): the w13 launch
-    begins at once and requests its first weight tiles while the input is quantised."""
+    ``PDL``: let the next launch begin (w2 after this w2-input quantiser, a programmatic dependent of w13; the Gluon
+    decode w13 after this input quantiser, a plain launch), then wait for the grid before (no-op in a plain launch)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
