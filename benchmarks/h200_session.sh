@@ -739,6 +739,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r32-h)  # round 32, final code: the layer's eager path (internal graphs) over the final fp8 table's decode w13 rows:
+    # bit-identical to plain eager (DeepSeek-V3 and Qwen3 fp8), large buckets
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r32h-gpu 180 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/experts/test_graphed_gpu.py \
+      -k "bit_identical"
+    ;;
   r32-g)  # round 32, last: the decode w13 may take 6 ring slots at BN 128 (218 KB; the launcher capped it at 200 KB, 5
     # slots): two of its bit tests (ring depth 6 now 6), then DeepSeek-V3 (table: 5 slots) and gpt-oss (table: 6, so
     # far run with 5) at T = 1 / 2 with 5 and 6 slots, alternated twice
