@@ -739,6 +739,61 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r33-c)  # round 33, the table: DeepSeek-V3's fp8 T = 1 bucket (serves T = 2) with the Gluon decode w2 as a programmatic
+    # dependent (r33-b: 96.6 / 97.7 -> 94.1 / 95.4 µs at T = 1): the shipped fp8 rows alone vs in batches, PDL bits, raw
+    # graph replays, the decode w2's bits; that row against the old one at T = 1 / 2 (and 2 slots), the decode w2 at
+    # DeepSeek-V3 T = 8 (PDL), Mixtral's w2 load group 2 three times; then bf16 + fp8 layers at T = 1, 2, 8
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33c-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_batch_invariance_gpu.py \
+      tests/ops/test_triton_pdl_gpu.py tests/experts/test_graphed_raw_gpu.py -k "fp8 or pdl or raw"
+    KP="env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5"
+    P='{"old": {"w2": {"gluon_dec": 0}}, "s2": {"w2": {"num_stages": 2}}, "d2": {"w2": {"gluon_dec": 1}}, "w2g2": {"w2": {"load_group": 2}}}'
+    step r33c-profile-ds 150 $KP --patches "$P" --variants base,old,s2,base,old,s2 --points deepseek-v3:1,deepseek-v3:2 \
+      --out "$OUT/r33c-profile-ds.json"
+    step r33c-profile-ds8 100 $KP --patches "$P" --variants base,base+pdl,d2+pdl,base,base+pdl,d2+pdl --points deepseek-v3:8 \
+      --out "$OUT/r33c-profile-ds8.json"
+    step r33c-profile-mx 100 $KP --patches "$P" --variants base,w2g2,base,w2g2,base,w2g2 --points mixtral-8x7b:1,mixtral-8x7b:2 \
+      --out "$OUT/r33c-profile-mx.json"
+    step r33c-bench 120 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,mixtral-8x7b,gpt-oss-120b,qwen3-30b-a3b \
+      --tokens 1,2,8 --fast --out "$OUT"
+    step r33c-compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/r33c-compare.md"
+    ;;
+  r33-b)  # round 33, after r33-a (load groups: slower): the T = 8 buckets' fixed costs (align, sum pass, the w2-input
+    # quantiser pass) at Qwen3 (1.59x) and gpt-oss (1.75x): the fused sum (-sum), BN 128 (w2's input quantised in the
+    # w13 epilogue), the decode w13 with PDL; then the same with the layout derived in the GEMMs up to 64 slots (no
+    # align kernel); and DeepSeek-V3 T = 1 / 2 with the Gluon decode w2 (PDL: weight tiles before its grid wait)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    KP="env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5"
+    P='{"b128": {"w13": {"BN": 128, "num_warps": 8}}, "d13": {"w13": {"BN": 128, "num_warps": 8, "num_stages": 4, "gluon_dec": 1}}'
+    P="$P"', "d13ws": {"w13": {"BN": 128, "num_warps": 8, "num_stages": 4, "gluon_dec": 1}, "w2": {"gluon_dec": 2, "num_stages": 6}}'
+    P="$P"', "d2": {"w2": {"gluon_dec": 1}}, "d2s4": {"w2": {"gluon_dec": 1, "num_stages": 4}}, "d2nt2": {"w2": {"gluon_dec": 1, "gluon_nt": 2}}}'
+    V=base,base-sum,b128,b128-sum,d13+pdl,d13-sum+pdl,d13ws-sum+pdl
+    step r33b-profile-t8 200 $KP --patches "$P" --variants $V,$V --points qwen3-30b-a3b:8,gpt-oss-120b:8 \
+      --out "$OUT/r33b-profile-t8.json"
+    step r33b-profile-inl 200 $KP --inline-slots 64 --patches "$P" --variants $V,$V --points qwen3-30b-a3b:8,gpt-oss-120b:8 \
+      --out "$OUT/r33b-profile-inl.json"
+    step r33b-profile-ds 150 $KP --patches "$P" --variants base,d2+pdl,d2s4+pdl,d2nt2+pdl,base,d2+pdl,d2s4+pdl,d2nt2+pdl \
+      --points deepseek-v3:1,deepseek-v3:2 --out "$OUT/r33b-profile-ds.json"
+    ;;
+  r33-a)  # round 33: the Gluon decode GEMMs' producer loads in groups ("load_group": a group's slots waited for, then
+    # each weight row's steps requested back to back; round 29's probe: wider row pieces stream 2-6 % faster): the
+    # decode bit tests with groups, then experts-step µs at the T = 1 / 2 / 8 points against the shipped rows,
+    # alternated twice (Mixtral: its w2's groups, and the decode w13 with 6 slots, as round 32's candidate)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33a-gpu 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_gluon_fp8_dec13.py \
+      tests/ops/test_gluon_fp8_dec.py -k "same_bits"
+    KP="env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5"
+    G='{"g2": {"w13": {"load_group": 2}}, "g3": {"w13": {"load_group": 3}}, "g4": {"w13": {"load_group": 4}}'
+    G="$G"', "w2g2": {"w2": {"load_group": 2}}, "w2g4": {"w2": {"load_group": 4}}'
+    G="$G"', "m13": {"w13": {"gluon_dec": 1, "num_stages": 6}}, "m13g2": {"w13": {"gluon_dec": 1, "num_stages": 6, "load_group": 2}}'
+    G="$G"', "m13g4": {"w13": {"gluon_dec": 1, "num_stages": 6, "load_group": 4}}}'
+    step r33a-profile 200 $KP --patches "$G" --variants base,g2,g3,g4,base,g2,g3,g4 \
+      --points deepseek-v3:1,deepseek-v3:2,gpt-oss-120b:1,qwen3-30b-a3b:1 --out "$OUT/r33a-profile.json"
+    step r33a-profile-mx 160 $KP --patches "$G" --variants base,w2g2,w2g4,m13,m13g2,m13g4,base,w2g2,w2g4,m13,m13g2,m13g4 \
+      --points mixtral-8x7b:1,mixtral-8x7b:2 --out "$OUT/r33a-profile-mx.json"
+    step r33a-profile-8 60 $KP --patches "$G" --variants base,g2,g3,base,g2,g3 --points deepseek-v3:8 \
+      --out "$OUT/r33a-profile-8.json"
+    ;;
   r32-h)  # round 32, final code: the layer's eager path (internal graphs) over the final fp8 table's decode w13 rows:
     # bit-identical to plain eager (DeepSeek-V3 and Qwen3 fp8), large buckets
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -12,7 +12,7 @@ gaps between buckets; a trailing digit repeats it: ``lo2``), or a name from ``--
 the lookup's config); suffixes set one
 switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false (the top-k sum after w2 in its own pass,
 or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
-scatter). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
+scatter), ``--inline-slots N`` the bound of the layout derived in the GEMMs (no align kernel). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
 comparison) and each kernel's share. JSON rows go to ``--out``.
 """
 
@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--small-slots", type=int, default=None,
                     help="override triton_experts.SMALL_SLOTS (the single-launch align's bound) for this run")
+    ap.add_argument("--inline-slots", type=int, default=None,
+                    help="override triton_experts.INLINE_SLOTS (the bound under which the GEMMs derive the layout "
+                         "from the ids, with no align kernel) for this run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--patches", default=None,
                     help='JSON {name: patch}: variant "name" is the lookup\'s config with the patch merged in, '
@@ -121,6 +124,10 @@ def main(argv=None) -> int:
         from moekit.ops import triton_experts
 
         triton_experts.SMALL_SLOTS = a.small_slots
+    if a.inline_slots is not None:
+        from moekit.ops import triton_experts
+
+        triton_experts.INLINE_SLOTS = a.inline_slots
     if a.patches:
         PATCHES.update(json.loads(a.patches))
     rows, weights = [], {}
