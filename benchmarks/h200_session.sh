@@ -739,21 +739,46 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r33-f)  # round 33, final code (DeepSeek-V3's fp8 T = 1 bucket on the Gluon decode w2, the grouped routing kernel on one
+    # warp): the routing GPU tests, the layer's eager graphs bit-identical to plain calls, then the bf16 + fp8 sweep of
+    # record (every shape and token count) and the comparison
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33f-gpu 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_triton_routing.py \
+      tests/experts/test_graphed_gpu.py -k "deepseek or bit_identical or many_tokens"
+    sweep 360
+    ;;
+  r33-e)  # round 33, after r33-d (DeepSeek-V3's routing kernel 3.5 µs of its fp8 layer's 98.8; Mixtral's 1.4): the routing
+    # kernel alone per routing shape and warp count (the shipped heuristic gives DeepSeek-V3's [8, 32] tile two warps)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33e-route 150 env PYTHONPATH=src:benchmarks python benchmarks/route_probe.py --tokens 1,8 --warps 1,2,4 \
+      --out "$OUT/r33e-route.json"
+    ;;
+  r33-d)  # round 33, after shipping DeepSeek-V3 T = 1's decode w2 (its layer 1.79x bf16: 98.2 vs 176.2 µs, the experts
+    # step 94.8): what the layer adds to the experts step at the T = 1 points, kernel by kernel (benchmarks/layer_profile.py)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33d-layer 200 env PYTHONPATH=src:benchmarks python benchmarks/layer_profile.py --formats fp8,bf16 \
+      --points deepseek-v3:1,mixtral-8x7b:1,gpt-oss-120b:1,qwen3-30b-a3b:1 --out "$OUT/r33d-layer.json"
+    ;;
   r33-c)  # round 33, the table: DeepSeek-V3's fp8 T = 1 bucket (serves T = 2) with the Gluon decode w2 as a programmatic
     # dependent (r33-b: 96.6 / 97.7 -> 94.1 / 95.4 µs at T = 1): the shipped fp8 rows alone vs in batches, PDL bits, raw
     # graph replays, the decode w2's bits; that row against the old one at T = 1 / 2 (and 2 slots), the decode w2 at
-    # DeepSeek-V3 T = 8 (PDL), Mixtral's w2 load group 2 three times; then bf16 + fp8 layers at T = 1, 2, 8
+    # DeepSeek-V3 T = 8 (PDL), Mixtral's w2 load group 2 three times, PDL and tiles at Qwen3 T = 64 (1.71x) and gpt-oss
+    # T = 256 (84.7 % of the roofline); then bf16 + fp8 layers at T = 1, 2, 8
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r33c-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu tests/ops/test_batch_invariance_gpu.py \
       tests/ops/test_triton_pdl_gpu.py tests/experts/test_graphed_raw_gpu.py -k "fp8 or pdl or raw"
     KP="env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8 --calls 5"
-    P='{"old": {"w2": {"gluon_dec": 0}}, "s2": {"w2": {"num_stages": 2}}, "d2": {"w2": {"gluon_dec": 1}}, "w2g2": {"w2": {"load_group": 2}}}'
-    step r33c-profile-ds 150 $KP --patches "$P" --variants base,old,s2,base,old,s2 --points deepseek-v3:1,deepseek-v3:2 \
+    P='{"old": {"w2": {"gluon_dec": 0}}, "s2": {"w2": {"num_stages": 2}}, "d2": {"w2": {"gluon_dec": 1}}, "w2g2": {"w2": {"load_group": 2}}'
+    P="$P"', "b128": {"w2": {"BN": 128}}, "b128s4": {"w2": {"BN": 128, "num_stages": 4}}}'
+    step r33c-profile-ds 150 $KP --patches "$P" --variants base,old,s2,b128,b128s4,base,old,s2,b128,b128s4 --points deepseek-v3:1,deepseek-v3:2 \
       --out "$OUT/r33c-profile-ds.json"
     step r33c-profile-ds8 100 $KP --patches "$P" --variants base,base+pdl,d2+pdl,base,base+pdl,d2+pdl --points deepseek-v3:8 \
       --out "$OUT/r33c-profile-ds8.json"
     step r33c-profile-mx 100 $KP --patches "$P" --variants base,w2g2,base,w2g2,base,w2g2 --points mixtral-8x7b:1,mixtral-8x7b:2 \
       --out "$OUT/r33c-profile-mx.json"
+    P2='{"w2b128": {"w2": {"BN": 128}}, "s4": {"w13": {"num_stages": 4}, "w2": {"num_stages": 4}}}'
+    step r33c-profile-mid 120 $KP --patches "$P2" --variants base,base+pdl,w2b128+pdl,s4+pdl,base,base+pdl,w2b128+pdl,s4+pdl \
+      --points qwen3-30b-a3b:64,gpt-oss-120b:256 --out "$OUT/r33c-profile-mid.json"
     step r33c-bench 120 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,mixtral-8x7b,gpt-oss-120b,qwen3-30b-a3b \
       --tokens 1,2,8 --fast --out "$OUT"
     step r33c-compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/r33c-compare.md"
@@ -775,7 +800,8 @@ case $WHAT in
     step r33b-profile-ds 150 $KP --patches "$P" --variants base,d2+pdl,d2s4+pdl,d2nt2+pdl,base,d2+pdl,d2s4+pdl,d2nt2+pdl \
       --points deepseek-v3:1,deepseek-v3:2 --out "$OUT/r33b-profile-ds.json"
     ;;
-  r33-a)  # round 33: the Gluon decode GEMMs' producer loads in groups ("load_group": a group's slots waited for, then
+  r33-a)  # round 33 (the "load_group" key it measured was taken out after it: commit f6a31fa has it): the Gluon decode
+    # GEMMs' producer loads in groups ("load_group": a group's slots waited for, then
     # each weight row's steps requested back to back; round 29's probe: wider row pieces stream 2-6 % faster): the
     # decode bit tests with groups, then experts-step µs at the T = 1 / 2 / 8 points against the shipped rows,
     # alternated twice (Mixtral: its w2's groups, and the decode w13 with 6 slots, as round 32's candidate)

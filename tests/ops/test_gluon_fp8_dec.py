@@ -24,18 +24,16 @@ from small_experts import (assert_compiled_and_graphed_bits, count_calls, fp8_de
 
 
 def _dec_cfg(dec: int, bk: int = 128, bn2: int = 64, bm: int = 16, stages2: int = 3, nt: int = 1,
-             pdl: bool = False, group: int = 1) -> dict:
+             pdl: bool = False) -> dict:
     """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon w2 (``dec`` 1,
-    ``nt`` column tiles per program; 2: its warp-specialised form, ``group`` its producer's load group), with or
-    without programmatic dependent launches."""
+    ``nt`` column tiles per program; 2: its warp-specialised form), with or without programmatic dependent
+    launches."""
     w13 = {"BN": 64, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": 4}
     w2 = {"BN": bn2, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": stages2}
     if dec:
         w2["gluon_dec"] = int(dec)
     if nt != 1:
         w2["gluon_nt"] = nt
-    if group != 1:
-        w2["load_group"] = group
     # the fused top-k sum (the decode w2's; past 64 slots the default is the sum pass)
     return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, "sum_pass": False,
             **({"pdl": True} if pdl else {})}
@@ -240,16 +238,14 @@ def test_gpu_gluon_dec_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bias
     for nt, pdl in ((2, False), (3, False), (1, True), (4, True)):  # tiles per program; programmatic launches
         assert torch.equal(run(_dec_cfg(True, block, bn2, nt=nt, pdl=pdl)), ref), (nt, pdl)
     # the warp-specialised form (round 31): ring depths 2 / 6 (a slot refilled while the consumer is still on the
-    # step before), and as a programmatic dependent (weight tiles before the producer's grid wait); its loads in
-    # groups of 2 / 5 steps (round 33)
-    for stages, pdl, group in ((2, False, 1), (6, False, 1), (3, True, 1), (3, False, 2), (6, True, 5)):
-        got = run(_dec_cfg(2, block, bn2, stages2=stages, pdl=pdl, group=group))
-        assert torch.equal(got, ref), ("ws", stages, pdl, group)
-    assert len(calls) == 12  # it ran each time it was asked
+    # step before), and as a programmatic dependent (weight tiles before the producer's grid wait)
+    for stages, pdl in ((2, False), (6, False), (3, True)):
+        assert torch.equal(run(_dec_cfg(2, block, bn2, stages2=stages, pdl=pdl)), ref), ("ws", stages, pdl)
+    assert len(calls) == 10  # it ran each time it was asked
     # and the Triton w2 after the w2-input quantiser launched as a programmatic dependent (it lets w2 start, then
     # waits for w13): the same bits too
     assert torch.equal(run(_dec_cfg(False, block, bn2, pdl=True)), ref)
-    assert len(calls) == 12
+    assert len(calls) == 10
     again = run(_dec_cfg(True, block, bn2))
     assert torch.equal(again, ref)  # and run to run
 

@@ -25,19 +25,15 @@ from small_experts import (assert_compiled_and_graphed_bits, count_calls, fp8_de
 
 
 def _cfg(dec13: bool, bk: int = 128, bn13: int = 128, bm: int = 16, stages13: int = 3, dec2: int = 0,
-         pdl: bool = False, sum_pass: bool = False, group: int = 1) -> dict:
+         pdl: bool = False, sum_pass: bool = False) -> dict:
     """A decode bucket's swapped config (the shipped fp8 decode shape), with or without the Gluon decode w13 (and
-    the decode w2 form ``dec2``), with or without programmatic dependent launches; ``group``: both parts'
-    ``"load_group"`` (w2's only below its 4 slots)."""
+    the decode w2 form ``dec2``), with or without programmatic dependent launches."""
     w13 = {"BN": bn13, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": stages13}
     w2 = {"BN": 64, "BK": bk, "GROUP_M": 8, "SWAP": 1, "num_warps": 4, "num_stages": 4}
     if dec13:
         w13["gluon_dec"] = 1
     if dec2:
         w2["gluon_dec"] = dec2
-    if group > 1:
-        w13["load_group"] = group
-        w2["load_group"] = min(group, 3)
     return {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": True, "fp8_acc": bk, "sum_pass": sum_pass,
             **({"pdl": True} if pdl else {})}
 
@@ -70,29 +66,6 @@ def test_w13_gluon_dec_must_be_off_or_on(value):
     for gated in (True, False):
         with pytest.raises(ValueError, match=f'"w13": "gluon_dec" = {value!r}, expected 0 or 1'):
             _plan(2, 8, cfg, gated)
-
-
-@pytest.mark.parametrize("part, value, stages, message", [
-    ("w13", 0, 4, "expected an int in 1..8"),       # no step at all
-    ("w2", 9, 12, "expected an int in 1..8"),       # past the range
-    ("w13", True, 4, "expected an int in 1..8"),    # a bool is not a count
-    ("w2", "2", 4, "expected an int in 1..8"),      # nor a string
-    ("w13", 3, 3, "expected at most 2"),            # as deep as the ring: the group would wait for itself
-    ("w2", 5, 4, "expected at most 3"),             # deeper than the ring
-])
-def test_load_group_is_refused_outside_its_range(part, value, stages, message):
-    # refused when the plan is made, naming the part, the key and the value, whichever kernel the part runs
-    cfg = _cfg(True, dec2=2)
-    cfg[part] = dict(cfg[part], load_group=value, num_stages=stages)
-    with pytest.raises(ValueError, match=f'"{part}": "load_group" = {value!r}.*{message}'):
-        _plan(2, 8, cfg)
-
-
-def test_load_group_reaches_the_plan():
-    # absent: step by step (1); set: per part, also where this chunk's plan runs the Triton kernels (a hint, not a form)
-    assert _plan(2, 8, _cfg(True)).load_group == (1, 1)
-    assert _plan(2, 8, _cfg(True, stages13=6, dec2=2, group=4)).load_group == (4, 3)
-    assert _plan(2, 8, _cfg(False, stages13=6, group=2)).load_group == (2, 2)
 
 
 @pytest.mark.parametrize("patch, want", [
@@ -164,45 +137,6 @@ print("ok")
 """, tmp_path)
 
 
-def test_the_load_group_changes_only_the_producers(tmp_path):
-    # "load_group" 2 / 3 (round 33) in DeepSeek-V3's T = 1 row (BN 128, 5 slots, PDL) and with the warp-specialised
-    # decode w2 (8 slots): both kernels compile with no spill; the consumers' K loops hold the same wgmmas as with
-    # loads step by step (their other instructions may be scheduled otherwise: one kernel, one register allocation),
-    # and no load; the producers request more weight tiles in their code (the group's, unrolled) and still gather by
-    # cp.async. The group stays below the ring's slots
-    run_compiled(r"""
-import compile_sm90 as c
-from moekit.ops import triton_experts as te
-te._pdl_ok = lambda dev: True
-base = {"BLOCK_M": 16, "tma": True, "fp8_acc": 128, "pdl": True,
-        "w13": {"BK": 128, "BN": 128, "GROUP_M": 8, "SWAP": 1, "num_stages": 5, "num_warps": 8, "gluon_dec": 1},
-        "w2": {"BK": 128, "BN": 64, "GROUP_M": 8, "SWAP": 1, "num_stages": 8, "num_warps": 4, "gluon_dec": 2}}
-def compiled(group):
-    patch = dict(base, w13=dict(base["w13"], load_group=group), w2=dict(base["w2"], load_group=group))
-    seen = c.launches(c.FORMATS["fp8_block"], 1, "deepseek", patch=patch, gluon=True)
-    out = {}
-    for kf, args, kw in seen:
-        if kf.__name__ in ("fp8_w13_dec_kernel", "fp8_w2_dec_ws_kernel"):
-            assert kw["G"] == group, kw
-            out[kf.__name__] = c.compile_launch(kf, args, kw)
-    assert len(out) == 2, [kf.__name__ for kf, _, _ in seen]
-    return out
-mmas = lambda k: [sorted(i.split()[0] for i in loop if "GMMA" in i) for loop in c.inner_loops(k)]
-one = compiled(1)
-for group in (2, 3):
-    got = compiled(group)
-    for name, k in got.items():
-        sass = c.sass_text(k)
-        assert "LDL" not in sass and "STL" not in sass, (name, group)
-        assert mmas(k) == mmas(one[name]) and len(mmas(k)) == 1, (name, group)
-        assert not any(op in i for loop in c.inner_loops(k) for i in loop for op in ("LDG", "UTMALDG")), name
-        tiles = sum("UTMALDG" in i for i in sass.splitlines())
-        assert tiles > sum("UTMALDG" in i for i in c.sass_text(one[name]).splitlines()), (name, group)
-        assert any("LDGSTS" in i for loop in c.inner_loops(k, "LDGSTS") for i in loop), (name, group)
-print("ok")
-""", tmp_path)
-
-
 # ------------------------------------------------------------------------------------------------ GPU
 # (T, E, K, H, I, activation, bias, weight on input, hot, expert map, scale block, w13 BN): DeepSeek-like K steps
 # (w13: 56 over H 7168), odd (H 640: 5), partial blocks with swigluoai, a limit and biases (gpt-oss: 2880 = 22.5
@@ -244,14 +178,12 @@ def test_gpu_gluon_dec13_same_bits_as_triton(monkeypatch, t, e, k, h, i, act, bi
     # ring depths 2 / 3 / 6 (a slot refilled while the consumer is on the step before), with the Triton w2, the
     # decode w2 and its warp-specialised form after it, and as a programmatic dependent (weight tiles before the
     # producer's grid wait; the input quantiser lets it begin)
-    # and with the producers' loads in groups of 2 / 5 steps (round 33: each weight row's steps requested together)
-    for stages, dec2, pdl, group in ((2, 0, False, 1), (3, 0, False, 1), (6, 0, False, 1), (3, 1, False, 1),
-                                     (3, 2, True, 1), (2, 0, True, 1), (3, 2, False, 2), (6, 2, True, 5)):
+    for stages, dec2, pdl in ((2, 0, False), (3, 0, False), (6, 0, False), (3, 1, False), (3, 2, True), (2, 0, True)):
         junk = torch.full_like(ref, float("nan"))  # the output's memory next: rows the prologue must zero
         del junk
-        got = run(_cfg(True, block, bn13, stages13=stages, dec2=dec2 if k > 1 else 0, pdl=pdl, group=group))
+        got = run(_cfg(True, block, bn13, stages13=stages, dec2=dec2 if k > 1 else 0, pdl=pdl))
         n += 1
-        assert torch.equal(got, ref), (stages, dec2, pdl, group)
+        assert torch.equal(got, ref), (stages, dec2, pdl)
     assert len(calls) == n  # it ran each time it was asked
     if k > 1:  # the top-k sum in its own pass: the prologue zeroes no semaphore
         assert torch.equal(run(_cfg(True, block, bn13, sum_pass=True)), run(_cfg(False, block, bn13, sum_pass=True)))

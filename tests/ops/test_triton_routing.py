@@ -92,6 +92,19 @@ def test_nan_inf_policy_ids_stay_valid():
     assert torch.equal(ids[0].cpu(), route_torch(logits[:1].nan_to_num(nan=-float("inf")), TopKSpec(4))[1][0].cpu())
 
 
+@pytest.mark.parametrize("e, groups, warps", [
+    (8, 1, 1),        # Mixtral: a [1, 8] tile
+    (128, 1, 1),      # Qwen3 / gpt-oss: [1, 128]
+    (256, 8, 1),      # DeepSeek-V3: [8, 32], one warp (round 33, H200: 3.1-3.3 µs per call against 3.5-3.6 with two)
+    (256, 1, 2),      # ungrouped 256: not measured with one, kept at two
+    (384, 1, 2),      # Kimi-K2-like: [1, 512], slower with one warp
+    (768, 1, 4),      # LongCat-Flash's columns: [1, 1024]
+])
+def test_routing_kernel_warps_by_tile(e, groups, warps):
+    consts = triton_routing._route_constexprs(e, groups, 8, "sigmoid", True, True)
+    assert consts["num_warps"] == warps and consts["GP"] * consts["EGP"] >= e
+
+
 def test_route_dispatch_and_validation():
     logits = tie_free_logits(3, 16, seed=1)
     w, ids = route(logits, TopKSpec(2, "softmax", True), backend="triton")

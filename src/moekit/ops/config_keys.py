@@ -46,24 +46,6 @@ def gluon_dec_value(cfg_part: dict, part: str = "w2") -> int:
     return int(v)
 
 
-def load_group_value(part: str, cfg_part: dict) -> int:
-    """The ``"load_group"`` key of config part ``part`` (1 when absent): the K steps whose loads the producer warp of
-    a warp-specialised Gluon fp8 decode GEMM (w13 ``"gluon_dec": 1``, w2 ``"gluon_dec": 2``) issues together, once
-    all their ring slots are free, so that each weight row's ``load_group`` · BK bytes are requested back to back. An
-    int in 1..8, and below the part's ``"num_stages"`` when above 1 (the consumer frees a slot only once the next
-    step's loads have landed, so a group as deep as the ring would wait for itself); else ``ValueError`` naming the
-    part, the key, the value and what is expected. It changes when loads are issued, never the results; the other
-    kernels have no producer warp and do not read it."""
-    v = cfg_part.get("load_group", 1)
-    stages = cfg_part.get("num_stages")
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8:
-        raise ValueError(f'config "{part}": "load_group" = {v!r}, expected an int in 1..8 (K steps loaded together)')
-    if v > 1 and isinstance(stages, int) and v >= stages:
-        raise ValueError(f'config "{part}": "load_group" = {v} with "num_stages" = {stages}: a group waits for that '
-                         f'many free ring slots while one slot stays held; expected at most {stages - 1}')
-    return v
-
-
 def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
     """An on / off key of config part ``part`` (``"gluon_stack"``; off when absent): 0, 1 or a bool, else
     ``ValueError`` naming the part, the key and the value."""

@@ -149,9 +149,7 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
     decode w2's bits (:mod:`._gluon.fp8_w2_dec`). inter_q: [rows, I] e4m3 in the plan's layout; as_: [rows,
     cdiv(I, bk)] fp32; part: [T·K, H] fp32; sem: the (token, column tile) semaphores the inline w13 (or the align
     kernel) zeroed; layout: the align kernel's (counts, row_start, sorted, live), read past the inline layout.
-    ``p.gluon_nt`` (w2 config ``"gluon_nt"``) column tiles per program; ``pdl``: a programmatic dependent launch;
-    the warp-specialised form's load group ``p.load_group[1]`` (below the ring's slots, which shared memory may
-    make fewer than ``"num_stages"``: :func:`.config_keys.load_group_value`)."""
+    ``p.gluon_nt`` (w2 config ``"gluon_nt"``) column tiles per program; ``pdl``: a programmatic dependent launch."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -174,8 +172,7 @@ def launch_fp8_w2_dec(launch, p, q, inter_q, as_, w2, b2, out, tw, ids, emap, pa
                   SKIP_ZERO=bool(kw["SKIP_ZERO"]), INLINE=p.align == "inline", BLOCK_E=int(kw["BLOCK_E"]), num_warps=4,
                   **({"PDL": True, "launch_pdl": True} if pdl else {}))
     if p.w2_gluon_dec == 2:  # the loads in a producer warp, one column tile per program (gluon_dec_value)
-        launch(fp8_w2_dec_ws_kernel, (p.num_pid_m * p.nbn,), *args, G=max(1, min(p.load_group[1], stages - 1)),
-               maxnreg=_FP8_DEC_WS_REGS, **consts)
+        launch(fp8_w2_dec_ws_kernel, (p.num_pid_m * p.nbn,), *args, maxnreg=_FP8_DEC_WS_REGS, **consts)
         return
     nt = max(1, min(p.gluon_nt, p.nbn))
     launch(fp8_w2_dec_kernel, (p.num_pid_m * triton.cdiv(p.nbn, nt),), *args, NT=nt, maxnreg=_FP8_DEC_REGS, **consts)
@@ -208,9 +205,7 @@ def launch_fp8_w13_dec(launch, p, q, xq, w1, b1, inter_buf, out, tw, ids, emap, 
     """``inter[r] = act(promote(x_q[tok(r)] · W13qᵀ) (+ b13))``, quantised per row of a BN = group tile (``REQ`` 1)
     or rounded (``REQ`` 0), over the decode plan's rows: the inline layout (program 0 also zeroes w2's semaphores and
     the output rows of tokens with no live slot) or, past it, the align kernel's ``layout`` = (counts, row_start,
-    sorted). xq: [T, H] e4m3 with ``w13_kw["xs_ptr"]`` [T, cdiv(H, bk)]; ``pdl``: a programmatic dependent launch;
-    the producer's load group ``p.load_group[0]`` (below the ring's slots, which shared memory may make fewer than
-    ``"num_stages"``: :func:`.config_keys.load_group_value`)."""
+    sorted). xq: [T, H] e4m3 with ``w13_kw["xs_ptr"]`` [T, cdiv(H, bk)]; ``pdl``: a programmatic dependent launch."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -233,7 +228,7 @@ def launch_fp8_w13_dec(launch, p, q, xq, w1, b1, inter_buf, out, tw, ids, emap, 
            STAGES=stages, ACT=kw["ACT"], HAS_BIAS=b1 is not None, HAS_LIMIT=kw["HAS_LIMIT"], REQ=req,
            UE8M0=bool(kw.get("UE8M0", False)), HAS_MAP=bool(kw["HAS_MAP"]), SKIP_ZERO=bool(kw["SKIP_ZERO"]),
            COMBINE=bool(kw["COMBINE"]), EVEN_K=bool(kw["EVEN_K"]), INLINE=p.align == "inline",
-           BLOCK_E=int(kw["BLOCK_E"]), G=max(1, min(p.load_group[0], stages - 1)), num_warps=4, maxnreg=_FP8_DEC13_REGS[bn],
+           BLOCK_E=int(kw["BLOCK_E"]), num_warps=4, maxnreg=_FP8_DEC13_REGS[bn],
            **({"PDL": True, "launch_pdl": True} if pdl else {}))
 
 

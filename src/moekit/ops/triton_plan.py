@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .config_keys import (gluon_dec_value, gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
-                          load_group_value, tail_bm_value, tail_conflicts)
+                          tail_bm_value, tail_conflicts)
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -82,8 +82,6 @@ class LaunchPlan:
     w13_gluon_dec: bool  # w13 config "gluon_dec" (gated, fused epilogue, BLOCK_M tiles; any align layout): the Gluon
     #                    fp8 decode w13, if its launcher finds it may run (swapped tiles, ...)
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
-    load_group: tuple  # config "load_group" of w13 / w2: K steps whose loads a Gluon decode GEMM's producer warp issues
-    #                  together (w13 "gluon_dec" 1, w2 "gluon_dec" 2; 1: step by step)
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -167,5 +165,4 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         # the Gluon decode w2: swapped tiles (checked by its launcher), the fused sum, BLOCK_M tiles only
         w2_gluon_dec=dec if sems and not tail else 0,
         w13_gluon_dec=bool(dec13) and gated and not split and not tail,
-        load_group=(load_group_value("w13", c13), load_group_value("w2", c2)),
     )

@@ -123,8 +123,12 @@ def route_impl(gating_output, bias, top_k, scoring_func, renormalize, scale, num
 
 @functools.lru_cache(maxsize=256)
 def _route_constexprs(e, num_groups, top_k, scoring_func, has_bias, renormalize) -> dict:
-    """The kernel's constexpr keywords (a pure cache; the dict is never mutated)."""
+    """The kernel's constexpr keywords (a pure cache; the dict is never mutated). Warps by tile size; a grouped tile
+    of up to 256 experts takes one (H200, ``benchmarks/route_probe.py``, round 33: DeepSeek-V3's [8, 32] tile 3.1-3.3
+    µs per call with one warp, 3.5-3.6 with two, 3.7 with four; a [1, 512] tile, Kimi-K2's 384 experts in one group,
+    is faster with two or four)."""
     gp, egp = triton.next_power_of_2(num_groups), triton.next_power_of_2(e // num_groups)
-    warps = 1 if gp * egp <= 128 else 2 if gp * egp <= 512 else 4 if gp * egp <= 2048 else 8
+    one = gp * egp <= 128 or (gp > 1 and gp * egp <= 256)
+    warps = 1 if one else 2 if gp * egp <= 512 else 4 if gp * egp <= 2048 else 8
     return dict(GP=gp, EGP=egp, KP=triton.next_power_of_2(top_k), SCORING=SCORE_CODES[scoring_func],
                 HAS_BIAS=has_bias, GROUPED=num_groups > 1, RENORM=renormalize, num_warps=warps)

@@ -71,12 +71,10 @@ def inline_prologue(loc_j, sem_ptr, out_ptr, T, K, H, NBN, stride_ot, SP: gl.con
 @gluon.jit
 def _produce(ring, tok_smem, x_ptr, xs_ptr, w_desc, ws_ptr, e, pid_n, H, I, N1, stride_xt, stride_xst, stride_wse,
              stride_wsn, ws_shard, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr,
-             STAGES: gl.constexpr, EVEN_K: gl.constexpr, PDL: gl.constexpr, G: gl.constexpr):
+             STAGES: gl.constexpr, EVEN_K: gl.constexpr, PDL: gl.constexpr):
     """Every load of the program's K steps, slot by slot (one warp): the block's x rows gathered by ``cp.async``
     (16-byte pieces, zero past H and for rows without a slot), their scales and the tile's two weight scales, the gate
-    and up tiles by TMA. ``G`` > 1 (w13 config ``"load_group"``): G steps at a time, once all G slots are free, the
-    gate tiles of the G steps one after the other, then their up tiles (each weight row's G · BK bytes requested
-    together: :func:`_weights`)."""
+    and up tiles by TMA."""
     a_smem, w_smem, sa_smem, sg_smem, su_smem, full, empty = ring
     A_L: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [1, 1], [1, 0])  # 16-byte pieces of the rows
     ROW_L: gl.constexpr = gl.BlockedLayout([(BM + 31) // 32], [32], [1], [0])
@@ -84,18 +82,12 @@ def _produce(ring, tok_smem, x_ptr, xs_ptr, w_desc, ws_ptr, e, pid_n, H, I, N1, 
     row_g = e * N1 + pid_n * BN
     nk = gl.cdiv(H, BK)
     if PDL:  # the weight tiles of the first STAGES steps do not depend on the kernel before this one
-        if G == 1:
-            for s0 in gl.static_range(STAGES):
-                if s0 < nk:
-                    bar0 = full.index(s0)
-                    mbarrier.expect(bar0, nbytes)
-                    tma.async_copy_global_to_shared(w_desc, [row_g, s0 * BK], bar0, w_smem.index(2 * s0))
-                    tma.async_copy_global_to_shared(w_desc, [row_g + I, s0 * BK], bar0, w_smem.index(2 * s0 + 1))
-        else:
-            for s0 in gl.static_range(STAGES):
-                if s0 < nk:
-                    mbarrier.expect(full.index(s0), nbytes)
-            _weights(w_desc, w_smem, full, row_g, I, 0, nk, BK, STAGES, STAGES, False)
+        for s0 in gl.static_range(STAGES):
+            if s0 < nk:
+                bar0 = full.index(s0)
+                mbarrier.expect(bar0, nbytes)
+                tma.async_copy_global_to_shared(w_desc, [row_g, s0 * BK], bar0, w_smem.index(2 * s0))
+                tma.async_copy_global_to_shared(w_desc, [row_g + I, s0 * BK], bar0, w_smem.index(2 * s0 + 1))
         grid_wait()
     tok_a = tok_smem.load(gl.SliceLayout(1, A_L))  # the rows' tokens, -1 for a row without a slot
     offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, A_L))
@@ -105,57 +97,23 @@ def _produce(ring, tok_smem, x_ptr, xs_ptr, w_desc, ws_ptr, e, pid_n, H, I, N1, 
     # S[e, n-block, k] of the gate and the up rows, once per row (the consumer multiplies column by column)
     ws_g = ws_ptr + e.to(gl.int64) * stride_wse + ((pid_n * BN) // QBN) * stride_wsn + tok_r * 0
     ws_u = ws_g + ws_shard * stride_wsn
-    if G == 1:
-        for k in range(nk):
-            s = k % STAGES
-            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # the wgmmas that read it are done
-            bar = full.index(s)
-            if EVEN_K:
-                amask = (tok_a >= 0)[:, None]
-            else:
-                amask = (tok_a >= 0)[:, None] & (offs_k[None, :] < H - k * BK)
-            async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=amask)
-            async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k, mask=tok_r >= 0)
-            async_copy.async_copy_global_to_shared(sg_smem.index(s), ws_g + k)
-            async_copy.async_copy_global_to_shared(su_smem.index(s), ws_u + k)
-            async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals per lane, once landed
-            if not (PDL and k < STAGES):  # (else expected and requested before the grid wait)
-                mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
-                tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
-    else:
-        for k0 in range(0, nk, G):
-            for i in gl.static_range(G):  # all G slots free (the wgmmas that read them are done)
-                if k0 + i < nk:
-                    mbarrier.wait(empty.index((k0 + i) % STAGES), (((k0 + i) // STAGES) & 1) ^ 1)
-            for k in range(k0, gl.minimum(k0 + G, nk)):  # (a loop, not unrolled: the warp's 40 registers)
-                s = k % STAGES
-                if EVEN_K:
-                    amask = (tok_a >= 0)[:, None]
-                else:
-                    amask = (tok_a >= 0)[:, None] & (offs_k[None, :] < H - k * BK)
-                async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=amask)
-                async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k, mask=tok_r >= 0)
-                async_copy.async_copy_global_to_shared(sg_smem.index(s), ws_g + k)
-                async_copy.async_copy_global_to_shared(su_smem.index(s), ws_u + k)
-                async_copy.mbarrier_arrive(full.index(s), increment_count=False)
-                if not (PDL and k < STAGES):
-                    mbarrier.expect(full.index(s), nbytes)
-            _weights(w_desc, w_smem, full, row_g, I, k0, nk, BK, STAGES, G, PDL)
-
-
-@gluon.jit
-def _weights(w_desc, w_smem, full, row_g, I, k0, nk, BK: gl.constexpr, STAGES: gl.constexpr, G: gl.constexpr,
-             PDL: gl.constexpr):
-    """The gate tiles of steps k0 .. k0 + G - 1 (below ``nk``) by TMA onto their slots' ``full`` barriers, one after
-    the other, then their up tiles (``PDL``: not the first STAGES steps', requested before the grid wait)."""
-    for half in gl.static_range(2):
-        for i in gl.static_range(G):
-            k = k0 + i
-            if k < nk and not (PDL and k < STAGES):
-                s = k % STAGES
-                tma.async_copy_global_to_shared(w_desc, [row_g + half * I, k * BK], full.index(s),
-                                                w_smem.index(2 * s + half))
+    for k in range(nk):
+        s = k % STAGES
+        mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # the wgmmas that read it are done
+        bar = full.index(s)
+        if EVEN_K:
+            amask = (tok_a >= 0)[:, None]
+        else:
+            amask = (tok_a >= 0)[:, None] & (offs_k[None, :] < H - k * BK)
+        async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=amask)
+        async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k, mask=tok_r >= 0)
+        async_copy.async_copy_global_to_shared(sg_smem.index(s), ws_g + k)
+        async_copy.async_copy_global_to_shared(su_smem.index(s), ws_u + k)
+        async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals per lane, once landed
+        if not (PDL and k < STAGES):  # (else expected and requested before the grid wait)
+            mbarrier.expect(bar, nbytes)
+            tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
+            tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
 
 
 @gluon.jit
@@ -198,7 +156,7 @@ def fp8_w13_dec_kernel(
     SP: gl.constexpr, TP: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HAS_LIMIT: gl.constexpr, REQ: gl.constexpr, UE8M0: gl.constexpr, HAS_MAP: gl.constexpr,
     SKIP_ZERO: gl.constexpr, COMBINE: gl.constexpr, EVEN_K: gl.constexpr, PDL: gl.constexpr = False,
-    INLINE: gl.constexpr = True, BLOCK_E: gl.constexpr = 1, G: gl.constexpr = 1, num_warps: gl.constexpr = 4,
+    INLINE: gl.constexpr = True, BLOCK_E: gl.constexpr = 1, num_warps: gl.constexpr = 4,
 ):
     """Grid (num_pid_m · cdiv(I, BN),): one column tile per program. x: x_q [T, H] e4m3 (row stride ``stride_xt``),
     xs: [T, cdiv(H, BK)] fp32; w_desc: TMA over w13.view(E·N1, H) e4m3, block [BN, BK]; ws: [E, 2·ws_shard,
@@ -207,8 +165,7 @@ def fp8_w13_dec_kernel(
     dead tokens' rows); sem: [T, NBN] int32 (w2's column tiles; zeroed by the inline prologue when ``COMBINE``);
     ids / tw: [T, K]. Past the inline layout (``INLINE`` false): the align kernel's ``counts`` / ``row_start``
     [E_local] and ``sorted`` [rows] (as :func:`.fp8_w2_dec.block_layout` reads them). ``num_warps`` = 4 (the
-    consumer warpgroup), plus one producer warp. ``G``: the producer's load group (:func:`_produce`; 1 <= G < STAGES,
-    the same bits for any G)."""
+    consumer warpgroup), plus one producer warp."""
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, gl.cdiv(I, BN), GROUP_M)
     L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
     e, valid2, slot2, loc_j = block_layout(ids_ptr, tw_ptr, map_ptr, counts_ptr, row_start_ptr, sorted_ptr, pid_m,
@@ -234,7 +191,7 @@ def fp8_w13_dec_kernel(
                         NBN, limit, stride_be, stride_ir, stride_isr, stride_ot, BM, BN, BK, SP, TP, STAGES, ACT,
                         HAS_BIAS, HAS_LIMIT, REQ, UE8M0, COMBINE, INLINE, PDL, L2, num_warps)),
             (_produce, (ring, tok_smem, x_ptr, xs_ptr, w_desc, ws_ptr, e, pid_n, H, I, N1, stride_xt, stride_xst,
-                        stride_wse, stride_wsn, ws_shard, BM, BN, BK, QBN, STAGES, EVEN_K, PDL, G)),
+                        stride_wse, stride_wsn, ws_shard, BM, BN, BK, QBN, STAGES, EVEN_K, PDL)),
         ], [1], [PRODUCER_REGS])
     elif INLINE:
         if gl.program_id(0) == 0:  # no live slot in block 0: still the align kernel's zeroing

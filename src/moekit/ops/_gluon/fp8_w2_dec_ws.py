@@ -44,10 +44,8 @@ PRODUCER_REGS = gl.constexpr(40)
 @gluon.jit
 def _produce(ring, a_desc, w_desc, as_ptr, ws_ptr, e, pid_m, pid_n, H, I, stride_asr, stride_wse, stride_wsn,
              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, STAGES: gl.constexpr,
-             PDL: gl.constexpr, G: gl.constexpr):
-    """Every load of the program's K steps, slot by slot (one warp). ``G`` > 1 (w2 config ``"load_group"``): G steps
-    at a time, once all G slots are free, their activation tiles, then their weight tiles one after the other (each
-    weight row's G · BK bytes requested together)."""
+             PDL: gl.constexpr):
+    """Every load of the program's K steps, slot by slot (one warp)."""
     a_smem, w_smem, sa_smem, sw_smem, full, empty = ring
     ROW_L: gl.constexpr = gl.BlockedLayout([(BM + 31) // 32], [32], [1], [0])
     nbytes: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
@@ -64,41 +62,19 @@ def _produce(ring, a_desc, w_desc, as_ptr, ws_ptr, e, pid_m, pid_n, H, I, stride
                 mbarrier.expect(full.index(s0), nbytes)
                 tma.async_copy_global_to_shared(w_desc, [row_w, s0 * BK], full.index(s0), w_smem.index(s0))
         grid_wait()
-    if G > 1:
-        for k0 in range(0, nk, G):
-            for i in gl.static_range(G):  # all G slots free (the wgmmas that read them are done)
-                if k0 + i < nk:
-                    mbarrier.wait(empty.index((k0 + i) % STAGES), (((k0 + i) // STAGES) & 1) ^ 1)
-            for i in gl.static_range(G):
-                k = k0 + i
-                if k < nk:
-                    s = k % STAGES
-                    bar = full.index(s)
-                    async_copy.async_copy_global_to_shared(sa_smem.index(s), as_rows + k)
-                    async_copy.async_copy_global_to_shared(sw_smem.index(s), ws_rows + k)
-                    async_copy.mbarrier_arrive(bar, increment_count=False)
-                    if not (PDL and k < STAGES):
-                        mbarrier.expect(bar, nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-            for i in gl.static_range(G):
-                k = k0 + i
-                if k < nk and not (PDL and k < STAGES):
-                    s = k % STAGES
-                    tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], full.index(s), w_smem.index(s))
-    if G == 1:
-        for k in range(nk):
-            s = k % STAGES
-            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # the wgmma that read it is done
-            bar = full.index(s)
-            async_copy.async_copy_global_to_shared(sa_smem.index(s), as_rows + k)
-            async_copy.async_copy_global_to_shared(sw_smem.index(s), ws_rows + k)
-            async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals per lane, once landed
-            if PDL and k < STAGES:  # its bytes expected and its weight tile requested before the grid wait
-                tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-            else:
-                mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-                tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
+    for k in range(nk):
+        s = k % STAGES
+        mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # the wgmma that read it is done
+        bar = full.index(s)
+        async_copy.async_copy_global_to_shared(sa_smem.index(s), as_rows + k)
+        async_copy.async_copy_global_to_shared(sw_smem.index(s), ws_rows + k)
+        async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals per lane, once landed
+        if PDL and k < STAGES:  # its bytes expected and its weight tile requested before the grid wait
+            tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
+        else:
+            mbarrier.expect(bar, nbytes)
+            tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
+            tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
 
 
 @gluon.jit
@@ -137,12 +113,11 @@ def fp8_w2_dec_ws_kernel(
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, QBN: gl.constexpr, GROUP_M: gl.constexpr,
     SP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr,
     HAS_MAP: gl.constexpr, SKIP_ZERO: gl.constexpr, PDL: gl.constexpr = False,
-    INLINE: gl.constexpr = True, BLOCK_E: gl.constexpr = 1, G: gl.constexpr = 1, num_warps: gl.constexpr = 4,
+    INLINE: gl.constexpr = True, BLOCK_E: gl.constexpr = 1, num_warps: gl.constexpr = 4,
 ):
     """Grid (num_pid_m · NBN,): one column tile per program. Arguments as :func:`.fp8_w2_dec.fp8_w2_dec_kernel`
     (without ``NT``); ``num_warps`` = 4 (the consumer warpgroup), plus one producer warp. ``as`` holds the
-    plan's padded rows (every row of a block is read; a row without a slot gives a column that is never stored).
-    ``G``: the producer's load group (:func:`_produce`; 1 <= G < STAGES, the same bits for any G)."""
+    plan's padded rows (every row of a block is read; a row without a slot gives a column that is never stored)."""
     pid_m, pid_n = pid_to_tile(gl.program_id(0), num_pid_m, NBN, GROUP_M)
     L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
     e, valid2, slot2, loc_j = block_layout(ids_ptr, tw_ptr, map_ptr, counts_ptr, row_start_ptr, sorted_ptr, pid_m, S, K,
@@ -164,5 +139,5 @@ def fp8_w2_dec_ws_kernel(
                         stride_it, stride_pr, BM, BN, BK, SP, STAGES, HAS_BIAS, ON_INPUT, HAS_MAP, SKIP_ZERO, INLINE,
                         PDL, L2, num_warps)),
             (_produce, (ring, a_desc, w_desc, as_ptr, ws_ptr, e, pid_m, pid_n, H, I, stride_asr, stride_wse,
-                        stride_wsn, BM, BN, BK, QBN, STAGES, PDL, G)),
+                        stride_wsn, BM, BN, BK, QBN, STAGES, PDL)),
         ], [1], [PRODUCER_REGS])
