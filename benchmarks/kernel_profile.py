@@ -85,6 +85,20 @@ def variant(cfg: dict, name: str, near: dict | None = None) -> dict:
                 w2=dict(strip(cfg["w2"]), BN=bn2, num_warps=w2w, num_stages=st2))
 
 
+def each_point(points: str, make):
+    """``(name, t, model, made)`` per ``MODEL:T`` of ``points`` (comma-separated), ``made = make(model)`` built once per
+    model in a row (the previous model's dropped and the CUDA cache emptied first: one model's weights at a time)."""
+    held: dict = {}
+    for point in points.split(","):
+        name, t = point.split(":")
+        m = MODELS[name]
+        if name not in held:
+            held.clear()
+            torch.cuda.empty_cache()
+            held[name] = make(m)
+        yield name, int(t), m, held[name]
+
+
 def kernel_times(fn, sets, calls: int) -> dict[str, float]:
     """{kernel name: µs per call} over ``calls`` calls of ``fn`` (profiler, CUDA activity only)."""
     from torch.profiler import ProfilerActivity, profile
@@ -130,16 +144,10 @@ def main(argv=None) -> int:
         triton_experts.INLINE_SLOTS = a.inline_slots
     if a.patches:
         PATCHES.update(json.loads(a.patches))
-    rows, weights = [], {}
+    rows = []
     vnames = a.variants.split(",") if not a.variants.startswith("json:") else [a.variants]
-    for point in a.points.split(","):
-        name, t = point.split(":")
-        t, m = int(t), MODELS[name]
-        if name not in weights:
-            weights.clear()
-            torch.cuda.empty_cache()
-            weights[name] = shape_weights(m, dev)
-        w13, w2, b1, b2, limit = weights[name]
+    for name, t, m, weights in each_point(a.points, lambda m: shape_weights(m, dev)):
+        w13, w2, b1, b2, limit = weights
         sets = routing_sets(m, t, 4, dev)
         for fname in a.formats.split(","):
             fmt = FORMATS[fname]

@@ -17,10 +17,9 @@ import sys
 
 import torch
 
-from kernel_profile import kernel_times  # benchmarks/: the script's own folder
+from kernel_profile import each_point, kernel_times  # benchmarks/: the script's own folder
 from moekit.benchmarking.bench import build_layer
 from moekit.benchmarking.bench_quant import experts_fn, layer_fn, quantized_weights
-from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
 from quant_probe import save_rows
 
@@ -34,16 +33,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
-    rows, layers = [], {}
-    for point in a.points.split(","):
-        name, t = point.split(":")
-        t, m = int(t), MODELS[name]
-        if name not in layers:
-            layers.clear()
-            torch.cuda.empty_cache()
-            torch.manual_seed(0)
-            layers[name] = (build_layer(m, torch.bfloat16, dev), {})
-        layer, qcache = layers[name]
+    rows = []
+
+    def make(m):
+        torch.manual_seed(0)  # the bench's weights
+        return build_layer(m, torch.bfloat16, dev), {}
+
+    for name, t, m, (layer, qcache) in each_point(a.points, make):
         sets = [(torch.randn(t, m.H, device=dev, dtype=torch.bfloat16),
                  torch.randn(t, m.E + m.Z, device=dev, dtype=torch.float32)) for _ in range(4)]
         with torch.no_grad():

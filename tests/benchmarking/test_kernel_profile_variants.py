@@ -62,3 +62,14 @@ def test_neighbour_variants_take_the_buckets_around_t(kp, monkeypatch):
     assert kp.neighbours(None, m, 1024, None) == {"lo": {"BLOCK_M": 16}, "hi": {"BLOCK_M": 128}}  # T's own bucket
     assert kp.neighbours(None, m, 16384, None) == {"lo": {"BLOCK_M": 128}}
     assert [kp.neighbour_name(n) for n in ("lo", "hi3", "L64", "base", "hot")] == ["lo", "hi", None, None, None]
+
+
+def test_each_point_holds_one_model_at_a_time(kp):
+    # points of one model in a row share what was made for it; a model met again after another is made again (the
+    # previous one is dropped first), and T comes back as an int
+    made = []
+    got = [(name, t, held) for name, t, m, held in
+           kp.each_point("mixtral-8x7b:1,mixtral-8x7b:8,qwen3-30b-a3b:1,mixtral-8x7b:2",
+                         lambda m: made.append(m.name) or len(made))]
+    assert made == ["mixtral-8x7b", "qwen3-30b-a3b", "mixtral-8x7b"]
+    assert got == [("mixtral-8x7b", 1, 1), ("mixtral-8x7b", 8, 1), ("qwen3-30b-a3b", 1, 2), ("mixtral-8x7b", 2, 3)]
