@@ -739,6 +739,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r33-g)  # round 33, after the sweep: the input quantiser's early launch_dependents before the Triton w13 too (the PDL
+    # rows without the decode w13: Mixtral T = 1 / 2, Qwen3's bucket 2), alternated three times, bits compared
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33g-early 150 env PYTHONPATH=src:benchmarks python benchmarks/early_probe.py --rounds 3 \
+      --points mixtral-8x7b:1,mixtral-8x7b:2,qwen3-30b-a3b:2,qwen3-30b-a3b:4 --out "$OUT/r33g-early.json"
+    ;;
   r33-f)  # round 33, final code (DeepSeek-V3's fp8 T = 1 bucket on the Gluon decode w2, the grouped routing kernel on one
     # warp): the routing GPU tests, the layer's eager graphs bit-identical to plain calls, then the bf16 + fp8 sweep of
     # record (every shape and token count) and the comparison
