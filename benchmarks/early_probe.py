@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from kernel_profile import each_point
+from kernel_profile import each_point, experts_step
 from moekit.benchmarking.timer import time_graph
 from moekit.ops import triton_experts_quant as tq
 from moekit.ops.triton_configs import get_config
@@ -40,15 +40,11 @@ def main(argv=None) -> int:
 
     rows = []
     for name, t, m, weights in each_point(a.points, lambda m: shape_weights(m, dev)):
-        w13, w2, b1, b2, limit = weights
-        q = quantise(w13, w2, fmt)
+        q = quantise(weights[0], weights[1], fmt)
         sets = routing_sets(m, t, 4, dev)
         cfg = spec.fix_config(get_config(dev, t, m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, quant=spec.key),
                               torch.bfloat16)
-
-        def fn(x, w, ids):
-            return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False, b1,
-                                               b2, None, limit, config=cfg)
+        fn = experts_step(m, weights, q, spec, cfg)
         tq.QuantLaunch.setup = setup
         try:
             outs = {}

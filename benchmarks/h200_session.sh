@@ -739,6 +739,13 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r33-h)  # round 33, after the review (kernel_profile.experts_step shared with early_probe.py): both scripts once
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r33h-profile 60 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8,bf16 --calls 5 \
+      --variants base --points mixtral-8x7b:1,deepseek-v3:1 --out "$OUT/r33h-profile.json"
+    step r33h-early 60 env PYTHONPATH=src:benchmarks python benchmarks/early_probe.py --rounds 1 --points mixtral-8x7b:1 \
+      --out "$OUT/r33h-early.json"
+    ;;
   r33-g)  # round 33, after the sweep: the input quantiser's early launch_dependents before the Triton w13 too (the PDL
     # rows without the decode w13: Mixtral T = 1 / 2, Qwen3's bucket 2), alternated three times, bits compared
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -12,8 +12,8 @@ gaps between buckets; a trailing digit repeats it: ``lo2``), or a name from ``--
 the lookup's config); suffixes set one
 switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false (the top-k sum after w2 in its own pass,
 or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
-scatter), ``--inline-slots N`` the bound of the layout derived in the GEMMs (no align kernel). Per point it prints the total (the profiler's, plus a CUDA-graph median of the same call for
-comparison) and each kernel's share. JSON rows go to ``--out``.
+scatter), ``--inline-slots N`` the bound of the layout derived in the GEMMs (no align kernel). Per point it prints
+the total (the profiler's, plus a CUDA-graph median of the same call for comparison) and each kernel's share. JSON rows go to ``--out``.
 """
 
 from __future__ import annotations
@@ -99,6 +99,19 @@ def each_point(points: str, make):
         yield name, int(t), m, held[name]
 
 
+def experts_step(m, weights, q, spec, cfg: dict):
+    """``(x, w, ids) -> out``: shape ``m``'s experts step on :func:`quant_probe.shape_weights`' ``weights`` under
+    ``cfg``; ``q`` (:func:`swap_probe.quantise`'s tensors) and ``spec`` for a quantised format, None for bf16."""
+    w13, w2, b1, b2, limit = weights
+
+    def fn(x, w, ids):
+        if q is None:
+            return fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
+        return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act, False, b1, b2,
+                                           None, limit, config=cfg)
+    return fn
+
+
 def kernel_times(fn, sets, calls: int) -> dict[str, float]:
     """{kernel name: µs per call} over ``calls`` calls of ``fn`` (profiler, CUDA activity only)."""
     from torch.profiler import ProfilerActivity, profile
@@ -134,20 +147,17 @@ def main(argv=None) -> int:
                          'e.g. {"w2s6": {"w2": {"num_stages": 6}}}')
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
-    if a.small_slots is not None:
-        from moekit.ops import triton_experts
+    from moekit.ops import triton_experts
 
-        triton_experts.SMALL_SLOTS = a.small_slots
-    if a.inline_slots is not None:
-        from moekit.ops import triton_experts
-
-        triton_experts.INLINE_SLOTS = a.inline_slots
+    for bound, value in (("SMALL_SLOTS", a.small_slots), ("INLINE_SLOTS", a.inline_slots)):
+        if value is not None:  # this run's slot bounds (module constants the launcher reads at each call)
+            setattr(triton_experts, bound, value)
     if a.patches:
         PATCHES.update(json.loads(a.patches))
     rows = []
     vnames = a.variants.split(",") if not a.variants.startswith("json:") else [a.variants]
     for name, t, m, weights in each_point(a.points, lambda m: shape_weights(m, dev)):
-        w13, w2, b1, b2, limit = weights
+        w13, w2 = weights[:2]
         sets = routing_sets(m, t, 4, dev)
         for fname in a.formats.split(","):
             fmt = FORMATS[fname]
@@ -163,12 +173,7 @@ def main(argv=None) -> int:
                 cfg = variant(cfg0, vname, near)
                 if spec is not None:
                     cfg = spec.fix_config(cfg, torch.bfloat16)
-
-                def fn(x, w, ids, cfg=cfg, q=q, spec=spec):
-                    if q is None:
-                        return fused_experts_impl(x, w13, w2, w, ids, m.act, False, b1, b2, None, limit, config=cfg)
-                    return tq.fused_experts_quant_impl(x, q[0], q[1], w, ids, spec, q[2], q[3], None, None, m.act,
-                                                       False, b1, b2, None, limit, config=cfg)
+                fn = experts_step(m, weights, q, spec, cfg)
                 try:
                     per = kernel_times(fn, sets, a.calls)
                     us = time_graph(fn, sets, target_ms=8.0, replays=5)
