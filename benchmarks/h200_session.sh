@@ -739,18 +739,43 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r34-d)  # round 34, last: the bf16 + fp8 sweep of record on the final code
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    sweep 330
+    ;;
+  r34-c)  # round 34, final code (the input quantiser a waiting programmatic dependent before the Gluon decode w13 only):
+    # r34-a's GPU tests and probe again, then the bf16 + fp8 layers at T = 1, 8, 64 (#9's 1.8x points)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r34c-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec13.py tests/ops/test_triton_pdl_gpu.py tests/ops/test_triton_routing.py \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_batch_invariance_gpu.py tests/ops/test_config_keys.py
+    step r34c-probe 200 env PYTHONPATH=src:benchmarks python benchmarks/route_pdl_probe.py --rounds 3 \
+      --points deepseek-v3:1,mixtral-8x7b:1,gpt-oss-120b:1,qwen3-30b-a3b:1 --out "$OUT/r34c-probe.json"
+    step bench 240 python -m moekit bench --quant bf16,fp8 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --tokens 1,8,64 --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r34-a)  # round 34: the routing kernel's trigger and the input quantiser as its waiting programmatic dependent (GPU
+    # tests: the routing -> decode step chain in a graph, PDL bits, the shipped rows alone vs in batches, the config
+    # checks), then the fp8 layers of the PDL buckets against round 33's launches, alternated three times, bits compared
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r34a-gpu 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -q -m gpu \
+      tests/ops/test_gluon_fp8_dec13.py tests/ops/test_triton_pdl_gpu.py tests/ops/test_triton_routing.py \
+      tests/ops/test_gluon_fp8_dec.py tests/ops/test_batch_invariance_gpu.py tests/ops/test_config_keys.py
+    step r34a-probe 200 env PYTHONPATH=src:benchmarks python benchmarks/route_pdl_probe.py --rounds 3 \
+      --points deepseek-v3:1,mixtral-8x7b:1,gpt-oss-120b:1,qwen3-30b-a3b:1,qwen3-30b-a3b:2 --out "$OUT/r34a-probe.json"
+    ;;
   r33-h)  # round 33, after the review (kernel_profile.experts_step shared with early_probe.py): both scripts once
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r33h-profile 60 env PYTHONPATH=src:benchmarks python benchmarks/kernel_profile.py --formats fp8,bf16 --calls 5 \
       --variants base --points mixtral-8x7b:1,deepseek-v3:1 --out "$OUT/r33h-profile.json"
-    step r33h-early 60 env PYTHONPATH=src:benchmarks python benchmarks/early_probe.py --rounds 1 --points mixtral-8x7b:1 \
-      --out "$OUT/r33h-early.json"
+    # (benchmarks/early_probe.py, its second script, became route_pdl_probe.py in round 34: the mode it measured is gone)
     ;;
   r33-g)  # round 33, after the sweep: the input quantiser's early launch_dependents before the Triton w13 too (the PDL
     # rows without the decode w13: Mixtral T = 1 / 2, Qwen3's bucket 2), alternated three times, bits compared
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r33g-early 150 env PYTHONPATH=src:benchmarks python benchmarks/early_probe.py --rounds 3 \
-      --points mixtral-8x7b:1,mixtral-8x7b:2,qwen3-30b-a3b:2,qwen3-30b-a3b:4 --out "$OUT/r33g-early.json"
+    # (benchmarks/early_probe.py, measured here, became route_pdl_probe.py in round 34: the mode it measured is gone)
+    echo "r33-g: its probe is gone (round 34)"
     ;;
   r33-f)  # round 33, final code (DeepSeek-V3's fp8 T = 1 bucket on the Gluon decode w2, the grouped routing kernel on one
     # warp): the routing GPU tests, the layer's eager graphs bit-identical to plain calls, then the bf16 + fp8 sweep of

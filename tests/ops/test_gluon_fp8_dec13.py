@@ -97,8 +97,9 @@ def test_the_decode_w13_compiles_without_loads_in_its_k_loop(tmp_path):
     # third of it, three per SM), for a Mixtral-like slice
     # (BN 128: w2's input quantised in the epilogue), DeepSeek-V3's (56 K steps, BN 64: a separate quantiser pass),
     # gpt-oss's (swigluoai, biases, a partial last K step: 2880 = 22.5 blocks) and past the inline layout (32 slots:
-    # the align kernel's layout). With the plan's "pdl" it is a programmatic dependent and the input quantiser before
-    # it, a plain launch, takes PDL (it lets the w13 begin at once). In its sm_90 SASS: no spill, the consumer's K
+    # the align kernel's layout). With the plan's "pdl" it is a programmatic dependent of the input quantiser before
+    # it, itself a programmatic dependent that waits for its grid before it lets the w13 begin (WAIT_FIRST). In its
+    # sm_90 SASS: no spill, the consumer's K
     # loop (the wgmmas) without a global load or TMA issue, the producer's loop with both weight tiles by TMA and the
     # rows and scales by cp.async
     run_compiled("""
@@ -116,7 +117,8 @@ for shape, t, bn, pdl in cases:
     names = [kf.__name__ for kf, _, _ in seen]
     assert "fp8_w13_dec_kernel" in names and "w13_kernel" not in names, names
     quant = [kw for kf, _, kw in seen if kf.__name__ == "act_quant_kernel"][0]
-    assert bool(quant.get("PDL")) == pdl and not quant.get("launch_pdl"), quant  # the input's: a plain launch
+    # the input's: with "pdl" a programmatic dependent of the launch before it that waits, then lets the w13 begin
+    assert all(bool(quant.get(key)) == pdl for key in ("PDL", "WAIT_FIRST", "launch_pdl")), quant
     kf, args, kw = [x for x in seen if x[0].__name__ == "fp8_w13_dec_kernel"][0]
     assert kw["maxnreg"] == (128 if bn == 128 else 72), kw  # BN 64: three programs per SM where 3 slots fit
     assert bool(kw.get("launch_pdl")) == pdl and kw["REQ"] == (1 if bn == 128 else 0), kw
@@ -218,4 +220,48 @@ def test_gpu_gluon_dec13_under_cuda_graph_and_compile(monkeypatch):
     monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, dec2=2, pdl=True))
     calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13_dec")
     assert_compiled_and_graphed_bits(f, inputs(), inputs())
+    assert calls, "the Gluon decode w13 did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, dec2", [(1, 1), (2, 2), (1, 0)])
+def test_gpu_routing_then_the_decode_step_as_programmatic_dependents(monkeypatch, t, dec2):
+    # the layer's order in one CUDA graph: the routing kernel (it lets a programmatic dependent begin at once), then
+    # the fp8 decode step with "pdl" (the input quantiser waits for the routing, then lets the decode w13 begin, which
+    # reads the new ids before its own grid wait). Replayed on 24 new inputs (new ids each time: other experts, other
+    # rows of the inline layout), every output has the bits of the same call without PDL: no launch read stale ids
+    from moekit.ops import triton_experts_quant as tq
+    from moekit.ops.routing import TopKSpec
+    from moekit.ops.triton_routing import route_triton
+
+    e, k = 16, 8
+    f, inputs = fp8_decode_call(t=t, e=e, k=k)
+    spec = TopKSpec(k, "sigmoid", True, 2.5, 4, 2)  # DeepSeek-like grouped routing, with a selection bias
+    bias = torch.rand(e, device="cuda") * 0.1
+
+    def step(x, logits):
+        w, ids = route_triton(logits, spec, bias)
+        return f(x, w, ids)
+
+    def new_inputs():
+        return inputs()[0], torch.randn(t, e, device="cuda")
+
+    calls = count_calls(monkeypatch, gluon_experts, "launch_fp8_w13_dec")
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, dec2=dec2, pdl=False))
+    sets = [new_inputs() for _ in range(24)]
+    refs = [step(x, lg) for x, lg in sets]
+    monkeypatch.setattr(tq, "get_config", lambda *a, **kw: _cfg(True, dec2=dec2, pdl=True))
+    assert all(torch.equal(step(x, lg), r) for (x, lg), r in zip(sets, refs))  # eager, back to back
+    static = [v.clone() for v in sets[0]]
+    step(*static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*static)
+    for (x, lg), ref in zip(sets[1:], refs[1:]):
+        static[0].copy_(x)
+        static[1].copy_(lg)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
     assert calls, "the Gluon decode w13 did not run"

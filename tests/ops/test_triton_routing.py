@@ -105,6 +105,51 @@ def test_routing_kernel_warps_by_tile(e, groups, warps):
     assert consts["num_warps"] == warps and consts["GP"] * consts["EGP"] >= e
 
 
+def test_routing_lets_its_dependent_launch_begin_and_the_input_quantiser_waits_first(tmp_path, monkeypatch):
+    # sm_90 SASS, compiled on CPU: the routing kernel's TRIGGER puts griddepcontrol.launch_dependents (PREEXIT) among
+    # its first instructions, so the experts' input quantiser, a programmatic dependent, is scheduled while it runs;
+    # the quantiser's WAIT_FIRST orders its grid wait (ACQBULK) before its own trigger (the decode w13 after it reads
+    # the routing ids before its wait), the w2-input quantiser's order stays trigger, then wait
+    pytest.importorskip("triton.backends.nvidia")
+    from compile_check import run_compiled
+
+    run_compiled("""
+import torch, compile_sm90 as c
+from moekit.ops._triton.quant import act_quant_kernel
+from moekit.ops._triton.topk import route_kernel
+from moekit.ops import triton_routing as tr
+
+def ops(k):
+    return [l.split("*/")[1].strip() for l in c.sass_text(k).splitlines() if "/*0" in l and "*/" in l]
+
+lg, b, w, ids = torch.empty(1, 256), torch.empty(256), torch.empty(1, 8), torch.empty(1, 8, dtype=torch.int32)
+for trig in (True, False):
+    kw = dict(tr._route_constexprs(256, 8, 8, "sigmoid", True, True), TRIGGER=trig)
+    seq = ops(c.compile_launch(route_kernel, (lg, b, w, ids, 8, 32, 8, 4, 2.5, 256, 8, 8), kw))
+    pre = [i for i, o in enumerate(seq) if o.startswith("PREEXIT")]
+    assert (pre and pre[0] < 24) if trig else not pre, (trig, pre, seq[:30])
+x, xq = torch.empty(2, 512, dtype=torch.bfloat16), torch.empty(2, 512, dtype=torch.float8_e4m3fn)
+xs = torch.empty(2, 4)
+for first in (True, False):
+    kw = dict(G=128, GP=8, BLOCK=512, MODE=0, UE8M0=False, ON_INPUT=False, INTERP=False, num_warps=4, PDL=True,
+              WAIT_FIRST=first)
+    seq = ops(c.compile_launch(act_quant_kernel, (x, xq, xs, x, None, 512, 2, 512, 512, 4, 0), kw))
+    acq = [i for i, o in enumerate(seq) if o.startswith("ACQBULK")]
+    pre = [i for i, o in enumerate(seq) if o.startswith("PREEXIT")]
+    assert len(acq) == 1 and len(pre) == 1 and (acq[0] < pre[0]) == first, (first, acq, pre)
+    assert not any(o.startswith(("LDG", "STG")) for o in seq[:max(acq[0], pre[0])]), seq  # nothing before both
+print("ok")
+""", tmp_path)
+    # the launcher asks for the trigger only where PDL exists (compiled, sm_90+): never on CPU or the interpreter
+    seen = {}
+    monkeypatch.setattr(triton_routing, "route_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: seen.update(kw))})())
+    logits = tie_free_logits(1, 16, seed=3)
+    triton_routing.route_impl(logits, None, 2, "softmax", True, 1.0, 1, 1, torch.int32)
+    assert seen["TRIGGER"] is triton_routing.pdl_ok(logits.device)
+    assert seen["TRIGGER"] is (DEV == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
+
+
 def test_route_dispatch_and_validation():
     logits = tie_free_logits(3, 16, seed=1)
     w, ids = route(logits, TopKSpec(2, "softmax", True), backend="triton")

@@ -1,8 +1,101 @@
-"""Validation of the kernel config keys that select kernel forms (:mod:`.triton_configs` holds the config
-tables, the lookup and the heuristic): each ``*_value`` function reads one key, raises ``ValueError`` naming the
-part, the key, the value and what is expected, and returns the value the launch plan uses."""
+"""Validation of kernel configs (:mod:`.triton_configs` holds the config tables, the lookup and the heuristic).
+
+:func:`check_config` checks a whole config once, where it enters: every entry of a config file when the file is
+read, and a config passed to the launchers explicitly (the tuner's candidates, a benchmark's patch). An unknown key
+(``"num_warp"``, a key of an older or newer moekit) or a value of the wrong kind raises ``ValueError`` naming where
+the config came from, the part, the key, the value and what is expected, instead of being ignored or failing inside
+a kernel launch. Each ``*_value`` function reads one key that selects a kernel form, raises ``ValueError`` the same
+way, and returns the value the launch plan uses."""
 
 from __future__ import annotations
+
+#: top-level keys of a config (:mod:`.triton_configs`' docstring says what each does)
+TOP_KEYS = ("BLOCK_M", "w13", "w2", "tma", "pdl", "fp8_acc", "sum_pass", "w13_split", "tail_bm")
+#: keys of a kernel part (``"w13"`` / ``"w2"``); the first five are required
+PART_KEYS = ("BN", "BK", "GROUP_M", "num_warps", "num_stages", "SWAP", "gluon", "gluon_dec", "gluon_nt", "gluon_ws",
+             "gluon_rega", "gluon_early", "gluon_stack", "gluon_stages", "gluon_wbuf")
+_REQUIRED_PART = PART_KEYS[:5]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pow2(v, lo: int, hi: int) -> bool:
+    return _is_int(v) and lo <= v <= hi and not v & (v - 1)
+
+
+def _flag(v) -> bool:
+    return isinstance(v, bool) or (_is_int(v) and v in (0, 1))
+
+
+def _check_part(part: str, c) -> None:
+    """One kernel part's keys and values (``ValueError`` prefixed ``config "part"``)."""
+    if not isinstance(c, dict):
+        raise ValueError(f'config "{part}" = {c!r}, expected a dict of kernel keys ({", ".join(_REQUIRED_PART)}, ...)')
+    unknown = [k for k in c if k not in PART_KEYS]
+    if unknown:
+        raise ValueError(f'config "{part}": unknown key {unknown[0]!r} (never ignored); the known keys are '
+                         f'{", ".join(PART_KEYS)}')
+    missing = [k for k in _REQUIRED_PART if k not in c]
+    if missing:
+        raise ValueError(f'config "{part}": the key {missing[0]!r} is missing (required: {", ".join(_REQUIRED_PART)})')
+    rules = {"BN": (lambda v: _pow2(v, 8, 1024), "a power of two in 8..1024"),
+             "BK": (lambda v: _pow2(v, 16, 1024), "a power of two in 16..1024"),
+             "GROUP_M": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+             "num_warps": (lambda v: _pow2(v, 1, 16), "1, 2, 4, 8 or 16"),
+             "num_stages": (lambda v: _is_int(v) and 1 <= v <= 16, "an int in 1..16"),
+             "SWAP": (_flag, "0 or 1"), "gluon": (_flag, "0 or 1"),
+             "gluon_stages": (lambda v: _is_int(v) and 0 <= v <= 16, "an int in 0..16 (0: by shared memory)"),
+             "gluon_wbuf": (lambda v: _is_int(v) and v in (1, 2), "1 or 2 decoded tiles")}
+    for key, (ok, what) in rules.items():
+        if key in c and not ok(c[key]):
+            raise ValueError(f'config "{part}": "{key}" = {c[key]!r}, expected {what}')
+    gluon_ws_value(part, c)
+    gluon_rega_value(part, c)
+    gluon_early_value(part, c)
+    gluon_flag_value(part, c, "gluon_stack")
+    if part == "w2":
+        gluon_nt_value("w2", c)
+        gluon_dec_value(c, "w2")
+    else:
+        gluon_dec_value(c, "w13")
+        if "gluon_nt" in c:
+            raise ValueError(f'config "w13": "gluon_nt" = {c["gluon_nt"]!r}: column tiles per program are a key of the '
+                             f'Gluon w2 only')
+
+
+def check_config(cfg, where: str = "kernel config") -> None:
+    """``cfg`` is a whole kernel config: the top-level keys of :data:`TOP_KEYS` (``BLOCK_M``, ``w13`` and ``w2``
+    required), each part's keys of :data:`PART_KEYS` with values of the right kind, and the keys that select kernel
+    forms valid (the ``*_value`` functions). Else ``ValueError`` starting with ``where`` (a file, shape and bucket, or
+    "kernel config"), then the part, the key, the value and what is expected. Pure: ``cfg`` is not changed. Checks
+    what a config may say, not whether a kernel form runs for a given shape and format (the launchers decide that,
+    with the same bits or an error)."""
+    try:
+        if not isinstance(cfg, dict):
+            raise ValueError(f"expected a dict with {', '.join(TOP_KEYS[:3])}, got {type(cfg).__name__}")
+        unknown = [k for k in cfg if k not in TOP_KEYS]
+        if unknown:
+            raise ValueError(f'unknown key {unknown[0]!r} (never ignored); the known keys are {", ".join(TOP_KEYS)}')
+        missing = [k for k in TOP_KEYS[:3] if k not in cfg]
+        if missing:
+            raise ValueError(f'the key {missing[0]!r} is missing (required: {", ".join(TOP_KEYS[:3])})')
+        if not _pow2(cfg["BLOCK_M"], 16, 256):
+            raise ValueError(f'"BLOCK_M" = {cfg["BLOCK_M"]!r}, expected a power of two in 16..256')
+        for key in ("tma", "pdl", "w13_split"):
+            if key in cfg and not _flag(cfg[key]):
+                raise ValueError(f'"{key}" = {cfg[key]!r}, expected true or false')
+        if cfg.get("sum_pass") is not None and not _flag(cfg["sum_pass"]):
+            raise ValueError(f'"sum_pass" = {cfg["sum_pass"]!r}, expected true, false or null (by slot count)')
+        if "fp8_acc" in cfg and not (_is_int(cfg["fp8_acc"]) and cfg["fp8_acc"] >= 0):
+            raise ValueError(f'"fp8_acc" = {cfg["fp8_acc"]!r}, expected an int >= 0 (0: exact fp16 mma; n: wgmma, '
+                             f'promoted every n)')
+        tail_bm_value(cfg)
+        for part in ("w13", "w2"):
+            _check_part(part, cfg[part])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def gluon_ws_value(part: str, cfg_part: dict) -> int:

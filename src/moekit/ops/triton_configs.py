@@ -60,7 +60,8 @@ and the first file holding the shape key decides that shape: its entry for the b
 token count (in log scale). Files merge per shape key, never per bucket: the buckets of one shape
 always come from one file, so one tuning run's tiles are never mixed with another's (SPEC §9: the
 buckets of a shape share their reduction order). Shapes in no file use :func:`heuristic_config`.
-Files are read once per process (:func:`clear_config_cache` re-reads them); returned configs are
+Every entry of a file is checked when the file is read (:func:`.config_keys.check_config`: ``ValueError`` naming the
+file, shape, bucket and key for an unknown key or a value of the wrong kind). Files are read once per process (:func:`clear_config_cache` re-reads them); returned configs are
 shared: do not mutate them.
 """
 
@@ -75,6 +76,7 @@ from pathlib import Path
 import torch
 
 from .._checks import DTYPE_SHORT
+from .config_keys import check_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -93,13 +95,24 @@ def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torc
 
 @functools.lru_cache(maxsize=16)
 def load_config_file(path: str) -> dict:
-    """Entries of one JSON config file ({} when absent). Cached: see :func:`clear_config_cache`."""
+    """Entries of one JSON config file ({} when absent), every config checked (:func:`.config_keys.check_config`:
+    ``ValueError`` naming the file, shape, bucket and key). Cached: see :func:`clear_config_cache`."""
     p = Path(path)
     if not p.is_file():
         return {}
     with open(p) as f:
         data = json.load(f)
-    return data.get("entries", {})
+    entries = data.get("entries", {})
+    if not isinstance(entries, dict):
+        raise ValueError(f'{p}: "entries" = {type(entries).__name__}, expected {{shape_key: {{bucket: config}}}}')
+    for key, table in entries.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{p}: shape {key}: {type(table).__name__}, expected {{bucket: config}}")
+        for bucket, cfg in table.items():
+            if not (isinstance(bucket, str) and bucket.isdigit() and int(bucket) > 0):
+                raise ValueError(f"{p}: shape {key}: bucket {bucket!r}, expected a token count >= 1")
+            check_config(cfg, f"{p}: shape {key}, bucket {bucket} (fix or delete the entry, or re-run `moekit tune`)")
+    return entries
 
 
 def user_config_dir() -> Path:

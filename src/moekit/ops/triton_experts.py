@@ -22,17 +22,17 @@ a host synchronisation; the torch path checks them. Inputs are validated by the 
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
-from triton import knobs
 
+from ._device import interpreting as _interpreting, major as _major, pdl_ok as _pdl_ok
 from ._eager import direct_call_ok
 from . import gluon_experts, gluon_w4
 from ._triton import align, combine as combine_k, epilogue, grouped_gemm
 from .activation import effective_limit, get_activation
+from .config_keys import check_config
 from .experts import chunk_tokens
 from .triton_configs import get_config
 from .triton_plan import _freeze, launch_plan
@@ -122,7 +122,8 @@ def fused_experts_impl(
 ) -> torch.Tensor:
     """Launch the kernels on validated inputs (shapes as in :func:`fused_experts_triton`).
 
-    ``config``: a kernel config (see :mod:`.triton_configs`); None picks the tuned/heuristic one.
+    ``config``: a kernel config (see :mod:`.triton_configs`), checked here (:func:`.config_keys.check_config`) unless
+    ``quant`` is given (the quantised launcher checked its caller's config); None picks the tuned/heuristic one.
     ``warmup``: compile the kernels without launching them (the tuner precompiles candidates).
     ``quant``: quantised weights (a :class:`~moekit.ops.triton_experts_quant.QuantLaunch`: packed
     ``w1``/``w2``, their scales, the activation quantisation); None for weights in ``x``'s dtype.
@@ -137,6 +138,8 @@ def fused_experts_impl(
     act = get_activation(activation)
     if config is None:
         config = get_config(x.device, t, e_local, h, inter, k, x.dtype, act.gated)
+    elif quant is None:
+        check_config(config)
     chunk = chunk_size(t, h, inter, k, e_local, x.element_size(), config, quant, workspace_bytes)
     if chunk >= t:  # one chunk (every eager decode call): no slicing
         _run_chunk(x, w1, w2, topk_weights, topk_ids, out, act, on_input, w1_bias, w2_bias, expert_map,
@@ -225,7 +228,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     else:  # quantised: the fp8 input quantiser runs here; buffers and kernel arguments of the format
         a13, inter_buf, inter_w2, kw13, kw2 = q.setup(x, tw, p.rows, on_input, _interpreting(), launch,
                                                       (slot_loc, slot_rank, row_start) if ws13 else None,
-                                                      early=dec13 and pdl)
+                                                      follow=dec13 and pdl)
         # fp8: the input quantiser applied the routing weight already
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)
@@ -320,21 +323,3 @@ def _tma_ok(w1: torch.Tensor, w2: torch.Tensor, h: int, inter: int) -> bool:
         w1.is_contiguous() and w2.is_contiguous() and (h * elt) % 16 == 0 and (inter * elt) % 16 == 0
         and w1.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0
     )
-
-
-def _pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper (sm_90) or newer, never under the interpreter."""
-    return device.type == "cuda" and not _interpreting() and _major(device) >= 9
-
-
-def _major(device: torch.device) -> int:
-    return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=16)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _interpreting() -> bool:
-    return bool(knobs.runtime.interpret)

@@ -38,6 +38,7 @@ import triton
 from ._eager import direct_call_ok
 from ._triton import quant as qk
 from .activation import get_activation
+from .config_keys import check_config
 from .formats import WeightFormat
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights
@@ -98,12 +99,13 @@ class QuantLaunch:
         return xq + k * inter * 2 + 16 * k + 2 * k * h
 
     def _quantise(self, src, launch, interp, *, static=None, on_input=False, tw=None, out=None, slots=None,
-                  pdl=False, early=False):
+                  pdl=False, follow=False):
         """The activation quantiser over the rows of ``src`` -> (x_q e4m3, scales, row stride of scales);
         ``out``: preallocated ``(x_q, scales)``; ``slots``: the align kernel's ``(loc, rank, row_start)``: only the
         sorted rows of live slots (``src`` in the sorted layout; the kernel's rows are then the slots); ``pdl``: a
-        programmatic dependent launch (``act_quant_kernel``'s ``PDL``); ``early``: its ``PDL`` in a plain launch
-        (the launch after it may begin at once)."""
+        programmatic dependent launch (``act_quant_kernel``'s ``PDL``: the launch after it may begin at once, then it
+        waits); ``follow``: a programmatic dependent launch that waits first, then lets the launch after it begin
+        (``WAIT_FIRST``)."""
         t, n = src.shape
         sp = self.spec
         mode = 2 if static is not None else (0 if sp.code == 1 else 1)  # per group of bk / per row / static
@@ -125,7 +127,8 @@ class QuantLaunch:
                    src.stride(0), xq.stride(0), xs.stride(0) if mode < 2 else 0, tw.stride(0) if tw is not None else 0,
                    G=g, GP=gp, BLOCK=min(1024, triton.next_power_of_2(n)), MODE=mode, UE8M0=sp.ue8m0,
                    ON_INPUT=on_input, INTERP=interp, num_warps=4, **by_slot,
-                   **({"PDL": True, "launch_pdl": True} if pdl else {"PDL": True} if early else {}))
+                   **({"PDL": True, "launch_pdl": True} if pdl else
+                      {"PDL": True, "WAIT_FIRST": True, "launch_pdl": True} if follow else {}))
         return xq, xs, (xs.stride(0) if mode < 2 else 0)
 
     def _quantise_sorted(self, x, tw, rows: int, layout: tuple, on_input: bool, interp: bool, launch):
@@ -146,11 +149,14 @@ class QuantLaunch:
         return xq, xs, xs.stride(0)
 
     def setup(self, x, tw, rows: int, on_input: bool, interp: bool, launch, sorted_layout: tuple | None = None,
-              early: bool = False):
+              follow: bool = False):
         """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs). ``sorted_layout``
         (fp8 block, for the warp-specialised Gluon w13): the align kernel's (loc, rank, row_start); w13's A
-        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``early`` (a plain launch that
-        lets its programmatic dependent, the Gluon decode w13, begin at once): the input quantiser's ``PDL``."""
+        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``follow`` (the plan's ``"pdl"`` before the
+        Gluon decode w13): the input quantiser is a programmatic dependent of the launch before it (the routing kernel
+        lets it start at once), waits for it, then lets the w13 after it begin (``act_quant_kernel``'s
+        ``WAIT_FIRST``). Before the Triton w13 it stays a plain launch: Mixtral's T = 1 layer measured 99.2-99.5 µs so,
+        99.8-100.3 with it a waiting dependent (H200, round 34, ``benchmarks/route_pdl_probe.py``)."""
         n_inter = self._inter
         dev, sp = x.device, self.spec
         kw13 = dict(self.common, **self.ws13, W_ALIGN=self.w_align[0])
@@ -162,7 +168,7 @@ class QuantLaunch:
             xq, xs, sxs = self._quantise_sorted(x, tw, rows, sorted_layout, on_input, interp, launch)
         else:
             xq, xs, sxs = self._quantise(x, launch, interp, static=self.s13_static, on_input=on_input, tw=tw,
-                                         early=early)
+                                         follow=follow)
         kw13.update(xs_ptr=xs, stride_xst=sxs, UE8M0=sp.ue8m0)
         self._post = None
         if self.fused_req:  # w2's input quantised in the w13 epilogue
@@ -293,6 +299,8 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
     act = get_activation(activation)
     if config is None:
         config = get_config(x.device, t, e_local, h, inter, topk_ids.shape[1], x.dtype, act.gated, quant=spec.key)
+    else:
+        check_config(config)
     config = spec.fix_config(config, x.dtype)
     s13 = s2 = None
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8), on device

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 
+from ._device import pdl_ok
 from ._eager import direct_call_ok
 from ._triton.topk import SCORE_CODES, route_kernel
 from .routing import TopKSpec, check_input_ids_range, hash_route_torch, host_sync_allowed
@@ -105,7 +106,8 @@ def _route_fake(gating_output, bias, top_k, scoring_func, renormalize, routed_sc
 
 
 def route_impl(gating_output, bias, top_k, scoring_func, renormalize, scale, num_groups, topk_group, ids_dtype):
-    """Launch the routing kernel (validated, contiguous inputs)."""
+    """Launch the routing kernel (validated, contiguous inputs). On sm_90+ it lets a programmatic dependent launch
+    after it begin at once (``route_kernel``'s ``TRIGGER``): the experts' input quantiser, which waits for it."""
     t, e = gating_output.shape
     w = torch.empty(t, top_k, dtype=torch.float32, device=gating_output.device)
     ids = torch.empty(t, top_k, dtype=ids_dtype, device=gating_output.device)
@@ -117,6 +119,7 @@ def route_impl(gating_output, bias, top_k, scoring_func, renormalize, scale, num
         top_k, eg, num_groups, topk_group, scale,
         gating_output.stride(0), w.stride(0), ids.stride(0),
         **_route_constexprs(e, num_groups, top_k, scoring_func, bias is not None, renormalize),
+        TRIGGER=pdl_ok(gating_output.device),
     )
     return w, ids
 

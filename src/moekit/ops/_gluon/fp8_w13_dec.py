@@ -25,9 +25,10 @@ Past the inline bound (``INLINE`` false) the rows are the align kernel's, which 
 
 ``PDL`` (launched as a programmatic dependent of the input quantiser): the layout (from the routing ids) and the
 first ``STAGES`` weight tiles are read before the grid wait, ``x_q`` and its scales only after it. That is sound
-because the quantiser is a plain launch (:meth:`..triton_experts_quant.QuantLaunch.setup`): whatever wrote the ids had
-completed before it started. The consumer lets the w2 launch begin (``griddepcontrol.launch_dependents``) once its
-grid wait returns, as the Triton w13 does.
+because the quantiser lets this launch begin only after its own grid wait returned
+(:meth:`..triton_experts_quant.QuantLaunch.setup`, ``WAIT_FIRST``): whatever wrote the ids, the routing kernel that the
+quantiser follows or any launch before, had completed by then. The consumer lets the w2 launch begin
+(``griddepcontrol.launch_dependents``) once its grid wait returns, as the Triton w13 does.
 """
 
 from __future__ import annotations

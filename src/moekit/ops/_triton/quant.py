@@ -310,7 +310,7 @@ def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, tw_ptr, qs_ptr, K, R, stride_xt, stride_qt, stride_st, stride_twt,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, UE8M0: tl.constexpr,
     ON_INPUT: tl.constexpr, INTERP: tl.constexpr, SLOTS: tl.constexpr = False, loc_ptr=None, rank_ptr=None,
-    row_start_ptr=None, PDL: tl.constexpr = False,
+    row_start_ptr=None, PDL: tl.constexpr = False, WAIT_FIRST: tl.constexpr = False,
 ):
     """x [R, K] (params dtype) -> x_q [R, K] e4m3 and s (module docstring).
 
@@ -322,11 +322,19 @@ def act_quant_kernel(
     ``SLOTS`` (w2's input in the sorted layout): ``R`` counts the S slots instead, and slot ``s`` stands for row
     ``row_start[loc[s]] + rank[s]`` (the align kernel's layout) when it is live, else for nothing: a block's padding
     rows, which no GEMM output reads, are skipped (at decode most rows are padding).
-    ``PDL``: let the next launch begin (w2 after this w2-input quantiser, a programmatic dependent of w13; the Gluon
-    decode w13 after this input quantiser, a plain launch), then wait for the grid before (no-op in a plain launch)."""
+    ``PDL`` (a programmatic dependent launch): let the next launch begin (w2 after this w2-input quantiser, a
+    programmatic dependent of w13), then wait for the grid before. ``WAIT_FIRST`` (the experts' input quantiser,
+    launched as a programmatic dependent of whatever ran before, usually the routing kernel, which lets it start at
+    once): wait for that grid first, then let the next launch begin, so that a launch after this one that reads the
+    routing ids before its own grid wait (the Gluon decode w13) starts only once the grid that wrote them completed.
+    Nothing is read or written before the wait, so the launch computes what a plain launch would."""
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+        if WAIT_FIRST:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        else:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
     if MODE == 0:
         pair = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
         ng = tl.cdiv(K, G)

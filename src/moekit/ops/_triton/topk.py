@@ -52,9 +52,16 @@ def route_kernel(
     K, EG, G, TOPK_GROUP, scale,
     stride_lt, stride_wt, stride_it,
     GP: tl.constexpr, EGP: tl.constexpr, KP: tl.constexpr, SCORING: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORM: tl.constexpr, TRIGGER: tl.constexpr = False,
 ):
-    """Grid (T,). logits: [T, E] any float; bias: [E]; w_out: [T, K] f32; ids_out: [T, K] int."""
+    """Grid (T,). logits: [T, E] any float; bias: [E]; w_out: [T, K] f32; ids_out: [T, K] int.
+
+    ``TRIGGER`` (compiled on sm_90+): ``griddepcontrol.launch_dependents`` first, so that a launch after this one made
+    as a programmatic dependent (the experts' input quantiser) is scheduled while the routing runs. That launch's
+    programs wait for this grid to complete before they read or write anything (the PDL contract: a dependent that
+    does not wait reads nothing of its primary), so the trigger's place changes no value."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     gi = tl.arange(0, GP)[:, None]
     ji = tl.arange(0, EGP)[None, :]

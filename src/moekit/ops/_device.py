@@ -1,0 +1,28 @@
+"""What the launchers ask of the device: compute capability, the Triton interpreter, programmatic dependent launch."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton import knobs
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) or newer, never under the interpreter."""
+    return device.type == "cuda" and not interpreting() and major(device) >= 9
+
+
+def major(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA device."""
+    return capability_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def interpreting() -> bool:
+    """Triton kernels run under the interpreter (``TRITON_INTERPRET=1``)."""
+    return bool(knobs.runtime.interpret)
