@@ -739,6 +739,15 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r34-e)  # round 34, after the sweep: the 4-bit GPU tests (Gluon 4-bit bits, the quantised experts) on the round's code,
+    # then the 4-format sweep (#10's numbers; round 20's were the last)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r34e-gpu 180 python -m pytest -q -p no:cacheprovider -rf -n 4 -m gpu tests/ops/test_gluon_w4.py \
+      tests/ops/test_triton_experts_quant.py tests/test_quant_layer.py
+    step bench4 280 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
   r34-d)  # round 34, last: the bf16 + fp8 sweep of record on the final code
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
