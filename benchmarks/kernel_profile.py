@@ -13,7 +13,8 @@ the lookup's config); suffixes set one
 switch on those tiles: ``+sum`` / ``-sum`` ``"sum_pass"`` true / false (the top-k sum after w2 in its own pass,
 or in w2's tail), ``+pdl``. ``--small-slots N`` moves the align's single-launch bound (0: always count +
 scatter), ``--inline-slots N`` the bound of the layout derived in the GEMMs (no align kernel). Per point it prints
-the total (the profiler's, plus a CUDA-graph median of the same call for comparison) and each kernel's share. JSON rows go to ``--out``.
+the total (the profiler's, plus a CUDA-graph median of the same call for comparison) and each kernel's share. JSON
+rows go to ``--out``.
 """
 
 from __future__ import annotations

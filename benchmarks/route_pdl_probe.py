@@ -42,7 +42,7 @@ def round33(state: dict):
         if not (follow and state["old"]):
             return quantise(self, src, launch, interp, follow=follow, **kw)
 
-        def plain(kern, grid, *args, **kwargs):  # a plain launch; PDL (trigger, then a no-op wait) before the decode w13
+        def plain(kern, grid, *args, **kwargs):  # a plain launch; before the decode w13 PDL (trigger, no-op wait)
             kwargs = {k: v for k, v in kwargs.items() if k not in ("launch_pdl", "WAIT_FIRST")}
             if not state["dec13"]:
                 kwargs.pop("PDL")

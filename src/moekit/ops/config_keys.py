@@ -29,6 +29,17 @@ def _flag(v) -> bool:
     return isinstance(v, bool) or (_is_int(v) and v in (0, 1))
 
 
+#: a part's plain keys: (is the value allowed, what is expected); the kernel-form keys have their ``*_value`` checks
+_PART_RULES = {"BN": (lambda v: _pow2(v, 8, 1024), "a power of two in 8..1024"),
+               "BK": (lambda v: _pow2(v, 16, 1024), "a power of two in 16..1024"),
+               "GROUP_M": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+               "num_warps": (lambda v: _pow2(v, 1, 16), "1, 2, 4, 8 or 16"),
+               "num_stages": (lambda v: _is_int(v) and 1 <= v <= 16, "an int in 1..16"),
+               "SWAP": (_flag, "0 or 1"), "gluon": (_flag, "0 or 1"),
+               "gluon_stages": (lambda v: _is_int(v) and 0 <= v <= 16, "an int in 0..16 (0: by shared memory)"),
+               "gluon_wbuf": (lambda v: _is_int(v) and v in (1, 2), "1 or 2 decoded tiles")}
+
+
 def _check_part(part: str, c) -> None:
     """One kernel part's keys and values (``ValueError`` prefixed ``config "part"``)."""
     if not isinstance(c, dict):
@@ -40,15 +51,7 @@ def _check_part(part: str, c) -> None:
     missing = [k for k in _REQUIRED_PART if k not in c]
     if missing:
         raise ValueError(f'config "{part}": the key {missing[0]!r} is missing (required: {", ".join(_REQUIRED_PART)})')
-    rules = {"BN": (lambda v: _pow2(v, 8, 1024), "a power of two in 8..1024"),
-             "BK": (lambda v: _pow2(v, 16, 1024), "a power of two in 16..1024"),
-             "GROUP_M": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-             "num_warps": (lambda v: _pow2(v, 1, 16), "1, 2, 4, 8 or 16"),
-             "num_stages": (lambda v: _is_int(v) and 1 <= v <= 16, "an int in 1..16"),
-             "SWAP": (_flag, "0 or 1"), "gluon": (_flag, "0 or 1"),
-             "gluon_stages": (lambda v: _is_int(v) and 0 <= v <= 16, "an int in 0..16 (0: by shared memory)"),
-             "gluon_wbuf": (lambda v: _is_int(v) and v in (1, 2), "1 or 2 decoded tiles")}
-    for key, (ok, what) in rules.items():
+    for key, (ok, what) in _PART_RULES.items():
         if key in c and not ok(c[key]):
             raise ValueError(f'config "{part}": "{key}" = {c[key]!r}, expected {what}')
     gluon_ws_value(part, c)

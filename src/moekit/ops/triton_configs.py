@@ -61,8 +61,8 @@ token count (in log scale). Files merge per shape key, never per bucket: the buc
 always come from one file, so one tuning run's tiles are never mixed with another's (SPEC §9: the
 buckets of a shape share their reduction order). Shapes in no file use :func:`heuristic_config`.
 Every entry of a file is checked when the file is read (:func:`.config_keys.check_config`: ``ValueError`` naming the
-file, shape, bucket and key for an unknown key or a value of the wrong kind). Files are read once per process (:func:`clear_config_cache` re-reads them); returned configs are
-shared: do not mutate them.
+file, shape, bucket and key for an unknown key or a value of the wrong kind). Files are read once per process
+(:func:`clear_config_cache` re-reads them); returned configs are shared: do not mutate them.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import triton
 
+from ._device import interpreting as _interpreting, major as _major
 from ._eager import direct_call_ok
 from ._triton import quant as qk
 from .activation import get_activation
@@ -44,7 +45,7 @@ from .quant_config import parse_quant_config
 from .quantize import check_quant_weights
 from .quant_spec import _CODES, QUANT_FORMATS, QuantSpec
 from .triton_configs import get_config
-from .triton_experts import _interpreting, _major, fused_experts_impl
+from .triton_experts import fused_experts_impl
 
 __all__ = ["fused_experts_quant_triton", "launch_quant_experts", "QuantSpec", "QuantLaunch", "QUANT_FORMATS"]
 
@@ -152,9 +153,9 @@ class QuantLaunch:
               follow: bool = False):
         """Per chunk: (w13's A operand, w13's output, w2's A operand, w13 kwargs, w2 kwargs). ``sorted_layout``
         (fp8 block, for the warp-specialised Gluon w13): the align kernel's (loc, rank, row_start); w13's A
-        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``follow`` (the plan's ``"pdl"`` before the
-        Gluon decode w13): the input quantiser is a programmatic dependent of the launch before it (the routing kernel
-        lets it start at once), waits for it, then lets the w13 after it begin (``act_quant_kernel``'s
+        operand is then quantised into the sorted rows (:meth:`_quantise_sorted`). ``follow`` (the plan's ``"pdl"``
+        before the Gluon decode w13): the input quantiser is a programmatic dependent of the launch before it (the
+        routing kernel lets it start at once), waits for it, then lets the w13 after it begin (``act_quant_kernel``'s
         ``WAIT_FIRST``). Before the Triton w13 it stays a plain launch: Mixtral's T = 1 layer measured 99.2-99.5 µs so,
         99.8-100.3 with it a waiting dependent (H200, round 34, ``benchmarks/route_pdl_probe.py``)."""
         n_inter = self._inter
