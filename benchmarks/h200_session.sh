@@ -739,6 +739,57 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r35-d)  # round 35, Qwen3's 4-bit T = 1 bucket dropped (T = 1 and 2 now take bucket 8's register-operand tiles, r35-a/b):
+    # the 4-bit GPU tests on that table (rows alone vs in batches over the shipped 4-bit tables, the Gluon 4-bit
+    # bits), the new table against the old T = 1 tiles, then Triton tile variants for gpt-oss's 4-bit T = 1 bucket
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r35d-gpu 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu tests/ops/test_gluon_w4.py \
+      tests/ops/test_batch_invariance_gpu.py -k "4bit or w4 or rega"
+    PO='{"old": {"sum_pass": null, "w13": {"BN": 32, "SWAP": 0, "gluon": 0, "gluon_early": 0, "gluon_rega": 0}, "w2": {"BN": 32, "SWAP": 0, "gluon": 0, "gluon_early": 0, "gluon_rega": 0}}, "n16": {"w13": {"BN": 16}, "w2": {"BN": 16}}, "n64": {"w13": {"BN": 64}, "w2": {"BN": 64}}, "nw2": {"w13": {"num_warps": 2}, "w2": {"num_warps": 2}}, "s2": {"w13": {"num_stages": 2}, "w2": {"num_stages": 2}}, "n16w2": {"w13": {"BN": 16, "num_warps": 2}, "w2": {"BN": 16, "num_warps": 2}}, "n64w8": {"w13": {"BN": 64, "num_warps": 8}, "w2": {"BN": 64, "num_warps": 8}}}'
+    step r35d-q3 70 python benchmarks/kernel_profile.py --points qwen3-30b-a3b:1,qwen3-30b-a3b:2 --formats mxfp4,int4 \
+      --variants base,old,base,old --patches "$PO" --out "$OUT/r35d-q3.json"
+    step r35d-oss 70 python benchmarks/kernel_profile.py --points gpt-oss-120b:1 --formats mxfp4,int4 \
+      --variants base,n16,n64,nw2,n16w2 --patches "$PO" --out "$OUT/r35d-oss.json"
+    step bench-q3 90 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models qwen3-30b-a3b --tokens 1,2,8 --fast \
+      --out "$OUT"
+    ;;
+  r35-c)  # round 35, after r35-b (the split w13 and BN 64 decode w13 no faster at T = 1): #10's compute-bound 4-bit points
+    # (DeepSeek-V3 / gpt-oss T = 4096, 16384: 1.17-1.44x bf16's time, 1.15x asked). Their 128-row (DeepSeek-V3) / 64-row
+    # tiles pad each expert's ~128 / ~128 rows; the Triton GEMMs' tail blocks (not open to the Gluon tiles) cut that
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    T13='"w13": {"gluon": 0, "gluon_rega": 0, "gluon_early": 0, "SWAP": 0, "BN": 128, "num_warps": 8, "num_stages": 3}'
+    T2='"w2": {"gluon": 0, "gluon_rega": 0, "gluon_early": 0, "SWAP": 0, "BN": 256, "num_warps": 8, "num_stages": 3}'
+    PT="{\"t0\": {\"BLOCK_M\": 128, $T13, $T2}, \"tt32\": {\"BLOCK_M\": 128, \"tail_bm\": 32, $T13, $T2}, \"tt64\": {\"BLOCK_M\": 128, \"tail_bm\": 64, $T13, $T2}, \"g13tt\": {\"BLOCK_M\": 128, \"tail_bm\": 32, $T2}}"
+    echo "$PT" > "$OUT/r35c-patches.json"
+    step r35c-ds 280 python benchmarks/kernel_profile.py --points deepseek-v3:4096,deepseek-v3:16384 --formats mxfp4,int4 \
+      --variants base,t0,tt32,tt64,base,tt32 --patches "$PT" --out "$OUT/r35c-ds.json"
+    step r35c-oss 200 python benchmarks/kernel_profile.py --points gpt-oss-120b:4096,gpt-oss-120b:16384 --formats mxfp4,int4 \
+      --variants base,t0,tt32,tt64,base,tt32 --patches "$PT" --out "$OUT/r35c-oss.json"
+    ;;
+  r35-b)  # round 35, after r35-a (Qwen3 4-bit T = 1 on the register-operand tiles 8-12 % faster, one alternation; gpt-oss
+    # 4-bit and fp8 variants no faster): that point again at T = 1 and 2, and whether an fp8 decode w13 program's
+    # weight stream is bound per SM or per program (gpt-oss T = 1: 90 programs of 737 KB at BN 128 vs 180 of 368 KB at
+    # BN 64; Mixtral T = 1 on the decode w13 at BN 64 / 128), and the split w13 (gate and up tiles in separate programs,
+    # twice the programs, an epilogue pass) there
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    P4='{"ra": {"sum_pass": true, "w13_split": false, "w13": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_early": 1, "gluon_rega": 1}, "w2": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_early": 1, "gluon_rega": 1}}}'
+    step r35b-w4 150 python benchmarks/kernel_profile.py --points qwen3-30b-a3b:1,qwen3-30b-a3b:2 --formats mxfp4,int4 \
+      --variants base,ra,base,ra --patches "$P4" --out "$OUT/r35b-w4.json"
+    P8='{"b64": {"w13": {"BN": 64}}, "b64s3": {"w13": {"BN": 64, "num_stages": 3}}, "d64": {"w13": {"BN": 64, "gluon_dec": 1, "num_stages": 6, "num_warps": 4}}, "d128": {"w13": {"gluon_dec": 1, "num_stages": 5}}, "sp64": {"w13_split": true, "w13": {"BN": 64, "gluon_dec": 0, "num_stages": 4, "num_warps": 4}}, "sp128": {"w13_split": true, "w13": {"BN": 128, "gluon_dec": 0, "num_stages": 4, "num_warps": 8}}}'
+    step r35b-fp8 280 python benchmarks/kernel_profile.py --points gpt-oss-120b:1,mixtral-8x7b:1,qwen3-30b-a3b:1 --formats fp8 \
+      --variants base,b64,d64,d128,sp64,sp128,base,b64,sp64 --patches "$P8" --out "$OUT/r35b-fp8.json"
+    ;;
+  r35-a)  # round 35: config probes where #9 / #10 points sit far from their lines: gpt-oss 4-bit T = 1 on the Triton
+    # inline tiles vs the register-operand decode (the T = 8 bucket's forms), gpt-oss fp8 T = 1024 (72 % of the roofline
+    # while T = 256 reaches ~90 %) on Triton swapped tiles, gpt-oss fp8 T = 8 on the Gluon decode w13
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    P4='{"ra": {"sum_pass": true, "w13_split": false, "w13": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_early": 1, "gluon_rega": 1}, "w2": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_early": 1, "gluon_rega": 1}}, "ra2": {"sum_pass": true, "w13_split": false, "w13": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_early": 1, "gluon_rega": 2}, "w2": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_early": 1, "gluon_rega": 1}}, "rane": {"sum_pass": true, "w13_split": false, "w13": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_rega": 1}, "w2": {"BN": 64, "SWAP": 1, "gluon": 1, "gluon_rega": 1}}, "tsw": {"w13": {"BN": 64, "SWAP": 1}, "w2": {"BN": 64, "SWAP": 1}}}'
+    step r35a-w4 200 python benchmarks/kernel_profile.py --points gpt-oss-120b:1,qwen3-30b-a3b:1 --formats mxfp4,int4 \
+      --variants base,ra,ra2,rane,tsw,base --patches "$P4" --out "$OUT/r35a-w4.json"
+    P8='{"tsw64": {"BLOCK_M": 64, "w13": {"gluon": 0, "SWAP": 1, "BN": 64}, "w2": {"gluon": 0, "SWAP": 1, "BN": 64}}, "w2b128": {"w2": {"BN": 128}}, "w2nt2": {"w2": {"gluon_nt": 2}}, "s5": {"w13": {"num_stages": 5}, "w2": {"num_stages": 5}}, "d13": {"w13": {"gluon_dec": 1}}}'
+    step r35a-fp8 200 python benchmarks/kernel_profile.py --points gpt-oss-120b:1024,gpt-oss-120b:8 --formats fp8 \
+      --variants base,lo,tsw64,w2b128,w2nt2,s5,d13,base --patches "$P8" --out "$OUT/r35a-fp8.json"
+    ;;
   r34-e)  # round 34, after the sweep: the 4-bit GPU tests (Gluon 4-bit bits, the quantised experts) on the round's code,
     # then the 4-format sweep (#10's numbers; round 20's were the last)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
