@@ -741,15 +741,11 @@ case $WHAT in
     ;;
   r35-d)  # round 35, Qwen3's 4-bit T = 1 bucket dropped (T = 1 and 2 now take bucket 8's register-operand tiles, r35-a/b):
     # the 4-bit GPU tests on that table (rows alone vs in batches over the shipped 4-bit tables, the Gluon 4-bit
-    # bits), the new table against the old T = 1 tiles, then Triton tile variants for gpt-oss's 4-bit T = 1 bucket
+    # bits), then Qwen3's whole layers at T = 1, 2, 8 in every format
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r35d-gpu 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu tests/ops/test_gluon_w4.py \
-      tests/ops/test_batch_invariance_gpu.py -k "4bit or w4 or rega"
-    PO='{"old": {"sum_pass": null, "w13": {"BN": 32, "SWAP": 0, "gluon": 0, "gluon_early": 0, "gluon_rega": 0}, "w2": {"BN": 32, "SWAP": 0, "gluon": 0, "gluon_early": 0, "gluon_rega": 0}}, "n16": {"w13": {"BN": 16}, "w2": {"BN": 16}}, "n64": {"w13": {"BN": 64}, "w2": {"BN": 64}}, "nw2": {"w13": {"num_warps": 2}, "w2": {"num_warps": 2}}, "s2": {"w13": {"num_stages": 2}, "w2": {"num_stages": 2}}, "n16w2": {"w13": {"BN": 16, "num_warps": 2}, "w2": {"BN": 16, "num_warps": 2}}, "n64w8": {"w13": {"BN": 64, "num_warps": 8}, "w2": {"BN": 64, "num_warps": 8}}}'
-    step r35d-q3 70 python benchmarks/kernel_profile.py --points qwen3-30b-a3b:1,qwen3-30b-a3b:2 --formats mxfp4,int4 \
-      --variants base,old,base,old --patches "$PO" --out "$OUT/r35d-q3.json"
-    step r35d-oss 70 python benchmarks/kernel_profile.py --points gpt-oss-120b:1 --formats mxfp4,int4 \
-      --variants base,n16,n64,nw2,n16w2 --patches "$PO" --out "$OUT/r35d-oss.json"
+    step r35d-inv 120 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k 4bit
+    step r35d-w4 150 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu tests/ops/test_gluon_w4.py
     step bench-q3 90 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models qwen3-30b-a3b --tokens 1,2,8 --fast \
       --out "$OUT"
     ;;
