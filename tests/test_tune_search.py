@@ -43,6 +43,27 @@ def test_priors_are_few_and_quick_is_fewer(fam):
         assert all(c["w13"]["BN"] <= 128 and c["w13"]["num_stages"] <= 3 for c in prior_configs(1, base, fam, (128, 128)))
 
 
+def test_4bit_decode_priors_include_the_register_operand_gemms():
+    # round 35: at Qwen3 T = 1 / 2 the register-operand GEMMs (swapped BN 64, early refill, the sum pass) beat the
+    # unswapped Triton winner, whose neighbours never reach them: stage 1 tries them beside the swapped priors, for
+    # 4-bit decode rows only, not in a quick search; the space keeps the candidate (mxfp4 and int4)
+    base = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
+    for rows, bm in ((1, 16), (8, 16), (16, 32)):
+        ra = [c for c in prior_configs(rows, base, "4bit", (128, 128)) if c["w13"].get("gluon_rega")]
+        assert len(ra) == 1, rows
+        c = ra[0]
+        assert c["BLOCK_M"] == bm and c["sum_pass"] is True and c["w13_split"] is False
+        for part in ("w13", "w2"):
+            assert {k: c[part][k] for k in ("BN", "SWAP", "gluon", "gluon_rega", "gluon_early")} == {
+                "BN": 64, "SWAP": 1, "gluon": 1, "gluon_rega": 1, "gluon_early": 1}
+        assert not any(c["w13"].get("gluon_rega") for c in prior_configs(rows, base, "4bit", (128, 128), quick=True))
+    for fam, rows in (("fp8", 1), ("bf16", 1), ("4bit", 30), ("4bit", 1000)):
+        assert not any(c["w13"].get("gluon_rega") for c in prior_configs(rows, base, fam, (128, 128))), (fam, rows)
+    for fmt in ("mxfp4", "int4"):
+        space = Space(DIMS, torch.bfloat16, tune.quant_spec(fmt)[1])
+        assert [c for c in space.fix_all(prior_configs(1, base, "4bit", None)) if c["w13"].get("gluon_rega")]
+
+
 def test_fix_config_is_applied_and_duplicates_dropped():
     _, spec = tune.quant_spec("fp8")
     space = Space(DIMS, torch.bfloat16, spec)

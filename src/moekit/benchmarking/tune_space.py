@@ -5,7 +5,8 @@ A bucket's search (:func:`search`) has two short stages:
 1. **priors**: a handful of whole configs for the regime of ``rows`` = T·K / min(E, T·K) (expected rows
    per touched expert: decode, small, medium, large) and the weight family (``bf16`` for the
    unquantised dtypes, ``fp8``, ``4bit`` for mxfp4 / int4), drawn from the configs that won on H100
-   (:data:`PRIORS`); ``quick`` keeps the first BLOCK_M and three pairs.
+   (:data:`PRIORS`), plus swapped decode tiles for the quantised families (4-bit: also on the register-operand
+   GEMMs); ``quick`` keeps the first BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
    doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, and the kernel forms and PDL
    (:func:`.tune_forms.form_neighbours`: the Gluon GEMMs and their keys, the decode w2's two forms, the
@@ -29,7 +30,7 @@ import time
 
 from ..ops.config_keys import tail_conflicts
 from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
-from .tune_forms import form_neighbours
+from .tune_forms import form_neighbours, rega_toggled
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -258,6 +259,12 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
             swapped.append(swap_tiles(_cfg(16, (128, bk[0], 4, st), (128, bk[1], 4, st), tma=fam == "fp8", **extra),
                                       rows, bm16))
         ids = {config_id(c) for c in out}
+        if fam == "4bit" and not quick:
+            # the register-operand GEMMs on the swapped BN 64 decode tile, the ring refilled early (bucket 8's form in
+            # the H200 tables): H200 round 35, 10-18 % faster than an unswapped Triton winner at Qwen3-30B-A3B T = 1
+            # and 2, which no stage-2 neighbour reaches (the register-operand toggle follows swapped winners only)
+            ra = rega_toggled(swap_tiles(_cfg(16, (64, bk[0], 4, 3), (64, bk[1], 4, 3), **extra), rows, bm16))
+            swapped.append({**ra, **{part: {**ra[part], "gluon_early": 1} for part in ("w13", "w2")}})
         for c in swapped:  # two priors may differ only in what swapping overrides
             if config_id(c) not in ids:
                 ids.add(config_id(c))
