@@ -261,7 +261,7 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
         ids = {config_id(c) for c in out}
         if fam == "4bit" and not quick:
             # the register-operand GEMMs on the swapped BN 64 decode tile, the ring refilled early (bucket 8's form in
-            # the H200 tables): H200 round 35, 10-18 % faster than an unswapped Triton winner at Qwen3-30B-A3B T = 1
+            # the H200 tables): H200 round 35, 6-18 % faster than an unswapped Triton winner at Qwen3-30B-A3B T = 1
             # and 2, which no stage-2 neighbour reaches (the register-operand toggle follows swapped winners only)
             ra = rega_toggled(swap_tiles(_cfg(16, (64, bk[0], 4, 3), (64, bk[1], 4, 3), **extra), rows, bm16))
             swapped.append({**ra, **{part: {**ra[part], "gluon_early": 1} for part in ("w13", "w2")}})
