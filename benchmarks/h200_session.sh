@@ -739,6 +739,22 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r35-e)  # round 35, the tuner's new 4-bit decode prior end to end: Qwen3 mxfp4 T = 1 tuned from the table as it was
+    # before this round (bucket "1" on the Triton BN 32 tiles, put back in a $MOEKIT_CONFIG_DIR copy)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    mkdir -p "$OUT/oldcfg" "$OUT/tuned"
+    python - "$OUT/oldcfg/NVIDIA_H200.json" <<'PY'
+import json, sys
+d = json.load(open("src/moekit/configs/NVIDIA_H200.json"))
+old = {"BLOCK_M": 16, "w13": {"BK": 128, "BN": 32, "GROUP_M": 8, "num_stages": 3, "num_warps": 4},
+       "w2": {"BK": 128, "BN": 32, "GROUP_M": 8, "num_stages": 3, "num_warps": 4}}
+for q in ("mxfp4", "int4_g32"):
+    d["entries"][f"E=128,H=2048,I=768,K=8,dtype=bf16,gated=1,quant={q}"]["1"] = old
+json.dump(d, open(sys.argv[1], "w"), indent=1)
+PY
+    step r35e-tune 150 env MOEKIT_CONFIG_DIR="$OUT/oldcfg" python -m moekit tune --quant mxfp4 \
+      --points qwen3-30b-a3b:1 --budget-s 60 --out "$OUT/tuned"
+    ;;
   r35-d)  # round 35, Qwen3's 4-bit T = 1 bucket dropped (T = 1 and 2 now take bucket 8's register-operand tiles, r35-a/b):
     # the 4-bit GPU tests on that table (rows alone vs in batches over the shipped 4-bit tables, the Gluon 4-bit
     # bits), then Qwen3's whole layers at T = 1, 2, 8 in every format
