@@ -29,6 +29,13 @@ def rega_toggled(cfg: dict) -> dict:
             **{part: {**without_gluon(cfg[part]), "gluon": 1, "gluon_rega": 1} for part in ("w13", "w2")}}
 
 
+def early_set(cfg: dict, early: int) -> dict:
+    """``cfg`` with ``"gluon_early"`` = ``early`` on each GEMM that asks for the register-operand kernels (the ring
+    refilled a step earlier, round 20; the key means nothing to the others)."""
+    return {**cfg, **{part: {**cfg[part], "gluon_early": early} for part in ("w13", "w2")
+                      if gluon_rega_value(part, cfg[part])}}
+
+
 def form_neighbours(best: dict, pdl: bool, fam: str) -> list[dict]:
     """Candidates around ``best`` that change a kernel form, not a tile: PDL toggled when asked or around an fp8
     decode-w2 winner; fp8: the Gluon GEMMs toggled, the Gluon w2's (or decode w2's) ``gluon_nt`` halved / doubled, the
@@ -65,7 +72,5 @@ def form_neighbours(best: dict, pdl: bool, fam: str) -> list[dict]:
         if rega:  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
             out.append({**best, "w13": {**best["w13"], "gluon_rega": 3 - rega}})
             # and the ring refilled a step earlier, in both GEMMs (round 20: faster or slower by bucket), or back
-            early = 0 if best["w13"].get("gluon_early") else 1
-            out.append({**best, **{part: {**best[part], "gluon_early": early} for part in ("w13", "w2")
-                                   if gluon_rega_value(part, best[part])}})
+            out.append(early_set(best, 0 if best["w13"].get("gluon_early") else 1))
     return out

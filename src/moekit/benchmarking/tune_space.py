@@ -30,7 +30,7 @@ import time
 
 from ..ops.config_keys import tail_conflicts
 from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
-from .tune_forms import form_neighbours, rega_toggled
+from .tune_forms import early_set, form_neighbours, rega_toggled
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -263,8 +263,8 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
             # the register-operand GEMMs on the swapped BN 64 decode tile, the ring refilled early (bucket 8's form in
             # the H200 tables): H200 round 35, 6-18 % faster than an unswapped Triton winner at Qwen3-30B-A3B T = 1
             # and 2, which no stage-2 neighbour reaches (the register-operand toggle follows swapped winners only)
-            ra = rega_toggled(swap_tiles(_cfg(16, (64, bk[0], 4, 3), (64, bk[1], 4, 3), **extra), rows, bm16))
-            swapped.append({**ra, **{part: {**ra[part], "gluon_early": 1} for part in ("w13", "w2")}})
+            swapped.append(early_set(rega_toggled(swap_tiles(_cfg(16, (64, bk[0], 4, 3), (64, bk[1], 4, 3), **extra),
+                                                             rows, bm16)), 1))
         for c in swapped:  # two priors may differ only in what swapping overrides
             if config_id(c) not in ids:
                 ids.add(config_id(c))
