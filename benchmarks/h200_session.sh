@@ -739,6 +739,47 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r36-d)  # round 36: LongCat-Flash's zero-expert step and output combination as two Triton kernels (ops.triton_zero):
+    # their GPU tests beside the graph / compile tests of LongCat-like layers, then the whole layer against the
+    # twins' small kernels (benchmarks/zero_ab.py)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r36d-gpu 75 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 --durations=5 tests/ops/test_triton_zero.py \
+      tests/ops/test_triton_routing.py
+    step r36d-zero-ab 90 python benchmarks/zero_ab.py --tokens 1,8,64,1024 --out "$OUT/r36d-zero-ab.json"
+    step r36d-gpu-lc 100 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 --durations=5 -k longcat \
+      tests/experts/test_graphed_gpu.py tests/test_compile_gpu.py
+    ;;
+  r36-c)  # round 36, last: Mixtral's 4-bit table with its re-tuned T = 256 bucket (rows alone vs in batches), then
+    # the 4-format sweep of the two shapes #10's sweeps had left out (Mixtral-8x7B; LongCat-Flash, whose fp8 table is
+    # new and whose 4-bit runs the sm_90 heuristic)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r36c-inv 120 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_4bit and mixtral"
+    step bench4 460 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models mixtral-8x7b,longcat-flash \
+      --no-longcat-nozero --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r36-b)  # round 36, the sm_90 4-bit heuristic (the register-operand Gluon GEMMs) and the tuner's 4-bit priors: Mixtral
+    # T = 256 tuned again from r36-a's table, the invariance tests of r36-a's tables and of the heuristic, then the
+    # heuristics side by side (before / sm_90 / table) on Mixtral, LongCat-Flash and Kimi-K2's shape
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    mkdir -p "$OUT/tuned"
+    for q in mxfp4 int4; do
+      step "r36b-tune-mx256-$q" 75 python -m moekit tune --quant $q --points mixtral-8x7b:256 --budget-s 45 --out "$OUT/tuned"
+    done
+    step r36b-inv 170 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py -k "4bit_heuristic or (shipped_4bit and mixtral) or (shipped_fp8 and longcat)"
+    step r36b-ab 240 python benchmarks/heuristic_ab.py --out "$OUT/r36b-ab.json"
+    ;;
+  r36-a)  # round 36, the benchmark shapes without H200 tables: LongCat-Flash fp8 (the sweeps of record had left it out
+    # since round 12) and Mixtral-8x7B mxfp4 / int4 (never benchmarked in 4-bit), tuned from the heuristic
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    mkdir -p "$OUT/tuned"
+    step r36a-tune-lc-fp8 230 python -m moekit tune --quant fp8 --models longcat-flash --pdl --budget-s 170 \
+      --out "$OUT/tuned"
+    step r36a-tune-mx-mxfp4 150 python -m moekit tune --quant mxfp4 --models mixtral-8x7b --budget-s 105 --out "$OUT/tuned"
+    step r36a-tune-mx-int4 150 python -m moekit tune --quant int4 --models mixtral-8x7b --budget-s 105 --out "$OUT/tuned"
+    ;;
   r35-e)  # round 35, the tuner's new 4-bit decode prior end to end: Qwen3 mxfp4 T = 1 tuned from the table as it was
     # before this round (bucket "1" on the Triton BN 32 tiles, put back in a $MOEKIT_CONFIG_DIR copy)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1

@@ -43,7 +43,7 @@ def test_priors_are_few_and_quick_is_fewer(fam):
         assert all(c["w13"]["BN"] <= 128 and c["w13"]["num_stages"] <= 3 for c in prior_configs(1, base, fam, (128, 128)))
 
 
-def test_4bit_decode_priors_include_the_register_operand_gemms():
+def test_4bit_priors_include_the_register_operand_gemms():
     # round 35: at Qwen3 T = 1 / 2 the register-operand GEMMs (swapped BN 64, early refill, the sum pass) beat the
     # unswapped Triton winner, whose neighbours never reach them: stage 1 tries them beside the swapped priors, for
     # 4-bit decode rows only, not in a quick search; the space keeps the candidate (mxfp4 and int4)
@@ -57,8 +57,16 @@ def test_4bit_decode_priors_include_the_register_operand_gemms():
             assert {k: c[part][k] for k in ("BN", "SWAP", "gluon", "gluon_rega", "gluon_early")} == {
                 "BN": 64, "SWAP": 1, "gluon": 1, "gluon_rega": 1, "gluon_early": 1}
         assert not any(c["w13"].get("gluon_rega") for c in prior_configs(rows, base, "4bit", (128, 128), quick=True))
-    for fam, rows in (("fp8", 1), ("bf16", 1), ("4bit", 30), ("4bit", 1000)):
+    for fam, rows in (("fp8", 1), ("bf16", 1), ("fp8", 1000), ("bf16", 1000)):
         assert not any(c["w13"].get("gluon_rega") for c in prior_configs(rows, base, fam, (128, 128))), (fam, rows)
+    # round 36: past 16 rows, the sm_90 heuristic's two token blocks (64: w2 on 128-row register-operand tiles; 128:
+    # the Triton w2) and Mixtral-8x7B's winner (both GEMMs on 128-row register-operand tiles), not in a quick search
+    for rows in (30, 100, 1000):
+        ra = [c for c in prior_configs(rows, base, "4bit", (128, 128)) if c["w13"].get("gluon_rega")]
+        forms = sorted((c["BLOCK_M"], c["w13"]["BN"], c["w2"]["BN"], bool(c["w2"].get("gluon_rega"))) for c in ra)
+        assert forms == [(64, 64, 128, True), (128, 64, 256, False), (128, 128, 128, True)], (rows, forms)
+        assert all(c["w13"]["BK"] == c["w2"]["BK"] == 128 and c["sum_pass"] is True for c in ra)
+        assert not any(c["w13"].get("gluon_rega") for c in prior_configs(rows, base, "4bit", (128, 128), quick=True))
     for fmt in ("mxfp4", "int4"):
         space = Space(DIMS, torch.bfloat16, tune.quant_spec(fmt)[1])
         assert [c for c in space.fix_all(prior_configs(1, base, "4bit", None)) if c["w13"].get("gluon_rega")]
@@ -153,11 +161,11 @@ def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
 
 
 def _isolate(tmp_path, monkeypatch, device: str, config_dir=None) -> None:
-    """Lookups see only ``config_dir`` (or nothing) and the shipped files; a fake ``device`` with 132 SMs."""
+    """Lookups see only ``config_dir`` (or nothing) and the shipped files; a fake ``device`` with 132 SMs (sm_90)."""
     monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(config_dir or tmp_path / "none"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tune, "_device_name", lambda: device)
-    monkeypatch.setattr(tune, "_device_sms", lambda: 132)
+    monkeypatch.setattr(tune, "_device_traits", lambda: (132, (9, 0)))
     tc.clear_config_cache()
 
 

@@ -155,3 +155,16 @@ def test_whole_layer_rows_alone_and_in_batches():
         out = layer(x, lg)
         for i in range(n):
             assert torch.equal(out[t - n + i], alone[i][0]), (t, i)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "gpt-oss-120b", "mixtral-8x7b"])
+@pytest.mark.parametrize("fmt", [Mxfp4Format(), Int4GroupFormat(32)], ids=["mxfp4", "int4"])
+def test_rows_alone_and_in_batches_4bit_heuristic(name, fmt):
+    """The untuned mxfp4 / int4 configs of this GPU (on sm_90 the register-operand Gluon GEMMs of round 36, swapped
+    up to 96 rows per expert, w2 unswapped on Triton above), as a shape without a table gets them: gpt-oss's partial
+    K step, Mixtral's few experts."""
+    m = MODELS[name]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cap = torch.cuda.get_device_capability(0)
+    key = tq.QuantSpec.of(fmt).key
+    _check_rows(m, {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms, key, cap) for t in TOKENS}, fmt=fmt)

@@ -112,7 +112,7 @@ def test_good_configs_pass_and_are_not_changed():
 @pytest.fixture
 def env_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path))
-    monkeypatch.setattr(tc, "_device_props", lambda index: (DEV, 132))
+    monkeypatch.setattr(tc, "_device_props", lambda index: (DEV, 132, (8, 0)))
     tc.clear_config_cache()
     yield tmp_path
     tc.clear_config_cache()

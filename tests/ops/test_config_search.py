@@ -29,7 +29,7 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("MOEKIT_CONFIG_DIR", raising=False)
     monkeypatch.setattr(tc, "CONFIG_DIR", shipped)
-    monkeypatch.setattr(tc, "_device_props", lambda index: (DEV, 132))
+    monkeypatch.setattr(tc, "_device_props", lambda index: (DEV, 132, (8, 0)))
     tc.clear_config_cache()
     tc._config_dirs.cache_clear()
     yield env, home / ".cache" / "moekit" / "configs", shipped
@@ -113,3 +113,49 @@ def test_fp8_heuristic_keeps_the_measured_fp8_tiles():
             assert bool(cfg["w13"].get("SWAP")) == bool(cfg["w2"].get("SWAP")) == want, (quant, t)
             if want:
                 assert cfg["BLOCK_M"] == bm and cfg["w13"]["BN"] >= 64 and cfg["w2"]["BN"] >= 64, (quant, t, cfg)
+
+def test_4bit_heuristic_on_sm90_runs_the_register_operand_gemms():
+    from moekit.ops.config_keys import check_config
+    from moekit.ops.formats import Int4GroupFormat, Mxfp4Format
+    from moekit.ops.triton_experts_quant import QuantSpec
+
+    heuristic_config = tc.heuristic_config
+    # DeepSeek-V3-like (E 256, K 8): T = 1 / 64 / 256 / 512 / 1024 / 1536 / 4096 -> 1, 2, 8, 16, 32, 48, 128 rows
+    for t, bm, w2_bn in ((1, 16, 64), (64, 16, 64), (256, 16, 64), (512, 32, 64), (1024, 64, 128), (1536, 64, 128),
+                         (4096, 128, 256)):
+        for quant, fmt in (("mxfp4", Mxfp4Format()), ("int4_g32", Int4GroupFormat(32))):
+            cfg = heuristic_config(t, 256, 7168, 2048, 8, torch.bfloat16, 132, quant=quant, capability=(9, 0))
+            check_config(cfg)
+            assert cfg["BLOCK_M"] == bm and cfg["sum_pass"] is True, (t, cfg)
+            c13, c2 = cfg["w13"], cfg["w2"]
+            # w13: 64 weight rows per program on the register-operand kernel, the ring refilled early
+            assert (c13["BN"], c13["SWAP"], c13["gluon"], c13["gluon_rega"], c13["gluon_early"]) == (64, 1, 1, 1, 1)
+            assert c13.get("gluon_stages") == (2 if bm == 128 else None)
+            assert c2["BN"] == w2_bn and bool(c2.get("gluon_rega")) == (bm < 128), (t, c2)
+            assert bool(c2.get("SWAP")) == (bm < 128) and c2["num_warps"] == (4 if w2_bn == 64 else 8)
+            # the format's fixing keeps the forms (BK 128 for every bucket: batch invariance)
+            fixed = QuantSpec.of(fmt).fix_config(cfg, torch.bfloat16)
+            assert fixed == {**cfg, "w13": dict(c13, BK=128), "w2": dict(c2, BK=128)}, (t, fixed)
+    # a shape's buckets share one BLOCK_K (SPEC §9)
+    ks = {tc.heuristic_config(t, 8, 4096, 14336, 2, torch.bfloat16, 132, "mxfp4", (9, 0))["w13"]["BK"]
+          for t in (1, 8, 64, 256, 1024, 4096, 16384)}
+    assert ks == {128}
+    # elsewhere the previous tiles: other GPUs, unknown GPUs, fp16 activations, fp8, unquantised
+    for cap, dtype, quant in (((8, 0), torch.bfloat16, "mxfp4"), (None, torch.bfloat16, "int4_g32"),
+                              ((10, 0), torch.bfloat16, "mxfp4"), ((9, 0), torch.float16, "mxfp4"),
+                              ((9, 0), torch.bfloat16, "fp8_block128x128"), ((9, 0), torch.bfloat16, None)):
+        for t in (1, 256, 4096):
+            cfg = heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant, capability=cap)
+            assert cfg == heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant), (cap, dtype, quant)
+            assert not cfg["w13"].get("gluon_rega") and not cfg["w2"].get("gluon_rega")
+
+
+def test_get_config_passes_the_device_capability_to_the_heuristic(dirs, monkeypatch):
+    monkeypatch.setattr(tc, "_device_props", lambda index: (DEV, 132, (9, 0)))
+    tc.clear_config_cache()
+    try:
+        got = tc.get_config(torch.device("cuda", 0), 1, 8, 64, 32, 2, torch.bfloat16, True, quant="mxfp4")
+        assert got == tc.heuristic_config(1, 8, 64, 32, 2, torch.bfloat16, 132, "mxfp4", (9, 0))
+        assert got["w13"]["gluon_rega"] == 1
+    finally:
+        tc.clear_config_cache()

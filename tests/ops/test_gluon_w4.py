@@ -53,6 +53,34 @@ def _plan(t, k, cfg, gated=True, on_input=False):
                        False, False, None, False, 1024, 16, _freeze(cfg))
 
 
+def test_the_sm90_heuristic_configs_run_the_gluon_gemms_they_ask_for():
+    """The untuned mxfp4 / int4 config on sm_90 (``triton_configs.w4_sm90_tiles``) at 1 to 128 rows per expert: each
+    GEMM that asks for a Gluon kernel gets it (not the Triton fallback), and only w2 of the 128-row form stays on
+    Triton."""
+    from moekit.ops.triton_configs import heuristic_config
+
+    x = torch.empty(4096, 512, dtype=torch.bfloat16)
+    w1, w2 = torch.empty(16, 768, 256, dtype=torch.uint8), torch.empty(16, 512, 192, dtype=torch.uint8)
+    mx = tq.QuantLaunch(tq.QuantSpec.of(Mxfp4Format()), torch.ones(16, 768, 16, dtype=torch.uint8),
+                        torch.ones(16, 512, 12, dtype=torch.uint8), None, None, 384, ptx=True)
+    w1i, w2i = torch.empty(16, 768, 64, dtype=torch.int32), torch.empty(16, 512, 48, dtype=torch.int32)
+    i4 = tq.QuantLaunch(tq.QuantSpec.of(Int4GroupFormat(32)), torch.ones(16, 768, 16, dtype=torch.bfloat16),
+                        torch.ones(16, 512, 12, dtype=torch.bfloat16), None, None, 384, ptx=True)
+    dev = gluon_experts._device_ok
+    try:
+        gluon_experts._device_ok = lambda t: True  # as if on an sm_90 GPU
+        for t in (1, 16, 32, 64, 128, 256, 1024):  # 8 slots over 16 experts: 1, 8, 16, 32, 64, 128, 512 rows
+            for q, a, b in ((mx, w1, w2), (i4, w1i, w2i)):
+                cfg = q.spec.fix_config(heuristic_config(t, 16, 512, 384, 8, torch.bfloat16, 132, q.spec.key, (9, 0)),
+                                        torch.bfloat16)
+                p = _plan(t, 8, cfg)
+                assert p.w13_gluon and p.gluon_rega[0] == 1 and gluon_w4.w4_ok(p, q, "w13", a, x[:t], False), (t, cfg)
+                big = cfg["BLOCK_M"] == 128
+                assert p.w2_gluon == (not big) and gluon_w4.w4_ok(p, q, "w2", b, x[:t], False) == (not big), (t, cfg)
+    finally:
+        gluon_experts._device_ok = dev
+
+
 def test_a_gluon_config_runs_an_align_kernel_at_any_t():
     # 8 slots: the layout would live in registers (no align kernel, no row_start); asking for a Gluon kernel
     # runs the one-program align instead, which stores row_start

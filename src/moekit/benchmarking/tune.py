@@ -158,8 +158,8 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     if before is None:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
         before = shape_table(torch.cuda.get_device_name(device), key)[1]
-    sms = _device_sms() if torch.device(device).type == "cuda" else 132
-    space, base = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms)
+    sms, cap = _device_traits() if torch.device(device).type == "cuda" else (132, None)
+    space, base = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms, cap)
     problems = []
     for r in range(rotations):
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
@@ -234,9 +234,10 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(torch.device("cuda"))
 
 
-def _device_sms() -> int:
-    """The current GPU's SM count (the heuristic's, as a runtime lookup would use it)."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+def _device_traits() -> tuple[int, tuple[int, int]]:
+    """The current GPU's SM count and compute capability (the heuristic's, as a runtime lookup would use them)."""
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return p.multi_processor_count, (p.major, p.minor)
 
 
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,
@@ -244,7 +245,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
              quant: str | None = None, quick: bool = False, log=print, bar: bool | None = None) -> Path:
     """Tune each (shape, token counts) target on the current CUDA device (weights in ``dtype``, or the
     ``quant`` format); merge every bucket into ``<out>/<device>.json`` as soon as it is done. Returns the path."""
-    name, sms = _device_name(), _device_sms()
+    name, (sms, cap) = _device_name(), _device_traits()
     path = (default_out() if out is None else Path(out)) / f"{device_key(name)}.json"
     fmt, spec = quant_spec(quant)
     summary = []
@@ -274,7 +275,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
             for n, t in enumerate(order):
                 now = time.time()
                 if now > deadline:
-                    cfg = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms)[1]
+                    cfg = config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith, sms, cap)[1]
                     info = {"base_us": float("nan"), "best_us": float("nan"), "timed": 0}
                     msg = "budget spent: keeps the config in use"
                 else:
@@ -291,7 +292,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
                 merge_entries(path, name, key, {t: cfg})
                 clear_config_cache()  # later lookups in this process read what was just written
                 prog.step(t, msg)
-            fill = fill_missing(m, dtype, spec, path, key, before, fixed_bk, fixed_arith, sms)
+            fill = fill_missing(m, dtype, spec, path, key, before, fixed_bk, fixed_arith, sms, cap)
             if fill:
                 merge_entries(path, name, key, fill)
                 clear_config_cache()

@@ -29,7 +29,8 @@ import json
 import time
 
 from ..ops.config_keys import tail_conflicts
-from ..ops.triton_configs import SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, swap_tiles
+from ..ops.triton_configs import (SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, W4_SM90_BM64_ROWS, swap_tiles,
+                                  w4_sm90_tiles)
 from .tune_forms import early_set, form_neighbours, rega_toggled
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
@@ -269,14 +270,23 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
             if config_id(c) not in ids:
                 ids.add(config_id(c))
                 out.append(c)
-    if fam == "4bit" and reg in ("medium", "large") and not quick:
-        # swapped big tiles: the dequantised weights as wgmma's register operand instead of a shared-memory
-        # tile stored every K step (sm_90 TTGIR: unswapped mxfp4 waits for each wgmma, pendings = 0);
-        # kept only when swap_identical holds on the GPU
-        for bm in (64, 128):
-            c = _cfg(bm, (128, bk[0], 8, 3), (128, bk[1], 8, 3), **extra)
-            c["w13"]["SWAP"] = c["w2"]["SWAP"] = 1
-            out.append(c)
+    if fam == "4bit" and not quick:
+        # the register-operand Gluon GEMMs as the sm_90 heuristic runs them at these rows (w4_sm90_tiles) and, past 16
+        # rows, at the other token block too, and with w2 also on them (Mixtral-8x7B's T >= 1024 winner). They
+        # replace round 6's swapped big Triton tiles (BN 128, 8 warps), which no H200 table kept; before round 36 only
+        # a swapped stage-1 winner led to them, and Mixtral T = 256 kept Triton tiles (H200). Swapped winners are
+        # checked by swap_identical on the GPU
+        forms = [w4_sm90_tiles(rows)]
+        if rows > SWAP_MAX_ROWS:
+            bm64, bm128 = w4_sm90_tiles(W4_SM90_BM64_ROWS), w4_sm90_tiles(W4_SM90_BM64_ROWS + 1)
+            both = dict(bm64["w2"])  # 128-row weight tiles on 8 warps, register operand
+            forms += [bm64, bm128, {**bm128, "w13": both, "w2": both}]
+        ids = {config_id(c) for c in out}
+        for f in forms:
+            c = {**extra, **f, "w13": dict(f["w13"], BK=bk[0]), "w2": dict(f["w2"], BK=bk[1])}
+            if config_id(c) not in ids:
+                ids.add(config_id(c))
+                out.append(c)
     if fam != "4bit" and reg in ("medium", "large"):
         # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)

@@ -36,23 +36,25 @@ def _space(m, dtype, spec, fixed_bk, fixed_arith) -> Space:
     return Space((m.E, m.H, m.I, m.K, m.gated), dtype, spec, fixed_bk, fixed_arith, elt=dtype.itemsize)
 
 
-def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith, num_sms: int = 132) -> tuple[Space, dict]:
+def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith, num_sms: int = 132,
+                  capability: tuple[int, int] | None = None) -> tuple[Space, dict]:
     """(the shape's search space, the config lookups gave at ``t`` before the run — the nearest bucket of
-    ``before``, the shape's table then, else the heuristic of the format for ``num_sms`` SMs — fixed by the
-    space): where a search starts (timed even where the space's estimates would refuse it: the search then
-    scores it as failed), and what a bucket past the budget keeps."""
+    ``before``, the shape's table then, else the heuristic of the format for ``num_sms`` SMs of compute
+    ``capability`` — fixed by the space): where a search starts (timed even where the space's estimates would
+    refuse it: the search then scores it as failed), and what a bucket past the budget keeps."""
     quant = None if spec is None else spec.key
-    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant)
+    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant, capability)
     space = _space(m, dtype, spec, fixed_bk, fixed_arith)
     return space, space.apply(base)
 
 
 def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, fixed_arith,
-                 num_sms: int = 132) -> dict:
+                 num_sms: int = 132, capability: tuple[int, int] | None = None) -> dict:
     """{bucket: config} for the buckets of :data:`TOKENS` the shape's table in ``path`` lacks, each the first
     of these that the shape's space accepts (BLOCK_K and arithmetic keys fixed, shared memory): ``before``'s
-    own entry (only when ``before`` has the shape's BLOCK_K), the format's heuristic for ``num_sms`` SMs, the
-    nearest bucket already in the table (always accepted: it was tuned or kept under the same space)."""
+    own entry (only when ``before`` has the shape's BLOCK_K), the format's heuristic for ``num_sms`` SMs (of
+    ``capability``), the nearest bucket already in the table (always accepted: it was tuned or kept under the same
+    space)."""
     table = json.loads(path.read_text()).get("entries", {}).get(key, {}) if path.is_file() else {}
     quant = None if spec is None else spec.key
     space = _space(m, dtype, spec, fixed_bk, fixed_arith)
@@ -65,7 +67,8 @@ def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, f
     for t in TOKENS:
         if str(t) in table:
             continue
-        tries = [before.get(str(t)) if same_bk else None, heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant)]
+        tries = [before.get(str(t)) if same_bk else None,
+                 heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant, capability)]
         for cand in [c for c in tries if c is not None]:
             cfg = space.apply(cand)
             if space.refusal(cfg) is None:

@@ -188,14 +188,18 @@ def clear_config_cache() -> None:
 
 def heuristic_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype,
-    num_sms: int = 132, quant: str | None = None,
+    num_sms: int = 132, quant: str | None = None, capability: tuple[int, int] | None = None,
 ) -> dict:
     """A sound config for any shape: block rows from the expected rows per touched expert, tile
     widths so that the memory-bound small-T launches still fill the SMs. ``quant``: a quantised format's
-    key; fp8 formats take :func:`fp8_heuristic`'s tiles, mxfp4 / int4 swap their decode tiles (:func:`swap_tiles`)."""
+    key; fp8 formats take :func:`fp8_heuristic`'s tiles; mxfp4 / int4 with bf16 activations on an sm_90 GPU
+    (``capability`` (9, x): the device's compute capability, None when unknown) take the register-operand Gluon
+    GEMMs of the H200 tables (:func:`w4_sm90_tiles`), elsewhere they swap their decode tiles (:func:`swap_tiles`)."""
     slots = max(num_tokens * top_k, 1)
     touched = min(num_experts, slots)
     rows = slots / touched
+    if quant and not quant.startswith("fp8") and dtype == torch.bfloat16 and capability and capability[0] == 9:
+        return w4_sm90_tiles(rows)
     small_elt = dtype != torch.float32
     # Memory-bound below ~150 rows per expert: then padding rows cost only idle MMA, while an expert
     # split over two blocks streams its weights twice, so BLOCK_M covers the expected rows with room.
@@ -241,9 +245,9 @@ def heuristic_config(
 
 
 @functools.lru_cache(maxsize=8)
-def _device_props(index: int) -> tuple[str, int]:
+def _device_props(index: int) -> tuple[str, int, tuple[int, int]]:
     p = torch.cuda.get_device_properties(index)
-    return p.name, p.multi_processor_count
+    return p.name, p.multi_processor_count, (p.major, p.minor)
 
 
 def get_config(
@@ -265,12 +269,12 @@ def get_config(
 def _get_config(index, num_tokens, num_experts, hidden, inter, top_k, dtype, gated, quant, env_dir, home) -> dict:
     if index is None:
         return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, 4, quant)
-    name, sms = _device_props(index)
+    name, sms, cap = _device_props(index)
     cfg = _lookup(_config_dirs(env_dir, home), name, shape_key(num_experts, hidden, inter, top_k, dtype, gated, quant),
                   max(num_tokens, 1))
     if cfg is not None:
         return cfg
-    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms, quant)
+    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, dtype, sms, quant, cap)
 
 
 def fp8_heuristic(cfg: dict, num_tokens: int, num_experts: int, top_k: int, inter: int | None = None) -> dict:
@@ -318,6 +322,35 @@ SWAP_BM16_ROWS = 6
 # measured.
 SWAP_4BIT_MAX_ROWS = 16
 SWAP_4BIT_BM16_ROWS = 8
+
+
+#: mxfp4 / int4 on sm_90 (:func:`w4_sm90_tiles`): 64-row token blocks up to this many expected rows per expert, 128 above
+W4_SM90_BM64_ROWS = 96
+
+
+def w4_sm90_tiles(rows: float) -> dict:
+    """The untuned mxfp4 / int4 config for bf16 activations on sm_90, ``rows`` expected rows per touched expert: the
+    forms that won the H200 tables' 4-bit buckets (``moekit tune``; DeepSeek-V3, gpt-oss-120b, Qwen3-30B-A3B since
+    rounds 13-20, Mixtral-8x7B in round 36). Both GEMMs swapped on the register-operand Gluon kernels (the decoded
+    weights as wgmma's A fragment, the ring refilled a step early: ``"gluon_rega"``, ``"gluon_early"``) with the top-k
+    sum in its own pass, in 64-row weight tiles over 16 / 32 token rows up to 16 rows per expert; over 64 token rows
+    up to :data:`W4_SM90_BM64_ROWS`, w2 on 128-row weight tiles (8 warps); above, 128 token rows with w13's ring two
+    slots deep and the unswapped Triton w2 on BN 256 tiles. Against the Triton tiles the other devices keep
+    (:func:`swap_tiles` up to 16 rows, then the unquantised tiles), H200 round 36, experts step in a CUDA graph, T = 1
+    to 16384 (``benchmarks/heuristic_ab.py``): 1.14-1.63x faster at all 42 points of Mixtral-8x7B, LongCat-Flash and
+    Kimi-K2's shape (E 384) in mxfp4 and int4, outputs bit-identical; Mixtral's tuned table is 1.0-1.27x faster again
+    (most at 256 rows per expert, T = 1024). The launcher runs the Triton kernels with the same tiles (and bits)
+    wherever a Gluon form cannot run (:func:`moekit.ops.gluon_w4.w4_ok`)."""
+    def rega(bn: int, warps: int) -> dict:
+        return dict(BN=bn, BK=128, GROUP_M=8, num_warps=warps, num_stages=3, SWAP=1, gluon=1, gluon_rega=1,
+                    gluon_early=1)
+    if rows <= SWAP_4BIT_MAX_ROWS:
+        return {"BLOCK_M": 16 if rows <= SWAP_4BIT_BM16_ROWS else 32, "w13": rega(64, 4), "w2": rega(64, 4),
+                "sum_pass": True}
+    if rows <= W4_SM90_BM64_ROWS:
+        return {"BLOCK_M": 64, "w13": rega(64, 4), "w2": rega(128, 8), "sum_pass": True}
+    return {"BLOCK_M": 128, "w13": dict(rega(64, 4), gluon_stages=2),
+            "w2": dict(BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3), "sum_pass": True}
 
 
 def swap_tiles(cfg: dict, rows: float, bm16_rows: float = SWAP_BM16_ROWS) -> dict:
