@@ -324,10 +324,9 @@ class MoERunner(torch.nn.Module):
         routing = self.router.route(x, logits, input_ids=input_ids)
         routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
         if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
-            acc = routed.float()
-            if routing.zero_output is not None:
-                acc = acc + routing.zero_output.float()
-            routed = (acc * self.routed_scaling_factor).to(routed.dtype)
+            # ((routed + zero) * scale) in float32, rounded once (one launch on the Triton table)
+            routed = self.routed_experts.kernels.zero_combine(routed, routing.zero_output,
+                                                              float(self.routed_scaling_factor))
         return routed, routing.topk_weights
 
     def _gate_routed(self, x: torch.Tensor) -> torch.Tensor:

@@ -150,3 +150,27 @@ def test_a_run_cut_short_keeps_every_finished_shape(tmp_path, monkeypatch):
     saved = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
     assert saved == rows and {r["model"] for r in saved} == {"deepseek-v3", "longcat-flash"}
     assert all(r["meta"]["partial"] is False for r in saved)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+def test_the_quantised_whole_layer_row_runs_the_runners_math(quant):
+    # LongCat-Flash's quantised rows: routing, the quantised experts, then the runner's (routed + zero) combination
+    # rounded once: the same output as a FusedMoE(quant_config=...) holding the same quantised weights
+    import moekit
+    from moekit.benchmarking.bench import build_layer
+    from moekit.benchmarking.bench_quant import QUANT_FORMATS, layer_fn, quantized_weights
+
+    m = MODELS["longcat-flash"].replace(**TINY["longcat-flash"])
+    torch.manual_seed(0)
+    layer = build_layer(m, torch.bfloat16, torch.device("cpu"), backend="torch")
+    q = quantized_weights(layer, quant, {})
+    fn = layer_fn(layer, m, quant, q, backend="torch")
+    ql = moekit.FusedMoE(m.E, m.K, m.H, m.I, params_dtype=torch.bfloat16, quant_config=QUANT_FORMATS[quant],
+                         e_score_correction_bias=layer.router.e_score_correction_bias, backend="torch",
+                         **m.layer_kwargs()).eval()
+    ql.load_expert_weights(q[0], q[1], w13_scale=q[2], w2_scale=q[3])
+    x, logits = torch.randn(7, m.H).bfloat16(), torch.randn(7, m.E + m.Z)
+    with torch.no_grad():
+        out = fn(x, logits)
+        assert torch.equal(out, ql(x, logits))
+    assert layer.router.route(x, logits).zero_output.abs().sum() > 0  # zero experts were chosen

@@ -97,17 +97,17 @@ def experts_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "tri
 
 def layer_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "triton"):
     """``(x, logits) -> [T, H]``: the whole layer: ``layer(x, logits)`` unquantised, else the layer's
-    routing, then the quantised experts (``q``: quantize_experts'), then the zero-expert output."""
+    routing, then the quantised experts (``q``: quantize_experts'), then the runner's combination (the zero-expert
+    output added and the output-side scale applied in float32, rounded once: the kernel table's ``zero_combine``)."""
     if q is None:
         return lambda x, logits: layer(x, logits)
     experts = experts_fn(layer, m, quant, q, backend)
-    r = layer.router
+    r, combine, scale = layer.router, layer.routed_experts.kernels.zero_combine, float(layer.routed_scaling_factor)
 
     def fwd(x, logits):
-        w, ids = r.select_experts(x, logits)
-        out = experts(x, w, ids)
-        zero = r.zero_expert_output if m.Z else None
-        return out if zero is None else out + zero
+        res = r.route(x, logits)
+        out = experts(x, res.topk_weights, res.topk_ids)
+        return out if res.zero_output is None and scale == 1.0 else combine(out, res.zero_output, scale)
 
     return fwd
 

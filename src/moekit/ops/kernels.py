@@ -32,6 +32,7 @@ from .experts import experts_reference
 from .experts_quant import fused_experts_quant_torch
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
 from .routing import hash_route_reference, route_reference
+from .zero_experts import zero_combine_torch, zero_slots_torch
 
 #: every format the torch twin runs
 ALL_QUANT_FORMATS = frozenset(f.name for f in (Fp8BlockFormat, Fp8ChannelFormat, Mxfp4Format, Int4GroupFormat))
@@ -52,6 +53,9 @@ class Kernels:
             w13_input_scale, w2_input_scale, activation, apply_router_weight_on_input, w1_bias,
             w2_bias, expert_map, swiglu_limit, global_num_experts=-1) -> [T, H]   (None: no format)
     quant_formats: the ``fmt.name`` values ``experts_quant`` runs
+    zero_slots(x [T, H], topk_weights, topk_ids, num_experts) -> (masked weights, masked ids, zero [T, H] f32)
+    zero_combine(routed [T, H], zero [T, H] f32 | None, scale: float) -> [T, H] routed's dtype
+        (:mod:`moekit.ops.zero_experts`: LongCat-Flash's identity experts and the output scaling)
     """
 
     name: str
@@ -61,6 +65,8 @@ class Kernels:
     checks_values: bool
     experts_quant: Callable | None = None
     quant_formats: frozenset = frozenset()
+    zero_slots: Callable = zero_slots_torch
+    zero_combine: Callable = zero_combine_torch
 
     def supports(self, fmt) -> bool:
         """True when ``fmt`` (a format object, or None for unquantised weights) runs on this table."""
@@ -143,10 +149,12 @@ def _triton_kernels() -> Kernels:
     # imported here: triton is an optional dependency
     from .triton_experts import fused_experts_triton
     from .triton_routing import hash_route_triton, route_triton
+    from .triton_zero import zero_combine_triton, zero_slots_triton
 
     experts_quant, formats = _triton_quant()
     return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
-                   checks_values=False, experts_quant=experts_quant, quant_formats=formats)
+                   checks_values=False, experts_quant=experts_quant, quant_formats=formats,
+                   zero_slots=zero_slots_triton, zero_combine=zero_combine_triton)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,12 @@
-"""Zero (identity) experts of LongCat-Flash.
+"""Zero (identity) experts of LongCat-Flash, and the routed output's final combination.
 
-``zero[t] = x[t] · Σ_{j: ids[t, j] >= E} w[t, j]`` (sum in float32), and the zero slots are rewritten
-to ``id 0, weight 0.0`` so the expert kernels never see an id ``>= E``.
+``s[t] = Σ_{j: ids[t, j] >= E} w[t, j]`` (float32, summed in slot order j = 0, 1, ..., K - 1),
+``zero[t] = x[t] · s[t]`` (float32), and the zero slots are rewritten to ``id 0, weight 0.0`` so the
+expert kernels never see an id ``>= E``. The runner then rounds once:
+``out[t] = ((routed[t] + zero[t]) · routed_scaling_factor)`` in float32, cast to the routed dtype.
+
+The functions here are the torch twins (the CPU path and the oracle) of the Triton kernels in
+:mod:`moekit.ops._triton.zero`, which give the same bits.
 """
 
 from __future__ import annotations
@@ -9,6 +14,17 @@ from __future__ import annotations
 import torch
 
 ZERO_EXPERT_TYPES = ("identity",)
+
+
+def zero_scale_torch(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """topk_weights: [T, K] float32; topk_ids: [T, K] int -> s: [T] float32, the zero slots' weights summed in
+    slot order (one add per slot, so the Triton kernel can give the same bits)."""
+    is_zero = topk_ids >= num_experts
+    w = topk_weights.float()
+    s = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    for j in range(w.shape[1]):
+        s = s + torch.where(is_zero[:, j], w[:, j], torch.zeros((), dtype=torch.float32, device=w.device))
+    return s
 
 
 def zero_experts_compute_torch(
@@ -22,8 +38,7 @@ def zero_experts_compute_torch(
 
     returns zero: [T, H] in ``out_dtype`` (default: dtype of hidden_states), computed in float32.
     """
-    is_zero = topk_ids >= num_experts
-    scale = torch.where(is_zero, topk_weights.float(), torch.zeros((), device=topk_weights.device)).sum(-1)
+    scale = zero_scale_torch(topk_weights, topk_ids, num_experts)
     return (hidden_states.float() * scale.unsqueeze(-1)).to(out_dtype or hidden_states.dtype)
 
 
@@ -33,3 +48,21 @@ def mask_zero_experts(
     """Rewrite slots with ``id >= num_experts`` to ``id 0, weight 0.0`` (new tensors)."""
     is_zero = topk_ids >= num_experts
     return topk_weights.masked_fill(is_zero, 0.0), topk_ids.masked_fill(is_zero, 0)
+
+
+def zero_slots_torch(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's zero-expert step: ``(topk_weights, topk_ids)`` with the zero slots masked, and ``zero``
+    [T, H] float32 (module docstring). hidden_states: [T, H]; topk_weights: [T, K] float32; topk_ids: [T, K] int."""
+    zero = zero_experts_compute_torch(hidden_states, topk_weights, topk_ids, num_experts, torch.float32)
+    w, ids = mask_zero_experts(topk_weights, topk_ids, num_experts)
+    return w, ids, zero
+
+
+def zero_combine_torch(routed: torch.Tensor, zero: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``((routed + zero) · scale)`` in float32, rounded once to ``routed``'s dtype. routed: [T, H] float;
+    zero: [T, H] float32 or None; scale: the routed scaling factor applied to the output (1.0: none)."""
+    acc = routed.float()
+    if zero is not None:
+        acc = acc + zero.float()
+    return (acc * scale).to(routed.dtype)

@@ -6,7 +6,7 @@ import torch
 
 from .._checks import check_choice, check_int
 from ..ops.kernels import Kernels
-from ..ops.zero_experts import ZERO_EXPERT_TYPES, mask_zero_experts, zero_experts_compute_torch
+from ..ops.zero_experts import ZERO_EXPERT_TYPES
 from ..types import RoutingResult
 from .base import IndicesTypeGetter, ScoredRouter
 
@@ -50,9 +50,9 @@ class ZeroExpertRouter(ScoredRouter):
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         w, ids = self._scored_route(router_logits, indices_type)
-        # kept in float32 so the runner rounds routed + zero once (SPEC §3: exact zero-expert output)
-        zero = zero_experts_compute_torch(hidden_states, w, ids, self.num_logical_experts, torch.float32)
-        w, ids = mask_zero_experts(w, ids, self.num_logical_experts)
+        # zero kept in float32 so the runner rounds routed + zero once (SPEC §3: exact zero-expert output); one
+        # launch on the Triton table (ops.triton_zero), the same bits as the torch twin
+        w, ids, zero = self.kernels.zero_slots(hidden_states, w, ids, self.num_logical_experts)
         return RoutingResult(w, ids, zero)
 
     @property
