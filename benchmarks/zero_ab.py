@@ -20,15 +20,9 @@ from moekit.ops.zero_experts import zero_combine_torch, zero_slots_torch
 from quant_probe import save_rows  # benchmarks/: the script's own folder
 
 
-def set_zero_ops(layer, twin: bool) -> None:
-    """Point the layer's router and experts at the twins' zero ops (``twin``) or back at the Triton table's."""
-    for owner in (layer.router, layer.routed_experts):
-        k = owner.kernels
-        if twin:
-            owner._fused_kernels = k
-            owner.kernels = dataclasses.replace(k, zero_slots=zero_slots_torch, zero_combine=zero_combine_torch)
-        else:
-            owner.kernels = getattr(owner, "_fused_kernels", k)
+def use(layer, kernels) -> None:
+    """Run ``layer``'s router and experts on the kernel table ``kernels``."""
+    layer.router.kernels = layer.routed_experts.kernels = kernels
 
 
 def main(argv=None) -> int:
@@ -43,21 +37,24 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layer = build_layer(m, torch.bfloat16, dev).eval()
     layer.eager_graph_tokens = 0  # no internal bucket graphs: each call runs the ops the kernel tables hold now
+    fused = layer.routed_experts.kernels
+    tables = {"twin": dataclasses.replace(fused, zero_slots=zero_slots_torch, zero_combine=zero_combine_torch),
+              "fused": fused}
     rows = []
     for t in map(int, a.tokens.split(",")):
         g = torch.Generator(device=dev).manual_seed(t)
         sets = [(torch.randn(t, m.H, device=dev, generator=g).bfloat16(),
                  torch.randn(t, m.E + m.Z, device=dev, generator=g)) for _ in range(4)]
-        outs, times = {}, {"twin": [], "fused": []}
+        outs, times = {}, {name: [] for name in tables}
         with torch.no_grad():
-            for name in ("twin", "fused"):
-                set_zero_ops(layer, name == "twin")
+            for name, kernels in tables.items():
+                use(layer, kernels)
                 outs[name] = layer(*sets[0])
             for _ in range(a.rounds):
-                for name in ("twin", "fused"):
-                    set_zero_ops(layer, name == "twin")
+                for name, kernels in tables.items():
+                    use(layer, kernels)
                     times[name].append(time_graph(lambda x, lg: layer(x, lg), sets, target_ms=8.0, replays=5))
-        set_zero_ops(layer, False)
+        use(layer, fused)
         same = bool(torch.equal(outs["twin"], outs["fused"]))
         print(f"{a.model} T={t:6d} | twin {'/'.join(f'{u:.1f}' for u in times['twin'])}  fused "
               f"{'/'.join(f'{u:.1f}' for u in times['fused'])} | same bits {same}", flush=True)

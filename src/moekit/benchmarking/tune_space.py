@@ -31,7 +31,7 @@ import time
 from ..ops.config_keys import tail_conflicts
 from ..ops.triton_configs import (SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS, W4_SM90_BM64_ROWS, swap_tiles,
                                   w4_sm90_tiles)
-from .tune_forms import early_set, form_neighbours, rega_toggled
+from .tune_forms import form_neighbours
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
@@ -236,6 +236,15 @@ def _extra(base: dict) -> dict:
     return {k: v for k, v in base.items() if k not in ("BLOCK_M", "w13", "w2", "tma", "pdl")}
 
 
+def _add_new(out: list[dict], cands: list[dict]) -> None:
+    """Append to ``out`` each of ``cands`` whose :func:`config_id` it does not hold yet."""
+    ids = {config_id(c) for c in out}
+    for c in cands:
+        if config_id(c) not in ids:
+            ids.add(config_id(c))
+            out.append(c)
+
+
 def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None, quick: bool = False) -> list[dict]:
     """Stage-1 candidates (raw, before :meth:`Space.fix`) for ``rows`` rows per touched expert."""
     reg = regime(rows)
@@ -259,34 +268,20 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
             st = 3 if fam == "4bit" else 4
             swapped.append(swap_tiles(_cfg(16, (128, bk[0], 4, st), (128, bk[1], 4, st), tma=fam == "fp8", **extra),
                                       rows, bm16))
-        ids = {config_id(c) for c in out}
-        if fam == "4bit" and not quick:
-            # the register-operand GEMMs on the swapped BN 64 decode tile, the ring refilled early (bucket 8's form in
-            # the H200 tables): H200 round 35, 6-18 % faster than an unswapped Triton winner at Qwen3-30B-A3B T = 1
-            # and 2, which no stage-2 neighbour reaches (the register-operand toggle follows swapped winners only)
-            swapped.append(early_set(rega_toggled(swap_tiles(_cfg(16, (64, bk[0], 4, 3), (64, bk[1], 4, 3), **extra),
-                                                             rows, bm16)), 1))
-        for c in swapped:  # two priors may differ only in what swapping overrides
-            if config_id(c) not in ids:
-                ids.add(config_id(c))
-                out.append(c)
+        _add_new(out, swapped)  # two priors may differ only in what swapping overrides
     if fam == "4bit" and not quick:
         # the register-operand Gluon GEMMs as the sm_90 heuristic runs them at these rows (w4_sm90_tiles) and, past 16
-        # rows, at the other token block too, and with w2 also on them (Mixtral-8x7B's T >= 1024 winner). They
-        # replace round 6's swapped big Triton tiles (BN 128, 8 warps), which no H200 table kept; before round 36 only
-        # a swapped stage-1 winner led to them, and Mixtral T = 256 kept Triton tiles (H200). Swapped winners are
-        # checked by swap_identical on the GPU
+        # rows, at the other token block too, and with w2 also on them (Mixtral-8x7B's T >= 1024 winner). No stage-2
+        # neighbour reaches them from an unswapped winner (the register-operand toggle follows swapped winners only):
+        # H200 round 35, Qwen3-30B-A3B T = 1 / 2, 6-18 % faster than the unswapped Triton winner; round 36, Mixtral
+        # T = 256, which had kept Triton tiles. They replace round 6's swapped big Triton tiles (BN 128, 8 warps),
+        # which no H200 table kept. Swapped winners are checked by swap_identical on the GPU
         forms = [w4_sm90_tiles(rows)]
         if rows > SWAP_MAX_ROWS:
             bm64, bm128 = w4_sm90_tiles(W4_SM90_BM64_ROWS), w4_sm90_tiles(W4_SM90_BM64_ROWS + 1)
             both = dict(bm64["w2"])  # 128-row weight tiles on 8 warps, register operand
             forms += [bm64, bm128, {**bm128, "w13": both, "w2": both}]
-        ids = {config_id(c) for c in out}
-        for f in forms:
-            c = {**extra, **f, "w13": dict(f["w13"], BK=bk[0]), "w2": dict(f["w2"], BK=bk[1])}
-            if config_id(c) not in ids:
-                ids.add(config_id(c))
-                out.append(c)
+        _add_new(out, [{**extra, **f, "w13": dict(f["w13"], BK=bk[0]), "w2": dict(f["w2"], BK=bk[1])} for f in forms])
     if fam != "4bit" and reg in ("medium", "large"):
         # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)

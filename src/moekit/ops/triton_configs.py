@@ -333,7 +333,7 @@ def w4_sm90_tiles(rows: float) -> dict:
     forms that won the H200 tables' 4-bit buckets (``moekit tune``; DeepSeek-V3, gpt-oss-120b, Qwen3-30B-A3B since
     rounds 13-20, Mixtral-8x7B in round 36). Both GEMMs swapped on the register-operand Gluon kernels (the decoded
     weights as wgmma's A fragment, the ring refilled a step early: ``"gluon_rega"``, ``"gluon_early"``) with the top-k
-    sum in its own pass, in 64-row weight tiles over 16 / 32 token rows up to 16 rows per expert; over 64 token rows
+    sum in its own pass and w13 unsplit (as they need), in 64-row weight tiles over 16 / 32 token rows up to 16 rows per expert; over 64 token rows
     up to :data:`W4_SM90_BM64_ROWS`, w2 on 128-row weight tiles (8 warps); above, 128 token rows with w13's ring two
     slots deep and the unswapped Triton w2 on BN 256 tiles. Against the Triton tiles the other devices keep
     (:func:`swap_tiles` up to 16 rows, then the unquantised tiles), H200 round 36, experts step in a CUDA graph, T = 1
@@ -344,13 +344,13 @@ def w4_sm90_tiles(rows: float) -> dict:
     def rega(bn: int, warps: int) -> dict:
         return dict(BN=bn, BK=128, GROUP_M=8, num_warps=warps, num_stages=3, SWAP=1, gluon=1, gluon_rega=1,
                     gluon_early=1)
+    flags = {"sum_pass": True, "w13_split": False}
     if rows <= SWAP_4BIT_MAX_ROWS:
-        return {"BLOCK_M": 16 if rows <= SWAP_4BIT_BM16_ROWS else 32, "w13": rega(64, 4), "w2": rega(64, 4),
-                "sum_pass": True}
+        return {"BLOCK_M": 16 if rows <= SWAP_4BIT_BM16_ROWS else 32, "w13": rega(64, 4), "w2": rega(64, 4), **flags}
     if rows <= W4_SM90_BM64_ROWS:
-        return {"BLOCK_M": 64, "w13": rega(64, 4), "w2": rega(128, 8), "sum_pass": True}
+        return {"BLOCK_M": 64, "w13": rega(64, 4), "w2": rega(128, 8), **flags}
     return {"BLOCK_M": 128, "w13": dict(rega(64, 4), gluon_stages=2),
-            "w2": dict(BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3), "sum_pass": True}
+            "w2": dict(BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3), **flags}
 
 
 def swap_tiles(cfg: dict, rows: float, bm16_rows: float = SWAP_BM16_ROWS) -> dict:

@@ -22,8 +22,9 @@ def zero_scale_torch(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_exp
     is_zero = topk_ids >= num_experts
     w = topk_weights.float()
     s = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    none = torch.zeros((), dtype=torch.float32, device=w.device)
     for j in range(w.shape[1]):
-        s = s + torch.where(is_zero[:, j], w[:, j], torch.zeros((), dtype=torch.float32, device=w.device))
+        s = s + torch.where(is_zero[:, j], w[:, j], none)
     return s
 
 
