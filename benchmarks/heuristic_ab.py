@@ -1,13 +1,19 @@
-"""The untuned 4-bit configs side by side: the experts step under the heuristic before round 36 (the Triton tiles every
-GPU got: swapped decode tiles up to 16 rows per expert, then the unquantised tiles), the sm_90 heuristic of round 36
-(``triton_configs.w4_sm90_tiles``: the register-operand Gluon GEMMs), and the device table's tuned config where it has
-the shape. Each point's variants are timed in a CUDA graph (median µs), alternated ``--rounds`` times, and their
-outputs compared bit for bit against the first variant's.
+"""The untuned configs side by side: the experts step under the heuristic as every GPU gets it (``old``: no compute
+capability; 4-bit: swapped Triton decode tiles up to 16 rows per expert, then the unquantised tiles; fp8: swapped
+Triton decode tiles), the sm_90 heuristic (``sm90``; 4-bit: ``triton_configs.w4_sm90_tiles``, round 36: the
+register-operand Gluon GEMMs; fp8 decode: ``triton_configs.fp8_sm90_decode``, round 37: the Gluon decode GEMMs as
+programmatic dependent launches), and the device table's tuned config where it has the shape. ``--probe`` adds fp8
+decode forms to choose from (``FP8_PROBE``). Each point's variants are timed in a CUDA graph (median µs), alternated
+``--rounds`` times, and their outputs compared bit for bit against the first variant's.
 
     PYTHONPATH=src python benchmarks/heuristic_ab.py --shapes mixtral-8x7b,longcat-flash,kimi-k2 \
         --formats mxfp4,int4 --out ab.json
+    PYTHONPATH=src python benchmarks/heuristic_ab.py --shapes longcat-flash,kimi-k2,glm-4.5 --formats fp8 \
+        --tokens 1,2,4,8,16,32 --probe --out ab.json
 
-``kimi-k2``: DeepSeek-V3's layer with 384 experts (Kimi-K2's shape, which ships int4 group-32 experts).
+Shapes beyond the benchmark models (``EXTRA``): ``kimi-k2`` (DeepSeek-V3's layer with 384 experts; Kimi-K2 ships fp8
+block and int4 group-32 experts), ``glm-4.5`` (160 experts, H 5120, I 1536), ``minimax-m2`` (256 experts, H 3072,
+I 1536) and ``qwen3-235b`` (128 experts, H 4096, I 1536), which ship fp8 block checkpoints.
 """
 
 from __future__ import annotations
@@ -25,13 +31,34 @@ from moekit.ops import triton_experts_quant as tq
 from quant_probe import routing_sets, save_rows, shape_weights
 from swap_probe import FORMATS, quantise
 
-#: shapes beyond the benchmark models
-EXTRA = {"kimi-k2": MODELS["deepseek-v3"].replace(name="kimi-k2", E=384)}
+#: shapes beyond the benchmark models (top-k softmax routing where the model's own router differs: the experts step
+#: reads only ids and weights)
+EXTRA = {"kimi-k2": MODELS["deepseek-v3"].replace(name="kimi-k2", E=384),
+         "glm-4.5": MODELS["qwen3-30b-a3b"].replace(name="glm-4.5", E=160, H=5120, I=1536),
+         "minimax-m2": MODELS["qwen3-30b-a3b"].replace(name="minimax-m2", E=256, H=3072, I=1536),
+         "qwen3-235b": MODELS["qwen3-30b-a3b"].replace(name="qwen3-235b", E=128, H=4096, I=1536)}
 
 
-def configs(dev, m, t: int, spec) -> dict[str, dict]:
+def _dec(part: dict, **kw) -> dict:
+    return {**part, "gluon_dec": 1, **kw}
+
+
+#: fp8 decode forms for ``--probe``, each from the old heuristic's swapped config ``h``: programmatic dependent
+#: launches alone, the Gluon decode w2 alone, both Gluon decode GEMMs on the heuristic's tiles, DeepSeek-V3's T = 1
+#: tiles (w13 BN 128, 8 warps, 5 stages; w2 BN 64, 3 stages) and Qwen3's (w13 BN 64, 6 stages; w2 BN 64, 4 stages)
+FP8_PROBE = {
+    "pdl": lambda h: {**h, "pdl": True},
+    "w2dec": lambda h: {**h, "pdl": True, "w2": _dec(h["w2"])},
+    "dec": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=64), "w2": _dec(h["w2"])},
+    "ds": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=128, num_warps=8, num_stages=5),
+                     "w2": _dec(h["w2"], BN=64, num_stages=3)},
+    "q3": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=64, num_stages=6), "w2": _dec(h["w2"], BN=64, num_stages=4)},
+}
+
+
+def configs(dev, m, t: int, spec, probe: bool = False) -> dict[str, dict]:
     """{variant: config} at ``t`` tokens: ``old`` / ``sm90`` heuristics, ``table`` where the device table has
-    the shape."""
+    the shape, with ``probe`` (fp8) the ``FP8_PROBE`` forms."""
     name, sms = torch.cuda.get_device_name(dev), torch.cuda.get_device_properties(dev).multi_processor_count
     cap = torch.cuda.get_device_capability(dev)
     args = (t, m.E, m.H, m.I, m.K, torch.bfloat16, sms, spec.key)
@@ -39,6 +66,8 @@ def configs(dev, m, t: int, spec) -> dict[str, dict]:
     table = tc.lookup_config(name, tc.shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, spec.key), t)
     if table is not None:
         out["table"] = table
+    if probe and spec.key.startswith("fp8"):
+        out.update({k: f(out["old"]) for k, f in FP8_PROBE.items()})
     return {k: spec.fix_config(c, torch.bfloat16) for k, c in out.items()}
 
 
@@ -48,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="mxfp4,int4")
     ap.add_argument("--tokens", default="1,8,64,256,1024,4096,16384")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--probe", action="store_true", help="fp8: time the FP8_PROBE decode forms too")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -62,7 +92,7 @@ def main(argv=None) -> int:
             q = quantise(weights[0], weights[1], fmt)
             for t in map(int, a.tokens.split(",")):
                 sets = routing_sets(m, t, 4, dev)
-                cfgs = configs(dev, m, t, spec)
+                cfgs = configs(dev, m, t, spec, a.probe)
                 fns = {k: experts_step(m, weights, q, spec, c) for k, c in cfgs.items()}
                 ref = None
                 same = {}

@@ -1,6 +1,8 @@
 """LongCat-Flash's whole layer with its zero-expert step and output combination as the torch twins' small kernels
-(``twin``: ~8 + ~4 launches) or as the two Triton kernels of round 36 (``fused``: ``moekit.ops.triton_zero``), the
-rest of the layer the same. Graph µs (median), alternated ``--rounds`` times, and the outputs compared bit for bit.
+(``twin``: ~8 + ~4 launches, plus one add per slot for the slot-order sum), as round 35 ran them (``r35``: the
+slots' weights summed by one ``sum``, ~K fewer launches than ``twin``) or as the two Triton kernels of round 36
+(``fused``: ``moekit.ops.triton_zero``), the rest of the layer the same. Graph µs (median), alternated ``--rounds``
+times; ``twin`` and ``fused`` compared bit for bit, ``r35`` (another summation order) by its largest difference.
 
     PYTHONPATH=src python benchmarks/zero_ab.py --tokens 1,8,64,1024 --out zero_ab.json
 """
@@ -16,8 +18,17 @@ import torch
 from moekit.benchmarking.bench import build_layer
 from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
-from moekit.ops.zero_experts import zero_combine_torch, zero_slots_torch
+from moekit.ops.zero_experts import mask_zero_experts, zero_combine_torch, zero_slots_torch
 from quant_probe import save_rows  # benchmarks/: the script's own folder
+
+
+def zero_slots_r35(hidden_states, topk_weights, topk_ids, num_experts):
+    """Round 35's zero-expert step (before the slot-order sum): the zero slots' weights summed by one ``sum``."""
+    is_zero = topk_ids >= num_experts
+    scale = torch.where(is_zero, topk_weights.float(), torch.zeros((), device=topk_weights.device)).sum(-1)
+    zero = hidden_states.float() * scale.unsqueeze(-1)
+    w, ids = mask_zero_experts(topk_weights, topk_ids, num_experts)
+    return w, ids, zero
 
 
 def use(layer, kernels) -> None:
@@ -30,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="longcat-flash")
     ap.add_argument("--tokens", default="1,8,64,1024")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--order", default="r35,twin,fused", help="the variants in the order each round times them")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -38,8 +50,12 @@ def main(argv=None) -> int:
     layer = build_layer(m, torch.bfloat16, dev).eval()
     layer.eager_graph_tokens = 0  # no internal bucket graphs: each call runs the ops the kernel tables hold now
     fused = layer.routed_experts.kernels
-    tables = {"twin": dataclasses.replace(fused, zero_slots=zero_slots_torch, zero_combine=zero_combine_torch),
-              "fused": fused}
+    every = {"r35": dataclasses.replace(fused, zero_slots=zero_slots_r35, zero_combine=zero_combine_torch),
+             "twin": dataclasses.replace(fused, zero_slots=zero_slots_torch, zero_combine=zero_combine_torch),
+             "fused": fused}
+    if sorted(a.order.split(",")) != sorted(every):
+        ap.error(f"--order {a.order!r}: expected the three variants {sorted(every)} in some order")
+    tables = {name: every[name] for name in a.order.split(",")}
     rows = []
     for t in map(int, a.tokens.split(",")):
         g = torch.Generator(device=dev).manual_seed(t)
@@ -56,9 +72,10 @@ def main(argv=None) -> int:
                     times[name].append(time_graph(lambda x, lg: layer(x, lg), sets, target_ms=8.0, replays=5))
         use(layer, fused)
         same = bool(torch.equal(outs["twin"], outs["fused"]))
-        print(f"{a.model} T={t:6d} | twin {'/'.join(f'{u:.1f}' for u in times['twin'])}  fused "
-              f"{'/'.join(f'{u:.1f}' for u in times['fused'])} | same bits {same}", flush=True)
-        rows.append(dict(model=a.model, tokens=t, us=times, same_bits=same))
+        r35_diff = (outs["r35"].float() - outs["fused"].float()).abs().max().item() if t else 0.0
+        print(f"{a.model} T={t:6d} | " + "  ".join(f"{n} {'/'.join(f'{u:.1f}' for u in v)}" for n, v in times.items())
+              + f" | twin = fused bits {same}, r35 max diff {r35_diff:.3g}", flush=True)
+        rows.append(dict(model=a.model, tokens=t, us=times, same_bits=same, r35_max_abs_diff=r35_diff))
     save_rows(a.out, dev, rows)
     return 0
 

@@ -72,6 +72,30 @@ def test_4bit_priors_include_the_register_operand_gemms():
         assert [c for c in space.fix_all(prior_configs(1, base, "4bit", None)) if c["w13"].get("gluon_rega")]
 
 
+def test_fp8_priors_include_the_gluon_decode_gemms():
+    # round 37: up to 2 rows per expert stage 1 tries the sm_90 heuristic's fp8 decode form (both Gluon decode GEMMs
+    # on 64-row weight tiles, PDL), which no stage-2 toggle reaches from Triton tiles; not in a quick search, not past
+    # 2 rows, not for the other families; the fp8 space keeps it
+    base = _cfg(64, (64, 128, 4, 4), (64, 128, 4, 4))
+
+    def dec(cands):
+        return [c for c in cands if c["w13"].get("gluon_dec") or c["w2"].get("gluon_dec")]
+    for rows in (0.25, 1, 2):
+        got = dec(prior_configs(rows, base, "fp8", (128, 128)))
+        assert len(got) == 1, rows
+        c = got[0]
+        assert c["BLOCK_M"] == 16 and c["pdl"] is True and c["tma"] is True
+        for part in ("w13", "w2"):
+            assert {k: c[part][k] for k in ("BN", "BK", "SWAP", "gluon_dec")} == {
+                "BN": 64, "BK": 128, "SWAP": 1, "gluon_dec": 1}, (rows, part)
+        assert not dec(prior_configs(rows, base, "fp8", (128, 128), quick=True))
+    for fam, rows in (("fp8", 3), ("fp8", 100), ("4bit", 1), ("bf16", 1)):
+        assert not dec(prior_configs(rows, base, fam, (128, 128))), (fam, rows)
+    space = Space(DIMS, torch.bfloat16, tune.quant_spec("fp8")[1])
+    kept = dec(space.fix_all(prior_configs(1, base, "fp8", None)))
+    assert len(kept) == 1 and kept[0]["fp8_acc"] == 128 and kept[0]["pdl"] is True
+
+
 def test_fix_config_is_applied_and_duplicates_dropped():
     _, spec = tune.quant_spec("fp8")
     space = Space(DIMS, torch.bfloat16, spec)

@@ -168,3 +168,15 @@ def test_rows_alone_and_in_batches_4bit_heuristic(name, fmt):
     cap = torch.cuda.get_device_capability(0)
     key = tq.QuantSpec.of(fmt).key
     _check_rows(m, {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms, key, cap) for t in TOKENS}, fmt=fmt)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_rows_alone_and_in_batches_fp8_heuristic(name):
+    """The untuned fp8 block configs of this GPU (on sm_90 the Gluon decode GEMMs with PDL of round 37 up to 2 rows per
+    expert, the Triton / Gluon tiles above), as a shape without a table gets them."""
+    m = MODELS[name]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cap = torch.cuda.get_device_capability(0)
+    fmt = Fp8BlockFormat(128, 128)
+    key = tq.QuantSpec.of(fmt).key
+    _check_rows(m, {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms, key, cap) for t in TOKENS}, fmt=fmt)

@@ -140,14 +140,72 @@ def test_4bit_heuristic_on_sm90_runs_the_register_operand_gemms():
     ks = {tc.heuristic_config(t, 8, 4096, 14336, 2, torch.bfloat16, 132, "mxfp4", (9, 0))["w13"]["BK"]
           for t in (1, 8, 64, 256, 1024, 4096, 16384)}
     assert ks == {128}
-    # elsewhere the previous tiles: other GPUs, unknown GPUs, fp16 activations, fp8, unquantised
+    # elsewhere the previous tiles: other GPUs, unknown GPUs, fp16 activations, unquantised (fp8: its own test below)
     for cap, dtype, quant in (((8, 0), torch.bfloat16, "mxfp4"), (None, torch.bfloat16, "int4_g32"),
                               ((10, 0), torch.bfloat16, "mxfp4"), ((9, 0), torch.float16, "mxfp4"),
-                              ((9, 0), torch.bfloat16, "fp8_block128x128"), ((9, 0), torch.bfloat16, None)):
+                              ((9, 0), torch.bfloat16, None)):
         for t in (1, 256, 4096):
             cfg = heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant, capability=cap)
             assert cfg == heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant), (cap, dtype, quant)
             assert not cfg["w13"].get("gluon_rega") and not cfg["w2"].get("gluon_rega")
+    for t in (1, 256, 4096):  # fp8 never takes the 4-bit forms
+        cfg = heuristic_config(t, 256, 7168, 2048, 8, torch.bfloat16, 132, "fp8_block128x128", (9, 0))
+        assert not cfg["w13"].get("gluon_rega") and not cfg["w2"].get("gluon_rega")
+
+
+def test_fp8_heuristic_on_sm90_runs_the_gluon_decode_gemms():
+    from moekit.ops.config_keys import check_config
+    from moekit.ops.formats import Fp8BlockFormat
+    from moekit.ops.triton_experts_quant import QuantSpec
+    from moekit.ops.triton_plan import _freeze, launch_plan
+
+    heuristic_config, fp8 = tc.heuristic_config, "fp8_block128x128"
+    spec = QuantSpec.of(Fp8BlockFormat(128, 128))
+    # (E, H, I, K, T): rows per touched expert 1 (T = 1), 0.25 (Kimi-K2's shape T = 12), 1.5 (LongCat-Flash T = 64),
+    # 2 exactly (Qwen3-235B's shape T = 32: the bound, inclusive)
+    for e, h, i, k, t in ((384, 7168, 2048, 8, 1), (384, 7168, 2048, 8, 12), (512, 6144, 2048, 12, 64),
+                          (128, 4096, 1536, 8, 32), (160, 5120, 1536, 8, 1)):
+        old = heuristic_config(t, e, h, i, k, torch.bfloat16, 132, quant=fp8)
+        cfg = heuristic_config(t, e, h, i, k, torch.bfloat16, 132, quant=fp8, capability=(9, 0))
+        check_config(cfg)
+        # the Triton heuristic's swapped BLOCK_M 16 tiles, both GEMMs on the Gluon decode kernels (64-row weight
+        # tiles), programmatic dependent launches, weight tiles by descriptor; nothing else changed
+        assert cfg == {**old, "BLOCK_M": 16, "tma": True, "pdl": True, "w13": dict(old["w13"], BN=64, gluon_dec=1),
+                       "w2": dict(old["w2"], BN=64, gluon_dec=1)}, (t, cfg)
+        assert old["BLOCK_M"] == 16 and old["w13"]["SWAP"] == old["w2"]["SWAP"] == 1 and "pdl" not in old
+        # the format's fixing keeps the form (BK = the scale block, fp8_acc = BK: what the Gluon kernels need)
+        fixed = spec.fix_config(cfg, torch.bfloat16)
+        assert fixed["w13"]["gluon_dec"] == fixed["w2"]["gluon_dec"] == 1 and fixed["pdl"] is True
+        assert fixed["w13"]["BK"] == fixed["w2"]["BK"] == fixed["fp8_acc"] == 128 and fixed["BLOCK_M"] == 16
+    # the launch plan takes both decode GEMMs for it (a decode batch: 2 tokens x 8 slots over 16 experts)
+    fixed = spec.fix_config(heuristic_config(2, 16, 512, 384, 8, torch.bfloat16, 132, fp8, (9, 0)), torch.bfloat16)
+    plan = launch_plan(2, 512, 384, 768, 16, 16, 8, torch.bfloat16, 0, True, False, False, False, False, None, False,
+                       1024, 16, _freeze(fixed))
+    assert plan.w13_gluon_dec and plan.w2_gluon_dec == 1 and plan.want_pdl
+    # past 2 rows per expert (DeepSeek-V3 T = 128: 4 rows; T = 1024: 32), on other GPUs, with fp16 activations and for
+    # per-channel / per-tensor fp8 (no Gluon decode kernel): the Triton heuristic as before
+    for cap, dtype, quant, t in (((9, 0), torch.bfloat16, fp8, 128), ((9, 0), torch.bfloat16, fp8, 1024),
+                                 ((8, 0), torch.bfloat16, fp8, 1), ((10, 0), torch.bfloat16, fp8, 1),
+                                 (None, torch.bfloat16, fp8, 1), ((9, 0), torch.float16, fp8, 1),
+                                 ((9, 0), torch.bfloat16, "fp8_channel", 1), ((9, 0), torch.bfloat16, "fp8_tensor", 1)):
+        cfg = heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant, capability=cap)
+        assert cfg == heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant), (cap, dtype, quant, t)
+        assert not cfg["w13"].get("gluon_dec") and not cfg["w2"].get("gluon_dec") and not cfg.get("pdl")
+    # a shape's buckets share one BLOCK_K (SPEC §9)
+    ks = {spec.fix_config(heuristic_config(t, 384, 7168, 2048, 8, torch.bfloat16, 132, fp8, (9, 0)),
+                          torch.bfloat16)["w13"]["BK"] for t in (1, 8, 64, 256, 1024, 4096, 16384)}
+    assert ks == {128}
+
+
+def test_the_heuristic_keys_on_nvidia_capabilities_only(monkeypatch):
+    # a ROCm build's gfx9 devices report major 9: they get the other GPUs' tiles, not the sm_90 forms
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(major=9, minor=4)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert tc.heuristic_capability(props) == (9, 4)
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert tc.heuristic_capability(props) is None
 
 
 def test_get_config_passes_the_device_capability_to_the_heuristic(dirs, monkeypatch):

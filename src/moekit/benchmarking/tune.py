@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from ..ops.activation import is_gated
-from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
+from ..ops.triton_configs import (clear_config_cache, device_key, heuristic_capability, shape_key, shape_table,
+                                  user_config_dir)
 from .shapes import ModelShape
 from .timer import time_graph
 from .tune_checks import fused_identical, pdl_identical, same_output, swap_identical
@@ -234,10 +235,10 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(torch.device("cuda"))
 
 
-def _device_traits() -> tuple[int, tuple[int, int]]:
+def _device_traits() -> tuple[int, tuple[int, int] | None]:
     """The current GPU's SM count and compute capability (the heuristic's, as a runtime lookup would use them)."""
     p = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return p.multi_processor_count, (p.major, p.minor)
+    return p.multi_processor_count, heuristic_capability(p)
 
 
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,

@@ -192,9 +192,11 @@ def heuristic_config(
 ) -> dict:
     """A sound config for any shape: block rows from the expected rows per touched expert, tile
     widths so that the memory-bound small-T launches still fill the SMs. ``quant``: a quantised format's
-    key; fp8 formats take :func:`fp8_heuristic`'s tiles; mxfp4 / int4 with bf16 activations on an sm_90 GPU
-    (``capability`` (9, x): the device's compute capability, None when unknown) take the register-operand Gluon
-    GEMMs of the H200 tables (:func:`w4_sm90_tiles`), elsewhere they swap their decode tiles (:func:`swap_tiles`)."""
+    key; fp8 formats take :func:`fp8_heuristic`'s tiles, fp8 block with bf16 activations on an sm_90 GPU
+    (``capability`` (9, x): the device's compute capability, None when unknown) the Gluon decode GEMMs up to
+    :data:`FP8_DEC_SM90_MAX_ROWS` rows per expert (:func:`fp8_sm90_decode`); mxfp4 / int4 with bf16 activations on
+    sm_90 take the register-operand Gluon GEMMs of the H200 tables (:func:`w4_sm90_tiles`), elsewhere they swap
+    their decode tiles (:func:`swap_tiles`)."""
     slots = max(num_tokens * top_k, 1)
     touched = min(num_experts, slots)
     rows = slots / touched
@@ -238,16 +240,26 @@ def heuristic_config(
     tma = small_elt and rows > 400
     cfg = {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
     if quant and quant.startswith("fp8"):
-        return fp8_heuristic(cfg, num_tokens, num_experts, top_k, inter)
+        out = fp8_heuristic(cfg, num_tokens, num_experts, top_k, inter)
+        if (quant.startswith("fp8_block") and dtype == torch.bfloat16 and capability and capability[0] == 9
+                and rows <= FP8_DEC_SM90_MAX_ROWS):
+            return fp8_sm90_decode(out)
+        return out
     if quant and dtype == torch.bfloat16 and rows <= SWAP_4BIT_MAX_ROWS:  # mxfp4 / int4 decode (measured: bf16)
         return swap_tiles(cfg, rows, bm16_rows=SWAP_4BIT_BM16_ROWS)
     return cfg
 
 
+def heuristic_capability(props) -> tuple[int, int] | None:
+    """The compute capability :func:`heuristic_config` keys on for a device with properties ``props``: ``(major,
+    minor)`` on an NVIDIA build, None on a ROCm build (its gfx9 devices report major 9, and they are not Hopper)."""
+    return None if torch.version.hip is not None else (props.major, props.minor)
+
+
 @functools.lru_cache(maxsize=8)
-def _device_props(index: int) -> tuple[str, int, tuple[int, int]]:
+def _device_props(index: int) -> tuple[str, int, tuple[int, int] | None]:
     p = torch.cuda.get_device_properties(index)
-    return p.name, p.multi_processor_count, (p.major, p.minor)
+    return p.name, p.multi_processor_count, heuristic_capability(p)
 
 
 def get_config(
@@ -322,6 +334,27 @@ SWAP_BM16_ROWS = 6
 # measured.
 SWAP_4BIT_MAX_ROWS = 16
 SWAP_4BIT_BM16_ROWS = 8
+
+
+#: fp8 block on sm_90 (:func:`fp8_sm90_decode`): the Gluon decode GEMMs up to this many expected rows per touched
+#: expert (the range measured: 0.25-2 rows; the swapped tiles run BLOCK_M 16 up to :data:`SWAP_BM16_ROWS`)
+FP8_DEC_SM90_MAX_ROWS = 2
+
+
+def fp8_sm90_decode(cfg: dict) -> dict:
+    """The untuned fp8 block decode config on sm_90: :func:`fp8_heuristic`'s swapped ``BLOCK_M`` 16 tiles ``cfg`` with
+    both GEMMs on the Gluon decode kernels (``"gluon_dec": 1`` on 64-row weight tiles, the Triton tiles' bits) launched
+    as programmatic dependents (``"pdl"``: each requests its first weight tiles before waiting on the kernel before
+    it), the form every H200 fp8 table runs at T = 1. H200 round 37, experts step in a CUDA graph, T = 1 to 32
+    (``benchmarks/heuristic_ab.py --probe``, 0.25-2 rows per expert), against the Triton tiles: geometric mean 1.034x
+    over 42 points of seven shapes (LongCat-Flash, DeepSeek-V3, Qwen3-30B-A3B and the untuned Kimi-K2, GLM-4.5,
+    MiniMax-M2, Qwen3-235B shapes), 1.03-1.17x at T = 1, 0.99x at worst (Qwen3-30B-A3B T = 8), outputs bit-identical.
+    DeepSeek-V3's T = 1 tiles (w13 BN 128, 8 warps) were faster only at H 7168 (4 % at T = 1) and slower elsewhere (up
+    to 9 %), so the form keeps one tile. The launcher runs the Triton kernels with the same tiles (and bits) wherever
+    a Gluon decode kernel cannot run (:func:`moekit.ops.gluon_experts.fp8_w13_dec_ok` / ``fp8_w2_dec_ok``)."""
+    w13 = dict(cfg["w13"], BN=64, gluon_dec=1)
+    w2 = dict(cfg["w2"], BN=64, gluon_dec=1)
+    return {**cfg, "BLOCK_M": 16, "w13": w13, "w2": w2, "tma": True, "pdl": True}
 
 
 #: mxfp4 / int4 on sm_90 (:func:`w4_sm90_tiles`): 64-row token blocks up to this many expected rows per expert, 128 above
