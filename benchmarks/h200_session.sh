@@ -739,6 +739,14 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r37-e)  # round 37, after the review: the fp8 decode form on the two benchmark shapes the probe had left out (Mixtral's
+    # few experts, gpt-oss's partial K blocks), and LongCat-Flash's fp8 table with bucket 64 on the form too
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r37e-inv 120 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8 and longcat"
+    step r37e-ab 200 python benchmarks/heuristic_ab.py --shapes mixtral-8x7b,gpt-oss-120b --formats fp8 \
+      --tokens 1,2,4,8 --probe --out "$OUT/r37e-ab.json"
+    ;;
   r37-d)  # round 37, the final code's GPU checks and numbers: the sm_90 fp8 decode heuristic (rows alone vs in batches,
     # the Gluon decode GEMMs' bit tests) and LongCat-Flash's fp8 table with it at T = 1 / 8; the heuristic side by
     # side on the untuned fp8 shapes; LongCat-Flash's layer fp8 vs bf16; zero_ab with the fused kernels timed first

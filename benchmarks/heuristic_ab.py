@@ -52,7 +52,8 @@ FP8_PROBE = {
     "dec": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=64), "w2": _dec(h["w2"])},
     "ds": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=128, num_warps=8, num_stages=5),
                      "w2": _dec(h["w2"], BN=64, num_stages=3)},
-    "q3": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=64, num_stages=6), "w2": _dec(h["w2"], BN=64, num_stages=4)},
+    "q3": lambda h: {**h, "pdl": True, "w13": _dec(h["w13"], BN=64, num_stages=6),
+                     "w2": _dec(h["w2"], BN=64, num_stages=4)},
 }
 
 
@@ -60,7 +61,7 @@ def configs(dev, m, t: int, spec, probe: bool = False) -> dict[str, dict]:
     """{variant: config} at ``t`` tokens: ``old`` / ``sm90`` heuristics, ``table`` where the device table has
     the shape, with ``probe`` (fp8) the ``FP8_PROBE`` forms."""
     name, sms = torch.cuda.get_device_name(dev), torch.cuda.get_device_properties(dev).multi_processor_count
-    cap = torch.cuda.get_device_capability(dev)
+    cap = tc.heuristic_capability(torch.cuda.get_device_properties(dev))  # as the runtime lookup keys on it
     args = (t, m.E, m.H, m.I, m.K, torch.bfloat16, sms, spec.key)
     out = {"old": tc.heuristic_config(*args), "sm90": tc.heuristic_config(*args, cap)}
     table = tc.lookup_config(name, tc.shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, spec.key), t)

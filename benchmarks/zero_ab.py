@@ -2,7 +2,8 @@
 (``twin``: ~8 + ~4 launches, plus one add per slot for the slot-order sum), as round 35 ran them (``r35``: the
 slots' weights summed by one ``sum``, ~K fewer launches than ``twin``) or as the two Triton kernels of round 36
 (``fused``: ``moekit.ops.triton_zero``), the rest of the layer the same. Graph µs (median), alternated ``--rounds``
-times; ``twin`` and ``fused`` compared bit for bit, ``r35`` (another summation order) by its largest difference.
+times (each round rotates the order: in round 37 the variant timed last ran ~5 % slow at T = 1024); ``twin`` and
+``fused`` compared bit for bit, ``r35`` (another summation order) by its largest difference.
 
     PYTHONPATH=src python benchmarks/zero_ab.py --tokens 1,8,64,1024 --out zero_ab.json
 """
@@ -23,7 +24,9 @@ from quant_probe import save_rows  # benchmarks/: the script's own folder
 
 
 def zero_slots_r35(hidden_states, topk_weights, topk_ids, num_experts):
-    """Round 35's zero-expert step (before the slot-order sum): the zero slots' weights summed by one ``sum``."""
+    """Round 35's zero-expert step (before the slot-order sum): the zero slots' weights summed by one ``sum``.
+    hidden_states: [T, H]; topk_weights: [T, K] float32; topk_ids: [T, K] int -> (weights, ids) masked, zero: [T, H]
+    float32."""
     is_zero = topk_ids >= num_experts
     scale = torch.where(is_zero, topk_weights.float(), torch.zeros((), device=topk_weights.device)).sum(-1)
     zero = hidden_states.float() * scale.unsqueeze(-1)
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="longcat-flash")
     ap.add_argument("--tokens", default="1,8,64,1024")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--order", default="r35,twin,fused", help="the variants in the order each round times them")
+    ap.add_argument("--order", default="fused,twin,r35",
+                    help="the variants in the order the first round times them (the next rounds rotate it)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -66,9 +70,10 @@ def main(argv=None) -> int:
             for name, kernels in tables.items():
                 use(layer, kernels)
                 outs[name] = layer(*sets[0])
-            for _ in range(a.rounds):
-                for name, kernels in tables.items():
-                    use(layer, kernels)
+            names = list(tables)
+            for r in range(a.rounds):  # each round starts one variant later: none is always timed last
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    use(layer, tables[name])
                     times[name].append(time_graph(lambda x, lg: layer(x, lg), sets, target_ms=8.0, replays=5))
         use(layer, fused)
         same = bool(torch.equal(outs["twin"], outs["fused"]))

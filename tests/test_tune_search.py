@@ -80,7 +80,7 @@ def test_fp8_priors_include_the_gluon_decode_gemms():
 
     def dec(cands):
         return [c for c in cands if c["w13"].get("gluon_dec") or c["w2"].get("gluon_dec")]
-    for rows in (0.25, 1, 2):
+    for rows in (1, 1.5, 2):
         got = dec(prior_configs(rows, base, "fp8", (128, 128)))
         assert len(got) == 1, rows
         c = got[0]
@@ -89,11 +89,15 @@ def test_fp8_priors_include_the_gluon_decode_gemms():
             assert {k: c[part][k] for k in ("BN", "BK", "SWAP", "gluon_dec")} == {
                 "BN": 64, "BK": 128, "SWAP": 1, "gluon_dec": 1}, (rows, part)
         assert not dec(prior_configs(rows, base, "fp8", (128, 128), quick=True))
-    for fam, rows in (("fp8", 3), ("fp8", 100), ("4bit", 1), ("bf16", 1)):
+    for fam, rows in (("fp8", 2.06), ("fp8", 100), ("4bit", 1), ("bf16", 1)):
         assert not dec(prior_configs(rows, base, fam, (128, 128))), (fam, rows)
     space = Space(DIMS, torch.bfloat16, tune.quant_spec("fp8")[1])
     kept = dec(space.fix_all(prior_configs(1, base, "fp8", None)))
     assert len(kept) == 1 and kept[0]["fp8_acc"] == 128 and kept[0]["pdl"] is True
+    # a base with the sum pass or a split w13 (each keeps the plan off a decode GEMM) does not pass them on to it
+    for flag in ({"sum_pass": True}, {"w13_split": True}):
+        c = dec(prior_configs(1, {**base, **flag, "fp8_acc": 128}, "fp8", (128, 128)))[0]
+        assert not any(k in c for k in flag) and c["fp8_acc"] == 128, (flag, c)
 
 
 def test_fix_config_is_applied_and_duplicates_dropped():

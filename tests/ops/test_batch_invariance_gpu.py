@@ -165,7 +165,7 @@ def test_rows_alone_and_in_batches_4bit_heuristic(name, fmt):
     K step, Mixtral's few experts."""
     m = MODELS[name]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cap = torch.cuda.get_device_capability(0)
+    cap = tc.heuristic_capability(torch.cuda.get_device_properties(0))  # as the runtime lookup keys on it
     key = tq.QuantSpec.of(fmt).key
     _check_rows(m, {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms, key, cap) for t in TOKENS}, fmt=fmt)
 
@@ -176,7 +176,7 @@ def test_rows_alone_and_in_batches_fp8_heuristic(name):
     expert, the Triton / Gluon tiles above), as a shape without a table gets them."""
     m = MODELS[name]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cap = torch.cuda.get_device_capability(0)
+    cap = tc.heuristic_capability(torch.cuda.get_device_properties(0))  # as the runtime lookup keys on it
     fmt = Fp8BlockFormat(128, 128)
     key = tq.QuantSpec.of(fmt).key
     _check_rows(m, {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms, key, cap) for t in TOKENS}, fmt=fmt)

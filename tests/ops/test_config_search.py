@@ -161,8 +161,8 @@ def test_fp8_heuristic_on_sm90_runs_the_gluon_decode_gemms():
 
     heuristic_config, fp8 = tc.heuristic_config, "fp8_block128x128"
     spec = QuantSpec.of(Fp8BlockFormat(128, 128))
-    # (E, H, I, K, T): rows per touched expert 1 (T = 1), 0.25 (Kimi-K2's shape T = 12), 1.5 (LongCat-Flash T = 64),
-    # 2 exactly (Qwen3-235B's shape T = 32: the bound, inclusive)
+    # (E, H, I, K, T): rows per touched expert 1 (T = 1; Kimi-K2's shape T = 12: 96 slots on 96 experts), 1.5
+    # (LongCat-Flash T = 64), 2 exactly (Qwen3-235B's shape T = 32: the bound, inclusive)
     for e, h, i, k, t in ((384, 7168, 2048, 8, 1), (384, 7168, 2048, 8, 12), (512, 6144, 2048, 12, 64),
                           (128, 4096, 1536, 8, 32), (160, 5120, 1536, 8, 1)):
         old = heuristic_config(t, e, h, i, k, torch.bfloat16, 132, quant=fp8)
@@ -191,6 +191,9 @@ def test_fp8_heuristic_on_sm90_runs_the_gluon_decode_gemms():
         cfg = heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant, capability=cap)
         assert cfg == heuristic_config(t, 256, 7168, 2048, 8, dtype, 132, quant=quant), (cap, dtype, quant, t)
         assert not cfg["w13"].get("gluon_dec") and not cfg["w2"].get("gluon_dec") and not cfg.get("pdl")
+    # just past the bound: Qwen3-235B's shape at T = 33 (264 slots on 128 experts, 2.06 rows)
+    cfg = heuristic_config(33, 128, 4096, 1536, 8, torch.bfloat16, 132, fp8, (9, 0))
+    assert cfg == heuristic_config(33, 128, 4096, 1536, 8, torch.bfloat16, 132, fp8) and not cfg.get("pdl")
     # a shape's buckets share one BLOCK_K (SPEC §9)
     ks = {spec.fix_config(heuristic_config(t, 384, 7168, 2048, 8, torch.bfloat16, 132, fp8, (9, 0)),
                           torch.bfloat16)["w13"]["BK"] for t in (1, 8, 64, 256, 1024, 4096, 16384)}
@@ -206,6 +209,17 @@ def test_the_heuristic_keys_on_nvidia_capabilities_only(monkeypatch):
     assert tc.heuristic_capability(props) == (9, 4)
     monkeypatch.setattr(torch.version, "hip", "6.2.0")
     assert tc.heuristic_capability(props) is None
+    # the runtime lookup's device properties and the tuner's take it (no CUDA call: the properties are faked)
+    from moekit.benchmarking import tune
+
+    fake = SimpleNamespace(name="AMD Instinct MI300X", multi_processor_count=304, major=9, minor=4)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert tc._device_props.__wrapped__(0) == ("AMD Instinct MI300X", 304, None)
+    assert tune._device_traits() == (304, None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert tc._device_props.__wrapped__(0) == ("AMD Instinct MI300X", 304, (9, 4))
+    assert tune._device_traits() == (304, (9, 4))
 
 
 def test_get_config_passes_the_device_capability_to_the_heuristic(dirs, monkeypatch):

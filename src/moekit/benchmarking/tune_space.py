@@ -286,9 +286,10 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
     if fam == "fp8" and not quick and rows <= FP8_DEC_SM90_MAX_ROWS:
         # the Gluon decode GEMMs as programmatic dependents, as the sm_90 heuristic runs them (fp8_sm90_decode): no
         # stage-2 neighbour reaches both from Triton tiles (the toggles turn one key at a time). H200 round 37, LongCat-
-        # Flash T = 1, 3.6 % faster than its table's Triton tiles, which a search without this prior had kept
-        dec = fp8_sm90_decode(swap_tiles(out[0], rows, SWAP_BM16_ROWS))
-        _add_new(out, [{**dec, "w13": dict(dec["w13"], BK=bk[0]), "w2": dict(dec["w2"], BK=bk[1])}])
+        # Flash T = 1, 3.6 % faster than its table's Triton tiles, which a search without this prior had kept. Without
+        # the base's sum_pass / w13_split, either of which keeps the plan off a decode GEMM
+        plain = {k: v for k, v in extra.items() if k not in ("sum_pass", "w13_split")}
+        _add_new(out, [fp8_sm90_decode(swap_tiles(_cfg(16, (64, bk[0], 4, 4), (64, bk[1], 4, 4), **plain), rows))])
     if fam != "4bit" and reg in ("medium", "large"):
         # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)

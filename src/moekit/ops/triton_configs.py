@@ -193,7 +193,7 @@ def heuristic_config(
     """A sound config for any shape: block rows from the expected rows per touched expert, tile
     widths so that the memory-bound small-T launches still fill the SMs. ``quant``: a quantised format's
     key; fp8 formats take :func:`fp8_heuristic`'s tiles, fp8 block with bf16 activations on an sm_90 GPU
-    (``capability`` (9, x): the device's compute capability, None when unknown) the Gluon decode GEMMs up to
+    (``capability`` (9, x): the device's compute capability, None when unknown or on ROCm) the Gluon decode GEMMs up to
     :data:`FP8_DEC_SM90_MAX_ROWS` rows per expert (:func:`fp8_sm90_decode`); mxfp4 / int4 with bf16 activations on
     sm_90 take the register-operand Gluon GEMMs of the H200 tables (:func:`w4_sm90_tiles`), elsewhere they swap
     their decode tiles (:func:`swap_tiles`)."""
@@ -337,7 +337,7 @@ SWAP_4BIT_BM16_ROWS = 8
 
 
 #: fp8 block on sm_90 (:func:`fp8_sm90_decode`): the Gluon decode GEMMs up to this many expected rows per touched
-#: expert (the range measured: 0.25-2 rows; the swapped tiles run BLOCK_M 16 up to :data:`SWAP_BM16_ROWS`)
+#: expert (the range measured: 1-2 rows; the swapped tiles run BLOCK_M 16 up to :data:`SWAP_BM16_ROWS`)
 FP8_DEC_SM90_MAX_ROWS = 2
 
 
@@ -345,10 +345,11 @@ def fp8_sm90_decode(cfg: dict) -> dict:
     """The untuned fp8 block decode config on sm_90: :func:`fp8_heuristic`'s swapped ``BLOCK_M`` 16 tiles ``cfg`` with
     both GEMMs on the Gluon decode kernels (``"gluon_dec": 1`` on 64-row weight tiles, the Triton tiles' bits) launched
     as programmatic dependents (``"pdl"``: each requests its first weight tiles before waiting on the kernel before
-    it), the form every H200 fp8 table runs at T = 1. H200 round 37, experts step in a CUDA graph, T = 1 to 32
-    (``benchmarks/heuristic_ab.py --probe``, 0.25-2 rows per expert), against the Triton tiles: geometric mean 1.034x
-    over 42 points of seven shapes (LongCat-Flash, DeepSeek-V3, Qwen3-30B-A3B and the untuned Kimi-K2, GLM-4.5,
-    MiniMax-M2, Qwen3-235B shapes), 1.03-1.17x at T = 1, 0.99x at worst (Qwen3-30B-A3B T = 8), outputs bit-identical.
+    it), the form four of the five H200 fp8 tables run at T = 1 (Mixtral's: the decode w2 only). H200 round 37,
+    experts step in a CUDA graph, best of two alternations, T = 1 to 32 (``benchmarks/heuristic_ab.py --probe``, 1-2
+    rows per expert), against the Triton tiles: geometric mean 1.034x over 42 points of seven shapes (LongCat-Flash,
+    DeepSeek-V3, Qwen3-30B-A3B and the untuned Kimi-K2, GLM-4.5, MiniMax-M2, Qwen3-235B shapes), 1.03-1.17x at T = 1,
+    0.99x at worst (Qwen3-30B-A3B T = 8), outputs bit-identical; Mixtral-8x7B and gpt-oss-120b at T = 1-8, 0.99-1.10x.
     DeepSeek-V3's T = 1 tiles (w13 BN 128, 8 warps) were faster only at H 7168 (4 % at T = 1) and slower elsewhere (up
     to 9 %), so the form keeps one tile. The launcher runs the Triton kernels with the same tiles (and bits) wherever
     a Gluon decode kernel cannot run (:func:`moekit.ops.gluon_experts.fp8_w13_dec_ok` / ``fp8_w2_dec_ok``)."""
