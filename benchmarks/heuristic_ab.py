@@ -25,10 +25,9 @@ import torch
 
 from kernel_profile import experts_step  # benchmarks/: the script's own folder
 from moekit.benchmarking.shapes import MODELS
-from moekit.benchmarking.timer import time_graph
 from moekit.ops import triton_configs as tc
 from moekit.ops import triton_experts_quant as tq
-from quant_probe import routing_sets, save_rows, shape_weights
+from quant_probe import routing_sets, save_rows, shape_weights, time_alternated
 from swap_probe import FORMATS, quantise
 
 #: shapes beyond the benchmark models (top-k softmax routing where the model's own router differs: the experts step
@@ -101,10 +100,7 @@ def main(argv=None) -> int:
                     out = fn(*sets[0])
                     ref = out if ref is None else ref
                     same[k] = bool(torch.equal(out, ref))
-                times = {k: [] for k in fns}
-                for _ in range(a.rounds):
-                    for k, fn in fns.items():
-                        times[k].append(time_graph(fn, sets, target_ms=8.0, replays=5))
+                times = time_alternated(fns, sets, a.rounds)
                 line = "  ".join(f"{k} {'/'.join(f'{u:.1f}' for u in v)}" for k, v in times.items())
                 gain = min(times["old"]) / min(times["sm90"])
                 print(f"{sname:14s} {fname:5s} T={t:6d} | {line} | old/sm90 {gain:.2f}x"

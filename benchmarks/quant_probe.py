@@ -88,6 +88,20 @@ def routing_sets(m, t: int, n: int, dev) -> list[tuple]:
     return sets
 
 
+def time_alternated(fns: dict, sets, rounds: int, before=None) -> dict[str, list[float]]:
+    """``{name: [µs, one per round]}``: each of ``fns`` (``fn(*set)``) timed in a CUDA graph over ``sets`` (median,
+    :func:`time_graph`) once per round, the order rotated each round so that none is always timed last (round 37:
+    the variant timed last ran ~5 % slow at a 10 ms layer); ``before(name)``, if given, runs before each timing."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if before is not None:
+                before(name)
+            times[name].append(time_graph(fns[name], sets, target_ms=8.0, replays=5))
+    return times
+
+
 def save_rows(path, dev, rows: list[dict]) -> None:
     """``{"device": ..., "rows": rows}`` as JSON at ``path`` (nothing when ``path`` is None)."""
     if path:

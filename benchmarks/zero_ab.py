@@ -18,9 +18,8 @@ import torch
 
 from moekit.benchmarking.bench import build_layer
 from moekit.benchmarking.shapes import MODELS
-from moekit.benchmarking.timer import time_graph
 from moekit.ops.zero_experts import mask_zero_experts, zero_combine_torch, zero_slots_torch
-from quant_probe import save_rows  # benchmarks/: the script's own folder
+from quant_probe import save_rows, time_alternated  # benchmarks/: the script's own folder
 
 
 def zero_slots_r35(hidden_states, topk_weights, topk_ids, num_experts):
@@ -65,16 +64,13 @@ def main(argv=None) -> int:
         g = torch.Generator(device=dev).manual_seed(t)
         sets = [(torch.randn(t, m.H, device=dev, generator=g).bfloat16(),
                  torch.randn(t, m.E + m.Z, device=dev, generator=g)) for _ in range(4)]
-        outs, times = {}, {name: [] for name in tables}
+        outs = {}
         with torch.no_grad():
             for name, kernels in tables.items():
                 use(layer, kernels)
                 outs[name] = layer(*sets[0])
-            names = list(tables)
-            for r in range(a.rounds):  # each round starts one variant later: none is always timed last
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    use(layer, tables[name])
-                    times[name].append(time_graph(lambda x, lg: layer(x, lg), sets, target_ms=8.0, replays=5))
+            times = time_alternated({name: layer for name in tables}, sets, a.rounds,
+                                    before=lambda name: use(layer, tables[name]))
         use(layer, fused)
         same = bool(torch.equal(outs["twin"], outs["fused"]))
         r35_diff = (outs["r35"].float() - outs["fused"].float()).abs().max().item() if t else 0.0

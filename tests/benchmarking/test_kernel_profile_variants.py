@@ -1,25 +1,15 @@
 """benchmarks/kernel_profile.py: the config variants it times (named ``--patches``, switch suffixes)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def kp():
     pytest.importorskip("triton")
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling probes
-    try:
-        spec = importlib.util.spec_from_file_location("kernel_profile", BENCH / "kernel_profile.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    with bench_script("kernel_profile") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 BASE = {"BLOCK_M": 16, "tma": True, "w13": {"BN": 64, "num_warps": 4, "num_stages": 4, "SWAP": 1},

@@ -38,10 +38,11 @@ FORMATS = {
 def tiles(request, monkeypatch):
     """Both kinds of 4-bit decode tile: the heuristic swaps bf16 mxfp4 / int4 up to ``SWAP_4BIT_MAX_ROWS`` rows
     per expert (these small problems), ``unswapped`` turns that off (what larger buckets run)."""
+    from moekit.ops import config_heuristic
     from moekit.ops import triton_configs as tc
 
     if request.param == "unswapped":
-        monkeypatch.setattr(tc, "SWAP_4BIT_MAX_ROWS", 0)
+        monkeypatch.setattr(config_heuristic, "SWAP_4BIT_MAX_ROWS", 0)
     tc.clear_config_cache()
     yield request.param
     tc.clear_config_cache()

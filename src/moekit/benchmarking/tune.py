@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 
 from ..ops.activation import is_gated
-from ..ops.triton_configs import (clear_config_cache, device_key, heuristic_capability, shape_key, shape_table,
-                                  user_config_dir)
+from ..ops.config_heuristic import heuristic_capability
+from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
 from .shapes import ModelShape
 from .timer import time_graph
 from .tune_checks import fused_identical, pdl_identical, same_output, swap_identical

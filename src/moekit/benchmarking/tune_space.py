@@ -29,9 +29,9 @@ from __future__ import annotations
 import json
 import time
 
+from ..ops.config_heuristic import (FP8_DEC_SM90_MAX_ROWS, SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS,
+                                    W4_SM90_BM64_ROWS, fp8_sm90_decode, swap_tiles, w4_sm90_tiles)
 from ..ops.config_keys import tail_conflicts
-from ..ops.triton_configs import (FP8_DEC_SM90_MAX_ROWS, SWAP_4BIT_BM16_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS,
-                                  W4_SM90_BM64_ROWS, fp8_sm90_decode, swap_tiles, w4_sm90_tiles)
 from .tune_forms import form_neighbours
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples

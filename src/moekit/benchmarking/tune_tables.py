@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from ..ops.triton_configs import heuristic_config, nearest_bucket
+from ..ops.config_heuristic import heuristic_config
+from ..ops.triton_configs import nearest_bucket
 from .shapes import TOKENS
 from .tune_space import Space, shape_block_k
 
