@@ -739,6 +739,13 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r37-f)  # round 37, the second review: the A/B scripts on quant_probe.time_alternated (rotated order) and the heuristic in
+    # ops/config_heuristic.py, one short run of each
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r37f-ab 60 python benchmarks/heuristic_ab.py --shapes qwen3-30b-a3b --formats fp8,mxfp4 --tokens 1,64 \
+      --out "$OUT/r37f-ab.json"
+    step r37f-zero-ab 60 python benchmarks/zero_ab.py --tokens 1 --out "$OUT/r37f-zero-ab.json"
+    ;;
   r37-e)  # round 37, after the review: the fp8 decode form on the two benchmark shapes the probe had left out (Mixtral's
     # few experts, gpt-oss's partial K blocks), and LongCat-Flash's fp8 table with bucket 64 on the form too
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
