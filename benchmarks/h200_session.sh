@@ -739,6 +739,16 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r38-a)  # round 38, the pipelined register-operand 4-bit GEMMs ("gluon_rega": 3, ops/_gluon/w4_pipe.py): their GPU bit
+    # tests against the Triton kernels, then beside the shipped tables at the compute-bound 4-bit points
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r38a-gpu 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/ops/test_gluon_w4.py -k "pipelined"
+    step r38a-ab1 200 python benchmarks/pipe_ab.py --formats mxfp4 --out "$OUT/r38a-ab1.json" \
+      --points mixtral-8x7b:256,mixtral-8x7b:1024,mixtral-8x7b:4096,mixtral-8x7b:16384,qwen3-30b-a3b:1024,qwen3-30b-a3b:4096,qwen3-30b-a3b:16384
+    step r38a-ab2 170 python benchmarks/pipe_ab.py --formats mxfp4 --out "$OUT/r38a-ab2.json" \
+      --points deepseek-v3:1024,deepseek-v3:4096,deepseek-v3:16384,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:16384
+    ;;
   r37-f)  # round 37, the second review: the A/B scripts on quant_probe.time_alternated (rotated order) and the heuristic in
     # ops/config_heuristic.py, one short run of each
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
