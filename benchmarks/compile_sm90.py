@@ -194,16 +194,14 @@ def gluon_fp8_w13_ws(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e
 def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 64, h: int = 7168, i: int = 2048,
              e: int = 16, stages: int = 4, swap: bool = True, bias: bool = False, act: str = "silu", g: int = 32,
              wbuf: int = 2, wspec: tuple | None = None, rega: bool = False, serial: bool = False,
-             sword: bool = False, early: bool = False, pipe: bool = False):
+             sword: bool = False, early: bool = False):
     """The Gluon 4-bit w13 / w2 (:mod:`moekit.ops._gluon.w4`) compiled for sm_90 on CPU tensors: the
     ``CompiledKernel``. ``wspec``: (D, DEC_REGS) compiles the warp-specialised kernels of
     :mod:`moekit.ops._gluon.w4_ws` instead (swapped; ``wbuf`` unused); ``rega``: the register-operand kernels of
     :mod:`moekit.ops._gluon.w4_rega` (swapped), ``serial`` their w13 with gate, then up (``"gluon_rega": 2``),
     ``sword`` (mxfp4) their step scales loaded as one u32 per row, ``early`` their ring refilled a step earlier
-    (``"gluon_early": 1``); ``pipe``: their pipelined form (:mod:`moekit.ops._gluon.w4_pipe`, ``"gluon_rega": 3``;
-    ``serial`` / ``early`` unused)."""
+    (``"gluon_early": 1``)."""
     from moekit.ops._gluon.w4 import w4_w2_sum_kernel, w4_w13_kernel
-    from moekit.ops._gluon.w4_pipe import w4rp_w2_sum_kernel, w4rp_w13_kernel
     from moekit.ops._gluon.w4_rega import w4ra_w2_sum_kernel, w4ra_w13_kernel
     from moekit.ops._gluon.w4_ws import w4ws_w2_sum_kernel, w4ws_w13_kernel
     from moekit.ops.activation import get_activation
@@ -220,20 +218,11 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         common.pop("SWAP"), common.pop("WBUF")
         common.update(D=wspec[0], DEC_REGS=wspec[1])
     serial_kw = {}
-    if rega or pipe:
+    if rega:
         common.pop("SWAP"), common.pop("WBUF")
         common["SWORD"] = sword
-    if rega and not pipe:
         common["EARLY"] = early
         serial_kw = {"SERIAL": serial}
-    if pipe:
-        w13k, w2k = w4rp_w13_kernel, w4rp_w2_sum_kernel
-    elif rega:
-        w13k, w2k = w4ra_w13_kernel, w4ra_w2_sum_kernel
-    elif wspec is not None:
-        w13k, w2k = w4ws_w13_kernel, w4ws_w2_sum_kernel
-    else:
-        w13k, w2k = w4_w13_kernel, w4_w2_sum_kernel
     if which == "w13":
         x, w1 = torch.empty(t, h, dtype=torch.bfloat16), torch.empty(e, 2 * i, h // pack, dtype=wdt)
         ws = torch.empty(e, 2 * i, h // g, dtype=sdt)
@@ -242,7 +231,8 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         args = (x, w1, ws, b1, inter, ints, ints, ints, h, i, e, k, rows // bm, 7.0, x.stride(0), w1.stride(0),
                 w1.stride(1), ws.stride(0), ws.stride(1), b1.stride(0), inter.stride(0))
         kw = dict(common, ACT=a.code, HAS_LIMIT=act == "swigluoai", EVEN_K=h % bk == 0, **serial_kw)
-        return compile_launch(w13k, args, kw)
+        kern = w4ra_w13_kernel if rega else w4ws_w13_kernel if wspec is not None else w4_w13_kernel
+        return compile_launch(kern, args, kw)
     inter, w2 = torch.empty(rows, i, dtype=torch.bfloat16), torch.empty(e, h, i // pack, dtype=wdt)
     ws = torch.empty(e, h, i // g, dtype=sdt)
     b2, tw, part = torch.empty(e, h, dtype=torch.bfloat16), torch.empty(t, k), torch.empty(t * k, h,
@@ -250,7 +240,8 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
     args = (inter, w2, ws, b2, tw, ints, ints, ints, part, h, i, e, k, rows // bm, -(-h // bn), inter.stride(0),
             w2.stride(0), w2.stride(1), ws.stride(0), ws.stride(1), b2.stride(0), tw.stride(0), part.stride(0))
     kw = dict(common, ON_INPUT=False, EVEN_K=i % bk == 0)
-    return compile_launch(w2k, args, kw)
+    return compile_launch(w4ra_w2_sum_kernel if rega else w4ws_w2_sum_kernel if wspec is not None
+                          else w4_w2_sum_kernel, args, kw)
 
 
 def ptxas_report(ptx: str, tmp: Path) -> str:
@@ -451,33 +442,17 @@ def _dest_regs(ins: str) -> list[int]:
     return list(range(int(m.group(1)), int(m.group(1)) + width))
 
 
-def _kernel_walk(sass: str) -> list[str]:
-    """The instructions of a kernel whose wgmmas also run outside its loop (a peeled prologue / epilogue): the code
-    before the innermost loop around a wgmma, that loop's body twice, then the code after it."""
-    import re
-
-    ins, labels = _parse_sass(sass)
-    loops = [(labels[m.group(1)], i) for i, s in enumerate(ins)
-             for m in [re.search(r"BRA\s+`?\(?(\.L_x_\d+)", s)] if m and labels.get(m.group(1), i + 1) <= i]
-    hit = [(a, b) for a, b in loops if any("HGMMA" in s for s in ins[a:b + 1])]
-    if not hit:
-        raise RuntimeError("no loop around a wgmma")
-    a, b = min(hit, key=lambda ab: ab[1] - ab[0])
-    return ins[:a] + ins[a:b + 1] * 2 + ins[b + 1:]
-
-
-def inflight_fragment_writes(sass: str, whole: bool = False) -> list[str]:
+def inflight_fragment_writes(sass: str) -> list[str]:
     """Instructions of the wgmma loop (run twice, so a step's wgmmas meet the next step's code) that write a
     register holding the A fragment of a register-operand wgmma still in flight. A wgmma group (``HGMMA`` ... up to
     the one marked ``gsb0``) reads its A registers until a ``WARPGROUP.DEPBAR.LE gsb0, n`` leaves at most n younger
     groups; PTX makes touching them before that undefined, and ptxas does not stop its register allocator from
-    handing them to later values (round 15: wrong rows on the H200). ``whole``: the kernel from its start, its wgmma
-    loop twice, then its end (:func:`_kernel_walk`; a pipelined loop's first and last wgmmas are peeled out of it)."""
+    handing them to later values (round 15: wrong rows on the H200)."""
     import re
 
     groups, cur, bad = [], set(), []
-    walks = [(1, _kernel_walk(sass))] if whole else [(0, _sass_loop(sass)), (1, _sass_loop(sass))]
-    for rep, body in walks:
+    body = _sass_loop(sass)
+    for rep in range(2):
         for ins in body:
             if "HGMMA" in ins:
                 m = re.search(r"HGMMA\.\S+ R\d+, R(\d+),", ins)  # register A (a descriptor A reads shared memory)

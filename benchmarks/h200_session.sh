@@ -740,7 +740,8 @@ case $WHAT in
     sweep 330
     ;;
   r38-a)  # round 38, the pipelined register-operand 4-bit GEMMs ("gluon_rega": 3, ops/_gluon/w4_pipe.py): their GPU bit
-    # tests against the Triton kernels, then beside the shipped tables at the compute-bound 4-bit points
+    # tests against the Triton kernels, then beside the shipped tables at the compute-bound 4-bit points. Never faster:
+    # the form, its tests and benchmarks/pipe_ab.py were removed after this run; they are in commit 03683fb
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r38a-gpu 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
       tests/ops/test_gluon_w4.py -k "pipelined"

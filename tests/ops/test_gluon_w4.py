@@ -39,8 +39,8 @@ def _cfg(g13: bool, g2: bool, bm: int = 16, swap: bool = True, bn13: int = 64, b
                 c["gluon_wbuf"] = wbuf
             if ws is not None:
                 c["gluon_ws"] = ws
-            if rega:  # 2: w13 decodes gate, then up (one fragment live); w2 has one fragment; 3: both pipelined
-                c["gluon_rega"] = int(rega) if c is w13 or rega == 3 else 1
+            if rega:  # 2: w13 decodes gate, then up (one fragment live); w2 has one fragment
+                c["gluon_rega"] = int(rega) if c is w13 else 1
             if stages is not None:
                 c["gluon_stages"] = stages
             if early:
@@ -168,7 +168,7 @@ def test_register_operand_config_and_its_limits():
     assert _plan(1, 8, _cfg(True, True)).gluon_rega == (0, 0)
     assert _plan(1, 8, _cfg(True, True, rega=True)).gluon_rega == (1, 1)
     assert _plan(1, 8, _cfg(True, True, rega=2)).gluon_rega == (2, 1)  # w13 gate, then up (w2: one fragment)
-    for part, bad in (("w13", 4), ("w13", "1"), ("w13", -1), ("w2", 2)):
+    for part, bad in (("w13", 3), ("w13", "1"), ("w13", -1), ("w2", 2)):
         cfg = _cfg(True, True, rega=True)
         cfg[part]["gluon_rega"] = bad
         with pytest.raises(ValueError, match=f'"{part}": "gluon_rega" = {bad!r}, expected one of'):
@@ -185,14 +185,6 @@ def test_register_operand_config_and_its_limits():
     cfg["w2"]["gluon_early"] = 1
     with pytest.raises(ValueError, match='"w2": "gluon_early" = 1 needs "gluon_rega"'):
         _plan(1, 8, cfg)
-    # "gluon_rega" 3 (round 38): the pipelined form for both GEMMs; it refills its ring at its own place (no
-    # "gluon_early") and needs 3 slots or more (0: by shared memory)
-    assert _plan(1, 8, _cfg(True, True, bm=32, rega=3)).gluon_rega == (3, 3)
-    assert _plan(1, 8, _cfg(True, True, bm=32, rega=3, stages=3)).gluon_stages == (3, 3)
-    with pytest.raises(ValueError, match='"w13": "gluon_early" = 1 needs "gluon_rega" 1 or 2'):
-        _plan(1, 8, _cfg(True, True, bm=32, rega=3, early=True))
-    with pytest.raises(ValueError, match='"w13": "gluon_stages" = 2 with "gluon_rega" = 3, expected 0'):
-        _plan(1, 8, _cfg(True, True, bm=32, rega=3, stages=2))
     q, w1, w2, x = _mxfp4_launch()
     dev = gluon_experts._device_ok
     try:
@@ -201,11 +193,7 @@ def test_register_operand_config_and_its_limits():
                         (_cfg(True, True, bm=32, rega=True), True), (_cfg(True, True, bm=64, rega=True), True),
                         (_cfg(True, True, bm=128, rega=True), True), (_cfg(True, True, bm=256, rega=True), False),
                         (_cfg(True, True, bm=64, swap=False, rega=True), False),
-                        (_cfg(True, True, rega=True, ws=4), False),
-                        # pipelined: two token halves of 16 rows or more, swapped, 3 ring slots in shared memory
-                        (_cfg(True, True, bm=32, rega=3), True), (_cfg(True, True, bm=128, bn13=128, rega=3), True),
-                        (_cfg(True, True, rega=3), False), (_cfg(True, True, bm=256, rega=3), False),
-                        (_cfg(True, True, bm=64, swap=False, rega=3), False)):
+                        (_cfg(True, True, rega=True, ws=4), False)):
             p = _plan(8, 8, cfg)
             assert gluon_w4.w4_ok(p, q, "w13", w1, x, interp=False) is ok, cfg
             assert gluon_w4.w4_ok(p, q, "w2", w2, x, interp=False) is ok, cfg
@@ -362,35 +350,6 @@ for quant in ("mxfp4", "int4"):
                                serial=serial, sword=sword, early=early)
                 bad = c.inflight_fragment_writes(c.sass_text(k))
                 assert bad == [], (quant, which, serial, early, bm, h, bad[:4])
-print("ok")
-""", tmp_path)
-
-
-def test_pipelined_register_operand_gemms_compile_without_inflight_writes(tmp_path):
-    # "gluon_rega": 3 (round 38, :mod:`moekit.ops._gluon.w4_pipe`): a fragment's decode runs under the previous
-    # fragment's first-half wgmma. Walked from the kernel's start (its first and last wgmmas are outside the loop),
-    # the compiled code never writes an in-flight fragment's registers, ptxas serialises no wgmma and spills nothing,
-    # every wgmma has the token half (BLOCK_M / 2) on N and its A in registers, both formats, both GEMMs, DeepSeek-V3
-    # (full K steps; mxfp4 with its step scales as one word) and gpt-oss (partial K, biases, swigluoai) slices, the
-    # tiles the probe measures (w13 up to 64 token rows: at 128 its four accumulators and two fragments spill)
-    run_compiled("""
-import re
-from pathlib import Path
-import compile_sm90 as c
-tmp = Path(__import__("tempfile").mkdtemp())
-for quant in ("mxfp4", "int4"):
-    for which, bm, bn in (("w13", 32, 64), ("w13", 64, 64), ("w13", 64, 128), ("w2", 64, 128), ("w2", 128, 128),
-                          ("w2", 128, 64)):
-        for h, i, act, bias in ((7168, 2048, "silu", False), (2880, 2880, "swigluoai", True)):
-            sword = quant == "mxfp4" and h == 7168
-            k = c.gluon_w4(which, quant, bm, bn, h, i, stages=3, act=act, bias=bias, pipe=True, sword=sword)
-            bad = c.inflight_fragment_writes(c.sass_text(k), whole=True)
-            assert bad == [], (quant, which, bm, bn, h, bad[:4])
-            rep = c.ptxas_report(k.asm["ptx"], tmp)
-            assert "0 bytes spill stores" in rep and "C751" not in rep, (quant, which, bm, bn, h, rep)
-            wg = re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.m64n(\\d+)k16\\.f32\\.bf16\\.bf16 \\{[^}]*\\}, (\\S)",
-                            k.asm["ptx"])
-            assert wg and all(n == str(bm // 2) and a == "{" for n, a in wg), (quant, which, bm, wg[:2])
 print("ok")
 """, tmp_path)
 
@@ -554,29 +513,8 @@ def test_gpu_register_operand_tall_tiles_same_bits_as_triton(monkeypatch, bm, fm
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bm,bn13,bn2", [(32, 64, 64), (64, 64, 128), (128, 128, 128)])
-@pytest.mark.parametrize("fmt,act,bias,h,i", [("int4_g32", "silu", False, 1024, 512),
-                                               ("mxfp4", "swigluoai", True, 2880, 2880),
-                                               ("int4_g128", "silu", False, 1024, 768)],
-                         ids=["int4", "mxfp4_gptoss", "int4_g128"])
-def test_gpu_pipelined_register_operand_same_bits_as_triton(monkeypatch, bm, bn13, bn2, fmt, act, bias, h, i):
-    # round 38: "gluon_rega" 3, each fragment's decode under the previous fragment's first-half wgmma, the token block
-    # in two halves. A race (a later value in an in-flight fragment's registers) would give wrong rows here, not every
-    # time: twice each. Many row blocks per expert (hot), partial K, biases, dead slots (half the experts local)
-    run = quantised_run(_FMTS[fmt], act, bias, t=700, e=16, h=h, i=i, k=4, hot=True, emap=True,
-                        limit=7.0 if act == "swigluoai" else None)
-    calls = count_calls(monkeypatch, gluon_w4, "launch_w4_w2_sum")
-    ref = run(_cfg(False, False, bm=bm, bn13=bn13, bn2=bn2))
-    for _ in range(2):
-        assert torch.equal(ref, run(_cfg(True, True, bm=bm, bn13=bn13, bn2=bn2, rega=3)))
-    assert torch.equal(ref, run(_cfg(True, True, bm=bm, bn13=bn13, bn2=bn2, rega=3, stages=4)))
-    assert len(calls) == 3 and ref.isfinite().all() and ref.abs().sum() > 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{}, {"ws": 4}, {"rega": True}, {"rega": True, "early": True},
-                                     {"rega": 3, "bm": 32}],
-                         ids=["smem", "warp_specialised", "rega", "rega_early", "rega_pipelined"])
+@pytest.mark.parametrize("variant", [{}, {"ws": 4}, {"rega": True}, {"rega": True, "early": True}],
+                         ids=["smem", "warp_specialised", "rega", "rega_early"])
 def test_gpu_gluon_w4_under_cuda_graph_and_compile(monkeypatch, variant):
     # the public quantised call with a config asking for both Gluon kernels: torch.compile(fullgraph=True) and a CUDA
     # graph replayed on new inputs give the eager bits

@@ -69,24 +69,8 @@ def form_neighbours(best: dict, pdl: bool, fam: str) -> list[dict]:
     if fam == "4bit" and best["w13"].get("SWAP") and best["w2"].get("SWAP"):  # the register-operand GEMMs
         out.append(rega_toggled(best))
         rega = gluon_rega_value("w13", best["w13"])
-        if rega in (1, 2):  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
+        if rega:  # and their w13 with gate, then up (one fragment live: four programs per SM), or back
             out.append({**best, "w13": {**best["w13"], "gluon_rega": 3 - rega}})
             # and the ring refilled a step earlier, in both GEMMs (round 20: faster or slower by bucket), or back
             out.append(early_set(best, 0 if best["w13"].get("gluon_early") else 1))
-    if fam == "4bit" and best.get("BLOCK_M", 0) >= 32:  # the pipelined register-operand GEMMs (round 38), or back
-        out += [c for c in (pipe_set(best, "w13"), pipe_set(best, "w2")) if c is not None]
     return out
-
-
-def pipe_set(cfg: dict, part: str) -> dict | None:
-    """``cfg`` with GEMM ``part`` switched between the register-operand kernels (``"gluon_rega"`` 1 / 2) and their
-    pipelined form (3; its ring refills at its own place: no ``"gluon_early"``, 0 or 3+ slots); None where ``part``
-    runs neither (unswapped or Triton tiles)."""
-    c = cfg[part]
-    rega = gluon_rega_value(part, c)
-    if not rega or not c.get("SWAP"):
-        return None
-    if rega == 3:
-        return {**cfg, part: {**c, "gluon_rega": 1}}
-    c = {k: v for k, v in c.items() if k != "gluon_early" and not (k == "gluon_stages" and v in (1, 2))}
-    return {**cfg, part: {**c, "gluon_rega": 3}}

@@ -154,17 +154,12 @@ def gluon_flag_value(part: str, cfg_part: dict, key: str) -> bool:
 def gluon_rega_value(part: str, cfg_part: dict) -> int:
     """The ``"gluon_rega"`` key of config part ``part`` (0 when absent): 0 off, 1 the register-operand Gluon 4-bit
     GEMM, 2 (w13 only) the same with gate, then up, each fragment waited for before the next is decoded (one fragment
-    live: 111-122 registers instead of 145-156, four programs per SM instead of three), 3 the pipelined form (each
-    fragment's decode under the previous fragment's wgmma, :mod:`moekit.ops._gluon.w4_pipe`; 32 token rows or more);
-    a bool is 0 / 1. Else ``ValueError``."""
+    live: 111-122 registers instead of 145-156, four programs per SM instead of three); a bool is 0 / 1. Else
+    ``ValueError``."""
     v = cfg_part.get("gluon_rega", 0)
-    allowed = (0, 1, 2, 3) if part == "w13" else (0, 1, 3)
+    allowed = (0, 1, 2) if part == "w13" else (0, 1)
     if not isinstance(v, int) or v not in allowed:
         raise ValueError(f'config "{part}": "gluon_rega" = {v!r}, expected one of {list(allowed)}')
-    if v == 3 and cfg_part.get("gluon_stages", 0) in (1, 2):
-        raise ValueError(f'config "{part}": "gluon_stages" = {cfg_part["gluon_stages"]!r} with "gluon_rega" = 3, '
-                         f'expected 0 (by shared memory) or at least 3 (the pipelined form refills the slot of the step '
-                         f'before last)')
     return int(v)
 
 
@@ -173,10 +168,9 @@ def gluon_early_value(part: str, cfg_part: dict) -> bool:
     ``"gluon_rega"`` (the register-operand 4-bit GEMMs refill a ring slot right after a step's first barrier,
     :mod:`moekit.ops._gluon.w4_rega`); else ``ValueError`` naming the part, the key and the value."""
     on = gluon_flag_value(part, cfg_part, "gluon_early")
-    if on and gluon_rega_value(part, cfg_part) not in (1, 2):
-        raise ValueError(f'config "{part}": "gluon_early" = {cfg_part["gluon_early"]!r} needs "gluon_rega" 1 or 2 (the '
-                         f'register-operand Gluon 4-bit GEMM; the pipelined form 3 refills at its own place), which is '
-                         f'{cfg_part.get("gluon_rega", 0)!r}')
+    if on and not gluon_rega_value(part, cfg_part):
+        raise ValueError(f'config "{part}": "gluon_early" = {cfg_part["gluon_early"]!r} needs "gluon_rega" (the '
+                         f'register-operand Gluon 4-bit GEMM), which is {cfg_part.get("gluon_rega", 0)!r}')
     return on
 
 

@@ -3,8 +3,7 @@
 The 4-bit kernels come in three forms, all with the Triton kernels' bits: decoded into shared memory
 (:mod:`._gluon.w4`, ``"gluon": 1``), and for swapped tiles the decoded weights as the wgmma's register operand
 (:mod:`._gluon.w4_rega`, ``"gluon_rega": 1``: the H200 4-bit table's decode buckets and, with 64 / 128 token rows,
-its compute-bound ones; ``3``: the same pipelined, each fragment's decode under the previous wgmma,
-:mod:`._gluon.w4_pipe`) or a warp-specialised, persistent
+its compute-bound ones) or a warp-specialised, persistent
 form (:mod:`._gluon.w4_ws`, ``"gluon_ws": slots``: one program per SM, measured slower, in no table).
 
 As every Gluon kernel (:mod:`.gluon_experts`), each runs only where the config asks for it and it computes the
@@ -90,9 +89,6 @@ def _form_ok(p, which: str) -> bool:
     i = 0 if which == "w13" else 1
     kw, d = (p.w13_kw if i == 0 else p.w2_kw), p.gluon_ws[i]
     bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])
-    if p.gluon_rega[i] == 3:  # pipelined: the token block in two wgmma halves of 16 rows or more, 3 ring slots
-        fixed, per_stage = _w4_smem(which, bm, bn, bk, 0)
-        return swap and 32 <= bm <= _REGA_MAX_BM and not d and fixed + 3 * per_stage <= _SMEM_ONE
     if p.gluon_rega[i]:
         fixed, per_stage = _w4_smem(which, bm, bn, bk, 0)
         return swap and bm <= _REGA_MAX_BM and not d and fixed + 2 * per_stage <= _SMEM_ONE
@@ -110,28 +106,27 @@ _WS_DEC_REGS = 160
 
 @functools.lru_cache(maxsize=2)
 def _w4_kernels(which: str) -> tuple:
-    """(shared-memory, register-operand, warp-specialised, pipelined register-operand) Gluon 4-bit kernels of
-    ``which``: imported once, on the first call (the modules need Gluon, which :func:`.gluon_experts.gluon_available`
-    checks first)."""
-    from ._gluon import w4, w4_pipe, w4_rega, w4_ws
+    """(shared-memory, register-operand, warp-specialised) Gluon 4-bit kernels of ``which``: imported once, on the
+    first call (the modules need Gluon, which :func:`.gluon_experts.gluon_available` checks first)."""
+    from ._gluon import w4, w4_rega, w4_ws
 
     if which == "w13":
-        return w4.w4_w13_kernel, w4_rega.w4ra_w13_kernel, w4_ws.w4ws_w13_kernel, w4_pipe.w4rp_w13_kernel
-    return w4.w4_w2_sum_kernel, w4_rega.w4ra_w2_sum_kernel, w4_ws.w4ws_w2_sum_kernel, w4_pipe.w4rp_w2_sum_kernel
+        return w4.w4_w13_kernel, w4_rega.w4ra_w13_kernel, w4_ws.w4ws_w13_kernel
+    return w4.w4_w2_sum_kernel, w4_rega.w4ra_w2_sum_kernel, w4_ws.w4ws_w2_sum_kernel
 
 
 def _launch_w4(launch, kernels: tuple, p, q, which: str, grid: tuple, device: torch.device, args: tuple,
                epilogue: dict) -> None:
-    """Launch the asked form of a Gluon 4-bit GEMM (``kernels``: its shared-memory, register-operand,
-    warp-specialised and pipelined register-operand kernels, which take the same ``args``): its tiles, format and
-    warps (one warpgroup per 64 rows of the wgmma's M side), then the form's own ring slots and keys; the
-    warp-specialised form is persistent, one program per SM at most."""
+    """Launch the asked form of a Gluon 4-bit GEMM (``kernels``: its shared-memory, register-operand and
+    warp-specialised kernels, which take the same ``args``): its tiles, format and warps (one warpgroup per 64
+    rows of the wgmma's M side), then the form's own ring slots and keys; the warp-specialised form is persistent,
+    one program per SM at most."""
     i = 0 if which == "w13" else 1
     kw = p.w13_kw if i == 0 else p.w2_kw
     bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])
     const = dict(BM=bm, BN=bn, BK=bk, G=q.spec.block_k, QUANT=q.spec.code, GROUP_M=int(kw["GROUP_M"]),
                  BLOCK_E=kw["BLOCK_E"], num_warps=(bn if swap else bm) // 16, **epilogue)
-    smem_kernel, rega_kernel, ws_kernel, pipe_kernel = kernels
+    smem_kernel, rega_kernel, ws_kernel = kernels
     if p.gluon_rega[i]:
         stages = p.gluon_stages[i] or _w4_stages(*_w4_smem(which, bm, bn, bk, 0), two=False)
         serial = dict(SERIAL=p.gluon_rega[i] == 2) if which == "w13" else {}
@@ -139,10 +134,7 @@ def _launch_w4(launch, kernels: tuple, p, q, which: str, grid: tuple, device: to
         # mxfp4, whole K steps of four groups, scale rows of whole 4-byte words: a row's step scales as one u32
         sword = (q.spec.code == MXFP4 and kw["EVEN_K"] and bk // q.spec.block_k == 4 and ws.stride(1) % 4 == 0
                  and ws.data_ptr() % 4 == 0)
-        if p.gluon_rega[i] == 3:  # at least 3 ring slots (a step refills the slot of the step before last)
-            launch(pipe_kernel, grid, *args, STAGES=max(3, stages), SWORD=sword, **const)
-        else:
-            launch(rega_kernel, grid, *args, STAGES=stages, SWORD=sword, EARLY=p.gluon_early[i], **serial, **const)
+        launch(rega_kernel, grid, *args, STAGES=stages, SWORD=sword, EARLY=p.gluon_early[i], **serial, **const)
     elif p.gluon_ws[i]:
         launch(ws_kernel, (min(grid[0], _gx._sm_count(device.index)),), *args, STAGES=_WS_STAGES, D=p.gluon_ws[i],
                DEC_REGS=_WS_DEC_REGS, **const)

@@ -178,14 +178,10 @@ def _acc_layout(BM, BN, SWAP, num_warps):
 
 @gluon.jit
 def _rows_cols(pid_m, pid_n, first, n_e, BM: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr,
-               ACC_L: gl.constexpr, HALF: gl.constexpr = 0):
-    """The accumulator's row indices, their liveness and its column indices, each 2-D (broadcastable to it).
-    ``HALF`` (swapped only) 1 / 2: the accumulator holds the block's first / second BM / 2 token rows
-    (:mod:`.w4_pipe`)."""
+               ACC_L: gl.constexpr):
+    """The accumulator's row indices, their liveness and its column indices, each 2-D (broadcastable to it)."""
     if SWAP:
-        W: gl.constexpr = BM if HALF == 0 else BM // 2
-        R0: gl.constexpr = 0 if HALF < 2 else BM // 2
-        r = R0 + gl.arange(0, W, layout=gl.SliceLayout(0, ACC_L))
+        r = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC_L))
         c = gl.arange(0, BN, layout=gl.SliceLayout(1, ACC_L))
         rows = pid_m * BM + r[None, :]
         valid = (pid_m - first) * BM + r[None, :] < n_e
@@ -228,11 +224,11 @@ def _token_operand(x_ptr, sorted_ptr, pid_m, ra, valid_a, K, stride_xt, BM: gl.c
 @gluon.jit
 def _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, stride_be, stride_ir, limit,
                BM: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr, ACC_L: gl.constexpr, ACT: gl.constexpr,
-               HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, HALF: gl.constexpr = 0):
+               HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr):
     """w13's epilogue (:func:`.._triton.grouped_gemm.w13_kernel`'s) for tile (``pid_m``, ``pid_n``) of expert ``e``
     (its row blocks from ``first``, ``n_e`` live rows): ``+ b13``, the gated activation in fp32, the store rounded
-    to the intermediate's dtype. ``HALF``: as :func:`_rows_cols`."""
-    rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L, HALF)
+    to the intermediate's dtype."""
+    rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
     nmask = cols < I
     if HAS_BIAS:
         b_base = b1_ptr + e.to(gl.int64) * stride_be
@@ -246,10 +242,10 @@ def _w13_store(acc_g, acc_u, e, pid_m, pid_n, first, n_e, b1_ptr, inter_ptr, I, 
 @gluon.jit
 def _w2_store(acc, e, pid_m, pid_n, first, n_e, b2_ptr, tw_ptr, sorted_ptr, part_ptr, H, K, stride_be, stride_twt,
               stride_pr, BM: gl.constexpr, BN: gl.constexpr, SWAP: gl.constexpr, ACC_L: gl.constexpr,
-              HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr, HALF: gl.constexpr = 0):
+              HAS_BIAS: gl.constexpr, ON_INPUT: gl.constexpr):
     """w2's SUM_PASS epilogue (``w2_kernel``'s) for tile (``pid_m``, ``pid_n``) as :func:`_w13_store`: ``+ b2``, the
     router weight (unless applied on the input), the slot row rounded to bf16 into ``part``."""
-    rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L, HALF)
+    rows, valid, cols = _rows_cols(pid_m, pid_n, first, n_e, BM, BN, SWAP, ACC_L)
     nmask = cols < H
     if HAS_BIAS:
         acc += gl.load(b2_ptr + e.to(gl.int64) * stride_be + cols, mask=nmask, other=0.0).to(gl.float32)
