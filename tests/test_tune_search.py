@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekit.benchmarking import tune, tune_forms
+from moekit.benchmarking import tune, tune_checks, tune_forms
 from moekit.benchmarking.shapes import MODELS, TOKENS
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
@@ -174,6 +174,17 @@ def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
     monkeypatch.setattr(tune, "same_output", lambda *a: False)
     cfg2, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
     assert info["best_us"] == info["base_us"] and not cfg2.get("tma") and any("FAILED" in s for s in logs)
+
+    # a check that cannot run (round 38: the unswapped reference out of shared memory) keeps the config in use,
+    # and says why, instead of ending the whole search
+    def raises(*a):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(tune, "same_output", raises)
+    logs.clear()
+    cfg3, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
+    assert info["best_us"] == info["base_us"] and not cfg3.get("tma")
+    assert any("FAILED (a check could not run: RuntimeError: out of resource" in s for s in logs), logs
 
 
 def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
@@ -457,6 +468,11 @@ def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
     assert not tune.swap_identical(["even", "odd"], call, cfg)
     plain = [c for c in seen if not c["w2"].get("SWAP")]
     assert plain and all(c["BLOCK_M"] == 64 and "SWAP" not in c["w13"] for c in plain)
+    # the reference keeps at most 3 ring stages (a deep swapped ring at 64 rows may not fit in shared memory; the
+    # depth changes no bit), and the winner's own dicts are not touched
+    deep = _cfg(16, (128, 128, 8, 6), (64, 128, 4, 2))
+    ref = tune_checks.unswapped(deep)
+    assert (ref["w13"]["num_stages"], ref["w2"]["num_stages"]) == (3, 2) and deep["w13"]["num_stages"] == 6
     # and the bucket's config in use: a 16-row decode tile whose bits differ fails the check
     base = _cfg(16, (32, 128, 4, 4), (64, 128, 4, 4))
 

@@ -186,12 +186,18 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     base_us, best_us = confirm(lambda c: time_config(problems, call, c, replays=5, target_ms=5.0), base, best,
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
-    ok = (same_output(problems, call, best, base, tol) and (not best.get("pdl") or pdl_identical(problems, call, best))
-          and fused_identical(problems, call, best)
-          and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP")) or swap_identical(problems, call, best, base)))
+    try:
+        ok = (same_output(problems, call, best, base, tol)
+              and (not best.get("pdl") or pdl_identical(problems, call, best))
+              and fused_identical(problems, call, best)
+              and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP"))
+                   or swap_identical(problems, call, best, base)))
+        why = ""
+    except Exception as exc:  # a reference config that cannot run here: the winner is not proven, so not taken
+        ok, why = False, f" (a check could not run: {type(exc).__name__}: {str(exc)[:120]})"
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "
-        f"{'ok' if ok else 'FAILED'}: {'take' if take else 'keep the config in use'} {best}")
+        f"{'ok' if ok else 'FAILED' + why}: {'take' if take else 'keep the config in use, not'} {best}")
     return (best if take else base), weights, {"base_us": base_us, "best_us": best_us if take else base_us,
                                                "timed": len(times)}
 
