@@ -739,6 +739,28 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r38-d)  # round 38, the fp8 buckets nearest #9's roofline target (round 34's sweep: gpt-oss T = 256 82.6 % of 85, Qwen3
+    # T = 64 79.9 % of 80) searched again from their tables,
+    # the winners merged (existing buckets: a kept point writes the config in use back), rows alone vs in batches, and
+    # the layer at those points
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r38d-tune 250 python -m moekit tune --quant fp8 --budget-s 90 --out "$OUT/tuned" \
+      --points gpt-oss-120b:256,qwen3-30b-a3b:64
+    step r38d-merge 30 python -c "
+import json
+new = json.load(open('$OUT/tuned/NVIDIA_H200.json'))['entries']
+path = 'src/moekit/configs/NVIDIA_H200.json'
+d = json.load(open(path))
+for k, b in new.items():
+    d['entries'].setdefault(k, {}).update(b)
+    print(k, sorted(b, key=int))
+open(path, 'w').write(json.dumps(d, indent=1, sort_keys=True) + '\n')
+print('merged')"
+    step r38d-inv 160 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8"
+    step r38d-bench 100 python -m moekit bench --quant bf16,fp8 --models gpt-oss-120b,qwen3-30b-a3b \
+      --tokens 8,64,256 --fast --out "$OUT/bench"
+    ;;
   r38-c)  # round 38, r38-b again after its search stopped at gpt-oss T = 2 (the unswapped reference of a swapped winner ran
     # out of shared memory: the reference now keeps <= 3 stages, and a check that cannot run keeps the config in use);
     # gpt-oss T = 8 shipped from r38-b
