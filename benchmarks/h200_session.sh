@@ -51,6 +51,21 @@ sweep() {  # sweep SECONDS: moekit bench of bf16 + fp8 on the four benchmark mod
   step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
 }
 
+merge_tuned() {  # merge_tuned DIR (round 38): every entry of DIR/NVIDIA_H200.json into this copy's shipped table (a tuned
+  # point's config, taken or kept), so the invariance tests and the sweep after it run the table as merged
+  python - "$1/NVIDIA_H200.json" <<'PY'
+import json, sys
+new = json.load(open(sys.argv[1]))["entries"]
+path = "src/moekit/configs/NVIDIA_H200.json"
+d = json.load(open(path))
+for key, buckets in new.items():
+    d["entries"].setdefault(key, {}).update(buckets)
+    print(key, sorted(buckets, key=int))
+open(path, "w").write(json.dumps(d, indent=1, sort_keys=True) + "\n")
+print("merged")
+PY
+}
+
 raw_eager() {  # raw_eager PREFIX (round 26): the graphed-layer and patched-model GPU tests, the replay's pieces beside the
   # torch-op replay (eager_profile.py), eager host rows twice, gpt-oss-120b's patched block eager (eager_ab.py)
   local p=$1
@@ -746,16 +761,7 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r38d-tune 250 python -m moekit tune --quant fp8 --budget-s 90 --out "$OUT/tuned" \
       --points gpt-oss-120b:256,qwen3-30b-a3b:64
-    step r38d-merge 30 python -c "
-import json
-new = json.load(open('$OUT/tuned/NVIDIA_H200.json'))['entries']
-path = 'src/moekit/configs/NVIDIA_H200.json'
-d = json.load(open(path))
-for k, b in new.items():
-    d['entries'].setdefault(k, {}).update(b)
-    print(k, sorted(b, key=int))
-open(path, 'w').write(json.dumps(d, indent=1, sort_keys=True) + '\n')
-print('merged')"
+    merge_tuned "$OUT/tuned" > "$OUT/r38d-merge.log" 2>&1  # a function: not through step (timeout runs programs)
     step r38d-inv 160 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
       tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8"
     step r38d-bench 100 python -m moekit bench --quant bf16,fp8 --models gpt-oss-120b,qwen3-30b-a3b \
@@ -767,16 +773,7 @@ print('merged')"
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r38c-tune 330 python -m moekit tune --quant fp8 --budget-s 75 --out "$OUT/tuned" \
       --points gpt-oss-120b:2,gpt-oss-120b:4,deepseek-v3:2,deepseek-v3:4,deepseek-v3:16,deepseek-v3:32,qwen3-30b-a3b:4,qwen3-30b-a3b:16
-    step r38c-merge 30 python -c "
-import json
-new = json.load(open('$OUT/tuned/NVIDIA_H200.json'))['entries']
-path = 'src/moekit/configs/NVIDIA_H200.json'
-d = json.load(open(path))
-for k, b in new.items():
-    d['entries'].setdefault(k, {}).update(b)
-    print(k, sorted(b, key=int))
-open(path, 'w').write(json.dumps(d, indent=1, sort_keys=True) + '\n')
-print('merged')"
+    merge_tuned "$OUT/tuned" > "$OUT/r38c-merge.log" 2>&1
     step r38c-inv 160 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
       tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8"
     step r38c-bench 100 python -m moekit bench --quant bf16,fp8 --models gpt-oss-120b,deepseek-v3,qwen3-30b-a3b \
@@ -808,7 +805,7 @@ print('merged')"
     ;;
   r38-a)  # round 38, the pipelined register-operand 4-bit GEMMs ("gluon_rega": 3, ops/_gluon/w4_pipe.py): their GPU bit
     # tests against the Triton kernels, then beside the shipped tables at the compute-bound 4-bit points. Never faster:
-    # the form, its tests and benchmarks/pipe_ab.py were removed after this run; they are in commit 03683fb
+    # the form, its tests and benchmarks/pipe_ab.py were removed after this run. Needs commit 03683fb's tree
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r38a-gpu 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
       tests/ops/test_gluon_w4.py -k "pipelined"

@@ -184,7 +184,32 @@ def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
     logs.clear()
     cfg3, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
     assert info["best_us"] == info["base_us"] and not cfg3.get("tma")
-    assert any("FAILED (a check could not run: RuntimeError: out of resource" in s for s in logs), logs
+    assert any("FAILED: same_output raised RuntimeError: out of resource" in s for s in logs), logs
+    tune.log_summary([("qwen3-30b-a3b", "-", {4: info})], logs.append)
+    assert logs[-1].endswith("(0% faster; the best candidate failed same_output)"), logs[-1]
+
+
+def test_output_checks_name_the_check_that_fails_or_raises(monkeypatch):
+    # each check of a winner runs where its switch is stated (swapped tiles: swap_identical, round 38's out-of-memory
+    # reference); the first that is false or raises decides, by name, and a raising one never passes
+    monkeypatch.setattr(tune, "same_output", lambda *a: True)
+    monkeypatch.setattr(tune, "fused_identical", lambda *a: True)
+    plain = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
+    swapped = {**plain, "w2": {**plain["w2"], "SWAP": 1}}
+    called = []
+
+    def swap(*a):
+        called.append(a[2])
+        raise RuntimeError("out of resource: shared memory, Required: 245856")
+
+    monkeypatch.setattr(tune, "swap_identical", swap)
+    assert tune.output_checks([], None, plain, plain, 1e-3) == (True, "") and not called
+    ok, why = tune.output_checks([], None, swapped, plain, 1e-3)
+    assert not ok and why.startswith("swap_identical raised RuntimeError: out of resource") and called == [swapped]
+    monkeypatch.setattr(tune, "swap_identical", lambda *a: False)
+    assert tune.output_checks([], None, swapped, plain, 1e-3) == (False, "swap_identical")
+    monkeypatch.setattr(tune, "fused_identical", lambda *a: False)
+    assert tune.output_checks([], None, swapped, plain, 1e-3) == (False, "fused_identical")
 
 
 def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
@@ -468,6 +493,7 @@ def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
     assert not tune.swap_identical(["even", "odd"], call, cfg)
     plain = [c for c in seen if not c["w2"].get("SWAP")]
     assert plain and all(c["BLOCK_M"] == 64 and "SWAP" not in c["w13"] for c in plain)
+    assert all(c[p]["num_stages"] == 3 for c in plain for p in ("w13", "w2"))  # the winner's 4, capped
     # the reference keeps at most 3 ring stages (a deep swapped ring at 64 rows may not fit in shared memory; the
     # depth changes no bit), and the winner's own dicts are not touched
     deep = _cfg(16, (128, 128, 8, 6), (64, 128, 4, 2))

@@ -186,20 +186,33 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
     base_us, best_us = confirm(lambda c: time_config(problems, call, c, replays=5, target_ms=5.0), base, best,
                                rounds=2 if quick else 3)
     tol = 1e-2 if spec is not None and spec.fp8 else 1e-3
-    try:
-        ok = (same_output(problems, call, best, base, tol)
-              and (not best.get("pdl") or pdl_identical(problems, call, best))
-              and fused_identical(problems, call, best)
-              and (not (best["w13"].get("SWAP") or best["w2"].get("SWAP"))
-                   or swap_identical(problems, call, best, base)))
-        why = ""
-    except Exception as exc:  # a reference config that cannot run here: the winner is not proven, so not taken
-        ok, why = False, f" (a check could not run: {type(exc).__name__}: {str(exc)[:120]})"
+    ok, why = output_checks(problems, call, best, base, tol)
     take = ok and best_us < (1.0 - min_gain) * base_us
     log(f"  T={t:6d}: {best_us:9.1f} us vs {base_us:9.1f} us in use ({len(times)} timed), checks "
-        f"{'ok' if ok else 'FAILED' + why}: {'take' if take else 'keep the config in use, not'} {best}")
+        f"{'ok' if ok else 'FAILED: ' + why}: {'take' if take else 'keep the config in use, not'} {best}")
     return (best if take else base), weights, {"base_us": base_us, "best_us": best_us if take else base_us,
-                                               "timed": len(times)}
+                                               "timed": len(times), **({} if ok else {"check_failed": why})}
+
+
+def output_checks(problems, call, best: dict, base: dict, tol: float) -> tuple[bool, str]:
+    """(every check passed, the first failing check's name and why): ``best`` computes what ``base`` does within
+    ``tol``, and where it states PDL, a fused / Gluon / tail switch or swapped tiles, the bits of the same tiles
+    without them (:mod:`.tune_checks`). A check that raises (round 38: the unswapped reference of a swapped winner
+    out of shared memory) fails with its exception named: the winner is not proven, so it is not taken, and the
+    search goes on."""
+    checks = [("same_output", lambda: same_output(problems, call, best, base, tol))]
+    if best.get("pdl"):
+        checks.append(("pdl_identical", lambda: pdl_identical(problems, call, best)))
+    checks.append(("fused_identical", lambda: fused_identical(problems, call, best)))
+    if best["w13"].get("SWAP") or best["w2"].get("SWAP"):
+        checks.append(("swap_identical", lambda: swap_identical(problems, call, best, base)))
+    for name, check in checks:
+        try:
+            if not check():
+                return False, name
+        except Exception as exc:  # noqa: BLE001 - named in the log and the summary, never taken
+            return False, f"{name} raised {type(exc).__name__}: {str(exc)[:120]}"
+    return True, ""
 
 
 class Progress:
@@ -337,7 +350,8 @@ def log_summary(summary, log) -> None:
             r = results[t]
             if r["best_us"] == r["best_us"]:  # not NaN
                 gain = 100.0 * (1.0 - r["best_us"] / r["base_us"]) if r["base_us"] else 0.0
-                parts.append(f"T={t}: {r['best_us']:.1f} us ({gain:.0f}% faster)")
+                failed = f"; the best candidate failed {r['check_failed'].split()[0]}" if r.get("check_failed") else ""
+                parts.append(f"T={t}: {r['best_us']:.1f} us ({gain:.0f}% faster{failed})")
             else:
                 parts.append(f"T={t}: untuned")
         log(f"summary {model} [{quant}]: " + ", ".join(parts))
