@@ -786,18 +786,8 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r38b-tune 300 python -m moekit tune --quant fp8 --budget-s 70 --out "$OUT/tuned" \
       --points gpt-oss-120b:2,gpt-oss-120b:4,gpt-oss-120b:8,deepseek-v3:2,deepseek-v3:4,deepseek-v3:16,deepseek-v3:32,qwen3-30b-a3b:4,qwen3-30b-a3b:16
-    step r38b-merge 30 python -c "
-import json, sys
-new = json.load(open('$OUT/tuned/NVIDIA_H200.json'))['entries']
-path = 'src/moekit/configs/NVIDIA_H200.json'
-d = json.load(open(path))
-for k, b in new.items():
-    d['entries'].setdefault(k, {}).update(b)
-    print(k, sorted(b, key=int))
-open(path, 'w').write(json.dumps(d, indent=1, sort_keys=True) + '\n')
-cp = '$OUT/NVIDIA_H200.merged.json'
-open(cp, 'w').write(json.dumps(d, indent=1, sort_keys=True) + '\n')
-print('merged')"
+    merge_tuned "$OUT/tuned" > "$OUT/r38b-merge.log" 2>&1
+    cp src/moekit/configs/NVIDIA_H200.json "$OUT/NVIDIA_H200.merged.json"
     step r38b-inv 160 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
       tests/ops/test_batch_invariance_gpu.py -k "shipped_fp8"
     step r38b-bench 150 python -m moekit bench --quant bf16,fp8 --models gpt-oss-120b,deepseek-v3,qwen3-30b-a3b \
