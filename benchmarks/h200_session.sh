@@ -754,6 +754,13 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r39-a)  # round 39: the expert output norm's slot-row path on the GPU (graphs, rows alone vs in batches, the torch
+    # twin), the layer's graph and invariance GPU tests, then the bf16 + fp8 sweep of record on this round's code
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r39a-gpu 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/experts/test_expert_output_norm_gpu.py tests/experts/test_graphed_gpu.py
+    sweep 330
+    ;;
   r38-d)  # round 38, the fp8 buckets nearest #9's roofline target (round 34's sweep: gpt-oss T = 256 82.6 % of 85, Qwen3
     # T = 64 79.9 % of 80) searched again from their tables,
     # the winners merged (existing buckets: a kept point writes the config in use back), rows alone vs in batches, and

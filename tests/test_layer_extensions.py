@@ -86,28 +86,98 @@ def test_routed_shared_experts_jointly_normalised(backend):
         moekit.FusedMoE(E, K, H, I, use_grouped_topk=True, num_expert_group=2, topk_group=1, routed_shared_experts=1)
 
 
-def test_expert_output_norm_before_the_routing_weight():
-    # Muse Spark: each expert's output is normalised (a module on [N, H] rows) before the routing weight
-    def norm(o):
-        return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
+def _rms(o):
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
 
-    class Norm(torch.nn.Module):
-        def forward(self, o):
-            return norm(o)
 
-    layer = moekit.FusedMoE(E, K, H, I, expert_output_norm=Norm(), backend="torch")
+class _Norm(torch.nn.Module):
+    """Muse Spark: one norm for every expert's output rows."""
+
+    def forward(self, o):
+        return _rms(o.float()).to(o.dtype)
+
+
+class _PerExpertNorm(torch.nn.Module):
+    """Ergo: a norm weight per (logical) expert."""
+
+    per_expert = True
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(E, H, generator=torch.Generator().manual_seed(7)) + 0.5)
+
+    def forward(self, o, ids):
+        return (_rms(o.float()) * self.weight[ids]).to(o.dtype)
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["one_norm", "per_expert"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_expert_output_norm_before_the_routing_weight(backend, per_expert):
+    # each expert's output rows are normalised before the routing weight, on every backend (Triton: the
+    # interpreter on CPU), against the per-token formula in float64; T = 9 tokens, K = 2 of E = 6
+    norm = _PerExpertNorm() if per_expert else _Norm()
+    layer = moekit.FusedMoE(E, K, H, I, expert_output_norm=norm, backend=backend)
     w13, w2 = _weights(E, H, I)
     layer.load_expert_weights(w13, w2)
     h, logits = torch.randn(T, H), torch.randn(T, E)
-    ref = torch.zeros(T, H)
+    ref = torch.zeros(T, H, dtype=torch.float64)
     s = torch.softmax(logits, -1)
     for t in range(T):
         w, ids = torch.topk(s[t], K)
         for wj, e in zip(w / w.sum(), ids):
-            ref[t] += wj * norm(_expert(w13, w2, int(e), h[t]))
-    torch.testing.assert_close(layer(h, logits), ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(NotImplementedError, match="expert_output_norm.*triton"):
-        moekit.FusedMoE(E, K, H, I, expert_output_norm=Norm(), backend="triton")
+            o = _rms(_expert(w13, w2, int(e), h[t]).double())
+            ref[t] += float(wj) * (o * norm.weight[int(e)].double() if per_expert else o)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h, logits).double(), ref, atol=1e-5, rtol=1e-5)
+        assert layer(h[:0], logits[:0]).shape == (0, H)  # the empty batch
+
+
+def test_expert_output_norm_on_quantised_experts():
+    # fp8 block experts (torch twin): the layer equals each slot's own expert row (the experts called
+    # for that slot alone, weight 1), normed per expert, weighted and summed in float32
+    w13, w2 = _weights(E, 128, I, seed=5)
+    norm = _PerExpertNorm()
+    norm.weight = torch.nn.Parameter(torch.rand(E, 128) + 0.5)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    layer = moekit.FusedMoE(E, K, 128, I, expert_output_norm=norm, backend="torch", params_dtype=torch.bfloat16,
+                            quant_config=fp8)
+    w13q, w2q, s13, s2 = moekit.quantize_experts(w13, w2, fp8)
+    layer.load_expert_weights(w13q, w2q, w13_scale=s13, w2_scale=s2)
+    h, logits = torch.randn(T, 128, dtype=torch.bfloat16), torch.randn(T, E)
+    with torch.no_grad():
+        out = layer(h, logits)
+        weights, ids = layer.router.select_experts(h, logits)
+        experts = layer.routed_experts
+        ref = torch.zeros(T, 128)
+        for t in range(T):
+            for k in range(K):
+                row = experts._experts(h[t:t + 1], torch.ones(1, 1), ids[t:t + 1, k:k + 1])
+                ref[t] += float(weights[t, k]) * norm(row, ids[t:t + 1, k].long())[0].float()
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_per_expert_norm_follows_eplb_moves():
+    # after an EPLB move physical slot j holds logical expert perm[j]: the per-expert norm must use the
+    # logical expert's weight, so slots routed by physical id equal the unmoved layer routed by logical id
+    perm = [3, 0, 5, 1, 4, 2]
+    w13, w2 = _weights(E, H, I, seed=2)
+    norm = _PerExpertNorm()
+    a = moekit.FusedMoE(E, K, H, I, expert_output_norm=norm, backend="torch")
+    b = moekit.FusedMoE(E, K, H, I, expert_output_norm=norm, backend="torch")
+    a.load_expert_weights(w13, w2)
+    b.load_expert_weights(w13[perm], w2[perm])
+    b.routed_experts.set_physical_to_logical(perm)
+    h = torch.randn(T, H)
+    logical = torch.randint(0, E, (T, K), generator=torch.Generator().manual_seed(4)).int()
+    physical = torch.tensor([perm.index(e) for e in range(E)])[logical.long()].int()
+    w = torch.rand(T, K)
+    with torch.no_grad():
+        torch.testing.assert_close(b.routed_experts(h, w, physical), a.routed_experts(h, w, logical), atol=0, rtol=0)
+
+
+def test_expert_output_norm_refuses_weights_on_the_input():
+    with pytest.raises(ValueError, match="expert_output_norm cannot be combined with apply_router_weight_on_input"):
+        moekit.FusedMoE(E, 1, H, I, expert_output_norm=_Norm(), apply_router_weight_on_input=True)
 
 
 @pytest.mark.parametrize("act,limit", [("silu_post_clamp", 0.4), ("softcap_swiglu", None)])

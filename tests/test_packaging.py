@@ -55,7 +55,7 @@ def test_test_extra_is_pinned():
     # the suite must not break when an upstream release regresses: every test requirement is exact
     reqs = {_name(r): r for r in EXTRAS["test"]}
     assert all("==" in r for r in reqs.values()), reqs
-    assert reqs["transformers"] == "transformers==5.24.0" and reqs["triton"] == "triton==3.6.0"
+    assert reqs["transformers"] == "transformers==5.25.0" and reqs["triton"] == "triton==3.6.0"
     assert {"pytest", "pytest-timeout", "matplotlib"} <= set(reqs)
     assert "rich" not in reqs  # nothing uses it
 

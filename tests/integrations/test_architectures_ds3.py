@@ -86,3 +86,42 @@ def test_architecture(arch, tmp_path):
     if gen:
         assert torch.equal(model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False), ref_gen)
     assert patch(model) == []
+
+
+@pytest.mark.parametrize("arch", ["ergo", "muse_spark"])
+def test_expert_output_norm_blocks_on_triton(arch, tmp_path):
+    # the expert output norms (Ergo: per expert, Muse Spark: one) on the Triton backend (the interpreter
+    # on CPU): the loaded blocks equal transformers' blocks, as on the torch backend above
+    model = hf_tiny13.build(arch)
+    if model is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {hf_tiny13.TINY13[arch][0]}")
+    spec, plans = plan_layers(model.config.to_dict())
+    hf_tiny13.save(arch, model, tmp_path)
+    layers = load_moe_layers(tmp_path, backend="triton")
+    x = torch.randn(1, 7, plans[0].outer_hidden_size, generator=torch.Generator().manual_seed(3))
+    for name, layer in layers.items():
+        assert layer.backend == "triton" and layer.routed_experts.expert_output_norm is not None
+        with torch.no_grad():
+            _close(layer(x), _block_ref(spec, _module(model, name), x).reshape(x.shape))
+
+
+def test_ergo_quantised_on_load(tmp_path):
+    # Ergo quantised to fp8 block on load: the routed experts and the shared MLP (its [in, out] checkpoint
+    # weights transposed first) run fp8, the shared MLP keeps its output norm; the layer stays within fp8's
+    # error of the full-precision layer (relative RMS; e4m3 weights and activations through relu2)
+    from moekit.loading.quant_shared import QuantSharedMLP
+
+    model = hf_tiny13.build("ergo")
+    if model is None:
+        pytest.skip(f"transformers {transformers.__version__} has no ergo")
+    hf_tiny13.save("ergo", model, tmp_path)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    full, quant = load_moe_layers(tmp_path), load_moe_layers(tmp_path, quant_config=fp8)
+    x = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    for name, layer in quant.items():
+        shared = layer.shared_experts
+        assert isinstance(shared, QuantSharedMLP) and layer.routed_experts.quant is not None
+        assert torch.equal(shared.norm.weight, _module(model, name).shared_experts.norm.weight)
+        with torch.no_grad():
+            ref, out = full[name](x), layer(x)
+        assert ((out - ref).norm() / ref.norm()).item() < 0.08

@@ -58,9 +58,12 @@ class RoutedExperts(torch.nn.Module):
             :class:`~moekit.experts.placement.ExpertPlacement`; default: every expert, no TP.
         kernels: the kernel table (:func:`moekit.ops.kernels.resolve_kernels`); default the torch table.
         device: where the weights are allocated (uninitialised; ``"meta"`` allocates nothing).
-        expert_output_norm: a module ``[N, H] -> [N, H]`` applied to each expert's output rows (after
-            ``b2``, before the routing weight; Muse Spark), or None. Torch backend and full precision only
-            (``NotImplementedError`` otherwise: it is not in the Triton w2 epilogue).
+        expert_output_norm: a module applied to each expert's output rows (after ``b2``, before the
+            routing weight), or None: ``[N, H] -> [N, H]`` (Muse Spark), or with ``per_expert = True``
+            ``(rows [N, H], logical expert ids [N] int64) -> [N, H]`` (Ergo's per-expert RMSNorm). With it
+            the experts run once per slot with weight 1 (each token row repeated ``K`` times), the norm
+            runs on those ``[T·K, H]`` rows, and the routing weights and the top-k sum follow in float32
+            in slot order: every backend and weight format; not with ``apply_router_weight_on_input``.
 
     Weights (``E_local`` experts, ``I_local = I / tp_size``): ``w13_weight [E_local, 2·I_local, H]``
     (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
@@ -97,15 +100,13 @@ class RoutedExperts(torch.nn.Module):
                 f"{[str(d) for d in KERNEL_DTYPES]} (float64 is for the torch reference backend)"
             )
         self.kernels.check_supports(self.quant)
-        if expert_output_norm is not None and (self.kernels.name != "torch" or self.quant is not None):
-            raise NotImplementedError(
-                f"expert_output_norm on the {self.kernels.name!r} backend (quantised: {self.quant is not None}): the "
-                "per-expert output norm is not in the w2 epilogue of the Triton kernels; use backend='torch' and "
-                "full-precision experts"
-            )
-        #: applied to every expert's output rows before the routing weight (torch backend)
+        if expert_output_norm is not None and moe_config.apply_router_weight_on_input:
+            raise ValueError("expert_output_norm cannot be combined with apply_router_weight_on_input=True: the norm "
+                             "of a weighted input's expert output is not the weighted norm of the expert output")
+        #: applied to every expert's output rows before the routing weight (see :meth:`_forward_normed`)
         self.expert_output_norm = expert_output_norm
         p, c = self.placement, moe_config
+        self._p2l = None  # physical -> logical ids on a device, for a per-expert norm under EPLB (cached)
         self.tp_rows = p.tp_slice(c.intermediate_size)
         self.inter_local = self.tp_rows.stop - self.tp_rows.start
         if self.quant is not None:
@@ -150,9 +151,37 @@ class RoutedExperts(torch.nn.Module):
         """Every per-slot tensor ``[E_local, ...]`` by name (weights, scales, input scales, biases)."""
         return {name: getattr(self, name) for name in self.specs}
 
+    def _logical_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Physical expert ids [N] -> logical ids [N] int64 (the same ids without redundant experts or moves)."""
+        p2l = self.placement.physical_to_logical
+        if p2l == tuple(range(len(p2l))):
+            return ids.long()
+        if self._p2l is None or self._p2l.device != ids.device:
+            self._p2l = torch.tensor(p2l, dtype=torch.int64, device=ids.device)
+        return self._p2l[ids.long()]
+
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden_states: [T, H] params_dtype; topk_weights: [T, K] float32; topk_ids: [T, K] int32 -> [T, H]."""
         self.check_loaded()
+        if self.expert_output_norm is not None:
+            return self._forward_normed(hidden_states, topk_weights, topk_ids)
+        return self._experts(hidden_states, topk_weights, topk_ids)
+
+    def _forward_normed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """out[t] = Σ_k w[t, k] · norm_e(expert_e(x[t])), e = ids[t, k]: the experts run on the slot rows
+        ``x[t]`` repeated K times ``[T·K, H]`` with weight 1 (one slot per row, so each row is that expert's
+        output rounded to the dtype, exactly; ids this rank does not hold give 0 rows, and the norm maps 0 to
+        0), the norm on those rows, then the weights and the sum over k in float32 in slot order."""
+        t, k = topk_ids.shape
+        flat = topk_ids.reshape(-1, 1)
+        rows = x.repeat_interleave(k, dim=0) if k > 1 else x
+        ones = torch.ones(flat.shape, dtype=torch.float32, device=x.device)
+        y = self._experts(rows, ones, flat)
+        norm = self.expert_output_norm
+        y = norm(y, self._logical_ids(flat.reshape(-1))) if getattr(norm, "per_expert", False) else norm(y)
+        return (y.float().view(t, k, y.shape[-1]) * topk_weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         c = self.moe_config
         # inputs were checked by the layer (x) and at construction (weights): the table only computes
         common = dict(
@@ -162,7 +191,6 @@ class RoutedExperts(torch.nn.Module):
             w2_bias=self.w2_bias if self.add_w2_bias else None,
             expert_map=self.expert_map,
             swiglu_limit=c.swiglu_limit,
-            **({} if self.expert_output_norm is None else {"expert_output_fn": self.expert_output_norm}),
         )
         if self.quant is None:
             return self.kernels.experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
@@ -364,6 +392,7 @@ class RoutedExperts(torch.nn.Module):
     def set_physical_to_logical(self, physical_to_logical) -> ExpertPlacement:
         """EPLB: the same slots now hold other logical experts (the caller moved the weights)."""
         self.placement = self.placement.with_physical_to_logical(physical_to_logical)
+        self._p2l = None
         return self.placement
 
     def extra_repr(self) -> str:

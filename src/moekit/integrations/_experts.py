@@ -30,13 +30,25 @@ def _hf_act(m) -> tuple[str, None]:
     return activation_from_hf(name), None
 
 
+def _post_clamp(m) -> tuple[str, float | None]:
+    """Bailing-hybrid: ``min(act(g), L) * clamp(u, -L, L)`` with the layer's limit ``m.limit`` (None: none)."""
+    name, _ = _hf_act(m)
+    if getattr(m, "limit", None) is None:
+        return name, None
+    if name != "silu":
+        raise NotImplementedError(f"{type(m).__name__} with a SwiGLU limit after {name!r}: moekit's "
+                                  "silu_post_clamp clamps silu(g) only")
+    return "silu_post_clamp", float(m.limit)
+
+
 #: experts classes with their own gate function -> (moekit activation, swiglu_limit) of a module
 _GATE_FUNCTIONS = {
     **dict.fromkeys(("GptOssExperts", "OpenAIPrivacyFilterExperts", "MiniMaxM3VLExperts"), _alpha_checked),
     "DeepseekV4Experts": lambda m: ("silu", float(m.limit)),
     **dict.fromkeys(("Glm5NextTextExperts", "HYV4Experts", "HYV4VLExperts"), lambda m: ("silu", float(m.swiglu_limit))),
     "BeamExperts": _hf_act,  # silu in fp32: what moekit's epilogue does anyway
-    "AriaExperts": lambda m: ("silu", None),  # SiLU whatever config.hidden_act says
+    "AriaExperts": lambda m: ("silu", None),
+    "BailingHybridExperts": _post_clamp,  # transformers >= 5.25: per-layer limits after SiLU  # SiLU whatever config.hidden_act says
     **dict.fromkeys(("Inkling2Experts", "Inkling2LoopExperts"), _softcapped),
 }
 

@@ -16,10 +16,10 @@ transformers is imported inside the functions only: ``import moekit`` never need
   reproduced: patched models are for inference.
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
   router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
-  reaches experts classes that transformers decorates with ``@use_experts_implementation``; LongCat-Flash
-  and Llama 4 (and the specs with ``experts_switch=False``) have none, so there transformers would keep
-  its own forward without a word. :func:`check_registered` finds that out (and raises); :func:`patch` is
-  the path for those models.
+  reaches experts classes that transformers decorates with ``@use_experts_implementation``; Llama 4 (and
+  LongCat-Flash before transformers 5.25, and the specs with ``experts_switch=False``) have none, so there
+  transformers would keep its own forward without a word. :func:`check_registered` finds that out (and
+  raises); :func:`patch` is the path for those models.
 
 Without transformers installed, :func:`patch`, :func:`register` and :func:`check_registered` raise
 ``ImportError`` with the install hint ``pip install 'moekit[transformers]'``.
@@ -200,9 +200,11 @@ def register(name: str = "moekit") -> str:
     transformers keeps its router; moekit's :func:`~moekit.fused_experts` runs the experts on the
     block's own weights. The switch reaches the experts classes transformers decorates with
     ``@use_experts_implementation``: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
-    GLM-4.5, OLMoE, gpt-oss. LongCat-Flash and Llama 4 have no such decorator: transformers runs their
-    own experts forward whatever ``experts_implementation`` says. Call :func:`check_registered` on a
-    model to make sure every MoE block runs moekit (it raises for those two); use :func:`patch` for them.
+    GLM-4.5, OLMoE, gpt-oss, LongCat-Flash (transformers >= 5.25: its block adds the zero experts' share
+    itself and hands the experts weight-0 slots). Llama 4 (and LongCat-Flash before 5.25) has no such
+    decorator: transformers runs its own experts forward whatever ``experts_implementation`` says. Call
+    :func:`check_registered` on a model to make sure every MoE block runs moekit (it raises there); use
+    :func:`patch` for them.
     Without transformers, ``ImportError``.
     """
     _require_transformers("register")
@@ -217,8 +219,8 @@ def check_registered(model, name: str = "moekit") -> list[str]:
 
     Returns the module paths of the experts modules that call moekit. Raises ``ValueError`` when the
     model was not built with ``experts_implementation=name`` (or :func:`register` was not called), and
-    ``NotImplementedError`` naming the MoE blocks the switch does not reach (LongCat-Flash, Llama 4:
-    their experts classes are not decorated with ``@use_experts_implementation``, so transformers keeps
+    ``NotImplementedError`` naming the MoE blocks the switch does not reach (Llama 4, LongCat-Flash before
+    transformers 5.25: their experts classes are not decorated with ``@use_experts_implementation``, so transformers keeps
     their own forward) with the advice to use :func:`patch`.
     """
     _require_transformers("check_registered")

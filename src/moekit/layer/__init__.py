@@ -228,8 +228,11 @@ def build_fused_moe(
             The router returns ``top_k + S`` slots; ``e_score_correction_bias``, when given, has
             ``num_experts - S`` entries. Not with zero experts, custom/hash routing or grouped top-k.
         expert_output_norm: a module applied to every expert's output rows ``[N, H]`` (after ``b2``, before
-            the routing weight; Muse Spark's post-expert RMSNorm); default None. Torch backend and full
-            precision only (``NotImplementedError`` otherwise: it is not in the Triton w2 epilogue).
+            the routing weight; Muse Spark's post-expert RMSNorm), or with ``per_expert = True`` one called
+            as ``norm(rows, logical_expert_ids [N])`` (Ergo's per-expert RMSNorm); default None. Every
+            backend and format: the experts then run once per slot (``[T·K, H]`` rows, weight 1), the norm
+            on those rows, the weighting and top-k sum in float32 (:class:`~moekit.RoutedExperts`). Not
+            with ``apply_router_weight_on_input`` (``ValueError``).
 
     Returns:
         A :class:`~moekit.MoERunner` (or ``runner_cls``) holding ``layer.router``,

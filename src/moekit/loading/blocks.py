@@ -4,6 +4,7 @@ each equal to its transformers counterpart, and :func:`plan_modules` which build
 - :class:`RMSNorm`: ``norm(x) * (offset + w)`` in float32 (Llama / Gemma 4: offset 0; Muse Spark's
   centred norm: offset 1), or with ``scale_first`` ``norm((x * (offset + w)).to(dtype))`` (Muse Spark's
   input-scaled post-expert norm); ``with_scale=False``: no weight.
+- :class:`ExpertRMSNorm`: Ergo's per-expert output norm, ``norm(x) * w[e]`` with a ``[E, H]`` weight.
 - :class:`RMSNormGate`: Gemma 4's router logits, ``proj(norm(x) * scale * H^-0.5)``.
 - :class:`OutputBias`: ``x + bias`` (JetMoE's routed output bias).
 - :class:`Scale`: ``x * weight`` (Inkling's ``global_scale``).
@@ -11,7 +12,8 @@ each equal to its transformers counterpart, and :func:`plan_modules` which build
 Module kinds a :class:`~moekit.loading.plan.LayerPlan` names (``input_transform``, ``output_transform``,
 ``final_transform``, ``expert_output_norm``): ``"linear"`` (a latent projection), ``"linear_centered_norm"``
 (projection, then a centred RMSNorm), ``"rmsnorm"``, ``"scaled_rmsnorm"`` (input-scaled, offset 1),
-``"scale"``, ``"bias"`` (:class:`OutputBias`). The named routings with tensors (Gemma 4, Kolibri-1) live
+``"expert_rmsnorm"`` (:class:`ExpertRMSNorm`, expert output norms only), ``"scale"``, ``"bias"``
+(:class:`OutputBias`). The named routings with tensors (Gemma 4, Kolibri-1) live
 in :mod:`moekit.loading.routings`.
 """
 
@@ -38,6 +40,24 @@ class RMSNorm(torch.nn.Module):
         if self.scale_first:
             return self._norm((x.float() * w).type_as(x).float()).type_as(x)
         return (self._norm(x.float()) * w).type_as(x)
+
+
+class ExpertRMSNorm(torch.nn.Module):
+    """Ergo's per-expert output norm: ``(norm(x) * weight[e]).to(dtype)`` in float32 for each row of
+    expert ``e``; rows [N, H], expert_ids [N] int64 (logical ids) -> [N, H] dtype of rows."""
+
+    #: called as ``norm(rows, expert_ids)`` by :class:`~moekit.RoutedExperts`
+    per_expert = True
+
+    def __init__(self, num_experts, dim, eps=1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = torch.nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+                * self.weight.float()[expert_ids]).to(x.dtype)
 
 
 class RMSNormGate(torch.nn.Module):
@@ -76,11 +96,15 @@ class Scale(torch.nn.Module):
         return (x.float() * self.weight.float()).to(x.dtype)
 
 
-def make_module(kind: str | None, d_in: int, d_out: int, eps: float, *, device=None, dtype=None):
+def make_module(kind: str | None, d_in: int, d_out: int, eps: float, *, num_experts=None, device=None, dtype=None):
     """The module of a plan's transform kind (see the module docs); None for None."""
     kw = dict(device=device, dtype=dtype)
     if kind is None:
         return None
+    if kind == "expert_rmsnorm":
+        if num_experts is None:
+            raise ValueError("the module kind 'expert_rmsnorm' is an expert output norm (it needs num_experts)")
+        return ExpertRMSNorm(num_experts, d_out, eps, **kw)
     if kind == "linear":
         return torch.nn.Linear(d_in, d_out, bias=False, **kw)
     if kind == "linear_centered_norm":
@@ -104,6 +128,7 @@ def plan_modules(plan, *, device=None, dtype=None) -> dict:
         routed_input_transform=make_module(plan.input_transform, h, hl, eps, **kw),
         routed_output_transform=make_module(plan.output_transform, hl, h, eps, **kw),
         final_output_transform=make_module(plan.final_transform, h, h, eps, **kw),
-        expert_output_norm=make_module(plan.expert_output_norm, hl, hl, plan.expert_norm_eps, **kw),
+        expert_output_norm=make_module(plan.expert_output_norm, hl, hl, plan.expert_norm_eps,
+                                       num_experts=plan.num_experts, **kw),
     )
 

@@ -3,8 +3,8 @@
 - :func:`assign_keys`: which block a key belongs to (by the plans' key prefixes and the spec's
   ``layer_members``) and its block-relative moekit name (the spec's ``renames``);
 - :func:`expand_key`: one checkpoint tensor -> the ``(name, tensor)`` pieces a layer loads (flat DBRX
-  stacks of ``spec.splits``, Inkling's shared-expert stacks of ``spec.appended_experts``); anything else
-  is itself.
+  stacks of ``spec.splits``, Inkling's shared-expert stacks of ``spec.appended_experts``, the transpose
+  of ``spec.transposed`` weights); anything else is itself.
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
     return out
 
 
-def expand_key(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """``[(name, tensor)]`` to load for one checkpoint tensor of block-relative moekit name ``rel``."""
+def expand_key(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor,
+               key: str = "") -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor)]`` to load for one checkpoint tensor ``key`` of block-relative moekit name ``rel``."""
+    if spec.transposed and key.endswith(tuple("." + name for name in spec.transposed)):
+        if t.dim() != 2:
+            raise ValueError(f"has shape {list(t.shape)}, expected a 2-D [in, out] weight (stored transposed)")
+        return [(rel, t.T)]
     for name, proj, transposed in spec.splits:  # flat [E * I, H] stacks (DBRX)
         if rel == name:
             if t.dim() != 2 or t.shape[0] % plan.num_experts:

@@ -184,7 +184,7 @@ def load_moe_layers(
         states[plan.name] = state
         del construction
         dense = dense_groups(keys) if shipped else {}
-        done.update(_quant_shared(state, fmt, shipped, keys, dense, reader, device))
+        done.update(_quant_shared(spec, state, fmt, shipped, keys, dense, reader, device))
         for mod, parts in dense.items():  # other quantised dense linears: dequantised
             w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, fmt, f"{plan.name}.{mod}")
             _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
@@ -199,7 +199,7 @@ def load_moe_layers(
             t = reader.read(key)
             bar.update(t.numel() * t.element_size())
             x = None
-            for piece, x in expand_key(spec, state.plan, rel, t):
+            for piece, x in expand_key(spec, state.plan, rel, t, key):
                 _load_one(state, piece, x, key)
             del t, x  # nothing of this tensor lives on while the next one is read
     reader.close()
@@ -208,7 +208,7 @@ def load_moe_layers(
     return {name: state.layer for name, state in states.items()}
 
 
-def _quant_shared(state, fmt, shipped: bool, keys: dict, dense: dict, reader, device) -> set[str]:
+def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, reader, device) -> set[str]:
     """Replace ``state.layer.shared_experts`` by a :class:`~.quant_shared.QuantSharedMLP` where the shared
     MLP loads in fp8 (a shipped fp8 shared MLP; or quantise-on-load to an fp8 format that applies to it);
     the keys consumed (removed from ``dense``). Anything else: nothing done (dequantised / full precision)."""
@@ -237,11 +237,12 @@ def _quant_shared(state, fmt, shipped: bool, keys: dict, dense: dict, reader, de
             return set()  # incomplete: the missing keys are reported after loading
         if shared_format(fmt, plan, lambda rel: keys[rel + ".weight"][: -len(".weight")]) is None:
             return set()
-        mod = quant_shared_from_float(plan, fmt, {p: reader.read(keys[rel]) for p, rel in rels.items()},
-                                      kernels=kernels, device=device)
+        floats = {p: expand_key(spec, plan, rel, reader.read(keys[rel]), keys[rel])[0][1] for p, rel in rels.items()}
+        mod = quant_shared_from_float(plan, fmt, floats, kernels=kernels, device=device)
         used = {keys[rel] for rel in rels.values()}
     if mod is None:
         return set()
+    mod.norm = layer.shared_experts.norm  # an output norm (Ergo) loads from the checkpoint's dense keys
     layer.shared_experts = mod
     return used
 

@@ -3,7 +3,8 @@
 - :class:`RouterLinear`: ``logits = x · Wᵀ (+ b)``, an ``nn.Linear`` that can run in float32 whatever
   the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32).
 - :class:`SharedMLP`: ``scale · down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
-  (``gate <= L``, ``|up| <= L``); fused gate_up or non-gated (relu2) variants.
+  (``gate <= L``, ``|up| <= L``); fused gate_up or non-gated (relu2) variants; optionally an RMSNorm on
+  its output (Ergo).
 - :func:`plan_gate`: a plan's gate module. More modules (norms, transforms, JetMoE's output bias) live in
   :mod:`.blocks`; the named custom routings (Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri-1) in :mod:`.routings`.
 """
@@ -19,7 +20,7 @@ from ..layer import FusedMoE
 from ..ops.activation import effective_limit, gated_activation, get_activation
 from ..ops.kernels import triton_unavailable_reason
 from ..runner import MoERunner
-from .blocks import RMSNormGate, plan_modules
+from .blocks import RMSNorm, RMSNormGate, plan_modules
 from .plan import LayerPlan
 from .routings import llama4_routing, routing_function
 
@@ -93,13 +94,14 @@ class SharedMLP(torch.nn.Module):
     """Shared expert, x [T, H] -> [T, H]. Gated activations: ``down(act(gate x, up x))`` with the
     registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
     ``fused=True`` holds one ``gate_up_proj`` [2I, H] (gate rows, then up). Non-gated (relu2):
-    ``down(act(up x))``. The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
+    ``down(act(up x))``. With ``norm_eps`` the output goes through ``norm`` (an :class:`RMSNorm` [H],
+    float32, Ergo's shared expert). The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
 
     #: may be captured in the layer's internal CUDA graph (:mod:`moekit.experts.graphed_plan`)
     _moekit_graph_safe = True
 
-    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, scale=1.0, device=None,
-                 dtype=None):
+    def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, scale=1.0, norm_eps=None,
+                 device=None, dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
         self.act = get_activation(activation)
@@ -112,6 +114,7 @@ class SharedMLP(torch.nn.Module):
         self.down_proj = torch.nn.Linear(inter, hidden, **kw)
         self.limit = effective_limit(self.activation, swiglu_limit) if self.act.gated else None
         self.scale = float(scale)
+        self.norm = RMSNorm(hidden, norm_eps, device=device, dtype=dtype) if norm_eps is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act.gated:
@@ -119,6 +122,8 @@ class SharedMLP(torch.nn.Module):
         else:
             g, u = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
             out = self.down_proj(gated_activation(self.act, g, u, self.limit))
+        if self.norm is not None:
+            out = self.norm(out)
         return out * self.scale if self.scale != 1.0 else out
 
 
@@ -176,7 +181,8 @@ def build_layer(
     shared_experts = shared_expert_gate = None
     if plan.shared_intermediate_size:
         shared_experts = SharedMLP(plan.outer_hidden_size, plan.shared_intermediate_size, plan.shared_activation,
-                                   plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale, **mkw)
+                                   plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale,
+                                   norm_eps=plan.norm_eps if plan.shared_output_norm else None, **mkw)
     if plan.shared_expert_gate:
         shared_expert_gate = torch.nn.Linear(plan.outer_hidden_size, 1, bias=False, **mkw)
     layer = FusedMoE(

@@ -72,6 +72,7 @@ class LayerPlan:
     norm_eps: float = 1e-6
     expert_norm_eps: float = 1e-6
     shared_fused: bool = False  # the shared MLP has one gate_up_proj (MiniMax-M3-VL)
+    shared_output_norm: bool = False  # an RMSNorm [H] (eps norm_eps) on the shared MLP's output (Ergo)
 
     @property
     def outer_hidden_size(self) -> int:

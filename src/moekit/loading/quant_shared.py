@@ -81,6 +81,8 @@ class QuantSharedMLP(torch.nn.Module):
         self.register_buffer("w2_scale", w2_scale.float())
         self.register_buffer("w13_input_scale", None if w13_input_scale is None else w13_input_scale.float())
         self.register_buffer("w2_input_scale", None if w2_input_scale is None else w2_input_scale.float())
+        #: an output norm module ``[..., H] -> [..., H]`` (Ergo's shared expert), or None
+        self.norm = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., H] float (the layer's activation dtype) -> [..., H] dtype of x."""
@@ -101,6 +103,8 @@ class QuantSharedMLP(torch.nn.Module):
             swiglu_limit=self.swiglu_limit,
         )
         out = out.reshape(x.shape)
+        if self.norm is not None:
+            out = self.norm(out)
         return out * self.scale if self.scale != 1.0 else out
 
     def _apply(self, fn, recurse=True):

@@ -190,7 +190,6 @@ def fused_experts_torch(
 def experts_reference(
     x, w1, w2, topk_weights, topk_ids, *, activation="silu", apply_router_weight_on_input=False,
     w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES,
-    expert_output_fn=None,
 ) -> torch.Tensor:
     """Reference routed experts (the torch kernel table's ``experts``): vectorised over tokens, a loop
     over experts, bounded memory. Arguments are checked already; the values of ``topk_ids`` and
@@ -199,8 +198,6 @@ def experts_reference(
     x: [T, H]; w1: [E_local, 2I | I, H]; w2: [E_local, H, I]; topk_weights: [T, K] float;
     topk_ids: [T, K] int in [0, E); w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
     expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
-    expert_output_fn: ``[N, H] -> [N, H]`` applied to each expert's output (after ``b2``, before the
-    routing weight; a layer's ``expert_output_norm``), or None.
 
     Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation), the activation in
     fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
@@ -234,7 +231,7 @@ def experts_reference(
         stop = min(start + chunk, p.num_tokens)
         out[start:stop] = run_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], p,
-            apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit, expert_output_fn,
+            apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit,
         )
     return out
 
@@ -250,9 +247,8 @@ def _live_slots(topk_weights, topk_ids, local_map, on_input):
     return weights, local, live
 
 
-def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype, out_fn=None) -> torch.Tensor:
-    """``expert_e(xin)`` in float32: xin [N, H] dtype -> [N, H] f32 (precision as the module says);
-    ``out_fn`` (an expert output norm) is applied before the float32 conversion."""
+def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.Tensor:
+    """``expert_e(xin)`` in float32: xin [N, H] dtype -> [N, H] f32 (precision as the module says)."""
     h = xin @ w1[e].t()
     if b1 is not None:
         h = h + b1[e]
@@ -260,13 +256,10 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype, out_fn=Non
     o = a @ w2[e].t()
     if b2 is not None:
         o = o + b2[e]
-    if out_fn is not None:
-        o = out_fn(o)
     return o.float()
 
 
-def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit,
-                         out_fn=None):
+def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
     """The compile-friendly chunk (no data-dependent shapes): x [Tc, H] -> [Tc, H]."""
     tc, k = topk_ids.shape
     weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
@@ -274,14 +267,14 @@ def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2,
     rows = (x.float() * weights.unsqueeze(1)).to(x.dtype) if on_input else x
     slot_out = torch.zeros(tc * k, p.hidden, dtype=torch.float32, device=x.device)
     for e in range(p.num_local):
-        o = _expert_rows(rows, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype, out_fn)
+        o = _expert_rows(rows, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
             o = (o.unsqueeze(1) * weights.view(tc, k, 1)).reshape(tc * k, p.hidden)
         slot_out = torch.where((live & (local == e)).unsqueeze(1), o, slot_out)
     return slot_out.view(tc, k, p.hidden).sum(dim=1).to(x.dtype)
 
 
-def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit, out_fn=None):
+def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
     """One chunk of tokens: x [Tc, H] -> [Tc, H]."""
     tc, k = topk_ids.shape
     weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
@@ -299,7 +292,7 @@ def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local
         xin = x[slots // k]
         if on_input:
             xin = (xin.float() * weights[slots].unsqueeze(1)).to(x.dtype)
-        o = _expert_rows(xin, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype, out_fn)
+        o = _expert_rows(xin, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
             o = o * weights[slots].unsqueeze(1)
         slot_out[slots] = o

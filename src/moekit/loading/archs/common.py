@@ -7,7 +7,7 @@ A family module (one file per family of transformers MoE blocks) defines plan fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ...ops.activation import activation_from_hf
@@ -44,6 +44,8 @@ class ArchSpec:
       moekit layer runs as routed experts ``E - S .. E - 1`` (``routed_shared_experts``; Inkling).
     - ``fused_layout``: layout of fused expert stacks on disk; ``memory_layout`` the layout of the
       transformers module's stacks (``None``: the same).
+    - ``transposed``: block-relative checkpoint names (before ``renames``) of 2-D weights stored as
+      ``[in, out]`` (Ergo's ``gate_kernel`` and shared projections): the loader transposes them.
     """
 
     name: str
@@ -61,6 +63,7 @@ class ArchSpec:
     layer_members: tuple[str, ...] = ()
     splits: tuple[tuple[str, str, bool], ...] = ()
     appended_experts: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
 
     @property
     def layer_level(self) -> bool:
@@ -143,3 +146,25 @@ def sparse_layers(cfg: dict, dense_key: str | None = None, default_dense: int = 
 
 QWEN_RENAMES = (("shared_expert.", "shared_experts."),)
 DS_RENAMES = (("gate.e_score_correction_bias", "router.e_score_correction_bias"),)
+
+
+def post_clamp_limits(plans: list[LayerPlan], cfg: dict, routed_keys: tuple[str, ...],
+                      shared_keys: tuple[str, ...]) -> list[LayerPlan]:
+    """Per-layer SwiGLU limits clamping ``silu(g)`` after the activation (Step-3.x, Bailing-hybrid):
+    ``cfg[routed_keys][i]`` / ``cfg[shared_keys][i]`` for layer ``i``; 0 or None leaves the layer's
+    plain activation. A limit on a non-SiLU activation raises ``NotImplementedError``."""
+    n = layers(cfg)
+    routed = first(cfg, routed_keys, None) or [None] * n
+    shared = first(cfg, shared_keys, None) or [None] * n
+    out = []
+    for p in plans:
+        lim, slim = routed[p.layer_idx] or None, shared[p.layer_idx] or None
+        for what, limit, activation in (("routed", lim, p.activation), ("shared", slim, p.shared_activation)):
+            if limit and activation != "silu":
+                raise NotImplementedError(f"a {what} SwiGLU limit after {activation!r}: moekit's silu_post_clamp "
+                                          "clamps silu(g) only")
+        out.append(replace(p, activation="silu_post_clamp" if lim else p.activation,
+                           swiglu_limit=float(lim) if lim else None,
+                           shared_activation="silu_post_clamp" if slim else p.shared_activation,
+                           shared_swiglu_limit=float(slim) if slim else None))
+    return out

@@ -1,5 +1,5 @@
 """The first twelve architectures: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
-LongCat-Flash, gpt-oss, Llama 4 (text), GLM-4.5 (Glm4Moe), OLMoE."""
+LongCat-Flash, gpt-oss, Llama 4 (text), GLM-4.5 (Glm4Moe), OLMoE; and Param2-MoE (GLM-4.5's block)."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ SPECS: tuple[ArchSpec, ...] = (
         ("mlp",),
         (("router.classifier.", "gate."),),
         _plan_longcat,
-        experts_switch=False,
+        experts_switch=True,  # transformers >= 5.25 decorates LongcatFlashExperts (5.24 and older: patch only)
     ),
     ArchSpec(
         "gpt-oss",
@@ -263,6 +263,9 @@ SPECS: tuple[ArchSpec, ...] = (
         towers=(("llama4", "text_config", "language_model.model.layers"),),
     ),
     ArchSpec("GLM-4.5 (Glm4Moe)", ("glm4_moe",), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(1)),
+    # Param2-MoE runs transformers' GLM-4.5 classes; its checkpoints name the selection bias ``gate.expert_bias``
+    ArchSpec("Param2-MoE", ("param2moe",), "mlp", ("mlp",),
+             DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),), _plan_deepseek_v3(1)),
     ArchSpec("OLMoE", ("olmoe",), "mlp", ("mlp",), (), _plan_olmoe),
 )
 

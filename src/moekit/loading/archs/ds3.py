@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .common import DS_RENAMES, ArchSpec, act, first, get, mk, sparse_layers, towers
+from .common import DS_RENAMES, ArchSpec, act, first, get, mk, post_clamp_limits, sparse_layers, towers
 
 _E = ("n_routed_experts", "num_experts", "num_local_experts")
 _K = ("num_experts_per_tok", "num_experts_per_token")
@@ -82,6 +82,12 @@ def _plan_nemotron(cfg, spec):
     return [replace(p, **shared) for p in base]
 
 
+def _plan_bailing(cfg, spec):
+    """Bailing-hybrid: per-layer limits clamping silu(g) after the activation (transformers >= 5.25)."""
+    return post_clamp_limits(_STANDARD(cfg, spec), cfg, ("expert_swiglu_limit_list", "swiglu_limits"),
+                             ("share_expert_swiglu_limit_list", "swiglu_limits_shared"))
+
+
 def _s(name, types, plan, *, block="mlp", renames=DS_RENAMES, switch=True, wrappers=(), ckpt=(), members=(),
        **spec):
     return ArchSpec(name, types, block, ckpt + (block,), renames, plan, experts_switch=switch,
@@ -98,8 +104,9 @@ SPECS: tuple[ArchSpec, ...] = (
     _s("Solar Open", ("solar_open",), _STANDARD),
     _s("EXAONE-MoE", ("exaone_moe",), _STANDARD, renames=DS_RENAMES + (("e_score_correction_bias", "router.e_score_correction_bias"),)),
     _s("Kimi-Linear", ("kimi_linear",), _STANDARD, ckpt=("block_sparse_moe",)),
-    _s("Bailing-hybrid", ("bailing_hybrid",), _STANDARD, renames=DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),)),
+    _s("Bailing-hybrid", ("bailing_hybrid",), _plan_bailing, renames=DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),)),
     _s("dots1", ("dots1",), _plan(norm_default=False)),
+    _s("MiniCPM5-MoE", ("minicpm5_moe",), _STANDARD),
     _s("dots3 (text)", ("dots3_note_text",), _STANDARD, wrappers=("dots3_note",)),
     _s("MiMo-V2-Flash", ("mimo_v2_flash",), _plan(shared=False)),
     _s("GLM-5-Next (text)", ("glm5_next_text",), _plan(limit=True, shared_limit=True), wrappers=("glm5_next",)),

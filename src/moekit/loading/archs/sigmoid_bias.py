@@ -1,13 +1,11 @@
 """Ungrouped sigmoid + selection-bias routers (the MiniMax-M2 lineage) and the Inkling family (issue #13):
-MiniMax-M2, MiniMax-M3-VL (text), HY-V3, AFMoE, LFM2-MoE, Laguna, Kolibri-1, Step-3.7 (text), Muse Spark
-(text), Inkling, Inkling-2 and Inkling-2-Loop (text)."""
+MiniMax-M2, MiniMax-M3-VL (text), HY-V3, AFMoE, LFM2-MoE, Laguna, Kolibri-1 (+ 1.1), Ergo, Step-3.7 (text),
+Muse Spark (text), Inkling, Inkling-2 and Inkling-2-Loop (text)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ...ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA
-from .common import DS_RENAMES, ArchSpec, act, first, get, layers, mk, sparse_layers, towers
+from .common import DS_RENAMES, ArchSpec, act, first, get, layers, mk, post_clamp_limits, sparse_layers, towers
 
 _E = ("num_local_experts", "num_experts", "n_routed_experts")
 _SCALE = ("routed_scaling_factor", "router_scaling_factor", "route_scale", "moe_router_scaling_factor",
@@ -16,8 +14,9 @@ _SHARED = ("shared_intermediate_size", "shared_expert_intermediate_size", "share
 
 
 def _plan(*, inter_keys=("moe_intermediate_size",), dense_key="first_k_dense_replace", norm=None, bias=True,
-          scale_on_output=False, shared=True, **extra):
-    """A plan function; ``norm``: None = always renormalise, else the default of ``norm_topk_prob``."""
+          scale_on_output=False, shared=True, layer_fn=None, **extra):
+    """A plan function; ``norm``: None = always renormalise, else the default of ``norm_topk_prob``;
+    ``layer_fn(cfg)``: the MoE layers (default :func:`sparse_layers` with ``dense_key``)."""
 
     def plan(cfg, spec):
         renorm = True if norm is None else bool(get(cfg, "norm_topk_prob", norm))
@@ -44,9 +43,16 @@ def _plan(*, inter_keys=("moe_intermediate_size",), dense_key="first_k_dense_rep
             n = int(first(cfg, ("num_shared_experts", "n_shared_experts"), 1))
             kw["shared_intermediate_size"] = int(width) if width is not None else inter * n
         kw.update({k: (v(cfg) if callable(v) else v) for k, v in extra.items()})
-        return [mk(spec, i, **kw) for i in sparse_layers(cfg, dense_key, 0)]
+        idx = layer_fn(cfg) if layer_fn else sparse_layers(cfg, dense_key, 0)
+        return [mk(spec, i, **kw) for i in idx]
 
     return plan
+
+
+def _not_mlp_only(cfg):
+    """Kolibri-1.1: every layer but ``mlp_only_layers`` (default: the first two)."""
+    dense = get(cfg, "mlp_only_layers", [0, 1])
+    return [i for i in range(layers(cfg)) if i not in dense]
 
 
 def _swigluoai(cfg):
@@ -68,21 +74,16 @@ def _softcaps(cfg):
 
 def _plan_step3p7(cfg, spec):
     """Step-3.x: the clamp after SiLU with a per-layer limit (``swiglu_limits[i]``; 0 / None: plain silu)."""
-    limits = get(cfg, "swiglu_limits", None) or [None] * layers(cfg)
-    shared = get(cfg, "swiglu_limits_shared", None) or [None] * layers(cfg)
-    base = _plan(scale_on_output=True)(cfg, spec)
-    out = []
-    for p in base:
-        lim, slim = limits[p.layer_idx] or None, shared[p.layer_idx] or None
-        out.append(replace(p, activation="silu_post_clamp" if lim else p.activation,
-                           swiglu_limit=float(lim) if lim else None,
-                           shared_activation="silu_post_clamp" if slim else p.shared_activation,
-                           shared_swiglu_limit=float(slim) if slim else None))
-    return out
+    return post_clamp_limits(_plan(scale_on_output=True)(cfg, spec), cfg, ("swiglu_limits",),
+                             ("swiglu_limits_shared",))
 
 
 _BLOCK_BIAS = (("e_score_correction_bias", "router.e_score_correction_bias"),)
 _NO_SHARED = dict(shared=False)
+_KOLIBRI_RENAMES = (("gate.e_score_correction_bias", "router.custom_routing_function.e_score_correction_bias"),
+                    ("moe.router.expert_bias", "router.custom_routing_function.e_score_correction_bias"))
+_KOLIBRI = dict(norm=False, bias=False, custom_routing="logit_bias", scoring_func="softmax",
+                routing="top-k of logits + bias, sigmoid weights")
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("MiniMax-M2", ("minimax_m2",), "mlp", ("block_sparse_moe", "mlp"), _BLOCK_BIAS,
              _plan(inter_keys=("intermediate_size",), **_NO_SHARED)),
@@ -104,11 +105,25 @@ SPECS: tuple[ArchSpec, ...] = (
         ("experts.e_score_correction_bias", "router.e_score_correction_bias"), ("shared_expert.", "shared_experts.")),
              _plan(scale_on_output=True, logit_softcap=lambda c: float(c["moe_router_logit_softcapping"])
                    if get(c, "moe_router_logit_softcapping", 0) else None)),
-    ArchSpec("Kolibri-1", ("kolibri1",), "mlp", ("mlp",),
-             (("gate.e_score_correction_bias", "router.custom_routing_function.e_score_correction_bias"),
-              ("moe.router.expert_bias", "router.custom_routing_function.e_score_correction_bias")),
-             _plan(norm=False, bias=False, custom_routing="logit_bias", scoring_func="softmax",
-                   routing="top-k of logits + bias, sigmoid weights"), layer_members=("moe",)),
+    ArchSpec("Kolibri-1", ("kolibri1",), "mlp", ("mlp",), _KOLIBRI_RENAMES, _plan(**_KOLIBRI),
+             layer_members=("moe",)),
+    ArchSpec("Kolibri-1.1", ("kolibri1_1",), "mlp", ("mlp",), _KOLIBRI_RENAMES,
+             _plan(**_KOLIBRI, layer_fn=_not_mlp_only), layer_members=("moe",)),
+    # Ergo: relu2 experts, each expert's output RMS-normed with its own weight before the routing weight; the
+    # shared expert's output RMS-normed too. Checkpoints in its training framework's layout (``feed_forward``,
+    # the router kernel and the shared projections stored [in, out]).
+    ArchSpec("Ergo", ("ergo",), "mlp", ("feed_forward", "mlp"), (
+        ("gate_kernel", "gate.weight"), ("gate.linear.", "gate."), ("router_bias", "router.e_score_correction_bias"),
+        ("gate.e_score_correction_bias", "router.e_score_correction_bias"),
+        ("up_proj", "experts.up_proj"), ("down_proj", "experts.down_proj"),
+        ("expert_output_norm.scale", "routed_experts.expert_output_norm.weight"),
+        ("experts.post_expert_norm.", "routed_experts.expert_output_norm."),
+        ("shared_up_proj", "shared_experts.up_proj.weight"), ("shared_down_proj", "shared_experts.down_proj.weight"),
+        ("shared_expert_output_norm.scale", "shared_experts.norm.weight")),
+        _plan(activation="relu2", shared_activation="relu2", expert_output_norm="expert_rmsnorm",
+              expert_norm_eps=lambda c: float(get(c, "rms_norm_eps", 1e-12)), shared_output_norm=True,
+              norm_eps=lambda c: float(get(c, "rms_norm_eps", 1e-12))),
+        fused_layout="transposed", transposed=("gate_kernel", "shared_up_proj", "shared_down_proj")),
     ArchSpec("Step-3.7 (text)", ("step3p5",), "mlp", ("mlp",), DS_RENAMES, _plan_step3p7, experts_switch=False,
              towers=towers("step3p7")),
     ArchSpec("Muse Spark (text)", ("muse_spark_text",), "mlp", ("mlp",),
