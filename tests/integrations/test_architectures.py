@@ -141,7 +141,7 @@ def test_text_tower_loads_from_a_wrapper_checkpoint(model_type, tmp_path):
             _close(b(x), a(x))
 
 
-@pytest.mark.parametrize("model_type", ["zaya", "ernie4_5_vl_moe"])
+@pytest.mark.parametrize("model_type", ["zaya", "ernie4_5_vl_moe", "switch_transformers", "nllb-moe", "doge"])
 def test_refused_types_say_why(model_type):
     with pytest.raises(NotImplementedError, match="not supported by moekit: .*(router|modality)"):
         plan_layers({"model_type": model_type, "hidden_size": 8})

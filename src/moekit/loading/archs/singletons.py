@@ -92,4 +92,10 @@ SPECS: tuple[ArchSpec, ...] = (
 REFUSED = {
     "zaya": "Zaya's router carries a hidden state from one layer's router to the next (and routes to a "
     "skip expert); a moekit layer routes from its own input only",
+    "switch_transformers": "Switch Transformers' top-1 router drops the tokens past each expert's capacity "
+    "(expert_capacity, counted per sequence) in an encoder-decoder; a moekit router never drops a token",
+    "nllb-moe": "NLLB-MoE's top-2 router drops the tokens past each expert's capacity (expert_capacity, "
+    "batch-prioritised, moe_eval_capacity_token_fraction) in an encoder-decoder; a moekit router never drops a token",
+    "doge": "Doge's CDMoE router picks product keys and its experts are single rows of two embedding tables "
+    "(up_embed / down_embed, a rank-1 expert each) beside a dense MLP; there are no [E, 2I, H] / [E, H, I] stacks",
 }
