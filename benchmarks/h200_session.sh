@@ -754,6 +754,11 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r39-b)  # round 39: the 4-bit formats beside bf16 and fp8 on #10's two shapes (DeepSeek-V3, gpt-oss-120b), for the record
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step bench 520 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
   r39-a)  # round 39: the expert output norm's slot-row path on the GPU (graphs, rows alone vs in batches, the torch
     # twin), the layer's graph and invariance GPU tests, then the bf16 + fp8 sweep of record on this round's code
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
