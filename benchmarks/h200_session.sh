@@ -754,6 +754,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r39-c)  # round 39, after the review: the expert output norm's GPU tests again (graph gating, a replaced norm weight, a
+    # user norm run eagerly), the graphed-layer tests and the shipped tables' rows alone vs in batches
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r39c-gpu 300 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/experts/test_expert_output_norm_gpu.py tests/experts/test_graphed_gpu.py tests/ops/test_batch_invariance_gpu.py
+    ;;
   r39-b)  # round 39: the 4-bit formats beside bf16 and fp8 on #10's two shapes (DeepSeek-V3, gpt-oss-120b), for the record
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step bench 520 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b --fast --out "$OUT"

@@ -154,6 +154,67 @@ def test_expert_output_norm_on_quantised_experts():
                 row = experts._experts(h[t:t + 1], torch.ones(1, 1), ids[t:t + 1, k:k + 1])
                 ref[t] += float(weights[t, k]) * norm(row, ids[t:t + 1, k].long())[0].float()
     torch.testing.assert_close(out, ref.to(torch.bfloat16), atol=0, rtol=0)
+    # and the float64 per-token formula on the dequantised weights: the e4m3 activations (not modelled here)
+    # leave ~6e-2 at these widths; a wrong norm, expert or weight would leave O(1)
+    d13, d2 = moekit.dequantize_experts(w13q, w2q, s13, s2, fp8)
+    exact = torch.zeros(T, 128, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            o = _rms(_expert(d13.double(), d2.double(), e, h[t].double()))
+            exact[t] += float(weights[t, k]) * o * norm.weight[e].double()
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 0.1
+
+
+def test_expert_output_norm_skips_weight_zero_slots_and_chunks(monkeypatch):
+    # a slot of weight exactly 0 adds 0 even when its expert's row is not finite (masked zero experts,
+    # padding), and chunks of the slot rows give the same values (up to the torch GEMMs' blocking)
+    from moekit.experts import routed
+
+    norm = _PerExpertNorm()
+    layer = moekit.FusedMoE(E, K, H, I, expert_output_norm=norm, backend="torch")
+    w13, w2 = _weights(E, H, I, seed=6)
+    w13[0] = float("inf")  # expert 0's rows are inf / nan
+    layer.load_expert_weights(w13, w2)
+    h = torch.randn(T, H)
+    ids = torch.tensor([[1, 0]] * T, dtype=torch.int32)
+    w = torch.tensor([[1.0, 0.0]] * T)
+    experts = layer.routed_experts
+    with torch.no_grad():
+        out = experts(h, w, ids)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, experts(h, w[:, :1], ids[:, :1]), atol=0, rtol=0)
+        monkeypatch.setattr(routed, "NORM_WORKSPACE_BYTES", 1)  # one token per chunk
+        torch.testing.assert_close(experts(h, w, ids), out, atol=1e-6, rtol=1e-6)
+
+
+def test_expert_output_norm_refuses_tensor_parallelism():
+    from moekit.experts.placement import ExpertPlacement
+    from moekit.experts.routed import RoutedExperts
+
+    layer = moekit.FusedMoE(E, K, H, I, backend="torch")
+    tp = ExpertPlacement.build(E, tp_size=2, tp_rank=1)
+    with pytest.raises(NotImplementedError, match="expert_output_norm with tensor parallelism"):
+        RoutedExperts("l", torch.float32, layer.moe_config, placement=tp, expert_output_norm=_Norm())
+
+
+def test_graphs_hold_only_graph_safe_norms():
+    # the layer's internal CUDA graphs capture an expert output norm only when its class declares
+    # _moekit_graph_safe (moekit's RMSNorm / ExpertRMSNorm), watch it, and see its parameters' grad
+    from moekit.experts.graphed_plan import graph_plan
+    from moekit.loading.blocks import ExpertRMSNorm
+    from moekit.runner import _graph_safe
+
+    safe = ExpertRMSNorm(E, H)
+    for norm, ok in ((_Norm(), False), (_PerExpertNorm(), False), (safe, True)):
+        layer = moekit.FusedMoE(E, K, H, I, backend="triton", expert_output_norm=norm)  # the interpreter on CPU
+        assert _graph_safe(layer.router, layer.routed_experts, layer.expert_executor) is ok
+    plan = graph_plan(layer)
+    assert safe in plan.inner and safe in plan.watched
+    h = torch.randn(2, H)
+    assert plan.wants_grad(h, None)  # the norm's weight requires grad
+    safe.weight.requires_grad_(False)
+    assert not plan.wants_grad(h, None)
 
 
 def test_per_expert_norm_follows_eplb_moves():

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_float_dtype, check_device, check_int, check_tensor
+from ._checks import as_float_dtype, check_device, check_int, check_tensor, declared_graph_safe
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
@@ -51,9 +51,10 @@ DEFAULT_EAGER_GRAPH_TOKENS = 8
 def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
     """The routed path may be captured: Triton kernels (no host syncs), no collectives, a router
     that only enqueues device work (moekit's kernels or a routing function declared graph-safe; no hash
-    input-id checks, no EPLB map)."""
+    input-id checks, no EPLB map), and no expert output norm or one declared graph-safe (moekit's norms)."""
+    norm = experts.expert_output_norm
     return (experts.backend == "triton" and isinstance(executor, LocalExecutor) and router.capturable
-            and router.eplb_state is None)
+            and router.eplb_state is None and (norm is None or declared_graph_safe(norm)))
 
 
 class MoERunner(torch.nn.Module):

@@ -61,3 +61,40 @@ def test_graphs_batches_and_twin(norm_kind, quant):
                 for row in (0, t // 2, t - 1):
                     alone = plain(x[row:row + 1], logits[row:row + 1])
                     assert torch.equal(alone[0], b[row]), f"T={t}: row {row} alone differs from in the batch"
+
+
+def test_a_replaced_norm_weight_reaches_the_graphs():
+    # the internal graphs watch the norm: a new weight Parameter (another address) is captured again, an
+    # in-place edit is read by address; both calls then equal the plain layer's
+    graphed, plain, _ = _layers("per_expert", None)
+    x, logits = _inputs(5, seed=11)
+    with torch.no_grad():
+        graphed(x, logits)  # captured
+        norm = graphed.routed_experts.expert_output_norm
+        norm.weight = torch.nn.Parameter(torch.rand_like(norm.weight) + 0.5, requires_grad=False)
+        plain.routed_experts.expert_output_norm = norm
+        assert torch.equal(graphed(x, logits), plain(x, logits))
+        norm.weight.mul_(1.5)
+        assert torch.equal(graphed(x, logits), plain(x, logits))
+
+
+def test_a_user_norm_runs_eagerly_and_right():
+    # a norm class that does not declare _moekit_graph_safe is never captured: the layer runs eagerly, and
+    # equals the same norm as moekit's graph-safe module
+    class UserNorm(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, rows):
+            return self.inner(rows)
+
+    graphed, plain, _ = _layers("one_norm", None)
+    user = moekit.FusedMoE(E, K, H, I, params_dtype=DT, device="cuda", backend="triton", scoring_func="sigmoid",
+                           e_score_correction_bias=graphed.router.e_score_correction_bias, routed_scaling_factor=2.5,
+                           expert_output_norm=UserNorm(plain.routed_experts.expert_output_norm), eager_graph_tokens=64)
+    user.load_expert_weights(plain.routed_experts.w13_weight, plain.routed_experts.w2_weight)
+    x, logits = _inputs(6, seed=12)
+    with torch.no_grad():
+        assert torch.equal(user(x, logits), plain(x, logits))
+    assert user._graphs is None and plain._graphs is None  # (plain: eager_graph_tokens=0)

@@ -91,6 +91,8 @@ TINY13: dict[str, tuple[str, str, dict]] = {
 }
 
 
+#: types whose experts class transformers decorates for the switch from 5.25 on (before it: patch only)
+SWITCH_SINCE_5_25 = {"step3p7"}
 #: overrides of fields a transformers release may lack (dropped there): Bailing-hybrid's per-layer limits (5.25)
 OPTIONAL_FIELDS = {"expert_swiglu_limit_list", "share_expert_swiglu_limit_list"}
 

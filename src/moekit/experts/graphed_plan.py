@@ -24,7 +24,8 @@ whole when
 - ``routed_input_transform``, ``routed_output_transform`` and ``final_output_transform`` are None;
 - ``shared_experts`` is None, or a module whose own class declares ``_moekit_graph_safe = True``
   (moekit's :class:`~moekit.loading.modules.SharedMLP`; a subclass must declare it again) whose
-  children are exact ``nn.Linear`` modules, and ``shared_expert_gate`` is None or an exact ``nn.Linear``;
+  children are exact ``nn.Linear`` modules or declare it too (its output ``RMSNorm``), and
+  ``shared_expert_gate`` is None or an exact ``nn.Linear``;
 - for calls without ``router_logits``, the ``gate`` is an exact ``nn.Linear`` or declares
   ``_moekit_graph_safe`` (moekit's :class:`~moekit.loading.modules.RouterLinear`) (other gates: the partial graph, gate run eagerly);
 - no forward hooks are registered on those modules (checked in the state), and, when a gate or shared
@@ -78,22 +79,23 @@ class GraphPlan:
     (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
     whose tensors the graphs read by address."""
 
-    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "bucket_gate", "_tensors", "_children",
-                 "_configured", "_readers")
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "bucket_gate", "inner", "_tensors",
+                 "_children", "_configured", "_readers")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
-                 bucket_gate=None):
+                 bucket_gate=None, inner: tuple = ()):
         # the gate the route -> experts graphs may hold (when batch invariant): watched like a folded module
         extra = (bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()
         self.whole_logits, self.whole_gate, self.folded = whole_logits, whole_gate, folded
         self.watched = watched + extra
         self.router = router  # the layer's, read here without nn.Module.__getattr__
         self.bucket_gate = bucket_gate
+        self.inner = inner  # modules inside every graph of the routed path (an expert output norm)
         self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
-        self._children = tuple(m._modules for m in folded)
+        self._children = tuple(m._modules for m in (*folded, *inner))
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
-        # scaling factor) and its children, and the folded modules
-        self._configured = (*(router.modules() if router is not None else ()), *folded, *extra)
+        # scaling factor) and its children, the folded modules and the inner ones
+        self._configured = (*(router.modules() if router is not None else ()), *folded, *extra, *inner)
         self._readers = _settings_readers(self._configured)
 
     def fingerprint(self) -> tuple:
@@ -122,7 +124,7 @@ class GraphPlan:
         parameter requires grad."""
         if inputs_want_grad(hidden_states, router_logits):
             return True
-        return any(p is not None and p.requires_grad for m in self.folded for p in m._parameters.values())
+        return any(p is not None and p.requires_grad for m in (*self.folded, *self.inner) for p in m._parameters.values())
 
     def settings(self) -> tuple:
         """Public attributes and hook counts of the router, its children and the folded modules (a change
@@ -171,18 +173,20 @@ def gate_foldable(gate) -> bool:
 
 
 def shared_foldable(shared, shared_gate) -> bool:
-    """No shared experts, or moekit's ``SharedMLP`` of exact ``nn.Linear`` children (+ an exact
-    ``nn.Linear`` gate, or none)."""
+    """No shared experts, or moekit's ``SharedMLP`` of exact ``nn.Linear`` children or graph-safe ones (its
+    output ``RMSNorm``) (+ an exact ``nn.Linear`` gate, or none)."""
     if shared is None:
         return True
-    if not _safe_module(shared) or not all(map(_exact_linear, shared.children())):
+    if not _safe_module(shared) or not all(_exact_linear(c) or _safe_module(c) for c in shared.children()):
         return False
     return shared_gate is None or _exact_linear(shared_gate)
 
 
 def graph_plan(layer) -> GraphPlan:
     """The plan of a :class:`~moekit.runner.MoERunner` (module docstring rule)."""
-    base = (layer.routed_experts, *layer.router.modules())  # (a routing function's module holds tensors)
+    norm = layer.routed_experts.expert_output_norm
+    inner = (layer.routed_experts,) + ((norm,) if norm is not None else ())  # a norm swapped or edited: dropped
+    base = (*inner, *layer.router.modules())  # (a routing function's module holds tensors)
     whole = (layer.routed_input_transform is None and layer.routed_output_transform is None
              and layer.final_output_transform is None
              and shared_foldable(layer.shared_experts, layer.shared_expert_gate))
@@ -194,7 +198,7 @@ def graph_plan(layer) -> GraphPlan:
     if whole_gate:
         folded += (layer.gate,)
     bucket_gate = layer.gate if bucket_gate_candidate(layer) else None
-    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate)
+    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate, inner)
 
 
 def bucket_gate_candidate(layer) -> bool:

@@ -196,7 +196,8 @@ def _load_own(layer, name, tensor, own) -> str | None:
     target = own[pname]
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected {list(target.shape)}")
-    if pname.startswith("routed_experts."):  # a moekit state_dict entry: the experts record it themselves
+    if pname.startswith("routed_experts.") and not pname.startswith("routed_experts.expert_output_norm."):
+        # a moekit state_dict entry of the expert slots: the experts record it themselves
         layer.routed_experts.load_state_dict({pname.split(".", 1)[1]: tensor}, strict=False)
         return None
     with torch.no_grad():

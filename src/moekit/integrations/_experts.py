@@ -47,8 +47,9 @@ _GATE_FUNCTIONS = {
     "DeepseekV4Experts": lambda m: ("silu", float(m.limit)),
     **dict.fromkeys(("Glm5NextTextExperts", "HYV4Experts", "HYV4VLExperts"), lambda m: ("silu", float(m.swiglu_limit))),
     "BeamExperts": _hf_act,  # silu in fp32: what moekit's epilogue does anyway
-    "AriaExperts": lambda m: ("silu", None),
-    "BailingHybridExperts": _post_clamp,  # transformers >= 5.25: per-layer limits after SiLU  # SiLU whatever config.hidden_act says
+    "AriaExperts": lambda m: ("silu", None),  # SiLU whatever config.hidden_act says
+    # per-layer limits after SiLU (both decorated for the switch from transformers 5.25)
+    **dict.fromkeys(("BailingHybridExperts", "Step3p7Experts"), _post_clamp),
     **dict.fromkeys(("Inkling2Experts", "Inkling2LoopExperts"), _softcapped),
 }
 

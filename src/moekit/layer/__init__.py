@@ -232,7 +232,11 @@ def build_fused_moe(
             as ``norm(rows, logical_expert_ids [N])`` (Ergo's per-expert RMSNorm); default None. Every
             backend and format: the experts then run once per slot (``[T·K, H]`` rows, weight 1), the norm
             on those rows, the weighting and top-k sum in float32 (:class:`~moekit.RoutedExperts`). Not
-            with ``apply_router_weight_on_input`` (``ValueError``).
+            with ``apply_router_weight_on_input`` (``ValueError``) or tensor parallelism
+            (``NotImplementedError``); the norm must map a zero row to zero (expert parallelism relies on
+            it). The layer's internal CUDA graphs capture it only when its class declares
+            ``_moekit_graph_safe = True`` (moekit's ``RMSNorm`` / ``ExpertRMSNorm``); otherwise the layer runs
+            eagerly.
 
     Returns:
         A :class:`~moekit.MoERunner` (or ``runner_cls``) holding ``layer.router``,

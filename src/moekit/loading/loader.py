@@ -186,6 +186,7 @@ def load_moe_layers(
         dense = dense_groups(keys) if shipped else {}
         done.update(_quant_shared(spec, state, fmt, shipped, keys, dense, reader, device))
         for mod, parts in dense.items():  # other quantised dense linears: dequantised
+            _not_transposed(spec, f"{plan.name}.{mod}", parts)
             w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, fmt, f"{plan.name}.{mod}")
             _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
             done.update(parts.values())
@@ -208,6 +209,13 @@ def load_moe_layers(
     return {name: state.layer for name, state in states.items()}
 
 
+def _not_transposed(spec, what: str, parts: dict) -> None:
+    """Quantised dense weights are read ``[out, in]``: one stored ``[in, out]`` (``spec.transposed``) raises."""
+    if spec.transposed and any(k.endswith(tuple("." + n for n in spec.transposed)) for k in parts.values()):
+        raise NotImplementedError(f"{what}: a quantised weight stored [in, out] ({spec.name}'s checkpoint layout) is "
+                                  "not read (its scales' block grid would be transposed too)")
+
+
 def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, reader, device) -> set[str]:
     """Replace ``state.layer.shared_experts`` by a :class:`~.quant_shared.QuantSharedMLP` where the shared
     MLP loads in fp8 (a shipped fp8 shared MLP; or quantise-on-load to an fp8 format that applies to it);
@@ -221,6 +229,8 @@ def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, read
         groups = shared_groups(dense, plan, fmt)
         if groups is None:
             return set()
+        for proj, parts in groups.items():
+            _not_transposed(spec, f"{what}.{proj}", parts)
         tensors = {proj: {part: reader.read(k) for part, k in parts.items()} for proj, parts in groups.items()}
         try:
             mod = quant_shared_from_checkpoint(plan, fmt, tensors, groups, kernels=kernels, device=device)
@@ -235,14 +245,14 @@ def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, read
         rels = {proj: f"shared_experts.{proj}.weight" for proj in shared_projs(plan)}
         if not all(rel in keys for rel in rels.values()):
             return set()  # incomplete: the missing keys are reported after loading
-        if shared_format(fmt, plan, lambda rel: keys[rel + ".weight"][: -len(".weight")]) is None:
+        if shared_format(fmt, plan, lambda rel: keys[rel + ".weight"].removesuffix(".weight")) is None:
             return set()
         floats = {p: expand_key(spec, plan, rel, reader.read(keys[rel]), keys[rel])[0][1] for p, rel in rels.items()}
         mod = quant_shared_from_float(plan, fmt, floats, kernels=kernels, device=device)
         used = {keys[rel] for rel in rels.values()}
     if mod is None:
         return set()
-    mod.norm = layer.shared_experts.norm  # an output norm (Ergo) loads from the checkpoint's dense keys
+    mod.norm = getattr(layer.shared_experts, "norm", None)  # an output norm (Ergo) loads from the dense keys
     layer.shared_experts = mod
     return used
 
@@ -328,6 +338,10 @@ def _load_one(state, rel: str, t: torch.Tensor, key: str) -> None:
         raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
 
 
+#: the experts' output norm: the layer's own parameters, recorded like the gate's (not expert slots)
+NORM = "routed_experts.expert_output_norm."
+
+
 @dataclass
 class _LayerLoad:
     """The loader's state for one layer: its plan (hence the fused layout) and what was written."""
@@ -341,7 +355,7 @@ class _LayerLoad:
 
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
-        own = [n for n, _ in self.layer.named_parameters() if not n.startswith("routed_experts.")]
+        own = [n for n, _ in self.layer.named_parameters() if not n.startswith("routed_experts.") or n.startswith(NORM)]
         return self.layer.routed_experts.missing() + [n for n in own if n not in self.loaded]
 
 

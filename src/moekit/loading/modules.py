@@ -94,8 +94,8 @@ class SharedMLP(torch.nn.Module):
     """Shared expert, x [T, H] -> [T, H]. Gated activations: ``down(act(gate x, up x))`` with the
     registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
     ``fused=True`` holds one ``gate_up_proj`` [2I, H] (gate rows, then up). Non-gated (relu2):
-    ``down(act(up x))``. With ``norm_eps`` the output goes through ``norm`` (an :class:`RMSNorm` [H],
-    float32, Ergo's shared expert). The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
+    ``down(act(up x))``. With ``norm_eps`` the output goes through ``norm`` (an :class:`RMSNorm` [H] with a
+    float32 weight, Ergo's shared expert). The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
 
     #: may be captured in the layer's internal CUDA graph (:mod:`moekit.experts.graphed_plan`)
     _moekit_graph_safe = True
@@ -114,7 +114,8 @@ class SharedMLP(torch.nn.Module):
         self.down_proj = torch.nn.Linear(inter, hidden, **kw)
         self.limit = effective_limit(self.activation, swiglu_limit) if self.act.gated else None
         self.scale = float(scale)
-        self.norm = RMSNorm(hidden, norm_eps, device=device, dtype=dtype) if norm_eps is not None else None
+        # float32 weight whatever the dtype (transformers keeps Ergo's shared norm in float32)
+        self.norm = RMSNorm(hidden, norm_eps, device=device, dtype=torch.float32) if norm_eps is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act.gated:

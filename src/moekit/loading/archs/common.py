@@ -44,8 +44,9 @@ class ArchSpec:
       moekit layer runs as routed experts ``E - S .. E - 1`` (``routed_shared_experts``; Inkling).
     - ``fused_layout``: layout of fused expert stacks on disk; ``memory_layout`` the layout of the
       transformers module's stacks (``None``: the same).
-    - ``transposed``: block-relative checkpoint names (before ``renames``) of 2-D weights stored as
-      ``[in, out]`` (Ergo's ``gate_kernel`` and shared projections): the loader transposes them.
+    - ``transposed``: checkpoint key tails (a key ending in ``"." + name``; block-relative names before
+      ``renames``) of 2-D weights stored as ``[in, out]`` (Ergo's ``gate_kernel`` and shared projections):
+      the loader transposes them (full-precision only: a quantised one raises ``NotImplementedError``).
     """
 
     name: str
@@ -168,3 +169,22 @@ def post_clamp_limits(plans: list[LayerPlan], cfg: dict, routed_keys: tuple[str,
                            shared_activation="silu_post_clamp" if slim else p.shared_activation,
                            shared_swiglu_limit=float(slim) if slim else None))
     return out
+
+
+def with_defaults(plan, aliases: dict[str, str] | None = None, **defaults):
+    """``plan`` reading ``cfg`` as its transformers config class would: ``aliases`` (a raw checkpoint key ->
+    the class's field, its ``attribute_map``) fill a field the dict lacks, then ``defaults`` (the class's
+    defaults) fill what is still missing or None. Configs written by ``save_pretrained`` hold every field;
+    the original repositories' often do not."""
+
+    def planned(cfg: dict, spec: ArchSpec) -> list[LayerPlan]:
+        full = dict(cfg)
+        for raw, name in (aliases or {}).items():
+            if full.get(name) is None and full.get(raw) is not None:
+                full[name] = full[raw]
+        for key, value in defaults.items():
+            if full.get(key) is None:
+                full[key] = value
+        return plan(full, spec)
+
+    return planned

@@ -3,7 +3,7 @@ LongCat-Flash, gpt-oss, Llama 4 (text), GLM-4.5 (Glm4Moe), OLMoE; and Param2-MoE
 
 from __future__ import annotations
 
-from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk
+from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, with_defaults
 
 def _plan_mixtral(cfg, spec):
     kw = dict(
@@ -265,7 +265,11 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("GLM-4.5 (Glm4Moe)", ("glm4_moe",), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(1)),
     # Param2-MoE runs transformers' GLM-4.5 classes; its checkpoints name the selection bias ``gate.expert_bias``
     ArchSpec("Param2-MoE", ("param2moe",), "mlp", ("mlp",),
-             DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),), _plan_deepseek_v3(1)),
+             DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),),
+             with_defaults(_plan_deepseek_v3(1), aliases={"num_experts": "n_routed_experts",
+                                                          "num_shared_experts": "n_shared_experts"},
+                           n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5,
+                           moe_intermediate_size=2048, first_k_dense_replace=1)),
     ArchSpec("OLMoE", ("olmoe",), "mlp", ("mlp",), (), _plan_olmoe),
 )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .common import DS_RENAMES, ArchSpec, act, first, get, mk, post_clamp_limits, sparse_layers, towers
+from .common import DS_RENAMES, ArchSpec, act, first, get, mk, post_clamp_limits, sparse_layers, towers, with_defaults
 
 _E = ("n_routed_experts", "num_experts", "num_local_experts")
 _K = ("num_experts_per_tok", "num_experts_per_token")
@@ -106,7 +106,9 @@ SPECS: tuple[ArchSpec, ...] = (
     _s("Kimi-Linear", ("kimi_linear",), _STANDARD, ckpt=("block_sparse_moe",)),
     _s("Bailing-hybrid", ("bailing_hybrid",), _plan_bailing, renames=DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),)),
     _s("dots1", ("dots1",), _plan(norm_default=False)),
-    _s("MiniCPM5-MoE", ("minicpm5_moe",), _STANDARD),
+    _s("MiniCPM5-MoE", ("minicpm5_moe",), with_defaults(
+        _STANDARD, n_routed_experts=160, num_experts_per_tok=16, routed_scaling_factor=3.66, moe_intermediate_size=512,
+        n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1)),
     _s("dots3 (text)", ("dots3_note_text",), _STANDARD, wrappers=("dots3_note",)),
     _s("MiMo-V2-Flash", ("mimo_v2_flash",), _plan(shared=False)),
     _s("GLM-5-Next (text)", ("glm5_next_text",), _plan(limit=True, shared_limit=True), wrappers=("glm5_next",)),

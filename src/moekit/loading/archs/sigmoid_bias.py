@@ -5,7 +5,8 @@ Muse Spark (text), Inkling, Inkling-2 and Inkling-2-Loop (text)."""
 from __future__ import annotations
 
 from ...ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA
-from .common import DS_RENAMES, ArchSpec, act, first, get, layers, mk, post_clamp_limits, sparse_layers, towers
+from .common import (DS_RENAMES, ArchSpec, act, first, get, layers, mk, post_clamp_limits, sparse_layers, towers,
+                     with_defaults)
 
 _E = ("num_local_experts", "num_experts", "n_routed_experts")
 _SCALE = ("routed_scaling_factor", "router_scaling_factor", "route_scale", "moe_router_scaling_factor",
@@ -120,11 +121,14 @@ SPECS: tuple[ArchSpec, ...] = (
         ("experts.post_expert_norm.", "routed_experts.expert_output_norm."),
         ("shared_up_proj", "shared_experts.up_proj.weight"), ("shared_down_proj", "shared_experts.down_proj.weight"),
         ("shared_expert_output_norm.scale", "shared_experts.norm.weight")),
-        _plan(activation="relu2", shared_activation="relu2", expert_output_norm="expert_rmsnorm",
-              expert_norm_eps=lambda c: float(get(c, "rms_norm_eps", 1e-12)), shared_output_norm=True,
-              norm_eps=lambda c: float(get(c, "rms_norm_eps", 1e-12))),
+        with_defaults(_plan(dense_key="num_dense_blocks", activation="relu2", shared_activation="relu2",
+                            expert_output_norm="expert_rmsnorm", shared_output_norm=True,
+                            expert_norm_eps=lambda c: float(c["rms_norm_eps"])),
+                      num_experts=256, num_experts_per_tok=8, moe_intermediate_size=4096, shared_intermediate_size=8192,
+                      moe_routed_scaling_factor=8**0.5, num_dense_blocks=1, rms_norm_eps=1e-12),
         fused_layout="transposed", transposed=("gate_kernel", "shared_up_proj", "shared_down_proj")),
-    ArchSpec("Step-3.7 (text)", ("step3p5",), "mlp", ("mlp",), DS_RENAMES, _plan_step3p7, experts_switch=False,
+    # the experts switch reaches Step-3.7 from transformers 5.25 (its experts class decorated there)
+    ArchSpec("Step-3.7 (text)", ("step3p5",), "mlp", ("mlp",), DS_RENAMES, _plan_step3p7,
              towers=towers("step3p7")),
     ArchSpec("Muse Spark (text)", ("muse_spark_text",), "mlp", ("mlp",),
              DS_RENAMES + (("pre_expert_proj.", "routed_input_transform.0."),
