@@ -169,7 +169,7 @@ def test_expert_output_norm_on_quantised_experts():
 def test_expert_output_norm_skips_weight_zero_slots_and_chunks(monkeypatch):
     # a slot of weight exactly 0 adds 0 even when its expert's row is not finite (masked zero experts,
     # padding), and chunks of the slot rows give the same values (up to the torch GEMMs' blocking)
-    from moekit.experts import routed
+    from moekit.experts import output_norm
 
     norm = _PerExpertNorm()
     layer = moekit.FusedMoE(E, K, H, I, expert_output_norm=norm, backend="torch")
@@ -184,7 +184,7 @@ def test_expert_output_norm_skips_weight_zero_slots_and_chunks(monkeypatch):
         out = experts(h, w, ids)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, experts(h, w[:, :1], ids[:, :1]), atol=0, rtol=0)
-        monkeypatch.setattr(routed, "NORM_WORKSPACE_BYTES", 1)  # one token per chunk
+        monkeypatch.setattr(output_norm, "NORM_WORKSPACE_BYTES", 1)  # one token per chunk
         torch.testing.assert_close(experts(h, w, ids), out, atol=1e-6, rtol=1e-6)
 
 

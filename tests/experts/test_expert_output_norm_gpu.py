@@ -14,8 +14,8 @@ FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "we
 E, K, H, I = 32, 4, 512, 256
 
 
-def _layers(norm_kind, quant, backends=("triton", "triton", "torch")):
-    """Layers on the same weights and norm: graphed Triton, plain Triton, torch twin."""
+def _layers(norm_kind, quant, backends=("triton", "triton", "torch"), wrap=None):
+    """Layers on the same weights and norm (``wrap(norm)`` if given): graphed Triton, plain Triton, torch twin."""
     torch.manual_seed(0)
     if norm_kind == "per_expert":
         norm = ExpertRMSNorm(E, H, 1e-6, device="cuda")
@@ -23,6 +23,7 @@ def _layers(norm_kind, quant, backends=("triton", "triton", "torch")):
         norm = RMSNorm(H, 1e-6, device="cuda")
     with torch.no_grad():
         norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+    norm = wrap(norm) if wrap is not None else norm
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=DT) * H**-0.5
     w2 = torch.randn(E, H, I, device="cuda", dtype=DT) * I**-0.5
     bias = torch.rand(E, device="cuda") * 0.1
@@ -71,8 +72,7 @@ def test_a_replaced_norm_weight_reaches_the_graphs():
     with torch.no_grad():
         graphed(x, logits)  # captured
         norm = graphed.routed_experts.expert_output_norm
-        norm.weight = torch.nn.Parameter(torch.rand_like(norm.weight) + 0.5, requires_grad=False)
-        plain.routed_experts.expert_output_norm = norm
+        norm.weight = torch.nn.Parameter(torch.rand_like(norm.weight) + 0.5, requires_grad=False)  # (shared)
         assert torch.equal(graphed(x, logits), plain(x, logits))
         norm.weight.mul_(1.5)
         assert torch.equal(graphed(x, logits), plain(x, logits))
@@ -89,11 +89,8 @@ def test_a_user_norm_runs_eagerly_and_right():
         def forward(self, rows):
             return self.inner(rows)
 
-    graphed, plain, _ = _layers("one_norm", None)
-    user = moekit.FusedMoE(E, K, H, I, params_dtype=DT, device="cuda", backend="triton", scoring_func="sigmoid",
-                           e_score_correction_bias=graphed.router.e_score_correction_bias, routed_scaling_factor=2.5,
-                           expert_output_norm=UserNorm(plain.routed_experts.expert_output_norm), eager_graph_tokens=64)
-    user.load_expert_weights(plain.routed_experts.w13_weight, plain.routed_experts.w2_weight)
+    user = _layers("one_norm", None, backends=("triton",), wrap=UserNorm)[0]  # asks for graphs: 64 tokens
+    _, plain, _ = _layers("one_norm", None)
     x, logits = _inputs(6, seed=12)
     with torch.no_grad():
         assert torch.equal(user(x, logits), plain(x, logits))

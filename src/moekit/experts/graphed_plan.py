@@ -83,16 +83,18 @@ class GraphPlan:
                  "_children", "_configured", "_readers")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
-                 bucket_gate=None, inner: tuple = ()):
+                 bucket_gate=None, inner: tuple = (), parents: tuple = ()):
         # the gate the route -> experts graphs may hold (when batch invariant): watched like a folded module
         extra = (bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()
         self.whole_logits, self.whole_gate, self.folded = whole_logits, whole_gate, folded
         self.watched = watched + extra
         self.router = router  # the layer's, read here without nn.Module.__getattr__
         self.bucket_gate = bucket_gate
-        self.inner = inner  # modules inside every graph of the routed path (an expert output norm)
+        self.inner = inner  # user-facing modules inside every graph of the routed path (an expert output norm)
         self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
-        self._children = tuple(m._modules for m in (*folded, *inner))
+        # children whose identity the graphs bake in: the folded and inner modules', and ``parents``' (the
+        # routed experts: a norm swapped there)
+        self._children = tuple(m._modules for m in (*folded, *inner, *parents))
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, the folded modules and the inner ones
         self._configured = (*(router.modules() if router is not None else ()), *folded, *extra, *inner)
@@ -185,8 +187,8 @@ def shared_foldable(shared, shared_gate) -> bool:
 def graph_plan(layer) -> GraphPlan:
     """The plan of a :class:`~moekit.runner.MoERunner` (module docstring rule)."""
     norm = layer.routed_experts.expert_output_norm
-    inner = (layer.routed_experts,) + ((norm,) if norm is not None else ())  # a norm swapped or edited: dropped
-    base = (*inner, *layer.router.modules())  # (a routing function's module holds tensors)
+    inner = (norm,) if norm is not None else ()  # an expert output norm swapped or edited: the graphs go
+    base = (layer.routed_experts, *inner, *layer.router.modules())  # (a routing function's module holds tensors)
     whole = (layer.routed_input_transform is None and layer.routed_output_transform is None
              and layer.final_output_transform is None
              and shared_foldable(layer.shared_experts, layer.shared_expert_gate))
@@ -198,7 +200,8 @@ def graph_plan(layer) -> GraphPlan:
     if whole_gate:
         folded += (layer.gate,)
     bucket_gate = layer.gate if bucket_gate_candidate(layer) else None
-    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate, inner)
+    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate, inner,
+                     (layer.routed_experts,))
 
 
 def bucket_gate_candidate(layer) -> bool:

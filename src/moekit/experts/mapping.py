@@ -182,6 +182,13 @@ def _shard(experts, name, logical, shard, tensor, kind, shape=None) -> None:
         raise type(err)(f"checkpoint key {name!r}{of}: {err}") from None
 
 
+def is_slot_tensor(layer, name: str) -> bool:
+    """``routed_experts.<w13_weight | w2_weight | bias | scale ...>``: a per-slot expert tensor, which
+    :class:`~moekit.RoutedExperts` records itself (its other children, an output norm, are the layer's own)."""
+    head, _, rest = name.partition(".")
+    return head == "routed_experts" and rest in layer.routed_experts.specs
+
+
 def _load_own(layer, name, tensor, own) -> str | None:
     """A parameter or buffer of the layer by its (suffix) name; returns that name (None for the
     experts' own parameters: the experts record those)."""
@@ -196,8 +203,7 @@ def _load_own(layer, name, tensor, own) -> str | None:
     target = own[pname]
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected {list(target.shape)}")
-    if pname.startswith("routed_experts.") and not pname.startswith("routed_experts.expert_output_norm."):
-        # a moekit state_dict entry of the expert slots: the experts record it themselves
+    if is_slot_tensor(layer, pname):  # the experts record their per-slot tensors themselves
         layer.routed_experts.load_state_dict({pname.split(".", 1)[1]: tensor}, strict=False)
         return None
     with torch.no_grad():

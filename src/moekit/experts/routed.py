@@ -34,11 +34,10 @@ from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import check_quant_weights, quantize_experts, quantize_weight
 from .layout import DOWN, GATE, SHARD_IDS, UP, shards
+from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .params import KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, keep_dtypes, stored
 from .placement import ExpertPlacement
 
-#: bytes of slot rows (and their float32 copies) one chunk of an expert-output-norm layer holds
-NORM_WORKSPACE_BYTES = 1024**3
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
 
@@ -60,15 +59,11 @@ class RoutedExperts(torch.nn.Module):
             :class:`~moekit.experts.placement.ExpertPlacement`; default: every expert, no TP.
         kernels: the kernel table (:func:`moekit.ops.kernels.resolve_kernels`); default the torch table.
         device: where the weights are allocated (uninitialised; ``"meta"`` allocates nothing).
-        expert_output_norm: a module applied to each expert's output rows (after ``b2``, before the
-            routing weight), or None: ``[N, H] -> [N, H]`` (Muse Spark), or with ``per_expert = True``
-            ``(rows [N, H], logical expert ids [N] int64) -> [N, H]`` (Ergo's per-expert RMSNorm). With it
-            the experts run once per slot with weight 1 (each token row repeated ``K`` times), the norm
-            runs on those ``[T·K, H]`` rows, and the routing weights and the top-k sum follow in float32
-            in slot order: every backend and weight format; not with ``apply_router_weight_on_input``
-            (``ValueError``) or tensor parallelism (``NotImplementedError``). The norm must map a zero row
-            to zero (an RMSNorm does): under expert parallelism the slots of experts another rank holds are
-            zero rows here.
+        expert_output_norm: a module applied to each expert's output rows before the routing weight, or
+            None: ``[N, H] -> [N, H]`` (Muse Spark), or with ``per_expert = True`` ``(rows, logical expert
+            ids [N]) -> rows`` (Ergo); it must map a zero row to zero. Run by :mod:`.output_norm` on every
+            backend and format; not with ``apply_router_weight_on_input`` (``ValueError``) or tensor
+            parallelism (``NotImplementedError``: a rank's rows would be partial sums).
 
     Weights (``E_local`` experts, ``I_local = I / tp_size``): ``w13_weight [E_local, 2·I_local, H]``
     (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
@@ -105,21 +100,13 @@ class RoutedExperts(torch.nn.Module):
                 f"{[str(d) for d in KERNEL_DTYPES]} (float64 is for the torch reference backend)"
             )
         self.kernels.check_supports(self.quant)
-        if expert_output_norm is not None and moe_config.apply_router_weight_on_input:
-            raise ValueError("expert_output_norm cannot be combined with apply_router_weight_on_input=True: the norm "
-                             "of a weighted input's expert output is not the weighted norm of the expert output")
-        if expert_output_norm is not None and self.placement.tp_size > 1:
-            raise NotImplementedError(
-                f"expert_output_norm with tensor parallelism (tp_size={self.placement.tp_size}): each rank holds a "
-                "slice of I, so its expert output rows are partial sums, and the norm of a partial sum is not a part "
-                "of the norm; use expert parallelism (ep_group) for such layers"
-            )
-        #: applied to every expert's output rows before the routing weight (see :meth:`_forward_normed`)
+        check_output_norm(expert_output_norm, moe_config, self.placement)
+        #: applied to every expert's output rows before the routing weight (:mod:`.output_norm`)
         self.expert_output_norm = expert_output_norm
         p, c = self.placement, moe_config
         #: physical -> logical ids [E + R] int64 for a per-expert norm when they differ (EPLB), else None
-        self.register_buffer("_norm_p2l", None, persistent=False)
-        self._set_norm_p2l(device)
+        self.register_buffer("_norm_p2l", norm_ids_map(self.placement, expert_output_norm, device),
+                             persistent=False)
         self.tp_rows = p.tp_slice(c.intermediate_size)
         self.inter_local = self.tp_rows.stop - self.tp_rows.start
         if self.quant is not None:
@@ -164,54 +151,13 @@ class RoutedExperts(torch.nn.Module):
         """Every per-slot tensor ``[E_local, ...]`` by name (weights, scales, input scales, biases)."""
         return {name: getattr(self, name) for name in self.specs}
 
-    def _set_norm_p2l(self, device) -> None:
-        """Build (or update in place) :attr:`_norm_p2l` from the placement."""
-        p2l = self.placement.physical_to_logical
-        norm = self.expert_output_norm
-        if norm is None or not getattr(norm, "per_expert", False) or p2l == tuple(range(len(p2l))):
-            self._norm_p2l = None
-            return
-        new = torch.tensor(p2l, dtype=torch.int64, device=device)
-        if self._norm_p2l is not None and self._norm_p2l.shape == new.shape:
-            self._norm_p2l.copy_(new)  # in place: whatever reads it by address sees the move
-        else:
-            self._norm_p2l = new
-
-    def _logical_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Physical expert ids [N] -> logical ids [N] int64 (the same ids without redundant experts or moves)."""
-        return ids.long() if self._norm_p2l is None else self._norm_p2l[ids.long()]
-
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden_states: [T, H] params_dtype; topk_weights: [T, K] float32; topk_ids: [T, K] int32 -> [T, H]."""
         self.check_loaded()
-        if self.expert_output_norm is not None:
-            return self._forward_normed(hidden_states, topk_weights, topk_ids)
+        if self.expert_output_norm is not None:  # the experts once per slot, the norm, the weighted sum
+            return normed_experts(self._experts, self.expert_output_norm, hidden_states, topk_weights, topk_ids,
+                                  self._norm_p2l)
         return self._experts(hidden_states, topk_weights, topk_ids)
-
-    def _forward_normed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """out[t] = Σ_k w[t, k] · norm_e(expert_e(x[t])), e = ids[t, k]: the experts run on the slot rows
-        ``x[t]`` repeated K times ``[T·K, H]`` with weight 1 (one slot per row, so each row is that expert's
-        output rounded to the dtype, exactly; ids this rank does not hold give 0 rows, which the norm must map
-        to 0), the norm on those rows, then the weights and the sum over k in float32 in slot order; slots of
-        weight exactly 0 add 0 (masked zero experts, padding). Tokens run in chunks of
-        :data:`NORM_WORKSPACE_BYTES` of slot rows (each token in one chunk; batch-invariant kernels give the
-        same bits whatever the chunk)."""
-        t, k = topk_ids.shape
-        h = x.shape[-1]
-        out = torch.empty_like(x)
-        chunk = max(1, NORM_WORKSPACE_BYTES // (k * h * (2 * x.element_size() + 12)))
-        for start in range(0, t, chunk):
-            stop = min(start + chunk, t)
-            flat = topk_ids[start:stop].reshape(-1, 1)
-            rows = x[start:stop].repeat_interleave(k, dim=0) if k > 1 else x[start:stop]
-            ones = torch.ones(flat.shape, dtype=torch.float32, device=x.device)
-            y = self._experts(rows, ones, flat)
-            norm = self.expert_output_norm
-            y = norm(y, self._logical_ids(flat.reshape(-1))) if getattr(norm, "per_expert", False) else norm(y)
-            w = topk_weights[start:stop].float().unsqueeze(-1)
-            slots = (y.float().reshape(stop - start, k, h) * w).masked_fill_(w == 0, 0.0)
-            out[start:stop] = slots.sum(dim=1).to(x.dtype)
-        return out
 
     def _experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         c = self.moe_config
@@ -424,7 +370,7 @@ class RoutedExperts(torch.nn.Module):
     def set_physical_to_logical(self, physical_to_logical) -> ExpertPlacement:
         """EPLB: the same slots now hold other logical experts (the caller moved the weights)."""
         self.placement = self.placement.with_physical_to_logical(physical_to_logical)
-        self._set_norm_p2l(self._norm_p2l.device if self._norm_p2l is not None else self.w13_weight.device)
+        self._norm_p2l = norm_ids_map(self.placement, self.expert_output_norm, self.w13_weight.device, self._norm_p2l)
         return self.placement
 
     def extra_repr(self) -> str:

@@ -45,25 +45,22 @@ class RMSNorm(torch.nn.Module):
         return (self._norm(x.float()) * w).type_as(x)
 
 
-class ExpertRMSNorm(torch.nn.Module):
-    """Ergo's per-expert output norm: ``(norm(x) * weight[e]).to(dtype)`` in float32 for each row of
-    expert ``e``; rows [N, H], expert_ids [N] int64 (logical ids) -> [N, H] dtype of rows. The weight is
-    float32 whatever the layer's dtype (transformers keeps Ergo's in float32)."""
+class ExpertRMSNorm(RMSNorm):
+    """Ergo's per-expert output norm: :class:`RMSNorm` with a weight row per expert, ``(norm(x) *
+    weight[e]).to(dtype)`` in float32; rows [N, H], expert_ids [N] int64 (logical ids) -> [N, H] dtype of
+    rows. The weight is float32 whatever the layer's dtype (transformers keeps Ergo's in float32)."""
 
-    #: called as ``norm(rows, expert_ids)`` by :class:`~moekit.RoutedExperts`
+    #: called as ``norm(rows, expert_ids)`` by :mod:`moekit.experts.output_norm`
     per_expert = True
     #: plain torch ops on its own weight: a layer's internal CUDA graphs may capture it
     _moekit_graph_safe = True
 
     def __init__(self, num_experts, dim, eps=1e-6, *, device=None, dtype=None):
-        super().__init__()
-        self.eps = float(eps)
+        super().__init__(dim, eps, with_scale=False)
         self.weight = torch.nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.float32, copy=True)  # (scaled in place below: never the caller's tensor)
-        scale = torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        return xf.mul_(scale).mul_(self.weight[expert_ids].float()).to(x.dtype)
+        return (self._norm(x.float()) * self.weight[expert_ids].float()).to(x.dtype)
 
 
 class RMSNormGate(torch.nn.Module):

@@ -56,10 +56,22 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
     return out
 
 
+def stored_transposed(spec: ArchSpec, key: str) -> bool:
+    """The checkpoint ``key`` holds a 2-D weight stored ``[in, out]`` (a tail in ``spec.transposed``)."""
+    return bool(spec.transposed) and key.endswith(tuple("." + name for name in spec.transposed))
+
+
+def check_not_transposed(spec: ArchSpec, what: str, keys) -> None:
+    """Quantised dense weights are read ``[out, in]``: one among ``keys`` stored ``[in, out]`` raises."""
+    if any(stored_transposed(spec, k) for k in keys):
+        raise NotImplementedError(f"{what}: a quantised weight stored [in, out] ({spec.name}'s checkpoint layout) is "
+                                  "not read (its scales' block grid would be transposed too)")
+
+
 def expand_key(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor,
                key: str = "") -> list[tuple[str, torch.Tensor]]:
     """``[(name, tensor)]`` to load for one checkpoint tensor ``key`` of block-relative moekit name ``rel``."""
-    if spec.transposed and key.endswith(tuple("." + name for name in spec.transposed)):
+    if stored_transposed(spec, key):
         if t.dim() != 2:
             raise ValueError(f"has shape {list(t.shape)}, expected a 2-D [in, out] weight (stored transposed)")
         return [(rel, t.T)]

@@ -26,10 +26,10 @@ import torch
 from .._checks import DTYPE_NAMES, as_float_dtype, check_device
 from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
-from ..experts.mapping import load_layer_weights
+from ..experts.mapping import is_slot_tensor, load_layer_weights
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers
-from .keys import CONSTRUCTION, assign_keys, construction_tensors, expand_key
+from .keys import CONSTRUCTION, assign_keys, check_not_transposed, construction_tensors, expand_key
 from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
@@ -186,7 +186,7 @@ def load_moe_layers(
         dense = dense_groups(keys) if shipped else {}
         done.update(_quant_shared(spec, state, fmt, shipped, keys, dense, reader, device))
         for mod, parts in dense.items():  # other quantised dense linears: dequantised
-            _not_transposed(spec, f"{plan.name}.{mod}", parts)
+            check_not_transposed(spec, f"{plan.name}.{mod}", parts.values())
             w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, fmt, f"{plan.name}.{mod}")
             _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
             done.update(parts.values())
@@ -209,13 +209,6 @@ def load_moe_layers(
     return {name: state.layer for name, state in states.items()}
 
 
-def _not_transposed(spec, what: str, parts: dict) -> None:
-    """Quantised dense weights are read ``[out, in]``: one stored ``[in, out]`` (``spec.transposed``) raises."""
-    if spec.transposed and any(k.endswith(tuple("." + n for n in spec.transposed)) for k in parts.values()):
-        raise NotImplementedError(f"{what}: a quantised weight stored [in, out] ({spec.name}'s checkpoint layout) is "
-                                  "not read (its scales' block grid would be transposed too)")
-
-
 def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, reader, device) -> set[str]:
     """Replace ``state.layer.shared_experts`` by a :class:`~.quant_shared.QuantSharedMLP` where the shared
     MLP loads in fp8 (a shipped fp8 shared MLP; or quantise-on-load to an fp8 format that applies to it);
@@ -230,7 +223,7 @@ def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, read
         if groups is None:
             return set()
         for proj, parts in groups.items():
-            _not_transposed(spec, f"{what}.{proj}", parts)
+            check_not_transposed(spec, f"{what}.{proj}", parts.values())
         tensors = {proj: {part: reader.read(k) for part, k in parts.items()} for proj, parts in groups.items()}
         try:
             mod = quant_shared_from_checkpoint(plan, fmt, tensors, groups, kernels=kernels, device=device)
@@ -338,10 +331,6 @@ def _load_one(state, rel: str, t: torch.Tensor, key: str) -> None:
         raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
 
 
-#: the experts' output norm: the layer's own parameters, recorded like the gate's (not expert slots)
-NORM = "routed_experts.expert_output_norm."
-
-
 @dataclass
 class _LayerLoad:
     """The loader's state for one layer: its plan (hence the fused layout) and what was written."""
@@ -355,7 +344,7 @@ class _LayerLoad:
 
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
-        own = [n for n, _ in self.layer.named_parameters() if not n.startswith("routed_experts.") or n.startswith(NORM)]
+        own = [n for n, _ in self.layer.named_parameters() if not is_slot_tensor(self.layer, n)]
         return self.layer.routed_experts.missing() + [n for n in own if n not in self.loaded]
 
 
