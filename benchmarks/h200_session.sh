@@ -754,6 +754,12 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r39-d)  # round 39, final code after the review of the diff (the norm path in experts/output_norm.py, the graphs'
+    # plan tracking the routed experts as the norm's parent): the norm and graphed-layer GPU tests
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r39d-gpu 240 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/experts/test_expert_output_norm_gpu.py tests/experts/test_graphed_gpu.py tests/experts/test_graphed_raw_gpu.py
+    ;;
   r39-c)  # round 39, after the review: the expert output norm's GPU tests again (graph gating, a replaced norm weight, a
     # user norm run eagerly), the graphed-layer tests and the shipped tables' rows alone vs in batches
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
