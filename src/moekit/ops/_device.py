@@ -7,6 +7,10 @@ import functools
 import torch
 from triton import knobs
 
+# Compile options of every moekit kernel launch. FMA contraction stays on, as the kernels were measured and their bits
+# checked with it: Triton 3.9 warns that its default turns off in 3.10 when a launch leaves the option unset.
+KERNEL_OPTIONS = {"enable_fp_fusion": True}
+
 
 def pdl_ok(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper (sm_90) or newer, never under the interpreter."""

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._device import interpreting as _interpreting, major as _major, pdl_ok as _pdl_ok
+from ._device import KERNEL_OPTIONS, interpreting as _interpreting, major as _major, pdl_ok as _pdl_ok
 from ._eager import direct_call_ok
 from . import gluon_experts, gluon_w4
 from ._triton import align, combine as combine_k, epilogue, grouped_gemm
@@ -199,9 +199,9 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
 
     def launch(kernel, grid, *args, **kw):
         if warmup:
-            kernel.warmup(*args, grid=grid, **kw)
+            kernel.warmup(*args, grid=grid, **kw, **KERNEL_OPTIONS)
         else:
-            kernel[grid](*args, **kw)
+            kernel[grid](*args, **kw, **KERNEL_OPTIONS)
 
     if p.align != "inline":  # inline: the w13 launch zeroes the semaphores / dead rows itself
         args = (ids, tw, emap_arg, counts, slot_loc, slot_rank, tok_live, sem, out, row_start)

@@ -17,6 +17,7 @@ import torch
 import triton
 from triton import knobs
 
+from ._device import KERNEL_OPTIONS
 from ._eager import direct_call_ok
 from ._triton.gate import gate_kernel, gate_sum_kernel
 
@@ -74,12 +75,13 @@ def router_gate_impl(x, weight, bias, out_dtype):
             xr, weight, b, dst, rows, n, h, GATE_KS, xr.stride(0), weight.stride(0),
             dst.stride(0) if splits > 1 else 0, dst.stride(-2), BM=bm, BN=bn, BK=GATE_BK,
             HAS_BIAS=bias is not None and splits == 1, IEEE=ieee, INTERP=interp, num_warps=4, num_stages=3,
+            **KERNEL_OPTIONS,
         )
         if splits > 1:
             br = min(256, triton.next_power_of_2(n))
             gate_sum_kernel[(rows, triton.cdiv(n, br))](
                 part, b, yr, n, splits, part.stride(0), part.stride(1), yr.stride(0),
-                BN=br, HAS_BIAS=bias is not None, INTERP=interp, num_warps=1 if br <= 128 else 2,
+                BN=br, HAS_BIAS=bias is not None, INTERP=interp, num_warps=1 if br <= 128 else 2, **KERNEL_OPTIONS,
             )
     return out
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._device import pdl_ok
+from ._device import KERNEL_OPTIONS, pdl_ok
 from ._eager import direct_call_ok
 from ._triton.topk import SCORE_CODES, route_kernel
 from .routing import TopKSpec, check_input_ids_range, hash_route_torch, host_sync_allowed
@@ -119,7 +119,7 @@ def route_impl(gating_output, bias, top_k, scoring_func, renormalize, scale, num
         top_k, eg, num_groups, topk_group, scale,
         gating_output.stride(0), w.stride(0), ids.stride(0),
         **_route_constexprs(e, num_groups, top_k, scoring_func, bias is not None, renormalize),
-        TRIGGER=pdl_ok(gating_output.device),
+        TRIGGER=pdl_ok(gating_output.device), **KERNEL_OPTIONS,
     )
     return w, ids
 

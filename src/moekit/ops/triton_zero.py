@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._device import interpreting
+from ._device import KERNEL_OPTIONS, interpreting
 from ._eager import direct_call_ok
 from ._triton.zero import zero_combine_kernel, zero_slots_kernel
 
@@ -59,7 +59,8 @@ def zero_slots_impl(x, w, ids, num_experts):
     bh = min(ZERO_BH, triton.next_power_of_2(max(h, 1)))
     zero_slots_kernel[(t, triton.cdiv(h, bh))](
         x, w, ids, w_out, ids_out, zero, h, k, num_experts, x.stride(0), w.stride(0), ids.stride(0),
-        w_out.stride(0), ids_out.stride(0), zero.stride(0), KP=triton.next_power_of_2(k), BH=bh, num_warps=4)
+        w_out.stride(0), ids_out.stride(0), zero.stride(0), KP=triton.next_power_of_2(k), BH=bh, num_warps=4,
+        **KERNEL_OPTIONS)
     return w_out, ids_out, zero
 
 
@@ -89,5 +90,5 @@ def zero_combine_impl(routed, zero, scale):
     z = zero if zero is not None else routed
     zero_combine_kernel[(t, triton.cdiv(h, bh))](
         routed, z, out, h, scale, routed.stride(0), z.stride(0), out.stride(0), HAS_ZERO=zero is not None, BH=bh,
-        INTERP=interpreting(), num_warps=4)
+        INTERP=interpreting(), num_warps=4, **KERNEL_OPTIONS)
     return out

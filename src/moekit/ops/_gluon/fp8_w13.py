@@ -27,9 +27,10 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .compat import cp_async_load, cta_barrier, tma_load
 from .common import block_expert, pid_to_tile, step_scale, w13_store
 
 
@@ -44,16 +45,16 @@ def _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k, nk, row_
             mask = valid_a[:, None]
         else:
             mask = valid_a[:, None] & (offs_k[None, :] < H - k * BK)
-        async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=mask)
+        cp_async_load(a_smem.index(s), a_ptrs + k * BK, mask=mask)
         bar = bars.index(s)
         mbarrier.expect(bar, 2 * w_desc.block_type.nbytes)
         if STACK:  # gate rows, then up rows, of one [2·BN, BK] tile
             BN: gl.constexpr = w_desc.block_type.shape[0]
-            tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(s).slice(0, BN))
-            tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(s).slice(BN, BN))
+            tma_load(w_desc, [row_g, k * BK], bar, w_smem.index(s).slice(0, BN))
+            tma_load(w_desc, [row_g + I, k * BK], bar, w_smem.index(s).slice(BN, BN))
         else:
-            tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
-            tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
+            tma_load(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
+            tma_load(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
     async_copy.commit_group()
 
 
@@ -63,7 +64,7 @@ def _mma2(a_smem, w_smem, bars, k, zero, STAGES: gl.constexpr, BK: gl.constexpr,
     then its gate and up wgmmas (fresh accumulators); returns the two in-flight tokens. ``STACK``: one wgmma
     over the stacked [2·BN, BK] tile (``zero``: [BM, 2·BN]), its token twice."""
     s = k % STAGES
-    gl.thread_barrier()  # every thread's rows of this step have landed (each waited for its own copies)
+    cta_barrier()  # every thread's rows of this step have landed (each waited for its own copies)
     fence_async_shared()  # ... and are visible to the wgmma's async proxy
     mbarrier.wait(bars.index(s), (k // STAGES) & 1)
     if STACK:
@@ -167,7 +168,7 @@ def fp8_w13_kernel(
             tg1, tu1 = _mma2(a_smem, w_smem, bars, k, zero, STAGES, BK, STACK)
             acc_g = gl.fma(cg0, sg0[:, None], acc_g)
             acc_u = gl.fma(cu0, su0[:, None], acc_u)
-            gl.thread_barrier()  # every warpgroup is past step k - 1's wgmmas: its slot may be refilled
+            cta_barrier()  # every warpgroup is past step k - 1's wgmmas: its slot may be refilled
             _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k - 1 + STAGES, nk, row_g, I, STAGES,
                    BK, EVEN_K, STACK)
             sg0 = step_scale(xs_rows, valid, ws_g, k + 1)
@@ -177,7 +178,7 @@ def fp8_w13_kernel(
             tg0, tu0 = _mma2(a_smem, w_smem, bars, k + 1, zero, STAGES, BK, STACK)
             acc_g = gl.fma(cg1, sg1[:, None], acc_g)
             acc_u = gl.fma(cu1, su1[:, None], acc_u)
-            gl.thread_barrier()
+            cta_barrier()
             _issue(a_ptrs, valid_a, offs_k, H, w_desc, a_smem, w_smem, bars, k + STAGES, nk, row_g, I, STAGES, BK,
                    EVEN_K, STACK)
             sg1 = step_scale(xs_rows, valid, ws_g, gl.minimum(k + 2, nk - 1))

@@ -36,8 +36,9 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from .compat import cp_async_load, tma_load
 from .common import grid_launch_dependents, grid_wait, pid_to_tile, ring_barriers, w13_store
 from .fp8_w13_ws import _mma2, _steps
 from .fp8_w2_dec import block_layout
@@ -87,8 +88,8 @@ def _produce(ring, tok_smem, x_ptr, xs_ptr, w_desc, ws_ptr, e, pid_n, H, I, N1, 
             if s0 < nk:
                 bar0 = full.index(s0)
                 mbarrier.expect(bar0, nbytes)
-                tma.async_copy_global_to_shared(w_desc, [row_g, s0 * BK], bar0, w_smem.index(2 * s0))
-                tma.async_copy_global_to_shared(w_desc, [row_g + I, s0 * BK], bar0, w_smem.index(2 * s0 + 1))
+                tma_load(w_desc, [row_g, s0 * BK], bar0, w_smem.index(2 * s0))
+                tma_load(w_desc, [row_g + I, s0 * BK], bar0, w_smem.index(2 * s0 + 1))
         grid_wait()
     tok_a = tok_smem.load(gl.SliceLayout(1, A_L))  # the rows' tokens, -1 for a row without a slot
     offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, A_L))
@@ -106,15 +107,15 @@ def _produce(ring, tok_smem, x_ptr, xs_ptr, w_desc, ws_ptr, e, pid_n, H, I, N1, 
             amask = (tok_a >= 0)[:, None]
         else:
             amask = (tok_a >= 0)[:, None] & (offs_k[None, :] < H - k * BK)
-        async_copy.async_copy_global_to_shared(a_smem.index(s), a_ptrs + k * BK, mask=amask)
-        async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k, mask=tok_r >= 0)
-        async_copy.async_copy_global_to_shared(sg_smem.index(s), ws_g + k)
-        async_copy.async_copy_global_to_shared(su_smem.index(s), ws_u + k)
+        cp_async_load(a_smem.index(s), a_ptrs + k * BK, mask=amask)
+        cp_async_load(sa_smem.index(s), xs_rows + k, mask=tok_r >= 0)
+        cp_async_load(sg_smem.index(s), ws_g + k)
+        cp_async_load(su_smem.index(s), ws_u + k)
         async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals per lane, once landed
         if not (PDL and k < STAGES):  # (else expected and requested before the grid wait)
             mbarrier.expect(bar, nbytes)
-            tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
-            tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
+            tma_load(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
+            tma_load(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
 
 
 @gluon.jit

@@ -62,9 +62,9 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
+from .compat import cp_async_load, cta_barrier, tma_load
 from .common import block_tile, ring_barriers, tile_walk, w13_store
 
 #: registers per thread of the producers' warpgroup (two 2-warp producers, or one of 2 or 4 warps, padded)
@@ -105,14 +105,14 @@ def _produce(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr,
                 s = RING + g % STAGES
                 mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # the wgmmas that read it are done
                 bar = full.index(s)
-                async_copy.async_copy_global_to_shared(sa_smem.index(s), xs_rows + k * stride_xsk)
-                async_copy.async_copy_global_to_shared(sg_smem.index(s), ws_g + k)
-                async_copy.async_copy_global_to_shared(su_smem.index(s), ws_u + k)
+                cp_async_load(sa_smem.index(s), xs_rows + k * stride_xsk)
+                cp_async_load(sg_smem.index(s), ws_g + k)
+                cp_async_load(su_smem.index(s), ws_u + k)
                 async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals, once landed
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [row0, k * BK], bar, a_smem.index(s))
-                tma.async_copy_global_to_shared(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
-                tma.async_copy_global_to_shared(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
+                tma_load(a_desc, [row0, k * BK], bar, a_smem.index(s))
+                tma_load(w_desc, [row_g, k * BK], bar, w_smem.index(2 * s))
+                tma_load(w_desc, [row_g + I, k * BK], bar, w_smem.index(2 * s + 1))
                 g += 1
         pid_m, pid_n, e, first, n_e = pm1, pn1, e1, first1, n_e1
 
@@ -157,7 +157,7 @@ def _promote2(cg, cu, pg, pu, acc_g, acc_u, SWAP: gl.constexpr):
 def _release(ring, g, RING: gl.constexpr, STAGES: gl.constexpr):
     """Ring step ``g``'s wgmmas were waited for by every warp of the consumer: its slot may be refilled."""
     empty = ring[6]  # (a, w, s_x, S gate, S up, full, empty)
-    gl.thread_barrier()
+    cta_barrier()
     mbarrier.arrive(empty.index(RING + g % STAGES), count=1)
 
 

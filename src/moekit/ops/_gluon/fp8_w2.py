@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
+from .compat import tma_load
 from .common import block_expert, grid_wait, pid_to_tile, step_scale, w2_part_store
 
 
@@ -40,8 +41,8 @@ def _issue(a_desc, w_desc, a_smem, w_smem, bars, g, nk, row_a, row_w, STAGES: gl
         k = g - j * nk
     bar = bars.index(s)
     mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-    tma.async_copy_global_to_shared(w_desc, [row_w + j * BN, k * BK], bar, w_smem.index(s))
+    tma_load(a_desc, [row_a, k * BK], bar, a_smem.index(s))
+    tma_load(w_desc, [row_w + j * BN, k * BK], bar, w_smem.index(s))
 
 
 @gluon.jit
@@ -61,13 +62,13 @@ def ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, BM: gl
             if s < n_steps:
                 j = s // nk
                 mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(w_desc, [row_w + j * BN, (s - j * nk) * BK], bars.index(s),
+                tma_load(w_desc, [row_w + j * BN, (s - j * nk) * BK], bars.index(s),
                                                 w_smem.index(s))
         grid_wait()
         for s in gl.static_range(STAGES):
             if s < n_steps:
                 j = s // nk
-                tma.async_copy_global_to_shared(a_desc, [row_a, (s - j * nk) * BK], bars.index(s), a_smem.index(s))
+                tma_load(a_desc, [row_a, (s - j * nk) * BK], bars.index(s), a_smem.index(s))
     else:
         for s in gl.static_range(STAGES):
             if s < n_steps:

@@ -32,6 +32,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
 
+from .compat import cta_barrier
 from .._triton.align import slot_local_expert
 from .._triton.quant import to_dt
 from .common import block_expert, pid_to_tile
@@ -223,7 +224,7 @@ def _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc
     (``SliceLayout(0, L2)``), else from the align kernel's ``live`` [T]."""
     tok = slot // K
     tok64 = tok.to(gl.int64)
-    gl.thread_barrier()  # every thread's part stores precede the release below
+    cta_barrier()  # every thread's part stores precede the release below
     one = gl.full([BM], 1, gl.int32, layout=gl.SliceLayout(1, L2))
     old = gl.atomic_add(sem_ptr + tok64 * NBN + pid_n, one, mask=valid, sem="acq_rel", scope="gpu")
     if INLINE:
@@ -233,7 +234,7 @@ def _combine(part_ptr, sem_ptr, live_ptr, out_ptr, ids_ptr, tw_ptr, map_ptr, loc
         need = gl.load(live_ptr + tok64, mask=valid, other=0)
     last = valid & (old == need - 1)
     if gl.max(last.to(gl.int32), axis=0) > 0:
-        gl.thread_barrier()  # the acquiring atomics precede every thread's loads below
+        cta_barrier()  # the acquiring atomics precede every thread's loads below
         lt: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         tok_t = gl.convert_layout(tok, gl.SliceLayout(1, lt))
         last_t = gl.convert_layout(last, gl.SliceLayout(1, lt))

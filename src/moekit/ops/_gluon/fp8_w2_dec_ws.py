@@ -31,8 +31,9 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from .compat import cp_async_load, tma_load
 from .common import grid_wait, pid_to_tile, ring_barriers
 from .fp8_w2_dec import _combine, block_layout, part_store
 from .fp8_w2_ws import _mma, _steps
@@ -60,21 +61,21 @@ def _produce(ring, a_desc, w_desc, as_ptr, ws_ptr, e, pid_m, pid_n, H, I, stride
         for s0 in gl.static_range(STAGES):
             if s0 < nk:
                 mbarrier.expect(full.index(s0), nbytes)
-                tma.async_copy_global_to_shared(w_desc, [row_w, s0 * BK], full.index(s0), w_smem.index(s0))
+                tma_load(w_desc, [row_w, s0 * BK], full.index(s0), w_smem.index(s0))
         grid_wait()
     for k in range(nk):
         s = k % STAGES
         mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)  # the wgmma that read it is done
         bar = full.index(s)
-        async_copy.async_copy_global_to_shared(sa_smem.index(s), as_rows + k)
-        async_copy.async_copy_global_to_shared(sw_smem.index(s), ws_rows + k)
+        cp_async_load(sa_smem.index(s), as_rows + k)
+        cp_async_load(sw_smem.index(s), ws_rows + k)
         async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals per lane, once landed
         if PDL and k < STAGES:  # its bytes expected and its weight tile requested before the grid wait
-            tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
+            tma_load(a_desc, [row_a, k * BK], bar, a_smem.index(s))
         else:
             mbarrier.expect(bar, nbytes)
-            tma.async_copy_global_to_shared(a_desc, [row_a, k * BK], bar, a_smem.index(s))
-            tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
+            tma_load(a_desc, [row_a, k * BK], bar, a_smem.index(s))
+            tma_load(w_desc, [row_w, k * BK], bar, w_smem.index(s))
 
 
 @gluon.jit

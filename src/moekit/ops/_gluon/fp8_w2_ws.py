@@ -62,8 +62,9 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
+from .compat import cp_async_load, cta_barrier, tma_load
 from .common import block_tile, ring_barriers, tile_rows, tile_walk, w2_part_store
 
 #: registers per thread of a producer warp (its warpgroup is padded with idle warps that get as many)
@@ -103,12 +104,12 @@ def _produce(ring, args, C_ID: gl.constexpr, NC: gl.constexpr, BM: gl.constexpr,
                 s = RING + g % STAGES
                 mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # the wgmma that read it is done
                 bar = full.index(s)
-                async_copy.async_copy_global_to_shared(sa_smem.index(s), as_rows + k, mask=valid)
-                async_copy.async_copy_global_to_shared(sw_smem.index(s), ws_rows + k)
+                cp_async_load(sa_smem.index(s), as_rows + k, mask=valid)
+                cp_async_load(sw_smem.index(s), ws_rows + k)
                 async_copy.mbarrier_arrive(bar, increment_count=False)  # one of full[s]'s arrivals, once landed
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k * BK], bar, a_smem.index(s))
-                tma.async_copy_global_to_shared(w_desc, [row_w, k * BK], bar, w_smem.index(s))
+                tma_load(a_desc, [pid_m * BM, k * BK], bar, a_smem.index(s))
+                tma_load(w_desc, [row_w, k * BK], bar, w_smem.index(s))
                 g += 1
         pid_m, pid_n, e, first, n_e = pm1, pn1, e1, first1, n_e1
 
@@ -145,7 +146,7 @@ def _promote(c, sa, sw, acc, SWAP: gl.constexpr):
 @gluon.jit
 def _release(empty, g, RING: gl.constexpr, STAGES: gl.constexpr):
     """Ring step ``g``'s wgmma was waited for by every warp of the consumer: its slot may be refilled."""
-    gl.thread_barrier()
+    cta_barrier()
     mbarrier.arrive(empty.index(RING + g % STAGES), count=1)
 
 

@@ -35,6 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from .compat import cp_async_load, cta_barrier
 from .._triton.epilogue import activate
 from .._triton.quant import E2M1_BF16_ASM, INT4_BF16_ASM, MXFP4, to_dt
 from .common import block_expert, pid_to_tile
@@ -124,7 +125,7 @@ def _issue_x(x_smem, x_ptrs, x_mask, offs_v, Kx, k, nk, STAGES: gl.constexpr, BK
             m = x_mask
         else:
             m = x_mask & (offs_v < (Kx - k * BK) // 8)
-        async_copy.async_copy_global_to_shared(x_smem.index(k % STAGES), x_ptrs + k * BK, mask=m)
+        cp_async_load(x_smem.index(k % STAGES), x_ptrs + k * BK, mask=m)
 
 
 @gluon.jit
@@ -137,7 +138,7 @@ def _issue_w(p_smem, j, w_ptrs, w_mask, vid, KP, k, nk, BK: gl.constexpr, PACK: 
             m = w_mask
         else:
             m = w_mask & (vid < (KP - k * (BK // PACK)) // (32 // PACK))
-        async_copy.async_copy_global_to_shared(p_smem.index(j), w_ptrs + k * (BK // PACK), mask=m)
+        cp_async_load(p_smem.index(j), w_ptrs + k * (BK // PACK), mask=m)
 
 
 @gluon.jit
@@ -317,12 +318,12 @@ def w4_w13_kernel(
             w_smem.index(b).store(wg)
             w_smem.index(b + 1).store(wu)
             fence_async_shared()
-            gl.thread_barrier()  # every thread's rows and decoded weights of step k are in shared memory
+            cta_barrier()  # every thread's rows and decoded weights of step k are in shared memory
             acc_g = _mma(x_smem.index(slot), w_smem.index(b), acc_g, SWAP)
             acc_u = _mma(x_smem.index(slot), w_smem.index(b + 1), acc_u, SWAP)
             # step k - 1's are done (WBUF 2: step k's stay in flight; 1: its buffers are rewritten next step)
             acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2 * (WBUF - 1), deps=(acc_g, acc_u))
-            gl.thread_barrier()  # ... in every warpgroup: its slot and weight buffers may be refilled
+            cta_barrier()  # ... in every warpgroup: its slot and weight buffers may be refilled
             kn = k + STAGES - 1
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
                         PACK, EVEN_K, 2)
@@ -380,10 +381,10 @@ def w4_w2_sum_kernel(
             w = _decode(p_smem.index(slot).load(P_L), s0, QUANT, BN, BK)
             w_smem.index(k % WBUF).store(w)
             fence_async_shared()
-            gl.thread_barrier()
+            cta_barrier()
             acc = _mma(x_smem.index(slot), w_smem.index(k % WBUF), acc, SWAP)
             acc = warpgroup_mma_wait(num_outstanding=WBUF - 1, deps=(acc, ))
-            gl.thread_barrier()
+            cta_barrier()
             kn = k + STAGES - 1
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, kn, nk, STAGES, BK,
                         PACK, EVEN_K, 1)

@@ -63,6 +63,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from .compat import cta_barrier, smem_reinterpret
 from .._triton.quant import MXFP4
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _token_operand,
                  _w2_store, _w13_store, _w_ptrs, _x_operand)
@@ -142,7 +143,7 @@ def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G:
     NG: gl.constexpr = BK // G
     W32: gl.constexpr = G // 8  # 4-byte words per group: 16 bytes (mxfp4: 32 codes) or 4 int32 words of 8 nibbles
     L5: gl.constexpr = _words_layout(BN, NG, W32, num_warps)
-    words = p_slot._reinterpret(gl.uint32, [BN, NG, W32], _PLAIN).load(gl.SliceLayout(3, gl.SliceLayout(4, L5)))
+    words = smem_reinterpret(p_slot, gl.uint32, [BN, NG, W32], _PLAIN).load(gl.SliceLayout(3, gl.SliceLayout(4, L5)))
     q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, L5)))))
     sel = gl.expand_dims((q | ((q + 4) << 4))[None, None, None, :], 4)
     if SWORD:  # the row's word, the same for its NG groups; the group picks its byte inside the asm
@@ -202,7 +203,7 @@ def _ready(STAGES: gl.constexpr):
     """Step k's copies have landed for every thread (the fragments read other threads' bytes) and are visible to
     the wgmma."""
     async_copy.wait_group(STAGES - 2)
-    gl.thread_barrier()
+    cta_barrier()
     fence_async_shared()
 
 
@@ -283,7 +284,7 @@ def w4ra_w13_kernel(
                 acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
                 acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
             if not EARLY:
-                gl.thread_barrier()  # ... in every warp: its slot may be refilled
+                cta_barrier()  # ... in every warp: its slot may be refilled
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP,
                             k + STAGES - 1, nk, STAGES, BK, PACK, EVEN_K, 2)
             sg0, su0, sg1, su1 = sg1, su1, sg2, su2
@@ -340,7 +341,7 @@ def w4ra_w2_sum_kernel(
             w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
             acc = _mma_waited(w, x_smem.index(slot).permute((1, 0)), acc)
             if not EARLY:
-                gl.thread_barrier()
+                cta_barrier()
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, k + STAGES - 1,
                             nk, STAGES, BK, PACK, EVEN_K, 1)
             s0, s1 = s1, s2

@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .compat import cta_barrier
 from .common import block_expert, pid_to_tile, ring_barriers
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _decode, _issue_w, _issue_x, _nvmma, _p_layout, _pack,
                  _s_ptrs, _scales, _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
@@ -102,7 +103,7 @@ def _decoder(w_ptr, ws_ptr, p_smem, w_smem, full, empty, counts_ptr, row_start_p
                     wb = _decode(p_smem.index(j + 1).load(P_L), sb0, QUANT, BN, BK)
                     w_smem.index(NT * slot + 1).store(wb)
                 fence_async_shared()
-                gl.thread_barrier()  # every thread's decoded rows are stored
+                cta_barrier()  # every thread's decoded rows are stored
                 mbarrier.arrive(full.index(slot), count=1)
                 jn = RING + NT * ((c + i + STAGES - 1) % STAGES)  # the slot read one step ago (own bytes only)
                 _issue_w(p_smem, jn, pa, w_mask, vid, KP, k + (STAGES - 1) * ND, nk, BK, PACK, EVEN_K)
@@ -127,7 +128,7 @@ def _mma_steps(x_smem, w_smem, full, empty, x_ptrs, x_mask, offs_v, KD, g, acc_a
         async_copy.commit_group()
     for k in range(nk):
         async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # every thread's rows of step k have landed
+        cta_barrier()  # every thread's rows of step k have landed
         fence_async_shared()  # ... and are visible to the wgmma
         gs = g + k
         slot = gs % D
@@ -139,7 +140,7 @@ def _mma_steps(x_smem, w_smem, full, empty, x_ptrs, x_mask, offs_v, KD, g, acc_a
             acc_a, acc_b = warpgroup_mma_wait(num_outstanding=2, deps=(acc_a, acc_b))
         else:
             acc_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc_a, ))
-        gl.thread_barrier()  # every warp is past step k - 1's wgmmas
+        cta_barrier()  # every warp is past step k - 1's wgmmas
         if k > 0:
             mbarrier.arrive(empty.index((gs + D - 1) % D), count=1)
         _issue_x(x_smem, x_ptrs, x_mask, offs_v, KD, k + STAGES - 1, nk, STAGES, BK, EVEN_K)
@@ -149,7 +150,7 @@ def _mma_steps(x_smem, w_smem, full, empty, x_ptrs, x_mask, offs_v, KD, g, acc_a
     else:
         acc_a = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, ))
     async_copy.wait_group(0)
-    gl.thread_barrier()  # the x ring is free for the next tile
+    cta_barrier()  # the x ring is free for the next tile
     mbarrier.arrive(empty.index((g + nk - 1) % D), count=1)
     return acc_a, acc_b
 

@@ -95,3 +95,33 @@ def _interpreter_nested_call_shim() -> None:
 
 
 _interpreter_nested_call_shim()
+
+
+def _interpreter_compare_shim() -> None:
+    """Triton 3.9's interpreter labels a comparison's result with its operands' type (``binary_op`` keeps
+    ``lhs.dtype``) although it holds booleans; splatting a scalar comparison to a block then makes an integer
+    array, and the interpreter's load refuses it as a mask ("mask has unsupported dtype"): ``hmask & (tok < T)``
+    fails. Label boolean comparison results ``int1``, as compiled code types them. Only touches the
+    interpreter, and only when it is enabled."""
+    interpreter = _interpreter_to_shim("_moekit_compare_shim")
+    if interpreter is None:
+        return
+    import numpy as np
+    import triton.language as tl
+
+    builder = interpreter.InterpreterBuilder
+    handle = interpreter.TensorHandle
+
+    def as_int1(compare):
+        def create(self, lhs, rhs):
+            out = compare(self, lhs, rhs)
+            return handle(out.data, tl.int1) if out.data.dtype == np.bool_ and out.dtype != tl.int1 else out
+        return create
+
+    for name in dir(builder):
+        if name.startswith(("create_icmp", "create_fcmp")):
+            setattr(builder, name, as_int1(getattr(builder, name)))
+    interpreter._moekit_compare_shim = True
+
+
+_interpreter_compare_shim()

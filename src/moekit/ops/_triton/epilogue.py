@@ -34,8 +34,8 @@ def activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
         r = tl.maximum(g, 0.0)
         return r * r
     if ACT == SOFTCAP_SWIGLU:  # c·tanh(x/c) = c·(2·sigmoid(2x/c) - 1)
-        gc = CAP_G * (2.0 * _sigmoid(2.0 * g / CAP_G) - 1.0)
-        uc = CAP_U * (2.0 * _sigmoid(2.0 * u / CAP_U) - 1.0)
+        gc = (2.0 * _sigmoid(2.0 * g / CAP_G) - 1.0) * CAP_G
+        uc = (2.0 * _sigmoid(2.0 * u / CAP_U) - 1.0) * CAP_U
         return gc * _sigmoid(g) * uc
     if ACT == SILU_POST_CLAMP:  # min(silu(g), L) · clamp(u, ±L)
         s = g * _sigmoid(g)
@@ -53,7 +53,7 @@ def activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
     if ACT == GELU_TANH:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
         y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g * _sigmoid(2.0 * y) * u
-    return (u + 1.0) * g * _sigmoid(OAI_ALPHA * g)  # swigluoai: the one code left
+    return (u + 1.0) * g * _sigmoid(g * OAI_ALPHA)  # swigluoai: the one code left
 
 
 @triton.jit

@@ -1,0 +1,133 @@
+"""Kernel code that newer Triton releases run differently from Triton 3.6 (the pinned test version).
+
+The library must work with the newest Triton; these checks fail on any Triton when the code or the shims regress,
+not only on the release that showed the defect (Triton 3.9.0, whose interpreter failed 55 kernel tests before).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+import moekit.ops._triton  # noqa: E402,F401  (installs the interpreter shims)
+
+KERNELS = Path(moekit.ops._triton.__file__).parent
+
+
+def _constexpr_globals(tree: ast.Module) -> set[str]:
+    """Module-level names bound to ``tl.constexpr(...)``."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            f = node.value.func
+            if isinstance(f, ast.Attribute) and f.attr == "constexpr":
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_no_module_constexpr_on_the_left_of_arithmetic():
+    # Triton 3.9's interpreter evaluates `C * x` (C a module-level tl.constexpr, x a tensor) as a constexpr
+    # wrapping a tensor, and the next call fails ("cannot convert ... to tensor"): swigluoai's `OAI_ALPHA * g`
+    # broke every gpt-oss launch. `x * C` is the same product (IEEE multiplication commutes) on every version.
+    bad = []
+    for path in sorted(KERNELS.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        consts = _constexpr_globals(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.BinOp) and isinstance(node.left, ast.Name) and node.left.id in consts
+                    and not isinstance(node.right, ast.Constant)):
+                bad.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, bad
+
+
+def test_the_checker_sees_a_constant_on_the_left():
+    # the check above must be able to fail
+    tree = ast.parse("import triton.language as tl\nA = tl.constexpr(2.0)\ndef f(g):\n    return A * g\n")
+    consts = _constexpr_globals(tree)
+    hits = [n for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.left, ast.Name)
+            and n.left.id in consts]
+    assert consts == {"A"} and len(hits) == 1
+
+
+@triton.jit
+def _masked_copy(x_ptr, o_ptr, T, N, BH: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BH)
+    hmask = h < N
+    v = tl.load(x_ptr + h, mask=hmask & (tok < T), other=0)  # a block mask and a scalar comparison
+    tl.store(o_ptr + tok * N + h, v, mask=hmask)
+
+
+def test_a_scalar_comparison_in_a_block_mask():
+    # Triton 3.9's interpreter typed a comparison like its operands (int64 here), so the scalar `tok < T`
+    # splatted to an integer block and its load refused the mask; moekit's shim types comparisons int1
+    # (as compiled code does). The mask of a row past T loads nothing.
+    x = torch.arange(1, 17, dtype=torch.int32)
+    out = torch.full((3, 13), -1, dtype=torch.int32)
+    _masked_copy[(3,)](x, out, 2, 13, BH=16)
+    assert torch.equal(out[:2], x[:13].expand(2, 13)) and torch.equal(out[2], torch.zeros(13, dtype=torch.int32))
+
+
+def test_comparisons_are_typed_int1_in_the_interpreter():
+    from triton import knobs
+    if not knobs.runtime.interpret:
+        pytest.skip("the shim touches the interpreter only")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    b = interpreter.InterpreterBuilder()
+    lhs = interpreter.TensorHandle(np.array([3], dtype=np.int64), tl.int64)
+    rhs = interpreter.TensorHandle(np.array([5], dtype=np.int64), tl.int64)
+    for name in ("create_icmpSLT", "create_icmpEQ"):
+        out = getattr(b, name)(lhs, rhs)
+        assert out.dtype == tl.int1 and out.data.dtype == np.bool_, name
+    f = interpreter.TensorHandle(np.array([1.5], dtype=np.float32), tl.float32)
+    assert b.create_fcmpOLT(f, f).dtype == tl.int1
+
+
+def test_every_launch_pins_fma_contraction(monkeypatch):
+    # Triton 3.9 warns that unset `enable_fp_fusion` turns FMA contraction off from 3.10 on; every moekit launch
+    # (router gate and its column-chunk sum, routing, zero experts, bf16 and fp8 experts with the input quantiser)
+    # asks for it, so a release's default never changes the kernels' bits
+    from triton import knobs
+    if not knobs.runtime.interpret:
+        pytest.skip("records the launches through the interpreter")
+    from triton.runtime import interpreter
+
+    from moekit.ops.formats import Fp8BlockFormat
+    from moekit.ops.quantize import quantize_experts
+    from moekit.ops.triton_experts import fused_experts_triton
+    from moekit.ops.triton_experts_quant import fused_experts_quant_triton
+    from moekit.ops.triton_gate import GATE_KS, router_gate_impl
+    from moekit.ops.triton_routing import route_impl
+    from moekit.ops.triton_zero import zero_combine_impl, zero_slots_impl
+
+    seen = []
+    run = interpreter.InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kw):
+        seen.append((self.fn.__name__, kw.get("enable_fp_fusion")))
+        return run(self, *args, grid=grid, warmup=warmup, **kw)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording)
+    g = torch.Generator().manual_seed(0)
+    t, e, k, h, i = 3, 4, 2, GATE_KS + 32, 32  # H past one gate chunk: the gate's partial sums take a second kernel
+    x = torch.randn(t, h, generator=g)
+    logits = router_gate_impl(x, torch.randn(e, h, generator=g), None, torch.float32)
+    w, ids = route_impl(logits, None, k, "softmax", True, 1.0, 1, 1, torch.int32)
+    zero_ids = torch.tensor([[0, e], [1, 2], [e + 1, 3]], dtype=torch.int32)  # two zero-expert slots
+    w_real, ids_real, zero = zero_slots_impl(x, w, zero_ids, e)
+    w13, w2 = torch.randn(e, 2 * i, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+    routed = fused_experts_triton(x, w13, w2, w_real, ids_real)
+    zero_combine_impl(routed, zero, 1.0)
+    fmt = Fp8BlockFormat(32, 32)
+    w13_q, w2_q, s13, s2 = quantize_experts(w13, w2, fmt)
+    fused_experts_quant_triton(x, w13_q, w2_q, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+    names = {n for n, _ in seen}
+    assert {"gate_kernel", "gate_sum_kernel", "route_kernel", "zero_slots_kernel", "zero_combine_kernel",
+            "w13_kernel", "w2_kernel", "act_quant_kernel"} <= names, names
+    assert [n for n, fusion in seen if fusion is not True] == []
