@@ -754,6 +754,11 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r40-a)  # round 40: the whole GPU suite on this round's code (Gluon builtins under one name for Triton 3.6 and 3.9,
+    # every launch asking for FMA contraction, the swigluoai epilogue's operands swapped; sm_90 PTX unchanged on CPU)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r40a-gpu 560 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=15 tests
+    ;;
   r39-d)  # round 39, final code after the review of the diff (the norm path in experts/output_norm.py, the graphs'
     # plan tracking the routed experts as the norm's parent): the norm and graphed-layer GPU tests
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
