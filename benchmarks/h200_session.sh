@@ -754,6 +754,10 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r40-b)  # round 40: the whole GPU suite again, six workers (r40-a's four reached 83 % in 560 s, no failure)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r40b-gpu 575 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu --durations=15 tests
+    ;;
   r40-a)  # round 40: the whole GPU suite on this round's code (Gluon builtins under one name for Triton 3.6 and 3.9,
     # every launch asking for FMA contraction, the swigluoai epilogue's operands swapped; sm_90 PTX unchanged on CPU)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
