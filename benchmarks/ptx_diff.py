@@ -1,0 +1,82 @@
+"""Does a source change alter the compiled sm_90 kernels? Compile every kernel form for sm_90 on the CPU (Triton's real
+compiler, :mod:`compile_sm90`) from two source trees and compare their PTX, line-number records and debug sections
+left out (they move with any edit).
+
+    python benchmarks/ptx_diff.py OLD_ROOT NEW_ROOT       # e.g. a `git worktree add /tmp/head HEAD` and .
+
+Each tree compiles in its own process with its own Triton cache. Prints one line per kernel (its PTX hash in each
+tree, ``DIFF`` where they differ) and exits 1 if any differs. Round 40: every form was the same before and after
+the Triton 3.9 changes, under Triton 3.6.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# (name, the call of compile_sm90 that returns the CompiledKernel)
+GLUON = [
+    ("gluon fp8 w2", "c.gluon_fp8_w2()"),
+    ("gluon fp8 w2 ws", "c.gluon_fp8_w2_ws()"),
+    ("gluon fp8 w13", "c.gluon_fp8_w13()"),
+    ("gluon fp8 w13 swigluoai", "c.gluon_fp8_w13(h=2880, i=2880, act='swigluoai', bias=True)"),
+    ("gluon fp8 w13 ws", "c.gluon_fp8_w13_ws()"),
+    ("gluon w4 w13", "c.gluon_w4('w13')"),
+    ("gluon w4 w2", "c.gluon_w4('w2')"),
+    ("gluon w4 rega w13", "c.gluon_w4('w13', rega=True)"),
+    ("gluon w4 rega w2", "c.gluon_w4('w2', rega=True)"),
+    ("gluon w4 ws w13", "c.gluon_w4('w13', wspec=(2, 80))"),
+]
+# the launcher's Triton kernels: (format, tokens, shape of compile_sm90.SHAPES)
+LAUNCHES = [(f, t, s) for f in ("bf16", "fp8_block", "fp8_channel", "mxfp4", "int4_g32") for t in (1, 64, 1000)
+            for s in ("gpt-oss", "deepseek")]
+
+CHILD = r"""
+import hashlib, re, sys
+import compile_sm90 as c
+def h(ptx):
+    ptx = re.split(r"\.section\s+\.debug", ptx)[0]
+    keep = [ln for ln in ptx.split("\n") if not ln.strip().startswith((".loc", ".file", "//"))]
+    return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:12]
+for name, call in GLUON:
+    print(name, h(eval(call).asm["ptx"]), flush=True)
+for fmt, t, shape in LAUNCHES:
+    for n, (kf, args, kw) in enumerate(c.launches(c.FORMATS[fmt], t, shape)):
+        print(f"{fmt} T={t} {shape} #{n} {kf.__name__}", h(c.compile_launch(kf, args, kw).asm["ptx"]), flush=True)
+"""
+
+
+def hashes(root: str) -> dict[str, str]:
+    """{kernel: PTX hash} of the tree at ``root``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.pathsep.join([os.path.join(root, "src"), os.path.join(root, "benchmarks")]),
+               TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="ptx_diff_"))
+    code = f"GLUON = {GLUON!r}\nLAUNCHES = {LAUNCHES!r}\n" + CHILD
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{root}: compiling failed\n{res.stderr[-3000:]}")
+    line = re.compile(r"^(.+) ([0-9a-f]{12})$")
+    return {m.group(1): m.group(2) for m in map(line.match, res.stdout.splitlines()) if m}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    old, new = hashes(argv[0]), hashes(argv[1])
+    differ = 0
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, "-"), new.get(name, "-")
+        differ += a != b
+        print(f"{name:48s} {a} {b}{'  DIFF' if a != b else ''}")
+    print(f"{len(set(old) | set(new))} kernels, {differ} differ")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
