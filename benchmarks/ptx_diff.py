@@ -11,7 +11,6 @@ the Triton 3.9 changes, under Triton 3.6.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
