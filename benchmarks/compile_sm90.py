@@ -33,6 +33,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from moekit.ops._device import KERNEL_OPTIONS  # noqa: E402
 from moekit.ops import triton_configs as tc  # noqa: E402
 from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.triton_experts import fused_experts_impl  # noqa: E402
@@ -62,7 +63,7 @@ def compile_launch(fn: JITFunction, args, kwargs):
     holds the ttir, ttgir, llir, ptx and cubin). Triton's cache applies (a second call is fast)."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(kwargs, debug=False, instrumentation_mode="")
+    kwargs = {**KERNEL_OPTIONS, **kwargs, "debug": False, "instrumentation_mode": ""}  # as every moekit launch
     kwargs.pop("launch_pdl", None)
     bound, spec, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)

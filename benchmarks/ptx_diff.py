@@ -1,11 +1,14 @@
-"""Does a source change alter the compiled sm_90 kernels? Compile every kernel form for sm_90 on the CPU (Triton's real
-compiler, :mod:`compile_sm90`) from two source trees and compare their PTX, line-number records and debug sections
-left out (they move with any edit).
+"""Does a source change alter the compiled sm_90 kernels? Compile the experts' kernel forms for sm_90 on the CPU
+(Triton's real compiler, :mod:`compile_sm90`) from two source trees and compare their PTX, line-number records and
+debug sections left out (they move with any edit). Covered: the launcher's Triton kernels (align, input quantiser,
+w13, w2, sum pass) for five formats, three token counts and three activations (silu; swigluoai with biases;
+softcap_swiglu), and eleven Gluon GEMM forms. Not covered: the Gluon fp8 decode kernels, the router gate, routing
+and zero-expert kernels (their compile checks live in the tests).
 
     python benchmarks/ptx_diff.py OLD_ROOT NEW_ROOT       # e.g. a `git worktree add /tmp/head HEAD` and .
 
 Each tree compiles in its own process with its own Triton cache. Prints one line per kernel (its PTX hash in each
-tree, ``DIFF`` where they differ) and exits 1 if any differs. Round 40: every form was the same before and after
+tree, ``DIFF`` where they differ, ``ERR`` where a tree failed to compile it) and exits 1 if any differs or failed. Round 40: every form was the same before and after
 the Triton 3.9 changes, under Triton 3.6.
 """
 
@@ -29,10 +32,12 @@ GLUON = [
     ("gluon w4 rega w13", "c.gluon_w4('w13', rega=True)"),
     ("gluon w4 rega w2", "c.gluon_w4('w2', rega=True)"),
     ("gluon w4 ws w13", "c.gluon_w4('w13', wspec=(2, 80))"),
+    ("gluon w4 ws w2", "c.gluon_w4('w2', wspec=(2, 80))"),
 ]
 # the launcher's Triton kernels: (format, tokens, shape of compile_sm90.SHAPES)
+SOFTCAP = (16, 4, 1024, 512, "softcap_swiglu", False)  # (E, K, H, I, activation, bias), as compile_sm90.SHAPES
 LAUNCHES = [(f, t, s) for f in ("bf16", "fp8_block", "fp8_channel", "mxfp4", "int4_g32") for t in (1, 64, 1000)
-            for s in ("gpt-oss", "deepseek")]
+            for s in ("gpt-oss", "deepseek", SOFTCAP)]
 
 CHILD = r"""
 import hashlib, re, sys
@@ -41,24 +46,31 @@ def h(ptx):
     ptx = re.split(r"\.section\s+\.debug", ptx)[0]
     keep = [ln for ln in ptx.split("\n") if not ln.strip().startswith((".loc", ".file", "//"))]
     return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:12]
+def show(name, make):
+    try:
+        print(name, h(make().asm["ptx"]), flush=True)
+    except Exception as exc:  # one form failing in a tree: reported, the others still compile
+        print(name, "ERR " + type(exc).__name__, flush=True)
 for name, call in GLUON:
-    print(name, h(eval(call).asm["ptx"]), flush=True)
+    show(name, lambda: eval(call))
 for fmt, t, shape in LAUNCHES:
+    label = shape if isinstance(shape, str) else shape[4]
     for n, (kf, args, kw) in enumerate(c.launches(c.FORMATS[fmt], t, shape)):
-        print(f"{fmt} T={t} {shape} #{n} {kf.__name__}", h(c.compile_launch(kf, args, kw).asm["ptx"]), flush=True)
+        show(f"{fmt} T={t} {label} #{n} {kf.__name__}", lambda: c.compile_launch(kf, args, kw))
 """
 
 
 def hashes(root: str) -> dict[str, str]:
     """{kernel: PTX hash} of the tree at ``root``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join([os.path.join(root, "src"), os.path.join(root, "benchmarks")]),
-               TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="ptx_diff_"))
     code = f"GLUON = {GLUON!r}\nLAUNCHES = {LAUNCHES!r}\n" + CHILD
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="ptx_diff_") as cache:
+        env.update(PYTHONPATH=os.pathsep.join([os.path.join(root, "src"), os.path.join(root, "benchmarks")]),
+                   TRITON_CACHE_DIR=cache)
+        res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{root}: compiling failed\n{res.stderr[-3000:]}")
-    line = re.compile(r"^(.+) ([0-9a-f]{12})$")
+    line = re.compile(r"^(.+) ([0-9a-f]{12}|ERR \w+)$")
     return {m.group(1): m.group(2) for m in map(line.match, res.stdout.splitlines()) if m}
 
 
@@ -71,7 +83,7 @@ def main(argv=None) -> int:
     differ = 0
     for name in sorted(set(old) | set(new)):
         a, b = old.get(name, "-"), new.get(name, "-")
-        differ += a != b
+        differ += a != b or a.startswith("ERR")
         print(f"{name:48s} {a} {b}{'  DIFF' if a != b else ''}")
     print(f"{len(set(old) | set(new))} kernels, {differ} differ")
     return 1 if differ else 0

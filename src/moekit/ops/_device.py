@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+from types import MappingProxyType
 
 import torch
 from triton import knobs
 
 # Compile options of every moekit kernel launch. FMA contraction stays on, as the kernels were measured and their bits
-# checked with it: Triton 3.9 warns that its default turns off in 3.10 when a launch leaves the option unset.
-KERNEL_OPTIONS = {"enable_fp_fusion": True}
+# checked with it: Triton 3.9 warns that its default turns off in 3.10 when a launch leaves the option unset. Being
+# explicit, it also outranks a user's TRITON_DEFAULT_FP_FUSION=0 (TRITON_FORCE_DISABLE_FP_FUSION still wins in 3.9).
+KERNEL_OPTIONS = MappingProxyType({"enable_fp_fusion": True})
 
 
 def pdl_ok(device: torch.device) -> bool:

@@ -1,6 +1,7 @@
 """Gluon builtins whose names changed between the Triton releases moekit supports (3.6 and newer), under one name.
 
-Each alias is the same builtin object, so the kernels compile to the same code on every release:
+Each alias is the release's builtin object itself (the new name first: 3.9 keeps some old names as stubs that only
+raise), so a kernel compiles to what calling that release's builtin directly gives:
 
 - ``cta_barrier``: a barrier over the CTA's threads (``gl.thread_barrier`` in Triton 3.6, ``gl.barrier`` from 3.9);
 - ``tma_load``: a TMA copy of a descriptor's box into shared memory, arriving on an mbarrier
@@ -17,7 +18,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import tma
 
-cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 smem_reinterpret = (getattr(gl.shared_memory_descriptor, "reinterpret", None)

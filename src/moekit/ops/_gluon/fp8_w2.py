@@ -62,8 +62,7 @@ def ring(a_desc, w_desc, n_steps, nk, row_a, row_w, STAGES: gl.constexpr, BM: gl
             if s < n_steps:
                 j = s // nk
                 mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                tma_load(w_desc, [row_w + j * BN, (s - j * nk) * BK], bars.index(s),
-                                                w_smem.index(s))
+                tma_load(w_desc, [row_w + j * BN, (s - j * nk) * BK], bars.index(s), w_smem.index(s))
         grid_wait()
         for s in gl.static_range(STAGES):
             if s < n_steps:

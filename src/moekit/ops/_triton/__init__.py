@@ -98,11 +98,11 @@ _interpreter_nested_call_shim()
 
 
 def _interpreter_compare_shim() -> None:
-    """Triton 3.9's interpreter labels a comparison's result with its operands' type (``binary_op`` keeps
-    ``lhs.dtype``) although it holds booleans; splatting a scalar comparison to a block then makes an integer
-    array, and the interpreter's load refuses it as a mask ("mask has unsupported dtype"): ``hmask & (tok < T)``
-    fails. Label boolean comparison results ``int1``, as compiled code types them. Only touches the
-    interpreter, and only when it is enabled."""
+    """The interpreter (3.6 and 3.9 alike) labels a comparison's result with its operands' type (``binary_op``
+    keeps ``lhs.dtype``) although it holds booleans; splatting a scalar comparison to a block then makes an integer
+    array. Triton 3.6's load took that as a mask; 3.9's refuses it ("mask has unsupported dtype"), so
+    ``hmask & (tok < T)`` fails. Label boolean comparison results ``int1``, as compiled code types them, on every
+    release (3.6's suite passes with it). Only touches the interpreter, and only when it is enabled."""
     interpreter = _interpreter_to_shim("_moekit_compare_shim")
     if interpreter is None:
         return
