@@ -754,6 +754,13 @@ case $WHAT in
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     sweep 330
     ;;
+  r40-c)  # round 40, final code after the review (KERNEL_OPTIONS a read-only mapping, compat's new names first):
+    # GPU tests of each launch site (experts, routing, gate, Gluon fp8 decode, the raw graph replays)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r40c-gpu 250 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 4 -m gpu --durations=5 \
+      tests/ops/test_triton_experts.py tests/ops/test_triton_routing.py tests/loading/test_router_linear.py \
+      tests/ops/test_gluon_fp8_dec.py tests/experts/test_graphed_raw_gpu.py
+    ;;
   r40-b)  # round 40: the whole GPU suite again, six workers (r40-a's four reached 83 % in 560 s, no failure)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r40b-gpu 575 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu --durations=15 tests
