@@ -15,9 +15,8 @@ from typing import Optional
 
 import torch
 import triton
-from triton import knobs
 
-from ._device import KERNEL_OPTIONS
+from ._device import KERNEL_OPTIONS, interpreting
 from ._eager import direct_call_ok
 from ._triton.gate import gate_kernel, gate_sum_kernel
 
@@ -62,7 +61,7 @@ def router_gate_impl(x, weight, bias, out_dtype):
         return out
     splits = gate_chunks(h)
     ieee = not (x.dtype == weight.dtype and x.dtype in _HALF)
-    interp = bool(knobs.runtime.interpret)
+    interp = interpreting()
     part = None if splits == 1 else torch.empty(splits, min(t, GATE_ROWS), n, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else weight
     step = GATE_ROWS if splits > 1 else t

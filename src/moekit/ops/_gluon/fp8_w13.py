@@ -30,8 +30,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .compat import cp_async_load, cta_barrier, tma_load
 from .common import block_expert, pid_to_tile, step_scale, w13_store
+from .compat import cp_async_load, cta_barrier, tma_load
 
 
 @gluon.jit

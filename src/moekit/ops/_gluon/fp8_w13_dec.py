@@ -38,8 +38,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .compat import cp_async_load, tma_load
 from .common import grid_launch_dependents, grid_wait, pid_to_tile, ring_barriers, w13_store
+from .compat import cp_async_load, tma_load
 from .fp8_w13_ws import _mma2, _steps
 from .fp8_w2_dec import block_layout
 

@@ -64,8 +64,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .compat import cp_async_load, cta_barrier, tma_load
 from .common import block_tile, ring_barriers, tile_walk, w13_store
+from .compat import cp_async_load, cta_barrier, tma_load
 
 #: registers per thread of the producers' warpgroup (two 2-warp producers, or one of 2 or 4 warps, padded)
 PRODUCER_REGS = gl.constexpr(48)

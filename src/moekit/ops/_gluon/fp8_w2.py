@@ -22,8 +22,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .compat import tma_load
 from .common import block_expert, grid_wait, pid_to_tile, step_scale, w2_part_store
+from .compat import tma_load
 
 
 @gluon.jit

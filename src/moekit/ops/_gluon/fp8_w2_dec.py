@@ -32,10 +32,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
 
-from .compat import cta_barrier
 from .._triton.align import slot_local_expert
 from .._triton.quant import to_dt
 from .common import block_expert, pid_to_tile
+from .compat import cta_barrier
 from .fp8_w2 import _mma, _promote, ring
 
 

@@ -33,8 +33,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .compat import cp_async_load, tma_load
 from .common import grid_wait, pid_to_tile, ring_barriers
+from .compat import cp_async_load, tma_load
 from .fp8_w2_dec import _combine, block_layout, part_store
 from .fp8_w2_ws import _mma, _steps
 

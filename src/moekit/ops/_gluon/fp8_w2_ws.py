@@ -64,8 +64,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .compat import cp_async_load, cta_barrier, tma_load
 from .common import block_tile, ring_barriers, tile_rows, tile_walk, w2_part_store
+from .compat import cp_async_load, cta_barrier, tma_load
 
 #: registers per thread of a producer warp (its warpgroup is padded with idle warps that get as many)
 PRODUCER_REGS = gl.constexpr(40)

@@ -35,10 +35,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .compat import cp_async_load, cta_barrier
 from .._triton.epilogue import activate
 from .._triton.quant import E2M1_BF16_ASM, INT4_BF16_ASM, MXFP4, to_dt
 from .common import block_expert, pid_to_tile
+from .compat import cp_async_load, cta_barrier
 
 _PLAIN = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))  # the packed ring: each thread reads its own copies
 

@@ -63,11 +63,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .compat import cta_barrier, smem_reinterpret
 from .._triton.quant import MXFP4
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _token_operand,
                  _w2_store, _w13_store, _w_ptrs, _x_operand)
 from .common import pid_to_tile
+from .compat import cta_barrier, smem_reinterpret
 
 def _pair_sel(j: int, zero_fill: bool) -> str:
     """``prmt`` selector that puts byte j of ``lo`` (first source) into byte 0 and byte j of ``hi`` (second) into

@@ -39,8 +39,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .compat import cta_barrier
 from .common import block_expert, pid_to_tile, ring_barriers
+from .compat import cta_barrier
 from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _decode, _issue_w, _issue_x, _nvmma, _p_layout, _pack,
                  _s_ptrs, _scales, _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
 
