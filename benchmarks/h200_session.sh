@@ -81,7 +81,86 @@ raw_eager() {  # raw_eager PREFIX (round 26): the graphed-layer and patched-mode
     --out "$OUT/$p-ab-oss.json"
 }
 
+t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the two halves r41-a / r41-b stashed in /tmp/t39
+  # (a pruned cp312 wheel: libtriton stripped, no AMD backend, profiler or pre-sm_90 ptxas; 52 MB as tar.xz, two halves
+  # because a call carries at most 64 MiB with the tree), unpacked once into /tmp/site39; puts it ahead of the
+  # machine's Triton 3.6 for this shell and its children
+  if [ ! -d /tmp/site39/triton ]; then
+    cat /tmp/t39/part00 /tmp/t39/part01 > /tmp/t39/t39.tar.xz || return 1
+    echo "f246ea5a962b52fc32f94305884edb26b8c3536ccedb2938f7390dec57b2ee7f  /tmp/t39/t39.tar.xz" | sha256sum -c - || return 1
+    mkdir -p /tmp/site39 && tar xJf /tmp/t39/t39.tar.xz -C /tmp/site39 || return 1
+  fi
+  export PYTHONPATH="$REPO/src:/tmp/site39"
+  python -c "import triton, torch; print('triton', triton.__version__, triton.__file__, 'torch', torch.__version__)"
+}
+
 case $WHAT in
+  r41-d2)  # round 41, right after r41-d on the same machine (run as one inline command then, here as a case): the
+    # points r41-d found slower under 3.9, in the reverse order (3.9 first, then 3.6)
+    B="--quant bf16,mxfp4 --models mixtral-8x7b,qwen3-30b-a3b --tokens 1024,4096 --fast"
+    ( t39_site && timeout 200 python -m moekit bench $B --out "$OUT/t39" ) > "$OUT/r41d2-bench39.log" 2>&1
+    timeout 200 python -m moekit bench $B --out "$OUT/t36" > "$OUT/r41d2-bench36.log" 2>&1
+    rm -f "$OUT"/t3*/*.png
+    python benchmarks/triton_ab.py "$OUT"/t36/*.json "$OUT"/t39/*.json --labels 3.6,3.9 --md "$OUT/r41d2-ab.md"
+    ;;
+  r41-f)  # round 41: µs per kernel of Mixtral's bf16 and mxfp4 steps at T = 1024 / 4096 under 3.9, then 3.6 (needs r41-a
+    # and r41-b or r41-e first on the same warm machine; run inline this round without the guard below, on a machine
+    # started bare, both runs were 3.6: -r41f-profile-triton3.6-twice.log)
+    P="--formats bf16,mxfp4 --points mixtral-8x7b:1024,mixtral-8x7b:4096"
+    ( t39_site && timeout 150 python benchmarks/kernel_profile.py $P --out "$OUT/p39.json" ) > "$OUT/r41f-prof39.log" 2>&1 \
+      || { echo "no Triton 3.9"; exit 1; }
+    timeout 150 python benchmarks/kernel_profile.py $P --out "$OUT/p36.json" > "$OUT/r41f-prof36.log" 2>&1
+    ;;
+  r41-e)  # round 41 (after r41-a on a fresh machine): the eager rows (host enqueue µs per call, and GPU µs) under
+    # Triton 3.6, 3.9.0, 3.6 again on one machine; the first and last 3.6 runs bound the drift
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    cp .t39b/part01 /tmp/t39/ 2>/dev/null
+    E="--eager-only --eager-tokens 1,8,64 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b"
+    step r41e-eager36a 120 python -m moekit bench $E --out "$OUT/e36a"
+    ( t39_site && step r41e-eager39 150 python -m moekit bench $E --out "$OUT/e39" ) || echo "no Triton 3.9"
+    step r41e-eager36b 120 python -m moekit bench $E --out "$OUT/e36b"
+    rm -f "$OUT"/e3*/*.png "$OUT/pip.log"  # at most 8 files come back
+    for m in host_us us; do
+      python benchmarks/triton_ab.py "$OUT"/e36a/*.json "$OUT"/e39/*.json --labels 3.6,3.9 --metric $m \
+        $([ $m = host_us ] && echo --md "$OUT/r41e-ab-host.md") | tail -6
+      python benchmarks/triton_ab.py "$OUT"/e36a/*.json "$OUT"/e36b/*.json --labels 3.6a,3.6b --metric $m | tail -6
+    done
+    ;;
+  r41-a)  # round 41: the first half of Triton 3.9.0 stashed for r41-b (see t39_site); the machine's versions
+    rm -rf /tmp/t39 /tmp/site39; mkdir -p /tmp/t39 && cp .t39a/part00 /tmp/t39/ && ls -la /tmp/t39
+    python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+    ;;
+  r41-b)  # round 41: the whole GPU suite under Triton 3.9.0 (torch 2.11 as installed), six workers (eight ran out of
+    # GPU memory); the log also kept in /tmp for r41-c (the tests it did not reach)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    cp .t39b/part01 /tmp/t39/ && t39_site || { echo "no Triton 3.9"; exit 1; }
+    step r41b-gpu 555 python -m pytest -v -p no:cacheprovider -rf --tb=short -n 6 -m gpu --durations=15 tests
+    cp "$OUT/r41b-gpu.log" /tmp/r41b-gpu.log
+    ;;
+  r41-c)  # round 41: under Triton 3.9.0, the GPU tests r41-b did not reach (its -v log names each finished test)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    t39_site || { echo "no Triton 3.9"; exit 1; }
+    step r41c-gpu 540 python - <<'PY'
+import re, subprocess, sys
+import pytest
+ids = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                      "tests"], capture_output=True, text=True).stdout.split("\n")
+ids = [i.strip() for i in ids if "::" in i]
+done = set(re.findall(r"(?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+)", open("/tmp/r41b-gpu.log").read()))
+rest = [i for i in ids if i not in done]
+print(f"{len(ids)} collected, {len(done)} finished in r41-b, {len(rest)} to run", flush=True)
+sys.exit(pytest.main(["-v", "-p", "no:cacheprovider", "-rf", "--tb=short", "-n", "6", *rest]) if rest else 0)
+PY
+    ;;
+  r41-d)  # round 41: moekit bench under Triton 3.6 then 3.9.0 on one machine (bf16, fp8, mxfp4; four models, four T),
+    # the two side by side (benchmarks/triton_ab.py)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    B="--quant bf16,fp8,mxfp4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --tokens 1,64,1024,4096 --fast"
+    step r41d-bench36 275 python -m moekit bench $B --out "$OUT/t36"
+    ( t39_site && step r41d-bench39 275 python -m moekit bench $B --out "$OUT/t39" ) || echo "no Triton 3.9"
+    rm -f "$OUT"/t36/*.png "$OUT"/t39/*.png
+    python benchmarks/triton_ab.py "$OUT"/t36/*.json "$OUT"/t39/*.json --labels 3.6,3.9 --md "$OUT/r41d-ab.md"
+    ;;
   tests)
     step gpu-buckets-4bit 200 python -m pytest -q -p no:cacheprovider -m gpu -rf --durations=10 \
       tests/ops/test_triton_experts_quant.py -k "every_bucket and (mxfp4 or int4)"
