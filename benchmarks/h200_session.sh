@@ -95,6 +95,21 @@ t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the 
 }
 
 case $WHAT in
+  r41-g)  # round 41, after r41-a on the same machine: compat.step_offset (the 4-bit K loops' step offset opaque to
+    # LLVM after Triton 3.6; a patch measured and dropped, not in the tree: docs/kernels.md round 41) under 3.9.0: the
+    # Gluon 4-bit GPU bit tests, then µs per kernel of Mixtral's mxfp4 steps, the commit before it (a copy of its src/
+    # in r41base/, untracked for this call) and the patched tree alternated twice
+    cp .t39b/part01 /tmp/t39/ && t39_site || { echo "no Triton 3.9"; exit 1; }
+    step r41g-gpu 110 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu tests/ops/test_gluon_w4.py \
+      -k "register_operand or test_gpu_gluon_w4_same_bits"
+    P="--formats mxfp4 --points mixtral-8x7b:1024,mixtral-8x7b:4096 --calls 10"
+    for r in 1 2; do
+      PYTHONPATH="$REPO/r41base/src:/tmp/site39" timeout 45 python benchmarks/kernel_profile.py $P \
+        > "$OUT/r41g-base$r.log" 2>&1
+      timeout 45 python benchmarks/kernel_profile.py $P > "$OUT/r41g-new$r.log" 2>&1
+    done
+    grep -h "mixtral" "$OUT"/r41g-base*.log "$OUT"/r41g-new*.log
+    ;;
   r41-d2)  # round 41, right after r41-d on the same machine (run as one inline command then, here as a case): the
     # points r41-d found slower under 3.9, in the reverse order (3.9 first, then 3.6)
     B="--quant bf16,mxfp4 --models mixtral-8x7b,qwen3-30b-a3b --tokens 1024,4096 --fast"
