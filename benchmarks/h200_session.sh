@@ -84,7 +84,8 @@ raw_eager() {  # raw_eager PREFIX (round 26): the graphed-layer and patched-mode
 t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the two halves r41-a / r41-b stashed in /tmp/t39
   # (a pruned cp312 wheel: libtriton stripped, no AMD backend, profiler or pre-sm_90 ptxas; 52 MB as tar.xz, two halves
   # because a call carries at most 64 MiB with the tree), unpacked once into /tmp/site39; puts it ahead of the
-  # machine's Triton 3.6 for this shell and its children
+  # machine's Triton 3.6 for this shell and its children; the second half is taken from .t39b/ when this call carries it
+  [ -f .t39b/part01 ] && cp .t39b/part01 /tmp/t39/
   if [ ! -d /tmp/site39/triton ]; then
     cat /tmp/t39/part00 /tmp/t39/part01 > /tmp/t39/t39.tar.xz || return 1
     echo "f246ea5a962b52fc32f94305884edb26b8c3536ccedb2938f7390dec57b2ee7f  /tmp/t39/t39.tar.xz" | sha256sum -c - || return 1
@@ -99,7 +100,7 @@ case $WHAT in
     # LLVM after Triton 3.6; a patch measured and dropped, not in the tree: docs/kernels.md round 41) under 3.9.0: the
     # Gluon 4-bit GPU bit tests, then µs per kernel of Mixtral's mxfp4 steps, the commit before it (a copy of its src/
     # in r41base/, untracked for this call) and the patched tree alternated twice
-    cp .t39b/part01 /tmp/t39/ && t39_site || { echo "no Triton 3.9"; exit 1; }
+    t39_site || { echo "no Triton 3.9"; exit 1; }
     step r41g-gpu 110 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu tests/ops/test_gluon_w4.py \
       -k "register_operand or test_gpu_gluon_w4_same_bits"
     P="--formats mxfp4 --points mixtral-8x7b:1024,mixtral-8x7b:4096 --calls 10"
@@ -129,7 +130,6 @@ case $WHAT in
   r41-e)  # round 41 (after r41-a on a fresh machine): the eager rows (host enqueue µs per call, and GPU µs) under
     # Triton 3.6, 3.9.0, 3.6 again on one machine; the first and last 3.6 runs bound the drift
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    cp .t39b/part01 /tmp/t39/ 2>/dev/null
     E="--eager-only --eager-tokens 1,8,64 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b"
     step r41e-eager36a 120 python -m moekit bench $E --out "$OUT/e36a"
     ( t39_site && step r41e-eager39 150 python -m moekit bench $E --out "$OUT/e39" ) || echo "no Triton 3.9"
@@ -146,26 +146,10 @@ case $WHAT in
     python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
     ;;
   r41-b)  # round 41: the whole GPU suite under Triton 3.9.0 (torch 2.11 as installed), six workers (eight ran out of
-    # GPU memory); the log also kept in /tmp for r41-c (the tests it did not reach)
-    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    cp .t39b/part01 /tmp/t39/ && t39_site || { echo "no Triton 3.9"; exit 1; }
-    step r41b-gpu 555 python -m pytest -v -p no:cacheprovider -rf --tb=short -n 6 -m gpu --durations=15 tests
-    cp "$OUT/r41b-gpu.log" /tmp/r41b-gpu.log
-    ;;
-  r41-c)  # round 41: under Triton 3.9.0, the GPU tests r41-b did not reach (its -v log names each finished test)
+    # GPU memory)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     t39_site || { echo "no Triton 3.9"; exit 1; }
-    step r41c-gpu 540 python - <<'PY'
-import re, subprocess, sys
-import pytest
-ids = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                      "tests"], capture_output=True, text=True).stdout.split("\n")
-ids = [i.strip() for i in ids if "::" in i]
-done = set(re.findall(r"(?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+)", open("/tmp/r41b-gpu.log").read()))
-rest = [i for i in ids if i not in done]
-print(f"{len(ids)} collected, {len(done)} finished in r41-b, {len(rest)} to run", flush=True)
-sys.exit(pytest.main(["-v", "-p", "no:cacheprovider", "-rf", "--tb=short", "-n", "6", *rest]) if rest else 0)
-PY
+    step r41b-gpu 555 python -m pytest -v -p no:cacheprovider -rf --tb=short -n 6 -m gpu --durations=15 tests
     ;;
   r41-d)  # round 41: moekit bench under Triton 3.6 then 3.9.0 on one machine (bf16, fp8, mxfp4; four models, four T),
     # the two side by side (benchmarks/triton_ab.py)

@@ -11,40 +11,37 @@ A point present in one file only is listed with a dash; the geometric mean cover
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
+
+from compare import geomean, load_rows
 
 IMPLS = ("moekit", "moekit-experts")
 
 
 def load(path: str, metric: str = "us") -> dict[tuple, float]:
-    """{(impl, model, quant, tokens): value of ``metric``} for the moekit and eager rows of one bench JSON (a list
-    of row dicts)."""
-    rows = json.loads(Path(path).read_text())
+    """{(impl, model, quant, tokens): value of ``metric``} for the moekit and eager rows of one bench JSON (read as
+    ``compare.py`` reads it)."""
     return {(r["impl"], r["model"], r.get("quant", "bf16"), int(r["tokens"])): float(r[metric])
-            for r in rows if (r.get("impl") in IMPLS or str(r.get("impl")).startswith("eager-"))
+            for r in load_rows(path) if (r["impl"] in IMPLS or r["impl"].startswith("eager-"))
             and r.get(metric) is not None}
 
 
 def table(old: dict, new: dict, labels: tuple[str, str], metric: str = "us") -> str:
-    keys = sorted(set(old) | set(new), key=lambda k: (k[0], k[1], k[2], k[3]))
     unit = "host µs" if metric == "host_us" else "µs"
     lines = [f"| impl | model | quant | T | {labels[0]} {unit} | {labels[1]} {unit} | {labels[1]} / {labels[0]} |",
              "|---|---|---|---|---|---|---|"]
-    logs: dict[str, list[float]] = {}
-    for k in keys:
+    ratios: dict[str, list[float]] = {}
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
-        ratio = "-" if a is None or b is None else f"{b / a:.3f}"
-        if a is not None and b is not None:
-            logs.setdefault(k[0], []).append(math.log(b / a))
-        fa = "-" if a is None else f"{a:.1f}"
-        fb = "-" if b is None else f"{b:.1f}"
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {fa} | {fb} | {ratio} |")
+        r = b / a if a is not None and b is not None else None
+        if r is not None:
+            ratios.setdefault(k[0], []).append(r)
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {fmt(a, '.1f')} | {fmt(b, '.1f')} | {fmt(r, '.3f')} |")
     lines.append("")
-    for impl, v in logs.items():
-        lines.append(f"- {impl}: geometric mean {labels[1]} / {labels[0]} = {math.exp(sum(v) / len(v)):.3f} over "
-                     f"{len(v)} points (min {math.exp(min(v)):.3f}, max {math.exp(max(v)):.3f})")
+    for impl, v in ratios.items():
+        lines.append(f"- {impl}: geometric mean {labels[1]} / {labels[0]} = {geomean(v):.3f} over {len(v)} points "
+                     f"(min {min(v):.3f}, max {max(v):.3f})")
     return "\n".join(lines) + "\n"
 
 
