@@ -415,15 +415,21 @@ def inner_loops(kernel, op: str = "GMMA") -> list[list[str]]:
     return [ins[a:b + 1] for a, b in inner]
 
 
+def sass_loop_ops(kernel) -> list[str]:
+    """The opcodes of the innermost SASS loop that holds every wgmma (``HGMMA``) of a compiled kernel, in order,
+    predicates dropped and modifiers kept (``BAR.SYNC.DEFER_BLOCKING``, ``WARPGROUP.DEPBAR.LE``)."""
+    import re
+
+    return [re.sub(r"^@!?U?P\w+\s+", "", s).split()[0] for s in _sass_loop(sass_text(kernel))]
+
+
 def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
     """(instructions, {opcode: count}) of the innermost SASS loop that holds every wgmma (``HGMMA``) of a
     compiled kernel: what one K step issues per thread."""
     import collections
-    import re
 
-    body = _sass_loop(sass_text(kernel))
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in body)
-    return len(body), dict(ops)
+    ops = sass_loop_ops(kernel)
+    return len(ops), dict(collections.Counter(o.split(".")[0] for o in ops))
 
 
 _NO_REG_DEST = ("ST", "BAR", "BRA", "HGMMA", "WARPGROUP", "RED", "ATOM", "LDGSTS", "EXIT", "DEPBAR", "LDGDEPBAR",

@@ -95,7 +95,78 @@ t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the 
   python -c "import triton, torch; print('triton', triton.__version__, triton.__file__, 'torch', torch.__version__)"
 }
 
+# round 42: the register-operand 4-bit buckets that refill the ring early ("gluon_early": 1), mxfp4; r42base/src, where
+# named, is the round's first commit's (`git archive 354dcb8 src | tar x -C r42base`, removed after the calls)
+R42P="--formats mxfp4 --calls 10 --points mixtral-8x7b:64,mixtral-8x7b:1024,mixtral-8x7b:4096,qwen3-30b-a3b:4096,\
+deepseek-v3:64,deepseek-v3:4096"
+R42L='{"late": {"w13": {"gluon_early": 0}, "w2": {"gluon_early": 0}}}'  # a kernel_profile patch: the late refill
+
+r42_prepare() {  # r42_prepare [first]: pytest-xdist from .whl; "first": the first half of Triton 3.9.0 into /tmp/t39
+  # for t39_site on the next call
+  pip install -q --no-deps .whl/*.whl > /dev/null 2>&1
+  if [ "${1:-}" = first ]; then rm -rf /tmp/t39 /tmp/site39; mkdir -p /tmp/t39 && cp .t39a/part00 /tmp/t39/; fi
+}
+
+r42_profile_ab() {  # r42_profile_ab PREFIX SITE [kernel_profile args for this tree]: µs per kernel at $R42P, the round's
+  # first commit (r42base/src) and this tree alternated twice on one machine (SITE: a Triton ahead of the installed one)
+  local p=$1 site=$2; shift 2
+  for r in 1 2; do
+    PYTHONPATH="$REPO/r42base/src${site:+:$site}" timeout 140 python benchmarks/kernel_profile.py $R42P \
+      > "$OUT/$p-old$r.log" 2>&1
+    timeout 200 python benchmarks/kernel_profile.py $R42P "$@" > "$OUT/$p-new$r.log" 2>&1
+  done
+  grep -h " graph " "$OUT/$p"-old*.log "$OUT/$p"-new*.log
+}
+
+r42_bench_ab() {  # r42_bench_ab PREFIX SECONDS "BENCH ARGS" (after t39_site): moekit bench under 3.9.0 then 3.6 (this
+  # tree), side by side (benchmarks/triton_ab.py)
+  local p=$1 secs=$2 b=$3
+  step "$p-bench39" "$secs" python -m moekit bench $b --out "$OUT/t39"
+  ( export PYTHONPATH="$REPO/src"; step "$p-bench36" "$secs" python -m moekit bench $b --out "$OUT/t36" )
+  rm -f "$OUT"/t3*/*.png
+  python benchmarks/triton_ab.py "$OUT"/t36/*.json "$OUT"/t39/*.json --labels 3.6,3.9 --md "$OUT/$p-ab.md"
+}
+
+W4TESTS="tests/ops/test_gluon_w4.py"
+
 case $WHAT in
+  r42-d)  # round 42: the first half of Triton 3.9.0 stashed for r42-e; under 3.6, the Gluon 4-bit GPU bit tests with
+    # the register-operand wgmmas synchronous (no separate wait: Triton 3.9 puts a CTA barrier after a wait in kernels
+    # of more than 4 warps; the same PTX under 3.6)
+    r42_prepare first
+    step r42d-w4-36 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu $W4TESTS
+    ;;
+  r42-e)  # round 42, right after r42-d: under Triton 3.9.0, µs per kernel of the early-refill 4-bit buckets, the
+    # round's first commit (each wgmma waited for by a separate wait) and this tree (synchronous wgmmas), this tree's
+    # late refill beside; then the Gluon 4-bit GPU bit tests
+    r42_prepare
+    t39_site || { echo "no Triton 3.9"; exit 1; }
+    r42_profile_ab r42e /tmp/site39 --variants base,late --patches "$R42L"
+    step r42e-w4-39 150 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu $W4TESTS
+    ;;
+  r42-f)  # round 42, right after r42-e: moekit bench (bf16, mxfp4, int4; four models) under 3.9.0 then 3.6
+    t39_site || { echo "no Triton 3.9"; exit 1; }
+    r42_bench_ab r42f 250 "--quant mxfp4,int4 --models mixtral-8x7b,deepseek-v3,qwen3-30b-a3b,gpt-oss-120b \
+--tokens 64,1024,4096 --fast"
+    ;;
+  r42-a)  # round 42: as r42-d, then µs per kernel of the early-refill buckets under 3.6, the round's first commit and
+    # this tree alternated twice. Run with the early refill's proxy fence moved after its copies, a patch measured and
+    # dropped (docs/kernels.md round 42; not in the tree: run now, it compares the round's first commit with the tree)
+    r42_prepare first
+    step r42a-w4-36 200 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu $W4TESTS
+    r42_profile_ab r42a ""
+    ;;
+  r42-b)  # round 42, right after r42-a: as r42-e (the tree then: the patch r42-a names)
+    r42_prepare
+    t39_site || { echo "no Triton 3.9"; exit 1; }
+    r42_profile_ab r42b /tmp/site39 --variants base,late --patches "$R42L"
+    ;;
+  r42-c)  # round 42, right after r42-b: as r42-f on Mixtral and DeepSeek-V3 (the tree then: the patch r42-a names),
+    # then the Gluon 4-bit GPU bit tests under 3.9
+    t39_site || { echo "no Triton 3.9"; exit 1; }
+    r42_bench_ab r42c 200 "--quant mxfp4,int4 --models mixtral-8x7b,deepseek-v3 --tokens 64,1024,4096 --fast"
+    step r42c-w4-39 150 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 -m gpu $W4TESTS
+    ;;
   r41-g)  # round 41, after r41-a on the same machine: compat.step_offset (the 4-bit K loops' step offset opaque to
     # LLVM after Triton 3.6; a patch measured and dropped, not in the tree: docs/kernels.md round 41) under 3.9.0: the
     # Gluon 4-bit GPU bit tests, then µs per kernel of Mixtral's mxfp4 steps, the commit before it (a copy of its src/
