@@ -415,12 +415,22 @@ def inner_loops(kernel, op: str = "GMMA") -> list[list[str]]:
     return [ins[a:b + 1] for a, b in inner]
 
 
-def sass_loop_ops(kernel) -> list[str]:
-    """The opcodes of the innermost SASS loop that holds every wgmma (``HGMMA``) of a compiled kernel, in order,
-    predicates dropped and modifiers kept (``BAR.SYNC.DEFER_BLOCKING``, ``WARPGROUP.DEPBAR.LE``)."""
+def _unpredicated(ins: str) -> str:
+    """A SASS instruction without its guard predicate (``@P0``, ``@!UP1``)."""
     import re
 
-    return [re.sub(r"^@!?U?P\w+\s+", "", s).split()[0] for s in _sass_loop(sass_text(kernel))]
+    return re.sub(r"^@!?U?P\w+\s+", "", ins)
+
+
+def opcodes(body: list[str]) -> list[str]:
+    """The opcodes of SASS instructions (e.g. a loop from :func:`inner_loops`), in order, predicates dropped and
+    modifiers kept (``BAR.SYNC.DEFER_BLOCKING``, ``WARPGROUP.DEPBAR.LE``)."""
+    return [_unpredicated(s).split()[0] for s in body]
+
+
+def sass_loop_ops(kernel) -> list[str]:
+    """:func:`opcodes` of the innermost SASS loop that holds every wgmma (``HGMMA``) of a compiled kernel."""
+    return opcodes(_sass_loop(sass_text(kernel)))
 
 
 def sass_loop_mix(kernel) -> tuple[int, dict[str, int]]:
@@ -440,7 +450,7 @@ def _dest_regs(ins: str) -> list[int]:
     """The general registers an instruction writes (its first operand; 2 / 4 for 64- / 128-bit results)."""
     import re
 
-    s = re.sub(r"^@!?U?P\w+\s+", "", ins)
+    s = _unpredicated(ins)
     op = s.split()[0]
     m = re.match(r"\S+\s+R(\d+)\b", s)
     if op.startswith(_NO_REG_DEST) or not m:

@@ -81,6 +81,11 @@ raw_eager() {  # raw_eager PREFIX (round 26): the graphed-layer and patched-mode
     --out "$OUT/$p-ab-oss.json"
 }
 
+t39_stash_first() {  # (rounds 41, 42) the first half of Triton 3.9.0 (.t39a/, carried by this call) into /tmp/t39,
+  # where t39_site on the next call on the same warm machine finds it
+  rm -rf /tmp/t39 /tmp/site39; mkdir -p /tmp/t39 && cp .t39a/part00 /tmp/t39/
+}
+
 t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the two halves r41-a / r41-b stashed in /tmp/t39
   # (a pruned cp312 wheel: libtriton stripped, no AMD backend, profiler or pre-sm_90 ptxas; 52 MB as tar.xz, two halves
   # because a call carries at most 64 MiB with the tree), unpacked once into /tmp/site39; puts it ahead of the
@@ -104,7 +109,7 @@ R42L='{"late": {"w13": {"gluon_early": 0}, "w2": {"gluon_early": 0}}}'  # a kern
 r42_prepare() {  # r42_prepare [first]: pytest-xdist from .whl; "first": the first half of Triton 3.9.0 into /tmp/t39
   # for t39_site on the next call
   pip install -q --no-deps .whl/*.whl > /dev/null 2>&1
-  if [ "${1:-}" = first ]; then rm -rf /tmp/t39 /tmp/site39; mkdir -p /tmp/t39 && cp .t39a/part00 /tmp/t39/; fi
+  if [ "${1:-}" = first ]; then t39_stash_first; fi
 }
 
 r42_profile_ab() {  # r42_profile_ab PREFIX SITE [kernel_profile args for this tree]: µs per kernel at $R42P, the round's
@@ -213,7 +218,7 @@ case $WHAT in
     done
     ;;
   r41-a)  # round 41: the first half of Triton 3.9.0 stashed for r41-b (see t39_site); the machine's versions
-    rm -rf /tmp/t39 /tmp/site39; mkdir -p /tmp/t39 && cp .t39a/part00 /tmp/t39/ && ls -la /tmp/t39
+    t39_stash_first && ls -la /tmp/t39
     python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
     ;;
   r41-b)  # round 41: the whole GPU suite under Triton 3.9.0 (torch 2.11 as installed), six workers (eight ran out of

@@ -83,7 +83,7 @@ def test_gluon_fp8_compiles_for_sm90_without_serialised_wgmma(tmp_path):
     # the sm_90 PTX keeps the fp8 m64n128k32 wgmma, waits for one group per step, and ptxas neither spills nor
     # serialises the wgmmas (C7514: an instruction touched an in-flight accumulator), which would undo the overlap
     run_compiled("""
-import re, tempfile, pathlib
+import tempfile, pathlib
 import compile_sm90 as c
 for bm, i, bias, on_input, nt in ((64, 2048, False, False, 1), (128, 2048, False, False, 1), (64, 384, True, True, 1),
                                   (64, 2880, False, False, 1), (64, 2048, False, False, 4), (64, 384, True, True, 4)):
@@ -109,7 +109,7 @@ for kw in (dict(), dict(bm=128), dict(h=2880, i=2880, bias=True, act="swigluoai"
     assert "C751" not in rep and "0 bytes spill stores" in rep, (kw, rep)
     (body,) = c.inner_loops(k)
     assert sum("QGMMA" in s for s in body) == 2 * (4 if kw.get("stack") else 8), kw  # two K steps per loop turn
-    ops = [re.sub(r"^@!?U?P\\w+\\s+", "", s).split()[0].split(".")[0] for s in body]
+    ops = [o.split(".")[0] for o in c.opcodes(body)]
     assert ops.count("FFMA") == 128 and not {"SHFL", "STS"} & set(ops), (kw, ops)
 print("ok")
 """, tmp_path)

@@ -364,7 +364,7 @@ def test_register_operand_early_refill_issues_the_copies_before_the_decode(tmp_p
     # first wgmma; without the key every one comes after the step's last wgmma wait. Both GEMMs, both formats, the
     # three launch shapes the key ships with (BLOCK_M 16 / 64 with 3 slots, 128 with 2), the same instructions
     run_compiled("""
-import collections, re
+import collections
 import compile_sm90 as c
 def first(body, op):
     return min(i for i, s in enumerate(body) if op in s)
@@ -382,7 +382,7 @@ for quant in ("mxfp4", "int4"):
                 assert max(copies) < min(first(body, "LDS.128"), first(body, "HGMMA")), (quant, which, bm)
             else:
                 assert min(copies) > wait, (quant, which, bm)
-            mixes.append(collections.Counter(re.sub(r"^@!?U?P\\w+\\s+", "", s).split()[0] for s in body))
+            mixes.append(collections.Counter(c.opcodes(body)))
         assert mixes[0]["LDGSTS.E.BYPASS.128"] == mixes[1]["LDGSTS.E.BYPASS.128"] > 0, (quant, which, bm, mixes)
         assert mixes[0]["HGMMA.64x%dx16.F32.BF16" % bm] == mixes[1]["HGMMA.64x%dx16.F32.BF16" % bm] > 0
 print("ok")
