@@ -301,11 +301,11 @@ def launches(fmt, t, shape, dtype=torch.bfloat16, config=None, patch=None, gluon
     cfg = tc.merge_config(cfg, patch)
     seen = []
     kernels = {}
-    from moekit.ops._triton import align, combine, epilogue, grouped_gemm, quant
+    from moekit.ops._triton import align, combine, epilogue, grouped_gemm, quant, rows
 
     from moekit.ops import gluon_experts
 
-    mods = [align, combine, epilogue, grouped_gemm, quant]
+    mods = [align, combine, epilogue, grouped_gemm, quant, rows]
     if gluon:
         from moekit.ops._gluon import (fp8_w2, fp8_w2_dec, fp8_w2_dec_ws, fp8_w2_ws, fp8_w13, fp8_w13_dec, fp8_w13_ws,
                                        w4, w4_rega, w4_ws)

@@ -88,13 +88,15 @@ t39_stash_first() {  # (rounds 41, 42) the first half of Triton 3.9.0 (.t39a/, c
 
 t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the two halves r41-a / r41-b stashed in /tmp/t39
   # (a pruned cp312 wheel: libtriton stripped, no AMD backend, profiler or pre-sm_90 ptxas; 52 MB as tar.xz, two halves
+  # (round 43 rebuilt it: 63 MB, the sha256 below; tar's halves split -n 2 -d -a 2 into .t39a/part00, .t39b/part01)
   # because a call carries at most 64 MiB with the tree), unpacked once into /tmp/site39; puts it ahead of the
   # machine's Triton 3.6 for this shell and its children; the second half is taken from .t39b/ when this call carries it
   [ -f .t39b/part01 ] && cp .t39b/part01 /tmp/t39/
   if [ ! -d /tmp/site39/triton ]; then
     cat /tmp/t39/part00 /tmp/t39/part01 > /tmp/t39/t39.tar.xz || return 1
-    echo "f246ea5a962b52fc32f94305884edb26b8c3536ccedb2938f7390dec57b2ee7f  /tmp/t39/t39.tar.xz" | sha256sum -c - || return 1
+    echo "863037b199e5394d781772a856139e6f3b991e712654602490502d98a6dffe8e  /tmp/t39/t39.tar.xz" | sha256sum -c - || return 1
     mkdir -p /tmp/site39 && tar xJf /tmp/t39/t39.tar.xz -C /tmp/site39 || return 1
+    chmod +x /tmp/site39/triton/backends/nvidia/bin/*  # (round 43's tarball was packed without the exec bits)
   fi
   export PYTHONPATH="$REPO/src:/tmp/site39"
   python -c "import triton, torch; print('triton', triton.__version__, triton.__file__, 'torch', torch.__version__)"
@@ -105,6 +107,44 @@ t39_site() {  # t39_site (round 41): Triton 3.9.0 (the newest release) from the 
 R42P="--formats mxfp4 --calls 10 --points mixtral-8x7b:64,mixtral-8x7b:1024,mixtral-8x7b:4096,qwen3-30b-a3b:4096,\
 deepseek-v3:64,deepseek-v3:4096"
 R42L='{"late": {"w13": {"gluon_early": 0}, "w2": {"gluon_early": 0}}}'  # a kernel_profile patch: the late refill
+
+#: round 43's points: the compute-bound bf16 buckets of the four benchmark shapes
+R43P=mixtral-8x7b:1024,mixtral-8x7b:4096,mixtral-8x7b:16384,deepseek-v3:1024,deepseek-v3:4096,deepseek-v3:16384
+R43P=$R43P,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:16384,qwen3-30b-a3b:1024,qwen3-30b-a3b:4096
+R43P=$R43P,qwen3-30b-a3b:16384
+
+r43_xg_table() {  # r43_xg_table DIR: DIR/NVIDIA_H200.json, the shipped bf16 tables of the four benchmark shapes with
+  # "gather_pass" in every bucket that can run it (unswapped w13 tiles with "tma"), for MOEKIT_CONFIG_DIR=DIR
+  mkdir -p "$1"
+  python - "$1/NVIDIA_H200.json" <<'PY'
+import json, sys
+d = json.load(open("src/moekit/configs/NVIDIA_H200.json"))
+out = {}
+for key, buckets in d["entries"].items():
+    if "quant=" in key:
+        continue
+    out[key] = {b: dict(c, gather_pass=True) if c.get("tma") and not c["w13"].get("SWAP") else c
+                for b, c in buckets.items()}
+    print(key, sorted((b for b, c in out[key].items() if c.get("gather_pass")), key=int))
+json.dump({"device": d["device"], "entries": out}, open(sys.argv[1], "w"), indent=1)
+PY
+}
+
+r43_bench_ab() {  # r43_bench_ab ROUNDS TAG: moekit bench of the shipped table, then of r43_xg_table's
+  # (MOEKIT_CONFIG_DIR), ROUNDS times alternated; side by side through triton_ab.py (labels base / xg)
+  local n=$1 tag=$2 b="--quant bf16 --models mixtral-8x7b,deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --fast"
+  b="$b --tokens 1024,4096,16384"
+  r43_xg_table "$OUT/xgcfg"
+  for r in $(seq "$n"); do
+    step "bench$tag-base-$r" 200 python -m moekit bench $b --out "$OUT/b$tag-base-$r"
+    MOEKIT_CONFIG_DIR="$OUT/xgcfg" step "bench$tag-xg-$r" 200 python -m moekit bench $b --out "$OUT/b$tag-xg-$r"
+  done
+  rm -f "$OUT"/b$tag-*/*.png
+  for r in $(seq "$n"); do
+    python benchmarks/triton_ab.py "$OUT"/b$tag-base-$r/*.json "$OUT"/b$tag-xg-$r/*.json --labels base,xg \
+      --md "$OUT/ab$tag-$r.md" | tail -4
+  done
+}
 
 r42_prepare() {  # r42_prepare [first]: pytest-xdist from .whl; "first": the first half of Triton 3.9.0 into /tmp/t39
   # for t39_site on the next call
@@ -135,6 +175,41 @@ r42_bench_ab() {  # r42_bench_ab PREFIX SECONDS "BENCH ARGS" (after t39_site): m
 W4TESTS="tests/ops/test_gluon_w4.py"
 
 case $WHAT in
+  r43-d)  # round 43, the final table (Mixtral bf16 1024 / 4096 / 16384 with "gather_pass"): the shipped bf16 tables'
+    # rows alone vs in batches (Mixtral), the gather pass's tests, then moekit bench (bf16, four models, seven T) and
+    # compare.py against issue #11's peer
+    r42_prepare
+    step gpu-inv 200 python -m pytest -q -p no:cacheprovider -m gpu -rf tests/ops/test_batch_invariance_gpu.py \
+      -k "shipped_configs and mixtral"
+    step gpu-gather 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_gather_pass.py
+    step bench 330 python -m moekit bench --quant bf16 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b \
+      --fast --out "$OUT"
+    rm -f "$OUT"/*-speed.png
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    ;;
+  r43-b)  # round 43: the first half of Triton 3.9.0 stashed for r43-c; under 3.6 the gather pass's tests, then moekit
+    # bench (bf16, four models, T = 1024 / 4096 / 16384) of the shipped table and of the table with the pass in every
+    # bucket that can run it (r43_xg_table), alternated twice
+    r42_prepare first
+    step gpu-gather 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_gather_pass.py
+    r43_bench_ab 2 36
+    ;;
+  r43-c)  # round 43, right after r43-b: as r43-b under Triton 3.9.0
+    t39_site || exit 1
+    step gpu-gather39 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_gather_pass.py
+    r43_bench_ab 2 39
+    ;;
+  r43-a)  # round 43: the gather pass ("gather_pass": the w13 input copied into the sorted layout, TMA-read A tiles):
+    # its tests natively (bits vs the pointer gather, every shipped bf16 bucket), then µs per kernel of the shipped
+    # bf16 rows and the same rows with the pass at the compute-bound buckets, alternated twice on one machine
+    r42_prepare
+    step gpu-gather 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_gather_pass.py
+    for r in 1 2; do
+      step profile-xg-$r 260 python benchmarks/kernel_profile.py --formats bf16 --variants base,xg \
+        --patches '{"xg": {"gather_pass": true}}' --points "$R43P"
+    done
+    grep -h " graph " "$OUT"/profile-xg-*.log
+    ;;
   r42-d)  # round 42: the first half of Triton 3.9.0 stashed for r42-e; under 3.6, the Gluon 4-bit GPU bit tests with
     # the register-operand wgmmas synchronous (no separate wait: Triton 3.9 puts a CTA barrier after a wait in kernels
     # of more than 4 warps; the same PTX under 3.6)

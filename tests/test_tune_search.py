@@ -14,6 +14,7 @@ from moekit.benchmarking.tune_space import (
     shape_block_k, smem_estimate,
 )
 from moekit.ops import triton_configs as tc
+from moekit.ops.config_heuristic import swap_tiles
 from moekit.ops.triton_configs import heuristic_config, shape_key
 
 DIMS = (128, 2048, 768, 8, True)
@@ -147,7 +148,7 @@ def test_search_stages_and_deadline():
     compiled = []
     best, times = search(base, 1, Space(DIMS, torch.bfloat16), score, precompile=compiled.append)
     assert len(compiled) in (2, 3) and config_id(fast[0]) == config_id(Space(DIMS, torch.bfloat16).apply(base))
-    assert best["w13"]["BN"] >= 128 and len(times) == len(fast) <= 29
+    assert best["w13"]["BN"] >= 128 and len(times) == len(fast) <= 30  # (30: with the gather_pass toggle)
     # a deadline in the past: only the config in use is timed
     clock = iter(range(100)).__next__
     best, times = search(base, 1, Space(DIMS, torch.bfloat16), score, deadline=-1, clock=lambda: clock())
@@ -559,3 +560,26 @@ def test_a_tail_winner_must_match_the_same_tiles_without_tail_blocks():
     assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
     assert "tail_bm" not in seen[-1] and seen[-1]["BLOCK_M"] == 128
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("tail_bm") else 1.0), cfg)
+
+
+def test_neighbours_toggle_the_gather_pass_of_unquantised_tma_tiles():
+    # bf16 tiles with "tma": the pass on, and off again around a winner that has it; never for fp8 / 4-bit or
+    # swapped / pointer-loaded w13 tiles (the launch plan would not run it)
+    big = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), tma=True)
+    assert {c.get("gather_pass", False) for c in neighbour_configs(big, False, quick=True)} == {False, True}
+    on = {**big, "gather_pass": True}
+    assert {c.get("gather_pass") for c in neighbour_configs(on, False)} == {True, False}
+    assert all(not c.get("gather_pass") for c in neighbour_configs(big, False, fam="fp8"))
+    assert all(not c.get("gather_pass") for c in neighbour_configs({**big, "tma": False}, False) if not c.get("tma"))
+    dec = swap_tiles(_cfg(16, (64, 128, 4, 4), (64, 128, 4, 4), tma=True), 1)
+    assert all(not c.get("gather_pass") for c in neighbour_configs(dec, False))
+    assert config_id({**big, "gather_pass": False}) == config_id(big)
+
+
+def test_a_gather_pass_winner_must_match_the_same_tiles_without_it():
+    seen = []
+    cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), tma=True, gather_pass=True)
+    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
+    assert "gather_pass" not in seen[-1] and seen[-1]["tma"]
+    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("gather_pass") else 1.0),
+                                    cfg)

@@ -28,16 +28,18 @@ def same_bits(problems, call, cfg: dict, *refs: dict) -> bool:
 
 
 def fused_identical(problems, call, cfg: dict) -> bool:
-    """A ``w13_split`` / ``sum_pass`` / ``gluon`` / ``tail_bm`` config equals the same tiles with the fused w13, the
-    Triton GEMMs, BLOCK_M blocks only, and with a stated ``sum_pass`` turned the other way (the fused combine or the
+    """A ``w13_split`` / ``sum_pass`` / ``gluon`` / ``tail_bm`` / ``gather_pass`` config equals the same tiles with the
+    fused w13, the Triton GEMMs, BLOCK_M blocks only, the w13 input gathered by pointers, and with a stated
+    ``sum_pass`` turned the other way (the fused combine or the
     sum pass), bit for bit: the same dots, sums and roundings, so it must, and such a winner may then sit in any
     bucket without breaking SPEC §9.
     (Without the key the launcher picks by slot count, which may be the winner's own word: round 7 compared
     against that and so could test a config with itself.)"""
     gluon = bool(cfg["w13"].get("gluon") or cfg["w2"].get("gluon"))
-    if not cfg.get("w13_split") and cfg.get("sum_pass") is None and not gluon and not cfg.get("tail_bm"):
+    if (not cfg.get("w13_split") and cfg.get("sum_pass") is None and not gluon and not cfg.get("tail_bm")
+            and not cfg.get("gather_pass")):
         return True  # no switch stated: the reference would be the config itself
-    ref = {k: v for k, v in cfg.items() if k not in ("w13_split", "tail_bm")}
+    ref = {k: v for k, v in cfg.items() if k not in ("w13_split", "tail_bm", "gather_pass")}
     if cfg.get("sum_pass") is not None:
         ref["sum_pass"] = not cfg["sum_pass"]
     for part in ("w13", "w2"):  # the Gluon GEMMs (fp8, 4-bit, any form): the Triton kernels' bits

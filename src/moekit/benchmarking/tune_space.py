@@ -9,7 +9,8 @@ A bucket's search (:func:`search`) has two short stages:
    GEMMs; fp8 up to two rows per expert: also on the Gluon decode GEMMs with PDL); ``quick`` keeps the first
    BLOCK_M and three pairs.
 2. **neighbours** of the stage-1 winner: each GEMM's BN halved / doubled, stages ±1, BLOCK_M halved /
-   doubled, the TMA, ``w13_split`` and ``sum_pass`` flags toggled, and the kernel forms and PDL
+   doubled, the TMA, ``w13_split``, ``sum_pass`` and (bf16 with TMA) ``gather_pass`` flags toggled, and the kernel
+   forms and PDL
    (:func:`.tune_forms.form_neighbours`: the Gluon GEMMs and their keys, the decode w2's two forms, the
    register-operand 4-bit GEMMs); repeated once around a new winner (``quick``: one round of the TMA / PDL / Gluon toggles only).
 
@@ -101,7 +102,8 @@ def _cfg(bm: int, c13: tuple, c2: tuple, group_m: int = 8, **flags) -> dict:
 def config_id(cfg: dict) -> str:
     """A canonical string of ``cfg`` (dedup key; ``tma`` / ``pdl`` False count as absent)."""
     clean = {k: v for k, v in cfg.items()
-             if not (k in ("tma", "pdl", "w13_split", "tail_bm") and not v) and not (k == "sum_pass" and v is None)}
+             if not (k in ("tma", "pdl", "w13_split", "tail_bm", "gather_pass") and not v)
+             and not (k == "sum_pass" and v is None)}
     return json.dumps(clean, sort_keys=True)
 
 
@@ -302,6 +304,8 @@ def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf
     """Stage-2 candidates (raw) around ``best``: see the module docstring (fp8: BLOCK_M >= 64 unless swapped)."""
     out = [{**best, "tma": not best.get("tma", False)}, {**best, "w13_split": not best.get("w13_split", False)},
            {**best, "sum_pass": True}, {**best, "sum_pass": False}]  # absent: the launcher's slot bound
+    if fam == "bf16" and best.get("tma") and not best["w13"].get("SWAP"):  # the w13 input pre-gathered (TMA-read)
+        out.append({**best, "gather_pass": not best.get("gather_pass", False)})
     out += form_neighbours(best, pdl, fam)
     bm, tail = int(best["BLOCK_M"]), int(best.get("tail_bm", 0))
     for v in (0, 32, 64):  # tail blocks (the Triton GEMMs, unswapped; fp8 wgmma: >= 64 rows)

@@ -10,7 +10,7 @@ way, and returns the value the launch plan uses."""
 from __future__ import annotations
 
 #: top-level keys of a config (:mod:`.triton_configs`' docstring says what each does)
-TOP_KEYS = ("BLOCK_M", "w13", "w2", "tma", "pdl", "fp8_acc", "sum_pass", "w13_split", "tail_bm")
+TOP_KEYS = ("BLOCK_M", "w13", "w2", "tma", "pdl", "fp8_acc", "sum_pass", "w13_split", "tail_bm", "gather_pass")
 #: keys of a kernel part (``"w13"`` / ``"w2"``); the first five are required
 PART_KEYS = ("BN", "BK", "GROUP_M", "num_warps", "num_stages", "SWAP", "gluon", "gluon_dec", "gluon_nt", "gluon_ws",
              "gluon_rega", "gluon_early", "gluon_stack", "gluon_stages", "gluon_wbuf")
@@ -86,7 +86,7 @@ def check_config(cfg, where: str = "kernel config") -> None:
             raise ValueError(f'the key {missing[0]!r} is missing (required: {", ".join(TOP_KEYS[:3])})')
         if not _pow2(cfg["BLOCK_M"], 16, 256):
             raise ValueError(f'"BLOCK_M" = {cfg["BLOCK_M"]!r}, expected a power of two in 16..256')
-        for key in ("tma", "pdl", "w13_split"):
+        for key in ("tma", "pdl", "w13_split", "gather_pass"):
             if key in cfg and not _flag(cfg[key]):
                 raise ValueError(f'"{key}" = {cfg[key]!r}, expected true or false')
         if cfg.get("sum_pass") is not None and not _flag(cfg["sum_pass"]):

@@ -11,6 +11,9 @@ A config is a dict::
 Optional keys besides: ``"fp8_acc"`` (fp8 dot instruction, one value per shape), ``"w13_split"`` (one accumulator per
 w13 program, then an epilogue pass; the same bits), ``"sum_pass"`` (true / false: the top-k sum in its own pass after
 w2, or fused into w2's tail; the same bits; absent: by the slot count, :data:`moekit.ops.triton_plan.SUM_PASS_SLOTS`),
+``"gather_pass"`` (true: a pass copies each live slot's input row into the sorted layout first, and the Triton w13 reads
+its activation tiles from there by tensor descriptor instead of gathering them by pointers; unquantised weights with
+``"tma"`` after an align kernel, unswapped w13 tiles, elsewhere the gather in w13 runs; the same bits),
 and per GEMM ``"SWAP": 1`` (the weight tile as the MMA's left operand, tokens on its narrow side: see
 :func:`swap_tiles`); ``"w2": {"gluon": 1}`` (fp8 block weights with the sum pass on sm_90: the Gluon w2 of
 :mod:`moekit.ops._gluon.fp8_w2`, the same bits with the scale promotion overlapped; see

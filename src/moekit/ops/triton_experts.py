@@ -30,7 +30,7 @@ import triton
 from ._device import KERNEL_OPTIONS, interpreting as _interpreting, major as _major, pdl_ok as _pdl_ok
 from ._eager import direct_call_ok
 from . import gluon_experts, gluon_w4
-from ._triton import align, combine as combine_k, epilogue, grouped_gemm
+from ._triton import align, combine as combine_k, epilogue, grouped_gemm, rows as rows_k
 from .activation import effective_limit, get_activation
 from .config_keys import check_config
 from .experts import chunk_tokens
@@ -162,8 +162,9 @@ def chunk_size(t: int, h: int, inter: int, k: int, e_local: int, elt: int, confi
     (:func:`~moekit.ops.experts.chunk_tokens`: the fewest equal chunks). ``elt``: the activations' element size;
     ``quant``: the :class:`~moekit.ops.triton_experts_quant.QuantLaunch` (its own buffers per token)."""
     # scratch per token: inter rows + part rows (top-k > 1) (+ ints); the padding rows are a fixed extra
-    per_token = k * (inter + (h if k > 1 else 0)) * elt + k * 12 + 64
-    fixed = e_local * int(config["BLOCK_M"]) * inter * elt
+    rows = inter + (h if config.get("gather_pass") else 0)  # the inter row (+ the pre-gathered input row)
+    per_token = k * (rows + (h if k > 1 else 0)) * elt + k * 12 + 64
+    fixed = e_local * int(config["BLOCK_M"]) * rows * elt
     if quant is not None:
         per_token += quant.bytes_per_token(h, inter, k, bool(config.get("w13", {}).get("gluon_ws", 0)))
         fixed *= 2
@@ -233,12 +234,18 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         w13_kw = dict(p.w13_kw, ON_INPUT=on_input and not q.fp8, **kw13)
         w2_kw = dict(p.w2_kw, **kw2)
     w1_desc = w2_desc = inter_desc = None
+    gather = {}  # config "gather_pass": the w13 input copied into the sorted layout, read by tensor descriptor
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w1_desc = TensorDescriptor.from_tensor(w1.view(-1, h), [p.bn13, p.bk13])
         w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [p.bn2, p.bk2])
         inter_desc = TensorDescriptor.from_tensor(inter_w2, [p.bm, p.bk2])
+        if p.gather and q is None:
+            a13 = torch.empty(p.rows, h, dtype=x.dtype, device=dev)
+            launch(rows_k.gather_rows_kernel, p.grid_gather, x, a13, slot_loc, slot_rank, row_start, t * k, k, h,
+                   x.stride(0), a13.stride(0), **p.gather_kw)
+            gather = dict(XG=True, x_desc=TensorDescriptor.from_tensor(a13, [p.bm, p.bk13]))
     flags = dict(USE_TMA=w1_desc is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     w13_out = inter_buf
     if p.split:  # fp32 gate | up outputs, then the epilogue pass writes inter_buf (as the fused w13 would)
@@ -260,7 +267,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
             sorted_slot, ids, emap_arg, sem, out,
             h, inter, n1, e_local, k, p.num_pid_m, p.limit_arg, t, p.e_global, p.nbn,
             a13.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0, w13_out.stride(0),
-            tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags,
+            tw.stride(0), ids.stride(0), out.stride(0), **w13_kw, **flags, **gather,
         )
     if p.split:
         _epilogue_pass(w13_out, inter_buf, out, act, p, epi, launch)

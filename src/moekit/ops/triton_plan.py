@@ -19,6 +19,8 @@ from .config_keys import (gluon_dec_value, gluon_early_value, gluon_flag_value, 
 #: 375.5, 16384 2754 / 2437; fp8 T = 1024 360.8 / 314.0; DeepSeek-V3 bf16 T = 4096 8475 / 8206; Mixtral (K = 2)
 #: T = 8 (16 slots) 585.3 / 585.1. The pass: 1024 columns per program (8 bf16 per thread of 4 warps).
 SUM_PASS_SLOTS, SUM_BH = 64, 1024
+#: the gather pass (config "gather_pass"): slots x columns per program
+GATHER_BS, GATHER_BH = 4, 1024
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -26,7 +28,8 @@ def _freeze(cfg: dict) -> tuple:
     (equal configs whose kernel dicts list keys in another order just make two cache entries)."""
     return (cfg["BLOCK_M"], tuple(cfg["w13"].items()), tuple(cfg["w2"].items()), bool(cfg.get("tma")),
             bool(cfg.get("pdl")), bool(cfg.get("w13_split")),
-            None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]), tail_bm_value(cfg))
+            None if cfg.get("sum_pass") is None else bool(cfg["sum_pass"]), tail_bm_value(cfg),
+            bool(cfg.get("gather_pass")))
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class LaunchPlan:
     w13_gluon_dec: bool  # w13 config "gluon_dec" (gated, fused epilogue, BLOCK_M tiles; any align layout): the Gluon
     #                    fp8 decode w13, if its launcher finds it may run (swapped tiles, ...)
     tail: int  # config "tail_bm": BS-row tail blocks (0: off; the Triton GEMMs after an align kernel only)
+    gather: bool  # config "gather_pass": the live slots' rows copied into the sorted layout before w13 (TMA-read)
+    grid_gather: tuple
+    gather_kw: dict
 
 
 def _pad(n: int, q: int = 32) -> int:
@@ -94,7 +100,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                 has_map, limit, upcast, small_slots, inline_slots, cfg) -> LaunchPlan:
     """The :class:`LaunchPlan` of a chunk of ``t`` tokens (arguments hashable, ``cfg`` by :func:`_freeze`): a pure
     cache, the same arguments always give the same plan."""
-    block_m, c13, c2, tma, pdl, split, sum_pass, tail = cfg  # sum_pass: None = by SUM_PASS_SLOTS
+    block_m, c13, c2, tma, pdl, split, sum_pass, tail, gather = cfg  # sum_pass: None = by SUM_PASS_SLOTS
     split = split and gated
     c13, c2 = dict(c13), dict(c2)
     bm = int(block_m)
@@ -142,6 +148,9 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
                  SWAP=bool(c2.get("SWAP", 0)), SUM_PASS=sum_pass, num_warps=int(c2["num_warps"]),
                  num_stages=int(c2["num_stages"]))
     bh = min(SUM_BH, triton.next_power_of_2(h))
+    # the pre-gathered rows: TMA-read A tiles of the Triton w13 (an align kernel ran, weights in the params dtype)
+    gather = gather and align_mode != "inline" and tma and small_elt and not c13.get("SWAP")
+    gh = min(GATHER_BH, triton.next_power_of_2(h))
     return LaunchPlan(
         bm=bm, rows=rows, num_pid_m=num_pid_m, nbn=nbn, e_global=e_global, i32_sizes=i32_sizes,
         i32_total=sum(i32_sizes), buf_total=part_offset + part_rows * h, part_offset=part_offset,
@@ -165,4 +174,6 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         # the Gluon decode w2: swapped tiles (checked by its launcher), the fused sum, BLOCK_M tiles only
         w2_gluon_dec=dec if sems and not tail else 0,
         w13_gluon_dec=bool(dec13) and gated and not split and not tail,
+        gather=gather, grid_gather=(triton.cdiv(slots, GATHER_BS), triton.cdiv(h, gh)),
+        gather_kw=dict(BS=GATHER_BS, BH=gh, num_warps=4),
     )

@@ -55,6 +55,7 @@ def w13_kernel(
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False, TAIL: tl.constexpr = 0,
+    x_desc=None, XG: tl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype
     (sorted row layout).
@@ -73,6 +74,10 @@ def w13_kernel(
 
     ``USE_TMA``: weight tiles come through a tensor descriptor over ``w1.view(E·N1, H)`` (N1 = 2I or
     I); rows past ``I`` inside a tile belong to the next half/expert and only feed masked columns.
+
+    ``XG`` (config ``"gather_pass"``): ``x`` is the input already in sorted order, ``[rows, H]``
+    (:func:`.rows.gather_rows_kernel`; padding rows unwritten, never stored from), and a block's tile is read at its
+    first row through ``x_desc`` (block [BM, BK]); a tail block's BS rows by pointers. The same values reach the dot.
 
     ``PDL`` (launched as a programmatic dependent launch): wait for the previous kernel before reading
     or writing anything, then let the w2 launch start early (its programs wait for this grid in turn).
@@ -98,20 +103,20 @@ def w13_kernel(
         if e < E_local:
             if big:  # (distinct names per branch: the compiler unifies a name across an if's branches)
                 rb = tl.arange(0, BM)
-                _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, row0 + rb, rb < n_left,
-                          rb, e, pid_n, half, H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be,
-                          stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
-                          ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
-                          EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
-                          SWAP, W_ALIGN, PTX)
+                _w13_tile(x_ptr, x_desc, row0, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
+                          row0 + rb, rb < n_left, rb, e, pid_n, half, H, I, N1, K, limit, stride_xt, stride_we,
+                          stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst,
+                          stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED, HAS_BIAS,
+                          HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0,
+                          FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, XG)
             else:
                 rt = tl.arange(0, TAIL)
-                _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, row0 + rt, rt < n_left,
-                          rt, e, pid_n, half, H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be,
-                          stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn,
-                          ws_shard, ws_qbn, stride_isr, TAIL, BN, BK, ACT, GATED, HAS_BIAS, HAS_LIMIT, ON_INPUT,
-                          EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0, FP8_ACC, SPLIT,
-                          SWAP, W_ALIGN, PTX)
+                _w13_tile(x_ptr, x_desc, row0, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
+                          row0 + rt, rt < n_left, rt, e, pid_n, half, H, I, N1, K, limit, stride_xt, stride_we,
+                          stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst,
+                          stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, TAIL, BN, BK, ACT, GATED, HAS_BIAS,
+                          HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0,
+                          FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, False)
     else:
         loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
                             SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -121,34 +126,41 @@ def w13_kernel(
         e, valid, slot = row_block(pid_m, loc, counts_ptr, E_local, BM, BLOCK_E, SP, INLINE)
         if e >= E_local:
             return
-        _w13_tile(x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
+        _w13_tile(x_ptr, x_desc, pid_m * BM, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
                   pid_m * BM + tl.arange(0, BM), valid, slot, e, pid_n, half, H, I, N1, K, limit, stride_xt,
                   stride_we, stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr,
                   stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED,
                   HAS_BIAS, HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, INLINE, QUANT, REQ, PACK, QG,
-                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX)
+                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, XG)
 
 
 @triton.jit
 def _w13_tile(
-    x_ptr, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, rows, valid, slot, e, pid_n, half,
-    H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt,
+    x_ptr, x_desc, row_a, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr, rows, valid, slot, e, pid_n,
+    half, H, I, N1, K, limit, stride_xt, stride_we, stride_wn, stride_be, stride_ir, stride_twt,
     xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, INLINE: tl.constexpr,
     QUANT: tl.constexpr, REQ: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr, UE8M0: tl.constexpr,
     FP8_ACC: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr,
+    XG: tl.constexpr = False, A_TMA: tl.constexpr = False,
 ):
     """One [BM rows, BN columns] tile of :func:`w13_kernel` for expert ``e``: sorted rows ``rows`` [BM] (``valid``
-    [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here)."""
+    [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here). ``XG``: ``x`` holds
+    the rows in sorted order (its row ``rows``, not the token's); ``A_TMA``: the tile at row ``row_a`` of
+    ``x_desc``."""
     if not INLINE:
         slot = tl.load(sorted_ptr + rows, mask=valid, other=0)
     tok = (slot // K).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < I
     offs_k = tl.arange(0, BK)
-    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    if XG:
+        a_row = rows.to(tl.int64)
+    else:
+        a_row = tok
+    a_ptrs = x_ptr + a_row[:, None] * stride_xt + offs_k[None, :]
     w_base = w1_ptr + row_offset(e, stride_we, W_ALIGN)
     g_ptrs = w_ptrs(w_base, offs_n + half * I, stride_wn, BK, PACK, W_ALIGN)
     u_ptrs = g_ptrs + row_offset(I, stride_wn, W_ALIGN)
@@ -179,7 +191,7 @@ def _w13_tile(
             su1 = su0
             if GATED and not SPLIT:
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
-        a = load_a(a_ptrs, None, 0, k0, valid, kmask, EVEN_K, False)
+        a = load_a(a_ptrs, x_desc, row_a, k0, valid, kmask, EVEN_K, A_TMA)
         g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
         if ON_INPUT:

@@ -130,3 +130,20 @@ def row_block(pid_m, loc, counts_ptr, E_local, BM: tl.constexpr, BLOCK_E: tl.con
         valid = (pid_m - first) * BM + tl.arange(0, BM) < n_e
         slot = tl.zeros([BM], dtype=tl.int32)
     return e, valid, slot
+
+
+@triton.jit
+def gather_rows_kernel(x_ptr, xg_ptr, loc_ptr, rank_ptr, row_start_ptr, S, K, H, stride_xt, stride_gr,
+                       BS: tl.constexpr, BH: tl.constexpr):
+    """``xg[row_start[loc[s]] + rank[s], :] = x[s // K, :]`` for the live slots ``s`` of the align kernel's layout
+    (``loc[s] >= 0``), ``BS`` slots by ``BH`` columns per program, grid (cdiv(S, BS), cdiv(H, BH)): the w13 input in
+    sorted order (config ``"gather_pass"``). A block's padding rows are never written (no GEMM output reads them).
+    x: [T, H], xg: [rows, H] (the params dtype); loc, rank: [S] int32; row_start: [E_local] int32."""
+    s = tl.program_id(0) * BS + tl.arange(0, BS)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    e = tl.load(loc_ptr + s, mask=s < S, other=-1)
+    live = e >= 0
+    row = tl.load(row_start_ptr + e, mask=live, other=0) + tl.load(rank_ptr + s, mask=live, other=0)
+    m = live[:, None] & (cols < H)[None, :]
+    v = tl.load(x_ptr + (s // K).to(tl.int64)[:, None] * stride_xt + cols[None, :], mask=m)
+    tl.store(xg_ptr + row.to(tl.int64)[:, None] * stride_gr + cols[None, :], v, mask=m)
