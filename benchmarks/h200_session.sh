@@ -175,6 +175,12 @@ r42_bench_ab() {  # r42_bench_ab PREFIX SECONDS "BENCH ARGS" (after t39_site): m
 W4TESTS="tests/ops/test_gluon_w4.py"
 
 case $WHAT in
+  r43-e)  # round 43, the review's tree: the gather pass's tests (their problem now small_experts'), the Triton experts'
+    # and tail tiles' tests natively
+    r42_prepare
+    step gpu-final 300 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_gather_pass.py \
+      tests/ops/test_triton_experts.py tests/ops/test_tail_tiles.py
+    ;;
   r43-d)  # round 43, the final table (Mixtral bf16 1024 / 4096 / 16384 with "gather_pass"): the shipped bf16 tables'
     # rows alone vs in batches (Mixtral), the gather pass's tests, then moekit bench (bf16, four models, seven T) and
     # compare.py against issue #11's peer
