@@ -175,6 +175,20 @@ r42_bench_ab() {  # r42_bench_ab PREFIX SECONDS "BENCH ARGS" (after t39_site): m
 W4TESTS="tests/ops/test_gluon_w4.py"
 
 case $WHAT in
+  r43-f)  # round 43: moekit tune at Mixtral bf16 T = 1024 (#11's largest miss) from the final table (the gather pass in
+    # its neighbours), then moekit bench at that point, the shipped table against the tuned one, alternated twice
+    r42_prepare
+    step tune 230 python -m moekit tune --points mixtral-8x7b:1024 --budget-s 170 --out "$OUT/tuned"
+    local_b="--quant bf16 --models mixtral-8x7b --tokens 1024 --fast"
+    for r in 1 2; do
+      step "bench-base-$r" 60 python -m moekit bench $local_b --out "$OUT/base-$r"
+      MOEKIT_CONFIG_DIR="$OUT/tuned" step "bench-tuned-$r" 60 python -m moekit bench $local_b --out "$OUT/tuned-$r"
+    done
+    rm -f "$OUT"/*/*.png
+    for r in 1 2; do
+      python benchmarks/triton_ab.py "$OUT"/base-$r/*.json "$OUT"/tuned-$r/*.json --labels shipped,tuned | tail -3
+    done
+    ;;
   r43-e)  # round 43, the review's tree: the gather pass's tests (their problem now small_experts'), the Triton experts'
     # and tail tiles' tests natively
     r42_prepare

@@ -583,3 +583,15 @@ def test_a_gather_pass_winner_must_match_the_same_tiles_without_it():
     assert "gather_pass" not in seen[-1] and seen[-1]["tma"]
     assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("gather_pass") else 1.0),
                                     cfg)
+
+
+def test_priors_keep_the_base_tail_blocks_only_where_their_tiles_take_them():
+    # Mixtral's bf16 bucket 1024 runs BLOCK_M 128 with 64-row tail blocks; a BLOCK_M 64 prior carrying "tail_bm": 64
+    # is refused by the launch plan (a tail block must be shorter), so the search lost those priors (round 43)
+    base = _cfg(128, (128, 64, 8, 4), (128, 64, 8, 4), tma=True, tail_bm=64, gather_pass=True)
+    priors = prior_configs(256, base, "bf16", (64, 64))
+    assert {c["BLOCK_M"] for c in priors} >= {64, 128}
+    for c in priors:
+        assert c.get("tail_bm", 0) < c["BLOCK_M"], c
+        assert c.get("gather_pass"), c  # the other carried keys stay
+    assert any(c.get("tail_bm") == 64 for c in priors if c["BLOCK_M"] == 128)

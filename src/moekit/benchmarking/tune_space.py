@@ -297,7 +297,9 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)
         w2_bn = 128 if fam == "fp8" else 256
         out += [_cfg(128, (128, bk[0], 8, 4), (w2_bn, bk[1], 8, 3), tma=True, w13_split=True, **extra)]
-    return out
+    # the base's tail blocks only where a prior's tiles take them (round 43: Mixtral's 1024 bucket, "tail_bm": 64,
+    # lost its four BLOCK_M 64 priors to the launch plan's refusal)
+    return [tail_ok(c) for c in out]
 
 
 def neighbour_configs(best: dict, pdl: bool, quick: bool = False, fam: str = "bf16") -> list[dict]:
