@@ -179,10 +179,10 @@ case $WHAT in
     # its neighbours), then moekit bench at that point, the shipped table against the tuned one, alternated twice
     r42_prepare
     step tune 230 python -m moekit tune --points mixtral-8x7b:1024 --budget-s 170 --out "$OUT/tuned"
-    local_b="--quant bf16 --models mixtral-8x7b --tokens 1024 --fast"
+    b="--quant bf16 --models mixtral-8x7b --tokens 1024 --fast"
     for r in 1 2; do
-      step "bench-base-$r" 60 python -m moekit bench $local_b --out "$OUT/base-$r"
-      MOEKIT_CONFIG_DIR="$OUT/tuned" step "bench-tuned-$r" 60 python -m moekit bench $local_b --out "$OUT/tuned-$r"
+      step "bench-base-$r" 60 python -m moekit bench $b --out "$OUT/base-$r"
+      MOEKIT_CONFIG_DIR="$OUT/tuned" step "bench-tuned-$r" 60 python -m moekit bench $b --out "$OUT/tuned-$r"
     done
     rm -f "$OUT"/*/*.png
     for r in 1 2; do

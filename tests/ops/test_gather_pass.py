@@ -113,7 +113,11 @@ def test_gather_pass_is_skipped_where_it_cannot_apply():
     be a flag."""
     cfg = _cfg()
     args = (64, 32, 64, 4, 4, 2, torch.bfloat16, 0, True, False, False, False, False, None, True, 64)
-    assert launch_plan(8, *args, 0, _freeze(cfg)).gather
+    on, off = launch_plan(8, *args, 0, _freeze(cfg)), launch_plan(8, *args, 0, _freeze(dict(cfg, gather_pass=False)))
+    assert on.gather and not off.gather
+    # the gathered rows share the dtype scratch, past the part rows (one allocation; 128-byte aligned for TMA)
+    assert on.buf_total == on.xg_offset + on.rows * 64 and off.buf_total == off.part_offset + off.part_rows * 64
+    assert on.xg_offset >= on.part_offset + on.part_rows * 64 and on.xg_offset % 64 == 0
     assert not launch_plan(8, *args, 16, _freeze(cfg)).gather  # inline layout: 16 slots <= 16
     assert not launch_plan(8, *args, 0, _freeze(dict(cfg, tma=False))).gather
     assert not launch_plan(8, *args, 0, _freeze(dict(cfg, w13=dict(cfg["w13"], SWAP=1)))).gather

@@ -183,7 +183,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         SMALL_SLOTS, INLINE_SLOTS, _freeze(cfg),
     )
     dev = x.device
-    # two scratch allocations, split into views (int32 layout/semaphores; the dtype inter and part rows)
+    # two scratch allocations, split into views (int32 layout/semaphores; the dtype inter, part and gathered rows)
     counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, blk, sem = torch.empty(
         p.i32_total, dtype=torch.int32, device=dev
     ).split_with_sizes(p.i32_sizes)
@@ -242,7 +242,7 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
         w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [p.bn2, p.bk2])
         inter_desc = TensorDescriptor.from_tensor(inter_w2, [p.bm, p.bk2])
         if p.gather and q is None:
-            a13 = torch.empty(p.rows, h, dtype=x.dtype, device=dev)
+            a13 = buf.as_strided((p.rows, h), (h, 1), p.xg_offset)  # (128-byte aligned: TMA needs 16)
             launch(rows_k.gather_rows_kernel, p.grid_gather, x, a13, slot_loc, slot_rank, row_start, t * k, k, h,
                    x.stride(0), a13.stride(0), **p.gather_kw)
             gather = dict(XG=True, x_desc=TensorDescriptor.from_tensor(a13, [p.bm, p.bk13]))

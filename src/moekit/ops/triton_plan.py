@@ -45,8 +45,10 @@ class LaunchPlan:
     e_global: int
     i32_sizes: tuple  # counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, block_expert, sem (padded)
     i32_total: int
-    buf_total: int  # inter rows, then part rows (from part_offset), elements of the input dtype
+    buf_total: int  # inter rows, then part rows (from part_offset), then the gathered input rows (from xg_offset,
+    #               config "gather_pass"), elements of the input dtype
     part_offset: int
+    xg_offset: int
     part_rows: int
     zero_counts: bool
     align: str  # "inline" (no align kernel), "small" (one program) or "multi" (count + scatter)
@@ -151,9 +153,12 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     # the pre-gathered rows: TMA-read A tiles of the Triton w13 (an align kernel ran, weights in the params dtype)
     gather = gather and align_mode != "inline" and tma and small_elt and not c13.get("SWAP")
     gh = min(GATHER_BH, triton.next_power_of_2(h))
+    xg_offset = _pad(part_offset + part_rows * h, 64)
     return LaunchPlan(
         bm=bm, rows=rows, num_pid_m=num_pid_m, nbn=nbn, e_global=e_global, i32_sizes=i32_sizes,
-        i32_total=sum(i32_sizes), buf_total=part_offset + part_rows * h, part_offset=part_offset,
+        i32_total=sum(i32_sizes), buf_total=xg_offset + rows * h if gather else part_offset + part_rows * h,
+        part_offset=part_offset,
+        xg_offset=xg_offset,
         part_rows=part_rows, zero_counts=align_mode == "multi", align=align_mode,
         align_grid=(triton.cdiv(t, bt),), align_kw=common, scatter_kw=dict(BT=bt, KP=kp, num_warps=4),
         grid13=(num_pid_m * triton.cdiv(inter, bn13) * (2 if split else 1),), grid2=(num_pid_m * nbn,),
