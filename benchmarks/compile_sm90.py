@@ -195,13 +195,13 @@ def gluon_fp8_w13_ws(bm: int = 64, bn: int = 64, h: int = 7168, i: int = 2048, e
 def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 64, h: int = 7168, i: int = 2048,
              e: int = 16, stages: int = 4, swap: bool = True, bias: bool = False, act: str = "silu", g: int = 32,
              wbuf: int = 2, wspec: tuple | None = None, rega: bool = False, serial: bool = False,
-             sword: bool = False, early: bool = False):
+             sword: bool = False, early: bool = False, relaid: bool = False):
     """The Gluon 4-bit w13 / w2 (:mod:`moekit.ops._gluon.w4`) compiled for sm_90 on CPU tensors: the
     ``CompiledKernel``. ``wspec``: (D, DEC_REGS) compiles the warp-specialised kernels of
     :mod:`moekit.ops._gluon.w4_ws` instead (swapped; ``wbuf`` unused); ``rega``: the register-operand kernels of
     :mod:`moekit.ops._gluon.w4_rega` (swapped), ``serial`` their w13 with gate, then up (``"gluon_rega": 2``),
     ``sword`` (mxfp4) their step scales loaded as one u32 per row, ``early`` their ring refilled a step earlier
-    (``"gluon_early": 1``)."""
+    (``"gluon_early": 1``), ``relaid`` their weights in the register-operand layout (:mod:`moekit.ops.w4_layout`)."""
     from moekit.ops._gluon.w4 import w4_w2_sum_kernel, w4_w13_kernel
     from moekit.ops._gluon.w4_rega import w4ra_w2_sum_kernel, w4ra_w13_kernel
     from moekit.ops._gluon.w4_ws import w4ws_w2_sum_kernel, w4ws_w13_kernel
@@ -223,6 +223,7 @@ def gluon_w4(which: str = "w13", quant: str = "mxfp4", bm: int = 16, bn: int = 6
         common.pop("SWAP"), common.pop("WBUF")
         common["SWORD"] = sword
         common["EARLY"] = early
+        common["RELAID"] = relaid
         serial_kw = {"SERIAL": serial}
     if which == "w13":
         x, w1 = torch.empty(t, h, dtype=torch.bfloat16), torch.empty(e, 2 * i, h // pack, dtype=wdt)

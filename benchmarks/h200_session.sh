@@ -174,7 +174,23 @@ r42_bench_ab() {  # r42_bench_ab PREFIX SECONDS "BENCH ARGS" (after t39_site): m
 
 W4TESTS="tests/ops/test_gluon_w4.py"
 
+R44P="deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,deepseek-v3:1024,qwen3-30b-a3b:8,qwen3-30b-a3b:64"
+R44P="$R44P,qwen3-30b-a3b:256,qwen3-30b-a3b:1024,mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:256,mixtral-8x7b:1024"
+
 case $WHAT in
+  r44-a)  # round 44: 4-bit weights re-laid for the register-operand GEMMs (moekit.ops.w4_layout, RELAID): the bit tests
+    # natively, then the probe (SPEC-packed vs re-laid, experts step and µs per kernel, alternated twice) for mxfp4
+    r42_prepare
+    step gpu-relaid 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_w4_relaid.py
+    step probe-mxfp4 320 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R44P" --out "$OUT/probe-mxfp4.json"
+    grep -h "graph\|identical\|skipped\|Error" "$OUT/probe-mxfp4.log" | tail -70
+    ;;
+  r44-b)  # round 44, after r44-a: the probe for int4
+    r42_prepare
+    step probe-int4 540 python benchmarks/relaid_probe.py --formats int4 --points "$R44P,deepseek-v3:4096" \
+      --out "$OUT/probe-int4.json"
+    grep -h "graph\|identical\|skipped\|Error" "$OUT/probe-int4.log" | tail -70
+    ;;
   r43-f)  # round 43: moekit tune at Mixtral bf16 T = 1024 (#11's largest miss) from the final table (the gather pass in
     # its neighbours), then moekit bench at that point, the shipped table against the tuned one, alternated twice
     r42_prepare

@@ -166,3 +166,75 @@ def test_the_emulator_catches_a_wrong_selector():
     bad = w4_rega._E2M1_PAIRS.value.replace(w4_rega._pair_sel(1, True), w4_rega._pair_sel(2, True), 1)
     words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C, 0x8899AABB]
     assert _call(bad, words, 0, [127] * 8) != _call(w4_rega._E2M1_PAIRS.value, words, 0, [127] * 8)
+
+
+# ``RELAID``: weights in the register-operand layout (moekit.ops.w4_layout), one call per (row, lane word)
+
+def _relaid_call(asm: str, word: int, scale_regs: list[int], nscale: int, group_sel: int | None = None) -> list[int]:
+    """One call of a re-laid asm (pack 8): the lane's word eight times, then ``nscale`` scale registers (and, for the
+    scale-word asm, 8 copies of the group selector)."""
+    ops = {n: word for n in range(4, 12)}
+    for n, s in enumerate(scale_regs[:nscale]):
+        ops[12 + n] = s
+    if group_sel is not None:
+        for n in range(12 + nscale, 20 + nscale):
+            ops[n] = group_sel
+    out = run_asm(asm, ops)
+    return [out[j] for j in range(4)]
+
+
+def _check_relaid(asm: str, scale_regs: list[int], nscale: int, value, seed: int, group_sel=None) -> None:
+    """Chunks of SPEC-packed bytes (the first holds every byte value in order) re-laid by ``relay_rega``: for every
+    lane q and word j, output jj must be pair ``q + 4 (4 j + jj)`` of the chunk decoded, low code (even k) in the
+    low half, each ``value(code)`` rounded once to bf16: the fragment :func:`w4_rega._frag_spec` builds."""
+    from moekit.ops.w4_layout import relay_rega
+
+    g = torch.Generator().manual_seed(seed)
+    chunks = [torch.arange(64, dtype=torch.uint8) * 4 + 1] + [
+        torch.randint(0, 256, (64,), generator=g, dtype=torch.int64).to(torch.uint8) for _ in range(3)]
+    for spec in chunks:
+        re_laid = relay_rega(spec).view(torch.int32).tolist()
+        for q in range(4):
+            for j in range(4):
+                out = _relaid_call(asm, re_laid[4 * q + j] & M32, scale_regs, nscale, group_sel)
+                for jj in range(4):
+                    byte = int(spec[q + 4 * (4 * j + jj)])
+                    want = _bf16_bits(value(byte & 0xF)) | _bf16_bits(value(byte >> 4)) << 16
+                    assert out[jj] == want, (q, j, jj, hex(byte), hex(out[jj]), hex(want))
+
+
+@pytest.mark.parametrize("s", [0, 1, 120, 127, 128, 200, 254])  # e8m0: 0 (2^-127, subnormal) ... 2^127
+def test_relaid_mxfp4_asm_decodes_every_pair_as_the_reference(s):
+    def value(code: int) -> float:
+        return (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * 2.0 ** (s - 127)
+
+    _check_relaid(w4_rega._E2M1_RELAID.value, [s] * 8, 8, value, seed=s)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_relaid_mxfp4_asm_with_the_scale_word_picks_each_groups_byte(seed):
+    # ``SWORD`` with the re-laid words: group j's byte of the row's scale word, picked inside the asm, decodes as the
+    # byte-per-call asm given that byte
+    g = torch.Generator().manual_seed(seed)
+    scales = [int(x) for x in torch.randint(0, 255, (4,), generator=g)]
+    scales[seed % 4] = (0, 254, 127, 1)[seed]
+    word = sum(b << (8 * i) for i, b in enumerate(scales))
+    for j in range(4):
+        sel = j * w4_rega._GSEL_MUL.value + w4_rega._GSEL_ADD.value
+        for lane_word in (0x76543210, 0xFEDCBA98, int(torch.randint(0, 2**32, (1,), generator=g, dtype=torch.int64))):
+            got = _relaid_call(w4_rega._E2M1_RELAID_W.value, lane_word, [word] * 8, 8, group_sel=sel)
+            assert got == _relaid_call(w4_rega._E2M1_RELAID.value, lane_word, [scales[j]] * 8, 8), (seed, j)
+
+
+@pytest.mark.parametrize("scale", [1.0, -0.5, 3.0e-3, 7.25, 1.0e-30])
+def test_relaid_int4_asm_decodes_every_pair_as_the_reference(scale):
+    sb = _bf16_bits(scale)
+    _check_relaid(w4_rega._INT4_RELAID.value, [sb | sb << 16] * 4, 4, lambda u: (u - 8) * _bf16(sb), seed=11)
+
+
+def test_the_relaid_check_catches_a_wrong_mask():
+    # not vacuous: pair 1 masked at pair 0's nibbles decodes other codes
+    bad = w4_rega._E2M1_RELAID.value.replace("and.b32 y, $4, 0x00F000F0", "and.b32 y, $4, 0x000F000F", 1)
+    assert bad != w4_rega._E2M1_RELAID.value
+    with pytest.raises(AssertionError):
+        _check_relaid(bad, [127] * 8, 8, lambda c: (-1.0 if c & 8 else 1.0) * E2M1[c & 7], seed=0)

@@ -125,6 +125,36 @@ _INT4_PAIRS = gl.constexpr(
     + "".join(f"prmt.b32 y, g, hi, {_pair_sel(j, False)};\nlop3.b32 y, y, 0x000F000F, 0x43004300, 0xEA;\n"
               f"sub.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, $20;\n" for j in range(4))
     + "}\n")
+# ``RELAID`` (weights in :mod:`..w4_layout`'s register-operand layout): one call per (row, word), the thread's own
+# word $4 (pack 8: the same word eight times) holding four k pairs, pair jj's low codes at nibble jj and high codes at
+# nibble 4 + jj, then the scale ($12; ``SWORD``: the scale word, and the group selector at $20). No gather and no split:
+# mxfp4 pairs 0 / 1 are masked in place (codes at bits 0-3 / 4-7 of each half) and placed by one multiply (0x1040:
+# << 6 and << 12; 0x104: << 2 and << 8: the same bf16 bits 6-8 and 15), pairs 2 / 3 the same after one shift by 8; the
+# same arithmetic as :func:`_e2m1_pairs` after the mask, so the same values
+def _e2m1_relaid(scale: str) -> str:
+    """The re-laid mxfp4 asm around ``scale`` (as :func:`_e2m1_pairs`'s)."""
+    parts = (("$4", "0x000F000F", "0x1040"), ("$4", "0x00F000F0", "0x104"), ("w2", "0x000F000F", "0x1040"),
+             ("w2", "0x00F000F0", "0x104"))
+    return ("\n{\n.reg .b32 w2, y, c, s;\nmov.b32 c, 0x7E807E80;\n" + scale
+            + "mov.b32 y, 0x00400040;\nmax.u16x2 s, s, y;\nshr.u32 w2, $4, 8;\n"
+            + "".join(f"and.b32 y, {src}, {mask};\nmul.lo.u32 y, y, {mul};\nand.b32 y, y, 0x81C081C0;\n"
+                      f"mul.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, s;\n" for j, (src, mask, mul) in enumerate(parts))
+            + "}\n")
+
+
+_E2M1_RELAID = gl.constexpr(_e2m1_relaid("mul.lo.u32 s, $12, 0x00800080;\n"))
+_E2M1_RELAID_W = gl.constexpr(_e2m1_relaid("prmt.b32 s, $12, 0, $20;\nmul.lo.u32 s, s, 0x80;\n"))
+# int4 re-laid: pair jj's nibbles at bits 4 jj and 16 + 4 jj: a shift by 4 jj, then :data:`_INT4_PAIRS`' lop3, sub
+# and multiply (the bf16 exponent leaves no room for a nibble at bits 4-7, so every pair but the first is shifted)
+_INT4_RELAID = gl.constexpr(
+    "\n{\n.reg .b32 y, c;\nmov.b32 c, 0x43084308;\n"
+    + "".join((f"shr.u32 y, $4, {4 * j};\n" if j else "")
+              + f"lop3.b32 y, {'y' if j else '$4'}, 0x000F000F, 0x43004300, 0xEA;\nsub.rn.bf16x2 y, y, c;\n"
+              f"mul.rn.bf16x2 ${j}, y, $12;\n" for j in range(4))
+    + "}\n")
+_MXR_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
+_MXRW_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
+_I4R_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 12))
 # four bf16x2 outputs; the 8 words and 8 selectors of one call (pack 8: 4 words x the code pair), then its scale:
 # mxfp4 the e8m0 byte as 8 u32 (the asm makes the bf16x2 scale), int4 the bf16 scale as 4 bf16x2 pairs
 _MX_IO = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
@@ -145,9 +175,74 @@ def _words_layout(BN, NG, W32, num_warps):
     return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, NG, W32, 4, 2])
 
 
+@gluon.constexpr_function
+def _relaid_layout(BN, NG, J, num_warps):
+    """[BN, NG, J, 4, 4, 2] (``RELAID``): :func:`_words_layout`'s register / lane / warp map with its word dim split
+    into (J, 4): a group's G / 32 words of a lane and the four k pairs of each (so the same [BN, BK] after the
+    reshape), the lane q dim next, the pair's two codes last."""
+    reg = [[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0], [0, 0, 0, 2, 0, 0]]
+    reg += [[0, 0, 1 << i, 0, 0, 0] for i in range((J - 1).bit_length())]
+    reg += [[0, 1 << i, 0, 0, 0, 0] for i in range((NG - 1).bit_length())] + [[8, 0, 0, 0, 0, 0]]
+    lane = [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [1, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0]]
+    warp = [[16 << i, 0, 0, 0, 0, 0] for i in range((num_warps - 1).bit_length())]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, NG, J, 4, 4, 2])
+
+
+#: a re-laid ring slot as u32 [BN, NG, J, 4 lanes]: in memory row, lane, group, word (a lane's words contiguous)
+_RELAID_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 3, 0]))
+
+
+@gluon.jit
+def _frag_relaid(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
+                 ACC_L: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False):
+    """:func:`_frag` of a ring slot in the register-operand layout (:mod:`..w4_layout`): each thread loads its own
+    words (one 16-byte load per row) and decodes them in place; the same values in the same fragment."""
+    gl.static_assert(BK == 128, "the register-operand layout is laid out per 128-value K step")
+    NG: gl.constexpr = BK // G
+    J: gl.constexpr = G // 32
+    L6: gl.constexpr = _relaid_layout(BN, NG, J, num_warps)
+    words = smem_reinterpret(p_slot, gl.uint32, [BN, NG, J, 4], _RELAID_SMEM).load(
+        gl.SliceLayout(3, gl.SliceLayout(5, L6)))
+    w6 = gl.expand_dims(gl.expand_dims(words, 3), 5)
+    w6, _ = gl.broadcast(w6, gl.zeros([1, 1, 1, 4, 1, 2], gl.uint32, L6))
+    S6: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, L6))))
+    if SWORD:
+        sc = gl.convert_layout(s, gl.SliceLayout(1, S6))
+        sc6 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sc, 1), 2), 3), 4), 5)
+        j = gl.arange(0, NG, layout=gl.SliceLayout(0, S6))
+        gsel = (j * _GSEL_MUL + _GSEL_ADD).to(gl.uint32)
+        gsel6 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gsel, 0), 2), 3), 4), 5)
+        w6, sc6 = gl.broadcast(w6, sc6)
+        w6, gsel6 = gl.broadcast(w6, gsel6)
+        w = gl.inline_asm_elementwise(_E2M1_RELAID_W, _MXRW_IO, [w6, sc6, gsel6], dtype=gl.bfloat16, is_pure=True,
+                                      pack=8)
+    else:
+        sc = gl.convert_layout(s.to(gl.uint32) if QUANT == MXFP4 else s, S6)
+        sc6 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sc, 2), 3), 4), 5)
+        w6, sc6 = gl.broadcast(w6, sc6)
+        if QUANT == MXFP4:
+            w = gl.inline_asm_elementwise(_E2M1_RELAID, _MXR_IO, [w6, sc6], dtype=gl.bfloat16, is_pure=True, pack=8)
+        else:
+            w = gl.inline_asm_elementwise(_INT4_RELAID, _I4R_IO, [w6, sc6], dtype=gl.bfloat16, is_pure=True, pack=8)
+    w = gl.reshape(w, [BN, BK])  # k = 2 · (16 · (J · g + j) + 4 · jj + q) + code: as :func:`_frag`'s
+    return gl.convert_layout(w, gl.DotOperandLayout(operand_index=0, parent=ACC_L, k_width=2))
+
+
 @gluon.jit
 def _frag(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
-          ACC_L: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False):
+          ACC_L: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False, RELAID: gl.constexpr = False):
+    """The A fragment of one ring slot: :func:`_frag_relaid` for weights in the register-operand layout
+    (``RELAID``), else :func:`_frag_spec` (SPEC §8's packing)."""
+    if RELAID:
+        w = _frag_relaid(p_slot, s, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
+    else:
+        w = _frag_spec(p_slot, s, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
+    return w
+
+
+@gluon.jit
+def _frag_spec(p_slot, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
+               ACC_L: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False):
     """The A fragment (bf16 [BN, BK], ``DotOperandLayout(0, ACC_L, 2)``) of one packed ring slot ``p_slot`` and its
     raw group scales ``s`` ([BN, NG] in the words layout's row / group slice; ``SWORD``: [BN] u32, each row's four
     e8m0 bytes; loaded by :func:`_frag_scales`)."""
@@ -236,12 +331,14 @@ def w4ra_w13_kernel(
     GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr,
     SERIAL: gl.constexpr = False, SWORD: gl.constexpr = False, EARLY: gl.constexpr = False,
+    RELAID: gl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),). Arguments as :func:`.w4.w4_w13_kernel` (swapped: BN weight rows, one
     warpgroup per 64, on the wgmma's M side). ``SERIAL`` (config ``"gluon_rega": 2``; always with BM > 64): gate,
     then up, each fragment's wgmma waited for before the next fragment is decoded (fewer registers). ``EARLY``
     (config ``"gluon_early": 1``): step k refills the ring slot of step k - 1 right after its first barrier instead of
     after its own wgmmas (module docstring)."""
+    gl.static_assert(EVEN_K or not RELAID, "re-laid weights are whole 128-value K steps")
     PACK: gl.constexpr = _pack(QUANT)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
@@ -285,13 +382,13 @@ def w4ra_w13_kernel(
             # of a fragment it considers dead once the wgmma is issued (module docstring, round 15)
             if BM > 64 or SERIAL:  # gate, then up: one fragment's registers at a time (beside two [BN, BM > 64]
                 # accumulators; SERIAL: fewer registers, more programs per SM)
-                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD), xt,
+                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID), xt,
                                     acc_g)
-                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD),
+                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID),
                                     xt, acc_u)
             else:
-                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
-                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
+                wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID)
+                wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID)
                 acc_g = warpgroup_mma(wg, xt, acc_g, is_async=True)
                 acc_u = warpgroup_mma(wu, xt, acc_u, is_async=True)
                 acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
@@ -315,10 +412,11 @@ def w4ra_w2_sum_kernel(
     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, G: gl.constexpr, QUANT: gl.constexpr,
     GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     ON_INPUT: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr, SWORD: gl.constexpr = False,
-    EARLY: gl.constexpr = False,
+    EARLY: gl.constexpr = False, RELAID: gl.constexpr = False,
 ):
     """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped); ``SWORD``, ``EARLY`` as the
     w13's."""
+    gl.static_assert(EVEN_K or not RELAID, "re-laid weights are whole 128-value K steps")
     PACK: gl.constexpr = _pack(QUANT)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
@@ -350,7 +448,7 @@ def w4ra_w2_sum_kernel(
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, k + STAGES - 1,
                             nk, STAGES, BK, PACK, EVEN_K, 1)
             slot = k % STAGES
-            w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD)
+            w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID)
             acc = _mma_waited(w, x_smem.index(slot).permute((1, 0)), acc)
             if not EARLY:
                 cta_barrier()

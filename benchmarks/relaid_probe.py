@@ -1,0 +1,126 @@
+"""The register-operand 4-bit GEMMs on SPEC-packed weights against the same GEMMs on weights re-laid for them
+(:mod:`moekit.ops.w4_layout`, the kernels' ``RELAID``), side by side in one run: experts step in a CUDA graph, µs
+per kernel under the profiler, and the two outputs compared bit for bit.
+
+A probe of a lever (docs/kernels.md, round 44), not a shipped path: no layer stores re-laid weights yet, so the
+re-laid variant runs the product launcher with the register-operand kernels swapped for :class:`Relaid` wrappers
+(``RELAID=True``) and the re-laid tensors passed in. Points whose config does not run the register-operand kernels
+for both GEMMs, or whose H or I is not a multiple of 128 (gpt-oss), are skipped.
+
+    PYTHONPATH=src:benchmarks python benchmarks/relaid_probe.py --points deepseek-v3:8,qwen3-30b-a3b:64 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+
+import torch
+
+from moekit.benchmarking.shapes import MODELS
+from moekit.benchmarking.timer import time_graph
+from moekit.ops import triton_experts_quant as tq
+from moekit.ops.w4_layout import relaid_ok, relay_rega
+from kernel_profile import kernel_times  # benchmarks/: the script's own folder
+from quant_probe import quantise, routing_sets, save_rows, shape_weights, step_config
+from swap_probe import FORMATS
+
+
+class Relaid:
+    """A register-operand Gluon kernel launched with ``RELAID=True`` (the launcher passes everything else)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+        return lambda *args, **kw: run(*args, RELAID=True, **kw)
+
+    def warmup(self, *args, **kw):
+        return self.kernel.warmup(*args, RELAID=True, **kw)
+
+
+@contextlib.contextmanager
+def relaid_kernels():
+    """Inside: the launchers' register-operand w13 / w2 read re-laid weights (and only those)."""
+    from moekit.ops import gluon_w4
+    from moekit.ops._gluon import w4_rega
+
+    old = (w4_rega.w4ra_w13_kernel, w4_rega.w4ra_w2_sum_kernel)
+    w4_rega.w4ra_w13_kernel, w4_rega.w4ra_w2_sum_kernel = Relaid(old[0]), Relaid(old[1])
+    gluon_w4._w4_kernels.cache_clear()  # the launcher caches the kernels it imported
+    try:
+        yield
+    finally:
+        w4_rega.w4ra_w13_kernel, w4_rega.w4ra_w2_sum_kernel = old
+        gluon_w4._w4_kernels.cache_clear()
+
+
+def runs_rega(cfg: dict) -> bool:
+    """Whether ``cfg`` runs the register-operand kernels for both GEMMs."""
+    return all(cfg.get(part, {}).get("gluon_rega") for part in ("w13", "w2"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", default="deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,"
+                                        "qwen3-30b-a3b:8,qwen3-30b-a3b:64,qwen3-30b-a3b:256")
+    ap.add_argument("--formats", default="mxfp4,int4")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    dev, rows = torch.device("cuda"), []
+    for fmt_name in a.formats.split(","):
+        by_model: dict = {}
+        for point in a.points.split(","):
+            name, t = point.split(":")
+            t, m = int(t), MODELS[name]
+            if not (relaid_ok(m.H) and relaid_ok(m.I)):
+                print(f"{name:14s} {fmt_name:6s} T={t:6d} skipped: H = {m.H}, I = {m.I} not whole 128-value chunks")
+                continue
+            fmt = FORMATS[fmt_name]
+            spec = tq.QuantSpec.of(fmt)
+            cfg = step_config(m, t, spec, dev)
+            if not runs_rega(cfg):
+                print(f"{name:14s} {fmt_name:6s} T={t:6d} skipped: the config runs other kernels {cfg}")
+                continue
+            if name not in by_model:  # one model's weights at a time
+                by_model.clear()
+                torch.cuda.empty_cache()
+                w13, w2, b1, b2, limit = shape_weights(m, dev)
+                q13, q2, s13, s2 = quantise(w13, w2, fmt)
+                del w13, w2
+                by_model[name] = (q13, q2, relay_rega(q13), relay_rega(q2), s13, s2, b1, b2, limit)
+            q13, q2, r13, r2, s13, s2, b1, b2, limit = by_model[name]
+
+            def call(x, w, ids, p13, p2):
+                return tq.fused_experts_quant_impl(x, p13, p2, w, ids, spec, s13, s2, None, None, m.act, False, b1,
+                                                   b2, None, limit, config=cfg)
+
+            sets = routing_sets(m, t, 2, dev)
+            fns = {"spec": functools.partial(call, p13=q13, p2=q2), "relaid": functools.partial(call, p13=r13, p2=r2)}
+            ctx = {"spec": contextlib.nullcontext, "relaid": relaid_kernels}
+            outs = {}
+            for r in range(a.rounds):
+                for v in (("spec", "relaid") if r % 2 == 0 else ("relaid", "spec")):
+                    with ctx[v]():
+                        outs[v] = fns[v](*sets[0]).clone()
+                        per = kernel_times(fns[v], sets, 5)
+                        us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
+                    k13 = sum(u for kn, u in per.items() if kn.startswith("w4ra_w13"))
+                    k2 = sum(u for kn, u in per.items() if kn.startswith("w4ra_w2"))
+                    print(f"{name:14s} {fmt_name:6s} T={t:6d} {v:6s} round {r}: graph {us:9.1f} us | w13 {k13:8.1f}"
+                          f"  w2 {k2:8.1f}", flush=True)
+                    rows.append(dict(model=name, quant=fmt_name, tokens=t, variant=v, round=r, us=round(us, 1),
+                                     kernels=per))
+            same = torch.equal(outs["spec"], outs["relaid"])
+            print(f"{name:14s} {fmt_name:6s} T={t:6d} spec and relaid outputs bit-identical: {same}", flush=True)
+            rows.append(dict(model=name, quant=fmt_name, tokens=t, identical=same, config=cfg))
+    save_rows(a.out, dev, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The register-operand packed layout of 4-bit weights: SPEC §8's bytes re-laid so that each thread of the
+register-operand GEMMs (:mod:`._gluon.w4_rega`, ``RELAID``) loads exactly its own codes, already in place.
+
+SPEC §8 packs a row's k pairs one per byte (mxfp4: byte ``b`` holds the codes of k = 2b (low nibble) and
+2b + 1 (high); int4's little-endian int32 words hold the same bytes). The wgmma A fragment (bf16, k width 2) gives
+quad lane ``q`` of a row the k pairs ``q, q + 4, q + 8, ...``: byte ``q`` of every 4-byte word. The SPEC layout makes
+each thread read all of a row's words (shared with its quad) and gather and split its bytes before it can place a
+pair (round 19: 3 ``prmt`` + 3 integer ops per 8 codes, on the integer pipe that carries the decode).
+
+Re-laid, per row and chunk of 128 k values (64 bytes, 16 words): chunk byte ``b`` (pair b), with ``q = b % 4``,
+``i = b // 4``, goes to word ``4q + i // 4``, its low code at nibble ``i % 4`` and its high code at nibble
+``4 + i % 4``::
+
+    word 4q + j  (j = 0..3) = [lo(p0) lo(p1) lo(p2) lo(p3) | hi(p0) hi(p1) hi(p2) hi(p3)]   (nibble 0 = bits 0-3)
+    with p_jj = pair q + 4 (4j + jj)
+
+so lane q's four words are contiguous (one 16-byte load per row and K step of 128), and pair ``jj``'s two codes sit
+16 bits apart, where one mask (and, for jj = 1 / 3 of mxfp4, another multiplier) places them. A chunk holds whole
+scale groups (32 or 128 values), so the group of every code is unchanged. Rows whose length is not a multiple of
+128 values are not re-laid (:func:`relaid_ok`).
+
+    w: [..., K / PACK] uint8 (mxfp4) or int32 (int4)  ->  the same shape and dtype, re-laid
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CHUNK", "relaid_ok", "relay_rega", "unrelay_rega"]
+
+#: k values per re-laid chunk: one 128-wide K step of the register-operand GEMMs
+CHUNK = 128
+
+
+def relaid_ok(k: int) -> bool:
+    """Whether rows of ``k`` values can be re-laid: whole chunks only."""
+    return k > 0 and k % CHUNK == 0
+
+
+def _bytes(w: torch.Tensor, arg: str) -> torch.Tensor:
+    if w.dtype not in (torch.uint8, torch.int32):
+        raise TypeError(f"{arg} must be packed 4-bit weights (uint8 mxfp4 or int32 int4), got dtype {w.dtype}")
+    b = w.contiguous().view(torch.uint8)
+    if b.shape[-1] % (CHUNK // 2):
+        k = b.shape[-1] * 2
+        raise ValueError(f"{arg} rows hold {k} values; the register-operand layout needs a multiple of {CHUNK}")
+    return b
+
+
+#: leading rows re-laid per slice (bounded scratch on a whole layer's experts: a few int tensors of this many rows)
+_SLICE_ROWS = 4096
+
+
+def _per_slice(w: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` over [rows, K/2] byte slices of ``w``'s rows (a new tensor of ``w``'s shape and dtype)."""
+    b = _bytes(w, "w")
+    flat = b.reshape(-1, b.shape[-1])
+    out = torch.empty_like(flat)
+    for r in range(0, flat.shape[0], _SLICE_ROWS):
+        out[r:r + _SLICE_ROWS] = fn(flat[r:r + _SLICE_ROWS])
+    return out.reshape(b.shape).view(w.dtype).reshape(w.shape)
+
+
+def _relay(b: torch.Tensor) -> torch.Tensor:
+    rows, n = b.shape[0], b.shape[1] // (CHUNK // 2)
+    c = b.reshape(rows, n, 4, 4, 4)  # chunk byte 16 j + 4 jj + q -> [j, jj, q]
+    lo, hi = (c & 0xF).permute(0, 1, 4, 2, 3), (c >> 4).permute(0, 1, 4, 2, 3)  # [rows, n, q, j, jj]
+    nib = torch.cat([lo, hi], dim=-1)  # [rows, n, q, j, 8]: nibble jj = lo(p_jj), 4 + jj = hi(p_jj)
+    return (nib[..., 0::2] | nib[..., 1::2] << 4).reshape(rows, -1)  # two nibbles per byte, low first
+
+
+def _unrelay(b: torch.Tensor) -> torch.Tensor:
+    rows, n = b.shape[0], b.shape[1] // (CHUNK // 2)
+    c = b.reshape(rows, n, 4, 4, 4)  # [q, j, byte of the word]
+    nib = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(rows, n, 4, 4, 8)  # [q, j, nibble]
+    pairs = nib[..., :4] | nib[..., 4:] << 4  # [q, j, jj]
+    return pairs.permute(0, 1, 3, 4, 2).reshape(rows, -1)  # [j, jj, q]: chunk byte 16 j + 4 jj + q
+
+
+def relay_rega(w: torch.Tensor) -> torch.Tensor:
+    """SPEC §8's packed rows -> the register-operand layout (module docstring). A new tensor."""
+    return _per_slice(w, _relay)
+
+
+def unrelay_rega(w: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`relay_rega`. A new tensor."""
+    return _per_slice(w, _unrelay)

@@ -1,0 +1,99 @@
+"""The register-operand 4-bit GEMMs on re-laid weights (``RELAID``, :mod:`moekit.ops.w4_layout`): compiled for sm_90
+on the CPU (fewer instructions per K step than on SPEC-packed weights, refused where K is not whole 128-value steps)
+and, on the GPU, the same bits as the same kernels on SPEC-packed weights. The lever is measured by
+``benchmarks/relaid_probe.py``; no layer stores re-laid weights yet (docs/kernels.md, round 44)."""
+
+import pytest
+import torch
+
+gluon = pytest.importorskip("triton.experimental.gluon")
+
+from compile_check import run_compiled  # noqa: E402
+from moekit.ops import gluon_w4  # noqa: E402
+from moekit.ops import triton_experts_quant as tq  # noqa: E402
+from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
+from moekit.ops.quantize import quantize_experts  # noqa: E402
+from moekit.ops.w4_layout import relay_rega  # noqa: E402
+from bench_scripts import bench_script  # noqa: E402
+from small_experts import count_calls, experts_problem  # noqa: E402
+
+
+def test_relaid_register_operand_gemms_compile_with_fewer_instructions(tmp_path):
+    # per K step (DeepSeek-V3 slice, BLOCK_M 16, BN 64, the shipped decode forms): no gather and no split of the
+    # words, one 16-byte shared load per row instead of four; no shared-memory round trip or shuffle for the layout
+    # change (the re-laid fragment is the same registers), no write into an in-flight fragment; measured on Triton
+    # 3.6: mxfp4 w13 618 -> 525, w2 336 -> 293, int4 w13 495 -> 395, w2 275 -> 227. Refused at compile time where
+    # K is no whole number of 128-value steps (gpt-oss's 2880)
+    run_compiled("""
+import compile_sm90 as c
+for which in ("w13", "w2"):
+    for quant, sword in (("mxfp4", True), ("mxfp4", False), ("int4", False)):
+        kw = dict(bm=16, bn=64, stages=3, rega=True, serial=which == "w13", sword=sword, early=True)
+        n0, ops0 = c.sass_loop_mix(c.gluon_w4(which, quant, **kw))
+        k = c.gluon_w4(which, quant, relaid=True, **kw)
+        n1, ops1 = c.sass_loop_mix(k)
+        assert n1 <= 0.9 * n0, (which, quant, sword, n0, n1)
+        assert ops1["HGMMA"] == ops0["HGMMA"] and ops1["LDS"] * 3 // 2 <= ops0["LDS"], (ops0, ops1)
+        assert ops1.get("PRMT", 0) * 2 <= ops0["PRMT"], (ops0, ops1)  # the gather and placing prmt are gone
+        assert not ops1.get("STS") and not ops1.get("SHFL"), ops1
+        assert not c.inflight_fragment_writes(c.sass_text(k)), (which, quant)
+try:
+    c.gluon_w4("w13", "mxfp4", h=2880, i=2880, rega=True, relaid=True)
+except Exception as exc:
+    assert "re-laid weights are whole 128-value K steps" in str(exc), exc
+else:
+    raise AssertionError("a re-laid gpt-oss w13 compiled")
+print("ok")
+""", tmp_path)
+
+
+_FMTS = {"mxfp4": Mxfp4Format(), "int4_g32": Int4GroupFormat(32), "int4_g128": Int4GroupFormat(128)}
+
+
+def _cfg(bm, bn13, bn2, rega=1, early=False, stages=None):
+    """A register-operand config for both GEMMs (BK 128, the sum pass)."""
+    out = {"BLOCK_M": bm, "sum_pass": True}
+    for part, bn in (("w13", bn13), ("w2", bn2)):
+        c = {"BN": bn, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": 1, "gluon": 1,
+             "gluon_rega": rega if part == "w13" else 1}
+        if early:
+            c["gluon_early"] = 1
+        if stages:
+            c["gluon_stages"] = stages
+        out[part] = c
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", [{}, {"rega": 2}, {"early": True}, {"rega": 2, "early": True, "stages": 2}],
+                         ids=["plain", "serial", "early", "serial_early_stages2"])
+@pytest.mark.parametrize("t, e, k, h, i, act, bias, fmt, bm, bn13, bn2, hot", [
+    (1, 16, 8, 7168, 2048, "silu", False, "mxfp4", 16, 64, 64, False),  # DeepSeek-V3 slice, decode, SWORD scales
+    (8, 16, 8, 7168, 2048, "silu", False, "int4_g32", 16, 64, 64, False),
+    (64, 16, 4, 1024, 512, "silu", False, "int4_g128", 16, 64, 64, False),  # one group per K step: 4 words a group
+    (300, 16, 4, 1024, 768, "gelu_tanh", False, "mxfp4", 16, 64, 64, True),  # a hot expert over many row blocks
+    (200, 16, 4, 1024, 768, "swigluoai", True, "mxfp4", 32, 128, 64, False),  # biases, clamp, BN 128 (8 warps)
+    (700, 16, 4, 1024, 512, "silu", False, "int4_g32", 128, 64, 128, True),  # tall tiles: gate, then up
+], ids=["decode_t1_mxfp4", "decode_t8_int4", "int4_g128", "hot_gelu_tanh", "swigluoai_bias_bn128", "tall_bm128"])
+def test_gpu_relaid_weights_same_bits_as_spec_packed(monkeypatch, t, e, k, h, i, act, bias, fmt, bm, bn13, bn2, hot,
+                                                     form):
+    w13, w2, x, w, ids, b1, b2 = experts_problem(torch.bfloat16, act, bias, seed=6, t=t, e=e, h=h, i=i, k=k)
+    if hot:
+        ids[: t // 2, 0] = 0
+    q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), _FMTS[fmt])
+    spec = tq.QuantSpec.of(_FMTS[fmt])
+    cfg = _cfg(bm, bn13, bn2, **form)
+    limit = 7.0 if act == "swigluoai" else None
+
+    def run(p13, p2):
+        return tq.fused_experts_quant_impl(x, p13, p2, w, ids, spec, s13, s2, None, None, act, False, b1, b2, None,
+                                           limit, config=cfg)
+
+    calls = count_calls(monkeypatch, gluon_w4, "launch_w4_w13")
+    ref = run(q13, q2)
+    with bench_script("relaid_probe") as probe, probe.relaid_kernels():  # the probe's kernel wrappers (RELAID=True)
+        out = run(relay_rega(q13), relay_rega(q2))
+        again = run(relay_rega(q13), relay_rega(q2))
+    assert len(calls) == 3
+    assert torch.equal(ref, out) and torch.equal(out, again)
+    assert ref.isfinite().all() and ref.abs().sum() > 0
