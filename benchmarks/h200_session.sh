@@ -191,6 +191,23 @@ case $WHAT in
       --out "$OUT/probe-int4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT/probe-int4.log" | tail -70
     ;;
+  r44-c)  # round 44, the layer path: 4-bit layers on the Triton backend store re-laid words (packed_layout "rega"),
+    # the Triton kernels read them too (RELAID); the 4-bit GPU tests natively
+    r42_prepare
+    step gpu-w4 420 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_packed_layout.py \
+      tests/ops/test_w4_relaid.py tests/ops/test_gluon_w4.py tests/ops/test_triton_experts_quant.py \
+      tests/test_quant_layer.py tests/loading/test_loader_quant.py
+    grep -h "passed\|failed" "$OUT/gpu-w4.log" | tail -3
+    ;;
+  r44-d)  # round 44: moekit bench, bf16 / fp8 / mxfp4 / int4 (4-bit layers re-laid) at the decode and mid-T points of
+    # issue #10 for the three shapes whose K is whole 128-value steps, then compare.py
+    r42_prepare
+    step bench 540 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,qwen3-30b-a3b,mixtral-8x7b \
+      --tokens 1,8,64,256,1024 --fast --out "$OUT"
+    rm -f "$OUT"/*-speed.png
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    grep -h "MISSED\|met\*\*" "$OUT/compare.md" | head -20
+    ;;
   r43-f)  # round 43: moekit tune at Mixtral bf16 T = 1024 (#11's largest miss) from the final table (the gather pass in
     # its neighbours), then moekit bench at that point, the shipped table against the tuned one, alternated twice
     r42_prepare

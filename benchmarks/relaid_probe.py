@@ -2,10 +2,10 @@
 (:mod:`moekit.ops.w4_layout`, the kernels' ``RELAID``), side by side in one run: experts step in a CUDA graph, µs
 per kernel under the profiler, and the two outputs compared bit for bit.
 
-A probe of a lever (docs/kernels.md, round 44), not a shipped path: no layer stores re-laid weights yet, so the
-re-laid variant runs the product launcher with the register-operand kernels swapped for :class:`Relaid` wrappers
-(``RELAID=True``) and the re-laid tensors passed in. Points whose config does not run the register-operand kernels
-for both GEMMs, or whose H or I is not a multiple of 128 (gpt-oss), are skipped.
+The lever of docs/kernels.md's round 44, measured before layers stored re-laid words (they now do on the Triton
+backend: ``RoutedExperts.packed_layout``): the same launcher and config on SPEC-packed words (``QuantSpec.relaid``
+False) and on re-laid ones (True). Points whose config does not run the register-operand kernels for both GEMMs,
+or whose H or I is not a multiple of 128 (gpt-oss), are skipped.
 
     PYTHONPATH=src:benchmarks python benchmarks/relaid_probe.py --points deepseek-v3:8,qwen3-30b-a3b:64 --rounds 2
 """
@@ -13,7 +13,6 @@ for both GEMMs, or whose H or I is not a multiple of 128 (gpt-oss), are skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import sys
 
@@ -26,36 +25,6 @@ from moekit.ops.w4_layout import relaid_ok, relay_rega
 from kernel_profile import kernel_times  # benchmarks/: the script's own folder
 from quant_probe import quantise, routing_sets, save_rows, shape_weights, step_config
 from swap_probe import FORMATS
-
-
-class Relaid:
-    """A register-operand Gluon kernel launched with ``RELAID=True`` (the launcher passes everything else)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        run = self.kernel[grid]
-        return lambda *args, **kw: run(*args, RELAID=True, **kw)
-
-    def warmup(self, *args, **kw):
-        return self.kernel.warmup(*args, RELAID=True, **kw)
-
-
-@contextlib.contextmanager
-def relaid_kernels():
-    """Inside: the launchers' register-operand w13 / w2 read re-laid weights (and only those)."""
-    from moekit.ops import gluon_w4
-    from moekit.ops._gluon import w4_rega
-
-    old = (w4_rega.w4ra_w13_kernel, w4_rega.w4ra_w2_sum_kernel)
-    w4_rega.w4ra_w13_kernel, w4_rega.w4ra_w2_sum_kernel = Relaid(old[0]), Relaid(old[1])
-    gluon_w4._w4_kernels.cache_clear()  # the launcher caches the kernels it imported
-    try:
-        yield
-    finally:
-        w4_rega.w4ra_w13_kernel, w4_rega.w4ra_w2_sum_kernel = old
-        gluon_w4._w4_kernels.cache_clear()
 
 
 def runs_rega(cfg: dict) -> bool:
@@ -81,7 +50,7 @@ def main(argv=None) -> int:
                 print(f"{name:14s} {fmt_name:6s} T={t:6d} skipped: H = {m.H}, I = {m.I} not whole 128-value chunks")
                 continue
             fmt = FORMATS[fmt_name]
-            spec = tq.QuantSpec.of(fmt)
+            spec, spec_r = tq.QuantSpec.of(fmt), tq.QuantSpec.of(fmt, relaid=True)
             cfg = step_config(m, t, spec, dev)
             if not runs_rega(cfg):
                 print(f"{name:14s} {fmt_name:6s} T={t:6d} skipped: the config runs other kernels {cfg}")
@@ -95,20 +64,19 @@ def main(argv=None) -> int:
                 by_model[name] = (q13, q2, relay_rega(q13), relay_rega(q2), s13, s2, b1, b2, limit)
             q13, q2, r13, r2, s13, s2, b1, b2, limit = by_model[name]
 
-            def call(x, w, ids, p13, p2):
-                return tq.fused_experts_quant_impl(x, p13, p2, w, ids, spec, s13, s2, None, None, m.act, False, b1,
+            def call(x, w, ids, p13, p2, sp):
+                return tq.fused_experts_quant_impl(x, p13, p2, w, ids, sp, s13, s2, None, None, m.act, False, b1,
                                                    b2, None, limit, config=cfg)
 
             sets = routing_sets(m, t, 2, dev)
-            fns = {"spec": functools.partial(call, p13=q13, p2=q2), "relaid": functools.partial(call, p13=r13, p2=r2)}
-            ctx = {"spec": contextlib.nullcontext, "relaid": relaid_kernels}
+            fns = {"spec": functools.partial(call, p13=q13, p2=q2, sp=spec),
+                   "relaid": functools.partial(call, p13=r13, p2=r2, sp=spec_r)}
             outs = {}
             for r in range(a.rounds):
                 for v in (("spec", "relaid") if r % 2 == 0 else ("relaid", "spec")):
-                    with ctx[v]():
-                        outs[v] = fns[v](*sets[0]).clone()
-                        per = kernel_times(fns[v], sets, 5)
-                        us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
+                    outs[v] = fns[v](*sets[0]).clone()
+                    per = kernel_times(fns[v], sets, 5)
+                    us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
                     k13 = sum(u for kn, u in per.items() if kn.startswith("w4ra_w13"))
                     k2 = sum(u for kn, u in per.items() if kn.startswith("w4ra_w2"))
                     print(f"{name:14s} {fmt_name:6s} T={t:6d} {v:6s} round {r}: graph {us:9.1f} us | w13 {k13:8.1f}"

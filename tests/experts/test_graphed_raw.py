@@ -302,7 +302,9 @@ def test_graphs_that_keep_the_torch_ops(monkeypatch):
     assert not keeps_graph([torch.zeros(3, 3)], rng_used=False)  # 36 bytes: not 16-byte units
     monkeypatch.setattr(graphed_raw, "cuda_driver", lambda: None)  # no driver (CPU build), CUDA not initialised
     assert not keeps_graph(static, rng_used=False)
-    monkeypatch.delattr(torch.cuda.CUDAGraph, "raw_cuda_graph")  # a PyTorch that does not keep graphs
+    # a PyTorch that does not keep graphs; a class without the method (deleting the Python override is not enough on a
+    # CUDA build, whose C++ base torch._C._CUDAGraph has raw_cuda_graph too)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", type("CUDAGraph", (), {}))
     monkeypatch.setattr(graphed_raw, "cuda_driver", lambda: cu)
     assert not keeps_graph(static, rng_used=False)
 

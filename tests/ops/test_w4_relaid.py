@@ -1,7 +1,8 @@
 """The register-operand 4-bit GEMMs on re-laid weights (``RELAID``, :mod:`moekit.ops.w4_layout`): compiled for sm_90
 on the CPU (fewer instructions per K step than on SPEC-packed weights, refused where K is not whole 128-value steps)
-and, on the GPU, the same bits as the same kernels on SPEC-packed weights. The lever is measured by
-``benchmarks/relaid_probe.py``; no layer stores re-laid weights yet (docs/kernels.md, round 44)."""
+and, on the GPU, the same bits as the same kernels on SPEC-packed weights (``QuantSpec.relaid``, as a Triton-backend
+layer passes it). The speed: ``benchmarks/relaid_probe.py`` (docs/kernels.md, round 44); the layer and the Triton
+kernels on re-laid words: ``tests/experts/test_packed_layout.py``."""
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.formats import Int4GroupFormat, Mxfp4Format  # noqa: E402
 from moekit.ops.quantize import quantize_experts  # noqa: E402
 from moekit.ops.w4_layout import relay_rega  # noqa: E402
-from bench_scripts import bench_script  # noqa: E402
 from small_experts import count_calls, experts_problem  # noqa: E402
 
 
@@ -81,19 +81,18 @@ def test_gpu_relaid_weights_same_bits_as_spec_packed(monkeypatch, t, e, k, h, i,
     if hot:
         ids[: t // 2, 0] = 0
     q13, q2, s13, s2 = quantize_experts(w13.cuda(), w2.cuda(), _FMTS[fmt])
-    spec = tq.QuantSpec.of(_FMTS[fmt])
     cfg = _cfg(bm, bn13, bn2, **form)
     limit = 7.0 if act == "swigluoai" else None
 
-    def run(p13, p2):
+    def run(p13, p2, relaid):
+        spec = tq.QuantSpec.of(_FMTS[fmt], relaid=relaid)
         return tq.fused_experts_quant_impl(x, p13, p2, w, ids, spec, s13, s2, None, None, act, False, b1, b2, None,
                                            limit, config=cfg)
 
     calls = count_calls(monkeypatch, gluon_w4, "launch_w4_w13")
-    ref = run(q13, q2)
-    with bench_script("relaid_probe") as probe, probe.relaid_kernels():  # the probe's kernel wrappers (RELAID=True)
-        out = run(relay_rega(q13), relay_rega(q2))
-        again = run(relay_rega(q13), relay_rega(q2))
+    ref = run(q13, q2, False)
+    out = run(relay_rega(q13), relay_rega(q2), True)
+    again = run(relay_rega(q13), relay_rega(q2), True)
     assert len(calls) == 3
     assert torch.equal(ref, out) and torch.equal(out, again)
     assert ref.isfinite().all() and ref.abs().sum() > 0

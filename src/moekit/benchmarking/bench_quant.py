@@ -46,15 +46,32 @@ def measure_fp8_peak(device, timer: Callable | None = None) -> float:
     return 2 * n**3 / (us * 1e-6)
 
 
+def packed_layout(layer, quant: str) -> str:
+    """How a layer like ``layer`` (its kernel table, activation dtype and sizes) in format ``quant`` stores packed
+    4-bit words (:attr:`moekit.experts.routed.RoutedExperts.packed_layout`): ``"rega"`` or ``"spec"``."""
+    from ..ops.w4_layout import rega_layout_ok
+
+    re = layer.routed_experts
+    fmt = QUANT_FORMATS.get(quant)
+    ok = "rega" in re.kernels.packed_layouts and rega_layout_ok(fmt, re.params_dtype, re.moe_config.hidden_size,
+                                                                re.inter_local)
+    return "rega" if ok else "spec"
+
+
 def quantized_weights(layer, quant: str, cache: dict) -> tuple:
     """``(w13_q, w2_q, w13_scale, w2_scale)`` of ``layer``'s experts in format ``quant``, made once per
-    layer and format (``cache``: a dict the caller drops with the layer)."""
+    layer and format (``cache``: a dict the caller drops with the layer), packed as a quantised layer on
+    ``layer``'s backend stores them (:func:`packed_layout`: 4-bit words re-laid where it would)."""
     from ..ops.quantize import quantize_experts
+    from ..ops.w4_layout import relay_rega
 
     if quant not in cache:
         re = layer.routed_experts
         with torch.no_grad():
-            cache[quant] = quantize_experts(re.w13_weight, re.w2_weight, QUANT_FORMATS[quant])
+            q = quantize_experts(re.w13_weight, re.w2_weight, QUANT_FORMATS[quant])
+            if packed_layout(layer, quant) == "rega":
+                q = (relay_rega(q[0]), relay_rega(q[1]), q[2], q[3])
+            cache[quant] = q
     return cache[quant]
 
 
@@ -70,7 +87,8 @@ def experts_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "tri
     """``(x, topk_weights, topk_ids) -> [T, H]``: the experts step on precomputed routing.
 
     quant None / q None: the unquantised weights through ``moekit.fused_experts``; else the quantised
-    weights ``q`` through the kernel table's ``experts_quant`` (Triton: ``fused_experts_quant_triton``).
+    weights ``q`` (:func:`quantized_weights`', so packed as the layer would) through the kernel table's
+    ``experts_quant`` (Triton: ``launch_quant_experts``).
     act / biases: override the activation and drop the biases (the peer's ``-silu`` variant).
     """
     import moekit
@@ -87,10 +105,15 @@ def experts_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "tri
         return fwd
     run = kernels_for(backend).experts_quant
     fmt = QUANT_FORMATS[quant]
+    layout = {}
+    if packed_layout(layer, quant) == "rega":  # the words quantized_weights re-laid, as the layer stores them
+        if backend != re.kernels.name:
+            raise ValueError(f"backend={backend!r}: the quantised weights were packed for {re.kernels.name!r}")
+        layout = {"packed_layout": "rega"}
 
     def fwd_q(x, w, ids):
         return run(x, q[0], q[1], w, ids, fmt=fmt, w13_scale=q[2], w2_scale=q[3], activation=act, w1_bias=b1,
-                   w2_bias=b2, swiglu_limit=limit)
+                   w2_bias=b2, swiglu_limit=limit, **layout)
 
     return fwd_q
 

@@ -329,16 +329,23 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
 
 
 def make_call(m: ModelShape, dtype, fmt, spec, weights):
-    """(the shape's :class:`Kernel`, the unquantised weights (w1, w2, b1, b2)); quantised once per shape."""
+    """(the shape's :class:`Kernel`, the unquantised weights (w1, w2, b1, b2)); quantised once per shape, 4-bit
+    words re-laid where a layer on the Triton backend would store them so (:mod:`moekit.ops.w4_layout`)."""
     if weights is None:
         pr = make_problem(1, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, torch.device("cuda"))
         weights = (pr[1], pr[2], pr[5], pr[6])
     if spec is None:
         return Kernel(m.act), weights
+    from dataclasses import replace
+
     from ..ops.quantize import quantize_experts
+    from ..ops.w4_layout import rega_layout_ok, relay_rega
 
     with torch.no_grad():
         qw = quantize_experts(weights[0], weights[1], fmt)
+        if rega_layout_ok(fmt, dtype, m.H, m.I):  # packed as a Triton-backend layer stores them (routed.py)
+            qw = (relay_rega(qw[0]), relay_rega(qw[1]), qw[2], qw[3])
+            spec = replace(spec, relaid=True)
     return Kernel(m.act, spec, qw), weights
 
 

@@ -32,6 +32,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES
 from ..ops.formats import WeightFormat
+from ..ops.w4_layout import relay_rega
 from .layout import DOWN, GATE, UP
 
 KINDS = ("weight", "bias", "scale", "input_scale")
@@ -81,9 +82,14 @@ class ExpertTensor:
             shape[0] *= len(self.shards)
         return (num_local, *shape)
 
-    def write(self, param: torch.Tensor, slot: int, shard: str, full: torch.Tensor, tp: slice) -> None:
-        """Copy this rank's share of one full shard into ``param[slot]`` (dtype already converted)."""
+    def write(self, param: torch.Tensor, slot: int, shard: str, full: torch.Tensor, tp: slice,
+              relay: bool = False) -> None:
+        """Copy this rank's share of one full shard into ``param[slot]`` (dtype already converted); ``relay``
+        (packed 4-bit weights): re-laid for the register-operand GEMMs after the TP cut
+        (:func:`moekit.ops.w4_layout.relay_rega`: along each row's own K, so any rows may be written)."""
         part = self.take(full, tp)
+        if relay and self.kind == "weight":
+            part = relay_rega(part)
         if not self.w13:
             param[slot].copy_(part)
             return

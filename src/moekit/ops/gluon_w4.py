@@ -58,7 +58,8 @@ def w4_ok(p, q, which: str, w: torch.Tensor, x: torch.Tensor, interp: bool) -> b
     else:  # w13's two [BM, BN] accumulators: BN <= BM (BLOCK_M 64 with BN 128 spills)
         shape_ok = bm in (64, 128) and 16 <= bn <= (bm if which == "w13" else 256)
     return (shape_ok and bk % g == 0 and bk in (64, 128) and k_len % 8 == 0 and row_bytes % 16 == 0
-            and w.is_contiguous() and w.data_ptr() % 16 == 0 and ws.is_contiguous() and _form_ok(p, which))
+            and w.is_contiguous() and w.data_ptr() % 16 == 0 and ws.is_contiguous()
+            and _form_ok(p, which, q.spec.relaid))
 
 
 def _ws_smem(which: str, bm: int, bn: int, bk: int, stages: int, d: int) -> int:
@@ -81,14 +82,17 @@ def _w4_smem(which: str, bm: int, bn: int, bk: int, wbuf: int) -> tuple[int, int
 _REGA_MAX_BM = 128
 
 
-def _form_ok(p, which: str) -> bool:
-    """The asked form's own limits. Register operand (:mod:`._gluon.w4_rega`): swapped tiles of at most
+def _form_ok(p, which: str, relaid: bool = False) -> bool:
+    """The asked form's own limits (``relaid``: the packed words in :mod:`.w4_layout`'s layout, which only the
+    register-operand kernels read). Register operand (:mod:`._gluon.w4_rega`): swapped tiles of at most
     :data:`_REGA_MAX_BM` token rows, not with ``gluon_ws``. Warp-specialised (:mod:`._gluon.w4_ws`): swapped BN 64
     tiles (one warpgroup per partition: BN 128's eight-warp partitions spill), 2-8 decoded slots. Every form: its
     rings in one program's shared memory."""
     i = 0 if which == "w13" else 1
     kw, d = (p.w13_kw if i == 0 else p.w2_kw), p.gluon_ws[i]
     bm, bn, bk, swap = p.bm, kw["BN"], kw["BK"], bool(kw["SWAP"])
+    if relaid and not p.gluon_rega[i]:  # re-laid words: the register-operand form (and the Triton kernels) only
+        return False
     if p.gluon_rega[i]:
         fixed, per_stage = _w4_smem(which, bm, bn, bk, 0)
         return swap and bm <= _REGA_MAX_BM and not d and fixed + 2 * per_stage <= _SMEM_ONE
@@ -134,7 +138,8 @@ def _launch_w4(launch, kernels: tuple, p, q, which: str, grid: tuple, device: to
         # mxfp4, whole K steps of four groups, scale rows of whole 4-byte words: a row's step scales as one u32
         sword = (q.spec.code == MXFP4 and kw["EVEN_K"] and bk // q.spec.block_k == 4 and ws.stride(1) % 4 == 0
                  and ws.data_ptr() % 4 == 0)
-        launch(rega_kernel, grid, *args, STAGES=stages, SWORD=sword, EARLY=p.gluon_early[i], **serial, **const)
+        launch(rega_kernel, grid, *args, STAGES=stages, SWORD=sword, EARLY=p.gluon_early[i], RELAID=q.spec.relaid,
+               **serial, **const)
     elif p.gluon_ws[i]:
         launch(ws_kernel, (min(grid[0], _gx._sm_count(device.index)),), *args, STAGES=_WS_STAGES, D=p.gluon_ws[i],
                DEC_REGS=_WS_DEC_REGS, **const)

@@ -51,8 +51,11 @@ class Kernels:
             apply_router_weight_on_input, w1_bias, w2_bias, expert_map, swiglu_limit) -> [T, H]
     experts_quant(x [T, H], w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,
             w13_input_scale, w2_input_scale, activation, apply_router_weight_on_input, w1_bias,
-            w2_bias, expert_map, swiglu_limit, global_num_experts=-1) -> [T, H]   (None: no format)
+            w2_bias, expert_map, swiglu_limit, global_num_experts=-1[, packed_layout]) -> [T, H]   (None: no
+            format; ``packed_layout`` only where ``packed_layouts`` has more than ``"spec"``)
     quant_formats: the ``fmt.name`` values ``experts_quant`` runs
+    packed_layouts: the layouts of packed 4-bit words ``experts_quant`` reads: ``"spec"`` (SPEC §8), and on the
+        Triton table ``"rega"`` (:mod:`moekit.ops.w4_layout`, which a layer then stores where it can)
     zero_slots(x [T, H], topk_weights, topk_ids, num_experts) -> (masked weights, masked ids, zero [T, H] f32)
     zero_combine(routed [T, H], zero [T, H] f32 | None, scale: float) -> [T, H] routed's dtype
         (:mod:`moekit.ops.zero_experts`: LongCat-Flash's identity experts and the output scaling)
@@ -65,6 +68,7 @@ class Kernels:
     checks_values: bool
     experts_quant: Callable | None = None
     quant_formats: frozenset = frozenset()
+    packed_layouts: frozenset = frozenset({"spec"})
     zero_slots: Callable = zero_slots_torch
     zero_combine: Callable = zero_combine_torch
 
@@ -154,6 +158,7 @@ def _triton_kernels() -> Kernels:
     experts_quant, formats = _triton_quant()
     return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
                    checks_values=False, experts_quant=experts_quant, quant_formats=formats,
+                   packed_layouts=frozenset({"spec", "rega"}) if experts_quant is not None else frozenset({"spec"}),
                    zero_slots=zero_slots_triton, zero_combine=zero_combine_triton)
 
 

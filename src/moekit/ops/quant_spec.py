@@ -4,7 +4,7 @@ config (:meth:`QuantSpec.fix_config`: the fixed K step of SPEC §9, the fp8 dot 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,7 +26,8 @@ DEFAULT_FP8_ACC = 128
 class QuantSpec:
     """What the kernels need to know of a format: ``code`` (1 fp8 block, 2 fp8 row, 3 mxfp4, 4 int4),
     ``block_n`` / ``block_k`` (fp8 block; 4-bit: ``block_k`` = the k group), ``ue8m0``, ``per_tensor``,
-    ``static`` (fp8 row with given input scales), ``pack`` (values per stored element along k)."""
+    ``static`` (fp8 row with given input scales), ``pack`` (values per stored element along k), ``relaid``
+    (mxfp4 / int4: the packed words in :mod:`.w4_layout`'s register-operand layout, not SPEC §8's)."""
 
     code: int
     block_n: int = 1
@@ -35,9 +36,18 @@ class QuantSpec:
     per_tensor: bool = False
     static: bool = False
     pack: int = 1
+    relaid: bool = False
 
     @classmethod
-    def of(cls, fmt: WeightFormat) -> "QuantSpec":
+    def of(cls, fmt: WeightFormat, relaid: bool = False) -> "QuantSpec":
+        """The spec of ``fmt``; ``relaid``: its packed words are re-laid (4-bit formats only, else ``ValueError``)."""
+        spec = cls._of(fmt)
+        if relaid and spec.code not in (3, 4):
+            raise ValueError(f"relaid=True is a layout of packed 4-bit weights (mxfp4, int4), not of {fmt!r}")
+        return replace(spec, relaid=True) if relaid else spec
+
+    @classmethod
+    def _of(cls, fmt: WeightFormat) -> "QuantSpec":
         if isinstance(fmt, Fp8BlockFormat):
             bk = fmt.block_k
             if bk < 16 or bk & (bk - 1):
@@ -78,6 +88,9 @@ class QuantSpec:
         (``"tail_bm"``) are token rows too: >= 64 with wgmma, refused below; a swapped
         mxfp4 / int4 kernel gets ``BN`` >= 64 too (the tiles whose bits were measured)."""
         c13, c2 = dict(cfg["w13"]), dict(cfg["w2"])
+        if self.relaid and dtype == torch.float32:
+            raise ValueError("re-laid 4-bit weights (the register-operand layout, laid out per 128-value K step) "
+                             "need bfloat16 or float16 activations; float32 ones run K steps of 64")
         bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
         if self.code == 1:  # BN == bk: w2's input quantised in w13's epilogue (one group per tile);

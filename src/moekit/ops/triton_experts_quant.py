@@ -88,7 +88,8 @@ class QuantLaunch:
         else:  # one scale row per weight row
             self.ws13, self.ws2 = _ws_args(w13_scale, inter, 1), _ws_args(w2_scale, None, 1)
         self.common = dict(QUANT=spec.code, PACK=spec.pack, QG=spec.block_k if not spec.fp8 else 1,
-                           FP8_ACC=fp8_acc if spec.fp8 else 0, PTX=ptx and not spec.fp8)
+                           FP8_ACC=fp8_acc if spec.fp8 else 0, PTX=ptx and not spec.fp8,
+                           **({"RELAID": True} if spec.relaid else {}))
         self._post = None
 
     def bytes_per_token(self, h: int, inter: int, k: int, sorted_rows: bool = False) -> int:
@@ -235,12 +236,16 @@ def fused_experts_quant_triton(
 def launch_quant_experts(
     hidden_states, w13, w2, topk_weights, topk_ids, *, fmt: WeightFormat, w13_scale, w2_scale,
     w13_input_scale=None, w2_input_scale=None, activation="silu", apply_router_weight_on_input=False,
-    w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, global_num_experts=-1,
+    w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, global_num_experts=-1, packed_layout="spec",
 ) -> torch.Tensor:
     """:func:`fused_experts_quant_triton` on inputs already checked (the kernel table's entry: a layer
-    checked its weights when they were loaded). ``fmt``: a format object. Eagerly the launcher is called
-    directly (see :mod:`._eager`); torch.compile, fake tensors and dispatch modes go through the op."""
-    spec = QuantSpec.of(fmt)
+    checked its weights when they were loaded). ``fmt``: a format object; ``packed_layout``: ``"spec"`` (SPEC §8's
+    packing) or ``"rega"`` (mxfp4 / int4 words re-laid by :func:`.w4_layout.relay_rega`, as a layer on this backend
+    stores them where :func:`.w4_layout.rega_layout_ok` holds). Eagerly the launcher is called directly (see
+    :mod:`._eager`); torch.compile, fake tensors and dispatch modes go through the op."""
+    if packed_layout not in ("spec", "rega"):
+        raise ValueError(f"packed_layout must be 'spec' or 'rega', got {packed_layout!r}")
+    spec = QuantSpec.of(fmt, relaid=packed_layout == "rega")
     c = lambda v: None if v is None else v.contiguous()  # noqa: E731 - the kernels assume unit last-dim strides
     act, on_input = get_activation(activation).name, bool(apply_router_weight_on_input)
     limit = None if swiglu_limit is None else float(swiglu_limit)
@@ -255,7 +260,7 @@ def launch_quant_experts(
     return fused_experts_quant_op(
         x, w13.contiguous(), w2.contiguous(), tw, ids, w13_scale, w2_scale, w13_input_scale, w2_input_scale,
         fmt.name, spec.block_n, spec.block_k, spec.ue8m0, spec.per_tensor, act, on_input, c(w1_bias), c(w2_bias),
-        c(expert_map), limit,
+        c(expert_map), limit, spec.relaid,
     )
 
 
@@ -267,18 +272,19 @@ def fused_experts_quant_op(
     fmt_name: str, block_n: int, block_k: int, ue8m0: bool, per_tensor: bool,
     activation: str, apply_router_weight_on_input: bool, w1_bias: Optional[torch.Tensor],
     w2_bias: Optional[torch.Tensor], expert_map: Optional[torch.Tensor], swiglu_limit: Optional[float],
+    relaid: bool = False,
 ) -> torch.Tensor:
     """``torch.library`` op around :func:`fused_experts_quant_impl` (torch.compile(fullgraph=True) traces
     through it, CUDA graphs capture it). fp8 weights travel as uint8 views of their bytes (torch has
     few fp8 ops, and opcheck's schema check multiplies inputs). The format travels as ``fmt_name`` + ``block_n`` /
-    ``block_k`` (fp8 block; int4: ``block_k`` = group size), ``ue8m0``, ``per_tensor``; static fp8 inputs
-    are implied by the input scales."""
+    ``block_k`` (fp8 block; int4: ``block_k`` = group size), ``ue8m0``, ``per_tensor``, ``relaid`` (4-bit words in
+    the register-operand layout); static fp8 inputs are implied by the input scales."""
     static = w13_input_scale is not None
     code = _CODES[fmt_name]
     if code <= 2:  # fp8 weights arrive as their bytes (uint8 views)
         w13, w2 = w13.view(_FP8), w2.view(_FP8)
     spec = QuantSpec(code, block_n, block_k, ue8m0=ue8m0, per_tensor=per_tensor, static=static,
-                     pack={3: 2, 4: 8}.get(code, 1))
+                     pack={3: 2, 4: 8}.get(code, 1), relaid=relaid)
     return fused_experts_quant_impl(
         hidden_states, w13, w2, topk_weights, topk_ids, spec, w13_scale, w2_scale, w13_input_scale, w2_input_scale,
         activation, apply_router_weight_on_input, w1_bias, w2_bias, expert_map, swiglu_limit,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "relaid_ok", "relay_rega", "unrelay_rega"]
+__all__ = ["CHUNK", "relaid_ok", "rega_layout_ok", "relay_rega", "unrelay_rega"]
 
 #: k values per re-laid chunk: one 128-wide K step of the register-operand GEMMs
 CHUNK = 128
@@ -35,6 +35,14 @@ CHUNK = 128
 def relaid_ok(k: int) -> bool:
     """Whether rows of ``k`` values can be re-laid: whole chunks only."""
     return k > 0 and k % CHUNK == 0
+
+
+def rega_layout_ok(fmt, params_dtype: torch.dtype, hidden: int, inter_local: int) -> bool:
+    """Whether a layer of this format, activation dtype and (rank-local) sizes stores its packed words re-laid
+    (on a kernel table that reads them: ``Kernels.packed_layouts``): mxfp4 or int4, 16-bit activations (float32 ones
+    run K steps of 64), and both GEMMs' K (``H`` for w13, the local ``I`` for w2) whole 128-value chunks."""
+    return (getattr(fmt, "name", None) in ("mxfp4", "int4_group") and params_dtype in (torch.bfloat16, torch.float16)
+            and relaid_ok(hidden) and relaid_ok(inter_local))
 
 
 def _bytes(w: torch.Tensor, arg: str) -> torch.Tensor:

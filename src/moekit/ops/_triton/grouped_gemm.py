@@ -55,7 +55,7 @@ def w13_kernel(
     ws_qbn=1, stride_isr=0, QUANT: tl.constexpr = 0, REQ: tl.constexpr = 0, PACK: tl.constexpr = 1,
     QG: tl.constexpr = 1, UE8M0: tl.constexpr = False, FP8_ACC: tl.constexpr = 0, SPLIT: tl.constexpr = False,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False, TAIL: tl.constexpr = 0,
-    x_desc=None, XG: tl.constexpr = False,
+    x_desc=None, XG: tl.constexpr = False, RELAID: tl.constexpr = False,
 ):
     """Grid (num_pid_m · cdiv(I, BN),); ``SPLIT``: (num_pid_m · 2·cdiv(I, BN),). inter: [rows, I] input dtype
     (sorted row layout).
@@ -108,7 +108,7 @@ def w13_kernel(
                           stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst,
                           stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED, HAS_BIAS,
                           HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0,
-                          FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, XG)
+                          FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, XG, RELAID)
             else:
                 rt = tl.arange(0, TAIL)
                 _w13_tile(x_ptr, x_desc, row0, w1_ptr, w1_desc, b1_ptr, inter_ptr, tw_ptr, sorted_ptr, out_ptr,
@@ -116,7 +116,7 @@ def w13_kernel(
                           stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr, stride_xst,
                           stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, TAIL, BN, BK, ACT, GATED, HAS_BIAS,
                           HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, QUANT, REQ, PACK, QG, UE8M0,
-                          FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, False)
+                          FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, False, RELAID)
     else:
         loc = inline_slots(ids_ptr, tw_ptr, map_ptr, T * K, K, E_local, E_global, stride_it, stride_twt,
                             SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -131,7 +131,7 @@ def w13_kernel(
                   stride_we, stride_wn, stride_be, stride_ir, stride_twt, xs_ptr, ws_ptr, qs_ptr, is_ptr,
                   stride_xst, stride_wse, stride_wsn, ws_shard, ws_qbn, stride_isr, BM, BN, BK, ACT, GATED,
                   HAS_BIAS, HAS_LIMIT, ON_INPUT, EVEN_K, DOT_PREC, UPCAST, USE_TMA, INLINE, QUANT, REQ, PACK, QG,
-                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, XG)
+                  UE8M0, FP8_ACC, SPLIT, SWAP, W_ALIGN, PTX, XG, XG, RELAID)
 
 
 @triton.jit
@@ -144,7 +144,7 @@ def _w13_tile(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, INLINE: tl.constexpr,
     QUANT: tl.constexpr, REQ: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr, UE8M0: tl.constexpr,
     FP8_ACC: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr,
-    XG: tl.constexpr = False, A_TMA: tl.constexpr = False,
+    XG: tl.constexpr = False, A_TMA: tl.constexpr = False, RELAID: tl.constexpr = False,
 ):
     """One [BM rows, BN columns] tile of :func:`w13_kernel` for expert ``e``: sorted rows ``rows`` [BM] (``valid``
     [BM]: live), their slots ``slot`` [BM] (``INLINE``; else loaded from ``sorted_ptr`` here). ``XG``: ``x`` holds
@@ -193,13 +193,13 @@ def _w13_tile(
                 su1 = load_w_scales(ws_u, k0 + BK, H, nmask, QG, BK)
         a = load_a(a_ptrs, x_desc, row_a, k0, valid, kmask, EVEN_K, A_TMA)
         g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
-                    BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
+                    BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX, RELAID)
         if ON_INPUT:
             a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
         acc_g = mma_step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,
-                        QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
+                        QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX, RELAID)
             acc_u = mma_step(a, u, acc_u, xs_rows, ws_u, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC,
                           SWAP)
             u_ptrs += BK // PACK
@@ -247,7 +247,7 @@ def w2_kernel(
     as_ptr=None, ws_ptr=None, stride_asr=0, stride_wse=0, stride_wsn=0, ws_qbn=1,
     QUANT: tl.constexpr = 0, PACK: tl.constexpr = 1, QG: tl.constexpr = 1, FP8_ACC: tl.constexpr = 0,
     SWAP: tl.constexpr = False, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
-    SUM_PASS: tl.constexpr = False, TAIL: tl.constexpr = 0,
+    SUM_PASS: tl.constexpr = False, TAIL: tl.constexpr = 0, RELAID: tl.constexpr = False,
 ):
     """Grid (num_pid_m · NBN,), NBN = cdiv(H, BN). out: [T, H]; part: [T·K, H] (COMBINE only).
     ``SUM_PASS`` (with ``COMBINE``): store the weighted slot rows in ``part`` and stop; the top-k sum runs as
@@ -280,7 +280,7 @@ def w2_kernel(
                          NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it,
                          stride_pr, as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, BM, BN, BK, HAS_BIAS,
                          ON_INPUT, HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, USE_TMA, False,
-                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
+                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS, RELAID)
             else:
                 rt = tl.arange(0, TAIL)
                 _w2_tile(inter_ptr, inter_desc, w2_ptr, w2_desc, b2_ptr, out_ptr, tw_ptr, ids_ptr, map_ptr, sorted_ptr,
@@ -288,7 +288,7 @@ def w2_kernel(
                          NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it,
                          stride_pr, as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, TAIL, BN, BK, HAS_BIAS,
                          ON_INPUT, HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, False, False,
-                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
+                         SP, QUANT, PACK, QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS, RELAID)
     else:
         loc = inline_slots(ids_ptr, tw_ptr, map_ptr, S, K, E_local, E_global, stride_it, stride_twt,
                             SP, HAS_MAP, SKIP_ZERO, INLINE)
@@ -300,7 +300,7 @@ def w2_kernel(
                  NBN, S, stride_ir, stride_we, stride_wn, stride_be, stride_ot, stride_twt, stride_it, stride_pr,
                  as_ptr, ws_ptr, stride_asr, stride_wse, stride_wsn, ws_qbn, BM, BN, BK, HAS_BIAS, ON_INPUT,
                  HAS_MAP, SKIP_ZERO, COMBINE, EVEN_K, DOT_PREC, UPCAST, USE_TMA, USE_TMA, INLINE, SP, QUANT, PACK,
-                 QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS)
+                 QG, FP8_ACC, SWAP, W_ALIGN, PTX, SUM_PASS, RELAID)
 
 
 @triton.jit
@@ -314,6 +314,7 @@ def _w2_tile(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, TMA_A: tl.constexpr,
     INLINE: tl.constexpr, SP: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, QG: tl.constexpr,
     FP8_ACC: tl.constexpr, SWAP: tl.constexpr, W_ALIGN: tl.constexpr, PTX: tl.constexpr, SUM_PASS: tl.constexpr,
+    RELAID: tl.constexpr = False,
 ):
     """One [BM rows, BN columns] tile of :func:`w2_kernel` for expert ``e``: the sorted rows ``row0 + [0, BM)``
     (``valid`` [BM]: live), their slots ``slot`` (``INLINE``, with the slots' experts ``loc``; else loaded here).
@@ -345,7 +346,7 @@ def _w2_tile(
             s1 = load_w_scales(ws_row, k0 + BK, I, nmask, QG, BK)
         a = load_a(a_ptrs, inter_desc, row0, k0, valid, kmask, EVEN_K, TMA_A)
         b = load_b(b_ptrs, w2_desc, row_b, k0, I, kmask, nmask, s0, inter_ptr.dtype.element_ty, QUANT, PACK,
-                    QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX)
+                    QG, BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX, RELAID)
         acc = mma_step(a, b, acc, as_rows, ws_row, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         a_ptrs += BK
         b_ptrs += BK // PACK

@@ -43,13 +43,15 @@ def load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K: tl.constexpr, USE_TMA: tl.
 @triton.jit
 def load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.constexpr,
             PACK: tl.constexpr, QG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
-            USE_TMA: tl.constexpr, UPCAST: tl.constexpr, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False):
+            USE_TMA: tl.constexpr, UPCAST: tl.constexpr, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
+            RELAID: tl.constexpr = False):
     """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT`` with
-    the step's scales ``s`` (:func:`.quant.load_w_scales`)."""
+    the step's scales ``s`` (:func:`.quant.load_w_scales`; ``RELAID``: packed in :mod:`..w4_layout`'s
+    register-operand layout)."""
     # if / else on the constexpr: compiled Triton type-checks every return it reaches, and a ``return``
     # after a taken constexpr ``if`` is still reached (packed pointers in load_w: a shape error)
     if QUANT >= MXFP4:
-        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST, W_ALIGN, PTX)
+        w = load_packed_w(ptrs, s, k0, K, nmask, DT, QUANT, PACK, QG, BK, BN, EVEN_K, UPCAST, W_ALIGN, PTX, RELAID)
     else:
         w = load_w(ptrs, desc, row, k0, kmask, nmask, EVEN_K, USE_TMA)
     return w
