@@ -191,7 +191,17 @@ case $WHAT in
       --out "$OUT/probe-int4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT/probe-int4.log" | tail -70
     ;;
-  r44-c)  # round 44, the layer path: 4-bit layers on the Triton backend store re-laid words (packed_layout "rega"),
+  r44-f)  # round 44, the final tree: the re-laid bit tests (QuantSpec.relaid), the layer / Triton-kernel tests on the
+    # GPU, the Gluon 4-bit GPU tests, 4-bit layers in internal graphs, and the shipped / heuristic 4-bit tables' rows
+    # alone vs in batches (re-laid words where a layer stores them)
+    r42_prepare
+    step gpu-relaid 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 tests/ops/test_w4_relaid.py \
+      tests/experts/test_packed_layout.py
+    step gpu-layers 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 -m gpu tests/experts/test_graphed_gpu.py \
+      tests/ops/test_batch_invariance_gpu.py -k "graphed or 4bit"
+    grep -h "passed\|failed" "$OUT"/gpu-*.log | tail -4
+    ;;
+  r44-c)  # round 44, the layer path  r44-c)  # round 44, the layer path: 4-bit layers on the Triton backend store re-laid words (packed_layout "rega"),
     # the Triton kernels read them too (RELAID); the 4-bit GPU tests natively
     r42_prepare
     step gpu-w4 420 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_packed_layout.py \

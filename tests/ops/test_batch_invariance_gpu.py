@@ -15,6 +15,7 @@ import moekit
 from moekit.benchmarking import MODELS, TOKENS
 from moekit.ops import triton_configs as tc
 from moekit.ops import triton_experts_quant as tq
+from moekit.ops.w4_layout import rega_layout_ok, relay_rega
 from moekit.ops.formats import Fp8BlockFormat, Int4GroupFormat, Mxfp4Format
 from moekit.ops.triton_experts import fused_experts_impl
 
@@ -68,9 +69,12 @@ def _check_rows(m, table, experts=32, fmt=None):
     k = min(m.K, e)
     run = lambda x, w, ids, cfg: fused_experts_impl(x, w1, w2, w, ids, m.act, False, b1, b2, None, None,  # noqa
                                                     config=cfg)
-    if fmt is not None:
-        spec = tq.QuantSpec.of(fmt)
+    if fmt is not None:  # the words packed as a Triton-backend layer stores them (re-laid where it would)
+        relaid = rega_layout_ok(fmt, DT, m.H, m.I)
+        spec = tq.QuantSpec.of(fmt, relaid=relaid)
         q13, q2, s13, s2 = moekit.quantize_experts(w1, w2, fmt)
+        if relaid:
+            q13, q2 = relay_rega(q13), relay_rega(q2)
         limit = 7.0 if m.act == "swigluoai" else None
         run = lambda x, w, ids, cfg: tq.fused_experts_quant_impl(  # noqa: E731
             x, q13, q2, w, ids, spec, s13, s2, None, None, m.act, False, b1, b2, None, limit, config=cfg)
