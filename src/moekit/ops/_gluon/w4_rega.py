@@ -65,6 +65,14 @@ synchronous wgmma lowers to the same wgmma, commit and wait with no barrier, and
 before. The kernels' own barriers already keep a slot from being refilled while a warpgroup's wgmma may still read
 it (``_ready`` in the early refill, the barrier before the late one). A CPU test checks the compiled loops for a
 barrier between the gate and up wgmmas.
+
+``RELAID`` (round 44; a layer's packed words in :mod:`..w4_layout`'s register-operand layout, which a Triton-backend
+layer stores where H and its I are whole 128-value steps): lane q's four words of a row's K step are contiguous and
+hold its k pairs with the low codes at nibbles 0-3 and the high codes at 4-7, so a thread makes one 16-byte shared
+load per row and places each pair in place (:func:`_frag_relaid`: no gather, no split, no placing ``prmt``; the same
+arithmetic after the mask, so the same bits). Per K step (DeepSeek-V3 slice, BLOCK_M 16, BN 64): mxfp4 w13 618 -> 525
+SASS instructions, w2 336 -> 293; int4 495 -> 395, 275 -> 227; the steps 3-14 % faster on the H200
+(``benchmarks/relaid_probe.py``, docs/kernels.md round 44).
 """
 
 from __future__ import annotations
@@ -138,7 +146,8 @@ def _e2m1_relaid(scale: str) -> str:
     return ("\n{\n.reg .b32 w2, y, c, s;\nmov.b32 c, 0x7E807E80;\n" + scale
             + "mov.b32 y, 0x00400040;\nmax.u16x2 s, s, y;\nshr.u32 w2, $4, 8;\n"
             + "".join(f"and.b32 y, {src}, {mask};\nmul.lo.u32 y, y, {mul};\nand.b32 y, y, 0x81C081C0;\n"
-                      f"mul.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, s;\n" for j, (src, mask, mul) in enumerate(parts))
+                      f"mul.rn.bf16x2 y, y, c;\nmul.rn.bf16x2 ${j}, y, s;\n"
+                      for j, (src, mask, mul) in enumerate(parts))
             + "}\n")
 
 
@@ -382,10 +391,10 @@ def w4ra_w13_kernel(
             # of a fragment it considers dead once the wgmma is issued (module docstring, round 15)
             if BM > 64 or SERIAL:  # gate, then up: one fragment's registers at a time (beside two [BN, BM > 64]
                 # accumulators; SERIAL: fewer registers, more programs per SM)
-                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID), xt,
-                                    acc_g)
-                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID),
-                                    xt, acc_u)
+                acc_g = _mma_waited(_frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD,
+                                          RELAID), xt, acc_g)
+                acc_u = _mma_waited(_frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD,
+                                          RELAID), xt, acc_u)
             else:
                 wg = _frag(p_smem.index(2 * slot), sg0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID)
                 wu = _frag(p_smem.index(2 * slot + 1), su0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID)
