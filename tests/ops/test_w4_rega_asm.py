@@ -1,6 +1,6 @@
-"""The register-operand 4-bit decode's PTX (:mod:`moekit.ops._gluon.w4_rega`) run on CPU by a small emulator of the
-instructions it uses, against the formats' reference values: every byte a k pair, every quad lane q, scales across
-their range. The GPU tests compare the compiled kernels with the Triton ones; this checks the asm's selectors and
+"""The register-operand 4-bit decode's PTX (:mod:`moekit.ops._gluon.w4_frag`, the A fragments of
+:mod:`moekit.ops._gluon.w4_rega`) run on CPU by a small emulator of the instructions it uses, against the formats'
+reference values: every byte a k pair, every quad lane q, scales across their range. The GPU tests compare the compiled kernels with the Triton ones; this checks the asm's selectors and
 arithmetic where no GPU is (CI), so an edit to the strings that breaks a pair or a rounding fails here first.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 gluon = pytest.importorskip("triton.experimental.gluon")
 
-from moekit.ops._gluon import w4_rega  # noqa: E402
+from moekit.ops._gluon import w4_frag  # noqa: E402 - the register-operand GEMMs' decode
 
 M32 = 0xFFFFFFFF
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -134,7 +134,7 @@ def test_mxfp4_pairs_asm_decodes_every_byte_as_the_reference(s):
     def value(code: int) -> float:
         return (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * 2.0 ** (s - 127)
 
-    _check_pairs(w4_rega._E2M1_PAIRS.value, [s] * 8, value, seed=s)
+    _check_pairs(w4_frag._E2M1_PAIRS.value, [s] * 8, value, seed=s)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -149,23 +149,23 @@ def test_mxfp4_pairs_asm_with_the_scale_word_picks_each_groups_byte(seed):
     word = sum(b << (8 * i) for i, b in enumerate(scales))
     for j in range(4):
         for q in range(4):
-            sel = j * w4_rega._GSEL_MUL.value + w4_rega._GSEL_ADD.value  # the kernel's selector of group j
-            got = _call(w4_rega._E2M1_PAIRS_W.value, words, q, [word] * 8, group_sel=sel)
-            assert got == _call(w4_rega._E2M1_PAIRS.value, words, q, [scales[j]] * 8), (seed, j, q)
+            sel = j * w4_frag._GSEL_MUL.value + w4_frag._GSEL_ADD.value  # the kernel's selector of group j
+            got = _call(w4_frag._E2M1_PAIRS_W.value, words, q, [word] * 8, group_sel=sel)
+            assert got == _call(w4_frag._E2M1_PAIRS.value, words, q, [scales[j]] * 8), (seed, j, q)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0123, -0.5, 3.0e-3, 7.25, 1.0e-30])
 def test_int4_pairs_asm_decodes_every_byte_as_the_reference(scale):
     sb = _bf16_bits(scale)
     pair = sb | sb << 16
-    _check_pairs(w4_rega._INT4_PAIRS.value, [pair] * 4, lambda u: (u - 8) * _bf16(sb), seed=7)  # offset binary
+    _check_pairs(w4_frag._INT4_PAIRS.value, [pair] * 4, lambda u: (u - 8) * _bf16(sb), seed=7)  # offset binary
 
 
 def test_the_emulator_catches_a_wrong_selector():
     # the test above is not vacuous: a pair selector that takes the neighbouring byte's codes decodes wrong values
-    bad = w4_rega._E2M1_PAIRS.value.replace(w4_rega._pair_sel(1, True), w4_rega._pair_sel(2, True), 1)
+    bad = w4_frag._E2M1_PAIRS.value.replace(w4_frag._pair_sel(1, True), w4_frag._pair_sel(2, True), 1)
     words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C, 0x8899AABB]
-    assert _call(bad, words, 0, [127] * 8) != _call(w4_rega._E2M1_PAIRS.value, words, 0, [127] * 8)
+    assert _call(bad, words, 0, [127] * 8) != _call(w4_frag._E2M1_PAIRS.value, words, 0, [127] * 8)
 
 
 # ``RELAID``: weights in the register-operand layout (moekit.ops.w4_layout), one call per (row, lane word)
@@ -186,7 +186,7 @@ def _relaid_call(asm: str, word: int, scale_regs: list[int], nscale: int, group_
 def _check_relaid(asm: str, scale_regs: list[int], nscale: int, value, seed: int, group_sel=None) -> None:
     """Chunks of SPEC-packed bytes (the first holds every byte value in order) re-laid by ``relay_rega``: for every
     lane q and word j, output jj must be pair ``q + 4 (4 j + jj)`` of the chunk decoded, low code (even k) in the
-    low half, each ``value(code)`` rounded once to bf16: the fragment :func:`w4_rega._frag_spec` builds."""
+    low half, each ``value(code)`` rounded once to bf16: the fragment :func:`w4_frag._frag_spec` builds."""
     from moekit.ops.w4_layout import relay_rega
 
     g = torch.Generator().manual_seed(seed)
@@ -208,7 +208,7 @@ def test_relaid_mxfp4_asm_decodes_every_pair_as_the_reference(s):
     def value(code: int) -> float:
         return (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * 2.0 ** (s - 127)
 
-    _check_relaid(w4_rega._E2M1_RELAID.value, [s] * 8, 8, value, seed=s)
+    _check_relaid(w4_frag._E2M1_RELAID.value, [s] * 8, 8, value, seed=s)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -220,21 +220,21 @@ def test_relaid_mxfp4_asm_with_the_scale_word_picks_each_groups_byte(seed):
     scales[seed % 4] = (0, 254, 127, 1)[seed]
     word = sum(b << (8 * i) for i, b in enumerate(scales))
     for j in range(4):
-        sel = j * w4_rega._GSEL_MUL.value + w4_rega._GSEL_ADD.value
+        sel = j * w4_frag._GSEL_MUL.value + w4_frag._GSEL_ADD.value
         for lane_word in (0x76543210, 0xFEDCBA98, int(torch.randint(0, 2**32, (1,), generator=g, dtype=torch.int64))):
-            got = _relaid_call(w4_rega._E2M1_RELAID_W.value, lane_word, [word] * 8, 8, group_sel=sel)
-            assert got == _relaid_call(w4_rega._E2M1_RELAID.value, lane_word, [scales[j]] * 8, 8), (seed, j)
+            got = _relaid_call(w4_frag._E2M1_RELAID_W.value, lane_word, [word] * 8, 8, group_sel=sel)
+            assert got == _relaid_call(w4_frag._E2M1_RELAID.value, lane_word, [scales[j]] * 8, 8), (seed, j)
 
 
 @pytest.mark.parametrize("scale", [1.0, -0.5, 3.0e-3, 7.25, 1.0e-30])
 def test_relaid_int4_asm_decodes_every_pair_as_the_reference(scale):
     sb = _bf16_bits(scale)
-    _check_relaid(w4_rega._INT4_RELAID.value, [sb | sb << 16] * 4, 4, lambda u: (u - 8) * _bf16(sb), seed=11)
+    _check_relaid(w4_frag._INT4_RELAID.value, [sb | sb << 16] * 4, 4, lambda u: (u - 8) * _bf16(sb), seed=11)
 
 
 def test_the_relaid_check_catches_a_wrong_mask():
     # not vacuous: pair 1 masked at pair 0's nibbles decodes other codes
-    bad = w4_rega._E2M1_RELAID.value.replace("and.b32 y, $4, 0x00F000F0", "and.b32 y, $4, 0x000F000F", 1)
-    assert bad != w4_rega._E2M1_RELAID.value
+    bad = w4_frag._E2M1_RELAID.value.replace("and.b32 y, $4, 0x00F000F0", "and.b32 y, $4, 0x000F000F", 1)
+    assert bad != w4_frag._E2M1_RELAID.value
     with pytest.raises(AssertionError):
         _check_relaid(bad, [127] * 8, 8, lambda c: (-1.0 if c & 8 else 1.0) * E2M1[c & 7], seed=0)

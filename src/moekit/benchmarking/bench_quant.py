@@ -49,13 +49,11 @@ def measure_fp8_peak(device, timer: Callable | None = None) -> float:
 def packed_layout(layer, quant: str) -> str:
     """How a layer like ``layer`` (its kernel table, activation dtype and sizes) in format ``quant`` stores packed
     4-bit words (:attr:`moekit.experts.routed.RoutedExperts.packed_layout`): ``"rega"`` or ``"spec"``."""
-    from ..ops.w4_layout import rega_layout_ok
+    from ..ops.w4_layout import packed_layout_for
 
     re = layer.routed_experts
-    fmt = QUANT_FORMATS.get(quant)
-    ok = "rega" in re.kernels.packed_layouts and rega_layout_ok(fmt, re.params_dtype, re.moe_config.hidden_size,
-                                                                re.inter_local)
-    return "rega" if ok else "spec"
+    return packed_layout_for(re.kernels.packed_layouts, QUANT_FORMATS.get(quant), re.params_dtype,
+                             re.moe_config.hidden_size, re.inter_local)
 
 
 def quantized_weights(layer, quant: str, cache: dict) -> tuple:
@@ -63,15 +61,13 @@ def quantized_weights(layer, quant: str, cache: dict) -> tuple:
     layer and format (``cache``: a dict the caller drops with the layer), packed as a quantised layer on
     ``layer``'s backend stores them (:func:`packed_layout`: 4-bit words re-laid where it would)."""
     from ..ops.quantize import quantize_experts
-    from ..ops.w4_layout import relay_rega
+    from ..ops.w4_layout import relay_quantized
 
     if quant not in cache:
         re = layer.routed_experts
         with torch.no_grad():
             q = quantize_experts(re.w13_weight, re.w2_weight, QUANT_FORMATS[quant])
-            if packed_layout(layer, quant) == "rega":
-                q = (relay_rega(q[0]), relay_rega(q[1]), q[2], q[3])
-            cache[quant] = q
+            cache[quant] = relay_quantized(q) if packed_layout(layer, quant) == "rega" else q
     return cache[quant]
 
 

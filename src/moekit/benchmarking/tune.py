@@ -336,16 +336,15 @@ def make_call(m: ModelShape, dtype, fmt, spec, weights):
         weights = (pr[1], pr[2], pr[5], pr[6])
     if spec is None:
         return Kernel(m.act), weights
-    from dataclasses import replace
-
+    from ..ops.kernels import kernels_for
+    from ..ops.quant_spec import QuantSpec
     from ..ops.quantize import quantize_experts
-    from ..ops.w4_layout import rega_layout_ok, relay_rega
+    from ..ops.w4_layout import packed_layout_for, relay_quantized
 
     with torch.no_grad():
         qw = quantize_experts(weights[0], weights[1], fmt)
-        if rega_layout_ok(fmt, dtype, m.H, m.I):  # packed as a Triton-backend layer stores them (routed.py)
-            qw = (relay_rega(qw[0]), relay_rega(qw[1]), qw[2], qw[3])
-            spec = replace(spec, relaid=True)
+        if packed_layout_for(kernels_for("triton").packed_layouts, fmt, dtype, m.H, m.I) == "rega":
+            qw, spec = relay_quantized(qw), QuantSpec.of(fmt, relaid=True)  # as a Triton-backend layer stores them
     return Kernel(m.act, spec, qw), weights
 
 

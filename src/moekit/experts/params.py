@@ -32,6 +32,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES
 from ..ops.formats import WeightFormat
+from ..ops.quantize import check_quant_weights, quantize_experts
 from ..ops.w4_layout import relay_rega
 from .layout import DOWN, GATE, UP
 
@@ -174,3 +175,49 @@ def keep_dtypes(fn):
         return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
 
     return apply
+
+
+def full_precision(t) -> bool:
+    """``t`` is a full-precision float tensor (one a quantised layer quantises on load)."""
+    return isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES
+
+
+def expect_float(name: str, t, shape: tuple) -> None:
+    """``t`` must be a full-precision float tensor of ``shape``; else ``TypeError`` / ``ValueError`` naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a full-precision float tensor ({[str(d) for d in FLOAT_DTYPES]}), "
+                        f"got {t.dtype}; quantised weights need a layer built with quant_config")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=None, **scales) -> dict:
+    """The checked global ``[E, ...]`` tensors of ``RoutedExperts.load_expert_weights`` by parameter name (``c``: the
+    layer's :class:`~moekit.MoEConfig`): unquantised float w13 / w2; quantised ones with their scales, or float ones
+    quantised here with :func:`moekit.quantize_experts`; biases only with ``has_bias`` (then both). ``ValueError`` /
+    ``TypeError`` naming what is wrong."""
+    e, h, inter = c.num_experts, c.hidden_size, c.intermediate_size
+    if fmt is None:
+        given = [n for n, t in scales.items() if t is not None]
+        if given:
+            raise ValueError(f"{given} given but the layer is not quantised (quant_config=None)")
+        expect_float("w13", w13, (e, c.w13_rows(inter), h))
+        expect_float("w2", w2, (e, h, inter))
+    else:
+        if full_precision(w13) and scales["w13_scale"] is None and scales["w2_scale"] is None:
+            expect_float("w13", w13, (e, c.w13_rows(inter), h))
+            expect_float("w2", w2, (e, h, inter))
+            w13, w2, scales["w13_scale"], scales["w2_scale"] = quantize_experts(w13, w2, fmt)
+        sizes = check_quant_weights(fmt, w13, w2, **scales)
+        if sizes != (e, inter, h, c.gated):
+            raise ValueError(f"quantised weights hold (E, I, H, gated) = {sizes}, the layer {(e, inter, h, c.gated)}")
+    if (w13_bias is not None or w2_bias is not None) and not c.has_bias:
+        raise ValueError("w13_bias/w2_bias given but the layer was built with has_bias=False")
+    if c.has_bias:
+        if w13_bias is None or w2_bias is None:
+            raise ValueError("the layer has has_bias=True: pass both w13_bias [E, 2I] and w2_bias [E, H]")
+        expect_float("w13_bias", w13_bias, (e, c.w13_rows(inter)))
+        expect_float("w2_bias", w2_bias, (e, h))
+    return dict(w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias, **scales)

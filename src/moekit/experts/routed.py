@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import FLOAT_DTYPES, KERNEL_DTYPES
+from .._checks import KERNEL_DTYPES
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
-from ..ops.quantize import check_quant_weights, quantize_experts, quantize_weight
-from ..ops.w4_layout import rega_layout_ok, relay_rega, unrelay_rega
+from ..ops.quantize import quantize_weight
+from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, GATE, SHARD_IDS, UP, shards
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
-from .params import KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, keep_dtypes, stored
+from .packed import RELAID_WEIGHTS, relay_loaded, spec_packed_saved
+from .params import (KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, full_precision, global_stacks,
+                     keep_dtypes, stored)
 from .placement import ExpertPlacement
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
@@ -118,8 +120,8 @@ class RoutedExperts(torch.nn.Module):
         #: how packed 4-bit words are stored: "spec" (SPEC §8), or "rega" (re-laid for the register-operand GEMMs,
         #: :mod:`moekit.ops.w4_layout`: 3-14 % faster 4-bit steps on the H200) where the kernel table reads it and
         #: the sizes allow; state dicts always hold SPEC §8's packing (converted on save and load)
-        self.packed_layout = ("rega" if "rega" in self.kernels.packed_layouts
-                              and rega_layout_ok(self.quant, params_dtype, c.hidden_size, self.inter_local) else "spec")
+        self.packed_layout = packed_layout_for(self.kernels.packed_layouts, self.quant, params_dtype, c.hidden_size,
+                                               self.inter_local)
         for name in ("w13_bias", "w2_bias", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
             setattr(self, name, None)
         for name, spec in self.specs.items():
@@ -221,26 +223,19 @@ class RoutedExperts(torch.nn.Module):
 
     def _relaid_weights(self) -> tuple[str, ...]:
         """The weight parameters stored re-laid (``packed_layout == "rega"``), else none."""
-        return ("w13_weight", "w2_weight") if self.packed_layout == "rega" else ()
+        return RELAID_WEIGHTS if self.packed_layout == "rega" else ()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # state dicts hold SPEC §8's packing (:mod:`.packed`)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
         for name, spec in self.specs.items():
             if prefix + name in state_dict:
-                if name in self._relaid_weights():  # a state dict holds SPEC §8's packing
-                    relaid = relay_rega(getattr(self, name).detach())
-                    if args and args[0].get("assign_to_params_buffers"):  # the caller's tensor: left as given
-                        setattr(self, name, _param(relaid))
-                    else:
-                        with torch.no_grad():
-                            getattr(self, name).copy_(relaid)
                 self._mark(range(self.placement.num_local), spec.shards, spec.kind)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in self._relaid_weights():  # saved in SPEC §8's packing, whatever this layer stores
-            if prefix + name in destination:
-                destination[prefix + name] = unrelay_rega(destination[prefix + name].detach())
+        spec_packed_saved(self._relaid_weights(), destination, prefix)
 
     # -- loading ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -265,34 +260,8 @@ class RoutedExperts(torch.nn.Module):
         quantised here with :func:`moekit.quantize_experts` (static fp8 still needs the input scales).
         w13_bias: [E, 2I]; w2_bias: [E, H] (any float dtype, stored in ``params_dtype``).
         """
-        c, fmt = self.moe_config, self.quant
-        e, h, inter = c.num_experts, c.hidden_size, c.intermediate_size
-        scales = {"w13_scale": w13_scale, "w2_scale": w2_scale, "w13_input_scale": w13_input_scale,
-                  "w2_input_scale": w2_input_scale}
-        if fmt is None:
-            given = [n for n, t in scales.items() if t is not None]
-            if given:
-                raise ValueError(f"{given} given but the layer is not quantised (quant_config=None)")
-            _expect("w13", w13, (e, c.w13_rows(inter), h))
-            _expect("w2", w2, (e, h, inter))
-        else:
-            if _full_precision(w13) and w13_scale is None and w2_scale is None:
-                _expect("w13", w13, (e, c.w13_rows(inter), h))
-                _expect("w2", w2, (e, h, inter))
-                w13, w2, w13_scale, w2_scale = quantize_experts(w13, w2, fmt)
-            sizes = check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
-                                        w2_input_scale=w2_input_scale)
-            if sizes != (e, inter, h, c.gated):
-                raise ValueError(f"quantised weights hold (E, I, H, gated) = {sizes}, the layer {(e, inter, h, c.gated)}")
-        if (w13_bias is not None or w2_bias is not None) and not c.has_bias:
-            raise ValueError("w13_bias/w2_bias given but the layer was built with has_bias=False")
-        if c.has_bias:
-            if w13_bias is None or w2_bias is None:
-                raise ValueError("the layer has has_bias=True: pass both w13_bias [E, 2I] and w2_bias [E, H]")
-            _expect("w13_bias", w13_bias, (e, c.w13_rows(inter)))
-            _expect("w2_bias", w2_bias, (e, h))
-        stacks = dict(w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias, w13_scale=w13_scale,
-                      w2_scale=w2_scale, w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale)
+        stacks = global_stacks(self.moe_config, self.quant, w13, w2, w13_bias, w2_bias, w13_scale=w13_scale,
+                               w2_scale=w2_scale, w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale)
         every = range(self.placement.num_local)
         for name, spec in self.specs.items():
             full = stored(spec, stacks[name], name)
@@ -344,7 +313,7 @@ class RoutedExperts(torch.nn.Module):
             param.clamp_(min=float(fit(spec, stored(spec, tensor, what), what)))
             self._mark(slots, (shard_id,), kind)
             return len(slots)
-        if kind == "weight" and self.quant is not None and _full_precision(tensor):
+        if kind == "weight" and self.quant is not None and full_precision(tensor):
             shape = self.shard_shape(shard_id)
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{what} has shape {list(tensor.shape)}, expected {list(shape)} (full precision)")
@@ -414,16 +383,3 @@ class RoutedExperts(torch.nn.Module):
 def _param(t: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(t, requires_grad=False)
 
-
-def _full_precision(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES
-
-
-def _expect(name: str, t, shape: tuple) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a full-precision float tensor ({[str(d) for d in FLOAT_DTYPES]}), "
-                        f"got {t.dtype}; quantised weights need a layer built with quant_config")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")

@@ -4,6 +4,7 @@ config (:meth:`QuantSpec.fix_config`: the fixed K step of SPEC §9, the fp8 dot 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,11 +41,9 @@ class QuantSpec:
 
     @classmethod
     def of(cls, fmt: WeightFormat, relaid: bool = False) -> "QuantSpec":
-        """The spec of ``fmt``; ``relaid``: its packed words are re-laid (4-bit formats only, else ``ValueError``)."""
-        spec = cls._of(fmt)
-        if relaid and spec.code not in (3, 4):
-            raise ValueError(f"relaid=True is a layout of packed 4-bit weights (mxfp4, int4), not of {fmt!r}")
-        return replace(spec, relaid=True) if relaid else spec
+        """The spec of ``fmt``; ``relaid``: its packed words are re-laid (4-bit formats only, else ``ValueError``).
+        Cached per (format, relaid): every eager quantised call asks (formats are frozen, so hashable)."""
+        return _spec_of(fmt, relaid)
 
     @classmethod
     def _of(cls, fmt: WeightFormat) -> "QuantSpec":
@@ -124,3 +123,11 @@ class QuantSpec:
                 c["num_warps"] = min(int(c["num_warps"]), c["BN"] // 16)
         out["w13"], out["w2"] = c13, c2
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_of(fmt: WeightFormat, relaid: bool) -> QuantSpec:
+    spec = QuantSpec._of(fmt)
+    if relaid and spec.code not in (3, 4):
+        raise ValueError(f"relaid=True is a layout of packed 4-bit weights (mxfp4, int4), not of {fmt!r}")
+    return replace(spec, relaid=True) if relaid else spec

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "relaid_ok", "rega_layout_ok", "relay_rega", "unrelay_rega"]
+__all__ = ["CHUNK", "packed_layout_for", "relaid_ok", "rega_layout_ok", "relay_quantized", "relay_rega",
+           "unrelay_rega"]
 
 #: k values per re-laid chunk: one 128-wide K step of the register-operand GEMMs
 CHUNK = 128
@@ -43,6 +44,13 @@ def rega_layout_ok(fmt, params_dtype: torch.dtype, hidden: int, inter_local: int
     run K steps of 64), and both GEMMs' K (``H`` for w13, the local ``I`` for w2) whole 128-value chunks."""
     return (getattr(fmt, "name", None) in ("mxfp4", "int4_group") and params_dtype in (torch.bfloat16, torch.float16)
             and relaid_ok(hidden) and relaid_ok(inter_local))
+
+
+def packed_layout_for(packed_layouts, fmt, params_dtype: torch.dtype, hidden: int, inter_local: int) -> str:
+    """The layout a layer stores its packed words in: ``"rega"`` where its kernel table reads it (``packed_layouts``,
+    the table's ``Kernels.packed_layouts``) and :func:`rega_layout_ok` holds, else ``"spec"`` (SPEC §8's packing)."""
+    ok = "rega" in packed_layouts and rega_layout_ok(fmt, params_dtype, hidden, inter_local)
+    return "rega" if ok else "spec"
 
 
 def _bytes(w: torch.Tensor, arg: str) -> torch.Tensor:
@@ -93,3 +101,8 @@ def relay_rega(w: torch.Tensor) -> torch.Tensor:
 def unrelay_rega(w: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`relay_rega`. A new tensor."""
     return _per_slice(w, _unrelay)
+
+
+def relay_quantized(qw: tuple) -> tuple:
+    """:func:`moekit.quantize_experts`' ``(w13_q, w2_q, w13_scale, w2_scale)`` with both packed weights re-laid."""
+    return (relay_rega(qw[0]), relay_rega(qw[1]), *qw[2:])
