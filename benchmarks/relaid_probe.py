@@ -4,8 +4,9 @@ per kernel under the profiler, and the two outputs compared bit for bit.
 
 The lever of docs/kernels.md's round 44, measured before layers stored re-laid words (they now do on the Triton
 backend: ``RoutedExperts.packed_layout``): the same launcher and config on SPEC-packed words (``QuantSpec.relaid``
-False) and on re-laid ones (True). Points whose config does not run the register-operand kernels for both GEMMs,
-or whose H or I is not a multiple of 128 (gpt-oss), are skipped.
+False) and on re-laid ones (True). Round 45 added rows ending in a half chunk (gpt-oss's 2880) and points whose
+config runs the Triton 4-bit kernels (which put re-laid words back in SPEC order in registers): ``w13`` / ``w2`` sum
+every kernel of that GEMM. Points whose H or I cannot be re-laid are skipped.
 
     PYTHONPATH=src:benchmarks python benchmarks/relaid_probe.py --points deepseek-v3:8,qwen3-30b-a3b:64 --rounds 2
 """
@@ -27,9 +28,13 @@ from quant_probe import quantise, routing_sets, save_rows, shape_weights, step_c
 from swap_probe import FORMATS
 
 
-def runs_rega(cfg: dict) -> bool:
-    """Whether ``cfg`` runs the register-operand kernels for both GEMMs."""
-    return all(cfg.get(part, {}).get("gluon_rega") for part in ("w13", "w2"))
+def forms(cfg: dict) -> str:
+    """Which kernels ``cfg`` runs per GEMM: ``rega`` (register operand), ``gluon`` (another Gluon form), ``triton``."""
+    out = []
+    for part in ("w13", "w2"):
+        c = cfg.get(part, {})
+        out.append(f"{part}:" + ("rega" if c.get("gluon_rega") else "gluon" if c.get("gluon") else "triton"))
+    return " ".join(out)
 
 
 def main(argv=None) -> int:
@@ -52,9 +57,6 @@ def main(argv=None) -> int:
             fmt = FORMATS[fmt_name]
             spec, spec_r = tq.QuantSpec.of(fmt), tq.QuantSpec.of(fmt, relaid=True)
             cfg = step_config(m, t, spec, dev)
-            if not runs_rega(cfg):
-                print(f"{name:14s} {fmt_name:6s} T={t:6d} skipped: the config runs other kernels {cfg}")
-                continue
             if name not in by_model:  # one model's weights at a time
                 by_model.clear()
                 torch.cuda.empty_cache()
@@ -77,10 +79,10 @@ def main(argv=None) -> int:
                     outs[v] = fns[v](*sets[0]).clone()
                     per = kernel_times(fns[v], sets, 5)
                     us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
-                    k13 = sum(u for kn, u in per.items() if kn.startswith("w4ra_w13"))
-                    k2 = sum(u for kn, u in per.items() if kn.startswith("w4ra_w2"))
+                    k13 = sum(u for kn, u in per.items() if "w13" in kn)
+                    k2 = sum(u for kn, u in per.items() if "w2" in kn)
                     print(f"{name:14s} {fmt_name:6s} T={t:6d} {v:6s} round {r}: graph {us:9.1f} us | w13 {k13:8.1f}"
-                          f"  w2 {k2:8.1f}", flush=True)
+                          f"  w2 {k2:8.1f} ({forms(cfg)})", flush=True)
                     rows.append(dict(model=name, quant=fmt_name, tokens=t, variant=v, round=r, us=round(us, 1),
                                      kernels=per))
             same = torch.equal(outs["spec"], outs["relaid"])

@@ -22,14 +22,14 @@ FMTS = {"mxfp4": moekit.Mxfp4Format(), "int4_g32": moekit.Int4GroupFormat(32),
         "int4_g128": moekit.Int4GroupFormat(128)}
 
 
-def _problem(seed=0, t=T, bias=False):
+def _problem(seed=0, t=T, bias=False, h=H, i=I):
     """Weights, input, logits and biases on :data:`DEV` (the interpreter on the CPU, else the GPU)."""
     g = torch.Generator().manual_seed(seed)
-    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
-    x = torch.randn(t, H, generator=g).bfloat16()
+    w13, w2 = torch.randn(E, 2 * i, h, generator=g) / h**0.5, torch.randn(E, h, i, generator=g) / i**0.5
+    x = torch.randn(t, h, generator=g).bfloat16()
     logits = torch.randn(t, E, generator=g)
-    b1 = (torch.randn(E, 2 * I, generator=g) * 0.1).bfloat16() if bias else None
-    b2 = (torch.randn(E, H, generator=g) * 0.1).bfloat16() if bias else None
+    b1 = (torch.randn(E, 2 * i, generator=g) * 0.1).bfloat16() if bias else None
+    b2 = (torch.randn(E, h, generator=g) * 0.1).bfloat16() if bias else None
     on = lambda v: None if v is None else v.to(DEV)  # noqa: E731
     return on(w13), on(w2), on(x), on(logits), on(b1), on(b2)
 
@@ -39,17 +39,20 @@ def _cfg(bm, swap):
     return {"BLOCK_M": bm, "w13": dict(part), "w2": dict(part)}
 
 
-@pytest.mark.parametrize("fmt, bm, swap, t", [
-    ("mxfp4", 16, True, 5),  # swapped decode tiles (swigluoai + biases)
-    ("mxfp4", 64, False, 9),  # unswapped, wgmma-sized token rows
-    ("mxfp4", 16, False, 1),  # one token, one row block per expert
-    ("mxfp4", 16, True, 0),  # the empty batch
-    ("int4_g32", 16, True, 5),
-    ("int4_g32", 64, False, 9),
-    ("int4_g128", 16, True, 5),  # one scale group per K step
+@pytest.mark.parametrize("fmt, bm, swap, t, h, i", [
+    ("mxfp4", 16, True, 5, H, I),  # swapped decode tiles (swigluoai + biases)
+    ("mxfp4", 64, False, 9, H, I),  # unswapped, wgmma-sized token rows
+    ("mxfp4", 16, False, 1, H, I),  # one token, one row block per expert
+    ("mxfp4", 16, True, 0, H, I),  # the empty batch
+    ("int4_g32", 16, True, 5, H, I),
+    ("int4_g32", 64, False, 9, H, I),
+    ("int4_g128", 16, True, 5, H, I),  # one scale group per K step
+    ("mxfp4", 16, True, 5, 192, 320),  # both GEMMs' rows end in a half chunk (gpt-oss's 2880 = 22.5 chunks)
+    ("int4_g32", 64, False, 9, 320, 64),  # w2's K one half chunk only: its first step is the last
+    ("mxfp4", 16, False, 1, 192, 128),  # w13's K with a half chunk, w2's whole
 ])
-def test_triton_kernels_read_relaid_words_with_the_same_bits(fmt, bm, swap, t):
-    w13, w2, x, logits, b1, b2 = _problem(t=t, bias=fmt == "mxfp4")
+def test_triton_kernels_read_relaid_words_with_the_same_bits(fmt, bm, swap, t, h, i):
+    w13, w2, x, logits, b1, b2 = _problem(t=t, bias=fmt == "mxfp4", h=h, i=i)
     q13, q2, s13, s2 = quantize_experts(w13, w2, FMTS[fmt])
     topk_w, topk_ids = torch.softmax(logits, -1).topk(K, -1)
     act = "swigluoai" if fmt == "mxfp4" else "silu"
@@ -66,13 +69,18 @@ def test_triton_kernels_read_relaid_words_with_the_same_bits(fmt, bm, swap, t):
     assert t == 0 or ref.abs().sum() > 0
     if (fmt, t) == ("mxfp4", 5):  # not vacuous: re-laid words read as SPEC §8's packing give other values
         assert not torch.equal(run(relay_rega(q13), relay_rega(q2), False), ref)
+    if h % 128:  # not vacuous either: the half chunk's bytes are read (reversed, they give other values)
+        bad = relay_rega(q13)
+        bad[..., -16:] = relay_rega(q13)[..., -16:].flip(-1)
+        assert not torch.equal(run(bad, relay_rega(q2), True), ref)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "int4_g32"])
-def test_a_triton_layer_stores_relaid_words_and_computes_the_spec_bits(fmt):
-    w13, w2, x, logits, _, _ = _problem(seed=1)
+@pytest.mark.parametrize("fmt, h, i", [("mxfp4", H, I), ("int4_g32", H, I),
+                                       ("mxfp4", 192, 320)])  # rows ending in a half chunk (gpt-oss's 2880)
+def test_a_triton_layer_stores_relaid_words_and_computes_the_spec_bits(fmt, h, i):
+    w13, w2, x, logits, _, _ = _problem(seed=1, h=h, i=i)
     q13, q2, s13, s2 = quantize_experts(w13, w2, FMTS[fmt])
-    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="triton",
+    layer = moekit.FusedMoE(E, K, h, i, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="triton",
                            device=DEV)
     re = layer.routed_experts
     assert re.packed_layout == "rega" and "packed_layout='rega'" in repr(re)
@@ -80,18 +88,20 @@ def test_a_triton_layer_stores_relaid_words_and_computes_the_spec_bits(fmt):
     assert torch.equal(re.w13_weight, relay_rega(q13)) and torch.equal(re.w2_weight, relay_rega(q2))
     out = layer(x, logits)
     # the same weights adopted as given (SPEC §8's packing: the layer then reads them so) give the same bits
-    spec = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="triton",
+    spec = moekit.FusedMoE(E, K, h, i, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="triton",
                            device=DEV)
     spec.routed_experts.adopt_weights(q13.clone(), q2.clone(), w13_scale=s13, w2_scale=s2)
     assert spec.routed_experts.packed_layout == "spec"
     assert torch.equal(spec(x, logits), out)
     # and the torch twin agrees within SPEC §8's weight-only tolerance
-    twin = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="torch",
+    twin = moekit.FusedMoE(E, K, h, i, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="torch",
                            device=DEV)
     assert twin.routed_experts.packed_layout == "spec"
     twin.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
     ref = twin(x, logits).float()
     assert ((out.float() - ref).norm() / ref.norm()).item() <= 1e-2
+    # its state dict holds SPEC §8's packing
+    assert torch.equal(layer.state_dict()["routed_experts.w13_weight"], q13)
 
 
 def test_state_dicts_hold_spec_packing_both_ways():
@@ -137,18 +147,22 @@ def test_per_shard_loading_relays_each_shard():
 
 
 def test_where_the_words_stay_in_spec_packing():
-    # float32 activations (K steps of 64), a K that is no whole number of 128-value chunks (gpt-oss's 2880 here:
-    # H = 192), fp8, the torch backend: SPEC §8's packing
+    # float32 activations (K steps of 64), a K that is no whole number of 64-value half chunks (gpt-oss's I = 2880
+    # over two tensor-parallel ranks: 1440 here; H = 96), fp8, the torch backend: SPEC §8's packing. gpt-oss's own
+    # 2880 (22.5 chunks) is re-laid
     mx = FMTS["mxfp4"]
     assert rega_layout_ok(mx, torch.bfloat16, 256, 128) and rega_layout_ok(mx, torch.float16, 7168, 2048)
+    assert rega_layout_ok(mx, torch.bfloat16, 2880, 2880) and rega_layout_ok(mx, torch.bfloat16, 256, 64)
     assert not rega_layout_ok(mx, torch.float32, 256, 128)
-    assert not rega_layout_ok(mx, torch.bfloat16, 2880, 2880) and not rega_layout_ok(mx, torch.bfloat16, 256, 64)
+    assert not rega_layout_ok(mx, torch.bfloat16, 2880, 1440) and not rega_layout_ok(mx, torch.bfloat16, 96, 128)
     assert not rega_layout_ok(moekit.Fp8BlockFormat(128, 128), torch.bfloat16, 256, 128)
     assert not rega_layout_ok(None, torch.bfloat16, 256, 128)
     for kw in (dict(params_dtype=torch.float32, backend="triton"), dict(params_dtype=torch.bfloat16, backend="torch")):
         assert moekit.FusedMoE(E, K, H, I, quant_config=mx, device=DEV, **kw).routed_experts.packed_layout == "spec"
-    assert moekit.FusedMoE(E, K, 192, I, params_dtype=torch.bfloat16, quant_config=mx, backend="triton",
+    assert moekit.FusedMoE(E, K, 96, I, params_dtype=torch.bfloat16, quant_config=mx, backend="triton",
                            device=DEV).routed_experts.packed_layout == "spec"
+    assert moekit.FusedMoE(E, K, 192, I, params_dtype=torch.bfloat16, quant_config=mx, backend="triton",
+                           device=DEV).routed_experts.packed_layout == "rega"
 
 
 def test_relaid_refusals():

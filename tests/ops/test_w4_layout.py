@@ -1,6 +1,6 @@
 """The register-operand packed layout (:mod:`moekit.ops.w4_layout`): the re-layout is a bijection on whole
-128-value chunks, puts each quad lane's k pairs where the re-laid decode reads them, and refuses what it cannot
-re-lay. The decode's asm on these words: ``test_w4_rega_asm.py``; the kernels: ``test_w4_relaid.py``."""
+128-value chunks and a last half chunk, puts each quad lane's k pairs where the re-laid decode reads them (a half
+chunk where the kernels' tail copy finds them), and refuses what it cannot re-lay. The decode's asm on these words: ``test_w4_rega_asm.py``; the kernels: ``test_w4_relaid.py``."""
 
 import pytest
 import torch
@@ -43,9 +43,34 @@ def test_each_lane_word_holds_its_pairs_low_codes_then_high_codes():
                         assert (word >> (16 + 4 * jj)) & 0xF == byte >> 4
 
 
+@pytest.mark.parametrize("nbytes", [32, 96, 1440])  # one half chunk; one and a half; gpt-oss's 2880 values
+def test_a_half_chunk_holds_each_lanes_first_two_words(nbytes):
+    # rows of 128 n + 64 values: the whole chunks as above; the half chunk holds, as word 2q + j, the word 4q + j
+    # (j < 2: pairs 0-31) of the whole chunk the row would end in if padded with zero pairs, which is where the
+    # kernels' tail copy (half_tail_src) puts it back; the round trip holds
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(0, 256, (3, nbytes), generator=g, dtype=torch.int64).to(torch.uint8)
+    r = relay_rega(w)
+    assert r.shape == w.shape and torch.equal(unrelay_rega(r), w)
+    padded = torch.cat([w, torch.zeros(3, 32, dtype=torch.uint8)], dim=1)
+    whole = relay_rega(padded)
+    assert torch.equal(r[:, :-32], whole[:, :nbytes - 32])
+    half, last = r[:, -32:].view(torch.int32), whole[:, -64:].view(torch.int32)
+    for q in range(4):
+        for j in range(2):
+            assert torch.equal(half[:, 2 * q + j], last[:, 4 * q + j])
+        assert not last[:, 4 * q + 2:4 * q + 4].any()  # pairs 32-63: the zero padding
+    for vec, elems in ((16, r[:, -32:]), (4, r[:, -32:].view(torch.int32))):  # mxfp4 bytes, int4 words
+        src = [w4_layout.half_tail_src(e, vec) for e in range(4 * vec)]
+        assert sorted(s for s in src if s >= 0) == list(range(2 * vec))  # each half-chunk element read once
+        spread = torch.stack([elems[:, s] if s >= 0 else torch.zeros_like(elems[:, 0]) for s in src], dim=1)
+        assert torch.equal(spread.view(torch.uint8), whole[:, -64:])
+
+
 def test_relay_refuses_what_it_cannot_re_lay():
-    assert relaid_ok(CHUNK) and relaid_ok(7168) and not relaid_ok(2880) and not relaid_ok(0)
-    with pytest.raises(ValueError, match="rows hold 2880 values; the register-operand layout needs a multiple of 128"):
-        relay_rega(torch.zeros(2, 1440, dtype=torch.uint8))  # gpt-oss's H: 22.5 chunks
+    assert relaid_ok(CHUNK) and relaid_ok(7168) and relaid_ok(2880) and relaid_ok(64)
+    assert not relaid_ok(1440) and not relaid_ok(96) and not relaid_ok(0)
+    with pytest.raises(ValueError, match="rows hold 1440 values; the register-operand layout needs a multiple of 64"):
+        relay_rega(torch.zeros(2, 720, dtype=torch.uint8))  # gpt-oss's I on two tensor-parallel ranks
     with pytest.raises(TypeError, match="must be packed 4-bit weights .* got dtype torch.bfloat16"):
         relay_rega(torch.zeros(2, 64, dtype=torch.bfloat16))

@@ -16,8 +16,12 @@ Re-laid, per row and chunk of 128 k values (64 bytes, 16 words): chunk byte ``b`
 
 so lane q's four words are contiguous (one 16-byte load per row and K step of 128), and pair ``jj``'s two codes sit
 16 bits apart, where one mask (and, for jj = 1 / 3 of mxfp4, another multiplier) places them. A chunk holds whole
-scale groups (32 or 128 values), so the group of every code is unchanged. Rows whose length is not a multiple of
-128 values are not re-laid (:func:`relaid_ok`).
+scale groups (32 or 128 values), so the group of every code is unchanged.
+
+A row of ``128 n + 64`` values (gpt-oss's 2880) ends in a half chunk (32 bytes, 8 words): its words are the full
+layout's words ``4q + j`` for ``j < 2`` (pairs 0-31) packed as word ``2q + j``, so lane q's two words are contiguous;
+the kernels copy them to where a whole chunk has them (:func:`half_tail_src`) and read that step as any other, the
+missing pairs zero. Rows of other lengths are not re-laid (:func:`relaid_ok`).
 
     w: [..., K / PACK] uint8 (mxfp4) or int32 (int4)  ->  the same shape and dtype, re-laid
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "packed_layout_for", "relaid_ok", "rega_layout_ok", "relay_quantized", "relay_rega",
+__all__ = ["CHUNK", "half_tail_src", "packed_layout_for", "relaid_ok", "rega_layout_ok", "relay_quantized", "relay_rega",
            "unrelay_rega"]
 
 #: k values per re-laid chunk: one 128-wide K step of the register-operand GEMMs
@@ -34,14 +38,24 @@ CHUNK = 128
 
 
 def relaid_ok(k: int) -> bool:
-    """Whether rows of ``k`` values can be re-laid: whole chunks only."""
-    return k > 0 and k % CHUNK == 0
+    """Whether rows of ``k`` values can be re-laid: whole chunks, or whole chunks and one half chunk."""
+    return k > 0 and k % (CHUNK // 2) == 0
+
+
+def half_tail_src(e: int, vec: int) -> int:
+    """Where a half chunk holds the word element that a whole chunk holds at element ``e`` (elements of ``vec`` per
+    16-byte lane group: 16 bytes of mxfp4, 4 int32 words of int4), or -1 if the half chunk has none (pairs 32-63):
+    lane ``q = e // vec`` keeps its first ``vec / 2`` elements, at ``q · vec / 2``. The kernels' tail copy
+    (``_gluon.w4``, ``_triton.quant``) computes the same."""
+    q, r = divmod(e, vec)
+    return q * (vec // 2) + r if r < vec // 2 else -1
 
 
 def rega_layout_ok(fmt, params_dtype: torch.dtype, hidden: int, inter_local: int) -> bool:
     """Whether a layer of this format, activation dtype and (rank-local) sizes stores its packed words re-laid
     (on a kernel table that reads them: ``Kernels.packed_layouts``): mxfp4 or int4, 16-bit activations (float32 ones
-    run K steps of 64), and both GEMMs' K (``H`` for w13, the local ``I`` for w2) whole 128-value chunks."""
+    run K steps of 64), and both GEMMs' K (``H`` for w13, the local ``I`` for w2) whole 128-value chunks, or those and
+    one half chunk (:func:`relaid_ok`)."""
     return (getattr(fmt, "name", None) in ("mxfp4", "int4_group") and params_dtype in (torch.bfloat16, torch.float16)
             and relaid_ok(hidden) and relaid_ok(inter_local))
 
@@ -57,9 +71,10 @@ def _bytes(w: torch.Tensor, arg: str) -> torch.Tensor:
     if w.dtype not in (torch.uint8, torch.int32):
         raise TypeError(f"{arg} must be packed 4-bit weights (uint8 mxfp4 or int32 int4), got dtype {w.dtype}")
     b = w.contiguous().view(torch.uint8)
-    if b.shape[-1] % (CHUNK // 2):
+    if b.shape[-1] % (CHUNK // 4):
         k = b.shape[-1] * 2
-        raise ValueError(f"{arg} rows hold {k} values; the register-operand layout needs a multiple of {CHUNK}")
+        raise ValueError(f"{arg} rows hold {k} values; the register-operand layout needs a multiple of {CHUNK // 2} "
+                         f"(whole {CHUNK}-value chunks, the last may be half)")
     return b
 
 
@@ -77,7 +92,7 @@ def _per_slice(w: torch.Tensor, fn) -> torch.Tensor:
     return out.reshape(b.shape).view(w.dtype).reshape(w.shape)
 
 
-def _relay(b: torch.Tensor) -> torch.Tensor:
+def _relay_whole(b: torch.Tensor) -> torch.Tensor:
     rows, n = b.shape[0], b.shape[1] // (CHUNK // 2)
     c = b.reshape(rows, n, 4, 4, 4)  # chunk byte 16 j + 4 jj + q -> [j, jj, q]
     lo, hi = (c & 0xF).permute(0, 1, 4, 2, 3), (c >> 4).permute(0, 1, 4, 2, 3)  # [rows, n, q, j, jj]
@@ -85,12 +100,38 @@ def _relay(b: torch.Tensor) -> torch.Tensor:
     return (nib[..., 0::2] | nib[..., 1::2] << 4).reshape(rows, -1)  # two nibbles per byte, low first
 
 
-def _unrelay(b: torch.Tensor) -> torch.Tensor:
+def _unrelay_whole(b: torch.Tensor) -> torch.Tensor:
     rows, n = b.shape[0], b.shape[1] // (CHUNK // 2)
     c = b.reshape(rows, n, 4, 4, 4)  # [q, j, byte of the word]
     nib = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(rows, n, 4, 4, 8)  # [q, j, nibble]
     pairs = nib[..., :4] | nib[..., 4:] << 4  # [q, j, jj]
     return pairs.permute(0, 1, 3, 4, 2).reshape(rows, -1)  # [j, jj, q]: chunk byte 16 j + 4 jj + q
+
+
+def _lane_halves(chunk: torch.Tensor) -> torch.Tensor:
+    """A whole chunk's [rows, 64] bytes as [rows, q, 2, 8]: lane q's words j < 2 at ``[:, q, 0]``."""
+    return chunk.view(chunk.shape[0], 4, 2, 8)
+
+
+def _relay(b: torch.Tensor) -> torch.Tensor:
+    rows, nb = b.shape
+    if nb % (CHUNK // 2) == 0:
+        return _relay_whole(b)
+    full = nb - CHUNK // 4  # bytes of the whole chunks; the half chunk re-laid as a chunk padded with zero pairs,
+    last = torch.zeros(rows, CHUNK // 2, dtype=b.dtype, device=b.device)  # of which lane q keeps words 0, 1
+    last[:, :CHUNK // 4] = b[:, full:]
+    half = _lane_halves(_relay_whole(last))[:, :, 0]
+    return torch.cat([_relay_whole(b[:, :full]), half.reshape(rows, -1)], dim=1)
+
+
+def _unrelay(b: torch.Tensor) -> torch.Tensor:
+    rows, nb = b.shape
+    if nb % (CHUNK // 2) == 0:
+        return _unrelay_whole(b)
+    full = nb - CHUNK // 4
+    last = torch.zeros(rows, CHUNK // 2, dtype=b.dtype, device=b.device)
+    _lane_halves(last)[:, :, 0] = b[:, full:].reshape(rows, 4, 8)
+    return torch.cat([_unrelay_whole(b[:, :full]), _unrelay_whole(last)[:, :CHUNK // 4]], dim=1)
 
 
 def relay_rega(w: torch.Tensor) -> torch.Tensor:

@@ -129,27 +129,48 @@ def _issue_x(x_smem, x_ptrs, x_mask, offs_v, Kx, k, nk, STAGES: gl.constexpr, BK
 
 
 @gluon.jit
+def _half_tail(P_L: gl.constexpr, NG: gl.constexpr, W: gl.constexpr, VEC: gl.constexpr):
+    """For re-laid words whose rows end in a half chunk (:mod:`..w4_layout`): the offset [1, NG, W] from each
+    element of a whole K step's slot to where the half chunk holds it (lane q = e // VEC keeps its first VEC / 2
+    elements, at q · VEC / 2), and which elements it holds (:func:`..w4_layout.half_tail_src`)."""
+    g = gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, P_L)))
+    w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, P_L)))
+    e3 = gl.expand_dims(gl.expand_dims(g, 0), 2) * W + gl.expand_dims(gl.expand_dims(w, 0), 1)
+    return -(e3 // VEC) * (VEC // 2), (e3 // (VEC // 2)) % 2 == 0
+
+
+@gluon.jit
 def _issue_w(p_smem, j, w_ptrs, w_mask, vid, KP, k, nk, BK: gl.constexpr, PACK: gl.constexpr,
-             EVEN_K: gl.constexpr):
+             EVEN_K: gl.constexpr, HALF: gl.constexpr = False, t_delta=None, t_keep=None):
     """One packed weight tile of K step ``k`` into ring buffer ``j`` (cp.async, 16-byte vectors of 32 // PACK
-    elements)."""
+    elements). ``HALF`` (re-laid words, K ending in a half chunk): the last step copies the half chunk to where a
+    whole chunk holds its elements (``t_delta`` / ``t_keep`` of :func:`_half_tail`; 8-byte vectors), the rest zero;
+    every other step is whole."""
     if k < nk:
         if EVEN_K:
-            m = w_mask
+            cp_async_load(p_smem.index(j), w_ptrs + k * (BK // PACK), mask=w_mask)
+        elif HALF:
+            if k == nk - 1:
+                cp_async_load(p_smem.index(j), w_ptrs + k * (BK // PACK) + t_delta, mask=w_mask & t_keep)
+            else:
+                cp_async_load(p_smem.index(j), w_ptrs + k * (BK // PACK), mask=w_mask)
         else:
             m = w_mask & (vid < (KP - k * (BK // PACK)) // (32 // PACK))
-        cp_async_load(p_smem.index(j), w_ptrs + k * (BK // PACK), mask=m)
+            cp_async_load(p_smem.index(j), w_ptrs + k * (BK // PACK), mask=m)
 
 
 @gluon.jit
 def _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, Kx, w_ptrs, u_ptrs, w_mask, vid, KP, k, nk,
-                STAGES: gl.constexpr, BK: gl.constexpr, PACK: gl.constexpr, EVEN_K: gl.constexpr, NT: gl.constexpr):
+                STAGES: gl.constexpr, BK: gl.constexpr, PACK: gl.constexpr, EVEN_K: gl.constexpr, NT: gl.constexpr,
+                HALF: gl.constexpr = False, t_delta=None, t_keep=None):
     """All of K step ``k``'s copies into ring slot ``k % STAGES``, one commit group: the activation rows, then
-    ``NT`` packed weight tiles (w13: the gate rows at ``w_ptrs``, the up rows at ``u_ptrs``; w2: one)."""
+    ``NT`` packed weight tiles (w13: the gate rows at ``w_ptrs``, the up rows at ``u_ptrs``; w2: one); ``HALF``,
+    ``t_delta``, ``t_keep``: :func:`_issue_w`'s."""
     _issue_x(x_smem, x_ptrs, x_mask, offs_v, Kx, k, nk, STAGES, BK, EVEN_K)
-    _issue_w(p_smem, NT * (k % STAGES), w_ptrs, w_mask, vid, KP, k, nk, BK, PACK, EVEN_K)
+    _issue_w(p_smem, NT * (k % STAGES), w_ptrs, w_mask, vid, KP, k, nk, BK, PACK, EVEN_K, HALF, t_delta, t_keep)
     if NT == 2:
-        _issue_w(p_smem, 2 * (k % STAGES) + 1, u_ptrs, w_mask, vid, KP, k, nk, BK, PACK, EVEN_K)
+        _issue_w(p_smem, 2 * (k % STAGES) + 1, u_ptrs, w_mask, vid, KP, k, nk, BK, PACK, EVEN_K, HALF, t_delta,
+                 t_keep)
     async_copy.commit_group()
 
 

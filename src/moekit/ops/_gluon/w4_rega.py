@@ -85,8 +85,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _issue_step, _nvmma, _p_layout, _pack, _token_operand,
-                 _w2_store, _w13_store, _w_ptrs, _x_operand)
+from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _half_tail, _issue_step, _nvmma, _p_layout, _pack,
+                 _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
 from .w4_frag import _frag, _frag_scales
 from .common import pid_to_tile
 from .compat import cta_barrier
@@ -125,8 +125,8 @@ def w4ra_w13_kernel(
     then up, each fragment's wgmma waited for before the next fragment is decoded (fewer registers). ``EARLY``
     (config ``"gluon_early": 1``): step k refills the ring slot of step k - 1 right after its first barrier instead of
     after its own wgmmas (module docstring)."""
-    gl.static_assert(EVEN_K or not RELAID, "re-laid weights are whole 128-value K steps")
     PACK: gl.constexpr = _pack(QUANT)
+    HALF: gl.constexpr = RELAID and not EVEN_K  # re-laid rows ending in a half chunk (gpt-oss's 2880)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
     ACC_L: gl.constexpr = _acc_layout(BM, BN, True, num_warps)
@@ -140,6 +140,7 @@ def w4ra_w13_kernel(
         g_ptrs, w_mask, vid = _w_ptrs(w1_ptr + e.to(gl.int64) * stride_we, pid_n * BN, I, stride_wn, NG, G // PACK,
                                       32 // PACK, P_L, BN)
         u_ptrs = g_ptrs + I.to(gl.int64) * stride_wn
+        t_delta, t_keep = _half_tail(P_L, NG, G // PACK, 32 // PACK)
         ws_g = ws_ptr + e.to(gl.int64) * stride_wse
         ws_u = ws_g + I.to(gl.int64) * stride_wsn
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], _nvmma(BM, BK))
@@ -147,7 +148,7 @@ def w4ra_w13_kernel(
         nk = gl.cdiv(H, BK)
         for st in gl.static_range(STAGES - 1):
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
-                        PACK, EVEN_K, 2)
+                        PACK, EVEN_K, 2, HALF, t_delta, t_keep)
         n0 = pid_n * BN
         sg0 = _frag_scales(ws_g, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)  # two K steps ahead
         su0 = _frag_scales(ws_u, n0, I, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
@@ -161,7 +162,7 @@ def w4ra_w13_kernel(
             _ready(STAGES)
             if EARLY:
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP, k + STAGES - 1,
-                            nk, STAGES, BK, PACK, EVEN_K, 2)
+                            nk, STAGES, BK, PACK, EVEN_K, 2, HALF, t_delta, t_keep)
             slot = k % STAGES
             xt = x_smem.index(slot).permute((1, 0))
             # wait for step k's own wgmmas before anything else runs: they read the A fragments from registers
@@ -182,7 +183,7 @@ def w4ra_w13_kernel(
             if not EARLY:
                 cta_barrier()  # ... in every warp: its slot may be refilled
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, H, g_ptrs, u_ptrs, w_mask, vid, KP,
-                            k + STAGES - 1, nk, STAGES, BK, PACK, EVEN_K, 2)
+                            k + STAGES - 1, nk, STAGES, BK, PACK, EVEN_K, 2, HALF, t_delta, t_keep)
             sg0, su0, sg1, su1 = sg1, su1, sg2, su2
         acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
         async_copy.wait_group(0)
@@ -203,8 +204,8 @@ def w4ra_w2_sum_kernel(
 ):
     """Grid (num_pid_m · NBN,). Arguments as :func:`.w4.w4_w2_sum_kernel` (swapped); ``SWORD``, ``EARLY`` as the
     w13's."""
-    gl.static_assert(EVEN_K or not RELAID, "re-laid weights are whole 128-value K steps")
     PACK: gl.constexpr = _pack(QUANT)
+    HALF: gl.constexpr = RELAID and not EVEN_K  # re-laid rows ending in a half chunk (gpt-oss's 2880)
     P_L: gl.constexpr = _p_layout(QUANT, G, BK, num_warps)
     A_L: gl.constexpr = _a_layout(BK, num_warps)
     ACC_L: gl.constexpr = _acc_layout(BM, BN, True, num_warps)
@@ -217,13 +218,14 @@ def w4ra_w2_sum_kernel(
         NKG = I // G
         w_ptrs, w_mask, vid = _w_ptrs(w2_ptr + e.to(gl.int64) * stride_we, pid_n * BN, H, stride_wn, NG, G // PACK,
                                       32 // PACK, P_L, BN)
+        t_delta, t_keep = _half_tail(P_L, NG, G // PACK, 32 // PACK)
         ws_e = ws_ptr + e.to(gl.int64) * stride_wse
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], _nvmma(BM, BK))
         p_smem = gl.allocate_shared_memory(w2_ptr.dtype.element_ty, [STAGES, BN, NG, G // PACK], _PLAIN)
         nk = gl.cdiv(I, BK)
         for st in gl.static_range(STAGES - 1):
             _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, st, nk, STAGES, BK,
-                        PACK, EVEN_K, 1)
+                        PACK, EVEN_K, 1, HALF, t_delta, t_keep)
         n0 = pid_n * BN
         s0 = _frag_scales(ws_e, n0, H, stride_wsn, 0, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
         s1 = _frag_scales(ws_e, n0, H, stride_wsn, 1, NKG, BN, BK, G, EVEN_K, num_warps, SWORD)
@@ -233,14 +235,14 @@ def w4ra_w2_sum_kernel(
             _ready(STAGES)
             if EARLY:
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, k + STAGES - 1,
-                            nk, STAGES, BK, PACK, EVEN_K, 1)
+                            nk, STAGES, BK, PACK, EVEN_K, 1, HALF, t_delta, t_keep)
             slot = k % STAGES
             w = _frag(p_smem.index(slot), s0, QUANT, BN, BK, G, ACC_L, num_warps, SWORD, RELAID)
             acc = _mma_waited(w, x_smem.index(slot).permute((1, 0)), acc)
             if not EARLY:
                 cta_barrier()
                 _issue_step(x_smem, p_smem, x_ptrs, x_mask, offs_v, I, w_ptrs, w_ptrs, w_mask, vid, KP, k + STAGES - 1,
-                            nk, STAGES, BK, PACK, EVEN_K, 1)
+                            nk, STAGES, BK, PACK, EVEN_K, 1, HALF, t_delta, t_keep)
             s0, s1 = s1, s2
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         async_copy.wait_group(0)

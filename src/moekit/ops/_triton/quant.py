@@ -261,7 +261,8 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
     int32: 8 nibbles); s: the step's raw scales (:func:`load_w_scales`); K: true length; ``W_ALIGN``: K / PACK
     is a multiple of it (the K-tail mask then covers whole vectors); ``PTX``: the target is sm_90+ (the
     packed-bf16 decode may run); ``RELAID``: the words are in :mod:`..w4_layout`'s register-operand layout
-    (:func:`_spec_packed` puts them back in SPEC order first: the same values after). The tile is
+    (:func:`_spec_packed` puts them back in SPEC order first: the same values after; a last half chunk is loaded
+    into a whole chunk's places first, the missing pairs zero, as SPEC's K-tail mask leaves them). The tile is
     unpacked along new trailing axes ([BN, BK/PACK, PACK] -> [BN, BK], no data movement), scaled per group
     as [BN, NG, BK/NG], rounded to ``DT``, passed through :func:`_k_order_barrier` (compiled, 16-bit ``DT``)
     and transposed for the dot.
@@ -271,6 +272,13 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
     kp = tl.arange(0, BK // PACK)
     if EVEN_K:
         p = tl.load(ptrs, mask=nmask[:, None], other=0)
+    elif RELAID:  # rows ending in a half chunk (:mod:`..w4_layout`): its lane groups spread to a whole chunk's places
+        VEC: tl.constexpr = 32 // PACK  # elements per 16-byte lane group
+        if k0 + BK > K:
+            half = ptrs - (kp // VEC * (VEC // 2))[None, :]
+            p = tl.load(half, mask=nmask[:, None] & (kp // (VEC // 2) % 2 == 0)[None, :], other=0)
+        else:
+            p = tl.load(ptrs, mask=nmask[:, None], other=0)
     else:  # the K tail in whole W_ALIGN vectors (the launcher checked K / PACK is a multiple): vector loads stay
         p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] // W_ALIGN < (K - k0) // PACK // W_ALIGN), other=0)
     if RELAID:
