@@ -178,31 +178,41 @@ R44P="deepseek-v3:1,deepseek-v3:8,deepseek-v3:64,deepseek-v3:256,deepseek-v3:102
 R44P="$R44P,qwen3-30b-a3b:256,qwen3-30b-a3b:1024,mixtral-8x7b:8,mixtral-8x7b:64,mixtral-8x7b:256,mixtral-8x7b:1024"
 
 R45P="gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120b:1024,gpt-oss-120b:4096"
+R45P="$R45P,deepseek-v3:4096,qwen3-30b-a3b:4096"
 
 case $WHAT in
-  r45-a)  # round 45: gpt-oss's rows (2880 = 22.5 chunks) re-laid, the half chunk copied into a whole chunk's places by
-    # the last K step: the bit tests (re-laid vs SPEC-packed, Gluon and Triton kernels, the layer), then the probe
-    # (SPEC-packed vs re-laid, experts step and µs per GEMM, alternated twice) at gpt-oss's points, both formats
+  r45-a)  # round 45 (not run: no device was lent): gpt-oss's rows (2880 = 22.5 chunks) re-laid, the half chunk copied
+    # into a whole chunk's places by the last K step; the Triton 4-bit GEMMs decoding re-laid words in place. The bit
+    # tests (re-laid vs SPEC-packed: Gluon and Triton kernels, the layer), then the probe (SPEC-packed vs re-laid,
+    # experts step and µs per GEMM, alternated twice) for mxfp4 at gpt-oss's points and two compute-bound points whose
+    # w2 is a Triton kernel
     r42_prepare
     step gpu-relaid 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 tests/ops/test_w4_relaid.py \
       tests/experts/test_packed_layout.py
     grep -h "passed\|failed" "$OUT/gpu-relaid.log" | tail -3
-    step probe-mxfp4 170 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R45P,gpt-oss-120b:16384" \
-      --out "$OUT/probe-mxfp4.json"
-    step probe-int4 170 python benchmarks/relaid_probe.py --formats int4 --points "$R45P,gpt-oss-120b:16384" \
-      --out "$OUT/probe-int4.json"
+    step probe-mxfp4 300 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R45P" --out "$OUT/probe-mxfp4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT"/probe-*.log | tail -70
     ;;
-  r45-b)  # round 45, after r45-a: moekit bench, bf16 / fp8 / mxfp4 / int4 on gpt-oss (its 4-bit layers re-laid now) at
-    # the seven token counts, compare.py; then the 4-bit tables' rows alone vs in batches on the words layers store
+  r45-b)  # round 45, after r45-a: the probe for int4, then the 4-bit tables' rows alone vs in batches (the words as
+    # layers store them; the Triton w2 buckets now decode re-laid words in place)
     r42_prepare
+    step probe-int4 300 python benchmarks/relaid_probe.py --formats int4 --points "$R45P,deepseek-v3:8192" \
+      --out "$OUT/probe-int4.json"
+    grep -h "graph\|identical\|skipped\|Error" "$OUT"/probe-*.log | tail -70
+    step gpu-inv 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 -m gpu tests/ops/test_batch_invariance_gpu.py \
+      tests/experts/test_graphed_gpu.py -k "4bit or graphed"
+    grep -h "passed\|failed" "$OUT/gpu-inv.log" | tail -3
+    ;;
+  r45-c)  # round 45, after r45-a / r45-b passed: with w4_layout.LAYER_HALF_CHUNKS turned on in this copy (gpt-oss's
+    # 4-bit layers then store re-laid words), moekit bench, bf16 / fp8 / mxfp4 / int4 on gpt-oss at the seven token
+    # counts, then compare.py (ship the flag in the tree if the bits held and the 4-bit rows did not get slower)
+    r42_prepare
+    sed -i 's/^LAYER_HALF_CHUNKS = False$/LAYER_HALF_CHUNKS = True/' src/moekit/ops/w4_layout.py
+    grep -n "^LAYER_HALF_CHUNKS" src/moekit/ops/w4_layout.py
     step bench 420 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models gpt-oss-120b --fast --out "$OUT"
     rm -f "$OUT"/*-speed.png
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     grep -h "gpt-oss" "$OUT/compare.md" | head -60
-    step gpu-inv 120 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 -m gpu tests/ops/test_batch_invariance_gpu.py \
-      -k "4bit"
-    grep -h "passed\|failed" "$OUT/gpu-inv.log" | tail -3
     ;;
   r44-a)  # round 44: 4-bit weights re-laid for the register-operand GEMMs (moekit.ops.w4_layout, RELAID): the bit tests
     # natively, then the probe (SPEC-packed vs re-laid, experts step and µs per kernel, alternated twice) for mxfp4

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from moekit.ops import triton_experts_quant as tq  # noqa: E402
 from moekit.ops.quant_spec import QuantSpec  # noqa: E402
 from moekit.ops.quantize import quantize_experts  # noqa: E402
+from moekit.ops import w4_layout  # noqa: E402
 from moekit.ops.w4_layout import relay_rega, rega_layout_ok  # noqa: E402
 from small_experts import DEV  # noqa: E402
 
@@ -77,7 +78,9 @@ def test_triton_kernels_read_relaid_words_with_the_same_bits(fmt, bm, swap, t, h
 
 @pytest.mark.parametrize("fmt, h, i", [("mxfp4", H, I), ("int4_g32", H, I),
                                        ("mxfp4", 192, 320)])  # rows ending in a half chunk (gpt-oss's 2880)
-def test_a_triton_layer_stores_relaid_words_and_computes_the_spec_bits(fmt, h, i):
+def test_a_triton_layer_stores_relaid_words_and_computes_the_spec_bits(monkeypatch, fmt, h, i):
+    if h % 128:  # layers store half chunks re-laid once the GPU bits are in (LAYER_HALF_CHUNKS): the path it turns on
+        monkeypatch.setattr(w4_layout, "LAYER_HALF_CHUNKS", True)
     w13, w2, x, logits, _, _ = _problem(seed=1, h=h, i=i)
     q13, q2, s13, s2 = quantize_experts(w13, w2, FMTS[fmt])
     layer = moekit.FusedMoE(E, K, h, i, params_dtype=torch.bfloat16, quant_config=FMTS[fmt], backend="triton",
@@ -148,21 +151,26 @@ def test_per_shard_loading_relays_each_shard():
 
 def test_where_the_words_stay_in_spec_packing():
     # float32 activations (K steps of 64), a K that is no whole number of 64-value half chunks (gpt-oss's I = 2880
-    # over two tensor-parallel ranks: 1440 here; H = 96), fp8, the torch backend: SPEC §8's packing. gpt-oss's own
-    # 2880 (22.5 chunks) is re-laid
+    # over two tensor-parallel ranks: 1440 here; H = 96), fp8, the torch backend: SPEC §8's packing. Rows ending in
+    # a half chunk (gpt-oss's own 2880) can be re-laid, but layers keep them SPEC-packed until their GPU bits are in
+    # (LAYER_HALF_CHUNKS, round 45)
     mx = FMTS["mxfp4"]
     assert rega_layout_ok(mx, torch.bfloat16, 256, 128) and rega_layout_ok(mx, torch.float16, 7168, 2048)
-    assert rega_layout_ok(mx, torch.bfloat16, 2880, 2880) and rega_layout_ok(mx, torch.bfloat16, 256, 64)
+    assert not rega_layout_ok(mx, torch.bfloat16, 2880, 2880) and not rega_layout_ok(mx, torch.bfloat16, 256, 64)
+    assert rega_layout_ok(mx, torch.bfloat16, 2880, 2880, half_chunks=True)
+    assert rega_layout_ok(mx, torch.bfloat16, 256, 64, half_chunks=True)
     assert not rega_layout_ok(mx, torch.float32, 256, 128)
-    assert not rega_layout_ok(mx, torch.bfloat16, 2880, 1440) and not rega_layout_ok(mx, torch.bfloat16, 96, 128)
+    assert not rega_layout_ok(mx, torch.bfloat16, 2880, 1440, half_chunks=True)
+    assert not rega_layout_ok(mx, torch.bfloat16, 96, 128, half_chunks=True)
     assert not rega_layout_ok(moekit.Fp8BlockFormat(128, 128), torch.bfloat16, 256, 128)
     assert not rega_layout_ok(None, torch.bfloat16, 256, 128)
     for kw in (dict(params_dtype=torch.float32, backend="triton"), dict(params_dtype=torch.bfloat16, backend="torch")):
         assert moekit.FusedMoE(E, K, H, I, quant_config=mx, device=DEV, **kw).routed_experts.packed_layout == "spec"
     assert moekit.FusedMoE(E, K, 96, I, params_dtype=torch.bfloat16, quant_config=mx, backend="triton",
                            device=DEV).routed_experts.packed_layout == "spec"
+    assert not w4_layout.LAYER_HALF_CHUNKS
     assert moekit.FusedMoE(E, K, 192, I, params_dtype=torch.bfloat16, quant_config=mx, backend="triton",
-                           device=DEV).routed_experts.packed_layout == "rega"
+                           device=DEV).routed_experts.packed_layout == "spec"
 
 
 def test_relaid_refusals():

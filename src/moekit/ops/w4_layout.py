@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "half_tail_src", "packed_layout_for", "relaid_ok", "rega_layout_ok", "relay_quantized", "relay_rega",
+__all__ = ["CHUNK", "LAYER_HALF_CHUNKS", "half_tail_src", "packed_layout_for", "relaid_ok", "rega_layout_ok", "relay_quantized", "relay_rega",
            "unrelay_rega"]
 
 #: k values per re-laid chunk: one 128-wide K step of the register-operand GEMMs
@@ -51,19 +51,28 @@ def half_tail_src(e: int, vec: int) -> int:
     return q * (vec // 2) + r if r < vec // 2 else -1
 
 
-def rega_layout_ok(fmt, params_dtype: torch.dtype, hidden: int, inter_local: int) -> bool:
-    """Whether a layer of this format, activation dtype and (rank-local) sizes stores its packed words re-laid
-    (on a kernel table that reads them: ``Kernels.packed_layouts``): mxfp4 or int4, 16-bit activations (float32 ones
-    run K steps of 64), and both GEMMs' K (``H`` for w13, the local ``I`` for w2) whole 128-value chunks, or those and
-    one half chunk (:func:`relaid_ok`)."""
+#: Whether layers store rows that end in a half chunk (gpt-oss's 2880) re-laid. The kernels read such words (round
+#: 45: the layout, the Triton kernels under the interpreter and the register-operand kernels' sm_90 compile, tested on
+#: the CPU), but the register-operand kernels' half-chunk copy has not yet run on a GPU: until a device session runs
+#: ``benchmarks/h200_session.sh OUT r45-a`` (their bits against SPEC-packed words, and the speed), layers keep such
+#: rows in SPEC §8's packing (docs/kernels.md, round 45).
+LAYER_HALF_CHUNKS = False
+
+
+def rega_layout_ok(fmt, params_dtype: torch.dtype, hidden: int, inter_local: int, half_chunks: bool = False) -> bool:
+    """Whether packed words of this format, activation dtype and (rank-local) sizes can be stored re-laid for the
+    register-operand kernels: mxfp4 or int4, 16-bit activations (float32 ones run K steps of 64), and both GEMMs' K
+    (``H`` for w13, the local ``I`` for w2) whole 128-value chunks, or (``half_chunks``) those and one half chunk."""
+    whole = relaid_ok if half_chunks else (lambda k: k > 0 and k % CHUNK == 0)
     return (getattr(fmt, "name", None) in ("mxfp4", "int4_group") and params_dtype in (torch.bfloat16, torch.float16)
-            and relaid_ok(hidden) and relaid_ok(inter_local))
+            and whole(hidden) and whole(inter_local))
 
 
 def packed_layout_for(packed_layouts, fmt, params_dtype: torch.dtype, hidden: int, inter_local: int) -> str:
     """The layout a layer stores its packed words in: ``"rega"`` where its kernel table reads it (``packed_layouts``,
-    the table's ``Kernels.packed_layouts``) and :func:`rega_layout_ok` holds, else ``"spec"`` (SPEC §8's packing)."""
-    ok = "rega" in packed_layouts and rega_layout_ok(fmt, params_dtype, hidden, inter_local)
+    the table's ``Kernels.packed_layouts``) and :func:`rega_layout_ok` holds (half chunks: :data:`LAYER_HALF_CHUNKS`),
+    else ``"spec"`` (SPEC §8's packing)."""
+    ok = "rega" in packed_layouts and rega_layout_ok(fmt, params_dtype, hidden, inter_local, LAYER_HALF_CHUNKS)
     return "rega" if ok else "spec"
 
 

@@ -222,33 +222,13 @@ def _decode_bf16(p, s, QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _spec_packed(p, QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """A packed K step in :mod:`..w4_layout`'s register-operand layout -> SPEC §8's packing (the same dtype and
-    shape: uint8 [BN, 64] or int32 [BN, 16]; BK = 128, one chunk). Re-laid, lane q's word j (word 4q + j) holds
-    pair jj = 0..3's low codes at nibbles jj and high codes at nibbles 4 + jj, pair = 16 j + 4 jj + q; SPEC §8
-    holds pair b in byte b (low code, then high)."""
-    tl.static_assert(BK == 128, "the register-operand layout is laid out per 128-value K step")
-    if QUANT == MXFP4:
-        b = tl.reshape(p.to(tl.int32), (BN, 4, 4, 2, 2))  # re-laid byte 16 q + 4 j + 2 half + c2
-        nib = tl.reshape(tl.join(b & 0xF, b >> 4), (BN, 4, 4, 2, 4))  # [q, j, half, jj = 2 c2 + t]
-        lo, hi = tl.split(tl.permute(nib, (0, 2, 4, 1, 3)))  # [j, jj, q] codes of each pair
-        out = tl.reshape(lo | (hi << 4), (BN, BK // 2)).to(tl.uint8)
-    else:
-        x = tl.reshape(p, (BN, 4, 4))  # [q, j]
-        b0 = (x & 0xF) | ((x >> 12) & 0xF0)  # pair jj's two codes: bits 4 jj and 16 + 4 jj
-        b1 = ((x >> 4) & 0xF) | ((x >> 16) & 0xF0)
-        b2 = ((x >> 8) & 0xF) | ((x >> 20) & 0xF0)
-        b3 = ((x >> 12) & 0xF) | ((x >> 24) & 0xF0)
-        byte = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BN, 4, 4, 4))  # [q, j, jj]
-        q = tl.arange(0, 4)
-        word = tl.reduce(byte << (8 * q)[None, :, None, None], 1, _or)  # byte q of SPEC word 4 j + jj
-        out = tl.reshape(word, (BN, BK // 8))
-    return out
+def _relaid_k_order(w, BN: tl.constexpr, BK: tl.constexpr):
+    """A K step decoded in :mod:`..w4_layout`'s register-operand order -> k order. Decoded where they lie, word
+    4q + j's nibble 4c + jj (code c of pair 16 j + 4 jj + q) is at position ``32 q + 8 j + 4 c + jj``; one permute
+    of the axes puts it at ``k = 32 j + 8 jj + 2 q + c``. No integer work on the packed words and the values each
+    thread's (round 44 put the words back in SPEC order first: 1.5x (mxfp4) to 3.9x (int4) the instructions per
+    K step of a compute-bound w2, round 45)."""
+    return tl.reshape(tl.permute(tl.reshape(w, (BN, 4, 4, 2, 4)), (0, 2, 4, 1, 3)), (BN, BK))
 
 
 @triton.jit
@@ -261,8 +241,9 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
     int32: 8 nibbles); s: the step's raw scales (:func:`load_w_scales`); K: true length; ``W_ALIGN``: K / PACK
     is a multiple of it (the K-tail mask then covers whole vectors); ``PTX``: the target is sm_90+ (the
     packed-bf16 decode may run); ``RELAID``: the words are in :mod:`..w4_layout`'s register-operand layout
-    (:func:`_spec_packed` puts them back in SPEC order first: the same values after; a last half chunk is loaded
-    into a whole chunk's places first, the missing pairs zero, as SPEC's K-tail mask leaves them). The tile is
+    (decoded where they lie by the same per-element arithmetic, each with its group's scale, then
+    :func:`_relaid_k_order`: the same values; a last half chunk is loaded into a whole chunk's places first, the
+    missing pairs zero, as SPEC's K-tail mask leaves them). The tile is
     unpacked along new trailing axes ([BN, BK/PACK, PACK] -> [BN, BK], no data movement), scaled per group
     as [BN, NG, BK/NG], rounded to ``DT``, passed through :func:`_k_order_barrier` (compiled, 16-bit ``DT``)
     and transposed for the dot.
@@ -281,20 +262,24 @@ def load_packed_w(ptrs, s, k0, K, nmask, DT: tl.constexpr, QUANT: tl.constexpr, 
             p = tl.load(ptrs, mask=nmask[:, None], other=0)
     else:  # the K tail in whole W_ALIGN vectors (the launcher checked K / PACK is a multiple): vector loads stay
         p = tl.load(ptrs, mask=nmask[:, None] & (kp[None, :] // W_ALIGN < (K - k0) // PACK // W_ALIGN), other=0)
-    if RELAID:
-        p = _spec_packed(p, QUANT, BN, BK)
     NG: tl.constexpr = (BK + G - 1) // G
+    if RELAID:  # decoded where they lie: lane q's words of group g (:func:`_relaid_k_order`) take scale g
+        tl.static_assert(BK == 128, "the register-operand layout is laid out per 128-value K step")
+        s = tl.reshape(tl.broadcast_to(s[:, None, :], (BN, 4, NG)), (BN, 4 * NG))
+    NP: tl.constexpr = 4 * NG if RELAID else NG  # the scale groups in the packed order
     # ``PTX`` (the launcher's: compiled, sm_90+, whose bf16x2 add/sub/mul it needs), bf16 activations (int4:
     # bf16 scales, groups of whole words): the packed-bf16 PTX decode
     if PTX and not INTERP and DT == tl.bfloat16 and (QUANT == MXFP4 or (s.dtype == tl.bfloat16 and G % 8 == 0)):
-        w = _decode_bf16(p, s, QUANT, BN, BK, NG)
+        w = _decode_bf16(p, s, QUANT, BN, BK, NP)
     else:
         if QUANT == MXFP4:
             w = _e2m1x2(p, BN, BK) * 8.507059173023462e37  # 2^126
         else:
             w = _nib8(p, BN, BK).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
-        w = tl.reshape(tl.reshape(w, (BN, NG, BK // NG)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
+        w = tl.reshape(tl.reshape(w, (BN, NP, BK // NP)) * _scale_f32(s, QUANT)[:, :, None], (BN, BK))
         w = to_dt(w, DT, INTERP)
+    if RELAID:
+        w = _relaid_k_order(w, BN, BK)
     if not INTERP and DT != tl.float32:  # fp32 dots run as FMAs: no MMA operand layout to pin
         w = _k_order_barrier(w, DT)
     return tl.trans(w)
