@@ -12,7 +12,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .._triton.quant import MXFP4
-from .w4 import _PLAIN
+from .w4_ring import _PLAIN
 from .compat import smem_reinterpret
 
 

@@ -72,7 +72,11 @@ hold its k pairs with the low codes at nibbles 0-3 and the high codes at 4-7, so
 load per row and places each pair in place (:func:`_frag_relaid`: no gather, no split, no placing ``prmt``; the same
 arithmetic after the mask, so the same bits). Per K step (DeepSeek-V3 slice, BLOCK_M 16, BN 64): mxfp4 w13 618 -> 525
 SASS instructions, w2 336 -> 293; int4 495 -> 395, 275 -> 227; the steps 3-14 % faster on the H200
-(``benchmarks/relaid_probe.py``, docs/kernels.md round 44).
+(``benchmarks/relaid_probe.py``, docs/kernels.md round 44). Rows of 128 n + 64 values (gpt-oss's 2880, round 45) end
+in a half chunk, lane q's first two words at 2q: ``HALF`` (``RELAID`` and not ``EVEN_K``), the last K step copies them
+to a whole chunk's places in 8-byte pieces and zero-fills the rest (``.w4_ring._issue_w``), so the decode is the same;
+every other step is whole. Compiled for sm_90 on the CPU (gpt-oss, BN 64): mxfp4 w13 692 -> 649, w2 401 -> 362; int4
+560 -> 487, 334 -> 287 instructions in the loop; not yet run on a GPU (``w4_layout.LAYER_HALF_CHUNKS``).
 
 The fragments' decode (the asm strings, the words layouts, ``_frag`` / ``_frag_scales``) lives in :mod:`.w4_frag`;
 this module holds the two kernels and their ring.
@@ -85,8 +89,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _half_tail, _issue_step, _nvmma, _p_layout, _pack,
-                 _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
+from .w4 import _acc_layout, _block_rows, _nvmma, _token_operand, _w2_store, _w13_store, _x_operand
+from .w4_ring import _PLAIN, _a_layout, _half_tail, _issue_step, _p_layout, _pack, _w_ptrs
 from .w4_frag import _frag, _frag_scales
 from .common import pid_to_tile
 from .compat import cta_barrier

@@ -41,8 +41,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .common import block_expert, pid_to_tile, ring_barriers
 from .compat import cta_barrier
-from .w4 import (_PLAIN, _a_layout, _acc_layout, _block_rows, _decode, _issue_w, _issue_x, _nvmma, _p_layout, _pack,
-                 _s_ptrs, _scales, _token_operand, _w2_store, _w13_store, _w_ptrs, _x_operand)
+from .w4 import _acc_layout, _block_rows, _decode, _nvmma, _token_operand, _w2_store, _w13_store, _x_operand
+from .w4_ring import _PLAIN, _a_layout, _issue_w, _issue_x, _p_layout, _pack, _s_ptrs, _scales, _w_ptrs
 
 @gluon.jit
 def _decoder(w_ptr, ws_ptr, p_smem, w_smem, full, empty, counts_ptr, row_start_ptr,
