@@ -3,7 +3,8 @@
 debug sections left out (they move with any edit). Covered: the launcher's Triton kernels (align, input quantiser,
 w13, w2, sum pass) for five formats, three token counts and three activations (silu; swigluoai with biases;
 softcap_swiglu), and sixteen Gluon GEMM forms (five of them the register-operand 4-bit early-refill forms, round
-42). Not covered: the Gluon fp8 decode kernels, the router gate, routing and zero-expert kernels (their compile checks
+42); since round 45 also four register-operand forms on re-laid words (two with gpt-oss's half chunks) and the Triton
+4-bit GEMMs of eight launches on re-laid words. Not covered: the Gluon fp8 decode kernels, the router gate, routing and zero-expert kernels (their compile checks
 live in the tests).
 
     python benchmarks/ptx_diff.py OLD_ROOT NEW_ROOT       # e.g. a `git worktree add /tmp/head HEAD` and .
@@ -42,11 +43,20 @@ GLUON = [
     ("gluon w4 rega w13 early serial int4", "c.gluon_w4('w13', 'int4', rega=True, early=True, serial=True)"),
     ("gluon w4 ws w13", "c.gluon_w4('w13', wspec=(2, 80))"),
     ("gluon w4 ws w2", "c.gluon_w4('w2', wspec=(2, 80))"),
+    # round 45: on re-laid words (a layer's storage since round 44), and rows ending in a half chunk (gpt-oss)
+    ("gluon w4 rega w13 early relaid", "c.gluon_w4('w13', rega=True, early=True, sword=True, relaid=True)"),
+    ("gluon w4 rega w2 early relaid int4", "c.gluon_w4('w2', 'int4', rega=True, early=True, relaid=True)"),
+    ("gluon w4 rega w13 early serial relaid half",
+     "c.gluon_w4('w13', rega=True, early=True, serial=True, relaid=True, h=2880, i=2880)"),
+    ("gluon w4 rega w2 early relaid half int4", "c.gluon_w4('w2', 'int4', rega=True, early=True, relaid=True, "
+                                               "h=2880, i=2880)"),
 ]
 # the launcher's Triton kernels: (format, tokens, shape of compile_sm90.SHAPES)
 SOFTCAP = (16, 4, 1024, 512, "softcap_swiglu", False)  # (E, K, H, I, activation, bias), as compile_sm90.SHAPES
 LAUNCHES = [(f, t, s) for f in ("bf16", "fp8_block", "fp8_channel", "mxfp4", "int4_g32") for t in (1, 64, 1000)
             for s in ("gpt-oss", "deepseek", SOFTCAP)]
+# the Triton 4-bit GEMMs of those launches on re-laid words (``RELAID``, round 45)
+RELAID = [(f, t, s) for f in ("mxfp4", "int4_g32") for t in (1, 1000) for s in ("gpt-oss", "deepseek")]
 
 CHILD = r"""
 import hashlib, re, sys
@@ -66,13 +76,18 @@ for fmt, t, shape in LAUNCHES:
     label = shape if isinstance(shape, str) else shape[4]
     for n, (kf, args, kw) in enumerate(c.launches(c.FORMATS[fmt], t, shape)):
         show(f"{fmt} T={t} {label} #{n} {kf.__name__}", lambda: c.compile_launch(kf, args, kw))
+for fmt, t, shape in RELAID:
+    for n, (kf, args, kw) in enumerate(c.launches(c.FORMATS[fmt], t, shape)):
+        if kf.__name__ in ("w13_kernel", "w2_kernel"):
+            show(f"relaid {fmt} T={t} {shape} #{n} {kf.__name__}",
+                 lambda: c.compile_launch(kf, args, dict(kw, RELAID=True)))
 """
 
 
 def hashes(root: str) -> dict[str, str]:
     """{kernel: PTX hash} of the tree at ``root``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"GLUON = {GLUON!r}\nLAUNCHES = {LAUNCHES!r}\n" + CHILD
+    code = f"GLUON = {GLUON!r}\nLAUNCHES = {LAUNCHES!r}\nRELAID = {RELAID!r}\n" + CHILD
     with tempfile.TemporaryDirectory(prefix="ptx_diff_") as cache:
         env.update(PYTHONPATH=os.pathsep.join([os.path.join(root, "src"), os.path.join(root, "benchmarks")]),
                    TRITON_CACHE_DIR=cache)

@@ -8,7 +8,7 @@ helpers) over every K step of a packed matrix and stores the [BK, BN] tiles; the
 values are exact in fp32 before that one rounding). Shapes cover a K tail (EVEN_K False), groups
 shorter and longer than the K step, and column tails (N not a multiple of BN). (An int4 offset
 one off, 2^23 + 7 for 2^23 + 8, fails 12 of these cases.) The ``gpu`` tests repeat them compiled, where
-bf16 takes the packed-bf16 PTX decode (``quant._decode_bf16``), and add every byte under every e8m0 scale.
+bf16 takes the packed-bf16 PTX decode (``w4_decode._decode_bf16``), and add every byte under every e8m0 scale.
 """
 
 import pytest
@@ -20,7 +20,8 @@ import triton.language as tl  # noqa: E402
 from moekit.ops._quant_rules import (  # noqa: E402
     int4_group_dequantize, int4_group_quantize, mxfp4_dequantize, mxfp4_quantize,
 )
-from moekit.ops._triton.quant import INT4, MXFP4, load_packed_w, load_w_scales  # noqa: E402
+from moekit.ops._triton.quant import INT4, MXFP4  # noqa: E402
+from moekit.ops._triton.w4_decode import load_packed_w, load_w_scales  # noqa: E402
 from moekit.ops.triton_experts import _interpreting  # noqa: E402
 from moekit.ops.triton_experts_quant import _ptx_decode  # noqa: E402
 

@@ -3,7 +3,7 @@ accumulator is transposed ([BN, BM]) until the epilogue. Every output element is
 and K order, so under the interpreter (fp32 dots) the layer output must be the same bits as unswapped, for
 every format and epilogue. On Hopper the instruction changes (wgmma m64 n=BLOCK_M); the ``gpu`` tests check
 that fp8 and bf16 keep their bits there too. mxfp4 / int4 kept them only once the decoded tile was pinned
-to the bf16 k order (round 5, ``quant._k_order_barrier``); the fp8 and the bf16-activation 4-bit decode
+to the bf16 k order (round 5, ``w4_decode._k_order_barrier``); the fp8 and the bf16-activation 4-bit decode
 heuristics swap.
 """
 

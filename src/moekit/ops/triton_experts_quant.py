@@ -330,7 +330,7 @@ def _vector_align(w: torch.Tensor) -> int:
 
 
 def _ptx_decode(device: torch.device) -> bool:
-    """The packed-bf16 4-bit decode (:func:`._triton.quant._decode_bf16`) needs a compiled kernel on sm_90+
+    """The packed-bf16 4-bit decode (:func:`._triton.w4_decode._decode_bf16`) needs a compiled kernel on sm_90+
     (``sub`` / ``mul .bf16x2``); older GPUs and the interpreter take the fp32 route (the same values). CPU
     tensors outside the interpreter only reach the launcher in ``benchmarks/compile_sm90.py`` (Hopper)."""
     if _interpreting():

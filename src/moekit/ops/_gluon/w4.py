@@ -12,7 +12,7 @@ The idea: the Triton kernels decode the tile in registers and then move it into 
 (through shared memory, with barriers per 16 k), and at decode they stream packed weights at ~1.4 TB/s on the
 H200 (round 6 read their SASS as instruction-bound). Here each thread copies 16 packed bytes per group with
 ``cp.async`` into a ring of ``STAGES`` slots, reads back exactly the bytes it copied, decodes them with the
-Triton kernels' packed-bf16 PTX (:data:`.._triton.quant.E2M1_BF16_ASM` / ``INT4_BF16_ASM``: the same values) and
+Triton kernels' packed-bf16 PTX (:data:`.._triton.w4_decode.E2M1_BF16_ASM` / ``INT4_BF16_ASM``: the same values) and
 stores the bf16 tile once into an NVMMA-swizzled buffer that the wgmma reads directly (``WBUF`` such buffers in
 flight). The activation rows arrive by ``cp.async`` too.
 
@@ -24,7 +24,7 @@ dependent chain that few warps per SM cannot hide. What would: the decoded tile 
 ``SWAP`` (decode tiles): the weight rows are wgmma's M side (``acc [BN, BM]``, one warpgroup per 64 weight rows,
 the tokens are the narrow N side), else the token rows are (``acc [BM, BN]``, one warpgroup per 64 rows).
 Either way every output element is the same k16 products summed in the same order as the Triton kernels'
-wgmma / mma.sync dots of the decoded tile (kWidth 2, the k order of :func:`.._triton.quant._k_order_barrier`),
+wgmma / mma.sync dots of the decoded tile (kWidth 2, the k order of :func:`.._triton.w4_decode._k_order_barrier`),
 and the epilogue calls the same functions: the same bits (checked on the H200 by the GPU tests).
 """
 
@@ -36,7 +36,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .._triton.epilogue import activate
-from .._triton.quant import E2M1_BF16_ASM, INT4_BF16_ASM, MXFP4, to_dt
+from .._triton.quant import MXFP4, to_dt
+from .._triton.w4_decode import E2M1_BF16_ASM, INT4_BF16_ASM
 from .common import block_expert, pid_to_tile
 from .compat import cta_barrier
 from .w4_ring import _PLAIN, _a_layout, _issue_step, _p_layout, _pack, _s_ptrs, _scales, _w_ptrs
@@ -44,7 +45,7 @@ from .w4_ring import _PLAIN, _a_layout, _issue_step, _p_layout, _pack, _s_ptrs, 
 @gluon.jit
 def _decode(p, s, QUANT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
     """Packed ``p`` [BN, NG, W] (uint8: two e2m1 codes; int32: eight int4) and raw scales ``s`` [BN, NG] ->
-    bf16 [BN, BK], k = group · G + position: :func:`.._triton.quant._decode_bf16`'s PTX and element order."""
+    bf16 [BN, BK], k = group · G + position: :func:`.._triton.w4_decode._decode_bf16`'s PTX and element order."""
     if QUANT == MXFP4:
         sb = s.to(gl.int32)
         sc = gl.where(sb == 0, 0x40, sb << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)

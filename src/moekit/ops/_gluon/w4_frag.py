@@ -34,7 +34,7 @@ _GATHER = "prmt.b32 t0, $4, $6, $12;\nprmt.b32 t1, $8, $10, $12;\nprmt.b32 g, t0
 # the steps 1-2 % slower)
 _SHR4 = "shr.u32 hi, g, 4;\n"
 # mxfp4: (lo, hi) codes clean at bits 0-3 / 16-19, then the same placing and two multiplies as
-# :data:`.._triton.quant.E2M1_BF16_ASM` (x 2^126, then x the e8m0 scale as bf16): the same value, rounded once
+# :data:`.._triton.w4_decode.E2M1_BF16_ASM` (x 2^126, then x the e8m0 scale as bf16): the same value, rounded once
 def _e2m1_pairs(scale: str) -> str:
     """The mxfp4 pairs asm around ``scale``, the instructions that leave the e8m0 byte of the call's group as u32 in
     both halves' bits 7-14 of ``s`` (the bf16 exponent field)."""
@@ -54,7 +54,7 @@ _E2M1_PAIRS_W = gl.constexpr(_e2m1_pairs("prmt.b32 s, $20, 0, $28;\nmul.lo.u32 s
 _GSEL_MUL = gl.constexpr(0x101)
 _GSEL_ADD = gl.constexpr(0x4040)
 # int4 (two nibbles of a little-endian word per byte, low = even k): (128 + q) - 136 times the bf16 scale, rounded
-# once, as :data:`.._triton.quant.INT4_BF16_ASM`; one lop3 (``(y & 0x000F000F) | 0x43004300``) drops the neighbouring
+# once, as :data:`.._triton.w4_decode.INT4_BF16_ASM`; one lop3 (``(y & 0x000F000F) | 0x43004300``) drops the neighbouring
 # nibbles the prmt brought along and sets the exponent
 _INT4_PAIRS = gl.constexpr(
     "\n{\n.reg .b32 t0, t1, g, hi, y, c;\n" + _GATHER + _SHR4 + "mov.b32 c, 0x43084308;\n"

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from .combine import combine_tail
 from .epilogue import activate
-from .quant import FP8_ROW, MXFP4, load_w_scales, requant_store, to_dt
+from .quant import FP8_ROW, MXFP4, requant_store, to_dt
+from .w4_decode import load_w_scales
 from .rows import inline_prologue, inline_slots, pid_to_tile, row_block, tail_block
 from .tiles import acc0, acc_out, load_a, load_b, mma_step, row_offset, w_ptrs
 
@@ -177,7 +178,7 @@ def _w13_tile(
     row_g = e * N1 + half * I + pid_n * BN
     acc_g = acc0(BM, BN, SWAP)
     acc_u = acc0(BM, BN, SWAP)
-    sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
+    sg0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (w4_decode.load_w_scales)
     su0 = 0
     if QUANT >= MXFP4:
         sg0 = load_w_scales(ws_g, 0, H, nmask, QG, BK)
@@ -337,7 +338,7 @@ def _w2_tile(
             as_rows = as_ptr + rows.to(tl.int64) * stride_asr
     row_b = e * H + pid_n * BN
     acc = acc0(BM, BN, SWAP)
-    s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (quant.load_w_scales)
+    s0 = 0  # 4-bit: the scales of this K step, loaded one step ahead (w4_decode.load_w_scales)
     if QUANT >= MXFP4:
         s0 = load_w_scales(ws_row, 0, I, nmask, QG, BK)
     for k0 in range(0, I, BK):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32, load_packed_w
+from .quant import FP8_BLOCK, FP8_ROW, MXFP4, dot_f32
+from .w4_decode import load_packed_w
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def load_b(ptrs, desc, row, k0, K, kmask, nmask, s, DT: tl.constexpr, QUANT: tl.
             USE_TMA: tl.constexpr, UPCAST: tl.constexpr, W_ALIGN: tl.constexpr = 1, PTX: tl.constexpr = False,
             RELAID: tl.constexpr = False):
     """[BK, BN] weight tile ready for the dot: as stored (params dtype or e4m3), or unpacked to ``DT`` with
-    the step's scales ``s`` (:func:`.quant.load_w_scales`; ``RELAID``: packed in :mod:`..w4_layout`'s
+    the step's scales ``s`` (:func:`.w4_decode.load_w_scales`; ``RELAID``: packed in :mod:`..w4_layout`'s
     register-operand layout)."""
     # if / else on the constexpr: compiled Triton type-checks every return it reaches, and a ``return``
     # after a taken constexpr ``if`` is still reached (packed pointers in load_w: a shape error)
@@ -132,7 +133,7 @@ def row_offset(index, stride, W_ALIGN: tl.constexpr):
 @triton.jit
 def w_ptrs(w_base, offs_n, stride_wn, BK: tl.constexpr, PACK: tl.constexpr, W_ALIGN: tl.constexpr = 1):
     """Pointers to the weight rows ``offs_n`` at k = 0: [BK, BN] (transposed rows, as the dot takes them), or
-    packed (``PACK`` > 1) [BN, BK / PACK] in memory order (:func:`.quant.load_packed_w` unpacks along k).
+    packed (``PACK`` > 1) [BN, BK / PACK] in memory order (:func:`.w4_decode.load_packed_w` unpacks along k).
     ``W_ALIGN``: every packed row starts on a multiple of this many elements (the launcher checked it), so
     the loads can be 16-byte vectors even when the row stride is no multiple of 16 (gpt-oss int4: 360)."""
     if PACK > 1:
