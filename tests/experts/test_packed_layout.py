@@ -180,6 +180,14 @@ def test_relaid_refusals():
         QuantSpec.of(FMTS["mxfp4"], relaid=True).fix_config(_cfg(16, True), torch.float32)
     w13, w2, x, logits, _, _ = _problem()
     q13, q2, s13, s2 = quantize_experts(w13, w2, FMTS["mxfp4"])
+    # rows that are no whole number of half chunks cannot be re-laid words: refused, not read as if they were
+    w13b, w2b, xb, _, _, _ = _problem(h=96, i=128)
+    b13, b2, t13, t2 = quantize_experts(w13b, w2b, FMTS["mxfp4"])
+    with pytest.raises(ValueError, match=r"re-laid 4-bit weights .*\(multiples of 64\), got H = 96, I = 128"):
+        tq.fused_experts_quant_impl(xb, b13, b2, torch.ones(T, K, device=DEV),
+                                    torch.zeros(T, K, dtype=torch.int32, device=DEV),
+                                    QuantSpec.of(FMTS["mxfp4"], relaid=True), t13, t2, None, None, "silu", False,
+                                    None, None, None, None, config=_cfg(16, True))
     with pytest.raises(ValueError, match="packed_layout must be 'spec' or 'rega', got 'marlin'"):
         tq.launch_quant_experts(x, q13, q2, torch.ones(T, K, device=DEV),
                                 torch.zeros(T, K, dtype=torch.int32, device=DEV), fmt=FMTS["mxfp4"], w13_scale=s13,

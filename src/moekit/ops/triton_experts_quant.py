@@ -46,6 +46,7 @@ from .quantize import check_quant_weights
 from .quant_spec import _CODES, QUANT_FORMATS, QuantSpec
 from .triton_configs import get_config
 from .triton_experts import fused_experts_impl
+from .w4_layout import relaid_ok
 
 __all__ = ["fused_experts_quant_triton", "launch_quant_experts", "QuantSpec", "QuantLaunch", "QUANT_FORMATS"]
 
@@ -303,6 +304,9 @@ def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec
     t, h = x.shape
     e_local, _, inter_packed = w2.shape
     inter = inter_packed * spec.pack
+    if spec.relaid and not (relaid_ok(h) and relaid_ok(inter)):
+        raise ValueError(f"re-laid 4-bit weights (the register-operand layout) need H and I in whole 128-value chunks, "
+                         f"the last may be half (multiples of 64), got H = {h}, I = {inter}")
     act = get_activation(activation)
     if config is None:
         config = get_config(x.device, t, e_local, h, inter, topk_ids.shape[1], x.dtype, act.gated, quant=spec.key)
