@@ -89,3 +89,48 @@ def eplb_rebalance_moves_scales(ctx):
                 ctx.expect(same, f"{quant}: slot {slot} {name} != expert {logical} after rebalance")
         _close(ctx, par(x, lg), before, "output unchanged by rebalance")
         _close(ctx, par(x, lg), ref(x, lg), "rebalanced vs reference")
+
+
+def _relaid_pair(ctx, quant, *, E=8, H=128, I=256, **par_kw):
+    """As :func:`_pair`, on the Triton backend (the interpreter on the CPU), bf16 activations: 4-bit layers that
+    store their packed words re-laid (``packed_layout == "rega"``, :mod:`moekit.ops.w4_layout`)."""
+    kw = dict(params_dtype=torch.bfloat16, device=ctx.device, backend="triton", quant_config=quant)
+    ref = moekit.FusedMoE(E, 2, H, I, **kw)
+    par = moekit.FusedMoE(E, 2, H, I, **kw, **par_kw)
+    w13, w2, _, _ = global_weights(E, H, I, seed=4)
+    q = moekit.quantize_experts(w13, w2, quant)
+    for layer in (ref, par):
+        layer.load_expert_weights(q[0], q[1], w13_scale=q[2], w2_scale=q[3])
+        ctx.expect(layer.routed_experts.packed_layout == "rega", f"{quant}: layer not re-laid")
+    return ref, par, q
+
+
+@check(2)
+def relaid_words_under_tp_ep_eplb(ctx):
+    # re-laid after the TP cut (w2's K is this rank's I slice), EP slots and EPLB moves carry re-laid rows, and the
+    # outputs stay within SPEC §8's weight-only bf16 tolerance of the single-process layer
+    from moekit.ops.w4_layout import relay_rega
+
+    mx = moekit.Mxfp4Format()
+    ref, par, q = _relaid_pair(ctx, mx, tp_group=ctx.world_group)
+    re, half = par.routed_experts, 128 // 2  # this rank's I = 128 of 256: rows of each shard, bytes of w2's rows
+    g = slice(ctx.rank * 128, (ctx.rank + 1) * 128)
+    w13 = torch.cat([q[0][:, g], q[0][:, 256:][:, g]], dim=1)
+    ctx.expect(torch.equal(re.w13_weight, relay_rega(w13)), "TP: w13 rows re-laid after the cut")
+    w2 = q[1][..., ctx.rank * half:(ctx.rank + 1) * half].contiguous()
+    ctx.expect(torch.equal(re.w2_weight, relay_rega(w2)), "TP: w2's K slice re-laid after the cut")
+    x, lg = _rank_batch(ctx, [9], 128, 8, torch.bfloat16, 0)
+    _close(ctx, par(x, lg).float(), ref(x, lg).float(), "TP re-laid mxfp4", tol=1e-2)
+    ref, par, q = _relaid_pair(ctx, INT4, ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=2)
+    re = par.routed_experts
+    skew = torch.zeros(8)
+    skew[[1, 2]] = 4.0  # both on EP rank 0 initially
+    x, lg = _rank_batch(ctx, [12, 5], 128, 8, torch.bfloat16, ctx.rank, skew=skew)
+    before = par(x, lg)
+    _close(ctx, before.float(), ref(x, lg).float(), "EP re-laid int4", tol=1e-2)
+    ctx.expect(par.rebalance()["moved_slots"] > 0, "re-laid int4: rebalance moved nothing")
+    for slot, logical in enumerate(re.placement.local_logical_ids()):
+        for name, full in (("w13_weight", q[0]), ("w2_weight", q[1])):
+            got = re.expert_tensors()[name][slot]
+            ctx.expect(torch.equal(got, relay_rega(full[logical])), f"slot {slot} {name} != expert {logical} re-laid")
+    _close(ctx, par(x, lg).float(), before.float(), "re-laid: output unchanged by rebalance", tol=1e-2)
