@@ -30,23 +30,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "LAYER_HALF_CHUNKS", "half_tail_src", "packed_layout_for", "relaid_ok", "rega_layout_ok", "relay_quantized", "relay_rega",
-           "unrelay_rega"]
+__all__ = ["CHUNK", "LAYER_HALF_CHUNKS", "half_tail_src", "packed_layout_for", "relaid_ok", "rega_layout_ok",
+           "relay_quantized", "relay_rega", "unrelay_rega"]
 
 #: k values per re-laid chunk: one 128-wide K step of the register-operand GEMMs
 CHUNK = 128
 
 
-def relaid_ok(k: int) -> bool:
-    """Whether rows of ``k`` values can be re-laid: whole chunks, or whole chunks and one half chunk."""
-    return k > 0 and k % (CHUNK // 2) == 0
+def relaid_ok(k: int, half_chunks: bool = True) -> bool:
+    """Whether rows of ``k`` values can be re-laid: whole chunks, or (``half_chunks``) whole chunks and one half
+    chunk."""
+    return k > 0 and k % (CHUNK // 2 if half_chunks else CHUNK) == 0
 
 
 def half_tail_src(e: int, vec: int) -> int:
     """Where a half chunk holds the word element that a whole chunk holds at element ``e`` (elements of ``vec`` per
     16-byte lane group: 16 bytes of mxfp4, 4 int32 words of int4), or -1 if the half chunk has none (pairs 32-63):
     lane ``q = e // vec`` keeps its first ``vec / 2`` elements, at ``q · vec / 2``. The kernels' tail copy
-    (``_gluon.w4``, ``_triton.quant``) computes the same."""
+    (``_gluon.w4_ring._half_tail``, ``_triton.w4_decode.load_packed_w``) computes the same."""
     q, r = divmod(e, vec)
     return q * (vec // 2) + r if r < vec // 2 else -1
 
@@ -63,9 +64,8 @@ def rega_layout_ok(fmt, params_dtype: torch.dtype, hidden: int, inter_local: int
     """Whether packed words of this format, activation dtype and (rank-local) sizes can be stored re-laid for the
     register-operand kernels: mxfp4 or int4, 16-bit activations (float32 ones run K steps of 64), and both GEMMs' K
     (``H`` for w13, the local ``I`` for w2) whole 128-value chunks, or (``half_chunks``) those and one half chunk."""
-    whole = relaid_ok if half_chunks else (lambda k: k > 0 and k % CHUNK == 0)
     return (getattr(fmt, "name", None) in ("mxfp4", "int4_group") and params_dtype in (torch.bfloat16, torch.float16)
-            and whole(hidden) and whole(inter_local))
+            and relaid_ok(hidden, half_chunks) and relaid_ok(inter_local, half_chunks))
 
 
 def packed_layout_for(packed_layouts, fmt, params_dtype: torch.dtype, hidden: int, inter_local: int) -> str:
