@@ -151,8 +151,10 @@ def ref_zero_expert_route(logits, x, bias, num_experts, top_k, *, scoring_func="
 
 def llama4_routing_function(hidden_states, gating_output, topk, renormalize):
     """A Llama 4 style custom routing function (used *by the tests* as the user's function):
-    ids = topk(logits), w = sigmoid(logits[ids])."""
-    vals, ids = torch.topk(gating_output, topk, dim=-1)
+    ids = topk(logits), w = sigmoid(logits[ids]); equal logits go to the lower id (a stable sort: ``torch.topk``
+    promises no order among ties, and :func:`ref_llama4_routing` ranks them so)."""
+    ordered = torch.sort(gating_output, dim=-1, descending=True, stable=True)
+    vals, ids = ordered.values[..., :topk], ordered.indices[..., :topk]
     return torch.sigmoid(vals.float()), ids.to(torch.int32)
 
 

@@ -33,7 +33,7 @@ from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
 from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, replay_bucket, replay_whole, route_graphed,
                                    unpack_scores)
-from .experts.mapping import load_layer_weights
+from .experts.mapping import check_expert_mapping, load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
@@ -163,7 +163,7 @@ class MoERunner(torch.nn.Module):
             raise ValueError("expert_executor must run this runner's routed_experts")
         self.expert_executor = expert_executor
         self.n_shared_experts = n_shared_experts
-        self.expert_mapping = expert_mapping
+        self.expert_mapping = check_expert_mapping(expert_mapping)
         check_int("eager_graph_tokens", eager_graph_tokens, minimum=0)
         self._graphs = None
         if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
@@ -357,8 +357,13 @@ class MoERunner(torch.nn.Module):
                 raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
             columns = self.router.num_logit_columns or self.router.global_num_experts
             router_logits = returned("gate", self.gate(x), x.shape[0], (columns,))
+            if not router_logits.is_floating_point():
+                raise TypeError(f"gate returned router_logits of dtype {router_logits.dtype}; expected a float tensor")
         else:
             check_tensor("router_logits", router_logits)
+            if router_logits.dim() == 0:
+                columns = self.router.num_logit_columns or self.router.global_num_experts
+                raise ValueError(f"router_logits must have shape [T, E + Z] = [{x.shape[0]}, {columns}], got []")
             if router_logits.dim() != 2:
                 router_logits = router_logits.reshape(-1, router_logits.shape[-1])
         if self.router_logits_dtype is not None:

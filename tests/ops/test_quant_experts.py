@@ -62,20 +62,26 @@ def ref_dequant(fmt, wq, s, shards):
     return w * s.double()[:, None]
 
 
-def ref_qact(v, fmt, static, skip=False, per_token=False):
-    """fp8 activation quantisation of one token's vector in float64 (identity for weight-only)."""
+def ref_qact(v, fmt, static, skip=False, per_token=False, f32=True):
+    """fp8 activation quantisation of one token's vector (identity for weight-only), the result in float64.
+    ``f32``: the scale ``s`` and ``v / s`` in float32, as SPEC §8's float32 scales are (a value on an e4m3 rounding
+    midpoint in exact arithmetic, e.g. 336 = 1.453125 / (1.9375 / 448), is not one in float32: a float64 scale would
+    round it the other way, round 46's fuzzing found); float64 layers quantise in float64."""
     if not fmt.quantizes_activations or skip:
         return v
+    ft = torch.float32 if f32 else torch.float64
     if static is not None:
-        return (v / static).clamp(-448, 448).to(torch.float8_e4m3fn).double() * static
+        st = torch.as_tensor(static, dtype=ft)
+        return (v.to(ft) / st).clamp(-448, 448).to(torch.float8_e4m3fn).double() * st.double()
     g = fmt.block_k if isinstance(fmt, Fp8BlockFormat) and not per_token else v.numel()
     out = torch.empty_like(v)
     for a in range(0, v.numel(), g):
-        s = max(v[a:a + g].abs().max().item(), 1e-10) / 448
+        s = float(torch.tensor(max(v[a:a + g].abs().max().item(), 1e-10), dtype=ft) / 448)
         if isinstance(fmt, Fp8BlockFormat) and fmt.ue8m0:
             m, ex = math.frexp(s)
             s = 2.0 ** (ex - 1 if m == 0.5 else ex)
-        out[a:a + g] = (v[a:a + g] / s).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s
+        out[a:a + g] = (v[a:a + g].to(ft) / torch.tensor(s, dtype=ft)).clamp(-448, 448).to(torch.float8_e4m3fn) \
+            .double() * s
     return out
 
 
@@ -93,10 +99,12 @@ def ref_quant_experts(x, q, fmt, w, ids, *, activation="silu", b13=None, b2=None
             if e < 0 or (wt == 0 and not on_input):
                 continue
             xin = (x[t].double() * wt).to(dt).double() if on_input else x[t].double()
-            h = ref_dequant(fmt, w13q[e], s13[e], shards) @ ref_qact(xin, fmt, in_scales[0], per_token=per_token)
+            f32 = dt != torch.float64
+            h = ref_dequant(fmt, w13q[e], s13[e], shards) @ ref_qact(xin, fmt, in_scales[0], per_token=per_token,
+                                                                     f32=f32)
             h = h + (b13[e].double() if b13 is not None else 0)
             a = ref_act(h, activation, swiglu_limit).to(dt).double()
-            o = ref_dequant(fmt, w2q[e], s2[e], 1) @ ref_qact(a, fmt, in_scales[1], skip_requant, per_token)
+            o = ref_dequant(fmt, w2q[e], s2[e], 1) @ ref_qact(a, fmt, in_scales[1], skip_requant, per_token, f32)
             o = o + (b2[e].double() if b2 is not None else 0)
             out[t] += o if on_input else wt * o
     return out
@@ -241,3 +249,17 @@ def test_errors():
                                   apply_router_weight_on_input=True)
     with pytest.raises(ValueError, match="fmt"):
         fused_experts_quant_torch(x, q[0], q[1], w, ids, fmt=None, w13_scale=q[2], w2_scale=q[3])
+
+
+def test_oracle_activation_scale_is_float32_at_an_e4m3_midpoint():
+    # round 46's fuzzing: 1.453125 / (1.9375 / 448) is 336 exactly in float64, the midpoint of e4m3 320 and 352
+    # (ties to even: 320), but 336.00002 in float32 (-> 352, what the twin and kernels compute); the oracle
+    # quantises in float32 now, as SPEC §8's float32 scales do, so it agrees with the twin on such a token
+    from moekit.ops._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
+
+    fmt = Fp8BlockFormat(16, 16)
+    v = torch.tensor([1.9375, 1.453125], dtype=torch.float64)
+    q, s = quantize_fp8_activations(v[None].to(torch.bfloat16), 16)
+    twin = dequantize_fp8_activations(q, s, 16).double()[0]
+    torch.testing.assert_close(ref_qact(v, fmt, None), twin, rtol=1e-6, atol=0)  # the same e4m3 code, 352
+    assert (ref_qact(v, fmt, None, f32=False) - twin).abs().max() > 0.1  # a float64 scale picks 320

@@ -6,6 +6,8 @@ On CPU it runs under the Triton interpreter (``TRITON_INTERPRET=1``, set before 
 import pytest
 import torch
 
+import moekit
+
 pytest.importorskip("triton")
 
 from moekit.ops import triton_routing
@@ -158,8 +160,23 @@ def test_route_dispatch_and_validation():
         route(logits, TopKSpec(20), backend="triton")
     with pytest.raises(ValueError, match="num_expert_group"):
         route(logits, TopKSpec(2, "sigmoid", True, 1.0, 3, 1), backend="triton")
-    with pytest.raises(ValueError, match="top_k <= 64"):
-        route_triton(tie_free_logits(1, 128, seed=1), TopKSpec(65))  # the kernel's own limit
+    with pytest.raises(NotImplementedError, match="top_k <= 64"):  # the kernel's own limit: a build limit
+        route_triton(tie_free_logits(1, 128, seed=1), TopKSpec(65))
+
+
+def test_routing_kernel_limits_refused_at_construction():
+    # round 46: a Triton layer with top_k > 64 was built and loaded, then its first forward raised ValueError
+    from moekit import FusedMoE
+    from moekit.ops.kernels import kernels_for
+
+    with pytest.raises(NotImplementedError, match="top_k <= 64"):
+        FusedMoE(80, 65, 8, 4, backend="triton")
+    with pytest.raises(NotImplementedError, match="at most 4096 experts"):
+        moekit.FusedTopKRouter(2, 5000, kernels=kernels_for("triton"))
+    FusedMoE(80, 65, 8, 4, backend="torch")  # the reference backend has no such limit
+    with pytest.raises(NotImplementedError, match="block_k to be a power of two"):  # not at the first forward
+        FusedMoE(4, 1, 96, 48, backend="triton", params_dtype=torch.bfloat16,
+                 quant_config={"quant_method": "fp8", "weight_block_size": [48, 48]})
 
 
 def test_opcheck():
@@ -181,3 +198,25 @@ def test_gpu_deepseek_many_tokens(t):
     # random fp32 inputs can hold near-ties that rounding orders differently; allow a vanishing few
     assert int(mismatch.sum()) <= max(1, t // 5000)
     torch.testing.assert_close(w[~mismatch], wr[~mismatch], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_renormalising_tiny_selected_scores(backend):
+    # round 46: the sum was clamped to >= 1e-20, so selected scores summing below it (a bias-picked softmax score
+    # of e^-50, sigmoid scores of logits near -50) were renormalised to far less than 1; only an all-zero top-k
+    # (scores that underflowed to 0) is guarded now, and stays 0, not NaN
+    def run(logits, k, **kw):
+        spec = TopKSpec(top_k=k, renormalize=True, **{n: v for n, v in kw.items() if n != "bias"})
+        return route(logits.to(DEV), spec, kw.get("bias"), None, backend)
+
+    w, ids = run(torch.tensor([[50.0, 0.0]]), 1, bias=torch.tensor([0.0, 2.0], device=DEV))
+    assert ids.tolist() == [[1]] and w.tolist() == [[1.0]]
+    w, ids = run(torch.tensor([[-50.0, -51.0, -52.0]]), 2, scoring_func="sigmoid")
+    s = torch.sigmoid(torch.tensor([-50.0, -51.0], dtype=torch.float64))
+    assert ids.tolist() == [[0, 1]]
+    torch.testing.assert_close(w.double().cpu(), (s / s.sum())[None], rtol=1e-6, atol=0)
+    w, ids = run(torch.tensor([[-200.0, -201.0, -202.0]]), 2, scoring_func="sigmoid")  # sigmoid underflows to 0
+    assert ids.tolist() == [[0, 1]] and w.tolist() == [[0.0, 0.0]]
+    if backend == "torch":  # subnormal float32 scores (softmax gaps of 95 / 100: e^-95 ~ 5e-42) on the CPU too
+        w, ids = run(torch.tensor([[100.0, 5.0, 0.0]]), 1, bias=torch.tensor([0.0, 0.0, 200.0], device=DEV))
+        assert ids.tolist() == [[2]] and w.tolist() == [[1.0]]

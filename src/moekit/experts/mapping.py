@@ -83,6 +83,29 @@ def _physical_to_logical(model, num_experts: int, physical: int) -> list[int]:
     return [p if p < num_experts else (p - num_experts) % num_experts for p in range(physical)]
 
 
+def check_expert_mapping(mapping) -> list[tuple[str, str, int, str]] | None:
+    """None or a list of ``(param_name, weight_name, expert_id, shard_id)`` entries (str, str, int >= 0, one of
+    ``"w1"``, ``"w2"``, ``"w3"``), checked at construction, not when the first checkpoint tensor meets it;
+    returned as a list (a generator is read once)."""
+    if mapping is None:
+        return None
+    if isinstance(mapping, (str, bytes, dict)) or not isinstance(mapping, Iterable):
+        raise TypeError(f"expert_mapping must be a list of (param_name, weight_name, expert_id, shard_id) tuples "
+                        f"or None, got {mapping!r}")
+    entries = list(mapping)
+    shards = (GATE, DOWN, UP)
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, (tuple, list)) and len(entry) == 4
+        if ok:
+            param, weight, eid, shard = entry
+            ok = (isinstance(param, str) and isinstance(weight, str) and isinstance(eid, int)
+                  and not isinstance(eid, bool) and eid >= 0 and shard in shards)
+        if not ok:
+            raise ValueError(f"expert_mapping[{i}] must be (param_name: str, weight_name: str, expert_id: int >= 0, "
+                             f"shard_id in {list(shards)}), got {entry!r}")
+    return entries
+
+
 def default_expert_mapping(layer) -> list[tuple[str, str, int, str]]:
     """Both common per-expert conventions: ``{gate,up,down}_proj`` and Mixtral's ``w1/w3/w2``."""
     e = layer.moe_config.num_experts

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .._checks import check_callable
+
 #: bytes of slot rows (and their float32 copies) one chunk of tokens holds
 NORM_WORKSPACE_BYTES = 1024**3
 
@@ -24,6 +26,7 @@ def check_output_norm(norm, moe_config, placement) -> None:
     parallelism (``NotImplementedError``)."""
     if norm is None:
         return
+    check_callable("expert_output_norm", norm)
     if moe_config.apply_router_weight_on_input:
         raise ValueError("expert_output_norm cannot be combined with apply_router_weight_on_input=True: the norm "
                          "of a weighted input's expert output is not the weighted norm of the expert output")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, check_finite, values_checkable
 from ..ops.formats import WeightFormat
 from ..ops.quantize import check_quant_weights, quantize_experts
 from ..ops.w4_layout import relay_rega
@@ -193,6 +193,16 @@ def expect_float(name: str, t, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
+def check_scale_values(name: str, t) -> None:
+    """Float scales of a quantised layer (at load, a host read): finite, and input scales (static fp8) > 0 (a zero
+    input scale would make every forward NaN, with no error). e8m0 bytes (uint8) are exponents: no check."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not values_checkable(t):
+        return
+    check_finite(name, t)
+    if "input_scale" in name and t.numel() and not bool((t > 0).all()):
+        raise ValueError(f"{name} must be > 0 (a static input scale divides the input), got min {float(t.min())}")
+
+
 def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=None, **scales) -> dict:
     """The checked global ``[E, ...]`` tensors of ``RoutedExperts.load_expert_weights`` by parameter name (``c``: the
     layer's :class:`~moekit.MoEConfig`): unquantised float w13 / w2; quantised ones with their scales, or float ones
@@ -213,6 +223,8 @@ def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=N
         sizes = check_quant_weights(fmt, w13, w2, **scales)
         if sizes != (e, inter, h, c.gated):
             raise ValueError(f"quantised weights hold (E, I, H, gated) = {sizes}, the layer {(e, inter, h, c.gated)}")
+        for name, t in scales.items():
+            check_scale_values(name, t)
     if (w13_bias is not None or w2_bias is not None) and not c.has_bias:
         raise ValueError("w13_bias/w2_bias given but the layer was built with has_bias=False")
     if c.has_bias:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import KERNEL_DTYPES
+from .._checks import KERNEL_DTYPES, check_int
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
@@ -37,8 +37,8 @@ from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, GATE, SHARD_IDS, UP, shards
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import RELAID_WEIGHTS, relay_loaded, spec_packed_saved
-from .params import (KINDS, ExpertTensor, check_tp_split, expert_tensors_spec, fit, full_precision, global_stacks,
-                     keep_dtypes, stored)
+from .params import (KINDS, ExpertTensor, check_scale_values, check_tp_split, expert_tensors_spec, fit,
+                     full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
@@ -262,6 +262,11 @@ class RoutedExperts(torch.nn.Module):
         """
         stacks = global_stacks(self.moe_config, self.quant, w13, w2, w13_bias, w2_bias, w13_scale=w13_scale,
                                w2_scale=w2_scale, w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale)
+        if all(p.device.type != "meta" for p in self.parameters()):
+            for name, t in stacks.items():
+                if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                    arg = name.removesuffix("_weight")
+                    raise ValueError(f"{arg} is on the meta device (it holds no values); pass it with its values")
         every = range(self.placement.num_local)
         for name, spec in self.specs.items():
             full = stored(spec, stacks[name], name)
@@ -305,9 +310,12 @@ class RoutedExperts(torch.nn.Module):
         kind = kind or ("bias" if bias else "weight")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        check_int("logical_id", logical_id, minimum=0, maximum=self.moe_config.num_experts - 1)
         what = f"expert {logical_id} {shard_id} {kind}"
         spec = self._spec(shard_id, kind)
         slots = [s for s, logical in enumerate(self.placement.local_logical_ids()) if logical == logical_id]
+        if kind in ("scale", "input_scale"):
+            check_scale_values(what, tensor)
         if kind == "input_scale":  # a running max over every expert seen, in every slot
             param = getattr(self, spec.name)
             param.clamp_(min=float(fit(spec, stored(spec, tensor, what), what)))

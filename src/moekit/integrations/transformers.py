@@ -155,7 +155,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     """
     _require_transformers("patch")
     config = _model_config_dict(model)
-    spec, plans = plan_layers(config)
+    spec, plans = plan_layers(config, "the model's config")
     fmt, _ = checkpoint_format(config, None)
     replaced, already = [], 0
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)

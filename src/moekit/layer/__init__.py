@@ -195,7 +195,8 @@ def build_fused_moe(
             width ``E + Z``; a slot routed to a zero expert adds ``w * x``.
         hash_indices_table: ``[vocab, K]`` int tensor, default None. Hash routing (DeepSeek-V4): the ids of
             token ``t`` are ``table[input_ids[t]]``, weights come from the scores; forwards then need
-            ``input_ids``.
+            ``input_ids``. A layer without a table does not read ``input_ids`` (decision: a model's loop may
+            pass them to every MoE layer, as DeepSeek-V4 mixes hash and score layers).
         runner_cls: a :class:`~moekit.MoERunner` subclass to build instead of ``MoERunner``; default None.
         runner_args: extra keyword arguments for ``runner_cls``; default None.
         routed_experts_cls: a :class:`~moekit.RoutedExperts` subclass to build instead; default None.
@@ -273,6 +274,8 @@ def build_fused_moe(
                        ("enable_eplb", enable_eplb), ("is_sequence_parallel", is_sequence_parallel),
                        ("apply_routed_scale_to_output", apply_routed_scale_to_output)):
         check_bool(name, flag)
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str (the layer's name, e.g. 'model.layers.3.mlp'), got {prefix!r}")
     check_subclass("runner_cls", runner_cls, MoERunner)
     check_subclass("routed_experts_cls", routed_experts_cls, RoutedExperts)
     for name, extra in (("runner_args", runner_args), ("routed_experts_args", routed_experts_args)):

@@ -8,6 +8,7 @@ import torch
 from ..experts.placement import PLACEMENT_STRATEGIES
 from ..parallel.setup import build_placement
 from ..routing.base import BaseRouter
+from ..routing.factory import check_router_selectors
 
 
 def unsupported(name: str, value, why: str) -> NotImplementedError:
@@ -99,37 +100,10 @@ def zero_expert_count(zero_expert_type, bias, num_experts: int) -> int:
 
 
 def check_routing_combination(routing: dict, apply_router_weight_on_input: bool) -> None:
-    """Refuse routing arguments that the router priority order would otherwise drop silently."""
-    zero_expert_type, use_grouped_topk = routing["zero_expert_type"], routing["use_grouped_topk"]
-    custom_fn, hash_table = routing["custom_routing_function"], routing["hash_indices_table"]
-    num_expert_group, topk_group = routing["num_expert_group"], routing["topk_group"]
-    scoring_func, e_score_correction_bias = routing["scoring_func"], routing["e_score_correction_bias"]
-    given = {
-        "zero_expert_type": zero_expert_type is not None,
-        "use_grouped_topk": bool(use_grouped_topk),
-        "custom_routing_function": custom_fn is not None,
-        "hash_indices_table": hash_table is not None,
-    }
-    chosen = [name for name, on in given.items() if on]
-    if len(chosen) > 1:
-        raise ValueError(
-            f"routing arguments {chosen} cannot be combined: each selects a different router "
-            "(zero experts, grouped top-k, custom function, hash routing); pass one of them"
-        )
-    if custom_fn is not None and scoring_func != "softmax":
-        raise ValueError(
-            f"scoring_func={scoring_func!r} has no effect with custom_routing_function (the function computes "
-            "the weights itself); leave scoring_func at its default"
-        )
-    if e_score_correction_bias is not None and (custom_fn is not None or hash_table is not None):
-        picker = "custom_routing_function" if custom_fn is not None else "hash_indices_table"
-        raise ValueError(f"e_score_correction_bias has no effect with {picker} (it picks the experts); pass one")
-    if not use_grouped_topk and num_expert_group not in (None, 0, 1):
-        raise ValueError(
-            f"num_expert_group={num_expert_group} (topk_group={topk_group}) needs use_grouped_topk=True; "
-            "without it the grouping would be ignored"
-        )
-    if zero_expert_type is not None and apply_router_weight_on_input:
+    """Refuse routing arguments that the router priority order would otherwise drop silently
+    (:func:`moekit.routing.factory.check_router_selectors`), and zero experts with the weight on the input."""
+    check_router_selectors(**routing)
+    if routing["zero_expert_type"] is not None and apply_router_weight_on_input:
         raise ValueError(
             "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
             "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"

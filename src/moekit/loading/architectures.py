@@ -46,10 +46,23 @@ def restack(plan: LayerPlan, spec: ArchSpec, stack: str) -> LayerPlan:
     return replace(plan, name=block_path(spec, i, stack), ckpt_prefixes=prefixes(spec, i, stack))
 
 
-def plan_layers(config: dict) -> tuple[ArchSpec, list[LayerPlan]]:
+def plan_layers(config: dict, source: str = "config.json") -> tuple[ArchSpec, list[LayerPlan]]:
     """(spec, the MoE blocks of the model in layer order); ``quantization_config`` is read by the loader.
-    A multimodal wrapper (``ArchSpec.towers``) plans its text tower's config at the tower's stack."""
+    A multimodal wrapper (``ArchSpec.towers``) plans its text tower's config at the tower's stack.
+    A field the architecture needs that is missing, or of the wrong type or length, raises ``ValueError``
+    naming ``source`` (the file), the model type and the field, not a bare ``KeyError`` from inside a plan."""
     spec = spec_for(config)
+    try:
+        return _plan_layers(config, spec)
+    except KeyError as err:
+        raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}) needs the field "
+                         f"{err.args[0]!r}, which is missing") from None
+    except (IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}): a field has a wrong "
+                         f"value, type or length: {err}") from None
+
+
+def _plan_layers(config: dict, spec: ArchSpec) -> tuple[ArchSpec, list[LayerPlan]]:
     mt = config.get("model_type")
     if mt not in TOWERS:
         return spec, spec.plan(config, spec)

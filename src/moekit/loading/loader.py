@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import DTYPE_NAMES, as_float_dtype, check_device
+from .._checks import DTYPE_NAMES, as_float_dtype, check_bool, check_device
 from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import is_slot_tensor, load_layer_weights
@@ -38,10 +38,15 @@ from .quant_shared import (quant_shared_from_checkpoint, quant_shared_from_float
 
 
 
+class CheckpointNotFoundError(FileNotFoundError, ValueError):
+    """A path that is no checkpoint directory: a ``ValueError`` (bad input, as every argument error of
+    moekit) that is also the ``FileNotFoundError`` earlier releases raised."""
+
+
 def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} does not exist")
+        raise CheckpointNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} does not exist")
     try:
         with open(cfg_path) as f:
             config = json.load(f)
@@ -50,6 +55,17 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}")
     return config
+
+
+def config_dtype(config: dict, source: str) -> torch.dtype:
+    """The float dtype config.json declares (``dtype``, else ``torch_dtype``; float32 when neither is set).
+    A name moekit does not run (e.g. ``"int8"``) raises ``ValueError`` naming the file: pass ``dtype=``."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = DTYPE_NAMES.get(str(name).lower().removeprefix("torch."))
+    if dtype is None:
+        raise ValueError(f"{source}: dtype {name!r} is not a float dtype moekit runs "
+                         f"({sorted(DTYPE_NAMES)}); pass dtype= to load_moe_layers")
+    return dtype
 
 
 def read_header(file: str) -> dict[str, tuple[str, int, int]]:
@@ -88,7 +104,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {path!r}")
+        raise CheckpointNotFoundError(f"no *.safetensors file in {path!r}")
     return {k: os.path.join(path, name) for name in files for k in read_header(os.path.join(path, name))}
 
 
@@ -149,18 +165,23 @@ def load_moe_layers(
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both
-    shapes; an unreadable config.json, index or shard -> ``ValueError`` naming the file;
-    ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float
+    shapes; an unreadable config.json, index or shard -> ``ValueError`` naming the file; a path without
+    config.json or ``*.safetensors`` -> ``CheckpointNotFoundError`` (a ``ValueError`` and a
+    ``FileNotFoundError``); a field config.json lacks or gives a wrong value (``hidden_size``,
+    ``num_experts_per_tok`` ...), or a ``dtype`` there that is no float dtype -> ``ValueError`` naming the file
+    and the field; ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float
     ``torch.dtype`` or its name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``.
     """
     path = os.fspath(path)
+    if progress is not None:
+        check_bool("progress", progress)
     device = check_device("device", device) if device is not None else torch.device("cpu")
     dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
     config = read_config(path)
-    spec, plans = plan_layers(config)
+    spec, plans = plan_layers(config, os.path.join(path, "config.json"))
     fmt, shipped = checkpoint_format(config, quant_config)
     if dtype is None:
-        dtype = DTYPE_NAMES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+        dtype = config_dtype(config, os.path.join(path, "config.json"))
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
     reader = _Reader(files)
@@ -350,6 +371,10 @@ class _LayerLoad:
 
 def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
     pre = plan.ckpt_prefixes[0]
+    most = plan.num_experts + plan.num_zero_experts
+    if not 1 <= plan.top_k <= most:  # before any tensor shape that depends on it names the tensor instead
+        raise ValueError(f"{plan.name}: config.json gives top_k = {plan.top_k} (num_experts_per_tok); expected "
+                         f"1 <= top_k <= {most} (the block's routed experts)")
     e_all = plan.num_experts + plan.num_zero_experts - plan.routed_shared_experts
     if plan.has_score_bias:
         t = tensors.get("router.e_score_correction_bias")

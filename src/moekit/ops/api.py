@@ -54,7 +54,8 @@ def fused_experts(
 
     hidden_states: [T, H] fp32/bf16/fp16 (fp64 on the torch backend); w1: [E_local, 2I, H]
     ([E_local, I, H] for a non-gated activation); w2: [E_local, H, I]; topk_weights: [T, K] float;
-    topk_ids: [T, K] int32/int64 in [0, E); w1_bias: [E_local, 2I]; w2_bias: [E_local, H];
+    topk_ids: [T, K] int32/int64 in [0, E), K >= 1 (an id outside: the torch backend raises, the Triton
+    backend reads it as a dead slot that adds 0, with no host sync); w1_bias: [E_local, 2I]; w2_bias: [E_local, H];
     expert_map: [E] int32 (-1: expert held elsewhere). returns: [T, H] dtype of hidden_states.
     activation: one of ``moekit.ACTIVATIONS`` (default ``"silu"``).
     apply_router_weight_on_input: multiply the expert input by the weight instead of its output (K == 1).
@@ -78,6 +79,7 @@ def fused_experts(
             hidden_states, w1, w2, topk_weights, topk_ids, fmt=fmt, **scales, activation=activation,
             apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
             expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
+            names=("w1", "w2"),
         )
         if kernels.name == "triton":
             check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
@@ -177,6 +179,9 @@ def fused_topk_bias(
     spec = TopKSpec(top_k=topk, scoring_func=scoring_func, renormalize=renormalize,
                     routed_scaling_factor=routed_scaling_factor)
     if hash_indices_table is None:
+        if input_tokens is not None:
+            raise ValueError("input_tokens was given but hash_indices_table is None: token ids are only used by hash "
+                             "routing (pass the table, or leave input_tokens out)")
         return _route(gating_output, spec, e_score_correction_bias, indices_type, backend)
     t, e = gating_output.shape
     spec.validate(e)
@@ -214,7 +219,12 @@ def _kernels(backend: str, t: torch.Tensor) -> Kernels:
 
 def _check_logits(hidden_states, gating_output) -> None:
     check_gating(gating_output)
-    if hidden_states is not None and hidden_states.shape[0] != gating_output.shape[0]:
+    if hidden_states is None:
+        return
+    check_tensor("hidden_states", hidden_states)
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must have shape [T, H] (or be None), got {list(hidden_states.shape)}")
+    if hidden_states.shape[0] != gating_output.shape[0]:
         raise ValueError(
             f"hidden_states has {hidden_states.shape[0]} tokens but router_logits has {gating_output.shape[0]} rows"
         )

@@ -19,7 +19,9 @@ import torch
 
 from .._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_float_dtype,
+    check_int,
     check_int_dtype,
     check_same_device,
     check_shape,
@@ -74,6 +76,7 @@ def check_experts_inputs(
     """Check shapes, dtypes and devices of a ``fused_experts`` call (no values read); return its sizes."""
     act = get_activation(activation)
     check_swiglu_limit(act.name, swiglu_limit)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     for name, t in (("hidden_states", hidden_states), ("w1", w1), ("w2", w2)):
         check_tensor(name, t)
         check_float_dtype(name, t, FLOAT_DTYPES)
@@ -85,6 +88,11 @@ def check_experts_inputs(
     if w1.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w1 must be [E, 2I|I, H] and w2 [E, H, I], got {list(w1.shape)} and {list(w2.shape)}")
     _check_not_swapped(w1, w2, h, act.gated)
+    if w2.shape[1] != h:  # w2 sets E and I below: a wrong w2 must not be reported as a wrong w1
+        if w1.shape[2] == w2.shape[1]:
+            raise ValueError(f"hidden_states has width H = {h} but w1 {list(w1.shape)} and w2 {list(w2.shape)} "
+                             f"hold H = {w2.shape[1]}")
+        raise ValueError(f"w2 must have shape [E, H={h}, I] (H: hidden_states' width), got {list(w2.shape)}")
     e_local, _, inter = w2.shape
     rows = 2 * inter if act.gated else inter
     check_shape("w1", w1, (e_local, rows, h))
@@ -93,8 +101,8 @@ def check_experts_inputs(
         if t_.dtype != hidden_states.dtype:
             raise TypeError(f"{name} has dtype {t_.dtype} but hidden_states has {hidden_states.dtype}; they must match")
         check_same_device(name, t_, "hidden_states", hidden_states)
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
-        raise ValueError(f"topk_ids must have shape [T={t}, K], got {list(topk_ids.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids must have shape [T={t}, K] with K >= 1, got {list(topk_ids.shape)}")
     k = topk_ids.shape[1]
     check_shape("topk_weights", topk_weights, (t, k))
     check_int_dtype("topk_ids", topk_ids)
@@ -180,6 +188,7 @@ def fused_experts_torch(
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
         expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
     )
+    check_int("workspace_bytes", workspace_bytes, minimum=1)
     return experts_reference(
         hidden_states, w1, w2, topk_weights, topk_ids, activation=p.activation,
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,

@@ -166,21 +166,24 @@ def _token_chunk(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, o
 def check_quant_experts_inputs(hidden_states, w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,
                                w13_input_scale=None, w2_input_scale=None, activation="silu",
                                apply_router_weight_on_input=False, w1_bias=None, w2_bias=None, expert_map=None,
-                               global_num_experts=-1, swiglu_limit=None):
+                               global_num_experts=-1, swiglu_limit=None, names=("w13", "w2")):
     """The one argument check of the quantised experts (arguments as :func:`fused_experts_quant_torch`;
     ``fmt`` a format object or HF dict): shapes, dtypes, devices — no value checks (the torch twin checks
     ids and ``expert_map`` values; the Triton path treats ids outside ``[0, E)`` as dead slots).
+    ``names``: the weights' names in errors (:func:`moekit.fused_experts` passes ``("w1", "w2")``).
     Returns ``(E_local, I, H, gated, params)``."""
     fmt = parse_quant_config(fmt)
     if not isinstance(fmt, WeightFormat):
         raise ValueError("fmt must name a quantised format (an HF quant dict or a format object), got None")
     check_tensor("hidden_states", hidden_states)
     e, inter, hidden, gated = check_quant_weights(fmt, w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
-                                                  w2_input_scale=w2_input_scale)
+                                                  w2_input_scale=w2_input_scale, names=names)
     if hidden_states.dim() == 2 and hidden_states.shape[1] != hidden:
-        raise ValueError(f"hidden_states has width {hidden_states.shape[1]} but the experts hold H = {hidden}")
+        raise ValueError(f"hidden_states has width {hidden_states.shape[1]} but the experts hold H = {hidden} "
+                         f"({names[1]}.shape[1])")
     if w13.device != hidden_states.device:
-        raise ValueError(f"w13 is on {w13.device} but hidden_states is on {hidden_states.device}; they must share a device")
+        raise ValueError(f"{names[0]} is on {w13.device} but hidden_states is on {hidden_states.device}; they must "
+                         f"share a device")
     rows = 2 * inter if gated else inter
     p = check_experts_inputs(
         hidden_states, _stand_in((e, rows, hidden), hidden_states), _stand_in((e, hidden, inter), hidden_states),

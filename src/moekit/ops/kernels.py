@@ -71,18 +71,36 @@ class Kernels:
     packed_layouts: frozenset = frozenset({"spec"})
     zero_slots: Callable = zero_slots_torch
     zero_combine: Callable = zero_combine_torch
+    check_format: Callable | None = None
+    route_limits: tuple[int, int] | None = None
 
     def supports(self, fmt) -> bool:
         """True when ``fmt`` (a format object, or None for unquantised weights) runs on this table."""
         return fmt is None or (self.experts_quant is not None and fmt.name in self.quant_formats)
 
     def check_supports(self, fmt) -> None:
-        """Raise ``NotImplementedError`` naming the format and backend unless :meth:`supports`."""
+        """Raise ``NotImplementedError`` naming the format and backend unless :meth:`supports`, and where the
+        table's ``check_format`` refuses this instance of a format it runs (e.g. an fp8 ``block_k`` that is no
+        power of two on the Triton kernels): at construction, not at the first forward."""
         if not self.supports(fmt):
             have = sorted(self.quant_formats) or "none"
             raise NotImplementedError(
                 f"quantised experts in format {fmt.name!r} ({fmt}) on the {self.name!r} backend: not implemented "
                 f"(formats it runs: {have}); choose backend='torch' or another format"
+            )
+        if fmt is not None and self.check_format is not None:
+            self.check_format(fmt)
+
+    def check_route(self, num_experts: int, top_k: int) -> None:
+        """``NotImplementedError`` where this table's score-based routing kernel cannot hold ``num_experts``
+        logit columns or ``top_k`` (``route_limits``: (most columns, most K)); routers check at construction."""
+        if self.route_limits is None:
+            return
+        most_e, most_k = self.route_limits
+        if num_experts > most_e or top_k > most_k:
+            raise NotImplementedError(
+                f"the {self.name!r} routing kernel holds at most {most_e} experts per row and top_k <= {most_k}, "
+                f"got E = {num_experts}, top_k = {top_k}; choose backend='torch'"
             )
 
     def __repr__(self) -> str:
@@ -151,15 +169,17 @@ def _triton_quant() -> tuple[Callable | None, frozenset]:
 
 def _triton_kernels() -> Kernels:
     # imported here: triton is an optional dependency
+    from .quant_spec import QuantSpec
     from .triton_experts import fused_experts_triton
-    from .triton_routing import hash_route_triton, route_triton
+    from .triton_routing import MAX_EXPERTS, MAX_TOP_K, hash_route_triton, route_triton
     from .triton_zero import zero_combine_triton, zero_slots_triton
 
     experts_quant, formats = _triton_quant()
     return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
                    checks_values=False, experts_quant=experts_quant, quant_formats=formats,
                    packed_layouts=frozenset({"spec", "rega"}) if experts_quant is not None else frozenset({"spec"}),
-                   zero_slots=zero_slots_triton, zero_combine=zero_combine_triton)
+                   zero_slots=zero_slots_triton, zero_combine=zero_combine_triton, check_format=QuantSpec.of,
+                   route_limits=(MAX_EXPERTS, MAX_TOP_K))
 
 
 @functools.lru_cache(maxsize=None)

@@ -75,10 +75,17 @@ def _parse_fp8(cfg: dict) -> Fp8BlockFormat:
     block = cfg.get("weight_block_size")
     if block is None:
         raise _unsupported("weight_block_size", None, "per-tensor 'fp8' checkpoints (no block size)")
-    if not isinstance(block, (list, tuple)) or len(block) != 2:
-        raise ValueError(f"quant_config['weight_block_size'] must be [block_n, block_k], got {block!r}")
-    return Fp8BlockFormat(int(block[0]), int(block[1]), scale_fmt == "ue8m0",
-                          ignore=_names(cfg, "modules_to_not_convert"))
+    bn, bk = _block_pair(block, "quant_config['weight_block_size']")
+    return Fp8BlockFormat(bn, bk, scale_fmt == "ue8m0", ignore=_names(cfg, "modules_to_not_convert"))
+
+
+def _block_pair(block, where: str) -> tuple[int, int]:
+    """``[block_n, block_k]`` as two positive ints; anything else (floats, bools, strings, one value) is refused,
+    not rounded by ``int()`` into another block size."""
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block)):
+        raise ValueError(f"{where} must be two positive ints [block_n, block_k], got {block!r}")
+    return block[0], block[1]
 
 
 def _args(group: dict, key: str, gname: str) -> dict | None:
@@ -106,6 +113,9 @@ def _parse_ct(cfg: dict) -> WeightFormat:
     if cfg.get("transform_config") not in (None, {}):
         raise _unsupported("transform_config", cfg["transform_config"])
     (gname, group), = groups.items()
+    if not isinstance(group, dict):
+        raise ValueError(f"quant_config['config_groups'][{gname!r}] must be a dict (targets, weights, "
+                         f"input_activations, format), got {group!r}")
     _no_unknown(group, {"targets", "weights", "input_activations", "output_activations", "format"},
                 f"config_groups.{gname}.")
     if group.get("output_activations") is not None:
@@ -148,13 +158,11 @@ def _ct_fp8(w: dict, x: dict | None, sel: dict) -> WeightFormat:
                            "fp8 weights run with fp8 activations")
     strategy, xs, dyn = w.get("strategy"), x.get("strategy"), x.get("dynamic")
     if strategy == "block":
-        block = w.get("block_structure")
-        if not isinstance(block, (list, tuple)) or len(block) != 2:
-            raise ValueError(f"weights.block_structure must be [block_n, block_k], got {block!r}")
+        block = _block_pair(w.get("block_structure"), "weights.block_structure")
         if not (dyn is True and xs == "group" and x.get("group_size") == block[1]):
             raise _unsupported("input_activations", {"strategy": xs, "dynamic": dyn, "group_size": x.get("group_size")},
                                f"block fp8 needs dynamic per-group activations with group_size {block[1]}")
-        return Fp8BlockFormat(int(block[0]), int(block[1]), False, **sel)
+        return Fp8BlockFormat(block[0], block[1], False, **sel)
     if strategy not in ("channel", "tensor"):
         raise _unsupported("weights.strategy", strategy, "fp8 weights: 'channel', 'tensor' or 'block'")
     if dyn is True and xs == "token":

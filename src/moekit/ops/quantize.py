@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_finite, check_float_dtype, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, as_float_dtype, check_finite, check_float_dtype, check_shape, check_tensor
 from ._quant_rules import (
     fp8_block_dequantize,
     fp8_block_quantize,
@@ -116,45 +116,55 @@ def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, 
     return torch.cat([_dequantize_one(q, s, fmt) for q, s in parts], dim=-2).to(dtype)
 
 
-def expert_sizes(fmt: WeightFormat, w13_q: torch.Tensor, w2_q: torch.Tensor) -> tuple[int, int, int, bool]:
-    """``(E, I, H, gated)`` read from stored expert tensors ``w13_q [E, 2I|I, ·]``, ``w2_q [E, H, I/pack]``."""
-    for name, t in (("w13", w13_q), ("w2", w2_q)):
+def expert_sizes(fmt: WeightFormat, w13_q: torch.Tensor, w2_q: torch.Tensor,
+                 names: tuple[str, str] = ("w13", "w2")) -> tuple[int, int, int, bool]:
+    """``(E, I, H, gated)`` read from stored expert tensors ``w13_q [E, 2I|I, H/pack]``, ``w2_q [E, H, I/pack]``.
+    ``names``: the two tensors' names in errors (``fused_experts`` calls them w1 / w2)."""
+    n13, n2 = names
+    for name, t in ((n13, w13_q), (n2, w2_q)):
         check_tensor(name, t)
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape [E, rows, cols], got {list(t.shape)}")
     e, hidden, inter = w2_q.shape[0], w2_q.shape[1], w2_q.shape[2] * fmt.pack
+    if w13_q.shape[2] != hidden // fmt.pack:  # the sizes come from w2: name both when the pair disagrees on H
+        raise ValueError(f"{n13} {list(w13_q.shape)} and {n2} {list(w2_q.shape)} disagree on H: {n13} must be "
+                         f"[E, 2I|I, H/{fmt.pack}] and {n2} [E, H, I/{fmt.pack}] ({fmt.name} stores {fmt.pack} "
+                         f"value(s) per element), so {n13}.shape[2] must be {hidden // fmt.pack} for H = {hidden}")
     rows = w13_q.shape[1]
     if rows != inter and rows != 2 * inter:  # not ``in (…)``: torch.compile traced that as False (mxfp4, H200)
-        raise ValueError(f"w13 must have 2I = {2 * inter} (gated) or I = {inter} (relu2) rows, got {rows}")
+        raise ValueError(f"{n13} must have 2I = {2 * inter} (gated) or I = {inter} (relu2) rows (I from {n2}), "
+                         f"got {rows}")
     return e, inter, hidden, rows == 2 * inter
 
 
 def check_quant_weights(fmt: WeightFormat, w13_q, w2_q, w13_scale, w2_scale, *, w13_input_scale=None,
-                        w2_input_scale=None) -> tuple[int, int, int, bool]:
-    """Check stored expert tensors against ``fmt`` (shapes, dtypes, devices); return ``(E, I, H, gated)``."""
-    e, inter, hidden, gated = expert_sizes(fmt, w13_q, w2_q)
+                        w2_input_scale=None, names: tuple[str, str] = ("w13", "w2")) -> tuple[int, int, int, bool]:
+    """Check stored expert tensors against ``fmt`` (shapes, dtypes, devices); return ``(E, I, H, gated)``.
+    ``names``: the weights' names in errors (``fused_experts``: w1 / w2, so its scales read w1_scale ...)."""
+    n13, n2 = names
+    e, inter, hidden, gated = expert_sizes(fmt, w13_q, w2_q, names)
     fmt.validate(e, inter, hidden, gated)
     expected = (
-        ("w13", w13_q, fmt.w13_shape(e, inter, hidden, gated)),
-        ("w2", w2_q, fmt.w2_shape(e, inter, hidden, gated)),
-        ("w13_scale", w13_scale, fmt.w13_scale_shape(e, inter, hidden, gated)),
-        ("w2_scale", w2_scale, fmt.w2_scale_shape(e, inter, hidden, gated)),
+        (n13, w13_q, fmt.w13_shape(e, inter, hidden, gated)),
+        (n2, w2_q, fmt.w2_shape(e, inter, hidden, gated)),
+        (f"{n13}_scale", w13_scale, fmt.w13_scale_shape(e, inter, hidden, gated)),
+        (f"{n2}_scale", w2_scale, fmt.w2_scale_shape(e, inter, hidden, gated)),
     )
     for name, t, shape in expected:
         check_tensor(name, t)
         check_shape(name, t, shape)
         if t.device != w13_q.device:
-            raise ValueError(f"{name} is on {t.device} but w13 is on {w13_q.device}; they must share a device")
-    for name, t in (("w13", w13_q), ("w2", w2_q)):
+            raise ValueError(f"{name} is on {t.device} but {n13} is on {w13_q.device}; they must share a device")
+    for name, t in ((n13, w13_q), (n2, w2_q)):
         if t.dtype != fmt.weight_dtype:
             raise TypeError(f"{name} must have dtype {fmt.weight_dtype} for {fmt.name}, got {t.dtype}")
-    for name, t in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
+    for name, t in ((f"{n13}_scale", w13_scale), (f"{n2}_scale", w2_scale)):
         if isinstance(fmt, Mxfp4Format) and t.dtype != torch.uint8:
             raise TypeError(f"{name} must be uint8 e8m0 exponents for mxfp4, got {t.dtype}")
         if not isinstance(fmt, Mxfp4Format):
             check_float_dtype(name, t, FLOAT_DTYPES)
     static = isinstance(fmt, Fp8ChannelFormat) and fmt.static_input
-    for name, t in (("w13_input_scale", w13_input_scale), ("w2_input_scale", w2_input_scale)):
+    for name, t in ((f"{n13}_input_scale", w13_input_scale), (f"{n2}_input_scale", w2_input_scale)):
         if static and t is None:
             raise ValueError(f"{name} is required: {fmt} quantises inputs with a static scale")
         if not static and t is not None:
@@ -183,12 +193,17 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, quant_config):
         check_tensor(name, t)
         check_float_dtype(name, t, FLOAT_DTYPES)
         check_finite(name, t)
+    if w13.dim() != 3:
+        raise ValueError(f"w13 must have shape [E, 2I, H] (or [E, I, H] for relu2), got {list(w13.shape)}")
     if w2.dim() != 3:
         raise ValueError(f"w2 must have shape [E, H, I], got {list(w2.shape)}")
     e, hidden, inter = w2.shape
-    rows = w13.shape[1] if w13.dim() == 3 else -1
-    if w13.dim() != 3 or w13.shape[0] != e or w13.shape[2] != hidden or rows not in (inter, 2 * inter):
-        raise ValueError(f"w13 must have shape [E={e}, 2I={2 * inter} or I={inter}, H={hidden}], got {list(w13.shape)}")
+    rows = w13.shape[1]
+    if w13.shape[0] != e or w13.shape[2] != hidden or rows not in (inter, 2 * inter):
+        # the sizes come from w2, so name both: either may be the wrong one (e.g. w2 transposed)
+        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} do not fit together: expected w13 "
+                         f"[E, 2I, H] (or [E, I, H]) and w2 [E, H, I]; with w2's sizes w13 must have shape [E={e}, "
+                         f"2I={2 * inter} or I={inter}, H={hidden}]")
     gated = rows == 2 * inter
     fmt.validate(e, inter, hidden, gated)
     int4 = isinstance(fmt, Int4GroupFormat)  # its scales keep the weights' dtype (compressed-tensors)
@@ -217,6 +232,7 @@ def dequantize_experts(w13_q, w2_q, w13_scale, w2_scale, quant_config, *, dtype:
     fmt = parse_quant_config(quant_config)
     if fmt is None:
         raise ValueError("quant_config is None: the weights are not quantised")
+    dtype = as_float_dtype("dtype", dtype)
     weights_only = replace(fmt, static_input=False) if isinstance(fmt, Fp8ChannelFormat) else fmt  # no input scales
     e, inter, hidden, gated = check_quant_weights(weights_only, w13_q, w2_q, w13_scale, w2_scale)
     w13 = torch.empty(e, 2 * inter if gated else inter, hidden, dtype=dtype, device=w13_q.device)

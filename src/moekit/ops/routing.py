@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import (  # noqa: F401  (host_sync_allowed: re-exported, its home is _checks)
-    check_choice, check_finite, check_int, check_real, check_same_device, check_shape, check_tensor,
+    check_bool, check_choice, check_finite, check_int, check_real, check_same_device, check_shape, check_tensor,
     host_sync_allowed,
 )
 
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
-RENORM_EPS = 1e-20  # guards an all-zero top-k (sigmoid underflow) against 0/0
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class TopKSpec:
     def validate(self, num_experts: int) -> "TopKSpec":
         check_int("top_k", self.top_k, minimum=1)
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
+        check_bool("renormalize", self.renormalize)
         check_real("routed_scaling_factor", self.routed_scaling_factor)
         if self.top_k > num_experts:
             raise ValueError(f"top_k must be <= the number of experts ({num_experts}), got {self.top_k}")
@@ -122,7 +122,11 @@ def _group_mask(sel: torch.Tensor, spec: TopKSpec, biased: bool) -> torch.Tensor
 def finish_weights(weights: torch.Tensor, renormalize: bool, scale: float) -> torch.Tensor:
     """Renormalise then scale float32 weights [T, K]."""
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(RENORM_EPS)
+        total = weights.sum(dim=-1, keepdim=True)
+        # only an all-zero top-k (scores that underflowed to 0) is guarded, against 0 / 0: it stays 0. Round 46: a
+        # clamp of the sum at 1e-20 had renormalised tiny selected scores (a bias-picked softmax score of e^-50,
+        # sigmoid scores of logits near -50) to weights summing to far less than 1
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
     if scale != 1.0:
         weights = weights * scale
     return weights
@@ -169,8 +173,11 @@ def hash_route_torch(
 # -- the torch kernel table's functions: inputs validated by the caller; values checked here -------------
 
 def route_reference(gating_output, spec: TopKSpec, bias, indices_type):
-    """:func:`route_torch` after checking that the logits are finite (a host synchronisation)."""
+    """:func:`route_torch` after checking that the logits and the selection bias are finite (host
+    synchronisations: a NaN bias would otherwise win every top-k here, as ``argmax`` ranks NaN first)."""
     check_finite("router_logits", gating_output)
+    if bias is not None:
+        check_finite("e_score_correction_bias", bias)
     return route_torch(gating_output, spec, bias, indices_type)
 
 
@@ -210,17 +217,22 @@ def check_bias(bias, num_experts: int, name: str = "e_score_correction_bias") ->
     return bias
 
 
+#: the id dtypes a router may return: a narrower one (int16, int8, uint8) would wrap ids past its range into
+#: valid-looking wrong experts
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
 def check_indices_type(indices_type) -> None:
-    if indices_type is not None and (not isinstance(indices_type, torch.dtype) or indices_type.is_floating_point
-                                     or indices_type.is_complex or indices_type == torch.bool):
-        raise TypeError(f"indices_type must be an integer torch.dtype (int32 or int64) or None, got {indices_type!r}")
+    if indices_type is not None and indices_type not in INDEX_DTYPES:
+        raise TypeError(f"indices_type must be torch.int32, torch.int64 or None, got {indices_type!r} "
+                        f"(a narrower integer type would wrap expert ids)")
 
 
 def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True) -> torch.Tensor:
     """Shape and dtype checks; with ``check_range`` also the id range (a host sync: reference path)."""
     check_tensor("hash_indices_table", table)
-    if table.dim() != 2 or table.shape[1] != top_k:
-        raise ValueError(f"hash_indices_table must have shape [vocab, top_k={top_k}], got {list(table.shape)}")
+    if table.dim() != 2 or table.shape[1] != top_k or table.shape[0] == 0:
+        raise ValueError(f"hash_indices_table must have shape [vocab >= 1, top_k={top_k}], got {list(table.shape)}")
     if table.is_floating_point() or table.is_complex():
         raise TypeError(f"hash_indices_table must be an integer tensor, got {table.dtype}")
     if check_range and table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_experts):

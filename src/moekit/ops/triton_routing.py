@@ -44,10 +44,9 @@ def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
     """
     e = gating_output.shape[1]
-    if e > MAX_EXPERTS:
-        raise ValueError(f"the Triton router holds at most {MAX_EXPERTS} experts per row, got E={e}")
-    if spec.top_k > MAX_TOP_K:
-        raise ValueError(f"the Triton router supports top_k <= {MAX_TOP_K}, got {spec.top_k}")
+    if e > MAX_EXPERTS or spec.top_k > MAX_TOP_K:  # routers refuse at construction (Kernels.check_route)
+        raise NotImplementedError(f"the Triton router holds at most {MAX_EXPERTS} experts per row and top_k <= "
+                                  f"{MAX_TOP_K}, got E = {e}, top_k = {spec.top_k}; choose backend='torch'")
     # the kernel reads rows with unit stride: make any view contiguous (free when it already is);
     # eagerly the launcher is called directly (no dispatcher round trip: see ._eager)
     fn = route_impl if direct_call_ok(gating_output) else route_op

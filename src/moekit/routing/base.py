@@ -180,6 +180,7 @@ class ScoredRouter(BaseRouter):
         columns = num_columns if num_columns is not None else self.global_num_experts
         self.spec = routing_spec(top_k, columns, renormalize, routed_scaling_factor, scoring_func=scoring_func,
                                  num_expert_group=num_expert_group, topk_group=topk_group)
+        self.kernels.check_route(columns, self.spec.top_k)
         if e_score_correction_bias is not None:
             check_bias(e_score_correction_bias, columns)
             check_finite("e_score_correction_bias", e_score_correction_bias)

@@ -80,8 +80,9 @@ class CustomRoutingRouter(BaseRouter):
                 raise ValueError(f"custom_routing_function returned {name} {shape}, expected [{t}, {self.top_k}]")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"custom_routing_function returned topk_ids of dtype {ids.dtype}; expected integers")
-        if weights.is_complex():
-            raise TypeError(f"custom_routing_function returned complex topk_weights ({weights.dtype})")
+        if not weights.is_floating_point():
+            raise TypeError(f"custom_routing_function returned topk_weights of dtype {weights.dtype}; expected a float "
+                            f"tensor")
         weights = weights.float()
         if reference:
             check_finite("topk_weights returned by custom_routing_function", weights)

@@ -116,7 +116,8 @@ def route_kernel(
         w = tl.sum(_scores(xs[:, None], kmask[:, None], SCORING), 1)
     w = tl.where(kmask, w, 0.0)
     if RENORM:
-        w = w / tl.maximum(tl.sum(w, 0), 1e-20)
+        total = tl.sum(w, 0)
+        w = w / tl.where(total > 0, total, 1.0)  # as routing.finish_weights: only an all-zero top-k is guarded
     w = w * scale
     tl.store(w_out_ptr + t * stride_wt + kr, w, mask=kmask)
     tl.store(ids_out_ptr + t * stride_it + kr, ids.to(ids_out_ptr.dtype.element_ty), mask=kmask)

@@ -1,0 +1,284 @@
+"""Bad input found by round 46's audit of the public entry points: each case was a silent wrong answer, a crash
+with an unrelated exception (ZeroDivisionError, IndexError, KeyError ...), a message naming the wrong argument,
+or an error that came late. Each now raises ``ValueError`` / ``TypeError`` naming the argument (CPU, torch path)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+from moekit import Fp8ChannelFormat, FusedMoE, FusedTopKRouter, GroupedTopk
+from moekit.loading.architectures import plan_layers
+from moekit.loading.loader import CheckpointNotFoundError, _check_construction, config_dtype
+
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+MIXTRAL = {"model_type": "mixtral", "hidden_size": 16, "intermediate_size": 8, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "num_hidden_layers": 2}
+
+
+def _experts(t=5, h=12, inter=4, e=4, k=1):
+    x, w1, w2 = torch.randn(t, h), torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
+    w, ids = torch.rand(t, k) + 0.1, torch.randint(0, e, (t, k), dtype=torch.int32)
+    return x, w1, w2, w, ids
+
+
+def _layer(**kw):
+    layer = FusedMoE(6, 2, 8, 4, params_dtype=torch.float32, **kw)
+    layer.load_expert_weights(torch.randn(6, 8, 8), torch.randn(6, 8, 4))
+    return layer
+
+
+# -- silent wrong answers ------------------------------------------------------------------------------------
+def test_nan_selection_bias_in_the_routing_ops():
+    # a NaN bias won every top-k on the torch path (argmax ranks NaN first); the routers already refused it
+    logits, bias = torch.randn(3, 8), torch.zeros(8)
+    bias[3] = float("nan")
+    with pytest.raises(ValueError, match="e_score_correction_bias contains non-finite"):
+        moekit.fused_topk_bias(None, logits, bias, 2, True, backend="torch")
+    with pytest.raises(ValueError, match="e_score_correction_bias contains non-finite"):
+        moekit.grouped_topk(None, logits, 2, True, 4, 2, "sigmoid", 1.0, bias, backend="torch")
+    with pytest.raises(ValueError, match="e_score_correction_bias contains non-finite"):
+        GroupedTopk(2, True, 4, 2, scoring_func="sigmoid").forward_native(None, logits, bias)
+    bias[3] = float("inf")  # +inf: that expert always chosen
+    with pytest.raises(ValueError, match="e_score_correction_bias contains non-finite"):
+        moekit.fused_topk_bias(None, logits, bias, 2, True, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_narrow_indices_type_is_refused(dtype):
+    # uint8 turned expert 290 into 34: a valid-looking wrong expert
+    logits = torch.randn(4, 300)
+    logits[:, 290] = 10.0
+    with pytest.raises(TypeError, match="indices_type must be torch.int32, torch.int64 or None"):
+        moekit.fused_topk(None, logits, 1, True, indices_type=dtype)
+    router = FusedTopKRouter(1, 300, indices_type_getter=lambda: dtype)
+    with pytest.raises(TypeError, match="indices_type"):
+        router.select_experts(torch.randn(4, 8), logits)
+    assert moekit.fused_topk(None, logits, 1, True, indices_type=torch.int64)[1].tolist() == [[290]] * 4
+
+
+def test_string_flags_of_the_ops_are_refused():
+    # "no" / "False" read as True: renormalised weights, the router weight applied to the input
+    logits = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        moekit.fused_topk(None, logits, 2, "no")
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        moekit.grouped_topk(None, logits, 2, "False", 4, 2)
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        moekit.fused_topk_bias(None, logits, torch.zeros(8), 2, None)
+    x, w1, w2, w, ids = _experts()
+    with pytest.raises(TypeError, match="apply_router_weight_on_input must be a bool"):
+        moekit.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input="False")
+
+
+@pytest.mark.parametrize("block", [[128.9, 64.5], [True, 128], ["a", 128], [0, 128], [128], 128])
+def test_weight_block_size_is_not_rounded(block):
+    # int() made [128.9, 64.5] blocks of 128 x 64 and [True, 128] a block_n of 1
+    with pytest.raises(ValueError, match=r"weight_block_size'\] must be two positive ints"):
+        moekit.parse_quant_config(dict(FP8, weight_block_size=block))
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "block",
+                                           "block_structure": block, "symmetric": True, "dynamic": False},
+        "input_activations": {"type": "float", "num_bits": 8, "strategy": "group", "group_size": 128,
+                              "dynamic": True, "symmetric": True}}}}
+    with pytest.raises(ValueError, match="block_structure must be two positive ints"):
+        moekit.parse_quant_config(ct)
+
+
+def test_custom_routing_function_with_integer_weights():
+    # cast silently to float before; fused_experts itself refuses integer topk_weights
+    def fn(hidden_states, logits, top_k, renormalize):
+        ids = torch.topk(logits, top_k, dim=-1).indices
+        return torch.ones_like(ids), ids.to(torch.int32)
+
+    layer = _layer(custom_routing_function=fn)
+    with pytest.raises(TypeError, match="topk_weights of dtype torch.int64"):
+        layer(torch.randn(3, 8), torch.randn(3, 6))
+
+
+# -- crashes with an unrelated exception ---------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_experts_with_k_zero(backend):
+    # ZeroDivisionError in the workspace chunking (torch) and the plan (Triton)
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x, w1, w2, _, _ = _experts()
+    with pytest.raises(ValueError, match=r"topk_ids must have shape \[T=5, K\] with K >= 1"):
+        moekit.fused_experts(x, w1, w2, torch.rand(5, 0), torch.zeros(5, 0, dtype=torch.int32), backend=backend)
+
+
+def test_zero_dim_router_logits_in_the_layer():
+    with pytest.raises(ValueError, match=r"router_logits must have shape \[T, E \+ Z\] = \[1, 6\], got \[\]"):
+        _layer()(torch.randn(1, 8), torch.tensor(1.0))
+
+
+def test_hidden_states_of_the_routing_ops():
+    with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
+        moekit.fused_topk([[0.0]] * 5, torch.randn(5, 8), 2, True)
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \[T, H\]"):
+        moekit.fused_topk(torch.tensor(1.0), torch.randn(1, 8), 2, True)
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \[T, H\]"):
+        moekit.grouped_topk(torch.randn(2, 1, 4), torch.randn(2, 8), 2, True, 4, 2)
+
+
+def test_config_json_fields_missing_or_wrong():
+    # a bare KeyError 'hidden_size' (also printed so by `moekit inspect`), IndexError, "could not convert"
+    with pytest.raises(ValueError, match="model_type 'mixtral'.*needs the field 'hidden_size'"):
+        plan_layers({"model_type": "mixtral"}, "ckpt/config.json")
+    with pytest.raises(ValueError, match="ckpt/config.json: model_type 'mixtral'.*wrong value"):
+        plan_layers(dict(MIXTRAL, num_experts_per_tok="x"), "ckpt/config.json")
+    assert len(plan_layers(MIXTRAL)[1]) == 2  # the valid config plans both blocks
+
+
+def test_top_k_of_config_json_named_before_tensor_shapes():
+    # num_experts_per_tok 0 or > E surfaced as a wrong-looking tid2eid / bias shape
+    plan = plan_layers(MIXTRAL)[1][0]
+    for k in (0, 5):
+        with pytest.raises(ValueError, match=rf"config.json gives top_k = {k} \(num_experts_per_tok\)"):
+            _check_construction(dataclasses.replace(plan, top_k=k), {}, {})
+    _check_construction(plan, {}, {})
+
+
+def test_non_callable_expert_output_norm_at_construction():
+    with pytest.raises(TypeError, match="expert_output_norm must be a callable"):
+        FusedMoE(6, 2, 8, 4, expert_output_norm="x")
+
+
+@pytest.mark.parametrize("mapping, err", [
+    ("x", TypeError),  # a string (was: "not enough values to unpack" at load_weights)
+    ([("routed_experts.w13_", "experts.0.gate_proj.", 0)], ValueError),  # three fields
+    ([("routed_experts.w13_", "experts.0.gate_proj.", 0, "w4")], ValueError),  # unknown shard
+    ([("routed_experts.w13_", "experts.0.gate_proj.", -1, "w1")], ValueError),  # negative expert id
+])
+def test_expert_mapping_checked_at_construction(mapping, err):
+    with pytest.raises(err, match="expert_mapping"):
+        FusedMoE(6, 2, 8, 4, expert_mapping=mapping)
+
+
+def test_malformed_compressed_tensors_group():
+    # "'int' object is not iterable"
+    with pytest.raises(ValueError, match=r"\['config_groups'\]\['group_0'\] must be a dict"):
+        moekit.parse_quant_config({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                   "config_groups": {"group_0": 3}})
+
+
+# -- messages naming the wrong argument ----------------------------------------------------------------------
+def test_a_wrong_w2_is_not_blamed_on_w1():
+    x, w1, w2, w, ids = _experts(inter=4)
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E, H=12, I\]"):
+        moekit.fused_experts(x, w1, w2.transpose(1, 2), w, ids)
+    with pytest.raises(ValueError, match=r"w13 \[4, 64, 64\] and w2 \[4, 32, 64\] do not fit together"):
+        moekit.quantize_experts(torch.randn(4, 64, 64), torch.randn(4, 32, 64), FP8)
+    with pytest.raises(ValueError, match=r"w13 must have shape \[E, 2I, H\]"):
+        moekit.quantize_experts(torch.randn(64, 64), torch.randn(32, 64), FP8)  # 2-D: the w13 named first
+    q13, q2, s13, s2 = moekit.quantize_experts(torch.randn(2, 256, 128), torch.randn(2, 128, 128), FP8)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    w, ids = torch.rand(3, 1), torch.zeros(3, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"w1 \[2, 256, 128\] and w2 \[2, 256, 128\] disagree on H"):
+        moekit.fused_experts(x, q13, q13[:, :, :128].contiguous(), w, ids, quant_config=FP8, w1_scale=s13,
+                             w2_scale=s2)
+
+
+def test_quantised_fused_experts_names_its_own_arguments():
+    q13, q2, s13, s2 = moekit.quantize_experts(torch.randn(2, 256, 128), torch.randn(2, 128, 128), FP8)
+    x, w, ids = torch.randn(3, 128, dtype=torch.bfloat16), torch.rand(3, 1), torch.zeros(3, 1, dtype=torch.int32)
+    with pytest.raises(TypeError, match="w1_scale must be a torch.Tensor"):
+        moekit.fused_experts(x, q13, q2, w, ids, quant_config=FP8)
+    with pytest.raises(ValueError, match="w2_scale must have shape"):
+        moekit.fused_experts(x, q13, q2, w, ids, quant_config=FP8, w1_scale=s13, w2_scale=s13)
+
+
+def test_a_gate_returning_integer_logits_is_named():
+    class IntGate(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 6, dtype=torch.int64)
+
+    with pytest.raises(TypeError, match="gate returned router_logits of dtype torch.int64"):
+        _layer(gate=IntGate())(torch.randn(3, 8))
+
+
+def test_meta_weights_are_named():
+    layer = FusedMoE(6, 2, 8, 4, params_dtype=torch.float32)
+    with pytest.raises(ValueError, match="w13 is on the meta device"):
+        layer.load_expert_weights(torch.randn(6, 8, 8, device="meta"), torch.randn(6, 8, 4))
+    meta = FusedMoE(6, 2, 8, 4, params_dtype=torch.float32, device="meta")  # a meta layer takes meta tensors
+    meta.load_expert_weights(torch.randn(6, 8, 8, device="meta"), torch.randn(6, 8, 4, device="meta"))
+
+
+# -- late or silently ignored --------------------------------------------------------------------------------
+def test_grouping_without_use_grouped_topk():
+    with pytest.raises(ValueError, match="need use_grouped_topk=True"):
+        FusedMoE(6, 2, 8, 4, topk_group=2)
+    with pytest.raises(ValueError, match="need use_grouped_topk=True"):
+        moekit.create_fused_moe_router(2, 8, num_expert_group=2, topk_group=1)
+    FusedMoE(6, 2, 8, 4, num_expert_group=1, topk_group=1)  # ungrouped values stay allowed
+
+
+def test_empty_hash_table():
+    with pytest.raises(ValueError, match=r"hash_indices_table must have shape \[vocab >= 1, top_k=2\]"):
+        FusedMoE(6, 2, 8, 4, hash_indices_table=torch.zeros(0, 2, dtype=torch.int64))
+
+
+def test_load_expert_shard_id_out_of_range():
+    layer = FusedMoE(6, 2, 8, 4, params_dtype=torch.float32)
+    for bad in (6, -1):
+        with pytest.raises(ValueError, match="logical_id must be"):
+            layer.routed_experts.load_expert_shard(bad, "w1", torch.randn(4, 8))
+    assert layer.routed_experts.load_expert_shard(5, "w1", torch.randn(4, 8)) == 1
+
+
+def test_static_fp8_input_scales_must_be_positive_and_finite():
+    # a zero input scale made every forward NaN with no error
+    fmt = Fp8ChannelFormat(per_tensor=True, static_input=True)
+    layer = FusedMoE(4, 1, 16, 8, params_dtype=torch.bfloat16, quant_config=fmt)
+    q13, q2, s13, s2 = moekit.quantize_experts(torch.randn(4, 16, 16), torch.randn(4, 16, 8), fmt)
+    ok = torch.full((4,), 0.01)
+    for bad, match in ((torch.zeros(4), "must be > 0"), (torch.full((4,), float("nan")), "non-finite")):
+        with pytest.raises(ValueError, match=f"w13_input_scale.*{match}|w13_input_scale contains {match}"):
+            layer.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2, w13_input_scale=bad, w2_input_scale=ok)
+    s13_bad = s13.clone()
+    s13_bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="w13_scale contains non-finite"):
+        layer.load_expert_weights(q13, q2, w13_scale=s13_bad, w2_scale=s2, w13_input_scale=ok, w2_input_scale=ok)
+    with pytest.raises(ValueError, match="input_scale must be > 0"):
+        layer.routed_experts.load_expert_shard(0, "w1", torch.zeros(()), kind="input_scale")
+    layer.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2, w13_input_scale=ok, w2_input_scale=ok)
+
+
+def test_config_json_dtype():
+    # "int8" (and "torch.bfloat16", which as_float_dtype accepts) fell back to float32 silently
+    assert config_dtype({"torch_dtype": "torch.bfloat16"}, "c") is torch.bfloat16
+    assert config_dtype({"dtype": "float16"}, "c") is torch.float16
+    assert config_dtype({}, "c") is torch.float32
+    with pytest.raises(ValueError, match="c: dtype 'int8' is not a float dtype"):
+        config_dtype({"dtype": "int8"}, "c")
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    # a ValueError, as every bad argument, and still the FileNotFoundError it was
+    for exc in (ValueError, FileNotFoundError):
+        with pytest.raises(exc, match="is not a checkpoint directory"):
+            moekit.load_moe_layers(tmp_path / "nowhere")
+    assert issubclass(CheckpointNotFoundError, ValueError)
+
+
+def test_loose_types():
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        moekit.load_moe_layers("anywhere", progress="yes")
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        FusedMoE(6, 2, 8, 4, prefix=3)
+    q = moekit.quantize_experts(torch.randn(2, 256, 128), torch.randn(2, 128, 128), FP8)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        moekit.dequantize_experts(*q, FP8, dtype=torch.int32)
+    x, w1, w2, w, ids = _experts()
+    with pytest.raises(ValueError, match="workspace_bytes must be >= 1"):
+        moekit.fused_experts_torch(x, w1, w2, w, ids, workspace_bytes=0)
+
+
+def test_input_tokens_without_a_hash_table():
+    with pytest.raises(ValueError, match="input_tokens was given but hash_indices_table is None"):
+        moekit.fused_topk_bias(None, torch.randn(3, 8), torch.zeros(8), 2, True,
+                               input_tokens=torch.zeros(3, dtype=torch.int64))
