@@ -190,6 +190,9 @@ case $WHAT in
     step gpu-relaid 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 tests/ops/test_w4_relaid.py \
       tests/experts/test_packed_layout.py
     grep -h "passed\|failed" "$OUT/gpu-relaid.log" | tail -3
+    # round 46: the routing kernel renormalises by the true sum (the 1e-20 clamp dropped): its tests, natively
+    step gpu-routing 60 python -m pytest -p no:cacheprovider -rf --tb=short tests/ops/test_triton_routing.py
+    grep -h "passed\|failed" "$OUT/gpu-routing.log" | tail -2
     step probe-mxfp4 300 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R45P" --out "$OUT/probe-mxfp4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT"/probe-*.log | tail -70
     ;;

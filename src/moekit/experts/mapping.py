@@ -217,6 +217,8 @@ def _load_own(layer, name, tensor, own) -> str | None:
     experts' own parameters: the experts record those)."""
     parts = name.split(".")
     pname = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
+    if pname is None and tensor.numel() == 0:  # an empty part a model saves (n_shared_experts = 0): adds nothing
+        return None
     if pname is None:
         raise KeyError(
             f"checkpoint key {name!r} does not belong to this MoE layer: not an expert weight "

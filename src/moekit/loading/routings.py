@@ -12,6 +12,9 @@ sampling are not reproduced).
   holding that tensor, :class:`ExpertScaleRouting`).
 - ``"logit_bias"``: Kolibri-1, ``ids = topk(logits + bias)``, ``w = sigmoid(logits[ids])``
   (:class:`LogitBiasRouting`, holding the bias).
+- ``"sigmoid_bias_eps"`` / ``"sigmoid_eps"`` (arg: ``eps``): LFM2-MoE, ``s = sigmoid(logits)``, ``ids = topk(s
+  (+ bias))``, ``w = s[ids] / (Σ s[ids] + eps)`` (:class:`SigmoidEpsRouting`; transformers adds 1e-6 to the sum,
+  which moekit's standard routers, ``w / Σw`` as SPEC §2 says, do not).
 
 All are graph-safe (``_moekit_graph_safe``: torch ops on the device only), so a Triton layer captures them
 in its exact-``T`` internal CUDA graphs (eager calls of ``T <= 8``).
@@ -24,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from ..ops.routing import topk_lowest_id
 from .plan import LayerPlan
 
 
@@ -112,6 +116,29 @@ class LogitBiasRouting(torch.nn.Module):
         return w, ids.to(torch.int32)
 
 
+class SigmoidEpsRouting(torch.nn.Module):
+    """LFM2-MoE (a ``custom_routing_function``): ``s = sigmoid(logits)`` (float32), ``ids = topk(s + bias)`` (ties
+    -> lower id; no bias: ``topk(s)``), ``w = s[ids]``, renormalised as transformers does when ``renormalize``:
+    ``w / (Σw + eps)``. ``bias``: the module holds an ``e_score_correction_bias [E]`` buffer (the checkpoint's
+    ``expert_bias``)."""
+
+    _moekit_graph_safe = True
+
+    def __init__(self, num_experts, *, bias: bool, eps: float, device=None):
+        super().__init__()
+        self.eps = float(eps)
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device) if bias else None)
+
+    def forward(self, hidden_states, gating_output, topk, renormalize):
+        s = torch.sigmoid(gating_output.float())
+        bias = self.e_score_correction_bias
+        ids = topk_lowest_id(s if bias is None else s + bias.float(), topk)[1]
+        w = s.gather(-1, ids)
+        if renormalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + self.eps)
+        return w, ids.to(torch.int32)
+
+
 def routing_function(plan: LayerPlan, *, device=None, dtype=None) -> Callable | None:
     """The ``custom_routing_function`` of ``plan`` (None for the standard routers): a function, or a module
     holding its tensors (built on ``device``)."""
@@ -128,4 +155,7 @@ def routing_function(plan: LayerPlan, *, device=None, dtype=None) -> Callable | 
         return partial(phimoe_sparsemixer, jitter_eps=0.01 if arg is None else float(arg))
     if name == "pnorm":
         return partial(pnorm_routing, p=arg)
-    raise NotImplementedError(f"{plan.name}: unknown custom routing {name!r} (known: llama4, phimoe, pnorm, expert_scale, logit_bias)")
+    if name in ("sigmoid_bias_eps", "sigmoid_eps"):
+        return SigmoidEpsRouting(plan.num_experts, bias=name == "sigmoid_bias_eps", eps=arg, device=device)
+    raise NotImplementedError(f"{plan.name}: unknown custom routing {name!r} (known: llama4, phimoe, pnorm, "
+                              f"expert_scale, logit_bias, sigmoid_bias_eps, sigmoid_eps)")

@@ -131,7 +131,11 @@ def block_path(spec: ArchSpec, i: int, stack: str | None = None) -> str:
 
 
 def mk(spec: ArchSpec, i: int, **kw) -> LayerPlan:
+    """The :class:`LayerPlan` of block ``i``. A plan that names no ``shared_activation`` gets its routed
+    ``activation``: transformers' shared MLPs run ``ACT2FN[hidden_act]`` as the experts do (round 46: the
+    default was "silu" whatever ``hidden_act`` said, so gelu configs of 30 families ran a SiLU shared expert)."""
     kw.setdefault("fused_layout", spec.fused_layout)
+    kw.setdefault("shared_activation", kw.get("activation", "silu"))
     return LayerPlan(name=block_path(spec, i), layer_idx=i, ckpt_prefixes=prefixes(spec, i), **kw)
 
 

@@ -44,6 +44,10 @@ def _plan_ernie(cfg, spec):
     inter = int(cfg["moe_intermediate_size"])
     if get(cfg, "use_bias", False):
         raise NotImplementedError("ERNIE-4.5-MoE with use_bias=True (biased shared-expert projections)")
+    norm_min = float(get(cfg, "moe_norm_min", 1e-12))
+    if norm_min > 1e-12:  # transformers divides by max(Σw, moe_norm_min); the bias router by Σw (round 46)
+        raise NotImplementedError(f"ERNIE-4.5-MoE with moe_norm_min = {norm_min} (above the released 1e-12): the "
+                                  f"renormalisation floor is not reproduced")
     kw = dict(
         num_experts=int(first(cfg, ("moe_num_experts", "num_experts"), 64)),
         top_k=int(first(cfg, ("moe_k", "num_experts_per_tok"), 8)),
@@ -73,8 +77,11 @@ ERNIE_RENAMES = (
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("Qwen3.5-MoE", ("qwen3_5_moe_text",), "mlp", ("mlp",), QWEN_RENAMES,
              _plan(True, always_norm=True, shared="gated", which="all"), towers=towers("qwen3_5_moe")),
+    # the Hub's checkpoints store [E, H, 2I] / [E, I, H] and transformers 5 saves [E, 2I, H] / [E, H, I]: the loader
+    # takes whichever orientation the shape fits; a square tail is read as transformers' own from_pretrained reads it
+    # (no transpose when the shape already fits its modules: "rows"; round 46, it was read transposed)
     ArchSpec("Qwen3-VL-MoE (text)", ("qwen3_vl_moe_text",), "mlp", ("mlp",), (), _plan(True, always_norm=True),
-             fused_layout="transposed", memory_layout="rows", towers=towers("qwen3_vl_moe")),
+             towers=towers("qwen3_vl_moe")),
     ArchSpec("Qwen3-Omni-MoE (thinker text)", ("qwen3_omni_moe_text",), "mlp", ("mlp",), (), _plan(True),
              towers=towers("qwen3_omni_moe", key="thinker_config.text_config", stack="thinker.model.language_model.layers")),
     ArchSpec("Qwen4-exp", ("qwen4_exp_text",), "mlp", ("mlp",), QWEN_RENAMES,

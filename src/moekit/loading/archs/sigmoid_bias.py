@@ -98,10 +98,14 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("AFMoE", ("afmoe",), "mlp", ("mlp",),
              (("router.gate.", "gate."), ("expert_bias", "router.e_score_correction_bias")),
              _plan(dense_key="num_dense_layers")),
+    # transformers renormalises by Σw + 1e-6: a named routing does the same (round 46; the bias router divides by Σw)
     ArchSpec("LFM2-MoE", ("lfm2_moe",), "feed_forward", ("feed_forward",),
-             (("expert_bias", "router.e_score_correction_bias"),),
-             _plan(dense_key="num_dense_layers", norm=True, bias=lambda c: bool(get(c, "use_expert_bias", True)),
-                   **_NO_SHARED, activation="silu")),
+             (("expert_bias", "router.custom_routing_function.e_score_correction_bias"),),
+             _plan(dense_key="num_dense_layers", norm=True, bias=False, **_NO_SHARED, activation="silu",
+                   custom_routing=lambda c: "sigmoid_bias_eps" if bool(get(c, "use_expert_bias", True))
+                   else "sigmoid_eps", custom_routing_arg=1e-6, scoring_func="softmax",
+                   routing=lambda c: "sigmoid" + (" + bias" if get(c, "use_expert_bias", True) else "")
+                   + " top-k, w / (Σw + 1e-6), scaled")),
     ArchSpec("Laguna", ("laguna",), "mlp", ("mlp",), DS_RENAMES + (
         ("experts.e_score_correction_bias", "router.e_score_correction_bias"), ("shared_expert.", "shared_experts.")),
              _plan(scale_on_output=True, logit_softcap=lambda c: float(c["moe_router_logit_softcapping"])
