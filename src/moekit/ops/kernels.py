@@ -59,6 +59,9 @@ class Kernels:
     zero_slots(x [T, H], topk_weights, topk_ids, num_experts) -> (masked weights, masked ids, zero [T, H] f32)
     zero_combine(routed [T, H], zero [T, H] f32 | None, scale: float) -> [T, H] routed's dtype
         (:mod:`moekit.ops.zero_experts`: LongCat-Flash's identity experts and the output scaling)
+    check_format(fmt): raises ``NotImplementedError`` for an instance of a format in ``quant_formats`` this table
+        cannot run (the Triton kernels: an fp8 ``block_k`` or int4 ``group_size`` that is no power of two); None: all
+    route_limits: (most logit columns, most K) of ``route``'s kernel, None: none (:meth:`check_route`)
     """
 
     name: str
