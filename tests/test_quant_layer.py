@@ -136,7 +136,9 @@ def test_errors():
     with pytest.raises(ValueError, match="multiples of 128"):
         check_tp_split(fmt, 384, 2)  # slices of 192 cross a 128 block
     check_tp_split(fmt, 512, 2)
-    check_tp_split(moekit.Fp8ChannelFormat(), 6, 2)  # per-channel: any slice
+    check_tp_split(moekit.Fp8ChannelFormat(static_input=True), 6, 2)  # per-channel, static inputs: any slice
+    with pytest.raises(NotImplementedError, match="dynamic per-token activations"):  # the row's amax is split
+        check_tp_split(moekit.Fp8ChannelFormat(), 6, 2)
     with pytest.raises(ValueError, match="multiples of 32"):
         check_tp_split(moekit.Int4GroupFormat(32), 96, 2)
     with pytest.raises(TypeError, match="quant_config"):

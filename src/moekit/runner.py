@@ -48,6 +48,15 @@ from .runner_checks import check_hidden, check_routed_input, check_runner_args, 
 DEFAULT_EAGER_GRAPH_TOKENS = 8
 
 
+def _sync_eplb_maps(runner, incompatible_keys) -> None:
+    """After a state dict was loaded: the EPLB routing maps follow the placement the experts took from it (a state
+    dict saved after a rebalance carries its slots' experts, :data:`moekit.experts.routed.PLACEMENT_KEY`)."""
+    state = getattr(runner.expert_executor, "eplb_state", None)
+    placement = runner.routed_experts.placement
+    if state is not None and tuple(state.physical_to_logical.tolist()) != tuple(placement.physical_to_logical):
+        state.set_placement(placement)
+
+
 def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
     """The routed path may be captured: Triton kernels (no host syncs), no collectives, a router
     that only enqueues device work (moekit's kernels or a routing function declared graph-safe; no hash
@@ -169,6 +178,7 @@ class MoERunner(torch.nn.Module):
         if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
             self._graphs = GraphCache(eager_graph_tokens, graph_pool, buckets=router.batch_invariant)
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
+        self.register_load_state_dict_post_hook(_sync_eplb_maps)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)  # a new module or setting: decide again what the graphs may hold

@@ -5,7 +5,9 @@ contains ``weight_name`` (e.g. ``"experts.3.gate_proj."``) is shard ``shard_id``
 ``expert_id`` and lands in ``param_name`` (``"routed_experts.w13_"`` for gate/up, ``"routed_experts.w2_"``
 for down; ``+ "weight"`` or ``+ "bias"`` completes the parameter name). Shards (:mod:`.layout`): ``w1``
 gate, ``w3`` up, ``w2`` down. Physical ids ``>= E`` are redundant replicas; their ``weight_name`` names
-the logical expert they copy (``logical = physical % E`` before any EPLB rebalance).
+the logical expert they copy. The tensor is written into every local slot that holds the expert its key
+names (``experts.<e>.``) at load time: the mapping says which keys and shards belong to the layer, not where
+the expert lives now (EPLB moves replicas after a mapping is made).
 
 :func:`load_layer_weights` consumes ``(name, tensor)`` pairs for one layer (a
 :class:`~moekit.runner.MoERunner`): per-expert names through the mapping, fused stacks
@@ -185,14 +187,11 @@ def _load_expert(layer, name, tensor, m, by_weight) -> None:
         if [int(v) for v in tensor.reshape(-1).tolist()] != list(experts.shard_shape(shard)):
             raise ValueError(f"checkpoint key {name!r} = {tensor.tolist()}, expected {list(experts.shard_shape(shard))}")
         return
-    placement = experts.placement
-    done = set()
-    for physical, shard in entries:
-        logical = placement.physical_to_logical[physical] if physical < placement.num_physical else None
-        if logical is None or (logical, shard) in done:
-            continue
-        done.add((logical, shard))
-        _shard(experts, name, logical, shard, tensor, kind)
+    # the expert is the one the key names (experts.<e>.), written into every local slot that holds it now: a
+    # mapping's physical ids go stale when EPLB moves replicas, and a mapping made without the layer guesses the
+    # replicas' experts (round 46: both loaded other experts' weights into replica slots)
+    for shard in dict.fromkeys(shard for _, shard in entries):
+        _shard(experts, name, eid, shard, tensor, kind)
 
 
 def _shard(experts, name, logical, shard, tensor, kind, shape=None) -> None:

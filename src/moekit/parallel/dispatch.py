@@ -91,8 +91,10 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
 
 def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x: [N, H]; ids: [N, k]; weights: [N, k] -> uint8 [N, 8k + H·itemsize]."""
+    # _fresh where contiguous() is not enough: an empty [0, 1] weight tensor scaled by routed_scaling_factor keeps
+    # strides (1, 0), which view() rejects (round 46: that rank raised, its peers hung in the all-gather)
     parts = [ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous(), x.contiguous()]
-    return torch.cat([p.view(torch.uint8) for p in parts], dim=1)
+    return torch.cat([(p if p.stride(-1) == 1 else _fresh(p)).view(torch.uint8) for p in parts], dim=1)
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
