@@ -35,6 +35,7 @@ from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, replay_
                                    unpack_scores)
 from .experts.mapping import check_expert_mapping, load_layer_weights
 from .experts.routed import RoutedExperts
+from .parallel.eplb_state import follow_experts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
 from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned
@@ -46,15 +47,6 @@ from .runner_checks import check_hidden, check_routed_input, check_runner_args, 
 #: GPU-bound: Qwen3 T = 64 host 292 vs GPU 300 µs on the H200). Layers that share a GraphPool (loaded or
 #: patched models) get experts/graphed.MODEL_GRAPH_TOKENS: 2048.
 DEFAULT_EAGER_GRAPH_TOKENS = 8
-
-
-def _sync_eplb_maps(runner, incompatible_keys) -> None:
-    """After a state dict was loaded: the EPLB routing maps follow the placement the experts took from it (a state
-    dict saved after a rebalance carries its slots' experts, :data:`moekit.experts.routed.PLACEMENT_KEY`)."""
-    state = getattr(runner.expert_executor, "eplb_state", None)
-    placement = runner.routed_experts.placement
-    if state is not None and tuple(state.physical_to_logical.tolist()) != tuple(placement.physical_to_logical):
-        state.set_placement(placement)
 
 
 def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
@@ -178,7 +170,7 @@ class MoERunner(torch.nn.Module):
         if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
             self._graphs = GraphCache(eager_graph_tokens, graph_pool, buckets=router.batch_invariant)
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
-        self.register_load_state_dict_post_hook(_sync_eplb_maps)
+        self.register_load_state_dict_post_hook(follow_experts)  # EPLB maps after a state dict's placement
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)  # a new module or setting: decide again what the graphs may hold

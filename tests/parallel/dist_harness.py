@@ -139,3 +139,10 @@ def run_checks(world: int, names: list[str], check_module: str, backend: str = "
             )
             return res
     return _collect(out_dir, world)
+
+
+def assert_ok(res: dict, name: str) -> None:
+    """The check ``name`` of a :func:`run_checks` result passed on every rank (else the failure it reported)."""
+    assert "__setup__" not in res, res["__setup__"]
+    assert name in res, f"check {name} did not report"
+    assert res[name] == "ok", res[name]

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_checks  # noqa: E402
-from dist_harness import run_checks  # noqa: E402
+from dist_harness import assert_ok, run_checks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -31,10 +31,7 @@ def _cases(world):
     return [n for n, worlds in dist_checks.WORLD.items() if world in worlds]
 
 
-def _assert(res: dict, name: str):
-    assert "__setup__" not in res, res["__setup__"]
-    assert name in res, f"check {name} did not report"
-    assert res[name] == "ok", res[name]
+_assert = assert_ok
 
 
 @pytest.mark.parametrize("name", _cases(2))

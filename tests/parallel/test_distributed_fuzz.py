@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_checks_fuzz  # noqa: E402
-from dist_harness import run_checks  # noqa: E402
+from dist_harness import assert_ok, run_checks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 _RESULTS: dict = {}
@@ -25,6 +25,4 @@ def _results() -> dict:
 
 @pytest.mark.parametrize("name", list(dist_checks_fuzz.CHECKS))
 def test_gloo_world2_fuzz_regressions(name):
-    res = _results()
-    assert "__setup__" not in res, res["__setup__"]
-    assert res.get(name) == "ok", res.get(name, f"check {name} did not report")
+    assert_ok(_results(), name)

@@ -39,10 +39,8 @@ from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import RELAID_WEIGHTS, relay_loaded, spec_packed_saved
 from .params import (KINDS, ExpertTensor, check_scale_values, check_tp_split, expert_tensors_spec, fit,
                      full_precision, global_stacks, keep_dtypes, stored)
-from .placement import ExpertPlacement, initial_physical_to_logical
-
-#: the state-dict key of ``physical_to_logical [P]`` int64, saved once EPLB moved a slot (``_save_to_state_dict``)
-PLACEMENT_KEY = "eplb_physical_to_logical"
+from .placement import ExpertPlacement
+from .placement_state import placement_loaded, placement_saved
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
@@ -234,13 +232,7 @@ class RoutedExperts(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
-        key = prefix + PLACEMENT_KEY
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        saved = state_dict.get(key)
-        p2l = tuple(int(e) for e in saved.tolist()) if saved is not None else self._initial_p2l()
-        if p2l != tuple(self.placement.physical_to_logical):  # the slots below hold the saved placement's experts
-            self.set_physical_to_logical(p2l)  # the executor's EPLB maps follow (MoERunner's load hook)
+        placement_loaded(self, state_dict, prefix, unexpected_keys)  # the slots just loaded hold its experts
         for name, spec in self.specs.items():
             if prefix + name in state_dict:
                 self._mark(range(self.placement.num_local), spec.shards, spec.kind)
@@ -248,14 +240,7 @@ class RoutedExperts(torch.nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         spec_packed_saved(self._relaid_weights(), destination, prefix)
-        p2l = tuple(self.placement.physical_to_logical)
-        if p2l != self._initial_p2l():  # round 46: without it, a state dict saved after a rebalance loaded silently
-            # into the initial placement, each moved slot holding another expert's weights
-            destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
-
-    def _initial_p2l(self) -> tuple[int, ...]:
-        p = self.placement
-        return initial_physical_to_logical(p.num_logical, p.num_physical, p.ep_size, p.strategy)
+        placement_saved(self.placement, destination, prefix)
 
     # -- loading ------------------------------------------------------------------------------
     @torch.no_grad()

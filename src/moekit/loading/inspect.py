@@ -16,7 +16,7 @@ import sys
 
 from ..ops.activation import is_gated
 from .architectures import checkpoint_block_key, plan_layers
-from .loader import read_config
+from .files import read_config
 from .plan import LayerPlan
 from .quant import checkpoint_format, experts_format
 from .quant_shared import shared_format

@@ -111,3 +111,12 @@ class EplbState(torch.nn.Module):
             f"E={self.num_logical}, P={self.num_physical}, ep_size={self.ep_size}, "
             f"max_replicas={self.max_replicas}, window={self.window_size}"
         )
+
+
+def follow_experts(runner, incompatible_keys=None) -> None:
+    """After ``runner`` (a :class:`~moekit.MoERunner`) loaded a state dict: its executor's EPLB routing maps follow
+    the placement its experts took from it (:mod:`moekit.experts.placement_state`); a load-state-dict post hook."""
+    state = getattr(runner.expert_executor, "eplb_state", None)
+    placement = runner.routed_experts.placement
+    if state is not None and tuple(state.physical_to_logical.tolist()) != tuple(placement.physical_to_logical):
+        state.set_placement(placement)
