@@ -170,12 +170,12 @@ def test_routing_kernel_limits_refused_at_construction():
     from moekit.ops.kernels import kernels_for
 
     with pytest.raises(NotImplementedError, match="top_k <= 64"):
-        FusedMoE(80, 65, 8, 4, backend="triton")
+        FusedMoE(80, 65, 8, 4, backend="triton", device=DEV)
     with pytest.raises(NotImplementedError, match="at most 4096 experts"):
         moekit.FusedTopKRouter(2, 5000, kernels=kernels_for("triton"))
     FusedMoE(80, 65, 8, 4, backend="torch")  # the reference backend has no such limit
     with pytest.raises(NotImplementedError, match="block_k to be a power of two"):  # not at the first forward
-        FusedMoE(4, 1, 96, 48, backend="triton", params_dtype=torch.bfloat16,
+        FusedMoE(4, 1, 96, 48, backend="triton", params_dtype=torch.bfloat16, device=DEV,
                  quant_config={"quant_method": "fp8", "weight_block_size": [48, 48]})
 
 
