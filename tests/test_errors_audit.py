@@ -106,9 +106,11 @@ def test_fused_experts_with_k_zero(backend):
     # ZeroDivisionError in the workspace chunking (torch) and the plan (Triton)
     if backend == "triton":
         pytest.importorskip("triton")
-    x, w1, w2, _, _ = _experts()
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x, w1, w2, _, _ = (t.to(dev) for t in _experts())
     with pytest.raises(ValueError, match=r"topk_ids must have shape \[T=5, K\] with K >= 1"):
-        moekit.fused_experts(x, w1, w2, torch.rand(5, 0), torch.zeros(5, 0, dtype=torch.int32), backend=backend)
+        moekit.fused_experts(x, w1, w2, torch.rand(5, 0, device=dev), torch.zeros(5, 0, dtype=torch.int32, device=dev),
+                             backend=backend)
 
 
 def test_zero_dim_router_logits_in_the_layer():
