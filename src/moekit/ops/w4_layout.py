@@ -52,11 +52,12 @@ def half_tail_src(e: int, vec: int) -> int:
     return q * (vec // 2) + r if r < vec // 2 else -1
 
 
-#: Whether layers store rows that end in a half chunk (gpt-oss's 2880) re-laid. The kernels read such words (round
-#: 45: the layout, the Triton kernels under the interpreter and the register-operand kernels' sm_90 compile, tested on
-#: the CPU), but the register-operand kernels' half-chunk copy has not yet run on a GPU: until a device session runs
-#: ``benchmarks/h200_session.sh OUT r45-a`` (their bits against SPEC-packed words, and the speed), layers keep such
-#: rows in SPEC §8's packing (docs/kernels.md, round 45).
+#: Whether layers store rows that end in a half chunk (gpt-oss's 2880) re-laid. The kernels read such words with the
+#: same bits (round 45's layout; on the H200 in round 46: 55 GPU bit tests, and the probe's outputs bit-identical at
+#: every point), but a layer stores one layout for every token bucket, and on gpt-oss the re-laid words are faster
+#: only at T = 8-256 (register-operand GEMMs, -7 to -10 %) and slower at T = 1 (the Triton GEMMs, 57.6 -> 76.1 µs)
+#: and T >= 1024 (the w2, 460 -> 598 µs at T = 1024): layers keep such rows in SPEC §8's packing (docs/kernels.md,
+#: round 46).
 LAYER_HALF_CHUNKS = False
 
 
