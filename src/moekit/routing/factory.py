@@ -41,6 +41,12 @@ def check_router_selectors(*, zero_expert_type=None, use_grouped_topk=False, cus
     if e_score_correction_bias is not None and (custom_routing_function is not None or hash_indices_table is not None):
         picker = "custom_routing_function" if custom_routing_function is not None else "hash_indices_table"
         raise ValueError(f"e_score_correction_bias has no effect with {picker} (it picks the experts); pass one")
+    check_grouping_flag(use_grouped_topk, num_expert_group, topk_group)
+
+
+def check_grouping_flag(use_grouped_topk, num_expert_group, topk_group) -> None:
+    """Grouping (``num_expert_group`` or ``topk_group`` above 1) needs ``use_grouped_topk``: no router takes it
+    otherwise, so it would be dropped silently (``ValueError``)."""
     if not use_grouped_topk and (num_expert_group not in (None, 0, 1) or topk_group not in (None, 0, 1)):
         raise ValueError(
             f"num_expert_group={num_expert_group}, topk_group={topk_group} need use_grouped_topk=True; "
@@ -73,9 +79,7 @@ def create_fused_moe_router(
     ``topk_group`` above 1) without ``use_grouped_topk`` raises ``ValueError`` here too: no selector takes it,
     so it would be dropped silently.
     """
-    if not use_grouped_topk and (num_expert_group not in (None, 0, 1) or topk_group not in (None, 0, 1)):
-        raise ValueError(f"num_expert_group={num_expert_group}, topk_group={topk_group} need use_grouped_topk=True; "
-                         "without it the grouping would be ignored")
+    check_grouping_flag(use_grouped_topk, num_expert_group, topk_group)
     common = dict(eplb_state=eplb_state, enable_eplb=enable_eplb, indices_type_getter=indices_type_getter,
                   kernels=kernels, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor)
     scored = dict(common, scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias)
