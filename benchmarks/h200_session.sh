@@ -196,6 +196,39 @@ case $WHAT in
     step probe-mxfp4 300 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R45P" --out "$OUT/probe-mxfp4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT"/probe-*.log | tail -70
     ;;
+  r47-a)  # round 47: for each of gpt-oss's 4-bit buckets that round 46 found slower on re-laid words (T = 1, the
+    # Triton GEMMs; T >= 1024, the w2), config variants beside the table's (benchmarks/r47_variants.json), SPEC-packed
+    # and re-laid, alternated twice: which form lets the layer store gpt-oss's rows re-laid (LAYER_HALF_CHUNKS)
+    r42_prepare
+    R47P="gpt-oss-120b:1,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:8192,gpt-oss-120b:16384"
+    for f in mxfp4 int4; do
+      step probe-$f 280 python benchmarks/relaid_probe.py --formats $f --points "$R47P" \
+        --variants benchmarks/r47_variants.json --out "$OUT/probe-$f.json"
+    done
+    grep -h "graph\|identical\|skipped\|failed\|Error" "$OUT"/probe-*.log | tail -120
+    ;;
+  r47-b)  # round 47, after r47-a: gpt-oss's 4-bit rows stored re-laid (LAYER_HALF_CHUNKS on in this tree, its table's
+    # T = 1 bucket on the register-operand GEMMs, the 8-warp w2 in 128 registers): the bit tests and the 4-bit
+    # batch-invariance / graph tests natively, then moekit bench of gpt-oss (bf16, fp8, mxfp4, int4) as shipped, and
+    # mxfp4 / int4 again with the flag off in this copy (SPEC-packed words, the same table), then compare.py on each
+    r42_prepare
+    grep -n "^LAYER_HALF_CHUNKS" src/moekit/ops/w4_layout.py
+    step gpu-relaid 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 tests/ops/test_w4_relaid.py \
+      tests/experts/test_packed_layout.py
+    grep -h "passed\|failed" "$OUT/gpu-relaid.log" | tail -3
+    step gpu-inv 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 8 -m gpu tests/ops/test_batch_invariance_gpu.py \
+      tests/experts/test_graphed_gpu.py -k "4bit or graphed"
+    grep -h "passed\|failed" "$OUT/gpu-inv.log" | tail -3
+    step bench-rega 150 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models gpt-oss-120b --fast --out "$OUT/rega"
+    sed -i 's/^LAYER_HALF_CHUNKS = True$/LAYER_HALF_CHUNKS = False/' src/moekit/ops/w4_layout.py
+    grep -n "^LAYER_HALF_CHUNKS" src/moekit/ops/w4_layout.py
+    step bench-spec 120 python -m moekit bench --quant mxfp4,int4 --models gpt-oss-120b --fast --out "$OUT/spec"
+    rm -f "$OUT"/*/*-speed.png
+    for v in rega spec; do
+      step "compare-$v" 30 python benchmarks/compare.py "$OUT"/$v/NVIDIA_H200-*.json --md "$OUT/compare-$v.md"
+    done
+    grep -h "gpt-oss-120b | [0-9]* |" "$OUT"/compare-*.md | head -60
+    ;;
   r45-b)  # round 45, after r45-a: the probe for int4, then the 4-bit tables' rows alone vs in batches (the words as
     # layers store them; the Triton w2 buckets now decode re-laid words in place)
     r42_prepare

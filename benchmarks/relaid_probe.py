@@ -9,12 +9,19 @@ config runs the Triton 4-bit kernels (which put re-laid words back in SPEC order
 every kernel of that GEMM. Points whose H or I cannot be re-laid are skipped.
 
     PYTHONPATH=src:benchmarks python benchmarks/relaid_probe.py --points deepseek-v3:8,qwen3-30b-a3b:64 --rounds 2
+
+Round 47: ``--variants`` adds configs beside the table's at a token count (a JSON object or a file holding one,
+``{"T": {"name": patch}}``, or ``"FORMAT:T"`` keys for one format, each patch merged into the table's config as :func:`quant_probe.step_config` does), to
+find for each bucket of a shape the form that is fastest on re-laid words; every variant's output is compared bit for
+bit with the table's config on SPEC-packed words (what the layer's other buckets must match, SPEC §9).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import sys
 
 import torch
@@ -44,7 +51,11 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="mxfp4,int4")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default=None, help='{"T": {"name": config patch}} (JSON, or a file holding it)')
     a = ap.parse_args(argv)
+    variants = {}
+    if a.variants:
+        variants = json.load(open(a.variants)) if os.path.exists(a.variants) else json.loads(a.variants)
     dev, rows = torch.device("cuda"), []
     for fmt_name in a.formats.split(","):
         by_model: dict = {}
@@ -56,7 +67,6 @@ def main(argv=None) -> int:
                 continue
             fmt = FORMATS[fmt_name]
             spec, spec_r = tq.QuantSpec.of(fmt), tq.QuantSpec.of(fmt, relaid=True)
-            cfg = step_config(m, t, spec, dev)
             if name not in by_model:  # one model's weights at a time
                 by_model.clear()
                 torch.cuda.empty_cache()
@@ -65,29 +75,43 @@ def main(argv=None) -> int:
                 del w13, w2
                 by_model[name] = (q13, q2, relay_rega(q13), relay_rega(q2), s13, s2, b1, b2, limit)
             q13, q2, r13, r2, s13, s2, b1, b2, limit = by_model[name]
-
-            def call(x, w, ids, p13, p2, sp):
-                return tq.fused_experts_quant_impl(x, p13, p2, w, ids, sp, s13, s2, None, None, m.act, False, b1,
-                                                   b2, None, limit, config=cfg)
-
             sets = routing_sets(m, t, 2, dev)
-            fns = {"spec": functools.partial(call, p13=q13, p2=q2, sp=spec),
-                   "relaid": functools.partial(call, p13=r13, p2=r2, sp=spec_r)}
-            outs = {}
-            for r in range(a.rounds):
-                for v in (("spec", "relaid") if r % 2 == 0 else ("relaid", "spec")):
-                    outs[v] = fns[v](*sets[0]).clone()
-                    per = kernel_times(fns[v], sets, 5)
-                    us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
-                    k13 = sum(u for kn, u in per.items() if "w13" in kn)
-                    k2 = sum(u for kn, u in per.items() if "w2" in kn)
-                    print(f"{name:14s} {fmt_name:6s} T={t:6d} {v:6s} round {r}: graph {us:9.1f} us | w13 {k13:8.1f}"
-                          f"  w2 {k2:8.1f} ({forms(cfg)})", flush=True)
-                    rows.append(dict(model=name, quant=fmt_name, tokens=t, variant=v, round=r, us=round(us, 1),
-                                     kernels=per))
-            same = torch.equal(outs["spec"], outs["relaid"])
-            print(f"{name:14s} {fmt_name:6s} T={t:6d} spec and relaid outputs bit-identical: {same}", flush=True)
-            rows.append(dict(model=name, quant=fmt_name, tokens=t, identical=same, config=cfg))
+            table_spec = None
+            for label, patch in [("table", None), *variants.get(f"{fmt_name}:{t}", variants.get(str(t), {})).items()]:
+                cfg = step_config(m, t, spec, dev, patch)
+
+                def call(x, w, ids, p13, p2, sp, cfg=cfg):
+                    return tq.fused_experts_quant_impl(x, p13, p2, w, ids, sp, s13, s2, None, None, m.act, False,
+                                                       b1, b2, None, limit, config=cfg)
+
+                fns = {"spec": functools.partial(call, p13=q13, p2=q2, sp=spec),
+                       "relaid": functools.partial(call, p13=r13, p2=r2, sp=spec_r)}
+                outs = {}
+                try:
+                    fns["spec"](*sets[0])
+                except Exception as exc:  # a variant a kernel cannot run: say so, go on with the next one
+                    print(f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s} failed: {type(exc).__name__}: {exc}"[:400],
+                          flush=True)
+                    continue
+                for r in range(a.rounds):
+                    for v in (("spec", "relaid") if r % 2 == 0 else ("relaid", "spec")):
+                        outs[v] = fns[v](*sets[0]).clone()
+                        per = kernel_times(fns[v], sets, 5)
+                        us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
+                        k13 = sum(u for kn, u in per.items() if "w13" in kn)
+                        k2 = sum(u for kn, u in per.items() if "w2" in kn)
+                        print(f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s} {v:6s} round {r}: graph {us:9.1f} us | "
+                              f"w13 {k13:8.1f}  w2 {k2:8.1f} ({forms(cfg)})", flush=True)
+                        rows.append(dict(model=name, quant=fmt_name, tokens=t, config_name=label, variant=v, round=r,
+                                         us=round(us, 1), kernels=per))
+                if table_spec is None:
+                    table_spec = outs["spec"]
+                same = torch.equal(outs["spec"], outs["relaid"])
+                same_t = torch.equal(table_spec, outs["relaid"])
+                print(f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s} spec and relaid outputs bit-identical: {same}; "
+                      f"relaid and the table's spec: {same_t}", flush=True)
+                rows.append(dict(model=name, quant=fmt_name, tokens=t, config_name=label, identical=same,
+                                 identical_to_table=same_t, config=cfg))
     save_rows(a.out, dev, rows)
     return 0
 

@@ -91,6 +91,10 @@ def test_heuristic_configs_pass(quant):
     (_part("w2", gluon_rega=2), r'config "w2": "gluon_rega" = 2'),
     (_part("w13", gluon_early=1), r'"gluon_early" = 1 needs "gluon_rega"'),
     (_part("w13", gluon_ws=-1), r'"gluon_ws" = -1'),
+    (_part("w2", gluon_maxnreg=128), r'"gluon_maxnreg" = 128 needs "gluon_rega"'),  # the Triton kernels: not theirs
+    (_part("w2", gluon_rega=1, gluon_maxnreg=130), r'"gluon_maxnreg" = 130, expected 0 \(off\) or a multiple of 8'),
+    (_part("w2", gluon_rega=1, gluon_maxnreg=256), r'"gluon_maxnreg" = 256'),  # past ptxas' 255
+    (_part("w2", gluon_rega=1, gluon_maxnreg=True), r'"gluon_maxnreg" = True'),
     (_part("w13", gluon_stack=5), r'"gluon_stack" = 5, expected 0 or 1'),
 ])
 def test_bad_configs_raise_naming_the_key(cfg, match):
@@ -101,7 +105,8 @@ def test_bad_configs_raise_naming_the_key(cfg, match):
 def test_good_configs_pass_and_are_not_changed():
     for cfg in (_cfg(), _cfg(tma=True, pdl=False, sum_pass=None, w13_split=0, fp8_acc=128),
                 _cfg(BLOCK_M=128, tail_bm=64), _part("w2", SWAP=1, gluon=1, gluon_dec=1, gluon_nt=4),
-                _part("w13", gluon=1, gluon_rega=2, gluon_early=1, gluon_wbuf=1, gluon_stages=2)):
+                _part("w13", gluon=1, gluon_rega=2, gluon_early=1, gluon_wbuf=1, gluon_stages=2),
+                _part("w2", gluon=1, gluon_rega=1, gluon_maxnreg=128), _part("w2", gluon_maxnreg=0)):
         before = json.dumps(cfg, sort_keys=True)
         check_config(cfg)
         assert json.dumps(cfg, sort_keys=True) == before

@@ -13,7 +13,7 @@ from __future__ import annotations
 TOP_KEYS = ("BLOCK_M", "w13", "w2", "tma", "pdl", "fp8_acc", "sum_pass", "w13_split", "tail_bm", "gather_pass")
 #: keys of a kernel part (``"w13"`` / ``"w2"``); the first five are required
 PART_KEYS = ("BN", "BK", "GROUP_M", "num_warps", "num_stages", "SWAP", "gluon", "gluon_dec", "gluon_nt", "gluon_ws",
-             "gluon_rega", "gluon_early", "gluon_stack", "gluon_stages", "gluon_wbuf")
+             "gluon_rega", "gluon_early", "gluon_stack", "gluon_stages", "gluon_wbuf", "gluon_maxnreg")
 _REQUIRED_PART = PART_KEYS[:5]
 
 
@@ -57,6 +57,7 @@ def _check_part(part: str, c) -> None:
     gluon_ws_value(part, c)
     gluon_rega_value(part, c)
     gluon_early_value(part, c)
+    gluon_maxnreg_value(part, c)
     gluon_flag_value(part, c, "gluon_stack")
     if part == "w2":
         gluon_nt_value("w2", c)
@@ -172,6 +173,21 @@ def gluon_early_value(part: str, cfg_part: dict) -> bool:
         raise ValueError(f'config "{part}": "gluon_early" = {cfg_part["gluon_early"]!r} needs "gluon_rega" (the '
                          f'register-operand Gluon 4-bit GEMM), which is {cfg_part.get("gluon_rega", 0)!r}')
     return on
+
+
+def gluon_maxnreg_value(part: str, cfg_part: dict) -> int:
+    """The ``"gluon_maxnreg"`` key of config part ``part`` (0 when absent: the compiler decides): the registers per
+    thread the register-operand 4-bit GEMM is compiled for (Triton's ``maxnreg``), a multiple of 8 in 64..248, only
+    beside ``"gluon_rega"``. Round 47: gpt-oss's re-laid 8-warp w2 needed 130 / 141 registers, one program per SM
+    instead of two; 128 fits two with no spill. Else ``ValueError`` naming the part, the key and the value."""
+    v = cfg_part.get("gluon_maxnreg", 0)
+    if not _is_int(v) or not (v == 0 or (64 <= v <= 248 and v % 8 == 0)):
+        raise ValueError(f'config "{part}": "gluon_maxnreg" = {v!r}, expected 0 (off) or a multiple of 8 in 64..248 '
+                         f'(registers per thread)')
+    if v and not gluon_rega_value(part, cfg_part):
+        raise ValueError(f'config "{part}": "gluon_maxnreg" = {v!r} needs "gluon_rega" (the register-operand Gluon '
+                         f'4-bit GEMM), which is {cfg_part.get("gluon_rega", 0)!r}')
+    return v
 
 
 def tail_bm_value(cfg: dict) -> int:

@@ -138,8 +138,9 @@ def _launch_w4(launch, kernels: tuple, p, q, which: str, grid: tuple, device: to
         # mxfp4, whole K steps of four groups, scale rows of whole 4-byte words: a row's step scales as one u32
         sword = (q.spec.code == MXFP4 and kw["EVEN_K"] and bk // q.spec.block_k == 4 and ws.stride(1) % 4 == 0
                  and ws.data_ptr() % 4 == 0)
+        regs = {"maxnreg": p.gluon_maxnreg[i]} if p.gluon_maxnreg[i] else {}
         launch(rega_kernel, grid, *args, STAGES=stages, SWORD=sword, EARLY=p.gluon_early[i], RELAID=q.spec.relaid,
-               **serial, **const)
+               **serial, **regs, **const)
     elif p.gluon_ws[i]:
         launch(ws_kernel, (min(grid[0], _gx._sm_count(device.index)),), *args, STAGES=_WS_STAGES, D=p.gluon_ws[i],
                DEC_REGS=_WS_DEC_REGS, **const)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .config_keys import (gluon_dec_value, gluon_early_value, gluon_flag_value, gluon_nt_value, gluon_rega_value, gluon_ws_value,
-                          tail_bm_value, tail_conflicts)
+from .config_keys import (gluon_dec_value, gluon_early_value, gluon_flag_value, gluon_maxnreg_value, gluon_nt_value,
+                          gluon_rega_value, gluon_ws_value, tail_bm_value, tail_conflicts)
 
 #: the top-k sum runs as its own pass after w2 from this many slots on, unless the config says ("sum_pass": true /
 #: false), instead of in the tail of w2's last program per (token, column block). The same bits either way. H200
@@ -81,6 +81,7 @@ class LaunchPlan:
     #                  (w13 2: gate, then up, one fragment live: fewer registers)
     gluon_early: tuple  # config "gluon_early" of w13 / w2 (with "gluon_rega"): refill a ring slot right after a step's
     #                   first barrier, a step earlier
+    gluon_maxnreg: tuple  # config "gluon_maxnreg" of w13 / w2 (with "gluon_rega"): registers per thread, 0: free
     gluon_stack: bool  # w13 config "gluon_stack" (Gluon fp8 block w13): gate and up rows as one tile, one wgmma
     w2_gluon_dec: int  # w2 config "gluon_dec" (swapped tiles, fused sum; any align layout): the Gluon fp8 decode w2
     #                  (1), its warp-specialised form (2); 0: off
@@ -175,6 +176,7 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
         gluon_ws=ws,
         gluon_rega=(gluon_rega_value("w13", c13), gluon_rega_value("w2", c2)),
         gluon_early=(gluon_early_value("w13", c13), gluon_early_value("w2", c2)),
+        gluon_maxnreg=(gluon_maxnreg_value("w13", c13), gluon_maxnreg_value("w2", c2)),
         gluon_stack=gluon_flag_value("w13", c13, "gluon_stack"), tail=tail,
         # the Gluon decode w2: swapped tiles (checked by its launcher), the fused sum, BLOCK_M tiles only
         w2_gluon_dec=dec if sems and not tail else 0,
