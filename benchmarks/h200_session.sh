@@ -200,11 +200,15 @@ case $WHAT in
     # Triton GEMMs; T >= 1024, the w2), config variants beside the table's (benchmarks/r47_variants.json), SPEC-packed
     # and re-laid, alternated twice: which form lets the layer store gpt-oss's rows re-laid (LAYER_HALF_CHUNKS)
     r42_prepare
-    R47P="gpt-oss-120b:1,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:8192,gpt-oss-120b:16384"
-    for f in mxfp4 int4; do
-      step probe-$f 280 python benchmarks/relaid_probe.py --formats $f --points "$R47P" \
-        --variants benchmarks/r47_variants.json --out "$OUT/probe-$f.json"
-    done
+    # (then DeepSeek-V3's and Mixtral's mxfp4 decode w13 in 80 registers: 6 programs per SM instead of 4 / 5, no spill)
+    R47P="gpt-oss-120b:1,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:8192"
+    step probe-mxfp4 210 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R47P" \
+      --variants benchmarks/r47_variants.json --out "$OUT/probe-mxfp4.json"
+    step probe-int4 180 python benchmarks/relaid_probe.py --formats int4 --points "$R47P" \
+      --variants benchmarks/r47_variants.json --out "$OUT/probe-int4.json"
+    step probe-reg 140 python benchmarks/relaid_probe.py --formats mxfp4 --rounds 2 \
+      --points deepseek-v3:1,deepseek-v3:8,mixtral-8x7b:1 --variants benchmarks/r47_variants.json \
+      --out "$OUT/probe-reg.json"
     grep -h "graph\|identical\|skipped\|failed\|Error" "$OUT"/probe-*.log | tail -120
     ;;
   r47-b)  # round 47, after r47-a: gpt-oss's 4-bit rows stored re-laid (LAYER_HALF_CHUNKS on in this tree, its table's

@@ -11,7 +11,7 @@ every kernel of that GEMM. Points whose H or I cannot be re-laid are skipped.
     PYTHONPATH=src:benchmarks python benchmarks/relaid_probe.py --points deepseek-v3:8,qwen3-30b-a3b:64 --rounds 2
 
 Round 47: ``--variants`` adds configs beside the table's at a token count (a JSON object or a file holding one,
-``{"T": {"name": patch}}``, or ``"FORMAT:T"`` keys for one format, each patch merged into the table's config as :func:`quant_probe.step_config` does), to
+``{"T": {"name": patch}}``; keys ``"MODEL:FORMAT:T"``, ``"MODEL:T"`` or ``"FORMAT:T"`` for one model or format, each patch merged into the table's config as :func:`quant_probe.step_config` does), to
 find for each bucket of a shape the form that is fastest on re-laid words; every variant's output is compared bit for
 bit with the table's config on SPEC-packed words (what the layer's other buckets must match, SPEC §9).
 """
@@ -42,6 +42,14 @@ def forms(cfg: dict) -> str:
         c = cfg.get(part, {})
         out.append(f"{part}:" + ("rega" if c.get("gluon_rega") else "gluon" if c.get("gluon") else "triton"))
     return " ".join(out)
+
+
+def _variants_at(variants: dict, name: str, fmt_name: str, t: int) -> dict:
+    """The variants of one point: the first of the keys ``MODEL:FORMAT:T``, ``MODEL:T``, ``FORMAT:T``, ``T``."""
+    for key in (f"{name}:{fmt_name}:{t}", f"{name}:{t}", f"{fmt_name}:{t}", str(t)):
+        if key in variants:
+            return variants[key]
+    return {}
 
 
 def main(argv=None) -> int:
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
             q13, q2, r13, r2, s13, s2, b1, b2, limit = by_model[name]
             sets = routing_sets(m, t, 2, dev)
             table_spec = None
-            for label, patch in [("table", None), *variants.get(f"{fmt_name}:{t}", variants.get(str(t), {})).items()]:
+            for label, patch in [("table", None), *_variants_at(variants, name, fmt_name, t).items()]:
                 cfg = step_config(m, t, spec, dev, patch)
 
                 def call(x, w, ids, p13, p2, sp, cfg=cfg):
