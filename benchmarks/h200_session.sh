@@ -243,21 +243,6 @@ case $WHAT in
       tests/experts/test_graphed_gpu.py -k "4bit or graphed"
     grep -h "passed\|failed" "$OUT/gpu-inv.log" | tail -3
     ;;
-  r45-c)  # round 45, after r45-a / r45-b passed: gpt-oss's 4-bit layers SPEC-packed (as shipped) and then re-laid
-    # (w4_layout.LAYER_HALF_CHUNKS turned on in this copy), side by side in one run beside bf16 and fp8 (moekit bench
-    # at the seven token counts), then compare.py on each; ship the flag if the bits held and no 4-bit row got slower
-    r42_prepare
-    step bench-spec 300 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models gpt-oss-120b --fast \
-      --out "$OUT/spec"
-    sed -i 's/^LAYER_HALF_CHUNKS = False$/LAYER_HALF_CHUNKS = True/' src/moekit/ops/w4_layout.py
-    grep -n "^LAYER_HALF_CHUNKS" src/moekit/ops/w4_layout.py
-    step bench-rega 200 python -m moekit bench --quant mxfp4,int4 --models gpt-oss-120b --fast --out "$OUT/rega"
-    rm -f "$OUT"/*/*-speed.png
-    for v in spec rega; do
-      step "compare-$v" 30 python benchmarks/compare.py "$OUT"/$v/NVIDIA_H200-*.json --md "$OUT/compare-$v.md"
-    done
-    grep -h "gpt-oss-120b | [0-9]* |" "$OUT"/compare-*.md | head -60
-    ;;
   r44-a)  # round 44: 4-bit weights re-laid for the register-operand GEMMs (moekit.ops.w4_layout, RELAID): the bit tests
     # natively, then the probe (SPEC-packed vs re-laid, experts step and µs per kernel, alternated twice) for mxfp4
     r42_prepare

@@ -57,7 +57,8 @@ def half_tail_src(e: int, vec: int) -> int:
 #: every point), but a layer stores one layout for every token bucket, and on gpt-oss the re-laid words are faster
 #: only at T = 8-256 (register-operand GEMMs, -7 to -10 %) and slower at T = 1 (the Triton GEMMs, 57.6 -> 76.1 µs)
 #: and T >= 1024 (the w2, 460 -> 598 µs at T = 1024): layers keep such rows in SPEC §8's packing (docs/kernels.md,
-#: round 46).
+#: round 46). Round 47 (CPU only): that w2 needs 130 / 141 registers re-laid (one 8-warp program per SM instead of
+#: two); config ``"gluon_maxnreg": 128`` fits it in 128 with no spill. The flag waits for the H200 (``r47-a``).
 LAYER_HALF_CHUNKS = False
 
 
