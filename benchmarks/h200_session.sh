@@ -202,11 +202,13 @@ case $WHAT in
     r42_prepare
     # (then DeepSeek-V3's and Mixtral's mxfp4 decode w13 in 80 registers: 6 programs per SM instead of 4 / 5, no spill)
     R47P="gpt-oss-120b:1,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:8192"
+    step gpu-maxnreg 50 python -m pytest -p no:cacheprovider -rf --tb=short -n 2 tests/ops/test_w4_relaid.py -k maxnreg
+    grep -h "passed\|failed" "$OUT/gpu-maxnreg.log" | tail -2
     step probe-mxfp4 210 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R47P" \
       --variants benchmarks/r47_variants.json --out "$OUT/probe-mxfp4.json"
     step probe-int4 180 python benchmarks/relaid_probe.py --formats int4 --points "$R47P" \
       --variants benchmarks/r47_variants.json --out "$OUT/probe-int4.json"
-    step probe-reg 140 python benchmarks/relaid_probe.py --formats mxfp4 --rounds 2 \
+    step probe-reg 120 python benchmarks/relaid_probe.py --formats mxfp4 --rounds 2 \
       --points deepseek-v3:1,deepseek-v3:8,mixtral-8x7b:1 --variants benchmarks/r47_variants.json \
       --out "$OUT/probe-reg.json"
     grep -h "graph\|identical\|skipped\|failed\|Error" "$OUT"/probe-*.log | tail -120

@@ -44,8 +44,8 @@ runs the Gluon 4-bit GEMMs of :mod:`moekit.ops._gluon.w4` (the decoded tile thro
 buckets; w13 ``2``: gate, then up, one fragment live, fewer registers, :func:`.config_keys.gluon_rega_value`; beside it
 ``"gluon_early": 1``, :func:`.config_keys.gluon_early_value`: the ring slot refilled a step earlier, in the buckets
 where that measured faster; ``"gluon_maxnreg": n``, :func:`.config_keys.gluon_maxnreg_value`: compiled for ``n``
-registers per thread, e.g. to keep two 8-warp programs per SM) or ``"gluon_ws": slots`` the warp-specialised, persistent form
-(:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the Triton kernels' bits.
+registers per thread, e.g. to keep two 8-warp programs per SM) or ``"gluon_ws": slots`` the warp-specialised,
+persistent form (:mod:`moekit.ops._gluon.w4_ws`; measured slower, in no table); all give the Triton kernels' bits.
 
 ``"tail_bm": BS`` (a power of two, 16 <= BS < BLOCK_M; :func:`.config_keys.tail_bm_value`): an expert's last rows, when
 at most BS of them are left past its last whole BLOCK_M block, run in a BS-row tile of the same Triton GEMMs and grid
