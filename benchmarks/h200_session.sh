@@ -198,9 +198,9 @@ case $WHAT in
     ;;
   r47-a)  # round 47: for each of gpt-oss's 4-bit buckets that round 46 found slower on re-laid words (T = 1, the
     # Triton GEMMs; T >= 1024, the w2), config variants beside the table's (benchmarks/r47_variants.json), SPEC-packed
-    # and re-laid, alternated twice: which form lets the layer store gpt-oss's rows re-laid (LAYER_HALF_CHUNKS)
+    # and re-laid, alternated twice: which form lets the layer store gpt-oss's rows re-laid (LAYER_HALF_CHUNKS); then
+    # DeepSeek-V3's and Mixtral's mxfp4 decode w13 in 80 registers (6 programs per SM instead of 4 / 5, no spill)
     r42_prepare
-    # (then DeepSeek-V3's and Mixtral's mxfp4 decode w13 in 80 registers: 6 programs per SM instead of 4 / 5, no spill)
     R47P="gpt-oss-120b:1,gpt-oss-120b:1024,gpt-oss-120b:4096,gpt-oss-120b:8192"
     step gpu-maxnreg 50 python -m pytest -p no:cacheprovider -rf --tb=short -n 2 tests/ops/test_w4_relaid.py -k maxnreg
     grep -h "passed\|failed" "$OUT/gpu-maxnreg.log" | tail -2

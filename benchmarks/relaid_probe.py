@@ -11,9 +11,10 @@ every kernel of that GEMM. Points whose H or I cannot be re-laid are skipped.
     PYTHONPATH=src:benchmarks python benchmarks/relaid_probe.py --points deepseek-v3:8,qwen3-30b-a3b:64 --rounds 2
 
 Round 47: ``--variants`` adds configs beside the table's at a token count (a JSON object or a file holding one,
-``{"T": {"name": patch}}``; keys ``"MODEL:FORMAT:T"``, ``"MODEL:T"`` or ``"FORMAT:T"`` for one model or format, each patch merged into the table's config as :func:`quant_probe.step_config` does), to
-find for each bucket of a shape the form that is fastest on re-laid words; every variant's output is compared bit for
-bit with the table's config on SPEC-packed words (what the layer's other buckets must match, SPEC §9).
+``{"T": {"name": patch}}``; keys ``"MODEL:FORMAT:T"``, ``"MODEL:T"`` or ``"FORMAT:T"`` for one model or format), each
+patch merged into the table's config as :func:`quant_probe.step_config` does, to find for each bucket of a shape the
+form that is fastest on re-laid words; every variant's output is compared bit for bit with the table's config on
+SPEC-packed words (what the layer's other buckets must match, SPEC §9).
 """
 
 from __future__ import annotations
@@ -50,6 +51,28 @@ def _variants_at(variants: dict, name: str, fmt_name: str, t: int) -> dict:
         if key in variants:
             return variants[key]
     return {}
+
+
+def time_pair(fns: dict, sets, rounds: int, tag: str, form: str, rows: list, key: dict) -> dict | None:
+    """Time ``fns["spec"]`` and ``fns["relaid"]`` (experts step in a CUDA graph, µs per kernel), alternated
+    ``rounds`` times, a row per timing into ``rows`` (``key`` merged in): ``{variant: output}``, or None (said) when
+    the config cannot run."""
+    try:
+        fns["spec"](*sets[0])
+    except Exception as exc:  # a variant a kernel cannot run: say so, go on with the next one
+        print(f"{tag} failed: {type(exc).__name__}: {exc}"[:400], flush=True)
+        return None
+    outs = {}
+    for r in range(rounds):
+        for v in (("spec", "relaid") if r % 2 == 0 else ("relaid", "spec")):
+            outs[v] = fns[v](*sets[0]).clone()
+            per = kernel_times(fns[v], sets, 5)
+            us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
+            k13 = sum(u for kn, u in per.items() if "w13" in kn)
+            k2 = sum(u for kn, u in per.items() if "w2" in kn)
+            print(f"{tag} {v:6s} round {r}: graph {us:9.1f} us | w13 {k13:8.1f}  w2 {k2:8.1f} ({form})", flush=True)
+            rows.append(dict(key, variant=v, round=r, us=round(us, 1), kernels=per))
+    return outs
 
 
 def main(argv=None) -> int:
@@ -94,30 +117,17 @@ def main(argv=None) -> int:
 
                 fns = {"spec": functools.partial(call, p13=q13, p2=q2, sp=spec),
                        "relaid": functools.partial(call, p13=r13, p2=r2, sp=spec_r)}
-                outs = {}
-                try:
-                    fns["spec"](*sets[0])
-                except Exception as exc:  # a variant a kernel cannot run: say so, go on with the next one
-                    print(f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s} failed: {type(exc).__name__}: {exc}"[:400],
-                          flush=True)
+                tag = f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s}"
+                outs = time_pair(fns, sets, a.rounds, tag, forms(cfg),
+                                 rows, dict(model=name, quant=fmt_name, tokens=t, config_name=label))
+                if outs is None:
                     continue
-                for r in range(a.rounds):
-                    for v in (("spec", "relaid") if r % 2 == 0 else ("relaid", "spec")):
-                        outs[v] = fns[v](*sets[0]).clone()
-                        per = kernel_times(fns[v], sets, 5)
-                        us = time_graph(fns[v], sets, target_ms=40.0, replays=5)
-                        k13 = sum(u for kn, u in per.items() if "w13" in kn)
-                        k2 = sum(u for kn, u in per.items() if "w2" in kn)
-                        print(f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s} {v:6s} round {r}: graph {us:9.1f} us | "
-                              f"w13 {k13:8.1f}  w2 {k2:8.1f} ({forms(cfg)})", flush=True)
-                        rows.append(dict(model=name, quant=fmt_name, tokens=t, config_name=label, variant=v, round=r,
-                                         us=round(us, 1), kernels=per))
-                if table_spec is None:
+                if label == "table":
                     table_spec = outs["spec"]
                 same = torch.equal(outs["spec"], outs["relaid"])
-                same_t = torch.equal(table_spec, outs["relaid"])
-                print(f"{name:14s} {fmt_name:6s} T={t:6d} {label:10s} spec and relaid outputs bit-identical: {same}; "
-                      f"relaid and the table's spec: {same_t}", flush=True)
+                same_t = table_spec is not None and torch.equal(table_spec, outs["relaid"])
+                print(f"{tag} spec and relaid outputs bit-identical: {same}; relaid and the table's spec: {same_t}",
+                      flush=True)
                 rows.append(dict(model=name, quant=fmt_name, tokens=t, config_name=label, identical=same,
                                  identical_to_table=same_t, config=cfg))
     save_rows(a.out, dev, rows)
