@@ -59,6 +59,10 @@ TINY13: dict[str, tuple[str, str, dict]] = {
     "nemotron_h_latent": ("nemotron_h", "NemotronHForCausalLM", dict(
         num_hidden_layers=2, layers_block_type=["attention", "moe"], **G2, moe_shared_expert_intermediate_size=48,
         moe_latent_size=48, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16)),
+    "nemotron_h_latent_bias": ("nemotron_h", "NemotronHForCausalLM", dict(  # mlp_bias: shared MLP + latent projections
+        num_hidden_layers=2, layers_block_type=["attention", "moe"], **G2, moe_shared_expert_intermediate_size=48,
+        moe_latent_size=48, mlp_bias=True, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
+        chunk_size=16)),
     "mistral4": ("mistral4", "Mistral4ForCausalLM", dict(first_k_dense_replace=1, **G2, **dict(MLA, head_dim=16))),
     "mistral_large4": ("mistral_large4_text", "MistralLarge4TextModel", dict(**SPARSE2, **G2, **MLA, **DSA)),
     # sigmoid + bias (MiniMax-M2 lineage), Inkling

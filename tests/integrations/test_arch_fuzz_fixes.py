@@ -137,3 +137,40 @@ def test_zero_shared_experts(tmp_path):
     patched, loaded, scale = _compare(_randomise(transformers.DeepseekV3ForCausalLM(cfg)), "model.layers.1.mlp",
                                       tmp_path, 32)
     assert patched <= 1e-5 * scale and loaded <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("model_type", ["aria_text", "nemotron_h"])
+def test_mlp_bias_shared_experts(model_type, tmp_path):
+    # mlp_bias=True puts a bias on every linear of the shared MLP (Aria, Nemotron-H; Nemotron-H's latent projections
+    # too, covered by hf_tiny13's nemotron_h_latent_bias): refused with NotImplementedError until round 48
+    if model_type == "aria_text":
+        from transformers.models.aria.modeling_aria import AriaTextForCausalLM as cls
+
+        cfg = transformers.CONFIG_MAPPING["aria_text"](
+            vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=1, mlp_bias=True)
+        path = "model.layers.0.mlp"
+    else:
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHForCausalLM as cls
+
+        cfg = transformers.CONFIG_MAPPING["nemotron_h"](
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, layers_block_type=["attention", "moe"],
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=6, num_experts_per_tok=2,
+            moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1,
+            mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=16, mlp_bias=True)
+        path = "backbone.layers.1.mixer" if hasattr(cls(cfg), "backbone") else "model.layers.1.mixer"
+    plans = plan_layers(cfg.to_dict())[1]
+    assert plans and all(p.shared_bias for p in plans)
+    model = _randomise(cls(cfg))
+    shared = model.get_submodule(path).shared_experts
+    assert shared.down_proj.bias is not None and shared.down_proj.bias.abs().max() > 0  # the biases are in play
+    patched, loaded, scale = _compare(model, path, tmp_path, 32)
+    assert patched <= 1e-5 * scale and loaded <= 1e-5 * scale
+    # quantised on load: the routed experts run fp8, the biased shared MLP stays full precision (QuantSharedMLP has
+    # no biases), with its biases loaded
+    from moekit.loading.modules import SharedMLP
+
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+    layer = load_moe_layers(tmp_path, quant_config=fp8)[path]
+    assert layer.routed_experts.quant is not None and isinstance(layer.shared_experts, SharedMLP)
+    assert torch.equal(layer.shared_experts.down_proj.bias, shared.down_proj.bias)

@@ -10,7 +10,8 @@ each equal to its transformers counterpart, and :func:`plan_modules` which build
 - :class:`Scale`: ``x * weight`` (Inkling's ``global_scale``).
 
 Module kinds a :class:`~moekit.loading.plan.LayerPlan` names (``input_transform``, ``output_transform``,
-``final_transform``, ``expert_output_norm``): ``"linear"`` (a latent projection), ``"linear_centered_norm"``
+``final_transform``, ``expert_output_norm``): ``"linear"`` (a latent projection; ``"linear_bias"`` with a bias,
+Nemotron-H's ``mlp_bias=True``), ``"linear_centered_norm"``
 (projection, then a centred RMSNorm), ``"rmsnorm"``, ``"scaled_rmsnorm"`` (input-scaled, offset 1),
 ``"expert_rmsnorm"`` (:class:`ExpertRMSNorm`, expert output norms only), ``"scale"``, ``"bias"``
 (:class:`OutputBias`). The named routings with tensors (Gemma 4, Kolibri-1) live
@@ -108,8 +109,8 @@ def make_module(kind: str | None, d_in: int, d_out: int, eps: float, *, num_expe
         if num_experts is None:
             raise ValueError("the module kind 'expert_rmsnorm' is an expert output norm (it needs num_experts)")
         return ExpertRMSNorm(num_experts, d_out, eps, **kw)
-    if kind == "linear":
-        return torch.nn.Linear(d_in, d_out, bias=False, **kw)
+    if kind in ("linear", "linear_bias"):
+        return torch.nn.Linear(d_in, d_out, bias=kind == "linear_bias", **kw)
     if kind == "linear_centered_norm":
         return torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False, **kw), RMSNorm(d_out, eps, offset=1.0, **kw))
     if kind == "rmsnorm":

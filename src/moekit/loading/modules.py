@@ -95,15 +95,16 @@ class SharedMLP(torch.nn.Module):
     registry's clamp semantics for ``swiglu_limit`` (:func:`moekit.ops.activation.gated_activation`);
     ``fused=True`` holds one ``gate_up_proj`` [2I, H] (gate rows, then up). Non-gated (relu2):
     ``down(act(up x))``. With ``norm_eps`` the output goes through ``norm`` (an :class:`RMSNorm` [H] with a
-    float32 weight, Ergo's shared expert). The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5)."""
+    float32 weight, Ergo's shared expert). The output is multiplied by ``scale`` (Cohere2-MoE's "average": 0.5).
+    ``bias=True``: every linear has a bias (``gate x + b_g`` ...; Aria / Nemotron-H with ``mlp_bias=True``)."""
 
     #: may be captured in the layer's internal CUDA graph (:mod:`moekit.experts.graphed_plan`)
     _moekit_graph_safe = True
 
     def __init__(self, hidden, inter, activation="silu", swiglu_limit=None, *, fused=False, scale=1.0, norm_eps=None,
-                 device=None, dtype=None):
+                 bias=False, device=None, dtype=None):
         super().__init__()
-        kw = dict(bias=False, device=device, dtype=dtype)
+        kw = dict(bias=bool(bias), device=device, dtype=dtype)
         self.act = get_activation(activation)
         self.activation, self.fused = self.act.name, bool(fused) and self.act.gated
         if self.fused:
@@ -183,7 +184,8 @@ def build_layer(
     if plan.shared_intermediate_size:
         shared_experts = SharedMLP(plan.outer_hidden_size, plan.shared_intermediate_size, plan.shared_activation,
                                    plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale,
-                                   norm_eps=plan.norm_eps if plan.shared_output_norm else None, **mkw)
+                                   norm_eps=plan.norm_eps if plan.shared_output_norm else None,
+                                   bias=plan.shared_bias, **mkw)
     if plan.shared_expert_gate:
         shared_expert_gate = torch.nn.Linear(plan.outer_hidden_size, 1, bias=False, **mkw)
     layer = FusedMoE(

@@ -73,6 +73,7 @@ class LayerPlan:
     expert_norm_eps: float = 1e-6
     shared_fused: bool = False  # the shared MLP has one gate_up_proj (MiniMax-M3-VL)
     shared_output_norm: bool = False  # an RMSNorm [H] (eps norm_eps) on the shared MLP's output (Ergo)
+    shared_bias: bool = False  # every linear of the shared MLP has a bias (Aria / Nemotron-H with mlp_bias=True)
 
     @property
     def outer_hidden_size(self) -> int:
@@ -92,7 +93,9 @@ class LayerPlan:
         return n * bytes_per_el
 
     def shared_bytes(self, bytes_per_el: int = 2) -> int:
-        return 3 * self.outer_hidden_size * self.shared_intermediate_size * bytes_per_el
+        """Bytes of the shared MLP (gate, up, down; + their biases) at ``bytes_per_el``."""
+        h, i = self.outer_hidden_size, self.shared_intermediate_size
+        return (3 * h * i + (2 * i + h if self.shared_bias and i else 0)) * bytes_per_el
 
     def active_bytes_per_token(self, bytes_per_el: int = 2) -> int:
         """Expert weight bytes one token touches: K routed experts + the shared expert + the router."""

@@ -128,8 +128,8 @@ def shared_format(fmt, plan, ckpt_name):
 
     fmt: the checkpoint's (or asked) format; ckpt_name: ``moekit-relative name -> checkpoint module
     name``, checked with ``fmt.applies_to``."""
-    if not plan.shared_intermediate_size or not isinstance(fmt, FP8_FORMATS):
-        return None
+    if not plan.shared_intermediate_size or not isinstance(fmt, FP8_FORMATS) or plan.shared_bias:
+        return None  # a biased shared MLP (Aria / Nemotron-H mlp_bias=True) stays in full precision
     return fmt if all(fmt.applies_to(ckpt_name(f"shared_experts.{p}")) for p in shared_projs(plan)) else None
 
 
@@ -142,7 +142,7 @@ def _fused_grid_holds(fmt, inter: int) -> bool:
 def shared_groups(dense: dict[str, dict[str, str]], plan, fmt) -> dict[str, dict[str, str]] | None:
     """``{proj: {part: key}}`` of a shipped fp8 shared MLP among ``dense`` (:func:`.quant.dense_groups`),
     when the checkpoint is fp8 and the shared MLP's every linear is quantised; else None."""
-    if not plan.shared_intermediate_size or not isinstance(fmt, FP8_FORMATS):
+    if not plan.shared_intermediate_size or not isinstance(fmt, FP8_FORMATS) or plan.shared_bias:
         return None
     mods = {mod[len("shared_experts."):]: parts for mod, parts in dense.items() if mod.startswith("shared_experts.")}
     if set(mods) != set(shared_projs(plan)):

@@ -74,11 +74,12 @@ def _plan_nemotron(cfg, spec):
         shared_intermediate_size=int(get(cfg, "moe_shared_expert_intermediate_size", 0)),
         shared_activation=act(dict(hidden_act=get(cfg, "mlp_hidden_act", "relu2"))),
     )
-    if cfg.get("mlp_bias"):
-        raise NotImplementedError("Nemotron-H with mlp_bias=True (biased latent projections / shared MLP)")
+    bias = bool(cfg.get("mlp_bias"))  # biases on the shared MLP and the latent projections (not the experts)
+    shared.update(shared_bias=bias)
     if latent:  # the experts run on a latent; the gate and the shared experts read the block input
+        proj = "linear_bias" if bias else "linear"
         shared.update(block_hidden_size=int(cfg["hidden_size"]), hidden_size=int(latent), gate_input="block",
-                      input_transform="linear", output_transform="linear")
+                      input_transform=proj, output_transform=proj)
     return [replace(p, **shared) for p in base]
 
 

@@ -49,8 +49,6 @@ def _plan_jetmoe(cfg, spec):
 
 
 def _plan_aria(cfg, spec):
-    if get(cfg, "mlp_bias", False):
-        raise NotImplementedError("Aria with mlp_bias=True (biased shared-expert projections)")
     inter = int(get(cfg, "intermediate_size", 4096))
     kw = dict(
         num_experts=int(first(cfg, ("moe_num_experts", "num_experts"), 8)),
@@ -61,6 +59,7 @@ def _plan_aria(cfg, spec):
         activation="silu",  # AriaExperts always use SiLU, whatever hidden_act says
         shared_intermediate_size=inter * int(get(cfg, "moe_num_shared_experts", 2)),
         shared_activation=act(cfg),
+        shared_bias=bool(get(cfg, "mlp_bias", False)),  # the shared MLP's linears (the grouped experts have none)
     )
     return [mk(spec, i, **kw) for i in range(layers(cfg))]
 
