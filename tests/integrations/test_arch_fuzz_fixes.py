@@ -139,10 +139,11 @@ def test_zero_shared_experts(tmp_path):
     assert patched <= 1e-5 * scale and loaded <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("model_type", ["aria_text", "nemotron_h"])
+@pytest.mark.parametrize("model_type", ["aria_text", "nemotron_h", "ernie4_5_moe"])
 def test_mlp_bias_shared_experts(model_type, tmp_path):
-    # mlp_bias=True puts a bias on every linear of the shared MLP (Aria, Nemotron-H; Nemotron-H's latent projections
-    # too, covered by hf_tiny13's nemotron_h_latent_bias): refused with NotImplementedError until round 48
+    # mlp_bias=True (ERNIE: use_bias) puts a bias on every linear of the shared MLP (Aria, Nemotron-H, ERNIE-4.5;
+    # Nemotron-H's latent projections too, covered by hf_tiny13's nemotron_h_latent_bias): refused with
+    # NotImplementedError until round 48
     if model_type == "aria_text":
         from transformers.models.aria.modeling_aria import AriaTextForCausalLM as cls
 
@@ -150,6 +151,14 @@ def test_mlp_bias_shared_experts(model_type, tmp_path):
             vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=1, mlp_bias=True)
         path = "model.layers.0.mlp"
+    elif model_type == "ernie4_5_moe":  # its use_bias: the shared MLP (and attention, lm_head), not the experts
+        from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeForCausalLM as cls
+
+        cfg = transformers.CONFIG_MAPPING["ernie4_5_moe"](
+            vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_num_experts=6, moe_k=2,
+            moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1, use_bias=True)
+        path = "model.layers.1.mlp"
     else:
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHForCausalLM as cls
 

@@ -42,8 +42,6 @@ def _plan_ernie(cfg, spec):
     end = n - 1 if end == -1 else end
     step = int(get(cfg, "moe_layer_interval", 1))
     inter = int(cfg["moe_intermediate_size"])
-    if get(cfg, "use_bias", False):
-        raise NotImplementedError("ERNIE-4.5-MoE with use_bias=True (biased shared-expert projections)")
     norm_min = float(get(cfg, "moe_norm_min", 1e-12))
     if norm_min > 1e-12:  # transformers divides by max(Σw, moe_norm_min); the bias router by Σw (round 46)
         raise NotImplementedError(f"ERNIE-4.5-MoE with moe_norm_min = {norm_min} (above the released 1e-12): the "
@@ -58,6 +56,7 @@ def _plan_ernie(cfg, spec):
         router_fp32=True,
         shared_intermediate_size=inter * int(get(cfg, "moe_num_shared_experts", 0)),
         shared_activation=act(cfg),
+        shared_bias=bool(get(cfg, "use_bias", False)),  # the shared MLP's linears (the experts have none)
         activation=act(cfg),
     )
     return [mk(spec, i, **kw) for i in range(n) if (i + 1) % step == 0 and start <= i <= end]
