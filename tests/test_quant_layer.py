@@ -121,6 +121,19 @@ def test_per_shard_loading_and_the_loaded_record_cover_scales():
     assert torch.equal(layer(x, lg), ref(x, lg))
 
 
+@pytest.mark.parametrize("name", ["fp8_block_ue8m0", "mxfp4"])
+def test_e8m0_scales_load_whole_as_per_shard(name):
+    # SPEC §8: scales may come as e8m0 (torch.float8_e8m0fnu): load_expert_shard took them, load_expert_weights
+    # raised TypeError (round 48's audit); both now give the layer of the float / uint8 scales, bit for bit
+    fmt, (q13, q2, s13, s2), _, _, _ = _quantised(name)
+    e8 = (lambda s: s.view(torch.float8_e8m0fnu)) if name == "mxfp4" else (lambda s: s.to(torch.float8_e8m0fnu))
+    ref, layer = (moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=fmt) for _ in range(2))
+    ref.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    layer.load_expert_weights(q13, q2, w13_scale=e8(s13), w2_scale=e8(s2))
+    x, lg = _inputs()
+    assert torch.equal(layer(x, lg), ref(x, lg))
+
+
 def test_errors():
     fmt, (q13, q2, s13, s2), _, _, _ = _quantised("fp8_block")
     plain = moekit.FusedMoE(E, K, H, I)

@@ -114,6 +114,10 @@ def _ct_weights(**kw):
     ({"quant_method": "gptq"}, "quant_method", "gptq"),
     (_ct_weights(symmetric=False), "weights.symmetric", "False"),
     (_ct_weights(num_bits=8), "weights", "8"),
+    # int8 W8A8 ('int-quantized'): the 8-bit weights are named, not the activations (round 48's audit)
+    ({**_ct_weights(num_bits=8, strategy="channel"), "format": "int-quantized", "config_groups": {"group_0": {
+        **_ct_weights(num_bits=8)["config_groups"]["group_0"], "input_activations": {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}}}}, "weights", "8"),
     (_ct_weights(actorder="group"), "weights.actorder", "group"),
     (_ct_weights(strategy="channel"), "weights.strategy", "channel"),
     ({**CT_MXFP4, "format": "nvfp4-pack-quantized"}, "weights", "nvfp4-pack-quantized"),

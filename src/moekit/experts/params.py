@@ -229,6 +229,10 @@ def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=N
             expect_float("w13", w13, (e, c.w13_rows(inter), h))
             expect_float("w2", w2, (e, h, inter))
             w13, w2, scales["w13_scale"], scales["w2_scale"] = quantize_experts(w13, w2, fmt)
+        for name in ("w13_scale", "w2_scale"):  # e8m0 scales (SPEC §8) as a shard load takes them (``stored``)
+            t = scales[name]
+            if _E8M0 is not None and isinstance(t, torch.Tensor) and t.dtype == _E8M0:
+                scales[name] = t.view(torch.uint8) if fmt.scale_dtype == torch.uint8 else t.float()
         sizes = check_quant_weights(fmt, w13, w2, **scales)
         if sizes != (e, inter, h, c.gated):
             raise ValueError(f"quantised weights hold (E, I, H, gated) = {sizes}, the layer {(e, inter, h, c.gated)}")

@@ -132,6 +132,9 @@ def _parse_ct(cfg: dict) -> WeightFormat:
         if fmt_name != "float-quantized":
             raise _unsupported("format", fmt_name, "fp8 weights ship as 'float-quantized'")
         return _ct_fp8(w, x, sel)
+    if key not in (("float", 4), ("int", 4)):  # the weights first: an int8 W8A8 config names its weights
+        raise _unsupported("weights", {"type": key[0], "num_bits": key[1]},
+                           "expected float 8-bit, float 4-bit (mxfp4) or int 4-bit weights")
     if x is not None:
         raise _unsupported("input_activations", x, "4-bit formats are weight-only")
     strategy, g = w.get("strategy"), w.get("group_size")
@@ -146,8 +149,6 @@ def _parse_ct(cfg: dict) -> WeightFormat:
         if strategy != "group" or not isinstance(g, int):
             raise _unsupported("weights.strategy", strategy, "int4 runs with strategy 'group' and a group_size")
         return Int4GroupFormat(g, **sel)
-    raise _unsupported("weights", {"type": key[0], "num_bits": key[1]},
-                       "expected float 8-bit, float 4-bit (mxfp4) or int 4-bit weights")
 
 
 def _ct_fp8(w: dict, x: dict | None, sel: dict) -> WeightFormat:
