@@ -23,26 +23,40 @@ sys.path.insert(0, os.path.dirname(__file__))
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
 
 
-def _model():
+def _model(block=(16, 16), **over):
     from hf_tiny import COMMON, TINY
+
+    from moekit.ops._quant_rules import fp8_block_quantize
 
     cfg_name, model_name, kw = TINY["qwen3_moe"]
     torch.manual_seed(0)
-    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**COMMON, **kw)).eval()
-    fmt = moekit.parse_quant_config(FP8)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**COMMON, **dict(kw, **over))).eval()
+    fp8 = dict(FP8, weight_block_size=list(block))
+    fmt = moekit.parse_quant_config(fp8)
     for layer in model.model.layers:
         old = getattr(layer.mlp, "experts", None)
         if old is None:
             continue
-        ex = fp8_mod.FP8Experts(model.config, block_size=(16, 16))
+        ex = fp8_mod.FP8Experts(model.config, block_size=block)
         q13, q2, s13, s2 = moekit.quantize_experts(old.gate_up_proj.detach(), old.down_proj.detach(), fmt)
+        if old.gate_up_proj.shape[1] // 2 % block[0]:  # transformers' one grid over the fused 2I rows
+            q13, s13 = fp8_block_quantize(old.gate_up_proj.detach(), *block)
         with torch.no_grad():
             for name, t in (("gate_up_proj", q13), ("down_proj", q2), ("gate_up_proj_scale_inv", s13),
                             ("down_proj_scale_inv", s2)):
                 getattr(ex, name).data = t
         layer.mlp.experts = ex
-    model.config.quantization_config = dict(FP8)
+    model.config.quantization_config = fp8
     return model, fmt
+
+
+def test_patch_refuses_a_fused_grid_that_straddles_gate_and_up():
+    # I = 24, 32-row blocks: transformers' grid over the fused 48 rows has 2 rows, as many as moekit's per-shard
+    # grids (2 · ⌈24/32⌉), but its first block holds gate rows 0..23 and up rows 0..7. The equal shapes passed the
+    # check (the up rows 0..7 then ran on the gate's scale); round 48 refuses any I % bn != 0
+    model, _ = _model(block=(32, 16), moe_intermediate_size=24)
+    with pytest.raises(NotImplementedError, match="one grid over both halves"):
+        patch(model, backend="torch")
 
 
 def test_patch_keeps_the_fp8_experts():

@@ -8,6 +8,7 @@ tensors; a bf16 checkpoint loaded with ``quant_config=`` equals quantize_experts
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -121,6 +122,31 @@ def test_qwen3_fp8_block_partial_blocks_and_quantise_on_load(tmp_path):
     _write(tmp_path / "bf", cfg, t)
     layer = load_moe_layers(tmp_path / "bf", quant_config=FP8)["model.layers.0.mlp"]
     _check_routed(layer, fmt, q13, q2, s13, s2, h)
+
+
+@pytest.mark.parametrize("i, bn", [(32, 16), (24, 16), (56, 32)])
+def test_fused_fp8_gate_up_grid_straddling_the_halves_is_refused(i, bn, tmp_path):
+    # fused stacks (transformers' FP8Experts layout): gate_up_proj [E, 2I, H] e4m3 with ONE block grid over the 2I
+    # rows, ⌈2I/bn⌉ rows. I = 32: the per-shard grids (SPEC §8); I = 24: 3 rows, odd (refused before); I = 56,
+    # bn = 32: 4 rows, the per-shard 2·⌈I/bn⌉ too, and was read as per-shard grids, 7 % off, silently: any I % bn != 0
+    # is refused now (round 48's audit)
+    from moekit.ops._quant_rules import fp8_block_quantize
+
+    h, fp8 = 32, dict(FP8, weight_block_size=[bn, 16])
+    cfg = dict(model_type="qwen3_moe", hidden_size=h, moe_intermediate_size=i, num_experts=E, num_experts_per_tok=K,
+               num_hidden_layers=1, dtype="float32", quantization_config=fp8)
+    w13, w2 = _stacks(h, i, seed=5)
+    q13, s13 = fp8_block_quantize(w13, bn, 16)  # the fused grid, as transformers quantises a [2I, H] stack
+    q2, s2 = fp8_block_quantize(w2, bn, 16)
+    pre = "model.layers.0.mlp."
+    _write(tmp_path, cfg, {pre + "gate.weight": torch.randn(E, h), pre + "experts.gate_up_proj": q13,
+                           pre + "experts.gate_up_proj_scale_inv": s13, pre + "experts.down_proj": q2,
+                           pre + "experts.down_proj_scale_inv": s2})
+    if i % 16:
+        with pytest.raises(NotImplementedError, match="not a multiple of the block"):
+            load_moe_layers(tmp_path)
+        return
+    _check_routed(load_moe_layers(tmp_path)[pre[:-1]], moekit.parse_quant_config(fp8), q13, q2, s13, s2, h)
 
 
 def test_glm45_compressed_tensors_fp8_channel_static_inputs(tmp_path):

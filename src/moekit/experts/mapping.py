@@ -276,10 +276,15 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
         if not c.gated:
             _shard(experts, name, expert, GATE, t, kind, full)
             continue
-        if kind == "scale" and t.dim() and t.shape[0] % 2:
+        rows_unit = experts.quant.scale_units()[0] if experts.quant is not None else 1
+        if kind == "scale" and t.dim() and rows_unit not in (None, 1) and inter % rows_unit:
+            # a fused [2I, H] stack's block grid has ⌈2I/bn⌉ rows; with I % bn != 0 a block straddles the gate and up
+            # halves, and the row count may even equal the per-shard 2·⌈I/bn⌉ (I = 56, bn = 32: 4 rows each way),
+            # so the shape cannot tell the grids apart: refused, never read as per-shard grids (round 48's audit:
+            # 7 % off, silently)
             raise NotImplementedError(
-                f"checkpoint key {name!r}: fused gate/up scales with {t.shape[0]} rows (blocks straddle the gate and "
-                f"up halves, I = {inter}); moekit needs per-shard scale grids"
+                f"checkpoint key {name!r}: fused gate/up block scales with I = {inter} not a multiple of the block "
+                f"height {rows_unit} (blocks straddle the gate and up halves); moekit needs per-shard scale grids"
             )
         if kind == "scale" and t.dim() and layout.interleaved and experts.quant.scale_units()[0] != 1:
             raise NotImplementedError(f"checkpoint key {name!r}: interleaved gate/up rows with block scales")

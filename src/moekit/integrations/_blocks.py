@@ -152,7 +152,7 @@ def _fp8_stacks(stacks: dict, experts, plan: LayerPlan, fmt):
         raise NotImplementedError(f"{plan.name}: fp8 experts with static activations or biases")
     s13, s2 = stacks["experts.gate_up_proj_scale_inv"], stacks["experts.down_proj_scale_inv"]
     want = fmt.w13_scale_shape(plan.num_experts, plan.intermediate_size, plan.hidden_size)
-    if tuple(s13.shape) != want:
+    if tuple(s13.shape) != want or plan.intermediate_size % fmt.block_n:  # shapes may agree (I = 56, bn = 32)
         raise NotImplementedError(
             f"{plan.name}: gate_up_proj_scale_inv {list(s13.shape)} is one grid over both halves; moekit keeps a grid "
             f"per shard {list(want)} (equal only when I = {plan.intermediate_size} is a multiple of {fmt.block_n})"
