@@ -206,13 +206,13 @@ def test_hash_routing_errors():
     logits = torch.randn(5, 6)
     table = torch.randint(0, 6, (10, 2))
     ids = torch.randint(0, 10, (5,))
-    with pytest.raises(ValueError, match="input_ids"):  # missing input_ids
+    with pytest.raises(ValueError, match="input_tokens"):  # missing input_tokens (its name here)
         fused_topk_bias(None, logits, None, 2, True, hash_indices_table=table)
-    with pytest.raises(ValueError, match="input_ids"):  # wrong count
+    with pytest.raises(ValueError, match="input_tokens"):  # wrong count
         fused_topk_bias(None, logits, None, 2, True, input_tokens=ids[:4], hash_indices_table=table)
-    with pytest.raises(ValueError, match="input_ids"):  # out of the table's range
+    with pytest.raises(ValueError, match="input_tokens"):  # out of the table's range
         fused_topk_bias(None, logits, None, 2, True, input_tokens=ids + 10, hash_indices_table=table)
-    with pytest.raises(TypeError, match="input_ids"):  # float ids
+    with pytest.raises(TypeError, match="input_tokens"):  # float ids
         fused_topk_bias(None, logits, None, 2, True, input_tokens=ids.float(), hash_indices_table=table)
     with pytest.raises(ValueError, match="hash_indices_table"):  # width != top_k
         fused_topk_bias(None, logits, None, 3, True, input_tokens=ids, hash_indices_table=table)

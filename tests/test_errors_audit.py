@@ -285,3 +285,76 @@ def test_input_tokens_without_a_hash_table():
     with pytest.raises(ValueError, match="input_tokens was given but hash_indices_table is None"):
         moekit.fused_topk_bias(None, torch.randn(3, 8), torch.zeros(8), 2, True,
                                input_tokens=torch.zeros(3, dtype=torch.int64))
+
+
+# -- round 48's audit --------------------------------------------------------------------------------------
+def test_router_instance_and_output_scale_do_not_scale_twice():
+    # router= with its own routed_scaling_factor and apply_routed_scale_to_output=True: the output was scaled by the
+    # factor twice (x4 for 2.0), silently; a router with factor 1.0 is the way (SPEC §1 step 6)
+    with pytest.raises(ValueError, match="would apply twice"):
+        FusedMoE(6, 2, 8, 4, router=FusedTopKRouter(2, 6, routed_scaling_factor=2.0), routed_scaling_factor=2.0,
+                 apply_routed_scale_to_output=True)
+    layer = FusedMoE(6, 2, 8, 4, router=FusedTopKRouter(2, 6), routed_scaling_factor=2.0,
+                     apply_routed_scale_to_output=True)
+    plain = FusedMoE(6, 2, 8, 4)
+    w13, w2 = torch.randn(6, 8, 8), torch.randn(6, 8, 4)
+    for m in (layer, plain):
+        m.load_expert_weights(w13, w2)
+    x, lg = torch.randn(3, 8), torch.randn(3, 6)
+    torch.testing.assert_close(layer(x, lg), 2 * plain(x, lg))
+
+
+def test_logits_and_input_ids_with_other_leading_dims():
+    # [S, B, E] logits (or [S, B] ids) for [B, S, H] hidden states were reshaped to fit and routed the wrong tokens;
+    # flat ones and ones with the hidden states' leading dims still work
+    layer = _layer()
+    x, lg = torch.randn(2, 3, 8), torch.randn(2, 3, 6)
+    ref = layer(x, lg)
+    torch.testing.assert_close(layer(x, lg.reshape(6, 6)), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"router_logits must be flat .*\[2, 3, E \+ Z\]; got \[3, 2, 6\]"):
+        layer(x, lg.transpose(0, 1).contiguous())
+    with pytest.raises(ValueError, match="router_logits must be flat"):
+        layer.forward_with_scores(x, lg.transpose(0, 1).contiguous())
+    hashed = _layer(hash_indices_table=torch.randint(0, 6, (10, 2)))
+    ids = torch.randint(0, 10, (2, 3))
+    torch.testing.assert_close(hashed(x, lg, input_ids=ids), hashed(x, lg, input_ids=ids.reshape(6)))
+    with pytest.raises(ValueError, match=r"input_ids must be flat .*got \[3, 2\]"):
+        hashed(x, lg, input_ids=ids.t().contiguous())
+
+
+@pytest.mark.parametrize("bad", ["w2_inter", "w2_experts", "w1_inter"])
+def test_fused_experts_w1_w2_disagreement_names_both(bad):
+    # a wrong w2 was reported as a wrong w1 ("w1 must have shape [4, 10, 12]", E and I read from w2): the message now
+    # names both shapes and what each would have to be
+    x, w1, w2, w, ids = _experts()
+    if bad == "w2_inter":
+        w2 = torch.randn(4, 12, 5)
+    elif bad == "w2_experts":
+        w2 = torch.randn(5, 12, 4)
+    else:
+        w1 = torch.randn(4, 6, 12)
+    with pytest.raises(ValueError, match=r"w1 \[.*\] and w2 \[.*\] disagree on E or I") as err:
+        moekit.fused_experts(x, w1, w2, w, ids)
+    want = "w1 must have shape [4, 8, 12] or w2 shape [4, 12, 3]" if bad == "w1_inter" else "or w2 shape [4, 12, 4]"
+    assert want in str(err.value), str(err.value)
+
+
+def test_fused_topk_bias_names_input_tokens():
+    # its argument is input_tokens (the seed's name); the errors said input_ids
+    logits, table = torch.randn(3, 6), torch.randint(0, 6, (5, 2))
+    for tokens, match in ((None, "input_tokens is required"), (torch.tensor([1, 2]), "input_tokens must hold one id"),
+                          (torch.tensor([1, 2, 9]), r"input_tokens must lie in \[0, 5\)")):
+        with pytest.raises(ValueError, match=match):
+            moekit.fused_topk_bias(None, logits, torch.zeros(6), 2, True, input_tokens=tokens,
+                                   hash_indices_table=table)
+
+
+def test_selection_bias_keeps_its_dtype_under_to():
+    # model.to(torch.bfloat16) rounded the router's float32 selection bias (SPEC §8: never rounded to bf16); it keeps
+    # its dtype (and its storage, on the same device) while the layer's weights convert
+    bias = torch.randn(6) * 1e-3 + 1.0  # bf16 would flatten these differences
+    layer = _layer(e_score_correction_bias=bias, scoring_func="sigmoid")
+    layer.to(torch.bfloat16)
+    assert layer.router.e_score_correction_bias.dtype == torch.float32
+    assert layer.router.e_score_correction_bias.data_ptr() == bias.data_ptr()
+    assert layer.routed_experts.w13_weight.dtype == torch.bfloat16

@@ -255,7 +255,7 @@ class MoERunner(torch.nn.Module):
             if packed is not None:
                 routed, weights = unpack_scores(packed, self.router.top_k)
                 return self._tail(hidden_states, routed, False), weights
-        check_hidden(self, hidden_states)
+        check_hidden(self, hidden_states, router_logits, input_ids)
         h = hidden_states.reshape(-1, hidden_states.shape[-1])
         routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, True)
         return self._tail(hidden_states, routed, False, h), weights
@@ -263,7 +263,7 @@ class MoERunner(torch.nn.Module):
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see
         :mod:`moekit.experts.graphed_plan`), else replays the partial one (route -> experts)."""
-        check_hidden(self, hidden_states)
+        check_hidden(self, hidden_states, router_logits, input_ids)
         if graphs is not None and input_ids is None:
             out, graphs = capture_whole(self, graphs, hidden_states, router_logits)
             if out is not None:

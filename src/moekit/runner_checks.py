@@ -36,9 +36,12 @@ def check_runner_args(moe_config, router, enable_dbo: bool, gate_input: str, rou
         )
 
 
-def check_hidden(layer, hidden_states) -> None:
+def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> None:
     """A :class:`~moekit.MoERunner` forward's ``hidden_states`` [..., H_in]: a float tensor, not a scalar, of
-    width ``hidden_size`` unless a ``routed_input_transform`` maps it; no training with autograd (unsupported)."""
+    width ``hidden_size`` unless a ``routed_input_transform`` maps it; no training with autograd (unsupported).
+    ``router_logits`` [T, E + Z] and ``input_ids`` [T] are flat, or have the leading dims of ``hidden_states``
+    (``[B, S, E + Z]`` / ``[B, S]`` for ``[B, S, H]``): other leading dims of as many tokens ([S, B, ...]) would
+    route the wrong tokens, so they raise."""
     check_tensor("hidden_states", hidden_states)
     check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
     if hidden_states.dim() < 1:
@@ -52,6 +55,12 @@ def check_hidden(layer, hidden_states) -> None:
     hidden = layer.moe_config.hidden_size
     if layer.routed_input_transform is None and hidden_states.shape[-1] != hidden:
         raise ValueError(f"hidden_states must have shape [..., {hidden}], got {list(hidden_states.shape)}")
+    lead = tuple(hidden_states.shape[:-1])
+    for name, t, flat in (("router_logits", router_logits, 2), ("input_ids", input_ids, 1)):
+        if isinstance(t, torch.Tensor) and t.dim() > flat and tuple(t.shape[: t.dim() + 1 - flat]) != lead:
+            want = f"[{', '.join(map(str, lead))}{', E + Z' if flat == 2 else ''}]"
+            raise ValueError(f"{name} must be flat ([T{', E + Z' if flat == 2 else ''}]) or have the leading dims of "
+                             f"hidden_states {list(hidden_states.shape)}, i.e. {want}; got {list(t.shape)}")
 
 
 def check_routed_input(layer, x: torch.Tensor) -> None:

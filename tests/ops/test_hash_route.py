@@ -47,7 +47,7 @@ def test_invalid_input_ids_raise(backend, bad):
     input_ids[3] = bad
     with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\).*got {bad}"):
         kernels_for(backend).hash_route(logits, table, input_ids, TopKSpec(K), None)
-    with pytest.raises(ValueError, match="input_ids"):  # the public front, same policy
+    with pytest.raises(ValueError, match=rf"input_tokens must lie in \[0, {VOCAB}\)"):  # the public front, its name
         moekit.fused_topk_bias(None, logits, None, K, False, input_tokens=input_ids, hash_indices_table=table,
                                backend=backend)
 

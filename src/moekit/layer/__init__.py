@@ -307,7 +307,8 @@ def build_fused_moe(
                                                                        routing, device)
         config = dataclasses.replace(config, top_k=top_k)
     if router is not None:
-        check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb)
+        check_router_instance(router, routing, top_k=top_k, num_experts=num_experts, enable_eplb=enable_eplb,
+                              output_scale=config.routed_scaling_factor if apply_routed_scale_to_output else 1.0)
     kernels = resolve_kernels(backend, device, quiet=True)
     if backend == "auto":
         log.info("moekit layer %r: backend %r on %s", prefix, kernels.name, device)

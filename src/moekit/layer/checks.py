@@ -123,9 +123,12 @@ _ROUTER_DEFAULTS = {
 }
 
 
-def check_router_instance(router, routing: dict, *, top_k: int, num_experts: int, enable_eplb: bool) -> None:
+def check_router_instance(router, routing: dict, *, top_k: int, num_experts: int, enable_eplb: bool,
+                          output_scale: float = 1.0) -> None:
     """A given ``router=`` decides the routing: routing keywords that differ from their defaults would be
-    ignored, so they raise; so does EPLB (whose state the layer would have to hand the router)."""
+    ignored, so they raise; so does EPLB (whose state the layer would have to hand the router). ``output_scale``:
+    the factor the layer applies to the routed output (``apply_routed_scale_to_output``); a router that scales
+    its weights too would apply ``routed_scaling_factor`` twice, so it raises."""
     if not isinstance(router, BaseRouter):
         raise TypeError(f"router must be a moekit router (BaseRouter), got {type(router).__name__}")
     if router.top_k != top_k or router.global_num_experts != num_experts:
@@ -139,6 +142,13 @@ def check_router_instance(router, routing: dict, *, top_k: int, num_experts: int
     ]
     if ignored:
         raise ValueError(f"router= is given, so {ignored} would be ignored; configure the router instead")
+    router_scale = getattr(router, "routed_scaling_factor", 1.0)
+    if output_scale != 1.0 and router_scale != 1.0:
+        raise ValueError(
+            f"apply_routed_scale_to_output=True scales the routed output by routed_scaling_factor={output_scale}, "
+            f"and the given router scales its weights by routed_scaling_factor={router_scale}: the factor would apply "
+            "twice; build the router with routed_scaling_factor=1.0 (SPEC §1: the router then uses 1.0)"
+        )
     if enable_eplb:
         raise ValueError(
             "router= cannot be combined with enable_eplb=True: the layer builds the EPLB routing state and "

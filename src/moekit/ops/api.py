@@ -25,7 +25,9 @@ from .routing import (
     check_hash_table,
     check_indices_type,
     check_input_ids,
+    check_input_ids_range,
     grouped_spec,
+    host_sync_allowed,
 )
 
 
@@ -189,7 +191,9 @@ def fused_topk_bias(
     kernels = _kernels(backend, gating_output)
     check_hash_table(hash_indices_table, e, topk, check_range=kernels.checks_values)
     check_same_device("hash_indices_table", hash_indices_table, "router_logits", gating_output)
-    input_ids = check_input_ids(input_tokens, hash_indices_table, t)
+    input_ids = check_input_ids(input_tokens, hash_indices_table, t, name="input_tokens")
+    if host_sync_allowed():  # here, so that the error names this function's argument (the kernels' says input_ids)
+        check_input_ids_range(input_ids, hash_indices_table.shape[0], name="input_tokens")
     return kernels.hash_route(gating_output, hash_indices_table, input_ids, spec, indices_type)
 
 

@@ -95,6 +95,12 @@ def check_experts_inputs(
         raise ValueError(f"w2 must have shape [E, H={h}, I] (H: hidden_states' width), got {list(w2.shape)}")
     e_local, _, inter = w2.shape
     rows = 2 * inter if act.gated else inter
+    if w1.shape[2] == h and tuple(w1.shape) != (e_local, rows, h):  # E or I disagree: either may be the wrong one
+        per = 2 if act.gated else 1
+        other = f" or w2 shape [{w1.shape[0]}, {h}, {w1.shape[1] // per}]" if w1.shape[1] % per == 0 else ""
+        raise ValueError(
+            f"w1 {list(w1.shape)} and w2 {list(w2.shape)} disagree on E or I: w1 must be [E, {'2I' if per == 2 else 'I'},"
+            f" H] and w2 [E, H, I] (activation {act.name!r}); so w1 must have shape {[e_local, rows, h]}{other}")
     check_shape("w1", w1, (e_local, rows, h))
     check_shape("w2", w2, (e_local, h, inter))
     for name, t_ in (("w1", w1), ("w2", w2)):

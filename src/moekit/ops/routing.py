@@ -243,21 +243,22 @@ def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = Tr
     return table
 
 
-def check_input_ids(input_ids, table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Argument checks of hash routing's ``input_ids`` (no values read); returns them flat, ``[T]``."""
+def check_input_ids(input_ids, table: torch.Tensor, num_tokens: int, name: str = "input_ids") -> torch.Tensor:
+    """Argument checks of hash routing's ``input_ids`` (no values read; errors call it ``name``: ``fused_topk_bias``
+    names it ``input_tokens``); returns them flat, ``[T]``."""
     if input_ids is None:
-        raise ValueError("input_ids is required for hash routing (hash_indices_table is set), got None")
-    check_tensor("input_ids", input_ids)
+        raise ValueError(f"{name} is required for hash routing (hash_indices_table is set), got None")
+    check_tensor(name, input_ids)
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {input_ids.dtype}")
     input_ids = input_ids.reshape(-1)
     if input_ids.shape[0] != num_tokens:
-        raise ValueError(f"input_ids must hold one id per token ({num_tokens}), got {input_ids.shape[0]}")
-    check_same_device("input_ids", input_ids, "hash_indices_table", table)
+        raise ValueError(f"{name} must hold one id per token ({num_tokens}), got {input_ids.shape[0]}")
+    check_same_device(name, input_ids, "hash_indices_table", table)
     return input_ids
 
 
-def check_input_ids_range(input_ids: torch.Tensor, vocab: int) -> None:
+def check_input_ids_range(input_ids: torch.Tensor, vocab: int, name: str = "input_ids") -> None:
     """Raise ``ValueError`` naming the first bad id when ``input_ids [T]`` leaves ``[0, vocab)`` (the rows
     of ``hash_indices_table``). One host synchronisation."""
     if input_ids.numel() == 0:
@@ -266,7 +267,7 @@ def check_input_ids_range(input_ids: torch.Tensor, vocab: int) -> None:
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(
-            f"input_ids must lie in [0, {vocab}) (rows of hash_indices_table), got {bad} "
+            f"{name} must lie in [0, {vocab}) (rows of hash_indices_table), got {bad} "
             f"(values span [{lo}, {hi}])"
         )
 

@@ -186,6 +186,17 @@ class ScoredRouter(BaseRouter):
             check_finite("e_score_correction_bias", e_score_correction_bias)
         self.register_buffer("e_score_correction_bias", e_score_correction_bias, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to`` / ``.half()`` move the selection bias but keep its dtype (SPEC §8: a selection bias is never
+        rounded to bf16; ``model.to(torch.bfloat16)`` moved DeepSeek-V3-sized biases' choices otherwise)."""
+        bias = self._buffers.get("e_score_correction_bias")
+        out = super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self._buffers["e_score_correction_bias"]
+            if moved.dtype != bias.dtype:
+                self._buffers["e_score_correction_bias"] = bias.to(device=moved.device)
+        return out
+
     # the spec is the one store of these settings; the seed's attribute names read it
     scoring_func = property(lambda self: self.spec.scoring_func, doc='"softmax", "sigmoid" or "sqrtsoftplus"')
     renormalize = property(lambda self: self.spec.renormalize, doc="w /= Σw before scaling")
