@@ -324,6 +324,48 @@ def invalid_sizes(ctx):
         pass
 
 
+@check(2, 4)
+def ranks_built_alike(ctx):
+    # round 48's audit: ranks of one group built with different settings (placement strategy, top_k) were accepted
+    # and gave wrong outputs or failed inside gloo; a process outside the group got "TypeError: ... got int". Every
+    # rank now raises the same ValueError at construction
+    import torch.distributed as dist
+
+    g = ctx.world_group
+    for kw, needle in ((dict(expert_placement_strategy="linear" if ctx.rank == 0 else "round_robin"),
+                        "'expert_placement_strategy': ['linear', 'round_robin'"),
+                       (dict(top_k=2 + (ctx.rank == 1)), "'top_k': [2, 3")):
+        args = dict(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, device=ctx.device,
+                    backend=ctx.experts_backend, ep_group=g)
+        args.update(kw)
+        try:
+            moekit.FusedMoE(**args)
+            ctx.expect(False, f"{kw} differing between ranks was accepted")
+        except ValueError as e:
+            ctx.expect(needle in str(e) and "built with different settings" in str(e), f"{kw}: message {e}")
+    outside = dist.new_group([0])  # every rank calls new_group; rank >= 1 gets GroupMember.NON_GROUP_MEMBER
+    try:
+        moekit.FusedMoE(8, 2, 32, 16, ep_group=outside, device=ctx.device, backend=ctx.experts_backend)
+        ctx.expect(ctx.rank == 0, "a rank outside ep_group was accepted")
+    except ValueError as e:
+        ctx.expect(ctx.rank != 0 and "not a member of ep_group" in str(e), f"non-member message: {e}")
+
+
+@check(4)
+def ep_groups_across_tp_ranks_refused(ctx):
+    # EP groups {0, 3}, {1, 2} over TP groups {0, 2}, {1, 3}: each EP group meets each TP group in one rank (the
+    # check that existed) but its ranks hold different slices of I; outputs were wrong, silently (round 48's audit)
+    import torch.distributed as dist
+
+    tps, eps = [dist.new_group([0, 2]), dist.new_group([1, 3])], [dist.new_group([0, 3]), dist.new_group([1, 2])]
+    tp, ep = tps[ctx.rank % 2], eps[0 if ctx.rank in (0, 3) else 1]
+    try:
+        moekit.FusedMoE(8, 2, 32, 16, ep_group=ep, tp_group=tp, device=ctx.device, backend=ctx.experts_backend)
+        ctx.expect(False, "EP peers of different tp_rank were accepted")
+    except ValueError as e:
+        ctx.expect("'tp_rank': [0, 1]" in str(e) and "same tensor-parallel slice" in str(e), f"message: {e}")
+
+
 @check(4)
 def ep2_tp2_eplb(ctx):
     ep_rank, tp_rank = divmod(ctx.rank, 2)

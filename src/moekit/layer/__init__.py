@@ -317,6 +317,9 @@ def build_fused_moe(
     placement, eplb_state = parallel_pieces(
         parallel, num_experts, num_redundant_experts, enable_eplb, ep_group, tp_group, tp_size,
         expert_placement_strategy, num_expert_group if use_grouped_topk else None, device,
+        settings=(("top_k", top_k), ("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                  ("params_dtype", str(config.params_dtype)), ("activation", config.activation),
+                  ("has_bias", config.has_bias), ("quant_config", repr(config.quant_config))),
     )
     if router is None:
         router = create_fused_moe_router(

@@ -52,7 +52,7 @@ def with_shared_slots(num_shared, num_experts, top_k, routing, device):
 
 
 def parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group, tp_group, tp_size, strategy,
-                     num_expert_group, device):
+                     num_expert_group, device, settings: tuple = ()):
     """(placement, EPLB state) of a parallel layer; (None, None) without parallelism (one placement
     holding every expert, made by the experts)."""
     if strategy not in PLACEMENT_STRATEGIES:
@@ -64,7 +64,7 @@ def parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group,
     return build_placement(
         num_experts=num_experts, num_redundant_experts=num_redundant, ep_group=ep_group, tp_group=tp_group,
         tp_size=tp_size, strategy=strategy, enable_eplb=enable_eplb, num_expert_group=num_expert_group,
-        device=device,
+        device=device, settings=settings,
     )
 
 

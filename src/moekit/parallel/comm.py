@@ -27,6 +27,10 @@ def check_group(name: str, group) -> None:
         return
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{name} was given but torch.distributed is not initialised (call init_process_group)")
+    if isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        # what dist.new_group returns to a process outside the group (an int), not a type error
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {name} (new_group returned "
+                         "GroupMember.NON_GROUP_MEMBER here): build the layer with the group this rank belongs to")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup, got {type(group).__name__}")
     if dist.get_rank(group) < 0:

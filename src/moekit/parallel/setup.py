@@ -19,9 +19,12 @@ def build_placement(
     enable_eplb: bool,
     num_expert_group: int | None,
     device,
+    settings: tuple = (),
 ) -> tuple[ExpertPlacement, EplbState | None]:
     """Validate the groups and sizes (``ValueError``/``TypeError`` naming them); return this rank's
-    placement and, with ``enable_eplb``, the :class:`EplbState` (routing maps, load window) over it."""
+    placement and, with ``enable_eplb``, the :class:`EplbState` (routing maps, load window) over it.
+    ``settings``: more ``(name, value)`` pairs of the layer (top_k, widths, dtype ...) that every rank of each group
+    must share; checked with the placement's by :func:`agree` (a collective over each group, at construction)."""
     check_group("ep_group", ep_group)
     check_group("tp_group", tp_group)
     if ep_group is not None and tp_group is not None:
@@ -51,4 +54,30 @@ def build_placement(
     if enable_eplb:
         groups = num_expert_group if num_expert_group and num_experts % num_expert_group == 0 else 1
         state = EplbState(placement, num_groups=groups, device=device)
+    common = (("num_experts", num_experts), ("num_redundant_experts", num_redundant_experts),
+              ("expert_placement_strategy", strategy), ("enable_eplb", bool(enable_eplb)), *settings)
+    # EP peers exchange tokens and sum partial outputs: they must hold the same slice of I (tp_rank); TP peers may
+    # sit at different EP ranks (round 48's audit: EP groups {0, 3}, {1, 2} over TP groups {0, 2}, {1, 3} met each
+    # other in one rank only, as checked above, and computed wrong outputs, silently)
+    agree("ep_group", ep_group, (*common, ("tp_size", w_tp), ("tp_rank", group_rank(tp_group))))
+    agree("tp_group", tp_group, (*common, ("ep_size", group_size(ep_group))))
     return placement, state
+
+
+def agree(name: str, group, mine: tuple) -> None:
+    """Every rank of ``group`` was built with the same ``mine`` (``(setting, value)`` pairs), else every rank raises
+    the same ``ValueError`` listing the settings that differ (one object all-gather, at construction: a mismatch
+    would otherwise give wrong outputs or fail inside a later collective)."""
+    world = group_size(group)
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    differ = {k: [dict(o)[k] for o in everyone] for k, _ in mine if len({repr(dict(o)[k]) for o in everyone}) > 1}
+    if differ:
+        raise ValueError(f"the ranks of {name} were built with different settings (by rank of {name}): {differ}; every "
+                         f"rank of {name} must build the layer alike" + (
+                             " (EP peers hold the same tensor-parallel slice: each EP group takes one rank of equal "
+                             "tp_rank from every TP group)" if "tp_rank" in differ else ""))
