@@ -358,3 +358,7 @@ def test_selection_bias_keeps_its_dtype_under_to():
     assert layer.router.e_score_correction_bias.dtype == torch.float32
     assert layer.router.e_score_correction_bias.data_ptr() == bias.data_ptr()
     assert layer.routed_experts.w13_weight.dtype == torch.bfloat16
+    from moekit.loading.routings import LogitBiasRouting, SigmoidEpsRouting  # the named routings' biases too
+
+    for mod in (LogitBiasRouting(6), SigmoidEpsRouting(6, bias=True, eps=1e-6)):
+        assert mod.half().e_score_correction_bias.dtype == torch.float32

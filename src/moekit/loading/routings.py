@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..ops.routing import topk_lowest_id
+from ..routing.base import keep_bias_dtype
 from .plan import LayerPlan
 
 
@@ -102,6 +103,7 @@ class LogitBiasRouting(torch.nn.Module):
     logits, not to the scores), ``w = sigmoid(logits[ids])``, renormalised when ``renormalize``."""
 
     _moekit_graph_safe = True
+    _apply = keep_bias_dtype  # the selection bias stays float32 under .to(bf16)
 
     def __init__(self, num_experts, *, device=None):
         super().__init__()
@@ -123,6 +125,7 @@ class SigmoidEpsRouting(torch.nn.Module):
     ``expert_bias``)."""
 
     _moekit_graph_safe = True
+    _apply = keep_bias_dtype  # the selection bias stays float32 under .to(bf16)
 
     def __init__(self, num_experts, *, bias: bool, eps: float, device=None):
         super().__init__()

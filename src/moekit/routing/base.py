@@ -159,6 +159,19 @@ class BaseRouter(torch.nn.Module):
         return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
 
 
+def keep_bias_dtype(self, fn, recurse=True):
+    """``nn.Module._apply`` of a module holding a selection bias buffer ``e_score_correction_bias``: ``Module.to`` /
+    ``.half()`` move the bias but keep its dtype (SPEC §8: a selection bias is never rounded to bf16;
+    ``model.to(torch.bfloat16)`` changed the choices of DeepSeek-V3-like biases otherwise). Use as ``_apply =
+    keep_bias_dtype`` in the class body."""
+    bias = self._buffers.get("e_score_correction_bias")
+    out = torch.nn.Module._apply(self, fn, recurse)
+    moved = self._buffers.get("e_score_correction_bias")
+    if bias is not None and moved is not None and moved.dtype != bias.dtype:
+        self._buffers["e_score_correction_bias"] = bias.to(device=moved.device)
+    return out
+
+
 class ScoredRouter(BaseRouter):
     """Score-based routing (module docstring math): ``s = scores(logits)``, ``ids = topk(s + bias)``,
     ``w = s[ids]``, renormalised, scaled — the one place that builds the spec and checks the bias.
@@ -186,16 +199,7 @@ class ScoredRouter(BaseRouter):
             check_finite("e_score_correction_bias", e_score_correction_bias)
         self.register_buffer("e_score_correction_bias", e_score_correction_bias, persistent=False)
 
-    def _apply(self, fn, recurse=True):
-        """``Module.to`` / ``.half()`` move the selection bias but keep its dtype (SPEC §8: a selection bias is never
-        rounded to bf16; ``model.to(torch.bfloat16)`` moved DeepSeek-V3-sized biases' choices otherwise)."""
-        bias = self._buffers.get("e_score_correction_bias")
-        out = super()._apply(fn, recurse)
-        if bias is not None:
-            moved = self._buffers["e_score_correction_bias"]
-            if moved.dtype != bias.dtype:
-                self._buffers["e_score_correction_bias"] = bias.to(device=moved.device)
-        return out
+    _apply = keep_bias_dtype
 
     # the spec is the one store of these settings; the seed's attribute names read it
     scoring_func = property(lambda self: self.spec.scoring_func, doc='"softmax", "sigmoid" or "sqrtsoftplus"')
