@@ -39,9 +39,9 @@ def check_runner_args(moe_config, router, enable_dbo: bool, gate_input: str, rou
 def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> None:
     """A :class:`~moekit.MoERunner` forward's ``hidden_states`` [..., H_in]: a float tensor, not a scalar, of
     width ``hidden_size`` unless a ``routed_input_transform`` maps it; no training with autograd (unsupported).
-    ``router_logits`` [T, E + Z] and ``input_ids`` [T] are flat, or have the leading dims of ``hidden_states``
-    (``[B, S, E + Z]`` / ``[B, S]`` for ``[B, S, H]``): other leading dims of as many tokens ([S, B, ...]) would
-    route the wrong tokens, so they raise."""
+    ``router_logits`` [T, E + Z] and ``input_ids`` [T] are flat (size-1 dims aside), or have the leading dims of
+    ``hidden_states`` (``[B, S, E + Z]`` / ``[B, S]`` for ``[B, S, H]``): other leading dims of as many tokens
+    ([S, B, ...]) would route the wrong tokens, so they raise."""
     check_tensor("hidden_states", hidden_states)
     check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
     if hidden_states.dim() < 1:
@@ -57,7 +57,10 @@ def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> No
         raise ValueError(f"hidden_states must have shape [..., {hidden}], got {list(hidden_states.shape)}")
     lead = tuple(hidden_states.shape[:-1])
     for name, t, flat in (("router_logits", router_logits, 2), ("input_ids", input_ids, 1)):
-        if isinstance(t, torch.Tensor) and t.dim() > flat and tuple(t.shape[: t.dim() + 1 - flat]) != lead:
+        if not isinstance(t, torch.Tensor):
+            continue
+        theirs = [d for d in t.shape[: t.dim() + 1 - flat] if d != 1]  # size-1 dims order nothing: [1, T] is flat
+        if len(theirs) > 1 and theirs != [d for d in lead if d != 1]:
             want = f"[{', '.join(map(str, lead))}{', E + Z' if flat == 2 else ''}]"
             raise ValueError(f"{name} must be flat ([T{', E + Z' if flat == 2 else ''}]) or have the leading dims of "
                              f"hidden_states {list(hidden_states.shape)}, i.e. {want}; got {list(t.shape)}")
@@ -95,7 +98,8 @@ def returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.
     out = first_output(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} returned a {type(out).__name__}; expected a torch.Tensor")
-    if out.dim() != 2 or out.shape[0] != num_tokens or out.shape[1] not in widths:
+    # ``any(==)``, not ``in``: under torch.compile a symbolic width ``in`` a tuple is False where ``==`` is True
+    if out.dim() != 2 or out.shape[0] != num_tokens or not any(out.shape[1] == w for w in widths):
         expected = " or ".join(f"[{num_tokens}, {w}]" for w in widths)
         raise ValueError(f"{name} returned shape {list(out.shape)}; expected {expected} (T = {num_tokens} tokens)")
     return out

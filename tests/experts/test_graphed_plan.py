@@ -375,7 +375,7 @@ def test_bucket_replays_of_a_checked_key_skip_the_checks(fake_graphs, monkeypatc
     checks = []
     real = runner.check_hidden  # (counted for this layer only: ref's calls are not)
     monkeypatch.setattr(runner, "check_hidden",
-                        lambda lay, h: (lay is layer and checks.append(tuple(h.shape)), real(lay, h)))
+                        lambda lay, h, *a: (lay is layer and checks.append(tuple(h.shape)), real(lay, h, *a)))
     with torch.no_grad():
         outs = []
         for lead in [(13,), (13,), (13,), (2, 13), (2, 13), (40,)]:  # buckets 16 (2-D and 3-D keys) and 40
@@ -409,7 +409,7 @@ def test_bucket_replays_with_logits_skip_the_checks(fake_graphs, monkeypatch):
     checks = []
     real = runner.check_hidden  # (counted for this layer only: ref's calls are not)
     monkeypatch.setattr(runner, "check_hidden",
-                        lambda lay, h: (lay is layer and checks.append(tuple(h.shape)), real(lay, h)))
+                        lambda lay, h, *a: (lay is layer and checks.append(tuple(h.shape)), real(lay, h, *a)))
     with torch.no_grad():
         for t in (13, 13, 13, 5, 5):
             x, lg = torch.randn(t, H), torch.randn(t, E)

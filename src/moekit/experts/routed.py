@@ -139,7 +139,11 @@ class RoutedExperts(torch.nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # quantised: device moves only (``keep_dtypes``); unquantised weights follow ``.to(dtype)``
-        return super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
+        out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
+        if self.w13_weight.device.type == "meta":  # the values are gone (``.to("meta")``; ``to_empty`` after it
+            self._written = set()                  # leaves uninitialised memory): a forward must not run on them
+            self._complete = False
+        return out
 
     @property
     def params_dtype(self) -> torch.dtype:
