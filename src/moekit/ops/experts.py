@@ -241,7 +241,12 @@ def experts_reference(
     local_map = expert_map.long() if expert_map is not None else None
     run_chunk = _experts_chunk_dense if torch.compiler.is_compiling() else _experts_chunk
     if run_chunk is _experts_chunk_dense:
-        chunk = chunk_tokens(p.num_tokens, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
+        most = max(1, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
+        if p.num_tokens <= most:  # one guard (T <= most), not T itself: one graph serves every T up to the bound
+            # (the chunk loop below specialises on T: fullgraph compiles hit the recompile limit at the 9th T)
+            return run_chunk(x, w1, w2, topk_weights, topk_ids, p, apply_router_weight_on_input, w1_bias, w2_bias,
+                             local_map, swiglu_limit)
+        chunk = chunk_tokens(p.num_tokens, most)
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
         out[start:stop] = run_chunk(
