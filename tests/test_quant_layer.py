@@ -211,3 +211,23 @@ def test_half_keeps_the_quantised_storage():
     assert re.w13_weight.dtype == torch.float8_e4m3fn and re.w13_scale.dtype == torch.float32
     assert torch.equal(re.w13_scale, scale)
     assert torch.equal(layer(x, logits), before)
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_tensor_static", "mxfp4", "int4_g32"])
+def test_compile_fullgraph_on_the_torch_backend(name):
+    # round 48's audit: torch.unique(...).tolist() (and float() of the static input scales) broke fullgraph compiles of
+    # quantised layers on the torch backend; while compiling the twin runs the dense formulation (every local expert
+    # over every token, one graph for every T up to the workspace bound). "aot_eager": no C++ build in the suite
+    fmt, (q13, q2, s13, s2), inp, _, _ = _quantised(name)
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=fmt, backend="torch").eval()
+    layer.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2, **inp)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in (3, 5, 9, 2, 6, 7, 10, 11, 13, 4):  # more sizes than the recompile limit (8)
+            x, lg = torch.randn(t, H, generator=g).bfloat16(), torch.randn(t, E, generator=g)
+            ref = layer(x, lg).float()
+            err = (compiled(x, lg).float() - ref).norm() / ref.norm()
+            assert err < 1e-4, (t, err)  # GEMMs over all tokens vs the routed rows: fp32 blocking apart
+    torch._dynamo.reset()

@@ -265,9 +265,10 @@ def build_fused_moe(
     - fp16: the expert's intermediate activation (``act(w13 · x)``, rounded to the input dtype, as in
       the kernels) can overflow to ±inf in float16 even when the layer's true output would fit; use
       bfloat16 (or float32) for models whose activations exceed 65504.
-    - ``torch.compile(layer, fullgraph=True)`` works on both backends; while compiling, the reference
-      backend skips its value checks (non-finite logits, id ranges) and runs a dense, trace-friendly
-      expert loop (see :func:`moekit.ops.experts.experts_reference`).
+    - ``torch.compile(layer, fullgraph=True)`` works on both backends, quantised layers included; while
+      compiling, the reference backend skips its value checks (non-finite logits, id ranges) and runs a dense,
+      trace-friendly expert loop, one chunk up to its workspace bound (one graph for every smaller T; see
+      :func:`moekit.ops.experts.experts_reference`).
     """
     for name, flag in (("renormalize", renormalize), ("use_grouped_topk", use_grouped_topk),
                        ("has_bias", has_bias), ("apply_router_weight_on_input", apply_router_weight_on_input),

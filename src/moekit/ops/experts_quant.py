@@ -130,14 +130,28 @@ def fused_experts_quant_torch(
     out = torch.empty_like(hidden_states)
     if p.num_tokens == 0:
         return out
+    compiling = torch.compiler.is_compiling()
     static = (None, None)
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8)
-        static = (float(w13_input_scale.max()), float(w2_input_scale.max()))
+        static = (w13_input_scale.max(), w2_input_scale.max())  # 0-d tensors: no host read (compile traces them)
+        if not compiling:
+            static = (float(static[0]), float(static[1]))
     per_expert = 4 * (rows * hidden + hidden * inter)  # dequantised fp32 weights of one expert
     experts = _QuantExperts(fmt, w13, w2, w13_scale, w2_scale, static, w1_bias, w2_bias, gated, p, swiglu_limit,
                             hidden_states.dtype, cache=e * per_expert <= workspace_bytes // 2)
     # per token: K slot outputs [K, H] fp32, the w13 output / activation / its quantised copy per slot
     per_token = 4 * p.top_k * (2 * hidden + rows + 2 * inter) + 64
+    if compiling:  # the dense formulation (no data-dependent expert set); one chunk up to the bound: one guard
+        most = max(1, workspace_bytes // (per_token + 4 * (2 * hidden + rows + 2 * inter)))  # + one expert's rows
+        if p.num_tokens <= most:
+            return _token_chunk_dense(hidden_states, topk_weights, topk_ids, local_map, experts, e,
+                                      apply_router_weight_on_input)
+        step = chunk_tokens(p.num_tokens, most)
+        for lo in range(0, p.num_tokens, step):
+            hi = min(lo + step, p.num_tokens)
+            out[lo:hi] = _token_chunk_dense(hidden_states[lo:hi], topk_weights[lo:hi], topk_ids[lo:hi], local_map,
+                                            experts, e, apply_router_weight_on_input)
+        return out
     step = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     for lo in range(0, p.num_tokens, step):
         hi = min(lo + step, p.num_tokens)
@@ -160,6 +174,25 @@ def _token_chunk(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, o
         xin = (x[tok].float() * w).to(x.dtype) if on_input else x[tok]
         o = experts.run(e, xin)
         acc[tok, slot] = o if on_input else o * w
+    return acc.sum(dim=1).to(x.dtype)
+
+
+def _token_chunk_dense(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, num_local: int,
+                       on_input: bool) -> torch.Tensor:
+    """:func:`_token_chunk` for ``torch.compile``: every local expert over every token of the chunk (no
+    ``unique`` / ``nonzero``, whose sizes depend on the data), each slot keeping its expert's row; the same
+    per-row math (activations are quantised per token), summed over K in slot order. ``E_local`` times the
+    FLOPs: the reference backend's compile path (fast compiled layers use the Triton backend)."""
+    ids = topk_ids.long()
+    local = ids if local_map is None else local_map[ids]
+    wts = topk_weights.float()
+    keep = (local >= 0) & ((wts != 0) | on_input)
+    acc = torch.zeros(*ids.shape, x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                      device=x.device)
+    xin = (x.float() * wts[:, :1]).to(x.dtype) if on_input else x  # on the input: K == 1
+    for e in range(num_local):
+        o = experts.run(e, xin)[:, None, :]  # [Tc, 1, H]
+        acc = torch.where((keep & (local == e))[..., None], o if on_input else o * wts[..., None], acc)
     return acc.sum(dim=1).to(x.dtype)
 
 
