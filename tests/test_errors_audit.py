@@ -362,3 +362,28 @@ def test_selection_bias_keeps_its_dtype_under_to():
 
     for mod in (LogitBiasRouting(6), SigmoidEpsRouting(6, bias=True, eps=1e-6)):
         assert mod.half().e_score_correction_bias.dtype == torch.float32
+
+
+def test_state_dict_carries_the_selection_bias_and_the_hash_table():
+    # both were non-persistent buffers: a layer built with placeholders (zeros, another table) took a saved state_dict
+    # with "All keys matched" and routed by the placeholders, silently (round 48's audit)
+    bias, table = torch.rand(6), torch.randint(0, 6, (10, 2))
+    for kw, fresh in ((dict(e_score_correction_bias=bias, scoring_func="sigmoid"),
+                       dict(e_score_correction_bias=torch.zeros(6), scoring_func="sigmoid")),
+                      (dict(hash_indices_table=table), dict(hash_indices_table=torch.zeros_like(table)))):
+        layer, other = _layer(**kw), FusedMoE(6, 2, 8, 4, params_dtype=torch.float32, **fresh)
+        sd = layer.state_dict()
+        assert {"router.e_score_correction_bias", "router.hash_indices_table"} & set(sd)
+        other.load_state_dict(sd)
+        x, lg, ids = torch.randn(5, 8), torch.randn(5, 6), torch.randint(0, 10, (5,))
+        extra = dict(input_ids=ids) if "hash_indices_table" in kw else {}
+        torch.testing.assert_close(other(x, lg, **extra), layer(x, lg, **extra), rtol=0, atol=0)
+
+
+def test_meta_then_to_empty_is_not_loaded():
+    # .to("meta") drops the values and to_empty() leaves uninitialised memory: the forward ran on it (NaN / inf)
+    layer = _layer()
+    layer.to("meta")
+    layer.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="before the expert weights were loaded"):
+        layer(torch.randn(3, 8), torch.randn(3, 6))

@@ -197,7 +197,7 @@ class ScoredRouter(BaseRouter):
         if e_score_correction_bias is not None:
             check_bias(e_score_correction_bias, columns)
             check_finite("e_score_correction_bias", e_score_correction_bias)
-        self.register_buffer("e_score_correction_bias", e_score_correction_bias, persistent=False)
+        self.register_buffer("e_score_correction_bias", e_score_correction_bias)  # in state_dict (round 48)
 
     _apply = keep_bias_dtype
 

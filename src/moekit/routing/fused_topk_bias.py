@@ -35,7 +35,7 @@ class FusedTopKBiasRouter(ScoredRouter):
                          routed_scaling_factor=routed_scaling_factor, e_score_correction_bias=e_score_correction_bias)
         if hash_indices_table is not None:
             check_hash_table(hash_indices_table, global_num_experts, top_k)
-        self.register_buffer("hash_indices_table", hash_indices_table, persistent=False)
+        self.register_buffer("hash_indices_table", hash_indices_table)  # in state_dict (round 48)
 
     @property
     def capturable(self) -> bool:
