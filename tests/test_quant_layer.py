@@ -231,3 +231,23 @@ def test_compile_fullgraph_on_the_torch_backend(name):
             err = (compiled(x, lg).float() - ref).norm() / ref.norm()
             assert err < 1e-4, (t, err)  # GEMMs over all tokens vs the routed rows: fp32 blocking apart
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_a_float_cast_moves_params_dtype_and_keeps_the_quantised_storage(name):
+    # round 48's audit: model.to(torch.bfloat16) on a patched transformers model with quantised experts left their
+    # params_dtype at float32 and every forward raised. A quantised layer's activation dtype (and its biases) now follow
+    # a float cast, as an unquantised layer's do; weights and scales keep their dtypes: the layer then equals one built
+    # in the new dtype
+    fmt, (q13, q2, s13, s2), inp, b13, b2 = _quantised(name, bias=True)
+    layers = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layers[dtype] = moekit.FusedMoE(E, K, H, I, params_dtype=dtype, quant_config=fmt, has_bias=True)
+        layers[dtype].load_expert_weights(q13, q2, b13, b2, w13_scale=s13, w2_scale=s2, **inp)
+    cast = layers[torch.float32].to(torch.bfloat16)
+    re = cast.routed_experts
+    assert re.params_dtype == torch.bfloat16 and re.w13_bias.dtype == torch.bfloat16
+    assert re.w13_weight.dtype == fmt.weight_dtype and re.w13_scale.dtype == layers[torch.bfloat16].routed_experts.w13_scale.dtype
+    x, lg = _inputs()
+    assert torch.equal(cast(x, lg), layers[torch.bfloat16](x, lg))
+    assert cast.half().routed_experts.params_dtype == torch.float16 and cast(x.half(), lg).dtype == torch.float16

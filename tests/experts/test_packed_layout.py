@@ -192,3 +192,21 @@ def test_relaid_refusals():
         tq.launch_quant_experts(x, q13, q2, torch.ones(T, K, device=DEV),
                                 torch.zeros(T, K, dtype=torch.int32, device=DEV), fmt=FMTS["mxfp4"], w13_scale=s13,
                                 w2_scale=s2, packed_layout="marlin")
+
+
+def test_a_float32_cast_goes_back_to_spec_packing():
+    # a re-laid bf16 layer cast to float32 (round 48: quantised layers' params_dtype follows a float cast): float32
+    # activations cannot read re-laid words, so the layer stores SPEC §8's packing again and equals a float32 layer
+    w13, w2, x, logits, _, _ = _problem(seed=2)
+    q13, q2, s13, s2 = quantize_experts(w13, w2, FMTS["mxfp4"])
+    kw = dict(quant_config=FMTS["mxfp4"], backend="triton", device=DEV)
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, **kw)
+    layer.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    assert layer.routed_experts.packed_layout == "rega"
+    layer.float()
+    re = layer.routed_experts
+    assert re.packed_layout == "spec" and re.params_dtype == torch.float32
+    assert torch.equal(re.w13_weight, q13) and torch.equal(re.w2_weight, q2)
+    ref = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, **kw)
+    ref.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    assert torch.equal(layer(x.float(), logits), ref(x.float(), logits))

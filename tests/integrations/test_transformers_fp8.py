@@ -76,5 +76,15 @@ def test_patch_keeps_the_fp8_experts():
         want = fused_experts_quant_torch(x, ex.gate_up_proj, ex.down_proj, w, ids, fmt=fmt,
                                          w13_scale=ex.gate_up_proj_scale_inv, w2_scale=ex.down_proj_scale_inv)
         assert torch.equal(re(x, w, ids), want)
-    logits = model(torch.randint(0, 96, (1, 6))).logits
+    ids = torch.randint(0, 96, (1, 6))
+    logits = model(ids).logits
     assert torch.isfinite(logits).all()
+    # model.to(bf16) (round 48: the quantised layers kept params_dtype float32 and every forward raised): the fp8
+    # tensors stay (same storage), the activations follow; the logits stay within bf16 + fp8 rounding of fp32's
+    model.to(torch.bfloat16)
+    for name in names:
+        re = model.get_submodule(name).moe.routed_experts
+        assert re.params_dtype == torch.bfloat16 and re.w13_weight.dtype == torch.float8_e4m3fn
+        assert re.w13_weight.data_ptr() == blocks[name].experts.gate_up_proj.data_ptr()
+    cast = model(ids).logits.float()
+    assert ((cast - logits).norm() / logits.norm()).item() < 3e-2

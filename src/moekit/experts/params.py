@@ -175,9 +175,9 @@ def keep_dtypes(fn):
     """``nn.Module._apply`` function that moves a tensor as ``fn`` would but keeps its dtype.
 
     ``Module.half()`` / ``.to(dtype)`` convert every floating tensor, float8 included: e4m3 codes would
-    become fp16 and fp32 scales be rounded. Quantised modules keep their storage dtypes (their
-    ``params_dtype`` is fixed at construction); ``fn`` is probed on an empty tensor, so no converted
-    copy of a large weight is ever made."""
+    become fp16 and fp32 scales be rounded. Quantised modules keep their storage dtypes (a quantised
+    :class:`~moekit.experts.routed.RoutedExperts` moves its ``params_dtype`` and biases itself); ``fn`` is probed
+    on an empty tensor, so no converted copy of a large weight is ever made."""
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         probe = fn(t.new_empty(0))

@@ -33,7 +33,7 @@ from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
-from ..ops.w4_layout import packed_layout_for
+from ..ops.w4_layout import packed_layout_for, unrelay_rega
 from .layout import DOWN, GATE, SHARD_IDS, UP, shards
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import RELAID_WEIGHTS, relay_loaded, spec_packed_saved
@@ -138,17 +138,44 @@ class RoutedExperts(torch.nn.Module):
         self._complete = False
 
     def _apply(self, fn, *args, **kwargs):
-        # quantised: device moves only (``keep_dtypes``); unquantised weights follow ``.to(dtype)``
+        # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
+        # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
+        new = None
+        if self.quant is not None:
+            new = fn(self.w13_weight.new_empty(0, dtype=self._params_dtype)).dtype
+            if new != self._params_dtype and self.kernels.name == "triton" and new not in KERNEL_DTYPES:
+                raise TypeError(f"a quantised layer on the triton backend cannot take params_dtype {new}; expected one "
+                                f"of {[str(d) for d in KERNEL_DTYPES]}")
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
+        if new is not None and new != self._params_dtype:
+            self._follow_params_dtype(new)
         if self.w13_weight.device.type == "meta":  # the values are gone (``.to("meta")``; ``to_empty`` after it
             self._written = set()                  # leaves uninitialised memory): a forward must not run on them
             self._complete = False
         return out
 
+    def _follow_params_dtype(self, new: torch.dtype) -> None:
+        """A quantised layer's activation dtype becomes ``new`` (``.to(dtype)`` / ``.half()``): the biases convert,
+        the weights and scales keep their dtypes; re-laid 4-bit words go back to SPEC §8's packing where ``new``
+        cannot read them (float32), and SPEC-packed ones stay so (valid for every dtype)."""
+        c = self.moe_config
+        self._params_dtype = new
+        self.specs = expert_tensors_spec(c.hidden_size, c.intermediate_size, c.gated, c.has_bias, new, self.quant)
+        for name in ("w13_bias", "w2_bias"):
+            b = getattr(self, name)
+            if b is not None:
+                setattr(self, name, _param(b.detach().to(new)))
+        if self.packed_layout == "rega" and packed_layout_for(self.kernels.packed_layouts, self.quant, new,
+                                                              c.hidden_size, self.inter_local) != "rega":
+            for name in RELAID_WEIGHTS:
+                setattr(self, name, _param(unrelay_rega(getattr(self, name).detach())))
+            self.packed_layout = "spec"
+
     @property
     def params_dtype(self) -> torch.dtype:
         """The dtype of activations and outputs (unquantised: the weights' dtype, which ``.to()`` moves;
-        quantised: fixed at construction, every tensor keeps its dtype under ``.to(dtype)`` / ``.half()``)."""
+        quantised: ``params_dtype`` at construction, then what ``.to(dtype)`` / ``.half()`` make of it, while the
+        weights and scales keep their storage dtypes)."""
         return self.w13_weight.dtype if self.quant is None else self._params_dtype
 
     @property
