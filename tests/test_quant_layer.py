@@ -197,8 +197,9 @@ def test_the_triton_table_runs_every_format():
 
 
 def test_half_keeps_the_quantised_storage():
-    """``.half()`` / ``.to(dtype)`` on a quantised layer keep e4m3 codes and fp32 scales (the params dtype is
-    fixed at construction): a plain Module conversion would turn the codes into fp16 and round the scales."""
+    """``.half()`` / ``.to(dtype)`` on a quantised layer keep e4m3 codes and fp32 scales (a plain Module
+    conversion would turn the codes into fp16 and round the scales); the activation dtype follows (round 48), and
+    back to float32 the layer computes what it did."""
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
     torch.manual_seed(0)
     layer = moekit.FusedMoE(4, 2, 64, 64, params_dtype=torch.float32, quant_config=qc, backend="torch")
@@ -209,7 +210,10 @@ def test_half_keeps_the_quantised_storage():
     scale = re.w13_scale.clone()
     layer.half()
     assert re.w13_weight.dtype == torch.float8_e4m3fn and re.w13_scale.dtype == torch.float32
-    assert torch.equal(re.w13_scale, scale)
+    assert torch.equal(re.w13_scale, scale) and re.params_dtype == torch.float16
+    half = layer(x.half(), logits)
+    assert half.dtype == torch.float16 and ((half.float() - before).norm() / before.norm()).item() < 1e-2
+    layer.float()
     assert torch.equal(layer(x, logits), before)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import KERNEL_DTYPES, check_int
+from .._checks import FLOAT_DTYPES, KERNEL_DTYPES, check_int
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
@@ -143,6 +143,7 @@ class RoutedExperts(torch.nn.Module):
         new = None
         if self.quant is not None:
             new = fn(self.w13_weight.new_empty(0, dtype=self._params_dtype)).dtype
+            new = new if new in FLOAT_DTYPES else self._params_dtype  # e.g. .to(float8): activations stay
             if new != self._params_dtype and self.kernels.name == "triton" and new not in KERNEL_DTYPES:
                 raise TypeError(f"a quantised layer on the triton backend cannot take params_dtype {new}; expected one "
                                 f"of {[str(d) for d in KERNEL_DTYPES]}")
