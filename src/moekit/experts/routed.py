@@ -34,7 +34,7 @@ from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for, unrelay_rega
-from .layout import DOWN, GATE, SHARD_IDS, UP, shards
+from .layout import DOWN, SHARD_IDS, UP, shards
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import RELAID_WEIGHTS, relay_loaded, spec_packed_saved
 from .params import (KINDS, ExpertTensor, check_scale_values, check_tp_split, expert_tensors_spec, fit,

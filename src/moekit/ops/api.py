@@ -17,7 +17,7 @@ from .._checks import KERNEL_DTYPES, check_float_dtype, check_same_device, check
 from .experts import check_experts_inputs
 from .experts_quant import check_quant_experts_inputs
 from .quant_config import parse_quant_config
-from .kernels import Kernels, kernels_for, resolve_kernels
+from .kernels import Kernels, resolve_kernels
 from .routing import (
     TopKSpec,
     check_bias,
