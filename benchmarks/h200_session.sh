@@ -196,6 +196,16 @@ case $WHAT in
     step probe-mxfp4 300 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R45P" --out "$OUT/probe-mxfp4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT"/probe-*.log | tail -70
     ;;
+  r48-a)  # round 48 (CPU-only round; its fixes on a GPU): the bf16 heuristic's rows alone vs in batches (BLOCK_K 128 at
+    # the decode tiles, 64 above), a re-laid 4-bit layer cast to float32, the quantised layers' dtype follow and the
+    # audit tests natively (CUDA layers where they build them)
+    r42_prepare
+    step gpu-r48-inv 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 3 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k bf16_heuristic
+    step gpu-r48 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_packed_layout.py \
+      tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
+    grep -h "passed\|failed" "$OUT"/gpu-r48*.log | tail -6
+    ;;
   r47-a)  # round 47: for each of gpt-oss's 4-bit buckets that round 46 found slower on re-laid words (T = 1, the
     # Triton GEMMs; T >= 1024, the w2), config variants beside the table's (benchmarks/r47_variants.json), SPEC-packed
     # and re-laid, alternated twice: which form lets the layer store gpt-oss's rows re-laid (LAYER_HALF_CHUNKS); then

@@ -161,6 +161,18 @@ def test_whole_layer_rows_alone_and_in_batches():
             assert torch.equal(out[t - n + i], alone[i][0]), (t, i)
 
 
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_rows_alone_and_in_batches_bf16_heuristic(name):
+    """The untuned bf16 configs of this GPU, as a shape without a table gets them: BLOCK_K 128 at the decode tiles and
+    64 above (:mod:`moekit.ops.config_heuristic`), so this checks that the accumulation order does not follow
+    BLOCK_K (round 48's audit: SPEC §9 asks one BLOCK_K per shape)."""
+    m = MODELS[name]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, DT, sms) for t in TOKENS}
+    assert len({c["w13"]["BK"] for c in table.values()}) == 2  # the two BLOCK_Ks the docstring names
+    _check_rows(m, table)
+
+
 @pytest.mark.parametrize("name", ["deepseek-v3", "gpt-oss-120b", "mixtral-8x7b"])
 @pytest.mark.parametrize("fmt", [Mxfp4Format(), Int4GroupFormat(32)], ids=["mxfp4", "int4"])
 def test_rows_alone_and_in_batches_4bit_heuristic(name, fmt):

@@ -5,8 +5,16 @@ Block rows follow the expected rows per touched expert (``rows = T·K / min(E, T
 memory-bound small-T launches filling the SMs; quantised formats then take their own forms: fp8 the tuned fp8 tiles
 (:func:`fp8_heuristic`), swapped for decode (:func:`swap_tiles`) and on sm_90 the Gluon decode GEMMs
 (:func:`fp8_sm90_decode`); mxfp4 / int4 swapped decode tiles, on sm_90 the register-operand Gluon GEMMs
-(:func:`w4_sm90_tiles`). The device's compute capability enters through :func:`heuristic_capability`. Every form keeps
-one BLOCK_K for all token counts of a shape (SPEC §9).
+(:func:`w4_sm90_tiles`). The device's compute capability enters through :func:`heuristic_capability`.
+
+BLOCK_K (SPEC §9 asks one per shape): the quantised forms keep one for all token counts of a shape; the unquantised
+bf16 / fp16 form takes 128 for the decode tiles (BLOCK_M <= 32) and 64 above (fp32: 64 / 32), as the shipped H100
+file, which predates the rule, does. A row's bits still do not depend on its batch: every GEMM passes its
+accumulator into ``tl.dot`` (``tiles.dot``), which accumulates K in the MMA's 16-wide steps in order whatever
+BLOCK_K, and the GPU tests check rows alone against the same rows in batches of every bucket for these configs
+(``tests/ops/test_batch_invariance_gpu.py``: the H100 file on the H200, 20 passed in round 21; the bf16 heuristic,
+``test_rows_alone_and_in_batches_bf16_heuristic``). Decision (round 48): kept, not re-tiled to one BLOCK_K,
+because one value would change the untuned decode or compute-bound tiles without a GPU to measure them.
 """
 
 from __future__ import annotations
