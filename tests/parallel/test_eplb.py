@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
 
 import pytest
 import torch
@@ -103,13 +102,14 @@ def test_rebalance_hierarchical_golden():
     load = [8, 2, 3, 3, 6, 6, 1, 1]  # groups of 2: g0 10, g1 6, g2 12, g3 2
     # groups -> 2 nodes: g2->n0, g0->n1, g1->n1, g3->n0. node 0 = experts 4..7, node 1 = 0..3
     # node 0 [6, 6, 1, 1] -> counts [2, 2, 1, 1]; GPUs 0, 1 get {4, 5, 6}, {4, 5, 7}
-    # node 1 [8, 2, 3, 3] (cap 2 copies) -> counts [2, 1, 2, 1]; GPUs 2, 3 get {0, 2, 3}, {0, 1, 2}
+    # node 1 [8, 2, 3, 3] (cap 2 copies) -> greedy counts [2, 1, 2, 1] pack {0, 2, 3}, {0, 1, 2}: 8.5 / 7.5; the count
+    # search (round 48) moves a replica of 2 to 1: counts [2, 2, 1, 1], GPUs 2, 3 get {0, 1, 2}, {0, 1, 3}: 8 / 8
     gpus = rebalance_experts(load, 12, 4, num_groups=4, num_nodes=2)
-    assert gpus == [[4, 5, 6], [4, 5, 7], [0, 2, 3], [0, 1, 2]]
+    assert gpus == [[4, 5, 6], [4, 5, 7], [0, 1, 2], [0, 1, 3]]
     old = initial_physical_to_logical(8, 12, 4, "linear")
     new = assign_slots(gpus, old, "linear")
-    assert new == [4, 5, 6, 7, 4, 5, 2, 3, 0, 1, 2, 0]
-    assert rank_loads(load, new, 4, "linear") == [7, 7, Fraction(17, 2), Fraction(15, 2)]
+    assert new == [4, 5, 6, 7, 4, 5, 1, 2, 0, 1, 0, 3]
+    assert rank_loads(load, new, 4, "linear") == [7, 7, 8, 8]
     # groups that do not split over nodes: global balancing (one node, one group)
     assert rebalance_experts([8, 2, 3, 3, 6, 6], 12, 4, num_groups=3, num_nodes=2) == rebalance_experts(
         [8, 2, 3, 3, 6, 6], 12, 4
@@ -215,3 +215,35 @@ def test_eplb_single_process_layer():
         ref.rebalance()
     with pytest.raises(ValueError, match="never holds two replicas"):
         moekit.FusedMoE(8, 2, 16, 8, enable_eplb=True, num_redundant_experts=2, **kw)
+
+
+def test_replica_counts_searched_where_greedy_pins_replicas():
+    # greedy counts give the two 80s a second copy each; with one copy per GPU both sit on both GPUs (148 / 82). The
+    # count search finds [1, 2, 1, 2]: 115 / 115, the bound total / W (round 48's audit: greedy up to 1.29x the best)
+    load = [80, 2, 80, 68]
+    gpus = rebalance_experts(load, 6, 2)
+    assert gpus == [[0, 1, 3], [1, 2, 3]]
+    p2l = assign_slots(gpus, initial_physical_to_logical(4, 6, 2, "linear"), "linear")
+    assert rank_loads(load, p2l, 2, "linear") == [115, 115]
+    assert rebalance_experts([30, 96, 0, 30], 8, 4) == [[0, 1], [0, 1], [1, 2], [0, 3]]  # max 42 (greedy: 54)
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda: rebalance_experts([1, float("nan"), 3, 4], 4, 2), ValueError, r"load\[1\] must be finite"),
+    (lambda: rebalance_experts([1, float("inf"), 3, 4], 4, 2), ValueError, r"load\[1\] must be finite"),
+    (lambda: rebalance_experts([1, 2, 3, 4], 6.0, 2), TypeError, "num_physical must be an int"),
+    (lambda: balanced_packing([1, 2, 3, 4], 2, labels=[0]), ValueError, "labels must have one entry per weight"),
+    (lambda: rank_loads([1, 2, 3, 4], [0, 1, 2, -1], 2, "linear"), ValueError, r"physical_to_logical\[3\]"),
+    (lambda: imbalance([1, 2, 3, 4], [0, 1, 2, 7], 2, "linear"), ValueError, r"in \[0, 4\), got 7"),
+])
+def test_balancer_argument_errors(call, err, match):
+    # round 48's audit: NaN raised "cannot convert NaN to integer ratio", inf an OverflowError, num_physical=6.0 a bare
+    # TypeError, short labels an IndexError, and rank_loads read id -1 as the last expert (a wrong load, silently)
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_numpy_loads_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert rebalance_experts(np.array([1, 2, 3, 4]), 4, 2) == rebalance_experts([1, 2, 3, 4], 4, 2)
+    assert rebalance_experts(np.array([1.0, 2, 3, 4]), 4, 2) == rebalance_experts([1, 2, 3, 4], 4, 2)
