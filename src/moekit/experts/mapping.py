@@ -266,6 +266,7 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
     if not (float_weight or bias):  # quantised codes / scales: [E, out, in] whatever the float layout
         layout = FusedLayout(transposed=False, interleaved=layout.interleaved)
     full = tuple(tensor.shape)
+    rows_unit = experts.quant.scale_units()[0] if experts.quant is not None else 1  # w13 rows one scale row covers
     if suffix == "_blocks":
         tensor = tensor.flatten(-2)
     for expert in range(e):  # zero experts' rows (LongCat, e >= E) are dropped
@@ -276,7 +277,6 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
         if not c.gated:
             _shard(experts, name, expert, GATE, t, kind, full)
             continue
-        rows_unit = experts.quant.scale_units()[0] if experts.quant is not None else 1
         if kind == "scale" and t.dim() and rows_unit not in (None, 1) and inter % rows_unit:
             # a fused [2I, H] stack's block grid has ⌈2I/bn⌉ rows; with I % bn != 0 a block straddles the gate and up
             # halves, and the row count may even equal the per-shard 2·⌈I/bn⌉ (I = 56, bn = 32: 4 rows each way),
@@ -286,7 +286,7 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
                 f"checkpoint key {name!r}: fused gate/up block scales with I = {inter} not a multiple of the block "
                 f"height {rows_unit} (blocks straddle the gate and up halves); moekit needs per-shard scale grids"
             )
-        if kind == "scale" and t.dim() and layout.interleaved and experts.quant.scale_units()[0] != 1:
+        if kind == "scale" and t.dim() and layout.interleaved and rows_unit != 1:
             raise NotImplementedError(f"checkpoint key {name!r}: interleaved gate/up rows with block scales")
         gate, up = t.chunk(2) if t.dim() else (t, t)
         _shard(experts, name, expert, GATE, gate, kind, full)

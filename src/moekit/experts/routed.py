@@ -28,22 +28,20 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import FLOAT_DTYPES, KERNEL_DTYPES, check_int
+from .._checks import KERNEL_DTYPES, check_int
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
-from ..ops.w4_layout import packed_layout_for, unrelay_rega
-from .layout import DOWN, SHARD_IDS, UP, shards
+from ..ops.w4_layout import packed_layout_for
+from .layout import DOWN, SHARD_IDS, UP
+from .loaded_record import LoadedRecord
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
-from .packed import RELAID_WEIGHTS, relay_loaded, spec_packed_saved
+from .packed import RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, relay_loaded, spec_packed_saved
 from .params import (KINDS, ExpertTensor, check_scale_values, check_tp_split, expert_tensors_spec, fit,
                      full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
 from .placement_state import placement_loaded, placement_saved
-
-_MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
-
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -131,46 +129,19 @@ class RoutedExperts(torch.nn.Module):
                                              device=device)))
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
-        # what has been written: (local slot, shard, kind)
-        self._written: set[tuple[int, str, str]] = set()
-        self._needed = {(slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
-                        for slot in range(p.num_local)}
-        self._complete = False
+        self._record = LoadedRecord((slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
+                                    for slot in range(p.num_local))
 
     def _apply(self, fn, *args, **kwargs):
         # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
-        new = None
-        if self.quant is not None:
-            new = fn(self.w13_weight.new_empty(0, dtype=self._params_dtype)).dtype
-            new = new if new in FLOAT_DTYPES else self._params_dtype  # e.g. .to(float8): activations stay
-            if new != self._params_dtype and self.kernels.name == "triton" and new not in KERNEL_DTYPES:
-                raise TypeError(f"a quantised layer on the triton backend cannot take params_dtype {new}; expected one "
-                                f"of {[str(d) for d in KERNEL_DTYPES]}")
+        new = cast_params_dtype(self, fn) if self.quant is not None else None
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
         if new is not None and new != self._params_dtype:
-            self._follow_params_dtype(new)
+            follow_params_dtype(self, new)
         if self.w13_weight.device.type == "meta":  # the values are gone (``.to("meta")``; ``to_empty`` after it
-            self._written = set()                  # leaves uninitialised memory): a forward must not run on them
-            self._complete = False
+            self._record.clear()                   # leaves uninitialised memory): a forward must not run on them
         return out
-
-    def _follow_params_dtype(self, new: torch.dtype) -> None:
-        """A quantised layer's activation dtype becomes ``new`` (``.to(dtype)`` / ``.half()``): the biases convert,
-        the weights and scales keep their dtypes; re-laid 4-bit words go back to SPEC §8's packing where ``new``
-        cannot read them (float32), and SPEC-packed ones stay so (valid for every dtype)."""
-        c = self.moe_config
-        self._params_dtype = new
-        self.specs = expert_tensors_spec(c.hidden_size, c.intermediate_size, c.gated, c.has_bias, new, self.quant)
-        for name in ("w13_bias", "w2_bias"):
-            b = getattr(self, name)
-            if b is not None:
-                setattr(self, name, _param(b.detach().to(new)))
-        if self.packed_layout == "rega" and packed_layout_for(self.kernels.packed_layouts, self.quant, new,
-                                                              c.hidden_size, self.inter_local) != "rega":
-            for name in RELAID_WEIGHTS:
-                setattr(self, name, _param(unrelay_rega(getattr(self, name).detach())))
-            self.packed_layout = "spec"
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -222,37 +193,24 @@ class RoutedExperts(torch.nn.Module):
             w2_input_scale=self.w2_input_scale, **common,
         )
 
-    # -- the loaded-record --------------------------------------------------------------------
+    # -- the loaded-record (:class:`.loaded_record.LoadedRecord`) ---------------------------------
     @property
     def loaded(self) -> bool:
         """True once every shard of every local slot has been written."""
-        return self._complete
+        return self._record.complete
 
     def missing(self) -> list[str]:
-        """What is still unwritten, by logical expert: ``["expert 3 w2", "expert 0 w1 bias", "expert 1 w3
-        scale", ...]``."""
-        logical = self.placement.local_logical_ids()
-        order = {s: i for i, s in enumerate(shards(self.moe_config.gated))}
-        kinds = {k: i for i, k in enumerate(_MISSING_KIND)}
-        names = {(logical[slot], order[s], kinds[k]) for slot, s, k in self._needed - self._written}
-        by_order, by_kind = shards(self.moe_config.gated), list(_MISSING_KIND)
-        return [f"expert {e} {by_order[i]}{_MISSING_KIND[by_kind[k]]}" for e, i, k in sorted(names)]
+        """What is still unwritten, by logical expert: ``["expert 3 w2", "expert 0 w1 bias", ...]``."""
+        return self._record.missing(self.placement.local_logical_ids(), self.moe_config.gated)
 
     def check_loaded(self) -> None:
-        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded."""
-        if self._complete:
-            return
-        missing = self.missing()
-        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        raise RuntimeError(
-            f"layer {self.layer_name!r}: forward before the expert weights were loaded (missing "
-            f"{', '.join(missing[:6])}{more}); load them with load_expert_weights(), load_weights() "
-            "or moekit.load_moe_layers()"
-        )
+        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (every forward: one attribute
+        read once loaded)."""
+        if not self._record.complete:
+            self._record.check(self.layer_name, self.placement.local_logical_ids(), self.moe_config.gated)
 
     def _mark(self, slots, shard_ids, kind: str) -> None:
-        self._written.update((slot, s, kind) for slot in slots for s in shard_ids)
-        self._complete = self._needed <= self._written
+        self._record.mark(slots, shard_ids, kind)
 
     def _relaid_weights(self) -> tuple[str, ...]:
         """The weight parameters stored re-laid (``packed_layout == "rega"``), else none."""
@@ -422,7 +380,7 @@ class RoutedExperts(torch.nn.Module):
         if self.packed_layout != "spec":
             quant += f", packed_layout={self.packed_layout!r}"
         return (f"E_local={p.num_local}, I_local={self.inter_local}, backend={self.backend!r}{quant}, "
-                f"loaded={self._complete}")
+                f"loaded={self.loaded}")
 
 
 def _param(t: torch.Tensor) -> torch.nn.Parameter:

@@ -25,9 +25,7 @@ from .routing import (
     check_hash_table,
     check_indices_type,
     check_input_ids,
-    check_input_ids_range,
     grouped_spec,
-    host_sync_allowed,
 )
 
 
@@ -192,9 +190,7 @@ def fused_topk_bias(
     check_hash_table(hash_indices_table, e, topk, check_range=kernels.checks_values)
     check_same_device("hash_indices_table", hash_indices_table, "router_logits", gating_output)
     input_ids = check_input_ids(input_tokens, hash_indices_table, t, name="input_tokens")
-    if host_sync_allowed():  # here, so that the error names this function's argument (the kernels' says input_ids)
-        check_input_ids_range(input_ids, hash_indices_table.shape[0], name="input_tokens")
-    return kernels.hash_route(gating_output, hash_indices_table, input_ids, spec, indices_type)
+    return kernels.hash_route(gating_output, hash_indices_table, input_ids, spec, indices_type, ids_name="input_tokens")
 
 
 def grouped_topk(

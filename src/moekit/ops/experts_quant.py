@@ -141,22 +141,18 @@ def fused_experts_quant_torch(
                             hidden_states.dtype, cache=e * per_expert <= workspace_bytes // 2)
     # per token: K slot outputs [K, H] fp32, the w13 output / activation / its quantised copy per slot
     per_token = 4 * p.top_k * (2 * hidden + rows + 2 * inter) + 64
+    run = _token_chunk
+    most = max(1, workspace_bytes // per_token)
     if compiling:  # the dense formulation (no data-dependent expert set); one chunk up to the bound: one guard
+        run = _token_chunk_dense
         most = max(1, workspace_bytes // (per_token + 4 * (2 * hidden + rows + 2 * inter)))  # + one expert's rows
         if p.num_tokens <= most:
-            return _token_chunk_dense(hidden_states, topk_weights, topk_ids, local_map, experts, e,
-                                      apply_router_weight_on_input)
-        step = chunk_tokens(p.num_tokens, most)
-        for lo in range(0, p.num_tokens, step):
-            hi = min(lo + step, p.num_tokens)
-            out[lo:hi] = _token_chunk_dense(hidden_states[lo:hi], topk_weights[lo:hi], topk_ids[lo:hi], local_map,
-                                            experts, e, apply_router_weight_on_input)
-        return out
-    step = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
+            return run(hidden_states, topk_weights, topk_ids, local_map, experts, apply_router_weight_on_input)
+    step = chunk_tokens(p.num_tokens, most)
     for lo in range(0, p.num_tokens, step):
         hi = min(lo + step, p.num_tokens)
-        out[lo:hi] = _token_chunk(hidden_states[lo:hi], topk_weights[lo:hi], topk_ids[lo:hi], local_map, experts,
-                                  apply_router_weight_on_input)
+        out[lo:hi] = run(hidden_states[lo:hi], topk_weights[lo:hi], topk_ids[lo:hi], local_map, experts,
+                         apply_router_weight_on_input)
     return out
 
 
@@ -177,8 +173,7 @@ def _token_chunk(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, o
     return acc.sum(dim=1).to(x.dtype)
 
 
-def _token_chunk_dense(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, num_local: int,
-                       on_input: bool) -> torch.Tensor:
+def _token_chunk_dense(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, on_input: bool) -> torch.Tensor:
     """:func:`_token_chunk` for ``torch.compile``: every local expert over every token of the chunk (no
     ``unique`` / ``nonzero``, whose sizes depend on the data), each slot keeping its expert's row; the same
     per-row math (activations are quantised per token), summed over K in slot order. ``E_local`` times the
@@ -190,7 +185,7 @@ def _token_chunk_dense(x, topk_weights, topk_ids, local_map, experts: _QuantExpe
     acc = torch.zeros(*ids.shape, x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                       device=x.device)
     xin = (x.float() * wts[:, :1]).to(x.dtype) if on_input else x  # on the input: K == 1
-    for e in range(num_local):
+    for e in range(experts.w13.shape[0]):  # E_local
         o = experts.run(e, xin)[:, None, :]  # [Tc, 1, H]
         acc = torch.where((keep & (local == e))[..., None], o if on_input else o * wts[..., None], acc)
     return acc.sum(dim=1).to(x.dtype)

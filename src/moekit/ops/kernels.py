@@ -46,7 +46,7 @@ class Kernels:
     """The ops of one backend.
 
     route(logits [T, E], spec: TopKSpec, bias [E] | None, indices_type) -> (w [T, K] f32, ids [T, K])
-    hash_route(logits [T, E], table [V, K] int, input_ids [T] int, spec, indices_type) -> (w, ids)
+    hash_route(logits [T, E], table [V, K] int, input_ids [T] int, spec, indices_type, *, ids_name) -> (w, ids)
     experts(x [T, H], w1, w2, topk_weights [T, K], topk_ids [T, K], *, activation,
             apply_router_weight_on_input, w1_bias, w2_bias, expert_map, swiglu_limit) -> [T, H]
     experts_quant(x [T, H], w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,

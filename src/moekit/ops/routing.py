@@ -181,15 +181,15 @@ def route_reference(gating_output, spec: TopKSpec, bias, indices_type):
     return route_torch(gating_output, spec, bias, indices_type)
 
 
-def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indices_type):
+def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indices_type, *, ids_name="input_ids"):
     """Hash routing, ``ids = table[input_ids]``, after checking ``input_ids`` against the table's rows
-    and the logits for finiteness (host synchronisations).
+    and the logits for finiteness (host synchronisations; ``ids_name``: the ids' name in errors).
 
     gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
     """
     input_ids = input_ids.reshape(-1)
     if host_sync_allowed():
-        check_input_ids_range(input_ids, table.shape[0])
+        check_input_ids_range(input_ids, table.shape[0], name=ids_name)
     check_finite("router_logits", gating_output)
     return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
 

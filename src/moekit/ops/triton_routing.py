@@ -58,9 +58,10 @@ def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor
 
 
 def hash_route_triton(gating_output: torch.Tensor, table: torch.Tensor, input_ids: torch.Tensor, spec: TopKSpec,
-                      indices_type: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      indices_type: torch.dtype | None = None, *,
+                      ids_name: str = "input_ids") -> tuple[torch.Tensor, torch.Tensor]:
     """Hash routing, ``ids = table[input_ids]``, weights from the unbiased scores (torch ops on the
-    device); invalid ``input_ids`` follow the module's policy.
+    device); invalid ``input_ids`` follow the module's policy (``ids_name``: their name in errors).
 
     gating_output: [T, E]; table: [V, K] integer in [0, E); input_ids: [T] integer
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
@@ -68,7 +69,7 @@ def hash_route_triton(gating_output: torch.Tensor, table: torch.Tensor, input_id
     input_ids = input_ids.reshape(-1)
     vocab = table.shape[0]
     if host_sync_allowed():
-        check_input_ids_range(input_ids, vocab)
+        check_input_ids_range(input_ids, vocab, name=ids_name)
         return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
     bad = (input_ids < 0) | (input_ids >= vocab)
     rows = input_ids.long().masked_fill(bad, 0)

@@ -75,7 +75,8 @@ def agree(name: str, group, mine: tuple) -> None:
 
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
-    differ = {k: [dict(o)[k] for o in everyone] for k, _ in mine if len({repr(dict(o)[k]) for o in everyone}) > 1}
+    ranks = [dict(o) for o in everyone]
+    differ = {k: [r[k] for r in ranks] for k, v in mine if any(r[k] != v for r in ranks)}
     if differ:
         raise ValueError(f"the ranks of {name} were built with different settings (by rank of {name}): {differ}; every "
                          f"rank of {name} must build the layer alike" + (

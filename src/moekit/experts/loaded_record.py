@@ -1,0 +1,48 @@
+"""What of a :class:`~moekit.experts.routed.RoutedExperts`' tensors has been written: the loaded-record, by
+``(local slot, shard, kind)`` (kind: weight / bias / scale / input_scale). A forward before every one was written
+raises (SPEC §1: never compute with an initialiser's values)."""
+
+from __future__ import annotations
+
+from .layout import shards
+
+_MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
+
+
+class LoadedRecord:
+    """needed: every ``(slot, shard, kind)`` the layer holds; :meth:`mark` records writes, :meth:`clear` forgets
+    them (the values are gone: ``.to("meta")``)."""
+
+    def __init__(self, needed):
+        self.needed = frozenset(needed)
+        self.written: set[tuple[int, str, str]] = set()
+        self.complete = False
+
+    def mark(self, slots, shard_ids, kind: str) -> None:
+        self.written.update((slot, s, kind) for slot in slots for s in shard_ids)
+        self.complete = self.needed <= self.written
+
+    def clear(self) -> None:
+        self.written = set()
+        self.complete = False
+
+    def missing(self, logical_ids, gated: bool) -> list[str]:
+        """What is still unwritten, by logical expert (``logical_ids[slot]``), ordered: ``["expert 3 w2", "expert 0
+        w1 bias", "expert 1 w3 scale", ...]``."""
+        by_order, by_kind = shards(gated), list(_MISSING_KIND)
+        order = {s: i for i, s in enumerate(by_order)}
+        kinds = {k: i for i, k in enumerate(by_kind)}
+        names = {(logical_ids[slot], order[s], kinds[k]) for slot, s, k in self.needed - self.written}
+        return [f"expert {e} {by_order[i]}{_MISSING_KIND[by_kind[k]]}" for e, i, k in sorted(names)]
+
+    def check(self, layer_name: str, logical_ids, gated: bool) -> None:
+        """Raise ``RuntimeError`` naming what is missing unless every tensor was written."""
+        if self.complete:
+            return
+        missing = self.missing(logical_ids, gated)
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        raise RuntimeError(
+            f"layer {layer_name!r}: forward before the expert weights were loaded (missing "
+            f"{', '.join(missing[:6])}{more}); load them with load_expert_weights(), load_weights() "
+            "or moekit.load_moe_layers()"
+        )
