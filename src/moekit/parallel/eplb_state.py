@@ -1,11 +1,14 @@
 """Per-layer EPLB state: the routing maps (logical ↔ physical) and the load window.
 
-    replica(t, e) = hash(t·W + ep_rank) mod count[e]          (t: the token's index on this rank)
+    replica(t, e) = (hash(t·W + ep_rank) + e) mod count[e]    (t: the token's index on this rank)
     physical(t, e) = logical_to_physical[e, replica(t, e)]
     load_window[s mod window, e] = live slots routed to logical expert e at step s (this rank)
 
 The hash mixes the token index (never ``(t·K + k) mod replicas``, which ties the replica to the slot
-position), so a hot expert's tokens spread evenly over its replicas. All tensors have fixed shapes
+position), so a hot expert's tokens spread evenly over its replicas; adding the expert id decorrelates one
+token's experts (without it, a token whose experts all have two replicas sent every one of them to its
+first replica or every one to its second, the same end of the EP group: a decode step of a few tokens
+loaded one end). All tensors have fixed shapes
 and are updated in place (CUDA graphs that captured them stay valid); the step counter is a device
 tensor advanced once per forward on every rank, so every rank's window covers the same steps.
 """
@@ -86,7 +89,7 @@ class EplbState(torch.nn.Module):
         ids = topk_ids.long()
         t = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)
         h = replica_hash(t * self.ep_size + self.ep_rank).unsqueeze(1)
-        replica = h % self.replica_count[ids]
+        replica = (h + ids) % self.replica_count[ids]
         return self.logical_to_physical[ids, replica].to(topk_ids.dtype)
 
     @torch.no_grad()
