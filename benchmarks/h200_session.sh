@@ -196,6 +196,17 @@ case $WHAT in
     step probe-mxfp4 300 python benchmarks/relaid_probe.py --formats mxfp4 --points "$R45P" --out "$OUT/probe-mxfp4.json"
     grep -h "graph\|identical\|skipped\|Error" "$OUT"/probe-*.log | tail -70
     ;;
+  r49-a)  # round 49: round 48's GPU-side checks (r48-a) and this round's routing kernel change (a row holding a NaN
+    # logit gets NaN weights) natively, with the fp16 twin change through the Triton-vs-twin tests
+    r42_prepare
+    step gpu-r49-route 120 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_triton_routing.py \
+      tests/ops/test_routing_ops.py tests/ops/test_experts_torch.py
+    step gpu-r48-inv 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 3 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k bf16_heuristic
+    step gpu-r48 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_packed_layout.py \
+      tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
+    grep -h "passed\|failed" "$OUT"/gpu-r4*.log | tail -8
+    ;;
   r48-a)  # round 48 (CPU-only round; its fixes on a GPU): the bf16 heuristic's rows alone vs in batches (BLOCK_K 128 at
     # the decode tiles, 64 above), a re-laid 4-bit layer cast to float32, the quantised layers' dtype follow and the
     # audit tests natively (CUDA layers where they build them)

@@ -185,11 +185,13 @@ def test_the_triton_table_runs_every_format():
         assert tri.supports(fmt), fmt
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
     torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend runs on CUDA, or on CPU interpreted
     w13, w2 = torch.randn(4, 2 * 64, 64) / 8, torch.randn(4, 64, 64) / 8
-    x, logits = torch.randn(5, 64), torch.randn(5, 4)
+    x, logits = torch.randn(5, 64, device=dev), torch.randn(5, 4, device=dev)
     outs = []
     for backend in ("torch", "triton"):
-        layer = moekit.FusedMoE(4, 2, 64, 64, params_dtype=torch.float32, quant_config=qc, backend=backend)
+        layer = moekit.FusedMoE(4, 2, 64, 64, params_dtype=torch.float32, quant_config=qc, backend=backend,
+                                device=dev)
         layer.load_expert_weights(w13, w2)
         outs.append(layer(x, logits))
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()

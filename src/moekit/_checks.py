@@ -167,3 +167,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
         bad = t[~torch.isfinite(t)].flatten()[:4].tolist()
         raise ValueError(f"{name} contains non-finite values (e.g. {bad}); expected finite numbers")
+    if t.dtype == torch.float64 and t.numel() and not bool(torch.isfinite(t.float()).all()):
+        # the math runs in float32: a float64 value beyond its range would become +-inf there (NaN weights)
+        bad = t[~torch.isfinite(t.float())].flatten()[:4].tolist()
+        raise ValueError(f"{name} holds float64 values beyond float32's range (e.g. {bad}); the math runs in float32, "
+                         f"expected |values| <= {torch.finfo(torch.float32).max:.4g}")

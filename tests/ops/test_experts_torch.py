@@ -117,6 +117,31 @@ def test_low_precision(dtype, activation, bias):
     assert_close_dtype(out, ref, dtype)
 
 
+@pytest.mark.parametrize("activation", ["silu", "swigluoai", "gelu", "gelu_tanh"])
+def test_fp16_products_beyond_fp16_range_stay_finite(activation):
+    # fp16: a gate pre-activation of about -1e5 (act ~ -0) and unweighted expert outputs of ~1.5e5 whose weighted
+    # slots (weight 0.15) and sums fit fp16. The kernels keep fp32 accumulators; the twin rounded each GEMM's
+    # product to fp16 first (-inf -> NaN after silu; inf before the weight)
+    torch.manual_seed(0)
+    e, k, h, inter, t = 3, 4, 8, 4, 5
+    w13 = torch.randn(e, 2 * inter, h) * 0.1
+    w13[:, 0, :] = -1000.0  # gate row 0: g = -1000·Σx = -1e5
+    x = torch.full((t, h), 12.5)
+    w13[:, 1, :] = 0.1  # g1 = 10
+    w13[:, inter + 1, :] = 0.05  # u1 = 5: act[1] ~ 50
+    w2 = torch.randn(e, h, inter) * 0.1
+    w2[:, :, 1] = torch.tensor([3000.0, -3000.0, 3000.0]).view(e, 1)  # every output column ~ +-1.5e5
+    x16, w13_16, w2_16 = x.half(), w13.half(), w2.half()
+    ids = torch.tensor([[0, 1, 2, 0]] * t, dtype=torch.int32)  # signs +, -, +, +: the weighted sum ~ 0.3 · 1.5e5
+    w = torch.full((t, k), 0.15)
+    ref = ref_experts(x16, w13_16, w2_16, w, ids, activation=activation)
+    unweighted = ref_experts(x16, w13_16, w2_16, torch.ones(t, 1), ids[:, :1], activation=activation)
+    assert unweighted.abs().max() > 65504 and ref.abs().max() < 65504  # the case: only the product overflows
+    out = fused_experts_torch(x16, w13_16, w2_16, w, ids, activation=activation)
+    assert torch.isfinite(out).all()
+    assert_close_dtype(out, ref, torch.float16)
+
+
 def test_assert_close_dtype_can_fail():
     # the tolerance helper itself rejects a 5 % error in bf16 and a 1e-3 error in fp32
     ref = torch.randn(64, 8, dtype=torch.float64)

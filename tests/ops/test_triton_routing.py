@@ -94,6 +94,44 @@ def test_nan_inf_policy_ids_stay_valid():
     assert torch.equal(ids[0].cpu(), route_torch(logits[:1].nan_to_num(nan=-float("inf")), TopKSpec(4))[1][0].cpu())
 
 
+@pytest.mark.parametrize("spec", [
+    TopKSpec(2, "sigmoid", True),  # an all-NaN sigmoid row scored 0 everywhere: weights 0, the token's output 0
+    TopKSpec(2, "sqrtsoftplus", True, 1.5),
+    TopKSpec(2, "softmax", False),
+    TopKSpec(4, "sigmoid", True, 2.5, 4, 2),  # grouped (DeepSeek-V3 style)
+])
+def test_a_nan_logit_gives_the_row_nan_weights(spec):
+    # the selection counts NaN as -inf (valid distinct ids) but the row's weights are NaN, so the NaN reaches the
+    # token's output; before, one NaN logit was routed around (finite weights) and an all-NaN sigmoid row got 0
+    logits = tie_free_logits(4, 16, seed=3)
+    logits[1, 5] = float("nan")  # one NaN logit
+    logits[2] = float("nan")  # a NaN hidden state: every logit NaN
+    for bias in (None, torch.linspace(-0.1, 0.1, 16, device=DEV)):
+        w, ids = route_triton(logits, spec, bias)
+        assert torch.isnan(w[1]).all() and torch.isnan(w[2]).all()
+        assert torch.isfinite(w[[0, 3]]).all()  # the other rows are untouched
+        assert ((ids >= 0) & (ids < 16)).all() and all(len(set(r.tolist())) == spec.top_k for r in ids.cpu())
+        wr, ir = route_torch(logits[[0, 3]], spec, bias)
+        assert torch.equal(ids[[0, 3]].cpu(), ir.cpu())
+
+
+def test_a_nan_token_reaches_the_layer_output_on_the_triton_backend():
+    # a NaN hidden state under sigmoid routing came out as exactly 0 (weights 0, slots skipped); now NaN
+    torch.manual_seed(0)
+    e, h, i = 8, 16, 8
+    gate = torch.nn.Linear(h, e, bias=False, device=DEV)
+    layer = moekit.FusedMoE(e, 2, h, i, backend="triton", scoring_func="sigmoid", gate=gate,
+                            e_score_correction_bias=torch.zeros(e), use_grouped_topk=True, num_expert_group=4,
+                            topk_group=2, device=DEV).eval()
+    layer.load_expert_weights(torch.randn(e, 2 * i, h) * 0.3, torch.randn(e, h, i) * 0.3)
+    x = torch.randn(3, h, device=DEV)
+    x[1] = float("nan")
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[[0, 2]]).all()
+
+
 @pytest.mark.parametrize("e, groups, warps", [
     (8, 1, 1),        # Mixtral: a [1, 8] tile
     (128, 1, 1),      # Qwen3 / gpt-oss: [1, 128]

@@ -58,7 +58,13 @@ def half_tail_src(e: int, vec: int) -> int:
 #: only at T = 8-256 (register-operand GEMMs, -7 to -10 %) and slower at T = 1 (the Triton GEMMs, 57.6 -> 76.1 µs)
 #: and T >= 1024 (the w2, 460 -> 598 µs at T = 1024): layers keep such rows in SPEC §8's packing (docs/kernels.md,
 #: round 46). Round 47 (CPU only): that w2 needs 130 / 141 registers re-laid (one 8-warp program per SM instead of
-#: two); config ``"gluon_maxnreg": 128`` fits it in 128 with no spill. The flag waits for the H200 (``r47-a``).
+#: two); config ``"gluon_maxnreg": 128`` fits it in 128 with no spill. Round 49 on the H200 (``r47-a``, experts step
+#: in a CUDA graph, alternated twice): with the best variant per bucket the re-laid words win at T = 1 (mxfp4 57.0 ->
+#: 54.4 µs, int4 58.5 -> 53.2), T = 1024 (1332 -> 1260, 1412 -> 1322: the w2 in 128 registers) and T = 4096 (3328 ->
+#: 3160, 3407 -> 3240) but lose at T = 8192 (5273 -> 6635, 5530 -> 5982: the large buckets' early-issue w13 and Triton
+#: w2 read them slower, and the register-operand w2 there is 9100). Decision: layers keep SPEC packing (5-9 % off the
+#: buckets up to 4096 is not worth 8-26 % on every prefill of 8192 tokens and more); the way on is a large-T GEMM that
+#: reads re-laid words at the SPEC words' speed.
 LAYER_HALF_CHUNKS = False
 
 

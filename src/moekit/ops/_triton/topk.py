@@ -7,11 +7,12 @@ Selection works on an int32 key with the float order (``_orderable``) packed wit
 one int64, so that a single max-reduction returns the best score and, among equal scores, the
 lowest expert id (the SPEC's tie rule).
 
-NaN policy: a NaN logit, or a NaN selection score, is treated as ``-inf`` — consistently in the
-scores, the group scores and the selection. The kernel therefore always returns K distinct ids in
-``[0, E)``; weights computed from non-finite logits may be NaN/inf (softmax of a row holding
-``+inf``, say), which propagates visibly instead of silently picking wrong experts. The validating
-torch path raises ``ValueError`` on non-finite logits instead.
+NaN policy: for the selection a NaN logit, or a NaN selection score, is treated as ``-inf`` —
+consistently in the scores, the group scores and the selection — so the kernel always returns K
+distinct ids in ``[0, E)``; and a row holding a NaN logit gets NaN weights (all K), so that the NaN
+reaches the token's output instead of being routed around (a NaN hidden state under sigmoid scoring
+used to come out as exactly 0). Weights computed from infinite logits may be NaN/inf too (softmax of a
+row holding ``+inf``), visibly. The validating torch path raises ``ValueError`` on non-finite logits.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def route_kernel(
     eid = gi * EG + ji
     valid = (gi < G) & (ji < EG)
     x = tl.load(logits_ptr + t * stride_lt + eid, mask=valid, other=float("-inf")).to(tl.float32)
+    row_nan = tl.max(tl.max((x != x).to(tl.int32), 1), 0) > 0  # masked lanes hold -inf, never NaN
     x = tl.where(x != x, float("-inf"), x)
     s = _scores(x, valid, SCORING)
     if HAS_BIAS:
@@ -118,6 +120,6 @@ def route_kernel(
     if RENORM:
         total = tl.sum(w, 0)
         w = w / tl.where(total > 0, total, 1.0)  # as routing.finish_weights: only an all-zero top-k is guarded
-    w = w * scale
+    w = tl.where(row_nan, float("nan"), w * scale)
     tl.store(w_out_ptr + t * stride_wt + kr, w, mask=kmask)
     tl.store(ids_out_ptr + t * stride_it + kr, ids.to(ids_out_ptr.dtype.element_ty), mask=kmask)
