@@ -253,6 +253,12 @@ def test_renormalising_tiny_selected_scores(backend):
     s = torch.sigmoid(torch.tensor([-50.0, -51.0], dtype=torch.float64))
     assert ids.tolist() == [[0, 1]]
     torch.testing.assert_close(w.double().cpu(), (s / s.sum())[None], rtol=1e-6, atol=0)
+    # round 49: sigmoid as 1 / (1 + e^-x) overflowed e^-x below x = -88.7 (every score 0, the row's weights 0); from
+    # e^-|x| the scores reach float32's normal range's end (x ~ -87.3) exactly and its subnormals (to ~ -103) after
+    w, ids = run(torch.tensor([[-89.0, -89.5, -92.0]]), 2, scoring_func="sigmoid")
+    s = torch.sigmoid(torch.tensor([-89.0, -89.5], dtype=torch.float64))
+    assert ids.tolist() == [[0, 1]]
+    torch.testing.assert_close(w.double().cpu(), (s / s.sum())[None], rtol=1e-4, atol=0)
     w, ids = run(torch.tensor([[-200.0, -201.0, -202.0]]), 2, scoring_func="sigmoid")  # sigmoid underflows to 0
     assert ids.tolist() == [[0, 1]] and w.tolist() == [[0.0, 0.0]]
     if backend == "torch":  # subnormal float32 scores (softmax gaps of 95 / 100: e^-95 ~ 5e-42) on the CPU too

@@ -84,8 +84,9 @@ def compute_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
         return torch.softmax(x, dim=-1)
     # not torch.sigmoid / F.softplus: on CPU their vector loop and scalar tail differ by an ulp, so equal
     # logits got scores depending on their memory position and ties did not go to the lowest id
-    if scoring_func == "sigmoid":
-        return torch.exp(-x).add_(1.0).reciprocal_()
+    if scoring_func == "sigmoid":  # e^-|x|: 1 / (1 + e^-x) overflowed below x = -88.7 (every score 0)
+        z = torch.exp(-x.abs())
+        return torch.where(x >= 0, (z + 1.0).reciprocal_(), z / (z + 1.0))
     if scoring_func == "sqrtsoftplus":  # softplus(x) = x above 20, as F.softplus
         return torch.where(x > 20.0, x, torch.log1p(torch.exp(x))).sqrt_()
     raise ValueError(f"scoring_func must be one of {list(SCORING_FUNCS)}, got {scoring_func!r}")

@@ -39,8 +39,9 @@ def _scores(x, valid, SCORING: tl.constexpr):
         mx = tl.max(tl.max(x, 1), 0)
         p = tl.where(valid, tl.exp(x - mx), 0.0)
         return p / tl.sum(tl.sum(p, 1), 0)
-    if SCORING == 1:
-        return 1.0 / (1.0 + tl.exp(-x))
+    if SCORING == 1:  # exp of -|x|: 1 / (1 + e^-x) overflowed below x = -88.7 (scores 0, a renormalised row lost)
+        z = tl.exp(-tl.abs(x))
+        return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
     z = tl.exp(x)  # sqrt(softplus(x)), softplus = x above 20 as in torch, else an accurate log1p
     u = 1.0 + z
     lp = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
