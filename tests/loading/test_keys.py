@@ -13,7 +13,8 @@ def _cfg(**kw):
 
 def test_block_member_and_tower_prefixes():
     spec, plans = plan_layers({"model_type": "mistral_large4", "text_config": _cfg(
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, n_group=1, topk_group=1)})
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, n_group=1, topk_group=1,
+        first_k_dense_replace=0)})  # Mistral Large 4's default: layer 0 dense
     keys = ["model.layers.1.experts.0.w1.weight",  # the older layout without language_model., a layer member
             "layers.0.mlp.gate.weight", "layers.0.self_attn.q_proj.weight", "model.visual.layers.0.mlp.gate.weight"]
     got = assign_keys(spec, plans, keys)
@@ -23,7 +24,7 @@ def test_block_member_and_tower_prefixes():
 
 def test_layer_level_spec_takes_only_its_members():
     spec, plans = plan_layers({"model_type": "gemma4_text", **_cfg(enable_moe_block=True, num_experts=4,
-                                                                   moe_intermediate_size=4)})
+                                                                   top_k_experts=2, moe_intermediate_size=4)})
     keys = ["model.layers.0.router.proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.experts.down_proj"]
     got = assign_keys(spec, plans, keys)
     assert got == {"model.layers.0": {"gate.proj.weight": keys[0]}, "model.layers.1": {"experts.down_proj": keys[2]}}

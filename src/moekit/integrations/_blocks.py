@@ -19,7 +19,7 @@ from .._checks import KERNEL_DTYPES
 from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
 from ..experts.routed import RoutedExperts
 from ..loading.architectures import ArchSpec, rename_block_key
-from ..loading.keys import construction_tensors
+from ..loading.keys import construction_tensors, field_hint, zero_width_shared_gate
 from ..loading.modules import build_layer
 from ..loading.plan import LayerPlan
 from ..ops.formats import Fp8BlockFormat
@@ -75,13 +75,16 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
+    numels = {rel: t.numel() for rel, t in own.items()}
     for rel, t in own.items():
         if rel in stacks or rel in construction_tensors({rel: t}):
             continue
         if rel not in targets:
-            if t.numel() == 0:  # an empty part transformers builds (e.g. n_shared_experts = 0): it adds nothing
-                continue
-            raise NotImplementedError(f"{plan.name}: the block's tensor {rel!r} has no place in the moekit layer")
+            if t.numel() == 0 or zero_width_shared_gate(plan, rel, numels):  # empty parts transformers builds (e.g.
+                continue  # n_shared_experts = 0) and a zero-width shared expert's gate: they add nothing
+            hint = field_hint(plan, rel)
+            raise NotImplementedError(f"{plan.name}: the block's tensor {rel!r} has no place in the moekit layer"
+                                      + (f"; the config fields likely responsible: {hint}" if hint else ""))
         _set_tensor(layer, rel, t)
         targets.pop(rel)
     left = [n for n, t in targets.items() if t is not None and t.device.type == "meta"]

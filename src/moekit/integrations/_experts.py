@@ -5,7 +5,7 @@ transformers experts module (its gate function as a moekit activation, its stack
 from __future__ import annotations
 
 from ..experts.layout import FusedLayout
-from ..ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf
+from ..ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf, is_gated
 from ._blocks import convert_stacks
 
 
@@ -63,7 +63,12 @@ def experts_activation(module) -> tuple[str, float | None]:
     if name in _GATE_FUNCTIONS:
         return _GATE_FUNCTIONS[name](module)
     if not getattr(module, "has_gate", True):  # non-gated (Nemotron-H): act(up x)
-        return activation_from_hf(getattr(module.config, "mlp_hidden_act", "relu2")), None
+        hidden_act = getattr(module.config, "mlp_hidden_act", "relu2")
+        activation = activation_from_hf(hidden_act)
+        if is_gated(activation):  # silu / gelu would read gate rows the non-gated stack does not have
+            raise NotImplementedError(f"{name} with mlp_hidden_act={hidden_act!r}: its experts compute act(up x), not "
+                                      "gated; moekit's only non-gated activation is relu2")
+        return activation, None
     if getattr(cls, "_apply_gate", None) is not getattr(hf_moe, "_default_apply_gate", None):
         raise NotImplementedError(f"experts_implementation='moekit' does not know the gate function of {name}")
     return _hf_act(module)

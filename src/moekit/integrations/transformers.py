@@ -13,7 +13,9 @@ transformers is imported inside the functions only: ``import moekit`` never need
   converted once, a copy). The adapter returns what the block returned: a tensor, gpt-oss's ``(hidden,
   router_scores)`` (the OpenAI privacy filter's scores divided by K) or Llama 4's ``(hidden [T, H],
   router_logits)``. Router-logit recording for auxiliary losses (``output_router_logits``) is not
-  reproduced: patched models are for inference.
+  reproduced (patched models are for inference): :func:`patch` refuses a model whose config asks for it, and a
+  patched model's forward refuses ``output_router_logits=True`` (``NotImplementedError``) instead of returning an
+  empty or failing ``router_logits``.
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
   router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
   reaches experts classes that transformers decorates with ``@use_experts_implementation``; Llama 4 (and
@@ -152,8 +154,17 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
     ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
     config says raises ``RuntimeError``; without transformers, ``ImportError``.
+
+    ``output_router_logits`` (the router logits transformers records for its load-balancing loss) is not
+    reproduced: a model whose config sets it raises ``NotImplementedError`` here (set
+    ``model.config.output_router_logits = False`` first), and the patched model (and each transformers model inside
+    it) gets a forward pre-hook that raises ``NotImplementedError`` when a call passes
+    ``output_router_logits=True`` or the config is switched on later (unpatched, transformers would record the
+    router logits; patched, they would be missing or empty). Forwards and ``generate()`` without it are unaffected;
+    a second ``patch()`` adds no second hook.
     """
     _require_transformers("patch")
+    _check_router_logits(model, "patch()")
     config = _model_config_dict(model)
     spec, plans = plan_layers(config, "the model's config")
     fmt, _ = checkpoint_format(config, None)
@@ -178,7 +189,46 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             f"patch found {len(replaced)} MoE blocks but the config describes {len(plans)} "
             f"({[p.name for p in plans]}); the model structure is not the expected one"
         )
+    _guard_router_logits(model)
     return replaced
+
+
+def _asks_router_logits(module, kwargs: dict | None = None) -> bool:
+    """``output_router_logits`` is on for a forward of ``module``: in the call's kwargs, else in its config (or
+    its text config)."""
+    if kwargs and kwargs.get("output_router_logits") is not None:
+        return bool(kwargs["output_router_logits"])
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return False
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(cfg, "output_router_logits", False) or getattr(text, "output_router_logits", False))
+
+
+def _check_router_logits(module, where: str, kwargs: dict | None = None) -> None:
+    if _asks_router_logits(module, kwargs):
+        raise NotImplementedError(
+            f"{where}: output_router_logits=True is not supported on a model patched by moekit: its MoE blocks no "
+            "longer hold transformers' routers, so the router logits transformers records for the load-balancing "
+            "loss would be missing or empty. Pass output_router_logits=False (or set "
+            f"{type(module).__name__}.config.output_router_logits = False); patched models are for inference")
+
+
+def _router_logits_pre_hook(module, args, kwargs):
+    _check_router_logits(module, f"{type(module).__name__}.forward", kwargs)
+
+
+def _guard_router_logits(model) -> None:
+    """A forward pre-hook refusing ``output_router_logits`` on ``model`` and every transformers model
+    (``PreTrainedModel``) inside it; one per module (marked: a second ``patch()`` adds none)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if module is not model and not isinstance(module, PreTrainedModel):
+            continue
+        if not getattr(module, "_moekit_router_logits_guard", False):
+            module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
+            module._moekit_router_logits_guard = True
 
 
 def _install_in_layer(layer, spec: ArchSpec, moe) -> None:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from .archs import core, ds3, gemma4, granite, mixtral_like, qwen_like, sigmoid_bias, singletons
 from .archs.common import ArchSpec, block_path, prefixes
+from .archs.config_defaults import complete
 from .plan import LayerPlan
 
 FAMILIES = (core, mixtral_like, granite, qwen_like, singletons, ds3, sigmoid_bias, gemma4)
@@ -63,17 +64,26 @@ def plan_layers(config: dict, source: str = "config.json") -> tuple[ArchSpec, li
 
 
 def _plan_layers(config: dict, spec: ArchSpec) -> tuple[ArchSpec, list[LayerPlan]]:
+    """The plans of ``config`` read as its transformers config class reads it (:func:`.archs.config_defaults.complete`:
+    the class's aliases and defaults for the fields the file lacks)."""
     mt = config.get("model_type")
     if mt not in TOWERS:
-        return spec, spec.plan(config, spec)
+        return spec, spec.plan(complete(config, mt), spec)
     _, key, stack = TOWERS[mt]
     text = config
     for part in key.split("."):
         text = text.get(part) if isinstance(text, dict) else None
     if not isinstance(text, dict):
         raise ValueError(f"model_type={mt!r}: config.json has no {key!r} (the text tower holding the MoE blocks)")
-    text = dict(text, model_type=text.get("model_type") or spec.model_types[0])
+    text_type = text.get("model_type") or tower_text_type(mt, spec)
+    text = complete(dict(text, model_type=text_type), text_type)
     return spec, [restack(p, spec, stack) for p in spec.plan(text, spec)]
+
+
+def tower_text_type(wrapper: str, spec: ArchSpec) -> str:
+    """The model type of a wrapper's text tower when its sub-config does not say: ``{wrapper}_text`` where the
+    spec has it (Inkling-2-Loop's tower is ``inkling2_loop_text``), else the spec's first model type."""
+    return f"{wrapper}_text" if f"{wrapper}_text" in spec.model_types else spec.model_types[0]
 
 
 def rename_block_key(spec: ArchSpec, rest: str) -> str:

@@ -106,3 +106,40 @@ def construction_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     if bias is not None and bias.dim() == 2 and bias.shape[0] == 1:
         out[CONSTRUCTION[0]] = bias.reshape(-1)
     return out
+
+
+_SHARED_HEADS = ("shared_experts.", "shared_expert_gate.")
+
+
+def zero_width_shared_gate(plan: LayerPlan, rel: str, numels: dict[str, int]) -> bool:
+    """``rel`` is the gate of a zero-width shared expert (Qwen2-MoE with ``shared_expert_intermediate_size = 0``):
+    transformers builds the shared MLP with empty weights and its sigmoid gate multiplies zeros, so neither adds
+    anything; the plan has no shared expert. ``numels``: block-relative name -> element count of the block's
+    tensors. Only where every shared-expert tensor is empty: a real shared expert is never dropped."""
+    if plan.shared_intermediate_size or not rel.startswith(_SHARED_HEADS[1]):
+        return False
+    shared = [n for name, n in numels.items() if name.startswith(_SHARED_HEADS[0])]
+    return bool(shared) and not any(shared)
+
+
+def field_hint(plan: LayerPlan, rel: str) -> str:
+    """The config.json fields most likely behind a tensor of block-relative moekit name ``rel`` that a layer
+    built from ``plan`` lacks or has no place for (a clause for error messages)."""
+    if rel.startswith(_SHARED_HEADS):
+        if rel.endswith(".bias"):
+            return ("the shared MLP's biases: config.json's mlp_bias (ERNIE: use_bias) says whether the shared MLP "
+                    f"has them (planned: {plan.shared_bias})")
+        if not plan.shared_intermediate_size:
+            return ("a shared expert, which the config plans none of: its width field (n_shared_experts / "
+                    "num_shared_experts, shared_expert_intermediate_size, moe_shared_expert_intermediate_size ...) "
+                    "is 0 or missing")
+        return (f"the shared MLP (planned width {plan.shared_intermediate_size}, activation "
+                f"{plan.shared_activation!r}): its width field and hidden_act / mlp_hidden_act")
+    if rel.startswith(("gate.", "router.")):
+        return "the router: num_experts / n_routed_experts / num_local_experts, router_bias and the selection bias"
+    if rel.startswith(("experts.", "routed_experts.")) or rel.startswith("expert "):
+        return (f"the routed experts (planned: {plan.num_experts} experts of width {plan.intermediate_size}, "
+                f"activation {plan.activation!r}, biases {plan.has_bias}): num_experts / n_routed_experts / "
+                "num_local_experts, moe_intermediate_size and hidden_act / mlp_hidden_act (a gated activation reads "
+                "gate and up rows)")
+    return ""

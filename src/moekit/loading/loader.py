@@ -28,7 +28,8 @@ from ..experts.mapping import is_slot_tensor, load_layer_weights
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers
 from .files import checkpoint_files, config_dtype, read_config, read_header
-from .keys import CONSTRUCTION, assign_keys, check_not_transposed, construction_tensors, expand_key
+from .keys import (CONSTRUCTION, assign_keys, check_not_transposed, construction_tensors, expand_key, field_hint,
+                   zero_width_shared_gate)
 from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
@@ -93,12 +94,13 @@ def load_moe_layers(
     checkpoint tensor.
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
-    tensor -> ``KeyError`` naming the key; a wrong shape -> ``ValueError`` naming the key and both
-    shapes; an unreadable config.json, index or shard -> ``ValueError`` naming the file; a path without
-    config.json or ``*.safetensors`` -> ``CheckpointNotFoundError`` (a ``ValueError`` and a
-    ``FileNotFoundError``); a field config.json lacks or gives a wrong value (``hidden_size``,
-    ``num_experts_per_tok`` ...), or a ``dtype`` there that is no float dtype -> ``ValueError`` naming the file
-    and the field; ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float
+    tensor -> ``KeyError`` naming the key (and the config fields that decide whether it exists); a wrong shape ->
+    ``ValueError`` naming the key and both shapes; an unreadable config.json, index or shard -> ``ValueError``
+    naming the file; a path without config.json or ``*.safetensors`` -> ``CheckpointNotFoundError`` (a
+    ``ValueError`` and a ``FileNotFoundError``). Fields config.json lacks take the defaults of the architecture's
+    transformers config class (:mod:`moekit.loading.archs.config_defaults`); a field with a wrong value, one the
+    class has no default for (``hidden_size`` ...), or a ``dtype`` that is no float dtype -> ``ValueError`` naming
+    the file and the field; ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float
     ``torch.dtype`` or its name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``.
     """
     path = os.fspath(path)
@@ -124,6 +126,9 @@ def load_moe_layers(
                 f"no checkpoint tensor for MoE block {plan.name} (looked for keys starting with "
                 f"{' or '.join(plan.ckpt_prefixes)})"
             )
+        sizes = {rel: reader.nbytes(k) for rel, k in keys.items() if rel.startswith("shared_expert")}  # 0: empty
+        for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
+            del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
         construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
         _check_construction(plan, construction, keys)
         layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
@@ -151,7 +156,7 @@ def load_moe_layers(
             bar.update(t.numel() * t.element_size())
             x = None
             for piece, x in expand_key(spec, state.plan, rel, t, key):
-                _load_one(state, piece, x, key)
+                _load_one(state, piece, x, key, rel)
             del t, x  # nothing of this tensor lives on while the next one is read
     reader.close()
     for name, state in states.items():
@@ -274,11 +279,15 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _load_one(state, rel: str, t: torch.Tensor, key: str) -> None:
+def _load_one(state, rel: str, t: torch.Tensor, key: str, what: str | None = None) -> None:
+    """Load one piece; an error names the checkpoint ``key`` and, for a tensor the layer has no place for, the
+    config fields likely behind it (``what``: the key's block-relative moekit name)."""
     try:
         state.load([(rel, t)])
     except (KeyError, ValueError, TypeError) as err:
-        raise type(err)(f"{key}: {err.args[0] if err.args else err}") from None
+        msg = f"{key}: {err.args[0] if err.args else err}"
+        hint = field_hint(state.plan, what or rel) if isinstance(err, KeyError) else ""
+        raise type(err)(msg + (f"; the config.json fields likely responsible: {hint}" if hint else "")) from None
 
 
 @dataclass
@@ -343,4 +352,6 @@ def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:
         else:
             named.append(pre + checkpoint_block_key(spec, piece))
     more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-    raise KeyError(f"missing checkpoint tensors for MoE block {plan.name}: {', '.join(named)}{more}")
+    hints = list(dict.fromkeys(h for h in (field_hint(plan, piece) for piece in missing[:8]) if h))
+    why = f"; the config.json fields likely responsible: {'; '.join(hints)}" if hints else ""
+    raise KeyError(f"missing checkpoint tensors for MoE block {plan.name}: {', '.join(named)}{more}{why}")

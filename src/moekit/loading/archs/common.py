@@ -85,6 +85,14 @@ def get(cfg: dict, key: str, default):
     return default if v is None else v
 
 
+def required(cfg: dict, key: str):
+    """``cfg[key]``; missing or null raises ``KeyError(key)`` (:func:`plan_layers` names the field)."""
+    v = cfg.get(key)
+    if v is None:
+        raise KeyError(key)
+    return v
+
+
 def act(cfg: dict) -> str:
     return activation_from_hf(get(cfg, "hidden_act", "silu"))
 
@@ -149,6 +157,12 @@ def sparse_layers(cfg: dict, dense_key: str | None = None, default_dense: int = 
     return list(range(int(get(cfg, dense_key, default_dense)) if dense_key else 0, layers(cfg)))
 
 
+def dense_head(dense_key: str):
+    """A ``layer_fn`` for a class without ``mlp_layer_types`` (AFMoE, LFM2-MoE, GLM-4.5V): the layers from
+    ``cfg[dense_key]`` on, whatever a stray ``mlp_layer_types`` says (the class never reads one)."""
+    return lambda cfg: list(range(int(get(cfg, dense_key, 0)), layers(cfg)))
+
+
 QWEN_RENAMES = (("shared_expert.", "shared_experts."),)
 DS_RENAMES = (("gate.e_score_correction_bias", "router.e_score_correction_bias"),)
 
@@ -173,22 +187,3 @@ def post_clamp_limits(plans: list[LayerPlan], cfg: dict, routed_keys: tuple[str,
                            shared_activation="silu_post_clamp" if slim else p.shared_activation,
                            shared_swiglu_limit=float(slim) if slim else None))
     return out
-
-
-def with_defaults(plan, aliases: dict[str, str] | None = None, **defaults):
-    """``plan`` reading ``cfg`` as its transformers config class would: ``aliases`` (a raw checkpoint key ->
-    the class's field, its ``attribute_map``) fill a field the dict lacks, then ``defaults`` (the class's
-    defaults) fill what is still missing or None. Configs written by ``save_pretrained`` hold every field;
-    the original repositories' often do not."""
-
-    def planned(cfg: dict, spec: ArchSpec) -> list[LayerPlan]:
-        full = dict(cfg)
-        for raw, name in (aliases or {}).items():
-            if full.get(name) is None and full.get(raw) is not None:
-                full[name] = full[raw]
-        for key, value in defaults.items():
-            if full.get(key) is None:
-                full[key] = value
-        return plan(full, spec)
-
-    return planned

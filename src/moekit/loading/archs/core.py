@@ -3,7 +3,7 @@ LongCat-Flash, gpt-oss, Llama 4 (text), GLM-4.5 (Glm4Moe), OLMoE; and Param2-MoE
 
 from __future__ import annotations
 
-from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, with_defaults
+from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, required
 
 def _plan_mixtral(cfg, spec):
     kw = dict(
@@ -38,8 +38,9 @@ def _plan_qwen(default_e, default_k, default_norm, shared: bool):
             renormalize=norm,
             activation=act(cfg),
         )
-        if shared:
-            kw.update(shared_intermediate_size=int(cfg["shared_expert_intermediate_size"]), shared_expert_gate=True)
+        if shared:  # a zero-width shared expert (and its gate) adds nothing in transformers: none planned
+            width = int(cfg["shared_expert_intermediate_size"])
+            kw.update(shared_intermediate_size=width, shared_expert_gate=width > 0)
         return [mk(spec, i, **kw) for i in range(layers(cfg)) if _qwen_sparse(cfg, i)]
 
     return plan
@@ -64,13 +65,14 @@ def _plan_deepseek_v2(cfg, spec):
     method = get(cfg, "topk_method", "greedy")
     kw = dict(
         num_experts=e,
-        top_k=int(cfg["num_experts_per_tok"]),
+        top_k=int(required(cfg, "num_experts_per_tok")),  # the class's default is null
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["moe_intermediate_size"]),
         renormalize=False,  # transformers' DeepSeek-V2 router never renormalises
         routed_scaling_factor=float(get(cfg, "routed_scaling_factor", 1.0)),
         router_fp32=True,
         shared_intermediate_size=int(cfg["moe_intermediate_size"]) * int(get(cfg, "n_shared_experts", 0)),
+        shared_bias=bool(get(cfg, "mlp_bias", False)),  # the shared MLP's linears (the experts have none)
         activation=act(cfg),
     )
     if method == "group_limited_greedy":
@@ -141,6 +143,7 @@ def _plan_deepseek_v4(cfg, spec):
                 swiglu_limit=None if limit is None else float(limit),
                 shared_intermediate_size=inter,  # DeepseekV4MLP reads intermediate_size == moe_intermediate_size
                 shared_swiglu_limit=None if limit is None else float(limit),
+                shared_bias=bool(get(cfg, "mlp_bias", False)),  # the shared MLP's linears (the experts have none)
                 activation=act(cfg),
             )
         )
@@ -148,6 +151,11 @@ def _plan_deepseek_v4(cfg, spec):
 
 
 def _plan_longcat(cfg, spec):
+    if get(cfg, "router_bias", False):
+        raise NotImplementedError(
+            "LongCat-Flash router_bias=True: transformers builds router.classifier with a bias but computes the "
+            "router logits without it (F.linear(x, classifier.weight)), so the trained bias would be ignored there "
+            "and applied by moekit's gate; rather than pick one of the two answers, moekit refuses router_bias=True")
     z = int(get(cfg, "zero_expert_num", 0))
     kw = dict(
         num_experts=int(first(cfg, ("n_routed_experts", "num_local_experts"), 512)),
@@ -159,7 +167,6 @@ def _plan_longcat(cfg, spec):
         routed_scaling_factor=float(get(cfg, "routed_scaling_factor", 1.0)),
         has_score_bias=True,
         num_zero_experts=z,
-        router_bias=bool(get(cfg, "router_bias", False)),
         router_fp32=True,
         activation=act(cfg),
     )
@@ -266,10 +273,7 @@ SPECS: tuple[ArchSpec, ...] = (
     # Param2-MoE runs transformers' GLM-4.5 classes; its checkpoints name the selection bias ``gate.expert_bias``
     ArchSpec("Param2-MoE", ("param2moe",), "mlp", ("mlp",),
              DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),),
-             with_defaults(_plan_deepseek_v3(1), aliases={"num_experts": "n_routed_experts",
-                                                          "num_shared_experts": "n_shared_experts"},
-                           n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5,
-                           moe_intermediate_size=2048, first_k_dense_replace=1)),
+             _plan_deepseek_v3(1)),  # its defaults and aliases: config_defaults
     ArchSpec("OLMoE", ("olmoe",), "mlp", ("mlp",), (), _plan_olmoe),
 )
 

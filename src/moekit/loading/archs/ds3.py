@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .common import DS_RENAMES, ArchSpec, act, first, get, mk, post_clamp_limits, sparse_layers, towers, with_defaults
+from .common import DS_RENAMES, ArchSpec, act, dense_head, first, get, mk, post_clamp_limits, sparse_layers, towers
 
 _E = ("n_routed_experts", "num_experts", "num_local_experts")
 _K = ("num_experts_per_tok", "num_experts_per_token")
@@ -17,8 +17,11 @@ _SHARED_N = ("n_shared_experts", "num_shared_experts")
 
 
 def _plan(*, scoring="sigmoid", bias=True, norm_default=True, always_norm=False, scale_on_output=False,
-          shared=True, grouped="always", limit=False, shared_limit=False, fp32=True, final=None, layer_fn=None):
-    """A plan function for one variant of the DeepSeek-V3 block (keywords: what differs)."""
+          shared=True, grouped="always", limit=False, shared_limit=False, silu_experts=False, fp32=True, final=None,
+          layer_fn=None):
+    """A plan function for one variant of the DeepSeek-V3 block (keywords: what differs). ``silu_experts``: the
+    routed experts run SiLU whatever ``hidden_act`` says (HY-V4, GLM-5-Next: their experts call ``F.silu``); the
+    shared MLP runs ``hidden_act``."""
 
     def plan(cfg, spec):
         norm = always_norm or bool(first(cfg, ("norm_topk_prob", "moe_renormalize"), norm_default))
@@ -37,7 +40,8 @@ def _plan(*, scoring="sigmoid", bias=True, norm_default=True, always_norm=False,
             has_score_bias=bias,
             zero_score_bias=not bias and use_groups,  # grouped by the top-2 sum of the scores, no bias
             router_fp32=fp32,
-            activation=act(cfg) if "mlp_hidden_act" not in cfg else act(dict(hidden_act=cfg["mlp_hidden_act"])),
+            activation="silu" if silu_experts else act(cfg),
+            shared_activation=act(cfg),
             final_transform=final,
             norm_eps=float(get(cfg, "rms_norm_eps", 1e-6)),
         )
@@ -68,12 +72,15 @@ def _nemotron_layers(cfg):
 
 
 def _plan_nemotron(cfg, spec):
-    base = _plan(layer_fn=_nemotron_layers)(cfg, spec)
+    hidden_act = get(cfg, "mlp_hidden_act", "relu2")
+    if hidden_act != "relu2":
+        raise NotImplementedError(
+            f"Nemotron-H mlp_hidden_act={hidden_act!r}: its experts and shared MLP compute act(up x), not gated; "
+            "moekit's only non-gated activation is relu2 (a gated SiLU/GELU would need the gate rows the checkpoint "
+            "does not have)")
+    base = _plan(layer_fn=_nemotron_layers)(dict(cfg, hidden_act="relu2"), spec)
     latent = cfg.get("moe_latent_size")
-    shared = dict(
-        shared_intermediate_size=int(get(cfg, "moe_shared_expert_intermediate_size", 0)),
-        shared_activation=act(dict(hidden_act=get(cfg, "mlp_hidden_act", "relu2"))),
-    )
+    shared = dict(shared_intermediate_size=int(get(cfg, "moe_shared_expert_intermediate_size", 0)))
     bias = bool(cfg.get("mlp_bias"))  # biases on the shared MLP and the latent projections (not the experts)
     shared.update(shared_bias=bias)
     if latent:  # the experts run on a latent; the gate and the shared experts read the block input
@@ -99,7 +106,8 @@ _STANDARD = _plan()
 _HY_RENAMES = DS_RENAMES + (("shared_experts.linear_gate.", "shared_experts.gate_proj."),)
 SPECS: tuple[ArchSpec, ...] = (
     _s("DeepSeek-V3.2", ("deepseek_v32",), _STANDARD),
-    _s("GLM-4.5V (text)", ("glm4v_moe_text",), _STANDARD, wrappers=("glm4v_moe",)),
+    _s("GLM-4.5V (text)", ("glm4v_moe_text",), _plan(layer_fn=dense_head("first_k_dense_replace")),
+       wrappers=("glm4v_moe",)),
     _s("GLM-4.7-Flash (Glm4MoeLite)", ("glm4_moe_lite",), _STANDARD),
     _s("GLM-5 (GlmMoeDsa)", ("glm_moe_dsa",), _STANDARD),
     _s("Solar Open", ("solar_open",), _STANDARD),
@@ -107,14 +115,14 @@ SPECS: tuple[ArchSpec, ...] = (
     _s("Kimi-Linear", ("kimi_linear",), _STANDARD, ckpt=("block_sparse_moe",)),
     _s("Bailing-hybrid", ("bailing_hybrid",), _plan_bailing, renames=DS_RENAMES + (("gate.expert_bias", "router.e_score_correction_bias"),)),
     _s("dots1", ("dots1",), _plan(norm_default=False)),
-    _s("MiniCPM5-MoE", ("minicpm5_moe",), with_defaults(
-        _STANDARD, n_routed_experts=160, num_experts_per_tok=16, routed_scaling_factor=3.66, moe_intermediate_size=512,
-        n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1)),
+    _s("MiniCPM5-MoE", ("minicpm5_moe",), _STANDARD),
     _s("dots3 (text)", ("dots3_note_text",), _STANDARD, wrappers=("dots3_note",)),
     _s("MiMo-V2-Flash", ("mimo_v2_flash",), _plan(shared=False)),
-    _s("GLM-5-Next (text)", ("glm5_next_text",), _plan(limit=True, shared_limit=True), wrappers=("glm5_next",)),
-    _s("HY-V4", ("hy_v4",), _plan(limit=True), renames=_HY_RENAMES),
-    _s("HY-V4-VL (text)", ("hy_v4_vl_text",), _plan(limit=True), renames=_HY_RENAMES, wrappers=("hy_v4_vl",)),
+    _s("GLM-5-Next (text)", ("glm5_next_text",), _plan(limit=True, shared_limit=True, silu_experts=True),
+       wrappers=("glm5_next",)),
+    _s("HY-V4", ("hy_v4",), _plan(limit=True, silu_experts=True), renames=_HY_RENAMES),
+    _s("HY-V4-VL (text)", ("hy_v4_vl_text",), _plan(limit=True, silu_experts=True), renames=_HY_RENAMES,
+       wrappers=("hy_v4_vl",)),
     _s("A.X-K1", ("axk1",), _plan(final="rmsnorm"), renames=DS_RENAMES + (("post_mlp_layernorm.", "final_output_transform."),),
        members=("post_mlp_layernorm",)),
     _s("A.X-K2", ("axk2",), _plan(grouped="if_set")),

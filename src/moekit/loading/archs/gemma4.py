@@ -9,7 +9,7 @@ The dense MLP that runs beside it in the same layer is not part of the moekit la
 
 from __future__ import annotations
 
-from .common import ArchSpec, act, get, layers, mk, towers
+from .common import ArchSpec, act, get, layers, mk, required, towers
 
 
 def _plan(cfg, spec):
@@ -17,7 +17,7 @@ def _plan(cfg, spec):
         return []
     kw = dict(
         num_experts=int(cfg["num_experts"]),
-        top_k=int(get(cfg, "top_k_experts", 8)),
+        top_k=int(required(cfg, "top_k_experts")),  # the class's default is null
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["moe_intermediate_size"]),
         routing="softmax top-k, renormalised, times a per-expert scale (gate on the layer input)",

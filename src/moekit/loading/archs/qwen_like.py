@@ -26,9 +26,10 @@ def _plan(norm_default, *, always_norm=False, shared=None, scoring="softmax", fp
             router_fp32=fp32,
             activation=act(cfg),
         )
-        if shared:
-            kw.update(shared_intermediate_size=int(cfg["shared_expert_intermediate_size"]),
-                      shared_expert_gate=shared == "gated", shared_activation=act(cfg))
+        if shared:  # a zero-width shared expert (and its gate) adds nothing in transformers: none planned
+            width = int(cfg["shared_expert_intermediate_size"])
+            kw.update(shared_intermediate_size=width, shared_expert_gate=shared == "gated" and width > 0,
+                      shared_activation=act(cfg))
         n = layers(cfg)
         idx = {"qwen": [i for i in range(n) if _qwen_sparse(cfg, i)], "types": sparse_layers(cfg)}.get(which, range(n))
         return [mk(spec, i, **kw) for i in idx]
