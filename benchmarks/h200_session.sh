@@ -207,6 +207,16 @@ case $WHAT in
       tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
     grep -h "passed\|failed" "$OUT"/gpu-r4*.log | tail -8
     ;;
+  r49-b)  # round 49, the last call: the sigmoid-score change (e^-|x|) and the NaN rows in the routing kernel, the fp16
+    # twin (fp32 GEMMs) against the Triton kernels, the device-aware quantised-table test, natively
+    r42_prepare
+    step gpu-r49b 300 python -m pytest -p no:cacheprovider -rf --tb=short -n 6 tests/ops/test_triton_routing.py \
+      tests/ops/test_routing_ops.py tests/ops/test_experts_torch.py tests/ops/test_triton_experts.py \
+      tests/test_quant_layer.py tests/routing tests/test_layer.py
+    step gpu-r49b-inv 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k "whole_layer or bf16_heuristic"
+    grep -h "passed\|failed" "$OUT"/gpu-r49b*.log | tail -4
+    ;;
   r48-a)  # round 48 (CPU-only round; its fixes on a GPU): the bf16 heuristic's rows alone vs in batches (BLOCK_K 128 at
     # the decode tiles, 64 above), a re-laid 4-bit layer cast to float32, the quantised layers' dtype follow and the
     # audit tests natively (CUDA layers where they build them)

