@@ -207,6 +207,13 @@ case $WHAT in
       tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
     grep -h "passed\|failed" "$OUT"/gpu-r4*.log | tail -8
     ;;
+  r49-c)  # round 49: the internal graphs' lock (one forward at a time holds a layer's / a pool's graphs; other threads
+    # run eagerly; holders on other streams wait for the last one's work): the graph GPU tests with the threads test
+    r42_prepare
+    step gpu-r49c 300 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_graphed_gpu.py \
+      tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed.py tests/integrations/test_transformers_models.py
+    grep -h "passed\|failed" "$OUT"/gpu-r49c*.log | tail -3
+    ;;
   r49-b)  # round 49, the last call: the sigmoid-score change (e^-|x|) and the NaN rows in the routing kernel, the fp16
     # twin (fp32 GEMMs) against the Triton kernels, the device-aware quantised-table test, natively
     r42_prepare

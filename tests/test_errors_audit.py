@@ -129,8 +129,11 @@ def test_hidden_states_of_the_routing_ops():
 
 def test_config_json_fields_missing_or_wrong():
     # a bare KeyError 'hidden_size' (also printed so by `moekit inspect`), IndexError, "could not convert"
-    with pytest.raises(ValueError, match="model_type 'mixtral'.*needs the field 'hidden_size'"):
-        plan_layers({"model_type": "mixtral"}, "ckpt/config.json")
+    # round 49: a field config.json lacks takes the transformers config class's default (Mixtral: hidden_size 4096,
+    # 32 layers, as transformers reads the file); one the class has no usable default for is named
+    assert len(plan_layers({"model_type": "mixtral"}, "ckpt/config.json")[1]) == 32
+    with pytest.raises(ValueError, match="model_type 'deepseek_v2'.*needs the field 'num_experts_per_tok'"):
+        plan_layers({"model_type": "deepseek_v2"}, "ckpt/config.json")
     with pytest.raises(ValueError, match="ckpt/config.json: model_type 'mixtral'.*wrong value"):
         plan_layers(dict(MIXTRAL, num_experts_per_tok="x"), "ckpt/config.json")
     assert len(plan_layers(MIXTRAL)[1]) == 2  # the valid config plans both blocks
@@ -362,6 +365,13 @@ def test_selection_bias_keeps_its_dtype_under_to():
 
     for mod in (LogitBiasRouting(6), SigmoidEpsRouting(6, bias=True, eps=1e-6)):
         assert mod.half().e_score_correction_bias.dtype == torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # round 49: built under another default dtype, the bias was bf16
+    try:
+        for mod in (LogitBiasRouting(6), SigmoidEpsRouting(6, bias=True, eps=1e-6)):
+            assert mod.e_score_correction_bias.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_state_dict_carries_the_selection_bias_and_the_hash_table():
@@ -387,3 +397,28 @@ def test_meta_then_to_empty_is_not_loaded():
     layer.to_empty(device="cpu")
     with pytest.raises(RuntimeError, match="before the expert weights were loaded"):
         layer(torch.randn(3, 8), torch.randn(3, 6))
+
+
+def test_triton_interpret_set_after_the_kernels_were_imported():
+    # round 49: Triton reads TRITON_INTERPRET when a kernel is defined, moekit when a layer is built: set late, the
+    # backend check passed and the first forward failed inside Triton ("Cannot call @triton.jit'd outside of the
+    # scope of a kernel"). Now the layer's construction says why (a fresh process: the import state is the point)
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import moekit, moekit.ops.triton_experts\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    moekit.FusedMoE(4, 2, 32, 16, backend='triton', device='cpu')\n"
+        "except RuntimeError as err:\n"
+        "    print('REFUSED', err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(moekit.__file__), "..")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "REFUSED" in run.stdout and "TRITON_INTERPRET=1 was set after" in run.stdout, run.stdout + run.stderr

@@ -224,41 +224,52 @@ class MoERunner(torch.nn.Module):
     ) -> torch.Tensor:
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
         input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
-        graphs = self._graphs_now()
-        if graphs is not None and input_ids is None:
-            # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
-            out = replay_whole(self, graphs, hidden_states, router_logits)
-            if out is not None:
-                return out
-            # a bucket graph that a checked call of these input keys already replayed: no checks again
-            routed = replay_bucket(self, graphs, hidden_states, router_logits)
-            if routed is not None:
-                return self._tail(hidden_states, routed, self._copy_routed())
-        return self._forward(hidden_states, router_logits, input_ids, graphs)
+        graphs = self._graphs_now(hidden_states)
+        if graphs is None:
+            return self._forward(hidden_states, router_logits, input_ids, None)
+        try:
+            if input_ids is None:
+                # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
+                out = replay_whole(self, graphs, hidden_states, router_logits)
+                if out is not None:
+                    return out
+                # a bucket graph that a checked call of these input keys already replayed: no checks again
+                routed = replay_bucket(self, graphs, hidden_states, router_logits)
+                if routed is not None:
+                    return self._tail(hidden_states, routed, self._copy_routed())
+            return self._forward(hidden_states, router_logits, input_ids, graphs)
+        finally:
+            graphs.lock.release()
 
-    def _graphs_now(self) -> GraphCache | None:
-        """The internal graphs, unless torch.compile traces this call (nothing of the graph machinery is traced) or
-        a routing function was swapped for one not declared graph-safe (plain calls only)."""
+    def _graphs_now(self, hidden_states: torch.Tensor) -> GraphCache | None:
+        """The internal graphs, held for this forward (release ``graphs.lock`` after it), unless torch.compile traces
+        this call (nothing of the graph machinery is traced), a routing function was swapped for one not declared
+        graph-safe (plain calls only), or another thread's forward holds them (this one runs eagerly: the same
+        kernels, see :mod:`moekit.experts.graph_lock`)."""
         graphs = self._graphs
-        if graphs is not None and (torch.compiler.is_compiling() or not self._modules["router"].capturable):
+        if graphs is None or torch.compiler.is_compiling() or not self._modules["router"].capturable:
             return None
-        return graphs
+        return graphs if graphs.lock.take(hidden_states) else None
 
     def forward_with_scores(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
                             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`, and the routing weights it used: ``(out [..., H_in], topk_weights [T, K] float32)``, the
         bits of ``router.select_experts(x, logits)[0]``, from one routing (inside the internal graphs when they
         serve the call, the weights riding in the graph's output: :func:`~moekit.experts.graphed_plan.pack_scores`)."""
-        graphs = self._graphs_now()
-        if graphs is not None and input_ids is None:  # a checked call of these input keys was served: no checks
-            packed = replay_bucket(self, graphs, hidden_states, router_logits, tag="scores")
-            if packed is not None:
-                routed, weights = unpack_scores(packed, self.router.top_k)
-                return self._tail(hidden_states, routed, False), weights
-        check_hidden(self, hidden_states, router_logits, input_ids)
-        h = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, True)
-        return self._tail(hidden_states, routed, False, h), weights
+        graphs = self._graphs_now(hidden_states)
+        try:
+            if graphs is not None and input_ids is None:  # a checked call of these input keys was served: no checks
+                packed = replay_bucket(self, graphs, hidden_states, router_logits, tag="scores")
+                if packed is not None:
+                    routed, weights = unpack_scores(packed, self.router.top_k)
+                    return self._tail(hidden_states, routed, False), weights
+            check_hidden(self, hidden_states, router_logits, input_ids)
+            h = hidden_states.reshape(-1, hidden_states.shape[-1])
+            routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, True)
+            return self._tail(hidden_states, routed, False, h), weights
+        finally:
+            if graphs is not None:
+                graphs.lock.release()
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see

@@ -146,3 +146,32 @@ def test_routing_functions_declared_graph_safe():
     layer.eager_graph_tokens = 2048  # (a model's rule) still exact-T only
     assert layer.eager_graph_tokens == 8 and layer._graphs.max_tokens == 2048
     assert _layer(custom_routing_function=Sub(8)).eager_graph_tokens == 0
+
+
+def test_graph_lock_one_holder_and_released_after_every_forward():
+    # round 49: two threads filled one set of static buffers at once (48 of 300 calls wrong on an H100). A forward
+    # holds the graphs' lock from the first fill to the last read; a second holder gets False (it runs eagerly)
+    pool = GraphPool()
+    a, b, own = GraphCache(8, pool), GraphCache(8, pool), GraphCache(8)
+    assert a.lock is b.lock is pool.lock and own.lock is not pool.lock  # a pool's layers share buffers: one lock
+    x = torch.zeros(2, 4)
+    assert a.lock.take(x) and not b.lock.take(x) and own.lock.take(x)
+    a.lock.release()
+    assert b.lock.take(x)
+    b.lock.release()
+    own.lock.release()
+    assert copy.deepcopy(pool).lock is not pool.lock and pickle.loads(pickle.dumps(a)).lock is not a.lock
+    layer = _layer()
+    x, lg = torch.randn(3, 32), torch.randn(3, 8)
+    out = layer(x, lg)
+    assert not layer._graphs.lock._lock.locked()
+    with pytest.raises(ValueError):
+        layer(x, torch.randn(3, 5))  # a wrong logits width raises inside the held forward: released all the same
+    assert not layer._graphs.lock._lock.locked()
+    assert layer._graphs.lock.take(x)  # held by someone else: this forward runs eagerly, the same values
+    try:
+        assert torch.equal(layer(x, lg), out)
+        w, _ = layer.forward_with_scores(x, lg)
+        assert torch.equal(w, out)
+    finally:
+        layer._graphs.lock.release()

@@ -297,3 +297,53 @@ def test_forward_with_scores_bit_identical(gate_backend):
         assert [k[0] for k in graphed._graphs._entries if k[-1] == "scores"] == [1, 5, 16, 40]
         # the second call of each input key replayed directly (gate inside: no logits to key by)
         assert len(graphed._graphs._direct) == (4 if gate_backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("own_streams", [False, True])
+def test_threads_share_a_layer_and_a_pool(own_streams):
+    # round 49's audit (H100): two threads calling one layer (whole graph at T = 4, bucket at T = 16) or two layers of
+    # one GraphPool got other calls' outputs in 14-175 of 300 calls; each call must equal its serial result
+    import sys
+    import threading
+
+    def layer(pool=None, graph_tokens=64):
+        torch.manual_seed(0)
+        m = moekit.FusedMoE(8, 2, 64, 32, params_dtype=DT, device="cuda", eager_graph_tokens=graph_tokens,
+                            runner_args=dict(graph_pool=pool) if pool else None).eval()
+        m.load_expert_weights(torch.randn(8, 64, 64, device="cuda", dtype=DT) * 0.1,
+                              torch.randn(8, 64, 32, device="cuda", dtype=DT) * 0.1)
+        return m
+
+    pool = GraphPool()
+    one, pa, pb = layer(), layer(pool), layer(pool)
+    for layers, t in (([one, one], 4), ([one, one], 16), ([pa, pb], 16)):
+        g = torch.Generator("cuda").manual_seed(1)
+        args = [(torch.randn(t, 64, device="cuda", generator=g, dtype=DT),
+                 torch.randn(t, 8, device="cuda", generator=g)) for _ in layers]
+        with torch.no_grad():
+            refs = [m(*a).clone() for m, a in zip(layers, args)]
+        torch.cuda.synchronize()
+        bad, errors = [0, 0], []
+
+        def work(i):
+            try:
+                s = torch.cuda.Stream() if own_streams else torch.cuda.current_stream()
+                with torch.cuda.stream(s), torch.no_grad():
+                    for _ in range(200):
+                        o = layers[i](*args[i])
+                        s.synchronize()
+                        bad[i] += not torch.equal(o, refs[i])
+            except Exception as err:  # noqa: BLE001 (reported below)
+                errors.append(repr(err))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)  # threads switch often (the audit's setting)
+        try:
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        finally:
+            sys.setswitchinterval(switch)
+        assert not errors and bad == [0, 0], (t, bad, errors)

@@ -269,3 +269,40 @@ def test_patched_layers_share_a_graph_pool_and_their_limit():
         moes = [model.get_submodule(n).moe for n in patch(model, backend="triton", eager_graph_tokens=asked)]
         assert moes and [m.eager_graph_tokens for m in moes] == [want] * len(moes)
         assert len({id(m._graphs.pool) for m in moes}) == 1
+
+
+def test_experts_switch_sees_every_weight_change():
+    # round 49: gpt-oss's converted stacks were cached under (w13 pointer, w13 version, down_proj version): a bias
+    # edited in place, a replaced bias or down_proj (equal version counters) kept the stale copies; inference
+    # tensors (a model built under inference_mode) raised on the version counter
+    from moekit.integrations._experts import moekit_experts_forward
+
+    model = hf_tiny.build("gpt_oss", seed=3)
+    ex = model.model.layers[0].mlp.experts
+    assert ex.is_transposed or not ex.is_concatenated  # the converted (cached) path
+    g = torch.Generator().manual_seed(0)
+    e, h = ex.gate_up_proj.shape[0], model.config.hidden_size
+    x = torch.randn(6, h, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+
+    def fresh():  # what the module's weights give now, without the cache
+        saved, ex._moekit_converted = ex._moekit_converted, None
+        try:
+            return moekit_experts_forward(ex, x, ids, w)
+        finally:
+            ex._moekit_converted = saved
+
+    with torch.no_grad():
+        edits = (lambda: ex.gate_up_proj_bias.add_(1.0),
+                 lambda: setattr(ex, "down_proj_bias", torch.nn.Parameter(ex.down_proj_bias + 5.0)),
+                 lambda: setattr(ex, "down_proj", torch.nn.Parameter(torch.randn_like(ex.down_proj))))
+        for edit in edits:
+            before = moekit_experts_forward(ex, x, ids, w)
+            edit()
+            after = moekit_experts_forward(ex, x, ids, w)
+            assert not torch.equal(before, after) and torch.equal(after, fresh())
+    with torch.inference_mode():
+        model = hf_tiny.build("gpt_oss", seed=3)
+        ex = model.model.layers[0].mlp.experts
+        assert moekit_experts_forward(ex, x, ids, w).shape == x.shape

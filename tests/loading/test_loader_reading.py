@@ -102,3 +102,19 @@ def test_unreadable_files_are_named(tmp_path):
     (tmp_path / "cfg" / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"config\.json must hold a JSON object"):
         load_moe_layers(tmp_path / "cfg")
+
+
+def test_overlapping_loads_restore_the_thread_count():
+    # round 49: each load saved torch's intra-op threads, set 1 and restored its own save: two overlapping loads
+    # (threads) left the process at 1 thread (B saved A's 1). The first load saves, the last one restores
+    from moekit.loading.loader import _one_thread
+
+    before = torch.get_num_threads()
+    a, b = _one_thread(), _one_thread()
+    a.__enter__()
+    b.__enter__()
+    assert torch.get_num_threads() == 1
+    a.__exit__(None, None, None)
+    assert torch.get_num_threads() == 1  # b still copies
+    b.__exit__(None, None, None)
+    assert torch.get_num_threads() == before

@@ -51,6 +51,32 @@ def test_zero_expert_output_read_and_clear():
     assert r.zero_expert_output is None
 
 
+def test_zero_expert_output_is_per_thread():
+    # round 49: one router's side channel was one attribute: a thread read another thread's contribution (or None,
+    # the other having read first). Each thread reads its own last select_experts' contribution
+    import threading
+
+    r, _ = _router(6, 2, 2)
+    xs = [torch.randn(5, 8), torch.randn(7, 8)]
+    got = {}
+
+    def work(i):
+        r.select_experts(xs[i], torch.randn(xs[i].shape[0], 8))
+        barrier.wait()  # both have routed before either reads
+        got[i] = r.zero_expert_output
+        got[(i, "again")] = r.zero_expert_output
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0].shape == (5, 8) and got[1].shape == (7, 8)
+    assert got[(0, "again")] is None and got[(1, "again")] is None
+    assert r.zero_expert_output is None  # this thread routed nothing
+
+
 def test_route_returns_zero_output_without_side_channel():
     # route() hands the contribution in the RoutingResult and equals select_experts + zero_expert_output
     r, _ = _router(6, 3, 3)

@@ -65,7 +65,9 @@ run one after another on one stream may share a pool (``load_moe_layers`` and ``
 layers one, and the buckets up to :data:`MODEL_GRAPH_TOKENS`): a replay's inputs are written just before it and
 its output is consumed (cloned, or added to the shared experts) just after it, in stream order, and a
 graph's intermediates are dead once its replay has run. The memory is released when the caches are
-cleared or their owners deleted.
+cleared or their owners deleted. Threads: a forward holds the cache's :class:`~.graph_lock.GraphLock` (the
+pool's, shared by its layers) from the first fill to the last read; a forward of another thread that finds it
+held runs eagerly, and holders on different streams are ordered on the device (round 49).
 
 Outputs: with ``copy=True`` (default) a fresh tensor; ``copy=False`` returns the static output itself,
 which the next replay overwrites: only for a caller that consumes it at once (e.g. ``routed + shared``).
@@ -79,6 +81,7 @@ import torch
 
 from .._checks import check_int
 from .graphed_raw import RawReplay, keeps_graph, rng_offset
+from .graph_lock import GraphLock
 
 _Tensor = torch.Tensor
 
@@ -193,14 +196,16 @@ def watched_fingerprint(tensor_dicts: Sequence[dict], child_dicts: Sequence[dict
 
 class GraphPool:
     """One CUDA-graph memory pool shared by several layers' caches (made on first use, so building
-    layers on a CPU-only machine never touches CUDA). Layers sharing it must run on one stream."""
+    layers on a CPU-only machine never touches CUDA). Its layers share static buffers, so they share one
+    :class:`~.graph_lock.GraphLock` too: one forward at a time replays (others run eagerly), in stream order."""
 
-    __slots__ = ("_handle", "_buffers", "_live")
+    __slots__ = ("_handle", "_buffers", "_live", "lock")
 
     def __init__(self):
         self._handle = None
         self._buffers: dict[Hashable, torch.Tensor] = {}  # the layers' static input / output rows
         self._live = 0  # graphs captured into the current handle and not dropped
+        self.lock = GraphLock()
 
     def handle(self):
         if self._handle is None:
@@ -239,6 +244,8 @@ class GraphCache:
         self._buffers: dict[Hashable, torch.Tensor] = {}  # the bucket graphs' buffers (without a GraphPool)
         self._state: Hashable = None
         self._own_pool = None
+        # one forward at a time fills, replays and reads these graphs (the pool's lock where buffers are shared)
+        self.lock = pool.lock if isinstance(pool, GraphPool) else GraphLock()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -86,14 +86,26 @@ def experts_weights(module):
     w13 = _input_stack(module)
     if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
         return w13, module.down_proj, b13, b2
-    key = (w13.data_ptr(), w13._version, module.down_proj._version)
+    key = _fingerprint((w13, module.down_proj, b13, b2))
     cache = getattr(module, "_moekit_converted", None)
-    if cache is None or cache[0] != key:
+    if cache is None or not _same(cache[0], key):
         layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
         stacks = convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
         cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
         module._moekit_converted = cache
     return cache[1]
+
+
+def _fingerprint(tensors) -> tuple:
+    """What the converted copies were made from: each source tensor itself (a replaced one is another object) and
+    its version counter (in-place edits; round 49: the biases and a replaced ``down_proj`` were not in the key, so
+    edits to them kept the stale copies). Inference tensors have no version counter: their in-place edits are not
+    seen (transformers' weights are not edited in place under inference mode)."""
+    return tuple(None if t is None else (t, None if t.is_inference() else t._version) for t in tensors)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all((x is None) == (y is None) and (x is None or (x[0] is y[0] and x[1] == y[1])) for x, y in zip(a, b))
 
 
 def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -91,7 +92,8 @@ def load_moe_layers(
 
     Each file is opened once and read in storage order; every tensor is read once and copied into its
     slot of the preallocated (uninitialised) weights, so peak memory is the layers' own size plus one
-    checkpoint tensor.
+    checkpoint tensor. While it copies, torch's intra-op thread count (a process-wide setting) is 1 (many
+    small memory-bound copies run several times faster so); it is restored after the last overlapping load.
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key (and the config fields that decide whether it exists); a wrong shape ->
@@ -267,16 +269,29 @@ def _progress_bar(total: int, progress: bool | None):
         yield bar
 
 
+#: loads in progress and torch's intra-op thread count before the first of them (see :func:`_one_thread`)
+_ONE_THREAD = {"loads": 0, "threads": 0}
+_ONE_THREAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Copies of checkpoint tensors are memory-bound and mostly small: with several intra-op threads they
-    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster. torch's setting is
+    process-wide: overlapping loads (threads) share one save and restore, by the first and the last of them
+    (round 49: two overlapping loads left the process at 1 thread)."""
+    with _ONE_THREAD_LOCK:
+        if _ONE_THREAD["loads"] == 0:
+            _ONE_THREAD["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _ONE_THREAD["loads"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _ONE_THREAD_LOCK:
+            _ONE_THREAD["loads"] -= 1
+            if _ONE_THREAD["loads"] == 0:
+                torch.set_num_threads(_ONE_THREAD["threads"])
 
 
 def _load_one(state, rel: str, t: torch.Tensor, key: str, what: str | None = None) -> None:

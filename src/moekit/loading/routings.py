@@ -107,7 +107,7 @@ class LogitBiasRouting(torch.nn.Module):
 
     def __init__(self, num_experts, *, device=None):
         super().__init__()
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
 
     def forward(self, hidden_states, gating_output, topk, renormalize):
         logits = gating_output.float()
@@ -130,7 +130,8 @@ class SigmoidEpsRouting(torch.nn.Module):
     def __init__(self, num_experts, *, bias: bool, eps: float, device=None):
         super().__init__()
         self.eps = float(eps)
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device) if bias else None)
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts, dtype=torch.float32, device=device) if bias else None)
 
     def forward(self, hidden_states, gating_output, topk, renormalize):
         s = torch.sigmoid(gating_output.float())

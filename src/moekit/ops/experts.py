@@ -214,8 +214,8 @@ def experts_reference(
     topk_ids: [T, K] int in [0, E); w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
     expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
 
-    Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation; fp16 ones in fp32, whose
-    fp16 products could overflow), biases added in fp32, the activation in fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
+    Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation; fp16 ones and their biases in
+    fp32, whose fp16 products could overflow), the activation in fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
     Slots with weight exactly 0 (masked zero experts) are skipped on the output-weighted path: they
     add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
     does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
@@ -270,19 +270,26 @@ def _live_slots(topk_weights, topk_ids, local_map, on_input):
 def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.Tensor:
     """``expert_e(xin)`` in float32: xin [N, H] dtype -> [N, H] f32 (precision as the module says).
 
-    The biases add to the float32 products, as in the kernels' epilogues. fp16 GEMMs run in float32: their
-    fp16 outputs overflowed where the kernels' fp32 accumulators do not (a gate pre-activation of -1e5 rounded
-    to -inf, then silu gave NaN; an unweighted expert output of 1.6e5 became inf before its 0.25 weight);
-    bf16 shares float32's range, so its GEMMs stay in bf16 (fp32 accumulation, one rounding of the product)."""
-    wide = dtype == torch.float16
-    h = (xin.float() @ w1[e].float().t()) if wide else (xin @ w1[e].t()).float()
+    fp16 runs both GEMMs and the biases in float32 (round 49): their fp16 products overflowed where the kernels'
+    fp32 accumulators do not (a gate pre-activation of -1e5 rounded to -inf, then silu gave NaN; an unweighted
+    expert output of 1.6e5 became inf before its 0.25 weight). bf16 shares float32's range: its GEMMs stay in bf16
+    (fp32 accumulation, one rounding of the product; the bias added in bf16), which keeps a row's bits the same
+    in any batch on the CPU (float32 CPU GEMMs are not: their blocking follows the row count)."""
+    if dtype == torch.float16:
+        h = xin.float() @ w1[e].float().t()
+        if b1 is not None:
+            h = h + b1[e].float()
+        a = apply_activation_torch(h, p.activation, swiglu_limit).to(dtype)
+        o = a.float() @ w2[e].float().t()
+        return o + b2[e].float() if b2 is not None else o
+    h = xin @ w1[e].t()
     if b1 is not None:
-        h = h + b1[e].float()
+        h = h + b1[e]
     a = apply_activation_torch(h, p.activation, swiglu_limit).to(dtype)
-    o = (a.float() @ w2[e].float().t()) if wide else (a @ w2[e].t()).float()
+    o = a @ w2[e].t()
     if b2 is not None:
-        o = o + b2[e].float()
-    return o
+        o = o + b2[e]
+    return o.float()
 
 
 def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):

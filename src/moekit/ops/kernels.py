@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -126,8 +127,21 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if _compiled_for_gpu():
+            return ("TRITON_INTERPRET=1 was set after moekit's Triton kernels were imported, which made them GPU "
+                    "kernels (Triton reads it when a kernel is defined); set it before they are first imported")
         return None  # the Triton interpreter (tests on CPU)
     return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device}"
+
+
+def _compiled_for_gpu() -> bool:
+    """moekit's Triton kernels are imported and were defined without the interpreter (round 49: setting
+    ``TRITON_INTERPRET`` later passed the backend check and failed in the first forward)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("moekit.ops._triton.") and module is not None:
+            if any(type(v).__name__ == "JITFunction" for v in vars(module).values()):
+                return True
+    return False
 
 
 def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:

@@ -1,16 +1,17 @@
 """Per-layer EPLB state: the routing maps (logical ↔ physical) and the load window.
 
-    replica(t, e) = (hash(t·W + ep_rank) + e) mod count[e]    (t: the token's index on this rank)
+    replica(t, e) = hash(t·W + ep_rank) mod count[e]          (t: the token's index on this rank)
     physical(t, e) = logical_to_physical[e, replica(t, e)]
     load_window[s mod window, e] = live slots routed to logical expert e at step s (this rank)
 
 The hash mixes the token index (never ``(t·K + k) mod replicas``, which ties the replica to the slot
-position), so a hot expert's tokens spread evenly over its replicas; adding the expert id decorrelates one
-token's experts (without it, a token whose experts all have two replicas sent every one of them to its
-first replica or every one to its second, the same end of the EP group: a decode step of a few tokens
-loaded one end). All tensors have fixed shapes
-and are updated in place (CUDA graphs that captured them stay valid); the step counter is a device
-tensor advanced once per forward on every rank, so every rank's window covers the same steps.
+position), so a hot expert's tokens spread evenly over its replicas. (Round 49 tried adding the expert
+id, so that one token's experts with two replicas each do not all take the same one: the EPLB gloo test
+then lost bit-exactness against the single-process layer, by one bf16 step on every token whose slots
+the change split across ranks; the cause was not found in the round, so the change was taken back.)
+All tensors have fixed shapes and are updated in place (CUDA graphs that captured them stay valid); the
+step counter is a device tensor advanced once per forward on every rank, so every rank's window covers the
+same steps.
 """
 
 from __future__ import annotations
@@ -89,12 +90,21 @@ class EplbState(torch.nn.Module):
         ids = topk_ids.long()
         t = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)
         h = replica_hash(t * self.ep_size + self.ep_rank).unsqueeze(1)
-        replica = (h + ids) % self.replica_count[ids]
+        replica = h % self.replica_count[ids]
         return self.logical_to_physical[ids, replica].to(topk_ids.dtype)
 
     @torch.no_grad()
     def record(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_input: bool) -> None:
-        """Count this step's live slots per logical expert (topk_ids: physical ids [T, K])."""
+        """Count this step's live slots per logical expert (topk_ids: physical ids [T, K]). A state built under
+        ``torch.inference_mode()`` holds inference tensors, which only inference mode may update in place (round
+        49: such a layer raised when called outside it, under ``no_grad``)."""
+        if (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+                and self.step.is_inference()):
+            with torch.inference_mode():
+                return self._record(topk_ids, topk_weights, on_input)
+        self._record(topk_ids, topk_weights, on_input)
+
+    def _record(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_input: bool) -> None:
         logical = self.physical_to_logical[topk_ids.reshape(-1).long()]
         live = torch.ones_like(logical) if on_input else (topk_weights.reshape(-1) != 0).long()
         counts = torch.zeros(self.num_logical, dtype=torch.int64, device=logical.device).index_add_(0, logical, live)

@@ -19,8 +19,8 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
   dtype. The ranks of one TP group must hold the same tokens. Fed different token counts, the TP
   all-reduce gets tensors of different sizes: gloo aborts the process ("collective mismatch" / a size
   error) and leaves the other ranks hanging; NCCL may hang or reduce garbage. Set
-  ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``) while
-  debugging: every forward then all-gathers ``T`` over the TP group first and every rank raises the
+  ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``, read when the layer
+  is built) while debugging: every forward then all-gathers ``T`` over the TP group first and every rank raises the
   same ``ValueError`` listing the counts. Decision (issue #12): off by default, because it adds a
   collective and a host synchronisation to every forward (which CUDA graphs cannot capture); measured
   on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the

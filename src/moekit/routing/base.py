@@ -16,6 +16,7 @@ A subclass implements ``_compute_routing``; routers call the kernel table (``sel
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable
 
 import torch
@@ -109,7 +110,7 @@ class BaseRouter(torch.nn.Module):
         self.enable_eplb = eplb_state is not None
         self.indices_type_getter = indices_type_getter
         self.kernels = kernels if kernels is not None else kernels_for("torch")
-        self._zero_expert_output: torch.Tensor | None = None
+        self._zero_expert_output: dict[int, torch.Tensor] = {}  # per thread (threading.get_ident()): the side channel
 
     def _compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                          indices_type: torch.dtype | None, input_ids: torch.Tensor | None) -> RoutingResult:
@@ -152,7 +153,10 @@ class BaseRouter(torch.nn.Module):
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
         zero = result.zero_output
-        self._zero_expert_output = zero.to(hidden_states.dtype) if zero is not None else None
+        if zero is not None:
+            self._zero_expert_output[threading.get_ident()] = zero.to(hidden_states.dtype)
+        else:
+            self._zero_expert_output.pop(threading.get_ident(), None)
         return result.topk_weights, result.topk_ids
 
     def extra_repr(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .._checks import check_choice, check_int
@@ -57,7 +59,8 @@ class ZeroExpertRouter(ScoredRouter):
 
     @property
     def zero_expert_output(self) -> torch.Tensor | None:
-        """The zero-expert output [T, H] (dtype of ``hidden_states``) of the last ``select_experts``
-        call, then None: reading clears it (the seed's contract)."""
-        out, self._zero_expert_output = self._zero_expert_output, None
-        return out
+        """The zero-expert output [T, H] (dtype of ``hidden_states``) of this thread's last ``select_experts``
+        call, then None: reading clears it (the seed's contract; per thread since round 49: two threads routing
+        through one router read each other's). The layer's forward does not use or set it (its routing returns
+        the zero output in the :class:`~moekit.types.RoutingResult`)."""
+        return self._zero_expert_output.pop(threading.get_ident(), None)
