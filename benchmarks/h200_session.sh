@@ -207,11 +207,22 @@ case $WHAT in
       tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
     grep -h "passed\|failed" "$OUT"/gpu-r4*.log | tail -8
     ;;
+  r49-d)  # round 49, a short call (little device time left): the threads test of the graphs' lock, the graph tests,
+    # and the fp8 quantiser's NaN code natively
+    r42_prepare
+    step gpu-r49d 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_graphed_gpu.py \
+      tests/ops/test_triton_experts_quant.py -k "threads or nan_token or bit or pool or bucket"
+    grep -h "passed\|failed" "$OUT"/gpu-r49d*.log | tail -3
+    ;;
   r49-c)  # round 49: the internal graphs' lock (one forward at a time holds a layer's / a pool's graphs; other threads
     # run eagerly; holders on other streams wait for the last one's work): the graph GPU tests with the threads test
     r42_prepare
-    step gpu-r49c 300 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_graphed_gpu.py \
+    step gpu-r49c 240 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_graphed_gpu.py \
       tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed.py tests/integrations/test_transformers_models.py
+    # the fp8 quantiser's NaN code, the quantised twin's fp16 GEMMs in fp32, the scale checks at load
+    step gpu-r49c-quant 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 6 \
+      tests/ops/test_triton_experts_quant.py tests/ops/test_quant_experts.py tests/test_quant_layer.py \
+      tests/ops/test_gluon_fp8.py
     grep -h "passed\|failed" "$OUT"/gpu-r49c*.log | tail -3
     ;;
   r49-b)  # round 49, the last call: the sigmoid-score change (e^-|x|) and the NaN rows in the routing kernel, the fp16

@@ -259,3 +259,27 @@ def test_a_float_cast_moves_params_dtype_and_keeps_the_quantised_storage(name):
     x, lg = _inputs()
     assert torch.equal(cast(x, lg), layers[torch.bfloat16](x, lg))
     assert cast.half().routed_experts.params_dtype == torch.float16 and cast(x.half(), lg).dtype == torch.float16
+
+
+def test_scale_values_refused_at_load():
+    # round 49: an mxfp4 scale byte 255 (OCP MX's NaN) loaded and every token routed to that expert came out NaN;
+    # negative dequantisation multipliers loaded and changed the output silently. Both refused now; 0 is kept
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(4, 2 * 64, 64) / 8, torch.randn(4, 64, 64) / 8
+    q13, q2, s13, s2 = moekit.quantize_experts(w13, w2, moekit.Mxfp4Format())
+    layer = moekit.FusedMoE(4, 2, 64, 64, params_dtype=torch.bfloat16, quant_config={"quant_method": "mxfp4"})
+    bad = s13.clone()
+    bad[1, 0, 0] = 255
+    with pytest.raises(ValueError, match="w13_scale holds the e8m0 byte 255"):
+        layer.load_expert_weights(q13, q2, w13_scale=bad, w2_scale=s2)
+    layer.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)  # the good bytes load
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    q13, q2, s13, s2 = moekit.quantize_experts(w13, w2, qc)
+    fp8 = moekit.FusedMoE(4, 2, 64, 64, params_dtype=torch.float32, quant_config=qc)
+    neg = s2.clone()
+    neg[0, 0, 0] = -neg[0, 0, 0]
+    with pytest.raises(ValueError, match="w2_scale must be >= 0"):
+        fp8.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=neg)
+    zero = s2.clone()
+    zero[0, 0, 0] = 0.0  # an all-zero block's multiplier: accepted
+    fp8.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=zero)

@@ -92,10 +92,12 @@ class MoERunner(torch.nn.Module):
             experts; above, route -> experts of T's token bucket (T rounded up to a multiple of 8 up to 64,
             32 up to 512, 128 beyond), the padding rows repeating token 0 (SPEC §9 keeps the real rows'
             bits). 0 disables it. Only for the Triton backend, the
-            local executor and score-based routers; never while torch.compile traces, inside an outer
-            graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
+            local executor and score-based routers or graph-safe routing functions; never while torch.compile
+            traces, inside an outer graph capture or when autograd is wanted (see :mod:`moekit.experts.graphed`).
+            Threads: one forward at a time replays a layer's (or a shared pool's) graphs; a forward of another
+            thread meanwhile runs the plain kernels (:mod:`moekit.experts.graph_lock`).
         graph_pool: a :class:`~moekit.experts.graphed.GraphPool` (or ``torch.cuda.graph_pool_handle()``)
-            shared with other layers run on the same stream (default: the layer's own).
+            shared with other layers (default: the layer's own); a ``GraphPool``'s layers share its lock.
         gate_input: what the gate reads when it computes the logits: ``"routed"`` (``x_routed``, SPEC §1)
             or ``"block"`` (the layer's input ``hidden_states``: Gemma 4, Muse Spark, Nemotron-H with a latent).
         final_output_transform: module applied to ``routed + shared`` (A.X-K1's post-MoE norm); None: nothing.

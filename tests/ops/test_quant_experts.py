@@ -263,3 +263,27 @@ def test_oracle_activation_scale_is_float32_at_an_e4m3_midpoint():
     twin = dequantize_fp8_activations(q, s, 16).double()[0]
     torch.testing.assert_close(ref_qact(v, fmt, None), twin, rtol=1e-6, atol=0)  # the same e4m3 code, 352
     assert (ref_qact(v, fmt, None, f32=False) - twin).abs().max() > 0.1  # a float64 scale picks 320
+
+
+@pytest.mark.parametrize("fmt", [Mxfp4Format(), Int4GroupFormat(32)], ids=["mxfp4", "int4"])
+def test_fp16_weight_only_products_beyond_fp16_range_stay_finite(fmt):
+    # round 49: weight-only GEMMs ran in fp16 in the twin: a gate pre-activation of ~ -1e5 (silu ~ -0) became -inf
+    # (silu: NaN); the kernels accumulate in fp32. The twin's fp16 GEMMs now run in fp32 (as the unquantised twin's)
+    g = torch.Generator().manual_seed(1)
+    e, h, inter = 2, 64, 32
+    w13 = torch.rand(e, 2 * inter, h, generator=g) * 0.05
+    w13[:, :inter] *= -1  # gate rows negative, up rows positive
+    w2 = torch.randn(e, h, inter, generator=g) * 0.05
+    q13, q2, s13, s2 = quantize_experts(w13.half(), w2.half(), fmt)
+    x = torch.full((2, h), 40000.0).half()  # g ~ -7e4 per gate row: beyond fp16
+    ids, w = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32), torch.full((2, 2), 0.5)
+    out = fused_experts_quant_torch(x, q13, q2, w, ids, fmt=fmt, w13_scale=s13, w2_scale=s2)
+    assert torch.isfinite(out).all() and out.abs().max() < 1e-2  # silu of a large negative gate: ~0
+
+
+def test_ue8m0_power_of_two_keeps_inf():
+    # round 49: frexp(inf) has exponent 0, so an activation group holding inf got the scale 1 (finite garbage)
+    from moekit.ops._quant_rules import _pow2_ceil
+
+    s = torch.tensor([float("inf"), 3.0, 4.0, 0.3])
+    assert _pow2_ceil(s).tolist() == [float("inf"), 4.0, 4.0, 0.5]

@@ -476,3 +476,20 @@ def test_aligned_k_tail_equals_unaligned(name, monkeypatch, tiles):
                                         False, None, None, None, None) for w1 in (w13, w13u)]
     assert seen[0] > 1 and seen[2] == 1  # (w13, w2) per call: aligned first, then the unaligned w13
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_block_ue8m0", "fp8_channel", "fp8_static", "mxfp4"])
+def test_a_nan_token_stays_nan(name):
+    # round 49: the fp8 activation quantiser's clamp (min / max) and the group amax drop NaN, so a NaN token came
+    # out finite (the twin: NaN). The NaN element now quantises to e4m3's NaN code; other tokens are untouched
+    fmt = FORMATS[name]
+    h, i = (80, 48) if fmt.quantizes_activations else (128, 64)
+    args, kw = make(fmt, 5, 4, 2, h, i, torch.bfloat16, seed=7)
+    args[0] = args[0].clone()
+    args[0][2, 3] = float("nan")
+    out = tq.fused_experts_quant_triton(*args, **kw)
+    assert torch.isnan(out[2]).any() and torch.isfinite(out[[0, 1, 3, 4]]).all()
+    clean = args[0].clone()
+    clean[2] = 0.0
+    ok = tq.fused_experts_quant_triton(clean, *args[1:], **kw)
+    assert torch.equal(ok[[0, 1, 3, 4]], out[[0, 1, 3, 4]])

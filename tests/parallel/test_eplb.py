@@ -223,6 +223,8 @@ def test_eplb_single_process_layer():
     with torch.no_grad():
         assert torch.equal(inf(x, lg), ref(x, lg))
     assert int(inf.router.eplb_state.step) == 1
+    inf.rebalance(reset_window=True)  # new maps and a cleared window, outside inference mode too
+    assert int(inf.router.eplb_state.window_load().sum()) == 0
 
 
 def test_replica_counts_searched_where_greedy_pins_replicas():

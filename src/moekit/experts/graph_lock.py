@@ -44,6 +44,11 @@ class GraphLock:
         if isinstance(x, torch.Tensor) and x.is_cuda:  # (a wrong argument: the forward's checks name it)
             last = self._last
             if last is None or last.device != x.device or last.cuda_stream != _stream_id(x.device):
+                if torch.cuda.is_current_stream_capturing():
+                    # a user's capture (on its own stream): no graphs are replayed inside it, and its stream must not
+                    # wait on work outside the capture; this forward runs the plain kernels
+                    self._lock.release()
+                    return False
                 stream = torch.cuda.current_stream(x.device)
                 if last is not None and last.device == x.device:
                     stream.wait_stream(last)  # the last holder's replays and reads, enqueued before it let go

@@ -203,13 +203,24 @@ def expect_float(name: str, t, shape: tuple) -> None:
 
 
 def check_scale_values(name: str, t) -> None:
-    """Float scales of a quantised layer (at load, a host read): finite, and input scales (static fp8) > 0 (a zero
-    input scale would make every forward NaN, with no error). e8m0 bytes (uint8) are exponents: no check."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not values_checkable(t):
+    """Scales of a quantised layer (at load, a host read): float ones finite and >= 0 (a dequantisation multiplier is
+    never negative; 0 is kept: an all-zero block), input scales (static fp8) > 0 (a zero input scale would make every
+    forward NaN, with no error); e8m0 bytes (uint8, mxfp4) are exponents, 255 is OCP MX's NaN (round 49: it loaded,
+    and every token routed to that expert came out NaN)."""
+    if not isinstance(t, torch.Tensor) or not values_checkable(t) or not t.numel():
+        return
+    if t.dtype == torch.uint8:
+        if bool((t == 255).any()):
+            raise ValueError(f"{name} holds the e8m0 byte 255, which is NaN in OCP MX (scales are 2^(byte - 127) for "
+                             "bytes 0..254)")
+        return
+    if not t.is_floating_point():
         return
     check_finite(name, t)
-    if "input_scale" in name and t.numel() and not bool((t > 0).all()):
+    if "input_scale" in name and not bool((t > 0).all()):
         raise ValueError(f"{name} must be > 0 (a static input scale divides the input), got min {float(t.min())}")
+    if not bool((t >= 0).all()):
+        raise ValueError(f"{name} must be >= 0 (dequantisation multipliers), got min {float(t.min())}")
 
 
 def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=None, **scales) -> dict:

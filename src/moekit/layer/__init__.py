@@ -162,8 +162,9 @@ def build_fused_moe(
             routing weight (Llama 4); requires ``top_k == 1``.
         activation: the expert activation, default ``"silu"``; one of ``moekit.ACTIVATIONS``: ``"silu"``,
             ``"gelu"``, ``"gelu_tanh"`` (gated: ``act(gate) * up``), ``"swigluoai"`` (gpt-oss's clamped
-            SwiGLU) and ``"relu2"`` (non-gated ``relu(h)**2``; alias ``"relu2_no_mul"``). Unknown names
-            raise ``ValueError`` listing these.
+            SwiGLU), ``"relu2"`` (non-gated ``relu(h)**2``; alias ``"relu2_no_mul"``), and two that checkpoints
+            use: ``"silu_post_clamp"`` (the limit clamps ``silu(gate)``) and ``"softcap_swiglu"`` (Inkling-2).
+            Unknown names raise ``ValueError`` listing the valid names and aliases.
         enable_eplb: default False. Expert-parallel load balancing: record per-expert loads and move
             experts with ``layer.rebalance()``. Builds a parallel layer (a process group is optional).
         num_redundant_experts: default 0. Extra physical replicas of experts for EPLB (needs

@@ -44,8 +44,10 @@ class _QuantExperts:
         self.p, self.limit, self.dtype = p, swiglu_limit, dtype
         self.cache = {} if cache else None
         self.w8a8 = fmt.quantizes_activations
-        # fp8 GEMMs run in fp32 (fp64 for an fp64 call); weight-only GEMMs in params_dtype
-        self.gemm_dtype = (torch.float64 if dtype == torch.float64 else torch.float32) if self.w8a8 else dtype
+        # fp8 GEMMs run in fp32 (fp64 for an fp64 call); weight-only GEMMs in params_dtype, but fp16 ones in fp32
+        # (round 49: fp16 products past 65504 overflowed where the kernels' fp32 accumulators do not)
+        wide = self.w8a8 or dtype == torch.float16
+        self.gemm_dtype = (torch.float64 if dtype == torch.float64 else torch.float32) if wide else dtype
         self.group = fmt.block_k if isinstance(fmt, Fp8BlockFormat) else None
         self.ue8m0 = isinstance(fmt, Fp8BlockFormat) and fmt.ue8m0
         self.in_scales = in_scales  # (s13, s2) python floats for static inputs, else (None, None)
@@ -71,9 +73,9 @@ class _QuantExperts:
 
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.weights(e)
-        h = self._bias(self._input(x, self.in_scales[0]) @ w1.t(), self.b1, e)
+        h = self._bias(self._input(x, self.in_scales[0]).to(w1.dtype) @ w1.t(), self.b1, e)
         a = apply_activation_torch(h, self.p.activation, self.limit).to(self.dtype)
-        o = self._bias(self._input(a, self.in_scales[1]) @ w2.t(), self.b2, e)
+        o = self._bias(self._input(a, self.in_scales[1]).to(w2.dtype) @ w2.t(), self.b2, e)
         return o.float() if o.dtype != torch.float64 else o
 
 

@@ -16,6 +16,8 @@ same steps.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .eplb import logical_to_physical
@@ -81,9 +83,10 @@ class EplbState(torch.nn.Module):
             seen.add((self._owner[phys], e))
         table, counts = logical_to_physical(p2l, self.num_logical, self.max_replicas)
         dev = self.physical_to_logical.device
-        self.physical_to_logical.copy_(torch.tensor(p2l, dtype=torch.int64, device=dev))
-        self.logical_to_physical.copy_(torch.tensor(table, dtype=torch.int64, device=dev))
-        self.replica_count.copy_(torch.tensor(counts, dtype=torch.int64, device=dev))
+        with self.writable():
+            self.physical_to_logical.copy_(torch.tensor(p2l, dtype=torch.int64, device=dev))
+            self.logical_to_physical.copy_(torch.tensor(table, dtype=torch.int64, device=dev))
+            self.replica_count.copy_(torch.tensor(counts, dtype=torch.int64, device=dev))
 
     def map_logical_to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, K] logical ids -> [T, K] physical ids (same dtype)."""
@@ -98,11 +101,16 @@ class EplbState(torch.nn.Module):
         """Count this step's live slots per logical expert (topk_ids: physical ids [T, K]). A state built under
         ``torch.inference_mode()`` holds inference tensors, which only inference mode may update in place (round
         49: such a layer raised when called outside it, under ``no_grad``)."""
-        if (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
-                and self.step.is_inference()):
-            with torch.inference_mode():
-                return self._record(topk_ids, topk_weights, on_input)
-        self._record(topk_ids, topk_weights, on_input)
+        with self.writable():
+            self._record(topk_ids, topk_weights, on_input)
+
+    def writable(self):
+        """A context in which the buffers may be updated in place: inference mode for a state built under it (its
+        buffers are inference tensors, which only inference mode may update: round 49, the forward's load record and
+        ``rebalance()``'s new maps raised outside it), else nothing."""
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and self.step.is_inference():
+            return torch.inference_mode()
+        return contextlib.nullcontext()
 
     def _record(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_input: bool) -> None:
         logical = self.physical_to_logical[topk_ids.reshape(-1).long()]
@@ -117,7 +125,8 @@ class EplbState(torch.nn.Module):
 
     @torch.no_grad()
     def reset_window(self) -> None:
-        self.load_window.zero_()
+        with self.writable():
+            self.load_window.zero_()
 
     def extra_repr(self) -> str:
         return (

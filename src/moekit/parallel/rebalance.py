@@ -89,10 +89,11 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
         gpus = rebalance_experts(load, placement.num_physical, w, num_groups=state.num_groups, num_nodes=num_nodes)
         new = assign_slots(gpus, old, strategy)
     moves = plan_weight_moves(old, new, w, strategy)
-    written = move_expert_weights(experts, moves, ex.ep_group, placement.ep_rank) if moves else 0
-    state.set_placement(experts.set_physical_to_logical(new))
-    if reset_window:
-        state.reset_window()
+    with state.writable():  # a layer built under inference_mode holds inference tensors (weights and maps)
+        written = move_expert_weights(experts, moves, ex.ep_group, placement.ep_rank) if moves else 0
+        state.set_placement(experts.set_physical_to_logical(new))
+        if reset_window:
+            state.reset_window()
     return {
         "imbalance_before": before,
         "imbalance_after": imbalance(load, new, w, strategy),

@@ -38,11 +38,14 @@ def _round_e4m3_grid(v):
 
 @triton.jit
 def to_e4m3(v, INTERP: tl.constexpr):
-    """``e4m3(clamp(v, ±448))`` of fp32 ``v``, round to nearest even."""
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    if INTERP:
-        v = _round_e4m3_grid(v)
-    return v.to(tl.float8e4nv)
+    """``e4m3(clamp(v, ±448))`` of fp32 ``v``, round to nearest even; NaN stays NaN (the clamp's min / max drop it:
+    round 49's audit saw a NaN input row come out finite; the group's amax ignores NaN, the NaN element carries it)."""
+    c = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    if INTERP:  # the interpreter's cast saturates NaN: write e4m3fn's NaN code (0x7F) itself
+        nan = tl.full(v.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+        return tl.where(v != v, nan, _round_e4m3_grid(c).to(tl.float8e4nv))
+    # (no tl.full here: Gluon kernels call this with layouts) the GPU's satfinite conversion keeps NaN a NaN
+    return tl.where(v != v, v, c).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -74,6 +77,12 @@ def quantize_tile(x, s, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_f32(a):
+    """fp8 e4m3fn -> fp32 in the interpreter, whose cast reads the NaN code (0x7F / 0xFF) as 480 (the GPU: NaN)."""
+    return tl.where((a.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), a.to(tl.float32))
+
+
+@triton.jit
 def dot_f32(a, b, INTERP: tl.constexpr, FP8_ACC: tl.constexpr = 0):
     """A fresh fp32 ``a · b`` of fp8 tiles (the caller scales it and adds it to its accumulator in fp32).
 
@@ -92,7 +101,7 @@ def dot_f32(a, b, INTERP: tl.constexpr, FP8_ACC: tl.constexpr = 0):
 
     (Checked in the sm_90 PTX by ``benchmarks/compile_sm90.py``.)"""
     if INTERP:  # fp8 products are exact in fp32; only the order of the fp32 sum differs from hardware
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(_e4m3_f32(a), _e4m3_f32(b), input_precision="ieee")
     if FP8_ACC == 0:
         return tl.dot(a, b, max_num_imprecise_acc=0)
     return tl.dot(a, b, max_num_imprecise_acc=FP8_ACC)
