@@ -215,7 +215,8 @@ def experts_reference(
     expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
 
     Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation; fp16 ones and their biases in
-    fp32, whose fp16 products could overflow), the activation in fp32 then rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
+    fp32, whose fp16 products could overflow), the activation in fp32 then rounded to the input dtype, the
+    weighting and the top-k sum in fp32, one final rounding.
     Slots with weight exactly 0 (masked zero experts) are skipped on the output-weighted path: they
     add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
     does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
