@@ -1,4 +1,5 @@
-"""Who may use a set of internal CUDA graphs now: one caller at a time, in stream order.
+"""What layers share of their internal CUDA graphs: a :class:`GraphPool` (memory pool, static buffers) and the
+:class:`GraphLock` saying who may use a set of graphs now: one caller at a time, in stream order.
 
 A graph has fixed input and output buffers (one set per layer, or per model where the layers share a
 :class:`~moekit.experts.graphed.GraphPool`), and a forward fills them, replays, and reads the output (a bucket
@@ -16,6 +17,7 @@ the switch; a holder on the same stream as the last pays nothing, stream order s
 from __future__ import annotations
 
 import threading
+from typing import Hashable
 
 import torch
 
@@ -64,3 +66,39 @@ class GraphLock:
 
     def __reduce__(self):
         return GraphLock, ()
+
+
+class GraphPool:
+    """One CUDA-graph memory pool shared by several layers' caches (made on first use, so building
+    layers on a CPU-only machine never touches CUDA). Its layers share static buffers, so they share one
+    :class:`GraphLock` too: one forward at a time replays (others run eagerly), in stream order."""
+
+    __slots__ = ("_handle", "_buffers", "_live", "lock")
+
+    def __init__(self):
+        self._handle = None
+        self._buffers: dict[Hashable, torch.Tensor] = {}  # the layers' static input / output rows
+        self._live = 0  # graphs captured into the current handle and not dropped
+        self.lock = GraphLock()
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+    def acquire(self) -> None:
+        self._live += 1
+
+    def release(self, graphs: int) -> None:
+        """``graphs`` were dropped; when none is left the next capture takes a fresh handle (see
+        :meth:`~.graphed.GraphCache.clear`)."""
+        self._live = max(0, self._live - graphs)
+        if self._live == 0:
+            self._handle = None
+
+    # a copied or pickled layer gets a pool of its own
+    def __deepcopy__(self, memo):
+        return GraphPool()
+
+    def __reduce__(self):
+        return GraphPool, ()

@@ -81,7 +81,7 @@ import torch
 
 from .._checks import check_int
 from .graphed_raw import RawReplay, keeps_graph, rng_offset
-from .graph_lock import GraphLock
+from .graph_lock import GraphLock, GraphPool
 
 _Tensor = torch.Tensor
 
@@ -192,42 +192,6 @@ def watched_fingerprint(tensor_dicts: Sequence[dict], child_dicts: Sequence[dict
     ptrs = [t.data_ptr() for d in tensor_dicts for t in d.values() if t is not None]
     ptrs.extend([m for d in child_dicts for m in d.values()])
     return tuple(ptrs)
-
-
-class GraphPool:
-    """One CUDA-graph memory pool shared by several layers' caches (made on first use, so building
-    layers on a CPU-only machine never touches CUDA). Its layers share static buffers, so they share one
-    :class:`~.graph_lock.GraphLock` too: one forward at a time replays (others run eagerly), in stream order."""
-
-    __slots__ = ("_handle", "_buffers", "_live", "lock")
-
-    def __init__(self):
-        self._handle = None
-        self._buffers: dict[Hashable, torch.Tensor] = {}  # the layers' static input / output rows
-        self._live = 0  # graphs captured into the current handle and not dropped
-        self.lock = GraphLock()
-
-    def handle(self):
-        if self._handle is None:
-            self._handle = torch.cuda.graph_pool_handle()
-        return self._handle
-
-    def acquire(self) -> None:
-        self._live += 1
-
-    def release(self, graphs: int) -> None:
-        """``graphs`` were dropped; when none is left the next capture takes a fresh handle (see
-        :meth:`GraphCache.clear`)."""
-        self._live = max(0, self._live - graphs)
-        if self._live == 0:
-            self._handle = None
-
-    # a copied or pickled layer gets a pool of its own
-    def __deepcopy__(self, memo):
-        return GraphPool()
-
-    def __reduce__(self):
-        return GraphPool, ()
 
 
 class GraphCache:

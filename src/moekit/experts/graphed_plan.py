@@ -64,6 +64,7 @@ same address (``w.data = w.view(...)``) is not detected: call ``layer._graphs.cl
 
 from __future__ import annotations
 
+import contextlib
 from operator import itemgetter
 
 import torch
@@ -215,6 +216,22 @@ def bucket_gate_candidate(layer) -> bool:
 
 def _autocast() -> bool:
     return torch.is_autocast_enabled("cuda")
+
+
+@contextlib.contextmanager
+def held_graphs(layer, hidden_states: torch.Tensor):
+    """The layer's internal graphs, held for this forward (``with``), or None: torch.compile traces the call (nothing
+    of the graph machinery is traced), a routing function was swapped for one not declared graph-safe (plain calls
+    only), or another thread's forward holds them (this one runs eagerly: the same kernels, :mod:`.graph_lock`)."""
+    graphs = layer._graphs
+    if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable \
+            or not graphs.lock.take(hidden_states):
+        yield None
+        return
+    try:
+        yield graphs
+    finally:
+        graphs.lock.release()
 
 
 def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):

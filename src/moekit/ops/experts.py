@@ -276,20 +276,14 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     expert output of 1.6e5 became inf before its 0.25 weight). bf16 shares float32's range: its GEMMs stay in bf16
     (fp32 accumulation, one rounding of the product; the bias added in bf16), which keeps a row's bits the same
     in any batch on the CPU (float32 CPU GEMMs are not: their blocking follows the row count)."""
-    if dtype == torch.float16:
-        h = xin.float() @ w1[e].float().t()
-        if b1 is not None:
-            h = h + b1[e].float()
-        a = apply_activation_torch(h, p.activation, swiglu_limit).to(dtype)
-        o = a.float() @ w2[e].float().t()
-        return o + b2[e].float() if b2 is not None else o
-    h = xin @ w1[e].t()
+    up = (lambda t: t.float()) if dtype == torch.float16 else (lambda t: t)  # fp16: every operand in fp32
+    h = up(xin) @ up(w1[e]).t()
     if b1 is not None:
-        h = h + b1[e]
+        h = h + up(b1[e])
     a = apply_activation_torch(h, p.activation, swiglu_limit).to(dtype)
-    o = a @ w2[e].t()
+    o = up(a) @ up(w2[e]).t()
     if b2 is not None:
-        o = o + b2[e]
+        o = o + up(b2[e])
     return o.float()
 
 
