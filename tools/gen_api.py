@@ -26,7 +26,7 @@ Generated from the docstrings by `tools/gen_api.py` (do not edit by hand: run
 `PYTHONPATH=src python tools/gen_api.py`; `tests/test_docs.py` fails when this file is out of date).
 Every name below is importable from `moekit`. Shape legend: `T` tokens, `H` hidden size, `I` expert
 intermediate size, `E` routed experts, `Z` zero experts, `K` top-k, `G` expert groups. Also public:
-`moekit.integrations.transformers` (`patch`, `register`, `check_registered`; see
+`moekit.integrations.transformers` (`patch`, `unpatch`, `register`, `check_registered`; see
 [checkpoints.md](checkpoints.md)).
 """
 

@@ -16,6 +16,8 @@ transformers is imported inside the functions only: ``import moekit`` never need
   reproduced (patched models are for inference): :func:`patch` refuses a model whose config asks for it, and a
   patched model's forward refuses ``output_router_logits=True`` (``NotImplementedError``) instead of returning an
   empty or failing ``router_logits``.
+- :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks: the model computes
+  what it computed before :func:`patch`.
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
   router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
   reaches experts classes that transformers decorates with ``@use_experts_implementation``; Llama 4 (and
@@ -37,8 +39,10 @@ from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_format
 from ._blocks import moekit_from_block
 from ._experts import moekit_experts_forward
+from ._restore import GUARD, check_restorable, keep_original, restore_blocks
 
-__all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register"]
+__all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
+           "unpatch"]
 
 _INSTALL_HINT = "pip install 'moekit[transformers]'"
 #: attributes transformers' ``@use_experts_implementation`` sets on an experts module (what the switch reads)
@@ -133,7 +137,8 @@ def _planned_blocks(model, plans: list[LayerPlan]):
                 break
 
 
-def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None) -> list[str]:
+def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None,
+          restorable: bool = False) -> list[str]:
     """Replace every MoE block of ``model`` by a moekit layer sharing its weights; returns their paths.
 
     Args:
@@ -144,14 +149,19 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             replay a graph; see :class:`~moekit.MoERunner`); None (default):
             :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). The layers share one
             :class:`~moekit.experts.graphed.GraphPool`.
+        restorable: keep every replaced block for :func:`unpatch`, also those whose weights the moekit layer holds
+            as converted copies (gpt-oss, Llama 4, DBRX, ...: the block's own stacks then stay in memory, one more
+            copy of those experts). False (default): such blocks are dropped as before (their memory is freed) and
+            :func:`unpatch` refuses the model; blocks whose tensors the layer shares are kept either way (free).
 
     Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
     left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder
     layer (Gemma 4) the layer stays: its ``experts`` attribute becomes a :class:`LayerMoEAdapter` running
     the whole moekit layer on the layer's input, and the other MoE attributes (router, the norms around
     the experts, now inside the moekit layer) become pass-throughs; the path returned is the layer's.
-    The replacements keep the replaced block's train/eval mode. Supported: the architectures of
-    :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
+    The replacements keep the replaced block's train/eval mode. The replaced modules are kept by reference (outside
+    the module tree) for :func:`unpatch` where that is free or ``restorable`` asks for it. Supported: the
+    architectures of :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
     ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
     config says raises ``RuntimeError``; without transformers, ``ImportError``.
 
@@ -174,12 +184,15 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
             already += 1  # patched before: left as it is
             continue
+        if not isinstance(restorable, bool):
+            raise TypeError(f"patch(): restorable must be a bool, got {type(restorable).__name__}")
         moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens)
         moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
         if spec.layer_level:
-            _install_in_layer(module, spec, moe)
+            _install_in_layer(module, spec, moe, restorable)
         else:
             adapter = MoEBlockAdapter(moe, plan).train(module.training)
+            keep_original(adapter, module, moe, restorable)  # for unpatch()
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, adapter)
@@ -226,20 +239,56 @@ def _guard_router_logits(model) -> None:
     for module in model.modules():
         if module is not model and not isinstance(module, PreTrainedModel):
             continue
-        if not getattr(module, "_moekit_router_logits_guard", False):
-            module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
-            module._moekit_router_logits_guard = True
+        if module.__dict__.get(GUARD) is None:  # the handle, for unpatch()
+            module.__dict__[GUARD] = module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
 
 
-def _install_in_layer(layer, spec: ArchSpec, moe) -> None:
+def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool) -> None:
+    originals = {member: getattr(layer, member) for member in spec.ckpt_blocks}
     for member in spec.ckpt_blocks:
         if member == "experts":
             stand_in = LayerMoEAdapter(moe)
+            keep_original(stand_in, originals, moe, restorable)  # for unpatch()
         elif rename_block_key(spec, member + ".").startswith("gate."):
             stand_in = _NoRouting()
         else:
             stand_in = torch.nn.Identity()
         setattr(layer, member, stand_in.train(layer.training))
+
+
+def unpatch(model) -> list[str]:
+    """Undo :func:`patch` on ``model``: put back every MoE block it replaced (where the MoE is made of attributes of
+    the decoder layer, Gemma 4: the layer's router, experts and norms) and remove its ``output_router_logits``
+    pre-hooks; returns the paths restored.
+
+    Args:
+        model: a ``torch.nn.Module``, the model :func:`patch` was called on (or a module holding it); another
+            type raises ``TypeError``.
+
+    Returns the paths :func:`patch` returned (relative to ``model``, in module order), e.g.
+    ``["model.layers.0.mlp", ...]``. The blocks put back are the original module objects (kept by reference by
+    :func:`patch`, with their parameters, hooks and attributes), each taking its stand-in's train/eval mode, so the
+    model's forward computes exactly what it computed before :func:`patch` (bit for bit) and ``output_router_logits``
+    works again. A model never patched, or unpatched already, is left as it is and gives ``[]``; :func:`patch`
+    may be called again afterwards. Adapters not installed by :func:`patch` (built by hand: no original to go
+    back to) stay, with the pre-hook of the models that hold them. transformers is not needed.
+
+    Memory: :func:`patch` keeps the replaced blocks by reference where the moekit layer shares the block's tensors
+    (expert stacks in moekit's layout, ``[E, 2I, H]`` / ``[E, H, I]``: Mixtral, Qwen, DeepSeek, most types): this
+    costs nothing. Where it converted them (a copy: the transposed stacks of gpt-oss, Llama 4, Aria, Ergo and the
+    OpenAI privacy filter, DBRX's flat stacks, Inkling's appended shared experts, e8m0 fp8 scales) it keeps them only
+    with ``patch(model, restorable=True)`` (the block's own stacks then stay in memory beside the copies until
+    :func:`unpatch`); without it they were freed and :func:`unpatch` raises ``ValueError`` naming those blocks,
+    before changing anything. The kept blocks
+    are not part of the module tree: ``model.to()`` / ``.half()`` done while patched reach only the parameters they
+    share with the moekit layers, not their converted stacks or buffers (after moving or casting a patched model,
+    call ``model.to(...)`` again once unpatched); in-place edits of the converted copies (training) are not carried
+    back.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
+    check_restorable(model)
+    return restore_blocks(model, (MoEBlockAdapter, LayerMoEAdapter))
 
 
 def register(name: str = "moekit") -> str:
@@ -270,8 +319,8 @@ def check_registered(model, name: str = "moekit") -> list[str]:
     Returns the module paths of the experts modules that call moekit. Raises ``ValueError`` when the
     model was not built with ``experts_implementation=name`` (or :func:`register` was not called), and
     ``NotImplementedError`` naming the MoE blocks the switch does not reach (Llama 4, LongCat-Flash before
-    transformers 5.25: their experts classes are not decorated with ``@use_experts_implementation``, so transformers keeps
-    their own forward) with the advice to use :func:`patch`.
+    transformers 5.25: their experts classes are not decorated with ``@use_experts_implementation``, so transformers
+    keeps their own forward) with the advice to use :func:`patch`.
     """
     _require_transformers("check_registered")
     from transformers.integrations.moe import ExpertsInterface
