@@ -144,21 +144,21 @@ def test_experts_unknown_backend():
 # ================================================================== routing ops
 def test_fused_topk_errors():
     logits = torch.randn(5, 6)
-    with pytest.raises(ValueError, match="router_logits"):  # rank 1
+    with pytest.raises(ValueError, match="gating_output"):  # rank 1
         fused_topk(None, logits[0], 2, True)
-    with pytest.raises(ValueError, match="router_logits"):  # rank 3
+    with pytest.raises(ValueError, match="gating_output"):  # rank 3
         fused_topk(None, logits.unsqueeze(0), 2, True)
-    with pytest.raises(TypeError, match="router_logits"):  # integer logits
+    with pytest.raises(TypeError, match="gating_output"):  # integer logits
         fused_topk(None, logits.long(), 2, True)
-    with pytest.raises(TypeError, match="router_logits"):  # not a tensor
+    with pytest.raises(TypeError, match="gating_output"):  # not a tensor
         fused_topk(None, logits.tolist(), 2, True)
     with pytest.raises(ValueError, match="hidden_states"):  # token counts differ
         fused_topk(torch.zeros(4, 8), logits, 2, True)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="topk"):
         fused_topk(None, logits, 0, True)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="topk"):
         fused_topk(None, logits, 7, True)
-    with pytest.raises(TypeError, match="top_k"):
+    with pytest.raises(TypeError, match="topk"):
         fused_topk(None, logits, 2.0, True)
     with pytest.raises(ValueError, match="scoring_func"):
         fused_topk(None, logits, 2, True, scoring_func="tanh")
@@ -170,19 +170,20 @@ def test_fused_topk_errors():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_logits_raise_on_torch_path(bad):
-    # NaN / ±inf router_logits raise ValueError on the reference path, for every routing op
+    # NaN / ±inf logits raise ValueError on the reference path, for every routing op (named gating_output: the
+    # public functions' and GroupedTopk's argument)
     logits = torch.randn(5, 8)
     logits[3, 2] = bad
-    with pytest.raises(ValueError, match="router_logits"):
+    with pytest.raises(ValueError, match="gating_output"):
         fused_topk(None, logits, 2, True, backend="torch")
-    with pytest.raises(ValueError, match="router_logits"):
+    with pytest.raises(ValueError, match="gating_output"):
         fused_topk_bias(None, logits, torch.zeros(8), 2, True, backend="torch")
-    with pytest.raises(ValueError, match="router_logits"):
+    with pytest.raises(ValueError, match="gating_output"):
         fused_topk_bias(None, logits, None, 2, True, input_tokens=torch.zeros(5, dtype=torch.long),
                         hash_indices_table=torch.zeros(3, 2, dtype=torch.long), backend="torch")
-    with pytest.raises(ValueError, match="router_logits"):
+    with pytest.raises(ValueError, match="gating_output"):
         grouped_topk(None, logits, 2, True, 4, 2, "sigmoid", 1.0, torch.zeros(8), backend="torch")
-    with pytest.raises(ValueError, match="router_logits"):
+    with pytest.raises(ValueError, match="gating_output"):
         GroupedTopk(2, True, 4, 2).forward_native(None, logits)
 
 
@@ -196,7 +197,7 @@ def test_fused_topk_bias_errors():
         fused_topk_bias(None, logits, torch.zeros(6, dtype=torch.long), 2, True)
     with pytest.raises(ValueError, match="e_score_correction_bias"):  # another device
         fused_topk_bias(None, logits, torch.zeros(6, device=META), 2, True)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="topk"):
         fused_topk_bias(None, logits, torch.zeros(6), 7, True)
     with pytest.raises(ValueError, match="scoring_func"):
         fused_topk_bias(None, logits, torch.zeros(6), 2, True, scoring_func="relu")
@@ -232,7 +233,7 @@ def test_hash_routing_errors():
 ])
 def test_invalid_grouping(e, g, kg, k, what):
     # invalid grouping raises ValueError naming the argument: in the op, and at construction of router / layer
-    with pytest.raises(ValueError, match=what):
+    with pytest.raises(ValueError, match=what.replace("top_k", "topk")):  # the function's argument is topk
         grouped_topk(None, torch.randn(3, e), k, True, g, kg)
     with pytest.raises(ValueError, match=what):
         GroupedTopKRouter(k, e, num_expert_group=g, topk_group=kg)

@@ -266,9 +266,9 @@ def test_float64_logits_beyond_float32_range_are_refused():
     # SPEC §1: any float dtype; the math runs in float32. A float64 logit of 1e39 passed the finiteness check and
     # became +inf in float32: softmax NaN weights, the wrong ids, no error. Now refused like an inf logit
     logits = torch.tensor([[1e39, 0.0, -1.0, 2.0], [0.5, 0.1, 0.2, 0.3]], dtype=torch.float64)
-    with pytest.raises(ValueError, match="router_logits holds float64 values beyond float32's range"):
+    with pytest.raises(ValueError, match="gating_output holds float64 values beyond float32's range"):
         fused_topk(torch.zeros(2, 8), logits, 2, True)
-    with pytest.raises(ValueError, match="router_logits holds float64"):
+    with pytest.raises(ValueError, match="gating_output holds float64"):
         fused_topk_bias(torch.zeros(2, 8), logits, torch.zeros(4), 2, True)
     w, ids, *_ = fused_topk(torch.zeros(2, 8), logits.clamp(max=3e38), 2, True)  # within range: routed
     assert ids[0, 0] == 0 and torch.isfinite(w).all()

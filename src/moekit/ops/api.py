@@ -118,8 +118,8 @@ def route(
     gating_output: [T, E] any float dtype; bias: [E] float or None
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
     """
-    check_gating(gating_output)
-    return _route(gating_output, spec, bias, indices_type, backend)
+    check_gating(gating_output, name="gating_output")
+    return _route(gating_output, spec, bias, indices_type, backend, top_k_name="spec.top_k")
 
 
 def fused_topk(
@@ -184,13 +184,14 @@ def fused_topk_bias(
                              "routing (pass the table, or leave input_tokens out)")
         return _route(gating_output, spec, e_score_correction_bias, indices_type, backend)
     t, e = gating_output.shape
-    spec.validate(e)
+    spec.validate(e, top_k_name="topk")
     check_indices_type(indices_type)
     kernels = _kernels(backend, gating_output)
-    check_hash_table(hash_indices_table, e, topk, check_range=kernels.checks_values)
-    check_same_device("hash_indices_table", hash_indices_table, "router_logits", gating_output)
+    check_hash_table(hash_indices_table, e, topk, check_range=kernels.checks_values, top_k_name="topk")
+    check_same_device("hash_indices_table", hash_indices_table, "gating_output", gating_output)
     input_ids = check_input_ids(input_tokens, hash_indices_table, t, name="input_tokens")
-    return kernels.hash_route(gating_output, hash_indices_table, input_ids, spec, indices_type, ids_name="input_tokens")
+    return kernels.hash_route(gating_output, hash_indices_table, input_ids, spec, indices_type, ids_name="input_tokens",
+                              logits_name="gating_output")
 
 
 def grouped_topk(
@@ -218,7 +219,7 @@ def _kernels(backend: str, t: torch.Tensor) -> Kernels:
 
 
 def _check_logits(hidden_states, gating_output) -> None:
-    check_gating(gating_output)
+    check_gating(gating_output, name="gating_output")
     if hidden_states is None:
         return
     check_tensor("hidden_states", hidden_states)
@@ -226,16 +227,20 @@ def _check_logits(hidden_states, gating_output) -> None:
         raise ValueError(f"hidden_states must have shape [T, H] (or be None), got {list(hidden_states.shape)}")
     if hidden_states.shape[0] != gating_output.shape[0]:
         raise ValueError(
-            f"hidden_states has {hidden_states.shape[0]} tokens but router_logits has {gating_output.shape[0]} rows"
+            f"hidden_states has {hidden_states.shape[0]} tokens but gating_output has {gating_output.shape[0]} rows"
         )
 
 
-def _route(gating_output, spec: TopKSpec, bias, indices_type, backend: str):
-    """Validate spec, bias and indices_type against checked logits [T, E]; run the backend's route."""
+def _route(gating_output, spec: TopKSpec, bias, indices_type, backend: str, *, top_k_name: str = "topk"):
+    """Validate spec, bias and indices_type against checked logits [T, E]; run the backend's route. Errors
+    name the arguments as these functions' callers pass them (SPEC §7): ``gating_output``, ``topk``
+    (``top_k_name``), never the routers' ``router_logits`` / ``top_k``."""
     e = gating_output.shape[1]
-    spec.validate(e)
+    spec.validate(e, top_k_name=top_k_name)
     if bias is not None:
         check_bias(bias, e)
-        check_same_device("e_score_correction_bias", bias, "router_logits", gating_output)
+        check_same_device("e_score_correction_bias", bias, "gating_output", gating_output)
     check_indices_type(indices_type)
-    return _kernels(backend, gating_output).route(gating_output, spec, bias, indices_type)
+    kernels = _kernels(backend, gating_output)
+    kernels.check_route(e, spec.top_k, top_k_name=top_k_name)
+    return kernels.route(gating_output, spec, bias, indices_type, logits_name="gating_output")

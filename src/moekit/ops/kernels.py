@@ -46,8 +46,10 @@ log = logging.getLogger("moekit")
 class Kernels:
     """The ops of one backend.
 
-    route(logits [T, E], spec: TopKSpec, bias [E] | None, indices_type) -> (w [T, K] f32, ids [T, K])
-    hash_route(logits [T, E], table [V, K] int, input_ids [T] int, spec, indices_type, *, ids_name) -> (w, ids)
+    route(logits [T, E], spec: TopKSpec, bias [E] | None, indices_type, *, logits_name) -> (w [T, K] f32, ids [T, K])
+    hash_route(logits [T, E], table [V, K] int, input_ids [T] int, spec, indices_type, *, ids_name, logits_name)
+        -> (w, ids)   (``ids_name`` / ``logits_name``: the caller's names of the ids / logits in value errors;
+        keyword-only, defaults ``"input_ids"`` / ``"router_logits"``: the public functions pass theirs)
     experts(x [T, H], w1, w2, topk_weights [T, K], topk_ids [T, K], *, activation,
             apply_router_weight_on_input, w1_bias, w2_bias, expert_map, swiglu_limit) -> [T, H]
     experts_quant(x [T, H], w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,
@@ -95,16 +97,17 @@ class Kernels:
         if fmt is not None and self.check_format is not None:
             self.check_format(fmt)
 
-    def check_route(self, num_experts: int, top_k: int) -> None:
+    def check_route(self, num_experts: int, top_k: int, *, top_k_name: str = "top_k") -> None:
         """``NotImplementedError`` where this table's score-based routing kernel cannot hold ``num_experts``
-        logit columns or ``top_k`` (``route_limits``: (most columns, most K)); routers check at construction."""
+        logit columns or ``top_k`` (``route_limits``: (most columns, most K)); routers check at construction,
+        the public functions per call (``top_k_name``: the caller's name of ``top_k``)."""
         if self.route_limits is None:
             return
         most_e, most_k = self.route_limits
         if num_experts > most_e or top_k > most_k:
             raise NotImplementedError(
-                f"the {self.name!r} routing kernel holds at most {most_e} experts per row and top_k <= {most_k}, "
-                f"got E = {num_experts}, top_k = {top_k}; choose backend='torch'"
+                f"the {self.name!r} routing kernel holds at most {most_e} experts per row and {top_k_name} <= "
+                f"{most_k}, got E = {num_experts}, {top_k_name} = {top_k}; choose backend='torch'"
             )
 
     def __repr__(self) -> str:
@@ -127,21 +130,37 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if _compiled_for_gpu():
-            return ("TRITON_INTERPRET=1 was set after moekit's Triton kernels were imported, which made them GPU "
-                    "kernels (Triton reads it when a kernel is defined); set it before they are first imported")
+        late = _compiled_for_gpu()
+        if late is not None:
+            return (f"TRITON_INTERPRET=1 was set after {late} imported, which made its @triton.jit functions GPU code "
+                    "(Triton reads TRITON_INTERPRET when a function is defined, and the interpreter cannot call GPU "
+                    "ones: the first forward would fail with \"Cannot call @triton.jit'd outside of the scope of a "
+                    "kernel\"); set TRITON_INTERPRET=1 before triton is first imported (in the environment, or at "
+                    "the top of the script / conftest.py, before importing triton, torch._inductor or moekit's "
+                    "kernels)")
         return None  # the Triton interpreter (tests on CPU)
     return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device}"
 
 
-def _compiled_for_gpu() -> bool:
-    """moekit's Triton kernels are imported and were defined without the interpreter (round 49: setting
-    ``TRITON_INTERPRET`` later passed the backend check and failed in the first forward)."""
+#: modules whose ``@triton.jit`` functions an interpreted moekit kernel calls: Triton's own language library
+#: (``tl.max``, ``tl.sum``, ... are ``@triton.jit`` functions of ``triton.language.standard``) and moekit's kernels
+_JIT_MODULES = (("triton.language.", "triton was"), ("moekit.ops._triton.", "moekit's Triton kernels were"))
+
+
+def _compiled_for_gpu() -> str | None:
+    """What was imported without the interpreter (``"triton was"`` / ``"moekit's Triton kernels were"``), or None:
+    a module of :data:`_JIT_MODULES` holds a GPU ``JITFunction`` (under ``TRITON_INTERPRET=1`` Triton defines an
+    ``InterpretedFunction`` instead). Round 49 checked moekit's kernels; round 50 Triton's library too: ``import
+    triton`` before setting ``TRITON_INTERPRET=1`` passed the check and failed inside the first forward's kernel
+    ("Cannot call @triton.jit'd outside of the scope of a kernel", from ``tl.max``). Decision: refuse (at layer
+    construction / at the op's call, ``RuntimeError`` from :func:`resolve_backend`) rather than rebuild Triton's
+    library as interpreted functions, which would change process-wide Triton state that other code may use."""
     for name, module in list(sys.modules.items()):
-        if name.startswith("moekit.ops._triton.") and module is not None:
-            if any(type(v).__name__ == "JITFunction" for v in vars(module).values()):
-                return True
-    return False
+        for prefix, what in _JIT_MODULES:
+            if name.startswith(prefix) and module is not None:
+                if any(type(v).__name__ == "JITFunction" for v in list(vars(module).values())):
+                    return what
+    return None
 
 
 def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:

@@ -48,13 +48,15 @@ class TopKSpec:
     num_expert_group: int = 1
     topk_group: int = 1
 
-    def validate(self, num_experts: int) -> "TopKSpec":
-        check_int("top_k", self.top_k, minimum=1)
+    def validate(self, num_experts: int, *, top_k_name: str = "top_k") -> "TopKSpec":
+        """Check every field against ``E = num_experts``; errors call ``top_k`` ``top_k_name`` (the public
+        functions' ``topk``: SPEC §7, errors name the argument as the caller passes it)."""
+        check_int(top_k_name, self.top_k, minimum=1)
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
         check_bool("renormalize", self.renormalize)
         check_real("routed_scaling_factor", self.routed_scaling_factor)
         if self.top_k > num_experts:
-            raise ValueError(f"top_k must be <= the number of experts ({num_experts}), got {self.top_k}")
+            raise ValueError(f"{top_k_name} must be <= the number of experts ({num_experts}), got {self.top_k}")
         g, kg = self.num_expert_group, self.topk_group
         check_int("num_expert_group", g, minimum=1)
         check_int("topk_group", kg, minimum=1)
@@ -67,7 +69,7 @@ class TopKSpec:
         kept = kg * (num_experts // g)
         if self.top_k > kept:
             raise ValueError(
-                f"top_k ({self.top_k}) must be <= the experts in the kept groups "
+                f"{top_k_name} ({self.top_k}) must be <= the experts in the kept groups "
                 f"(topk_group {kg} x {num_experts // g} experts per group = {kept})"
             )
         return self
@@ -173,40 +175,45 @@ def hash_route_torch(
 
 # -- the torch kernel table's functions: inputs validated by the caller; values checked here -------------
 
-def route_reference(gating_output, spec: TopKSpec, bias, indices_type):
+def route_reference(gating_output, spec: TopKSpec, bias, indices_type, *, logits_name: str = "router_logits"):
     """:func:`route_torch` after checking that the logits and the selection bias are finite (host
-    synchronisations: a NaN bias would otherwise win every top-k here, as ``argmax`` ranks NaN first)."""
-    check_finite("router_logits", gating_output)
+    synchronisations: a NaN bias would otherwise win every top-k here, as ``argmax`` ranks NaN first;
+    ``logits_name``: the logits' name in errors, ``gating_output`` from the public functions)."""
+    check_finite(logits_name, gating_output)
     if bias is not None:
         check_finite("e_score_correction_bias", bias)
     return route_torch(gating_output, spec, bias, indices_type)
 
 
-def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indices_type, *, ids_name="input_ids"):
+def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indices_type, *, ids_name="input_ids",
+                         logits_name="router_logits"):
     """Hash routing, ``ids = table[input_ids]``, after checking ``input_ids`` against the table's rows
-    and the logits for finiteness (host synchronisations; ``ids_name``: the ids' name in errors).
+    and the logits for finiteness (host synchronisations; ``ids_name``, ``logits_name``: their names in errors).
 
     gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
     """
     input_ids = input_ids.reshape(-1)
     if host_sync_allowed():
         check_input_ids_range(input_ids, table.shape[0], name=ids_name)
-    check_finite("router_logits", gating_output)
+    check_finite(logits_name, gating_output)
     return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
 
 
 # -- argument checks (the public fronts run them once per call; routers at construction) ----------------
 
-def check_gating(gating_output, num_tokens: int | None = None, num_experts: int | None = None) -> torch.Tensor:
-    check_tensor("router_logits", gating_output)
+def check_gating(gating_output, num_tokens: int | None = None, num_experts: int | None = None, *,
+                 name: str = "router_logits") -> torch.Tensor:
+    """Logits ``[T, E]``, a float tensor (with ``num_tokens`` / ``num_experts``: that many rows / columns);
+    errors call them ``name`` (the routers' ``router_logits``, the public functions' ``gating_output``)."""
+    check_tensor(name, gating_output)
     if gating_output.dim() != 2:
-        raise ValueError(f"router_logits must have shape [T, E], got {list(gating_output.shape)}")
+        raise ValueError(f"{name} must have shape [T, E], got {list(gating_output.shape)}")
     if not gating_output.is_floating_point():
-        raise TypeError(f"router_logits must be a float tensor, got {gating_output.dtype}")
+        raise TypeError(f"{name} must be a float tensor, got {gating_output.dtype}")
     if num_tokens is not None and gating_output.shape[0] != num_tokens:
-        raise ValueError(f"router_logits must have {num_tokens} rows (one per token), got {gating_output.shape[0]}")
+        raise ValueError(f"{name} must have {num_tokens} rows (one per token), got {gating_output.shape[0]}")
     if num_experts is not None and gating_output.shape[1] != num_experts:
-        raise ValueError(f"router_logits must have {num_experts} columns (one per expert), got {gating_output.shape[1]}")
+        raise ValueError(f"{name} must have {num_experts} columns (one per expert), got {gating_output.shape[1]}")
     return gating_output
 
 
@@ -229,11 +236,14 @@ def check_indices_type(indices_type) -> None:
                         f"(a narrower integer type would wrap expert ids)")
 
 
-def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True) -> torch.Tensor:
-    """Shape and dtype checks; with ``check_range`` also the id range (a host sync: reference path)."""
+def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True, *,
+                     top_k_name: str = "top_k") -> torch.Tensor:
+    """Shape and dtype checks; with ``check_range`` also the id range (a host sync: reference path);
+    ``top_k_name``: the caller's name of ``top_k`` in errors."""
     check_tensor("hash_indices_table", table)
     if table.dim() != 2 or table.shape[1] != top_k or table.shape[0] == 0:
-        raise ValueError(f"hash_indices_table must have shape [vocab >= 1, top_k={top_k}], got {list(table.shape)}")
+        raise ValueError(f"hash_indices_table must have shape [vocab >= 1, {top_k_name}={top_k}], "
+                         f"got {list(table.shape)}")
     if table.is_floating_point() or table.is_complex():
         raise TypeError(f"hash_indices_table must be an integer tensor, got {table.dtype}")
     if check_range and table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_experts):

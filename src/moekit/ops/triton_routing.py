@@ -37,8 +37,10 @@ MAX_TOP_K = 64
 
 
 def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor | None = None,
-                 indices_type: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 indices_type: torch.dtype | None = None, *,
+                 logits_name: str = "router_logits") -> tuple[torch.Tensor, torch.Tensor]:
     """Score-based routing on the Triton kernel (the ``moekit::route`` custom op when traced).
+    ``logits_name`` (the kernel table's signature) is unused: the kernel reads no values on the host.
 
     gating_output: [T, E] any float dtype; bias: [E] float or None (validated by the caller)
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
@@ -58,10 +60,11 @@ def route_triton(gating_output: torch.Tensor, spec: TopKSpec, bias: torch.Tensor
 
 
 def hash_route_triton(gating_output: torch.Tensor, table: torch.Tensor, input_ids: torch.Tensor, spec: TopKSpec,
-                      indices_type: torch.dtype | None = None, *,
-                      ids_name: str = "input_ids") -> tuple[torch.Tensor, torch.Tensor]:
+                      indices_type: torch.dtype | None = None, *, ids_name: str = "input_ids",
+                      logits_name: str = "router_logits") -> tuple[torch.Tensor, torch.Tensor]:
     """Hash routing, ``ids = table[input_ids]``, weights from the unbiased scores (torch ops on the
-    device); invalid ``input_ids`` follow the module's policy (``ids_name``: their name in errors).
+    device); invalid ``input_ids`` follow the module's policy (``ids_name``: their name in errors;
+    ``logits_name`` is unused: no value check of the logits here).
 
     gating_output: [T, E]; table: [V, K] integer in [0, E); input_ids: [T] integer
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)

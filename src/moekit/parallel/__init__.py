@@ -8,6 +8,8 @@ from .dispatch import DISPATCH_MODES, AllGatherDispatcher, AllToAllDispatcher, c
 from .eplb import (
     assign_slots,
     balanced_packing,
+    balancing_policy,
+    hierarchical_redundancy_bound,
     imbalance,
     plan_weight_moves,
     rank_loads,
@@ -29,7 +31,9 @@ __all__ = [
     "ParallelExecutor",
     "assign_slots",
     "balanced_packing",
+    "balancing_policy",
     "compute_layout",
+    "hierarchical_redundancy_bound",
     "imbalance",
     "initial_physical_to_logical",
     "local_physical_ids",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
@@ -127,6 +128,36 @@ def _repair(packs, totals, w, lab, item, q) -> int:
     raise RuntimeError(f"balanced_packing: no pack can take label {lab[item]!r} without a duplicate")
 
 
+def hierarchical_redundancy_bound(num_experts: int, num_gpus: int, num_nodes: int) -> int:
+    """The most redundant experts ``R`` hierarchical balancing can place: ``E·(W/N - 1)``.
+
+    Each node holds ``E/N`` experts (whole groups) in ``(E + R)/N`` slots over ``W/N`` GPUs, and no GPU holds two
+    replicas of one expert, so a node has at most ``(E/N)·(W/N)`` distinct (expert, GPU) slots: ``(E + R)/N <=
+    E·W/N²``, i.e. ``R <= E·(W/N - 1)`` (``num_gpus % num_nodes == 0``). Global balancing needs only ``R <=
+    E·(W - 1)``, which every EPLB layer satisfies (checked at construction)."""
+    return num_experts * (num_gpus // num_nodes - 1)
+
+
+def balancing_policy(num_experts: int, num_physical: int, num_gpus: int, num_groups: int = 1,
+                     num_nodes: int = 1) -> tuple[str, str | None]:
+    """``("hierarchical", None)`` or ``("global", why)``: the policy :func:`rebalance_experts` runs for these sizes
+    (arguments as there, already checked). Global when ``num_nodes == 1``, when the node count does not divide the
+    groups (as DeepSeek's EPLB), or when the redundant experts ``R = num_physical - E`` exceed
+    :func:`hierarchical_redundancy_bound` (a node has too few distinct GPUs for its share of the replicas)."""
+    if num_nodes == 1:
+        return "global", None
+    if num_groups % num_nodes:
+        return "global", f"num_groups ({num_groups}) is not divisible by num_nodes ({num_nodes})"
+    bound = hierarchical_redundancy_bound(num_experts, num_gpus, num_nodes)
+    if num_physical - num_experts > bound:
+        return "global", (
+            f"num_redundant_experts = {num_physical - num_experts} exceeds E·(W/N - 1) = {num_experts}·({num_gpus}/"
+            f"{num_nodes} - 1) = {bound}, the most that hierarchical balancing can place (no GPU holds two replicas "
+            f"of one expert, and each node keeps its groups' replicas)"
+        )
+    return "hierarchical", None
+
+
 def rebalance_experts(
     load: Sequence, num_physical: int, num_gpus: int, num_groups: int = 1, num_nodes: int = 1
 ) -> list[list[int]]:
@@ -138,6 +169,15 @@ def rebalance_experts(
     replicas (weight ``L[e] / count[e]``, label ``e``) onto the node's GPUs; a node of at most
     :data:`SEARCH_SLOTS` slots then searches the replica counts (:func:`_search_counts`). Otherwise the same with
     one node and one group (global balancing).
+
+    Too many redundant experts for the nodes (round 50): with ``R = num_physical - E`` above
+    ``E·(W/N - 1)`` (:func:`hierarchical_redundancy_bound`) no placement keeps every group's replicas on its node,
+    as no GPU may hold two replicas of one expert. Such sizes get global balancing too, with a ``UserWarning``
+    saying why (:func:`balancing_policy`; a rebalance reports ``"policy"``). Decision: fall back rather than raise,
+    because ``num_nodes`` is only known here (a layer is built without it, so it cannot refuse at construction),
+    the global placement is valid and leaves outputs unchanged (only node locality is lost, which these sizes
+    cannot have), and a rebalance of a serving model should not fail hours after it was built. Until round 49
+    this raised ``ValueError`` ("a node holds ... experts in ... slots") at ``rebalance()``.
     load: [E] per-logical-expert load; GPU ``g`` belongs to node ``g // (num_gpus / num_nodes)``.
     """
     load = _fracs(load, "load")
@@ -151,7 +191,14 @@ def rebalance_experts(
         raise ValueError(f"num_gpus ({num_gpus}) must be divisible by num_nodes ({num_nodes})")
     if num_physical % num_gpus or num_physical < e:
         raise ValueError(f"num_physical ({num_physical}) must be >= {e} and divisible by num_gpus ({num_gpus})")
-    if num_groups % num_nodes:
+    if num_physical > e * num_gpus:  # no policy can place these: refused before choosing one
+        raise ValueError(f"num_physical ({num_physical}) must be <= E·num_gpus = {e * num_gpus}: no GPU holds two "
+                         f"replicas of one expert")
+    policy, why = balancing_policy(e, num_physical, num_gpus, num_groups, num_nodes)
+    if policy == "global":
+        if why is not None and num_groups % num_nodes == 0:  # too many replicas: not what was asked for, say so
+            warnings.warn(f"EPLB: global balancing instead of hierarchical over {num_nodes} nodes: {why}",
+                          UserWarning, stacklevel=2)
         num_groups, num_nodes = 1, 1
     per_group = e // num_groups
     group_load = [sum(load[g * per_group : (g + 1) * per_group], Fraction(0)) for g in range(num_groups)]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_reduce_sum, global_rank
-from .eplb import Move, assign_slots, imbalance, plan_weight_moves, rebalance_experts
+from .eplb import Move, assign_slots, balancing_policy, imbalance, plan_weight_moves, rebalance_experts
 from .executor import ParallelExecutor
 
 
@@ -69,7 +69,10 @@ def move_expert_weights(experts, moves: list[Move], ep_group, ep_rank: int) -> i
 @torch.no_grad()
 def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) -> dict:
     """Rebalance one layer built with ``enable_eplb=True``; returns the imbalance (``max / mean`` expected
-    load per EP rank over the window) before and after, and the new ``physical_to_logical``."""
+    load per EP rank over the window) before and after, the new ``physical_to_logical`` and ``"policy"``:
+    ``"hierarchical"`` or ``"global"`` (one node, groups that do not split over ``num_nodes``, or more redundant
+    experts than ``E·(W/num_nodes - 1)``, which also warns: see :func:`~moekit.parallel.rebalance_experts`), None
+    when the window holds no load (the placement is kept)."""
     ex = layer.expert_executor
     state = ex.eplb_state if isinstance(ex, ParallelExecutor) else None
     if state is None:
@@ -84,9 +87,11 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     w, strategy = placement.ep_size, placement.strategy
     before = imbalance(load, old, w, strategy)
     if sum(load) == 0:
-        new = old
+        new, policy = old, None
     else:
         gpus = rebalance_experts(load, placement.num_physical, w, num_groups=state.num_groups, num_nodes=num_nodes)
+        # the sizes passed rebalance_experts' checks (num_nodes an int dividing W)
+        policy = balancing_policy(len(load), placement.num_physical, w, state.num_groups, num_nodes)[0]
         new = assign_slots(gpus, old, strategy)
     moves = plan_weight_moves(old, new, w, strategy)
     with state.writable():  # a layer built under inference_mode holds inference tensors (weights and maps)
@@ -101,6 +106,7 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
         "written_here": written,
         "load": load,
         "physical_to_logical": list(new),
+        "policy": policy,
     }
 
 

@@ -48,7 +48,8 @@ def get_routing_method_type(
 
 
 def routing_spec(
-    top_k: int, num_columns: int, renormalize: bool, routed_scaling_factor: float, **fields
+    top_k: int, num_columns: int, renormalize: bool, routed_scaling_factor: float, *, top_k_name: str = "top_k",
+    **fields
 ) -> TopKSpec:
     """The checked :class:`TopKSpec` of a router: ``w = s[ids]; w /= Σw if renormalize; w *= scale``.
 
@@ -57,11 +58,12 @@ def routing_spec(
     renormalize: a real ``bool`` (``TypeError`` naming it otherwise, e.g. for ``"no"``).
     routed_scaling_factor: a finite int or float (``TypeError`` for bool / str / None, ``ValueError``
         for NaN / inf: :meth:`TopKSpec.validate` is the one check); stored as a float.
+    top_k_name: ``top_k``'s name in errors (the caller's spelling: ``GroupedTopk`` takes ``topk``).
     fields: further ``TopKSpec`` fields (``scoring_func``, ``num_expert_group``, ``topk_group``).
     """
     check_bool("renormalize", renormalize)
     spec = TopKSpec(top_k, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor, **fields)
-    spec = spec.validate(num_columns)
+    spec = spec.validate(num_columns, top_k_name=top_k_name)
     return dataclasses.replace(spec, routed_scaling_factor=float(spec.routed_scaling_factor))
 
 

@@ -74,7 +74,7 @@ class GroupedTopk(torch.nn.Module):
         # a stand-in E = G·topk passes every E-dependent check; those run again against the logits' width
         g = num_expert_group if isinstance(num_expert_group, int) and num_expert_group > 0 else 1
         stand_in = g * topk if isinstance(topk, int) else 1
-        spec = routing_spec(topk, stand_in, renormalize, routed_scaling_factor,
+        spec = routing_spec(topk, stand_in, renormalize, routed_scaling_factor, top_k_name="topk",
                             scoring_func=scoring_func, num_expert_group=num_expert_group, topk_group=topk_group)
         self.topk, self.renormalize, self.scoring_func = topk, renormalize, scoring_func
         self.num_expert_group, self.topk_group = num_expert_group, topk_group
