@@ -207,6 +207,52 @@ case $WHAT in
       tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
     grep -h "passed\|failed" "$OUT"/gpu-r4*.log | tail -8
     ;;
+  r50-a)  # round 50: r49-c (the graphs' lock, the fp8 quantiser's NaN code, never run on a GPU), then the eager rows
+    # (host enqueue µs per call beside GPU µs; the lock is on every forward now)
+    bash "$0" "$OUT" r49-c
+    step r50-eager 110 python -m moekit bench --eager-only --eager-tokens 1,8,64 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager"
+    rm -f "$OUT"/eager/*.png
+    ;;
+  r50-tune)  # round 50: tables for the extra shapes (benchmarking.shapes.EXTRA_MODELS) as their checkpoints ship on one
+    # GPU: gpt-oss-20b bf16 and mxfp4, DeepSeek-V2-Lite (Moonlight) bf16, Qwen3-Next-80B-A3B fp8 block; from the
+    # heuristic (the tuner confirms each winner against the config in use, alternated, in the same run); then the
+    # tables merged into this copy's shipped file and their rows alone vs in batches of every bucket (SPEC §9)
+    r42_prepare
+    mkdir -p "$OUT/tuned"
+    step r50-tune-bf16 170 python -m moekit tune --models gpt-oss-20b,deepseek-v2-lite --budget-s 70 --out "$OUT/tuned"
+    step r50-tune-mxfp4 130 python -m moekit tune --models gpt-oss-20b --quant mxfp4 --budget-s 100 --out "$OUT/tuned"
+    step r50-tune-fp8 110 python -m moekit tune --models qwen3-next-80b-a3b --quant fp8 --budget-s 80 \
+      --out "$OUT/tuned"
+    grep -h "^summary" "$OUT"/r50-tune-*.log
+    merge_tuned "$OUT/tuned"
+    step gpu-r50-inv 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped and (20b or next or lite)"
+    grep -h "passed\|failed" "$OUT"/gpu-r50*.log | tail -3
+    ;;
+  r50-ab)  # round 50, after r50-tune (its tables merged into src/moekit/configs): the untuned heuristics beside the
+    # new tables, alternated, bits compared
+    step r50-ab-bf16 120 python benchmarks/heuristic_ab.py --shapes gpt-oss-20b,deepseek-v2-lite --formats bf16 \
+      --out "$OUT/r50-ab-bf16.json"
+    step r50-ab-q 150 python benchmarks/heuristic_ab.py --shapes gpt-oss-20b --formats mxfp4 --out "$OUT/r50-ab-mx.json"
+    step r50-ab-fp8 100 python benchmarks/heuristic_ab.py --shapes qwen3-next-80b-a3b --formats fp8 \
+      --out "$OUT/r50-ab-fp8.json"
+    ;;
+  r50-eager-ab)  # round 50: r50-a's eager rows (H100) had gpt-oss-120b at 42.2 / 46.0 µs of host time at T = 1 / 8 (round
+    # 41, H200: 19.0 / 29.8) and the other shapes at 23-26 (17-26): round 48's tree (before the graphs' lock; its src
+    # carried as .ab/base/src: `mkdir -p .ab/base && git archive 3706f45 src | tar -x -C .ab/base`) and this one
+    # alternated twice on one machine
+    pip install -q --no-deps .whl/*.whl > /dev/null 2>&1
+    for r in 1 2; do
+      for v in base new; do
+        [ $v = base ] && PP=.ab/base/src || PP=src
+        step "r50-eager-$v-$r" 90 env PYTHONPATH=$PP python -m moekit bench --eager-only --eager-tokens 1,8 \
+          --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$v-$r"
+        rm -f "$OUT/eager-$v-$r"/*.png
+      done
+    done
+    grep -h "eager target" "$OUT"/r50-eager-*.log
+    ;;
   r49-d)  # round 49, a short call (little device time left): the threads test of the graphs' lock, the graph tests,
     # and the fp8 quantiser's NaN code natively
     r42_prepare

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from kernel_profile import experts_step  # benchmarks/: the script's own folder
-from moekit.benchmarking.shapes import MODELS
+from moekit.benchmarking.shapes import MODELS, get_shape
 from moekit.ops import triton_configs as tc
 from moekit.ops import triton_experts_quant as tq
 from quant_probe import routing_sets, save_rows, shape_weights, time_alternated
@@ -61,14 +61,15 @@ def configs(dev, m, t: int, spec, probe: bool = False) -> dict[str, dict]:
     the shape, with ``probe`` (fp8) the ``FP8_PROBE`` forms."""
     name, sms = torch.cuda.get_device_name(dev), torch.cuda.get_device_properties(dev).multi_processor_count
     cap = tc.heuristic_capability(torch.cuda.get_device_properties(dev))  # as the runtime lookup keys on it
-    args = (t, m.E, m.H, m.I, m.K, torch.bfloat16, sms, spec.key)
+    key = None if spec is None else spec.key  # bf16: no format key
+    args = (t, m.E, m.H, m.I, m.K, torch.bfloat16, sms, key)
     out = {"old": tc.heuristic_config(*args), "sm90": tc.heuristic_config(*args, cap)}
-    table = tc.lookup_config(name, tc.shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, spec.key), t)
+    table = tc.lookup_config(name, tc.shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated, key), t)
     if table is not None:
         out["table"] = table
-    if probe and spec.key.startswith("fp8"):
+    if probe and key is not None and key.startswith("fp8"):
         out.update({k: f(out["old"]) for k, f in FP8_PROBE.items()})
-    return {k: spec.fix_config(c, torch.bfloat16) for k, c in out.items()}
+    return {k: c if spec is None else spec.fix_config(c, torch.bfloat16) for k, c in out.items()}
 
 
 def main(argv=None) -> int:
@@ -83,13 +84,13 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     rows = []
     for sname in a.shapes.split(","):
-        m = EXTRA.get(sname) or MODELS[sname]
+        m = EXTRA.get(sname) or get_shape(sname)  # the benchmark shapes and moekit's EXTRA_MODELS
         torch.cuda.empty_cache()
         weights = shape_weights(m, dev)
         for fname in a.formats.split(","):
-            fmt = FORMATS[fname]
-            spec = tq.QuantSpec.of(fmt)
-            q = quantise(weights[0], weights[1], fmt)
+            fmt = FORMATS[fname]  # "bf16": None (the unquantised kernels)
+            spec = None if fmt is None else tq.QuantSpec.of(fmt)
+            q = None if fmt is None else quantise(weights[0], weights[1], fmt)
             for t in map(int, a.tokens.split(",")):
                 sets = routing_sets(m, t, 4, dev)
                 cfgs = configs(dev, m, t, spec, a.probe)

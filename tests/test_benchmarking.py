@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from moekit.benchmarking import MODELS, ModelShape, get_shape, time_events
+from moekit.benchmarking import EXTRA_MODELS, MODELS, ModelShape, get_shape, time_events
 from moekit.benchmarking.bench import baseline_forward, build_layer, check_quant, quant_name, roofline
 from moekit.benchmarking.tune import make_problem
 from moekit.benchmarking.tune_space import Space, _cfg, search
@@ -22,6 +22,33 @@ def test_registry_has_the_five_models_and_is_read_only():
         MODELS["longcat-flash"].Z = 0  # type: ignore[misc]
     variant = MODELS["longcat-flash"].replace(name="longcat-flash-nozero", Z=0)
     assert variant.Z == 0 and MODELS["longcat-flash"].Z == 256 and "longcat-flash-nozero" not in MODELS
+
+
+def test_extra_shapes_are_named_but_not_in_the_sweep():
+    # the extra tuned shapes: found by name (get_shape, the CLI's --models), left out of 'all' (the benchmark sweep)
+    from moekit.cli import model_list
+
+    assert list(EXTRA_MODELS) == ["gpt-oss-20b", "qwen3-next-80b-a3b", "deepseek-v2-lite"]
+    assert not set(EXTRA_MODELS) & set(MODELS)
+    assert get_shape("gpt-oss-20b") is EXTRA_MODELS["gpt-oss-20b"] and get_shape("gpt-oss-20b").has_bias
+    assert [m.name for m in model_list("all")] == list(MODELS)
+    assert [m.name for m in model_list("qwen3-next-80b-a3b,mixtral-8x7b")] == ["qwen3-next-80b-a3b", "mixtral-8x7b"]
+    with pytest.raises(KeyError, match="deepseek-v2-lite"):  # the error lists every name
+        get_shape("nope")
+
+
+def test_every_shipped_table_is_a_registered_shape():
+    # the GPU invariance tests (tests/ops/test_batch_invariance_gpu.py) run the shipped tables of the registered
+    # shapes: a table of another shape would ship untested
+    import json
+
+    from moekit.ops import triton_configs as tc
+
+    known = {tc.shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated) for m in [*MODELS.values(),
+                                                                                 *EXTRA_MODELS.values()]}
+    for path in sorted(tc.CONFIG_DIR.glob("*.json")):
+        for key in json.loads(path.read_text())["entries"]:
+            assert key.split(",quant=")[0] in known, (path.name, key)
 
 
 def test_registry_shapes_match_the_models():

@@ -103,13 +103,15 @@ def int_list(text: str) -> list[int]:
 
 
 def model_list(text: str) -> list:
-    from .benchmarking.shapes import MODELS
+    """``all`` (the benchmark shapes) or names of :data:`MODELS` / :data:`EXTRA_MODELS`."""
+    from .benchmarking.shapes import EXTRA_MODELS, MODELS
 
+    known = {**MODELS, **EXTRA_MODELS}
     names = list(MODELS) if text == "all" else [v for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected 'all' or names from {', '.join(MODELS)}, got {text!r}")
-    return [MODELS[n] for n in names]
+        raise argparse.ArgumentTypeError(f"expected 'all' or names from {', '.join(known)}, got {text!r}")
+    return [known[n] for n in names]
 
 
 def point_list(text: str) -> list[tuple]:
@@ -241,14 +243,15 @@ def _add_demo(sub) -> None:
 
 def _add_bench(sub) -> None:
     from .benchmarking.bench import QUANT_DTYPES, QUANT_FORMATS
-    from .benchmarking.shapes import MODELS, TOKENS
+    from .benchmarking.shapes import EXTRA_MODELS, MODELS, TOKENS
 
     b = sub.add_parser("bench", help="benchmark whole MoE layers on a CUDA GPU (CUDA graphs, roofline, plot)",
                        description="Time moekit's layer forward and its experts step, per weight format, against "
                                    "a torch._grouped_mm MoE, per model shape and token count; write "
                                    "<gpu>-<date>.json, .png (roofline) and -speed.png.")
     b.add_argument("--models", type=model_list, default=list(MODELS.values()),
-                   help=f"comma-separated model shapes or 'all' (default: all): {', '.join(MODELS)}")
+                   help=f"comma-separated model shapes or 'all' (default: all): {', '.join(MODELS)}; "
+                   f"also {', '.join(EXTRA_MODELS)}")
     b.add_argument("--tokens", type=int_list, default=list(TOKENS),
                    help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))})")
     b.add_argument("--dtype", default="bfloat16", choices=DTYPES[:2], help="weight and activation dtype")
@@ -286,14 +289,14 @@ def _add_bench(sub) -> None:
 
 
 def _add_tune(sub) -> None:
-    from .benchmarking.shapes import MODELS, TOKENS
+    from .benchmarking.shapes import EXTRA_MODELS, MODELS, TOKENS
     from .ops.activation import ACTIVATIONS
 
     t = sub.add_parser("tune", help="tune Triton kernel configs on a CUDA GPU and store them where lookups find them",
                        description="Search kernel configs of the Triton experts for model shapes and merge the "
                                    "winners into <out>/<gpu>.json, where the config lookup finds them.")
     t.add_argument("--models", type=model_list, default=None,
-                   help=f"comma-separated model shapes or 'all': {', '.join(MODELS)}")
+                   help=f"comma-separated model shapes or 'all': {', '.join(MODELS)}; also {', '.join(EXTRA_MODELS)}")
     t.add_argument("--points", type=point_list, default=None,
                    help="targeted points MODEL:TOKENS, comma-separated (e.g. qwen3-30b-a3b:1,gpt-oss-120b:1024)")
     t.add_argument("--experts", "-E", type=positive_int, help="a shape of your own: local experts E")

@@ -265,7 +265,7 @@ def test_patch_on_cuda_uses_triton_and_keeps_logits(arch):
 def test_patched_layers_share_a_graph_pool_and_their_limit():
     # patch gives a model's layers one GraphPool and MODEL_GRAPH_TOKENS (2048), or the limit asked
     for asked, want in ((None, 2048), (16, 16)):
-        model = hf_tiny.build("qwen3_moe")
+        model = hf_tiny.build("qwen3_moe").to("cuda" if torch.cuda.is_available() else "cpu")  # triton: GPU or interp
         moes = [model.get_submodule(n).moe for n in patch(model, backend="triton", eager_graph_tokens=asked)]
         assert moes and [m.eager_graph_tokens for m in moes] == [want] * len(moes)
         assert len({id(m._graphs.pool) for m in moes}) == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.benchmarking import MODELS, TOKENS
+from moekit.benchmarking import EXTRA_MODELS, MODELS, TOKENS
 from moekit.ops import triton_configs as tc
 from moekit.ops import triton_experts_quant as tq
 from moekit.ops.w4_layout import rega_layout_ok, relay_rega
@@ -21,6 +21,8 @@ from moekit.ops.triton_experts import fused_experts_impl
 
 pytestmark = pytest.mark.gpu
 DT = torch.bfloat16
+#: every shape whose shipped tables these tests run: the benchmark shapes and the extra tuned ones
+SHIPPED = {**MODELS, **EXTRA_MODELS}
 PROBES = 4
 
 
@@ -37,7 +39,7 @@ def _device_table(m) -> dict:
 def _shipped_tables():
     for path in sorted(tc.CONFIG_DIR.glob("*.json")):
         entries = json.loads(path.read_text())["entries"]
-        for m in MODELS.values():
+        for m in SHIPPED.values():
             table = entries.get(tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated))
             if table:
                 yield pytest.param(m.name, path.stem, {int(b): c for b, c in table.items()},
@@ -98,14 +100,14 @@ def test_rows_alone_and_in_batches_device_configs(name):
 
 @pytest.mark.parametrize("name, device, table", list(_shipped_tables()))
 def test_rows_alone_and_in_batches_shipped_configs(name, device, table):
-    _check_rows(MODELS[name], table)
+    _check_rows(SHIPPED[name], table)
 
 
 def _shipped_fp8_tables():
     fmt = Fp8BlockFormat(128, 128)
     for path in sorted(tc.CONFIG_DIR.glob("*.json")):
         entries = json.loads(path.read_text())["entries"]
-        for m in MODELS.values():
+        for m in SHIPPED.values():
             table = entries.get(tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated, tq.QuantSpec.of(fmt).key))
             if table:
                 yield pytest.param(m.name, path.stem, {int(b): c for b, c in table.items()},
@@ -115,7 +117,7 @@ def _shipped_fp8_tables():
 @pytest.mark.parametrize("name, device, table", list(_shipped_fp8_tables()))
 def test_rows_alone_and_in_batches_shipped_fp8_configs(name, device, table):
     """The shipped fp8 block tables: swapped decode buckets beside unswapped larger ones."""
-    _check_rows(MODELS[name], table, fmt=Fp8BlockFormat(128, 128))
+    _check_rows(SHIPPED[name], table, fmt=Fp8BlockFormat(128, 128))
 
 
 def _shipped_4bit_tables():
@@ -123,7 +125,7 @@ def _shipped_4bit_tables():
         key = tq.QuantSpec.of(fmt).key
         for path in sorted(tc.CONFIG_DIR.glob("*.json")):
             entries = json.loads(path.read_text())["entries"]
-            for m in MODELS.values():
+            for m in SHIPPED.values():
                 table = entries.get(tc.shape_key(m.E, m.H, m.I, m.K, DT, m.gated, key))
                 if table:
                     yield pytest.param(m.name, fmt, {int(b): c for b, c in table.items()},
@@ -134,7 +136,7 @@ def _shipped_4bit_tables():
 def test_rows_alone_and_in_batches_shipped_4bit_configs(name, fmt, table):
     """The shipped mxfp4 / int4 tables: swapped decode buckets (some with w13_split), unswapped ones and the
     swapped BLOCK_M 128 tile of DeepSeek-V3 mxfp4 T = 4096."""
-    _check_rows(MODELS[name], table, fmt=fmt)
+    _check_rows(SHIPPED[name], table, fmt=fmt)
 
 
 def test_whole_layer_rows_alone_and_in_batches():

@@ -83,7 +83,12 @@ def compare(args, kw, tol=None):
     if out.numel():
         assert torch.isfinite(out).all()
         err = rel_rms(out, ref)
-        assert err <= (tol or (1e-4 if out.dtype == torch.float32 else 1e-2)), err
+        bound = 1e-4 if out.dtype == torch.float32 else 1e-2
+        if DEV == "cuda" and kw["fmt"].quantizes_activations:
+            # fp8 on a GPU: SPEC §8's kernel bound (Hopper's fp8 accumulation; the interpreter computes as the twin
+            # does). fp32 activations measured 1.4e-3 .. 1.9e-3 (H200 round 44, H100 round 50)
+            bound = 1e-2
+        assert err <= (tol or bound), err
     return out
 
 

@@ -80,13 +80,23 @@ MODELS: Mapping[str, ModelShape] = _registry(
     ModelShape("longcat-flash", E=512, Z=256, K=12, H=6144, I=2048, sel_bias=True, renorm=False, scale=6.0),
 )
 
+#: more shapes whose tuned configs moekit ships (models that run on one GPU in the format named), outside the
+#: benchmark sweep (``--models all`` is :data:`MODELS`): ``moekit tune`` / ``bench --models`` accept their names, and
+#: the GPU invariance tests run their shipped tables
+EXTRA_MODELS: Mapping[str, ModelShape] = _registry(
+    ModelShape("gpt-oss-20b", E=32, K=4, H=2880, I=2880, act="swigluoai", has_bias=True),  # bf16, mxfp4
+    ModelShape("qwen3-next-80b-a3b", E=512, K=10, H=2048, I=512),  # fp8 (its official FP8 checkpoint)
+    ModelShape("deepseek-v2-lite", E=64, K=6, H=2048, I=1408, renorm=False),  # bf16; Moonlight-16B-A3B's experts too
+)
+
 #: token counts of a default sweep
 TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
 
 
 def get_shape(name: str) -> ModelShape:
-    """The registered shape ``name``; ``KeyError`` naming the choices otherwise."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+    """The registered shape ``name`` (:data:`MODELS` or :data:`EXTRA_MODELS`); ``KeyError`` naming the choices
+    otherwise."""
+    for registry in (MODELS, EXTRA_MODELS):
+        if name in registry:
+            return registry[name]
+    raise KeyError(f"unknown model {name!r}; choose from {', '.join([*MODELS, *EXTRA_MODELS])}")
