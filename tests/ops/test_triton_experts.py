@@ -335,3 +335,31 @@ def test_the_experts_call_passes_the_align_bounds(monkeypatch):
     x, w1, w2, w, ids, _, _ = make(40, 6, 2, 32, 16)
     te.fused_experts_triton(x, w1, w2, w, ids)
     assert seen == [(40, te.INLINE_SLOTS)]
+
+
+def _cancelling_fp16_slots(t=3, h=64, i=64):
+    """fp16 experts whose two slots give +-7e4 per column (past fp16's 65504) and sum to ~3.8e3: x = 0.5, gate rows
+    0.3125 (g = 10), up rows 1/32 (u = 1), w2 = +112 (expert 0) / -106 (expert 1), both slots weighted 1."""
+    x = torch.full((t, h), 0.5)
+    w13 = torch.cat([torch.full((2, i, h), 0.3125), torch.full((2, i, h), 1 / 32)], dim=1)
+    w2 = torch.stack([torch.full((h, i), 112.0), torch.full((h, i), -106.0)])
+    ids = torch.tensor([[0, 1]] * t, dtype=torch.int32)
+    return x.half(), w13.half(), w2.half(), torch.ones(t, 2), ids
+
+
+@pytest.mark.parametrize("config", [None, {"sum_pass": True}], ids=["table", "sum_pass"])
+def test_fp16_slots_past_fp16_range_sum_exactly(config):
+    # round 50: the weighted slot rows were stored in fp16 before the top-k sum: two slots of +-7e4 that cancel gave
+    # inf (the twin sums fp32 rows). fp16 keeps them in float32 now; the fused sum and the sum pass alike
+    x, w13, w2, w, ids = _cancelling_fp16_slots()
+    ref = naive(x, w13, w2, w, ids)
+    slot0 = naive(x, w13, w2, torch.ones(3, 1), ids[:, :1])
+    assert slot0.abs().min() > 65504 and ref.abs().max() < 65504  # the case: only the slots overflow fp16
+    args = [v.to(DEV) for v in (x, w13, w2, w, ids)]
+    if config is None:
+        out = fused_experts(*args)
+    else:
+        cfg = te.get_config(torch.device(DEV), 3, 2, 64, 64, 2, torch.float16, True)
+        out = te.fused_experts_impl(*args, "silu", False, None, None, None, None, config={**cfg, **config})
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=2e-3, atol=0)

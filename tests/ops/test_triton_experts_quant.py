@@ -498,3 +498,28 @@ def test_a_nan_token_stays_nan(name):
     clean[2] = 0.0
     ok = tq.fused_experts_quant_triton(clean, *args[1:], **kw)
     assert torch.equal(ok[[0, 1, 3, 4]], out[[0, 1, 3, 4]])
+
+
+@pytest.mark.parametrize("name, down, up1", [("int4_g32", (160.0, -150.0), 1.0), ("mxfp4", (192.0, -96.0), 1.5)])
+def test_fp16_slots_past_fp16_range_sum_exactly(name, down, up1):
+    # round 50: the weight-only Triton path stored each weighted slot row in fp16 before the top-k sum: two slots of
+    # +-7e4 that cancel (the sum ~ 4e3) gave inf; the twin sums float32 rows. fp16 keeps them in float32 now
+    t, h, i = 3, 64, 64
+    x = torch.full((t, h), 0.5, dtype=torch.float16)
+    w13 = torch.cat([torch.full((2, i, h), 0.3125), torch.full((2, i, h), 1 / 32)], dim=1)  # g ~ 10, u = 1
+    w13[1, i:] = up1 / 32  # expert 1's up rows (values mxfp4 holds exactly)
+    w2 = torch.stack([torch.full((h, i), down[0]), torch.full((h, i), down[1])])  # values the format holds near
+    fmt = FORMATS[name]
+    w13_q, w2_q, s13, s2 = quantize_experts(w13, w2, fmt)
+    ids, w = torch.tensor([[0, 1]] * t, dtype=torch.int32), torch.ones(t, 2)
+    kw = dict(fmt=fmt, w13_scale=s13, w2_scale=s2)
+    ref = fused_experts_quant_torch(x, w13_q, w2_q, w, ids, **kw)
+    slot0 = fused_experts_quant_torch(x, w13_q, w2_q, torch.ones(t, 1), ids[:, :1], **kw)
+    slot1 = fused_experts_quant_torch(x, w13_q, w2_q, torch.ones(t, 1), ids[:, 1:], **kw)
+    # the case: each slot alone overflows fp16 (the twin's fp16 output of one slot is inf), their sum does not
+    assert torch.isinf(slot0).all() and torch.isinf(slot1).all() and ref.abs().max() < 65504
+    to = lambda v: v.to(DEV) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = tq.fused_experts_quant_triton(*[to(v) for v in (x, w13_q, w2_q, w, ids)], **{n: to(v) for n, v in kw.items()})
+    assert torch.isfinite(out).all()
+    # the kernels' GEMMs read fp16 dequantised weights, the twin's fp32 ones: ~3e-4 of a slot's 7e4 to 1e5
+    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=0, atol=100.0)

@@ -140,7 +140,8 @@ def fused_experts_impl(
         config = get_config(x.device, t, e_local, h, inter, k, x.dtype, act.gated)
     elif quant is None:
         check_config(config)
-    chunk = chunk_size(t, h, inter, k, e_local, x.element_size(), config, quant, workspace_bytes)
+    chunk = chunk_size(t, h, inter, k, e_local, x.element_size(), config, quant, workspace_bytes,
+                       half=x.dtype == torch.float16)
     if chunk >= t:  # one chunk (every eager decode call): no slicing
         _run_chunk(x, w1, w2, topk_weights, topk_ids, out, act, on_input, w1_bias, w2_bias, expert_map,
                    swiglu_limit, config, warmup, quant)
@@ -157,13 +158,16 @@ def fused_experts_impl(
 
 
 def chunk_size(t: int, h: int, inter: int, k: int, e_local: int, elt: int, config: dict, quant=None,
-               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
+               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, half: bool = False) -> int:
     """Tokens per chunk of a ``t``-token call whose scratch must stay under ``workspace_bytes``
     (:func:`~moekit.ops.experts.chunk_tokens`: the fewest equal chunks). ``elt``: the activations' element size;
-    ``quant``: the :class:`~moekit.ops.triton_experts_quant.QuantLaunch` (its own buffers per token)."""
-    # scratch per token: inter rows + part rows (top-k > 1) (+ ints); the padding rows are a fixed extra
+    ``quant``: the :class:`~moekit.ops.triton_experts_quant.QuantLaunch` (its own buffers per token); ``half``:
+    fp16 activations (the slot rows in float32)."""
+    # scratch per token: inter rows + part rows (top-k > 1; float32 for fp16 activations) (+ ints); the padding rows
+    # are a fixed extra
     rows = inter + (h if config.get("gather_pass") else 0)  # the inter row (+ the pre-gathered input row)
-    per_token = k * (rows + (h if k > 1 else 0)) * elt + k * 12 + 64
+    part_elt = 4 if half and not (quant is not None and quant.fp8) else elt  # fp8: in bytes_per_token
+    per_token = k * rows * elt + (k * h * part_elt if k > 1 else 0) + k * 12 + 64
     fixed = e_local * int(config["BLOCK_M"]) * rows * elt
     if quant is not None:
         per_token += quant.bytes_per_token(h, inter, k, bool(config.get("w13", {}).get("gluon_ws", 0)))
@@ -187,13 +191,17 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, blk, sem = torch.empty(
         p.i32_total, dtype=torch.int32, device=dev
     ).split_with_sizes(p.i32_sizes)
+    # the weighted slot rows before the top-k sum: float32 for fp8 experts (SPEC §8 sums the slots' fp32 outputs,
+    # as the twin does) and for fp16 activations (round 50: two slots of +-7.1e4 that cancel gave inf in fp16; the
+    # twins sum fp32 rows); bf16 rows keep bf16 (float32's range, the kernels' shipped bits)
+    part_f32 = p.part_fp32 or (q is not None and q.fp8)
     if q is None:
         buf = torch.empty(p.buf_total, dtype=x.dtype, device=dev)
         inter_buf = buf.as_strided((p.rows, inter), (inter, 1))
-        part = buf.as_strided((p.part_rows, h), (h, 1), p.part_offset)
-    else:  # the format's own inter buffers (fp8 values + scales); the combine rows alone here (fp8: fp32,
-        # SPEC §8 sums the slots' fp32 outputs, as the twin does; weight-only: the bf16 twin's rounding)
-        part = torch.empty(p.part_rows, h, dtype=torch.float32 if q.fp8 else x.dtype, device=dev)
+        if not part_f32:
+            part = buf.as_strided((p.part_rows, h), (h, 1), p.part_offset)
+    if q is not None or part_f32:  # the format's own inter buffers (fp8 values + scales); the combine rows alone
+        part = torch.empty(p.part_rows, h, dtype=torch.float32 if part_f32 else x.dtype, device=dev)
     if p.zero_counts:
         counts.zero_()
     emap_arg = emap if emap is not None else slot_loc  # never read without HAS_MAP

@@ -45,9 +45,10 @@ class LaunchPlan:
     e_global: int
     i32_sizes: tuple  # counts, slot_loc, slot_rank, tok_live, row_start, sorted_slot, block_expert, sem (padded)
     i32_total: int
-    buf_total: int  # inter rows, then part rows (from part_offset), then the gathered input rows (from xg_offset,
-    #               config "gather_pass"), elements of the input dtype
+    buf_total: int  # inter rows, then part rows (from part_offset; none when part_fp32), then the gathered input rows
+    #               (from xg_offset, config "gather_pass"), elements of the input dtype
     part_offset: int
+    part_fp32: bool  # fp16 activations: the slot rows in their own float32 buffer (see _run_chunk)
     xg_offset: int
     part_rows: int
     zero_counts: bool
@@ -154,11 +155,13 @@ def launch_plan(t, h, inter, n1, e_local, e_global, k, dtype, act_code, gated, o
     # the pre-gathered rows: TMA-read A tiles of the Triton w13 (an align kernel ran, weights in the params dtype)
     gather = gather and align_mode != "inline" and tma and small_elt and not c13.get("SWAP")
     gh = min(GATHER_BH, triton.next_power_of_2(h))
-    xg_offset = _pad(part_offset + part_rows * h, 64)
+    part_fp32 = dtype == torch.float16  # the weighted slot rows past fp16's range still sum exactly (round 50)
+    in_buf = 0 if part_fp32 else part_rows
+    xg_offset = _pad(part_offset + in_buf * h, 64)
     return LaunchPlan(
         bm=bm, rows=rows, num_pid_m=num_pid_m, nbn=nbn, e_global=e_global, i32_sizes=i32_sizes,
-        i32_total=sum(i32_sizes), buf_total=xg_offset + rows * h if gather else part_offset + part_rows * h,
-        part_offset=part_offset,
+        i32_total=sum(i32_sizes), buf_total=xg_offset + rows * h if gather else part_offset + in_buf * h,
+        part_offset=part_offset, part_fp32=part_fp32,
         xg_offset=xg_offset,
         part_rows=part_rows, zero_counts=align_mode == "multi", align=align_mode,
         align_grid=(triton.cdiv(t, bt),), align_kw=common, scatter_kw=dict(BT=bt, KP=kp, num_warps=4),

@@ -7,7 +7,7 @@ fp32 accumulator, the live slots' rows added in k order, dead slots adding 0.0, 
 same bits; this pass only moves the sum out of the GEMM's tail. Tokens whose slots are all dead get a zero row
 (as the align kernel writes for the fused combine).
 
-part: [T·K, H] input dtype (fp8 experts: fp32); out: [T, H]; ids / weights: [T, K] (liveness, as the align).
+part: [T·K, H] input dtype (fp8 experts and fp16 activations: fp32); out: [T, H]; ids / weights: [T, K] (liveness, as the align).
 """
 
 from __future__ import annotations
