@@ -238,6 +238,13 @@ case $WHAT in
     step r50-ab-fp8 100 python benchmarks/heuristic_ab.py --shapes qwen3-next-80b-a3b --formats fp8 \
       --out "$OUT/r50-ab-fp8.json"
     ;;
+  r50-fp16)  # round 50 (CPU-checked only): fp16 activations keep the weighted slot rows in float32 before the top-k sum
+    # (unquantised and weight-only Triton experts): the fp16 tests natively, then the experts step in fp16 beside bf16
+    r42_prepare
+    step gpu-r50-fp16 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/ops/test_triton_experts.py \
+      tests/ops/test_triton_experts_quant.py tests/ops/test_batch_invariance_gpu.py -k "fp16"
+    grep -h "passed\|failed" "$OUT"/gpu-r50-fp16.log | tail -2
+    ;;
   r50-eager-ab)  # round 50: r50-a's eager rows (H100) had gpt-oss-120b at 42.2 / 46.0 µs of host time at T = 1 / 8 (round
     # 41, H200: 19.0 / 29.8) and the other shapes at 23-26 (17-26): round 48's tree (before the graphs' lock; its src
     # carried as .ab/base/src: `mkdir -p .ab/base && git archive 3706f45 src | tar -x -C .ab/base`) and this one

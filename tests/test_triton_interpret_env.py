@@ -69,3 +69,24 @@ def test_set_after_import_moekit_but_before_triton_runs():
     # kernel) is still in time: the interpreted forward runs
     run = _run("import moekit\nos.environ['TRITON_INTERPRET'] = '1'\n" + FORWARD)
     assert run.returncode == 0 and "SHAPE (3, 32)" in run.stdout, run.stdout + run.stderr
+
+
+def test_the_probed_modules_are_every_kernel_module():
+    # the late-interpreter check looks at a fixed list of modules (cheap per call): every moekit module of @triton.jit
+    # functions must be on it, and Triton's library module holding tl.max must exist under that name
+    import importlib
+    import pkgutil
+
+    import moekit.ops._triton as pkg
+    from moekit.ops.kernels import _JIT_MODULES
+
+    listed = {name for name, _ in _JIT_MODULES}
+    names = [pkg.__name__] + [f"{pkg.__name__}.{info.name}" for info in pkgutil.iter_modules(pkg.__path__)]
+    for name in names:
+        module = importlib.import_module(name)
+        jitted = [n for n, v in vars(module).items() if type(v).__name__ in ("JITFunction", "InterpretedFunction")
+                  and getattr(getattr(v, "fn", None), "__module__", None) == name]  # defined there, not imported
+        assert not jitted or name in listed, (name, jitted[:3])
+    standard = importlib.import_module("triton.language.standard")
+    assert "triton.language.standard" in listed and type(vars(standard)["max"]).__name__ in (
+        "JITFunction", "InterpretedFunction")

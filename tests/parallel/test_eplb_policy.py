@@ -71,3 +71,18 @@ def test_sizes_beyond_global_still_raise():
         warnings.simplefilter("error", UserWarning)
         with pytest.raises(ValueError, match=r"num_physical \(20\) must be <= E·num_gpus = 16"):
             rebalance_experts(LOAD, 20, 4, num_groups=2, num_nodes=2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: hierarchical_redundancy_bound(4, 3, 2), "num_gpus .3. must be divisible by num_nodes .2."),  # no split
+    (lambda: hierarchical_redundancy_bound(4, 4, 0), "num_nodes must be >= 1, got 0"),  # zero nodes
+    (lambda: hierarchical_redundancy_bound(0, 4, 2), "num_experts must be >= 1"),  # no experts
+    (lambda: balancing_policy(8, 6, 4, 1, 2), r"num_physical \(6\) must be >= num_experts \(8\)"),  # fewer slots
+    (lambda: balancing_policy(8, 8, 4, 1, 0), "num_nodes must be >= 1"),  # ZeroDivisionError before
+])
+def test_public_helpers_check_their_arguments(call, match):
+    # round 50 review: the two public helpers returned 0 / -4 or raised ZeroDivisionError on sizes that cannot be
+    with pytest.raises(ValueError, match=match):
+        call()
+    with pytest.raises(TypeError, match="num_gpus must be an int"):
+        hierarchical_redundancy_bound(4, 4.0, 2)

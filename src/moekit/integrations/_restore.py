@@ -16,44 +16,72 @@ GUARD = "_moekit_router_logits_guard"
 
 #: what a stand-in holds instead when ``patch(restorable=False)`` dropped an original that would cost memory
 DROPPED = "_moekit_dropped_bytes"
+#: beside ORIGINAL: the bytes the original cost beyond the moekit layer when it was kept (to find it stale later)
+KEPT_COST = "_moekit_kept_bytes"
+#: a kept original may cost this much beyond the moekit layer without ``restorable``: small tensors the layer holds
+#: converted (a bf16 selection bias widened to float32, fp8 scales) must not make a shared block unrestorable
+FREE_BYTES = 1 << 20
 
 
-def extra_bytes(original, moe) -> int:
-    """Bytes of ``original``'s tensors (a module, or ``{member: module}``) that ``moe`` does not share: what keeping
-    ``original`` costs beyond the moekit layer (0 where the layer's parameters are the block's own tensors)."""
+def extra_bytes(original, moe) -> tuple[int, int]:
+    """(bytes of ``original``'s tensors that ``moe`` does not share, bytes it shares) for ``original`` a module or
+    ``{member: module}``: what keeping it costs beyond the moekit layer (storages compared, so views count as
+    shared; each storage counted once)."""
     shared = {t.untyped_storage().data_ptr() for t in list(moe.parameters()) + list(moe.buffers())}
     mods = original.values() if isinstance(original, dict) else [original]
-    seen, total = set(), 0
+    seen, extra, same = set(), 0, 0
     for m in mods:
         for t in list(m.parameters()) + list(m.buffers()):
             st = t.untyped_storage()
-            if t.device.type == "meta" or st.data_ptr() in shared or st.data_ptr() in seen:
+            if t.device.type == "meta" or st.data_ptr() in seen:
                 continue
             seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
+            if st.data_ptr() in shared:
+                same += st.nbytes()
+            else:
+                extra += st.nbytes()
+    return extra, same
 
 
 def keep_original(stand_in, original, moe, restorable: bool) -> None:
     """Keep ``original`` (a module, or ``{member: module}``) on ``stand_in`` by reference, outside the module tree,
-    when that costs no memory (``moe`` shares its tensors) or ``restorable``; else record the bytes dropped."""
-    cost = extra_bytes(original, moe)
-    if cost == 0 or restorable:
+    when that costs little (``moe`` shares its tensors; what it holds converted is at most :data:`FREE_BYTES` or 1 %
+    of what it shares) or ``restorable``; else record the bytes dropped."""
+    cost, same = extra_bytes(original, moe)
+    if restorable or cost <= max(FREE_BYTES, same // 100):
         stand_in.__dict__[ORIGINAL] = original
+        stand_in.__dict__[KEPT_COST] = cost
     else:
         stand_in.__dict__[DROPPED] = cost
 
 
 def check_restorable(model) -> None:
-    """Raise ``ValueError`` naming the stand-ins of ``model`` whose originals :func:`keep_original` dropped (before
-    anything is put back: :func:`restore_blocks` then restores all or nothing)."""
-    dropped = [(n or "<model>", m.__dict__[DROPPED]) for n, m in model.named_modules() if DROPPED in m.__dict__]
+    """Raise ``ValueError`` before anything is put back (:func:`restore_blocks` then restores all or nothing) when a
+    stand-in of ``model`` dropped its original (:func:`keep_original`), or kept one that the moekit layer no longer
+    shares (its weights replaced after :func:`patch`: ``load_state_dict(assign=True)``, ``load_expert_weights``, ...;
+    putting the original back would restore the weights it had at patch time)."""
+    dropped, stale = [], []
+    for n, m in model.named_modules():
+        if DROPPED in m.__dict__:
+            dropped.append(f"{n or '<model>'} ({_size(m.__dict__[DROPPED])})")
+        elif ORIGINAL in m.__dict__ and hasattr(m, "moe"):
+            now = extra_bytes(m.__dict__[ORIGINAL], m.moe)[0]
+            if now > m.__dict__.get(KEPT_COST, now):
+                stale.append(f"{n or '<model>'} ({_size(now)} no longer shared)")
     if dropped:
-        names = ", ".join(f"{n} ({_size(b)})" for n, b in dropped[:4]) + (" ..." if len(dropped) > 4 else "")
         raise ValueError(
             f"unpatch(): {len(dropped)} block(s) were patched with converted copies of their weights and their "
-            f"originals were not kept: {names}; patch(model, restorable=True) keeps them (at that memory cost) "
-            f"so that unpatch() can restore them; nothing was changed")
+            f"originals were not kept: {_few(dropped)}; patch a freshly loaded model with patch(model, "
+            f"restorable=True) to keep them (at that memory cost) for unpatch(); nothing was changed")
+    if stale:
+        raise ValueError(
+            f"unpatch(): the moekit layers of {len(stale)} block(s) no longer share the tensors of the blocks they "
+            f"replaced (their weights were replaced after patch()): {_few(stale)}; putting the blocks back would "
+            f"restore the weights they had at patch time; nothing was changed")
+
+
+def _few(items: list) -> str:
+    return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
 
 
 def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
@@ -75,15 +103,16 @@ def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
             _put_back(parent, attr, original)
             restored.append(name)
         del module.__dict__[ORIGINAL]  # the stand-in, if still referenced elsewhere, no longer pins the original
+        module.__dict__.pop(KEPT_COST, None)
     _remove_guards(model, stand_in_types)
     return restored
 
 
 def _size(nbytes: int) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20)):
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= div:
             return f"{nbytes / div:.1f} {unit}"
-    return f"{nbytes / 2**10:.1f} KiB"
+    return f"{nbytes} bytes"
 
 
 def _put_back(parent, attr: str, original) -> None:
@@ -99,5 +128,6 @@ def _remove_guards(model, stand_in_types: tuple[type, ...]) -> None:
         handle = module.__dict__.get(GUARD)
         if handle is None or any(isinstance(m, stand_in_types) for m in module.modules()):
             continue
-        handle.remove()
+        if hasattr(handle, "remove"):  # a model patched before round 50 (then pickled) holds True, not a handle
+            handle.remove()
         del module.__dict__[GUARD]

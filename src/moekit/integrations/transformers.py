@@ -152,7 +152,8 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         restorable: keep every replaced block for :func:`unpatch`, also those whose weights the moekit layer holds
             as converted copies (gpt-oss, Llama 4, DBRX, ...: the block's own stacks then stay in memory, one more
             copy of those experts). False (default): such blocks are dropped as before (their memory is freed) and
-            :func:`unpatch` refuses the model; blocks whose tensors the layer shares are kept either way (free).
+            :func:`unpatch` refuses the model; blocks whose tensors the layer shares are kept either way (what the
+            layer holds converted, e.g. a bf16 selection bias widened to float32, is at most 1 MiB or 1 % of it).
 
     Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
     left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder
@@ -174,6 +175,8 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     a second ``patch()`` adds no second hook.
     """
     _require_transformers("patch")
+    if not isinstance(restorable, bool):
+        raise TypeError(f"patch(): restorable must be a bool, got {restorable!r} ({type(restorable).__name__})")
     _check_router_logits(model, "patch()")
     config = _model_config_dict(model)
     spec, plans = plan_layers(config, "the model's config")
@@ -184,8 +187,6 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
             already += 1  # patched before: left as it is
             continue
-        if not isinstance(restorable, bool):
-            raise TypeError(f"patch(): restorable must be a bool, got {type(restorable).__name__}")
         moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens)
         moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
         if spec.layer_level:
@@ -274,16 +275,18 @@ def unpatch(model) -> list[str]:
     back to) stay, with the pre-hook of the models that hold them. transformers is not needed.
 
     Memory: :func:`patch` keeps the replaced blocks by reference where the moekit layer shares the block's tensors
-    (expert stacks in moekit's layout, ``[E, 2I, H]`` / ``[E, H, I]``: Mixtral, Qwen, DeepSeek, most types): this
-    costs nothing. Where it converted them (a copy: the transposed stacks of gpt-oss, Llama 4, Aria, Ergo and the
-    OpenAI privacy filter, DBRX's flat stacks, Inkling's appended shared experts, e8m0 fp8 scales) it keeps them only
-    with ``patch(model, restorable=True)`` (the block's own stacks then stay in memory beside the copies until
-    :func:`unpatch`); without it they were freed and :func:`unpatch` raises ``ValueError`` naming those blocks,
-    before changing anything. The kept blocks
-    are not part of the module tree: ``model.to()`` / ``.half()`` done while patched reach only the parameters they
-    share with the moekit layers, not their converted stacks or buffers (after moving or casting a patched model,
-    call ``model.to(...)`` again once unpatched); in-place edits of the converted copies (training) are not carried
-    back.
+    (expert stacks in moekit's layout, ``[E, 2I, H]`` / ``[E, H, I]``: Mixtral, Qwen, DeepSeek, most types; small
+    tensors the layer holds converted, at most 1 MiB or 1 % of what it shares, e.g. a bf16 selection bias widened to
+    float32, are kept beside it): this costs (almost) nothing. Where it converted the stacks (a copy: gpt-oss, Llama
+    4, Aria, Ergo and the OpenAI privacy filter, DBRX's flat stacks, Inkling's appended shared experts) it keeps the
+    block only with ``patch(model, restorable=True)`` (the block's own stacks then stay in memory beside the copies
+    until :func:`unpatch`); without it they were freed and :func:`unpatch` raises ``ValueError`` naming those blocks,
+    before changing anything. It raises too, before changing anything, when a kept block's tensors are no longer
+    the layer's (its weights replaced after :func:`patch`, e.g. ``load_state_dict(assign=True)``: the block would
+    bring back the old weights, which it also keeps in memory until then). The kept blocks are not part of the
+    module tree: ``model.to()`` / ``.half()`` done while patched reach neither their converted stacks nor their
+    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched); in-place edits
+    of the converted copies (training) are not carried back.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")

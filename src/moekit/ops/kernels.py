@@ -144,7 +144,11 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 #: modules whose ``@triton.jit`` functions an interpreted moekit kernel calls: Triton's own language library
 #: (``tl.max``, ``tl.sum``, ... are ``@triton.jit`` functions of ``triton.language.standard``) and moekit's kernels
-_JIT_MODULES = (("triton.language.", "triton was"), ("moekit.ops._triton.", "moekit's Triton kernels were"))
+_KERNELS_WERE = "moekit's Triton kernels were"
+_JIT_MODULES = (("triton.language.standard", "triton was"), ("moekit.ops._triton", _KERNELS_WERE)) + tuple(
+    (f"moekit.ops._triton.{m}", _KERNELS_WERE)
+    for m in ("align", "combine", "epilogue", "gate", "grouped_gemm", "quant", "rows", "tiles", "topk", "w4_decode",
+              "zero"))
 
 
 def _compiled_for_gpu() -> str | None:
@@ -154,12 +158,12 @@ def _compiled_for_gpu() -> str | None:
     triton`` before setting ``TRITON_INTERPRET=1`` passed the check and failed inside the first forward's kernel
     ("Cannot call @triton.jit'd outside of the scope of a kernel", from ``tl.max``). Decision: refuse (at layer
     construction / at the op's call, ``RuntimeError`` from :func:`resolve_backend`) rather than rebuild Triton's
-    library as interpreted functions, which would change process-wide Triton state that other code may use."""
-    for name, module in list(sys.modules.items()):
-        for prefix, what in _JIT_MODULES:
-            if name.startswith(prefix) and module is not None:
-                if any(type(v).__name__ == "JITFunction" for v in list(vars(module).values())):
-                    return what
+    library as interpreted functions, which would change process-wide Triton state that other code may use. A fixed
+    list of modules (a dict lookup each), not a walk of ``sys.modules``: this runs per op call on CPU."""
+    for name, what in _JIT_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and any(type(v).__name__ == "JITFunction" for v in list(vars(module).values())):
+            return what
     return None
 
 
@@ -173,7 +177,9 @@ def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        if backend == "auto" and not quiet:
+            log.info("moekit: backend='auto' chose 'torch' on %s", device)
         return "torch"
     reason = triton_unavailable_reason(device)
     if backend == "triton":

@@ -134,7 +134,12 @@ def hierarchical_redundancy_bound(num_experts: int, num_gpus: int, num_nodes: in
     Each node holds ``E/N`` experts (whole groups) in ``(E + R)/N`` slots over ``W/N`` GPUs, and no GPU holds two
     replicas of one expert, so a node has at most ``(E/N)·(W/N)`` distinct (expert, GPU) slots: ``(E + R)/N <=
     E·W/N²``, i.e. ``R <= E·(W/N - 1)`` (``num_gpus % num_nodes == 0``). Global balancing needs only ``R <=
-    E·(W - 1)``, which every EPLB layer satisfies (checked at construction)."""
+    E·(W - 1)``, which every EPLB layer satisfies (checked at construction). Arguments: positive ints, ``num_gpus``
+    divisible by ``num_nodes`` (``ValueError`` otherwise)."""
+    num_experts, num_gpus, num_nodes = (_count(n, v) for n, v in (("num_experts", num_experts), ("num_gpus", num_gpus),
+                                                                  ("num_nodes", num_nodes)))
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus ({num_gpus}) must be divisible by num_nodes ({num_nodes})")
     return num_experts * (num_gpus // num_nodes - 1)
 
 
@@ -143,12 +148,17 @@ def balancing_policy(num_experts: int, num_physical: int, num_gpus: int, num_gro
     """``("hierarchical", None)`` or ``("global", why)``: the policy :func:`rebalance_experts` runs for these sizes
     (arguments as there, already checked). Global when ``num_nodes == 1``, when the node count does not divide the
     groups (as DeepSeek's EPLB), or when the redundant experts ``R = num_physical - E`` exceed
-    :func:`hierarchical_redundancy_bound` (a node has too few distinct GPUs for its share of the replicas)."""
+    :func:`hierarchical_redundancy_bound` (a node has too few distinct GPUs for its share of the replicas). Arguments
+    are checked as there (positive ints, ``num_physical >= num_experts``; ``ValueError`` naming the argument)."""
+    num_experts, num_physical, num_groups = (_count(n, v) for n, v in (
+        ("num_experts", num_experts), ("num_physical", num_physical), ("num_groups", num_groups)))
+    bound = hierarchical_redundancy_bound(num_experts, num_gpus, num_nodes)  # checks num_gpus / num_nodes
+    if num_physical < num_experts:
+        raise ValueError(f"num_physical ({num_physical}) must be >= num_experts ({num_experts})")
     if num_nodes == 1:
         return "global", None
     if num_groups % num_nodes:
         return "global", f"num_groups ({num_groups}) is not divisible by num_nodes ({num_nodes})"
-    bound = hierarchical_redundancy_bound(num_experts, num_gpus, num_nodes)
     if num_physical - num_experts > bound:
         return "global", (
             f"num_redundant_experts = {num_physical - num_experts} exceeds E·(W/N - 1) = {num_experts}·({num_gpus}/"
