@@ -51,17 +51,19 @@ sweep() {  # sweep SECONDS: moekit bench of bf16 + fp8 on the four benchmark mod
   step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
 }
 
-merge_tuned() {  # merge_tuned DIR (round 38): every entry of DIR/NVIDIA_H200.json into this copy's shipped table (a tuned
-  # point's config, taken or kept), so the invariance tests and the sweep after it run the table as merged
-  python - "$1/NVIDIA_H200.json" <<'PY'
-import json, sys
-new = json.load(open(sys.argv[1]))["entries"]
-path = "src/moekit/configs/NVIDIA_H200.json"
-d = json.load(open(path))
-for key, buckets in new.items():
-    d["entries"].setdefault(key, {}).update(buckets)
-    print(key, sorted(buckets, key=int))
-open(path, "w").write(json.dumps(d, indent=1, sort_keys=True) + "\n")
+merge_tuned() {  # merge_tuned DIR (round 38): every entry of DIR/<GPU>.json into this copy's shipped table of the same
+  # GPU (a tuned point's config, taken or kept), so the invariance tests and the sweep after it run the table as merged
+  # (round 50: the GPU's file, whichever card was lent; round 38 read NVIDIA_H200.json only)
+  python - "$1" <<'PY'
+import json, pathlib, sys
+for src in sorted(pathlib.Path(sys.argv[1]).glob("NVIDIA_*.json")):
+    new = json.loads(src.read_text())["entries"]
+    path = pathlib.Path("src/moekit/configs") / src.name
+    d = json.loads(path.read_text()) if path.exists() else {"device": src.stem.replace("_", " "), "entries": {}}
+    for key, buckets in new.items():
+        d["entries"].setdefault(key, {}).update(buckets)
+        print(src.name, key, sorted(buckets, key=int))
+    path.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
 print("merged")
 PY
 }

@@ -3,12 +3,12 @@ the single-process layer built from the same global weights and fed the same tok
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
 import moekit
-from moekit.parallel.eplb import imbalance
 
 def registry():
     """(checks by name, world sizes by name, the ``@check(*worlds)`` decorator filling both)."""
@@ -38,7 +38,7 @@ def experts_backend(device: torch.device) -> str:
     if device.type != "cuda":
         return "torch"
     try:
-        import moekit.ops.triton_experts  # noqa: F401
+        importlib.import_module("moekit.ops.triton_experts")
     except Exception:
         return "torch"
     return "auto"
@@ -86,7 +86,9 @@ def _rank_batch(ctx, counts, H, columns, dtype, ep_rank, seed=1, skew=None):
 def exact_for(ctx, dtype) -> bool:
     """Bit-exactness is expected of the all-to-all path when the expert GEMM is batch-invariant: the
     torch reference on CPU in bf16 (fp32 CPU GEMMs take another path below 4 rows; fp16 ones run in fp32 since
-    round 49, whose fp16 products overflowed: SPEC §9 asks the torch path to agree within tolerance)."""
+    round 49, whose fp16 products overflowed: SPEC §9 asks the torch path to agree within tolerance). Of the
+    all-to-all path only: ``"auto"`` takes the all-gather path when W <= K, exact only on tokens not split over
+    ranks (round 50: the EPLB test passed so by construction; ``dist_checks_eplb``)."""
     return ctx.exact and ctx.experts_backend == "torch" and dtype == torch.bfloat16
 
 
@@ -238,53 +240,8 @@ def _check_slots(ctx, par, args, what):
     re = par.routed_experts
     rows = re.tp_rows
     for slot, logical in enumerate(re.placement.local_logical_ids()):
-        ctx.expect(torch.equal(re.w2_weight[slot], args[1][logical][:, rows]), f"{what}: slot {slot} != expert {logical}")
-
-
-@check(2, 4)
-def eplb_rebalance(ctx):
-    E = 8
-    kw = dict(ep_group=ctx.world_group, enable_eplb=True, num_redundant_experts=ctx.world)
-    if ctx.world == 4:  # hierarchical: 4 expert groups -> 2 "nodes" -> 2 GPUs each
-        kw.update(use_grouped_topk=True, num_expert_group=4, topk_group=2)
-    dt = torch.bfloat16
-    ref, par, args = make_pair(ctx, dtype=dt, **kw)
-    # hot experts that the initial placement serves badly: 2 and 3 (both on rank 0 of 2); 0 and 4
-    # (different expert groups, so the hierarchical pass can give each node one of them) on 4 ranks
-    hot = (2, 3) if ctx.world == 2 else (0, 4)
-    skew = torch.zeros(E)
-    skew[list(hot)] = torch.tensor([4.0, 3.0])
-    counts = [12, 0, 7, 5][: ctx.world]
-    x, lg = _rank_batch(ctx, counts, 32, E, dt, ctx.rank, skew=skew)
-    outs = []
-    for _ in range(3):
-        outs.append(par(x, lg))
-    state = par.router.eplb_state
-    ctx.expect(int(state.step) == 3, f"window step {int(state.step)} after 3 forwards")
-    nodes = 2 if ctx.world == 4 else 1
-    stats = par.rebalance(num_nodes=nodes)
-    ctx.expect(stats["imbalance_after"] < stats["imbalance_before"],
-               f"imbalance {stats['imbalance_before']:.3f} -> {stats['imbalance_after']:.3f}")
-    ctx.expect(stats["moved_slots"] > 0, "rebalance moved nothing")
-    new = stats["physical_to_logical"]
-    ctx.expect(abs(imbalance(stats["load"], new, ctx.world, "linear") - stats["imbalance_after"]) < 1e-12, "stat")
-    _check_slots(ctx, par, args, "after rebalance")
-    ctx.expect(state.physical_to_logical.tolist() == new, "routing map updated")
-    n_rep = state.replica_count[hot[0]].item()
-    ctx.expect(n_rep >= 2, f"hot expert {hot[0]} has {n_rep} replicas")
-    after = par(x, lg)
-    ctx.expect_close(after, outs[0], "output unchanged by rebalance", exact=exact_for(ctx, dt))
-    ctx.expect_close(after, ref(x, lg), "rebalanced vs reference", exact=exact_for(ctx, dt))
-    par.expert_executor.mode = "all_gather"
-    ctx.expect_close(par(x, lg), ref(x, lg), "rebalanced all_gather")
-    # replicas of the hot expert share its tokens (hash of the token index)
-    ids = state.map_logical_to_physical(torch.full((400, 1), hot[0], dtype=torch.int32, device=ctx.device))
-    used = torch.bincount(ids.view(-1).long(), minlength=state.num_physical)
-    reps = state.logical_to_physical[hot[0], :n_rep].tolist()
-    share = [used[p].item() for p in reps]
-    ctx.expect(min(share) > 400 / n_rep * 0.7, f"replica shares {share}")
-    stats2 = moekit.parallel.rebalance([par], num_nodes=nodes)[0]  # same load again: placement is a fixed point
-    ctx.expect(stats2["moved_slots"] == 0, f"second rebalance moved {stats2['moved_slots']}: {stats} {stats2}")
+        ctx.expect(torch.equal(re.w2_weight[slot], args[1][logical][:, rows]),
+                   f"{what}: slot {slot} != expert {logical}")
 
 
 @check(2, 4)

@@ -1,4 +1,5 @@
-"""Hierarchical EPLB's limits in a spawned gloo group of 2 ranks (see dist_checks_eplb)."""
+"""EPLB in spawned process groups (see dist_checks_eplb): rebalancing and each dispatch path's equality on tokens split
+over ranks, gloo at world sizes 2 and 4 and NCCL on 2 GPUs (marked gpu); hierarchical EPLB's limits at world 2."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_checks_eplb  # noqa: E402
@@ -15,13 +17,29 @@ pytestmark = pytest.mark.distributed
 _RESULTS: dict = {}
 
 
-def _results() -> dict:
-    if not _RESULTS:
-        _RESULTS.update(run_checks(2, list(dist_checks_eplb.CHECKS), "dist_checks_eplb", backend="gloo",
-                                   timeout=float(os.environ.get("MOEKIT_DIST_TIMEOUT", "240"))))
-    return _RESULTS
+def _cases(world: int) -> list[str]:
+    return [n for n, worlds in dist_checks_eplb.WORLD.items() if world in worlds]
 
 
-@pytest.mark.parametrize("name", list(dist_checks_eplb.CHECKS))
+def _results(world: int, backend: str = "gloo") -> dict:
+    if (world, backend) not in _RESULTS:
+        _RESULTS[world, backend] = run_checks(world, _cases(world), "dist_checks_eplb", backend=backend,
+                                              timeout=float(os.environ.get("MOEKIT_DIST_TIMEOUT", "240")))
+    return _RESULTS[world, backend]
+
+
+@pytest.mark.parametrize("name", _cases(2))
 def test_gloo_world2_eplb(name):
-    assert_ok(_results(), name)
+    assert_ok(_results(2), name)
+
+
+@pytest.mark.parametrize("name", _cases(4))
+def test_gloo_world4_eplb(name):
+    assert_ok(_results(4), name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("name", _cases(2))
+def test_nccl_world2_eplb(name):
+    assert_ok(_results(2, "nccl"), name)

@@ -178,6 +178,49 @@ def test_replica_hash_spreads_tokens():
         st.set_physical_to_logical([0, 1, 2, 3, 0, 0, 0, 1])  # p4, p5 both on rank 2
 
 
+def test_replica_choice_decorrelates_a_tokens_experts():
+    # E=4 on 2 ranks with 4 redundant slots: every expert has one replica per rank (linear: rank 0 = p0..p3 holds
+    # 0..3 in order, rank 1 = p4..p7). A token routed to all four experts: choosing the replica by the token alone sent
+    # all four slots to one rank; adding the expert id sends two to each (count 2: e and e + 1 differ in parity)
+    st = EplbState(ExpertPlacement.build(4, 4, ep_size=2, ep_rank=0), window_size=1)
+    st.set_physical_to_logical([0, 1, 2, 3, 0, 1, 2, 3])
+    ids = torch.arange(4, dtype=torch.int32).repeat(64, 1)  # [64, 4]
+    phys = st.map_logical_to_physical(ids)
+    assert phys.dtype == torch.int32
+    assert (st.physical_to_logical[phys.long()] == ids.long()).all()  # each slot on a replica of its own expert
+    on_rank1 = (phys >= 4).sum(dim=1)
+    assert on_rank1.tolist() == [2] * 64
+    # over the tokens each replica still gets half of its expert's slots
+    assert torch.bincount(phys.view(-1).long(), minlength=8).min() > 20
+
+
+def _rank_imbalance(world: int, top_k: int, tokens: int, mix: bool, steps: int = 300) -> float:
+    """Mean over random routings (top_k distinct experts of 8 per token) of max / mean slots per EP rank, every
+    expert on every rank; ``mix``: the replica choice of EplbState, else the token hash alone (before round 50)."""
+    st = EplbState(ExpertPlacement.build(8, 8 * (world - 1), ep_size=world, ep_rank=0), window_size=1)
+    st.set_physical_to_logical(list(range(8)) * world)  # linear: replica r of every expert on rank r
+    g = torch.Generator().manual_seed(0)
+    h = replica_hash(torch.arange(tokens) * world).unsqueeze(1)
+    total = 0.0
+    for _ in range(steps):
+        ids = torch.stack([torch.randperm(8, generator=g)[:top_k] for _ in range(tokens)])
+        phys = st.map_logical_to_physical(ids) if mix else st.logical_to_physical[ids, h % st.replica_count[ids]]
+        loads = torch.bincount(phys.view(-1) // 8, minlength=world).double()
+        total += (loads.max() / loads.mean()).item()
+    return total / steps
+
+
+def test_replica_choice_balances_small_steps():
+    # round 50 (re-landed; round 49 took it back over a test that asserted exactness of the all-gather path, see
+    # eplb_state's docstring): with the token hash alone one token's slots all took the same replica index, i.e. one
+    # rank (max/mean = W for one token); the expert id spreads them. Measured (300 random steps each):
+    # W=K=4: 1 token 4.0 -> 1.74, 4 tokens 3.0 -> 1.37; W=K=2: 1 token 2.0 -> 1.40, 4 tokens 1.5 -> 1.24
+    for world, tokens, bound in ((4, 1, 2.0), (4, 4, 1.6), (2, 1, 1.6), (2, 4, 1.4)):
+        old, new = _rank_imbalance(world, world, tokens, False), _rank_imbalance(world, world, tokens, True)
+        assert new < bound < old, (world, tokens, old, new)
+    assert _rank_imbalance(4, 4, 1, False) == 4.0  # every slot of the token on one rank, every step
+
+
 # -- single process pieces --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_unpack_roundtrip(dtype):

@@ -17,7 +17,12 @@ Each of the ``W`` ranks of ``ep_group`` holds ``T_r`` tokens (any, 0 included) w
 - :class:`AllGatherDispatcher` — all-gather every rank's tokens (padded to ``max T_r``), run the local
   experts on all of them (slots of experts held elsewhere add 0 through ``expert_map``), and
   reduce-scatter the partial outputs. Guarantee: allclose only — each rank's partial sum is rounded
-  to the input dtype and the ranks' partials are added by the collective (SPEC §4 tolerances).
+  to the input dtype and the ranks' partials are added by the collective (SPEC §4 tolerances). Bit-exact
+  (where the all-to-all path is) on a token whose live slots all sit on one rank: the other ranks'
+  partials are +0. So a test of this path proves nothing about exactness unless its tokens are split
+  (round 50: the EPLB test's tokens never were until the replica choice mixed in the expert id). Not
+  made exact on purpose: fp32 partials would double the reduce-scatter's bytes in bf16 (this path is
+  chosen for its bandwidth) and still group the slots by rank, not in the single-GPU order, for K > 2.
 
 Messages are packed as bytes ``[ids int32 · k | weights fp32 · k | x]`` per row: one collective each way.
 """
@@ -65,7 +70,8 @@ def live_slots(topk_weights: torch.Tensor, on_input: bool) -> torch.Tensor:
     return torch.ones_like(w, dtype=torch.bool) if on_input else w != 0
 
 
-def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank: int, world: int, on_input: bool) -> Layout:
+def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank: int, world: int,
+                   on_input: bool) -> Layout:
     """topk_weights: [T, K] float; topk_ids: [T, K] int physical ids; owner_rank: [P] int64 on the device."""
     t = topk_ids.shape[0]
     dest = owner_rank[topk_ids.reshape(-1).long()]
