@@ -229,3 +229,17 @@ def test_weights_replaced_after_patch_refused():
     with pytest.raises(ValueError, match="no longer share") as err:
         unpatch(model)
     assert names[0] in str(err.value) and _snapshot(model) == patched
+
+
+def test_unpatch_of_the_inner_model_frees_the_outer_hook():
+    # patch(model), then unpatch(model.model): the outer model's pre-hook stays (unpatch cannot reach it) but no
+    # longer refuses output_router_logits, as nothing below it is patched (round 50 review)
+    model = hf_tiny.build("mixtral")
+    ids = _ids(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_router_logits=True)
+    names = patch(model)
+    assert unpatch(model.model) == [n.removeprefix("model.") for n in names]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+    assert torch.equal(out.logits, ref.logits) and len(out.router_logits) == len(ref.router_logits)

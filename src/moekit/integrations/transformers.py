@@ -229,6 +229,9 @@ def _check_router_logits(module, where: str, kwargs: dict | None = None) -> None
 
 
 def _router_logits_pre_hook(module, args, kwargs):
+    if _asks_router_logits(module, kwargs) and not any(
+            isinstance(m, (MoEBlockAdapter, LayerMoEAdapter)) for m in module.modules()):
+        return  # nothing below is patched any more (unpatch() on a model inside this one): transformers records them
     _check_router_logits(module, f"{type(module).__name__}.forward", kwargs)
 
 
