@@ -229,7 +229,7 @@ case $WHAT in
     grep -h "^summary" "$OUT"/r50-tune-*.log
     merge_tuned "$OUT/tuned"
     step gpu-r50-inv 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
-      tests/ops/test_batch_invariance_gpu.py -k "shipped and (20b or next or lite)"
+      tests/ops/test_batch_invariance_gpu.py -k "shipped and (oss-20b or next-80b or v2-lite)"
     grep -h "passed\|failed" "$OUT"/gpu-r50*.log | tail -3
     ;;
   r50-ab)  # round 50, after r50-tune (its tables merged into src/moekit/configs): the untuned heuristics beside the
