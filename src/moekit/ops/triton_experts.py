@@ -195,12 +195,12 @@ def _run_chunk(x, w1, w2, tw, ids, out, act, on_input, b1, b2, emap, swiglu_limi
     # as the twin does) and for fp16 activations (round 50: two slots of +-7.1e4 that cancel gave inf in fp16; the
     # twins sum fp32 rows); bf16 rows keep bf16 (float32's range, the kernels' shipped bits)
     part_f32 = p.part_fp32 or (q is not None and q.fp8)
-    if q is None:
+    if q is None:  # (a quantised format has its own inter buffers: fp8 values + scales)
         buf = torch.empty(p.buf_total, dtype=x.dtype, device=dev)
         inter_buf = buf.as_strided((p.rows, inter), (inter, 1))
-        if not part_f32:
-            part = buf.as_strided((p.part_rows, h), (h, 1), p.part_offset)
-    if q is not None or part_f32:  # the format's own inter buffers (fp8 values + scales); the combine rows alone
+    if q is None and not part_f32:
+        part = buf.as_strided((p.part_rows, h), (h, 1), p.part_offset)
+    else:  # the combine rows alone
         part = torch.empty(p.part_rows, h, dtype=torch.float32 if part_f32 else x.dtype, device=dev)
     if p.zero_counts:
         counts.zero_()
