@@ -6,8 +6,8 @@ back to back, ``perf_counter``, no synchronisation inside) of:
 
 - ``layer``: the full ``layer(x, logits)`` (whole-forward graph replay); ``layer-nograph``: the same
   weights with ``eager_graph_tokens=0`` (plain kernels)
-- the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_state-old``
-  (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
+- the pieces of a replay: ``key+lookup``, ``graph_state`` (the cheap state), ``graph_lock`` (take + release),
+  ``graph_state-old`` (the former generator-built state, for comparison), ``is_compiling``, ``is_capturing``,
   ``grad_check``, ``copy_x``, ``copy_logits``, ``foreach_copy`` (both in one op), ``replay``,
   ``clone``, ``empty_like``, the raw replay's parts where the graph has one (``raw_set_in``: one update of the copy-in node,
   ``raw_launch``: the wrapper graph, ``raw_copy_launch``: one launch of the copy kernel, round 26's form,
@@ -84,6 +84,7 @@ def pieces(layer, plain, m, t):
         ("layer-nograph", lambda: plain(x, lg)),
         ("key+lookup", lambda: g.lookup((tensor_key(x), tensor_key(lg)))),
         ("graph_state", layer._graph_state),
+        ("graph_lock", lambda: lock_round_trip(g.lock, x)),
         ("graph_state-old", lambda: old_state(layer)),
         ("is_compiling", torch.compiler.is_compiling),
         ("is_capturing", torch.cuda.is_current_stream_capturing),
@@ -101,6 +102,12 @@ def pieces(layer, plain, m, t):
         ("linear", lambda: F.linear(x, lin)),
         ("view", lambda: x.view(-1)),
     ], (x, lg)
+
+
+def lock_round_trip(lock, x):
+    """One forward's take and release of the graphs' lock (round 49's per-call cost; round 51 trimmed it)."""
+    if lock.take(x):
+        lock.release()
 
 
 def without_raw(layer, entry, x, lg):

@@ -22,6 +22,7 @@
 #   benchmarks/h200_session.sh OUT graphs-tests    # round 11: internal-graph GPU tests (buckets, pools, patched
 #                                                  # models), host µs per Triton launch path (~200 s)
 #   benchmarks/h200_session.sh OUT graphs-bench    # eager host rows + transformers blocks (~300 s)
+#   benchmarks/h200_session.sh OUT r51-a     # round 51: the graph lock's per-call cost (GPU tests, eager A/B)
 #   benchmarks/h200_session.sh OUT graphs-routing  # graph-safe routing functions: GPU tests, eager host (~250 s)
 #
 # Copy OUT/configs/NVIDIA_H200.json entries into src/moekit/configs/NVIDIA_H200.json to ship them (moekit tune
@@ -208,6 +209,29 @@ case $WHAT in
     step gpu-r48 200 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_packed_layout.py \
       tests/test_errors_audit.py tests/test_quant_layer.py tests/integrations/test_transformers_fp8.py
     grep -h "passed\|failed" "$OUT"/gpu-r4*.log | tail -8
+    ;;
+  r51-a)  # round 51: the graphs' lock taken without a generator context manager and compared as ints (the per-call cost
+    # r50-eager-ab found: round 48's tree beside round 50's, H100, host µs ~5-10 lower before the lock): the graph GPU
+    # tests (the threads test), then round 50's tree (its src carried as .ab/head/src: `mkdir -p .ab/head && git archive
+    # 9d84a85 src | tar -x -C .ab/head`) and this one alternated twice, eager rows and the replay's pieces
+    r42_prepare
+    step gpu-r51-graphs 150 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 tests/experts/test_graphed_gpu.py \
+      tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed.py
+    grep -h "passed\|failed" "$OUT"/gpu-r51*.log | tail -2
+    for r in 1 2; do
+      for v in head new; do
+        [ $v = head ] && PP=.ab/head/src || PP=src
+        step "r51-eager-$v-$r" 90 env PYTHONPATH=$PP python -m moekit bench --eager-only --eager-tokens 1,8 \
+          --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$v-$r"
+        rm -f "$OUT/eager-$v-$r"/*.png
+      done
+      for v in head new; do
+        [ $v = head ] && PP=.ab/head/src || PP=src
+        step "r51-pieces-$v-$r" 60 env PYTHONPATH=$PP python benchmarks/eager_profile.py --models qwen3-30b-a3b \
+          --tokens 1 --out "$OUT/r51-pieces-$v-$r.json"
+      done
+    done
+    grep -h "eager target" "$OUT"/r51-eager-*.log
     ;;
   r50-a)  # round 50: r49-c (the graphs' lock, the fp8 quantiser's NaN code, never run on a GPU), then the eager rows
     # (host enqueue µs per call beside GPU µs; the lock is on every forward now)

@@ -31,7 +31,7 @@ from ._checks import as_float_dtype, check_device, check_int, check_tensor, decl
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
-from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, held_graphs, replay_bucket, replay_whole,
+from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, replay_bucket, take_graphs, replay_whole,
                                    route_graphed, unpack_scores)
 from .experts.mapping import check_expert_mapping, load_layer_weights
 from .experts.routed import RoutedExperts
@@ -226,7 +226,8 @@ class MoERunner(torch.nn.Module):
     ) -> torch.Tensor:
         """hidden_states: [..., H_in] fp32/bf16/fp16; router_logits: [T, E + Z] any float or None;
         input_ids: [T] (hash routing). Returns [..., H_in]: the shape and dtype of hidden_states."""
-        with held_graphs(self, hidden_states) as graphs:
+        graphs = take_graphs(self, hidden_states)
+        try:
             if graphs is not None and input_ids is None:
                 # replay of a whole-forward graph: inputs of a captured key were checked when it was captured
                 out = replay_whole(self, graphs, hidden_states, router_logits)
@@ -237,13 +238,17 @@ class MoERunner(torch.nn.Module):
                 if routed is not None:
                     return self._tail(hidden_states, routed, self._copy_routed())
             return self._forward(hidden_states, router_logits, input_ids, graphs)
+        finally:
+            if graphs is not None:
+                graphs.lock.release()
 
     def forward_with_scores(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
                             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`, and the routing weights it used: ``(out [..., H_in], topk_weights [T, K] float32)``, the
         bits of ``router.select_experts(x, logits)[0]``, from one routing (inside the internal graphs when they
         serve the call, the weights riding in the graph's output: :func:`~moekit.experts.graphed_plan.pack_scores`)."""
-        with held_graphs(self, hidden_states) as graphs:
+        graphs = take_graphs(self, hidden_states)
+        try:
             if graphs is not None and input_ids is None:  # a checked call of these input keys was served: no checks
                 packed = replay_bucket(self, graphs, hidden_states, router_logits, tag="scores")
                 if packed is not None:
@@ -253,6 +258,9 @@ class MoERunner(torch.nn.Module):
             h = hidden_states.reshape(-1, hidden_states.shape[-1])
             routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, True)
             return self._tail(hidden_states, routed, False, h), weights
+        finally:
+            if graphs is not None:
+                graphs.lock.release()
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see

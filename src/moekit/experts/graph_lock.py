@@ -22,39 +22,47 @@ from typing import Hashable
 import torch
 
 
-def _stream_id(device: torch.device) -> int:
-    """The raw handle of the current stream of ``device`` (CUDA; no Stream object where torch has the raw getter)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device.index if device.index is not None else torch.cuda.current_device())
-    return torch.cuda.current_stream(device).cuda_stream
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (device index) -> the current stream's handle
+
+
+def _stream_id(index: int) -> int:
+    """The raw handle of the current stream of CUDA device ``index`` (no Stream object where torch has the raw
+    getter)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 class GraphLock:
     """A non-blocking lock over a set of graphs, ordering its holders' CUDA streams (see the module docs)."""
 
-    __slots__ = ("_lock", "_last")
+    __slots__ = ("_lock", "_last", "_last_id")
 
     def __init__(self):
         self._lock = threading.Lock()
         self._last: torch.cuda.Stream | None = None  # the last holder's CUDA stream
+        self._last_id: tuple[int, int] | None = None  # its (device index, raw handle): the per-call comparison
 
     def take(self, x: torch.Tensor) -> bool:
-        """Hold the graphs for a forward on ``x``; False (nothing held) when another caller holds them."""
+        """Hold the graphs for a forward on ``x``; False (nothing held) when another caller holds them. The per-call
+        cost on the last holder's stream: one lock, the device index and the raw stream handle (round 51: ints, not
+        ``torch.device`` / ``Stream`` objects)."""
         if not self._lock.acquire(blocking=False):
             return False
         if isinstance(x, torch.Tensor) and x.is_cuda:  # (a wrong argument: the forward's checks name it)
-            last = self._last
-            if last is None or last.device != x.device or last.cuda_stream != _stream_id(x.device):
+            index = x.get_device()
+            now = (index, _stream_id(index))
+            if now != self._last_id:
                 if torch.cuda.is_current_stream_capturing():
                     # a user's capture (on its own stream): no graphs are replayed inside it, and its stream must not
                     # wait on work outside the capture; this forward runs the plain kernels
                     self._lock.release()
                     return False
-                stream = torch.cuda.current_stream(x.device)
-                if last is not None and last.device == x.device:
+                last = self._last
+                stream = torch.cuda.current_stream(index)
+                if last is not None and last.device == stream.device:
                     stream.wait_stream(last)  # the last holder's replays and reads, enqueued before it let go
-                self._last = stream
+                self._last, self._last_id = stream, now
         return True
 
     def release(self) -> None:

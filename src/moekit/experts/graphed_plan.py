@@ -64,7 +64,6 @@ same address (``w.data = w.view(...)``) is not detected: call ``layer._graphs.cl
 
 from __future__ import annotations
 
-import contextlib
 from operator import itemgetter
 
 import torch
@@ -218,20 +217,17 @@ def _autocast() -> bool:
     return torch.is_autocast_enabled("cuda")
 
 
-@contextlib.contextmanager
-def held_graphs(layer, hidden_states: torch.Tensor):
-    """The layer's internal graphs, held for this forward (``with``), or None: torch.compile traces the call (nothing
-    of the graph machinery is traced), a routing function was swapped for one not declared graph-safe (plain calls
-    only), or another thread's forward holds them (this one runs eagerly: the same kernels, :mod:`.graph_lock`)."""
+def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
+    """The layer's internal graphs, taken for this forward (the caller releases them: ``graphs.lock.release()`` in a
+    ``finally``), or None: torch.compile traces the call (nothing of the graph machinery is traced), a routing
+    function was swapped for one not declared graph-safe (plain calls only), or another thread's forward holds them
+    (this one runs eagerly: the same kernels, :mod:`.graph_lock`). (Round 51: a plain function, not a generator
+    context manager: about a microsecond less per eager call.)"""
     graphs = layer._graphs
     if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable \
             or not graphs.lock.take(hidden_states):
-        yield None
-        return
-    try:
-        yield graphs
-    finally:
-        graphs.lock.release()
+        return None
+    return graphs
 
 
 def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
