@@ -92,7 +92,10 @@ def test_output_router_logits_works_again(arch):
     ids = _ids(model)
     with torch.no_grad():
         ref = model(input_ids=ids, output_router_logits=True)
-    assert ref.router_logits
+    # (transformers 5.17, the device's: DeepSeek-V3's output has no router_logits field; 5.25 records them. The
+    # guard's refusal and its removal are checked either way, the recorded logits where the family returns them)
+    records = hasattr(ref, "router_logits")
+    assert ref.router_logits if records else arch == "deepseek_v3"
     patch(model)
     assert patch(model) == []  # double patch: one guard per model, no second adapter
     with pytest.raises(NotImplementedError, match="output_router_logits"):
@@ -102,7 +105,8 @@ def test_output_router_logits_works_again(arch):
     with torch.no_grad():
         out = model(input_ids=ids, output_router_logits=True)
     assert torch.equal(out.logits, ref.logits)
-    assert all(torch.equal(a, b) for a, b in zip(out.router_logits, ref.router_logits, strict=True))
+    if records:
+        assert all(torch.equal(a, b) for a, b in zip(out.router_logits, ref.router_logits, strict=True))
     model.config.output_router_logits = True  # switched on in the config: no hook refuses it either
     assert torch.equal(_run(model, ids), ref.logits)
 
