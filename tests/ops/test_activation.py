@@ -53,6 +53,17 @@ def test_swigluoai_default_limit_and_formula():
     torch.testing.assert_close(out2, ref_act(torch.cat([g, u], -1), "swigluoai", 2.0), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("activation", GATED)
+def test_huge_negative_gate_gives_zero_not_nan(activation):
+    # round 51: swigluoai computed ((u + 1)·g)·σ(αg): for g = -1e38 and u + 1 = 8 the product overflowed to -inf and
+    # -inf·0 gave NaN where the value is 0 (transformers' order (u + 1)·(g·σ(αg)) does not overflow). Every gated
+    # activation's value there is 0 (or -0)
+    g = torch.tensor([[-1e38, -4.5e37, -3e38]])
+    u = torch.tensor([[10.0, 7.0, -3.0]])
+    out = apply_activation_torch(torch.cat([g, u], -1), activation)
+    assert torch.equal(out, torch.zeros_like(out)), out  # (-0 == 0)
+
+
 def test_swiglu_limit_on_silu():
     # DeepSeek-V4 swiglu_limit on silu: g = min(g, L), u = clamp(u, -L, L)
     h = torch.tensor([[10.0, -10.0, 10.0, -10.0]])  # g = [10, -10], u = [10, -10]

@@ -347,6 +347,28 @@ def _cancelling_fp16_slots(t=3, h=64, i=64):
     return x.half(), w13.half(), w2.half(), torch.ones(t, 2), ids
 
 
+@pytest.mark.parametrize("activation", ["swigluoai", "silu", "gelu", "gelu_tanh"])
+def test_huge_negative_gate_gives_zero_not_nan(activation):
+    # round 51: the epilogue computed swigluoai as ((u + 1)·g)·σ(αg), which overflowed to -inf for g < -4e37 and gave
+    # -inf·0 = NaN; the value is 0 (the twin: tests/ops/test_activation.py). Expert 0: gate -1e38, up 10 (clamped to
+    # 7); expert 1 an ordinary expert, so the token's output is its slot alone and finite
+    h = i = 64
+    x = torch.ones(2, h)
+    w13 = torch.zeros(2, 2 * i, h)
+    w13[0, :i] = -1e38 / h
+    w13[0, i:] = 10.0 / h
+    w13[1] = torch.randn(2 * i, h, generator=torch.Generator().manual_seed(0)) / h
+    w2 = torch.randn(2, h, i, generator=torch.Generator().manual_seed(1)) / i
+    w = torch.full((2, 2), 0.5)
+    ids = torch.tensor([[0, 1], [1, 0]])
+    ref = fused_experts_torch(x, w13, w2, w, ids, activation=activation)
+    out = fused_experts(*(v.to(DEV) for v in (x, w13, w2, w, ids)), activation=activation).cpu()
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    only1 = fused_experts_torch(x, w13, w2, w, torch.tensor([[1, 1], [1, 1]]), activation=activation) / 2
+    torch.testing.assert_close(ref, only1, rtol=1e-5, atol=1e-6)  # expert 0 contributed 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("config", [None, {"sum_pass": True}], ids=["table", "sum_pass"])
 def test_fp16_slots_past_fp16_range_sum_exactly(config):
     # round 50: the weighted slot rows were stored in fp16 before the top-k sum: two slots of +-7e4 that cancel gave

@@ -523,3 +523,26 @@ def test_fp16_slots_past_fp16_range_sum_exactly(name, down, up1):
     assert torch.isfinite(out).all()
     # the kernels' GEMMs read fp16 dequantised weights, the twin's fp32 ones: ~3e-4 of a slot's 7e4 to 1e5
     torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=0, atol=100.0)
+
+
+@pytest.mark.parametrize("name", ["fp8_channel", "fp8_tensor"])
+def test_fp8_row_epilogue_takes_the_scales_product_first(name):
+    # round 51: the per-channel / per-tensor epilogue computed (acc · s_x) · S, which overflows float32 once s_x (the
+    # token's amax / 448) passes ~1e33, though the output (tiny weights) is ordinary; now acc · (s_x · S)
+    fmt = FORMATS[name]
+    t, e, h, i = 3, 2, 64, 64
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(t, h, generator=gen) * 3e35
+    w13 = torch.randn(e, 2 * i, h, generator=gen) / h**0.5 * 3e-35
+    w2 = torch.randn(e, h, i, generator=gen) / i**0.5
+    w13_q, w2_q, s13, s2 = quantize_experts(w13, w2, fmt)
+    assert s13.min() > torch.finfo(torch.float32).tiny  # (the case: normal scales, no flush to zero)
+    ids, w = torch.tensor([[0, 1], [1, 0], [0, 1]], dtype=torch.int32), torch.full((t, 2), 0.5)
+    args = [x, w13_q, w2_q, w, ids]
+    kw = dict(fmt=fmt, w13_scale=s13, w2_scale=s2)
+    ref = fused_experts_quant_torch(*args, **kw)
+    assert torch.isfinite(ref).all() and ref.abs().max() > 1.0
+    to = lambda v: v.to(DEV) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = tq.fused_experts_quant_triton(*[to(v) for v in args], **{n: to(v) for n, v in kw.items()}).cpu()
+    assert torch.isfinite(out).all()
+    assert rel_rms(out, ref) <= (1e-2 if DEV == "cuda" else 1e-4)

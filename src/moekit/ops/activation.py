@@ -65,7 +65,7 @@ _REGISTRY = (
     Activation("gelu", 1, lambda g, u: F.gelu(g) * u, True, hf_names=("gelu",)),
     Activation("gelu_tanh", 2, lambda g, u: F.gelu(g, approximate="tanh") * u, True,
                aliases=("gelu_pytorch_tanh",), hf_names=("gelu_pytorch_tanh", "gelu_new")),
-    Activation("swigluoai", 3, lambda g, u: (u + 1.0) * g * torch.sigmoid(SWIGLUOAI_ALPHA * g), True,
+    Activation("swigluoai", 3, lambda g, u: (u + 1.0) * (g * torch.sigmoid(SWIGLUOAI_ALPHA * g)), True,
                default_limit=SWIGLUOAI_DEFAULT_LIMIT),
     Activation("relu2", 4, lambda h, u: torch.relu(h).square(), False, aliases=("relu2_no_mul",),
                hf_names=("relu2",)),

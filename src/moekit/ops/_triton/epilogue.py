@@ -53,7 +53,9 @@ def activate(g, u, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
     if ACT == GELU_TANH:  # 0.5 g (1 + tanh(y)) == g · sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g³)
         y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g * _sigmoid(2.0 * y) * u
-    return (u + 1.0) * g * _sigmoid(g * OAI_ALPHA)  # swigluoai: the one code left
+    # swigluoai, the one code left: (u + 1) · (g · sigmoid(α g)), transformers' order. Round 51: ((u + 1) · g) · σ
+    # overflowed to -inf for g < -4e37 (|u + 1| up to 8 under the limit) and -inf · 0 gave NaN where the value is 0
+    return (u + 1.0) * (g * _sigmoid(g * OAI_ALPHA))
 
 
 @triton.jit

@@ -211,11 +211,12 @@ def _w13_tile(
             su0 = su1
     acc_g = acc_out(acc_g, SWAP)
     acc_u = acc_out(acc_u, SWAP)
-    if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n] (per tensor: S[e, shard])
+    if QUANT == FP8_ROW:  # dequantising epilogue: acc · (s_x[row] · S[e, n]) (per tensor: S[e, shard]); the scales'
+        # product first (round 51: (acc · s_x) · S overflowed float32 for inputs near 1e34 whose output is finite)
         a_s = tl.load(xs_rows, mask=valid, other=0.0)[:, None]
-        acc_g = acc_g * a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :]
+        acc_g = acc_g * (a_s * tl.load(ws_g, mask=nmask, other=0.0)[None, :])
         if GATED and not SPLIT:
-            acc_u = acc_u * a_s * tl.load(ws_u, mask=nmask, other=0.0)[None, :]
+            acc_u = acc_u * (a_s * tl.load(ws_u, mask=nmask, other=0.0)[None, :])
     if HAS_BIAS:
         b_base = b1_ptr + e.to(tl.int64) * stride_be + half * I
         acc_g += tl.load(b_base + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -354,8 +355,8 @@ def _w2_tile(
         if QUANT >= MXFP4:
             s0 = s1
     acc = acc_out(acc, SWAP)
-    if QUANT == FP8_ROW:  # dequantising epilogue: s_x[row] · S[e, n]
-        acc = acc * tl.load(as_rows, mask=valid, other=0.0)[:, None] * tl.load(ws_row, mask=nmask, other=0.0)[None, :]
+    if QUANT == FP8_ROW:  # dequantising epilogue: acc · (s_x[row] · S[e, n]), the scales' product first (as w13)
+        acc = acc * (tl.load(as_rows, mask=valid, other=0.0)[:, None] * tl.load(ws_row, mask=nmask, other=0.0)[None, :])
     if HAS_BIAS:
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if not ON_INPUT:
