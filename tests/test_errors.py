@@ -128,7 +128,8 @@ def test_experts_bias_and_map_errors(fn):
         fn(x, w1, w2, w, ids, expert_map=torch.zeros(4))
     with pytest.raises(ValueError, match="expert_map"):  # another device
         fn(x, w1, w2, w, ids, expert_map=torch.arange(4, dtype=torch.int32).to(META))
-    with pytest.raises(ValueError, match="topk_ids"):  # ids beyond the map's global id space
+    # ids beyond the map's global id space: the message says the bound is expert_map's length (round 51)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 4\) \(the length of expert_map"):
         fn(x, w1, w2, w, ids + 4, expert_map=torch.arange(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="global_num_experts"):
         fn(x, w1, w2, w, ids, global_num_experts=7)
@@ -166,6 +167,8 @@ def test_fused_topk_errors():
         grouped_topk(None, logits, 2, True, 2, 1, routed_scaling_factor=float("nan"))
     with pytest.raises(TypeError, match="routed_scaling_factor"):
         fused_topk_bias(None, logits, torch.zeros(6), 2, True, routed_scaling_factor="2")
+    with pytest.raises(ValueError, match="routed_scaling_factor must be > 0"):  # (round 51: a sign flip, silently)
+        grouped_topk(None, logits, 2, True, 2, 1, routed_scaling_factor=-2.5)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -383,6 +386,7 @@ def test_custom_router_bad_returns():
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(expert_placement_strategy="random"), ValueError, "expert_placement_strategy"),
     (dict(num_redundant_experts=2), ValueError, "num_redundant_experts"),  # without EPLB
+    (dict(num_redundant_experts=-1), ValueError, "num_redundant_experts must be >= 0, got -1"),  # (round 51)
     (dict(shared_expert_gate=torch.nn.Linear(8, 1)), ValueError, "shared_expert_gate"),  # no shared experts
     (dict(router=object()), TypeError, "router"),
     (dict(custom_routing_function="topk"), TypeError, "custom_routing_function"),
@@ -394,6 +398,10 @@ def test_custom_router_bad_returns():
      "routed_scaling_factor"),
     (dict(routed_scaling_factor=float("nan"), use_grouped_topk=True, num_expert_group=2, topk_group=1),
      ValueError, "routed_scaling_factor"),
+    # round 51: a negative factor flipped the routed output's sign, zero erased it; both built silently
+    (dict(routed_scaling_factor=-2.0), ValueError, "routed_scaling_factor must be > 0, got -2.0"),
+    (dict(routed_scaling_factor=0), ValueError, "routed_scaling_factor must be > 0, got 0"),
+    (dict(routed_scaling_factor=-1.0, apply_routed_scale_to_output=True), ValueError, "routed_scaling_factor"),
 ])
 def test_layer_construction_errors(kwargs, exc, what):
     base = dict(num_experts=6, top_k=2, hidden_size=8, intermediate_size=4)
@@ -410,7 +418,13 @@ def test_layer_top_k_bound_includes_zero_experts():
 
 
 def test_triton_backend_that_cannot_run_raises(monkeypatch):
-    # an explicit backend that cannot run raises instead of falling back (CPU, no interpreter)
+    # an explicit backend that cannot run raises instead of falling back (CPU, no interpreter). (Round 51: triton and
+    # the kernels are imported first, under the suite's interpreter: imported here, without it, they became GPU code
+    # and every later interpreted kernel test in the process refused to run)
+    try:
+        import moekit.ops.triton_experts  # noqa: F401  (imports triton and moekit's kernels)
+    except ImportError:
+        pass
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises((RuntimeError, ValueError, NotImplementedError), match="triton"):
         FusedMoE(6, 2, 8, 4, backend="triton", device="cpu")

@@ -303,6 +303,43 @@ def test_run_tune_starts_from_the_table_in_use(tmp_path, monkeypatch):
     assert any("starts from the table in use" in s for s in logs)
 
 
+def test_run_tune_tunes_anew_a_shipped_table_that_mixes_block_k(tmp_path, monkeypatch):
+    """Round 51: the shipped H100 file predates the one-BLOCK_K rule (its bf16 tables mix 64 and 128); tuning one of
+    those shapes on an H100 skipped it and still said "wrote <file>". It is tuned anew now: the largest bucket fixes
+    BLOCK_K, the out table is whole at that BLOCK_K (not a copy of the mixed one). A table of the out file itself that
+    mixes BLOCK_K is the user's: still skipped, and a run that tuned nothing says so."""
+    _isolate(tmp_path, monkeypatch, "NVIDIA H100 80GB HBM3", config_dir=tmp_path)
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    m = MODELS["qwen3-30b-a3b"]
+    key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated)
+    shipped = tc.shape_table("NVIDIA H100 80GB HBM3", key)[1]
+    with pytest.raises(ValueError, match="different BLOCK_K"):
+        shape_block_k(shipped)  # (the case: the shipped table mixes BLOCK_K)
+    seen = []
+
+    def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
+        seen.append((t, fixed_bk))
+        return tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)[1], "w", \
+            {"base_us": 10.0, "best_us": 9.0, "timed": 5}
+
+    monkeypatch.setattr(tune, "tune_point", fake_point)
+    logs = []
+    path = tune.run_tune([(m, [1, 16384])], out=tmp_path, log=logs.append, bar=False)
+    table = json.loads(path.read_text())["entries"][key]
+    assert sorted(table, key=int) == [str(t) for t in TOKENS]
+    assert len({(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()}) == 1
+    assert [t for t, _ in seen] == [16384, 1] and seen[0][1] is None and seen[1][1] is not None
+    assert any("tuning the shape anew" in s for s in logs) and logs[-1] == f"wrote {path}"
+    # the out file's own mixed table: skipped, nothing tuned, and the log says the file was not written
+    data = json.loads(path.read_text())
+    data["entries"][key]["1"]["w13"]["BK"] = 16 if data["entries"][key]["1"]["w13"]["BK"] != 16 else 32
+    path.write_text(json.dumps(data))
+    tc.clear_config_cache()
+    logs.clear()
+    tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False)
+    assert any(s.startswith("skipping qwen3-30b-a3b") for s in logs) and logs[-1].startswith("nothing tuned")
+
+
 def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):
     _isolate(tmp_path, monkeypatch, "Fake GPU")
     monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))

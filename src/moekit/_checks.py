@@ -38,12 +38,15 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_real(name: str, value, *, finite: bool = True) -> float:
-    """An int or float (not a bool, str or None), finite unless ``finite=False``; returned as a float."""
+def check_real(name: str, value, *, finite: bool = True, positive: bool = False) -> float:
+    """An int or float (not a bool, str or None), finite unless ``finite=False``, > 0 with ``positive``; returned as a
+    float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
     if finite and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
     return float(value)
 
 

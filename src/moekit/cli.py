@@ -202,9 +202,15 @@ def _run_tune(args, parser) -> int:
         return 1
     budget = args.budget_s if args.budget_s is not None else (45.0 if args.quick else 150.0)
     rotations = args.rotations if args.rotations is not None else (2 if args.quick else 4)
+    lines = []
+
+    def log(s: str) -> None:
+        lines.append(s)
+        print(s, flush=True)
+
     run_tune(targets, dtype, out=args.out, budget_s=budget, pdl=args.pdl, min_gain=args.min_gain,
-             rotations=rotations, quant=quant, quick=args.quick, log=lambda s: print(s, flush=True))
-    return 0
+             rotations=rotations, quant=quant, quick=args.quick, log=log)
+    return 1 if any(s.startswith("nothing tuned") for s in lines) else 0  # (every shape skipped: say so in the status)
 
 
 def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:

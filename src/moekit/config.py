@@ -31,7 +31,8 @@ class MoEConfig:
     quant_config: None (weights in ``params_dtype``), an HF ``quantization_config`` dict or a format
     object; stored as the parsed format object (:mod:`moekit.ops.formats`) and checked against the
     global sizes here (a tensor-parallel slice is checked by the experts).
-    routed_scaling_factor: finite float; applied once, on the routing weights (the router's) or, with
+    routed_scaling_factor: finite float > 0 (round 51: a negative or zero factor flipped or erased the routed output
+    silently); applied once, on the routing weights (the router's) or, with
     ``apply_routed_scale_to_output=True``, on the routed output (the runner reads it from here: this
     config is the one store of the output-side factor, see :attr:`output_scale`).
     Booleans must be real ``bool`` values (``"no"`` raises ``TypeError`` instead of meaning True).
@@ -59,7 +60,8 @@ class MoEConfig:
         check_int("top_k", self.top_k, minimum=1, maximum=self.num_experts + self.num_zero_experts)
         for name in ("has_bias", "apply_router_weight_on_input", "apply_routed_scale_to_output"):
             check_bool(name, getattr(self, name))
-        scale = check_real("routed_scaling_factor", self.routed_scaling_factor)  # the one check (as TopKSpec's)
+        # the one check (as TopKSpec's)
+        scale = check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True)
         object.__setattr__(self, "routed_scaling_factor", scale)
         object.__setattr__(self, "activation", get_activation(self.activation).name)
         if self.params_dtype not in FLOAT_DTYPES:

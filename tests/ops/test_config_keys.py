@@ -152,6 +152,21 @@ def test_a_malformed_file_raises(env_dir, entries, match):
         tc.load_config_file(path)
 
 
+@pytest.mark.parametrize("text,match", [
+    ('{"entries": {', r"not valid JSON"),  # a truncated file: the error names it (it named no file)
+    ("[1, 2]", r"got list"),  # not an object (was an AttributeError)
+    (json.dumps({KEY: {"1": _cfg()}}), r"got keys \['E=.*'\]"),  # the wrapper left out: was read as empty
+    (json.dumps({"device": DEV, "entires": {}}), r"got keys \['device', 'entires'\]"),  # a misspelt key: ignored
+])
+def test_a_malformed_file_raises_naming_it(env_dir, text, match):
+    # round 51: these were a JSONDecodeError without the path, an AttributeError, or a file silently read as empty
+    # (the user's tuning dropped, the shipped table run instead)
+    path = env_dir / f"{tc.device_key(DEV)}.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{path}: .*{match}"):
+        tc.load_config_file(str(path))
+
+
 def test_an_explicit_config_is_checked_before_any_launch():
     # fused_experts_impl (the tuner's and the benchmarks' entry) and the quantised launcher check config= first:
     # CPU tensors, no kernel runs

@@ -20,7 +20,9 @@ Progress: a line per bucket with elapsed time and ETA (and a tqdm bar on a termi
 
 Every bucket is merged into ``<out>/<device>.json`` as soon as it is done (:func:`merge_entries`:
 other shapes and buckets of the file are kept). Batch invariance (SPEC §9): see
-:mod:`.tune_space`; a file whose buckets of one shape already disagree is refused for that shape.
+:mod:`.tune_space`; an out file whose buckets of one shape already disagree is refused for that shape (the user's
+table: remove its entries), while a table in use elsewhere that disagrees (the shipped H100 file predates the rule)
+is tuned anew: the largest bucket fixes BLOCK_K and the out file gets a whole table at it.
 
 Whole tables: a lookup takes a shape's table from the first folder that has it and runs the nearest
 bucket for any T, so a table of only the tuned buckets would run, e.g., a T = 8 decode tile at T = 16384.
@@ -276,14 +278,21 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
         before = {str(b): c for b, c in before.items()}
         try:
             fixed_bk, fixed_arith = shape_block_k(table or before), shape_arith(table or before)
+            anew = False
         except ValueError as exc:
-            log(f"skipping {m.name} ({key}) in {path if table else src}: {exc}")
-            continue
+            if table:  # the out file's own table breaks SPEC §9: the user's to remove (never rewritten silently)
+                log(f"skipping {m.name} ({key}) in {path}: {exc}")
+                continue
+            # round 51: a table in use that predates the one-BLOCK_K rule (the shipped H100 file's five shapes) was
+            # skipped, so tuning those shapes on an H100 did nothing; it is tuned anew instead (the largest bucket
+            # fixes BLOCK_K, the other buckets are filled at it), and the out file's table then replaces it
+            log(f"{m.name} ({key}): the table in use ({src}) breaks SPEC §9 ({exc}); tuning the shape anew")
+            fixed_bk, fixed_arith, anew = None, None, True
         order = bucket_order(tokens)
         if not order:
             log(f"skipping {m.name} ({key}): no token counts to tune")
             continue
-        if not table and before:  # a whole table from the start; the tuned buckets replace its entries
+        if not table and before and not anew:  # a whole table from the start; the tuned buckets replace its entries
             merge_entries(path, name, key, before)
             log(f"{m.name}: {path} starts from the table in use ({len(before)} buckets)")
         log(f"tuning {m.name} ({key}) on {name}, budget {budget_s:.0f} s" +
@@ -324,7 +333,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
                 torch.cuda.empty_cache()
         summary.append((m.name, quant or "-", results))
     log_summary(summary, log)
-    log(f"wrote {path}")
+    log(f"wrote {path}" if summary else f"nothing tuned: {path} not written")
     return path
 
 

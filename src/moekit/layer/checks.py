@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_int
 from ..experts.placement import PLACEMENT_STRATEGIES
 from ..parallel.setup import build_placement
 from ..routing.base import BaseRouter
@@ -57,6 +58,7 @@ def parallel_pieces(parallel, num_experts, num_redundant, enable_eplb, ep_group,
     holding every expert, made by the experts)."""
     if strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {strategy!r}")
+    check_int("num_redundant_experts", num_redundant, minimum=0)  # (round 51: -1 said "requires enable_eplb=True")
     if num_redundant and not enable_eplb:
         raise ValueError(f"num_redundant_experts={num_redundant} requires enable_eplb=True")
     if not parallel:

@@ -164,14 +164,16 @@ def check_expert_map_range(expert_map: torch.Tensor | None, num_local: int) -> N
             raise ValueError(f"expert_map values must lie in [-1, {num_local}) (local slots), got [{lo}, {hi}]")
 
 
-def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int, expert_map: torch.Tensor | None = None) -> None:
     """Raise if an id lies outside ``[0, num_experts)`` (a host synchronisation; skipped while compiling,
-    capturing a CUDA graph or on the meta device, as :func:`moekit._checks.check_finite`)."""
+    capturing a CUDA graph or on the meta device, as :func:`moekit._checks.check_finite`). ``expert_map``: the
+    call's map when ``num_experts`` is its length (the message then says where the bound comes from)."""
     if topk_ids.numel() == 0 or not values_checkable(topk_ids):
         return
     lo, hi = int(topk_ids.min()), int(topk_ids.max())
     if lo < 0 or hi >= num_experts:
-        raise ValueError(f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+        src = " (the length of expert_map: global expert ids)" if expert_map is not None else ""
+        raise ValueError(f"topk_ids must lie in [0, {num_experts}){src}, got values in [{lo}, {hi}]")
 
 
 def fused_experts_torch(
@@ -231,7 +233,7 @@ def experts_reference(
     compiled layers use the Triton backend). The value checks are skipped while compiling.
     """
     p = ExpertsProblem.of(x, w2, topk_ids, expert_map, get_activation(activation).name)
-    check_ids_in_range(topk_ids, p.num_global)
+    check_ids_in_range(topk_ids, p.num_global, expert_map)
     check_expert_map_range(expert_map, p.num_local)
     out = torch.empty_like(x)
     if p.num_tokens == 0:

@@ -54,7 +54,7 @@ class TopKSpec:
         check_int(top_k_name, self.top_k, minimum=1)
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
         check_bool("renormalize", self.renormalize)
-        check_real("routed_scaling_factor", self.routed_scaling_factor)
+        check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True)
         if self.top_k > num_experts:
             raise ValueError(f"{top_k_name} must be <= the number of experts ({num_experts}), got {self.top_k}")
         g, kg = self.num_expert_group, self.topk_group

@@ -108,9 +108,18 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         return {}
-    with open(p) as f:
-        data = json.load(f)
-    entries = data.get("entries", {})
+    try:
+        with open(p) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:  # (round 51: the error named no file)
+        raise ValueError(f"{p}: not valid JSON ({exc}); fix or delete it, or re-run `moekit tune`") from None
+    # round 51: a file without the {"device", "entries"} wrapper, or with a misspelt key, was read as empty and the
+    # user's tuning silently ignored; every top-level key is checked
+    if not isinstance(data, dict) or "entries" not in data or set(data) - {"device", "entries"}:
+        got = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)}"
+        raise ValueError(f'{p}: expected {{"device": name, "entries": {{shape_key: {{bucket: config}}}}}} '
+                         f"(what `moekit tune` writes), got {got}")
+    entries = data["entries"]
     if not isinstance(entries, dict):
         raise ValueError(f'{p}: "entries" = {type(entries).__name__}, expected {{shape_key: {{bucket: config}}}}')
     for key, table in entries.items():

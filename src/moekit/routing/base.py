@@ -56,8 +56,8 @@ def routing_spec(
     top_k: experts per token, ``1 <= top_k <= num_columns``.
     num_columns: logit columns the router reads (``E``, or ``E + Z`` with zero experts).
     renormalize: a real ``bool`` (``TypeError`` naming it otherwise, e.g. for ``"no"``).
-    routed_scaling_factor: a finite int or float (``TypeError`` for bool / str / None, ``ValueError``
-        for NaN / inf: :meth:`TopKSpec.validate` is the one check); stored as a float.
+    routed_scaling_factor: a finite int or float > 0 (``TypeError`` for bool / str / None, ``ValueError``
+        for NaN / inf / <= 0: :meth:`TopKSpec.validate` is the one check); stored as a float.
     top_k_name: ``top_k``'s name in errors (the caller's spelling: ``GroupedTopk`` takes ``topk``).
     fields: further ``TopKSpec`` fields (``scoring_func``, ``num_expert_group``, ``topk_group``).
     """
@@ -184,7 +184,7 @@ class ScoredRouter(BaseRouter):
 
     top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
     scoring_func: "softmax", "sigmoid" or "sqrtsoftplus" (``sqrt(softplus(logits))``).
-    renormalize: bool, ``w /= Σw``. routed_scaling_factor: finite float applied after renormalising.
+    renormalize: bool, ``w /= Σw``. routed_scaling_factor: finite float > 0 applied after renormalising.
     e_score_correction_bias: [N] float, finite, the selection bias (weights stay unbiased), or None.
     num_expert_group, topk_group: grouping (1, 1 = ungrouped); see :class:`GroupedTopKRouter`.
     num_columns: ``N``, the logit columns (default ``E``).
