@@ -125,7 +125,7 @@ def fused_experts_quant_torch(
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
         expert_map=expert_map, global_num_experts=global_num_experts, swiglu_limit=swiglu_limit,
     )
-    check_ids_in_range(topk_ids, p.num_global)
+    check_ids_in_range(topk_ids, p.num_global, expert_map)
     check_expert_map_range(expert_map, e)
     local_map = expert_map.long() if expert_map is not None else None
     rows = 2 * inter if gated else inter
