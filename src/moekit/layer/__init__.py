@@ -252,7 +252,7 @@ def build_fused_moe(
       them). To customise the layer, subclass :class:`MoERunner` and pass ``runner_cls=``.
     - Boolean keywords (``renormalize``, ``use_grouped_topk``, ``has_bias``, ``apply_router_weight_on_input``,
       ``enable_eplb``, ``is_sequence_parallel``, ``apply_routed_scale_to_output``) must be ``bool``;
-      ``routed_scaling_factor`` a finite float (``TypeError`` / ``ValueError`` naming them).
+      ``routed_scaling_factor`` a finite float > 0 (``TypeError`` / ``ValueError`` naming them).
     - ``params_dtype`` and ``router_logits_dtype`` take a float ``torch.dtype`` or its name ("bf16",
       "bfloat16", "fp16", "float32", ...). ``device="cuda"`` without a CUDA device raises ``ValueError``.
     - User modules (``gate``, ``shared_experts``, ``shared_expert_gate``, the routed transforms) must be

@@ -23,7 +23,7 @@ class CustomRoutingRouter(BaseRouter):
     custom_routing_function: ``(hidden_states [T, H], router_logits [T, E], top_k: int, renormalize: bool)
         -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required.
     renormalize: bool (default True), passed to the function.
-    routed_scaling_factor: finite float, multiplies the returned weights (the seed ignored it).
+    routed_scaling_factor: finite float > 0, multiplies the returned weights (the seed ignored it).
 
     Internal CUDA graphs (:mod:`moekit.experts.graphed`): a layer graphs this router's calls only when the
     function declares ``_moekit_graph_safe = True`` (on the function, the ``functools.partial``'s function,

@@ -12,7 +12,7 @@ class FusedTopKRouter(ScoredRouter):
 
     top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
     renormalize: bool (default True). scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus".
-    routed_scaling_factor: finite float, applied after renormalisation (the seed ignored it here).
+    routed_scaling_factor: finite float > 0, applied after renormalisation (the seed ignored it here).
     """
 
     def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, renormalize: bool = True,

@@ -18,7 +18,7 @@ class FusedTopKBiasRouter(ScoredRouter):
     top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
     e_score_correction_bias: [E] float, finite; the selection bias.
     scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus". renormalize: bool (default True).
-    routed_scaling_factor: finite float, applied after renormalisation.
+    routed_scaling_factor: finite float > 0, applied after renormalisation.
     hash_indices_table: [vocab, K] int, ids in ``[0, E)``; ``select_experts`` then needs ``input_ids [T]``.
     One of ``e_score_correction_bias`` and ``hash_indices_table`` is required.
     """

@@ -24,7 +24,7 @@ class GroupedTopKRouter(ScoredRouter):
     num_expert_group: ``G`` (int >= 1, divides ``E``). topk_group: groups kept (``1 <= topk_group <= G``,
     ``top_k <= topk_group · E/G``); the seed's defaults (None, 0) are refused.
     renormalize: bool (default True). scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus".
-    routed_scaling_factor: finite float, applied after renormalisation.
+    routed_scaling_factor: finite float > 0, applied after renormalisation.
     e_score_correction_bias: [E] float, finite, or None.
     num_fused_shared_experts: must be 0 (ROCm aiter fused shared experts: ``NotImplementedError``).
     """
@@ -62,7 +62,7 @@ class GroupedTopk(torch.nn.Module):
     torch twin; both go through the public front :func:`moekit.grouped_topk`, which validates per call.
 
     topk: ``K``. renormalize: bool. num_expert_group: ``G`` (>= 1). topk_group: groups kept (>= 1, <= G).
-    scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus". routed_scaling_factor: finite float.
+    scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus". routed_scaling_factor: finite float > 0.
     num_fused_shared_experts: must be 0. What needs no ``E`` is checked at construction.
     """
 

@@ -23,7 +23,7 @@ class ZeroExpertRouter(ScoredRouter):
     e_score_correction_bias: [E + Z] float, finite, required; ``Z = len(bias) - num_logical_experts``.
     num_logical_experts: ``E``, the real experts (default ``global_num_experts``).
     zero_expert_type: "identity". scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus".
-    renormalize: bool (default False). routed_scaling_factor: finite float, applied after renormalisation.
+    renormalize: bool (default False). routed_scaling_factor: finite float > 0, applied after renormalisation.
     ``router_logits`` must have ``E + Z`` columns.
     """
 
