@@ -132,6 +132,22 @@ def test_e8m0_scales_load_whole_as_per_shard(name):
     layer.load_expert_weights(q13, q2, w13_scale=e8(s13), w2_scale=e8(s2))
     x, lg = _inputs()
     assert torch.equal(layer(x, lg), ref(x, lg))
+    # per shard, as a checkpoint read key by key gives them (DeepSeek-V4's ``.scale``, fused e8m0 ``_scale_inv``): the
+    # value check ran ``t >= 0`` on the e8m0 tensor and CPU torch has no such op ("ge_cpu" not implemented for
+    # 'Float8_e8m0fnu'); mxfp4 codes also come as int8 (DeepSeek-V4's files) or float4_e2m1fn_x2 (its own dtype)
+    shard = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=fmt)
+    re, nb = shard.routed_experts, s13.shape[1] // 2
+    codes = (torch.uint8, torch.int8, torch.uint8, torch.float4_e2m1fn_x2) if name == "mxfp4" else (None,)
+    for e in range(E):
+        as_stored = (lambda w: w.view(codes[e % len(codes)])) if name == "mxfp4" else (lambda w: w)
+        for sid, w, sc in (("w1", q13[e, :I], s13[e, :nb]), ("w3", q13[e, I:], s13[e, nb:]), ("w2", q2[e], s2[e])):
+            re.load_expert_shard(e, sid, as_stored(w))
+            re.load_expert_shard(e, sid, e8(sc), kind="scale")
+    assert torch.equal(shard(x, lg), ref(x, lg))
+    nan = e8(s2[0]).view(torch.uint8).clone()
+    nan[0, 0] = 255  # e8m0's NaN, refused as the uint8 byte is
+    with pytest.raises(ValueError, match="expert 0 w2 scale holds the e8m0 byte 255"):
+        re.load_expert_shard(0, "w2", nan.view(torch.float8_e8m0fnu), kind="scale")
 
 
 def test_errors():

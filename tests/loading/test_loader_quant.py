@@ -1,9 +1,10 @@
 """load_moe_layers on tiny synthetic quantised checkpoints, written here the way the real ones ship:
 DeepSeek-V3 fp8 block (per-expert ``weight_scale_inv`` fp32 and bf16, fp8 shared experts kept fp8, an MTP layer),
 Qwen3-MoE fp8 block with partial blocks, GLM-4.5 compressed-tensors fp8 channel + static ``input_scale``,
-gpt-oss mxfp4 (``*_blocks`` / ``*_scales`` with interleaved gate/up rows, biases), Kimi-K2 int4
-``pack-quantized``. Each loaded layer's routed experts equal the torch twin on the same quantised
-tensors; a bf16 checkpoint loaded with ``quant_config=`` equals quantize_experts + twin."""
+gpt-oss mxfp4 (``*_blocks`` / ``*_scales`` with interleaved gate/up rows, biases), Kimi-K2 / K2.5 int4
+``pack-quantized`` (``kimi_k2``, and ``kimi_k25`` with its text tower under ``language_model.model``). Each
+loaded layer's routed experts equal the torch twin on the same quantised tensors; a bf16 checkpoint loaded with
+``quant_config=`` equals quantize_experts + twin."""
 
 import json
 import os
@@ -209,20 +210,26 @@ def test_gpt_oss_mxfp4_blocks_interleaved_with_biases(tmp_path):
     _check_routed(layer, fmt, q13, q2, s13, s2, h, torch.bfloat16, w1_bias=b13.bfloat16(), w2_bias=b2.bfloat16())
 
 
-def test_kimi_k2_int4_pack_quantized(tmp_path):
+@pytest.mark.parametrize("form", ["deepseek_v3", "kimi_k2", "kimi_k25"])
+def test_kimi_k2_int4_pack_quantized(form, tmp_path):
+    # Kimi-K2 / K2.5 as they ship: config.json says model_type "kimi_k2" (DeepSeek-V3's fields), or "kimi_k25" with the
+    # language model's fields and its quantization_config under text_config and the shards' keys under
+    # language_model.model.layers (both refused before: "model_type='kimi_k2' is not supported"); and the
+    # deepseek_v3 relabelling this test used to write
     h, i = 64, 32
     ct = {"quant_method": "compressed-tensors", "format": "pack-quantized",
           "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp.gate$"],
           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
                                         "weights": {"num_bits": 4, "type": "int", "symmetric": True,
                                                     "strategy": "group", "group_size": 32, "dynamic": False}}}}
-    cfg = dict(model_type="deepseek_v3", hidden_size=h, moe_intermediate_size=i, n_routed_experts=E,
-               num_experts_per_tok=K, n_group=1, topk_group=1, n_shared_experts=1, num_hidden_layers=1,
-               first_k_dense_replace=0, dtype="bfloat16", quantization_config=ct)
+    text = dict(model_type="kimi_k2" if form == "kimi_k25" else form, hidden_size=h, moe_intermediate_size=i,
+                n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1, n_shared_experts=1,
+                num_hidden_layers=1, first_k_dense_replace=0, dtype="bfloat16", quantization_config=ct)
+    cfg = dict(model_type="kimi_k25", text_config=text, dtype="bfloat16") if form == "kimi_k25" else text
     fmt = moekit.parse_quant_config(ct)
     w13, w2 = _stacks(h, i, seed=7)
     q13, q2, s13, s2 = moekit.quantize_experts(w13.bfloat16(), w2.bfloat16(), fmt)  # bf16 scales, as shipped
-    pre = "model.layers.0.mlp."
+    pre = "language_model.model.layers.0.mlp." if form == "kimi_k25" else "model.layers.0.mlp."
     t = {pre + "gate.weight": torch.randn(E, h).bfloat16(), pre + "gate.e_score_correction_bias": torch.rand(E)}
     for e in range(E):
         for proj, w, s, shape in (("gate_proj", q13[e, :i], s13[e, :i], (i, h)), ("up_proj", q13[e, i:], s13[e, i:], (i, h)),
@@ -233,7 +240,33 @@ def test_kimi_k2_int4_pack_quantized(tmp_path):
     for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
         t[pre + f"shared_experts.{proj}.weight"] = torch.randn(*shape).bfloat16()  # ignored: full precision
     _write(tmp_path, cfg, t)
-    layer = load_moe_layers(tmp_path)["model.layers.0.mlp"]
+    name = "model.language_model.layers.0.mlp" if form == "kimi_k25" else "model.layers.0.mlp"  # transformers' path
+    layers = load_moe_layers(tmp_path)
+    assert list(layers) == [name]
+    layer = layers[name]
     assert layer.routed_experts.quant == fmt and layer.routed_experts.w13_weight.dtype == torch.int32
     assert torch.equal(layer.shared_experts.down_proj.weight, t[pre + "shared_experts.down_proj.weight"])
     _check_routed(layer, fmt, q13, q2, s13, s2, h, torch.bfloat16)
+    arch, table = rows(cfg)  # moekit inspect reads the nested quantization_config too
+    assert arch == "DeepSeek-V3" and table[0]["quant"] == fmt.name and table[0]["_bytes"] == fmt.bytes_per_expert(i, h)
+
+
+def test_static_input_format_cannot_quantise_a_float_checkpoint_on_load(tmp_path):
+    # a static-input fp8 format needs the checkpoint's calibrated input scales: asked of a bf16 checkpoint it raised
+    # KeyError "missing checkpoint tensors ... input_scale", blaming the checkpoint; now a ValueError naming
+    # quant_config and its value
+    h, i = 32, 16
+    cfg = dict(model_type="qwen3_moe", hidden_size=h, moe_intermediate_size=i, num_experts=E, num_experts_per_tok=K,
+               num_hidden_layers=1, dtype="bfloat16")
+    w13, w2 = _stacks(h, i, seed=8)
+    pre = "model.layers.0.mlp."
+    t = {pre + "gate.weight": torch.randn(E, h)}
+    for e in range(E):
+        t[pre + f"experts.{e}.gate_proj.weight"], t[pre + f"experts.{e}.up_proj.weight"] = w13[e, :i], w13[e, i:]
+        t[pre + f"experts.{e}.down_proj.weight"] = w2[e]
+    _write(tmp_path, cfg, t)
+    static = moekit.Fp8ChannelFormat(per_tensor=True, static_input=True)
+    with pytest.raises(ValueError, match=r"quant_config=.*static_input=True.*calibrated.*cannot be quantised.*on load"):
+        load_moe_layers(tmp_path, quant_config=static)
+    layer = load_moe_layers(tmp_path, quant_config=moekit.Fp8ChannelFormat())["model.layers.0.mlp"]  # dynamic: fine
+    assert layer.routed_experts.quant == moekit.Fp8ChannelFormat()

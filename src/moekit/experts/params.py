@@ -38,6 +38,7 @@ from .layout import DOWN, GATE, UP
 
 KINDS = ("weight", "bias", "scale", "input_scale")
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
+_FP4X2 = getattr(torch, "float4_e2m1fn_x2", None)  # two e2m1 codes per byte (DeepSeek-V4's own expert dtype)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -149,12 +150,12 @@ def check_tp_split(fmt: WeightFormat | None, inter: int, tp_size: int) -> None:
 
 def stored(spec: ExpertTensor, t: torch.Tensor, what: str) -> torch.Tensor:
     """``t`` in ``spec.dtype``: floats (and e8m0 scales) are converted; quantised codes must already
-    be in the storage dtype (int8 codes are read as uint8, the same bytes). Else ``TypeError``."""
+    be in the storage dtype (int8 and float4_e2m1fn_x2 codes are read as uint8, the same bytes). Else ``TypeError``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype == spec.dtype:
         return t
-    if spec.dtype == torch.uint8 and t.dtype in (torch.int8, _E8M0):
+    if spec.dtype == torch.uint8 and t.dtype in (torch.int8, _E8M0, _FP4X2):
         return t.view(torch.uint8)
     if spec.dtype in FLOAT_DTYPES and (t.dtype in FLOAT_DTYPES or (t.dtype == _E8M0 and spec.kind == "scale")):
         return t.to(spec.dtype) if t.dtype != _E8M0 else t.float().to(spec.dtype)
@@ -206,9 +207,12 @@ def check_scale_values(name: str, t) -> None:
     """Scales of a quantised layer (at load, a host read): float ones finite and >= 0 (a dequantisation multiplier is
     never negative; 0 is kept: an all-zero block), input scales (static fp8) > 0 (a zero input scale would make every
     forward NaN, with no error); e8m0 bytes (uint8, mxfp4) are exponents, 255 is OCP MX's NaN (round 49: it loaded,
-    and every token routed to that expert came out NaN)."""
+    and every token routed to that expert came out NaN). ``torch.float8_e8m0fnu`` scales are the same bytes (CPU torch
+    has no comparison op for that dtype): checked as uint8."""
     if not isinstance(t, torch.Tensor) or not values_checkable(t) or not t.numel():
         return
+    if _E8M0 is not None and t.dtype == _E8M0:
+        t = t.view(torch.uint8)
     if t.dtype == torch.uint8:
         if bool((t == 255).any()):
             raise ValueError(f"{name} holds the e8m0 byte 255, which is NaN in OCP MX (scales are 2^(byte - 127) for "

@@ -18,7 +18,7 @@ from ..ops.activation import is_gated
 from .architectures import checkpoint_block_key, plan_layers
 from .files import read_config
 from .plan import LayerPlan
-from .quant import checkpoint_format, experts_format
+from .quant import checkpoint_formats, experts_format, quantization_dict
 from .quant_shared import shared_format
 
 
@@ -78,7 +78,7 @@ def _signature(p: LayerPlan):
 def rows(config: dict) -> tuple[str, list[dict]]:
     """(architecture name, one dict per group of identical consecutive MoE blocks)."""
     spec, plans = plan_layers(config)
-    fmt, _ = checkpoint_format(config, None)
+    fmt, dense_fmt, _ = checkpoint_formats(config, None)  # routed experts; other linears (shared experts)
     groups: list[list[LayerPlan]] = []
     for p in plans:
         if groups and _signature(groups[-1][-1]) == _signature(p) and groups[-1][-1].layer_idx + 1 == p.layer_idx:
@@ -89,7 +89,7 @@ def rows(config: dict) -> tuple[str, list[dict]]:
     for g in groups:
         p = g[0]
         f = experts_format(fmt, p)
-        sf = shared_format(fmt, p, lambda rel: _ckpt_name(spec, p, rel))
+        sf = shared_format(dense_fmt, p, lambda rel: _ckpt_name(spec, p, rel))
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
         if p.shared_expert_gate:
             shared += " (gated)"
@@ -131,8 +131,11 @@ def render(arch: str, table: list[dict], config: dict) -> str:
         f"{arch} (model_type={config.get('model_type')!r}): {n_moe} MoE blocks of "
         f"{next((config[k] for k in ('num_hidden_layers', 'num_layers', 'n_layers') if k in config), '?')} layers"
     )
-    q = config.get("quantization_config")
-    stored = f"as stored ({q.get('quant_method')})" if isinstance(q, dict) else "at bf16"
+    q = quantization_dict(config)
+    quants = ", ".join(dict.fromkeys(r["quant"] for r in table if r["quant"] != "bf16"))  # DeepSeek-V4 fp8: mxfp4
+    stored = "at bf16"
+    if isinstance(q, dict):
+        stored = f"as stored ({q.get('quant_method')}{': ' + quants if quants else ''})"
     foot = f"routed expert weights: {_fmt_bytes(total)} {stored}; expert weights read per token: {_fmt_bytes(per_token)}"
     return "\n".join([head, *lines, foot])
 

@@ -33,7 +33,7 @@ from .keys import (CONSTRUCTION, assign_keys, check_not_transposed, construction
                    zero_width_shared_gate)
 from .modules import build_layer
 from .plan import LayerPlan
-from .quant import checkpoint_format, dense_groups, dequantize_dense, experts_format
+from .quant import checkpoint_formats, dense_groups, dequantize_dense, experts_format
 from .quant_shared import (quant_shared_from_checkpoint, quant_shared_from_float, shared_format, shared_groups,
                            shared_projs)
 
@@ -79,15 +79,16 @@ def load_moe_layers(
     as are dense layers.
 
     Quantised checkpoints (SPEC §8) load as they ship: config.json's ``quantization_config`` gives the
-    format (fp8 block, compressed-tensors fp8 channel / tensor / block, mxfp4, int4 groups; see
-    :mod:`moekit.loading.quant` and :func:`moekit.experts.mapping.load_layer_weights` for the key
-    forms) and the routed experts keep it (``layer.routed_experts.quant``). Routers, gates and selection
-    biases stay in full precision. Shared experts of an fp8 checkpoint (block, channel, tensor) stay fp8:
-    ``layer.shared_experts`` is a :class:`~moekit.loading.quant_shared.QuantSharedMLP`, one expert with
-    K = 1 through the routed experts' quantised kernel; with ``quant_config=`` an fp8 format that applies
-    to the shared experts (not ``ignore``-d; static-input formats excepted) quantises them on load too
-    (:func:`moekit.quantize_experts` on the stacked weights), so every expert is in the format. Other
-    quantised dense linears (and shared experts of mxfp4 / int4 checkpoints) are dequantised into ``dtype``.
+    format (fp8 block, compressed-tensors fp8 channel / tensor / block, mxfp4, int4 groups; DeepSeek-V4's fp8
+    with ``expert_dtype "fp4"``: mxfp4 routed experts, fp8 block shared experts; see :mod:`moekit.loading.quant`
+    and :func:`moekit.experts.mapping.load_layer_weights` for the key forms) and the routed experts keep it
+    (``layer.routed_experts.quant``). Routers, gates and selection biases stay in full precision. Shared experts
+    of an fp8 checkpoint (block, channel, tensor) stay fp8: ``layer.shared_experts`` is a
+    :class:`~moekit.loading.quant_shared.QuantSharedMLP`, one expert with K = 1 through the routed experts'
+    quantised kernel; with ``quant_config=`` an fp8 format that applies to the shared experts (not ``ignore``-d)
+    quantises them on load too (:func:`moekit.quantize_experts` on the stacked weights), so every expert is in
+    the format. Other quantised dense linears (and shared experts of mxfp4 / int4 checkpoints) are dequantised
+    into ``dtype``.
 
 
     Each file is opened once and read in storage order; every tensor is read once and copied into its
@@ -97,13 +98,15 @@ def load_moe_layers(
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key (and the config fields that decide whether it exists); a wrong shape ->
-    ``ValueError`` naming the key and both shapes; an unreadable config.json, index or shard -> ``ValueError``
-    naming the file; a path without config.json or ``*.safetensors`` -> ``CheckpointNotFoundError`` (a
-    ``ValueError`` and a ``FileNotFoundError``). Fields config.json lacks take the defaults of the architecture's
-    transformers config class (:mod:`moekit.loading.archs.config_defaults`); a field with a wrong value, one the
-    class has no default for (``hidden_size`` ...), or a ``dtype`` that is no float dtype -> ``ValueError`` naming
-    the file and the field; ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float
-    ``torch.dtype`` or its name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``.
+    ``ValueError`` naming the key and both shapes; ``quant_config=`` a static-input fp8 format for a
+    full-precision checkpoint (its input scales are calibrated, not made on load) -> ``ValueError``; an
+    unreadable config.json, index or shard -> ``ValueError`` naming the file; a path without config.json or
+    ``*.safetensors`` -> ``CheckpointNotFoundError`` (a ``ValueError`` and a ``FileNotFoundError``). Fields
+    config.json lacks take the defaults of the architecture's transformers config class
+    (:mod:`moekit.loading.archs.config_defaults`); a field with a wrong value, one the class has no default for
+    (``hidden_size`` ...), or a ``dtype`` that is no float dtype -> ``ValueError`` naming the file and the field;
+    ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float ``torch.dtype`` or its
+    name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``.
     """
     path = os.fspath(path)
     if progress is not None:
@@ -112,7 +115,7 @@ def load_moe_layers(
     dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
     config = read_config(path)
     spec, plans = plan_layers(config, os.path.join(path, "config.json"))
-    fmt, shipped = checkpoint_format(config, quant_config)
+    fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
     if dtype is None:
         dtype = config_dtype(config, os.path.join(path, "config.json"))
     files = checkpoint_files(path)
@@ -141,10 +144,10 @@ def load_moe_layers(
         states[plan.name] = state
         del construction
         dense = dense_groups(keys) if shipped else {}
-        done.update(_quant_shared(spec, state, fmt, shipped, keys, dense, reader, device))
+        done.update(_quant_shared(spec, state, dense_fmt, shipped, keys, dense, reader, device))
         for mod, parts in dense.items():  # other quantised dense linears: dequantised
             check_not_transposed(spec, f"{plan.name}.{mod}", parts.values())
-            w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, fmt, f"{plan.name}.{mod}")
+            w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, dense_fmt, f"{plan.name}.{mod}")
             _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
             done.update(parts.values())
     # every other tensor: file by file, in storage order, each into its layer

@@ -1,8 +1,11 @@
 """Quantised checkpoints in :func:`moekit.load_moe_layers` (SPEC §8).
 
-- The format: config.json's ``quantization_config`` (parsed by :func:`moekit.parse_quant_config`),
-  or the ``quant_config=`` asked for when loading a full-precision checkpoint (then every expert
-  weight is quantised as it is read). Asking to re-quantise a quantised checkpoint raises.
+- The format: config.json's ``quantization_config`` (parsed by :func:`moekit.ops.quant_config.parse_hf_formats`;
+  where transformers finds it, :func:`quantization_dict`), or the ``quant_config=`` asked for when loading a
+  full-precision checkpoint (then every expert weight is quantised as it is read). Asking to re-quantise a
+  quantised checkpoint raises, and so does asking for a static-input fp8 format (its input scales are
+  calibrated, not made on load). A checkpoint may hold two formats: DeepSeek-V4's fp8 config with
+  ``expert_dtype "fp4"`` ships mxfp4 routed experts and fp8 block dense linears (the shared experts).
 - Routed experts are quantised when the format applies to them (``fmt.applies_to`` of the block's
   ``experts.0.gate_proj`` / fused ``experts.gate_up_proj``: ``modules_to_not_convert`` / ``ignore``
   honoured); they then load through :func:`moekit.experts.mapping.load_layer_weights`.
@@ -26,25 +29,68 @@ import torch
 
 from ..experts.mapping import EXPERT_KEY_RE, FUSED_KEY_RE, KIND_OF_SUFFIX
 from ..ops.formats import Int4GroupFormat, Mxfp4Format, WeightFormat
-from ..ops.quant_config import parse_quant_config
+from ..ops.quant_config import parse_hf_formats, parse_quant_config
 from ..ops.quantize import dequantize_weight
+from .architectures import TOWERS
 from .plan import LayerPlan
 
 _DENSE_RE = re.compile(r"^(?P<mod>.+)\.(?P<part>weight|weight_packed|weight_scale_inv|weight_scale|scale|input_scale|"
                        r"weight_shape)$")
 
 
-def checkpoint_format(config: dict, quant_config) -> tuple[WeightFormat | None, bool]:
-    """(the experts' format, whether the checkpoint ships quantised) for a config.json dict and the
-    ``quant_config`` asked for (None: as the checkpoint is)."""
-    shipped = parse_quant_config(config.get("quantization_config") or None)
+#: model types whose transformers config class moves a top-level ``expert_dtype`` into ``quantization_config``
+_FOLDS_EXPERT_DTYPE = ("deepseek_v4",)
+
+
+def quantization_dict(config: dict) -> dict | None:
+    """config.json's ``quantization_config`` where transformers reads it: at the top level, else in a multimodal
+    wrapper's text sub-config (Kimi-K2.5 keeps it in ``text_config``). DeepSeek-V4 ships ``"expert_dtype": "fp4"``
+    at the top level of config.json (V4.1 inside the dict): it is folded in, as ``DeepseekV4Config`` does (the dict's
+    own ``expert_dtype`` wins; other config classes never read a top-level one)."""
+    holder, q = config, config.get("quantization_config")
+    if not q and config.get("model_type") in TOWERS:
+        text = config
+        for part in TOWERS[config["model_type"]][1].split("."):
+            text = text.get(part) if isinstance(text, dict) else None
+        if isinstance(text, dict) and text.get("quantization_config"):
+            holder, q = text, text["quantization_config"]
+    if not q:
+        return None
+    if not isinstance(q, dict):
+        raise TypeError(f"config.json's quantization_config must be a dict (the Hugging Face form), got "
+                        f"{type(q).__name__}: {q!r}")
+    if holder.get("model_type") in _FOLDS_EXPERT_DTYPE and holder.get("expert_dtype") is not None \
+            and "expert_dtype" not in q:
+        q = {**q, "expert_dtype": holder["expert_dtype"]}
+    return q
+
+
+def checkpoint_formats(config: dict, quant_config) -> tuple[WeightFormat | None, WeightFormat | None, bool]:
+    """(the routed experts' format, the format of the other quantised linears, whether the checkpoint ships
+    quantised) for a config.json dict and the ``quant_config`` asked for (None: as the checkpoint is)."""
+    q = quantization_dict(config)
+    shipped, dense = parse_hf_formats(q) if q is not None else (None, None)
     asked = parse_quant_config(quant_config)
     if shipped is not None and asked is not None and asked != shipped:
         raise NotImplementedError(
             f"quant_config={asked} asked for, but the checkpoint is already quantised ({shipped}); moekit does not "
             "re-quantise quantised weights: load it without quant_config"
         )
-    return (shipped or asked), shipped is not None
+    if shipped is None and getattr(asked, "static_input", False):
+        raise ValueError(
+            f"quant_config={asked} has static input scales: they are calibrated (the checkpoint's input_scale "
+            "tensors), so a full-precision checkpoint cannot be quantised to it on load; use dynamic activations "
+            "(static_input=False) or a checkpoint that ships the format"
+        )
+    if shipped is None:
+        return asked, asked, False
+    return shipped, dense, True
+
+
+def checkpoint_format(config: dict, quant_config) -> tuple[WeightFormat | None, bool]:
+    """(the routed experts' format, whether the checkpoint ships quantised): :func:`checkpoint_formats`."""
+    experts, _, shipped = checkpoint_formats(config, quant_config)
+    return experts, shipped
 
 
 def experts_format(fmt: WeightFormat | None, plan: LayerPlan) -> WeightFormat | None:

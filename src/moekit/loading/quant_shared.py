@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..experts.params import keep_dtypes
+from ..experts.params import check_scale_values, keep_dtypes
 from ..ops.activation import effective_limit, get_activation
 from ..ops.formats import Fp8BlockFormat, Fp8ChannelFormat
 from ..ops.kernels import resolve_kernels
@@ -160,13 +160,15 @@ def _scale_of(parts: dict, key_of: dict) -> tuple[torch.Tensor, str]:
 
 
 def _check_scale(t: torch.Tensor, key: str, want: tuple[int, ...]) -> torch.Tensor:
-    """``t`` in the layout ``want`` (channel scales [N, 1] and per-tensor [] / [1] accepted as stored)."""
+    """``t`` in the layout ``want`` (channel scales [N, 1] and per-tensor [] / [1] accepted as stored; fp32, bf16 or
+    e8m0), its values checked (:func:`~moekit.experts.params.check_scale_values`), as float32."""
     if len(want) == 1 and t.numel() == want[0] and (t.dim() <= 1 or (t.dim() == 2 and t.shape[1] == 1)):
         t = t.reshape(want)
     if tuple(t.shape) != want:
         raise ValueError(f"checkpoint key {key!r} has shape {list(t.shape)}, expected {list(want)} for its format")
     if not t.is_floating_point():
         raise TypeError(f"checkpoint key {key!r} must be a float scale, got {t.dtype}")
+    check_scale_values(f"checkpoint key {key!r}", t)  # e8m0 (DeepSeek-V4's ``.scale``): the byte 255 is NaN
     return t.float()
 
 

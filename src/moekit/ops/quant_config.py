@@ -4,7 +4,11 @@ Forms read (as the checkpoints' config.json hold them):
 
 - ``{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]}``
   with optional ``"scale_fmt": "ue8m0"`` and ``"modules_to_not_convert"`` (DeepSeek-V3/V3.1, Qwen3-FP8;
-  MiniMax-M2 writes ``"fmt": "float8_e4m3fn"``).
+  MiniMax-M2 writes ``"fmt": "float8_e4m3fn"``). ``"expert_dtype": "fp4"`` (DeepSeek-V4; transformers'
+  ``FineGrainedFP8Config``) with ``"scale_fmt": "ue8m0"``: the routed experts are e2m1 codes two per byte
+  ``[N, K/2]`` (low nibble = even k) with one e8m0 scale per 32 along k ``[N, K/32]``, i.e. mxfp4; the other
+  linears (the shared experts) stay fp8 block. :func:`parse_hf_formats` gives both formats;
+  :func:`parse_quant_config` the routed experts' one (what a layer built with the dict runs).
 - ``{"quant_method": "mxfp4", "modules_to_not_convert": [...]}`` (gpt-oss).
 - ``{"quant_method": "compressed-tensors", "format": ..., "config_groups": {"group_0": {"targets": [...],
   "weights": {...}, "input_activations": {...} | None, "output_activations": None}}, "ignore": [...], ...}``
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
 
-_FP8_KEYS = {"quant_method", "fmt", "activation_scheme", "weight_block_size", "scale_fmt", "modules_to_not_convert"}
+_FP8_KEYS = {"quant_method", "fmt", "activation_scheme", "weight_block_size", "scale_fmt", "modules_to_not_convert",
+             "expert_dtype"}
 _MXFP4_KEYS = {"quant_method", "modules_to_not_convert"}
 # compressed-tensors metadata that does not change the expert math (kv_cache_scheme concerns attention)
 _CT_KEYS = {
@@ -52,9 +57,22 @@ def _no_unknown(cfg: dict, known: set, where: str) -> None:
 
 
 def parse_hf_dict(cfg: dict) -> WeightFormat:
+    """The routed experts' format of a ``quantization_config`` dict (:func:`parse_hf_formats`'s first)."""
+    return parse_hf_formats(cfg)[0]
+
+
+def parse_hf_formats(cfg: dict) -> tuple[WeightFormat, WeightFormat]:
+    """``(routed experts' format, format of every other quantised linear)`` of a ``quantization_config`` dict: one
+    format twice, except fp8 with ``expert_dtype "fp4"`` (DeepSeek-V4): (mxfp4, fp8 block)."""
+    if cfg.get("quant_method") == "fp8":
+        dense = _parse_fp8(cfg)
+        return _fp8_experts(cfg, dense), dense
+    fmt = _parse_one(cfg)
+    return fmt, fmt
+
+
+def _parse_one(cfg: dict) -> WeightFormat:
     method = cfg.get("quant_method")
-    if method == "fp8":
-        return _parse_fp8(cfg)
     if method == "mxfp4":
         _no_unknown(cfg, _MXFP4_KEYS, "")
         return Mxfp4Format(ignore=_names(cfg, "modules_to_not_convert"))
@@ -77,6 +95,21 @@ def _parse_fp8(cfg: dict) -> Fp8BlockFormat:
         raise _unsupported("weight_block_size", None, "per-tensor 'fp8' checkpoints (no block size)")
     bn, bk = _block_pair(block, "quant_config['weight_block_size']")
     return Fp8BlockFormat(bn, bk, scale_fmt == "ue8m0", ignore=_names(cfg, "modules_to_not_convert"))
+
+
+def _fp8_experts(cfg: dict, dense: Fp8BlockFormat) -> WeightFormat:
+    """The routed experts' format of an fp8 config: ``dense`` itself, or mxfp4 for ``expert_dtype "fp4"``
+    (DeepSeek-V4: ``W[n, k] = e2m1(code[n, k]) · 2^(S[n, k // 32] − 127)``, the scales e8m0 as ``scale_fmt
+    "ue8m0"`` stores them; transformers' ``FP8Experts`` allocates the same ``[N, K/2]`` / ``[N, K/32]`` tensors)."""
+    expert_dtype = cfg.get("expert_dtype", "fp8")
+    if expert_dtype == "fp8":
+        return dense
+    if expert_dtype != "fp4":
+        raise _unsupported("expert_dtype", expert_dtype, "expected 'fp8' or 'fp4' (DeepSeek-V4's packed e2m1 experts)")
+    if not dense.ue8m0:
+        raise _unsupported("scale_fmt", cfg.get("scale_fmt"), "fp4 experts (expert_dtype 'fp4') run as mxfp4, whose "
+                           "scales are e8m0 bytes: scale_fmt must be 'ue8m0'")
+    return Mxfp4Format(ignore=dense.ignore)
 
 
 def _block_pair(block, where: str) -> tuple[int, int]:
@@ -181,7 +214,8 @@ def parse_quant_config(quant_config) -> WeightFormat | None:
     format or None.
 
     Accepted dicts: ``quant_method "fp8"`` (block fp8, dynamic activations, optional
-    ``scale_fmt "ue8m0"``, ``modules_to_not_convert``), ``"mxfp4"`` (gpt-oss) and
+    ``scale_fmt "ue8m0"``, ``modules_to_not_convert``; with ``expert_dtype "fp4"``, DeepSeek-V4's experts:
+    mxfp4, see :func:`parse_hf_formats` for the format of its other linears), ``"mxfp4"`` (gpt-oss) and
     ``"compressed-tensors"`` with one config group (fp8 channel / tensor / block, mxfp4, symmetric
     int4 groups). Anything else raises ``NotImplementedError`` naming the option and its value.
     """

@@ -116,9 +116,12 @@ def stack_aliases(stack: str) -> tuple[str, ...]:
     """Where checkpoints keep a layer stack: the path itself and its shorter tails
     (``model.language_model.layers`` -> also ``language_model.layers``, ``layers``), and for a text
     tower at ``….language_model.layers`` the older layout without ``language_model.``
-    (``thinker.model.language_model.layers`` -> ``thinker.model.layers``)."""
+    (``thinker.model.language_model.layers`` -> ``thinker.model.layers``) and, at ``model.language_model.layers``,
+    the LLaVA-style ``language_model.model.layers`` (Kimi-K2.5's shards; transformers renames it on load)."""
     out: list[str] = []
     variants = [stack] + ([stack.replace(".language_model.", ".")] if ".language_model." in stack else [])
+    if stack.startswith("model.language_model."):
+        variants.append("language_model.model." + stack[len("model.language_model."):])
     for v in variants:
         parts = v.split(".")
         out += [t for t in (".".join(parts[j:]) for j in range(len(parts))) if t not in out]

@@ -78,7 +78,7 @@ _INKLING2 = {**_LOCAL_TO_ROUTED, "intermediate_size": "moe_intermediate_size", "
 #: raw config key -> the config class field it sets (transformers' ``attribute_map``; dots3: a kwarg its
 #: ``__post_init__`` renames), per model type
 ALIASES: dict[str, dict[str, str]] = {
-    **dict.fromkeys(("axk1", "axk2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe",
+    **dict.fromkeys(("axk1", "axk2", "deepseek_v3", "deepseek_v32", "kimi_k2", "dots1", "glm4_moe",
                      "glm4_moe_lite", "glm4v_moe_text", "glm5_next_text", "glm_moe_dsa", "hy_v4", "hy_v4_vl_text",
                      "inkling_text", "mimo_v2_flash", "minicpm5_moe", "mistral4", "mistral_large4_text",
                      "solar_open"), _LOCAL_TO_ROUTED),
@@ -143,7 +143,8 @@ DEFAULTS: dict[str, dict] = {
     "deepseek_ocr2_text": dict(_V2),
     "unlimited_ocr_text": dict(hidden_size=1280, num_hidden_layers=12, n_shared_experts=2, num_experts_per_tok=6,
                                moe_intermediate_size=896, mlp_layer_types=_dense_first()),
-    "deepseek_v3": dict(_DS_MLA, num_experts_per_tok=8),
+    # kimi_k2: Kimi-K2's config.json; transformers reads it (Kimi-K2.5's text_config) as DeepseekV3Config
+    **dict.fromkeys(("deepseek_v3", "kimi_k2"), dict(_DS_MLA, num_experts_per_tok=8)),
     "deepseek_v4": dict(hidden_size=4096, num_hidden_layers=43),
     "longcat_flash": dict(hidden_size=6144, zero_expert_num=256, expert_ffn_hidden_size=2048,
                           routed_scaling_factor=6.0),

@@ -1,9 +1,10 @@
 """The first twelve architectures: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
-LongCat-Flash, gpt-oss, Llama 4 (text), GLM-4.5 (Glm4Moe), OLMoE; and Param2-MoE (GLM-4.5's block)."""
+LongCat-Flash, gpt-oss, Llama 4 (text), GLM-4.5 (Glm4Moe), OLMoE; and Param2-MoE (GLM-4.5's block), Kimi-K2 and
+Kimi-K2.5 (text; DeepSeek-V3's block)."""
 
 from __future__ import annotations
 
-from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, required
+from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, required, towers
 
 def _plan_mixtral(cfg, spec):
     kw = dict(
@@ -224,7 +225,9 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("Qwen3-MoE", ("qwen3_moe",), "mlp", ("mlp",), (), _plan_qwen(128, 8, False, False)),
     ArchSpec("Qwen3-Next", ("qwen3_next",), "mlp", ("mlp",), QWEN_RENAMES, _plan_qwen(512, 10, True, True)),
     ArchSpec("DeepSeek-V2", ("deepseek_v2",), "mlp", ("mlp",), (), _plan_deepseek_v2),
-    ArchSpec("DeepSeek-V3", ("deepseek_v3",), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(3)),
+    # Kimi-K2's config.json says kimi_k2 (DeepSeek-V3's fields); Kimi-K2.5 (kimi_k25) wraps it in text_config
+    ArchSpec("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(3),
+             towers=towers("kimi_k25")),
     ArchSpec(
         "DeepSeek-V4",
         ("deepseek_v4",),
