@@ -53,7 +53,10 @@ def _tower(model_type: str):
     key = tuple(TOWERS[model_type][1].split("."))
     cls = CONFIG_MAPPING[model_type]
     for part in key:
-        cls = cls.sub_configs[part]
+        sub = cls.sub_configs[part]
+        if sub.__name__ == "AutoConfig":  # (Kimi-K2.5: the text tower's class comes from its default's model_type)
+            sub = CONFIG_MAPPING[cls.sub_configs_defaults[part].model_type]
+        cls = sub
     return cls, key
 
 

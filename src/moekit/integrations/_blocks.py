@@ -5,8 +5,11 @@ The layer is built from the plan exactly as the loader builds it (small modules 
 then adopts every tensor of the block under its moekit name: the spec's ``renames``, the same data the
 loader reads checkpoints with. Expert stacks become the routed experts' weights: shared where the
 transformers layout is moekit's, converted once (a copy) otherwise (transposed / interleaved stacks,
-DBRX's flat ``spec.splits``, Inkling's ``spec.appended_experts``). fp8 block stacks (transformers'
-FineGrainedFP8 ``FP8Experts``) keep their fp8 weights and float32 scales.
+DBRX's flat ``spec.splits``, Inkling's ``spec.appended_experts``). Quantised tensors stay quantised
+(:mod:`._quant`): fp8 block stacks (transformers' FineGrainedFP8 ``FP8Experts``) keep their fp8 weights and
+float32 scales, an ``FP8Linear`` shared MLP becomes an fp8 ``QuantSharedMLP`` over its weights, and mxfp4 stacks
+(``Mxfp4GptOssExperts``, plain layout) stay 4-bit. The layer runs in the dtype of the block's float weights
+(router, float shared MLP), never in that of a float32 scale.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..loading.architectures import ArchSpec, rename_block_key
 from ..loading.keys import construction_tensors, field_hint, zero_width_shared_gate
 from ..loading.modules import build_layer
 from ..loading.plan import LayerPlan
-from ..ops.formats import Fp8BlockFormat
+from ._quant import fp8_shared, fp8_stacks, is_quant_tensor, mxfp4_stacks, unplaced_quant_message
 
 #: moekit names of fused expert stacks and their biases / scales (``experts.gate_up_proj_scale_inv``...)
 _STACK_RE = re.compile(r"^experts\.[A-Za-z0-9_]+$")
@@ -52,6 +55,16 @@ def _block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Te
     return own
 
 
+def _quant_dtype(own: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -> torch.dtype:
+    """The activation dtype of a layer whose expert stacks are quantised: that of the block's first float weight
+    outside the stacks (router, shared MLP), else of any float tensor. Not a float32 scale's or selection bias's:
+    a bf16 fp8 model's layer would be float32 and refuse the bf16 hidden states."""
+    skip = set(construction_tensors(own))
+    first = [t.dtype for rel, t in own.items() if rel not in stacks and rel not in skip and not is_quant_tensor(rel, t)
+             and t.dtype in KERNEL_DTYPES]
+    return (first or [t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES])[0]
+
+
 def _is_stack(spec: ArchSpec, rel: str) -> bool:
     return bool(_STACK_RE.match(rel)) or rel in spec.appended_experts or any(rel == s[0] for s in spec.splits)
 
@@ -65,23 +78,30 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     ``eager_graph_tokens``: their graph limit (None: :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`)."""
     own = _block_tensors(block, spec, plan)
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
-    quant = _fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt)
+    quant = fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt) or \
+        mxfp4_stacks(block, stacks, spec, plan, fmt, _quant_dtype(own, stacks))
     w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
-    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else next(t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES)
+    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else _quant_dtype(own, stacks)
     layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
                         routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
                         quant_config=quant[0] if quant else None, graph_pool=graph_pool,
                         eager_graph_tokens=eager_graph_tokens)
     layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
+    shared = fp8_shared(block, own, spec, plan, fmt, layer.routed_experts.kernels)
+    if shared is not None:
+        shared[0].norm = getattr(layer.shared_experts, "norm", None)  # an output norm (Ergo): adopted below
+        layer.shared_experts = shared[0]
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
     numels = {rel: t.numel() for rel, t in own.items()}
     for rel, t in own.items():
-        if rel in stacks or rel in construction_tensors({rel: t}):
+        if rel in stacks or rel in construction_tensors({rel: t}) or (shared is not None and rel in shared[1]):
             continue
         if rel not in targets:
             if t.numel() == 0 or zero_width_shared_gate(plan, rel, numels):  # empty parts transformers builds (e.g.
                 continue  # n_shared_experts = 0) and a zero-width shared expert's gate: they add nothing
+            if is_quant_tensor(rel, t):  # a quantised module moekit cannot hold: no config field is to blame
+                raise NotImplementedError(unplaced_quant_message(block, spec, plan, rel))
             hint = field_hint(plan, rel)
             raise NotImplementedError(f"{plan.name}: the block's tensor {rel!r} has no place in the moekit layer"
                                       + (f"; the config fields likely responsible: {hint}" if hint else ""))
@@ -139,27 +159,3 @@ def convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
         w13, w2 = w13.contiguous(), w2.contiguous()
     return w13, w2, b13, b2
 
-
-def _fp8_stacks(stacks: dict, experts, plan: LayerPlan, fmt):
-    """(format, (w13, w2, b13, b2, {w13_scale, w2_scale})) of fp8 stacks ``gate_up_proj [E, 2I, H]`` /
-    ``down_proj [E, H, I]`` e4m3 with ``*_scale_inv`` block scales ``[E, ⌈2I/bn⌉, ⌈H/bk⌉]`` /
-    ``[E, ⌈H/bn⌉, ⌈I/bk⌉]`` (transformers' FineGrainedFP8); None when the stacks are full precision (e.g.
-    dequantised at load). The fp8 stacks are shared; float32 scales too (e8m0 scales are converted, a
-    copy of the scales only)."""
-    w = stacks.get("experts.gate_up_proj")
-    if w is None or w.dtype != torch.float8_e4m3fn:
-        return None
-    if not isinstance(fmt, Fp8BlockFormat) or "experts.gate_up_proj_scale_inv" not in stacks:
-        raise NotImplementedError(f"{plan.name}: fp8 experts of format {fmt} (only block fp8, 'FP8Experts', is mapped)")
-    if getattr(experts, "activation_scheme", "dynamic") != "dynamic" or plan.has_bias:
-        raise NotImplementedError(f"{plan.name}: fp8 experts with static activations or biases")
-    s13, s2 = stacks["experts.gate_up_proj_scale_inv"], stacks["experts.down_proj_scale_inv"]
-    want = fmt.w13_scale_shape(plan.num_experts, plan.intermediate_size, plan.hidden_size)
-    if tuple(s13.shape) != want or plan.intermediate_size % fmt.block_n:  # shapes may agree (I = 56, bn = 32)
-        raise NotImplementedError(
-            f"{plan.name}: gate_up_proj_scale_inv {list(s13.shape)} is one grid over both halves; moekit keeps a grid "
-            f"per shard {list(want)} (equal only when I = {plan.intermediate_size} is a multiple of {fmt.block_n})"
-        )
-    s13, s2 = (s if s.dtype == torch.float32 else torch.nn.Parameter(s.float(), requires_grad=False)
-               for s in (s13, s2))
-    return fmt, (w, stacks["experts.down_proj"], None, None, {"w13_scale": s13, "w2_scale": s2})

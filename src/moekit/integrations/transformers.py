@@ -10,12 +10,14 @@ transformers is imported inside the functions only: ``import moekit`` never need
   every tensor of the block under the spec's renames (:mod:`moekit.integrations._blocks`): router,
   expert, shared-expert and transform weights are shared with the original block (no copy) where the
   layouts agree (transposed / interleaved / flat expert stacks and Inkling's appended shared experts are
-  converted once, a copy). The adapter returns what the block returned: a tensor, gpt-oss's ``(hidden,
-  router_scores)`` (the OpenAI privacy filter's scores divided by K) or Llama 4's ``(hidden [T, H],
-  router_logits)``. Router-logit recording for auxiliary losses (``output_router_logits``) is not
-  reproduced (patched models are for inference): :func:`patch` refuses a model whose config asks for it, and a
-  patched model's forward refuses ``output_router_logits=True`` (``NotImplementedError``) instead of returning an
-  empty or failing ``router_logits``.
+  converted once, a copy). Quantised blocks stay quantised (:mod:`moekit.integrations._quant`): fp8 ``FP8Experts``
+  stacks and ``FP8Linear`` shared MLPs keep their fp8 bytes, plain-layout mxfp4 ``Mxfp4GptOssExperts`` stay 4-bit
+  (gate/up rows de-interleaved: a copy); triton_kernels' swizzled layout is refused. The adapter returns what the
+  block returned: a tensor, gpt-oss's ``(hidden, router_scores)`` (the OpenAI privacy filter's scores divided by
+  K) or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
+  (``output_router_logits``) is not reproduced (patched models are for inference): :func:`patch` refuses a model
+  whose config asks for it, and a patched model's forward refuses ``output_router_logits=True``
+  (``NotImplementedError``) instead of returning an empty or failing ``router_logits``.
 - :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks: the model computes
   what it computed before :func:`patch`.
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
