@@ -71,14 +71,22 @@ def to_fp8(model, block=(16, 16), keep=FP8_KEEP):
             put(m, "down_proj", q)
             put(m, "down_proj_scale_inv", s)
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-    model.config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                        "weight_block_size": list(block), "modules_to_not_convert": list(keep)}
+    # the config object itself, as from_pretrained leaves it (round 51's review: its to_dict() carries an enum
+    # quant_method, dequantize, modules_to_convert and scale_fmt "float", which patch() refused as unknown keys)
+    model.config.quantization_config = cfg
     return model
 
 
 def fp8_model(model_type: str, dtype=torch.float32, block=(16, 16), keep=FP8_KEEP, **overrides):
-    """A tiny random ``model_type`` (:func:`hf_tiny.build`) in ``dtype``, then :func:`to_fp8`."""
-    return to_fp8(hf_tiny.build(model_type, **overrides).to(dtype), block, keep)
+    """A tiny random ``model_type`` (:func:`hf_tiny.build`) in ``dtype``, the modules transformers keeps in float32
+    on load (``_keep_in_fp32_modules_strict``: DeepSeek-V3's router ``gate.weight`` and selection bias) back in
+    float32, then :func:`to_fp8`."""
+    model = hf_tiny.build(model_type, **overrides).to(dtype)
+    keep32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for name, p in model.named_parameters():
+        if any(name == k or name.endswith("." + k) for k in keep32):
+            p.data = p.data.float()
+    return to_fp8(model, block, keep)
 
 
 def mxfp4_gpt_oss(seed: int = 5, blocks_4d: bool = False, dtype=torch.float32):

@@ -133,9 +133,13 @@ def test_bf16_fp8_model_runs_in_bf16(arch):
 ])
 def test_unsupported_fp8_shared_layouts_refused(keep, match):
     model = fp8_model("qwen3_next", keep=keep)
+    weights = {n: (p.data_ptr(), p.untyped_storage().data_ptr()) for n, p in model.named_parameters()}
     with pytest.raises(NotImplementedError, match=match) as err:
         patch(model, backend="torch")
     assert "config fields" not in str(err.value)
+    # a refused patch changes nothing (round 51's review: the gate / up weights were re-pointed into one joined tensor
+    # before the block's last checks ran)
+    assert {n: (p.data_ptr(), p.untyped_storage().data_ptr()) for n, p in model.named_parameters()} == weights
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -71,26 +71,27 @@ def _is_stack(spec: ArchSpec, rel: str) -> bool:
 
 @torch.no_grad()
 def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=None, graph_pool=None,
-                      eager_graph_tokens: int | None = None):
-    """A moekit layer built around the block's own tensors (see the module docs); ``fmt``: the model's
-    quantisation format (:func:`moekit.loading.quant.checkpoint_format`) or None; ``graph_pool``: the
+                      eager_graph_tokens: int | None = None, act_dtype: torch.dtype | None = None, dense_fmt=None):
+    """A moekit layer built around the block's own tensors (see the module docs); ``fmt``: the routed experts'
+    quantisation format (:func:`moekit.loading.quant.checkpoint_formats`) or None, ``dense_fmt``: that of the other
+    linears (the shared MLP; DeepSeek-V4's fp4 experts: fp8 block; None: ``fmt``); ``graph_pool``: the
     :class:`~moekit.experts.graphed.GraphPool` the model's layers share (None: the layer's own);
-    ``eager_graph_tokens``: their graph limit (None: :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`)."""
+    ``eager_graph_tokens``: their graph limit (None: :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`);
+    ``act_dtype``: the model's activation dtype, which a quantised layer runs in (None: read off the block)."""
     own = _block_tensors(block, spec, plan)
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
+    if act_dtype not in KERNEL_DTYPES:
+        act_dtype = None
     quant = fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt) or \
-        mxfp4_stacks(block, stacks, spec, plan, fmt, _quant_dtype(own, stacks))
+        mxfp4_stacks(block, stacks, spec, plan, fmt, lambda: act_dtype or _quant_dtype(own, stacks))
     w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
-    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else _quant_dtype(own, stacks)
+    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else act_dtype or _quant_dtype(own, stacks)
     layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
                         routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
                         quant_config=quant[0] if quant else None, graph_pool=graph_pool,
                         eager_graph_tokens=eager_graph_tokens)
     layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
-    shared = fp8_shared(block, own, spec, plan, fmt, layer.routed_experts.kernels)
-    if shared is not None:
-        shared[0].norm = getattr(layer.shared_experts, "norm", None)  # an output norm (Ergo): adopted below
-        layer.shared_experts = shared[0]
+    shared = fp8_shared(block, own, spec, plan, dense_fmt or fmt, layer.routed_experts.kernels)  # (checks only)
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
     numels = {rel: t.numel() for rel, t in own.items()}
@@ -107,9 +108,14 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
                                       + (f"; the config fields likely responsible: {hint}" if hint else ""))
         _set_tensor(layer, rel, t)
         targets.pop(rel)
-    left = [n for n, t in targets.items() if t is not None and t.device.type == "meta"]
+    left = [n for n, t in targets.items() if t is not None and t.device.type == "meta"
+            and not (shared is not None and n in shared[1])]  # (the float shared MLP's weights: replaced below)
     if left:
         raise NotImplementedError(f"{plan.name}: the block has no tensors for {left}")
+    if shared is not None:  # last, every check passed (round 51's review): building it re-points the block's weights
+        mod = shared[0]()
+        mod.norm = getattr(layer.shared_experts, "norm", None)  # an output norm (Ergo), adopted above
+        layer.shared_experts = mod
     return layer
 
 

@@ -7,8 +7,9 @@
   [⌈N/bn⌉, ⌈K/bk⌉]``): a :class:`~moekit.loading.quant_shared.QuantSharedMLP` (one expert with K = 1, the
   same w8a8 block math) whose ``w13 [1, 2I, H]`` is one tensor that the block's gate and up linears then use
   as views (:func:`fp8_shared`).
-- mxfp4 expert stacks (transformers' ``Mxfp4GptOssExperts`` in the plain layout): uint8 codes ``[E, N, K/2]``
-  (or the checkpoint's ``*_blocks [E, N, K/32, 16]``) and e8m0 ``*_scales [E, N, K/32]``, gate/up rows
+- mxfp4 expert stacks (transformers' ``Mxfp4GptOssExperts`` in the plain layout: uint8 codes ``[E, N, K/2]``
+  or the checkpoint's ``*_blocks [E, N, K/32, 16]``, e8m0 ``*_scales [E, N, K/32]``; DeepSeek-V4's ``FP8Experts``
+  with ``expert_dtype "fp4"``: int8 codes ``[E, N, K/2]``, e8m0 ``*_scale_inv [E, N, K/32]``), gate/up rows
   interleaved as the plan's layout says: SPEC §8's mxfp4 layout, the gate/up stack and its scales and bias
   de-interleaved once (a copy of the 4-bit bytes), the down stack shared (:func:`mxfp4_stacks`). The layout
   transformers builds on a GPU (triton_kernels' swizzled tensors and ``PrecisionConfig`` scales) is refused.
@@ -82,7 +83,8 @@ def _float_scale(s: torch.Tensor) -> torch.Tensor:
 
 # ---- fp8 shared MLPs ---------------------------------------------------------------------------------
 def fp8_shared(block, own: dict, spec: ArchSpec, plan: LayerPlan, fmt, kernels):
-    """(:class:`QuantSharedMLP`, the moekit names it consumed) for a block whose shared MLP is made of
+    """(a function building the :class:`QuantSharedMLP`, the moekit names it consumes) for a block whose shared MLP
+    is made of
     ``FP8Linear`` (``shared_experts.{gate_proj, up_proj, down_proj}.weight`` e4m3 + ``weight_scale_inv``; fused
     ``gate_up_proj`` or non-gated ``up_proj`` alike); None when its weights are not fp8. ``own``: moekit name ->
     tensor of the block. ``kernels``: the layer's kernel table (the routed experts').
@@ -129,12 +131,15 @@ def fp8_shared(block, own: dict, spec: ArchSpec, plan: LayerPlan, fmt, kernels):
         raise NotImplementedError(f"{what}.gate_up_proj: one block grid over both halves (I = "
                                   f"{plan.shared_intermediate_size} not a multiple of {fmt.block_n})")
     up = [p for p in ("gate_proj", "up_proj", "gate_up_proj") if p in weights]
-    w13 = _joined([weights[p] for p in up]) if len(up) > 1 else weights[up[0]]
-    s13 = torch.cat([scales[p] for p in up])
-    mod = QuantSharedMLP(fmt, w13[None], weights["down_proj"][None], s13[None], scales["down_proj"][None],
-                         activation=plan.shared_activation, swiglu_limit=plan.shared_swiglu_limit,
-                         scale=plan.shared_scale, kernels=kernels)
-    return mod, {f"{n}.{part}" for n in names.values() for part in ("weight", "weight_scale_inv")}
+
+    def build() -> QuantSharedMLP:  # (called once every check of the block passed: _joined re-points its weights)
+        w13 = _joined([weights[p] for p in up]) if len(up) > 1 else weights[up[0]]
+        s13 = torch.cat([scales[p] for p in up])
+        return QuantSharedMLP(fmt, w13[None], weights["down_proj"][None], s13[None], scales["down_proj"][None],
+                              activation=plan.shared_activation, swiglu_limit=plan.shared_swiglu_limit,
+                              scale=plan.shared_scale, kernels=kernels)
+
+    return build, {f"{n}.{part}" for n in names.values() for part in ("weight", "weight_scale_inv")}
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -179,8 +184,9 @@ def _mxfp4_part(stacks: dict, proj: str, kind: str, what: str) -> torch.Tensor |
     if kind == "weight":
         t = stacks.get(f"experts.{proj}_blocks")
         t = t.flatten(-2) if t is not None and t.dim() == 4 else (t if t is not None else stacks.get(f"experts.{proj}"))
-    else:
+    else:  # (``*_scale_inv``: transformers' FP8Experts with expert_dtype "fp4", DeepSeek-V4: the same per-32 e8m0)
         t = stacks.get(f"experts.{proj}_scales")
+        t = t if t is not None else stacks.get(f"experts.{proj}_scale_inv")
         if t is not None and t.dtype == getattr(torch, "float8_e8m0fnu", None):
             t = t.view(torch.uint8)
     if t is not None and t.dtype == torch.int8:
@@ -190,9 +196,9 @@ def _mxfp4_part(stacks: dict, proj: str, kind: str, what: str) -> torch.Tensor |
     return t
 
 
-def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtype: torch.dtype):
+def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtype):
     """(format, (w13, w2, b13, b2, {w13_scale, w2_scale})) in SPEC §8's mxfp4 layout (``w13 [E, 2I, H/2]`` uint8 gate
-    rows then up, ``w2 [E, H, I/2]``, e8m0 scales ``[E, 2I, H/32]`` / ``[E, H, I/32]``, biases in ``dtype``) from a
+    rows then up, ``w2 [E, H, I/2]``, e8m0 scales ``[E, 2I, H/32]`` / ``[E, H, I/32]``, biases in ``dtype()``) from a
     block whose expert stacks are mxfp4 codes; None when they are not (float stacks: transformers dequantised them).
     Interleaved gate/up rows (gpt-oss) are de-interleaved: a converted copy of the 4-bit bytes and their scales; the
     down stack and its scales are shared."""
@@ -232,6 +238,7 @@ def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtyp
         if b13 is None or b2 is None:
             raise NotImplementedError(f"{what}: the plan has expert biases but the block holds none")
         b13 = gate_up_rows(b13, layout, bias=True)
-        b13, b2 = (b if b.dtype == dtype else b.detach().to(dtype) for b in (b13, b2))
+        want = dtype()
+        b13, b2 = (b if b.dtype == want else b.detach().to(want) for b in (b13, b2))
     w13, s13 = gate_up_rows(w13, layout), gate_up_rows(s13, layout)
     return fmt, (w13, w2, b13, b2, {"w13_scale": s13, "w2_scale": s2})

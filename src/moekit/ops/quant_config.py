@@ -64,11 +64,34 @@ def parse_hf_dict(cfg: dict) -> WeightFormat:
 def parse_hf_formats(cfg: dict) -> tuple[WeightFormat, WeightFormat]:
     """``(routed experts' format, format of every other quantised linear)`` of a ``quantization_config`` dict: one
     format twice, except fp8 with ``expert_dtype "fp4"`` (DeepSeek-V4): (mxfp4, fp8 block)."""
+    cfg = _as_saved(cfg)
     if cfg.get("quant_method") == "fp8":
         dense = _parse_fp8(cfg)
         return _fp8_experts(cfg, dense), dense
     fmt = _parse_one(cfg)
     return fmt, fmt
+
+
+def _as_saved(cfg: dict) -> dict:
+    """``cfg`` in config.json's form. A transformers quantisation config's ``to_dict()`` (what ``patch()`` reads off a
+    model ``from_pretrained`` loaded, and what ``save_pretrained`` writes) holds an enum ``quant_method`` and, for
+    fp8 (``FineGrainedFP8Config``), its load options and defaults: ``dequantize`` (how transformers loads the weights,
+    not their format: a dequantised model's stacks are float and are read as such), ``modules_to_convert: None``
+    and ``scale_fmt: "float"`` (float32 scales, the default). Round 51: these were refused as unknown keys, so
+    ``patch()`` failed on every fp8 model loaded by transformers. A ``modules_to_convert`` list is kept (refused:
+    moekit reads ``modules_to_not_convert`` only)."""
+    out = dict(cfg)
+    method = out.get("quant_method")
+    if not isinstance(method, str) and isinstance(getattr(method, "value", None), str):
+        out["quant_method"] = method.value
+    if out.get("quant_method") == "fp8":
+        if isinstance(out.get("dequantize"), bool):
+            del out["dequantize"]
+        if "modules_to_convert" in out and out["modules_to_convert"] is None:
+            del out["modules_to_convert"]
+        if out.get("scale_fmt") == "float":
+            del out["scale_fmt"]
+    return out
 
 
 def _parse_one(cfg: dict) -> WeightFormat:
