@@ -134,3 +134,34 @@ def relaid_words_under_tp_ep_eplb(ctx):
             got = re.expert_tensors()[name][slot]
             ctx.expect(torch.equal(got, relay_rega(full[logical])), f"slot {slot} {name} != expert {logical} re-laid")
     _close(ctx, par(x, lg).float(), before.float(), "re-laid: output unchanged by rebalance", tol=1e-2)
+
+
+@check(2)
+def loaded_checkpoint_under_ep_tp(ctx):
+    # round 51: load_moe_layers builds parallel layers (ep_group / tp_group; it built single-process ones only).
+    # DeepSeek-V4 as it ships (mxfp4 routed experts, an fp8 shared expert, replicated; a hash-routed layer): each
+    # rank's layer holds its experts / its slice and equals the single-process layer (SPEC §8 bf16: 1e-2)
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "loading"))
+    from test_loader_deepseek_v4_quant import H, I, V, _checkpoint
+
+    path = tempfile.mkdtemp(prefix=f"moekit-v4-rank{ctx.rank}-")
+    _checkpoint(path, "fp4_top_level")
+    load = dict(dtype=torch.bfloat16, backend="torch", progress=False)
+    ref = moekit.load_moe_layers(path, **load)
+    cases = (("EP", {"ep_group": ctx.world_group}, [7, 3][ctx.rank]), ("TP", {"tp_group": ctx.world_group}, 9))
+    for kind, kw, t in cases:
+        par = moekit.load_moe_layers(path, **load, **kw)
+        ctx.expect(list(par) == list(ref), f"{kind}: layers {list(par)}")
+        g = torch.Generator().manual_seed(10 + (ctx.rank if kind == "EP" else 0))  # TP: the same tokens everywhere
+        x, ids = torch.randn(t, H, generator=g).bfloat16(), torch.randint(0, V, (t,), generator=g)
+        for name, layer in par.items():
+            w13 = layer.routed_experts.w13_weight
+            want = (4, 2 * I, H // 2) if kind == "EP" else (8, I, H // 2)  # 4 of 8 experts / half of each I
+            ctx.expect(tuple(w13.shape) == want, f"{kind} {name}: w13 {tuple(w13.shape)}, expected {want}")
+            with torch.no_grad():  # (input_ids: the hash layer's; the other layer ignores them)
+                _close(ctx, layer(x, input_ids=ids).float(), ref[name](x, input_ids=ids).float(), f"{kind} {name}",
+                       tol=1e-2)

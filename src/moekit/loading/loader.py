@@ -46,7 +46,8 @@ def _read(handle, key: str) -> torch.Tensor:
 
 def load_moe_layers(
     path, *, device=None, dtype=None, backend: str = "auto", quant_config=None, progress: bool | None = None,
-    eager_graph_tokens: int | None = None,
+    eager_graph_tokens: int | None = None, ep_group=None, tp_group=None, expert_placement_strategy: str = "linear",
+    enable_eplb: bool = False, num_redundant_experts: int = 0,
 ) -> dict[str, "torch.nn.Module"]:
     """Build and load every MoE block of the checkpoint at ``path`` (a directory holding
     ``config.json`` and ``*.safetensors``, sharded through ``model.safetensors.index.json`` or not).
@@ -68,6 +69,11 @@ def load_moe_layers(
         eager_graph_tokens: the layers' internal CUDA-graph limit (see :class:`~moekit.MoERunner`); None
             (default): :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). The layers share one
             :class:`~moekit.experts.graphed.GraphPool`.
+        ep_group, tp_group, expert_placement_strategy, enable_eplb, num_redundant_experts: expert / tensor
+            parallelism and EPLB, as :func:`moekit.FusedMoE` takes them (SPEC §5; default: single-process layers).
+            Each rank keeps its experts (EP) or its slice of every expert (TP; quantised slices on block
+            boundaries, else ``ValueError``); shared experts are replicated. Every rank reads the whole checkpoint
+            (a non-local expert's tensors are read and dropped: the peak stays one tensor).
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -113,6 +119,8 @@ def load_moe_layers(
         check_bool("progress", progress)
     device = check_device("device", device) if device is not None else torch.device("cpu")
     dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
+    parallel = dict(ep_group=ep_group, tp_group=tp_group, expert_placement_strategy=expert_placement_strategy,
+                    enable_eplb=enable_eplb, num_redundant_experts=num_redundant_experts)  # (FusedMoE checks them)
     config = read_config(path)
     spec, plans = plan_layers(config, os.path.join(path, "config.json"))
     fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
@@ -138,7 +146,7 @@ def load_moe_layers(
         _check_construction(plan, construction, keys)
         layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
                             quant_config=experts_format(fmt, plan), graph_pool=pool,
-                            eager_graph_tokens=eager_graph_tokens)
+                            eager_graph_tokens=eager_graph_tokens, parallel=parallel)
         state = _LayerLoad(plan, layer)
         state.loaded.update(construction)
         states[plan.name] = state

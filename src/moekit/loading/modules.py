@@ -151,6 +151,7 @@ def build_layer(
     quant_config=None,
     graph_pool=None,
     eager_graph_tokens: int | None = None,
+    parallel: dict | None = None,
 ) -> MoERunner:
     """A moekit layer for ``plan``; ``tensors`` holds the construction-time router tensors
     (``router.e_score_correction_bias`` [E + Z] float, ``router.hash_indices_table`` [vocab, K] int).
@@ -160,7 +161,8 @@ def build_layer(
     precision in ``dtype``). A :class:`RouterLinear` gate gets the layer's backend. ``graph_pool``: the
     :class:`~moekit.experts.graphed.GraphPool` a model's layers share; with it (or an explicit
     ``eager_graph_tokens``) the layer's graph limit is ``eager_graph_tokens``, default
-    :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048).
+    :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). ``parallel``: :func:`moekit.FusedMoE`'s parallel
+    keywords (``ep_group``, ``tp_group``, ``expert_placement_strategy``, ``enable_eplb``, ``num_redundant_experts``).
 
     Weights are allocated but not loaded (see :func:`moekit.experts.mapping.load_layer_weights`, with
     ``fused_layout=plan.fused_layout``); the layer carries nothing of the plan.
@@ -221,6 +223,7 @@ def build_layer(
         routed_shared_experts=plan.routed_shared_experts,
         **plan_modules(plan, **mkw),
         **({"runner_args": {"graph_pool": graph_pool}} if graph_pool is not None else {}),
+        **(parallel or {}),
     )
     if isinstance(layer.gate, RouterLinear):  # the gate runs on the layer's backend (Triton: batch invariant)
         layer.gate.backend = layer.backend
