@@ -153,8 +153,19 @@ def loaded_checkpoint_under_ep_tp(ctx):
     load = dict(dtype=torch.bfloat16, backend="torch", progress=False)
     ref = moekit.load_moe_layers(path, **load)
     cases = (("EP", {"ep_group": ctx.world_group}, [7, 3][ctx.rank]), ("TP", {"tp_group": ctx.world_group}, 9))
+    from moekit.loading import loader
+
     for kind, kw, t in cases:
-        par = moekit.load_moe_layers(path, **load, **kw)
+        read, real = [], loader._Reader.read
+        loader._Reader.read = lambda self, key: (read.append(key), real(self, key))[1]
+        try:
+            par = moekit.load_moe_layers(path, **load, **kw)
+        finally:
+            loader._Reader.read = real
+        # EP: no per-expert tensor of another rank's experts is read (each rank reads ~1 / W of the expert bytes)
+        others = {e for e in range(8) if e // 4 != ctx.rank}  # (linear placement: experts 0-3 on rank 0)
+        foreign = [k for k in read if any(f".experts.{e}." in k for e in others)]
+        ctx.expect(not foreign if kind == "EP" else bool(foreign), f"{kind}: read {foreign[:3]} ({len(foreign)})")
         ctx.expect(list(par) == list(ref), f"{kind}: layers {list(par)}")
         g = torch.Generator().manual_seed(10 + (ctx.rank if kind == "EP" else 0))  # TP: the same tokens everywhere
         x, ids = torch.randn(t, H, generator=g).bfloat16(), torch.randint(0, V, (t,), generator=g)

@@ -25,7 +25,7 @@ import torch
 from .._checks import as_float_dtype, check_bool, check_device
 from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
-from ..experts.mapping import is_slot_tensor, load_layer_weights
+from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers
 from .files import checkpoint_files, config_dtype, read_config, read_header
@@ -72,8 +72,8 @@ def load_moe_layers(
         ep_group, tp_group, expert_placement_strategy, enable_eplb, num_redundant_experts: expert / tensor
             parallelism and EPLB, as :func:`moekit.FusedMoE` takes them (SPEC §5; default: single-process layers).
             Each rank keeps its experts (EP) or its slice of every expert (TP; quantised slices on block
-            boundaries, else ``ValueError``); shared experts are replicated. Every rank reads the whole checkpoint
-            (a non-local expert's tensors are read and dropped: the peak stays one tensor).
+            boundaries, else ``ValueError``); shared experts are replicated. A rank reads its own experts' tensors
+            of a per-expert checkpoint (``experts.{e}....``), fused expert stacks whole (one tensor at a time).
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -160,7 +160,7 @@ def load_moe_layers(
             done.update(parts.values())
     # every other tensor: file by file, in storage order, each into its layer
     todo = [(key, states[name], rel) for name, keys in assigned.items() for rel, key in keys.items()
-            if rel not in CONSTRUCTION and key not in done]
+            if rel not in CONSTRUCTION and key not in done and not states[name].elsewhere(rel)]
     todo.sort(key=lambda item: reader.position(item[0]))
     total = sum(reader.nbytes(key) for key, _, _ in todo)
     with _progress_bar(total, progress) as bar, _one_thread():
@@ -323,9 +323,24 @@ class _LayerLoad:
     plan: LayerPlan
     layer: MoERunner
     loaded: set = field(default_factory=set)  # names of non-expert parameters/buffers written
+    _here: frozenset | None = None  # the logical experts this rank's slots hold (:meth:`elsewhere`)
 
     def load(self, weights) -> set[str]:
         return load_layer_weights(self.layer, weights, fused_layout=self.plan.fused_layout, loaded=self.loaded)
+
+    def elsewhere(self, rel: str) -> bool:
+        """``rel`` is a per-expert tensor (``experts.{e}.{proj}.{part}``) of an expert no slot of this rank holds
+        (expert parallelism): it is not read (round 51: each of W ranks reads about 1 / W of a per-expert checkpoint's
+        expert bytes; fused stacks hold every expert and are read whole)."""
+        p = self.layer.routed_experts.placement
+        if p.ep_size == 1:  # (tensor parallelism alone: every expert, a slice of each)
+            return False
+        m = EXPERT_KEY_RE.search(rel)
+        if m is None:
+            return False
+        if self._here is None:
+            self._here = frozenset(p.local_logical_ids())
+        return int(m.group(2)) not in self._here
 
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
