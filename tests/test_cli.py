@@ -56,6 +56,8 @@ def test_version(capsys):
         (["tune", "--models", "all", "--quant", "nvfp4"], ["--quant", "'nvfp4'", "fp8"]),
         (["tune", "--models", "all", "--quant", "fp8", "--dtype", "float32"], ["--quant", "16-bit"]),
         (["tune", "--models", "all", "--budget-s", "0"], ["--budget-s", "'0'"]),
+        (["tune", "--models", "all", "--quant", "fp8", "--block-k", "128"], ["--block-k", "unquantised"]),  # (r51)
+        (["tune", "--models", "all", "--block-k", "96"], ["--block-k", "96", "32, 64, 128"]),
         (["--bogus"], ["--bogus"]),
         (["nosuch"], ["nosuch"]),
     ],
@@ -169,3 +171,5 @@ def test_tune_quick_and_quant_reach_run_tune(monkeypatch):
     assert len(seen["targets"]) == 5
     assert main(["tune", "--models", "qwen3-30b-a3b", "--quant", "bf16", "--budget-s", "20"]) == 0
     assert seen["quant"] is None and not seen["quick"] and seen["budget_s"] == 20.0 and seen["rotations"] == 4
+    assert seen["force_block_k"] is None
+    assert main(["tune", "--models", "qwen3-30b-a3b", "--block-k", "128"]) == 0 and seen["force_block_k"] == 128

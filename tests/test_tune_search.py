@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit.benchmarking import tune, tune_checks, tune_forms
-from moekit.benchmarking.shapes import MODELS, TOKENS
+from moekit.benchmarking.shapes import MODELS, TOKENS, ModelShape
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
     shape_block_k, smem_estimate,
@@ -338,6 +338,44 @@ def test_run_tune_tunes_anew_a_shipped_table_that_mixes_block_k(tmp_path, monkey
     logs.clear()
     tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False)
     assert any(s.startswith("skipping qwen3-30b-a3b") for s in logs) and logs[-1].startswith("nothing tuned")
+
+
+def test_run_tune_force_block_k(tmp_path, monkeypatch):
+    """Round 51: ``force_block_k`` (``moekit tune --block-k``) fixes every bucket's BLOCK_K of an unquantised shape
+    instead of the largest bucket's pick (which cost 2-4 % at decode on an H100). A new shape: all buckets at it; a
+    shipped table at another BLOCK_K: tuned anew; the out file's own table at another: skipped; quantised: refused."""
+    _isolate(tmp_path, monkeypatch, "NVIDIA H200", config_dir=tmp_path)
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    seen = []
+
+    def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
+        seen.append((m.name, t, fixed_bk))
+        return tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)[1], "w", \
+            {"base_us": 10.0, "best_us": 9.0, "timed": 5}
+
+    monkeypatch.setattr(tune, "tune_point", fake_point)
+    m = MODELS["qwen3-30b-a3b"]
+    key = shape_key(m.E, m.H, m.I, m.K, torch.bfloat16, m.gated)
+    shipped_bk = shape_block_k(tc.shape_table("NVIDIA H200", key)[1])
+    other = 64 if shipped_bk == (128, 128) else 128
+    custom = ModelShape("custom", E=16, K=2, H=256, I=128)  # no table anywhere
+    logs = []
+    path = tune.run_tune([(m, [1, 16384]), (custom, [1, 16384])], out=tmp_path, log=logs.append, bar=False,
+                         force_block_k=other)
+    data = json.loads(path.read_text())["entries"]
+    ckey = shape_key(16, 256, 128, 2, torch.bfloat16, True)
+    for k in (key, ckey):
+        assert sorted(data[k], key=int) == [str(t) for t in TOKENS]  # whole tables
+        assert {(c["w13"]["BK"], c["w2"]["BK"]) for c in data[k].values()} == {(other, other)}
+    assert all(bk == (other, other) for _, _, bk in seen)
+    assert any("tuning the shape anew at" in s for s in logs)
+    logs.clear()  # the out file now holds the shape at `other`: asking for the shipped BLOCK_K skips it
+    tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False, force_block_k=shipped_bk[0])
+    assert any(s.startswith("skipping qwen3-30b-a3b") and "remove the shape's entries" in s for s in logs)
+    with pytest.raises(ValueError, match="force_block_k"):
+        tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False, quant="fp8", force_block_k=128)
+    with pytest.raises(ValueError, match="force_block_k"):
+        tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False, force_block_k=96)
 
 
 def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):

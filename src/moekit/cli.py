@@ -198,6 +198,8 @@ def _run_tune(args, parser) -> int:
         targets = [(m, args.tokens) for m in models]
     dtype = getattr(torch, args.dtype)
     quant = _tune_quant(args.quant, dtype, parser)
+    if args.block_k is not None and quant is not None:
+        parser.error(f"--block-k applies to unquantised shapes (--quant {quant} fixes BLOCK_K)")
     if not _needs_cuda("tune"):
         return 1
     budget = args.budget_s if args.budget_s is not None else (45.0 if args.quick else 150.0)
@@ -209,7 +211,7 @@ def _run_tune(args, parser) -> int:
         print(s, flush=True)
 
     run_tune(targets, dtype, out=args.out, budget_s=budget, pdl=args.pdl, min_gain=args.min_gain,
-             rotations=rotations, quant=quant, quick=args.quick, log=log)
+             rotations=rotations, quant=quant, quick=args.quick, log=log, force_block_k=args.block_k)
     return 1 if any(s.startswith("nothing tuned") for s in lines) else 0  # (every shape skipped: say so in the status)
 
 
@@ -329,6 +331,9 @@ def _add_tune(sub) -> None:
     t.add_argument("--budget-s", type=positive_float, default=None,
                    help="seconds per shape (default: 150, --quick: 45): each token count gets a share, timing stops "
                         "at it, and token counts reached after the budget keep the config in use")
+    t.add_argument("--block-k", type=int, default=None, choices=(32, 64, 128),
+                   help="unquantised shapes: the one BLOCK_K of all buckets (SPEC §9), e.g. 128 for decode-heavy "
+                        "use; default: what the largest bucket's search picks")
     t.add_argument("--out", default=None,
                    help="folder of <gpu>.json (default: $MOEKIT_CONFIG_DIR if set, else ~/.cache/moekit/configs; "
                         "the config lookup searches these first, then the configs shipped with moekit)")

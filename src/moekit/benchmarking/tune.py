@@ -264,12 +264,21 @@ def _device_traits() -> tuple[int, tuple[int, int] | None]:
 
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,
              budget_s: float = 150.0, pdl: bool = False, min_gain: float = 0.015, rotations: int = 4,
-             quant: str | None = None, quick: bool = False, log=print, bar: bool | None = None) -> Path:
+             quant: str | None = None, quick: bool = False, log=print, bar: bool | None = None,
+             force_block_k: int | None = None) -> Path:
     """Tune each (shape, token counts) target on the current CUDA device (weights in ``dtype``, or the
-    ``quant`` format); merge every bucket into ``<out>/<device>.json`` as soon as it is done. Returns the path."""
+    ``quant`` format); merge every bucket into ``<out>/<device>.json`` as soon as it is done. Returns the path.
+    ``force_block_k``: the one BLOCK_K of every bucket of an unquantised shape (SPEC §9), instead of what the largest
+    bucket picks (round 51, H100: a new bf16 shape's largest bucket picked 64, 2-4 % slower at T <= 64 than 128); a
+    shape whose table in use runs another is tuned anew, one the out file holds at another is skipped (remove its
+    entries)."""
     name, (sms, cap) = _device_name(), _device_traits()
     path = (default_out() if out is None else Path(out)) / f"{device_key(name)}.json"
     fmt, spec = quant_spec(quant)
+    bk = force_block_k
+    if bk is not None and (spec is not None or isinstance(bk, bool) or bk not in (16, 32, 64, 128, 256)):
+        raise ValueError(f"force_block_k must be one of 16, 32, 64, 128, 256 and needs an unquantised shape (a "
+                         f"quantised format fixes BLOCK_K), got force_block_k={bk!r}, quant={quant!r}")
     summary = []
     for m, tokens in targets:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
@@ -288,6 +297,16 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
             # fixes BLOCK_K, the other buckets are filled at it), and the out file's table then replaces it
             log(f"{m.name} ({key}): the table in use ({src}) breaks SPEC §9 ({exc}); tuning the shape anew")
             fixed_bk, fixed_arith, anew = None, None, True
+        if bk is not None and fixed_bk is not None and tuple(fixed_bk) != (bk, bk):
+            if table:
+                log(f"skipping {m.name} ({key}) in {path}: its table runs BLOCK_K {tuple(fixed_bk)}, not "
+                    f"force_block_k = {bk} (one per shape, SPEC §9): remove the shape's entries to tune it at {bk}")
+                continue
+            log(f"{m.name} ({key}): the table in use ({src}) runs BLOCK_K {tuple(fixed_bk)}; tuning the shape anew at "
+                f"{bk}")
+            fixed_arith, anew = None, True
+        if bk is not None:
+            fixed_bk = (bk, bk)
         order = bucket_order(tokens)
         if not order:
             log(f"skipping {m.name} ({key}): no token counts to tune")
