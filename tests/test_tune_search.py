@@ -369,6 +369,20 @@ def test_run_tune_force_block_k(tmp_path, monkeypatch):
         assert {(c["w13"]["BK"], c["w2"]["BK"]) for c in data[k].values()} == {(other, other)}
     assert all(bk == (other, other) for _, _, bk in seen)
     assert any("tuning the shape anew at" in s for s in logs)
+    # every written config fits (round 51's review: shipped BK-64 tiles at BK 128 overflowed shared memory, and a
+    # bucket past the budget kept them); a tiny budget writes every bucket from config_in_use / fill_missing
+    space = Space((m.E, m.H, m.I, m.K, m.gated), torch.bfloat16, None, (other, other), None)
+    assert all(space.refusal(c) is None for c in data[key].values()), \
+        {b: space.refusal(c) for b, c in data[key].items() if space.refusal(c)}
+    (tmp_path / "NVIDIA_H200.json").unlink()
+    tc.clear_config_cache()
+    path = tune.run_tune([(m, [1, 2048, 4096, 16384])], out=tmp_path, log=logs.append, bar=False, force_block_k=128,
+                         budget_s=1e-9)
+    table = json.loads(path.read_text())["entries"][key]
+    space = Space((m.E, m.H, m.I, m.K, m.gated), torch.bfloat16, None, (128, 128), None)
+    assert {(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()} == {(128, 128)}
+    assert all(space.refusal(c) is None for c in table.values()), \
+        {b: space.refusal(c) for b, c in table.items() if space.refusal(c)}
     logs.clear()  # the out file now holds the shape at `other`: asking for the shipped BLOCK_K skips it
     tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False, force_block_k=shipped_bk[0])
     assert any(s.startswith("skipping qwen3-30b-a3b") and "remove the shape's entries" in s for s in logs)

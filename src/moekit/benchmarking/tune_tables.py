@@ -11,7 +11,7 @@ from pathlib import Path
 from ..ops.config_heuristic import heuristic_config
 from ..ops.triton_configs import nearest_bucket
 from .shapes import TOKENS
-from .tune_space import Space, shape_block_k
+from .tune_space import Space, block_k, shape_block_k
 
 
 def merge_entries(path: Path, device_name: str, key: str, table: dict) -> None:
@@ -42,11 +42,21 @@ def config_in_use(m, t, dtype, before: dict, spec, fixed_bk, fixed_arith, num_sm
     """(the shape's search space, the config lookups gave at ``t`` before the run — the nearest bucket of
     ``before``, the shape's table then, else the heuristic of the format for ``num_sms`` SMs of compute
     ``capability`` — fixed by the space): where a search starts (timed even where the space's estimates would
-    refuse it: the search then scores it as failed), and what a bucket past the budget keeps."""
+    refuse it: the search then scores it as failed), and what a bucket past the budget keeps. A ``before`` entry
+    whose BLOCK_K the space changed and which then no longer fits (shared memory) gives way to the heuristic."""
     quant = None if spec is None else spec.key
-    base = nearest_bucket(before, t) or heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant, capability)
+    heuristic = heuristic_config(t, m.E, m.H, m.I, m.K, dtype, num_sms, quant, capability)
+    base = nearest_bucket(before, t) or heuristic
     space = _space(m, dtype, spec, fixed_bk, fixed_arith)
-    return space, space.apply(base)
+    cfg = space.apply(base)
+    if base is not heuristic and block_k(base) != block_k(cfg) and space.refusal(cfg) is not None:
+        # round 51's review: a table in use at another BLOCK_K (tuned anew, --block-k) gave starts whose tiles no
+        # longer fit shared memory (BK 64 -> 128 doubles a stage): the heuristic at the shape's BLOCK_K then, as
+        # fill_missing does; what a bucket past the budget keeps is never a refused config where that one fits
+        fallback = space.apply(heuristic)
+        if space.refusal(fallback) is None:
+            cfg = fallback
+    return space, cfg
 
 
 def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, fixed_arith,

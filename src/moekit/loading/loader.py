@@ -73,7 +73,10 @@ def load_moe_layers(
             parallelism and EPLB, as :func:`moekit.FusedMoE` takes them (SPEC §5; default: single-process layers).
             Each rank keeps its experts (EP) or its slice of every expert (TP; quantised slices on block
             boundaries, else ``ValueError``); shared experts are replicated. A rank reads its own experts' tensors
-            of a per-expert checkpoint (``experts.{e}....``), fused expert stacks whole (one tensor at a time).
+            of a per-expert checkpoint (``experts.{e}....``; static input scales of every expert: their max),
+            fused expert stacks whole (one tensor at a time). A missing or malformed expert tensor then raises on
+            the ranks that hold the expert only; the other ranks wait in the layers' next collective until the
+            process group's timeout.
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -336,7 +339,7 @@ class _LayerLoad:
         if p.ep_size == 1:  # (tensor parallelism alone: every expert, a slice of each)
             return False
         m = EXPERT_KEY_RE.search(rel)
-        if m is None:
+        if m is None or m.group(4) == "input_scale":  # (static fp8: every slot takes the max over ALL experts)
             return False
         if self._here is None:
             self._here = frozenset(p.local_logical_ids())
