@@ -149,6 +149,17 @@ r43_bench_ab() {  # r43_bench_ab ROUNDS TAG: moekit bench of the shipped table, 
   done
 }
 
+eager_rows() {  # eager_rows PREFIX ROUND LABEL SRC (rounds 50-51): the eager host rows (T = 1, 8; four shapes) of the
+  # tree at SRC (LABEL) then of this one ("new"), one round of an alternation on one machine
+  local p=$1 r=$2 label=$3 src=$4 v pp
+  for v in "$label" new; do
+    [ "$v" = new ] && pp=src || pp=$src
+    step "$p-eager-$v-$r" 90 env PYTHONPATH=$pp python -m moekit bench --eager-only --eager-tokens 1,8 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$v-$r"
+    rm -f "$OUT/eager-$v-$r"/*.png
+  done
+}
+
 r42_prepare() {  # r42_prepare [first]: pytest-xdist from .whl; "first": the first half of Triton 3.9.0 into /tmp/t39
   # for t39_site on the next call
   pip install -q --no-deps .whl/*.whl > /dev/null 2>&1
@@ -219,12 +230,7 @@ case $WHAT in
       tests/experts/test_graphed_raw_gpu.py tests/experts/test_graphed.py
     grep -h "passed\|failed" "$OUT"/gpu-r51*.log | tail -2
     for r in 1 2; do
-      for v in head new; do
-        [ $v = head ] && PP=.ab/head/src || PP=src
-        step "r51-eager-$v-$r" 90 env PYTHONPATH=$PP python -m moekit bench --eager-only --eager-tokens 1,8 \
-          --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$v-$r"
-        rm -f "$OUT/eager-$v-$r"/*.png
-      done
+      eager_rows r51 "$r" head .ab/head/src
       for v in head new; do
         [ $v = head ] && PP=.ab/head/src || PP=src
         step "r51-pieces-$v-$r" 60 env PYTHONPATH=$PP python benchmarks/eager_profile.py --models qwen3-30b-a3b \
@@ -277,12 +283,7 @@ case $WHAT in
     # alternated twice on one machine
     pip install -q --no-deps .whl/*.whl > /dev/null 2>&1
     for r in 1 2; do
-      for v in base new; do
-        [ $v = base ] && PP=.ab/base/src || PP=src
-        step "r50-eager-$v-$r" 90 env PYTHONPATH=$PP python -m moekit bench --eager-only --eager-tokens 1,8 \
-          --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager-$v-$r"
-        rm -f "$OUT/eager-$v-$r"/*.png
-      done
+      eager_rows r50 "$r" base .ab/base/src
     done
     grep -h "eager target" "$OUT"/r50-eager-*.log
     ;;

@@ -31,8 +31,8 @@ from ._checks import as_float_dtype, check_device, check_int, check_tensor, decl
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
-from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, replay_bucket, take_graphs, replay_whole,
-                                   route_graphed, unpack_scores)
+from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, release_graphs, replay_bucket, replay_whole,
+                                   route_graphed, take_graphs, unpack_scores)
 from .experts.mapping import check_expert_mapping, load_layer_weights
 from .experts.routed import RoutedExperts
 from .parallel.eplb_state import follow_experts
@@ -239,8 +239,7 @@ class MoERunner(torch.nn.Module):
                     return self._tail(hidden_states, routed, self._copy_routed())
             return self._forward(hidden_states, router_logits, input_ids, graphs)
         finally:
-            if graphs is not None:
-                graphs.lock.release()
+            release_graphs(graphs)
 
     def forward_with_scores(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
                             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,8 +258,7 @@ class MoERunner(torch.nn.Module):
             routed, weights = route_graphed(self, hidden_states, h, router_logits, input_ids, graphs, True)
             return self._tail(hidden_states, routed, False, h), weights
         finally:
-            if graphs is not None:
-                graphs.lock.release()
+            release_graphs(graphs)
 
     def _forward(self, hidden_states, router_logits, input_ids, graphs):
         """The checked forward; with ``graphs``, captures a whole graph when the plan allows (see

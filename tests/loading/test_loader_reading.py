@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_loader_synthetic import V4_CONFIG, _v4_tensors, write_checkpoint  # noqa: E402
 
 from moekit import load_moe_layers  # noqa: E402
-from moekit.loading import loader as loader_mod  # noqa: E402
+from moekit.loading import reader as reader_mod  # noqa: E402
+from moekit.loading.files import checkpoint_files, read_header  # noqa: E402
 
 
 def _ffn_bytes(t):
@@ -45,20 +46,20 @@ def test_each_file_is_opened_once_and_read_in_storage_order(tmp_path, monkeypatc
         opened.append(os.path.basename(path))
         return real_open(path, *a, **k)
 
-    real_read = loader_mod._read
+    real_read = reader_mod._read
 
     def recording_read(handle, key):
         reads.append(key)
         return real_read(handle, key)
 
     monkeypatch.setattr(safetensors, "safe_open", counting_open)
-    monkeypatch.setattr(loader_mod, "_read", recording_read)
+    monkeypatch.setattr(reader_mod, "_read", recording_read)
     layers = load_moe_layers(tmp_path, progress=False)
     assert sorted(opened) == sorted(set(opened)) and len(opened) == 3
     assert len(reads) == len(set(reads))  # every tensor read once
-    files = loader_mod.checkpoint_files(str(tmp_path))
+    files = checkpoint_files(str(tmp_path))
     streamed = [k for k in reads if not k.endswith(("gate.bias", "tid2eid"))]  # after the construction tensors
-    headers = {f: loader_mod.read_header(f) for f in set(files.values())}
+    headers = {f: read_header(f) for f in set(files.values())}
     order = [(sorted(headers).index(files[k]), headers[files[k]][k][1]) for k in streamed]
     assert order == sorted(order)
     w = layers["model.layers.1.mlp"].routed_experts.w13_weight
@@ -107,7 +108,7 @@ def test_unreadable_files_are_named(tmp_path):
 def test_overlapping_loads_restore_the_thread_count():
     # round 49: each load saved torch's intra-op threads, set 1 and restored its own save: two overlapping loads
     # (threads) left the process at 1 thread (B saved A's 1). The first load saves, the last one restores
-    from moekit.loading.loader import _one_thread
+    from moekit.loading.reader import one_thread as _one_thread
 
     before = torch.get_num_threads()
     a, b = _one_thread(), _one_thread()

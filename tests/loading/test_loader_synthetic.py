@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from moekit import load_moe_layers
-from moekit.loading import loader as loader_mod
+from moekit.loading import reader as reader_mod
 from moekit.loading.architectures import plan_layers, supported_model_types
 from reference import ref_experts, ref_hash_route, ref_route
 
@@ -130,7 +130,7 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     t = _v4_tensors(3)
     write_checkpoint(tmp_path, V4_CONFIG, t, shards=2)
     live = {"now": 0, "peak": 0}
-    real_read = loader_mod._read
+    real_read = reader_mod._read
 
     def counting_read(handle, key):
         out = real_read(handle, key)
@@ -140,7 +140,7 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
         weakref.finalize(out, lambda: live.__setitem__("now", live["now"] - n))
         return out
 
-    monkeypatch.setattr(loader_mod, "_read", counting_read)
+    monkeypatch.setattr(reader_mod, "_read", counting_read)
     layers = load_moe_layers(tmp_path)
     largest = max(v.numel() * v.element_size() for k, v in t.items() if ".ffn." in k)
     construction = max(t[k].numel() * t[k].element_size() for k in t if k.endswith(("gate.bias", "tid2eid")))

@@ -153,15 +153,15 @@ def loaded_checkpoint_under_ep_tp(ctx):
     load = dict(dtype=torch.bfloat16, backend="torch", progress=False)
     ref = moekit.load_moe_layers(path, **load)
     cases = (("EP", {"ep_group": ctx.world_group}, [7, 3][ctx.rank]), ("TP", {"tp_group": ctx.world_group}, 9))
-    from moekit.loading import loader
+    from moekit.loading import reader
 
     for kind, kw, t in cases:
-        read, real = [], loader._Reader.read
-        loader._Reader.read = lambda self, key: (read.append(key), real(self, key))[1]
+        read, real = [], reader.Reader.read
+        reader.Reader.read = lambda self, key: (read.append(key), real(self, key))[1]
         try:
             par = moekit.load_moe_layers(path, **load, **kw)
         finally:
-            loader._Reader.read = real
+            reader.Reader.read = real
         # EP: no per-expert tensor of another rank's experts is read (each rank reads ~1 / W of the expert bytes)
         others = {e for e in range(8) if e // 4 != ctx.rank}  # (linear placement: experts 0-3 on rank 0)
         foreign = [k for k in read if any(f".experts.{e}." in k for e in others)]

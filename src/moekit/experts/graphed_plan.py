@@ -230,6 +230,12 @@ def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
     return graphs
 
 
+def release_graphs(graphs: GraphCache | None) -> None:
+    """Let go of what :func:`take_graphs` returned (None: nothing was held)."""
+    if graphs is not None:
+        graphs.lock.release()
+
+
 def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
     """The layer's output from a whole graph of this key, or None (no graph, or one may not be used now)."""
     entry = graphs.lookup((tensor_key(hidden_states), tensor_key(router_logits)))

@@ -13,11 +13,8 @@ Nothing is stamped on the layer.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +25,7 @@ from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers
-from .files import checkpoint_files, config_dtype, read_config, read_header
+from .files import checkpoint_files, config_dtype, read_config
 from .keys import (CONSTRUCTION, assign_keys, check_not_transposed, construction_tensors, expand_key, field_hint,
                    zero_width_shared_gate)
 from .modules import build_layer
@@ -36,12 +33,7 @@ from .plan import LayerPlan
 from .quant import checkpoint_formats, dense_groups, dequantize_dense, experts_format
 from .quant_shared import (quant_shared_from_checkpoint, quant_shared_from_float, shared_format, shared_groups,
                            shared_projs)
-
-
-
-def _read(handle, key: str) -> torch.Tensor:
-    """One tensor from an open safetensors file (a seam for tests that count live bytes)."""
-    return handle.get_tensor(key)
+from .reader import Reader, one_thread, progress_bar
 
 
 def load_moe_layers(
@@ -131,7 +123,7 @@ def load_moe_layers(
         dtype = config_dtype(config, os.path.join(path, "config.json"))
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
-    reader = _Reader(files)
+    reader = Reader(files)
     states: dict[str, _LayerLoad] = {}
     done: set[str] = set()  # keys already consumed (quantised dense groups)
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
@@ -166,7 +158,7 @@ def load_moe_layers(
             if rel not in CONSTRUCTION and key not in done and not states[name].elsewhere(rel)]
     todo.sort(key=lambda item: reader.position(item[0]))
     total = sum(reader.nbytes(key) for key, _, _ in todo)
-    with _progress_bar(total, progress) as bar, _one_thread():
+    with progress_bar(total, progress) as bar, one_thread():
         for key, state, rel in todo:
             t = reader.read(key)
             bar.update(t.numel() * t.element_size())
@@ -219,93 +211,6 @@ def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, read
     mod.norm = getattr(layer.shared_experts, "norm", None)  # an output norm (Ergo) loads from the dense keys
     layer.shared_experts = mod
     return used
-
-
-class _Reader:
-    """The checkpoint's files, each opened once (lazily); errors name the file."""
-
-    def __init__(self, files: dict[str, str]):
-        self.files = files
-        self.order = {f: i for i, f in enumerate(sorted(set(files.values())))}
-        self.headers: dict[str, dict] = {}
-        self.handles: dict[str, object] = {}
-
-    def _header(self, key: str) -> tuple[str, int, int]:
-        f = self.files[key]
-        if f not in self.headers:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"checkpoint shard {f} (holding {key!r}) does not exist")
-            self.headers[f] = read_header(f)
-        if key not in self.headers[f]:
-            raise KeyError(f"checkpoint key {key!r} is listed for {f} but the file does not hold it")
-        return self.headers[f][key]
-
-    def position(self, key: str) -> tuple[int, int]:
-        return self.order[self.files[key]], self._header(key)[1]
-
-    def nbytes(self, key: str) -> int:
-        _, start, end = self._header(key)
-        return end - start
-
-    def read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        f = self.files[key]
-        self._header(key)
-        if f not in self.handles:
-            try:
-                self.handles[f] = safe_open(f, framework="pt", device="cpu")
-            except Exception as err:  # safetensors raises its own error types
-                raise ValueError(f"{f} is not a readable .safetensors file: {err}") from None
-        try:
-            return _read(self.handles[f], key)
-        except Exception as err:
-            raise ValueError(f"{f}: cannot read tensor {key!r}: {err}") from None
-
-    def close(self) -> None:
-        self.handles.clear()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, progress: bool | None):
-    if progress is False:
-        yield _NoBar()
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, unit="B", unit_scale=True, desc="moekit: loading MoE layers",
-              disable=None if progress is None else False, file=sys.stderr) as bar:
-        yield bar
-
-
-#: loads in progress and torch's intra-op thread count before the first of them (see :func:`_one_thread`)
-_ONE_THREAD = {"loads": 0, "threads": 0}
-_ONE_THREAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Copies of checkpoint tensors are memory-bound and mostly small: with several intra-op threads they
-    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster. torch's setting is
-    process-wide: overlapping loads (threads) share one save and restore, by the first and the last of them
-    (round 49: two overlapping loads left the process at 1 thread)."""
-    with _ONE_THREAD_LOCK:
-        if _ONE_THREAD["loads"] == 0:
-            _ONE_THREAD["threads"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ONE_THREAD["loads"] += 1
-    try:
-        yield
-    finally:
-        with _ONE_THREAD_LOCK:
-            _ONE_THREAD["loads"] -= 1
-            if _ONE_THREAD["loads"] == 0:
-                torch.set_num_threads(_ONE_THREAD["threads"])
 
 
 def _load_one(state, rel: str, t: torch.Tensor, key: str, what: str | None = None) -> None:
