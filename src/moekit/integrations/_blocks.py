@@ -55,14 +55,14 @@ def _block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Te
     return own
 
 
-def _quant_dtype(own: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -> torch.dtype:
+def _quant_dtype(own: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -> torch.dtype | None:
     """The activation dtype of a layer whose expert stacks are quantised: that of the block's first float weight
     outside the stacks (router, shared MLP), else of any float tensor. Not a float32 scale's or selection bias's:
     a bf16 fp8 model's layer would be float32 and refuse the bf16 hidden states."""
     skip = set(construction_tensors(own))
     first = [t.dtype for rel, t in own.items() if rel not in stacks and rel not in skip and not is_quant_tensor(rel, t)
              and t.dtype in KERNEL_DTYPES]
-    return (first or [t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES])[0]
+    return (first or [t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES] or [None])[0]
 
 
 def _is_stack(spec: ArchSpec, rel: str) -> bool:
@@ -81,11 +81,11 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     own = _block_tensors(block, spec, plan)
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
     if act_dtype not in KERNEL_DTYPES:
-        act_dtype = None
+        act_dtype = _quant_dtype(own, stacks)
     quant = fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt) or \
-        mxfp4_stacks(block, stacks, spec, plan, fmt, lambda: act_dtype or _quant_dtype(own, stacks))
+        mxfp4_stacks(block, stacks, spec, plan, fmt, act_dtype)
     w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
-    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else act_dtype or _quant_dtype(own, stacks)
+    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else act_dtype
     layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
                         routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
                         quant_config=quant[0] if quant else None, graph_pool=graph_pool,

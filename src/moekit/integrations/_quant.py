@@ -196,9 +196,9 @@ def _mxfp4_part(stacks: dict, proj: str, kind: str, what: str) -> torch.Tensor |
     return t
 
 
-def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtype):
+def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtype: torch.dtype | None):
     """(format, (w13, w2, b13, b2, {w13_scale, w2_scale})) in SPEC §8's mxfp4 layout (``w13 [E, 2I, H/2]`` uint8 gate
-    rows then up, ``w2 [E, H, I/2]``, e8m0 scales ``[E, 2I, H/32]`` / ``[E, H, I/32]``, biases in ``dtype()``) from a
+    rows then up, ``w2 [E, H, I/2]``, e8m0 scales ``[E, 2I, H/32]`` / ``[E, H, I/32]``, biases in ``dtype``) from a
     block whose expert stacks are mxfp4 codes; None when they are not (float stacks: transformers dequantised them).
     Interleaved gate/up rows (gpt-oss) are de-interleaved: a converted copy of the 4-bit bytes and their scales; the
     down stack and its scales are shared."""
@@ -238,7 +238,6 @@ def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtyp
         if b13 is None or b2 is None:
             raise NotImplementedError(f"{what}: the plan has expert biases but the block holds none")
         b13 = gate_up_rows(b13, layout, bias=True)
-        want = dtype()
-        b13, b2 = (b if b.dtype == want else b.detach().to(want) for b in (b13, b2))
+        b13, b2 = (b if dtype is None or b.dtype == dtype else b.detach().to(dtype) for b in (b13, b2))
     w13, s13 = gate_up_rows(w13, layout), gate_up_rows(s13, layout)
     return fmt, (w13, w2, b13, b2, {"w13_scale": s13, "w2_scale": s2})
