@@ -5,11 +5,17 @@ dequantised copy. It used to fail with "ValueError: w13_weight must have shape [
 On CPU transformers dequantises mxfp4 at load and its mxfp4 forward needs triton_kernels from the hub, so the
 experts are built here by hand (:func:`hf_quant.mxfp4_gpt_oss`): random codes and scales in the plain layout, and the
 reference is the same model with transformers' own dequantisation of them in its float ``GptOssExperts``.
+
+On a GPU transformers holds them in triton_kernels' swizzled layout (``Tensor`` wrappers, scales in a
+``PrecisionConfig``); patch() reads them back through each layout's own ``unswizzle_data``. On CPU a fake of those
+objects (:class:`ShuffledLayout`, a non-trivial invertible layout) stands in; the GPU test uses triton_kernels itself.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import sys
 
 import pytest
@@ -22,6 +28,7 @@ from hf_quant import mxfp4_gpt_oss  # noqa: E402
 
 import moekit  # noqa: E402
 from moekit.integrations import _restore  # noqa: E402
+from moekit.integrations._restore import extra_bytes, swizzled_storages  # noqa: E402
 from moekit.integrations.transformers import patch, unpatch  # noqa: E402
 
 
@@ -98,27 +105,174 @@ def test_mxfp4_unpatch_needs_restorable(monkeypatch):
     assert all(model.get_submodule(n) is b for n, b in blocks.items())
 
 
-class HopperMXValueLayout:  # stands in for triton_kernels' layout classes (not installed on CPU)
+class HopperMXValueLayout:  # a layout without unswizzle_data (triton_kernels' newer make_transformation API)
     pass
 
 
-class _Storage:
-    layout = HopperMXValueLayout()
+class _Storage:  # triton_kernels' Storage: the stored tensor and its layout
+    def __init__(self, data, layout):
+        self.data, self.layout = data, layout
 
 
 class _TritonTensor:  # triton_kernels' Tensor: a wrapper, not a torch.Tensor
-    storage = _Storage()
+    def __init__(self, data, layout):
+        self.storage = _Storage(data, layout)
 
 
-def test_swizzled_mxfp4_refused():
-    # what transformers builds for its GPU kernels (Mxfp4Deserialize): gate_up_proj a triton_kernels tensor in a
-    # swizzled layout, the scales in a PrecisionConfig. Refused naming the layout (it used to fail on a missing key)
+class PrecisionConfig:  # triton_kernels' matmul_ogs.PrecisionConfig: the scales of a swizzled weight
+    def __init__(self, weight_scale):
+        self.weight_scale, self.flex_ctx = weight_scale, None
+
+
+class ShuffledLayout:
+    """A swizzled layout of triton_kernels' API as transformers uses it (``layout_cls(shape, **opts)``, then
+    ``swizzle_data`` / ``unswizzle_data``): ``[..., M, K]`` stored as ``[..., K, M]`` with those rows rolled by one,
+    the columns reversed and every byte XOR 0x5A. Reading ``storage.data`` without ``unswizzle_data`` gives the
+    expected shape with wrong bytes, forgetting the transpose back the wrong shape. ``e8m0``: unswizzled as
+    float8_e8m0fnu (as a triton_kernels may give scales); ``pad``: one extra row unswizzled (a wrong shape)."""
+
+    def __init__(self, shape, e8m0=False, pad=False):
+        self.shape, self.e8m0, self.pad = list(shape), e8m0, pad
+
+    def swizzle_data(self, data):
+        return (data.transpose(-1, -2).flip(-1).roll(1, -2) ^ 0x5A).contiguous()
+
+    def unswizzle_data(self, data):
+        out = (data ^ 0x5A).roll(-1, -2).flip(-1).transpose(-1, -2).contiguous()  # (so the transpose back is not)
+        out = torch.cat([out, out[..., :1, :]], -2) if self.pad else out
+        return out.view(torch.float8_e8m0fnu) if self.e8m0 else out
+
+
+def _swizzle(model, value=ShuffledLayout, scale=ShuffledLayout, value_opts=None, scale_opts=None):
+    """``model``'s mxfp4 experts as transformers holds them on a GPU (``swizzle_mxfp4_convertops``): each stack's
+    codes ``[E, N, K/2]`` swizzled transposed, the Parameter deleted and the wrapper set in its place, the scales
+    (transposed) in ``{proj}_precision_config.weight_scale``; no ``*_scales`` Parameter left."""
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            parts = []
+            for t, cls, opts in ((ex._parameters.pop(proj).data, value, value_opts),
+                                 (ex._parameters.pop(f"{proj}_scales").data, scale, scale_opts)):
+                t = t.transpose(-2, -1)
+                layout = cls(t.shape, **(opts or {}))
+                parts.append(_TritonTensor(layout.swizzle_data(t), layout))
+            setattr(ex, proj, parts[0])
+            setattr(ex, f"{proj}_precision_config", PrecisionConfig(parts[1]))
+    return model
+
+
+@pytest.mark.parametrize("e8m0", [False, True])
+def test_patch_keeps_swizzled_mxfp4_experts(e8m0):
+    # what transformers builds for its GPU kernels (Mxfp4Deserialize): triton_kernels tensors in a swizzled layout,
+    # the scales in a PrecisionConfig. Read back through the layouts' own unswizzle_data (as transformers'
+    # Mxfp4ReverseDeserialize does), the moekit layer holds exactly what the plain layout gives (it used to be refused)
+    ref, model = mxfp4_gpt_oss()
+    plain = copy.deepcopy(model)
+    _swizzle(model, scale_opts={"e8m0": e8m0})
+    held = {n: (m, m.experts.gate_up_proj, m.experts.down_proj_precision_config.weight_scale.storage.data.clone())
+            for n, m in model.named_modules() if n.endswith("mlp")}
+    ids = _ids()
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert patch(plain, backend="torch") == patch(model, backend="torch", restorable=True) == list(held)
+    for name in held:
+        got, exp = (m.get_submodule(name).moe.routed_experts for m in (model, plain))
+        assert isinstance(got.quant, moekit.Mxfp4Format)
+        for n, t in exp.named_parameters():
+            u = dict(got.named_parameters())[n]
+            assert u.dtype == t.dtype and u.is_contiguous() and torch.equal(u, t), n
+    with torch.no_grad():
+        out = model(ids).logits
+        assert torch.equal(out, plain(ids).logits)  # bit-identical to the plain layout's layer
+        assert _rel(out, want) < 1e-4  # and transformers' dequantised experts (as the plain test)
+    # read only: the transformers module keeps its swizzled tensors, and unpatch() puts the very same block back
+    assert unpatch(model) == list(held)
+    for name, (block, w, s) in held.items():
+        ex = model.get_submodule(name).experts
+        assert model.get_submodule(name) is block and ex.gate_up_proj is w
+        assert torch.equal(ex.down_proj_precision_config.weight_scale.storage.data, s)
+
+
+def test_swizzled_storages_are_found():
+    # the torch tensors a swizzled block holds outside its parameters (what keeping it for unpatch() costs)
+    model = _swizzle(mxfp4_gpt_oss()[1])
+    block = model.model.layers[0].mlp
+    ex = block.experts
+    want = [getattr(ex, p).storage.data for p in ("gate_up_proj", "down_proj")] + \
+        [getattr(ex, f"{p}_precision_config").weight_scale.storage.data for p in ("gate_up_proj", "down_proj")]
+    assert {t.data_ptr() for t in swizzled_storages(block)} == {t.data_ptr() for t in want}
+    assert swizzled_storages(mxfp4_gpt_oss()[1].model.layers[0].mlp) == []
+    # keeping the block for unpatch() costs those bytes too (the moekit layer holds unswizzled copies): the byte
+    # count that decides whether patch() keeps it by default sees them (it counted parameters and buffers only)
+    patch(model, backend="torch", restorable=True)
+    cost, _ = extra_bytes(block, model.model.layers[0].mlp.moe)
+    assert cost >= sum(t.untyped_storage().nbytes() for t in want)
+
+
+def test_swizzled_layout_without_unswizzle_refused():
+    # a layout object without unswizzle_data (triton_kernels' newer API: make_transformation): refused naming it and
+    # what patch() needs, not read some other way
     _, model = mxfp4_gpt_oss()
     ex = model.model.layers[0].mlp.experts
     del ex._parameters["gate_up_proj"], ex._parameters["gate_up_proj_scales"]
-    ex.gate_up_proj, ex.gate_up_proj_precision_config = _TritonTensor(), object()
-    with pytest.raises(NotImplementedError, match="swizzled mxfp4 layout .*HopperMXValueLayout.*plain layout"):
+    ex.gate_up_proj = _TritonTensor(torch.zeros(4, 32, 64, dtype=torch.uint8), HopperMXValueLayout())
+    ex.gate_up_proj_precision_config = PrecisionConfig(_TritonTensor(torch.zeros(4, 2, 64, dtype=torch.uint8),
+                                                                     ShuffledLayout([4, 2, 64])))
+    with pytest.raises(NotImplementedError, match="gate_up_proj.*HopperMXValueLayout.*no unswizzle_data"):
         patch(model, backend="torch")
+
+
+@pytest.mark.parametrize(("part", "name"), [("value", r"gate_up_proj \(unswizzled"),
+                                            ("scale", r"gate_up_proj_precision_config.weight_scale \(unswizzled")])
+def test_swizzled_wrong_shape_refused(part, name):
+    # an unswizzled tensor of another shape than the plan's (here one padding row kept): ValueError naming it,
+    # got and expected, never a silent wrong answer
+    _, model = mxfp4_gpt_oss()
+    _swizzle(model, **{f"{part}_opts": {"pad": True}})
+    want, got = ("[4, 32, 64]", "[4, 33, 64]") if part == "value" else ("[4, 2, 64]", "[4, 3, 64]")
+    with pytest.raises(ValueError, match=f"{name}.*gave {re.escape(got)}.*expected {re.escape(want)}"):
+        patch(model, backend="torch")
+
+
+@pytest.mark.gpu
+def test_patch_keeps_triton_kernels_swizzled_mxfp4():
+    # the real thing: codes swizzled with triton_kernels' own API as transformers' swizzle_mxfp4 does (its default
+    # mxfp4 value layout for this GPU, StridedLayout scales), installed as swizzle_mxfp4_convertops does; the patched
+    # layers hold exactly what the plain layout gives
+    pytest.importorskip("triton_kernels")
+    from triton_kernels.tensor import FP4, convert_layout, wrap_torch_tensor
+    from triton_kernels.tensor_details import layout as tk_layout
+
+    chosen = tk_layout.make_default_matmul_mxfp4_w_layout(mx_axis=1)
+    if not isinstance(chosen, tuple):  # (class, options): the API transformers' swizzle_mxfp4 calls
+        pytest.skip(f"triton_kernels' make_default_matmul_mxfp4_w_layout returns {type(chosen).__name__}, not the "
+                    "(layout class, options) transformers' swizzle_mxfp4 expects")
+    value_layout, value_opts = chosen
+    ref, model = (m.to("cuda") for m in mxfp4_gpt_oss(dtype=torch.bfloat16))
+    plain = copy.deepcopy(model)
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            blocks = ex._parameters.pop(proj).data.contiguous()  # [E, N, K/2]
+            scales = ex._parameters.pop(f"{proj}_scales").data.contiguous()  # [E, N, K/32]
+            w = convert_layout(wrap_torch_tensor(blocks.transpose(-2, -1), dtype=FP4), value_layout, **value_opts)
+            s = convert_layout(wrap_torch_tensor(scales.transpose(-2, -1)), tk_layout.StridedLayout)
+            e, n, k = blocks.shape
+            w.shape = torch.Size([e, 2 * k, n])  # as transformers overwrites it for the kernels
+            setattr(ex, proj, w)
+            setattr(ex, f"{proj}_precision_config", PrecisionConfig(s))
+    ids = _ids().to("cuda")
+    names = patch(plain)
+    assert patch(model) == names
+    for name in names:
+        got, exp = (m.get_submodule(name).moe.routed_experts for m in (model, plain))
+        assert got.w13_weight.device.type == "cuda" and got.w13_weight.dtype == torch.uint8
+        for n, t in exp.named_parameters():
+            assert torch.equal(dict(got.named_parameters())[n], t), n
+    with torch.no_grad():
+        want, out = ref(ids).logits, model(ids).logits
+        assert _rel(out, plain(ids).logits) < 1e-3  # the same tensors and kernels (bf16 sums in any order)
+        assert _rel(out, want) < 1e-2  # SPEC §8's bf16 weight-only tolerance against transformers' dequantised ones
 
 
 def test_mxfp4_without_scales_refused():

@@ -176,3 +176,41 @@ def loaded_checkpoint_under_ep_tp(ctx):
             with torch.no_grad():  # (input_ids: the hash layer's; the other layer ignores them)
                 _close(ctx, layer(x, input_ids=ids).float(), ref[name](x, input_ids=ids).float(), f"{kind} {name}",
                        tol=1e-2)
+
+
+@check(2)
+def loaded_checkpoint_failure_reaches_every_rank(ctx):
+    # round 52: under EP a rank reads only its own experts' tensors, so a damaged expert tensor raised on the ranks
+    # holding that expert while the others waited in the next collective until the group's timeout. Rank 1's copy
+    # lacks expert 5's w2 (rank 1 holds experts 4-7): rank 1 raises the KeyError naming it, rank 0 a RuntimeError
+    # naming rank 1 and that error; both return at once and the group still works afterwards.
+    import os
+    import sys
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "loading"))
+    from test_loader_deepseek_v4_quant import _checkpoint
+
+    path = tempfile.mkdtemp(prefix=f"moekit-v4-broken-rank{ctx.rank}-")
+    _checkpoint(path, "fp4_top_level")
+    if ctx.rank == 1:
+        f = os.path.join(path, "model.safetensors")
+        tensors = load_file(f)
+        del tensors["layers.1.ffn.experts.5.w2.weight"]
+        save_file(tensors, f)
+    for kw in ({"ep_group": ctx.world_group}, {"tp_group": ctx.world_group}):
+        err = None
+        try:
+            moekit.load_moe_layers(path, dtype=torch.bfloat16, backend="torch", progress=False, **kw)
+        except (KeyError, RuntimeError) as e:
+            err = e
+        want = KeyError if ctx.rank == 1 else RuntimeError
+        ctx.expect(type(err) is want, f"{kw}: rank {ctx.rank} raised {type(err).__name__}: {err}, expected {want}")
+        if ctx.rank == 0 and err is not None:
+            msg = str(err)
+            ctx.expect("rank 1: KeyError" in msg and "experts.5" in msg, f"{kw}: rank 0's message: {msg[:300]}")
+    t = torch.ones(1, device=ctx.device)
+    torch.distributed.all_reduce(t, group=ctx.world_group)
+    ctx.expect(t.item() == 2.0, f"the group after the failures: all_reduce gave {t.item()}")

@@ -12,7 +12,14 @@
   with ``expert_dtype "fp4"``: int8 codes ``[E, N, K/2]``, e8m0 ``*_scale_inv [E, N, K/32]``), gate/up rows
   interleaved as the plan's layout says: SPEC §8's mxfp4 layout, the gate/up stack and its scales and bias
   de-interleaved once (a copy of the 4-bit bytes), the down stack shared (:func:`mxfp4_stacks`). The layout
-  transformers builds on a GPU (triton_kernels' swizzled tensors and ``PrecisionConfig`` scales) is refused.
+  transformers builds on a GPU (``Mxfp4GptOssExperts`` holding triton_kernels ``Tensor`` wrappers in a swizzled
+  layout, the scales in ``{proj}_precision_config.weight_scale``) is read back through each layout's own
+  ``unswizzle_data``, as transformers' ``Mxfp4ReverseDeserialize`` does, then mapped as the plain layout: the moekit
+  layer holds plain-layout copies (views where ``unswizzle_data`` returns the stored tensor, e.g. ``StridedLayout``
+  scales). The swizzled tensors are only read (the block is not changed): a block kept for ``unpatch()`` holds them
+  beside the layer's copies, a second copy of its experts, as the plain layout's interleaved gate/up stack is. They are
+  no parameters or buffers: :func:`~._restore.swizzled_storages` lists them for the byte count that decides whether a
+  replaced block is kept without ``restorable=True``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from ..loading.architectures import ArchSpec, checkpoint_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant_shared import QuantSharedMLP, shared_projs
 from ..ops.formats import Fp8BlockFormat, Mxfp4Format
+from ._restore import stored_tensor
 
 #: last parts of a block tensor's name that mark a quantised linear's tensors, and endings that mark a quantised
 #: expert stack's (``experts.gate_up_proj_blocks`` ...)
@@ -166,16 +174,64 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---- mxfp4 expert stacks -----------------------------------------------------------------------------
-def _swizzled(experts) -> str | None:
-    """What names the GPU layout transformers' mxfp4 experts hold (triton_kernels tensors / PrecisionConfig), or
-    None for the plain layout."""
-    for proj in ("gate_up_proj", "down_proj"):
-        t = getattr(experts, proj, None)
-        if getattr(experts, f"{proj}_precision_config", None) is not None or (t is not None and
-                                                                           not isinstance(t, torch.Tensor)):
-            layout = getattr(getattr(t, "storage", None), "layout", None)
-            return f"{proj}: {type(t).__name__} with layout {type(layout).__name__ if layout is not None else '?'}"
-    return None
+_PROJS = ("gate_up_proj", "down_proj")
+
+
+def _unswizzled(t, name: str, want: tuple, dtypes: tuple, dims: str) -> torch.Tensor:
+    """``t``, a triton_kernels ``Tensor`` holding an mxfp4 stack ``want`` = ``[E, N, K]`` swizzled from its transpose
+    ``[E, K, N]`` (transformers' ``swizzle_mxfp4_convertops``), back as ``[E, N, K]``: its layout's own
+    ``unswizzle_data`` of ``storage.data``, the last two dims swapped (transformers' ``Mxfp4ReverseDeserialize``); a
+    view of what ``unswizzle_data`` returns. ``name``: what errors call it; ``dtypes``: those it may hold."""
+    storage = getattr(t, "storage", None)
+    if stored_tensor(t) is None:
+        raise NotImplementedError(f"{name} is a {type(t).__name__}, neither a torch tensor nor a triton_kernels Tensor "
+                                  "(.storage.data, .storage.layout); patch() cannot read its mxfp4 bytes")
+    layout = getattr(storage, "layout", None)
+    if not callable(getattr(layout, "unswizzle_data", None)):
+        raise NotImplementedError(
+            f"{name}: its triton_kernels layout {type(layout).__name__} has no unswizzle_data; patch() reads swizzled "
+            "mxfp4 stacks back only through the layout's own unswizzle_data, the API transformers' mxfp4 integration "
+            "uses (Mxfp4ReverseDeserialize; the hub's kernels-community/triton_kernels). Use that triton_kernels, load "
+            "the checkpoint with moekit.load_moe_layers, or the model with Mxfp4Config(dequantize=True)")
+    out = layout.unswizzle_data(storage.data)
+    stored = [want[0], want[2], want[1]]
+    if not isinstance(out, torch.Tensor) or list(out.shape) != stored:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} (unswizzled): {type(layout).__name__}.unswizzle_data gave {got}, expected "
+                         f"{stored} (the transpose of {list(want)}: mxfp4, {dims})")
+    if out.dtype not in dtypes:
+        raise TypeError(f"{name} (unswizzled) must hold {' or '.join(str(d) for d in dtypes)}, got {out.dtype}")
+    return out.transpose(-1, -2)
+
+
+def _swizzled_stacks(experts, plan: LayerPlan, fmt, what: str) -> dict:
+    """``{experts.{proj}: uint8 codes [E, N, K/2], experts.{proj}_scales: e8m0 [E, N, K/32]}`` of the stacks that
+    ``experts`` holds in triton_kernels' swizzled layout (``{proj}`` a triton_kernels ``Tensor``, its scales in
+    ``{proj}_precision_config.weight_scale``), unswizzled (:func:`_unswizzled`); {} for the plain layout. Only read:
+    the module keeps its swizzled tensors."""
+    out = {}
+    e, inter, hidden = plan.num_experts, plan.intermediate_size, plan.hidden_size
+    e8m0 = tuple(d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)) if d is not None)
+    for proj in _PROJS:
+        t, config = getattr(experts, proj, None), getattr(experts, f"{proj}_precision_config", None)
+        if config is None and (t is None or isinstance(t, (torch.Tensor, torch.nn.Module))):
+            continue  # the plain layout (or no such stack: mxfp4_stacks tells)
+        if isinstance(t, torch.Tensor) or config is None:
+            raise NotImplementedError(
+                f"{what}.{proj} is a {type(t).__name__} with {proj}_precision_config {type(config).__name__}; patch() "
+                "maps triton_kernels' swizzled stacks (a triton_kernels Tensor, its scales in a PrecisionConfig) or "
+                "plain uint8 codes with *_scales tensors, not a mix")
+        if not isinstance(fmt, Mxfp4Format):
+            raise NotImplementedError(f"{what}: swizzled expert stacks with quantization_config {fmt} (only mxfp4 is "
+                                      "mapped)")
+        dims = f"E={e}, I={inter}, H={hidden}"
+        wants = (fmt.w13_shape(e, inter, hidden), fmt.w13_scale_shape(e, inter, hidden)) if proj == "gate_up_proj" \
+            else (fmt.w2_shape(e, inter, hidden), fmt.w2_scale_shape(e, inter, hidden))
+        out[f"experts.{proj}"] = _unswizzled(t, f"{what}.{proj}", wants[0], (torch.uint8, torch.int8), dims)
+        scale_name = f"{what}.{proj}_precision_config.weight_scale"
+        out[f"experts.{proj}_scales"] = _unswizzled(getattr(config, "weight_scale", None), scale_name, wants[1], e8m0,
+                                                    dims)
+    return out
 
 
 def _mxfp4_part(stacks: dict, proj: str, kind: str, what: str) -> torch.Tensor | None:
@@ -201,16 +257,18 @@ def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtyp
     rows then up, ``w2 [E, H, I/2]``, e8m0 scales ``[E, 2I, H/32]`` / ``[E, H, I/32]``, biases in ``dtype``) from a
     block whose expert stacks are mxfp4 codes; None when they are not (float stacks: transformers dequantised them).
     Interleaved gate/up rows (gpt-oss) are de-interleaved: a converted copy of the 4-bit bytes and their scales; the
-    down stack and its scales are shared."""
+    down stack and its scales are shared.
+
+    The stacks of transformers' GPU layout (triton_kernels' swizzled tensors, scales in a ``PrecisionConfig``) are
+    unswizzled through their layouts' ``unswizzle_data`` (:func:`_swizzled_stacks`; refused, ``NotImplementedError``,
+    for a layout without it) and then checked and converted as the plain layout; the layer holds contiguous copies
+    (views where ``unswizzle_data`` returns the stored tensor). The block is not changed: kept for ``unpatch()``, it
+    holds its swizzled tensors beside those copies, as a plain block holds its interleaved gate/up stack beside the
+    de-interleaved copy (:func:`~._restore.swizzled_storages` lists them: they are no parameters)."""
     experts = getattr(block, "experts", None)
     what = f"{plan.name}.experts ({type(experts).__name__})"
-    swizzled = _swizzled(experts) if experts is not None else None
-    if swizzled is not None:
-        raise NotImplementedError(
-            f"{what} holds triton_kernels' swizzled mxfp4 layout ({swizzled}, scales in a PrecisionConfig), what "
-            "transformers builds for its GPU kernels; patch() maps the plain layout only (uint8 codes [E, N, K/2] "
-            "with e8m0 *_scales [E, N, K/32]). Load the checkpoint with moekit.load_moe_layers, or the model with "
-            "Mxfp4Config(dequantize=True)")
+    swizzled = _swizzled_stacks(experts, plan, fmt, what) if experts is not None else {}
+    stacks = {**stacks, **swizzled}
     w13 = _mxfp4_part(stacks, "gate_up_proj", "weight", what)
     if w13 is None or w13.dtype != torch.uint8:
         return None  # float stacks (dequantised at load), or another format's (fp8: fp8_stacks)
@@ -240,4 +298,6 @@ def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtyp
         b13 = gate_up_rows(b13, layout, bias=True)
         b13, b2 = (b if dtype is None or b.dtype == dtype else b.detach().to(dtype) for b in (b13, b2))
     w13, s13 = gate_up_rows(w13, layout), gate_up_rows(s13, layout)
+    if swizzled:  # (transposed views of what unswizzle_data gave; no second copy where de-interleaving made one)
+        w13, w2, s13, s2 = (t.contiguous() for t in (w13, w2, s13, s2))
     return fmt, (w13, w2, b13, b2, {"w13_scale": s13, "w2_scale": s2})

@@ -7,6 +7,8 @@ pre-hook.
 
 from __future__ import annotations
 
+import torch
+
 #: attribute (in the stand-in's ``__dict__``) holding what a stand-in replaced: the block (a ``MoEBlockAdapter``) or,
 #: for a layer-level MoE (Gemma 4), ``{member: module}`` of the decoder layer's MoE attributes (a ``LayerMoEAdapter``)
 ORIGINAL = "_moekit_original"
@@ -31,7 +33,7 @@ def extra_bytes(original, moe) -> tuple[int, int]:
     mods = original.values() if isinstance(original, dict) else [original]
     seen, extra, same = set(), 0, 0
     for m in mods:
-        for t in list(m.parameters()) + list(m.buffers()):
+        for t in list(m.parameters()) + list(m.buffers()) + swizzled_storages(m):
             st = t.untyped_storage()
             if t.device.type == "meta" or st.data_ptr() in seen:
                 continue
@@ -41,6 +43,31 @@ def extra_bytes(original, moe) -> tuple[int, int]:
             else:
                 extra += st.nbytes()
     return extra, same
+
+
+def stored_tensor(obj) -> torch.Tensor | None:
+    """The torch tensor a triton_kernels ``Tensor`` (a wrapper, not a ``torch.Tensor``) stores, ``obj.storage.data``;
+    None for anything else."""
+    if obj is None or isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        return None
+    data = getattr(getattr(obj, "storage", None), "data", None)
+    return data if isinstance(data, torch.Tensor) else None
+
+
+def swizzled_storages(module) -> list[torch.Tensor]:
+    """The torch tensors ``module`` and its submodules hold as triton_kernels ``Tensor`` attributes or in a
+    ``PrecisionConfig``'s ``weight_scale`` (transformers' mxfp4 experts on a GPU). They are not parameters or
+    buffers, so a byte count over those (what keeping a replaced block for ``unpatch()`` costs) misses them: a
+    swizzled block patched by :func:`~._quant.mxfp4_stacks` keeps them all (the moekit layer holds unswizzled
+    copies), so :func:`extra_bytes` counts them."""
+    out, seen = [], set()
+    for m in module.modules():
+        for value in vars(m).values():
+            for t in (stored_tensor(value), stored_tensor(getattr(value, "weight_scale", None))):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return out
 
 
 def keep_original(stand_in, original, moe, restorable: bool) -> None:

@@ -12,7 +12,8 @@ transformers is imported inside the functions only: ``import moekit`` never need
   layouts agree (transposed / interleaved / flat expert stacks and Inkling's appended shared experts are
   converted once, a copy). Quantised blocks stay quantised (:mod:`moekit.integrations._quant`): fp8 ``FP8Experts``
   stacks and ``FP8Linear`` shared MLPs keep their fp8 bytes, plain-layout mxfp4 ``Mxfp4GptOssExperts`` stay 4-bit
-  (gate/up rows de-interleaved: a copy); triton_kernels' swizzled layout is refused. The adapter returns what the
+  (gate/up rows de-interleaved: a copy), also from triton_kernels' swizzled layout (read back through its own
+  ``unswizzle_data``: a copy). The adapter returns what the
   block returned: a tensor, gpt-oss's ``(hidden, router_scores)`` (the OpenAI privacy filter's scores divided by
   K) or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
   (``output_router_logits``) is not reproduced (patched models are for inference): :func:`patch` refuses a model

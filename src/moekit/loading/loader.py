@@ -23,6 +23,7 @@ from .._checks import as_float_dtype, check_bool, check_device
 from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
+from ..parallel.setup import fail_together
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers
 from .files import checkpoint_files, config_dtype, read_config
@@ -66,9 +67,10 @@ def load_moe_layers(
             Each rank keeps its experts (EP) or its slice of every expert (TP; quantised slices on block
             boundaries, else ``ValueError``); shared experts are replicated. A rank reads its own experts' tensors
             of a per-expert checkpoint (``experts.{e}....``; static input scales of every expert: their max),
-            fused expert stacks whole (one tensor at a time). A missing or malformed expert tensor then raises on
-            the ranks that hold the expert only; the other ranks wait in the layers' next collective until the
-            process group's timeout.
+            fused expert stacks whole (one tensor at a time). A missing or malformed expert tensor raises its error
+            on the ranks that hold the expert; the other ranks of ``ep_group`` / ``tp_group`` then raise
+            ``RuntimeError`` naming those ranks and their errors (one object all-gather per group after the last
+            tensor, every call), so no rank waits for a peer that has failed.
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -158,17 +160,23 @@ def load_moe_layers(
             if rel not in CONSTRUCTION and key not in done and not states[name].elsewhere(rel)]
     todo.sort(key=lambda item: reader.position(item[0]))
     total = sum(reader.nbytes(key) for key, _, _ in todo)
-    with progress_bar(total, progress) as bar, one_thread():
-        for key, state, rel in todo:
-            t = reader.read(key)
-            bar.update(t.numel() * t.element_size())
-            x = None
-            for piece, x in expand_key(spec, state.plan, rel, t, key):
-                _load_one(state, piece, x, key, rel)
-            del t, x  # nothing of this tensor lives on while the next one is read
-    reader.close()
-    for name, state in states.items():
-        _check_complete(state, assigned[name], spec)
+    failure = None  # under EP, ranks read different expert tensors: one rank's error is told to the others
+    try:
+        with progress_bar(total, progress) as bar, one_thread():
+            for key, state, rel in todo:
+                t = reader.read(key)
+                bar.update(t.numel() * t.element_size())
+                x = None
+                for piece, x in expand_key(spec, state.plan, rel, t, key):
+                    _load_one(state, piece, x, key, rel)
+                del t, x  # nothing of this tensor lives on while the next one is read
+        for name, state in states.items():
+            _check_complete(state, assigned[name], spec)
+    except Exception as err:  # noqa: BLE001 - re-raised by fail_together, on this rank and (as RuntimeError) its peers
+        failure = err
+    finally:
+        reader.close()
+    fail_together(f"load_moe_layers({path!r})", failure, (ep_group, tp_group))
     return {name: state.layer for name, state in states.items()}
 
 

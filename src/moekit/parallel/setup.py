@@ -82,3 +82,30 @@ def agree(name: str, group, mine: tuple) -> None:
                          f"rank of {name} must build the layer alike" + (
                              " (EP peers hold the same tensor-parallel slice: each EP group takes one rank of equal "
                              "tp_rank from every TP group)" if "tp_rank" in differ else ""))
+
+
+def fail_together(what: str, failure: BaseException | None, groups) -> None:
+    """Every rank of each group in ``groups`` (process groups or None) learns whether any of them failed ``what``: one
+    object all-gather per group, in order, each passing on what the earlier ones told (so an EP group and a TP group
+    that meet in one rank reach the whole grid). A failing rank re-raises its own ``failure``; the others raise
+    ``RuntimeError`` naming the failing global ranks and their errors, instead of waiting in the next collective
+    until the process group's timeout. Every rank of the groups must call it, failed or not."""
+    sizes = [group_size(g) for g in groups]
+    if all(s == 1 for s in sizes):
+        if failure is not None:
+            raise failure
+        return
+    import torch.distributed as dist
+
+    failed = {} if failure is None else {dist.get_rank(): f"{type(failure).__name__}: {str(failure)[:400]}"}
+    for group, size in zip(groups, sizes):
+        if size > 1:
+            everyone: list = [None] * size
+            dist.all_gather_object(everyone, failed, group=group)
+            for told in everyone:
+                failed.update(told)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"{what} failed on global rank(s) {sorted(failed)} (this rank, {dist.get_rank()}, did "
+                           "not): " + "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items())))
