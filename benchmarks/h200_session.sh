@@ -195,6 +195,38 @@ R45P="gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120
 R45P="$R45P,deepseek-v3:4096,qwen3-30b-a3b:4096"
 
 case $WHAT in
+  r52-a)  # round 52: the extra shapes' tables on this GPU: bf16 tuned with --block-k 128 (round 51's H100 tables fixed
+    # BLOCK_K 64 at the largest bucket and were 2-4 % slower than the heuristic at T <= 64) and gpt-oss-20b mxfp4 (the
+    # H200 had none), merged into this copy's shipped file, rows alone vs in batches (SPEC §9), the heuristic beside
+    # them; and whether this machine has triton_kernels
+    r42_prepare
+    python -c "import importlib.util as u; print('triton_kernels', u.find_spec('triton_kernels'), 'kernels', \
+u.find_spec('kernels'))"
+    mkdir -p "$OUT/tuned"
+    step r52-tune-bf16 200 python -m moekit tune --models gpt-oss-20b,deepseek-v2-lite --block-k 128 --budget-s 65 \
+      --out "$OUT/tuned"
+    step r52-tune-mxfp4 130 python -m moekit tune --models gpt-oss-20b --quant mxfp4 --budget-s 90 --out "$OUT/tuned"
+    grep -h "^summary" "$OUT"/r52-tune-*.log
+    merge_tuned "$OUT/tuned"
+    cp src/moekit/configs/NVIDIA_*.json "$OUT/"
+    step gpu-r52-inv 100 python -m pytest -p no:cacheprovider -rf --tb=short -n 4 -m gpu \
+      tests/ops/test_batch_invariance_gpu.py -k "shipped and (oss-20b or v2-lite)"
+    grep -h "passed\|failed" "$OUT"/gpu-r52*.log | tail -2
+    step r52-ab 150 python benchmarks/heuristic_ab.py --shapes gpt-oss-20b,deepseek-v2-lite --formats bf16,mxfp4 \
+      --out "$OUT/r52-ab.json"
+    ;;
+  r52-b)  # round 52: the sweep of record (bf16 + fp8, four benchmark shapes, experts step and layer) on this round's
+    # code, then round 51's epilogue change (swigluoai as (u + 1)·(g·σ(αg))) beside round 50's tree (its src carried as
+    # .ab/base/src: `mkdir -p .ab/base && git archive 9d84a85 src | tar -x -C .ab/base`), gpt-oss-120b bf16, once each
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    sweep 330
+    local_b="--quant bf16 --models gpt-oss-120b --tokens 1,64,1024,4096 --fast --no-experts"
+    step r52-oss-base 80 env PYTHONPATH=.ab/base/src python -m moekit bench $local_b --out "$OUT/b-base"
+    step r52-oss-new 80 python -m moekit bench $local_b --out "$OUT/b-new"
+    rm -f "$OUT"/b-*/*.png
+    python benchmarks/triton_ab.py "$OUT"/b-base/*.json "$OUT"/b-new/*.json --labels base,new --md "$OUT/r52-ab.md" \
+      | tail -8
+    ;;
   r45-a)  # round 45 (not run: no device was lent): gpt-oss's rows (2880 = 22.5 chunks) re-laid, the half chunk copied
     # into a whole chunk's places by the last K step; the Triton 4-bit GEMMs decoding re-laid words in place. The bit
     # tests (re-laid vs SPEC-packed: Gluon and Triton kernels, the layer), then the probe (SPEC-packed vs re-laid,
