@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekit.benchmarking import tune, tune_checks, tune_forms
+from moekit.benchmarking import tune, tune_auto, tune_checks, tune_forms, tune_tables
 from moekit.benchmarking.shapes import MODELS, TOKENS, ModelShape
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
@@ -186,7 +186,7 @@ def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
     cfg3, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
     assert info["best_us"] == info["base_us"] and not cfg3.get("tma")
     assert any("FAILED: same_output raised RuntimeError: out of resource" in s for s in logs), logs
-    tune.log_summary([("qwen3-30b-a3b", "-", {4: info})], logs.append)
+    tune_tables.log_summary([("qwen3-30b-a3b", "-", {4: info})], logs.append)
     assert logs[-1].endswith("(0% faster; the best candidate failed same_output)"), logs[-1]
 
 
@@ -390,6 +390,64 @@ def test_run_tune_force_block_k(tmp_path, monkeypatch):
         tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False, quant="fp8", force_block_k=128)
     with pytest.raises(ValueError, match="force_block_k"):
         tune.run_tune([(m, [1])], out=tmp_path, log=logs.append, bar=False, force_block_k=96)
+
+
+def test_pick_block_k_geometric_mean_over_common_buckets():
+    """``--block-k auto`` keeps the BLOCK_K whose tuned buckets are faster in geometric mean relative to the fastest
+    run per bucket; buckets one run left untimed (NaN) are left out; a tie or nothing common: the first candidate."""
+    nan = float("nan")
+    runs = {128: {1: {"best_us": 50.0}, 64: {"best_us": 400.0}, 16384: {"best_us": 1100.0}},
+            64: {1: {"best_us": 52.0}, 64: {"best_us": 410.0}, 16384: {"best_us": 1000.0}}}
+    bk, why = tune_auto.pick_block_k(runs)  # 128: (1, 1, 1.1)^(1/3) = 1.032 vs 64: (1.04, 1.025, 1)^(1/3) = 1.022
+    assert bk == 64 and "T=16384: 1100.0 / 1000.0" in why and "128: 1.032" in why and "64: 1.022" in why
+    runs[64][1]["best_us"] = 60.0  # decode 20 % slower at 64: 128 wins
+    assert tune_auto.pick_block_k(runs)[0] == 128
+    runs[128][16384]["best_us"] = nan  # past 128's budget: left out, the other two buckets decide
+    bk, why = tune_auto.pick_block_k(runs)
+    assert bk == 128 and "T=16384" not in why
+    same = {64: {1: {"best_us": 5.0}}, 128: {1: {"best_us": 5.0}}}
+    assert tune_auto.pick_block_k(same)[0] == 64  # a tie: the first candidate (the largest bucket's heuristic BK)
+    assert tune_auto.pick_block_k({128: {1: {"best_us": nan}}, 64: {1: {"best_us": 3.0}}})[0] == 128
+
+
+def test_run_tune_block_k_auto(tmp_path, monkeypatch):
+    """``run_tune_auto`` (``moekit tune --block-k auto``): a new bf16 shape tuned once per BLOCK_K the heuristic uses
+    (128 at decode tiles, 64 above), each with half the budget, and the faster table (geometric mean) merged whole at
+    one BLOCK_K; a shape the out file holds is skipped; quantised refused."""
+    _isolate(tmp_path, monkeypatch, "Fake GPU", config_dir=tmp_path)
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    seen = []
+    fast = {"bk": 128}
+
+    def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
+        seen.append((t, fixed_bk))
+        us = 10.0 if fixed_bk[0] == fast["bk"] else 11.0
+        return tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)[1], "w", \
+            {"base_us": 12.0, "best_us": us, "timed": 5}
+
+    monkeypatch.setattr(tune, "tune_point", fake_point)
+    custom = ModelShape("custom", E=16, K=2, H=256, I=128)
+    assert tune_auto.block_k_candidates(custom, torch.bfloat16, [1, 16384]) == [64, 128]
+    logs = []
+    path = tune_auto.run_tune_auto([(custom, [1, 16384])], out=tmp_path, log=logs.append, bar=False, budget_s=100.0)
+    key = shape_key(16, 256, 128, 2, torch.bfloat16, True)
+    table = json.loads(path.read_text())["entries"][key]
+    assert sorted(table, key=int) == [str(t) for t in TOKENS]
+    assert {(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()} == {(128, 128)}
+    assert sorted(seen) == sorted([(16384, (64, 64)), (1, (64, 64)), (16384, (128, 128)), (1, (128, 128))])
+    assert any("BLOCK_K 128 kept" in s for s in logs) and any("50 s each" in s for s in logs)
+    assert logs[-1] == f"wrote {path}"
+    logs.clear()  # the out file holds the shape now: skipped (its BLOCK_K binds)
+    tune_auto.run_tune_auto([(custom, [1])], out=tmp_path, log=logs.append, bar=False)
+    assert any(s.startswith("skipping custom") for s in logs) and logs[-1].startswith("nothing tuned")
+    path.unlink()
+    tc.clear_config_cache()
+    fast["bk"] = 64
+    tune_auto.run_tune_auto([(custom, [1, 16384])], out=tmp_path, log=logs.append, bar=False)
+    table = json.loads(path.read_text())["entries"][key]
+    assert {(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()} == {(64, 64)}
+    with pytest.raises(ValueError, match="auto"):
+        tune_auto.run_tune_auto([(custom, [1])], out=tmp_path, log=logs.append, bar=False, quant="fp8")
 
 
 def test_run_tune_budget_spent_keeps_the_config_in_use(tmp_path, monkeypatch):

@@ -210,9 +210,25 @@ def _run_tune(args, parser) -> int:
         lines.append(s)
         print(s, flush=True)
 
-    run_tune(targets, dtype, out=args.out, budget_s=budget, pdl=args.pdl, min_gain=args.min_gain,
-             rotations=rotations, quant=quant, quick=args.quick, log=log, force_block_k=args.block_k)
+    kw = dict(out=args.out, budget_s=budget, pdl=args.pdl, min_gain=args.min_gain, rotations=rotations, quant=quant,
+              quick=args.quick, log=log)
+    if args.block_k == "auto":
+        from .benchmarking.tune_auto import run_tune_auto
+
+        run_tune_auto(targets, dtype, **kw)
+    else:
+        run_tune(targets, dtype, force_block_k=args.block_k, **kw)
     return 1 if any(s.startswith("nothing tuned") for s in lines) else 0  # (every shape skipped: say so in the status)
+
+
+def _block_k_arg(s: str):
+    """``--block-k``: an int, or "auto" as it is (argparse's ``choices`` then names the valid values)."""
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 32, 64, 128 or 'auto', got {s!r}") from None
 
 
 def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
@@ -331,9 +347,11 @@ def _add_tune(sub) -> None:
     t.add_argument("--budget-s", type=positive_float, default=None,
                    help="seconds per shape (default: 150, --quick: 45): each token count gets a share, timing stops "
                         "at it, and token counts reached after the budget keep the config in use")
-    t.add_argument("--block-k", type=int, default=None, choices=(32, 64, 128),
+    t.add_argument("--block-k", type=_block_k_arg, default=None, choices=(32, 64, 128, "auto"),
                    help="unquantised shapes: the one BLOCK_K of all buckets (SPEC §9), e.g. 128 for decode-heavy "
-                        "use; default: what the largest bucket's search picks")
+                        "use, or 'auto': the shape tuned once per BLOCK_K the heuristic uses (the budget shared), "
+                        "the faster table kept (geometric mean over its buckets); default: what the largest "
+                        "bucket's search picks")
     t.add_argument("--out", default=None,
                    help="folder of <gpu>.json (default: $MOEKIT_CONFIG_DIR if set, else ~/.cache/moekit/configs; "
                         "the config lookup searches these first, then the configs shipped with moekit)")

@@ -55,7 +55,7 @@ from .shapes import ModelShape
 from .timer import time_graph
 from .tune_checks import fused_identical, pdl_identical, same_output, swap_identical
 from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
-from .tune_tables import bucket_order, config_in_use, fill_missing, merge_entries
+from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries
 
 
 def default_out() -> Path:
@@ -265,13 +265,14 @@ def _device_traits() -> tuple[int, tuple[int, int] | None]:
 def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, *, out: Path | None = None,
              budget_s: float = 150.0, pdl: bool = False, min_gain: float = 0.015, rotations: int = 4,
              quant: str | None = None, quick: bool = False, log=print, bar: bool | None = None,
-             force_block_k: int | None = None) -> Path:
+             force_block_k: int | None = None, results_out: dict | None = None) -> Path:
     """Tune each (shape, token counts) target on the current CUDA device (weights in ``dtype``, or the
     ``quant`` format); merge every bucket into ``<out>/<device>.json`` as soon as it is done. Returns the path.
     ``force_block_k``: the one BLOCK_K of every bucket of an unquantised shape (SPEC §9), instead of what the largest
     bucket picks (round 51, H100: a new bf16 shape's largest bucket picked 64, 2-4 % slower at T <= 64 than 128); a
     shape whose table in use runs another is tuned anew, one the out file holds at another is skipped (remove its
-    entries)."""
+    entries); chosen over all buckets instead: :func:`.tune_auto.run_tune_auto`. ``results_out``: filled with
+    ``{shape key: {T: {"base_us", "best_us", "timed"}}}`` of the tuned buckets."""
     name, (sms, cap) = _device_name(), _device_traits()
     path = (default_out() if out is None else Path(out)) / f"{device_key(name)}.json"
     fmt, spec = quant_spec(quant)
@@ -351,6 +352,8 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         summary.append((m.name, quant or "-", results))
+        if results_out is not None:
+            results_out[key] = results
     log_summary(summary, log)
     log(f"wrote {path}" if summary else f"nothing tuned: {path} not written")
     return path
@@ -374,18 +377,3 @@ def make_call(m: ModelShape, dtype, fmt, spec, weights):
         if packed_layout_for(kernels_for("triton").packed_layouts, fmt, dtype, m.H, m.I) == "rega":
             qw, spec = relay_quantized(qw), QuantSpec.of(fmt, relaid=True)  # as a Triton-backend layer stores them
     return Kernel(m.act, spec, qw), weights
-
-
-def log_summary(summary, log) -> None:
-    """One line per shape: T: tuned µs (change vs the config in use)."""
-    for model, quant, results in summary:
-        parts = []
-        for t in sorted(results):
-            r = results[t]
-            if r["best_us"] == r["best_us"]:  # not NaN
-                gain = 100.0 * (1.0 - r["best_us"] / r["base_us"]) if r["base_us"] else 0.0
-                failed = f"; the best candidate failed {r['check_failed'].split()[0]}" if r.get("check_failed") else ""
-                parts.append(f"T={t}: {r['best_us']:.1f} us ({gain:.0f}% faster{failed})")
-            else:
-                parts.append(f"T={t}: untuned")
-        log(f"summary {model} [{quant}]: " + ", ".join(parts))

@@ -89,3 +89,18 @@ def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, f
             if table:
                 out[t] = nearest_bucket(table, t)
     return out
+
+
+def log_summary(summary, log) -> None:
+    """One line per shape: T: tuned µs (change vs the config in use)."""
+    for model, quant, results in summary:
+        parts = []
+        for t in sorted(results):
+            r = results[t]
+            if r["best_us"] == r["best_us"]:  # not NaN
+                gain = 100.0 * (1.0 - r["best_us"] / r["base_us"]) if r["base_us"] else 0.0
+                failed = f"; the best candidate failed {r['check_failed'].split()[0]}" if r.get("check_failed") else ""
+                parts.append(f"T={t}: {r['best_us']:.1f} us ({gain:.0f}% faster{failed})")
+            else:
+                parts.append(f"T={t}: untuned")
+        log(f"summary {model} [{quant}]: " + ", ".join(parts))
