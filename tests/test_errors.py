@@ -633,3 +633,22 @@ def test_custom_routing_with_selection_bias_raises():
     fn = lambda h, g, k, r: (g.topk(k)[0].sigmoid(), g.topk(k)[1])  # noqa: E731
     with pytest.raises(ValueError, match="e_score_correction_bias"):
         moekit.FusedMoE(8, 2, 16, 8, custom_routing_function=fn, e_score_correction_bias=torch.zeros(8))
+
+
+def test_round52_audit_messages(tmp_path):
+    # round 52's audit (a new user's mistakes): each names the argument and what was expected
+    import json
+
+    import moekit
+
+    with pytest.raises(TypeError, match=r"FusedMoE\(\): got an unexpected keyword argument 'foo'"):
+        moekit.FusedMoE(8, 2, 16, 32, foo=1)
+    with pytest.raises(TypeError, match=r"FusedMoE\(\): missing a required argument: 'num_experts'"):
+        moekit.FusedMoE()
+    with pytest.raises(TypeError, match="path must be a checkpoint directory.*NoneType"):
+        moekit.load_moe_layers(None)
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        moekit.load_moe_layers(tmp_path, device="meta")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": ["mixtral"]}))
+    with pytest.raises(ValueError, match="model_type must be a string.*\\['mixtral'\\]"):
+        moekit.load_moe_layers(tmp_path)

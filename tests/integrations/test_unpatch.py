@@ -228,7 +228,9 @@ def test_weights_replaced_after_patch_refused():
     # unpatch refuses before changing anything instead of bringing the old weights back
     model = hf_tiny.build("mixtral")
     names = patch(model)
-    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    with pytest.warns(UserWarning, match="unpatch"):
+        state = model.state_dict()
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     patched = _snapshot(model)
     with pytest.raises(ValueError, match="no longer share") as err:
         unpatch(model)
@@ -247,3 +249,36 @@ def test_unpatch_of_the_inner_model_frees_the_outer_hook():
     with torch.no_grad():
         out = model(input_ids=ids, output_router_logits=True)
     assert torch.equal(out.logits, ref.logits) and len(out.router_logits) == len(ref.router_logits)
+
+
+@pytest.mark.parametrize("src, arch", [("tiny", "mixtral"), ("t13", "gemma4")])
+def test_state_dict_of_a_patched_model_warns(src, arch, monkeypatch):
+    # round 52's audit: save_pretrained of a patched model wrote moekit's keys silently, which from_pretrained then
+    # reported MISSING and initialised at random: state_dict warns (a block or Gemma 4's layer-level MoE), and after
+    # unpatch it is transformers' own again, without a warning
+    import warnings
+
+    model = _build(src, arch, monkeypatch)
+    want = set(model.state_dict())
+    patch(model)
+    with pytest.warns(UserWarning, match="moekit's state_dict keys.*unpatch"):
+        keys = set(model.state_dict())
+    assert any(".moe." in k for k in keys) and keys != want
+    unpatch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(model.state_dict()) == want
+
+
+def test_register_and_check_registered_refuse_what_they_cannot_use():
+    # round 52's audit: register(3) registered a non-str name; check_registered on a patched model said its blocks
+    # were "not decorated ... use patch(model)"
+    from moekit.integrations.transformers import check_registered, register
+
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        register(3)
+    register()
+    model = hf_tiny.build("mixtral")
+    patch(model)
+    with pytest.raises(ValueError, match="was patched by moekit"):
+        check_registered(model)

@@ -320,6 +320,8 @@ class RoutedExperts(torch.nn.Module):
             shape = self.shard_shape(shard_id)
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{what} has shape {list(tensor.shape)}, expected {list(shape)} (full precision)")
+            if not slots:  # another rank's expert (EP): checked, not quantised (a fused stack reaches every rank)
+                return 0
             tensor, scale = quantize_weight(tensor, self.quant)
             self.load_expert_shard(logical_id, shard_id, scale, kind="scale")
         part = fit(spec, stored(spec, tensor, what), what)

@@ -34,6 +34,8 @@ Without transformers installed, :func:`patch`, :func:`register` and :func:`check
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..experts.graphed import GraphPool
@@ -64,14 +66,24 @@ def _require_transformers(what: str):
     return transformers
 
 
+def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """A patched block's ``state_dict`` holds moekit's names (``...moe.routed_experts.w13_weight``): transformers'
+    ``from_pretrained`` does not read them (it would initialise the MoE weights at random), so say so."""
+    warnings.warn(f"{prefix or 'the model'}: a model patched by moekit has moekit's state_dict keys for its MoE blocks "
+                  "(e.g. 'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: call "
+                  "moekit.integrations.transformers.unpatch(model) before save_pretrained", UserWarning, stacklevel=2)
+
+
 class MoEBlockAdapter(torch.nn.Module):
     """Wraps a moekit layer so it is called like the transformers block it replaces.
 
-    forward(hidden_states [..., H], input_ids=None) -> same as the original block (see module docs).
+    forward(hidden_states [..., H], input_ids=None) -> same as the original block (see module docs). Its
+    ``state_dict`` warns (``UserWarning``) that its keys are moekit's: :func:`unpatch` before ``save_pretrained``.
     """
 
     def __init__(self, moe, plan: LayerPlan):
         super().__init__()
+        self._register_state_dict_hook(_warn_state_dict)
         self.moe = moe
         self.plan = plan
         self.output = plan.output
@@ -101,6 +113,7 @@ class LayerMoEAdapter(torch.nn.Module):
 
     def __init__(self, moe):
         super().__init__()
+        self._register_state_dict_hook(_warn_state_dict)
         self.moe = moe
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
@@ -332,6 +345,8 @@ def register(name: str = "moekit") -> str:
     _require_transformers("register")
     from transformers.integrations.moe import ExpertsInterface
 
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str (the experts_implementation value), got {name!r}")
     ExpertsInterface.register(name, moekit_experts_forward)
     return name
 
@@ -353,6 +368,10 @@ def check_registered(model, name: str = "moekit") -> list[str]:
     _spec, plans = plan_layers(_model_config_dict(model))
     reached, unreached, other = [], [], []
     for path, module, _plan in _planned_blocks(model, plans):
+        if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
+            raise ValueError(f"{type(model).__name__} was patched by moekit.integrations.transformers.patch ({path} "
+                             "runs a moekit layer, not transformers' experts switch); check_registered checks the "
+                             "switch: call it on a model that was not patched (or unpatch(model) first)")
         experts = getattr(module, "experts", None)
         if experts is None:  # no experts module (JetMoE, Granite: stacks on the block itself)
             unreached.append(f"{path} ({type(module).__name__})")

@@ -361,6 +361,10 @@ class _FusedMoEType(type):
     :class:`MoERunner` comes back), and every MoERunner is an instance (its class a subclass)."""
 
     def __call__(cls, *args, **kwargs) -> MoERunner:
+        try:  # (an unknown keyword or a missing argument named for FusedMoE, not for the factory behind it)
+            cls.__signature__.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"FusedMoE(): {err} (its arguments: help(moekit.FusedMoE))") from None
         return build_fused_moe(*args, **kwargs)
 
     def __instancecheck__(cls, obj) -> bool:

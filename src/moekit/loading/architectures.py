@@ -31,6 +31,8 @@ def supported_model_types() -> list[str]:
 def spec_for(config: dict) -> ArchSpec:
     """The spec of a config.json dict; unsupported architectures raise ``NotImplementedError``."""
     mt = config.get("model_type")
+    if mt is not None and not isinstance(mt, str):
+        raise ValueError(f"config.json's model_type must be a string, e.g. 'deepseek_v3', got {mt!r}")
     if mt in REFUSED:
         raise NotImplementedError(f"model_type={mt!r} is not supported by moekit: {REFUSED[mt]}")
     if mt in TOWERS:

@@ -1,6 +1,10 @@
 """``moekit inspect <dir>``: a table of the MoE blocks of a checkpoint (config.json only, no weights read).
 
-Consecutive blocks with the same shape and routing are grouped into one row. Sizes are at bf16
+Consecutive MoE blocks whose plans are identical (shape, routing, activation and its limit, shared experts,
+transforms...) are grouped into one row; the layers column lists their decoder layers (``3-60``; ``1,3,...,47``
+where dense layers alternate with MoE ones). Each row's layer is built on the meta device (no memory, no weights),
+so a config that :func:`moekit.load_moe_layers` would refuse at construction (``top_k`` above the experts, invalid
+expert groups, a format whose block sizes do not divide H or I...) is refused here too. Sizes are at bf16
 (2 bytes per element), or for quantised checkpoints (``quantization_config``) the routed experts in
 their format (``fmt.bytes_per_expert``: packed weights + scales, biases at bf16): one routed expert
 (w13 + w2), and the expert weights one token touches (K routed experts + shared experts + router; the
@@ -13,10 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields, replace
+
+import torch
 
 from ..ops.activation import is_gated
-from .architectures import checkpoint_block_key, plan_layers
-from .files import read_config
+from .architectures import TOWERS, checkpoint_block_key, plan_layers, tower_text_type
+from .archs.config_defaults import complete
+from .files import config_dtype, read_config
+from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_formats, experts_format, quantization_dict
 from .quant_shared import shared_format
@@ -52,14 +61,21 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _ranges(idx: list[int]) -> str:
-    out, start, prev = [], idx[0], idx[0]
-    for i in idx[1:] + [None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
+    """Layer indices, compact: runs of consecutive layers as ``3-60``, every n-th layer as ``1,3,...,47``."""
+    out, i = [], 0
+    while i < len(idx):
+        j = i + 1
+        step = idx[j] - idx[i] if j < len(idx) else 1
+        while j < len(idx) and idx[j] - idx[j - 1] == step:
+            j += 1
+        if j - i >= 2 and step == 1:
+            out.append(f"{idx[i]}-{idx[j - 1]}")
+        elif j - i >= 4:
+            out.append(f"{idx[i]},{idx[i + 1]},...,{idx[j - 1]}")
+        else:
+            out.append(str(idx[i]))
+            j = i + 1
+        i = j
     return ",".join(out)
 
 
@@ -68,11 +84,60 @@ def _ckpt_name(spec, p: LayerPlan, rel: str) -> str:
     return (p.ckpt_prefixes[0] + checkpoint_block_key(spec, rel + "."))[:-1]
 
 
-def _signature(p: LayerPlan):
-    return (
-        p.num_experts, p.num_zero_experts, p.shared_intermediate_size, p.top_k, p.routing, p.hidden_size,
-        p.intermediate_size, p.activation, p.has_bias, p.name.rsplit(".", 1)[-1],
-    )  # fmt: skip
+_PLACE = ("name", "layer_idx", "ckpt_prefixes")  # where a block is; every other plan field is what it computes
+
+
+def _signature(p: LayerPlan, layer_level: bool):
+    """What a row shows and a layer computes: every plan field but the block's place (and the module name, unless
+    the MoE is made of decoder-layer attributes, Gemma 4, whose block path is the layer itself)."""
+    module = None if layer_level else p.name.rsplit(".", 1)[-1]
+    return (module, *(getattr(p, f.name) for f in fields(p) if f.name not in _PLACE))
+
+
+def _text_config(config: dict) -> dict:
+    """The config of the model the MoE blocks live in (a multimodal wrapper's text tower), with the defaults of its
+    transformers config class filled in, as the plans read it."""
+    mt = config.get("model_type")
+    if mt in TOWERS:
+        spec, key, _ = TOWERS[mt]
+        for part in key.split("."):
+            config = config.get(part) if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return {}
+        mt = config.get("model_type") or tower_text_type(mt, spec)
+    return complete(dict(config, model_type=mt), mt)
+
+
+def _num_layers(config: dict):
+    """The decoder layers of the model (of its text tower), or ``"?"``."""
+    text = _text_config(config)
+    for key in ("num_hidden_layers", "num_layers", "n_layers"):
+        try:
+            return int(text[key])  # as the plans read it (a number written as a string too)
+        except (KeyError, TypeError, ValueError):
+            pass
+    types = text.get("layers_block_type") or text.get("layer_types")  # Nemotron-H: one entry per layer
+    return len(types) if isinstance(types, list) else "?"
+
+
+def _check_builds(p: LayerPlan, fmt, config: dict) -> None:
+    """Build ``p``'s layer on the meta device, as :func:`moekit.load_moe_layers` builds it (its construction checks:
+    top-k, expert groups, format sizes...); an error names the block."""
+    try:
+        dtype = config_dtype(config, "config.json")
+    except ValueError:  # load_moe_layers(path, dtype=...) would take another: not the layout's business
+        dtype = torch.bfloat16
+    tensors = {}
+    if p.has_score_bias:
+        tensors["router.e_score_correction_bias"] = torch.zeros(
+            p.num_experts + p.num_zero_experts - p.routed_shared_experts)
+    # a hash table's values are checked on the host (no meta tensor): the same layer routed by its scores instead
+    plan = replace(p, hash_routing=False) if p.hash_routing else p
+    try:
+        build_layer(plan, device="meta", dtype=dtype, backend="torch", tensors=tensors, quant_config=fmt)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        kind = next(k for k in (NotImplementedError, TypeError, ValueError) if isinstance(err, k))
+        raise kind(f"{p.name}: {err} (load_moe_layers would refuse this checkpoint)") from None
 
 
 def rows(config: dict) -> tuple[str, list[dict]]:
@@ -81,7 +146,7 @@ def rows(config: dict) -> tuple[str, list[dict]]:
     fmt, dense_fmt, _ = checkpoint_formats(config, None)  # routed experts; other linears (shared experts)
     groups: list[list[LayerPlan]] = []
     for p in plans:
-        if groups and _signature(groups[-1][-1]) == _signature(p) and groups[-1][-1].layer_idx + 1 == p.layer_idx:
+        if groups and _signature(groups[-1][-1], spec.layer_level) == _signature(p, spec.layer_level):
             groups[-1].append(p)
         else:
             groups.append([p])
@@ -89,6 +154,7 @@ def rows(config: dict) -> tuple[str, list[dict]]:
     for g in groups:
         p = g[0]
         f = experts_format(fmt, p)
+        _check_builds(p, f, config)
         sf = shared_format(dense_fmt, p, lambda rel: _ckpt_name(spec, p, rel))
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
         if p.shared_expert_gate:
@@ -98,7 +164,7 @@ def rows(config: dict) -> tuple[str, list[dict]]:
         out.append(
             {
                 "layers": _ranges([q.layer_idx for q in g]),
-                "module": p.name.rsplit(".", 1)[-1],
+                "module": "(layer)" if spec.layer_level else p.name.rsplit(".", 1)[-1],
                 "experts": f"{p.num_experts}" + (f" + {p.num_zero_experts} zero" if p.num_zero_experts else ""),
                 "shared": shared,
                 "top_k": str(p.top_k),
@@ -128,30 +194,39 @@ def render(arch: str, table: list[dict], config: dict) -> str:
     total = sum(r["_count"] * r["_plan"].num_experts * r["_bytes"] for r in table)
     per_token = sum(r["_count"] * r["_token_bytes"] for r in table)
     head = (
-        f"{arch} (model_type={config.get('model_type')!r}): {n_moe} MoE blocks of "
-        f"{next((config[k] for k in ('num_hidden_layers', 'num_layers', 'n_layers') if k in config), '?')} layers"
+        f"{arch} (model_type={config.get('model_type')!r}): {n_moe} MoE block{'' if n_moe == 1 else 's'} of "
+        f"{_num_layers(config)} layers"
     )
     q = quantization_dict(config)
     quants = ", ".join(dict.fromkeys(r["quant"] for r in table if r["quant"] != "bf16"))  # DeepSeek-V4 fp8: mxfp4
     stored = "at bf16"
     if isinstance(q, dict):
         stored = f"as stored ({q.get('quant_method')}{': ' + quants if quants else ''})"
-    foot = f"routed expert weights: {_fmt_bytes(total)} {stored}; expert weights read per token: {_fmt_bytes(per_token)}"
+    foot = (f"routed expert weights: {_fmt_bytes(total)} {stored}; "
+            f"expert weights read per token: {_fmt_bytes(per_token)}")
     return "\n".join([head, *lines, foot])
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2, as for the other ``moekit`` commands."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def inspect_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moekit inspect", description="Show the MoE blocks of a HF checkpoint directory.")
+    ap = _Parser(prog="moekit inspect", description="Show the MoE blocks of a HF checkpoint directory.")
     ap.add_argument("path", help="checkpoint directory (with config.json)")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.path):
-        print(f"moekit inspect: {args.path!r} is not a directory", file=sys.stderr)
+        print(f"moekit inspect: error: argument path: expected a checkpoint directory, got {args.path!r} "
+              "(not a directory)", file=sys.stderr)
         return 2
     try:
         config = read_config(args.path)
         arch, table = rows(config)
-    except (NotImplementedError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        print(f"moekit inspect: {err}", file=sys.stderr)
+    except (NotImplementedError, OSError, KeyError, ValueError, TypeError) as err:  # OSError: e.g. unreadable
+        print(f"moekit inspect: error: {err}", file=sys.stderr)
         return 1
     print(render(arch, table, config))
     return 0

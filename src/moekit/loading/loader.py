@@ -67,10 +67,12 @@ def load_moe_layers(
             Each rank keeps its experts (EP) or its slice of every expert (TP; quantised slices on block
             boundaries, else ``ValueError``); shared experts are replicated. A rank reads its own experts' tensors
             of a per-expert checkpoint (``experts.{e}....``; static input scales of every expert: their max),
-            fused expert stacks whole (one tensor at a time). A missing or malformed expert tensor raises its error
-            on the ranks that hold the expert; the other ranks of ``ep_group`` / ``tp_group`` then raise
-            ``RuntimeError`` naming those ranks and their errors (one object all-gather per group after the last
-            tensor, every call), so no rank waits for a peer that has failed.
+            fused expert stacks whole (one tensor at a time). An error on some ranks only (a missing or malformed
+            expert tensor, read by the ranks that hold the expert; a rank's own damaged copy of config.json or of
+            any tensor; a failed read, or allocation of the routed experts) raises on those ranks; the other ranks
+            of ``ep_group`` / ``tp_group`` then raise ``RuntimeError`` naming those ranks and their errors (one
+            object all-gather per group before each layer is built and after the last tensor, every call), so no
+            rank waits for a peer that has failed.
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -109,75 +111,117 @@ def load_moe_layers(
     (:mod:`moekit.loading.archs.config_defaults`); a field with a wrong value, one the class has no default for
     (``hidden_size`` ...), or a ``dtype`` that is no float dtype -> ``ValueError`` naming the file and the field;
     ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float ``torch.dtype`` or its
-    name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``.
+    name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``; ``device="meta"`` (no data to copy into) ->
+    ``ValueError``; a ``path`` that is no str or path -> ``TypeError``.
     """
-    path = os.fspath(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a checkpoint directory (str or os.PathLike), got {type(path).__name__}: "
+                        f"{path!r:.80}") from None
     if progress is not None:
         check_bool("progress", progress)
     device = check_device("device", device) if device is not None else torch.device("cpu")
+    if device.type == "meta":  # (round 52's audit: layers "loaded" without data, whose forward failed later)
+        raise ValueError("device='meta' holds no data, and load_moe_layers copies the checkpoint's tensors into the "
+                         "layers: load on 'cpu' or 'cuda' (moekit inspect shows a checkpoint's layout without weights)")
     dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
     parallel = dict(ep_group=ep_group, tp_group=tp_group, expert_placement_strategy=expert_placement_strategy,
                     enable_eplb=enable_eplb, num_redundant_experts=num_redundant_experts)  # (FusedMoE checks them)
-    config = read_config(path)
-    spec, plans = plan_layers(config, os.path.join(path, "config.json"))
-    fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
-    if dtype is None:
-        dtype = config_dtype(config, os.path.join(path, "config.json"))
-    files = checkpoint_files(path)
-    assigned = assign_keys(spec, plans, files)
-    reader = Reader(files)
+    # A rank's failure is told to the ranks of both groups at the next sync (fail_together: one object all-gather per
+    # group): before each layer's construction-time collectives (FusedMoE's agreement of the ranks' settings) and after
+    # the last tensor. A rank's own copy of the checkpoint, its reads or its allocations may fail where its peers'
+    # do not (round 52's audit: a damaged selection bias, shared-expert scale or config.json on one rank left the
+    # others waiting in the next collective until the group's timeout), so every step runs under one of the syncs.
+    # Not covered: a failure on some ranks only inside build_layer before FusedMoE's agreement (allocating the gate or
+    # the shared MLP): the peers wait in that agreement until the timeout.
+    what, groups = f"load_moe_layers({path!r})", (ep_group, tp_group)
+    failure = reader = None
     states: dict[str, _LayerLoad] = {}
-    done: set[str] = set()  # keys already consumed (quantised dense groups)
-    pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
-    for plan in plans:
-        keys = assigned.get(plan.name, {})
-        if not keys:
-            raise KeyError(
-                f"no checkpoint tensor for MoE block {plan.name} (looked for keys starting with "
-                f"{' or '.join(plan.ckpt_prefixes)})"
-            )
-        sizes = {rel: reader.nbytes(k) for rel, k in keys.items() if rel.startswith("shared_expert")}  # 0: empty
-        for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
-            del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
-        construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
-        _check_construction(plan, construction, keys)
-        layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
-                            quant_config=experts_format(fmt, plan), graph_pool=pool,
-                            eager_graph_tokens=eager_graph_tokens, parallel=parallel)
-        state = _LayerLoad(plan, layer)
-        state.loaded.update(construction)
-        states[plan.name] = state
-        del construction
-        dense = dense_groups(keys) if shipped else {}
-        done.update(_quant_shared(spec, state, dense_fmt, shipped, keys, dense, reader, device))
-        for mod, parts in dense.items():  # other quantised dense linears: dequantised
-            check_not_transposed(spec, f"{plan.name}.{mod}", parts.values())
-            w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, dense_fmt, f"{plan.name}.{mod}")
-            _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
-            done.update(parts.values())
-    # every other tensor: file by file, in storage order, each into its layer
+    try:
+        try:
+            config = read_config(path)
+            spec, plans = plan_layers(config, os.path.join(path, "config.json"))
+            fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
+            if dtype is None:
+                dtype = config_dtype(config, os.path.join(path, "config.json"))
+            files = checkpoint_files(path)
+            assigned = assign_keys(spec, plans, files)
+            reader = Reader(files)
+        except Exception as err:  # noqa: BLE001 - re-raised by fail_together, here and (as RuntimeError) at the peers
+            failure = err
+        done: set[str] = set()  # keys already consumed (quantised dense groups)
+        pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
+        for plan in plans if failure is None else ():
+            try:
+                keys, construction = _construction(plan, assigned, reader)
+            except Exception as err:  # noqa: BLE001 - as above
+                failure = err
+            fail_together(what, failure, groups)
+            try:
+                layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
+                                    quant_config=experts_format(fmt, plan), graph_pool=pool,
+                                    eager_graph_tokens=eager_graph_tokens, parallel=parallel)
+                state = _LayerLoad(plan, layer)
+                state.loaded.update(construction)
+                states[plan.name] = state
+                del construction
+                dense = dense_groups(keys) if shipped else {}
+                done.update(_quant_shared(spec, state, dense_fmt, shipped, keys, dense, reader, device))
+                for mod, parts in dense.items():  # other quantised dense linears: dequantised
+                    check_not_transposed(spec, f"{plan.name}.{mod}", parts.values())
+                    w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, dense_fmt,
+                                         f"{plan.name}.{mod}")
+                    _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
+                    done.update(parts.values())
+            except Exception as err:  # noqa: BLE001 - as above (the peers learn it at their next sync)
+                failure = err
+                break
+        if failure is None:
+            try:
+                _read_tensors(spec, assigned, states, done, reader, progress)
+            except Exception as err:  # noqa: BLE001 - as above (under EP, ranks read different expert tensors)
+                failure = err
+    finally:
+        if reader is not None:
+            reader.close()
+    fail_together(what, failure, groups)
+    return {name: state.layer for name, state in states.items()}
+
+
+def _construction(plan: LayerPlan, assigned: dict, reader) -> tuple[dict, dict]:
+    """The block's ``{relative name: checkpoint key}`` (less the gate of a zero-width shared expert) and the tensors
+    its layer takes at construction (checked)."""
+    keys = assigned.get(plan.name, {})
+    if not keys:
+        raise KeyError(
+            f"no checkpoint tensor for MoE block {plan.name} (looked for keys starting with "
+            f"{' or '.join(plan.ckpt_prefixes)})"
+        )
+    sizes = {rel: reader.nbytes(k) for rel, k in keys.items() if rel.startswith("shared_expert")}  # 0: empty
+    for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
+        del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
+    construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
+    _check_construction(plan, construction, keys)
+    return keys, construction
+
+
+def _read_tensors(spec, assigned: dict, states: dict, done: set, reader, progress) -> None:
+    """Every other tensor: file by file, in storage order, each into its layer; then each layer complete."""
     todo = [(key, states[name], rel) for name, keys in assigned.items() for rel, key in keys.items()
             if rel not in CONSTRUCTION and key not in done and not states[name].elsewhere(rel)]
     todo.sort(key=lambda item: reader.position(item[0]))
     total = sum(reader.nbytes(key) for key, _, _ in todo)
-    failure = None  # under EP, ranks read different expert tensors: one rank's error is told to the others
-    try:
-        with progress_bar(total, progress) as bar, one_thread():
-            for key, state, rel in todo:
-                t = reader.read(key)
-                bar.update(t.numel() * t.element_size())
-                x = None
-                for piece, x in expand_key(spec, state.plan, rel, t, key):
-                    _load_one(state, piece, x, key, rel)
-                del t, x  # nothing of this tensor lives on while the next one is read
-        for name, state in states.items():
-            _check_complete(state, assigned[name], spec)
-    except Exception as err:  # noqa: BLE001 - re-raised by fail_together, on this rank and (as RuntimeError) its peers
-        failure = err
-    finally:
-        reader.close()
-    fail_together(f"load_moe_layers({path!r})", failure, (ep_group, tp_group))
-    return {name: state.layer for name, state in states.items()}
+    with progress_bar(total, progress) as bar, one_thread():
+        for key, state, rel in todo:
+            t = reader.read(key)
+            bar.update(t.numel() * t.element_size())
+            x = None
+            for piece, x in expand_key(spec, state.plan, rel, t, key):
+                _load_one(state, piece, x, key, rel)
+            del t, x  # nothing of this tensor lives on while the next one is read
+    for name, state in states.items():
+        _check_complete(state, assigned[name], spec)
 
 
 def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, reader, device) -> set[str]:

@@ -14,7 +14,7 @@ unchanged (replicas are bit-identical copies; the replica a token uses may chang
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -73,7 +73,7 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     ``"hierarchical"`` or ``"global"`` (one node, groups that do not split over ``num_nodes``, or more redundant
     experts than ``E·(W/num_nodes - 1)``, which also warns: see :func:`~moekit.parallel.rebalance_experts`), None
     when the window holds no load (the placement is kept)."""
-    ex = layer.expert_executor
+    ex = _executor(layer)
     state = ex.eplb_state if isinstance(ex, ParallelExecutor) else None
     if state is None:
         raise RuntimeError(f"layer {layer.layer_name!r} was not built with enable_eplb=True")
@@ -110,6 +110,21 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     }
 
 
-def rebalance(layers: Iterable, *, num_nodes: int = 1, reset_window: bool = False) -> list[dict]:
-    """:func:`rebalance_layer` on each layer, in order (every rank must pass the same layers)."""
+def rebalance(layers: Iterable | Mapping, *, num_nodes: int = 1, reset_window: bool = False) -> list[dict]:
+    """:func:`rebalance_layer` on each layer, in order (every rank must pass the same layers). ``layers``: an iterable
+    of layers, or a mapping whose values are layers (the dict :func:`moekit.load_moe_layers` returns, in its order).
+    Anything else among them raises ``TypeError`` before any layer is rebalanced (round 52's audit: the loader's dict
+    iterated its names, and the first raised ``AttributeError: 'str' object has no attribute 'expert_executor'``)."""
+    layers = list(layers.values() if isinstance(layers, Mapping) else layers)
+    for layer in layers:
+        _executor(layer)
     return [rebalance_layer(layer, num_nodes=num_nodes, reset_window=reset_window) for layer in layers]
+
+
+def _executor(layer):
+    """The expert executor of a moekit layer; ``TypeError`` for anything else."""
+    ex = getattr(layer, "expert_executor", None) if isinstance(layer, torch.nn.Module) else None
+    if ex is None:
+        raise TypeError(f"expected a moekit layer (a MoERunner from moekit.FusedMoE or moekit.load_moe_layers), got "
+                        f"{type(layer).__name__}: {layer!r:.80}")
+    return ex
