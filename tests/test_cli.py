@@ -58,6 +58,7 @@ def test_version(capsys):
         (["tune", "--models", "all", "--budget-s", "0"], ["--budget-s", "'0'"]),
         (["tune", "--models", "all", "--quant", "fp8", "--block-k", "128"], ["--block-k", "unquantised"]),  # (r51)
         (["tune", "--models", "all", "--block-k", "96"], ["--block-k", "96", "32, 64, 128"]),
+        (["tune", "--models", "all", "--block-k", "abc"], ["--block-k", "expected 32, 64, 128 or 'auto'", "'abc'"]),
         (["--bogus"], ["--bogus"]),
         (["nosuch"], ["nosuch"]),
     ],
@@ -173,3 +174,11 @@ def test_tune_quick_and_quant_reach_run_tune(monkeypatch):
     assert seen["quant"] is None and not seen["quick"] and seen["budget_s"] == 20.0 and seen["rotations"] == 4
     assert seen["force_block_k"] is None
     assert main(["tune", "--models", "qwen3-30b-a3b", "--block-k", "128"]) == 0 and seen["force_block_k"] == 128
+    # round 52: --block-k auto reaches run_tune_auto (the BLOCK_K chosen over all buckets), with the same options
+    import moekit.benchmarking.tune_auto as tune_auto
+
+    auto = {}
+    monkeypatch.setattr(tune_auto, "run_tune_auto", lambda targets, dtype, **kw: auto.update(kw, targets=targets))
+    seen.clear()
+    assert main(["tune", "--models", "qwen3-30b-a3b", "--block-k", "auto", "--budget-s", "30"]) == 0
+    assert not seen and auto["budget_s"] == 30.0 and auto["quant"] is None and "force_block_k" not in auto

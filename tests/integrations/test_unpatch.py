@@ -275,8 +275,10 @@ def test_register_and_check_registered_refuse_what_they_cannot_use():
     # were "not decorated ... use patch(model)"
     from moekit.integrations.transformers import check_registered, register
 
-    with pytest.raises(TypeError, match="name must be a non-empty str"):
+    with pytest.raises(TypeError, match="name must be a str"):
         register(3)
+    with pytest.raises(ValueError, match="non-empty"):
+        register("")
     register()
     model = hf_tiny.build("mixtral")
     patch(model)

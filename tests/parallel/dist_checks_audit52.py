@@ -698,3 +698,119 @@ def loaded_fp8_ep4_hierarchical_rebalance(ctx):
             layer.expert_executor.mode = mode
             _close(ctx, layer(x, lg), want, f"EP4 num_nodes={nodes} {mode}", 1e-2)
         layer.expert_executor.mode = "auto"
+
+
+def _grid(ctx, seconds=8):
+    """A 2 x 2 grid of fresh groups with a short timeout (rank = 2·ep_rank + tp_rank): (ep group, tp group)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=seconds)
+    made = {name: dist.new_group(ranks, timeout=timeout)
+            for name, ranks in (("tp0", [0, 1]), ("tp1", [2, 3]), ("ep0", [0, 2]), ("ep1", [1, 3]))}
+    ep_rank, tp_rank = divmod(ctx.rank, 2)
+    return made[f"ep{tp_rank}"], made[f"tp{ep_rank}"]
+
+
+def _timed(fn):
+    import time
+
+    start, err = time.monotonic(), None
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the caller checks it
+        err = e
+    return err, time.monotonic() - start
+
+
+@check(4)
+def grid_failures_and_mismatches_reach_every_rank(ctx):
+    # round 52's review, each on a 2 x 2 EP x TP grid with an 8 s timeout; every rank must raise well before it:
+    # (1) rank 1 builds the layer with another top_k: the EP agreement {1, 3} fails, {0, 2} passes, and the TP
+    #     agreement ran on only for ranks 0 / 2 (ranks 1 / 3 had raised: they waited until the timeout); now every
+    #     rank raises ValueError (SettingsDiffer) in the same pass, directly (FusedMoE) and through load_moe_layers
+    #     (rank 1's config.json with another top_k);
+    # (2) rank 1 fails inside build_layer before the agreement (its gate's allocation): its last sync met the peers'
+    #     agreement, which read the failure as settings (KeyError) and then waited; now they raise PeerFailed naming
+    #     rank 1, and rank 1 its own error;
+    # (3) rank 2's checkpoint has one MoE layer more (DeepSeek-V4, 2 vs 1 layers... as num_hidden_layers): the ranks
+    #     that finished waited for it; now every rank raises
+    import json
+
+    import torch.distributed as dist
+
+    from moekit.loading import modules
+    from moekit.parallel.sync import PeerFailed, SettingsDiffer
+
+    ep, tp = _grid(ctx)
+    k = 3 if ctx.rank == 1 else 2
+    err, took = _timed(lambda: moekit.FusedMoE(E, k, 32, 32, ep_group=ep, tp_group=tp, backend="torch"))
+    ctx.expect(isinstance(err, SettingsDiffer) and took < 6, f"(1) FusedMoE: {type(err).__name__} {took:.1f} s {err}")
+    dist.barrier(group=ctx.world_group)
+    path = ds3_fp8(ctx)
+    if ctx.rank == 1:
+        cfg_path = os.path.join(path, "config.json")
+        cfg = json.load(open(cfg_path))
+        cfg["num_experts_per_tok"] = 3
+        json.dump(cfg, open(cfg_path, "w"))
+    dist.barrier(group=ctx.world_group)
+    ep, tp = _grid(ctx)
+    err, took = _timed(lambda: moekit.load_moe_layers(path, ep_group=ep, tp_group=tp, **LOAD))
+    ctx.expect(isinstance(err, ValueError) and took < 6, f"(1) load: {type(err).__name__} {took:.1f} s {err}")
+    dist.barrier(group=ctx.world_group)
+    path = ds3_fp8(ctx)
+    real = modules.build_layer
+
+    def failing(*a, **kw):
+        if ctx.rank == 1:
+            raise MemoryError("out of memory allocating the gate (simulated)")
+        return real(*a, **kw)
+
+    modules.build_layer = failing
+    import moekit.loading.loader as loader
+
+    loader_real, loader.build_layer = loader.build_layer, failing
+    try:
+        ep, tp = _grid(ctx)
+        err, took = _timed(lambda: moekit.load_moe_layers(path, ep_group=ep, tp_group=tp, **LOAD))
+    finally:
+        modules.build_layer, loader.build_layer = real, loader_real
+    want = MemoryError if ctx.rank == 1 else PeerFailed
+    ctx.expect(isinstance(err, want) and took < 6, f"(2) rank {ctx.rank}: {type(err).__name__} {took:.1f} s {err}")
+    if ctx.rank != 1:
+        ctx.expect("rank 1" in str(err) and "simulated" in str(err), f"(2) rank {ctx.rank}: {err}")
+    dist.barrier(group=ctx.world_group)
+
+
+@check(2)
+def layer_counts_differ_and_bad_groups(ctx):
+    # round 52's review: ranks whose checkpoints plan different numbers of MoE layers (rank 1's config says 2 layers,
+    # rank 0's 1): the shorter returned, the longer waited in its next layer's agreement; now both raise at once. And
+    # a group that is no ProcessGroup names the argument (it was an AttributeError from the first sync)
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=8))
+    path = ds3_fp8(ctx)
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    if ctx.rank == 1:  # a second MoE layer, with its tensors copied from the first
+        from safetensors.torch import load_file
+
+        f = os.path.join(path, "model.safetensors")
+        t = load_file(f)
+        first = {k: v for k, v in t.items() if k.startswith("model.layers.0.")}
+        t.update({k.replace("layers.0.", "layers.1."): v.clone() for k, v in first.items()})
+        save_file(t, f)
+        cfg["num_hidden_layers"] = 2
+        json.dump(cfg, open(cfg_path, "w"))
+    dist.barrier(group=ctx.world_group)
+    err, took = _timed(lambda: moekit.load_moe_layers(path, ep_group=group, **LOAD))
+    ctx.expect(err is not None and took < 6, f"rank {ctx.rank}: {type(err).__name__} {took:.1f} s {err}")
+    dist.barrier(group=ctx.world_group)
+    for bad in ("world", 3):
+        err, _ = _timed(lambda: moekit.load_moe_layers(path, ep_group=bad, **LOAD))
+        ctx.expect(isinstance(err, TypeError) and "ep_group" in str(err), f"ep_group={bad!r}: {err!r}")

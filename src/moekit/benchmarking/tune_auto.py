@@ -83,7 +83,8 @@ def run_tune_auto(targets, dtype=torch.bfloat16, *, out: Path | None = None, bud
             for bk in cands:
                 got: dict = {}
                 p = _tune.run_tune([(m, tokens)], dtype, out=Path(tmp) / str(bk), budget_s=budget_s / len(cands),
-                                   log=log, force_block_k=bk, results_out=got, **kw)
+                                   log=lambda s: None if s.startswith(("wrote ", "nothing tuned")) else log(s),
+                                   force_block_k=bk, results_out=got, **kw)  # (the scratch file's path: not told)
                 table = json.loads(p.read_text()).get("entries", {}).get(key) if p.is_file() else None
                 if table and key in got:
                     tables[bk], results[bk] = table, got[key]

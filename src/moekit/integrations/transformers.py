@@ -67,10 +67,9 @@ def _require_transformers(what: str):
 
 
 def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
-    """A patched block's ``state_dict`` holds moekit's names (``...moe.routed_experts.w13_weight``): transformers'
-    ``from_pretrained`` does not read them (it would initialise the MoE weights at random), so say so."""
-    warnings.warn(f"{prefix or 'the model'}: a model patched by moekit has moekit's state_dict keys for its MoE blocks "
-                  "(e.g. 'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: call "
+    """A patched block's ``state_dict`` holds moekit's names, which ``from_pretrained`` does not read: say so."""
+    warnings.warn("a model patched by moekit has moekit's state_dict keys for its MoE blocks (e.g. "
+                  "'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: call "
                   "moekit.integrations.transformers.unpatch(model) before save_pretrained", UserWarning, stacklevel=2)
 
 
@@ -345,8 +344,10 @@ def register(name: str = "moekit") -> str:
     _require_transformers("register")
     from transformers.integrations.moe import ExpertsInterface
 
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str (the experts_implementation value), got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (the experts_implementation value), got {type(name).__name__}: {name!r}")
+    if not name:
+        raise ValueError("name must be a non-empty str (the experts_implementation value), got ''")
     ExpertsInterface.register(name, moekit_experts_forward)
     return name
 
@@ -358,7 +359,8 @@ def check_registered(model, name: str = "moekit") -> list[str]:
     model was not built with ``experts_implementation=name`` (or :func:`register` was not called), and
     ``NotImplementedError`` naming the MoE blocks the switch does not reach (Llama 4, LongCat-Flash before
     transformers 5.25: their experts classes are not decorated with ``@use_experts_implementation``, so transformers
-    keeps their own forward) with the advice to use :func:`patch`.
+    keeps their own forward) with the advice to use :func:`patch`; ``ValueError`` for a model :func:`patch` patched
+    (its blocks run moekit layers, not the switch).
     """
     _require_transformers("check_registered")
     from transformers.integrations.moe import ExpertsInterface

@@ -23,7 +23,8 @@ from .._checks import as_float_dtype, check_bool, check_device
 from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
-from ..parallel.setup import fail_together
+from ..parallel.comm import check_group
+from ..parallel.sync import fail_together
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers
 from .files import checkpoint_files, config_dtype, read_config
@@ -69,10 +70,11 @@ def load_moe_layers(
             of a per-expert checkpoint (``experts.{e}....``; static input scales of every expert: their max),
             fused expert stacks whole (one tensor at a time). An error on some ranks only (a missing or malformed
             expert tensor, read by the ranks that hold the expert; a rank's own damaged copy of config.json or of
-            any tensor; a failed read, or allocation of the routed experts) raises on those ranks; the other ranks
-            of ``ep_group`` / ``tp_group`` then raise ``RuntimeError`` naming those ranks and their errors (one
-            object all-gather per group before each layer is built and after the last tensor, every call), so no
-            rank waits for a peer that has failed.
+            any tensor; a failed read or allocation; a different number of MoE layers) raises on those ranks; the
+            other ranks of ``ep_group`` / ``tp_group`` then raise ``RuntimeError`` naming those ranks and their
+            errors (one object all-gather per group before each layer is built and after the last tensor, every
+            call; :mod:`moekit.parallel.sync`), so no rank waits for a peer that has failed. Ranks whose layers
+            were built with different settings all raise ``ValueError`` (``SettingsDiffer``).
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -126,15 +128,18 @@ def load_moe_layers(
         raise ValueError("device='meta' holds no data, and load_moe_layers copies the checkpoint's tensors into the "
                          "layers: load on 'cpu' or 'cuda' (moekit inspect shows a checkpoint's layout without weights)")
     dtype = as_float_dtype("dtype", dtype) if dtype is not None else None
+    check_group("ep_group", ep_group)  # (before the first sync over them; the same check on every rank)
+    check_group("tp_group", tp_group)
     parallel = dict(ep_group=ep_group, tp_group=tp_group, expert_placement_strategy=expert_placement_strategy,
-                    enable_eplb=enable_eplb, num_redundant_experts=num_redundant_experts)  # (FusedMoE checks them)
+                    enable_eplb=enable_eplb, num_redundant_experts=num_redundant_experts)  # (FusedMoE checks the rest)
     # A rank's failure is told to the ranks of both groups at the next sync (fail_together: one object all-gather per
     # group): before each layer's construction-time collectives (FusedMoE's agreement of the ranks' settings) and after
     # the last tensor. A rank's own copy of the checkpoint, its reads or its allocations may fail where its peers'
     # do not (round 52's audit: a damaged selection bias, shared-expert scale or config.json on one rank left the
     # others waiting in the next collective until the group's timeout), so every step runs under one of the syncs.
-    # Not covered: a failure on some ranks only inside build_layer before FusedMoE's agreement (allocating the gate or
-    # the shared MLP): the peers wait in that agreement until the timeout.
+    # A failure inside build_layer before FusedMoE's own agreement (allocating the gate or the shared MLP) sends the
+    # rank to its last sync, which its peers meet inside that agreement (parallel.sync: one payload for both): they
+    # raise PeerFailed there, marked synced, and leave without another sync.
     what, groups = f"load_moe_layers({path!r})", (ep_group, tp_group)
     failure = reader = None
     states: dict[str, _LayerLoad] = {}
@@ -157,7 +162,7 @@ def load_moe_layers(
                 keys, construction = _construction(plan, assigned, reader)
             except Exception as err:  # noqa: BLE001 - as above
                 failure = err
-            fail_together(what, failure, groups)
+            fail_together(what, failure, groups, where=plan.name)
             try:
                 layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
                                     quant_config=experts_format(fmt, plan), graph_pool=pool,
@@ -175,6 +180,8 @@ def load_moe_layers(
                     _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
                     done.update(parts.values())
             except Exception as err:  # noqa: BLE001 - as above (the peers learn it at their next sync)
+                if getattr(err, "synced", False):  # every rank raised in FusedMoE's agreement: no sync is left
+                    raise
                 failure = err
                 break
         if failure is None:
@@ -185,7 +192,7 @@ def load_moe_layers(
     finally:
         if reader is not None:
             reader.close()
-    fail_together(what, failure, groups)
+    fail_together(what, failure, groups, where="end")
     return {name: state.layer for name, state in states.items()}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..experts.placement import ExpertPlacement
 from .comm import check_group, group_rank, group_size
 from .eplb_state import EplbState
+from .sync import agree_groups
 
 
 def build_placement(
@@ -24,7 +25,8 @@ def build_placement(
     """Validate the groups and sizes (``ValueError``/``TypeError`` naming them); return this rank's
     placement and, with ``enable_eplb``, the :class:`EplbState` (routing maps, load window) over it.
     ``settings``: more ``(name, value)`` pairs of the layer (top_k, widths, dtype ...) that every rank of each group
-    must share; checked with the placement's by :func:`agree` (a collective over each group, at construction)."""
+    must share; checked with the placement's by :func:`~.sync.agree_groups` (a collective over each group, at
+    construction)."""
     check_group("ep_group", ep_group)
     check_group("tp_group", tp_group)
     if ep_group is not None and tp_group is not None:
@@ -59,53 +61,6 @@ def build_placement(
     # EP peers exchange tokens and sum partial outputs: they must hold the same slice of I (tp_rank); TP peers may
     # sit at different EP ranks (round 48's audit: EP groups {0, 3}, {1, 2} over TP groups {0, 2}, {1, 3} met each
     # other in one rank only, as checked above, and computed wrong outputs, silently)
-    agree("ep_group", ep_group, (*common, ("tp_size", w_tp), ("tp_rank", group_rank(tp_group))))
-    agree("tp_group", tp_group, (*common, ("ep_size", group_size(ep_group))))
+    agree_groups([("ep_group", ep_group, (*common, ("tp_size", w_tp), ("tp_rank", group_rank(tp_group)))),
+                  ("tp_group", tp_group, (*common, ("ep_size", group_size(ep_group))))])
     return placement, state
-
-
-def agree(name: str, group, mine: tuple) -> None:
-    """Every rank of ``group`` was built with the same ``mine`` (``(setting, value)`` pairs), else every rank raises
-    the same ``ValueError`` listing the settings that differ (one object all-gather, at construction: a mismatch
-    would otherwise give wrong outputs or fail inside a later collective)."""
-    world = group_size(group)
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    ranks = [dict(o) for o in everyone]
-    differ = {k: [r[k] for r in ranks] for k, v in mine if any(r[k] != v for r in ranks)}
-    if differ:
-        raise ValueError(f"the ranks of {name} were built with different settings (by rank of {name}): {differ}; every "
-                         f"rank of {name} must build the layer alike" + (
-                             " (EP peers hold the same tensor-parallel slice: each EP group takes one rank of equal "
-                             "tp_rank from every TP group)" if "tp_rank" in differ else ""))
-
-
-def fail_together(what: str, failure: BaseException | None, groups) -> None:
-    """Every rank of each group in ``groups`` (process groups or None) learns whether any of them failed ``what``: one
-    object all-gather per group, in order, each passing on what the earlier ones told (so an EP group and a TP group
-    that meet in one rank reach the whole grid). A failing rank re-raises its own ``failure``; the others raise
-    ``RuntimeError`` naming the failing global ranks and their errors, instead of waiting in the next collective
-    until the process group's timeout. Every rank of the groups must call it, failed or not."""
-    sizes = [group_size(g) for g in groups]
-    if all(s == 1 for s in sizes):
-        if failure is not None:
-            raise failure
-        return
-    import torch.distributed as dist
-
-    failed = {} if failure is None else {dist.get_rank(): f"{type(failure).__name__}: {str(failure)[:400]}"}
-    for group, size in zip(groups, sizes):
-        if size > 1:
-            everyone: list = [None] * size
-            dist.all_gather_object(everyone, failed, group=group)
-            for told in everyone:
-                failed.update(told)
-    if failure is not None:
-        raise failure
-    if failed:
-        raise RuntimeError(f"{what} failed on global rank(s) {sorted(failed)} (this rank, {dist.get_rank()}, did "
-                           "not): " + "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items())))
