@@ -734,8 +734,12 @@ def grid_failures_and_mismatches_reach_every_rank(ctx):
     # (2) rank 1 fails inside build_layer before the agreement (its gate's allocation): its last sync met the peers'
     #     agreement, which read the failure as settings (KeyError) and then waited; now they raise PeerFailed naming
     #     rank 1, and rank 1 its own error;
-    # (3) rank 2's checkpoint has one MoE layer more (DeepSeek-V4, 2 vs 1 layers... as num_hidden_layers): the ranks
-    #     that finished waited for it; now every rank raises
+    # (3) FusedMoE built directly where rank 1 fails before the agreement (another num_experts: its placement raises):
+    #     the peers waited in the agreement; now they raise PeerFailed naming it
+    # (4) FusedMoE ranks that differ only in a routing setting (renormalize) or swiglu_limit: they built alike and
+    #     computed differently (under TP each rank routes the same tokens itself); now ValueError everywhere
+    # (5) rank 0's checkpoint has one MoE layer fewer: on the grid, rank 3 (no group with rank 0) went on to the next
+    #     layer's agreement and waited (or, with one layer more, returned normally); now every rank raises
     import json
 
     import torch.distributed as dist
@@ -781,6 +785,44 @@ def grid_failures_and_mismatches_reach_every_rank(ctx):
     if ctx.rank != 1:
         ctx.expect("rank 1" in str(err) and "simulated" in str(err), f"(2) rank {ctx.rank}: {err}")
     dist.barrier(group=ctx.world_group)
+    ep, tp = _grid(ctx)
+    n = 7 if ctx.rank == 1 else 8  # (7 experts do not split over the EP group of 2: rank 1's placement raises)
+    err, took = _timed(lambda: moekit.FusedMoE(n, 2, 32, 32, ep_group=ep, tp_group=tp, backend="torch"))
+    want = ValueError if ctx.rank == 1 else PeerFailed
+    ctx.expect(isinstance(err, want) and took < 6, f"(3) rank {ctx.rank}: {type(err).__name__} {took:.1f} s {err}")
+    dist.barrier(group=ctx.world_group)
+    for kw in ({"renormalize": ctx.rank != 2}, {"swiglu_limit": 7.0 if ctx.rank == 3 else None}):
+        ep, tp = _grid(ctx)
+        err, took = _timed(lambda: moekit.FusedMoE(E, 2, 32, 32, ep_group=ep, tp_group=tp, backend="torch", **kw))
+        ctx.expect(isinstance(err, ValueError) and took < 6, f"(4) {kw}: {type(err).__name__} {took:.1f} s {err}")
+        dist.barrier(group=ctx.world_group)
+    for fewer in (0, 3):  # rank `fewer` has one MoE layer where the others have two
+        path = _two_layers(ctx, ds3_fp8(ctx), ctx.rank != fewer)
+        dist.barrier(group=ctx.world_group)
+        ep, tp = _grid(ctx)
+        err, took = _timed(lambda: moekit.load_moe_layers(path, ep_group=ep, tp_group=tp, **LOAD))
+        ctx.expect(isinstance(err, PeerFailed) and took < 6 and "while rank" in str(err),
+                   f"(5) rank {fewer} fewer: rank {ctx.rank} {type(err).__name__} {took:.1f} s {err}")
+        dist.barrier(group=ctx.world_group)
+
+
+def _two_layers(ctx, path: str, two: bool) -> str:
+    """``path`` (one MoE layer), with a second layer copied from the first when ``two``."""
+    import json
+
+    if two:
+        from safetensors.torch import load_file
+
+        f = os.path.join(path, "model.safetensors")
+        t = load_file(f)
+        first = {k: v for k, v in t.items() if k.startswith("model.layers.0.")}
+        t.update({k.replace("layers.0.", "layers.1."): v.clone() for k, v in first.items()})
+        save_file(t, f)
+        cfg_path = os.path.join(path, "config.json")
+        cfg = json.load(open(cfg_path))
+        cfg["num_hidden_layers"] = 2
+        json.dump(cfg, open(cfg_path, "w"))
+    return path
 
 
 @check(2)
@@ -789,24 +831,11 @@ def layer_counts_differ_and_bad_groups(ctx):
     # rank 0's 1): the shorter returned, the longer waited in its next layer's agreement; now both raise at once. And
     # a group that is no ProcessGroup names the argument (it was an AttributeError from the first sync)
     import datetime
-    import json
 
     import torch.distributed as dist
 
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=8))
-    path = ds3_fp8(ctx)
-    cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
-    if ctx.rank == 1:  # a second MoE layer, with its tensors copied from the first
-        from safetensors.torch import load_file
-
-        f = os.path.join(path, "model.safetensors")
-        t = load_file(f)
-        first = {k: v for k, v in t.items() if k.startswith("model.layers.0.")}
-        t.update({k.replace("layers.0.", "layers.1."): v.clone() for k, v in first.items()})
-        save_file(t, f)
-        cfg["num_hidden_layers"] = 2
-        json.dump(cfg, open(cfg_path, "w"))
+    path = _two_layers(ctx, ds3_fp8(ctx), ctx.rank == 1)  # a second MoE layer on rank 1, copied from the first
     dist.barrier(group=ctx.world_group)
     err, took = _timed(lambda: moekit.load_moe_layers(path, ep_group=group, **LOAD))
     ctx.expect(err is not None and took < 6, f"rank {ctx.rank}: {type(err).__name__} {took:.1f} s {err}")

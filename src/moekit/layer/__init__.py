@@ -321,7 +321,13 @@ def build_fused_moe(
         expert_placement_strategy, num_expert_group if use_grouped_topk else None, device,
         settings=(("top_k", top_k), ("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                   ("params_dtype", str(config.params_dtype)), ("activation", config.activation),
-                  ("has_bias", config.has_bias), ("quant_config", repr(config.quant_config))),
+                  ("has_bias", config.has_bias), ("quant_config", repr(config.quant_config)),
+                  # round 52's review: routing and activation settings that build alike but compute differently
+                  ("routing", (renormalize, scoring_func, use_grouped_topk, num_expert_group, topk_group,
+                               zero_expert_type, routed_shared_experts, getattr(custom_routing_function,
+                                                                                "__qualname__", None))),
+                  ("scales", (routed_scaling_factor, apply_routed_scale_to_output, apply_router_weight_on_input,
+                              swiglu_limit))),
     )
     if router is None:
         router = create_fused_moe_router(

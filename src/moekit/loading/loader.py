@@ -70,11 +70,14 @@ def load_moe_layers(
             of a per-expert checkpoint (``experts.{e}....``; static input scales of every expert: their max),
             fused expert stacks whole (one tensor at a time). An error on some ranks only (a missing or malformed
             expert tensor, read by the ranks that hold the expert; a rank's own damaged copy of config.json or of
-            any tensor; a failed read or allocation; a different number of MoE layers) raises on those ranks; the
-            other ranks of ``ep_group`` / ``tp_group`` then raise ``RuntimeError`` naming those ranks and their
-            errors (one object all-gather per group before each layer is built and after the last tensor, every
-            call; :mod:`moekit.parallel.sync`), so no rank waits for a peer that has failed. Ranks whose layers
-            were built with different settings all raise ``ValueError`` (``SettingsDiffer``).
+            any tensor; a failed read or allocation) raises on those ranks; the other ranks of ``ep_group`` /
+            ``tp_group`` then raise ``RuntimeError`` (``PeerFailed``) naming those ranks and their errors (one object
+            all-gather per group before each layer is built and after the last tensor, every call, and FusedMoE's
+            agreement of the ranks' settings; :mod:`moekit.parallel.sync`), so no rank waits for a peer that has
+            failed. Checkpoints with different numbers of MoE layers: every rank raises ``PeerFailed``. Layers built
+            with different settings: the ranks that see the difference raise ``ValueError`` (``SettingsDiffer``),
+            the others ``SettingsDiffer`` or ``PeerFailed``. One pass reaches every rank where the groups form a
+            grid (every EP group meets every TP group), as FusedMoE's placement assumes.
 
 
     Returns ``{module path in the transformers model: MoERunner}`` in layer order, e.g.
@@ -139,7 +142,8 @@ def load_moe_layers(
     # others waiting in the next collective until the group's timeout), so every step runs under one of the syncs.
     # A failure inside build_layer before FusedMoE's own agreement (allocating the gate or the shared MLP) sends the
     # rank to its last sync, which its peers meet inside that agreement (parallel.sync: one payload for both): they
-    # raise PeerFailed there, marked synced, and leave without another sync.
+    # raise PeerFailed there, marked synced, and leave without another sync. (Checks before the first sync, e.g. a
+    # device index one node lacks, still raise on that rank alone.)
     what, groups = f"load_moe_layers({path!r})", (ep_group, tp_group)
     failure = reader = None
     states: dict[str, _LayerLoad] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..experts.placement import ExpertPlacement
 from .comm import check_group, group_rank, group_size
 from .eplb_state import EplbState
-from .sync import agree_groups
+from .sync import agree_groups, fail_together
 
 
 def build_placement(
@@ -38,24 +38,28 @@ def build_placement(
                 f"ep_group and tp_group must meet only in this rank ({dist.get_rank()}), they share ranks "
                 f"{sorted(shared)}: TP peers hold the same tokens and EP peers different ones"
             )
-    w_tp = group_size(tp_group)
-    if tp_size not in (None, w_tp):
-        raise ValueError(f"tp_size={tp_size} does not match the size of tp_group ({w_tp})")
-    if isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int):
-        raise TypeError(f"num_redundant_experts must be an int, got {num_redundant_experts!r}")
-    placement = ExpertPlacement.build(
-        num_experts,
-        num_redundant_experts,
-        ep_size=group_size(ep_group),
-        ep_rank=group_rank(ep_group),
-        tp_size=w_tp,
-        tp_rank=group_rank(tp_group),
-        strategy=strategy,
-    )
-    state = None
-    if enable_eplb:
-        groups = num_expert_group if num_expert_group and num_experts % num_expert_group == 0 else 1
-        state = EplbState(placement, num_groups=groups, device=device)
+    try:  # a failure here on some ranks only (a setting they differ in): the peers wait in the agreement below
+        w_tp = group_size(tp_group)
+        if tp_size not in (None, w_tp):
+            raise ValueError(f"tp_size={tp_size} does not match the size of tp_group ({w_tp})")
+        if isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int):
+            raise TypeError(f"num_redundant_experts must be an int, got {num_redundant_experts!r}")
+        placement = ExpertPlacement.build(
+            num_experts,
+            num_redundant_experts,
+            ep_size=group_size(ep_group),
+            ep_rank=group_rank(ep_group),
+            tp_size=w_tp,
+            tp_rank=group_rank(tp_group),
+            strategy=strategy,
+        )
+        state = None
+        if enable_eplb:
+            groups = num_expert_group if num_expert_group and num_experts % num_expert_group == 0 else 1
+            state = EplbState(placement, num_groups=groups, device=device)
+    except Exception as err:  # noqa: BLE001 - told to the peers in the agreement's place (parallel.sync), re-raised
+        fail_together("building the layer", err, (ep_group, tp_group), where="construction")
+        raise
     common = (("num_experts", num_experts), ("num_redundant_experts", num_redundant_experts),
               ("expert_placement_strategy", strategy), ("enable_eplb", bool(enable_eplb)), *settings)
     # EP peers exchange tokens and sum partial outputs: they must hold the same slice of I (tp_rank); TP peers may
