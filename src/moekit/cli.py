@@ -223,12 +223,9 @@ def _run_tune(args, parser) -> int:
 
 def _block_k_arg(s: str):
     """``--block-k``: an int, or "auto" as it is (argparse's ``choices`` then names the valid values)."""
-    if s == "auto":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 32, 64, 128 or 'auto', got {s!r}") from None
+    if s == "auto" or s.isdigit():
+        return s if s == "auto" else int(s)
+    raise argparse.ArgumentTypeError(f"expected 32, 64, 128 or 'auto', got {s!r}")
 
 
 def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
