@@ -299,3 +299,22 @@ def test_scale_values_refused_at_load():
     zero = s2.clone()
     zero[0, 0, 0] = 0.0  # an all-zero block's multiplier: accepted
     fp8.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=zero)
+
+
+@pytest.mark.parametrize("quant", [None, "fp8", "mxfp4"])
+def test_moe_config_params_dtype_follows_a_cast(quant):
+    # round 52's audit: after .to(bfloat16) / .half() the layer computed in the new dtype while
+    # layer.moe_config.params_dtype still said float32; a device move or a non-float target keeps it
+    import moekit
+
+    fmt = {"fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                   "weight_block_size": [16, 16]}, "mxfp4": moekit.Mxfp4Format(), None: None}[quant]
+    layer = moekit.FusedMoE(4, 2, 32, 32, params_dtype=torch.float32, quant_config=fmt, backend="torch")
+    assert layer.moe_config.params_dtype == torch.float32
+    layer.to(torch.bfloat16)
+    assert layer.moe_config.params_dtype == torch.bfloat16 == layer.routed_experts.params_dtype
+    assert layer.routed_experts.moe_config is layer.moe_config
+    layer.half()
+    assert layer.moe_config.params_dtype == torch.float16
+    layer.to("cpu")
+    assert layer.moe_config.params_dtype == torch.float16

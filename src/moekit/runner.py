@@ -157,9 +157,8 @@ class MoERunner(torch.nn.Module):
         self.shared_experts, self.shared_expert_gate = shared_experts, shared_expert_gate
         self.gate_input = gate_input
         self.final_output_transform = final_output_transform
-        self.router_logits_dtype = (
-            None if router_logits_dtype is None else as_float_dtype("router_logits_dtype", router_logits_dtype)
-        )
+        rld = router_logits_dtype
+        self.router_logits_dtype = None if rld is None else as_float_dtype("router_logits_dtype", rld)
         if expert_executor is None:
             expert_executor = LocalExecutor(routed_experts)
         elif expert_executor.experts is not routed_experts:
@@ -351,7 +350,9 @@ class MoERunner(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         if self._graphs is not None:  # .to() / .cuda() / .half(): drop the graphs (and their memory) first
             self._graphs.clear()
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self.moe_config = getattr(self.routed_experts, "moe_config", self.moe_config)  # (params_dtype after a cast)
+        return out
 
     def _logits(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
         if router_logits is None:

@@ -26,9 +26,11 @@ here and nowhere else; an EPLB rebalance changes it through :meth:`set_physical_
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .._checks import KERNEL_DTYPES, check_int
+from .._checks import FLOAT_DTYPES, KERNEL_DTYPES, check_int
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
@@ -139,6 +141,8 @@ class RoutedExperts(torch.nn.Module):
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
         if new is not None and new != self._params_dtype:
             follow_params_dtype(self, new)
+        if self.params_dtype != self.moe_config.params_dtype and self.params_dtype in FLOAT_DTYPES:  # (what it says)
+            self.moe_config = dataclasses.replace(self.moe_config, params_dtype=self.params_dtype)
         if self.w13_weight.device.type == "meta":  # the values are gone (``.to("meta")``; ``to_empty`` after it
             self._record.clear()                   # leaves uninitialised memory): a forward must not run on them
         return out
