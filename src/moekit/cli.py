@@ -33,16 +33,10 @@ import sys
 
 import torch
 
+from ._argparse import OneLineParser
 from ._checks import DTYPE_SHORT, check_device
 
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and the exit status 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def package_version() -> str:
@@ -357,7 +351,7 @@ def _add_tune(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand and option."""
-    p = _Parser(prog="moekit", description="Mixture-of-Experts layers for PyTorch.")
+    p = OneLineParser(prog="moekit", description="Mixture-of-Experts layers for PyTorch.")
     p.add_argument("--version", action="version", version=f"moekit {package_version()}",
                    help="print moekit's version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -65,18 +65,26 @@ def _per_expert(t, pre, q13, q2, s13, s2, i, *, scale_key, weight_key="weight", 
     return t
 
 
-def ds3_fp8(ctx, h=32, i=32, seed=0) -> str:
-    """DeepSeek-V3 fp8 block: grouped routing (2 groups, 1 kept), a selection bias, an fp8 shared expert, per-expert
-    keys with bf16 ``weight_scale_inv`` on odd experts."""
-    cfg = dict(model_type="deepseek_v3", hidden_size=h, moe_intermediate_size=i, n_routed_experts=E,
-               num_experts_per_tok=K, n_group=2, topk_group=1, n_shared_experts=1, num_hidden_layers=1,
-               first_k_dense_replace=0, dtype="bfloat16", quantization_config=FP8)
-    fmt = moekit.parse_quant_config(FP8)
-    q13, q2, s13, s2 = moekit.quantize_experts(*_stacks(h, i, seed), fmt)
+def _deepseek_style(model_type, h, i, seed, quant, *, n_group, n_shared_experts, bias_floor=0.0, bias_scale=1.0):
+    """(config, format, quantised stacks, key prefix, generator, {router tensors}) of a one-layer DeepSeek-style
+    checkpoint (grouped routing with one group kept, a selection bias) in ``quant``."""
+    cfg = dict(model_type=model_type, hidden_size=h, moe_intermediate_size=i, n_routed_experts=E,
+               num_experts_per_tok=K, n_group=n_group, topk_group=1, n_shared_experts=n_shared_experts,
+               num_hidden_layers=1, first_k_dense_replace=0, dtype="bfloat16", quantization_config=quant)
+    fmt = moekit.parse_quant_config(quant)
+    q = moekit.quantize_experts(*_stacks(h, i, seed), fmt)
     pre = "model.layers.0.mlp."
     g = torch.Generator().manual_seed(seed + 1)
     t = {pre + "gate.weight": torch.randn(E, h, generator=g).bfloat16(),
-         pre + "gate.e_score_correction_bias": torch.rand(E, generator=g) * 1e-3 + 0.1}
+         pre + "gate.e_score_correction_bias": torch.rand(E, generator=g) * bias_scale + bias_floor}
+    return cfg, fmt, q, pre, g, t
+
+
+def ds3_fp8(ctx, h=32, i=32, seed=0) -> str:
+    """DeepSeek-V3 fp8 block: grouped routing (2 groups, 1 kept), a selection bias, an fp8 shared expert, per-expert
+    keys with bf16 ``weight_scale_inv`` on odd experts."""
+    cfg, fmt, (q13, q2, s13, s2), pre, g, t = _deepseek_style("deepseek_v3", h, i, seed, FP8, n_group=2,
+                                                               n_shared_experts=1, bias_floor=0.1, bias_scale=1e-3)
     _per_expert(t, pre, q13, q2, s13, s2, i, scale_key="weight_scale_inv", bf16_odd=True)
     for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
         wq, s = moekit.ops.quantize.quantize_weight(torch.randn(*shape, generator=g) * 0.1, fmt)
@@ -145,15 +153,8 @@ def glm_fp8_static(ctx, h=32, i=32, seed=5, strategy="channel") -> str:
                                                     "strategy": strategy, "dynamic": False},
                                         "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
                                                               "strategy": "tensor", "dynamic": False}}}}
-    cfg = dict(model_type="glm4_moe", hidden_size=h, moe_intermediate_size=i, n_routed_experts=E,
-               num_experts_per_tok=K, n_group=1, topk_group=1, n_shared_experts=0, num_hidden_layers=1,
-               first_k_dense_replace=0, dtype="bfloat16", quantization_config=ct)
-    fmt = moekit.parse_quant_config(ct)
-    q13, q2, s13, s2 = moekit.quantize_experts(*_stacks(h, i, seed), fmt)
-    pre = "model.layers.0.mlp."
-    g = torch.Generator().manual_seed(seed + 1)
-    t = {pre + "gate.weight": torch.randn(E, h, generator=g).bfloat16(),
-         pre + "gate.e_score_correction_bias": torch.rand(E, generator=g)}
+    cfg, fmt, (q13, q2, s13, s2), pre, g, t = _deepseek_style("glm4_moe", h, i, seed, ct, n_group=1,
+                                                               n_shared_experts=0)
     in13, in2 = torch.rand(E, generator=g) * 0.02 + 0.01, torch.rand(E, generator=g) * 0.05 + 0.02
     in13[E - 1], in2[E - 2] = 0.2, 0.3  # the largest input scales belong to experts of the last EP rank
     for e in range(E):

@@ -141,6 +141,24 @@ def run_checks(world: int, names: list[str], check_module: str, backend: str = "
     return _collect(out_dir, world)
 
 
+_CACHE: dict = {}
+
+
+def world_cases(module, world: int) -> list[str]:
+    """The checks of a checks ``module`` (its ``WORLD``: name -> world sizes) that run at ``world``."""
+    return [n for n, worlds in module.WORLD.items() if world in worlds]
+
+
+def cached_results(module, world: int, backend: str = "gloo") -> dict:
+    """:func:`run_checks` of ``module``'s checks at ``world``, once per process (every test of a runner file reads the
+    one result); the bound: ``$MOEKIT_DIST_TIMEOUT`` seconds (240)."""
+    key = (module.__name__, world, backend)
+    if key not in _CACHE:
+        _CACHE[key] = run_checks(world, world_cases(module, world), module.__name__, backend=backend,
+                                 timeout=float(os.environ.get("MOEKIT_DIST_TIMEOUT", "240")))
+    return _CACHE[key]
+
+
 def assert_ok(res: dict, name: str) -> None:
     """The check ``name`` of a :func:`run_checks` result passed on every rank (else the failure it reported)."""
     assert "__setup__" not in res, res["__setup__"]

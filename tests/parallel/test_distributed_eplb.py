@@ -11,35 +11,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_checks_eplb  # noqa: E402
-from dist_harness import assert_ok, run_checks  # noqa: E402
+from dist_harness import assert_ok, cached_results, world_cases  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-_RESULTS: dict = {}
 
 
-def _cases(world: int) -> list[str]:
-    return [n for n, worlds in dist_checks_eplb.WORLD.items() if world in worlds]
-
-
-def _results(world: int, backend: str = "gloo") -> dict:
-    if (world, backend) not in _RESULTS:
-        _RESULTS[world, backend] = run_checks(world, _cases(world), "dist_checks_eplb", backend=backend,
-                                              timeout=float(os.environ.get("MOEKIT_DIST_TIMEOUT", "240")))
-    return _RESULTS[world, backend]
-
-
-@pytest.mark.parametrize("name", _cases(2))
+@pytest.mark.parametrize("name", world_cases(dist_checks_eplb, 2))
 def test_gloo_world2_eplb(name):
-    assert_ok(_results(2), name)
+    assert_ok(cached_results(dist_checks_eplb, 2), name)
 
 
-@pytest.mark.parametrize("name", _cases(4))
+@pytest.mark.parametrize("name", world_cases(dist_checks_eplb, 4))
 def test_gloo_world4_eplb(name):
-    assert_ok(_results(4), name)
+    assert_ok(cached_results(dist_checks_eplb, 4), name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-@pytest.mark.parametrize("name", _cases(2))
+@pytest.mark.parametrize("name", world_cases(dist_checks_eplb, 2))
 def test_nccl_world2_eplb(name):
-    assert_ok(_results(2, "nccl"), name)
+    assert_ok(cached_results(dist_checks_eplb, 2, "nccl"), name)

@@ -68,18 +68,26 @@ def plan_layers(config: dict, source: str = "config.json") -> tuple[ArchSpec, li
 def _plan_layers(config: dict, spec: ArchSpec) -> tuple[ArchSpec, list[LayerPlan]]:
     """The plans of ``config`` read as its transformers config class reads it (:func:`.archs.config_defaults.complete`:
     the class's aliases and defaults for the fields the file lacks)."""
+    plans = spec.plan(text_config(config), spec)
+    mt = config.get("model_type")
+    return spec, plans if mt not in TOWERS else [restack(p, spec, TOWERS[mt][2]) for p in plans]
+
+
+def text_config(config: dict) -> dict:
+    """The config of the model the MoE blocks live in (a multimodal wrapper's text tower, :data:`TOWERS`), read as
+    its transformers config class reads it (:func:`.archs.config_defaults.complete`: the class's aliases and defaults
+    for the fields the file lacks). ``ValueError`` for a wrapper without its text tower."""
     mt = config.get("model_type")
     if mt not in TOWERS:
-        return spec, spec.plan(complete(config, mt), spec)
-    _, key, stack = TOWERS[mt]
+        return complete(config, mt)
+    spec, key, _ = TOWERS[mt]
     text = config
     for part in key.split("."):
         text = text.get(part) if isinstance(text, dict) else None
     if not isinstance(text, dict):
         raise ValueError(f"model_type={mt!r}: config.json has no {key!r} (the text tower holding the MoE blocks)")
     text_type = text.get("model_type") or tower_text_type(mt, spec)
-    text = complete(dict(text, model_type=text_type), text_type)
-    return spec, [restack(p, spec, stack) for p in spec.plan(text, spec)]
+    return complete(dict(text, model_type=text_type), text_type)
 
 
 def tower_text_type(wrapper: str, spec: ArchSpec) -> str:

@@ -14,16 +14,15 @@ them, as :func:`moekit.load_moe_layers` keeps them, else bf16).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import fields, replace
 
 import torch
 
+from .._argparse import OneLineParser
 from ..ops.activation import is_gated
-from .architectures import TOWERS, checkpoint_block_key, plan_layers, tower_text_type
-from .archs.config_defaults import complete
+from .architectures import checkpoint_block_key, plan_layers, text_config
 from .files import config_dtype, read_config
 from .modules import build_layer
 from .plan import LayerPlan
@@ -94,23 +93,12 @@ def _signature(p: LayerPlan, layer_level: bool):
     return (module, *(getattr(p, f.name) for f in fields(p) if f.name not in _PLACE))
 
 
-def _text_config(config: dict) -> dict:
-    """The config of the model the MoE blocks live in (a multimodal wrapper's text tower), with the defaults of its
-    transformers config class filled in, as the plans read it."""
-    mt = config.get("model_type")
-    if mt in TOWERS:
-        spec, key, _ = TOWERS[mt]
-        for part in key.split("."):
-            config = config.get(part) if isinstance(config, dict) else None
-        if not isinstance(config, dict):
-            return {}
-        mt = config.get("model_type") or tower_text_type(mt, spec)
-    return complete(dict(config, model_type=mt), mt)
-
-
 def _num_layers(config: dict):
     """The decoder layers of the model (of its text tower), or ``"?"``."""
-    text = _text_config(config)
+    try:
+        text = text_config(config)
+    except ValueError:  # (a wrapper without its text tower: the plans refuse it first)
+        return "?"
     for key in ("num_hidden_layers", "num_layers", "n_layers"):
         try:
             return int(text[key])  # as the plans read it (a number written as a string too)
@@ -207,15 +195,8 @@ def render(arch: str, table: list[dict], config: dict) -> str:
     return "\n".join([head, *lines, foot])
 
 
-class _Parser(argparse.ArgumentParser):
-    """A usage error is one line on stderr and exit status 2, as for the other ``moekit`` commands."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def inspect_main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="moekit inspect", description="Show the MoE blocks of a HF checkpoint directory.")
+    ap = OneLineParser(prog="moekit inspect", description="Show the MoE blocks of a HF checkpoint directory.")
     ap.add_argument("path", help="checkpoint directory (with config.json)")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.path):

@@ -145,59 +145,75 @@ def load_moe_layers(
     # raise PeerFailed there, marked synced, and leave without another sync. (Checks before the first sync, e.g. a
     # device index one node lacks, still raise on that rank alone.)
     what, groups = f"load_moe_layers({path!r})", (ep_group, tp_group)
-    failure = reader = None
     states: dict[str, _LayerLoad] = {}
+    failure, opened = _attempt(lambda: _open(path, quant_config, dtype))
     try:
-        try:
-            config = read_config(path)
-            spec, plans = plan_layers(config, os.path.join(path, "config.json"))
-            fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
-            if dtype is None:
-                dtype = config_dtype(config, os.path.join(path, "config.json"))
-            files = checkpoint_files(path)
-            assigned = assign_keys(spec, plans, files)
-            reader = Reader(files)
-        except Exception as err:  # noqa: BLE001 - re-raised by fail_together, here and (as RuntimeError) at the peers
-            failure = err
-        done: set[str] = set()  # keys already consumed (quantised dense groups)
-        pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
-        for plan in plans if failure is None else ():
-            try:
-                keys, construction = _construction(plan, assigned, reader)
-            except Exception as err:  # noqa: BLE001 - as above
-                failure = err
-            fail_together(what, failure, groups, where=plan.name)
-            try:
-                layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
-                                    quant_config=experts_format(fmt, plan), graph_pool=pool,
-                                    eager_graph_tokens=eager_graph_tokens, parallel=parallel)
-                state = _LayerLoad(plan, layer)
-                state.loaded.update(construction)
-                states[plan.name] = state
-                del construction
-                dense = dense_groups(keys) if shipped else {}
-                done.update(_quant_shared(spec, state, dense_fmt, shipped, keys, dense, reader, device))
-                for mod, parts in dense.items():  # other quantised dense linears: dequantised
-                    check_not_transposed(spec, f"{plan.name}.{mod}", parts.values())
-                    w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, dense_fmt,
-                                         f"{plan.name}.{mod}")
-                    _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
-                    done.update(parts.values())
-            except Exception as err:  # noqa: BLE001 - as above (the peers learn it at their next sync)
-                if getattr(err, "synced", False):  # every rank raised in FusedMoE's agreement: no sync is left
-                    raise
-                failure = err
-                break
         if failure is None:
-            try:
-                _read_tensors(spec, assigned, states, done, reader, progress)
-            except Exception as err:  # noqa: BLE001 - as above (under EP, ranks read different expert tensors)
-                failure = err
+            spec, plans, fmt, dense_fmt, shipped, dtype, assigned, reader = opened
+            done: set[str] = set()  # keys already consumed (quantised dense groups)
+            pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
+            for plan in plans:
+                failure, got = _attempt(lambda: _construction(plan, assigned, reader))
+                fail_together(what, failure, groups, where=plan.name)
+                keys, construction = got
+
+                def build():  # (a synced failure, every rank's in FusedMoE's agreement, leaves no sync: re-raised)
+                    layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
+                                        quant_config=experts_format(fmt, plan), graph_pool=pool,
+                                        eager_graph_tokens=eager_graph_tokens, parallel=parallel)
+                    state = states[plan.name] = _LayerLoad(plan, layer)
+                    state.loaded.update(construction)
+                    done.update(_dense(spec, state, dense_fmt, shipped, keys, reader, device))
+
+                failure, _ = _attempt(build)
+                if failure is not None:
+                    break
+            if failure is None:
+                failure, _ = _attempt(lambda: _read_tensors(spec, assigned, states, done, reader, progress))
     finally:
-        if reader is not None:
-            reader.close()
+        if opened is not None:
+            opened[-1].close()
     fail_together(what, failure, groups, where="end")
     return {name: state.layer for name, state in states.items()}
+
+
+def _attempt(fn) -> tuple[BaseException | None, object]:
+    """(None, ``fn()``), or (its error, None): a step whose error the ranks learn together at the next sync
+    (:func:`~moekit.parallel.sync.fail_together`); an error marked ``synced`` (every rank raised it in one exchange,
+    FusedMoE's agreement) is raised at once, as no sync is left for it."""
+    try:
+        return None, fn()
+    except Exception as err:  # noqa: BLE001 - re-raised by fail_together, here and (as PeerFailed) at the peers
+        if getattr(err, "synced", False):
+            raise
+        return err, None
+
+
+def _open(path: str, quant_config, dtype):
+    """(spec, plans, routed-experts format, dense format, shipped, dtype, {layer: {rel: key}}, Reader) of the
+    checkpoint at ``path``."""
+    config = read_config(path)
+    spec, plans = plan_layers(config, os.path.join(path, "config.json"))
+    fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
+    if dtype is None:
+        dtype = config_dtype(config, os.path.join(path, "config.json"))
+    files = checkpoint_files(path)
+    assigned = assign_keys(spec, plans, files)
+    return spec, plans, fmt, dense_fmt, shipped, dtype, assigned, Reader(files)
+
+
+def _dense(spec, state, dense_fmt, shipped: bool, keys: dict, reader, device) -> set[str]:
+    """The block's quantised dense linears: an fp8 shared MLP kept fp8 (:func:`_quant_shared`), the others
+    dequantised into the layer; the keys consumed."""
+    plan = state.plan
+    dense = dense_groups(keys) if shipped else {}
+    done = _quant_shared(spec, state, dense_fmt, shipped, keys, dense, reader, device)
+    for mod, parts in dense.items():  # other quantised dense linears: dequantised
+        check_not_transposed(spec, f"{plan.name}.{mod}", parts.values())
+        w = dequantize_dense({part: reader.read(k) for part, k in parts.items()}, dense_fmt, f"{plan.name}.{mod}")
+        _load_one(state, f"{mod}.weight", w.to(device), parts.get("weight", parts.get("weight_packed")))
+        done = done | set(parts.values())
+    return done
 
 
 def _construction(plan: LayerPlan, assigned: dict, reader) -> tuple[dict, dict]:
