@@ -28,11 +28,13 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 import traceback
 
 import torch
 
+from moekit._argparse import OneLineParser, choice_list, unwritable_folder
 from moekit.benchmarking import ModelShape, get_shape, time_events, time_graph
 from moekit.benchmarking.eager import back_to_back
 
@@ -206,15 +208,32 @@ def run_model(key, device, tiny, log, graph_tokens=None):
     return res
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="bench_transformers.py", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output JSON file")
     ap.add_argument("--out-dir", default=None, help="directory for the default file name")
     ap.add_argument("--tiny", action="store_true", help="tiny widths (a CPU smoke test)")
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--graph-tokens", type=int, default=None,
-                    help="patch(model, eager_graph_tokens=N) (default: MODEL_GRAPH_TOKENS, 2048)")
+    ap.add_argument("--models", type=choice_list(list(MODELS), "models"), default=",".join(MODELS),
+                    help=f"comma-separated models (default: {','.join(MODELS)})")
+    ap.add_argument("--graph-tokens", type=_non_negative_int, default=None,
+                    help="patch(model, eager_graph_tokens=N), N >= 0 (default: MODEL_GRAPH_TOKENS, 2048)")
     args = ap.parse_args(argv)
+    if args.out and os.path.isdir(args.out):  # checked before the models run, not when the JSON is written
+        ap.error(f"argument --out: {args.out!r} is a folder; expected a JSON file")
+    out_folder = os.path.dirname(os.path.abspath(args.out)) if args.out else args.out_dir
+    why = out_folder and unwritable_folder(out_folder)
+    if why:
+        ap.error(f"argument {'--out' if args.out else '--out-dir'}: {why}")
+    if not torch.cuda.is_available() and not args.tiny:  # real widths on the CPU: tens of GB and hours
+        print("bench_transformers.py: error: needs a CUDA GPU for real widths; --tiny runs tiny ones on the CPU",
+              file=sys.stderr)
+        return 1
     import transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,17 +251,21 @@ def main(argv=None) -> int:
         timing="CUDA events, median of 30 (10 at >= 1024 tokens) after 3 warm-up calls",
         models={},
     )
-    for key in args.models.split(","):
+    failed = []
+    for key in args.models:
         try:
             result["models"][key] = run_model(key, device, args.tiny, print, args.graph_tokens)
         except Exception as err:
             result["models"][key] = {"error": repr(err)[:500], "trace": traceback.format_exc()[-3000:]}
             print(f"{key}: FAILED {err!r}")
+            failed.append(key)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
     print("wrote", out_path)
-    return 0
+    if failed:
+        print(f"bench_transformers.py: error: {', '.join(failed)} failed (see the JSON)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -50,10 +50,25 @@ def normalise(row: dict) -> dict:
     return r
 
 
+#: the keys every row of a ``moekit bench`` JSON (and of a baseline file) has, old schemas included
+ROW_KEYS = ("model", "tokens", "impl", "us")
+
+
+def read_rows(path, what: str = "moekit bench JSON") -> tuple:
+    """(the file's JSON, its rows: the list, or an object's ``rows``); ``ValueError`` naming the file where it is
+    not JSON or its rows lack :data:`ROW_KEYS` (another script's output), ``OSError`` where it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not JSON ({err})") from None
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows):
+        raise ValueError(f"{path} is not a {what}: expected a list of rows {{{', '.join(ROW_KEYS)}, ...}}")
+    return data, rows
+
+
 def load_rows(path) -> list[dict]:
-    data = json.loads(Path(path).read_text())
-    rows = data["rows"] if isinstance(data, dict) else data
-    return [normalise(r) for r in rows]
+    return [normalise(r) for r in read_rows(path)[1]]
 
 
 class Rows:
@@ -293,22 +308,37 @@ def report(rows, baseline_rows=(), source: str = "") -> tuple[str, Report]:
 
 def load_baseline(path) -> list[dict]:
     """The baseline's rows, each carrying the file's ``source`` as ``meta``."""
-    data = json.loads(Path(path).read_text())
-    rows = data["rows"] if isinstance(data, dict) else data
+    data, rows = read_rows(path, "baseline file")
     src = dict(source=data.get("source")) if isinstance(data, dict) else {}
     return [dict(r, meta=src) for r in rows]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a usage error on one line, as ``moekit``'s (``moekit._argparse``; this script runs without
+    torch, so it does not import moekit)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="compare.py", description=__doc__.split("\n")[0])
     p.add_argument("results", help="a moekit bench JSON")
     p.add_argument("--baseline", default=str(DEFAULT_BASELINE),
                    help="the peer's numbers (default: benchmarks/baselines/vllm-h200.json); 'none' for none")
     p.add_argument("--md", default=None, help="also write the markdown here")
     p.add_argument("--plot", default=None, help="also write the speed plot (µs vs T per shape, with the baseline)")
     args = p.parse_args(argv)
-    rows = load_rows(args.results)
-    base = [] if args.baseline in (None, "", "none") else load_baseline(args.baseline)
+    for opt, path in (("--md", args.md), ("--plot", args.plot)):  # checked before the report, not after it
+        if path and (Path(path).is_dir() or not Path(path).parent.is_dir()):
+            p.error(f"argument {opt}: expected a file path in an existing folder, got {path!r}")
+    try:
+        rows = load_rows(args.results)
+        base = [] if args.baseline in (None, "", "none") else load_baseline(args.baseline)
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    if not rows:
+        p.error(f"{args.results} holds no rows: nothing to compare")
     text, _ = report(rows, base, source=args.results)
     print(text)
     if args.md:

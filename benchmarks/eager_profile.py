@@ -26,7 +26,6 @@ piece is timed in its own try/except (errors are printed, the row gets ``null``)
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 import moekit
 from moekit._checks import check_tensor
 from moekit.runner_checks import check_hidden, check_routed_input
-from moekit.benchmarking import MODELS, time_graph
+from moekit._argparse import OneLineParser, choice_list, int_list, out_file
+from moekit.benchmarking import EXTRA_MODELS, MODELS, get_shape, time_graph
 from moekit.benchmarking.bench import build_layer
 from moekit.benchmarking.eager import time_host
 from moekit.experts.graphed import tensor_key
@@ -144,18 +144,19 @@ def vars_of(layer) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--models", default="qwen3-30b-a3b,deepseek-v3")
-    ap.add_argument("--tokens", default="1,8")
+    ap = OneLineParser(prog="eager_profile.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=out_file, required=True, help="JSON file to write")
+    ap.add_argument("--models", type=choice_list([*MODELS, *EXTRA_MODELS], "shapes"),
+                    default="qwen3-30b-a3b,deepseek-v3", help="comma-separated shapes")
+    ap.add_argument("--tokens", type=int_list, default="1,8", help="comma-separated token counts")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
+        print("eager_profile.py: error: needs a CUDA GPU (it times the Triton path's host cost)", file=sys.stderr)
+        return 1
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; host µs per call (median of 5 x 200)")
     rows = []
-    for name in args.models.split(","):
-        m = MODELS[name]
+    for name in args.models:
+        m = get_shape(name)
         torch.manual_seed(0)
         try:
             with torch.no_grad():
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append(dict(model=name, piece="build", error=traceback.format_exc(limit=3)))
             continue
-        for t in map(int, args.tokens.split(",")):
+        for t in args.tokens:
             with torch.no_grad():
                 try:
                     calls, inputs = pieces(layer, plain, m, t)

@@ -195,6 +195,54 @@ R45P="gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120
 R45P="$R45P,deepseek-v3:4096,qwen3-30b-a3b:4096"
 
 case $WHAT in
+  r53-a)  # round 53, first: the kernel tests natively on this round's tree (round 51 changed the swigluoai and fp8
+    # per-channel epilogues; no GPU has run them since), then round 51's epilogue beside round 50's tree (.ab/base/src,
+    # `mkdir -p .ab/base && git archive 9d84a85 src | tar -x -C .ab/base`), gpt-oss-120b bf16, alternated twice
+    r42_prepare
+    nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+    step gpu-r53-kernels 250 python -m pytest -q -p no:cacheprovider -rf --tb=short -n 6 tests/ops/test_activation.py \
+      tests/ops/test_triton_experts.py tests/ops/test_triton_experts_quant.py tests/ops/test_quant_experts.py \
+      tests/ops/test_gluon_fp8.py tests/ops/test_gluon_fp8_dec.py tests/ops/test_gluon_fp8_dec13.py \
+      tests/ops/test_gluon_w4.py tests/ops/test_swap_ab.py tests/ops/test_sum_pass.py tests/ops/test_tail_tiles.py \
+      tests/ops/test_gather_pass.py tests/ops/test_w13_split.py tests/ops/test_w4_relaid.py
+    local_b="--quant bf16 --models gpt-oss-120b --tokens 1,64,1024,4096 --fast --no-experts"
+    for r in 1 2; do
+      step r53-oss-base-$r 70 env PYTHONPATH=.ab/base/src python -m moekit bench $local_b --out "$OUT/b-base-$r"
+      step r53-oss-new-$r 70 python -m moekit bench $local_b --out "$OUT/b-new-$r"
+    done
+    rm -f "$OUT"/b-*/*.png
+    for r in 1 2; do
+      python benchmarks/triton_ab.py "$OUT"/b-base-$r/*.json "$OUT"/b-new-$r/*.json --labels base,new \
+        --md "$OUT/r53-ab-$r.md" | tail -6
+    done
+    ;;
+  r53-c)  # round 53: r53-a's kernel tests again, eight workers and a longer bound (r53-a's 250 s ended at 68 %, no failure)
+    r42_prepare
+    python -c "import importlib.util as u; print('triton_kernels', u.find_spec('triton_kernels'))"
+    step gpu-r53c-kernels 470 python -m pytest -q -p no:cacheprovider -p no:benchmark -rf --tb=short -n 8 \
+      --durations=12 tests/ops/test_activation.py \
+      tests/ops/test_triton_experts.py tests/ops/test_triton_experts_quant.py tests/ops/test_quant_experts.py \
+      tests/ops/test_gluon_fp8.py tests/ops/test_gluon_fp8_dec.py tests/ops/test_gluon_fp8_dec13.py \
+      tests/ops/test_gluon_w4.py tests/ops/test_swap_ab.py tests/ops/test_sum_pass.py tests/ops/test_tail_tiles.py \
+      tests/ops/test_gather_pass.py tests/ops/test_w13_split.py tests/ops/test_w4_relaid.py
+    grep -h "passed\|failed\|FAILED\|slowest" "$OUT/gpu-r53c-kernels.log" | tail -8
+    ;;
+  r53-d)  # round 53, last: the layer, experts and patched-model tests natively after the audits' changes to loads,
+    # casts and to_empty (RoutedExperts._apply, state-dict checks, the input scales' record, EPLB's load hook)
+    r42_prepare
+    step gpu-r53d 380 python -m pytest -q -p no:cacheprovider -p no:benchmark -rf --tb=short -n 8 --durations=8 \
+      tests/test_layer.py tests/test_quant_layer.py tests/test_audit53_lifecycle.py tests/experts \
+      tests/integrations/test_transformers_models.py
+    grep -h "passed\|failed\|FAILED\|Error" "$OUT/gpu-r53d.log" | tail -12
+    ;;
+  r53-b)  # round 53: the sweep of record (bf16 + fp8, four benchmark shapes, experts step and layer), then the eager
+    # host rows (T = 1, 8) of this tree
+    r42_prepare
+    sweep 360
+    step r53-eager 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager"
+    rm -f "$OUT"/eager/*.png
+    ;;
   r52-a)  # round 52: the extra shapes' bf16 tables on this GPU with `moekit tune --block-k auto` (the shape tuned under
     # BLOCK_K 64 and 128, the faster table in geometric mean kept; round 51's H100 tables fixed 64 at the largest bucket
     # and were 2-4 % slower than the heuristic at T <= 64), merged into this copy's shipped file, rows alone vs in

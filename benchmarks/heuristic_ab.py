@@ -18,13 +18,13 @@ I 1536) and ``qwen3-235b`` (128 experts, H 4096, I 1536), which ship fp8 block c
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from kernel_profile import experts_step  # benchmarks/: the script's own folder
-from moekit.benchmarking.shapes import MODELS, get_shape
+from moekit._argparse import OneLineParser, choice_list, int_list, out_file, positive_int
+from moekit.benchmarking.shapes import EXTRA_MODELS, MODELS, get_shape
 from moekit.ops import triton_configs as tc
 from moekit.ops import triton_experts_quant as tq
 from quant_probe import routing_sets, save_rows, shape_weights, time_alternated
@@ -73,25 +73,30 @@ def configs(dev, m, t: int, spec, probe: bool = False) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="mixtral-8x7b,longcat-flash,kimi-k2")
-    ap.add_argument("--formats", default="mxfp4,int4")
-    ap.add_argument("--tokens", default="1,8,64,256,1024,4096,16384")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = OneLineParser(prog="heuristic_ab.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", type=choice_list([*MODELS, *EXTRA_MODELS, *EXTRA], "shapes"),
+                    default="mixtral-8x7b,longcat-flash,kimi-k2", help="comma-separated shapes")
+    ap.add_argument("--formats", type=choice_list(list(FORMATS), "formats"), default="mxfp4,int4",
+                    help="comma-separated weight formats")
+    ap.add_argument("--tokens", type=int_list, default="1,8,64,256,1024,4096,16384", help="comma-separated T")
+    ap.add_argument("--rounds", type=positive_int, default=2, help="alternations of the variants (>= 1)")
     ap.add_argument("--probe", action="store_true", help="fp8: time the FP8_PROBE decode forms too")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", type=out_file, default=None, help="JSON file of the rows (written at the end)")
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("heuristic_ab.py: error: needs a CUDA GPU (it times CUDA graphs)", file=sys.stderr)
+        return 1
     dev = torch.device("cuda")
     rows = []
-    for sname in a.shapes.split(","):
+    for sname in a.shapes:
         m = EXTRA.get(sname) or get_shape(sname)  # the benchmark shapes and moekit's EXTRA_MODELS
         torch.cuda.empty_cache()
         weights = shape_weights(m, dev)
-        for fname in a.formats.split(","):
+        for fname in a.formats:
             fmt = FORMATS[fname]  # "bf16": None (the unquantised kernels)
             spec = None if fmt is None else tq.QuantSpec.of(fmt)
             q = None if fmt is None else quantise(weights[0], weights[1], fmt)
-            for t in map(int, a.tokens.split(",")):
+            for t in a.tokens:
                 sets = routing_sets(m, t, 4, dev)
                 cfgs = configs(dev, m, t, spec, a.probe)
                 fns = {k: experts_step(m, weights, q, spec, c) for k, c in cfgs.items()}

@@ -10,10 +10,9 @@ A point present in one file only is listed with a dash; the geometric mean cover
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from compare import geomean, load_rows
+from compare import OneLineParser, geomean, load_rows
 
 IMPLS = ("moekit", "moekit-experts")
 
@@ -46,17 +45,25 @@ def table(old: dict, new: dict, labels: tuple[str, str], metric: str = "us") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="triton_ab.py", description=__doc__.splitlines()[0])
     p.add_argument("old")
     p.add_argument("new")
     p.add_argument("--labels", default="old,new", help="two comma-separated column names")
     p.add_argument("--metric", default="us", choices=("us", "host_us"), help="the row field compared")
     p.add_argument("--md", help="also write the table to this file")
     a = p.parse_args(argv)
-    labels = tuple(a.labels.split(","))
-    if len(labels) != 2:
+    labels = tuple(v.strip() for v in a.labels.split(","))
+    if len(labels) != 2 or not all(labels):
         p.error(f"--labels: expected two comma-separated names, got {a.labels!r}")
-    out = table(load(a.old, a.metric), load(a.new, a.metric), labels, a.metric)
+    if a.md and (Path(a.md).is_dir() or not Path(a.md).parent.is_dir()):
+        p.error(f"argument --md: expected a file path in an existing folder, got {a.md!r}")
+    try:
+        old, new = load(a.old, a.metric), load(a.new, a.metric)
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    if not old and not new:
+        p.error(f"no rows with {a.metric!r} in {a.old} or {a.new}: nothing to compare")
+    out = table(old, new, labels, a.metric)
     print(out, end="")
     if a.md:
         Path(a.md).write_text(out)

@@ -12,7 +12,8 @@ Decisions (issue #12):
   argument. It does not run the demo (a mistyped script would silently do work), and exit 0 would
   hide the mistake from the shell.
 - Exit codes: 0 success; 1 the command ran and failed (a demo check failed, ``bench``/``tune`` found
-  no CUDA GPU); 2 the command line is wrong; 130 interrupted. Errors go to stderr as one line,
+  no CUDA GPU, or a file, a config file or GPU memory failed them); 2 the command line is wrong; 130
+  interrupted; 141 the reader of stdout left (``| head``). Errors go to stderr as one line,
   ``moekit SUB: error: argument --OPTION: what was expected, got VALUE``, without a traceback.
 - Where results go: ``bench`` writes ``<gpu>-<date>.json`` (and ``.png``) to ``--out``, by default
   ``./benchmarks/results`` when that folder exists, else the current folder. ``tune`` merges its
@@ -29,11 +30,13 @@ Decisions (issue #12):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
-from ._argparse import OneLineParser
+from ._argparse import (OneLineParser, fraction, int_list, non_negative_float, positive_float, positive_int,
+                        split_list, unwritable_folder)
 from ._checks import DTYPE_SHORT, check_device
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -58,50 +61,12 @@ def package_version() -> str:
     return installed
 
 
-# -- argument types: each raises ArgumentTypeError saying what was expected and what was given ------
-def _value(text: str, convert, ok, expected: str):
-    """``convert(text)`` if that works and passes ``ok``, else an error saying ``expected``."""
-    try:
-        value = convert(text)
-    except ValueError:
-        value = None
-    if value is None or not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _value(text, int, lambda v: v >= 1, "an integer >= 1")
-
-
-def positive_float(text: str) -> float:
-    return _value(text, float, lambda v: v > 0, "a number > 0")
-
-
-def non_negative_float(text: str) -> float:
-    return _value(text, float, lambda v: v >= 0, "a number >= 0")
-
-
-def fraction(text: str) -> float:
-    return _value(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
-
-
 def model_list(text: str) -> list:
     """``all`` (the benchmark shapes) or names of :data:`MODELS` / :data:`EXTRA_MODELS`."""
     from .benchmarking.shapes import EXTRA_MODELS, MODELS
 
     known = {**MODELS, **EXTRA_MODELS}
-    names = list(MODELS) if text == "all" else [v for v in text.split(",") if v.strip()]
+    names = list(MODELS) if text.strip() == "all" else split_list(text)  # an empty item: an error
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected 'all' or names from {', '.join(known)}, got {text!r}")
@@ -109,15 +74,16 @@ def model_list(text: str) -> list:
 
 
 def point_list(text: str) -> list[tuple]:
-    """``MODEL:T,MODEL:T`` -> [(ModelShape, [T, ...]), ...] in first-seen order."""
+    """``MODEL:T,MODEL:T`` -> [(ModelShape, [T, ...]), ...] in first-seen order (``all:T``: every benchmark shape)."""
     targets: dict[str, tuple] = {}
-    for item in [v for v in text.split(",") if v.strip()]:
+    for item in split_list(text):
         name, _, t = item.partition(":")
         try:
-            shape, tokens = model_list(name)[0], int_list(t)
+            shapes, tokens = model_list(name), int_list(t)
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"expected MODEL:TOKENS[,MODEL:TOKENS...], got {item!r}") from None
-        targets.setdefault(shape.name, (shape, []))[1].extend(tokens)
+        for shape in shapes:
+            targets.setdefault(shape.name, (shape, []))[1].extend(tokens)
     if not targets:
         raise argparse.ArgumentTypeError(f"expected MODEL:TOKENS[,MODEL:TOKENS...], got {text!r}")
     return list(targets.values())
@@ -141,7 +107,9 @@ def device(text: str) -> torch.device:
 def _needs_cuda(name: str) -> bool:
     if torch.cuda.is_available():
         return True
-    print(f"moekit {name}: error: needs a CUDA GPU; torch.cuda.is_available() is False here", file=sys.stderr)
+    print(f"moekit {name}: error: needs a CUDA GPU (it times CUDA graphs of the Triton kernels); "
+          "torch.cuda.is_available() is False here (`moekit demo` runs and times small layers on the CPU)",
+          file=sys.stderr)
     return False
 
 
@@ -152,10 +120,16 @@ def _run_demo(args, parser) -> int:
     return 0 if run_demo(device=dev, dtype=args.dtype, repeats=args.repeats) else 1
 
 
-def _run_bench(args, parser) -> int:
-    from pathlib import Path
+def _check_out(parser, out, default, default_text: str) -> None:
+    """``--out`` (or its default): a folder that is or can be made, checked before a run writes into it."""
+    why = unwritable_folder(default if out is None else out)
+    if why:
+        parser.error(f"argument --out: {why}" + ("" if out else f" (the default: {default_text})"))
 
-    from .benchmarking.bench import check_quants, default_reference, run_bench
+
+def _run_bench(args, parser) -> int:
+    from .benchmarking.bench import check_quants, default_out, default_reference, run_bench
+    from .benchmarking.plot import load_reference
 
     dtype = getattr(torch, args.dtype)
     try:
@@ -163,11 +137,16 @@ def _run_bench(args, parser) -> int:
     except ValueError as err:
         parser.error(f"argument {err}")
     reference = default_reference() if args.reference is None else args.reference
-    if reference is not None and not Path(reference).is_file():
-        parser.error(f"argument --reference: expected a baseline JSON file, got {str(reference)!r}")
+    try:  # read at the end of a run (the speed plot): a missing or bad file is refused before the run
+        load_reference(reference)
+    except (OSError, ValueError) as err:
+        parser.error(f"argument --reference: expected a baseline JSON file, got {str(reference)!r} ({err})")
+    _check_out(parser, args.out, default_out(), "./benchmarks/results or .")
+    if args.eager_tokens is not None and not (args.eager or args.eager_only):
+        parser.error("argument --eager-tokens: applies with --eager or --eager-only")
     if not _needs_cuda("bench"):
         return 1
-    eager = args.eager_tokens if (args.eager or args.eager_only) else ()
+    eager = (args.eager_tokens or [1, 8, 64]) if (args.eager or args.eager_only) else ()
     run_bench(args.models, [] if args.eager_only else args.tokens, dtype, rotations=args.rotations,
               baseline=not args.no_baseline, routing=not args.no_routing and not args.eager_only,
               longcat_nozero=not args.no_longcat_nozero and not args.eager_only, out=args.out,
@@ -178,22 +157,34 @@ def _run_bench(args, parser) -> int:
 
 def _run_tune(args, parser) -> int:
     from .benchmarking.shapes import ModelShape
-    from .benchmarking.tune import run_tune
+    from .benchmarking.tune import default_out, run_tune
 
     shape = (args.experts, args.hidden, args.inter, args.top_k)
     given = [args.models is not None, args.points is not None, any(v is not None for v in shape)]
     if sum(given) != 1 or (given[2] and None in shape):
         parser.error("give one of --models, --points, or all of --experts --hidden --inter --top-k")
+    if not given[2] and (args.activation is not None or args.has_bias):
+        parser.error("--activation and --has-bias apply to a shape of your own (-E -H -I -K)")
+    if given[2] and args.top_k > args.experts:
+        parser.error(f"argument --top-k: expected at most --experts ({args.experts}), got {args.top_k}")
     if args.points is not None:
         targets = args.points
     else:
         models = args.models or [ModelShape("custom", E=shape[0], K=shape[3], H=shape[1], I=shape[2],
-                                            act=args.activation, has_bias=args.has_bias)]
+                                            act=args.activation or "silu", has_bias=args.has_bias)]
         targets = [(m, args.tokens) for m in models]
     dtype = getattr(torch, args.dtype)
     quant = _tune_quant(args.quant, dtype, parser)
     if args.block_k is not None and quant is not None:
         parser.error(f"--block-k applies to unquantised shapes (--quant {quant} fixes BLOCK_K)")
+    if quant is not None and given[2]:
+        from .benchmarking.bench_quant import QUANT_FORMATS
+
+        try:
+            QUANT_FORMATS[quant].validate(args.experts, args.inter, args.hidden, targets[0][0].gated)
+        except ValueError as err:
+            parser.error(f"argument --quant: {err}")
+    _check_out(parser, args.out, default_out(), "$MOEKIT_CONFIG_DIR or ~/.cache/moekit/configs")
     if not _needs_cuda("tune"):
         return 1
     budget = args.budget_s if args.budget_s is not None else (45.0 if args.quick else 150.0)
@@ -296,8 +287,8 @@ def _add_bench(sub) -> None:
                    help="also time eager calls: host enqueue us per call vs the GPU us of the same call "
                         "(router, fused_experts, layer with and without its internal graph, one F.linear)")
     b.add_argument("--eager-only", action="store_true", help="only the --eager rows")
-    b.add_argument("--eager-tokens", type=int_list, default=[1, 8, 64],
-                   help="token counts of the --eager rows (default: 1,8,64)")
+    b.add_argument("--eager-tokens", type=int_list, default=None,
+                   help="token counts of the --eager / --eager-only rows (default: 1,8,64)")
     b.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default: ./benchmarks/results if it exists, else .)")
     b.set_defaults(run=_run_bench)
@@ -313,12 +304,13 @@ def _add_tune(sub) -> None:
     t.add_argument("--models", type=model_list, default=None,
                    help=f"comma-separated model shapes or 'all': {', '.join(MODELS)}; also {', '.join(EXTRA_MODELS)}")
     t.add_argument("--points", type=point_list, default=None,
-                   help="targeted points MODEL:TOKENS, comma-separated (e.g. qwen3-30b-a3b:1,gpt-oss-120b:1024)")
+                   help="targeted points MODEL:TOKENS, comma-separated (e.g. qwen3-30b-a3b:1,gpt-oss-120b:1024; all:1: "
+                        "every benchmark shape at T = 1)")
     t.add_argument("--experts", "-E", type=positive_int, help="a shape of your own: local experts E")
     t.add_argument("--hidden", "-H", type=positive_int, help="a shape of your own: hidden size H")
     t.add_argument("--inter", "-I", type=positive_int, help="a shape of your own: intermediate size I (per TP shard)")
     t.add_argument("--top-k", "-K", type=positive_int, help="a shape of your own: experts per token K")
-    t.add_argument("--activation", default="silu", choices=list(ACTIVATIONS),
+    t.add_argument("--activation", default=None, choices=list(ACTIVATIONS),
                    help="with -E/-H/-I/-K: the activation (default: silu)")
     t.add_argument("--has-bias", action="store_true", help="with -E/-H/-I/-K: the experts have biases")
     t.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight and activation dtype")
@@ -380,12 +372,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "inspect" and rest:
             sub.error(f"unrecognized arguments: {' '.join(rest)}")
         args.rest = rest
-        return args.run(args, sub)
+        try:
+            return args.run(args, sub)
+        except (OSError, ValueError, torch.cuda.OutOfMemoryError) as err:  # a file, a config, GPU memory: one line
+            if args.command not in ("bench", "tune") or isinstance(err, BrokenPipeError):
+                raise
+            why = str(err).partition("\n")[0]
+            print(f"moekit {args.command}: error: {type(err).__name__}: {why}", file=sys.stderr)
+            return 1
     except SystemExit as stop:  # --help, --version and usage errors
         return stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moekit ... | head`: the reader left; no traceback, no second error at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+            pass
+        return 141
 
 
 if __name__ == "__main__":

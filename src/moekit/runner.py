@@ -35,7 +35,6 @@ from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, release
                                    route_graphed, take_graphs, unpack_scores)
 from .experts.mapping import check_expert_mapping, load_layer_weights
 from .experts.routed import RoutedExperts
-from .parallel.eplb_state import follow_experts
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
 from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned
@@ -171,7 +170,6 @@ class MoERunner(torch.nn.Module):
         if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
             self._graphs = GraphCache(eager_graph_tokens, graph_pool, buckets=router.batch_invariant)
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
-        self.register_load_state_dict_post_hook(follow_experts)  # EPLB maps after a state dict's placement
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)  # a new module or setting: decide again what the graphs may hold

@@ -35,7 +35,8 @@ Writes ``<out>/<gpu>-<date>.json``: a list of rows ``{model, tokens, impl, quant
 tflops, peak_tflops, bytes, flops, floor_us, device, dtype, meta}`` (``meta``: the run's ceilings,
 formats, timing and elapsed time), and the plots of :mod:`.plot` (``<gpu>-<date>.png``, the roofline,
 and ``<gpu>-<date>-speed.png``, µs against T with the peer's reference numbers when a reference file is
-given). ``out`` defaults to ``./benchmarks/results`` when that folder exists, else ``.``.
+given). ``out`` defaults to ``./benchmarks/results`` when that folder exists, else ``.``; a second run of the day
+into the same ``out`` replaces the files (it logs a note first).
 ``--fast``: 10 ms replays, median of 5, and no baseline, routing or LongCat-without-zero rows.
 """
 
@@ -328,6 +329,8 @@ def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = 
     out = default_out() if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device_name(device).replace(' ', '_')}-{_dt.date.today().isoformat()}"
+    if (out / f"{stem}.json").exists():  # one file per GPU and day: say so before the first shape replaces it
+        log(f"note: {out / stem}.json exists (an earlier run of today): this run replaces it (another --out keeps it)")
 
     def save(rows: list[dict], done: bool) -> list[dict]:
         """Write the JSON so far (after each shape, ``meta.partial``: a run cut short by a time limit keeps

@@ -28,11 +28,20 @@ def series_key(row: dict) -> str:
 
 
 def load_reference(path) -> list[dict]:
-    """The ``rows`` of a baseline file (``{model, tokens, impl, quant, us}``); [] if ``path`` is None."""
+    """The ``rows`` of a baseline file (``{model, tokens, impl, quant, us}``); [] if ``path`` is None. ``ValueError``
+    naming the file where it is not JSON or its rows (a list, or an object's ``rows``) lack those keys."""
     if path is None:
         return []
-    data = json.loads(Path(path).read_text())
-    return list(data["rows"] if isinstance(data, dict) else data)
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from None
+    rows = data.get("rows") if isinstance(data, dict) else data
+    need = ("model", "tokens", "impl", "us")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in need) for r in rows):
+        raise ValueError(f"{path} is not a baseline file: expected a list of rows {{{', '.join(need)}, ...}} "
+                         "(or an object holding one as 'rows')")
+    return rows
 
 
 def _pyplot():

@@ -39,7 +39,6 @@ is what lookups gave before the run, never a bucket this run just wrote.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -55,7 +54,7 @@ from .shapes import ModelShape
 from .timer import time_graph
 from .tune_checks import fused_identical, pdl_identical, same_output, swap_identical
 from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
-from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries
+from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries, out_table
 
 
 def default_out() -> Path:
@@ -283,7 +282,7 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
     summary = []
     for m, tokens in targets:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated, quant=None if spec is None else spec.key)
-        table = (json.loads(path.read_text()).get("entries", {}) if path.is_file() else {}).get(key, {})
+        table = out_table(path, key)
         src, before = shape_table(name, key)  # what lookups run for this shape now (any folder)
         before = {str(b): c for b, c in before.items()}
         try:

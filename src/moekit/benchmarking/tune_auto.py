@@ -12,7 +12,6 @@ held at another value): remove its entries to choose again.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..ops.triton_configs import clear_config_cache, device_key, shape_key
 from .shapes import TOKENS
 from .tune_space import block_k
 from . import tune as _tune
-from .tune_tables import bucket_order, merge_entries
+from .tune_tables import bucket_order, merge_entries, out_table
 
 
 def block_k_candidates(m, dtype, tokens, num_sms: int = 132, capability=None) -> list[int]:
@@ -71,7 +70,7 @@ def run_tune_auto(targets, dtype=torch.bfloat16, *, out: Path | None = None, bud
     wrote = False
     for m, tokens in targets:
         key = shape_key(m.E, m.H, m.I, m.K, dtype, m.gated)
-        held = (json.loads(path.read_text()).get("entries", {}) if path.is_file() else {}).get(key)
+        held = out_table(path, key)
         if held:
             log(f"skipping {m.name} ({key}) in {path}: it holds the shape already (its BLOCK_K binds; remove the "
                 "shape's entries to choose BLOCK_K anew with --block-k auto)")
@@ -85,7 +84,7 @@ def run_tune_auto(targets, dtype=torch.bfloat16, *, out: Path | None = None, bud
                 p = _tune.run_tune([(m, tokens)], dtype, out=Path(tmp) / str(bk), budget_s=budget_s / len(cands),
                                    log=lambda s: None if s.startswith(("wrote ", "nothing tuned")) else log(s),
                                    force_block_k=bk, results_out=got, **kw)  # (the scratch file's path: not told)
-                table = json.loads(p.read_text()).get("entries", {}).get(key) if p.is_file() else None
+                table = out_table(p, key)
                 if table and key in got:
                     tables[bk], results[bk] = table, got[key]
         if not tables:

@@ -4,6 +4,9 @@ raises (SPEC §1: never compute with an initialiser's values)."""
 
 from __future__ import annotations
 
+import torch
+
+from .._checks import values_checkable
 from .layout import shards
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
@@ -46,3 +49,36 @@ class LoadedRecord:
             f"{', '.join(missing[:6])}{more}); load them with load_expert_weights(), load_weights() "
             "or moekit.load_moe_layers()"
         )
+
+
+class InputScales:
+    """The static input scales (kind ``input_scale``) a layer was given, by parameter name and ``(logical expert,
+    shard)``. Every slot holds the largest of each expert's latest one (SPEC §8), so giving an expert's scale again
+    replaces it instead of only raising the maximum (round 53: reloading a checkpoint with smaller input scales kept
+    the first one's, and the layer differed from one loaded with the second alone)."""
+
+    def __init__(self):
+        self.values: dict[str, dict[tuple[int, str], float]] = {}
+
+    def given(self, name: str, entries: dict) -> float:
+        """Record ``{(logical, shard): value}`` for ``name``; the largest recorded value."""
+        mine = self.values.setdefault(name, {})
+        mine.update(entries)
+        return max(mine.values())
+
+    def stack(self, name: str, full: torch.Tensor, shards) -> torch.Tensor:
+        """A global ``[E]`` stack replaces every expert's value; its largest (a tensor: no host read to fill with)."""
+        self.values[name] = ({(e, s): v for e, v in enumerate(full.tolist()) for s in shards}
+                             if values_checkable(full) else {})
+        return full.max()
+
+    def seed(self, experts, names) -> None:
+        """After a state-dict load or an adoption: each input scale of ``names`` holds the largest of experts whose own
+        ones are unknown, so that value stands for every expert until it is given again."""
+        for name in names:
+            spec, t = experts.specs[name], getattr(experts, name)
+            if spec.kind != "input_scale":
+                continue
+            top = float(t.max()) if values_checkable(t) and t.numel() else None
+            every = range(experts.moe_config.num_experts)
+            self.values[name] = {} if top is None else {(e, s): top for e in every for s in spec.shards}

@@ -1,9 +1,12 @@
 """Packed 4-bit words a :class:`~moekit.experts.routed.RoutedExperts` stores re-laid (``packed_layout == "rega"``,
 :mod:`moekit.ops.w4_layout`) against state dicts, which hold SPEC §8's packing both ways: a load re-lays what it
 wrote, a save writes SPEC §8's packing (whatever the layer stores); and a quantised layer's storage under a float
-cast (:func:`cast_params_dtype`, :func:`follow_params_dtype`: the activation dtype moves, the words stay)."""
+cast (:func:`cast_params_dtype`, :func:`follow_params_dtype`: the activation dtype moves, the words stay), and what
+any layer's loads convert to after one (:func:`follow_weight_dtype`)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -66,3 +69,16 @@ def follow_params_dtype(experts: torch.nn.Module, new: torch.dtype) -> None:
             setattr(experts, name, torch.nn.Parameter(unrelay_rega(getattr(experts, name).detach()),
                                                       requires_grad=False))
         experts.packed_layout = "spec"
+
+
+def follow_weight_dtype(experts: torch.nn.Module) -> None:
+    """After a cast or an assigning state-dict load: ``moe_config.params_dtype`` and, unquantised, what loads convert
+    to (``specs``) follow the layer's ``params_dtype`` (round 53: ``.float()`` on a bf16 layer kept bf16 specs, so later
+    loads rounded float32 weights through bfloat16). A non-float dtype (``.to(float8)``) is not followed."""
+    dtype, c = experts.params_dtype, experts.moe_config
+    if dtype not in FLOAT_DTYPES:
+        return
+    if experts.quant is None and experts.specs["w13_weight"].dtype != dtype:
+        experts.specs = expert_tensors_spec(c.hidden_size, c.intermediate_size, c.gated, c.has_bias, dtype, None)
+    if dtype != c.params_dtype:
+        experts.moe_config = dataclasses.replace(c, params_dtype=dtype)

@@ -227,6 +227,24 @@ def check_scale_values(name: str, t) -> None:
         raise ValueError(f"{name} must be >= 0 (dequantisation multipliers), got min {float(t.min())}")
 
 
+def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> None:
+    """What ``load_state_dict`` brings a quantised layer, checked before anything is copied, as its other loads check
+    it (round 53: a state dict loaded anything): quantised codes and e8m0 scales in their storage dtype (``copy_``
+    would convert values: bf16 weights rounded to e4m3 without a scale, e8m0 exponents read as numbers; ``TypeError``),
+    and the values of the scales (:func:`check_scale_values`: ``ValueError``)."""
+    if quant is None:
+        return
+    for name, spec in specs.items():
+        key, t = prefix + name, state_dict.get(prefix + name)
+        if not isinstance(t, torch.Tensor) or spec.kind == "bias":
+            continue
+        if spec.dtype not in FLOAT_DTYPES and t.dtype != spec.dtype:
+            raise TypeError(f"state dict entry {key!r} has dtype {t.dtype}; this {quant.name} layer stores {name} "
+                            f"as {spec.dtype} (load a state dict of the same format)")
+        if spec.kind != "weight":
+            check_scale_values(f"state dict entry {key!r}", t)
+
+
 def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=None, **scales) -> dict:
     """The checked global ``[E, ...]`` tensors of ``RoutedExperts.load_expert_weights`` by parameter name (``c``: the
     layer's :class:`~moekit.MoEConfig`): unquantised float w13 / w2; quantised ones with their scales, or float ones

@@ -26,24 +26,23 @@ here and nowhere else; an EPLB rebalance changes it through :meth:`set_physical_
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from .._checks import FLOAT_DTYPES, KERNEL_DTYPES, check_int
+from .._checks import KERNEL_DTYPES, check_int
 from ..config import MoEConfig
 from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import LoadedRecord
+from .loaded_record import InputScales, LoadedRecord
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
-from .packed import RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, relay_loaded, spec_packed_saved
-from .params import (KINDS, ExpertTensor, check_scale_values, check_tp_split, expert_tensors_spec, fit,
-                     full_precision, global_stacks, keep_dtypes, stored)
+from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
+                     spec_packed_saved)
+from .params import (KINDS, ExpertTensor, check_scale_values, check_state_tensors, check_tp_split, expert_tensors_spec,
+                     fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
-from .placement_state import placement_loaded, placement_saved
+from .placement_state import maps_rebuilt, placement_loaded, placement_saved
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -126,23 +125,25 @@ class RoutedExperts(torch.nn.Module):
         for name in ("w13_bias", "w2_bias", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
             setattr(self, name, None)
         for name, spec in self.specs.items():
-            alloc = torch.zeros if spec.kind == "input_scale" else torch.empty  # input scales: a running max
+            alloc = torch.zeros if spec.kind == "input_scale" else torch.empty  # input scales: 0 until given
             setattr(self, name, _param(alloc(spec.local_shape(p.num_local, self.tp_rows), dtype=spec.dtype,
                                              device=device)))
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self._record = LoadedRecord((slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
                                     for slot in range(p.num_local))
+        self._input_scales = InputScales()  # each expert's latest static input scale (every slot holds the largest)
 
     def _apply(self, fn, *args, **kwargs):
         # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
-        new = cast_params_dtype(self, fn) if self.quant is not None else None
+        new, was_meta = cast_params_dtype(self, fn) if self.quant is not None else None, self.w13_weight.is_meta
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
+        if was_meta and not self.w13_weight.is_meta:  # ``to_empty``: the maps (no state-dict entries) hold garbage
+            maps_rebuilt(self)
         if new is not None and new != self._params_dtype:
             follow_params_dtype(self, new)
-        if self.params_dtype != self.moe_config.params_dtype and self.params_dtype in FLOAT_DTYPES:  # (what it says)
-            self.moe_config = dataclasses.replace(self.moe_config, params_dtype=self.params_dtype)
+        follow_weight_dtype(self)  # moe_config.params_dtype, and what loads convert to (unquantised)
         if self.w13_weight.device.type == "meta":  # the values are gone (``.to("meta")``; ``to_empty`` after it
             self._record.clear()                   # leaves uninitialised memory): a forward must not run on them
         return out
@@ -223,6 +224,7 @@ class RoutedExperts(torch.nn.Module):
     # state dicts hold SPEC §8's packing (:mod:`.packed`), and, once EPLB moved a slot, which expert each slot holds
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes, scale values
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
@@ -230,6 +232,8 @@ class RoutedExperts(torch.nn.Module):
         for name, spec in self.specs.items():
             if prefix + name in state_dict:
                 self._mark(range(self.placement.num_local), spec.shards, spec.kind)
+        self._input_scales.seed(self, [name for name in self.specs if prefix + name in state_dict])
+        follow_weight_dtype(self)  # an assigning load may bring another dtype
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -271,7 +275,7 @@ class RoutedExperts(torch.nn.Module):
             full = stored(spec, stacks[name], name)
             param = getattr(self, name)
             if spec.kind == "input_scale":  # the largest over all experts (SPEC §8), in every slot
-                param.fill_(full.max())
+                param.fill_(self._input_scales.stack(name, full, spec.shards))
             else:
                 for slot, logical in enumerate(self.placement.local_logical_ids()):
                     one = full[logical]
@@ -315,9 +319,9 @@ class RoutedExperts(torch.nn.Module):
         slots = [s for s, logical in enumerate(self.placement.local_logical_ids()) if logical == logical_id]
         if kind in ("scale", "input_scale"):
             check_scale_values(what, tensor)
-        if kind == "input_scale":  # a running max over every expert seen, in every slot
-            param = getattr(self, spec.name)
-            param.clamp_(min=float(fit(spec, stored(spec, tensor, what), what)))
+        if kind == "input_scale":  # in every slot: the largest of each expert's latest one
+            value = float(fit(spec, stored(spec, tensor, what), what))
+            getattr(self, spec.name).fill_(self._input_scales.given(spec.name, {(logical_id, shard_id): value}))
             self._mark(slots, (shard_id,), kind)
             return len(slots)
         if kind == "weight" and self.quant is not None and full_precision(tensor):
@@ -368,6 +372,7 @@ class RoutedExperts(torch.nn.Module):
                 raise TypeError(f"{name} must have dtype {old.dtype}, got {t.dtype}")
             setattr(self, name, t if isinstance(t, torch.nn.Parameter) else _param(t))
             self._mark(range(self.placement.num_local), spec.shards, spec.kind)
+        self._input_scales.seed(self, self.specs)
         self.packed_layout = "spec"
         for name in ("w13_bias", "w2_bias"):
             if name not in self.specs and given[name] is not None:

@@ -25,7 +25,7 @@ import torch
 
 from .._checks import (  # noqa: F401  (host_sync_allowed: re-exported, its home is _checks)
     check_bool, check_choice, check_finite, check_int, check_real, check_same_device, check_shape, check_tensor,
-    host_sync_allowed,
+    host_sync_allowed, values_checkable,
 )
 
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -238,15 +238,16 @@ def check_indices_type(indices_type) -> None:
 
 def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True, *,
                      top_k_name: str = "top_k") -> torch.Tensor:
-    """Shape and dtype checks; with ``check_range`` also the id range (a host sync: reference path);
-    ``top_k_name``: the caller's name of ``top_k`` in errors."""
+    """Shape and dtype checks; with ``check_range`` also the id range (a host sync: reference path; skipped for a
+    table on the meta device, which holds no values); ``top_k_name``: the caller's name of ``top_k`` in errors."""
     check_tensor("hash_indices_table", table)
     if table.dim() != 2 or table.shape[1] != top_k or table.shape[0] == 0:
         raise ValueError(f"hash_indices_table must have shape [vocab >= 1, {top_k_name}={top_k}], "
                          f"got {list(table.shape)}")
     if table.is_floating_point() or table.is_complex():
         raise TypeError(f"hash_indices_table must be an integer tensor, got {table.dtype}")
-    if check_range and table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_experts):
+    if check_range and table.numel() and values_checkable(table) and \
+            (int(table.min()) < 0 or int(table.max()) >= num_experts):
         raise ValueError(
             f"hash_indices_table values must lie in [0, {num_experts}), got range "
             f"[{int(table.min())}, {int(table.max())}]"

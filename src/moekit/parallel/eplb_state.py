@@ -28,7 +28,9 @@ each path's own equality, on tokens it checks are split.
 
 All tensors have fixed shapes and are updated in place (CUDA graphs that captured them stay valid); the
 step counter is a device tensor advanced once per forward on every rank, so every rank's window covers the
-same steps.
+same steps. The maps are derived from the placement (kept on the host too): a state moved off the meta device
+(``to_empty``) derives them again and starts an empty window (round 53: they held uninitialised memory, and routing
+raised or sent slots to the wrong replicas).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import contextlib
 import torch
 
 from .eplb import logical_to_physical
-from ..experts.placement import ExpertPlacement
+from ..experts.placement import ExpertPlacement, initial_physical_to_logical
 
 DEFAULT_WINDOW = 128
 
@@ -75,7 +77,18 @@ class EplbState(torch.nn.Module):
         self.register_buffer("replica_count", torch.zeros(e, **kw), persistent=False)
         self.register_buffer("load_window", torch.zeros(window_size, e, **kw), persistent=False)
         self.register_buffer("step", torch.zeros((), **kw), persistent=False)
+        self._p2l: tuple[int, ...] = ()  # the maps' source, on the host (rebuilt from it after ``to_empty``)
         self.set_placement(placement)
+
+    def _apply(self, fn, *args, **kwargs):
+        was_meta = self.step.device.type == "meta"
+        out = super()._apply(fn, *args, **kwargs)
+        if was_meta and self.step.device.type != "meta":  # ``to_empty``: uninitialised memory, not the maps
+            self.set_physical_to_logical(self._p2l)
+            self.reset_window()
+            with self.writable():
+                self.step.zero_()
+        return out
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Derive the routing maps from ``placement`` (the experts' own, after a rebalance)."""
@@ -99,6 +112,7 @@ class EplbState(torch.nn.Module):
                 raise ValueError(f"expert {e} would have two replicas on EP rank {self._owner[phys]}")
             seen.add((self._owner[phys], e))
         table, counts = logical_to_physical(p2l, self.num_logical, self.max_replicas)
+        self._p2l = tuple(p2l)
         dev = self.physical_to_logical.device
         with self.writable():
             self.physical_to_logical.copy_(torch.tensor(p2l, dtype=torch.int64, device=dev))
@@ -141,6 +155,14 @@ class EplbState(torch.nn.Module):
         return self.load_window.sum(dim=0)
 
     @torch.no_grad()
+    def materialize(self, device) -> None:
+        """Buffers on the meta device (a layer built there whose weights a state dict assigned: these buffers are not
+        in it) allocated on ``device``: the maps from the placement, an empty window, step 0."""
+        for name, buf in list(self._buffers.items()):
+            self._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+        self.set_physical_to_logical(self._p2l)
+
+    @torch.no_grad()
     def reset_window(self) -> None:
         with self.writable():
             self.load_window.zero_()
@@ -152,10 +174,28 @@ class EplbState(torch.nn.Module):
         )
 
 
-def follow_experts(runner, incompatible_keys=None) -> None:
-    """After ``runner`` (a :class:`~moekit.MoERunner`) loaded a state dict: its executor's EPLB routing maps follow
-    the placement its experts took from it (:mod:`moekit.experts.placement_state`); a load-state-dict post hook."""
-    state = getattr(runner.expert_executor, "eplb_state", None)
-    placement = runner.routed_experts.placement
-    if state is not None and tuple(state.physical_to_logical.tolist()) != tuple(placement.physical_to_logical):
-        state.set_placement(placement)
+def follow_placement(experts, state) -> None:
+    """After ``experts`` (a :class:`~moekit.RoutedExperts`) loaded a state dict, directly or inside a layer or model:
+    ``state``'s routing maps follow the placement the state dict carried (:mod:`moekit.experts.placement_state`); a
+    layer without EPLB (``state`` None) routes logical id ``e`` to physical slot ``e`` and refuses a placement an
+    EPLB rebalance moved (``ValueError``). Round 53: loaded into such a layer, or through
+    ``layer.routed_experts.load_state_dict``, a rebalanced layer's state dict gave wrong outputs, silently; and a layer
+    built on meta whose weights were assigned kept its EPLB maps and ``expert_map`` on meta (its forward raised)."""
+    placement, weights = experts.placement, experts.w13_weight
+    if experts.expert_map is not None and experts.expert_map.is_meta and not weights.is_meta:
+        experts.expert_map = placement.expert_map(weights.device)  # (assigned weights: the EP map is derived)
+    if state is not None:
+        if state.step.is_meta and not experts.w13_weight.is_meta:  # weights assigned to a layer built on meta
+            state.materialize(weights.device)
+        if state._p2l != tuple(placement.physical_to_logical):
+            state.set_placement(placement)
+        return
+    initial = initial_physical_to_logical(placement.num_logical, placement.num_physical, placement.ep_size,
+                                          placement.strategy)
+    if tuple(placement.physical_to_logical) != initial:
+        raise ValueError(
+            f"layer {experts.layer_name!r}: the state dict places experts as an EPLB rebalance moved them "
+            f"(eplb_physical_to_logical = {list(placement.physical_to_logical)}), but the layer was built with "
+            "enable_eplb=False, so its routing cannot reach the moved slots; build it with enable_eplb=True (and the "
+            "saving layer's num_redundant_experts and expert_placement_strategy)")
+

@@ -26,6 +26,8 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
   on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the
   forward of a small layer (T=16, H=64, E=8) -- too much to pay on every forward by default.
 - With EPLB the per-expert load is recorded here (live slots only), once per forward.
+- A state dict the experts load (inside the layer or on their own) may carry a placement an EPLB rebalance moved:
+  the EPLB routing maps follow it; a layer without EPLB refuses it (``ValueError``: it routes to the initial slots).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
 from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
+from .eplb_state import follow_placement
 
 DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
@@ -72,6 +75,11 @@ class ParallelExecutor:
         #: all-gather T over the TP group before each forward and raise on a mismatch (module docstring)
         self.check_tp_tokens = os.environ.get("MOEKIT_CHECK_TP_TOKENS", "") not in ("", "0")
         self._owner_rank: torch.Tensor | None = None
+        # a state dict's placement, however it reaches the experts: the routing follows, or refuses it (no EPLB)
+        experts.register_load_state_dict_post_hook(self._follow_placement)
+
+    def _follow_placement(self, experts, incompatible_keys) -> None:
+        follow_placement(experts, self.eplb_state)
 
     @property
     def mode(self) -> str:

@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_reduce_sum, global_rank
-from .eplb import Move, assign_slots, balancing_policy, imbalance, plan_weight_moves, rebalance_experts
+from .._checks import check_bool
+from .eplb import (Move, assign_slots, balancing_policy, hierarchical_redundancy_bound, imbalance, plan_weight_moves,
+                   rebalance_experts)
 from .executor import ParallelExecutor
 
 
@@ -73,12 +75,13 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     ``"hierarchical"`` or ``"global"`` (one node, groups that do not split over ``num_nodes``, or more redundant
     experts than ``E·(W/num_nodes - 1)``, which also warns: see :func:`~moekit.parallel.rebalance_experts`), None
     when the window holds no load (the placement is kept)."""
-    ex = _executor(layer)
-    state = ex.eplb_state if isinstance(ex, ParallelExecutor) else None
-    if state is None:
-        raise RuntimeError(f"layer {layer.layer_name!r} was not built with enable_eplb=True")
+    ex, state = _eplb(layer)
     experts = ex.experts
     placement = experts.placement
+    # the arguments, before any collective and whatever the window holds (round 53: with an empty window a num_nodes
+    # that does not divide the EP group passed, and raised only once the layer had recorded load)
+    check_bool("reset_window", reset_window)
+    hierarchical_redundancy_bound(placement.num_logical, placement.ep_size, num_nodes)  # num_nodes: int >= 1 | W
     load_t = state.window_load().clone()
     if ex.ep_size > 1:
         all_reduce_sum(load_t, ex.ep_group)
@@ -114,11 +117,21 @@ def rebalance(layers: Iterable | Mapping, *, num_nodes: int = 1, reset_window: b
     """:func:`rebalance_layer` on each layer, in order (every rank must pass the same layers). ``layers``: an iterable
     of layers, or a mapping whose values are layers (the dict :func:`moekit.load_moe_layers` returns, in its order).
     Anything else among them raises ``TypeError`` before any layer is rebalanced (round 52's audit: the loader's dict
-    iterated its names, and the first raised ``AttributeError: 'str' object has no attribute 'expert_executor'``)."""
+    iterated its names, and the first raised ``AttributeError: 'str' object has no attribute 'expert_executor'``), a
+    layer built without ``enable_eplb=True`` ``RuntimeError``, also before any (round 53: earlier ones had moved)."""
     layers = list(layers.values() if isinstance(layers, Mapping) else layers)
-    for layer in layers:
-        _executor(layer)
+    for layer in layers:  # (and a layer without EPLB: RuntimeError before any is rebalanced, as a non-layer)
+        _eplb(layer)
     return [rebalance_layer(layer, num_nodes=num_nodes, reset_window=reset_window) for layer in layers]
+
+
+def _eplb(layer):
+    """(executor, EPLB state) of a moekit layer built with ``enable_eplb=True``; ``RuntimeError`` for another layer."""
+    ex = _executor(layer)
+    state = ex.eplb_state if isinstance(ex, ParallelExecutor) else None
+    if state is None:
+        raise RuntimeError(f"layer {layer.layer_name!r} was not built with enable_eplb=True")
+    return ex, state
 
 
 def _executor(layer):

@@ -207,6 +207,13 @@ class ScoredRouter(BaseRouter):
 
     _apply = keep_bias_dtype
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # a state dict's selection bias is checked as the constructor's (round 53: a NaN one loaded silently)
+        bias = state_dict.get(prefix + "e_score_correction_bias")
+        if isinstance(bias, torch.Tensor) and self.e_score_correction_bias is not None:
+            check_finite(f"{prefix}e_score_correction_bias (state dict)", bias)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     # the spec is the one store of these settings; the seed's attribute names read it
     scoring_func = property(lambda self: self.spec.scoring_func, doc='"softmax", "sigmoid" or "sqrtsoftplus"')
     renormalize = property(lambda self: self.spec.renormalize, doc="w /= Σw before scaling")

@@ -37,6 +37,15 @@ class FusedTopKBiasRouter(ScoredRouter):
             check_hash_table(hash_indices_table, global_num_experts, top_k)
         self.register_buffer("hash_indices_table", hash_indices_table)  # in state_dict (round 48)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # a state dict's hash table is checked as the constructor's (round 53: ids out of range loaded silently, then
+        # raised torch's IndexError on the reference path and added nothing on the Triton one); other shapes: torch's
+        table = state_dict.get(prefix + "hash_indices_table")
+        mine = self.hash_indices_table
+        if isinstance(table, torch.Tensor) and mine is not None and table.shape == mine.shape:
+            check_hash_table(table, self.global_num_experts, self.top_k)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @property
     def capturable(self) -> bool:
         """Hash routing checks ``input_ids`` on the host (eagerly): never captured by the layer."""
