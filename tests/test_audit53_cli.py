@@ -102,7 +102,7 @@ def test_a_broken_config_file_in_the_tune_folder_is_one_line(tmp_path, fake_gpu,
     # edge: <out>/<gpu>.json empty (JSONDecodeError) or a list (AttributeError): tracebacks on the GPU
     (tmp_path / "NVIDIA_H200.json").write_text(text)
     assert main(["tune", "--models", "qwen3-30b-a3b", "--out", str(tmp_path)]) == 1
-    _one_line(capsys, "NVIDIA_H200.json", "fix or remove it")
+    _one_line(capsys, "NVIDIA_H200.json", "moekit tune")
 
 
 def test_out_of_gpu_memory_in_bench_is_one_line(fake_gpu, monkeypatch, capsys):

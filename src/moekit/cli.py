@@ -38,6 +38,7 @@ import torch
 from ._argparse import (OneLineParser, fraction, int_list, non_negative_float, positive_float, positive_int,
                         split_list, unwritable_folder)
 from ._checks import DTYPE_SHORT, check_device
+from .ops.triton_configs import ConfigFileError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = rest
         try:
             return args.run(args, sub)
-        except (OSError, ValueError, torch.cuda.OutOfMemoryError) as err:  # a file, a config, GPU memory: one line
+        except (OSError, ConfigFileError, torch.cuda.OutOfMemoryError) as err:  # a file, a config file, GPU memory
             if args.command not in ("bench", "tune") or isinstance(err, BrokenPipeError):
                 raise
             why = str(err).partition("\n")[0]

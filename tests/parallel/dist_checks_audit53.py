@@ -16,7 +16,8 @@ Defects found (each check failed before its fix):
   experts' tensors (e.g. only the gate's) reset a rebalanced layer's placement to the initial one while the slots kept
   the moved weights (``experts/placement_state.placement_loaded`` took the initial placement when the key was absent).
 - ``meta_to_empty_forward``: after ``to_empty`` the experts' ``expert_map`` (and a per-expert norm's ``_norm_p2l``) held
-  uninitialised memory (derived, non-persistent buffers; now rebuilt when leaving meta: ``placement_state.maps_rebuilt``).
+  uninitialised memory (derived, non-persistent buffers; now rebuilt when leaving meta:
+  ``placement_state.maps_rebuilt``).
 The other checks pin behaviours no earlier check covered (all passed as found).
 """
 
@@ -116,18 +117,23 @@ def rebalanced_state_dict_reaches_routing_or_is_refused(ctx):
     model.load_state_dict({f"moe.{k}": v for k, v in par.state_dict().items()})
     ctx.expect_close(model["moe"](x, lg), ref(x, lg), "a model's load_state_dict")
     # (3) an EP layer without EPLB cannot route to moved slots (R = 0: the same shapes): ValueError, layer and experts
-    ref0, eplb0, _ = make_pair(ctx, ep_group=ctx.world_group, enable_eplb=True)
+    ref0, eplb0, args0 = make_pair(ctx, ep_group=ctx.world_group, enable_eplb=True)
     x0, lg0 = _skewed(ctx, [12, 5], 32, (0, 1, 2))
     eplb0(x0, lg0)
     ctx.expect(eplb0.rebalance()["moved_slots"] > 0, "R = 0: the rebalance moved nothing")
     for load in (lambda m, sd: m.load_state_dict(sd), lambda m, sd: m.routed_experts.load_state_dict(
             {k.removeprefix("routed_experts."): v for k, v in sd.items() if k.startswith("routed_experts.")})):
         plain = moekit.FusedMoE(8, 2, 32, 16, **kw)
+        plain.load_expert_weights(*args0)
+        before, p2l = plain(x0, lg0), plain.routed_experts.placement.physical_to_logical
         try:
             load(plain, eplb0.state_dict())
             ctx.expect_close(plain(x0, lg0), ref0(x0, lg0), "a layer without EPLB took a rebalanced state dict")
         except ValueError as err:
             ctx.expect("enable_eplb=True" in str(err) and "eplb_physical_to_logical" in str(err), f"message: {err}")
+            # (round 53's review) refused before anything was copied: the layer is as it was
+            ctx.expect(plain.routed_experts.placement.physical_to_logical == p2l, "the refusal moved the placement")
+            ctx.expect(torch.equal(plain(x0, lg0), before), "the refusal changed the layer's output")
 
 
 def _same_eplb_buffers(ctx, got, want, what):

@@ -9,34 +9,20 @@ import os
 from pathlib import Path
 
 from ..ops.config_heuristic import heuristic_config
-from ..ops.triton_configs import nearest_bucket
+from ..ops.triton_configs import nearest_bucket, read_config_file
 from .shapes import TOKENS
 from .tune_space import Space, block_k, shape_block_k
 
 
-def read_out_file(path: Path) -> dict:
-    """The config file ``path`` (``{"device", "entries": {shape key: {bucket: config}}}``; {} where there is none);
-    ``ValueError`` naming it where it is not one (read before a run tunes anything, never rewritten silently)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not JSON ({err}): fix or remove it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("entries", {}), dict):
-        raise ValueError(f"{path} is not a moekit config file (expected an object with 'entries'): fix or remove it")
-    return data
-
-
 def out_table(path: Path, key: str) -> dict:
     """The ``{bucket: config}`` of shape ``key`` in the config file ``path`` ({} where it has none)."""
-    return read_out_file(path).get("entries", {}).get(key) or {}
+    return read_config_file(path).get("entries", {}).get(key) or {}
 
 
 def merge_entries(path: Path, device_name: str, key: str, table: dict) -> None:
     """Merge ``{bucket: config}`` of shape ``key`` into the config file ``path`` (other shapes and
     buckets kept), re-reading it first and replacing it atomically."""
-    data = read_out_file(path)
+    data = read_config_file(path)
     data.setdefault("device", device_name)
     data.setdefault("entries", {}).setdefault(key, {}).update({str(b): c for b, c in table.items()})
     path.parent.mkdir(parents=True, exist_ok=True)

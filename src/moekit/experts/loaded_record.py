@@ -8,6 +8,9 @@ import torch
 
 from .._checks import values_checkable
 from .layout import shards
+from .packed import follow_weight_dtype
+from .params import unset_input_scale
+from .placement_state import maps_rebuilt, placement_loaded
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
@@ -28,6 +31,10 @@ class LoadedRecord:
     def clear(self) -> None:
         self.written = set()
         self.complete = False
+
+    def unmark(self, slots, shard_ids, kind: str) -> None:
+        self.written.difference_update((slot, s, kind) for slot in slots for s in shard_ids)
+        self.complete = self.needed <= self.written
 
     def missing(self, logical_ids, gated: bool) -> list[str]:
         """What is still unwritten, by logical expert (``logical_ids[slot]``), ordered: ``["expert 3 w2", "expert 0
@@ -82,3 +89,26 @@ class InputScales:
             top = float(t.max()) if values_checkable(t) and t.numel() else None
             every = range(experts.moe_config.num_experts)
             self.values[name] = {} if top is None else {(e, s): top for e in every for s in spec.shards}
+
+
+def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_keys: list) -> None:
+    """After :class:`~moekit.RoutedExperts` copied a state dict: the placement it gives (``placement``, from
+    :func:`~moekit.experts.placement_state.incoming_placement`), what it wrote marked loaded (an all-zero input scale
+    is "not given"), the input scales' record seeded, what loads convert to following an assigned dtype, and the maps
+    derived from the placement where they were on meta (weights assigned to a layer built there)."""
+    placement_loaded(experts, placement, prefix, unexpected_keys)
+    given, every = [], range(experts.placement.num_local)
+    for name, spec in experts.specs.items():
+        if prefix + name not in state_dict:
+            continue
+        if unset_input_scale(spec, state_dict[prefix + name]):  # "not given": the forward says it is missing
+            experts._record.unmark(every, spec.shards, spec.kind)
+            experts._input_scales.values.pop(name, None)
+        else:
+            given.append(name)
+            experts._mark(every, spec.shards, spec.kind)
+    experts._input_scales.seed(experts, given)
+    follow_weight_dtype(experts)
+    if not experts.w13_weight.is_meta and any(t is not None and t.is_meta for t in (experts.expert_map,
+                                                                                     experts._norm_p2l)):
+        maps_rebuilt(experts)

@@ -227,20 +227,27 @@ def check_scale_values(name: str, t) -> None:
         raise ValueError(f"{name} must be >= 0 (dequantisation multipliers), got min {float(t.min())}")
 
 
+def unset_input_scale(spec: ExpertTensor, t) -> bool:
+    """A static input scale that is all zero: the value of a layer never given one (a state dict of an unloaded
+    layer), read as "not given" (the forward then says it is missing) rather than as a zero scale."""
+    return spec.kind == "input_scale" and isinstance(t, torch.Tensor) and values_checkable(t) and not bool(t.any())
+
+
 def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> None:
     """What ``load_state_dict`` brings a quantised layer, checked before anything is copied, as its other loads check
-    it (round 53: a state dict loaded anything): quantised codes and e8m0 scales in their storage dtype (``copy_``
-    would convert values: bf16 weights rounded to e4m3 without a scale, e8m0 exponents read as numbers; ``TypeError``),
-    and the values of the scales (:func:`check_scale_values`: ``ValueError``)."""
+    it (round 53: a state dict loaded anything): codes and e8m0 scales in their storage dtype, by :func:`stored`'s rule
+    (int8, e8m0 and fp4x2 bytes are taken as uint8: the entry is replaced by its view, since ``copy_`` would convert
+    values; a float weight of a quantised layer's shape is a ``TypeError``: it was rounded to e4m3 without a scale),
+    and the values of the scales (:func:`check_scale_values`: ``ValueError``; an all-zero input scale is "not given",
+    :func:`unset_input_scale`). ``state_dict`` is the loader's own copy (``Module.load_state_dict`` makes one)."""
     if quant is None:
         return
     for name, spec in specs.items():
         key, t = prefix + name, state_dict.get(prefix + name)
-        if not isinstance(t, torch.Tensor) or spec.kind == "bias":
+        if not isinstance(t, torch.Tensor) or spec.kind == "bias" or unset_input_scale(spec, t):
             continue
-        if spec.dtype not in FLOAT_DTYPES and t.dtype != spec.dtype:
-            raise TypeError(f"state dict entry {key!r} has dtype {t.dtype}; this {quant.name} layer stores {name} "
-                            f"as {spec.dtype} (load a state dict of the same format)")
+        if spec.dtype not in FLOAT_DTYPES:
+            state_dict[key] = t = stored(spec, t, f"state dict entry {key!r} ({quant.name} layer)")
         if spec.kind != "weight":
             check_scale_values(f"state dict entry {key!r}", t)
 

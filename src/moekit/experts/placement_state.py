@@ -28,25 +28,46 @@ def placement_saved(placement: ExpertPlacement, destination: dict, prefix: str) 
         destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
 
 
-def placement_loaded(experts, state_dict: dict, prefix: str, unexpected_keys: list) -> None:
-    """Take the placement of a state dict being loaded (the initial one when it carries none) into ``experts``
-    (:meth:`~moekit.RoutedExperts.set_physical_to_logical`); the executor's EPLB maps follow in its load hook on
-    the experts (:func:`moekit.parallel.eplb_state.follow_placement`)."""
-    key = prefix + PLACEMENT_KEY
-    if key in unexpected_keys:
-        unexpected_keys.remove(key)
-    saved = state_dict.get(key)
-    if saved is None and not any(prefix + name in state_dict for name in experts.specs):
-        return  # (round 53) a partial state dict (the gate's alone) keeps the slots' placement: they keep their weights
-    p2l = tuple(int(e) for e in saved.tolist()) if saved is not None else initial_p2l(experts.placement)
-    if p2l != tuple(experts.placement.physical_to_logical):
+def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...] | None:
+    """The placement a state dict being loaded gives ``experts`` (physical -> logical), checked before anything is
+    copied (round 53's review: a refusal after the copy left a changed layer): the one it carries, else the initial one
+    when it holds every per-slot tensor; None (keep) when it holds none of them (a partial one, the gate's alone).
+    One that holds some of them and no placement, into a layer an EPLB rebalance moved, is refused (``ValueError``:
+    its slots would mix two placements). Input scales are the same in every slot: they do not count."""
+    saved = state_dict.get(prefix + PLACEMENT_KEY)
+    if saved is not None:
+        p2l = tuple(int(e) for e in saved.tolist())
+        experts.placement.with_physical_to_logical(p2l)  # (its checks)
+        return p2l
+    slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
+    held = [n for n in slotted if prefix + n in state_dict]
+    initial = initial_p2l(experts.placement)
+    if held and len(held) < len(slotted) and tuple(experts.placement.physical_to_logical) != initial:
+        raise ValueError(f"state dict at {prefix!r} holds {', '.join(held)} but not "
+                         f"{', '.join(n for n in slotted if n not in held)} nor {PLACEMENT_KEY}, and an EPLB "
+                         "rebalance moved this layer's experts: its slots would mix two placements; load a whole "
+                         "state dict (or one with the placement)")
+    return initial if held else None
+
+
+def placement_loaded(experts, p2l: tuple[int, ...] | None, prefix: str, unexpected_keys: list) -> None:
+    """Take ``p2l`` (:func:`incoming_placement`) into ``experts``
+    (:meth:`~moekit.RoutedExperts.set_physical_to_logical`) after the copy (its key is no unexpected one); the
+    executor's EPLB maps follow in its load hook (:func:`moekit.parallel.eplb_state.watch_placement`)."""
+    if prefix + PLACEMENT_KEY in unexpected_keys:
+        unexpected_keys.remove(prefix + PLACEMENT_KEY)
+    if p2l is not None and p2l != tuple(experts.placement.physical_to_logical):
         experts.set_physical_to_logical(p2l)
 
 
 def maps_rebuilt(experts) -> None:
-    """After ``to_empty`` from the meta device (round 53): the non-persistent maps (``expert_map``, the per-expert
-    norm's ids) hold uninitialised memory; they are rebuilt from the placement."""
+    """After ``to_empty`` from the meta device, or weights assigned to a layer built there (round 53): the
+    non-persistent maps (``expert_map``, the per-expert norm's ids) hold uninitialised memory or stay on meta; they are
+    derived from the placement again (allocated where they were on meta)."""
+    device = experts.w13_weight.device
     if experts.expert_map is not None:
-        experts.expert_map.copy_(experts.placement.expert_map(experts.expert_map.device))
-    experts._norm_p2l = norm_ids_map(experts.placement, experts.expert_output_norm, experts.w13_weight.device,
-                                     experts._norm_p2l)
+        fresh = experts.placement.expert_map(device)
+        experts.expert_map = fresh if experts.expert_map.is_meta else experts.expert_map.copy_(fresh)
+    norm_ids = experts._norm_p2l
+    experts._norm_p2l = norm_ids_map(experts.placement, experts.expert_output_norm, device,
+                                     None if norm_ids is None or norm_ids.is_meta else norm_ids)

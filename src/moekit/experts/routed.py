@@ -35,14 +35,14 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import InputScales, LoadedRecord
+from .loaded_record import InputScales, LoadedRecord, state_loaded
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
 from .params import (KINDS, ExpertTensor, check_scale_values, check_state_tensors, check_tp_split, expert_tensors_spec,
                      fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
-from .placement_state import maps_rebuilt, placement_loaded, placement_saved
+from .placement_state import incoming_placement, maps_rebuilt, placement_saved
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -125,7 +125,8 @@ class RoutedExperts(torch.nn.Module):
         for name in ("w13_bias", "w2_bias", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
             setattr(self, name, None)
         for name, spec in self.specs.items():
-            alloc = torch.zeros if spec.kind == "input_scale" else torch.empty  # input scales: 0 until given
+            # scales 0 until given (a state dict of an unloaded layer then loads again: round 53's review)
+            alloc = torch.zeros if spec.kind in ("scale", "input_scale") else torch.empty
             setattr(self, name, _param(alloc(spec.local_shape(p.num_local, self.tp_rows), dtype=spec.dtype,
                                              device=device)))
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
@@ -224,16 +225,12 @@ class RoutedExperts(torch.nn.Module):
     # state dicts hold SPEC §8's packing (:mod:`.packed`), and, once EPLB moved a slot, which expert each slot holds
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes, scale values
+        check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes (byte views), scale values
+        placement = incoming_placement(self, state_dict, prefix)  # checked before anything is copied
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
-        placement_loaded(self, state_dict, prefix, unexpected_keys)  # the slots just loaded hold its experts
-        for name, spec in self.specs.items():
-            if prefix + name in state_dict:
-                self._mark(range(self.placement.num_local), spec.shards, spec.kind)
-        self._input_scales.seed(self, [name for name in self.specs if prefix + name in state_dict])
-        follow_weight_dtype(self)  # an assigning load may bring another dtype
+        state_loaded(self, state_dict, prefix, placement, unexpected_keys)  # placement, what was loaded, dtype, maps
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

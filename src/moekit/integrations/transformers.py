@@ -335,8 +335,8 @@ def register(name: str = "moekit") -> str:
     block's own weights. The switch reaches the experts classes transformers decorates with
     ``@use_experts_implementation``: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
     GLM-4.5, OLMoE, gpt-oss, LongCat-Flash (transformers >= 5.25: its block adds the zero experts' share
-    itself and hands the experts weight-0 slots). Llama 4 (and LongCat-Flash before 5.25) has no such
-    decorator: transformers runs its own experts forward whatever ``experts_implementation`` says. Call
+    itself and hands the experts weight-0 slots). Llama 4, DBRX, JetMoE (and LongCat-Flash before 5.25) have no
+    such decorator: transformers runs their own experts forward whatever ``experts_implementation`` says. Call
     :func:`check_registered` on a model to make sure every MoE block runs moekit (it raises there); use
     :func:`patch` for them.
     Without transformers, ``ImportError``.
@@ -357,10 +357,10 @@ def check_registered(model, name: str = "moekit") -> list[str]:
 
     Returns the module paths of the experts modules that call moekit. Raises ``ValueError`` when the
     model was not built with ``experts_implementation=name`` (or :func:`register` was not called), and
-    ``NotImplementedError`` naming the MoE blocks the switch does not reach (Llama 4, LongCat-Flash before
-    transformers 5.25: their experts classes are not decorated with ``@use_experts_implementation``, so transformers
-    keeps their own forward) with the advice to use :func:`patch`; ``ValueError`` for a model :func:`patch` patched
-    (its blocks run moekit layers, not the switch).
+    ``NotImplementedError`` naming the MoE blocks the switch does not run (Llama 4, DBRX, JetMoE, LongCat-Flash
+    before 5.25: experts classes not decorated with ``@use_experts_implementation``; Muse Spark: a post-expert norm)
+    with the advice to use :func:`patch`; ``ValueError`` for a model :func:`patch` patched (its blocks run moekit
+    layers, not the switch).
     """
     _require_transformers("check_registered")
     from transformers.integrations.moe import ExpertsInterface
@@ -378,8 +378,8 @@ def check_registered(model, name: str = "moekit") -> list[str]:
         if experts is None:  # no experts module (JetMoE, Granite: stacks on the block itself)
             unreached.append(f"{path} ({type(module).__name__})")
             continue
-        if not all(hasattr(experts, a) for a in _SWITCH_ATTRS):
-            unreached.append(f"{path} ({type(experts).__name__})")
+        if not all(hasattr(experts, a) for a in _SWITCH_ATTRS) or getattr(experts, "has_post_expert_norm", False):
+            unreached.append(f"{path} ({type(experts).__name__})")  # (Muse Spark's norm: refused at forward)
             continue
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
         (reached if impl == name else other).append(f"{path}.experts")
@@ -387,8 +387,8 @@ def check_registered(model, name: str = "moekit") -> list[str]:
         raise NotImplementedError(
             f"transformers' experts switch does not reach {len(unreached)} MoE block(s) of "
             f"{type(model).__name__}: {', '.join(unreached[:4])}{' ...' if len(unreached) > 4 else ''}; their "
-            f"experts class is not decorated with @use_experts_implementation, so experts_implementation="
-            f"{name!r} is ignored there. Use moekit.integrations.transformers.patch(model) instead"
+            f"experts class is not decorated with @use_experts_implementation (experts_implementation={name!r} is "
+            "ignored there) or has a post-expert norm it cannot run. Use moekit.integrations.transformers.patch(model)"
         )
     if other or not reached:
         impl = getattr(model.config, "_experts_implementation", None)

@@ -102,7 +102,8 @@ def build_fused_moe(
         out = layer(hidden_states [..., H], router_logits [T, E + Z] | None, *, input_ids=None)  # [..., H]
 
     The keywords are those of vLLM's ``FusedMoE`` (the "seed"), with the same meaning and default, plus
-    ``device``, ``ep_group``, ``tp_group``, ``expert_placement_strategy`` and ``backend``. A keyword this
+    moekit's own: ``device`` and every keyword after it (parallelism, backend, internal graphs, issue #13's
+    extensions for transformers architectures: ``gate_input`` ... ``expert_output_norm``). A keyword this
     build cannot honour raises ``NotImplementedError`` naming it (never silently ignored); invalid values
     raise ``ValueError``/``TypeError`` naming the argument, the value and what was expected. The parts are
     built bottom-up, once: kernel table -> placement / EPLB state -> router -> routed experts -> executor
@@ -155,7 +156,8 @@ def build_fused_moe(
         routed_scaling_factor: default 1.0. Multiplies the routing weights after renormalisation (or the
             routed output, with ``apply_routed_scale_to_output``). A finite float.
         swiglu_limit: default None. For gated activations: clamp the gate to ``<= limit`` and the up
-            projection to ``[-limit, limit]`` (DeepSeek-V4); for ``"swigluoai"`` the clamp limit (default 7.0).
+            projection to ``[-limit, limit]`` (DeepSeek-V4); for ``"swigluoai"`` the clamp limit (default 7.0);
+            for ``"silu_post_clamp"`` see ``activation``. ``"relu2"`` / ``"softcap_swiglu"`` refuse it (``ValueError``).
         e_score_correction_bias: ``[E]`` float tensor (``[E + Z]`` with zero experts), default None. A
             selection bias: it picks the experts, the unbiased scores weigh them (DeepSeek-V3, LongCat).
         apply_router_weight_on_input: default False. Multiply the expert input, not its output, by the

@@ -18,7 +18,7 @@ given (DeepSeek-V4), and 7.0 by default for swigluoai (gpt-oss). ``silu_post_cla
 way but ``silu(g)`` after the activation (``Activation.clamp_gate_after``).
 
 Each activation is one :class:`Activation` record: its name, the code the Triton epilogue
-(:mod:`moekit.ops._triton.grouped_gemm`) switches on, the torch function, gated or not, its aliases
+(:mod:`moekit.ops._triton.epilogue`) switches on, the torch function, gated or not, its aliases
 and the transformers/checkpoint ``hidden_act`` names that map to it. Adding an activation means adding
 a record here and its branch in the Triton epilogue.
 """
@@ -74,8 +74,9 @@ _REGISTRY = (
 )
 
 #: The activation names ``FusedMoE(activation=...)`` and ``fused_experts`` accept, in registry order:
-#: gated ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"swigluoai"`` (gpt-oss, clamped) and non-gated
-#: ``"relu2"`` (alias ``"relu2_no_mul"``).
+#: gated ``"silu"`` (alias ``"swiglu"``), ``"gelu"`` (erf), ``"gelu_tanh"`` (alias ``"gelu_pytorch_tanh"``),
+#: ``"swigluoai"`` (gpt-oss, clamped), non-gated ``"relu2"`` (alias ``"relu2_no_mul"``), and gated
+#: ``"silu_post_clamp"`` (Step-3.x) and ``"softcap_swiglu"`` (Inkling-2).
 ACTIVATIONS = tuple(a.name for a in _REGISTRY)
 _BY_NAME = {n: a for a in _REGISTRY for n in (a.name, *a.aliases)}
 _BY_HF_NAME = {n: a for a in _REGISTRY for n in a.hf_names}

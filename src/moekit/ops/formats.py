@@ -250,8 +250,10 @@ class Int4GroupFormat(WeightFormat):
 
     @property
     def multiple(self) -> int:  # groups and the 8-per-int32 packing both tile k
+        """H and I must be multiples of this: ``lcm(group_size, 8)``."""
         return math.lcm(self.group_size, 8)
 
     @property
     def k_group(self) -> int:
+        """k values sharing one scale: ``group_size``."""
         return self.group_size

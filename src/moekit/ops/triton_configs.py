@@ -101,10 +101,14 @@ def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torc
     return key if quant is None else f"{key},quant={quant}"
 
 
-@functools.lru_cache(maxsize=16)
-def load_config_file(path: str) -> dict:
-    """Entries of one JSON config file ({} when absent), every config checked (:func:`.config_keys.check_config`:
-    ``ValueError`` naming the file, shape, bucket and key). Cached: see :func:`clear_config_cache`."""
+class ConfigFileError(ValueError):
+    """A config file that is not one ``moekit tune`` writes (the message names the file and what is wrong)."""
+
+
+def read_config_file(path) -> dict:
+    """One JSON config file, ``{"device": name, "entries": {shape key: {bucket: config}}}`` ({} when absent), every
+    config checked (:func:`.config_keys.check_config`); ``ConfigFileError`` naming the file, shape, bucket and key.
+    Uncached (``moekit tune`` re-reads what it merges into); the lookup reads through :func:`load_config_file`."""
     p = Path(path)
     if not p.is_file():
         return {}
@@ -112,24 +116,35 @@ def load_config_file(path: str) -> dict:
         with open(p) as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:  # (round 51: the error named no file)
-        raise ValueError(f"{p}: not valid JSON ({exc}); fix or delete it, or re-run `moekit tune`") from None
+        raise ConfigFileError(f"{p}: not valid JSON ({exc}); fix or delete it, or re-run `moekit tune`") from None
     # round 51: a file without the {"device", "entries"} wrapper, or with a misspelt key, was read as empty and the
     # user's tuning silently ignored; every top-level key is checked
     if not isinstance(data, dict) or "entries" not in data or set(data) - {"device", "entries"}:
         got = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)}"
-        raise ValueError(f'{p}: expected {{"device": name, "entries": {{shape_key: {{bucket: config}}}}}} '
-                         f"(what `moekit tune` writes), got {got}")
+        raise ConfigFileError(f'{p}: expected {{"device": name, "entries": {{shape_key: {{bucket: config}}}}}} '
+                              f"(what `moekit tune` writes), got {got}")
     entries = data["entries"]
     if not isinstance(entries, dict):
-        raise ValueError(f'{p}: "entries" = {type(entries).__name__}, expected {{shape_key: {{bucket: config}}}}')
+        raise ConfigFileError(f'{p}: "entries" = {type(entries).__name__}, expected {{shape_key: {{bucket: config}}}}')
     for key, table in entries.items():
         if not isinstance(table, dict):
-            raise ValueError(f"{p}: shape {key}: {type(table).__name__}, expected {{bucket: config}}")
+            raise ConfigFileError(f"{p}: shape {key}: {type(table).__name__}, expected {{bucket: config}}")
         for bucket, cfg in table.items():
             if not (isinstance(bucket, str) and bucket.isdigit() and int(bucket) > 0):
-                raise ValueError(f"{p}: shape {key}: bucket {bucket!r}, expected a token count >= 1")
-            check_config(cfg, f"{p}: shape {key}, bucket {bucket} (fix or delete the entry, or re-run `moekit tune`)")
-    return entries
+                raise ConfigFileError(f"{p}: shape {key}: bucket {bucket!r}, expected a token count >= 1")
+            try:
+                check_config(cfg, f"{p}: shape {key}, bucket {bucket} (fix or delete the entry, or re-run "
+                                  "`moekit tune`)")
+            except ValueError as err:
+                raise ConfigFileError(str(err)) from None
+    return data
+
+
+@functools.lru_cache(maxsize=16)
+def load_config_file(path: str) -> dict:
+    """Entries of one JSON config file ({} when absent), checked (:func:`read_config_file`). Cached: see
+    :func:`clear_config_cache`."""
+    return read_config_file(path).get("entries", {})
 
 
 def user_config_dir() -> Path:

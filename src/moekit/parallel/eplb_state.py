@@ -36,11 +36,13 @@ raised or sent slots to the wrong replicas).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from .eplb import logical_to_physical
-from ..experts.placement import ExpertPlacement, initial_physical_to_logical
+from ..experts.placement import ExpertPlacement
+from ..experts.placement_state import PLACEMENT_KEY, initial_p2l
 
 DEFAULT_WINDOW = 128
 
@@ -84,11 +86,16 @@ class EplbState(torch.nn.Module):
         was_meta = self.step.device.type == "meta"
         out = super()._apply(fn, *args, **kwargs)
         if was_meta and self.step.device.type != "meta":  # ``to_empty``: uninitialised memory, not the maps
-            self.set_physical_to_logical(self._p2l)
-            self.reset_window()
-            with self.writable():
-                self.step.zero_()
+            self._derived()
         return out
+
+    @torch.no_grad()
+    def _derived(self) -> None:
+        """The maps from the placement's host copy, an empty window, step 0 (after leaving the meta device)."""
+        self.set_physical_to_logical(self._p2l)
+        self.reset_window()
+        with self.writable():
+            self.step.zero_()
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Derive the routing maps from ``placement`` (the experts' own, after a rebalance)."""
@@ -100,9 +107,8 @@ class EplbState(torch.nn.Module):
             )
         self.set_physical_to_logical(placement.physical_to_logical)
 
-    @torch.no_grad()
-    def set_physical_to_logical(self, physical_to_logical) -> None:
-        """The three routing maps, overwritten in place (CUDA graphs that captured them stay valid)."""
+    def checked(self, physical_to_logical) -> tuple[list[int], list, list]:
+        """``(p2l, logical -> physical table, replica counts)`` of a placement, or ``ValueError`` (nothing changed)."""
         p2l = [int(e) for e in physical_to_logical]
         if len(p2l) != self.num_physical:
             raise ValueError(f"physical_to_logical must have {self.num_physical} entries, got {len(p2l)}")
@@ -111,7 +117,12 @@ class EplbState(torch.nn.Module):
             if (self._owner[phys], e) in seen:
                 raise ValueError(f"expert {e} would have two replicas on EP rank {self._owner[phys]}")
             seen.add((self._owner[phys], e))
-        table, counts = logical_to_physical(p2l, self.num_logical, self.max_replicas)
+        return (p2l, *logical_to_physical(p2l, self.num_logical, self.max_replicas))
+
+    @torch.no_grad()
+    def set_physical_to_logical(self, physical_to_logical) -> None:
+        """The three routing maps, overwritten in place (CUDA graphs that captured them stay valid)."""
+        p2l, table, counts = self.checked(physical_to_logical)
         self._p2l = tuple(p2l)
         dev = self.physical_to_logical.device
         with self.writable():
@@ -157,10 +168,10 @@ class EplbState(torch.nn.Module):
     @torch.no_grad()
     def materialize(self, device) -> None:
         """Buffers on the meta device (a layer built there whose weights a state dict assigned: these buffers are not
-        in it) allocated on ``device``: the maps from the placement, an empty window, step 0."""
+        in it) allocated on ``device`` and derived (:meth:`_derived`)."""
         for name, buf in list(self._buffers.items()):
             self._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
-        self.set_physical_to_logical(self._p2l)
+        self._derived()
 
     @torch.no_grad()
     def reset_window(self) -> None:
@@ -174,28 +185,41 @@ class EplbState(torch.nn.Module):
         )
 
 
-def follow_placement(experts, state) -> None:
-    """After ``experts`` (a :class:`~moekit.RoutedExperts`) loaded a state dict, directly or inside a layer or model:
-    ``state``'s routing maps follow the placement the state dict carried (:mod:`moekit.experts.placement_state`); a
-    layer without EPLB (``state`` None) routes logical id ``e`` to physical slot ``e`` and refuses a placement an
-    EPLB rebalance moved (``ValueError``). Round 53: loaded into such a layer, or through
-    ``layer.routed_experts.load_state_dict``, a rebalanced layer's state dict gave wrong outputs, silently; and a layer
-    built on meta whose weights were assigned kept its EPLB maps and ``expert_map`` on meta (its forward raised)."""
-    placement, weights = experts.placement, experts.w13_weight
-    if experts.expert_map is not None and experts.expert_map.is_meta and not weights.is_meta:
-        experts.expert_map = placement.expert_map(weights.device)  # (assigned weights: the EP map is derived)
-    if state is not None:
-        if state.step.is_meta and not experts.w13_weight.is_meta:  # weights assigned to a layer built on meta
-            state.materialize(weights.device)
-        if state._p2l != tuple(placement.physical_to_logical):
-            state.set_placement(placement)
+def watch_placement(experts, state) -> None:
+    """Make ``experts`` (a :class:`~moekit.RoutedExperts`) tell ``state`` (its executor's :class:`EplbState`, or None
+    without EPLB) the placement a state dict brings, however it reaches them (inside a layer or a model, or
+    ``layer.routed_experts.load_state_dict``): checked before anything is copied (a pre hook: an EPLB state's own
+    checks; without EPLB the layer routes logical id ``e`` to physical slot ``e`` and refuses a placement a rebalance
+    moved, ``ValueError``), followed after it (a post hook). The hooks are partials of module functions (copies and
+    pickles of the experts do not carry the executor and its process groups) and replace the ones an earlier executor
+    registered. Round 53: a rebalanced state dict loaded through ``layer.routed_experts`` left the maps on the old
+    placement, and an EP layer without EPLB took one silently (wrong outputs)."""
+    for handle in getattr(experts, "_placement_hooks", ()):
+        handle.remove()
+    experts._placement_hooks = (
+        experts._register_load_state_dict_pre_hook(functools.partial(_check_placement, state=state), with_module=True),
+        experts.register_load_state_dict_post_hook(functools.partial(_follow_placement, state=state)))
+
+
+def _check_placement(experts, state_dict, prefix, *args, state) -> None:
+    saved = state_dict.get(prefix + PLACEMENT_KEY)
+    if saved is None:  # the initial placement or the current one (experts.placement_state.incoming_placement)
         return
-    initial = initial_physical_to_logical(placement.num_logical, placement.num_physical, placement.ep_size,
-                                          placement.strategy)
-    if tuple(placement.physical_to_logical) != initial:
+    p2l = [int(e) for e in saved.tolist()]
+    if state is not None:
+        state.checked(p2l)
+    elif tuple(p2l) != initial_p2l(experts.placement):
         raise ValueError(
             f"layer {experts.layer_name!r}: the state dict places experts as an EPLB rebalance moved them "
-            f"(eplb_physical_to_logical = {list(placement.physical_to_logical)}), but the layer was built with "
-            "enable_eplb=False, so its routing cannot reach the moved slots; build it with enable_eplb=True (and the "
-            "saving layer's num_redundant_experts and expert_placement_strategy)")
+            f"({prefix}{PLACEMENT_KEY} = {p2l}), but the layer was built with enable_eplb=False, so its routing "
+            "cannot reach the moved slots; build it with enable_eplb=True (and the saving layer's "
+            "num_redundant_experts and expert_placement_strategy)")
 
+
+def _follow_placement(experts, incompatible_keys, *, state) -> None:
+    if state is None:
+        return
+    if state.step.is_meta and not experts.w13_weight.is_meta:  # weights assigned to a layer built on meta
+        state.materialize(experts.w13_weight.device)
+    if state._p2l != tuple(experts.placement.physical_to_logical):
+        state.set_placement(experts.placement)

@@ -39,7 +39,7 @@ import torch
 from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
 from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
-from .eplb_state import follow_placement
+from .eplb_state import watch_placement
 
 DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
@@ -75,11 +75,8 @@ class ParallelExecutor:
         #: all-gather T over the TP group before each forward and raise on a mismatch (module docstring)
         self.check_tp_tokens = os.environ.get("MOEKIT_CHECK_TP_TOKENS", "") not in ("", "0")
         self._owner_rank: torch.Tensor | None = None
-        # a state dict's placement, however it reaches the experts: the routing follows, or refuses it (no EPLB)
-        experts.register_load_state_dict_post_hook(self._follow_placement)
-
-    def _follow_placement(self, experts, incompatible_keys) -> None:
-        follow_placement(experts, self.eplb_state)
+        # a state dict's placement, however it reaches the experts: checked first, then the routing follows it
+        watch_placement(experts, eplb_state)
 
     @property
     def mode(self) -> str:

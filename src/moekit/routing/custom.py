@@ -29,7 +29,7 @@ class CustomRoutingRouter(BaseRouter):
     function declares ``_moekit_graph_safe = True`` (on the function, the ``functools.partial``'s function,
     or a module's own class): it only enqueues device work (no host synchronisation, no ``.item()``, no
     Python state that changes per call) and reads its tensors by address. moekit's named routings do
-    (:mod:`moekit.loading.routings`: Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri). Such graphs are exact-``T``
+    (:mod:`moekit.loading.routings`: Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri, LFM2-MoE). Such graphs are exact-``T``
     only (``T <= 8``): a torch function's rows are not promised to be batch invariant (``batch_invariant``
     is False), so no padded token bucket is used.
 
