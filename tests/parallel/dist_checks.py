@@ -68,6 +68,23 @@ def make_pair(ctx, *, E=8, K=2, H=32, I=16, dtype=torch.float32, bias=False, act
     return ref, par, args
 
 
+def rel_rms(got, want) -> float:
+    """Relative RMS error of the whole output (0 for an empty one)."""
+    if not want.numel():
+        return 0.0
+    err, ref = got.float() - want.float(), want.float()
+    return (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def expect_rel_close(ctx, got, want, what, tol):
+    """SPEC §8: same shape and dtype, relative RMS of the whole output within ``tol`` (sum orders differ)."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        ctx.expect(False, f"{what}: {tuple(got.shape)} {got.dtype} vs {tuple(want.shape)} {want.dtype}")
+        return
+    err = rel_rms(got, want)
+    ctx.expect(err <= tol, f"{what}: relative RMS {err:.2e} > {tol:g}")
+
+
 def tokens(ctx, counts, H, columns, dtype, seed=1, skew=None):
     """This rank's slice of per-EP-rank token batches: (x [T, H], logits [T, columns])."""
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import moekit
-from dist_checks import experts_backend, registry
+from dist_checks import expect_rel_close, experts_backend, registry
 from moekit.loading import reader
 
 __all__ = ["CHECKS", "WORLD", "experts_backend"]  # what dist_harness reads of a checks module
@@ -191,21 +191,6 @@ def float_qwen3(ctx, h=64, i=64, seed=8, fused=False) -> str:
 
 
 # -- comparisons -----------------------------------------------------------------------------------------------------
-def _rel(got, want) -> float:
-    if not want.numel():
-        return 0.0
-    err, ref = got.float() - want.float(), want.float()
-    return (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def _close(ctx, got, want, what, tol):
-    if got.shape != want.shape or got.dtype != want.dtype:
-        ctx.expect(False, f"{what}: {tuple(got.shape)} {got.dtype} vs {tuple(want.shape)} {want.dtype}")
-        return
-    err = _rel(got, want)
-    ctx.expect(err <= tol, f"{what}: relative RMS {err:.2e} > {tol:g}")
-
-
 def _bytes(t):
     return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
@@ -252,15 +237,15 @@ def _eplb_round(ctx, ref, par, x, lg, tol, what):
     for mode in ("all_to_all", "all_gather"):
         par.expert_executor.mode = mode
         before[mode] = par(x, lg)
-        _close(ctx, before[mode], want, f"{what}: {mode} before rebalance", tol)
+        expect_rel_close(ctx, before[mode], want, f"{what}: {mode} before rebalance", tol)
     stats = par.rebalance()
     ctx.expect(stats["moved_slots"] > 0, f"{what}: rebalance moved nothing ({stats['physical_to_logical']})")
     _slots_hold(ctx, par, ref, f"{what} after rebalance")
     for mode in ("all_to_all", "all_gather"):
         par.expert_executor.mode = mode
         got = par(x, lg)
-        _close(ctx, got, want, f"{what}: {mode} after rebalance", tol)
-        _close(ctx, got, before[mode], f"{what}: {mode} unchanged by the rebalance", tol)
+        expect_rel_close(ctx, got, want, f"{what}: {mode} after rebalance", tol)
+        expect_rel_close(ctx, got, before[mode], f"{what}: {mode} unchanged by the rebalance", tol)
     par.expert_executor.mode = "auto"
     return stats
 
@@ -291,7 +276,7 @@ def loaded_fp8_ds3_eplb_round_robin(ctx):
         x = x.to(dtype)
         for mode in ("all_to_all", "all_gather"):  # the gate computes the logits
             par.expert_executor.mode = mode
-            _close(ctx, par(x), ref(x), f"{dtype} gate logits {mode}", tol)
+            expect_rel_close(ctx, par(x), ref(x), f"{dtype} gate logits {mode}", tol)
         skew = torch.zeros(E)
         skew[[0, 2]] = 5.0  # both on EP rank 0 (round_robin: even experts), both in expert group 0
         x, lg = _tokens(ctx, [14, 9], 32, seed=3, skew=skew)
@@ -315,7 +300,7 @@ def loaded_mxfp4_gpt_oss_eplb_and_tp(ctx):
     _slots_hold(ctx, tp, ref, "TP loaded")
     x, _ = _tokens(ctx, [9], 64, seed=5, same=True)
     x = x.bfloat16()
-    _close(ctx, tp(x), ref(x), "mxfp4 TP", 1e-2)
+    expect_rel_close(ctx, tp(x), ref(x), "mxfp4 TP", 1e-2)
 
 
 @check(2)
@@ -335,7 +320,7 @@ def loaded_int4_kimi_eplb(ctx):
     tp = _only(moekit.load_moe_layers(path, tp_group=ctx.world_group, **LOAD))
     _slots_hold(ctx, tp, ref, "int4 TP loaded")
     x, _ = _tokens(ctx, [9], 64, seed=7, same=True)
-    _close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), "int4 TP", 1e-2)
+    expect_rel_close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), "int4 TP", 1e-2)
 
 
 @check(2)
@@ -365,7 +350,7 @@ def loaded_fp8_static_input_eplb_and_tp(ctx):
         tp = _only(moekit.load_moe_layers(path, tp_group=ctx.world_group, **LOAD))
         _slots_hold(ctx, tp, ref, f"{strategy} TP loaded")
         x, _ = _tokens(ctx, [9], 32, seed=9, same=True)
-        _close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), f"{strategy} static fp8 TP", 1e-2)
+        expect_rel_close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), f"{strategy} static fp8 TP", 1e-2)
 
 
 @check(2)
@@ -398,7 +383,7 @@ def loaded_fp8_fused_stacks_eplb_and_tp(ctx):
     tp = _only(moekit.load_moe_layers(path, tp_group=ctx.world_group, **LOAD))
     _slots_hold(ctx, tp, ref, "fused fp8 TP loaded")
     x, _ = _tokens(ctx, [9], h, seed=16, same=True)
-    _close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), "fused fp8 TP", 1e-2)
+    expect_rel_close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), "fused fp8 TP", 1e-2)
 
 
 @check(2)
@@ -432,7 +417,7 @@ def _quantise_on_load(ctx, calls):
                 ctx.expect(len(calls) == want, f"{what} {kind}: quantised {len(calls)} shards, expected {want}")
                 _slots_hold(ctx, par, ref, f"{what} {kind}")
                 x, _ = _tokens(ctx, [7, 4] if kind == "EP" else [6], 64, seed=10, same=kind == "TP")
-                _close(ctx, par(x.bfloat16()), ref(x.bfloat16()), f"{what} {kind}", 1e-2)
+                expect_rel_close(ctx, par(x.bfloat16()), ref(x.bfloat16()), f"{what} {kind}", 1e-2)
 
 
 @check(2)
@@ -451,18 +436,18 @@ def loaded_uneven_tokens(ctx):
             want = ref(x)
             for mode in ("all_to_all", "all_gather", "auto"):
                 ep.expert_executor.mode = mode
-                _close(ctx, ep(x), want, f"{name} EP {counts} {mode}", 1e-2)
+                expect_rel_close(ctx, ep(x), want, f"{name} EP {counts} {mode}", 1e-2)
         for t in (0, 1):
             x, _ = _tokens(ctx, [t], h, seed=12, same=True)
-            _close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), f"{name} TP T={t}", 1e-2)
+            expect_rel_close(ctx, tp(x.bfloat16()), ref(x.bfloat16()), f"{name} TP T={t}", 1e-2)
         ep.rebalance()  # a window of a few tokens (and empty steps): still fine
         x, _ = _tokens(ctx, [3, 0], h, seed=13)
-        _close(ctx, ep(x.bfloat16()), ref(x.bfloat16()), f"{name} EP after rebalance", 1e-2)
+        expect_rel_close(ctx, ep(x.bfloat16()), ref(x.bfloat16()), f"{name} EP after rebalance", 1e-2)
         ep.expert_executor.chunk_tokens = 3  # chunks: ranks of 7 and 2 tokens (the second runs empty chunks)
         x, _ = _tokens(ctx, [7, 2], h, seed=14)
         for mode in ("all_to_all", "all_gather"):
             ep.expert_executor.mode = mode
-            _close(ctx, ep(x.bfloat16()), ref(x.bfloat16()), f"{name} EP in chunks of 3 {mode}", 1e-2)
+            expect_rel_close(ctx, ep(x.bfloat16()), ref(x.bfloat16()), f"{name} EP in chunks of 3 {mode}", 1e-2)
 
 
 @check(2)
@@ -512,7 +497,7 @@ def loaded_v4_hash_layers_rebalance_all_and_state_dict(ctx):
         want = {n: ref[n](x, logits[n] if "1" in n else None, input_ids=ids) for n in ref}
         before = {n: par[n](x, logits[n] if "1" in n else None, input_ids=ids) for n in par}
         for n in par:
-            _close(ctx, before[n], want[n], f"{n} before", 1e-2)
+            expect_rel_close(ctx, before[n], want[n], f"{n} before", 1e-2)
         try:  # a non-layer among them: TypeError before any layer is rebalanced (every rank alike: no collective)
             rebalance([*par.values(), "model.layers.0.mlp"])
             ctx.expect(False, "rebalance took a str for a layer")
@@ -522,7 +507,7 @@ def loaded_v4_hash_layers_rebalance_all_and_state_dict(ctx):
         ctx.expect(any(s["moved_slots"] for s in stats), f"nothing moved: {stats}")
         for n, layer in par.items():
             _slots_hold(ctx, layer, ref[n], f"{n} after rebalance")
-            _close(ctx, layer(x, logits[n] if "1" in n else None, input_ids=ids), want[n], f"{n} after", 1e-2)
+            expect_rel_close(ctx, layer(x, logits[n] if "1" in n else None, input_ids=ids), want[n], f"{n} after", 1e-2)
         fresh = moekit.load_moe_layers(path, **load, **par_kw)
         for n, layer in fresh.items():
             layer.load_state_dict(par[n].state_dict())
@@ -530,7 +515,7 @@ def loaded_v4_hash_layers_rebalance_all_and_state_dict(ctx):
             p2l = layer.expert_executor.eplb_state.physical_to_logical.tolist()
             ctx.expect(p2l == list(par[n].routed_experts.placement.physical_to_logical), f"{n}: EPLB maps {p2l}")
             _slots_hold(ctx, layer, ref[n], f"{n} state dict")
-            _close(ctx, layer(x, logits[n] if "1" in n else None, input_ids=ids), want[n], f"{n} state dict", 1e-2)
+            expect_rel_close(ctx, layer(x, logits[n] if "1" in n else None, input_ids=ids), want[n], f"{n} state dict", 1e-2)
 
 
 @check(4)
@@ -690,14 +675,14 @@ def loaded_fp8_ep4_hierarchical_rebalance(ctx):
     x, lg = _tokens(ctx, [13, 0, 6, 1], 32, seed=17, skew=skew)
     x = x.bfloat16()
     want = ref(x, lg)
-    _close(ctx, layer(x, lg), want, "EP4 before", 1e-2)
+    expect_rel_close(ctx, layer(x, lg), want, "EP4 before", 1e-2)
     for nodes, policy in ((2, "hierarchical"), (1, "global")):
         stats = rebalance(par, num_nodes=nodes)[0]
         ctx.expect(stats["policy"] == policy, f"num_nodes={nodes}: policy {stats['policy']}")
         _slots_hold(ctx, layer, ref, f"EP4 after num_nodes={nodes}")
         for mode in ("all_to_all", "all_gather"):
             layer.expert_executor.mode = mode
-            _close(ctx, layer(x, lg), want, f"EP4 num_nodes={nodes} {mode}", 1e-2)
+            expect_rel_close(ctx, layer(x, lg), want, f"EP4 num_nodes={nodes} {mode}", 1e-2)
         layer.expert_executor.mode = "auto"
 
 

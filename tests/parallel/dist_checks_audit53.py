@@ -32,7 +32,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import moekit
-from dist_checks import _check_slots, _llama4_routing, _rank_batch, experts_backend, global_weights, make_pair, registry
+from dist_checks import (_check_slots, _llama4_routing, _rank_batch, expect_rel_close, experts_backend, global_weights,
+                         make_pair, registry)
 
 __all__ = ["CHECKS", "WORLD", "experts_backend"]  # what dist_harness reads of a checks module
 CHECKS, WORLD, check = registry()
@@ -53,21 +54,6 @@ def _qpair(ctx, quant, *, E=8, K=2, H=64, I=128, bias=False, dtype=torch.float32
     for layer in (ref, par):
         layer.load_expert_weights(q[0], q[1], b13, b2, w13_scale=q[2], w2_scale=q[3])
     return ref, par, q
-
-
-def _rel(got, want) -> float:
-    if not want.numel():
-        return 0.0
-    err, ref = got.float() - want.float(), want.float()
-    return (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def _close(ctx, got, want, what, tol):
-    """SPEC §8: relative RMS of the whole output against the single-process layer (sum orders differ)."""
-    if got.shape != want.shape or got.dtype != want.dtype:
-        ctx.expect(False, f"{what}: {tuple(got.shape)} {got.dtype} vs {tuple(want.shape)} {want.dtype}")
-        return
-    ctx.expect(_rel(got, want) <= tol, f"{what}: relative RMS {_rel(got, want):.2e} > {tol:g}")
 
 
 def _bytes(t):
@@ -262,12 +248,12 @@ def quantised_ep_eplb_formats(ctx):
             want = ref(x, lg)
             for mode in MODES:
                 par.expert_executor.mode = mode
-                _close(ctx, par(x, lg), want, f"{what} {mode}", 5e-3)
+                expect_rel_close(ctx, par(x, lg), want, f"{what} {mode}", 5e-3)
             ctx.expect(par.rebalance()["moved_slots"] > 0, f"{what}: the rebalance moved nothing")
             _slots_hold(ctx, par, q, f"{what} rebalanced")
             for mode in MODES:
                 par.expert_executor.mode = mode
-                _close(ctx, par(x, lg), want, f"{what} {mode} after the rebalance", 5e-3)
+                expect_rel_close(ctx, par(x, lg), want, f"{what} {mode} after the rebalance", 5e-3)
 
 
 @check(2)
@@ -278,7 +264,7 @@ def quantised_tp_slices(ctx):
         ref, par, _ = _qpair(ctx, quant, H=h, I=i, bias=True, tp_group=ctx.world_group)
         for t in (9, 1, 0):
             x, lg = _rank_batch(ctx, [t], h, 8, torch.float32, 0)
-            _close(ctx, par(x, lg), ref(x, lg), f"TP {par.routed_experts.quant.name} T={t}", 5e-3)
+            expect_rel_close(ctx, par(x, lg), ref(x, lg), f"TP {par.routed_experts.quant.name} T={t}", 5e-3)
     try:
         moekit.FusedMoE(8, 2, 128, 128, quant_config=moekit.Int4GroupFormat(128), tp_group=ctx.world_group,
                         backend="torch")
@@ -385,7 +371,7 @@ def weight_on_input_ep_eplb(ctx):
             ref, par, _ = _qpair(ctx, quant, K=1, H=64, I=64, custom_routing_function=_llama4_routing,
                                  apply_router_weight_on_input=True, renormalize=False, **kw)
             x, lg = _rank_batch(ctx, counts, 64, 8, torch.float32, 0 if same else ctx.rank)
-            _close(ctx, par(x, lg), ref(x, lg), f"{par.routed_experts.quant.name} {list(kw)}", 5e-3)
+            expect_rel_close(ctx, par(x, lg), ref(x, lg), f"{par.routed_experts.quant.name} {list(kw)}", 5e-3)
 
 
 @check(2)
@@ -509,9 +495,9 @@ def loaded_llama4_longcat_ep_tp(ctx):
             for rnd in range(2):
                 for mode in MODES:
                     ep.expert_executor.mode = mode
-                    _close(ctx, ep(x), ref(x), f"{make.__name__} EP round {rnd} {mode}", 1e-2)
+                    expect_rel_close(ctx, ep(x), ref(x), f"{make.__name__} EP round {rnd} {mode}", 1e-2)
                 ep.rebalance()
-            _close(ctx, tp(xs[0]), ref(xs[0]), f"{make.__name__} TP", 1e-2)
+            expect_rel_close(ctx, tp(xs[0]), ref(xs[0]), f"{make.__name__} TP", 1e-2)
 
 
 @check(4)
@@ -559,5 +545,5 @@ def grid_quantised_eplb(ctx):
         for rnd in range(2):
             for mode in MODES:
                 par.expert_executor.mode = mode
-                _close(ctx, par(x, lg), want, f"{par.routed_experts.quant.name} round {rnd} {mode}", 5e-3)
+                expect_rel_close(ctx, par(x, lg), want, f"{par.routed_experts.quant.name} round {rnd} {mode}", 5e-3)
             par.rebalance()
