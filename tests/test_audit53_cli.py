@@ -260,3 +260,11 @@ def test_bench_transformers_real_widths_need_a_gpu(bench_transformers, tmp_path,
     assert bench_transformers.main(["--out", str(tmp_path / "x.json")]) == 1
     assert bench_transformers.calls == []
     _one_line(capsys, "needs a CUDA GPU", "--tiny")
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, fake_gpu, capsys):
+    # edge (round 53's second review): a UTF-16 <gpu>.json raised UnicodeDecodeError (a ValueError, not a
+    # JSONDecodeError) through the tuner: a traceback once the CLI caught only its own config error
+    (tmp_path / "NVIDIA_H200.json").write_text('{"entries": {}}', encoding="utf-16")
+    assert main(["tune", "--models", "qwen3-30b-a3b", "--out", str(tmp_path)]) == 1
+    _one_line(capsys, "NVIDIA_H200.json", "not valid JSON")

@@ -450,3 +450,58 @@ def test_compile_fullgraph_of_a_zero_expert_layer_with_shared_experts():
             xt = torch.randn(t, H)
             torch.testing.assert_close(compiled(xt), layer(xt), atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ round 53's second review
+def _rebalanced_by_hand(w13, w2, perm=(1, 0, 3, 2, 4, 5, 6, 7)):
+    """A single-process EPLB layer whose slots hold ``perm`` (what a rebalance leaves: weights moved, maps set)."""
+    layer = moekit.FusedMoE(8, 2, 32, 16, backend="torch", enable_eplb=True)
+    layer.load_expert_weights(w13 * 2, w2)
+    ex, st = layer.routed_experts, layer.expert_executor.eplb_state
+    with torch.no_grad():
+        ex.w13_weight.copy_((w13 * 2)[list(perm)])
+        ex.w2_weight.copy_(w2[list(perm)])
+    ex.set_physical_to_logical(perm)
+    st.set_placement(ex.placement)
+    return layer
+
+
+def test_load_weights_with_moekits_own_names_into_a_rebalanced_layer():
+    # the review: load_weights sent each per-slot tensor as a one-key state dict, which the partial rule then refused
+    # on a rebalanced layer; they are gathered into one state dict (the initial placement, every slot rewritten)
+    w13, w2 = torch.randn(8, 32, 32), torch.randn(8, 32, 16)
+    x, lg = torch.randn(5, 32), torch.randn(5, 8)
+    ref = moekit.FusedMoE(8, 2, 32, 16, backend="torch")
+    ref.load_expert_weights(w13, w2)
+    layer = _rebalanced_by_hand(w13, w2)
+    layer.load_weights(iter(ref.state_dict().items()))
+    assert layer.routed_experts.placement.physical_to_logical == tuple(range(8))
+    torch.testing.assert_close(layer(x, lg), ref(x, lg))
+
+
+def test_a_placement_without_the_weights_it_places_is_refused_before_any_copy():
+    # the review: a state dict holding eplb_physical_to_logical (and w13 alone, or no weights) moved the placement
+    # while the slots kept the old experts: silently wrong routing; refused, the layer left as it was
+    w13, w2 = torch.randn(8, 32, 32), torch.randn(8, 32, 16)
+    x, lg = torch.randn(5, 32), torch.randn(5, 8)
+    src = _rebalanced_by_hand(w13, w2)
+    sd = src.routed_experts.state_dict()
+    for keep in (("eplb_physical_to_logical",), ("eplb_physical_to_logical", "w13_weight")):
+        layer = moekit.FusedMoE(8, 2, 32, 16, backend="torch", enable_eplb=True)
+        layer.load_expert_weights(w13, w2)
+        before = layer(x, lg)
+        with pytest.raises(ValueError, match="eplb_physical_to_logical|slots would mix"):
+            layer.routed_experts.load_state_dict({k: sd[k] for k in keep}, strict=False)
+        assert layer.routed_experts.placement.physical_to_logical == tuple(range(8))
+        assert torch.equal(layer(x, lg), before)
+
+
+def test_a_shape_mismatch_leaves_the_experts_unmarked_and_in_place():
+    # the review: torch records a size mismatch and raises at the end; the placement was applied and every tensor
+    # marked loaded before that (an unloaded layer then ran on torch.empty memory)
+    layer = moekit.FusedMoE(8, 2, 32, 16, backend="torch")
+    sd = {"w13_weight": torch.randn(4, 32, 32), "w2_weight": torch.randn(8, 32, 16)}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.routed_experts.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="before the expert weights were loaded"):
+        layer(torch.randn(2, 32), torch.randn(2, 8))

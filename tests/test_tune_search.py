@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekit.benchmarking import tune, tune_auto, tune_checks, tune_forms, tune_tables
+from moekit.benchmarking import tune, tune_auto, tune_checks, tune_forms, tune_space as ts, tune_tables
 from moekit.benchmarking.shapes import MODELS, TOKENS, ModelShape
 from moekit.benchmarking.tune_space import (
     PRIORS, Space, _cfg, block_k, config_id, expected_rows, family, neighbour_configs, prior_configs, regime, search,
@@ -743,3 +743,12 @@ def test_priors_keep_the_base_tail_blocks_only_where_their_tiles_take_them():
         assert c.get("tail_bm", 0) < c["BLOCK_M"], c
         assert c.get("gather_pass"), c  # the other carried keys stay
     assert any(c.get("tail_bm") == 64 for c in priors if c["BLOCK_M"] == 128)
+
+
+def test_priors_of_a_base_that_already_splits_w13():
+    # round 53's review: a config in use with "w13_split" (a winner an earlier tune kept) at a medium / large bucket
+    # gave _cfg two w13_split values (TypeError): a second `moekit tune` of that shape crashed
+    base = dict(ts.prior_configs(50000.0, {}, "bf16", (64, 64))[0], w13_split=True)
+    for fam in ("bf16", "fp8"):
+        priors = ts.prior_configs(50000.0, base, fam, (64, 64))
+        assert any(c.get("w13_split") for c in priors)

@@ -296,7 +296,7 @@ def prior_configs(rows: float, base: dict, fam: str, bk: tuple[int, int] | None,
         # w13_split: one accumulator per w13 program (the same bits): big tiles without spills (sm_90 ptxas,
         # DeepSeek-V3 fp8 BLOCK_M 128 / 8 warps: fused 255 registers + 1908 B spilled, split 249 and none)
         w2_bn = 128 if fam == "fp8" else 256
-        out += [_cfg(128, (128, bk[0], 8, 4), (w2_bn, bk[1], 8, 3), tma=True, w13_split=True, **extra)]
+        out += [_cfg(128, (128, bk[0], 8, 4), (w2_bn, bk[1], 8, 3), tma=True, **{**extra, "w13_split": True})]
     # the base's tail blocks only where a prior's tiles take them (round 43: Mixtral's 1024 bucket, "tail_bm": 64,
     # lost its four BLOCK_M 64 priors to the launch plan's refusal)
     return [tail_ok(c) for c in out]

@@ -152,7 +152,7 @@ def load_layer_weights(
     own = dict(layer.named_parameters())
     own.update({n: b for n, b in layer.named_buffers() if b is not None})
     loaded = set() if loaded is None else loaded
-    consumed = set()
+    consumed, slots = set(), {}
     for name, tensor in weights:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"checkpoint entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -162,9 +162,11 @@ def load_layer_weights(
             _load_expert(layer, name, tensor, m, by_weight)
         elif f is not None:
             _load_fused(layer.routed_experts, name, tensor, f.group(1), f.group(2), layout)
-        elif (pname := _load_own(layer, name, tensor, own)) is not None:
+        elif (pname := _load_own(layer, name, tensor, own, slots)) is not None:
             loaded.add(pname)
         consumed.add(name)
+    if slots:  # one state dict (round 53's review: one key at a time was a partial one, refused once EPLB had moved)
+        layer.routed_experts.load_state_dict(slots, strict=False)
     return consumed
 
 
@@ -211,9 +213,9 @@ def is_slot_tensor(layer, name: str) -> bool:
     return head == "routed_experts" and rest in layer.routed_experts.specs
 
 
-def _load_own(layer, name, tensor, own) -> str | None:
+def _load_own(layer, name, tensor, own, slots: dict) -> str | None:
     """A parameter or buffer of the layer by its (suffix) name; returns that name (None for the
-    experts' own parameters: the experts record those)."""
+    experts' own per-slot tensors: gathered into ``slots``, loaded together, the experts record those)."""
     parts = name.split(".")
     pname = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
     if pname is None and tensor.numel() == 0:  # an empty part a model saves (n_shared_experts = 0): adds nothing
@@ -228,7 +230,7 @@ def _load_own(layer, name, tensor, own) -> str | None:
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected {list(target.shape)}")
     if is_slot_tensor(layer, pname):  # the experts record their per-slot tensors themselves
-        layer.routed_experts.load_state_dict({pname.split(".", 1)[1]: tensor}, strict=False)
+        slots[pname.split(".", 1)[1]] = tensor
         return None
     with torch.no_grad():
         target.copy_(tensor.to(target.dtype))

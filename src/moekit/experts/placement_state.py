@@ -35,19 +35,24 @@ def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...
     One that holds some of them and no placement, into a layer an EPLB rebalance moved, is refused (``ValueError``:
     its slots would mix two placements). Input scales are the same in every slot: they do not count."""
     saved = state_dict.get(prefix + PLACEMENT_KEY)
-    if saved is not None:
-        p2l = tuple(int(e) for e in saved.tolist())
-        experts.placement.with_physical_to_logical(p2l)  # (its checks)
-        return p2l
     slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
     held = [n for n in slotted if prefix + n in state_dict]
-    initial = initial_p2l(experts.placement)
-    if held and len(held) < len(slotted) and tuple(experts.placement.physical_to_logical) != initial:
-        raise ValueError(f"state dict at {prefix!r} holds {', '.join(held)} but not "
-                         f"{', '.join(n for n in slotted if n not in held)} nor {PLACEMENT_KEY}, and an EPLB "
-                         "rebalance moved this layer's experts: its slots would mix two placements; load a whole "
-                         "state dict (or one with the placement)")
-    return initial if held else None
+    current, where = tuple(experts.placement.physical_to_logical), f"layer {experts.layer_name!r}, state dict"
+    p2l = initial_p2l(experts.placement) if saved is None else tuple(int(e) for e in saved.tolist())
+    if saved is not None:
+        try:
+            experts.placement.with_physical_to_logical(p2l)  # (its checks)
+        except ValueError as err:
+            raise ValueError(f"{where} {prefix}{PLACEMENT_KEY}: {err} (saved with another EP size or "
+                             "num_redundant_experts?)") from None
+    if held and len(held) < len(slotted) and p2l != current:  # (also a placement without the weights it places)
+        raise ValueError(f"{where} at {prefix!r} holds {', '.join(held)} but not "
+                         f"{', '.join(n for n in slotted if n not in held)}, and its placement"
+                         f"{'' if saved is not None else ' (none: the initial one)'} differs from the layer's (an EPLB "
+                         "rebalance moved it): the slots would mix two placements; load a whole state dict")
+    if saved is not None and not held and p2l != current:
+        raise ValueError(f"{where} at {prefix!r} holds {PLACEMENT_KEY} but none of the weights it places")
+    return p2l if saved is not None or held else None
 
 
 def placement_loaded(experts, p2l: tuple[int, ...] | None, prefix: str, unexpected_keys: list) -> None:

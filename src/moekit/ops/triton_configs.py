@@ -113,9 +113,9 @@ def read_config_file(path) -> dict:
     if not p.is_file():
         return {}
     try:
-        with open(p) as f:
+        with open(p, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as exc:  # (round 51: the error named no file)
+    except ValueError as exc:  # not JSON, not UTF-8 (round 51: the error named no file)
         raise ConfigFileError(f"{p}: not valid JSON ({exc}); fix or delete it, or re-run `moekit tune`") from None
     # round 51: a file without the {"device", "entries"} wrapper, or with a misspelt key, was read as empty and the
     # user's tuning silently ignored; every top-level key is checked

@@ -207,7 +207,11 @@ def _check_placement(experts, state_dict, prefix, *args, state) -> None:
         return
     p2l = [int(e) for e in saved.tolist()]
     if state is not None:
-        state.checked(p2l)
+        try:
+            state.checked(p2l)
+        except ValueError as err:
+            raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{PLACEMENT_KEY}: {err} (saved with "
+                             "another EP size or num_redundant_experts?)") from None
     elif tuple(p2l) != initial_p2l(experts.placement):
         raise ValueError(
             f"layer {experts.layer_name!r}: the state dict places experts as an EPLB rebalance moved them "
