@@ -496,12 +496,30 @@ def test_a_placement_without_the_weights_it_places_is_refused_before_any_copy():
         assert torch.equal(layer(x, lg), before)
 
 
-def test_a_shape_mismatch_leaves_the_experts_unmarked_and_in_place():
-    # the review: torch records a size mismatch and raises at the end; the placement was applied and every tensor
-    # marked loaded before that (an unloaded layer then ran on torch.empty memory)
+def test_a_shape_mismatch_is_refused_before_any_copy():
+    # the reviews: torch records a size mismatch, copies the other keys and raises at the end; the placement was
+    # applied and every tensor marked loaded (an unloaded layer then ran on torch.empty memory), or, skipping that,
+    # the copied keys of a loaded layer were neither re-laid nor placed; the shapes are checked before any copy
     layer = moekit.FusedMoE(8, 2, 32, 16, backend="torch")
-    sd = {"w13_weight": torch.randn(4, 32, 32), "w2_weight": torch.randn(8, 32, 16)}
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    sd = {"w13_weight": torch.randn(8, 32, 32), "w2_weight": torch.randn(4, 32, 16)}
+    with pytest.raises(ValueError, match=r"w2_weight: shape \[4, 32, 16\], this rank holds \[8, 32, 16\]"):
         layer.routed_experts.load_state_dict(sd)
     with pytest.raises(RuntimeError, match="before the expert weights were loaded"):
         layer(torch.randn(2, 32), torch.randn(2, 8))
+    w13, w2 = torch.randn(8, 32, 32), torch.randn(8, 32, 16)
+    layer.load_expert_weights(w13, w2)
+    before = layer(x := torch.randn(3, 32), lg := torch.randn(3, 8))
+    with pytest.raises(ValueError, match="w2_weight"):
+        layer.routed_experts.load_state_dict(sd)
+    assert torch.equal(layer.routed_experts.w13_weight, w13) and torch.equal(layer(x, lg), before)
+
+
+def test_load_weights_mixing_stacks_and_per_expert_keys_keeps_the_last_write():
+    # the third review: the gathered per-slot stacks were loaded after every other key of the call, so a per-expert
+    # key given after a stack lost to it; the stacks gathered so far are loaded before such a key
+    layer = moekit.FusedMoE(8, 2, 32, 16, backend="torch")
+    w13, w2, gate0 = torch.randn(8, 32, 32), torch.randn(8, 32, 16), torch.randn(16, 32)
+    layer.load_weights([("routed_experts.w13_weight", w13), ("routed_experts.w2_weight", w2),
+                        ("experts.0.gate_proj.weight", gate0)])
+    assert torch.equal(layer.routed_experts.w13_weight[0, :16], gate0)
+    assert torch.equal(layer.routed_experts.w13_weight[1:], w13[1:])

@@ -158,6 +158,9 @@ def load_layer_weights(
             raise TypeError(f"checkpoint entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
         m = EXPERT_KEY_RE.search(name)
         f = FUSED_KEY_RE.search(name) if m is None else None
+        if slots and (m is not None or f is not None):  # the stacks gathered so far first: the last write wins
+            layer.routed_experts.load_state_dict(slots, strict=False)
+            slots = {}
         if m is not None:
             _load_expert(layer, name, tensor, m, by_weight)
         elif f is not None:

@@ -29,11 +29,18 @@ def placement_saved(placement: ExpertPlacement, destination: dict, prefix: str) 
 
 
 def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...] | None:
-    """The placement a state dict being loaded gives ``experts`` (physical -> logical), checked before anything is
-    copied (round 53's review: a refusal after the copy left a changed layer): the one it carries, else the initial one
-    when it holds every per-slot tensor; None (keep) when it holds none of them (a partial one, the gate's alone).
+    """The placement a state dict being loaded gives ``experts`` (physical -> logical), checked (with the shapes of its
+    per-slot tensors) before anything is copied (round 53's review: a refusal after the copy left a changed layer):
+    the one it carries, else the initial one when it holds every per-slot tensor; None (keep) when it holds none of
+    them (a partial one, the gate's alone).
     One that holds some of them and no placement, into a layer an EPLB rebalance moved, is refused (``ValueError``:
     its slots would mix two placements). Input scales are the same in every slot: they do not count."""
+    for name in experts.specs:  # torch copies the other keys and raises at the end: a half-loaded layer (review)
+        t, mine = state_dict.get(prefix + name), getattr(experts, name)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(mine.shape):
+            raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{name}: shape {list(t.shape)}, this "
+                             f"rank holds {list(mine.shape)} (saved with another EP / TP size or "
+                             "num_redundant_experts?)")
     saved = state_dict.get(prefix + PLACEMENT_KEY)
     slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
     held = [n for n in slotted if prefix + n in state_dict]

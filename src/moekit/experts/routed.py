@@ -226,11 +226,9 @@ class RoutedExperts(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes (byte views), scale values
-        placement, errors = incoming_placement(self, state_dict, prefix), len(error_msgs)  # checked before any copy
+        placement = incoming_placement(self, state_dict, prefix)  # shapes and placement, checked before any copy
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) > errors:  # a shape torch refused (it raises at the end): nothing recorded or re-laid
-            return
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
         state_loaded(self, state_dict, prefix, placement, unexpected_keys)  # placement, what was loaded, dtype, maps
 
