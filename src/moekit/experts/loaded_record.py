@@ -79,6 +79,10 @@ class InputScales:
                              if values_checkable(full) else {})
         return full.max()
 
+    def forget(self, name: str) -> None:
+        """``name`` is unset again (a state dict gave it all zero)."""
+        self.values.pop(name, None)
+
     def seed(self, experts, names) -> None:
         """After a state-dict load or an adoption: each input scale of ``names`` holds the largest of experts whose own
         ones are unknown, so that value stands for every expert until it is given again."""
@@ -103,7 +107,7 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
             continue
         if unset_input_scale(spec, state_dict[prefix + name]):  # "not given": the forward says it is missing
             experts._record.unmark(every, spec.shards, spec.kind)
-            experts._input_scales.values.pop(name, None)
+            experts._input_scales.forget(name)
         else:
             given.append(name)
             experts._mark(every, spec.shards, spec.kind)

@@ -41,25 +41,35 @@ def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...
             raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{name}: shape {list(t.shape)}, this "
                              f"rank holds {list(mine.shape)} (saved with another EP / TP size or "
                              "num_redundant_experts?)")
-    saved = state_dict.get(prefix + PLACEMENT_KEY)
+    saved = saved_p2l(state_dict, prefix)
     slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
     held = [n for n in slotted if prefix + n in state_dict]
-    current, where = tuple(experts.placement.physical_to_logical), f"layer {experts.layer_name!r}, state dict"
-    p2l = initial_p2l(experts.placement) if saved is None else tuple(int(e) for e in saved.tolist())
+    current = tuple(experts.placement.physical_to_logical)
+    p2l = initial_p2l(experts.placement) if saved is None else saved
     if saved is not None:
         try:
             experts.placement.with_physical_to_logical(p2l)  # (its checks)
         except ValueError as err:
-            raise ValueError(f"{where} {prefix}{PLACEMENT_KEY}: {err} (saved with another EP size or "
-                             "num_redundant_experts?)") from None
-    if held and len(held) < len(slotted) and p2l != current:  # (also a placement without the weights it places)
-        raise ValueError(f"{where} at {prefix!r} holds {', '.join(held)} but not "
-                         f"{', '.join(n for n in slotted if n not in held)}, and its placement"
-                         f"{'' if saved is not None else ' (none: the initial one)'} differs from the layer's (an EPLB "
-                         "rebalance moved it): the slots would mix two placements; load a whole state dict")
-    if saved is not None and not held and p2l != current:
-        raise ValueError(f"{where} at {prefix!r} holds {PLACEMENT_KEY} but none of the weights it places")
+            raise placement_error(experts, prefix, err) from None
+    if p2l != current and (saved is not None or held) and len(held) < len(slotted):
+        raise ValueError(f"layer {experts.layer_name!r}, state dict at {prefix!r}: it holds "
+                         f"{', '.join(held) or 'no weights'} but not {', '.join(n for n in slotted if n not in held)}, "
+                         f"and its placement{'' if saved is not None else ' (none: the initial one)'} differs from "
+                         "the layer's (an EPLB rebalance moved one of them): the slots would mix two placements; load "
+                         "a whole state dict")
     return p2l if saved is not None or held else None
+
+
+def saved_p2l(state_dict: dict, prefix: str) -> tuple[int, ...] | None:
+    """The placement a state dict carries (``prefix + PLACEMENT_KEY``), None when it carries none."""
+    saved = state_dict.get(prefix + PLACEMENT_KEY)
+    return None if saved is None else tuple(int(e) for e in saved.tolist())
+
+
+def placement_error(experts, prefix: str, err: Exception) -> ValueError:
+    """A saved placement this layer cannot take, naming the layer, the key and the likely cause."""
+    return ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{PLACEMENT_KEY}: {err} (saved with another "
+                      "EP size or num_redundant_experts?)")
 
 
 def placement_loaded(experts, p2l: tuple[int, ...] | None, prefix: str, unexpected_keys: list) -> None:

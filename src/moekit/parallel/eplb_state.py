@@ -42,7 +42,7 @@ import torch
 
 from .eplb import logical_to_physical
 from ..experts.placement import ExpertPlacement
-from ..experts.placement_state import PLACEMENT_KEY, initial_p2l
+from ..experts.placement_state import PLACEMENT_KEY, initial_p2l, placement_error, saved_p2l
 
 DEFAULT_WINDOW = 128
 
@@ -202,20 +202,18 @@ def watch_placement(experts, state) -> None:
 
 
 def _check_placement(experts, state_dict, prefix, *args, state) -> None:
-    saved = state_dict.get(prefix + PLACEMENT_KEY)
-    if saved is None:  # the initial placement or the current one (experts.placement_state.incoming_placement)
+    p2l = saved_p2l(state_dict, prefix)
+    if p2l is None:  # the initial placement or the current one (experts.placement_state.incoming_placement)
         return
-    p2l = [int(e) for e in saved.tolist()]
     if state is not None:
         try:
             state.checked(p2l)
         except ValueError as err:
-            raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{PLACEMENT_KEY}: {err} (saved with "
-                             "another EP size or num_redundant_experts?)") from None
-    elif tuple(p2l) != initial_p2l(experts.placement):
+            raise placement_error(experts, prefix, err) from None
+    elif p2l != initial_p2l(experts.placement):
         raise ValueError(
             f"layer {experts.layer_name!r}: the state dict places experts as an EPLB rebalance moved them "
-            f"({prefix}{PLACEMENT_KEY} = {p2l}), but the layer was built with enable_eplb=False, so its routing "
+            f"({prefix}{PLACEMENT_KEY} = {list(p2l)}), but the layer was built with enable_eplb=False, so its routing "
             "cannot reach the moved slots; build it with enable_eplb=True (and the saving layer's "
             "num_redundant_experts and expert_placement_strategy)")
 
