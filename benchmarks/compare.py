@@ -82,7 +82,9 @@ class Rows:
     def get(self, model, t, impl, quant="bf16"):
         if quant == "bf16" and (model, t, impl, "bf16") not in self.by:
             quant = "fp16"
-        return self.by.get((model, t, impl, quant))
+        # a row that names no quant (a peer file's rows may not: read_rows needs only model, tokens, impl, us) is
+        # the one row of its (model, tokens, impl): without this fallback its points were dropped from #11 / #9
+        return self.by.get((model, t, impl, quant)) or self.by.get((model, t, impl, None))
 
     def us(self, model, t, impl, quant="bf16"):
         r = self.get(model, t, impl, quant)
@@ -93,7 +95,9 @@ class Rows:
         return [m for m in among if m in have]
 
     def tokens(self, model=None):
-        return sorted({r["tokens"] for r in self.rows if model is None or r["model"] == model})
+        """The sweep's token counts (eager rows, ``host_us``, are timed at their own ``--eager-tokens``: not points)."""
+        return sorted({r["tokens"] for r in self.rows
+                       if (model is None or r["model"] == model) and r.get("host_us") is None})
 
     def peak(self, row) -> float | None:
         """The bf16 peak (TFLOP/s) of the run: the row's ``peak_tflops`` or the meta's."""
@@ -265,13 +269,20 @@ def issue10(R: Rows, rep: Report) -> None:
 
 
 def issue11_eager(R: Rows, rep: Report) -> None:
-    eager = sorted((r for r in R.rows if r["impl"] == "eager-layer" and r["tokens"] <= 8),
-                   key=lambda r: (r["model"], r["tokens"]))
+    eager = {(r["model"], r["tokens"]): r for r in R.rows if r["impl"] == "eager-layer" and r["tokens"] <= 8}
     if not eager:
         return
     rep.heading("#11 · eager `FusedMoE` forward (`eager-layer`): host µs per call vs GPU µs, T ≤ 8")
     body, oks = [], []
-    for r in eager:
+    # the points: the four shapes at T = 1 and 8, and any other eager row present (another shape or T <= 8); a
+    # point of the four shapes without its row counts as missing, as in the other targets
+    points = sorted({(m, t) for m in FOUR for t in (1, 8)} | set(eager), key=lambda p: (p[0] not in FOUR, p))
+    for model, t in points:
+        r = eager.get((model, t))
+        if r is None:
+            oks.append(None)
+            body.append([model, t, "–", "–", mark(None), "–"])
+            continue
         ok = r["host_us"] <= 40 and (r["model"] != "qwen3-30b-a3b" or r["host_us"] <= r["us"])
         oks.append(ok)
         nog = R.get(r["model"], r["tokens"], "eager-layer-nograph", r.get("quant"))
@@ -298,6 +309,8 @@ def report(rows, baseline_rows=(), source: str = "") -> tuple[str, Report]:
     if B.rows:
         rep.note("")
         rep.note(f"peer: {B.meta.get('source') if B.meta else 'baseline file'}")
+        if B.meta.get("device") and B.meta["device"] != dev:  # the peer's µs are constants measured on its GPU
+            rep.note(f"**the peer ran on {B.meta['device']}, this run on {dev}**: its µs verdicts compare two GPUs")
     issue11_peer(R, B, rep)
     issue11_compute(R, rep)
     issue9(R, B, rep)
@@ -307,9 +320,9 @@ def report(rows, baseline_rows=(), source: str = "") -> tuple[str, Report]:
 
 
 def load_baseline(path) -> list[dict]:
-    """The baseline's rows, each carrying the file's ``source`` as ``meta``."""
+    """The baseline's rows, each carrying the file's ``source`` and ``device`` as ``meta``."""
     data, rows = read_rows(path, "baseline file")
-    src = dict(source=data.get("source")) if isinstance(data, dict) else {}
+    src = dict(source=data.get("source"), device=data.get("device")) if isinstance(data, dict) else {}
     return [dict(r, meta=src) for r in rows]
 
 

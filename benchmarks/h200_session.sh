@@ -195,6 +195,17 @@ R45P="gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120
 R45P="$R45P,deepseek-v3:4096,qwen3-30b-a3b:4096"
 
 case $WHAT in
+  r54-a)  # round 54, first: r53-d's layer / experts / patched-model tests natively (round 53's load, cast and
+    # to_empty changes, never GPU-run), then the large-size tests (rows, intermediate and split buffers, the gate's
+    # partial sums past 2^31 elements; round 54's int32 audit); with round 54's compile audit's tests
+    r42_prepare
+    step gpu-r54a 240 python -m pytest -q -p no:cacheprovider -p no:benchmark -rf --tb=short -n 8 --durations=8 \
+      tests/test_layer.py tests/test_quant_layer.py tests/test_audit53_lifecycle.py tests/experts \
+      tests/integrations/test_transformers_models.py tests/test_audit54_compile.py
+    step gpu-r54a-large 130 python -m pytest -q -p no:cacheprovider -p no:benchmark -rf --tb=short -m gpu \
+      --durations=8 tests/ops/test_audit54_large_gpu.py
+    grep -h "passed\|failed\|FAILED\|Error" "$OUT"/gpu-r54a*.log | tail -16
+    ;;
   r53-a)  # round 53, first: the kernel tests natively on this round's tree (round 51 changed the swigluoai and fp8
     # per-channel epilogues; no GPU has run them since), then round 51's epilogue beside round 50's tree (.ab/base/src,
     # `mkdir -p .ab/base && git archive 9d84a85 src | tar -x -C .ab/base`), gpt-oss-120b bf16, alternated twice

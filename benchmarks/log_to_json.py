@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 ROW = re.compile(r"^(?P<model>\S+)\s+T=\s*(?P<t>\d+) (?P<impl>moekit(?:-experts)?|baseline)\s+(?P<quant>\w+)\s+"
-                 r"(?P<us>[\d.]+) us\s+(?P<pct>[\d.]+)% roofline\s+(?P<tflops>[\d.]+) TFLOP/s\s*$")
+                 r"(?P<us>[\d.]+) us\s+(?P<pct>[\d.]+)% roofline\s+(?P<tflops>[\d.]+) TFLOP/s"
+                 r"(?:\s+(?P<mhz>[\d.]+) MHz)?\s*$")  # the SM clock a row logs since round 17 (``sm_mhz``)
 EAGER = re.compile(r"^(?P<model>\S+)\s+T=\s*(?P<t>\d+) (?P<impl>eager-\S+)\s+host\s+(?P<host>[\d.]+) us\s+"
                    r"gpu\s+(?P<us>[\d.]+) us")
 DEVICE = re.compile(r"^device (?P<name>.+?): copy (?P<copy>[\d.]+) TB/s, read (?P<read>[\d.]+) TB/s, bf16 matmul "
@@ -40,7 +41,8 @@ def parse(text: str) -> list[dict]:
             peak = meta.get("fp8_peak_TFLOPs" if m["quant"] == "fp8" else "bf16_peak_TFLOPs")
             rows.append(dict(model=m["model"], tokens=int(m["t"]), impl=m["impl"], quant=m["quant"],
                              us=float(m["us"]), pct_roofline=float(m["pct"]), tflops=float(m["tflops"]),
-                             peak_tflops=peak, device=meta.get("device")))
+                             peak_tflops=peak, device=meta.get("device"),
+                             sm_mhz=float(m["mhz"]) if m["mhz"] else None))
         elif m := EAGER.match(line):
             rows.append(dict(model=m["model"], tokens=int(m["t"]), impl=m["impl"], us=float(m["us"]),
                              host_us=float(m["host"]), device=meta.get("device")))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_float_dtype, check_device, check_int, check_tensor, declared_graph_safe
+from ._checks import as_float_dtype, check_device, check_int, declared_graph_safe
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
@@ -35,9 +35,10 @@ from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, release
                                    route_graphed, take_graphs, unpack_scores)
 from .experts.mapping import check_expert_mapping, load_layer_weights
 from .experts.routed import RoutedExperts
+from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned
+from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned, router_logits_for
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
 #: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
@@ -213,7 +214,8 @@ class MoERunner(torch.nn.Module):
         check_device("device", torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
         return super().cuda(device)
 
-    # -- forward ------------------------------------------------------------------------------
+    # -- forward (on a parallel layer, a rank's failure before the first collective reaches its peers: agreed_forward)
+    @agreed_forward
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -238,6 +240,7 @@ class MoERunner(torch.nn.Module):
         finally:
             release_graphs(graphs)
 
+    @agreed_forward
     def forward_with_scores(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
                             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`, and the routing weights it used: ``(out [..., H_in], topk_weights [T, K] float32)``, the
@@ -352,24 +355,7 @@ class MoERunner(torch.nn.Module):
         self.moe_config = getattr(self.routed_experts, "moe_config", self.moe_config)  # (params_dtype after a cast)
         return out
 
-    def _logits(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
-        if router_logits is None:
-            if self.gate is None:
-                raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
-            columns = self.router.num_logit_columns or self.router.global_num_experts
-            router_logits = returned("gate", self.gate(x), x.shape[0], (columns,))
-            if not router_logits.is_floating_point():
-                raise TypeError(f"gate returned router_logits of dtype {router_logits.dtype}; expected a float tensor")
-        else:
-            check_tensor("router_logits", router_logits)
-            if router_logits.dim() == 0:
-                columns = self.router.num_logit_columns or self.router.global_num_experts
-                raise ValueError(f"router_logits must have shape [T, E + Z] = [{x.shape[0]}, {columns}], got []")
-            if router_logits.dim() != 2:
-                router_logits = router_logits.reshape(-1, router_logits.shape[-1])
-        if self.router_logits_dtype is not None:
-            router_logits = router_logits.to(self.router_logits_dtype)
-        return router_logits
+    _logits = router_logits_for  # (x [T, H], router_logits [..., E + Z] or None) -> [T, E + Z]
 
     # -- weights ------------------------------------------------------------------------------
     def load_expert_weights(self, w13, w2, w13_bias=None, w2_bias=None, *, w13_scale=None, w2_scale=None,

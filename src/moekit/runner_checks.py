@@ -1,6 +1,7 @@
 """What the runner checks (shapes, dtypes, devices only: no host synchronisation), so nothing is silently
-broadcast: a forward's inputs, a module's returned tensor (or vLLM-style ``(output, bias)`` pair), and a gate
-``nn.Linear``'s sizes at construction. See :mod:`moekit.runner` for the shapes each module must return."""
+broadcast: a forward's inputs (the router logits it routes with included), a module's returned tensor (or
+vLLM-style ``(output, bias)`` pair), and a gate ``nn.Linear``'s sizes at construction. See :mod:`moekit.runner` for
+the shapes each module must return."""
 
 from __future__ import annotations
 
@@ -80,6 +81,34 @@ def check_routed_input(layer, x: torch.Tensor) -> None:
         )
     if x.device != w.device:
         raise ValueError(f"hidden_states is on {x.device} but the expert weights are on {w.device}")
+
+
+def router_logits_for(layer, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
+    """The logits a :class:`~moekit.MoERunner` routes with: ``router_logits`` [T, E + Z] (any leading dims flattened)
+    or, when None, ``layer.gate(x)`` checked to be a float ``[T, E + Z]``; cast to ``router_logits_dtype`` if set.
+
+    x: [T, H] what the gate reads; router_logits: [..., E + Z] float or None."""
+    if router_logits is None:
+        if layer.gate is None:
+            raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
+        router_logits = returned("gate", layer.gate(x), x.shape[0], (_columns(layer),))
+        if not router_logits.is_floating_point():
+            raise TypeError(f"gate returned router_logits of dtype {router_logits.dtype}; expected a float tensor")
+    else:
+        check_tensor("router_logits", router_logits)
+        if router_logits.dim() == 0:
+            raise ValueError(f"router_logits must have shape [T, E + Z] = [{x.shape[0]}, {_columns(layer)}], got []")
+        if router_logits.dim() != 2:
+            router_logits = router_logits.reshape(-1, router_logits.shape[-1])
+    if layer.router_logits_dtype is not None:
+        router_logits = router_logits.to(layer.router_logits_dtype)
+    return router_logits
+
+
+def _columns(layer) -> int:
+    """E + Z, the router's logit columns (looked up only where needed: ``layer.router`` is a module attribute, ~0.7 µs
+    a read, on the eager forward's path)."""
+    return layer.router.num_logit_columns or layer.router.global_num_experts
 
 
 def first_output(out):

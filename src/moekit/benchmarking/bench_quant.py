@@ -18,7 +18,13 @@ Roofline per point, with the format's bytes and peak::
     fp8, the bf16 matmul rate for the weight-only formats (their dot runs in bf16 after dequantisation)
 
 (the experts step reads ``T·K·8`` bytes of routing instead of the logits). Every row carries the peak
-it was measured against as ``peak_tflops``.
+it was measured against as ``peak_tflops``. ``U`` is counted, not expected: the distinct real experts of
+each input set's actual routing, averaged over the sets the graph replays (the experts the kernels read:
+an expert without rows gets no program). The floor is the problem's own traffic, so it leaves out what an
+implementation adds: the intermediate ``[T·K, I]`` rows, fp8's quantised activations and their scales,
+the fp32 slot rows of the top-k sum, and LongCat's zero slots (rewritten to expert 0 with weight 0: dead
+slots the align step drops, so no kernel reads expert 0 for them; ``U`` and ``S`` count real slots only).
+Scales and biases are counted with the weights (int4: bf16 scales, ``--dtype``'s size).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Two ways to time a call on a CUDA device, both reporting a median (robust to a s
 
 - :func:`time_graph`: ``n`` calls over ``R`` rotating input sets captured in ONE CUDA graph, replayed
   ``replays`` times; ``us = median(replay time) / n``. Launch overhead is gone and rotating inputs
-  keep the weights of one call from being served out of L2 by the previous one. This is what
+  keep the weights of one call from being served out of L2 by the previous one (no L2 flush between calls or
+  replays: the sets' weights must outgrow L2; the bench's smallest cycle, Qwen3-30B-A3B 4-bit at T = 1, touches
+  ~20 MB per call, ~80 MB over its 4 sets, against the H100 / H200's 50 MB L2). This is what
   ``moekit bench`` and ``moekit tune`` report. (``triton.testing.do_bench_cudagraph`` times one
   closure without rotating inputs, so it is not used.)
 - :func:`time_events`: CUDA events around each eager call (host syncs and collectives included),

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_callable
+from ..ops.experts import compiled_chunks
 
 #: bytes of slot rows (and their float32 copies) one chunk of tokens holds
 NORM_WORKSPACE_BYTES = 1024**3
@@ -58,19 +59,25 @@ def normed_experts(run: Callable, norm, x: torch.Tensor, topk_weights: torch.Ten
     t, k = topk_ids.shape
     h = x.shape[-1]
     per_expert = getattr(norm, "per_expert", False)
-    out = torch.empty_like(x)
-    chunk = max(1, NORM_WORKSPACE_BYTES // (k * h * (2 * x.element_size() + 12)))
-    for start in range(0, t, chunk):
-        stop = min(start + chunk, t)
-        ids = topk_ids[start:stop].reshape(-1, 1)
-        rows = x[start:stop].repeat_interleave(k, dim=0) if k > 1 else x[start:stop]
+
+    def one(xc, wc, ic):  # a chunk of tokens -> [Tc, H]
+        ids = ic.reshape(-1, 1)
+        rows = xc.repeat_interleave(k, dim=0) if k > 1 else xc
         y = run(rows, torch.ones(ids.shape, dtype=torch.float32, device=x.device), ids)
         if per_expert:
             flat = ids.reshape(-1).long()
             y = norm(y, flat if p2l is None else p2l[flat])
         else:
             y = norm(y)
-        w = topk_weights[start:stop].float().unsqueeze(-1)
-        slots = (y.float().reshape(stop - start, k, h) * w).masked_fill_(w == 0, 0.0)
-        out[start:stop] = slots.sum(dim=1).to(x.dtype)
+        w = wc.float().unsqueeze(-1)
+        slots = (y.float().reshape(xc.shape[0], k, h) * w).masked_fill_(w == 0, 0.0)
+        return slots.sum(dim=1).to(x.dtype)
+
+    chunk = max(1, NORM_WORKSPACE_BYTES // (k * h * (2 * x.element_size() + 12)))
+    if torch.compiler.is_compiling():  # guards on T <= chunk (and powers of two above), not on T itself
+        return compiled_chunks(one, chunk, x, topk_weights, topk_ids)
+    out = torch.empty_like(x)
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        out[start:stop] = one(x[start:stop], topk_weights[start:stop], topk_ids[start:stop])
     return out

@@ -20,3 +20,10 @@ def direct_call_ok(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
         return False
     return _dispatch_depth is not None and _dispatch_depth() == 0  # unknown torch: the op, always
+
+
+def unit_rows(*tensors):
+    """Each tensor (or None) with a unit last-dimension stride (``contiguous()``; the same tensor when it already is):
+    the kernels index rows as ``base + row · stride(0) + col``. The custom ops' bodies call it, so a direct
+    ``torch.ops.moekit.*`` call with a transposed view is right, not read with the wrong strides (round 54)."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)

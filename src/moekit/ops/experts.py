@@ -26,6 +26,7 @@ from .._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    host_sync_allowed,
     values_checkable,
 )
 from .activation import apply_activation_torch, check_swiglu_limit, get_activation
@@ -45,6 +46,24 @@ def chunk_tokens(total: int, most: int) -> int:
     most = max(1, min(total, most))
     chunks = -(-total // most)
     return max(1, -(-total // chunks))
+
+
+def compiled_chunks(run, most: int, x: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+    """The dense loops' chunks (torch.compile, a CUDA graph capture): ``run(x, *rows)`` (``[Tc, ...]`` each ->
+    ``[Tc, W]``) in one call for T <= ``most`` tokens, else in n chunks of ceil(T / n) <= ``most`` tokens, n the power
+    of two with n/2 · most < T <= n · most; the inputs are padded by fewer than n rows of zeros (zero tokens of
+    weight 0 routed to id 0: rows independent of the real ones, computed (the weight-on-input path and the output norm
+    run them) and cut from the output). A symbolic T is guarded only against those bounds: one graph per power of two.
+    (A loop ``range(0, T, chunk)`` guarded on T itself: a graph per T, and a fullgraph compile failed at the 9th T.)"""
+    t = x.shape[0]
+    if t <= most:
+        return run(x, *rows)
+    n = 2
+    while n * most < t:
+        n *= 2
+    size = (t + n - 1) // n
+    parts = [torch.nn.functional.pad(v, (0, 0, 0, n * size - t)).view(n, size, v.shape[1]) for v in (x, *rows)]
+    return torch.cat([run(*(v[i] for v in parts)) for i in range(n)])[:t]
 
 
 @dataclass(frozen=True)
@@ -230,7 +249,8 @@ def experts_reference(
     token of the chunk, the result kept only in the slots routed to it. It computes the same slot
     values with the same precision steps and sums the slots in the same order, so it matches eager up
     to GEMM blocking; it costs ``E_local`` times the FLOPs, acceptable for the reference backend (fast
-    compiled layers use the Triton backend). The value checks are skipped while compiling.
+    compiled layers use the Triton backend). The value checks are skipped while compiling. The same holds while a CUDA
+    graph is captured (:func:`~moekit._checks.host_sync_allowed`), which refuses the eager loop's host reads.
     """
     p = ExpertsProblem.of(x, w2, topk_ids, expert_map, get_activation(activation).name)
     check_ids_in_range(topk_ids, p.num_global, expert_map)
@@ -242,14 +262,15 @@ def experts_reference(
     per_token = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16
     chunk = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     local_map = expert_map.long() if expert_map is not None else None
-    run_chunk = _experts_chunk_dense if torch.compiler.is_compiling() else _experts_chunk
+    # the eager loop reads each expert's count on the host: not while compiling or capturing a CUDA graph
+    run_chunk = _experts_chunk if host_sync_allowed() else _experts_chunk_dense
     if run_chunk is _experts_chunk_dense:
         most = max(1, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
-        if p.num_tokens <= most:  # one guard (T <= most), not T itself: one graph serves every T up to the bound
-            # (the chunk loop below specialises on T: fullgraph compiles hit the recompile limit at the 9th T)
-            return run_chunk(x, w1, w2, topk_weights, topk_ids, p, apply_router_weight_on_input, w1_bias, w2_bias,
-                             local_map, swiglu_limit)
-        chunk = chunk_tokens(p.num_tokens, most)
+        run = lambda xc, wc, ic: run_chunk(xc, w1, w2, wc, ic, p, apply_router_weight_on_input,  # noqa: E731
+                                           w1_bias, w2_bias, local_map, swiglu_limit)
+        # one guard (T <= most), not T itself: one graph serves every T up to the bound; above it, one per power of two
+        # of the chunk count (the chunk loop below specialises on T: fullgraph compiles hit the recompile limit)
+        return compiled_chunks(run, most, x, topk_weights, topk_ids)
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
         out[start:stop] = run_chunk(

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_tensor
+from .._checks import check_tensor, host_sync_allowed
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
 from .experts import (DEFAULT_WORKSPACE_BYTES, check_expert_map_range, check_experts_inputs, check_ids_in_range,
-                      chunk_tokens)
+                      chunk_tokens, compiled_chunks)
 from .formats import Fp8BlockFormat, WeightFormat
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights, dequantize_weight
@@ -132,7 +132,7 @@ def fused_experts_quant_torch(
     out = torch.empty_like(hidden_states)
     if p.num_tokens == 0:
         return out
-    compiling = torch.compiler.is_compiling()
+    compiling = not host_sync_allowed()  # torch.compile or a CUDA graph capture: no host reads (unique, float)
     static = (None, None)
     if w13_input_scale is not None:  # static fp8 inputs: the largest scale over experts (SPEC §8)
         static = (w13_input_scale.max(), w2_input_scale.max())  # 0-d tensors: no host read (compile traces them)
@@ -148,8 +148,8 @@ def fused_experts_quant_torch(
     if compiling:  # the dense formulation (no data-dependent expert set); one chunk up to the bound: one guard
         run = _token_chunk_dense
         most = max(1, workspace_bytes // (per_token + 4 * (2 * hidden + rows + 2 * inter)))  # + one expert's rows
-        if p.num_tokens <= most:
-            return run(hidden_states, topk_weights, topk_ids, local_map, experts, apply_router_weight_on_input)
+        return compiled_chunks(lambda xc, wc, ic: run(xc, wc, ic, local_map, experts, apply_router_weight_on_input),
+                               most, hidden_states, topk_weights, topk_ids)  # guards at powers of two, not on T
     step = chunk_tokens(p.num_tokens, most)
     for lo in range(0, p.num_tokens, step):
         hi = min(lo + step, p.num_tokens)

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from ._device import KERNEL_OPTIONS, interpreting as _interpreting, major as _major, pdl_ok as _pdl_ok
-from ._eager import direct_call_ok
+from ._eager import direct_call_ok, unit_rows
 from . import gluon_experts, gluon_w4
 from ._triton import align, combine as combine_k, epilogue, grouped_gemm, rows as rows_k
 from .activation import effective_limit, get_activation
@@ -90,6 +90,8 @@ def fused_experts_op(
 ) -> torch.Tensor:
     """``torch.library`` op around :func:`fused_experts_impl`, so that torch.compile(fullgraph=True)
     traces through it and CUDA graphs capture it."""
+    hidden_states, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias, expert_map = unit_rows(
+        hidden_states, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias, expert_map)
     return fused_experts_impl(
         hidden_states, w1, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input,
         w1_bias, w2_bias, expert_map, swiglu_limit,
@@ -98,7 +100,7 @@ def fused_experts_op(
 
 @fused_experts_op.register_fake
 def _fused_experts_fake(hidden_states, *args):
-    return torch.empty_like(hidden_states)
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 def fused_experts_impl(
@@ -141,7 +143,7 @@ def fused_experts_impl(
     elif quant is None:
         check_config(config)
     chunk = chunk_size(t, h, inter, k, e_local, x.element_size(), config, quant, workspace_bytes,
-                       half=x.dtype == torch.float16)
+                       half=x.dtype == torch.float16, gated=act.gated)
     if chunk >= t:  # one chunk (every eager decode call): no slicing
         _run_chunk(x, w1, w2, topk_weights, topk_ids, out, act, on_input, w1_bias, w2_bias, expert_map,
                    swiglu_limit, config, warmup, quant)
@@ -158,11 +160,11 @@ def fused_experts_impl(
 
 
 def chunk_size(t: int, h: int, inter: int, k: int, e_local: int, elt: int, config: dict, quant=None,
-               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, half: bool = False) -> int:
+               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, half: bool = False, gated: bool = True) -> int:
     """Tokens per chunk of a ``t``-token call whose scratch must stay under ``workspace_bytes``
     (:func:`~moekit.ops.experts.chunk_tokens`: the fewest equal chunks). ``elt``: the activations' element size;
     ``quant``: the :class:`~moekit.ops.triton_experts_quant.QuantLaunch` (its own buffers per token); ``half``:
-    fp16 activations (the slot rows in float32)."""
+    fp16 activations (the slot rows in float32); ``gated``: the activation's (``w13_split`` splits gated ones only)."""
     # scratch per token: inter rows + part rows (top-k > 1; float32 for fp16 activations) (+ ints); the padding rows
     # are a fixed extra
     rows = inter + (h if config.get("gather_pass") else 0)  # the inter row (+ the pre-gathered input row)
@@ -172,6 +174,11 @@ def chunk_size(t: int, h: int, inter: int, k: int, e_local: int, elt: int, confi
     if quant is not None:
         per_token += quant.bytes_per_token(h, inter, k, bool(config.get("w13", {}).get("gluon_ws", 0)))
         fixed *= 2
+    # config "w13_split": the fp32 gate | up rows [rows, 2I] before the epilogue pass (uncounted, they took up to 4x
+    # the bound: 19.7 GB at K = 1, I = 8192, T = 300K)
+    split = 8 * inter if config.get("w13_split") and gated else 0
+    per_token += k * split
+    fixed += e_local * int(config["BLOCK_M"]) * split
     return chunk_tokens(t, (workspace_bytes - fixed) // per_token)
 
 

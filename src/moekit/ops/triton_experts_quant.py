@@ -36,7 +36,7 @@ import torch
 import triton
 
 from ._device import interpreting as _interpreting, major as _major
-from ._eager import direct_call_ok
+from ._eager import direct_call_ok, unit_rows
 from ._triton import quant as qk
 from .activation import get_activation
 from .config_keys import check_config
@@ -280,6 +280,8 @@ def fused_experts_quant_op(
     few fp8 ops, and opcheck's schema check multiplies inputs). The format travels as ``fmt_name`` + ``block_n`` /
     ``block_k`` (fp8 block; int4: ``block_k`` = group size), ``ue8m0``, ``per_tensor``, ``relaid`` (4-bit words in
     the register-operand layout); static fp8 inputs are implied by the input scales."""
+    (hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w1_bias, w2_bias, expert_map) = unit_rows(
+        hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w1_bias, w2_bias, expert_map)
     static = w13_input_scale is not None
     code = _CODES[fmt_name]
     if code <= 2:  # fp8 weights arrive as their bytes (uint8 views)
@@ -294,7 +296,7 @@ def fused_experts_quant_op(
 
 @fused_experts_quant_op.register_fake
 def _fused_experts_quant_fake(hidden_states, *args):
-    return torch.empty_like(hidden_states)
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 def fused_experts_quant_impl(x, w13, w2, topk_weights, topk_ids, spec: QuantSpec, w13_scale, w2_scale,

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from ._device import KERNEL_OPTIONS, interpreting
-from ._eager import direct_call_ok
+from ._eager import direct_call_ok, unit_rows
 from ._triton.gate import gate_kernel, gate_sum_kernel
 
 #: the H step of every gate launch and the columns of one chunk of H (fixed: the order of a row's sums, SPEC §9)
@@ -42,7 +42,7 @@ def router_gate_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def router_gate_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    out_dtype: torch.dtype) -> torch.Tensor:
     """``torch.library`` op around :func:`router_gate_impl` (torch.compile traces it, CUDA graphs capture it)."""
-    return router_gate_impl(x, weight, bias, out_dtype)
+    return router_gate_impl(*unit_rows(x, weight, bias), out_dtype)
 
 
 @router_gate_op.register_fake

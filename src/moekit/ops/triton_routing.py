@@ -27,7 +27,7 @@ import torch
 import triton
 
 from ._device import KERNEL_OPTIONS, pdl_ok
-from ._eager import direct_call_ok
+from ._eager import direct_call_ok, unit_rows
 from ._triton.topk import SCORE_CODES, route_kernel
 from .routing import TopKSpec, check_input_ids_range, hash_route_torch, host_sync_allowed
 
@@ -94,6 +94,7 @@ def route_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.library`` op around :func:`route_impl`, so that torch.compile(fullgraph=True) traces
     through it and CUDA graphs capture it."""
+    gating_output, bias = unit_rows(gating_output, bias)
     return route_impl(
         gating_output, bias, top_k, scoring_func, renormalize, routed_scaling_factor, num_expert_group,
         topk_group, ids_dtype,

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from ._device import KERNEL_OPTIONS, interpreting
-from ._eager import direct_call_ok
+from ._eager import direct_call_ok, unit_rows
 from ._triton.zero import zero_combine_kernel, zero_slots_kernel
 
 #: columns per program
@@ -39,12 +39,14 @@ def zero_slots_triton(hidden_states: torch.Tensor, topk_weights: torch.Tensor, t
 def zero_slots_op(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.library`` op around :func:`zero_slots_impl` (torch.compile traces it, CUDA graphs capture it)."""
-    return zero_slots_impl(hidden_states, topk_weights, topk_ids, num_experts)
+    return zero_slots_impl(*unit_rows(hidden_states, topk_weights, topk_ids), num_experts)
 
 
 @zero_slots_op.register_fake
 def _zero_slots_fake(hidden_states, topk_weights, topk_ids, num_experts):
-    return (torch.empty_like(topk_weights, dtype=torch.float32), torch.empty_like(topk_ids),
+    c = torch.contiguous_format  # what the launcher returns, whatever the inputs' strides
+    return (torch.empty_like(topk_weights, dtype=torch.float32, memory_format=c),
+            torch.empty_like(topk_ids, memory_format=c),
             hidden_states.new_empty(hidden_states.shape, dtype=torch.float32))
 
 
@@ -73,7 +75,7 @@ def zero_combine_triton(routed: torch.Tensor, zero: torch.Tensor | None, scale: 
 @torch.library.custom_op("moekit::zero_combine", mutates_args=())
 def zero_combine_op(routed: torch.Tensor, zero: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """``torch.library`` op around :func:`zero_combine_impl`."""
-    return zero_combine_impl(routed, zero, scale)
+    return zero_combine_impl(*unit_rows(routed, zero), scale)
 
 
 @zero_combine_op.register_fake

@@ -20,6 +20,7 @@ from .eplb_state import EplbState, replica_hash
 from .executor import ParallelExecutor
 from ..experts.placement import PLACEMENT_STRATEGIES, ExpertPlacement, initial_physical_to_logical, local_physical_ids
 from .rebalance import rebalance, rebalance_layer
+from .sync import PeerFailed
 
 __all__ = [
     "AllGatherDispatcher",
@@ -29,6 +30,7 @@ __all__ = [
     "ExpertPlacement",
     "PLACEMENT_STRATEGIES",
     "ParallelExecutor",
+    "PeerFailed",
     "assign_slots",
     "balanced_packing",
     "balancing_policy",

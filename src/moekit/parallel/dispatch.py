@@ -6,7 +6,8 @@ Each of the ``W`` ranks of ``ep_group`` holds ``T_r`` tokens (any, 0 included) w
 
 - :func:`compute_layout` — once per forward: sorts the live ``(t, k)`` slots by destination rank and
   all-gathers ``[T_r, rows to each rank]`` (one small collective; every rank then knows every split
-  size and ``max_r T_r``, so all ranks take the same branch and chunking).
+  size and ``max_r T_r``, so all ranks take the same branch and chunking). The first collective of every EP
+  forward, whatever the dispatcher: a rank that failed before it sends a flag there (:mod:`.agree`).
 - :class:`AllToAllDispatcher` — one row per live ``(t, k)`` slot goes to its expert's rank
   (``all_to_all_single`` with split sizes); the experts there run each row with weight 1 (output in
   the input dtype, exactly the single-GPU slot output); the rows come back along the same layout and
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .agree import check_flags
 from .comm import all_gather_into, all_to_all_rows, reduce_scatter_into
 
 #: Combine scratch bound for the all-to-all path ([tokens, K, H] fp32 blocks), bytes.
@@ -71,8 +73,12 @@ def live_slots(topk_weights: torch.Tensor, on_input: bool) -> torch.Tensor:
 
 
 def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank: int, world: int,
-                   on_input: bool) -> Layout:
-    """topk_weights: [T, K] float; topk_ids: [T, K] int physical ids; owner_rank: [P] int64 on the device."""
+                   on_input: bool, joining=None) -> Layout:
+    """Every rank's ``[T_r, rows to rank 0..W-1]`` (one all-gather) and this rank's send order. A rank that failed
+    before it sent ``T_r < 0`` (:mod:`moekit.parallel.agree`): the others raise ``PeerFailed`` right after the gather.
+
+    topk_weights: [T, K] float; topk_ids: [T, K] int physical ids; owner_rank: [P] int64 on the device; joining:
+    called just before the gather (the executor's mark that this rank joined its first EP collective) or None."""
     t = topk_ids.shape[0]
     dest = owner_rank[topk_ids.reshape(-1).long()]
     key = torch.where(live_slots(topk_weights, on_input), dest, torch.full_like(dest, world))
@@ -83,8 +89,11 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
     meta[0] = t
     meta = meta[: world + 1]
     everyone = meta.new_empty(world * (world + 1))
+    if joining is not None:
+        joining()
     all_gather_into(everyone, meta, group)
     m = everyone.view(world, world + 1).tolist()
+    check_flags([row[0] for row in m], group, "EP", "before the dispatch")
     send = m[rank][1:]
     return Layout(
         num_tokens=t,

@@ -21,11 +21,16 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
   error) and leaves the other ranks hanging; NCCL may hang or reduce garbage. Set
   ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``, read when the layer
   is built) while debugging: every forward then all-gathers ``T`` over the TP group first and every rank raises the
-  same ``ValueError`` listing the counts. Decision (issue #12): off by default, because it adds a
-  collective and a host synchronisation to every forward (which CUDA graphs cannot capture); measured
-  on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the
+  same ``ValueError`` listing the counts (on an EP x TP grid their EP peers raise ``PeerFailed``). It also makes
+  every rank raise when one fails before the forward's first collective (:mod:`.agree`). Decision (issue #12): off
+  by default, because it adds a collective and a host synchronisation to every forward (which CUDA graphs cannot
+  capture); measured on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the
   forward of a small layer (T=16, H=64, E=8) -- too much to pay on every forward by default.
-- With EPLB the per-expert load is recorded here (live slots only), once per forward.
+- With EPLB the per-expert load is recorded here (live slots only), once per forward, after the first EP collective
+  (a forward that raised on a rank records nothing on any rank).
+- A rank that raises before the forward's first collective (its own input, routing, unloaded weights) still joins
+  it with a failure flag, so every rank raises instead of waiting until the group's timeout (:mod:`.agree`, which
+  also lists what that does not cover: the TP all-reduce carries no flag).
 - A state dict the experts load (inside the layer or on their own) may carry a placement an EPLB rebalance moved:
   the EPLB routing maps follow it; a layer without EPLB refuses it (``ValueError``: it routes to the initial slots).
 """
@@ -36,6 +41,7 @@ import os
 
 import torch
 
+from .agree import ForwardGuard, check_flags, failure_flag, flag_gather
 from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
 from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
@@ -75,6 +81,7 @@ class ParallelExecutor:
         #: all-gather T over the TP group before each forward and raise on a mismatch (module docstring)
         self.check_tp_tokens = os.environ.get("MOEKIT_CHECK_TP_TOKENS", "") not in ("", "0")
         self._owner_rank: torch.Tensor | None = None
+        self._pending: list[str] | None = None  # inside a guarded forward: the flag-carrying gathers not joined yet
         # a state dict's placement, however it reaches the experts: checked first, then the routing follows it
         watch_placement(experts, eplb_state)
 
@@ -104,17 +111,58 @@ class ParallelExecutor:
             self._owner_rank = torch.tensor(owners, dtype=torch.int64, device=device)
         return self._owner_rank
 
+    def first_collectives(self) -> tuple[str, ...]:
+        """The flag-carrying gathers of a forward, in its order (:mod:`.agree`): ``"tp"`` (the TP token check, when
+        on) and ``"ep"`` (the EP layout); none on a TP-only layer without the check."""
+        return (("tp",) if self.check_tp_tokens and self.tp_size > 1 else ()) + (("ep",) if self.ep_size > 1 else ())
+
+    def forward_guard(self) -> ForwardGuard | None:
+        """A :class:`~moekit.parallel.agree.ForwardGuard` for a forward about to start, or None (no flag-carrying
+        collective, or a guarded forward already running: the outer guard answers)."""
+        if self._pending is not None:
+            return None
+        firsts = self.first_collectives()
+        return ForwardGuard(self, firsts) if firsts else None
+
+    def _joining(self, name: str) -> None:
+        """This rank enters the flag-carrying gather ``name`` (a failure from here on does not join it again)."""
+        if self._pending and name in self._pending:
+            self._pending.remove(name)
+
+    def join_failed(self, pending: list[str], err: Exception) -> None:
+        """This rank failed before the gathers ``pending``: join each, in order, with ``err``'s flag (its peers raise
+        ``PeerFailed`` there). A gather that fails itself ends this (noted on ``err``, which the caller raises)."""
+        flag, device = failure_flag(err), self.experts.w13_weight.device
+        for name in pending:
+            group, size, width = (self.tp_group, self.tp_size, 1) if name == "tp" else \
+                (self.ep_group, self.ep_size, self.ep_size + 1)
+            try:
+                flag_gather(group, size, width, flag, device)
+            except Exception as gather_err:  # noqa: BLE001 - the rank's own error is the one to raise
+                err.add_note(f"moekit: telling the {name.upper()} peers of this failure failed too: {gather_err!r}")
+                return
+
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        guard = self.forward_guard()  # a direct call's own failures are agreed too (inside a layer's forward: no-op)
+        if guard is None:
+            return self._run(x, topk_weights, topk_ids)
+        with guard:
+            return self._run(x, topk_weights, topk_ids)
+
+    def _run(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         experts = self.experts
         experts.check_loaded()  # before any collective
         if self.check_tp_tokens and self.tp_size > 1:
             self.check_same_tokens(x)
         on_input = experts.moe_config.apply_router_weight_on_input
-        if self.eplb_state is not None:
-            self.eplb_state.record(topk_ids, topk_weights, on_input)
         if self.ep_size > 1:
-            out = self.run_ep(x, topk_weights, topk_ids, experts, on_input)
+            layout = self.layout(topk_weights, topk_ids, x.device, on_input)
+            if self.eplb_state is not None:  # after the gather: a forward that raised anywhere records nothing
+                self.eplb_state.record(topk_ids, topk_weights, on_input)
+            out = self.run_ep(x, topk_weights, topk_ids, experts, on_input, layout=layout)
         else:
+            if self.eplb_state is not None:
+                self.eplb_state.record(topk_ids, topk_weights, on_input)
             out = experts(x, topk_weights, topk_ids)
         if self.tp_size > 1 and out.numel():
             all_reduce_sum(out, self.tp_group)
@@ -125,19 +173,29 @@ class ParallelExecutor:
         all-gather of ``T`` and a host synchronisation)."""
         mine = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
         every = torch.empty(self.tp_size, dtype=torch.int64, device=x.device)
+        self._joining("tp")
         all_gather_into(every, mine, self.tp_group)
         counts = every.tolist()
+        check_flags(counts, self.tp_group, "TP", "before the TP token check")
         if len(set(counts)) > 1:
             raise ValueError(
                 f"the ranks of tp_group were fed different token counts {counts} (by TP rank); every rank of a "
                 "tensor-parallel group must hold the same tokens (see docs/parallel.md)"
             )
 
-    def run_ep(self, x, topk_weights, topk_ids, experts, on_input: bool, mode: str | None = None) -> torch.Tensor:
-        """Dispatch, run ``experts(x, weights, ids)`` on what arrives, combine. ``mode`` overrides."""
-        layout = compute_layout(
-            topk_weights, topk_ids, self.owner_rank(x.device), self.ep_group, self.ep_rank, self.ep_size, on_input
-        )
+    def layout(self, topk_weights, topk_ids, device, on_input: bool):
+        """The forward's :class:`~moekit.parallel.dispatch.Layout` over ``ep_group`` (one all-gather: this rank's first
+        EP collective, where a peer's failure flag is read).
+
+        topk_weights: [T, K] float32; topk_ids: [T, K] int physical ids; device: theirs."""
+        return compute_layout(topk_weights, topk_ids, self.owner_rank(device), self.ep_group, self.ep_rank,
+                              self.ep_size, on_input, joining=lambda: self._joining("ep"))
+
+    def run_ep(self, x, topk_weights, topk_ids, experts, on_input: bool, mode: str | None = None,
+               layout=None) -> torch.Tensor:
+        """Dispatch, run ``experts(x, weights, ids)`` on what arrives, combine. ``mode`` overrides; ``layout``: the
+        forward's, if computed already (:meth:`layout`)."""
+        layout = layout if layout is not None else self.layout(topk_weights, topk_ids, x.device, on_input)
         m = layout.max_tokens
         if m == 0:
             return torch.zeros_like(x)

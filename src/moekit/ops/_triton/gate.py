@@ -63,8 +63,10 @@ def gate_sum_kernel(
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = rn < N
     acc = tl.zeros([BN], dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * stride_ps + t * stride_pt + rn, mask=nmask, other=0.0)
+    p = part_ptr + t * stride_pt + rn
+    for _ in range(0, S):  # a pointer step per chunk: s · stride_ps (int32) wrapped at (S - 1)·rows·N >= 2^31
+        acc += tl.load(p, mask=nmask, other=0.0)
+        p += stride_ps
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + rn, to_dt(acc, out_ptr.dtype.element_ty, INTERP), mask=nmask)
