@@ -195,6 +195,15 @@ R45P="gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120
 R45P="$R45P,deepseek-v3:4096,qwen3-30b-a3b:4096"
 
 case $WHAT in
+  r54-b)  # round 54, when little device time is left: r54-a cut down (round 53's load / cast / to_empty tests, the
+    # quantised layer and experts tests natively; then the large-size tests)
+    r42_prepare
+    step gpu-r54b 170 python -m pytest -q -p no:cacheprovider -p no:benchmark -rf --tb=short -n 8 --durations=5 \
+      tests/test_audit53_lifecycle.py tests/test_quant_layer.py tests/experts
+    step gpu-r54b-large 120 python -m pytest -q -p no:cacheprovider -p no:benchmark -rf --tb=short -m gpu \
+      --durations=8 tests/ops/test_audit54_large_gpu.py
+    grep -h "passed\|failed\|FAILED\|Error" "$OUT"/gpu-r54b*.log | tail -16
+    ;;
   r54-a)  # round 54, first: r53-d's layer / experts / patched-model tests natively (round 53's load, cast and
     # to_empty changes, never GPU-run), then the large-size tests (rows, intermediate and split buffers, the gate's
     # partial sums past 2^31 elements; round 54's int32 audit); with round 54's compile audit's tests
