@@ -74,8 +74,8 @@ def normed_experts(run: Callable, norm, x: torch.Tensor, topk_weights: torch.Ten
         return slots.sum(dim=1).to(x.dtype)
 
     chunk = max(1, NORM_WORKSPACE_BYTES // (k * h * (2 * x.element_size() + 12)))
-    if torch.compiler.is_compiling():  # guards on T <= chunk (and powers of two above), not on T itself
-        return compiled_chunks(one, chunk, x, topk_weights, topk_ids)
+    if t <= chunk or torch.compiler.is_compiling():  # one call (no copy into `out`); compiling: guards on T <= chunk
+        return compiled_chunks(one, chunk, x, topk_weights, topk_ids)  # and powers of two above it, not on T itself
     out = torch.empty_like(x)
     for start in range(0, t, chunk):
         stop = min(start + chunk, t)

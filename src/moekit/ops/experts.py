@@ -262,18 +262,16 @@ def experts_reference(
     per_token = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16
     chunk = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     local_map = expert_map.long() if expert_map is not None else None
-    # the eager loop reads each expert's count on the host: not while compiling or capturing a CUDA graph
-    run_chunk = _experts_chunk if host_sync_allowed() else _experts_chunk_dense
-    if run_chunk is _experts_chunk_dense:
+    if not host_sync_allowed():  # compiling or capturing a CUDA graph: the eager loop's host reads are refused
         most = max(1, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
-        run = lambda xc, wc, ic: run_chunk(xc, w1, w2, wc, ic, p, apply_router_weight_on_input,  # noqa: E731
-                                           w1_bias, w2_bias, local_map, swiglu_limit)
         # one guard (T <= most), not T itself: one graph serves every T up to the bound; above it, one per power of two
         # of the chunk count (the chunk loop below specialises on T: fullgraph compiles hit the recompile limit)
-        return compiled_chunks(run, most, x, topk_weights, topk_ids)
+        return compiled_chunks(lambda xc, wc, ic: _experts_chunk_dense(
+            xc, w1, w2, wc, ic, p, apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit),
+            most, x, topk_weights, topk_ids)
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
-        out[start:stop] = run_chunk(
+        out[start:stop] = _experts_chunk(
             x[start:stop], w1, w2, topk_weights[start:stop], topk_ids[start:stop], p,
             apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit,
         )

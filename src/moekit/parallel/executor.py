@@ -155,14 +155,12 @@ class ParallelExecutor:
         if self.check_tp_tokens and self.tp_size > 1:
             self.check_same_tokens(x)
         on_input = experts.moe_config.apply_router_weight_on_input
-        if self.ep_size > 1:
-            layout = self.layout(topk_weights, topk_ids, x.device, on_input)
-            if self.eplb_state is not None:  # after the gather: a forward that raised anywhere records nothing
-                self.eplb_state.record(topk_ids, topk_weights, on_input)
+        layout = self.layout(topk_weights, topk_ids, x.device, on_input) if self.ep_size > 1 else None
+        if self.eplb_state is not None:  # after the EP gather: a forward that raised on any rank records nothing
+            self.eplb_state.record(topk_ids, topk_weights, on_input)
+        if layout is not None:
             out = self.run_ep(x, topk_weights, topk_ids, experts, on_input, layout=layout)
         else:
-            if self.eplb_state is not None:
-                self.eplb_state.record(topk_ids, topk_weights, on_input)
             out = experts(x, topk_weights, topk_ids)
         if self.tp_size > 1 and out.numel():
             all_reduce_sum(out, self.tp_group)
