@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 import access_probe as ap  # benchmarks/ (on the test path)
 
 
+@pytest.mark.interpreter  # CPU tensors through the Triton probe (a GPU host runs it only with TRITON_INTERPRET=1)
 @pytest.mark.parametrize("box", ap.BOXES)
 def test_sums_every_box(box):
     # 3 programs of 64 rows x 2048 bytes (the DeepSeek-V3 w2 program; of 128 / 256 rows for the w13 boxes), bytes up

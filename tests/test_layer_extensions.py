@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import moekit
 
 H, HL, I, E, K, T = 16, 12, 8, 6, 2, 9
+# the Triton backend's cases build CPU layers: the interpreter (a GPU host runs them only with TRITON_INTERPRET=1)
+TRITON_CPU = pytest.param("triton", marks=pytest.mark.interpreter)
 
 
 def _weights(e, h, i, seed=0):
@@ -58,7 +60,7 @@ def test_final_output_transform_after_the_shared_sum():
         torch.testing.assert_close(layer(h, logits), final(plain(h, logits) + shared(h)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
 def test_routed_shared_experts_jointly_normalised(backend):
     # Inkling: S shared experts with their own logits, always selected; w = σ(l) / (Σ_topk σ + Σ_shared σ) · scale
     s_n, scale = 2, 3.0
@@ -111,7 +113,7 @@ class _PerExpertNorm(torch.nn.Module):
 
 
 @pytest.mark.parametrize("per_expert", [False, True], ids=["one_norm", "per_expert"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
 def test_expert_output_norm_before_the_routing_weight(backend, per_expert):
     # each expert's output rows are normalised before the routing weight, on every backend (Triton: the
     # interpreter on CPU), against the per-token formula in float64; T = 9 tokens, K = 2 of E = 6
@@ -198,6 +200,7 @@ def test_expert_output_norm_refuses_tensor_parallelism():
         RoutedExperts("l", torch.float32, layer.moe_config, placement=tp, expert_output_norm=_Norm())
 
 
+@pytest.mark.interpreter
 def test_graphs_hold_only_graph_safe_norms():
     # the layer's internal CUDA graphs capture an expert output norm only when its class declares
     # _moekit_graph_safe (moekit's RMSNorm / ExpertRMSNorm), watch it, and see its parameters' grad
@@ -241,6 +244,7 @@ def test_expert_output_norm_refuses_weights_on_the_input():
         moekit.FusedMoE(E, 1, H, I, expert_output_norm=_Norm(), apply_router_weight_on_input=True)
 
 
+@pytest.mark.interpreter  # its Triton layers are CPU ones
 @pytest.mark.parametrize("act,limit", [("silu_post_clamp", 0.4), ("softcap_swiglu", None)])
 def test_new_activations_through_the_layer(act, limit):
     # the layer with each new activation, torch and Triton (interpreter on CPU) against the per-token formula

@@ -57,7 +57,8 @@ def split_list(text: str) -> list[str]:
 
 
 def int_list(text: str) -> list[int]:
-    """Comma-separated integers in [1, :data:`MAX_TOKENS`], e.g. token counts."""
+    """Comma-separated integers in [1, :data:`MAX_TOKENS`], e.g. token counts; each once, in first-seen order (a
+    token count given twice was timed twice)."""
     try:
         values = [int(v) for v in split_list(text)]
     except ValueError:
@@ -65,7 +66,7 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1 or max(values) > MAX_TOKENS:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (at most {MAX_TOKENS}), "
                                          f"got {text!r}")
-    return values
+    return list(dict.fromkeys(values))
 
 
 def choice_list(choices, what: str = "names"):

@@ -36,8 +36,9 @@ import sys
 import torch
 
 from ._argparse import (OneLineParser, fraction, int_list, non_negative_float, positive_float, positive_int,
-                        split_list, unwritable_folder)
+                        unwritable_folder)
 from ._checks import DTYPE_SHORT, check_device
+from .benchmarking.cli_args import model_list, point_list
 from .ops.triton_configs import ConfigFileError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -60,34 +61,6 @@ def package_version() -> str:
     if installed is None or (running is not None and running != installed):
         return running or "unknown"
     return installed
-
-
-def model_list(text: str) -> list:
-    """``all`` (the benchmark shapes) or names of :data:`MODELS` / :data:`EXTRA_MODELS`."""
-    from .benchmarking.shapes import EXTRA_MODELS, MODELS
-
-    known = {**MODELS, **EXTRA_MODELS}
-    names = list(MODELS) if text.strip() == "all" else split_list(text)  # an empty item: an error
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected 'all' or names from {', '.join(known)}, got {text!r}")
-    return [known[n] for n in names]
-
-
-def point_list(text: str) -> list[tuple]:
-    """``MODEL:T,MODEL:T`` -> [(ModelShape, [T, ...]), ...] in first-seen order (``all:T``: every benchmark shape)."""
-    targets: dict[str, tuple] = {}
-    for item in split_list(text):
-        name, _, t = item.partition(":")
-        try:
-            shapes, tokens = model_list(name), int_list(t)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected MODEL:TOKENS[,MODEL:TOKENS...], got {item!r}") from None
-        for shape in shapes:
-            targets.setdefault(shape.name, (shape, []))[1].extend(tokens)
-    if not targets:
-        raise argparse.ArgumentTypeError(f"expected MODEL:TOKENS[,MODEL:TOKENS...], got {text!r}")
-    return list(targets.values())
 
 
 def device(text: str) -> torch.device:
@@ -131,6 +104,7 @@ def _check_out(parser, out, default, default_text: str) -> None:
 def _run_bench(args, parser) -> int:
     from .benchmarking.bench import check_quants, default_out, default_reference, run_bench
     from .benchmarking.plot import load_reference
+    from .benchmarking.shapes import TOKENS
 
     dtype = getattr(torch, args.dtype)
     try:
@@ -145,10 +119,16 @@ def _run_bench(args, parser) -> int:
     _check_out(parser, args.out, default_out(), "./benchmarks/results or .")
     if args.eager_tokens is not None and not (args.eager or args.eager_only):
         parser.error("argument --eager-tokens: applies with --eager or --eager-only")
+    if args.eager_only and args.tokens is not None:  # (the eager rows run at --eager-tokens; they were ignored)
+        parser.error(f"argument --tokens: does not apply with --eager-only (its rows run at --eager-tokens), got "
+                     f"{','.join(map(str, args.tokens))!r}")
+    if args.eager_only and len(quants) > 1:  # (the eager rows time the unquantised layer)
+        parser.error(f"argument --quant: does not apply with --eager-only (unquantised rows), got {args.quant!r}")
     if not _needs_cuda("bench"):
         return 1
     eager = (args.eager_tokens or [1, 8, 64]) if (args.eager or args.eager_only) else ()
-    run_bench(args.models, [] if args.eager_only else args.tokens, dtype, rotations=args.rotations,
+    tokens = [] if args.eager_only else list(TOKENS) if args.tokens is None else args.tokens
+    run_bench(args.models, tokens, dtype, rotations=args.rotations,
               baseline=not args.no_baseline, routing=not args.no_routing and not args.eager_only,
               longcat_nozero=not args.no_longcat_nozero and not args.eager_only, out=args.out,
               log=lambda s: print(s, flush=True), quant=quants, eager_tokens=eager,
@@ -157,7 +137,7 @@ def _run_bench(args, parser) -> int:
 
 
 def _run_tune(args, parser) -> int:
-    from .benchmarking.shapes import ModelShape
+    from .benchmarking.shapes import TOKENS, ModelShape
     from .benchmarking.tune import default_out, run_tune
 
     shape = (args.experts, args.hidden, args.inter, args.top_k)
@@ -169,11 +149,14 @@ def _run_tune(args, parser) -> int:
     if given[2] and args.top_k > args.experts:
         parser.error(f"argument --top-k: expected at most --experts ({args.experts}), got {args.top_k}")
     if args.points is not None:
+        if args.tokens is not None:  # (was ignored: each point names its token counts)
+            parser.error(f"argument --tokens: does not apply with --points (each point names its tokens, MODEL:T), "
+                         f"got {','.join(map(str, args.tokens))!r}")
         targets = args.points
     else:
         models = args.models or [ModelShape("custom", E=shape[0], K=shape[3], H=shape[1], I=shape[2],
                                             act=args.activation or "silu", has_bias=args.has_bias)]
-        targets = [(m, args.tokens) for m in models]
+        targets = [(m, list(TOKENS) if args.tokens is None else args.tokens) for m in models]
     dtype = getattr(torch, args.dtype)
     quant = _tune_quant(args.quant, dtype, parser)
     if args.block_k is not None and quant is not None:
@@ -233,7 +216,16 @@ def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
 def _run_inspect(args, parser) -> int:
     from .loading.inspect import inspect_main
 
-    return int(inspect_main(args.rest) or 0)
+    try:
+        return int(inspect_main(args.rest) or 0)
+    except BrokenPipeError:  # (main's: exit 141)
+        raise
+    except Exception as err:  # noqa: BLE001 - a malformed config.json value (a 0 step, a -1 size, Infinity, nesting
+        # past the recursion limit) escaped the planner's checks as a traceback: one line, exit 1, as its own errors
+        where = os.path.join(next((a for a in reversed(args.rest) if a != "--"), "."), "config.json")
+        why = str(err).partition("\n")[0]
+        print(f"moekit inspect: error: {where}: a malformed value? {type(err).__name__}: {why}", file=sys.stderr)
+        return 1
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -259,8 +251,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--models", type=model_list, default=list(MODELS.values()),
                    help=f"comma-separated model shapes or 'all' (default: all): {', '.join(MODELS)}; "
                    f"also {', '.join(EXTRA_MODELS)}")
-    b.add_argument("--tokens", type=int_list, default=list(TOKENS),
-                   help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))})")
+    b.add_argument("--tokens", type=int_list, default=None,
+                   help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))}; not with --eager-only, "
+                        "whose rows run at --eager-tokens)")
     b.add_argument("--dtype", default="bfloat16", choices=DTYPES[:2], help="weight and activation dtype")
     b.add_argument("--quant", default=None,
                    help=f"comma-separated weight formats timed side by side: the unquantised --dtype "
@@ -315,7 +308,7 @@ def _add_tune(sub) -> None:
                    help="with -E/-H/-I/-K: the activation (default: silu)")
     t.add_argument("--has-bias", action="store_true", help="with -E/-H/-I/-K: the experts have biases")
     t.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight and activation dtype")
-    t.add_argument("--tokens", type=int_list, default=list(TOKENS),
+    t.add_argument("--tokens", type=int_list, default=None,
                    help=f"token counts to tune, with --models or -E... (default: {','.join(map(str, TOKENS))})")
     t.add_argument("--pdl", action="store_true",
                    help="also try programmatic dependent launch (sm_90+; kept only if bit-identical)")

@@ -38,7 +38,8 @@ from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import check_hidden, check_routed_input, check_runner_args, returned, router_logits_for
+from .runner_checks import (check_hidden, check_routed_input, check_runner_args, input_width, ran,
+                            router_logits_for)
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
 #: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
@@ -199,6 +200,13 @@ class MoERunner(torch.nn.Module):
     def backend(self) -> str:
         return self.routed_experts.backend
 
+    @property
+    def input_size(self) -> int:
+        """The width of the ``hidden_states`` the layer takes: ``moe_config.hidden_size`` (the routed experts'),
+        or with a ``routed_input_transform`` (a latent MoE) the ``in_features`` of its first ``nn.Linear``
+        (a transform without one is taken as width-preserving)."""
+        return input_width(self.routed_input_transform, self.moe_config.hidden_size)
+
     # the output-side factor (1.0 when the router applies it): read from moe_config, its one store
     routed_scaling_factor = property(lambda self: self.moe_config.output_scale,
                                      doc="the output-side routed_scaling_factor (from moe_config)")
@@ -277,8 +285,8 @@ class MoERunner(torch.nn.Module):
         against the routed experts."""
         x = h
         if self.routed_input_transform is not None:
-            x = returned("routed_input_transform", self.routed_input_transform(h), h.shape[0],
-                         (self.moe_config.hidden_size,))
+            x = ran("routed_input_transform", self.routed_input_transform, h, h.shape[0],
+                    (self.moe_config.hidden_size,))
         check_routed_input(self, x)
         return x
 
@@ -298,7 +306,7 @@ class MoERunner(torch.nn.Module):
             routed = routed.clone()
         t = h.shape[0]
         if self.routed_output_transform is not None:
-            routed = returned("routed_output_transform", self.routed_output_transform(routed), t, (width,))
+            routed = ran("routed_output_transform", self.routed_output_transform, routed, t, (width,))
         elif routed.shape[-1] != width:
             raise ValueError(
                 f"the routed output has width hidden_size={routed.shape[-1]} but hidden_states has width {width}; "
@@ -306,13 +314,13 @@ class MoERunner(torch.nn.Module):
             )
 
         if self.shared_experts is not None:
-            shared = returned("shared_experts", self.shared_experts(h), t, (width,))
+            shared = ran("shared_experts", self.shared_experts, h, t, (width,))
             if self.shared_expert_gate is not None:
-                g = returned("shared_expert_gate", self.shared_expert_gate(h), t, (1, width))
+                g = ran("shared_expert_gate", self.shared_expert_gate, h, t, (1, width))
                 shared = torch.sigmoid(g) * shared
             routed = routed + shared
         if self.final_output_transform is not None:
-            routed = returned("final_output_transform", self.final_output_transform(routed), t, (width,))
+            routed = ran("final_output_transform", self.final_output_transform, routed, t, (width,))
         # SPEC §1: the output has the shape and dtype of hidden_states, whatever dtype user modules returned
         if routed.dim() != hidden_states.dim():
             routed = routed.reshape(hidden_states.shape)

@@ -91,7 +91,7 @@ def router_logits_for(layer, x: torch.Tensor, router_logits: torch.Tensor | None
     if router_logits is None:
         if layer.gate is None:
             raise ValueError("router_logits is None and the layer has no gate; pass one or the other")
-        router_logits = returned("gate", layer.gate(x), x.shape[0], (_columns(layer),))
+        router_logits = ran("gate", layer.gate, x, x.shape[0], (_columns(layer),))
         if not router_logits.is_floating_point():
             raise TypeError(f"gate returned router_logits of dtype {router_logits.dtype}; expected a float tensor")
     else:
@@ -119,6 +119,44 @@ def first_output(out):
     if len(out) != 2 or (out[1] is not None and not isinstance(out[1], torch.Tensor)):
         raise TypeError(f"a module returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
     return out[0] if out[1] is None else out[0] + out[1]
+
+
+def first_linear(module):
+    """The first ``nn.Linear`` of a module (itself, or the first of its submodules), or None."""
+    mods = module.modules() if isinstance(module, torch.nn.Module) else ()
+    return next((m for m in mods if isinstance(m, torch.nn.Linear)), None)
+
+
+def input_width(transform, hidden_size: int) -> int:
+    """The input width of a layer whose routed input transform is ``transform`` (None: ``hidden_size``)."""
+    lin = first_linear(transform)
+    return hidden_size if lin is None else lin.in_features
+
+
+def called(name: str, module, x: torch.Tensor):
+    """``module(x)`` for a user module of the layer (gate, shared experts, transforms); a ``RuntimeError`` it raises
+    because its first ``nn.Linear`` does not fit ``x`` (width, or weights of another dtype without a float32 gate)
+    becomes a ``ValueError`` / ``TypeError`` naming the module and the fix (round 55: torch's "mat1 and mat2 shapes
+    cannot be multiplied" reached users). Nothing is checked on the good path."""
+    try:
+        return module(x)
+    except RuntimeError as err:
+        lin = first_linear(module)
+        if lin is None or lin.weight.is_meta:
+            raise
+        if lin.in_features != x.shape[-1]:
+            raise ValueError(f"{name} takes inputs of width {lin.in_features} (its nn.Linear's in_features), got "
+                             f"{list(x.shape)}: hidden_states must have the width the layer's modules read "
+                             "(layer.input_size)") from err
+        if lin.weight.dtype != x.dtype and not getattr(lin, "fp32", False):
+            raise TypeError(f"{name} has {lin.weight.dtype} weights but gets {x.dtype} inputs: build it in the "
+                            f"layer's params_dtype or cast the whole layer (layer.to({x.dtype}))") from err
+        raise
+
+
+def ran(name: str, module, x: torch.Tensor, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:
+    """``module(x)`` (:func:`called`), its output checked (:func:`returned`)."""
+    return returned(name, called(name, module, x), num_tokens, widths)
 
 
 def returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:

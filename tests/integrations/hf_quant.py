@@ -14,6 +14,7 @@ on CPU): fp8 (FineGrainedFP8's ``FP8Linear`` / ``FP8Experts``) and mxfp4 (gpt-os
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 
@@ -93,8 +94,9 @@ def mxfp4_gpt_oss(seed: int = 5, blocks_4d: bool = False, dtype=torch.float32):
     """(reference, mxfp4 model): a tiny gpt-oss (H = 64, I = 32: mxfp4 needs multiples of 32) with random mxfp4
     experts (codes uniform over the bytes, e8m0 scales 2^-5 .. 2^1). The reference's ``GptOssExperts`` hold them
     dequantised by transformers (``[E, H, 2I]``, gate/up interleaved); the other's blocks are transformers'
-    ``Mxfp4GptOssMLP(router, Mxfp4GptOssExperts)`` in the plain layout: ``gate_up_proj`` uint8 ``[E, 2I, H/2]``
-    (``blocks_4d``: ``gate_up_proj_blocks [E, 2I, H/32, 16]`` as the checkpoint names them) with
+    ``Mxfp4GptOssMLP(router, Mxfp4GptOssExperts)`` (5.17: ``GptOssMLP`` holding them) in the plain layout:
+    ``gate_up_proj`` uint8 in the shape the installed transformers declares (``[E, 2I, H/2]``; 5.17:
+    ``[E, 2I, H/32, 16]``) (``blocks_4d``: ``gate_up_proj_blocks [E, 2I, H/32, 16]`` as the checkpoint names them) with
     ``gate_up_proj_scales [E, 2I, H/32]`` e8m0 bytes, rows interleaved; down likewise; float32 biases."""
     from transformers.integrations import mxfp4 as mx
 
@@ -117,11 +119,15 @@ def mxfp4_gpt_oss(seed: int = 5, blocks_4d: bool = False, dtype=torch.float32):
                 del ex._parameters[proj]
                 ex.register_parameter(f"{proj}_blocks", torch.nn.Parameter(blocks, requires_grad=False))
             else:
-                getattr(ex, proj).data = blocks.flatten(-2)
+                getattr(ex, proj).data = blocks.reshape(getattr(ex, proj).shape)  # (5.25: flattened; 5.17: 4-D)
             ex.register_parameter(f"{proj}_scales", torch.nn.Parameter(scales, requires_grad=False))
             with torch.no_grad():
                 getattr(ex, f"{proj}_bias").copy_(getattr(layer_ref.mlp.experts, f"{proj}_bias"))
-        layer.mlp = mx.Mxfp4GptOssMLP(layer.mlp.router, ex)
+        if hasattr(mx, "Mxfp4GptOssMLP"):
+            layer.mlp = mx.Mxfp4GptOssMLP(layer.mlp.router, ex)
+        else:  # (transformers 5.17: replace_with_mxfp4_linear keeps GptOssMLP, its experts and forward replaced)
+            layer.mlp.experts = ex
+            layer.mlp.forward = types.MethodType(mx.mlp_forward, layer.mlp)
     model.config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     return ref, model

@@ -46,7 +46,8 @@ TINY13: dict[str, tuple[str, str, dict]] = {
     "glm5_next": ("glm5_next_text", "Glm5NextTextModel", dict(
         **SPARSE2, **G2, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=0,
         qk_nope_head_dim=16, v_head_dim=16, head_dim=16, linear_head_dim=16, linear_num_heads=4,
-        layer_types=["linear_attention", "indexed_attention"], **dict(DSA, index_topk=16), swiglu_limit=0.5)),
+        # ("full_attention": the class's MLA type, "indexed_attention" in 5.25, "deepseek_sparse_attention" in 5.17)
+        layer_types=["linear_attention", "full_attention"], **dict(DSA, index_topk=16), swiglu_limit=0.5)),
     "hy_v4": ("hy_v4", "HYV4ForCausalLM", dict(**SPARSE2, **G2, **MLA, swiglu_limit=0.5)),
     "hy_v4_vl": ("hy_v4_vl_text", "HYV4VLTextModel", dict(**SPARSE2, **G2, **MLA, swiglu_limit=0.5, rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),

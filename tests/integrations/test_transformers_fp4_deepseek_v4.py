@@ -34,6 +34,8 @@ def _v4_pair(seed: int = 3, zero_shared: bool = False):
     model = copy.deepcopy(ref)
     cfg = transformers.FineGrainedFP8Config(weight_block_size=[16, 16], scale_fmt="ue8m0", expert_dtype="fp4",
                                             modules_to_not_convert=KEEP)
+    if not hasattr(cfg, "expert_dtype"):  # transformers 5.17: FP8Experts read it from the model's config (where V4's
+        model.config.expert_dtype = "fp4"  # config.json has it), FineGrainedFP8Config drops it
     floats = {n: p.detach().clone() for n, p in model.named_parameters()}
     fp8_mod.replace_with_fp8_linear(model, modules_to_not_convert=KEEP, quantization_config=cfg)
     g = torch.Generator().manual_seed(seed)

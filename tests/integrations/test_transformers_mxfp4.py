@@ -153,7 +153,7 @@ def _swizzle(model, value=ShuffledLayout, scale=ShuffledLayout, value_opts=None,
             parts = []
             for t, cls, opts in ((ex._parameters.pop(proj).data, value, value_opts),
                                  (ex._parameters.pop(f"{proj}_scales").data, scale, scale_opts)):
-                t = t.transpose(-2, -1)
+                t = t.flatten(2).transpose(-2, -1)  # (transformers 5.17 declares the codes [E, N, K/32, 16])
                 layout = cls(t.shape, **(opts or {}))
                 parts.append(_TritonTensor(layout.swizzle_data(t), layout))
             setattr(ex, proj, parts[0])

@@ -216,9 +216,11 @@ def test_dense_and_mtp_layers_are_skipped(tmp_path):
     assert list(layers) == ["model.layers.1.mlp", "model.layers.2.mlp"]
     assert layers["model.layers.1.mlp"].router.spec.num_expert_group == 3
     assert [layer.eager_graph_tokens for layer in layers.values()] == [0, 0]  # torch backend: no graphs
-    # Triton layers of one model share a graph pool and graph up to T = 2048 (MODEL_GRAPH_TOKENS)
+    # Triton layers of one model share a graph pool and graph up to T = 2048 (MODEL_GRAPH_TOKENS); on the GPU where
+    # there is one (CPU Triton layers need the interpreter, which a GPU host does not set)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     for asked, want in ((None, 2048), (16, 16)):
-        layers = list(load_moe_layers(tmp_path, backend="triton", eager_graph_tokens=asked).values())
+        layers = list(load_moe_layers(tmp_path, backend="triton", device=dev, eager_graph_tokens=asked).values())
         assert [layer.eager_graph_tokens for layer in layers] == [want, want]
         assert layers[0]._graphs.pool is layers[1]._graphs.pool is not None
 

@@ -9,6 +9,10 @@ import torch.nn.functional as F
 
 from moekit.loading.modules import RouterLinear
 
+# the Triton gate's cases run on the GPU where there is one (natively), else on CPU under the interpreter (round 55:
+# on a GPU host they ran CPU tensors without the interpreter and failed)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _twin(x, gate, out_dtype, wide=torch.float32):
     b = None if gate.bias is None else gate.bias.to(wide)
@@ -36,12 +40,12 @@ def test_torch_backend_is_the_fp32_gemm_of_the_upcast_operands(dtype, bias):
 @pytest.mark.parametrize("bias", [False, True])
 def test_triton_gate_matches_its_twin(t, h, n, dtype, fp32, bias):
     g = torch.Generator().manual_seed(t * 7 + h)
-    gate = RouterLinear(h, n, bias=bias, fp32=fp32, backend="triton", dtype=dtype)
+    gate = RouterLinear(h, n, bias=bias, fp32=fp32, backend="triton", dtype=dtype, device=DEV)
     with torch.no_grad():
         gate.weight.copy_(torch.randn(n, h, generator=g))
         if bias:
             gate.bias.copy_(torch.randn(n, generator=g))
-    x = torch.randn(t, h, generator=g).to(dtype)
+    x = torch.randn(t, h, generator=g).to(DEV, dtype)
     out = gate(x)
     want = torch.float32 if fp32 else dtype
     assert out.dtype == want and out.shape == (t, n) and gate.batch_invariant
@@ -51,6 +55,7 @@ def test_triton_gate_matches_its_twin(t, h, n, dtype, fp32, bias):
         assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
+@pytest.mark.interpreter  # the CPU errors of the Triton gate (a GPU host runs it only with TRITON_INTERPRET=1)
 def test_triton_gate_errors(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         RouterLinear(8, 4, backend="cuda")
@@ -92,7 +97,7 @@ def test_router_gate_opcheck():
     # the custom op torch.compile traces (fake tensor shapes, schema, aliasing)
     from moekit.ops import triton_gate
 
-    x, w, b = torch.randn(3, 40), torch.randn(6, 40), torch.randn(6)
+    x, w, b = torch.randn(3, 40, device=DEV), torch.randn(6, 40, device=DEV), torch.randn(6, device=DEV)
     torch.library.opcheck(triton_gate.router_gate_op, (x, w, b, torch.float32))
     torch.library.opcheck(triton_gate.router_gate_op, (x.bfloat16(), w.bfloat16(), None, torch.bfloat16))
 
@@ -102,7 +107,8 @@ def test_triton_gate_rows_in_blocks(monkeypatch):
     from moekit.ops import triton_gate
 
     g = torch.Generator().manual_seed(5)
-    x, w, b = torch.randn(37, 1100, generator=g), torch.randn(9, 1100, generator=g), torch.randn(9, generator=g)
+    x, w, b = (t.to(DEV) for t in (torch.randn(37, 1100, generator=g), torch.randn(9, 1100, generator=g),
+                                   torch.randn(9, generator=g)))
     whole = triton_gate.router_gate_triton(x, w, b, torch.float32)
     monkeypatch.setattr(triton_gate, "GATE_ROWS", 16)  # blocks of 16, 16, 5 rows
     assert torch.equal(triton_gate.router_gate_triton(x, w, b, torch.float32), whole)

@@ -86,9 +86,9 @@ def check_quant(quant: str | None, dtype: torch.dtype) -> str:
     if quant is None or quant == want or quant in QUANT_FORMATS:
         return want if quant is None else quant
     if quant in QUANT_LATER:
-        raise ValueError(f"--quant {quant}: not implemented yet; expected {want!r} (the --dtype of the run) or "
-                         f"one of {sorted(QUANT_FORMATS)}")
-    raise ValueError(f"--quant {quant}: expected {want!r} (the --dtype of the run) or one of {sorted(QUANT_FORMATS)}")
+        raise ValueError(f"--quant: {quant} is not implemented yet; expected {want!r} (the --dtype of the run) or "
+                         f"one of {sorted(QUANT_FORMATS)}, got {quant!r}")
+    raise ValueError(f"--quant: expected {want!r} (the --dtype) or one of {sorted(QUANT_FORMATS)}, got {quant!r}")
 
 
 def check_quants(quant, dtype: torch.dtype) -> list[str]:
@@ -103,7 +103,7 @@ def check_quants(quant, dtype: torch.dtype) -> list[str]:
     out = [quant_name(dtype)]
     for q in names:
         if not q:
-            raise ValueError(f"--quant {quant}: empty name in the comma list")
+            raise ValueError(f"--quant: expected comma-separated formats, got {quant!r} (an empty name)")
         q = check_quant(q, dtype)
         if q not in out:
             out.append(q)

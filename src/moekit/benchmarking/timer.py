@@ -122,6 +122,10 @@ def time_events(fn: Callable[[], object], iters: int, warmup: int = 2, device=No
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if cuda and torch.device(device or "cuda").index is not None:  # events and syncs on that device (cuda:1), not
+        # on whichever one is current
+        with torch.cuda.device(torch.device(device)):
+            return time_events(fn, iters, warmup, "cuda", before)  # (the current one now)
     for _ in range(warmup):
         fn()
     if cuda:

@@ -35,7 +35,7 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import InputScales, LoadedRecord, state_loaded
+from .loaded_record import InputScales, LoadedRecord, state_loaded, unwritten_rows
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
@@ -227,15 +227,17 @@ class RoutedExperts(torch.nn.Module):
                               error_msgs):
         check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes (byte views), scale values
         placement = incoming_placement(self, state_dict, prefix)  # shapes and placement, checked before any copy
+        unwritten = unwritten_rows(self, state_dict, prefix)  # what the saved layer never wrote (checked too)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
-        state_loaded(self, state_dict, prefix, placement, unexpected_keys)  # placement, what was loaded, dtype, maps
+        state_loaded(self, state_dict, prefix, placement, unwritten, unexpected_keys)  # placement, loaded, dtype, maps
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         spec_packed_saved(self._relaid_weights(), destination, prefix)
         placement_saved(self.placement, destination, prefix)
+        self._record.saved(destination, prefix)
 
     # -- loading ------------------------------------------------------------------------------
     @torch.no_grad()

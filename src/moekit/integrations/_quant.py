@@ -235,11 +235,13 @@ def _swizzled_stacks(experts, plan: LayerPlan, fmt, what: str) -> dict:
 
 
 def _mxfp4_part(stacks: dict, proj: str, kind: str, what: str) -> torch.Tensor | None:
-    """The codes (``kind`` "weight": ``{proj}`` uint8 [E, N, K/2] or ``{proj}_blocks`` [E, N, K/32, 16] flattened)
-    or e8m0 scales (``{proj}_scales``, uint8 or float8_e8m0fnu viewed as uint8) of one mxfp4 stack."""
+    """The codes (``kind`` "weight": ``{proj}`` uint8 [E, N, K/2] or ``{proj}_blocks`` [E, N, K/32, 16] flattened;
+    transformers 5.17 declares ``{proj}`` itself [E, N, K/32, 16]) or e8m0 scales (``{proj}_scales``, uint8 or
+    float8_e8m0fnu viewed as uint8) of one mxfp4 stack."""
     if kind == "weight":
         t = stacks.get(f"experts.{proj}_blocks")
-        t = t.flatten(-2) if t is not None and t.dim() == 4 else (t if t is not None else stacks.get(f"experts.{proj}"))
+        t = t if t is not None else stacks.get(f"experts.{proj}")
+        t = t.flatten(-2) if t is not None and t.dim() == 4 else t
     else:  # (``*_scale_inv``: transformers' FP8Experts with expert_dtype "fp4", DeepSeek-V4: the same per-32 e8m0)
         t = stacks.get(f"experts.{proj}_scales")
         t = t if t is not None else stacks.get(f"experts.{proj}_scale_inv")

@@ -195,7 +195,8 @@ def build_fused_moe(
             instead of inside the router (the router then uses 1.0); results agree either way.
         zero_expert_type: None (default) or ``"identity"``: LongCat-Flash zero experts. Needs
             ``e_score_correction_bias`` of length ``E + Z`` (which sets ``Z``) and ``router_logits`` of
-            width ``E + Z``; a slot routed to a zero expert adds ``w * x``.
+            width ``E + Z``; a slot routed to a zero expert adds ``w * x``. ``renormalize`` keeps the seed's
+            default True here; LongCat-Flash does not renormalise (pass ``renormalize=False``, as the loader does).
         hash_indices_table: ``[vocab, K]`` int tensor, default None. Hash routing (DeepSeek-V4): the ids of
             token ``t`` are ``table[input_ids[t]]``, weights come from the scores; forwards then need
             ``input_ids``. A layer without a table does not read ``input_ids`` (decision: a model's loop may

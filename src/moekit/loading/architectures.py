@@ -13,6 +13,8 @@ from dataclasses import replace
 from .archs import core, ds3, gemma4, granite, mixtral_like, qwen_like, sigmoid_bias, singletons
 from .archs.common import ArchSpec, block_path, prefixes
 from .archs.config_defaults import complete
+from .archs.gate_dtypes import gate_fp32_dtypes
+from .fields import check_plan_numbers, non_finite
 from .plan import LayerPlan
 
 FAMILIES = (core, mixtral_like, granite, qwen_like, singletons, ds3, sigmoid_bias, gemma4)
@@ -53,23 +55,32 @@ def plan_layers(config: dict, source: str = "config.json") -> tuple[ArchSpec, li
     """(spec, the MoE blocks of the model in layer order); ``quantization_config`` is read by the loader.
     A multimodal wrapper (``ArchSpec.towers``) plans its text tower's config at the tower's stack.
     A field the architecture needs that is missing, or of the wrong type or length, raises ``ValueError``
-    naming ``source`` (the file), the model type and the field, not a bare ``KeyError`` from inside a plan."""
+    naming ``source`` (the file), the model type and the field, not a bare ``KeyError`` from inside a plan; so does a
+    number that is not finite (``Infinity``, ``NaN``) or a size a block cannot have (``hidden_size`` -1, a negative
+    shared expert width), which raised ``OverflowError`` / ``RuntimeError`` from torch before (round 55)."""
     spec = spec_for(config)
     try:
-        return _plan_layers(config, spec)
+        spec, plans = _plan_layers(config, spec)
     except KeyError as err:
         raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}) needs the field "
                          f"{err.args[0]!r}, which is missing") from None
-    except (IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}): a field has a wrong "
-                         f"value, type or length: {err}") from None
+    except (ArithmeticError, IndexError, TypeError, ValueError) as err:  # ArithmeticError: int(inf), a 0 divisor
+        bad = non_finite(raw_text_config(config))
+        why = (f"{', '.join(bad)}: not a finite number ({err})" if bad
+               else f"a field has a wrong value, type or length: {err}")
+        raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}): {why}") from None
+    check_plan_numbers(plans, raw_text_config(config), source)
+    return spec, plans
 
 
 def _plan_layers(config: dict, spec: ArchSpec) -> tuple[ArchSpec, list[LayerPlan]]:
     """The plans of ``config`` read as its transformers config class reads it (:func:`.archs.config_defaults.complete`:
-    the class's aliases and defaults for the fields the file lacks)."""
+    the class's aliases and defaults for the fields the file lacks). A model type whose router gate weight transformers
+    keeps in float32 (:mod:`.archs.gate_dtypes`) plans it so."""
     plans = spec.plan(text_config(config), spec)
     mt = config.get("model_type")
+    if keep := gate_fp32_dtypes(mt):  # (every such gate computes in float32 in transformers: router_fp32 too)
+        plans = [replace(p, gate_fp32_dtypes=keep, router_fp32=True) for p in plans]
     return spec, plans if mt not in TOWERS else [restack(p, spec, TOWERS[mt][2]) for p in plans]
 
 
@@ -81,13 +92,23 @@ def text_config(config: dict) -> dict:
     if mt not in TOWERS:
         return complete(config, mt)
     spec, key, _ = TOWERS[mt]
-    text = config
-    for part in key.split("."):
-        text = text.get(part) if isinstance(text, dict) else None
-    if not isinstance(text, dict):
+    text = raw_text_config(config)
+    if text is None:
         raise ValueError(f"model_type={mt!r}: config.json has no {key!r} (the text tower holding the MoE blocks)")
     text_type = text.get("model_type") or tower_text_type(mt, spec)
     return complete(dict(text, model_type=text_type), text_type)
+
+
+def raw_text_config(config: dict) -> dict | None:
+    """The dict of config.json holding the MoE blocks' fields as the file has them (a wrapper's text tower, no
+    defaults added); None for a wrapper without its text tower."""
+    mt = config.get("model_type")
+    if mt not in TOWERS:
+        return config
+    text = config
+    for part in TOWERS[mt][1].split("."):
+        text = text.get(part) if isinstance(text, dict) else None
+    return text if isinstance(text, dict) else None
 
 
 def tower_text_type(wrapper: str, spec: ArchSpec) -> str:

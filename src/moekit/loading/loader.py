@@ -26,7 +26,8 @@ from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
 from ..parallel.comm import check_group
 from ..parallel.sync import fail_together
 from ..runner import MoERunner
-from .architectures import ArchSpec, checkpoint_block_key, plan_layers
+from .architectures import ArchSpec, checkpoint_block_key, plan_layers, raw_text_config
+from .fields import construction_error, fields_of
 from .files import checkpoint_files, config_dtype, read_config
 from .keys import (CONSTRUCTION, assign_keys, check_not_transposed, construction_tensors, expand_key, field_hint,
                    zero_width_shared_gate)
@@ -52,7 +53,8 @@ def load_moe_layers(
             into the layers' parameters on that device.
         dtype: dtype of the weights (``torch.float32``, ``torch.bfloat16``, ``torch.float16``); default:
             the ``dtype`` (or ``torch_dtype``) in config.json, else float32. Router logits of
-            DeepSeek-style routers are still computed in fp32 and selection biases stay fp32, as in
+            DeepSeek-style routers are still computed in fp32, their gate weights stay fp32 where transformers keeps
+            them (:mod:`moekit.loading.archs.gate_dtypes`) and selection biases stay fp32, as in
             transformers. For quantised experts it is the activation dtype.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
         quant_config: None (default: the experts as the checkpoint ships them) or an HF
@@ -114,7 +116,8 @@ def load_moe_layers(
     ``*.safetensors`` -> ``CheckpointNotFoundError`` (a ``ValueError`` and a ``FileNotFoundError``). Fields
     config.json lacks take the defaults of the architecture's transformers config class
     (:mod:`moekit.loading.archs.config_defaults`); a field with a wrong value, one the class has no default for
-    (``hidden_size`` ...), or a ``dtype`` that is no float dtype -> ``ValueError`` naming the file and the field;
+    (``hidden_size`` ...), or a ``dtype`` that is no float dtype -> ``ValueError`` naming the file and the field; fields
+    no layer can be built from (``topk_group`` > ``n_group``...) -> ``ValueError`` naming the file, block and fields;
     ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float ``torch.dtype`` or its
     name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``; ``device="meta"`` (no data to copy into) ->
     ``ValueError``; a ``path`` that is no str or path -> ``TypeError``.
@@ -149,18 +152,23 @@ def load_moe_layers(
     failure, opened = _attempt(lambda: _open(path, quant_config, dtype))
     try:
         if failure is None:
-            spec, plans, fmt, dense_fmt, shipped, dtype, assigned, reader = opened
+            spec, plans, fmt, dense_fmt, shipped, dtype, assigned, source, reader = opened
             done: set[str] = set()  # keys already consumed (quantised dense groups)
             pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
             for plan in plans:
-                failure, got = _attempt(lambda: _construction(plan, assigned, reader))
+                failure, got = _attempt(lambda: _construction(plan, assigned, reader, source))
                 fail_together(what, failure, groups, where=plan.name)
                 keys, construction = got
 
                 def build():  # (a synced failure, every rank's in FusedMoE's agreement, leaves no sync: re-raised)
-                    layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
-                                        quant_config=experts_format(fmt, plan), graph_pool=pool,
-                                        eager_graph_tokens=eager_graph_tokens, parallel=parallel)
+                    try:
+                        layer = build_layer(plan, device=device, dtype=dtype, backend=backend, tensors=construction,
+                                            quant_config=experts_format(fmt, plan), graph_pool=pool,
+                                            eager_graph_tokens=eager_graph_tokens, parallel=parallel)
+                    except ValueError as err:  # (round 55: "topk_group must be <= ..." named no file, block, field)
+                        if getattr(err, "synced", False):
+                            raise
+                        raise construction_error(err, plan, *source) from err
                     state = states[plan.name] = _LayerLoad(plan, layer)
                     state.loaded.update(construction)
                     done.update(_dense(spec, state, dense_fmt, shipped, keys, reader, device))
@@ -190,16 +198,16 @@ def _attempt(fn) -> tuple[BaseException | None, object]:
 
 
 def _open(path: str, quant_config, dtype):
-    """(spec, plans, routed-experts format, dense format, shipped, dtype, {layer: {rel: key}}, Reader) of the
-    checkpoint at ``path``."""
-    config = read_config(path)
-    spec, plans = plan_layers(config, os.path.join(path, "config.json"))
+    """(spec, plans, routed-experts format, dense format, shipped, dtype, {layer: {rel: key}}, (config.json path,
+    its dict of the blocks' fields), Reader) of the checkpoint at ``path``."""
+    config, source = read_config(path), os.path.join(path, "config.json")
+    spec, plans = plan_layers(config, source)
     fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
     if dtype is None:
-        dtype = config_dtype(config, os.path.join(path, "config.json"))
+        dtype = config_dtype(config, source)
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
-    return spec, plans, fmt, dense_fmt, shipped, dtype, assigned, Reader(files)
+    return spec, plans, fmt, dense_fmt, shipped, dtype, assigned, (source, raw_text_config(config)), Reader(files)
 
 
 def _dense(spec, state, dense_fmt, shipped: bool, keys: dict, reader, device) -> set[str]:
@@ -216,7 +224,7 @@ def _dense(spec, state, dense_fmt, shipped: bool, keys: dict, reader, device) ->
     return done
 
 
-def _construction(plan: LayerPlan, assigned: dict, reader) -> tuple[dict, dict]:
+def _construction(plan: LayerPlan, assigned: dict, reader, source=None) -> tuple[dict, dict]:
     """The block's ``{relative name: checkpoint key}`` (less the gate of a zero-width shared expert) and the tensors
     its layer takes at construction (checked)."""
     keys = assigned.get(plan.name, {})
@@ -229,7 +237,7 @@ def _construction(plan: LayerPlan, assigned: dict, reader) -> tuple[dict, dict]:
     for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
         del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
     construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
-    _check_construction(plan, construction, keys)
+    _check_construction(plan, construction, keys, source)
     return keys, construction
 
 
@@ -335,21 +343,24 @@ class _LayerLoad:
         return self.layer.routed_experts.missing() + [n for n in own if n not in self.loaded]
 
 
-def _check_construction(plan: LayerPlan, tensors: dict, keys: dict) -> None:
+def _check_construction(plan: LayerPlan, tensors: dict, keys: dict, source=None) -> None:
+    """``source``: (config.json path, its dict of the blocks' fields), which the top-k error names."""
     pre = plan.ckpt_prefixes[0]
     most = plan.num_experts + plan.num_zero_experts
     if not 1 <= plan.top_k <= most:  # before any tensor shape that depends on it names the tensor instead
-        raise ValueError(f"{plan.name}: config.json gives top_k = {plan.top_k} (num_experts_per_tok); expected "
-                         f"1 <= top_k <= {most} (the block's routed experts)")
+        path, text = source or (None, None)
+        field = fields_of(text, "top_k", plan.top_k) or "num_experts_per_tok"
+        raise ValueError(f"{path + ': ' if path else ''}{plan.name}: config.json gives top_k = {plan.top_k} ({field}); "
+                         f"expected 1 <= top_k <= {most} (the block's routed experts)")
     e_all = plan.num_experts + plan.num_zero_experts - plan.routed_shared_experts
     if plan.has_score_bias:
         t = tensors.get("router.e_score_correction_bias")
         if t is None:
-            raise KeyError(f"missing checkpoint tensor {pre}gate.e_score_correction_bias (router selection bias, [{e_all}])")
+            raise KeyError(f"missing checkpoint tensor {pre}gate.e_score_correction_bias (router selection bias, "
+                           f"[{e_all}])")
         if tuple(t.shape) != (e_all,):
-            raise ValueError(
-                f"checkpoint key {keys['router.e_score_correction_bias']!r} has shape {list(t.shape)}, expected [{e_all}]"
-            )
+            raise ValueError(f"checkpoint key {keys['router.e_score_correction_bias']!r} has shape {list(t.shape)}, "
+                             f"expected [{e_all}]")
     if plan.hash_routing:
         t = tensors.get("router.hash_indices_table")
         if t is None:

@@ -1,7 +1,8 @@
 """Small modules the checkpoint loaders attach to a MoE layer, and :func:`build_layer`.
 
 - :class:`RouterLinear`: ``logits = x · Wᵀ (+ b)``, an ``nn.Linear`` that can run in float32 whatever
-  the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32).
+  the weight dtype (DeepSeek-V2/V3, GLM-4.5 and LongCat compute router logits in fp32); :func:`plan_gate` keeps its
+  weight float32 where transformers does (:mod:`.archs.gate_dtypes`).
 - :class:`SharedMLP`: ``scale · down(act(gate(x)) * up(x))``, optionally clamped like DeepSeek-V4
   (``gate <= L``, ``|up| <= L``); fused gate_up or non-gated (relu2) variants; optionally an RMSNorm on
   its output (Ergo).
@@ -130,13 +131,20 @@ class SharedMLP(torch.nn.Module):
 
 
 def plan_gate(plan, *, device=None, dtype=None) -> torch.nn.Module:
-    """The router gate of a plan: x [T, H_block or H] -> logits [T, E + Z]."""
+    """The router gate of a plan: x [T, H_block or H] -> logits [T, E + Z]. Where transformers keeps the gate's
+    weight in float32 for the load dtype ``dtype`` (``plan.gate_fp32_dtypes``, DeepSeek-V3 in bfloat16...) the weight
+    is float32 (a bias keeps ``dtype``: transformers' patterns name the weight) and the gate computes in float32."""
     width = plan.outer_hidden_size if plan.gate_input == "block" else plan.hidden_size
     e_all = plan.num_experts + plan.num_zero_experts
     if plan.gate_kind == "rmsnorm":
         return RMSNormGate(width, e_all, plan.norm_eps, device=device, dtype=dtype)
-    return RouterLinear(width, e_all, bias=plan.router_bias, fp32=plan.router_fp32, logit_scale=plan.logit_scale,
-                        logit_softcap=plan.logit_softcap, device=device, dtype=dtype)
+    dtype = dtype or torch.get_default_dtype()
+    wdtype = plan.gate_dtype(dtype)
+    gate = RouterLinear(width, e_all, bias=plan.router_bias, fp32=plan.router_fp32 or wdtype != dtype,
+                        logit_scale=plan.logit_scale, logit_softcap=plan.logit_softcap, device=device, dtype=wdtype)
+    if gate.bias is not None and gate.bias.dtype != dtype:
+        gate.bias = torch.nn.Parameter(gate.bias.to(dtype))
+    return gate
 
 
 def build_layer(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..ops.activation import is_gated
 
 
@@ -22,6 +24,9 @@ class LayerPlan:
     shared_scale: the shared expert's output is multiplied by it (Cohere2-MoE's "average": 0.5, with
     ``routed_scaling_factor=0.5``). JetMoE's ``[H]`` bias added once to the routed sum is the
     ``output_transform="bias"`` module kind (:mod:`moekit.loading.blocks`).
+    gate_fp32_dtypes: the load dtypes (``"bfloat16"``, ``"float16"``) in which transformers keeps the router gate's
+    weight in float32 (:mod:`moekit.loading.archs.gate_dtypes`); in them the gate's weight is float32 and the gate
+    computes in float32 (:func:`moekit.loading.modules.plan_gate`).
     """
 
     name: str
@@ -48,6 +53,7 @@ class LayerPlan:
     has_bias: bool = False
     router_bias: bool = False
     router_fp32: bool = False
+    gate_fp32_dtypes: tuple[str, ...] = ()  # load dtypes in which the gate weight stays float32 (transformers)
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False
     shared_activation: str = "silu"
@@ -79,6 +85,11 @@ class LayerPlan:
     def outer_hidden_size(self) -> int:
         """Width of the block's input and output (``hidden_size`` unless the experts run on a latent)."""
         return self.block_hidden_size or self.hidden_size
+
+    def gate_dtype(self, dtype):
+        """The dtype of the router gate's weight in a layer loaded in ``dtype`` (a ``torch.dtype``): float32 where
+        transformers keeps it so (:attr:`gate_fp32_dtypes`), else ``dtype``."""
+        return torch.float32 if str(dtype).removeprefix("torch.") in self.gate_fp32_dtypes else dtype
 
     @property
     def num_shared_experts_width(self) -> int:

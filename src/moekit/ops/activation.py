@@ -59,6 +59,11 @@ class Activation:
     takes_limit: bool = True  # accepts swiglu_limit (gated ones only)
     clamp_gate_after: bool = False  # the limit clamps act(g) instead of g (silu_post_clamp)
 
+    def __reduce__(self):
+        """Pickled by name (its ``torch_fn`` may be a lambda): a module holding one (``SharedMLP``) saves with
+        ``torch.save`` / pickle and unpickles to the registry's own record (round 55: it raised PicklingError)."""
+        return _registered, (self.name,)
+
 
 _REGISTRY = (
     Activation("silu", 0, lambda g, u: F.silu(g) * u, True, aliases=("swiglu",), hf_names=("silu", "swish")),
@@ -79,6 +84,12 @@ _REGISTRY = (
 #: ``"silu_post_clamp"`` (Step-3.x) and ``"softcap_swiglu"`` (Inkling-2).
 ACTIVATIONS = tuple(a.name for a in _REGISTRY)
 _BY_NAME = {n: a for a in _REGISTRY for n in (a.name, *a.aliases)}
+
+
+def _registered(name: str) -> Activation:
+    """The registry's record of ``name`` (how an :class:`Activation` unpickles)."""
+    return _BY_NAME[name]
+
 _BY_HF_NAME = {n: a for a in _REGISTRY for n in a.hf_names}
 
 

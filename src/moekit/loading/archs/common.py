@@ -93,6 +93,16 @@ def required(cfg: dict, key: str):
     return v
 
 
+def period(cfg: dict, key: str, default: int = 1) -> int:
+    """A layer period of config.json (``decoder_sparse_step``, ``expert_layer_period``...: a MoE block every
+    ``period`` layers), a whole number >= 1; 0 or less raises ``ValueError`` naming the field (:func:`plan_layers`
+    names the file), not a bare ``ZeroDivisionError`` from inside a plan (round 55)."""
+    v = int(get(cfg, key, default))
+    if v < 1:
+        raise ValueError(f"{key} must be >= 1 (a MoE block every {key} layers), got {v}")
+    return v
+
+
 def act(cfg: dict) -> str:
     return activation_from_hf(get(cfg, "hidden_act", "silu"))
 

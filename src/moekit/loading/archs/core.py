@@ -4,7 +4,8 @@ Kimi-K2.5 (text; DeepSeek-V3's block)."""
 
 from __future__ import annotations
 
-from .common import DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, required, towers
+from .common import (DS_RENAMES, E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, period, required,
+                     towers)
 
 def _plan_mixtral(cfg, spec):
     kw = dict(
@@ -19,11 +20,10 @@ def _plan_mixtral(cfg, spec):
 
 
 def _qwen_sparse(cfg, i) -> bool:
-    step = int(get(cfg, "decoder_sparse_step", 1))
-    return (
+    return (  # (the step read last, as transformers reads it: a model without experts never divides by it)
         i not in get(cfg, "mlp_only_layers", [])
         and int(first(cfg, E_KEYS, 0)) > 0
-        and (i + 1) % step == 0
+        and (i + 1) % period(cfg, "decoder_sparse_step") == 0
     )
 
 
@@ -200,7 +200,7 @@ def _plan_llama4(cfg, spec):
         raise NotImplementedError(f"Llama 4 with num_experts_per_tok={k}: moekit applies the weight on the input only for top-1")
     moe_layers = cfg.get("moe_layers")
     if moe_layers is None:
-        step = int(get(cfg, "interleave_moe_layer_step", 1))
+        step = period(cfg, "interleave_moe_layer_step")
         moe_layers = list(range(step - 1, n, step))
     kw = dict(
         num_experts=int(get(cfg, "num_local_experts", 16)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import E_KEYS, ArchSpec, act, first, get, layers, mk, sparse_layers
+from .common import E_KEYS, ArchSpec, act, first, get, layers, mk, period, sparse_layers
 from .core import _plan_mixtral
 
 ROUTER_TO_GATE = (("router.", "gate."),)
@@ -26,7 +26,7 @@ def _plan_phimoe(cfg, spec):
 
 def _plan_jamba(cfg, spec):
     e = int(first(cfg, E_KEYS, 16))
-    period, offset = int(get(cfg, "expert_layer_period", 2)), int(get(cfg, "expert_layer_offset", 1))
+    every, offset = period(cfg, "expert_layer_period", 2), int(get(cfg, "expert_layer_offset", 1))
     kw = dict(
         num_experts=e,
         top_k=int(get(cfg, "num_experts_per_tok", 2)),
@@ -36,7 +36,7 @@ def _plan_jamba(cfg, spec):
         renormalize=False,
         activation=act(cfg),
     )
-    return [mk(spec, i, **kw) for i in range(layers(cfg)) if e > 1 and (i - offset) % period == 0]
+    return [mk(spec, i, **kw) for i in range(layers(cfg)) if e > 1 and (i - offset) % every == 0]
 
 
 def _per_layer(v, i):

@@ -4,7 +4,7 @@ the DeepSeek-V2-shaped OCR towers (DeepSeek-OCR-2, Unlimited-OCR)."""
 
 from __future__ import annotations
 
-from .common import E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, sparse_layers, towers
+from .common import E_KEYS, QWEN_RENAMES, ArchSpec, act, first, get, layers, mk, period, sparse_layers, towers
 from .core import _plan_deepseek_v2, _plan_olmoe, _qwen_sparse
 
 
@@ -41,7 +41,7 @@ def _plan_ernie(cfg, spec):
     n = layers(cfg)
     start, end = int(get(cfg, "moe_layer_start_index", 0)), int(get(cfg, "moe_layer_end_index", -1))
     end = n - 1 if end == -1 else end
-    step = int(get(cfg, "moe_layer_interval", 1))
+    step = period(cfg, "moe_layer_interval")
     inter = int(cfg["moe_intermediate_size"])
     norm_min = float(get(cfg, "moe_norm_min", 1e-12))
     if norm_min > 1e-12:  # transformers divides by max(Σw, moe_norm_min); the bias router by Σw (round 46)
