@@ -252,7 +252,9 @@ def _gated_pair(m, tokens: int, seed: int, bias: bool = False, backend: str = "t
     with torch.no_grad():
         for p in plain.parameters():
             p.normal_(0, 0.02)
-        plain.load_expert_weights(plain.routed_experts.w13_weight, plain.routed_experts.w2_weight)  # now loaded
+        re = plain.routed_experts  # now loaded (biases too, where the layer has them)
+        plain.load_expert_weights(re.w13_weight, re.w2_weight, getattr(re, "w13_bias", None),
+                                  getattr(re, "w2_bias", None))
         graphed.load_state_dict(plain.state_dict())
     return graphed, plain
 

@@ -29,6 +29,12 @@ from moekit.loading.architectures import TOWERS, plan_layers, rename_block_key, 
 from moekit.loading.archs.gate_dtypes import GATE_FP32_DTYPES, gate_fp32_dtypes  # noqa: E402
 from moekit.loading.modules import RouterLinear, plan_gate  # noqa: E402
 
+# the table mirrors transformers 5.25 (the newest release, the test pin); older releases keep fewer gates in float32
+# (5.17, the GPU machines': DeepSeek-V2/V3 among them), so the comparisons with the installed classes need 5.25+
+_RELEASE = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+table_release = pytest.mark.skipif(_RELEASE < (5, 25), reason="the gate table mirrors transformers 5.25; installed "
+                                   f"{transformers.__version__}")
+
 #: where a wrapper's class is looked up first (the text types: causal LM, then the bare model)
 WRAPPER_MAPS = ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
                 "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
@@ -103,6 +109,7 @@ def _kept_fp32(model, dtype, name) -> bool:
     return matched or dict(model.named_parameters())[name].dtype == torch.float32
 
 
+@table_release
 @pytest.mark.parametrize("model_type", supported_model_types())
 def test_gate_fp32_table_agrees_with_transformers(model_type):
     # the edge: a gate weight transformers keeps in float32 (bf16 and / or fp16 loads) and moekit built in the load
@@ -189,6 +196,7 @@ def _ids(out, num_experts):
     return torch.where(ids >= num_experts, -1, ids).sort(-1).values
 
 
+@table_release
 @pytest.mark.parametrize("model_type, cases", [
     ("deepseek_v3", [(torch.bfloat16, True)]),  # _keep_in_fp32_modules_strict = ["gate.weight", ...]
     ("hunyuan_v1_moe", [(torch.float16, True)]),  # gate.wg created in float32 (no keep list)
