@@ -195,6 +195,17 @@ R45P="gpt-oss-120b:1,gpt-oss-120b:8,gpt-oss-120b:64,gpt-oss-120b:256,gpt-oss-120
 R45P="$R45P,deepseek-v3:4096,qwen3-30b-a3b:4096"
 
 case $WHAT in
+  r55-a)  # round 55's GPU-host fixes, natively (its last device call had no time left to run them again): the graph
+    # tests that load their biases now, the router gate's twin on the GPU, then the whole suite outside tests/ops (a GPU
+    # host without TRITON_INTERPRET: the `interpreter` tests skip); round 55 ran tests/ops whole (no failure, 99 %)
+    r42_prepare
+    step gpu-r55a 120 env PYTHONPATH=src:tests:benchmarks python -m pytest -q -p no:cacheprovider -p no:benchmark -rf \
+      --tb=short -n 8 tests/experts/test_graphed_gpu.py tests/experts/test_graphed_raw_gpu.py \
+      tests/loading/test_router_linear.py
+    step gpu-r55a-rest 300 env PYTHONPATH=src:tests:benchmarks python -m pytest -q -p no:cacheprovider -p no:benchmark \
+      -rf --tb=line -n 15 --timeout 250 tests --ignore=tests/ops
+    grep -h "passed\|failed\|FAILED" "$OUT"/gpu-r55a*.log | tail -20
+    ;;
   r54-b)  # round 54, when little device time is left: r54-a cut down (round 53's load / cast / to_empty tests, the
     # quantised layer and experts tests natively; then the large-size tests)
     r42_prepare

@@ -8,17 +8,10 @@ import pytest
 import torch
 
 from moekit.cli import main
+from test_audit53_cli import _one_line  # one stderr line naming the needles, no traceback
 
 QWEN = dict(model_type="qwen3_moe", hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_experts=8,
             num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-
-
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 @pytest.fixture

@@ -98,3 +98,21 @@ def test_other_errors_of_a_user_module_pass_through():
     layer = _loaded(moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch", shared_experts=Broken()))
     with pytest.raises(RuntimeError, match="my module's own failure"):
         layer(torch.randn(3, H), torch.randn(3, E))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("a CUDA error")])
+def test_an_unrelated_error_of_a_module_whose_first_linear_differs_passes_through(error):
+    # the review's case: an fp32 shared MLP in a bf16 layer (autocast setups) or a down Linear registered first; an
+    # out-of-memory or other error inside it stays itself, not a "weights of another dtype" TypeError
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.Linear(I, H, bias=False)  # registered first, in_features != H, float32
+
+        def forward(self, x):
+            raise error
+
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, backend="torch", shared_experts=Shared()))
+    with pytest.raises(type(error)) as got:
+        layer(torch.randn(3, H, dtype=torch.bfloat16), torch.randn(3, E))
+    assert got.value is error

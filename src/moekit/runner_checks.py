@@ -5,6 +5,8 @@ the shapes each module must return."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ._checks import FLOAT_DTYPES, check_callable, check_float_dtype, check_tensor
@@ -121,6 +123,10 @@ def first_output(out):
     return out[0] if out[1] is None else out[0] + out[1]
 
 
+#: torch's messages for a matmul whose operands do not fit (shapes, dtypes): the errors :func:`called` rewords
+_MATMUL_MISMATCH = re.compile(r"mat1 and mat2|m1 and m2|same dtype|expected scalar type|cannot be multiplied")
+
+
 def first_linear(module):
     """The first ``nn.Linear`` of a module (itself, or the first of its submodules), or None."""
     mods = module.modules() if isinstance(module, torch.nn.Module) else ()
@@ -141,8 +147,9 @@ def called(name: str, module, x: torch.Tensor):
     try:
         return module(x)
     except RuntimeError as err:
-        lin = first_linear(module)
-        if lin is None or lin.weight.is_meta:
+        lin = first_linear(module)  # (only torch's matmul mismatches: an out-of-memory error stays one, review)
+        if lin is None or lin.weight.is_meta or isinstance(err, torch.OutOfMemoryError) or \
+                _MATMUL_MISMATCH.search(str(err)) is None:
             raise
         if lin.in_features != x.shape[-1]:
             raise ValueError(f"{name} takes inputs of width {lin.in_features} (its nn.Linear's in_features), got "

@@ -1,52 +1,79 @@
-"""Round 55: a layer's state dict says what the layer never wrote, so loading it elsewhere does not mark the
-initialiser's values as loaded (round 54's leftover: a never-loaded layer's state dict loaded as "loaded" and the
-forward computed with torch.empty's memory: NaN or garbage, silently)."""
+"""Round 55: a state dict of a layer whose experts were never loaded does not load as "loaded" (round 54's leftover:
+the copy's forward computed with torch.empty's memory, NaN or garbage, silently). Every expert tensor starts at zero,
+and a state-dict load reads a slot's all-zero weight or scale shard as never written; the state dict's keys are the
+same loaded or not (a first design saved a record key: the review found it broke `sd = dst.state_dict();
+sd.update(ckpt)` and torch.distributed.checkpoint loads)."""
 
 import pytest
 import torch
 
 import moekit
-from moekit.experts.loaded_record import UNWRITTEN_KEY
 
 E, K, H, I = 4, 2, 16, 8
-KEY = "routed_experts." + UNWRITTEN_KEY
-FP8_BLOCK = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+QH, QI = 64, 32  # mxfp4 needs multiples of 32
+QUANTS = {
+    "fp8_block": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [8, 8]},
+    "fp8_tensor": {"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True}, "input_activations": {
+        "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}, "format": "float-quantized"},
+    "mxfp4": {"quant_method": "mxfp4"},
+}
 
 
 def _layer(**kw):
     return moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch", **kw).eval()
 
 
-def _weights(seed=0):
+def _weights(seed=0, h=H, inter=I):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(E, 2 * I, H, generator=g) * 0.1, torch.randn(E, H, I, generator=g) * 0.1
+    return torch.randn(E, 2 * inter, h, generator=g) * 0.1, torch.randn(E, h, inter, generator=g) * 0.1
 
 
-def _forward(layer):
+def _forward(layer, dtype=torch.float32, h=H):
     g = torch.Generator().manual_seed(3)
-    return layer(torch.randn(5, H, generator=g), torch.randn(5, E, generator=g))
+    return layer(torch.randn(5, h, generator=g).to(dtype), torch.randn(5, E, generator=g))
 
 
-def test_a_never_loaded_layers_state_dict_leaves_the_copy_unloaded():
-    # the edge of the leftover: nothing was ever written; the copy's forward must raise, not compute
+def test_a_never_loaded_layer_starts_at_zero_and_its_state_dict_loads_as_not_loaded():
+    # the edge of the leftover: nothing was ever written; the copy's forward raises instead of computing
     a, b = _layer(), _layer()
+    assert not a.routed_experts.w13_weight.any() and not a.routed_experts.w2_weight.any()
     sd = a.state_dict()
-    assert sd[KEY].dtype == torch.int64 and sd[KEY].shape == (E * 3, 3)
-    assert str(b.load_state_dict(sd)) == "<All keys matched successfully>"  # strict: the key is not unexpected
+    assert list(sd) == ["routed_experts.w13_weight", "routed_experts.w2_weight"]  # no extra key
+    assert str(b.load_state_dict(sd)) == "<All keys matched successfully>"
     assert not b.routed_experts.loaded
-    with pytest.raises(RuntimeError, match="forward before the expert weights were loaded .*came from a layer that"):
+    with pytest.raises(RuntimeError, match="forward before the expert weights were loaded .*all-zero values"):
         _forward(b)
 
 
-def test_a_fully_loaded_layer_saves_no_record_and_its_copy_is_loaded():
-    # the common case stays as it was: no extra key, the copy computes the same bits
+def test_a_loaded_layers_state_dict_has_the_same_keys_and_loads():
+    # the key set does not depend on being loaded (torch.distributed.checkpoint plans its reads from the target's keys)
     a, b = _layer(), _layer()
+    keys = list(a.state_dict())
     a.load_expert_weights(*_weights())
-    sd = a.state_dict()
-    assert KEY not in sd
-    b.load_state_dict(sd)
-    assert b.routed_experts.loaded
-    assert torch.equal(_forward(a), _forward(b))
+    assert list(a.state_dict()) == keys
+    b.load_state_dict(a.state_dict())
+    assert b.routed_experts.loaded and torch.equal(_forward(a), _forward(b))
+
+
+def test_the_template_fill_load_pattern_loads():
+    # the review's case: the target's own (unloaded) state dict updated with a checkpoint, then loaded
+    src, dst = _layer(), _layer()
+    src.load_expert_weights(*_weights())
+    state = dst.state_dict()
+    state.update(src.state_dict())
+    dst.load_state_dict(state)
+    assert dst.routed_experts.loaded and torch.equal(_forward(src), _forward(dst))
+
+
+def test_weights_written_in_place_then_loaded_through_a_state_dict_count():
+    # values written into the parameters in place, then a state-dict round trip: real values, loaded
+    a = _layer()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0, 0.1)
+    a.load_state_dict(a.state_dict())
+    assert a.routed_experts.loaded
 
 
 def test_a_partly_loaded_layers_copy_misses_exactly_what_it_missed():
@@ -64,8 +91,7 @@ def test_a_partly_loaded_layers_copy_misses_exactly_what_it_missed():
 
 
 def test_a_partial_state_dict_unmarks_only_the_tensors_it_carries():
-    # an unloaded layer's w13 alone into a loaded layer: its w13 is initialiser memory now (unwritten), its w2 was
-    # not touched and stays loaded
+    # an unloaded layer's w13 alone into a loaded layer: its w13 is zeros now (unwritten), its w2 stays loaded
     a, b = _layer(), _layer()
     b.load_expert_weights(*_weights())
     sd = a.state_dict()
@@ -75,35 +101,36 @@ def test_a_partial_state_dict_unmarks_only_the_tensors_it_carries():
     assert b.routed_experts.missing() == [f"expert {e} w{s}" for e in range(E) for s in (1, 3)]
 
 
-def test_a_quantised_layers_record_covers_its_scales():
-    # fp8 block: weights written with their scales; a copy of an unloaded one misses both
-    a, b = (moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=FP8_BLOCK, backend="torch").eval()
-            for _ in range(2))
+def test_an_all_zero_bias_is_a_value():
+    # biases of zeros are real (zero-initialised biases ship): a loaded layer's zero biases load as loaded
+    a, b = _layer(has_bias=True), _layer(has_bias=True)
+    a.load_expert_weights(*_weights(), torch.zeros(E, 2 * I), torch.zeros(E, H))
+    b.load_state_dict(a.state_dict())
+    assert b.routed_experts.loaded
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quantised_layers_read_zero_codes_and_scales_as_unwritten(quant):
+    # fp8 block / per-tensor ([E] w2 scales, 1-D) and mxfp4 (uint8 codes, e8m0 scale bytes): an unloaded layer's
+    # copy misses weights and scales; a loaded layer's copy computes the same bits
+    fmt = moekit.parse_quant_config(QUANTS[quant])
+    a, b = (moekit.FusedMoE(E, K, QH, QI, params_dtype=torch.bfloat16, quant_config=QUANTS[quant],
+                            backend="torch").eval() for _ in range(2))
     b.load_state_dict(a.state_dict())
     missing = b.routed_experts.missing()
     assert "expert 0 w1" in missing and "expert 0 w1 scale" in missing and "expert 3 w2 scale" in missing
-    q = moekit.quantize_experts(*_weights(), moekit.parse_quant_config(FP8_BLOCK))
+    q = moekit.quantize_experts(*_weights(h=QH, inter=QI), fmt)
     a.load_expert_weights(q[0], q[1], w13_scale=q[2], w2_scale=q[3])
     b.load_state_dict(a.state_dict())
-    assert b.routed_experts.loaded and KEY not in a.state_dict()
+    assert b.routed_experts.loaded
+    assert torch.equal(_forward(a, torch.bfloat16, QH), _forward(b, torch.bfloat16, QH))
 
 
-@pytest.mark.parametrize("bad", [
-    torch.zeros(2, 3, dtype=torch.int32),  # not int64
-    torch.zeros(6, dtype=torch.int64),  # not [n, 3]
-    torch.tensor([[E, 0, 0]]),  # a slot this layer does not have
-    torch.tensor([[0, 3, 0]]),  # no shard code 3
-    torch.tensor([[0, 0, 4]]),  # no kind code 4
-    torch.tensor([[-1, 0, 0]]),  # negative
-])
-def test_a_malformed_record_is_refused_before_anything_is_copied(bad):
-    # a hand-made or corrupted record: ValueError naming the key, and the layer keeps its weights and loaded state
+def test_one_expert_of_zeros_names_that_expert():
+    # a checkpoint whose expert 2 gate rows are all zero (never written): only that shard is missing
     a, b = _layer(), _layer()
-    a.load_expert_weights(*_weights(1))
-    b.load_expert_weights(*_weights(2))
-    before = b.routed_experts.w13_weight.clone()
-    sd = a.state_dict()
-    sd[KEY] = bad
-    with pytest.raises(ValueError, match=UNWRITTEN_KEY):
-        b.load_state_dict(sd)
-    assert torch.equal(b.routed_experts.w13_weight, before) and b.routed_experts.loaded
+    w13, w2 = _weights()
+    w13[2, :I] = 0
+    a.load_expert_weights(w13, w2)
+    b.load_state_dict(a.state_dict())
+    assert b.routed_experts.missing() == ["expert 2 w1"]

@@ -135,3 +135,21 @@ def test_layer_periods_of_other_architectures(tmp_path):
     with pytest.raises(ValueError, match="interleave_moe_layer_step must be >= 1"):
         plan_layers(llama4, "x/config.json")
     assert plan_layers(dict(QWEN3, num_experts=0, decoder_sparse_step=0))[1] == []
+
+
+def test_review_period_of_derived_layer_types_and_blame_of_non_finite_fields():
+    # moe_layer_freq 0 (A.X-K1's derived layer types: i % 0) names the field; a non-finite field elsewhere in the file
+    # is not blamed for another field's bad value (rope_theta = Infinity beside num_experts_per_tok = "x")
+    from moekit.loading.architectures import plan_layers
+
+    axk1 = dict(model_type="axk1", moe_layer_freq=0, hidden_size=16, moe_intermediate_size=8, n_routed_experts=4,
+                num_experts_per_tok=2, num_hidden_layers=3)
+    with pytest.raises(ValueError, match="moe_layer_freq must be >= 1"):
+        plan_layers(axk1, "x/config.json")
+    ds3 = dict(model_type="deepseek_v3", hidden_size=16, moe_intermediate_size=8, n_routed_experts=4,
+               num_hidden_layers=3, rope_theta=float("inf"))
+    with pytest.raises(ValueError) as got:
+        plan_layers(dict(ds3, num_experts_per_tok="x"), "x/config.json")
+    assert "rope_theta" not in str(got.value) and "'x'" in str(got.value)
+    with pytest.raises(ValueError, match="hidden_size = inf.*: not a finite number"):
+        plan_layers(dict(ds3, hidden_size=float("inf")), "x/config.json")

@@ -53,7 +53,7 @@ def test_triton_gate_matches_its_twin(t, h, n, dtype, fp32, bias):
         ref = _twin(x, gate, torch.float64, wide=torch.float64)
         # fp32 sums (H up to 2500: the GPU's order landed at 1.4e-6 on an H100, round 55; the GPU test's bound);
         # one bf16 rounding
-        tol = 2e-5 if want == torch.float32 else 2 ** -8
+        tol = (1e-6 if DEV == "cpu" else 2e-5) if want == torch.float32 else 2 ** -8
         assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 

@@ -35,7 +35,7 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import InputScales, LoadedRecord, state_loaded, unwritten_rows
+from .loaded_record import InputScales, LoadedRecord, state_loaded
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
@@ -72,7 +72,8 @@ class RoutedExperts(torch.nn.Module):
     (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
     biases ``w13_bias [E_local, 2·I_local]``, ``w2_bias [E_local, H]``. Writes are recorded per slot and
     shard; :attr:`loaded` and :meth:`missing` say what is still unwritten, and a forward before every
-    shard was written raises ``RuntimeError``.
+    shard was written raises ``RuntimeError``. Every tensor starts at zero, and ``load_state_dict`` reads a slot's
+    all-zero weight or scale shard as unwritten (a state dict of a layer never loaded loads as not loaded).
     """
 
     def __init__(
@@ -125,10 +126,10 @@ class RoutedExperts(torch.nn.Module):
         for name in ("w13_bias", "w2_bias", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
             setattr(self, name, None)
         for name, spec in self.specs.items():
-            # scales 0 until given (a state dict of an unloaded layer then loads again: round 53's review)
-            alloc = torch.zeros if spec.kind in ("scale", "input_scale") else torch.empty
-            setattr(self, name, _param(alloc(spec.local_shape(p.num_local, self.tp_rows), dtype=spec.dtype,
-                                             device=device)))
+            # every tensor 0 until given: a state dict of an unloaded layer loads again (scales: round 53's review),
+            # and loads as not loaded (all-zero weight / scale slices: loaded_record.zero_slices; round 55)
+            setattr(self, name, _param(torch.zeros(spec.local_shape(p.num_local, self.tp_rows), dtype=spec.dtype,
+                                                   device=device)))
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self._record = LoadedRecord((slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
@@ -227,17 +228,15 @@ class RoutedExperts(torch.nn.Module):
                               error_msgs):
         check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes (byte views), scale values
         placement = incoming_placement(self, state_dict, prefix)  # shapes and placement, checked before any copy
-        unwritten = unwritten_rows(self, state_dict, prefix)  # what the saved layer never wrote (checked too)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
-        state_loaded(self, state_dict, prefix, placement, unwritten, unexpected_keys)  # placement, loaded, dtype, maps
+        state_loaded(self, state_dict, prefix, placement, unexpected_keys)  # placement, what was loaded, dtype, maps
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         spec_packed_saved(self._relaid_weights(), destination, prefix)
         placement_saved(self.placement, destination, prefix)
-        self._record.saved(destination, prefix)
 
     # -- loading ------------------------------------------------------------------------------
     @torch.no_grad()

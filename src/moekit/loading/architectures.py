@@ -65,7 +65,10 @@ def plan_layers(config: dict, source: str = "config.json") -> tuple[ArchSpec, li
         raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}) needs the field "
                          f"{err.args[0]!r}, which is missing") from None
     except (ArithmeticError, IndexError, TypeError, ValueError) as err:  # ArithmeticError: int(inf), a 0 divisor
-        bad = non_finite(raw_text_config(config))
+        # the non-finite fields are to blame only for the errors they raise (int(inf), int(nan)): not for another
+        # field's bad value (review)
+        nan = isinstance(err, ValueError) and "NaN" in str(err)
+        bad = non_finite(raw_text_config(config)) if isinstance(err, OverflowError) or nan else []
         why = (f"{', '.join(bad)}: not a finite number ({err})" if bad
                else f"a field has a wrong value, type or length: {err}")
         raise ValueError(f"{source}: model_type {config.get('model_type')!r} ({spec.name}): {why}") from None

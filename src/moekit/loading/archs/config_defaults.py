@@ -15,7 +15,7 @@ supported type and checks the plan does not change. No transformers import here.
 
 from __future__ import annotations
 
-from .common import get, layers
+from .common import get, layers, period
 
 SPARSE, DENSE = "sparse", "dense"
 
@@ -27,7 +27,9 @@ def _dense_first(k_default: int = 1, *, freq: bool = False):
     def derive(cfg: dict) -> list[str]:
         k = int(get(cfg, "first_k_dense_replace", k_default))
         f = get(cfg, "moe_layer_freq", 1) if freq else 1
-        return [SPARSE if i >= k and (bool(f[i]) if isinstance(f, (list, tuple)) else i % int(f) == 0) else DENSE
+        if not isinstance(f, (list, tuple)):
+            f = period(cfg, "moe_layer_freq") if freq else 1  # a step >= 1 (0: a ValueError naming it, review)
+        return [SPARSE if i >= k and (bool(f[i]) if isinstance(f, (list, tuple)) else i % f == 0) else DENSE
                 for i in range(layers(cfg))]
 
     return derive
