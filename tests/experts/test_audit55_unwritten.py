@@ -134,3 +134,14 @@ def test_one_expert_of_zeros_names_that_expert():
     a.load_expert_weights(w13, w2)
     b.load_state_dict(a.state_dict())
     assert b.routed_experts.missing() == ["expert 2 w1"]
+
+
+def test_a_layer_materialised_with_to_empty_starts_at_zero_too():
+    # built on meta, to_empty (uninitialised memory), saved before any load: its copy loads as not loaded
+    a = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch", device="meta").to_empty(device="cpu")
+    assert not a.routed_experts.w13_weight.any() and not a.routed_experts.w2_weight.any()
+    b = _layer()
+    b.load_state_dict(a.state_dict())
+    assert not b.routed_experts.loaded
+    a.load_expert_weights(*_weights())  # and it loads as any layer does
+    assert a.routed_experts.loaded

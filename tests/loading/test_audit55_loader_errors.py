@@ -153,3 +153,14 @@ def test_review_period_of_derived_layer_types_and_blame_of_non_finite_fields():
     assert "rope_theta" not in str(got.value) and "'x'" in str(got.value)
     with pytest.raises(ValueError, match="hidden_size = inf.*: not a finite number"):
         plan_layers(dict(ds3, hidden_size=float("inf")), "x/config.json")
+
+
+def test_a_fractional_count_is_refused_not_truncated():
+    # the CLI audit's case: num_experts 8.5 planned 8 experts silently; 8.0 is a whole number and plans as 8
+    from moekit.loading.architectures import plan_layers
+
+    qwen = dict(model_type="qwen3_moe", hidden_size=16, moe_intermediate_size=8, num_experts_per_tok=2,
+                num_hidden_layers=2)
+    with pytest.raises(ValueError, match=r"config.json gives num_experts = 8.5 \(num_experts\); expected a whole"):
+        plan_layers(dict(qwen, num_experts=8.5), "x/config.json")
+    assert [p.num_experts for p in plan_layers(dict(qwen, num_experts=8.0), "x/config.json")[1]] == [8, 8]

@@ -141,8 +141,11 @@ class RoutedExperts(torch.nn.Module):
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
         new, was_meta = cast_params_dtype(self, fn) if self.quant is not None else None, self.w13_weight.is_meta
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
-        if was_meta and not self.w13_weight.is_meta:  # ``to_empty``: the maps (no state-dict entries) hold garbage
-            maps_rebuilt(self)
+        if was_meta and not self.w13_weight.is_meta:  # ``to_empty``: the maps (no state-dict entries) hold garbage,
+            maps_rebuilt(self)  # and the expert tensors are zeroed as at construction (a state dict saved before any
+            with torch.no_grad():  # load then loads as not loaded: loaded_record.zero_slices; round 55)
+                for t in self.expert_tensors().values():
+                    t.zero_()
         if new is not None and new != self._params_dtype:
             follow_params_dtype(self, new)
         follow_weight_dtype(self)  # moe_config.params_dtype, and what loads convert to (unquantised)

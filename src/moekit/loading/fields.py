@@ -33,6 +33,8 @@ ARG_FIELDS: dict[str, tuple[str, ...]] = {
 }
 #: how construction errors spell an argument besides its name
 _PHRASES = {"number of experts": "num_experts", "global_num_experts": "num_experts", "hidden size": "hidden_size"}
+#: the arguments of :data:`ARG_FIELDS` that are real numbers (the others are counts and sizes)
+_REAL_ARGS = ("routed_scaling_factor", "swiglu_limit")
 #: the plan's sizes and their least value (top_k and the expert groups: the construction checks)
 _MINIMA = (("hidden_size", 1), ("intermediate_size", 1), ("num_experts", 1), ("shared_intermediate_size", 0),
            ("num_zero_experts", 0), ("routed_shared_experts", 0), ("block_hidden_size", 1))
@@ -92,7 +94,13 @@ def construction_error(err: ValueError, plan, source: str, text: dict | None) ->
 
 def check_plan_numbers(plans, text: dict | None, source: str) -> None:
     """``ValueError`` naming ``source``, the block and the fields for a size no layer can have (a width below 1,
-    a negative shared-expert width...): torch raised ``RuntimeError`` (a negative dimension) at allocation before."""
+    a negative shared-expert width...): torch raised ``RuntimeError`` (a negative dimension) at allocation before;
+    and for a count or size the file gives as a fraction (``num_experts: 8.5`` was read as 8)."""
+    for arg, names in ARG_FIELDS.items():
+        for f in names if arg not in _REAL_ARGS and isinstance(text, dict) else ():
+            v = text.get(f)
+            if isinstance(v, float) and math.isfinite(v) and not v.is_integer():
+                raise ValueError(f"{source}: config.json gives {f} = {v!r} ({arg}); expected a whole number")
     for p in plans:
         for arg, least in _MINIMA:
             value = getattr(p, arg)
