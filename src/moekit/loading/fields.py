@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 import re
 
+from .archs.common import E_KEYS
+
 #: a moekit argument -> the config.json fields the architectures read it from (most common first)
 ARG_FIELDS: dict[str, tuple[str, ...]] = {
-    "num_experts": ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts"),
+    "num_experts": (*E_KEYS, "moe_num_experts"),
     "top_k": ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts", "moe_top_k"),
     "num_expert_group": ("n_group", "num_expert_group"),
     "topk_group": ("topk_group",),

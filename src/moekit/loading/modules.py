@@ -133,18 +133,14 @@ class SharedMLP(torch.nn.Module):
 def plan_gate(plan, *, device=None, dtype=None) -> torch.nn.Module:
     """The router gate of a plan: x [T, H_block or H] -> logits [T, E + Z]. Where transformers keeps the gate's
     weight in float32 for the load dtype ``dtype`` (``plan.gate_fp32_dtypes``, DeepSeek-V3 in bfloat16...) the weight
-    is float32 (a bias keeps ``dtype``: transformers' patterns name the weight) and the gate computes in float32."""
+    is float32; those plans compute the gate in float32 (``router_fp32``, set with the table)."""
     width = plan.outer_hidden_size if plan.gate_input == "block" else plan.hidden_size
     e_all = plan.num_experts + plan.num_zero_experts
     if plan.gate_kind == "rmsnorm":
         return RMSNormGate(width, e_all, plan.norm_eps, device=device, dtype=dtype)
-    dtype = dtype or torch.get_default_dtype()
-    wdtype = plan.gate_dtype(dtype)
-    gate = RouterLinear(width, e_all, bias=plan.router_bias, fp32=plan.router_fp32 or wdtype != dtype,
-                        logit_scale=plan.logit_scale, logit_softcap=plan.logit_softcap, device=device, dtype=wdtype)
-    if gate.bias is not None and gate.bias.dtype != dtype:
-        gate.bias = torch.nn.Parameter(gate.bias.to(dtype))
-    return gate
+    wdtype = plan.gate_dtype(dtype or torch.get_default_dtype())
+    return RouterLinear(width, e_all, bias=plan.router_bias, fp32=plan.router_fp32, logit_scale=plan.logit_scale,
+                        logit_softcap=plan.logit_softcap, device=device, dtype=wdtype)
 
 
 def build_layer(

@@ -255,12 +255,10 @@ def experts_reference(
     p = ExpertsProblem.of(x, w2, topk_ids, expert_map, get_activation(activation).name)
     check_ids_in_range(topk_ids, p.num_global, expert_map)
     check_expert_map_range(expert_map, p.num_local)
-    out = torch.empty_like(x)
     if p.num_tokens == 0:
-        return out
+        return torch.empty_like(x)
     # scratch per token: K slot outputs [K, H] + activations [K, 2I] (fp32) + gathered inputs [K, H]
     per_token = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16
-    chunk = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     local_map = expert_map.long() if expert_map is not None else None
     if not host_sync_allowed():  # compiling or capturing a CUDA graph: the eager loop's host reads are refused
         most = max(1, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
@@ -269,6 +267,8 @@ def experts_reference(
         return compiled_chunks(lambda xc, wc, ic: _experts_chunk_dense(
             xc, w1, w2, wc, ic, p, apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit),
             most, x, topk_weights, topk_ids)
+    out = torch.empty_like(x)
+    chunk = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
         out[start:stop] = _experts_chunk(

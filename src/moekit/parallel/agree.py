@@ -42,6 +42,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from ..experts.executor import LocalExecutor
 from .comm import all_gather_into, global_rank
 from .sync import PeerFailed
 
@@ -116,11 +117,20 @@ def agreed_forward(forward):
 
     @functools.wraps(forward)
     def agreed(layer, *args, **kwargs):
-        start = getattr(layer.expert_executor, "forward_guard", None)
-        guard = start() if start is not None else None
-        if guard is None:
+        ex = layer.expert_executor
+        if type(ex) is LocalExecutor:  # single-process layers: the plain call, no attribute probe (eager host time)
             return forward(layer, *args, **kwargs)
-        with guard:
+        start = getattr(ex, "forward_guard", None)
+        if start is None:
             return forward(layer, *args, **kwargs)
+        return guarded(start(), forward, layer, *args, **kwargs)
 
     return agreed
+
+
+def guarded(guard: ForwardGuard | None, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under ``guard`` (None: as it is)."""
+    if guard is None:
+        return fn(*args, **kwargs)
+    with guard:
+        return fn(*args, **kwargs)

@@ -72,6 +72,12 @@ def live_slots(topk_weights: torch.Tensor, on_input: bool) -> torch.Tensor:
     return torch.ones_like(w, dtype=torch.bool) if on_input else w != 0
 
 
+def layout_width(world: int) -> int:
+    """The int64 values each rank sends in the layout all-gather (``[T, rows for rank 0..W-1]``); a failed rank joins
+    it with as many (:meth:`~moekit.parallel.executor.ParallelExecutor.join_failed`)."""
+    return world + 1
+
+
 def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank: int, world: int,
                    on_input: bool, joining=None) -> Layout:
     """Every rank's ``[T_r, rows to rank 0..W-1]`` (one all-gather) and this rank's send order. A rank that failed
@@ -87,12 +93,13 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
     meta = torch.zeros(world + 2, dtype=torch.int64, device=key.device)
     meta.index_add_(0, key + 1, torch.ones_like(key))
     meta[0] = t
-    meta = meta[: world + 1]
-    everyone = meta.new_empty(world * (world + 1))
+    width = layout_width(world)
+    meta = meta[:width]
+    everyone = meta.new_empty(world * width)
     if joining is not None:
         joining()
     all_gather_into(everyone, meta, group)
-    m = everyone.view(world, world + 1).tolist()
+    m = everyone.view(world, width).tolist()
     check_flags([row[0] for row in m], group, "EP", "before the dispatch")
     send = m[rank][1:]
     return Layout(

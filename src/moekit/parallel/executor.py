@@ -41,11 +41,14 @@ import os
 
 import torch
 
-from .agree import ForwardGuard, check_flags, failure_flag, flag_gather
+from .agree import ForwardGuard, check_flags, failure_flag, flag_gather, guarded
 from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
-from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout
+from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout, layout_width
 from .eplb_state import watch_placement
+
+#: the int64 values each rank sends in the TP token check's all-gather (its T; a failed rank sends its flag)
+TP_CHECK_WIDTH = 1
 
 DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
@@ -134,8 +137,8 @@ class ParallelExecutor:
         ``PeerFailed`` there). A gather that fails itself ends this (noted on ``err``, which the caller raises)."""
         flag, device = failure_flag(err), self.experts.w13_weight.device
         for name in pending:
-            group, size, width = (self.tp_group, self.tp_size, 1) if name == "tp" else \
-                (self.ep_group, self.ep_size, self.ep_size + 1)
+            group, size, width = (self.tp_group, self.tp_size, TP_CHECK_WIDTH) if name == "tp" else \
+                (self.ep_group, self.ep_size, layout_width(self.ep_size))
             try:
                 flag_gather(group, size, width, flag, device)
             except Exception as gather_err:  # noqa: BLE001 - the rank's own error is the one to raise
@@ -143,11 +146,8 @@ class ParallelExecutor:
                 return
 
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        guard = self.forward_guard()  # a direct call's own failures are agreed too (inside a layer's forward: no-op)
-        if guard is None:
-            return self._run(x, topk_weights, topk_ids)
-        with guard:
-            return self._run(x, topk_weights, topk_ids)
+        # a direct call's own failures are agreed too (inside a layer's forward: no guard, a no-op)
+        return guarded(self.forward_guard(), self._run, x, topk_weights, topk_ids)
 
     def _run(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         experts = self.experts
@@ -169,7 +169,7 @@ class ParallelExecutor:
     def check_same_tokens(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` on every rank unless every rank of the TP group holds ``T`` tokens (one
         all-gather of ``T`` and a host synchronisation)."""
-        mine = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        mine = torch.tensor([x.shape[0]] * TP_CHECK_WIDTH, dtype=torch.int64, device=x.device)
         every = torch.empty(self.tp_size, dtype=torch.int64, device=x.device)
         self._joining("tp")
         all_gather_into(every, mine, self.tp_group)
