@@ -22,15 +22,13 @@ from moekit.ops.zero_experts import mask_zero_experts, zero_combine_torch, zero_
 from quant_probe import save_rows, time_alternated  # benchmarks/: the script's own folder
 
 
-def zero_slots_r35(hidden_states, topk_weights, topk_ids, num_experts):
+def zero_slots_r35(topk_weights, topk_ids, num_experts):
     """Round 35's zero-expert step (before the slot-order sum): the zero slots' weights summed by one ``sum``.
-    hidden_states: [T, H]; topk_weights: [T, K] float32; topk_ids: [T, K] int -> (weights, ids) masked, zero: [T, H]
-    float32."""
+    topk_weights: [T, K] float32; topk_ids: [T, K] int -> (weights, ids) masked, s: [T] float32."""
     is_zero = topk_ids >= num_experts
     scale = torch.where(is_zero, topk_weights.float(), torch.zeros((), device=topk_weights.device)).sum(-1)
-    zero = hidden_states.float() * scale.unsqueeze(-1)
     w, ids = mask_zero_experts(topk_weights, topk_ids, num_experts)
-    return w, ids, zero
+    return w, ids, scale
 
 
 def use(layer, kernels) -> None:

@@ -121,10 +121,12 @@ def test_opcheck_route_gate_and_zero_ops():
     torch.library.opcheck(tg.router_gate_op, (torch.randn(0, 40), torch.randn(6, 40), None, torch.float32))
     torch.library.opcheck(tg.router_gate_op, (torch.randn(2, 1100).half(), torch.randn(6, 1100).half(),
                                               torch.randn(6).half(), torch.float16))
-    torch.library.opcheck(tz.zero_slots_op, (torch.randn(0, 40), torch.rand(0, 3), torch.zeros(0, 3).int(), 6))
+    torch.library.opcheck(tz.zero_slots_op, (torch.rand(0, 3), torch.zeros(0, 3).int(), 6))
     ids = torch.tensor([[0, 6, 7], [7, 1, 2]], dtype=torch.int64)
-    torch.library.opcheck(tz.zero_slots_op, (torch.randn(2, 40).half(), torch.rand(2, 3), ids, 6))
-    torch.library.opcheck(tz.zero_combine_op, (torch.randn(0, 40), None, 2.0))
+    torch.library.opcheck(tz.zero_slots_op, (torch.rand(2, 3), ids, 6))
+    torch.library.opcheck(tz.zero_combine_op, (torch.randn(0, 40), None, None, 2.0))
+    torch.library.opcheck(tz.zero_combine_op, (torch.randn(2, 40).half(), torch.randn(2, 40).half(), torch.rand(2),
+                                               2.0))
 
 
 # ------------------------------------------------------------------ torch.compile(fullgraph=True) of layers

@@ -95,7 +95,7 @@ def test_longcat_all_zero_expert_routing(scale_on_output):
     assert_close_dtype(out, ref, torch.float32)
     if not scale_on_output:
         # exactly zero + shared: the routed experts add nothing at all
-        zero = layer.router.route(x, logits).zero_output
+        zero = layer.router.route(x, logits).zero_contribution(x)
         assert torch.equal(out, zero + shared(x))
         no_shared = _longcat(False, bias)
         no_shared.load_expert_weights(w13, w2)

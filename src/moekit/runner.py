@@ -2,8 +2,8 @@
 
     x        = routed_input_transform(h)            if set, else h          [T, H]
     logits   = gate(x)  (gate(h) with gate_input="block")  if not given     [T, E + Z]
-    routing  = router.route(x, logits)              weights [T, K] f32, ids [T, K] i32, zero [T, H]
-    routed   = expert_executor(x, weights, ids) + zero      (local, or EP dispatch/combine + TP reduce)
+    routing  = router.route(x, logits)              weights [T, K] f32, ids [T, K] i32, zero_scale [T] f32
+    routed   = expert_executor(x, weights, ids) + x * zero_scale   (local, or EP dispatch/combine + TP reduce)
     routed  *= routed_scaling_factor                (only when applied to the output)
     routed   = routed_output_transform(routed)      if set
     shared   = shared_experts(h) [* sigmoid(shared_expert_gate(h))]
@@ -334,9 +334,9 @@ class MoERunner(torch.nn.Module):
         """:meth:`_routed` and the routing weights it used: ``(routed [T, W], topk_weights [T, K] float32)``."""
         routing = self.router.route(x, logits, input_ids=input_ids)
         routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
-        if routing.zero_output is not None or self.routed_scaling_factor != 1.0:
-            # ((routed + zero) * scale) in float32, rounded once (one launch on the Triton table)
-            routed = self.routed_experts.kernels.zero_combine(routed, routing.zero_output,
+        if routing.zero_scale is not None or self.routed_scaling_factor != 1.0:
+            # ((routed + x * zero_scale) * scale) in float32, rounded once (one launch on the Triton table)
+            routed = self.routed_experts.kernels.zero_combine(routed, x, routing.zero_scale,
                                                               float(self.routed_scaling_factor))
         return routed, routing.topk_weights
 

@@ -40,10 +40,22 @@ class RoutingResult:
     topk_weights: [T, K] float32, already renormalised and scaled as configured.
     topk_ids: [T, K] int32 (or the router's ``indices_type``), ids of real experts only:
         zero-expert slots are rewritten to id 0 with weight 0.0.
-    zero_output: [T, H] float32, the zero-expert contribution (rounded once, with the routed output,
-        by the runner), or None when the router has no zero experts.
+    zero_scale: [T] float32, ``s[t] = Σ_{j: id_j >= E} w_j``, the zero slots' weight sum (slot order), or None when
+        the router has no zero experts. The zero-expert contribution is ``x[t] · s[t]`` (:meth:`zero_contribution`);
+        the runner adds it to the routed output inside its final rounding, never storing it as ``[T, H]``.
     """
 
     topk_weights: torch.Tensor
     topk_ids: torch.Tensor
-    zero_output: torch.Tensor | None = None
+    zero_scale: torch.Tensor | None = None
+
+    def __post_init__(self):
+        s = self.zero_scale
+        if s is not None and (not isinstance(s, torch.Tensor) or s.dim() != 1 or s.dtype != torch.float32):
+            got = f"shape {list(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"RoutingResult.zero_scale must be [T] float32 (the zero slots' weight sum; "
+                             f"the [T, H] zero_output of rounds <= 55 is gone), got {got}")
+
+    def zero_contribution(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The zero-expert contribution ``x[t] · s[t]``: [T, H] float32 (x: [T, H], the routed input), or None."""
+        return None if self.zero_scale is None else x.float() * self.zero_scale.unsqueeze(-1)

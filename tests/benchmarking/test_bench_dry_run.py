@@ -173,4 +173,4 @@ def test_the_quantised_whole_layer_row_runs_the_runners_math(quant):
     with torch.no_grad():
         out = fn(x, logits)
         assert torch.equal(out, ql(x, logits))
-    assert layer.router.route(x, logits).zero_output.abs().sum() > 0  # zero experts were chosen
+    assert layer.router.route(x, logits).zero_scale.abs().sum() > 0  # zero experts were chosen

@@ -167,12 +167,12 @@ def test_router_gate_and_zero_experts_past_2_31():
     del logits
     ids = torch.randint(0, e + 2, (t, k), device="cuda", generator=g, dtype=torch.int32)  # ids >= E: zero experts
     w = torch.rand(t, k, device="cuda", generator=g)
-    w_out, ids_out, zero = zero_slots_triton(x, w, ids, e)
-    for a, b in zip((w_out, ids_out, zero), zero_slots_torch(x[rows], w[rows], ids[rows], e)):
+    w_out, ids_out, s = zero_slots_triton(w, ids, e)
+    for a, b in zip((w_out, ids_out, s), zero_slots_torch(w[rows], ids[rows], e)):
         assert torch.equal(a[rows], b)
     del w_out, ids_out
-    out = zero_combine_triton(x, zero, 2.5)
-    assert torch.equal(out[rows], zero_combine_torch(x[rows], zero[rows], 2.5))
+    out = zero_combine_triton(x, x, s, 2.5)
+    assert torch.equal(out[rows], zero_combine_torch(x[rows], x[rows], s[rows], 2.5))
 
 
 def _quant_run(fmt, x, w1, w2, w, ids):

@@ -1,6 +1,6 @@
 """The Triton zero-expert and output-combine kernels (``moekit.ops.triton_zero``) against their torch twins
-(``moekit.ops.zero_experts``): the same bits (masked ids and weights, the float32 zero contribution, the rounded
-output), and the twins against a naive per-token float64 loop.
+(``moekit.ops.zero_experts``): the same bits (masked ids and weights, the zero slots' float32 weight sum, the rounded
+output with the zero contribution ``x · s`` added), and the twins against a naive per-token float64 loop.
 
 On CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``); on a GPU the same cases run on the device.
 """
@@ -28,26 +28,24 @@ def _slots(t, k, e, z, h, seed, ids_dtype=torch.int32, dtype=torch.bfloat16, hot
     return x.to(dtype).to(DEV), w.float().to(DEV), ids.to(ids_dtype).to(DEV)
 
 
-def _naive(x, w, ids, e):
-    """Per token, float64: zero = x · Σ_{ids >= e} w; zero slots -> (0, 0.0)."""
-    t, h = x.shape
-    zero = torch.zeros(t, h, dtype=torch.float64)
+def _naive(w, ids, e):
+    """Per token, float64: s = Σ_{ids >= e} w; zero slots -> (0, 0.0)."""
+    t = w.shape[0]
+    s = torch.zeros(t, dtype=torch.float64)
     wm, im = w.clone().cpu(), ids.clone().cpu()
     for i in range(t):
-        s = 0.0
         for j in range(w.shape[1]):
             if int(ids[i, j]) >= e:
-                s += float(w[i, j])
+                s[i] += float(w[i, j])
                 wm[i, j], im[i, j] = 0.0, 0
-        zero[i] = x[i].double().cpu() * s
-    return wm, im, zero
+    return wm, im, s
 
 
 CASES = [  # (T, K, E, Z, H): the edge each covers
     (0, 4, 8, 4, 16),       # the empty batch
     (1, 1, 5, 3, 7),        # one token, K = 1, prime H
     (7, 12, 32, 16, 96),    # LongCat-like K = 12 (not a power of two), several zero slots per row
-    (5, 4, 4, 4, 1500),     # K = E: rows over several column blocks (H > ZERO_BH), ragged last block
+    (5, 4, 4, 4, 1500),     # K = E
     (3, 3, 6, 3, 33),       # K = Z: a row routed only to zero experts (hot_zero) and one with none
 ]
 
@@ -56,44 +54,51 @@ CASES = [  # (T, K, E, Z, H): the edge each covers
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_zero_slots_kernel_matches_the_twin_bit_for_bit(t, k, e, z, h, ids_dtype):
     x, w, ids = _slots(t, k, e, z, h, seed=t + k + h, ids_dtype=ids_dtype, hot_zero=True)
-    wt, it, zt = tz.zero_slots_triton(x, w, ids, e)
-    wr, ir, zr = zero_slots_torch(x, w, ids, e)
-    assert it.dtype == ids.dtype and wt.dtype == torch.float32 and zt.dtype == torch.float32
-    assert torch.equal(it, ir) and torch.equal(wt, wr) and torch.equal(zt, zr)
-    wn, in_, zn = _naive(x, w, ids, e)
+    wt, it, st = tz.zero_slots_triton(w, ids, e)
+    wr, ir, sr = zero_slots_torch(w, ids, e)
+    assert it.dtype == ids.dtype and wt.dtype == torch.float32 and st.dtype == torch.float32
+    assert st.shape == (t,)  # [T]: no [T, H] buffer
+    assert torch.equal(it, ir) and torch.equal(wt, wr) and torch.equal(st, sr)
+    wn, in_, sn = _naive(w, ids, e)
     assert torch.equal(ir.cpu(), in_) and torch.equal(wr.cpu(), wn)
-    torch.testing.assert_close(zr.cpu().double(), zn, rtol=1e-6, atol=1e-6)
-    if t >= 2 and k <= z:  # the all-zero row carries x · Σw, the row without zero slots exactly 0
-        assert torch.count_nonzero(zt[1]) == 0 and bool((it[0] == 0).all()) and bool((wt[0] == 0).all())
+    torch.testing.assert_close(sr.cpu().double(), sn, rtol=1e-6, atol=1e-6)
+    if t >= 2 and k <= z:  # the all-zero row carries Σw, the row without zero slots exactly 0
+        assert st[1] == 0 and st[0] > 0 and bool((it[0] == 0).all()) and bool((wt[0] == 0).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_zero", [True, False])
 @pytest.mark.parametrize("scale", [1.0, 6.0, 2.5])
 def test_zero_combine_kernel_matches_the_twin_bit_for_bit(dtype, with_zero, scale):
-    for t, h in ((0, 8), (1, 7), (6, 1500)):
+    for t, h in ((0, 8), (1, 7), (6, 1500)):  # empty, prime H, several column blocks (H > ZERO_BH) ragged
         g = torch.Generator().manual_seed(t + h)
         routed = (torch.randn(t, h, generator=g) * 3).to(dtype).to(DEV)
-        zero = (torch.randn(t, h, generator=g) * 2).to(DEV) if with_zero else None
-        out = tz.zero_combine_triton(routed, zero, scale)
-        ref = zero_combine_torch(routed, zero, scale)
+        x = (torch.randn(t, h, generator=g) * 2).to(dtype).to(DEV)
+        s = (torch.rand(t, generator=g) * 1.7).to(DEV) if with_zero else None
+        if with_zero and t > 1:
+            s[1] = 0.0  # a row with no zero slot
+        out = tz.zero_combine_triton(routed, x, s, scale)
+        ref = zero_combine_torch(routed, x, s, scale)
         assert out.dtype == dtype and out.shape == routed.shape
         assert torch.equal(out, ref), (t, h)
-        naive = (routed.double() + (zero.double() if with_zero else 0)) * scale  # float64, per element
-        tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6}[dtype]  # the dtype's rounding
+        zero = x.double() * s.double().unsqueeze(-1) if with_zero else 0
+        naive = (routed.double() + zero) * scale  # float64, per element
+        tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]  # three float32 roundings
         torch.testing.assert_close(ref.double(), naive, rtol=tol, atol=tol)
-        if with_zero and t:  # a strided view of the rows gives the same bits
+        if with_zero and t:  # strided views of the rows and of s give the same bits
             wide = torch.zeros(t, 2 * h, dtype=dtype, device=DEV)
-            wide[:, ::2] = routed
-            assert torch.equal(tz.zero_combine_triton(wide[:, ::2], zero, scale), ref)
+            wide[:, ::2], wide[:, 1::2] = routed, x
+            s2 = torch.stack([s, s], 1)[:, 0]
+            assert torch.equal(tz.zero_combine_triton(wide[:, ::2], wide[:, 1::2], s2, scale), ref)
+            assert torch.equal(tz.zero_combine_op(wide[:, ::2], wide[:, 1::2], s2, scale), ref)
 
 
 def test_zero_ops_opcheck():
     x, w, ids = _slots(5, 4, 6, 3, 40, seed=3)
-    torch.library.opcheck(tz.zero_slots_op, (x, w, ids, 6))
+    torch.library.opcheck(tz.zero_slots_op, (w, ids, 6))
     routed = torch.randn(5, 40, device=DEV).bfloat16()
-    torch.library.opcheck(tz.zero_combine_op, (routed, torch.randn(5, 40, device=DEV), 6.0))
-    torch.library.opcheck(tz.zero_combine_op, (routed, None, 2.5))
+    torch.library.opcheck(tz.zero_combine_op, (routed, x, torch.rand(5, device=DEV), 6.0))
+    torch.library.opcheck(tz.zero_combine_op, (routed, None, None, 2.5))
 
 
 @pytest.mark.parametrize("scale_on_output", [False, True])

@@ -84,7 +84,8 @@ def test_route_returns_zero_output_without_side_channel():
     res = r.route(x, logits)
     w, ids = r.select_experts(x, logits)
     assert torch.equal(res.topk_weights, w) and torch.equal(res.topk_ids, ids)
-    assert torch.equal(res.zero_output, r.zero_expert_output)
+    assert res.zero_scale.shape == (9,)  # [T]: the [T, H] contribution is never stored
+    assert torch.equal(res.zero_contribution(x), r.zero_expert_output)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -132,7 +132,7 @@ def layer_fn(layer, m, quant: str | None, q: tuple | None, backend: str = "trito
     def fwd(x, logits):
         res = r.route(x, logits)
         out = experts(x, res.topk_weights, res.topk_ids)
-        return out if res.zero_output is None and scale == 1.0 else combine(out, res.zero_output, scale)
+        return out if res.zero_scale is None and scale == 1.0 else combine(out, x, res.zero_scale, scale)
 
     return fwd
 

@@ -4,6 +4,7 @@ The checkpoint-name mapping lives with the experts (:mod:`moekit.experts.mapping
 """
 
 from ..experts.mapping import fused_moe_make_expert_params_mapping, load_layer_weights
+from .architectures import supported_model_types
 from .loader import load_moe_layers
 
-__all__ = ["fused_moe_make_expert_params_mapping", "load_layer_weights", "load_moe_layers"]
+__all__ = ["fused_moe_make_expert_params_mapping", "load_layer_weights", "load_moe_layers", "supported_model_types"]

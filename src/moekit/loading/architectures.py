@@ -8,6 +8,8 @@ A family module may also list ``REFUSED`` model types (why the layer contract ca
 
 from __future__ import annotations
 
+import difflib
+import textwrap
 from dataclasses import replace
 
 from .archs import core, ds3, gemma4, granite, mixtral_like, qwen_like, sigmoid_bias, singletons
@@ -27,11 +29,43 @@ REFUSED = {t: why for family in FAMILIES for t, why in getattr(family, "REFUSED"
 
 
 def supported_model_types() -> list[str]:
+    """Returns every config.json ``model_type`` moekit loads and patches (wrappers of a text tower included), sorted."""
     return sorted(set(BY_MODEL_TYPE) | set(TOWERS))
 
 
+#: the architectures an unsupported model_type's error names on its first line (the rest: counted)
+_NAMED = 13
+
+
+def close_model_type(mt: str) -> str | None:
+    """Returns the supported model_type ``mt`` is likely a misspelling of (``'qwen3moe'`` -> ``'qwen3_moe'``; case and
+    ``-`` ignored), or None. A supported type that merely extends ``mt`` (``'llama'`` -> ``'llama4'``, ``'qwen3'`` ->
+    ``'qwen3_moe'``) is not offered: ``mt`` is then most likely that family's dense model, not a typo."""
+    types = supported_model_types()
+    norm = mt.lower().replace("-", "_")
+    if norm in types:
+        return norm
+    return next((t for t in difflib.get_close_matches(norm, types, n=3, cutoff=0.75) if not t.startswith(norm)), None)
+
+
+def unsupported_message(mt) -> str:
+    """Returns the error for a ``model_type`` moekit has no spec for: a first line naming it (and a close supported
+    one), the first architectures, how many model types there are and the function listing them (``moekit inspect``
+    prints this line alone); then every supported model type, wrapped (<= 100 characters a line)."""
+    types = supported_model_types()
+    close = close_model_type(mt) if isinstance(mt, str) else None
+    hint = f" (did you mean {close!r}?)" if close else ""
+    names = ", ".join(s.name for s in SPECS[:_NAMED])
+    more = f" and {len(SPECS) - _NAMED} more" if len(SPECS) > _NAMED else ""
+    listed = textwrap.fill(", ".join(types), width=100, initial_indent="  ", subsequent_indent="  ",
+                           break_long_words=False, break_on_hyphens=False)
+    return (f"model_type={mt!r} is not supported{hint}; supported architectures: {names}{more} ({len(types)} model "
+            f"types in all: moekit.loading.supported_model_types())\nsupported model types:\n{listed}")
+
+
 def spec_for(config: dict) -> ArchSpec:
-    """The spec of a config.json dict; unsupported architectures raise ``NotImplementedError``."""
+    """The spec of a config.json dict; unsupported architectures raise ``NotImplementedError``
+    (:func:`unsupported_message`)."""
     mt = config.get("model_type")
     if mt is not None and not isinstance(mt, str):
         raise ValueError(f"config.json's model_type must be a string, e.g. 'deepseek_v3', got {mt!r}")
@@ -40,8 +74,7 @@ def spec_for(config: dict) -> ArchSpec:
     if mt in TOWERS:
         return TOWERS[mt][0]
     if mt not in BY_MODEL_TYPE:
-        names = ", ".join(f"{s.name} ({'/'.join(s.model_types)})" for s in SPECS)
-        raise NotImplementedError(f"model_type={mt!r} is not supported; supported architectures: {names}")
+        raise NotImplementedError(unsupported_message(mt))
     return BY_MODEL_TYPE[mt]
 
 

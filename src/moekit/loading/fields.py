@@ -6,6 +6,9 @@ architecture (``n_group``, ``topk_group``, ``num_experts_per_tok``...). :func:`c
 error with the file, the block and the fields; :func:`check_plan_numbers` refuses the sizes no layer can have
 (``hidden_size`` -1, a negative shared-expert width) before torch meets them; :func:`non_finite` names the fields
 holding ``Infinity`` / ``NaN``.
+
+Their messages say who gave the fields (:func:`giver`): ``config.json`` where the loader (or ``moekit inspect``) read
+the file, ``model.config`` where :func:`moekit.integrations.transformers.patch` planned a live transformers model.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ _MINIMA = (("hidden_size", 1), ("intermediate_size", 1), ("num_experts", 1), ("s
            ("num_zero_experts", 0), ("routed_shared_experts", 0), ("block_hidden_size", 1))
 
 
+def giver(source: str | None) -> str:
+    """Returns who gave the fields an error names: ``"config.json"`` for a file (a path ending in ``.json``; None and
+    the planner's default ``"config.json"``), ``"model.config"`` for anything else (``patch()`` passes
+    ``"the model's config"``: the fields of the model's config object, read from no file)."""
+    return "config.json" if source is None or source.endswith(".json") else "model.config"
+
+
 def _same(v, value) -> bool:
     try:
         return float(v) == float(value)
@@ -60,18 +70,19 @@ def fields_of(text: dict | None, arg: str, value) -> str:
     return "from " + ", ".join(f"{f} = {text[f]!r}" for f in present) if present else ""
 
 
-def gives(text: dict | None, plan, args) -> str:
+def gives(text: dict | None, plan, args, source: str | None = None) -> str:
     """``"config.json gives topk_group = 5 (topk_group), num_expert_group = 4 (n_group)"`` for the ``args`` of
-    ``plan``; one the file lacks is the default of the architecture's config class (``"num_expert_group = 8 (the
-    default: config.json has no n_group / num_expert_group)"``); ``""`` if no arg is a config.json field."""
-    parts = []
+    ``plan`` (``model.config gives ...`` for a ``source`` that is no file: :func:`giver`); one the file lacks is the
+    default of the architecture's config class (``"num_expert_group = 8 (the default: config.json has no n_group /
+    num_expert_group)"``); ``""`` if no arg is a config.json field."""
+    who, parts = giver(source), []
     for arg in args:
         value = getattr(plan, arg, None)
         if value is None or arg not in ARG_FIELDS:
             continue
-        where = fields_of(text, arg, value) or f"the default: config.json has no {' / '.join(ARG_FIELDS[arg])}"
+        where = fields_of(text, arg, value) or f"the default: {who} has no {' / '.join(ARG_FIELDS[arg])}"
         parts.append(f"{arg} = {value} ({where})")
-    return "config.json gives " + ", ".join(parts) if parts else ""
+    return f"{who} gives " + ", ".join(parts) if parts else ""
 
 
 def mentioned(message: str) -> list[str]:
@@ -90,25 +101,27 @@ def construction_error(err: ValueError, plan, source: str, text: dict | None) ->
     be <= num_expert_group (4), got 5; config.json gives topk_group = 5 (topk_group), num_expert_group = 4
     (n_group)"``. The caller chains ``err``."""
     message = str(err.args[0]) if err.args else str(err)
-    clause = gives(text, plan, mentioned(message))
+    clause = gives(text, plan, mentioned(message), source)
     return ValueError(f"{source}: {plan.name}: {message}" + (f"; {clause}" if clause else ""))
 
 
 def check_plan_numbers(plans, text: dict | None, source: str) -> None:
     """``ValueError`` naming ``source``, the block and the fields for a size no layer can have (a width below 1,
     a negative shared-expert width...): torch raised ``RuntimeError`` (a negative dimension) at allocation before;
-    and for a count or size the file gives as a fraction (``num_experts: 8.5`` was read as 8)."""
+    and for a count or size the file gives as a fraction (``num_experts: 8.5`` was read as 8). The fields are
+    said to come from :func:`giver` of ``source`` (config.json, or a live model.config)."""
+    who = giver(source)
     for arg, names in ARG_FIELDS.items():
         for f in names if arg not in _REAL_ARGS and isinstance(text, dict) else ():
             v = text.get(f)
             if isinstance(v, float) and math.isfinite(v) and not v.is_integer():
-                raise ValueError(f"{source}: config.json gives {f} = {v!r} ({arg}); expected a whole number")
+                raise ValueError(f"{source}: {who} gives {f} = {v!r} ({arg}); expected a whole number")
     for p in plans:
         for arg, least in _MINIMA:
             value = getattr(p, arg)
             if value is not None and value < least:
                 where = fields_of(text, arg, value)
-                raise ValueError(f"{source}: {p.name}: config.json gives {arg} = {value}"
+                raise ValueError(f"{source}: {p.name}: {who} gives {arg} = {value}"
                                  + (f" ({where})" if where else "") + f"; expected >= {least}")
 
 

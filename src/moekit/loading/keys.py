@@ -123,11 +123,12 @@ def zero_width_shared_gate(plan: LayerPlan, rel: str, numels: dict[str, int]) ->
 
 
 def field_hint(plan: LayerPlan, rel: str) -> str:
-    """The config.json fields most likely behind a tensor of block-relative moekit name ``rel`` that a layer
-    built from ``plan`` lacks or has no place for (a clause for error messages)."""
+    """The config fields most likely behind a tensor of block-relative moekit name ``rel`` that a layer built from
+    ``plan`` lacks or has no place for (a clause for error messages; worded for config.json and a live model.config
+    alike, as the loader and ``patch()`` both use it)."""
     if rel.startswith(_SHARED_HEADS):
         if rel.endswith(".bias"):
-            return ("the shared MLP's biases: config.json's mlp_bias (ERNIE: use_bias) says whether the shared MLP "
+            return ("the shared MLP's biases: the config's mlp_bias (ERNIE: use_bias) says whether the shared MLP "
                     f"has them (planned: {plan.shared_bias})")
         if not plan.shared_intermediate_size:
             return ("a shared expert, which the config plans none of: its width field (n_shared_experts / "

@@ -59,8 +59,8 @@ class Kernels:
     quant_formats: the ``fmt.name`` values ``experts_quant`` runs
     packed_layouts: the layouts of packed 4-bit words ``experts_quant`` reads: ``"spec"`` (SPEC §8), and on the
         Triton table ``"rega"`` (:mod:`moekit.ops.w4_layout`, which a layer then stores where it can)
-    zero_slots(x [T, H], topk_weights, topk_ids, num_experts) -> (masked weights, masked ids, zero [T, H] f32)
-    zero_combine(routed [T, H], zero [T, H] f32 | None, scale: float) -> [T, H] routed's dtype
+    zero_slots(topk_weights, topk_ids, num_experts) -> (masked weights, masked ids, s [T] f32: zero slots' sum)
+    zero_combine(routed [T, H], x [T, H] | None, s [T] f32 | None, scale: float) -> [T, H] routed's dtype
         (:mod:`moekit.ops.zero_experts`: LongCat-Flash's identity experts and the output scaling)
     check_format(fmt): raises ``NotImplementedError`` for an instance of a format in ``quant_formats`` this table
         cannot run (the Triton kernels: an fp8 ``block_k`` or int4 ``group_size`` that is no power of two); None: all

@@ -1,9 +1,11 @@
 """Zero (identity) experts of LongCat-Flash, and the routed output's final combination.
 
-``s[t] = Σ_{j: ids[t, j] >= E} w[t, j]`` (float32, summed in slot order j = 0, 1, ..., K - 1),
-``zero[t] = x[t] · s[t]`` (float32), and the zero slots are rewritten to ``id 0, weight 0.0`` so the
-expert kernels never see an id ``>= E``. The runner then rounds once:
-``out[t] = ((routed[t] + zero[t]) · routed_scaling_factor)`` in float32, cast to the routed dtype.
+``s[t] = Σ_{j: ids[t, j] >= E} w[t, j]`` (float32, summed in slot order j = 0, 1, ..., K - 1), and the zero
+slots are rewritten to ``id 0, weight 0.0`` so the expert kernels never see an id ``>= E``. The zero-expert
+contribution ``zero[t] = x[t] · s[t]`` (float32) is never stored: the runner computes it inside the final
+combination, rounding once: ``out[t] = ((routed[t] + x[t] · s[t]) · routed_scaling_factor)`` in float32 (the product
+rounded to float32 before the add, no fused multiply-add), cast to the routed dtype. So a layer with zero experts keeps
+``[T]`` floats for them, not ``[T, H]``.
 
 The functions here are the torch twins (the CPU path and the oracle) of the Triton kernels in
 :mod:`moekit.ops._triton.zero`, which give the same bits.
@@ -51,19 +53,21 @@ def mask_zero_experts(
     return topk_weights.masked_fill(is_zero, 0.0), topk_ids.masked_fill(is_zero, 0)
 
 
-def zero_slots_torch(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+def zero_slots_torch(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The router's zero-expert step: ``(topk_weights, topk_ids)`` with the zero slots masked, and ``zero``
-    [T, H] float32 (module docstring). hidden_states: [T, H]; topk_weights: [T, K] float32; topk_ids: [T, K] int."""
-    zero = zero_experts_compute_torch(hidden_states, topk_weights, topk_ids, num_experts, torch.float32)
+    """The router's zero-expert step: ``(topk_weights, topk_ids)`` with the zero slots masked, and ``s`` [T]
+    float32, the zero slots' weight sum (module docstring). topk_weights: [T, K] float32; topk_ids: [T, K] int."""
+    s = zero_scale_torch(topk_weights, topk_ids, num_experts)
     w, ids = mask_zero_experts(topk_weights, topk_ids, num_experts)
-    return w, ids, zero
+    return w, ids, s
 
 
-def zero_combine_torch(routed: torch.Tensor, zero: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """``((routed + zero) · scale)`` in float32, rounded once to ``routed``'s dtype. routed: [T, H] float;
-    zero: [T, H] float32 or None; scale: the routed scaling factor applied to the output (1.0: none)."""
+def zero_combine_torch(routed: torch.Tensor, x: torch.Tensor | None, zero_scale: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """``((routed + x · zero_scale) · scale)`` in float32, rounded once to ``routed``'s dtype. routed: [T, H] float;
+    x: [T, H] float, the experts' input (ignored without ``zero_scale``); zero_scale: [T] float32 (the zero slots'
+    weight sum) or None; scale: the routed scaling factor applied to the output (1.0: none)."""
     acc = routed.float()
-    if zero is not None:
-        acc = acc + zero.float()
+    if zero_scale is not None:
+        acc = acc + x.float() * zero_scale.unsqueeze(-1)
     return (acc * scale).to(routed.dtype)

@@ -147,14 +147,14 @@ class BaseRouter(torch.nn.Module):
         result = self._compute_routing(hidden_states, router_logits, indices_type, input_ids)
         if self.eplb_state is not None:
             ids = self.eplb_state.map_logical_to_physical(result.topk_ids)
-            result = RoutingResult(result.topk_weights, ids, result.zero_output)
+            result = RoutingResult(result.topk_weights, ids, result.zero_scale)
         return result
 
     def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                        input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
-        zero = result.zero_output
+        zero = result.zero_contribution(hidden_states)
         if zero is not None:
             self._zero_expert_output[threading.get_ident()] = zero.to(hidden_states.dtype)
         else:

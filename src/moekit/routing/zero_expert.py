@@ -15,9 +15,10 @@ from .base import IndicesTypeGetter, ScoredRouter
 
 class ZeroExpertRouter(ScoredRouter):
     """``ids = topk(s + bias, K)``, ``w = s[ids]`` over all ``E + Z`` columns (``s = scores(logits)``,
-    renormalised if asked, scaled), then ``zero[t] = x[t] · Σ_{j: ids[t, j] >= E} w[t, j]`` (float32)
-    and the zero slots rewritten to ``id 0, weight 0.0`` before any expert kernel sees them. ``zero`` is returned in the
-    :class:`~moekit.types.RoutingResult`; ``zero_expert_output`` (read-and-clear) keeps the seed's API.
+    renormalised if asked, scaled), then ``s[t] = Σ_{j: ids[t, j] >= E} w[t, j]`` (float32) and the zero slots
+    rewritten to ``id 0, weight 0.0`` before any expert kernel sees them. ``s`` is returned in the
+    :class:`~moekit.types.RoutingResult` (the contribution is ``x[t] · s[t]``, added by the runner's final rounding);
+    ``zero_expert_output`` (read-and-clear, ``[T, H]``) keeps the seed's API.
 
     top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
     e_score_correction_bias: [E + Z] float, finite, required; ``Z = len(bias) - num_logical_experts``.
@@ -52,10 +53,10 @@ class ZeroExpertRouter(ScoredRouter):
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         w, ids = self._scored_route(router_logits, indices_type)
-        # zero kept in float32 so the runner rounds routed + zero once (SPEC §3: exact zero-expert output); one
-        # launch on the Triton table (ops.triton_zero), the same bits as the torch twin
-        w, ids, zero = self.kernels.zero_slots(hidden_states, w, ids, self.num_logical_experts)
-        return RoutingResult(w, ids, zero)
+        # only s [T] float32: the runner rounds routed + x·s once (SPEC §3: exact zero-expert output); one launch on
+        # the Triton table (ops.triton_zero), the same bits as the torch twin
+        w, ids, s = self.kernels.zero_slots(w, ids, self.num_logical_experts)
+        return RoutingResult(w, ids, s)
 
     @property
     def zero_expert_output(self) -> torch.Tensor | None:
