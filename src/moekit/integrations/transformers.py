@@ -367,7 +367,7 @@ def check_registered(model, name: str = "moekit") -> list[str]:
 
     if name not in ExpertsInterface():
         raise ValueError(f"experts implementation {name!r} is not registered; call register({name!r}) first")
-    _spec, plans = plan_layers(_model_config_dict(model))
+    _spec, plans = plan_layers(_model_config_dict(model), "the model's config")
     reached, unreached, other = [], [], []
     for path, module, _plan in _planned_blocks(model, plans):
         if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
