@@ -114,3 +114,29 @@ def test_patch_errors_say_model_config():
         patch(model)
     assert "model.layers.0.mlp: model.config gives hidden_size = -1 (hidden_size); expected >= 1" in str(info.value)
     assert "config.json" not in str(info.value)
+
+
+def test_ranks_settings_differ_names_the_file_and_block(tmp_path, monkeypatch):
+    # the edge: ranks whose copies of the checkpoint build different layers raise SettingsDiffer together in FusedMoE's
+    # agreement; load_moe_layers re-raised it without the file or the block (round 55's leftover). Now both are named,
+    # the error stays a SettingsDiffer marked synced (no further exchange), and other synced errors pass as they are
+    import moekit.loading.loader as loader_mod
+    from moekit.parallel.sync import SettingsDiffer
+
+    path = str(tmp_path / "ckpt")
+    os.makedirs(path)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(dict(DS3, n_group=2, dtype="float32")))
+    save_file({"model.layers.1.mlp.gate.weight": torch.randn(6, 16),
+               "model.layers.1.mlp.gate.e_score_correction_bias": torch.rand(6)}, os.path.join(path, "model.safetensors"))
+    differ = SettingsDiffer("the ranks of ep_group were built with different settings (by rank of ep_group): "
+                            "{'top_k': [2, 3]}")
+
+    def build_layer(*args, **kwargs):
+        raise differ
+
+    monkeypatch.setattr(loader_mod, "build_layer", build_layer)
+    with pytest.raises(SettingsDiffer) as info:
+        load_moe_layers(path, progress=False)
+    message = str(info.value)
+    assert message.startswith(os.path.join(str(path), "config.json") + ": model.layers.1.mlp: the ranks of ep_group")
+    assert "{'top_k': [2, 3]}" in message and info.value.synced and info.value.__cause__ is differ

@@ -24,7 +24,7 @@ from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
 from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
 from ..parallel.comm import check_group
-from ..parallel.sync import fail_together
+from ..parallel.sync import SettingsDiffer, fail_together
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers, raw_text_config
 from .fields import construction_error, fields_of
@@ -166,6 +166,8 @@ def load_moe_layers(
                                             quant_config=experts_format(fmt, plan), graph_pool=pool,
                                             eager_graph_tokens=eager_graph_tokens, parallel=parallel)
                     except ValueError as err:  # (round 55: "topk_group must be <= ..." named no file, block, field)
+                        if isinstance(err, SettingsDiffer):  # every rank's, in one exchange: named, still synced
+                            raise SettingsDiffer(f"{source[0]}: {plan.name}: {err}") from err
                         if getattr(err, "synced", False):
                             raise
                         raise construction_error(err, plan, *source) from err
