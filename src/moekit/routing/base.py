@@ -135,7 +135,7 @@ class BaseRouter(torch.nn.Module):
 
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
               input_ids: torch.Tensor | None = None) -> RoutingResult:
-        """The full :class:`RoutingResult` (zero-expert contribution included, no side channel).
+        """The full :class:`RoutingResult` (the zero slots' weight sum included, no side channel).
 
         hidden_states: [T, H]; router_logits: [T, N] float, same device; input_ids: [T] int (hash routing).
         """

@@ -63,5 +63,5 @@ class ZeroExpertRouter(ScoredRouter):
         """The zero-expert output [T, H] (dtype of ``hidden_states``) of this thread's last ``select_experts``
         call, then None: reading clears it (the seed's contract; per thread since round 49: two threads routing
         through one router read each other's). The layer's forward does not use or set it (its routing returns
-        the zero output in the :class:`~moekit.types.RoutingResult`)."""
+        the zero slots' weight sum in the :class:`~moekit.types.RoutingResult`)."""
         return self._zero_expert_output.pop(threading.get_ident(), None)
