@@ -1,8 +1,10 @@
 """Round 55: a state dict of a layer whose experts were never loaded does not load as "loaded" (round 54's leftover:
-the copy's forward computed with torch.empty's memory, NaN or garbage, silently). Every expert tensor starts at zero,
-and a state-dict load reads a slot's all-zero weight or scale shard as never written; the state dict's keys are the
-same loaded or not (a first design saved a record key: the review found it broke `sd = dst.state_dict();
-sd.update(ckpt)` and torch.distributed.checkpoint loads)."""
+the copy's forward computed with torch.empty's memory, NaN or garbage, silently). Every expert tensor starts unset
+(round 56: NaN in an unquantised layer's weights, 0 elsewhere; round 55 used 0 everywhere, and a layer holding an
+all-zero padding expert could not be restored from its own state dict), and a state-dict load reads a slot's shard
+still holding it (all-NaN weights, all-zero scales) as never written; the state dict's keys are the same loaded or
+not (a first design saved a record key: the review found it broke `sd = dst.state_dict(); sd.update(ckpt)` and
+torch.distributed.checkpoint loads)."""
 
 import pytest
 import torch
@@ -34,15 +36,15 @@ def _forward(layer, dtype=torch.float32, h=H):
     return layer(torch.randn(5, h, generator=g).to(dtype), torch.randn(5, E, generator=g))
 
 
-def test_a_never_loaded_layer_starts_at_zero_and_its_state_dict_loads_as_not_loaded():
+def test_a_never_loaded_layer_starts_unset_and_its_state_dict_loads_as_not_loaded():
     # the edge of the leftover: nothing was ever written; the copy's forward raises instead of computing
     a, b = _layer(), _layer()
-    assert not a.routed_experts.w13_weight.any() and not a.routed_experts.w2_weight.any()
+    assert a.routed_experts.w13_weight.isnan().all() and a.routed_experts.w2_weight.isnan().all()
     sd = a.state_dict()
     assert list(sd) == ["routed_experts.w13_weight", "routed_experts.w2_weight"]  # no extra key
     assert str(b.load_state_dict(sd)) == "<All keys matched successfully>"
     assert not b.routed_experts.loaded
-    with pytest.raises(RuntimeError, match="forward before the expert weights were loaded .*all-zero values"):
+    with pytest.raises(RuntimeError, match="forward before the expert weights were loaded .*a layer never loaded"):
         _forward(b)
 
 
@@ -91,7 +93,7 @@ def test_a_partly_loaded_layers_copy_misses_exactly_what_it_missed():
 
 
 def test_a_partial_state_dict_unmarks_only_the_tensors_it_carries():
-    # an unloaded layer's w13 alone into a loaded layer: its w13 is zeros now (unwritten), its w2 stays loaded
+    # an unloaded layer's w13 alone into a loaded layer: its w13 is NaN now (unwritten), its w2 stays loaded
     a, b = _layer(), _layer()
     b.load_expert_weights(*_weights())
     sd = a.state_dict()
@@ -110,9 +112,9 @@ def test_an_all_zero_bias_is_a_value():
 
 
 @pytest.mark.parametrize("quant", list(QUANTS))
-def test_quantised_layers_read_zero_codes_and_scales_as_unwritten(quant):
+def test_quantised_layers_read_zero_scales_as_unwritten(quant):
     # fp8 block / per-tensor ([E] w2 scales, 1-D) and mxfp4 (uint8 codes, e8m0 scale bytes): an unloaded layer's
-    # copy misses weights and scales; a loaded layer's copy computes the same bits
+    # copy misses weights and scales (its codes with their scales); a loaded layer's copy computes the same bits
     fmt = moekit.parse_quant_config(QUANTS[quant])
     a, b = (moekit.FusedMoE(E, K, QH, QI, params_dtype=torch.bfloat16, quant_config=QUANTS[quant],
                             backend="torch").eval() for _ in range(2))
@@ -126,20 +128,36 @@ def test_quantised_layers_read_zero_codes_and_scales_as_unwritten(quant):
     assert torch.equal(_forward(a, torch.bfloat16, QH), _forward(b, torch.bfloat16, QH))
 
 
-def test_one_expert_of_zeros_names_that_expert():
-    # a checkpoint whose expert 2 gate rows are all zero (never written): only that shard is missing
+def test_one_unwritten_expert_shard_names_that_expert():
+    # a state dict whose expert 2 gate rows were never written (NaN): only that shard is missing
     a, b = _layer(), _layer()
     w13, w2 = _weights()
-    w13[2, :I] = 0
     a.load_expert_weights(w13, w2)
-    b.load_state_dict(a.state_dict())
+    sd = a.state_dict()
+    sd["routed_experts.w13_weight"][2, :I] = float("nan")
+    b.load_state_dict(sd)
     assert b.routed_experts.missing() == ["expert 2 w1"]
 
 
-def test_a_layer_materialised_with_to_empty_starts_at_zero_too():
+@pytest.mark.parametrize("quant", [None] + list(QUANTS))
+def test_an_all_zero_padding_expert_restores_from_its_state_dict(quant):
+    # round 56 (a user trial): padding experts of zeros (added so that E divides the EP size) are values; round 55 read
+    # them as never written, and the layer restored from its own state dict refused every forward
+    h, inter = (H, I) if quant is None else (QH, QI)
+    w13, w2 = _weights(h=h, inter=inter)
+    w13[3], w2[3] = 0, 0
+    args = dict(params_dtype=torch.float32, quant_config=None if quant is None else QUANTS[quant], backend="torch")
+    a, b = (moekit.FusedMoE(E, K, h, inter, **args).eval() for _ in range(2))
+    a.load_expert_weights(w13, w2)
+    b.load_state_dict(a.state_dict())
+    assert b.routed_experts.loaded
+    assert torch.equal(_forward(a, h=h), _forward(b, h=h))
+
+
+def test_a_layer_materialised_with_to_empty_starts_unset_too():
     # built on meta, to_empty (uninitialised memory), saved before any load: its copy loads as not loaded
     a = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch", device="meta").to_empty(device="cpu")
-    assert not a.routed_experts.w13_weight.any() and not a.routed_experts.w2_weight.any()
+    assert a.routed_experts.w13_weight.isnan().all() and a.routed_experts.w2_weight.isnan().all()
     b = _layer()
     b.load_state_dict(a.state_dict())
     assert not b.routed_experts.loaded

@@ -13,9 +13,20 @@ from .params import unset_input_scale
 from .placement_state import maps_rebuilt, placement_loaded
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
-#: kinds whose all-zero slice in a state dict reads as "never written" (the value every layer starts with): weights
-#: and scales; a bias of zeros is a real value
-ZERO_IS_UNSET = ("weight", "scale")
+
+
+def unset_value(spec, quantised: bool) -> float:
+    """What an expert tensor holds until written: NaN in an unquantised layer's weights, 0 elsewhere (codes, scales,
+    biases, input scales). A state dict's slice still holding it reads as never written (:func:`unset_slices`)."""
+    return float("nan") if spec.kind == "weight" and not quantised else 0
+
+
+def fill_unset(experts) -> None:
+    """Every expert tensor of ``experts`` set to :func:`unset_value` (``to_empty``'s uninitialised memory)."""
+    quantised = experts.quant is not None
+    with torch.no_grad():
+        for name, t in experts.expert_tensors().items():
+            t.fill_(unset_value(experts.specs[name], quantised))
 
 
 class LoadedRecord:
@@ -26,7 +37,7 @@ class LoadedRecord:
         self.needed = frozenset(needed)
         self.written: set[tuple[int, str, str]] = set()
         self.complete = False
-        self.zero_loaded = False  # a state dict loaded here held all-zero slices (a layer never loaded) for some
+        self.unset_loaded = False  # a state dict loaded here held a never-loaded layer's values for some
 
     def mark(self, slots, shard_ids, kind: str) -> None:
         self.written.update((slot, s, kind) for slot in slots for s in shard_ids)
@@ -35,7 +46,7 @@ class LoadedRecord:
     def clear(self) -> None:
         self.written = set()
         self.complete = False
-        self.zero_loaded = False
+        self.unset_loaded = False
 
     def unmark(self, slots, shard_ids, kind: str) -> None:
         self.written.difference_update((slot, s, kind) for slot in slots for s in shard_ids)
@@ -56,8 +67,8 @@ class LoadedRecord:
             return
         missing = self.missing(logical_ids, gated)
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        why = ("; a state dict loaded into it held all-zero values for them, the values of a layer never loaded"
-               ) if self.zero_loaded else ""
+        why = ("; a state dict loaded into it held the values of a layer never loaded for them (NaN weights or "
+               "all-zero scales)") if self.unset_loaded else ""
         raise RuntimeError(
             f"layer {layer_name!r}: forward before the expert weights were loaded (missing "
             f"{', '.join(missing[:6])}{more}{why}); load them with load_expert_weights(), load_weights() "
@@ -105,11 +116,12 @@ class InputScales:
 def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_keys: list) -> None:
     """After :class:`~moekit.RoutedExperts` copied a state dict: the placement it gives (``placement``, from
     :func:`~moekit.experts.placement_state.incoming_placement`), what it wrote marked loaded (an all-zero input scale
-    is "not given", and so is a slot's all-zero weight or scale shard: :func:`zero_slices`), the input scales' record
+    is "not given", and so is a slot's shard still holding a never-loaded layer's values: :func:`unset_slices`; a
+    quantised shard's codes with its scales), the input scales' record
     seeded, what loads convert to following an assigned dtype, and the maps derived from the placement where they
     were on meta (weights assigned to a layer built there)."""
     placement_loaded(experts, placement, prefix, unexpected_keys)
-    given, every = [], range(experts.placement.num_local)
+    given, every, quantised = [], range(experts.placement.num_local), experts.quant is not None
     for name, spec in experts.specs.items():
         if prefix + name not in state_dict:
             continue
@@ -120,9 +132,11 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
             continue
         given.append(name)
         experts._mark(every, spec.shards, spec.kind)
-        for slot, s in zero_slices(spec, t):
+        for slot, s in unset_slices(spec, t, quantised):
             experts._record.unmark((slot,), (s,), spec.kind)
-            experts._record.zero_loaded = True
+            if spec.kind == "scale":  # its codes mean nothing without it (and are not checked: any value is one)
+                experts._record.unmark((slot,), (s,), "weight")
+            experts._record.unset_loaded = True
     experts._input_scales.seed(experts, given)
     follow_weight_dtype(experts)
     if not experts.w13_weight.is_meta and any(t is not None and t.is_meta for t in (experts.expert_map,
@@ -130,14 +144,21 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
         maps_rebuilt(experts)
 
 
-def zero_slices(spec, t) -> list[tuple[int, str]]:
+def unset_slices(spec, t, quantised: bool) -> list[tuple[int, str]]:
     """The ``(slot, shard)`` slices of a state dict's per-slot weight or scale ``t`` ([slots, rows, ...], the shards
-    splitting the rows in equal parts: gate rows, then up rows) whose bytes are all zero: what a layer never loaded
-    holds (every expert tensor starts at zero), read as "never written" (round 55: a never-loaded layer's state dict
-    loaded as loaded and the copy computed with ``torch.empty``'s memory). No real checkpoint has an all-zero weight
-    shard or all-zero scales for one; a bias of zeros is a value (not checked). One host read per tensor; nothing
-    under compile or capture."""
-    if spec.kind not in ZERO_IS_UNSET or not isinstance(t, torch.Tensor) or not values_checkable(t) or t.dim() < 1:
+    splitting the rows in equal parts: gate rows, then up rows) that hold what a never-loaded layer holds
+    (:func:`unset_value`): an unquantised layer's all-NaN weight shard, a quantised layer's all-zero scale shard (no
+    real checkpoint has either). Read as "never written" (round 55: a never-loaded layer's state dict loaded as loaded
+    and the copy computed with ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer
+    holding an all-zero expert (padding experts added so that E divides the EP size; a quantised one's scales are
+    not zero) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
+    biases neither (zeros are a value). One host read per tensor; nothing under compile or capture."""
+    weight = spec.kind == "weight" and not quantised
+    if not (weight or spec.kind == "scale") or not isinstance(t, torch.Tensor) or not values_checkable(t) or \
+            t.dim() < 1:
         return []
-    nonzero = t.contiguous().view(torch.uint8).reshape(t.shape[0], len(spec.shards), -1).any(-1)
-    return [(slot, spec.shards[i]) for slot, row in enumerate(nonzero.tolist()) for i, v in enumerate(row) if not v]
+    if weight:
+        unset = t.isnan().reshape(t.shape[0], len(spec.shards), -1).all(-1)
+    else:
+        unset = t.contiguous().view(torch.uint8).reshape(t.shape[0], len(spec.shards), -1).any(-1).logical_not()
+    return [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]

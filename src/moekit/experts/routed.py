@@ -35,7 +35,7 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import InputScales, LoadedRecord, state_loaded
+from .loaded_record import InputScales, LoadedRecord, fill_unset, state_loaded, unset_value
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
@@ -72,8 +72,9 @@ class RoutedExperts(torch.nn.Module):
     (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
     biases ``w13_bias [E_local, 2·I_local]``, ``w2_bias [E_local, H]``. Writes are recorded per slot and
     shard; :attr:`loaded` and :meth:`missing` say what is still unwritten, and a forward before every
-    shard was written raises ``RuntimeError``. Every tensor starts at zero, and ``load_state_dict`` reads a slot's
-    all-zero weight or scale shard as unwritten (a state dict of a layer never loaded loads as not loaded).
+    shard was written raises ``RuntimeError``. Every tensor starts unset (NaN unquantised weights, else 0), and
+    ``load_state_dict`` reads a slot's shard still unset (all-NaN weights, all-zero scales) as unwritten (a state dict
+    of a layer never loaded loads as not loaded; an all-zero expert, e.g. padding, is a value).
     """
 
     def __init__(
@@ -126,10 +127,10 @@ class RoutedExperts(torch.nn.Module):
         for name in ("w13_bias", "w2_bias", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
             setattr(self, name, None)
         for name, spec in self.specs.items():
-            # every tensor 0 until given: a state dict of an unloaded layer loads again (scales: round 53's review),
-            # and loads as not loaded (all-zero weight / scale slices: loaded_record.zero_slices; round 55)
-            setattr(self, name, _param(torch.zeros(spec.local_shape(p.num_local, self.tp_rows), dtype=spec.dtype,
-                                                   device=device)))
+            # unset until given (NaN float weights, else 0): a state dict of an unloaded layer loads again (scales:
+            # round 53's review) and loads as not loaded (loaded_record.unset_slices; rounds 55-56)
+            setattr(self, name, _param(torch.full(spec.local_shape(p.num_local, self.tp_rows), unset_value(
+                spec, self.quant is not None), dtype=spec.dtype, device=device)))
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self._record = LoadedRecord((slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
@@ -142,10 +143,8 @@ class RoutedExperts(torch.nn.Module):
         new, was_meta = cast_params_dtype(self, fn) if self.quant is not None else None, self.w13_weight.is_meta
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
         if was_meta and not self.w13_weight.is_meta:  # ``to_empty``: the maps (no state-dict entries) hold garbage,
-            maps_rebuilt(self)  # and the expert tensors are zeroed as at construction (a state dict saved before any
-            with torch.no_grad():  # load then loads as not loaded: loaded_record.zero_slices; round 55)
-                for t in self.expert_tensors().values():
-                    t.zero_()
+            maps_rebuilt(self)  # and the expert tensors are unset as at construction (a state dict saved before any
+            fill_unset(self)  # load then loads as not loaded: loaded_record.unset_slices; rounds 55-56)
         if new is not None and new != self._params_dtype:
             follow_params_dtype(self, new)
         follow_weight_dtype(self)  # moe_config.params_dtype, and what loads convert to (unquantised)
