@@ -43,8 +43,12 @@ def _group_amax(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
-    """Broadcast a per-tile ``[..., ⌈n/rows⌉, ⌈k/cols⌉]`` tensor back to ``[..., n, k]``."""
-    return scale.repeat_interleave(rows, dim=-2)[..., :n, :].repeat_interleave(cols, dim=-1)[..., :k]
+    """Broadcast a per-tile ``[..., ⌈n/rows⌉, ⌈k/cols⌉]`` tensor back to ``[..., n, k]``: ``out[..., i, j] =
+    scale[..., i // rows, j // cols]``, an index gather (round 56: ``repeat_interleave`` then a slice to a partial
+    block, the form before, was miscompiled by torch 2.13's CPU inductor: NaN or garbage under ``torch.compile``)."""
+    dev = scale.device
+    out = scale if rows == 1 else scale.index_select(-2, torch.arange(n, device=dev) // rows)
+    return out if cols == 1 else out.index_select(-1, torch.arange(k, device=dev) // cols)
 
 
 def fp8_scale(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:

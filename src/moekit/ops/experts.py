@@ -29,6 +29,7 @@ from .._checks import (
     host_sync_allowed,
     values_checkable,
 )
+from ._eager import rounded
 from .activation import apply_activation_torch, check_swiglu_limit, get_activation
 
 #: Upper bound on the reference path's per-chunk scratch memory (bytes).
@@ -301,7 +302,7 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     h = up(xin) @ up(w1[e]).t()
     if b1 is not None:
         h = h + up(b1[e])
-    a = apply_activation_torch(h, p.activation, swiglu_limit).to(dtype)
+    a = rounded(apply_activation_torch(h, p.activation, swiglu_limit), dtype)  # (fp16: kept under compile)
     o = up(a) @ up(w2[e]).t()
     if b2 is not None:
         o = o + up(b2[e])

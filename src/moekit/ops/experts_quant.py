@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_tensor, host_sync_allowed
+from ._eager import rounded
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
 from .experts import (DEFAULT_WORKSPACE_BYTES, check_expert_map_range, check_experts_inputs, check_ids_in_range,
@@ -74,7 +75,7 @@ class _QuantExperts:
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.weights(e)
         h = self._bias(self._input(x, self.in_scales[0]).to(w1.dtype) @ w1.t(), self.b1, e)
-        a = apply_activation_torch(h, self.p.activation, self.limit).to(self.dtype)
+        a = rounded(apply_activation_torch(h, self.p.activation, self.limit), self.dtype)  # (kept under compile)
         o = self._bias(self._input(a, self.in_scales[1]).to(w2.dtype) @ w2.t(), self.b2, e)
         return o.float() if o.dtype != torch.float64 else o
 
