@@ -272,6 +272,11 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
         layout = FusedLayout(transposed=False, interleaved=layout.interleaved)
     full = tuple(tensor.shape)
     rows_unit = experts.quant.scale_units()[0] if experts.quant is not None else 1  # w13 rows one scale row covers
+    if kind == "weight" and tensor.dim() != (4 if suffix == "_blocks" else 3):  # (round 56: a raw IndexError)
+        rows, k = (c.w13_rows(inter), c.hidden_size) if which == "gate_up_proj" else (c.hidden_size, inter)
+        want = f"[{tensor.shape[0]}, {rows}, {k // 32}, 16] ([E, out, in/32, 16])" if suffix == "_blocks" else \
+            "a 3-D stack [E, out, in] (or [E, in, out])"
+        raise ValueError(f"checkpoint key {name!r} has shape {list(full)}, expected {want}")
     if suffix == "_blocks":
         tensor = tensor.flatten(-2)
     for expert in range(e):  # zero experts' rows (LongCat, e >= E) are dropped

@@ -33,7 +33,7 @@ from .keys import (CONSTRUCTION, assign_keys, check_not_transposed, construction
                    zero_width_shared_gate)
 from .modules import build_layer
 from .plan import LayerPlan
-from .quant import checkpoint_formats, dense_groups, dequantize_dense, experts_format
+from .quant import check_shipped_weight, checkpoint_formats, dense_groups, dequantize_dense, experts_format
 from .quant_shared import (quant_shared_from_checkpoint, quant_shared_from_float, shared_format, shared_groups,
                            shared_projs)
 from .reader import Reader, one_thread, progress_bar
@@ -179,7 +179,7 @@ def load_moe_layers(
                 if failure is not None:
                     break
             if failure is None:
-                failure, _ = _attempt(lambda: _read_tensors(spec, assigned, states, done, reader, progress))
+                failure, _ = _attempt(lambda: _read_tensors(spec, assigned, states, done, reader, progress, shipped))
     finally:
         if opened is not None:
             opened[-1].close()
@@ -243,8 +243,8 @@ def _construction(plan: LayerPlan, assigned: dict, reader, source=None) -> tuple
     return keys, construction
 
 
-def _read_tensors(spec, assigned: dict, states: dict, done: set, reader, progress) -> None:
-    """Every other tensor: file by file, in storage order, each into its layer; then each layer complete."""
+def _read_tensors(spec, assigned: dict, states: dict, done: set, reader, progress, shipped: bool) -> None:
+    """Every other tensor, in storage order, checked (:func:`.check_shipped_weight`) into its layer; each complete."""
     todo = [(key, states[name], rel) for name, keys in assigned.items() for rel, key in keys.items()
             if rel not in CONSTRUCTION and key not in done and not states[name].elsewhere(rel)]
     todo.sort(key=lambda item: reader.position(item[0]))
@@ -255,6 +255,7 @@ def _read_tensors(spec, assigned: dict, states: dict, done: set, reader, progres
             bar.update(t.numel() * t.element_size())
             x = None
             for piece, x in expand_key(spec, state.plan, rel, t, key):
+                check_shipped_weight(state.layer, piece, x, key, reader.files[key], shipped)
                 _load_one(state, piece, x, key, rel)
             del t, x  # nothing of this tensor lives on while the next one is read
     for name, state in states.items():

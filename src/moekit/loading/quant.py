@@ -6,9 +6,11 @@
   quantised checkpoint raises, and so does asking for a static-input fp8 format (its input scales are
   calibrated, not made on load). A checkpoint may hold two formats: DeepSeek-V4's fp8 config with
   ``expert_dtype "fp4"`` ships mxfp4 routed experts and fp8 block dense linears (the shared experts).
-- Routed experts are quantised when the format applies to them (``fmt.applies_to`` of the block's
-  ``experts.0.gate_proj`` / fused ``experts.gate_up_proj``: ``modules_to_not_convert`` / ``ignore``
-  honoured); they then load through :func:`moekit.experts.mapping.load_layer_weights`.
+- Routed experts are quantised when the format applies to them (``fmt.applies_to`` of every expert's
+  projections / the fused ``experts.gate_up_proj``: ``modules_to_not_convert`` / ``ignore`` honoured, some
+  experts of a block excluded: ``NotImplementedError``, :func:`experts_format`); they then load through
+  :func:`moekit.experts.mapping.load_layer_weights`, a shipped format's expert weights checked for their storage
+  dtype first (:func:`check_shipped_weight`).
 - Shared experts of an fp8 checkpoint (DeepSeek-V3: ``weight`` e4m3 + ``weight_scale_inv``;
   compressed-tensors fp8 channel / tensor: ``weight_scale`` [+ ``input_scale``]) stay fp8: a
   :class:`~.quant_shared.QuantSharedMLP`, one expert with K = 1 through the routed experts' quantised
@@ -94,11 +96,63 @@ def checkpoint_format(config: dict, quant_config) -> tuple[WeightFormat | None, 
 
 
 def experts_format(fmt: WeightFormat | None, plan: LayerPlan) -> WeightFormat | None:
-    """``fmt`` when it applies to the routed experts of ``plan``'s block, else None (full precision)."""
-    if fmt is None:
+    """``fmt`` when it applies to the routed experts of ``plan``'s block, else None (full precision).
+
+    Decided from every expert's projections (``experts.{e}.{gate,up,down}_proj`` / ``w1, w3, w2`` under each key
+    prefix), not expert 0's alone: a block whose experts are partly excluded by ``modules_to_not_convert`` /
+    ``ignore`` (one layer holds one format) raises ``NotImplementedError`` naming the block and those experts
+    (round 56's audit: ``experts.3`` listed was re-quantised silently; ``experts.0`` listed built the whole layer full
+    precision, then blamed expert 1's scale). A fused ``experts.gate_up_proj`` excluded: the whole block."""
+    if fmt is None or not fmt.applies_to(f"{plan.name}.experts.gate_up_proj"):
         return None
-    names = [f"{pre}experts.0.gate_proj" for pre in plan.ckpt_prefixes] + [f"{plan.name}.experts.gate_up_proj"]
-    return fmt if all(fmt.applies_to(n) for n in names) else None
+    projs = ("gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
+    kept: dict[int, list[str]] = {}  # expert -> its projections left in full precision
+    for e in range(plan.num_experts):
+        out = [p for p in projs if not all(fmt.applies_to(f"{pre}experts.{e}.{p}") for pre in plan.ckpt_prefixes)]
+        if out:
+            kept[e] = out
+    if not kept:
+        return fmt
+    if len(kept) == plan.num_experts and all(len(v) == len(projs) for v in kept.values()):
+        return None
+    ids = sorted(kept)
+    shown = ", ".join(f"{e}" + ("" if len(kept[e]) == len(projs) else f" ({'/'.join(kept[e])})") for e in ids[:16])
+    more = f" and {len(ids) - 16} more" if len(ids) > 16 else ""
+    raise NotImplementedError(
+        f"{plan.name}: modules_to_not_convert / ignore keeps routed experts {shown}{more} ({len(ids)} of "
+        f"{plan.num_experts}) in full precision and the others in {fmt.name}: moekit holds one format per layer "
+        "(exclude all of the block's experts or none)")
+
+
+#: storage dtypes a shipped format's expert weights may have besides ``weight_dtype`` (the same bytes)
+_SAME_BYTES = {torch.uint8: (torch.int8,) + tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None),) if d)}
+
+
+def check_shipped_weight(layer, rel: str, t: torch.Tensor, key: str, file: str, shipped: bool) -> None:
+    """Refuse a routed-expert weight of a quantised checkpoint that is not in its format's storage dtype; anything
+    else (a full-precision checkpoint, scales, biases) passes.
+
+    ``rel``: the block-relative name the tensor loads as; ``key`` / ``file``: where it was read. The layer
+    quantises a float weight it is given (quantise-on-load), so a shipped-quantised checkpoint's expert weight
+    stored up-cast (bf16 / fp32 e4m3 values, its ``weight_scale_inv`` kept) loaded silently, its scale replaced
+    or not depending on the storage order (round 56's audit: 86x off): ``TypeError`` naming the file, key and
+    both dtypes. (e4m3 NaN codes in a weight are not looked for: a pass over every expert byte costs ~2 ms per 29 MB
+    on the loading thread, 45 s over DeepSeek-V3's experts, for a damaged file whose outputs are NaN, not wrong.)"""
+    fmt = layer.routed_experts.quant
+    if not shipped or fmt is None:
+        return
+    m = EXPERT_KEY_RE.search(rel)
+    f = FUSED_KEY_RE.search(rel) if m is None else None
+    if m is not None:
+        if KIND_OF_SUFFIX[m.group(4)] != "weight" or int(m.group(2)) >= layer.moe_config.num_experts:
+            return  # (zero experts' rows are dropped)
+    elif f is None or KIND_OF_SUFFIX[f.group(2) or ""] != "weight":
+        return
+    want = (fmt.weight_dtype,) + _SAME_BYTES.get(fmt.weight_dtype, ())
+    if t.dtype not in want:
+        raise TypeError(f"{file}: checkpoint key {key!r} has dtype {t.dtype}, expected {' or '.join(map(str, want))}: "
+                        f"the checkpoint ships its routed experts in {fmt.name} (config.json's quantization_config), "
+                        "and a weight stored in another dtype would lose or replace its shipped scale")
 
 
 def dense_groups(keys: dict[str, str]) -> dict[str, dict[str, str]]:
