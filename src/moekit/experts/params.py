@@ -252,6 +252,11 @@ def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> No
             check_scale_values(f"state dict entry {key!r}", t)
 
 
+#: what a wrong shape given to ``load_expert_weights`` is told (a TP or EP rank's share is a common mistake)
+GLOBAL_HINT = ("; load_expert_weights takes the global tensors (every expert, the full intermediate size I), and each "
+               "rank takes its own share from them")
+
+
 def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=None, **scales) -> dict:
     """The checked global ``[E, ...]`` tensors of ``RoutedExperts.load_expert_weights`` by parameter name (``c``: the
     layer's :class:`~moekit.MoEConfig`): unquantised float w13 / w2; quantised ones with their scales, or float ones
@@ -273,9 +278,8 @@ def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=N
             t = scales[name]
             if _E8M0 is not None and isinstance(t, torch.Tensor) and t.dtype == _E8M0:
                 scales[name] = t.view(torch.uint8) if fmt.scale_dtype == torch.uint8 else t.float()
-        sizes = check_quant_weights(fmt, w13, w2, **scales)
-        if sizes != (e, inter, h, c.gated):
-            raise ValueError(f"quantised weights hold (E, I, H, gated) = {sizes}, the layer {(e, inter, h, c.gated)}")
+        # each tensor against the layer's own sizes (round 56: they were read from w2, so a wrong w2 blamed w13)
+        check_quant_weights(fmt, w13, w2, **scales, sizes=(e, inter, h, c.gated), hint=GLOBAL_HINT)
         for name, t in scales.items():
             check_scale_values(name, t)
     if (w13_bias is not None or w2_bias is not None) and not c.has_bias:

@@ -138,11 +138,19 @@ def expert_sizes(fmt: WeightFormat, w13_q: torch.Tensor, w2_q: torch.Tensor,
 
 
 def check_quant_weights(fmt: WeightFormat, w13_q, w2_q, w13_scale, w2_scale, *, w13_input_scale=None,
-                        w2_input_scale=None, names: tuple[str, str] = ("w13", "w2")) -> tuple[int, int, int, bool]:
+                        w2_input_scale=None, names: tuple[str, str] = ("w13", "w2"),
+                        sizes: tuple[int, int, int, bool] | None = None, hint: str = "") -> tuple[int, int, int, bool]:
     """Check stored expert tensors against ``fmt`` (shapes, dtypes, devices); return ``(E, I, H, gated)``.
-    ``names``: the weights' names in errors (``fused_experts``: w1 / w2, so its scales read w1_scale ...)."""
+    ``names``: the weights' names in errors (``fused_experts``: w1 / w2, so its scales read w1_scale ...).
+    ``sizes``: the ``(E, I, H, gated)`` the tensors must hold (a layer's own): each tensor is checked against the
+    format's shape for them and a wrong one is named with its expected shape, the sizes and ``hint`` (round 56: a
+    layer's load read the sizes from w2, so a wrong w2 blamed w13); None: the sizes are read from the tensors
+    (:func:`expert_sizes`)."""
     n13, n2 = names
-    e, inter, hidden, gated = expert_sizes(fmt, w13_q, w2_q, names)
+    if sizes is None:
+        e, inter, hidden, gated = expert_sizes(fmt, w13_q, w2_q, names)
+    else:
+        e, inter, hidden, gated = sizes
     fmt.validate(e, inter, hidden, gated)
     expected = (
         (n13, w13_q, fmt.w13_shape(e, inter, hidden, gated)),
@@ -150,9 +158,16 @@ def check_quant_weights(fmt: WeightFormat, w13_q, w2_q, w13_scale, w2_scale, *, 
         (f"{n13}_scale", w13_scale, fmt.w13_scale_shape(e, inter, hidden, gated)),
         (f"{n2}_scale", w2_scale, fmt.w2_scale_shape(e, inter, hidden, gated)),
     )
-    for name, t, shape in expected:
+
+    def shaped(name, t, shape):  # ``t`` a tensor of ``shape``; with ``sizes`` the error says which sizes
         check_tensor(name, t)
+        if sizes is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)} ({fmt.name} tensors of E = "
+                             f"{e} experts, I = {inter}, H = {hidden}{'' if gated else ', not gated'}){hint}")
         check_shape(name, t, shape)
+
+    for name, t, shape in expected:
+        shaped(name, t, shape)
         if t.device != w13_q.device:
             raise ValueError(f"{name} is on {t.device} but {n13} is on {w13_q.device}; they must share a device")
     for name, t in ((n13, w13_q), (n2, w2_q)):
@@ -170,8 +185,7 @@ def check_quant_weights(fmt: WeightFormat, w13_q, w2_q, w13_scale, w2_scale, *, 
         if not static and t is not None:
             raise ValueError(f"{name} was given but {fmt.name} with static_input=False quantises inputs dynamically")
         if t is not None:
-            check_tensor(name, t)
-            check_shape(name, t, (e,))
+            shaped(name, t, (e,))
             check_float_dtype(name, t, FLOAT_DTYPES)
     return e, inter, hidden, gated
 

@@ -37,6 +37,7 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -90,6 +91,7 @@ class ParallelExecutor:
 
     @property
     def mode(self) -> str:
+        """The dispatch path: ``"auto"``, ``"all_to_all"`` or ``"all_gather"`` (checked when set)."""
         return self._mode
 
     @mode.setter
@@ -97,6 +99,40 @@ class ParallelExecutor:
         if value not in DISPATCH_MODES:
             raise ValueError(f"mode must be one of {list(DISPATCH_MODES)}, got {value!r}")
         self._mode = value
+
+    # the knobs below are checked when set (round 56: chunk_tokens = 0, -1, 2.5 or "8" was taken and the next forward
+    # raised a bare range() / torch.cat error on every rank, after the EP layout collective)
+    @property
+    def chunk_tokens(self) -> int:
+        """The most tokens per rank one dispatch carries; a forward beyond it runs in chunks (an int >= 1)."""
+        return self._chunk_tokens
+
+    @chunk_tokens.setter
+    def chunk_tokens(self, value) -> None:
+        self._chunk_tokens = _knob("chunk_tokens", value, 1, "the most tokens per rank one dispatch carries")
+
+    @property
+    def all_gather_min_tokens(self) -> int | None:
+        """``mode="auto"`` takes the all-gather path from this many tokens on the largest rank (an int >= 0), or None:
+        the default (0 when ``W_ep <= top_k``, else :data:`DEFAULT_ALL_GATHER_MIN_TOKENS`)."""
+        return self._all_gather_min_tokens
+
+    @all_gather_min_tokens.setter
+    def all_gather_min_tokens(self, value) -> None:
+        self._all_gather_min_tokens = None if value is None else _knob(
+            "all_gather_min_tokens", value, 0, "the token count from which mode='auto' all-gathers, or None")
+
+    @property
+    def check_tp_tokens(self) -> bool:
+        """Check that every rank of the TP group holds the same tokens before each forward (module docstring)."""
+        return self._check_tp_tokens
+
+    @check_tp_tokens.setter
+    def check_tp_tokens(self, value) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"expert_executor.check_tp_tokens must be a bool (True or False), got {value!r} "
+                            f"({type(value).__name__})")
+        self._check_tp_tokens = value
 
     def choose(self, max_tokens: int, top_k: int) -> str:
         """The dispatcher for a forward whose largest rank holds ``max_tokens`` tokens."""
@@ -212,3 +248,14 @@ class ParallelExecutor:
 
     def __repr__(self) -> str:
         return f"ParallelExecutor(ep_size={self.ep_size}, tp_size={self.tp_size}, mode={self.mode!r})"
+
+
+def _knob(name: str, value, minimum: int, what: str) -> int:
+    """``value`` as an int >= ``minimum`` (numpy ints too); else ``TypeError`` / ``ValueError`` naming the executor's
+    attribute ``name``, the value and ``what`` it is."""
+    expected = f"expert_executor.{name} must be an int >= {minimum} ({what})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{expected}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{expected}, got {value}")
+    return int(value)

@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from .comm import all_reduce_sum, global_rank
 from .._checks import check_bool
+from ..experts.placement import physical_owners
 from .eplb import (Move, assign_slots, balancing_policy, hierarchical_redundancy_bound, imbalance, plan_weight_moves,
-                   rebalance_experts)
+                   rank_loads, rebalance_experts)
 from .executor import ParallelExecutor
 
 
@@ -74,7 +75,9 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     load per EP rank over the window) before and after, the new ``physical_to_logical`` and ``"policy"``:
     ``"hierarchical"`` or ``"global"`` (one node, groups that do not split over ``num_nodes``, or more redundant
     experts than ``E·(W/num_nodes - 1)``, which also warns: see :func:`~moekit.parallel.rebalance_experts`), None
-    when the window holds no load (the placement is kept)."""
+    when the window holds no load. ``"kept"``: True when the placement stayed as it was (nothing moved), with
+    ``"reason"`` saying why (else None): no load, or the balancer's placement (``"imbalance_proposed"``) is not
+    strictly better (:func:`keep_reason`)."""
     ex, state = _eplb(layer)
     experts = ex.experts
     placement = experts.placement
@@ -89,13 +92,16 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     old = list(placement.physical_to_logical)
     w, strategy = placement.ep_size, placement.strategy
     before = imbalance(load, old, w, strategy)
-    if sum(load) == 0:
-        new, policy = old, None
-    else:
+    new, policy, proposed, reason = old, None, None, "the window holds no load"
+    if sum(load):
         gpus = rebalance_experts(load, placement.num_physical, w, num_groups=state.num_groups, num_nodes=num_nodes)
         # the sizes passed rebalance_experts' checks (num_nodes an int dividing W)
         policy = balancing_policy(len(load), placement.num_physical, w, state.num_groups, num_nodes)[0]
-        new = assign_slots(gpus, old, strategy)
+        candidate = assign_slots(gpus, old, strategy)
+        proposed = imbalance(load, candidate, w, strategy)
+        nodes = (state.num_groups, num_nodes) if policy == "hierarchical" else None
+        reason = keep_reason(load, old, candidate, w, strategy, nodes)  # all-reduced load: the same on every rank
+        new = old if reason else candidate
     moves = plan_weight_moves(old, new, w, strategy)
     with state.writable():  # a layer built under inference_mode holds inference tensors (weights and maps)
         written = move_expert_weights(experts, moves, ex.ep_group, placement.ep_rank) if moves else 0
@@ -105,12 +111,47 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     return {
         "imbalance_before": before,
         "imbalance_after": imbalance(load, new, w, strategy),
+        "imbalance_proposed": proposed,
         "moved_slots": len(moves),
         "written_here": written,
         "load": load,
         "physical_to_logical": list(new),
         "policy": policy,
+        "kept": reason is not None,
+        "reason": reason,
     }
+
+
+def keep_reason(load, old, new, ep_size: int, strategy: str, nodes: tuple[int, int] | None = None) -> str | None:
+    """Why placement ``old`` should stay instead of ``new`` under ``load``, or None when ``new`` is better: its largest
+    expected rank load (:func:`~moekit.parallel.rank_loads`, exact fractions) is strictly lower. ``nodes``:
+    ``(num_groups, num_nodes)`` of a hierarchical rebalance, whose ``new`` keeps every expert group on one node: it
+    replaces an ``old`` that does not whatever the balance (node locality is its gain). Pure, so every rank decides
+    alike. Round 56: a rebalance replaced a perfect placement with a worse one (1.0 -> 1.2, W = 2, E = 4, R = 2,
+    load [0, 1, 2, 2]) and moved weights for no gain on a uniform load; ``layer.rebalance()`` now keeps it."""
+    if list(new) == list(old):
+        return "the balancer's placement is the current one"
+    if nodes is not None and not node_local(old, ep_size, strategy, *nodes):
+        return None
+    now, then = max(rank_loads(load, old, ep_size, strategy)), max(rank_loads(load, new, ep_size, strategy))
+    if then < now:
+        return None
+    total = sum(rank_loads(load, old, ep_size, strategy))
+    if total == 0:
+        return "the load is zero: no placement is better balanced"
+    return (f"the balancer's placement is not better balanced (imbalance {float(then * ep_size / total):.4f}, the "
+            f"current one {float(now * ep_size / total):.4f}): no weights moved")
+
+
+def node_local(physical_to_logical, ep_size: int, strategy: str, num_groups: int, num_nodes: int) -> bool:
+    """Whether every expert group (``E / num_groups`` consecutive logical ids) has all its replicas on one node (EP
+    ranks ``[n·W/N, (n + 1)·W/N)``), as hierarchical balancing places them."""
+    per_group = (max(physical_to_logical) + 1) // num_groups  # every expert has a replica; E % G == 0
+    owners = physical_owners(len(physical_to_logical), ep_size, strategy)
+    where: dict[int, set] = {}
+    for phys, e in enumerate(physical_to_logical):
+        where.setdefault(e // per_group, set()).add(owners[phys][0] // (ep_size // num_nodes))
+    return all(len(n) == 1 for n in where.values())
 
 
 def rebalance(layers: Iterable | Mapping, *, num_nodes: int = 1, reset_window: bool = False) -> list[dict]:
