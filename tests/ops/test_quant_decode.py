@@ -59,7 +59,8 @@ SHAPES = [(64, 256, 128, 32), (48, 160, 128, 32), (40, 128, 64, 16), (32, 96, 32
 
 
 # the interpreter on CPU tensors; compiled on a GPU (bf16 there: the packed-bf16 PTX decode on sm_90+)
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
+DEVICES = [pytest.param("cpu", id="cpu", marks=pytest.mark.interpreter),
+           pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

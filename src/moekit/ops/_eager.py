@@ -33,6 +33,23 @@ def _rounded_fake(x, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
+def expand_tiles(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
+    """``out[..., i, j] = scale[..., i // rows, j // cols]``: ``[..., ⌈n/rows⌉, ⌈k/cols⌉] -> [..., n, k]``."""
+    return scale.repeat_interleave(rows, dim=-2)[..., :n, :].repeat_interleave(cols, dim=-1)[..., :k]
+
+
+@torch.library.custom_op("moekit::tiles_expanded", mutates_args=())
+def tiles_expanded(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
+    """:func:`expand_tiles` as an op torch.compile cannot look into (``ops._quant_rules._expand``: inductor
+    miscompiled the partial blocks of every form tried)."""
+    return expand_tiles(scale, rows, cols, n, k).clone()
+
+
+@tiles_expanded.register_fake
+def _tiles_expanded_fake(scale, rows, cols, n, k):
+    return scale.new_empty((*scale.shape[:-2], n, k))
+
+
 def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)``, a rounding that ``torch.compile`` keeps: inductor drops a float32 -> bf16 / fp16 -> float32
     round trip inside a fused kernel (unless ``emulate_precision_casts``), which SPEC §8's quantised math needs

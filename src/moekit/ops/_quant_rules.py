@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._eager import expand_tiles, tiles_expanded
+
 E4M3_MAX = 448.0
 #: floor on a dynamic activation group's amax (an all-zero group gets a tiny, finite scale)
 ACT_AMAX_FLOOR = 1e-10
@@ -44,11 +46,12 @@ def _group_amax(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
     """Broadcast a per-tile ``[..., ⌈n/rows⌉, ⌈k/cols⌉]`` tensor back to ``[..., n, k]``: ``out[..., i, j] =
-    scale[..., i // rows, j // cols]``, an index gather (round 56: ``repeat_interleave`` then a slice to a partial
-    block, the form before, was miscompiled by torch 2.13's CPU inductor: NaN or garbage under ``torch.compile``)."""
-    dev = scale.device
-    out = scale if rows == 1 else scale.index_select(-2, torch.arange(n, device=dev) // rows)
-    return out if cols == 1 else out.index_select(-1, torch.arange(k, device=dev) // cols)
+    scale[..., i // rows, j // cols]``. While compiling it is an opaque op (:func:`moekit.ops._eager.tiles_expanded`):
+    torch 2.13's CPU inductor miscompiled every form tried where a block is partial (``repeat_interleave`` + a slice,
+    an index gather by ``arange(k) // cols`` on one row, an expanded view flattened and sliced): NaN or garbage."""
+    if torch.compiler.is_compiling():
+        return tiles_expanded(scale, rows, cols, n, k)
+    return expand_tiles(scale, rows, cols, n, k)
 
 
 def fp8_scale(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:

@@ -314,14 +314,14 @@ def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2,
     tc, k = topk_ids.shape
     weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
     # with the input weighting K == 1, so slot t is token t; otherwise every slot of a token sees x[t]
-    rows = (x.float() * weights.unsqueeze(1)).to(x.dtype) if on_input else x
+    rows = rounded(x.float() * weights.unsqueeze(1), x.dtype) if on_input else x
     slot_out = torch.zeros(tc * k, p.hidden, dtype=torch.float32, device=x.device)
     for e in range(p.num_local):
         o = _expert_rows(rows, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
             o = (o.unsqueeze(1) * weights.view(tc, k, 1)).reshape(tc * k, p.hidden)
         slot_out = torch.where((live & (local == e)).unsqueeze(1), o, slot_out)
-    return slot_out.view(tc, k, p.hidden).sum(dim=1).to(x.dtype)
+    return rounded(slot_out.view(tc, k, p.hidden).sum(dim=1), x.dtype)
 
 
 def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
@@ -341,9 +341,9 @@ def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local
         begin += n
         xin = x[slots // k]
         if on_input:
-            xin = (xin.float() * weights[slots].unsqueeze(1)).to(x.dtype)
+            xin = rounded(xin.float() * weights[slots].unsqueeze(1), x.dtype)
         o = _expert_rows(xin, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
             o = o * weights[slots].unsqueeze(1)
         slot_out[slots] = o
-    return slot_out.view(tc, k, p.hidden).sum(dim=1).to(x.dtype)
+    return rounded(slot_out.view(tc, k, p.hidden).sum(dim=1), x.dtype)

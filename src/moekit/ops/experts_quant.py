@@ -170,10 +170,10 @@ def _token_chunk(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, o
     for e in torch.unique(local[keep]).tolist():
         tok, slot = torch.nonzero(keep & (local == e), as_tuple=True)
         w = wts[tok, slot].unsqueeze(1)
-        xin = (x[tok].float() * w).to(x.dtype) if on_input else x[tok]
+        xin = rounded(x[tok].float() * w, x.dtype) if on_input else x[tok]
         o = experts.run(e, xin)
         acc[tok, slot] = o if on_input else o * w
-    return acc.sum(dim=1).to(x.dtype)
+    return rounded(acc.sum(dim=1), x.dtype)
 
 
 def _token_chunk_dense(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, on_input: bool) -> torch.Tensor:
@@ -187,11 +187,11 @@ def _token_chunk_dense(x, topk_weights, topk_ids, local_map, experts: _QuantExpe
     keep = (local >= 0) & ((wts != 0) | on_input)
     acc = torch.zeros(*ids.shape, x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                       device=x.device)
-    xin = (x.float() * wts[:, :1]).to(x.dtype) if on_input else x  # on the input: K == 1
+    xin = rounded(x.float() * wts[:, :1], x.dtype) if on_input else x  # on the input: K == 1
     for e in range(experts.w13.shape[0]):  # E_local
         o = experts.run(e, xin)[:, None, :]  # [Tc, 1, H]
         acc = torch.where((keep & (local == e))[..., None], o if on_input else o * wts[..., None], acc)
-    return acc.sum(dim=1).to(x.dtype)
+    return rounded(acc.sum(dim=1), x.dtype)
 
 
 def check_quant_experts_inputs(hidden_states, w13, w2, topk_weights, topk_ids, *, fmt, w13_scale, w2_scale,
