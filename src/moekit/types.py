@@ -53,8 +53,16 @@ class RoutingResult:
         s = self.zero_scale
         if s is not None and (not isinstance(s, torch.Tensor) or s.dim() != 1 or s.dtype != torch.float32):
             got = f"shape {list(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"RoutingResult.zero_scale must be [T] float32 (the zero slots' weight sum; "
-                             f"the [T, H] zero_output of rounds <= 55 is gone), got {got}")
+            old = ("; a [T, H] zero-expert output (zero_output, rounds <= 55) is no longer taken"
+                   if isinstance(s, torch.Tensor) and s.dim() == 2 else "")
+            raise ValueError(f"RoutingResult.zero_scale must be [T] float32 (the zero slots' weight sum), "
+                             f"got {got}{old}")
+
+    @property
+    def zero_output(self):
+        """Gone in round 56 (the ``[T, H]`` buffer): ``AttributeError`` naming what replaced it."""
+        raise AttributeError("RoutingResult.zero_output (the [T, H] zero-expert output) was replaced in round 56 by "
+                             "zero_scale ([T] float32) and zero_contribution(x) -> [T, H] float32")
 
     def zero_contribution(self, x: torch.Tensor) -> torch.Tensor | None:
         """The zero-expert contribution ``x[t] · s[t]``: [T, H] float32 (x: [T, H], the routed input), or None."""

@@ -155,3 +155,17 @@ def test_zero_expert_router_requirements():
                          zero_expert_type="identity")  # K = E + Z is fine
     with pytest.raises(ValueError, match="router_logits"):
         r.select_experts(torch.zeros(3, 4), torch.zeros(3, 4))  # E columns instead of E + Z
+
+
+def test_routing_result_names_the_round_56_change():
+    # edges: the old [T, H] zero output handed to RoutingResult, a [T] float64 sum, and reading .zero_output
+    from moekit.types import RoutingResult
+    w, ids = torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"zero_scale must be \[T\] float32 .*got shape \[3, 8\].*no longer taken"):
+        RoutingResult(w, ids, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"got shape \[3\] torch.float64$"):
+        RoutingResult(w, ids, torch.zeros(3, dtype=torch.float64))
+    res = RoutingResult(w, ids, torch.zeros(3))
+    with pytest.raises(AttributeError, match="replaced in round 56 by zero_scale"):
+        res.zero_output
+    assert res.zero_contribution(torch.ones(3, 4)).shape == (3, 4)

@@ -157,8 +157,9 @@ def unset_slices(spec, t, quantised: bool) -> list[tuple[int, str]]:
     if not (weight or spec.kind == "scale") or not isinstance(t, torch.Tensor) or not values_checkable(t) or \
             t.dim() < 1:
         return []
-    if weight:
-        unset = t.isnan().reshape(t.shape[0], len(spec.shards), -1).all(-1)
+    if weight:  # slot by slot: a bool temporary of the whole stack is ~1 GB for Mixtral's w13 (review of round 56)
+        unset = torch.stack([t[i].isnan().reshape(len(spec.shards), -1).all(-1) for i in range(t.shape[0])]) \
+            if t.shape[0] else t.new_zeros((0, len(spec.shards)), dtype=torch.bool)
     else:
         unset = t.contiguous().view(torch.uint8).reshape(t.shape[0], len(spec.shards), -1).any(-1).logical_not()
     return [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]

@@ -36,7 +36,8 @@ from .quant_shared import shared_format
 
 #: a safetensors dtype -> (the name inspect shows, bytes per element); other names: lower case, 1 byte for F8_*
 _ST_DTYPES = {"BF16": ("bf16", 2), "F16": ("fp16", 2), "F32": ("fp32", 4), "F64": ("fp64", 8), "I8": ("int8", 1),
-              "U8": ("uint8", 1), "I16": ("int16", 2), "I32": ("int32", 4), "I64": ("int64", 8)}
+              "U8": ("uint8", 1), "I16": ("int16", 2), "I32": ("int32", 4), "I64": ("int64", 8), "U16": ("uint16", 2),
+              "U32": ("uint32", 4), "U64": ("uint64", 8)}
 #: the names of :data:`_ST_DTYPES` -> bytes per element
 _DTYPE_BYTES = dict(_ST_DTYPES.values())
 

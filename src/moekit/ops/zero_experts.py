@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._eager import rounded
+
 ZERO_EXPERT_TYPES = ("identity",)
 
 
@@ -70,4 +72,4 @@ def zero_combine_torch(routed: torch.Tensor, x: torch.Tensor | None, zero_scale:
     acc = routed.float()
     if zero_scale is not None:
         acc = acc + x.float() * zero_scale.unsqueeze(-1)
-    return (acc * scale).to(routed.dtype)
+    return rounded(acc * scale, routed.dtype)  # (kept under torch.compile: what follows would fuse it away)
