@@ -52,13 +52,22 @@ def test_balancer_finds_the_packing_one_moves_miss(load, physical, gpus, best):
     assert rebalance_experts(load, physical, gpus) == got  # deterministic
 
 
-def test_balancer_counts_search_is_bounded():
-    # edge: a node with too many count vectors (E = 32, 64 slots of 2 GPUs: 33 vectors x 64 slots > 16384) skips the
-    # exhaustive pass and still answers (the one-move search); every expert placed, no duplicate on a GPU
-    load = [(7 * i) % 11 for i in range(32)]
-    got = rebalance_experts(load, 64, 2)
-    assert sorted(x for g in got for x in g) == sorted(list(range(32)) * 2)
-    assert all(len(set(g)) == len(g) == 32 for g in got)
+def test_balancer_counts_search_is_bounded(monkeypatch):
+    # edge: a node with too many count vectors (E = 16 on 32 slots of 4 GPUs: thousands of vectors x 32 slots >
+    # EXHAUSTIVE_WORK) skips the exhaustive pass (nothing packed) and still answers with the one-move search; a small
+    # node (E = 4 on 6 slots of 2 GPUs) is packed exhaustively (the control)
+    import moekit.parallel.eplb as eplb
+    load = [(7 * i) % 11 for i in range(16)]
+    got = rebalance_experts(load, 32, 4)
+    assert set(x for g in got for x in g) == set(range(16)) and sum(map(len, got)) == 32
+    assert all(len(set(g)) == len(g) == 8 for g in got)
+    packs = []
+    monkeypatch.setattr(eplb, "_pack_replicas", lambda *a: packs.append(a) or (Fraction(0), []))
+    sentinel = [[0]]
+    assert eplb._try_all_counts(list(range(16)), load, 4, 32, Fraction(10**9), sentinel)[1] is sentinel
+    assert packs == []
+    eplb._try_all_counts(list(range(4)), [0, 1, 2, 2], 2, 6, Fraction(10**9), sentinel)
+    assert len(packs) > 1
 
 
 # -- the keep decision ------------------------------------------------------------------------------------------------

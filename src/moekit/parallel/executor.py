@@ -37,11 +37,11 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
 
 from __future__ import annotations
 
-import numbers
 import os
 
 import torch
 
+from .._checks import check_bool, check_int
 from .agree import ForwardGuard, check_flags, failure_flag, flag_gather, guarded
 from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
@@ -109,7 +109,7 @@ class ParallelExecutor:
 
     @chunk_tokens.setter
     def chunk_tokens(self, value) -> None:
-        self._chunk_tokens = _knob("chunk_tokens", value, 1, "the most tokens per rank one dispatch carries")
+        self._chunk_tokens = check_int("expert_executor.chunk_tokens", value, minimum=1)
 
     @property
     def all_gather_min_tokens(self) -> int | None:
@@ -119,8 +119,8 @@ class ParallelExecutor:
 
     @all_gather_min_tokens.setter
     def all_gather_min_tokens(self, value) -> None:
-        self._all_gather_min_tokens = None if value is None else _knob(
-            "all_gather_min_tokens", value, 0, "the token count from which mode='auto' all-gathers, or None")
+        self._all_gather_min_tokens = None if value is None else check_int("expert_executor.all_gather_min_tokens",
+                                                                            value, minimum=0)
 
     @property
     def check_tp_tokens(self) -> bool:
@@ -129,10 +129,7 @@ class ParallelExecutor:
 
     @check_tp_tokens.setter
     def check_tp_tokens(self, value) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"expert_executor.check_tp_tokens must be a bool (True or False), got {value!r} "
-                            f"({type(value).__name__})")
-        self._check_tp_tokens = value
+        self._check_tp_tokens = check_bool("expert_executor.check_tp_tokens", value)
 
     def choose(self, max_tokens: int, top_k: int) -> str:
         """The dispatcher for a forward whose largest rank holds ``max_tokens`` tokens."""
@@ -249,13 +246,3 @@ class ParallelExecutor:
     def __repr__(self) -> str:
         return f"ParallelExecutor(ep_size={self.ep_size}, tp_size={self.tp_size}, mode={self.mode!r})"
 
-
-def _knob(name: str, value, minimum: int, what: str) -> int:
-    """``value`` as an int >= ``minimum`` (numpy ints too); else ``TypeError`` / ``ValueError`` naming the executor's
-    attribute ``name``, the value and ``what`` it is."""
-    expected = f"expert_executor.{name} must be an int >= {minimum} ({what})"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{expected}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{expected}, got {value}")
-    return int(value)
