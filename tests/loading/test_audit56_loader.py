@@ -127,7 +127,8 @@ def test_ranks_settings_differ_names_the_file_and_block(tmp_path, monkeypatch):
     os.makedirs(path)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(dict(DS3, n_group=2, dtype="float32")))
     save_file({"model.layers.1.mlp.gate.weight": torch.randn(6, 16),
-               "model.layers.1.mlp.gate.e_score_correction_bias": torch.rand(6)}, os.path.join(path, "model.safetensors"))
+               "model.layers.1.mlp.gate.e_score_correction_bias": torch.rand(6)},
+              os.path.join(path, "model.safetensors"))
     differ = SettingsDiffer("the ranks of ep_group were built with different settings (by rank of ep_group): "
                             "{'top_k': [2, 3]}")
 
