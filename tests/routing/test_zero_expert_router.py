@@ -169,3 +169,19 @@ def test_routing_result_names_the_round_56_change():
     with pytest.raises(AttributeError, match="replaced in round 56 by zero_scale"):
         res.zero_output
     assert res.zero_contribution(torch.ones(3, 4)).shape == (3, 4)
+
+
+def test_a_kernel_table_with_round_55_zero_signatures_is_refused_when_built():
+    # edge: a custom table built for the old zero_slots(x, w, ids, E) / zero_combine(routed, zero, scale): refused when
+    # the table is made (it failed at the first LongCat forward with Python's argument-count TypeError); the shipped
+    # tables and a replace() with the current twins pass
+    import dataclasses
+
+    from moekit.ops.kernels import kernels_for
+    from moekit.ops.zero_experts import zero_combine_torch, zero_slots_torch
+    table = kernels_for("torch")
+    with pytest.raises(TypeError, match=r"zero_slots must take \(topk_weights, topk_ids, num_experts\)"):
+        dataclasses.replace(table, zero_slots=lambda x, w, ids, e, extra: None)
+    with pytest.raises(TypeError, match=r"zero_combine must take \(routed, x, zero_scale, scale\)"):
+        dataclasses.replace(table, zero_combine=lambda routed, zero, scale: None)
+    assert dataclasses.replace(table, zero_slots=zero_slots_torch, zero_combine=zero_combine_torch).name == "torch"

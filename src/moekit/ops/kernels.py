@@ -21,6 +21,7 @@ when that module exists, else runs no quantised format.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -79,6 +80,18 @@ class Kernels:
     zero_combine: Callable = zero_combine_torch
     check_format: Callable | None = None
     route_limits: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        # round 56 changed the zero-expert signatures; a table built for the old ones fails here, not at a forward
+        for name, args in (("zero_slots", ("topk_weights", "topk_ids", "num_experts")),
+                           ("zero_combine", ("routed", "x", "zero_scale", "scale"))):
+            try:
+                inspect.signature(getattr(self, name)).bind(*args)
+            except TypeError:
+                raise TypeError(f"Kernels({self.name!r}).{name} must take ({', '.join(args)}) (round 56: the zero "
+                                "slots' weight sum [T] replaced the [T, H] zero output)") from None
+            except ValueError:  # (no signature to read, e.g. some builtins: taken as is)
+                pass
 
     def supports(self, fmt) -> bool:
         """True when ``fmt`` (a format object, or None for unquantised weights) runs on this table."""
