@@ -31,6 +31,16 @@ def zero_slots_r35(topk_weights, topk_ids, num_experts):
     return w, ids, scale
 
 
+def eager_layer(model: str):
+    """(the shape ``MODELS[model]``, its bf16 layer on the GPU with random weights (seed 0), no internal bucket graphs:
+    each call runs the ops its kernel tables hold) for the zero-expert scripts (this one, ``zero_mem.py``)."""
+    m = MODELS[model]
+    torch.manual_seed(0)
+    layer = build_layer(m, torch.bfloat16, torch.device("cuda")).eval()
+    layer.eager_graph_tokens = 0
+    return m, layer
+
+
 def use(layer, kernels) -> None:
     """Run ``layer``'s router and experts on the kernel table ``kernels``."""
     layer.router.kernels = layer.routed_experts.kernels = kernels
@@ -46,10 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
-    m = MODELS[a.model]
-    torch.manual_seed(0)
-    layer = build_layer(m, torch.bfloat16, dev).eval()
-    layer.eager_graph_tokens = 0  # no internal bucket graphs: each call runs the ops the kernel tables hold now
+    m, layer = eager_layer(a.model)
     fused = layer.routed_experts.kernels
     every = {"r35": dataclasses.replace(fused, zero_slots=zero_slots_r35, zero_combine=zero_combine_torch),
              "twin": dataclasses.replace(fused, zero_slots=zero_slots_torch, zero_combine=zero_combine_torch),

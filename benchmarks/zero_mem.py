@@ -11,10 +11,9 @@ import argparse
 
 import torch
 
-from moekit.benchmarking.bench import build_layer
-from moekit.benchmarking.shapes import MODELS
 from moekit.benchmarking.timer import time_graph
 from quant_probe import save_rows  # benchmarks/: the script's own folder
+from zero_ab import eager_layer
 
 
 def main(argv=None) -> int:
@@ -25,10 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
-    m = MODELS[a.model]
-    torch.manual_seed(0)
-    layer = build_layer(m, torch.bfloat16, dev).eval()
-    layer.eager_graph_tokens = 0
+    m, layer = eager_layer(a.model)
     rows = []
     for t in map(int, a.tokens.split(",")):
         g = torch.Generator(device=dev).manual_seed(t)

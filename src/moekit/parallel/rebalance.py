@@ -133,10 +133,11 @@ def keep_reason(load, old, new, ep_size: int, strategy: str, nodes: tuple[int, i
         return "the balancer's placement is the current one"
     if nodes is not None and not node_local(old, ep_size, strategy, *nodes):
         return None
-    now, then = max(rank_loads(load, old, ep_size, strategy)), max(rank_loads(load, new, ep_size, strategy))
+    old_loads = rank_loads(load, old, ep_size, strategy)
+    now, then = max(old_loads), max(rank_loads(load, new, ep_size, strategy))
     if then < now:
         return None
-    total = sum(rank_loads(load, old, ep_size, strategy))
+    total = sum(old_loads)
     if total == 0:
         return "the load is zero: no placement is better balanced"
     return (f"the balancer's placement is not better balanced (imbalance {float(then * ep_size / total):.4f}, the "
