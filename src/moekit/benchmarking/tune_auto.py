@@ -81,9 +81,13 @@ def run_tune_auto(targets, dtype=torch.bfloat16, *, out: Path | None = None, bud
         with tempfile.TemporaryDirectory(prefix="moekit-tune-bk-") as tmp:
             for bk in cands:
                 got: dict = {}
-                p = _tune.run_tune([(m, tokens)], dtype, out=Path(tmp) / str(bk), budget_s=budget_s / len(cands),
-                                   log=lambda s: None if s.startswith(("wrote ", "nothing tuned")) else log(s),
-                                   force_block_k=bk, results_out=got, **kw)  # (the scratch file's path: not told)
+                try:
+                    p = _tune.run_tune([(m, tokens)], dtype, out=Path(tmp) / str(bk), budget_s=budget_s / len(cands),
+                                       log=lambda s: None if s.startswith(("wrote ", "nothing tuned")) else log(s),
+                                       force_block_k=bk, results_out=got, **kw)  # (the scratch file's path: not told)
+                except RuntimeError as exc:  # e.g. no tile of a bucket ran at this BLOCK_K: the others may
+                    log(f"{m.name}: BLOCK_K {bk} left out: {exc}")
+                    continue
                 table = out_table(p, key)
                 if table and key in got:
                     tables[bk], results[bk] = table, got[key]

@@ -22,6 +22,28 @@ def same_output(problems, call, cfg: dict, ref_cfg: dict, tol: float) -> bool:
     return all(rel_rms(call(pr, cfg), call(pr, ref_cfg)) < tol for pr in problems)
 
 
+def twin_output(problems, call, cfg: dict, tol: float) -> bool:
+    """``cfg`` computes what the unquantised torch twin does: relative RMS difference < ``tol`` on every problem."""
+    from ..ops.experts import fused_experts_torch
+
+    for x, w1, w2, w, ids, b1, b2 in problems:
+        ref = fused_experts_torch(x, w1, w2, w, ids, activation=call.act, w1_bias=b1, w2_bias=b2)
+        if not rel_rms(call((x, w1, w2, w, ids, b1, b2), cfg), ref) < tol:
+            return False
+    return True
+
+
+def run_checks(checks) -> tuple[bool, str]:
+    """(every check passed, the first failing check's name and why); a check that raises fails, named."""
+    for name, check in checks:
+        try:
+            if not check():
+                return False, name
+        except Exception as exc:  # noqa: BLE001 - named in the log and the summary, never taken
+            return False, f"{name} raised {type(exc).__name__}: {str(exc)[:120]}"
+    return True, ""
+
+
 def same_bits(problems, call, cfg: dict, *refs: dict) -> bool:
     """``cfg``'s output equals every ``refs`` config's bit for bit on every problem."""
     return all(torch.equal(call(pr, cfg), call(pr, ref)) for pr in problems for ref in refs)

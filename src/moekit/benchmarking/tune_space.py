@@ -171,11 +171,18 @@ def with_arith(cfg: dict, fixed: dict | None) -> dict:
 
 # -- candidates ----------------------------------------------------------------------------------------------
 def smem_estimate(cfg: dict, which: str, elt: float, w_elt: float, gated: bool) -> float:
-    """Shared-memory bytes of one GEMM's pipelined A and B tiles (w13 gated loads gate and up tiles)."""
+    """Shared-memory bytes of one GEMM's pipelined A and B tiles (w13 gated loads gate and up tiles): a ring of
+    ``num_stages`` tiles where the MMA is a wgmma (its M — BLOCK_M, or a swapped tile's BN — at least 64), else
+    ``num_stages - 1`` (mma.sync). Triton 3.6's sm_90 compiles of the unquantised and fp8 GEMMs, with and without
+    TMA, matched this to within 1 KiB (round 57; the ``- 1`` everywhere before let a BLOCK_K 128 start of 294 KB
+    through, which failed at launch). 4-bit GEMMs keep ``num_stages - 1`` packed tiles: a lower bound (their
+    scales and staging add more), so the space never refuses a tile that fits."""
     c = cfg[which]
     nb = 2 if which == "w13" and gated else 1
     per_stage = cfg["BLOCK_M"] * c["BK"] * elt + nb * c["BN"] * c["BK"] * w_elt
-    return per_stage * max(int(c["num_stages"]) - 1, 1)
+    mma_m = c["BN"] if c.get("SWAP") else cfg["BLOCK_M"]
+    ring = int(c["num_stages"]) if mma_m >= 64 and w_elt >= 1 else int(c["num_stages"]) - 1
+    return per_stage * max(ring, 1)
 
 
 def clamp(cfg: dict, inter: int, hidden: int) -> dict:
@@ -216,6 +223,28 @@ class Space:
                                for w in ("w13", "w2")):
             why = "shared memory"
         return why
+
+    def fit(self, cfg: dict) -> dict:
+        """The applied ``cfg`` made to fit shared memory where it does not: each GEMM over the limit loses a ring
+        stage (down to 2), then halves its BN (down to 16); unchanged when it fits or cannot be made to (the
+        start of a search at a BLOCK_K the config in use was not made for: round 57's H100 tune)."""
+        cfg = self.apply(cfg)
+        for part in ("w13", "w2"):
+            size = smem_estimate(cfg, part, self.elt, self.w_elt, self.dims[4])
+            while size > SMEM_BYTES:
+                c = dict(cfg[part])
+                if int(c["num_stages"]) > 2:
+                    c["num_stages"] = int(c["num_stages"]) - 1
+                elif c["BN"] > 16:
+                    c["BN"] //= 2
+                else:
+                    break
+                smaller = self.apply({**cfg, part: c})
+                new_size = smem_estimate(smaller, part, self.elt, self.w_elt, self.dims[4])
+                if new_size >= size:  # the format's rules undid the step (e.g. a swapped 4-bit tile's BN)
+                    break
+                cfg, size = smaller, new_size
+        return cfg
 
     def fix(self, cfg: dict) -> dict | None:
         """The candidate as it would run, or None when refused or already listed."""
