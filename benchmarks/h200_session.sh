@@ -309,6 +309,26 @@ u.find_spec('kernels'))"
       tests/integrations/test_transformers_mxfp4.py
     grep -h "passed\|failed\|skipped" "$OUT"/gpu-r52c*.log | tail -3
     ;;
+  r57-tune)  # round 57: `moekit tune` as users run it on shapes of their own (every dtype and format, odd sizes, a
+    # non-gated activation, --block-k 32 / 128, --pdl, a point between buckets), then every bucket written checked
+    # against the twin and rows alone vs in batches (benchmarks/tuned_check.py)
+    r42_prepare
+    local t="$OUT/t" q="--quick --out $OUT/t"
+    mkdir -p "$t"
+    step r57-t-fp16 70 python -m moekit tune -E 60 -H 1000 -I 352 -K 6 --dtype float16 --tokens 1,37,1000 --budget-s 25 $q
+    step r57-t-fp32 70 python -m moekit tune -E 8 -H 4096 -I 14336 -K 2 --dtype float32 --tokens 1,256 --budget-s 20 $q
+    step r57-t-mxfp4 80 python -m moekit tune -E 32 -H 2880 -I 2880 -K 4 --activation swigluoai --has-bias --quant mxfp4 \
+      --tokens 1,64,1024 --budget-s 30 $q
+    step r57-t-int4 80 python -m moekit tune -E 64 -H 2048 -I 1408 -K 6 --quant int4 --tokens 1,8,512 --budget-s 30 $q
+    step r57-t-fp8 80 python -m moekit tune -E 64 -H 2048 -I 704 -K 6 --quant fp8 --tokens 1,100,4096 --budget-s 30 --pdl $q
+    step r57-t-relu2 50 python -m moekit tune -E 16 -H 1024 -I 512 -K 2 --activation relu2 --tokens 1,64 --block-k 32 \
+      --budget-s 15 $q
+    step r57-t-bk128 60 python -m moekit tune -E 16 -H 1024 -I 512 -K 2 --block-k 128 --tokens 1,16384 --budget-s 20 $q
+    step r57-t-point 50 python -m moekit tune --points qwen3-30b-a3b:3 --budget-s 15 $q
+    grep -h "^summary\|Error\|error:" "$OUT"/r57-t-*.log
+    step r57-tuned-check 150 python benchmarks/tuned_check.py "$t" --max-tokens 4096
+    grep -h "FAIL\|checked" "$OUT/r57-tuned-check.log"
+    ;;
   r52-b)  # round 52: the sweep of record (bf16 + fp8, four benchmark shapes, experts step and layer) on this round's
     # code, then round 51's epilogue change (swigluoai as (u + 1)·(g·σ(αg))) beside round 50's tree (its src carried as
     # .ab/base/src: `mkdir -p .ab/base && git archive 9d84a85 src | tar -x -C .ab/base`), gpt-oss-120b bf16, once each
