@@ -313,7 +313,7 @@ u.find_spec('kernels'))"
     # non-gated activation, --block-k 32 / 128, --pdl, a point between buckets), then every bucket written checked
     # against the twin and rows alone vs in batches (benchmarks/tuned_check.py)
     r42_prepare
-    local t="$OUT/t" q="--quick --out $OUT/t"
+    t="$OUT/t"; q="--quick --out $OUT/t"
     mkdir -p "$t"
     step r57-t-fp16 70 python -m moekit tune -E 60 -H 1000 -I 352 -K 6 --dtype float16 --tokens 1,37,1000 --budget-s 25 $q
     step r57-t-fp32 70 python -m moekit tune -E 8 -H 4096 -I 14336 -K 2 --dtype float32 --tokens 1,256 --budget-s 20 $q
