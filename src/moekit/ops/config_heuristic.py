@@ -69,11 +69,14 @@ def heuristic_config(
         stages = 4 if small_elt else 3
         w13 = dict(BN=w13_bn, BK=bk, GROUP_M=8, num_warps=4, num_stages=stages)
         w2 = dict(BN=w2_bn, BK=bk, GROUP_M=8, num_warps=4, num_stages=stages)
-    elif bm == 64 or rows <= 160:
+    elif bm == 64 or (quant and rows <= 160):  # (quantised formats there: not re-measured, kept)
         bk = 64 if small_elt else 32
         w13 = dict(BN=64, BK=bk, GROUP_M=8, num_warps=4, num_stages=4 if small_elt else 3)
         w2 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=4, num_stages=4 if small_elt else 3)
-    else:  # compute-bound: big tiles (w13 holds two accumulators: gate and up)
+    else:  # BLOCK_M 128: big tiles on 8 warps (w13 holds two accumulators: gate and up). Round 57: the 4-warp tiles
+        # this regime took up to 160 rows held 128 x 128 float32 accumulators on 128 threads and spilled (~2 KB per
+        # thread); on an H100 these tiles ran 1-9 % faster at every probed untuned point of 64-128 rows and 3.4x on a
+        # small-H fp16 shape (benchmarks/heuristic_probe.py; the same bits: BLOCK_K unchanged)
         bk = 64 if small_elt else 32
         w13 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
         w2 = dict(BN=256 if small_elt else 128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
@@ -81,8 +84,9 @@ def heuristic_config(
         while c["BN"] > 16 and c["BN"] // 2 >= n:
             c["BN"] //= 2
     # weight tiles by tensor descriptor won every compute-bound point tuned on H100 (T = 16384, five
-    # shapes); the wrapper falls back to pointer loads where descriptors cannot describe the weights
-    tma = small_elt and rows > 400
+    # shapes) and the BLOCK_M 128 points of round 57's probe; the wrapper falls back to pointer loads where
+    # descriptors cannot describe the weights
+    tma = small_elt and (rows > 400 or (bm == 128 and not quant))
     cfg = {"BLOCK_M": bm, "w13": w13, "w2": w2, "tma": tma}
     if quant and quant.startswith("fp8"):
         out = fp8_heuristic(cfg, num_tokens, num_experts, top_k, inter)
