@@ -329,6 +329,16 @@ u.find_spec('kernels'))"
     step r57-tuned-check 150 python benchmarks/tuned_check.py "$t" --max-tokens 4096
     grep -h "FAIL\|checked" "$OUT/r57-tuned-check.log"
     ;;
+  r57-gap)  # round 57: the untuned heuristic's gap on real shapes without a table (bf16): OLMoE, Qwen2-MoE-A2.7B,
+    # Phi-3.5-MoE, Granite-3.0-3B-A800M, a quick tune each (the log's "in use" is the heuristic)
+    r42_prepare
+    q="--quick --out $OUT/gap --tokens 1,8,64,256,1024,4096 --budget-s 55"
+    step r57-gap-olmoe 90 python -m moekit tune -E 64 -H 2048 -I 1024 -K 8 $q
+    step r57-gap-qwen2 90 python -m moekit tune -E 60 -H 2048 -I 1408 -K 4 $q
+    step r57-gap-phi35 90 python -m moekit tune -E 16 -H 4096 -I 6400 -K 2 $q
+    step r57-gap-granite 90 python -m moekit tune -E 40 -H 1536 -I 512 -K 8 $q
+    grep -h "^summary\|Error" "$OUT"/r57-gap-*.log
+    ;;
   r52-b)  # round 52: the sweep of record (bf16 + fp8, four benchmark shapes, experts step and layer) on this round's
     # code, then round 51's epilogue change (swigluoai as (u + 1)·(g·σ(αg))) beside round 50's tree (its src carried as
     # .ab/base/src: `mkdir -p .ab/base && git archive 9d84a85 src | tar -x -C .ab/base`), gpt-oss-120b bf16, once each
