@@ -25,6 +25,7 @@ POINTS = {
     "gpt-oss-120b": (128, 2880, 2880, 4, torch.bfloat16, [2048, 4096]),  # rows 64, 128
     "mixtral-8x7b": (8, 4096, 14336, 2, torch.bfloat16, [256]),  # rows 64
     "glm-4.5-air": (128, 4096, 1408, 8, torch.bfloat16, [1024]),  # rows 64
+    "granite-3.0-3b": (40, 1536, 512, 8, torch.bfloat16, [256]),  # rows 51
     "deepseek-v2-lite": (64, 2048, 1408, 6, torch.bfloat16, [1024]),  # rows 96
 }
 
