@@ -67,8 +67,10 @@ def check_shape(key: str, table: dict, max_tokens: int, dev) -> list[tuple[int, 
         if packed_layout_for(kernels_for("triton").packed_layouts, fmt, dtype, h, inter) == "rega":
             run_qw, spec = relay_quantized(qw), QuantSpec.of(fmt, relaid=True)
         call = Kernel(act, spec, run_qw)
-        twin = lambda pr: fused_experts_quant_torch(pr[0], qw[0], qw[1], pr[3], pr[4], fmt=fmt, w13_scale=qw[2],  # noqa: E731
-                                                    w2_scale=qw[3], activation=act)
+
+        def twin(pr):
+            return fused_experts_quant_torch(pr[0], qw[0], qw[1], pr[3], pr[4], fmt=fmt, w13_scale=qw[2],
+                                             w2_scale=qw[3], activation=act)
         bound = 1e-2
     buckets = sorted(table, key=int)
     rows = []

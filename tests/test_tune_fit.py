@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compile_check import run_compiled
-from moekit.benchmarking import tune, tune_auto, tune_tables
+from moekit.benchmarking import tune, tune_auto, tune_checks, tune_tables
 from moekit.benchmarking.shapes import EXTRA_MODELS, MODELS, ModelShape
 from moekit.benchmarking.tune_space import SMEM_BYTES, Space, _cfg, config_id, smem_estimate
 from moekit.ops.triton_configs import shape_key
@@ -29,6 +29,7 @@ MEASURED = [
     ({**_cfg(16, (64, 128, 4, 3), (64, 128, 4, 3)), "w13": {"BN": 64, "BK": 128, "GROUP_M": 8, "num_warps": 4,
                                                             "num_stages": 3, "SWAP": 1}}, "w13", 2, 2, 110592),
     (_cfg(64, (128, 128, 4, 2), (128, 128, 4, 2)), "w13", 1, 1, 82432),  # fp8 block: a little scale memory more
+    (_cfg(128, (128, 64, 8, 3), (128, 64, 8, 3), tma=True), "w13", 4, 4, 196608),  # fp32: FMA dots, stages - 1
 ]
 
 
@@ -43,17 +44,24 @@ def test_smem_estimate_matches_the_compiled_kernels(cfg, which, elt, w_elt, real
 def test_smem_estimate_against_the_sm90_compiler(tmp_path):
     # the same rule against Triton's real compiler (no GPU): a change of Triton's pipeliner shows up here
     run_compiled("""
+import torch
 import compile_sm90 as c
 from moekit.benchmarking.tune_space import _cfg, smem_estimate
 shape = (8, 2, 512, 256, "silu", False)
-for cfg in (_cfg(128, (128, 128, 8, 3), (128, 128, 8, 2), tma=True), _cfg(32, (64, 128, 4, 3), (64, 128, 4, 3)),
-            _cfg(64, (64, 64, 4, 4), (128, 64, 4, 2))):
-    for kf, a, kw in c.launches(None, 256, shape, config=cfg):
+compared = 0
+for dt, cfg in ((torch.bfloat16, _cfg(128, (128, 128, 8, 3), (128, 128, 8, 2), tma=True)),
+                (torch.bfloat16, _cfg(32, (64, 128, 4, 3), (64, 128, 4, 3))),
+                (torch.float16, _cfg(64, (64, 64, 4, 4), (128, 64, 4, 2))),
+                (torch.float32, _cfg(128, (64, 32, 8, 3), (128, 32, 8, 3), tma=True))):
+    elt = dt.itemsize
+    for kf, a, kw in c.launches(None, 256, shape, dtype=dt, config=cfg):
         if kf.__name__ in ("w13_kernel", "w2_kernel"):
             which = kf.__name__[:-7]
             real = c.compile_launch(kf, a, kw).metadata.shared
-            est = smem_estimate(cfg, which, 2, 2, True)
-            assert real - 1024 <= est <= real, (cfg, which, real, est)
+            est = smem_estimate(cfg, which, elt, elt, True)
+            assert real - 1024 <= est <= real, (dt, cfg, which, real, est)
+            compared += 1
+assert compared == 8, compared  # both GEMMs of every config (a renamed kernel would compare nothing)
 print("ok")
 """, tmp_path)
 
@@ -70,6 +78,16 @@ def test_fit_drops_stages_then_narrows_bn():
     assert space.refusal(got) is None and got["w13"]["BN"] == 128 and got["w13"]["num_stages"] == 2
     fits = space.apply(_cfg(64, (64, 64, 4, 3), (64, 64, 4, 3)))
     assert space.fit(fits) == fits  # a tile that fits is left alone
+    # quantised: the format's rules apply after each step (fp8: BLOCK_M >= 64, w2 BN <= 128), and a step they undo
+    # ends the loop instead of spinning
+    _, fp8 = tune.quant_spec("fp8")
+    qspace = Space(OSS20, torch.bfloat16, fp8, (128, 128))
+    got = qspace.fit(_cfg(128, (128, 128, 8, 6), (128, 128, 8, 6)))
+    assert qspace.refusal(got) is None and got["w13"]["num_stages"] < 6
+    _, mx = tune.quant_spec("mxfp4")
+    wspace = Space(OSS20, torch.bfloat16, mx, (128, 128))
+    tiny = wspace.apply(_cfg(16, (64, 128, 4, 3), (64, 128, 4, 3)))
+    assert wspace.fit(tiny) == tiny
 
 
 def test_config_in_use_fits_at_a_new_block_k():
@@ -86,7 +104,6 @@ def test_config_in_use_fits_at_a_new_block_k():
 def _fake_point_env(monkeypatch, fail):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
     monkeypatch.setattr(tune, "precompile", lambda *a, **k: None)
-    base_ids = []
 
     def fake_time(problems, call, cfg, **kw):
         if fail(cfg):
@@ -94,31 +111,58 @@ def _fake_point_env(monkeypatch, fail):
         return 100.0 - cfg["w13"]["BN"] / 8 - 10 * bool(cfg.get("tma"))
 
     monkeypatch.setattr(tune, "time_config", fake_time)
-    return base_ids
 
 
 def test_tune_point_whose_start_cannot_run(monkeypatch):
     m = MODELS["qwen3-30b-a3b"].replace(E=4, H=32, I=16, K=2)
     _, base = tune.config_in_use(m, 4, torch.float32, {}, None, None, None, 132, None)
     _fake_point_env(monkeypatch, lambda cfg: config_id(cfg) == config_id(base))
-    monkeypatch.setattr(tune, "twin_output", lambda *a: True)
-    monkeypatch.setattr(tune, "fused_identical", lambda *a: True)
+    monkeypatch.setattr(tune_checks, "twin_output", lambda *a: True)
+    monkeypatch.setattr(tune_checks, "fused_identical", lambda *a: True)
     monkeypatch.setattr(tune, "same_output", lambda *a: pytest.fail("no config in use to compare with"))
     logs = []
     cfg, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object(),
                                    before={})
-    assert config_id(cfg) != config_id(base) and info["base_failed"] and info["best_us"] < 100
-    assert any("does not run here" in s and "take" in s for s in logs), logs
+    assert config_id(cfg) != config_id(base) and info["base_failed"] and info["best_us"] == 100.0 - cfg["w13"]["BN"] / 8 - 10 * bool(cfg.get("tma"))
+    assert any("does not run here (RuntimeError" in s and "take" in s for s in logs), logs
     tune_tables.log_summary([("qwen3-30b-a3b", "-", {4: info})], logs.append)
     assert "(the config in use does not run here)" in logs[-1]
     # the twin disagrees: the bucket is not written with an unchecked tile
-    monkeypatch.setattr(tune, "twin_output", lambda *a: False)
+    monkeypatch.setattr(tune_checks, "twin_output", lambda *a: False)
     with pytest.raises(RuntimeError, match="T=4.*failed twin_output"):
         tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object(), before={})
     # nothing ran at all
     _fake_point_env(monkeypatch, lambda cfg: True)
     with pytest.raises(RuntimeError, match="none of the .* candidates ran"):
         tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object(), before={})
+
+
+def test_a_pdl_winner_of_a_failed_start_is_bit_checked(monkeypatch):
+    # round 57's review: the twin-checked answer of a bucket whose start cannot run kept output_checks' bit checks
+    # (here PDL: "kept only if bit-identical")
+    m = MODELS["qwen3-30b-a3b"].replace(E=4, H=32, I=16, K=2)
+    _, base = tune.config_in_use(m, 4, torch.float32, {}, None, None, None, 132, None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
+    monkeypatch.setattr(tune, "precompile", lambda *a, **k: None)
+
+    def fake_time(problems, call, cfg, **kw):
+        if config_id(cfg) == config_id(base):
+            raise RuntimeError("out of resource: shared memory")
+        return 50.0 if cfg.get("pdl") else 90.0
+
+    monkeypatch.setattr(tune, "time_config", fake_time)
+    monkeypatch.setattr(tune_checks, "twin_output", lambda *a: True)
+    monkeypatch.setattr(tune_checks, "fused_identical", lambda *a: True)
+    called = []
+    monkeypatch.setattr(tune_checks, "pdl_identical", lambda *a: called.append(a[2]) or False)
+    with pytest.raises(RuntimeError, match="failed pdl_identical"):
+        tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=lambda s: None, call=object(), before={},
+                        pdl=True)
+    assert called and called[0].get("pdl")
+    monkeypatch.setattr(tune_checks, "pdl_identical", lambda *a: True)
+    cfg, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=lambda s: None, call=object(),
+                                   before={}, pdl=True)
+    assert cfg.get("pdl") and info["best_us"] == 50.0
 
 
 def test_twin_output_compares_with_the_torch_twin():
@@ -137,8 +181,8 @@ def test_twin_output_compares_with_the_torch_twin():
             x, w1, w2, w, ids, b1, b2 = pr
             return fused_experts_torch(x, w1, w2, w, ids) * self.scale
 
-    assert tune.twin_output(problems, Call(1.0), {}, 1e-2)
-    assert not tune.twin_output(problems, Call(1.05), {}, 1e-2)  # 5 % off
+    assert tune_checks.twin_output(problems, Call(1.0), {}, 1e-2)
+    assert not tune_checks.twin_output(problems, Call(1.05), {}, 1e-2)  # 5 % off
 
 
 def test_block_k_auto_leaves_out_a_block_k_that_cannot_run(tmp_path, monkeypatch):

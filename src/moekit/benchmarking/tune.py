@@ -52,7 +52,7 @@ from ..ops.config_heuristic import heuristic_capability
 from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
 from .shapes import ModelShape
 from .timer import time_graph
-from .tune_checks import fused_identical, pdl_identical, run_checks, same_output, swap_identical, twin_output
+from .tune_checks import base_failed, fused_identical, pdl_identical, run_checks, same_output, swap_identical
 from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries, out_table
 
@@ -167,13 +167,14 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
         pr = make_problem(t, m.E, m.H, m.I, m.K, dtype, m.act, m.has_bias, device, seed=r, weights=weights)
         weights = (pr[1], pr[2], pr[5], pr[6])
         problems.append(pr)
-    best_seen = [float("inf")]
+    best_seen, failed = [float("inf")], {}
 
     def score(cfg: dict) -> float:
         try:
             us = time_config(problems, call, cfg, abort_above_us=1.3 * best_seen[0] + 1000.0)
         except Exception as exc:  # e.g. out of shared memory for this tile, PDL before sm_90
             log(f"  skip {cfg}: {type(exc).__name__}")
+            failed[config_id(cfg)] = type(exc).__name__
             return float("inf")
         best_seen[0] = min(best_seen[0], us)
         return us
@@ -182,7 +183,8 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
                          precompile=lambda cfgs: precompile(problems[0], call, cfgs, log))
     base_us = times.get(config_id(base), float("nan"))
     if base_us == float("inf"):  # the start failed (timed first, so it has a time): round 57's H100 tune
-        return _base_failed(m, t, spec, call, problems, base, best, times, quick, log), weights, {
+        why = failed.get(config_id(base), "it failed")
+        return base_failed(m, t, spec, call, problems, base, best, times, why, before, log), weights, {
             "base_us": base_us, "best_us": times[config_id(best)], "timed": len(times), "base_failed": True}
     if config_id(best) == config_id(base):
         log(f"  T={t:6d}: the config in use is the fastest of {len(times)} ({base_us:.1f} us) {base}")
@@ -196,29 +198,6 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
         f"{'ok' if ok else 'FAILED: ' + why}: {'take' if take else 'keep the config in use, not'} {best}")
     return (best if take else base), weights, {"base_us": base_us, "best_us": best_us if take else base_us,
                                                "timed": len(times), **({} if ok else {"check_failed": why})}
-
-
-def _base_failed(m, t, spec, call, problems, base: dict, best: dict, times: dict, quick: bool, log) -> dict:
-    """The bucket's answer where its start (the config in use, at the shape's BLOCK_K) could not run here: the fastest
-    candidate that ran, once its output matches the torch twin within SPEC §4's bf16 bound (no config in use to
-    compare with); ``RuntimeError`` naming the bucket where none ran, or where the format is quantised (its
-    BLOCK_K is the format's, so its config in use runs unless the table is broken)."""
-    what = f"{m.name} at T={t}: the config in use does not run here ({base})"
-    if config_id(best) == config_id(base) or times.get(config_id(best), float("inf")) == float("inf"):
-        raise RuntimeError(f"moekit tune: {what}, and none of the {len(times)} candidates ran")
-    if spec is not None:
-        raise RuntimeError(f"moekit tune: {what}; a quantised shape's BLOCK_K is its format's, so the table in use "
-                           "is broken: remove the shape's entries and tune again")
-    checks = [("twin_output", lambda: twin_output(problems, call, best, 1e-2))]
-    checks.append(("fused_identical", lambda: fused_identical(problems, call, best)))
-    if best["w13"].get("SWAP") or best["w2"].get("SWAP"):
-        checks.append(("swap_identical", lambda: swap_identical(problems, call, best)))
-    ok, why = run_checks(checks)
-    if not ok:
-        raise RuntimeError(f"moekit tune: {what}, and the fastest candidate failed {why}: {best}")
-    log(f"  T={t:6d}: {times[config_id(best)]:9.1f} us; the config in use does not run here (shared memory), "
-        f"checks against the twin ok: take {best}")
-    return best
 
 
 def output_checks(problems, call, best: dict, base: dict, tol: float) -> tuple[bool, str]:

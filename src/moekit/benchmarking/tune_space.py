@@ -34,13 +34,12 @@ from ..ops.config_heuristic import (FP8_DEC_SM90_MAX_ROWS, SWAP_4BIT_BM16_ROWS, 
                                     W4_SM90_BM64_ROWS, fp8_sm90_decode, swap_tiles, w4_sm90_tiles)
 from ..ops.config_keys import tail_conflicts
 from .tune_forms import form_neighbours
+from .tune_smem import SMEM_BYTES, smem_estimate  # noqa: F401 (re-exported)
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")
 #: top-level config keys that change a token's arithmetic: equal across the buckets of a shape
 ARITH_KEYS = ("fp8_acc",)
-#: shared memory per block on sm_90 (227 KiB)
-SMEM_BYTES = 232448
 #: the default BLOCK_K of an unquantised shape's candidates per regime (before the shape fixes one)
 DEFAULT_BK = {"decode": 128, "small": 128, "medium": 64, "large": 64}
 
@@ -170,21 +169,6 @@ def with_arith(cfg: dict, fixed: dict | None) -> dict:
 
 
 # -- candidates ----------------------------------------------------------------------------------------------
-def smem_estimate(cfg: dict, which: str, elt: float, w_elt: float, gated: bool) -> float:
-    """Shared-memory bytes of one GEMM's pipelined A and B tiles (w13 gated loads gate and up tiles): a ring of
-    ``num_stages`` tiles where the MMA is a wgmma (its M — BLOCK_M, or a swapped tile's BN — at least 64), else
-    ``num_stages - 1`` (mma.sync). Triton 3.6's sm_90 compiles of the unquantised and fp8 GEMMs, with and without
-    TMA, matched this to within 1 KiB (round 57; the ``- 1`` everywhere before let a BLOCK_K 128 start of 294 KB
-    through, which failed at launch). 4-bit GEMMs keep ``num_stages - 1`` packed tiles: a lower bound (their
-    scales and staging add more), so the space never refuses a tile that fits."""
-    c = cfg[which]
-    nb = 2 if which == "w13" and gated else 1
-    per_stage = cfg["BLOCK_M"] * c["BK"] * elt + nb * c["BN"] * c["BK"] * w_elt
-    mma_m = c["BN"] if c.get("SWAP") else cfg["BLOCK_M"]
-    ring = int(c["num_stages"]) if mma_m >= 64 and w_elt >= 1 else int(c["num_stages"]) - 1
-    return per_stage * max(ring, 1)
-
-
 def clamp(cfg: dict, inter: int, hidden: int) -> dict:
     """BN never wider than the problem (w13: I columns, w2: H); stays a power of two >= 16."""
     out = {**cfg, "w13": dict(cfg["w13"]), "w2": dict(cfg["w2"])}

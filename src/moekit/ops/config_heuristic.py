@@ -49,7 +49,8 @@ def heuristic_config(
         return w4_sm90_tiles(rows)
     small_elt = dtype != torch.float32
     # Memory-bound below ~150 rows per expert: then padding rows cost only idle MMA, while an expert
-    # split over two blocks streams its weights twice, so BLOCK_M covers the expected rows with room.
+    # split over two blocks streams its weights twice, so BLOCK_M covers the expected rows with room —
+    # except narrow experts (their weights are few bytes), which run BLOCK_M 64 up to 127 rows.
     if rows <= 6:
         bm = 16
     elif rows <= 14:
@@ -78,7 +79,8 @@ def heuristic_config(
     else:  # BLOCK_M 128: big tiles on 8 warps (w13 holds two accumulators: gate and up). Round 57: the 4-warp tiles
         # this regime took up to 160 rows held 128 x 128 float32 accumulators on 128 threads and spilled (~2 KB per
         # thread); on an H100 these tiles ran 1-9 % faster at every probed untuned point of 64-128 rows and 3.4x on a
-        # small-H fp16 shape (benchmarks/heuristic_probe.py; the same bits: BLOCK_K unchanged)
+        # small-H fp16 shape (benchmarks/heuristic_probe.py; the same bits: BLOCK_K unchanged). float32 takes the
+        # same tiles (its 4-warp ones held the same accumulators), not measured
         bk = 64 if small_elt else 32
         w13 = dict(BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
         w2 = dict(BN=256 if small_elt else 128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
