@@ -335,7 +335,8 @@ class MoERunner(torch.nn.Module):
         routing = self.router.route(x, logits, input_ids=input_ids)
         routed = self.expert_executor(x, routing.topk_weights, routing.topk_ids)
         if routing.zero_scale is not None or self.routed_scaling_factor != 1.0:
-            # ((routed + x * zero_scale) * scale) in float32, rounded once (one launch on the Triton table)
+            # ((routed + x * zero_scale) * scale) in float32, rounded once (one launch on the Triton table); routed
+            # itself arrives rounded to params_dtype (fp16: a sum past 65504 is inf here already: README, fp16)
             routed = self.routed_experts.kernels.zero_combine(routed, x, routing.zero_scale,
                                                               float(self.routed_scaling_factor))
         return routed, routing.topk_weights

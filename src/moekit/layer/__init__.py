@@ -192,7 +192,8 @@ def build_fused_moe(
         routed_output_transform: a module applied to the routed (+ zero-expert) output before the shared
             output is added; default None.
         apply_routed_scale_to_output: default False. Apply ``routed_scaling_factor`` to the routed output
-            instead of inside the router (the router then uses 1.0); results agree either way.
+            instead of inside the router (the router then uses 1.0); results agree either way within rounding,
+            except with ``apply_router_weight_on_input`` (the weight then scales the expert's input, not its output).
         zero_expert_type: None (default) or ``"identity"``: LongCat-Flash zero experts. Needs
             ``e_score_correction_bias`` of length ``E + Z`` (which sets ``Z``) and ``router_logits`` of
             width ``E + Z``; a slot routed to a zero expert adds ``w * x``. ``renormalize`` keeps the seed's
