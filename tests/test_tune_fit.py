@@ -123,7 +123,8 @@ def test_tune_point_whose_start_cannot_run(monkeypatch):
     logs = []
     cfg, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object(),
                                    before={})
-    assert config_id(cfg) != config_id(base) and info["base_failed"] and info["best_us"] == 100.0 - cfg["w13"]["BN"] / 8 - 10 * bool(cfg.get("tma"))
+    assert config_id(cfg) != config_id(base) and info["base_failed"]
+    assert info["best_us"] == 100.0 - cfg["w13"]["BN"] / 8 - 10 * bool(cfg.get("tma"))
     assert any("does not run here (RuntimeError" in s and "take" in s for s in logs), logs
     tune_tables.log_summary([("qwen3-30b-a3b", "-", {4: info})], logs.append)
     assert "(the config in use does not run here)" in logs[-1]
@@ -194,7 +195,7 @@ def test_block_k_auto_leaves_out_a_block_k_that_cannot_run(tmp_path, monkeypatch
 
     def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
         if fixed_bk[0] == 128 and t == 16384:
-            raise RuntimeError("moekit tune: custom at T=16384: none of the 3 candidates ran")
+            raise tune_checks.BucketNotTuned("moekit tune: custom at T=16384: none of the 3 candidates ran")
         return tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)[1], "w", \
             {"base_us": 12.0, "best_us": 11.0, "timed": 5}
 
@@ -205,3 +206,8 @@ def test_block_k_auto_leaves_out_a_block_k_that_cannot_run(tmp_path, monkeypatch
     table = json.loads(path.read_text())["entries"][shape_key(16, 256, 128, 2, torch.bfloat16, True)]
     assert {(c["w13"]["BK"], c["w2"]["BK"]) for c in table.values()} == {(64, 64)}
     assert any(s.startswith("custom: BLOCK_K 128 left out: moekit tune: custom at T=16384") for s in logs), logs
+    # another error (e.g. CUDA out of memory) is not a BLOCK_K to leave out: it ends the run
+    monkeypatch.setattr(tune, "tune_point", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    path.unlink()
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        tune_auto.run_tune_auto([(custom, [1])], out=tmp_path, log=logs.append, bar=False, budget_s=10.0)

@@ -28,8 +28,12 @@ def test_fp16_layer_refuses_weights_outside_its_range(which):
     args[which] = args[which].clone()
     args[which][1, 3, ...] = 1e5 if args[which].dim() == 3 else 7e4
     layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float16, has_bias=True).eval()
-    with pytest.raises(ValueError, match=rf"{which}_weight|{which}.*outside float16's range.*(1e\+05|7e\+04)"):
+    layer.load_expert_weights(*_weights(1), b13, b2)  # a good load first: a refused one must leave it whole
+    before = {k: v.clone() for k, v in layer.routed_experts.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^{which} holds \d+ finite values outside float16's range.*(1e\+05|7e\+04)"):
         layer.load_expert_weights(args["w13"], args["w2"], args["w13_bias"], args["w2_bias"])
+    after = layer.routed_experts.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
 
 
 def test_fp16_range_edge_values_load():
@@ -45,13 +49,29 @@ def test_fp16_range_edge_values_load():
     moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16).eval().load_expert_weights(w13, w2)
 
 
-def test_fp16_checkpoint_shard_outside_range_is_refused():
-    # the checkpoint path (one expert's shard at a time) goes through the same check
+def test_fp16_checkpoint_shard_and_state_dict_outside_range_are_refused():
+    # the checkpoint path (one expert's shard at a time) and load_state_dict (float32 entries) check the same
     layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float16).eval()
     bad = torch.randn(I, H)
     bad[5, 7] = -2e5
     with pytest.raises(ValueError, match="outside float16's range.*2e\\+05"):
         layer.routed_experts.load_expert_shard(2, "w1", bad)
+    src = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32).eval()
+    w13, w2 = _weights()
+    w2[3, 0, 0] = 1e5
+    src.load_expert_weights(w13, w2)
+    with pytest.raises(ValueError, match="state dict entry 'routed_experts.w2_weight' holds 1 finite values"):
+        layer.load_state_dict(src.state_dict())
+    # an fp16 layer's own state dict (NaN "never written" markers included) loads into another fp16 layer
+    fresh = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float16).eval()
+    layer.load_state_dict(fresh.state_dict())
+
+
+def test_fp16_meta_layer_takes_meta_tensors():
+    # init_empty_weights-style loading: no values to check on the meta device
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float16, device="meta")
+    layer.load_expert_weights(torch.empty(E, 2 * I, H, device="meta"), torch.empty(E, H, I, device="meta"))
+    layer.routed_experts.load_expert_shard(0, "w2", torch.empty(H, I, device="meta"))
 
 
 @pytest.mark.interpreter

@@ -21,6 +21,7 @@ import torch
 from ..ops.config_heuristic import heuristic_config
 from ..ops.triton_configs import clear_config_cache, device_key, shape_key
 from .shapes import TOKENS
+from .tune_checks import BucketNotTuned
 from .tune_space import block_k
 from . import tune as _tune
 from .tune_tables import bucket_order, merge_entries, out_table
@@ -85,7 +86,7 @@ def run_tune_auto(targets, dtype=torch.bfloat16, *, out: Path | None = None, bud
                     p = _tune.run_tune([(m, tokens)], dtype, out=Path(tmp) / str(bk), budget_s=budget_s / len(cands),
                                        log=lambda s: None if s.startswith(("wrote ", "nothing tuned")) else log(s),
                                        force_block_k=bk, results_out=got, **kw)  # (the scratch file's path: not told)
-                except RuntimeError as exc:  # e.g. no tile of a bucket ran at this BLOCK_K: the others may
+                except BucketNotTuned as exc:  # no tile of a bucket ran (or passed its checks) at this BLOCK_K
                     log(f"{m.name}: BLOCK_K {bk} left out: {exc}")
                     continue
                 table = out_table(p, key)

@@ -117,20 +117,25 @@ def pdl_identical(problems, call, cfg: dict) -> bool:
     return bool(ok)
 
 
+class BucketNotTuned(RuntimeError):
+    """A bucket whose start cannot run here and no checked candidate can replace it (:func:`base_failed`)."""
+
+
 def base_failed(m, t, spec, call, problems, base: dict, best: dict, times: dict, why: str, before: dict,
                 log) -> dict:
     """The bucket's answer where its start (the config in use, at the shape's BLOCK_K) could not run here (``why``: the
     exception's name): the fastest candidate that ran, once its output matches the torch twin within SPEC §4's bound
     (1e-4 in float32, 1e-2 else: no config in use to compare with) and its switches their bits (PDL, fused / Gluon,
-    swapped tiles: :func:`output_checks`' own); ``RuntimeError`` naming the bucket where none ran or a check fails, or
-    where the format is quantised (its BLOCK_K is the format's, so its config in use runs unless a table is broken)."""
+    swapped tiles: :func:`output_checks`' own); :class:`BucketNotTuned` naming the bucket where none ran or a check
+    fails, or where the format is quantised (its BLOCK_K is the format's, so its config in use runs unless a table is
+    broken)."""
     what = f"{m.name} at T={t}: the config in use does not run here ({why}: {base})"
     if config_id(best) == config_id(base) or times.get(config_id(best), float("inf")) == float("inf"):
-        raise RuntimeError(f"moekit tune: {what}, and none of the {len(times)} candidates ran")
+        raise BucketNotTuned(f"moekit tune: {what}, and none of the {len(times)} candidates ran")
     if spec is not None:
         hint = ("the table in use is broken: remove the shape's entries and tune again" if before else
                 "the format's heuristic gave it: please report this shape")
-        raise RuntimeError(f"moekit tune: {what}; a quantised shape's BLOCK_K is its format's, so {hint}")
+        raise BucketNotTuned(f"moekit tune: {what}; a quantised shape's BLOCK_K is its format's, so {hint}")
     tol = 1e-4 if problems[0][0].dtype == torch.float32 else 1e-2
     checks = [("twin_output", lambda: twin_output(problems, call, best, tol))]
     if best.get("pdl"):
@@ -140,7 +145,7 @@ def base_failed(m, t, spec, call, problems, base: dict, best: dict, times: dict,
         checks.append(("swap_identical", lambda: swap_identical(problems, call, best)))
     ok, failed_check = run_checks(checks)
     if not ok:
-        raise RuntimeError(f"moekit tune: {what}, and the fastest candidate failed {failed_check}: {best}")
+        raise BucketNotTuned(f"moekit tune: {what}, and the fastest candidate failed {failed_check}: {best}")
     log(f"  T={t:6d}: {times[config_id(best)]:9.1f} us; the config in use does not run here ({why}), checks against "
         f"the twin ok: take {best}")
     return best

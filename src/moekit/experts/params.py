@@ -158,21 +158,30 @@ def stored(spec: ExpertTensor, t: torch.Tensor, what: str) -> torch.Tensor:
     if spec.dtype == torch.uint8 and t.dtype in (torch.int8, _E8M0, _FP4X2):
         return t.view(torch.uint8)
     if spec.dtype in FLOAT_DTYPES and (t.dtype in FLOAT_DTYPES or (t.dtype == _E8M0 and spec.kind == "scale")):
-        out = t.to(spec.dtype) if t.dtype != _E8M0 else t.float().to(spec.dtype)
-        if spec.dtype == torch.float16 and t.dtype != torch.float16 and bool(torch.isinf(out).any()):
-            _check_fp16_range(t, out, what)
-        return out
+        check_range(spec.dtype, t, what)
+        return t.to(spec.dtype) if t.dtype != _E8M0 else t.float().to(spec.dtype)
     raise TypeError(f"{what} must have dtype {spec.dtype} ({spec.name}), got {t.dtype}")
 
 
-def _check_fp16_range(t: torch.Tensor, out: torch.Tensor, what: str) -> None:
-    """``ValueError`` where a finite value of ``t`` became inf in float16 ``out`` (round 57's fp16 trial: a weight of
-    1e5 loaded as inf and every token routed to its expert came out non-finite); an inf given stays the caller's."""
-    over = torch.isinf(out) & torch.isfinite(t)
-    if bool(over.any()):
-        worst = float(t[over].abs().max())
-        raise ValueError(f"{what} holds {int(over.sum())} finite values outside float16's range (|x| up to {worst:.4g} "
-                         f"> 65504): they would be stored as inf; rescale them or use params_dtype=torch.bfloat16")
+#: float16's overflow threshold: |x| >= 65520 rounds to inf (65504 is the largest finite value)
+FP16_OVERFLOW = 65520.0
+
+
+def check_range(dtype: torch.dtype, t: torch.Tensor, what: str) -> None:
+    """``ValueError`` where converting ``t`` to ``dtype`` (float16 only; the other float dtypes hold float32's range)
+    would turn a finite value into inf (round 57's fp16 trial: a weight of 1e5 loaded as inf, and every token routed
+    to its expert came out non-finite); an inf given stays the caller's. Skipped where values cannot be read (meta)."""
+    if dtype != torch.float16 or t.dtype in (torch.float16, _E8M0) or not t.is_floating_point() \
+            or not values_checkable(t):
+        return
+    big = t.abs() >= FP16_OVERFLOW
+    if bool(big.any()):
+        over = big & torch.isfinite(t)
+        if bool(over.any()):
+            worst = float(t[over].abs().max())
+            raise ValueError(f"{what} holds {int(over.sum())} finite values outside float16's range (|x| up to "
+                             f"{worst:.4g} > 65504): they would be stored as inf; rescale them or use "
+                             "params_dtype=torch.bfloat16")
 
 
 def fit(spec: ExpertTensor, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -252,7 +261,12 @@ def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> No
     (int8, e8m0 and fp4x2 bytes are taken as uint8: the entry is replaced by its view, since ``copy_`` would convert
     values; a float weight of a quantised layer's shape is a ``TypeError``: it was rounded to e4m3 without a scale),
     and the values of the scales (:func:`check_scale_values`: ``ValueError``; an all-zero input scale is "not given",
-    :func:`unset_input_scale`). ``state_dict`` is the loader's own copy (``Module.load_state_dict`` makes one)."""
+    :func:`unset_input_scale`). ``state_dict`` is the loader's own copy (``Module.load_state_dict`` makes one).
+    float16 layers: weights and biases within float16's range (:func:`check_range`)."""
+    for name, spec in specs.items():
+        t = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor):
+            check_range(spec.dtype, t, f"state dict entry {prefix + name!r}")
     if quant is None:
         return
     for name, spec in specs.items():
@@ -302,4 +316,8 @@ def global_stacks(c, fmt: WeightFormat | None, w13, w2, w13_bias=None, w2_bias=N
             raise ValueError("the layer has has_bias=True: pass both w13_bias [E, 2I] and w2_bias [E, H]")
         expect_float("w13_bias", w13_bias, (e, c.w13_rows(inter)))
         expect_float("w2_bias", w2_bias, (e, h))
-    return dict(w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias, **scales)
+    out = dict(w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias, **scales)
+    for name in ("w13_weight", "w2_weight", "w13_bias", "w2_bias"):  # every range before any write: never half-loaded
+        if isinstance(out[name], torch.Tensor) and (fmt is None or name.endswith("bias")):
+            check_range(c.params_dtype, out[name], name.removesuffix("_weight"))
+    return out
