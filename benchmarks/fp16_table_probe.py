@@ -61,9 +61,10 @@ def main() -> None:
             same = all(torch.equal(out[i], call((x[i:i + 1], w1, w2, tw[i:i + 1], ids[i:i + 1], b1, b2),
                                                 table[min(table, key=int)])[0]) for i in range(n))
             h, b = min(times["heuristic"]), min(times["bf16-table"])
-            rows.append(dict(shape=model, T=t, heuristic_us=h, table_us=b, rows_identical=same, config=vs["bf16-table"]))
-            print(f"{model:16s} T={t:5d} heuristic {h:9.1f}  bf16-table {b:9.1f}  ({h / b:.2f}x)  rows alone = in batch: "
-                  f"{same}", flush=True)
+            rows.append(dict(shape=model, T=t, heuristic_us=h, table_us=b, rows_identical=same,
+                             config=vs["bf16-table"]))
+            print(f"{model:16s} T={t:5d} heuristic {h:9.1f}  bf16-table {b:9.1f}  ({h / b:.2f}x)  rows alone = in "
+                  f"batch: {same}", flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": name, "rows": rows}, f, indent=1, default=str)
 
