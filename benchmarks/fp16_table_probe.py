@@ -14,10 +14,10 @@ import json
 import torch
 
 from moekit.benchmarking.shapes import MODELS
-from moekit.benchmarking.timer import time_graph
 from moekit.benchmarking.tune import Kernel, make_problem
 from moekit.ops.config_heuristic import heuristic_config
 from moekit.ops.triton_configs import nearest_bucket, shape_key, shape_table
+from quant_probe import time_alternated  # benchmarks/: the script's own folder
 
 TOKENS = [1, 8, 64, 256, 1024, 4096]
 
@@ -50,10 +50,8 @@ def main() -> None:
             vs = {"heuristic": heuristic_config(t, m.E, m.H, m.I, m.K, torch.float16, props.multi_processor_count, None,
                                                 cap),
                   "bf16-table": nearest_bucket(table, t)}
-            times = {v: [] for v in vs}
-            for _ in range(2):
-                for v, cfg in vs.items():
-                    times[v].append(time_graph(lambda pr, c=cfg: call(pr, c), [(p,) for p in probs], target_ms=10.0))
+            times = time_alternated({v: (lambda pr, c=cfg: call(pr, c)) for v, cfg in vs.items()},
+                                    [(p,) for p in probs], 2)
             # rows alone (the table's smallest bucket) vs in this batch (this bucket's entry), fp16
             x, w1, w2, tw, ids, b1, b2 = probs[0]
             out = call(probs[0], vs["bf16-table"])

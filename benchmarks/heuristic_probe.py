@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from moekit.benchmarking.timer import time_graph
 from moekit.benchmarking.tune import Kernel, make_problem
 from moekit.ops.config_heuristic import heuristic_config
+from quant_probe import time_alternated  # benchmarks/: the script's own folder
 
 # name: (E, H, I, K, dtype, token counts): rows per touched expert = T·K / min(E, T·K)
 POINTS = {
@@ -62,24 +62,14 @@ def main() -> None:
                 probs.append(pr)
             vs = variants(t, e, h, i, k, dtype)
             ref = call(probs[0], vs["heuristic"])
-            times = {v: [] for v in vs}
-            for _ in range(args.rounds):
-                for v, cfg in vs.items():
-                    try:
-                        times[v].append(time_graph(lambda pr, c=cfg: call(pr, c), [(p,) for p in probs],
-                                                   target_ms=10.0))
-                    except Exception as exc:  # noqa: BLE001 - a tile that does not fit: named, not timed
-                        times[v].append(float("nan"))
-                        print(f"{name} T={t} {v}: {type(exc).__name__}")
+            times = time_alternated({v: (lambda pr, c=cfg: call(pr, c)) for v, cfg in vs.items()},
+                                    [(p,) for p in probs], args.rounds)
             for v, cfg in vs.items():
-                try:
-                    same = torch.equal(call(probs[0], cfg), ref)
-                except Exception:  # noqa: BLE001
-                    same = None
+                same = torch.equal(call(probs[0], cfg), ref)
                 us = min(times[v])
                 rows.append(dict(shape=name, T=t, variant=v, us=us, all_us=times[v], identical=same, config=cfg))
                 print(f"{name:16s} T={t:5d} {v:10s} {us:9.1f} us  {'/'.join(f'{x:.1f}' for x in times[v])}  "
-                      f"bits {'=' if same else '!=' if same is False else '?'}", flush=True)
+                      f"bits {'=' if same else '!='}", flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, f, indent=1, default=str)
 

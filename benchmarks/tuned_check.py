@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 
 from moekit.benchmarking.bench_quant import QUANT_FORMATS
-from moekit.benchmarking.tune import Kernel, make_problem
+from moekit.benchmarking.shapes import ModelShape
+from moekit.benchmarking.tune import make_call, make_problem
+from moekit.benchmarking.tune_checks import rel_rms
 from moekit.ops.experts import fused_experts_torch
 from moekit.ops.experts_quant import fused_experts_quant_torch
 from moekit.ops.quantize import quantize_experts
-from moekit.ops.triton_configs import device_key
-from moekit.ops.w4_layout import packed_layout_for, relay_quantized
-from moekit.ops.kernels import kernels_for
 from moekit.ops.quant_spec import QuantSpec
+from moekit.ops.triton_configs import device_key
+from moekit._checks import DTYPE_SHORT
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {short: dtype for dtype, short in DTYPE_SHORT.items()}  # a key's dtype= value -> torch dtype
 
 
 def parse_key(key: str) -> dict:
@@ -56,17 +57,13 @@ def check_shape(key: str, table: dict, max_tokens: int, dev) -> list[tuple[int, 
     e, h, inter, top = k["E"], k["H"], k["I"], k["K"]
     w = make_problem(1, e, h, inter, top, dtype, act, False, dev)
     w1, w2 = w[1], w[2]
-    if fmt is None:
-        call = Kernel(act)
+    m = ModelShape("tuned", E=e, K=top, H=h, I=inter, act=act)
+    call, _ = make_call(m, dtype, fmt, None if fmt is None else QuantSpec.of(fmt), (w1, w2, None, None))
+    if fmt is None:  # (make_call: the words re-laid where a Triton-backend layer stores them so)
         twin = lambda pr: fused_experts_torch(pr[0], w1, w2, pr[3], pr[4], activation=act)  # noqa: E731
         bound = 1e-4 if dtype == torch.float32 else 1e-2
     else:
-        qw = quantize_experts(w1, w2, fmt)
-        spec = QuantSpec.of(fmt)
-        run_qw = qw
-        if packed_layout_for(kernels_for("triton").packed_layouts, fmt, dtype, h, inter) == "rega":
-            run_qw, spec = relay_quantized(qw), QuantSpec.of(fmt, relaid=True)
-        call = Kernel(act, spec, run_qw)
+        qw = quantize_experts(w1, w2, fmt)  # the twin's SPEC-packed words
 
         def twin(pr):
             return fused_experts_quant_torch(pr[0], qw[0], qw[1], pr[3], pr[4], fmt=fmt, w13_scale=qw[2],
@@ -79,11 +76,11 @@ def check_shape(key: str, table: dict, max_tokens: int, dev) -> list[tuple[int, 
         pr = make_problem(t, e, h, inter, top, dtype, act, False, dev, seed=7, weights=(w1, w2, None, None))
         got = call(pr, table[b])
         ref = twin(pr)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+        err = rel_rms(got, ref)  # (inf where got is not finite)
         x, _, _, tw, ids, _, _ = pr  # the first row alone, under the smallest bucket's config
         alone = call((x[:1], w1, w2, tw[:1], ids[:1], None, None), table[buckets[0]])
         same = torch.equal(got[:1], alone)
-        ok = err <= bound and bool(torch.isfinite(got).all()) and same
+        ok = err <= bound and same
         rows.append((int(b), ok, f"T={t:6d} rel_rms {err:.2e} (<= {bound:g}) row alone {'=' if same else '!='} "
                                  f"in batch  {json.dumps(table[b], sort_keys=True)}"))
     return rows

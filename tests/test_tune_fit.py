@@ -119,7 +119,7 @@ def test_tune_point_whose_start_cannot_run(monkeypatch):
     _fake_point_env(monkeypatch, lambda cfg: config_id(cfg) == config_id(base))
     monkeypatch.setattr(tune_checks, "twin_output", lambda *a: True)
     monkeypatch.setattr(tune_checks, "fused_identical", lambda *a: True)
-    monkeypatch.setattr(tune, "same_output", lambda *a: pytest.fail("no config in use to compare with"))
+    monkeypatch.setattr(tune_checks, "same_output", lambda *a: pytest.fail("no config in use to compare with"))
     logs = []
     cfg, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object(),
                                    before={})

@@ -168,11 +168,11 @@ def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
         return 100.0 - cfg["w13"]["BN"] / 8 - 10 * bool(cfg.get("tma"))
 
     monkeypatch.setattr(tune, "time_config", fake_time)
-    monkeypatch.setattr(tune, "same_output", lambda *a: True)
+    monkeypatch.setattr(tune_checks, "same_output", lambda *a: True)
     logs = []
     cfg, w, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
     assert info["best_us"] < info["base_us"] and cfg.get("tma") and len(w) == 4
-    monkeypatch.setattr(tune, "same_output", lambda *a: False)
+    monkeypatch.setattr(tune_checks, "same_output", lambda *a: False)
     cfg2, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
     assert info["best_us"] == info["base_us"] and not cfg2.get("tma") and any("FAILED" in s for s in logs)
 
@@ -181,7 +181,7 @@ def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
     def raises(*a):
         raise RuntimeError("out of resource: shared memory")
 
-    monkeypatch.setattr(tune, "same_output", raises)
+    monkeypatch.setattr(tune_checks, "same_output", raises)
     logs.clear()
     cfg3, _, info = tune.tune_point(m, 4, torch.float32, "cpu", rotations=2, log=logs.append, call=object())
     assert info["best_us"] == info["base_us"] and not cfg3.get("tma")
@@ -193,8 +193,8 @@ def test_tune_point_takes_only_a_checked_faster_winner(monkeypatch):
 def test_output_checks_name_the_check_that_fails_or_raises(monkeypatch):
     # each check of a winner runs where its switch is stated (swapped tiles: swap_identical, round 38's out-of-memory
     # reference); the first that is false or raises decides, by name, and a raising one never passes
-    monkeypatch.setattr(tune, "same_output", lambda *a: True)
-    monkeypatch.setattr(tune, "fused_identical", lambda *a: True)
+    monkeypatch.setattr(tune_checks, "same_output", lambda *a: True)
+    monkeypatch.setattr(tune_checks, "fused_identical", lambda *a: True)
     plain = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
     swapped = {**plain, "w2": {**plain["w2"], "SWAP": 1}}
     called = []
@@ -203,14 +203,14 @@ def test_output_checks_name_the_check_that_fails_or_raises(monkeypatch):
         called.append(a[2])
         raise RuntimeError("out of resource: shared memory, Required: 245856")
 
-    monkeypatch.setattr(tune, "swap_identical", swap)
-    assert tune.output_checks([], None, plain, plain, 1e-3) == (True, "") and not called
-    ok, why = tune.output_checks([], None, swapped, plain, 1e-3)
+    monkeypatch.setattr(tune_checks, "swap_identical", swap)
+    assert tune_checks.output_checks([], None, plain, plain, 1e-3) == (True, "") and not called
+    ok, why = tune_checks.output_checks([], None, swapped, plain, 1e-3)
     assert not ok and why.startswith("swap_identical raised RuntimeError: out of resource") and called == [swapped]
-    monkeypatch.setattr(tune, "swap_identical", lambda *a: False)
-    assert tune.output_checks([], None, swapped, plain, 1e-3) == (False, "swap_identical")
-    monkeypatch.setattr(tune, "fused_identical", lambda *a: False)
-    assert tune.output_checks([], None, swapped, plain, 1e-3) == (False, "fused_identical")
+    monkeypatch.setattr(tune_checks, "swap_identical", lambda *a: False)
+    assert tune_checks.output_checks([], None, swapped, plain, 1e-3) == (False, "swap_identical")
+    monkeypatch.setattr(tune_checks, "fused_identical", lambda *a: False)
+    assert tune_checks.output_checks([], None, swapped, plain, 1e-3) == (False, "fused_identical")
 
 
 def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
@@ -497,29 +497,29 @@ def test_a_split_winner_must_match_the_fused_tiles_bit_for_bit():
         return torch.full((2,), 1.0 + (0.5 if cfg.get("w13_split") and pr == "odd" else 0.0))
 
     cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), w13_split=True)
-    assert tune.fused_identical(["even"], call, cfg)
-    assert not tune.fused_identical(["even", "odd"], call, cfg)
+    assert tune_checks.fused_identical(["even"], call, cfg)
+    assert not tune_checks.fused_identical(["even", "odd"], call, cfg)
     assert any("w13_split" not in c for c in seen)
     # a sum-pass winner (either word) against the other path, never against itself
     seen.clear()
     off = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), sum_pass=False)
-    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), off)
+    assert tune_checks.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), off)
     assert seen[-1] == {**off, "sum_pass": True}
     # neither switch stated: nothing to compare, no call
-    assert tune.fused_identical(["odd"], lambda pr, c: 1 / 0, _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3)))
+    assert tune_checks.fused_identical(["odd"], lambda pr, c: 1 / 0, _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3)))
     on = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4), sum_pass=True)
-    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["sum_pass"] else 1.0), on)
+    assert not tune_checks.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["sum_pass"] else 1.0), on)
     # a Gluon winner against the same tiles on the Triton GEMMs (both kernel dicts without the key)
     seen.clear()
     gl = tune_forms.gluon_toggled(_cfg(64, (64, 128, 4, 4), (128, 128, 4, 4)))
     assert gl["w13"]["gluon"] == gl["w2"]["gluon"] == 1
-    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), gl)
+    assert tune_checks.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), gl)
     assert seen[-1] == tune_forms.gluon_toggled(gl) and "gluon" not in seen[-1]["w2"]
-    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["w2"].get("gluon") else 1.0), gl)
+    assert not tune_checks.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c["w2"].get("gluon") else 1.0), gl)
     # a register-operand 4-bit winner: the reference has no gluon key at all (the Triton GEMMs)
     seen.clear()
     ra = tune_forms.rega_toggled(_cfg(16, (64, 128, 4, 3), (64, 128, 4, 3)))
-    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), ra)
+    assert tune_checks.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), ra)
     assert not any(k.startswith("gluon") for c in seen[1:] for part in ("w13", "w2") for k in c[part])
 
 
@@ -638,8 +638,8 @@ def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
 
     cfg = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4))
     cfg["w13"]["SWAP"] = cfg["w2"]["SWAP"] = 1
-    assert tune.swap_identical(["even"], call, cfg)
-    assert not tune.swap_identical(["even", "odd"], call, cfg)
+    assert tune_checks.swap_identical(["even"], call, cfg)
+    assert not tune_checks.swap_identical(["even", "odd"], call, cfg)
     plain = [c for c in seen if not c["w2"].get("SWAP")]
     assert plain and all(c["BLOCK_M"] == 64 and "SWAP" not in c["w13"] for c in plain)
     assert all(c[p]["num_stages"] == 3 for c in plain for p in ("w13", "w2"))  # the winner's 4, capped
@@ -654,7 +654,7 @@ def test_a_swapped_winner_must_match_the_unswapped_tiles_bit_for_bit():
     def call2(pr, c):
         return torch.full((2,), 2.0 if c is base else 1.0)
 
-    assert tune.swap_identical(["even"], call2, cfg) and not tune.swap_identical(["even"], call2, cfg, base)
+    assert tune_checks.swap_identical(["even"], call2, cfg) and not tune_checks.swap_identical(["even"], call2, cfg, base)
 
 
 def test_swapped_fp8_neighbours_vary_block_m_below_64():
@@ -705,9 +705,9 @@ def test_neighbours_toggle_tail_blocks_where_the_tiles_take_them():
 def test_a_tail_winner_must_match_the_same_tiles_without_tail_blocks():
     seen = []
     cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), tail_bm=32)
-    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
+    assert tune_checks.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
     assert "tail_bm" not in seen[-1] and seen[-1]["BLOCK_M"] == 128
-    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("tail_bm") else 1.0), cfg)
+    assert not tune_checks.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("tail_bm") else 1.0), cfg)
 
 
 def test_neighbours_toggle_the_gather_pass_of_unquantised_tma_tiles():
@@ -727,9 +727,9 @@ def test_neighbours_toggle_the_gather_pass_of_unquantised_tma_tiles():
 def test_a_gather_pass_winner_must_match_the_same_tiles_without_it():
     seen = []
     cfg = _cfg(128, (128, 64, 8, 4), (256, 64, 8, 3), tma=True, gather_pass=True)
-    assert tune.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
+    assert tune_checks.fused_identical(["odd"], lambda pr, c: seen.append(c) or torch.ones(2), cfg)
     assert "gather_pass" not in seen[-1] and seen[-1]["tma"]
-    assert not tune.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("gather_pass") else 1.0),
+    assert not tune_checks.fused_identical(["odd"], lambda pr, c: torch.full((2,), 2.0 if c.get("gather_pass") else 1.0),
                                     cfg)
 
 

@@ -52,7 +52,7 @@ from ..ops.config_heuristic import heuristic_capability
 from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
 from .shapes import ModelShape
 from .timer import time_graph
-from .tune_checks import base_failed, fused_identical, pdl_identical, run_checks, same_output, swap_identical
+from .tune_checks import base_failed, output_checks
 from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries, out_table
 
@@ -198,21 +198,6 @@ def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pd
         f"{'ok' if ok else 'FAILED: ' + why}: {'take' if take else 'keep the config in use, not'} {best}")
     return (best if take else base), weights, {"base_us": base_us, "best_us": best_us if take else base_us,
                                                "timed": len(times), **({} if ok else {"check_failed": why})}
-
-
-def output_checks(problems, call, best: dict, base: dict, tol: float) -> tuple[bool, str]:
-    """(every check passed, the first failing check's name and why): ``best`` computes what ``base`` does within
-    ``tol``, and where it states PDL, a fused / Gluon / tail switch or swapped tiles, the bits of the same tiles
-    without them (:mod:`.tune_checks`). A check that raises (round 38: the unswapped reference of a swapped winner
-    out of shared memory) fails with its exception named: the winner is not proven, so it is not taken, and the
-    search goes on."""
-    checks = [("same_output", lambda: same_output(problems, call, best, base, tol))]
-    if best.get("pdl"):
-        checks.append(("pdl_identical", lambda: pdl_identical(problems, call, best)))
-    checks.append(("fused_identical", lambda: fused_identical(problems, call, best)))
-    if best["w13"].get("SWAP") or best["w2"].get("SWAP"):
-        checks.append(("swap_identical", lambda: swap_identical(problems, call, best, base)))
-    return run_checks(checks)
 
 
 class Progress:

@@ -117,6 +117,24 @@ def pdl_identical(problems, call, cfg: dict) -> bool:
     return bool(ok)
 
 
+def output_checks(problems, call, best: dict, base: dict | None, tol: float) -> tuple[bool, str]:
+    """(every check passed, the first failing check's name and why): ``best`` computes what ``base`` does within
+    ``tol`` (``base`` None: a start that cannot run, so the unquantised torch twin is the reference,
+    :func:`twin_output`), and where it states PDL, a fused / Gluon / tail switch or swapped tiles, the bits of the same
+    tiles without them. A check that raises (round 38: the unswapped reference of a swapped winner out of shared
+    memory) fails with its exception named: the winner is not proven, so it is not taken, and the search goes on."""
+    if base is None:
+        checks = [("twin_output", lambda: twin_output(problems, call, best, tol))]
+    else:
+        checks = [("same_output", lambda: same_output(problems, call, best, base, tol))]
+    if best.get("pdl"):
+        checks.append(("pdl_identical", lambda: pdl_identical(problems, call, best)))
+    checks.append(("fused_identical", lambda: fused_identical(problems, call, best)))
+    if best["w13"].get("SWAP") or best["w2"].get("SWAP"):
+        checks.append(("swap_identical", lambda: swap_identical(problems, call, best, base)))
+    return run_checks(checks)
+
+
 class BucketNotTuned(RuntimeError):
     """A bucket whose start cannot run here and no checked candidate can replace it (:func:`base_failed`)."""
 
@@ -126,9 +144,9 @@ def base_failed(m, t, spec, call, problems, base: dict, best: dict, times: dict,
     """The bucket's answer where its start (the config in use, at the shape's BLOCK_K) could not run here (``why``: the
     exception's name): the fastest candidate that ran, once its output matches the torch twin within SPEC §4's bound
     (1e-4 in float32, 1e-2 else: no config in use to compare with) and its switches their bits (PDL, fused / Gluon,
-    swapped tiles: :func:`output_checks`' own); :class:`BucketNotTuned` naming the bucket where none ran or a check
-    fails, or where the format is quantised (its BLOCK_K is the format's, so its config in use runs unless a table is
-    broken)."""
+    swapped tiles: :func:`output_checks` with no config in use); :class:`BucketNotTuned` naming the bucket where none
+    ran or a check fails, or where the format is quantised (its BLOCK_K is the format's, so its config in use runs
+    unless a table is broken)."""
     what = f"{m.name} at T={t}: the config in use does not run here ({why}: {base})"
     if config_id(best) == config_id(base) or times.get(config_id(best), float("inf")) == float("inf"):
         raise BucketNotTuned(f"moekit tune: {what}, and none of the {len(times)} candidates ran")
@@ -137,13 +155,7 @@ def base_failed(m, t, spec, call, problems, base: dict, best: dict, times: dict,
                 "the format's heuristic gave it: please report this shape")
         raise BucketNotTuned(f"moekit tune: {what}; a quantised shape's BLOCK_K is its format's, so {hint}")
     tol = 1e-4 if problems[0][0].dtype == torch.float32 else 1e-2
-    checks = [("twin_output", lambda: twin_output(problems, call, best, tol))]
-    if best.get("pdl"):
-        checks.append(("pdl_identical", lambda: pdl_identical(problems, call, best)))
-    checks.append(("fused_identical", lambda: fused_identical(problems, call, best)))
-    if best["w13"].get("SWAP") or best["w2"].get("SWAP"):
-        checks.append(("swap_identical", lambda: swap_identical(problems, call, best)))
-    ok, failed_check = run_checks(checks)
+    ok, failed_check = output_checks(problems, call, best, None, tol)
     if not ok:
         raise BucketNotTuned(f"moekit tune: {what}, and the fastest candidate failed {failed_check}: {best}")
     log(f"  T={t:6d}: {times[config_id(best)]:9.1f} us; the config in use does not run here ({why}), checks against "

@@ -34,7 +34,7 @@ from ..ops.config_heuristic import (FP8_DEC_SM90_MAX_ROWS, SWAP_4BIT_BM16_ROWS, 
                                     W4_SM90_BM64_ROWS, fp8_sm90_decode, swap_tiles, w4_sm90_tiles)
 from ..ops.config_keys import tail_conflicts
 from .tune_forms import form_neighbours
-from .tune_smem import SMEM_BYTES, smem_estimate  # noqa: F401 (re-exported)
+from .tune_smem import SMEM_BYTES, smem_estimate
 
 #: (BN, BK, num_warps, num_stages): the tile of one GEMM in the tuner's tuples
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages")

@@ -39,8 +39,8 @@ from .loaded_record import InputScales, LoadedRecord, fill_unset, state_loaded, 
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
-from .params import (KINDS, ExpertTensor, check_scale_values, check_state_tensors, check_tp_split, expert_tensors_spec,
-                     fit, full_precision, global_stacks, keep_dtypes, stored)
+from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check_state_tensors, check_tp_split,
+                     expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
 from .placement_state import incoming_placement, maps_rebuilt, placement_saved
 
@@ -332,6 +332,7 @@ class RoutedExperts(torch.nn.Module):
                 return 0
             tensor, scale = quantize_weight(tensor, self.quant)
             self.load_expert_shard(logical_id, shard_id, scale, kind="scale")
+        check_range(spec.dtype, tensor, what)  # (load_expert_weights: global_stacks checks the whole stacks first)
         part = fit(spec, stored(spec, tensor, what), what)
         for slot in slots:
             spec.write(getattr(self, spec.name), slot, shard_id, part, self.tp_rows,

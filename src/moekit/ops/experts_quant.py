@@ -61,7 +61,7 @@ class _QuantExperts:
         if not self.w8a8 and self.gemm_dtype != self.dtype:  # fp16 weight-only: the weight rounded to params_dtype
             # (SPEC §8, as the kernels' operand), the GEMM in fp32 (round 57: int4 group scales times q rounded in fp16
             # moved the twin 4e-4 from the kernels)
-            w1, w2 = w1.to(self.dtype).to(self.gemm_dtype), w2.to(self.dtype).to(self.gemm_dtype)
+            w1, w2 = rounded(w1, self.dtype).to(self.gemm_dtype), rounded(w2, self.dtype).to(self.gemm_dtype)
         if self.cache is not None:
             self.cache[e] = (w1, w2)
         return w1, w2
