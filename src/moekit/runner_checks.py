@@ -41,7 +41,7 @@ def check_runner_args(moe_config, router, enable_dbo: bool, gate_input: str, rou
 
 def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> None:
     """A :class:`~moekit.MoERunner` forward's ``hidden_states`` [..., H_in]: a float tensor, not a scalar, of
-    width ``hidden_size`` unless a ``routed_input_transform`` maps it; no training with autograd (unsupported).
+    width ``hidden_size`` unless a ``routed_input_transform`` maps it.
     ``router_logits`` [T, E + Z] and ``input_ids`` [T] are flat (size-1 dims aside), or have the leading dims of
     ``hidden_states`` (``[B, S, E + Z]`` / ``[B, S]`` for ``[B, S, H]``): other leading dims of as many tokens
     ([S, B, ...]) would route the wrong tokens, so they raise."""
@@ -49,12 +49,6 @@ def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> No
     check_float_dtype("hidden_states", hidden_states, FLOAT_DTYPES)
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have shape [..., H], got a scalar")
-    if layer.training and hidden_states.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(
-            f"layer {layer.layer_name!r}: training is not supported yet (the expert weights have "
-            "requires_grad=False and the Triton kernels have no backward, so backward() would give no expert "
-            "gradients). For inference call layer.eval() or run under torch.no_grad()/torch.inference_mode()"
-        )
     hidden = layer.moe_config.hidden_size
     if layer.routed_input_transform is None and hidden_states.shape[-1] != hidden:
         raise ValueError(f"hidden_states must have shape [..., {hidden}], got {list(hidden_states.shape)}")

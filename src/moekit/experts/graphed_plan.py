@@ -224,10 +224,12 @@ def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
     (this one runs eagerly: the same kernels, :mod:`.graph_lock`). (Round 51: a plain function, not a generator
     context manager: about a microsecond less per eager call.)"""
     graphs = layer._graphs
-    if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable \
-            or not graphs.lock.take(hidden_states):
+    if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable:
         return None
-    return graphs
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad
+                                       for p in layer._modules["routed_experts"]._parameters.values()):
+        return None  # expert weights being trained (round 58): a replay would return an output without their grads
+    return graphs if graphs.lock.take(hidden_states) else None
 
 
 def release_graphs(graphs: GraphCache | None) -> None:

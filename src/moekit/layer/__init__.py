@@ -264,9 +264,11 @@ def build_fused_moe(
       :mod:`moekit.runner`): the output always has the shape of ``hidden_states``.
     - A selection bias or hash table on the meta device is refused unless ``device="meta"`` (it holds no
       values to route with); value checks skip meta tensors.
-    - Training is not supported yet: expert weights have ``requires_grad=False``; a forward in training
-      mode on an input that requires grad raises ``NotImplementedError`` (use ``.eval()`` or
-      ``torch.no_grad()`` for inference). See :class:`MoERunner`.
+    - Training: autograd flows through the layer on both backends: gradients of ``hidden_states``, the router
+      logits (so ``gate``), the shared experts and, once their ``requires_grad`` is set (``False`` at
+      construction), the expert weights and biases (quantised weights stay frozen). The forward runs the same kernels,
+      bit for bit; the backward is torch code (each expert recomputed in float32). Expert / tensor parallel layers
+      raise ``NotImplementedError`` under autograd. See :class:`MoERunner`.
     - fp16: the expert's intermediate activation (``act(w13 · x)``, rounded to the input dtype, as in
       the kernels) can overflow to ±inf in float16 even when the layer's true output would fit; use
       bfloat16 (or float32) for models whose activations exceed 65504.

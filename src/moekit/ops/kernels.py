@@ -33,6 +33,7 @@ import torch
 from .experts import experts_reference
 from .experts_quant import fused_experts_quant_torch
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
+from .grad import with_autograd
 from .routing import hash_route_reference, route_reference
 from .zero_experts import zero_combine_torch, zero_slots_torch
 
@@ -206,8 +207,9 @@ def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
 
 
 def _torch_kernels() -> Kernels:
-    return Kernels("torch", route=route_reference, hash_route=hash_route_reference, experts=experts_reference,
-                   checks_values=True, experts_quant=fused_experts_quant_torch, quant_formats=ALL_QUANT_FORMATS)
+    return with_autograd(Kernels(
+        "torch", route=route_reference, hash_route=hash_route_reference, experts=experts_reference,
+        checks_values=True, experts_quant=fused_experts_quant_torch, quant_formats=ALL_QUANT_FORMATS))
 
 
 def _triton_quant() -> tuple[Callable | None, frozenset]:
@@ -230,11 +232,12 @@ def _triton_kernels() -> Kernels:
     from .triton_zero import zero_combine_triton, zero_slots_triton
 
     experts_quant, formats = _triton_quant()
-    return Kernels("triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
-                   checks_values=False, experts_quant=experts_quant, quant_formats=formats,
-                   packed_layouts=frozenset({"spec", "rega"}) if experts_quant is not None else frozenset({"spec"}),
-                   zero_slots=zero_slots_triton, zero_combine=zero_combine_triton, check_format=QuantSpec.of,
-                   route_limits=(MAX_EXPERTS, MAX_TOP_K))
+    return with_autograd(Kernels(
+        "triton", route=route_triton, hash_route=hash_route_triton, experts=fused_experts_triton,
+        checks_values=False, experts_quant=experts_quant, quant_formats=formats,
+        packed_layouts=frozenset({"spec", "rega"}) if experts_quant is not None else frozenset({"spec"}),
+        zero_slots=zero_slots_triton, zero_combine=zero_combine_triton, check_format=QuantSpec.of,
+        route_limits=(MAX_EXPERTS, MAX_TOP_K)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -185,12 +185,17 @@ class ParallelExecutor:
     def _run(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         experts = self.experts
         experts.check_loaded()  # before any collective
+        if (self.ep_size > 1 or self.tp_size > 1) and torch.is_grad_enabled() and (
+                x.requires_grad or topk_weights.requires_grad or any(p.requires_grad for p in experts.parameters())):
+            raise NotImplementedError(
+                "autograd through expert / tensor parallel experts is not implemented (the token exchange and the "
+                "reductions have no backward): train on one process, or run this layer under torch.no_grad()")
         if self.check_tp_tokens and self.tp_size > 1:
             self.check_same_tokens(x)
         on_input = experts.moe_config.apply_router_weight_on_input
         layout = self.layout(topk_weights, topk_ids, x.device, on_input) if self.ep_size > 1 else None
         if self.eplb_state is not None:  # after the EP gather: a forward that raised on any rank records nothing
-            self.eplb_state.record(topk_ids, topk_weights, on_input)
+            self.eplb_state.record(topk_ids, topk_weights.detach(), on_input)
         if layout is not None:
             out = self.run_ep(x, topk_weights, topk_ids, experts, on_input, layout=layout)
         else:
