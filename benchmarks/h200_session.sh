@@ -309,6 +309,33 @@ u.find_spec('kernels'))"
       tests/integrations/test_transformers_mxfp4.py
     grep -h "passed\|failed\|skipped" "$OUT"/gpu-r52c*.log | tail -3
     ;;
+  r58-train)  # round 58: training (autograd through the kernel tables): torch._grouped_mm's dtypes on this GPU, the
+    # training tests natively, the suite outside tests/ops (every layer path now goes through the wrapped tables), the
+    # kernel tests most exposed to the wrappers, then benchmarks/train_step.py (patched vs transformers' grouped_mm)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r58-gmm 60 python -c "
+import torch
+for dt in (torch.bfloat16, torch.float16, torch.float32):
+    a, b = torch.randn(64, 64, device='cuda', dtype=dt), torch.randn(4, 64, 64, device='cuda', dtype=dt)
+    offs = torch.tensor([16, 16, 40, 64], device='cuda', dtype=torch.int32)
+    try:
+        y = torch._grouped_mm(a, b, offs=offs); ref = a[16:40].float() @ b[2].float()
+        print(dt, 'ok', (y[16:40].float() - ref).abs().max().item())
+    except Exception as e:
+        print(dt, 'refused', str(e)[:200])"
+    t="-p no:cacheprovider -v --timeout 600"
+    step r58-gpu-training 180 python -m pytest $t -n 4 tests/test_training.py tests/ops/test_experts_grad.py
+    step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
+    ;;
+  r58-b)  # round 58, after r58-train: the suite outside tests/ops and the kernel tests most exposed to the wrapped tables
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    t="-p no:cacheprovider -v --timeout 600"
+    step r58-gpu-rest 270 python -m pytest $t -n 12 tests --ignore=tests/ops -q
+    step r58-gpu-ops 270 python -m pytest $t -n 8 -q tests/ops/test_triton_experts.py tests/ops/test_triton_routing.py \
+      tests/ops/test_batch_invariance_gpu.py tests/ops/test_gather_pass.py
+    grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
+    ;;
   r57-tune)  # round 57: `moekit tune` as users run it on shapes of their own (every dtype and format, odd sizes, a
     # non-gated activation, --block-k 32 / 128, --pdl, a point between buckets), then every bucket written checked
     # against the twin and rows alone vs in batches (benchmarks/tuned_check.py)
