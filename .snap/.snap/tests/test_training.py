@@ -336,21 +336,31 @@ def test_public_fused_experts_and_empty_batch(backend):
     assert x.grad.shape == (0, H) and layer.routed_experts.w2_weight.grad.abs().max() == 0
 
 
-def test_parallel_layers_refuse_autograd():
-    # expert / tensor parallel layers exchange tokens with collectives that have no backward: a clear error, before
-    # any collective (a single-process EPLB layer runs the same executor with no collective and trains)
+def test_parallel_layers_refuse_backward():
+    # expert / tensor parallel layers exchange tokens with collectives that have no backward: their forward runs as
+    # under no_grad (a gate requiring grad must not stop inference) and a backward through it raises. A
+    # single-process EPLB layer runs the same executor with no collective, and trains
     layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, enable_eplb=True, backend="torch")
     _expert_tensors(layer, False)
     x = torch.randn(3, H, requires_grad=True)
-    layer(x, torch.randn(3, E)).sum().backward()
+    logits = torch.randn(3, E)
+    layer(x, logits).sum().backward()
     assert x.grad is not None and math.isfinite(x.grad.abs().sum().item())
-    layer.expert_executor.tp_size = 2  # as a tensor-parallel rank would be
-    with pytest.raises(NotImplementedError, match="autograd through expert / tensor parallel"):
-        layer(x, torch.randn(3, E))
-    with torch.no_grad():
-        with pytest.raises(Exception) as info:  # no autograd wanted: the refusal is not what stops it
-            layer(x, torch.randn(3, E))
-    assert not isinstance(info.value, NotImplementedError)
+    want = layer(x, logits).detach()
+    ex = layer.expert_executor
+    ex.run_ep = lambda x, w, ids, experts, on_input, **kw: experts(x, w, ids)  # a one-rank "exchange"
+    ex.layout = lambda *a: None
+    ex.tp_size = 2  # as a tensor-parallel rank would be: the reduction becomes the stand-in below
+    import moekit.parallel.executor as executor
+    saved = executor.all_reduce_sum
+    executor.all_reduce_sum = lambda out, group: out
+    try:
+        out = layer(x, logits)
+        assert torch.equal(out.detach(), want)  # the forward itself runs
+        with pytest.raises(NotImplementedError, match="backward through expert / tensor parallel"):
+            out.sum().backward()
+    finally:
+        executor.all_reduce_sum = saved
 
 
 def test_patched_transformers_model_trains_like_transformers():
@@ -493,3 +503,100 @@ def test_expert_output_norm_gets_gradients(backend):
     _close(x.grad, x64.grad, "d hidden_states")
     _close(logits.grad, lg64.grad, "d router_logits")
     _close(norm.weight.grad, g64.grad, "d norm.weight")
+
+
+def _gpt_oss(transformers, impl="eager"):
+    cfg = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], experts_implementation=impl)
+    model = transformers.GptOssForCausalLM(cfg).float().train()
+    with torch.no_grad():  # biases that matter
+        for n, p in model.named_parameters():
+            if "bias" in n and "norm" not in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _oss_rows(t: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gate_up stack [E, H, 2I] (gate / up interleaved) -> moekit's [E, 2I, H]; a bias [E, 2I] likewise."""
+    t = torch.cat([t[..., 0::2], t[..., 1::2]], -1)
+    return t.transpose(1, 2) if t.dim() == 3 else t
+
+
+def test_patched_gpt_oss_trains_its_converted_stacks():
+    # gpt-oss's stacks are converted copies in the patched layer ([E, H, 2I] interleaved -> [E, 2I, H]): they keep
+    # the stacks' requires_grad (round 58's user trial: they came out frozen, silently), and their gradients are
+    # transformers' in moekit's layout
+    transformers = pytest.importorskip("transformers")
+    ref = _gpt_oss(transformers)
+    model = copy.deepcopy(ref)
+    patch(model)
+    ids = torch.randint(0, 64, (2, 6))
+    ref(ids, labels=ids).loss.backward()
+    model(ids, labels=ids).loss.backward()
+    for layer in range(2):
+        theirs, mine = ref.model.layers[layer].mlp.experts, model.model.layers[layer].mlp.moe.routed_experts
+        assert all(p.requires_grad for p in mine.parameters(recurse=False))
+        _close(mine.w13_weight.grad, _oss_rows(theirs.gate_up_proj.grad).double(), "d w13", rel=1e-5)
+        _close(mine.w13_bias.grad, _oss_rows(theirs.gate_up_proj_bias.grad).double(), "d w13_bias", rel=1e-5)
+        _close(mine.w2_weight.grad, theirs.down_proj.grad.transpose(1, 2).double(), "d w2", rel=1e-5)
+
+
+def test_registered_switch_trains_gpt_oss_stacks():
+    # experts_implementation="moekit": transformers keeps its router, moekit runs the experts on the module's own
+    # stacks, converted per call while autograd is wanted (a cached detached copy gave them no gradient, silently)
+    transformers = pytest.importorskip("transformers")
+    from moekit.integrations.transformers import register
+
+    register()
+    ref = _gpt_oss(transformers)
+    model = _gpt_oss(transformers, "moekit")
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 64, (2, 6))
+    ref(ids, labels=ids).loss.backward()
+    model(ids, labels=ids).loss.backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        _close(p.grad, theirs[name].grad.double(), name, rel=1e-5)
+
+
+def test_training_mode_routing_the_patch_cannot_reproduce_is_refused():
+    # Mixtral with router_jitter_noise > 0 jitters its input in training mode: the patched block (eval-mode routing)
+    # refuses a training-mode call instead of silently routing without the jitter; eval mode and jitter 0 run
+    transformers = pytest.importorskip("transformers")
+    for jitter in (0.5, 0.0):
+        cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                         num_experts_per_tok=2, router_jitter_noise=jitter)
+        model = transformers.MixtralForCausalLM(cfg).train()
+        patch(model)
+        ids = torch.randint(0, 64, (1, 5))
+        if jitter:
+            with pytest.raises(NotImplementedError, match="router_jitter_noise = 0.5"):
+                model(ids)
+            model.eval()
+        assert model(ids).logits.shape == (1, 5, 64)
+
+
+def test_frozen_quantised_weights_and_double_backward_raise():
+    q = QUANT["fp8_block"]
+    layer = moekit.FusedMoE(E, K, 32, 32, params_dtype=torch.bfloat16, backend="torch", quant_config=q)
+    qw = moekit.quantize_experts(torch.randn(E, 64, 32) * 0.2, torch.randn(E, 32, 32) * 0.2, q)
+    layer.load_expert_weights(qw[0], qw[1], w13_scale=qw[2], w2_scale=qw[3])
+    layer.routed_experts.w13_scale.requires_grad_(True)  # a float32 scale can require grad: it would get none
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"\(w13_scale require grad\)"):
+        layer(x, torch.randn(3, E))
+    layer.routed_experts.w13_scale.requires_grad_(False)
+    x.requires_grad_()
+    layer(x, torch.randn(3, E)).float().sum().backward()  # frozen weights: the input's gradient only
+    assert x.grad is not None
+
+    # a double backward (a gradient penalty, a Hessian-vector product) through the experts: not silently wrong
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch")
+    _expert_tensors(layer, False)
+    w13 = layer.routed_experts.w13_weight.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(layer(torch.randn(4, H), torch.randn(4, E)).pow(3).sum(), w13, create_graph=True)

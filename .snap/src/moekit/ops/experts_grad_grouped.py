@@ -86,10 +86,12 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activat
         if need[0]:
             outs[0].index_add_(0, tok, da * w if on_input else da)
     n = w13.shape[0]
+    if need[2] or need[3]:  # an expert without rows in this chunk: its K-grouped product is not written (CUDA), so 0
+        empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]
     if need[2]:
-        outs[2][e0:e0 + n] += _GMM(dh_c.t(), a_in, offs=offs).float()
+        outs[2][e0:e0 + n] += _GMM(dh_c.t(), a_in, offs=offs).float().masked_fill_(empty, 0.0)
     if need[3]:
-        outs[3][e0:e0 + n] += _GMM(do_c.t(), act_c, offs=offs).float()
+        outs[3][e0:e0 + n] += _GMM(do_c.t(), act_c, offs=offs).float().masked_fill_(empty, 0.0)
     if need[4] and b1 is not None:
         outs[4].index_add_(0, expert, dh)
     if need[5] and b2 is not None:

@@ -284,13 +284,15 @@ QUANT = {
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-@pytest.mark.parametrize("fmt", list(QUANT))
-def test_quantised_layers_backpropagate_to_input_and_router(backend, fmt):
+@pytest.mark.parametrize("fmt,size", [(f, 32) for f in QUANT] + [("mxfp4", 128), ("int4", 128)])
+def test_quantised_layers_backpropagate_to_input_and_router(backend, fmt, size):
     # quantised weights stay frozen; the backward runs on the dequantised weights with the activation quantisation
-    # as the identity (straight-through): exact float gradients of the dequantised model
-    h, inter = 32, 32
+    # as the identity (straight-through): exact float gradients of the dequantised model. Size 128: the Triton layer
+    # stores 4-bit words re-laid for its register-operand GEMMs, which the backward lays back
+    h, inter = size, size
     layer = moekit.FusedMoE(E, K, h, inter, params_dtype=torch.bfloat16, backend=backend, renormalize=True,
                             quant_config=QUANT[fmt])
+    assert layer.routed_experts.packed_layout == ("rega" if size == 128 and backend == "triton" else "spec")
     w13, w2 = torch.randn(E, 2 * inter, h) * 0.2, torch.randn(E, h, inter) * 0.2
     q = moekit.quantize_experts(w13, w2, QUANT[fmt])
     layer.load_expert_weights(q[0], q[1], w13_scale=q[2], w2_scale=q[3])
@@ -452,3 +454,42 @@ def test_gpu_graphs_step_aside_when_expert_weights_train():
     assert y.requires_grad
     y.float().sum().backward()
     assert layer.routed_experts.w2_weight.grad is not None and layer.routed_experts.w2_weight.grad.abs().sum() > 0
+
+
+class _ScaledRms(torch.nn.Module):
+    """An expert output norm with a weight (Muse Spark's form): y / rms(y) · g."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, H))
+
+    def forward(self, o):
+        return o / o.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * self.weight
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_expert_output_norm_gets_gradients(backend):
+    # out[t] = Σ_j w_j · norm(expert_j(x_t)): the experts run once per slot with weight 1, the norm and the weighted
+    # sum are torch ops; the norm's weight is trained too
+    norm = _ScaledRms()
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend=backend, renormalize=True,
+                            expert_output_norm=norm)
+    w13, w2, _, _ = _expert_tensors(layer, False)
+    x, logits = torch.randn(6, H, requires_grad=True), torch.randn(6, E, requires_grad=True)
+    dy = torch.randn(6, H)
+    layer(x, logits).backward(dy)
+    x64, lg64, g64 = _leaf(x), _leaf(logits), _leaf(norm.weight)
+    _, ids, _ = ref_route(logits.detach(), K, renormalize=True)
+    w64 = _weights64(lg64, ids, "softmax", True, 1.0)
+    rows = []
+    for t in range(6):
+        acc = 0
+        for j in range(K):
+            e = int(ids[t, j])
+            o = w2[e].double() @ ref_act(w13[e].double() @ x64[t], "silu")
+            acc = acc + w64[t, j] * (o / o.pow(2).mean().add(1e-6).sqrt() * g64)
+        rows.append(acc)
+    torch.stack(rows).backward(dy.double())
+    _close(x.grad, x64.grad, "d hidden_states")
+    _close(logits.grad, lg64.grad, "d router_logits")
+    _close(norm.weight.grad, g64.grad, "d norm.weight")

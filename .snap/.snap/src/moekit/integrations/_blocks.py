@@ -91,6 +91,15 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
                         quant_config=quant[0] if quant else None, graph_pool=graph_pool,
                         eager_graph_tokens=eager_graph_tokens)
     layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
+    # (round 58) quantised weights and their scales are frozen (no gradient; transformers' fp8 parameters require
+    # grad by default); converted copies (gpt-oss's, Llama 4's stacks) train as the block's stacks did; shared ones
+    # keep their own flag
+    trainable, shared = any(t.requires_grad for t in stacks.values()), {id(t) for t in own.values()}
+    for name, p in layer.routed_experts.named_parameters(recurse=False):
+        if quant and (name in ("w13_weight", "w2_weight") or "scale" in name):
+            p.requires_grad_(False)
+        elif id(p) not in shared:
+            p.requires_grad_(trainable)
     shared = fp8_shared(block, own, spec, plan, dense_fmt or fmt, layer.routed_experts.kernels)  # (checks only)
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
@@ -165,3 +174,27 @@ def convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
         w13, w2 = w13.contiguous(), w2.contiguous()
     return w13, w2, b13, b2
 
+
+
+def train_time_routing(block) -> str | None:
+    """What transformers' ``block`` routes differently in training mode, which a patched block (eval-mode routing)
+    does not reproduce, or None: input jitter (Mixtral, MiniMax: ``router_jitter_noise`` > 0; DBRX:
+    ``moe_jitter_eps``), PhiMoE's sparsemixer (it samples in training mode)."""
+    for m in block.modules():
+        if type(m).__name__.startswith("Phimoe"):
+            return "PhiMoE's sparsemixer samples its experts in training mode"
+        jitter = getattr(m, "jitter_noise", None)
+        if isinstance(jitter, (int, float)) and jitter > 0:
+            return f"input jitter: config router_jitter_noise = {jitter}"
+        eps = getattr(m, "moe_jitter_eps", None)
+        if isinstance(eps, (int, float)) and eps > 0:
+            return f"input jitter: config moe_jitter_eps = {eps}"
+    return None
+
+
+def refuse_train_routing(what: str):
+    """The error of a patched block called in training mode whose original routes differently there."""
+    raise NotImplementedError(
+        f"this patched MoE block runs transformers' eval-mode routing; in training mode the original block routes "
+        f"differently ({what}), which moekit does not reproduce. Call .eval() for inference, set that config field "
+        "to 0 before patching, or unpatch() the model to train with it")

@@ -4,6 +4,8 @@ transformers experts module (its gate function as a moekit activation, its stack
 
 from __future__ import annotations
 
+import torch
+
 from ..experts.layout import FusedLayout
 from ..ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf, is_gated
 from ._blocks import convert_stacks
@@ -86,10 +88,14 @@ def experts_weights(module):
     w13 = _input_stack(module)
     if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
         return w13, module.down_proj, b13, b2
+    layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (w13, module.down_proj, b13, b2)):
+        # autograd through the conversion to the block's own stacks (round 58: cached detached copies gave gpt-oss's
+        # stacks no gradient, silently); converted per call while training
+        return convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
     key = _fingerprint((w13, module.down_proj, b13, b2))
     cache = getattr(module, "_moekit_converted", None)
     if cache is None or not _same(cache[0], key):
-        layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
         stacks = convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
         cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
         module._moekit_converted = cache

@@ -10,17 +10,16 @@ transformers is imported inside the functions only: ``import moekit`` never need
   every tensor of the block under the spec's renames (:mod:`moekit.integrations._blocks`): router,
   expert, shared-expert and transform weights are shared with the original block (no copy) where the
   layouts agree (transposed / interleaved / flat expert stacks and Inkling's appended shared experts are
-  converted once, a copy). Quantised blocks stay quantised (:mod:`moekit.integrations._quant`): fp8 ``FP8Experts``
-  stacks and ``FP8Linear`` shared MLPs keep their fp8 bytes, plain-layout mxfp4 ``Mxfp4GptOssExperts`` stay 4-bit
-  (gate/up rows de-interleaved: a copy), also from triton_kernels' swizzled layout (read back through its own
-  ``unswizzle_data``: a copy). The adapter returns what the
-  block returned: a tensor, gpt-oss's ``(hidden, router_scores)`` (the OpenAI privacy filter's scores divided by
-  K) or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
-  (``output_router_logits``) is not reproduced (patched models are for inference): :func:`patch` refuses a model
-  whose config asks for it, and a patched model's forward refuses ``output_router_logits=True``
-  (``NotImplementedError``) instead of returning an empty or failing ``router_logits``.
-- :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks: the model computes
-  what it computed before :func:`patch`.
+  converted once, a copy, which keeps the stacks' ``requires_grad``). Quantised blocks stay quantised
+  (:mod:`moekit.integrations._quant`): fp8 ``FP8Experts`` stacks and ``FP8Linear`` shared MLPs keep their fp8 bytes,
+  plain-layout mxfp4 ``Mxfp4GptOssExperts`` stay 4-bit (gate/up rows de-interleaved: a copy), also from
+  triton_kernels' swizzled layout (through its own ``unswizzle_data``: a copy). The adapter returns what the block
+  returned: a tensor, gpt-oss's ``(hidden, router_scores)`` (the OpenAI privacy filter's: divided by K) or Llama 4's
+  ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses (``output_router_logits``) is not
+  reproduced: :func:`patch` refuses a model whose config asks for it, and a patched forward refuses
+  ``output_router_logits=True`` (``NotImplementedError``). Routing is transformers' eval-mode routing: a block whose
+  original routes differently in training mode (input jitter, PhiMoE's sparsemixer) refuses a training-mode call.
+- :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks (bit for bit).
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
   router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
   reaches experts classes that transformers decorates with ``@use_experts_implementation``; Llama 4 (and
@@ -42,7 +41,7 @@ from ..experts.graphed import GraphPool
 from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
-from ._blocks import moekit_from_block
+from ._blocks import moekit_from_block, refuse_train_routing, train_time_routing
 from ._experts import moekit_experts_forward
 from ._restore import GUARD, check_restorable, keep_original, restore_blocks
 
@@ -80,15 +79,18 @@ class MoEBlockAdapter(torch.nn.Module):
     ``state_dict`` warns (``UserWarning``) that its keys are moekit's: :func:`unpatch` before ``save_pretrained``.
     """
 
-    def __init__(self, moe, plan: LayerPlan):
+    def __init__(self, moe, plan: LayerPlan, train_routing: str | None = None):
         super().__init__()
         self._register_state_dict_hook(_warn_state_dict)
         self.moe = moe
         self.plan = plan
         self.output = plan.output
         self.needs_input_ids = plan.needs_input_ids
+        self.train_routing = train_routing  # what the original block routes differently in training mode (None: no)
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None, **_unused):
+        if self.training and self.train_routing is not None:
+            refuse_train_routing(self.train_routing)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids = input_ids.reshape(-1) if (self.needs_input_ids and input_ids is not None) else None
@@ -221,7 +223,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         if spec.layer_level:
             _install_in_layer(module, spec, moe, restorable)
         else:
-            adapter = MoEBlockAdapter(moe, plan).train(module.training)
+            adapter = MoEBlockAdapter(moe, plan, train_time_routing(module)).train(module.training)
             keep_original(adapter, module, moe, restorable)  # for unpatch()
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -303,8 +305,7 @@ def unpatch(model) -> list[str]:
     :func:`patch`, with their parameters, hooks and attributes), each taking its stand-in's train/eval mode, so the
     model's forward computes exactly what it computed before :func:`patch` (bit for bit) and ``output_router_logits``
     works again. A model never patched, or unpatched already, is left as it is and gives ``[]``; :func:`patch`
-    may be called again afterwards. Adapters not installed by :func:`patch` (built by hand: no original to go
-    back to) stay, with the pre-hook of the models that hold them. transformers is not needed.
+    may be called again afterwards. Adapters built by hand stay (no original), with their models' pre-hooks.
 
     Memory: :func:`patch` keeps the replaced blocks by reference where the moekit layer shares the block's tensors
     (expert stacks in moekit's layout, ``[E, 2I, H]`` / ``[E, H, I]``: Mixtral, Qwen, DeepSeek, most types; small
@@ -317,8 +318,8 @@ def unpatch(model) -> list[str]:
     the layer's (its weights replaced after :func:`patch`, e.g. ``load_state_dict(assign=True)``: the block would
     bring back the old weights, which it also keeps in memory until then). The kept blocks are not part of the
     module tree: ``model.to()`` / ``.half()`` done while patched reach neither their converted stacks nor their
-    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched); in-place edits
-    of the converted copies (training) are not carried back.
+    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched); what training
+    changed in the converted copies is not carried back (:func:`unpatch` brings back the block's untrained stacks).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
@@ -338,8 +339,7 @@ def register(name: str = "moekit") -> str:
     itself and hands the experts weight-0 slots). Llama 4, DBRX, JetMoE (and LongCat-Flash before 5.25) have no
     such decorator: transformers runs their own experts forward whatever ``experts_implementation`` says. Call
     :func:`check_registered` on a model to make sure every MoE block runs moekit (it raises there); use
-    :func:`patch` for them.
-    Without transformers, ``ImportError``.
+    :func:`patch` for them. Without transformers, ``ImportError``.
     """
     _require_transformers("register")
     from transformers.integrations.moe import ExpertsInterface

@@ -150,6 +150,10 @@ class _ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
+            raise NotImplementedError(
+                "double backward (create_graph=True, e.g. a gradient penalty or a Hessian-vector product) through "
+                "moekit's routed experts is not implemented: their backward is not itself differentiable")
         x, topk_weights, topk_ids, w13, w2, b13, b2 = ctx.saved_tensors
         c, kw = ctx.call, ctx.call.kw
         need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], *ctx.needs_input_grad[4:8])
@@ -196,9 +200,19 @@ def _quant_stacks_of(w13, w2, kw):
     return stacks_of
 
 
+_FROZEN = ("w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale")
+
+
 class _ExpertsQuant(_Wrapped):
     def __call__(self, x, w13, w2, topk_weights, topk_ids, **kw):
         b1, b2 = kw.get("w1_bias"), kw.get("w2_bias")
+        if wants_grad(w13, w2, *(kw.get(n) for n in _FROZEN)):
+            frozen = [n for n, t in (("w13", w13), ("w2", w2), *((n, kw.get(n)) for n in _FROZEN))
+                      if t is not None and t.requires_grad]
+            raise NotImplementedError(
+                f"quantised expert weights and scales get no gradient ({', '.join(frozen)} require grad): train "
+                "through their inputs (the biases, the router, the other layers) with them frozen "
+                "(requires_grad_(False)), or dequantise the layer to train them")
         if not wants_grad(x, topk_weights, b1, b2):
             return self.base(x, w13, w2, topk_weights, topk_ids, **kw)
         base = self.base

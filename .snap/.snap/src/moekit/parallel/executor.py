@@ -55,6 +55,21 @@ DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
 
 
+class _NoBackward(torch.autograd.Function):
+    """forward(run, x, topk_weights, topk_ids) = run(...) without autograd; backward raises: the token exchange and
+    the reductions of expert / tensor parallel experts have no backward (training runs on one process)."""
+
+    @staticmethod
+    def forward(ctx, run, x, topk_weights, topk_ids):
+        return run(x, topk_weights, topk_ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(
+            "backward through expert / tensor parallel experts is not implemented (the token exchange and the "
+            "reductions have no backward): train on one process, or run this layer under torch.no_grad()")
+
+
 class ParallelExecutor:
     """Runs ``experts`` over ``ep_group`` / ``tp_group``: ``(x [T, H], topk_weights [T, K] f32,
     topk_ids [T, K] int32 physical ids) -> [T, H]`` on every rank, for that rank's tokens."""
@@ -187,9 +202,8 @@ class ParallelExecutor:
         experts.check_loaded()  # before any collective
         if (self.ep_size > 1 or self.tp_size > 1) and torch.is_grad_enabled() and (
                 x.requires_grad or topk_weights.requires_grad or any(p.requires_grad for p in experts.parameters())):
-            raise NotImplementedError(
-                "autograd through expert / tensor parallel experts is not implemented (the token exchange and the "
-                "reductions have no backward): train on one process, or run this layer under torch.no_grad()")
+            # the forward as under no_grad; a backward through it raises (round 58: no silent missing gradients)
+            return _NoBackward.apply(self._run, x, topk_weights, topk_ids)
         if self.check_tp_tokens and self.tp_size > 1:
             self.check_same_tokens(x)
         on_input = experts.moe_config.apply_router_weight_on_input

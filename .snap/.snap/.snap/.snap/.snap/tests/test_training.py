@@ -220,6 +220,26 @@ def test_weight_on_input_and_hash_routing(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_output_takes_in_place_ops(backend):
+    # a residual added in place (out.add_(x)) on the output of the zero-expert combine / scaled output: not a view
+    # of a custom Function's input (which autograd refuses to modify in place)
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend=backend, renormalize=True,
+                            routed_scaling_factor=2.0, apply_routed_scale_to_output=True)
+    w13, w2, _, _ = _expert_tensors(layer, False)
+    x, logits = torch.randn(4, H, requires_grad=True), torch.randn(4, E, requires_grad=True)
+    out = layer(x, logits)
+    out.add_(x)
+    out.sum().backward()
+    x64, lg64 = _leaf(x), _leaf(logits)
+    _, ids, _ = ref_route(logits.detach(), K, renormalize=True)
+    ref = _experts64(x64, _weights64(lg64, ids, "softmax", True, 1.0), ids, w13.double(), w2.double(), None, None,
+                     "silu") * 2.0 + x64
+    ref.sum().backward()
+    _close(x.grad, x64.grad, "d hidden_states")
+    _close(logits.grad, lg64.grad, "d router_logits")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_bits_do_not_change_with_autograd(backend, dtype):
     layer = moekit.FusedMoE(E, K, H, I, params_dtype=dtype, backend=backend, renormalize=True,

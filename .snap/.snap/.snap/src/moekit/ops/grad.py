@@ -66,42 +66,55 @@ def _twin_weights(logits: torch.Tensor, ids: torch.Tensor, spec) -> torch.Tensor
                           spec.routed_scaling_factor)
 
 
-def _route(base):
-    def route(logits, spec, bias, indices_type, **kw):
+class _Wrapped:
+    """A table function with autograd around ``base`` (the backend's own function): an object, not a closure, so
+    that tables (and the layers holding them) pickle and deep-copy; equal when the bases are."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.base == self.base
+
+    def __hash__(self):
+        return hash((type(self), self.base))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({getattr(self.base, '__name__', self.base)})"
+
+
+class _Route(_Wrapped):
+    def __call__(self, logits, spec, bias, indices_type, **kw):
         if not wants_grad(logits):
-            return base(logits, spec, bias, indices_type, **kw)
-        w, ids = base(logits.detach(), spec, bias, indices_type, **kw)
+            return self.base(logits, spec, bias, indices_type, **kw)
+        w, ids = self.base(logits.detach(), spec, bias, indices_type, **kw)
         return _straight(w, _twin_weights(logits, ids, spec)), ids
-    return route
 
 
-def _hash_route(base):
-    def hash_route(logits, table, input_ids, spec, indices_type, **kw):
+class _HashRoute(_Wrapped):
+    def __call__(self, logits, table, input_ids, spec, indices_type, **kw):
         if not wants_grad(logits):
-            return base(logits, table, input_ids, spec, indices_type, **kw)
-        w, ids = base(logits.detach(), table, input_ids, spec, indices_type, **kw)
+            return self.base(logits, table, input_ids, spec, indices_type, **kw)
+        w, ids = self.base(logits.detach(), table, input_ids, spec, indices_type, **kw)
         return _straight(w, _twin_weights(logits, ids, spec)), ids
-    return hash_route
 
 
-def _zero_slots(base):
-    def zero_slots(topk_weights, topk_ids, num_experts):
+class _ZeroSlots(_Wrapped):
+    def __call__(self, topk_weights, topk_ids, num_experts):
         if not wants_grad(topk_weights):
-            return base(topk_weights, topk_ids, num_experts)
-        w, ids, s = base(topk_weights.detach(), topk_ids, num_experts)
+            return self.base(topk_weights, topk_ids, num_experts)
+        w, ids, s = self.base(topk_weights.detach(), topk_ids, num_experts)
         tw, _, ts = zero_slots_torch(topk_weights, topk_ids, num_experts)
         return _straight(w, tw), ids, _straight(s, ts)
-    return zero_slots
 
 
-def _zero_combine(base):
-    def zero_combine(routed, x, zero_scale, scale):
+class _ZeroCombine(_Wrapped):
+    def __call__(self, routed, x, zero_scale, scale):
         if not wants_grad(routed, x if zero_scale is not None else None, zero_scale):
-            return base(routed, x, zero_scale, scale)
-        out = base(routed.detach(), None if x is None else x.detach(),
-                   None if zero_scale is None else zero_scale.detach(), scale)
+            return self.base(routed, x, zero_scale, scale)
+        out = self.base(routed.detach(), None if x is None else x.detach(),
+                        None if zero_scale is None else zero_scale.detach(), scale)
         return _straight(out, zero_combine_torch(routed, x, zero_scale, scale))
-    return zero_combine
 
 
 @dataclasses.dataclass
@@ -150,16 +163,16 @@ class _ExpertsFn(torch.autograd.Function):
         return None, grads[0], grads[1], None, *params
 
 
-def _experts(base):
-    def experts(x, w1, w2, topk_weights, topk_ids, **kw):
+class _Experts(_Wrapped):
+    def __call__(self, x, w1, w2, topk_weights, topk_ids, **kw):
         b1, b2 = kw.get("w1_bias"), kw.get("w2_bias")
         if not wants_grad(x, topk_weights, w1, w2, b1, b2):
-            return base(x, w1, w2, topk_weights, topk_ids, **kw)
+            return self.base(x, w1, w2, topk_weights, topk_ids, **kw)
+        base = self.base
         call = _ExpertsCall(lambda xx, ww: base(xx, w1, w2, ww, topk_ids, **kw),
                             lambda e0, e1, dtype: (w1[e0:e1].detach().to(dtype), w2[e0:e1].detach().to(dtype)),
                             w2.shape[0], (w2.shape[0], w1.shape[1], w2.shape[1], w2.shape[2]), kw)
         return _ExpertsFn.apply(call, x, topk_weights, topk_ids, w1, w2, b1, b2)
-    return experts
 
 
 def _quant_stacks_of(w13, w2, kw):
@@ -183,21 +196,21 @@ def _quant_stacks_of(w13, w2, kw):
     return stacks_of
 
 
-def _experts_quant(base):
-    def experts_quant(x, w13, w2, topk_weights, topk_ids, **kw):
+class _ExpertsQuant(_Wrapped):
+    def __call__(self, x, w13, w2, topk_weights, topk_ids, **kw):
         b1, b2 = kw.get("w1_bias"), kw.get("w2_bias")
         if not wants_grad(x, topk_weights, b1, b2):
-            return base(x, w13, w2, topk_weights, topk_ids, **kw)
+            return self.base(x, w13, w2, topk_weights, topk_ids, **kw)
+        base = self.base
         call = _ExpertsCall(lambda xx, ww: base(xx, w13, w2, ww, topk_ids, **kw), _quant_stacks_of(w13, w2, kw),
                             w13.shape[0], None, kw)
         return _ExpertsFn.apply(call, x, topk_weights, topk_ids, None, None, b1, b2)
-    return experts_quant
 
 
 def with_autograd(table):
     """``table`` (a :class:`~moekit.ops.kernels.Kernels`) with every function differentiable (module docstring)."""
     quant = table.experts_quant
     return dataclasses.replace(
-        table, route=_route(table.route), hash_route=_hash_route(table.hash_route), experts=_experts(table.experts),
-        experts_quant=_experts_quant(quant) if quant is not None else None,
-        zero_slots=_zero_slots(table.zero_slots), zero_combine=_zero_combine(table.zero_combine))
+        table, route=_Route(table.route), hash_route=_HashRoute(table.hash_route), experts=_Experts(table.experts),
+        experts_quant=_ExpertsQuant(quant) if quant is not None else None,
+        zero_slots=_ZeroSlots(table.zero_slots), zero_combine=_ZeroCombine(table.zero_combine))

@@ -43,15 +43,21 @@ def wants_grad(*tensors) -> bool:
 
 
 class _Straight(torch.autograd.Function):
-    """``value`` forward, ``twin``'s gradient backward (same shape): value [*] (no grad), twin [*] (grad)."""
+    """``value`` forward, ``twin``'s gradient backward (same shape): twin [*] (grad), box = (value [*],) (no grad).
+    ``value`` rides in a tuple, not as an input: an input returned as is would be a view, and an in-place op on the
+    layer's output (``out.add_(residual)``) would then raise."""
 
     @staticmethod
-    def forward(ctx, value, twin):
-        return value.view_as(value)
+    def forward(ctx, twin, box):
+        return box[0]
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad
+        return grad, None
+
+
+def _straight(value: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    return _Straight.apply(twin, (value,))
 
 
 def _twin_weights(logits: torch.Tensor, ids: torch.Tensor, spec) -> torch.Tensor:
@@ -65,7 +71,7 @@ def _route(base):
         if not wants_grad(logits):
             return base(logits, spec, bias, indices_type, **kw)
         w, ids = base(logits.detach(), spec, bias, indices_type, **kw)
-        return _Straight.apply(w, _twin_weights(logits, ids, spec)), ids
+        return _straight(w, _twin_weights(logits, ids, spec)), ids
     return route
 
 
@@ -74,7 +80,7 @@ def _hash_route(base):
         if not wants_grad(logits):
             return base(logits, table, input_ids, spec, indices_type, **kw)
         w, ids = base(logits.detach(), table, input_ids, spec, indices_type, **kw)
-        return _Straight.apply(w, _twin_weights(logits, ids, spec)), ids
+        return _straight(w, _twin_weights(logits, ids, spec)), ids
     return hash_route
 
 
@@ -84,7 +90,7 @@ def _zero_slots(base):
             return base(topk_weights, topk_ids, num_experts)
         w, ids, s = base(topk_weights.detach(), topk_ids, num_experts)
         tw, _, ts = zero_slots_torch(topk_weights, topk_ids, num_experts)
-        return _Straight.apply(w, tw), ids, _Straight.apply(s, ts)
+        return _straight(w, tw), ids, _straight(s, ts)
     return zero_slots
 
 
@@ -94,7 +100,7 @@ def _zero_combine(base):
             return base(routed, x, zero_scale, scale)
         out = base(routed.detach(), None if x is None else x.detach(),
                    None if zero_scale is None else zero_scale.detach(), scale)
-        return _Straight.apply(out, zero_combine_torch(routed, x, zero_scale, scale))
+        return _straight(out, zero_combine_torch(routed, x, zero_scale, scale))
     return zero_combine
 
 

@@ -1,0 +1,345 @@
+"""What a layer's internal CUDA graphs may hold, and the layer side of a replay (issue #11 item 1).
+
+    whole:   out = forward(hidden_states, router_logits | None)     checks, gate, route, experts, shared,
+                                                                     reshape, dtype cast: one graph per key
+                                                                     (T <= 8, exact)
+    partial: routed = route_and_experts(x, logits)                   user modules (and, above T = 8, the
+             routed = gate_route_and_experts(x)                      gate and shared experts) run eagerly
+                                                                     around it; graphs per token bucket; a
+                                                                     batch-invariant gate runs inside
+
+A **whole** graph replays the layer's entire forward, so a call whose inputs match a captured key costs
+the host: the key lookup, :meth:`GraphPlan` state check, one input copy op (``copy_`` or
+``torch._foreach_copy_`` for ``(hidden_states, router_logits)``), ``graph.replay()`` and one ``clone``
+of the static output (a public forward must return a fresh tensor: the next replay overwrites the
+static one, and a graph writes to fixed addresses, so the copy stays). The key is ``(shape, dtype,
+device)`` of ``hidden_states`` and of ``router_logits`` (or None): every input check of the forward
+depends on these and the layer's state only (the Triton path checks no values), so the first, checked,
+eager call of a key validates every later call of that key, and replays skip the checks.
+
+The fold rule: a graph captures only moekit's own code or exact ``torch.nn.Linear`` modules, never an
+arbitrary user module (it may keep CPU state, synchronise, or change per call). A layer is captured
+whole when
+
+- ``routed_input_transform``, ``routed_output_transform`` and ``final_output_transform`` are None;
+- ``shared_experts`` is None, or a module whose own class declares ``_moekit_graph_safe = True``
+  (moekit's :class:`~moekit.loading.modules.SharedMLP`; a subclass must declare it again) whose
+  children are exact ``nn.Linear`` modules or declare it too (its output ``RMSNorm``), and
+  ``shared_expert_gate`` is None or an exact ``nn.Linear``;
+- for calls without ``router_logits``, the ``gate`` is an exact ``nn.Linear`` or declares
+  ``_moekit_graph_safe`` (moekit's :class:`~moekit.loading.modules.RouterLinear`) (other gates: the partial graph, gate run eagerly);
+- no forward hooks are registered on those modules (checked in the state), and, when a gate or shared
+  expert is folded, CUDA autocast is off (its dtype choices would be baked into the graph);
+- no autograd is wanted: grad disabled, or neither an input nor a folded parameter requires grad (a
+  plain ``nn.Linear`` weight does: fold it under ``torch.no_grad()`` / ``inference_mode()`` or after
+  ``requires_grad_(False)``, as transformers' ``generate`` does).
+
+Otherwise the partial graph (route -> experts) is used as before. The partial graphs start at the gate
+(``x`` their one input: no logits copy, no eager gate launch before the replay) for calls without
+``router_logits`` when the gate is **batch invariant** (:attr:`GraphPlan.bucket_gate`: a graph-safe gate
+class with a ``batch_invariant`` attribute, true now: moekit's ``RouterLinear`` on its Triton backend) and
+reads the routed input; a padded bucket then runs the gate on its padding rows too, and a real row's logits
+are the bits of the plain call's (a cuBLAS ``nn.Linear`` gives no such promise, so it stays outside). A later
+call of an input key (shape, dtype, device of ``hidden_states``, and of ``router_logits`` when passed) that a
+bucket graph already served goes straight to it (:func:`replay_bucket`, as whole graphs do; up to
+:data:`~moekit.experts.graphed.DIRECT_KEYS` keys per layer, later keys stay on the checked path): only autograd,
+autocast, an outer capture and the state are checked again, then the layer's tail (shared experts, transforms)
+runs as usual. H200, transformers' blocks patched, eager: the gate inside (round 22) DeepSeek-V3 1x1024
+6.05 -> 5.79 ms, Qwen3-30B-A3B 64x1 0.397 -> 0.368 ms (``benchmarks/results/transformers-NVIDIA_H200-2026-12-01-r22*``);
+the direct replay (round 23, A/B in one run: ``NVIDIA_H200-2026-12-01-r23-ab-*``) Qwen3-30B-A3B 64x1 0.375 ->
+0.348 ms, DeepSeek-V3 1x1024 5.96 -> 5.87 ms.
+
+**Routing weights beside the output** (``forward_with_scores``: transformers' gpt-oss block returns
+``(hidden, router_scores)``): the same bucket graphs (gate inside or not), keyed apart (``tag="scores"``), return
+both through their one output, the weights' float32 bits as ``2K`` extra columns of the output's 16-bit dtype
+(:func:`pack_scores`, :func:`unpack_scores`: one copy each after the replay), so a call routes once; later calls
+of a checked input key replay directly as the forward's do (their direct keys tagged apart); elsewhere the same ops
+run eagerly. Invalidation: :meth:`GraphPlan.watched`
+lists the modules whose parameter/buffer addresses and children are compared at every replay
+(:func:`~moekit.experts.graphed.watched_fingerprint`: a few ``data_ptr()`` reads, no generators), with
+the routing settings and the public attributes of folded modules; a reassignment on the layer itself
+(``layer.gate = ...``) drops the plan and the graphs. A tensor re-viewed to another shape or dtype at the
+same address (``w.data = w.view(...)``) is not detected: call ``layer._graphs.clear()`` after such edits.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+
+import torch
+
+from .._checks import declared_graph_safe
+from .graphed import GraphCache, inputs_want_grad, tensor_key, watched_fingerprint
+
+_Linear = torch.nn.Linear
+
+
+class GraphPlan:
+    """whole_logits: a call with router_logits may be captured whole; whole_gate: one without them
+    (the gate is folded); folded: the user-facing modules inside the whole graph; watched: modules
+    whose tensors the graphs read by address."""
+
+    __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "bucket_gate", "inner", "_tensors",
+                 "_children", "_configured", "_readers")
+
+    def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
+                 bucket_gate=None, inner: tuple = (), parents: tuple = ()):
+        # the gate the route -> experts graphs may hold (when batch invariant): watched like a folded module
+        extra = (bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()
+        self.whole_logits, self.whole_gate, self.folded = whole_logits, whole_gate, folded
+        self.watched = watched + extra
+        self.router = router  # the layer's, read here without nn.Module.__getattr__
+        self.bucket_gate = bucket_gate
+        self.inner = inner  # user-facing modules inside every graph of the routed path (an expert output norm)
+        self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
+        # children whose identity the graphs bake in: the folded and inner modules', and ``parents``' (the
+        # routed experts: a norm swapped there)
+        self._children = tuple(m._modules for m in (*folded, *inner, *parents))
+        # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
+        # scaling factor) and its children, the folded modules and the inner ones
+        self._configured = (*(router.modules() if router is not None else ()), *folded, *extra, *inner)
+        self._readers = _settings_readers(self._configured)
+
+    def fingerprint(self) -> tuple:
+        """Data pointers of the watched tensors, identity of the folded modules' children."""
+        return watched_fingerprint(self._tensors, self._children)
+
+    @property
+    def folds(self) -> bool:
+        return bool(self.folded)
+
+    def gate_in_bucket(self) -> bool:
+        """The route -> experts graphs may start at the gate: it is batch invariant now, autocast is off and no
+        autograd is wanted through its parameters (the caller checked the inputs: :meth:`GraphCache.eligible`)."""
+        g = self.bucket_gate
+        if g is None or not g.batch_invariant or _autocast():
+            return False
+        return not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in g._parameters.values()))
+
+    def whole(self, router_logits) -> bool:
+        if router_logits is None:
+            return self.whole_gate
+        return self.whole_logits and type(router_logits) is torch.Tensor
+
+    def wants_grad(self, hidden_states, router_logits) -> bool:
+        """Autograd would track the plain call (its caller checked that grad is enabled): an input or a folded
+        parameter requires grad."""
+        if inputs_want_grad(hidden_states, router_logits):
+            return True
+        return any(p is not None and p.requires_grad for m in (*self.folded, *self.inner) for p in m._parameters.values())
+
+    def settings(self) -> tuple:
+        """Public attributes and hook counts of the router, its children and the folded modules (a change
+        drops the graphs: e.g. a routing function replaced, or a custom router's scaling factor). The
+        attribute names are read once (:func:`_settings_readers`) and again when a module's ``__dict__``
+        changes size (an attribute added or deleted): a call reads the values by one ``itemgetter`` per module."""
+        try:
+            out = tuple((len(d), get(d), len(fh), len(fph)) for d, n, get, fh, fph in self._readers if len(d) == n)
+            if len(out) == len(self._readers):
+                return out
+        except KeyError:  # a public attribute deleted and another added (same size)
+            pass
+        self._readers = _settings_readers(self._configured)
+        return tuple((len(d), get(d), len(fh), len(fph)) for d, n, get, fh, fph in self._readers)
+
+
+def _settings_readers(modules) -> tuple:
+    """Per module: ``(__dict__, its size, itemgetter of its public attributes but training, forward hooks,
+    forward pre-hooks)`` for :meth:`GraphPlan.settings`."""
+    out = []
+    for m in modules:
+        d = m.__dict__
+        keys = [k for k in d if k[0] != "_" and k != "training"]
+        get = itemgetter(*keys) if keys else _nothing
+        out.append((d, len(d), get, m._forward_hooks, m._forward_pre_hooks))
+    return tuple(out)
+
+
+def _nothing(_d) -> tuple:
+    return ()
+
+
+def _exact_linear(m) -> bool:
+    return type(m) is _Linear
+
+
+def _safe_module(m) -> bool:
+    """A module whose own class declares ``_moekit_graph_safe`` (moekit's ``RouterLinear``, ``SharedMLP``:
+    plain torch ops on their own weights, no host state); a plain function never folds (no tensors to watch)."""
+    return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
+
+
+def gate_foldable(gate) -> bool:
+    """An exact ``nn.Linear`` or moekit's ``RouterLinear`` (plain torch ops on its own weights)."""
+    return gate is not None and (type(gate) is _Linear or _safe_module(gate))
+
+
+def shared_foldable(shared, shared_gate) -> bool:
+    """No shared experts, or moekit's ``SharedMLP`` of exact ``nn.Linear`` children or graph-safe ones (its
+    output ``RMSNorm``) (+ an exact ``nn.Linear`` gate, or none)."""
+    if shared is None:
+        return True
+    if not _safe_module(shared) or not all(_exact_linear(c) or _safe_module(c) for c in shared.children()):
+        return False
+    return shared_gate is None or _exact_linear(shared_gate)
+
+
+def graph_plan(layer) -> GraphPlan:
+    """The plan of a :class:`~moekit.runner.MoERunner` (module docstring rule)."""
+    norm = layer.routed_experts.expert_output_norm
+    inner = (norm,) if norm is not None else ()  # an expert output norm swapped or edited: the graphs go
+    base = (layer.routed_experts, *inner, *layer.router.modules())  # (a routing function's module holds tensors)
+    whole = (layer.routed_input_transform is None and layer.routed_output_transform is None
+             and layer.final_output_transform is None
+             and shared_foldable(layer.shared_experts, layer.shared_expert_gate))
+    folded = ()
+    if whole and layer.shared_experts is not None:
+        folded = (layer.shared_experts, *layer.shared_experts.children())
+        folded += (layer.shared_expert_gate,) if layer.shared_expert_gate is not None else ()
+    whole_gate = whole and gate_foldable(layer.gate)
+    if whole_gate:
+        folded += (layer.gate,)
+    bucket_gate = layer.gate if bucket_gate_candidate(layer) else None
+    return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate, inner,
+                     (layer.routed_experts,))
+
+
+def bucket_gate_candidate(layer) -> bool:
+    """The gate may run inside the route -> experts graphs (token buckets): a graph-safe module that says
+    whether it is batch invariant (moekit's ``RouterLinear``; invariant on its Triton backend, checked per
+    call), reading the routed input. (A cuBLAS ``nn.Linear`` is not batch invariant: it stays outside.)"""
+    g = layer.gate
+    return (gate_foldable(g) and hasattr(type(g), "batch_invariant")
+            and (layer.gate_input == "routed" or layer.routed_input_transform is None))
+
+
+def _autocast() -> bool:
+    return torch.is_autocast_enabled("cuda")
+
+
+def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
+    """The layer's internal graphs, taken for this forward (the caller releases them: ``graphs.lock.release()`` in a
+    ``finally``), or None: torch.compile traces the call (nothing of the graph machinery is traced), a routing
+    function was swapped for one not declared graph-safe (plain calls only), or another thread's forward holds them
+    (this one runs eagerly: the same kernels, :mod:`.graph_lock`). (Round 51: a plain function, not a generator
+    context manager: about a microsecond less per eager call.)"""
+    graphs = layer._graphs
+    if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable:
+        return None
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad
+                                       for p in layer._modules["routed_experts"]._parameters.values()):
+        return None  # expert weights being trained (round 58): a replay would return an output without their grads
+    return graphs if graphs.lock.take(hidden_states) else None
+
+
+def release_graphs(graphs: GraphCache | None) -> None:
+    """Let go of what :func:`take_graphs` returned (None: nothing was held)."""
+    if graphs is not None:
+        graphs.lock.release()
+
+
+def replay_whole(layer, graphs: GraphCache, hidden_states, router_logits):
+    """The layer's output from a whole graph of this key, or None (no graph, or one may not be used now)."""
+    entry = graphs.lookup((tensor_key(hidden_states), tensor_key(router_logits)))
+    if entry is None:
+        return None
+    plan = layer._graph_plan
+    if plan is None or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits)):
+        return None
+    if (plan.folded and _autocast()) or not _current(layer, graphs):
+        return None
+    return graphs.replay(entry, (hidden_states,) if router_logits is None else (hidden_states, router_logits))
+
+
+def _current(layer, graphs: GraphCache) -> bool:
+    """The graphs may replay now: not inside a user's capture (the plain kernels are captured into it then), and
+    captured for the layer's current state (else they are dropped)."""
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    if layer._graph_state() != graphs._state:
+        graphs.clear()
+        return False
+    return True
+
+
+def replay_bucket(layer, graphs: GraphCache, hidden_states, router_logits, tag=None):
+    """The routed output ``[T, H]`` (the graph's static rows; with ``tag="scores"`` the packed output of
+    :func:`pack_scores`) from the bucket graph that a checked call of these input keys (shape, dtype, device of
+    ``hidden_states`` and of ``router_logits`` or None) replayed, or None. Every check of the forward before the
+    graph depends on those keys and on the layer's state only, as for whole graphs; what may change between calls
+    is checked again: autograd, autocast (the gate inside), an outer capture, the state."""
+    entry = graphs.direct((tensor_key(hidden_states), tensor_key(router_logits), tag))
+    if entry is None:
+        return None
+    plan = layer._graph_plan
+    if plan is None or inputs_want_grad(hidden_states, router_logits):
+        return None
+    if (router_logits is None and not plan.gate_in_bucket()) or not _current(layer, graphs):
+        return None
+    x = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
+    return graphs.replay(entry, (x,) if router_logits is None else (x, router_logits), copy=False)
+
+
+def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
+    """``(output, None)`` when this call was run and captured as a whole graph; else ``(None, graphs)``:
+    the partial graph may still serve it (a token count above the exact ones: a bucket of route -> experts)."""
+    plan = layer._graph_plan or layer._make_graph_plan()
+    if not plan.whole(router_logits):
+        return None, graphs
+    tokens = hidden_states.numel() // max(hidden_states.shape[-1], 1)
+    if not graphs.eligible(hidden_states, router_logits, tokens, whole=True):
+        return None, graphs
+    if plan.folded and (_autocast() or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits))):
+        return None, graphs  # the folded modules must run eagerly now: route -> experts may still replay
+    graphs.sync_state(layer._graph_state())
+    key = (tensor_key(hidden_states), tensor_key(router_logits))
+    inputs = (hidden_states,) if router_logits is None else (hidden_states, router_logits)
+    return graphs.capture(key, lambda h, lg=None: layer._forward(h, lg, None, None), inputs), None
+
+
+def route_graphed(layer, hidden_states, h, router_logits, input_ids, graphs, scores: bool) -> tuple:
+    """(gate ->) route -> experts of a checked input ``h`` [T, H_in] -> ``(routed, topk_weights | None)``: from the
+    graph of T's bucket when ``graphs`` serve the call (the gate inside when it is batch invariant), else eagerly.
+    ``scores``: the routing weights too (``forward_with_scores``): they ride in the graph's output
+    (:func:`pack_scores`), and those graphs are keyed apart (``tag="scores"``). Checked input keys later replay
+    directly (:func:`replay_bucket`, with the tag)."""
+    x = layer._routed_input(h)
+    tag = "scores" if scores else None
+    kw = dict(copy=not scores and layer._copy_routed(), tag=tag)  # (scores: unpack_scores copies)
+    plain = layer.routed_input_transform is None  # x is the caller's input: a direct key (see replay_bucket)
+    if (graphs is not None and input_ids is None and router_logits is None
+            and (layer._graph_plan or layer._make_graph_plan()).gate_in_bucket() and graphs.eligible(x, None)):
+        fn = (lambda xs: pack_scores(*layer._route_experts(xs, layer._logits(xs, None)))) if scores else \
+            layer._gate_routed
+        direct = (tensor_key(hidden_states), None, tag) if plain else None
+        out = graphs(fn, x, None, layer._graph_state(), direct=direct, **kw)
+    else:
+        logits = layer._logits(h if layer.gate_input == "block" else x, router_logits)
+        if not (graphs is not None and input_ids is None and graphs.eligible(x, logits)):
+            routed, weights = layer._route_experts(x, logits, input_ids)
+            return routed, weights if scores else None
+        fn = (lambda xs, ls: pack_scores(*layer._route_experts(xs, ls))) if scores else layer._routed
+        # (direct replays when x and the logits are the inputs themselves: no transform, reshape or cast)
+        direct = (tensor_key(hidden_states), tensor_key(router_logits), tag) if plain and logits is router_logits \
+            else None
+        out = graphs(fn, x, logits, layer._graph_state(), direct=direct, **kw)
+    return unpack_scores(out, layer.router.top_k) if scores else (out, None)
+
+
+def pack_scores(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[T, W]`` routed output and ``[T, K]`` float32 weights -> ``[T, C + W]`` of the routed dtype, the weights'
+    bits first (``C`` = 2K columns of a 16-bit dtype, K of float32; a float64 output takes them as values)."""
+    if routed.element_size() == 2:  # (float() first: a routing function's weights in another dtype)
+        w = weights.float().contiguous().view(routed.dtype)
+    else:
+        w = weights.to(routed.dtype)
+    return torch.cat([w, routed], dim=1)
+
+
+def unpack_scores(packed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_scores` undone: ``(routed [T, W], weights [T, K] float32)``, each a fresh contiguous tensor
+    (``packed`` may be a graph's static output, which the next replay overwrites)."""
+    c = 2 * k if packed.element_size() == 2 else k
+    head = packed[:, :c].contiguous()
+    weights = head.view(torch.float32) if packed.element_size() == 2 else head.float()
+    return packed[:, c:].contiguous(), weights

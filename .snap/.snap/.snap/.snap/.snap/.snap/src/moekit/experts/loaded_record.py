@@ -1,0 +1,165 @@
+"""What of a :class:`~moekit.experts.routed.RoutedExperts`' tensors has been written: the loaded-record, by
+``(local slot, shard, kind)`` (kind: weight / bias / scale / input_scale). A forward before every one was written
+raises (SPEC §1: never compute with an initialiser's values)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import values_checkable
+from .layout import shards
+from .packed import follow_weight_dtype
+from .params import unset_input_scale
+from .placement_state import maps_rebuilt, placement_loaded
+
+_MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
+
+
+def unset_value(spec, quantised: bool) -> float:
+    """What an expert tensor holds until written: NaN in an unquantised layer's weights, 0 elsewhere (codes, scales,
+    biases, input scales). A state dict's slice still holding it reads as never written (:func:`unset_slices`)."""
+    return float("nan") if spec.kind == "weight" and not quantised else 0
+
+
+def fill_unset(experts) -> None:
+    """Every expert tensor of ``experts`` set to :func:`unset_value` (``to_empty``'s uninitialised memory)."""
+    quantised = experts.quant is not None
+    with torch.no_grad():
+        for name, t in experts.expert_tensors().items():
+            t.fill_(unset_value(experts.specs[name], quantised))
+
+
+class LoadedRecord:
+    """needed: every ``(slot, shard, kind)`` the layer holds; :meth:`mark` records writes, :meth:`clear` forgets
+    them (the values are gone: ``.to("meta")``)."""
+
+    def __init__(self, needed):
+        self.needed = frozenset(needed)
+        self.written: set[tuple[int, str, str]] = set()
+        self.complete = False
+        self.unset_loaded = False  # a state dict loaded here held a never-loaded layer's values for some
+
+    def mark(self, slots, shard_ids, kind: str) -> None:
+        self.written.update((slot, s, kind) for slot in slots for s in shard_ids)
+        self.complete = self.needed <= self.written
+
+    def clear(self) -> None:
+        self.written = set()
+        self.complete = False
+        self.unset_loaded = False
+
+    def unmark(self, slots, shard_ids, kind: str) -> None:
+        self.written.difference_update((slot, s, kind) for slot in slots for s in shard_ids)
+        self.complete = self.needed <= self.written
+
+    def missing(self, logical_ids, gated: bool) -> list[str]:
+        """What is still unwritten, by logical expert (``logical_ids[slot]``), ordered: ``["expert 3 w2", "expert 0
+        w1 bias", "expert 1 w3 scale", ...]``."""
+        by_order, by_kind = shards(gated), list(_MISSING_KIND)
+        order = {s: i for i, s in enumerate(by_order)}
+        kinds = {k: i for i, k in enumerate(by_kind)}
+        names = {(logical_ids[slot], order[s], kinds[k]) for slot, s, k in self.needed - self.written}
+        return [f"expert {e} {by_order[i]}{_MISSING_KIND[by_kind[k]]}" for e, i, k in sorted(names)]
+
+    def check(self, layer_name: str, logical_ids, gated: bool) -> None:
+        """Raise ``RuntimeError`` naming what is missing unless every tensor was written."""
+        if self.complete:
+            return
+        missing = self.missing(logical_ids, gated)
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        why = ("; a state dict loaded into it held the values of a layer never loaded for them (NaN weights or "
+               "all-zero scales)") if self.unset_loaded else ""
+        raise RuntimeError(
+            f"layer {layer_name!r}: forward before the expert weights were loaded (missing "
+            f"{', '.join(missing[:6])}{more}{why}); load them with load_expert_weights(), load_weights() "
+            "or moekit.load_moe_layers()"
+        )
+
+
+class InputScales:
+    """The static input scales (kind ``input_scale``) a layer was given, by parameter name and ``(logical expert,
+    shard)``. Every slot holds the largest of each expert's latest one (SPEC §8), so giving an expert's scale again
+    replaces it instead of only raising the maximum (round 53: reloading a checkpoint with smaller input scales kept
+    the first one's, and the layer differed from one loaded with the second alone)."""
+
+    def __init__(self):
+        self.values: dict[str, dict[tuple[int, str], float]] = {}
+
+    def given(self, name: str, entries: dict) -> float:
+        """Record ``{(logical, shard): value}`` for ``name``; the largest recorded value."""
+        mine = self.values.setdefault(name, {})
+        mine.update(entries)
+        return max(mine.values())
+
+    def stack(self, name: str, full: torch.Tensor, shards) -> torch.Tensor:
+        """A global ``[E]`` stack replaces every expert's value; its largest (a tensor: no host read to fill with)."""
+        self.values[name] = ({(e, s): v for e, v in enumerate(full.tolist()) for s in shards}
+                             if values_checkable(full) else {})
+        return full.max()
+
+    def forget(self, name: str) -> None:
+        """``name`` is unset again (a state dict gave it all zero)."""
+        self.values.pop(name, None)
+
+    def seed(self, experts, names) -> None:
+        """After a state-dict load or an adoption: each input scale of ``names`` holds the largest of experts whose own
+        ones are unknown, so that value stands for every expert until it is given again."""
+        for name in names:
+            spec, t = experts.specs[name], getattr(experts, name)
+            if spec.kind != "input_scale":
+                continue
+            top = float(t.max()) if values_checkable(t) and t.numel() else None
+            every = range(experts.moe_config.num_experts)
+            self.values[name] = {} if top is None else {(e, s): top for e in every for s in spec.shards}
+
+
+def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_keys: list) -> None:
+    """After :class:`~moekit.RoutedExperts` copied a state dict: the placement it gives (``placement``, from
+    :func:`~moekit.experts.placement_state.incoming_placement`), what it wrote marked loaded (an all-zero input scale
+    is "not given", and so is a slot's shard still holding a never-loaded layer's values: :func:`unset_slices`; a
+    quantised shard's codes with its scales), the input scales' record
+    seeded, what loads convert to following an assigned dtype, and the maps derived from the placement where they
+    were on meta (weights assigned to a layer built there)."""
+    placement_loaded(experts, placement, prefix, unexpected_keys)
+    given, every, quantised = [], range(experts.placement.num_local), experts.quant is not None
+    for name, spec in experts.specs.items():
+        if prefix + name not in state_dict:
+            continue
+        t = state_dict[prefix + name]
+        if unset_input_scale(spec, t):  # "not given": the forward says it is missing
+            experts._record.unmark(every, spec.shards, spec.kind)
+            experts._input_scales.forget(name)
+            continue
+        given.append(name)
+        experts._mark(every, spec.shards, spec.kind)
+        for slot, s in unset_slices(spec, t, quantised):
+            experts._record.unmark((slot,), (s,), spec.kind)
+            if spec.kind == "scale":  # its codes mean nothing without it (and are not checked: any value is one)
+                experts._record.unmark((slot,), (s,), "weight")
+            experts._record.unset_loaded = True
+    experts._input_scales.seed(experts, given)
+    follow_weight_dtype(experts)
+    if not experts.w13_weight.is_meta and any(t is not None and t.is_meta for t in (experts.expert_map,
+                                                                                     experts._norm_p2l)):
+        maps_rebuilt(experts)
+
+
+def unset_slices(spec, t, quantised: bool) -> list[tuple[int, str]]:
+    """The ``(slot, shard)`` slices of a state dict's per-slot weight or scale ``t`` ([slots, rows, ...], the shards
+    splitting the rows in equal parts: gate rows, then up rows) that hold what a never-loaded layer holds
+    (:func:`unset_value`): an unquantised layer's all-NaN weight shard, a quantised layer's all-zero scale shard (no
+    real checkpoint has either). Read as "never written" (round 55: a never-loaded layer's state dict loaded as loaded
+    and the copy computed with ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer
+    holding an all-zero expert (padding experts added so that E divides the EP size; a quantised one's scales are
+    not zero) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
+    biases neither (zeros are a value). One host read per tensor; nothing under compile or capture."""
+    weight = spec.kind == "weight" and not quantised
+    if not (weight or spec.kind == "scale") or not isinstance(t, torch.Tensor) or not values_checkable(t) or \
+            t.dim() < 1:
+        return []
+    if weight:  # slot by slot: a bool temporary of the whole stack is ~1 GB for Mixtral's w13 (review of round 56)
+        unset = torch.stack([t[i].isnan().reshape(len(spec.shards), -1).all(-1) for i in range(t.shape[0])]) \
+            if t.shape[0] else t.new_zeros((0, len(spec.shards)), dtype=torch.bool)
+    else:
+        unset = t.contiguous().view(torch.uint8).reshape(t.shape[0], len(spec.shards), -1).any(-1).logical_not()
+    return [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]

@@ -1,0 +1,134 @@
+"""Which expert each slot holds, in state dicts: once EPLB moved a slot, ``state_dict()`` carries the placement beside
+the per-slot weights and ``load_state_dict`` restores it, so the loaded weights sit in the slots the placement says.
+
+Round 46: without it, a state dict saved after a rebalance loaded silently into the initial placement (the routing
+maps are not persistent buffers), each moved slot holding another expert's weights. A state dict without the key is
+the initial placement (as every state dict saved before a rebalance, and before this round, is).
+
+Round 56: a layer split over ranks (EP or TP size > 1) also saves which share it holds (:data:`SHARD_KEY`: the EP and
+TP sizes and ranks and the physical ids of its slots); a state dict of another rank's share, or of another placement
+strategy, has the same shapes and loaded silently (a user trial: relative RMS error 1.4 against the single-process
+layer); it is refused now. A state dict without the key (a single-process layer's, one saved before round 56, a
+checkpoint filled into a template) is taken as this rank's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .output_norm import norm_ids_map
+from .placement import ExpertPlacement, initial_physical_to_logical
+
+#: the key (under the experts' prefix) of ``physical_to_logical [P]`` int64, saved once EPLB moved a slot
+PLACEMENT_KEY = "eplb_physical_to_logical"
+#: the key of ``[ep_size, ep_rank, tp_size, tp_rank, *local physical ids]`` int64, saved by layers split over ranks
+SHARD_KEY = "expert_shard"
+
+
+def initial_p2l(p: ExpertPlacement) -> tuple[int, ...]:
+    return initial_physical_to_logical(p.num_logical, p.num_physical, p.ep_size, p.strategy)
+
+
+def shard_of(p: ExpertPlacement) -> tuple[int, ...]:
+    """``(ep_size, ep_rank, tp_size, tp_rank, *local physical ids)``: the share of the experts a rank holds."""
+    return (p.ep_size, p.ep_rank, p.tp_size, p.tp_rank, *p.local_ids)
+
+
+def placement_saved(placement: ExpertPlacement, destination: dict, prefix: str) -> None:
+    """Add the placement to a state dict being saved, when it is not the initial one, and the rank's share
+    (:data:`SHARD_KEY`) when the layer is split over ranks."""
+    p2l = tuple(placement.physical_to_logical)
+    if p2l != initial_p2l(placement):
+        destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
+    if placement.ep_size > 1 or placement.tp_size > 1:
+        destination[prefix + SHARD_KEY] = torch.tensor(shard_of(placement), dtype=torch.int64)
+
+
+def check_shard(experts, state_dict: dict, prefix: str) -> None:
+    """``ValueError`` when a state dict carries another rank's share of the experts than ``experts`` holds (its
+    :data:`SHARD_KEY`: other EP / TP sizes or ranks, another placement strategy); nothing when it carries none."""
+    saved = state_dict.get(prefix + SHARD_KEY)
+    if saved is None or (isinstance(saved, torch.Tensor) and saved.is_meta):  # (meta: no values to compare)
+        return
+    got, mine = tuple(int(v) for v in torch.as_tensor(saved).flatten().tolist()), shard_of(experts.placement)
+    if got == mine:
+        return
+
+    def said(s):
+        if len(s) < 4:
+            return f"a malformed share {list(s)}"
+        return f"EP rank {s[1]} of {s[0]}, TP rank {s[3]} of {s[2]}, physical experts {list(s[4:])}"
+
+    raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{SHARD_KEY}: it holds the experts of "
+                     f"{said(got)}; this layer is {said(mine)} (placement {experts.placement.strategy!r}): load each "
+                     "rank's own state dict (saved by the rank of the same EP / TP rank and placement strategy)")
+
+
+def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...] | None:
+    """The placement a state dict being loaded gives ``experts`` (physical -> logical), checked (with the shapes of its
+    per-slot tensors) before anything is copied (round 53's review: a refusal after the copy left a changed layer):
+    the one it carries, else the initial one when it holds every per-slot tensor; None (keep) when it holds none of
+    them (a partial one, the gate's alone).
+    One that holds some of them and no placement, into a layer an EPLB rebalance moved, is refused (``ValueError``:
+    its slots would mix two placements). Input scales are the same in every slot: they do not count. Another rank's
+    share is refused (:func:`check_shard`)."""
+    check_shard(experts, state_dict, prefix)
+    for name in experts.specs:  # torch copies the other keys and raises at the end: a half-loaded layer (review)
+        t, mine = state_dict.get(prefix + name), getattr(experts, name)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(mine.shape):
+            raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{name}: shape {list(t.shape)}, this "
+                             f"rank holds {list(mine.shape)} (saved with another EP / TP size or "
+                             "num_redundant_experts?)")
+    saved = saved_p2l(state_dict, prefix)
+    slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
+    held = [n for n in slotted if prefix + n in state_dict]
+    current = tuple(experts.placement.physical_to_logical)
+    p2l = initial_p2l(experts.placement) if saved is None else saved
+    if saved is not None:
+        try:
+            experts.placement.with_physical_to_logical(p2l)  # (its checks)
+        except ValueError as err:
+            raise placement_error(experts, prefix, err) from None
+    if p2l != current and (saved is not None or held) and len(held) < len(slotted):
+        raise ValueError(f"layer {experts.layer_name!r}, state dict at {prefix!r}: it holds "
+                         f"{', '.join(held) or 'no weights'} but not {', '.join(n for n in slotted if n not in held)}, "
+                         f"and its placement{'' if saved is not None else ' (none: the initial one)'} differs from "
+                         "the layer's (an EPLB rebalance moved one of them): the slots would mix two placements; load "
+                         "a whole state dict")
+    return p2l if saved is not None or held else None
+
+
+def saved_p2l(state_dict: dict, prefix: str) -> tuple[int, ...] | None:
+    """The placement a state dict carries (``prefix + PLACEMENT_KEY``), None when it carries none."""
+    saved = state_dict.get(prefix + PLACEMENT_KEY)
+    return None if saved is None else tuple(int(e) for e in saved.tolist())
+
+
+def placement_error(experts, prefix: str, err: Exception) -> ValueError:
+    """A saved placement this layer cannot take, naming the layer, the key and the likely cause."""
+    return ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{PLACEMENT_KEY}: {err} (saved with another "
+                      "EP size or num_redundant_experts?)")
+
+
+def placement_loaded(experts, p2l: tuple[int, ...] | None, prefix: str, unexpected_keys: list) -> None:
+    """Take ``p2l`` (:func:`incoming_placement`) into ``experts``
+    (:meth:`~moekit.RoutedExperts.set_physical_to_logical`) after the copy (its key is no unexpected one); the
+    executor's EPLB maps follow in its load hook (:func:`moekit.parallel.eplb_state.watch_placement`)."""
+    for key in (PLACEMENT_KEY, SHARD_KEY):
+        if prefix + key in unexpected_keys:
+            unexpected_keys.remove(prefix + key)
+    if p2l is not None and p2l != tuple(experts.placement.physical_to_logical):
+        experts.set_physical_to_logical(p2l)
+
+
+def maps_rebuilt(experts) -> None:
+    """After ``to_empty`` from the meta device, or weights assigned to a layer built there (round 53): the
+    non-persistent maps (``expert_map``, the per-expert norm's ids) hold uninitialised memory or stay on meta; they are
+    derived from the placement again (allocated where they were on meta)."""
+    device = experts.w13_weight.device
+    if experts.expert_map is not None:
+        fresh = experts.placement.expert_map(device)
+        experts.expert_map = fresh if experts.expert_map.is_meta else experts.expert_map.copy_(fresh)
+    norm_ids = experts._norm_p2l
+    experts._norm_p2l = norm_ids_map(experts.placement, experts.expert_output_norm, device,
+                                     None if norm_ids is None or norm_ids.is_meta else norm_ids)

@@ -1,0 +1,167 @@
+"""A moekit layer around a transformers MoE block's own tensors (the engine of
+:func:`moekit.integrations.transformers.patch`).
+
+The layer is built from the plan exactly as the loader builds it (small modules on the meta device),
+then adopts every tensor of the block under its moekit name: the spec's ``renames``, the same data the
+loader reads checkpoints with. Expert stacks become the routed experts' weights: shared where the
+transformers layout is moekit's, converted once (a copy) otherwise (transposed / interleaved stacks,
+DBRX's flat ``spec.splits``, Inkling's ``spec.appended_experts``). Quantised tensors stay quantised
+(:mod:`._quant`): fp8 block stacks (transformers' FineGrainedFP8 ``FP8Experts``) keep their fp8 weights and
+float32 scales, an ``FP8Linear`` shared MLP becomes an fp8 ``QuantSharedMLP`` over its weights, and mxfp4 stacks
+(``Mxfp4GptOssExperts``, plain layout) stay 4-bit. The layer runs in the dtype of the block's float weights
+(router, float shared MLP), never in that of a float32 scale.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .._checks import KERNEL_DTYPES
+from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
+from ..experts.routed import RoutedExperts
+from ..loading.architectures import ArchSpec, rename_block_key
+from ..loading.keys import construction_tensors, field_hint, zero_width_shared_gate
+from ..loading.modules import build_layer
+from ..loading.plan import LayerPlan
+from ._quant import fp8_shared, fp8_stacks, is_quant_tensor, mxfp4_stacks, unplaced_quant_message
+
+#: moekit names of fused expert stacks and their biases / scales (``experts.gate_up_proj_scale_inv``...)
+_STACK_RE = re.compile(r"^experts\.[A-Za-z0-9_]+$")
+
+
+class _UnallocatedRoutedExperts(RoutedExperts):
+    """RoutedExperts whose weights start on the meta device: the block's own are adopted."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, device="meta", **kwargs)
+
+
+def _block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Tensor]:
+    """moekit name -> tensor of every parameter and buffer of the block (of the layer's MoE members for
+    a layer-level spec); tensors on the meta device raise ``ValueError``."""
+    own = {}
+    for member in spec.ckpt_blocks if spec.layer_level else ("",):
+        sub = block.get_submodule(member) if member else block
+        pre = member + "." if member else ""
+        for pname, t in list(sub.named_parameters()) + list(sub.named_buffers()):
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"{plan.name}.{pre}{pname} is on the meta device (offloaded or not materialised); patch() "
+                    "needs the block's weights in memory"
+                )
+            own[rename_block_key(spec, pre + pname)] = t
+    return own
+
+
+def _quant_dtype(own: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The activation dtype of a layer whose expert stacks are quantised: that of the block's first float weight
+    outside the stacks (router, shared MLP), else of any float tensor. Not a float32 scale's or selection bias's:
+    a bf16 fp8 model's layer would be float32 and refuse the bf16 hidden states."""
+    skip = set(construction_tensors(own))
+    first = [t.dtype for rel, t in own.items() if rel not in stacks and rel not in skip and not is_quant_tensor(rel, t)
+             and t.dtype in KERNEL_DTYPES]
+    return (first or [t.dtype for t in own.values() if t.dtype in KERNEL_DTYPES] or [None])[0]
+
+
+def _is_stack(spec: ArchSpec, rel: str) -> bool:
+    return bool(_STACK_RE.match(rel)) or rel in spec.appended_experts or any(rel == s[0] for s in spec.splits)
+
+
+@torch.no_grad()
+def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=None, graph_pool=None,
+                      eager_graph_tokens: int | None = None, act_dtype: torch.dtype | None = None, dense_fmt=None):
+    """A moekit layer built around the block's own tensors (see the module docs); ``fmt``: the routed experts'
+    quantisation format (:func:`moekit.loading.quant.checkpoint_formats`) or None, ``dense_fmt``: that of the other
+    linears (the shared MLP; DeepSeek-V4's fp4 experts: fp8 block; None: ``fmt``); ``graph_pool``: the
+    :class:`~moekit.experts.graphed.GraphPool` the model's layers share (None: the layer's own);
+    ``eager_graph_tokens``: their graph limit (None: :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`);
+    ``act_dtype``: the model's activation dtype, which a quantised layer runs in (None: read off the block)."""
+    own = _block_tensors(block, spec, plan)
+    stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
+    if act_dtype not in KERNEL_DTYPES:
+        act_dtype = _quant_dtype(own, stacks)
+    quant = fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt) or \
+        mxfp4_stacks(block, stacks, spec, plan, fmt, act_dtype)
+    w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
+    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else act_dtype
+    layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
+                        routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
+                        quant_config=quant[0] if quant else None, graph_pool=graph_pool,
+                        eager_graph_tokens=eager_graph_tokens)
+    layer.routed_experts.adopt_weights(w13, w2, b13, b2, **(quant[1][4] if quant else {}))
+    shared = fp8_shared(block, own, spec, plan, dense_fmt or fmt, layer.routed_experts.kernels)  # (checks only)
+    targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
+               if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
+    numels = {rel: t.numel() for rel, t in own.items()}
+    for rel, t in own.items():
+        if rel in stacks or rel in construction_tensors({rel: t}) or (shared is not None and rel in shared[1]):
+            continue
+        if rel not in targets:
+            if t.numel() == 0 or zero_width_shared_gate(plan, rel, numels):  # empty parts transformers builds (e.g.
+                continue  # n_shared_experts = 0) and a zero-width shared expert's gate: they add nothing
+            if is_quant_tensor(rel, t):  # a quantised module moekit cannot hold: no config field is to blame
+                raise NotImplementedError(unplaced_quant_message(block, spec, plan, rel))
+            hint = field_hint(plan, rel)
+            raise NotImplementedError(f"{plan.name}: the block's tensor {rel!r} has no place in the moekit layer"
+                                      + (f"; the config fields likely responsible: {hint}" if hint else ""))
+        _set_tensor(layer, rel, t)
+        targets.pop(rel)
+    left = [n for n, t in targets.items() if t is not None and t.device.type == "meta"
+            and not (shared is not None and n in shared[1])]  # (the float shared MLP's weights: replaced below)
+    if left:
+        raise NotImplementedError(f"{plan.name}: the block has no tensors for {left}")
+    if shared is not None:  # last, every check passed (round 51's review): building it re-points the block's weights
+        mod = shared[0]()
+        mod.norm = getattr(layer.shared_experts, "norm", None)  # an output norm (Ergo), adopted above
+        layer.shared_experts = mod
+    return layer
+
+
+def _set_tensor(layer, name: str, t: torch.Tensor) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    if leaf in parent._parameters:
+        parent._parameters[leaf] = t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, False)
+    else:
+        parent._buffers[leaf] = t
+
+
+def block_stacks(stacks: dict, spec: ArchSpec, plan: LayerPlan):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) from a block's stack tensors
+    by moekit name: fused ``experts.{gate_up_proj | up_proj, down_proj}(_bias)`` in ``spec.memory_layout``
+    (default the plan's layout), or the flat stacks of ``spec.splits``; then the shared-expert stacks of
+    ``spec.appended_experts``."""
+    if spec.splits:
+        per = {}
+        for name, proj, transposed in spec.splits:  # [E * I, H] -> [E, I, H] (transposed: [E, H, I])
+            t = stacks[name].view(plan.num_experts, -1, stacks[name].shape[-1])
+            per[proj] = t.transpose(1, 2) if transposed else t
+        w13, w2, b13, b2 = torch.cat([per["gate_proj"], per["up_proj"]], 1), per["down_proj"].contiguous(), None, None
+    else:
+        w13 = stacks.get("experts.gate_up_proj", stacks.get("experts.up_proj"))
+        b13, b2 = (stacks.get("experts.gate_up_proj_bias"), stacks.get("experts.down_proj_bias")) if plan.has_bias \
+            else (None, None)
+        w13, w2, b13, b2 = convert_stacks(w13, stacks["experts.down_proj"], b13, b2,
+                                          plan.num_experts - plan.routed_shared_experts,
+                                          get_fused_layout(spec.memory_layout or plan.fused_layout))
+    if spec.appended_experts:
+        g, u, d = (stacks[n] for n in spec.appended_experts)
+        w13, w2 = torch.cat([w13, torch.cat([g, u], dim=1)]), torch.cat([w2, d])
+    return w13, w2, b13, b2
+
+
+def convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) from fused stacks stored in
+    ``layout``: the tensors themselves for "rows", converted copies otherwise. LongCat's gate/up stack has
+    ``E + Z`` rows: the first ``E`` are the real experts."""
+    w13, w2 = gate_up_rows(w13, layout), down_rows(w2, layout)
+    b13 = gate_up_rows(b13, layout, bias=True) if b13 is not None else None
+    if w13.shape[0] != num_experts:
+        w13, b13 = w13[:num_experts], (b13[:num_experts] if b13 is not None else None)
+        w2, b2 = w2[:num_experts], (b2[:num_experts] if b2 is not None else None)
+    if layout.transposed or layout.interleaved:
+        w13, w2 = w13.contiguous(), w2.contiguous()
+    return w13, w2, b13, b2
+

@@ -1,0 +1,123 @@
+"""transformers' experts switch on moekit (``experts_implementation="moekit"``, see
+:func:`moekit.integrations.transformers.register`): the experts forward and what it reads from a
+transformers experts module (its gate function as a moekit activation, its stacks in moekit's layout)."""
+
+from __future__ import annotations
+
+from ..experts.layout import FusedLayout
+from ..ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf, is_gated
+from ._blocks import convert_stacks
+
+
+def _alpha_checked(m) -> tuple[str, float]:
+    alpha = float(getattr(m, "alpha", getattr(m, "swiglu_alpha", SWIGLUOAI_ALPHA)))
+    if abs(alpha - SWIGLUOAI_ALPHA) > 1e-9:
+        raise NotImplementedError(f"{type(m).__name__} with swiglu alpha={alpha}: moekit's swigluoai uses 1.702")
+    return "swigluoai", float(m.limit)
+
+
+def _softcapped(m) -> tuple[str, None]:
+    caps = (float(m.act_fn.gate_softcap.softcap), float(m.act_fn.up_softcap.softcap))
+    if caps != (SOFTCAP_GATE, SOFTCAP_UP):
+        raise NotImplementedError(f"{type(m).__name__} with softcaps {caps}: moekit's softcap_swiglu uses "
+                                  f"({SOFTCAP_GATE}, {SOFTCAP_UP})")
+    return "softcap_swiglu", None
+
+
+def _hf_act(m) -> tuple[str, None]:
+    cfg = m.config
+    name = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"  # Gemma: the latter
+    return activation_from_hf(name), None
+
+
+def _post_clamp(m) -> tuple[str, float | None]:
+    """Bailing-hybrid: ``min(act(g), L) * clamp(u, -L, L)`` with the layer's limit ``m.limit`` (None: none)."""
+    name, _ = _hf_act(m)
+    if getattr(m, "limit", None) is None:
+        return name, None
+    if name != "silu":
+        raise NotImplementedError(f"{type(m).__name__} with a SwiGLU limit after {name!r}: moekit's "
+                                  "silu_post_clamp clamps silu(g) only")
+    return "silu_post_clamp", float(m.limit)
+
+
+#: experts classes with their own gate function -> (moekit activation, swiglu_limit) of a module
+_GATE_FUNCTIONS = {
+    **dict.fromkeys(("GptOssExperts", "OpenAIPrivacyFilterExperts", "MiniMaxM3VLExperts"), _alpha_checked),
+    "DeepseekV4Experts": lambda m: ("silu", float(m.limit)),
+    **dict.fromkeys(("Glm5NextTextExperts", "HYV4Experts", "HYV4VLExperts"), lambda m: ("silu", float(m.swiglu_limit))),
+    "BeamExperts": _hf_act,  # silu in fp32: what moekit's epilogue does anyway
+    "AriaExperts": lambda m: ("silu", None),  # SiLU whatever config.hidden_act says
+    # per-layer limits after SiLU (both decorated for the switch from transformers 5.25)
+    **dict.fromkeys(("BailingHybridExperts", "Step3p7Experts"), _post_clamp),
+    **dict.fromkeys(("Inkling2Experts", "Inkling2LoopExperts"), _softcapped),
+}
+
+
+def experts_activation(module) -> tuple[str, float | None]:
+    """(moekit activation, swiglu_limit) equal to the experts module's gate function."""
+    from transformers.integrations import moe as hf_moe
+
+    cls = type(module)
+    name = cls.__name__
+    if name in _GATE_FUNCTIONS:
+        return _GATE_FUNCTIONS[name](module)
+    if not getattr(module, "has_gate", True):  # non-gated (Nemotron-H): act(up x)
+        hidden_act = getattr(module.config, "mlp_hidden_act", "relu2")
+        activation = activation_from_hf(hidden_act)
+        if is_gated(activation):  # silu / gelu would read gate rows the non-gated stack does not have
+            raise NotImplementedError(f"{name} with mlp_hidden_act={hidden_act!r}: its experts compute act(up x), not "
+                                      "gated; moekit's only non-gated activation is relu2")
+        return activation, None
+    if getattr(cls, "_apply_gate", None) is not getattr(hf_moe, "_default_apply_gate", None):
+        raise NotImplementedError(f"experts_implementation='moekit' does not know the gate function of {name}")
+    return _hf_act(module)
+
+
+def _input_stack(module):
+    """The input-side expert stack: ``gate_up_proj`` (gated) or ``up_proj`` (non-gated, Nemotron-H)."""
+    return module.gate_up_proj if hasattr(module, "gate_up_proj") else module.up_proj
+
+
+def experts_weights(module):
+    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) for ``fused_experts``: the
+    module's own stacks in moekit's layout, else converted once (cached on the module until they change)."""
+    b13, b2 = (module.gate_up_proj_bias, module.down_proj_bias) if module.has_bias else (None, None)
+    w13 = _input_stack(module)
+    if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
+        return w13, module.down_proj, b13, b2
+    key = _fingerprint((w13, module.down_proj, b13, b2))
+    cache = getattr(module, "_moekit_converted", None)
+    if cache is None or not _same(cache[0], key):
+        layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
+        stacks = convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
+        cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
+        module._moekit_converted = cache
+    return cache[1]
+
+
+def _fingerprint(tensors) -> tuple:
+    """What the converted copies were made from: each source tensor itself (a replaced one is another object) and
+    its version counter (in-place edits; round 49: the biases and a replaced ``down_proj`` were not in the key, so
+    edits to them kept the stale copies). Inference tensors have no version counter: their in-place edits are not
+    seen (transformers' weights are not edited in place under inference mode)."""
+    return tuple(None if t is None else (t, None if t.is_inference() else t._version) for t in tensors)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all((x is None) == (y is None) and (x is None or (x[0] is y[0] and x[1] == y[1])) for x, y in zip(a, b))
+
+
+def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers experts forward on moekit: hidden_states [T, H], top_k_index [T, K] int,
+    top_k_weights [T, K] float -> [T, H] (dtype of hidden_states)."""
+    from ..ops.api import fused_experts
+
+    if getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError(f"experts_implementation='moekit': post-expert norm ({type(self).__name__})")
+    if getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError("experts_implementation='moekit' with transformers' expert parallelism")
+    activation, limit = experts_activation(self)
+    w13, w2, b13, b2 = experts_weights(self)
+    return fused_experts(hidden_states, w13, w2, top_k_weights.float(), top_k_index, activation=activation,
+                         w1_bias=b13, w2_bias=b2, swiglu_limit=limit)

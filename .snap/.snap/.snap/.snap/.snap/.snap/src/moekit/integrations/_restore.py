@@ -1,0 +1,160 @@
+"""What :func:`moekit.integrations.transformers.patch` keeps so that
+:func:`~moekit.integrations.transformers.unpatch` can go back: each stand-in holds, by reference, the module(s) it
+replaced, outside the module tree (not in ``parameters()``, ``state_dict()`` or ``modules()``: no tensor is counted
+twice, ``model.to()`` does not reach them); each guarded model holds the handle of its ``output_router_logits``
+pre-hook.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: attribute (in the stand-in's ``__dict__``) holding what a stand-in replaced: the block (a ``MoEBlockAdapter``) or,
+#: for a layer-level MoE (Gemma 4), ``{member: module}`` of the decoder layer's MoE attributes (a ``LayerMoEAdapter``)
+ORIGINAL = "_moekit_original"
+#: attribute of a guarded model holding the ``RemovableHandle`` of its router-logits forward pre-hook
+GUARD = "_moekit_router_logits_guard"
+
+
+#: what a stand-in holds instead when ``patch(restorable=False)`` dropped an original that would cost memory
+DROPPED = "_moekit_dropped_bytes"
+#: beside ORIGINAL: the bytes the original cost beyond the moekit layer when it was kept (to find it stale later)
+KEPT_COST = "_moekit_kept_bytes"
+#: a kept original may cost this much beyond the moekit layer without ``restorable``: small tensors the layer holds
+#: converted (a bf16 selection bias widened to float32, fp8 scales) must not make a shared block unrestorable
+FREE_BYTES = 1 << 20
+
+
+def extra_bytes(original, moe) -> tuple[int, int]:
+    """(bytes of ``original``'s tensors that ``moe`` does not share, bytes it shares) for ``original`` a module or
+    ``{member: module}``: what keeping it costs beyond the moekit layer (storages compared, so views count as
+    shared; each storage counted once)."""
+    shared = {t.untyped_storage().data_ptr() for t in list(moe.parameters()) + list(moe.buffers())}
+    mods = original.values() if isinstance(original, dict) else [original]
+    seen, extra, same = set(), 0, 0
+    for m in mods:
+        for t in list(m.parameters()) + list(m.buffers()) + swizzled_storages(m):
+            st = t.untyped_storage()
+            if t.device.type == "meta" or st.data_ptr() in seen:
+                continue
+            seen.add(st.data_ptr())
+            if st.data_ptr() in shared:
+                same += st.nbytes()
+            else:
+                extra += st.nbytes()
+    return extra, same
+
+
+def stored_tensor(obj) -> torch.Tensor | None:
+    """The torch tensor a triton_kernels ``Tensor`` (a wrapper, not a ``torch.Tensor``) stores, ``obj.storage.data``;
+    None for anything else."""
+    if obj is None or isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        return None
+    data = getattr(getattr(obj, "storage", None), "data", None)
+    return data if isinstance(data, torch.Tensor) else None
+
+
+def swizzled_storages(module) -> list[torch.Tensor]:
+    """The torch tensors ``module`` and its submodules hold as triton_kernels ``Tensor`` attributes or in a
+    ``PrecisionConfig``'s ``weight_scale`` (transformers' mxfp4 experts on a GPU). They are not parameters or
+    buffers, so a byte count over those (what keeping a replaced block for ``unpatch()`` costs) misses them: a
+    swizzled block patched by :func:`~._quant.mxfp4_stacks` keeps them all (the moekit layer holds unswizzled
+    copies), so :func:`extra_bytes` counts them."""
+    out, seen = [], set()
+    for m in module.modules():
+        for value in vars(m).values():
+            for t in (stored_tensor(value), stored_tensor(getattr(value, "weight_scale", None))):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return out
+
+
+def keep_original(stand_in, original, moe, restorable: bool) -> None:
+    """Keep ``original`` (a module, or ``{member: module}``) on ``stand_in`` by reference, outside the module tree,
+    when that costs little (``moe`` shares its tensors; what it holds converted is at most :data:`FREE_BYTES` or 1 %
+    of what it shares) or ``restorable``; else record the bytes dropped."""
+    cost, same = extra_bytes(original, moe)
+    if restorable or cost <= max(FREE_BYTES, same // 100):
+        stand_in.__dict__[ORIGINAL] = original
+        stand_in.__dict__[KEPT_COST] = cost
+    else:
+        stand_in.__dict__[DROPPED] = cost
+
+
+def check_restorable(model) -> None:
+    """Raise ``ValueError`` before anything is put back (:func:`restore_blocks` then restores all or nothing) when a
+    stand-in of ``model`` dropped its original (:func:`keep_original`), or kept one that the moekit layer no longer
+    shares (its weights replaced after :func:`patch`: ``load_state_dict(assign=True)``, ``load_expert_weights``, ...;
+    putting the original back would restore the weights it had at patch time)."""
+    dropped, stale = [], []
+    for n, m in model.named_modules():
+        if DROPPED in m.__dict__:
+            dropped.append(f"{n or '<model>'} ({_size(m.__dict__[DROPPED])})")
+        elif ORIGINAL in m.__dict__ and hasattr(m, "moe"):
+            now = extra_bytes(m.__dict__[ORIGINAL], m.moe)[0]
+            if now > m.__dict__.get(KEPT_COST, now):
+                stale.append(f"{n or '<model>'} ({_size(now)} no longer shared)")
+    if dropped:
+        raise ValueError(
+            f"unpatch(): {len(dropped)} block(s) were patched with converted copies of their weights and their "
+            f"originals were not kept: {_few(dropped)}; patch a freshly loaded model with patch(model, "
+            f"restorable=True) to keep them (at that memory cost) for unpatch(); nothing was changed")
+    if stale:
+        raise ValueError(
+            f"unpatch(): the moekit layers of {len(stale)} block(s) no longer share the tensors of the blocks they "
+            f"replaced (their weights were replaced after patch()): {_few(stale)}; putting the blocks back would "
+            f"restore the weights they had at patch time; nothing was changed")
+
+
+def _few(items: list) -> str:
+    return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+
+def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
+    """Put back in ``model`` every module a stand-in holding its original replaced; returns the paths restored (the
+    block's, or the decoder layer's for a layer-level MoE) in module order. Stand-ins without an original (built by
+    hand) stay. A restored module takes its stand-in's train/eval mode where they differ."""
+    restored = []
+    for name, module in list(model.named_modules()):
+        original = module.__dict__.get(ORIGINAL)
+        if original is None or not name:  # not a stand-in of patch(), or ``model`` itself (nothing to put it in)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(original, dict):  # layer-level: the layer's MoE attributes, the layer's path
+            for member, old in original.items():
+                _put_back(parent, member, old)
+            restored.append(parent_name)
+        else:
+            _put_back(parent, attr, original)
+            restored.append(name)
+        del module.__dict__[ORIGINAL]  # the stand-in, if still referenced elsewhere, no longer pins the original
+        module.__dict__.pop(KEPT_COST, None)
+    _remove_guards(model, stand_in_types)
+    return restored
+
+
+def _size(nbytes: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _put_back(parent, attr: str, original) -> None:
+    mode = getattr(parent, attr).training
+    if getattr(original, "training", mode) != mode:
+        original.train(mode)  # the model's mode changed while patched
+    setattr(parent, attr, original)  # same key of ``parent._modules``: the module order is unchanged
+
+
+def _remove_guards(model, stand_in_types: tuple[type, ...]) -> None:
+    """Remove the router-logits pre-hook of every guarded module of ``model`` that holds no stand-in any more."""
+    for module in model.modules():
+        handle = module.__dict__.get(GUARD)
+        if handle is None or any(isinstance(m, stand_in_types) for m in module.modules()):
+            continue
+        if hasattr(handle, "remove"):  # a model patched before round 50 (then pickled) holds True, not a handle
+            handle.remove()
+        del module.__dict__[GUARD]

@@ -1,0 +1,400 @@
+"""transformers integration: swap a loaded model's MoE blocks for moekit layers, or register moekit as
+an experts implementation (``from_pretrained(..., experts_implementation="moekit")``).
+
+transformers is imported inside the functions only: ``import moekit`` never needs it.
+
+- :func:`patch` replaces every MoE block with :class:`MoEBlockAdapter` around a moekit layer (where the
+  MoE is made of decoder-layer attributes, Gemma 4, the layer's ``experts`` becomes a
+  :class:`LayerMoEAdapter`). The blocks are found at the plans' module paths (the spec's ``stack`` /
+  ``towers`` / ``block``); the moekit layer is built from the plan as the loader builds it, then adopts
+  every tensor of the block under the spec's renames (:mod:`moekit.integrations._blocks`): router,
+  expert, shared-expert and transform weights are shared with the original block (no copy) where the
+  layouts agree (transposed / interleaved / flat expert stacks and Inkling's appended shared experts are
+  converted once, a copy). Quantised blocks stay quantised (:mod:`moekit.integrations._quant`): fp8 ``FP8Experts``
+  stacks and ``FP8Linear`` shared MLPs keep their fp8 bytes, plain-layout mxfp4 ``Mxfp4GptOssExperts`` stay 4-bit
+  (gate/up rows de-interleaved: a copy), also from triton_kernels' swizzled layout (read back through its own
+  ``unswizzle_data``: a copy). The adapter returns what the
+  block returned: a tensor, gpt-oss's ``(hidden, router_scores)`` (the OpenAI privacy filter's scores divided by
+  K) or Llama 4's ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses
+  (``output_router_logits``) is not reproduced (patched models are for inference): :func:`patch` refuses a model
+  whose config asks for it, and a patched model's forward refuses ``output_router_logits=True``
+  (``NotImplementedError``) instead of returning an empty or failing ``router_logits``.
+- :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks: the model computes
+  what it computed before :func:`patch`.
+- :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
+  router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
+  reaches experts classes that transformers decorates with ``@use_experts_implementation``; Llama 4 (and
+  LongCat-Flash before transformers 5.25, and the specs with ``experts_switch=False``) have none, so there
+  transformers would keep its own forward without a word. :func:`check_registered` finds that out (and
+  raises); :func:`patch` is the path for those models.
+
+Without transformers installed, :func:`patch`, :func:`register` and :func:`check_registered` raise
+``ImportError`` with the install hint ``pip install 'moekit[transformers]'``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..experts.graphed import GraphPool
+from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
+from ..loading.plan import LayerPlan
+from ..loading.quant import checkpoint_formats
+from ._blocks import moekit_from_block
+from ._experts import moekit_experts_forward
+from ._restore import GUARD, check_restorable, keep_original, restore_blocks
+
+__all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
+           "unpatch"]
+
+_INSTALL_HINT = "pip install 'moekit[transformers]'"
+#: attributes transformers' ``@use_experts_implementation`` sets on an experts module (what the switch reads)
+_SWITCH_ATTRS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+
+
+def _require_transformers(what: str):
+    """transformers, or an ``ImportError`` saying how to install it."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            f"moekit.integrations.transformers.{what}() needs the transformers package, which is not "
+            f"installed ({err}); install it with: {_INSTALL_HINT}"
+        ) from err
+    return transformers
+
+
+def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """A patched block's ``state_dict`` holds moekit's names, which ``from_pretrained`` does not read: say so."""
+    warnings.warn("a model patched by moekit has moekit's state_dict keys for its MoE blocks (e.g. "
+                  "'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: call "
+                  "moekit.integrations.transformers.unpatch(model) before save_pretrained", UserWarning, stacklevel=2)
+
+
+class MoEBlockAdapter(torch.nn.Module):
+    """Wraps a moekit layer so it is called like the transformers block it replaces.
+
+    forward(hidden_states [..., H], input_ids=None) -> same as the original block (see module docs). Its
+    ``state_dict`` warns (``UserWarning``) that its keys are moekit's: :func:`unpatch` before ``save_pretrained``.
+    """
+
+    def __init__(self, moe, plan: LayerPlan):
+        super().__init__()
+        self._register_state_dict_hook(_warn_state_dict)
+        self.moe = moe
+        self.plan = plan
+        self.output = plan.output
+        self.needs_input_ids = plan.needs_input_ids
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None, **_unused):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        ids = input_ids.reshape(-1) if (self.needs_input_ids and input_ids is not None) else None
+        if self.output == "hidden":
+            return self.moe(x, input_ids=ids).reshape(shape)
+        if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
+            logits = self.moe.gate(x)
+            return self.moe(x, logits, input_ids=ids), logits
+        # gpt-oss: (hidden, router_scores [T, K]), the weights of the forward's own routing (one routing, the gate
+        # inside the layer's internal graphs where they serve the call)
+        out, weights = self.moe.forward_with_scores(x, input_ids=ids)
+        if self.output == "hidden_scores_over_k":  # OpenAI privacy filter: router_scores / K
+            weights = weights / weights.shape[-1]
+        return out.reshape(shape), weights.to(hidden_states.dtype)
+
+
+class LayerMoEAdapter(torch.nn.Module):
+    """Stands in for the ``experts`` of a decoder layer whose MoE is made of its attributes (Gemma 4):
+    called as ``experts(hidden_states [T, H], top_k_index, top_k_weights)`` with the layer's input (the
+    router and the pre-experts norm are pass-throughs), it returns the complete moekit layer output."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self._register_state_dict_hook(_warn_state_dict)
+        self.moe = moe
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
+        return self.moe(hidden_states)
+
+
+class _NoRouting(torch.nn.Module):
+    """A router made redundant by :class:`LayerMoEAdapter`: returns ``(None, None, None)``."""
+
+    def forward(self, hidden_states):
+        return None, None, None
+
+
+def _model_config_dict(model) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"patch() needs a transformers PreTrainedModel (with .config), got {type(model).__name__}")
+    d = cfg.to_dict()
+    d.setdefault("model_type", getattr(cfg, "model_type", None))
+    return d
+
+
+def _activation_dtype(model) -> torch.dtype | None:
+    """The dtype the model's hidden states have: its input embeddings' (None without them). A quantised block may hold
+    no weight in it (round 51's review: a bf16 fp8 DeepSeek-V3 block holds fp8 linears, float32 scales and the
+    router weight transformers keeps in float32), so the block alone cannot tell."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    w = getattr(emb, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else None
+
+
+def _tail(name: str) -> str:
+    return ".".join(name.split(".")[-2:])  # "3.mlp", "layers.3" (a layer-level block)
+
+
+def _planned_blocks(model, plans: list[LayerPlan]):
+    """(path, module, plan) of every module of ``model`` at a plan's path, or at a path that is a tail
+    of it (a sub-model was passed) or that it is a tail of (the model sits inside a larger one)."""
+    by_tail: dict[str, list[LayerPlan]] = {}
+    for p in plans:
+        by_tail.setdefault(_tail(p.name), []).append(p)
+    for name, module in list(model.named_modules()):
+        for p in by_tail.get(_tail(name), ()):
+            if p.name == name or p.name.endswith("." + name) or name.endswith("." + p.name):
+                yield name, module, p
+                break
+
+
+def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None,
+          restorable: bool = False) -> list[str]:
+    """Replace every MoE block of ``model`` by a moekit layer sharing its weights; returns their paths.
+
+    Args:
+        model: a loaded transformers ``PreTrainedModel`` (causal LM, or a multimodal wrapper such as
+            ``Llama4ForConditionalGeneration``) with its weights in memory (not on the meta device).
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        eager_graph_tokens: the layers' internal CUDA-graph limit (eager calls of up to this many tokens
+            replay a graph; see :class:`~moekit.MoERunner`); None (default):
+            :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). The layers share one
+            :class:`~moekit.experts.graphed.GraphPool`.
+        restorable: keep every replaced block for :func:`unpatch`, also those whose weights the moekit layer holds
+            as converted copies (gpt-oss, Llama 4, DBRX, ...: the block's own stacks then stay in memory, one more
+            copy of those experts). False (default): such blocks are dropped as before (their memory is freed) and
+            :func:`unpatch` refuses the model; blocks whose tensors the layer shares are kept either way (what the
+            layer holds converted, e.g. a bf16 selection bias widened to float32, is at most 1 MiB or 1 % of it).
+
+    Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
+    left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder
+    layer (Gemma 4) the layer stays: its ``experts`` attribute becomes a :class:`LayerMoEAdapter` running
+    the whole moekit layer on the layer's input, and the other MoE attributes (router, the norms around
+    the experts, now inside the moekit layer) become pass-throughs; the path returned is the layer's.
+    The replacements keep the replaced block's train/eval mode. The replaced modules are kept by reference (outside
+    the module tree) for :func:`unpatch` where that is free or ``restorable`` asks for it. Supported: the
+    architectures of :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
+    ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
+    config says raises ``RuntimeError``; without transformers, ``ImportError``.
+
+    ``output_router_logits`` (the router logits transformers records for its load-balancing loss) is not
+    reproduced: a model whose config sets it raises ``NotImplementedError`` here (set
+    ``model.config.output_router_logits = False`` first), and the patched model (and each transformers model inside
+    it) gets a forward pre-hook that raises ``NotImplementedError`` when a call passes
+    ``output_router_logits=True`` or the config is switched on later (unpatched, transformers would record the
+    router logits; patched, they would be missing or empty). Forwards and ``generate()`` without it are unaffected;
+    a second ``patch()`` adds no second hook.
+    """
+    _require_transformers("patch")
+    if not isinstance(restorable, bool):
+        raise TypeError(f"patch(): restorable must be a bool, got {restorable!r} ({type(restorable).__name__})")
+    _check_router_logits(model, "patch()")
+    config = _model_config_dict(model)
+    spec, plans = plan_layers(config, "the model's config")
+    fmt, dense_fmt, _ = checkpoint_formats(config, None)
+    act_dtype = _activation_dtype(model)
+    replaced, already = [], 0
+    pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
+    for name, module, plan in _planned_blocks(model, plans):
+        if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
+            already += 1  # patched before: left as it is
+            continue
+        moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
+        moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
+        if spec.layer_level:
+            _install_in_layer(module, spec, moe, restorable)
+        else:
+            adapter = MoEBlockAdapter(moe, plan).train(module.training)
+            keep_original(adapter, module, moe, restorable)  # for unpatch()
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, adapter)
+        replaced.append(name)
+    if len(replaced) + already != len(plans):
+        raise RuntimeError(
+            f"patch found {len(replaced)} MoE blocks but the config describes {len(plans)} "
+            f"({[p.name for p in plans]}); the model structure is not the expected one"
+        )
+    _guard_router_logits(model)
+    return replaced
+
+
+def _asks_router_logits(module, kwargs: dict | None = None) -> bool:
+    """``output_router_logits`` is on for a forward of ``module``: in the call's kwargs, else in its config (or
+    its text config)."""
+    if kwargs and kwargs.get("output_router_logits") is not None:
+        return bool(kwargs["output_router_logits"])
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return False
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(cfg, "output_router_logits", False) or getattr(text, "output_router_logits", False))
+
+
+def _check_router_logits(module, where: str, kwargs: dict | None = None) -> None:
+    if _asks_router_logits(module, kwargs):
+        raise NotImplementedError(
+            f"{where}: output_router_logits=True is not supported on a model patched by moekit: its MoE blocks no "
+            "longer hold transformers' routers, so the router logits transformers records for the load-balancing "
+            "loss would be missing or empty. Pass output_router_logits=False (or set "
+            f"{type(module).__name__}.config.output_router_logits = False); patched models are for inference")
+
+
+def _router_logits_pre_hook(module, args, kwargs):
+    if _asks_router_logits(module, kwargs) and not any(
+            isinstance(m, (MoEBlockAdapter, LayerMoEAdapter)) for m in module.modules()):
+        return  # nothing below is patched any more (unpatch() on a model inside this one): transformers records them
+    _check_router_logits(module, f"{type(module).__name__}.forward", kwargs)
+
+
+def _guard_router_logits(model) -> None:
+    """A forward pre-hook refusing ``output_router_logits`` on ``model`` and every transformers model
+    (``PreTrainedModel``) inside it; one per module (marked: a second ``patch()`` adds none)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if module is not model and not isinstance(module, PreTrainedModel):
+            continue
+        if module.__dict__.get(GUARD) is None:  # the handle, for unpatch()
+            module.__dict__[GUARD] = module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
+
+
+def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool) -> None:
+    originals = {member: getattr(layer, member) for member in spec.ckpt_blocks}
+    for member in spec.ckpt_blocks:
+        if member == "experts":
+            stand_in = LayerMoEAdapter(moe)
+            keep_original(stand_in, originals, moe, restorable)  # for unpatch()
+        elif rename_block_key(spec, member + ".").startswith("gate."):
+            stand_in = _NoRouting()
+        else:
+            stand_in = torch.nn.Identity()
+        setattr(layer, member, stand_in.train(layer.training))
+
+
+def unpatch(model) -> list[str]:
+    """Undo :func:`patch` on ``model``: put back every MoE block it replaced (where the MoE is made of attributes of
+    the decoder layer, Gemma 4: the layer's router, experts and norms) and remove its ``output_router_logits``
+    pre-hooks; returns the paths restored.
+
+    Args:
+        model: a ``torch.nn.Module``, the model :func:`patch` was called on (or a module holding it); another
+            type raises ``TypeError``.
+
+    Returns the paths :func:`patch` returned (relative to ``model``, in module order), e.g.
+    ``["model.layers.0.mlp", ...]``. The blocks put back are the original module objects (kept by reference by
+    :func:`patch`, with their parameters, hooks and attributes), each taking its stand-in's train/eval mode, so the
+    model's forward computes exactly what it computed before :func:`patch` (bit for bit) and ``output_router_logits``
+    works again. A model never patched, or unpatched already, is left as it is and gives ``[]``; :func:`patch`
+    may be called again afterwards. Adapters not installed by :func:`patch` (built by hand: no original to go
+    back to) stay, with the pre-hook of the models that hold them. transformers is not needed.
+
+    Memory: :func:`patch` keeps the replaced blocks by reference where the moekit layer shares the block's tensors
+    (expert stacks in moekit's layout, ``[E, 2I, H]`` / ``[E, H, I]``: Mixtral, Qwen, DeepSeek, most types; small
+    tensors the layer holds converted, at most 1 MiB or 1 % of what it shares, e.g. a bf16 selection bias widened to
+    float32, are kept beside it): this costs (almost) nothing. Where it converted the stacks (a copy: gpt-oss, Llama
+    4, Aria, Ergo and the OpenAI privacy filter, DBRX's flat stacks, Inkling's appended shared experts) it keeps the
+    block only with ``patch(model, restorable=True)`` (the block's own stacks then stay in memory beside the copies
+    until :func:`unpatch`); without it they were freed and :func:`unpatch` raises ``ValueError`` naming those blocks,
+    before changing anything. It raises too, before changing anything, when a kept block's tensors are no longer
+    the layer's (its weights replaced after :func:`patch`, e.g. ``load_state_dict(assign=True)``: the block would
+    bring back the old weights, which it also keeps in memory until then). The kept blocks are not part of the
+    module tree: ``model.to()`` / ``.half()`` done while patched reach neither their converted stacks nor their
+    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched); in-place edits
+    of the converted copies (training) are not carried back.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
+    check_restorable(model)
+    return restore_blocks(model, (MoEBlockAdapter, LayerMoEAdapter))
+
+
+def register(name: str = "moekit") -> str:
+    """Register moekit in transformers' experts switch; returns ``name``, the value to pass as
+    ``experts_implementation`` (``from_pretrained(..., experts_implementation="moekit")`` or
+    ``model.set_experts_implementation("moekit")``).
+
+    transformers keeps its router; moekit's :func:`~moekit.fused_experts` runs the experts on the
+    block's own weights. The switch reaches the experts classes transformers decorates with
+    ``@use_experts_implementation``: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
+    GLM-4.5, OLMoE, gpt-oss, LongCat-Flash (transformers >= 5.25: its block adds the zero experts' share
+    itself and hands the experts weight-0 slots). Llama 4, DBRX, JetMoE (and LongCat-Flash before 5.25) have no
+    such decorator: transformers runs their own experts forward whatever ``experts_implementation`` says. Call
+    :func:`check_registered` on a model to make sure every MoE block runs moekit (it raises there); use
+    :func:`patch` for them.
+    Without transformers, ``ImportError``.
+    """
+    _require_transformers("register")
+    from transformers.integrations.moe import ExpertsInterface
+
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (the experts_implementation value), got {type(name).__name__}: {name!r}")
+    if not name:
+        raise ValueError("name must be a non-empty str (the experts_implementation value), got ''")
+    ExpertsInterface.register(name, moekit_experts_forward)
+    return name
+
+
+def check_registered(model, name: str = "moekit") -> list[str]:
+    """Check that transformers' experts switch really runs moekit in every MoE block of ``model``.
+
+    Returns the module paths of the experts modules that call moekit. Raises ``ValueError`` when the
+    model was not built with ``experts_implementation=name`` (or :func:`register` was not called), and
+    ``NotImplementedError`` naming the MoE blocks the switch does not run (Llama 4, DBRX, JetMoE, LongCat-Flash
+    before 5.25: experts classes not decorated with ``@use_experts_implementation``; Muse Spark: a post-expert norm)
+    with the advice to use :func:`patch`; ``ValueError`` for a model :func:`patch` patched (its blocks run moekit
+    layers, not the switch).
+    """
+    _require_transformers("check_registered")
+    from transformers.integrations.moe import ExpertsInterface
+
+    if name not in ExpertsInterface():
+        raise ValueError(f"experts implementation {name!r} is not registered; call register({name!r}) first")
+    _spec, plans = plan_layers(_model_config_dict(model), "the model's config")
+    reached, unreached, other = [], [], []
+    for path, module, _plan in _planned_blocks(model, plans):
+        if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
+            raise ValueError(f"{type(model).__name__} was patched by moekit.integrations.transformers.patch ({path} "
+                             "runs a moekit layer, not transformers' experts switch); check_registered checks the "
+                             "switch: call it on a model that was not patched (or unpatch(model) first)")
+        experts = getattr(module, "experts", None)
+        if experts is None:  # no experts module (JetMoE, Granite: stacks on the block itself)
+            unreached.append(f"{path} ({type(module).__name__})")
+            continue
+        if not all(hasattr(experts, a) for a in _SWITCH_ATTRS) or getattr(experts, "has_post_expert_norm", False):
+            unreached.append(f"{path} ({type(experts).__name__})")  # (Muse Spark's norm: refused at forward)
+            continue
+        impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+        (reached if impl == name else other).append(f"{path}.experts")
+    if unreached:
+        raise NotImplementedError(
+            f"transformers' experts switch does not reach {len(unreached)} MoE block(s) of "
+            f"{type(model).__name__}: {', '.join(unreached[:4])}{' ...' if len(unreached) > 4 else ''}; their "
+            f"experts class is not decorated with @use_experts_implementation (experts_implementation={name!r} is "
+            "ignored there) or has a post-expert norm it cannot run. Use moekit.integrations.transformers.patch(model)"
+        )
+    if other or not reached:
+        impl = getattr(model.config, "_experts_implementation", None)
+        raise ValueError(
+            f"{type(model).__name__} runs experts_implementation={impl!r}, not {name!r}: load it with "
+            f"from_pretrained(..., experts_implementation={name!r}) or call "
+            f"model.set_experts_implementation({name!r})"
+        )
+    return reached

@@ -1,0 +1,1 @@
+"""Architecture specs, one module per family of transformers MoE blocks (see :mod:`.common`)."""

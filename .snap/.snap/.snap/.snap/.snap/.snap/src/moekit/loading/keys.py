@@ -1,0 +1,146 @@
+"""Checkpoint keys -> moekit layer names, from the :class:`~moekit.loading.archs.common.ArchSpec` data.
+
+- :func:`assign_keys`: which block a key belongs to (by the plans' key prefixes and the spec's
+  ``layer_members``) and its block-relative moekit name (the spec's ``renames``);
+- :func:`expand_key`: one checkpoint tensor -> the ``(name, tensor)`` pieces a layer loads (flat DBRX
+  stacks of ``spec.splits``, Inkling's shared-expert stacks of ``spec.appended_experts``, the transpose
+  of ``spec.transposed`` weights); anything else is itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .architectures import rename_block_key
+from .archs.common import ArchSpec
+from .plan import LayerPlan
+
+
+def _layer_prefix(block_prefix: str) -> str:
+    """``model.layers.3.mlp.`` -> ``model.layers.3.``."""
+    return block_prefix[: block_prefix[:-1].rfind(".") + 1]
+
+
+def key_prefixes(spec: ArchSpec, plans: list[LayerPlan]) -> dict[str, tuple[LayerPlan, int]]:
+    """key prefix -> (plan, characters to strip for the block-relative name). Block prefixes strip
+    themselves; the decoder-layer members (all ``ckpt_blocks`` of a layer-level spec, ``layer_members``
+    otherwise) strip the layer prefix only, so the relative name keeps the member."""
+    out: dict[str, tuple[LayerPlan, int]] = {}
+    for plan in plans:
+        if spec.layer_level:
+            layer_prefixes, members = plan.ckpt_prefixes, spec.ckpt_blocks
+        else:
+            out.update({pre: (plan, len(pre)) for pre in plan.ckpt_prefixes})
+            layer_prefixes, members = {_layer_prefix(p) for p in plan.ckpt_prefixes}, spec.layer_members
+        out.update({f"{lp}{m}.": (plan, len(lp)) for lp in layer_prefixes for m in members})
+    return out
+
+
+def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[str, str]]:
+    """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block.
+
+    A key belongs to a block when it starts with one of the block's prefixes (:func:`key_prefixes`);
+    keys of dense layers, MTP layers past ``num_hidden_layers`` and other towers match none."""
+    by_prefix = key_prefixes(spec, plans)
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
+        dot = key.find(".")
+        while dot != -1:
+            hit = by_prefix.get(key[: dot + 1])
+            if hit is not None:
+                out[hit[0].name][rename_block_key(spec, key[hit[1] :])] = key
+                break
+            dot = key.find(".", dot + 1)
+    return out
+
+
+def stored_transposed(spec: ArchSpec, key: str) -> bool:
+    """The checkpoint ``key`` holds a 2-D weight stored ``[in, out]`` (a tail in ``spec.transposed``)."""
+    return bool(spec.transposed) and key.endswith(tuple("." + name for name in spec.transposed))
+
+
+def check_not_transposed(spec: ArchSpec, what: str, keys) -> None:
+    """Quantised dense weights are read ``[out, in]``: one among ``keys`` stored ``[in, out]`` raises."""
+    if any(stored_transposed(spec, k) for k in keys):
+        raise NotImplementedError(f"{what}: a quantised weight stored [in, out] ({spec.name}'s checkpoint layout) is "
+                                  "not read (its scales' block grid would be transposed too)")
+
+
+def expand_key(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor,
+               key: str = "") -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor)]`` to load for one checkpoint tensor ``key`` of block-relative moekit name ``rel``."""
+    if stored_transposed(spec, key):
+        if t.dim() != 2:
+            raise ValueError(f"has shape {list(t.shape)}, expected a 2-D [in, out] weight (stored transposed)")
+        return [(rel, t.T)]
+    for name, proj, transposed in spec.splits:  # flat [E * I, H] stacks (DBRX)
+        if rel == name:
+            if t.dim() != 2 or t.shape[0] % plan.num_experts:
+                raise ValueError(f"has shape {list(t.shape)}, expected [{plan.num_experts} * I, H]")
+            per = t.view(plan.num_experts, -1, t.shape[-1])
+            return [(f"experts.{e}.{proj}.weight", per[e].T if transposed else per[e]) for e in range(len(per))]
+    first = plan.num_experts - plan.routed_shared_experts
+    if plan.routed_shared_experts and rel in ("experts.gate_up_proj", "experts.down_proj"):
+        if rel == "experts.down_proj":  # the routed experts' stacks: E - S experts, loaded one by one
+            return [(f"experts.{e}.down_proj.weight", t[e]) for e in range(first)]
+        i = plan.intermediate_size
+        return [(f"experts.{e}.{p}.weight", t[e, s * i : (s + 1) * i]) for e in range(first)
+                for s, p in enumerate(("gate_proj", "up_proj"))]
+    if rel in spec.appended_experts:  # [S, ...] shared-expert stacks: experts E - S .. E - 1
+        proj = ("gate_proj", "up_proj", "down_proj")[spec.appended_experts.index(rel)]
+        return [(f"experts.{first + s}.{proj}.weight", t[s]) for s in range(t.shape[0])]
+    return [(rel, t)]
+
+
+#: tensors a layer takes at construction (a selection bias, a hash table), by moekit name
+CONSTRUCTION = ("router.e_score_correction_bias", "router.hash_indices_table")
+
+
+def construction_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The :data:`CONSTRUCTION` tensors among ``named`` (moekit names); a selection bias stored per expert
+    group ``[1, E]`` (ERNIE-4.5) is flattened to ``[E]``."""
+    out = {rel: t for rel, t in named.items() if rel in CONSTRUCTION}
+    bias = out.get(CONSTRUCTION[0])
+    if bias is not None and bias.dim() == 2 and bias.shape[0] == 1:
+        out[CONSTRUCTION[0]] = bias.reshape(-1)
+    return out
+
+
+_SHARED_HEADS = ("shared_experts.", "shared_expert_gate.")
+
+
+def zero_width_shared_gate(plan: LayerPlan, rel: str, numels: dict[str, int]) -> bool:
+    """``rel`` is the gate of a zero-width shared expert (Qwen2-MoE with ``shared_expert_intermediate_size = 0``):
+    transformers builds the shared MLP with empty weights and its sigmoid gate multiplies zeros, so neither adds
+    anything; the plan has no shared expert. ``numels``: block-relative name -> element count of the block's
+    tensors. Only where every shared-expert tensor is empty: a real shared expert is never dropped."""
+    if plan.shared_intermediate_size or not rel.startswith(_SHARED_HEADS[1]):
+        return False
+    shared = [n for name, n in numels.items() if name.startswith(_SHARED_HEADS[0])]
+    return bool(shared) and not any(shared)
+
+
+def field_hint(plan: LayerPlan, rel: str) -> str:
+    """The config fields most likely behind a tensor of block-relative moekit name ``rel`` that a layer built from
+    ``plan`` lacks or has no place for (a clause for error messages; worded for config.json and a live model.config
+    alike, as the loader and ``patch()`` both use it)."""
+    if rel.startswith(_SHARED_HEADS):
+        if rel.endswith(".bias"):
+            return ("the shared MLP's biases: the config's mlp_bias (ERNIE: use_bias) says whether the shared MLP "
+                    f"has them (planned: {plan.shared_bias})")
+        if not plan.shared_intermediate_size:
+            return ("a shared expert, which the config plans none of: its width field (n_shared_experts / "
+                    "num_shared_experts, shared_expert_intermediate_size, moe_shared_expert_intermediate_size ...) "
+                    "is 0 or missing")
+        return (f"the shared MLP (planned width {plan.shared_intermediate_size}, activation "
+                f"{plan.shared_activation!r}): its width field and hidden_act / mlp_hidden_act")
+    if rel.startswith(("gate.", "router.")):
+        return "the router: num_experts / n_routed_experts / num_local_experts, router_bias and the selection bias"
+    if rel.startswith(("experts.", "routed_experts.")) or rel.startswith("expert "):
+        return (f"the routed experts (planned: {plan.num_experts} experts of width {plan.intermediate_size}, "
+                f"activation {plan.activation!r}, biases {plan.has_bias}): num_experts / n_routed_experts / "
+                "num_local_experts, moe_intermediate_size and hidden_act / mlp_hidden_act (a gated activation reads "
+                "gate and up rows)")
+    return ""

@@ -1,0 +1,106 @@
+"""Reading a checkpoint for :func:`moekit.load_moe_layers`: its files opened once each (:class:`Reader`, errors
+naming the file), the bytes-read progress bar (:func:`progress_bar`) and torch's intra-op threads held at one while
+tensors are copied (:func:`one_thread`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+
+import torch
+
+from .files import read_header
+
+
+def _read(handle, key: str) -> torch.Tensor:
+    """One tensor from an open safetensors file (a seam for tests that count live bytes)."""
+    return handle.get_tensor(key)
+
+
+class Reader:
+    """The checkpoint's files, each opened once (lazily); errors name the file."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self.order = {f: i for i, f in enumerate(sorted(set(files.values())))}
+        self.headers: dict[str, dict] = {}
+        self.handles: dict[str, object] = {}
+
+    def _header(self, key: str) -> tuple[str, int, int]:
+        f = self.files[key]
+        if f not in self.headers:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"checkpoint shard {f} (holding {key!r}) does not exist")
+            self.headers[f] = read_header(f)
+        if key not in self.headers[f]:
+            raise KeyError(f"checkpoint key {key!r} is listed for {f} but the file does not hold it")
+        return self.headers[f][key]
+
+    def position(self, key: str) -> tuple[int, int]:
+        return self.order[self.files[key]], self._header(key)[1]
+
+    def nbytes(self, key: str) -> int:
+        _, start, end = self._header(key)
+        return end - start
+
+    def read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f = self.files[key]
+        self._header(key)
+        if f not in self.handles:
+            try:
+                self.handles[f] = safe_open(f, framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error types
+                raise ValueError(f"{f} is not a readable .safetensors file: {err}") from None
+        try:
+            return _read(self.handles[f], key)
+        except Exception as err:
+            raise ValueError(f"{f}: cannot read tensor {key!r}: {err}") from None
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, progress: bool | None):
+    if progress is False:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="moekit: loading MoE layers",
+              disable=None if progress is None else False, file=sys.stderr) as bar:
+        yield bar
+
+
+#: loads in progress and torch's intra-op thread count before the first of them (see :func:`one_thread`)
+_ONE_THREAD = {"loads": 0, "threads": 0}
+_ONE_THREAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Copies of checkpoint tensors are memory-bound and mostly small: with several intra-op threads they
+    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster. torch's setting is
+    process-wide: overlapping loads (threads) share one save and restore, by the first and the last of them
+    (round 49: two overlapping loads left the process at 1 thread)."""
+    with _ONE_THREAD_LOCK:
+        if _ONE_THREAD["loads"] == 0:
+            _ONE_THREAD["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _ONE_THREAD["loads"] += 1
+    try:
+        yield
+    finally:
+        with _ONE_THREAD_LOCK:
+            _ONE_THREAD["loads"] -= 1
+            if _ONE_THREAD["loads"] == 0:
+                torch.set_num_threads(_ONE_THREAD["threads"])

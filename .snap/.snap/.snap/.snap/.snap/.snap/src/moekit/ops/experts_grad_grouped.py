@@ -1,0 +1,96 @@
+"""The routed experts' backward (:mod:`moekit.ops.experts_grad`) as grouped GEMMs: a few launches for every expert.
+
+Live slots sorted by local expert, in chunks of rows under the workspace bound; per chunk, with ``offs`` the ends of
+each expert's rows (``torch._grouped_mm``, one GEMM over all experts)::
+
+    A  = x[tok] (· w on the input)          h = A · W13ᵀ + b13        a = act(h)        o = a · W2ᵀ + b2
+    do = w · dy[tok] (dy[tok] on the input)  da = do · W2               dh = act'(h)ᵀ da   dA = dh · W13
+    dw = <dy[tok], o> (<dA, x[tok]> on the input)   dx[tok] += dA (· w on the input)
+    dW2[e] += doᵀ a,  dW13[e] += dhᵀ A  (grouped along the rows),  db13 / db2: row sums per expert
+
+GEMM operands are in the layer's dtype (bf16 / fp16 / fp32; float32 accumulation), the activation and its derivative
+in float32. Quantised weights are dequantised to that dtype a group of experts at a time (under the workspace bound).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activation import apply_activation_torch
+
+_GMM = getattr(torch, "_grouped_mm", None)
+
+
+def grouped_ok(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
+    """Whether ``torch._grouped_mm`` runs these GEMMs: it exists, the dtype runs there (CPU: float32 / bf16 / fp16;
+    CUDA: bf16, the sm_90 kernel) and every operand's row stride (``widths``: H, I, the w13 rows) is a multiple of
+    16 bytes, as it requires."""
+    if _GMM is None:
+        return False
+    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    size = torch.empty((), dtype=dtype).element_size()
+    return dtype in dtypes and all(w * size % 16 == 0 for w in widths)
+
+
+def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activation, limit, on_input, need, outs,
+                     dtype, workspace_bytes, expert_chunk):
+    """Adds every live slot's gradients into ``outs`` = [dx [T, H] f32, dw [T·K] f32, dW13, dW2, db13, db2 (f32 stacks
+    or None)]. order: [T·K] slots sorted by local expert (dead slots last); counts: host list of rows per local expert;
+    stacks_of(e0, e1, dtype) -> (W13 [n, rows, H], W2 [n, H, I]); expert_chunk: experts per ``stacks_of`` call."""
+    num_local = len(counts)
+    for e0 in range(0, num_local, expert_chunk):
+        e1 = min(num_local, e0 + expert_chunk)
+        r0, r1 = sum(counts[:e0]), sum(counts[:e1])
+        if r1 == r0:
+            continue
+        w13, w2 = stacks_of(e0, e1, dtype)
+        ends = torch.tensor(counts[e0:e1], device=x.device).cumsum(0)
+        per_row = 4 * (4 * w13.shape[1] + 4 * x.shape[1] + 3 * w2.shape[2])
+        rows = max(1, workspace_bytes // per_row)
+        for lo in range(r0, r1, rows):
+            hi = min(r1, lo + rows)
+            offs = (ends - (lo - r0)).clamp_(0, hi - lo).to(torch.int32)
+            expert = torch.repeat_interleave(torch.arange(e0, e1, device=x.device), torch.tensor(
+                counts[e0:e1], device=x.device))[lo - r0:hi - r0]
+            _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input,
+                   need, outs, dtype)
+
+
+def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input, need, outs,
+           dtype):
+    tok = slots // k
+    w = weights[slots].unsqueeze(1)
+    xs = x[tok]
+    a_in = (xs.float() * w).to(dtype) if on_input else xs.to(dtype)
+    h = _GMM(a_in, w13.transpose(1, 2), offs=offs).float()
+    if b1 is not None:
+        h = h + b1[expert].float()
+    act, pull = torch.func.vjp(lambda t: apply_activation_torch(t, activation, limit), h)
+    act_c = act.to(dtype)
+    g = dyf[tok]
+    do = g if on_input else g * w
+    do_c = do.to(dtype)
+    if need[1] and not on_input:
+        o = _GMM(act_c, w2.transpose(1, 2), offs=offs).float()
+        if b2 is not None:
+            o = o + b2[expert].float()
+        outs[1].index_add_(0, slots, (g * o).sum(1))
+    dh = pull(_GMM(do_c, w2, offs=offs).float())[0]
+    dh_c = dh.to(dtype)
+    if need[0] or (need[1] and on_input):
+        da = _GMM(dh_c, w13, offs=offs).float()
+        if need[1] and on_input:
+            outs[1].index_add_(0, slots, (da * xs.float()).sum(1))
+        if need[0]:
+            outs[0].index_add_(0, tok, da * w if on_input else da)
+    n = w13.shape[0]
+    if need[2]:
+        outs[2][e0:e0 + n] += _GMM(dh_c.t(), a_in, offs=offs).float()
+    if need[3]:
+        outs[3][e0:e0 + n] += _GMM(do_c.t(), act_c, offs=offs).float()
+    if need[4] and b1 is not None:
+        outs[4].index_add_(0, expert, dh)
+    if need[5] and b2 is not None:
+        outs[5].index_add_(0, expert, do)

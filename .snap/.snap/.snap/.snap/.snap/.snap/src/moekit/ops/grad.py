@@ -1,0 +1,197 @@
+"""Autograd through any kernel table: the forward's values are the table's own bits, the gradients torch's.
+
+:func:`with_autograd` wraps a :class:`~moekit.ops.kernels.Kernels` table's functions. A call that autograd would
+not track (grad disabled, or no input requiring grad) goes straight to the table's function; otherwise:
+
+- ``route`` / ``hash_route``: the table picks the ids (not differentiable; a selection bias gets no gradient, as
+  DeepSeek-V3 trains it by its own rule) and its weights are the forward's value; their gradient is that of the
+  torch twin's weights on the same ids, ``w = finish(scores(logits)[ids])`` (renormalised, scaled), so
+  ``d logits`` flows through the scoring function (softmax / sigmoid / sqrtsoftplus).
+- ``zero_slots`` / ``zero_combine``: the table's values, the torch twins' gradients.
+- ``experts`` / ``experts_quant``: the table's forward; the backward recomputes every expert in float32
+  (:func:`moekit.ops.experts_grad.experts_backward`): ``d hidden_states``, ``d topk_weights`` and, for
+  unquantised weights and any biases that require grad, the weight gradients.
+
+The "value of one, gradient of the other" step is :class:`_Straight`: identical forward bits with or without
+autograd, so training and inference run the same kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .activation import is_gated
+from .experts import DEFAULT_WORKSPACE_BYTES
+from .experts_grad import experts_backward
+from .quant_config import parse_quant_config
+from .quantize import dequantize_weight
+from .routing import compute_scores, finish_weights
+from .zero_experts import zero_combine_torch, zero_slots_torch
+
+
+def wants_grad(*tensors) -> bool:
+    """Autograd would track a call on these tensors (None entries ignored). A plain loop: this runs on every eager
+    call of a table function (about 0.2 µs under no_grad, 0.5 with grad enabled on a slow CPU host)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+class _Straight(torch.autograd.Function):
+    """``value`` forward, ``twin``'s gradient backward (same shape): value [*] (no grad), twin [*] (grad)."""
+
+    @staticmethod
+    def forward(ctx, value, twin):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def _twin_weights(logits: torch.Tensor, ids: torch.Tensor, spec) -> torch.Tensor:
+    """The torch twin's weights on given ids: ``finish(scores(logits)[ids])`` [T, K] float32 (differentiable)."""
+    return finish_weights(compute_scores(logits, spec.scoring_func).gather(1, ids.long()), spec.renormalize,
+                          spec.routed_scaling_factor)
+
+
+def _route(base):
+    def route(logits, spec, bias, indices_type, **kw):
+        if not wants_grad(logits):
+            return base(logits, spec, bias, indices_type, **kw)
+        w, ids = base(logits.detach(), spec, bias, indices_type, **kw)
+        return _Straight.apply(w, _twin_weights(logits, ids, spec)), ids
+    return route
+
+
+def _hash_route(base):
+    def hash_route(logits, table, input_ids, spec, indices_type, **kw):
+        if not wants_grad(logits):
+            return base(logits, table, input_ids, spec, indices_type, **kw)
+        w, ids = base(logits.detach(), table, input_ids, spec, indices_type, **kw)
+        return _Straight.apply(w, _twin_weights(logits, ids, spec)), ids
+    return hash_route
+
+
+def _zero_slots(base):
+    def zero_slots(topk_weights, topk_ids, num_experts):
+        if not wants_grad(topk_weights):
+            return base(topk_weights, topk_ids, num_experts)
+        w, ids, s = base(topk_weights.detach(), topk_ids, num_experts)
+        tw, _, ts = zero_slots_torch(topk_weights, topk_ids, num_experts)
+        return _Straight.apply(w, tw), ids, _Straight.apply(s, ts)
+    return zero_slots
+
+
+def _zero_combine(base):
+    def zero_combine(routed, x, zero_scale, scale):
+        if not wants_grad(routed, x if zero_scale is not None else None, zero_scale):
+            return base(routed, x, zero_scale, scale)
+        out = base(routed.detach(), None if x is None else x.detach(),
+                   None if zero_scale is None else zero_scale.detach(), scale)
+        return _Straight.apply(out, zero_combine_torch(routed, x, zero_scale, scale))
+    return zero_combine
+
+
+@dataclasses.dataclass
+class _ExpertsCall:
+    """What one experts call's backward needs besides the tensors autograd saves."""
+
+    forward: object  # (x, topk_weights) -> [T, H]: the table's experts with everything else bound
+    stacks_of: object  # (e0, e1, dtype) -> (W13, W2) of local experts e0 .. e1 - 1 (experts_grad.StacksOf)
+    num_local: int  # E_local
+    shapes: tuple | None  # (E_local, w13 rows, H, I); None: quantised, read off one dequantised expert at backward
+    kw: dict  # the call's keywords: activation, swiglu_limit, apply_router_weight_on_input, expert_map
+
+    def layout(self, dtype: torch.dtype) -> tuple:
+        """(shapes, experts per stacks_of call on the grouped path: all, or for quantised weights as many as half
+        the workspace holds dequantised)."""
+        if self.shapes is not None:
+            return self.shapes, None
+        d13, d2 = self.stacks_of(0, 1, dtype)
+        per_expert = (d13.numel() + d2.numel()) * d13.element_size()
+        chunk = max(1, DEFAULT_WORKSPACE_BYTES // 2 // per_expert)
+        return (self.num_local, d13.shape[1], d2.shape[1], d2.shape[2]), chunk
+
+
+class _ExpertsFn(torch.autograd.Function):
+    """forward(call, x, topk_weights, topk_ids, w13, w2, b13, b2) -> [T, H]; w13 / w2 are None for quantised
+    weights (no gradient); backward: :func:`experts_backward`."""
+
+    @staticmethod
+    def forward(ctx, call, x, topk_weights, topk_ids, w13, w2, b13, b2):
+        ctx.call = call
+        ctx.save_for_backward(x, topk_weights, topk_ids, w13, w2, b13, b2)
+        return call.forward(x, topk_weights)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, topk_weights, topk_ids, w13, w2, b13, b2 = ctx.saved_tensors
+        c, kw = ctx.call, ctx.call.kw
+        need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], *ctx.needs_input_grad[4:8])
+        shapes, chunk = c.layout(x.dtype)
+        grads = experts_backward(
+            dy, x, topk_weights, topk_ids, stacks_of=c.stacks_of, shapes=shapes,
+            activation=kw.get("activation", "silu"), swiglu_limit=kw.get("swiglu_limit"),
+            on_input=kw.get("apply_router_weight_on_input", False), w1_bias=b13, w2_bias=b2,
+            expert_map=kw.get("expert_map"), need=need, expert_chunk=chunk)
+        params = [g.to(p.dtype) if g is not None else None for g, p in zip(grads[2:], (w13, w2, b13, b2))]
+        return None, grads[0], grads[1], None, *params
+
+
+def _experts(base):
+    def experts(x, w1, w2, topk_weights, topk_ids, **kw):
+        b1, b2 = kw.get("w1_bias"), kw.get("w2_bias")
+        if not wants_grad(x, topk_weights, w1, w2, b1, b2):
+            return base(x, w1, w2, topk_weights, topk_ids, **kw)
+        call = _ExpertsCall(lambda xx, ww: base(xx, w1, w2, ww, topk_ids, **kw),
+                            lambda e0, e1, dtype: (w1[e0:e1].detach().to(dtype), w2[e0:e1].detach().to(dtype)),
+                            w2.shape[0], (w2.shape[0], w1.shape[1], w2.shape[1], w2.shape[2]), kw)
+        return _ExpertsFn.apply(call, x, topk_weights, topk_ids, w1, w2, b1, b2)
+    return experts
+
+
+def _quant_stacks_of(w13, w2, kw):
+    """(e0, e1, dtype) -> (W13, W2) dequantised from the quantised call's tensors (4-bit words re-laid for the
+    register-operand GEMMs are laid back first)."""
+    fmt = parse_quant_config(kw["fmt"])
+    shards = 2 if is_gated(kw.get("activation", "silu")) else 1
+    relaid = kw.get("packed_layout", "spec") != "spec"
+
+    def one(e: int, dtype):
+        q13, q2 = w13[e], w2[e]
+        if relaid:
+            from .w4_layout import unrelay_rega
+            q13, q2 = unrelay_rega(q13), unrelay_rega(q2)
+        return (dequantize_weight(q13, kw["w13_scale"][e], fmt, shards=shards, dtype=dtype),
+                dequantize_weight(q2, kw["w2_scale"][e], fmt, dtype=dtype))
+
+    def stacks_of(e0: int, e1: int, dtype):
+        pairs = [one(e, dtype) for e in range(e0, e1)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return stacks_of
+
+
+def _experts_quant(base):
+    def experts_quant(x, w13, w2, topk_weights, topk_ids, **kw):
+        b1, b2 = kw.get("w1_bias"), kw.get("w2_bias")
+        if not wants_grad(x, topk_weights, b1, b2):
+            return base(x, w13, w2, topk_weights, topk_ids, **kw)
+        call = _ExpertsCall(lambda xx, ww: base(xx, w13, w2, ww, topk_ids, **kw), _quant_stacks_of(w13, w2, kw),
+                            w13.shape[0], None, kw)
+        return _ExpertsFn.apply(call, x, topk_weights, topk_ids, None, None, b1, b2)
+    return experts_quant
+
+
+def with_autograd(table):
+    """``table`` (a :class:`~moekit.ops.kernels.Kernels`) with every function differentiable (module docstring)."""
+    quant = table.experts_quant
+    return dataclasses.replace(
+        table, route=_route(table.route), hash_route=_hash_route(table.hash_route), experts=_experts(table.experts),
+        experts_quant=_experts_quant(quant) if quant is not None else None,
+        zero_slots=_zero_slots(table.zero_slots), zero_combine=_zero_combine(table.zero_combine))

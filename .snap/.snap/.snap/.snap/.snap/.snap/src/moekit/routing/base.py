@@ -1,0 +1,244 @@
+"""The router contract and the one place that owns scoring, renormalisation, scaling and the bias check.
+
+Every router maps ``(hidden_states [T, H], router_logits [T, N]) -> (topk_weights [T, K] float32,
+topk_ids [T, K] int32)``. :class:`BaseRouter` holds what all routers share (``top_k``, ``E``, the EPLB
+state, the id dtype, the kernel table) and the per-call input checks; :class:`ScoredRouter` adds the
+score-based math, built once by :func:`routing_spec` into a :class:`~moekit.ops.routing.TopKSpec`::
+
+    s   = scores(logits)            softmax | sigmoid | sqrtsoftplus, float32
+    ids = topk(s + bias)            (grouped: only in the topk_group best groups); ties -> lower id
+    w   = s[ids]; if renormalize: w /= Σw; w *= routed_scaling_factor
+
+A subclass implements ``_compute_routing``; routers call the kernel table (``self.kernels.route`` /
+``hash_route``) and never branch on the backend's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable
+
+import torch
+
+from .._checks import check_bool, check_finite, check_int, check_same_device, check_tensor
+from ..ops.kernels import Kernels, kernels_for
+from ..ops.routing import TopKSpec, check_bias, check_gating, check_indices_type
+from ..types import RoutingMethodType, RoutingResult
+
+IndicesTypeGetter = Callable[[], "torch.dtype | None"]
+
+
+def get_routing_method_type(
+    scoring_func: str, top_k: int, renormalize: bool, num_expert_group: int | None, has_e_score_bias: bool
+) -> RoutingMethodType:
+    """bias and ``num_expert_group > 0`` and sigmoid -> DeepSeekV3; other biased -> Unspecified;
+    sigmoid -> Llama4 when ``top_k == 1`` else Unspecified; softmax -> Renormalize if ``renormalize``
+    else Default; anything else -> Unspecified (the seed's classification of a routing configuration).
+    """
+    if has_e_score_bias:
+        if (num_expert_group or 0) > 0 and scoring_func == "sigmoid":
+            return RoutingMethodType.DeepSeekV3
+        return RoutingMethodType.Unspecified
+    if scoring_func == "sigmoid":
+        return RoutingMethodType.Llama4 if top_k == 1 else RoutingMethodType.Unspecified
+    if scoring_func == "softmax":
+        return RoutingMethodType.Renormalize if renormalize else RoutingMethodType.Default
+    return RoutingMethodType.Unspecified
+
+
+def routing_spec(
+    top_k: int, num_columns: int, renormalize: bool, routed_scaling_factor: float, *, top_k_name: str = "top_k",
+    **fields
+) -> TopKSpec:
+    """The checked :class:`TopKSpec` of a router: ``w = s[ids]; w /= Σw if renormalize; w *= scale``.
+
+    top_k: experts per token, ``1 <= top_k <= num_columns``.
+    num_columns: logit columns the router reads (``E``, or ``E + Z`` with zero experts).
+    renormalize: a real ``bool`` (``TypeError`` naming it otherwise, e.g. for ``"no"``).
+    routed_scaling_factor: a finite int or float > 0 (``TypeError`` for bool / str / None, ``ValueError``
+        for NaN / inf / <= 0: :meth:`TopKSpec.validate` is the one check); stored as a float.
+    top_k_name: ``top_k``'s name in errors (the caller's spelling: ``GroupedTopk`` takes ``topk``).
+    fields: further ``TopKSpec`` fields (``scoring_func``, ``num_expert_group``, ``topk_group``).
+    """
+    check_bool("renormalize", renormalize)
+    spec = TopKSpec(top_k, renormalize=renormalize, routed_scaling_factor=routed_scaling_factor, **fields)
+    spec = spec.validate(num_columns, top_k_name=top_k_name)
+    return dataclasses.replace(spec, routed_scaling_factor=float(spec.routed_scaling_factor))
+
+
+class BaseRouter(torch.nn.Module):
+    """``select_experts(x [T, H], logits [T, N]) -> (w [T, K] float32, ids [T, K] int32)``; with EPLB
+    the logical ids are then mapped to physical replicas: ``ids = eplb_state.map_logical_to_physical(ids)``.
+
+    top_k: experts per token (int >= 1).
+    global_num_experts: ``E``, real routed experts (global, logical).
+    eplb_state: an object with ``map_logical_to_physical(ids [T, K]) -> ids [T, K]`` (moekit's
+        :class:`~moekit.parallel.EplbState`), given at construction, or None.
+    enable_eplb: the seed's flag. ``self.enable_eplb`` is True exactly when ``eplb_state`` is given;
+        ``enable_eplb=True`` without an ``eplb_state`` raises ``ValueError``.
+    indices_type_getter: ``() -> torch.dtype | None``, the id dtype (int32 when it returns None).
+    kernels: the kernel table (:class:`~moekit.ops.kernels.Kernels`) of the layer's backend;
+        ``None`` means the torch reference table.
+
+    A subclass implements ``_compute_routing(hidden_states, router_logits, indices_type, input_ids)
+    -> RoutingResult``; ``num_logit_columns`` overrides ``N`` (default ``E``).
+    """
+
+    #: number of logit columns this router reads, if not ``global_num_experts``
+    num_logit_columns: int | None = None
+    #: ``route`` only enqueues device work (no host synchronisation, no user code): a layer may capture
+    #: it in its internal CUDA graphs (:mod:`moekit.experts.graphed`). False unless a subclass knows.
+    capturable: bool = False
+    #: a token's routing never depends on the other rows of the batch (SPEC §9): a layer may replay it in
+    #: padded token-bucket graphs (otherwise exact-T graphs only)
+    batch_invariant: bool = True
+
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, enable_eplb: bool = False,
+                 indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None):
+        super().__init__()
+        self.top_k = check_int("top_k", top_k, minimum=1)
+        self.global_num_experts = check_int("global_num_experts", global_num_experts, minimum=1)
+        if eplb_state is not None and not callable(getattr(eplb_state, "map_logical_to_physical", None)):
+            raise TypeError(f"eplb_state must have a map_logical_to_physical method, got {type(eplb_state).__name__}")
+        check_bool("enable_eplb", enable_eplb)
+        if enable_eplb and eplb_state is None:
+            raise ValueError("enable_eplb=True needs eplb_state (the logical -> physical map), got None")
+        if indices_type_getter is not None and not callable(indices_type_getter):
+            raise TypeError(f"indices_type_getter must be callable or None, got {indices_type_getter!r}")
+        if kernels is not None and not isinstance(kernels, Kernels):
+            raise TypeError(f"kernels must be a moekit.ops.kernels.Kernels table or None, got {kernels!r}")
+        self.eplb_state = eplb_state
+        self.enable_eplb = eplb_state is not None
+        self.indices_type_getter = indices_type_getter
+        self.kernels = kernels if kernels is not None else kernels_for("torch")
+        self._zero_expert_output: dict[int, torch.Tensor] = {}  # per thread (threading.get_ident()): the side channel
+
+    def _compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                         indices_type: torch.dtype | None, input_ids: torch.Tensor | None) -> RoutingResult:
+        raise NotImplementedError
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        """The seed's :class:`RoutingMethodType` of this router (Unspecified unless a subclass knows)."""
+        return RoutingMethodType.Unspecified
+
+    @property
+    def backend(self) -> str:
+        """Name of the kernel table ("torch" or "triton"), for display only."""
+        return self.kernels.name
+
+    @property
+    def indices_type(self) -> torch.dtype | None:
+        """The id dtype from ``indices_type_getter`` (None: int32)."""
+        return self.indices_type_getter() if self.indices_type_getter is not None else None
+
+    def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
+              input_ids: torch.Tensor | None = None) -> RoutingResult:
+        """The full :class:`RoutingResult` (the zero slots' weight sum included, no side channel).
+
+        hidden_states: [T, H]; router_logits: [T, N] float, same device; input_ids: [T] int (hash routing).
+        """
+        check_tensor("hidden_states", hidden_states)
+        check_gating(router_logits, hidden_states.shape[0], self.num_logit_columns or self.global_num_experts)
+        check_same_device("router_logits", router_logits, "hidden_states", hidden_states)
+        indices_type = self.indices_type
+        check_indices_type(indices_type)
+        result = self._compute_routing(hidden_states, router_logits, indices_type, input_ids)
+        if self.eplb_state is not None:
+            ids = self.eplb_state.map_logical_to_physical(result.topk_ids)
+            result = RoutingResult(result.topk_weights, ids, result.zero_scale)
+        return result
+
+    def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
+                       input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
+        result = self.route(hidden_states, router_logits, input_ids=input_ids)
+        zero = result.zero_contribution(hidden_states)
+        if zero is not None:
+            self._zero_expert_output[threading.get_ident()] = zero.to(hidden_states.dtype)
+        else:
+            self._zero_expert_output.pop(threading.get_ident(), None)
+        return result.topk_weights, result.topk_ids
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
+
+
+def keep_bias_dtype(self, fn, recurse=True):
+    """``nn.Module._apply`` of a module holding a selection bias buffer ``e_score_correction_bias``: ``Module.to`` /
+    ``.half()`` move the bias but keep its dtype (SPEC §8: a selection bias is never rounded to bf16;
+    ``model.to(torch.bfloat16)`` changed the choices of DeepSeek-V3-like biases otherwise). Use as ``_apply =
+    keep_bias_dtype`` in the class body."""
+    bias = self._buffers.get("e_score_correction_bias")
+    out = torch.nn.Module._apply(self, fn, recurse)
+    moved = self._buffers.get("e_score_correction_bias")
+    if bias is not None and moved is not None and moved.dtype != bias.dtype:
+        self._buffers["e_score_correction_bias"] = bias.to(device=moved.device)
+    return out
+
+
+class ScoredRouter(BaseRouter):
+    """Score-based routing (module docstring math): ``s = scores(logits)``, ``ids = topk(s + bias)``,
+    ``w = s[ids]``, renormalised, scaled — the one place that builds the spec and checks the bias.
+
+    top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
+    scoring_func: "softmax", "sigmoid" or "sqrtsoftplus" (``sqrt(softplus(logits))``).
+    renormalize: bool, ``w /= Σw``. routed_scaling_factor: finite float > 0 applied after renormalising.
+    e_score_correction_bias: [N] float, finite, the selection bias (weights stay unbiased), or None.
+    num_expert_group, topk_group: grouping (1, 1 = ungrouped); see :class:`GroupedTopKRouter`.
+    num_columns: ``N``, the logit columns (default ``E``).
+    """
+
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state=None, enable_eplb: bool = False,
+                 indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None,
+                 scoring_func: str = "softmax", renormalize: bool = True, routed_scaling_factor: float = 1.0,
+                 e_score_correction_bias: torch.Tensor | None = None, num_expert_group: int = 1,
+                 topk_group: int = 1, num_columns: int | None = None):
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
+        columns = num_columns if num_columns is not None else self.global_num_experts
+        self.spec = routing_spec(top_k, columns, renormalize, routed_scaling_factor, scoring_func=scoring_func,
+                                 num_expert_group=num_expert_group, topk_group=topk_group)
+        self.kernels.check_route(columns, self.spec.top_k)
+        if e_score_correction_bias is not None:
+            check_bias(e_score_correction_bias, columns)
+            check_finite("e_score_correction_bias", e_score_correction_bias)
+        self.register_buffer("e_score_correction_bias", e_score_correction_bias)  # in state_dict (round 48)
+
+    _apply = keep_bias_dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # a state dict's selection bias is checked as the constructor's (round 53: a NaN one loaded silently)
+        bias = state_dict.get(prefix + "e_score_correction_bias")
+        if isinstance(bias, torch.Tensor) and self.e_score_correction_bias is not None:
+            check_finite(f"{prefix}e_score_correction_bias (state dict)", bias)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    # the spec is the one store of these settings; the seed's attribute names read it
+    scoring_func = property(lambda self: self.spec.scoring_func, doc='"softmax", "sigmoid" or "sqrtsoftplus"')
+    renormalize = property(lambda self: self.spec.renormalize, doc="w /= Σw before scaling")
+    routed_scaling_factor = property(lambda self: self.spec.routed_scaling_factor, doc="w *= this, last")
+    num_expert_group = property(lambda self: self.spec.num_expert_group, doc="G (1: ungrouped)")
+    topk_group = property(lambda self: self.spec.topk_group, doc="groups kept (1: ungrouped)")
+
+    @property
+    def capturable(self) -> bool:
+        """On a kernel table that checks no values (Triton): no host synchronisation in ``route``."""
+        return not self.kernels.checks_values
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        has_bias = self.e_score_correction_bias is not None
+        return get_routing_method_type(self.scoring_func, self.top_k, self.renormalize, None, has_bias)
+
+    def _scored_route(self, router_logits: torch.Tensor,
+                      indices_type: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [T, K] float32, ids [T, K]) from the kernel table; inputs checked, rows unit-stride."""
+        bias = self.e_score_correction_bias
+        if bias is not None:
+            check_same_device("e_score_correction_bias", bias, "router_logits", router_logits)
+            bias = bias.contiguous()
+        return self.kernels.route(router_logits.contiguous(), self.spec, bias, indices_type)
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
+        return RoutingResult(*self._scored_route(router_logits, indices_type))

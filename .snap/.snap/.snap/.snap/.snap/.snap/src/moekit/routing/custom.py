@@ -1,0 +1,92 @@
+"""CustomRoutingRouter: a user function decides ids and weights; moekit checks and scales them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .._checks import check_callable, check_finite, declared_graph_safe
+from ..ops.experts import check_ids_in_range
+from ..ops.kernels import Kernels
+from ..types import RoutingMethodType, RoutingResult
+from .base import BaseRouter, IndicesTypeGetter, routing_spec
+
+
+class CustomRoutingRouter(BaseRouter):
+    """``(w, ids) = custom_routing_function(hidden_states, router_logits, top_k, renormalize)``, then
+    ``w = float32(w) · routed_scaling_factor`` and ``ids`` cast to int32 (or ``indices_type``). The
+    function decides everything else (renormalising is its job; it receives the flag). Example: Llama 4,
+    ``ids = topk(logits)``, ``w = sigmoid(logits[ids])``, with ``apply_router_weight_on_input=True``.
+
+    top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
+    custom_routing_function: ``(hidden_states [T, H], router_logits [T, E], top_k: int, renormalize: bool)
+        -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required.
+    renormalize: bool (default True), passed to the function.
+    routed_scaling_factor: finite float > 0, multiplies the returned weights (the seed ignored it).
+
+    Internal CUDA graphs (:mod:`moekit.experts.graphed`): a layer graphs this router's calls only when the
+    function declares ``_moekit_graph_safe = True`` (on the function, the ``functools.partial``'s function,
+    or a module's own class): it only enqueues device work (no host synchronisation, no ``.item()``, no
+    Python state that changes per call) and reads its tensors by address. moekit's named routings do
+    (:mod:`moekit.loading.routings`: Llama 4, PhiMoE, DBRX, Gemma 4, Kolibri, LFM2-MoE). Such graphs are exact-``T``
+    only (``T <= 8``): a torch function's rows are not promised to be batch invariant (``batch_invariant``
+    is False), so no padded token bucket is used.
+
+    Checks: the returned pair must have shape ``[T, K]`` and integer ids (always). On the reference
+    path (``kernels.checks_values``, the torch table) non-finite logits, non-finite returned weights
+    and ids outside ``[0, E)`` raise ``ValueError`` (host synchronisations). On the kernel path these
+    value checks are skipped: NaN / inf weights propagate into the layer output (the expert kernels
+    multiply by them), and an out-of-range id adds nothing (the Triton experts treat it as dead).
+    """
+
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state=None,
+                 custom_routing_function: Callable | None = None, renormalize: bool = True,
+                 enable_eplb: bool = False, indices_type_getter: IndicesTypeGetter | None = None,
+                 routed_scaling_factor: float = 1.0, *, kernels: Kernels | None = None):
+        super().__init__(top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels=kernels)
+        if custom_routing_function is None:
+            raise TypeError("custom_routing_function must be a callable, got None")
+        check_callable("custom_routing_function", custom_routing_function)
+        spec = routing_spec(top_k, self.global_num_experts, renormalize, routed_scaling_factor)
+        self.custom_routing_function = custom_routing_function
+        self.renormalize = spec.renormalize
+        self.routed_scaling_factor = spec.routed_scaling_factor
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return RoutingMethodType.Custom
+
+    @property
+    def capturable(self) -> bool:
+        """A kernel table that checks no values and a function that declares itself graph-safe."""
+        return not self.kernels.checks_values and declared_graph_safe(self.custom_routing_function)
+
+    #: a token's ids and weights may depend on the batch's row count (torch ops: no promise)
+    batch_invariant = False
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
+        reference = self.kernels.checks_values
+        if reference:
+            check_finite("router_logits", router_logits)
+        out = self.custom_routing_function(hidden_states, router_logits, self.top_k, self.renormalize)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"custom_routing_function must return (topk_weights, topk_ids), got {type(out).__name__}")
+        weights, ids = out
+        t = router_logits.shape[0]
+        for name, v in (("topk_weights", weights), ("topk_ids", ids)):
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != (t, self.top_k):
+                shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"custom_routing_function returned {name} {shape}, expected [{t}, {self.top_k}]")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"custom_routing_function returned topk_ids of dtype {ids.dtype}; expected integers")
+        if not weights.is_floating_point():
+            raise TypeError(f"custom_routing_function returned topk_weights of dtype {weights.dtype}; expected a float "
+                            f"tensor")
+        weights = weights.float()
+        if reference:
+            check_finite("topk_weights returned by custom_routing_function", weights)
+            check_ids_in_range(ids, self.global_num_experts)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return RoutingResult(weights, ids.to(indices_type or torch.int32))
