@@ -1,1 +1,0 @@
-"""Architecture specs, one module per family of transformers MoE blocks (see :mod:`.common`)."""
