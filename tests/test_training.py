@@ -359,6 +359,11 @@ def test_parallel_layers_refuse_backward():
         assert torch.equal(out.detach(), want)  # the forward itself runs
         with pytest.raises(NotImplementedError, match="backward through expert / tensor parallel"):
             out.sum().backward()
+        layer.routed_experts.w2_weight.requires_grad_(True)  # only the expert weights want a gradient
+        out = layer(x.detach(), logits)
+        assert out.requires_grad
+        with pytest.raises(NotImplementedError, match="backward through expert / tensor parallel"):
+            out.sum().backward()
     finally:
         executor.all_reduce_sum = saved
 
@@ -419,8 +424,9 @@ GPU_CASES = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 @pytest.mark.parametrize("case", list(GPU_CASES))
 @pytest.mark.parametrize("tokens", [1, 8, 300])
 def test_gpu_triton_gradients_equal_torch_backend(case, tokens):
-    # the Triton forward (internal graphs on: they must step aside) and the torch backend's give the same gradients
-    # (the backward is the same torch code; the forwards' routing weights agree within rounding)
+    # the Triton forward on CUDA through the wrapped table (its grouped bf16 backward path; the fp32 loop) against the
+    # torch backend's: the backward is the same torch code, so this checks the Triton forward's saved inputs, the
+    # routing kernel's straight-through weights and the CUDA grouped GEMMs (float64 loops check the math on CPU)
     dtype, quant = GPU_CASES[case]
     e, k, h, inter = 16, 4, 256, 128
     layers = {b: moekit.FusedMoE(e, k, h, inter, params_dtype=dtype, backend=b, renormalize=True, device="cuda",
@@ -587,8 +593,9 @@ def test_frozen_quantised_weights_and_double_backward_raise():
     layer.load_expert_weights(qw[0], qw[1], w13_scale=qw[2], w2_scale=qw[3])
     layer.routed_experts.w13_scale.requires_grad_(True)  # a float32 scale can require grad: it would get none
     x = torch.randn(3, 32, dtype=torch.bfloat16)
+    out = layer(x, torch.randn(3, E))  # the forward runs (inference with grad enabled); a backward to it raises
     with pytest.raises(NotImplementedError, match=r"\(w13_scale require grad\)"):
-        layer(x, torch.randn(3, E))
+        out.float().sum().backward()
     layer.routed_experts.w13_scale.requires_grad_(False)
     x.requires_grad_()
     layer(x, torch.randn(3, E)).float().sum().backward()  # frozen weights: the input's gradient only
@@ -600,3 +607,26 @@ def test_frozen_quantised_weights_and_double_backward_raise():
     w13 = layer.routed_experts.w13_weight.requires_grad_(True)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(layer(torch.randn(4, H), torch.randn(4, E)).pow(3).sum(), w13, create_graph=True)
+
+
+def test_sqrtsoftplus_gradient_is_finite_for_large_logits():
+    # softplus(x) = x past 20: the discarded branch's exp(x) overflows past ~88; its gradient must not turn into NaN
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch", scoring_func="sqrtsoftplus",
+                            renormalize=True)
+    _expert_tensors(layer, False)
+    logits = (torch.randn(3, E) + torch.tensor([95.0, 0, 0, 0, 0, 0])).requires_grad_()
+    layer(torch.randn(3, H), logits).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_graphs_step_aside_for_a_trainable_output_norm():
+    # the graphs' check reads the routed experts' children too (an expert output norm's weight)
+    from moekit.experts.graphed_plan import _training
+
+    norm = _ScaledRms()
+    layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.float32, backend="torch", expert_output_norm=norm)
+    assert _training(layer.routed_experts)  # the norm's weight requires grad
+    norm.weight.requires_grad_(False)
+    assert not _training(layer.routed_experts)
+    layer.routed_experts.w13_weight.requires_grad_(True)
+    assert _training(layer.routed_experts)

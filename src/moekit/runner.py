@@ -112,14 +112,14 @@ class MoERunner(torch.nn.Module):
 
     - Training (round 58; issue #12 had refused it): autograd flows through the forward on every backend
       (:mod:`moekit.ops.grad`). The kernels' forward values are kept bit for bit; the backward recomputes each
-      expert in float32 with torch (:mod:`moekit.ops.experts_grad`) and gives ``d hidden_states``, the routing
-      weights' gradient (through the scoring function to the router logits and the gate; a selection bias
-      picks and gets none), and, where ``requires_grad`` is set, the expert weights and biases of unquantised
+      expert with torch (:mod:`moekit.ops.experts_grad`: grouped GEMMs, or a float32 loop) and gives
+      ``d hidden_states``, the routing weights' gradient (through the scoring function to the router logits and the
+      gate; a selection bias picks and gets none), and, where ``requires_grad`` is set, the expert weights and biases of unquantised
       layers. Expert weights are created with ``requires_grad=False`` (a frozen-experts fine-tune needs nothing);
       quantised weights stay frozen, their backward runs on the dequantised weights with the fp8 activation
       quantisation as the identity (straight-through). The internal CUDA graphs step aside while autograd is
-      wanted. Expert / tensor parallel layers raise ``NotImplementedError`` under autograd (their collectives
-      have no backward). The backward is torch code, not fused kernels: expect it to cost several forward passes.
+      wanted. Expert / tensor parallel layers run their forward and raise ``NotImplementedError`` in a backward
+      (their collectives have no backward). The backward is torch code, not fused kernels: expect it to cost several forward passes.
     - ``.to(device)`` / ``.cuda()`` to a CUDA device on a machine without one raise ``ValueError``
       naming the device (``moekit._checks.check_device``) instead of torch's assertion.
     """

@@ -89,3 +89,26 @@ def test_bf16_grouped_and_loop_paths_agree():
     for name, a, b in zip(("dx", "dw", "dW13", "dW2", "db13", "db2"), grouped, loop):
         rms = ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt()).item()
         assert rms <= 1e-2, f"{name}: {rms:.3g}"
+
+
+def test_experts_without_rows_add_zero_whatever_the_gemm_leaves(monkeypatch):
+    # on CUDA the K-grouped product (weight gradients) does not write an empty group's block: poisoned with NaN here
+    # (the CPU kernel writes zeros), a chunk's experts without rows must still add exactly 0
+    from moekit.ops import experts_grad_grouped as grouped
+
+    real = grouped._GMM
+
+    def poisoned(a, b, offs):
+        out = real(a, b, offs=offs)
+        if a.dim() == 2 and b.dim() == 2:
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+            out[sizes == 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(grouped, "_GMM", poisoned)
+    x, w, ids, w13, w2, b13, b2 = _problem(6, 2, 6, 16, 12, "silu")
+    ids[:, 0], ids[:, 1] = 1, 4  # experts 0, 2, 3, 5: no rows (empty groups between and around the live ones)
+    got = experts_backward(torch.randn(6, 16), x, w, ids, stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
+                           shapes=(6, 24, 16, 12), activation="silu", need=NEED_ALL, grouped=True)
+    assert torch.isfinite(got[2]).all() and torch.isfinite(got[3]).all()
+    assert got[2][[0, 2, 3, 5]].abs().max() == 0 and got[2][[1, 4]].abs().min() >= 0

@@ -226,10 +226,15 @@ def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
     graphs = layer._graphs
     if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable:
         return None
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad
-                                       for p in layer._modules["routed_experts"]._parameters.values()):
-        return None  # expert weights being trained (round 58): a replay would return an output without their grads
+    if torch.is_grad_enabled() and _training(layer._modules["routed_experts"]):
+        return None  # expert weights (or an output norm) being trained (round 58): a replay would drop their grads
     return graphs if graphs.lock.take(hidden_states) else None
+
+
+def _training(experts) -> bool:
+    """A parameter of the routed experts or of their children (an expert output norm) requires grad."""
+    return any(p is not None and p.requires_grad
+               for m in (experts, *experts._modules.values()) if m is not None for p in m._parameters.values())
 
 
 def release_graphs(graphs: GraphCache | None) -> None:

@@ -267,8 +267,8 @@ def build_fused_moe(
     - Training: autograd flows through the layer on both backends: gradients of ``hidden_states``, the router
       logits (so ``gate``), the shared experts and, once their ``requires_grad`` is set (``False`` at
       construction), the expert weights and biases (quantised weights stay frozen). The forward runs the same kernels,
-      bit for bit; the backward is torch code (each expert recomputed in float32). Expert / tensor parallel layers
-      raise ``NotImplementedError`` under autograd. See :class:`MoERunner`.
+      bit for bit; the backward is torch code (each expert recomputed). Expert / tensor parallel layers raise
+      ``NotImplementedError`` in a backward. See :class:`MoERunner`.
     - fp16: the expert's intermediate activation (``act(w13 · x)``, rounded to the input dtype, as in
       the kernels) can overflow to ±inf in float16 even when the layer's true output would fit; use
       bfloat16 (or float32) for models whose activations exceed 65504.

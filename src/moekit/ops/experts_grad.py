@@ -1,11 +1,12 @@
-"""The backward pass of the routed experts, whatever backend ran the forward: recomputation in float32.
+"""The backward pass of the routed experts, whatever backend ran the forward: recomputation with torch.
 
 Forward, per live slot ``j`` of token ``t`` (local expert ``e``, routing weight ``w = topk_weights[t, j]``)::
 
     h = W13[e] · x_t + b13[e];   a = act(h);   o = W2[e] · a + b2[e];   y_t += w · o
     (weight on the input, K == 1:   y_t = expert_e(w · x_t))
 
-Backward, given ``dy [T, H]``: each expert's rows are recomputed in float32 under autograd and differentiated::
+Backward, given ``dy [T, H]``: each expert's rows are recomputed and differentiated (grouped GEMMs in the layer's dtype
+where ``torch._grouped_mm`` runs them, :mod:`.experts_grad_grouped`; else a float32 ``torch.func.vjp`` per expert)::
 
     dw[t, j] = <dy_t, o>          dx_t += W13[e]ᵀ · (act'(h) ⊙ W2[e]ᵀ · (w · dy_t))
     dW2[e] += (w · dy_t) aᵀ       dW13[e] += (act'(h) ⊙ W2[e]ᵀ (w · dy_t)) x_tᵀ       (and the biases)
@@ -14,9 +15,9 @@ Decisions: the forward's roundings (the activation rounded to ``params_dtype`` b
 quantisation) are taken as the identity (straight-through, as quantisation-aware training does); quantised weights
 are dequantised to float32 per expert (:func:`moekit.ops.quantize.dequantize_weight`) and get no gradient; a slot
 whose weight is exactly 0 (which the forward skips) still gets ``dw = <dy_t, o>``, the derivative of ``w · o``.
-Memory: one expert's rows at a time, in chunks under ``workspace_bytes``; weight gradients are float32 accumulators
-of the weights' size, cast to the weights' dtype at the end. The loop reads each expert's row count on the host
-(a synchronisation per backward call).
+Memory: rows in chunks under ``workspace_bytes``; weight gradients are float32 accumulators of the weights' size, cast
+to the weights' dtype at the end. Both eager paths read each expert's row count on the host (a synchronisation per
+backward call); while compiling, every expert runs masked over every slot (``E_local`` times the FLOPs).
 """
 
 from __future__ import annotations

@@ -22,12 +22,13 @@ _GMM = getattr(torch, "_grouped_mm", None)
 
 
 def grouped_ok(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
-    """Whether ``torch._grouped_mm`` runs these GEMMs: it exists, the dtype runs there (CPU: float32 / bf16 / fp16;
-    CUDA: bf16, the sm_90 kernel) and every operand's row stride (``widths``: H, I, the w13 rows) is a multiple of
+    """Whether ``torch._grouped_mm`` runs these GEMMs: it exists, the dtype runs there (CPU: float32 / bf16;
+    CUDA: bf16, sm_90 and later) and every operand's row stride (``widths``: H, I, the w13 rows) is a multiple of
     16 bytes, as it requires."""
     if _GMM is None:
         return False
-    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    # (not fp16: its GEMM outputs overflow where the forward's float32 ones do not; the float32 loop takes it)
+    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return False
     size = torch.empty((), dtype=dtype).element_size()
@@ -40,22 +41,29 @@ def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activ
     or None)]. order: [T·K] slots sorted by local expert (dead slots last); counts: host list of rows per local expert;
     stacks_of(e0, e1, dtype) -> (W13 [n, rows, H], W2 [n, H, I]); expert_chunk: experts per ``stacks_of`` call."""
     num_local = len(counts)
-    for e0 in range(0, num_local, expert_chunk):
-        e1 = min(num_local, e0 + expert_chunk)
-        r0, r1 = sum(counts[:e0]), sum(counts[:e1])
-        if r1 == r0:
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)  # host: the first sorted row of each local expert (and the end)
+    for g0 in range(0, num_local, expert_chunk):
+        g1 = min(num_local, g0 + expert_chunk)
+        if starts[g1] == starts[g0]:
             continue
-        w13, w2 = stacks_of(e0, e1, dtype)
-        ends = torch.tensor(counts[e0:e1], device=x.device).cumsum(0)
+        w13, w2 = stacks_of(g0, g1, dtype)
         per_row = 4 * (4 * w13.shape[1] + 4 * x.shape[1] + 3 * w2.shape[2])
         rows = max(1, workspace_bytes // per_row)
-        for lo in range(r0, r1, rows):
-            hi = min(r1, lo + rows)
-            offs = (ends - (lo - r0)).clamp_(0, hi - lo).to(torch.int32)
-            expert = torch.repeat_interleave(torch.arange(e0, e1, device=x.device), torch.tensor(
-                counts[e0:e1], device=x.device))[lo - r0:hi - r0]
-            _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input,
-                   need, outs, dtype)
+        for lo in range(starts[g0], starts[g1], rows):
+            hi = min(starts[g1], lo + rows)
+            # only the experts this chunk's rows span: the K-grouped weight-gradient GEMMs write one [rows, H] block
+            # per expert they are given (round 58's review: every expert of the group for every chunk)
+            e0 = next(e for e in range(g0, g1) if starts[e + 1] > lo)
+            e1 = next(e for e in range(e0, g1) if starts[e + 1] >= hi) + 1
+            ends = torch.tensor(starts[e0 + 1:e1 + 1], device=x.device)
+            offs = (ends - lo).clamp_(0, hi - lo).to(torch.int32)
+            sizes = [min(starts[e + 1], hi) - max(starts[e], lo) for e in range(e0, e1)]
+            expert = torch.repeat_interleave(torch.arange(e0, e1, device=x.device), torch.tensor(sizes,
+                                                                                               device=x.device))
+            _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13[e0 - g0:e1 - g0], w2[e0 - g0:e1 - g0], b1, b2,
+                   e0, activation, limit, on_input, need, outs, dtype)
 
 
 def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input, need, outs,
@@ -88,10 +96,10 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activat
     n = w13.shape[0]
     if need[2] or need[3]:  # an expert without rows in this chunk: its K-grouped product is not written (CUDA), so 0
         empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]
-    if need[2]:
-        outs[2][e0:e0 + n] += _GMM(dh_c.t(), a_in, offs=offs).float().masked_fill_(empty, 0.0)
+    if need[2]:  # (float32 += the GEMM's dtype: promoted in place, no float32 copy)
+        outs[2][e0:e0 + n] += _GMM(dh_c.t(), a_in, offs=offs).masked_fill_(empty, 0.0)
     if need[3]:
-        outs[3][e0:e0 + n] += _GMM(do_c.t(), act_c, offs=offs).float().masked_fill_(empty, 0.0)
+        outs[3][e0:e0 + n] += _GMM(do_c.t(), act_c, offs=offs).masked_fill_(empty, 0.0)
     if need[4] and b1 is not None:
         outs[4].index_add_(0, expert, dh)
     if need[5] and b2 is not None:

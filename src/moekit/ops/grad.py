@@ -61,9 +61,15 @@ def _straight(value: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
 
 
 def _twin_weights(logits: torch.Tensor, ids: torch.Tensor, spec) -> torch.Tensor:
-    """The torch twin's weights on given ids: ``finish(scores(logits)[ids])`` [T, K] float32 (differentiable)."""
-    return finish_weights(compute_scores(logits, spec.scoring_func).gather(1, ids.long()), spec.renormalize,
-                          spec.routed_scaling_factor)
+    """The torch twin's weights on given ids: ``finish(scores(logits)[ids])`` [T, K] float32 (differentiable). For
+    sqrtsoftplus the branch ``torch.where`` discards is evaluated on a clamped input: ``exp(x)`` of a logit past ~88
+    is inf there, and its gradient 0 · inf gave NaN (round 58's review); the values are compute_scores'."""
+    if spec.scoring_func == "sqrtsoftplus":
+        x = logits.float()
+        scores = torch.where(x > 20.0, x, torch.log1p(torch.exp(x.clamp(max=20.0)))).sqrt()
+    else:
+        scores = compute_scores(logits, spec.scoring_func)
+    return finish_weights(scores.gather(1, ids.long()), spec.renormalize, spec.routed_scaling_factor)
 
 
 class _Wrapped:
@@ -139,11 +145,12 @@ class _ExpertsCall:
 
 
 class _ExpertsFn(torch.autograd.Function):
-    """forward(call, x, topk_weights, topk_ids, w13, w2, b13, b2) -> [T, H]; w13 / w2 are None for quantised
-    weights (no gradient); backward: :func:`experts_backward`."""
+    """forward(call, x, topk_weights, topk_ids, w13, w2, b13, b2, *scales) -> [T, H]; backward:
+    :func:`experts_backward`. Quantised calls (``call.shapes`` None) pass their quantised weights and ``scales``
+    (:data:`_FROZEN`) too: they get no gradient, and a backward that would need one raises naming them."""
 
     @staticmethod
-    def forward(ctx, call, x, topk_weights, topk_ids, w13, w2, b13, b2):
+    def forward(ctx, call, x, topk_weights, topk_ids, w13, w2, b13, b2, *scales):
         ctx.call = call
         ctx.save_for_backward(x, topk_weights, topk_ids, w13, w2, b13, b2)
         return call.forward(x, topk_weights)
@@ -155,8 +162,15 @@ class _ExpertsFn(torch.autograd.Function):
                 "double backward (create_graph=True, e.g. a gradient penalty or a Hessian-vector product) through "
                 "moekit's routed experts is not implemented: their backward is not itself differentiable")
         x, topk_weights, topk_ids, w13, w2, b13, b2 = ctx.saved_tensors
-        c, kw = ctx.call, ctx.call.kw
-        need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], *ctx.needs_input_grad[4:8])
+        c, kw, wanted = ctx.call, ctx.call.kw, ctx.needs_input_grad
+        quant = c.shapes is None
+        if quant and any(wanted[4:6] + wanted[8:]):
+            names = [n for n, w in zip(("w13", "w2", *_FROZEN), wanted[4:6] + wanted[8:]) if w]
+            raise NotImplementedError(
+                f"quantised expert weights and scales get no gradient ({', '.join(names)} require grad): train "
+                "through their inputs (the biases, the router, the other layers) with them frozen "
+                "(requires_grad_(False)), or dequantise the layer to train them")
+        need = (wanted[1], wanted[2], wanted[4] and not quant, wanted[5] and not quant, wanted[6], wanted[7])
         shapes, chunk = c.layout(x.dtype)
         grads = experts_backward(
             dy, x, topk_weights, topk_ids, stacks_of=c.stacks_of, shapes=shapes,
@@ -164,7 +178,7 @@ class _ExpertsFn(torch.autograd.Function):
             on_input=kw.get("apply_router_weight_on_input", False), w1_bias=b13, w2_bias=b2,
             expert_map=kw.get("expert_map"), need=need, expert_chunk=chunk)
         params = [g.to(p.dtype) if g is not None else None for g, p in zip(grads[2:], (w13, w2, b13, b2))]
-        return None, grads[0], grads[1], None, *params
+        return None, grads[0], grads[1], None, *params, *(None,) * (len(wanted) - 8)
 
 
 class _Experts(_Wrapped):
@@ -206,19 +220,13 @@ _FROZEN = ("w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale")
 class _ExpertsQuant(_Wrapped):
     def __call__(self, x, w13, w2, topk_weights, topk_ids, **kw):
         b1, b2 = kw.get("w1_bias"), kw.get("w2_bias")
-        if wants_grad(w13, w2, *(kw.get(n) for n in _FROZEN)):
-            frozen = [n for n, t in (("w13", w13), ("w2", w2), *((n, kw.get(n)) for n in _FROZEN))
-                      if t is not None and t.requires_grad]
-            raise NotImplementedError(
-                f"quantised expert weights and scales get no gradient ({', '.join(frozen)} require grad): train "
-                "through their inputs (the biases, the router, the other layers) with them frozen "
-                "(requires_grad_(False)), or dequantise the layer to train them")
-        if not wants_grad(x, topk_weights, b1, b2):
+        scales = tuple(kw.get(n) for n in _FROZEN)
+        if not wants_grad(x, topk_weights, b1, b2, w13, w2, *scales):
             return self.base(x, w13, w2, topk_weights, topk_ids, **kw)
         base = self.base
         call = _ExpertsCall(lambda xx, ww: base(xx, w13, w2, ww, topk_ids, **kw), _quant_stacks_of(w13, w2, kw),
                             w13.shape[0], None, kw)
-        return _ExpertsFn.apply(call, x, topk_weights, topk_ids, None, None, b1, b2)
+        return _ExpertsFn.apply(call, x, topk_weights, topk_ids, w13, w2, b1, b2, *scales)
 
 
 def with_autograd(table):

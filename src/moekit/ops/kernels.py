@@ -67,6 +67,9 @@ class Kernels:
     check_format(fmt): raises ``NotImplementedError`` for an instance of a format in ``quant_formats`` this table
         cannot run (the Triton kernels: an fp8 ``block_k`` or int4 ``group_size`` that is no power of two); None: all
     route_limits: (most logit columns, most K) of ``route``'s kernel, None: none (:meth:`check_route`)
+
+    The shipped tables are built through :func:`moekit.ops.grad.with_autograd` (gradients through every function);
+    a table built by hand gets none unless wrapped the same way.
     """
 
     name: str

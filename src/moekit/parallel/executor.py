@@ -56,11 +56,12 @@ DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather)
 
 
 class _NoBackward(torch.autograd.Function):
-    """forward(run, x, topk_weights, topk_ids) = run(...) without autograd; backward raises: the token exchange and
-    the reductions of expert / tensor parallel experts have no backward (training runs on one process)."""
+    """forward(run, x, topk_weights, topk_ids, *params) = run(x, topk_weights, topk_ids) without autograd (``params``:
+    the experts' parameters, inputs only so that a backward reaching them raises too); backward raises: the token
+    exchange and the reductions of expert / tensor parallel experts have no backward (training runs on one process)."""
 
     @staticmethod
-    def forward(ctx, run, x, topk_weights, topk_ids):
+    def forward(ctx, run, x, topk_weights, topk_ids, *params):
         return run(x, topk_weights, topk_ids)
 
     @staticmethod
@@ -203,7 +204,7 @@ class ParallelExecutor:
         if (self.ep_size > 1 or self.tp_size > 1) and torch.is_grad_enabled() and (
                 x.requires_grad or topk_weights.requires_grad or any(p.requires_grad for p in experts.parameters())):
             # the forward as under no_grad; a backward through it raises (round 58: no silent missing gradients)
-            return _NoBackward.apply(self._run, x, topk_weights, topk_ids)
+            return _NoBackward.apply(self._run, x, topk_weights, topk_ids, *experts.parameters())
         if self.check_tp_tokens and self.tp_size > 1:
             self.check_same_tokens(x)
         on_input = experts.moe_config.apply_router_weight_on_input
