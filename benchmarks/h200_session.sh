@@ -310,19 +310,9 @@ u.find_spec('kernels'))"
     grep -h "passed\|failed\|skipped" "$OUT"/gpu-r52c*.log | tail -3
     ;;
   r58-train)  # round 58: training (autograd through the kernel tables): torch._grouped_mm's dtypes on this GPU, the
-    # training tests natively, the suite outside tests/ops (every layer path now goes through the wrapped tables), the
-    # kernel tests most exposed to the wrappers, then benchmarks/train_step.py (patched vs transformers' grouped_mm)
+    # training tests natively, then benchmarks/train_step.py (patched vs transformers' grouped_mm); r58-b after it
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r58-gmm 60 python -c "
-import torch
-for dt in (torch.bfloat16, torch.float16, torch.float32):
-    a, b = torch.randn(64, 64, device='cuda', dtype=dt), torch.randn(4, 64, 64, device='cuda', dtype=dt)
-    offs = torch.tensor([16, 16, 40, 64], device='cuda', dtype=torch.int32)
-    try:
-        y = torch._grouped_mm(a, b, offs=offs); ref = a[16:40].float() @ b[2].float()
-        print(dt, 'ok', (y[16:40].float() - ref).abs().max().item())
-    except Exception as e:
-        print(dt, 'refused', str(e)[:200])"
+    bash "$0" "$OUT" r58-gmm-only
     t="-p no:cacheprovider -v --timeout 600"
     step r58-gpu-training 180 python -m pytest $t -n 4 tests/test_training.py tests/ops/test_experts_grad.py
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
