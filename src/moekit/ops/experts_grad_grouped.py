@@ -8,8 +8,9 @@ each expert's rows (``torch._grouped_mm``, one GEMM over all experts)::
     dw = <dy[tok], o> (<dA, x[tok]> on the input)   dx[tok] += dA (· w on the input)
     dW2[e] += doᵀ a,  dW13[e] += dhᵀ A  (grouped along the rows),  db13 / db2: row sums per expert
 
-GEMM operands are in the layer's dtype (bf16 / fp16 / fp32; float32 accumulation), the activation and its derivative
-in float32. Quantised weights are dequantised to that dtype a group of experts at a time (under the workspace bound).
+GEMM operands and outputs are in the layer's dtype (bf16 / fp32; float32 accumulation; fp16 takes the float32 loop of
+:mod:`.experts_grad`), the activation and its derivative in float32. Quantised weights are dequantised to that dtype
+a group of experts at a time (under the workspace bound).
 """
 
 from __future__ import annotations
