@@ -94,11 +94,11 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     # (round 58) quantised weights and their scales are frozen (no gradient; transformers' fp8 parameters require
     # grad by default); converted copies (gpt-oss's, Llama 4's stacks) train as the block's stacks did; shared ones
     # keep their own flag
-    trainable, shared = any(t.requires_grad for t in stacks.values()), {id(t) for t in own.values()}
+    trainable, theirs = any(t.requires_grad for t in stacks.values()), {id(t) for t in own.values()}
     for name, p in layer.routed_experts.named_parameters(recurse=False):
         if quant and (name in ("w13_weight", "w2_weight") or "scale" in name):
             p.requires_grad_(False)
-        elif id(p) not in shared:
+        elif id(p) not in theirs:
             p.requires_grad_(trainable)
     shared = fp8_shared(block, own, spec, plan, dense_fmt or fmt, layer.routed_experts.kernels)  # (checks only)
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
@@ -173,7 +173,6 @@ def convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
     if layout.transposed or layout.interleaved:
         w13, w2 = w13.contiguous(), w2.contiguous()
     return w13, w2, b13, b2
-
 
 
 def train_time_routing(block) -> str | None:
