@@ -65,45 +65,53 @@ def experts_backward(
     local = expert_map.long()[ids] if expert_map is not None else ids
     key = torch.where(local >= 0, local, torch.full_like(local, num_local))
     weights = topk_weights.reshape(-1).float()
+    eager = host_sync_allowed()  # compiling or capturing: no host reads (the masked loop below)
     if grouped is None:
-        grouped = host_sync_allowed() and grouped_ok(x.device, x.dtype, (hidden, inter, rows_w13))
-    if grouped and t:
+        grouped = eager and grouped_ok(x.device, x.dtype, (hidden, inter, rows_w13))
+    if t == 0:
+        return _results(outs, need, x, topk_weights, t, k)
+    order = counts = None
+    if eager or grouped:  # live slots sorted by local expert (dead ones last), each expert's row count on the host
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=num_local + 1)[:num_local].tolist()
+    if grouped:
         grouped_backward(dyf, x, weights, order, counts, k, stacks_of, w1_bias, w2_bias, activation, swiglu_limit,
                          on_input, need, outs, x.dtype, workspace_bytes, expert_chunk or num_local)
-    elif t:
-        for e, slots_e, mask in _expert_slots(key, num_local):
-            w13, w2 = (w[0] for w in stacks_of(e, e + 1, torch.float32))
-            rows = max(1, workspace_bytes // (4 * (3 * w13.shape[0] + 4 * hidden + inter)))
-            # eagerly this expert's slots in chunks under the workspace bound; compiling: one masked chunk
-            for lo in range(0, slots_e.shape[0], rows) if mask is None else (0,):
-                slots = slots_e[lo:lo + rows] if mask is None else slots_e
-                g = _expert_grads(dyf, x, weights, slots, k, w13, w2, w1_bias, w2_bias, e, activation, swiglu_limit,
-                                  on_input, need, mask)
-                if need[0]:
-                    outs[0].index_add_(0, slots // k, g[0])
-                if need[1]:
-                    outs[1].index_add_(0, slots, g[1])
-                for i in range(2, 6):
-                    if g[i] is not None:
-                        outs[i][e] += g[i]
+        return _results(outs, need, x, topk_weights, t, k)
+    for e, slots_e, mask in _expert_slots(key, num_local, order, counts):
+        w13, w2 = (w[0] for w in stacks_of(e, e + 1, torch.float32))
+        rows = max(1, workspace_bytes // (4 * (3 * w13.shape[0] + 4 * hidden + inter)))
+        # eagerly this expert's slots in chunks under the workspace bound; compiling: one masked chunk
+        for lo in range(0, slots_e.shape[0], rows) if mask is None else (0,):
+            slots = slots_e[lo:lo + rows] if mask is None else slots_e
+            g = _expert_grads(dyf, x, weights, slots, k, w13, w2, w1_bias, w2_bias, e, activation, swiglu_limit,
+                              on_input, need, mask)
+            if need[0]:
+                outs[0].index_add_(0, slots // k, g[0])
+            if need[1]:
+                outs[1].index_add_(0, slots, g[1])
+            for i in range(2, 6):
+                if g[i] is not None:
+                    outs[i][e] += g[i]
+    return _results(outs, need, x, topk_weights, t, k)
+
+
+def _results(outs, need, x, topk_weights, t: int, k: int) -> tuple:
+    """(dx in x's dtype, dw [T, K] in topk_weights' dtype, the float32 weight / bias gradients), None where not needed."""
     return (outs[0].to(x.dtype) if need[0] else None, outs[1].view(t, k).to(topk_weights.dtype) if need[1] else None,
             *outs[2:])
 
 
-def _expert_slots(key: torch.Tensor, num_local: int):
+def _expert_slots(key: torch.Tensor, num_local: int, order: torch.Tensor | None, counts: list[int] | None):
     """Yields ``(e, slots [n] int64, mask [n] bool | None)`` per local expert (``key``: [T·K] the local expert of each
-    slot, ``num_local`` for dead ones). Eagerly: the expert's slots (row counts read on the host; experts without one
-    skipped). While compiling or capturing (no host reads): every slot with a mask of the expert's (``E_local`` times
-    the FLOPs, as the torch twin's compiled forward)."""
-    if not host_sync_allowed():
+    slot, ``num_local`` for dead ones). With ``order`` / ``counts`` (the slots sorted by ``key``, each expert's row
+    count): the expert's slots, experts without one skipped. Without (compiling or capturing: no host reads): every
+    slot with a mask of the expert's (``E_local`` times the FLOPs, as the torch twin's compiled forward)."""
+    if order is None:
         every = torch.arange(key.shape[0], device=key.device)
         for e in range(num_local):
             yield e, every, key == e
         return
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_local + 1)[:num_local].tolist()
     begin = 0
     for e, n in enumerate(counts):
         if n:

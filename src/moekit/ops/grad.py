@@ -22,12 +22,11 @@ import dataclasses
 
 import torch
 
-from .activation import is_gated
 from .experts import DEFAULT_WORKSPACE_BYTES
 from .experts_grad import experts_backward
-from .quant_config import parse_quant_config
-from .quantize import dequantize_weight
+from .quantize import dequantize_experts
 from .routing import compute_scores, finish_weights
+from .w4_layout import unrelay_rega
 from .zero_experts import zero_combine_torch, zero_slots_torch
 
 
@@ -194,23 +193,15 @@ class _Experts(_Wrapped):
 
 
 def _quant_stacks_of(w13, w2, kw):
-    """(e0, e1, dtype) -> (W13, W2) dequantised from the quantised call's tensors (4-bit words re-laid for the
-    register-operand GEMMs are laid back first)."""
-    fmt = parse_quant_config(kw["fmt"])
-    shards = 2 if is_gated(kw.get("activation", "silu")) else 1
+    """(e0, e1, dtype) -> (W13, W2): :func:`~moekit.ops.quantize.dequantize_experts` of those experts of the
+    quantised call's tensors (4-bit words re-laid for the register-operand GEMMs laid back first)."""
     relaid = kw.get("packed_layout", "spec") != "spec"
 
-    def one(e: int, dtype):
-        q13, q2 = w13[e], w2[e]
-        if relaid:
-            from .w4_layout import unrelay_rega
-            q13, q2 = unrelay_rega(q13), unrelay_rega(q2)
-        return (dequantize_weight(q13, kw["w13_scale"][e], fmt, shards=shards, dtype=dtype),
-                dequantize_weight(q2, kw["w2_scale"][e], fmt, dtype=dtype))
-
     def stacks_of(e0: int, e1: int, dtype):
-        pairs = [one(e, dtype) for e in range(e0, e1)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        q13, q2 = w13[e0:e1], w2[e0:e1]
+        if relaid:
+            q13, q2 = unrelay_rega(q13), unrelay_rega(q2)
+        return dequantize_experts(q13, q2, kw["w13_scale"][e0:e1], kw["w2_scale"][e0:e1], kw["fmt"], dtype=dtype)
     return stacks_of
 
 
