@@ -318,6 +318,16 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r59)  # round 59 in one call: training on the GPU (the Triton gate's gradients, router-logit recording, the GPU
+    # training tests), train_step.py, then the suite outside tests/ops (round 58's r58-gpu-rest reached 97 % in 150 s)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    t="-p no:cacheprovider -q -rfE --timeout 300"
+    step r59-gpu-training 90 python -m pytest $t -n 4 tests/test_training.py tests/ops/test_experts_grad.py \
+      tests/integrations/test_router_logits.py tests/loading/test_router_linear.py
+    step r59-train 150 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    step r59-gpu-rest 230 python -m pytest $t -n 12 tests --ignore=tests/ops
+    grep -h "passed\|failed" "$OUT"/r59-gpu-*.log | tail -4
+    ;;
   r58-all)  # round 58 in one call (machines were scarce): r58-train's steps with tighter bounds, then the suite outside
     # tests/ops (every layer path goes through the wrapped tables)
     bash "$0" "$OUT" r58-gmm-only

@@ -38,8 +38,8 @@ from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import (check_hidden, check_routed_input, check_runner_args, input_width, ran,
-                            router_logits_for)
+from .runner_checks import (check_hidden, check_routed_input, check_runner_args, compute_router_logits, input_width,
+                            ran, router_logits_for)
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
 #: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
@@ -369,6 +369,7 @@ class MoERunner(torch.nn.Module):
         return out
 
     _logits = router_logits_for  # (x [T, H], router_logits [..., E + Z] or None) -> [T, E + Z]
+    compute_router_logits = compute_router_logits  # (hidden_states [..., H_in]) -> router_logits [T, E + Z]
 
     # -- weights ------------------------------------------------------------------------------
     def load_expert_weights(self, w13, w2, w13_bias=None, w2_bias=None, *, w13_scale=None, w2_scale=None,

@@ -101,6 +101,18 @@ def router_logits_for(layer, x: torch.Tensor, router_logits: torch.Tensor | None
     return router_logits
 
 
+def compute_router_logits(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``router_logits [T, E + Z]``: the logits a forward without them routes ``hidden_states`` with,
+    ``gate(routed_input_transform(h))`` (``gate(h)`` with ``gate_input="block"``) cast to ``router_logits_dtype``,
+    differentiable (e.g. for a load-balancing loss; pass them on: ``layer(hidden_states, logits)`` routes as
+    ``layer(hidden_states)`` does).
+
+    hidden_states: [..., H_in] fp32/bf16/fp16 (leading dims flattened). A layer without a gate raises ValueError."""
+    check_hidden(layer, hidden_states)
+    h = hidden_states.reshape(-1, hidden_states.shape[-1])
+    return layer._logits(h if layer.gate_input == "block" else layer._routed_input(h), None)
+
+
 def _columns(layer) -> int:
     """E + Z, the router's logit columns (looked up only where needed: ``layer.router`` is a module attribute, ~0.7 µs
     a read, on the eager forward's path)."""

@@ -87,7 +87,8 @@ def test_unpatch_restores_exactly(src, arch, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
 def test_output_router_logits_works_again(arch):
-    # the pre-hook patch() installs (refusing output_router_logits=True) is removed: transformers records them again
+    # patched, the moekit layers record them; unpatched, the pre-hooks patch() installed (switching the records) are
+    # removed and transformers' routers record them again
     model = hf_tiny.build(arch)
     ids = _ids(model)
     with torch.no_grad():
@@ -98,8 +99,12 @@ def test_output_router_logits_works_again(arch):
     assert ref.router_logits if records else arch == "deepseek_v3"
     patch(model)
     assert patch(model) == []  # double patch: one guard per model, no second adapter
-    with pytest.raises(NotImplementedError, match="output_router_logits"):
-        _run(model, ids, output_router_logits=True)
+    with torch.no_grad():
+        mid = model(input_ids=ids, output_router_logits=True)
+    torch.testing.assert_close(mid.logits, ref.logits, rtol=1e-5, atol=1e-5 * ref.logits.abs().max().item())
+    if records:
+        for a, b in zip(mid.router_logits, ref.router_logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     unpatch(model)
     assert not any(GUARD in vars(m) for m in model.modules())
     with torch.no_grad():
@@ -167,8 +172,11 @@ def test_deepcopy_of_patched_model():
     assert unpatch(twin) == names and torch.equal(_run(twin, ids), ref)
     assert not any(GUARD in vars(m) for m in twin.modules())
     assert all(isinstance(model.get_submodule(n), MoEBlockAdapter) for n in names)  # the original stays patched
-    with pytest.raises(NotImplementedError, match="output_router_logits"):
-        _run(model, ids, output_router_logits=True)
+    with torch.no_grad():  # its router-logit records are its own (the copy's pre-hooks switch the copy's records)
+        rec, ref_rec = model(input_ids=ids, output_router_logits=True), twin(input_ids=ids, output_router_logits=True)
+    assert len(rec.router_logits) == len(ref_rec.router_logits) == len(names)
+    for a, b in zip(rec.router_logits, ref_rec.router_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_hand_built_adapter_stays():

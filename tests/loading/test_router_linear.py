@@ -114,3 +114,35 @@ def test_triton_gate_rows_in_blocks(monkeypatch):
     whole = triton_gate.router_gate_triton(x, w, b, torch.float32)
     monkeypatch.setattr(triton_gate, "GATE_ROWS", 16)  # blocks of 16, 16, 5 rows
     assert torch.equal(triton_gate.router_gate_triton(x, w, b, torch.float32), whole)
+
+
+# (round 59) the Triton gate has no backward of its own: its logits forward, the torch path's gradients for x, the
+# weight and the bias (before: none at all, so a patched model's router did not train on a GPU and the hidden
+# states lost the routing's share of their gradient). The empty batch, decode, a prime width, H in chunks.
+@pytest.mark.parametrize("t,h,n", [(0, 64, 8), (1, 97, 13), (17, 130, 16), (3, 1025, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fp32", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_gate_gradients_are_the_torch_paths(t, h, n, dtype, fp32, bias):
+    g = torch.Generator().manual_seed(t + h)
+    x = torch.randn(t, h, generator=g).to(dtype).to(DEV)
+    gate = RouterLinear(h, n, bias=bias, fp32=fp32, backend="triton", dtype=dtype, device=DEV)
+    twin = RouterLinear(h, n, bias=bias, fp32=fp32, backend="torch", dtype=dtype, device=DEV)
+    twin.load_state_dict(gate.state_dict())
+    dy = torch.randn(t, n, generator=g).to(DEV)
+    grads = []
+    for m in (gate, twin):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        if m is gate:
+            with torch.no_grad():
+                assert torch.equal(out, gate(x))  # the forward's bits are the kernel's, with or without autograd
+        (out.float() * dy).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert a is not None and torch.equal(a, b)
+    # a frozen gate (only x requires grad) and x frozen (only the weight): each gets its own gradient
+    gate.requires_grad_(False)
+    xi = x.clone().requires_grad_()
+    (gate(xi).float() * dy).sum().backward()
+    assert torch.equal(xi.grad, grads[1][0])

@@ -15,10 +15,11 @@ transformers is imported inside the functions only: ``import moekit`` never need
   plain-layout mxfp4 ``Mxfp4GptOssExperts`` stay 4-bit (gate/up rows de-interleaved: a copy), also from
   triton_kernels' swizzled layout (through its own ``unswizzle_data``: a copy). The adapter returns what the block
   returned: a tensor, gpt-oss's ``(hidden, router_scores)`` (the OpenAI privacy filter's: divided by K) or Llama 4's
-  ``(hidden [T, H], router_logits)``. Router-logit recording for auxiliary losses (``output_router_logits``) is not
-  reproduced: :func:`patch` refuses a model whose config asks for it, and a patched forward refuses
-  ``output_router_logits=True`` (``NotImplementedError``). Routing is transformers' eval-mode routing: a block whose
-  original routes differently in training mode (input jitter, PhiMoE's sparsemixer) refuses a training-mode call.
+  ``(hidden [T, H], router_logits)``. ``output_router_logits`` (the router logits transformers records for its
+  load-balancing loss) is reproduced: each adapter records the logits its moekit layer routes with where transformers
+  would have recorded its router's (:mod:`moekit.integrations._record`). Routing is transformers' eval-mode
+  routing: a block whose original routes differently in training mode (input jitter, PhiMoE's sparsemixer) refuses
+  a training-mode call.
 - :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks (bit for bit).
 - :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
   router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
@@ -33,16 +34,16 @@ Without transformers installed, :func:`patch`, :func:`register` and :func:`check
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..experts.graphed import GraphPool
 from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
-from ._blocks import moekit_from_block, refuse_train_routing, train_time_routing
+from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
+from ._blocks import moekit_from_block, train_time_routing
 from ._experts import moekit_experts_forward
+from ._record import make_record, switch_records
 from ._restore import GUARD, check_restorable, keep_original, restore_blocks
 
 __all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
@@ -63,69 +64,6 @@ def _require_transformers(what: str):
             f"installed ({err}); install it with: {_INSTALL_HINT}"
         ) from err
     return transformers
-
-
-def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
-    """A patched block's ``state_dict`` holds moekit's names, which ``from_pretrained`` does not read: say so."""
-    warnings.warn("a model patched by moekit has moekit's state_dict keys for its MoE blocks (e.g. "
-                  "'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: call "
-                  "moekit.integrations.transformers.unpatch(model) before save_pretrained", UserWarning, stacklevel=2)
-
-
-class MoEBlockAdapter(torch.nn.Module):
-    """Wraps a moekit layer so it is called like the transformers block it replaces.
-
-    forward(hidden_states [..., H], input_ids=None) -> same as the original block (see module docs). Its
-    ``state_dict`` warns (``UserWarning``) that its keys are moekit's: :func:`unpatch` before ``save_pretrained``.
-    """
-
-    def __init__(self, moe, plan: LayerPlan, train_routing: str | None = None):
-        super().__init__()
-        self._register_state_dict_hook(_warn_state_dict)
-        self.moe = moe
-        self.plan = plan
-        self.output = plan.output
-        self.needs_input_ids = plan.needs_input_ids
-        self.train_routing = train_routing  # what the original block routes differently in training mode (None: no)
-
-    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None, **_unused):
-        if self.training and self.train_routing is not None:
-            refuse_train_routing(self.train_routing)
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        ids = input_ids.reshape(-1) if (self.needs_input_ids and input_ids is not None) else None
-        if self.output == "hidden":
-            return self.moe(x, input_ids=ids).reshape(shape)
-        if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
-            logits = self.moe.gate(x)
-            return self.moe(x, logits, input_ids=ids), logits
-        # gpt-oss: (hidden, router_scores [T, K]), the weights of the forward's own routing (one routing, the gate
-        # inside the layer's internal graphs where they serve the call)
-        out, weights = self.moe.forward_with_scores(x, input_ids=ids)
-        if self.output == "hidden_scores_over_k":  # OpenAI privacy filter: router_scores / K
-            weights = weights / weights.shape[-1]
-        return out.reshape(shape), weights.to(hidden_states.dtype)
-
-
-class LayerMoEAdapter(torch.nn.Module):
-    """Stands in for the ``experts`` of a decoder layer whose MoE is made of its attributes (Gemma 4):
-    called as ``experts(hidden_states [T, H], top_k_index, top_k_weights)`` with the layer's input (the
-    router and the pre-experts norm are pass-throughs), it returns the complete moekit layer output."""
-
-    def __init__(self, moe):
-        super().__init__()
-        self._register_state_dict_hook(_warn_state_dict)
-        self.moe = moe
-
-    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
-        return self.moe(hidden_states)
-
-
-class _NoRouting(torch.nn.Module):
-    """A router made redundant by :class:`LayerMoEAdapter`: returns ``(None, None, None)``."""
-
-    def forward(self, hidden_states):
-        return None, None, None
 
 
 def _model_config_dict(model) -> dict:
@@ -196,34 +134,38 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
     config says raises ``RuntimeError``; without transformers, ``ImportError``.
 
-    ``output_router_logits`` (the router logits transformers records for its load-balancing loss) is not
-    reproduced: a model whose config sets it raises ``NotImplementedError`` here (set
-    ``model.config.output_router_logits = False`` first), and the patched model (and each transformers model inside
-    it) gets a forward pre-hook that raises ``NotImplementedError`` when a call passes
-    ``output_router_logits=True`` or the config is switched on later (unpatched, transformers would record the
-    router logits; patched, they would be missing or empty). Forwards and ``generate()`` without it are unaffected;
-    a second ``patch()`` adds no second hook.
+    ``output_router_logits`` (the router logits transformers records for its load-balancing loss, and its
+    ``aux_loss``) works on the patched model as on the original: in a forward that asks for it (in its kwargs or the
+    config), each patched block records the logits its moekit layer routes with (the gate's ``[T, E + Z]``, in the
+    layer's ``router_logits_dtype``) where transformers recorded its router's, and the loss's gradient reaches the
+    router weights through them; the output is the same as without recording. Each transformers model
+    (``PreTrainedModel``) inside the patched one gets a forward pre-hook that switches this on and off (one per
+    model: a second ``patch()`` adds none); a block whose router logits cannot be recorded (its model records them
+    from a module the block does not hold) refuses such a forward with ``NotImplementedError``, and ``patch()``
+    refuses a model whose config asks for them then, before changing anything.
     """
     _require_transformers("patch")
     if not isinstance(restorable, bool):
         raise TypeError(f"patch(): restorable must be a bool, got {restorable!r} ({type(restorable).__name__})")
-    _check_router_logits(model, "patch()")
     config = _model_config_dict(model)
     spec, plans = plan_layers(config, "the model's config")
+    blocks = [(n, m, p) for n, m, p in _planned_blocks(model, plans) if not _patched(m)]
+    if _asks_router_logits(model):  # recorded from every block, or refused before anything changes
+        records = [make_record(model, n, m, 0) for n, m, _ in blocks]
+        _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
-    replaced, already = [], 0
+    replaced, already = [], len(plans) - len(blocks)  # (blocks patched before are left as they are)
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
-    for name, module, plan in _planned_blocks(model, plans):
-        if isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter):
-            already += 1  # patched before: left as it is
-            continue
+    for name, module, plan in blocks:
         moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
         moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
+        record = make_record(model, name, module, moe.router.num_logit_columns or moe.router.global_num_experts,
+                             plan.routed_shared_experts)
         if spec.layer_level:
-            _install_in_layer(module, spec, moe, restorable)
+            _install_in_layer(module, spec, moe, restorable, record)
         else:
-            adapter = MoEBlockAdapter(moe, plan, train_time_routing(module)).train(module.training)
+            adapter = MoEBlockAdapter(moe, plan, train_time_routing(module), record).train(module.training)
             keep_original(adapter, module, moe, restorable)  # for unpatch()
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -250,25 +192,36 @@ def _asks_router_logits(module, kwargs: dict | None = None) -> bool:
     return bool(getattr(cfg, "output_router_logits", False) or getattr(text, "output_router_logits", False))
 
 
-def _check_router_logits(module, where: str, kwargs: dict | None = None) -> None:
-    if _asks_router_logits(module, kwargs):
+def _patched(module) -> bool:
+    return isinstance(module, MoEBlockAdapter) or isinstance(getattr(module, "experts", None), LayerMoEAdapter)
+
+
+def _refuse_unrecorded(module, where: str, whys) -> None:
+    """``NotImplementedError`` if a block's router logits cannot be recorded (``whys``: a reason per block, None
+    where they can)."""
+    whys = [w for w in whys if w]
+    if whys:
         raise NotImplementedError(
-            f"{where}: output_router_logits=True is not supported on a model patched by moekit: its MoE blocks no "
-            "longer hold transformers' routers, so the router logits transformers records for the load-balancing "
-            "loss would be missing or empty. Pass output_router_logits=False (or set "
-            f"{type(module).__name__}.config.output_router_logits = False); patched models are for inference")
+            f"{where}: output_router_logits=True cannot be reproduced on this model patched by moekit: "
+            f"{whys[0]}{f' (and {len(whys) - 1} more blocks)' if len(whys) > 1 else ''}, so the router logits "
+            "transformers records for the load-balancing loss would be missing. Pass output_router_logits=False "
+            f"(or set {type(module).__name__}.config.output_router_logits = False), or unpatch() the model")
 
 
 def _router_logits_pre_hook(module, args, kwargs):
-    if _asks_router_logits(module, kwargs) and not any(
-            isinstance(m, (MoEBlockAdapter, LayerMoEAdapter)) for m in module.modules()):
-        return  # nothing below is patched any more (unpatch() on a model inside this one): transformers records them
-    _check_router_logits(module, f"{type(module).__name__}.forward", kwargs)
+    """Switch the router-logits records below ``module`` on for a forward that asks for them (:mod:`._record`), off
+    otherwise; refuse one where a patched block below cannot record them."""
+    if not _asks_router_logits(module, kwargs):
+        switch_records(module, False, ())
+        return
+    adapters = [m for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))]
+    _refuse_unrecorded(module, f"{type(module).__name__}.forward", [a.unrecorded for a in adapters])
+    switch_records(module, True, [a.record for a in adapters if a.record is not None])
 
 
 def _guard_router_logits(model) -> None:
-    """A forward pre-hook refusing ``output_router_logits`` on ``model`` and every transformers model
-    (``PreTrainedModel``) inside it; one per module (marked: a second ``patch()`` adds none)."""
+    """A forward pre-hook switching router-logit recording (:func:`_router_logits_pre_hook`) on ``model`` and every
+    transformers model (``PreTrainedModel``) inside it; one per module (marked: a second ``patch()`` adds none)."""
     from transformers import PreTrainedModel
 
     for module in model.modules():
@@ -278,11 +231,11 @@ def _guard_router_logits(model) -> None:
             module.__dict__[GUARD] = module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
 
 
-def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool) -> None:
+def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool, record) -> None:
     originals = {member: getattr(layer, member) for member in spec.ckpt_blocks}
     for member in spec.ckpt_blocks:
         if member == "experts":
-            stand_in = LayerMoEAdapter(moe)
+            stand_in = LayerMoEAdapter(moe, record)
             keep_original(stand_in, originals, moe, restorable)  # for unpatch()
         elif rename_block_key(spec, member + ".").startswith("gate."):
             stand_in = _NoRouting()

@@ -1,0 +1,152 @@
+"""transformers' ``output_router_logits`` on a patched model (round 59): the router logits its load-balancing loss
+reads, recorded from the logits moekit routed with.
+
+transformers records them with forward hooks it puts on every module of one class per model,
+``_can_record_outputs["router_logits"]`` (an ``OutputRecorder``: e.g. Mixtral's ``MixtralTopKRouter``, output
+``[0]``; Llama 4's ``Llama4Router``, output ``[1]``; a ``layer_name`` may restrict it, MiniMax's ``mlp.gate``). A
+patched block no longer holds that router, so each adapter holds a *record* in its place: an instance of a
+subclass of the router's class (transformers' hooks find it by class, and by path: it sits under the router's name)
+with no parameters, whose forward takes ``router_logits [T, E + Z]`` and returns them at the recorded index. The
+adapter calls it only in a forward that records: the pre-hook on each transformers model switches the records
+below it on for a forward that asks for ``output_router_logits`` (in its kwargs or config; the innermost model's
+switch wins, as transformers' own collector does) and off again at the next forward that does not. The logits are
+moekit's own (the gate of the moekit layer, in the layer's ``router_logits_dtype``), the ones that routed: the
+loss's gradient reaches the router weights through them, and the layer's output is the same with and without
+recording. A model whose hooks transformers installed before :func:`~.transformers.patch` gets the router's
+capture hooks copied onto the record (transformers installs them once per model).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: attribute (in a guarded model's ``__dict__``) holding the records switched on by its last forward
+SWITCHED_ON = "_moekit_records_on"
+#: routers whose recorded output is their softmax probabilities in float32, not their logits (by class name)
+PROBABILITIES = frozenset({"Gemma4TextRouter", "DiffusionGemmaTextRouter"})
+#: module of transformers' output-capture hooks (the hooks copied onto a record of an already hooked model)
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
+
+class _Record:
+    """The record's own behaviour, first in the MRO of ``Record<RouterClass>`` (see :func:`record_class`)."""
+
+    def __init__(self, columns: int, index: int, router_path: str, keep: int | None = None, probs: bool = False):
+        torch.nn.Module.__init__(self)
+        self.columns, self.index, self.router_path = columns, index, router_path
+        self.keep = columns if keep is None else keep  # the leading columns recorded (Inkling: not its shared slot)
+        self.probs = probs  # record softmax(logits) in float32 (Gemma 4's router returns its probabilities there)
+        self.on = False  # switched by the model's pre-hook (see the module docs)
+        self._is_hf_initialized = True  # (transformers' weight initialisation skips it: it has no weights)
+
+    def forward(self, router_logits: torch.Tensor):
+        """router_logits: [T, columns] float -> a tuple holding what transformers' router returned at ``index``:
+        ``router_logits[:, :keep]``, or their softmax in float32 with ``probs``."""
+        if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 or \
+                router_logits.shape[-1] != self.columns:
+            shape = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits)
+            raise ValueError(
+                f"{type(self).__name__} is moekit's recorder of router logits (it stands where transformers' "
+                f"{self.router_path} was); it takes router_logits [T, {self.columns}], got {shape}. The router of a "
+                "patched block is its moekit layer's: adapter.moe.gate / adapter.moe.compute_router_logits(x)")
+        out = router_logits[:, :self.keep] if self.keep != self.columns else router_logits
+        if self.probs:
+            out = torch.softmax(out, dim=-1, dtype=torch.float32)
+        return (None,) * self.index + (out,)
+
+    def extra_repr(self) -> str:
+        what = f"softmax(router_logits[:, :{self.keep}])" if self.probs else f"router_logits[:, :{self.keep}]"
+        return f"records {what} as output [{self.index}]"
+
+    def __reduce_ex__(self, protocol):  # (the class is made at run time: rebuilt from the router's class)
+        return _rebuild, (type(self).__mro__[2], self.columns, self.index, self.router_path), self.__dict__
+
+
+@functools.cache
+def record_class(router_cls: type) -> type:
+    """``Record<RouterClass>``: :class:`_Record` over transformers' router class (one per class)."""
+    return type(f"Record{router_cls.__name__}", (_Record, router_cls), {"__module__": __name__})
+
+
+def _rebuild(router_cls: type, columns: int, index: int, router_path: str):
+    return record_class(router_cls)(columns, index, router_path)
+
+
+def _recorder_specs(pm) -> list:
+    """The ``router_logits`` recorders of transformers model ``pm``: ``[(target_class | None, index, layer_name |
+    None)]`` (a plain class spec records output [1], as transformers reads it)."""
+    specs = (getattr(type(pm), "_can_record_outputs", None) or {}).get("router_logits")
+    out = []
+    for s in specs if isinstance(specs, (list, tuple)) else [specs] if specs is not None else []:
+        if isinstance(s, type):
+            out.append((s, 1, None))
+        elif isinstance(s, str):
+            out.append((None, 1, None))
+        else:
+            out.append((getattr(s, "target_class", None), getattr(s, "index", 0), getattr(s, "layer_name", None)))
+    return out
+
+
+def innermost_model(model, path: str):
+    """The innermost transformers ``PreTrainedModel`` holding the module at ``path`` of ``model`` (``model`` itself
+    if it is one and none is deeper), and the path below it; (None, path) if there is none."""
+    from transformers import PreTrainedModel
+
+    parts = path.split(".")
+    found = (model, path) if isinstance(model, PreTrainedModel) else (None, path)
+    mod = model
+    for i, part in enumerate(parts[:-1]):
+        mod = getattr(mod, part)
+        if isinstance(mod, PreTrainedModel):
+            found = (mod, ".".join(parts[i + 1:]))
+    return found
+
+
+def _named(layer_name: str, path: str) -> bool:
+    """transformers' ``layer_name`` rule: ``.layer_name.`` occurs in ``.path.``."""
+    return f".{layer_name.strip('.')}." in f".{path}."
+
+
+def make_record(model, path: str, block, columns: int, shared: int = 0):
+    """(child name, record) for the block at ``path`` of ``model`` (``block``: the transformers module about to be
+    replaced; ``columns``: the moekit layer's logit columns, E + Z; ``shared``: the last of them that are shared
+    experts transformers' router does not score, Inkling's ``routed_shared_experts``); (None, None) where
+    transformers records nothing from the block (its model records no router logits, or from no module the block
+    holds: DeepSeek-V4's hash-routed layers); (None, why) where it records what a record cannot stand for (two
+    routers in one block; a ``layer_name`` the record's path misses)."""
+    pm, below = innermost_model(model, path)
+    for target, index, layer_name in _recorder_specs(pm) if pm is not None else []:
+        if target is None:
+            continue
+        found = [(rel, m) for rel, m in block.named_modules()
+                 if rel and isinstance(m, target) and (not layer_name or _named(layer_name, f"{below}.{rel}"))]
+        if not found:
+            continue
+        rel, router = found[0]
+        name = rel.rpartition(".")[2]
+        if len(found) > 1 or (layer_name and not _named(layer_name, f"{below}.{name}")):
+            return None, (f"{type(pm).__name__} records router logits from {len(found)} {target.__name__} module(s) "
+                          f"of the block at {path} ({', '.join(r for r, _ in found)}), which moekit's record (one, "
+                          f"at {path}.{name}) cannot stand for")
+        record = record_class(target)(columns, index, f"{path}.{rel}", columns - shared,
+                                      target.__name__ in PROBABILITIES)
+        if getattr(pm, "_output_capturing_hooks_installed", False):  # hooked before patch(): copy its hooks
+            for hook in router._forward_hooks.values():
+                if getattr(hook, "__module__", None) == _CAPTURE_MODULE:
+                    record.register_forward_hook(hook)
+        return name, record
+    return None, None
+
+
+def switch_records(model, on: bool, records) -> None:
+    """Switch the records of ``model``'s patched blocks on for this forward (``records``: those below it), or
+    off (those the previous forward switched on)."""
+    if on:
+        for r in records:
+            r.on = True
+        model.__dict__[SWITCHED_ON] = records
+    else:
+        for r in model.__dict__.pop(SWITCHED_ON, ()):
+            r.on = False

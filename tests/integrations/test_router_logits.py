@@ -1,0 +1,253 @@
+"""transformers' ``output_router_logits`` (and ``aux_loss``) on patched models (round 59,
+:mod:`moekit.integrations._record`).
+
+Every tiny architecture: the patched model records as many tensors as the original, each equal to the original's
+(fp32), the same aux loss, and the output is the same with and without recording (bit for bit). Training with the
+load-balancing loss (its coefficient raised to 1 so that a missing term shows): the loss and every gradient against
+transformers' own model. The switch: config or kwargs, the inner model, off again after a recording forward that
+raised; transformers' hooks installed after patch() (found by class and path) and before it (copied); the refusals.
+Skipped without transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_tiny  # noqa: E402
+import hf_tiny13  # noqa: E402
+import hf_tiny_archs  # noqa: E402
+
+from moekit.integrations._record import make_record  # noqa: E402
+from moekit.integrations.transformers import MoEBlockAdapter, patch, unpatch  # noqa: E402
+
+ARCHS = ([("tiny", a) for a in hf_tiny.TINY] + [("archs", a) for a in hf_tiny_archs.TINY]
+         + [("t13", a) for a in hf_tiny13.TINY13])
+
+
+def _build(src, arch, **over):
+    if src == "archs" and hf_tiny_archs.missing(arch):
+        pytest.skip(hf_tiny_archs.missing(arch))
+    if src == "t13":
+        cfg_type, cls_name, base = hf_tiny13.TINY13[arch]
+        saved = hf_tiny13.TINY13[arch]
+        hf_tiny13.TINY13[arch] = (cfg_type, cls_name, dict(base, **over))
+        try:
+            model = hf_tiny13.build(arch)
+        finally:
+            hf_tiny13.TINY13[arch] = saved
+        if model is None:
+            pytest.skip(f"transformers {transformers.__version__} has no {cfg_type}")
+        return model
+    return (hf_tiny if src == "tiny" else hf_tiny_archs).build(arch, **over)
+
+
+def _ids(b=2, s=7, seed=0):
+    return torch.randint(3, 96, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _main(o):
+    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+
+
+def _records(o):
+    return tuple(getattr(o, "router_logits", None) or ())
+
+
+def _records_of(model):
+    return [m.record for m in model.modules() if isinstance(m, MoEBlockAdapter) and m.record is not None]
+
+
+@pytest.mark.parametrize("src, arch", ARCHS, ids=[a for _, a in ARCHS])
+def test_recorded_like_transformers(src, arch):
+    model = _build(src, arch)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_router_logits=True)  # (transformers' hooks installed before patch())
+    patch(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+        plain = model(input_ids=ids)
+    want = _records(ref)
+    assert len(_records(out)) == len(want)
+    for a, b in zip(_records(out), want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if getattr(ref, "aux_loss", None) is not None:
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+    r = _main(ref)
+    torch.testing.assert_close(_main(out), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+    assert torch.equal(_main(plain), _main(out))  # recording changes nothing in the output
+    assert not _records(plain) and not any(rec.on for rec in _records_of(model))
+
+
+@pytest.mark.parametrize("src, arch", [
+    ("tiny", "mixtral"),  # output [0] of MixtralTopKRouter
+    ("tiny", "llama4_text"),  # output [1] of Llama4Router (its router returns (scores, logits))
+    ("archs", "minimax"),  # OutputRecorder(layer_name="mlp.gate"): the record sits at mlp.gate
+    ("tiny", "deepseek_v4"),  # hash-routed layers: transformers records none of them, nor does moekit
+    ("archs", "jetmoe"),  # output [4]; its attention's gating records too (not patched), in layer order
+    ("t13", "gemma4"),  # a layer-level MoE (LayerMoEAdapter); its router records softmax probabilities
+    ("t13", "inkling"),  # the appended shared expert's logit column is not recorded
+])
+def test_hooks_installed_after_patch(src, arch):
+    # a model patched before its first recording forward: transformers' installer finds the records by class
+    model = _build(src, arch)
+    ref_model = copy.deepcopy(model)
+    ids = _ids(seed=1)
+    patch(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+        ref = ref_model(input_ids=ids, output_router_logits=True)
+    assert len(_records(out)) == len(_records(ref)) > 0
+    for a, b in zip(_records(out), _records(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("src, arch", [("tiny", "mixtral"), ("tiny", "qwen2_moe"), ("tiny", "qwen3_moe"),
+                                       ("tiny", "gpt_oss"), ("tiny", "olmoe")])
+def test_training_with_the_aux_loss(src, arch):
+    # loss = LM loss + 1.0 * aux loss; every gradient (router weights included: the aux loss reaches them through
+    # the recorded logits) against transformers' own model with its eager experts
+    model = _build(src, arch, router_aux_loss_coef=1.0)
+    ref_model = copy.deepcopy(model)
+    model.train(), ref_model.train()
+    ids = _ids(seed=2)
+    names = patch(model, restorable=True)  # (the replaced blocks kept: their tensors are the ones the layers use)
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+    assert ref.aux_loss.item() > 0.5  # (the term is large enough for its gradients to show)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    ref.loss.backward()
+    used = {id(p) for p in model.parameters()}
+    mine = dict(model.named_parameters())  # by transformers' names: the kept blocks' tensors, shared with moekit's
+    for n in names:
+        mine.update({f"{n}.{k}": p for k, p in model.get_submodule(n).__dict__["_moekit_original"].named_parameters()})
+    checked = []
+    for name, p in ref_model.named_parameters():
+        q = mine[name]
+        if id(q) not in used:  # a converted expert stack (gpt-oss): the moekit copy trains (tests/test_training.py)
+            continue
+        assert (q.grad is None) == (p.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item() + 1e-7,
+                                       msg=name)
+            checked.append(name)
+    routers = [n for n in checked if n.endswith(("mlp.gate.weight", "mlp.router.weight"))]
+    assert len(routers) == len(names)
+
+
+def test_switch_follows_each_forward():
+    model = hf_tiny.build("mixtral")
+    ids = _ids()
+    patch(model)
+    records = _records_of(model)
+    assert len(records) == 2 and not any(r.on for r in records)
+    with torch.no_grad():
+        assert len(_records(model(input_ids=ids, output_router_logits=True))) == 2
+        assert not _records(model(input_ids=ids)) and not any(r.on for r in records)
+        model.config.output_router_logits = True  # the config asks
+        assert len(_records(model(input_ids=ids))) == 2
+        assert not _records(model(input_ids=ids, output_router_logits=False))  # the call's kwargs win
+        assert len(_records(model.model(input_ids=ids))) == 2  # the inner model reads its own config
+        model.config.output_router_logits = False
+        # a recording forward that raised leaves its records on; the next forward switches them off
+        norm = model.model.norm
+        norm.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            model(input_ids=ids, output_router_logits=True)
+        assert all(r.on for r in records)
+        del norm.forward
+        assert not _records(model(input_ids=ids)) and not any(r.on for r in records)
+
+
+def test_record_is_not_a_router():
+    # the record stands where transformers' router was (mlp.gate); called like a router it says what it is
+    model = hf_tiny.build("mixtral")
+    patch(model)
+    rec = model.model.layers[0].mlp.gate
+    assert isinstance(rec, transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter)
+    assert not list(rec.parameters()) and not list(rec.buffers())
+    with pytest.warns(UserWarning, match="unpatch"):
+        keys = list(model.state_dict())
+    assert not any(".mlp.gate" in k for k in keys)  # no state_dict keys of its own
+    with pytest.raises(ValueError, match=r"router_logits \[T, 4\].*compute_router_logits"):
+        rec(torch.randn(3, 32))
+    twin = pickle.loads(pickle.dumps(model))  # the run-time class pickles (rebuilt from the router's class)
+    ids = _ids()
+    with torch.no_grad():
+        a, b = model(input_ids=ids, output_router_logits=True), twin(input_ids=ids, output_router_logits=True)
+    assert all(torch.equal(x, y) for x, y in zip(_records(a), _records(b), strict=True))
+
+
+def test_refusals():
+    # a hand-built adapter has no record: a recording forward refuses (before: patch() refused any such config)
+    model = hf_tiny.build("mixtral")
+    names = patch(model)
+    first = model.get_submodule(names[0])
+    model.model.layers[0].mlp = MoEBlockAdapter(first.moe, first.plan)
+    with pytest.raises(NotImplementedError, match="output_router_logits.*built without a record"):
+        model(input_ids=_ids(), output_router_logits=True)
+    with torch.no_grad():
+        model(input_ids=_ids())  # a forward that does not record runs
+    # a block holding two routers of the recorded class: one record cannot stand for both
+    model = hf_tiny.build("mixtral")
+    block = model.model.layers[0].mlp
+    block.second = copy.deepcopy(block.gate)
+    name, why = make_record(model, "model.layers.0.mlp", block, 4)
+    assert name is None and "2 MixtralTopKRouter" in why
+    # patch() refuses such a model when its config asks for router logits, before changing anything
+    model.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="2 MixtralTopKRouter"):
+        patch(model)
+    assert not any(isinstance(m, MoEBlockAdapter) for m in model.modules())
+
+
+def test_unpatch_records_through_transformers_again():
+    model = hf_tiny.build("qwen3_moe")
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_router_logits=True)
+    patch(model)
+    unpatch(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+    assert all(torch.equal(a, b) for a, b in zip(_records(out), _records(ref), strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_gpu_training_through_the_triton_layers(arch):
+    # on a GPU the patched layers run the Triton backend (gate, routing, experts): the loss with the aux term and
+    # every gradient against transformers' model on the same GPU (fp32; round 59: the Triton gate gave no gradient)
+    model = hf_tiny.build(arch, router_aux_loss_coef=1.0).cuda().train()
+    ref_model = copy.deepcopy(model)
+    ids = _ids(seed=3).cuda()
+    names = patch(model, restorable=True)
+    assert model.get_submodule(names[0]).moe.backend == "triton"
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    mine = dict(model.named_parameters())
+    for n in names:
+        mine.update({f"{n}.{k}": p for k, p in model.get_submodule(n).__dict__["_moekit_original"].named_parameters()})
+    routers = 0
+    for name, p in ref_model.named_parameters():
+        if p.grad is None:
+            continue
+        q = mine[name]
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=2e-3, atol=2e-3 * p.grad.abs().max().item() + 1e-6, msg=name)
+        routers += name.endswith("mlp.gate.weight")
+    assert routers == len(names)
