@@ -415,6 +415,40 @@ def test_compiled_training_fullgraph_equals_eager():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=what)
 
 
+def test_compiled_bf16_training_takes_the_grouped_path():
+    # (round 59) compiled bf16 training runs the grouped GEMMs without host reads (the slots sorted on the device,
+    # fixed row chunks over every expert), not the masked loop (E times the FLOPs): the compiled backward graph holds
+    # grouped GEMMs; the gradients are eager's within bf16 rounding (experts held elsewhere: tests/ops/test_experts_grad)
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_ops = []
+
+    def bw(gm, _):
+        backward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=bw)
+    layer = moekit.FusedMoE(8, 2, 32, 16, params_dtype=torch.bfloat16, backend="torch", renormalize=True,
+                            gate=torch.nn.Linear(32, 8, bias=False, dtype=torch.bfloat16))
+    layer.load_expert_weights(torch.randn(8, 32, 32) * 0.2, torch.randn(8, 32, 16) * 0.2)
+    experts = layer.routed_experts
+    experts.w13_weight.requires_grad_(True), experts.w2_weight.requires_grad_(True)
+    x = torch.randn(13, 32).bfloat16().requires_grad_()
+    params = (layer.gate.weight, experts.w13_weight, experts.w2_weight)
+    grads = []
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend=backend)):
+        torch._dynamo.reset()
+        x.grad = None
+        for p in params:
+            p.grad = None
+        (fn(x).float() * torch.linspace(-1, 1, 32)).sum().backward()
+        grads.append((x.grad, *(p.grad for p in params)))
+    assert sum("_grouped_mm" in op for op in backward_ops) >= 5  # h, o, da, dA, dW13, dW2 (6 when dw is needed)
+    for name, a, b in zip(("dx", "d gate", "dW13", "dW2"), *grads):
+        rms = ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt()).item()
+        assert rms <= 1e-2, f"{name}: {rms:.3g}"
+
+
 GPU_CASES = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
              "fp8_block": (torch.bfloat16, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                             "weight_block_size": [128, 128]})}

@@ -50,9 +50,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("grouped", [True, False])
+# the four paths: grouped GEMMs and the per-expert loop, each eager (host reads: row counts) or as compiled / captured
+# code runs them (no host read: round 59's traced grouped path; the masked loop over every slot)
+PATHS = {"grouped": (True, True), "loop": (False, True), "traced": (True, False), "masked": (False, False)}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
-def test_backward_paths_match_float64(grouped, case):
+def test_backward_paths_match_float64(path, case, monkeypatch):
+    grouped, host = PATHS[path]
+    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: host)
     t, k, e, h, inter, activation, on_input, emap_kind, workspace, chunk = case
     x, w, ids, w13, w2, b13, b2 = _problem(t, k, e, h, inter, activation)
     emap = None
@@ -108,7 +115,10 @@ def test_experts_without_rows_add_zero_whatever_the_gemm_leaves(monkeypatch):
     monkeypatch.setattr(grouped, "_GMM", poisoned)
     x, w, ids, w13, w2, b13, b2 = _problem(6, 2, 6, 16, 12, "silu")
     ids[:, 0], ids[:, 1] = 1, 4  # experts 0, 2, 3, 5: no rows (empty groups between and around the live ones)
-    got = experts_backward(torch.randn(6, 16), x, w, ids, stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
-                           shapes=(6, 24, 16, 12), activation="silu", need=NEED_ALL, grouped=True)
-    assert torch.isfinite(got[2]).all() and torch.isfinite(got[3]).all()
-    assert got[2][[0, 2, 3, 5]].abs().max() == 0 and got[2][[1, 4]].abs().min() >= 0
+    for host in (True, False):  # eager, and without host reads (the traced path gives every expert a group)
+        monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: host)
+        got = experts_backward(torch.randn(6, 16), x, w, ids,
+                               stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
+                               shapes=(6, 24, 16, 12), activation="silu", need=NEED_ALL, grouped=True)
+        assert torch.isfinite(got[2]).all() and torch.isfinite(got[3]).all()
+        assert got[2][[0, 2, 3, 5]].abs().max() == 0 and got[2][[1, 4]].abs().min() >= 0

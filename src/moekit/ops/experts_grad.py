@@ -17,7 +17,10 @@ are dequantised to float32 per expert (:func:`moekit.ops.quantize.dequantize_wei
 whose weight is exactly 0 (which the forward skips) still gets ``dw = <dy_t, o>``, the derivative of ``w · o``.
 Memory: rows in chunks under ``workspace_bytes``; weight gradients are float32 accumulators of the weights' size, cast
 to the weights' dtype at the end. Both eager paths read each expert's row count on the host (a synchronisation per
-backward call); while compiling, every expert runs masked over every slot (``E_local`` times the FLOPs).
+backward call); while compiling (or capturing) the grouped path sorts on the device and runs fixed row chunks over
+every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59; bf16 only: torch's tracer refuses
+``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte multiples, quantised weights) every
+expert runs masked over every slot (``E_local`` times the FLOPs).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from .._checks import host_sync_allowed
 from .activation import apply_activation_torch
 from .experts import DEFAULT_WORKSPACE_BYTES
-from .experts_grad_grouped import grouped_backward, grouped_ok
+from .experts_grad_grouped import grouped_backward, grouped_backward_traced, grouped_ok
 
 #: stacks_of(e0, e1, dtype) -> (W13 [e1 - e0, 2I | I, H], W2 [e1 - e0, H, I]) of local experts e0 .. e1 - 1 in dtype
 StacksOf = Callable[[int, int, torch.dtype], tuple]
@@ -65,10 +68,17 @@ def experts_backward(
     local = expert_map.long()[ids] if expert_map is not None else ids
     key = torch.where(local >= 0, local, torch.full_like(local, num_local))
     weights = topk_weights.reshape(-1).float()
-    eager = host_sync_allowed()  # compiling or capturing: no host reads (the masked loop below)
-    if grouped is None:
-        grouped = eager and grouped_ok(x.device, x.dtype, (hidden, inter, rows_w13))
+    eager = host_sync_allowed()  # compiling or capturing: no host reads
+    if grouped is None:  # compiling: unquantised bf16 only (all experts' stacks at once; torch's tracer refuses other
+        # dtypes for _grouped_mm, also on CPU), else the masked loop
+        grouped = grouped_ok(x.device, x.dtype, (hidden, inter, rows_w13)) and (
+            eager or (expert_chunk is None and x.dtype == torch.bfloat16))
     if t == 0:
+        return _results(outs, need, x, topk_weights, t, k)
+    if grouped and not eager:
+        w13, w2 = stacks_of(0, num_local, x.dtype)
+        grouped_backward_traced(dyf, x, weights, key, k, w13, w2, w1_bias, w2_bias, activation, swiglu_limit,
+                                on_input, need, outs, x.dtype, workspace_bytes)
         return _results(outs, need, x, topk_weights, t, k)
     order = counts = None
     if eager or grouped:  # live slots sorted by local expert (dead ones last), each expert's row count on the host

@@ -67,8 +67,35 @@ def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activ
                    e0, activation, limit, on_input, need, outs, dtype)
 
 
+def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation, limit, on_input, need, outs,
+                            dtype, workspace_bytes):
+    """:func:`grouped_backward` without a host read (compiling or capturing; round 59: before, every expert ran masked
+    over every slot, E_local times the FLOPs): the slots sorted by local expert on the device, dead ones (``key`` ==
+    E_local: held elsewhere) in the last expert's rows with a zero output gradient; fixed chunks of rows over every
+    expert (an expert without rows in a chunk masked, as eagerly). ``key``: [T·K] int64 local expert of each slot;
+    w13 / w2: every local expert's stack in ``dtype`` (unquantised weights: views, no copy). Rows in one chunk where
+    their count is symbolic (dynamic shapes)."""
+    num_local = w13.shape[0]
+    live = key < num_local
+    key = key.clamp(max=num_local - 1)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_local, dtype=torch.int64, device=key.device).index_add_(0, key, torch.ones_like(key))
+    ends = torch.cumsum(counts, 0)  # (not bincount: its length is data-dependent to a tracer)
+    expert = key[order]
+    n = key.shape[0]
+    per_row = 4 * (4 * w13.shape[1] + 4 * x.shape[1] + 3 * w2.shape[2])
+    rows = n if isinstance(n, torch.SymInt) else max(1, workspace_bytes // per_row)
+    for lo in range(0, n, rows) if not isinstance(n, torch.SymInt) else (0,):
+        hi = n if isinstance(n, torch.SymInt) else min(n, lo + rows)
+        offs = (ends - lo).clamp(0, hi - lo).to(torch.int32)
+        slots = order[lo:hi]
+        _chunk(dyf, x, weights, slots, expert[lo:hi], offs, k, w13, w2, b1, b2, 0, activation, limit, on_input, need,
+               outs, dtype, live[slots])
+
+
 def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input, need, outs,
-           dtype):
+           dtype, live=None):
+    """One chunk of sorted rows (``live``: [rows] bool, the rows whose output gradient counts; None: all)."""
     tok = slots // k
     w = weights[slots].unsqueeze(1)
     xs = x[tok]
@@ -78,7 +105,7 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activat
         h = h + b1[expert].float()
     act, pull = torch.func.vjp(lambda t: apply_activation_torch(t, activation, limit), h)
     act_c = act.to(dtype)
-    g = dyf[tok]
+    g = dyf[tok] if live is None else dyf[tok] * live.unsqueeze(1)
     do = g if on_input else g * w
     do_c = do.to(dtype)
     if need[1] and not on_input:
