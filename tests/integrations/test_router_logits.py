@@ -85,7 +85,7 @@ def test_recorded_like_transformers(src, arch):
     r = _main(ref)
     torch.testing.assert_close(_main(out), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
     assert torch.equal(_main(plain), _main(out))  # recording changes nothing in the output
-    assert not _records(plain) and not any(rec.on for rec in _records_of(model))
+    assert not _records(plain)
 
 
 @pytest.mark.parametrize("src, arch", [
@@ -147,27 +147,98 @@ def test_training_with_the_aux_loss(src, arch):
 
 
 def test_switch_follows_each_forward():
+    # the records follow transformers' own collector: the call's kwargs, else the config, the inner model's own
     model = hf_tiny.build("mixtral")
     ids = _ids()
     patch(model)
-    records = _records_of(model)
-    assert len(records) == 2 and not any(r.on for r in records)
+    assert len(_records_of(model)) == 2
     with torch.no_grad():
         assert len(_records(model(input_ids=ids, output_router_logits=True))) == 2
-        assert not _records(model(input_ids=ids)) and not any(r.on for r in records)
+        assert not _records(model(input_ids=ids))
         model.config.output_router_logits = True  # the config asks
         assert len(_records(model(input_ids=ids))) == 2
         assert not _records(model(input_ids=ids, output_router_logits=False))  # the call's kwargs win
         assert len(_records(model.model(input_ids=ids))) == 2  # the inner model reads its own config
         model.config.output_router_logits = False
-        # a recording forward that raised leaves its records on; the next forward switches them off
+        # a recording forward that raised: the next forward records nothing
         norm = model.model.norm
         norm.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
         with pytest.raises(RuntimeError, match="boom"):
             model(input_ids=ids, output_router_logits=True)
-        assert all(r.on for r in records)
         del norm.forward
-        assert not _records(model(input_ids=ids)) and not any(r.on for r in records)
+        assert not _records(model(input_ids=ids))
+        # a block called outside a model forward records nothing (no collector): its output is the plain one's
+        block, x = model.model.layers[0].mlp, torch.randn(1, 3, 32)
+        assert torch.equal(block(x), block.moe(x.reshape(3, 32)).reshape(1, 3, 32))
+
+
+def test_threads_record_their_own_forwards():
+    # two threads share one patched model: A records, B (running while A is between its layers) does not; A's record
+    # is complete (the switch is transformers' collector, a ContextVar: per thread)
+    import threading
+
+    model = hf_tiny.build("mixtral")
+    with torch.no_grad():
+        ref = model(input_ids=_ids(), output_router_logits=True)
+    patch(model)
+    at_layer0, b_done, res = threading.Event(), threading.Event(), {}
+
+    def pause(mod, args, out):
+        if threading.current_thread().name == "A":
+            at_layer0.set()
+            b_done.wait(10)
+
+    handle = model.model.layers[0].register_forward_hook(pause)
+
+    def a():
+        with torch.no_grad():
+            res["A"] = model(input_ids=_ids(), output_router_logits=True)
+
+    def b():
+        at_layer0.wait(10)
+        with torch.no_grad():
+            res["B"] = model(input_ids=_ids(seed=1))
+        b_done.set()
+
+    threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    handle.remove()
+    assert not _records(res["B"]) and len(_records(res["A"])) == 2
+    torch.testing.assert_close(res["A"].aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("src, arch", [("tiny", "mixtral"), ("t13", "gemma4")])
+def test_unpatch_and_patch_again_after_recording_while_patched(src, arch):
+    # transformers installs its capture hooks once per model: first on the records (a recording forward while
+    # patched); unpatch() carries them back to the routers, a second patch() onto the new records
+    ref_model = _build(src, arch)
+    model = copy.deepcopy(ref_model)
+    ids = _ids()
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, output_router_logits=True)
+        for step in ("patched", "unpatched", "patched again"):
+            if step != "unpatched":
+                patch(model, restorable=True)
+            else:
+                unpatch(model)
+            out = model(input_ids=ids, output_router_logits=True)
+            assert len(_records(out)) == len(_records(ref)) > 0, step
+            for a, b in zip(_records(out), _records(ref)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=step)
+
+
+def test_blocks_not_where_the_config_says():
+    # a model whose MoE blocks are not all where the config says: RuntimeError before anything changes
+    model = hf_tiny.build("mixtral")
+    layer = model.model.layers[1]
+    layer.moved = layer.mlp
+    del layer.mlp
+    with pytest.raises(RuntimeError, match="patch found 1 MoE blocks but the config describes 2"):
+        patch(model)
+    assert not any(isinstance(m, MoEBlockAdapter) for m in model.modules())
 
 
 def test_record_is_not_a_router():

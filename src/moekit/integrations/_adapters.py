@@ -11,6 +11,7 @@ import torch
 
 from ..loading.plan import LayerPlan
 from ._blocks import refuse_train_routing
+from ._record import collecting
 
 
 def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
@@ -39,9 +40,10 @@ class _Recording(torch.nn.Module):
         return self._modules[self.record_name] if self.record_name is not None else None
 
     def _recorded_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [T, H_in] -> the layer's router logits [T, E + Z], recorded, in a forward that records; else None."""
-        rec = self._modules[self.record_name] if self.record_name is not None else None
-        if rec is None or not rec.on:
+        """x [T, H_in] -> the layer's router logits [T, E + Z], recorded, while transformers' collector gathers them
+        (:func:`._record.collecting`); else None."""
+        rec = self.record
+        if rec is None or not collecting():
             return None
         logits = self.moe.compute_router_logits(x)
         rec(logits)
@@ -77,7 +79,7 @@ class MoEBlockAdapter(_Recording):
         if self.output == "hidden":
             return self.moe(x, logits, input_ids=ids).reshape(shape)
         if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
-            logits = self.moe.gate(x) if logits is None else logits
+            logits = self.moe.compute_router_logits(x) if logits is None else logits
             return self.moe(x, logits, input_ids=ids), logits
         # gpt-oss: (hidden, router_scores [T, K]), the weights of the forward's own routing (one routing, the gate
         # inside the layer's internal graphs where they serve the call)

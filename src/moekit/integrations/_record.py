@@ -3,17 +3,18 @@ reads, recorded from the logits moekit routed with.
 
 transformers records them with forward hooks it puts on every module of one class per model,
 ``_can_record_outputs["router_logits"]`` (an ``OutputRecorder``: e.g. Mixtral's ``MixtralTopKRouter``, output
-``[0]``; Llama 4's ``Llama4Router``, output ``[1]``; a ``layer_name`` may restrict it, MiniMax's ``mlp.gate``). A
-patched block no longer holds that router, so each adapter holds a *record* in its place: an instance of a
-subclass of the router's class (transformers' hooks find it by class, and by path: it sits under the router's name)
-with no parameters, whose forward takes ``router_logits [T, E + Z]`` and returns them at the recorded index. The
-adapter calls it only in a forward that records: the pre-hook on each transformers model switches the records
-below it on for a forward that asks for ``output_router_logits`` (in its kwargs or config; the innermost model's
-switch wins, as transformers' own collector does) and off again at the next forward that does not. The logits are
-moekit's own (the gate of the moekit layer, in the layer's ``router_logits_dtype``), the ones that routed: the
-loss's gradient reaches the router weights through them, and the layer's output is the same with and without
-recording. A model whose hooks transformers installed before :func:`~.transformers.patch` gets the router's
-capture hooks copied onto the record (transformers installs them once per model).
+``[0]``; Llama 4's ``Llama4Router``, output ``[1]``; a ``layer_name`` may restrict it, MiniMax's ``mlp.gate``), into
+the collector its capturing model forward sets for its own context (a ``ContextVar``: per thread; a global while
+compiling). A patched block no longer holds that router, so each adapter holds a *record* in its place: an instance
+of a subclass of the router's class (transformers' hooks find it by class, and by path: it sits under the router's
+name) with no parameters, whose forward takes ``router_logits [T, E + Z]`` and returns what the router returned at
+the recorded index. The adapter calls it only while transformers' collector gathers ``router_logits``
+(:func:`collecting`: transformers' own switch, so the innermost capturing model decides, per thread, as for its own
+routers). The logits are moekit's own (the gate of the moekit layer, in the layer's ``router_logits_dtype``), the
+ones that routed: the loss's gradient reaches the router weights through them, and the layer's output is the same
+with and without recording. Capture hooks move with the blocks: a model hooked before :func:`~.transformers.patch`
+gets its routers' hooks copied onto the records, and :func:`~.transformers.unpatch` copies the records' back
+(transformers installs them once per model).
 """
 
 from __future__ import annotations
@@ -22,24 +23,24 @@ import functools
 
 import torch
 
-#: attribute (in a guarded model's ``__dict__``) holding the records switched on by its last forward
-SWITCHED_ON = "_moekit_records_on"
 #: routers whose recorded output is their softmax probabilities in float32, not their logits (by class name)
 PROBABILITIES = frozenset({"Gemma4TextRouter", "DiffusionGemmaTextRouter"})
-#: module of transformers' output-capture hooks (the hooks copied onto a record of an already hooked model)
+#: module of transformers' output-capture hooks and collector
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 
 
 class _Record:
-    """The record's own behaviour, first in the MRO of ``Record<RouterClass>`` (see :func:`record_class`)."""
+    """The record's own behaviour, first in the MRO of ``Record<RouterClass>`` (see :func:`record_class`).
+    ``router_rel``: the router's path in the replaced block (for a layer-level MoE: in the decoder layer)."""
 
-    def __init__(self, columns: int, index: int, router_path: str, keep: int | None = None, probs: bool = False):
+    def __init__(self, columns: int, index: int, router_rel: str, keep: int | None = None, probs: bool = False):
         torch.nn.Module.__init__(self)
-        self.columns, self.index, self.router_path = columns, index, router_path
+        self.columns, self.index, self.router_rel = columns, index, router_rel
         self.keep = columns if keep is None else keep  # the leading columns recorded (Inkling: not its shared slot)
         self.probs = probs  # record softmax(logits) in float32 (Gemma 4's router returns its probabilities there)
-        self.on = False  # switched by the model's pre-hook (see the module docs)
         self._is_hf_initialized = True  # (transformers' weight initialisation skips it: it has no weights)
+        if isinstance(self, torch.nn.Linear):  # (Llama 4's and PhiMoE's routers are nn.Linear: no weight here)
+            self.in_features, self.out_features, self.weight, self.bias = None, columns, None, None
 
     def forward(self, router_logits: torch.Tensor):
         """router_logits: [T, columns] float -> a tuple holding what transformers' router returned at ``index``:
@@ -48,9 +49,9 @@ class _Record:
                 router_logits.shape[-1] != self.columns:
             shape = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits)
             raise ValueError(
-                f"{type(self).__name__} is moekit's recorder of router logits (it stands where transformers' "
-                f"{self.router_path} was); it takes router_logits [T, {self.columns}], got {shape}. The router of a "
-                "patched block is its moekit layer's: adapter.moe.gate / adapter.moe.compute_router_logits(x)")
+                f"{type(self).__name__} is moekit's recorder of router logits (it stands where transformers' router "
+                f"{self.router_rel!r} of the block was); it takes router_logits [T, {self.columns}], got {shape}. The "
+                "router of a patched block is its moekit layer's: adapter.moe.gate / adapter.moe.compute_router_logits")
         out = router_logits[:, :self.keep] if self.keep != self.columns else router_logits
         if self.probs:
             out = torch.softmax(out, dim=-1, dtype=torch.float32)
@@ -61,7 +62,7 @@ class _Record:
         return f"records {what} as output [{self.index}]"
 
     def __reduce_ex__(self, protocol):  # (the class is made at run time: rebuilt from the router's class)
-        return _rebuild, (type(self).__mro__[2], self.columns, self.index, self.router_path), self.__dict__
+        return _rebuild, (type(self).__mro__[2], self.columns, self.index, self.router_rel), self.__dict__
 
 
 @functools.cache
@@ -70,22 +71,41 @@ def record_class(router_cls: type) -> type:
     return type(f"Record{router_cls.__name__}", (_Record, router_cls), {"__module__": __name__})
 
 
-def _rebuild(router_cls: type, columns: int, index: int, router_path: str):
-    return record_class(router_cls)(columns, index, router_path)
+def _rebuild(router_cls: type, columns: int, index: int, router_rel: str):
+    return record_class(router_cls)(columns, index, router_rel)
+
+
+@functools.cache
+def _collector():
+    """transformers' active output collector (a ``ContextVar``-like object with ``get()``), or None where this
+    transformers has none (then router logits cannot be recorded: :func:`make_record` says so)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector if callable(getattr(_active_collector, "get", None)) else None
+
+
+def collecting() -> bool:
+    """transformers' collector gathers ``router_logits`` in this forward (its context's: per thread)."""
+    c = _collector()
+    out = c.get() if c is not None else None
+    return out is not None and "router_logits" in out
 
 
 def _recorder_specs(pm) -> list:
     """The ``router_logits`` recorders of transformers model ``pm``: ``[(target_class | None, index, layer_name |
-    None)]`` (a plain class spec records output [1], as transformers reads it)."""
+    None, class_name | None)]`` (a plain class spec records output [1], as transformers reads it)."""
     specs = (getattr(type(pm), "_can_record_outputs", None) or {}).get("router_logits")
     out = []
     for s in specs if isinstance(specs, (list, tuple)) else [specs] if specs is not None else []:
         if isinstance(s, type):
-            out.append((s, 1, None))
+            out.append((s, 1, None, None))
         elif isinstance(s, str):
-            out.append((None, 1, None))
+            out.append((None, 1, None, s))
         else:
-            out.append((getattr(s, "target_class", None), getattr(s, "index", 0), getattr(s, "layer_name", None)))
+            out.append((getattr(s, "target_class", None), getattr(s, "index", 0), getattr(s, "layer_name", None),
+                        getattr(s, "class_name", None)))
     return out
 
 
@@ -109,44 +129,53 @@ def _named(layer_name: str, path: str) -> bool:
     return f".{layer_name.strip('.')}." in f".{path}."
 
 
-def make_record(model, path: str, block, columns: int, shared: int = 0):
+def make_record(model, path: str, block, columns: int, shared: int = 0, parent: str = ""):
     """(child name, record) for the block at ``path`` of ``model`` (``block``: the transformers module about to be
-    replaced; ``columns``: the moekit layer's logit columns, E + Z; ``shared``: the last of them that are shared
-    experts transformers' router does not score, Inkling's ``routed_shared_experts``); (None, None) where
-    transformers records nothing from the block (its model records no router logits, or from no module the block
-    holds: DeepSeek-V4's hash-routed layers); (None, why) where it records what a record cannot stand for (two
-    routers in one block; a ``layer_name`` the record's path misses)."""
+    replaced, or the decoder layer of a layer-level MoE; ``columns``: the moekit layer's logit columns, E + Z;
+    ``shared``: the last of them that are shared experts transformers' router does not score, Inkling's
+    ``routed_shared_experts``; ``parent``: where the record sits below ``path``, "experts" for a layer-level MoE);
+    (None, None) where transformers records nothing from the block (its model records no router logits, or from no
+    module the block holds: DeepSeek-V4's hash-routed layers); (None, why) where it records what a record cannot
+    stand for (two routers in one block, a ``layer_name`` the record's path misses, a spec by class name) or this
+    transformers has no collector moekit knows."""
     pm, below = innermost_model(model, path)
-    for target, index, layer_name in _recorder_specs(pm) if pm is not None else []:
+    at = f"{below}.{parent}" if parent else below
+    for target, index, layer_name, class_name in _recorder_specs(pm) if pm is not None else []:
+        mods = [(rel, m) for rel, m in block.named_modules() if rel]
         if target is None:
+            if class_name and any(f".{below}.{rel}".endswith(class_name) for rel, _ in mods):
+                return None, f"{type(pm).__name__} records router logits from modules named *{class_name}"
             continue
-        found = [(rel, m) for rel, m in block.named_modules()
-                 if rel and isinstance(m, target) and (not layer_name or _named(layer_name, f"{below}.{rel}"))]
+        found = [(rel, m) for rel, m in mods
+                 if isinstance(m, target) and (not layer_name or _named(layer_name, f"{below}.{rel}"))]
         if not found:
             continue
         rel, router = found[0]
         name = rel.rpartition(".")[2]
-        if len(found) > 1 or (layer_name and not _named(layer_name, f"{below}.{name}")):
+        if len(found) > 1 or (layer_name and not _named(layer_name, f"{at}.{name}")):
             return None, (f"{type(pm).__name__} records router logits from {len(found)} {target.__name__} module(s) "
                           f"of the block at {path} ({', '.join(r for r, _ in found)}), which moekit's record (one, "
-                          f"at {path}.{name}) cannot stand for")
-        record = record_class(target)(columns, index, f"{path}.{rel}", columns - shared,
-                                      target.__name__ in PROBABILITIES)
-        if getattr(pm, "_output_capturing_hooks_installed", False):  # hooked before patch(): copy its hooks
-            for hook in router._forward_hooks.values():
-                if getattr(hook, "__module__", None) == _CAPTURE_MODULE:
-                    record.register_forward_hook(hook)
+                          f"at {path}.{f'{parent}.' if parent else ''}{name}) cannot stand for")
+        if _collector() is None:
+            return None, "this transformers version has no output collector moekit knows (transformers >= 5.17 has)"
+        record = record_class(target)(columns, index, rel, columns - shared, target.__name__ in PROBABILITIES)
+        carry_hooks(router, record)  # (a model hooked before patch(): transformers installs its hooks only once)
         return name, record
     return None, None
 
 
-def switch_records(model, on: bool, records) -> None:
-    """Switch the records of ``model``'s patched blocks on for this forward (``records``: those below it), or
-    off (those the previous forward switched on)."""
-    if on:
-        for r in records:
-            r.on = True
-        model.__dict__[SWITCHED_ON] = records
-    else:
-        for r in model.__dict__.pop(SWITCHED_ON, ()):
-            r.on = False
+def carry_hooks(src, dst) -> None:
+    """Copy transformers' output-capture forward hooks of module ``src`` onto ``dst`` (those it lacks)."""
+    have = {id(h) for h in dst._forward_hooks.values()}
+    for hook in list(src._forward_hooks.values()):
+        if getattr(hook, "__module__", None) == _CAPTURE_MODULE and id(hook) not in have:
+            dst.register_forward_hook(hook)
+
+
+def original_router(original, rel: str):
+    """The router at ``rel`` in what a stand-in replaced (:data:`~._restore.ORIGINAL`): the block, or for a
+    layer-level MoE ``{member: module}`` of the decoder layer (``rel``'s first part names the member)."""
+    if isinstance(original, dict):
+        member, _, rest = rel.partition(".")
+        return original[member].get_submodule(rest) if rest else original[member]
+    return original.get_submodule(rel)

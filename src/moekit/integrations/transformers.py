@@ -43,8 +43,8 @@ from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
 from ._blocks import moekit_from_block, train_time_routing
 from ._experts import moekit_experts_forward
-from ._record import make_record, switch_records
-from ._restore import GUARD, check_restorable, keep_original, restore_blocks
+from ._record import carry_hooks, make_record, original_router
+from ._restore import GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
 
 __all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
            "unpatch"]
@@ -135,33 +135,41 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     config says raises ``RuntimeError``; without transformers, ``ImportError``.
 
     ``output_router_logits`` (the router logits transformers records for its load-balancing loss, and its
-    ``aux_loss``) works on the patched model as on the original: in a forward that asks for it (in its kwargs or the
-    config), each patched block records the logits its moekit layer routes with (the gate's ``[T, E + Z]``, in the
-    layer's ``router_logits_dtype``) where transformers recorded its router's, and the loss's gradient reaches the
-    router weights through them; the output is the same as without recording. Each transformers model
-    (``PreTrainedModel``) inside the patched one gets a forward pre-hook that switches this on and off (one per
-    model: a second ``patch()`` adds none); a block whose router logits cannot be recorded (its model records them
-    from a module the block does not hold) refuses such a forward with ``NotImplementedError``, and ``patch()``
-    refuses a model whose config asks for them then, before changing anything.
+    ``aux_loss``) works on the patched model as on the original: while transformers' collector gathers them (a
+    forward that asks for them, in its kwargs or the config), each patched block records the logits its moekit layer
+    routes with (the gate's ``[T, E + Z]``, in the layer's ``router_logits_dtype``) where transformers recorded its
+    router's (:mod:`moekit.integrations._record`), and the loss's gradient reaches the router weights through them;
+    the output is the same as without recording. A block transformers records nothing from stays silent (DeepSeek-V4's
+    hash-routed layers). One whose router logits a record cannot stand for (two routers of the recorded class in one
+    block, a spec by class name) refuses such a forward with ``NotImplementedError`` (a forward pre-hook on each
+    transformers model inside the patched one, one per model: a second ``patch()`` adds none), and ``patch()`` refuses
+    a model whose config asks for them then, before changing anything.
     """
     _require_transformers("patch")
     if not isinstance(restorable, bool):
         raise TypeError(f"patch(): restorable must be a bool, got {restorable!r} ({type(restorable).__name__})")
     config = _model_config_dict(model)
     spec, plans = plan_layers(config, "the model's config")
-    blocks = [(n, m, p) for n, m, p in _planned_blocks(model, plans) if not _patched(m)]
+    planned = list(_planned_blocks(model, plans))
+    if len(planned) != len(plans):  # (checked before anything changes)
+        raise RuntimeError(
+            f"patch found {len(planned)} MoE blocks but the config describes {len(plans)} "
+            f"({[p.name for p in plans]}); the model structure is not the expected one"
+        )
+    blocks = [(n, m, p) for n, m, p in planned if not _patched(m)]  # (blocks patched before are left as they are)
+    record_at = "experts" if spec.layer_level else ""  # (where a block's record sits below its path)
     if _asks_router_logits(model):  # recorded from every block, or refused before anything changes
-        records = [make_record(model, n, m, 0) for n, m, _ in blocks]
+        records = [make_record(model, n, m, 0, parent=record_at) for n, m, _ in blocks]
         _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
-    replaced, already = [], len(plans) - len(blocks)  # (blocks patched before are left as they are)
+    replaced = []
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
     for name, module, plan in blocks:
         moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
         moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
         record = make_record(model, name, module, moe.router.num_logit_columns or moe.router.global_num_experts,
-                             plan.routed_shared_experts)
+                             plan.routed_shared_experts, record_at)
         if spec.layer_level:
             _install_in_layer(module, spec, moe, restorable, record)
         else:
@@ -171,11 +179,6 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, adapter)
         replaced.append(name)
-    if len(replaced) + already != len(plans):
-        raise RuntimeError(
-            f"patch found {len(replaced)} MoE blocks but the config describes {len(plans)} "
-            f"({[p.name for p in plans]}); the model structure is not the expected one"
-        )
     _guard_router_logits(model)
     return replaced
 
@@ -209,19 +212,17 @@ def _refuse_unrecorded(module, where: str, whys) -> None:
 
 
 def _router_logits_pre_hook(module, args, kwargs):
-    """Switch the router-logits records below ``module`` on for a forward that asks for them (:mod:`._record`), off
-    otherwise; refuse one where a patched block below cannot record them."""
-    if not _asks_router_logits(module, kwargs):
-        switch_records(module, False, ())
-        return
-    adapters = [m for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))]
-    _refuse_unrecorded(module, f"{type(module).__name__}.forward", [a.unrecorded for a in adapters])
-    switch_records(module, True, [a.record for a in adapters if a.record is not None])
+    """Refuse a forward of ``module`` that asks for router logits where a patched block below cannot record them
+    (the blocks that can record them while transformers' collector gathers them: :mod:`._record`)."""
+    if _asks_router_logits(module, kwargs):
+        _refuse_unrecorded(module, f"{type(module).__name__}.forward",
+                           [m.unrecorded for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))])
 
 
 def _guard_router_logits(model) -> None:
-    """A forward pre-hook switching router-logit recording (:func:`_router_logits_pre_hook`) on ``model`` and every
-    transformers model (``PreTrainedModel``) inside it; one per module (marked: a second ``patch()`` adds none)."""
+    """A forward pre-hook refusing router logits that cannot be recorded (:func:`_router_logits_pre_hook`) on
+    ``model`` and every transformers model (``PreTrainedModel``) inside it; one per module (marked: a second
+    ``patch()`` adds none)."""
     from transformers import PreTrainedModel
 
     for module in model.modules():
@@ -277,6 +278,10 @@ def unpatch(model) -> list[str]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
     check_restorable(model)
+    for m in model.modules():  # transformers' capture hooks installed on the records while patched go back with them
+        original = m.__dict__.get(ORIGINAL) if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter)) else None
+        if original is not None and m.record is not None:
+            carry_hooks(m.record, original_router(original, m.record.router_rel))
     return restore_blocks(model, (MoEBlockAdapter, LayerMoEAdapter))
 
 
