@@ -418,7 +418,8 @@ def test_compiled_training_fullgraph_equals_eager():
 def test_compiled_bf16_training_takes_the_grouped_path():
     # (round 59) compiled bf16 training runs the grouped GEMMs without host reads (the slots sorted on the device,
     # fixed row chunks over every expert), not the masked loop (E times the FLOPs): the compiled backward graph holds
-    # grouped GEMMs; the gradients are eager's within bf16 rounding (experts held elsewhere: tests/ops/test_experts_grad)
+    # grouped GEMMs; the gradients are eager's within bf16 rounding (experts held elsewhere:
+    # tests/ops/test_experts_grad.py)
     from torch._dynamo.backends.common import aot_autograd
 
     backward_ops = []

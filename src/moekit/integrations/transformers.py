@@ -215,8 +215,8 @@ def _router_logits_pre_hook(module, args, kwargs):
     """Refuse a forward of ``module`` that asks for router logits where a patched block below cannot record them
     (the blocks that can record them while transformers' collector gathers them: :mod:`._record`)."""
     if _asks_router_logits(module, kwargs):
-        _refuse_unrecorded(module, f"{type(module).__name__}.forward",
-                           [m.unrecorded for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))])
+        adapters = [m for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))]
+        _refuse_unrecorded(module, f"{type(module).__name__}.forward", [m.unrecorded for m in adapters])
 
 
 def _guard_router_logits(model) -> None:
