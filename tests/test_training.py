@@ -450,6 +450,28 @@ def test_compiled_bf16_training_takes_the_grouped_path():
         assert rms <= 1e-2, f"{name}: {rms:.3g}"
 
 
+def test_compiled_bf16_training_over_many_token_counts():
+    # a fullgraph compile of a bf16 layer's training step meets ten token counts (a dynamic T after the first): the
+    # traced backward guards T only against its chunk bounds (round 59's review: a loop over T·K rows guarded on T
+    # itself, recompiled per T and failed at the 9th), and each T's gradients are eager's within bf16 rounding
+    layer = moekit.FusedMoE(8, 2, 32, 16, params_dtype=torch.bfloat16, backend="torch", renormalize=True,
+                            gate=torch.nn.Linear(32, 8, bias=False, dtype=torch.bfloat16))
+    layer.load_expert_weights(torch.randn(8, 32, 32) * 0.2, torch.randn(8, 32, 16) * 0.2)
+    layer.routed_experts.w2_weight.requires_grad_(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for t in (1, 2, 3, 5, 8, 13, 21, 34, 55, 89):
+        x = torch.randn(t, 32).bfloat16().requires_grad_()
+        got = []
+        for fn in (layer, compiled):
+            x.grad = layer.routed_experts.w2_weight.grad = None
+            fn(x).float().sum().backward()
+            got.append((x.grad, layer.routed_experts.w2_weight.grad))
+        for a, b in zip(*got):
+            rms = ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt()).item()
+            assert rms <= 1e-2, (t, rms)
+
+
 GPU_CASES = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
              "fp8_block": (torch.bfloat16, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                             "weight_block_size": [128, 128]})}

@@ -322,3 +322,65 @@ def test_gpu_training_through_the_triton_layers(arch):
         torch.testing.assert_close(q.grad, p.grad, rtol=2e-3, atol=2e-3 * p.grad.abs().max().item() + 1e-6, msg=name)
         routers += name.endswith("mlp.gate.weight")
     assert routers == len(names)
+
+
+@pytest.mark.parametrize("src, arch", [("tiny", "mixtral"), ("t13", "gemma4")])
+def test_gradient_checkpointing_with_the_aux_loss(src, arch):
+    # transformers' gradient checkpointing recomputes each decoder layer in the backward, where its collector is not
+    # set: the patched block builds the same autograd graph either way (Gemma 4's record, a softmax, too), so the
+    # recomputation matches and the loss and gradients are transformers' (round 59's review: CheckpointError)
+    model = _build(src, arch, router_aux_loss_coef=1.0)
+    ref_model = copy.deepcopy(model)
+    ids = _ids(seed=4)
+    patch(model, restorable=True)
+    for m in (model, ref_model):
+        m.train()
+        m.gradient_checkpointing_enable()
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    ref.loss.backward()
+    mine = dict(model.named_parameters())
+    for n, m in model.named_modules():
+        original = m.__dict__.get("_moekit_original")
+        if isinstance(original, torch.nn.Module):
+            mine.update({f"{n}.{k}": p for k, p in original.named_parameters()})
+        elif isinstance(original, dict):  # a layer-level MoE: the decoder layer's members
+            layer = n.rpartition(".")[0]
+            for member, mod in original.items():
+                mine.update({f"{layer}.{member}.{k}": p for k, p in mod.named_parameters()})
+    compared = 0
+    for name, p in ref_model.named_parameters():
+        q = mine.get(name)
+        if p.grad is None or q is None or q.grad is None:
+            continue
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item() + 1e-7, msg=name)
+        compared += 1
+    assert compared >= len(list(ref_model.parameters())) // 2
+
+
+def test_layers_compiled_one_by_one():
+    # decoder layers compiled each on its own (fullgraph) run inside an eager model forward: the patched blocks do
+    # not read transformers' collector there (dynamo cannot trace a ContextVar), a forward without recording runs
+    model = hf_tiny.build("mixtral")
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+    patch(model, backend="torch")
+    torch._dynamo.reset()
+    for layer in model.model.layers:
+        layer.compile(fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5 * ref.logits.abs().max().item())
+    torch._dynamo.reset()
+
+
+def test_a_block_on_the_meta_device_changes_nothing():
+    # patch() checks every block's tensors before it replaces any (before: the blocks before it stayed patched)
+    model = hf_tiny.build("mixtral")
+    model.model.layers[1].mlp.to_empty(device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        patch(model)
+    assert not any(isinstance(m, MoEBlockAdapter) for m in model.modules())

@@ -47,6 +47,9 @@ CASES = [
     (9, 2, 8, 16, 12, "silu", False, "half", 1 << 28, None),  # an expert map: experts 4-7 held elsewhere
     (0, 2, 4, 16, 12, "silu", False, None, 1 << 28, None),  # T = 0
     (5, 2, 7, 16, 12, "silu", False, "hot", 1 << 28, 3),  # every slot on one expert; six get nothing (dW 0)
+    # many rows for small weights: the traced path's power-of-two chunks (8 of 26 rows, 6 of them padding), half the
+    # slots held elsewhere
+    (101, 2, 8, 16, 8, "silu", False, "half", 2048, None),
 ]
 
 

@@ -40,13 +40,20 @@ class _Recording(torch.nn.Module):
         return self._modules[self.record_name] if self.record_name is not None else None
 
     def _recorded_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [T, H_in] -> the layer's router logits [T, E + Z], recorded, while transformers' collector gathers them
-        (:func:`._record.collecting`); else None."""
+        """x [T, H_in] -> the layer's router logits [T, E + Z] the forward routes with, recorded while transformers'
+        collector gathers them (:func:`._record.collecting`); also computed (and transformed as the record would,
+        unrecorded) in training with grad enabled, so that a gradient-checkpointed layer's recomputation in the
+        backward (no collector then) builds the forward's autograd graph; else None (the layer's own gate)."""
         rec = self.record
-        if rec is None or not collecting():
+        if rec is None:
+            return None
+        now = collecting(rec)
+        if not now and not (self.training and torch.is_grad_enabled()):
             return None
         logits = self.moe.compute_router_logits(x)
-        rec(logits)
+        recorded = rec.transform(logits)
+        if now:
+            rec(logits, recorded)
         return logits
 
 

@@ -38,7 +38,7 @@ class _UnallocatedRoutedExperts(RoutedExperts):
         super().__init__(*args, device="meta", **kwargs)
 
 
-def _block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Tensor]:
+def block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Tensor]:
     """moekit name -> tensor of every parameter and buffer of the block (of the layer's MoE members for
     a layer-level spec); tensors on the meta device raise ``ValueError``."""
     own = {}
@@ -78,7 +78,7 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     :class:`~moekit.experts.graphed.GraphPool` the model's layers share (None: the layer's own);
     ``eager_graph_tokens``: their graph limit (None: :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`);
     ``act_dtype``: the model's activation dtype, which a quantised layer runs in (None: read off the block)."""
-    own = _block_tensors(block, spec, plan)
+    own = block_tensors(block, spec, plan)
     stacks = {rel: t for rel, t in own.items() if _is_stack(spec, rel)}
     if act_dtype not in KERNEL_DTYPES:
         act_dtype = _quant_dtype(own, stacks)

@@ -25,6 +25,8 @@ import torch
 
 #: routers whose recorded output is their softmax probabilities in float32, not their logits (by class name)
 PROBABILITIES = frozenset({"Gemma4TextRouter", "DiffusionGemmaTextRouter"})
+#: attribute (in a guarded model's ``__dict__``) holding the records its forward marked asked (:func:`mark_asked`)
+ASKED = "_moekit_records_asked"
 #: module of transformers' output-capture hooks and collector
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 
@@ -39,11 +41,12 @@ class _Record:
         self.keep = columns if keep is None else keep  # the leading columns recorded (Inkling: not its shared slot)
         self.probs = probs  # record softmax(logits) in float32 (Gemma 4's router returns its probabilities there)
         self._is_hf_initialized = True  # (transformers' weight initialisation skips it: it has no weights)
+        self.asked = False  # a forward of its model asks for router logits (its pre-hook; read where compiled only)
         if isinstance(self, torch.nn.Linear):  # (Llama 4's and PhiMoE's routers are nn.Linear: no weight here)
             self.in_features, self.out_features, self.weight, self.bias = None, columns, None, None
 
-    def forward(self, router_logits: torch.Tensor):
-        """router_logits: [T, columns] float -> a tuple holding what transformers' router returned at ``index``:
+    def transform(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """router_logits: [T, columns] float -> what transformers' router returned at ``index``:
         ``router_logits[:, :keep]``, or their softmax in float32 with ``probs``."""
         if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 or \
                 router_logits.shape[-1] != self.columns:
@@ -53,9 +56,12 @@ class _Record:
                 f"{self.router_rel!r} of the block was); it takes router_logits [T, {self.columns}], got {shape}. The "
                 "router of a patched block is its moekit layer's: adapter.moe.gate / adapter.moe.compute_router_logits")
         out = router_logits[:, :self.keep] if self.keep != self.columns else router_logits
-        if self.probs:
-            out = torch.softmax(out, dim=-1, dtype=torch.float32)
-        return (None,) * self.index + (out,)
+        return torch.softmax(out, dim=-1, dtype=torch.float32) if self.probs else out
+
+    def forward(self, router_logits: torch.Tensor, transformed: torch.Tensor | None = None):
+        """A tuple holding :meth:`transform` of ``router_logits`` [T, columns] (or ``transformed``, computed already)
+        at ``index``: what transformers' capture hook reads."""
+        return (None,) * self.index + (self.transform(router_logits) if transformed is None else transformed,)
 
     def extra_repr(self) -> str:
         what = f"softmax(router_logits[:, :{self.keep}])" if self.probs else f"router_logits[:, :{self.keep}]"
@@ -86,11 +92,28 @@ def _collector():
     return _active_collector if callable(getattr(_active_collector, "get", None)) else None
 
 
-def collecting() -> bool:
-    """transformers' collector gathers ``router_logits`` in this forward (its context's: per thread)."""
+def collecting(record) -> bool:
+    """transformers' collector gathers ``router_logits`` in this forward (its context's: per thread). In a region
+    torch.compile traces inside an eager model forward (a decoder layer compiled on its own) the collector's
+    ``ContextVar`` cannot be read: there ``record.asked``, set by the model's pre-hook (:func:`mark_asked`)."""
     c = _collector()
-    out = c.get() if c is not None else None
+    if c is None:
+        return False
+    if torch.compiler.is_compiling() and not getattr(c, "compiling", True):
+        return record.asked
+    out = c.get()
     return out is not None and "router_logits" in out
+
+
+def mark_asked(model, asked: bool, records=()) -> None:
+    """Mark ``records`` (those below ``model``) asked for this forward of ``model``, or unmark those its previous
+    forward marked (:func:`collecting`'s compiled case)."""
+    for r in model.__dict__.pop(ASKED, ()):
+        r.asked = False
+    if asked:
+        for r in records:
+            r.asked = True
+        model.__dict__[ASKED] = list(records)
 
 
 def _recorder_specs(pm) -> list:

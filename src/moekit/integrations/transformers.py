@@ -41,9 +41,9 @@ from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
-from ._blocks import moekit_from_block, train_time_routing
+from ._blocks import block_tensors, moekit_from_block, train_time_routing
 from ._experts import moekit_experts_forward
-from ._record import carry_hooks, make_record, original_router
+from ._record import carry_hooks, make_record, mark_asked, original_router
 from ._restore import GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
 
 __all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
@@ -161,6 +161,8 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     if _asks_router_logits(model):  # recorded from every block, or refused before anything changes
         records = [make_record(model, n, m, 0, parent=record_at) for n, m, _ in blocks]
         _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
+    for name, module, plan in blocks:  # (a block on the meta device, e.g. offloaded, raises before any is replaced)
+        block_tensors(module, spec, plan)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
     replaced = []
@@ -212,11 +214,14 @@ def _refuse_unrecorded(module, where: str, whys) -> None:
 
 
 def _router_logits_pre_hook(module, args, kwargs):
-    """Refuse a forward of ``module`` that asks for router logits where a patched block below cannot record them
-    (the blocks that can record them while transformers' collector gathers them: :mod:`._record`)."""
-    if _asks_router_logits(module, kwargs):
-        adapters = [m for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))]
-        _refuse_unrecorded(module, f"{type(module).__name__}.forward", [m.unrecorded for m in adapters])
+    """Refuse a forward of ``module`` that asks for router logits where a patched block below cannot record them;
+    mark the records below it asked for this forward (read where a region is compiled on its own: :mod:`._record`)."""
+    if not _asks_router_logits(module, kwargs):
+        mark_asked(module, False)
+        return
+    adapters = [m for m in module.modules() if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter))]
+    _refuse_unrecorded(module, f"{type(module).__name__}.forward", [m.unrecorded for m in adapters])
+    mark_asked(module, True, [m.record for m in adapters if m.record is not None])
 
 
 def _guard_router_logits(model) -> None:

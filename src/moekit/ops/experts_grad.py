@@ -52,8 +52,8 @@ def experts_backward(
     w1_bias: [E_local, 2I | I] or None; w2_bias: [E_local, H] or None; expert_map: [E] int (-1: held elsewhere).
     need: which of (dx, dw, dW13, dW2, db13, db2) to compute. expert_chunk: experts per ``stacks_of`` call on the
     grouped path (None: all; quantised weights: as many as the workspace holds dequantised). grouped: force the
-    grouped-GEMM path on or off (None: where :func:`~.experts_grad_grouped.grouped_ok`). Returns those six, None
-    where not needed: dx [T, H] dtype of x; dw [T, K] dtype of topk_weights; dW13 / dW2 / db13 / db2 float32.
+    grouped-GEMM path on or off (None: where :func:`~.experts_grad_grouped.grouped_ok`; without host reads, only
+    unquantised bf16 takes it, else the masked loop). Returns those six, None where not needed: dx [T, H] dtype of x; dw [T, K] dtype of topk_weights; dW13 / dW2 / db13 / db2 float32.
     """
     t, k = topk_ids.shape
     num_local, rows_w13, hidden, inter = shapes
@@ -69,10 +69,11 @@ def experts_backward(
     key = torch.where(local >= 0, local, torch.full_like(local, num_local))
     weights = topk_weights.reshape(-1).float()
     eager = host_sync_allowed()  # compiling or capturing: no host reads
-    if grouped is None:  # compiling: unquantised bf16 only (all experts' stacks at once; torch's tracer refuses other
-        # dtypes for _grouped_mm, also on CPU), else the masked loop
-        grouped = grouped_ok(x.device, x.dtype, (hidden, inter, rows_w13)) and (
-            eager or (expert_chunk is None and x.dtype == torch.bfloat16))
+    if grouped is None:
+        grouped = grouped_ok(x.device, x.dtype, (hidden, inter, rows_w13))
+    if grouped and not eager and not (expert_chunk is None and x.dtype == torch.bfloat16):
+        grouped = False  # compiling / capturing: the traced grouped path takes unquantised bf16 only (all experts'
+        # stacks at once; torch's tracer refuses _grouped_mm in other dtypes, also on CPU): else the masked loop
     if t == 0:
         return _results(outs, need, x, topk_weights, t, k)
     if grouped and not eager:

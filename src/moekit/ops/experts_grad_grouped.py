@@ -71,26 +71,42 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
                             dtype, workspace_bytes):
     """:func:`grouped_backward` without a host read (compiling or capturing; round 59: before, every expert ran masked
     over every slot, E_local times the FLOPs): the slots sorted by local expert on the device, dead ones (``key`` ==
-    E_local: held elsewhere) in the last expert's rows with a zero output gradient; fixed chunks of rows over every
-    expert (an expert without rows in a chunk masked, as eagerly). ``key``: [T·K] int64 local expert of each slot;
-    w13 / w2: every local expert's stack in ``dtype`` (unquantised weights: views, no copy). Rows in one chunk where
-    their count is symbolic (dynamic shapes)."""
+    E_local: held elsewhere) in the last expert's rows with a zero output gradient (``live``); an expert without rows
+    in a chunk masked, as eagerly. ``key``: [T·K] int64 local expert of each slot; w13 / w2: every local expert's
+    stack in ``dtype`` (unquantised weights: views, no copy).
+
+    Chunks (as the forward's :func:`~.experts.compiled_chunks`): the N = T·K rows in one for N <= ``rows``, else in n
+    of ceil(N / n) <= ``rows`` rows, n the power of two with n/2 · rows < N <= n · rows, padded with dead rows; a
+    symbolic N is guarded only against those bounds (a loop over N itself would guard on N: a graph per T). ``rows``:
+    the workspace bound, but at least as many rows as make a chunk's weight-gradient outputs (every expert's,
+    ``[E, 2I, H]`` and ``[E, H, I]``) no larger than its row buffers."""
     num_local = w13.shape[0]
     live = key < num_local
     key = key.clamp(max=num_local - 1)
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(num_local, dtype=torch.int64, device=key.device).index_add_(0, key, torch.ones_like(key))
-    ends = torch.cumsum(counts, 0)  # (not bincount: its length is data-dependent to a tracer)
-    expert = key[order]
+    expert, live = key[order], live[order]
     n = key.shape[0]
+    row_elems = w13.shape[1] + x.shape[1] + w2.shape[2]
     per_row = 4 * (4 * w13.shape[1] + 4 * x.shape[1] + 3 * w2.shape[2])
-    rows = n if isinstance(n, torch.SymInt) else max(1, workspace_bytes // per_row)
-    for lo in range(0, n, rows) if not isinstance(n, torch.SymInt) else (0,):
-        hi = n if isinstance(n, torch.SymInt) else min(n, lo + rows)
-        offs = (ends - lo).clamp(0, hi - lo).to(torch.int32)
-        slots = order[lo:hi]
-        _chunk(dyf, x, weights, slots, expert[lo:hi], offs, k, w13, w2, b1, b2, 0, activation, limit, on_input, need,
-               outs, dtype, live[slots])
+    rows = max(1, workspace_bytes // per_row, (w13.numel() + w2.numel()) // row_elems)
+    chunks, size = 1, n
+    if n > rows:
+        chunks = 2
+        while chunks * rows < n:
+            chunks *= 2
+        size = (n + chunks - 1) // chunks
+        pad = chunks * size - n  # dead rows (slot 0, no gradient) at the end: the last expert's
+        order = torch.cat([order, order.new_zeros(pad)])
+        expert = torch.cat([expert, expert.new_full((pad,), num_local - 1)])
+        live = torch.cat([live, live.new_zeros(pad)])
+        counts = counts + torch.nn.functional.one_hot(counts.new_tensor(num_local - 1), num_local) * pad
+    ends = torch.cumsum(counts, 0)  # (counts by index_add_, not bincount: its length is data-dependent to a tracer)
+    for i in range(chunks):
+        lo, hi = i * size, (i + 1) * size
+        offs = (ends - lo).clamp(0, size).to(torch.int32)
+        _chunk(dyf, x, weights, order[lo:hi], expert[lo:hi], offs, k, w13, w2, b1, b2, 0, activation, limit, on_input,
+               need, outs, dtype, live[lo:hi])
 
 
 def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input, need, outs,
