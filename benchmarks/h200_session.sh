@@ -318,6 +318,12 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r59-min)  # round 59, little device time left: the GPU training tests only (the Triton gate's gradients, patched
+    # models training through the Triton layers with the aux loss)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r59-gpu-training 70 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/test_training.py \
+      tests/ops/test_experts_grad.py tests/integrations/test_router_logits.py tests/loading/test_router_linear.py
+    ;;
   r59)  # round 59 in one call: training on the GPU (the Triton gate's gradients, router-logit recording, the GPU
     # training tests), train_step.py, then the suite outside tests/ops (round 58's r58-gpu-rest reached 97 % in 150 s)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
