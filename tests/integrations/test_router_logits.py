@@ -65,6 +65,31 @@ def _records_of(model):
     return [m.record for m in model.modules() if isinstance(m, MoEBlockAdapter) and m.record is not None]
 
 
+def _step_both(model, ref_model, ids):
+    """A training step with labels and router logits on the patched ``model`` and the reference: (out, ref), their
+    losses backpropagated."""
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    ref.loss.backward()
+    return out, ref
+
+
+def _by_transformers_names(model):
+    """The patched model's parameters under transformers' names: its own, and the kept replaced blocks' (shared with
+    the moekit layers, except converted stacks), also a layer-level MoE's members (Gemma 4)."""
+    mine = dict(model.named_parameters())
+    for n, m in model.named_modules():
+        original = m.__dict__.get("_moekit_original")
+        if isinstance(original, torch.nn.Module):
+            mine.update({f"{n}.{k}": p for k, p in original.named_parameters()})
+        elif isinstance(original, dict):
+            layer = n.rpartition(".")[0]
+            for member, mod in original.items():
+                mine.update({f"{layer}.{member}.{k}": p for k, p in mod.named_parameters()})
+    return mine
+
+
 @pytest.mark.parametrize("src, arch", ARCHS, ids=[a for _, a in ARCHS])
 def test_recorded_like_transformers(src, arch):
     model = _build(src, arch)
@@ -121,17 +146,12 @@ def test_training_with_the_aux_loss(src, arch):
     model.train(), ref_model.train()
     ids = _ids(seed=2)
     names = patch(model, restorable=True)  # (the replaced blocks kept: their tensors are the ones the layers use)
-    out = model(input_ids=ids, labels=ids, output_router_logits=True)
-    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    out, ref = _step_both(model, ref_model, ids)
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
     assert ref.aux_loss.item() > 0.5  # (the term is large enough for its gradients to show)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    ref.loss.backward()
     used = {id(p) for p in model.parameters()}
-    mine = dict(model.named_parameters())  # by transformers' names: the kept blocks' tensors, shared with moekit's
-    for n in names:
-        mine.update({f"{n}.{k}": p for k, p in model.get_submodule(n).__dict__["_moekit_original"].named_parameters()})
+    mine = _by_transformers_names(model)
     checked = []
     for name, p in ref_model.named_parameters():
         q = mine[name]
@@ -305,14 +325,9 @@ def test_gpu_training_through_the_triton_layers(arch):
     ids = _ids(seed=3).cuda()
     names = patch(model, restorable=True)
     assert model.get_submodule(names[0]).moe.backend == "triton"
-    out = model(input_ids=ids, labels=ids, output_router_logits=True)
-    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    out, ref = _step_both(model, ref_model, ids)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-5)
-    out.loss.backward()
-    ref.loss.backward()
-    mine = dict(model.named_parameters())
-    for n in names:
-        mine.update({f"{n}.{k}": p for k, p in model.get_submodule(n).__dict__["_moekit_original"].named_parameters()})
+    mine = _by_transformers_names(model)
     routers = 0
     for name, p in ref_model.named_parameters():
         if p.grad is None:
@@ -336,20 +351,9 @@ def test_gradient_checkpointing_with_the_aux_loss(src, arch):
     for m in (model, ref_model):
         m.train()
         m.gradient_checkpointing_enable()
-    out = model(input_ids=ids, labels=ids, output_router_logits=True)
-    ref = ref_model(input_ids=ids, labels=ids, output_router_logits=True)
+    out, ref = _step_both(model, ref_model, ids)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    ref.loss.backward()
-    mine = dict(model.named_parameters())
-    for n, m in model.named_modules():
-        original = m.__dict__.get("_moekit_original")
-        if isinstance(original, torch.nn.Module):
-            mine.update({f"{n}.{k}": p for k, p in original.named_parameters()})
-        elif isinstance(original, dict):  # a layer-level MoE: the decoder layer's members
-            layer = n.rpartition(".")[0]
-            for member, mod in original.items():
-                mine.update({f"{layer}.{member}.{k}": p for k, p in mod.named_parameters()})
+    mine = _by_transformers_names(model)
     compared = 0
     for name, p in ref_model.named_parameters():
         q = mine.get(name)
