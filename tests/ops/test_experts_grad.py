@@ -125,3 +125,32 @@ def test_experts_without_rows_add_zero_whatever_the_gemm_leaves(monkeypatch):
                                shapes=(6, 24, 16, 12), activation="silu", need=NEED_ALL, grouped=True)
         assert torch.isfinite(got[2]).all() and torch.isfinite(got[3]).all()
         assert got[2][[0, 2, 3, 5]].abs().max() == 0 and got[2][[1, 4]].abs().min() >= 0
+
+
+def test_traced_path_reads_nothing_from_the_host(monkeypatch):
+    # (round 59) what compiled code and a CUDA-graph capture run: no host read of a device value (.item(), .tolist():
+    # aten._local_scalar_dense) and no tensor made from host data (aten.lift_fresh: a blocking copy to the device, not
+    # allowed while capturing), here in the padded (several chunks) case with experts held elsewhere
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: False)
+    x, w, ids, w13, w2, b13, b2 = _problem(101, 2, 8, 16, 8, "silu", torch.bfloat16)
+    emap = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1], dtype=torch.int32)
+    w13, w2, b13, b2 = w13[:4], w2[:4], b13[:4], b2[:4]
+    with Ops() as ops:
+        got = experts_backward(torch.randn(101, 16, dtype=torch.bfloat16), x, w, ids,
+                               stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)), shapes=(4, 16, 16, 8),
+                               activation="silu", w1_bias=b13, w2_bias=b2, expert_map=emap, need=NEED_ALL,
+                               workspace_bytes=2048)
+    assert all(g is not None for g in got)
+    assert any("_grouped_mm" in op for op in ops.seen)  # (the traced grouped path ran)
+    assert not {op for op in ops.seen if "_local_scalar_dense" in op or "lift_fresh" in op}, ops.seen

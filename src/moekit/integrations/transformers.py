@@ -283,7 +283,10 @@ def unpatch(model) -> list[str]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
     check_restorable(model)
-    for m in model.modules():  # transformers' capture hooks installed on the records while patched go back with them
+    # transformers' capture hooks installed on the records while patched go back with them; the records a guarded
+    # model's last forward marked asked are unmarked (they go with their blocks)
+    for m in model.modules():
+        mark_asked(m, False)
         original = m.__dict__.get(ORIGINAL) if isinstance(m, (MoEBlockAdapter, LayerMoEAdapter)) else None
         if original is not None and m.record is not None:
             carry_hooks(m.record, original_router(original, m.record.router_rel))

@@ -15,12 +15,13 @@ Decisions: the forward's roundings (the activation rounded to ``params_dtype`` b
 quantisation) are taken as the identity (straight-through, as quantisation-aware training does); quantised weights
 are dequantised to float32 per expert (:func:`moekit.ops.quantize.dequantize_weight`) and get no gradient; a slot
 whose weight is exactly 0 (which the forward skips) still gets ``dw = <dy_t, o>``, the derivative of ``w · o``.
-Memory: rows in chunks under ``workspace_bytes``; weight gradients are float32 accumulators of the weights' size, cast
-to the weights' dtype at the end. Both eager paths read each expert's row count on the host (a synchronisation per
-backward call); while compiling (or capturing) the grouped path sorts on the device and runs fixed row chunks over
-every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59; bf16 only: torch's tracer refuses
-``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte multiples, quantised weights) every
-expert runs masked over every slot (``E_local`` times the FLOPs).
+Memory: rows in chunks under ``workspace_bytes`` (the traced path's chunks may be larger: see
+:func:`~.experts_grad_grouped.grouped_backward_traced`); weight gradients are float32 accumulators of the weights'
+size, cast to the weights' dtype at the end. Both eager paths read each expert's row count on the host (a
+synchronisation per backward call); while compiling (or capturing) the grouped path sorts on the device and runs
+row chunks over every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59; bf16 only: torch's
+tracer refuses ``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte multiples, quantised
+weights) every expert runs masked over every slot (``E_local`` times the FLOPs).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def experts_backward(
     need: which of (dx, dw, dW13, dW2, db13, db2) to compute. expert_chunk: experts per ``stacks_of`` call on the
     grouped path (None: all; quantised weights: as many as the workspace holds dequantised). grouped: force the
     grouped-GEMM path on or off (None: where :func:`~.experts_grad_grouped.grouped_ok`; without host reads, only
-    unquantised bf16 takes it, else the masked loop). Returns those six, None where not needed: dx [T, H] dtype of x; dw [T, K] dtype of topk_weights; dW13 / dW2 / db13 / db2 float32.
+    unquantised bf16 takes it, else the masked loop). Returns those six, None where not needed: dx [T, H] dtype of
+    x; dw [T, K] dtype of topk_weights; dW13 / dW2 / db13 / db2 float32.
     """
     t, k = topk_ids.shape
     num_local, rows_w13, hidden, inter = shapes

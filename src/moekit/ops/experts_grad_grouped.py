@@ -77,9 +77,10 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
 
     Chunks (as the forward's :func:`~.experts.compiled_chunks`): the N = T·K rows in one for N <= ``rows``, else in n
     of ceil(N / n) <= ``rows`` rows, n the power of two with n/2 · rows < N <= n · rows, padded with dead rows; a
-    symbolic N is guarded only against those bounds (a loop over N itself would guard on N: a graph per T). ``rows``:
-    the workspace bound, but at least as many rows as make a chunk's weight-gradient outputs (every expert's,
-    ``[E, 2I, H]`` and ``[E, H, I]``) no larger than its row buffers."""
+    symbolic N is guarded only against those bounds (one graph for N <= ``rows``, one more per power-of-two band above
+    it; a loop over N itself would guard on N: a graph per T). ``rows``: the workspace bound, but at least as many rows
+    as make a chunk's weight-gradient outputs (every expert's, ``[E, 2I, H]`` and ``[E, H, I]``) no larger than its
+    row buffers, so a chunk's buffers may exceed ``workspace_bytes`` (a Mixtral-8x7B-sized layer: ~30k rows)."""
     num_local = w13.shape[0]
     live = key < num_local
     key = key.clamp(max=num_local - 1)
@@ -100,7 +101,7 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
         order = torch.cat([order, order.new_zeros(pad)])
         expert = torch.cat([expert, expert.new_full((pad,), num_local - 1)])
         live = torch.cat([live, live.new_zeros(pad)])
-        counts = counts + torch.nn.functional.one_hot(counts.new_tensor(num_local - 1), num_local) * pad
+        counts[num_local - 1] += pad  # (a scalar into a device tensor: no host copy, capture-safe)
     ends = torch.cumsum(counts, 0)  # (counts by index_add_, not bincount: its length is data-dependent to a tracer)
     for i in range(chunks):
         lo, hi = i * size, (i + 1) * size
