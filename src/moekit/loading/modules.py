@@ -19,7 +19,6 @@ from .._checks import check_choice
 from ..experts.graphed import MODEL_GRAPH_TOKENS
 from ..layer import FusedMoE
 from ..ops.activation import effective_limit, gated_activation, get_activation
-from ..ops.grad import straight, wants_grad
 from ..ops.kernels import triton_unavailable_reason
 from ..runner import MoERunner
 from .blocks import RMSNorm, RMSNormGate, plan_modules
@@ -62,20 +61,16 @@ class RouterLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
             out = _triton_gate(x, self.weight, self.bias, self.fp32)
-            if wants_grad(x, self.weight, self.bias):  # (round 59) the kernel has no backward: its values, the
-                out = straight(out, self._torch_logits(x))  # torch path's gradients (x, weight and bias)
+        elif self.fp32:
+            b = None if self.bias is None else self.bias.float()
+            out = F.linear(x.float(), self.weight.float(), b)
         else:
-            out = self._torch_logits(x)
+            out = super().forward(x)
         if self.logit_scale is not None:
             out = out.float() * self.logit_scale
         if self.logit_softcap is not None:
             out = self.logit_softcap * torch.tanh(out.float() / self.logit_softcap)
         return out
-
-    def _torch_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fp32:
-            return super().forward(x)
-        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp32={self.fp32}, backend={self.backend!r}"

@@ -55,9 +55,7 @@ class _Straight(torch.autograd.Function):
         return grad, None
 
 
-def straight(value: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
-    """``value``'s bits forward, ``twin``'s gradient backward (same shape; e.g. a Triton kernel without a backward
-    beside its torch twin)."""
+def _straight(value: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
     return _Straight.apply(twin, (value,))
 
 
@@ -95,7 +93,7 @@ class _Route(_Wrapped):
         if not wants_grad(logits):
             return self.base(logits, spec, bias, indices_type, **kw)
         w, ids = self.base(logits.detach(), spec, bias, indices_type, **kw)
-        return straight(w, _twin_weights(logits, ids, spec)), ids
+        return _straight(w, _twin_weights(logits, ids, spec)), ids
 
 
 class _HashRoute(_Wrapped):
@@ -103,7 +101,7 @@ class _HashRoute(_Wrapped):
         if not wants_grad(logits):
             return self.base(logits, table, input_ids, spec, indices_type, **kw)
         w, ids = self.base(logits.detach(), table, input_ids, spec, indices_type, **kw)
-        return straight(w, _twin_weights(logits, ids, spec)), ids
+        return _straight(w, _twin_weights(logits, ids, spec)), ids
 
 
 class _ZeroSlots(_Wrapped):
@@ -112,7 +110,7 @@ class _ZeroSlots(_Wrapped):
             return self.base(topk_weights, topk_ids, num_experts)
         w, ids, s = self.base(topk_weights.detach(), topk_ids, num_experts)
         tw, _, ts = zero_slots_torch(topk_weights, topk_ids, num_experts)
-        return straight(w, tw), ids, straight(s, ts)
+        return _straight(w, tw), ids, _straight(s, ts)
 
 
 class _ZeroCombine(_Wrapped):
@@ -121,7 +119,7 @@ class _ZeroCombine(_Wrapped):
             return self.base(routed, x, zero_scale, scale)
         out = self.base(routed.detach(), None if x is None else x.detach(),
                         None if zero_scale is None else zero_scale.detach(), scale)
-        return straight(out, zero_combine_torch(routed, x, zero_scale, scale))
+        return _straight(out, zero_combine_torch(routed, x, zero_scale, scale))
 
 
 @dataclasses.dataclass

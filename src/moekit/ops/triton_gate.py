@@ -19,6 +19,7 @@ import triton
 from ._device import KERNEL_OPTIONS, interpreting
 from ._eager import direct_call_ok, unit_rows
 from ._triton.gate import gate_kernel, gate_sum_kernel
+from .grad import wants_grad
 
 #: the H step of every gate launch and the columns of one chunk of H (fixed: the order of a row's sums, SPEC §9)
 GATE_BK = 64
@@ -32,8 +33,9 @@ _HALF = (torch.bfloat16, torch.float16)
 def router_gate_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x: [T, H] float; weight: [N, H] float; bias: [N] float or None -> [T, N] ``out_dtype`` (validated by
-    the caller: same device, matching widths). The ``moekit::router_gate`` custom op when traced."""
-    fn = router_gate_impl if direct_call_ok(x) else router_gate_op
+    the caller: same device, matching widths). The ``moekit::router_gate`` custom op when traced or when autograd
+    tracks the call (the op's backward: :func:`_gate_backward`)."""
+    fn = router_gate_impl if direct_call_ok(x) and not wants_grad(x, weight, bias) else router_gate_op
     return fn(x if x.stride(-1) == 1 else x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
               bias, out_dtype)
 
@@ -48,6 +50,28 @@ def router_gate_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 @router_gate_op.register_fake
 def _router_gate_fake(x, weight, bias, out_dtype):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+def _gate_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gate_backward(ctx, grad):
+    """The kernel has no backward of its own (round 59; before, the op had none: under autograd the router of every
+    Triton layer got no gradient): ``F.linear``'s on operands cast to the output dtype, as the torch gate computes it
+    (``F.linear(x.float(), w.float(), b.float())`` for float32 logits of bf16 operands): dx = dy · W,
+    dW = (xᵀ · dy)ᵀ, db = Σ_t dy, each cast back to its operand's dtype. grad: [T, N] out_dtype."""
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = grad.mm(weight.to(grad.dtype)).to(x.dtype) if need[0] else None
+    dw = x.to(grad.dtype).t().mm(grad).t().to(weight.dtype) if need[1] else None
+    db = grad.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
+    return dx, dw, db, None
+
+
+router_gate_op.register_autograd(_gate_backward, setup_context=_gate_setup)
 
 
 def router_gate_impl(x, weight, bias, out_dtype):
