@@ -157,9 +157,11 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             f"({[p.name for p in plans]}); the model structure is not the expected one"
         )
     blocks = [(n, m, p) for n, m, p in planned if not _patched(m)]  # (blocks patched before are left as they are)
-    record_at = "experts" if spec.layer_level else ""  # (where a block's record sits below its path)
-    if _asks_router_logits(model):  # recorded from every block, or refused before anything changes
-        records = [make_record(model, n, m, 0, parent=record_at) for n, m, _ in blocks]
+    # each block's router-logits record (a layer-level MoE's below its experts); a config asking for router logits
+    # that a block cannot record is refused before anything changes
+    records = [make_record(model, n, m, p.num_experts + p.num_zero_experts, p.routed_shared_experts,
+                           "experts" if spec.layer_level else "") for n, m, p in blocks]
+    if _asks_router_logits(model):
         _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
     for name, module, plan in blocks:  # (a block on the meta device, e.g. offloaded, raises before any is replaced)
         block_tensors(module, spec, plan)
@@ -167,11 +169,9 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     act_dtype = _activation_dtype(model)
     replaced = []
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
-    for name, module, plan in blocks:
+    for (name, module, plan), record in zip(blocks, records):
         moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
         moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
-        record = make_record(model, name, module, moe.router.num_logit_columns or moe.router.global_num_experts,
-                             plan.routed_shared_experts, record_at)
         if spec.layer_level:
             _install_in_layer(module, spec, moe, restorable, record)
         else:
