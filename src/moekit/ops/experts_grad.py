@@ -84,7 +84,7 @@ def experts_backward(
                                 on_input, need, outs, x.dtype, workspace_bytes)
         return _results(outs, need, x, topk_weights, t, k)
     order = counts = None
-    if eager or grouped:  # live slots sorted by local expert (dead ones last), each expert's row count on the host
+    if eager:  # live slots sorted by local expert (dead ones last), each expert's row count on the host
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=num_local + 1)[:num_local].tolist()
     if grouped:

@@ -50,8 +50,7 @@ def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activ
         if starts[g1] == starts[g0]:
             continue
         w13, w2 = stacks_of(g0, g1, dtype)
-        per_row = 4 * (4 * w13.shape[1] + 4 * x.shape[1] + 3 * w2.shape[2])
-        rows = max(1, workspace_bytes // per_row)
+        rows = max(1, workspace_bytes // _row_bytes(w13, w2))
         for lo in range(starts[g0], starts[g1], rows):
             hi = min(starts[g1], lo + rows)
             # only the experts this chunk's rows span: the K-grouped weight-gradient GEMMs write one [rows, H] block
@@ -88,9 +87,8 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
     counts = torch.zeros(num_local, dtype=torch.int64, device=key.device).index_add_(0, key, torch.ones_like(key))
     expert, live = key[order], live[order]
     n = key.shape[0]
-    row_elems = w13.shape[1] + x.shape[1] + w2.shape[2]
-    per_row = 4 * (4 * w13.shape[1] + 4 * x.shape[1] + 3 * w2.shape[2])
-    rows = max(1, workspace_bytes // per_row, (w13.numel() + w2.numel()) // row_elems)
+    row_elems = w13.shape[1] + w13.shape[2] + w2.shape[2]  # (2I | I) + H + I
+    rows = max(1, workspace_bytes // _row_bytes(w13, w2), (w13.numel() + w2.numel()) // row_elems)
     chunks, size = 1, n
     if n > rows:
         chunks = 2
@@ -108,6 +106,11 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
         offs = (ends - lo).clamp(0, size).to(torch.int32)
         _chunk(dyf, x, weights, order[lo:hi], expert[lo:hi], offs, k, w13, w2, b1, b2, 0, activation, limit, on_input,
                need, outs, dtype, live[lo:hi])
+
+
+def _row_bytes(w13, w2) -> int:
+    """The float32 buffers one sorted row costs a chunk (h / act / dh / their casts, the row's input and gradients)."""
+    return 4 * (4 * w13.shape[1] + 4 * w13.shape[2] + 3 * w2.shape[2])
 
 
 def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input, need, outs,
