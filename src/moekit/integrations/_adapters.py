@@ -86,7 +86,7 @@ class MoEBlockAdapter(_Recording):
         if self.output == "hidden":
             return self.moe(x, logits, input_ids=ids).reshape(shape)
         if self.output == "hidden_logits":  # Llama 4: flattened output and the router logits
-            logits = self.moe.compute_router_logits(x) if logits is None else logits
+            logits = self.moe.gate(x) if logits is None else logits  # (the hot path: no second input check)
             return self.moe(x, logits, input_ids=ids), logits
         # gpt-oss: (hidden, router_scores [T, K]), the weights of the forward's own routing (one routing, the gate
         # inside the layer's internal graphs where they serve the call)
