@@ -266,3 +266,28 @@ def test_new_activations_through_the_layer(act, limit):
             ref[t] += float(wj) * (w2[int(e)].double() @ a)
     for out in outs:
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gate_input", ["routed", "block"])
+def test_compute_router_logits(gate_input):
+    # (round 59) MoERunner.compute_router_logits: the logits a forward routes with (the gate reads the transformed
+    # input, or the block input with gate_input="block"), cast to router_logits_dtype, differentiable; passed back,
+    # the forward is the same bits; a layer without a gate says so
+    down = torch.nn.Linear(H, HL, bias=False)
+    gate = torch.nn.Linear(HL if gate_input == "routed" else H, E, bias=False)
+    layer = moekit.FusedMoE(E, K, HL, I, gate=gate, routed_input_transform=down,
+                            routed_output_transform=torch.nn.Linear(HL, H, bias=False), gate_input=gate_input,
+                            router_logits_dtype=torch.float64, backend="torch")
+    layer.load_expert_weights(*_weights(E, HL, I))
+    h = torch.randn(2, 5, H)  # [B, S, H]: leading dims flattened
+    logits = layer.compute_router_logits(h)
+    want = gate(down(h) if gate_input == "routed" else h).reshape(10, E).double()
+    assert logits.shape == (10, E) and logits.dtype == torch.float64
+    torch.testing.assert_close(logits, want)
+    with torch.no_grad():
+        assert torch.equal(layer(h, logits), layer(h))
+    logits.sum().backward()
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+    plain = moekit.FusedMoE(E, K, H, I, backend="torch")
+    with pytest.raises(ValueError, match="no gate"):
+        plain.compute_router_logits(torch.randn(3, H))
