@@ -318,6 +318,15 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r60)  # round 60 in one call, on an H200 (none lent since round 49): round 59's GPU training tests, the sweep of
+    # record (bf16 + fp8, four benchmark shapes, experts step and layer, beside the peer), then train_step.py
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r60-gpu-training 70 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/test_training.py \
+      tests/ops/test_experts_grad.py tests/integrations/test_router_logits.py tests/loading/test_router_linear.py
+    sweep 330
+    step r60-train 90 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    tail -3 "$OUT"/r60-gpu-training.log; cat "$OUT/compare.md" 2>/dev/null | head -60
+    ;;
   r59-min)  # round 59, little device time left: the GPU training tests only (the Triton gate's gradients, patched
     # models training through the Triton layers with the aux loss)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
