@@ -292,3 +292,32 @@ def test_register_and_check_registered_refuse_what_they_cannot_use():
     patch(model)
     with pytest.raises(ValueError, match="was patched by moekit"):
         check_registered(model)
+
+
+@pytest.mark.parametrize("src, arch", [("tiny", "mixtral"), ("tiny", "gpt_oss"), ("t13", "gemma4")])
+def test_a_block_failing_to_build_puts_back_those_before_it(src, arch, monkeypatch):
+    # all or nothing: the last block's layer fails to build (here: an injected error) after the others were replaced;
+    # the model is left exactly as it was (modules, parameters, hooks, output) and patch() works afterwards
+    # (before: the blocks before it stayed patched). Blocks: a plain one, converted copies, a layer-level MoE.
+    import moekit.integrations.transformers as tf
+
+    model = _build(src, arch, monkeypatch)
+    ids = _ids(model)
+    ref, before = _run(model, ids), _snapshot(model)
+    built, real = [], tf.moekit_from_block
+
+    def failing(module, *args):
+        built.append(module)
+        if len(built) == len(names_all):
+            raise MemoryError("injected: no memory for the last block's layer")
+        return real(module, *args)
+
+    names_all = list(tf._planned_blocks(model, tf.plan_layers(tf._model_config_dict(model), "")[1]))
+    assert len(names_all) >= 2  # (a block replaced before the failing one)
+    monkeypatch.setattr(tf, "moekit_from_block", failing)
+    with pytest.raises(MemoryError, match="injected"):
+        patch(model)
+    assert _snapshot(model) == before and torch.equal(_run(model, ids), ref)
+    monkeypatch.setattr(tf, "moekit_from_block", real)
+    assert len(patch(model)) == len(names_all)
+    torch.testing.assert_close(_run(model, ids), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

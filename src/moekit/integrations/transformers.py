@@ -132,7 +132,9 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     the module tree) for :func:`unpatch` where that is free or ``restorable`` asks for it. Supported: the
     architectures of :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
     ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
-    config says raises ``RuntimeError``; without transformers, ``ImportError``.
+    config says raises ``RuntimeError``; without transformers, ``ImportError``. All or nothing: a block whose
+    moekit layer cannot be built (the error propagates) leaves the model as it was (the blocks replaced before it
+    are put back).
 
     ``output_router_logits`` (the router logits transformers records for its load-balancing loss, and its
     ``aux_loss``) works on the patched model as on the original: while transformers' collector gathers them (a
@@ -167,20 +169,30 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         block_tensors(module, spec, plan)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
-    replaced = []
+    replaced, undo = [], []  # undo: (parent, {attribute: the module it held}) per block replaced so far
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
-    for (name, module, plan), record in zip(blocks, records):
-        moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
-        moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
-        if spec.layer_level:
-            _install_in_layer(module, spec, moe, restorable, record)
-        else:
-            adapter = MoEBlockAdapter(moe, plan, train_time_routing(module), record).train(module.training)
-            keep_original(adapter, module, moe, restorable)  # for unpatch()
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, adapter)
-        replaced.append(name)
+    try:
+        for (name, module, plan), record in zip(blocks, records):
+            moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
+            moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
+            if spec.layer_level:
+                undo.append((module, {member: getattr(module, member) for member in spec.ckpt_blocks}))
+                _install_in_layer(module, spec, moe, restorable, record)
+            else:
+                adapter = MoEBlockAdapter(moe, plan, train_time_routing(module), record).train(module.training)
+                keep_original(adapter, module, moe, restorable)  # for unpatch()
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                undo.append((parent, {attr: module}))
+                setattr(parent, attr, adapter)
+            replaced.append(name)
+    except BaseException:
+        # all or nothing: a block that fails to build (an unsupported tensor, out of memory) puts back the blocks
+        # replaced before it (``blocks`` holds them until now either way: this costs no memory)
+        for parent, members in reversed(undo):
+            for attr, old in members.items():
+                setattr(parent, attr, old)
+        raise
     _guard_router_logits(model)
     return replaced
 
