@@ -321,3 +321,96 @@ def test_a_block_failing_to_build_puts_back_those_before_it(src, arch, monkeypat
     monkeypatch.setattr(tf, "moekit_from_block", real)
     assert len(patch(model)) == len(names_all)
     torch.testing.assert_close(_run(model, ids), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+#: the CASES whose layers hold converted copies of the expert stacks
+CONVERTED = {"gpt_oss", "llama4_text", "dbrx", "openai_privacy_filter", "inkling"}
+
+
+def _routed(model):
+    return [m.moe.routed_experts for m in model.modules() if hasattr(m, "moe") and hasattr(m.moe, "routed_experts")]
+
+
+def _stack_names(ex):
+    return [n for n in ("w13_weight", "w2_weight", "w13_bias", "w2_bias") if getattr(ex, n, None) is not None]
+
+
+@pytest.mark.parametrize("src, arch, converted", [(s, a, a in CONVERTED) for s, a in CASES])
+def test_unpatch_carries_trained_copies_back(src, arch, converted, monkeypatch):
+    # round 60: what training changed in a layer's converted copies (gpt-oss's interleaved transposed stacks and
+    # biases, Llama 4's transposed, DBRX's flat splits, Inkling's appended shared experts) is written back into the
+    # block's own stacks by unpatch(): patching again gives the changed weights bit for bit (before: the untrained
+    # stacks came back). Shared stacks need nothing (no carry is kept for them). The "training" here: every expert
+    # weight and bias changed in place, elementwise and differently per element
+    from moekit.integrations._restore import CARRY
+
+    model = _build(src, arch, monkeypatch)
+    ids = _ids(model)
+    ref = _run(model, ids)
+    names = patch(model, restorable=True)
+    assert any(CARRY in m.__dict__ for m in model.modules()) == converted
+    want = []
+    with torch.no_grad():
+        for ex in _routed(model):
+            for n in _stack_names(ex):
+                t = getattr(ex, n)
+                t.mul_(torch.linspace(0.5, 1.5, t.numel(), dtype=t.dtype).view_as(t)).add_(0.01)
+            want.append({n: getattr(ex, n).detach().clone() for n in _stack_names(ex)})
+    trained = _run(model, ids)
+    assert unpatch(model) == names
+    assert not any(CARRY in m.__dict__ for m in model.modules())
+    after = _run(model, ids)  # transformers' own blocks, on the trained stacks
+    assert not torch.equal(after, ref)
+    torch.testing.assert_close(after, trained, rtol=1e-4, atol=1e-4 * trained.abs().max().item())
+    patch(model, restorable=True)
+    for ex, w in zip(_routed(model), want, strict=True):
+        for n, t in w.items():
+            assert torch.equal(getattr(ex, n), t), n
+
+
+
+def test_unpatch_after_an_optimizer_step_on_gpt_oss():
+    # the user's path: patch, train (autograd through the converted copies, one SGD step), unpatch, save: the state
+    # dict transformers saves holds the trained experts, in its own layout
+    model = hf_tiny.build("gpt_oss")
+    ids = _ids(model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
+    patch(model, restorable=True)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    copies = [{n: getattr(ex, n).detach().clone() for n in _stack_names(ex)} for ex in _routed(model)]
+    unpatch(model)
+    saved = model.state_dict()
+    assert all(not torch.equal(saved[k], v) for k, v in before.items())  # every expert stack and bias trained
+    patch(model, restorable=True)
+    for ex, w in zip(_routed(model), copies, strict=True):
+        assert all(torch.equal(getattr(ex, n), t) for n, t in w.items())
+
+
+def test_carry_back_keeps_the_rows_the_layer_does_not_read():
+    # the inverse of a conversion that reads only some rows (a transposed stack of E + Z rows of which the first E are
+    # the experts: convert_stacks' slice, e.g. LongCat's zero experts in an older layout): the rows read get the
+    # layer's weights (transposed back), the others keep theirs
+    import dataclasses
+    import types
+
+    import moekit.integrations.transformers as tf
+    from moekit.integrations._blocks import carry_back
+
+    model = hf_tiny.build("longcat_flash")
+    spec, plans = tf.plan_layers(tf._model_config_dict(model), "")
+    plan, spec = plans[0], dataclasses.replace(spec, memory_layout="transposed")
+    e = plan.num_experts
+    _, i2, h = model.get_submodule(plan.name).experts.gate_up_proj.shape
+    g = torch.Generator().manual_seed(0)
+    stacks = {"experts.gate_up_proj": torch.randn(e + 2, h, i2, generator=g),
+              "experts.down_proj": torch.randn(e + 2, i2 // 2, h, generator=g)}
+    old = {k: v.clone() for k, v in stacks.items()}
+    w13, w2 = torch.randn(e, i2, h, generator=g), torch.randn(e, h, i2 // 2, generator=g)
+    carry_back(stacks, spec, plan, types.SimpleNamespace(routed_experts=types.SimpleNamespace(w13_weight=w13,
+                                                                                             w2_weight=w2)))
+    assert torch.equal(stacks["experts.gate_up_proj"][:e], w13.transpose(1, 2))
+    assert torch.equal(stacks["experts.down_proj"][:e], w2.transpose(1, 2))
+    assert all(torch.equal(stacks[k][e:], old[k][e:]) for k in stacks)

@@ -161,6 +161,44 @@ def block_stacks(stacks: dict, spec: ArchSpec, plan: LayerPlan):
     return w13, w2, b13, b2
 
 
+def converted_stacks(block, spec: ArchSpec, plan: LayerPlan, layer) -> dict[str, torch.Tensor] | None:
+    """The block's expert stacks (moekit name -> tensor) when ``layer`` holds converted, trainable copies of them
+    (float stacks not in moekit's layout: gpt-oss, Llama 4, DBRX, Inkling ...), else None (shared or quantised)."""
+    ex = layer.routed_experts
+    if ex.quant is not None:
+        return None
+    stacks = {rel: t for rel, t in block_tensors(block, spec, plan).items() if _is_stack(spec, rel)}
+    theirs = {t.untyped_storage().data_ptr() for t in stacks.values()}
+    mine = [t for t in (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))
+            if t is not None]
+    return stacks if any(t.untyped_storage().data_ptr() not in theirs for t in mine) else None
+
+
+@torch.no_grad()
+def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan, layer) -> None:
+    """Write ``layer``'s expert weights (trained while patched) back into the block's ``stacks`` (in place, in their
+    layout, dtype and device): the inverse of :func:`block_stacks`, which only moves elements (views, transposes,
+    de-interleaving, concatenation, slicing), taken as its vector-Jacobian product — a scatter of copies, exact.
+    Elements it does not read (LongCat's zero-expert rows) keep their values."""
+    ex = layer.routed_experts
+    names = list(stacks)
+    now = (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))
+    used = [i for i, t in enumerate(block_stacks(stacks, spec, plan)) if t is not None]
+
+    def forward(*tensors):
+        out = block_stacks(dict(zip(names, tensors)), spec, plan)
+        return tuple(out[i] for i in used)
+
+    primals = [stacks[n].detach() for n in names]
+    outs, pull = torch.func.vjp(forward, *primals)
+    back = pull(tuple(now[i].detach().to(o.dtype).to(o.device) for i, o in zip(used, outs)))
+    if sum(o.numel() for o in outs) != sum(p.numel() for p in primals):  # some elements not read: keep them
+        cover = pull(tuple(torch.ones_like(o) for o in outs))
+        back = [torch.where(c != 0, b, p) for b, c, p in zip(back, cover, primals)]
+    for n, b in zip(names, back):
+        stacks[n].copy_(b)
+
+
 def convert_stacks(w13, w2, b13, b2, num_experts: int, layout: FusedLayout):
     """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) from fused stacks stored in
     ``layout``: the tensors themselves for "rows", converted copies otherwise. LongCat's gate/up stack has

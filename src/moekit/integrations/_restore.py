@@ -23,6 +23,9 @@ KEPT_COST = "_moekit_kept_bytes"
 #: a kept original may cost this much beyond the moekit layer without ``restorable``: small tensors the layer holds
 #: converted (a bf16 selection bias widened to float32, fp8 scales) must not make a shared block unrestorable
 FREE_BYTES = 1 << 20
+#: beside ORIGINAL where the moekit layer holds converted copies of the block's expert stacks: a callable writing the
+#: layer's weights back into the kept block's stacks (what training changed), called by ``unpatch()``
+CARRY = "_moekit_carry_back"
 
 
 def extra_bytes(original, moe) -> tuple[int, int]:
@@ -70,14 +73,17 @@ def swizzled_storages(module) -> list[torch.Tensor]:
     return out
 
 
-def keep_original(stand_in, original, moe, restorable: bool) -> None:
+def keep_original(stand_in, original, moe, restorable: bool, carry=None) -> None:
     """Keep ``original`` (a module, or ``{member: module}``) on ``stand_in`` by reference, outside the module tree,
     when that costs little (``moe`` shares its tensors; what it holds converted is at most :data:`FREE_BYTES` or 1 %
-    of what it shares) or ``restorable``; else record the bytes dropped."""
+    of what it shares) or ``restorable``, with ``carry`` (None, or a callable writing the layer's converted weights
+    back into it: :data:`CARRY`); else record the bytes dropped."""
     cost, same = extra_bytes(original, moe)
     if restorable or cost <= max(FREE_BYTES, same // 100):
         stand_in.__dict__[ORIGINAL] = original
         stand_in.__dict__[KEPT_COST] = cost
+        if carry is not None:
+            stand_in.__dict__[CARRY] = carry
     else:
         stand_in.__dict__[DROPPED] = cost
 
@@ -131,6 +137,7 @@ def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
             restored.append(name)
         del module.__dict__[ORIGINAL]  # the stand-in, if still referenced elsewhere, no longer pins the original
         module.__dict__.pop(KEPT_COST, None)
+        module.__dict__.pop(CARRY, None)
     _remove_guards(model, stand_in_types)
     return restored
 

@@ -34,6 +34,8 @@ Without transformers installed, :func:`patch`, :func:`register` and :func:`check
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..experts.graphed import GraphPool
@@ -41,10 +43,10 @@ from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
-from ._blocks import block_tensors, moekit_from_block, train_time_routing
+from ._blocks import block_tensors, carry_back, converted_stacks, moekit_from_block, train_time_routing
 from ._experts import moekit_experts_forward
 from ._record import carry_hooks, make_record, mark_asked, original_router
-from ._restore import GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
+from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
 
 __all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
            "unpatch"]
@@ -175,12 +177,14 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         for (name, module, plan), record in zip(blocks, records):
             moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
             moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
+            stacks = converted_stacks(module, spec, plan, moe)  # (unpatch() writes trained copies back into them)
+            carry = functools.partial(carry_back, stacks, spec, plan, moe) if stacks is not None else None
             if spec.layer_level:
                 undo.append((module, {member: getattr(module, member) for member in spec.ckpt_blocks}))
-                _install_in_layer(module, spec, moe, restorable, record)
+                _install_in_layer(module, spec, moe, restorable, record, carry)
             else:
                 adapter = MoEBlockAdapter(moe, plan, train_time_routing(module), record).train(module.training)
-                keep_original(adapter, module, moe, restorable)  # for unpatch()
+                keep_original(adapter, module, moe, restorable, carry)  # for unpatch()
                 parent_name, _, attr = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 undo.append((parent, {attr: module}))
@@ -249,12 +253,12 @@ def _guard_router_logits(model) -> None:
             module.__dict__[GUARD] = module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
 
 
-def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool, record) -> None:
+def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool, record, carry) -> None:
     originals = {member: getattr(layer, member) for member in spec.ckpt_blocks}
     for member in spec.ckpt_blocks:
         if member == "experts":
             stand_in = LayerMoEAdapter(moe, record)
-            keep_original(stand_in, originals, moe, restorable)  # for unpatch()
+            keep_original(stand_in, originals, moe, restorable, carry)  # for unpatch()
         elif rename_block_key(spec, member + ".").startswith("gate."):
             stand_in = _NoRouting()
         else:
@@ -289,12 +293,19 @@ def unpatch(model) -> list[str]:
     the layer's (its weights replaced after :func:`patch`, e.g. ``load_state_dict(assign=True)``: the block would
     bring back the old weights, which it also keeps in memory until then). The kept blocks are not part of the
     module tree: ``model.to()`` / ``.half()`` done while patched reach neither their converted stacks nor their
-    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched); what training
-    changed in the converted copies is not carried back (:func:`unpatch` brings back the block's untrained stacks).
+    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched). What training
+    changed in converted copies is carried back: :func:`unpatch` first writes the layers' current expert weights
+    into the kept blocks' own stacks (in place, in their layout, dtype and device; values exact), so patch, train,
+    unpatch and ``save_pretrained`` saves the trained experts (an optimizer still holds the copies: build a new one
+    to train on after unpatching).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
     check_restorable(model)
+    for m in model.modules():  # what training changed in converted copies goes back into the blocks' own stacks
+        carry = m.__dict__.get(CARRY)
+        if carry is not None and m.__dict__.get(ORIGINAL) is not None:
+            carry()
     # transformers' capture hooks installed on the records while patched go back with them; the records a guarded
     # model's last forward marked asked are unmarked (they go with their blocks)
     for m in model.modules():
