@@ -50,6 +50,9 @@ CASES = [
     # many rows for small weights: the traced path's power-of-two chunks (8 of 26 rows, 6 of them padding), half the
     # slots held elsewhere
     (101, 2, 8, 16, 8, "silu", False, "half", 2048, None),
+    # round 60: one expert with more rows than a chunk holds (101 > the 77 rows of the weights' size): split, its
+    # weight gradients summed in float32 (eager) / over chunks (traced); the six others in one group without rows
+    (101, 2, 7, 16, 12, "silu", False, "hot", 2048, None),
 ]
 
 
@@ -154,3 +157,41 @@ def test_traced_path_reads_nothing_from_the_host(monkeypatch):
     assert all(g is not None for g in got)
     assert any("_grouped_mm" in op for op in ops.seen)  # (the traced grouped path ran)
     assert not {op for op in ops.seen if "_local_scalar_dense" in op or "lift_fresh" in op}, ops.seen
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["grouped", "traced"])
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_grouped_paths_match_float64(host, case, monkeypatch):
+    # the grouped paths in bf16, their dtype on a GPU (the float32 cases above take the masked loop without host reads:
+    # torch's tracer runs _grouped_mm in bf16 only): eager (expert-aligned groups, a hot expert split and summed in
+    # float32) and traced (one chunk: the GEMMs' outputs as they are; several: summed in float32), within bf16's
+    # rounding of the float64 reference (relative RMS per gradient)
+    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: host)
+    t, k, e, h, inter, activation, on_input, emap_kind, workspace, chunk = case
+    if not host and chunk is not None:
+        chunk = None  # (the traced path takes every expert at once)
+    inter = -(-inter // 8) * 8  # (bf16 rows of 16-byte multiples, as _grouped_mm needs and grouped_ok checks)
+    torch.manual_seed(0)
+    x, w, ids, w13, w2, b13, b2 = _problem(t, k, e, h, inter, activation, torch.bfloat16)
+    emap = None
+    if emap_kind == "half":
+        emap = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1], dtype=torch.int32)
+        w13, w2, b13, b2 = w13[:4], w2[:4], b13[:4], b2[:4]
+    if emap_kind == "hot":
+        ids = torch.full_like(ids, 2)[:, :1].expand(t, 1).contiguous()
+        w, k = w[:, :1], 1
+    dy = torch.randn(t, h)
+    got = experts_backward(dy.to(torch.bfloat16), x, w, ids,
+                           stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
+                           shapes=(w13.shape[0], w13.shape[1], h, inter), activation=activation, on_input=on_input,
+                           w1_bias=b13, w2_bias=b2, expert_map=emap, need=NEED_ALL, expert_chunk=chunk,
+                           workspace_bytes=workspace, grouped=True)
+    leaves = [v.detach().double().requires_grad_() for v in (x, w, w13, w2, b13, b2)]
+    if t:
+        _ref(*leaves[:2], ids.long(), *leaves[2:], activation, on_input, emap).backward(
+            dy.to(torch.bfloat16).double())
+    for name, g, leaf in zip(("dx", "dw", "dW13", "dW2", "db13", "db2"), got, leaves):
+        assert g is not None and g.shape == leaf.shape, name
+        want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        err = (g.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-12)
+        assert err <= 2e-2 or want.abs().sum() == g.double().abs().sum() == 0, f"{name}: relative RMS {err.item():.3g}"

@@ -15,10 +15,11 @@ Decisions: the forward's roundings (the activation rounded to ``params_dtype`` b
 quantisation) are taken as the identity (straight-through, as quantisation-aware training does); quantised weights
 are dequantised to float32 per expert (:func:`moekit.ops.quantize.dequantize_weight`) and get no gradient; a slot
 whose weight is exactly 0 (which the forward skips) still gets ``dw = <dy_t, o>``, the derivative of ``w · o``.
-Memory: rows in chunks under ``workspace_bytes`` (the traced path's chunks may be larger: see
-:func:`~.experts_grad_grouped.grouped_backward_traced`); weight gradients are float32 accumulators of the weights'
-size, cast to the weights' dtype at the end. Both eager paths read each expert's row count on the host (a
-synchronisation per backward call); while compiling (or capturing) the grouped path sorts on the device and runs
+Memory: rows in chunks under ``workspace_bytes``, except that the grouped paths keep an expert's rows together up to
+as many as the weights' size allows (see :func:`~.experts_grad_grouped.grouped_backward` and ``_traced``); they write
+each expert's weight gradient as its GEMM made it (the layer's dtype: one rounding; an expert split over chunks is
+summed in float32 first), the loop sums float32 gradients of the weights' size. Both eager paths read each expert's
+row count on the host (a synchronisation per backward call); while compiling (or capturing) the grouped path sorts on the device and runs
 row chunks over every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59; bf16 only: torch's
 tracer refuses ``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte multiples, quantised
 weights) every expert runs masked over every slot (``E_local`` times the FLOPs).
@@ -55,16 +56,16 @@ def experts_backward(
     grouped path (None: all; quantised weights: as many as the workspace holds dequantised). grouped: force the
     grouped-GEMM path on or off (None: where :func:`~.experts_grad_grouped.grouped_ok`; without host reads, only
     unquantised bf16 takes it, else the masked loop). Returns those six, None where not needed: dx [T, H] dtype of
-    x; dw [T, K] dtype of topk_weights; dW13 / dW2 / db13 / db2 float32.
+    x; dw [T, K] dtype of topk_weights; dW13 / dW2 float32 (the loop) or the grouped GEMMs' dtype; db13 / db2
+    float32.
     """
     t, k = topk_ids.shape
     num_local, rows_w13, hidden, inter = shapes
     dyf = dy.float()
     f32 = dict(dtype=torch.float32, device=x.device)
+    # (the weight gradients: float32 sums on the loop path, made by the grouped paths themselves)
     outs = [torch.zeros(t, hidden, **f32) if need[0] else None, torch.zeros(t * k, **f32) if need[1] else None,
-            torch.zeros(num_local, rows_w13, hidden, **f32) if need[2] else None,
-            torch.zeros(num_local, hidden, inter, **f32) if need[3] else None,
-            torch.zeros(num_local, rows_w13, **f32) if need[4] and w1_bias is not None else None,
+            None, None, torch.zeros(num_local, rows_w13, **f32) if need[4] and w1_bias is not None else None,
             torch.zeros(num_local, hidden, **f32) if need[5] and w2_bias is not None else None]
     ids = topk_ids.reshape(-1).long()
     local = expert_map.long()[ids] if expert_map is not None else ids
@@ -76,6 +77,9 @@ def experts_backward(
     if grouped and not eager and not (expert_chunk is None and x.dtype == torch.bfloat16):
         grouped = False  # compiling / capturing: the traced grouped path takes unquantised bf16 only (all experts'
         # stacks at once; torch's tracer refuses _grouped_mm in other dtypes, also on CPU): else the masked loop
+    if t == 0 or not grouped:
+        outs[2:4] = [torch.zeros(num_local, rows_w13, hidden, **f32) if need[2] else None,
+                     torch.zeros(num_local, hidden, inter, **f32) if need[3] else None]
     if t == 0:
         return _results(outs, need, x, topk_weights, t, k)
     if grouped and not eager:

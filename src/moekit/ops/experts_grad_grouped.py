@@ -38,32 +38,72 @@ def grouped_ok(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]
 
 def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activation, limit, on_input, need, outs,
                      dtype, workspace_bytes, expert_chunk):
-    """Adds every live slot's gradients into ``outs`` = [dx [T, H] f32, dw [T·K] f32, dW13, dW2, db13, db2 (f32 stacks
-    or None)]. order: [T·K] slots sorted by local expert (dead slots last); counts: host list of rows per local expert;
-    stacks_of(e0, e1, dtype) -> (W13 [n, rows, H], W2 [n, H, I]); expert_chunk: experts per ``stacks_of`` call."""
+    """Adds every live slot's gradients into ``outs`` = [dx [T, H] f32, dw [T·K] f32, db13, db2 (f32 or None)] at
+    0, 1, 4, 5 and sets outs[2] / outs[3] (dW13 / dW2 where ``need`` them) to new ``[E_local, ...]`` stacks in
+    ``dtype``. order: [T·K] slots sorted by local expert (dead slots last); counts: host list of rows per local
+    expert; stacks_of(e0, e1, dtype) -> (W13 [n, rows, H], W2 [n, H, I]); expert_chunk: experts per ``stacks_of``
+    call.
+
+    Rows go in groups of whole consecutive experts (:func:`_groups`), so each expert's weight gradient is one grouped
+    GEMM's output, written once in ``dtype`` (round 60: every chunk's were added into float32 stacks, read, written
+    and cast again: most of a training step's time on a GPU); an expert with more rows than a group holds is split
+    and summed in float32 (its sum rounded to ``dtype`` once)."""
     num_local = len(counts)
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)  # host: the first sorted row of each local expert (and the end)
+    grads = [None, None]
     for g0 in range(0, num_local, expert_chunk):
         g1 = min(num_local, g0 + expert_chunk)
-        if starts[g1] == starts[g0]:
-            continue
         w13, w2 = stacks_of(g0, g1, dtype)
-        rows = max(1, workspace_bytes // _row_bytes(w13, w2))
-        for lo in range(starts[g0], starts[g1], rows):
-            hi = min(starts[g1], lo + rows)
-            # only the experts this chunk's rows span: the K-grouped weight-gradient GEMMs write one [rows, H] block
-            # per expert they are given (round 58's review: every expert of the group for every chunk)
-            e0 = next(e for e in range(g0, g1) if starts[e + 1] > lo)
-            e1 = next(e for e in range(e0, g1) if starts[e + 1] >= hi) + 1
+        for i, w in ((0, w13), (1, w2)):
+            if need[2 + i] and grads[i] is None:
+                grads[i] = torch.empty((num_local, *w.shape[1:]), dtype=dtype, device=x.device)
+        rows = max(1, workspace_bytes // _row_bytes(w13, w2), min(max(counts[g0:g1]), _weight_rows(w13, w2)))
+        split = [None, None]  # a split expert's float32 sums
+        for e0, e1, lo, hi in _groups(starts, g0, g1, rows):
+            if lo == hi:  # experts without rows: zero gradients
+                for g in grads:
+                    if g is not None:
+                        g[e0:e1].zero_()
+                continue
             ends = torch.tensor(starts[e0 + 1:e1 + 1], device=x.device)
             offs = (ends - lo).clamp_(0, hi - lo).to(torch.int32)
             sizes = [min(starts[e + 1], hi) - max(starts[e], lo) for e in range(e0, e1)]
             expert = torch.repeat_interleave(torch.arange(e0, e1, device=x.device), torch.tensor(sizes,
                                                                                                device=x.device))
-            _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13[e0 - g0:e1 - g0], w2[e0 - g0:e1 - g0], b1, b2,
-                   e0, activation, limit, on_input, need, outs, dtype)
+            parts = _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13[e0 - g0:e1 - g0], w2[e0 - g0:e1 - g0],
+                           b1, b2, activation, limit, on_input, need, outs, dtype)
+            whole = lo == starts[e0] and hi == starts[e1]
+            for i, part in enumerate(parts):
+                if part is None:
+                    continue
+                if whole:
+                    grads[i][e0:e1].copy_(part)
+                    continue
+                split[i] = part.float() if split[i] is None else split[i].add_(part)
+                if hi == starts[e1]:  # the split expert's last rows
+                    grads[i][e0:e1].copy_(split[i])
+                    split[i] = None
+    outs[2], outs[3] = grads
+
+
+def _groups(starts: list[int], g0: int, g1: int, rows: int):
+    """Yields ``(e0, e1, lo, hi)``: experts ``e0 .. e1 - 1`` of ``g0 .. g1 - 1``, sorted rows ``lo .. hi - 1``; whole
+    consecutive experts of at most ``rows`` rows together (those without rows included), an expert of more rows alone
+    in parts of at most ``rows`` (``e1 = e0 + 1``, the part's rows)."""
+    e = g0
+    while e < g1:
+        if starts[e + 1] - starts[e] > rows:
+            for lo in range(starts[e], starts[e + 1], rows):
+                yield e, e + 1, lo, min(lo + rows, starts[e + 1])
+            e += 1
+            continue
+        e1 = e + 1
+        while e1 < g1 and starts[e1 + 1] - starts[e] <= rows:
+            e1 += 1
+        yield e, e1, starts[e], starts[e1]
+        e = e1
 
 
 def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation, limit, on_input, need, outs,
@@ -87,8 +127,7 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
     counts = torch.zeros(num_local, dtype=torch.int64, device=key.device).index_add_(0, key, torch.ones_like(key))
     expert, live = key[order], live[order]
     n = key.shape[0]
-    row_elems = w13.shape[1] + w13.shape[2] + w2.shape[2]  # (2I | I) + H + I
-    rows = max(1, workspace_bytes // _row_bytes(w13, w2), (w13.numel() + w2.numel()) // row_elems)
+    rows = max(1, workspace_bytes // _row_bytes(w13, w2), _weight_rows(w13, w2))
     chunks, size = 1, n
     if n > rows:
         chunks = 2
@@ -104,8 +143,17 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
     for i in range(chunks):
         lo, hi = i * size, (i + 1) * size
         offs = (ends - lo).clamp(0, size).to(torch.int32)
-        _chunk(dyf, x, weights, order[lo:hi], expert[lo:hi], offs, k, w13, w2, b1, b2, 0, activation, limit, on_input,
-               need, outs, dtype, live[lo:hi])
+        parts = _chunk(dyf, x, weights, order[lo:hi], expert[lo:hi], offs, k, w13, w2, b1, b2, activation, limit,
+                       on_input, need, outs, dtype, live[lo:hi])
+        for j, part in enumerate(parts):  # one chunk: the weight gradients as the GEMMs wrote them; else summed in f32
+            if part is not None:
+                outs[2 + j] = part if chunks == 1 else (part.float() if i == 0 else outs[2 + j].add_(part))
+
+
+def _weight_rows(w13, w2) -> int:
+    """Rows whose elements (``(2I | I) + H + I`` each) are as many as the weights': a chunk of that many rows costs
+    buffers of about the size of the weight gradients it makes."""
+    return (w13.numel() + w2.numel()) // (w13.shape[1] + w13.shape[2] + w2.shape[2])
 
 
 def _row_bytes(w13, w2) -> int:
@@ -113,9 +161,11 @@ def _row_bytes(w13, w2) -> int:
     return 4 * (4 * w13.shape[1] + 4 * w13.shape[2] + 3 * w2.shape[2])
 
 
-def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activation, limit, on_input, need, outs,
-           dtype, live=None):
-    """One chunk of sorted rows (``live``: [rows] bool, the rows whose output gradient counts; None: all)."""
+def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation, limit, on_input, need, outs, dtype,
+           live=None) -> tuple:
+    """One chunk of sorted rows (``live``: [rows] bool, the rows whose output gradient counts; None: all): adds dx,
+    dw, db13, db2 into ``outs``; returns (dW13, dW2) of its experts (``[n, ...]`` in ``dtype``; 0 for an expert
+    without rows here), None where not needed."""
     tok = slots // k
     w = weights[slots].unsqueeze(1)
     xs = x[tok]
@@ -141,14 +191,12 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, e0, activat
             outs[1].index_add_(0, slots, (da * xs.float()).sum(1))
         if need[0]:
             outs[0].index_add_(0, tok, da * w if on_input else da)
-    n = w13.shape[0]
-    if need[2] or need[3]:  # an expert without rows in this chunk: its K-grouped product is not written (CUDA), so 0
-        empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]
-    if need[2]:  # (float32 += the GEMM's dtype: promoted in place, no float32 copy)
-        outs[2][e0:e0 + n] += _GMM(dh_c.t(), a_in, offs=offs).masked_fill_(empty, 0.0)
-    if need[3]:
-        outs[3][e0:e0 + n] += _GMM(do_c.t(), act_c, offs=offs).masked_fill_(empty, 0.0)
     if need[4] and b1 is not None:
         outs[4].index_add_(0, expert, dh)
     if need[5] and b2 is not None:
         outs[5].index_add_(0, expert, do)
+    if not (need[2] or need[3]):
+        return None, None
+    empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]  # (not written by the K-grouped GEMMs)
+    return (_GMM(dh_c.t(), a_in, offs=offs).masked_fill_(empty, 0.0) if need[2] else None,
+            _GMM(do_c.t(), act_c, offs=offs).masked_fill_(empty, 0.0) if need[3] else None)
