@@ -43,7 +43,9 @@ def main(argv=None) -> int:
                         step()
                     torch.cuda.synchronize()
                 print(f"== {name} T={t} {variant} (3 steps)")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                                  max_name_column_width=70)
+                print(table)
     return 0
 
 

@@ -19,8 +19,8 @@ Memory: rows in chunks under ``workspace_bytes``, except that the grouped paths 
 as many as the weights' size allows (see :func:`~.experts_grad_grouped.grouped_backward` and ``_traced``); they write
 each expert's weight gradient as its GEMM made it (the layer's dtype: one rounding; an expert split over chunks is
 summed in float32 first), the loop sums float32 gradients of the weights' size. Both eager paths read each expert's
-row count on the host (a synchronisation per backward call); while compiling (or capturing) the grouped path sorts on the device and runs
-row chunks over every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59; bf16 only: torch's
+row count on the host (a synchronisation per backward call); while compiling (or capturing) the grouped path sorts on
+the device and runs row chunks over every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59; bf16 only: torch's
 tracer refuses ``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte multiples, quantised
 weights) every expert runs masked over every slot (``E_local`` times the FLOPs).
 """
@@ -114,7 +114,7 @@ def experts_backward(
 
 
 def _results(outs, need, x, topk_weights, t: int, k: int) -> tuple:
-    """(dx in x's dtype, dw [T, K] in topk_weights' dtype, the float32 weight / bias gradients), None where not needed."""
+    """(dx in x's dtype, dw [T, K] in topk_weights' dtype, the weight / bias gradients), None where not needed."""
     return (outs[0].to(x.dtype) if need[0] else None, outs[1].view(t, k).to(topk_weights.dtype) if need[1] else None,
             *outs[2:])
 

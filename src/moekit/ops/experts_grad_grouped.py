@@ -73,7 +73,8 @@ def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activ
             expert = torch.repeat_interleave(torch.arange(e0, e1, device=x.device), torch.tensor(sizes,
                                                                                                device=x.device))
             parts = _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13[e0 - g0:e1 - g0], w2[e0 - g0:e1 - g0],
-                           b1, b2, activation, limit, on_input, need, outs, dtype)
+                           b1, b2, activation, limit, on_input, need, outs, dtype,
+                           empty=[i for i, n in enumerate(sizes) if n == 0])
             whole = lo == starts[e0] and hi == starts[e1]
             for i, part in enumerate(parts):
                 if part is None:
@@ -162,10 +163,11 @@ def _row_bytes(w13, w2) -> int:
 
 
 def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation, limit, on_input, need, outs, dtype,
-           live=None) -> tuple:
+           live=None, empty=None) -> tuple:
     """One chunk of sorted rows (``live``: [rows] bool, the rows whose output gradient counts; None: all): adds dx,
     dw, db13, db2 into ``outs``; returns (dW13, dW2) of its experts (``[n, ...]`` in ``dtype``; 0 for an expert
-    without rows here), None where not needed."""
+    without rows here: ``empty``, a host list of those, or None: found on the device, a pass over the outputs),
+    None where not needed."""
     tok = slots // k
     w = weights[slots].unsqueeze(1)
     xs = x[tok]
@@ -197,6 +199,13 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
         outs[5].index_add_(0, expert, do)
     if not (need[2] or need[3]):
         return None, None
-    empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]  # (not written by the K-grouped GEMMs)
-    return (_GMM(dh_c.t(), a_in, offs=offs).masked_fill_(empty, 0.0) if need[2] else None,
-            _GMM(do_c.t(), act_c, offs=offs).masked_fill_(empty, 0.0) if need[3] else None)
+    parts = (_GMM(dh_c.t(), a_in, offs=offs) if need[2] else None,
+             _GMM(do_c.t(), act_c, offs=offs) if need[3] else None)
+    # an expert without rows: the K-grouped GEMMs do not write its block (CUDA)
+    mask = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None] if empty is None else None
+    for part in parts:
+        if part is not None and mask is not None:
+            part.masked_fill_(mask, 0.0)
+        elif part is not None and empty:
+            part[empty] = 0.0
+    return parts
