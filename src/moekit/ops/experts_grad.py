@@ -21,8 +21,8 @@ each expert's weight gradient as its GEMM made it (the layer's dtype: one roundi
 summed in float32 first), the loop sums float32 gradients of the weights' size. Both eager paths read each expert's
 row count on the host (a synchronisation per backward call); while compiling (or capturing) the grouped path sorts on
 the device and runs row chunks over every expert (:func:`~.experts_grad_grouped.grouped_backward_traced`, round 59;
-bf16 only: torch's tracer refuses ``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte multiples, quantised
-weights) every expert runs masked over every slot (``E_local`` times the FLOPs).
+bf16 only: torch's tracer refuses ``_grouped_mm`` in other dtypes); elsewhere (fp16, float32, rows not 16-byte
+multiples, quantised weights) every expert runs masked over every slot (``E_local`` times the FLOPs).
 """
 
 from __future__ import annotations
