@@ -176,16 +176,18 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
     if b1 is not None:
         h = h + b1[expert].float()
     act, pull = torch.func.vjp(lambda t: apply_activation_torch(t, activation, limit), h)
-    act_c = act.to(dtype)
     g = dyf[tok] if live is None else dyf[tok] * live.unsqueeze(1)
     do = g if on_input else g * w
     do_c = do.to(dtype)
+    # W2ᵀ·dy once per row (round 60: the weight's gradient <dy, o> = <W2ᵀ·dy, a> + <dy, b2> from it, not from a
+    # recomputed o = W2·a: one grouped GEMM less), then scaled by the routing weight for dh
+    ga = _GMM(g.to(dtype) if not on_input else do_c, w2, offs=offs).float()
     if need[1] and not on_input:
-        o = _GMM(act_c, w2.transpose(1, 2), offs=offs).float()
+        dw = (ga * act).sum(1)
         if b2 is not None:
-            o = o + b2[expert].float()
-        outs[1].index_add_(0, slots, (g * o).sum(1))
-    dh = pull(_GMM(do_c, w2, offs=offs).float())[0]
+            dw += (g * b2[expert].float()).sum(1)
+        outs[1].index_add_(0, slots, dw)
+    dh = pull(ga if on_input else ga * w)[0]
     dh_c = dh.to(dtype)
     if need[0] or (need[1] and on_input):
         da = _GMM(dh_c, w13, offs=offs).float()
@@ -200,7 +202,7 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
     if not (need[2] or need[3]):
         return None, None
     parts = (_GMM(dh_c.t(), a_in, offs=offs) if need[2] else None,
-             _GMM(do_c.t(), act_c, offs=offs) if need[3] else None)
+             _GMM(do_c.t(), act.to(dtype), offs=offs) if need[3] else None)
     # an expert without rows: the K-grouped GEMMs do not write its block (CUDA)
     mask = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None] if empty is None else None
     for part in parts:
