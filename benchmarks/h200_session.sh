@@ -331,11 +331,11 @@ u.find_spec('kernels'))"
     # the round's first tree (its src as .ab/base/src: `git archive c3e57c1 src`), train_step.py each, then where the
     # patched step's GPU time goes (torch.profiler)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r60-train-new 100 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-new.json"
-    step r60-train-base 100 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py --tokens 1024,4096 \
+    step r60-train-new 85 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-new.json"
+    step r60-train-base 85 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py --tokens 1024,4096 \
       --out "$OUT/train-base.json"
-    step r60-train-profile 90 python benchmarks/train_profile.py --tokens 1024
-    step r60-grad-tests 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_experts_grad.py \
+    step r60-train-profile 70 python benchmarks/train_profile.py --tokens 1024
+    step r60-grad-tests 50 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_experts_grad.py \
       tests/test_training.py
     grep -h "T=" "$OUT"/r60-train-*.log | cut -c1-240
     ;;
