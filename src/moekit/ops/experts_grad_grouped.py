@@ -55,6 +55,8 @@ def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activ
     grads = [None, None]
     for g0 in range(0, num_local, expert_chunk):
         g1 = min(num_local, g0 + expert_chunk)
+        if starts[g1] == starts[g0] and not (need[2] or need[3]):
+            continue  # (no rows, no weight gradient: quantised weights are not dequantised for nothing)
         w13, w2 = stacks_of(g0, g1, dtype)
         for i, w in ((0, w13), (1, w2)):
             if need[2 + i] and grads[i] is None:
