@@ -195,3 +195,22 @@ def test_bf16_grouped_paths_match_float64(host, case, monkeypatch):
         want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         err = (g.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-12)
         assert err <= 2e-2 or want.abs().sum() == g.double().abs().sum() == 0, f"{name}: relative RMS {err.item():.3g}"
+
+
+def test_expert_chunks_without_rows_are_not_dequantised(monkeypatch):
+    # (quantised layers: stacks_of dequantises, and their weights get no gradient) the eager grouped path asks only
+    # for the expert chunks that have rows; with weight gradients wanted (unquantised: views) every chunk is asked
+    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: True)
+    x, w, ids, w13, w2, b13, b2 = _problem(6, 2, 6, 16, 16, "silu", torch.bfloat16)
+    ids[:, 0], ids[:, 1] = 1, 4
+    for need, want in (((True, True, False, False, False, False), [(1, 2), (4, 5)]),
+                       (NEED_ALL, [(e, e + 1) for e in range(6)])):
+        asked = []
+
+        def stacks_of(a, b, dt):
+            asked.append((a, b))
+            return w13[a:b].to(dt), w2[a:b].to(dt)
+
+        experts_backward(torch.randn(6, 16, dtype=torch.bfloat16), x, w, ids, stacks_of=stacks_of,
+                         shapes=(6, 32, 16, 16), activation="silu", need=need, expert_chunk=1, grouped=True)
+        assert asked == want
