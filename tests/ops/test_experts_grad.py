@@ -214,3 +214,37 @@ def test_expert_chunks_without_rows_are_not_dequantised(monkeypatch):
         experts_backward(torch.randn(6, 16, dtype=torch.bfloat16), x, w, ids, stacks_of=stacks_of,
                          shapes=(6, 32, 16, 16), activation="silu", need=need, expert_chunk=1, grouped=True)
         assert asked == want
+
+
+def test_eager_grouped_path_reads_and_copies_nothing_once_gemms_are_queued(monkeypatch):
+    # (round 60, from a GPU profile of a patched training step) the eager grouped path reads the row counts once; after
+    # the first grouped GEMM is queued nothing may read the device (.item / .tolist) or copy host data to it
+    # (torch.tensor of a host list: a blocking copy): each drained the stream between the groups' GEMMs. Several
+    # groups, a split hot expert and experts without rows here
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: True)
+    x, w, ids, w13, w2, b13, b2 = _problem(101, 2, 8, 16, 16, "silu", torch.bfloat16)
+    ids[:50, 0] = 3  # a hot expert
+    ids[:, 1] = torch.where(ids[:, 1] == 3, 5, ids[:, 1])
+    ids[ids == 6] = 7  # an expert without rows
+    with Ops() as ops:
+        got = experts_backward(torch.randn(101, 16, dtype=torch.bfloat16), x, w, ids,
+                               stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)), shapes=(8, 32, 16, 16),
+                               activation="silu", w1_bias=b13, w2_bias=b2, need=NEED_ALL, workspace_bytes=4096,
+                               grouped=True)
+    first = next(i for i, op in enumerate(ops.seen) if "_grouped_mm" in op)
+    assert sum("_grouped_mm" in op for op in ops.seen) > 5 * 3  # (several groups ran)
+    late = [op for op in ops.seen[first:] if "_local_scalar_dense" in op or "lift_fresh" in op or "nonzero" in op
+            or "repeat_interleave" in op]
+    assert not late, late
+    assert got[2][6].abs().max() == 0 and got[2][3].abs().max() > 0

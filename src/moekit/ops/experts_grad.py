@@ -90,10 +90,12 @@ def experts_backward(
     order = counts = None
     if eager:  # live slots sorted by local expert (dead ones last), each expert's row count on the host
         order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=num_local + 1)[:num_local].tolist()
+        counts_dev = torch.bincount(key, minlength=num_local + 1)[:num_local]
+        counts = counts_dev.tolist()
     if grouped:
-        grouped_backward(dyf, x, weights, order, counts, k, stacks_of, w1_bias, w2_bias, activation, swiglu_limit,
-                         on_input, need, outs, x.dtype, workspace_bytes, expert_chunk or num_local)
+        grouped_backward(dyf, x, weights, order, key[order], counts, counts_dev, k, stacks_of, w1_bias, w2_bias,
+                         activation, swiglu_limit, on_input, need, outs, x.dtype, workspace_bytes,
+                         expert_chunk or num_local)
         return _results(outs, need, x, topk_weights, t, k)
     for e, slots_e, mask in _expert_slots(key, num_local, order, counts):
         w13, w2 = (w[0] for w in stacks_of(e, e + 1, torch.float32))

@@ -15,6 +15,8 @@ a group of experts at a time (under the workspace bound).
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from .activation import apply_activation_torch
@@ -36,59 +38,69 @@ def grouped_ok(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]
     return dtype in dtypes and all(w * size % 16 == 0 for w in widths)
 
 
-def grouped_backward(dyf, x, weights, order, counts, k, stacks_of, b1, b2, activation, limit, on_input, need, outs,
-                     dtype, workspace_bytes, expert_chunk):
+def grouped_backward(dyf, x, weights, order, sorted_key, counts, counts_dev, k, stacks_of, b1, b2, activation, limit,
+                     on_input, need, outs, dtype, workspace_bytes, expert_chunk):
     """Adds every live slot's gradients into ``outs`` = [dx [T, H] f32, dw [T·K] f32, db13, db2 (f32 or None)] at
-    0, 1, 4, 5 and sets outs[2] / outs[3] (dW13 / dW2 where ``need`` them) to new ``[E_local, ...]`` stacks in
-    ``dtype``. order: [T·K] slots sorted by local expert (dead slots last); counts: host list of rows per local
-    expert; stacks_of(e0, e1, dtype) -> (W13 [n, rows, H], W2 [n, H, I]); expert_chunk: experts per ``stacks_of``
-    call.
+    0, 1, 4, 5 and sets outs[2] / outs[3] (dW13 / dW2 where ``need`` them) to ``[E_local, ...]`` stacks in ``dtype``.
+    order: [T·K] slots sorted by local expert (dead slots last); sorted_key: [T·K] their local experts; counts /
+    counts_dev: rows per local expert (a host list / the same on the device); stacks_of(e0, e1, dtype) -> (W13 [n,
+    rows, H], W2 [n, H, I]); expert_chunk: experts per ``stacks_of`` call.
 
     Rows go in groups of whole consecutive experts (:func:`_groups`), so each expert's weight gradient is one grouped
-    GEMM's output, written once in ``dtype`` (round 60: every chunk's were added into float32 stacks, read, written
-    and cast again: most of a training step's time on a GPU); an expert with more rows than a group holds is split
-    and summed in float32 (its sum rounded to ``dtype`` once)."""
+    GEMM's output in ``dtype`` (round 60: every chunk's were added into float32 stacks, read, written and cast again:
+    most of a training step's time on a GPU), the stacks themselves where one group holds every expert, else copied
+    into them; an expert with more rows than a group holds is split and summed in float32 (rounded once). Nothing in
+    the loop reads the device or copies host data to it (each would drain the stream: round 60's profile): the
+    offsets and experts of a group are slices of device tensors, the experts without rows are zeroed by one index
+    tensor made before any GEMM is queued."""
     num_local = len(counts)
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)  # host: the first sorted row of each local expert (and the end)
+    ends = torch.cumsum(counts_dev, 0)
+    idle = [e for e, c in enumerate(counts) if c == 0]
+    idle_dev = torch.tensor(idle, dtype=torch.int64, device=x.device)  # (before any kernel is queued)
     grads = [None, None]
     for g0 in range(0, num_local, expert_chunk):
         g1 = min(num_local, g0 + expert_chunk)
         if starts[g1] == starts[g0] and not (need[2] or need[3]):
             continue  # (no rows, no weight gradient: quantised weights are not dequantised for nothing)
         w13, w2 = stacks_of(g0, g1, dtype)
-        for i, w in ((0, w13), (1, w2)):
-            if need[2 + i] and grads[i] is None:
-                grads[i] = torch.empty((num_local, *w.shape[1:]), dtype=dtype, device=x.device)
-        rows = max(1, workspace_bytes // _row_bytes(w13, w2), min(max(counts[g0:g1]), _weight_rows(w13, w2)))
+        rows = max(1, workspace_bytes // _row_bytes(w13, w2), min(max(counts[g0:g1]), _grad_rows(w13, w2)))
         split = [None, None]  # a split expert's float32 sums
         for e0, e1, lo, hi in _groups(starts, g0, g1, rows):
-            if lo == hi:  # experts without rows: zero gradients
-                for g in grads:
-                    if g is not None:
-                        g[e0:e1].zero_()
+            zero = idle_dev[bisect.bisect_left(idle, e0):bisect.bisect_left(idle, e1)] - e0  # its experts without rows
+            if lo == hi:
+                _put(grads, [torch.zeros((e1 - e0, *w.shape[1:]), dtype=dtype, device=x.device) if need[2 + i]
+                             else None for i, w in enumerate((w13, w2))], e0, e1, num_local)
                 continue
-            ends = torch.tensor(starts[e0 + 1:e1 + 1], device=x.device)
-            offs = (ends - lo).clamp_(0, hi - lo).to(torch.int32)
-            sizes = [min(starts[e + 1], hi) - max(starts[e], lo) for e in range(e0, e1)]
-            expert = torch.repeat_interleave(torch.arange(e0, e1, device=x.device), torch.tensor(sizes,
-                                                                                               device=x.device))
-            parts = _chunk(dyf, x, weights, order[lo:hi], expert, offs, k, w13[e0 - g0:e1 - g0], w2[e0 - g0:e1 - g0],
-                           b1, b2, activation, limit, on_input, need, outs, dtype,
-                           empty=[i for i, n in enumerate(sizes) if n == 0])
-            whole = lo == starts[e0] and hi == starts[e1]
+            offs = (ends[e0:e1] - lo).clamp_(0, hi - lo).to(torch.int32)
+            parts = _chunk(dyf, x, weights, order[lo:hi], sorted_key[lo:hi], offs, k, w13[e0 - g0:e1 - g0],
+                           w2[e0 - g0:e1 - g0], b1, b2, activation, limit, on_input, need, outs, dtype, empty=zero)
+            if lo == starts[e0] and hi == starts[e1]:  # whole experts
+                _put(grads, parts, e0, e1, num_local)
+                continue
             for i, part in enumerate(parts):
-                if part is None:
-                    continue
-                if whole:
-                    grads[i][e0:e1].copy_(part)
-                    continue
-                split[i] = part.float() if split[i] is None else split[i].add_(part)
-                if hi == starts[e1]:  # the split expert's last rows
-                    grads[i][e0:e1].copy_(split[i])
-                    split[i] = None
+                if part is not None:
+                    split[i] = part.float() if split[i] is None else split[i].add_(part)
+            if hi == starts[e1]:  # the split expert's last rows
+                _put(grads, [None if t is None else t.to(dtype) for t in split], e0, e1, num_local)
+                split = [None, None]
     outs[2], outs[3] = grads
+
+
+def _put(grads: list, parts, e0: int, e1: int, num_local: int) -> None:
+    """Experts ``e0 .. e1 - 1``'s weight gradients into ``grads`` (made on first use): the parts themselves where they
+    are every expert's, else copied in."""
+    for i, part in enumerate(parts):
+        if part is None:
+            continue
+        if e0 == 0 and e1 == num_local:
+            grads[i] = part
+            continue
+        if grads[i] is None:
+            grads[i] = part.new_empty((num_local, *part.shape[1:]))
+        grads[i][e0:e1].copy_(part)
 
 
 def _groups(starts: list[int], g0: int, g1: int, rows: int):
@@ -153,6 +165,13 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
                 outs[2 + j] = part if chunks == 1 else (part.float() if i == 0 else outs[2 + j].add_(part))
 
 
+def _grad_rows(w13, w2) -> int:
+    """Rows whose buffers (:func:`_row_bytes`) take as many bytes as the weight gradients (in the weights' dtype): an
+    eager group's bound beside the workspace's (round 60: whole experts together, the weight gradients written once,
+    without a copy where one group holds every expert)."""
+    return (w13.numel() + w2.numel()) * w13.element_size() // _row_bytes(w13, w2)
+
+
 def _weight_rows(w13, w2) -> int:
     """Rows whose elements (``(2I | I) + H + I`` each) are as many as the weights': a chunk of that many rows costs
     buffers of about the size of the weight gradients it makes."""
@@ -168,8 +187,8 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
            live=None, empty=None) -> tuple:
     """One chunk of sorted rows (``live``: [rows] bool, the rows whose output gradient counts; None: all): adds dx,
     dw, db13, db2 into ``outs``; returns (dW13, dW2) of its experts (``[n, ...]`` in ``dtype``; 0 for an expert
-    without rows here: ``empty``, a host list of those, or None: found on the device, a pass over the outputs),
-    None where not needed."""
+    without rows here: ``empty``, an int64 device tensor of those, or None: found on the device, a pass over the
+    outputs), None where not needed."""
     tok = slots // k
     w = weights[slots].unsqueeze(1)
     xs = x[tok]
@@ -210,6 +229,6 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
     for part in parts:
         if part is not None and mask is not None:
             part.masked_fill_(mask, 0.0)
-        elif part is not None and empty:
-            part[empty] = 0.0
+        elif part is not None and empty.numel():
+            part.index_fill_(0, empty, 0.0)
     return parts
