@@ -339,6 +339,15 @@ u.find_spec('kernels'))"
       tests/test_training.py
     grep -h "T=" "$OUT"/r60-train-*.log | cut -c1-240
     ;;
+  r60-train-ab2)  # round 60, last: r60-train-ab's A/B again on the final backward (no stream drains between groups)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r60-train-new2 85 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-new2.json"
+    step r60-train-base2 85 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py --tokens 1024,4096 \
+      --out "$OUT/train-base2.json"
+    step r60-grad-tests2 40 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_experts_grad.py \
+      tests/test_training.py
+    grep -h "T=" "$OUT"/r60-train-*.log | cut -c1-240
+    ;;
   r59-min)  # round 59, little device time left: the GPU training tests only (the Triton gate's gradients, patched
     # models training through the Triton layers with the aux loss)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
