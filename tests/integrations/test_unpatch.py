@@ -414,3 +414,51 @@ def test_carry_back_keeps_the_rows_the_layer_does_not_read():
     assert torch.equal(stacks["experts.gate_up_proj"][:e], w13.transpose(1, 2))
     assert torch.equal(stacks["experts.down_proj"][:e], w2.transpose(1, 2))
     assert all(torch.equal(stacks[k][e:], old[k][e:]) for k in stacks)
+
+
+def test_quantised_weights_requires_grad_restored_by_rollback_and_unpatch():
+    # (round 60 review) building a layer freezes quantised expert weights and scales, which are the block's own
+    # parameters: a failed patch() and unpatch() give back their requires_grad flags
+    import moekit.integrations.transformers as tf
+    from test_transformers_fp8 import _model
+
+    model, _ = _model(decoder_sparse_step=1)
+    for n, p in model.named_parameters():
+        if ".experts." in n and "scale" not in n:
+            p.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert sum(flags.values()) > 0
+    real, built = tf.moekit_from_block, []
+    blocks = len(list(tf._planned_blocks(model, tf.plan_layers(tf._model_config_dict(model), "")[1])))
+
+    def failing(module, *args):
+        built.append(module)
+        if len(built) == blocks:
+            raise MemoryError("injected")
+        return real(module, *args)
+
+    tf.moekit_from_block = failing
+    try:
+        with pytest.raises(MemoryError):
+            patch(model)
+    finally:
+        tf.moekit_from_block = real
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    patch(model)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)  # (frozen while patched)
+    unpatch(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_untrained_copies_are_not_written_back():
+    # (round 60 review) unpatch() writes converted copies back only where they changed since patch() (in place, or
+    # replaced): an inference user's unpatch leaves the block's stacks untouched (no write into shared or read-only
+    # storage, no time or memory spent)
+    model = hf_tiny.build("gpt_oss")
+    stacks = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    versions = {n: p._version for n, p in stacks.items()}
+    ids = _ids(model)
+    patch(model, restorable=True)
+    _run(model, ids)
+    unpatch(model)
+    assert {n: p._version for n, p in stacks.items()} == versions

@@ -174,12 +174,28 @@ def converted_stacks(block, spec: ArchSpec, plan: LayerPlan, layer) -> dict[str,
     return stacks if any(t.untyped_storage().data_ptr() not in theirs for t in mine) else None
 
 
+def weights_seen(layer) -> tuple | None:
+    """The routed experts' weight tensors with their version counters (what :func:`carry_back` compares to find them
+    unchanged); None where one has no counter (an inference tensor)."""
+    ex = layer.routed_experts
+    try:
+        return tuple((t, t._version) for t in (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None),
+                                               getattr(ex, "w2_bias", None)) if t is not None)
+    except RuntimeError:
+        return None
+
+
 @torch.no_grad()
-def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan, layer) -> None:
+def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan, layer, seen=None) -> None:
     """Write ``layer``'s expert weights (trained while patched) back into the block's ``stacks`` (in place, in their
     layout, dtype and device): the inverse of :func:`block_stacks`, which only moves elements (views, transposes,
     de-interleaving, concatenation, slicing), taken as its vector-Jacobian product — a scatter of copies, exact.
-    Elements it does not read (LongCat's zero-expert rows) keep their values."""
+    Elements it does not read (LongCat's zero-expert rows) keep their values. Nothing is written where the layer's
+    weights are still ``seen`` (:func:`weights_seen` at patch time: the same tensors, not changed in place)."""
+    now_seen = weights_seen(layer)
+    if seen is not None and now_seen is not None and len(seen) == len(now_seen) and all(
+            a[0] is b[0] and a[1] == b[1] for a, b in zip(seen, now_seen)):
+        return
     ex = layer.routed_experts
     names = list(stacks)
     now = (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))

@@ -26,6 +26,8 @@ FREE_BYTES = 1 << 20
 #: beside ORIGINAL where the moekit layer holds converted copies of the block's expert stacks: a callable writing the
 #: layer's weights back into the kept block's stacks (what training changed), called by ``unpatch()``
 CARRY = "_moekit_carry_back"
+#: beside ORIGINAL: ``[(parameter, requires_grad)]`` of the original's parameters whose flag building the layer changed
+FLAGS = "_moekit_requires_grad"
 
 
 def extra_bytes(original, moe) -> tuple[int, int]:
@@ -73,17 +75,20 @@ def swizzled_storages(module) -> list[torch.Tensor]:
     return out
 
 
-def keep_original(stand_in, original, moe, restorable: bool, carry=None) -> None:
+def keep_original(stand_in, original, moe, restorable: bool, carry=None, flags=()) -> None:
     """Keep ``original`` (a module, or ``{member: module}``) on ``stand_in`` by reference, outside the module tree,
     when that costs little (``moe`` shares its tensors; what it holds converted is at most :data:`FREE_BYTES` or 1 %
     of what it shares) or ``restorable``, with ``carry`` (None, or a callable writing the layer's converted weights
-    back into it: :data:`CARRY`); else record the bytes dropped."""
+    back into it: :data:`CARRY`) and ``flags`` (``(parameter, requires_grad)`` of its parameters that building the
+    layer changed: :data:`FLAGS`); else record the bytes dropped."""
     cost, same = extra_bytes(original, moe)
     if restorable or cost <= max(FREE_BYTES, same // 100):
         stand_in.__dict__[ORIGINAL] = original
         stand_in.__dict__[KEPT_COST] = cost
         if carry is not None:
             stand_in.__dict__[CARRY] = carry
+        if flags:
+            stand_in.__dict__[FLAGS] = list(flags)
     else:
         stand_in.__dict__[DROPPED] = cost
 
@@ -138,6 +143,8 @@ def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
         del module.__dict__[ORIGINAL]  # the stand-in, if still referenced elsewhere, no longer pins the original
         module.__dict__.pop(KEPT_COST, None)
         module.__dict__.pop(CARRY, None)
+        for t, old in module.__dict__.pop(FLAGS, ()):  # (quantised weights patch() froze: the block's own again)
+            t.requires_grad_(old)
     _remove_guards(model, stand_in_types)
     return restored
 

@@ -43,7 +43,8 @@ from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
-from ._blocks import block_tensors, carry_back, converted_stacks, moekit_from_block, train_time_routing
+from ._blocks import (block_tensors, carry_back, converted_stacks, moekit_from_block, train_time_routing,
+                      weights_seen)
 from ._experts import moekit_experts_forward
 from ._record import carry_hooks, make_record, mark_asked, original_router
 from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
@@ -171,20 +172,26 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         block_tensors(module, spec, plan)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
-    replaced, undo = [], []  # undo: (parent, {attribute: the module it held}) per block replaced so far
+    replaced, undo, flags = [], [], []  # undo: (parent, {attribute: the module it held}) per block replaced so far;
+    # flags: (parameter, requires_grad) of every block built so far (building freezes quantised weights, the block's own)
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
     try:
         for (name, module, plan), record in zip(blocks, records):
+            before = [(t, t.requires_grad) for t in block_tensors(module, spec, plan).values()
+                      if isinstance(t, torch.nn.Parameter)]
+            flags.extend(before)
             moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
             moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
             stacks = converted_stacks(module, spec, plan, moe)  # (unpatch() writes trained copies back into them)
-            carry = functools.partial(carry_back, stacks, spec, plan, moe) if stacks is not None else None
+            kept = dict(carry=functools.partial(carry_back, stacks, spec, plan, moe, weights_seen(moe))
+                        if stacks is not None else None,
+                        flags=[(t, old) for t, old in before if t.requires_grad != old])  # (unpatch() restores them)
             if spec.layer_level:
                 undo.append((module, {member: getattr(module, member) for member in spec.ckpt_blocks}))
-                _install_in_layer(module, spec, moe, restorable, record, carry)
+                _install_in_layer(module, spec, moe, restorable, record, kept)
             else:
                 adapter = MoEBlockAdapter(moe, plan, train_time_routing(module), record).train(module.training)
-                keep_original(adapter, module, moe, restorable, carry)  # for unpatch()
+                keep_original(adapter, module, moe, restorable, **kept)  # for unpatch()
                 parent_name, _, attr = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 undo.append((parent, {attr: module}))
@@ -192,10 +199,13 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             replaced.append(name)
     except BaseException:
         # all or nothing: a block that fails to build (an unsupported tensor, out of memory) puts back the blocks
-        # replaced before it (``blocks`` holds them until now either way: this costs no memory)
+        # replaced before it (``blocks`` holds them until now either way: this costs no memory) and the
+        # requires_grad flags building changed
         for parent, members in reversed(undo):
             for attr, old in members.items():
                 setattr(parent, attr, old)
+        for t, old in flags:
+            t.requires_grad_(old)
         raise
     _guard_router_logits(model)
     return replaced
@@ -253,12 +263,12 @@ def _guard_router_logits(model) -> None:
             module.__dict__[GUARD] = module.register_forward_pre_hook(_router_logits_pre_hook, with_kwargs=True)
 
 
-def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool, record, carry) -> None:
+def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool, record, kept: dict) -> None:
     originals = {member: getattr(layer, member) for member in spec.ckpt_blocks}
     for member in spec.ckpt_blocks:
         if member == "experts":
             stand_in = LayerMoEAdapter(moe, record)
-            keep_original(stand_in, originals, moe, restorable, carry)  # for unpatch()
+            keep_original(stand_in, originals, moe, restorable, **kept)  # for unpatch()
         elif rename_block_key(spec, member + ".").startswith("gate."):
             stand_in = _NoRouting()
         else:
