@@ -462,3 +462,18 @@ def test_untrained_copies_are_not_written_back():
     _run(model, ids)
     unpatch(model)
     assert {n: p._version for n, p in stacks.items()} == versions
+
+
+def test_changes_through_data_and_in_copies_are_carried_back():
+    # (round 60 review) changes are found by value: an edit through .data (no version bump) and a deep copy of the
+    # patched model (its version counters restart) are carried back all the same
+    model = hf_tiny.build("llama4_text")
+    patch(model, restorable=True)
+    ex = _routed(model)[0]
+    ex.w13_weight.data.add_(0.5)
+    want = ex.w13_weight.detach().clone()
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        unpatch(m)
+        patch(m, restorable=True)
+        assert torch.equal(_routed(m)[0].w13_weight, want)

@@ -174,28 +174,14 @@ def converted_stacks(block, spec: ArchSpec, plan: LayerPlan, layer) -> dict[str,
     return stacks if any(t.untyped_storage().data_ptr() not in theirs for t in mine) else None
 
 
-def weights_seen(layer) -> tuple | None:
-    """The routed experts' weight tensors with their version counters (what :func:`carry_back` compares to find them
-    unchanged); None where one has no counter (an inference tensor)."""
-    ex = layer.routed_experts
-    try:
-        return tuple((t, t._version) for t in (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None),
-                                               getattr(ex, "w2_bias", None)) if t is not None)
-    except RuntimeError:
-        return None
-
-
 @torch.no_grad()
-def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan, layer, seen=None) -> None:
+def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan, layer) -> None:
     """Write ``layer``'s expert weights (trained while patched) back into the block's ``stacks`` (in place, in their
     layout, dtype and device): the inverse of :func:`block_stacks`, which only moves elements (views, transposes,
     de-interleaving, concatenation, slicing), taken as its vector-Jacobian product — a scatter of copies, exact.
     Elements it does not read (LongCat's zero-expert rows) keep their values. Nothing is written where the layer's
-    weights are still ``seen`` (:func:`weights_seen` at patch time: the same tensors, not changed in place)."""
-    now_seen = weights_seen(layer)
-    if seen is not None and now_seen is not None and len(seen) == len(now_seen) and all(
-            a[0] is b[0] and a[1] == b[1] for a, b in zip(seen, now_seen)):
-        return
+    weights equal the conversion of the block's stacks (untrained: no write into storage that may be shared or
+    read-only; values compared, as version counters miss ``.data`` edits and restart in copies)."""
     ex = layer.routed_experts
     names = list(stacks)
     now = (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))
@@ -207,7 +193,10 @@ def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan,
 
     primals = [stacks[n].detach() for n in names]
     outs, pull = torch.func.vjp(forward, *primals)
-    back = pull(tuple(now[i].detach().to(o.dtype).to(o.device) for i, o in zip(used, outs)))
+    want = tuple(now[i].detach().to(device=o.device, dtype=o.dtype) for i, o in zip(used, outs))
+    if all(torch.equal(o, w) for o, w in zip(outs, want)):
+        return
+    back = pull(want)
     if sum(o.numel() for o in outs) != sum(p.numel() for p in primals):  # some elements not read: keep them
         cover = pull(tuple(torch.ones_like(o) for o in outs))
         back = [torch.where(c != 0, b, p) for b, c, p in zip(back, cover, primals)]

@@ -43,8 +43,7 @@ from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
-from ._blocks import (block_tensors, carry_back, converted_stacks, moekit_from_block, train_time_routing,
-                      weights_seen)
+from ._blocks import block_tensors, carry_back, converted_stacks, moekit_from_block, train_time_routing
 from ._experts import moekit_experts_forward
 from ._record import carry_hooks, make_record, mark_asked, original_router
 from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
@@ -183,8 +182,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
             moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
             stacks = converted_stacks(module, spec, plan, moe)  # (unpatch() writes trained copies back into them)
-            kept = dict(carry=functools.partial(carry_back, stacks, spec, plan, moe, weights_seen(moe))
-                        if stacks is not None else None,
+            kept = dict(carry=functools.partial(carry_back, stacks, spec, plan, moe) if stacks is not None else None,
                         flags=[(t, old) for t, old in before if t.requires_grad != old])  # (unpatch() restores them)
             if spec.layer_level:
                 undo.append((module, {member: getattr(module, member) for member in spec.ckpt_blocks}))
@@ -204,7 +202,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         for parent, members in reversed(undo):
             for attr, old in members.items():
                 setattr(parent, attr, old)
-        for t, old in flags:
+        for t, old in reversed(flags):  # (a parameter two blocks share: its flag before the first)
             t.requires_grad_(old)
         raise
     _guard_router_logits(model)
@@ -307,7 +305,8 @@ def unpatch(model) -> list[str]:
     changed in converted copies is carried back: :func:`unpatch` first writes the layers' current expert weights
     into the kept blocks' own stacks (in place, in their layout, dtype and device; values exact), so patch, train,
     unpatch and ``save_pretrained`` saves the trained experts (an optimizer still holds the copies: build a new one
-    to train on after unpatching).
+    to train on after unpatching). Quantised expert weights that :func:`patch` froze (the block's own parameters)
+    get their ``requires_grad`` from before :func:`patch` back, whatever was set on them while patched.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")

@@ -182,7 +182,12 @@ def mxfp4_quantize(w: torch.Tensor):
 def mxfp4_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``W[n, k] = e2m1(code[n, k]) · 2^(scale[n, k // 32] − 127)``. codes: [..., N, K/2] uint8;
     scale: [..., N, K/32] uint8. returns: [..., N, K] float32."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=codes.device)
+    # the 16 code values made on the device (E2M1_VALUES, then negated: 2^(e-1)·(1 + f/2), e = 0: f/2), not copied from
+    # the host: a blocking copy, which drained the stream between a backward's expert chunks (round 60 review)
+    m = torch.arange(8, dtype=torch.int32, device=codes.device)
+    e, f = m >> 1, (m & 1).float()
+    mag = torch.where(e == 0, 0.5 * f, torch.ldexp(1.0 + 0.5 * f, e - 1))
+    table = torch.cat([mag, -mag])
     c = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2).long()
     vals = table[c]
     exp = scale.to(torch.int32) - E8M0_BIAS
