@@ -184,16 +184,19 @@ def carry_back(stacks: dict[str, torch.Tensor], spec: ArchSpec, plan: LayerPlan,
     read-only; values compared, as version counters miss ``.data`` edits and restart in copies)."""
     ex = layer.routed_experts
     names = list(stacks)
-    now = (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))
-    used = [i for i, t in enumerate(block_stacks(stacks, spec, plan)) if t is not None]
+    # (w13, w2 and the biases where the layer has them: block_stacks gives biases exactly where the plan has them)
+    now = [t for t in (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))
+           if t is not None]
 
     def forward(*tensors):
-        out = block_stacks(dict(zip(names, tensors)), spec, plan)
-        return tuple(out[i] for i in used)
+        return tuple(t for t in block_stacks(dict(zip(names, tensors)), spec, plan) if t is not None)
 
     primals = [stacks[n].detach() for n in names]
     outs, pull = torch.func.vjp(forward, *primals)
-    want = tuple(now[i].detach().to(device=o.device, dtype=o.dtype) for i, o in zip(used, outs))
+    if [o.shape for o in outs] != [t.shape for t in now]:
+        raise RuntimeError(f"unpatch(): the layer's expert tensors {[tuple(t.shape) for t in now]} do not match the "
+                           f"block's converted stacks {[tuple(o.shape) for o in outs]}")
+    want = tuple(t.detach().to(device=o.device, dtype=o.dtype) for t, o in zip(now, outs))
     if all(torch.equal(o, w) for o, w in zip(outs, want)):
         return
     back = pull(want)
