@@ -58,8 +58,8 @@ def grouped_backward(dyf, x, weights, order, sorted_key, counts, counts_dev, k, 
     for c in counts:
         starts.append(starts[-1] + c)  # host: the first sorted row of each local expert (and the end)
     ends = torch.cumsum(counts_dev, 0)
-    idle = [e for e, c in enumerate(counts) if c == 0]
-    idle_dev = torch.tensor(idle, dtype=torch.int64, device=x.device)  # (before any kernel is queued)
+    idle = [e for e, c in enumerate(counts) if c == 0] if need[2] or need[3] else []
+    idle_dev = torch.tensor(idle, dtype=torch.int64, device=x.device)  # (before any GEMM is queued)
     grads = [None, None]
     for g0 in range(0, num_local, expert_chunk):
         g1 = min(num_local, g0 + expert_chunk)
