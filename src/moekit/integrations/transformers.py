@@ -171,8 +171,9 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         block_tensors(module, spec, plan)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
-    replaced, undo, flags = [], [], []  # undo: (parent, {attribute: the module it held}) per block replaced so far;
-    # flags: (parameter, requires_grad) of every block built so far (building freezes quantised weights, the block's own)
+    # undo: (parent, {attribute: the module it held}) per block replaced so far; flags: (parameter, requires_grad) of
+    # every block built so far (building freezes quantised weights, the block's own parameters)
+    replaced, undo, flags = [], [], []
     pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
     try:
         for (name, module, plan), record in zip(blocks, records):
