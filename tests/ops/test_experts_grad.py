@@ -61,13 +61,10 @@ CASES = [
 PATHS = {"grouped": (True, True), "loop": (False, True), "traced": (True, False), "masked": (False, False)}
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("case", CASES)
-def test_backward_paths_match_float64(path, case, monkeypatch):
-    grouped, host = PATHS[path]
-    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: host)
-    t, k, e, h, inter, activation, on_input, emap_kind, workspace, chunk = case
-    x, w, ids, w13, w2, b13, b2 = _problem(t, k, e, h, inter, activation)
+def _case_run(case, dtype, grouped, chunk, inter):
+    """Runs experts_backward on ``case`` in ``dtype``: (the six gradients, the float64 reference's leaves)."""
+    t, k, e, h, _, activation, on_input, emap_kind, workspace, _ = case
+    x, w, ids, w13, w2, b13, b2 = _problem(t, k, e, h, inter, activation, dtype)
     emap = None
     if emap_kind == "half":  # global ids 0..7, local experts 0..3 are global 0..3
         emap = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1], dtype=torch.int32)
@@ -75,7 +72,7 @@ def test_backward_paths_match_float64(path, case, monkeypatch):
     if emap_kind == "hot":
         ids = torch.full_like(ids, 2)[:, :1].expand(t, 1).contiguous()
         w, k = w[:, :1], 1
-    dy = torch.randn(t, h)
+    dy = torch.randn(t, h).to(dtype)
     got = experts_backward(dy, x, w, ids, stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
                            shapes=(w13.shape[0], w13.shape[1], h, inter), activation=activation, on_input=on_input,
                            w1_bias=b13, w2_bias=b2, expert_map=emap, need=NEED_ALL, expert_chunk=chunk,
@@ -83,11 +80,20 @@ def test_backward_paths_match_float64(path, case, monkeypatch):
     leaves = [v.detach().double().requires_grad_() for v in (x, w, w13, w2, b13, b2)]
     if t:
         _ref(*leaves[:2], ids.long(), *leaves[2:], activation, on_input, emap).backward(dy.double())
+    return got, leaves
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES)
+def test_backward_paths_match_float64(path, case, monkeypatch):
+    grouped, host = PATHS[path]
+    monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: host)
+    got, leaves = _case_run(case, torch.float32, grouped, case[9], case[4])
     for name, g, leaf in zip(("dx", "dw", "dW13", "dW2", "db13", "db2"), got, leaves):
         assert g is not None and g.shape == leaf.shape, name
         want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-5, msg=name)
-    if emap_kind == "hot":
+    if case[7] == "hot":
         assert got[2][[0, 1, 3, 4, 5, 6]].abs().max() == 0  # experts no slot reached
 
 
@@ -167,29 +173,9 @@ def test_bf16_grouped_paths_match_float64(host, case, monkeypatch):
     # float32) and traced (one chunk: the GEMMs' outputs as they are; several: summed in float32), within bf16's
     # rounding of the float64 reference (relative RMS per gradient)
     monkeypatch.setattr("moekit.ops.experts_grad.host_sync_allowed", lambda: host)
-    t, k, e, h, inter, activation, on_input, emap_kind, workspace, chunk = case
-    if not host and chunk is not None:
-        chunk = None  # (the traced path takes every expert at once)
-    inter = -(-inter // 8) * 8  # (bf16 rows of 16-byte multiples, as _grouped_mm needs and grouped_ok checks)
     torch.manual_seed(0)
-    x, w, ids, w13, w2, b13, b2 = _problem(t, k, e, h, inter, activation, torch.bfloat16)
-    emap = None
-    if emap_kind == "half":
-        emap = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1], dtype=torch.int32)
-        w13, w2, b13, b2 = w13[:4], w2[:4], b13[:4], b2[:4]
-    if emap_kind == "hot":
-        ids = torch.full_like(ids, 2)[:, :1].expand(t, 1).contiguous()
-        w, k = w[:, :1], 1
-    dy = torch.randn(t, h)
-    got = experts_backward(dy.to(torch.bfloat16), x, w, ids,
-                           stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
-                           shapes=(w13.shape[0], w13.shape[1], h, inter), activation=activation, on_input=on_input,
-                           w1_bias=b13, w2_bias=b2, expert_map=emap, need=NEED_ALL, expert_chunk=chunk,
-                           workspace_bytes=workspace, grouped=True)
-    leaves = [v.detach().double().requires_grad_() for v in (x, w, w13, w2, b13, b2)]
-    if t:
-        _ref(*leaves[:2], ids.long(), *leaves[2:], activation, on_input, emap).backward(
-            dy.to(torch.bfloat16).double())
+    # (the traced path takes every expert at once; bf16 rows of 16-byte multiples, as _grouped_mm needs)
+    got, leaves = _case_run(case, torch.bfloat16, True, case[9] if host else None, -(-case[4] // 8) * 8)
     for name, g, leaf in zip(("dx", "dw", "dW13", "dW2", "db13", "db2"), got, leaves):
         assert g is not None and g.shape == leaf.shape, name
         want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
