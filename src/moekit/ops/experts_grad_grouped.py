@@ -198,11 +198,11 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
         h = h + b1[expert].float()
     act, pull = torch.func.vjp(lambda t: apply_activation_torch(t, activation, limit), h)
     g = dyf[tok] if live is None else dyf[tok] * live.unsqueeze(1)
-    do = g if on_input else g * w
-    do_c = do.to(dtype)
+    g_c = g.to(dtype)
+    do = g if on_input else g * w  # (the output rows' gradient: db2, and dW2 below)
     # W2ᵀ·dy once per row (round 60: the weight's gradient <dy, o> = <W2ᵀ·dy, a> + <dy, b2> from it, not from a
     # recomputed o = W2·a: one grouped GEMM less), then scaled by the routing weight for dh
-    ga = _GMM(g.to(dtype) if not on_input else do_c, w2, offs=offs).float()
+    ga = _GMM(g_c, w2, offs=offs).float()
     if need[1] and not on_input:
         dw = (ga * act).sum(1)
         if b2 is not None:
@@ -223,7 +223,7 @@ def _chunk(dyf, x, weights, slots, expert, offs, k, w13, w2, b1, b2, activation,
     if not (need[2] or need[3]):
         return None, None
     parts = (_GMM(dh_c.t(), a_in, offs=offs) if need[2] else None,
-             _GMM(do_c.t(), act.to(dtype), offs=offs) if need[3] else None)
+             _GMM((g_c if on_input else do.to(dtype)).t(), act.to(dtype), offs=offs) if need[3] else None)
     # an expert without rows: the K-grouped GEMMs do not write its block (CUDA)
     mask = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None] if empty is None else None
     for part in parts:
