@@ -318,6 +318,25 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r61-a)  # round 61, first call: the GPU training tests on round 60's last backward commits (idle gating, one cast),
+    # the sweep of record (bf16 + fp8, four benchmark shapes, experts step and layer, beside the peer), train_step.py
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r61-gpu-training 80 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/test_training.py \
+      tests/ops/test_experts_grad.py tests/integrations/test_unpatch.py tests/integrations/test_router_logits.py
+    sweep 330
+    step r61-train 80 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    tail -3 "$OUT"/r61-gpu-training.log; grep -h "T=" "$OUT"/r61-train.log | cut -c1-200
+    cat "$OUT/compare.md" 2>/dev/null | head -70
+    ;;
+  r61-b)  # round 61, second call: 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3), the eager host rows
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step bench4 300 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
+    step r61-eager 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager"
+    cat "$OUT/compare.md" 2>/dev/null | head -80; tail -30 "$OUT/r61-eager.log"
+    ;;
   r60)  # round 60 in one call, on an H200 (none lent since round 49): round 59's GPU training tests, the sweep of
     # record (bf16 + fp8, four benchmark shapes, experts step and layer, beside the peer), then train_step.py
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
