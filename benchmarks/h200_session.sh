@@ -328,13 +328,15 @@ u.find_spec('kernels'))"
     tail -3 "$OUT"/r61-gpu-training.log; grep -h "T=" "$OUT"/r61-train.log | cut -c1-200
     cat "$OUT/compare.md" 2>/dev/null | head -70
     ;;
-  r61-b)  # round 61, second call: 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3), the eager host rows
+  r61-b)  # round 61, second call: 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3), the eager host rows,
+    # where a training step's GPU time goes on round 60's final backward (torch.profiler)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step bench4 300 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
       --fast --out "$OUT"
     step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
     step r61-eager 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
       --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager"
+    step r61-train-profile 70 python benchmarks/train_profile.py --tokens 1024
     cat "$OUT/compare.md" 2>/dev/null | head -80; tail -30 "$OUT/r61-eager.log"
     ;;
   r60)  # round 60 in one call, on an H200 (none lent since round 49): round 59's GPU training tests, the sweep of
