@@ -38,15 +38,20 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_real(name: str, value, *, finite: bool = True, positive: bool = False) -> float:
-    """An int or float (not a bool, str or None), finite unless ``finite=False``, > 0 with ``positive``; returned as a
-    float."""
+def check_real(name: str, value, *, finite: bool = True, positive: bool = False, float32: bool = False) -> float:
+    """An int or float (not a bool, str or None), finite unless ``finite=False``, > 0 with ``positive``; with
+    ``float32``, a normal float32 magnitude too (a factor the kernels apply in float32: round 61, 1e39 became inf and
+    1e-50 became 0 there, a NaN or erased output); returned as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
     if finite and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+    f32 = torch.finfo(torch.float32)
+    if float32 and value != 0 and not f32.tiny <= abs(value) <= f32.max:
+        raise ValueError(f"{name} must be representable in float32 (a magnitude in [{f32.tiny}, {f32.max}]), "
+                         f"got {value!r}")
     return float(value)
 
 

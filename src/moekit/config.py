@@ -61,7 +61,7 @@ class MoEConfig:
         for name in ("has_bias", "apply_router_weight_on_input", "apply_routed_scale_to_output"):
             check_bool(name, getattr(self, name))
         # the one check (as TopKSpec's)
-        scale = check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        scale = check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True, float32=True)
         object.__setattr__(self, "routed_scaling_factor", scale)
         object.__setattr__(self, "activation", get_activation(self.activation).name)
         if self.params_dtype not in FLOAT_DTYPES:

@@ -241,6 +241,9 @@ def check_scale_values(name: str, t) -> None:
         return
     if not t.is_floating_point():
         return
+    if t.dtype not in FLOAT_DTYPES:  # (round 61: an fp8 scale raised torch's NotImplementedError from the checks)
+        raise TypeError(f"{name} has dtype {t.dtype}; scales are float32 / bf16 / fp16 (e8m0 or uint8 exponents "
+                        "for mxfp4)")
     check_finite(name, t)
     if "input_scale" in name and not bool((t > 0).all()):
         raise ValueError(f"{name} must be > 0 (a static input scale divides the input), got min {float(t.min())}")

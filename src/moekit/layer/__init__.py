@@ -296,7 +296,7 @@ def build_fused_moe(
     config = MoEConfig(
         num_experts, top_k, hidden_size, intermediate_size, activation=activation, has_bias=has_bias,
         swiglu_limit=swiglu_limit, apply_router_weight_on_input=apply_router_weight_on_input,
-        num_zero_experts=zero_expert_count(zero_expert_type, e_score_correction_bias, num_experts),
+        num_zero_experts=zero_expert_count(zero_expert_type, e_score_correction_bias, num_experts, router),
         params_dtype=torch.get_default_dtype() if params_dtype is None else as_float_dtype("params_dtype",
                                                                                             params_dtype),
         routed_scaling_factor=routed_scaling_factor, apply_routed_scale_to_output=apply_routed_scale_to_output,
@@ -309,7 +309,7 @@ def build_fused_moe(
         custom_routing_function=custom_routing_function, hash_indices_table=hash_indices_table,
         num_expert_group=num_expert_group, topk_group=topk_group,
     )
-    check_routing_combination(routing, apply_router_weight_on_input)
+    check_routing_combination(routing, apply_router_weight_on_input, config.num_zero_experts)
     if routed_shared_experts:
         top_k, routing["e_score_correction_bias"] = with_shared_slots(routed_shared_experts, num_experts, top_k,
                                                                        routing, device)

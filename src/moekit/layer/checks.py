@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_tensor
 from ..experts.placement import PLACEMENT_STRATEGIES
 from ..parallel.setup import build_placement
 from ..routing.base import BaseRouter
@@ -88,12 +88,24 @@ def check_unsupported(is_sequence_parallel, pcp_size, dp_size, tp_size, tp_group
         )
 
 
-def zero_expert_count(zero_expert_type, bias, num_experts: int) -> int:
-    """Z = len(e_score_correction_bias) - E for zero-expert layers (SPEC §2), else 0."""
+def zero_expert_count(zero_expert_type, bias, num_experts: int, router=None) -> int:
+    """Z = len(e_score_correction_bias) - E for zero-expert layers (SPEC §2), else 0; with a given ``router``, its
+    own ``num_zero_experts`` (round 61: a ``ZeroExpertRouter`` passed as ``router=`` was taken as Z = 0, so its
+    layer refused K > E and skipped the weight-on-input check)."""
+    if router is not None:
+        z = getattr(router, "num_zero_experts", 0)
+        if isinstance(z, bool) or not isinstance(z, int) or z < 0:
+            raise ValueError(f"router.num_zero_experts must be an int >= 0, got {z!r}")
+        return z
     if zero_expert_type is None:
         return 0
+    if bias is not None:
+        check_tensor("e_score_correction_bias", bias)
     if bias is None or bias.dim() != 1:
-        raise ValueError("zero_expert_type needs e_score_correction_bias of shape [E + Z]")
+        raise ValueError(
+            "zero_expert_type needs e_score_correction_bias of shape [E + Z] (E = num_experts = "
+            f"{num_experts}), got {None if bias is None else list(bias.shape)}"
+        )
     if bias.shape[0] < num_experts:
         raise ValueError(
             f"e_score_correction_bias must have length E + Z >= num_experts ({num_experts}), got {bias.shape[0]}"
@@ -101,14 +113,16 @@ def zero_expert_count(zero_expert_type, bias, num_experts: int) -> int:
     return bias.shape[0] - num_experts
 
 
-def check_routing_combination(routing: dict, apply_router_weight_on_input: bool) -> None:
+def check_routing_combination(routing: dict, apply_router_weight_on_input: bool, num_zero_experts: int = 0) -> None:
     """Refuse routing arguments that the router priority order would otherwise drop silently
-    (:func:`moekit.routing.factory.check_router_selectors`), and zero experts with the weight on the input."""
+    (:func:`moekit.routing.factory.check_router_selectors`), and zero experts (``zero_expert_type`` or a given
+    router's ``num_zero_experts``) with the weight on the input."""
     check_router_selectors(**routing)
-    if routing["zero_expert_type"] is not None and apply_router_weight_on_input:
+    if (routing["zero_expert_type"] is not None or num_zero_experts) and apply_router_weight_on_input:
         raise ValueError(
-            "zero_expert_type cannot be combined with apply_router_weight_on_input=True: a masked zero-expert slot "
-            "(id 0, weight 0) would still run expert 0 on 0·x and add its biases"
+            "zero experts (zero_expert_type, or a router with num_zero_experts > 0) cannot be combined with "
+            "apply_router_weight_on_input=True: a masked zero-expert slot (id 0, weight 0) would still run expert 0 "
+            "on 0·x and add its biases"
         )
 
 

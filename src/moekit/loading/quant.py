@@ -25,13 +25,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 
 import torch
 
 from ..experts.mapping import EXPERT_KEY_RE, FUSED_KEY_RE, KIND_OF_SUFFIX
-from ..ops.formats import Int4GroupFormat, Mxfp4Format, WeightFormat
+from ..ops.formats import Fp8ChannelFormat, Mxfp4Format, WeightFormat
 from ..ops.quant_config import parse_hf_formats, parse_quant_config
 from ..ops.quantize import dequantize_weight
 from .architectures import TOWERS
@@ -171,15 +172,18 @@ def check_shipped_weight(layer, rel: str, t: torch.Tensor, key: str, file: str, 
 
 def dense_groups(keys: dict[str, str]) -> dict[str, dict[str, str]]:
     """The quantised dense linears among a block's ``{relative name: checkpoint key}``: ``{module:
-    {part: key}}`` for modules outside the routed experts with a scale (parts ``weight``, ``scale``,
-    and the ignored ``input_scale`` / ``weight_shape``)."""
+    {part: key}}`` for modules outside the routed experts with a weight and a scale (parts ``weight``, ``scale``,
+    ``weight_shape`` (checked) and the ignored ``input_scale``)."""
     by_mod: dict[str, dict[str, str]] = {}
     for rel, key in keys.items():
         m = _DENSE_RE.match(rel)
         if m is None or EXPERT_KEY_RE.search(rel) or FUSED_KEY_RE.search(rel):
             continue
         by_mod.setdefault(m.group("mod"), {})[m.group("part")] = key
-    return {mod: parts for mod, parts in by_mod.items() if any(KIND_OF_SUFFIX[p] == "scale" for p in parts)}
+    # (a module with a weight beside its scale: Gemma 4's router has a learned ``scale`` vector and no quantised weight;
+    # round 61: it was taken for a quantised linear, and every shipped-quantised Gemma 4 checkpoint failed to load)
+    return {mod: parts for mod, parts in by_mod.items()
+            if any(KIND_OF_SUFFIX[p] == "scale" for p in parts) and ("weight" in parts or "weight_packed" in parts)}
 
 
 #: the checkpoint parts that hold a quantised linear's scale, in the order they are looked for
@@ -197,6 +201,28 @@ def dequantize_dense(parts: dict[str, torch.Tensor], fmt: WeightFormat, what: st
         wq = wq.view(torch.uint8)
     if scale.dtype == getattr(torch, "float8_e8m0fnu", None):
         scale = scale.view(torch.uint8) if isinstance(fmt, Mxfp4Format) else scale.float()
-    if not isinstance(fmt, (Mxfp4Format, Int4GroupFormat)) and scale.dim() == 2 and scale.shape[1] == 1:
-        scale = scale[:, 0]  # compressed-tensors per-channel scales are [N, 1]
+    if isinstance(fmt, Fp8ChannelFormat) and scale.dim() == 2 and scale.shape[1] == 1:
+        scale = scale[:, 0]  # compressed-tensors per-channel scales are [N, 1] (not a block grid of one column)
+    _check_dense(wq, scale, fmt, what)
+    shape = parts.get("weight_shape")  # compressed-tensors' [out, in], checked as the experts' is
+    n, k = wq.shape[0], wq.shape[1] * fmt.pack
+    if shape is not None and [int(v) for v in shape.reshape(-1).tolist()] != [n, k]:
+        raise ValueError(f"{what}: weight_shape = {shape.tolist()}, expected [{n}, {k}] (its weight's shape)")
     return dequantize_weight(wq, scale, fmt)
+
+
+def _check_dense(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, what: str) -> None:
+    """A quantised dense linear's weight in ``fmt``'s stored dtype and its scale in the format's grid for that weight
+    (round 61: a bf16 weight beside a stale scale was multiplied by it, a grid of too many blocks was cut to fit: 97 %
+    off, one of too few failed inside torch naming no key)."""
+    want = (fmt.weight_dtype,) + _SAME_BYTES.get(fmt.weight_dtype, ())
+    if wq.dtype not in want:
+        raise TypeError(f"{what}: a quantised linear's weight has dtype {wq.dtype}, expected "
+                        f"{' or '.join(map(str, want))} ({fmt.name}, the checkpoint's quantization_config)")
+    if wq.dim() != 2:
+        raise ValueError(f"{what}: a quantised linear's weight must be 2-D [N, K/{fmt.pack}], got {list(wq.shape)}")
+    n, k = wq.shape[0], wq.shape[1] * fmt.pack
+    grid = tuple(fmt.w2_scale_shape(1, k, n, gated=False)[1:])  # (w2 is [H, I]: one matrix of N rows, K columns)
+    if tuple(scale.shape) != grid and not (len(grid) <= 1 and scale.dim() <= 1 and scale.numel() == math.prod(grid)):
+        raise ValueError(f"{what}: the scale has shape {list(scale.shape)}, expected {list(grid)} for a [{n}, {k}] "
+                         f"weight in {fmt.name}")

@@ -54,7 +54,7 @@ class TopKSpec:
         check_int(top_k_name, self.top_k, minimum=1)
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
         check_bool("renormalize", self.renormalize)
-        check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True, float32=True)
         if self.top_k > num_experts:
             raise ValueError(f"{top_k_name} must be <= the number of experts ({num_experts}), got {self.top_k}")
         g, kg = self.num_expert_group, self.topk_group
@@ -244,8 +244,9 @@ def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = Tr
     if table.dim() != 2 or table.shape[1] != top_k or table.shape[0] == 0:
         raise ValueError(f"hash_indices_table must have shape [vocab >= 1, {top_k_name}={top_k}], "
                          f"got {list(table.shape)}")
-    if table.is_floating_point() or table.is_complex():
-        raise TypeError(f"hash_indices_table must be an integer tensor, got {table.dtype}")
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise TypeError(f"hash_indices_table must be an integer tensor (not bool: every id would be 0 or 1), "
+                        f"got {table.dtype}")
     if check_range and table.numel() and values_checkable(table) and \
             (int(table.min()) < 0 or int(table.max()) >= num_experts):
         raise ValueError(

@@ -89,4 +89,7 @@ class CustomRoutingRouter(BaseRouter):
             check_ids_in_range(ids, self.global_num_experts)
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
-        return RoutingResult(weights, ids.to(indices_type or torch.int32))
+        out = indices_type or torch.int32
+        if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:  # (round 61: an id of 2^32 + e wrapped to expert e)
+            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)  # device-only: no host read
+        return RoutingResult(weights, ids.to(out))
