@@ -318,6 +318,17 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r61-h)  # round 61 on an H100 (no H200 could be started): the GPU training tests, train_step.py, where a training
+    # step's GPU time goes, 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r61-gpu-training 80 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/test_training.py \
+      tests/ops/test_experts_grad.py tests/integrations/test_unpatch.py tests/integrations/test_router_logits.py
+    step r61-train 80 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    step r61-train-profile 70 python benchmarks/train_profile.py --tokens 1024
+    step bench4 260 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    tail -3 "$OUT"/r61-gpu-training.log; grep -h "T=" "$OUT"/r61-train.log | cut -c1-200
+    ;;
   r61-a)  # round 61, first call: the GPU training tests on round 60's last backward commits (idle gating, one cast),
     # the sweep of record (bf16 + fp8, four benchmark shapes, experts step and layer, beside the peer), train_step.py
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
