@@ -38,8 +38,8 @@ from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import (check_hidden, check_routed_input, check_runner_args, compute_router_logits, input_width,
-                            ran, router_logits_for)
+from .runner_checks import (check_hidden, check_placement_routed, check_routed_input, check_runner_args,
+                            compute_router_logits, input_width, ran, router_logits_for)
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
 #: layer with a pool of its own. Decision (round 11): 8, not 64. Buckets up to 64 put a 2 MB scratch
@@ -152,6 +152,7 @@ class MoERunner(torch.nn.Module):
             gate=gate, shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
             routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform,
             final_output_transform=final_output_transform))
+        check_placement_routed(router, routed_experts)
         self.layer_name, self.moe_config = layer_name, moe_config
         # the path of a forward, in order
         self.routed_input_transform = routed_input_transform

@@ -39,6 +39,19 @@ def check_runner_args(moe_config, router, enable_dbo: bool, gate_input: str, rou
         )
 
 
+def check_placement_routed(router, experts) -> None:
+    """Without EPLB routing (the router's ``eplb_state``), logical expert ``e`` runs in physical slot ``e``: a
+    placement whose first ``E`` slots hold other experts would run the wrong weights (round 61: a permuted
+    hand-built placement was accepted), so it raises ``ValueError``."""
+    p = experts.placement
+    if getattr(router, "eplb_state", None) is None and tuple(p.physical_to_logical[:p.num_logical]) != tuple(
+            range(p.num_logical)):
+        raise ValueError(
+            f"the experts' placement has physical_to_logical {list(p.physical_to_logical)}, but without EPLB routing "
+            f"(router.eplb_state is None) logical expert e runs in physical slot e: slots 0..{p.num_logical - 1} must "
+            "hold experts 0..E-1 (build the layer with enable_eplb=True to route to a rebalanced placement)")
+
+
 def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> None:
     """A :class:`~moekit.MoERunner` forward's ``hidden_states`` [..., H_in]: a float tensor, not a scalar, of
     width ``hidden_size`` unless a ``routed_input_transform`` maps it.

@@ -25,6 +25,7 @@ PLACEMENT_STRATEGIES = ("linear", "round_robin")
 
 def local_physical_ids(num_physical: int, ep_size: int, ep_rank: int, strategy: str) -> tuple[int, ...]:
     """Physical expert ids held by ``ep_rank`` (ascending)."""
+    _check_group(ep_size, ep_rank)
     if strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {strategy!r}")
     if num_physical % ep_size:
@@ -62,13 +63,46 @@ def check_ep_sizes(num_logical: int, num_redundant: int, ep_size: int) -> None:
         )
 
 
+def _check_group(ep_size, ep_rank: int = 0) -> None:
+    """An EP group size (an int >= 1) and a rank in it (round 61: size 0 gave moves between rank -1 slots, a rank
+    past the group physical ids that do not exist)."""
+    for name, v in (("ep_size", ep_size), ("ep_rank", ep_rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if ep_size < 1 or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_size must be >= 1 and ep_rank in [0, ep_size), got ep_size={ep_size}, ep_rank={ep_rank}")
+
+
 def physical_owners(num_physical: int, ep_size: int, strategy: str) -> tuple[tuple[int, int], ...]:
     """``owners[p] = (rank, local slot)`` of every physical id ``p``."""
+    _check_group(ep_size)
     owners = [(-1, -1)] * num_physical
     for r in range(ep_size):
         for slot, p in enumerate(local_physical_ids(num_physical, ep_size, r, strategy)):
             owners[p] = (r, slot)
     return tuple(owners)
+
+
+def check_physical_to_logical(physical_to_logical, num_logical: int, num_physical: int, ep_size: int,
+                              strategy: str) -> tuple[int, ...]:
+    """``physical_to_logical`` as a tuple of ints, or ``ValueError``: ``E + R`` entries, each a logical expert in
+    ``[0, E)``, every expert held at least once, no EP rank holding two replicas of one expert (round 61: a hand-built
+    placement took ids out of range or an expert missing, and the layer's output was silently wrong)."""
+    p2l = tuple(int(e) for e in physical_to_logical)
+    if len(p2l) != num_physical:
+        raise ValueError(f"physical_to_logical must have {num_physical} entries, got {len(p2l)}")
+    bad = sorted({e for e in p2l if not 0 <= e < num_logical})
+    if bad:
+        raise ValueError(f"physical_to_logical entries must be logical experts in [0, {num_logical}), got {bad}")
+    missing = sorted(set(range(num_logical)) - set(p2l))
+    if missing:
+        raise ValueError(f"physical_to_logical must hold every logical expert at least once; missing {missing}")
+    seen = set()
+    for p, (rank, _) in enumerate(physical_owners(num_physical, ep_size, strategy)):
+        if (rank, p2l[p]) in seen:
+            raise ValueError(f"physical_to_logical puts two replicas of expert {p2l[p]} on EP rank {rank}")
+        seen.add((rank, p2l[p]))
+    return p2l
 
 
 def initial_physical_to_logical(num_logical: int, num_physical: int, ep_size: int, strategy: str) -> tuple[int, ...]:
@@ -131,18 +165,16 @@ class ExpertPlacement:
         local = local_physical_ids(num_physical, ep_size, ep_rank, strategy)
         if physical_to_logical is None:
             physical_to_logical = initial_physical_to_logical(num_logical, num_physical, ep_size, strategy)
-        physical_to_logical = tuple(int(e) for e in physical_to_logical)
-        if len(physical_to_logical) != num_physical:
-            raise ValueError(f"physical_to_logical must have {num_physical} entries, got {len(physical_to_logical)}")
+        physical_to_logical = check_physical_to_logical(physical_to_logical, num_logical, num_physical, ep_size,
+                                                        strategy)
         return ExpertPlacement(
             num_logical, num_physical, ep_size, ep_rank, tp_size, tp_rank, strategy, local, physical_to_logical
         )
 
     def with_physical_to_logical(self, physical_to_logical) -> "ExpertPlacement":
         """The same slots holding other logical experts (after an EPLB rebalance)."""
-        new = tuple(int(e) for e in physical_to_logical)
-        if len(new) != self.num_physical:
-            raise ValueError(f"physical_to_logical must have {self.num_physical} entries, got {len(new)}")
+        new = check_physical_to_logical(physical_to_logical, self.num_logical, self.num_physical, self.ep_size,
+                                        self.strategy)
         return dataclasses.replace(self, physical_to_logical=new)
 
     def owners(self) -> tuple[tuple[int, int], ...]:

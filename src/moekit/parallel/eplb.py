@@ -24,8 +24,7 @@ from ..experts.placement import physical_owners
 
 
 def _frac(x, what: str = "loads") -> Fraction:
-    """``x`` as an exact fraction: a finite real >= 0 (Python or numpy ints / floats, Fractions); else ``TypeError`` /
-    ``ValueError`` naming ``what`` (``"load[3]"``)."""
+    """``x`` (a finite real >= 0) as an exact fraction; else ``TypeError`` / ``ValueError`` naming ``what``."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{what} must be an int or float, got {x!r} ({type(x).__name__})")
     if isinstance(x, numbers.Integral):
@@ -183,18 +182,17 @@ def rebalance_experts(
     Too many redundant experts for the nodes (round 50): with ``R = num_physical - E`` above
     ``E·(W/N - 1)`` (:func:`hierarchical_redundancy_bound`) no placement keeps every group's replicas on its node,
     as no GPU may hold two replicas of one expert. Such sizes get global balancing too, with a ``UserWarning``
-    saying why (:func:`balancing_policy`; a rebalance reports ``"policy"``). Decision: fall back rather than raise,
-    because ``num_nodes`` is only known here (a layer is built without it, so it cannot refuse at construction),
-    the global placement is valid and leaves outputs unchanged (only node locality is lost, which these sizes
-    cannot have), and a rebalance of a serving model should not fail hours after it was built. Until round 49
-    this raised ``ValueError`` ("a node holds ... experts in ... slots") at ``rebalance()``.
+    saying why (:func:`balancing_policy`; a rebalance reports ``"policy"``), rather than a ``ValueError`` (until round
+    49): ``num_nodes`` is only known here (a layer cannot refuse it at construction), the global placement is valid
+    (outputs unchanged, only the node locality these sizes cannot have is lost), and a rebalance of a serving model
+    should not fail hours after it was built.
     load: [E] per-logical-expert load; GPU ``g`` belongs to node ``g // (num_gpus / num_nodes)``.
     """
     load = _fracs(load, "load")
     e = len(load)
     num_physical = _count("num_physical", num_physical)
-    num_groups, num_nodes, num_gpus = (_count(n, v) for n, v in (("num_groups", num_groups), ("num_nodes", num_nodes),
-                                                                   ("num_gpus", num_gpus)))
+    num_groups, num_nodes, num_gpus = (_count(n, v) for n, v in zip(("num_groups", "num_nodes", "num_gpus"),
+                                                                      (num_groups, num_nodes, num_gpus)))
     if e % num_groups:
         raise ValueError(f"the number of experts ({e}) must be divisible by num_groups ({num_groups})")
     if num_gpus % num_nodes:
@@ -219,10 +217,8 @@ def rebalance_experts(
     for node in range(num_nodes):
         experts = sorted(x for g in node_groups[node] for x in range(g * per_group, (g + 1) * per_group))
         if slots_per_node < len(experts) or slots_per_node > len(experts) * gpus_per_node:
-            raise ValueError(
-                f"a node holds {len(experts)} experts in {slots_per_node} slots over {gpus_per_node} GPUs: "
-                "each expert needs one slot and at most one copy per GPU"
-            )
+            raise ValueError(f"a node holds {len(experts)} experts in {slots_per_node} slots over {gpus_per_node} "
+                             "GPUs: each expert needs one slot and at most one copy per GPU")
         node_load = [load[x] for x in experts]
         counts = replicate_experts(node_load, slots_per_node, gpus_per_node)
         worst, gpus = _pack_replicas(experts, node_load, counts, gpus_per_node)
@@ -304,10 +300,11 @@ def assign_slots(gpu_experts: Sequence[Sequence[int]], old_physical_to_logical: 
     slots = [[] for _ in gpu_experts]
     for phys, (rank, _) in enumerate(owners):
         slots[rank].append(phys)
-    new = [-1] * p
+    new, known = [-1] * p, set(old_physical_to_logical)  # (round 61: expert 9 of 4 went into the placement)
     for g, experts in enumerate(gpu_experts):
-        if len(set(experts)) != len(experts) or len(experts) != len(slots[g]):
-            raise ValueError(f"GPU {g} must get {len(slots[g])} distinct experts, got {list(experts)}")
+        if len(set(experts)) != len(experts) or len(experts) != len(slots[g]) or not set(experts) <= known:
+            raise ValueError(f"GPU {g} must get {len(slots[g])} distinct experts of old_physical_to_logical "
+                             f"(ids {min(known)}..{max(known)}), got {list(experts)}")
         todo = set(experts)
         for phys in slots[g]:
             if old_physical_to_logical[phys] in todo:
@@ -328,6 +325,9 @@ def rank_loads(load: Sequence, physical_to_logical: Sequence[int], ep_size: int,
         if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < len(loads):
             raise ValueError(f"physical_to_logical[{phys}] must be a logical expert id in [0, {len(loads)}), got {e!r}")
         count[e] += 1
+    if any(c == 0 and loads[e] for e, c in enumerate(count)):  # (round 61: that load vanished from the ranks')
+        raise ValueError(f"experts {[e for e, c in enumerate(count) if c == 0 and loads[e]]} carry load but have no "
+                         "replica in physical_to_logical")
     owners = physical_owners(len(physical_to_logical), ep_size, strategy)
     out = [Fraction(0)] * ep_size
     for phys, e in enumerate(physical_to_logical):
