@@ -201,3 +201,17 @@ def test_dense_block_grid_of_one_column():
     got = dequantize_dense({"weight": q, "weight_scale_inv": s}, fmt, "m")
     want = q.float() * s.repeat_interleave(32, 0)[:40]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", [-1, 0, True, 10_000_000, 2.5, "24"])
+def test_num_hidden_layers_checked(value):
+    # the edges: -1 planned "0 MoE blocks of -1 layers" with exit 0; 1e7 planned for minutes; a bool read as 1
+    from moekit.loading.archs.common import layers
+    with pytest.raises(ValueError, match="num_hidden_layers must be a whole number in"):
+        layers({"num_hidden_layers": value})
+
+
+def test_num_hidden_layers_accepted():
+    # the controls: absent (0: no layers planned, as before), an int, an integral float
+    from moekit.loading.archs.common import layers
+    assert (layers({}), layers({"num_hidden_layers": 24}), layers({"num_hidden_layers": 24.0})) == (0, 24, 24)

@@ -103,15 +103,18 @@ def experts_weights(module):
 
 
 def _fingerprint(tensors) -> tuple:
-    """What the converted copies were made from: each source tensor itself (a replaced one is another object) and
-    its version counter (in-place edits; round 49: the biases and a replaced ``down_proj`` were not in the key, so
-    edits to them kept the stale copies). Inference tensors have no version counter: their in-place edits are not
-    seen (transformers' weights are not edited in place under inference mode)."""
-    return tuple(None if t is None else (t, None if t.is_inference() else t._version) for t in tensors)
+    """What the converted copies were made from: each source tensor itself (a replaced one is another object), its
+    version counter (in-place edits; round 49: the biases and a replaced ``down_proj`` were not in the key, so edits to
+    them kept the stale copies), and its memory, dtype, device and shape (round 61: ``p.data = new`` and
+    ``model.to(dtype / device)`` keep the parameter object and its version, and the stale copies were used: wrong
+    logits, or a dtype error). Not seen: in-place edits through ``p.data`` (they bypass the version counter: edit
+    under ``torch.no_grad()`` instead) and of inference tensors (no version counter)."""
+    return tuple(None if t is None else (t, None if t.is_inference() else t._version, t.data_ptr(), t.dtype,
+                                         t.device, tuple(t.shape)) for t in tensors)
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return all((x is None) == (y is None) and (x is None or (x[0] is y[0] and x[1] == y[1])) for x, y in zip(a, b))
+    return all((x is None) == (y is None) and (x is None or (x[0] is y[0] and x[1:] == y[1:])) for x, y in zip(a, b))
 
 
 def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):

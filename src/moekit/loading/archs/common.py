@@ -118,8 +118,20 @@ def first(cfg: dict, keys: tuple[str, ...], default):
 E_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
+#: the most decoder layers a config may declare (round 61: 1e7 planned for minutes, -1 planned "0 MoE blocks")
+MAX_LAYERS = 100_000
+
+
 def layers(cfg: dict) -> int:
-    return int(get(cfg, "num_hidden_layers", 0))
+    """``num_hidden_layers``: a whole number in [1, :data:`MAX_LAYERS`] (0 when absent), else ``ValueError``."""
+    v = cfg.get("num_hidden_layers")
+    if v is None:
+        return 0
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LAYERS:
+        raise ValueError(f"config.json's num_hidden_layers must be a whole number in [1, {MAX_LAYERS}], got {v!r}")
+    return v
 
 
 def stack_aliases(stack: str) -> tuple[str, ...]:
