@@ -324,7 +324,7 @@ u.find_spec('kernels'))"
     step r61-c-train 80 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-c.json"
     step r61-c-base 80 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py --tokens 1024,4096 \
       --out "$OUT/train-c-base.json"  # (the previous commit's src: `git archive HEAD~1 src`)
-    step r61-c-profile 70 python benchmarks/train_profile.py --tokens 1024
+    [ "${R61_PROFILE:-0}" = 1 ] && step r61-c-profile 70 python benchmarks/train_profile.py --tokens 1024
     step r61-c-grad-tests 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_experts_grad.py \
       tests/test_training.py
     grep -h "T=" "$OUT"/r61-c-train.log "$OUT"/r61-c-base.log | cut -c1-200; tail -2 "$OUT"/r61-c-grad-tests.log
