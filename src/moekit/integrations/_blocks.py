@@ -243,3 +243,24 @@ def refuse_train_routing(what: str):
         f"this patched MoE block runs transformers' eval-mode routing; in training mode the original block routes "
         f"differently ({what}), which moekit does not reproduce. Call .eval() for inference, set that config field "
         "to 0 before patching, or unpatch() the model to train with it")
+
+
+#: routing settings transformers copies from the config into a block (or its router) when it builds it: block
+#: attribute -> what moekit's plan of the block runs
+BLOCK_SETTINGS = {"top_k": lambda p: p.top_k, "norm_topk_prob": lambda p: p.renormalize,
+                  "routed_scaling_factor": lambda p: p.routed_scaling_factor,
+                  "n_group": lambda p: p.num_expert_group, "topk_group": lambda p: p.topk_group}
+
+
+def check_block_settings(module: torch.nn.Module, plan: LayerPlan, name: str) -> None:
+    """``ValueError`` where a routing setting the block (or one of its direct children, the router) holds differs from
+    what the plan made from the model's config runs: the config was edited after the model was built, so transformers
+    runs the block's value and :func:`patch` would run the config's (round 61: a silently different output)."""
+    for owner in (module, *module.children()):
+        for attr, planned in BLOCK_SETTINGS.items():
+            mine, want = owner.__dict__.get(attr), planned(plan)
+            if isinstance(mine, (bool, int, float)) and isinstance(want, (bool, int, float)) and mine != want:
+                raise ValueError(
+                    f"patch(): block {name} has {type(owner).__name__}.{attr} = {mine!r} but moekit's plan from the "
+                    f"model's config runs {want!r} (the config edited after the model was built?): transformers runs "
+                    "the block's value; make them agree (set the config before building the model)")

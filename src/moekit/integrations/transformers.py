@@ -43,7 +43,8 @@ from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
-from ._blocks import block_tensors, carry_back, converted_stacks, moekit_from_block, train_time_routing
+from ._blocks import block_tensors, carry_back, check_block_settings, converted_stacks, moekit_from_block
+from ._blocks import train_time_routing
 from ._experts import moekit_experts_forward
 from ._record import carry_hooks, make_record, mark_asked, original_router
 from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
@@ -115,28 +116,27 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         model: a loaded transformers ``PreTrainedModel`` (causal LM, or a multimodal wrapper such as
             ``Llama4ForConditionalGeneration``) with its weights in memory (not on the meta device).
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
-        eager_graph_tokens: the layers' internal CUDA-graph limit (eager calls of up to this many tokens
-            replay a graph; see :class:`~moekit.MoERunner`); None (default):
-            :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS` (2048). The layers share one
-            :class:`~moekit.experts.graphed.GraphPool`.
+        eager_graph_tokens: the layers' internal CUDA-graph limit (eager calls of up to this many tokens replay a
+            graph; see :class:`~moekit.MoERunner`); None (default): :data:`~moekit.experts.graphed.MODEL_GRAPH_TOKENS`
+            (2048). The layers share one :class:`~moekit.experts.graphed.GraphPool`.
         restorable: keep every replaced block for :func:`unpatch`, also those whose weights the moekit layer holds
             as converted copies (gpt-oss, Llama 4, DBRX, ...: the block's own stacks then stay in memory, one more
             copy of those experts). False (default): such blocks are dropped as before (their memory is freed) and
             :func:`unpatch` refuses the model; blocks whose tensors the layer shares are kept either way (what the
             layer holds converted, e.g. a bf16 selection bias widened to float32, is at most 1 MiB or 1 % of it).
 
-    Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are
-    left as they are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder
-    layer (Gemma 4) the layer stays: its ``experts`` attribute becomes a :class:`LayerMoEAdapter` running
-    the whole moekit layer on the layer's input, and the other MoE attributes (router, the norms around
-    the experts, now inside the moekit layer) become pass-throughs; the path returned is the layer's.
+    Returns the module paths replaced, e.g. ``["model.layers.0.mlp", ...]``; blocks patched before are left as they
+    are (a second call returns ``[]``). Where the MoE is made of attributes of the decoder layer (Gemma 4) the layer
+    stays: its ``experts`` attribute becomes a :class:`LayerMoEAdapter` running the whole moekit layer on the layer's
+    input, and the other MoE attributes (router, the norms around the experts, now inside the moekit layer) become
+    pass-throughs; the path returned is the layer's. The layers are planned from the model's config: a block whose
+    routing settings (``top_k``, ``norm_topk_prob``, ...) differ from it raises ``ValueError`` before anything changes.
     The replacements keep the replaced block's train/eval mode. The replaced modules are kept by reference (outside
     the module tree) for :func:`unpatch` where that is free or ``restorable`` asks for it. Supported: the
     architectures of :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
-    ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its
-    config says raises ``RuntimeError``; without transformers, ``ImportError``. All or nothing: a block whose
-    moekit layer cannot be built (the error propagates) leaves the model as it was (the blocks replaced before it
-    are put back).
+    ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its config says raises
+    ``RuntimeError``; without transformers, ``ImportError``. All or nothing: a block whose moekit layer cannot be built
+    (the error propagates) leaves the model as it was (the blocks replaced before it are put back).
 
     ``output_router_logits`` (the router logits transformers records for its load-balancing loss, and its
     ``aux_loss``) works on the patched model as on the original: while transformers' collector gathers them (a
@@ -169,6 +169,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
     for name, module, plan in blocks:  # (a block on the meta device, e.g. offloaded, raises before any is replaced)
         block_tensors(module, spec, plan)
+        check_block_settings(module, plan, name)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
     # undo: (parent, {attribute: the module it held}) per block replaced so far; flags: (parameter, requires_grad) of
@@ -198,8 +199,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             replaced.append(name)
     except BaseException:
         # all or nothing: a block that fails to build (an unsupported tensor, out of memory) puts back the blocks
-        # replaced before it (``blocks`` holds them until now either way: this costs no memory) and the
-        # requires_grad flags building changed
+        # replaced before it (``blocks`` holds them: no memory cost) and the requires_grad flags building changed
         for parent, members in reversed(undo):
             for attr, old in members.items():
                 setattr(parent, attr, old)
@@ -306,8 +306,9 @@ def unpatch(model) -> list[str]:
     changed in converted copies is carried back: :func:`unpatch` first writes the layers' current expert weights
     into the kept blocks' own stacks (in place, in their layout, dtype and device; values exact), so patch, train,
     unpatch and ``save_pretrained`` saves the trained experts (an optimizer still holds the copies: build a new one
-    to train on after unpatching). Quantised expert weights that :func:`patch` froze (the block's own parameters)
-    get their ``requires_grad`` from before :func:`patch` back, whatever was set on them while patched.
+    to train on after unpatching; small tensors held converted, e.g. a bf16 selection bias widened to float32, are
+    not carried back: edits to them while patched are lost). Quantised expert weights that :func:`patch` froze get
+    their ``requires_grad`` from before :func:`patch` back, whatever was set on them while patched.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")

@@ -1,4 +1,5 @@
-"""Round 61's integration audit: the experts switch's converted stacks follow a replaced, moved or cast stack."""
+"""Round 61's integration audit: the experts switch's converted stacks follow a replaced, moved or cast stack; patch()
+refuses a config edited after the model was built."""
 
 from __future__ import annotations
 
@@ -61,3 +62,25 @@ def test_switch_sees_an_in_place_edit_under_no_grad():
         with torch.no_grad():
             model.model.layers[0].mlp.experts.gate_up_proj.mul_(3.0)
     torch.testing.assert_close(_logits(mine), _logits(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, field, value, attr", [
+    ("mixtral", "num_experts_per_tok", 3, "top_k"),
+    ("qwen3_moe", "norm_topk_prob", False, "norm_topk_prob"),
+    ("deepseek_v3", "routed_scaling_factor", 1.0, "routed_scaling_factor"),
+    ("deepseek_v3", "num_experts_per_tok", 2, "top_k"),
+])
+def test_patch_refuses_a_config_edited_after_the_model_was_built(arch, field, value, attr):
+    # the edge: transformers copies these settings into the blocks when it builds them and ignores later config
+    # edits; patch() plans from the config, so the patched model computed something else (0.5-2.3 off), silently
+    from moekit.integrations.transformers import patch
+    model = hf_tiny.build(arch).eval()
+    want = _logits(model)
+    setattr(model.config, field, value)
+    torch.testing.assert_close(_logits(model), want)  # (transformers ignores the edit)
+    with pytest.raises(ValueError, match=rf"\.{attr} = .* but moekit's plan from the model's config runs {value!r}"):
+        patch(model)
+    torch.testing.assert_close(_logits(model), want)  # nothing changed
+    setattr(model.config, field, getattr(hf_tiny.build(arch).config, field))
+    assert patch(model)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-4, atol=1e-4)
