@@ -322,12 +322,14 @@ u.find_spec('kernels'))"
     # about one expert, each group's gradients copied into the stacks), train_step.py + profile + the GPU grad tests
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r61-c-train 80 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-c.json"
-    step r61-c-base 80 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py --tokens 1024,4096 \
-      --out "$OUT/train-c-base.json"  # (the previous commit's src: `git archive HEAD~1 src`)
+    [ -d .ab/base/src ] && step r61-c-base 80 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
+      --tokens 1024,4096 --out "$OUT/train-c-base.json"  # (the round's first src, where carried: `git archive 0967f00 src`)
     [ "${R61_PROFILE:-0}" = 1 ] && step r61-c-profile 70 python benchmarks/train_profile.py --tokens 1024
     step r61-c-grad-tests 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_experts_grad.py \
       tests/test_training.py
-    grep -h "T=" "$OUT"/r61-c-train.log "$OUT"/r61-c-base.log | cut -c1-200; tail -2 "$OUT"/r61-c-grad-tests.log
+    step r61-c-integ-tests 70 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+      tests/routing/test_audit61_routing.py tests/loading/test_audit61_loader.py tests/parallel/test_audit61_placement.py
+    grep -h "T=" "$OUT"/r61-c-*.log | cut -c1-200; tail -2 "$OUT"/r61-c-grad-tests.log "$OUT"/r61-c-integ-tests.log
     grep -h "Memcpy DtoD\|^==" "$OUT"/r61-c-profile.log | cut -c1-70,150-200
     ;;
   r61-h)  # round 61 on an H100 (no H200 could be started): the GPU training tests, train_step.py, where a training
