@@ -318,6 +318,15 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r61-d)  # round 61, last of the device time: r61-c cut down (the integration and audit tests first, then the training
+    # step at T = 1024 only)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r61-d-integ-tests 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+      tests/routing/test_audit61_routing.py tests/loading/test_audit61_loader.py tests/parallel/test_audit61_placement.py \
+      tests/ops/test_experts_grad.py
+    step r61-d-train 60 python benchmarks/train_step.py --tokens 1024 --out "$OUT/train-d.json"
+    tail -3 "$OUT"/r61-d-integ-tests.log; grep -h "T=" "$OUT"/r61-d-train.log | cut -c1-200
+    ;;
   r61-c)  # round 61: eager backward groups bounded by the weight gradients' bytes alone (an H100 profile: groups of
     # about one expert, each group's gradients copied into the stacks), train_step.py + profile + the GPU grad tests
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
