@@ -38,7 +38,7 @@ from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_checks import (check_hidden, check_placement_routed, check_routed_input, check_runner_args,
+from .runner_checks import (check_hidden, check_routed_input, check_runner_args, guard_placement,
                             compute_router_logits, input_width, ran, router_logits_for)
 
 #: eager forwards of at most this many tokens replay an internal CUDA graph (``eager_graph_tokens``), for a
@@ -152,7 +152,7 @@ class MoERunner(torch.nn.Module):
             gate=gate, shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
             routed_input_transform=routed_input_transform, routed_output_transform=routed_output_transform,
             final_output_transform=final_output_transform))
-        check_placement_routed(router, routed_experts)
+        guard_placement(self, router, routed_experts)
         self.layer_name, self.moe_config = layer_name, moe_config
         # the path of a forward, in order
         self.routed_input_transform = routed_input_transform

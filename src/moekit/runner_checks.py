@@ -10,6 +10,7 @@ import re
 import torch
 
 from ._checks import FLOAT_DTYPES, check_callable, check_float_dtype, check_tensor
+from .experts.placement_state import PLACEMENT_KEY
 
 #: what the gate reads: the routed input (SPEC §1) or the layer's input
 GATE_INPUTS = ("routed", "block")
@@ -39,17 +40,30 @@ def check_runner_args(moe_config, router, enable_dbo: bool, gate_input: str, rou
         )
 
 
-def check_placement_routed(router, experts) -> None:
+def guard_placement(runner, router, experts) -> None:
     """Without EPLB routing (the router's ``eplb_state``), logical expert ``e`` runs in physical slot ``e``: a
     placement whose first ``E`` slots hold other experts would run the wrong weights (round 61: a permuted
-    hand-built placement was accepted), so it raises ``ValueError``."""
-    p = experts.placement
-    if getattr(router, "eplb_state", None) is None and tuple(p.physical_to_logical[:p.num_logical]) != tuple(
-            range(p.num_logical)):
+    hand-built placement was accepted), so it raises ``ValueError``, now and (a load-state-dict pre-hook on
+    ``runner``) when a state dict would bring one (a rebalanced layer's, loaded into one without EPLB)."""
+    if getattr(router, "eplb_state", None) is not None:
+        return
+    _routable(experts.placement.physical_to_logical, experts.placement.num_logical, "the experts' placement has")
+
+    def pre_hook(module, state_dict, prefix, *args):
+        saved = state_dict.get(prefix + "routed_experts." + PLACEMENT_KEY)
+        if isinstance(saved, torch.Tensor) and not saved.is_meta:
+            _routable(saved.flatten().tolist(), experts.placement.num_logical,
+                      f"state dict {prefix}routed_experts.{PLACEMENT_KEY} has")
+
+    runner.register_load_state_dict_pre_hook(pre_hook)
+
+
+def _routable(p2l, num_logical: int, what: str) -> None:
+    if [int(e) for e in p2l[:num_logical]] != list(range(num_logical)):
         raise ValueError(
-            f"the experts' placement has physical_to_logical {list(p.physical_to_logical)}, but without EPLB routing "
-            f"(router.eplb_state is None) logical expert e runs in physical slot e: slots 0..{p.num_logical - 1} must "
-            "hold experts 0..E-1 (build the layer with enable_eplb=True to route to a rebalanced placement)")
+            f"{what} physical_to_logical {[int(e) for e in p2l]}, but without EPLB routing (router.eplb_state is None) "
+            f"logical expert e runs in physical slot e: slots 0..{num_logical - 1} must hold experts 0..E-1 (build the "
+            "layer with enable_eplb=True to route to a rebalanced placement)")
 
 
 def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> None:

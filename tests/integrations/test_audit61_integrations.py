@@ -78,7 +78,7 @@ def test_patch_refuses_a_config_edited_after_the_model_was_built(arch, field, va
     want = _logits(model)
     setattr(model.config, field, value)
     torch.testing.assert_close(_logits(model), want)  # (transformers ignores the edit)
-    with pytest.raises(ValueError, match=rf"\.{attr} = .* but moekit's plan from the model's config runs {value!r}"):
+    with pytest.raises(ValueError, match=rf"\.{attr} = .* but the model's config has {field} = {value!r} and moekit's"):
         patch(model)
     torch.testing.assert_close(_logits(model), want)  # nothing changed
     setattr(model.config, field, getattr(hf_tiny.build(arch).config, field))

@@ -235,7 +235,7 @@ def _load_own(layer, name, tensor, own, slots: dict) -> str | None:
     if is_slot_tensor(layer, pname):  # the experts record their per-slot tensors themselves
         slots[pname.split(".", 1)[1]] = tensor
         return None
-    if target.is_floating_point() and tensor.dtype not in FLOAT_DTYPES:  # (round 61: e4m3 codes loaded as values)
+    if target.dtype in FLOAT_DTYPES and tensor.dtype not in FLOAT_DTYPES:  # (round 61: e4m3 codes loaded as values)
         why = (": a quantised weight without its scale (weight_scale_inv / weight_scale)"
                if tensor.is_floating_point() or tensor.dtype in (torch.uint8, torch.int8, torch.int32) else "")
         raise TypeError(f"checkpoint key {name!r} has dtype {tensor.dtype}, expected a float tensor for {pname} "

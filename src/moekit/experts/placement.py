@@ -16,6 +16,7 @@ changes ``physical_to_logical``, i.e. which weights a slot holds.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ def _check_group(ep_size, ep_rank: int = 0) -> None:
     """An EP group size (an int >= 1) and a rank in it (round 61: size 0 gave moves between rank -1 slots, a rank
     past the group physical ids that do not exist)."""
     for name, v in (("ep_size", ep_size), ("ep_rank", ep_rank)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
     if ep_size < 1 or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_size must be >= 1 and ep_rank in [0, ep_size), got ep_size={ep_size}, ep_rank={ep_rank}")

@@ -21,7 +21,7 @@ import torch
 from .._checks import KERNEL_DTYPES
 from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
 from ..experts.routed import RoutedExperts
-from ..loading.architectures import ArchSpec, rename_block_key
+from ..loading.architectures import ArchSpec, raw_text_config, rename_block_key
 from ..loading.keys import construction_tensors, field_hint, zero_width_shared_gate
 from ..loading.modules import build_layer
 from ..loading.plan import LayerPlan
@@ -245,22 +245,29 @@ def refuse_train_routing(what: str):
         "to 0 before patching, or unpatch() the model to train with it")
 
 
-#: routing settings transformers copies from the config into a block (or its router) when it builds it: block
-#: attribute -> what moekit's plan of the block runs
-BLOCK_SETTINGS = {"top_k": lambda p: p.top_k, "norm_topk_prob": lambda p: p.renormalize,
-                  "routed_scaling_factor": lambda p: p.routed_scaling_factor,
-                  "n_group": lambda p: p.num_expert_group, "topk_group": lambda p: p.topk_group}
+#: routing settings transformers copies into a block (or its router) when it builds it: block attribute -> (the
+#: config.json field it comes from, what moekit's plan of the block runs)
+BLOCK_SETTINGS = {"top_k": ("num_experts_per_tok", lambda p: p.top_k),
+                  "norm_topk_prob": ("norm_topk_prob", lambda p: p.renormalize),
+                  "routed_scaling_factor": ("routed_scaling_factor", lambda p: p.routed_scaling_factor),
+                  "n_group": ("n_group", lambda p: p.num_expert_group),
+                  "topk_group": ("topk_group", lambda p: p.topk_group)}
 
 
-def check_block_settings(module: torch.nn.Module, plan: LayerPlan, name: str) -> None:
+def check_block_settings(module: torch.nn.Module, plan: LayerPlan, name: str, config: dict) -> None:
     """``ValueError`` where a routing setting the block (or one of its direct children, the router) holds differs from
-    what the plan made from the model's config runs: the config was edited after the model was built, so transformers
-    runs the block's value and :func:`patch` would run the config's (round 61: a silently different output)."""
+    the config field it was copied from and from what moekit's plan runs: the config was edited after the model was
+    built, so transformers runs the block's value and :func:`patch` would run the config's (round 61: a silently
+    different output). Both must differ: a plan may run another value by design (PhiMoE's sparsemixer routes 2 whatever
+    ``top_k`` says, Cohere2-MoE's softmax renormalises whatever ``norm_topk_prob`` says), and a class may fill the
+    attribute from another field (Step-3.7's scale)."""
+    text = raw_text_config(config) or {}
     for owner in (module, *module.children()):
-        for attr, planned in BLOCK_SETTINGS.items():
-            mine, want = owner.__dict__.get(attr), planned(plan)
-            if isinstance(mine, (bool, int, float)) and isinstance(want, (bool, int, float)) and mine != want:
+        for attr, (field, planned) in BLOCK_SETTINGS.items():
+            mine, cfg, want = owner.__dict__.get(attr), text.get(field), planned(plan)
+            if all(isinstance(v, (bool, int, float)) for v in (mine, cfg, want)) and mine != cfg and mine != want:
                 raise ValueError(
-                    f"patch(): block {name} has {type(owner).__name__}.{attr} = {mine!r} but moekit's plan from the "
-                    f"model's config runs {want!r} (the config edited after the model was built?): transformers runs "
-                    "the block's value; make them agree (set the config before building the model)")
+                    f"patch(): block {name} has {type(owner).__name__}.{attr} = {mine!r} but the model's config has "
+                    f"{field} = {cfg!r} and moekit's plan from it runs {want!r} (the config edited after the model "
+                    "was built?): transformers runs the block's value; make them agree (set the config before "
+                    "building the model)")

@@ -169,7 +169,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
     for name, module, plan in blocks:  # (a block on the meta device, e.g. offloaded, raises before any is replaced)
         block_tensors(module, spec, plan)
-        check_block_settings(module, plan, name)
+        check_block_settings(module, plan, name, config)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
     # undo: (parent, {attribute: the module it held}) per block replaced so far; flags: (parameter, requires_grad) of

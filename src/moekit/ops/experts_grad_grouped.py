@@ -66,10 +66,11 @@ def grouped_backward(dyf, x, weights, order, sorted_key, counts, counts_dev, k, 
         if starts[g1] == starts[g0] and not (need[2] or need[3]):
             continue  # (no rows, no weight gradient: quantised weights are not dequantised for nothing)
         w13, w2 = stacks_of(g0, g1, dtype)
-        # whole experts together up to buffers of the weight gradients' bytes (round 61: bounded by the largest
-        # expert's rows as well, a group held about one expert; each group's gradients were then copied into the
-        # stacks: 16-21 % of a patched step's GPU time in an H100 profile, Mixtral-8x7B 19 copies a step)
-        rows = max(1, workspace_bytes // _row_bytes(w13, w2), _grad_rows(w13, w2))
+        # whole experts together up to buffers of the weight gradients' bytes, at most GROUP_WORKSPACES workspaces
+        # (round 61: bounded by the largest expert's rows instead, a group held about one expert, each group's
+        # gradients then copied into the stacks: 16-21 % of a patched step's GPU time in an H100 profile)
+        ws_rows = workspace_bytes // _row_bytes(w13, w2)
+        rows = max(1, ws_rows, min(_grad_rows(w13, w2), GROUP_WORKSPACES * ws_rows))
         split = [None, None]  # a split expert's float32 sums
         for e0, e1, lo, hi in _groups(starts, g0, g1, rows):
             zero = idle_dev[bisect.bisect_left(idle, e0):bisect.bisect_left(idle, e1)] - e0  # its experts without rows
@@ -82,6 +83,7 @@ def grouped_backward(dyf, x, weights, order, sorted_key, counts, counts_dev, k, 
                            w2[e0 - g0:e1 - g0], b1, b2, activation, limit, on_input, need, outs, dtype, empty=zero)
             if lo == starts[e0] and hi == starts[e1]:  # whole experts
                 _put(grads, parts, e0, e1, num_local)
+                del parts  # (copied, or the stacks themselves: not held while the next group's buffers are made)
                 continue
             for i, part in enumerate(parts):
                 if part is not None:
@@ -166,6 +168,11 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
         for j, part in enumerate(parts):  # one chunk: the weight gradients as the GEMMs wrote them; else summed in f32
             if part is not None:
                 outs[2 + j] = part if chunks == 1 else (part.float() if i == 0 else outs[2 + j].add_(part))
+
+
+#: an eager group's row buffers: at most this many workspaces (2 GiB at the default 256 MiB; round 61's review: bounded
+#: by the weight gradients' bytes alone, a DeepSeek-V3 layer's group took 21 GiB of buffers at T = 16384)
+GROUP_WORKSPACES = 8
 
 
 def _grad_rows(w13, w2) -> int:

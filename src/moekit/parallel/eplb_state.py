@@ -133,10 +133,12 @@ class EplbState(torch.nn.Module):
     def map_logical_to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, K] logical ids -> [T, K] physical ids (same dtype), by ``replica(t, e)`` (module docstring)."""
         ids = topk_ids.long()
+        live = (ids >= 0) & (ids < self.num_logical)  # (round 61: a dead id -1 indexed expert E - 1's replicas)
+        ids = torch.where(live, ids, 0)
         t = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)
         h = replica_hash(t * self.ep_size + self.ep_rank).unsqueeze(1)
         replica = (h + ids) % self.replica_count[ids]
-        return self.logical_to_physical[ids, replica].to(topk_ids.dtype)
+        return torch.where(live, self.logical_to_physical[ids, replica], -1).to(topk_ids.dtype)
 
     @torch.no_grad()
     def record(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_input: bool) -> None:
