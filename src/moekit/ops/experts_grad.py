@@ -15,9 +15,9 @@ Decisions: the forward's roundings (the activation rounded to ``params_dtype`` b
 quantisation) are taken as the identity (straight-through, as quantisation-aware training does); quantised weights
 are dequantised to float32 per expert (:func:`moekit.ops.quantize.dequantize_weight`) and get no gradient; a slot
 whose weight is exactly 0 (which the forward skips) still gets ``dw = <dy_t, o>``, the derivative of ``w · o``.
-Memory: rows in chunks under ``workspace_bytes``, except that the grouped paths take larger chunks: eagerly an
-expert's rows stay together up to buffers of its weight gradients' bytes, traced up to the weights' elements in rows
-(:func:`~.experts_grad_grouped.grouped_backward`, ``grouped_backward_traced``); they write
+Memory: rows in chunks under ``workspace_bytes``, except that the grouped paths take larger chunks: eagerly whole
+experts' rows together up to buffers of their weight gradients' bytes (at most 8 workspaces), traced up to the
+weights' elements in rows (:func:`~.experts_grad_grouped.grouped_backward`, ``grouped_backward_traced``); they write
 each expert's weight gradient as its GEMM made it (the layer's dtype: one rounding; an expert split over chunks is
 summed in float32 first), the loop sums float32 gradients of the weights' size. Both eager paths read each expert's
 row count on the host (a synchronisation per backward call); while compiling (or capturing) the grouped path sorts on
