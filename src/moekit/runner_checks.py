@@ -44,18 +44,20 @@ def guard_placement(runner, router, experts) -> None:
     """Without EPLB routing (the router's ``eplb_state``), logical expert ``e`` runs in physical slot ``e``: a
     placement whose first ``E`` slots hold other experts would run the wrong weights (round 61: a permuted
     hand-built placement was accepted), so it raises ``ValueError``, now and (a load-state-dict pre-hook on
-    ``runner``) when a state dict would bring one (a rebalanced layer's, loaded into one without EPLB)."""
+    ``runner``, :func:`_placement_pre_hook`) when a state dict would bring one (a rebalanced layer's, loaded into one
+    without EPLB)."""
     if getattr(router, "eplb_state", None) is not None:
         return
     _routable(experts.placement.physical_to_logical, experts.placement.num_logical, "the experts' placement has")
+    runner.register_load_state_dict_pre_hook(_placement_pre_hook)
 
-    def pre_hook(module, state_dict, prefix, *args):
-        saved = state_dict.get(prefix + "routed_experts." + PLACEMENT_KEY)
-        if isinstance(saved, torch.Tensor) and not saved.is_meta:
-            _routable(saved.flatten().tolist(), experts.placement.num_logical,
-                      f"state dict {prefix}routed_experts.{PLACEMENT_KEY} has")
 
-    runner.register_load_state_dict_pre_hook(pre_hook)
+def _placement_pre_hook(runner, state_dict, prefix, *args) -> None:
+    """(a module-level function: a layer holding it still pickles and deep-copies)"""
+    saved = state_dict.get(prefix + "routed_experts." + PLACEMENT_KEY)
+    if isinstance(saved, torch.Tensor) and not saved.is_meta and getattr(runner.router, "eplb_state", None) is None:
+        _routable(saved.flatten().tolist(), runner.routed_experts.placement.num_logical,
+                  f"state dict {prefix}routed_experts.{PLACEMENT_KEY} has")
 
 
 def _routable(p2l, num_logical: int, what: str) -> None:
