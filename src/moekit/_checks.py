@@ -48,8 +48,8 @@ def check_real(name: str, value, *, finite: bool = True, positive: bool = False,
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    f32 = torch.finfo(torch.float32)
-    if float32 and value != 0 and not f32.tiny <= abs(value) <= f32.max:
+    f32 = torch.finfo(torch.float32) if float32 else None
+    if f32 is not None and value != 0 and not f32.tiny <= abs(value) <= f32.max:
         raise ValueError(f"{name} must be representable in float32 (a magnitude in [{f32.tiny}, {f32.max}]), "
                          f"got {value!r}")
     return float(value)

@@ -158,8 +158,6 @@ class ExpertPlacement:
     ) -> "ExpertPlacement":
         """Placement of rank ``(ep_rank, tp_rank)``; raises ``ValueError`` on sizes that do not split."""
         check_ep_sizes(num_logical, num_redundant, ep_size)
-        if not 0 <= ep_rank < ep_size:
-            raise ValueError(f"ep_rank must lie in [0, {ep_size}), got {ep_rank}")
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank must lie in [0, tp_size={tp_size}), got {tp_rank}")
         num_physical = num_logical + num_redundant

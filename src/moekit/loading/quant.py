@@ -143,6 +143,11 @@ def experts_format(fmt: WeightFormat | None, plan: LayerPlan) -> WeightFormat | 
 _SAME_BYTES = {torch.uint8: (torch.int8,) + tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None),) if d)}
 
 
+def stored_dtypes(fmt: WeightFormat) -> tuple[torch.dtype, ...]:
+    """The dtypes a shipped weight of ``fmt`` may be stored in: ``weight_dtype`` and the same bytes."""
+    return (fmt.weight_dtype,) + _SAME_BYTES.get(fmt.weight_dtype, ())
+
+
 def check_shipped_weight(layer, rel: str, t: torch.Tensor, key: str, file: str, shipped: bool) -> None:
     """Refuse a routed-expert weight of a quantised checkpoint that is not in its format's storage dtype; anything
     else (a full-precision checkpoint, scales, biases) passes.
@@ -163,7 +168,7 @@ def check_shipped_weight(layer, rel: str, t: torch.Tensor, key: str, file: str, 
             return  # (zero experts' rows are dropped)
     elif f is None or KIND_OF_SUFFIX[f.group(2) or ""] != "weight":
         return
-    want = (fmt.weight_dtype,) + _SAME_BYTES.get(fmt.weight_dtype, ())
+    want = stored_dtypes(fmt)
     if t.dtype not in want:
         raise TypeError(f"{file}: checkpoint key {key!r} has dtype {t.dtype}, expected {' or '.join(map(str, want))}: "
                         f"the checkpoint ships its routed experts in {fmt.name} (config.json's quantization_config), "
@@ -203,19 +208,16 @@ def dequantize_dense(parts: dict[str, torch.Tensor], fmt: WeightFormat, what: st
         scale = scale.view(torch.uint8) if isinstance(fmt, Mxfp4Format) else scale.float()
     if isinstance(fmt, Fp8ChannelFormat) and scale.dim() == 2 and scale.shape[1] == 1:
         scale = scale[:, 0]  # compressed-tensors per-channel scales are [N, 1] (not a block grid of one column)
-    _check_dense(wq, scale, fmt, what)
-    shape = parts.get("weight_shape")  # compressed-tensors' [out, in], checked as the experts' is
-    n, k = wq.shape[0], wq.shape[1] * fmt.pack
-    if shape is not None and [int(v) for v in shape.reshape(-1).tolist()] != [n, k]:
-        raise ValueError(f"{what}: weight_shape = {shape.tolist()}, expected [{n}, {k}] (its weight's shape)")
+    _check_dense(wq, scale, parts.get("weight_shape"), fmt, what)
     return dequantize_weight(wq, scale, fmt)
 
 
-def _check_dense(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, what: str) -> None:
-    """A quantised dense linear's weight in ``fmt``'s stored dtype and its scale in the format's grid for that weight
-    (round 61: a bf16 weight beside a stale scale was multiplied by it, a grid of too many blocks was cut to fit: 97 %
-    off, one of too few failed inside torch naming no key)."""
-    want = (fmt.weight_dtype,) + _SAME_BYTES.get(fmt.weight_dtype, ())
+def _check_dense(wq: torch.Tensor, scale: torch.Tensor, shape, fmt: WeightFormat, what: str) -> None:
+    """A quantised dense linear's weight in ``fmt``'s stored dtype, its scale in the format's grid for that weight and
+    compressed-tensors' ``weight_shape`` (``shape``, [out, in] or None) its size (round 61: a bf16 weight beside a
+    stale scale was multiplied by it, a grid of too many blocks was cut to fit: 97 % off, one of too few failed inside
+    torch naming no key)."""
+    want = stored_dtypes(fmt)
     if wq.dtype not in want:
         raise TypeError(f"{what}: a quantised linear's weight has dtype {wq.dtype}, expected "
                         f"{' or '.join(map(str, want))} ({fmt.name}, the checkpoint's quantization_config)")
@@ -226,3 +228,5 @@ def _check_dense(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, what:
     if tuple(scale.shape) != grid and not (len(grid) <= 1 and scale.dim() <= 1 and scale.numel() == math.prod(grid)):
         raise ValueError(f"{what}: the scale has shape {list(scale.shape)}, expected {list(grid)} for a [{n}, {k}] "
                          f"weight in {fmt.name}")
+    if shape is not None and [int(v) for v in shape.reshape(-1).tolist()] != [n, k]:
+        raise ValueError(f"{what}: weight_shape = {shape.tolist()}, expected [{n}, {k}] (its weight's shape)")

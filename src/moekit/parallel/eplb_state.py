@@ -41,7 +41,7 @@ import functools
 import torch
 
 from .eplb import logical_to_physical
-from ..experts.placement import ExpertPlacement
+from ..experts.placement import ExpertPlacement, check_physical_to_logical
 from ..experts.placement_state import PLACEMENT_KEY, initial_p2l, placement_error, saved_p2l
 
 DEFAULT_WINDOW = 128
@@ -72,7 +72,6 @@ class EplbState(torch.nn.Module):
         self.num_groups = num_groups
         self.window_size = window_size
         self.max_replicas = min(w, p - e + 1)
-        self._owner = [r for r, _ in placement.owners()]
         kw = dict(dtype=torch.int64, device=device)
         self.register_buffer("physical_to_logical", torch.zeros(p, **kw), persistent=False)
         self.register_buffer("logical_to_physical", torch.zeros(e, self.max_replicas, **kw), persistent=False)
@@ -109,14 +108,8 @@ class EplbState(torch.nn.Module):
 
     def checked(self, physical_to_logical) -> tuple[list[int], list, list]:
         """``(p2l, logical -> physical table, replica counts)`` of a placement, or ``ValueError`` (nothing changed)."""
-        p2l = [int(e) for e in physical_to_logical]
-        if len(p2l) != self.num_physical:
-            raise ValueError(f"physical_to_logical must have {self.num_physical} entries, got {len(p2l)}")
-        seen = set()
-        for phys, e in enumerate(p2l):
-            if (self._owner[phys], e) in seen:
-                raise ValueError(f"expert {e} would have two replicas on EP rank {self._owner[phys]}")
-            seen.add((self._owner[phys], e))
+        p2l = list(check_physical_to_logical(physical_to_logical, self.num_logical, self.num_physical, self.ep_size,
+                                             self.strategy))
         return (p2l, *logical_to_physical(p2l, self.num_logical, self.max_replicas))
 
     @torch.no_grad()
@@ -133,8 +126,8 @@ class EplbState(torch.nn.Module):
     def map_logical_to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, K] logical ids -> [T, K] physical ids (same dtype), by ``replica(t, e)`` (module docstring)."""
         ids = topk_ids.long()
-        live = (ids >= 0) & (ids < self.num_logical)  # (round 61: a dead id -1 indexed expert E - 1's replicas)
-        ids = torch.where(live, ids, 0)
+        live = ids >= 0  # dead ids (-1: custom routing's out-of-range ones) stay dead (round 61: -1 indexed E - 1's)
+        ids = ids.clamp(min=0)
         t = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)
         h = replica_hash(t * self.ep_size + self.ep_rank).unsqueeze(1)
         replica = (h + ids) % self.replica_count[ids]

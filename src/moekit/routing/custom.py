@@ -91,6 +91,6 @@ class CustomRoutingRouter(BaseRouter):
             weights = weights * self.routed_scaling_factor
         out = indices_type or torch.int32
         if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:  # (round 61: an id of 2^32 + e wrapped to expert e)
-            ids = ids.long() if ids.dtype in (torch.uint32, torch.uint64) else ids  # (no comparisons for those on CPU)
+            ids = ids.long()  # (uint32 / uint64 have no comparisons on CPU)
             ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)  # device-only: no host read
         return RoutingResult(weights, ids.to(out))
