@@ -318,6 +318,29 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r62-a)  # round 62, first call: the integration, audit and gradient GPU tests (round 61's block-settings check on
+    # transformers' own blocks), the sweep of record (bf16 + fp8, four shapes, beside the peer), then round 61's eager
+    # backward groups timed beside the round's base (`.ab/base/src` = `git archive 0967f00 src`, where carried)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r62-tests 70 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+      tests/routing/test_audit61_routing.py tests/loading/test_audit61_loader.py tests/parallel/test_audit61_placement.py \
+      tests/ops/test_experts_grad.py tests/test_training.py
+    tail -3 "$OUT"/r62-tests.log
+    sweep 300
+    step r62-train 70 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
+      --tokens 1024,4096 --out "$OUT/train-base.json"
+    grep -h "T=" "$OUT"/r62-train*.log | cut -c1-200
+    ;;
+  r62-b)  # round 62, second call: 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3), the eager host rows,
+    # transformers' blocks patched vs grouped_mm
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step bench4 280 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    step r62-eager 90 python -m moekit bench --eager-only --eager-tokens 1,8 \
+      --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b,mixtral-8x7b --out "$OUT/eager"
+    step r62-transformers 150 python benchmarks/bench_transformers.py --out "$OUT/transformers.json"
+    ;;
   r61-d)  # round 61, last of the device time: r61-c cut down (the integration and audit tests first, then the training
     # step at T = 1024 only)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
