@@ -93,19 +93,21 @@ def check_hidden(layer, hidden_states, router_logits=None, input_ids=None) -> No
 
 
 def check_routed_input(layer, x: torch.Tensor) -> None:
-    """The routed input x [T, hidden_size] matches the routed experts: width, ``params_dtype``, device."""
+    """The routed input x [T, hidden_size] matches the routed experts: width, ``params_dtype``, device. Its errors
+    name ``routed_input_transform``'s output where the layer has one (round 62: they blamed ``hidden_states``)."""
     w = layer.routed_experts.w13_weight
     dtype = layer.routed_experts.params_dtype
     hidden = layer.moe_config.hidden_size
     if x.shape[-1] != hidden:
         raise ValueError(f"the routed input must have width hidden_size={hidden}, got {x.shape[-1]}")
+    made = getattr(layer, "routed_input_transform", None) is not None
+    what = "routed_input_transform's output" if made else "hidden_states"
     if x.dtype != dtype:
-        raise TypeError(
-            f"hidden_states has dtype {x.dtype} but the layer's params_dtype is {dtype}; "
-            "cast the input or build the layer with params_dtype matching it"
-        )
+        fix = f"make the transform return {dtype}" if made else "cast the input"
+        raise TypeError(f"{what} has dtype {x.dtype} but the layer's params_dtype is {dtype}; {fix} or build the "
+                        "layer with params_dtype matching it")
     if x.device != w.device:
-        raise ValueError(f"hidden_states is on {x.device} but the expert weights are on {w.device}")
+        raise ValueError(f"{what} is on {x.device} but the expert weights are on {w.device}")
 
 
 def router_logits_for(layer, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +126,10 @@ def router_logits_for(layer, x: torch.Tensor, router_logits: torch.Tensor | None
         if router_logits.dim() == 0:
             raise ValueError(f"router_logits must have shape [T, E + Z] = [{x.shape[0]}, {_columns(layer)}], got []")
         if router_logits.dim() != 2:
-            router_logits = router_logits.reshape(-1, router_logits.shape[-1])
+            given, router_logits = list(router_logits.shape), router_logits.reshape(-1, router_logits.shape[-1])
+            if router_logits.shape[0] != x.shape[0]:  # (round 62: the error quoted the reshaped rows, "got 1")
+                raise ValueError(f"router_logits must have shape [T, E + Z] = [{x.shape[0]}, {_columns(layer)}] "
+                                 f"(or hidden_states' leading dims, then E + Z), got {given}")
     if layer.router_logits_dtype is not None:
         router_logits = router_logits.to(layer.router_logits_dtype)
     return router_logits

@@ -68,8 +68,8 @@ def gate_up_rows(t: torch.Tensor, layout: FusedLayout, *, bias: bool = False) ->
     -> ``[..., 2I, H]`` (bias ``[..., 2I]``), gate rows then up rows. A view where no reorder is needed."""
     if layout.transposed and not bias:
         t = t.transpose(-1, -2)
-    if layout.interleaved:
-        t = deinterleave(t, -1 if bias else -2)
+    if layout.interleaved and t.dim():  # (a per-tensor scale: 0-d; a per-row one [2I]: along its one dim, round 62)
+        t = deinterleave(t, -1 if bias or t.dim() == 1 else -2)
     return t
 
 

@@ -9,16 +9,10 @@ import torch
 from .._checks import values_checkable
 from .layout import shards
 from .packed import follow_weight_dtype
-from .params import unset_input_scale
+from .params import unset_input_scale, unset_mask, unset_value
 from .placement_state import maps_rebuilt, placement_loaded
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
-
-
-def unset_value(spec, quantised: bool) -> float:
-    """What an expert tensor holds until written: NaN in an unquantised layer's weights, 0 elsewhere (codes, scales,
-    biases, input scales). A state dict's slice still holding it reads as never written (:func:`unset_slices`)."""
-    return float("nan") if spec.kind == "weight" and not quantised else 0
 
 
 def fill_unset(experts) -> None:
@@ -68,7 +62,7 @@ class LoadedRecord:
         missing = self.missing(logical_ids, gated)
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
         why = ("; a state dict loaded into it held the values of a layer never loaded for them (NaN weights or "
-               "all-zero scales)") if self.unset_loaded else ""
+               "NaN scales)") if self.unset_loaded else ""
         raise RuntimeError(
             f"layer {layer_name!r}: forward before the expert weights were loaded (missing "
             f"{', '.join(missing[:6])}{more}{why}); load them with load_expert_weights(), load_weights() "
@@ -147,19 +141,13 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
 def unset_slices(spec, t, quantised: bool) -> list[tuple[int, str]]:
     """The ``(slot, shard)`` slices of a state dict's per-slot weight or scale ``t`` ([slots, rows, ...], the shards
     splitting the rows in equal parts: gate rows, then up rows) that hold what a never-loaded layer holds
-    (:func:`unset_value`): an unquantised layer's all-NaN weight shard, a quantised layer's all-zero scale shard (no
-    real checkpoint has either). Read as "never written" (round 55: a never-loaded layer's state dict loaded as loaded
-    and the copy computed with ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer
+    (:func:`unset_value`): an unquantised layer's all-NaN weight shard, a quantised layer's all-NaN (e8m0: all-255)
+    scale shard (no real checkpoint has either; round 62: all-zero scales were the mark, and are valid). Read as
+    "never written" (round 55: a never-loaded layer's state dict loaded as loaded and the copy computed with
+    ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer
     holding an all-zero expert (padding experts added so that E divides the EP size; a quantised one's scales are
     not zero) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
     biases neither (zeros are a value). One host read per tensor; nothing under compile or capture."""
-    weight = spec.kind == "weight" and not quantised
-    if not (weight or spec.kind == "scale") or not isinstance(t, torch.Tensor) or not values_checkable(t) or \
-            t.dim() < 1:
-        return []
-    if weight:  # slot by slot: a bool temporary of the whole stack is ~1 GB for Mixtral's w13 (review of round 56)
-        unset = torch.stack([t[i].isnan().reshape(len(spec.shards), -1).all(-1) for i in range(t.shape[0])]) \
-            if t.shape[0] else t.new_zeros((0, len(spec.shards)), dtype=torch.bool)
-    else:
-        unset = t.contiguous().view(torch.uint8).reshape(t.shape[0], len(spec.shards), -1).any(-1).logical_not()
-    return [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]
+    unset = unset_mask(spec, t, quantised)
+    return [] if unset is None else \
+        [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]

@@ -268,7 +268,8 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
             raise KeyError(f"checkpoint key {name!r}: an up_proj stack needs a non-gated activation, not {c.activation!r}")
         which = "gate_up_proj"
     allowed = (e, e + z) if which == "gate_up_proj" else (e,)
-    if tensor.dim() < 2 or tensor.shape[0] not in allowed:
+    least = 1 if kind in ("scale", "input_scale") else 2  # (round 62: a per-tensor scale stack [E] was refused)
+    if tensor.dim() < least or tensor.shape[0] not in allowed:
         raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected [{e}, ...] stacked experts")
     float_weight = kind == "weight" and tensor.dtype in FLOAT_DTYPES
     if float_weight and not layout.interleaved:
@@ -301,7 +302,7 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
                 f"checkpoint key {name!r}: fused gate/up block scales with I = {inter} not a multiple of the block "
                 f"height {rows_unit} (blocks straddle the gate and up halves); moekit needs per-shard scale grids"
             )
-        if kind == "scale" and t.dim() and layout.interleaved and rows_unit != 1:
+        if kind == "scale" and t.dim() and layout.interleaved and rows_unit not in (None, 1):
             raise NotImplementedError(f"checkpoint key {name!r}: interleaved gate/up rows with block scales")
         gate, up = t.chunk(2) if t.dim() else (t, t)
         _shard(experts, name, expert, GATE, gate, kind, full)

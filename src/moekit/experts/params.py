@@ -257,6 +257,41 @@ def unset_input_scale(spec: ExpertTensor, t) -> bool:
     return spec.kind == "input_scale" and isinstance(t, torch.Tensor) and values_checkable(t) and not bool(t.any())
 
 
+#: the e8m0 byte a never-written mxfp4 scale holds: OCP MX's NaN, refused in every scale given (round 62: byte 0,
+#: the mark before, is the valid scale 2^-127 that quantisers write for an all-zero block)
+UNSET_E8M0 = 255
+
+
+def unset_value(spec, quantised: bool) -> float:
+    """What an expert tensor holds until written: NaN in an unquantised layer's weights and in float scales, the e8m0
+    byte 255 in mxfp4 scales (values no scale given may hold: :func:`~.params.check_scale_values`), 0 elsewhere
+    (codes, biases, input scales: an input scale must be > 0). A state dict's slice still holding it reads as never
+    written (:func:`unset_slices`). Round 62: scales were 0, a valid value (an all-zero expert's fp8 scale, byte 0 of
+    e8m0), so a layer holding one could not be restored from its own state dict."""
+    if spec.kind == "weight" and not quantised:
+        return float("nan")
+    if spec.kind == "scale":
+        return UNSET_E8M0 if spec.dtype == torch.uint8 else float("nan")
+    return 0
+
+
+def unset_mask(spec, t, quantised: bool):
+    """``[slots, shards]`` bool: which shards of ``t`` hold :func:`unset_value` in every element (None where not
+    checked: codes, biases, input scales, tensors on meta or under capture)."""
+    weight = spec.kind == "weight" and not quantised
+    if not (weight or spec.kind == "scale") or not isinstance(t, torch.Tensor) or not values_checkable(t) or \
+            t.dim() < 1:
+        return None
+    if not t.shape[0]:
+        return t.new_zeros((0, len(spec.shards)), dtype=torch.bool)
+    if t.dtype == torch.uint8:
+        return (t == UNSET_E8M0).reshape(t.shape[0], len(spec.shards), -1).all(-1)
+    if not t.is_floating_point():  # (e8m0 dtypes arrive as uint8 views; anything else holds no unset mark)
+        return None
+    # slot by slot: a bool temporary of the whole stack is ~1 GB for Mixtral's w13 (review of round 56)
+    return torch.stack([t[i].isnan().reshape(len(spec.shards), -1).all(-1) for i in range(t.shape[0])])
+
+
 def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> None:
     """What ``load_state_dict`` brings a quantised layer, checked before anything is copied, as its other loads check
     it (round 53: a state dict loaded anything): codes and e8m0 scales in their storage dtype, by :func:`stored`'s rule
@@ -277,7 +312,10 @@ def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> No
             continue
         if spec.dtype not in FLOAT_DTYPES:
             state_dict[key] = t = stored(spec, t, f"state dict entry {key!r} ({quant.name} layer)")
-        if spec.kind != "weight":
+        if spec.kind != "weight":  # (the shards of a never-loaded layer hold the unset mark: not checked)
+            unset = unset_mask(spec, t, True) if spec.kind == "scale" else None
+            if unset is not None and bool(unset.any()):
+                t = t.reshape(*unset.shape, -1)[~unset]
             check_scale_values(f"state dict entry {key!r}", t)
 
 

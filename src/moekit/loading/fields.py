@@ -40,6 +40,8 @@ ARG_FIELDS: dict[str, tuple[str, ...]] = {
 _PHRASES = {"number of experts": "num_experts", "global_num_experts": "num_experts", "hidden size": "hidden_size"}
 #: the arguments of :data:`ARG_FIELDS` that are real numbers (the others are counts and sizes)
 _REAL_ARGS = ("routed_scaling_factor", "swiglu_limit")
+#: the arguments a MoE block cannot do without: an explicit null for all their fields is refused, not defaulted
+_NEEDED = ("num_experts", "top_k")
 #: the plan's sizes and their least value (top_k and the expert groups: the construction checks)
 _MINIMA = (("hidden_size", 1), ("intermediate_size", 1), ("num_experts", 1), ("shared_intermediate_size", 0),
            ("num_zero_experts", 0), ("routed_shared_experts", 0), ("block_hidden_size", 1))
@@ -108,14 +110,22 @@ def construction_error(err: ValueError, plan, source: str, text: dict | None) ->
 def check_plan_numbers(plans, text: dict | None, source: str) -> None:
     """``ValueError`` naming ``source``, the block and the fields for a size no layer can have (a width below 1,
     a negative shared-expert width...): torch raised ``RuntimeError`` (a negative dimension) at allocation before;
-    and for a count or size the file gives as a fraction (``num_experts: 8.5`` was read as 8). The fields are
+    for a count or size the file gives as a fraction (``num_experts: 8.5`` was read as 8); for a bool or a string in
+    any of the fields (``num_experts_per_tok: true`` was read as 1); and for an expert count or top-k whose fields are
+    all null (``num_local_experts: null`` was read as the class default, round 62). The fields are
     said to come from :func:`giver` of ``source`` (config.json, or a live model.config)."""
     who = giver(source)
-    for arg, names in ARG_FIELDS.items():
-        for f in names if arg not in _REAL_ARGS and isinstance(text, dict) else ():
+    for arg, names in ARG_FIELDS.items() if isinstance(text, dict) else ():
+        for f in names:
             v = text.get(f)
-            if isinstance(v, float) and math.isfinite(v) and not v.is_integer():
+            if isinstance(v, (bool, str)):  # round 62: true was read as 1 expert per token, "2" as 2
+                raise ValueError(f"{source}: {who} gives {f} = {v!r} ({arg}); expected a number")
+            if arg not in _REAL_ARGS and isinstance(v, float) and math.isfinite(v) and not v.is_integer():
                 raise ValueError(f"{source}: {who} gives {f} = {v!r} ({arg}); expected a whole number")
+        nulls = [f for f in names if f in text and text[f] is None]
+        if arg in _NEEDED and nulls and all(text.get(f) is None for f in names):
+            raise ValueError(f"{source}: {who} gives {nulls[0]} = null ({arg}); expected a whole number >= 1 "
+                             "(a null count was read as the architecture's default)")
     for p in plans:
         for arg, least in _MINIMA:
             value = getattr(p, arg)

@@ -1,0 +1,150 @@
+"""Round 62's audit: defects found by review helpers and checked with repros (config.json fields of the wrong type,
+valid zero scales read as "never loaded", fused scale stacks the loader refused, errors naming the wrong thing)."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts.mapping import load_layer_weights
+from moekit.loading.architectures import plan_layers
+
+E, K, H, I, T = 4, 2, 64, 64, 3
+_MIXTRAL = {"model_type": "mixtral", "hidden_size": 8, "intermediate_size": 16, "num_local_experts": 4,
+            "num_experts_per_tok": 2, "num_hidden_layers": 1, "hidden_act": "silu"}
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("num_experts_per_tok", True, "num_experts_per_tok = True"),  # a bool: read as top_k 1
+    ("num_experts_per_tok", "2", "num_experts_per_tok = '2'"),  # a string: read as 2
+    ("num_local_experts", None, "num_local_experts = null"),  # null: read as the class default, 8 experts
+])
+def test_a_count_of_the_wrong_type_is_refused(field, value, said):
+    with pytest.raises(ValueError, match=said):
+        plan_layers(dict(_MIXTRAL, **{field: value}))
+
+
+def test_a_null_count_beside_a_given_alias_plans():
+    # the edge: the null is refused only where no field of the count gives it (num_experts stands for it here)
+    _, plans = plan_layers(dict(_MIXTRAL, num_local_experts=None, num_experts=6))
+    assert plans[0].num_experts == 6
+
+
+def test_inspect_refuses_a_bool_top_k(tmp_path, capsys):
+    from moekit.loading.inspect import inspect_main
+    (tmp_path / "config.json").write_text(json.dumps(dict(_MIXTRAL, num_experts_per_tok=True)))
+    assert inspect_main([str(tmp_path)]) == 1
+    assert "num_experts_per_tok = True" in capsys.readouterr().err
+
+
+_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "mxfp4"}, _FP8], ids=["mxfp4", "fp8-block"])
+def test_an_all_zero_scale_shard_survives_a_state_dict_round_trip(qc):
+    # the edge: an all-zero expert (padding) whose scales are byte 0 (e8m0 2^-127) / S = 0, both valid, read back as
+    # "never loaded": the reloaded layer refused its forward
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H) * 0.1, torch.randn(E, H, I) * 0.1
+    w2[1] = 0
+    q13, q2, s13, s2 = moekit.quantize_experts(w13, w2, qc)
+    s2[1] = 0
+    a = moekit.FusedMoE(E, K, H, I, quant_config=qc, backend="torch")
+    a.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    b = moekit.FusedMoE(E, K, H, I, quant_config=qc, backend="torch")
+    b.load_state_dict(a.state_dict())
+    x, lg = torch.randn(T, H), torch.randn(T, E)
+    torch.testing.assert_close(b(x, lg), a(x, lg), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "mxfp4"}, _FP8], ids=["mxfp4", "fp8-block"])
+def test_a_never_loaded_quantised_layer_still_loads_as_not_loaded(qc):
+    # the edge: the new unset mark (NaN / e8m0 255) is not refused as a bad scale, and still reads as "not loaded"
+    a = moekit.FusedMoE(E, K, H, I, quant_config=qc, backend="torch")
+    b = moekit.FusedMoE(E, K, H, I, quant_config=qc, backend="torch")
+    b.load_state_dict(a.state_dict())
+    with pytest.raises(RuntimeError, match="never loaded"):
+        b(torch.randn(T, H), torch.randn(T, E))
+
+
+def test_a_half_loaded_quantised_layer_keeps_its_loaded_experts_only():
+    # the edge: one expert's shards loaded, the others unset: the copy knows which
+    a = moekit.FusedMoE(E, K, H, I, quant_config=_FP8, backend="torch")
+    q13, q2, s13, s2 = moekit.quantize_experts(torch.randn(E, 2 * I, H), torch.randn(E, H, I), _FP8)
+    a.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    sd = a.state_dict()
+    sd["routed_experts.w2_scale"][2] = float("nan")  # expert 2's w2 as a never-loaded layer holds it
+    b = moekit.FusedMoE(E, K, H, I, quant_config=_FP8, backend="torch")
+    b.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="expert 2 w2"):
+        b(torch.randn(T, H), torch.randn(T, E))
+    sd["routed_experts.w2_scale"][3, 0, 0] = float("nan")  # a NaN inside a set shard is a bad value, not a mark
+    with pytest.raises(ValueError, match="w2_scale"):
+        b.load_state_dict(sd)
+
+
+def _ct(strategy):
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy},
+        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                              "dynamic": True}}}}
+
+
+def _interleave(t):  # [E, 2I, ...] gate rows then up rows -> g0 u0 g1 u1 ...
+    g, u = t.chunk(2, 1)
+    return torch.stack([g, u], 2).flatten(1, 2)
+
+
+@pytest.mark.parametrize("strategy, layout", [("tensor", "rows"), ("channel", "transposed_interleaved"),
+                                              ("tensor", "transposed_interleaved")])
+def test_fused_scale_stacks_of_one_dim_per_expert_load(strategy, layout):
+    # the edges: a per-tensor down scale stacked as [E] (the layer's own shape) was refused; an interleaved per-row
+    # gate/up scale [E, 2I] raised IndexError
+    torch.manual_seed(1)
+    qc, inter = _ct(strategy), 96
+    q13, q2, s13, s2 = moekit.quantize_experts(torch.randn(E, 2 * inter, H) * 0.1, torch.randn(E, H, inter) * 0.1, qc)
+    a = moekit.FusedMoE(E, K, H, inter, quant_config=qc, backend="torch")
+    a.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    if strategy == "channel":
+        s13 = s13.reshape(E, -1)  # [E, 2I]
+    interleaved = layout.endswith("interleaved")
+    pairs = [("experts.gate_up_proj", _interleave(q13) if interleaved else q13),
+             ("experts.gate_up_proj_scale", _interleave(s13) if interleaved and s13.dim() > 1 else s13),
+             ("experts.down_proj", q2), ("experts.down_proj_scale", s2.reshape(E, -1)[:, 0] if s2.dim() > 1 else s2)]
+    if strategy == "channel":
+        pairs[3] = ("experts.down_proj_scale", s2)
+    b = moekit.FusedMoE(E, K, H, inter, quant_config=qc, backend="torch")
+    load_layer_weights(b, pairs, fused_layout=layout)
+    x, lg = torch.randn(T, H), torch.randn(T, E)
+    torch.testing.assert_close(b(x, lg), a(x, lg), rtol=0, atol=0)
+
+
+@pytest.fixture
+def layer():
+    out = moekit.FusedMoE(8, K, 16, 12, backend="torch")
+    out.load_expert_weights(torch.randn(8, 24, 16), torch.randn(8, 16, 12))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40,), (8,), (1, 1, 40)])
+def test_router_logits_of_a_wrong_rank_are_quoted_as_given(layer, shape):
+    # the edge: they were reshaped first, and the error said "got 1" row
+    with pytest.raises(ValueError, match=re.escape("[5, 8]") + ".*" + re.escape(f"got {list(shape)}")):
+        layer(torch.randn(5, 16), torch.randn(*shape))
+
+
+def test_router_logits_of_one_token_may_be_flat(layer):
+    # the edge: [E] for T = 1 routed before and still does
+    x, lg = torch.randn(1, 16), torch.randn(8)
+    torch.testing.assert_close(layer(x, lg), layer(x, lg[None]), rtol=0, atol=0)
+
+
+def test_a_transform_output_of_the_wrong_dtype_is_named():
+    # the edge: the error blamed hidden_states (bf16, right) for the transform's float32 output
+    m = moekit.FusedMoE(4, K, 16, 12, backend="torch", params_dtype=torch.bfloat16,
+                        routed_input_transform=lambda h: h.float())
+    m.load_expert_weights(torch.randn(4, 24, 16), torch.randn(4, 16, 12))
+    with pytest.raises(TypeError, match="routed_input_transform's output has dtype torch.float32"):
+        m(torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(3, 4))
