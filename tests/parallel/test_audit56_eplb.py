@@ -56,17 +56,21 @@ def test_balancer_counts_search_is_bounded(monkeypatch):
     # edge: a node with too many count vectors (E = 16 on 32 slots of 4 GPUs: thousands of vectors x 32 slots >
     # EXHAUSTIVE_WORK) skips the exhaustive pass (nothing packed) and still answers with the one-move search; a small
     # node (E = 4 on 6 slots of 2 GPUs) is packed exhaustively (the control)
-    import moekit.parallel.eplb as eplb
+    from moekit.parallel._packing import try_all_counts
     load = [(7 * i) % 11 for i in range(16)]
     got = rebalance_experts(load, 32, 4)
     assert set(x for g in got for x in g) == set(range(16)) and sum(map(len, got)) == 32
     assert all(len(set(g)) == len(g) == 8 for g in got)
     packs = []
-    monkeypatch.setattr(eplb, "_pack_replicas", lambda *a: packs.append(a) or (Fraction(0), []))
+
+    def packer(*a):
+        packs.append(a)
+        return Fraction(0), []
+
     sentinel = [[0]]
-    assert eplb._try_all_counts(list(range(16)), load, 4, 32, Fraction(10**9), sentinel)[1] is sentinel
+    assert try_all_counts(list(range(16)), load, 4, 32, Fraction(10**9), sentinel, packer)[1] is sentinel
     assert packs == []
-    eplb._try_all_counts(list(range(4)), [0, 1, 2, 2], 2, 6, Fraction(10**9), sentinel)
+    try_all_counts(list(range(4)), [Fraction(x) for x in (0, 1, 2, 2)], 2, 6, Fraction(10**9), sentinel, packer)
     assert len(packs) > 1
 
 
