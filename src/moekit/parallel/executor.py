@@ -240,7 +240,14 @@ class ParallelExecutor:
 
         topk_weights: [T, K] float32; topk_ids: [T, K] int physical ids; device: theirs."""
         return compute_layout(topk_weights, topk_ids, self.owner_rank(device), self.ep_group, self.ep_rank,
-                              self.ep_size, on_input, joining=lambda: self._joining("ep"))
+                              self.ep_size, on_input, joining=lambda: self._joining("ep"), settings=self.settings())
+
+    def settings(self) -> dict[str, int]:
+        """The knobs every EP rank must share, as ints (None: -1), sent in the layout gather (round 62: one rank's
+        ``chunk_tokens`` alone changed hung the forward)."""
+        aggm = self.all_gather_min_tokens
+        return {"mode": DISPATCH_MODES.index(self.mode), "chunk_tokens": self.chunk_tokens,
+                "all_gather_min_tokens": -1 if aggm is None else aggm}
 
     def run_ep(self, x, topk_weights, topk_ids, experts, on_input: bool, mode: str | None = None,
                layout=None) -> torch.Tensor:
