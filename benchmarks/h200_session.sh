@@ -332,6 +332,21 @@ u.find_spec('kernels'))"
       --tokens 1024,4096 --out "$OUT/train-base.json"
     grep -h "T=" "$OUT"/r62-train*.log | cut -c1-200
     ;;
+  r62-h)  # round 62 on whichever card comes (H100 when no H200): the GPU tests of the round's changes (the unset mark
+    # of never-written scales: quantised layers' GPU tests; integrations, audits, gradients), then round 61's eager
+    # backward groups timed beside the round's base (`.ab/base/src`)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r62h-tests 150 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+      tests/test_audit62.py tests/test_audit61_review.py tests/ops/test_experts_grad.py tests/test_training.py \
+      tests/test_quant_layer.py tests/experts
+    tail -3 "$OUT"/r62h-tests.log
+    step r62-train 70 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
+    [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
+      --tokens 1024,4096 --out "$OUT/train-base.json"
+    grep -h "T=" "$OUT"/r62-train*.log | cut -c1-200
+    step bench4 240 python -m moekit bench --quant bf16,fp8,mxfp4,int4 --models deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+      --fast --out "$OUT"
+    ;;
   r62-b)  # round 62, second call: 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3), the eager host rows,
     # transformers' blocks patched vs grouped_mm
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
