@@ -46,28 +46,29 @@ def _shipped_tables():
                                    id=f"{path.stem}-{m.name}")
 
 
-def _problem(m, experts):
+def _problem(m, experts, dt=DT):
     g = torch.Generator(device="cuda").manual_seed(0)
     e = min(m.E, experts)
     rows = 2 * m.I if m.gated else m.I
-    w1 = torch.randn(e, rows, m.H, device="cuda", dtype=DT, generator=g) * m.H**-0.5
-    w2 = torch.randn(e, m.H, m.I, device="cuda", dtype=DT, generator=g) * m.I**-0.5
-    b1 = torch.randn(e, rows, device="cuda", dtype=DT, generator=g) * 0.05 if m.has_bias else None
-    b2 = torch.randn(e, m.H, device="cuda", dtype=DT, generator=g) * 0.05 if m.has_bias else None
+    w1 = torch.randn(e, rows, m.H, device="cuda", dtype=dt, generator=g) * m.H**-0.5
+    w2 = torch.randn(e, m.H, m.I, device="cuda", dtype=dt, generator=g) * m.I**-0.5
+    b1 = torch.randn(e, rows, device="cuda", dtype=dt, generator=g) * 0.05 if m.has_bias else None
+    b2 = torch.randn(e, m.H, device="cuda", dtype=dt, generator=g) * 0.05 if m.has_bias else None
     return e, w1, w2, b1, b2
 
 
-def _routing(t, h, e, k, seed):
+def _routing(t, h, e, k, seed, dt=DT):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(t, h, device="cuda", dtype=DT, generator=g)
+    x = torch.randn(t, h, device="cuda", dtype=dt, generator=g)
     w, ids = torch.softmax(torch.randn(t, e, device="cuda", generator=g), -1).topk(k, dim=-1)
     return x, (w / w.sum(-1, keepdim=True)).contiguous(), ids.int().contiguous()
 
 
-def _check_rows(m, table, experts=32, fmt=None):
+def _check_rows(m, table, experts=32, fmt=None, dt=DT):
     """Probe rows alone (the smallest bucket's config: T = 1) against the same rows at random places in
-    a batch of every bucket's size (that bucket's config). ``fmt``: the weights quantised to it."""
-    e, w1, w2, b1, b2 = _problem(m, experts)
+    a batch of every bucket's size (that bucket's config). ``fmt``: the weights quantised to it; ``dt``: the
+    activations' and unquantised weights' dtype."""
+    e, w1, w2, b1, b2 = _problem(m, experts, dt)
     k = min(m.K, e)
     run = lambda x, w, ids, cfg: fused_experts_impl(x, w1, w2, w, ids, m.act, False, b1, b2, None, None,  # noqa
                                                     config=cfg)
@@ -80,16 +81,29 @@ def _check_rows(m, table, experts=32, fmt=None):
         limit = 7.0 if m.act == "swigluoai" else None
         run = lambda x, w, ids, cfg: tq.fused_experts_quant_impl(  # noqa: E731
             x, q13, q2, w, ids, spec, s13, s2, None, None, m.act, False, b1, b2, None, limit, config=cfg)
-    px, pw, pids = _routing(PROBES, m.H, e, k, seed=1)
+    px, pw, pids = _routing(PROBES, m.H, e, k, seed=1, dt=dt)
     alone = [run(px[i : i + 1], pw[i : i + 1], pids[i : i + 1], table[min(table)]) for i in range(PROBES)]
     for bucket, cfg in sorted(table.items()):
-        x, w, ids = _routing(bucket, m.H, e, k, seed=bucket)
+        x, w, ids = _routing(bucket, m.H, e, k, seed=bucket, dt=dt)
         n = min(PROBES, bucket)
         pos = torch.randperm(bucket, generator=torch.Generator().manual_seed(bucket))[:n].cuda()
         x[pos], w[pos], ids[pos] = px[:n], pw[:n], pids[:n]
         out = run(x, w, ids, cfg)
         for i in range(n):
             assert torch.equal(out[pos[i]], alone[i][0]), (m.name, bucket, cfg, i)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.float32])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_rows_alone_and_in_batches_fp16_fp32_heuristic(name, dt):
+    """fp16 / fp32 untuned configs: BLOCK_K follows BLOCK_M there too (fp16 128 / 64, fp32 64 / 32). Round 62's audit
+    found rows alone and in batches differ under the interpreter (numpy's dot sums each BLOCK_K step apart); this
+    checks the GPU, whose MMA / FMA chains take K in order (the claim of :mod:`moekit.ops.config_heuristic`)."""
+    m = MODELS[name]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = {t: tc.heuristic_config(t, m.E, m.H, m.I, m.K, dt, sms) for t in TOKENS}
+    assert len({c["w13"]["BK"] for c in table.values()}) == 2
+    _check_rows(m, table, dt=dt)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -14,7 +14,10 @@ accumulator into ``tl.dot`` (``tiles.dot``), which accumulates K in the MMA's 16
 BLOCK_K, and the GPU tests check rows alone against the same rows in batches of every bucket for these configs
 (``tests/ops/test_batch_invariance_gpu.py``: the H100 file on the H200, 20 passed in round 21; the bf16 heuristic,
 ``test_rows_alone_and_in_batches_bf16_heuristic``). Decision (round 48): kept, not re-tiled to one BLOCK_K,
-because one value would change the untuned decode or compute-bound tiles without a GPU to measure them.
+because one value would change the untuned decode or compute-bound tiles without a GPU to measure them. Round 62:
+under ``TRITON_INTERPRET`` (numpy's dot sums each BLOCK_K step apart, then adds it) fp32 / fp16 rows alone and in a
+batch differ in their last bits; the interpreter is a test vehicle (the CPU path is the torch backend), and a GPU test
+of the fp16 / fp32 heuristic (``test_rows_alone_and_in_batches_fp16_fp32_heuristic``) waits for a device.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 Precision: operands in the input dtype, fp32 accumulation (``DOT_PREC="ieee"`` for fp32 inputs, so
 fp32 is not silently tf32); the activation in fp32, rounded to the input dtype; the weighting and the
 top-k sum in fp32. The per-slot weighted output is rounded once to the input dtype in the combine
-buffer (the torch twin rounds the GEMM output to the input dtype at the same point), then the K slot
+buffer (the torch twin rounds elsewhere: its bf16 GEMM output, before the bias and the weight; both within the
+tolerances, round 62's audit corrected this line), then the K slot
 values of a token are summed in fp32 in slot order k = 0..K-1 and rounded once more at the end
 (fp8 experts: the combine buffer is fp32, no per-slot rounding, as their twin and SPEC §8 sum).
 
