@@ -326,6 +326,9 @@ u.find_spec('kernels'))"
       tests/routing/test_audit61_routing.py tests/loading/test_audit61_loader.py tests/parallel/test_audit61_placement.py \
       tests/ops/test_experts_grad.py tests/test_training.py
     tail -3 "$OUT"/r62-tests.log
+    step r62-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_batch_invariance_gpu.py \
+      -k "fp16_fp32 or bf16_heuristic"
+    tail -3 "$OUT"/r62-inv.log
     sweep 300
     step r62-train 70 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
@@ -340,6 +343,9 @@ u.find_spec('kernels'))"
       tests/test_audit62.py tests/test_audit61_review.py tests/ops/test_experts_grad.py tests/test_training.py \
       tests/test_quant_layer.py tests/experts
     tail -3 "$OUT"/r62h-tests.log
+    step r62-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_batch_invariance_gpu.py \
+      -k "fp16_fp32 or bf16_heuristic"
+    tail -3 "$OUT"/r62-inv.log
     step r62-train 70 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
       --tokens 1024,4096 --out "$OUT/train-base.json"
