@@ -33,6 +33,18 @@ def _rounded_fake(x, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
+def _rounded_setup(ctx, inputs, output):
+    ctx.in_dtype = inputs[0].dtype
+
+
+def _rounded_backward(ctx, grad):
+    return grad.to(ctx.in_dtype), None  # a cast's gradient (round 62: none was registered, so compiled training of a
+    # bf16 layer through a rounding, e.g. the zero-expert combine's twin, failed to compile)
+
+
+_rounded_op.register_autograd(_rounded_backward, setup_context=_rounded_setup)
+
+
 def expand_tiles(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
     """``out[..., i, j] = scale[..., i // rows, j // cols]``: ``[..., ⌈n/rows⌉, ⌈k/cols⌉] -> [..., n, k]``."""
     return scale.repeat_interleave(rows, dim=-2)[..., :n, :].repeat_interleave(cols, dim=-1)[..., :k]

@@ -69,8 +69,13 @@ def experts_backward(
             None, None, torch.zeros(num_local, rows_w13, **f32) if need[4] and w1_bias is not None else None,
             torch.zeros(num_local, hidden, **f32) if need[5] and w2_bias is not None else None]
     ids = topk_ids.reshape(-1).long()
-    local = expert_map.long()[ids] if expert_map is not None else ids
-    key = torch.where(local >= 0, local, torch.full_like(local, num_local))
+    local = ids
+    if expert_map is not None:  # an id outside the map (-1, >= E) is dead, as in the forward (round 62: -1 read the
+        # map's last entry, the gradients of a dead slot went to that expert; >= E raised IndexError)
+        emap = expert_map.long()
+        local = torch.where((ids >= 0) & (ids < emap.shape[0]), emap[ids.clamp(0, max(emap.shape[0] - 1, 0))], -1)
+    # dead: -1 and, without a map, any id past the local experts (round 62: a bincount as long as the largest id)
+    key = torch.where((local >= 0) & (local < num_local), local, torch.full_like(local, num_local))
     weights = topk_weights.reshape(-1).float()
     eager = host_sync_allowed()  # compiling or capturing: no host reads
     if grouped is None:
