@@ -1,14 +1,12 @@
 """``load_moe_layers(path)``: every MoE block of a local Hugging Face checkpoint as a moekit layer.
 
-Reads ``config.json`` and ``*.safetensors`` (sharded through ``model.safetensors.index.json`` or not)
-with the ``safetensors`` package only; transformers is not needed. Every layer is built first (weights
-allocated, not initialised); then each file is opened once and its tensors are read in storage order, one
-at a time, each copied straight into its slot, so peak memory is the layers' own size plus one checkpoint
-tensor. A tqdm bar shows the bytes read (``progress=``).
-
-Per layer the loader keeps its own state (:class:`_LayerLoad`): the plan, the fused layout it reads
-stacks in, and the names of the non-expert parameters written; the experts record their own shards.
-Nothing is stamped on the layer.
+Reads ``config.json`` and ``*.safetensors`` (sharded through ``model.safetensors.index.json`` or not) with the
+``safetensors`` package only; transformers is not needed. Every layer is built first (weights allocated, not
+initialised); then each file is opened once and its tensors are read in storage order, one at a time, each copied
+straight into its slot, so peak memory is the layers' own size plus one checkpoint tensor. A tqdm bar shows the
+bytes read (``progress=``). Per layer the loader keeps its own state (:class:`_LayerLoad`): the plan, the fused
+layout it reads stacks in, and the names of the non-expert parameters written; the experts record their own
+shards. Nothing is stamped on the layer.
 """
 
 from __future__ import annotations
@@ -304,13 +302,16 @@ def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, read
 
 
 def _load_one(state, rel: str, t: torch.Tensor, key: str, what: str | None = None) -> None:
-    """Load one piece; an error names the checkpoint ``key`` and, for a tensor the layer has no place for, the
-    config fields likely behind it (``what``: the key's block-relative moekit name)."""
+    """Load one piece; an error names the checkpoint ``key`` and, for a tensor the layer has no place for (round 62:
+    an expert bias too, a hintless ``ValueError`` before), the config fields behind it (``what``: its moekit name)."""
+    name = what or rel
     try:
+        if name.startswith("experts.") and name.endswith((".bias", "_bias")) and not state.layer.moe_config.has_bias:
+            raise KeyError("a routed-expert bias, and the layer has no expert biases")
         state.load([(rel, t)])
     except (KeyError, ValueError, TypeError) as err:
         msg = f"{key}: {err.args[0] if err.args else err}"
-        hint = field_hint(state.plan, what or rel) if isinstance(err, KeyError) else ""
+        hint = field_hint(state.plan, name) if isinstance(err, KeyError) else ""
         raise type(err)(msg + (f"; the config.json fields likely responsible: {hint}" if hint else "")) from None
 
 
