@@ -148,3 +148,17 @@ def test_a_transform_output_of_the_wrong_dtype_is_named():
     m.load_expert_weights(torch.randn(4, 24, 16), torch.randn(4, 16, 12))
     with pytest.raises(TypeError, match="routed_input_transform's output has dtype torch.float32"):
         m(torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(3, 4))
+
+
+def test_an_expert_bias_the_layer_has_no_place_for_is_a_key_error(tmp_path):
+    # the edge: a routed-expert bias in a checkpoint whose layer has no expert biases raised the experts' ValueError,
+    # without the config fields other tensors without a place name
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text(json.dumps(_MIXTRAL))
+    t = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": torch.randn(shape) for e in range(4)
+         for w, shape in (("w1", (16, 8)), ("w3", (16, 8)), ("w2", (8, 16)))}
+    t["model.layers.0.block_sparse_moe.gate.weight"] = torch.randn(4, 8)
+    t["model.layers.0.block_sparse_moe.experts.1.w1.bias"] = torch.zeros(16)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match="experts.1.w1.bias: a routed-expert bias.*config.json fields likely responsible"):
+        moekit.load_moe_layers(tmp_path, progress=False)
