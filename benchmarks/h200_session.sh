@@ -322,8 +322,8 @@ u.find_spec('kernels'))"
     # four shapes, beside the peer), the GPU tests of the round's changes, then round 61's eager backward groups timed
     # beside the round's base (`.ab/base/src` = `git archive 0967f00 src`, where carried)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r62-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_batch_invariance_gpu.py \
-      -k "fp16_fp32 or bf16_heuristic"
+    step r62-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
+      tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
     tail -3 "$OUT"/r62-inv.log
     sweep 300
     step r62-tests 70 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
@@ -331,8 +331,8 @@ u.find_spec('kernels'))"
       tests/test_quant_layer.py
     tail -3 "$OUT"/r62-tests.log
     step r62-train 70 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
-    [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
-      --tokens 1024,4096 --out "$OUT/train-base.json"
+    [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks \
+      python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-base.json"
     grep -h "T=" "$OUT"/r62-train*.log | cut -c1-200
     ;;
   r62-h)  # round 62 on whichever card comes (H100 when no H200): the GPU tests of the round's changes (the unset mark
@@ -343,12 +343,12 @@ u.find_spec('kernels'))"
       tests/test_audit62.py tests/ops/test_audit62_grad.py tests/test_audit61_review.py tests/ops/test_experts_grad.py \
       tests/test_training.py tests/test_quant_layer.py tests/experts
     tail -3 "$OUT"/r62h-tests.log
-    step r62-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 tests/ops/test_batch_invariance_gpu.py \
-      -k "fp16_fp32 or bf16_heuristic"
+    step r62-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
+      tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
     tail -3 "$OUT"/r62-inv.log
     step r62-train 70 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
-    [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks python benchmarks/train_step.py \
-      --tokens 1024,4096 --out "$OUT/train-base.json"
+    [ -d .ab/base/src ] && step r62-train-base 70 env PYTHONPATH=.ab/base/src:benchmarks \
+      python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train-base.json"
     grep -h "T=" "$OUT"/r62-train*.log | cut -c1-200
     ;;
   r62-b)  # round 62, second call: 4-bit beside bf16 and fp8 (DeepSeek-V3, gpt-oss-120b, Qwen3), the eager host rows,

@@ -1,10 +1,10 @@
 """Round 55: a state dict of a layer whose experts were never loaded does not load as "loaded" (round 54's leftover:
 the copy's forward computed with torch.empty's memory, NaN or garbage, silently). Every expert tensor starts unset
 (round 56: NaN in an unquantised layer's weights, 0 elsewhere; round 55 used 0 everywhere, and a layer holding an
-all-zero padding expert could not be restored from its own state dict), and a state-dict load reads a slot's shard
-still holding it (all-NaN weights, all-NaN or e8m0-255 scales since round 62) as never written; the state dict's
-keys are the same loaded or not (a first design saved a record key: the review found it broke `sd = dst.state_dict(); sd.update(ckpt)` and
-torch.distributed.checkpoint loads)."""
+all-zero padding expert could not be restored from its own state dict), and a state-dict load reads a slot's shard still
+holding it (all-NaN weights, all-NaN or e8m0-255 scales since round 62) as never written; the state dict's keys are the
+same loaded or not (a first design saved a record key: the review found it broke `sd = dst.state_dict();
+sd.update(ckpt)` and torch.distributed.checkpoint loads)."""
 
 import pytest
 import torch

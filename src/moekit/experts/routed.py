@@ -70,12 +70,11 @@ class RoutedExperts(torch.nn.Module):
 
     Weights (``E_local`` experts, ``I_local = I / tp_size``): ``w13_weight [E_local, 2·I_local, H]``
     (gate rows, then up rows; ``I_local`` rows for relu2), ``w2_weight [E_local, H, I_local]``, and with
-    biases ``w13_bias [E_local, 2·I_local]``, ``w2_bias [E_local, H]``. Writes are recorded per slot and
-    shard; :attr:`loaded` and :meth:`missing` say what is still unwritten, and a forward before every
-    shard was written raises ``RuntimeError``. Every tensor starts unset (NaN unquantised weights and float scales,
-    the e8m0 byte 255 in mxfp4 scales, else 0), and ``load_state_dict`` reads a slot's shard still unset as unwritten
-    (a state dict of a layer never loaded loads as not loaded; an all-zero expert, e.g. padding, is a value, and so
-    is an all-zero scale: round 62).
+    biases ``w13_bias [E_local, 2·I_local]``, ``w2_bias [E_local, H]``. Writes are recorded per slot and shard;
+    :attr:`loaded` and :meth:`missing` say what is still unwritten, and a forward before every shard was written
+    raises ``RuntimeError``. Every tensor starts unset (NaN unquantised weights and float scales, the e8m0 byte 255
+    in mxfp4 scales, else 0), and ``load_state_dict`` reads a slot's shard still unset as unwritten (a state dict of
+    a layer never loaded loads as not loaded; an all-zero expert or scale, e.g. padding, is a value: round 62).
     """
 
     def __init__(
