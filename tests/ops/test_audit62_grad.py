@@ -77,3 +77,41 @@ def test_compiled_bf16_training_through_the_zero_combine(kw):
     torch._dynamo.reset()
     torch.compile(layer, fullgraph=True, backend="aot_eager")(x).float().sum().backward()
     torch.testing.assert_close(x.grad, eager, rtol=0, atol=0)
+
+
+def test_compiled_masked_backward_runs_in_bounded_chunks():
+    # the edge: compiled / captured fp32 training ran every expert masked over all T·K slots in one chunk, whatever
+    # the workspace; now power-of-two chunks under it (a 2 KiB workspace: 4 rows each), the same gradients as eager
+    # over several token counts of one dynamic compile
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H) * 0.3, torch.randn(E, H, I) * 0.3
+    seen = []
+
+    def run(dy, x, w, ids):
+        return experts_backward(dy, x, w, ids, stacks_of=lambda a, b, dt: (w13[a:b].to(dt), w2[a:b].to(dt)),
+                                shapes=(E, 2 * I, H, I), activation="silu", on_input=False, w1_bias=None,
+                                w2_bias=None, expert_map=None, need=(True, True, True, True, False, False),
+                                expert_chunk=None, workspace_bytes=2048, grouped=False)[:4]
+
+    import moekit.ops.experts_grad_grouped as grouped_mod
+    real = grouped_mod.power_of_two_chunks
+
+    def counted(n, rows):
+        seen.append(rows)
+        return real(n, rows)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager", dynamic=True)
+    for t in (5, 40):
+        x, w, dy = torch.randn(t, H), torch.rand(t, 2), torch.randn(t, H)
+        ids = torch.stack([torch.randperm(E)[:2] for _ in range(t)]).int()
+        want = run(dy, x, w, ids)
+        torch._dynamo.reset() if t == 5 else None
+        import moekit.ops.experts_grad as eg
+        eg.power_of_two_chunks, before = counted, eg.power_of_two_chunks
+        try:
+            got = compiled(dy, x, w, ids)
+        finally:
+            eg.power_of_two_chunks = before
+        for name, a, b in zip(("dx", "dw", "dW13", "dW2"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"T={t} {name}")
+    assert seen and max(seen) <= 4  # traced with the workspace's bound (4 rows of this size), not all T·K rows

@@ -35,7 +35,7 @@ import torch
 from .._checks import host_sync_allowed
 from .activation import apply_activation_torch
 from .experts import DEFAULT_WORKSPACE_BYTES
-from .experts_grad_grouped import grouped_backward, grouped_backward_traced, grouped_ok
+from .experts_grad_grouped import grouped_backward, grouped_backward_traced, grouped_ok, power_of_two_chunks
 
 #: stacks_of(e0, e1, dtype) -> (W13 [e1 - e0, 2I | I, H], W2 [e1 - e0, H, I]) of local experts e0 .. e1 - 1 in dtype
 StacksOf = Callable[[int, int, torch.dtype], tuple]
@@ -106,11 +106,11 @@ def experts_backward(
     for e, slots_e, mask in _expert_slots(key, num_local, order, counts):
         w13, w2 = (w[0] for w in stacks_of(e, e + 1, torch.float32))
         rows = max(1, workspace_bytes // (4 * (3 * w13.shape[0] + 4 * hidden + inter)))
-        # eagerly this expert's slots in chunks under the workspace bound; compiling: one masked chunk
-        for lo in range(0, slots_e.shape[0], rows) if mask is None else (0,):
-            slots = slots_e[lo:lo + rows] if mask is None else slots_e
+        # eagerly this expert's slots in chunks under the workspace bound; compiling: every slot, masked, in
+        # power-of-two chunks under the same bound (round 62: one chunk of all T·K rows, unbounded)
+        for slots, m in _chunks(slots_e, mask, rows):
             g = _expert_grads(dyf, x, weights, slots, k, w13, w2, w1_bias, w2_bias, e, activation, swiglu_limit,
-                              on_input, need, mask)
+                              on_input, need, m)
             if need[0]:
                 outs[0].index_add_(0, slots // k, g[0])
             if need[1]:
@@ -125,6 +125,23 @@ def _results(outs, need, x, topk_weights, t: int, k: int) -> tuple:
     """(dx in x's dtype, dw [T, K] in topk_weights' dtype, the weight / bias gradients), None where not needed."""
     return (outs[0].to(x.dtype) if need[0] else None, outs[1].view(t, k).to(topk_weights.dtype) if need[1] else None,
             *outs[2:])
+
+
+def _chunks(slots: torch.Tensor, mask: torch.Tensor | None, rows: int):
+    """Yields ``(slots, mask)`` parts of at most ``rows`` slots: in order where ``mask`` is None (eager: the expert's
+    own slots), else :func:`~.experts_grad_grouped.power_of_two_chunks` of every slot, padded with masked-off slot 0
+    (compiling or capturing: no host read, a guard per power-of-two band)."""
+    if mask is None:
+        for lo in range(0, slots.shape[0], rows):
+            yield slots[lo:lo + rows], None
+        return
+    n = slots.shape[0]
+    chunks, size = power_of_two_chunks(n, rows)
+    if chunks > 1:
+        pad = chunks * size - n
+        slots, mask = torch.cat([slots, slots.new_zeros(pad)]), torch.cat([mask, mask.new_zeros(pad)])
+    for i in range(chunks):
+        yield slots[i * size:(i + 1) * size], mask[i * size:(i + 1) * size]
 
 
 def _expert_slots(key: torch.Tensor, num_local: int, order: torch.Tensor | None, counts: list[int] | None):

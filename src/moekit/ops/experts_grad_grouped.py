@@ -148,12 +148,8 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
     expert, live = key[order], live[order]
     n = key.shape[0]
     rows = max(1, workspace_bytes // _row_bytes(w13, w2), _weight_rows(w13, w2))
-    chunks, size = 1, n
-    if n > rows:
-        chunks = 2
-        while chunks * rows < n:
-            chunks *= 2
-        size = (n + chunks - 1) // chunks
+    chunks, size = power_of_two_chunks(n, rows)
+    if chunks > 1:
         pad = chunks * size - n  # dead rows (slot 0, no gradient) at the end: the last expert's
         order = torch.cat([order, order.new_zeros(pad)])
         expert = torch.cat([expert, expert.new_full((pad,), num_local - 1)])
@@ -168,6 +164,18 @@ def grouped_backward_traced(dyf, x, weights, key, k, w13, w2, b1, b2, activation
         for j, part in enumerate(parts):  # one chunk: the weight gradients as the GEMMs wrote them; else summed in f32
             if part is not None:
                 outs[2 + j] = part if chunks == 1 else (part.float() if i == 0 else outs[2 + j].add_(part))
+
+
+def power_of_two_chunks(n, rows: int) -> tuple[int, int]:
+    """(chunks, rows per chunk) for ``n`` rows (a symbolic int while tracing) under a bound of ``rows``: (1, n) for
+    n <= rows, else n / chunks <= rows rows each with ``chunks`` the power of two with chunks/2 · rows < n <= chunks ·
+    rows (the caller pads to chunks · size): a trace guards on those bands only, not on n itself."""
+    if n <= rows:
+        return 1, n
+    chunks = 2
+    while chunks * rows < n:
+        chunks *= 2
+    return chunks, (n + chunks - 1) // chunks
 
 
 #: an eager group's row buffers: at most this many workspaces (2 GiB at the default 256 MiB; round 61's review: bounded
