@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import FLOAT_DTYPES, check_bool, check_int, check_real
-from .ops.activation import Activation, get_activation
+from .ops.activation import Activation, check_swiglu_limit, get_activation
 from .ops.formats import WeightFormat
 from .ops.quant_config import parse_quant_config
 
@@ -73,6 +73,7 @@ class MoEConfig:
                 raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
             if not (self.gated and self.act.takes_limit):
                 raise ValueError(f"swiglu_limit does not apply to activation={self.activation!r}")
+            check_swiglu_limit(self.activation, self.swiglu_limit)  # (its float32 range, round 62)
         if self.apply_router_weight_on_input and self.top_k != 1:
             raise ValueError(f"apply_router_weight_on_input=True requires top_k == 1, got top_k={self.top_k}")
         fmt = parse_quant_config(self.quant_config)

@@ -153,13 +153,14 @@ def _columns(layer) -> int:
     return layer.router.num_logit_columns or layer.router.global_num_experts
 
 
-def first_output(out):
+def first_output(out, name: str = "a module"):
     """Modules such as vLLM's linear layers return ``(output, output_bias)``, the bias being None unless
-    the layer skipped adding it (``skip_bias_add``): then it is added here, never dropped."""
+    the layer skipped adding it (``skip_bias_add``): then it is added here, never dropped. ``name``: the module's, for
+    the error."""
     if not isinstance(out, (tuple, list)):
         return out
     if len(out) != 2 or (out[1] is not None and not isinstance(out[1], torch.Tensor)):
-        raise TypeError(f"a module returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
+        raise TypeError(f"{name} returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
     return out[0] if out[1] is None else out[0] + out[1]
 
 
@@ -209,7 +210,7 @@ def ran(name: str, module, x: torch.Tensor, num_tokens: int, widths: tuple[int, 
 def returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:
     """The tensor a user module returned, checked to be ``[num_tokens, w]`` for a ``w`` in ``widths``
     (shapes only): ``ValueError`` naming the module, the shape got and the shape expected."""
-    out = first_output(out)
+    out = first_output(out, name)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} returned a {type(out).__name__}; expected a torch.Tensor")
     # ``any(==)``, not ``in``: under torch.compile a symbolic width ``in`` a tuple is False where ``==`` is True

@@ -19,7 +19,7 @@ the names of the other parameters written are added to the caller's ``loaded`` s
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -153,9 +153,18 @@ def load_layer_weights(
     own.update({n: b for n, b in layer.named_buffers() if b is not None})
     loaded = set() if loaded is None else loaded
     consumed, slots = set(), {}
-    for name, tensor in weights:
+    if isinstance(weights, Mapping):  # (round 62: a dict raised "too many values to unpack")
+        weights = weights.items()
+    elif not isinstance(weights, Iterable) or isinstance(weights, (str, torch.Tensor)):
+        raise TypeError(f"weights must be (name, tensor) pairs or a dict, got {type(weights).__name__}")
+    for entry in weights:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise TypeError(f"weights must hold (name, tensor) pairs, got {type(entry).__name__} {entry!r:.80}")
+        name, tensor = entry
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"checkpoint entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.is_meta:
+            raise ValueError(f"checkpoint entry {name!r} is on the meta device: it holds no values to load")
         m = EXPERT_KEY_RE.search(name)
         f = FUSED_KEY_RE.search(name) if m is None else None
         if slots and (m is not None or f is not None):  # the stacks gathered so far first: the last write wins

@@ -132,6 +132,10 @@ def check_swiglu_limit(activation: str, swiglu_limit) -> None:
         return
     if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) or not swiglu_limit > 0:
         raise ValueError(f"swiglu_limit must be a positive float or None, got {swiglu_limit!r}")
+    f32 = torch.finfo(torch.float32)
+    if swiglu_limit != float("inf") and not f32.tiny <= swiglu_limit <= f32.max:  # (inf: no clamp)
+        raise ValueError(f"swiglu_limit must be representable in float32 (in [{f32.tiny}, {f32.max}], or inf), got "
+                         f"{swiglu_limit!r}")  # (round 62: 1e40 was taken, and the forward failed inside torch)
     act = get_activation(activation)
     if not act.gated or not act.takes_limit:
         raise ValueError(f"swiglu_limit does not apply to activation={activation!r}")

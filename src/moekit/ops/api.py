@@ -119,6 +119,8 @@ def route(
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
     """
     check_gating(gating_output, name="gating_output")
+    if not isinstance(spec, TopKSpec):
+        raise TypeError(f"spec must be a moekit.TopKSpec, got {spec!r} ({type(spec).__name__})")
     return _route(gating_output, spec, bias, indices_type, backend, top_k_name="spec.top_k")
 
 

@@ -26,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -86,7 +87,7 @@ class WeightFormat:
     def __post_init__(self):
         for arg in ("ignore", "targets"):
             v = getattr(self, arg)
-            if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+            if isinstance(v, str) or not isinstance(v, Iterable) or not all(isinstance(p, str) for p in v):
                 raise TypeError(f"{arg} must be a sequence of str, got {v!r}")
             object.__setattr__(self, arg, tuple(v))
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from .._checks import check_device
 from .experts import experts_reference
 from .experts_quant import fused_experts_quant_torch
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format
@@ -193,7 +194,7 @@ def resolve_backend(backend: str, device, *, quiet: bool = False) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = check_device("device", device) if device is not None else torch.device("cpu")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         if backend == "auto" and not quiet:
             log.info("moekit: backend='auto' chose 'torch' on %s", device)

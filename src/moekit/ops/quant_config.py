@@ -22,6 +22,8 @@ Forms read (as the checkpoints' config.json hold them):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
 
 _FP8_KEYS = {"quant_method", "fmt", "activation_scheme", "weight_block_size", "scale_fmt", "modules_to_not_convert",
@@ -45,7 +47,7 @@ def _unsupported(option: str, value, why: str = "") -> NotImplementedError:
 
 def _names(cfg: dict, key: str) -> tuple[str, ...]:
     v = cfg.get(key) or ()
-    if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+    if isinstance(v, str) or not isinstance(v, Iterable) or not all(isinstance(p, str) for p in v):
         raise ValueError(f"quant_config[{key!r}] must be a list of module names, got {v!r}")
     return tuple(v)
 

@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from .._checks import FLOAT_DTYPES, as_float_dtype, check_finite, check_float_dtype, check_shape, check_tensor
+from .._checks import (FLOAT_DTYPES, as_float_dtype, check_finite, check_float_dtype, check_same_device, check_shape,
+                       check_tensor)
 from ._quant_rules import (
     fp8_block_dequantize,
     fp8_block_quantize,
@@ -207,6 +208,7 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, quant_config):
         check_tensor(name, t)
         check_float_dtype(name, t, FLOAT_DTYPES)
         check_finite(name, t)
+    check_same_device("w2", w2, "w13", w13)  # (round 62: a meta w2 beside a CPU w13 came back as four meta tensors)
     if w13.dim() != 3:
         raise ValueError(f"w13 must have shape [E, 2I, H] (or [E, I, H] for relu2), got {list(w13.shape)}")
     if w2.dim() != 3:

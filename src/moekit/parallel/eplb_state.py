@@ -40,6 +40,7 @@ import functools
 
 import torch
 
+from .._checks import check_int
 from .eplb import logical_to_physical
 from ..experts.placement import ExpertPlacement, check_physical_to_logical
 from ..experts.placement_state import PLACEMENT_KEY, initial_p2l, placement_error, saved_p2l
@@ -49,6 +50,8 @@ DEFAULT_WINDOW = 128
 
 def replica_hash(index: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mix of ``index`` (int64 ``>= 0``, ``< 2**31``) -> int64 in ``[0, 2**32)``."""
+    if not isinstance(index, torch.Tensor):  # (round 62: a list times an int repeated the list: MemoryError)
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
     h = (index * 2654435761) & 0xFFFFFFFF
     h = h ^ (h >> 15)
     h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
@@ -61,8 +64,10 @@ class EplbState(torch.nn.Module):
 
     def __init__(self, placement: ExpertPlacement, window_size: int = DEFAULT_WINDOW, num_groups: int = 1, device=None):
         super().__init__()
-        if window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        if not isinstance(placement, ExpertPlacement):
+            raise TypeError(f"placement must be a moekit ExpertPlacement, got {type(placement).__name__}")
+        check_int("window_size", window_size, minimum=1)
+        check_int("num_groups", num_groups, minimum=1)  # (round 62: a string was stored)
         e, p, w = placement.num_logical, placement.num_physical, placement.ep_size
         self.num_logical = e
         self.num_physical = p

@@ -34,6 +34,7 @@ class ZeroExpertRouter(ScoredRouter):
                  routed_scaling_factor: float = 1.0, enable_eplb: bool = False,
                  indices_type_getter: IndicesTypeGetter | None = None, *, kernels: Kernels | None = None):
         check_choice("zero_expert_type", zero_expert_type, ZERO_EXPERT_TYPES)
+        check_int("global_num_experts", global_num_experts, minimum=1)
         real = global_num_experts if num_logical_experts is None else num_logical_experts
         check_int("num_logical_experts", real, minimum=1)
         if not isinstance(e_score_correction_bias, torch.Tensor) or e_score_correction_bias.dim() != 1 or \
