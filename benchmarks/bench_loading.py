@@ -19,6 +19,8 @@ import statistics
 import subprocess
 import sys
 
+from moekit._argparse import positive_int
+
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=3,
               num_experts=64, num_experts_per_tok=8, vocab_size=32000, num_attention_heads=8,
               num_key_value_heads=4, head_dim=128, decoder_sparse_step=1, norm_topk_prob=True)
@@ -53,8 +55,11 @@ def time_both(path: str, repeats: int) -> dict:
     out = {"moekit": [], "transformers": []}
     for _ in range(repeats):
         for name, code in (("moekit", _MOEKIT), ("transformers", _TRANSFORMERS)):
-            res = subprocess.run([sys.executable, "-c", code.format(path=path)], env=env, check=True,
-                                 capture_output=True, text=True)
+            res = subprocess.run([sys.executable, "-c", code.format(path=path)], env=env, capture_output=True,
+                                 text=True)
+            if res.returncode:  # (round 62: the child's error was dropped, a CalledProcessError shown instead)
+                last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+                sys.exit(f"bench_loading.py: error: {name} could not load {path}: {last}")
             out[name].append(float(res.stdout.split()[0]))
     out = {k: {"runs_s": v, "median_s": statistics.median(v)} for k, v in out.items()}
     print(json.dumps(out, indent=1))
@@ -65,7 +70,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["write", "time"])
     p.add_argument("path")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     a = p.parse_args()
     write(a.path) if a.what == "write" else time_both(a.path, a.repeats)
 

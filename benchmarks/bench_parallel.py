@@ -12,7 +12,6 @@ alone with ``T`` (same tokens per GPU) and ``W·T`` (same total tokens) tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import moekit
+from moekit._argparse import OneLineParser, int_list, out_file, positive_int
 from moekit.benchmarking import MODELS, ModelShape, time_events
 
 SHAPE = MODELS["deepseek-v3"]
@@ -28,13 +28,14 @@ SMOKE = SHAPE.replace(E=16, K=4, H=64, I=32, groups=4, topk_group=2)  # --cpu-sm
 
 
 def parse():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--layer-iters", type=int, default=7)
-    ap.add_argument("--experts-backend", default="auto")
+    # (round 62: the arguments and --out checked before the process group, one line each, not after the run)
+    ap = OneLineParser(prog="bench_parallel.py")
+    ap.add_argument("--tokens", type=int_list, default=[2**i for i in range(13)])
+    ap.add_argument("--iters", type=positive_int, default=20)
+    ap.add_argument("--layer-iters", type=positive_int, default=7)
+    ap.add_argument("--experts-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--skip-single", action="store_true")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", type=out_file, default=None)
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny shapes: checks the script runs")
     return ap.parse_args()
 
@@ -84,7 +85,7 @@ def main():
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     rank, world = dist.get_rank(), dist.get_world_size()
-    tokens = [int(v) for v in args.tokens.split(",")]
+    tokens = args.tokens
     backend = args.experts_backend
     if backend == "auto" and dev.type == "cuda":
         try:

@@ -226,8 +226,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.out and os.path.isdir(args.out):  # checked before the models run, not when the JSON is written
         ap.error(f"argument --out: {args.out!r} is a folder; expected a JSON file")
-    out_folder = os.path.dirname(os.path.abspath(args.out)) if args.out else args.out_dir
-    why = out_folder and unwritable_folder(out_folder)
+    default_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out_folder = os.path.dirname(os.path.abspath(args.out)) if args.out else (args.out_dir or default_dir)
+    why = unwritable_folder(out_folder)  # (the default folder too: round 62, a read-only one failed after the run)
     if why:
         ap.error(f"argument {'--out' if args.out else '--out-dir'}: {why}")
     if not torch.cuda.is_available() and not args.tiny:  # real widths on the CPU: tens of GB and hours
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name().replace(" ", "_") if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out_dir = args.out_dir or default_dir
     out_path = args.out or os.path.join(out_dir, f"transformers-{gpu}-{date}.json")
     result = dict(
         device=gpu,

@@ -21,7 +21,6 @@ taken where ``torch._grouped_mm`` cannot run). It also records the gradients' re
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from moekit._argparse import OneLineParser, choice_list, int_list, out_file, unwritable_folder
 from moekit.benchmarking import get_shape, time_events
 
 #: model -> (config class, model class, MoE keywords of the shape, block path in the model)
@@ -129,19 +129,22 @@ def run(name, tokens, device, tiny, log):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="1024,4096")
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--out", default=None)
+    # (round 62: the arguments and the output checked before the run, one line each; a folder as --out failed after it)
+    ap = OneLineParser(prog="train_step.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int_list, default=[1024, 4096], help="comma-separated token counts")
+    ap.add_argument("--models", type=choice_list(list(MODELS), "models"), default=list(MODELS))
+    ap.add_argument("--out", type=out_file, default=None, help="output JSON file")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens = [int(v) for v in args.tokens.split(",")]
     gpu = torch.cuda.get_device_name().replace(" ", "_") if device.type == "cuda" else platform.machine()
-    res = {"device": gpu, "torch": torch.__version__, "models": {}}
-    for name in args.models.split(","):
-        res["models"][name] = run(name, tokens, device, args.tiny, print)
     out = Path(args.out or f"benchmarks/results/train-{gpu}-{datetime.date.today()}.json")
+    why = unwritable_folder(out.parent)
+    if why:
+        ap.error(f"the default output {str(out)!r}: {why}")
+    res = {"device": gpu, "torch": torch.__version__, "models": {}}
+    for name in args.models:
+        res["models"][name] = run(name, args.tokens, device, args.tiny, print)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")

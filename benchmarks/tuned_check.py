@@ -92,9 +92,25 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--device", default="cuda", help="cpu: the Triton interpreter (TRITON_INTERPRET=1), tiny shapes")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
+    # (round 62: no GPU, --device cpu with a folder, a missing or malformed file each gave a traceback)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as err:
+        ap.error(f"argument --device: {err}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("tuned_check.py: error: no CUDA GPU here (--device cpu checks one file with the interpreter)",
+              file=sys.stderr)
+        return 1
+    if not args.dir.is_file() and dev.type != "cuda":
+        ap.error(f"{str(args.dir)!r}: with --device {args.device} give the config file itself (a folder's file is "
+                 "the GPU's)")
     path = args.dir if args.dir.is_file() else args.dir / f"{device_key(torch.cuda.get_device_name(dev))}.json"
-    entries = json.loads(path.read_text())["entries"]
+    try:
+        entries = json.loads(path.read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"tuned_check.py: error: {path}: not a readable config file ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return 1
     n = bad = 0
     for key, table in entries.items():
         print(key)

@@ -216,3 +216,41 @@ def test_a_dict_of_weights_loads_and_a_module_tuple_is_named():
     g.load_expert_weights(torch.randn(4, 32, 8), torch.randn(4, 8, 16))
     with pytest.raises(TypeError, match="gate returned a tuple of 1"):
         g(x)
+
+
+# ---- round 62's command-line audit: benchmark scripts that checked their arguments after the run, or not at all
+@pytest.mark.parametrize("argv, said", [
+    (["--tokens", "0"], "argument --tokens"),  # wrote NaN into the JSON
+    (["--models", "foo"], "argument --models"),  # KeyError
+    (["--out", "."], "is a folder"),  # IsADirectoryError after the whole run
+])
+def test_train_step_checks_its_arguments_first(argv, said, capsys):
+    from bench_scripts import bench_script
+    with bench_script("train_step") as mod, pytest.raises(SystemExit) as err:
+        mod.main(argv)
+    assert err.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_tuned_check_without_a_gpu_says_so(tmp_path, capsys):
+    # the edge: an AssertionError traceback from torch.cuda on a machine without a GPU
+    from bench_scripts import bench_script
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU message needs a machine without one")
+    with bench_script("tuned_check") as mod:
+        assert mod.main([str(tmp_path)]) == 1
+    assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_compare_writes_its_files_before_a_closed_pipe(tmp_path):
+    # the edge: `compare.py R.json --md OUT.md | head -1` raised BrokenPipeError before writing OUT.md
+    import glob
+    import subprocess
+    import sys
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    results = sorted(glob.glob(str(root / "benchmarks/results/NVIDIA_H200-*-bench.json")))[-1]
+    md = tmp_path / "q.md"
+    cmd = f"{sys.executable} {root}/benchmarks/compare.py {results} --md {md} | head -1; echo rc ${{PIPESTATUS[0]}}"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env={"PYTHONPATH": str(root / "src"),
+                                                                                  "PATH": "/usr/bin:/bin"})
+    assert md.read_text().startswith("# moekit bench") and out.stdout.strip().endswith(("rc 141", "rc 0"))
+    assert "Traceback" not in out.stderr

@@ -20,8 +20,10 @@ class CheckpointNotFoundError(FileNotFoundError, ValueError):
 
 def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} does not exist")
+    if not os.path.isfile(cfg_path):  # (round 62: an unreadable folder or a config.json folder read "does not exist")
+        why = ("is not a file" if os.path.exists(cfg_path) else "cannot be read (the folder's permissions)"
+               if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK) else "does not exist")
+        raise CheckpointNotFoundError(f"{path!r} is not a checkpoint directory: {cfg_path} {why}")
     try:
         with open(cfg_path) as f:
             config = json.load(f)
