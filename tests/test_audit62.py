@@ -254,3 +254,42 @@ def test_compare_writes_its_files_before_a_closed_pipe(tmp_path):
                                                                                   "PATH": "/usr/bin:/bin"})
     assert md.read_text().startswith("# moekit bench") and out.stdout.strip().endswith(("rc 141", "rc 0"))
     assert "Traceback" not in out.stderr
+
+
+# ---- the review of round 62's change
+def test_a_dense_gemma4_config_plans_no_block():
+    # the edge: transformers writes num_experts / top_k_experts null for a Gemma 4 without MoE blocks; the null check
+    # refused every dense Gemma 4 (patch(), load_moe_layers, inspect)
+    transformers = pytest.importorskip("transformers")
+    if "gemma4_text" not in transformers.CONFIG_MAPPING:
+        pytest.skip("no gemma4_text in this transformers")
+    cfg = transformers.CONFIG_MAPPING["gemma4_text"](enable_moe_block=False, num_hidden_layers=2).to_dict()
+    assert plan_layers(cfg)[1] == []
+
+
+def test_tensor_labels_pack_by_value():
+    # the edge: labels compared by hash put two items of one label (0-d tensors, hashed by identity) in one pack
+    from moekit.parallel import balanced_packing
+    want = balanced_packing([4, 1, 3, 2], 2, labels=[0, 0, 1, 1])
+    assert balanced_packing([4, 1, 3, 2], 2, labels=torch.tensor([0, 0, 1, 1])) == want == [[0, 3], [2, 1]]
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "mxfp4"}, _FP8], ids=["mxfp4", "fp8-block"])
+def test_a_state_dict_saved_before_round_62_keeps_the_old_unset_rule(qc):
+    # the edge: a never-loaded layer's state dict saved with version 1 holds all-zero scales; it still loads as not
+    # loaded (the new mark would have read the zeros as values and computed zeros)
+    a, b = (moekit.FusedMoE(E, K, H, I, quant_config=qc, backend="torch") for _ in range(2))
+    sd = a.state_dict()
+    for key in ("routed_experts.w13_scale", "routed_experts.w2_scale"):
+        sd[key] = torch.zeros_like(sd[key])
+    sd._metadata["routed_experts"]["version"] = 1
+    b.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="never loaded"):
+        b(torch.randn(T, H), torch.randn(T, E))
+
+
+def test_eplb_state_takes_numpy_ints():
+    np = pytest.importorskip("numpy")
+    p = moekit.parallel.ExpertPlacement.build(8, 0)
+    s = moekit.parallel.EplbState(p, window_size=np.int64(64), num_groups=np.int64(2))
+    assert (s.window_size, s.num_groups) == (64, 2) and type(s.window_size) is int

@@ -107,7 +107,8 @@ class InputScales:
             self.values[name] = {} if top is None else {(e, s): top for e in every for s in spec.shards}
 
 
-def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_keys: list) -> None:
+def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_keys: list,
+                 legacy: bool = False) -> None:
     """After :class:`~moekit.RoutedExperts` copied a state dict: the placement it gives (``placement``, from
     :func:`~moekit.experts.placement_state.incoming_placement`), what it wrote marked loaded (an all-zero input scale
     is "not given", and so is a slot's shard still holding a never-loaded layer's values: :func:`unset_slices`; a
@@ -126,7 +127,7 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
             continue
         given.append(name)
         experts._mark(every, spec.shards, spec.kind)
-        for slot, s in unset_slices(spec, t, quantised):
+        for slot, s in unset_slices(spec, t, quantised, legacy):
             experts._record.unmark((slot,), (s,), spec.kind)
             if spec.kind == "scale":  # its codes mean nothing without it (and are not checked: any value is one)
                 experts._record.unmark((slot,), (s,), "weight")
@@ -138,7 +139,7 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
         maps_rebuilt(experts)
 
 
-def unset_slices(spec, t, quantised: bool) -> list[tuple[int, str]]:
+def unset_slices(spec, t, quantised: bool, legacy: bool = False) -> list[tuple[int, str]]:
     """The ``(slot, shard)`` slices of a state dict's per-slot weight or scale ``t`` ([slots, rows, ...], the shards
     splitting the rows in equal parts: gate rows, then up rows) that hold what a never-loaded layer holds
     (:func:`unset_value`): an unquantised layer's all-NaN weight shard, a quantised layer's all-NaN (e8m0: all-255)
@@ -147,7 +148,8 @@ def unset_slices(spec, t, quantised: bool) -> list[tuple[int, str]]:
     ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer
     holding an all-zero expert (padding experts added so that E divides the EP size; a quantised one's scales are
     not zero) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
-    biases neither (zeros are a value). One host read per tensor; nothing under compile or capture."""
-    unset = unset_mask(spec, t, quantised)
+    biases neither (zeros are a value). One host read per tensor; nothing under compile or capture. ``legacy``: the
+    state dict was saved before round 62 (:func:`~.params.unset_mask`)."""
+    unset = unset_mask(spec, t, quantised, legacy)
     return [] if unset is None else \
         [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]

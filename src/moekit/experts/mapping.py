@@ -313,6 +313,8 @@ def _load_fused(experts, name, tensor, which, suffix, layout) -> None:
             )
         if kind == "scale" and t.dim() and layout.interleaved and rows_unit not in (None, 1):
             raise NotImplementedError(f"checkpoint key {name!r}: interleaved gate/up rows with block scales")
+        if t.dim() == 1 and t.shape[0] == 1:  # one scale for both halves, stacked [E, 1] (review of round 62)
+            t = t.reshape(())
         gate, up = t.chunk(2) if t.dim() else (t, t)
         _shard(experts, name, expert, GATE, gate, kind, full)
         _shard(experts, name, expert, UP, up, kind, full)

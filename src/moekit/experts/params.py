@@ -275,15 +275,18 @@ def unset_value(spec, quantised: bool) -> float:
     return 0
 
 
-def unset_mask(spec, t, quantised: bool):
+def unset_mask(spec, t, quantised: bool, legacy: bool = False):
     """``[slots, shards]`` bool: which shards of ``t`` hold :func:`unset_value` in every element (None where not
-    checked: codes, biases, input scales, tensors on meta or under capture)."""
+    checked: codes, biases, input scales, tensors on meta or under capture). ``legacy``: a state dict saved before
+    round 62 (version 1), whose never-written scales hold 0 (all-zero scale shards read as unset, the old rule)."""
     weight = spec.kind == "weight" and not quantised
     if not (weight or spec.kind == "scale") or not isinstance(t, torch.Tensor) or not values_checkable(t) or \
             t.dim() < 1:
         return None
     if not t.shape[0]:
         return t.new_zeros((0, len(spec.shards)), dtype=torch.bool)
+    if legacy and spec.kind == "scale":
+        return t.contiguous().view(torch.uint8).reshape(t.shape[0], len(spec.shards), -1).any(-1).logical_not()
     if t.dtype == torch.uint8:
         return (t == UNSET_E8M0).reshape(t.shape[0], len(spec.shards), -1).all(-1)
     if not t.is_floating_point():  # (e8m0 dtypes arrive as uint8 views; anything else holds no unset mark)

@@ -48,9 +48,8 @@ class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
 
     ``forward(hidden_states [T, H], topk_weights [T, K] float32, topk_ids [T, K] int32) -> [T, H]``
-    computes ``Σ_k w[t, k] · (w2[e] · act(w13[e] · x[t] + b13[e]) + b2[e])`` for the experts this rank
-    holds (ids it does not hold add 0). :func:`moekit.FusedMoE` builds it (``routed_experts_cls`` selects a
-    subclass); build one by hand only to compose your own runner.
+    computes ``Σ_k w[t, k] · (w2[e] · act(w13[e] · x[t] + b13[e]) + b2[e])`` for the experts this rank holds (ids
+    it does not hold add 0). :func:`moekit.FusedMoE` builds it (``routed_experts_cls`` selects a subclass).
 
     Args:
         layer_name: the layer's name, used in messages.
@@ -76,6 +75,8 @@ class RoutedExperts(torch.nn.Module):
     in mxfp4 scales, else 0), and ``load_state_dict`` reads a slot's shard still unset as unwritten (a state dict of
     a layer never loaded loads as not loaded; an all-zero expert or scale, e.g. padding, is a value: round 62).
     """
+
+    _version = 2  # state dicts: 2 since round 62 (never-written scales NaN / e8m0 255; 1: 0, read as unset on load)
 
     def __init__(
         self,
@@ -233,7 +234,8 @@ class RoutedExperts(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
-        state_loaded(self, state_dict, prefix, placement, unexpected_keys)  # placement, what was loaded, dtype, maps
+        legacy = local_metadata.get("version", self._version) < 2  # (saved before round 62: zero scales unset)
+        state_loaded(self, state_dict, prefix, placement, unexpected_keys, legacy)  # placement, loaded, dtype, maps
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -387,11 +389,9 @@ class RoutedExperts(torch.nn.Module):
         return self.placement
 
     def extra_repr(self) -> str:
-        p = self.placement
-        quant = f", quant={self.quant.name!r}" if self.quant is not None else ""
-        if self.packed_layout != "spec":
-            quant += f", packed_layout={self.packed_layout!r}"
-        return (f"E_local={p.num_local}, I_local={self.inter_local}, backend={self.backend!r}{quant}, "
+        quant = (f", quant={self.quant.name!r}" if self.quant is not None else "") + \
+            (f", packed_layout={self.packed_layout!r}" if self.packed_layout != "spec" else "")
+        return (f"E_local={self.placement.num_local}, I_local={self.inter_local}, backend={self.backend!r}{quant}, "
                 f"loaded={self.loaded}")
 
 

@@ -123,7 +123,8 @@ def check_plan_numbers(plans, text: dict | None, source: str) -> None:
             if arg not in _REAL_ARGS and isinstance(v, float) and math.isfinite(v) and not v.is_integer():
                 raise ValueError(f"{source}: {who} gives {f} = {v!r} ({arg}); expected a whole number")
         nulls = [f for f in names if f in text and text[f] is None]
-        if arg in _NEEDED and nulls and all(text.get(f) is None for f in names):
+        # (only where the config plans MoE blocks: a dense Gemma 4 writes num_experts / top_k_experts null, review)
+        if arg in _NEEDED and plans and nulls and all(text.get(f) is None for f in names):
             raise ValueError(f"{source}: {who} gives {nulls[0]} = null ({arg}); expected a whole number >= 1 "
                              "(a null count was read as the architecture's default)")
     for p in plans:

@@ -87,7 +87,8 @@ class WeightFormat:
     def __post_init__(self):
         for arg in ("ignore", "targets"):
             v = getattr(self, arg)
-            if isinstance(v, str) or not isinstance(v, Iterable) or not all(isinstance(p, str) for p in v):
+            v = tuple(v) if isinstance(v, Iterable) and not isinstance(v, str) else v  # (a generator: read once)
+            if isinstance(v, str) or not isinstance(v, tuple) or not all(isinstance(p, str) for p in v):
                 raise TypeError(f"{arg} must be a sequence of str, got {v!r}")
             object.__setattr__(self, arg, tuple(v))
 

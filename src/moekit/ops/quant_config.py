@@ -47,7 +47,8 @@ def _unsupported(option: str, value, why: str = "") -> NotImplementedError:
 
 def _names(cfg: dict, key: str) -> tuple[str, ...]:
     v = cfg.get(key) or ()
-    if isinstance(v, str) or not isinstance(v, Iterable) or not all(isinstance(p, str) for p in v):
+    v = tuple(v) if isinstance(v, Iterable) and not isinstance(v, str) else v  # (a generator: read once)
+    if isinstance(v, str) or not isinstance(v, tuple) or not all(isinstance(p, str) for p in v):
         raise ValueError(f"quant_config[{key!r}] must be a list of module names, got {v!r}")
     return tuple(v)
 

@@ -102,7 +102,8 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
     meta = torch.zeros(width + 1, dtype=torch.int64, device=key.device)
     meta.index_add_(0, key + 1, torch.ones_like(key))
     meta[0] = t
-    meta[world + 1:] = torch.tensor(list(named.values()) + [0] * (SETTINGS_WIDTH + 1 - len(named)))  # (host ints)
+    for i, v in enumerate(list(named.values()) + [0] * (SETTINGS_WIDTH - len(named))):  # scalars, as T: no host copy
+        meta[world + 1 + i] = v
     meta = meta[:width]
     everyone = meta.new_empty(world * width)
     if joining is not None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
+import torch
+
 from ..experts.placement import physical_owners
 from ._packing import SEARCH_SLOTS, as_ints, pack, pack_replicas, search_counts, try_all_counts
 
@@ -93,7 +95,9 @@ def balanced_packing(weights: Sequence, num_packs: int, labels: Sequence | None 
     num_packs = _count("num_packs", num_packs)
     if n % num_packs:
         raise ValueError(f"{n} items do not split into {num_packs} packs of equal size")
-    lab = list(labels) if labels is not None else list(range(n))
+    # (review of round 62: tensor labels compared by value, as the greedy's == did, not by hash / identity)
+    lab = labels.tolist() if isinstance(labels, torch.Tensor) else \
+        [x.item() if isinstance(x, torch.Tensor) else x for x in labels] if labels is not None else list(range(n))
     if len(lab) != n:
         raise ValueError(f"labels must have one entry per weight ({n}), got {len(lab)}")
     try:

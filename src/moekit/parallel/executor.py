@@ -245,7 +245,7 @@ class ParallelExecutor:
     def settings(self) -> dict[str, int]:
         """The knobs every EP rank must share, as ints (None: -1), sent in the layout gather (round 62: one rank's
         ``chunk_tokens`` alone changed hung the forward)."""
-        aggm = self.all_gather_min_tokens
+        aggm = self.all_gather_min_tokens if self.mode == "auto" else None  # (read by "auto" alone: review)
         return {"mode": DISPATCH_MODES.index(self.mode), "chunk_tokens": self.chunk_tokens,
                 "all_gather_min_tokens": -1 if aggm is None else aggm}
 
