@@ -72,38 +72,43 @@ def live_slots(topk_weights: torch.Tensor, on_input: bool) -> torch.Tensor:
     return torch.ones_like(w, dtype=torch.bool) if on_input else w != 0
 
 
-#: the executor settings each rank sends in the layout all-gather (mode, chunk_tokens, all_gather_min_tokens): ranks
-#: that disagree raise on every rank (round 62: chunk_tokens set on one rank only hung the forward)
-SETTINGS_WIDTH = 3
+#: the executor settings each rank sends in the layout all-gather: ranks that disagree raise on every rank (round 62:
+#: chunk_tokens set on one rank only hung the forward)
+SETTINGS = ("mode", "chunk_tokens", "all_gather_min_tokens")
 
 
 def layout_width(world: int) -> int:
     """The int64 values each rank sends in the layout all-gather (``[T, rows for rank 0..W-1, settings]``); a failed
     rank joins it with as many (:meth:`~moekit.parallel.executor.ParallelExecutor.join_failed`)."""
-    return world + 1 + SETTINGS_WIDTH
+    return world + 1 + len(SETTINGS)
+
+
+def settings_row(values, world: int, device) -> torch.Tensor:
+    """The template :func:`compute_layout` fills (``base``): ``[layout_width + 1]`` int64, zeros but ``values`` (ints,
+    one per :data:`SETTINGS`) after the per-rank counts; the last entry is the dead slots' bin, dropped. Made once per
+    setting (:meth:`~moekit.parallel.executor.ParallelExecutor.layout`): a forward clones it, no host copy."""
+    return torch.tensor([0] * (world + 1) + list(values) + [0], dtype=torch.int64, device=device)
 
 
 def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank: int, world: int,
-                   on_input: bool, joining=None, settings: dict | None = None) -> Layout:
+                   on_input: bool, joining=None, base: torch.Tensor | None = None) -> Layout:
     """Every rank's ``[T_r, rows to rank 0..W-1]`` (one all-gather) and this rank's send order. A rank that failed
     before it sent ``T_r < 0`` (:mod:`moekit.parallel.agree`): the others raise ``PeerFailed`` right after the gather.
 
     topk_weights: [T, K] float; topk_ids: [T, K] int physical ids; owner_rank: [P] int64 on the device; joining:
     called just before the gather (the executor's mark that this rank joined its first EP collective) or None;
-    settings: up to :data:`SETTINGS_WIDTH` named ints every rank must share (the executor's knobs), checked after the
-    gather: ``ValueError`` on every rank, naming each rank's values, where they differ."""
+    base: :func:`settings_row` of the :data:`SETTINGS` every rank must share (None: zeros), checked after the gather:
+    ``ValueError`` on every rank, naming each rank's values, where they differ."""
     t = topk_ids.shape[0]
-    dest = owner_rank[topk_ids.reshape(-1).long()]
-    key = torch.where(live_slots(topk_weights, on_input), dest, torch.full_like(dest, world))
-    order = torch.argsort(key, stable=True)
-    # meta = [T, rows for rank 0..W-1] (+ a dropped bin for dead slots); no host sync before the gather
-    named = dict(settings or {})
     width = layout_width(world)
-    meta = torch.zeros(width + 1, dtype=torch.int64, device=key.device)
+    dest = owner_rank[topk_ids.reshape(-1).long()]
+    # dead slots: the last bin (width - 1 + 1, past the settings: dropped), after every rank's in the sort
+    key = torch.where(live_slots(topk_weights, on_input), dest, torch.full_like(dest, width - 1))
+    order = torch.argsort(key, stable=True)
+    # meta = [T, rows for rank 0..W-1, settings] (+ the dropped bin); no host sync before the gather
+    meta = base.clone() if base is not None else torch.zeros(width + 1, dtype=torch.int64, device=key.device)
     meta.index_add_(0, key + 1, torch.ones_like(key))
     meta[0] = t
-    for i, v in enumerate(list(named.values()) + [0] * (SETTINGS_WIDTH - len(named))):  # scalars, as T: no host copy
-        meta[world + 1 + i] = v
     meta = meta[:width]
     everyone = meta.new_empty(world * width)
     if joining is not None:
@@ -112,7 +117,7 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
     m = everyone.view(world, width).tolist()
     check_flags([row[0] for row in m], group, "EP", "before the dispatch")
     if len({tuple(row[world + 1:]) for row in m}) > 1:
-        said = "; ".join(f"{name} {[row[world + 1 + i] for row in m]}" for i, name in enumerate(named))
+        said = "; ".join(f"{name} {[row[world + 1 + i] for row in m]}" for i, name in enumerate(SETTINGS))
         raise ValueError(f"the ranks of ep_group run with different executor settings (by EP rank: {said}); set them "
                          "alike on every rank (layer.expert_executor)")
     send = m[rank][1:world + 1]

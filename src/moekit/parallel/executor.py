@@ -45,7 +45,7 @@ from .._checks import check_bool, check_int
 from .agree import ForwardGuard, check_flags, failure_flag, flag_gather, guarded
 from .comm import all_gather_into, all_reduce_sum, group_rank, group_size
 from ..experts.routed import RoutedExperts
-from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout, layout_width
+from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout, layout_width, settings_row
 from .eplb_state import watch_placement
 
 #: the int64 values each rank sends in the TP token check's all-gather (its T; a failed rank sends its flag)
@@ -101,6 +101,7 @@ class ParallelExecutor:
         #: all-gather T over the TP group before each forward and raise on a mismatch (module docstring)
         self.check_tp_tokens = os.environ.get("MOEKIT_CHECK_TP_TOKENS", "") not in ("", "0")
         self._owner_rank: torch.Tensor | None = None
+        self._layout_base = None  # ((settings, device), settings_row): the layout gather's template
         self._pending: list[str] | None = None  # inside a guarded forward: the flag-carrying gathers not joined yet
         # a state dict's placement, however it reaches the experts: checked first, then the routing follows it
         watch_placement(experts, eplb_state)
@@ -239,15 +240,17 @@ class ParallelExecutor:
         EP collective, where a peer's failure flag is read).
 
         topk_weights: [T, K] float32; topk_ids: [T, K] int physical ids; device: theirs."""
+        key = (self.settings(), torch.device(device))
+        if self._layout_base is None or self._layout_base[0] != key:  # (made once per setting: no copy per forward)
+            self._layout_base = (key, settings_row(key[0], self.ep_size, device))
         return compute_layout(topk_weights, topk_ids, self.owner_rank(device), self.ep_group, self.ep_rank,
-                              self.ep_size, on_input, joining=lambda: self._joining("ep"), settings=self.settings())
+                              self.ep_size, on_input, joining=lambda: self._joining("ep"), base=self._layout_base[1])
 
-    def settings(self) -> dict[str, int]:
-        """The knobs every EP rank must share, as ints (None: -1), sent in the layout gather (round 62: one rank's
-        ``chunk_tokens`` alone changed hung the forward)."""
+    def settings(self) -> tuple[int, ...]:
+        """The knobs every EP rank must share (:data:`~moekit.parallel.dispatch.SETTINGS`), as ints (None: -1), sent in
+        the layout gather (round 62: one rank's ``chunk_tokens`` alone changed hung the forward)."""
         aggm = self.all_gather_min_tokens if self.mode == "auto" else None  # (read by "auto" alone: review)
-        return {"mode": DISPATCH_MODES.index(self.mode), "chunk_tokens": self.chunk_tokens,
-                "all_gather_min_tokens": -1 if aggm is None else aggm}
+        return DISPATCH_MODES.index(self.mode), self.chunk_tokens, -1 if aggm is None else aggm
 
     def run_ep(self, x, topk_weights, topk_ids, experts, on_input: bool, mode: str | None = None,
                layout=None) -> torch.Tensor:
