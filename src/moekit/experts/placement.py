@@ -27,7 +27,7 @@ PLACEMENT_STRATEGIES = ("linear", "round_robin")
 def local_physical_ids(num_physical: int, ep_size: int, ep_rank: int, strategy: str) -> tuple[int, ...]:
     """Physical expert ids held by ``ep_rank`` (ascending)."""
     _check_group(ep_size, ep_rank)
-    _check_counts(num_physical=num_physical)
+    check_counts(num_physical=num_physical)
     if strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"expert_placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {strategy!r}")
     if num_physical % ep_size:
@@ -43,7 +43,7 @@ def local_physical_ids(num_physical: int, ep_size: int, ep_rank: int, strategy: 
 def check_ep_sizes(num_logical: int, num_redundant: int, ep_size: int) -> None:
     """Raise ``ValueError`` unless ``E`` and ``E + R`` split evenly over ``ep_size`` ranks and no rank
     would need two replicas of one expert (``R <= E·(W - 1)``)."""
-    _check_counts(num_experts=num_logical, num_redundant_experts=num_redundant, ep_size=ep_size)
+    check_counts(num_experts=num_logical, num_redundant_experts=num_redundant, ep_size=ep_size)
     if ep_size < 1:
         raise ValueError(f"the EP group size must be >= 1, got {ep_size}")
     if num_redundant < 0:
@@ -66,7 +66,7 @@ def check_ep_sizes(num_logical: int, num_redundant: int, ep_size: int) -> None:
         )
 
 
-def _check_counts(**values) -> None:
+def check_counts(**values) -> None:
     """Each value an int (not a bool): ``TypeError`` naming it (round 62: strings and floats reached the arithmetic)."""
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -76,9 +76,7 @@ def _check_counts(**values) -> None:
 def _check_group(ep_size, ep_rank: int = 0) -> None:
     """An EP group size (an int >= 1) and a rank in it (round 61: size 0 gave moves between rank -1 slots, a rank
     past the group physical ids that do not exist)."""
-    for name, v in (("ep_size", ep_size), ("ep_rank", ep_rank)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    check_counts(ep_size=ep_size, ep_rank=ep_rank)
     if ep_size < 1 or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_size must be >= 1 and ep_rank in [0, ep_size), got ep_size={ep_size}, ep_rank={ep_rank}")
 
@@ -118,7 +116,7 @@ def check_physical_to_logical(physical_to_logical, num_logical: int, num_physica
 def initial_physical_to_logical(num_logical: int, num_physical: int, ep_size: int, strategy: str) -> tuple[int, ...]:
     """Identity for ``p < E``; each replica slot ``p >= E`` (ascending) gets the logical expert with the
     fewest copies so far (ties: lowest id) among those its rank does not hold yet."""
-    _check_counts(num_physical=num_physical)
+    check_counts(num_physical=num_physical)
     if num_physical < num_logical:  # (round 62: "num_redundant_experts must be >= 0, got -8", an argument not given)
         raise ValueError(f"num_physical ({num_physical}) must be >= num_logical ({num_logical})")
     check_ep_sizes(num_logical, num_physical - num_logical, ep_size)
@@ -170,7 +168,7 @@ class ExpertPlacement:
     ) -> "ExpertPlacement":
         """Placement of rank ``(ep_rank, tp_rank)``; raises ``ValueError`` on sizes that do not split."""
         check_ep_sizes(num_logical, num_redundant, ep_size)
-        _check_counts(tp_size=tp_size, tp_rank=tp_rank)  # (round 62: tp_size 4.0 gave slices of floats)
+        check_counts(tp_size=tp_size, tp_rank=tp_rank)  # (round 62: tp_size 4.0 gave slices of floats)
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank must lie in [0, tp_size={tp_size}), got {tp_rank}")
         num_physical = num_logical + num_redundant

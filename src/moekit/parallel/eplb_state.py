@@ -41,7 +41,7 @@ import functools
 import torch
 
 from .eplb import logical_to_physical
-from ..experts.placement import ExpertPlacement, _check_counts, check_physical_to_logical
+from ..experts.placement import ExpertPlacement, check_counts, check_physical_to_logical
 from ..experts.placement_state import PLACEMENT_KEY, initial_p2l, placement_error, saved_p2l
 
 DEFAULT_WINDOW = 128
@@ -65,7 +65,7 @@ class EplbState(torch.nn.Module):
         super().__init__()
         if not isinstance(placement, ExpertPlacement):
             raise TypeError(f"placement must be a moekit ExpertPlacement, got {type(placement).__name__}")
-        _check_counts(window_size=window_size, num_groups=num_groups)  # (round 62: a string was stored; numpy ints
+        check_counts(window_size=window_size, num_groups=num_groups)  # (round 62: a string was stored; numpy ints
         window_size, num_groups = int(window_size), int(num_groups)  # are ints: review)
         if window_size < 1 or num_groups < 1:
             raise ValueError(f"window_size and num_groups must be >= 1, got {window_size}, {num_groups}")
