@@ -210,7 +210,11 @@ def _load_expert(layer, name, tensor, m, by_weight) -> None:
 
 def _shard(experts, name, logical, shard, tensor, kind, shape=None) -> None:
     """One expert shard into the experts; shape and dtype errors name the checkpoint key (and the
-    stack's ``shape``)."""
+    stack's ``shape``). A bias for a layer without expert biases is a tensor it has no place for: ``KeyError``, as
+    every such checkpoint key (round 62: the experts' ``ValueError``, which the loader gave no config hint)."""
+    if kind == "bias" and not experts.moe_config.has_bias:
+        raise KeyError(f"checkpoint key {name!r}: a routed-expert bias, and the layer has no expert biases "
+                       "(has_bias=False)")
     try:
         experts.load_expert_shard(logical, shard, tensor, kind=kind)
     except (ValueError, TypeError) as err:

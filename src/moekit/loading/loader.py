@@ -302,12 +302,10 @@ def _quant_shared(spec, state, fmt, shipped: bool, keys: dict, dense: dict, read
 
 
 def _load_one(state, rel: str, t: torch.Tensor, key: str, what: str | None = None) -> None:
-    """Load one piece; an error names the checkpoint ``key`` and, for a tensor the layer has no place for (round 62:
-    an expert bias too, a hintless ``ValueError`` before), the config fields behind it (``what``: its moekit name)."""
+    """Load one piece; an error names the checkpoint ``key`` and, for a tensor the layer has no place for, the
+    config fields likely behind it (``what``: the key's block-relative moekit name)."""
     name = what or rel
     try:
-        if name.startswith("experts.") and name.endswith((".bias", "_bias")) and not state.layer.moe_config.has_bias:
-            raise KeyError("a routed-expert bias, and the layer has no expert biases")
         state.load([(rel, t)])
     except (KeyError, ValueError, TypeError) as err:
         msg = f"{key}: {err.args[0] if err.args else err}"
