@@ -145,9 +145,8 @@ def unset_slices(spec, t, quantised: bool, legacy: bool = False) -> list[tuple[i
     (:func:`unset_value`): an unquantised layer's all-NaN weight shard, a quantised layer's all-NaN (e8m0: all-255)
     scale shard (no real checkpoint has either; round 62: all-zero scales were the mark, and are valid). Read as
     "never written" (round 55: a never-loaded layer's state dict loaded as loaded and the copy computed with
-    ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer
-    holding an all-zero expert (padding experts added so that E divides the EP size; a quantised one's scales are
-    not zero) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
+    ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer holding an all-zero expert
+    (padding experts added so that E divides the EP size) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
     biases neither (zeros are a value). One host read per tensor; nothing under compile or capture. ``legacy``: the
     state dict was saved before round 62 (:func:`~.params.unset_mask`)."""
     unset = unset_mask(spec, t, quantised, legacy)

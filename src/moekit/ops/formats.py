@@ -68,6 +68,15 @@ def _check_fields(obj, ints=(), bools=()) -> None:
             raise TypeError(f"{arg} must be a bool, got {getattr(obj, arg)!r}")
 
 
+def str_tuple(v) -> tuple[str, ...] | None:
+    """``v`` (a list, tuple or generator of module names) as a tuple of str; None where it is not one (a str, a number,
+    an item that is not a str). A generator is read once (round 62)."""
+    if isinstance(v, str) or not isinstance(v, Iterable):
+        return None
+    v = tuple(v)
+    return v if all(isinstance(p, str) for p in v) else None
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """Base of the format objects. ``ignore``: module patterns kept in full precision; ``targets``:
@@ -86,11 +95,10 @@ class WeightFormat:
 
     def __post_init__(self):
         for arg in ("ignore", "targets"):
-            v = getattr(self, arg)
-            v = tuple(v) if isinstance(v, Iterable) and not isinstance(v, str) else v  # (a generator: read once)
-            if isinstance(v, str) or not isinstance(v, tuple) or not all(isinstance(p, str) for p in v):
-                raise TypeError(f"{arg} must be a sequence of str, got {v!r}")
-            object.__setattr__(self, arg, tuple(v))
+            names = str_tuple(getattr(self, arg))
+            if names is None:
+                raise TypeError(f"{arg} must be a sequence of str, got {getattr(self, arg)!r}")
+            object.__setattr__(self, arg, names)
 
     # ---- module selection
     def is_ignored(self, module_name: str) -> bool:

@@ -22,9 +22,7 @@ Forms read (as the checkpoints' config.json hold them):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat
+from .formats import Fp8BlockFormat, Fp8ChannelFormat, Int4GroupFormat, Mxfp4Format, WeightFormat, str_tuple
 
 _FP8_KEYS = {"quant_method", "fmt", "activation_scheme", "weight_block_size", "scale_fmt", "modules_to_not_convert",
              "expert_dtype"}
@@ -46,11 +44,10 @@ def _unsupported(option: str, value, why: str = "") -> NotImplementedError:
 
 
 def _names(cfg: dict, key: str) -> tuple[str, ...]:
-    v = cfg.get(key) or ()
-    v = tuple(v) if isinstance(v, Iterable) and not isinstance(v, str) else v  # (a generator: read once)
-    if isinstance(v, str) or not isinstance(v, tuple) or not all(isinstance(p, str) for p in v):
-        raise ValueError(f"quant_config[{key!r}] must be a list of module names, got {v!r}")
-    return tuple(v)
+    names = str_tuple(cfg.get(key) or ())
+    if names is None:
+        raise ValueError(f"quant_config[{key!r}] must be a list of module names, got {cfg.get(key)!r}")
+    return names
 
 
 def _no_unknown(cfg: dict, known: set, where: str) -> None:

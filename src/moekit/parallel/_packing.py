@@ -30,14 +30,14 @@ def pack(w: list[int], num_packs: int, lab: list) -> list[list[int]]:
     n = len(w)
     cap = n // num_packs
     packs: list[list[int]] = [[] for _ in range(num_packs)]
-    labels: list[dict] = [{} for _ in range(num_packs)]  # label -> how many items of it the pack holds
+    labels: list[set] = [set() for _ in range(num_packs)]  # (no pack ever holds a label twice: a set)
     totals = [0] * num_packs
     for i in sorted(range(n), key=lambda i: (-w[i], i)):
         room = [p for p in range(num_packs) if len(packs[p]) < cap]
         ok = [p for p in room if lab[i] not in labels[p]]
         p = min(ok, key=lambda p: (totals[p], p)) if ok else _repair(packs, labels, totals, w, lab, i, room[0])
         packs[p].append(i)
-        labels[p][lab[i]] = labels[p].get(lab[i], 0) + 1
+        labels[p].add(lab[i])
         totals[p] += w[i]
     return packs
 
@@ -51,12 +51,10 @@ def _repair(packs, labels, totals, w, lab, item, q) -> int:
         for j in packs[p]:
             if lab[j] not in labels[q]:
                 packs[p].remove(j)
-                labels[p][lab[j]] -= 1
-                if not labels[p][lab[j]]:
-                    del labels[p][lab[j]]
+                labels[p].discard(lab[j])
                 totals[p] -= w[j]
                 packs[q].append(j)
-                labels[q][lab[j]] = labels[q].get(lab[j], 0) + 1
+                labels[q].add(lab[j])
                 totals[q] += w[j]
                 return p
     raise RuntimeError(f"balanced_packing: no pack can take label {lab[item]!r} without a duplicate")
