@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -367,8 +366,10 @@ def main(argv=None) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `compare.py ... | head`: the shell's 141, no traceback (as the moekit command)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        sys.path.insert(0, str(ROOT / "src"))
+        from moekit._argparse import reader_left
+
+        return reader_left()
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 #: the largest token count a list option takes (int32 indices; a larger one overflowed deep in torch)
@@ -104,3 +105,13 @@ def out_file(text: str) -> str:
     if why:
         raise argparse.ArgumentTypeError(f"expected a file path in a writable folder, got {text!r} ({why})")
     return text
+
+
+def reader_left() -> int:
+    """After a ``BrokenPipeError`` on stdout (``... | head``: the reader left): stdout to the null device, so that
+    nothing raises again at exit, and the shell's status for it, 141 (``moekit`` and the ``benchmarks/`` scripts)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+        pass
+    return 141

@@ -36,7 +36,7 @@ import sys
 import torch
 
 from ._argparse import (OneLineParser, fraction, int_list, non_negative_float, positive_float, positive_int,
-                        unwritable_folder)
+                        reader_left, unwritable_folder)
 from ._checks import DTYPE_SHORT, check_device
 from .benchmarking.cli_args import model_list, point_list
 from .ops.triton_configs import ConfigFileError
@@ -380,11 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print("moekit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `moekit ... | head`: the reader left; no traceback, no second error at exit
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
-            pass
-        return 141
+        return reader_left()
 
 
 if __name__ == "__main__":
