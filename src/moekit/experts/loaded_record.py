@@ -146,9 +146,9 @@ def unset_slices(spec, t, quantised: bool, legacy: bool = False) -> list[tuple[i
     scale shard (no real checkpoint has either; round 62: all-zero scales were the mark, and are valid). Read as
     "never written" (round 55: a never-loaded layer's state dict loaded as loaded and the copy computed with
     ``torch.empty``'s memory). Round 56: zeros were the mark of weights too, and a layer holding an all-zero expert
-    (padding experts added so that E divides the EP size) could not be restored from its own state dict. Quantised codes are not checked (every value is a code),
-    biases neither (zeros are a value). One host read per tensor; nothing under compile or capture. ``legacy``: the
-    state dict was saved before round 62 (:func:`~.params.unset_mask`)."""
+    (padding experts added so that E divides the EP size) could not be restored from its own state dict. Quantised codes
+    are not checked (every value is a code), biases neither (zeros are a value). One host read per tensor; nothing under
+    compile or capture. ``legacy``: the state dict was saved before round 62 (:func:`~.params.unset_mask`)."""
     unset = unset_mask(spec, t, quantised, legacy)
     return [] if unset is None else \
         [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]
