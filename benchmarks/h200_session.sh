@@ -318,6 +318,28 @@ u.find_spec('kernels'))"
     step r58-train 300 python benchmarks/train_step.py --tokens 1024,4096 --out "$OUT/train.json"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
+  r63-a)  # round 63, first call on an H200: the fp16 / fp32 heuristic invariance test, the sweep of record (bf16 + fp8,
+    # four shapes, beside the peer), then the GPU tests of round 62's last changes (compiled masked backward chunks)
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
+      tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
+    tail -3 "$OUT"/r63-inv.log
+    sweep 300
+    step r63-tests 120 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+      tests/test_audit62.py tests/ops/test_audit62_grad.py tests/ops/test_experts_grad.py tests/test_training.py \
+      tests/test_quant_layer.py tests/experts
+    tail -3 "$OUT"/r63-tests.log
+    ;;
+  r63-h)  # round 63 on an H100 (no H200 came): the GPU tests of round 62's last changes, the heuristic invariance test
+    pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+    step r63-tests 200 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+      tests/test_audit62.py tests/ops/test_audit62_grad.py tests/test_audit61_review.py tests/ops/test_experts_grad.py \
+      tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel
+    tail -3 "$OUT"/r63-tests.log
+    step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
+      tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
+    tail -3 "$OUT"/r63-inv.log
+    ;;
   r62-a)  # round 62, first call on an H200: the fp16 / fp32 heuristic invariance test, the sweep of record (bf16 + fp8,
     # four shapes, beside the peer), the GPU tests of the round's changes, then round 61's eager backward groups timed
     # beside the round's base (`.ab/base/src` = `git archive 0967f00 src`, where carried)
