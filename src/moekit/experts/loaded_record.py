@@ -23,6 +23,33 @@ def fill_unset(experts) -> None:
             t.fill_(unset_value(experts.specs[name], quantised))
 
 
+#: what :func:`values_sample` takes of each tensor (its first elements)
+_SAMPLE = 64
+
+
+def values_sample(experts) -> list | None:
+    """The first values of ``w13_weight`` (and of ``w13_scale``, quantised: codes can be all zero) before an
+    ``_apply``, None on meta: what :func:`values_kept` compares after it."""
+    if experts.w13_weight.is_meta:
+        return None
+    names = [n for n in ("w13_weight", "w13_scale") if n in experts.specs]
+    return [(n, getattr(experts, n).detach().reshape(-1)[:_SAMPLE].clone()) for n in names]
+
+
+def values_kept(sample, experts) -> bool:
+    """Whether an ``_apply`` kept the values (a device move or a cast; not ``to_empty``, whose memory is uninitialised:
+    round 63, a layer with values stayed "loaded" on it): each sampled tensor's first elements, bit for bit, equal the
+    sample cast as the tensor now is (a cast rounds the same way). A heuristic, but never wrong where values were kept;
+    on meta, or from it (``sample`` None): not kept."""
+    if sample is None or experts.w13_weight.is_meta:
+        return False
+    for name, old in sample:
+        t = getattr(experts, name).detach().reshape(-1)[:old.numel()]
+        if not torch.equal(old.to(device=t.device, dtype=t.dtype).view(torch.uint8), t.view(torch.uint8)):
+            return False
+    return True
+
+
 class LoadedRecord:
     """needed: every ``(slot, shard, kind)`` the layer holds; :meth:`mark` records writes, :meth:`clear` forgets
     them (the values are gone: ``.to("meta")``)."""
@@ -118,9 +145,11 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
     placement_loaded(experts, placement, prefix, unexpected_keys)
     given, every, quantised = [], range(experts.placement.num_local), experts.quant is not None
     for name, spec in experts.specs.items():
-        if prefix + name not in state_dict:
+        key = prefix + name  # (a parametrized tensor's values are its 'original': round 63)
+        key = f"{prefix}parametrizations.{name}.original" if name in getattr(experts, "parametrizations", ()) else key
+        if key not in state_dict:
             continue
-        t = state_dict[prefix + name]
+        t = state_dict[key]
         if unset_input_scale(spec, t):  # "not given": the forward says it is missing
             experts._record.unmark(every, spec.shards, spec.kind)
             experts._input_scales.forget(name)

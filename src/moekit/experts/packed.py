@@ -61,8 +61,10 @@ def follow_params_dtype(experts: torch.nn.Module, new: torch.dtype) -> None:
     experts.specs = expert_tensors_spec(c.hidden_size, c.intermediate_size, c.gated, c.has_bias, new, experts.quant)
     for name in ("w13_bias", "w2_bias"):
         b = getattr(experts, name)
-        if b is not None:
-            setattr(experts, name, torch.nn.Parameter(b.detach().to(new), requires_grad=False))
+        if b is not None:  # in place, as torch's own cast: the same Parameter, its requires_grad and its gradient
+            b.data = b.data.to(new)  # (round 63: a new frozen Parameter; an optimizer kept the old one)
+            if b.grad is not None:
+                b.grad = b.grad.to(new)
     if experts.packed_layout == "rega" and packed_layout_for(experts.kernels.packed_layouts, experts.quant, new,
                                                              c.hidden_size, experts.inter_local) != "rega":
         for name in RELAID_WEIGHTS:

@@ -295,14 +295,18 @@ def unset_mask(spec, t, quantised: bool, legacy: bool = False):
     return torch.stack([t[i].isnan().reshape(len(spec.shards), -1).all(-1) for i in range(t.shape[0])])
 
 
-def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> None:
+def check_state_tensors(experts, state_dict: dict, prefix: str, assign: bool = False) -> None:
     """What ``load_state_dict`` brings a quantised layer, checked before anything is copied, as its other loads check
     it (round 53: a state dict loaded anything): codes and e8m0 scales in their storage dtype, by :func:`stored`'s rule
     (int8, e8m0 and fp4x2 bytes are taken as uint8: the entry is replaced by its view, since ``copy_`` would convert
     values; a float weight of a quantised layer's shape is a ``TypeError``: it was rounded to e4m3 without a scale),
     and the values of the scales (:func:`check_scale_values`: ``ValueError``; an all-zero input scale is "not given",
     :func:`unset_input_scale`). ``state_dict`` is the loader's own copy (``Module.load_state_dict`` makes one).
-    float16 layers: weights and biases within float16's range (:func:`check_range`)."""
+    float16 layers: weights and biases within float16's range (:func:`check_range`). ``assign``
+    (``load_state_dict(assign=True)``): the dtypes the layer would hold after it, :func:`check_assigned_dtypes`."""
+    specs, quant = experts.specs, experts.quant
+    if assign:
+        check_assigned_dtypes(experts, state_dict, prefix)
     for name, spec in specs.items():
         t = state_dict.get(prefix + name)
         if isinstance(t, torch.Tensor):
@@ -320,6 +324,40 @@ def check_state_tensors(specs: dict, quant, state_dict: dict, prefix: str) -> No
             if unset is not None and bool(unset.any()):
                 t = t.reshape(*unset.shape, -1)[~unset]
             check_scale_values(f"state dict entry {key!r}", t)
+
+
+def check_assigned_dtypes(experts, state_dict: dict, prefix: str) -> None:
+    """``TypeError`` before an assigning load (``load_state_dict(assign=True)`` keeps the given tensors, unconverted)
+    that would leave the layer with dtypes its forward cannot run (round 63: accepted, then the forward failed deep
+    in torch): an unquantised layer's weights and biases one float dtype, given or kept; a quantised layer's biases
+    in its ``params_dtype`` (a load without ``assign`` converts them)."""
+    quantised = experts.quant is not None
+    floats = [n for n, spec in experts.specs.items() if not quantised and spec.kind in ("weight", "bias")
+              or quantised and spec.kind == "bias"]
+    dtypes = {}
+    for name in floats:
+        t = state_dict.get(prefix + name)
+        dtypes[name] = t.dtype if isinstance(t, torch.Tensor) else getattr(experts, name).dtype
+    want = experts.params_dtype if quantised else dtypes.get("w13_weight")
+    for name, dtype in dtypes.items():
+        if dtype not in FLOAT_DTYPES or dtype != want:
+            given = "given" if prefix + name in state_dict else "kept"
+            why = "not a float dtype" if dtype not in FLOAT_DTYPES else \
+                f"but the layer's {'params_dtype' if quantised else 'w13_weight'} would be {want}"
+            raise TypeError(f"load_state_dict(assign=True): state dict entry {prefix + name!r} ({given}) is {dtype}, "
+                            f"{why}; an assigning load keeps tensors as given, so give every expert weight and bias "
+                            f"one float dtype (a load without assign=True converts them)")
+
+
+def writable(experts, name: str) -> torch.Tensor:
+    """``experts.<name>`` for a load to write into; ``TypeError`` where a parametrization (``torch.nn.utils.parametrize``)
+    computes it: the write would land in a computed tensor and be lost (round 63: the layer then counted it loaded
+    and ran on the never-written values)."""
+    if name in getattr(experts, "parametrizations", ()):
+        raise TypeError(f"{name} of {type(experts).__name__} is parametrized (torch.nn.utils.parametrize), so a load "
+                        f"cannot write it; load the weights before registering the parametrization, or load a state "
+                        f"dict holding its 'parametrizations.{name}.original' entry")
+    return getattr(experts, name)
 
 
 #: what a wrong shape given to ``load_expert_weights`` is told (a TP or EP rank's share is a common mistake)

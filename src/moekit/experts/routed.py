@@ -35,12 +35,13 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import InputScales, LoadedRecord, fill_unset, state_loaded, unset_value
+from .loaded_record import (InputScales, LoadedRecord, fill_unset, state_loaded, unset_value, values_kept,
+                            values_sample)
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
 from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check_state_tensors, check_tp_split,
-                     expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
+                     expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored, writable)
 from .placement import ExpertPlacement
 from .placement_state import incoming_placement, maps_rebuilt, placement_saved
 
@@ -141,11 +142,12 @@ class RoutedExperts(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
-        new, was_meta = cast_params_dtype(self, fn) if self.quant is not None else None, self.w13_weight.is_meta
+        new, sample = cast_params_dtype(self, fn) if self.quant is not None else None, values_sample(self)
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
-        if was_meta and not self.w13_weight.is_meta:  # ``to_empty``: the maps (no state-dict entries) hold garbage,
-            maps_rebuilt(self)  # and the expert tensors are unset as at construction (a state dict saved before any
-            fill_unset(self)  # load then loads as not loaded: loaded_record.unset_slices; rounds 55-56)
+        if not self.w13_weight.is_meta and not values_kept(sample, self):  # ``to_empty`` (from meta; round 63: or of
+            maps_rebuilt(self)  # values): the maps hold garbage, the expert tensors are unset as at construction (a
+            fill_unset(self)  # state dict saved before any load then loads as not loaded; rounds 55-56), none loaded
+            self._record.clear()
         if new is not None and new != self._params_dtype:
             follow_params_dtype(self, new)
         follow_weight_dtype(self)  # moe_config.params_dtype, and what loads convert to (unquantised)
@@ -184,14 +186,9 @@ class RoutedExperts(torch.nn.Module):
     def _experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         c = self.moe_config
         # inputs were checked by the layer (x) and at construction (weights): the table only computes
-        common = dict(
-            activation=c.activation,
-            apply_router_weight_on_input=c.apply_router_weight_on_input,
-            w1_bias=self.w13_bias,
-            w2_bias=self.w2_bias if self.add_w2_bias else None,
-            expert_map=self.expert_map,
-            swiglu_limit=c.swiglu_limit,
-        )
+        common = dict(activation=c.activation, apply_router_weight_on_input=c.apply_router_weight_on_input,
+                      w1_bias=self.w13_bias, w2_bias=self.w2_bias if self.add_w2_bias else None,
+                      expert_map=self.expert_map, swiglu_limit=c.swiglu_limit)
         if self.quant is None:
             return self.kernels.experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
                                         **common)
@@ -229,7 +226,7 @@ class RoutedExperts(torch.nn.Module):
     # state dicts hold SPEC §8's packing (:mod:`.packed`), and, once EPLB moved a slot, which expert each slot holds
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        check_state_tensors(self.specs, self.quant, state_dict, prefix)  # storage dtypes (byte views), scale values
+        check_state_tensors(self, state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         placement = incoming_placement(self, state_dict, prefix)  # shapes and placement, checked before any copy
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -275,7 +272,7 @@ class RoutedExperts(torch.nn.Module):
         every = range(self.placement.num_local)
         for name, spec in self.specs.items():
             full = stored(spec, stacks[name], name)
-            param = getattr(self, name)
+            param = writable(self, name)
             if spec.kind == "input_scale":  # the largest over all experts (SPEC §8), in every slot
                 param.fill_(self._input_scales.stack(name, full, spec.shards))
             else:
@@ -323,7 +320,7 @@ class RoutedExperts(torch.nn.Module):
             check_scale_values(what, tensor)
         if kind == "input_scale":  # in every slot: the largest of each expert's latest one
             value = float(fit(spec, stored(spec, tensor, what), what))
-            getattr(self, spec.name).fill_(self._input_scales.given(spec.name, {(logical_id, shard_id): value}))
+            writable(self, spec.name).fill_(self._input_scales.given(spec.name, {(logical_id, shard_id): value}))
             self._mark(slots, (shard_id,), kind)
             return len(slots)
         if kind == "weight" and self.quant is not None and full_precision(tensor):
@@ -337,7 +334,7 @@ class RoutedExperts(torch.nn.Module):
         check_range(spec.dtype, tensor, what)  # (load_expert_weights: global_stacks checks the whole stacks first)
         part = fit(spec, stored(spec, tensor, what), what)
         for slot in slots:
-            spec.write(getattr(self, spec.name), slot, shard_id, part, self.tp_rows,
+            spec.write(writable(self, spec.name), slot, shard_id, part, self.tp_rows,
                        relay=spec.name in self._relaid_weights())
         self._mark(slots, (shard_id,), kind)
         return len(slots)

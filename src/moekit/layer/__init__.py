@@ -159,7 +159,8 @@ def build_fused_moe(
             projection to ``[-limit, limit]`` (DeepSeek-V4); for ``"swigluoai"`` the clamp limit (default 7.0);
             for ``"silu_post_clamp"`` see ``activation``. ``"relu2"`` / ``"softcap_swiglu"`` refuse it (``ValueError``).
         e_score_correction_bias: ``[E]`` float tensor (``[E + Z]`` with zero experts), default None. A
-            selection bias: it picks the experts, the unbiased scores weigh them (DeepSeek-V3, LongCat).
+            selection bias: it picks the experts, the unbiased scores weigh them (DeepSeek-V3, LongCat). Kept
+            by reference, as ``hash_indices_table`` (the router's buffer: a load writes into the tensor given).
         apply_router_weight_on_input: default False. Multiply the expert input, not its output, by the
             routing weight (Llama 4); requires ``top_k == 1``.
         activation: the expert activation, default ``"silu"``; one of ``moekit.ACTIVATIONS``: ``"silu"``,
@@ -363,8 +364,7 @@ def build_fused_moe(
         expert_mapping=expert_mapping,
         **({} if eager_graph_tokens is None else {"eager_graph_tokens": eager_graph_tokens}),
         gate_input=gate_input,
-        final_output_transform=final_output_transform,
-        **(runner_args or {}),
+        final_output_transform=final_output_transform, **(runner_args or {}),
     )
 
 

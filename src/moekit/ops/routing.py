@@ -86,8 +86,8 @@ def compute_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
         return torch.softmax(x, dim=-1)
     # not torch.sigmoid / F.softplus: on CPU their vector loop and scalar tail differ by an ulp, so equal
     # logits got scores depending on their memory position and ties did not go to the lowest id
-    if scoring_func == "sigmoid":  # e^-|x|: 1 / (1 + e^-x) overflowed below x = -88.7 (every score 0)
-        z = torch.exp(-x.abs())
+    if scoring_func == "sigmoid":  # e^-|x|: 1 / (1 + e^-x) overflowed below x = -88.7 (every score 0); -|x| as a
+        z = torch.exp(torch.where(x >= 0, -x, x))  # where (round 63: abs has gradient 0 at 0, so d/dx was 0 there)
         return torch.where(x >= 0, (z + 1.0).reciprocal_(), z / (z + 1.0))
     if scoring_func == "sqrtsoftplus":  # softplus(x) = x above 20, as F.softplus
         return torch.where(x > 20.0, x, torch.log1p(torch.exp(x))).sqrt_()
@@ -254,6 +254,15 @@ def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = Tr
             f"[{int(table.min())}, {int(table.max())}]"
         )
     return table
+
+
+def check_table_ids(picked: torch.Tensor, num_experts: int) -> None:
+    """``ValueError`` unless the hash table's rows a call picked (``table[input_ids]``, [T, K]) hold ids in ``[0,
+    num_experts)``: the Triton path's check (one host read of T · K ids; the whole table is checked where the values
+    are: the torch path, a router's construction and loads)."""
+    if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= num_experts):
+        raise ValueError(f"hash_indices_table values must lie in [0, {num_experts}), got "
+                         f"[{int(picked.min())}, {int(picked.max())}] in the rows these input ids pick")
 
 
 def check_input_ids(input_ids, table: torch.Tensor, num_tokens: int, name: str = "input_ids") -> torch.Tensor:

@@ -88,9 +88,12 @@ class EplbState(torch.nn.Module):
         self.set_placement(placement)
 
     def _apply(self, fn, *args, **kwargs):
-        was_meta = self.step.device.type == "meta"
+        # ``to_empty`` leaves uninitialised memory: from meta, or (round 63) of a state with values, found by comparing
+        # the buffers (a few MB of int64 at most) with copies taken before
+        before = None if self.step.is_meta else [b.clone() for b in self.buffers()]
         out = super()._apply(fn, *args, **kwargs)
-        if was_meta and self.step.device.type != "meta":  # ``to_empty``: uninitialised memory, not the maps
+        if not self.step.is_meta and (before is None or not all(
+                torch.equal(a.to(b.device), b) for a, b in zip(before, self.buffers()))):
             self._derived()
         return out
 

@@ -140,6 +140,8 @@ class BaseRouter(torch.nn.Module):
         hidden_states: [T, H]; router_logits: [T, N] float, same device; input_ids: [T] int (hash routing).
         """
         check_tensor("hidden_states", hidden_states)
+        if hidden_states.dim() != 2:  # (round 63: [B, 1, H] broadcast the zero experts' term into [B, B, H])
+            raise ValueError(f"hidden_states must have shape [T, H], got {list(hidden_states.shape)}")
         check_gating(router_logits, hidden_states.shape[0], self.num_logit_columns or self.global_num_experts)
         check_same_device("router_logits", router_logits, "hidden_states", hidden_states)
         indices_type = self.indices_type

@@ -75,8 +75,11 @@ class CustomRoutingRouter(BaseRouter):
         weights, ids = out
         t = router_logits.shape[0]
         for name, v in (("topk_weights", weights), ("topk_ids", ids)):
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != (t, self.top_k):
-                shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            if not isinstance(v, torch.Tensor):  # (round 63: a ValueError)
+                raise TypeError(f"custom_routing_function returned {name} of type {type(v).__name__}, expected a "
+                                f"torch.Tensor [{t}, {self.top_k}]")
+            if tuple(v.shape) != (t, self.top_k):
+                shape = list(v.shape)
                 raise ValueError(f"custom_routing_function returned {name} {shape}, expected [{t}, {self.top_k}]")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"custom_routing_function returned topk_ids of dtype {ids.dtype}; expected integers")

@@ -37,6 +37,9 @@ class ZeroExpertRouter(ScoredRouter):
         check_int("global_num_experts", global_num_experts, minimum=1)
         real = global_num_experts if num_logical_experts is None else num_logical_experts
         check_int("num_logical_experts", real, minimum=1)
+        if real > global_num_experts:  # (round 63: ids in [global, logical) came back as experts past E)
+            raise ValueError(f"num_logical_experts={real} exceeds global_num_experts={global_num_experts}: the real "
+                             f"experts are at most the layer's E")
         if not isinstance(e_score_correction_bias, torch.Tensor) or e_score_correction_bias.dim() != 1 or \
                 e_score_correction_bias.shape[0] < real:
             shape = list(e_score_correction_bias.shape) if isinstance(e_score_correction_bias, torch.Tensor) else None

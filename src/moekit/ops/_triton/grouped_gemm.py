@@ -197,7 +197,7 @@ def _w13_tile(
         g = load_b(g_ptrs, w1_desc, row_g, k0, H, kmask, nmask, sg0, x_ptr.dtype.element_ty, QUANT, PACK, QG,
                     BK, BN, EVEN_K, USE_TMA, UPCAST, W_ALIGN, PTX, RELAID)
         if ON_INPUT:
-            a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
+            a = to_dt(a.to(tl.float32) * w_in[:, None], x_ptr.dtype.element_ty, UPCAST)  # (interpreter: RTNE)
         acc_g = mma_step(a, g, acc_g, xs_rows, ws_g, k0 // BK, valid, nmask, QUANT, DOT_PREC, UPCAST, FP8_ACC, SWAP)
         if GATED and not SPLIT:
             u = load_b(u_ptrs, w1_desc, row_g + I, k0, H, kmask, nmask, su0, x_ptr.dtype.element_ty, QUANT, PACK,

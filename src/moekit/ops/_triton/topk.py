@@ -11,7 +11,8 @@ NaN policy: for the selection a NaN logit, or a NaN selection score, is treated 
 consistently in the scores, the group scores and the selection — so the kernel always returns K
 distinct ids in ``[0, E)``; and a row holding a NaN logit gets NaN weights (all K), so that the NaN
 reaches the token's output instead of being routed around (a NaN hidden state under sigmoid scoring
-used to come out as exactly 0). Weights computed from infinite logits may be NaN/inf too (softmax of a
+used to come out as exactly 0); so does every row where the selection bias holds a NaN (round 63: an in-place
+update of the bias to NaN routed around that expert silently). Weights computed from infinite logits may be NaN/inf too (softmax of a
 row holding ``+inf``), visibly. The validating torch path raises ``ValueError`` on non-finite logits.
 """
 
@@ -73,8 +74,10 @@ def route_kernel(
     row_nan = tl.max(tl.max((x != x).to(tl.int32), 1), 0) > 0  # masked lanes hold -inf, never NaN
     x = tl.where(x != x, float("-inf"), x)
     s = _scores(x, valid, SCORING)
-    if HAS_BIAS:
-        sel = s + tl.load(bias_ptr + eid, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # a NaN in the selection bias: every row's weights NaN (round 63: the expert was routed around)
+        b = tl.load(bias_ptr + eid, mask=valid, other=0.0).to(tl.float32)
+        row_nan = row_nan | (tl.max(tl.max((b != b).to(tl.int32), 1), 0) > 0)
+        sel = s + b
     else:
         sel = s
     sel = tl.where(valid & (sel == sel), sel, float("-inf"))
