@@ -327,14 +327,16 @@ u.find_spec('kernels'))"
     sweep 300
     step r63-tests 120 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
       tests/test_audit62.py tests/ops/test_audit62_grad.py tests/ops/test_experts_grad.py tests/test_training.py \
-      tests/test_quant_layer.py tests/experts
+      tests/test_quant_layer.py tests/experts tests/test_audit63.py tests/routing tests/ops/test_triton_routing.py \
+      tests/ops/test_hash_route.py
     tail -3 "$OUT"/r63-tests.log
     ;;
   r63-h)  # round 63 on an H100 (no H200 came): the GPU tests of round 62's last changes, the heuristic invariance test
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r63-tests 200 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
       tests/test_audit62.py tests/ops/test_audit62_grad.py tests/test_audit61_review.py tests/ops/test_experts_grad.py \
-      tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel
+      tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel tests/test_audit63.py tests/routing \
+      tests/ops/test_triton_routing.py tests/ops/test_hash_route.py
     tail -3 "$OUT"/r63-tests.log
     step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
       tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
