@@ -21,7 +21,7 @@ import torch
 from .._checks import KERNEL_DTYPES
 from ..experts.layout import FusedLayout, down_rows, gate_up_rows, get_fused_layout
 from ..experts.routed import RoutedExperts
-from ..loading.architectures import ArchSpec, raw_text_config, rename_block_key
+from ..loading.architectures import BY_MODEL_TYPE, ArchSpec, raw_text_config, rename_block_key
 from ..loading.keys import construction_tensors, field_hint, zero_width_shared_gate
 from ..loading.modules import build_layer
 from ..loading.plan import LayerPlan
@@ -85,7 +85,8 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     quant = fp8_stacks(stacks, getattr(block, "experts", None), plan, fmt) or \
         mxfp4_stacks(block, stacks, spec, plan, fmt, act_dtype)
     w13, w2, b13, b2 = quant[1][:4] if quant else block_stacks(stacks, spec, plan)
-    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES else act_dtype
+    # (round 63: float64 too, which the torch backend runs and the Triton one refuses by name; it was built float32)
+    dtype = w13.dtype if w13.dtype in KERNEL_DTYPES or w13.dtype == torch.float64 else act_dtype
     layer = build_layer(plan, device=w13.device, dtype=dtype, backend=backend, tensors=construction_tensors(own),
                         routed_experts_cls=_UnallocatedRoutedExperts, module_device="meta",
                         quant_config=quant[0] if quant else None, graph_pool=graph_pool,
@@ -94,12 +95,13 @@ def moekit_from_block(block, spec: ArchSpec, plan: LayerPlan, backend: str, fmt=
     # (round 58) quantised weights and their scales are frozen (no gradient; transformers' fp8 parameters require
     # grad by default); converted copies (gpt-oss's, Llama 4's stacks) train as the block's stacks did; shared ones
     # keep their own flag
-    trainable, theirs = any(t.requires_grad for t in stacks.values()), {id(t) for t in own.values()}
+    # (round 63: one flag for every copy, so a frozen down_proj or bias trained once patched, and unpatch wrote it back)
+    theirs, sources = {id(t) for t in own.values()}, None if quant else stack_sources(stacks, spec, plan)
     for name, p in layer.routed_experts.named_parameters(recurse=False):
         if quant and (name in ("w13_weight", "w2_weight") or "scale" in name):
             p.requires_grad_(False)
         elif id(p) not in theirs:
-            p.requires_grad_(trainable)
+            p.requires_grad_(copy_trainable(name, sources, stacks))
     shared = fp8_shared(block, own, spec, plan, dense_fmt or fmt, layer.routed_experts.kernels)  # (checks only)
     targets = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                if not n.startswith("routed_experts.") or n.startswith("routed_experts.expert_output_norm.")}
@@ -161,6 +163,34 @@ def block_stacks(stacks: dict, spec: ArchSpec, plan: LayerPlan):
     return w13, w2, b13, b2
 
 
+def stack_sources(stacks: dict, spec: ArchSpec, plan: LayerPlan) -> dict[str, list[torch.Tensor]]:
+    """The block's stack tensors each of moekit's expert tensors is made of, as :func:`block_stacks` makes them."""
+    if spec.splits:
+        src = {"w13_weight": [stacks[n] for n, proj, _ in spec.splits if proj != "down_proj"],
+               "w2_weight": [stacks[n] for n, proj, _ in spec.splits if proj == "down_proj"]}
+    else:
+        src = {"w13_weight": [stacks.get("experts.gate_up_proj", stacks.get("experts.up_proj"))],
+               "w2_weight": [stacks["experts.down_proj"]]}
+        if plan.has_bias:
+            src.update(w13_bias=[stacks.get("experts.gate_up_proj_bias")], w2_bias=[stacks.get("experts.down_proj_bias")])
+    if spec.appended_experts:
+        g, u, d = (stacks[n] for n in spec.appended_experts)
+        src["w13_weight"] += [g, u]
+        src["w2_weight"].append(d)
+    return src
+
+
+def copy_trainable(name: str, sources: dict | None, stacks: dict) -> bool:
+    """Whether moekit's copy ``name`` trains: as the block tensors it is made of do (:func:`stack_sources`);
+    ``ValueError`` where they differ (one copy cannot train in part)."""
+    flags = {t.requires_grad for t in (sources or {}).get(name, ()) if t is not None}
+    if len(flags) > 1:
+        rels = [rel for rel, t in stacks.items() if any(t is s for s in sources[name])]
+        raise ValueError(f"patch(): moekit's {name} is made of the block tensors {rels}, of which some require grad "
+                         f"and some do not; set requires_grad alike on them before patching")
+    return flags.pop() if flags else any(t.requires_grad for t in stacks.values())
+
+
 def converted_stacks(block, spec: ArchSpec, plan: LayerPlan, layer) -> dict[str, torch.Tensor] | None:
     """The block's expert stacks (moekit name -> tensor) when ``layer`` holds converted, trainable copies of them
     (float stacks not in moekit's layout: gpt-oss, Llama 4, DBRX, Inkling ...), else None (shared or quantised)."""
@@ -172,6 +202,12 @@ def converted_stacks(block, spec: ArchSpec, plan: LayerPlan, layer) -> dict[str,
     mine = [t for t in (ex.w13_weight, ex.w2_weight, getattr(ex, "w13_bias", None), getattr(ex, "w2_bias", None))
             if t is not None]
     return stacks if any(t.untyped_storage().data_ptr() not in theirs for t in mine) else None
+
+
+def carry_back_of(stacks: dict[str, torch.Tensor], model_type: str, plan: LayerPlan, layer) -> None:
+    """:func:`carry_back` with the spec found by model type: what a stand-in keeps, so that it pickles (round 63: the
+    spec's plan function, made inside a factory for Inkling and Ergo, cannot be pickled)."""
+    carry_back(stacks, BY_MODEL_TYPE[model_type], plan, layer)
 
 
 @torch.no_grad()

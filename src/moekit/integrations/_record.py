@@ -20,6 +20,7 @@ gets its routers' hooks copied onto the records, and :func:`~.transformers.unpat
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -193,6 +194,19 @@ def carry_hooks(src, dst) -> None:
     for hook in list(src._forward_hooks.values()):
         if getattr(hook, "__module__", None) == _CAPTURE_MODULE and id(hook) not in have:
             dst.register_forward_hook(hook)
+
+
+def warn_user_hooks(name: str, block, members=None) -> None:
+    """A ``UserWarning`` naming the modules of the block ``name`` (a layer-level MoE: its decoder layer's ``members``)
+    that hold forward or forward-pre hooks other than transformers' capture hooks: :func:`~.transformers.patch`
+    replaces them, so they do not run while patched (round 63: they stopped silently); unpatch brings them back."""
+    hooked = [f"{name}.{rel}" if rel else name for rel, m in block.named_modules()
+              if (members is None or rel.split(".")[0] in members) and (m._forward_pre_hooks or any(
+                  getattr(h, "__module__", None) != _CAPTURE_MODULE for h in m._forward_hooks.values()))]
+    if hooked:
+        warnings.warn(f"patch(): forward hooks on {hooked} do not run while the block is patched (moekit replaces "
+                      f"the module; unpatch() brings them back); register them on the patched module instead",
+                      UserWarning, stacklevel=3)
 
 
 def original_router(original, rel: str):

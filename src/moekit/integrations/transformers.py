@@ -43,10 +43,10 @@ from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
-from ._blocks import block_tensors, carry_back, check_block_settings, converted_stacks, moekit_from_block
+from ._blocks import block_tensors, carry_back_of, check_block_settings, converted_stacks, moekit_from_block
 from ._blocks import train_time_routing
 from ._experts import moekit_experts_forward
-from ._record import carry_hooks, make_record, mark_asked, original_router
+from ._record import carry_hooks, make_record, mark_asked, original_router, warn_user_hooks
 from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
 
 __all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
@@ -156,10 +156,8 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     spec, plans = plan_layers(config, "the model's config")
     planned = list(_planned_blocks(model, plans))
     if len(planned) != len(plans):  # (checked before anything changes)
-        raise RuntimeError(
-            f"patch found {len(planned)} MoE blocks but the config describes {len(plans)} "
-            f"({[p.name for p in plans]}); the model structure is not the expected one"
-        )
+        raise RuntimeError(f"patch found {len(planned)} MoE blocks but the config describes {len(plans)} "
+                           f"({[p.name for p in plans]}); the model structure is not the expected one")
     blocks = [(n, m, p) for n, m, p in planned if not _patched(m)]  # (blocks patched before are left as they are)
     # each block's router-logits record (a layer-level MoE's below its experts); a config asking for router logits
     # that a block cannot record is refused before anything changes
@@ -170,6 +168,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     for name, module, plan in blocks:  # (a block on the meta device, e.g. offloaded, raises before any is replaced)
         block_tensors(module, spec, plan)
         check_block_settings(module, plan, name, config)
+        warn_user_hooks(name, module, spec.ckpt_blocks if spec.layer_level else None)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)
     act_dtype = _activation_dtype(model)
     # undo: (parent, {attribute: the module it held}) per block replaced so far; flags: (parameter, requires_grad) of
@@ -184,7 +183,8 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
             moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
             stacks = converted_stacks(module, spec, plan, moe)  # (unpatch() writes trained copies back into them)
-            kept = dict(carry=functools.partial(carry_back, stacks, spec, plan, moe) if stacks is not None else None,
+            kept = dict(carry=functools.partial(carry_back_of, stacks, spec.model_types[0], plan, moe) if stacks
+                        is not None else None,
                         flags=[(t, old) for t, old in before if t.requires_grad != old])  # (unpatch() restores them)
             if spec.layer_level:
                 undo.append((module, {member: getattr(module, member) for member in spec.ckpt_blocks}))

@@ -150,15 +150,21 @@ def effective_limit(activation: str, swiglu_limit: float | None) -> float | None
     return get_activation(activation).default_limit
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the torch twins compute in: float32, float64 for float64 inputs (the reference dtype; round 63: it
+    was computed in float32, 1e-7 apart from a float64 loop)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def apply_activation_torch(h: torch.Tensor, activation: str, swiglu_limit: float | None = None) -> torch.Tensor:
     """Torch twin of the fused activation epilogue (clamp, then the registry's torch function).
 
-    h: [N, 2I] (gated) or [N, I] (non-gated), any float dtype; computed in its float32 upcast
-    returns: [N, I] float32
+    h: [N, 2I] (gated) or [N, I] (non-gated), any float dtype; computed in its float32 upcast (float64 in float64)
+    returns: [N, I] float32 (float64 for float64 ``h``)
     """
     act = get_activation(activation)
     check_swiglu_limit(act.name, swiglu_limit)
-    h = h.float()
+    h = h.to(acc_dtype(h.dtype))
     if not act.gated:
         return act.torch_fn(h, None)
     inter = h.shape[-1] // 2

@@ -30,7 +30,7 @@ from .._checks import (
     values_checkable,
 )
 from ._eager import rounded
-from .activation import apply_activation_torch, check_swiglu_limit, get_activation
+from .activation import acc_dtype, apply_activation_torch, check_swiglu_limit, get_activation
 
 #: Upper bound on the reference path's per-chunk scratch memory (bytes).
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -279,10 +279,10 @@ def experts_reference(
     return out
 
 
-def _live_slots(topk_weights, topk_ids, local_map, on_input):
-    """(flat slot weights [Tc·K] f32, local expert per slot [Tc·K] int64, live mask [Tc·K] bool)."""
+def _live_slots(topk_weights, topk_ids, local_map, on_input, dtype):
+    """(flat slot weights [Tc·K] f32 (f64 for a float64 ``dtype``, the activations'), local expert per slot [Tc·K] int64, live mask [Tc·K] bool)."""
     ids = topk_ids.reshape(-1).long()
-    weights = topk_weights.reshape(-1).float()
+    weights = topk_weights.reshape(-1).to(acc_dtype(dtype))
     local = local_map[ids] if local_map is not None else ids
     live = local >= 0
     if not on_input:
@@ -306,16 +306,16 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     o = up(a) @ up(w2[e]).t()
     if b2 is not None:
         o = o + up(b2[e])
-    return o.float()
+    return o.to(acc_dtype(o.dtype))  # (float64 stays: round 63, the float64 oracle computed in float32)
 
 
 def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
     """The compile-friendly chunk (no data-dependent shapes): x [Tc, H] -> [Tc, H]."""
     tc, k = topk_ids.shape
-    weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
+    weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input, x.dtype)
     # with the input weighting K == 1, so slot t is token t; otherwise every slot of a token sees x[t]
-    rows = rounded(x.float() * weights.unsqueeze(1), x.dtype) if on_input else x
-    slot_out = torch.zeros(tc * k, p.hidden, dtype=torch.float32, device=x.device)
+    rows = rounded(x.to(acc_dtype(x.dtype)) * weights.unsqueeze(1), x.dtype) if on_input else x
+    slot_out = torch.zeros(tc * k, p.hidden, dtype=acc_dtype(x.dtype), device=x.device)
     for e in range(p.num_local):
         o = _expert_rows(rows, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
@@ -327,12 +327,12 @@ def _experts_chunk_dense(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2,
 def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local_map, swiglu_limit):
     """One chunk of tokens: x [Tc, H] -> [Tc, H]."""
     tc, k = topk_ids.shape
-    weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input)
+    weights, local, live = _live_slots(topk_weights, topk_ids, local_map, on_input, x.dtype)
     # sort slots by local expert; dead slots get key E_local and sort last
     key = torch.where(live, local, torch.full_like(local, p.num_local))
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=p.num_local + 1)[: p.num_local].tolist()
-    slot_out = torch.zeros(tc * k, p.hidden, dtype=torch.float32, device=x.device)
+    slot_out = torch.zeros(tc * k, p.hidden, dtype=acc_dtype(x.dtype), device=x.device)
     begin = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -341,7 +341,7 @@ def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local
         begin += n
         xin = x[slots // k]
         if on_input:
-            xin = rounded(xin.float() * weights[slots].unsqueeze(1), x.dtype)
+            xin = rounded(xin.to(acc_dtype(x.dtype)) * weights[slots].unsqueeze(1), x.dtype)
         o = _expert_rows(xin, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
         if not on_input:
             o = o * weights[slots].unsqueeze(1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._eager import rounded
+from .activation import acc_dtype
 
 ZERO_EXPERT_TYPES = ("identity",)
 
@@ -69,7 +70,7 @@ def zero_combine_torch(routed: torch.Tensor, x: torch.Tensor | None, zero_scale:
     """``((routed + x · zero_scale) · scale)`` in float32, rounded once to ``routed``'s dtype. routed: [T, H] float;
     x: [T, H] float, the experts' input (ignored without ``zero_scale``); zero_scale: [T] float32 (the zero slots'
     weight sum) or None; scale: the routed scaling factor applied to the output (1.0: none)."""
-    acc = routed.float()
+    acc = routed.to(acc_dtype(routed.dtype))
     if zero_scale is not None:
-        acc = acc + x.float() * zero_scale.unsqueeze(-1)
+        acc = acc + x.to(acc.dtype) * zero_scale.unsqueeze(-1)
     return rounded(acc * scale, routed.dtype)  # (kept under torch.compile: what follows would fuse it away)
