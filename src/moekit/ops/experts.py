@@ -242,7 +242,8 @@ def experts_reference(
     Slots with weight exactly 0 (masked zero experts) are skipped on the output-weighted path: they
     add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
     does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
-    scratch stays under ``workspace_bytes``; each token lies in one chunk, so chunking is exact.
+    scratch stays under ``workspace_bytes``; each token lies in one chunk, so chunking changes a row only through
+    the CPU GEMMs' blocking (round 63: bf16 rows of a hot expert, 488 vs 16384 rows in one GEMM, 1 ulp apart).
 
     Under ``torch.compile`` (decision, issue #12): the eager loop needs each expert's token count on the
     host (data-dependent shapes, a graph break), so while compiling each chunk runs the dense,
@@ -258,8 +259,10 @@ def experts_reference(
     check_expert_map_range(expert_map, p.num_local)
     if p.num_tokens == 0:
         return torch.empty_like(x)
-    # scratch per token: K slot outputs [K, H] + activations [K, 2I] (fp32) + gathered inputs [K, H]
-    per_token = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16
+    # scratch per token, K slots (round 63: counted as the eager loop's peak, a hot expert's, ~1.9x the old count): the
+    # slot outputs [H] f32, the gathered input [H], then the larger of the activation phase (h [2I], its f32 upcast,
+    # the gate / up temporaries) and the output phase (o [H], its bias sum, the activation [I]); float64: twice
+    per_token = p.top_k * ((4 * p.hidden + 6 * p.inter) * (8 if x.dtype == torch.float64 else 4) + 16)
     local_map = expert_map.long() if expert_map is not None else None
     if not host_sync_allowed():  # compiling or capturing a CUDA graph: the eager loop's host reads are refused
         most = max(1, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
@@ -297,12 +300,14 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     fp32 accumulators do not (a gate pre-activation of -1e5 rounded to -inf, then silu gave NaN; an unweighted
     expert output of 1.6e5 became inf before its 0.25 weight). bf16 shares float32's range: its GEMMs stay in bf16
     (fp32 accumulation, one rounding of the product; the bias added in bf16), which keeps a row's bits the same
-    in any batch on the CPU (float32 CPU GEMMs are not: their blocking follows the row count)."""
+    in batches of moderate size on the CPU (float32 CPU GEMMs not even there: their blocking follows the row count;
+    SPEC §9 asks the torch path for agreement within the tolerances, bits of the Triton path only)."""
     up = (lambda t: t.float()) if dtype == torch.float16 else (lambda t: t)  # fp16: every operand in fp32
     h = up(xin) @ up(w1[e]).t()
     if b1 is not None:
         h = h + up(b1[e])
     a = rounded(apply_activation_torch(h, p.activation, swiglu_limit), dtype)  # (fp16: kept under compile)
+    del h  # (freed before the output's buffers: the scratch bound counts the larger phase only)
     o = up(a) @ up(w2[e]).t()
     if b2 is not None:
         o = o + up(b2[e])
@@ -343,7 +348,9 @@ def _experts_chunk(x, w1, w2, topk_weights, topk_ids, p, on_input, b1, b2, local
         if on_input:
             xin = rounded(xin.to(acc_dtype(x.dtype)) * weights[slots].unsqueeze(1), x.dtype)
         o = _expert_rows(xin, w1, w2, b1, b2, e, p, swiglu_limit, x.dtype)
-        if not on_input:
-            o = o * weights[slots].unsqueeze(1)
+        del xin
+        if not on_input:  # (in place where no gradient is traced: one [n, H] f32 buffer less at the peak)
+            w = weights[slots].unsqueeze(1)
+            o = o * w if torch.is_grad_enabled() and (o.requires_grad or w.requires_grad) else o.mul_(w)
         slot_out[slots] = o
     return rounded(slot_out.view(tc, k, p.hidden).sum(dim=1), x.dtype)

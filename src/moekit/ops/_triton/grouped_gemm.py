@@ -9,7 +9,8 @@ top-k sum in fp32. The per-slot weighted output is rounded once to the input dty
 buffer (the torch twin rounds elsewhere: its bf16 GEMM output, before the bias and the weight; both within the
 tolerances, round 62's audit corrected this line), then the K slot
 values of a token are summed in fp32 in slot order k = 0..K-1 and rounded once more at the end
-(fp8 experts: the combine buffer is fp32, no per-slot rounding, as their twin and SPEC §8 sum).
+(fp8 experts, and fp16 activations since round 50: the combine buffer is fp32, no per-slot rounding, as their
+twins sum; round 63's audit added fp16 here).
 
 Combine (``COMBINE``): a w2 program writes its weighted tile to ``part[slot]``, then bumps a
 semaphore per (token, column block) with an acq_rel atomic; the program that brings it to the
