@@ -132,8 +132,9 @@ def load_layer_weights(
     or the default mapping), fused ``experts.gate_up_proj``, ``experts.down_proj`` (+ ``_bias``) in
     ``fused_layout`` (see :mod:`moekit.experts.layout`), or the name of any parameter/buffer of the
     layer (``gate.weight``, ``shared_experts.up_proj.weight``, ``router.e_score_correction_bias``, ...),
-    whose name is then added to ``loaded``. Expert ids ``E <= e < E + Z`` (LongCat's zero experts) are
-    consumed and dropped. Unknown names raise ``KeyError``; wrong shapes raise ``ValueError`` naming
+    whose name is then added to ``loaded`` (a fused ``gate_up_proj`` also from its halves ``gate_proj`` /
+    ``up_proj``, each written into its rows: added once both are). Expert ids ``E <= e < E + Z`` (LongCat's
+    zero experts) are consumed and dropped. Unknown names raise ``KeyError``; wrong shapes raise ``ValueError`` naming
     the key and both shapes.
 
     Quantised experts (the layer built with ``quant_config``) also take, per expert, ``.weight`` in the
@@ -174,7 +175,7 @@ def load_layer_weights(
             _load_expert(layer, name, tensor, m, by_weight)
         elif f is not None:
             _load_fused(layer.routed_experts, name, tensor, f.group(1), f.group(2), layout)
-        elif (pname := _load_own(layer, name, tensor, own, slots)) is not None:
+        elif (pname := _load_own(layer, name, tensor, own, slots, loaded)) is not None:
             loaded.add(pname)
         consumed.add(name)
     if slots:  # one state dict (round 53's review: one key at a time was a partial one, refused once EPLB had moved)
@@ -229,11 +230,33 @@ def is_slot_tensor(layer, name: str) -> bool:
     return head == "routed_experts" and rest in layer.routed_experts.specs
 
 
-def _load_own(layer, name, tensor, own, slots: dict) -> str | None:
-    """A parameter or buffer of the layer by its (suffix) name; returns that name (None for the
-    experts' own per-slot tensors: gathered into ``slots``, loaded together, the experts record those)."""
+def _own_name(name: str, own) -> str | None:
+    """The parameter / buffer of ``own`` that ``name`` (or a dotted tail of it) names, else None."""
     parts = name.split(".")
-    pname = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
+    return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
+
+
+#: the halves of a fused gate_up_proj, in its row order
+_HALVES = ("gate_proj.", "up_proj.")
+
+
+def _fused_half(name: str, own) -> tuple[str | None, int | None]:
+    """(the fused ``….gate_up_proj.{weight|bias}`` of ``own``, 0 | 1) for ``….gate_proj.…`` / ``….up_proj.…`` of a
+    module that holds the two fused (MiniMax-M3-VL's shared MLP, stored apart in its Hub layout: round 63)."""
+    for half, proj in enumerate(_HALVES):
+        head, sep, leaf = name.rpartition(proj)
+        if sep and (not head or head.endswith(".")) and (fused := _own_name(f"{head}gate_up_proj.{leaf}", own)):
+            return fused, half
+    return None, None
+
+
+def _load_own(layer, name, tensor, own, slots: dict, loaded: set) -> str | None:
+    """A parameter or buffer of the layer by its (suffix) name; returns that name (None for the
+    experts' own per-slot tensors: gathered into ``slots``, loaded together, the experts record those; and for the
+    first of a fused gate_up_proj's halves: ``loaded`` records it, the second returns the fused name)."""
+    pname, half = _own_name(name, own), None
+    if pname is None:
+        pname, half = _fused_half(name, own)
     if pname is None and tensor.numel() == 0:  # an empty part a model saves (n_shared_experts = 0): adds nothing
         return None
     if pname is None:
@@ -242,7 +265,7 @@ def _load_own(layer, name, tensor, own, slots: dict) -> str | None:
             f"(experts.<e>.<proj>.weight, experts.gate_up_proj, experts.down_proj) and not one of its "
             f"parameters/buffers {sorted(own)}"
         )
-    target = own[pname]
+    target = own[pname] if half is None else own[pname].chunk(2)[half]  # (a half: a view of its rows)
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint key {name!r} has shape {list(tensor.shape)}, expected {list(target.shape)}")
     if is_slot_tensor(layer, pname):  # the experts record their per-slot tensors themselves
@@ -255,6 +278,9 @@ def _load_own(layer, name, tensor, own, slots: dict) -> str | None:
                         f"({target.dtype}){why}")
     with torch.no_grad():
         target.copy_(tensor.to(target.dtype))
+    if half is not None:  # the fused tensor is loaded once both halves are
+        loaded.add(f"{pname}[{_HALVES[half][:-1]}]")
+        return pname if all(f"{pname}[{h[:-1]}]" in loaded for h in _HALVES) else None
     return pname
 
 

@@ -23,7 +23,9 @@ FAMILIES = (core, mixtral_like, granite, qwen_like, singletons, ds3, sigmoid_bia
 SPECS: tuple[ArchSpec, ...] = tuple(s for family in FAMILIES for s in family.SPECS)
 BY_MODEL_TYPE = {t: s for s in SPECS for t in s.model_types}
 #: multimodal wrapper model_type -> (spec of its text tower, sub-config key, layer stack in the wrapper)
-TOWERS = {w: (s, key, stack) for s in SPECS for w, key, stack in s.towers}
+TOWERS = {w: (s, key, stack) for s in SPECS for w, key, stack, _ in s.towers}
+#: wrapper model_type -> its checkpoints' other roots of that stack (Kimi-K2.5's ``language_model.model.blocks``)
+TOWER_CKPT_STACKS = {w: disk for s in SPECS for w, _, _, disk in s.towers if disk}
 #: model types moekit refuses on purpose, and why (what the layer contract is missing)
 REFUSED = {t: why for family in FAMILIES for t, why in getattr(family, "REFUSED", {}).items()}
 
@@ -78,10 +80,11 @@ def spec_for(config: dict) -> ArchSpec:
     return BY_MODEL_TYPE[mt]
 
 
-def restack(plan: LayerPlan, spec: ArchSpec, stack: str) -> LayerPlan:
-    """``plan`` with its block at ``{stack}.{i}.{block}`` (a tower inside a multimodal wrapper)."""
+def restack(plan: LayerPlan, spec: ArchSpec, stack: str, ckpt_stacks: tuple[str, ...] = ()) -> LayerPlan:
+    """``plan`` with its block at ``{stack}.{i}.{block}`` (a tower inside a multimodal wrapper), its keys also under
+    the wrapper's other on-disk stacks ``ckpt_stacks``."""
     i = plan.layer_idx
-    return replace(plan, name=block_path(spec, i, stack), ckpt_prefixes=prefixes(spec, i, stack))
+    return replace(plan, name=block_path(spec, i, stack), ckpt_prefixes=prefixes(spec, i, stack, ckpt_stacks))
 
 
 def plan_layers(config: dict, source: str = "config.json") -> tuple[ArchSpec, list[LayerPlan]]:
@@ -117,7 +120,9 @@ def _plan_layers(config: dict, spec: ArchSpec) -> tuple[ArchSpec, list[LayerPlan
     mt = config.get("model_type")
     if keep := gate_fp32_dtypes(mt):  # (every such gate computes in float32 in transformers: router_fp32 too)
         plans = [replace(p, gate_fp32_dtypes=keep, router_fp32=True) for p in plans]
-    return spec, plans if mt not in TOWERS else [restack(p, spec, TOWERS[mt][2]) for p in plans]
+    if mt not in TOWERS:
+        return spec, plans
+    return spec, [restack(p, spec, TOWERS[mt][2], TOWER_CKPT_STACKS.get(mt, ())) for p in plans]
 
 
 def text_config(config: dict) -> dict:

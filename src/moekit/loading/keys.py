@@ -3,8 +3,9 @@
 - :func:`assign_keys`: which block a key belongs to (by the plans' key prefixes and the spec's
   ``layer_members``) and its block-relative moekit name (the spec's ``renames``);
 - :func:`expand_key`: one checkpoint tensor -> the ``(name, tensor)`` pieces a layer loads (flat DBRX
-  stacks of ``spec.splits``, Inkling's shared-expert stacks of ``spec.appended_experts``, the transpose
-  of ``spec.transposed`` weights); anything else is itself.
+  stacks of ``spec.splits``, Inkling's shared-expert stacks of ``spec.appended_experts``, one projection's
+  ``[E, I, H]`` stack of a gated layer (Step-3.7), the transpose of ``spec.transposed`` weights); anything else is
+  itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from ..ops.activation import is_gated
 from .architectures import rename_block_key
 from .archs.common import ArchSpec
 from .plan import LayerPlan
@@ -91,7 +93,19 @@ def expand_key(spec: ArchSpec, plan: LayerPlan, rel: str, t: torch.Tensor,
     if rel in spec.appended_experts:  # [S, ...] shared-expert stacks: experts E - S .. E - 1
         proj = ("gate_proj", "up_proj", "down_proj")[spec.appended_experts.index(rel)]
         return [(f"experts.{first + s}.{proj}.weight", t[s]) for s in range(t.shape[0])]
+    if rel in _PROJ_STACKS and is_gated(plan.activation):
+        # the gate or the up stack [E, I, H] of a gated layer, stored apart (Step-3.7's Hub layout, round 63): per
+        # expert (a non-gated layer's experts.up_proj is its whole input stack, loaded as a fused one)
+        if t.dim() != 3 or t.shape[0] != plan.num_experts:
+            raise ValueError(f"checkpoint key {key!r} has shape {list(t.shape)}, expected [{plan.num_experts}, "
+                             f"{plan.intermediate_size}, {plan.hidden_size}] (one projection's stacked experts)")
+        proj = rel.rpartition(".")[2]
+        return [(f"experts.{e}.{proj}.weight", t[e]) for e in range(plan.num_experts)]
     return [(rel, t)]
+
+
+#: stacks of one projection of the routed experts, by moekit name (see :func:`expand_key`)
+_PROJ_STACKS = ("experts.gate_proj", "experts.up_proj")
 
 
 #: tensors a layer takes at construction (a selection bias, a hash table), by moekit name

@@ -31,9 +31,10 @@ class ArchSpec:
       DBRX ``transformer.blocks``); block ``i`` is ``{stack}.{i}.{block}``. Checkpoint keys may use the
       path or any shorter tail of it (``layers.3.mlp.`` for a text tower saved alone), or
       ``ckpt_stacks`` (other on-disk roots: Nemotron-H's ``backbone.layers``).
-    - ``towers``: ``(wrapper model_type, sub-config key, stack in the wrapper)`` for multimodal wrappers
-      whose text tower is this architecture (``("qwen3_vl_moe", "text_config",
-      "model.language_model.layers")``; Llama 4's ``language_model.model.layers``).
+    - ``towers``: ``(wrapper model_type, sub-config key, stack in the wrapper, other on-disk stacks)`` for
+      multimodal wrappers whose text tower is this architecture (``("qwen3_vl_moe", "text_config",
+      "model.language_model.layers", ())``; Llama 4's ``language_model.model.layers``); the on-disk stacks are
+      roots of that wrapper's checkpoints beyond the stack's aliases (Kimi-K2.5's ``language_model.model.blocks``).
     - ``layer_members``: attributes of the decoder layer that checkpoints store the block's parts under
       (``layers.N.experts.*`` for ``layers.N.mlp.experts.*``: Mistral Large 4's consolidated format); the
       block-relative name then keeps the member (``experts.0.w1.weight``).
@@ -60,7 +61,7 @@ class ArchSpec:
     memory_layout: str | None = None
     stack: str = "model.layers"
     ckpt_stacks: tuple[str, ...] = ()
-    towers: tuple[tuple[str, str, str], ...] = ()
+    towers: tuple[tuple[str, str, str, tuple[str, ...]], ...] = ()
     layer_members: tuple[str, ...] = ()
     splits: tuple[tuple[str, str, bool], ...] = ()
     appended_experts: tuple[str, ...] = ()
@@ -75,9 +76,10 @@ class ArchSpec:
 LM_STACK = "model.language_model.layers"
 
 
-def towers(*wrappers: str, key: str = "text_config", stack: str = LM_STACK) -> tuple[tuple[str, str, str], ...]:
-    """``ArchSpec.towers`` for wrapper model types sharing one sub-config key and stack."""
-    return tuple((w, key, stack) for w in wrappers)
+def towers(*wrappers: str, key: str = "text_config", stack: str = LM_STACK,
+           ckpt_stacks: tuple[str, ...] = ()) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
+    """``ArchSpec.towers`` for wrapper model types sharing one sub-config key, stack and on-disk stacks."""
+    return tuple((w, key, stack, tuple(ckpt_stacks)) for w in wrappers)
 
 
 def get(cfg: dict, key: str, default):
@@ -150,9 +152,10 @@ def stack_aliases(stack: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def prefixes(spec: ArchSpec, i: int, stack: str | None = None) -> tuple[str, ...]:
-    """Checkpoint key prefixes of block ``i`` (of the layer, for layer-level specs)."""
-    stacks = stack_aliases(stack or spec.stack) + spec.ckpt_stacks
+def prefixes(spec: ArchSpec, i: int, stack: str | None = None, ckpt_stacks: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Checkpoint key prefixes of block ``i`` (of the layer, for layer-level specs); ``ckpt_stacks``: a wrapper's
+    other on-disk stacks (``ArchSpec.towers``)."""
+    stacks = stack_aliases(stack or spec.stack) + spec.ckpt_stacks + ckpt_stacks
     if spec.layer_level:
         return tuple(f"{s}.{i}." for s in stacks)
     return tuple(f"{s}.{i}.{b}." for s in stacks for b in spec.ckpt_blocks)

@@ -225,9 +225,11 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("Qwen3-MoE", ("qwen3_moe",), "mlp", ("mlp",), (), _plan_qwen(128, 8, False, False)),
     ArchSpec("Qwen3-Next", ("qwen3_next",), "mlp", ("mlp",), QWEN_RENAMES, _plan_qwen(512, 10, True, True)),
     ArchSpec("DeepSeek-V2", ("deepseek_v2",), "mlp", ("mlp",), (), _plan_deepseek_v2),
-    # Kimi-K2's config.json says kimi_k2 (DeepSeek-V3's fields); Kimi-K2.5 (kimi_k25) wraps it in text_config
+    # Kimi-K2's config.json says kimi_k2 (DeepSeek-V3's fields); Kimi-K2.5 (kimi_k25) wraps it in text_config.
+    # transformers' kimi_k25 conversion renames every "blocks" to "layers" (for the vision encoder), so its
+    # save_pretrained writes the text tower at language_model.model.blocks (round 63: that save did not load)
     ArchSpec("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(3),
-             towers=towers("kimi_k25")),
+             towers=towers("kimi_k25", ckpt_stacks=("language_model.model.blocks",))),
     ArchSpec(
         "DeepSeek-V4",
         ("deepseek_v4",),
@@ -270,7 +272,7 @@ SPECS: tuple[ArchSpec, ...] = (
         _plan_llama4,
         experts_switch=False,
         fused_layout="transposed",
-        towers=(("llama4", "text_config", "language_model.model.layers"),),
+        towers=towers("llama4", stack="language_model.model.layers"),
     ),
     ArchSpec("GLM-4.5 (Glm4Moe)", ("glm4_moe",), "mlp", ("mlp",), DS_RENAMES, _plan_deepseek_v3(1)),
     # Param2-MoE runs transformers' GLM-4.5 classes; its checkpoints name the selection bias ``gate.expert_bias``

@@ -113,6 +113,15 @@ def _plan_step3p7(cfg, spec):
 
 
 _BLOCK_BIAS = (("e_score_correction_bias", "router.e_score_correction_bias"),)
+# Step-3.7's Hub layout (what transformers' save_pretrained writes, round 63): the decoder layer's moe.{gate.weight,
+# router_bias}, stacked moe.{gate,up}_proj.weight [E, I, H] (:func:`..keys.expand_key` splits them per expert) and
+# moe.down_proj.weight [E, H, I], and share_expert.*. The identity renames come first so that the inverse
+# (checkpoint_block_key: error messages, patch()'s lookup of a block's modules) keeps transformers' names.
+_STEP_RENAMES = DS_RENAMES + (
+    ("gate.", "gate."), ("experts.", "experts."), ("shared_experts.", "shared_experts."),
+    ("moe.gate.", "gate."), ("moe.router_bias", "router.e_score_correction_bias"),
+    ("moe.gate_proj.weight", "experts.gate_proj"), ("moe.up_proj.weight", "experts.up_proj"),
+    ("moe.down_proj.weight", "experts.down_proj"), ("share_expert.", "shared_experts."))
 _KOLIBRI_RENAMES = (("gate.e_score_correction_bias", "router.custom_routing_function.e_score_correction_bias"),
                     ("moe.router.expert_bias", "router.custom_routing_function.e_score_correction_bias"))
 _KOLIBRI = dict(shared="shared_expert_intermediate_size", norm=False, bias=False, custom_routing="logit_bias",
@@ -120,7 +129,10 @@ _KOLIBRI = dict(shared="shared_expert_intermediate_size", norm=False, bias=False
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("MiniMax-M2", ("minimax_m2",), "mlp", ("block_sparse_moe", "mlp"), _BLOCK_BIAS,
              _plan(inter_keys=("intermediate_size",))),  # no shared expert, no routed scale
-    ArchSpec("MiniMax-M3-VL (text)", ("minimax_m3_vl_text",), "mlp", ("block_sparse_moe", "mlp"), DS_RENAMES,
+    # the Hub layout (what transformers' save_pretrained writes) keeps the selection bias on the block and the
+    # shared MLP's gate_proj / up_proj apart (the loader writes them into gate_up_proj's rows; round 63)
+    ArchSpec("MiniMax-M3-VL (text)", ("minimax_m3_vl_text",), "mlp", ("block_sparse_moe", "mlp"),
+             DS_RENAMES + _BLOCK_BIAS,
              _plan(inter_keys=("intermediate_size",), scale="routed_scaling_factor", shared=_m3_shared,
                    scale_on_output=True, activation="swigluoai",
                    swiglu_limit=_swigluoai, shared_activation="swigluoai", shared_swiglu_limit=_swigluoai,
@@ -167,8 +179,8 @@ SPECS: tuple[ArchSpec, ...] = (
               expert_norm_eps=lambda c: float(c["rms_norm_eps"])),
         fused_layout="transposed", transposed=("gate_kernel", "shared_up_proj", "shared_down_proj")),
     # the experts switch reaches Step-3.7 from transformers 5.25 (its experts class decorated there)
-    ArchSpec("Step-3.7 (text)", ("step3p5",), "mlp", ("mlp",), DS_RENAMES, _plan_step3p7,
-             towers=towers("step3p7")),
+    ArchSpec("Step-3.7 (text)", ("step3p5",), "mlp", ("mlp",), _STEP_RENAMES, _plan_step3p7,
+             towers=towers("step3p7"), layer_members=("moe", "share_expert")),
     ArchSpec("Muse Spark (text)", ("muse_spark_text",), "mlp", ("mlp",),
              DS_RENAMES + (("pre_expert_proj.", "routed_input_transform.0."),
                            ("pre_expert_norm.", "routed_input_transform.1."),
