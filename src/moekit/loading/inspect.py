@@ -200,25 +200,33 @@ def rows(config: dict, path: str | None = None) -> tuple[str, list[dict]]:
     it, or where no header is read: config.json's dtype, else bf16); ``_dtype_from`` says which (None: quantised)."""
     spec, plans = plan_layers(config)
     fmt, dense_fmt, _ = checkpoint_formats(config, None)  # routed experts; other linears (shared experts)
+    # each block's formats and stored dtype before grouping (round 63: a group took its first block's, so an fp8
+    # block beside a full-precision one, or bf16 experts beside fp32 ones, showed as one row of the first's)
+    fmts = {p.name: experts_format(fmt, p) for p in plans}
+    shared_fmts = {p.name: shared_format(dense_fmt, p, lambda rel, p=p: _ckpt_name(spec, p, rel)) for p in plans}
+    full = [p for p in plans if fmts[p.name] is None]
+    on_disk = (stored_dtypes(path, spec, full) if path is not None and full else None) or {}
+
+    def row_key(p: LayerPlan):
+        return _signature(p, spec.layer_level), fmts[p.name], shared_fmts[p.name], on_disk.get(p.name)
+
     groups: list[list[LayerPlan]] = []
     for p in plans:
-        if groups and _signature(groups[-1][-1], spec.layer_level) == _signature(p, spec.layer_level):
+        if groups and row_key(groups[-1][-1]) == row_key(p):
             groups[-1].append(p)
         else:
             groups.append([p])
-    heads = [g[0] for g in groups if experts_format(fmt, g[0]) is None]
-    on_disk = (stored_dtypes(path, spec, heads) if path is not None and heads else None) or {}
     declared = _declared(config)
     out = []
     for g in groups:
         p = g[0]
-        f = experts_format(fmt, p)
+        f = fmts[p.name]
         dtype, source = (declared[1], "config.json") if declared else ("bf16", "assumed")
         if p.name in on_disk:
             dtype, source = on_disk[p.name], "safetensors"
         el = 2 if f is not None else _element_bytes(dtype)
         _check_builds(p, f, config)
-        sf = shared_format(dense_fmt, p, lambda rel: _ckpt_name(spec, p, rel))
+        sf = shared_fmts[p.name]
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
         if p.shared_expert_gate:
             shared += " (gated)"

@@ -111,30 +111,41 @@ def experts_format(fmt: WeightFormat | None, plan: LayerPlan) -> WeightFormat | 
     ``ignore`` (one layer holds one format) raises ``NotImplementedError`` naming the block and those experts
     (round 56's audit: ``experts.3`` listed was re-quantised silently; ``experts.0`` listed built the whole layer full
     precision, then blamed expert 1's scale). A fused ``experts.gate_up_proj`` excluded: the whole block."""
-    if fmt is None or not fmt.applies_to(f"{plan.name}.experts.gate_up_proj"):
+    fused = f"{plan.name}.experts.gate_up_proj"
+    if fmt is None or fmt.is_ignored(fused):
         return None
-    projs = ("gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
+    # each projection under both of its names (gate_proj / w1 ...): a checkpoint holds one of them
+    roles = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+    projs = tuple(n for role in roles for n in role)
     # only patterns that can match one of these names count (a compressed-tensors ignore list names every layer's
     # other modules: E x 6 names x 60 patterns took 25 s over DeepSeek-V3's blocks; review of round 56)
     vocab = {w for pre in plan.ckpt_prefixes for w in pre.split(".")} | {"experts", *projs} | {
         str(e) for e in range(plan.num_experts)}
-    fit = replace(fmt, ignore=tuple(p for p in fmt.ignore if _may_match(p, vocab)))
+    fit = replace(fmt, ignore=tuple(p for p in fmt.ignore if _may_match(p, vocab)),
+                  targets=tuple(t for t in fmt.targets if t == "Linear" or _may_match(t, vocab)))
     if not fit.ignore and "Linear" in fit.targets:
         return fmt
+    # a projection is quantised when a target matches one of its names (or the fused stack's: round 63, targets
+    # naming the per-expert modules, as compressed-tensors matches them, built the layer full precision and the
+    # load blamed the checkpoint) and no ignore pattern matches any
+    every = fmt.applies_to(fused)
     kept: dict[int, list[str]] = {}  # expert -> its projections left in full precision
     for e in range(plan.num_experts):
-        out = [p for p in projs if not all(fit.applies_to(f"{pre}experts.{e}.{p}") for pre in plan.ckpt_prefixes)]
+        names = [[f"{pre}experts.{e}.{p}" for pre in plan.ckpt_prefixes for p in role] for role in roles]
+        out = [role[0] for role, ns in zip(roles, names) if any(fit.is_ignored(n) for n in ns) or not (
+            every or any(fit.targets_match(n) for n in ns))]
         if out:
             kept[e] = out
     if not kept:
         return fmt
-    if len(kept) == plan.num_experts and all(len(v) == len(projs) for v in kept.values()):
+    if len(kept) == plan.num_experts and all(len(v) == len(roles) for v in kept.values()):
         return None
     ids = sorted(kept)
-    shown = ", ".join(f"{e}" + ("" if len(kept[e]) == len(projs) else f" ({'/'.join(kept[e])})") for e in ids[:16])
+    shown = ", ".join(f"{e}" + ("" if len(kept[e]) == len(roles) else f" ({'/'.join(kept[e])})") for e in ids[:16])
     more = f" and {len(ids) - 16} more" if len(ids) > 16 else ""
     raise NotImplementedError(
-        f"{plan.name}: modules_to_not_convert / ignore keeps routed experts {shown}{more} ({len(ids)} of "
+        f"{plan.name}: the quantization config (targets, modules_to_not_convert / ignore) keeps routed experts "
+        f"{shown}{more} ({len(ids)} of "
         f"{plan.num_experts}) in full precision and the others in {fmt.name}: moekit holds one format per layer "
         "(exclude all of the block's experts or none)")
 

@@ -107,8 +107,11 @@ class WeightFormat:
 
     def applies_to(self, module_name: str) -> bool:
         """True when ``module_name`` is quantised: it matches a target and no ignore pattern."""
-        hit = any(t == "Linear" or _name_matches(t, module_name) for t in self.targets)
-        return hit and not self.is_ignored(module_name)
+        return self.targets_match(module_name) and not self.is_ignored(module_name)
+
+    def targets_match(self, module_name: str) -> bool:
+        """True when a target names ``module_name`` (``"Linear"``: every linear)."""
+        return any(t == "Linear" or _name_matches(t, module_name) for t in self.targets)
 
     # ---- shapes
     @staticmethod
@@ -129,12 +132,14 @@ class WeightFormat:
         return (e, hidden, inter // self.k_group)
 
     def bytes_per_expert(self, inter: int, hidden: int, gated: bool = True) -> int:
-        """Bytes of one expert's w13 + w2 and their scales (``scale_dtype`` for the scales)."""
+        """Bytes of one expert's w13 + w2 and their scales as a layer holds them: float scales in float32 (int4's
+        ship bf16; round 63: counted bf16, below what the layer holds and the kernels read), e8m0 bytes as bytes."""
+        held = torch.float32 if self.scale_dtype.is_floating_point else self.scale_dtype
         shapes = (
             (self.w13_shape(1, inter, hidden, gated), self.weight_dtype),
             (self.w2_shape(1, inter, hidden, gated), self.weight_dtype),
-            (self.w13_scale_shape(1, inter, hidden, gated), self.scale_dtype),
-            (self.w2_scale_shape(1, inter, hidden, gated), self.scale_dtype),
+            (self.w13_scale_shape(1, inter, hidden, gated), held),
+            (self.w2_scale_shape(1, inter, hidden, gated), held),
         )
         return sum(math.prod(s) * d.itemsize for s, d in shapes)
 
