@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import moekit
+
 from moekit.benchmarking import EXTRA_MODELS, MODELS, TOKENS
 from moekit.benchmarking import bench as bench_mod
 from moekit.benchmarking import eager as eager_mod
@@ -40,8 +42,9 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-def hand_bytes(m, fmt: str, group: int = 32) -> int:
-    """One expert's bytes, by hand: weights of w13 (2I x H gated) and w2 (H x I), their scales, bf16 biases."""
+def hand_bytes(m, fmt: str, group: int = 32, int4_scale: int = 4) -> int:
+    """One expert's bytes, by hand: weights of w13 (2I x H gated) and w2 (H x I), their scales, bf16 biases
+    (``int4_scale``: bytes of an int4 scale, 4 as a layer holds them; 2 in runs before round 63)."""
     g = 2 if m.gated else 1
     w = (g * m.I + m.I) * m.H  # values
     bias = (g * m.I + m.H) * 2 if m.has_bias else 0
@@ -53,8 +56,8 @@ def hand_bytes(m, fmt: str, group: int = 32) -> int:
         return w + 4 * (g * m.I + m.H) + bias
     if fmt == "mxfp4":  # two codes a byte, one uint8 e8m0 scale per 32 along k
         return w // 2 + w // 32 + bias
-    if fmt == "int4":  # eight codes per int32, one bf16 scale per group along k
-        return w // 2 + 2 * (w // group) + bias
+    if fmt == "int4":  # eight codes per int32, one scale per group along k (held float32: round 63)
+        return w // 2 + int4_scale * (w // group) + bias
     raise ValueError(fmt)
 
 
@@ -90,12 +93,14 @@ def test_gpt_oss_fp8_partial_blocks_counted_in_full():
     (Int4GroupFormat(128), 256, 1024),
 ])
 def test_bytes_per_expert_is_what_quantize_experts_stores(fmt, inter, hidden):
-    # edge: the roofline's bytes are the tensors the kernels read (weights + scales, the dtypes quantize_experts
-    # makes: int4's scales in the weights' bf16), not the format's nominal bits
+    # edge: the roofline's bytes are the tensors the kernels read (weights + scales as a layer holds them: float
+    # scales in float32, int4's too, which quantize_experts makes in the weights' bf16; round 63), not the format's
+    # nominal bits
     torch.manual_seed(0)
     w13 = torch.randn(1, 2 * inter, hidden, dtype=torch.bfloat16)
     w2 = torch.randn(1, hidden, inter, dtype=torch.bfloat16)
-    stored = sum(t.numel() * t.element_size() for t in quantize_experts(w13, w2, fmt))
+    q = quantize_experts(w13, w2, fmt)
+    stored = sum(t.nbytes for t in q[:2]) + sum(t.numel() * (4 if t.is_floating_point() else 1) for t in q[2:])
     assert stored == fmt.bytes_per_expert(inter, hidden)
 
 
@@ -286,8 +291,9 @@ def test_committed_rows_obey_the_formula():
             m = m.replace(Z=0) if r["model"].endswith("-nozero") else m
             t = r["tokens"]
             routing = t * m.K * 8 if r["impl"] == "moekit-experts" else t * (m.E + m.Z) * 4
-            want = r["unique_experts"] * hand_bytes(m, r["quant"]) + 4 * t * m.H + routing
-            assert r["bytes"] == pytest.approx(want, rel=1e-3), (path.name, r["model"], t, r["impl"])
+            want = [r["unique_experts"] * hand_bytes(m, r["quant"], int4_scale=b) + 4 * t * m.H + routing
+                    for b in (4, 2)]  # (int4's scales: float32 from round 63, bf16 before)
+            assert any(r["bytes"] == pytest.approx(w, rel=1e-3) for w in want), (path.name, r["model"], t, r["impl"])
             checked += 1
     if checked == 0:
         pytest.skip("no committed bench JSON with roofline columns")
@@ -302,3 +308,26 @@ def test_a_run_on_another_gpu_than_the_peer_says_so():
     assert "the peer ran on NVIDIA H200, this run on NVIDIA H100 80GB HBM3" in text
     text, _ = compare.report([dict(r, device="NVIDIA H200") for r in _sweep()], base)
     assert "the peer ran on" not in text
+
+
+# -- round 63's audit --------------------------------------------------------------------------------------------------
+def test_a_point_just_below_a_roofline_target_fails():
+    # edge: pct_roofline is stored rounded to 0.1, so 84.96 % passed "≥ 85"; the report recomputes it from the floor
+    floor, us = 100.0, 100.0 / 0.8496
+    rows = [dict(model="mixtral-8x7b", tokens=8, impl="moekit", quant=q, us=u, pct_roofline=round(100 * floor / u, 1),
+                 floor_us=floor, tflops=1.0) for q, u in (("bf16", 2 * us), ("fp8", us))]
+    text, _ = compare.report(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| mixtral-8x7b | 8 |"))
+    assert "≥ 85 ✗" in line
+
+
+def test_the_bench_times_int4_scales_as_a_layer_holds_them():
+    # edge: the bench fed the kernels quantize_experts' bf16 int4 scales; a quantised layer holds (reads) float32
+    from moekit.benchmarking.bench_quant import quantized_weights
+    layer = moekit.FusedMoE(4, 2, 256, 128, params_dtype=torch.bfloat16, backend="torch")
+    layer.load_expert_weights(torch.randn(4, 256, 256), torch.randn(4, 256, 128))
+    q = quantized_weights(layer, "int4", {})
+    ref = moekit.FusedMoE(4, 2, 256, 128, params_dtype=torch.bfloat16, backend="torch",
+                          quant_config=Int4GroupFormat(32))
+    assert [t.dtype for t in q[2:]] == [ref.routed_experts.w13_scale.dtype, ref.routed_experts.w2_scale.dtype]
+    assert q[2].dtype == torch.float32

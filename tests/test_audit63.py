@@ -263,8 +263,10 @@ def test_the_torch_paths_scratch_stays_under_the_workspace(h, i, k, dtype, hot, 
     g = torch.Generator().manual_seed(0)
     t, e, ws = 2048, 4, 16 * 2**20
     x = torch.randn(t, h, generator=g).to(dtype)
-    w13, w2 = (torch.randn(e, 2 * i, h, generator=g) * 0.1).to(dtype), (torch.randn(e, h, i, generator=g) * 0.1).to(dtype)
-    biases = dict(w1_bias=torch.randn(e, 2 * i, generator=g).to(dtype), w2_bias=torch.randn(e, h, generator=g).to(dtype))
+    w13 = (torch.randn(e, 2 * i, h, generator=g) * 0.1).to(dtype)
+    w2 = (torch.randn(e, h, i, generator=g) * 0.1).to(dtype)
+    biases = dict(w1_bias=torch.randn(e, 2 * i, generator=g).to(dtype),
+                  w2_bias=torch.randn(e, h, generator=g).to(dtype))
     ids = (torch.zeros(t, k) if hot else torch.randint(0, e, (t, k), generator=g)).int()
     w = torch.rand(t, k, generator=g) + 0.1
     scratch, out = _peak_scratch(lambda: fused_experts_torch(x, w13, w2, w, ids, workspace_bytes=ws,
@@ -274,3 +276,65 @@ def test_the_torch_paths_scratch_stays_under_the_workspace(h, i, k, dtype, hot, 
     tol = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3}.get(dtype, 1e-2)  # (SPEC §9's torch path)
     rel = float((out.double() - one.double()).norm() / one.double().norm())  # relative RMS: CPU GEMM blocking only
     assert rel <= tol, rel
+
+
+def test_a_public_function_on_the_torch_backend_compiles_fullgraph():
+    # the edge: kernels_for's lru_cache was traced into the table's construction (inspect.signature): no fullgraph
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(5, 32, generator=g), torch.randn(5, 8, generator=g)
+    w1, w2 = torch.randn(8, 32, 32, generator=g) * 0.2, torch.randn(8, 32, 16, generator=g) * 0.2
+
+    def step(x, logits):
+        w, ids, _ = moekit.fused_topk(x, logits, 2, True, backend="torch")
+        return moekit.fused_experts(x, w1, w2, w, ids, backend="torch")
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x, logits)
+    torch.testing.assert_close(out, step(x, logits))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_compiled_hash_routing_marks_invalid_ids_nan(backend):
+    # the edge: compiled, the torch path read row -1 (the table's last) for an id of -1, and raised IndexError past it
+    g = torch.Generator().manual_seed(0)
+    table = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(50)])
+    layer = moekit.FusedMoE(8, 2, 32, 16, params_dtype=torch.float32, backend=backend, hash_indices_table=table)
+    table[7] = torch.tensor([1, 9])  # a row holding an id past E (the table is kept by reference: changed in place)
+    layer.load_expert_weights(torch.randn(8, 32, 32, generator=g) * 0.2, torch.randn(8, 32, 16, generator=g) * 0.2)
+    x, logits = torch.randn(4, 32, generator=g), torch.randn(4, 8, generator=g)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        out = compiled(x, logits, input_ids=torch.tensor([1, -1, 50, 7]))
+        ref = layer(x[:1], logits[:1], input_ids=torch.tensor([1]))
+    assert out[1:].isnan().all() and torch.allclose(out[:1], ref)
+    with pytest.raises(ValueError, match="input_ids"):
+        layer(x, logits, input_ids=torch.tensor([1, -1, 3, 4]))  # eager: refused
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_layer_runs_under_fake_tensor_mode(backend):
+    # the edge: the value checks read fake tensors' values (fake tensors report a real device): shape inference failed
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    layer = moekit.FusedMoE(8, 2, 32, 16, params_dtype=torch.float32, backend=backend,
+                            hash_indices_table=torch.randint(0, 8, (20, 2)))
+    layer.load_expert_weights(torch.randn(8, 32, 32) * 0.2, torch.randn(8, 32, 16) * 0.2)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = layer(torch.empty(6, 32), torch.empty(6, 8), input_ids=torch.zeros(6, dtype=torch.long))
+    assert out.shape == (6, 32)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_symbolic_swiglu_limit_compiles(backend):
+    # the edge: under dynamic=True the float is a SymFloat and the re-validation (math.isfinite) failed the trace
+    g = torch.Generator().manual_seed(0)
+    x, w1 = torch.randn(5, 32, generator=g), torch.randn(8, 32, 32, generator=g) * 0.2
+    w2 = torch.randn(8, 32, 16, generator=g) * 0.2
+    w, ids = torch.rand(5, 2, generator=g), torch.randint(0, 8, (5, 2), generator=g)
+
+    def step(s):
+        return moekit.fused_experts(x, w1, w2, w, ids, activation="swigluoai", swiglu_limit=s * 2.8, backend=backend)
+
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)(2.5)
+    torch.testing.assert_close(out, step(2.5))

@@ -41,7 +41,11 @@ def check_bool(name: str, value) -> bool:
 def check_real(name: str, value, *, finite: bool = True, positive: bool = False, float32: bool = False) -> float:
     """An int or float (not a bool, str or None), finite unless ``finite=False``, > 0 with ``positive``; with
     ``float32``, a normal float32 magnitude too (a factor the kernels apply in float32: round 61, 1e39 became inf and
-    1e-50 became 0 there, a NaN or erased output); returned as a float."""
+    1e-50 became 0 there, a NaN or erased output); returned as a float. Not checked while compiling (round 63: under
+    ``dynamic=True`` the number is symbolic, and ``math.isfinite`` of it failed the trace; the eager front and the
+    layer's construction check it)."""
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
     if finite and not math.isfinite(value):
@@ -149,11 +153,20 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 
 
 def host_sync_allowed() -> bool:
-    """False while ``torch.compile`` traces or the current CUDA stream is capturing a graph: then a
-    check that reads values on the host (a synchronisation, data-dependent control flow) cannot run."""
-    if torch.compiler.is_compiling():
+    """False while ``torch.compile`` traces, the current CUDA stream is capturing a graph, or a ``FakeTensorMode`` is
+    active (round 63: fake tensors report a real device, and a check reading their values failed): then a check
+    that reads values on the host (a synchronisation, data-dependent control flow) cannot run."""
+    if torch.compiler.is_compiling() or _fake_mode_active():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _fake_mode_active() -> bool:
+    """Whether a ``FakeTensorMode`` is on the dispatch stack (torch's private query, where this build has it)."""
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    except AttributeError:  # pragma: no cover (an older torch without it: fake modes are not detected)
+        return False
 
 
 def values_checkable(t: torch.Tensor) -> bool:

@@ -148,7 +148,9 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        late = _compiled_for_gpu()
+        # (not re-checked while compiling: the eager call or the layer's construction did; round 63: dynamo's trace
+        # of the module scan diverged under dynamic=True)
+        late = None if torch.compiler.is_compiling() else _compiled_for_gpu()
         if late is not None:
             return (f"TRITON_INTERPRET=1 was set after {late} imported, which made its @triton.jit functions GPU code "
                     "(Triton reads TRITON_INTERPRET when a function is defined, and the interpreter cannot call GPU "
@@ -244,16 +246,25 @@ def _triton_kernels() -> Kernels:
         route_limits=(MAX_EXPERTS, MAX_TOP_K)))
 
 
-@functools.lru_cache(maxsize=None)
+#: the tables built so far, by backend name: a plain dict, which ``torch.compile`` reads as a constant (round 63:
+#: ``functools.lru_cache`` is traced through, into the table's construction, so a compiled ``fullgraph`` call of a
+#: public function on the torch backend failed); "torch" is built here, "triton" (an optional import) at first use
+_TABLES: dict[str, Kernels] = {}
+
+
 def kernels_for(name: str) -> Kernels:
-    """The table of a resolved backend name ("torch" or "triton")."""
-    if name == "torch":
-        return _torch_kernels()
-    if name == "triton":
-        return _triton_kernels()
-    raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+    """The table of a resolved backend name ("torch" or "triton"), built once."""
+    table = _TABLES.get(name)
+    if table is not None:
+        return table
+    if name not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+    return _TABLES.setdefault(name, _torch_kernels() if name == "torch" else _triton_kernels())
 
 
 def resolve_kernels(backend: str, device, *, quiet: bool = False) -> Kernels:
     """:func:`resolve_backend` then the table of that backend."""
     return kernels_for(resolve_backend(backend, device, quiet=quiet))
+
+
+kernels_for("torch")  # (built at import: a first call while compiling finds it in ``_TABLES``)

@@ -173,6 +173,19 @@ def hash_route_torch(
     return weights, ids.to(indices_type or torch.int32)
 
 
+def hash_route_masked(gating_output, table, input_ids, spec: TopKSpec, indices_type=None):
+    """Hash routing where the ids cannot be checked on the host (compiling, capturing): a token whose ``input_ids``
+    entry is outside the table's rows, or whose table row holds an id outside ``[0, E)``, takes id 0 with NaN weights
+    (visible in its output) instead of a wrapped-around row or an out-of-bounds gather (round 63: the torch path
+    read row -1, the last, silently). input_ids: [T] integer."""
+    vocab, e = table.shape[0], gating_output.shape[1]
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    picked = table[input_ids.long().masked_fill(bad, 0)].long()
+    bad = bad | ((picked < 0) | (picked >= e)).any(1)
+    w, ids = hash_route_torch(gating_output, picked.masked_fill(bad.unsqueeze(1), 0), spec, indices_type)
+    return w.masked_fill(bad.unsqueeze(1), float("nan")), ids
+
+
 # -- the torch kernel table's functions: inputs validated by the caller; values checked here -------------
 
 def route_reference(gating_output, spec: TopKSpec, bias, indices_type, *, logits_name: str = "router_logits"):
@@ -193,8 +206,9 @@ def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indice
     gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
     """
     input_ids = input_ids.reshape(-1)
-    if host_sync_allowed():
-        check_input_ids_range(input_ids, table.shape[0], name=ids_name)
+    if not host_sync_allowed():  # (round 63: a wrapped-around row for an id of -1, an IndexError past the table)
+        return hash_route_masked(gating_output, table, input_ids, spec, indices_type)
+    check_input_ids_range(input_ids, table.shape[0], name=ids_name)
     check_finite(logits_name, gating_output)
     return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
 

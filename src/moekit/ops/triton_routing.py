@@ -29,7 +29,8 @@ import triton
 from ._device import KERNEL_OPTIONS, pdl_ok
 from ._eager import direct_call_ok, unit_rows
 from ._triton.topk import SCORE_CODES, route_kernel
-from .routing import TopKSpec, check_input_ids_range, check_table_ids, hash_route_torch, host_sync_allowed
+from .routing import (TopKSpec, check_input_ids_range, check_table_ids, hash_route_masked, hash_route_torch,
+                      host_sync_allowed)
 
 #: largest expert count one program holds in registers
 MAX_EXPERTS = 4096
@@ -76,10 +77,7 @@ def hash_route_triton(gating_output: torch.Tensor, table: torch.Tensor, input_id
         picked = table[input_ids.long()]  # (round 63: an id of the table past E reached the gather: a device assert)
         check_table_ids(picked, gating_output.shape[1])
         return hash_route_torch(gating_output, picked, spec, indices_type)
-    bad = (input_ids < 0) | (input_ids >= vocab)
-    rows = input_ids.long().masked_fill(bad, 0)
-    w, ids = hash_route_torch(gating_output, table[rows], spec, indices_type)
-    return w.masked_fill(bad.unsqueeze(1), float("nan")), ids
+    return hash_route_masked(gating_output, table, input_ids, spec, indices_type)
 
 
 @torch.library.custom_op("moekit::route", mutates_args=())
