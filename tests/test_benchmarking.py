@@ -177,3 +177,23 @@ def test_back_to_back_host_and_wall(monkeypatch):
     times = iter([0.0, 4e-4, 4e-4])
     monkeypatch.setattr(eager.time, "perf_counter", lambda: next(times))
     assert eager.back_to_back(lambda: None, [()], 4, cuda=False) == (100.0, 100.0) and syncs == [1]  # no sync
+
+
+def test_the_baseline_runs_the_real_slots_only(monkeypatch):
+    # round 63: LongCat's zero slots went through expert 0's grouped GEMMs (~1.5x the real rows): the baseline did
+    # work moekit's align step drops, which inflated the "x over the baseline" ratios
+    m = MODELS["longcat-flash"].replace(**TINY["longcat-flash"])
+    layer = build_layer(m, torch.float32, torch.device("cpu"), backend="torch")
+    x, logits = torch.randn(64, m.H), torch.randn(64, m.E + m.Z)
+    rows, gmm = [], torch._grouped_mm
+
+    def counting(a, b, offs=None, **kw):
+        rows.append(int(offs[-1]))
+        return gmm(a, b, offs=offs, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    with torch.no_grad():
+        got = baseline_forward(layer, m, x, logits)
+        want = layer(x, logits)
+    assert len(rows) == 2 and rows[0] == rows[1] < 64 * m.K  # both GEMMs over the real slots only
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -34,28 +34,31 @@ def baseline_forward(layer, m: ModelShape, x, logits):
         w = w / w.sum(-1, keepdim=True)
     w = w * m.scale
     zero = None
-    if z:
+    if z:  # zero slots: key E, sorted last, past the last group's offset (round 63: they went through expert 0's
+        # GEMMs, ~1.5x the rows of LongCat's real slots, work moekit's align step drops)
         is_zero = ids >= e
         zero = x.float() * torch.where(is_zero, w, 0.0).sum(-1, keepdim=True)
         w = w.masked_fill(is_zero, 0.0)
-        ids = ids.masked_fill(is_zero, 0)
+        ids = ids.masked_fill(is_zero, e)
     flat = ids.reshape(-1)
     order = torch.argsort(flat)
-    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))[:e]
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)  # (the grouped GEMMs leave the rows past offs[-1] unwritten)
     xs = x[order // k]
+    expert = flat[order].clamp(max=e - 1)
     h = torch._grouped_mm(xs, re.w13_weight.transpose(1, 2), offs=offs)
     if re.w13_bias is not None:
-        h = h + re.w13_bias[flat[order]]
+        h = h + re.w13_bias[expert]
     from ..ops.activation import apply_activation_torch
 
     a = apply_activation_torch(h, m.act, layer.moe_config.swiglu_limit).to(x.dtype)
     o = torch._grouped_mm(a, re.w2_weight.transpose(1, 2), offs=offs)
     if re.w2_bias is not None:
-        o = o + re.w2_bias[flat[order]]
+        o = o + re.w2_bias[expert]
+    live = (flat[order] < e).unsqueeze(1)  # (a zero slot's row holds whatever the GEMM left: not multiplied by 0)
     slot_out = torch.empty(flat.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    slot_out[order] = o.float() * w.reshape(-1)[order, None]
+    slot_out[order] = torch.where(live, o.float() * w.reshape(-1)[order, None], 0.0)
     out = slot_out.view(x.shape[0], k, -1).sum(1)
     if zero is not None:
         out = out + zero
