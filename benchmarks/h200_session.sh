@@ -335,8 +335,8 @@ u.find_spec('kernels'))"
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
     step r63-tests 200 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
       tests/test_audit62.py tests/ops/test_audit62_grad.py tests/test_audit61_review.py tests/ops/test_experts_grad.py \
-      tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel tests/test_audit63.py tests/routing \
-      tests/ops/test_triton_routing.py tests/ops/test_hash_route.py
+      tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel tests/test_audit63.py \
+      tests/routing tests/ops/test_triton_routing.py tests/ops/test_hash_route.py
     tail -3 "$OUT"/r63-tests.log
     step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
       tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"

@@ -144,8 +144,11 @@ def test_sigmoid_scores_have_the_sigmoids_gradient_at_zero():
     ref = x.detach().clone().requires_grad_(True)
     torch.sigmoid(ref).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-12)
-    y = torch.linspace(-90, 90, 2001)
-    assert torch.equal(compute_scores(y[None], "sigmoid")[0], compute_scores(y[None], "sigmoid")[0])
+    edges = torch.tensor([0.0, -0.0, 1e-40, -1e-40, float("inf"), -float("inf")])
+    y = torch.cat([torch.linspace(-120, 120, 4001), edges])
+    z = torch.exp(-y.abs())  # the forward before the change: bit for bit the same scores
+    before = torch.where(y >= 0, (z + 1.0).reciprocal(), z / (z + 1.0))
+    assert torch.equal(compute_scores(y[None], "sigmoid")[0], before)
 
 
 @pytest.mark.interpreter
@@ -251,23 +254,28 @@ def _peak_scratch(fn) -> tuple[int, torch.Tensor]:
 
 
 @pytest.mark.parametrize("h, i, k, dtype, hot, bias", [
-    (2048, 64, 8, torch.float32, True, False),  # a hot expert (every slot on one): the old count's worst, 1.89x
+    (2048, 64, 8, torch.float32, True, False),  # a token's every slot on one expert: the old count's worst, 1.89x
     (2048, 64, 8, torch.bfloat16, True, True),  # with biases (o + b2: one more [n, H] buffer)
     (4096, 32, 1, torch.float16, True, False),  # fp16 (every operand upcast to f32)
     (512, 512, 8, torch.float32, False, True),  # spread over the experts, a wide I
     (1024, 64, 4, torch.float64, True, False),  # float64 (twice the bytes)
+    (2048, 64, 8, torch.float32, "distinct", False),  # a router's distinct ids, expert 0 in every token: larger chunks
 ])
 def test_the_torch_paths_scratch_stays_under_the_workspace(h, i, k, dtype, hot, bias):
     # the edge: the chunk size counted K (2H + 3I) f32 per token, the peak reached 1.9x workspace_bytes
     from moekit.ops.experts import fused_experts_torch
     g = torch.Generator().manual_seed(0)
-    t, e, ws = 2048, 4, 16 * 2**20
+    t, e, ws = 2048, 16 if hot == "distinct" else 4, 16 * 2**20
     x = torch.randn(t, h, generator=g).to(dtype)
     w13 = (torch.randn(e, 2 * i, h, generator=g) * 0.1).to(dtype)
     w2 = (torch.randn(e, h, i, generator=g) * 0.1).to(dtype)
     biases = dict(w1_bias=torch.randn(e, 2 * i, generator=g).to(dtype),
                   w2_bias=torch.randn(e, h, generator=g).to(dtype))
-    ids = (torch.zeros(t, k) if hot else torch.randint(0, e, (t, k), generator=g)).int()
+    if hot == "distinct":
+        ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(e - 1, generator=g)[:k - 1]])
+                           for _ in range(t)]).int()
+    else:
+        ids = (torch.zeros(t, k) if hot else torch.randint(0, e, (t, k), generator=g)).int()
     w = torch.rand(t, k, generator=g) + 0.1
     scratch, out = _peak_scratch(lambda: fused_experts_torch(x, w13, w2, w, ids, workspace_bytes=ws,
                                                              **(biases if bias else {})))
@@ -338,3 +346,27 @@ def test_a_symbolic_swiglu_limit_compiles(backend):
     torch._dynamo.reset()
     out = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)(2.5)
     torch.testing.assert_close(out, step(2.5))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_table_changed_in_place_past_e_is_refused_eagerly(backend):
+    # the edge (the round's review): the table is kept by reference; an id past E written after construction reached
+    # the gather on the torch path (IndexError) while the Triton path named it
+    table = torch.randint(0, 8, (20, 2), generator=torch.Generator().manual_seed(0))
+    layer = moekit.FusedMoE(8, 2, 32, 16, params_dtype=torch.float32, backend=backend, hash_indices_table=table)
+    layer.load_expert_weights(torch.randn(8, 32, 32) * 0.2, torch.randn(8, 32, 16) * 0.2)
+    table[3] = torch.tensor([2, 9])
+    with pytest.raises(ValueError, match=r"hash_indices_table values must lie in \[0, 8\), got \[2, 9\]"):
+        layer(torch.randn(2, 32), torch.randn(2, 8), input_ids=torch.tensor([3, 3]))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -2.0])
+def test_a_compiled_public_function_still_checks_its_numbers(scale):
+    # the edge (the round's review of the first fix): skipping the checks while compiling let a NaN or negative
+    # scaling factor through; finiteness is now written as comparisons, which a trace of a symbolic float takes
+    x, logits, bias = torch.randn(3, 16), torch.randn(3, 8), torch.zeros(8)
+    torch._dynamo.reset()
+    step = torch.compile(lambda s: moekit.fused_topk_bias(x, logits, bias, 2, True, "sigmoid", s, backend="torch"),
+                         backend="aot_eager")
+    with pytest.raises(Exception, match="routed_scaling_factor must be"):
+        step(scale)

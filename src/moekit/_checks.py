@@ -41,14 +41,11 @@ def check_bool(name: str, value) -> bool:
 def check_real(name: str, value, *, finite: bool = True, positive: bool = False, float32: bool = False) -> float:
     """An int or float (not a bool, str or None), finite unless ``finite=False``, > 0 with ``positive``; with
     ``float32``, a normal float32 magnitude too (a factor the kernels apply in float32: round 61, 1e39 became inf and
-    1e-50 became 0 there, a NaN or erased output); returned as a float. Not checked while compiling (round 63: under
-    ``dynamic=True`` the number is symbolic, and ``math.isfinite`` of it failed the trace; the eager front and the
-    layer's construction check it)."""
-    if torch.compiler.is_compiling():
-        return value
+    1e-50 became 0 there, a NaN or erased output); returned as a float. Finiteness as comparisons, not
+    ``math.isfinite``, which fails a trace of a symbolic float (round 63: ``torch.compile(dynamic=True)``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
-    if finite and not math.isfinite(value):
+    if finite and not (value == value and abs(value) != math.inf):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import moekit
+from moekit.ops import routing as routing_ops
 from moekit.ops import triton_routing
 from moekit.ops.kernels import kernels_for
 from moekit.ops.routing import TopKSpec
@@ -64,7 +65,8 @@ def test_layer_invalid_input_ids_raise(backend):
 
 def test_triton_policy_while_capturing(monkeypatch):
     # no host synchronisation possible: the bad token keeps valid ids (row 0) and gets NaN weights
-    monkeypatch.setattr(triton_routing, "host_sync_allowed", lambda: False)
+    # (round 63: both tables' hash routing reads the switch in moekit.ops.routing, hash_route_checked)
+    monkeypatch.setattr(routing_ops, "host_sync_allowed", lambda: False)
     logits, table, input_ids = _case()
     input_ids[1], input_ids[4] = -1, VOCAB
     w, ids = triton_routing.hash_route_triton(logits, table, input_ids, TopKSpec(K, "softmax", True), None)

@@ -23,6 +23,17 @@ def fill_unset(experts) -> None:
             t.fill_(unset_value(experts.specs[name], quantised))
 
 
+def writable(experts, name: str) -> torch.Tensor:
+    """``experts.<name>`` for a load to write into; ``TypeError`` where a parametrization
+    (``torch.nn.utils.parametrize``) computes it: the write would land in a computed tensor and be lost (round 63:
+    the layer then counted it loaded and ran on the never-written values)."""
+    if name in getattr(experts, "parametrizations", ()):
+        raise TypeError(f"{name} of {type(experts).__name__} is parametrized (torch.nn.utils.parametrize), so a load "
+                        f"cannot write it; load the weights before registering the parametrization, or load a state "
+                        f"dict holding its 'parametrizations.{name}.original' entry")
+    return getattr(experts, name)
+
+
 #: what :func:`values_sample` takes of each tensor (its first elements)
 _SAMPLE = 64
 

@@ -349,17 +349,6 @@ def check_assigned_dtypes(experts, state_dict: dict, prefix: str) -> None:
                             f"one float dtype (a load without assign=True converts them)")
 
 
-def writable(experts, name: str) -> torch.Tensor:
-    """``experts.<name>`` for a load to write into; ``TypeError`` where a parametrization (``torch.nn.utils.parametrize``)
-    computes it: the write would land in a computed tensor and be lost (round 63: the layer then counted it loaded
-    and ran on the never-written values)."""
-    if name in getattr(experts, "parametrizations", ()):
-        raise TypeError(f"{name} of {type(experts).__name__} is parametrized (torch.nn.utils.parametrize), so a load "
-                        f"cannot write it; load the weights before registering the parametrization, or load a state "
-                        f"dict holding its 'parametrizations.{name}.original' entry")
-    return getattr(experts, name)
-
-
 #: what a wrong shape given to ``load_expert_weights`` is told (a TP or EP rank's share is a common mistake)
 GLOBAL_HINT = ("; load_expert_weights takes the global tensors (every expert, the full intermediate size I), and each "
                "rank takes its own share from them")

@@ -36,12 +36,12 @@ from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
 from .loaded_record import (InputScales, LoadedRecord, fill_unset, state_loaded, unset_value, values_kept,
-                            values_sample)
+                            values_sample, writable)
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
 from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check_state_tensors, check_tp_split,
-                     expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored, writable)
+                     expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
 from .placement_state import incoming_placement, maps_rebuilt, placement_saved
 

@@ -172,7 +172,8 @@ def stack_sources(stacks: dict, spec: ArchSpec, plan: LayerPlan) -> dict[str, li
         src = {"w13_weight": [stacks.get("experts.gate_up_proj", stacks.get("experts.up_proj"))],
                "w2_weight": [stacks["experts.down_proj"]]}
         if plan.has_bias:
-            src.update(w13_bias=[stacks.get("experts.gate_up_proj_bias")], w2_bias=[stacks.get("experts.down_proj_bias")])
+            src.update(w13_bias=[stacks.get("experts.gate_up_proj_bias")],
+                       w2_bias=[stacks.get("experts.down_proj_bias")])
     if spec.appended_experts:
         g, u, d = (stacks[n] for n in spec.appended_experts)
         src["w13_weight"] += [g, u]

@@ -130,9 +130,8 @@ def activation_from_hf(hidden_act) -> str:
 
 
 def check_swiglu_limit(activation: str, swiglu_limit) -> None:
-    """A limit must be a positive number, and only gated activations take one (``ValueError``). Not checked while
-    compiling (round 63: ``dynamic=True`` makes it symbolic; it was checked at construction or on the eager front)."""
-    if swiglu_limit is None or torch.compiler.is_compiling():
+    """A limit must be a positive number, and only gated activations take one (``ValueError``)."""
+    if swiglu_limit is None:
         return
     if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) or not swiglu_limit > 0:
         raise ValueError(f"swiglu_limit must be a positive float or None, got {swiglu_limit!r}")

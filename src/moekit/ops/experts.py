@@ -259,19 +259,24 @@ def experts_reference(
     check_expert_map_range(expert_map, p.num_local)
     if p.num_tokens == 0:
         return torch.empty_like(x)
-    # scratch per token, K slots (round 63: counted as the eager loop's peak, a hot expert's, ~1.9x the old count): the
-    # slot outputs [H] f32, the gathered input [H], then the larger of the activation phase (h [2I], its f32 upcast,
-    # the gate / up temporaries) and the output phase (o [H], its bias sum, the activation [I]); float64: twice
-    per_token = p.top_k * ((4 * p.hidden + 6 * p.inter) * (8 if x.dtype == torch.float64 else 4) + 16)
+    # scratch per token: its K slot outputs [H] f32 (kept for the top-k sum), and per row of one expert's call the
+    # gathered input [H], then the larger of the activation phase (h [2I], its f32 upcast, the gate / up temporaries)
+    # and the output phase (o [H], its bias sum, the activation [I]), f32 (float64: twice); one expert's call holds
+    # a token at most ``repeats`` times (round 63: a token's slots on one expert, repeated ids, reached 1.9x the old
+    # count; any router gives distinct ids: once)
+    acc = 8 if x.dtype == torch.float64 else 4
+    per_token = p.top_k * (acc * p.hidden + 16) + (4 * p.hidden + 6 * p.inter) * acc
     local_map = expert_map.long() if expert_map is not None else None
     if not host_sync_allowed():  # compiling or capturing a CUDA graph: the eager loop's host reads are refused
-        most = max(1, workspace_bytes // (per_token + (2 * p.inter + p.hidden) * 4))
+        dense = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16  # (the dense chunks' count, as before)
+        most = max(1, workspace_bytes // (dense + (2 * p.inter + p.hidden) * 4))
         # one guard (T <= most), not T itself: one graph serves every T up to the bound; above it, one per power of two
         # of the chunk count (the chunk loop below specialises on T: fullgraph compiles hit the recompile limit)
         return compiled_chunks(lambda xc, wc, ic: _experts_chunk_dense(
             xc, w1, w2, wc, ic, p, apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit),
             most, x, topk_weights, topk_ids)
     out = torch.empty_like(x)
+    per_token += (_repeats(topk_ids) - 1) * (4 * p.hidden + 6 * p.inter) * acc
     chunk = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)
@@ -282,8 +287,18 @@ def experts_reference(
     return out
 
 
+def _repeats(topk_ids) -> int:
+    """At most how many of one token's slots name one expert (an upper bound: 1 + its repeated ids; 1 for K = 1 and
+    for every router, whose ids are distinct). One host read."""
+    if topk_ids.shape[1] == 1:
+        return 1
+    ids = topk_ids.sort(dim=1).values
+    return 1 + int((ids[:, 1:] == ids[:, :-1]).sum(1).max())
+
+
 def _live_slots(topk_weights, topk_ids, local_map, on_input, dtype):
-    """(flat slot weights [Tc·K] f32 (f64 for a float64 ``dtype``, the activations'), local expert per slot [Tc·K] int64, live mask [Tc·K] bool)."""
+    """(flat slot weights [Tc·K] f32 (f64 for a float64 ``dtype``, the activations'), local expert per slot [Tc·K]
+    int64, live mask [Tc·K] bool)."""
     ids = topk_ids.reshape(-1).long()
     weights = topk_weights.reshape(-1).to(acc_dtype(dtype))
     local = local_map[ids] if local_map is not None else ids

@@ -175,15 +175,33 @@ def hash_route_torch(
 
 def hash_route_masked(gating_output, table, input_ids, spec: TopKSpec, indices_type=None):
     """Hash routing where the ids cannot be checked on the host (compiling, capturing): a token whose ``input_ids``
-    entry is outside the table's rows, or whose table row holds an id outside ``[0, E)``, takes id 0 with NaN weights
-    (visible in its output) instead of a wrapped-around row or an out-of-bounds gather (round 63: the torch path
-    read row -1, the last, silently). input_ids: [T] integer."""
+    entry is outside the table's rows takes row 0's ids, one whose table row holds an id outside ``[0, E)`` takes
+    ids 0, and both get NaN weights (visible in the output) instead of a wrapped-around row or an out-of-bounds
+    gather (round 63: the torch path read row -1, the last, silently). input_ids: [T] integer."""
     vocab, e = table.shape[0], gating_output.shape[1]
     bad = (input_ids < 0) | (input_ids >= vocab)
     picked = table[input_ids.long().masked_fill(bad, 0)].long()
-    bad = bad | ((picked < 0) | (picked >= e)).any(1)
-    w, ids = hash_route_torch(gating_output, picked.masked_fill(bad.unsqueeze(1), 0), spec, indices_type)
-    return w.masked_fill(bad.unsqueeze(1), float("nan")), ids
+    off_table = ((picked < 0) | (picked >= e)).any(1, keepdim=True)
+    w, ids = hash_route_torch(gating_output, picked.masked_fill(off_table, 0), spec, indices_type)
+    return w.masked_fill(bad.unsqueeze(1) | off_table, float("nan")), ids
+
+
+def hash_route_checked(gating_output, table, input_ids, spec: TopKSpec, indices_type=None, *,
+                       ids_name: str = "input_ids"):
+    """Hash routing, both tables' path: with host reads allowed, ``input_ids`` against the table's rows and the rows
+    they pick against ``[0, E)`` (``ValueError``; round 63: a table changed in place after its checks reached the
+    gather), else :func:`hash_route_masked`. input_ids: [T] integer."""
+    if not host_sync_allowed():
+        return hash_route_masked(gating_output, table, input_ids, spec, indices_type)
+    vocab, e = table.shape[0], gating_output.shape[1]
+    picked = table[input_ids.long().clamp(0, vocab - 1)]
+    if input_ids.numel():  # one host read for both ranges (the table's other values are checked where it is given)
+        lo, hi, low, high = torch.stack([*torch.aminmax(input_ids.long()), *torch.aminmax(picked.long())]).tolist()
+        _check_ids_span(ids_name, lo, hi, vocab)
+        if low < 0 or high >= e:
+            raise ValueError(f"hash_indices_table values must lie in [0, {e}), got [{low}, {high}] in the rows "
+                             f"these {ids_name} pick")
+    return hash_route_torch(gating_output, picked, spec, indices_type)
 
 
 # -- the torch kernel table's functions: inputs validated by the caller; values checked here -------------
@@ -205,12 +223,8 @@ def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indice
 
     gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
     """
-    input_ids = input_ids.reshape(-1)
-    if not host_sync_allowed():  # (round 63: a wrapped-around row for an id of -1, an IndexError past the table)
-        return hash_route_masked(gating_output, table, input_ids, spec, indices_type)
-    check_input_ids_range(input_ids, table.shape[0], name=ids_name)
-    check_finite(logits_name, gating_output)
-    return hash_route_torch(gating_output, table[input_ids.long()], spec, indices_type)
+    check_finite(logits_name, gating_output)  # (skipped where values cannot be read)
+    return hash_route_checked(gating_output, table, input_ids.reshape(-1), spec, indices_type, ids_name=ids_name)
 
 
 # -- argument checks (the public fronts run them once per call; routers at construction) ----------------
@@ -270,15 +284,6 @@ def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = Tr
     return table
 
 
-def check_table_ids(picked: torch.Tensor, num_experts: int) -> None:
-    """``ValueError`` unless the hash table's rows a call picked (``table[input_ids]``, [T, K]) hold ids in ``[0,
-    num_experts)``: the Triton path's check (one host read of T · K ids; the whole table is checked where the values
-    are: the torch path, a router's construction and loads)."""
-    if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= num_experts):
-        raise ValueError(f"hash_indices_table values must lie in [0, {num_experts}), got "
-                         f"[{int(picked.min())}, {int(picked.max())}] in the rows these input ids pick")
-
-
 def check_input_ids(input_ids, table: torch.Tensor, num_tokens: int, name: str = "input_ids") -> torch.Tensor:
     """Argument checks of hash routing's ``input_ids`` (no values read; errors call it ``name``: ``fused_topk_bias``
     names it ``input_tokens``); returns them flat, ``[T]``."""
@@ -300,12 +305,14 @@ def check_input_ids_range(input_ids: torch.Tensor, vocab: int, name: str = "inpu
     if input_ids.numel() == 0:
         return
     lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+    _check_ids_span(name, lo, hi, vocab)
+
+
+def _check_ids_span(name: str, lo: int, hi: int, vocab: int) -> None:
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"{name} must lie in [0, {vocab}) (rows of hash_indices_table), got {bad} "
-            f"(values span [{lo}, {hi}])"
-        )
+        raise ValueError(f"{name} must lie in [0, {vocab}) (rows of hash_indices_table), got {bad} "
+                         f"(values span [{lo}, {hi}])")
 
 
 def grouped_spec(topk, renormalize, num_expert_group, topk_group, scoring_func, routed_scaling_factor) -> TopKSpec:

@@ -29,8 +29,7 @@ import triton
 from ._device import KERNEL_OPTIONS, pdl_ok
 from ._eager import direct_call_ok, unit_rows
 from ._triton.topk import SCORE_CODES, route_kernel
-from .routing import (TopKSpec, check_input_ids_range, check_table_ids, hash_route_masked, hash_route_torch,
-                      host_sync_allowed)
+from .routing import TopKSpec, hash_route_checked
 
 #: largest expert count one program holds in registers
 MAX_EXPERTS = 4096
@@ -70,14 +69,7 @@ def hash_route_triton(gating_output: torch.Tensor, table: torch.Tensor, input_id
     gating_output: [T, E]; table: [V, K] integer in [0, E); input_ids: [T] integer
     returns topk_weights [T, K] float32, topk_ids [T, K] ``indices_type`` (default int32)
     """
-    input_ids = input_ids.reshape(-1)
-    vocab = table.shape[0]
-    if host_sync_allowed():
-        check_input_ids_range(input_ids, vocab, name=ids_name)
-        picked = table[input_ids.long()]  # (round 63: an id of the table past E reached the gather: a device assert)
-        check_table_ids(picked, gating_output.shape[1])
-        return hash_route_torch(gating_output, picked, spec, indices_type)
-    return hash_route_masked(gating_output, table, input_ids, spec, indices_type)
+    return hash_route_checked(gating_output, table, input_ids.reshape(-1), spec, indices_type, ids_name=ids_name)
 
 
 @torch.library.custom_op("moekit::route", mutates_args=())

@@ -11,9 +11,9 @@ NaN policy: for the selection a NaN logit, or a NaN selection score, is treated 
 consistently in the scores, the group scores and the selection — so the kernel always returns K
 distinct ids in ``[0, E)``; and a row holding a NaN logit gets NaN weights (all K), so that the NaN
 reaches the token's output instead of being routed around (a NaN hidden state under sigmoid scoring
-used to come out as exactly 0); so does every row where the selection bias holds a NaN (round 63: an in-place
-update of the bias to NaN routed around that expert silently). Weights computed from infinite logits may be NaN/inf too (softmax of a
-row holding ``+inf``), visibly. The validating torch path raises ``ValueError`` on non-finite logits.
+used to come out as exactly 0); so does every row where the selection bias holds a NaN (round 63: an
+in-place update of the bias to NaN routed around that expert silently). Weights computed from infinite
+logits may be NaN/inf too (softmax of a row holding ``+inf``), visibly. The validating torch path raises ``ValueError`` on non-finite logits.
 """
 
 from __future__ import annotations
