@@ -370,3 +370,27 @@ def test_a_compiled_public_function_still_checks_its_numbers(scale):
                          backend="aot_eager")
     with pytest.raises(Exception, match="routed_scaling_factor must be"):
         step(scale)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bad", [(1 << 32) + 1, -(1 << 32) + 2, 1 << 40])
+def test_an_int64_id_past_int32_is_a_dead_slot_on_triton(bad):
+    # the edge: the align step cast the id to 32 bits before its range test, so 2^32 + 1 was read as expert 1
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 32, generator=g), torch.rand(2, 2, generator=g) + 0.1
+    w1, w2 = torch.randn(4, 32, 32, generator=g) * 0.2, torch.randn(4, 32, 16, generator=g) * 0.2
+    ids = torch.tensor([[0, 1], [2, 3]])
+    odd, dead = ids.clone(), ids.clone()
+    odd[0, 1], dead[0, 1] = bad, -1
+    out = moekit.fused_experts(x, w1, w2, w, odd, backend="triton")
+    assert torch.equal(out, moekit.fused_experts(x, w1, w2, w, dead, backend="triton"))
+
+
+def test_a_config_file_bucket_of_other_digits_names_the_file(tmp_path):
+    # the edge: "²".isdigit() is True but int("²") raised a bare ValueError naming no file
+    import json
+    from moekit.ops.triton_configs import ConfigFileError, read_config_file
+    path = tmp_path / "NVIDIA_H200.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "entries": {"E=8,H=64,I=64,K=2,bf16": {"²": {}}}}))
+    with pytest.raises(ConfigFileError, match="bucket '²', expected a token count"):
+        read_config_file(path)

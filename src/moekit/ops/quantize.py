@@ -200,6 +200,13 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, quant_config):
     ``[E, 2I]`` / ``[E, H]`` (per tensor ``[E, 2]`` / ``[E]``) fp32; mxfp4 uint8 e8m0 ``[E, 2I, H/32]`` /
     ``[E, H, I/32]``; int4 ``[E, 2I, H/g]`` / ``[E, H, I/g]`` in the weights' dtype. A static-input fp8
     format needs calibrated input scales besides (not made here).
+
+    The rules (SPEC §8; round 63 put them here): fp8, per block (row, tensor) ``S = amax / 448``, ue8m0
+    ``S = 2^ceil(log2(amax / 448))``, an all-zero block ``S = 1``, ``Wq = e4m3(clamp(W / S, ±448))`` rounded to
+    nearest even from the float32 quotient; mxfp4, OCP MX v1.0: a shared scale ``2^(floor(log2 amax) - 2)`` per 32
+    along k (e8m0 bytes), elements e2m1 rounded to nearest, ties to even, saturating at 6; int4, compressed-tensors'
+    symmetric rule: ``s = amax / 7.5`` per group (a zero ``s`` becomes the dtype's eps), ``q = round(clamp(W / s,
+    -8, 7))`` half to even, in the weights' dtype, packed eight nibbles (``q + 8``) per int32.
     """
     fmt = parse_quant_config(quant_config)
     if fmt is None:

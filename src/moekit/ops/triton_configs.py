@@ -130,7 +130,7 @@ def read_config_file(path) -> dict:
         if not isinstance(table, dict):
             raise ConfigFileError(f"{p}: shape {key}: {type(table).__name__}, expected {{bucket: config}}")
         for bucket, cfg in table.items():
-            if not (isinstance(bucket, str) and bucket.isdigit() and int(bucket) > 0):
+            if not (isinstance(bucket, str) and bucket.isascii() and bucket.isdigit() and int(bucket) > 0):
                 raise ConfigFileError(f"{p}: shape {key}: bucket {bucket!r}, expected a token count >= 1")
             try:
                 check_config(cfg, f"{p}: shape {key}, bucket {bucket} (fix or delete the entry, or re-run "

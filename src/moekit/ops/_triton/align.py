@@ -43,10 +43,11 @@ def slot_local_expert(
     weights of every valid slot, beside the ids rather than after them (one dependent memory round trip fewer;
     the same result)."""
     tok64 = tok.to(tl.int64)
-    eid = tl.load(ids_ptr + tok64 * stride_it + kk, mask=valid, other=-1).to(tl.int32)
+    raw = tl.load(ids_ptr + tok64 * stride_it + kk, mask=valid, other=-1)
     if SKIP_ZERO and EAGER_W:
         wv = tl.load(w_ptr + tok64 * stride_wt + kk, mask=valid, other=0.0)
-    ok = valid & (eid >= 0) & (eid < E_global)
+    ok = valid & (raw >= 0) & (raw < E_global)  # in the ids' own dtype (round 63: an int64 id of 2^32 + 1 was cast
+    eid = tl.where(ok, raw, -1).to(tl.int32)  # to 32 bits first and read as expert 1)
     if HAS_MAP:
         loc = tl.load(map_ptr + eid, mask=ok, other=-1).to(tl.int32)
         ok = ok & (loc >= 0) & (loc < E_local)
