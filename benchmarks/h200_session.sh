@@ -328,7 +328,7 @@ u.find_spec('kernels'))"
     step r63-tests 120 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
       tests/test_audit62.py tests/ops/test_audit62_grad.py tests/ops/test_experts_grad.py tests/test_training.py \
       tests/test_quant_layer.py tests/experts tests/test_audit63.py tests/routing tests/ops/test_triton_routing.py \
-      tests/ops/test_hash_route.py
+      tests/ops/test_hash_route.py tests/ops/test_align_layout.py tests/ops/test_triton_experts.py
     tail -3 "$OUT"/r63-tests.log
     ;;
   r63-h)  # round 63 on an H100 (no H200 came): the GPU tests of round 62's last changes, the heuristic invariance test
@@ -336,7 +336,8 @@ u.find_spec('kernels'))"
     step r63-tests 200 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
       tests/test_audit62.py tests/ops/test_audit62_grad.py tests/test_audit61_review.py tests/ops/test_experts_grad.py \
       tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel tests/test_audit63.py \
-      tests/routing tests/ops/test_triton_routing.py tests/ops/test_hash_route.py
+      tests/routing tests/ops/test_triton_routing.py tests/ops/test_hash_route.py tests/ops/test_align_layout.py \
+      tests/ops/test_triton_experts.py
     tail -3 "$OUT"/r63-tests.log
     step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
       tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
