@@ -52,6 +52,22 @@ sweep() {  # sweep SECONDS: moekit bench of bf16 + fp8 on the four benchmark mod
   step compare 30 python benchmarks/compare.py "$OUT"/NVIDIA_H200-*.json --md "$OUT/compare.md"
 }
 
+r63_gpu() {  # r63_gpu SECONDS [MORE TESTS...] (round 63): the GPU tests of round 62's last changes (compiled masked
+  # backward chunks) and round 63's (the routing kernel's NaN bias, the align step's id test, hash routing, audits)
+  local secs=$1; shift
+  step r63-tests "$secs" python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
+    tests/test_audit62.py tests/ops/test_audit62_grad.py tests/ops/test_experts_grad.py tests/test_training.py \
+    tests/test_quant_layer.py tests/experts tests/test_audit63.py tests/routing tests/ops/test_triton_routing.py \
+    tests/ops/test_hash_route.py tests/ops/test_align_layout.py tests/ops/test_triton_experts.py "$@"
+  tail -3 "$OUT"/r63-tests.log
+}
+
+r63_inv() {  # (round 63) the fp16 / fp32 and bf16 heuristic batch-invariance tests
+  step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
+    tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
+  tail -3 "$OUT"/r63-inv.log
+}
+
 merge_tuned() {  # merge_tuned DIR (round 38): every entry of DIR/<GPU>.json into this copy's shipped table of the same
   # GPU (a tuned point's config, taken or kept), so the invariance tests and the sweep after it run the table as merged
   # (round 50: the GPU's file, whichever card was lent; round 38 read NVIDIA_H200.json only)
@@ -319,29 +335,16 @@ u.find_spec('kernels'))"
     grep -h "passed\|failed" "$OUT"/r58-gpu-*.log | tail -4
     ;;
   r63-a)  # round 63, first call on an H200: the fp16 / fp32 heuristic invariance test, the sweep of record (bf16 + fp8,
-    # four shapes, beside the peer), then the GPU tests of round 62's last changes (compiled masked backward chunks)
+    # four shapes, beside the peer), then the GPU tests of rounds 62-63's last changes (r63_gpu)
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
-      tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
-    tail -3 "$OUT"/r63-inv.log
+    r63_inv
     sweep 300
-    step r63-tests 120 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
-      tests/test_audit62.py tests/ops/test_audit62_grad.py tests/ops/test_experts_grad.py tests/test_training.py \
-      tests/test_quant_layer.py tests/experts tests/test_audit63.py tests/routing tests/ops/test_triton_routing.py \
-      tests/ops/test_hash_route.py tests/ops/test_align_layout.py tests/ops/test_triton_experts.py
-    tail -3 "$OUT"/r63-tests.log
+    r63_gpu 120
     ;;
-  r63-h)  # round 63 on an H100 (no H200 came): the GPU tests of round 62's last changes, the heuristic invariance test
+  r63-h)  # round 63 on an H100 (no H200 came): rounds 62-63's GPU tests (EP too), the invariance test
     pip install -q --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
-    step r63-tests 200 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 8 tests/integrations \
-      tests/test_audit62.py tests/ops/test_audit62_grad.py tests/test_audit61_review.py tests/ops/test_experts_grad.py \
-      tests/test_training.py tests/test_quant_layer.py tests/experts tests/parallel tests/test_audit63.py \
-      tests/routing tests/ops/test_triton_routing.py tests/ops/test_hash_route.py tests/ops/test_align_layout.py \
-      tests/ops/test_triton_experts.py
-    tail -3 "$OUT"/r63-tests.log
-    step r63-inv 60 python -m pytest -p no:cacheprovider -q -rfE --timeout 120 -n 4 \
-      tests/ops/test_batch_invariance_gpu.py -k "fp16_fp32 or bf16_heuristic"
-    tail -3 "$OUT"/r63-inv.log
+    r63_gpu 200 tests/parallel tests/test_audit61_review.py
+    r63_inv
     ;;
   r62-a)  # round 62, first call on an H200: the fp16 / fp32 heuristic invariance test, the sweep of record (bf16 + fp8,
     # four shapes, beside the peer), the GPU tests of the round's changes, then round 61's eager backward groups timed
