@@ -5,6 +5,7 @@ raises (SPEC §1: never compute with an initialiser's values)."""
 from __future__ import annotations
 
 import torch
+from torch.nn.utils import parametrize
 
 from .._checks import values_checkable
 from .layout import shards
@@ -27,7 +28,7 @@ def writable(experts, name: str) -> torch.Tensor:
     """``experts.<name>`` for a load to write into; ``TypeError`` where a parametrization
     (``torch.nn.utils.parametrize``) computes it: the write would land in a computed tensor and be lost (round 63:
     the layer then counted it loaded and ran on the never-written values)."""
-    if name in getattr(experts, "parametrizations", ()):
+    if parametrize.is_parametrized(experts, name):
         raise TypeError(f"{name} of {type(experts).__name__} is parametrized (torch.nn.utils.parametrize), so a load "
                         f"cannot write it; load the weights before registering the parametrization, or load a state "
                         f"dict holding its 'parametrizations.{name}.original' entry")
@@ -157,7 +158,7 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
     given, every, quantised = [], range(experts.placement.num_local), experts.quant is not None
     for name, spec in experts.specs.items():
         key = prefix + name  # (a parametrized tensor's values are its 'original': round 63)
-        key = f"{prefix}parametrizations.{name}.original" if name in getattr(experts, "parametrizations", ()) else key
+        key = f"{prefix}parametrizations.{name}.original" if parametrize.is_parametrized(experts, name) else key
         if key not in state_dict:
             continue
         t = state_dict[key]

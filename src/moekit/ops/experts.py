@@ -264,8 +264,9 @@ def experts_reference(
     # and the output phase (o [H], its bias sum, the activation [I]), f32 (float64: twice); one expert's call holds
     # a token at most ``repeats`` times (round 63: a token's slots on one expert, repeated ids, reached 1.9x the old
     # count; any router gives distinct ids: once)
-    acc = 8 if x.dtype == torch.float64 else 4
-    per_token = p.top_k * (acc * p.hidden + 16) + (4 * p.hidden + 6 * p.inter) * acc
+    acc = acc_dtype(x.dtype).itemsize
+    per_row = (4 * p.hidden + 6 * p.inter) * acc  # one row of one expert's call
+    per_token = p.top_k * (acc * p.hidden + 16) + per_row
     local_map = expert_map.long() if expert_map is not None else None
     if not host_sync_allowed():  # compiling or capturing a CUDA graph: the eager loop's host reads are refused
         dense = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16  # (the dense chunks' count, as before)
@@ -276,7 +277,7 @@ def experts_reference(
             xc, w1, w2, wc, ic, p, apply_router_weight_on_input, w1_bias, w2_bias, local_map, swiglu_limit),
             most, x, topk_weights, topk_ids)
     out = torch.empty_like(x)
-    per_token += (_repeats(topk_ids) - 1) * (4 * p.hidden + 6 * p.inter) * acc
+    per_token += (_repeats(topk_ids) - 1) * per_row
     chunk = chunk_tokens(p.num_tokens, workspace_bytes // per_token)
     for start in range(0, p.num_tokens, chunk):
         stop = min(start + chunk, p.num_tokens)

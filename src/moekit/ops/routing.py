@@ -299,16 +299,9 @@ def check_input_ids(input_ids, table: torch.Tensor, num_tokens: int, name: str =
     return input_ids
 
 
-def check_input_ids_range(input_ids: torch.Tensor, vocab: int, name: str = "input_ids") -> None:
-    """Raise ``ValueError`` naming the first bad id when ``input_ids [T]`` leaves ``[0, vocab)`` (the rows
-    of ``hash_indices_table``). One host synchronisation."""
-    if input_ids.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
-    _check_ids_span(name, lo, hi, vocab)
-
-
 def _check_ids_span(name: str, lo: int, hi: int, vocab: int) -> None:
+    """``ValueError`` naming the first bad id when ids spanning ``[lo, hi]`` leave ``[0, vocab)`` (the rows of
+    ``hash_indices_table``)."""
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} must lie in [0, {vocab}) (rows of hash_indices_table), got {bad} "
