@@ -38,12 +38,15 @@ def test_mapping_matches_seed_semantics():
     m = fused_moe_make_expert_params_mapping(None, "gate_proj", "down_proj", "up_proj", num_experts=3)
     assert len(m) == 9
     assert m[:3] == [
-        ("routed_experts.w13_", "experts.0.gate_proj.", 0, "w1"),
-        ("routed_experts.w2_", "experts.0.down_proj.", 0, "w2"),
-        ("routed_experts.w13_", "experts.0.up_proj.", 0, "w3"),
+        ("experts.routed_experts.w13_", "experts.0.gate_proj.", 0, "w1"),
+        ("experts.routed_experts.w2_", "experts.0.down_proj.", 0, "w2"),
+        ("experts.routed_experts.w13_", "experts.0.up_proj.", 0, "w3"),
     ]
     m = fused_moe_make_expert_params_mapping(None, "w1", "w2", "w3", 3, routed_experts_prefix="experts")
-    assert ("experts.w13_", "experts.2.w3.", 2, "w3") in m
+    assert ("experts.experts.w13_", "experts.2.w3.", 2, "w3") in m
+    # round 64: vLLM's form (param_name starts "experts." as weight_name does); "" gave ".w13_"
+    m = fused_moe_make_expert_params_mapping(None, "w1", "w2", "w3", 3, routed_experts_prefix="")
+    assert ("experts.w13_", "experts.2.w3.", 2, "w3") in m and ("experts.w2_", "experts.0.w2.", 0, "w2") in m
 
 
 def test_mapping_redundant_experts_map_physical_to_logical():

@@ -2,8 +2,9 @@
 
 A mapping entry ``(param_name, weight_name, expert_id, shard_id)`` says: a checkpoint tensor whose name
 contains ``weight_name`` (e.g. ``"experts.3.gate_proj."``) is shard ``shard_id`` of physical expert
-``expert_id`` and lands in ``param_name`` (``"routed_experts.w13_"`` for gate/up, ``"routed_experts.w2_"``
-for down; ``+ "weight"`` or ``+ "bias"`` completes the parameter name). Shards (:mod:`.layout`): ``w1``
+``expert_id`` and lands in ``param_name`` (``"experts.routed_experts.w13_"`` for gate/up,
+``"experts.routed_experts.w2_"`` for down, vLLM's form for a layer a model names ``experts``: ``+ "weight"`` or
+``+ "bias"`` completes the parameter name). Shards (:mod:`.layout`): ``w1``
 gate, ``w3`` up, ``w2`` down. Physical ids ``>= E`` are redundant replicas; their ``weight_name`` names
 the logical expert they copy. The tensor is written into every local slot that holds the expert its key
 names (``experts.<e>.``) at load time: the mapping says which keys and shards belong to the layer, not where
@@ -55,8 +56,10 @@ def fused_moe_make_expert_params_mapping(
     ``E + r`` copies logical expert ``r % E``. ``ckpt_gate_proj_name``, ``ckpt_down_proj_name``,
     ``ckpt_up_proj_name``: the checkpoint's projection names (``"gate_proj"``, ``"down_proj"``,
     ``"up_proj"``, or Mixtral's ``"w1"``, ``"w2"``, ``"w3"``); ``num_experts``: ``E``;
-    ``num_redundant_experts``: ``R`` EPLB replicas; ``routed_experts_prefix``: the module name the
-    ``param_name`` entries start with (default ``"routed_experts"``).
+    ``num_redundant_experts``: ``R`` EPLB replicas; ``routed_experts_prefix``: the experts' module name
+    (default ``"routed_experts"``): ``param_name`` is ``"experts.<prefix>.w13_"`` / ``"experts.<prefix>.w2_"``
+    (``"experts.w13_"`` for ``""``), vLLM's form: ``name.replace(weight_name, param_name)`` turns a checkpoint
+    name into the parameter's name in a model whose MoE layer is called ``experts``.
     """
     for name, v in (("num_experts", num_experts), ("num_redundant_experts", num_redundant_experts)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -67,12 +70,18 @@ def fused_moe_make_expert_params_mapping(
     for arg, shard in (("ckpt_gate_proj_name", GATE), ("ckpt_down_proj_name", DOWN), ("ckpt_up_proj_name", UP)):
         if not isinstance(ckpt[shard], str) or not ckpt[shard]:
             raise ValueError(f"{arg} must be a non-empty str, got {ckpt[shard]!r}")
+    if not isinstance(routed_experts_prefix, str):
+        raise TypeError(f"routed_experts_prefix must be a str, got {type(routed_experts_prefix).__name__}")
+    # vLLM's form: param_name starts "experts." as weight_name does, so a model's `name.replace(weight_name,
+    # param_name)` keeps its path to the layer (a layer named "experts": "….experts.routed_experts.w13_weight");
+    # round 64: "routed_experts.w13_" lost the "experts." and "" gave ".w13_"
+    head = f"experts.{routed_experts_prefix}." if routed_experts_prefix else "experts."
     physical = num_experts + num_redundant_experts
     p2l = _physical_to_logical(model, num_experts, physical)
     mapping = []
     for expert_id in range(physical):
         for shard_id in (GATE, DOWN, UP):
-            param = f"{routed_experts_prefix}.w2_" if shard_id == DOWN else f"{routed_experts_prefix}.w13_"
+            param = f"{head}w2_" if shard_id == DOWN else f"{head}w13_"
             mapping.append((param, f"experts.{p2l[expert_id]}.{ckpt[shard_id]}.", expert_id, shard_id))
     return mapping
 
@@ -127,7 +136,8 @@ def load_layer_weights(
 ) -> set[str]:
     """Load checkpoint ``(name, tensor)`` pairs into one MoE layer; return the names consumed.
 
-    Names are relative to the MoE block (a leading module path is tolerated):
+    Names are relative to the MoE block (a leading module path is tolerated; and, as in vLLM, an expert name
+    relative to the layer itself is read after the layer's ``prefix``, ``layer.layer_name``):
     ``experts.{e}.{gate_proj|up_proj|down_proj|w1|w3|w2}.{weight|bias}`` (via ``layer.expert_mapping``
     or the default mapping), fused ``experts.gate_up_proj``, ``experts.down_proj`` (+ ``_bias``) in
     ``fused_layout`` (see :mod:`moekit.experts.layout`), or the name of any parameter/buffer of the
@@ -166,8 +176,7 @@ def load_layer_weights(
             raise TypeError(f"checkpoint entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.is_meta:
             raise ValueError(f"checkpoint entry {name!r} is on the meta device: it holds no values to load")
-        m = EXPERT_KEY_RE.search(name)
-        f = FUSED_KEY_RE.search(name) if m is None else None
+        m, f = _expert_key(name, getattr(layer, "layer_name", ""))
         if slots and (m is not None or f is not None):  # the stacks gathered so far first: the last write wins
             layer.routed_experts.load_state_dict(slots, strict=False)
             slots = {}
@@ -181,6 +190,15 @@ def load_layer_weights(
     if slots:  # one state dict (round 53's review: one key at a time was a partial one, refused once EPLB had moved)
         layer.routed_experts.load_state_dict(slots, strict=False)
     return consumed
+
+
+def _expert_key(name: str, layer_name: str):
+    """(per-expert match, fused match) of a checkpoint name, or of ``f"{layer_name}.{name}"``: vLLM passes names
+    relative to the layer (``"0.gate_proj.weight"`` for ``"….experts.0.gate_proj.weight"``; round 64)."""
+    for key in (name, f"{layer_name}.{name}" if layer_name else None):
+        if key is not None and ((m := EXPERT_KEY_RE.search(key)) or (f := FUSED_KEY_RE.search(key))):
+            return (m, None) if m else (None, f)
+    return None, None
 
 
 def _load_expert(layer, name, tensor, m, by_weight) -> None:

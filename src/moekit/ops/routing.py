@@ -254,14 +254,16 @@ def check_bias(bias, num_experts: int, name: str = "e_score_correction_bias") ->
 
 
 #: the id dtypes a router may return: a narrower one (int16, int8, uint8) would wrap ids past its range into
-#: valid-looking wrong experts
+#: valid-looking wrong experts; torch.uint32 (vLLM's kernels take it) has no comparison or indexing kernels in torch,
+#: so ids in it could be neither checked nor used here (decided round 64: refused, the message says so)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_indices_type(indices_type) -> None:
     if indices_type is not None and indices_type not in INDEX_DTYPES:
-        raise TypeError(f"indices_type must be torch.int32, torch.int64 or None, got {indices_type!r} "
-                        f"(a narrower integer type would wrap expert ids)")
+        why = ("torch has no comparison or indexing kernels for uint32; cast the int32 ids where a kernel wants "
+               "uint32" if indices_type == torch.uint32 else "a narrower integer type would wrap expert ids")
+        raise TypeError(f"indices_type must be torch.int32, torch.int64 or None, got {indices_type!r} ({why})")
 
 
 def check_hash_table(table, num_experts: int, top_k: int, check_range: bool = True, *,

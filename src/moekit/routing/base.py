@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from typing import Callable
 
 import torch
@@ -180,6 +181,23 @@ def keep_bias_dtype(self, fn, recurse=True):
     return out
 
 
+def warn_bias_dtype(router, dtype: torch.dtype) -> None:
+    """Once per router: its selection bias changed dtype since construction. :func:`keep_bias_dtype` keeps the
+    router's own ``.to()`` from rounding it, but a bias shared with another module (vLLM's
+    ``e_score_correction_bias=self.gate.e_score_correction_bias``, and :func:`moekit.integrations.transformers.patch`)
+    follows its owner's ``.to()`` (round 64: ``model.to(torch.bfloat16)`` changed DeepSeek-V3-like choices silently).
+    A warning, not an error: the bias is the model's own, and the unpatched model computes with it too."""
+    if getattr(router, "_bias_dtype_warned", None) == dtype:
+        return
+    router._bias_dtype_warned = dtype
+    warnings.warn(f"{type(router).__name__}: the selection bias e_score_correction_bias is now {dtype}; it was "
+                  f"{router._bias_dtype} when the router was built. Something outside the router converted it (a .to() of "
+                  f"the module that shares the tensor, e.g. the gate owning it, or an assigning load), and a rounded "
+                  f"bias can change which experts are chosen. Keep it float32: reload it from the checkpoint after "
+                  f"converting the model.",
+                  UserWarning, stacklevel=3)
+
+
 class ScoredRouter(BaseRouter):
     """Score-based routing (module docstring math): ``s = scores(logits)``, ``ids = topk(s + bias)``,
     ``w = s[ids]``, renormalised, scaled — the one place that builds the spec and checks the bias.
@@ -206,6 +224,7 @@ class ScoredRouter(BaseRouter):
             check_bias(e_score_correction_bias, columns)
             check_finite("e_score_correction_bias", e_score_correction_bias)
         self.register_buffer("e_score_correction_bias", e_score_correction_bias)  # in state_dict (round 48)
+        self._bias_dtype = None if e_score_correction_bias is None else e_score_correction_bias.dtype
 
     _apply = keep_bias_dtype
 
@@ -230,7 +249,8 @@ class ScoredRouter(BaseRouter):
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
-        has_bias = self.e_score_correction_bias is not None
+        # a hash router's ids are no top-k of scores: classified as biased (Unspecified), as vLLM's bias router does
+        has_bias = self.e_score_correction_bias is not None or getattr(self, "hash_indices_table", None) is not None
         return get_routing_method_type(self.scoring_func, self.top_k, self.renormalize, None, has_bias)
 
     def _scored_route(self, router_logits: torch.Tensor,
@@ -239,6 +259,8 @@ class ScoredRouter(BaseRouter):
         bias = self.e_score_correction_bias
         if bias is not None:
             check_same_device("e_score_correction_bias", bias, "router_logits", router_logits)
+            if bias.dtype != self._bias_dtype:
+                warn_bias_dtype(self, bias.dtype)
             bias = bias.contiguous()
         return self.kernels.route(router_logits.contiguous(), self.spec, bias, indices_type)
 

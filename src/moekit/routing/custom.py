@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -13,6 +14,32 @@ from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, IndicesTypeGetter, routing_spec
 
 
+_KEYWORDS = ("hidden_states", "gating_output", "topk", "renormalize")
+
+
+def by_keyword(fn) -> bool:
+    """How to call a routing function: True, by the seed's names ``hidden_states=, gating_output=, topk=,
+    renormalize=`` (vLLM calls it so: keyword-only functions and ``functools.partial(f, renormalize=...)`` work; round
+    64), when it names all four; else positionally (functions with parameters of other names); a signature that
+    takes neither raises ``TypeError`` at construction."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to read (some builtins): positional, as before
+        return False
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if all(k in sig.parameters and sig.parameters[k].kind in named for k in _KEYWORDS):
+        return True
+    for keyword, args, kwargs in ((False, _KEYWORDS, {}), (True, (), dict.fromkeys(_KEYWORDS))):
+        try:
+            sig.bind(*args, **kwargs)
+            return keyword
+        except TypeError:
+            pass
+    raise TypeError(f"custom_routing_function must take (hidden_states, gating_output, topk, renormalize), by "
+                    f"keyword or as 4 positional arguments; {getattr(fn, '__name__', type(fn).__name__)} takes {sig}")
+
+
 class CustomRoutingRouter(BaseRouter):
     """``(w, ids) = custom_routing_function(hidden_states, router_logits, top_k, renormalize)``, then
     ``w = float32(w) · routed_scaling_factor`` and ``ids`` cast to int32 (or ``indices_type``). The
@@ -20,8 +47,9 @@ class CustomRoutingRouter(BaseRouter):
     ``ids = topk(logits)``, ``w = sigmoid(logits[ids])``, with ``apply_router_weight_on_input=True``.
 
     top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
-    custom_routing_function: ``(hidden_states [T, H], router_logits [T, E], top_k: int, renormalize: bool)
-        -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required.
+    custom_routing_function: ``(hidden_states [T, H], gating_output [T, E], topk: int, renormalize: bool)
+        -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required. Called by those keyword names when it
+        names all four (as vLLM calls it), else positionally (:func:`by_keyword`).
     renormalize: bool (default True), passed to the function.
     routed_scaling_factor: finite float > 0, multiplies the returned weights (the seed ignored it).
 
@@ -50,6 +78,7 @@ class CustomRoutingRouter(BaseRouter):
         check_callable("custom_routing_function", custom_routing_function)
         spec = routing_spec(top_k, self.global_num_experts, renormalize, routed_scaling_factor)
         self.custom_routing_function = custom_routing_function
+        self._call_style = (custom_routing_function, by_keyword(custom_routing_function))
         self.renormalize = spec.renormalize
         self.routed_scaling_factor = spec.routed_scaling_factor
 
@@ -69,7 +98,14 @@ class CustomRoutingRouter(BaseRouter):
         reference = self.kernels.checks_values
         if reference:
             check_finite("router_logits", router_logits)
-        out = self.custom_routing_function(hidden_states, router_logits, self.top_k, self.renormalize)
+        fn = self.custom_routing_function
+        if self._call_style[0] is not fn:  # the attribute was reassigned
+            self._call_style = (fn, by_keyword(fn))
+        if self._call_style[1]:
+            out = fn(hidden_states=hidden_states, gating_output=router_logits, topk=self.top_k,
+                     renormalize=self.renormalize)
+        else:
+            out = fn(hidden_states, router_logits, self.top_k, self.renormalize)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(f"custom_routing_function must return (topk_weights, topk_ids), got {type(out).__name__}")
         weights, ids = out

@@ -1,0 +1,148 @@
+"""Round 64's audit: defects found by review helpers and reproduced, each case names the edge it covers.
+
+Seed conformance (vLLM's conventions where the seeds are silent): the expert-params mapping's parameter names,
+names relative to the layer in ``load_weights``, keyword calls of a custom routing function, ``indices_type``'s
+message for uint32, a hash router's ``routing_method_type``, and a shared selection bias that its owner rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+import moekit
+from moekit.routing.custom import by_keyword
+
+E, K, H, I = 4, 2, 8, 4
+
+
+def _loaded(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer.load_expert_weights(torch.randn(E, 2 * I, H, generator=g) * 0.3, torch.randn(E, H, I, generator=g) * 0.3)
+    return layer
+
+
+# --- the expert-params mapping: vLLM's form, so a model's name.replace(weight_name, param_name) finds the parameter
+
+def test_mapping_param_names_replace_into_model_parameter_names():
+    # a model whose MoE layer is named "experts" (vLLM's and transformers' name): the replaced checkpoint name is a
+    # parameter of the model (round 63's form, "routed_experts.w13_", dropped the "experts." and missed it)
+    model = torch.nn.Module()
+    model.experts = moekit.FusedMoE(E, K, H, I)
+    params = dict(model.named_parameters())
+    mapping = moekit.fused_moe_make_expert_params_mapping(model.experts, "gate_proj", "down_proj", "up_proj", E)
+    for param_name, weight_name, expert_id, shard_id in mapping:
+        ckpt = f"{weight_name}weight"
+        assert ckpt.replace(weight_name, param_name) in params, (param_name, weight_name)
+
+
+@pytest.mark.parametrize("prefix, head", [("routed_experts", "experts.routed_experts."), ("", "experts.")])
+def test_mapping_prefix_never_gives_a_leading_dot(prefix, head):
+    # "" used to give ".w13_" (edge: the empty prefix)
+    mapping = moekit.fused_moe_make_expert_params_mapping(None, "w1", "w2", "w3", 2, routed_experts_prefix=prefix)
+    assert {p for p, *_ in mapping} == {f"{head}w13_", f"{head}w2_"}
+
+
+def test_mapping_prefix_must_be_a_str():
+    with pytest.raises(TypeError, match="routed_experts_prefix"):
+        moekit.fused_moe_make_expert_params_mapping(None, "w1", "w2", "w3", 2, routed_experts_prefix=None)
+
+
+def test_load_weights_takes_names_relative_to_the_layer_prefix():
+    # vLLM's load_weights reads f"{layer_name}.{name}": "0.gate_proj.weight" for a layer at "….mlp.experts"
+    g = torch.Generator().manual_seed(1)
+    w = {(e, p): torch.randn(I if p != "down_proj" else H, H if p != "down_proj" else I, generator=g)
+         for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")}
+    rel = moekit.FusedMoE(E, K, H, I, prefix="model.layers.3.mlp.experts")
+    full = moekit.FusedMoE(E, K, H, I)
+    consumed = rel.load_weights([(f"{e}.{p}.weight", t) for (e, p), t in w.items()])
+    full.load_weights([(f"experts.{e}.{p}.weight", t) for (e, p), t in w.items()])
+    assert len(consumed) == 3 * E and rel.routed_experts.loaded
+    assert torch.equal(rel.routed_experts.w13_weight, full.routed_experts.w13_weight)
+    assert torch.equal(rel.routed_experts.w2_weight, full.routed_experts.w2_weight)
+    # a layer without a prefix still refuses such a name (nothing to qualify it with)
+    with pytest.raises(KeyError, match="0.gate_proj.weight"):
+        moekit.FusedMoE(E, K, H, I).load_weights([("0.gate_proj.weight", w[0, "gate_proj"])])
+
+
+# --- custom routing functions: called by the seed's keyword names when they name them (vLLM calls so)
+
+def _seed_route(hidden_states, gating_output, topk, renormalize):
+    w, ids = torch.topk(gating_output.float().softmax(-1), topk)
+    return (w / w.sum(-1, keepdim=True) if renormalize else w), ids
+
+
+def _kw_only(*, hidden_states, gating_output, topk, renormalize):
+    return _seed_route(hidden_states, gating_output, topk, renormalize)
+
+
+def _other_names(x, logits, k, renorm):
+    return _seed_route(x, logits, k, renorm)
+
+
+@pytest.mark.parametrize("fn, keyword", [
+    (_seed_route, True),  # the seed's names: by keyword
+    (_kw_only, True),  # keyword-only: failed positionally ("takes 0 positional arguments")
+    (functools.partial(_seed_route, renormalize=False), True),  # partial over renormalize: "multiple values"
+    (_other_names, False),  # other names: positionally, as before
+    (lambda *args: _seed_route(*args), False),  # *args only
+])
+def test_custom_routing_function_call_forms(fn, keyword):
+    assert by_keyword(fn) is keyword
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, custom_routing_function=fn, renormalize=False))
+    ref = _loaded(moekit.FusedMoE(E, K, H, I, custom_routing_function=_other_names, renormalize=False))
+    x, logits = torch.randn(5, H), torch.randn(5, E)
+    torch.testing.assert_close(layer(x, logits), ref(x, logits), rtol=0, atol=0)
+
+
+def test_custom_routing_function_with_an_unusable_signature_raises_at_construction():
+    with pytest.raises(TypeError, match="custom_routing_function must take"):
+        moekit.FusedMoE(E, K, H, I, custom_routing_function=lambda a, b: None)
+
+
+def test_custom_routing_function_reassigned_is_called_in_its_own_form():
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, custom_routing_function=_other_names, renormalize=False))
+    x, logits = torch.randn(3, H), torch.randn(3, E)
+    before = layer(x, logits)
+    layer.router.custom_routing_function = _kw_only  # positional call would raise
+    torch.testing.assert_close(layer(x, logits), before, rtol=0, atol=0)
+
+
+# --- indices_type, routing_method_type
+
+def test_uint32_indices_type_is_refused_with_the_true_reason():
+    with pytest.raises(TypeError, match="no comparison or indexing kernels for uint32"):
+        moekit.fused_topk(torch.randn(2, H), torch.randn(2, E), K, True, indices_type=torch.uint32)
+    with pytest.raises(TypeError, match="would wrap expert ids"):
+        moekit.fused_topk(torch.randn(2, H), torch.randn(2, E), K, True, indices_type=torch.int16)
+
+
+def test_hash_router_is_not_classified_as_a_softmax_top_k():
+    # a hash router's ids are no top-k of scores: vLLM's bias router says Unspecified, not Renormalize
+    layer = moekit.FusedMoE(E, K, H, I, hash_indices_table=torch.randint(0, E, (10, K)))
+    assert layer.router.routing_method_type == moekit.RoutingMethodType.Unspecified
+    assert moekit.FusedMoE(E, K, H, I).router.routing_method_type == moekit.RoutingMethodType.Renormalize
+
+
+# --- a selection bias shared with its owner (vLLM's DeepSeek pattern; patch() shares the block's tensor)
+
+def test_shared_selection_bias_rounded_by_its_owner_warns_once():
+    owner = torch.nn.Module()  # e.g. the model's gate, which owns the bias Parameter the layer shares
+    owner.e_score_correction_bias = torch.nn.Parameter(torch.randn(E) * 1e-3, requires_grad=False)
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, scoring_func="sigmoid",
+                                    e_score_correction_bias=owner.e_score_correction_bias))
+    x, logits = torch.randn(3, H), torch.randn(3, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x, logits)  # float32 as built: no warning
+    owner.to(torch.bfloat16)  # the owner's .to() rounds the shared Parameter in place
+    layer.to(torch.float32)  # (the layer's own .to() cannot undo that)
+    assert layer.router.e_score_correction_bias.dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="e_score_correction_bias is now torch.bfloat16"):
+        layer(x, logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x, logits)  # once per router and dtype
