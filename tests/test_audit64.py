@@ -146,3 +146,125 @@ def test_shared_selection_bias_rounded_by_its_owner_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(x, logits)  # once per router and dtype
+
+
+# --- odd tensors into the public ops (round 64's odd-tensor review)
+
+def _experts_args(e=E, h=H, i=I, t=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(t, h, generator=g), torch.randn(e, 2 * i, h, generator=g) * 0.3,
+            torch.randn(e, h, i, generator=g) * 0.3, torch.rand(t, K, generator=g),
+            torch.randint(0, max(e, 1), (t, K), generator=g))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("e, h, i", [(E, H, 0), (0, H, I), (E, 0, I)])
+def test_fused_experts_refuses_empty_expert_sizes(backend, e, h, i):
+    # I = 0 on Triton returned uninitialised memory; E = 0 / H = 0 raised ZeroDivisionError
+    x, w1, w2, w, ids = _experts_args(E, H, I)
+    x, w1, w2 = torch.randn(3, h), torch.randn(e, 2 * i, h), torch.randn(e, h, i)
+    with pytest.raises(ValueError, match=r"E, H and I >= 1"):
+        moekit.fused_experts(x, w1, w2, w, ids.clamp(max=max(e - 1, 0)), backend=backend)
+
+
+def test_quantised_experts_with_no_experts_name_the_weights():
+    cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    w13, w2, s13, s2 = moekit.quantize_experts(torch.randn(2, 256, 128), torch.randn(2, 128, 128), cfg)
+    with pytest.raises(ValueError, match=r"w1 \[0, 256, 128\] and w2 \[0, 128, 128\] hold E = 0"):
+        moekit.fused_experts(torch.randn(3, 128), w13[:0], w2[:0], torch.rand(3, 1), torch.zeros(3, 1, dtype=torch.long),
+                             quant_config=cfg, w1_scale=s13[:0], w2_scale=s2[:0])
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E, H, I\] with E, H and I >= 1"):
+        moekit.quantize_experts(torch.randn(0, 256, 128), torch.randn(0, 128, 128), cfg)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_narrow_ids_are_widened(backend, dtype):
+    # uint8 ids passed the dtype check and then failed to compile in the Triton align kernel
+    x, w1, w2, w, ids = _experts_args()
+    ref = moekit.fused_experts(x, w1, w2, w, ids.int(), backend=backend)
+    out = moekit.fused_experts(x, w1, w2, w, ids.to(dtype), backend=backend)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_torch_experts_run_on_the_meta_device():
+    # a meta layer's forward (and fused_experts on meta tensors) raised "item() cannot be called on meta tensors"
+    x, w1, w2, w, ids = (t.to("meta") for t in _experts_args())
+    out = moekit.fused_experts(x, w1, w2, w, ids, backend="torch")
+    assert out.device.type == "meta" and out.shape == x.shape
+    layer = moekit.FusedMoE(E, K, H, I, device="meta", backend="torch")  # shape inference of a whole model on meta
+    layer.load_expert_weights(w1, w2)
+    assert layer(x, torch.empty(3, E, device="meta")).shape == (3, H)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_routers_refuse_non_float_hidden_states(dtype):
+    # the zero experts' term of integer hidden states was all zeros (bool: True/False), silently
+    bias = torch.zeros(E + 2)
+    router = moekit.FusedMoE(E, K, H, I, zero_expert_type="identity", e_score_correction_bias=bias).router
+    with pytest.raises(TypeError, match="hidden_states must be a float tensor"):
+        router.select_experts(torch.ones(3, H, dtype=dtype), torch.randn(3, E + 2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_routing_uint32_ids_and_foreign_devices(backend):
+    # uint32 ids: the reference range check raised NotImplementedError ("min_all" for UInt32)
+    def route(hidden_states, gating_output, topk, renormalize):
+        w, ids = torch.topk(gating_output.softmax(-1), topk)
+        return w, ids.to(torch.uint32)
+
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, custom_routing_function=route, renormalize=False, backend=backend))
+    ref = _loaded(moekit.FusedMoE(E, K, H, I, custom_routing_function=_seed_route, renormalize=False, backend=backend))
+    x, logits = torch.randn(4, H), torch.randn(4, E)
+    torch.testing.assert_close(layer(x, logits), ref(x, logits), rtol=0, atol=0)
+
+    def meta_weights(hidden_states, gating_output, topk, renormalize):  # weights on another device
+        w, ids = _seed_route(hidden_states, gating_output, topk, renormalize)
+        return w.to("meta"), ids
+
+    bad = _loaded(moekit.FusedMoE(E, K, H, I, custom_routing_function=meta_weights, backend=backend))
+    with pytest.raises(ValueError, match="topk_weights returned by custom_routing_function is on meta"):
+        bad(x, logits)
+
+
+def test_user_module_output_on_another_device_is_refused():
+    # routed_output_transform returning a meta tensor made the layer's output a meta tensor
+    class ToMeta(torch.nn.Module):
+        def forward(self, x):
+            return x.to("meta")
+
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, routed_output_transform=ToMeta()))
+    with pytest.raises(ValueError, match="routed_output_transform returned a tensor on meta"):
+        layer(torch.randn(3, H), torch.randn(3, E))
+
+
+def test_int_dtype_message_lists_what_is_accepted():
+    x, w1, w2, w, ids = _experts_args()
+    with pytest.raises(TypeError, match=r"int16, int8 and uint8 are widened"):
+        moekit.fused_experts(x, w1, w2, w, ids.to(torch.uint16) if hasattr(torch, "uint16") else ids.bool())
+
+
+# --- batch invariance of the named LFM2-MoE routing (round 64's batch-invariance review)
+
+def test_sigmoid_eps_routing_ties_go_to_the_lowest_id_whatever_the_batch():
+    # torch.sigmoid's CPU vector loop and scalar tail differ by an ulp: two equal logits got unequal scores by their
+    # memory position, so a tie's winner (and a K = 1 token's expert) depended on the batch
+    from moekit.loading.routings import SigmoidEpsRouting
+    n = 40
+    router = SigmoidEpsRouting(n, bias=False, eps=1e-6)
+    ties = torch.linspace(-6, 6, 4001)
+    rows = torch.full((ties.numel(), n), -9.0)
+    rows[:, 3] = rows[:, 36] = ties  # experts 3 and 36 tie for the top score in every row
+    for r in (0, 1, 2000, ties.numel() - 1):
+        alone_w, alone_ids = router(None, rows[r : r + 1], 2, True)
+        assert alone_ids[0].tolist() == [3, 36], (r, alone_ids)
+    w, ids = router(None, rows, 2, True)
+    assert (ids == torch.tensor([3, 36], dtype=ids.dtype)).all()
+    assert torch.equal(w[:, 0], w[:, 1])
+
+
+def test_zero_experts_with_the_weight_on_the_input_are_not_implemented():
+    # SPEC §1: an argument the build cannot honour raises NotImplementedError (was a ValueError)
+    with pytest.raises(NotImplementedError, match="apply_router_weight_on_input"):
+        moekit.FusedMoE(E, 1, H, I, zero_expert_type="identity", e_score_correction_bias=torch.zeros(E + 2),
+                        apply_router_weight_on_input=True)

@@ -139,9 +139,15 @@ def check_float_dtype(name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
 
 
+#: the integer dtypes ids and maps may have: int32 / int64; the narrower ones are widened to int32 where a kernel
+#: reads them (round 64: uint8 ids failed to compile in the Triton align kernel)
+INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
 def check_int_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {t.dtype}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype (int32 or int64; int16, int8 and uint8 are widened), "
+                        f"got {t.dtype}")
 
 
 def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:

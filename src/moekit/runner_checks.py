@@ -204,12 +204,13 @@ def called(name: str, module, x: torch.Tensor):
 
 def ran(name: str, module, x: torch.Tensor, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:
     """``module(x)`` (:func:`called`), its output checked (:func:`returned`)."""
-    return returned(name, called(name, module, x), num_tokens, widths)
+    return returned(name, called(name, module, x), num_tokens, widths, x.device)
 
 
-def returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.Tensor:
+def returned(name: str, out, num_tokens: int, widths: tuple[int, ...], device=None) -> torch.Tensor:
     """The tensor a user module returned, checked to be ``[num_tokens, w]`` for a ``w`` in ``widths``
-    (shapes only): ``ValueError`` naming the module, the shape got and the shape expected."""
+    (``ValueError`` naming the module, the shape got and the shape expected) and on ``device``, its input's
+    (round 64: a transform's output on another device became the layer's)."""
     out = first_output(out, name)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} returned a {type(out).__name__}; expected a torch.Tensor")
@@ -217,6 +218,8 @@ def returned(name: str, out, num_tokens: int, widths: tuple[int, ...]) -> torch.
     if out.dim() != 2 or out.shape[0] != num_tokens or not any(out.shape[1] == w for w in widths):
         expected = " or ".join(f"[{num_tokens}, {w}]" for w in widths)
         raise ValueError(f"{name} returned shape {list(out.shape)}; expected {expected} (T = {num_tokens} tokens)")
+    if device is not None and out.device != device:
+        raise ValueError(f"{name} returned a tensor on {out.device}; its input is on {device}, and so must it be")
     return out
 
 

@@ -162,7 +162,7 @@ def build_fused_moe(
             selection bias: it picks the experts, the unbiased scores weigh them (DeepSeek-V3, LongCat). Kept
             by reference, as ``hash_indices_table`` (the router's buffer: a load writes into the tensor given).
         apply_router_weight_on_input: default False. Multiply the expert input, not its output, by the
-            routing weight (Llama 4); requires ``top_k == 1``.
+            routing weight (Llama 4); requires ``top_k == 1``; not with zero experts (``NotImplementedError``).
         activation: the expert activation, default ``"silu"``; one of ``moekit.ACTIVATIONS``: ``"silu"``,
             ``"gelu"``, ``"gelu_tanh"`` (gated: ``act(gate) * up``), ``"swigluoai"`` (gpt-oss's clamped
             SwiGLU), ``"relu2"`` (non-gated ``relu(h)**2``; alias ``"relu2_no_mul"``), and two that checkpoints

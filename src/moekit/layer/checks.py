@@ -119,10 +119,11 @@ def check_routing_combination(routing: dict, apply_router_weight_on_input: bool,
     router's ``num_zero_experts``) with the weight on the input."""
     check_router_selectors(**routing)
     if (routing["zero_expert_type"] is not None or num_zero_experts) and apply_router_weight_on_input:
-        raise ValueError(
+        # SPEC §1 defines the result; this build cannot honour it: NotImplementedError (round 64: a ValueError)
+        raise NotImplementedError(
             "zero experts (zero_expert_type, or a router with num_zero_experts > 0) cannot be combined with "
-            "apply_router_weight_on_input=True: a masked zero-expert slot (id 0, weight 0) would still run expert 0 "
-            "on 0·x and add its biases"
+            "apply_router_weight_on_input=True in this build: a masked zero-expert slot (id 0, weight 0) would still "
+            "run expert 0 on 0·x and add its biases"
         )
 
 

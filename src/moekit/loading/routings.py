@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..ops.routing import topk_lowest_id
+from ..ops.routing import compute_scores, topk_lowest_id
 from ..routing.base import keep_bias_dtype
 from .plan import LayerPlan
 
@@ -134,7 +134,9 @@ class SigmoidEpsRouting(torch.nn.Module):
                              torch.zeros(num_experts, dtype=torch.float32, device=device) if bias else None)
 
     def forward(self, hidden_states, gating_output, topk, renormalize):
-        s = torch.sigmoid(gating_output.float())
+        # compute_scores, not torch.sigmoid: on CPU its vector loop and scalar tail differ by an ulp, so equal logits
+        # got unequal scores by their memory position and a tie's winner depended on the batch (round 64)
+        s = compute_scores(gating_output, "sigmoid")
         bias = self.e_score_correction_bias
         ids = topk_lowest_id(s if bias is None else s + bias.float(), topk)[1]
         w = s.gather(-1, ids)

@@ -70,6 +70,7 @@ def fused_experts(
     """
     check_tensor("hidden_states", hidden_states)  # before reading .device: a non-tensor raises TypeError
     kernels = resolve_kernels(backend, hidden_states.device, quiet=True)
+    topk_ids, expert_map = _widened(topk_ids), _widened(expert_map)
     fmt = parse_quant_config(quant_config)
     scales = dict(w13_scale=w1_scale, w2_scale=w2_scale, w13_input_scale=w1_input_scale,
                   w2_input_scale=w2_input_scale)
@@ -104,6 +105,13 @@ def fused_experts(
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
         expert_map=expert_map, swiglu_limit=swiglu_limit,
     )
+
+
+def _widened(t):
+    """int16 / int8 / uint8 ids or maps as int32 (the kernels read int32 / int64; round 64: uint8 ids failed to
+    compile in the Triton align kernel); anything else unchanged, for the checks to judge."""
+    narrow = (torch.int16, torch.int8, torch.uint8)
+    return t.to(torch.int32) if isinstance(t, torch.Tensor) and t.dtype in narrow else t
 
 
 def route(

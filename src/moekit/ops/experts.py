@@ -26,7 +26,6 @@ from .._checks import (
     check_same_device,
     check_shape,
     check_tensor,
-    host_sync_allowed,
     values_checkable,
 )
 from ._eager import rounded
@@ -114,6 +113,8 @@ def check_experts_inputs(
                              f"hold H = {w2.shape[1]}")
         raise ValueError(f"w2 must have shape [E, H={h}, I] (H: hidden_states' width), got {list(w2.shape)}")
     e_local, _, inter = w2.shape
+    if min(e_local, h, inter) < 1:  # (round 64: the Triton path returned uninitialised memory for I = 0)
+        raise ValueError(f"w2 must have shape [E, H, I] with E, H and I >= 1, got {list(w2.shape)}")
     rows = 2 * inter if act.gated else inter
     if w1.shape[2] == h and tuple(w1.shape) != (e_local, rows, h):  # E or I disagree: either may be the wrong one
         per = 2 if act.gated else 1
@@ -268,7 +269,9 @@ def experts_reference(
     per_row = (4 * p.hidden + 6 * p.inter) * acc  # one row of one expert's call
     per_token = p.top_k * (acc * p.hidden + 16) + per_row
     local_map = expert_map.long() if expert_map is not None else None
-    if not host_sync_allowed():  # compiling or capturing a CUDA graph: the eager loop's host reads are refused
+    # compiling or capturing a CUDA graph: the eager loop's host reads are refused; meta tensors hold no values to
+    # read (round 64: a meta layer's forward raised "item() cannot be called on meta tensors")
+    if not values_checkable(x):
         dense = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16  # (the dense chunks' count, as before)
         most = max(1, workspace_bytes // (dense + (2 * p.inter + p.hidden) * 4))
         # one guard (T <= most), not T itself: one graph serves every T up to the bound; above it, one per power of two

@@ -150,6 +150,9 @@ def check_quant_weights(fmt: WeightFormat, w13_q, w2_q, w13_scale, w2_scale, *, 
     n13, n2 = names
     if sizes is None:
         e, inter, hidden, gated = expert_sizes(fmt, w13_q, w2_q, names)
+        if min(e, inter, hidden) < 1:  # (round 64: "E must be a positive int", an argument nobody passed)
+            raise ValueError(f"{n13} {list(w13_q.shape)} and {n2} {list(w2_q.shape)} hold E = {e}, I = {inter}, "
+                             f"H = {hidden}; each must be >= 1")
     else:
         e, inter, hidden, gated = sizes
     fmt.validate(e, inter, hidden, gated)
@@ -221,6 +224,8 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, quant_config):
     if w2.dim() != 3:
         raise ValueError(f"w2 must have shape [E, H, I], got {list(w2.shape)}")
     e, hidden, inter = w2.shape
+    if min(e, hidden, inter) < 1:  # (round 64: "E must be a positive int", an argument nobody passed)
+        raise ValueError(f"w2 must have shape [E, H, I] with E, H and I >= 1, got {list(w2.shape)}")
     rows = w13.shape[1]
     if w13.shape[0] != e or w13.shape[2] != hidden or rows not in (inter, 2 * inter):
         # the sizes come from w2, so name both: either may be the wrong one (e.g. w2 transposed)

@@ -57,11 +57,12 @@ def failure_flag(err: BaseException) -> int:
     return -1 - next(i for i, kind in enumerate(FAILURE_KINDS) if isinstance(err, kind))
 
 
-def check_flags(counts: list[int], group, label: str, where: str) -> None:
+def check_flags(counts: list[int], group, label: str, where: str,
+                outcome: str = "this forward raised on every rank of the group; the layer stays usable") -> None:
     """Raise :class:`PeerFailed` naming every rank of ``group`` whose gathered count is a flag (``< 0``); else nothing.
 
     counts: [W] ints, the gathered token counts by rank of the group; label: the group's kind ("EP" / "TP");
-    where: the step the flag stands for ("before the dispatch")."""
+    where: the step the flag stands for ("before the dispatch"); outcome: what the message says happened."""
     failed = [(r, c) for r, c in enumerate(counts) if c < 0]
     if not failed:
         return
@@ -72,8 +73,7 @@ def check_flags(counts: list[int], group, label: str, where: str) -> None:
                 else f"failed {where} with {'an exception' if kind is Exception else 'a ' + kind.__name__}")
         named.append(f"{label} rank {r} (global rank {global_rank(group, r)}) of {label.lower()}_group {what}")
     more = f"; and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""
-    raise PeerFailed("; ".join(named) + more + "; see the failing rank's error (this forward raised on every rank "
-                     "of the group; the layer stays usable)")
+    raise PeerFailed("; ".join(named) + more + f"; see the failing rank's error ({outcome})")
 
 
 def flag_gather(group, size: int, width: int, flag: int, device) -> None:

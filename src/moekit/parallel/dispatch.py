@@ -164,12 +164,16 @@ class AllToAllDispatcher:
         recv = send.new_empty((sum(layout.recv_counts), send.shape[1]))
         all_to_all_rows(recv, send, layout.recv_counts, layout.send_counts, group)
         rx, rids, rw = unpack_rows(recv, 1, x.dtype)
-        if not on_input:
-            rw = torch.ones_like(rw)  # the weight is applied in fp32 by the combine
-        return Dispatched(rx, rw, rids, (layout, topk_weights, k, x.dtype, on_input))
+        # the weight is applied in fp32 by the combine, on the slot output as the experts round it (bf16: the
+        # single-GPU bits); fp16 rows are weighted by the experts instead (round 64: a slot output past 65504 came
+        # back inf where the weighted sum was finite; fp16 is allclose, not bit-exact, either way)
+        weighted = on_input or x.dtype == torch.float16
+        if not weighted:
+            rw = torch.ones_like(rw)
+        return Dispatched(rx, rw, rids, (layout, topk_weights, k, x.dtype, weighted))
 
     def combine(self, expert_out: torch.Tensor, handle, group) -> torch.Tensor:
-        layout, topk_weights, k, dtype, on_input = handle
+        layout, topk_weights, k, dtype, weighted = handle
         h = expert_out.shape[1]
         back = expert_out.new_empty((sum(layout.send_counts), h))
         all_to_all_rows(back, expert_out.contiguous(), layout.send_counts, layout.recv_counts, group)
@@ -188,7 +192,7 @@ class AllToAllDispatcher:
             stop = min(start + block, t)
             idx = where[start * k : stop * k]
             rows = back.index_select(0, idx.clamp(min=0)).float()
-            if not on_input:
+            if not weighted:
                 rows = rows * w[start * k : stop * k]
             rows = torch.where((idx >= 0).unsqueeze(1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
             out[start:stop] = rows.view(stop - start, k, h).sum(dim=1).to(dtype)

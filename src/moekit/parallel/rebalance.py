@@ -19,7 +19,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from .comm import all_reduce_sum, global_rank
+from .agree import check_flags, failure_flag
+from .comm import all_gather_into, global_rank
 from .._checks import check_bool
 from ..experts.placement import physical_owners
 from .eplb import (Move, assign_slots, balancing_policy, hierarchical_redundancy_bound, imbalance, plan_weight_moves,
@@ -83,11 +84,16 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
     placement = experts.placement
     # the arguments, before any collective and whatever the window holds (round 53: with an empty window a num_nodes
     # that does not divide the EP group passed, and raised only once the layer had recorded load)
-    check_bool("reset_window", reset_window)
-    hierarchical_redundancy_bound(placement.num_logical, placement.ep_size, num_nodes)  # num_nodes: int >= 1 | W
-    load_t = state.window_load().clone()
+    try:
+        check_bool("reset_window", reset_window)
+        hierarchical_redundancy_bound(placement.num_logical, placement.ep_size, num_nodes)  # num_nodes: int >= 1 | W
+    except (TypeError, ValueError) as err:
+        if ex.ep_size > 1:  # the peers learn of it in the gather below, then this rank raises its own error
+            _agreed_load(state.window_load(), num_nodes, err, ex.ep_group, ex.ep_size)
+        raise
+    load_t = state.window_load()
     if ex.ep_size > 1:
-        all_reduce_sum(load_t, ex.ep_group)
+        load_t = _agreed_load(load_t, num_nodes, None, ex.ep_group, ex.ep_size)
     load = [int(v) for v in load_t.tolist()]
     old = list(placement.physical_to_logical)
     w, strategy = placement.ep_size, placement.strategy
@@ -120,6 +126,31 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
         "kept": reason is not None,
         "reason": reason,
     }
+
+
+def _agreed_load(load: torch.Tensor, num_nodes, err, group, size: int) -> torch.Tensor:
+    """The EP group's summed window load [E] int64, from one all-gather of ``[load | num_nodes | flag]`` per rank that
+    also agrees the call: a rank whose arguments failed sends its failure flag (:func:`~.agree.failure_flag`), and
+    its peers raise :class:`~.sync.PeerFailed` naming it; ranks that passed different ``num_nodes`` all raise
+    ``ValueError`` listing them (round 64: the first left its peers in the load's all-reduce, the second planned
+    different moves; both waited for the process group's timeout)."""
+    nodes = num_nodes if isinstance(num_nodes, int) and not isinstance(num_nodes, bool) else -1
+    row = torch.cat([load.to(torch.int64), load.new_tensor([nodes, 0 if err is None else failure_flag(err)],
+                                                           dtype=torch.int64)])
+    rows = row.new_empty(size * row.numel())
+    all_gather_into(rows, row, group)
+    if err is not None:
+        return load
+    rows = rows.view(size, -1)
+    flags = [int(f) for f in rows[:, -1].tolist()]
+    check_flags(flags, group, "EP", "in rebalance() (its arguments)",
+                "rebalance() raised on every rank of the group before anything moved")
+    given = [int(n) for n in rows[:, -2].tolist()]
+    if len(set(given)) > 1:
+        ranks = ", ".join(f"rank {r}: {n}" for r, n in enumerate(given))
+        raise ValueError(f"rebalance() needs the same num_nodes on every EP rank (the placement is computed on each); "
+                         f"got {ranks}")
+    return rows[:, :-2].sum(dim=0)
 
 
 def keep_reason(load, old, new, ep_size: int, strategy: str, nodes: tuple[int, int] | None = None) -> str | None:

@@ -143,6 +143,8 @@ class BaseRouter(torch.nn.Module):
         check_tensor("hidden_states", hidden_states)
         if hidden_states.dim() != 2:  # (round 63: [B, 1, H] broadcast the zero experts' term into [B, B, H])
             raise ValueError(f"hidden_states must have shape [T, H], got {list(hidden_states.shape)}")
+        if not hidden_states.is_floating_point():  # (round 64: zero experts' term of int hidden states was 0s)
+            raise TypeError(f"hidden_states must be a float tensor, got {hidden_states.dtype}")
         check_gating(router_logits, hidden_states.shape[0], self.num_logit_columns or self.global_num_experts)
         check_same_device("router_logits", router_logits, "hidden_states", hidden_states)
         indices_type = self.indices_type

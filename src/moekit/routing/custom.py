@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_callable, check_finite, declared_graph_safe
+from .._checks import check_callable, check_finite, check_same_device, declared_graph_safe
 from ..ops.experts import check_ids_in_range
 from ..ops.kernels import Kernels
 from ..types import RoutingMethodType, RoutingResult
@@ -65,7 +65,7 @@ class CustomRoutingRouter(BaseRouter):
     path (``kernels.checks_values``, the torch table) non-finite logits, non-finite returned weights
     and ids outside ``[0, E)`` raise ``ValueError`` (host synchronisations). On the kernel path these
     value checks are skipped: NaN / inf weights propagate into the layer output (the expert kernels
-    multiply by them), and an out-of-range id adds nothing (the Triton experts treat it as dead).
+    multiply by them), and an id outside ``[0, E)`` becomes -1, a dead slot that adds nothing (also under EP).
     """
 
     def __init__(self, top_k: int, global_num_experts: int, eplb_state=None,
@@ -122,6 +122,10 @@ class CustomRoutingRouter(BaseRouter):
         if not weights.is_floating_point():
             raise TypeError(f"custom_routing_function returned topk_weights of dtype {weights.dtype}; expected a float "
                             f"tensor")
+        for name, v in (("topk_weights", weights), ("topk_ids", ids)):  # (round 64: torch's device error, or a layer
+            check_same_device(f"{name} returned by custom_routing_function", v, "router_logits", router_logits)
+        if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no comparisons on CPU (round 64: the range
+            ids = ids.long()  # check raised NotImplementedError for uint32 ids)
         weights = weights.float()
         if reference:
             check_finite("topk_weights returned by custom_routing_function", weights)
@@ -129,7 +133,9 @@ class CustomRoutingRouter(BaseRouter):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         out = indices_type or torch.int32
-        if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:  # (round 61: an id of 2^32 + e wrapped to expert e)
-            ids = ids.long()  # (uint32 / uint64 have no comparisons on CPU)
-            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)  # device-only: no host read
+        if not reference:  # ids outside [0, E) are dead slots (-1), device-only: no host read. Round 61: an id of
+            # 2^32 + e wrapped to expert e in the int32 cast; round 64: an int32 id >= E raised IndexError under EP
+            if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:
+                ids = ids.long()
+            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)
         return RoutingResult(weights, ids.to(out))

@@ -1,0 +1,19 @@
+"""Round 64: fp16 all-to-all overflow, rebalance arguments agreed, custom ids past E under EP (see dist_checks_audit64)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_checks_audit64  # noqa: E402
+from dist_harness import assert_ok, cached_results, world_cases  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("name", world_cases(dist_checks_audit64, 2))
+def test_gloo_world2_audit64(name):
+    assert_ok(cached_results(dist_checks_audit64, 2), name)
