@@ -268,3 +268,43 @@ def test_zero_experts_with_the_weight_on_the_input_are_not_implemented():
     with pytest.raises(NotImplementedError, match="apply_router_weight_on_input"):
         moekit.FusedMoE(E, 1, H, I, zero_expert_type="identity", e_score_correction_bias=torch.zeros(E + 2),
                         apply_router_weight_on_input=True)
+
+
+# --- layers as ordinary nn.Modules (round 64's module-integration review)
+
+def test_replacing_routed_experts_runs_the_new_experts():
+    # the executor kept the replaced experts, now outside parameters(), state_dict() and .to(): they kept running
+    a, b = _loaded(moekit.FusedMoE(E, K, H, I), 1), _loaded(moekit.FusedMoE(E, K, H, I), 2)
+    x, logits = torch.randn(5, H), torch.randn(5, E)
+    want = b(x, logits)
+    a.routed_experts = b.routed_experts
+    torch.testing.assert_close(a(x, logits), want, rtol=0, atol=0)
+    a.routed_experts = moekit.FusedMoE(E, K, H, I).routed_experts  # never loaded: SPEC §1's RuntimeError
+    with pytest.raises(RuntimeError, match="load"):
+        a(x, logits)
+
+
+def test_replacing_routed_experts_of_an_eplb_layer_is_refused():
+    layer = _loaded(moekit.FusedMoE(E, K, H, I, enable_eplb=True))
+    with pytest.raises(ValueError, match="cannot be replaced"):
+        layer.routed_experts = _loaded(moekit.FusedMoE(E, K, H, I, enable_eplb=True)).routed_experts
+
+
+def test_router_called_as_a_module_and_its_hooks_warn():
+    # the router had no forward ("missing the required forward function"), and a hook on it never fired, silently
+    layer = _loaded(moekit.FusedMoE(E, K, H, I))
+    x, logits = torch.randn(3, H), torch.randn(3, E)
+    result = layer.router(x, logits)
+    w, ids = layer.router.select_experts(x, logits)
+    assert torch.equal(result.topk_ids, ids) and torch.equal(result.topk_weights, w)
+    with pytest.warns(UserWarning, match="calls its router's route\\(\\) directly"):
+        layer.router.register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match="forward_with_scores"):
+        layer.router.register_forward_pre_hook(lambda *a: None)
+
+
+def test_state_dict_of_other_sizes_names_the_sizes_not_parallelism():
+    small = _loaded(moekit.FusedMoE(E, K, H, I))
+    big = moekit.FusedMoE(E, K, H, 2 * I)
+    with pytest.raises(ValueError, match=rf"saved by a layer of other sizes\? this one has H = {H}, I = {2 * I}"):
+        big.load_state_dict(small.state_dict())

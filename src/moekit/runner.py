@@ -179,6 +179,14 @@ class MoERunner(torch.nn.Module):
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
 
     def __setattr__(self, name: str, value) -> None:
+        ex = self.__dict__.get("expert_executor")
+        if name == "routed_experts" and ex is not None and value is not ex.experts:  # (round 64: the executor kept
+            if type(ex) is not LocalExecutor:  # running the replaced experts, now outside parameters() and .to())
+                raise ValueError(f"routed_experts of a layer with a {type(ex).__name__} cannot be replaced (its "
+                                 f"placement and collectives belong to the experts it was built with): build a new layer")
+            ex.experts = value
+            if self.__dict__.get("_graphs") is not None and not _graph_safe(self.router, value, ex):
+                self.__dict__["_graphs"] = None
         super().__setattr__(name, value)  # a new module or setting: decide again what the graphs may hold
         if "_graph_plan" in self.__dict__ and name not in ("_graph_plan", "training"):
             self.__dict__["_graph_plan"] = None

@@ -76,9 +76,13 @@ def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...
     for name in experts.specs:  # torch copies the other keys and raises at the end: a half-loaded layer (review)
         t, mine = state_dict.get(prefix + name), getattr(experts, name)
         if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(mine.shape):
-            raise ValueError(f"layer {experts.layer_name!r}, state dict {prefix}{name}: shape {list(t.shape)}, this "
-                             f"rank holds {list(mine.shape)} (saved with another EP / TP size or "
-                             "num_redundant_experts?)")
+            pl = experts.placement  # (round 64: a single-process layer's wrong I blamed EP / TP)
+            parallel = pl.ep_size > 1 or pl.num_physical > pl.num_logical or pl.tp_size > 1
+            why = ("saved with another EP / TP size or num_redundant_experts?" if parallel else
+                   f"saved by a layer of other sizes? this one has H = {experts.moe_config.hidden_size}, "
+                   f"I = {experts.moe_config.intermediate_size}")
+            raise ValueError(f"layer {experts.layer_name or type(experts).__name__!r}, state dict {prefix}{name}: shape "
+                             f"{list(t.shape)}, this rank holds {list(mine.shape)} ({why})")
     saved = saved_p2l(state_dict, prefix)
     slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
     held = [n for n in slotted if prefix + n in state_dict]

@@ -155,6 +155,21 @@ class BaseRouter(torch.nn.Module):
             result = RoutingResult(result.topk_weights, ids, result.zero_scale)
         return result
 
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
+                input_ids: torch.Tensor | None = None) -> RoutingResult:
+        """``router(hidden_states, router_logits)``: :meth:`route`. A layer calls ``route`` itself (no module call
+        on its hot path), so forward hooks on a layer's router run only for such direct calls (registering one
+        warns: :meth:`register_forward_hook`)."""
+        return self.route(hidden_states, router_logits, input_ids=input_ids)
+
+    def register_forward_hook(self, hook, *args, **kwargs):
+        _warn_hook("register_forward_hook")
+        return super().register_forward_hook(hook, *args, **kwargs)
+
+    def register_forward_pre_hook(self, hook, *args, **kwargs):
+        _warn_hook("register_forward_pre_hook")
+        return super().register_forward_pre_hook(hook, *args, **kwargs)
+
     def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                        input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
@@ -168,6 +183,13 @@ class BaseRouter(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
+
+
+def _warn_hook(what: str) -> None:
+    """Round 64: a hook on ``layer.router`` never fired (the layer calls ``router.route``, not the module)."""
+    warnings.warn(f"router.{what}: a moekit layer calls its router's route() directly, not the module, so this hook "
+                  f"runs only when the router itself is called (router(x, logits)). To observe a layer's routing use "
+                  f"layer.forward_with_scores(...) or a hook on layer.gate (the logits).", UserWarning, stacklevel=3)
 
 
 def keep_bias_dtype(self, fn, recurse=True):
