@@ -264,10 +264,11 @@ def test_sigmoid_eps_routing_ties_go_to_the_lowest_id_whatever_the_batch():
 
 
 def test_zero_experts_with_the_weight_on_the_input_are_not_implemented():
-    # SPEC §1: an argument the build cannot honour raises NotImplementedError (was a ValueError)
-    with pytest.raises(NotImplementedError, match="apply_router_weight_on_input"):
+    # SPEC §1: an argument the build cannot honour raises NotImplementedError (was a ValueError: it is both now)
+    with pytest.raises(NotImplementedError, match="apply_router_weight_on_input") as info:
         moekit.FusedMoE(E, 1, H, I, zero_expert_type="identity", e_score_correction_bias=torch.zeros(E + 2),
                         apply_router_weight_on_input=True)
+    assert isinstance(info.value, ValueError)
 
 
 # --- layers as ordinary nn.Modules (round 64's module-integration review)

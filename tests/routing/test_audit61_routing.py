@@ -18,8 +18,7 @@ def test_zero_router_given_refuses_weight_on_input():
     # the edge: the keyword spelling refused zero experts with the weight on the input, router= took Z = 0 and
     # ran every masked zero slot through expert 0 on 0·x plus its biases (1.39 off an output of at most 1.26)
     router = moekit.ZeroExpertRouter(1, E, e_score_correction_bias=_zero_bias(True))
-    # (round 64: NotImplementedError, SPEC §1's error for an argument the build cannot honour; was ValueError)
-    with pytest.raises(NotImplementedError, match="zero experts .*apply_router_weight_on_input"):
+    with pytest.raises(ValueError, match="zero experts .*apply_router_weight_on_input"):
         moekit.FusedMoE(E, 1, H, I, router=router, apply_router_weight_on_input=True, has_bias=True, backend="torch")
 
 

@@ -113,14 +113,19 @@ def zero_expert_count(zero_expert_type, bias, num_experts: int, router=None) -> 
     return bias.shape[0] - num_experts
 
 
+class UnsupportedCombination(NotImplementedError, ValueError):
+    """Arguments SPEC §1 defines but this build cannot honour together: ``NotImplementedError`` (SPEC §1), and a
+    ``ValueError`` as before round 64 (code that caught that still does)."""
+
+
 def check_routing_combination(routing: dict, apply_router_weight_on_input: bool, num_zero_experts: int = 0) -> None:
     """Refuse routing arguments that the router priority order would otherwise drop silently
     (:func:`moekit.routing.factory.check_router_selectors`), and zero experts (``zero_expert_type`` or a given
     router's ``num_zero_experts``) with the weight on the input."""
     check_router_selectors(**routing)
     if (routing["zero_expert_type"] is not None or num_zero_experts) and apply_router_weight_on_input:
-        # SPEC §1 defines the result; this build cannot honour it: NotImplementedError (round 64: a ValueError)
-        raise NotImplementedError(
+        # SPEC §1 defines the result; this build cannot honour it: NotImplementedError (round 64; a ValueError too)
+        raise UnsupportedCombination(
             "zero experts (zero_expert_type, or a router with num_zero_experts > 0) cannot be combined with "
             "apply_router_weight_on_input=True in this build: a masked zero-expert slot (id 0, weight 0) would still "
             "run expert 0 on 0·x and add its biases"

@@ -26,6 +26,7 @@ from .._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    host_sync_allowed,
     values_checkable,
 )
 from ._eager import rounded
@@ -271,7 +272,7 @@ def experts_reference(
     local_map = expert_map.long() if expert_map is not None else None
     # compiling or capturing a CUDA graph: the eager loop's host reads are refused; meta tensors hold no values to
     # read (round 64: a meta layer's forward raised "item() cannot be called on meta tensors")
-    if not values_checkable(x):
+    if not host_sync_allowed() or x.device.type == "meta":
         dense = p.top_k * (2 * p.hidden + 3 * p.inter) * 4 + p.top_k * 16  # (the dense chunks' count, as before)
         most = max(1, workspace_bytes // (dense + (2 * p.inter + p.hidden) * 4))
         # one guard (T <= most), not T itself: one graph serves every T up to the bound; above it, one per power of two
