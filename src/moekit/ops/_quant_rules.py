@@ -55,15 +55,22 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.
 
 
 def fp8_scale(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
-    """``S = amax / 448`` (ue8m0: ``2^ceil(log2(amax / 448))``); ``amax == 0 -> S = 1``. Same dtype as amax.
+    """``S = amax / 448`` (ue8m0: ``2^ceil(log2(amax / 448))``); ``amax == 0 -> S = 1``; a non-zero ``amax`` whose
+    ``S`` underflows to 0 gets the dtype's smallest subnormal. Same dtype as amax.
 
     The quotient is the correctly rounded one on every device: PyTorch's CUDA division by a Python scalar
     multiplies by the rounded reciprocal (``amax · fl(1/448)``, one ulp off for some inputs), which moved
     the CUDA twin 1.6e-2 away from the CPU twin and the kernels (measured on an H200); a tensor divisor
     takes the IEEE division path on both, as the kernels' ``amax / 448`` does."""
     s = amax / torch.full_like(amax, E4M3_MAX)
-    if ue8m0:
-        s = torch.where(s > 0, _pow2_ceil(s.clamp_min(torch.finfo(s.dtype).tiny)), s)
+    if ue8m0:  # the exponent of the float64 quotient: exact below float32's normal range too (round 64: clamped to
+        # 2^-126, the SPEC's 2^ceil(log2(amax / 448)) lost); a float32 quotient never crosses a power of two there
+        t = amax.double() / E4M3_MAX
+        s = torch.where(t > 0, _pow2_ceil(t), t).to(amax.dtype)
+    # a non-zero amax whose quotient underflows (amax < ~6e-43 in float32): the dtype's smallest subnormal, not 0
+    # (round 64: S = 0 gave NaN codes and a NaN layer output from finite weights); W / S still stays <= 448
+    finfo = torch.finfo(amax.dtype)
+    s = torch.where((s == 0) & (amax > 0), torch.full_like(s, finfo.tiny * finfo.eps), s)
     return torch.where(amax == 0, torch.ones_like(s), s)
 
 

@@ -238,9 +238,9 @@ def experts_reference(
     topk_ids: [T, K] int in [0, E); w1_bias: [E_local, 2I | I]; w2_bias: [E_local, H];
     expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
 
-    Precision mirrors the kernels: GEMMs in the input dtype (fp32 accumulation; fp16 ones and their biases in
-    fp32, whose fp16 products could overflow), the activation in fp32 then rounded to the input dtype, the
-    weighting and the top-k sum in fp32, one final rounding.
+    Precision: GEMMs in the input dtype (fp32 accumulation, the product rounded to it where the kernels keep fp32;
+    fp16 ones in fp32, whose fp16 products could overflow), the biases added in fp32, the activation in fp32 then
+    rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
     Slots with weight exactly 0 (masked zero experts) are skipped on the output-weighted path: they
     add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
     does not depend on the rest of the batch's routing. Tokens run in chunks sized so that the
@@ -319,18 +319,21 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     fp16 runs both GEMMs and the biases in float32 (round 49): their fp16 products overflowed where the kernels'
     fp32 accumulators do not (a gate pre-activation of -1e5 rounded to -inf, then silu gave NaN; an unweighted
     expert output of 1.6e5 became inf before its 0.25 weight). bf16 shares float32's range: its GEMMs stay in bf16
-    (fp32 accumulation, one rounding of the product; the bias added in bf16), which keeps a row's bits the same
-    in batches of moderate size on the CPU (float32 CPU GEMMs not even there: their blocking follows the row count;
-    SPEC §9 asks the torch path for agreement within the tolerances, bits of the Triton path only)."""
+    (fp32 accumulation, one rounding of the product), which keeps a row's bits the same in batches of moderate size
+    on the CPU (float32 CPU GEMMs not even there: their blocking follows the row count; SPEC §9 asks the torch path
+    for agreement within the tolerances, bits of the Triton path only); the biases are added in fp32 to the rounded
+    product, as the kernels add them to their fp32 accumulator (round 64: a bf16 add rounded twice, 1.6e-2 relative
+    RMS from the float64 math on small decode shapes with biases, past SPEC §4's 1e-2)."""
     up = (lambda t: t.float()) if dtype == torch.float16 else (lambda t: t)  # fp16: every operand in fp32
+    acc = acc_dtype(dtype)
     h = up(xin) @ up(w1[e]).t()
     if b1 is not None:
-        h = h + up(b1[e])
+        h = h.to(acc) + b1[e].to(acc)
     a = rounded(apply_activation_torch(h, p.activation, swiglu_limit), dtype)  # (fp16: kept under compile)
     del h  # (freed before the output's buffers: the scratch bound counts the larger phase only)
     o = up(a) @ up(w2[e]).t()
     if b2 is not None:
-        o = o + up(b2[e])
+        o = o.to(acc) + b2[e].to(acc)
     return o.to(acc_dtype(o.dtype))  # (float64 stays: round 63, the float64 oracle computed in float32)
 
 

@@ -12,7 +12,7 @@ run in its format's math:
   sum in fp32 → ``params_dtype``.
 - weight-only (``mxfp4`` / ``int4_group``): the dequantised weight in ``params_dtype`` and exactly the
   bf16 twin's math (:func:`.experts.fused_experts_torch`): GEMMs in ``params_dtype`` with fp32
-  accumulation, bias in ``params_dtype``, activation in fp32 rounded to ``params_dtype``, weighting and
+  accumulation, bias added in fp32, activation in fp32 rounded to ``params_dtype``, weighting and
   the top-k sum in fp32.
 
 Memory stays bounded: tokens run in chunks (scratch under ``workspace_bytes``) and experts are
@@ -74,7 +74,12 @@ class _QuantExperts:
         return dequantize_fp8_activations(xq, s, self.group, dtype=self.gemm_dtype)
 
     def _bias(self, h: torch.Tensor, bias, e: int) -> torch.Tensor:
-        return h if bias is None else h + bias[e].to(h.dtype)
+        """``h + bias`` in fp32 (float64: float64): the GEMM's product as it is, the bias not rounded to it (round
+        64: a bf16 add rounded twice; the kernels add biases to their fp32 accumulator)."""
+        if bias is None:
+            return h
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return h.to(acc) + bias[e].to(acc)
 
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.weights(e)
