@@ -206,7 +206,7 @@ def test_graphs_hold_only_graph_safe_norms():
     # _moekit_graph_safe (moekit's RMSNorm / ExpertRMSNorm), watch it, and see its parameters' grad
     from moekit.experts.graphed_plan import graph_plan
     from moekit.loading.blocks import ExpertRMSNorm
-    from moekit.runner import _graph_safe
+    from moekit.runner_graphs import graph_safe as _graph_safe
 
     safe = ExpertRMSNorm(E, H)
     for norm, ok in ((_Norm(), False), (_PerExpertNorm(), False), (safe, True)):

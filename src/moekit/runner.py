@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_float_dtype, check_device, check_int, declared_graph_safe
+from ._checks import as_float_dtype, check_device, check_int
 from .config import MoEConfig
 from .experts.executor import LocalExecutor
 from .experts.graphed import GraphCache
@@ -38,6 +38,7 @@ from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
+from .runner_graphs import before_swap, graph_safe
 from .runner_checks import (check_hidden, check_routed_input, check_runner_args, guard_placement,
                             compute_router_logits, input_width, ran, router_logits_for)
 
@@ -48,15 +49,6 @@ from .runner_checks import (check_hidden, check_routed_input, check_runner_args,
 #: GPU-bound: Qwen3 T = 64 host 292 vs GPU 300 µs on the H200). Layers that share a GraphPool (loaded or
 #: patched models) get experts/graphed.MODEL_GRAPH_TOKENS: 2048.
 DEFAULT_EAGER_GRAPH_TOKENS = 8
-
-
-def _graph_safe(router: BaseRouter, experts: RoutedExperts, executor) -> bool:
-    """The routed path may be captured: Triton kernels (no host syncs), no collectives, a router
-    that only enqueues device work (moekit's kernels or a routing function declared graph-safe; no hash
-    input-id checks, no EPLB map), and no expert output norm or one declared graph-safe (moekit's norms)."""
-    norm = experts.expert_output_norm
-    return (experts.backend == "triton" and isinstance(executor, LocalExecutor) and router.capturable
-            and router.eplb_state is None and (norm is None or declared_graph_safe(norm)))
 
 
 class MoERunner(torch.nn.Module):
@@ -174,19 +166,13 @@ class MoERunner(torch.nn.Module):
         self.expert_mapping = check_expert_mapping(expert_mapping)
         check_int("eager_graph_tokens", eager_graph_tokens, minimum=0)
         self._graphs = None
-        if eager_graph_tokens and _graph_safe(router, routed_experts, expert_executor):
+        if eager_graph_tokens and graph_safe(router, routed_experts, expert_executor):
             self._graphs = GraphCache(eager_graph_tokens, graph_pool, buckets=router.batch_invariant)
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
 
     def __setattr__(self, name: str, value) -> None:
-        ex = self.__dict__.get("expert_executor")
-        if name == "routed_experts" and ex is not None and value is not ex.experts:  # (round 64: the executor kept
-            if type(ex) is not LocalExecutor:  # running the replaced experts, now outside parameters() and .to())
-                raise ValueError(f"routed_experts of a layer with a {type(ex).__name__} cannot be replaced (its "
-                                 f"placement and collectives belong to the experts it was built with): build a new layer")
-            ex.experts = value
-            if self.__dict__.get("_graphs") is not None and not _graph_safe(self.router, value, ex):
-                self.__dict__["_graphs"] = None
+        if name in ("routed_experts", "router"):
+            before_swap(self, name, value)
         super().__setattr__(name, value)  # a new module or setting: decide again what the graphs may hold
         if "_graph_plan" in self.__dict__ and name not in ("_graph_plan", "training"):
             self.__dict__["_graph_plan"] = None

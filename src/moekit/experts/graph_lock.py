@@ -101,8 +101,9 @@ class GraphPool:
         """``graphs`` were dropped; when none is left the next capture takes a fresh handle (see
         :meth:`~.graphed.GraphCache.clear`)."""
         self._live = max(0, self._live - graphs)
-        if self._live == 0:
+        if self._live == 0:  # no graph reads the static buffers any more: their memory goes too (round 64: kept)
             self._handle = None
+            self._buffers.clear()
 
     # a copied or pickled layer gets a pool of its own
     def __deepcopy__(self, memo):

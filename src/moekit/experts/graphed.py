@@ -356,6 +356,10 @@ class GraphCache:
         self._buffers.clear()
         self._state = None
 
+    def __del__(self) -> None:  # a cache dropped uncleared (its layer deleted) gives its graphs back to the pool
+        if isinstance(self.pool, GraphPool) and self._entries:
+            self.pool.release(len(self._entries))
+
     # copies and pickles carry the settings, never graphs or a pool
     def __getstate__(self) -> dict:
         return {"max_tokens": self.max_tokens, "pool": None, "buckets": self.buckets}
@@ -365,3 +369,31 @@ class GraphCache:
 
     def __repr__(self) -> str:
         return f"GraphCache(max_tokens={self.max_tokens}, buckets={self.buckets}, graphs={len(self._entries)})"
+
+
+def router_trains(router) -> bool:  # a parameter of the router or its children (a routing module's) requires grad
+    return any(p is not None and p.requires_grad for m in router.modules() for p in m._parameters.values())
+
+
+def global_hooks() -> bool:  # hooks for every module (register_module_forward_hook): a capture only would run them
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def pack_scores(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[T, W]`` routed output and ``[T, K]`` float32 weights -> ``[T, C + W]`` of the routed dtype, the weights'
+    bits first (``C`` = 2K columns of a 16-bit dtype, K of float32; a float64 output takes them as values)."""
+    if routed.element_size() == 2:  # (float() first: a routing function's weights in another dtype)
+        w = weights.float().contiguous().view(routed.dtype)
+    else:
+        w = weights.to(routed.dtype)
+    return torch.cat([w, routed], dim=1)
+
+
+def unpack_scores(packed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_scores` undone: ``(routed [T, W], weights [T, K] float32)``, each a fresh contiguous tensor
+    (``packed`` may be a graph's static output, which the next replay overwrites)."""
+    c = 2 * k if packed.element_size() == 2 else k
+    head = packed[:, :c].contiguous()
+    weights = head.view(torch.float32) if packed.element_size() == 2 else head.float()
+    return packed[:, c:].contiguous(), weights

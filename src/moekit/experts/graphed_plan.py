@@ -69,7 +69,8 @@ from operator import itemgetter
 import torch
 
 from .._checks import declared_graph_safe
-from .graphed import GraphCache, inputs_want_grad, tensor_key, watched_fingerprint
+from .graphed import (GraphCache, global_hooks, inputs_want_grad, pack_scores, router_trains, tensor_key,  # noqa: F401
+                      unpack_scores, watched_fingerprint)
 
 _Linear = torch.nn.Linear
 
@@ -80,7 +81,7 @@ class GraphPlan:
     whose tensors the graphs read by address."""
 
     __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "bucket_gate", "inner", "_tensors",
-                 "_children", "_configured", "_readers")
+                 "_children", "_configured", "_readers", "_hooks", "_layout", "blocked")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
                  bucket_gate=None, inner: tuple = (), parents: tuple = ()):
@@ -91,18 +92,43 @@ class GraphPlan:
         self.router = router  # the layer's, read here without nn.Module.__getattr__
         self.bucket_gate = bucket_gate
         self.inner = inner  # user-facing modules inside every graph of the routed path (an expert output norm)
-        self._tensors = tuple(d for m in watched for d in (m._parameters, m._buffers))  # stable dict objects
-        # children whose identity the graphs bake in: the folded and inner modules', and ``parents``' (the
-        # routed experts: a norm swapped there)
-        self._children = tuple(m._modules for m in (*folded, *inner, *parents))
+        # stable dict objects; the bucket gate's too (round 64: its weight replaced was not seen)
+        self._tensors = tuple(d for m in self.watched for d in (m._parameters, m._buffers))
+        # children whose identity the graphs bake in: the folded and inner modules', ``parents``' (the routed
+        # experts: a norm swapped there) and the router's (round 64: a routing-function module swapped was not seen)
+        routing = tuple(router.modules()) if router is not None else ()
+        self._children = tuple(m._modules for m in (*folded, *inner, *parents, *routing))
+        # forward (pre-)hooks of every module a graph runs: a module with hooks is never folded (graph_plan), and a
+        # hook on a module every graph runs (the experts, their norm, a routing module) keeps the graphs off
+        # (``blocked``): a replay would skip it (round 64: hooks ran at capture only)
+        inside = (*parents, *inner, *routing)
+        self._hooks = tuple(d for m in (*inside, *folded, *extra) for d in (m._forward_hooks, m._forward_pre_hooks))
+        self.blocked = any(m._forward_hooks or m._forward_pre_hooks for m in inside)
+        self._layout = self.layout()
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, the folded modules and the inner ones
         self._configured = (*(router.modules() if router is not None else ()), *folded, *extra, *inner)
         self._readers = _settings_readers(self._configured)
 
+    def usable(self, experts) -> bool:
+        """Graphs may run now: no hook on a module every graph runs, and the experts' output norm (swapped since
+        the layer was built, maybe) declared graph-safe (round 64: a user norm swapped in was captured)."""
+        norm = experts.expert_output_norm
+        return not self.blocked and (norm is None or declared_graph_safe(norm))
+
     def fingerprint(self) -> tuple:
         """Data pointers of the watched tensors, identity of the folded modules' children."""
         return watched_fingerprint(self._tensors, self._children)
+
+    def layout(self) -> tuple:
+        """What the plan itself was decided from: the children of its modules and their hooks (by handle id: a hook
+        removed and another added is a change)."""
+        return (tuple(m for d in self._children for m in d.values()), tuple(tuple(d) for d in self._hooks))
+
+    def stale(self) -> bool:
+        """A child swapped or a hook added / removed since the plan was made: the fold rule must run again (round 64:
+        a folded module's new child, or a non-graph-safe norm, was kept in a plan made for the old one)."""
+        return self.layout() != self._layout
 
     @property
     def folds(self) -> bool:
@@ -134,13 +160,22 @@ class GraphPlan:
         attribute names are read once (:func:`_settings_readers`) and again when a module's ``__dict__``
         changes size (an attribute added or deleted): a call reads the values by one ``itemgetter`` per module."""
         try:
-            out = tuple((len(d), get(d), len(fh), len(fph)) for d, n, get, fh, fph in self._readers if len(d) == n)
+            out = tuple((len(d), _plain(get(d)), len(fh), len(fph)) for d, n, get, fh, fph in self._readers
+                        if len(d) == n)
             if len(out) == len(self._readers):
                 return out
         except KeyError:  # a public attribute deleted and another added (same size)
             pass
         self._readers = _settings_readers(self._configured)
-        return tuple((len(d), get(d), len(fh), len(fph)) for d, n, get, fh, fph in self._readers)
+        return tuple((len(d), _plain(get(d)), len(fh), len(fph)) for d, n, get, fh, fph in self._readers)
+
+
+def _plain(values: tuple) -> tuple:
+    """Settings as compared: a tensor attribute by its identity and address (round 64: ``==`` of two tensors raised
+    "Boolean value of Tensor ... is ambiguous", and equal one-element tensors hid a new address)."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return values
+    return tuple((id(v), v.data_ptr()) if isinstance(v, torch.Tensor) else v for v in values)
 
 
 def _settings_readers(modules) -> tuple:
@@ -150,13 +185,18 @@ def _settings_readers(modules) -> tuple:
     for m in modules:
         d = m.__dict__
         keys = [k for k in d if k[0] != "_" and k != "training"]
-        get = itemgetter(*keys) if keys else _nothing
+        get = _nothing if not keys else itemgetter(*keys) if len(keys) > 1 else _one(keys[0])
         out.append((d, len(d), get, m._forward_hooks, m._forward_pre_hooks))
     return tuple(out)
 
 
 def _nothing(_d) -> tuple:
     return ()
+
+
+def _one(key):
+    """A getter of one attribute as a 1-tuple (``itemgetter`` of one key gives the bare value)."""
+    return lambda d: (d[key],)
 
 
 def _exact_linear(m) -> bool:
@@ -169,19 +209,25 @@ def _safe_module(m) -> bool:
     return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
 
 
+def _hooked(m) -> bool:
+    """Forward (pre-)hooks on module ``m``: it is never folded (a graph would run them at capture only)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def gate_foldable(gate) -> bool:
-    """An exact ``nn.Linear`` or moekit's ``RouterLinear`` (plain torch ops on its own weights)."""
-    return gate is not None and (type(gate) is _Linear or _safe_module(gate))
+    """An exact ``nn.Linear`` or moekit's ``RouterLinear`` (plain torch ops on its own weights), without hooks."""
+    return gate is not None and (type(gate) is _Linear or _safe_module(gate)) and not _hooked(gate)
 
 
 def shared_foldable(shared, shared_gate) -> bool:
     """No shared experts, or moekit's ``SharedMLP`` of exact ``nn.Linear`` children or graph-safe ones (its
-    output ``RMSNorm``) (+ an exact ``nn.Linear`` gate, or none)."""
+    output ``RMSNorm``) (+ an exact ``nn.Linear`` gate, or none), none of them with hooks."""
     if shared is None:
         return True
-    if not _safe_module(shared) or not all(_exact_linear(c) or _safe_module(c) for c in shared.children()):
+    if not _safe_module(shared) or _hooked(shared) or \
+            not all((_exact_linear(c) or _safe_module(c)) and not _hooked(c) for c in shared.children()):
         return False
-    return shared_gate is None or _exact_linear(shared_gate)
+    return shared_gate is None or (_exact_linear(shared_gate) and not _hooked(shared_gate))
 
 
 def graph_plan(layer) -> GraphPlan:
@@ -224,11 +270,27 @@ def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
     (this one runs eagerly: the same kernels, :mod:`.graph_lock`). (Round 51: a plain function, not a generator
     context manager: about a microsecond less per eager call.)"""
     graphs = layer._graphs
-    if graphs is None or torch.compiler.is_compiling() or not layer._modules["router"].capturable:
+    router = layer._modules["router"]
+    if graphs is None or torch.compiler.is_compiling() or not router.capturable:
         return None
-    if torch.is_grad_enabled() and _training(layer._modules["routed_experts"]):
-        return None  # expert weights (or an output norm) being trained (round 58): a replay would drop their grads
+    experts = layer._modules["routed_experts"]
+    if torch.is_grad_enabled() and (_training(experts) or router_trains(router)):
+        return None  # expert weights (or an output norm, or a routing module's parameter: Gemma 4's per-expert
+        # scale, round 64) being trained (round 58): a replay would drop their grads
+    if global_hooks() or not _current_plan(layer).usable(experts):
+        return None
+    if _autocast() and getattr(router, "custom_routing_function", None) is not None:
+        return None  # a routing function's torch ops follow autocast, which a graph would bake in (round 64)
     return graphs if graphs.lock.take(hidden_states) else None
+
+
+def _current_plan(layer) -> GraphPlan:
+    """The layer's plan, made again when a child of its modules was swapped or a hook added / removed
+    (:meth:`GraphPlan.stale`); the graphs' state then differs, so they are dropped at the next check."""
+    plan = layer._graph_plan
+    if plan is None or plan.stale():
+        plan = layer._make_graph_plan()
+    return plan
 
 
 def _training(experts) -> bool:
@@ -296,8 +358,10 @@ def capture_whole(layer, graphs: GraphCache, hidden_states, router_logits):
         return None, graphs
     if plan.folded and (_autocast() or (torch.is_grad_enabled() and plan.wants_grad(hidden_states, router_logits))):
         return None, graphs  # the folded modules must run eagerly now: route -> experts may still replay
-    graphs.sync_state(layer._graph_state())
     key = (tensor_key(hidden_states), tensor_key(router_logits))
+    if False in key:  # a tensor subclass: no key of its own (round 64: every subclass shared one, False == False)
+        return None, graphs
+    graphs.sync_state(layer._graph_state())
     inputs = (hidden_states,) if router_logits is None else (hidden_states, router_logits)
     return graphs.capture(key, lambda h, lg=None: layer._forward(h, lg, None, None), inputs), None
 
@@ -329,22 +393,3 @@ def route_graphed(layer, hidden_states, h, router_logits, input_ids, graphs, sco
             else None
         out = graphs(fn, x, logits, layer._graph_state(), direct=direct, **kw)
     return unpack_scores(out, layer.router.top_k) if scores else (out, None)
-
-
-def pack_scores(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[T, W]`` routed output and ``[T, K]`` float32 weights -> ``[T, C + W]`` of the routed dtype, the weights'
-    bits first (``C`` = 2K columns of a 16-bit dtype, K of float32; a float64 output takes them as values)."""
-    if routed.element_size() == 2:  # (float() first: a routing function's weights in another dtype)
-        w = weights.float().contiguous().view(routed.dtype)
-    else:
-        w = weights.to(routed.dtype)
-    return torch.cat([w, routed], dim=1)
-
-
-def unpack_scores(packed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pack_scores` undone: ``(routed [T, W], weights [T, K] float32)``, each a fresh contiguous tensor
-    (``packed`` may be a graph's static output, which the next replay overwrites)."""
-    c = 2 * k if packed.element_size() == 2 else k
-    head = packed[:, :c].contiguous()
-    weights = head.view(torch.float32) if packed.element_size() == 2 else head.float()
-    return packed[:, c:].contiguous(), weights
