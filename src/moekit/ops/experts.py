@@ -239,7 +239,7 @@ def experts_reference(
     expert_map: [E] int in [-1, E_local). returns: [T, H] dtype of x.
 
     Precision: GEMMs in the input dtype (fp32 accumulation, the product rounded to it where the kernels keep fp32;
-    fp16 ones in fp32, whose fp16 products could overflow), the biases added in fp32, the activation in fp32 then
+    fp16 ones in fp32, whose fp16 products could overflow), the w13 bias added in fp32, the activation in fp32 then
     rounded to the input dtype, the weighting and the top-k sum in fp32, one final rounding.
     Slots with weight exactly 0 (masked zero experts) are skipped on the output-weighted path: they
     add exactly 0 for finite expert outputs. The top-k sum runs in slot order, so a token's output
@@ -321,9 +321,10 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     expert output of 1.6e5 became inf before its 0.25 weight). bf16 shares float32's range: its GEMMs stay in bf16
     (fp32 accumulation, one rounding of the product), which keeps a row's bits the same in batches of moderate size
     on the CPU (float32 CPU GEMMs not even there: their blocking follows the row count; SPEC §9 asks the torch path
-    for agreement within the tolerances, bits of the Triton path only); the biases are added in fp32 to the rounded
-    product, as the kernels add them to their fp32 accumulator (round 64: a bf16 add rounded twice, 1.6e-2 relative
-    RMS from the float64 math on small decode shapes with biases, past SPEC §4's 1e-2)."""
+    for agreement within the tolerances, bits of the Triton path only); the w13 bias is added in fp32 to the rounded
+    product and the activation reads that sum unrounded, as the kernels' fp32 accumulator (round 64: a bf16 add rounded
+    h twice, 1.6e-2 relative RMS from the float64 math on small decode shapes with biases, past SPEC §4's 1e-2); the
+    w2 bias is added in the input dtype (one rounding of the fp32 sum)."""
     up = (lambda t: t.float()) if dtype == torch.float16 else (lambda t: t)  # fp16: every operand in fp32
     acc = acc_dtype(dtype)
     h = up(xin) @ up(w1[e]).t()
@@ -332,8 +333,8 @@ def _expert_rows(xin, w1, w2, b1, b2, e: int, p, swiglu_limit, dtype) -> torch.T
     a = rounded(apply_activation_torch(h, p.activation, swiglu_limit), dtype)  # (fp16: kept under compile)
     del h  # (freed before the output's buffers: the scratch bound counts the larger phase only)
     o = up(a) @ up(w2[e]).t()
-    if b2 is not None:
-        o = o.to(acc) + b2[e].to(acc)
+    if b2 is not None:  # (in the input dtype: one rounding of the fp32 sum, the bits the all-to-all EP path's
+        o = o + up(b2[e])  # experts return before their fp32 weighting, so it stays bit-exact: docs/parallel.md)
     return o.to(acc_dtype(o.dtype))  # (float64 stays: round 63, the float64 oracle computed in float32)
 
 

@@ -12,7 +12,7 @@ run in its format's math:
   sum in fp32 → ``params_dtype``.
 - weight-only (``mxfp4`` / ``int4_group``): the dequantised weight in ``params_dtype`` and exactly the
   bf16 twin's math (:func:`.experts.fused_experts_torch`): GEMMs in ``params_dtype`` with fp32
-  accumulation, bias added in fp32, activation in fp32 rounded to ``params_dtype``, weighting and
+  accumulation, the w13 bias added in fp32, activation in fp32 rounded to ``params_dtype``, weighting and
   the top-k sum in fp32.
 
 Memory stays bounded: tokens run in chunks (scratch under ``workspace_bytes``) and experts are
@@ -73,17 +73,19 @@ class _QuantExperts:
         xq, s = quantize_fp8_activations(x, self.group, ue8m0=self.ue8m0, static_scale=static_scale)
         return dequantize_fp8_activations(xq, s, self.group, dtype=self.gemm_dtype)
 
-    def _bias(self, h: torch.Tensor, bias, e: int) -> torch.Tensor:
-        """``h + bias`` in fp32 (float64: float64): the GEMM's product as it is, the bias not rounded to it (round
-        64: a bf16 add rounded twice; the kernels add biases to their fp32 accumulator)."""
+    def _bias(self, h: torch.Tensor, bias, e: int, acc: bool = False) -> torch.Tensor:
+        """``h + bias``; ``acc``: in fp32 (float64: float64), for the w13 output the activation reads (round 64: a
+        bf16 add rounded it twice; the kernels add the bias to their fp32 accumulator), else in ``h``'s dtype."""
         if bias is None:
             return h
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        return h.to(acc) + bias[e].to(acc)
+        if not acc:
+            return h + bias[e].to(h.dtype)
+        dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return h.to(dt) + bias[e].to(dt)
 
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.weights(e)
-        h = self._bias(self._input(x, self.in_scales[0]).to(w1.dtype) @ w1.t(), self.b1, e)
+        h = self._bias(self._input(x, self.in_scales[0]).to(w1.dtype) @ w1.t(), self.b1, e, acc=True)
         a = rounded(apply_activation_torch(h, self.p.activation, self.limit), self.dtype)  # (kept under compile)
         o = self._bias(self._input(a, self.in_scales[1]).to(w2.dtype) @ w2.t(), self.b2, e)
         return o.float() if o.dtype != torch.float64 else o
