@@ -38,7 +38,7 @@ from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
 from .routing.base import BaseRouter
-from .runner_graphs import before_swap, graph_safe
+from .runner_graphs import before_swap, graph_safe, graph_state
 from .runner_checks import (check_hidden, check_routed_input, check_runner_args, guard_placement,
                             compute_router_logits, input_width, ran, router_logits_for)
 
@@ -170,6 +170,12 @@ class MoERunner(torch.nn.Module):
             self._graphs = GraphCache(eager_graph_tokens, graph_pool, buckets=router.batch_invariant)
         self._graph_plan: GraphPlan | None = None  # what the graphs may fold: made at the first forward
 
+    def add_module(self, name: str, module) -> None:  # (round 64: add_module / register_module bypassed before_swap)
+        if name in ("routed_experts", "router"):
+            before_swap(self, name, module)
+            self.__dict__["_graph_plan"] = None
+        super().add_module(name, module)
+
     def __setattr__(self, name: str, value) -> None:
         if name in ("routed_experts", "router"):
             before_swap(self, name, value)
@@ -185,7 +191,7 @@ class MoERunner(torch.nn.Module):
         on a layer that may graph (its graphs are dropped); a layer that never graphs (torch backend,
         collectives, hash routing, a routing function not declared graph-safe) stays at 0, and one whose
         router is not batch invariant (a graph-safe routing function) at most 8 (exact-T graphs)."""
-        return self._graphs.limit if self._graphs is not None else 0
+        return self._graphs.limit if self._graphs is not None and not self._graphs.off else 0
 
     @eager_graph_tokens.setter
     def eager_graph_tokens(self, tokens: int) -> None:
@@ -348,13 +354,7 @@ class MoERunner(torch.nn.Module):
         self.__dict__["_graph_plan"] = plan = graph_plan(self)
         return plan
 
-    def _graph_state(self) -> tuple:
-        """What the graphs read besides their inputs (a change drops them): the routing settings, the
-        data pointers of the watched modules' tensors and the public settings of the router (and its
-        children) and of the folded modules."""
-        plan = self._graph_plan or self._make_graph_plan()
-        r = plan.router
-        return (r.indices_type, getattr(r, "spec", None), self.moe_config, plan.fingerprint(), plan.settings())
+    _graph_state = graph_state  # what the graphs read besides their inputs (a change drops them)
 
     def _apply(self, fn, *args, **kwargs):
         if self._graphs is not None:  # .to() / .cuda() / .half(): drop the graphs (and their memory) first

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ._checks import declared_graph_safe
 from .experts.executor import LocalExecutor
 
@@ -22,7 +24,7 @@ def before_swap(layer, name: str, value) -> None:
     experts cannot be replaced: ``ValueError``), and the graphs are dropped, kept only where the new module may be
     graphed, and bucketed as the (new) router allows (round 64: a router swapped in kept the old one's buckets)."""
     ex = layer.__dict__.get("expert_executor")
-    if ex is None:  # (being built)
+    if ex is None or not isinstance(value, torch.nn.Module):  # (being built; or torch refuses the value itself)
         return
     experts = value if name == "routed_experts" else layer.routed_experts
     router = value if name == "router" else layer.router
@@ -32,8 +34,23 @@ def before_swap(layer, name: str, value) -> None:
                              f"and collectives belong to the experts it was built with): build a new layer")
         ex.experts = value
     graphs = layer.__dict__.get("_graphs")
-    if graphs is not None:
+    if graphs is not None:  # kept (off while the modules may not be graphed): a swap back turns it on again
         graphs.clear()
-        if not graph_safe(router, experts, ex):
-            layer.__dict__["_graphs"] = None
+        graphs.off = not graph_safe(router, experts, ex)
         graphs.buckets = bool(getattr(router, "batch_invariant", False))
+
+
+def graph_state(layer) -> tuple:
+    """What the layer's graphs read besides their inputs (a change drops them): the routing settings, the data
+    pointers of the watched modules' tensors, and the public settings and hook handles of the router (and its
+    children) and of the folded modules. When it changed and the plan is stale (a child of its modules swapped or a
+    hook added / removed), the plan is made again first (round 64: a folded module's new child, or a hooked one, was
+    kept in the plan made for the old ones)."""
+    plan = layer._graph_plan or layer._make_graph_plan()
+    state = (plan.router.indices_type, getattr(plan.router, "spec", None), layer.moe_config, plan.fingerprint(),
+             plan.settings())
+    graphs = layer._graphs
+    if graphs is not None and state != graphs._state and plan.stale():
+        layer._make_graph_plan()
+        return graph_state(layer)
+    return state

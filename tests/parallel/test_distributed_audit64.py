@@ -1,4 +1,4 @@
-"""Round 64: fp16 all-to-all overflow, rebalance arguments agreed, custom ids past E under EP (see dist_checks_audit64)."""
+"""Round 64: fp16 all-to-all overflow, rebalance arguments agreed, custom ids past E under EP (dist_checks_audit64)."""
 
 from __future__ import annotations
 

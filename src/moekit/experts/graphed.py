@@ -203,6 +203,7 @@ class GraphCache:
         self.max_tokens = check_int("eager_graph_tokens", max_tokens, minimum=0)
         self.pool = pool
         self.buckets = bool(buckets)  # False: exact-T graphs only (T <= 8), for a router not batch invariant
+        self.off = False  # True while its owner's modules may not be graphed (a swapped-in router or experts)
         self._entries: dict[Hashable, _Entry] = {}
         self._direct: dict[Hashable, _Entry] = {}  # the caller's input key -> the bucket graph it replays
         self._buffers: dict[Hashable, torch.Tensor] = {}  # the bucket graphs' buffers (without a GraphPool)
@@ -357,27 +358,19 @@ class GraphCache:
         self._state = None
 
     def __del__(self) -> None:  # a cache dropped uncleared (its layer deleted) gives its graphs back to the pool
-        if isinstance(self.pool, GraphPool) and self._entries:
+        if isinstance(getattr(self, "pool", None), GraphPool) and self._entries:
             self.pool.release(len(self._entries))
 
     # copies and pickles carry the settings, never graphs or a pool
     def __getstate__(self) -> dict:
-        return {"max_tokens": self.max_tokens, "pool": None, "buckets": self.buckets}
+        return {"max_tokens": self.max_tokens, "pool": None, "buckets": self.buckets, "off": self.off}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_tokens"], state["pool"], state.get("buckets", True))
+        self.off = state.get("off", False)
 
     def __repr__(self) -> str:
         return f"GraphCache(max_tokens={self.max_tokens}, buckets={self.buckets}, graphs={len(self._entries)})"
-
-
-def router_trains(router) -> bool:  # a parameter of the router or its children (a routing module's) requires grad
-    return any(p is not None and p.requires_grad for m in router.modules() for p in m._parameters.values())
-
-
-def global_hooks() -> bool:  # hooks for every module (register_module_forward_hook): a capture only would run them
-    m = torch.nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def pack_scores(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

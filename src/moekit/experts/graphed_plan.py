@@ -69,8 +69,8 @@ from operator import itemgetter
 import torch
 
 from .._checks import declared_graph_safe
-from .graphed import (GraphCache, global_hooks, inputs_want_grad, pack_scores, router_trains, tensor_key,  # noqa: F401
-                      unpack_scores, watched_fingerprint)
+from .graphed import (GraphCache, inputs_want_grad, pack_scores, tensor_key, unpack_scores,  # noqa: F401
+                      watched_fingerprint)
 
 _Linear = torch.nn.Linear
 
@@ -84,7 +84,7 @@ class GraphPlan:
                  "_children", "_configured", "_readers", "_hooks", "_layout", "blocked")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
-                 bucket_gate=None, inner: tuple = (), parents: tuple = ()):
+                 bucket_gate=None, inner: tuple = (), parents: tuple = (), idle: tuple = ()):
         # the gate the route -> experts graphs may hold (when batch invariant): watched like a folded module
         extra = (bucket_gate,) if bucket_gate is not None and bucket_gate not in folded else ()
         self.whole_logits, self.whole_gate, self.folded = whole_logits, whole_gate, folded
@@ -96,8 +96,9 @@ class GraphPlan:
         self._tensors = tuple(d for m in self.watched for d in (m._parameters, m._buffers))
         # children whose identity the graphs bake in: the folded and inner modules', ``parents``' (the routed
         # experts: a norm swapped there) and the router's (round 64: a routing-function module swapped was not seen)
-        routing = tuple(router.modules()) if router is not None else ()
-        self._children = tuple(m._modules for m in (*folded, *inner, *parents, *routing))
+        routing = tuple(router.modules())[1:] if router is not None else ()  # (hooks on the router never run)
+        self._children = tuple(m._modules for m in (*folded, *inner, *parents, *routing,
+                                                   *((router,) if router is not None else ())))
         # forward (pre-)hooks of every module a graph runs: a module with hooks is never folded (graph_plan), and a
         # hook on a module every graph runs (the experts, their norm, a routing module) keeps the graphs off
         # (``blocked``): a replay would skip it (round 64: hooks ran at capture only)
@@ -107,14 +108,18 @@ class GraphPlan:
         self._layout = self.layout()
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, the folded modules and the inner ones
-        self._configured = (*(router.modules() if router is not None else ()), *folded, *extra, *inner)
+        self._configured = (*(router.modules() if router is not None else ()), *folded, *extra, *inner, *idle)
         self._readers = _settings_readers(self._configured)
 
     def usable(self, experts) -> bool:
-        """Graphs may run now: no hook on a module every graph runs, and the experts' output norm (swapped since
-        the layer was built, maybe) declared graph-safe (round 64: a user norm swapped in was captured)."""
+        """Graphs may run now (read live, cheaply): no hook on a module every graph runs (the experts, their norm,
+        the router's children: a routing module; the plan's deeper ones), and the experts' output norm (swapped
+        since the layer was built, maybe) declared graph-safe (round 64: a user norm swapped in was captured)."""
         norm = experts.expert_output_norm
-        return not self.blocked and (norm is None or declared_graph_safe(norm))
+        if self.blocked or any(m is not None and (m._forward_hooks or m._forward_pre_hooks)
+                               for m in (experts, norm, *self.router._modules.values())):
+            return False
+        return norm is None or declared_graph_safe(norm)
 
     def fingerprint(self) -> tuple:
         """Data pointers of the watched tensors, identity of the folded modules' children."""
@@ -155,19 +160,19 @@ class GraphPlan:
         return any(p is not None and p.requires_grad for m in (*self.folded, *self.inner) for p in m._parameters.values())
 
     def settings(self) -> tuple:
-        """Public attributes and hook counts of the router, its children and the folded modules (a change
+        """Public attributes and hook handles of the router, its children and the folded modules (a change
         drops the graphs: e.g. a routing function replaced, or a custom router's scaling factor). The
         attribute names are read once (:func:`_settings_readers`) and again when a module's ``__dict__``
         changes size (an attribute added or deleted): a call reads the values by one ``itemgetter`` per module."""
         try:
-            out = tuple((len(d), _plain(get(d)), len(fh), len(fph)) for d, n, get, fh, fph in self._readers
+            out = tuple((len(d), _plain(get(d)), tuple(fh), tuple(fph)) for d, n, get, fh, fph in self._readers
                         if len(d) == n)
             if len(out) == len(self._readers):
                 return out
         except KeyError:  # a public attribute deleted and another added (same size)
             pass
         self._readers = _settings_readers(self._configured)
-        return tuple((len(d), _plain(get(d)), len(fh), len(fph)) for d, n, get, fh, fph in self._readers)
+        return tuple((len(d), _plain(get(d)), tuple(fh), tuple(fph)) for d, n, get, fh, fph in self._readers)
 
 
 def _plain(values: tuple) -> tuple:
@@ -194,8 +199,7 @@ def _nothing(_d) -> tuple:
     return ()
 
 
-def _one(key):
-    """A getter of one attribute as a 1-tuple (``itemgetter`` of one key gives the bare value)."""
+def _one(key):  # a getter of one attribute as a 1-tuple (``itemgetter`` of one key gives the bare value)
     return lambda d: (d[key],)
 
 
@@ -246,8 +250,9 @@ def graph_plan(layer) -> GraphPlan:
     if whole_gate:
         folded += (layer.gate,)
     bucket_gate = layer.gate if bucket_gate_candidate(layer) else None
+    idle = (layer.gate,) if isinstance(layer.gate, torch.nn.Module) and _hooked(layer.gate) else ()  # (read still)
     return GraphPlan(whole, whole_gate, folded, base + folded, layer.router, bucket_gate, inner,
-                     (layer.routed_experts,))
+                     (layer.routed_experts,), idle)
 
 
 def bucket_gate_candidate(layer) -> bool:
@@ -271,32 +276,32 @@ def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
     context manager: about a microsecond less per eager call.)"""
     graphs = layer._graphs
     router = layer._modules["router"]
-    if graphs is None or torch.compiler.is_compiling() or not router.capturable:
+    if graphs is None or graphs.off or torch.compiler.is_compiling() or not router.capturable:
         return None
     experts = layer._modules["routed_experts"]
     if torch.is_grad_enabled() and (_training(experts) or router_trains(router)):
         return None  # expert weights (or an output norm, or a routing module's parameter: Gemma 4's per-expert
         # scale, round 64) being trained (round 58): a replay would drop their grads
-    if global_hooks() or not _current_plan(layer).usable(experts):
+    if global_hooks() or not (layer._graph_plan or layer._make_graph_plan()).usable(experts):
         return None
     if _autocast() and getattr(router, "custom_routing_function", None) is not None:
         return None  # a routing function's torch ops follow autocast, which a graph would bake in (round 64)
     return graphs if graphs.lock.take(hidden_states) else None
 
 
-def _current_plan(layer) -> GraphPlan:
-    """The layer's plan, made again when a child of its modules was swapped or a hook added / removed
-    (:meth:`GraphPlan.stale`); the graphs' state then differs, so they are dropped at the next check."""
-    plan = layer._graph_plan
-    if plan is None or plan.stale():
-        plan = layer._make_graph_plan()
-    return plan
-
-
 def _training(experts) -> bool:
     """A parameter of the routed experts or of their children (an expert output norm) requires grad."""
     return any(p is not None and p.requires_grad
                for m in (experts, *experts._modules.values()) if m is not None for p in m._parameters.values())
+
+
+def router_trains(router) -> bool:  # a parameter of the router or its children (a routing module's) requires grad
+    return any(p is not None and p.requires_grad for m in router.modules() for p in m._parameters.values())
+
+
+def global_hooks() -> bool:  # hooks for every module (register_module_forward_hook): a capture only would run them
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def release_graphs(graphs: GraphCache | None) -> None:

@@ -81,8 +81,9 @@ def incoming_placement(experts, state_dict: dict, prefix: str) -> tuple[int, ...
             why = ("saved with another EP / TP size or num_redundant_experts?" if parallel else
                    f"saved by a layer of other sizes? this one has H = {experts.moe_config.hidden_size}, "
                    f"I = {experts.moe_config.intermediate_size}")
-            raise ValueError(f"layer {experts.layer_name or type(experts).__name__!r}, state dict {prefix}{name}: shape "
-                             f"{list(t.shape)}, this rank holds {list(mine.shape)} ({why})")
+            who = experts.layer_name or type(experts).__name__
+            raise ValueError(f"layer {who!r}, state dict {prefix}{name}: shape {list(t.shape)}, this rank holds "
+                             f"{list(mine.shape)} ({why})")
     saved = saved_p2l(state_dict, prefix)
     slotted = [n for n, spec in experts.specs.items() if spec.kind != "input_scale"]
     held = [n for n in slotted if prefix + n in state_dict]

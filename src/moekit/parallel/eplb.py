@@ -41,6 +41,13 @@ def _frac(x, what: str = "loads") -> Fraction:
     return Fraction(x)
 
 
+def _plain(values):
+    """A tensor (a layer's own ``physical_to_logical`` or ``window_load()``) as a list of Python numbers (round 64:
+    0-d tensors hash by identity, so ``set`` / ``dict`` lookups said "expert 3 is nowhere in the old placement");
+    anything else as it is."""
+    return values.tolist() if isinstance(values, torch.Tensor) else values
+
+
 def _fracs(values: Sequence, name: str) -> list[Fraction]:
     return [_frac(x, f"{name}[{i}]") for i, x in enumerate(values)]
 
@@ -213,6 +220,8 @@ def assign_slots(gpu_experts: Sequence[Sequence[int]], old_physical_to_logical: 
     """New ``physical_to_logical`` from the experts of each GPU, moving as few weights as possible:
     a slot that already holds one of its GPU's new experts keeps it; the rest go to the remaining
     slots in ascending order. GPU ``g``'s slots are its physical ids under ``strategy``."""
+    old_physical_to_logical = _plain(old_physical_to_logical)
+    gpu_experts = [_plain(g) for g in _plain(gpu_experts)]
     p = len(old_physical_to_logical)
     owners = physical_owners(p, len(gpu_experts), strategy)
     slots = [[] for _ in gpu_experts]
@@ -237,9 +246,9 @@ def assign_slots(gpu_experts: Sequence[Sequence[int]], old_physical_to_logical: 
 
 def rank_loads(load: Sequence, physical_to_logical: Sequence[int], ep_size: int, strategy: str) -> list[Fraction]:
     """Expected load of each rank: every replica of ``e`` takes ``L[e] / count[e]``."""
-    loads = _fracs(load, "load")
+    loads = _fracs(_plain(load), "load")
     count = [0] * len(loads)
-    for phys, e in enumerate(physical_to_logical):
+    for phys, e in enumerate(_plain(physical_to_logical)):
         if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < len(loads):
             raise ValueError(f"physical_to_logical[{phys}] must be a logical expert id in [0, {len(loads)}), got {e!r}")
         count[e] += 1
@@ -293,6 +302,7 @@ def plan_weight_moves(old: Sequence[int], new: Sequence[int], ep_size: int, stra
     """The copies that turn placement ``old`` into ``new`` (physical ids ascending). A slot whose new
     expert its own rank already holds copies locally; otherwise the source is the ``i``-th old holder
     (ascending physical id) of that expert, ``i`` counting earlier remote fetches of it (spreads sends)."""
+    old, new = _plain(old), _plain(new)
     if len(old) != len(new):
         raise ValueError(f"old and new placements differ in length: {len(old)} vs {len(new)}")
     owners = physical_owners(len(old), ep_size, strategy)

@@ -14,6 +14,7 @@ unchanged (replicas are bit-identical copies; the replica a token uses may chang
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Mapping
 
 import torch
@@ -134,7 +135,8 @@ def _agreed_load(load: torch.Tensor, num_nodes, err, group, size: int) -> torch.
     its peers raise :class:`~.sync.PeerFailed` naming it; ranks that passed different ``num_nodes`` all raise
     ``ValueError`` listing them (round 64: the first left its peers in the load's all-reduce, the second planned
     different moves; both waited for the process group's timeout)."""
-    nodes = num_nodes if isinstance(num_nodes, int) and not isinstance(num_nodes, bool) else -1
+    ok = isinstance(num_nodes, numbers.Integral) and not isinstance(num_nodes, bool) and 0 < num_nodes < 2**62
+    nodes = int(num_nodes) if ok else -1  # (numpy ints as themselves; a value torch cannot hold: -1, sent anyway)
     row = torch.cat([load.to(torch.int64), load.new_tensor([nodes, 0 if err is None else failure_flag(err)],
                                                            dtype=torch.int64)])
     rows = row.new_empty(size * row.numel())

@@ -211,14 +211,16 @@ def warn_bias_dtype(router, dtype: torch.dtype) -> None:
     ``e_score_correction_bias=self.gate.e_score_correction_bias``, and :func:`moekit.integrations.transformers.patch`)
     follows its owner's ``.to()`` (round 64: ``model.to(torch.bfloat16)`` changed DeepSeek-V3-like choices silently).
     A warning, not an error: the bias is the model's own, and the unpatched model computes with it too."""
-    if getattr(router, "_bias_dtype_warned", None) == dtype:
+    if getattr(router, "_bias_dtype_warned", None) == dtype or router._bias_dtype is None or \
+            dtype.itemsize >= router._bias_dtype.itemsize:  # (wider: nothing was rounded)
         return
     router._bias_dtype_warned = dtype
     warnings.warn(f"{type(router).__name__}: the selection bias e_score_correction_bias is now {dtype}; it was "
-                  f"{router._bias_dtype} when the router was built. Something outside the router converted it (a .to() of "
-                  f"the module that shares the tensor, e.g. the gate owning it, or an assigning load), and a rounded "
-                  f"bias can change which experts are chosen. Keep it float32: reload it from the checkpoint after "
-                  f"converting the model.",
+                  f"{router._bias_dtype} when the router was built. Something outside the router converted it (a "
+                  f".to() of the module that shares the tensor, e.g. the gate owning it, or an assigning load), and a "
+                  f"rounded bias can change which experts are chosen. Keep it float32: after converting the model, put "
+                  f"the checkpoint's bias back (router.e_score_correction_bias.data = bias.float(), or an assigning "
+                  f"load).",
                   UserWarning, stacklevel=3)
 
 
@@ -283,7 +285,7 @@ class ScoredRouter(BaseRouter):
         bias = self.e_score_correction_bias
         if bias is not None:
             check_same_device("e_score_correction_bias", bias, "router_logits", router_logits)
-            if bias.dtype != self._bias_dtype:
+            if bias.dtype != self._bias_dtype and not torch.compiler.is_compiling():
                 warn_bias_dtype(self, bias.dtype)
             bias = bias.contiguous()
         return self.kernels.route(router_logits.contiguous(), self.spec, bias, indices_type)

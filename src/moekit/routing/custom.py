@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -18,18 +19,21 @@ _KEYWORDS = ("hidden_states", "gating_output", "topk", "renormalize")
 
 
 def by_keyword(fn) -> bool:
-    """How to call a routing function: True, by the seed's names ``hidden_states=, gating_output=, topk=,
-    renormalize=`` (vLLM calls it so: keyword-only functions and ``functools.partial(f, renormalize=...)`` work; round
-    64), when it names all four; else positionally (functions with parameters of other names); a signature that
-    takes neither raises ``TypeError`` at construction."""
-    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    """How to call a routing function: positionally ``(hidden_states, router_logits, top_k, renormalize)`` where
+    its signature takes four positional arguments (as before round 64: a module's hooks see them), else by the seed's
+    names ``hidden_states=, gating_output=, topk=, renormalize=`` as vLLM calls it (keyword-only functions, and
+    ``functools.partial(f, renormalize=...)`` whose positional call gave "multiple values"); a signature that takes
+    neither raises ``TypeError`` at construction. Modules are read by their ``forward`` (also under a ``partial`` or
+    ``torch.compile``)."""
+    target = getattr(fn, "_orig_mod", fn)  # torch.compile(module)
+    if isinstance(target, functools.partial) and isinstance(target.func, torch.nn.Module):
+        target = functools.partial(target.func.forward, *target.args, **target.keywords)
+    elif isinstance(target, torch.nn.Module):
+        target = target.forward
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # no signature to read (some builtins): positional, as before
         return False
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    if all(k in sig.parameters and sig.parameters[k].kind in named for k in _KEYWORDS):
-        return True
     for keyword, args, kwargs in ((False, _KEYWORDS, {}), (True, (), dict.fromkeys(_KEYWORDS))):
         try:
             sig.bind(*args, **kwargs)
@@ -48,8 +52,8 @@ class CustomRoutingRouter(BaseRouter):
 
     top_k, global_num_experts, eplb_state, enable_eplb, indices_type_getter, kernels: see :class:`BaseRouter`.
     custom_routing_function: ``(hidden_states [T, H], gating_output [T, E], topk: int, renormalize: bool)
-        -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required. Called by those keyword names when it
-        names all four (as vLLM calls it), else positionally (:func:`by_keyword`).
+        -> (topk_weights [T, K] float, topk_ids [T, K] int)``; required. Called positionally where it takes four
+        positional arguments, else by those keyword names, as vLLM calls it (:func:`by_keyword`).
     renormalize: bool (default True), passed to the function.
     routed_scaling_factor: finite float > 0, multiplies the returned weights (the seed ignored it).
 
@@ -133,9 +137,7 @@ class CustomRoutingRouter(BaseRouter):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         out = indices_type or torch.int32
-        if not reference:  # ids outside [0, E) are dead slots (-1), device-only: no host read. Round 61: an id of
-            # 2^32 + e wrapped to expert e in the int32 cast; round 64: an int32 id >= E raised IndexError under EP
-            if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:
-                ids = ids.long()
-            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)
+        if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:  # (round 61: an id of 2^32 + e wrapped to expert e)
+            ids = ids.long()
+            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)  # device-only: no host read
         return RoutingResult(weights, ids.to(out))
