@@ -8,7 +8,6 @@ plain eager call is a stale graph. Each case names the change that a replay used
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import types
@@ -17,11 +16,12 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts.graphed import GraphCache
 from moekit.experts.graph_lock import GraphPool
 from moekit.loading.modules import RouterLinear, SharedMLP
 from moekit.loading.routings import ExpertScaleRouting
 from moekit.runner import MoERunner
+
+from graph_fakes import install_fake_graphs
 
 E, K, H, I = 8, 2, 32, 16
 
@@ -75,28 +75,8 @@ def _frozen(fn):
 
 @pytest.fixture
 def faithful(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    real_eligible, real_capture = GraphCache.eligible, GraphCache.capture
-
-    def eligible(self, x, logits, tokens=None, whole=False):
-        with monkeypatch.context() as m:
-            m.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-            return real_eligible(self, x, logits, tokens, whole)
-
-    def capture(self, key, fn, inputs, rows=None):
-        out = real_capture(self, key, fn, inputs, rows)
-        e, ffn = self._entries[key], _frozen(fn)
-        e.graph.run = lambda: e.out.copy_(ffn(*e.inputs))
-        return out
-
-    monkeypatch.setattr(GraphCache, "eligible", eligible)
-    monkeypatch.setattr(GraphCache, "capture", capture)
-    _Graph.replays = 0
-    return _Graph
+    """Fake graphs whose replay runs the layer frozen at capture (:func:`_frozen`)."""
+    return install_fake_graphs(monkeypatch, _Graph, _frozen)
 
 
 def _layer(**kw):

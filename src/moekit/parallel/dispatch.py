@@ -101,11 +101,9 @@ def compute_layout(topk_weights, topk_ids, owner_rank: torch.Tensor, group, rank
     ``ValueError`` on every rank, naming each rank's values, where they differ."""
     t = topk_ids.shape[0]
     width = layout_width(world)
-    ids = topk_ids.reshape(-1).long()
-    held = (ids >= 0) & (ids < owner_rank.shape[0])  # ids outside [0, P) are dead (round 64: a custom routing
-    dest = owner_rank[ids.clamp(0, owner_rank.shape[0] - 1)]  # function's int32 id >= E raised IndexError)
+    dest = owner_rank[topk_ids.reshape(-1).long()]
     # dead slots: the last bin (width - 1 + 1, past the settings: dropped), after every rank's in the sort
-    key = torch.where(live_slots(topk_weights, on_input) & held, dest, torch.full_like(dest, width - 1))
+    key = torch.where(live_slots(topk_weights, on_input), dest, torch.full_like(dest, width - 1))
     order = torch.argsort(key, stable=True)
     # meta = [T, rows for rank 0..W-1, settings] (+ the dropped bin); no host sync before the gather
     meta = base.clone() if base is not None else torch.zeros(width + 1, dtype=torch.int64, device=key.device)

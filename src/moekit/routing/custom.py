@@ -137,7 +137,10 @@ class CustomRoutingRouter(BaseRouter):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         out = indices_type or torch.int32
-        if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:  # (round 61: an id of 2^32 + e wrapped to expert e)
-            ids = ids.long()
-            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)  # device-only: no host read
+        if not reference:  # ids outside [0, E) are dead slots (-1), device-only: no host read. Round 61: an id of
+            # 2^32 + e wrapped to expert e in the int32 cast; round 64: an int32 id >= E raised IndexError under EP
+            # (decided: the mask on every kernel-path call, four small ops, over an unchecked id reaching the EP maps)
+            if torch.iinfo(ids.dtype).bits > torch.iinfo(out).bits:
+                ids = ids.long()
+            ids = torch.where((ids < 0) | (ids >= self.global_num_experts), -1, ids)
         return RoutingResult(weights, ids.to(out))
