@@ -113,13 +113,15 @@ class GraphPlan:
 
     def usable(self, experts) -> bool:
         """Graphs may run now (read live, cheaply): no hook on a module every graph runs (the experts, their norm,
-        the router's children: a routing module; the plan's deeper ones), and the experts' output norm (swapped
-        since the layer was built, maybe) declared graph-safe (round 64: a user norm swapped in was captured)."""
-        norm = experts.expert_output_norm
-        if self.blocked or any(m is not None and (m._forward_hooks or m._forward_pre_hooks)
-                               for m in (experts, norm, *self.router._modules.values())):
+        the router's children), the output norm declared graph-safe (round 64: a user norm swapped in was captured)."""
+        norm = experts._modules.get("expert_output_norm")  # (the dict: nn.Module.__getattr__ costs ~0.5 us)
+        if self.blocked or experts._forward_hooks or experts._forward_pre_hooks or (norm is not None and (
+                norm._forward_hooks or norm._forward_pre_hooks or not declared_graph_safe(norm))):
             return False
-        return norm is None or declared_graph_safe(norm)
+        for m in self.router._modules.values():
+            if m is not None and (m._forward_hooks or m._forward_pre_hooks):
+                return False
+        return True
 
     def fingerprint(self) -> tuple:
         """Data pointers of the watched tensors, identity of the folded modules' children."""
@@ -199,7 +201,7 @@ def _nothing(_d) -> tuple:
     return ()
 
 
-def _one(key):  # a getter of one attribute as a 1-tuple (``itemgetter`` of one key gives the bare value)
+def _one(key):  # a getter of one attribute as a 1-tuple (itemgetter of one key gives the bare value)
     return lambda d: (d[key],)
 
 
@@ -213,8 +215,7 @@ def _safe_module(m) -> bool:
     return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
 
 
-def _hooked(m) -> bool:
-    """Forward (pre-)hooks on module ``m``: it is never folded (a graph would run them at capture only)."""
+def _hooked(m) -> bool:  # forward (pre-)hooks on module m: never folded (a graph would run them at capture only)
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
@@ -289,19 +290,18 @@ def take_graphs(layer, hidden_states: torch.Tensor) -> GraphCache | None:
     return graphs if graphs.lock.take(hidden_states) else None
 
 
-def _training(experts) -> bool:
-    """A parameter of the routed experts or of their children (an expert output norm) requires grad."""
+def _training(experts) -> bool:  # a parameter of the routed experts or of their children (an output norm) trains
     return any(p is not None and p.requires_grad
                for m in (experts, *experts._modules.values()) if m is not None for p in m._parameters.values())
 
 
-def router_trains(router) -> bool:  # a parameter of the router or its children (a routing module's) requires grad
-    return any(p is not None and p.requires_grad for m in router.modules() for p in m._parameters.values())
+def router_trains(m) -> bool:  # a parameter of the router or of its children (a routing module's) requires grad
+    return (any(p is not None and p.requires_grad for p in m._parameters.values())
+            or any(c is not None and router_trains(c) for c in m._modules.values()))
 
 
-def global_hooks() -> bool:  # hooks for every module (register_module_forward_hook): a capture only would run them
-    m = torch.nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+def global_hooks(module=torch.nn.modules.module) -> bool:  # hooks for every module: a capture only would run them
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def release_graphs(graphs: GraphCache | None) -> None:
