@@ -182,7 +182,7 @@ def _experts_args(e=E, h=H, i=I, t=3, seed=0):
             torch.randint(0, max(e, 1), (t, K), generator=g))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("e, h, i", [(E, H, 0), (0, H, I), (E, 0, I)])
 def test_fused_experts_refuses_empty_expert_sizes(backend, e, h, i):
     # I = 0 on Triton returned uninitialised memory; E = 0 / H = 0 raised ZeroDivisionError
@@ -202,7 +202,7 @@ def test_quantised_experts_with_no_experts_name_the_weights():
         moekit.quantize_experts(torch.randn(0, 256, 128), torch.randn(0, 128, 128), cfg)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
 def test_narrow_ids_are_widened(backend, dtype):
     # uint8 ids passed the dtype check and then failed to compile in the Triton align kernel
@@ -231,7 +231,7 @@ def test_routers_refuse_non_float_hidden_states(dtype):
         router.select_experts(torch.ones(3, H, dtype=dtype), torch.randn(3, E + 2))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_custom_routing_uint32_ids_and_foreign_devices(backend):
     # uint32 ids: the reference range check raised NotImplementedError ("min_all" for UInt32)
     def route(hidden_states, gating_output, topk, renormalize):
@@ -430,6 +430,7 @@ def test_add_module_of_routed_experts_runs_them():
     torch.testing.assert_close(a(x, logits), b(x, logits), rtol=0, atol=0)
 
 
+@pytest.mark.interpreter
 def test_graphs_come_back_when_a_router_is_swapped_back():
     layer = moekit.FusedMoE(E, K, H, I, backend="triton", eager_graph_tokens=8)
     own = layer.router

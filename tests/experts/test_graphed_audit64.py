@@ -24,6 +24,7 @@ from moekit.runner import MoERunner
 from graph_fakes import install_fake_graphs
 
 E, K, H, I = 8, 2, 32, 16
+pytestmark = pytest.mark.interpreter  # CPU layers on the Triton backend (a GPU host runs test_graphed_gpu.py)
 
 
 class _Graph:
