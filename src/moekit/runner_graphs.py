@@ -42,7 +42,7 @@ def before_swap(layer, name: str, value) -> None:
 
 def graph_state(layer) -> tuple:
     """What the layer's graphs read besides their inputs (a change drops them): the routing settings, the data
-    pointers of the watched modules' tensors, and the public settings and hook handles of the router (and its
+    pointers of the watched modules' tensors, and the public settings and hook counts of the router (and its
     children) and of the folded modules. When it changed and the plan is stale (a child of its modules swapped or a
     hook added / removed), the plan is made again first (round 64: a folded module's new child, or a hooked one, was
     kept in the plan made for the old ones)."""
@@ -50,7 +50,9 @@ def graph_state(layer) -> tuple:
     state = (plan.router.indices_type, getattr(plan.router, "spec", None), layer.moe_config, plan.fingerprint(),
              plan.settings())
     graphs = layer._graphs
-    if graphs is not None and state != graphs._state and plan.stale():
+    old = graphs._state if graphs is not None else None
+    # (the tensors / children and settings / hooks parts only: the dataclasses' == costs a microsecond per call)
+    if graphs is not None and (old is None or state[3] != old[3] or state[4] != old[4]) and plan.stale():
         layer._make_graph_plan()
         return graph_state(layer)
     return state

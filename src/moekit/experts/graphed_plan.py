@@ -162,32 +162,33 @@ class GraphPlan:
         return any(p is not None and p.requires_grad for m in (*self.folded, *self.inner) for p in m._parameters.values())
 
     def settings(self) -> tuple:
-        """Public attributes and hook handles of the router, its children and the folded modules (a change
+        """Public attributes and hook counts of the router, its children and the folded modules (a change
         drops the graphs: e.g. a routing function replaced, or a custom router's scaling factor). The
         attribute names are read once (:func:`_settings_readers`) and again when a module's ``__dict__``
         changes size (an attribute added or deleted): a call reads the values by one ``itemgetter`` per module."""
         try:
-            out = tuple((len(d), _plain(get(d)), tuple(fh), tuple(fph)) for d, n, get, fh, fph in self._readers
+            out = tuple((len(d), _plain(get(d)), len(fh), len(fph)) for d, n, get, fh, fph in self._readers
                         if len(d) == n)
             if len(out) == len(self._readers):
                 return out
         except KeyError:  # a public attribute deleted and another added (same size)
             pass
         self._readers = _settings_readers(self._configured)
-        return tuple((len(d), _plain(get(d)), tuple(fh), tuple(fph)) for d, n, get, fh, fph in self._readers)
+        return tuple((len(d), _plain(get(d)), len(fh), len(fph)) for d, n, get, fh, fph in self._readers)
 
 
-def _plain(values: tuple) -> tuple:
-    """Settings as compared: a tensor attribute by its identity and address (round 64: ``==`` of two tensors raised
-    "Boolean value of Tensor ... is ambiguous", and equal one-element tensors hid a new address)."""
-    if not any(isinstance(v, torch.Tensor) for v in values):
+_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, torch.nn.Buffer))
+
+
+def _plain(values: tuple) -> tuple:  # settings as compared: a tensor attribute by its identity and address (round 64:
+    # == of two tensors raised "Boolean value of Tensor ... is ambiguous"; equal one-element tensors hid a new address)
+    if _TENSOR_TYPES.isdisjoint(map(type, values)):  # (C-level: the common case costs ~0.1 us per module)
         return values
     return tuple((id(v), v.data_ptr()) if isinstance(v, torch.Tensor) else v for v in values)
 
 
-def _settings_readers(modules) -> tuple:
-    """Per module: ``(__dict__, its size, itemgetter of its public attributes but training, forward hooks,
-    forward pre-hooks)`` for :meth:`GraphPlan.settings`."""
+def _settings_readers(modules) -> tuple:  # per module: (__dict__, its size, getter of its public attributes but
+    # training, forward hooks, forward pre-hooks) for GraphPlan.settings
     out = []
     for m in modules:
         d = m.__dict__
@@ -205,7 +206,7 @@ def _one(key):  # a getter of one attribute as a 1-tuple (itemgetter of one key 
     return lambda d: (d[key],)
 
 
-def _exact_linear(m) -> bool:
+def _exact_linear(m) -> bool:  # an exact torch.nn.Linear (a subclass may do anything in forward)
     return type(m) is _Linear
 
 
