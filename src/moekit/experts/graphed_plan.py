@@ -210,9 +210,8 @@ def _exact_linear(m) -> bool:  # an exact torch.nn.Linear (a subclass may do any
     return type(m) is _Linear
 
 
-def _safe_module(m) -> bool:
-    """A module whose own class declares ``_moekit_graph_safe`` (moekit's ``RouterLinear``, ``SharedMLP``:
-    plain torch ops on their own weights, no host state); a plain function never folds (no tensors to watch)."""
+def _safe_module(m) -> bool:  # a module whose own class declares _moekit_graph_safe (RouterLinear, SharedMLP: plain
+    # torch ops on their own weights, no host state); a plain function never folds (no tensors to watch)
     return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
 
 
