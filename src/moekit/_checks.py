@@ -141,7 +141,8 @@ def check_float_dtype(name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
 
 #: the integer dtypes ids and maps may have: int32 / int64; the narrower ones are widened to int32 where a kernel
 #: reads them (round 64: uint8 ids failed to compile in the Triton align kernel)
-INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+NARROW_INT_DTYPES = (torch.int16, torch.int8, torch.uint8)
+INT_DTYPES = (torch.int32, torch.int64, *NARROW_INT_DTYPES)
 
 
 def check_int_dtype(name: str, t: torch.Tensor) -> None:

@@ -50,9 +50,7 @@ def graph_state(layer) -> tuple:
     state = (plan.router.indices_type, getattr(plan.router, "spec", None), layer.moe_config, plan.fingerprint(),
              plan.settings())
     graphs = layer._graphs
-    old = graphs._state if graphs is not None else None
-    # (the tensors / children and settings / hooks parts only: the dataclasses' == costs a microsecond per call)
-    if graphs is not None and (old is None or state[3] != old[3] or state[4] != old[4]) and plan.stale():
+    if graphs is not None and state != graphs._state and plan.stale():
         layer._make_graph_plan()
         return graph_state(layer)
     return state

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import KERNEL_DTYPES, check_float_dtype, check_same_device, check_tensor
+from .._checks import KERNEL_DTYPES, NARROW_INT_DTYPES, check_float_dtype, check_same_device, check_tensor
 from .experts import check_experts_inputs
 from .experts_quant import check_quant_experts_inputs
 from .quant_config import parse_quant_config
@@ -110,8 +110,7 @@ def fused_experts(
 def _widened(t):
     """int16 / int8 / uint8 ids or maps as int32 (the kernels read int32 / int64; round 64: uint8 ids failed to
     compile in the Triton align kernel); anything else unchanged, for the checks to judge."""
-    narrow = (torch.int16, torch.int8, torch.uint8)
-    return t.to(torch.int32) if isinstance(t, torch.Tensor) and t.dtype in narrow else t
+    return t.to(torch.int32) if isinstance(t, torch.Tensor) and t.dtype in NARROW_INT_DTYPES else t
 
 
 def route(

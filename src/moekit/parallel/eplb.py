@@ -103,7 +103,7 @@ def balanced_packing(weights: Sequence, num_packs: int, labels: Sequence | None 
     if n % num_packs:
         raise ValueError(f"{n} items do not split into {num_packs} packs of equal size")
     # (review of round 62: tensor labels compared by value, as the greedy's == did, not by hash / identity)
-    lab = labels.tolist() if isinstance(labels, torch.Tensor) else \
+    lab = _plain(labels) if isinstance(labels, torch.Tensor) else \
         [x.item() if isinstance(x, torch.Tensor) else x for x in labels] if labels is not None else list(range(n))
     if len(lab) != n:
         raise ValueError(f"labels must have one entry per weight ({n}), got {len(lab)}")

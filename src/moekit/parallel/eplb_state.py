@@ -135,10 +135,8 @@ class EplbState(torch.nn.Module):
     def map_logical_to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, K] logical ids -> [T, K] physical ids (same dtype), by ``replica(t, e)`` (module docstring)."""
         ids = topk_ids.long()
-        # dead ids (-1, and ids >= E a custom routing function may return) stay dead (round 61: -1 indexed E - 1's;
-        # round 64: an id >= E raised IndexError)
-        live = (ids >= 0) & (ids < self.replica_count.shape[0])
-        ids = ids.clamp(0, self.replica_count.shape[0] - 1)
+        live = ids >= 0  # dead ids (-1: custom routing's out-of-range ones) stay dead (round 61: -1 indexed E - 1's)
+        ids = ids.clamp(min=0)
         t = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)
         # the step mixed in: a steady decode batch hashes the same few token indices every step, and a hot expert's
         # replicas kept their imbalance for good (round 64: W = 8, one token per rank, 3 of 8 replicas never used)
@@ -164,8 +162,8 @@ class EplbState(torch.nn.Module):
 
     def _record(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_input: bool) -> None:
         ids = topk_ids.reshape(-1).long()
-        held = (ids >= 0) & (ids < self.physical_to_logical.shape[0])  # dead slots add no load (round 64: -1 counted
-        logical = self.physical_to_logical[ids.clamp(0, self.physical_to_logical.shape[0] - 1)]  # on the last slot's)
+        held = ids >= 0  # dead slots (-1) add no load (round 64: counted on the last physical slot's expert)
+        logical = self.physical_to_logical[ids.clamp(min=0)]
         live = (held if on_input else held & (topk_weights.reshape(-1) != 0)).long()
         counts = torch.zeros(self.num_logical, dtype=torch.int64, device=logical.device).index_add_(0, logical, live)
         self.load_window.index_copy_(0, (self.step % self.window_size).view(1), counts.unsqueeze(0))
