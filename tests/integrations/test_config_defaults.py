@@ -151,6 +151,14 @@ def test_an_empty_config_plans_as_the_class_defaults(model_type):
     ("hunyuan_v1_moe", dict(num_hidden_layers=2, num_experts_per_tok=3, num_local_experts=6)),  # -> moe_topk
     ("longcat_flash", dict(moe_intermediate_size=96, num_experts_per_tok=4)),  # -> expert_ffn_hidden_size, moe_topk
     ("inkling2_text", dict(num_hidden_layers=2, routed_scaling_factor=2.0, intermediate_size=96)),
+    # round 65: Cohere2-MoE's first_k_dense_replace kwarg (was every layer MoE: a load failed on the dense layer);
+    # Inkling's own dense_mlp_idx kwarg; classes that read no first_k_dense_replace (a stray one dropped layers)
+    ("cohere2_moe", dict(num_hidden_layers=3, first_k_dense_replace=1)),
+    ("inkling_text", dict(num_hidden_layers=4, dense_mlp_idx=2)),
+    ("minimax_m3_vl_text", dict(num_hidden_layers=4, moe_layer_freq=[1, 0, 1, 1])),
+    *((t, dict(num_hidden_layers=4, first_k_dense_replace=2)) for t in (
+        "solar_open", "minimax_m2", "minimax_m3_vl_text", "kolibri1", "muse_spark_text", "inkling_text",
+        "inkling2_text", "inkling2_loop_text")),
 ])
 def test_legacy_kwargs_and_aliases_plan_as_transformers_reads_them(model_type, raw):
     # hub configs in older or aliased names: transformers' config class turns them into its fields

@@ -20,12 +20,13 @@ from .common import get, layers, period
 SPARSE, DENSE = "sparse", "dense"
 
 
-def _dense_first(k_default: int = 1, *, freq: bool = False):
-    """``mlp_layer_types`` from the ``first_k_dense_replace`` kwarg (default ``k_default``; with ``freq`` also
-    the ``moe_layer_freq`` kwarg: an int step or a per-layer list), as the class derives it when it is absent."""
+def _dense_first(k_default: int = 1, *, freq: bool = False, key: str | None = "first_k_dense_replace"):
+    """``mlp_layer_types`` from the ``first_k_dense_replace`` kwarg (or the class's own ``key``; None: the class reads
+    none, ``k_default`` dense layers; default ``k_default``; with ``freq`` also the ``moe_layer_freq`` kwarg: an int
+    step or a per-layer list), as the class derives it when it is absent."""
 
     def derive(cfg: dict) -> list[str]:
-        k = int(get(cfg, "first_k_dense_replace", k_default))
+        k = int(get(cfg, key, k_default)) if key else k_default
         f = get(cfg, "moe_layer_freq", 1) if freq else 1
         if not isinstance(f, (list, tuple)):
             f = period(cfg, "moe_layer_freq") if freq else 1  # a step >= 1 (0: a ValueError naming it, review)
@@ -44,6 +45,11 @@ def _dense_head(n: int):
         return [DENSE] * min(n, total) + [SPARSE] * max(total - n, 0)
 
     return derive
+
+
+#: ``mlp_layer_types`` of a class that reads no ``first_k_dense_replace`` (Solar Open deletes it; MiniMax-M2,
+#: Kolibri-1, Muse Spark, Inkling-2): every layer sparse, a stray key of another family ignored (round 65)
+_ALL_SPARSE = _dense_head(0)
 
 
 def _step_layers(cfg: dict) -> list[str]:
@@ -119,7 +125,8 @@ DEFAULTS: dict[str, dict] = {
     "phimoe": dict(hidden_size=4096, num_hidden_layers=32),
     "jamba": dict(hidden_size=4096, num_hidden_layers=32),
     "hunyuan_v1_moe": dict(hidden_size=4096, num_hidden_layers=32),
-    "cohere2_moe": dict(hidden_size=8192, intermediate_size=22528, num_hidden_layers=40),
+    "cohere2_moe": dict(hidden_size=8192, intermediate_size=22528, num_hidden_layers=40,
+                        mlp_layer_types=_dense_first(0)),  # (its first_k_dense_replace kwarg, round 65)
     "qwen2_moe": dict(hidden_size=2048, num_hidden_layers=24, moe_intermediate_size=1408,
                       shared_expert_intermediate_size=5632, num_experts=60),
     "qwen3_moe": dict(hidden_size=2048, num_hidden_layers=24, moe_intermediate_size=768, num_local_experts=128),
@@ -171,7 +178,7 @@ DEFAULTS: dict[str, dict] = {
                           mlp_layer_types=_dense_head(1)),
     "glm_moe_dsa": dict(hidden_size=6144, moe_intermediate_size=2048, num_hidden_layers=78, routed_scaling_factor=2.5,
                         n_group=1, rms_norm_eps=_E5, first_k_dense_replace=3),
-    "solar_open": dict(hidden_size=4096, num_hidden_layers=48, rms_norm_eps=_E5, moe_intermediate_size=1280,
+    "solar_open": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=4096, num_hidden_layers=48, rms_norm_eps=_E5, moe_intermediate_size=1280,
                        n_routed_experts=128, n_group=1),
     "exaone_moe": dict(hidden_size=4096, num_hidden_layers=32, rms_norm_eps=_E5, moe_intermediate_size=1024,
                        num_experts=64, routed_scaling_factor=2.5, n_group=1, first_k_dense_replace=1),
@@ -210,9 +217,9 @@ DEFAULTS: dict[str, dict] = {
     # Gemma 4 (gemma4.py; num_experts, top_k_experts and moe_intermediate_size default to null: required)
     **dict.fromkeys(("gemma4_text", "diffusion_gemma_text"), dict(hidden_size=2304, num_hidden_layers=30)),
     # sigmoid + bias (sigmoid_bias.py)
-    "minimax_m2": dict(hidden_size=3072, intermediate_size=1536, num_hidden_layers=62, num_experts_per_tok=8,
+    "minimax_m2": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=3072, intermediate_size=1536, num_hidden_layers=62, num_experts_per_tok=8,
                        num_local_experts=256),
-    "minimax_m3_vl_text": dict(hidden_size=6144, intermediate_size=3072, num_hidden_layers=60, num_experts_per_tok=4,
+    "minimax_m3_vl_text": dict(mlp_layer_types=_dense_first(0, freq=True, key=None), hidden_size=6144, intermediate_size=3072, num_hidden_layers=60, num_experts_per_tok=4,
                                num_local_experts=128, routed_scaling_factor=2.0, shared_intermediate_size=3072,
                                dense_intermediate_size=12288),
     "hy_v3": dict(hidden_size=4096, num_hidden_layers=80, rms_norm_eps=_E5, num_experts=192, num_experts_per_tok=8,
@@ -224,7 +231,7 @@ DEFAULTS: dict[str, dict] = {
                      num_experts_per_tok=4, num_experts=32),
     "laguna": dict(hidden_size=2048, num_hidden_layers=40, moe_intermediate_size=512, num_experts_per_tok=8,
                    num_experts=256, shared_expert_intermediate_size=512, mlp_layer_types=_dense_head(1)),
-    "kolibri1": dict(hidden_size=2560, num_hidden_layers=50, moe_intermediate_size=512, num_experts_per_tok=6,
+    "kolibri1": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=2560, num_hidden_layers=50, moe_intermediate_size=512, num_experts_per_tok=6,
                      num_local_experts=384, shared_expert_intermediate_size=512),
     "kolibri1_1": dict(hidden_size=2560, num_hidden_layers=50, moe_intermediate_size=512, num_experts_per_tok=6,
                        num_local_experts=384, shared_expert_intermediate_size=512),
@@ -234,14 +241,14 @@ DEFAULTS: dict[str, dict] = {
     "step3p5": dict(hidden_size=4096, num_hidden_layers=45, rms_norm_eps=_E5, num_experts_per_tok=8,
                     n_routed_experts=288, moe_intermediate_size=1280, share_expert_dim=1280,
                     mlp_layer_types=_step_layers),
-    "muse_spark_text": dict(hidden_size=8192, num_hidden_layers=62, rms_norm_eps=_E5, output_multiplier=32**-0.5,
+    "muse_spark_text": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=8192, num_hidden_layers=62, rms_norm_eps=_E5, output_multiplier=32**-0.5,
                             post_norm_eps=1e-08, moe_intermediate_size=4096, num_local_experts=256,
                             num_experts_per_tok=8, moe_hidden_size=4096),
-    "inkling_text": dict(hidden_size=6144, num_hidden_layers=66, moe_intermediate_size=3072, n_routed_experts=256,
+    "inkling_text": dict(mlp_layer_types=_dense_first(0, key="dense_mlp_idx"), hidden_size=6144, num_hidden_layers=66, moe_intermediate_size=3072, n_routed_experts=256,
                          num_experts_per_tok=6, n_shared_experts=2, route_scale=8.0),
-    "inkling2_text": dict(hidden_size=4608, num_hidden_layers=48, moe_intermediate_size=2304, n_routed_experts=384,
+    "inkling2_text": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=4608, num_hidden_layers=48, moe_intermediate_size=2304, n_routed_experts=384,
                           num_experts_per_tok=8, route_scale=8.0, scoring_func="sigmoid"),
-    "inkling2_loop_text": dict(hidden_size=2304, num_hidden_layers=24, moe_intermediate_size=1152,
+    "inkling2_loop_text": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=2304, num_hidden_layers=24, moe_intermediate_size=1152,
                                n_routed_experts=128, num_experts_per_tok=8, route_scale=8.0, scoring_func="sigmoid"),
 }
 
