@@ -34,10 +34,13 @@ def read_config(path: str) -> dict:
     return config
 
 
-def config_dtype(config: dict, source: str) -> torch.dtype:
-    """The float dtype config.json declares (``dtype``, else ``torch_dtype``; float32 when neither is set).
+def config_dtype(config: dict, source: str, text: dict | None = None) -> torch.dtype:
+    """The float dtype config.json declares (``dtype``, else ``torch_dtype``; then the same of ``text``, a wrapper's
+    text tower, where only that declares it (round 65: such a config loaded float32); float32 when none is set).
     A name moekit does not run (e.g. ``"int8"``) raises ``ValueError`` naming the file: pass ``dtype=``."""
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    text = text if isinstance(text, dict) else {}
+    name = (config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+            or "float32")
     dtype = DTYPE_NAMES.get(str(name).lower().removeprefix("torch."))
     if dtype is None:
         raise ValueError(f"{source}: dtype {name!r} is not a float dtype moekit runs "
@@ -63,6 +66,8 @@ def read_header(file: str) -> dict[str, tuple[str, int, int]]:
             start, end = info["data_offsets"]
             if not 0 <= start <= end <= size - 8 - n:
                 raise ValueError(f"tensor {key!r} ends at byte {end} of a {size - 8 - n}-byte data section")
+            if not isinstance(info["dtype"], str):  # (round 65: an AttributeError later, blamed on config.json)
+                raise ValueError(f"tensor {key!r} has dtype {info['dtype']!r}, expected a name such as 'BF16'")
             out[key] = (info["dtype"], start, end)
         return out
     except (ValueError, KeyError, TypeError, struct.error) as err:
@@ -78,8 +83,21 @@ def checkpoint_files(path: str) -> dict[str, str]:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index} is not a valid safetensors index (a JSON object with 'weight_map'): {err}") from None
+        bad = (f"'weight_map' is a {type(weight_map).__name__}" if not isinstance(weight_map, dict) else next(
+            (f"weight_map[{k!r}] is {v!r}" for k, v in weight_map.items() if not isinstance(v, str)), None))
+        if bad:  # (round 65: an AttributeError / TypeError, which inspect blamed on config.json)
+            raise ValueError(f"{index} is not a valid safetensors index: {bad}; expected an object of key -> shard "
+                             "file name")
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointNotFoundError(f"no *.safetensors file in {path!r}")
-    return {k: os.path.join(path, name) for name in files for k in read_header(os.path.join(path, name))}
+    out: dict[str, str] = {}
+    for name in files:  # (round 65: a key in two files took the alphabetically last one's copy, silently)
+        f = os.path.join(path, name)
+        for k in read_header(f):
+            if out.setdefault(k, f) != f:
+                raise ValueError(f"{path}: checkpoint key {k!r} is in both {os.path.basename(out[k])} and {name}, and no "
+                                 "model.safetensors.index.json says which to read: remove the stale file or add the "
+                                 "index (without an index every *.safetensors file of the folder is read)")
+    return out

@@ -25,7 +25,7 @@ import torch
 
 from .._argparse import OneLineParser
 from ..ops.activation import is_gated
-from .architectures import checkpoint_block_key, plan_layers, text_config
+from .architectures import checkpoint_block_key, plan_layers, raw_text_config, text_config
 from .files import CheckpointNotFoundError, checkpoint_files, config_dtype, read_config, read_header
 from .keys import assign_keys
 from .modules import build_layer
@@ -58,7 +58,11 @@ _TORCH_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 
 def _declared(config: dict) -> tuple[str, str] | None:
     """Returns (field, dtype name) config.json declares for the weights (``dtype``, else ``torch_dtype``, as
-    :func:`moekit.load_moe_layers` reads them), or None (also for a name that is no float dtype moekit runs)."""
+    :func:`moekit.load_moe_layers` reads them; then its text tower's), or None (also for a name that is no float
+    dtype moekit runs)."""
+    text = raw_text_config(config)
+    if not (config.get("dtype") or config.get("torch_dtype")) and isinstance(text, dict):
+        config = text  # (round 65: a wrapper declaring it in its text tower only, as load_moe_layers now reads)
     key = "dtype" if config.get("dtype") else "torch_dtype"
     if not config.get(key):
         return None
@@ -178,7 +182,7 @@ def _check_builds(p: LayerPlan, fmt, config: dict) -> None:
     """Build ``p``'s layer on the meta device, as :func:`moekit.load_moe_layers` builds it (its construction checks:
     top-k, expert groups, format sizes...); an error names the block."""
     try:
-        dtype = config_dtype(config, "config.json")
+        dtype = config_dtype(config, "config.json", raw_text_config(config))
     except ValueError:  # load_moe_layers(path, dtype=...) would take another: not the layout's business
         dtype = torch.bfloat16
     tensors = {}
@@ -291,8 +295,9 @@ def render(arch: str, table: list[dict], config: dict) -> str:
     q = quantization_dict(config)
     quants = ", ".join(dict.fromkeys(r["quant"] for r in table if r["_dtype_from"] is None))  # DeepSeek-V4 fp8: mxfp4
     stored = _full_precision(table, config)
-    if isinstance(q, dict):
-        stored = f"as stored ({q.get('quant_method')}{': ' + quants if quants else ''})"
+    if isinstance(q, dict) and quants:  # (round 65: "as stored", though fp8 / int4 scales load as fp32; and said
+        # of a checkpoint whose experts are all left full precision)
+        stored = f"as loaded ({q.get('quant_method')}: {quants}; scales as the layer holds them)"
     foot = (f"routed expert weights: {_fmt_bytes(total)} {stored}; "
             f"expert weights read per token: {_fmt_bytes(per_token)}")
     return "\n".join([head, *lines, foot])

@@ -102,9 +102,9 @@ def load_moe_layers(
 
 
     Each file is opened once and read in storage order; every tensor is read once and copied into its
-    slot of the preallocated (uninitialised) weights, so peak memory is the layers' own size plus one
-    checkpoint tensor. While it copies, torch's intra-op thread count (a process-wide setting) is 1 (many
-    small memory-bound copies run several times faster so); it is restored after the last overlapping load.
+    slot of the preallocated (unset: NaN) weights, so peak memory is the layers' own size plus one
+    checkpoint tensor. While it copies, the loading thread's intra-op thread count is 1 (many small memory-bound
+    copies run several times faster so); it is restored after that thread's last overlapping load.
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key (and the config fields that decide whether it exists); a wrong shape ->
@@ -204,7 +204,7 @@ def _open(path: str, quant_config, dtype):
     spec, plans = plan_layers(config, source)
     fmt, dense_fmt, shipped = checkpoint_formats(config, quant_config)  # routed experts; other linears
     if dtype is None:
-        dtype = config_dtype(config, source)
+        dtype = config_dtype(config, source, raw_text_config(config))
     files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
     return spec, plans, fmt, dense_fmt, shipped, dtype, assigned, (source, raw_text_config(config)), Reader(files)
@@ -342,7 +342,17 @@ class _LayerLoad:
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
         own = [n for n, _ in self.layer.named_parameters() if not is_slot_tensor(self.layer, n)]
+        # (round 65: a named routing's selection bias buffer was left zero; a plan's zero bias is no checkpoint's)
+        own += [n for n in router_buffers(self.layer)
+                if not (self.plan.zero_score_bias and n == "router.e_score_correction_bias")]
         return self.layer.routed_experts.missing() + [n for n in own if n not in self.loaded]
+
+
+def router_buffers(layer) -> list[str]:
+    """Names of the persistent buffers (those of its ``state_dict``) of ``layer``'s router and its children (a named
+    routing's selection bias: LFM2-MoE, Kolibri-1). (Quantised shared experts' buffers are checked by their loader.)"""
+    return [f"router.{m}.{b}" if m else f"router.{b}" for m, mod in layer.router.named_modules()
+            for b, t in mod._buffers.items() if t is not None and b not in mod._non_persistent_buffers_set]
 
 
 def _check_construction(plan: LayerPlan, tensors: dict, keys: dict, source=None) -> None:

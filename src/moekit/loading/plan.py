@@ -104,9 +104,11 @@ class LayerPlan:
         return n * bytes_per_el
 
     def shared_bytes(self, bytes_per_el: int = 2) -> int:
-        """Bytes of the shared MLP (gate, up, down; + their biases) at ``bytes_per_el``."""
+        """Bytes of the shared MLP (gate, up, down; + their biases; no gate for a non-gated activation: round 65,
+        relu2's was counted with one) at ``bytes_per_el``."""
         h, i = self.outer_hidden_size, self.shared_intermediate_size
-        return (3 * h * i + (2 * i + h if self.shared_bias and i else 0)) * bytes_per_el
+        rows = 2 * i if is_gated(self.shared_activation) else i
+        return (rows * h + i * h + (rows + h if self.shared_bias and i else 0)) * bytes_per_el
 
     def active_bytes_per_token(self, bytes_per_el: int = 2) -> int:
         """Expert weight bytes one token touches: K routed experts + the shared expert + the router."""

@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from .files import read_header
+from .files import CheckpointNotFoundError, read_header
 
 
 def _read(handle, key: str) -> torch.Tensor:
@@ -32,7 +32,7 @@ class Reader:
         f = self.files[key]
         if f not in self.headers:
             if not os.path.isfile(f):
-                raise FileNotFoundError(f"checkpoint shard {f} (holding {key!r}) does not exist")
+                raise CheckpointNotFoundError(f"checkpoint shard {f} (holding {key!r}) does not exist")
             self.headers[f] = read_header(f)
         if key not in self.headers[f]:
             raise KeyError(f"checkpoint key {key!r} is listed for {f} but the file does not hold it")
@@ -81,26 +81,27 @@ def progress_bar(total: int, progress: bool | None):
         yield bar
 
 
-#: loads in progress and torch's intra-op thread count before the first of them (see :func:`one_thread`)
-_ONE_THREAD = {"loads": 0, "threads": 0}
-_ONE_THREAD_LOCK = threading.Lock()
+#: per thread: loads in progress in it and its intra-op thread count before the first of them (see :func:`one_thread`)
+_ONE_THREAD = threading.local()
 
 
 @contextlib.contextmanager
 def one_thread():
     """Copies of checkpoint tensors are memory-bound and mostly small: with several intra-op threads they
-    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster. torch's setting is
-    process-wide: overlapping loads (threads) share one save and restore, by the first and the last of them
-    (round 49: two overlapping loads left the process at 1 thread)."""
-    with _ONE_THREAD_LOCK:
-        if _ONE_THREAD["loads"] == 0:
-            _ONE_THREAD["threads"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ONE_THREAD["loads"] += 1
+    were 10x slower on a busy 2-core machine (thread wake-ups per 1 MB copy), never faster. Overlapping loads of one
+    thread share one save and restore, by the first and the last of them (round 49: two overlapping loads left the
+    process at 1 thread); each thread saves and restores its own count (round 65: torch's count is per thread with
+    OpenMP, and a load ending in another thread than the first one's left that thread at 1). A thread that first uses
+    torch while a load runs starts at 1 (torch's default for new threads then)."""
+    local = _ONE_THREAD
+    if getattr(local, "loads", 0) == 0:
+        local.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        local.loads = 0
+    local.loads += 1
     try:
         yield
     finally:
-        with _ONE_THREAD_LOCK:
-            _ONE_THREAD["loads"] -= 1
-            if _ONE_THREAD["loads"] == 0:
-                torch.set_num_threads(_ONE_THREAD["threads"])
+        local.loads -= 1
+        if local.loads == 0:
+            torch.set_num_threads(local.threads)
