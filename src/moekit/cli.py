@@ -71,10 +71,12 @@ def device(text: str) -> torch.device:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    try:  # runnable here: the library's own device check
+    try:  # runnable here: the library's own device check (its message in the command line's words: round 65)
         return check_device("--device", text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        why = str(err).split(": ", 1)[-1].split("; use ")[0]
+        raise argparse.ArgumentTypeError(f"expected cpu, or a visible CUDA device, got {text!r} ({why}; use --device cpu)"
+                                         ) from None
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -124,6 +126,12 @@ def _run_bench(args, parser) -> int:
                      f"{','.join(map(str, args.tokens))!r}")
     if args.eager_only and len(quants) > 1:  # (the eager rows time the unquantised layer)
         parser.error(f"argument --quant: does not apply with --eager-only (unquantised rows), got {args.quant!r}")
+    if args.eager_only:  # (round 65: accepted and ignored; the eager rows time 4 rotations, 10 ms graphs, no settle)
+        given = [f"{o} {v}" for o, v, d in (("--rotations", args.rotations, 4), ("--settle-ms", args.settle_ms, 1000.0))
+                 if v != d] + (["--fast"] if args.fast else [])
+        if given:
+            parser.error(f"argument {given[0].split()[0]}: does not apply with --eager-only (its rows use fixed "
+                         f"timing: 4 rotations, no settle), got {', '.join(given)}")
     if not _needs_cuda("bench"):
         return 1
     eager = (args.eager_tokens or [1, 8, 64]) if (args.eager or args.eager_only) else ()

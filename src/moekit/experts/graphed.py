@@ -361,9 +361,11 @@ class GraphCache:
         if isinstance(getattr(self, "pool", None), GraphPool) and self._entries:
             self.pool.release(len(self._entries))
 
-    # copies and pickles carry the settings, never graphs or a pool
+    # copies and pickles carry the settings and the pool's sharing, never graphs (a pool copies as a fresh empty one,
+    # once per copy: the layers of a copied model share one, as the originals did; round 65: each got its own,
+    # keeping a shared pool's token count)
     def __getstate__(self) -> dict:
-        return {"max_tokens": self.max_tokens, "pool": None, "buckets": self.buckets, "off": self.off}
+        return {"max_tokens": self.max_tokens, "pool": self.pool, "buckets": self.buckets, "off": self.off}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_tokens"], state["pool"], state.get("buckets", True))

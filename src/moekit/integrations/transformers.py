@@ -2,7 +2,6 @@
 an experts implementation (``from_pretrained(..., experts_implementation="moekit")``).
 
 transformers is imported inside the functions only: ``import moekit`` never needs it.
-
 - :func:`patch` replaces every MoE block with :class:`MoEBlockAdapter` around a moekit layer (where the
   MoE is made of decoder-layer attributes, Gemma 4, the layer's ``experts`` becomes a
   :class:`LayerMoEAdapter`). The blocks are found at the plans' module paths (the spec's ``stack`` /
@@ -21,12 +20,11 @@ transformers is imported inside the functions only: ``import moekit`` never need
   routing: a block whose original routes differently in training mode (input jitter, PhiMoE's sparsemixer) refuses
   a training-mode call.
 - :func:`unpatch` puts the replaced blocks (kept by reference) back and removes those hooks (bit for bit).
-- :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its
-  router, moekit runs the experts (``fused_experts``) on the block's own weights. The switch only
-  reaches experts classes that transformers decorates with ``@use_experts_implementation``; Llama 4 (and
-  LongCat-Flash before transformers 5.25, and the specs with ``experts_switch=False``) have none, so there
-  transformers would keep its own forward without a word. :func:`check_registered` finds that out (and
-  raises); :func:`patch` is the path for those models.
+- :func:`register` adds ``"moekit"`` to transformers' ``ExpertsInterface``: transformers keeps its router, moekit
+  runs the experts (``fused_experts``) on the block's own weights. The switch only reaches experts classes that
+  transformers decorates with ``@use_experts_implementation``; Llama 4 (and LongCat-Flash before transformers 5.25,
+  and the specs with ``experts_switch=False``) have none, so there transformers would keep its own forward without a
+  word. :func:`check_registered` finds that out (and raises); :func:`patch` is the path for those models.
 
 Without transformers installed, :func:`patch`, :func:`register` and :func:`check_registered` raise
 ``ImportError`` with the install hint ``pip install 'moekit[transformers]'``.
@@ -332,22 +330,24 @@ def register(name: str = "moekit") -> str:
     ``experts_implementation`` (``from_pretrained(..., experts_implementation="moekit")`` or
     ``model.set_experts_implementation("moekit")``).
 
-    transformers keeps its router; moekit's :func:`~moekit.fused_experts` runs the experts on the
-    block's own weights. The switch reaches the experts classes transformers decorates with
-    ``@use_experts_implementation``: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4,
-    GLM-4.5, OLMoE, gpt-oss, LongCat-Flash (transformers >= 5.25: its block adds the zero experts' share
-    itself and hands the experts weight-0 slots). Llama 4, DBRX, JetMoE (and LongCat-Flash before 5.25) have no
-    such decorator: transformers runs their own experts forward whatever ``experts_implementation`` says. Call
-    :func:`check_registered` on a model to make sure every MoE block runs moekit (it raises there); use
-    :func:`patch` for them. Without transformers, ``ImportError``.
+    transformers keeps its router; moekit's :func:`~moekit.fused_experts` runs the experts on the block's own
+    weights. The switch reaches the experts classes transformers decorates with ``@use_experts_implementation``:
+    Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3/V4, GLM-4.5, OLMoE, gpt-oss, LongCat-Flash
+    (transformers >= 5.25: its block adds the zero experts' share itself and hands the experts weight-0 slots).
+    Llama 4, DBRX, JetMoE (and LongCat-Flash before 5.25) have no such decorator: transformers runs their own experts
+    forward whatever ``experts_implementation`` says. Call :func:`check_registered` on a model to make sure every MoE
+    block runs moekit (it raises there); use :func:`patch` for them. Without transformers, ``ImportError``; a name of
+    transformers' own (``"eager"``, ``"grouped_mm"``...) -> ``ValueError``.
     """
     _require_transformers("register")
     from transformers.integrations.moe import ExpertsInterface
 
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (the experts_implementation value), got {type(name).__name__}: {name!r}")
-    if not name:
-        raise ValueError("name must be a non-empty str (the experts_implementation value), got ''")
+    taken = getattr(ExpertsInterface, "_global_mapping", {}).get(name)  # (round 65: "eager" / "grouped_mm" replaced
+    if not name or name == "eager" or taken not in (None, moekit_experts_forward):  # transformers' own everywhere)
+        raise ValueError(f"name must be a non-empty str that is none of transformers' own experts implementations "
+                         f"(the experts_implementation value; e.g. 'moekit'), got {name!r}")
     ExpertsInterface.register(name, moekit_experts_forward)
     return name
 
