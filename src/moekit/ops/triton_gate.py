@@ -62,11 +62,12 @@ def _gate_backward(ctx, grad):
     """The kernel has no backward of its own (round 59; before, the op had none: under autograd the router of every
     Triton layer got no gradient): ``F.linear``'s on operands cast to the output dtype, as the torch gate computes it
     (``F.linear(x.float(), w.float(), b.float())`` for float32 logits of bf16 operands): dx = dy · W,
-    dW = (xᵀ · dy)ᵀ, db = Σ_t dy, each cast back to its operand's dtype. grad: [T, N] out_dtype."""
+    dW = dyᵀ · x (the GEMM F.linear's backward runs; round 65: (xᵀ · dy)ᵀ summed in another order on an AMD CPU),
+    db = Σ_t dy, each cast back to its operand's dtype. grad: [T, N] out_dtype."""
     x, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = grad.mm(weight.to(grad.dtype)).to(x.dtype) if need[0] else None
-    dw = x.to(grad.dtype).t().mm(grad).t().to(weight.dtype) if need[1] else None
+    dw = grad.t().mm(x.to(grad.dtype)).to(weight.dtype) if need[1] else None  # (F.linear's order: round 65)
     db = grad.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
     return dx, dw, db, None
 
