@@ -14,7 +14,9 @@ Each of the ``W`` ranks of ``ep_group`` holds ``T_r`` tokens (any, 0 included) w
   the combine forms ``w · out`` in fp32 per ``(t, k)`` and sums ``k = 0..K-1`` locally, in the
   single-GPU order. Guarantee: bit-identical to the single-process torch reference whenever the
   expert GEMM gives a row the same bits whatever rows share its batch (true of the torch reference
-  on CPU as tested; on GPU, cuBLAS/Triton tile choice may differ with batch size → allclose).
+  on CPU as tested; on GPU, cuBLAS/Triton tile choice may differ with batch size → allclose). fp8 layers are
+  allclose (round 65): their single-process slot output is weighted in fp32 before any rounding, here it
+  crosses the exchange rounded to the layer's dtype (docs/parallel.md).
 - :class:`AllGatherDispatcher` — all-gather every rank's tokens (padded to ``max T_r``), run the local
   experts on all of them (slots of experts held elsewhere add 0 through ``expert_map``), and
   reduce-scatter the partial outputs. Guarantee: allclose only — each rank's partial sum is rounded
