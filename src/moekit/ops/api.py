@@ -59,7 +59,8 @@ def fused_experts(
     expert_map: [E] int32 (-1: expert held elsewhere). returns: [T, H] dtype of hidden_states.
     activation: one of ``moekit.ACTIVATIONS`` (default ``"silu"``).
     apply_router_weight_on_input: multiply the expert input by the weight instead of its output (K == 1).
-    global_num_experts: ``E`` when ``expert_map`` is given (-1: ``w1.shape[0]``).
+    global_num_experts: ``E``, the length of ``expert_map`` when it is given (-1: ``len(expert_map)``, else
+        ``w1.shape[0]``).
     swiglu_limit: clamp limit of gated activations (None: none; swigluoai: 7.0).
     backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
     quant_config, w1_scale, w2_scale, w1_input_scale, w2_input_scale: quantised experts (SPEC §8):

@@ -1,0 +1,216 @@
+"""Round 65's audit: defects found by review helpers and reproduced, each case names the edge it covers.
+
+Checkpoint folders laid out the awkward ways real repositories are (unindexed duplicates, a missing shard, a malformed
+index, a dtype only in the text tower, a selection bias kept in a buffer), the command line (``--eager-only`` options
+that were ignored, the ``--device`` message, ``inspect``'s bytes of a relu² shared expert), process-wide state
+(transformers' experts switch names, torch's thread count across loading threads, the graph pool of a copied model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import moekit
+from moekit.cli import main
+from moekit.experts.graph_lock import GraphPool
+from moekit.loading.files import CheckpointNotFoundError, checkpoint_files
+from moekit.loading.plan import LayerPlan
+from moekit.loading.reader import one_thread
+from test_audit53_cli import _one_line
+
+H, I, E, K = 16, 12, 6, 2
+
+
+def _qwen3(n_layers=1, **kw):
+    return dict(model_type="qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+                num_hidden_layers=n_layers, norm_topk_prob=True, dtype="float32", hidden_act="silu", **kw)
+
+
+def _block(prefix, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {prefix + "gate.weight": torch.randn(E, H, generator=g)}
+    for x in range(E):
+        for n, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            t[prefix + f"experts.{x}.{n}.weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
+    return t
+
+
+def _write(path, config, files, index=None):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    for name, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, name))
+    if index is not None:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": index}, f)
+    return str(path)
+
+
+# --- checkpoint folders
+
+def test_a_key_in_two_unindexed_files_is_refused(tmp_path):
+    # edge: no index and a stale second export holding one key again: the alphabetically last file's copy was loaded
+    t = _block("model.layers.0.mlp.")
+    key = "model.layers.0.mlp.experts.1.gate_proj.weight"
+    path = _write(tmp_path, _qwen3(), {"model.safetensors": t, "zz-old.safetensors": {key: torch.zeros(I, H)}})
+    with pytest.raises(ValueError, match=r"experts\.1\.gate_proj\.weight.*both model\.safetensors and zz-old"):
+        moekit.load_moe_layers(path, progress=False)
+
+
+def test_a_missing_shard_is_the_documented_value_error(tmp_path):
+    # edge: the index names a shard file that is absent: FileNotFoundError, which `except ValueError` missed
+    t = _block("model.layers.0.mlp.")
+    keys = sorted(t)
+    half = {k: "model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors"
+            for i, k in enumerate(keys)}
+    path = _write(tmp_path, _qwen3(), {"model-00001-of-00002.safetensors": {k: t[k] for k in keys[1::2]}}, half)
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors .* does not exist") as err:
+        moekit.load_moe_layers(path, progress=False)
+    assert isinstance(err.value, CheckpointNotFoundError)
+
+
+@pytest.mark.parametrize("weight_map, needle", [
+    ([["a", "b"]], "'weight_map' is a list"),  # edge: a list: AttributeError before
+    (None, "'weight_map' is a NoneType"),  # edge: null
+    ({"a": 1}, "weight_map['a'] is 1"),  # edge: a shard that is no file name: TypeError from os.path.join
+])
+def test_a_malformed_index_is_a_value_error_naming_it(tmp_path, weight_map, needle):
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    with pytest.raises(ValueError, match="index.json is not a valid safetensors index") as err:
+        checkpoint_files(str(tmp_path))
+    assert needle in str(err.value)
+
+
+def test_a_header_dtype_that_is_no_name_is_a_value_error(tmp_path):
+    # edge: a shard header whose "dtype" is a number (AttributeError later, which inspect blamed on config.json)
+    header = json.dumps({"w": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(ValueError, match="'w' has dtype 7"):
+        checkpoint_files(str(tmp_path))
+
+
+def test_a_dtype_declared_in_the_text_tower_only_is_the_layers_dtype(tmp_path):
+    # edge: a wrapper (Qwen3-VL-MoE) whose config.json declares bf16 only in text_config: the layers loaded float32
+    text = {k: v for k, v in _qwen3().items() if k != "dtype"}
+    text.update(model_type="qwen3_vl_moe_text", dtype="bfloat16")
+    t = {k: v.bfloat16() for k, v in _block("model.language_model.layers.0.mlp.").items()}
+    path = _write(tmp_path, {"model_type": "qwen3_vl_moe", "text_config": text}, {"model.safetensors": t})
+    layer = next(iter(moekit.load_moe_layers(path, progress=False).values()))
+    assert layer.routed_experts.w13_weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cfg, prefix, bias_key", [
+    # edge: LFM2-MoE / Kolibri-1 keep the selection bias in a buffer of their routing; a checkpoint without it loaded
+    # with a zero bias (the completeness check read parameters only)
+    (dict(model_type="lfm2_moe", moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, num_hidden_layers=2,
+          num_dense_layers=1, use_expert_bias=True, layer_types=["full_attention"] * 2), "model.layers.1.feed_forward.",
+     "expert_bias"),
+    (dict(model_type="kolibri1", moe_intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
+          num_hidden_layers=1, shared_expert_intermediate_size=0), "model.layers.0.mlp.",
+     "gate.e_score_correction_bias"),
+])
+def test_a_missing_selection_bias_buffer_is_a_key_error(tmp_path, cfg, prefix, bias_key):
+    cfg = dict(cfg, hidden_size=H, dtype="float32")
+    path = _write(tmp_path / "without", cfg, {"model.safetensors": _block(prefix)})
+    with pytest.raises(KeyError, match=f"{prefix}{bias_key}".replace(".", r"\.")):
+        moekit.load_moe_layers(path, progress=False)
+    bias = torch.linspace(-0.3, 0.3, E)  # with it: loaded exactly
+    path = _write(tmp_path / "with", cfg, {"model.safetensors": {**_block(prefix), prefix + bias_key: bias}})
+    layer = next(iter(moekit.load_moe_layers(path, progress=False).values()))
+    assert torch.equal(layer.router.custom_routing_function.e_score_correction_bias, bias)
+
+
+def test_inspect_counts_a_relu2_shared_expert_without_a_gate():
+    # edge: a non-gated shared MLP (Nemotron-H, Ergo) holds up + down only; it was counted gate + up + down (+50 %)
+    kw = dict(name="b", layer_idx=0, ckpt_prefixes=("b.",), num_experts=E, top_k=K, hidden_size=H,
+              intermediate_size=I, shared_intermediate_size=32, routing="softmax top-k")
+    relu2 = LayerPlan(**kw, activation="relu2", shared_activation="relu2")
+    silu = LayerPlan(**kw)
+    assert relu2.shared_bytes(2) == (32 * H + H * 32) * 2
+    assert silu.shared_bytes(2) == (2 * 32 * H + H * 32) * 2
+    layer = moekit.loading.modules.SharedMLP(H, 32, "relu2")
+    assert sum(p.numel() for p in layer.parameters()) * 2 == relu2.shared_bytes(2)
+
+
+# --- the command line
+
+@pytest.mark.parametrize("argv, needle", [
+    # edge: accepted with --eager-only and ignored (its rows time 4 rotations, no settle; the JSON recorded them)
+    (["bench", "--eager-only", "--rotations", "9"], "--rotations"),
+    (["bench", "--eager-only", "--settle-ms", "5"], "--settle-ms"),
+    (["bench", "--eager-only", "--fast"], "--fast"),
+])
+def test_eager_only_refuses_the_options_it_ignores(argv, needle, capsys):
+    assert main(argv) == 2
+    _one_line(capsys, needle, "--eager-only")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_device_error_speaks_the_command_lines_words(capsys):
+    # edge: it repeated the option ("--device='cuda'") and advised Python syntax ("use device='cpu'")
+    assert main(["demo", "--device", "cuda"]) == 2
+    err = _one_line(capsys, "--device cpu", "got 'cuda'")
+    assert "device='cpu'" not in err and "--device=" not in err
+
+
+# --- process-wide state
+
+def test_register_refuses_transformers_own_implementation_names():
+    # edge: register("eager") / register("grouped_mm") replaced transformers' own for every model of the process,
+    # the float32 reference a comparison builds with experts_implementation="eager" included
+    pytest.importorskip("transformers")
+    from transformers.integrations.moe import ExpertsInterface
+
+    from moekit.integrations.transformers import register
+    before = dict(ExpertsInterface._global_mapping)
+    for name in ("eager", "grouped_mm"):
+        with pytest.raises(ValueError, match=repr(name)):
+            register(name)
+    assert dict(ExpertsInterface._global_mapping) == before
+    assert register("moekit") == "moekit" and register("moekit") == "moekit"  # (again: its own entry)
+
+
+def test_one_thread_restores_each_loading_threads_own_count():
+    # edge: overlapping loads in two threads, the first ending first: the process-wide save / restore (by the first
+    # and the last load) restored in the other thread, and the first thread stayed at 1 intra-op thread
+    before = torch.get_num_threads()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def other():
+        with one_thread():
+            inside.set()
+            release.wait(10)
+        seen["other"] = torch.get_num_threads()
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
+    with one_thread():
+        seen["during"] = torch.get_num_threads()
+    release.set()
+    t.join(10)
+    assert seen["during"] == 1 and torch.get_num_threads() == before
+
+
+@pytest.mark.interpreter  # (layers on the Triton backend hold graph caches; a GPU host builds them on CUDA)
+def test_a_copied_models_layers_share_one_fresh_graph_pool():
+    # edge: load_moe_layers / patch give a model's layers one pool (and allow 2048-token graphs for that reason);
+    # a deep copy gave each layer its own pool, keeping the 2048
+    pool = GraphPool()
+    model = torch.nn.ModuleList(moekit.FusedMoE(E, K, H, I, runner_args={"graph_pool": pool}, eager_graph_tokens=2048,
+                                                backend="triton") for _ in range(2))
+    assert model[0]._graphs.pool is model[1]._graphs.pool is pool
+    twin = copy.deepcopy(model)
+    pools = [m._graphs.pool for m in twin]
+    assert pools[0] is pools[1] and pools[0] is not pool and isinstance(pools[0], GraphPool)
+    assert twin[0]._graphs.lock is twin[1]._graphs.lock is pools[0].lock
