@@ -214,3 +214,78 @@ def test_a_copied_models_layers_share_one_fresh_graph_pool():
     pools = [m._graphs.pool for m in twin]
     assert pools[0] is pools[1] and pools[0] is not pool and isinstance(pools[0], GraphPool)
     assert twin[0]._graphs.lock is twin[1]._graphs.lock is pools[0].lock
+
+
+# --- kernel configs: the tuner and the lookup
+
+def _raw_table(bk):  # a table as a user may hold it: the optional fp8_acc absent, a 4-bit table's raw BK
+    p = {"BN": 64, "BK": bk, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    return {str(t): {"BLOCK_M": 64, "w13": dict(p), "w2": dict(p)} for t in (1, 8, 64, 256, 1024, 4096, 16384)}
+
+
+@pytest.mark.parametrize("quant, raw_bk, want_bk", [("fp8", 128, 128), ("mxfp4", 64, 128)])
+def test_tune_fixes_a_shapes_invariants_as_the_launcher_runs_them(tmp_path, monkeypatch, quant, raw_bk, want_bk):
+    # edge: the shape's BLOCK_K and fp8_acc were read from the raw entries but compared with fix_config'd candidates:
+    # every candidate of the first bucket was refused, and the table written was refused by the next run
+    from moekit.benchmarking import tune
+    from moekit.benchmarking.shapes import ModelShape
+    from moekit.ops import triton_configs as tc
+    monkeypatch.setenv("MOEKIT_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tune, "_device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(tune, "_device_traits", lambda: (132, (9, 0)))
+    monkeypatch.setattr(tune, "make_call", lambda *a: ("call", "w"))
+    m = ModelShape("custom", E=4, K=2, H=256, I=256)
+    key = tc.shape_key(4, 256, 256, 2, torch.bfloat16, True, tune.quant_spec(quant)[1].key)
+    (tmp_path / "Fake_GPU.json").write_text(json.dumps({"device": "Fake GPU", "entries": {key: _raw_table(raw_bk)}}))
+    tc.clear_config_cache()
+    seen = []
+
+    def fake_point(m, t, dtype, device, *, spec, fixed_bk, fixed_arith, before, **kw):
+        seen.append((tuple(fixed_bk), (fixed_arith or {}).get("fp8_acc")))
+        space, base = tune.config_in_use(m, t, dtype, before, spec, fixed_bk, fixed_arith)
+        assert space.refusal(base) is None, space.refusal(base)  # the config in use joins its own shape
+        return base, "w", {"base_us": 10.0, "best_us": 10.0, "timed": 1}
+
+    monkeypatch.setattr(tune, "tune_point", fake_point)
+    logs = []
+    tune.run_tune([(m, [16384, 1])], out=tmp_path, quant=quant, log=logs.append, bar=False)
+    assert seen == [((want_bk, want_bk), 128 if quant == "fp8" else None)] * 2
+    assert not any("SPEC §9" in s for s in logs), logs
+
+
+@pytest.mark.parametrize("entries, needle", [
+    ({"E=128, H=2048, I=768, K=8, dtype=bf16, gated=1": {}}, "shape key"),  # edge: spaces (a misspelt key was unused)
+    ({"E=128,H=2048,I=768,K=8,dtype=bfloat16,gated=1": {}}, "shape key"),  # edge: torch's dtype name
+    ({"garbage": {}}, "shape key"),
+    # edge: buckets of an fp8 shape on two dot instructions (a token's bits would follow its batch, SPEC §9)
+    ({"E=4,H=256,I=256,K=2,dtype=bf16,gated=1,quant=fp8_block128x128": {
+        "1": dict(_raw_table(128)["1"], fp8_acc=0), "4096": _raw_table(128)["4096"]}}, "disagree on fp8_acc"),
+])
+def test_a_config_file_with_a_bad_shape_is_refused(tmp_path, entries, needle):
+    from moekit.ops.triton_configs import ConfigFileError, read_config_file
+    path = tmp_path / "NVIDIA_H200.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "entries": entries}))
+    with pytest.raises(ConfigFileError, match=needle):
+        read_config_file(path)
+
+
+def test_the_shipped_config_files_pass_their_own_reader():
+    from moekit.ops.triton_configs import read_config_file
+    folder = os.path.join(os.path.dirname(moekit.__file__), "configs")
+    for name in os.listdir(folder):
+        assert read_config_file(os.path.join(folder, name))["entries"]
+
+
+def test_a_bucket_that_cannot_be_tuned_is_one_line(monkeypatch, capsys):
+    # edge: tune_checks.BucketNotTuned (a RuntimeError) escaped `moekit tune` as a traceback
+    from moekit.benchmarking import tune
+    from moekit.benchmarking.tune_checks import BucketNotTuned
+
+    def fails(*a, **k):
+        raise BucketNotTuned("moekit tune: custom at T=1: the config in use does not run here")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune, "run_tune", fails)
+    assert main(["tune", "-E", "4", "-H", "256", "-I", "256", "-K", "2", "--tokens", "1", "--out", "/tmp"]) == 1
+    _one_line(capsys, "BucketNotTuned", "does not run here")

@@ -216,12 +216,14 @@ def test_output_checks_name_the_check_that_fails_or_raises(monkeypatch):
 def test_merge_entries_keeps_other_shapes_and_buckets(tmp_path):
     path = tmp_path / "NVIDIA_H200.json"
     a, b = _cfg(16, (64, 128, 4, 4), (64, 128, 4, 4)), _cfg(32, (64, 128, 4, 4), (64, 128, 4, 4))
-    path.write_text(json.dumps({"device": "NVIDIA H200", "entries": {"other": {"1": a}, "k": {"1": a, "8": a}}}))
-    tune.merge_entries(path, "NVIDIA H200", "k", {8: b, 64: b})
-    tune.merge_entries(path, "NVIDIA H200", "new", {1: a})
+    # (shape keys as moekit tune writes them: the reader refuses others since round 65)
+    other, k, new = (f"E={e},H=256,I=128,K=2,dtype=bf16,gated=1" for e in (4, 8, 16))
+    path.write_text(json.dumps({"device": "NVIDIA H200", "entries": {other: {"1": a}, k: {"1": a, "8": a}}}))
+    tune.merge_entries(path, "NVIDIA H200", k, {8: b, 64: b})
+    tune.merge_entries(path, "NVIDIA H200", new, {1: a})
     data = json.loads(path.read_text())
-    assert data["entries"]["other"] == {"1": a} and data["entries"]["new"] == {"1": a}
-    assert data["entries"]["k"] == {"1": a, "8": b, "64": b} and data["device"] == "NVIDIA H200"
+    assert data["entries"][other] == {"1": a} and data["entries"][new] == {"1": a}
+    assert data["entries"][k] == {"1": a, "8": b, "64": b} and data["device"] == "NVIDIA H200"
     assert [p.name for p in tmp_path.iterdir()] == ["NVIDIA_H200.json"]
 
 

@@ -376,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = rest
         try:
             return args.run(args, sub)
-        except (OSError, ConfigFileError, torch.cuda.OutOfMemoryError) as err:  # a file, a config file, GPU memory
-            if args.command not in ("bench", "tune") or isinstance(err, BrokenPipeError):
+        except (OSError, ConfigFileError, RuntimeError) as err:  # a file, a config file, GPU memory, a bucket that
+            # cannot be tuned here (round 65: tune_checks.BucketNotTuned escaped as a traceback)
+            one_line = isinstance(err, (OSError, ConfigFileError, torch.cuda.OutOfMemoryError)) or \
+                type(err).__name__ == "BucketNotTuned"
+            if args.command not in ("bench", "tune") or isinstance(err, BrokenPipeError) or not one_line:
                 raise
             why = str(err).partition("\n")[0]
             print(f"moekit {args.command}: error: {type(err).__name__}: {why}", file=sys.stderr)

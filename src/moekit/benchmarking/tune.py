@@ -53,7 +53,7 @@ from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shap
 from .shapes import ModelShape
 from .timer import time_graph
 from .tune_checks import base_failed, output_checks
-from .tune_space import arith, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
+from .tune_space import arith, as_run, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries, out_table
 
 
@@ -269,8 +269,10 @@ def run_tune(targets: list[tuple[ModelShape, list[int]]], dtype=torch.bfloat16, 
         table = out_table(path, key)
         src, before = shape_table(name, key)  # what lookups run for this shape now (any folder)
         before = {str(b): c for b, c in before.items()}
-        try:
-            fixed_bk, fixed_arith = shape_block_k(table or before), shape_arith(table or before)
+        try:  # (as the launcher runs them: round 65, a raw fp8 table without fp8_acc, or a 4-bit one at another BK,
+            # refused every candidate of its first bucket, and the table written then was refused on the next run)
+            fixed = as_run(table or before, spec, dtype)
+            fixed_bk, fixed_arith = shape_block_k(fixed), shape_arith(fixed)
             anew = False
         except ValueError as exc:
             if table:  # the out file's own table breaks SPEC §9: the user's to remove (never rewritten silently)

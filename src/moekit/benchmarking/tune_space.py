@@ -117,6 +117,12 @@ def arith(cfg: dict) -> dict:
     return {k: cfg.get(k) for k in ARITH_KEYS}
 
 
+def as_run(table: dict, spec, dtype) -> dict:
+    """``{bucket: config}`` as the launcher runs each config: a quantised format's fixed keys applied
+    (``spec.fix_config``: its BLOCK_K, the default and clamped ``fp8_acc``); ``ValueError`` from a config it refuses."""
+    return table if spec is None else {b: spec.fix_config(c, dtype) for b, c in table.items()}
+
+
 def shape_block_k(table: dict) -> tuple[int, int] | None:
     """The BLOCK_K shared by every bucket of one shape's ``{bucket: config}`` (None when empty);
     ``ValueError`` when the buckets disagree (their outputs may differ with the batch size)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..ops.config_heuristic import heuristic_config
 from ..ops.triton_configs import nearest_bucket, read_config_file
 from .shapes import TOKENS
-from .tune_space import Space, block_k, shape_block_k
+from .tune_space import Space, as_run, block_k, shape_block_k
 
 
 def out_table(path: Path, key: str) -> dict:
@@ -81,7 +81,7 @@ def fill_missing(m, dtype, spec, path: Path, key: str, before: dict, fixed_bk, f
     space = _space(m, dtype, spec, fixed_bk, fixed_arith)
     before = {str(b): c for b, c in before.items()}
     try:
-        same_bk = fixed_bk is None or not before or shape_block_k(before) == tuple(fixed_bk)
+        same_bk = fixed_bk is None or not before or shape_block_k(as_run(before, spec, dtype)) == tuple(fixed_bk)
     except ValueError:  # ``before`` mixes BLOCK_K itself
         same_bk = False
     out = {}

@@ -76,6 +76,7 @@ import functools
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -103,6 +104,28 @@ def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torc
 
 class ConfigFileError(ValueError):
     """A config file that is not one ``moekit tune`` writes (the message names the file and what is wrong)."""
+
+
+#: a shape key as :func:`shape_key` writes it (round 65: a misspelt key was read, matched no lookup, and the user's
+#: table was silently unused)
+_KEY_RE = re.compile(r"E=\d+,H=\d+,I=\d+,K=\d+,dtype=(bf16|fp16|fp32),gated=[01]"
+                     r"(,quant=(fp8_block(\d+)x(\d+)|fp8_channel|fp8_tensor|mxfp4|int4_g\d+))?")
+
+
+def _check_shape(p: Path, key, table: dict) -> None:
+    """``key`` is a shape key and, for fp8, its buckets run one dot instruction (``fp8_acc`` as the launcher reads
+    it: default 128, at most the K step; SPEC §9: round 65, a hand-edited file mixing them was used)."""
+    m = _KEY_RE.fullmatch(key) if isinstance(key, str) else None
+    if m is None:
+        raise ConfigFileError(f"{p}: shape key {key!r}: expected E=..,H=..,I=..,K=..,dtype=bf16|fp16|fp32,gated=0|1"
+                              "[,quant=...] (what `moekit tune` writes)")
+    if m.group(3) is None or not m.group(3).startswith("fp8"):
+        return
+    step = int(m.group(5)) if m.group(5) else 64 if m.group(1) == "fp32" else 128
+    accs = {str(b): min(int(c.get("fp8_acc", 128)), step) for b, c in table.items() if isinstance(c, dict)}
+    if len(set(accs.values())) > 1:
+        raise ConfigFileError(f"{p}: shape {key}: the buckets disagree on fp8_acc {accs}: a token's output would "
+                              "depend on its batch (SPEC §9); make them one value, or re-run `moekit tune`")
 
 
 def read_config_file(path) -> dict:
@@ -137,6 +160,7 @@ def read_config_file(path) -> dict:
                                   "`moekit tune`)")
             except ValueError as err:
                 raise ConfigFileError(str(err)) from None
+        _check_shape(p, key, table)
     return data
 
 
