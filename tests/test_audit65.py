@@ -289,3 +289,67 @@ def test_a_bucket_that_cannot_be_tuned_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(tune, "run_tune", fails)
     assert main(["tune", "-E", "4", "-H", "256", "-I", "256", "-K", "2", "--tokens", "1", "--out", "/tmp"]) == 1
     _one_line(capsys, "BucketNotTuned", "does not run here")
+
+
+# --- architectures: activations and construction tensors
+
+@pytest.mark.parametrize("cfg", [
+    dict(model_type="mixtral", hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
+         num_hidden_layers=1),
+    dict(model_type="qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+         num_hidden_layers=1),
+])
+def test_a_gated_architectures_relu2_is_refused(cfg):
+    # edge: transformers' gated experts compute relu(g)^2 * u; moekit's relu2 is non-gated (act(up x)): the plan took
+    # it, the up rows overwrote the gate rows and the layer computed w2 relu(up x)^2 (relative error ~1 vs transformers)
+    from moekit.loading.architectures import plan_layers
+    with pytest.raises(NotImplementedError, match="hidden_act='relu2' on gated experts"):
+        plan_layers(dict(cfg, hidden_act="relu2"))
+    assert plan_layers(dict(cfg, hidden_act="gelu_pytorch_tanh"))[1][0].activation == "gelu_tanh"
+
+
+def test_nemotron_h_keeps_its_non_gated_relu2():
+    from moekit.loading.architectures import plan_layers
+    cfg = dict(model_type="nemotron_h", hidden_size=H, moe_intermediate_size=I, n_routed_experts=E,
+               num_experts_per_tok=K, num_hidden_layers=2, layers_block_type=["mamba", "moe"], n_group=1, topk_group=1)
+    assert plan_layers(cfg)[1][0].activation == "relu2"
+
+
+def _plan_of(cfg):
+    from moekit.loading.architectures import plan_layers
+    spec, plans = plan_layers(cfg)
+    return spec, plans[0]
+
+
+_LONGCAT = dict(model_type="longcat_flash", hidden_size=H, expert_ffn_hidden_size=I, n_routed_experts=8,
+                zero_expert_num=4, moe_topk=3, num_layers=1)
+_DSV4 = dict(model_type="deepseek_v4", hidden_size=H, moe_intermediate_size=I, n_routed_experts=8,
+             num_experts_per_tok=2, num_hidden_layers=2, num_hash_layers=1)
+
+
+def test_a_missing_selection_bias_is_named_as_the_checkpoint_has_it():
+    # edge: the message named {prefix}gate.e_score_correction_bias, a key LongCat's and DeepSeek-V4's checkpoints lack
+    from moekit.loading.keys import check_construction
+    spec, plan = _plan_of(_LONGCAT)
+    with pytest.raises(KeyError, match=r"mlp\.router\.e_score_correction_bias \(router selection bias"):
+        check_construction(plan, {}, {}, None, spec)
+    spec, plans = __import__("moekit").loading.architectures.plan_layers(_DSV4)
+    with pytest.raises(KeyError, match=r"ffn\.gate\.bias"):
+        check_construction(plans[1], {}, {}, None, spec)
+
+
+def test_a_bad_construction_tensor_is_blamed_on_its_key():
+    # edge: a NaN selection bias or a hash table id >= E was reported against config.json, naming no key
+    from moekit.loading.keys import check_construction
+    spec, plan = _plan_of(_LONGCAT)
+    bias = torch.zeros(12)
+    bias[3] = float("nan")
+    key = {"router.e_score_correction_bias": "model.layers.0.mlp.router.e_score_correction_bias"}
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.router\.e_score_correction_bias'.*non-finite"):
+        check_construction(plan, {"router.e_score_correction_bias": bias}, key, None, spec)
+    spec, plans = __import__("moekit").loading.architectures.plan_layers(_DSV4)
+    hashed = next(p for p in plans if p.hash_routing)
+    table = torch.full((5, 2), 8, dtype=torch.int64)
+    key = {"router.hash_indices_table": "model.layers.0.ffn.gate.tid2eid"}
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.ffn\.gate\.tid2eid'.*\[8, 8\]; expected ids in \[0, 8\)"):
+        check_construction(hashed, {"router.hash_indices_table": table}, key, None, spec)

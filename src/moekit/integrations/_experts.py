@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..experts.layout import FusedLayout
-from ..ops.activation import SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf, is_gated
+from ..ops.activation import (SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf, gated_activation_from_hf,
+                              is_gated)
 from ._blocks import convert_stacks
 
 
@@ -29,7 +30,7 @@ def _softcapped(m) -> tuple[str, None]:
 def _hf_act(m) -> tuple[str, None]:
     cfg = m.config
     name = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"  # Gemma: the latter
-    return activation_from_hf(name), None
+    return gated_activation_from_hf(name), None  # (gated experts: a relu2 refused, round 65)
 
 
 def _post_clamp(m) -> tuple[str, float | None]:

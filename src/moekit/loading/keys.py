@@ -16,6 +16,7 @@ import torch
 
 from ..ops.activation import is_gated
 from .architectures import rename_block_key
+from .fields import fields_of
 from .archs.common import ArchSpec
 from .plan import LayerPlan
 
@@ -158,3 +159,48 @@ def field_hint(plan: LayerPlan, rel: str) -> str:
                 "num_local_experts, moe_intermediate_size and hidden_act / mlp_hidden_act (a gated activation reads "
                 "gate and up rows)")
     return ""
+
+
+def check_construction(plan: LayerPlan, tensors: dict, keys: dict, source=None, spec=None) -> None:
+    """``source``: (config.json path, its dict of the blocks' fields), which the top-k error names; ``spec``: the
+    architecture, whose names a missing tensor is given in (round 65: DeepSeek-V4's and LongCat's bias was named
+    ``gate.e_score_correction_bias``, a key neither has). Values are checked here too, naming the key (round 65: a
+    non-finite bias or a table id out of range was blamed on config.json)."""
+    pre = plan.ckpt_prefixes[0]
+
+    def named(rel: str, default: str) -> str:
+        names = list(dict.fromkeys(old + rel[len(new):] for old, new in (spec.renames if spec else ())
+                                   if rel.startswith(new) and old)) or [rel if spec else default]
+        return " or ".join(pre + n for n in names)
+
+    most = plan.num_experts + plan.num_zero_experts
+    if not 1 <= plan.top_k <= most:  # before any tensor shape that depends on it names the tensor instead
+        path, text = source or (None, None)
+        field = fields_of(text, "top_k", plan.top_k) or "num_experts_per_tok"
+        raise ValueError(f"{path + ': ' if path else ''}{plan.name}: config.json gives top_k = {plan.top_k} ({field}); "
+                         f"expected 1 <= top_k <= {most} (the block's routed experts)")
+    e_all = plan.num_experts + plan.num_zero_experts - plan.routed_shared_experts
+    if plan.has_score_bias:
+        t = tensors.get("router.e_score_correction_bias")
+        if t is None:
+            name = named("router.e_score_correction_bias", "gate.e_score_correction_bias")
+            raise KeyError(f"missing checkpoint tensor {name} (router selection bias, [{e_all}])")
+        if tuple(t.shape) != (e_all,):
+            raise ValueError(f"checkpoint key {keys['router.e_score_correction_bias']!r} has shape {list(t.shape)}, "
+                             f"expected [{e_all}]")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"checkpoint key {keys['router.e_score_correction_bias']!r} (the selection bias) holds "
+                             f"non-finite values, e.g. {t[~torch.isfinite(t)][:3].tolist()}; expected finite floats")
+    if plan.hash_routing:
+        t = tensors.get("router.hash_indices_table")
+        if t is None:
+            raise KeyError(f"missing checkpoint tensor {named('router.hash_indices_table', 'gate.tid2eid')} (hash "
+                           f"routing table, [vocab, {plan.top_k}])")
+        if t.dim() != 2 or t.shape[1] != plan.top_k:
+            raise ValueError(
+                f"checkpoint key {keys['router.hash_indices_table']!r} has shape {list(t.shape)}, "
+                f"expected [vocab, {plan.top_k}]"
+            )
+        if t.numel() and not t.is_floating_point() and (int(t.min()) < 0 or int(t.max()) >= plan.num_experts):
+            raise ValueError(f"checkpoint key {keys['router.hash_indices_table']!r} (the hash routing table) holds "
+                             f"expert ids in [{int(t.min())}, {int(t.max())}]; expected ids in [0, {plan.num_experts})")

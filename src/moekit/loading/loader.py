@@ -25,10 +25,10 @@ from ..parallel.comm import check_group
 from ..parallel.sync import SettingsDiffer, fail_together
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers, raw_text_config
-from .fields import construction_error, fields_of
+from .fields import construction_error
 from .files import checkpoint_files, config_dtype, read_config
-from .keys import (CONSTRUCTION, assign_keys, check_not_transposed, construction_tensors, expand_key, field_hint,
-                   zero_width_shared_gate)
+from .keys import (CONSTRUCTION, assign_keys, check_construction, check_not_transposed, construction_tensors,
+                   expand_key, field_hint, zero_width_shared_gate)
 from .modules import build_layer
 from .plan import LayerPlan
 from .quant import check_shipped_weight, checkpoint_formats, dense_groups, dequantize_dense, experts_format
@@ -154,7 +154,7 @@ def load_moe_layers(
             done: set[str] = set()  # keys already consumed (quantised dense groups)
             pool = GraphPool()  # the layers' internal CUDA graphs share one memory pool (run one after another)
             for plan in plans:
-                failure, got = _attempt(lambda: _construction(plan, assigned, reader, source))
+                failure, got = _attempt(lambda: _construction(plan, assigned, reader, source, spec))
                 fail_together(what, failure, groups, where=plan.name)
                 keys, construction = got
 
@@ -224,7 +224,7 @@ def _dense(spec, state, dense_fmt, shipped: bool, keys: dict, reader, device) ->
     return done
 
 
-def _construction(plan: LayerPlan, assigned: dict, reader, source=None) -> tuple[dict, dict]:
+def _construction(plan: LayerPlan, assigned: dict, reader, source=None, spec=None) -> tuple[dict, dict]:
     """The block's ``{relative name: checkpoint key}`` (less the gate of a zero-width shared expert) and the tensors
     its layer takes at construction (checked)."""
     keys = assigned.get(plan.name, {})
@@ -237,7 +237,7 @@ def _construction(plan: LayerPlan, assigned: dict, reader, source=None) -> tuple
     for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
         del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
     construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
-    _check_construction(plan, construction, keys, source)
+    check_construction(plan, construction, keys, source, spec)
     return keys, construction
 
 
@@ -353,35 +353,6 @@ def router_buffers(layer) -> list[str]:
     routing's selection bias: LFM2-MoE, Kolibri-1). (Quantised shared experts' buffers are checked by their loader.)"""
     return [f"router.{m}.{b}" if m else f"router.{b}" for m, mod in layer.router.named_modules()
             for b, t in mod._buffers.items() if t is not None and b not in mod._non_persistent_buffers_set]
-
-
-def _check_construction(plan: LayerPlan, tensors: dict, keys: dict, source=None) -> None:
-    """``source``: (config.json path, its dict of the blocks' fields), which the top-k error names."""
-    pre = plan.ckpt_prefixes[0]
-    most = plan.num_experts + plan.num_zero_experts
-    if not 1 <= plan.top_k <= most:  # before any tensor shape that depends on it names the tensor instead
-        path, text = source or (None, None)
-        field = fields_of(text, "top_k", plan.top_k) or "num_experts_per_tok"
-        raise ValueError(f"{path + ': ' if path else ''}{plan.name}: config.json gives top_k = {plan.top_k} ({field}); "
-                         f"expected 1 <= top_k <= {most} (the block's routed experts)")
-    e_all = plan.num_experts + plan.num_zero_experts - plan.routed_shared_experts
-    if plan.has_score_bias:
-        t = tensors.get("router.e_score_correction_bias")
-        if t is None:
-            raise KeyError(f"missing checkpoint tensor {pre}gate.e_score_correction_bias (router selection bias, "
-                           f"[{e_all}])")
-        if tuple(t.shape) != (e_all,):
-            raise ValueError(f"checkpoint key {keys['router.e_score_correction_bias']!r} has shape {list(t.shape)}, "
-                             f"expected [{e_all}]")
-    if plan.hash_routing:
-        t = tensors.get("router.hash_indices_table")
-        if t is None:
-            raise KeyError(f"missing checkpoint tensor {pre}gate.tid2eid (hash routing table, [vocab, {plan.top_k}])")
-        if t.dim() != 2 or t.shape[1] != plan.top_k:
-            raise ValueError(
-                f"checkpoint key {keys['router.hash_indices_table']!r} has shape {list(t.shape)}, "
-                f"expected [vocab, {plan.top_k}]"
-            )
 
 
 def _check_complete(state: _LayerLoad, keys: dict, spec: ArchSpec) -> None:

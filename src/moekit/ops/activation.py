@@ -129,6 +129,18 @@ def activation_from_hf(hidden_act) -> str:
     return act.name
 
 
+def gated_activation_from_hf(hidden_act) -> str:
+    """:func:`activation_from_hf` of the ``hidden_act`` of gated experts (``act(gate) * up``); one whose moekit
+    activation is non-gated (``"relu2"``: moekit's reads I rows, act(up x)) raises ``NotImplementedError`` (round 65:
+    a gated family's relu2 loaded as the non-gated one, its gate rows overwritten by the up rows)."""
+    name = activation_from_hf(hidden_act)
+    if not is_gated(name):
+        raise NotImplementedError(f"hidden_act={hidden_act!r} on gated experts (act(gate) * up, as transformers runs "
+                                  f"ACT2FN[{hidden_act!r}] here): moekit's {name!r} is non-gated (act(up x)), and a "
+                                  f"gated {name} is not supported")
+    return name
+
+
 def check_swiglu_limit(activation: str, swiglu_limit) -> None:
     """A limit must be a positive number, and only gated activations take one (``ValueError``)."""
     if swiglu_limit is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ...ops.activation import activation_from_hf
+from ...ops.activation import activation_from_hf, gated_activation_from_hf
 from ..plan import LayerPlan
 
 
@@ -105,8 +105,9 @@ def period(cfg: dict, key: str, default: int = 1) -> int:
     return v
 
 
-def act(cfg: dict) -> str:
-    return activation_from_hf(get(cfg, "hidden_act", "silu"))
+def act(cfg: dict, gated: bool = True) -> str:
+    """The experts' activation of ``hidden_act`` (``gated``: the architecture's experts compute act(gate) * up)."""
+    return (gated_activation_from_hf if gated else activation_from_hf)(get(cfg, "hidden_act", "silu"))
 
 
 def first(cfg: dict, keys: tuple[str, ...], default):

@@ -18,7 +18,7 @@ _SHARED_N = ("n_shared_experts", "num_shared_experts")
 
 def _plan(*, scoring="sigmoid", bias=True, norm_default=True, always_norm=False, scale_on_output=False,
           shared=True, grouped="always", limit=False, shared_limit=False, silu_experts=False, fp32=True, final=None,
-          layer_fn=None):
+          layer_fn=None, gated=True):
     """A plan function for one variant of the DeepSeek-V3 block (keywords: what differs). ``silu_experts``: the
     routed experts run SiLU whatever ``hidden_act`` says (HY-V4, GLM-5-Next: their experts call ``F.silu``); the
     shared MLP runs ``hidden_act``."""
@@ -40,8 +40,8 @@ def _plan(*, scoring="sigmoid", bias=True, norm_default=True, always_norm=False,
             has_score_bias=bias,
             zero_score_bias=not bias and use_groups,  # grouped by the top-2 sum of the scores, no bias
             router_fp32=fp32,
-            activation="silu" if silu_experts else act(cfg),
-            shared_activation=act(cfg),
+            activation="silu" if silu_experts else act(cfg, gated),
+            shared_activation=act(cfg, gated),
             final_transform=final,
             norm_eps=float(get(cfg, "rms_norm_eps", 1e-6)),
         )
@@ -78,7 +78,7 @@ def _plan_nemotron(cfg, spec):
             f"Nemotron-H mlp_hidden_act={hidden_act!r}: its experts and shared MLP compute act(up x), not gated; "
             "moekit's only non-gated activation is relu2 (a gated SiLU/GELU would need the gate rows the checkpoint "
             "does not have)")
-    base = _plan(layer_fn=_nemotron_layers)(dict(cfg, hidden_act="relu2"), spec)
+    base = _plan(layer_fn=_nemotron_layers, gated=False)(dict(cfg, hidden_act="relu2"), spec)
     latent = cfg.get("moe_latent_size")
     shared = dict(shared_intermediate_size=int(get(cfg, "moe_shared_expert_intermediate_size", 0)))
     bias = bool(cfg.get("mlp_bias"))  # biases on the shared MLP and the latent projections (not the experts)
