@@ -179,8 +179,19 @@ def _token_chunk(x, topk_weights, topk_ids, local_map, experts: _QuantExperts, o
     keep = (local >= 0) & ((wts != 0) | on_input)  # a zero-weight slot adds exactly 0 (masked zero experts)
     acc = torch.zeros(*ids.shape, x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                       device=x.device)
-    for e in torch.unique(local[keep]).tolist():
-        tok, slot = torch.nonzero(keep & (local == e), as_tuple=True)
+    # the live slots grouped by expert with one stable sort (round 65: a mask and a nonzero per expert grew with E,
+    # costlier than the GEMMs at E = 512); within an expert, slots in flat (token, slot) order, as nonzero gave them
+    n_local = experts.w13.shape[0]
+    key = torch.where(keep, local, n_local).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=n_local + 1)[:n_local].tolist()
+    k, start = ids.shape[1], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        flat = order[start:start + n]
+        start += n
+        tok, slot = flat // k, flat % k
         w = wts[tok, slot].unsqueeze(1)
         xin = rounded(x[tok].float() * w, x.dtype) if on_input else x[tok]
         o = experts.run(e, xin)
