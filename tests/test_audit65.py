@@ -353,3 +353,70 @@ def test_a_bad_construction_tensor_is_blamed_on_its_key():
     key = {"router.hash_indices_table": "model.layers.0.ffn.gate.tid2eid"}
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.ffn\.gate\.tid2eid'.*\[8, 8\]; expected ids in \[0, 8\)"):
         check_construction(hashed, {"router.hash_indices_table": table}, key, None, spec)
+
+
+@pytest.mark.parametrize("model_type", ["solar_open", "minimax_m2", "minimax_m3_vl_text", "kolibri1", "muse_spark_text",
+                                        "inkling_text", "inkling2_text", "inkling2_loop_text"])
+def test_a_stray_first_k_dense_replace_drops_no_layer(model_type):
+    # edge: these classes read no first_k_dense_replace (Solar Open deletes it): transformers builds every layer MoE,
+    # moekit planned from layer 2 on and the first layers' experts were ignored
+    from moekit.loading.architectures import plan_layers
+    plans = plan_layers(dict(model_type=model_type, num_hidden_layers=4, first_k_dense_replace=2))[1]
+    assert [p.layer_idx for p in plans] == [0, 1, 2, 3]
+
+
+def test_a_short_moe_layer_freq_list_names_the_field():
+    from moekit.loading.architectures import plan_layers
+    with pytest.raises(ValueError, match="moe_layer_freq lists 2 layers"):
+        plan_layers(dict(model_type="minimax_m3_vl_text", num_hidden_layers=4, moe_layer_freq=[1, 0]))
+
+
+# --- the review of the round's change
+
+@pytest.mark.parametrize("cfg, want", [
+    # edge: a plan that fixes its activation read hidden_act anyway, so Ergo's own "relu2" (refused as gated since
+    # this round) and the Hub's MiniMax-M3-VL "swigluoai" (no hidden_act moekit maps) failed to plan
+    (dict(model_type="ergo", num_hidden_layers=2, hidden_act="relu2"), "relu2"),
+    (dict(model_type="minimax_m3_vl_text", num_hidden_layers=2, hidden_act="swigluoai"), "swigluoai"),
+])
+def test_a_plan_that_fixes_its_activation_ignores_hidden_act(cfg, want):
+    from moekit.loading.architectures import plan_layers
+    assert {p.activation for p in plan_layers(cfg)[1]} == {want}
+
+
+def test_a_layer_member_bias_is_named_under_the_decoder_layer():
+    # edge: Step-3.7 keeps its selection bias at model.layers.N.moe.router_bias (a decoder-layer member); the message
+    # put it under the block (…mlp.moe.router_bias) and under the wrapper's prefix the checkpoint does not use
+    from moekit.loading.architectures import plan_layers
+    from moekit.loading.keys import check_construction
+    spec, plans = plan_layers(dict(model_type="step3p5", num_hidden_layers=5, hidden_size=H, moe_intermediate_size=I,
+                                   n_routed_experts=8, num_experts_per_tok=2))
+    keys = {"gate.weight": "model.layers.3.moe.gate.weight"}
+    with pytest.raises(KeyError, match=r"model\.layers\.3\.moe\.router_bias") as err:
+        check_construction(plans[0], {}, keys, None, spec)
+    assert "mlp.moe." not in str(err.value) and "language_model" not in str(err.value)
+
+
+def test_an_fp8_row_formats_fp8_acc_is_clamped_at_its_own_k_step():
+    # edge: fp8 channel / tensor run K steps of 128 whatever the activations; the check clamped fp32 shapes at 64,
+    # so buckets running fp8_acc 64 and 128 passed
+    from moekit.ops.triton_configs import ConfigFileError, read_config_file
+    t = _raw_table(128)
+    entries = {"E=4,H=256,I=256,K=2,dtype=fp32,gated=1,quant=fp8_channel": {"1": dict(t["1"], fp8_acc=64),
+                                                                           "4096": t["4096"]}}
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "NVIDIA_H200.json")
+        with open(path, "w") as f:
+            json.dump({"device": "NVIDIA H200", "entries": entries}, f)
+        with pytest.raises(ConfigFileError, match="disagree on fp8_acc"):
+            read_config_file(path)
+
+
+@pytest.mark.interpreter
+def test_a_raw_graph_pool_handle_is_not_copied():
+    # edge: a layer given a raw torch.cuda.graph_pool_handle() (a process-local id) passed it to its copies and
+    # pickles: a copy captured into the original's pool with a lock of its own
+    layer = moekit.FusedMoE(E, K, H, I, runner_args={"graph_pool": (0, 7)}, backend="triton")
+    assert layer._graphs.pool == (0, 7)
+    assert copy.deepcopy(layer)._graphs.pool is None

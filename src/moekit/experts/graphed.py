@@ -365,7 +365,8 @@ class GraphCache:
     # once per copy: the layers of a copied model share one, as the originals did; round 65: each got its own,
     # keeping a shared pool's token count)
     def __getstate__(self) -> dict:
-        return {"max_tokens": self.max_tokens, "pool": self.pool, "buckets": self.buckets, "off": self.off}
+        pool = self.pool if isinstance(self.pool, GraphPool) else None  # (a raw graph_pool_handle: never shared)
+        return {"max_tokens": self.max_tokens, "pool": pool, "buckets": self.buckets, "off": self.off}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_tokens"], state["pool"], state.get("buckets", True))

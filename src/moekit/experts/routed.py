@@ -17,9 +17,9 @@ the format's storage (``fmt.w13_shape`` ... at ``E_local, I_local``) plus
 ``params_dtype`` stays the dtype of activations, biases and outputs. :meth:`expert_tensors` lists every
 per-slot tensor (what an EPLB move carries); :mod:`moekit.experts.params` says how each is sliced.
 
-The weights are allocated unset (NaN; e8m0 scales 255, other integers 0); every write (:meth:`load_expert_weights`,
-:meth:`load_expert_shard`, :meth:`adopt_weights`, ``load_state_dict``) is recorded per local slot,
-shard and kind (weight, bias, scale, input_scale), and a forward before everything was written raises
+The weights are allocated unset (NaN unquantised weights and float scales, e8m0 scales 255, else 0); every write
+(:meth:`load_expert_weights`, :meth:`load_expert_shard`, :meth:`adopt_weights`, ``load_state_dict``) is recorded per
+local slot, shard and kind (weight, bias, scale, input_scale), and a forward before everything was written raises
 ``RuntimeError`` naming what is missing. The :class:`~moekit.experts.placement.ExpertPlacement` lives
 here and nowhere else; an EPLB rebalance changes it through :meth:`set_physical_to_logical`.
 """
@@ -61,7 +61,7 @@ class RoutedExperts(torch.nn.Module):
         placement: which experts (and which tensor-parallel slice of ``I``) this rank holds, an
             :class:`~moekit.experts.placement.ExpertPlacement`; default: every expert, no TP.
         kernels: the kernel table (:func:`moekit.ops.kernels.resolve_kernels`); default the torch table.
-        device: where the weights are allocated (unset: NaN; ``"meta"`` allocates nothing).
+        device: where the weights are allocated (unset, as the class docstring says; ``"meta"`` allocates nothing).
         expert_output_norm: a module applied to each expert's output rows before the routing weight, or
             None: ``[N, H] -> [N, H]`` (Muse Spark), or with ``per_expert = True`` ``(rows, logical expert
             ids [N]) -> rows`` (Ergo); it must map a zero row to zero. Run by :mod:`.output_norm` on every

@@ -107,7 +107,7 @@ def build_fused_moe(
     build cannot honour raises ``NotImplementedError`` naming it (never silently ignored); invalid values
     raise ``ValueError``/``TypeError`` naming the argument, the value and what was expected. The parts are
     built bottom-up, once: kernel table -> placement / EPLB state -> router -> routed experts -> executor
-    -> runner. The expert weights start unset (NaN): a forward before they are loaded
+    -> runner. The expert weights start unset (NaN where they are floats): a forward before they are loaded
     (``layer.load_expert_weights``, ``layer.load_weights`` or :func:`moekit.load_moe_layers`) raises
     ``RuntimeError``. Shapes: ``T`` tokens, ``H`` hidden, ``I`` intermediate, ``E`` experts, ``Z`` zero
     experts, ``K`` top-k, ``G`` groups.

@@ -166,12 +166,15 @@ def check_construction(plan: LayerPlan, tensors: dict, keys: dict, source=None, 
     architecture, whose names a missing tensor is given in (round 65: DeepSeek-V4's and LongCat's bias was named
     ``gate.e_score_correction_bias``, a key neither has). Values are checked here too, naming the key (round 65: a
     non-finite bias or a table id out of range was blamed on config.json)."""
-    pre = plan.ckpt_prefixes[0]
+    sample = next(iter(keys.values()), "")  # the prefix this checkpoint uses (a wrapper's, or the plain stack's)
+    pre = next((p for p in plan.ckpt_prefixes if sample.startswith(_layer_prefix(p))), plan.ckpt_prefixes[0])
+    members = (spec.ckpt_blocks if spec.layer_level else spec.layer_members) if spec else ()
 
     def named(rel: str, default: str) -> str:
         names = list(dict.fromkeys(old + rel[len(new):] for old, new in (spec.renames if spec else ())
                                    if rel.startswith(new) and old)) or [rel if spec else default]
-        return " or ".join(pre + n for n in names)
+        # a decoder-layer member's key sits under the layer, not the block (Step-3.7's moe.router_bias: round 65)
+        return " or ".join((_layer_prefix(pre) if n.split(".")[0] in members else pre) + n for n in names)
 
     most = plan.num_experts + plan.num_zero_experts
     if not 1 <= plan.top_k <= most:  # before any tensor shape that depends on it names the tensor instead

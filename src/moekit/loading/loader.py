@@ -102,7 +102,7 @@ def load_moe_layers(
 
 
     Each file is opened once and read in storage order; every tensor is read once and copied into its
-    slot of the preallocated (unset: NaN) weights, so peak memory is the layers' own size plus one
+    slot of the preallocated (unset) weights, so peak memory is the layers' own size plus one
     checkpoint tensor. While it copies, the loading thread's intra-op thread count is 1 (many small memory-bound
     copies run several times faster so); it is restored after that thread's last overlapping load.
 

@@ -121,7 +121,7 @@ def _check_shape(p: Path, key, table: dict) -> None:
                               "[,quant=...] (what `moekit tune` writes)")
     if m.group(3) is None or not m.group(3).startswith("fp8"):
         return
-    step = int(m.group(5)) if m.group(5) else 64 if m.group(1) == "fp32" else 128
+    step = int(m.group(5)) if m.group(5) else 128  # (fp8 rows: K steps of 128 whatever the activations, fix_config)
     accs = {str(b): min(int(c.get("fp8_acc", 128)), step) for b, c in table.items() if isinstance(c, dict)}
     if len(set(accs.values())) > 1:
         raise ConfigFileError(f"{p}: shape {key}: the buckets disagree on fp8_acc {accs}: a token's output would "

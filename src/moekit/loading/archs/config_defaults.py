@@ -28,6 +28,9 @@ def _dense_first(k_default: int = 1, *, freq: bool = False, key: str | None = "f
     def derive(cfg: dict) -> list[str]:
         k = int(get(cfg, key, k_default)) if key else k_default
         f = get(cfg, "moe_layer_freq", 1) if freq else 1
+        if isinstance(f, (list, tuple)) and len(f) < layers(cfg):  # (round 65: an IndexError naming no field)
+            raise ValueError(f"moe_layer_freq lists {len(f)} layers, expected one entry per layer "
+                             f"(num_hidden_layers = {layers(cfg)})")
         if not isinstance(f, (list, tuple)):
             f = period(cfg, "moe_layer_freq") if freq else 1  # a step >= 1 (0: a ValueError naming it, review)
         return [SPARSE if i >= k and (bool(f[i]) if isinstance(f, (list, tuple)) else i % f == 0) else DENSE
@@ -178,7 +181,7 @@ DEFAULTS: dict[str, dict] = {
                           mlp_layer_types=_dense_head(1)),
     "glm_moe_dsa": dict(hidden_size=6144, moe_intermediate_size=2048, num_hidden_layers=78, routed_scaling_factor=2.5,
                         n_group=1, rms_norm_eps=_E5, first_k_dense_replace=3),
-    "solar_open": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=4096, num_hidden_layers=48, rms_norm_eps=_E5, moe_intermediate_size=1280,
+    "solar_open": dict(hidden_size=4096, num_hidden_layers=48, rms_norm_eps=_E5, moe_intermediate_size=1280,
                        n_routed_experts=128, n_group=1),
     "exaone_moe": dict(hidden_size=4096, num_hidden_layers=32, rms_norm_eps=_E5, moe_intermediate_size=1024,
                        num_experts=64, routed_scaling_factor=2.5, n_group=1, first_k_dense_replace=1),
@@ -217,9 +220,9 @@ DEFAULTS: dict[str, dict] = {
     # Gemma 4 (gemma4.py; num_experts, top_k_experts and moe_intermediate_size default to null: required)
     **dict.fromkeys(("gemma4_text", "diffusion_gemma_text"), dict(hidden_size=2304, num_hidden_layers=30)),
     # sigmoid + bias (sigmoid_bias.py)
-    "minimax_m2": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=3072, intermediate_size=1536, num_hidden_layers=62, num_experts_per_tok=8,
+    "minimax_m2": dict(hidden_size=3072, intermediate_size=1536, num_hidden_layers=62, num_experts_per_tok=8,
                        num_local_experts=256),
-    "minimax_m3_vl_text": dict(mlp_layer_types=_dense_first(0, freq=True, key=None), hidden_size=6144, intermediate_size=3072, num_hidden_layers=60, num_experts_per_tok=4,
+    "minimax_m3_vl_text": dict(hidden_size=6144, intermediate_size=3072, num_hidden_layers=60, num_experts_per_tok=4,
                                num_local_experts=128, routed_scaling_factor=2.0, shared_intermediate_size=3072,
                                dense_intermediate_size=12288),
     "hy_v3": dict(hidden_size=4096, num_hidden_layers=80, rms_norm_eps=_E5, num_experts=192, num_experts_per_tok=8,
@@ -231,7 +234,7 @@ DEFAULTS: dict[str, dict] = {
                      num_experts_per_tok=4, num_experts=32),
     "laguna": dict(hidden_size=2048, num_hidden_layers=40, moe_intermediate_size=512, num_experts_per_tok=8,
                    num_experts=256, shared_expert_intermediate_size=512, mlp_layer_types=_dense_head(1)),
-    "kolibri1": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=2560, num_hidden_layers=50, moe_intermediate_size=512, num_experts_per_tok=6,
+    "kolibri1": dict(hidden_size=2560, num_hidden_layers=50, moe_intermediate_size=512, num_experts_per_tok=6,
                      num_local_experts=384, shared_expert_intermediate_size=512),
     "kolibri1_1": dict(hidden_size=2560, num_hidden_layers=50, moe_intermediate_size=512, num_experts_per_tok=6,
                        num_local_experts=384, shared_expert_intermediate_size=512),
@@ -241,16 +244,22 @@ DEFAULTS: dict[str, dict] = {
     "step3p5": dict(hidden_size=4096, num_hidden_layers=45, rms_norm_eps=_E5, num_experts_per_tok=8,
                     n_routed_experts=288, moe_intermediate_size=1280, share_expert_dim=1280,
                     mlp_layer_types=_step_layers),
-    "muse_spark_text": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=8192, num_hidden_layers=62, rms_norm_eps=_E5, output_multiplier=32**-0.5,
+    "muse_spark_text": dict(hidden_size=8192, num_hidden_layers=62, rms_norm_eps=_E5, output_multiplier=32**-0.5,
                             post_norm_eps=1e-08, moe_intermediate_size=4096, num_local_experts=256,
                             num_experts_per_tok=8, moe_hidden_size=4096),
-    "inkling_text": dict(mlp_layer_types=_dense_first(0, key="dense_mlp_idx"), hidden_size=6144, num_hidden_layers=66, moe_intermediate_size=3072, n_routed_experts=256,
+    "inkling_text": dict(hidden_size=6144, num_hidden_layers=66, moe_intermediate_size=3072, n_routed_experts=256,
                          num_experts_per_tok=6, n_shared_experts=2, route_scale=8.0),
-    "inkling2_text": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=4608, num_hidden_layers=48, moe_intermediate_size=2304, n_routed_experts=384,
+    "inkling2_text": dict(hidden_size=4608, num_hidden_layers=48, moe_intermediate_size=2304, n_routed_experts=384,
                           num_experts_per_tok=8, route_scale=8.0, scoring_func="sigmoid"),
-    "inkling2_loop_text": dict(mlp_layer_types=_ALL_SPARSE, hidden_size=2304, num_hidden_layers=24, moe_intermediate_size=1152,
+    "inkling2_loop_text": dict(hidden_size=2304, num_hidden_layers=24, moe_intermediate_size=1152,
                                n_routed_experts=128, num_experts_per_tok=8, route_scale=8.0, scoring_func="sigmoid"),
 }
+
+# mlp_layer_types as these classes derive it (round 65): none reads first_k_dense_replace (a stray one dropped layers)
+for _type in ("solar_open", "minimax_m2", "kolibri1", "muse_spark_text", "inkling2_text", "inkling2_loop_text"):
+    DEFAULTS[_type]["mlp_layer_types"] = _ALL_SPARSE
+DEFAULTS["minimax_m3_vl_text"]["mlp_layer_types"] = _dense_first(0, freq=True, key=None)  # its moe_layer_freq list
+DEFAULTS["inkling_text"]["mlp_layer_types"] = _dense_first(0, key="dense_mlp_idx")  # its own kwarg
 
 
 def complete(cfg: dict, model_type: str) -> dict:

@@ -33,12 +33,13 @@ def _plan(*, experts="num_local_experts", inter_keys=("moe_intermediate_size",),
             apply_routed_scale_to_output=scale_on_output,
             has_score_bias=has_bias,
             router_fp32=True,
-            activation=act(cfg),
             norm_eps=float(get(cfg, "rms_norm_eps", 1e-6)),
         )
         if shared is not None:
             kw["shared_intermediate_size"] = int(shared(cfg, inter) if callable(shared) else get(cfg, shared, 0))
         kw.update({k: (v(cfg) if callable(v) else v) for k, v in extra.items()})
+        if "activation" not in kw:  # (read only where the plan does not fix it: round 65, Ergo's relu2 and the Hub's
+            kw["activation"] = act(cfg)  # MiniMax-M3-VL "swigluoai" hidden_act were refused by a value never used)
         kw.setdefault("routing", kw["scoring_func"] + (" + bias" if has_bias else "") + " top-k"
                       + (", renormalised" if renorm else "")
                       + (", scaled on the output" if scale_on_output else ", scaled"))
