@@ -75,8 +75,8 @@ def device(text: str) -> torch.device:
         return check_device("--device", text)
     except ValueError as err:
         why = str(err).split(": ", 1)[-1].split("; use ")[0]
-        raise argparse.ArgumentTypeError(f"expected cpu, or a visible CUDA device, got {text!r} ({why}; use --device cpu)"
-                                         ) from None
+        raise argparse.ArgumentTypeError(
+            f"expected cpu, or a visible CUDA device, got {text!r} ({why}; use --device cpu)") from None
 
 
 # -- subcommands ---------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
         f = os.path.join(path, name)
         for k in read_header(f):
             if out.setdefault(k, f) != f:
-                raise ValueError(f"{path}: checkpoint key {k!r} is in both {os.path.basename(out[k])} and {name}, and no "
-                                 "model.safetensors.index.json says which to read: remove the stale file or add the "
-                                 "index (without an index every *.safetensors file of the folder is read)")
+                raise ValueError(f"{path}: checkpoint key {k!r} is in both {os.path.basename(out[k])} and {name}, "
+                                 "and no model.safetensors.index.json says which to read: remove the stale file or "
+                                 "add the index (without an index every *.safetensors file of the folder is read)")
     return out

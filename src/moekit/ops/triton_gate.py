@@ -62,7 +62,7 @@ def _gate_backward(ctx, grad):
     """The kernel has no backward of its own (round 59; before, the op had none: under autograd the router of every
     Triton layer got no gradient): ``F.linear``'s on operands cast to the output dtype, as the torch gate computes it
     (``F.linear(x.float(), w.float(), b.float())`` for float32 logits of bf16 operands): dx = dy · W,
-    dW = dyᵀ · x (the GEMM F.linear's backward runs; round 65: (xᵀ · dy)ᵀ summed in another order on an AMD CPU),
+    dW = dyᵀ · x (the GEMM F.linear's backward runs; round 65: (xᵀ · dy)ᵀ sums in another order on an AMD CPU),
     db = Σ_t dy, each cast back to its operand's dtype. grad: [T, N] out_dtype."""
     x, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
