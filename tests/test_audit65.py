@@ -420,3 +420,20 @@ def test_a_raw_graph_pool_handle_is_not_copied():
     layer = moekit.FusedMoE(E, K, H, I, runner_args={"graph_pool": (0, 7)}, backend="triton")
     assert layer._graphs.pool == (0, 7)
     assert copy.deepcopy(layer)._graphs.pool is None
+
+
+@pytest.mark.interpreter  # (the Triton gate on CPU tensors; a GPU host runs tests/loading/test_router_linear.py)
+def test_a_strided_gate_bias_is_read_by_its_strides_in_inference():
+    # edge: an assigning load gave the Triton gate a bias that is a view (stride 2); the direct launch (no_grad /
+    # inference_mode, how models run) read it with unit stride: other logits, other experts, silently
+    from moekit.loading.modules import RouterLinear
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randn(8, 2, generator=g)
+    state = {"weight": torch.randn(8, 64, generator=g) * 0.1, "bias": packed[:, 0]}
+    tri, ref = RouterLinear(64, 8, bias=True, backend="triton"), RouterLinear(64, 8, bias=True, backend="torch")
+    tri.load_state_dict(state, assign=True)
+    ref.load_state_dict(state, assign=True)
+    assert tri.bias.stride() == (2,)
+    x = torch.randn(5, 64, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(tri(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -37,7 +37,8 @@ def router_gate_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     tracks the call (the op's backward: :func:`_gate_backward`)."""
     fn = router_gate_impl if direct_call_ok(x) and not wants_grad(x, weight, bias) else router_gate_op
     return fn(x if x.stride(-1) == 1 else x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
-              bias, out_dtype)
+              bias if bias is None or bias.is_contiguous() else bias.contiguous(), out_dtype)  # (round 65: a strided
+    # bias was read with unit stride on the direct path: inference, the experts chosen wrong)
 
 
 @torch.library.custom_op("moekit::router_gate", mutates_args=())
