@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import sys
 import threading
 
 import pytest
@@ -437,3 +438,54 @@ def test_a_strided_gate_bias_is_read_by_its_strides_in_inference():
     x = torch.randn(5, 64, generator=g)
     with torch.inference_mode():
         torch.testing.assert_close(tri(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nemotron_h_zero_shared_width_is_the_dense_width(tmp_path):
+    # edge: transformers' NemotronHMLP takes `intermediate_size or config.intermediate_size`: a shared width of 0 is the
+    # dense MLP's; moekit planned no shared expert and refused the checkpoint's shared MLP with a misleading message
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CONFIG_MAPPING["nemotron_h"](
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        layers_block_type=["attention", "moe"], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=0,
+        n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=16)
+    torch.manual_seed(0)
+    model = transformers.NemotronHForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    layer = next(iter(moekit.load_moe_layers(str(tmp_path), progress=False).values()))
+    assert layer.shared_experts is not None
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), model.model.layers[1].mixer(x[None])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_hidden_act_lists_the_gated_ones():
+    # edge: the list of supported names offered relu2, which every gated family then refuses
+    from moekit.ops.activation import gated_activation_from_hf
+    with pytest.raises(NotImplementedError, match="supported: ") as err:
+        gated_activation_from_hf("gelu_fast")
+    assert "relu2" not in str(err.value) and "'silu'" in str(err.value)
+
+
+def test_ergo_zero_width_shared_expert_loads_as_none(tmp_path):
+    # edge: a zero-width shared MLP adds 0 (transformers runs it), but its output norm's weight (H elements) had no
+    # place in the layer: KeyError. It is dropped with the empty projections, as Qwen2-MoE's gate is.
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "integrations"))
+    import hf_tiny
+    import hf_tiny13
+    from transformers import CONFIG_MAPPING
+    cfg_type, cls_name, o = hf_tiny13.TINY13["ergo"]
+    if cfg_type not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no Ergo")
+    cls = CONFIG_MAPPING[cfg_type]
+    fields = hf_tiny13._fields(cls)
+    kw = {k: v for k, v in hf_tiny13.COMMON.items() if k in fields}
+    kw.update({k: v for k, v in o.items() if k in fields or k not in hf_tiny13.OPTIONAL_FIELDS})
+    kw["shared_intermediate_size"] = 0
+    torch.manual_seed(0)
+    model = hf_tiny13._model_class(cls_name, cfg_type)(cls(**kw)).float().eval()
+    hf_tiny._randomise(model, 0)
+    model.save_pretrained(tmp_path)
+    layers = moekit.load_moe_layers(str(tmp_path), progress=False)
+    assert layers and all(layer.shared_experts is None for layer in layers.values())

@@ -129,11 +129,13 @@ _SHARED_HEADS = ("shared_experts.", "shared_expert_gate.")
 def zero_width_shared_gate(plan: LayerPlan, rel: str, numels: dict[str, int]) -> bool:
     """``rel`` is the gate of a zero-width shared expert (Qwen2-MoE with ``shared_expert_intermediate_size = 0``):
     transformers builds the shared MLP with empty weights and its sigmoid gate multiplies zeros, so neither adds
-    anything; the plan has no shared expert. ``numels``: block-relative name -> element count of the block's
-    tensors. Only where every shared-expert tensor is empty: a real shared expert is never dropped."""
-    if plan.shared_intermediate_size or not rel.startswith(_SHARED_HEADS[1]):
+    anything; the plan has no shared expert; nor does its output norm, Ergo's, over zeros: round 65). ``numels``:
+    block-relative name -> element count of the block's tensors. Only where every shared-expert projection is empty:
+    a real shared expert is never dropped."""
+    extra = rel.startswith(_SHARED_HEADS[1]) or (rel.startswith(_SHARED_HEADS[0]) and "proj" not in rel)
+    if plan.shared_intermediate_size or not extra:
         return False
-    shared = [n for name, n in numels.items() if name.startswith(_SHARED_HEADS[0])]
+    shared = [n for name, n in numels.items() if name.startswith(_SHARED_HEADS[0]) and "proj" in name]
     return bool(shared) and not any(shared)
 
 

@@ -133,7 +133,11 @@ def gated_activation_from_hf(hidden_act) -> str:
     """:func:`activation_from_hf` of the ``hidden_act`` of gated experts (``act(gate) * up``); one whose moekit
     activation is non-gated (``"relu2"``: moekit's reads I rows, act(up x)) raises ``NotImplementedError`` (round 65:
     a gated family's relu2 loaded as the non-gated one, its gate rows overwritten by the up rows)."""
-    name = activation_from_hf(hidden_act)
+    act = _BY_HF_NAME.get(hidden_act) if isinstance(hidden_act, str) else None
+    if act is None:  # (round 65: the list offered relu2, which gated experts refuse)
+        raise NotImplementedError(f"hidden_act={hidden_act!r} is not supported for gated experts; supported: "
+                                  f"{[n for n, a in _BY_HF_NAME.items() if a.gated]}")
+    name = act.name
     if not is_gated(name):
         raise NotImplementedError(f"hidden_act={hidden_act!r} on gated experts (act(gate) * up, as transformers runs "
                                   f"ACT2FN[{hidden_act!r}] here): moekit's {name!r} is non-gated (act(up x)), and a "

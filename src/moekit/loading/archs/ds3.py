@@ -80,7 +80,10 @@ def _plan_nemotron(cfg, spec):
             "does not have)")
     base = _plan(layer_fn=_nemotron_layers, gated=False)(dict(cfg, hidden_act="relu2"), spec)
     latent = cfg.get("moe_latent_size")
-    shared = dict(shared_intermediate_size=int(get(cfg, "moe_shared_expert_intermediate_size", 0)))
+    # transformers' NemotronHMLP takes ``intermediate_size or config.intermediate_size``: a width of 0 is the dense
+    # MLP's (round 65: planned as no shared expert, and the checkpoint's shared MLP refused)
+    width = int(get(cfg, "moe_shared_expert_intermediate_size", 0)) or int(get(cfg, "intermediate_size", 0))
+    shared = dict(shared_intermediate_size=width)
     bias = bool(cfg.get("mlp_bias"))  # biases on the shared MLP and the latent projections (not the experts)
     shared.update(shared_bias=bias)
     if latent:  # the experts run on a latent; the gate and the shared experts read the block input
