@@ -13,7 +13,7 @@ import moekit
 from moekit import Fp8ChannelFormat, FusedMoE, FusedTopKRouter, GroupedTopk
 from moekit.loading.architectures import plan_layers
 from moekit.loading.files import CheckpointNotFoundError, config_dtype
-from moekit.loading.loader import _check_construction
+from moekit.loading.keys import check_construction as _check_construction
 
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 MIXTRAL = {"model_type": "mixtral", "hidden_size": 16, "intermediate_size": 8, "num_local_experts": 4,
