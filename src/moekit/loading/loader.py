@@ -170,7 +170,8 @@ def load_moe_layers(
                             raise
                         raise construction_error(err, plan, *source) from err
                     state = states[plan.name] = _LayerLoad(plan, layer)
-                    state.loaded.update(construction)
+                    state.loaded.update(construction)  # (and a plan's own zero bias: no checkpoint's tensor)
+                    state.loaded.update(("router.e_score_correction_bias",) if plan.zero_score_bias else ())
                     done.update(_dense(spec, state, dense_fmt, shipped, keys, reader, device))
 
                 failure, _ = _attempt(build)
@@ -342,9 +343,7 @@ class _LayerLoad:
     def missing(self) -> list[str]:
         """What a complete load still lacks: ``"expert 3 w2"``, ``"expert 0 w1 bias"``, ``"gate.weight"``..."""
         own = [n for n, _ in self.layer.named_parameters() if not is_slot_tensor(self.layer, n)]
-        # (round 65: a named routing's selection bias buffer was left zero; a plan's zero bias is no checkpoint's)
-        own += [n for n in router_buffers(self.layer)
-                if not (self.plan.zero_score_bias and n == "router.e_score_correction_bias")]
+        own += router_buffers(self.layer)  # (round 65: a named routing's selection bias buffer was left zero)
         return self.layer.routed_experts.missing() + [n for n in own if n not in self.loaded]
 
 

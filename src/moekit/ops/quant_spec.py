@@ -21,6 +21,14 @@ QUANT_FORMATS = frozenset(_CODES)
 #: experts T=1 / 64 / 1024 / 16384: 128 -> 146 / 3517 / 4122 / 57697 µs, 32 (a promotion per k32
 #: instruction serialises the wgmma chain) -> 443 / 12456 / 14618 / 155984 µs (benchmarks/quant_probe.py)
 DEFAULT_FP8_ACC = 128
+#: the K step of the fp8 per-row / per-tensor kernels, whatever the activations' dtype
+FP8_ROW_BLOCK_K = 128
+
+
+def fp8_acc_run(cfg: dict, block_k: int) -> int:
+    """The ``fp8_acc`` a config runs with at K step ``block_k``: its value (default :data:`DEFAULT_FP8_ACC`), at
+    most ``block_k`` (one wgmma dot spans BK: promoting every n > BK products means every BK; Triton refuses n > K)."""
+    return min(int(cfg.get("fp8_acc", DEFAULT_FP8_ACC)), block_k)
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class QuantSpec:
         if self.relaid and dtype == torch.float32:
             raise ValueError("re-laid 4-bit weights (the register-operand layout, laid out per 128-value K step) "
                              "need bfloat16 or float16 activations; float32 ones run K steps of 64")
-        bk = self.block_k if self.code == 1 else 128 if self.code == 2 or dtype != torch.float32 else 64
+        bk = self.block_k if self.code == 1 else FP8_ROW_BLOCK_K if self.code == 2 or dtype != torch.float32 else 64
         c13["BK"] = c2["BK"] = bk
         if self.code == 1:  # BN == bk: w2's input quantised in w13's epilogue (one group per tile);
             c13["BN"] = min(max(int(c13["BN"]), 32), bk)  # narrower: a separate pass (more programs at decode)
@@ -102,8 +110,7 @@ class QuantSpec:
             if acc < 0:
                 raise ValueError(f"config fp8_acc must be >= 0 (0: exact fp16 mma; n: wgmma, promoted every n), "
                                  f"got {acc}")
-            # one wgmma dot spans BK: promoting every n > BK products means every BK (Triton refuses n > K)
-            out["fp8_acc"] = acc = min(acc, bk)
+            out["fp8_acc"] = acc = fp8_acc_run(cfg, bk)
             wgmma = acc > 0
             if wgmma:  # wgmma's M side (64 per warpgroup): the token rows, unless both kernels are swapped
                 if not (c13.get("SWAP") and c2.get("SWAP")):

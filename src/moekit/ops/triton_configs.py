@@ -86,6 +86,7 @@ from .config_heuristic import (  # noqa: F401 (the heuristic and its forms, re-e
     FP8_DEC_SM90_MAX_ROWS, GLUON_NT_MAX_STEPS, SWAP_4BIT_BM16_ROWS, SWAP_4BIT_MAX_ROWS, SWAP_BM16_ROWS, SWAP_MAX_ROWS,
     W4_SM90_BM64_ROWS, fp8_heuristic, fp8_sm90_decode, heuristic_capability, heuristic_config, swap_tiles, w4_sm90_tiles)
 from .config_keys import check_config
+from .quant_spec import FP8_ROW_BLOCK_K, fp8_acc_run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -121,8 +122,8 @@ def _check_shape(p: Path, key, table: dict) -> None:
                               "[,quant=...] (what `moekit tune` writes)")
     if m.group(3) is None or not m.group(3).startswith("fp8"):
         return
-    step = int(m.group(5)) if m.group(5) else 128  # (fp8 rows: K steps of 128 whatever the activations, fix_config)
-    accs = {str(b): min(int(c.get("fp8_acc", 128)), step) for b, c in table.items() if isinstance(c, dict)}
+    step = int(m.group(5)) if m.group(5) else FP8_ROW_BLOCK_K  # (the K step QuantSpec.fix_config gives the format)
+    accs = {str(b): fp8_acc_run(c, step) for b, c in table.items() if isinstance(c, dict)}
     if len(set(accs.values())) > 1:
         raise ConfigFileError(f"{p}: shape {key}: the buckets disagree on fp8_acc {accs}: a token's output would "
                               "depend on its batch (SPEC §9); make them one value, or re-run `moekit tune`")
