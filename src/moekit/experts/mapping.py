@@ -181,7 +181,7 @@ def load_layer_weights(
             layer.routed_experts.load_state_dict(slots, strict=False)
             slots = {}
         if m is not None:
-            _load_expert(layer, name, tensor, m, by_weight)
+            _load_expert(layer, name, tensor, m, by_weight, loaded)
         elif f is not None:
             _load_fused(layer.routed_experts, name, tensor, f.group(1), f.group(2), layout)
         elif (pname := _load_own(layer, name, tensor, own, slots, loaded)) is not None:
@@ -201,9 +201,20 @@ def _expert_key(name: str, layer_name: str):
     return None, None
 
 
-def _load_expert(layer, name, tensor, m, by_weight) -> None:
+def _load_expert(layer, name, tensor, m, by_weight, loaded: set) -> None:
     c, experts = layer.moe_config, layer.routed_experts
     weight_name, eid, proj, kind = m.group(1), int(m.group(2)), m.group(3), KIND_OF_SUFFIX[m.group(4)]
+    if not c.gated and proj in PROJ_NAMES[GATE] + PROJ_NAMES[UP]:
+        # a non-gated expert has one input projection (Nemotron-H: up_proj): a gate and an up key of one expert are a
+        # gated checkpoint, whose second key overwrote the first (round 66: accepted silently). ``loaded`` records
+        # which one came (the loader keeps it across calls)
+        group, other = (GATE, UP) if proj in PROJ_NAMES[GATE] else (UP, GATE)
+        mark = f"experts.{eid}.{{}}.{m.group(4)} (the input projection of a non-gated expert)"
+        if mark.format(other) in loaded:
+            raise ValueError(f"checkpoint key {name!r}: expert {eid} also has a {PROJ_NAMES[other][0]} key, but "
+                             f"activation {c.activation!r} is not gated (w13 has I rows): an expert takes one of "
+                             "gate_proj / up_proj; a checkpoint with both needs a gated activation")
+        loaded.add(mark.format(group))
     if not c.gated and proj in PROJ_NAMES[UP]:  # a non-gated expert's one input projection (Nemotron-H: up_proj)
         proj = PROJ_NAMES[GATE][PROJ_NAMES[UP].index(proj)]
         weight_name = weight_name[: -len(m.group(3)) - 1] + proj + "."
