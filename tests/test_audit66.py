@@ -47,3 +47,51 @@ def test_a_non_gated_layer_refuses_gate_and_up_in_load_weights():
     layer.load_weights(list(w.items()) * 2)
     for e, t in enumerate(w.values()):
         torch.testing.assert_close(layer.routed_experts.w13_weight[e], t)
+
+
+def test_tp_refusal_names_sizes_that_fit():
+    # edge: the refusal of a TP slice off the fp8 block boundaries advised "a TP size that divides I / 128 = 1.5625"
+    # when I itself is no multiple of the block (partial blocks: no TP size above 1 fits); else it names those that do
+    from moekit.experts.params import check_tp_split
+    fmt = moekit.parse_quant_config({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]})
+    with pytest.raises(ValueError, match="200 is not a multiple of 128, so no TP size above 1 fits") as err:
+        check_tp_split(fmt, 200, 2)
+    assert "1.5625" not in str(err.value)
+    with pytest.raises(ValueError, match="TP sizes that fit: 2, 3, 4, 6, 12;"):
+        check_tp_split(fmt, 1536, 8)
+    check_tp_split(fmt, 1536, 12)  # 128 rows a rank: fits
+
+
+def _qwen3_fp8(path, **fmt_extra):
+    import json
+    E, K, H, I = 4, 2, 128, 128
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / 11, torch.randn(E, H, I, generator=g) / 11
+    q13, q2, s13, s2 = moekit.quantize_experts(w13, w2, moekit.parse_quant_config(fp8))
+    pre, t = "model.layers.0.mlp.", {"model.layers.0.mlp.gate.weight": torch.randn(E, H, generator=g)}
+    for e in range(E):
+        for p, (w, s) in {"gate_proj": (q13[e, :I], s13[e, :1]), "up_proj": (q13[e, I:], s13[e, 1:]),
+                          "down_proj": (q2[e], s2[e])}.items():
+            t[f"{pre}experts.{e}.{p}.weight"], t[f"{pre}experts.{e}.{p}.weight_scale_inv"] = w, s
+    cfg = dict(model_type="qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+               num_hidden_layers=1, norm_topk_prob=True, dtype="float32", hidden_act="silu",
+               quantization_config=dict(fp8, **fmt_extra))
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file(t, path / "model.safetensors")
+    return fp8
+
+
+def test_asking_for_the_shipped_format_loads_it(tmp_path):
+    # edge: a Qwen3-FP8-style checkpoint lists modules_to_not_convert; load_moe_layers(path, quant_config=<the same fp8
+    # dict>) was refused as a re-quantisation (format equality included the module list); another format still is
+    fp8 = _qwen3_fp8(tmp_path, modules_to_not_convert=["lm_head", "mlp.gate"])
+    (name, shipped), = moekit.load_moe_layers(str(tmp_path), progress=False).items()
+    (_, asked), = moekit.load_moe_layers(str(tmp_path), quant_config=fp8, progress=False).items()
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        assert torch.equal(asked(x), shipped(x))
+    assert asked.routed_experts.quant == shipped.routed_experts.quant
+    with pytest.raises(NotImplementedError, match="already quantised"):
+        moekit.load_moe_layers(str(tmp_path), quant_config=dict(fp8, weight_block_size=[64, 64]), progress=False)

@@ -34,14 +34,35 @@ def shard_of(p: ExpertPlacement) -> tuple[int, ...]:
     return (p.ep_size, p.ep_rank, p.tp_size, p.tp_rank, *p.local_ids)
 
 
-def placement_saved(placement: ExpertPlacement, destination: dict, prefix: str) -> None:
-    """Add the placement to a state dict being saved, when it is not the initial one, and the rank's share
-    (:data:`SHARD_KEY`) when the layer is split over ranks."""
+def placement_saved(experts, destination: dict, prefix: str) -> None:
+    """Add the placement to a state dict being saved, when it is not the initial one or the layer's EPLB can move it
+    (``experts.placement_movable``), and the rank's share (:data:`SHARD_KEY`) when the layer is split over ranks.
+
+    The placement goes in as one tensor per layer that :func:`placement_moved` updates in place, as a state dict holds
+    the live weight tensors that a rebalance moves in place (round 66: a state dict held across a rebalance paired the
+    moved weights with the placement of its save, or with none, and loaded silently wrong)."""
+    placement = experts.placement
     p2l = tuple(placement.physical_to_logical)
-    if p2l != initial_p2l(placement):
-        destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
+    if p2l != initial_p2l(placement) or getattr(experts, "placement_movable", False):
+        held = getattr(experts, "_p2l_saved", None)
+        if held is None or held.numel() != len(p2l):
+            with torch.inference_mode(False):  # (a normal tensor: updated in place outside inference mode too)
+                held = experts._p2l_saved = torch.tensor(p2l, dtype=torch.int64)
+        destination[prefix + PLACEMENT_KEY] = held
     if placement.ep_size > 1 or placement.tp_size > 1:
         destination[prefix + SHARD_KEY] = torch.tensor(shard_of(placement), dtype=torch.int64)
+
+
+def placement_moved(experts) -> None:
+    """The placement tensor state dicts were given (:func:`placement_saved`) follows ``experts.placement``."""
+    held = getattr(experts, "_p2l_saved", None)
+    if held is not None:
+        p2l = experts.placement.physical_to_logical
+        with torch.inference_mode(False):
+            if held.numel() == len(p2l):
+                held.copy_(torch.tensor(p2l, dtype=torch.int64))
+            else:
+                experts._p2l_saved = None
 
 
 def check_shard(experts, state_dict: dict, prefix: str) -> None:

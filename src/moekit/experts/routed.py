@@ -43,7 +43,7 @@ from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, fol
 from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check_state_tensors, check_tp_split,
                      expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
-from .placement_state import incoming_placement, maps_rebuilt, placement_saved
+from .placement_state import incoming_placement, maps_rebuilt, placement_moved, placement_saved
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -237,7 +237,7 @@ class RoutedExperts(torch.nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         spec_packed_saved(self._relaid_weights(), destination, prefix)
-        placement_saved(self.placement, destination, prefix)
+        placement_saved(self, destination, prefix)
 
     # -- loading ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -382,6 +382,7 @@ class RoutedExperts(torch.nn.Module):
     def set_physical_to_logical(self, physical_to_logical) -> ExpertPlacement:
         """EPLB: the same slots now hold other logical experts (the caller moved the weights)."""
         self.placement = self.placement.with_physical_to_logical(physical_to_logical)
+        placement_moved(self)  # (a state dict given the placement follows it, as it follows the moved weights)
         self._norm_p2l = norm_ids_map(self.placement, self.expert_output_norm, self.w13_weight.device, self._norm_p2l)
         return self.placement
 
