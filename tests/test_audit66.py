@@ -95,3 +95,45 @@ def test_asking_for_the_shipped_format_loads_it(tmp_path):
     assert asked.routed_experts.quant == shipped.routed_experts.quant
     with pytest.raises(NotImplementedError, match="already quantised"):
         moekit.load_moe_layers(str(tmp_path), quant_config=dict(fp8, weight_block_size=[64, 64]), progress=False)
+
+
+class _WithBias(torch.nn.Module):
+    """Returns vLLM's (output, skipped bias) pair with a bias of ``shape``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x, torch.ones(self.shape)
+
+
+def _loaded(**kw):
+    E, H, I = 8, 16, 8
+    layer = moekit.FusedMoE(E, 2, H, I, backend="torch", **kw)
+    g = torch.Generator().manual_seed(0)
+    layer.load_expert_weights(torch.randn(E, 2 * I, H, generator=g) / 4, torch.randn(E, H, I, generator=g) / 4)
+    return layer
+
+
+@pytest.mark.parametrize("where", ["shared_experts", "routed_output_transform"])
+def test_a_skipped_bias_of_the_wrong_shape_is_refused(where):
+    # edge: a module returning (output [T, H], bias) had any broadcastable bias added ([T, 1], [1]: silently) and a
+    # wrong one failed in torch's words; a bias is [H] (skip_bias_add's [out_features]) or the output's shape
+    x, lg = torch.randn(5, 16), torch.randn(5, 8)
+    for shape in ((5, 1), (1,), (5, 16, 1), (17,)):
+        said = rf"{where} returned \(output \[5, 16\], bias \[{', '.join(map(str, shape))}\]\)"
+        with pytest.raises(ValueError, match=said):
+            _loaded(**{where: _WithBias(shape)})(x, lg)
+    for shape in ((16,), (5, 16)):  # added, as before
+        plain = _loaded(**{where: torch.nn.Identity()})(x, lg)
+        torch.testing.assert_close(_loaded(**{where: _WithBias(shape)})(x, lg), plain + 1)
+
+
+def test_custom_weights_past_float32_once_scaled_are_refused():
+    # edge: the reference path checked a custom routing function's weights before routed_scaling_factor, so finite
+    # weights that overflow once scaled reached the output as inf
+    fn = lambda h, g, k, r: (torch.tensor([[3e38, 0.5]] * 4), torch.tensor([[0, 1]] * 4))  # noqa: E731
+    layer = _loaded(custom_routing_function=fn, routed_scaling_factor=10.0)
+    with pytest.raises(ValueError, match="times routed_scaling_factor=10.0 contains non-finite"):
+        layer(torch.randn(4, 16), torch.randn(4, 8))

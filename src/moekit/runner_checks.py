@@ -161,7 +161,13 @@ def first_output(out, name: str = "a module"):
         return out
     if len(out) != 2 or (out[1] is not None and not isinstance(out[1], torch.Tensor)):
         raise TypeError(f"{name} returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
-    return out[0] if out[1] is None else out[0] + out[1]
+    if out[1] is None:
+        return out[0]
+    if isinstance(out[0], torch.Tensor) and tuple(out[1].shape) not in ((out[0].shape[-1],), tuple(out[0].shape)):
+        # (round 66: a [T, 1] or [1] bias was broadcast silently, a [H + 1] one failed with torch's message)
+        raise ValueError(f"{name} returned (output {list(out[0].shape)}, bias {list(out[1].shape)}); expected a bias "
+                         f"of [{out[0].shape[-1]}] (skip_bias_add's [out_features]) or of the output's shape")
+    return out[0] + out[1]
 
 
 #: torch's messages for a matmul whose operands do not fit (shapes, dtypes): the errors :func:`called` rewords

@@ -136,6 +136,9 @@ class CustomRoutingRouter(BaseRouter):
             check_ids_in_range(ids, self.global_num_experts)
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
+            if reference:  # (round 66: finite weights past float32's range once scaled reached the output as inf)
+                check_finite(f"topk_weights returned by custom_routing_function times routed_scaling_factor="
+                             f"{self.routed_scaling_factor}", weights)
         out = indices_type or torch.int32
         if not reference:  # ids outside [0, E) are dead slots (-1), device-only: no host read. Round 61: an id of
             # 2^32 + e wrapped to expert e in the int32 cast; round 64: an int32 id >= E raised IndexError under EP
