@@ -4,6 +4,8 @@ transformers experts module (its gate function as a moekit activation, its stack
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from ..experts.layout import FusedLayout
@@ -28,9 +30,33 @@ def _softcapped(m) -> tuple[str, None]:
 
 
 def _hf_act(m) -> tuple[str, None]:
+    """The gate function transformers runs: the module's ``act_fn`` (round 66: ``config.hidden_act`` was read, which
+    LFM2-MoE's experts ignore (SiLU always), Gemma 4's read as ``hidden_activation``, DeepSeek-V4's followed), else
+    the config's name."""
+    fn = getattr(m, "act_fn", None)
+    if fn is not None:
+        return gated_activation_from_hf(_act_fn_name(fn, type(m).__name__)), None
     cfg = m.config
     name = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"  # Gemma: the latter
     return gated_activation_from_hf(name), None  # (gated experts: a relu2 refused, round 65)
+
+
+def _act_fn_name(fn, owner: str) -> str:
+    """transformers' activation name of an ``act_fn`` (an ``ACT2FN`` module, ``torch.nn.GELU`` / ``SiLU`` or
+    ``F.silu`` / ``F.gelu``); ``NotImplementedError`` naming it otherwise."""
+    from transformers import activations
+
+    if fn is torch.nn.functional.silu:
+        return "silu"
+    if fn is torch.nn.functional.gelu:
+        return "gelu"
+    if type(fn) is torch.nn.GELU:
+        return "gelu_pytorch_tanh" if fn.approximate == "tanh" else "gelu"
+    for name, cls in activations.ACT2CLS.items():  # plain classes only: (class, kwargs) entries repeat one of them
+        if not isinstance(cls, tuple) and type(fn) is cls:
+            return name
+    raise NotImplementedError(f"experts_implementation='moekit': {owner}.act_fn is {fn!r}, which moekit does not "
+                              "know as one of its activations")
 
 
 def _post_clamp(m) -> tuple[str, float | None]:
@@ -47,7 +73,7 @@ def _post_clamp(m) -> tuple[str, float | None]:
 #: experts classes with their own gate function -> (moekit activation, swiglu_limit) of a module
 _GATE_FUNCTIONS = {
     **dict.fromkeys(("GptOssExperts", "OpenAIPrivacyFilterExperts", "MiniMaxM3VLExperts"), _alpha_checked),
-    "DeepseekV4Experts": lambda m: ("silu", float(m.limit)),
+    "DeepseekV4Experts": lambda m: (_hf_act(m)[0], float(m.limit)),  # (round 66: silu whatever act_fn was)
     **dict.fromkeys(("Glm5NextTextExperts", "HYV4Experts", "HYV4VLExperts"), lambda m: ("silu", float(m.swiglu_limit))),
     "BeamExperts": _hf_act,  # silu in fp32: what moekit's epilogue does anyway
     "AriaExperts": lambda m: ("silu", None),  # SiLU whatever config.hidden_act says
@@ -131,3 +157,26 @@ def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     w13, w2, b13, b2 = experts_weights(self)
     return fused_experts(hidden_states, w13, w2, top_k_weights.float(), top_k_index, activation=activation,
                          w1_bias=b13, w2_bias=b2, swiglu_limit=limit)
+
+
+def quantised_experts_refused(self, *args, **kwargs):
+    """The switch's forward registered on the experts interfaces of quantised experts classes (transformers 5.25:
+    ``FP8Experts``, which dispatch through their own interface): they hold fp8 stacks and scales for transformers' own
+    kernels, which :func:`moekit_experts_forward` does not read (round 66: transformers raised "`moekit` is not a valid
+    experts implementation registered in the `ExpertsInterface`" after ``register()``)."""
+    raise NotImplementedError(
+        f"experts_implementation={getattr(self.config, '_experts_implementation', None)!r} (moekit's switch) does not "
+        f"run {type(self).__name__}: its experts are quantised for transformers' own kernels; use "
+        "moekit.integrations.transformers.patch(model), which runs them in moekit in their format")
+
+
+def quantised_interfaces() -> list:
+    """transformers' experts interfaces with their own name -> forward mapping (those of quantised experts classes),
+    imported where this transformers has them."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    try:
+        importlib.import_module("transformers.integrations.finegrained_fp8")  # (defines FP8ExpertsInterface)
+    except ImportError:
+        pass
+    return [c for c in ExpertsInterface.__subclasses__() if "_global_mapping" in c.__dict__]

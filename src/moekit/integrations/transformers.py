@@ -38,12 +38,13 @@ import torch
 
 from ..experts.graphed import GraphPool
 from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
-from ..loading.plan import LayerPlan
+from ..loading.fields import construction_error
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
 from ._blocks import block_tensors, carry_back_of, check_block_settings, converted_stacks, moekit_from_block
 from ._blocks import train_time_routing
-from ._experts import moekit_experts_forward
+from ._experts import moekit_experts_forward, quantised_experts_refused, quantised_interfaces
+from ._model import _activation_dtype, _model_config_dict, _planned_blocks, switch_interface
 from ._record import carry_hooks, make_record, mark_asked, original_router, warn_user_hooks
 from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
 
@@ -65,45 +66,6 @@ def _require_transformers(what: str):
             f"installed ({err}); install it with: {_INSTALL_HINT}"
         ) from err
     return transformers
-
-
-def _model_config_dict(model) -> dict:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise TypeError(f"patch() needs a transformers PreTrainedModel (with .config), got {type(model).__name__}")
-    d = cfg.to_dict()
-    d.setdefault("model_type", getattr(cfg, "model_type", None))
-    return d
-
-
-def _activation_dtype(model) -> torch.dtype | None:
-    """The dtype the model's hidden states have: its input embeddings' (None without them). A quantised block may hold
-    no weight in it (round 51's review: a bf16 fp8 DeepSeek-V3 block holds fp8 linears, float32 scales and the
-    router weight transformers keeps in float32), so the block alone cannot tell."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    w = getattr(emb, "weight", None)
-    return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else None
-
-
-def _tail(name: str) -> str:
-    return ".".join(name.split(".")[-2:])  # "3.mlp", "layers.3" (a layer-level block)
-
-
-def _planned_blocks(model, plans: list[LayerPlan]):
-    """(path, module, plan) of every module of ``model`` at a plan's path, or at a path that is a tail
-    of it (a sub-model was passed) or that it is a tail of (the model sits inside a larger one)."""
-    by_tail: dict[str, list[LayerPlan]] = {}
-    for p in plans:
-        by_tail.setdefault(_tail(p.name), []).append(p)
-    for name, module in list(model.named_modules()):
-        for p in by_tail.get(_tail(name), ()):
-            if p.name == name or p.name.endswith("." + name) or name.endswith("." + p.name):
-                yield name, module, p
-                break
 
 
 def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None,
@@ -178,7 +140,11 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             before = [(t, t.requires_grad) for t in block_tensors(module, spec, plan).values()
                       if isinstance(t, torch.nn.Parameter)]
             flags.extend(before)
-            moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype, dense_fmt)
+            try:
+                moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype,
+                                        dense_fmt)
+            except ValueError as err:  # (round 66: an invalid grouping named no block and no config field)
+                raise construction_error(err, plan, "the model's config", config) from err
             moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
             stacks = converted_stacks(module, spec, plan, moe)  # (unpatch() writes trained copies back into them)
             kept = dict(carry=functools.partial(carry_back_of, stacks, spec.model_types[0], plan, moe) if stacks
@@ -336,8 +302,11 @@ def register(name: str = "moekit") -> str:
     (transformers >= 5.25: its block adds the zero experts' share itself and hands the experts weight-0 slots).
     Llama 4, DBRX, JetMoE (and LongCat-Flash before 5.25) have no such decorator: transformers runs their own experts
     forward whatever ``experts_implementation`` says. Call :func:`check_registered` on a model to make sure every MoE
-    block runs moekit (it raises there); use :func:`patch` for them. Without transformers, ``ImportError``; a name of
-    transformers' own (``"eager"``, ``"grouped_mm"``...) -> ``ValueError``.
+    block runs moekit (it raises there); use :func:`patch` for them. Quantised experts (transformers' ``FP8Experts``)
+    dispatch through their own experts interface: the name is registered there too, as a forward that raises
+    ``NotImplementedError`` pointing to :func:`patch` (which runs them in their format). The gate function is the
+    experts module's own ``act_fn`` (what transformers runs), else the config's ``hidden_act``. Without transformers,
+    ``ImportError``; a name of transformers' own (``"eager"``, ``"grouped_mm"``...) -> ``ValueError``.
     """
     _require_transformers("register")
     from transformers.integrations.moe import ExpertsInterface
@@ -345,10 +314,14 @@ def register(name: str = "moekit") -> str:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (the experts_implementation value), got {type(name).__name__}: {name!r}")
     taken = getattr(ExpertsInterface, "_global_mapping", {}).get(name)  # (round 65: "eager" / "grouped_mm" replaced
-    if not name or name == "eager" or taken not in (None, moekit_experts_forward):  # transformers' own everywhere)
+    quantised = quantised_interfaces()  # transformers' own everywhere; round 66: those of quantised experts too)
+    if not name or name == "eager" or taken not in (None, moekit_experts_forward) or any(
+            c._global_mapping.get(name) not in (None, quantised_experts_refused) for c in quantised):
         raise ValueError(f"name must be a non-empty str that is none of transformers' own experts implementations "
                          f"(the experts_implementation value; e.g. 'moekit'), got {name!r}")
     ExpertsInterface.register(name, moekit_experts_forward)
+    for c in quantised:  # (a clear refusal there, where transformers raised a KeyError saying it was not registered)
+        c.register(name, quantised_experts_refused)
     return name
 
 
@@ -381,6 +354,10 @@ def check_registered(model, name: str = "moekit") -> list[str]:
         if not all(hasattr(experts, a) for a in _SWITCH_ATTRS) or getattr(experts, "has_post_expert_norm", False):
             unreached.append(f"{path} ({type(experts).__name__})")  # (Muse Spark's norm: refused at forward)
             continue
+        interface = switch_interface(experts)  # (round 66: FP8Experts dispatch through their own interface)
+        if interface is not None and interface._global_mapping.get(name) is not moekit_experts_forward:
+            unreached.append(f"{path} ({type(experts).__name__}: quantised experts)")
+            continue
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
         (reached if impl == name else other).append(f"{path}.experts")
     if unreached:
@@ -388,7 +365,8 @@ def check_registered(model, name: str = "moekit") -> list[str]:
             f"transformers' experts switch does not reach {len(unreached)} MoE block(s) of "
             f"{type(model).__name__}: {', '.join(unreached[:4])}{' ...' if len(unreached) > 4 else ''}; their "
             f"experts class is not decorated with @use_experts_implementation (experts_implementation={name!r} is "
-            "ignored there) or has a post-expert norm it cannot run. Use moekit.integrations.transformers.patch(model)"
+            "ignored there), has a post-expert norm it cannot run, or holds quantised experts (transformers' "
+            "FP8Experts: fp8 stacks for its own kernels). Use moekit.integrations.transformers.patch(model)"
         )
     if other or not reached:
         impl = getattr(model.config, "_experts_implementation", None)
