@@ -137,3 +137,47 @@ def test_custom_weights_past_float32_once_scaled_are_refused():
     layer = _loaded(custom_routing_function=fn, routed_scaling_factor=10.0)
     with pytest.raises(ValueError, match="times routed_scaling_factor=10.0 contains non-finite"):
         layer(torch.randn(4, 16), torch.randn(4, 8))
+
+
+def _meta_layer(**kw):
+    E, H, I = 8, 16, 8
+    layer = moekit.FusedMoE(E, 2, H, I, device="meta", backend="torch", **kw).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    layer.load_expert_weights(torch.randn(E, 2 * I, H, generator=g) / 4, torch.randn(E, H, I, generator=g) / 4)
+    return layer
+
+
+def test_a_selection_bias_materialised_by_to_empty_must_be_loaded():
+    # edge: a layer built on meta (as the meta-bias error advises), then to_empty: the expert weights are guarded, but
+    # the router routed with whatever memory to_empty left in its selection bias (output 34.7 off, no error)
+    bias = torch.randn(8)
+    kw = dict(scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8, device="meta"))
+    ref = moekit.FusedMoE(8, 2, 16, 8, scoring_func="sigmoid", e_score_correction_bias=bias, backend="torch")
+    x, lg = torch.randn(6, 16), torch.randn(6, 8)
+    layer = _meta_layer(**kw)
+    assert torch.isnan(layer.router.e_score_correction_bias).all()
+    with pytest.raises(RuntimeError, match="e_score_correction_bias came from the meta device"):
+        layer(x, lg)
+    # each way of writing it clears the refusal: a state dict, load_weights, an assignment
+    ref.load_expert_weights(layer.routed_experts.w13_weight.clone(), layer.routed_experts.w2_weight.clone())
+    want = ref(x, lg)
+    layer.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(layer(x, lg), want)
+    layer = _meta_layer(**kw)
+    layer.load_weights([("router.e_score_correction_bias", bias)])
+    torch.testing.assert_close(layer(x, lg), want)
+    layer = _meta_layer(**kw)
+    layer.router.e_score_correction_bias = bias.clone()
+    torch.testing.assert_close(layer(x, lg), want)
+
+
+def test_a_hash_table_materialised_by_to_empty_must_be_loaded():
+    # edge: the same for hash routing's table (to_empty's memory as expert ids)
+    table = torch.randint(0, 8, (32, 2))
+    layer = _meta_layer(hash_indices_table=torch.zeros(32, 2, dtype=torch.int64, device="meta"))
+    x, lg, ids = torch.randn(5, 16), torch.randn(5, 8), torch.randint(0, 32, (5,))
+    with pytest.raises(RuntimeError, match="hash_indices_table came from the meta device"):
+        layer(x, lg, input_ids=ids)
+    layer.load_weights([("router.hash_indices_table", table)])
+    w, got = layer.router.select_experts(x, lg, input_ids=ids)
+    assert torch.equal(got.long(), table[ids])

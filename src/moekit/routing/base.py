@@ -16,6 +16,7 @@ A subclass implements ``_compute_routing``; routers call the kernel table (``sel
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import warnings
 from typing import Callable
@@ -86,6 +87,8 @@ class BaseRouter(torch.nn.Module):
     -> RoutingResult``; ``num_logit_columns`` overrides ``N`` (default ``E``).
     """
 
+    _unset_values: dict | None = None  # value buffers to_empty materialised and nothing wrote since (keep_bias_dtype)
+
     #: number of logit columns this router reads, if not ``global_num_experts``
     num_logit_columns: int | None = None
     #: ``route`` only enqueues device work (no host synchronisation, no user code): a layer may capture
@@ -149,6 +152,8 @@ class BaseRouter(torch.nn.Module):
         check_same_device("router_logits", router_logits, "hidden_states", hidden_states)
         indices_type = self.indices_type
         check_indices_type(indices_type)
+        if self._unset_values:  # (to_empty from meta: never loaded since)
+            check_values_set(self)
         result = self._compute_routing(hidden_states, router_logits, indices_type, input_ids)
         if self.eplb_state is not None:
             ids = self.eplb_state.map_logical_to_physical(result.topk_ids)
@@ -192,17 +197,49 @@ def _warn_hook(what: str) -> None:
                   f"layer.forward_with_scores(...) or a hook on layer.gate (the logits).", UserWarning, stacklevel=3)
 
 
+#: a router's value buffers (given at construction): NaN / -1 after ``to_empty`` until loaded
+_VALUE_BUFFERS = {"e_score_correction_bias": math.nan, "hash_indices_table": -1}
+
+
 def keep_bias_dtype(self, fn, recurse=True):
     """``nn.Module._apply`` of a module holding a selection bias buffer ``e_score_correction_bias``: ``Module.to`` /
     ``.half()`` move the bias but keep its dtype (SPEC §8: a selection bias is never rounded to bf16;
     ``model.to(torch.bfloat16)`` changed the choices of DeepSeek-V3-like biases otherwise). Use as ``_apply =
-    keep_bias_dtype`` in the class body."""
-    bias = self._buffers.get("e_score_correction_bias")
+    keep_bias_dtype`` in the class body.
+
+    A value buffer materialised from the meta device (``to_empty``: uninitialised memory) is filled with NaN / -1 and
+    recorded: :meth:`BaseRouter.route` raises until it is written (round 66: a layer built on meta routed with
+    whatever memory ``to_empty`` left in its selection bias once its expert weights were loaded)."""
+    before = {n: self._buffers.get(n) for n in _VALUE_BUFFERS}
+    bias = before["e_score_correction_bias"]
     out = torch.nn.Module._apply(self, fn, recurse)
     moved = self._buffers.get("e_score_correction_bias")
     if bias is not None and moved is not None and moved.dtype != bias.dtype:
         self._buffers["e_score_correction_bias"] = bias.to(device=moved.device)
+    for name, old in before.items():
+        new = self._buffers.get(name)
+        if old is not None and old.is_meta and new is not None and not new.is_meta:
+            with torch.no_grad():
+                new.fill_(_VALUE_BUFFERS[name])
+            self._unset_values = {**(self._unset_values or {}), name: (new, _version(new))}
     return out
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def check_values_set(router) -> None:
+    """``RuntimeError`` naming the value buffers materialised by ``to_empty`` (:func:`keep_bias_dtype`) that nothing
+    wrote since (a load copies into them, bumping their version; an assignment replaces them)."""
+    unset = {n: (t, v) for n, (t, v) in router._unset_values.items()
+             if router._buffers.get(n) is t and (v is None or _version(t) == v)}
+    router._unset_values = unset or None
+    if unset:
+        raise RuntimeError(f"{type(router).__name__}: {', '.join(unset)} came from the meta device (to_empty) and was "
+                           "never loaded; load a state dict (layer.load_state_dict), the tensor "
+                           "(layer.load_weights([('router.e_score_correction_bias', bias)]); router.hash_indices_table "
+                           "likewise), or assign it, before a forward")
 
 
 def warn_bias_dtype(router, dtype: torch.dtype) -> None:
