@@ -89,3 +89,45 @@ def test_patch_names_the_block_and_fields_of_an_invalid_grouping():
     with pytest.raises(ValueError, match=r"model.layers.1.mlp: num_expert_group \(3\) must divide .*model.config "
                                          r"gives num_expert_group = 3 \(n_group\)"):
         patch(model)
+
+
+class _Wrap(torch.nn.Module):
+    """A user's logging / profiling wrapper around a block."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h, *args, **kwargs):
+        return self.inner(h, *args, **kwargs)
+
+
+@pytest.mark.parametrize("replace", [_Wrap, lambda block: torch.nn.Identity()])
+def test_patch_of_a_wrapped_or_replaced_block_says_so(replace):
+    # edge: a block wrapped or replaced by user code failed with a bare KeyError('experts.down_proj'); the model is
+    # left as it was (all or nothing)
+    model = hf_tiny.build("qwen3_moe")
+    layer = [i for i, block in enumerate(model.model.layers) if hasattr(block.mlp, "experts")][-1]
+    model.model.layers[layer].mlp = replace(model.model.layers[layer].mlp)
+    before = [type(block.mlp) for block in model.model.layers]
+    with pytest.raises(RuntimeError, match=rf"model.layers.{layer}.mlp is a \w+ without the tensor "
+                                           r"'experts.down_proj'.*patch the model before wrapping"):
+        patch(model)
+    assert [type(block.mlp) for block in model.model.layers] == before
+
+
+def test_patch_arguments_are_named_as_arguments():
+    # edge: a bad backend or eager_graph_tokens was reported as "the model's config: model.layers.0.mlp: ..."
+    model = hf_tiny.build("qwen3_moe")
+    with pytest.raises(ValueError, match=r"^patch\(\): backend must be one of"):
+        patch(model, backend="cuda")
+    with pytest.raises(ValueError, match=r"^patch\(\): eager_graph_tokens must be None or an int >= 0, got -1"):
+        patch(model, eager_graph_tokens=-1)
+
+
+def test_patch_of_a_block_with_a_config_is_a_type_error():
+    # edge: DeepSeek-V3's MoE block has a .config, so patch(block) got past the model check and raised a RuntimeError
+    # about a block count (other families: TypeError)
+    model = hf_tiny.build("deepseek_v3")
+    with pytest.raises(TypeError, match="got DeepseekV3MoE, which holds none of them"):
+        patch(model.model.layers[1].mlp)

@@ -18,6 +18,17 @@ def _model_config_dict(model) -> dict:
     return d
 
 
+def check_patch_args(backend, eager_graph_tokens) -> None:
+    """patch()'s ``backend`` and ``eager_graph_tokens``, checked before anything is read or built."""
+    from ..ops.kernels import BACKENDS
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"patch(): backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if eager_graph_tokens is not None and (isinstance(eager_graph_tokens, bool) or not isinstance(
+            eager_graph_tokens, int) or eager_graph_tokens < 0):
+        raise ValueError(f"patch(): eager_graph_tokens must be None or an int >= 0, got {eager_graph_tokens!r}")
+
+
 def _activation_dtype(model) -> torch.dtype | None:
     """The dtype the model's hidden states have: its input embeddings' (None without them). A quantised block may hold
     no weight in it (round 51's review: a bf16 fp8 DeepSeek-V3 block holds fp8 linears, float32 scales and the

@@ -38,13 +38,13 @@ import torch
 
 from ..experts.graphed import GraphPool
 from ..loading.architectures import ArchSpec, plan_layers, rename_block_key
-from ..loading.fields import construction_error
+from ..loading.fields import construction_error, gives, mentioned
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
 from ._blocks import block_tensors, carry_back_of, check_block_settings, converted_stacks, moekit_from_block
 from ._blocks import train_time_routing
 from ._experts import moekit_experts_forward, quantised_experts_refused, quantised_interfaces
-from ._model import _activation_dtype, _model_config_dict, _planned_blocks, switch_interface
+from ._model import _activation_dtype, _model_config_dict, _planned_blocks, check_patch_args, switch_interface
 from ._record import carry_hooks, make_record, mark_asked, original_router, warn_user_hooks
 from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
 
@@ -109,12 +109,16 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     transformers model inside the patched one, one per model: a second ``patch()`` adds none), and ``patch()`` refuses
     a model whose config asks for them then, before changing anything.
     """
-    _require_transformers("patch")
+    transformers = _require_transformers("patch")
     if not isinstance(restorable, bool):
         raise TypeError(f"patch(): restorable must be a bool, got {restorable!r} ({type(restorable).__name__})")
+    check_patch_args(backend, eager_graph_tokens)  # (round 66: named as fields of the model's config)
     config = _model_config_dict(model)
     spec, plans = plan_layers(config, "the model's config")
     planned = list(_planned_blocks(model, plans))
+    if not planned and not isinstance(model, transformers.PreTrainedModel):  # (a block: DeepSeek-V3's has a config)
+        raise TypeError(f"patch() needs a transformers PreTrainedModel holding the MoE blocks, got "
+                        f"{type(model).__name__}, which holds none of them (a block itself?)")
     if len(planned) != len(plans):  # (checked before anything changes)
         raise RuntimeError(f"patch found {len(planned)} MoE blocks but the config describes {len(plans)} "
                            f"({[p.name for p in plans]}); the model structure is not the expected one")
@@ -144,7 +148,13 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
                 moe = moekit_from_block(module, spec, plan, backend, fmt, pool, eager_graph_tokens, act_dtype,
                                         dense_fmt)
             except ValueError as err:  # (round 66: an invalid grouping named no block and no config field)
-                raise construction_error(err, plan, "the model's config", config) from err
+                if gives(config, plan, mentioned(str(err))):
+                    raise construction_error(err, plan, "the model's config", config) from err
+                raise
+            except KeyError as err:  # (round 66: a wrapped or replaced block raised KeyError('experts.down_proj'))
+                raise RuntimeError(f"{name} is a {type(module).__name__} without the tensor {err.args[0]!r} of the "
+                                   f"MoE block its config describes (wrapped or replaced?): patch the model before "
+                                   "wrapping or replacing its blocks") from err
             moe.train(module.training)  # the replaced block's mode (an eval model stays in eval)
             stacks = converted_stacks(module, spec, plan, moe)  # (unpatch() writes trained copies back into them)
             kept = dict(carry=functools.partial(carry_back_of, stacks, spec.model_types[0], plan, moe) if stacks
