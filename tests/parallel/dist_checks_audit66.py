@@ -46,3 +46,27 @@ def a_state_dict_held_across_a_rebalance_loads_the_layer_as_it_is_now(ctx):
                        f"{par.routed_experts.placement.physical_to_logical}")
             ctx.expect(torch.allclose(got, want, atol=1e-5, rtol=1e-5),
                        f"{name}: max |out - ref| = {(got - want).abs().max().item():.3g}")
+
+
+@check(2)
+def tp_token_check_sees_different_tokens_of_one_count(ctx):
+    # with check_tp_tokens, TP ranks fed as many tokens but different ones (or the same tokens with different router
+    # logits) passed the check, which compared the counts only, and returned wrong outputs (17.4 and 39.8 off)
+    from dist_checks import make_pair
+    ref, par, _ = make_pair(ctx, tp_group=ctx.world_group)
+    par.expert_executor.check_tp_tokens = True
+    g = torch.Generator().manual_seed(5)
+    x, lg = torch.randn(3, 32, generator=g), torch.randn(3, 8, generator=g)
+    mine = torch.randn(3, 32, generator=torch.Generator().manual_seed(100 + ctx.rank))
+    for what, (xi, li) in {"tokens": (mine, lg), "router logits": (x, lg + ctx.rank * torch.arange(8.0))}.items():
+        try:
+            par(xi.to(ctx.device), li.to(ctx.device))
+            ctx.expect(False, f"different {what} of one count were accepted")
+        except ValueError as err:
+            ctx.expect("fed 3 tokens each, but different ones or routed differently (TP ranks [1]" in str(err),
+                       f"{what}: message {err}")
+    with torch.no_grad():  # the same tokens pass, and the layer is right
+        got, want = par(x.to(ctx.device), lg.to(ctx.device)), ref(x.to(ctx.device), lg.to(ctx.device))
+    ctx.expect(torch.allclose(got, want, atol=2e-5), f"same tokens: max diff {(got - want).abs().max().item():.3g}")
+    empty = torch.zeros(0, 32, device=ctx.device)
+    ctx.expect(par(empty, torch.zeros(0, 8, device=ctx.device)).shape == (0, 32), "T = 0 passes the check")

@@ -20,8 +20,8 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
   all-reduce gets tensors of different sizes: gloo aborts the process ("collective mismatch" / a size
   error) and leaves the other ranks hanging; NCCL may hang or reduce garbage. Set
   ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``, read when the layer
-  is built) while debugging: every forward then all-gathers ``T`` over the TP group first and every rank raises the
-  same ``ValueError`` listing the counts (on an EP x TP grid their EP peers raise ``PeerFailed``). It also makes
+  is built) while debugging: every forward then all-gathers ``T`` (and fingerprints of the tokens and the routing) over
+  the TP group first and every rank raises the same ``ValueError`` listing the counts (or the ranks fed other tokens) (on an EP x TP grid their EP peers raise ``PeerFailed``). It also makes
   every rank raise when one fails before the forward's first collective (:mod:`.agree`). Decision (issue #12): off
   by default, because it adds a collective and a host synchronisation to every forward (which CUDA graphs cannot
   capture); measured on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the
@@ -49,7 +49,7 @@ from .dispatch import DISPATCH_MODES, DISPATCHERS, compute_layout, layout_width,
 from .eplb_state import watch_placement
 
 #: the int64 values each rank sends in the TP token check's all-gather (its T; a failed rank sends its flag)
-TP_CHECK_WIDTH = 1
+TP_CHECK_WIDTH = 5  # [T, four float64 sums bit-cast]: check_same_tokens
 
 DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_ALL_GATHER_MIN_TOKENS = 1024  # when W_ep > top_k; 0 (always all-gather) otherwise
@@ -207,7 +207,7 @@ class ParallelExecutor:
             # the forward as under no_grad; a backward through it raises (round 58: no silent missing gradients)
             return _NoBackward.apply(self._run, x, topk_weights, topk_ids, *experts.parameters())
         if self.check_tp_tokens and self.tp_size > 1:
-            self.check_same_tokens(x)
+            self.check_same_tokens(x, topk_weights, topk_ids)
         on_input = experts.moe_config.apply_router_weight_on_input
         layout = self.layout(topk_weights, topk_ids, x.device, on_input) if self.ep_size > 1 else None
         if self.eplb_state is not None:  # after the EP gather: a forward that raised on any rank records nothing
@@ -220,19 +220,38 @@ class ParallelExecutor:
             all_reduce_sum(out, self.tp_group)
         return out
 
-    def check_same_tokens(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` on every rank unless every rank of the TP group holds ``T`` tokens (one
-        all-gather of ``T`` and a host synchronisation)."""
-        mine = torch.tensor([x.shape[0]] * TP_CHECK_WIDTH, dtype=torch.int64, device=x.device)
-        every = torch.empty(self.tp_size, dtype=torch.int64, device=x.device)
+    def check_same_tokens(self, x: torch.Tensor, topk_weights: torch.Tensor | None = None,
+                          topk_ids: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` on every rank unless every rank of the TP group holds the same tokens and routing:
+        ``T`` and fingerprints of ``x``, ``topk_weights`` and ``topk_ids`` (float64 sums, plain and weighted by the row
+        position, compared bit for bit: equal tensors give equal sums on one kind of device); one all-gather and a host
+        synchronisation. Round 66: the counts alone let ranks fed as many different tokens through (wrong outputs)."""
+        rows = torch.arange(1, x.shape[0] + 1, dtype=torch.float64, device=x.device)
+
+        def by_row(t):
+            return t.detach().to(torch.float64).flatten(1).sum(dim=1) if t is not None else rows * 0  # ([T, ...])
+
+        xd = by_row(x)
+        sums = torch.stack([xd.sum(), (xd * rows).sum(), (by_row(topk_weights) * rows).sum(),
+                            (by_row(topk_ids) * rows).sum()])
+        mine = torch.cat([torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device), sums.view(torch.int64)])
+        every = torch.empty(self.tp_size * TP_CHECK_WIDTH, dtype=torch.int64, device=x.device)
         self._joining("tp")
         all_gather_into(every, mine, self.tp_group)
-        counts = every.tolist()
+        rows_by_rank = every.view(self.tp_size, TP_CHECK_WIDTH).tolist()
+        counts = [r[0] for r in rows_by_rank]
         check_flags(counts, self.tp_group, "TP", "before the TP token check")
         if len(set(counts)) > 1:
             raise ValueError(
                 f"the ranks of tp_group were fed different token counts {counts} (by TP rank); every rank of a "
                 "tensor-parallel group must hold the same tokens (see docs/parallel.md)"
+            )
+        if len({tuple(r[1:]) for r in rows_by_rank}) > 1:
+            odd = [r for r, row in enumerate(rows_by_rank) if row[1:] != rows_by_rank[0][1:]]
+            raise ValueError(
+                f"the ranks of tp_group were fed {counts[0]} tokens each, but different ones or routed differently (TP "
+                f"ranks {odd} differ from TP rank 0: sums of their tokens or routing differ); every rank of a "
+                "tensor-parallel group must hold the same tokens and router logits (see docs/parallel.md)"
             )
 
     def layout(self, topk_weights, topk_ids, device, on_input: bool):
