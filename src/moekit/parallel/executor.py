@@ -19,13 +19,14 @@ Same interface as :class:`moekit.experts.executor.LocalExecutor`: ``name``, ``ex
   dtype. The ranks of one TP group must hold the same tokens. Fed different token counts, the TP
   all-reduce gets tensors of different sizes: gloo aborts the process ("collective mismatch" / a size
   error) and leaves the other ranks hanging; NCCL may hang or reduce garbage. Set
-  ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``, read when the layer
-  is built) while debugging: every forward then all-gathers ``T`` (and fingerprints of the tokens and the routing) over
-  the TP group first and every rank raises the same ``ValueError`` listing the counts (or the ranks fed other
-  tokens; on an EP x TP grid their EP peers raise ``PeerFailed``). It also makes every rank raise when one fails
-  before the forward's first collective (:mod:`.agree`). Decision (issue #12): off by default, because it adds a
-  collective and a host synchronisation to every forward (which CUDA graphs cannot capture); measured on gloo, 2 CPU ranks of a loaded 2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the
-  forward of a small layer (T=16, H=64, E=8) -- too much to pay on every forward by default.
+  ``check_tp_tokens = True`` (or the environment variable ``MOEKIT_CHECK_TP_TOKENS=1``, read when the layer is built)
+  while debugging: every forward then all-gathers ``T`` (and fingerprints of the tokens and the routing) over the TP
+  group first and every rank raises the same ``ValueError`` listing the counts (or the ranks fed other tokens; on an
+  EP x TP grid their EP peers raise ``PeerFailed``). It also makes every rank raise when one fails before the
+  forward's first collective (:mod:`.agree`). Decision (issue #12): off by default, because it adds a collective and a
+  host synchronisation to every forward (which CUDA graphs cannot capture); measured on gloo, 2 CPU ranks of a loaded
+  2-core machine: 0.6-0.75 ms per check, against 1.9-3 ms for the forward of a small layer (T=16, H=64, E=8) -- too
+  much to pay on every forward by default.
 - With EPLB the per-expert load is recorded here (live slots only), once per forward, after the first EP collective
   (a forward that raised on a rank records nothing on any rank).
 - A rank that raises before the forward's first collective (its own input, routing, unloaded weights) still joins
