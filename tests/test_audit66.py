@@ -181,3 +181,26 @@ def test_a_hash_table_materialised_by_to_empty_must_be_loaded():
     layer.load_weights([("router.hash_indices_table", table)])
     w, got = layer.router.select_experts(x, lg, input_ids=ids)
     assert torch.equal(got.long(), table[ids])
+
+
+def test_devices_this_machine_lacks_are_named():
+    # edge: to_empty(device="cuda") and FusedMoE(device="xpu" / "mps") on a machine without them raised torch's
+    # "Torch not compiled with ..." AssertionError / NotImplementedError; layer.to("cuda") was already checked
+    def here(dev):
+        return torch.backends.mps.is_available() if dev == "mps" else getattr(torch, dev).is_available()
+
+    gone = [d for d in ("cuda", "xpu", "mps") if not here(d)]
+    for dev in gone:
+        with pytest.raises(ValueError, match=f"device='{dev}': no {'CUDA' if dev == 'cuda' else dev} device"):
+            moekit.FusedMoE(4, 2, 8, 4, device=dev)
+        with pytest.raises(ValueError, match=f"no {'CUDA' if dev == 'cuda' else dev} device"):
+            moekit.FusedMoE(4, 2, 8, 4, device="meta").to_empty(device=dev)
+
+
+def test_grouped_topk_num_fused_shared_experts_type():
+    # edge: a string '1' was refused as NotImplementedError printed "=1"; a type error is a TypeError
+    with pytest.raises(TypeError, match="num_fused_shared_experts must be an int.*'1'"):
+        moekit.GroupedTopk(2, True, 2, 1, num_fused_shared_experts="1")
+    with pytest.raises(NotImplementedError, match="num_fused_shared_experts=1:"):
+        moekit.GroupedTopk(2, True, 2, 1, num_fused_shared_experts=1)
+    moekit.GroupedTopk(2, True, 2, 1, num_fused_shared_experts=None)  # the seed-era None: none

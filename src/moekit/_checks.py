@@ -99,7 +99,8 @@ def as_float_dtype(name: str, value, allowed=FLOAT_DTYPES) -> torch.dtype:
 
 def check_device(name: str, device) -> torch.device:
     """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` for an unknown device string and
-    for a CUDA device on a machine without one (instead of torch's "Torch not compiled with CUDA")."""
+    for a CUDA (or other accelerator) device on a machine without one (instead of torch's "Torch not compiled with
+    CUDA")."""
     try:
         dev = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -110,6 +111,12 @@ def check_device(name: str, device) -> torch.device:
                              f"(torch {torch.__version__}); use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"{name}={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type not in ("cpu", "meta"):  # (round 66: xpu / mps raised torch's "not compiled with" errors)
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            raise ValueError(f"{name}={device!r}: no {dev.type} device is available on this machine "
+                             f"(torch {torch.__version__}); use device='cpu'")
     return dev
 
 

@@ -227,6 +227,11 @@ class MoERunner(torch.nn.Module):
         check_device("device", torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
         return super().cuda(device)
 
+    def to_empty(self, *, device, recurse: bool = True):
+        if device is not None:  # (round 66: torch's "not compiled with CUDA" AssertionError)
+            check_device("device", device)
+        return super().to_empty(device=device, recurse=recurse)
+
     # -- forward (on a parallel layer, a rank's failure before the first collective reaches its peers: agreed_forward)
     @agreed_forward
     def forward(

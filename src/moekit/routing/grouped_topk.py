@@ -47,9 +47,12 @@ class GroupedTopKRouter(ScoredRouter):
 
 
 def _no_fused_shared_experts(num_fused_shared_experts) -> None:
+    if num_fused_shared_experts is not None and (isinstance(num_fused_shared_experts, bool)
+                                                 or not isinstance(num_fused_shared_experts, int)):
+        raise TypeError(f"num_fused_shared_experts must be an int (0: none), got {num_fused_shared_experts!r}")
     if num_fused_shared_experts:
         raise NotImplementedError(
-            f"num_fused_shared_experts={num_fused_shared_experts}: fused shared experts (ROCm aiter) are not "
+            f"num_fused_shared_experts={num_fused_shared_experts!r}: fused shared experts (ROCm aiter) are not "
             "supported; pass shared_experts= to FusedMoE instead"
         )
 
