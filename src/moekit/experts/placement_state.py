@@ -65,6 +65,18 @@ def placement_moved(experts) -> None:
                 experts._p2l_saved = None
 
 
+def slots_of(experts, logical_id: int) -> list[int]:
+    """The local slots of ``experts`` holding logical expert ``logical_id`` now (made once per placement: a load
+    writes each expert's shards one call at a time; round 66: a scan of the slots per call was O(E²) a layer)."""
+    cached = experts.__dict__.get("_slots_by_logical")
+    if cached is None or cached[0] is not experts.placement:
+        by: dict[int, list[int]] = {}
+        for slot, logical in enumerate(experts.placement.local_logical_ids()):
+            by.setdefault(logical, []).append(slot)
+        cached = experts.__dict__["_slots_by_logical"] = (experts.placement, by)
+    return list(cached[1].get(logical_id, ()))
+
+
 def check_shard(experts, state_dict: dict, prefix: str) -> None:
     """``ValueError`` when a state dict carries another rank's share of the experts than ``experts`` holds (its
     :data:`SHARD_KEY`: other EP / TP sizes or ranks, another placement strategy); nothing when it carries none."""

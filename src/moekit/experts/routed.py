@@ -43,7 +43,7 @@ from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, fol
 from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check_state_tensors, check_tp_split,
                      expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
-from .placement_state import incoming_placement, maps_rebuilt, placement_moved, placement_saved
+from .placement_state import incoming_placement, maps_rebuilt, placement_moved, placement_saved, slots_of
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -315,7 +315,7 @@ class RoutedExperts(torch.nn.Module):
         check_int("logical_id", logical_id, minimum=0, maximum=self.moe_config.num_experts - 1)
         what = f"expert {logical_id} {shard_id} {kind}"
         spec = self._spec(shard_id, kind)
-        slots = [s for s, logical in enumerate(self.placement.local_logical_ids()) if logical == logical_id]
+        slots = slots_of(self, logical_id)
         if kind in ("scale", "input_scale"):
             check_scale_values(what, tensor)
         if kind == "input_scale":  # in every slot: the largest of each expert's latest one

@@ -237,7 +237,9 @@ def _construction(plan: LayerPlan, assigned: dict, reader, source=None, spec=Non
     sizes = {rel: reader.nbytes(k) for rel, k in keys.items() if rel.startswith("shared_expert")}  # 0: empty
     for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
         del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
-    construction = construction_tensors({rel: reader.read(k) for rel, k in keys.items() if rel in CONSTRUCTION})
+    # copies (small): the file's mapping otherwise lived on in the layer's buffers, and a rewritten shard changed the
+    # routing (round 66)
+    construction = construction_tensors({rel: reader.read(k).clone() for rel, k in keys.items() if rel in CONSTRUCTION})
     check_construction(plan, construction, keys, source, spec)
     return keys, construction
 

@@ -216,10 +216,11 @@ def quant_shared_from_checkpoint(plan, fmt, tensors: dict[str, dict[str, torch.T
         s13 = torch.cat([s[p].expand(2 if p == "gate_up_proj" else 1) for p in up])[None]  # [1, 2]: gate, up
     else:
         s13 = torch.cat([s[p] for p in up])[None]
-    s2 = s["down_proj"] if per_tensor else s["down_proj"][None]  # per tensor: [1]
+    s2 = (s["down_proj"] if per_tensor else s["down_proj"][None]).clone()  # per tensor: [1]
     in13 = torch.stack([x[p] for p in up]).max().reshape(1) if x else None  # the largest, as the routed path
-    in2 = x["down_proj"] if x else None
-    return _build(plan, fmt, w13, w["down_proj"][None], s13, s2, in13, in2, kernels, device)
+    in2 = x["down_proj"].clone() if x else None
+    # (copies of what is kept as read: the checkpoint file's mapping lived on in the layer, round 66)
+    return _build(plan, fmt, w13, w["down_proj"][None].clone(), s13, s2, in13, in2, kernels, device)
 
 
 def quant_shared_from_float(plan, fmt, weights: dict[str, torch.Tensor], *, kernels=None, device=None):
