@@ -204,3 +204,26 @@ def test_grouped_topk_num_fused_shared_experts_type():
     with pytest.raises(NotImplementedError, match="num_fused_shared_experts=1:"):
         moekit.GroupedTopk(2, True, 2, 1, num_fused_shared_experts=1)
     moekit.GroupedTopk(2, True, 2, 1, num_fused_shared_experts=None)  # the seed-era None: none
+
+
+def test_a_non_strict_export_keeps_the_routing_weights_gradient():
+    # edge: torch.export (non-strict) inlined the straight-through Function's forward (the detached kernel weights):
+    # the exported layer trained with the gate path of d hidden_states missing (0.21 off) and no gate.weight gradient
+    import copy
+    from torch.export import Dim, export
+    E, H, I = 8, 32, 16
+    torch.manual_seed(0)
+    layer = moekit.FusedMoE(E, 2, H, I, backend="torch", gate=torch.nn.Linear(H, E, bias=False))
+    layer.load_expert_weights(torch.randn(E, 2 * I, H) * H**-0.5, torch.randn(E, H, I) * I**-0.5)
+    exported = export(copy.deepcopy(layer), (torch.randn(7, H),), dynamic_shapes=({0: Dim("T", min=0, max=1024)},),
+                      strict=False).module()
+    x0, dy = torch.randn(9, H), torch.randn(9, H)
+    grads = []
+    for m in (layer, exported):
+        x = x0.clone().requires_grad_()
+        m(x).backward(dy)
+        grads.append((x.grad, dict(m.named_parameters())["gate.weight"].grad))
+    (dx, dg), (dx_e, dg_e) = grads
+    assert dg_e is not None
+    torch.testing.assert_close(dx_e, dx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dg_e, dg, rtol=1e-5, atol=1e-6)

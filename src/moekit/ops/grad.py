@@ -56,6 +56,8 @@ class _Straight(torch.autograd.Function):
 
 
 def _straight(value: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_exporting():  # export traces the twin itself (round 66: non-strict export inlined _Straight's
+        return twin  # forward, the detached value, and strict export ran it without grad: the gradient was lost)
     return _Straight.apply(twin, (value,))
 
 
