@@ -227,3 +227,23 @@ def test_a_non_strict_export_keeps_the_routing_weights_gradient():
     assert dg_e is not None
     torch.testing.assert_close(dx_e, dx, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dg_e, dg, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_tensors_swapped_in_are_checked():
+    # edge: unquantised expert tensors given through functional_call (or assigned) were never checked: torch's matmul
+    # errors, an IndexError for fewer experts, or a dtype error blamed on hidden_states
+    from torch.func import functional_call
+    layer = _loaded()
+    x, lg = torch.randn(3, 16), torch.randn(3, 8)
+    w13, w2 = layer.routed_experts.w13_weight, layer.routed_experts.w2_weight
+    cases = {"w13_weight": (w13[:4], r"w13_weight must have shape \[8, 16, 16\].*got \[4, 16, 16\]"),
+             "w2_weight": (torch.zeros(8, 16, 9), r"w2_weight must have shape \[8, 16, 8\].*got \[8, 16, 9\]")}
+    for name, (t, said) in cases.items():
+        with pytest.raises(ValueError, match=said):
+            functional_call(layer, {f"routed_experts.{name}": t}, (x, lg))
+    with pytest.raises(TypeError, match="w2_weight must be a float tensor of the experts' dtype"):
+        functional_call(layer, {"routed_experts.w2_weight": w2.double()}, (x, lg))
+    # right tensors are followed (twice the down projection: twice the output), and the layer's own still work
+    want = layer(x, lg)
+    torch.testing.assert_close(functional_call(layer, {"routed_experts.w2_weight": 2 * w2}, (x, lg)), 2 * want)
+    torch.testing.assert_close(layer(x, lg), want)

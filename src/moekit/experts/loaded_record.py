@@ -4,6 +4,8 @@ raises (SPEC §1: never compute with an initialiser's values)."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.nn.utils import parametrize
 
@@ -193,3 +195,29 @@ def unset_slices(spec, t, quantised: bool, legacy: bool = False) -> list[tuple[i
     unset = unset_mask(spec, t, quantised, legacy)
     return [] if unset is None else \
         [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]
+
+
+def check_swapped_in(experts) -> None:
+    """Unquantised expert tensors swapped in since the last check (``torch.func.functional_call``, an assignment,
+    ``p.data = ...``) must have the layer's shapes and its one float dtype: ``ValueError`` / ``TypeError`` naming them
+    (round 66: torch's matmul errors, or an ``IndexError``; quantised layers' kernels checked theirs already). Tensors
+    are compared by identity, shape and dtype against the last ones checked, held weakly (one check per swap)."""
+    names = [n for n in ("w13_weight", "w2_weight", "w13_bias", "w2_bias") if n in experts.specs]
+    now = [getattr(experts, n) for n in names]
+    seen = experts.__dict__.get("_checked_swaps")
+    if seen is not None and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
+        return
+    c, e, i = experts.moe_config, experts.placement.num_local, experts.inter_local
+    rows = (2 if c.gated else 1) * i
+    want = {"w13_weight": (e, rows, c.hidden_size), "w2_weight": (e, c.hidden_size, i), "w13_bias": (e, rows),
+            "w2_bias": (e, c.hidden_size)}
+    dtype = now[0].dtype if isinstance(now[0], torch.Tensor) else None
+    for name, t in zip(names, now):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype != dtype:
+            raise TypeError(f"{name} must be a float tensor of the experts' dtype ({dtype}), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} (a tensor swapped in: functional_call or an "
+                            "assignment)")
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name} must have shape {list(want[name])} (E_local, rows, H / I of this layer), got "
+                             f"{list(t.shape)} (a tensor swapped in: functional_call or an assignment)")
+    experts.__dict__["_checked_swaps"] = [(weakref.ref(t), t.shape, t.dtype) for t in now]

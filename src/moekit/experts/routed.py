@@ -35,8 +35,8 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import (InputScales, LoadedRecord, fill_unset, state_loaded, unset_value, values_kept,
-                            values_sample, writable)
+from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, unset_value,
+                            values_kept, values_sample, writable)
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
@@ -190,6 +190,8 @@ class RoutedExperts(torch.nn.Module):
                       w1_bias=self.w13_bias, w2_bias=self.w2_bias if self.add_w2_bias else None,
                       expert_map=self.expert_map, swiglu_limit=c.swiglu_limit)
         if self.quant is None:
+            if not torch.compiler.is_compiling():
+                check_swapped_in(self)  # (functional_call / assignments: round 66)
             return self.kernels.experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
                                         **common)
         if self.packed_layout != "spec":
