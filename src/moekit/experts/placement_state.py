@@ -14,6 +14,8 @@ checkpoint filled into a template) is taken as this rank's.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .output_norm import norm_ids_map
@@ -35,34 +37,44 @@ def shard_of(p: ExpertPlacement) -> tuple[int, ...]:
 
 
 def placement_saved(experts, destination: dict, prefix: str) -> None:
-    """Add the placement to a state dict being saved, when it is not the initial one or the layer's EPLB can move it
-    (``experts.placement_movable``), and the rank's share (:data:`SHARD_KEY`) when the layer is split over ranks.
+    """Add the placement to a state dict being saved, when it is not the initial one, and the rank's share
+    (:data:`SHARD_KEY`) when the layer is split over ranks.
 
-    The placement goes in as one tensor per layer that :func:`placement_moved` updates in place, as a state dict holds
-    the live weight tensors that a rebalance moves in place (round 66: a state dict held across a rebalance paired the
-    moved weights with the placement of its save, or with none, and loaded silently wrong)."""
+    A state dict holds the live weight tensors, which a rebalance moves in place: the dicts an EPLB layer
+    (``experts.placement_movable``) saved into are remembered (weakly) and :func:`placement_moved` gives those whose
+    weights still are the layer's the new placement (round 66: a state dict held across a rebalance paired the moved
+    weights with the placement of its save, or with none, and loaded silently wrong). A dict whose weights were copied
+    keeps the placement of its save, as its weights do."""
     placement = experts.placement
     p2l = tuple(placement.physical_to_logical)
-    if p2l != initial_p2l(placement) or getattr(experts, "placement_movable", False):
-        held = getattr(experts, "_p2l_saved", None)
-        if held is None or held.numel() != len(p2l):
-            with torch.inference_mode(False):  # (a normal tensor: updated in place outside inference mode too)
-                held = experts._p2l_saved = torch.tensor(p2l, dtype=torch.int64)
-        destination[prefix + PLACEMENT_KEY] = held
+    if p2l != initial_p2l(placement):
+        destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
     if placement.ep_size > 1 or placement.tp_size > 1:
         destination[prefix + SHARD_KEY] = torch.tensor(shard_of(placement), dtype=torch.int64)
+    if getattr(experts, "placement_movable", False):
+        try:
+            ref = weakref.ref(destination)
+        except TypeError:  # (a plain dict passed as ``destination``: not followed)
+            return
+        held = [(r, pre) for r, pre in experts.__dict__.get("_saved_dicts", ()) if r() is not None]
+        experts.__dict__["_saved_dicts"] = held + [(ref, prefix)]
 
 
 def placement_moved(experts) -> None:
-    """The placement tensor state dicts were given (:func:`placement_saved`) follows ``experts.placement``."""
-    held = getattr(experts, "_p2l_saved", None)
-    if held is not None:
-        p2l = experts.placement.physical_to_logical
-        with torch.inference_mode(False):
-            if held.numel() == len(p2l):
-                held.copy_(torch.tensor(p2l, dtype=torch.int64))
-            else:
-                experts._p2l_saved = None
+    """The state dicts :func:`placement_saved` remembered whose ``w13_weight`` still shares the layer's memory get the
+    new placement (a fresh tensor: another dict's is not changed)."""
+    live = experts.w13_weight.untyped_storage().data_ptr()
+    held = []
+    for ref, prefix in experts.__dict__.get("_saved_dicts", ()):
+        d = ref()
+        if d is None:
+            continue
+        held.append((ref, prefix))
+        w = d.get(prefix + "w13_weight")
+        if isinstance(w, torch.Tensor) and not w.is_meta and w.untyped_storage().data_ptr() == live:
+            p2l = tuple(experts.placement.physical_to_logical)
+            d[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
+    experts.__dict__["_saved_dicts"] = held
 
 
 def slots_of(experts, logical_id: int) -> list[int]:

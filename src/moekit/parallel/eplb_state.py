@@ -204,7 +204,7 @@ def watch_placement(experts, state) -> None:
     placement, and an EP layer without EPLB took one silently (wrong outputs)."""
     for handle in getattr(experts, "_placement_hooks", ()):
         handle.remove()
-    experts.placement_movable = state is not None  # (its state dicts carry the placement always: round 66)
+    experts.placement_movable = state is not None  # (the state dicts it saves follow a rebalance: round 66)
     experts._placement_hooks = (
         experts._register_load_state_dict_pre_hook(functools.partial(_check_placement, state=state), with_module=True),
         experts.register_load_state_dict_post_hook(functools.partial(_follow_placement, state=state)))
