@@ -3,6 +3,8 @@ edge it covers."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -156,7 +158,7 @@ def test_a_selection_bias_materialised_by_to_empty_must_be_loaded():
     x, lg = torch.randn(6, 16), torch.randn(6, 8)
     layer = _meta_layer(**kw)
     assert torch.isnan(layer.router.e_score_correction_bias).all()
-    with pytest.raises(RuntimeError, match="e_score_correction_bias came from the meta device"):
+    with pytest.raises(RuntimeError, match="e_score_correction_bias came from to_empty"):
         layer(x, lg)
     # each way of writing it clears the refusal: a state dict, load_weights, an assignment
     ref.load_expert_weights(layer.routed_experts.w13_weight.clone(), layer.routed_experts.w2_weight.clone())
@@ -176,7 +178,7 @@ def test_a_hash_table_materialised_by_to_empty_must_be_loaded():
     table = torch.randint(0, 8, (32, 2))
     layer = _meta_layer(hash_indices_table=torch.zeros(32, 2, dtype=torch.int64, device="meta"))
     x, lg, ids = torch.randn(5, 16), torch.randn(5, 8), torch.randint(0, 32, (5,))
-    with pytest.raises(RuntimeError, match="hash_indices_table came from the meta device"):
+    with pytest.raises(RuntimeError, match="hash_indices_table came from to_empty"):
         layer(x, lg, input_ids=ids)
     layer.load_weights([("router.hash_indices_table", table)])
     w, got = layer.router.select_experts(x, lg, input_ids=ids)
@@ -247,3 +249,28 @@ def test_expert_tensors_swapped_in_are_checked():
     want = layer(x, lg)
     torch.testing.assert_close(functional_call(layer, {"routed_experts.w2_weight": 2 * w2}, (x, lg)), 2 * want)
     torch.testing.assert_close(layer(x, lg), want)
+
+
+def test_to_empty_refusal_clears_on_every_kind_of_load_and_covers_non_meta_layers():
+    # review of this round's refusal: a load under inference_mode (no version counter) or through .data.copy_ (its
+    # own counter) was refused forever; to_empty of a layer not on meta (or twice) left the bias uninitialised
+    bias = torch.randn(8)
+    kw = dict(scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8, device="meta"))
+    ref = moekit.FusedMoE(8, 2, 16, 8, scoring_func="sigmoid", e_score_correction_bias=bias, backend="torch")
+    x, lg = torch.randn(6, 16), torch.randn(6, 8)
+    layer = _meta_layer(**kw)
+    ref.load_expert_weights(layer.routed_experts.w13_weight.clone(), layer.routed_experts.w2_weight.clone())
+    want = ref(x, lg)
+    with torch.inference_mode():
+        layer = moekit.FusedMoE(8, 2, 16, 8, device="meta", backend="torch", **kw).to_empty(device="cpu")
+        layer.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(layer(x, lg), want)
+    layer = _meta_layer(**kw)
+    layer.router.e_score_correction_bias.data.copy_(bias)
+    torch.testing.assert_close(layer(x, lg), want)
+    for make in (lambda: _meta_layer(**kw).to_empty(device="cpu"), lambda: copy.deepcopy(ref).to_empty(device="cpu")):
+        layer = make()
+        with pytest.raises(RuntimeError, match="e_score_correction_bias came from to_empty"):
+            layer.router.select_experts(x, lg)
+    moved = copy.deepcopy(ref).to(torch.float64).to(torch.float32)  # casts and moves keep the values: no refusal
+    torch.testing.assert_close(moved(x, lg), want)

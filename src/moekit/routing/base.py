@@ -207,10 +207,11 @@ def keep_bias_dtype(self, fn, recurse=True):
     ``model.to(torch.bfloat16)`` changed the choices of DeepSeek-V3-like biases otherwise). Use as ``_apply =
     keep_bias_dtype`` in the class body.
 
-    A value buffer materialised from the meta device (``to_empty``: uninitialised memory) is filled with NaN / -1 and
-    recorded: :meth:`BaseRouter.route` raises until it is written (round 66: a layer built on meta routed with
-    whatever memory ``to_empty`` left in its selection bias once its expert weights were loaded)."""
+    A value buffer whose values an ``_apply`` did not keep (``to_empty``: uninitialised memory, from meta or not) is
+    filled with NaN / -1 and recorded: :meth:`BaseRouter.route` raises until it is written (round 66: a layer built
+    on meta routed with whatever memory ``to_empty`` left in its selection bias once its expert weights were loaded)."""
     before = {n: self._buffers.get(n) for n in _VALUE_BUFFERS}
+    kept = {n: t.detach().cpu().clone() for n, t in before.items() if t is not None and not t.is_meta}  # (small)
     bias = before["e_score_correction_bias"]
     out = torch.nn.Module._apply(self, fn, recurse)
     moved = self._buffers.get("e_score_correction_bias")
@@ -218,10 +219,13 @@ def keep_bias_dtype(self, fn, recurse=True):
         self._buffers["e_score_correction_bias"] = bias.to(device=moved.device)
     for name, old in before.items():
         new = self._buffers.get(name)
-        if old is not None and old.is_meta and new is not None and not new.is_meta:
-            with torch.no_grad():
-                new.fill_(_VALUE_BUFFERS[name])
-            self._unset_values = {**(self._unset_values or {}), name: (new, _version(new))}
+        if old is None or new is None or new.is_meta or new is old:
+            continue
+        if name in kept and torch.equal(new.detach().cpu(), kept[name].to(new.dtype)):
+            continue  # a device move: the values came along
+        with torch.no_grad():
+            new.fill_(_VALUE_BUFFERS[name])
+        self._unset_values = {**(self._unset_values or {}), name: (new, _version(new))}
     return out
 
 
@@ -231,13 +235,19 @@ def _version(t: torch.Tensor) -> int | None:
 
 def check_values_set(router) -> None:
     """``RuntimeError`` naming the value buffers materialised by ``to_empty`` (:func:`keep_bias_dtype`) that nothing
-    wrote since (a load copies into them, bumping their version; an assignment replaces them)."""
-    unset = {n: (t, v) for n, (t, v) in router._unset_values.items()
-             if router._buffers.get(n) is t and (v is None or _version(t) == v)}
+    wrote since: an assignment replaces them, a load copies into them (bumping their version; else, through ``.data``
+    or into an inference tensor, found by their values: still all NaN / -1, one host read while so marked)."""
+    def unwritten(name, t, v) -> bool:
+        if router._buffers.get(name) is not t or (v is not None and _version(t) != v):
+            return False
+        fill = _VALUE_BUFFERS[name]
+        return bool(torch.isnan(t).all() if t.is_floating_point() and math.isnan(fill) else (t == fill).all())
+
+    unset = {n: (t, v) for n, (t, v) in router._unset_values.items() if unwritten(n, t, v)}
     router._unset_values = unset or None
     if unset:
-        raise RuntimeError(f"{type(router).__name__}: {', '.join(unset)} came from the meta device (to_empty) and was "
-                           "never loaded; load a state dict (layer.load_state_dict), the tensor "
+        raise RuntimeError(f"{type(router).__name__}: {', '.join(unset)} came from to_empty (uninitialised memory) and "
+                           "was never loaded; load a state dict (layer.load_state_dict), the tensor "
                            "(layer.load_weights([('router.e_score_correction_bias', bias)]); router.hash_indices_table "
                            "likewise), or assign it, before a forward")
 
