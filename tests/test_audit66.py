@@ -127,7 +127,7 @@ def test_a_skipped_bias_of_the_wrong_shape_is_refused(where):
         said = rf"{where} returned \(output \[5, 16\], bias \[{', '.join(map(str, shape))}\]\)"
         with pytest.raises(ValueError, match=said):
             _loaded(**{where: _WithBias(shape)})(x, lg)
-    for shape in ((16,), (5, 16)):  # added, as before
+    for shape in ((16,), (1, 16), (5, 16)):  # added, as before ([1, H] broadcasts as [H] does: review)
         plain = _loaded(**{where: torch.nn.Identity()})(x, lg)
         torch.testing.assert_close(_loaded(**{where: _WithBias(shape)})(x, lg), plain + 1)
 

@@ -381,7 +381,8 @@ class MoERunner(torch.nn.Module):
 
     def load_weights(self, weights, *, fused_layout: str = "rows") -> set[str]:
         """Consume checkpoint ``(name, tensor)`` pairs through the expert-params mapping (SPEC §6);
-        fused expert stacks are read in ``fused_layout`` (see :mod:`moekit.experts.layout`)."""
+        fused expert stacks are read in ``fused_layout`` (see :mod:`moekit.experts.layout`). Checks across keys (a
+        relu2 expert given both gate_proj and up_proj) hold within one call: pass a layer's keys together."""
         return load_layer_weights(self, weights, fused_layout=fused_layout)
 
     def rebalance(self, **kwargs) -> dict:

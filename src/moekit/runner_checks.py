@@ -163,10 +163,11 @@ def first_output(out, name: str = "a module"):
         raise TypeError(f"{name} returned a {type(out).__name__} of {len(out)}; expected a tensor or (tensor, bias)")
     if out[1] is None:
         return out[0]
-    if isinstance(out[0], torch.Tensor) and tuple(out[1].shape) not in ((out[0].shape[-1],), tuple(out[0].shape)):
+    b, o = tuple(out[1].shape), tuple(out[0].shape) if isinstance(out[0], torch.Tensor) else None
+    if o is not None and b != o and not (0 < len(b) <= len(o) and b[-1] == o[-1] and all(d == 1 for d in b[:-1])):
         # (round 66: a [T, 1] or [1] bias was broadcast silently, a [H + 1] one failed with torch's message)
-        raise ValueError(f"{name} returned (output {list(out[0].shape)}, bias {list(out[1].shape)}); expected a bias "
-                         f"of [{out[0].shape[-1]}] (skip_bias_add's [out_features]) or of the output's shape")
+        raise ValueError(f"{name} returned (output {list(o)}, bias {list(b)}); expected a bias of [{o[-1]}] "
+                         "(skip_bias_add's [out_features], or [1, ..., 1, H]) or of the output's shape")
     return out[0] + out[1]
 
 
