@@ -440,17 +440,22 @@ def test_a_strided_gate_bias_is_read_by_its_strides_in_inference():
         torch.testing.assert_close(tri(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def nemotron_h_model(**overrides):
+    """A tiny random Nemotron-H model (layer 1 MoE, relu2 experts), fp32, eval; ``overrides``: config fields."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              layers_block_type=["attention", "moe"], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+              moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8,
+              ssm_state_size=8, n_groups=1, chunk_size=16)
+    torch.manual_seed(0)
+    return transformers.NemotronHForCausalLM(transformers.CONFIG_MAPPING["nemotron_h"](**{**kw, **overrides})).eval()
+
+
 def test_nemotron_h_zero_shared_width_is_the_dense_width(tmp_path):
     # edge: transformers' NemotronHMLP takes `intermediate_size or config.intermediate_size`: a shared width of 0 is the
     # dense MLP's; moekit planned no shared expert and refused the checkpoint's shared MLP with a misleading message
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CONFIG_MAPPING["nemotron_h"](
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        layers_block_type=["attention", "moe"], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=0,
-        n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=16)
-    torch.manual_seed(0)
-    model = transformers.NemotronHForCausalLM(cfg).eval()
+    model = nemotron_h_model(moe_shared_expert_intermediate_size=0)
     model.save_pretrained(tmp_path)
     layer = next(iter(moekit.load_moe_layers(str(tmp_path), progress=False).values()))
     assert layer.shared_experts is not None

@@ -10,17 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moekit
+from test_audit65 import nemotron_h_model
 
 
 def _nemotron_h(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CONFIG_MAPPING["nemotron_h"](
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        layers_block_type=["attention", "moe"], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
-        n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=16)
-    torch.manual_seed(0)
-    transformers.NemotronHForCausalLM(cfg).save_pretrained(tmp_path)
+    nemotron_h_model().save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -149,13 +143,18 @@ def _meta_layer(**kw):
     return layer
 
 
-def test_a_selection_bias_materialised_by_to_empty_must_be_loaded():
-    # edge: a layer built on meta (as the meta-bias error advises), then to_empty: the expert weights are guarded, but
-    # the router routed with whatever memory to_empty left in its selection bias (output 34.7 off, no error)
+def _bias_case():
+    """(bias, the meta layer's keywords, a loaded-bias reference layer without weights, x, logits)"""
     bias = torch.randn(8)
     kw = dict(scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8, device="meta"))
     ref = moekit.FusedMoE(8, 2, 16, 8, scoring_func="sigmoid", e_score_correction_bias=bias, backend="torch")
-    x, lg = torch.randn(6, 16), torch.randn(6, 8)
+    return bias, kw, ref, torch.randn(6, 16), torch.randn(6, 8)
+
+
+def test_a_selection_bias_materialised_by_to_empty_must_be_loaded():
+    # edge: a layer built on meta (as the meta-bias error advises), then to_empty: the expert weights are guarded, but
+    # the router routed with whatever memory to_empty left in its selection bias (output 34.7 off, no error)
+    bias, kw, ref, x, lg = _bias_case()
     layer = _meta_layer(**kw)
     assert torch.isnan(layer.router.e_score_correction_bias).all()
     with pytest.raises(RuntimeError, match="e_score_correction_bias came from to_empty"):
@@ -254,10 +253,7 @@ def test_expert_tensors_swapped_in_are_checked():
 def test_to_empty_refusal_clears_on_every_kind_of_load_and_covers_non_meta_layers():
     # review of this round's refusal: a load under inference_mode (no version counter) or through .data.copy_ (its
     # own counter) was refused forever; to_empty of a layer not on meta (or twice) left the bias uninitialised
-    bias = torch.randn(8)
-    kw = dict(scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8, device="meta"))
-    ref = moekit.FusedMoE(8, 2, 16, 8, scoring_func="sigmoid", e_score_correction_bias=bias, backend="torch")
-    x, lg = torch.randn(6, 16), torch.randn(6, 8)
+    bias, kw, ref, x, lg = _bias_case()
     layer = _meta_layer(**kw)
     ref.load_expert_weights(layer.routed_experts.w13_weight.clone(), layer.routed_experts.w2_weight.clone())
     want = ref(x, lg)

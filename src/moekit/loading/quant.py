@@ -78,7 +78,7 @@ def checkpoint_formats(config: dict, quant_config) -> tuple[WeightFormat | None,
     asked = parse_quant_config(quant_config)
     if shipped is not None and asked is not None and type(asked) is type(shipped) \
             and replace(asked, ignore=shipped.ignore, targets=shipped.targets) == shipped:
-        asked = shipped  # the format the checkpoint ships, asked with another module list: loaded as it ships (round 66)
+        asked = shipped  # the shipped format asked with another module list: loaded as it ships (round 66)
     if shipped is not None and asked is not None and asked != shipped:
         raise NotImplementedError(
             f"quant_config={asked} asked for, but the checkpoint is already quantised ({shipped}); moekit does not "
