@@ -270,3 +270,15 @@ def test_to_empty_refusal_clears_on_every_kind_of_load_and_covers_non_meta_layer
             layer.router.select_experts(x, lg)
     moved = copy.deepcopy(ref).to(torch.float64).to(torch.float32)  # casts and moves keep the values: no refusal
     torch.testing.assert_close(moved(x, lg), want)
+
+
+def test_functional_call_on_a_template_layer_needs_no_load():
+    # edge: functional_call supplying every expert tensor of a never-loaded layer (MAML, stack_module_state) was
+    # refused as "forward before the expert weights were loaded"; a partial supply still is
+    from torch.func import functional_call
+    template, loaded = moekit.FusedMoE(8, 2, 16, 8, backend="torch"), _loaded()
+    x, lg = torch.randn(3, 16), torch.randn(3, 8)
+    given = {f"routed_experts.{n}": t.detach().clone() for n, t in loaded.routed_experts.expert_tensors().items()}
+    torch.testing.assert_close(functional_call(template, given, (x, lg)), loaded(x, lg))
+    with pytest.raises(RuntimeError, match="forward before the expert weights were loaded"):
+        functional_call(template, {"routed_experts.w2_weight": given["routed_experts.w2_weight"]}, (x, lg))

@@ -213,9 +213,9 @@ class RoutedExperts(torch.nn.Module):
         return self._record.missing(self.placement.local_logical_ids(), self.moe_config.gated)
 
     def check_loaded(self) -> None:
-        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (every forward: one attribute
-        read once loaded)."""
-        if not self._record.complete:
+        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (one attribute read once loaded)
+        or swapped in (``functional_call``'s plain tensors: none of the layer's own is read; round 66)."""
+        if not self._record.complete and any(isinstance(t, torch.nn.Parameter) for t in self.expert_tensors().values()):
             self._record.check(self.layer_name, self.placement.local_logical_ids(), self.moe_config.gated)
 
     def _mark(self, slots, shard_ids, kind: str) -> None:
