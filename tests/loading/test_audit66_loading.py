@@ -80,13 +80,28 @@ def test_no_loaded_tensor_lives_in_a_checkpoint_files_mapping(tmp_path):
     assert torch.equal(layer.router.e_score_correction_bias, t["model.layers.1.mlp.gate.e_score_correction_bias"])
 
 
-def test_the_reader_maps_one_file_at_a_time(tmp_path):
+def test_the_reads_keep_one_file_mapped(tmp_path, monkeypatch):
     # edge: every shard's mapping stayed open until the load ended, so the process's RSS grew by every page read of
-    # the whole checkpoint (reads run in storage order: one file at a time suffices)
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_file({"x": torch.ones(4)}, a)
-    save_file({"y": torch.zeros(4)}, b)
-    reader = Reader({"x": str(a), "y": str(b)})
-    assert torch.equal(reader.read("x"), torch.ones(4)) and list(reader.handles) == [str(a)]
-    assert torch.equal(reader.read("y"), torch.zeros(4)) and list(reader.handles) == [str(b)]
-    assert torch.equal(reader.read("x"), torch.ones(4))  # read again: opened again
+    # the whole checkpoint; the storage-order reads release each file as they move past it (each opened once)
+    E, H, I = 4, 16, 8
+    g = torch.Generator().manual_seed(0)
+    t = {"model.layers.0.mlp.gate.weight": torch.randn(E, H, generator=g)}
+    for e in range(E):
+        for proj, shape in {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}.items():
+            t[f"model.layers.0.mlp.experts.{e}.{proj}.weight"] = torch.randn(*shape, generator=g)
+    cfg = dict(model_type="qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=2,
+               num_hidden_layers=1, norm_topk_prob=True, dtype="float32", hidden_act="silu")
+    _write_sharded(tmp_path, cfg, t, shards=3)
+    mapped, opened, real_read = [], [], Reader.read
+
+    def read(self, key):
+        if self.files[key] not in self.handles:
+            opened.append(self.files[key])
+        out = real_read(self, key)
+        mapped.append(len(self.handles))
+        return out
+
+    monkeypatch.setattr(Reader, "read", read)
+    layer = moekit.load_moe_layers(str(tmp_path), progress=False)["model.layers.0.mlp"]
+    assert max(mapped) == 1 and len(opened) == len(set(opened)) == 3
+    assert torch.equal(layer.routed_experts.w2_weight[3], t["model.layers.0.mlp.experts.3.down_proj.weight"])

@@ -146,7 +146,9 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     construction = max(t[k].numel() * t[k].element_size() for k in t if k.endswith(("gate.bias", "tid2eid")))
     moe_bytes = sum(v.numel() * v.element_size() for k, v in t.items() if ".ffn." in k)
     kept = sum(t[k].numel() * t[k].element_size() for k in t if k.endswith("gate.bias"))
-    assert live["now"] == kept  # only the selection biases live on, as the routers' own buffers
+    # nothing read lives on: the selection biases are copies (round 66: they lived on as the routers' own buffers,
+    # views of the checkpoint file's mapping)
+    assert live["now"] == 0
     # peak: one tensor in flight + one layer's construction tensors + the biases already kept
     assert live["peak"] <= largest + construction + kept < moe_bytes / 20, (live, largest, moe_bytes)
     assert len(layers) == 3

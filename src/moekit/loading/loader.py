@@ -251,7 +251,9 @@ def _read_tensors(spec, assigned: dict, states: dict, done: set, reader, progres
     todo.sort(key=lambda item: reader.position(item[0]))
     total = sum(reader.nbytes(key) for key, _, _ in todo)
     with progress_bar(total, progress) as bar, one_thread():
-        for key, state, rel in todo:
+        for n, (key, state, rel) in enumerate(todo):
+            if n and reader.files[todo[n - 1][0]] != reader.files[key]:
+                reader.release(reader.files[todo[n - 1][0]])  # (storage order: never read again)
             t = reader.read(key)
             bar.update(t.numel() * t.element_size())
             x = None

@@ -20,7 +20,8 @@ def _read(handle, key: str) -> torch.Tensor:
 
 
 class Reader:
-    """The checkpoint's files, opened lazily, one mapped at a time (:meth:`read`); errors name the file."""
+    """The checkpoint's files, each opened once (lazily) and released once read (:meth:`release`); errors name the
+    file."""
 
     def __init__(self, files: dict[str, str]):
         self.files = files
@@ -51,9 +52,6 @@ class Reader:
         f = self.files[key]
         self._header(key)
         if f not in self.handles:
-            # one file mapped at a time: a mapping keeps the pages read through it in the process's memory (round 66:
-            # every shard stayed open to the end, RSS grew by the whole checkpoint; reads run in storage order)
-            self.handles.clear()
             try:
                 self.handles[f] = safe_open(f, framework="pt", device="cpu")
             except Exception as err:  # safetensors raises its own error types
@@ -62,6 +60,12 @@ class Reader:
             return _read(self.handles[f], key)
         except Exception as err:
             raise ValueError(f"{f}: cannot read tensor {key!r}: {err}") from None
+
+    def release(self, f: str) -> None:
+        """Unmap file ``f`` (its tensors read are all copied): a mapping keeps the pages read through it in the
+        process's memory (round 66: every shard stayed mapped until the load ended, RSS grew by the whole
+        checkpoint). The storage-order reads release each file as they move past it: each is still opened once."""
+        self.handles.pop(f, None)
 
     def close(self) -> None:
         self.handles.clear()
