@@ -282,3 +282,57 @@ def test_functional_call_on_a_template_layer_needs_no_load():
     torch.testing.assert_close(functional_call(template, given, (x, lg)), loaded(x, lg))
     with pytest.raises(RuntimeError, match="forward before the expert weights were loaded"):
         functional_call(template, {"routed_experts.w2_weight": given["routed_experts.w2_weight"]}, (x, lg))
+
+
+def test_a_parametrized_never_loaded_layer_is_still_refused():
+    # review: the functional_call exemption (no expert tensor a Parameter) let a never-loaded layer whose expert
+    # tensors are parametrized (computed plain tensors) compute with its unset NaN values
+    from torch.nn.utils import parametrize
+
+    class Same(torch.nn.Module):
+        def forward(self, w):
+            return w * 1.0
+
+    layer = moekit.FusedMoE(8, 2, 16, 8, backend="torch")
+    for name in ("w13_weight", "w2_weight"):
+        parametrize.register_parametrization(layer.routed_experts, name, Same())
+    with pytest.raises(RuntimeError, match="forward before the expert weights were loaded"):
+        layer(torch.randn(3, 16), torch.randn(3, 8))
+
+
+def test_a_held_state_dict_of_relaid_4bit_weights_follows_a_rebalance():
+    # review: a 4-bit layer stored re-laid ("rega", the Triton table on CUDA) saves its codes as copies and its scales
+    # by reference; after a rebalance (slots moved in place) a held dict paired the old codes with the moved scales.
+    # Simulated on CPU: the torch table allowed the re-laid layout, a slot swap as rebalance's weight moves do.
+    import dataclasses
+    from moekit.config import MoEConfig
+    from moekit.experts.placement import ExpertPlacement
+    from moekit.experts.routed import RoutedExperts
+    from moekit.ops.kernels import kernels_for
+    kernels = dataclasses.replace(kernels_for("torch"), packed_layouts=frozenset({"spec", "rega"}))
+    E, H, I = 4, 128, 128
+    c = MoEConfig(E, 2, H, I, params_dtype=torch.bfloat16, quant_config=moekit.parse_quant_config(
+        {"quant_method": "mxfp4"}))
+    placement = ExpertPlacement.build(E, 2, ep_size=2, ep_rank=0)
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = (torch.randn(E, 2 * I, H, generator=g) / 8).bfloat16(), (torch.randn(E, H, I, generator=g) / 8).bfloat16()
+    experts = RoutedExperts("l", torch.bfloat16, c, placement=placement, kernels=kernels)
+    assert experts.packed_layout == "rega"
+    experts.load_expert_weights(w13, w2)
+    experts.placement_movable = True  # (what an EPLB layer's executor sets)
+    held = experts.state_dict()
+    p2l = list(placement.physical_to_logical)
+    p2l[0], p2l[1] = p2l[1], p2l[0]
+    with torch.no_grad():
+        for t in experts.expert_tensors().values():
+            first = t[0].clone()
+            t[0].copy_(t[1])
+            t[1].copy_(first)
+    experts.set_physical_to_logical(tuple(p2l))
+    fresh = RoutedExperts("l", torch.bfloat16, c, placement=placement)
+    fresh.load_state_dict(held)
+    want = RoutedExperts("l", torch.bfloat16, c, placement=placement.with_physical_to_logical(tuple(p2l)))
+    want.load_expert_weights(w13, w2)
+    assert fresh.placement == want.placement
+    for name in ("w13_weight", "w2_weight", "w13_scale", "w2_scale"):
+        assert torch.equal(getattr(fresh, name), getattr(want, name)), name

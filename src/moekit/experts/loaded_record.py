@@ -221,3 +221,11 @@ def check_swapped_in(experts) -> None:
             raise ValueError(f"{name} must have shape {list(want[name])} (E_local, rows, H / I of this layer), got "
                              f"{list(t.shape)} (a tensor swapped in: functional_call or an assignment)")
     experts.__dict__["_checked_swaps"] = [(weakref.ref(t), t.shape, t.dtype) for t in now]
+
+
+def swapped_in_whole(experts) -> bool:
+    """Every expert tensor is a plain tensor swapped in (``torch.func.functional_call`` of ``.detach()``-ed tensors):
+    none of the layer's own, loaded or not, is read (round 66: a template layer was refused). A parameter (the layer's
+    own, or another model's passed as is) or a parametrized tensor (computed from the layer's own) is not."""
+    return not any(isinstance(t, torch.nn.Parameter) or parametrize.is_parametrized(experts, n)
+                   for n, t in experts.expert_tensors().items())

@@ -19,6 +19,7 @@ import weakref
 import torch
 
 from .output_norm import norm_ids_map
+from .packed import spec_packed_saved
 from .placement import ExpertPlacement, initial_physical_to_logical
 
 #: the key (under the experts' prefix) of ``physical_to_logical [P]`` int64, saved once EPLB moved a slot
@@ -61,20 +62,30 @@ def placement_saved(experts, destination: dict, prefix: str) -> None:
 
 
 def placement_moved(experts) -> None:
-    """The state dicts :func:`placement_saved` remembered whose ``w13_weight`` still shares the layer's memory get the
-    new placement (a fresh tensor: another dict's is not changed)."""
-    live = experts.w13_weight.untyped_storage().data_ptr()
+    """The state dicts :func:`placement_saved` remembered that still hold the layer's live per-slot tensors (one not
+    re-laid shares the layer's memory) get the new placement (a fresh tensor: another dict's is not changed), and
+    fresh copies of the weights a 4-bit layer saves re-laid (SPEC §8's packing, copied at the save: round 66's review,
+    their codes stayed in the old slots while the scales moved)."""
+    relaid = experts._relaid_weights()
+    names = [n for n in experts.specs if n not in relaid]
     held = []
     for ref, prefix in experts.__dict__.get("_saved_dicts", ()):
         d = ref()
         if d is None:
             continue
         held.append((ref, prefix))
-        w = d.get(prefix + "w13_weight")
-        if isinstance(w, torch.Tensor) and not w.is_meta and w.untyped_storage().data_ptr() == live:
-            p2l = tuple(experts.placement.physical_to_logical)
-            d[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
+        if any(_shares(d.get(prefix + n), getattr(experts, n)) for n in names):
+            d[prefix + PLACEMENT_KEY] = torch.tensor(tuple(experts.placement.physical_to_logical), dtype=torch.int64)
+            for n in relaid:
+                if prefix + n in d:
+                    d[prefix + n] = getattr(experts, n).detach()
+            spec_packed_saved(relaid, d, prefix)
     experts.__dict__["_saved_dicts"] = held
+
+
+def _shares(saved, live) -> bool:
+    return isinstance(saved, torch.Tensor) and not saved.is_meta and saved.numel() > 0 and \
+        saved.untyped_storage().data_ptr() == live.untyped_storage().data_ptr()
 
 
 def slots_of(experts, logical_id: int) -> list[int]:

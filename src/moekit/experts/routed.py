@@ -35,8 +35,8 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .layout import DOWN, SHARD_IDS, UP
-from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, unset_value,
-                            values_kept, values_sample, writable)
+from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, swapped_in_whole,
+                            unset_value, values_kept, values_sample, writable)
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
 from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
                      spec_packed_saved)
@@ -214,8 +214,8 @@ class RoutedExperts(torch.nn.Module):
 
     def check_loaded(self) -> None:
         """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (one attribute read once loaded)
-        or swapped in (``functional_call``'s plain tensors: none of the layer's own is read; round 66)."""
-        if not self._record.complete and any(isinstance(t, torch.nn.Parameter) for t in self.expert_tensors().values()):
+        or swapped in whole (:func:`~.loaded_record.swapped_in_whole`)."""
+        if not self._record.complete and not swapped_in_whole(self):
             self._record.check(self.layer_name, self.placement.local_logical_ids(), self.moe_config.gated)
 
     def _mark(self, slots, shard_ids, kind: str) -> None:
