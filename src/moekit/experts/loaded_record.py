@@ -197,13 +197,19 @@ def unset_slices(spec, t, quantised: bool, legacy: bool = False) -> list[tuple[i
         [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]
 
 
+_FLOAT_TENSORS = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
+
+
 def check_swapped_in(experts) -> None:
     """Unquantised expert tensors swapped in since the last check (``torch.func.functional_call``, an assignment,
     ``p.data = ...``) must have the layer's shapes and its one float dtype: ``ValueError`` / ``TypeError`` naming them
     (round 66: torch's matmul errors, or an ``IndexError``; quantised layers' kernels checked theirs already). Tensors
     are compared by identity, shape and dtype against the last ones checked, held weakly (one check per swap)."""
-    names = [n for n in ("w13_weight", "w2_weight", "w13_bias", "w2_bias") if n in experts.specs]
-    now = [getattr(experts, n) for n in names]
+    names = _FLOAT_TENSORS if "w13_bias" in experts.specs else _FLOAT_TENSORS[:2]
+    own = experts._parameters  # (a plain dict read: Module.__getattr__ costs ~0.7 µs a name; eager forward path)
+    now = [own.get(n) for n in names]
+    if any(t is None for t in now):  # (a parametrized tensor: computed, not in the dict)
+        now = [getattr(experts, n) for n in names]
     seen = experts.__dict__.get("_checked_swaps")
     if seen is not None and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
         return
