@@ -336,3 +336,20 @@ def test_a_held_state_dict_of_relaid_4bit_weights_follows_a_rebalance():
     assert fresh.placement == want.placement
     for name in ("w13_weight", "w2_weight", "w13_scale", "w2_scale"):
         assert torch.equal(getattr(fresh, name), getattr(want, name)), name
+
+
+def test_layers_with_this_rounds_caches_pickle_and_copy():
+    # CI of this round: the weakly held caches (the swapped-in check's, an EPLB layer's remembered state dicts) made a
+    # layer that ran a forward or saved a state dict unpicklable ("cannot pickle 'weakref.ReferenceType'")
+    import pickle
+    layer = _loaded()
+    layer.routed_experts.placement_movable = True  # (an EPLB layer's: its saved dicts are remembered)
+    x, lg = torch.randn(3, 16), torch.randn(3, 8)
+    want = layer(x, lg)
+    held = layer.state_dict()
+    for other in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(other(x, lg), want)
+        bad = other.routed_experts.w2_weight.data[:4].clone()
+        with pytest.raises(ValueError, match="w2_weight must have shape"):  # the copy checks its own swaps
+            torch.func.functional_call(other, {"routed_experts.w2_weight": bad}, (x, lg))
+    assert held  # (kept alive across the pickles)

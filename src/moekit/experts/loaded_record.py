@@ -13,7 +13,7 @@ from .._checks import values_checkable
 from .layout import shards
 from .packed import follow_weight_dtype
 from .params import unset_input_scale, unset_mask, unset_value
-from .placement_state import maps_rebuilt, placement_loaded
+from .placement_state import Transient, maps_rebuilt, placement_loaded
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
@@ -211,6 +211,7 @@ def check_swapped_in(experts) -> None:
     if any(t is None for t in now):  # (a parametrized tensor: computed, not in the dict)
         now = [getattr(experts, n) for n in names]
     seen = experts.__dict__.get("_checked_swaps")
+    seen = seen.value if seen is not None else None
     if seen is not None and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
         return
     c, e, i = experts.moe_config, experts.placement.num_local, experts.inter_local
@@ -226,7 +227,7 @@ def check_swapped_in(experts) -> None:
         if tuple(t.shape) != want[name]:
             raise ValueError(f"{name} must have shape {list(want[name])} (E_local, rows, H / I of this layer), got "
                              f"{list(t.shape)} (a tensor swapped in: functional_call or an assignment)")
-    experts.__dict__["_checked_swaps"] = [(weakref.ref(t), t.shape, t.dtype) for t in now]
+    experts.__dict__["_checked_swaps"] = Transient([(weakref.ref(t), t.shape, t.dtype) for t in now])
 
 
 def swapped_in_whole(experts) -> bool:

@@ -37,6 +37,22 @@ def shard_of(p: ExpertPlacement) -> tuple[int, ...]:
     return (p.ep_size, p.ep_rank, p.tp_size, p.tp_rank, *p.local_ids)
 
 
+class Transient:
+    """A per-object cache holding weak references (``value``), which pickles cannot carry and copies should not:
+    a pickled or copied object's starts empty (round 66's CI: a layer that ran a forward no longer pickled)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def __reduce__(self):
+        return (Transient, ())
+
+    def __deepcopy__(self, memo):
+        return Transient()
+
+
 def placement_saved(experts, destination: dict, prefix: str) -> None:
     """Add the placement to a state dict being saved, when it is not the initial one, and the rank's share
     (:data:`SHARD_KEY`) when the layer is split over ranks.
@@ -57,8 +73,8 @@ def placement_saved(experts, destination: dict, prefix: str) -> None:
             ref = weakref.ref(destination)
         except TypeError:  # (a plain dict passed as ``destination``: not followed)
             return
-        held = [(r, pre) for r, pre in experts.__dict__.get("_saved_dicts", ()) if r() is not None]
-        experts.__dict__["_saved_dicts"] = held + [(ref, prefix)]
+        held = [(r, pre) for r, pre in _saved_dicts(experts) if r() is not None]
+        experts.__dict__["_saved_dicts"] = Transient(held + [(ref, prefix)])
 
 
 def placement_moved(experts) -> None:
@@ -69,7 +85,7 @@ def placement_moved(experts) -> None:
     relaid = experts._relaid_weights()
     names = [n for n in experts.specs if n not in relaid]
     held = []
-    for ref, prefix in experts.__dict__.get("_saved_dicts", ()):
+    for ref, prefix in _saved_dicts(experts):
         d = ref()
         if d is None:
             continue
@@ -80,7 +96,12 @@ def placement_moved(experts) -> None:
                 if prefix + n in d:
                     d[prefix + n] = getattr(experts, n).detach()
             spec_packed_saved(relaid, d, prefix)
-    experts.__dict__["_saved_dicts"] = held
+    experts.__dict__["_saved_dicts"] = Transient(held)
+
+
+def _saved_dicts(experts) -> list:
+    cache = experts.__dict__.get("_saved_dicts")
+    return cache.value or [] if cache is not None else []
 
 
 def _shares(saved, live) -> bool:
