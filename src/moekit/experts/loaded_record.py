@@ -214,10 +214,7 @@ def check_swapped_in(experts) -> None:
     seen = seen.value if seen is not None else None
     if seen is not None and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
         return
-    c, e, i = experts.moe_config, experts.placement.num_local, experts.inter_local
-    rows = (2 if c.gated else 1) * i
-    want = {"w13_weight": (e, rows, c.hidden_size), "w2_weight": (e, c.hidden_size, i), "w13_bias": (e, rows),
-            "w2_bias": (e, c.hidden_size)}
+    want = {n: tuple(experts.specs[n].local_shape(experts.placement.num_local, experts.tp_rows)) for n in names}
     dtype = now[0].dtype if isinstance(now[0], torch.Tensor) else None
     for name, t in zip(names, now):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype != dtype:
