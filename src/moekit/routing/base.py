@@ -116,7 +116,7 @@ class BaseRouter(torch.nn.Module):
         self.enable_eplb = eplb_state is not None
         self.indices_type_getter = indices_type_getter
         self.kernels = kernels if kernels is not None else kernels_for("torch")
-        self._zero_expert_output: dict[int, torch.Tensor] = {}  # per thread (threading.get_ident()): the side channel
+        self._zero_expert_output = ThreadValue()  # the seed's side channel, per thread
 
     def _compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                          indices_type: torch.dtype | None, input_ids: torch.Tensor | None) -> RoutingResult:
@@ -180,14 +180,32 @@ class BaseRouter(torch.nn.Module):
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
         zero = result.zero_contribution(hidden_states)
-        if zero is not None:
-            self._zero_expert_output[threading.get_ident()] = zero.to(hidden_states.dtype)
-        else:
-            self._zero_expert_output.pop(threading.get_ident(), None)
+        self.zero_output_holder().value = zero.to(hidden_states.dtype) if zero is not None else None
         return result.topk_weights, result.topk_ids
+
+    def zero_output_holder(self) -> "ThreadValue":
+        """This router's per-thread zero-expert output (a router pickled before round 67 held a dict by thread id)."""
+        holder = self.__dict__.get("_zero_expert_output")
+        if not isinstance(holder, ThreadValue):
+            holder = self.__dict__["_zero_expert_output"] = ThreadValue()
+        return holder
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
+
+
+class ThreadValue(threading.local):
+    """One value per thread (``value``, None until set), gone with its thread; a pickled or copied holder starts
+    empty. Round 67: the side channel was a dict keyed by ``threading.get_ident()``: a new thread could read the value
+    a finished thread (whose id the OS reused) left, finished threads' tensors were kept, and copies carried them."""
+
+    value = None
+
+    def __reduce__(self):
+        return (ThreadValue, ())
+
+    def __deepcopy__(self, memo):
+        return ThreadValue()
 
 
 def _warn_hook(what: str) -> None:

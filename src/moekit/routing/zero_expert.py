@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 
 import torch
 
@@ -68,4 +67,6 @@ class ZeroExpertRouter(ScoredRouter):
         call, then None: reading clears it (the seed's contract; per thread since round 49: two threads routing
         through one router read each other's). The layer's forward does not use or set it (its routing returns
         the zero slots' weight sum in the :class:`~moekit.types.RoutingResult`)."""
-        return self._zero_expert_output.pop(threading.get_ident(), None)
+        holder = self.zero_output_holder()
+        value, holder.value = holder.value, None
+        return value
