@@ -143,6 +143,10 @@ def plan_gate(plan, *, device=None, dtype=None) -> torch.nn.Module:
                         logit_softcap=plan.logit_softcap, device=device, dtype=wdtype)
 
 
+def _is_meta(device) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
 def build_layer(
     plan: LayerPlan,
     *,
@@ -173,7 +177,11 @@ def build_layer(
     """
     tensors = tensors or {}
     dtype = dtype or torch.get_default_dtype()
-    mkw = dict(device=module_device if module_device is not None else device, dtype=dtype)
+    # Built on meta, then given memory without an initialiser (round 67: the initialisers drew from the caller's
+    # random stream, and cost ~0.5 s a DeepSeek-V3 shared expert on CPU): the loader refuses a layer any of whose
+    # parameters the checkpoint did not give (``_LayerLoad.missing``)
+    home = module_device if module_device is not None else device
+    mkw = dict(device=home if _is_meta(home) else "meta", dtype=dtype)
     bias = tensors.get("router.e_score_correction_bias")
     if plan.has_score_bias and bias is None:
         raise ValueError(f"{plan.name}: router.e_score_correction_bias is needed to build the layer")
@@ -187,6 +195,7 @@ def build_layer(
             raise ValueError(f"{plan.name}: router.hash_indices_table (tid2eid) is needed for hash routing")
         table = table.to(device=device, dtype=torch.int64)
     shared_experts = shared_expert_gate = None
+    small = dict(gate=plan_gate(plan, **mkw), **plan_modules(plan, **mkw))
     if plan.shared_intermediate_size:
         shared_experts = SharedMLP(plan.outer_hidden_size, plan.shared_intermediate_size, plan.shared_activation,
                                    plan.shared_swiglu_limit, fused=plan.shared_fused, scale=plan.shared_scale,
@@ -194,6 +203,10 @@ def build_layer(
                                    bias=plan.shared_bias, **mkw)
     if plan.shared_expert_gate:
         shared_expert_gate = torch.nn.Linear(plan.outer_hidden_size, 1, bias=False, **mkw)
+    small.update(shared_experts=shared_experts, shared_expert_gate=shared_expert_gate)
+    if not _is_meta(home):
+        at = torch.empty(0, device=home).device  # (None: the default device)
+        small = {k: m.to_empty(device=at) if m is not None else None for k, m in small.items()}
     layer = FusedMoE(
         plan.num_experts,
         plan.top_k,
@@ -213,9 +226,6 @@ def build_layer(
         apply_router_weight_on_input=plan.apply_router_weight_on_input,
         activation=plan.activation,
         has_bias=plan.has_bias,
-        gate=plan_gate(plan, **mkw),
-        shared_experts=shared_experts,
-        shared_expert_gate=shared_expert_gate,
         apply_routed_scale_to_output=plan.apply_routed_scale_to_output,
         zero_expert_type="identity" if plan.num_zero_experts else None,
         hash_indices_table=table,
@@ -225,7 +235,7 @@ def build_layer(
         quant_config=quant_config,
         gate_input=plan.gate_input,
         routed_shared_experts=plan.routed_shared_experts,
-        **plan_modules(plan, **mkw),
+        **small,
         **({"runner_args": {"graph_pool": graph_pool}} if graph_pool is not None else {}),
         **(parallel or {}),
     )
