@@ -169,7 +169,7 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
             experts._input_scales.forget(name)
             continue
         given.append(name)
-        experts._mark(every, spec.shards, spec.kind)
+        experts._record.mark(every, spec.shards, spec.kind)
         for slot, s in unset_slices(spec, t, quantised, legacy):
             experts._record.unmark((slot,), (s,), spec.kind)
             if spec.kind == "scale":  # its codes mean nothing without it (and are not checked: any value is one)

@@ -8,14 +8,13 @@ Weights (``E_local`` experts, ``I_local = I / tp_size``; the layout of :mod:`moe
     w13_bias:   [E_local, 2·I_local] dtype      (has_bias)
     w2_bias:    [E_local, H] dtype              (has_bias; added on TP rank 0 only)
 
-Quantised layers (``moe_config.quant_config``, SPEC §8; ``fmt = self.quant``) hold the same names in
-the format's storage (``fmt.w13_shape`` ... at ``E_local, I_local``) plus
-    w13_scale, w2_scale:              ``fmt.w13_scale_shape`` / ``fmt.w2_scale_shape`` (float32 for fp8
-                                      and int4, uint8 e8m0 for mxfp4)
-    w13_input_scale, w2_input_scale:  [E_local] float32 (static fp8 inputs only; every slot holds the
-                                      largest scale over all experts, the value the math uses)
-``params_dtype`` stays the dtype of activations, biases and outputs. :meth:`expert_tensors` lists every
-per-slot tensor (what an EPLB move carries); :mod:`moekit.experts.params` says how each is sliced.
+Quantised layers (``moe_config.quant_config``, SPEC §8; ``fmt = self.quant``) hold the same names in the format's
+storage (``fmt.w13_shape`` ... at ``E_local, I_local``) plus
+    w13_scale, w2_scale:              ``fmt.w13_scale_shape`` / ``fmt.w2_scale_shape`` (float32: fp8, int4; e8m0: mxfp4)
+    w13_input_scale, w2_input_scale:  [E_local] float32 (static fp8 inputs only; every slot holds the largest scale
+                                      over all experts, the value the math uses)
+``params_dtype`` stays the dtype of activations, biases and outputs. :meth:`expert_tensors` lists every per-slot tensor
+(what an EPLB move carries); :mod:`moekit.experts.params` says how each is sliced.
 
 The weights are allocated unset (NaN unquantised weights and float scales, e8m0 scales 255, else 0); every write
 (:meth:`load_expert_weights`, :meth:`load_expert_shard`, :meth:`adopt_weights`, ``load_state_dict``) is recorded per
@@ -44,6 +43,7 @@ from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check
                      expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
 from .placement_state import incoming_placement, maps_rebuilt, placement_moved, placement_saved, slots_of
+from .range16 import check_named, pending_pairs
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -199,8 +199,7 @@ class RoutedExperts(torch.nn.Module):
         return self.kernels.experts_quant(
             hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids, fmt=self.quant,
             w13_scale=self.w13_scale, w2_scale=self.w2_scale, w13_input_scale=self.w13_input_scale,
-            w2_input_scale=self.w2_input_scale, **common,
-        )
+            w2_input_scale=self.w2_input_scale, **common)
 
     # -- the loaded-record (:class:`.loaded_record.LoadedRecord`) ---------------------------------
     @property
@@ -218,9 +217,6 @@ class RoutedExperts(torch.nn.Module):
         if not self._record.complete and not swapped_in_whole(self):
             self._record.check(self.layer_name, self.placement.local_logical_ids(), self.moe_config.gated)
 
-    def _mark(self, slots, shard_ids, kind: str) -> None:
-        self._record.mark(slots, shard_ids, kind)
-
     def _relaid_weights(self) -> tuple[str, ...]:
         """The weight parameters stored re-laid (``packed_layout == "rega"``), else none."""
         return RELAID_WEIGHTS if self.packed_layout == "rega" else ()
@@ -229,6 +225,7 @@ class RoutedExperts(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         check_state_tensors(self, state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
+        check_named(self, state_dict, prefix, f"state dict entries {prefix}")  # (float16 4-bit layers)
         placement = incoming_placement(self, state_dict, prefix)  # shapes and placement, checked before any copy
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -266,6 +263,7 @@ class RoutedExperts(torch.nn.Module):
         """
         stacks = global_stacks(self.moe_config, self.quant, w13, w2, w13_bias, w2_bias, w13_scale=w13_scale,
                                w2_scale=w2_scale, w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale)
+        check_named(self, stacks)
         if all(p.device.type != "meta" for p in self.parameters()):
             for name, t in stacks.items():
                 if isinstance(t, torch.Tensor) and t.device.type == "meta":
@@ -283,7 +281,7 @@ class RoutedExperts(torch.nn.Module):
                     parts = one.chunk(len(spec.shards)) if len(spec.shards) > 1 else (one,)
                     for s, part in zip(spec.shards, parts):
                         spec.write(param, slot, s, part, self.tp_rows, relay=name in self._relaid_weights())
-            self._mark(every, spec.shards, spec.kind)
+            self._record.mark(every, spec.shards, spec.kind)
 
     def _spec(self, shard_id: str, kind: str) -> ExpertTensor:
         if shard_id not in SHARD_IDS:
@@ -323,7 +321,7 @@ class RoutedExperts(torch.nn.Module):
         if kind == "input_scale":  # in every slot: the largest of each expert's latest one
             value = float(fit(spec, stored(spec, tensor, what), what))
             writable(self, spec.name).fill_(self._input_scales.given(spec.name, {(logical_id, shard_id): value}))
-            self._mark(slots, (shard_id,), kind)
+            self._record.mark(slots, (shard_id,), kind)
             return len(slots)
         if kind == "weight" and self.quant is not None and full_precision(tensor):
             shape = self.shard_shape(shard_id)
@@ -335,10 +333,11 @@ class RoutedExperts(torch.nn.Module):
             self.load_expert_shard(logical_id, shard_id, scale, kind="scale")
         check_range(spec.dtype, tensor, what)  # (load_expert_weights: global_stacks checks the whole stacks first)
         part = fit(spec, stored(spec, tensor, what), what)
+        pending_pairs(self).given(self.moe_config.params_dtype, self.quant, logical_id, shard_id, kind, part, what)
         for slot in slots:
             spec.write(writable(self, spec.name), slot, shard_id, part, self.tp_rows,
                        relay=spec.name in self._relaid_weights())
-        self._mark(slots, (shard_id,), kind)
+        self._record.mark(slots, (shard_id,), kind)
         return len(slots)
 
     def shard_shape(self, shard_id: str, bias: bool = False) -> tuple[int, ...]:
@@ -373,7 +372,7 @@ class RoutedExperts(torch.nn.Module):
             if t.dtype != old.dtype:
                 raise TypeError(f"{name} must have dtype {old.dtype}, got {t.dtype}")
             setattr(self, name, t if isinstance(t, torch.nn.Parameter) else _param(t))
-            self._mark(range(self.placement.num_local), spec.shards, spec.kind)
+            self._record.mark(range(self.placement.num_local), spec.shards, spec.kind)
         self._input_scales.seed(self, self.specs)
         self.packed_layout = "spec"
         for name in ("w13_bias", "w2_bias"):
