@@ -186,7 +186,7 @@ def values_checkable(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and host_sync_allowed()
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
+def check_finite(name: str, t: torch.Tensor, hint: str = "") -> None:
     """Raise ``ValueError`` if ``t`` holds NaN or +-inf (a host synchronisation: reference path only).
 
     Policy (issue #12): the check is skipped where values cannot be read on the host -- while
@@ -200,7 +200,9 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         t = t.float()
     if t.numel() and not bool(torch.isfinite(t).all()):
         bad = t[~torch.isfinite(t)].flatten()[:4].tolist()
-        raise ValueError(f"{name} contains non-finite values (e.g. {bad}); expected finite numbers")
+        row = f", first in row {int((~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[0])}" \
+            if t.dim() > 1 else ""
+        raise ValueError(f"{name} contains non-finite values (e.g. {bad}{row}); expected finite numbers{hint}")
     if t.dtype == torch.float64 and t.numel() and not bool(torch.isfinite(t.float()).all()):
         # the math runs in float32: a float64 value beyond its range would become +-inf there (NaN weights)
         bad = t[~torch.isfinite(t.float())].flatten()[:4].tolist()

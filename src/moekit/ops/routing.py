@@ -206,11 +206,15 @@ def hash_route_checked(gating_output, table, input_ids, spec: TopKSpec, indices_
 
 # -- the torch kernel table's functions: inputs validated by the caller; values checked here -------------
 
+#: what a router's non-finite logits may come from (round 67: a NaN in hidden_states blamed logits never passed)
+LOGITS_HINT = " (the logits given to the layer, or its gate's output: non-finite hidden_states give these)"
+
+
 def route_reference(gating_output, spec: TopKSpec, bias, indices_type, *, logits_name: str = "router_logits"):
     """:func:`route_torch` after checking that the logits and the selection bias are finite (host
     synchronisations: a NaN bias would otherwise win every top-k here, as ``argmax`` ranks NaN first;
     ``logits_name``: the logits' name in errors, ``gating_output`` from the public functions)."""
-    check_finite(logits_name, gating_output)
+    check_finite(logits_name, gating_output, LOGITS_HINT if logits_name == "router_logits" else "")
     if bias is not None:
         check_finite("e_score_correction_bias", bias)
     return route_torch(gating_output, spec, bias, indices_type)
@@ -223,7 +227,7 @@ def hash_route_reference(gating_output, table, input_ids, spec: TopKSpec, indice
 
     gating_output: [T, E]; table: [V, K] integer; input_ids: [T] integer
     """
-    check_finite(logits_name, gating_output)  # (skipped where values cannot be read)
+    check_finite(logits_name, gating_output, LOGITS_HINT if logits_name == "router_logits" else "")  # (not on meta)
     return hash_route_checked(gating_output, table, input_ids.reshape(-1), spec, indices_type, ids_name=ids_name)
 
 

@@ -1,0 +1,122 @@
+"""Round 67's audit: defects found by review helpers and reproduced; each case names the edge it covers."""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+
+import moekit
+
+
+def _longcat():
+    g = torch.Generator().manual_seed(2)
+    e, z, h, i = 8, 2, 32, 48
+    layer = moekit.FusedMoE(e, 3, h, i, renormalize=False, zero_expert_type="identity",
+                            e_score_correction_bias=torch.randn(e + z, generator=g) * 0.1, routed_scaling_factor=1.5,
+                            backend="torch")
+    layer.load_expert_weights(torch.randn(e, 2 * i, h, generator=g) * h ** -0.5,
+                              torch.randn(e, h, i, generator=g) * i ** -0.5)
+    return layer, torch.randn(4, h, generator=g), torch.randn(4, e + z, generator=g)
+
+
+def test_zero_expert_output_of_a_finished_thread_is_not_read_by_a_new_one():
+    # edge: the side channel was a dict keyed by threading.get_ident(); the OS reuses a finished thread's id, so a new
+    # thread that never routed read the value a dead thread left (14 of 20 in the audit), and dead threads' tensors
+    # stayed in the router
+    layer, x, logits = _longcat()
+    router = layer.router
+    for _ in range(20):
+        a = threading.Thread(target=router.select_experts, args=(x, logits))
+        a.start()
+        a.join()
+        got = []
+        b = threading.Thread(target=lambda: got.append(router.zero_expert_output))
+        b.start()
+        b.join()
+        assert got == [None]
+    router.select_experts(x, logits)  # this thread's own value: read once, then None
+    assert router.zero_expert_output is not None and router.zero_expert_output is None
+
+
+def test_zero_expert_output_is_not_carried_by_copies_or_saves():
+    # edge: a deep copy (a replica per worker) handed out the original's pending value, and torch.save wrote it
+    layer, x, logits = _longcat()
+    layer.router.select_experts(x, logits)  # routed, not read
+    assert copy.deepcopy(layer).router.zero_expert_output is None
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.router.zero_expert_output is None
+    loaded.router.select_experts(x, logits)  # the loaded router still works as the seed's
+    want = layer.router.zero_expert_output
+    assert torch.equal(loaded.router.zero_expert_output, want)
+
+
+def test_a_router_saved_with_the_old_side_channel_dict_still_routes():
+    # edge: routers pickled before round 67 hold a dict in _zero_expert_output; reading / routing must not fail
+    layer, x, logits = _longcat()
+    layer.router.__dict__["_zero_expert_output"] = {123: torch.ones(4, 32)}
+    assert layer.router.zero_expert_output is None
+    layer.router.select_experts(x, logits)
+    assert layer.router.zero_expert_output is not None
+
+
+def _weights_past_fp16(e=2, h=64, i=64):
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(e, 2 * i, h, generator=g) * 0.01
+    w2 = torch.randn(e, h, i, generator=g) * 0.01
+    w13[0, i + 6, 3] = 1e5  # one up-projection weight past float16's range once dequantised
+    return w13, w2
+
+
+@pytest.mark.parametrize("fmt", [moekit.Mxfp4Format(), moekit.Int4GroupFormat(32)], ids=["mxfp4", "int4_g32"])
+def test_fp16_weight_only_layers_refuse_weights_past_fp16_range(fmt):
+    # edge: float16 mxfp4 / int4 layers dequantise W to float16 (SPEC §8): a group past 65504 loaded silently and every
+    # token routed to the expert came out NaN (192 of 192), while an unquantised fp16 layer refuses such a weight.
+    # Checked by every load path: whole stacks, state dicts, one shard at a time (scale first or weight first).
+    w13, w2 = _weights_past_fp16()
+    q13, q2, s13, s2 = moekit.quantize_experts(w13, w2, fmt)
+
+    def layer(dtype=torch.float16):
+        return moekit.FusedMoE(2, 1, 64, 64, params_dtype=dtype, quant_config=fmt, backend="torch")
+
+    with pytest.raises(ValueError, match="w13 of expert 0 holds 1 finite values outside float16's range"):
+        layer().load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)
+    fp32 = layer(torch.float32)
+    fp32.load_expert_weights(q13, q2, w13_scale=s13, w2_scale=s2)  # float32 holds them
+    assert torch.isfinite(fp32(torch.randn(3, 64), torch.tensor([[5.0, -5.0]] * 3))).all()
+    with pytest.raises(ValueError, match="state dict entries routed_experts.w13 of expert 0"):
+        layer().load_state_dict(fp32.state_dict())
+    for order in (("scale", "weight"), ("weight", "scale")):
+        experts = layer().routed_experts
+        parts = {"scale": s13[0, 64:], "weight": q13[0, 64:]}
+        experts.load_expert_shard(0, "w3", parts[order[0]], kind=order[0])
+        with pytest.raises(ValueError, match=r"expert 0 w3 \w+ \(dequantised\) holds 1 finite values"):
+            experts.load_expert_shard(0, "w3", parts[order[1]], kind=order[1])
+    experts = layer().routed_experts  # a float shard quantised on load: its own pair
+    with pytest.raises(ValueError, match=r"expert 0 w3 weight \(dequantised\)"):
+        experts.load_expert_shard(0, "w3", w13[0, 64:])
+    ok = layer()  # in range: every path loads, as before
+    small13 = w13.clone()
+    small13[0, 70, 3] = 0.02
+    k13, k2, t13, t2 = moekit.quantize_experts(small13, w2, fmt)
+    ok.load_expert_weights(k13, k2, w13_scale=t13, w2_scale=t2)
+    assert torch.isfinite(ok(torch.randn(3, 64, dtype=torch.float16), torch.tensor([[5.0, -5.0]] * 3))).all()
+
+
+def test_nan_in_hidden_states_with_a_gate_says_where_the_logits_came_from():
+    # edge: a NaN in hidden_states reached the router through the layer's gate; the error blamed "router_logits",
+    # which the caller never passed, and named no row
+    g = torch.Generator().manual_seed(0)
+    layer = moekit.FusedMoE(4, 2, 16, 8, gate=torch.nn.Linear(16, 4, bias=False), backend="torch")
+    layer.load_expert_weights(torch.randn(4, 16, 16, generator=g), torch.randn(4, 16, 8, generator=g))
+    x = torch.randn(5, 16, generator=g)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"router_logits contains non-finite values \(e.g. .*first in row 3\).*"
+                                         r"its gate's output: non-finite hidden_states"):
+        layer(x)
