@@ -71,7 +71,7 @@ class MoERunner(torch.nn.Module):
         routed_input_transform: module applied to the hidden states before gate, router and experts.
         routed_output_transform: module applied to the routed output before the shared output is added.
         routed_scaling_factor: the output-side factor (1.0 when the router applies it).
-        router_logits_dtype: dtype the gate's logits are cast to before routing (None: as produced).
+        router_logits_dtype: dtype the logits (the gate's, or those given) are cast to before routing (None: as is).
         expert_executor: an object with ``name``, ``experts`` and ``__call__(x, topk_weights,
             topk_ids) -> [T, H]`` (default :class:`~moekit.experts.executor.LocalExecutor` over
             ``routed_experts``; parallel layers get a :class:`~moekit.parallel.ParallelExecutor`).

@@ -173,15 +173,15 @@ def build_fused_moe(
         num_redundant_experts: default 0. Extra physical replicas of experts for EPLB (needs
             ``enable_eplb=True``); with ``ep_group`` of size ``W``, ``E + R`` must divide by ``W``.
         has_bias: default False. The experts have biases: ``w13_bias [E, 2I]``, ``w2_bias [E, H]``.
-        is_sequence_parallel: only False is accepted; True raises ``NotImplementedError``
-            (sequence-parallel MoE is not implemented).
+        is_sequence_parallel: only False; True raises ``NotImplementedError`` (sequence-parallel MoE is not built).
         expert_mapping: the checkpoint-name mapping ``[(param_name, weight_name, expert_id, shard_id)]``
             of :func:`~moekit.fused_moe_make_expert_params_mapping` that ``layer.load_weights`` uses;
             default None (both usual conventions, ``{gate,up,down}_proj`` and Mixtral's ``w1/w3/w2``).
         n_shared_experts: default None. Informational (how many shared experts ``shared_experts`` fuses);
             a value without ``shared_experts`` raises ``NotImplementedError`` (moekit does not build them).
-        router_logits_dtype: dtype ``gate`` output is cast to before routing (e.g. ``torch.float32``);
-            default None (as produced). Routing math runs in float32 either way.
+        router_logits_dtype: dtype the router logits (``gate``'s output, or the ``router_logits`` a forward is
+            given) are cast to before routing (e.g. ``torch.float32``); default None (as produced). Routing math
+            runs in float32 either way.
         gate: a module computing ``router_logits [T, E + Z]`` from the (transformed) hidden states when a
             forward gets none; default None (then ``router_logits`` must be passed).
         shared_experts: a module ``[T, H] -> [T, H]`` run on the untransformed hidden states and added to
