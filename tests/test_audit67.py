@@ -120,3 +120,57 @@ def test_nan_in_hidden_states_with_a_gate_says_where_the_logits_came_from():
     with pytest.raises(ValueError, match=r"router_logits contains non-finite values \(e.g. .*first in row 3\).*"
                                          r"its gate's output: non-finite hidden_states"):
         layer(x)
+
+
+def test_functional_call_with_a_never_loaded_layers_own_detached_tensors_is_refused():
+    # review of round 66: the functional_call exemption took any plain tensors as "swapped in whole", so the common
+    # ``{k: v.detach() for k, v in layer.named_parameters()}`` of a never-loaded layer computed with its NaN memory
+    from torch.func import functional_call
+    x, lg = torch.randn(3, 16), torch.randn(3, 8)
+    for quant in (None, moekit.Int4GroupFormat(32)):
+        layer = moekit.FusedMoE(8, 2, 16 if quant is None else 32, 8 if quant is None else 32, quant_config=quant,
+                                backend="torch")
+        given = {k: v.detach() for k, v in layer.named_parameters()}
+        h = 16 if quant is None else 32
+        with pytest.raises(RuntimeError, match="forward before the expert weights were loaded"):
+            functional_call(layer, given, (torch.randn(3, h), lg))
+    template, source = moekit.FusedMoE(8, 2, 16, 8, backend="torch"), moekit.FusedMoE(8, 2, 16, 8, backend="torch")
+    source.load_expert_weights(torch.randn(8, 16, 16), torch.randn(8, 16, 8))
+    given = {k: v.detach() for k, v in source.named_parameters()}  # another layer's loaded values: still runs
+    torch.testing.assert_close(functional_call(template, given, (x, lg)), source(x, lg))
+
+
+def test_the_swapped_in_check_does_not_compute_a_parametrized_weight():
+    # review of round 66: the swapped-in check read every parametrized weight once more (a whole [E, 2I, H] computed
+    # once more a forward); it checks the stored tensors only
+    from torch.nn.utils import parametrize
+    from moekit.experts.loaded_record import check_swapped_in
+    calls = []
+
+    class Same(torch.nn.Module):
+        def forward(self, w):
+            calls.append(1)
+            return w * 1.0
+
+    layer = moekit.FusedMoE(8, 2, 16, 8, backend="torch")
+    layer.load_expert_weights(torch.randn(8, 16, 16), torch.randn(8, 16, 8))
+    parametrize.register_parametrization(layer.routed_experts, "w13_weight", Same())
+    layer(torch.randn(3, 16), torch.randn(3, 8))
+    calls.clear()
+    check_swapped_in(layer.routed_experts)
+    assert calls == []
+
+
+def test_functional_call_supplying_a_to_empty_bias_keeps_the_layers_own_refused():
+    # review of round 66: a functional_call that supplied the router's bias counted as writing it: the refusal of the
+    # layer's own to_empty'd (NaN) bias was dropped, and the next plain forward blamed "non-finite values"
+    from torch.func import functional_call
+    layer = moekit.FusedMoE(8, 2, 16, 8, device="meta", backend="torch", scoring_func="sigmoid",
+                            e_score_correction_bias=torch.zeros(8, device="meta")).to_empty(device="cpu")
+    layer.load_expert_weights(torch.randn(8, 16, 16) / 4, torch.randn(8, 16, 8) / 4)
+    x, lg = torch.randn(4, 16), torch.randn(4, 8)
+    assert torch.isfinite(functional_call(layer, {"router.e_score_correction_bias": torch.randn(8)}, (x, lg))).all()
+    with pytest.raises(RuntimeError, match="e_score_correction_bias came from to_empty"):
+        layer(x, lg)
+    layer.router.e_score_correction_bias = torch.zeros(8)  # an assignment: the layer's bias from now on
+    assert torch.isfinite(layer(x, lg)).all()

@@ -208,19 +208,22 @@ def check_swapped_in(experts) -> None:
     names = _FLOAT_TENSORS if "w13_bias" in experts.specs else _FLOAT_TENSORS[:2]
     own = experts._parameters  # (a plain dict read: Module.__getattr__ costs ~0.7 µs a name; eager forward path)
     now = [own.get(n) for n in names]
-    if any(t is None for t in now):  # (a parametrized tensor: computed, not in the dict)
-        now = [getattr(experts, n) for n in names]
+    if any(t is None for t in now):  # parametrized: computed from the layer's own (checked when loaded) on every
+        names = [n for n, t in zip(names, now) if t is not None]  # read (round 67: computed twice a forward)
+        now = [own[n] for n in names]
     seen = experts.__dict__.get("_checked_swaps")
     seen = seen.value if seen is not None else None
-    if seen is not None and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
+    if seen is not None and len(seen) == len(now) and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
         return
     want = {n: tuple(experts.specs[n].local_shape(experts.placement.num_local, experts.tp_rows)) for n in names}
-    dtype = now[0].dtype if isinstance(now[0], torch.Tensor) else None
     for name, t in zip(names, now):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype != dtype:
-            raise TypeError(f"{name} must be a float tensor of the experts' dtype ({dtype}), got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} (a tensor swapped in: functional_call or an "
-                            "assignment)")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)} (a tensor "
+                            "swapped in: functional_call or an assignment)")
+    if len({t.dtype for t in now}) > 1:  # (round 67: the first tensor's dtype was "the experts'", blaming the others)
+        raise TypeError("the expert tensors must share one float dtype, got " + ", ".join(
+            f"{n} {t.dtype}" for n, t in zip(names, now)) + " (a tensor swapped in: functional_call or an assignment)")
+    for name, t in zip(names, now):
         if tuple(t.shape) != want[name]:
             raise ValueError(f"{name} must have shape {list(want[name])} (E_local, rows, H / I of this layer), got "
                              f"{list(t.shape)} (a tensor swapped in: functional_call or an assignment)")
@@ -230,6 +233,29 @@ def check_swapped_in(experts) -> None:
 def swapped_in_whole(experts) -> bool:
     """Every expert tensor is a plain tensor swapped in (``torch.func.functional_call`` of ``.detach()``-ed tensors):
     none of the layer's own, loaded or not, is read (round 66: a template layer was refused). A parameter (the layer's
-    own, or another model's passed as is) or a parametrized tensor (computed from the layer's own) is not."""
-    return not any(isinstance(t, torch.nn.Parameter) or parametrize.is_parametrized(experts, n)
-                   for n, t in experts.expert_tensors().items())
+    own, or another model's passed as is) or a parametrized tensor (computed from the layer's own) is not, nor is a
+    swapped-in weight (quantised: scale) holding a never-loaded shard's unset values (round 67: the layer's own
+    ``.detach()``-ed tensors ran on its NaN memory). That probe reads values once per set of tensors (held weakly),
+    and not where values cannot be read (compile, capture, torch.func transforms)."""
+    tensors = experts.expert_tensors()
+    if any(isinstance(t, torch.nn.Parameter) or parametrize.is_parametrized(experts, n) for n, t in tensors.items()):
+        return False
+    ok = experts.__dict__.get("_whole_swaps")
+    if ok is not None and ok.value is not None and all(r() is t for r, t in zip(ok.value, tensors.values())):
+        return True
+    quantised = experts.quant is not None
+    for name, spec in experts.specs.items():
+        t = tensors[name]
+        if _wrapped(t):
+            return True
+        unset = unset_mask(spec, t, quantised)
+        if unset is not None and bool(unset.any()):
+            return False
+    experts.__dict__["_whole_swaps"] = Transient([weakref.ref(t) for t in tensors.values()])
+    return True
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """A torch.func transform's tensor (vmap, grad): its values cannot be read on the host."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is not None and functorch.is_functorch_wrapped_tensor(t)
