@@ -256,13 +256,17 @@ def check_values_set(router) -> None:
     wrote since: an assignment replaces them, a load copies into them (bumping their version; else, through ``.data``
     or into an inference tensor, found by their values: still all NaN / -1, one host read while so marked)."""
     def unwritten(name, t, v) -> bool:
-        if router._buffers.get(name) is not t or (v is not None and _version(t) != v):
+        if v is not None and _version(t) != v:
             return False
         fill = _VALUE_BUFFERS[name]
         return bool(torch.isnan(t).all() if t.is_floating_point() and math.isnan(fill) else (t == fill).all())
 
-    unset = {n: (t, v) for n, (t, v) in router._unset_values.items() if unwritten(n, t, v)}
-    router._unset_values = unset or None
+    # a buffer other than the recorded one (assigned, or swapped in for one call by functional_call) is not refused,
+    # and the record stays (round 67: a functional_call supplying the bias dropped it, and the layer's own unset bias
+    # then routed to a misleading "non-finite values" error)
+    swapped = {n: tv for n, tv in router._unset_values.items() if router._buffers.get(n) is not tv[0]}  # (no read)
+    unset = {n: (t, v) for n, (t, v) in router._unset_values.items() if n not in swapped and unwritten(n, t, v)}
+    router._unset_values = {**swapped, **unset} or None
     if unset:
         raise RuntimeError(f"{type(router).__name__}: {', '.join(unset)} came from to_empty (uninitialised memory) and "
                            "was never loaded; load a state dict (layer.load_state_dict), the tensor "
