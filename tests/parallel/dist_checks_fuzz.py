@@ -63,13 +63,18 @@ def state_dict_after_rebalance(ctx):
     ctx.expect(fresh.router.eplb_state.physical_to_logical.tolist() == stats["physical_to_logical"],
                "routing maps restored")
     ctx.expect_close(fresh(x, lg), ref(x, lg), "fresh layer from the rebalanced state dict")
-    # and back: an initial-placement state dict (no placement key) into the rebalanced layer
+    # and back: an initial-placement state dict into the rebalanced layer, with its placement key (round 67: an EPLB
+    # layer always saves it, a buffer) and without it (saved before round 67: the initial placement, not "missing")
     init = moekit.FusedMoE(E, K, H, I, **kw)
     init.load_expert_weights(w13, w2)
     init_sd = init.state_dict()
-    ctx.expect("routed_experts.eplb_physical_to_logical" not in init_sd, "no placement key before a rebalance")
-    par.load_state_dict(init_sd)
-    ctx.expect_close(par(x, lg), ref(x, lg), "rebalanced layer from an initial-placement state dict")
+    ctx.expect(init_sd["routed_experts.eplb_physical_to_logical"].tolist()
+               == list(init.routed_experts.placement.physical_to_logical), "the initial placement key")
+    for keep_key in (True, False):
+        par.load_state_dict(sd)  # rebalanced again
+        old = {k: v for k, v in init_sd.items() if keep_key or not k.endswith("eplb_physical_to_logical")}
+        par.load_state_dict(old)
+        ctx.expect_close(par(x, lg), ref(x, lg), f"rebalanced layer from an initial-placement state dict ({keep_key})")
 
 
 @check(2)

@@ -13,7 +13,7 @@ from .._checks import values_checkable
 from .layout import shards
 from .packed import follow_weight_dtype
 from .params import unset_input_scale, unset_mask, unset_value
-from .placement_state import Transient, maps_rebuilt, placement_loaded
+from .placement_state import Transient, buffer_keys_missing, maps_rebuilt, placement_loaded
 
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
@@ -148,7 +148,7 @@ class InputScales:
             self.values[name] = {} if top is None else {(e, s): top for e in every for s in spec.shards}
 
 
-def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_keys: list,
+def state_loaded(experts, state_dict: dict, prefix: str, placement, incompatible: tuple[list, list],
                  legacy: bool = False) -> None:
     """After :class:`~moekit.RoutedExperts` copied a state dict: the placement it gives (``placement``, from
     :func:`~moekit.experts.placement_state.incoming_placement`), what it wrote marked loaded (an all-zero input scale
@@ -156,7 +156,9 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, unexpected_k
     quantised shard's codes with its scales), the input scales' record
     seeded, what loads convert to following an assigned dtype, and the maps derived from the placement where they
     were on meta (weights assigned to a layer built there)."""
+    unexpected_keys, missing_keys = incompatible
     placement_loaded(experts, placement, prefix, unexpected_keys)
+    buffer_keys_missing(experts, prefix, missing_keys)
     given, every, quantised = [], range(experts.placement.num_local), experts.quant is not None
     for name, spec in experts.specs.items():
         key = prefix + name  # (a parametrized tensor's values are its 'original': round 63)
@@ -192,6 +194,8 @@ def unset_slices(spec, t, quantised: bool, legacy: bool = False) -> list[tuple[i
     (padding experts added so that E divides the EP size) could not be restored from its own state dict. Quantised codes
     are not checked (every value is a code), biases neither (zeros are a value). One host read per tensor; nothing under
     compile or capture. ``legacy``: the state dict was saved before round 62 (:func:`~.params.unset_mask`)."""
+    if (spec.kind == "scale" or spec.kind == "weight" and not quantised) and hasattr(t, "full_tensor"):
+        t = t.full_tensor()  # a DTensor (FSDP2; round 67: .tolist() refused it): every rank loads, every rank gathers
     unset = unset_mask(spec, t, quantised, legacy)
     return [] if unset is None else \
         [(slot, spec.shards[i]) for slot, row in enumerate(unset.tolist()) for i, v in enumerate(row) if v]

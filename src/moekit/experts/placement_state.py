@@ -53,6 +53,42 @@ class Transient:
         return Transient()
 
 
+def state_buffers(experts, movable: bool) -> None:
+    """Register the keys as persistent int64 buffers (on the weights' device) where they apply: :data:`SHARD_KEY` on a
+    layer split over ranks, :data:`PLACEMENT_KEY` on an EPLB layer (``movable``; its placement, refreshed in place by
+    :func:`placement_moved`). Round 67: written into state dicts only, they were no attribute of the module and
+    ``torch.distributed.checkpoint``'s ``get_model_state_dict`` failed (``AttributeError``); a DCP load fills only the
+    keys a fresh layer's state dict has, so a rebalanced placement saved by DCP loaded as the initial one (silently
+    wrong); and ``set_model_state_dict(broadcast_from_rank0=True)`` sends only parameters and buffers (every rank took
+    rank 0's share). A state dict without them (saved before) loads as before: the key is not reported missing."""
+    p, device = experts.placement, experts.w13_weight.device  # (meta: filled by maps_rebuilt after to_empty)
+    wanted = {SHARD_KEY: shard_of(p) if p.ep_size > 1 or p.tp_size > 1 else None,
+              PLACEMENT_KEY: tuple(p.physical_to_logical) if movable else None}
+    for key, values in wanted.items():
+        if values is None:
+            experts._buffers.pop(key, None)
+        else:
+            experts.register_buffer(key, torch.tensor(values, dtype=torch.int64, device=device))
+
+
+def buffers_refreshed(experts) -> None:
+    """The buffers of :func:`state_buffers` hold the layer's share and placement (after a rebalance, ``to_empty``)."""
+    p = experts.placement
+    for key, values in ((SHARD_KEY, shard_of(p)), (PLACEMENT_KEY, tuple(p.physical_to_logical))):
+        buf = experts._buffers.get(key)
+        if buf is not None and not buf.is_meta:
+            with torch.no_grad():
+                buf.copy_(torch.tensor(values, dtype=torch.int64))
+
+
+def buffer_keys_missing(experts, prefix: str, missing_keys: list) -> None:
+    """A state dict without the buffers' keys (saved before round 67, or by a single-process layer) is not missing
+    anything: the absent placement is the initial one, the absent share this rank's (module docstring)."""
+    for key in (SHARD_KEY, PLACEMENT_KEY):
+        if key in experts._buffers and prefix + key in missing_keys:
+            missing_keys.remove(prefix + key)
+
+
 def placement_saved(experts, destination: dict, prefix: str) -> None:
     """Add the placement to a state dict being saved, when it is not the initial one, and the rank's share
     (:data:`SHARD_KEY`) when the layer is split over ranks.
@@ -62,11 +98,11 @@ def placement_saved(experts, destination: dict, prefix: str) -> None:
     weights still are the layer's the new placement (round 66: a state dict held across a rebalance paired the moved
     weights with the placement of its save, or with none, and loaded silently wrong). A dict whose weights were copied
     keeps the placement of its save, as its weights do."""
-    placement = experts.placement
+    placement, own = experts.placement, experts._buffers  # (the buffers of :func:`state_buffers` are saved already)
     p2l = tuple(placement.physical_to_logical)
-    if p2l != initial_p2l(placement):
+    if p2l != initial_p2l(placement) and PLACEMENT_KEY not in own:
         destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
-    if placement.ep_size > 1 or placement.tp_size > 1:
+    if (placement.ep_size > 1 or placement.tp_size > 1) and SHARD_KEY not in own:
         destination[prefix + SHARD_KEY] = torch.tensor(shard_of(placement), dtype=torch.int64)
     if getattr(experts, "placement_movable", False):
         try:
@@ -82,6 +118,7 @@ def placement_moved(experts) -> None:
     re-laid shares the layer's memory) get the new placement (a fresh tensor: another dict's is not changed), and
     fresh copies of the weights a 4-bit layer saves re-laid (SPEC §8's packing, copied at the save: round 66's review,
     their codes stayed in the old slots while the scales moved)."""
+    buffers_refreshed(experts)  # (a dict holding the placement buffer follows with it)
     relaid = experts._relaid_weights()
     names = [n for n in experts.specs if n not in relaid]
     held = []
@@ -214,3 +251,7 @@ def maps_rebuilt(experts) -> None:
     norm_ids = experts._norm_p2l
     experts._norm_p2l = norm_ids_map(experts.placement, experts.expert_output_norm, device,
                                      None if norm_ids is None or norm_ids.is_meta else norm_ids)
+    for key in (SHARD_KEY, PLACEMENT_KEY):
+        if experts._buffers.get(key) is not None and experts._buffers[key].device != device:  # (on meta until here)
+            experts._buffers[key] = experts._buffers[key].to(device)
+    buffers_refreshed(experts)

@@ -231,7 +231,7 @@ class RoutedExperts(torch.nn.Module):
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
         legacy = local_metadata.get("version", self._version) < 2  # (saved before round 62: zero scales unset)
-        state_loaded(self, state_dict, prefix, placement, unexpected_keys, legacy)  # placement, loaded, dtype, maps
+        state_loaded(self, state_dict, prefix, placement, (unexpected_keys, missing_keys), legacy)  # placement...
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -42,7 +42,7 @@ import torch
 
 from .eplb import logical_to_physical
 from ..experts.placement import ExpertPlacement, check_counts, check_physical_to_logical
-from ..experts.placement_state import PLACEMENT_KEY, initial_p2l, placement_error, saved_p2l
+from ..experts.placement_state import PLACEMENT_KEY, initial_p2l, placement_error, saved_p2l, state_buffers
 
 DEFAULT_WINDOW = 128
 
@@ -205,6 +205,7 @@ def watch_placement(experts, state) -> None:
     for handle in getattr(experts, "_placement_hooks", ()):
         handle.remove()
     experts.placement_movable = state is not None  # (the state dicts it saves follow a rebalance: round 66)
+    state_buffers(experts, state is not None)  # (round 67: the share and the placement as buffers)
     experts._placement_hooks = (
         experts._register_load_state_dict_pre_hook(functools.partial(_check_placement, state=state), with_module=True),
         experts.register_load_state_dict_post_hook(functools.partial(_follow_placement, state=state)))
