@@ -104,7 +104,9 @@ def load_moe_layers(
     Each file is opened once and read in storage order; every tensor is read once and copied into its
     slot of the preallocated (unset) weights, so peak memory is the layers' own size plus one
     checkpoint tensor. While it copies, the loading thread's intra-op thread count is 1 (many small memory-bound
-    copies run several times faster so); it is restored after that thread's last overlapping load.
+    copies run several times faster so); it is restored after that thread's last overlapping load. A thread that first
+    uses torch while a load runs starts with 1 intra-op thread (torch's default for new threads then) and keeps it:
+    call ``torch.set_num_threads(n)`` in such threads (a server starting request threads during a load).
 
     Errors: unsupported architecture -> ``NotImplementedError`` listing the supported ones; a missing
     tensor -> ``KeyError`` naming the key (and the config fields that decide whether it exists); a wrong shape ->
