@@ -60,3 +60,15 @@ def test_the_relu2_check_spans_one_key_calls_that_share_the_layers_keys():
         load_layer_weights(layer, [("experts.2.gate_proj.weight", torch.randn(6, 8))], loaded=loaded, _keys=keys)
     assert loaded == set()
 
+
+def test_tp_refusal_of_one_block_says_so():
+    # edge: I = 128 with fp8 blocks of 128 and TP = 2 said "intermediate_size 128 is not a multiple of 128"
+    from moekit.experts.params import check_tp_split
+    fmt = moekit.parse_quant_config({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]})
+    with pytest.raises(ValueError, match="intermediate_size 128 is a single block of 128, which no TP size above 1 "
+                                         "can split") as err:
+        check_tp_split(fmt, 128, 2)
+    assert "not a multiple" not in str(err.value)
+    with pytest.raises(ValueError, match="200 is not a multiple of 128, so no TP size above 1 fits"):
+        check_tp_split(fmt, 200, 2)
