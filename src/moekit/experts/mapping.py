@@ -130,9 +130,30 @@ def default_expert_mapping(layer) -> list[tuple[str, str, int, str]]:
     ]
 
 
+class LayerKeys:
+    """What :func:`load_layer_weights` keeps across the keys of one load of ``layer`` (round 67): ``by_weight``, the
+    mapping's checkpoint weight name -> [(expert id, shard)] (``layer.expert_mapping`` or the default one, read at the
+    first expert key; made per key it cost O(E²) a layer: 25 s for E = 512 tiny experts), and ``inputs``, the input
+    projection each expert of a non-gated layer was given. A call makes its own; the loader, one per layer for its
+    one-key calls. (Round 66 kept the index on the layer, keyed by the mapping list's identity: an edit in place
+    (``[:] =``, ``extend``) went unseen; and it kept the marks in the caller's ``loaded``.)"""
+
+    def __init__(self, layer):
+        self.layer, self._by_weight, self.inputs = layer, None, {}
+
+    @property
+    def by_weight(self) -> dict[str, list[tuple[int, str]]]:
+        if self._by_weight is None:
+            self._by_weight = {}
+            for _param, weight, eid, shard in self.layer.expert_mapping or default_expert_mapping(self.layer):
+                self._by_weight.setdefault(weight, []).append((eid, shard))
+        return self._by_weight
+
+
 # ------------------------------------------------------------------------------------------------
 def load_layer_weights(
-    layer, weights: Iterable[tuple[str, torch.Tensor]], *, fused_layout: str = "rows", loaded: set | None = None
+    layer, weights: Iterable[tuple[str, torch.Tensor]], *, fused_layout: str = "rows", loaded: set | None = None,
+    _keys: LayerKeys | None = None,
 ) -> set[str]:
     """Load checkpoint ``(name, tensor)`` pairs into one MoE layer; return the names consumed.
 
@@ -145,7 +166,7 @@ def load_layer_weights(
     whose name is then added to ``loaded`` (a fused ``gate_up_proj`` also from its halves ``gate_proj`` /
     ``up_proj``, each written into its rows: added once both are). Expert ids ``E <= e < E + Z`` (LongCat's
     zero experts) are consumed and dropped. Unknown names raise ``KeyError``; wrong shapes raise ``ValueError`` naming
-    the key and both shapes.
+    the key and both shapes. Checks across keys (a relu2 expert given both gate_proj and up_proj) hold within one call.
 
     Quantised experts (the layer built with ``quant_config``) also take, per expert, ``.weight`` in the
     format's storage or ``.weight_packed`` (int4), ``.weight_scale_inv`` / ``.weight_scale`` / ``.scale``
@@ -156,7 +177,7 @@ def load_layer_weights(
     gate/up rows applies. A full-precision float weight given to a quantised layer is quantised.
     """
     layout = get_fused_layout(fused_layout)
-    by_weight = _by_weight(layer)
+    keys = LayerKeys(layer) if _keys is None else _keys  # (the mapping read once per call, or per loader's layer)
     own = dict(layer.named_parameters())
     own.update({n: b for n, b in layer.named_buffers() if b is not None})
     loaded = set() if loaded is None else loaded
@@ -178,7 +199,7 @@ def load_layer_weights(
             layer.routed_experts.load_state_dict(slots, strict=False)
             slots = {}
         if m is not None:
-            _load_expert(layer, name, tensor, m, by_weight, loaded)
+            _load_expert(layer, name, tensor, m, keys)
         elif f is not None:
             _load_fused(layer.routed_experts, name, tensor, f.group(1), f.group(2), layout)
         elif (pname := _load_own(layer, name, tensor, own, slots, loaded)) is not None:
@@ -187,22 +208,6 @@ def load_layer_weights(
     if slots:  # one state dict (round 53's review: one key at a time was a partial one, refused once EPLB had moved)
         layer.routed_experts.load_state_dict(slots, strict=False)
     return consumed
-
-
-def _by_weight(layer) -> dict[str, list[tuple[int, str]]]:
-    """checkpoint weight name -> [(expert id, shard)] of the layer's mapping (``layer.expert_mapping`` or the default
-    one), made once per mapping and kept on the layer: the loader calls :func:`load_layer_weights` once per tensor, and
-    making it per call cost O(E) each, O(E²) a layer (round 66: 25 s of E = 512 tiny experts, 8 ms a tensor)."""
-    mapping = layer.expert_mapping
-    key = mapping if mapping else ("default", layer.moe_config.num_experts, layer.routed_experts.placement.num_physical)
-    cached = layer.__dict__.get("_moekit_by_weight")
-    if cached is not None and (cached[0] is key if mapping else cached[0] == key):
-        return cached[1]
-    by_weight: dict[str, list[tuple[int, str]]] = {}
-    for _param, weight_name, expert_id, shard in mapping or default_expert_mapping(layer):
-        by_weight.setdefault(weight_name, []).append((expert_id, shard))
-    layer.__dict__["_moekit_by_weight"] = (key, by_weight)
-    return by_weight
 
 
 def _expert_key(name: str, layer_name: str):
@@ -214,24 +219,22 @@ def _expert_key(name: str, layer_name: str):
     return None, None
 
 
-def _load_expert(layer, name, tensor, m, by_weight, loaded: set) -> None:
+def _load_expert(layer, name, tensor, m, keys: LayerKeys) -> None:
     c, experts = layer.moe_config, layer.routed_experts
     weight_name, eid, proj, kind = m.group(1), int(m.group(2)), m.group(3), KIND_OF_SUFFIX[m.group(4)]
     if not c.gated and proj in PROJ_NAMES[GATE] + PROJ_NAMES[UP]:
         # a non-gated expert has one input projection (Nemotron-H: up_proj): a gate and an up key of one expert are a
-        # gated checkpoint, whose second key overwrote the first (round 66: accepted silently). ``loaded`` records
-        # which one came (the loader keeps it across calls)
-        group, other = (GATE, UP) if proj in PROJ_NAMES[GATE] else (UP, GATE)
-        mark = f"experts.{eid}.{{}}.{m.group(4)} (the input projection of a non-gated expert)"
-        if mark.format(other) in loaded:
+        # gated checkpoint, whose second key overwrote the first (round 66: accepted silently). ``keys.inputs`` records
+        # which one came (the loader keeps it across calls; round 67: no longer in the caller's ``loaded``)
+        group = GATE if proj in PROJ_NAMES[GATE] else UP
+        if (other := keys.inputs.setdefault((eid, m.group(4)), group)) != group:
             raise ValueError(f"checkpoint key {name!r}: expert {eid} also has a {PROJ_NAMES[other][0]} key, but "
                              f"activation {c.activation!r} is not gated (w13 has I rows): an expert takes one of "
                              "gate_proj / up_proj; a checkpoint with both needs a gated activation")
-        loaded.add(mark.format(group))
     if not c.gated and proj in PROJ_NAMES[UP]:  # a non-gated expert's one input projection (Nemotron-H: up_proj)
         proj = PROJ_NAMES[GATE][PROJ_NAMES[UP].index(proj)]
         weight_name = weight_name[: -len(m.group(3)) - 1] + proj + "."
-    entries = by_weight.get(weight_name)
+    entries = keys.by_weight.get(weight_name)
     if entries is None:
         if c.num_experts <= eid < c.num_experts + c.num_zero_experts and proj in SHARD_OF_PROJ:
             return  # a zero (identity) expert: LongCat stores unused gate/up rows for it

@@ -142,11 +142,12 @@ def check_tp_split(fmt: WeightFormat | None, inter: int, tp_size: int) -> None:
     m = fmt.tp_multiple()
     if (inter // tp_size) % m:
         sizes = [n for n in range(2, inter // m + 1) if (inter // m) % n == 0] if inter % m == 0 else []
-        # (I itself off the boundaries: partial blocks, which no slice > 1 can hold; round 66: the message asked for a
-        # TP size dividing "I / 128 = 1.5625")
+        # (I off the block boundaries: partial blocks; I = m: one block; round 67: "128 is not a multiple of 128")
+        why = f"is not a multiple of {m}, so no TP size above 1 fits" if inter % m else \
+            f"is a single block of {m}, which no TP size above 1 can split"
         fix = (f"TP sizes that fit: {', '.join(map(str, sizes[:8]))}{' ...' if len(sizes) > 8 else ''}; use one of "
-               "those, expert parallelism, or no TP" if sizes else f"intermediate_size {inter} is not a multiple of "
-               f"{m}, so no TP size above 1 fits: use expert parallelism or no TP")
+               "those, expert parallelism, or no TP" if sizes else f"intermediate_size {inter} {why}: use expert "
+               "parallelism or no TP")
         raise ValueError(
             f"tensor parallelism over {tp_size} ranks splits intermediate_size {inter} into slices of "
             f"{inter // tp_size}, which do not fall on the {fmt.name} boundaries ({fmt}: slices must be "

@@ -20,7 +20,7 @@ import torch
 from .._checks import as_float_dtype, check_bool, check_device
 from ..experts.graphed import GraphPool
 from ..experts.layout import PROJ_NAMES
-from ..experts.mapping import EXPERT_KEY_RE, is_slot_tensor, load_layer_weights
+from ..experts.mapping import EXPERT_KEY_RE, LayerKeys, is_slot_tensor, load_layer_weights
 from ..parallel.comm import check_group
 from ..parallel.sync import SettingsDiffer, fail_together
 from ..runner import MoERunner
@@ -322,15 +322,23 @@ def _load_one(state, rel: str, t: torch.Tensor, key: str, what: str | None = Non
 
 @dataclass
 class _LayerLoad:
-    """The loader's state for one layer: its plan (hence the fused layout) and what was written."""
+    """The loader's state for one layer: its plan (hence the fused layout), what was written, and what its one-key
+    calls of :func:`load_layer_weights` share (:class:`~moekit.experts.mapping.LayerKeys`)."""
 
     plan: LayerPlan
     layer: MoERunner
     loaded: set = field(default_factory=set)  # names of non-expert parameters/buffers written
     _here: frozenset | None = None  # the logical experts this rank's slots hold (:meth:`elsewhere`)
+    # the mapping's index, made once for the layer (per call: O(E²) a layer), and what a non-gated expert received
+    # (round 67: kept here, not on the layer by the mapping's identity, nor in ``loaded``)
+    keys: LayerKeys = field(init=False)
+
+    def __post_init__(self):
+        self.keys = LayerKeys(self.layer)
 
     def load(self, weights) -> set[str]:
-        return load_layer_weights(self.layer, weights, fused_layout=self.plan.fused_layout, loaded=self.loaded)
+        return load_layer_weights(self.layer, weights, fused_layout=self.plan.fused_layout, loaded=self.loaded,
+                                  _keys=self.keys)
 
     def elsewhere(self, rel: str) -> bool:
         """``rel`` is a per-expert tensor (``experts.{e}.{proj}.{part}``) of an expert no slot of this rank holds
