@@ -1,7 +1,9 @@
 """Round 67's CLI and inspect review: `moekit inspect` read an unreadable shard as "no header" and showed fp8 experts
 without a quantization_config as a full-precision dtype (exit 0 both), and counted the router at the experts'
-2 bytes without its bias. Each case names the edge it covers."""
+2 bytes without its bias; `bench --reference` passed rows whose numbers were not numbers; `bench --eager-only` wrote two
+empty plots and took a --reference drawn nowhere. Each case names the edge it covers."""
 
+import json
 import os
 
 import pytest
@@ -122,3 +124,52 @@ def test_quantised_experts_without_a_quantization_config_are_refused(tmp_path, b
     _one_line(capsys, f"moekit inspect: error: {block}: ", stored, "config.json has no quantization_config")
     with pytest.raises((TypeError, ValueError)):
         moekit.load_moe_layers(path, progress=False)
+
+
+# --- 4. the values of a --reference file
+
+@pytest.mark.parametrize("key, value", [
+    ("us", None), ("us", "182.0"), ("us", 0), ("us", -3.0), ("us", float("nan")), ("us", True),  # edge: us not > 0
+    ("tokens", 0), ("tokens", 1.5), ("tokens", "8"), ("tokens", True),  # edge: tokens no int >= 1
+])
+def test_a_reference_row_whose_numbers_are_no_numbers_is_refused_before_the_run(tmp_path, key, value, capsys):
+    # the plot dropped the file at the end of the run; now the file, the row, the key and the value are named
+    good = dict(model="deepseek-v3", tokens=1, impl="vllm-full", quant="bf16", us=182.0)
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"rows": [good, {**good, "tokens": 8, key: value}]}))
+    assert main(["bench", "--reference", str(ref)]) == 2
+    _one_line(capsys, "--reference", "ref.json: row 1: ", repr(key), repr(value))
+
+
+# --- 6. --eager-only and the plots
+
+def test_plots_without_rows_to_draw_are_skipped(tmp_path):
+    # edge: `bench --eager-only` wrote a roofline and a speed PNG with no data point in either
+    from moekit.benchmarking.plot import write_plots
+
+    eager = [dict(model="qwen3-30b-a3b", tokens=t, impl=i, us=30.0 + t, host_us=40.0, pct_roofline=None, device="cpu",
+                  dtype="bfloat16", quant="bf16") for t in (1, 8) for i in ("eager-linear", "eager-layer")]
+    lines = []
+    assert write_plots(eager, tmp_path / "x", 4e12, 9e14, None, [], log=lines.append) == []
+    assert list(tmp_path.iterdir()) == []
+    assert lines == ["plot x.png skipped: no rows for it (the JSON holds every row)",
+                     "plot x-speed.png skipped: no rows for it (the JSON holds every row)"]
+
+
+def test_eager_only_refuses_a_reference_and_reads_no_default_one(tmp_path, monkeypatch, capsys):
+    # edge: --reference with --eager-only was accepted and drawn nowhere (the eager rows are in no plot)
+    import moekit.benchmarking.bench as bench
+    import moekit.cli as cli
+
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps([dict(model="deepseek-v3", tokens=1, impl="vllm-full", quant="bf16", us=182.0)]))
+    assert main(["bench", "--eager-only", "--reference", str(ref)]) == 2
+    _one_line(capsys, "--reference", "--eager-only", "ref.json")
+    # edge: the default reference (benchmarks/baselines/) was passed on and recorded in the run's meta
+    seen = {}
+    monkeypatch.setattr(cli, "_needs_cuda", lambda name: True)
+    monkeypatch.setattr(bench, "default_reference", lambda: ref)
+    monkeypatch.setattr(bench, "run_bench", lambda models, tokens, dtype, **kw: seen.update(kw))
+    assert main(["bench", "--eager-only", "--out", str(tmp_path)]) == 0
+    assert seen["reference"] is None
+    assert main(["bench", "--out", str(tmp_path)]) == 0 and seen["reference"] == ref  # (without --eager-only: kept)

@@ -113,7 +113,10 @@ def _run_bench(args, parser) -> int:
         quants = check_quants(args.quant, dtype)
     except ValueError as err:
         parser.error(f"argument {err}")
-    reference = default_reference() if args.reference is None else args.reference
+    if args.eager_only and args.reference is not None:  # (round 67: accepted, drawn nowhere: no eager row is plotted)
+        parser.error(f"argument --reference: does not apply with --eager-only (its rows are drawn in no plot), got "
+                     f"{args.reference!r}")
+    reference = None if args.eager_only else default_reference() if args.reference is None else args.reference
     try:  # read at the end of a run (the speed plot): a missing or bad file is refused before the run
         load_reference(reference)
     except (OSError, ValueError) as err:
