@@ -1,10 +1,13 @@
 """Round 67's CLI and inspect review: `moekit inspect` read an unreadable shard as "no header" and showed fp8 experts
 without a quantization_config as a full-precision dtype (exit 0 both), and counted the router at the experts'
-2 bytes without its bias; `bench --reference` passed rows whose numbers were not numbers; `bench --eager-only` wrote two
-empty plots and took a --reference drawn nowhere. Each case names the edge it covers."""
+2 bytes without its bias; `bench --reference` passed rows whose numbers were not numbers; a failing stdout was blamed
+on config.json (inspect) or a traceback (demo); `bench --eager-only` wrote two empty plots and took a --reference
+drawn nowhere. Each case names the edge it covers."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,6 +142,23 @@ def test_a_reference_row_whose_numbers_are_no_numbers_is_refused_before_the_run(
     ref.write_text(json.dumps({"rows": [good, {**good, "tokens": 8, key: value}]}))
     assert main(["bench", "--reference", str(ref)]) == 2
     _one_line(capsys, "--reference", "ref.json: row 1: ", repr(key), repr(value))
+
+
+# --- 5. a failing stdout
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", ["inspect", "demo"])
+def test_a_failing_stdout_is_one_line_naming_no_config(tmp_path, command):
+    # edge: `moekit inspect DIR > /dev/full` blamed config.json ("a malformed value?"); `moekit demo` was a traceback
+    argv = ["inspect", _checkpoint(tmp_path, QWEN3, _tensors(torch.bfloat16))] if command == "inspect" else \
+        ["demo", "--repeats", "1", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "moekit", *argv], stdout=full, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 1, err
+    assert err == f"moekit {command}: error: OSError: [Errno 28] No space left on device", err
 
 
 # --- 6. --eager-only and the plots
