@@ -115,3 +115,12 @@ def reader_left() -> int:
     except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
         pass
     return 141
+
+
+def stdout_failed() -> None:
+    """After a command's ``OSError``: where stdout itself cannot be written (``> /dev/full``), stdout to the null
+    device, so that the flush at exit does not raise again (round 67: a second error, and status 120)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        reader_left()  # (its redirection; not its status)

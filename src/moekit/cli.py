@@ -12,7 +12,8 @@ Decisions (issue #12):
   argument. It does not run the demo (a mistyped script would silently do work), and exit 0 would
   hide the mistake from the shell.
 - Exit codes: 0 success; 1 the command ran and failed (a demo check failed, ``bench``/``tune`` found
-  no CUDA GPU, or a file, a config file or GPU memory failed them); 2 the command line is wrong; 130
+  no CUDA GPU, or a file, a config file or GPU memory failed them; any command whose stdout cannot be
+  written, ``> /dev/full``); 2 the command line is wrong; 130
   interrupted; 141 the reader of stdout left (``| head``). Errors go to stderr as one line,
   ``moekit SUB: error: argument --OPTION: what was expected, got VALUE``, without a traceback.
 - Where results go: ``bench`` writes ``<gpu>-<date>.json`` (and ``.png``) to ``--out``, by default
@@ -30,13 +31,12 @@ Decisions (issue #12):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from ._argparse import (OneLineParser, fraction, int_list, non_negative_float, positive_float, positive_int,
-                        reader_left, unwritable_folder)
+                        reader_left, stdout_failed, unwritable_folder)
 from ._checks import DTYPE_SHORT, check_device
 from .benchmarking.cli_args import model_list, point_list
 from .ops.triton_configs import ConfigFileError
@@ -113,7 +113,10 @@ def _run_bench(args, parser) -> int:
         quants = check_quants(args.quant, dtype)
     except ValueError as err:
         parser.error(f"argument {err}")
-    reference = default_reference() if args.reference is None else args.reference
+    if args.eager_only and args.reference is not None:  # (round 67: accepted, drawn nowhere: no eager row is plotted)
+        parser.error(f"argument --reference: does not apply with --eager-only (its rows are drawn in no plot), got "
+                     f"{args.reference!r}")
+    reference = None if args.eager_only else default_reference() if args.reference is None else args.reference
     try:  # read at the end of a run (the speed plot): a missing or bad file is refused before the run
         load_reference(reference)
     except (OSError, ValueError) as err:
@@ -224,16 +227,9 @@ def _tune_quant(quant: str | None, dtype: torch.dtype, parser) -> str | None:
 def _run_inspect(args, parser) -> int:
     from .loading.inspect import inspect_main
 
-    try:
-        return int(inspect_main(args.rest) or 0)
-    except BrokenPipeError:  # (main's: exit 141)
-        raise
-    except Exception as err:  # noqa: BLE001 - a malformed config.json value (a 0 step, a -1 size, Infinity, nesting
-        # past the recursion limit) escaped the planner's checks as a traceback: one line, exit 1, as its own errors
-        where = os.path.join(next((a for a in reversed(args.rest) if a != "--"), "."), "config.json")
-        why = str(err).partition("\n")[0]
-        print(f"moekit inspect: error: {where}: a malformed value? {type(err).__name__}: {why}", file=sys.stderr)
-        return 1
+    # its errors are one line (a malformed config.json value included); a failing stdout is main's (round 67: this
+    # catch-all blamed it on config.json)
+    return int(inspect_main(args.rest) or 0)
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -377,13 +373,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.run(args, sub)
         except (OSError, ConfigFileError, RuntimeError) as err:  # a file, a config file, GPU memory, a bucket that
-            # cannot be tuned here (round 65: tune_checks.BucketNotTuned escaped as a traceback)
+            # cannot be tuned here (round 65: tune_checks.BucketNotTuned escaped as a traceback); an OSError of any
+            # command (round 67: `moekit demo > /dev/full` was a traceback)
             one_line = isinstance(err, (OSError, ConfigFileError, torch.cuda.OutOfMemoryError)) or \
                 type(err).__name__ == "BucketNotTuned"
-            if args.command not in ("bench", "tune") or isinstance(err, BrokenPipeError) or not one_line:
+            if isinstance(err, BrokenPipeError) or not one_line or \
+                    (args.command not in ("bench", "tune") and not isinstance(err, OSError)):
                 raise
             why = str(err).partition("\n")[0]
             print(f"moekit {args.command}: error: {type(err).__name__}: {why}", file=sys.stderr)
+            stdout_failed()
             return 1
     except SystemExit as stop:  # --help, --version and usage errors
         return stop.code if isinstance(stop.code, int) else 1

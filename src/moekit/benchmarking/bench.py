@@ -35,8 +35,9 @@ Writes ``<out>/<gpu>-<date>.json``: a list of rows ``{model, tokens, impl, quant
 tflops, peak_tflops, bytes, flops, floor_us, device, dtype, meta}`` (``meta``: the run's ceilings,
 formats, timing and elapsed time), and the plots of :mod:`.plot` (``<gpu>-<date>.png``, the roofline,
 and ``<gpu>-<date>-speed.png``, µs against T with the peer's reference numbers when a reference file is
-given). ``out`` defaults to ``./benchmarks/results`` when that folder exists, else ``.``; a second run of the day
-into the same ``out`` replaces the files (it logs a note first).
+given; a plot with no rows to draw, e.g. of an eager-only run, is not written). ``out`` defaults to
+``./benchmarks/results`` when that folder exists, else ``.``; a second run of the day into the same ``out``
+replaces the files (it logs a note first).
 ``--fast``: 10 ms replays, median of 5, and no baseline, routing or LongCat-without-zero rows.
 """
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 #: marker per impl (filled for moekit's own rows) and colour per quant for the speed plot
@@ -29,7 +30,9 @@ def series_key(row: dict) -> str:
 
 def load_reference(path) -> list[dict]:
     """The ``rows`` of a baseline file (``{model, tokens, impl, quant, us}``); [] if ``path`` is None. ``ValueError``
-    naming the file where it is not JSON or its rows (a list, or an object's ``rows``) lack those keys."""
+    naming the file where it is not JSON or its rows (a list, or an object's ``rows``) lack those keys, and naming the
+    row and key where ``tokens`` is no int >= 1 or ``us`` no finite number > 0 (round 67: such a row passed, and the
+    speed plot was dropped at the end of the run)."""
     if path is None:
         return []
     try:
@@ -41,6 +44,12 @@ def load_reference(path) -> list[dict]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in need) for r in rows):
         raise ValueError(f"{path} is not a baseline file: expected a list of rows {{{', '.join(need)}, ...}} "
                          "(or an object holding one as 'rows')")
+    for i, r in enumerate(rows):
+        tokens, us = r["tokens"], r["us"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"{path}: row {i}: 'tokens' must be an int >= 1, got {tokens!r}")
+        if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
+            raise ValueError(f"{path}: row {i}: 'us' must be a finite number > 0, got {us!r}")
     return rows
 
 
@@ -53,12 +62,23 @@ def _pyplot():
     return plt
 
 
+def roofline_rows(rows) -> list[dict]:
+    """The rows the roofline PNG draws: those carrying ``flops``, ``bytes`` and ``tflops``."""
+    return [r for r in rows if r.get("flops") and r.get("bytes") and r.get("tflops")]
+
+
+def speed_rows(rows) -> list[dict]:
+    """The rows the speed PNG draws: timed layer / experts-step rows (not eager, routing or torch ones)."""
+    return [r for r in rows if r.get("us") and r.get("host_us") is None and r["impl"] != "moekit-route"
+            and not r["impl"].startswith(("torch-", "eager-"))]
+
+
 def plot_roofline(rows, bw: float, peak: float, path: Path, fp8_peak: float | None = None) -> None:
     """The roofline PNG of the rows that carry ``flops`` and ``bytes``."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
-    rows = [r for r in rows if r.get("flops") and r.get("bytes") and r.get("tflops")]
+    rows = roofline_rows(rows)
     fig, ax = plt.subplots(figsize=(10, 6.5))
     ai = [10 ** (x / 10) for x in range(-5, 45)]
     ax.loglog(ai, [min(peak, bw * a) / 1e12 for a in ai], "k-", lw=1.5, label="roofline bf16 (max measured BW)")
@@ -93,8 +113,7 @@ def plot_speed(rows, path: Path, reference=()) -> None:
     """The speed PNG: per shape, µs against T for each impl + quant; ``reference`` rows as open markers."""
     plt = _pyplot()
 
-    rows = [r for r in rows if r.get("us") and r.get("host_us") is None and r["impl"] != "moekit-route"
-            and not r["impl"].startswith(("torch-", "eager-"))]
+    rows = speed_rows(rows)
     models = sorted({r["model"] for r in rows})
     # a reference measured with another activation (``activation``) goes to the ``<model>-<activation>`` panel
     reference = [dict(r, model=f"{r['model']}-{r['activation']}")
@@ -128,7 +147,8 @@ def plot_speed(rows, path: Path, reference=()) -> None:
 
 def write_plots(rows, stem: Path, bw: float, peak: float, fp8_peak: float | None = None, reference=(),
                 log=print) -> list[Path]:
-    """Both PNGs next to ``stem`` (``<stem>.png``, ``<stem>-speed.png``); without matplotlib: a message, []."""
+    """Both PNGs next to ``stem`` (``<stem>.png``, ``<stem>-speed.png``); without matplotlib: a message, []. A plot
+    none of whose rows it draws is skipped with a message (round 67: ``--eager-only`` wrote two empty PNGs)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -136,8 +156,13 @@ def write_plots(rows, stem: Path, bw: float, peak: float, fp8_peak: float | None
         return []
     stem = Path(stem)
     done = []
-    for path, draw in ((stem.with_name(stem.name + ".png"), lambda p: plot_roofline(rows, bw, peak, p, fp8_peak)),
-                       (stem.with_name(stem.name + "-speed.png"), lambda p: plot_speed(rows, p, reference))):
+    for path, draw, drawn in (
+            (stem.with_name(stem.name + ".png"), lambda p: plot_roofline(rows, bw, peak, p, fp8_peak),
+             roofline_rows(rows)),
+            (stem.with_name(stem.name + "-speed.png"), lambda p: plot_speed(rows, p, reference), speed_rows(rows))):
+        if not drawn:
+            log(f"plot {path.name} skipped: no rows for it (the JSON holds every row)")
+            continue
         try:
             draw(path)
             done.append(path)

@@ -12,7 +12,10 @@ a declared dtype other than the stored one is noted), or for quantised checkpoin
 routed experts in their format (``fmt.bytes_per_expert``: packed weights + scales, biases at bf16): one routed expert
 (w13 + w2), and the expert weights one token touches (K routed experts + shared experts + router; the
 shared experts in the format they load in: fp8 where the checkpoint is fp8 and its format applies to
-them, as :func:`moekit.load_moe_layers` keeps them, else bf16; in a full-precision checkpoint at the experts' dtype).
+them, as :func:`moekit.load_moe_layers` keeps them, else bf16; in a full-precision checkpoint at the experts' dtype;
+the router's weight and bias as the loaded layer holds them, float32 where transformers keeps the gate so).
+A ``.safetensors`` file or index that cannot be read, and experts stored quantised (``F8_E4M3``, ``U8``, ``I32``)
+without a ``quantization_config``, are refused as :func:`moekit.load_moe_layers` refuses them (round 67).
 """
 
 from __future__ import annotations
@@ -72,30 +75,49 @@ def _declared(config: dict) -> tuple[str, str] | None:
         return None
 
 
-def stored_dtypes(path: str, spec, plans: list[LayerPlan]) -> dict[str, str] | None:
-    """Returns block name -> the dtype (:func:`_dtype_name`; several joined by ``+``) its routed expert weights have
-    in the ``.safetensors`` headers of ``path`` (only the headers of the shards holding them are read, no tensor);
-    a block whose expert tensors are in no present shard is left out. None where no header can be read (a directory
-    holding config.json alone, an unreadable index or shard)."""
+def stored_dtypes(path: str, spec, plans: list[LayerPlan]) -> dict[str, dict[str, str]] | None:
+    """Returns block name -> {safetensors dtype (``"BF16"``, ``"F8_E4M3"``...): the first expert key stored in it}
+    for the routed expert weights of ``path``'s ``.safetensors`` headers (only the headers of the shards holding them
+    are read, no tensor); a block whose expert tensors are in no present shard is left out. None where the directory
+    has no ``.safetensors`` file (config.json alone). An unreadable index or shard raises the ``ValueError`` /
+    ``OSError`` naming it (round 67: it was taken for "no header", and the sizes shown at config.json's dtype)."""
     try:
         files = checkpoint_files(path)
-        assigned = assign_keys(spec, plans, files)
-        headers: dict[str, dict] = {}
-        out = {}
-        for p in plans:
-            found = set()
-            for rel, key in assigned.get(p.name, {}).items():
-                if not rel.startswith("experts.") or "bias" in rel or "scale" in rel or not os.path.isfile(files[key]):
-                    continue
-                if files[key] not in headers:
-                    headers[files[key]] = read_header(files[key])
-                if key in headers[files[key]]:
-                    found.add(_dtype_name(headers[files[key]][key][0]))
-            if found:
-                out[p.name] = "+".join(sorted(found))
-        return out
-    except (CheckpointNotFoundError, OSError, ValueError):  # inspect shows the layout without them
+    except CheckpointNotFoundError:  # inspect shows the layout without them
         return None
+    assigned = assign_keys(spec, plans, files)
+    headers: dict[str, dict] = {}
+    out = {}
+    for p in plans:
+        found: dict[str, str] = {}
+        for rel, key in sorted(assigned.get(p.name, {}).items()):
+            if not rel.startswith("experts.") or "bias" in rel or "scale" in rel or not os.path.isfile(files[key]):
+                continue
+            if files[key] not in headers:
+                headers[files[key]] = read_header(files[key])
+            if key in headers[files[key]]:
+                found.setdefault(headers[files[key]][key][0], key)
+        if found:
+            out[p.name] = found
+    return out
+
+
+#: the safetensors dtypes full-precision experts load from (others need config.json's quantization_config)
+_FLOAT_ST = ("BF16", "F16", "F32", "F64")
+
+
+def _check_float_experts(stored: dict[str, dict[str, str]], config: dict) -> None:
+    """Refuses full-precision experts stored in no float dtype (fp8, packed 4-bit: ``F8_E4M3``, ``U8``, ``I32``)
+    where config.json has no ``quantization_config``: :func:`moekit.load_moe_layers` refuses them (round 67: shown
+    as a full-precision dtype ``f8_e4m3``, exit 0). ``ValueError`` naming the block, the key and its dtype."""
+    if quantization_dict(config) is not None:
+        return
+    for block, found in stored.items():
+        bad = next((st for st in sorted(found) if st not in _FLOAT_ST), None)
+        if bad is not None:
+            raise ValueError(f"{block}: routed expert weights stored as {bad} ({found[bad]!r}), no float dtype, "
+                             "and config.json has no quantization_config (a quantised checkpoint needs the one it "
+                             "shipped with; load_moe_layers would refuse this checkpoint)")
 
 
 def _expert_bytes(p: LayerPlan, fmt, el: int = 2) -> int:
@@ -114,11 +136,11 @@ def _shared_bytes(p: LayerPlan, sfmt, el: int = 2) -> int:
     return sfmt.bytes_per_expert(p.shared_intermediate_size, p.outer_hidden_size, is_gated(p.shared_activation))
 
 
-def _token_bytes(p: LayerPlan, fmt, sfmt=None, el: int = 2) -> int:
+def _token_bytes(p: LayerPlan, fmt, sfmt=None, el: int = 2, gate_el: int | None = None) -> int:
     """The expert weights one token reads (:meth:`LayerPlan.active_bytes_per_token`), the full-precision ones at
-    ``el`` bytes per element."""
+    ``el`` bytes per element, the router gate (and its bias) at ``gate_el`` (default ``el``)."""
     routed = p.top_k * (p.expert_bytes(el) - _expert_bytes(p, fmt, el))
-    return p.active_bytes_per_token(el) - routed - (p.shared_bytes(el) - _shared_bytes(p, sfmt, el))
+    return p.active_bytes_per_token(el, gate_el) - routed - (p.shared_bytes(el) - _shared_bytes(p, sfmt, el))
 
 
 def _fmt_bytes(n: int) -> str:
@@ -178,13 +200,29 @@ def _num_layers(config: dict):
     return len(types) if isinstance(types, list) else "?"
 
 
+def _load_dtype(config: dict) -> torch.dtype:
+    """The dtype :func:`moekit.load_moe_layers` loads ``config``'s checkpoint in by default (config.json's; bf16
+    where it names no float dtype)."""
+    try:
+        return config_dtype(config, "config.json", raw_text_config(config))
+    except ValueError:  # load_moe_layers(path, dtype=...) would take another: not the layout's business
+        return torch.bfloat16
+
+
+def _gate_bytes(p: LayerPlan, dtype: str | None, config: dict) -> int:
+    """Bytes per element of ``p``'s router gate as the loaded layer holds it (:meth:`LayerPlan.gate_dtype`: float32
+    where transformers keeps it so) in a layer loaded in the row's full-precision ``dtype`` (a name of
+    :func:`_dtype_name`, the widest of ``"bf16+fp32"``), else (quantised experts) in :func:`_load_dtype`."""
+    names = {v: k for k, v in _TORCH_NAMES.items()}
+    floats = [names[n] for n in (dtype or "").split("+") if n in names]
+    load = max(floats, key=lambda d: d.itemsize) if floats else _load_dtype(config)
+    return p.gate_dtype(load).itemsize
+
+
 def _check_builds(p: LayerPlan, fmt, config: dict) -> None:
     """Build ``p``'s layer on the meta device, as :func:`moekit.load_moe_layers` builds it (its construction checks:
     top-k, expert groups, format sizes...); an error names the block."""
-    try:
-        dtype = config_dtype(config, "config.json", raw_text_config(config))
-    except ValueError:  # load_moe_layers(path, dtype=...) would take another: not the layout's business
-        dtype = torch.bfloat16
+    dtype = _load_dtype(config)
     tensors = {}
     if p.has_score_bias:
         tensors["router.e_score_correction_bias"] = torch.zeros(
@@ -209,7 +247,9 @@ def rows(config: dict, path: str | None = None) -> tuple[str, list[dict]]:
     fmts = {p.name: experts_format(fmt, p) for p in plans}
     shared_fmts = {p.name: shared_format(dense_fmt, p, lambda rel, p=p: _ckpt_name(spec, p, rel)) for p in plans}
     full = [p for p in plans if fmts[p.name] is None]
-    on_disk = (stored_dtypes(path, spec, full) if path is not None and full else None) or {}
+    stored = (stored_dtypes(path, spec, full) if path is not None and full else None) or {}
+    _check_float_experts(stored, config)
+    on_disk = {b: "+".join(sorted({_dtype_name(st) for st in found})) for b, found in stored.items()}
 
     def row_key(p: LayerPlan):
         return _signature(p, spec.layer_level), fmts[p.name], shared_fmts[p.name], on_disk.get(p.name)
@@ -229,6 +269,7 @@ def rows(config: dict, path: str | None = None) -> tuple[str, list[dict]]:
         if p.name in on_disk:
             dtype, source = on_disk[p.name], "safetensors"
         el = 2 if f is not None else _element_bytes(dtype)
+        gate_el = _gate_bytes(p, None if f is not None else dtype, config)  # (round 67: counted at el)
         _check_builds(p, f, config)
         sf = shared_fmts[p.name]
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
@@ -249,9 +290,9 @@ def rows(config: dict, path: str | None = None) -> tuple[str, list[dict]]:
                 "act": p.activation + (f" (limit {p.swiglu_limit:g})" if p.swiglu_limit else ""),
                 "quant": f.name if f is not None else dtype,
                 "bytes/expert": _fmt_bytes(_expert_bytes(p, f, el)),
-                "bytes/token": _fmt_bytes(_token_bytes(p, f, sf, el)),
+                "bytes/token": _fmt_bytes(_token_bytes(p, f, sf, el, gate_el)),
                 "_bytes": _expert_bytes(p, f, el),
-                "_token_bytes": _token_bytes(p, f, sf, el),
+                "_token_bytes": _token_bytes(p, f, sf, el, gate_el),
                 "_dtype_from": None if f is not None else source,
                 "_count": len(g),
                 "_plan": p,
@@ -314,12 +355,21 @@ def inspect_main(argv: list[str] | None = None) -> int:
     try:
         config = read_config(args.path)
         arch, table = rows(config, args.path)
+        text = render(arch, table, config)
     except (NotImplementedError, OSError, KeyError, ValueError, TypeError) as err:  # OSError: e.g. unreadable
         # one line (an unsupported model_type's error goes on with every supported type: its first line points there)
         first = str(err).partition("\n")[0]
         print(f"moekit inspect: error: {first}", file=sys.stderr)
         return 1
-    print(render(arch, table, config))
+    except Exception as err:  # noqa: BLE001 - a malformed config.json value (a 0 step, a -1 size, Infinity, nesting
+        # past the recursion limit) escaped the planner's checks as a traceback: one line, exit 1, as its own errors
+        why = str(err).partition("\n")[0]
+        where = os.path.join(args.path, "config.json")
+        print(f"moekit inspect: error: {where}: a malformed value? {type(err).__name__}: {why}", file=sys.stderr)
+        return 1
+    # the table is printed outside the checks (round 67: a failing stdout, `> /dev/full`, was blamed on config.json;
+    # its OSError goes to the caller, `moekit`'s one line)
+    print(text)
     return 0
 
 

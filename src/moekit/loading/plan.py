@@ -110,7 +110,18 @@ class LayerPlan:
         rows = 2 * i if is_gated(self.shared_activation) else i
         return (rows * h + i * h + (rows + h if self.shared_bias and i else 0)) * bytes_per_el
 
-    def active_bytes_per_token(self, bytes_per_el: int = 2) -> int:
-        """Expert weight bytes one token touches: K routed experts + the shared expert + the router."""
-        router = (self.num_experts + self.num_zero_experts) * self.hidden_size * bytes_per_el
+    def router_bytes(self, bytes_per_el: int = 2) -> int:
+        """Bytes of the router gate at ``bytes_per_el``: its weight ``[E + Z, W]`` (W: the width it reads, the block's
+        input for ``gate_input="block"``), its bias ``[E + Z]`` (gpt-oss) and Gemma 4's scale ``[W]`` (round 67: the
+        bias was left out)."""
+        width = self.outer_hidden_size if self.gate_input == "block" else self.hidden_size
+        e_all = self.num_experts + self.num_zero_experts
+        return (e_all * width + (e_all if self.router_bias else 0) + (width if self.gate_kind == "rmsnorm" else 0)) \
+            * bytes_per_el
+
+    def active_bytes_per_token(self, bytes_per_el: int = 2, gate_bytes: int | None = None) -> int:
+        """Expert weight bytes one token touches: K routed experts + the shared expert + the router, this at
+        ``gate_bytes`` per element (default ``bytes_per_el``; round 67: a gate the layer holds in float32,
+        :meth:`gate_dtype`, was counted at the experts' 2 bytes)."""
+        router = self.router_bytes(bytes_per_el if gate_bytes is None else gate_bytes)
         return self.top_k * self.expert_bytes(bytes_per_el) + self.shared_bytes(bytes_per_el) + router
