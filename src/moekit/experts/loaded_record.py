@@ -217,7 +217,8 @@ def check_swapped_in(experts) -> None:
         now = [own[n] for n in names]
     seen = experts.__dict__.get("_checked_swaps")
     seen = seen.value if seen is not None else None
-    if seen is not None and len(seen) == len(now) and all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
+    if seen is not None and len(seen) == len(now) and \
+            all(r() is t and t.shape == s and t.dtype == d for (r, s, d), t in zip(seen, now)):
         return
     want = {n: tuple(experts.specs[n].local_shape(experts.placement.num_local, experts.tp_rows)) for n in names}
     for name, t in zip(names, now):
