@@ -72,3 +72,17 @@ def test_tp_refusal_of_one_block_says_so():
     assert "not a multiple" not in str(err.value)
     with pytest.raises(ValueError, match="200 is not a multiple of 128, so no TP size above 1 fits"):
         check_tp_split(fmt, 200, 2)
+
+
+def test_one_key_load_weights_calls_make_the_mapping_index_once(monkeypatch):
+    # review of round 67: one-key layer.load_weights calls (vLLM's loop) each made the default mapping again (O(E²)
+    # a layer: 12-21 s for E = 512); it is kept on the layer with what it was made from, compared by value
+    import moekit.experts.mapping as mapping
+    made = []
+    real = mapping.default_expert_mapping
+    monkeypatch.setattr(mapping, "default_expert_mapping", lambda layer: made.append(1) or real(layer))
+    layer = moekit.FusedMoE(8, 2, 8, 4, backend="torch")
+    for e in range(8):
+        for proj, shape in (("gate_proj", (4, 8)), ("up_proj", (4, 8)), ("down_proj", (8, 4))):
+            layer.load_weights([(f"experts.{e}.{proj}.weight", torch.randn(*shape))])
+    assert layer.routed_experts.loaded and len(made) == 1

@@ -179,8 +179,8 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, incompatible
             experts._record.unset_loaded = True
     experts._input_scales.seed(experts, given)
     follow_weight_dtype(experts)
-    if not experts.w13_weight.is_meta and any(t is not None and t.is_meta for t in (experts.expert_map,
-                                                                                     experts._norm_p2l)):
+    if not experts.w13_weight.is_meta and any(t is not None and t.is_meta for t in (
+            experts.expert_map, experts._norm_p2l, *experts._buffers.values())):  # (the placement buffers too)
         maps_rebuilt(experts)
 
 

@@ -1,20 +1,18 @@
 """Checkpoint names -> expert parameters (SPEC §6), and loading one layer from ``(name, tensor)`` pairs.
 
-A mapping entry ``(param_name, weight_name, expert_id, shard_id)`` says: a checkpoint tensor whose name
-contains ``weight_name`` (e.g. ``"experts.3.gate_proj."``) is shard ``shard_id`` of physical expert
-``expert_id`` and lands in ``param_name`` (``"experts.routed_experts.w13_"`` for gate/up,
-``"experts.routed_experts.w2_"`` for down, vLLM's form for a layer a model names ``experts``: ``+ "weight"`` or
-``+ "bias"`` completes the parameter name). Shards (:mod:`.layout`): ``w1``
-gate, ``w3`` up, ``w2`` down. Physical ids ``>= E`` are redundant replicas; their ``weight_name`` names
-the logical expert they copy. The tensor is written into every local slot that holds the expert its key
-names (``experts.<e>.``) at load time: the mapping says which keys and shards belong to the layer, not where
+A mapping entry ``(param_name, weight_name, expert_id, shard_id)`` says: a checkpoint tensor whose name contains
+``weight_name`` (e.g. ``"experts.3.gate_proj."``) is shard ``shard_id`` of physical expert ``expert_id`` and lands in
+``param_name`` (``"experts.routed_experts.w13_"`` for gate/up, ``"experts.routed_experts.w2_"`` for down, vLLM's form
+for a layer a model names ``experts``: ``+ "weight"`` or ``+ "bias"`` completes the parameter name). Shards
+(:mod:`.layout`): ``w1`` gate, ``w3`` up, ``w2`` down. Physical ids ``>= E`` are redundant replicas; their
+``weight_name`` names the logical expert they copy. The tensor is written into every local slot that holds the expert
+its key names (``experts.<e>.``) at load time: the mapping says which keys and shards belong to the layer, not where
 the expert lives now (EPLB moves replicas after a mapping is made).
 
-:func:`load_layer_weights` consumes ``(name, tensor)`` pairs for one layer (a
-:class:`~moekit.runner.MoERunner`): per-expert names through the mapping, fused stacks
-(``experts.gate_up_proj`` / ``experts.down_proj`` and their biases, in the layout the caller names),
-and any other parameter or buffer of the layer by its name. The experts record what they received;
-the names of the other parameters written are added to the caller's ``loaded`` set.
+:func:`load_layer_weights` consumes ``(name, tensor)`` pairs for one layer (a :class:`~moekit.runner.MoERunner`):
+per-expert names through the mapping, fused stacks (``experts.gate_up_proj`` / ``experts.down_proj`` and their
+biases, in the layout the caller names), and any other parameter or buffer of the layer by its name. The experts
+record what they received; the names of the other parameters written are added to the caller's ``loaded`` set.
 """
 
 from __future__ import annotations
@@ -132,21 +130,28 @@ def default_expert_mapping(layer) -> list[tuple[str, str, int, str]]:
 
 class LayerKeys:
     """What :func:`load_layer_weights` keeps across the keys of one load of ``layer`` (round 67): ``by_weight``, the
-    mapping's checkpoint weight name -> [(expert id, shard)] (``layer.expert_mapping`` or the default one, read at the
-    first expert key; made per key it cost O(E²) a layer: 25 s for E = 512 tiny experts), and ``inputs``, the input
-    projection each expert of a non-gated layer was given. A call makes its own; the loader, one per layer for its
-    one-key calls. (Round 66 kept the index on the layer, keyed by the mapping list's identity: an edit in place
-    (``[:] =``, ``extend``) went unseen; and it kept the marks in the caller's ``loaded``.)"""
+    mapping's weight name -> [(expert id, shard)] (made per key it cost O(E²) a layer: 25 s for E = 512), and
+    ``inputs``, the input projection each expert of a non-gated layer was given (round 66 kept those marks in the
+    caller's ``loaded``). A call makes its own; the loader, one per layer for its one-key calls."""
 
     def __init__(self, layer):
         self.layer, self._by_weight, self.inputs = layer, None, {}
 
     @property
     def by_weight(self) -> dict[str, list[tuple[int, str]]]:
+        """Kept on the layer for the next call with what it was made from: the sizes (default mapping) or a copy of
+        ``layer.expert_mapping``, compared by value (round 66 keyed it by the list's identity: edits in place went
+        unseen; a review of round 67: one-key ``load_weights`` calls, vLLM's form, took 12-21 s for E = 512)."""
         if self._by_weight is None:
-            self._by_weight = {}
-            for _param, weight, eid, shard in self.layer.expert_mapping or default_expert_mapping(self.layer):
-                self._by_weight.setdefault(weight, []).append((eid, shard))
+            mine, p = self.layer.expert_mapping, self.layer.routed_experts.placement
+            source = list(mine) if mine else ("default", p.num_logical, p.num_physical)
+            cached = self.layer.__dict__.get("_moekit_by_weight")
+            if cached is None or cached[0] != source:
+                by: dict[str, list[tuple[int, str]]] = {}
+                for _param, weight, eid, shard in mine or default_expert_mapping(self.layer):
+                    by.setdefault(weight, []).append((eid, shard))
+                cached = self.layer.__dict__["_moekit_by_weight"] = (source, by)
+            self._by_weight = cached[1]
         return self._by_weight
 
 

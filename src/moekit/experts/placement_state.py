@@ -102,6 +102,9 @@ def placement_saved(experts, destination: dict, prefix: str) -> None:
     p2l = tuple(placement.physical_to_logical)
     if p2l != initial_p2l(placement) and PLACEMENT_KEY not in own:
         destination[prefix + PLACEMENT_KEY] = torch.tensor(p2l, dtype=torch.int64)
+    if PLACEMENT_KEY in own and prefix + PLACEMENT_KEY in destination:  # a copy, not the buffer a rebalance rewrites
+        destination[prefix + PLACEMENT_KEY] = destination[prefix + PLACEMENT_KEY].clone()  # (review: a dict whose
+        # weights were copied took a later placement; the dicts sharing the live weights follow by placement_moved)
     if (placement.ep_size > 1 or placement.tp_size > 1) and SHARD_KEY not in own:
         destination[prefix + SHARD_KEY] = torch.tensor(shard_of(placement), dtype=torch.int64)
     if getattr(experts, "placement_movable", False):
@@ -252,6 +255,7 @@ def maps_rebuilt(experts) -> None:
     experts._norm_p2l = norm_ids_map(experts.placement, experts.expert_output_norm, device,
                                      None if norm_ids is None or norm_ids.is_meta else norm_ids)
     for key in (SHARD_KEY, PLACEMENT_KEY):
-        if experts._buffers.get(key) is not None and experts._buffers[key].device != device:  # (on meta until here)
-            experts._buffers[key] = experts._buffers[key].to(device)
+        buf = experts._buffers.get(key)
+        if buf is not None and buf.device != device:  # (on meta until here: no values to move; review of round 67)
+            experts._buffers[key] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
     buffers_refreshed(experts)
