@@ -174,3 +174,42 @@ def test_functional_call_supplying_a_to_empty_bias_keeps_the_layers_own_refused(
         layer(x, lg)
     layer.router.e_score_correction_bias = torch.zeros(8)  # an assignment: the layer's bias from now on
     assert torch.isfinite(layer(x, lg)).all()
+
+
+def test_the_torch_zero_combine_runs_in_row_blocks_with_the_same_bits(monkeypatch):
+    # review (memory): the torch combine of zero experts / output scaling built several [T, H] float32 temporaries
+    # outside any workspace (6 GB at T = 262144, H = 2048); it runs in row blocks, elementwise: the same bits
+    import moekit.ops.zero_experts as zero
+    g = torch.Generator().manual_seed(0)
+    routed, x = torch.randn(37, 16, generator=g).bfloat16(), torch.randn(37, 16, generator=g).bfloat16()
+    s = torch.rand(37, generator=g)
+    want = [zero.zero_combine_torch(routed, x, s, 2.5), zero.zero_combine_torch(routed, None, None, 0.5)]
+    monkeypatch.setattr(zero, "COMBINE_WORKSPACE_BYTES", 16 * 16 * 5)  # 5 rows a block: 8 blocks, a partial last
+    got = [zero.zero_combine_torch(routed, x, s, 2.5), zero.zero_combine_torch(routed, None, None, 0.5)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("fmt", [moekit.Mxfp4Format(), moekit.Fp8BlockFormat(block_n=32, block_k=32)],
+                         ids=["mxfp4", "fp8"])
+def test_the_quantised_twin_chunks_by_one_experts_rows(fmt, monkeypatch):
+    # review (CPU cost): the quantised twin counted every slot's w13 / activation rows in its chunk size (one expert
+    # runs at a time), so chunks were 2.2-2.7x smaller than the workspace allows and each dequantised every expert
+    # again; the output is the same bits whatever the chunking
+    import moekit.ops.experts_quant as quant
+    from moekit.ops.experts_quant import fused_experts_quant_torch as fused_experts_quant
+    chunks = []
+    real = quant._token_chunk
+    monkeypatch.setattr(quant, "_token_chunk", lambda x, *a: chunks.append(len(x)) or real(x, *a))
+    g = torch.Generator().manual_seed(1)
+    e, h, i, t, k = 4, 64, 64, 40, 2
+    w13, w2, s13, s2 = moekit.quantize_experts(torch.randn(e, 2 * i, h, generator=g) / 8,
+                                               torch.randn(e, h, i, generator=g) / 8, fmt)
+    x = torch.randn(t, h, generator=g).bfloat16()
+    w = torch.rand(t, k, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).int()
+    kw = dict(fmt=fmt, w13_scale=s13, w2_scale=s2)
+    whole = fused_experts_quant(x, w13, w2, w, ids, **kw)
+    per_token = 4 * k * h + 16 * k + 64 + 4 * (2 * h + 2 * i + 2 * i)
+    chunks.clear()
+    got = fused_experts_quant(x, w13, w2, w, ids, workspace_bytes=7 * per_token, **kw)  # 7 tokens a chunk
+    assert torch.equal(got, whole) and max(chunks) == 7 and len(chunks) == 6  # (it ran chunks of 4: 10 of them)

@@ -27,8 +27,8 @@ from .._checks import check_tensor, host_sync_allowed
 from ._eager import rounded
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
-from .experts import (DEFAULT_WORKSPACE_BYTES, check_expert_map_range, check_experts_inputs, check_ids_in_range,
-                      chunk_tokens, compiled_chunks)
+from .experts import (DEFAULT_WORKSPACE_BYTES, _repeats, check_expert_map_range, check_experts_inputs,
+                      check_ids_in_range, chunk_tokens, compiled_chunks)
 from .formats import Fp8BlockFormat, WeightFormat
 from .quant_config import parse_quant_config
 from .quantize import check_quant_weights, dequantize_weight
@@ -154,16 +154,20 @@ def fused_experts_quant_torch(
     per_expert = 4 * (rows * hidden + hidden * inter)  # dequantised fp32 weights of one expert
     experts = _QuantExperts(fmt, w13, w2, w13_scale, w2_scale, static, w1_bias, w2_bias, gated, p, swiglu_limit,
                             hidden_states.dtype, cache=e * per_expert <= workspace_bytes // 2)
-    # per token: K slot outputs [K, H] fp32, the w13 output / activation / its quantised copy per slot
-    per_token = 4 * p.top_k * (2 * hidden + rows + 2 * inter) + 64
+    # per token: its K slot outputs [K, H] fp32 (kept for the top-k sum), and per row of ONE expert's call (the
+    # experts run one at a time) the gathered input, the w13 output, the activation and its quantised copy, the
+    # output; one expert's call holds a token at most ``repeats`` times (review of round 67: the rows were counted
+    # K times, so chunks were 2.2-2.7x smaller than the workspace allows and each dequantised every expert again)
+    slot_row = 4 * (2 * hidden + rows + 2 * inter)
     run = _token_chunk
-    most = max(1, workspace_bytes // per_token)
     if compiling:  # the dense formulation (no data-dependent expert set); one chunk up to the bound: one guard
         run = _token_chunk_dense
-        most = max(1, workspace_bytes // (per_token + 4 * (2 * hidden + rows + 2 * inter)))  # + one expert's rows
+        most = max(1, workspace_bytes // (4 * p.top_k * (2 * hidden + rows + 2 * inter) + 64 + slot_row))
         return compiled_chunks(lambda xc, wc, ic: run(xc, wc, ic, local_map, experts, apply_router_weight_on_input),
                                most, hidden_states, topk_weights, topk_ids)  # guards at powers of two, not on T
-    step = chunk_tokens(p.num_tokens, most)
+    repeats = _repeats(topk_ids) if p.num_tokens else 1
+    step = chunk_tokens(p.num_tokens, max(1, workspace_bytes // (4 * p.top_k * hidden + 16 * p.top_k + 64
+                                                                  + repeats * slot_row)))
     for lo in range(0, p.num_tokens, step):
         hi = min(lo + step, p.num_tokens)
         out[lo:hi] = run(hidden_states[lo:hi], topk_weights[lo:hi], topk_ids[lo:hi], local_map, experts,
