@@ -22,6 +22,7 @@ import torch
 
 from .._checks import (FLOAT_DTYPES, as_float_dtype, check_finite, check_float_dtype, check_same_device, check_shape,
                        check_tensor)
+from ._dequant_fast import fast_ok, fp8_block_dequantize_fast, int4_group_dequantize_fast, mxfp4_dequantize_fast
 from ._quant_rules import (
     fp8_block_dequantize,
     fp8_block_quantize,
@@ -70,15 +71,21 @@ def _quantize_one(w: torch.Tensor, fmt: WeightFormat):
     raise TypeError(f"fmt must be a moekit weight format, got {type(fmt).__name__}")
 
 
-def _dequantize_one(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+def _dequantize_one(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, dtype: torch.dtype) -> torch.Tensor:
+    """The rule's values in ``dtype``: by the fast forms of :mod:`._dequant_fast` (the same bits) where they apply."""
+    fast = fast_ok(wq, scale, isinstance(fmt, Mxfp4Format))
     if isinstance(fmt, Fp8BlockFormat):
-        return fp8_block_dequantize(wq, scale, fmt.block_n, fmt.block_k)
+        if fast:
+            return fp8_block_dequantize_fast(wq, scale, fmt.block_n, fmt.block_k).to(dtype)
+        return fp8_block_dequantize(wq, scale, fmt.block_n, fmt.block_k).to(dtype)
     if isinstance(fmt, Fp8ChannelFormat):
-        return fp8_rowwise_dequantize(wq, scale)
+        return fp8_rowwise_dequantize(wq, scale).to(dtype)
     if isinstance(fmt, Mxfp4Format):
-        return mxfp4_dequantize(wq, scale)
+        return mxfp4_dequantize_fast(wq, scale, dtype) if fast else mxfp4_dequantize(wq, scale).to(dtype)
     if isinstance(fmt, Int4GroupFormat):
-        return int4_group_dequantize(wq, scale, fmt.group_size)
+        if fast:
+            return int4_group_dequantize_fast(wq, scale, fmt.group_size, dtype)
+        return int4_group_dequantize(wq, scale, fmt.group_size).to(dtype)
     raise TypeError(f"fmt must be a moekit weight format, got {type(fmt).__name__}")
 
 
@@ -107,14 +114,15 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, *, shards: int | None = 
 
 def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, *, shards: int | None = None,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(Wq, S) -> W``: the float32 product, then cast to ``dtype``.
+    """``(Wq, S) -> W``: the float32 product, then cast to ``dtype`` (computed by the faster forms of
+    :mod:`._dequant_fast` where they apply, with the same bits).
 
     wq, scale: as :func:`quantize_weight` returns them. returns: [..., N, K] ``dtype``.
     """
     if shards is None or not _sharded(fmt):
-        return _dequantize_one(wq, scale, fmt).to(dtype)
+        return _dequantize_one(wq, scale, fmt, dtype)
     parts = zip(wq.chunk(shards, dim=-2), _split_scales(scale, fmt, shards))
-    return torch.cat([_dequantize_one(q, s, fmt) for q, s in parts], dim=-2).to(dtype)
+    return torch.cat([_dequantize_one(q, s, fmt, dtype) for q, s in parts], dim=-2)
 
 
 def expert_sizes(fmt: WeightFormat, w13_q: torch.Tensor, w2_q: torch.Tensor,
