@@ -165,7 +165,7 @@ def fused_experts_quant_torch(
         most = max(1, workspace_bytes // (4 * p.top_k * (2 * hidden + rows + 2 * inter) + 64 + slot_row))
         return compiled_chunks(lambda xc, wc, ic: run(xc, wc, ic, local_map, experts, apply_router_weight_on_input),
                                most, hidden_states, topk_weights, topk_ids)  # guards at powers of two, not on T
-    repeats = _repeats(topk_ids) if p.num_tokens else 1
+    repeats = _repeats(topk_ids)  # (T > 0 here)
     step = chunk_tokens(p.num_tokens, max(1, workspace_bytes // (4 * p.top_k * hidden + 16 * p.top_k + 64
                                                                   + repeats * slot_row)))
     for lo in range(0, p.num_tokens, step):
