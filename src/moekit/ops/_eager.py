@@ -77,3 +77,19 @@ def unit_rows(*tensors):
     the kernels index rows as ``base + row · stride(0) + col``. The custom ops' bodies call it, so a direct
     ``torch.ops.moekit.*`` call with a transposed view is right, not read with the wrong strides (round 54)."""
     return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
+
+
+def autocast_off(fn):
+    """``fn(x, ...)`` run with autocast off on ``x``'s device where it is on: the torch twins' GEMMs run in the
+    layer's dtype, as the kernels do (round 68: under ``torch.autocast`` their ``@`` ran in bf16 — a float32 or fp8
+    layer moved 5e-3 to 1.4e-2 from itself and from the Triton path, float16's float32 pre-activations overflowed)."""
+    def run(*args, **kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)  # (the first argument: a tensor)
+        device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    run.__wrapped__ = fn
+    return run

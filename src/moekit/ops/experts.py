@@ -29,7 +29,7 @@ from .._checks import (
     host_sync_allowed,
     values_checkable,
 )
-from ._eager import rounded
+from ._eager import autocast_off, rounded
 from .activation import acc_dtype, apply_activation_torch, check_swiglu_limit, get_activation
 
 #: Upper bound on the reference path's per-chunk scratch memory (bytes).
@@ -226,6 +226,7 @@ def fused_experts_torch(
     )
 
 
+@autocast_off  # (the GEMMs in the weights' dtype under torch.autocast too: round 68)
 def experts_reference(
     x, w1, w2, topk_weights, topk_ids, *, activation="silu", apply_router_weight_on_input=False,
     w1_bias=None, w2_bias=None, expert_map=None, swiglu_limit=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES,

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_tensor, host_sync_allowed
-from ._eager import rounded
+from .._checks import check_int, check_tensor, host_sync_allowed
+from ._eager import autocast_off, rounded
 from ._quant_rules import dequantize_fp8_activations, quantize_fp8_activations
 from .activation import apply_activation_torch
 from .experts import (DEFAULT_WORKSPACE_BYTES, _repeats, check_expert_map_range, check_experts_inputs,
@@ -97,6 +97,7 @@ def _stand_in(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
 
 
+@autocast_off  # (the GEMMs in the format's dtypes under torch.autocast too: round 68)
 def fused_experts_quant_torch(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
@@ -131,6 +132,7 @@ def fused_experts_quant_torch(
     returns: [T, H] dtype of hidden_states.
     """
     fmt = parse_quant_config(fmt)
+    check_int("workspace_bytes", workspace_bytes, minimum=1)  # (round 68: 0 or None reached the chunk arithmetic)
     e, inter, hidden, gated, p = check_quant_experts_inputs(
         hidden_states, w13, w2, topk_weights, topk_ids, fmt=fmt, w13_scale=w13_scale, w2_scale=w2_scale,
         w13_input_scale=w13_input_scale, w2_input_scale=w2_input_scale, activation=activation,

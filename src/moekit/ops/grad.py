@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from .experts import DEFAULT_WORKSPACE_BYTES
+from ._eager import autocast_off
 from .experts_grad import experts_backward
 from .quantize import dequantize_experts
 from .routing import compute_scores, finish_weights
@@ -173,7 +174,7 @@ class _ExpertsFn(torch.autograd.Function):
                 "(requires_grad_(False)), or dequantise the layer to train them")
         need = (wanted[1], wanted[2], wanted[4] and not quant, wanted[5] and not quant, wanted[6], wanted[7])
         shapes, chunk = c.layout(x.dtype)
-        grads = experts_backward(
+        grads = autocast_off(experts_backward)(  # (in the layer's dtype under autocast too: round 68)
             dy, x, topk_weights, topk_ids, stacks_of=c.stacks_of, shapes=shapes,
             activation=kw.get("activation", "silu"), swiglu_limit=kw.get("swiglu_limit"),
             on_input=kw.get("apply_router_weight_on_input", False), w1_bias=b13, w2_bias=b2,

@@ -23,6 +23,7 @@ import torch
 from .._checks import (FLOAT_DTYPES, as_float_dtype, check_finite, check_float_dtype, check_same_device, check_shape,
                        check_tensor)
 from ._dequant_fast import fast_ok, fp8_block_dequantize_fast, int4_group_dequantize_fast, mxfp4_dequantize_fast
+from ._eager import autocast_off
 from ._quant_rules import (
     fp8_block_dequantize,
     fp8_block_quantize,
@@ -99,6 +100,7 @@ def _split_scales(scale: torch.Tensor, fmt: WeightFormat, shards: int) -> list[t
     return list(scale.unbind(dim=-1))
 
 
+@autocast_off  # (round 68: under torch.autocast the cat of fp8 shards raised from autocast's promotion)
 def quantize_weight(w: torch.Tensor, fmt: WeightFormat, *, shards: int | None = None):
     """``W -> (Wq, S)`` by ``fmt``'s reference rule (see :mod:`._quant_rules`).
 
@@ -112,6 +114,7 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, *, shards: int | None = 
     return torch.cat([p[0] for p in parts], dim=-2), _join_scales([p[1] for p in parts], fmt)
 
 
+@autocast_off
 def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, *, shards: int | None = None,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(Wq, S) -> W``: the float32 product, then cast to ``dtype`` (computed by the faster forms of

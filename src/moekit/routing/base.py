@@ -180,7 +180,8 @@ class BaseRouter(torch.nn.Module):
         """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
         zero = result.zero_contribution(hidden_states)
-        self.zero_output_holder().value = zero.to(hidden_states.dtype) if zero is not None else None
+        value = zero.to(hidden_states.dtype) if zero is not None else None
+        (swap_zero_output_eagerly if torch.compiler.is_compiling() else swap_zero_output)(self, value)
         return result.topk_weights, result.topk_ids
 
     def zero_output_holder(self) -> "ThreadValue":
@@ -206,6 +207,19 @@ class ThreadValue(threading.local):
 
     def __deepcopy__(self, memo):
         return ThreadValue()
+
+
+def swap_zero_output(router, value):
+    """Set ``router``'s per-thread zero-expert output to ``value``; return the one it held."""
+    holder = router.zero_output_holder()
+    old, holder.value = holder.value, value
+    return old
+
+
+#: :func:`swap_zero_output` run eagerly from compiled code (a graph break; ``fullgraph=True`` refuses it): dynamo drops
+#: writes to a ``threading.local`` without a word, so a compiled ``select_experts`` left the value an earlier eager
+#: call set, and a compiled read did not clear it (round 68, a regression of round 67's per-thread value)
+swap_zero_output_eagerly = torch.compiler.disable(swap_zero_output)
 
 
 def _warn_hook(what: str) -> None:

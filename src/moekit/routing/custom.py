@@ -10,6 +10,7 @@ import torch
 
 from .._checks import check_callable, check_finite, check_same_device, declared_graph_safe
 from ..ops.experts import check_ids_in_range
+from ..ops.routing import LOGITS_HINT
 from ..ops.kernels import Kernels
 from ..types import RoutingMethodType, RoutingResult
 from .base import BaseRouter, IndicesTypeGetter, routing_spec
@@ -101,7 +102,7 @@ class CustomRoutingRouter(BaseRouter):
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         reference = self.kernels.checks_values
         if reference:
-            check_finite("router_logits", router_logits)
+            check_finite("router_logits", router_logits, LOGITS_HINT)  # (round 68: the other routers' hint)
         fn = self.custom_routing_function
         if self._call_style[0] is not fn:  # the attribute was reassigned
             self._call_style = (fn, by_keyword(fn))

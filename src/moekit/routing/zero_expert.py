@@ -9,7 +9,7 @@ from .._checks import check_choice, check_int
 from ..ops.kernels import Kernels
 from ..ops.zero_experts import ZERO_EXPERT_TYPES
 from ..types import RoutingResult
-from .base import IndicesTypeGetter, ScoredRouter
+from .base import IndicesTypeGetter, ScoredRouter, swap_zero_output_eagerly, swap_zero_output
 
 
 class ZeroExpertRouter(ScoredRouter):
@@ -66,7 +66,6 @@ class ZeroExpertRouter(ScoredRouter):
         """The zero-expert output [T, H] (dtype of ``hidden_states``) of this thread's last ``select_experts``
         call, then None: reading clears it (the seed's contract; per thread since round 49: two threads routing
         through one router read each other's). The layer's forward does not use or set it (its routing returns
-        the zero slots' weight sum in the :class:`~moekit.types.RoutingResult`)."""
-        holder = self.zero_output_holder()
-        value, holder.value = holder.value, None
-        return value
+        the zero slots' weight sum in the :class:`~moekit.types.RoutingResult`). Under ``torch.compile`` the set and
+        the read each run eagerly (a graph break: ``fullgraph=True`` refuses them)."""
+        return (swap_zero_output_eagerly if torch.compiler.is_compiling() else swap_zero_output)(self, None)
