@@ -9,6 +9,8 @@ dispatch modes see, and that ``torch.library.opcheck`` tests.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
@@ -83,6 +85,7 @@ def autocast_off(fn):
     """``fn(x, ...)`` run with autocast off on ``x``'s device where it is on: the torch twins' GEMMs run in the
     layer's dtype, as the kernels do (round 68: under ``torch.autocast`` their ``@`` ran in bf16 — a float32 or fp8
     layer moved 5e-3 to 1.4e-2 from itself and from the Triton path, float16's float32 pre-activations overflowed)."""
+    @functools.wraps(fn)  # (its module and name too: pickles of layers name the table's functions)
     def run(*args, **kwargs):
         x = args[0] if args else next(iter(kwargs.values()), None)  # (the first argument: a tensor)
         device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
@@ -90,6 +93,4 @@ def autocast_off(fn):
             with torch.autocast(device, enabled=False):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
-    run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-    run.__wrapped__ = fn
     return run
