@@ -236,14 +236,16 @@ def test_compiled_reference_experts_above_the_workspace_bound_guard_on_powers_of
     # layer): chunks of chunk_tokens(T, most) in range(0, T, chunk) guarded on T itself, a graph per T and
     # FailOnRecompileLimitHit at the 9th. Now n chunks of ceil(T / n) tokens, n a power of two: T = 20, 25, 30 (bound
     # 16 tokens here, 2 chunks each) share the dynamic graph
-    monkeypatch.setitem(ops_experts.experts_reference.__kwdefaults__, "workspace_bytes", 20000)
+    monkeypatch.setitem(ops_experts.experts_reference.__wrapped__.__kwdefaults__, "workspace_bytes", 20000)  # (r68: the
+    # autocast_off wrapper holds the function)
     layer, _ = _layer("plain", "torch", e=4)
     assert _run_token_counts(layer, (20, 25, 30), H) == 2
 
 
 def test_compiled_quantised_reference_experts_above_the_workspace_bound_guard_on_powers_of_two(monkeypatch):
     # the same loop of the quantised twin (fused_experts_quant_torch): T = 5, 6, 7 over a bound of 4 tokens
-    monkeypatch.setitem(ops_experts_quant.fused_experts_quant_torch.__kwdefaults__, "workspace_bytes", 20000)
+    monkeypatch.setitem(ops_experts_quant.fused_experts_quant_torch.__wrapped__.__kwdefaults__, "workspace_bytes",
+                        20000)
     fmt, g = Int4GroupFormat(32), torch.Generator().manual_seed(9)
     layer = moekit.FusedMoE(4, K, 64, 64, params_dtype=torch.bfloat16, quant_config=fmt, backend="torch")
     q13, q2, s13, s2 = moekit.quantize_experts((torch.randn(4, 128, 64, generator=g) * 0.1).bfloat16(),
