@@ -144,8 +144,7 @@ class LayerKeys:
         unseen; a review of round 67: one-key ``load_weights`` calls, vLLM's form, took 12-21 s for E = 512)."""
         if self._by_weight is None:
             mine, p = self.layer.expert_mapping, self.layer.routed_experts.placement
-            # (entries copied as tuples: a list entry edited in place stayed equal to the cached copy: round 68)
-            source = [tuple(e) for e in mine] if mine else ("default", p.num_logical, p.num_physical)
+            source = [tuple(e) for e in mine] if mine else ("default", p.num_logical, p.num_physical)  # (r68: tuples)
             cached = self.layer.__dict__.get("_moekit_by_weight")
             if cached is None or cached[0] != source:
                 by: dict[str, list[tuple[int, str]]] = {}

@@ -81,7 +81,8 @@ def int4_group_dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, group_
 
 def fp8_block_dequantize_fast(wq: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
     """``fp8_block_dequantize(wq, scale, block_n, block_k)``, the same bits. wq: [..., N, K] e4m3;
-    scale: [..., ⌈N/bn⌉, ⌈K/bk⌉]. returns: [..., N, K] float32 (a view of a padded buffer when a block is partial)."""
+    scale: [..., ⌈N/bn⌉, ⌈K/bk⌉]. returns: [..., N, K] float32 (a view of a padded buffer where a block is
+    partial)."""
     n, k = wq.shape[-2:]
     nb, kb = scale.shape[-2:]
     lead = wq.shape[:-2]
