@@ -139,9 +139,8 @@ class LayerKeys:
 
     @property
     def by_weight(self) -> dict[str, list[tuple[int, str]]]:
-        """Kept on the layer for the next call with what it was made from: the sizes (default mapping) or a copy of
-        ``layer.expert_mapping``, compared by value (round 66 keyed it by the list's identity: edits in place went
-        unseen; a review of round 67: one-key ``load_weights`` calls, vLLM's form, took 12-21 s for E = 512)."""
+        """Kept on the layer with its source, the sizes or a copy of ``layer.expert_mapping`` compared by value
+        (round 66: by identity, edits in place unseen; round 67: one-key ``load_weights`` took 12-21 s at E = 512)."""
         if self._by_weight is None:
             mine, p = self.layer.expert_mapping, self.layer.routed_experts.placement
             source = [tuple(e) for e in mine] if mine else ("default", p.num_logical, p.num_physical)  # (r68: tuples)
@@ -212,6 +211,7 @@ def load_layer_weights(
         consumed.add(name)
     if slots:  # one state dict (round 53's review: one key at a time was a partial one, refused once EPLB had moved)
         layer.routed_experts.load_state_dict(slots, strict=False)
+    getattr(layer.router, "forget_written_values", list)()  # (to_empty values written: compiled forwards, r68)
     return consumed
 
 

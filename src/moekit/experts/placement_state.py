@@ -68,7 +68,8 @@ def state_buffers(experts, movable: bool) -> None:
         if values is None:
             experts._buffers.pop(key, None)
         else:
-            experts.register_buffer(key, torch.tensor(values, dtype=torch.int64, device=device))
+            with torch.inference_mode(False):  # (a normal tensor in any mode: rebalances refresh it in place)
+                experts.register_buffer(key, torch.tensor(values, dtype=torch.int64, device=device))
 
 
 def buffers_refreshed(experts) -> None:
@@ -77,6 +78,8 @@ def buffers_refreshed(experts) -> None:
     for key, values in ((SHARD_KEY, shard_of(p)), (PLACEMENT_KEY, tuple(p.physical_to_logical))):
         buf = experts._buffers.get(key)
         if buf is not None and not buf.is_meta:
+            if buf.is_inference() and not torch.is_inference_mode_enabled():  # (moved under inference mode)
+                experts._buffers[key] = buf = buf.clone()
             with torch.no_grad():
                 buf.copy_(torch.tensor(values, dtype=torch.int64))
 

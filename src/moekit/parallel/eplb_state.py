@@ -79,11 +79,11 @@ class EplbState(torch.nn.Module):
         self.window_size = window_size
         self.max_replicas = min(w, p - e + 1)
         kw = dict(dtype=torch.int64, device=device)
-        self.register_buffer("physical_to_logical", torch.zeros(p, **kw), persistent=False)
-        self.register_buffer("logical_to_physical", torch.zeros(e, self.max_replicas, **kw), persistent=False)
-        self.register_buffer("replica_count", torch.zeros(e, **kw), persistent=False)
-        self.register_buffer("load_window", torch.zeros(window_size, e, **kw), persistent=False)
-        self.register_buffer("step", torch.zeros((), **kw), persistent=False)
+        with torch.inference_mode(False):  # normal tensors, updatable in place in any mode (round 68: a state built
+            # under inference mode held inference tensors, and a compiled forward outside it failed on the record)
+            for name, shape in (("physical_to_logical", (p,)), ("logical_to_physical", (e, self.max_replicas)),
+                                ("replica_count", (e,)), ("load_window", (window_size, e)), ("step", ())):
+                self.register_buffer(name, torch.zeros(shape, **kw), persistent=False)
         self._p2l: tuple[int, ...] = ()  # the maps' source, on the host (rebuilt from it after ``to_empty``)
         self.set_placement(placement)
 
@@ -152,11 +152,12 @@ class EplbState(torch.nn.Module):
         with self.writable():
             self._record(topk_ids, topk_weights, on_input)
 
-    def writable(self):
-        """A context in which the buffers may be updated in place: inference mode for a state built under it (its
-        buffers are inference tensors, which only inference mode may update: round 49, the forward's load record and
-        ``rebalance()``'s new maps raised outside it), else nothing."""
-        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and self.step.is_inference():
+    def writable(self, *tensors: torch.Tensor):
+        """A context in which the buffers (and ``tensors``: a rebalance's expert weights) may be updated in place:
+        inference mode where one is an inference tensor (made under inference mode, which alone may update them:
+        round 49, the forward's load record and ``rebalance()``'s moves raised outside it), else nothing."""
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and any(
+                t.is_inference() for t in (self.step, *tensors)):
             return torch.inference_mode()
         return contextlib.nullcontext()
 
@@ -177,8 +178,9 @@ class EplbState(torch.nn.Module):
     def materialize(self, device) -> None:
         """Buffers on the meta device (a layer built there whose weights a state dict assigned: these buffers are not
         in it) allocated on ``device`` and derived (:meth:`_derived`)."""
-        for name, buf in list(self._buffers.items()):
-            self._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+        with torch.inference_mode(False):
+            for name, buf in list(self._buffers.items()):
+                self._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
         self._derived()
 
     @torch.no_grad()

@@ -110,7 +110,7 @@ def rebalance_layer(layer, *, num_nodes: int = 1, reset_window: bool = False) ->
         reason = keep_reason(load, old, candidate, w, strategy, nodes)  # all-reduced load: the same on every rank
         new = old if reason else candidate
     moves = plan_weight_moves(old, new, w, strategy)
-    with state.writable():  # a layer built under inference_mode holds inference tensors (weights and maps)
+    with state.writable(*experts.parameters(), *experts.buffers()):  # built under inference_mode: inference tensors
         written = move_expert_weights(experts, moves, ex.ep_group, placement.ep_rank) if moves else 0
         state.set_placement(experts.set_physical_to_logical(new))
         if reset_window:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_bool, check_finite, check_int, check_same_device, check_tensor
+from .._checks import check_bool, check_finite, check_int, check_same_device, check_tensor, host_sync_allowed
 from ..ops.kernels import Kernels, kernels_for
 from ..ops.routing import TopKSpec, check_bias, check_gating, check_indices_type
 from ..types import RoutingMethodType, RoutingResult
@@ -153,7 +153,12 @@ class BaseRouter(torch.nn.Module):
         indices_type = self.indices_type
         check_indices_type(indices_type)
         if self._unset_values:  # (to_empty from meta: never loaded since)
-            check_values_set(self)
+            if host_sync_allowed():
+                check_values_set(self)
+            elif names := [n for n, (t, _) in self._unset_values.items() if self._buffers.get(n) is t]:
+                raise RuntimeError(f"{type(self).__name__}: {', '.join(names)} came from to_empty and no load has "
+                                   "written it since: load it (load_state_dict / load_weights), or run one eager "
+                                   "forward, before compiling or capturing (round 68: its check reads values)")
         result = self._compute_routing(hidden_states, router_logits, indices_type, input_ids)
         if self.eplb_state is not None:
             ids = self.eplb_state.map_logical_to_physical(result.topk_ids)
@@ -190,6 +195,10 @@ class BaseRouter(torch.nn.Module):
         if not isinstance(holder, ThreadValue):
             holder = self.__dict__["_zero_expert_output"] = ThreadValue()
         return holder
+
+    def forget_written_values(self) -> list[str]:
+        """:func:`forget_written_values` (loads call it)."""
+        return forget_written_values(self)
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
@@ -269,6 +278,21 @@ def check_values_set(router) -> None:
     """``RuntimeError`` naming the value buffers materialised by ``to_empty`` (:func:`keep_bias_dtype`) that nothing
     wrote since: an assignment replaces them, a load copies into them (bumping their version; else, through ``.data``
     or into an inference tensor, found by their values: still all NaN / -1, one host read while so marked)."""
+    unset = forget_written_values(router)
+    if unset:
+        raise RuntimeError(f"{type(router).__name__}: {', '.join(unset)} came from to_empty (uninitialised memory) and "
+                           "was never loaded; load a state dict (layer.load_state_dict), the tensor "
+                           "(layer.load_weights([('router.e_score_correction_bias', bias)]); router.hash_indices_table "
+                           "likewise), or assign it, before a forward")
+
+
+def forget_written_values(router) -> list[str]:
+    """Drop the value buffers written since ``to_empty`` from ``router``'s record (host reads); return the names still
+    unwritten. Loads call it (round 68: only an eager forward did, and a compiled one cannot: ``torch.compile`` of a
+    layer built on meta and loaded failed until one eager forward had run)."""
+    if not router._unset_values:
+        return []
+
     def unwritten(name, t, v) -> bool:
         if v is not None and _version(t) != v:
             return False
@@ -281,11 +305,7 @@ def check_values_set(router) -> None:
     swapped = {n: tv for n, tv in router._unset_values.items() if router._buffers.get(n) is not tv[0]}  # (no read)
     unset = {n: (t, v) for n, (t, v) in router._unset_values.items() if n not in swapped and unwritten(n, t, v)}
     router._unset_values = {**swapped, **unset} or None
-    if unset:
-        raise RuntimeError(f"{type(router).__name__}: {', '.join(unset)} came from to_empty (uninitialised memory) and "
-                           "was never loaded; load a state dict (layer.load_state_dict), the tensor "
-                           "(layer.load_weights([('router.e_score_correction_bias', bias)]); router.hash_indices_table "
-                           "likewise), or assign it, before a forward")
+    return list(unset)
 
 
 def warn_bias_dtype(router, dtype: torch.dtype) -> None:
@@ -343,6 +363,7 @@ class ScoredRouter(BaseRouter):
         if isinstance(bias, torch.Tensor) and self.e_score_correction_bias is not None:
             check_finite(f"{prefix}e_score_correction_bias (state dict)", bias)
         super()._load_from_state_dict(state_dict, prefix, *args)
+        forget_written_values(self)
 
     # the spec is the one store of these settings; the seed's attribute names read it
     scoring_func = property(lambda self: self.spec.scoring_func, doc='"softmax", "sigmoid" or "sqrtsoftplus"')
