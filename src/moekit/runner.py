@@ -34,6 +34,7 @@ from .experts.graphed import GraphCache
 from .experts.graphed_plan import (GraphPlan, capture_whole, graph_plan, release_graphs, replay_bucket, replay_whole,
                                    route_graphed, take_graphs, unpack_scores)
 from .experts.mapping import check_expert_mapping, load_layer_weights
+from .experts.range16 import cast_dtype_checked
 from .experts.routed import RoutedExperts
 from .parallel.agree import agreed_forward
 from .parallel.rebalance import rebalance_layer
@@ -291,8 +292,7 @@ class MoERunner(torch.nn.Module):
         return self._tail(hidden_states, routed, False, h)
 
     def _routed_input(self, h: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden_size]: ``routed_input_transform(h)`` if set, else ``h`` (h: the input as [T, H_in]), checked
-        against the routed experts."""
+        """x [T, hidden_size]: ``routed_input_transform(h)`` if set, else ``h`` (the input [T, H_in]), checked."""
         x = h
         if self.routed_input_transform is not None:
             x = ran("routed_input_transform", self.routed_input_transform, h, h.shape[0],
@@ -362,6 +362,7 @@ class MoERunner(torch.nn.Module):
     _graph_state = graph_state  # what the graphs read besides their inputs (a change drops them)
 
     def _apply(self, fn, *args, **kwargs):
+        cast_dtype_checked(self.routed_experts, fn)  # (a float16 refusal before any child moves: round 68)
         if self._graphs is not None:  # .to() / .cuda() / .half(): drop the graphs (and their memory) first
             self._graphs.clear()
         out = super()._apply(fn, *args, **kwargs)

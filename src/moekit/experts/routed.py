@@ -37,13 +37,12 @@ from .layout import DOWN, SHARD_IDS, UP
 from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, swapped_in_whole,
                             unset_value, values_kept, values_sample, writable)
 from .output_norm import check_output_norm, normed_experts, norm_ids_map
-from .packed import (RELAID_WEIGHTS, cast_params_dtype, follow_params_dtype, follow_weight_dtype, relay_loaded,
-                     spec_packed_saved)
+from .packed import RELAID_WEIGHTS, follow_params_dtype, follow_weight_dtype, relay_loaded, spec_packed_saved
 from .params import (KINDS, ExpertTensor, check_range, check_scale_values, check_state_tensors, check_tp_split,
                      expert_tensors_spec, fit, full_precision, global_stacks, keep_dtypes, stored)
 from .placement import ExpertPlacement
 from .placement_state import incoming_placement, maps_rebuilt, placement_moved, placement_saved, slots_of
-from .range16 import check_named, pending_pairs
+from .range16 import cast_dtype_checked, check_named, check_state_dict, pending_pairs, shard_given
 
 class RoutedExperts(torch.nn.Module):
     """The routed experts of one rank: stacked weights, their loading, and the call into the kernel table.
@@ -142,7 +141,8 @@ class RoutedExperts(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
-        new, sample = cast_params_dtype(self, fn) if self.quant is not None else None, values_sample(self)
+        # (float16 4-bit: a dequantised weight past float16's range is refused before anything moves: range16)
+        new, sample = cast_dtype_checked(self, fn), values_sample(self)
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
         if not self.w13_weight.is_meta and not values_kept(sample, self):  # ``to_empty`` (from meta; round 63: or of
             maps_rebuilt(self)  # values): the maps hold garbage, the expert tensors are unset as at construction (a
@@ -225,7 +225,7 @@ class RoutedExperts(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         check_state_tensors(self, state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
-        check_named(self, state_dict, prefix, f"state dict entries {prefix}")  # (float16 4-bit layers)
+        check_state_dict(self, state_dict, prefix)  # (float16 4-bit layers: pairs, and halves given alone)
         placement = incoming_placement(self, state_dict, prefix)  # shapes and placement, checked before any copy
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -330,10 +330,11 @@ class RoutedExperts(torch.nn.Module):
             if not slots:  # another rank's expert (EP): checked, not quantised (a fused stack reaches every rank)
                 return 0
             tensor, scale = quantize_weight(tensor, self.quant)
+            pending_pairs(self).keep(self, logical_id, shard_id, tensor, scale, what)  # (float16 4-bit: the pair)
             self.load_expert_shard(logical_id, shard_id, scale, kind="scale")
         check_range(spec.dtype, tensor, what)  # (load_expert_weights: global_stacks checks the whole stacks first)
         part = fit(spec, stored(spec, tensor, what), what)
-        pending_pairs(self).given(self.moe_config.params_dtype, self.quant, logical_id, shard_id, kind, part, what)
+        shard_given(self, logical_id, shard_id, kind, part, slots, what)  # (float16 4-bit: with its other half)
         for slot in slots:
             spec.write(writable(self, spec.name), slot, shard_id, part, self.tp_rows,
                        relay=spec.name in self._relaid_weights())
