@@ -12,13 +12,20 @@ import torch
 from ..loading.plan import LayerPlan
 from ._blocks import refuse_train_routing
 from ._record import collecting
+from ._restore import DROPPED
 
 
 def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
-    """A patched block's ``state_dict`` holds moekit's names, which ``from_pretrained`` does not read: say so."""
+    """A patched block's ``state_dict`` holds moekit's names, which ``from_pretrained`` does not read: say so, and
+    what ``unpatch`` needs (round 68: for a block patched with converted copies and no original kept, gpt-oss's, the
+    advice to unpatch led to unpatch's refusal)."""
+    how = ("call moekit.integrations.transformers.unpatch(model) before save_pretrained" if DROPPED not in
+           module.__dict__ else "unpatch(model) cannot restore this block (patched with converted copies of its "
+           "weights, its original not kept): patch a freshly loaded model with patch(model, restorable=True) to save "
+           "it in transformers' format later, or save moekit's state_dict")
     warnings.warn("a model patched by moekit has moekit's state_dict keys for its MoE blocks (e.g. "
-                  "'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: call "
-                  "moekit.integrations.transformers.unpatch(model) before save_pretrained", UserWarning, stacklevel=2)
+                  f"'moe.routed_experts.w13_weight'), which transformers' from_pretrained does not read: {how}",
+                  UserWarning, stacklevel=2)
 
 
 class _Recording(torch.nn.Module):

@@ -116,9 +116,12 @@ def experts_weights(module):
     if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
         return w13, module.down_proj, b13, b2
     layout = FusedLayout(transposed=bool(module.is_transposed), interleaved=not module.is_concatenated)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (w13, module.down_proj, b13, b2)):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (w13, module.down_proj, b13, b2))):
         # autograd through the conversion to the block's own stacks (round 58: cached detached copies gave gpt-oss's
-        # stacks no gradient, silently); converted per call while training
+        # stacks no gradient, silently); converted per call while training, and while compiling (round 68: the
+        # cache's key, an attribute write and is_inference() broke fullgraph and recompiled every call: views and
+        # a cat the compiled graph holds)
         return convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
     key = _fingerprint((w13, module.down_proj, b13, b2))
     cache = getattr(module, "_moekit_converted", None)
