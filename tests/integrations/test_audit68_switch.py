@@ -38,7 +38,12 @@ def test_switch_on_gpt_oss_compiles_for_static_cache_generation(fullgraph):
         model.forward = torch.compile(model.forward, backend="eager", fullgraph=fullgraph)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outs.append(model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"))
+            try:
+                outs.append(model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"))
+            except torch._dynamo.exc.Unsupported as err:
+                if model is sw:
+                    raise
+                pytest.skip(f"transformers' own model does not compile with this torch / transformers: {err}"[:200])
         graphs.append((counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())))
     torch._dynamo.reset()
     assert torch.equal(outs[0], outs[1])
