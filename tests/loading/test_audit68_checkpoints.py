@@ -119,8 +119,8 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path
 
 # --- 3. Git LFS pointers and empty files
 
-_POINTER = ("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2"
-            "ca24d17e2393\nsize 4983207120\n")
+_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+            "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4983207120\n")
 
 
 @pytest.mark.parametrize("content, needles", [
