@@ -29,7 +29,8 @@ import torch
 from .._argparse import OneLineParser
 from ..ops.activation import is_gated
 from .architectures import checkpoint_block_key, plan_layers, raw_text_config, text_config
-from .files import CheckpointNotFoundError, checkpoint_files, config_dtype, read_config, read_header
+from .duplicates import check_duplicate_experts
+from .files import checkpoint_files, config_dtype, path_hint, read_config, read_header
 from .keys import assign_keys
 from .modules import build_layer
 from .plan import LayerPlan
@@ -80,15 +81,17 @@ def stored_dtypes(path: str, spec, plans: list[LayerPlan]) -> dict[str, dict[str
     for the routed expert weights of ``path``'s ``.safetensors`` headers (only the headers of the shards holding them
     are read, no tensor); a block whose expert tensors are in no present shard is left out. None where the directory
     has no ``.safetensors`` file (config.json alone). An unreadable index or shard raises the ``ValueError`` /
-    ``OSError`` naming it (round 67: it was taken for "no header", and the sizes shown at config.json's dtype)."""
-    try:
-        files = checkpoint_files(path)
-    except CheckpointNotFoundError:  # inspect shows the layout without them
-        return None
+    ``OSError`` naming it (round 67: it was taken for "no header", and the sizes shown at config.json's dtype); so do
+    a broken symlink and an expert tensor stored under two keys, as :func:`moekit.load_moe_layers` refuses them."""
+    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")) and not any(
+            name.endswith(".safetensors") for name in os.listdir(path)):
+        return None  # inspect shows the layout without them (round 68: not for a broken symlink, which is refused)
+    files = checkpoint_files(path)
     assigned = assign_keys(spec, plans, files)
     headers: dict[str, dict] = {}
     out = {}
     for p in plans:
+        check_duplicate_experts(spec, p, assigned.get(p.name, {}))  # (as load_moe_layers refuses them: round 68)
         found: dict[str, str] = {}
         for rel, key in sorted(assigned.get(p.name, {}).items()):
             if not rel.startswith("experts.") or "bias" in rel or "scale" in rel or not os.path.isfile(files[key]):
@@ -350,7 +353,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not os.path.isdir(args.path):
         print(f"moekit inspect: error: argument path: expected a checkpoint directory, got {args.path!r} "
-              "(not a directory)", file=sys.stderr)
+              f"(not a directory){path_hint(args.path)}", file=sys.stderr)
         return 2
     try:
         config = read_config(args.path)

@@ -45,7 +45,8 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
     """layer name -> {moekit-relative name: checkpoint key} for the keys of each planned block.
 
     A key belongs to a block when it starts with one of the block's prefixes (:func:`key_prefixes`);
-    keys of dense layers, MTP layers past ``num_hidden_layers`` and other towers match none."""
+    keys of dense layers, MTP layers past ``num_hidden_layers`` and other towers match none. Two keys of one block
+    with one name (a wrapper's prefix and the plain one, a renamed and a moekit name) raise ``ValueError``."""
     by_prefix = key_prefixes(spec, plans)
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for key in keys:
@@ -53,7 +54,10 @@ def assign_keys(spec: ArchSpec, plans: list[LayerPlan], keys) -> dict[str, dict[
         while dot != -1:
             hit = by_prefix.get(key[: dot + 1])
             if hit is not None:
-                out[hit[0].name][rename_block_key(spec, key[hit[1] :])] = key
+                rel = rename_block_key(spec, key[hit[1] :])
+                if (other := out[hit[0].name].setdefault(rel, key)) != key:  # (round 68: the last one listed won)
+                    raise ValueError(f"{hit[0].name}: checkpoint keys {other!r} and {key!r} both load as {rel!r} (one "
+                                     "tensor stored twice, under two names): remove one")
                 break
             dot = key.find(".", dot + 1)
     return out

@@ -25,6 +25,7 @@ from ..parallel.comm import check_group
 from ..parallel.sync import SettingsDiffer, fail_together
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers, raw_text_config
+from .duplicates import check_duplicate_experts
 from .fields import construction_error
 from .files import checkpoint_files, config_dtype, read_config
 from .keys import (CONSTRUCTION, assign_keys, check_construction, check_not_transposed, construction_tensors,
@@ -42,11 +43,12 @@ def load_moe_layers(
     eager_graph_tokens: int | None = None, ep_group=None, tp_group=None, expert_placement_strategy: str = "linear",
     enable_eplb: bool = False, num_redundant_experts: int = 0,
 ) -> dict[str, "torch.nn.Module"]:
-    """Build and load every MoE block of the checkpoint at ``path`` (a directory holding
-    ``config.json`` and ``*.safetensors``, sharded through ``model.safetensors.index.json`` or not).
+    """Build and load every MoE block of the checkpoint at ``path`` (a directory holding ``config.json`` and
+    ``*.safetensors``, sharded through ``model.safetensors.index.json`` or not; ``model.safetensors`` beside an index is
+    read, not the index, as transformers reads them).
 
     Args:
-        path: the checkpoint directory (``str`` or ``os.PathLike``).
+        path: the checkpoint directory (``str``, ``bytes`` or ``os.PathLike``).
         device: where the layers' weights live (default CPU). Tensors are copied from the files straight
             into the layers' parameters on that device.
         dtype: dtype of the weights (``torch.float32``, ``torch.bfloat16``, ``torch.float16``); default:
@@ -120,12 +122,13 @@ def load_moe_layers(
     no layer can be built from (``topk_group`` > ``n_group``...) -> ``ValueError`` naming the file, block and fields;
     ``device="cuda"`` without a CUDA device -> ``ValueError``; an unknown ``dtype`` (a float ``torch.dtype`` or its
     name: "bf16", "bfloat16", "fp16", "float32"...) -> ``TypeError``; ``device="meta"`` (no data to copy into) ->
-    ``ValueError``; a ``path`` that is no str or path -> ``TypeError``.
+    ``ValueError``; a ``path`` that is no str or path -> ``TypeError``; one routed-expert tensor stored under two keys
+    (``experts.5.gate_proj.weight`` and ``experts.5.w1.weight``, or a fused stack) -> ``ValueError`` naming both.
     """
     try:
-        path = os.fspath(path)
+        path = os.fsdecode(path)  # (bytes too, as os.path takes them: round 68's audit)
     except TypeError:
-        raise TypeError(f"path must be a checkpoint directory (str or os.PathLike), got {type(path).__name__}: "
+        raise TypeError(f"path must be a checkpoint directory (str, bytes or os.PathLike), got {type(path).__name__}: "
                         f"{path!r:.80}") from None
     if progress is not None:
         check_bool("progress", progress)
@@ -239,6 +242,7 @@ def _construction(plan: LayerPlan, assigned: dict, reader, source=None, spec=Non
     sizes = {rel: reader.nbytes(k) for rel, k in keys.items() if rel.startswith("shared_expert")}  # 0: empty
     for rel in [r for r in keys if zero_width_shared_gate(plan, r, sizes)]:
         del keys[rel]  # the gate of a zero-width shared expert: adds nothing (the empty MLP is skipped too)
+    check_duplicate_experts(spec, plan, keys)  # (before any expert tensor is read: round 68, the last one read won)
     # copies (small): the file's mapping otherwise lived on in the layer's buffers, and a rewritten shard changed the
     # routing (round 66)
     construction = construction_tensors({rel: reader.read(k).clone() for rel, k in keys.items() if rel in CONSTRUCTION})

@@ -74,7 +74,7 @@ def checkpoint_formats(config: dict, quant_config) -> tuple[WeightFormat | None,
     """(the routed experts' format, the format of the other quantised linears, whether the checkpoint ships
     quantised) for a config.json dict and the ``quant_config`` asked for (None: as the checkpoint is)."""
     q = quantization_dict(config)
-    shipped, dense = parse_hf_formats(q) if q is not None else (None, None)
+    shipped, dense = _shipped_formats(q) if q is not None else (None, None)
     asked = parse_quant_config(quant_config)
     if shipped is not None and asked is not None and type(asked) is type(shipped) \
             and replace(asked, ignore=shipped.ignore, targets=shipped.targets) == shipped:
@@ -93,6 +93,30 @@ def checkpoint_formats(config: dict, quant_config) -> tuple[WeightFormat | None,
     if shipped is None:
         return asked, asked, False
     return shipped, dense, True
+
+
+#: the ``quant_method`` values config.json may hold that moekit reads
+_READ_METHODS = ("fp8", "mxfp4", "compressed-tensors")
+
+
+def _shipped_formats(q: dict) -> tuple[WeightFormat, WeightFormat]:
+    """:func:`parse_hf_formats` of config.json's ``quantization_config``, its errors naming that (round 68: an AWQ /
+    GPTQ / bitsandbytes checkpoint was refused as "quant_config option quant_method='awq' is not supported", an
+    argument never passed)."""
+    method = q.get("quant_method")
+    method = getattr(method, "value", method)  # (a transformers enum)
+    shown = f"quant_method {method!r}"
+    if method is None and (flag := next((k for k in ("load_in_4bit", "load_in_8bit") if q.get(k)), None)):
+        shown = f"{flag} (a bitsandbytes checkpoint)"  # (older bitsandbytes configs hold no quant_method)
+    if method not in _READ_METHODS:
+        raise NotImplementedError(
+            f"config.json's quantization_config has {shown}: moekit reads checkpoints quantised as "
+            f"{', '.join(_READ_METHODS)} only (and full-precision ones); load the model's full-precision checkpoint "
+            "instead (quant_config= quantises its experts on load)")
+    try:
+        return parse_hf_formats(q)
+    except (NotImplementedError, ValueError, TypeError) as err:
+        raise type(err)(f"config.json's quantization_config: {err}") from None
 
 
 def checkpoint_format(config: dict, quant_config) -> tuple[WeightFormat | None, bool]:

@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from .files import CheckpointNotFoundError, read_header
+from .files import CheckpointNotFoundError, missing_why, read_header
 
 
 def _read(handle, key: str) -> torch.Tensor:
@@ -33,7 +33,7 @@ class Reader:
         f = self.files[key]
         if f not in self.headers:
             if not os.path.isfile(f):
-                raise CheckpointNotFoundError(f"checkpoint shard {f} (holding {key!r}) does not exist")
+                raise CheckpointNotFoundError(f"checkpoint shard {f} (holding {key!r}) {missing_why(f)}")
             self.headers[f] = read_header(f)
         if key not in self.headers[f]:
             raise KeyError(f"checkpoint key {key!r} is listed for {f} but the file does not hold it")
