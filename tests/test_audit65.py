@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import threading
@@ -25,6 +24,7 @@ from moekit.experts.graph_lock import GraphPool
 from moekit.loading.files import CheckpointNotFoundError, checkpoint_files
 from moekit.loading.plan import LayerPlan
 from moekit.loading.reader import one_thread
+from ckpt_blocks import qwen3_block
 from test_audit53_cli import _one_line
 
 H, I, E, K = 16, 12, 6, 2
@@ -36,12 +36,7 @@ def _qwen3(n_layers=1, **kw):
 
 
 def _block(prefix, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = {prefix + "gate.weight": torch.randn(E, H, generator=g)}
-    for x in range(E):
-        for n, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-            t[prefix + f"experts.{x}.{n}.weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
-    return t
+    return qwen3_block(prefix, E, H, I, seed)
 
 
 def _write(path, config, files, index=None):

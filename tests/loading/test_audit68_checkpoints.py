@@ -5,7 +5,6 @@ configs, broken symlinks, a bytes path, a header whose shape disagrees with its 
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 import moekit
 from moekit.loading.files import CheckpointNotFoundError
 from moekit.loading.inspect import inspect_main
+from ckpt_blocks import qwen3_block
 from test_audit53_cli import _one_line  # one stderr line naming the needles, no traceback
 
 H, I, E, K = 16, 8, 4, 2
@@ -28,12 +28,7 @@ def _qwen3(**kw):
 
 
 def _block(seed=0, prefix=PRE):
-    g = torch.Generator().manual_seed(seed)
-    t = {prefix + "gate.weight": torch.randn(E, H, generator=g)}
-    for x in range(E):
-        for n, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-            t[prefix + f"experts.{x}.{n}.weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
-    return t
+    return qwen3_block(prefix, E, H, I, seed)
 
 
 def _write(path, tensors, config=None, name="model.safetensors"):
