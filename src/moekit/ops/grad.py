@@ -146,6 +146,9 @@ class _ExpertsCall:
         return (self.num_local, d13.shape[1], d2.shape[1], d2.shape[2]), chunk
 
 
+_experts_backward = autocast_off(experts_backward)  # (in the layer's dtype under autocast too: round 68)
+
+
 class _ExpertsFn(torch.autograd.Function):
     """forward(call, x, topk_weights, topk_ids, w13, w2, b13, b2, *scales) -> [T, H]; backward:
     :func:`experts_backward`. Quantised calls (``call.shapes`` None) pass their quantised weights and ``scales``
@@ -174,7 +177,7 @@ class _ExpertsFn(torch.autograd.Function):
                 "(requires_grad_(False)), or dequantise the layer to train them")
         need = (wanted[1], wanted[2], wanted[4] and not quant, wanted[5] and not quant, wanted[6], wanted[7])
         shapes, chunk = c.layout(x.dtype)
-        grads = autocast_off(experts_backward)(  # (in the layer's dtype under autocast too: round 68)
+        grads = _experts_backward(
             dy, x, topk_weights, topk_ids, stacks_of=c.stacks_of, shapes=shapes,
             activation=kw.get("activation", "silu"), swiglu_limit=kw.get("swiglu_limit"),
             on_input=kw.get("apply_router_weight_on_input", False), w1_bias=b13, w2_bias=b2,
