@@ -203,3 +203,17 @@ def test_mapping_entries_edited_in_place_after_a_load():
     layer.load_weights([("experts.0.gate_proj.weight", g), ("experts.0.up_proj.weight", u)])
     rows = layer.routed_experts.w13_weight[0]
     assert torch.equal(rows[:i], u) and torch.equal(rows[i:], g)
+
+
+def test_apply_with_callables_that_cannot_be_weakly_referenced():
+    # review of round 68: the float16 cast check marked the cast with a weak reference to fn, which a method
+    # descriptor or operator.methodcaller cannot take: _apply(torch.Tensor.half) raised TypeError
+    import operator
+    for fn in (torch.Tensor.half, operator.methodcaller("half")):
+        layer = moekit.FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=moekit.Mxfp4Format(),
+                                backend="torch")
+        layer.load_expert_weights(*_weights())
+        layer._apply(fn)
+        assert layer.routed_experts.moe_config.params_dtype == torch.float16
+        x = torch.randn(3, H, dtype=torch.float16)
+        assert torch.isfinite(layer(x, router_logits=torch.randn(3, E))).all()

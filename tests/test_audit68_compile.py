@@ -106,3 +106,28 @@ def test_custom_routing_layers_with_different_scales_compile_each():
     with torch.no_grad():
         for layer in layers:
             assert torch.allclose(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x), atol=1e-6)
+
+
+def test_select_experts_of_routers_without_zero_experts_compiles_fullgraph():
+    # review of round 68: every router's select_experts went through the eager (disabled) side-channel write while
+    # compiling; only zero-expert routers have a reader, the others keep a whole graph
+    layer = _make()
+    x, lg = torch.randn(4, H), torch.randn(4, E)
+    f = torch.compile(lambda a, b: layer.router.select_experts(a, b), backend="eager", fullgraph=True)
+    w, ids = f(x, lg)
+    w0, ids0 = layer.router.select_experts(x, lg)
+    assert torch.equal(ids, ids0) and torch.allclose(w, w0)
+
+
+def test_router_value_written_in_place_is_seen_by_a_compiled_forward():
+    # review of round 68: a bias written by copy_ (not a moekit load) after to_empty: the compiled forward (no
+    # fullgraph) checks it in a graph break as before, rather than refusing it as never written
+    kw = ROUTERS["selection bias"]
+    ref = _make(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    layer = _on_meta(**kw)
+    sd = ref.state_dict()
+    layer.load_state_dict({k: v for k, v in sd.items() if not k.startswith("router.")}, strict=False)
+    with torch.no_grad():
+        layer.router.e_score_correction_bias.copy_(sd["router.e_score_correction_bias"])
+        x = torch.randn(5, H)
+        assert torch.allclose(_compiled(layer, fullgraph=False)(x), ref(x), atol=1e-6)

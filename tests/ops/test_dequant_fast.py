@@ -101,3 +101,24 @@ def test_meta_tensors_take_the_rule():
     codes, scale = mxfp4_quantize(torch.randn(4, 64))
     out = dequantize_weight(codes.to("meta"), scale.to("meta"), Mxfp4Format(), dtype=torch.bfloat16)
     assert out.device.type == "meta" and out.shape == (4, 64) and out.dtype == torch.bfloat16
+
+
+def test_mxfp4_factor_ignores_the_default_dtype():
+    # review of round 68: torch.pow(2.0, int tensor) took torch's default dtype: under float16 scale bytes past its
+    # range gave 0 / inf; the factor is made from exponent bits now
+    codes = torch.full((1, 48), 0x22, dtype=torch.uint8)  # 1.0 in both nibbles
+    scale = torch.tensor([[90, 127, 150]], dtype=torch.uint8)
+    want = mxfp4_dequantize(codes, scale)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float16)
+        got = dequantize_weight(codes, scale, Mxfp4Format(), dtype=torch.float32)
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.equal(bits(got), bits(want))
+
+
+def test_fp8_partial_blocks_come_back_contiguous():
+    # the padded buffer's view was returned where a block is partial (.view(-1) raised); the rule's is contiguous
+    q, s = fp8_block_quantize(torch.randn(130, 70), 128, 64)
+    assert dequantize_weight(q, s, Fp8BlockFormat(block_n=128, block_k=64)).is_contiguous()

@@ -151,7 +151,10 @@ def cast_dtype_checked(experts, fn) -> torch.dtype | None:
                     codes, scale = (_held(experts, n, t, slot, s) for n, t in zip(names, whole))
                     check_range(new, dequantize_weight(codes, scale, experts.quant),
                                 f"{side} of expert {ids[slot]} {s} (dequantised; a cast of {who} to float16)")
-    experts.__dict__["_range16_cast"] = Transient(weakref.ref(fn))
+    try:  # (a method descriptor or methodcaller cannot be weakly referenced: checked twice then, review of r68)
+        experts.__dict__["_range16_cast"] = Transient(weakref.ref(fn))
+    except TypeError:
+        pass
     return new
 
 

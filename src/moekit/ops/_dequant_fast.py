@@ -24,7 +24,6 @@ import sys
 import torch
 
 from .._checks import host_sync_allowed
-from ._quant_rules import E8M0_BIAS
 
 
 def fast_ok(wq: torch.Tensor, scale: torch.Tensor, mxfp4: bool) -> bool:
@@ -59,12 +58,20 @@ def _e2m1_values(device) -> torch.Tensor:
     return torch.cat([mag, -mag])
 
 
+def _e8m0_factor(scale: torch.Tensor) -> torch.Tensor:
+    """e8m0 bytes 0..254 -> ``2^(byte - 127)`` float32, from its exponent bits (byte 0: the subnormal 2^-127), as the
+    kernels make it: exact, whatever torch's default dtype (review of round 68: ``torch.pow(2.0, int tensor)`` took a
+    float16 default and gave 0 / inf)."""
+    s = scale.to(torch.int32)
+    return torch.where(s == 0, 1 << (23 - 1), s << 23).view(torch.float32)
+
+
 def mxfp4_dequantize_fast(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``mxfp4_dequantize(codes, scale).to(dtype)``, the same bits (no byte 255 in ``scale``: :func:`fast_ok`).
     codes: [..., N, K/2] uint8; scale: [..., N, K/32] uint8. returns: [..., N, K] ``dtype``."""
     work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # (fp16 cannot hold 2^-127: float32)
     vals = _lookup(_pair_table(_e2m1_values(codes.device), work), codes, work, 32)
-    factor = torch.pow(2.0, scale.to(torch.int32) - E8M0_BIAS).to(work)  # exact: 2^-127 .. 2^127
+    factor = _e8m0_factor(scale).to(work)
     return (vals * factor.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
@@ -81,8 +88,7 @@ def int4_group_dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, group_
 
 def fp8_block_dequantize_fast(wq: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
     """``fp8_block_dequantize(wq, scale, block_n, block_k)``, the same bits. wq: [..., N, K] e4m3;
-    scale: [..., ⌈N/bn⌉, ⌈K/bk⌉]. returns: [..., N, K] float32 (a view of a padded buffer where a block is
-    partial)."""
+    scale: [..., ⌈N/bn⌉, ⌈K/bk⌉]. returns: [..., N, K] float32."""
     n, k = wq.shape[-2:]
     nb, kb = scale.shape[-2:]
     lead = wq.shape[:-2]
@@ -91,4 +97,4 @@ def fp8_block_dequantize_fast(wq: torch.Tensor, scale: torch.Tensor, block_n: in
         out.zero_()  # (the padding is multiplied too: keep it finite)
     out[..., :n, :k] = wq
     out.view(*lead, nb, block_n, kb, block_k).mul_(scale.float()[..., :, None, :, None])
-    return out[..., :n, :k]
+    return out if out.shape[-2:] == (n, k) else out[..., :n, :k].contiguous()  # (contiguous, as the rule's)

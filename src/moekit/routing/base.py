@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import warnings
 from typing import Callable
 
@@ -27,6 +26,7 @@ from .._checks import check_bool, check_finite, check_int, check_same_device, ch
 from ..ops.kernels import Kernels, kernels_for
 from ..ops.routing import TopKSpec, check_bias, check_gating, check_indices_type
 from ..types import RoutingMethodType, RoutingResult
+from .zero_output import ThreadValue, swap_zero_output, swap_zero_output_eagerly  # noqa: F401 (old pickles)
 
 IndicesTypeGetter = Callable[[], "torch.dtype | None"]
 
@@ -155,10 +155,12 @@ class BaseRouter(torch.nn.Module):
         if self._unset_values:  # (to_empty from meta: never loaded since)
             if host_sync_allowed():
                 check_values_set(self)
+            elif torch.compiler.is_compiling():  # (a graph break: fullgraph needs a load or one eager forward first)
+                check_values_set_eagerly(self)
             elif names := [n for n, (t, _) in self._unset_values.items() if self._buffers.get(n) is t]:
-                raise RuntimeError(f"{type(self).__name__}: {', '.join(names)} came from to_empty and no load has "
-                                   "written it since: load it (load_state_dict / load_weights), or run one eager "
-                                   "forward, before compiling or capturing (round 68: its check reads values)")
+                raise RuntimeError(f"{type(self).__name__}: {', '.join(names)} came from to_empty and no load wrote "
+                                   "it (an in-place write is seen by an eager call): load it (load_state_dict / "
+                                   "load_weights), or run one eager forward, before capturing (round 68)")
         result = self._compute_routing(hidden_states, router_logits, indices_type, input_ids)
         if self.eplb_state is not None:
             ids = self.eplb_state.map_logical_to_physical(result.topk_ids)
@@ -186,7 +188,9 @@ class BaseRouter(torch.nn.Module):
         result = self.route(hidden_states, router_logits, input_ids=input_ids)
         zero = result.zero_contribution(hidden_states)
         value = zero.to(hidden_states.dtype) if zero is not None else None
-        (swap_zero_output_eagerly if torch.compiler.is_compiling() else swap_zero_output)(self, value)
+        if value is not None or hasattr(type(self), "zero_expert_output"):  # (only zero-expert routers have a reader:
+            # the others' compiled select_experts keep no graph break, review of round 68)
+            (swap_zero_output_eagerly if torch.compiler.is_compiling() else swap_zero_output)(self, value)
         return result.topk_weights, result.topk_ids
 
     def zero_output_holder(self) -> "ThreadValue":
@@ -202,33 +206,6 @@ class BaseRouter(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, global_num_experts={self.global_num_experts}, backend={self.backend!r}"
-
-
-class ThreadValue(threading.local):
-    """One value per thread (``value``, None until set), gone with its thread; a pickled or copied holder starts
-    empty. Round 67: the side channel was a dict keyed by ``threading.get_ident()``: a new thread could read the value
-    a finished thread (whose id the OS reused) left, finished threads' tensors were kept, and copies carried them."""
-
-    value = None
-
-    def __reduce__(self):
-        return (ThreadValue, ())
-
-    def __deepcopy__(self, memo):
-        return ThreadValue()
-
-
-def swap_zero_output(router, value):
-    """Set ``router``'s per-thread zero-expert output to ``value``; return the one it held."""
-    holder = router.zero_output_holder()
-    old, holder.value = holder.value, value
-    return old
-
-
-#: :func:`swap_zero_output` run eagerly from compiled code (a graph break; ``fullgraph=True`` refuses it): dynamo drops
-#: writes to a ``threading.local`` without a word, so a compiled ``select_experts`` left the value an earlier eager
-#: call set, and a compiled read did not clear it (round 68, a regression of round 67's per-thread value)
-swap_zero_output_eagerly = torch.compiler.disable(swap_zero_output)
 
 
 def _warn_hook(what: str) -> None:
@@ -284,6 +261,10 @@ def check_values_set(router) -> None:
                            "was never loaded; load a state dict (layer.load_state_dict), the tensor "
                            "(layer.load_weights([('router.e_score_correction_bias', bias)]); router.hash_indices_table "
                            "likewise), or assign it, before a forward")
+
+
+#: :func:`check_values_set` run eagerly from compiled code (it reads versions and values: round 68)
+check_values_set_eagerly = torch.compiler.disable(check_values_set)
 
 
 def forget_written_values(router) -> list[str]:

@@ -9,7 +9,8 @@ from .._checks import check_choice, check_int
 from ..ops.kernels import Kernels
 from ..ops.zero_experts import ZERO_EXPERT_TYPES
 from ..types import RoutingResult
-from .base import IndicesTypeGetter, ScoredRouter, swap_zero_output_eagerly, swap_zero_output
+from .base import IndicesTypeGetter, ScoredRouter
+from .zero_output import swap_zero_output, swap_zero_output_eagerly
 
 
 class ZeroExpertRouter(ScoredRouter):
