@@ -264,7 +264,7 @@ def check_values_set(router) -> None:
 
 
 #: :func:`check_values_set` run eagerly from compiled code (it reads versions and values: round 68)
-check_values_set_eagerly = torch.compiler.disable(check_values_set)
+check_values_set_eagerly = torch._disable_dynamo(check_values_set)  # (lazy: importing dynamo imports triton)
 
 
 def forget_written_values(router) -> list[str]:

@@ -32,4 +32,4 @@ def swap_zero_output(router, value):
 #: :func:`swap_zero_output` run eagerly from compiled code (a graph break; ``fullgraph=True`` refuses it): dynamo drops
 #: writes to a ``threading.local`` without a word, so a compiled ``select_experts`` left the value an earlier eager
 #: call set, and a compiled read did not clear it (round 68, a regression of round 67's per-thread value)
-swap_zero_output_eagerly = torch.compiler.disable(swap_zero_output)
+swap_zero_output_eagerly = torch._disable_dynamo(swap_zero_output)  # (lazy: importing dynamo imports triton)
