@@ -81,7 +81,7 @@ class GraphPlan:
     whose tensors the graphs read by address."""
 
     __slots__ = ("whole_logits", "whole_gate", "folded", "watched", "router", "bucket_gate", "inner", "_tensors",
-                 "_children", "_configured", "_readers", "_hooks", "_layout", "blocked")
+                 "_children", "_configured", "_readers", "_hooks", "_dicts", "_layout", "blocked")
 
     def __init__(self, whole_logits: bool, whole_gate: bool, folded: tuple, watched: tuple, router=None,
                  bucket_gate=None, inner: tuple = (), parents: tuple = (), idle: tuple = ()):
@@ -104,7 +104,8 @@ class GraphPlan:
         # (``blocked``): a replay would skip it (round 64: hooks ran at capture only)
         inside = (*parents, *inner, *routing)
         self._hooks = tuple(d for m in (*inside, *folded, *extra) for d in (m._forward_hooks, m._forward_pre_hooks))
-        self.blocked = any(m._forward_hooks or m._forward_pre_hooks for m in inside)
+        self._dicts = tuple(m.__dict__ for m in (*inside, *folded, *extra))  # (a forward wrapped there: round 69)
+        self.blocked = any(_hooked(m) for m in inside)
         self._layout = self.layout()
         # modules whose plain attributes a graph bakes in: the router (a routing function's settings, its
         # scaling factor) and its children, the folded modules and the inner ones
@@ -115,11 +116,11 @@ class GraphPlan:
         """Graphs may run now (read live, cheaply): no hook on a module every graph runs (the experts, their norm,
         the router's children), the output norm declared graph-safe (round 64: a user norm swapped in was captured)."""
         norm = experts._modules.get("expert_output_norm")  # (the dict: nn.Module.__getattr__ costs ~0.5 us)
-        if self.blocked or experts._forward_hooks or experts._forward_pre_hooks or (norm is not None and (
-                norm._forward_hooks or norm._forward_pre_hooks or not declared_graph_safe(norm))):
+        if self.blocked or _hooked(experts) or (norm is not None and (
+                _hooked(norm) or not declared_graph_safe(norm))):
             return False
         for m in self.router._modules.values():
-            if m is not None and (m._forward_hooks or m._forward_pre_hooks):
+            if m is not None and _hooked(m):
                 return False
         return True
 
@@ -130,7 +131,8 @@ class GraphPlan:
     def layout(self) -> tuple:
         """What the plan itself was decided from: the children of its modules and their hooks (by handle id: a hook
         removed and another added is a change)."""
-        return (tuple(m for d in self._children for m in d.values()), tuple(tuple(d) for d in self._hooks))
+        return (tuple(m for d in self._children for m in d.values()),
+                tuple(tuple(d) for d in self._hooks), tuple("forward" in d for d in self._dicts))
 
     def stale(self) -> bool:
         """A child swapped or a hook added / removed since the plan was made: the fold rule must run again (round 64:
@@ -215,8 +217,9 @@ def _safe_module(m) -> bool:  # a module whose own class declares _moekit_graph_
     return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
 
 
-def _hooked(m) -> bool:  # forward (pre-)hooks on module m: never folded (a graph would run them at capture only)
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+def _hooked(m) -> bool:  # forward (pre-)hooks on module m, or its forward wrapped on the instance (accelerate's
+    # offloading hooks, a user's wrapper; round 69): never folded (a graph would run them at capture only)
+    return bool(m._forward_hooks or m._forward_pre_hooks) or "forward" in m.__dict__
 
 
 def gate_foldable(gate) -> bool:

@@ -33,6 +33,7 @@ from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
+from .assigned import assigned_whole, check_on_meta, own_names, remember_own
 from .layout import DOWN, SHARD_IDS, UP
 from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, swapped_in_whole,
                             unset_value, values_kept, values_sample, writable)
@@ -130,8 +131,9 @@ class RoutedExperts(torch.nn.Module):
         for name, spec in self.specs.items():
             # unset until given (NaN float weights, else 0): a state dict of an unloaded layer loads again (scales:
             # round 53's review) and loads as not loaded (loaded_record.unset_slices; rounds 55-56)
-            setattr(self, name, _param(torch.full(spec.local_shape(p.num_local, self.tp_rows), unset_value(
-                spec, self.quant is not None), dtype=spec.dtype, device=device)))
+            setattr(self, name, torch.nn.Parameter(torch.full(spec.local_shape(p.num_local, self.tp_rows), unset_value(
+                spec, self.quant is not None), dtype=spec.dtype, device=device), requires_grad=False))
+        remember_own(self)  # (what an assignment puts here is judged by its values: experts/assigned.py)
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self._record = LoadedRecord((slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
@@ -142,8 +144,9 @@ class RoutedExperts(torch.nn.Module):
         # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
         # (float16 4-bit: a dequantised weight past float16's range is refused before anything moves: range16)
-        new, sample = cast_dtype_checked(self, fn), values_sample(self)
+        new, sample, own = cast_dtype_checked(self, fn), values_sample(self), own_names(self)
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
+        remember_own(self, own)  # (parameters replaced by torch's overwrite-on-conversion stay the layer's own)
         if not self.w13_weight.is_meta and not values_kept(sample, self):  # ``to_empty`` (from meta; round 63: or of
             maps_rebuilt(self)  # values): the maps hold garbage, the expert tensors are unset as at construction (a
             fill_unset(self)  # state dict saved before any load then loads as not loaded; rounds 55-56), none loaded
@@ -177,6 +180,7 @@ class RoutedExperts(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden_states: [T, H] params_dtype; topk_weights: [T, K] float32; topk_ids: [T, K] int32 -> [T, H]."""
+        check_on_meta(self, hidden_states)
         self.check_loaded()
         if self.expert_output_norm is not None:  # the experts once per slot, the norm, the weighted sum
             return normed_experts(self._experts, self.expert_output_norm, hidden_states, topk_weights, topk_ids,
@@ -212,9 +216,9 @@ class RoutedExperts(torch.nn.Module):
         return self._record.missing(self.placement.local_logical_ids(), self.moe_config.gated)
 
     def check_loaded(self) -> None:
-        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (one attribute read once loaded)
-        or swapped in whole (:func:`~.loaded_record.swapped_in_whole`)."""
-        if not self._record.complete and not swapped_in_whole(self):
+        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (one attribute read once loaded),
+        swapped in whole (:func:`~.loaded_record.swapped_in_whole`) or assigned (:func:`~.assigned.assigned_whole`)."""
+        if not self._record.complete and not swapped_in_whole(self) and not assigned_whole(self):
             self._record.check(self.layer_name, self.placement.local_logical_ids(), self.moe_config.gated)
 
     def _relaid_weights(self) -> tuple[str, ...]:
@@ -372,7 +376,7 @@ class RoutedExperts(torch.nn.Module):
                 raise ValueError(f"{name} must have shape {list(old.shape)}, got {list(t.shape)}")
             if t.dtype != old.dtype:
                 raise TypeError(f"{name} must have dtype {old.dtype}, got {t.dtype}")
-            setattr(self, name, t if isinstance(t, torch.nn.Parameter) else _param(t))
+            setattr(self, name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, requires_grad=False))
             self._record.mark(range(self.placement.num_local), spec.shards, spec.kind)
         self._input_scales.seed(self, self.specs)
         self.packed_layout = "spec"
@@ -393,8 +397,3 @@ class RoutedExperts(torch.nn.Module):
             (f", packed_layout={self.packed_layout!r}" if self.packed_layout != "spec" else "")
         return (f"E_local={self.placement.num_local}, I_local={self.inter_local}, backend={self.backend!r}{quant}, "
                 f"loaded={self.loaded}")
-
-
-def _param(t: torch.Tensor) -> torch.nn.Parameter:
-    return torch.nn.Parameter(t, requires_grad=False)
-
