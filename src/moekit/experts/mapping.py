@@ -24,6 +24,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES
 from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, FusedLayout, down_rows, gate_up_rows, get_fused_layout
+from .own_names import HALVES, own_target
 
 EXPERT_KEY_RE = re.compile(
     r"(?:^|\.)(experts\.(\d+)\.([A-Za-z0-9_]+)\.)"
@@ -280,33 +281,11 @@ def is_slot_tensor(layer, name: str) -> bool:
     return head == "routed_experts" and rest in layer.routed_experts.specs
 
 
-def _own_name(name: str, own) -> str | None:
-    """The parameter / buffer of ``own`` that ``name`` (or a dotted tail of it) names, else None."""
-    parts = name.split(".")
-    return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
-
-
-#: the halves of a fused gate_up_proj, in its row order
-_HALVES = ("gate_proj.", "up_proj.")
-
-
-def _fused_half(name: str, own) -> tuple[str | None, int | None]:
-    """(the fused ``….gate_up_proj.{weight|bias}`` of ``own``, 0 | 1) for ``….gate_proj.…`` / ``….up_proj.…`` of a
-    module that holds the two fused (MiniMax-M3-VL's shared MLP, stored apart in its Hub layout: round 63)."""
-    for half, proj in enumerate(_HALVES):
-        head, sep, leaf = name.rpartition(proj)
-        if sep and (not head or head.endswith(".")) and (fused := _own_name(f"{head}gate_up_proj.{leaf}", own)):
-            return fused, half
-    return None, None
-
-
 def _load_own(layer, name, tensor, own, slots: dict, loaded: set) -> str | None:
     """A parameter or buffer of the layer by its (suffix) name; returns that name (None for the
     experts' own per-slot tensors: gathered into ``slots``, loaded together, the experts record those; and for the
     first of a fused gate_up_proj's halves: ``loaded`` records it, the second returns the fused name)."""
-    pname, half = _own_name(name, own), None
-    if pname is None:
-        pname, half = _fused_half(name, own)
+    pname, half = own_target(name, own)
     if pname is None and tensor.numel() == 0:  # an empty part a model saves (n_shared_experts = 0): adds nothing
         return None
     if pname is None:
@@ -329,8 +308,8 @@ def _load_own(layer, name, tensor, own, slots: dict, loaded: set) -> str | None:
     with torch.no_grad():
         target.copy_(tensor.to(target.dtype))
     if half is not None:  # the fused tensor is loaded once both halves are
-        loaded.add(f"{pname}[{_HALVES[half][:-1]}]")
-        return pname if all(f"{pname}[{h[:-1]}]" in loaded for h in _HALVES) else None
+        loaded.add(f"{pname}[{HALVES[half][:-1]}]")
+        return pname if all(f"{pname}[{h[:-1]}]" in loaded for h in HALVES) else None
     return pname
 
 

@@ -41,10 +41,6 @@ _E8M0 = getattr(torch, "float8_e8m0fnu", None)
 _FP4X2 = getattr(torch, "float4_e2m1fn_x2", None)  # two e2m1 codes per byte (DeepSeek-V4's own expert dtype)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
 class ExpertTensor:
     """One per-expert tensor: ``shard_shape`` is one shard of one expert before the TP split."""
@@ -64,7 +60,7 @@ class ExpertTensor:
         """The index range of this rank's share along the sliced dim (None: the whole tensor)."""
         if self.unit is None or self.kind == "input_scale":
             return None
-        return slice(tp.start // self.unit, _cdiv(tp.stop, self.unit))
+        return slice(tp.start // self.unit, -(-tp.stop // self.unit))  # (a partial last block: ⌈b/unit⌉)
 
     def take(self, full: torch.Tensor, tp: slice) -> torch.Tensor:
         """One full shard -> this rank's share (a view)."""
@@ -90,13 +86,15 @@ class ExpertTensor:
         (packed 4-bit weights): re-laid for the register-operand GEMMs after the TP cut
         (:func:`moekit.ops.w4_layout.relay_rega`: along each row's own K, so any rows may be written)."""
         part = self.take(full, tp)
-        if relay and self.kind == "weight":
-            part = relay_rega(part)
-        if not self.w13:
-            param[slot].copy_(part)
-            return
-        n = part.shape[0]
-        param[slot].narrow(0, self.shards.index(shard) * n, n).copy_(part)
+        self.shard_rows(param[slot], shard).copy_(relay_rega(part) if relay and self.kind == "weight" else part)
+
+    def shard_rows(self, t: torch.Tensor, shard: str) -> torch.Tensor:
+        """One slot's ``t`` (the layer's local ``[rows, ...]``) -> ``shard``'s part, a view (the rows of :meth:`write`:
+        a w13 tensor holds its shards' rows one after the other, gate then up; any other holds one shard)."""
+        if not self.w13 or len(self.shards) == 1:
+            return t
+        n = t.shape[0] // len(self.shards)
+        return t.narrow(0, self.shards.index(shard) * n, n)
 
 
 def expert_tensors_spec(hidden: int, inter: int, gated: bool, has_bias: bool, params_dtype: torch.dtype,

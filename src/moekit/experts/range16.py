@@ -33,20 +33,22 @@ def applies(dtype: torch.dtype, fmt: WeightFormat | None) -> bool:
 
 
 def check_stacks(dtype: torch.dtype, fmt: WeightFormat | None, codes: torch.Tensor, scale: torch.Tensor, what: str,
-                 shards: int | None = None) -> None:
-    """``ValueError`` (:func:`check_range`'s) naming ``what`` and the expert where a dequantised weight of
-    ``codes [E, N, K / pack]`` with ``scale`` would be a finite value beyond float16's range; one expert at a time
-    (float32 of one expert, not of the stack)."""
+                 shards: int | None = None, ids=None) -> None:
+    """``ValueError`` (:func:`check_range`'s) naming ``what`` and the expert (``ids[e]``; default ``e``) where a
+    dequantised weight of ``codes [E, N, K / pack]`` with ``scale`` would be a finite value beyond float16's range;
+    one expert at a time (float32 of one expert, not of the stack)."""
     if not applies(dtype, fmt) or not (values_checkable(codes) and values_checkable(scale)):
         return
     for e in range(codes.shape[0]):
-        check_range(dtype, dequantize_weight(codes[e], scale[e], fmt, shards=shards), f"{what} of expert {e}")
+        check_range(dtype, dequantize_weight(codes[e], scale[e], fmt, shards=shards),
+                    f"{what} of expert {e if ids is None else ids[e]}")
 
 
-def check_named(experts, tensors: dict, prefix: str = "", what: str = "") -> None:
+def check_named(experts, tensors: dict, prefix: str = "", what: str = "", ids=None) -> None:
     """:func:`check_stacks` over the ``{prefix}w13_weight`` / ``_scale`` and ``w2`` pairs of ``tensors`` (a state dict
-    being loaded, or ``load_expert_weights``' checked stacks) for the layer ``experts``. A pair given whole replaces
-    what :class:`PendingPairs` kept of its shards (round 68: a later one-shard half was paired with a stale one)."""
+    being loaded, ``load_expert_weights``' checked stacks, or the local ones ``adopt_weights`` is given, ``ids`` their
+    slots' logical experts) for the layer ``experts``. A pair given whole replaces what :class:`PendingPairs` kept of
+    its shards (round 68: a later one-shard half was paired with a stale one)."""
     c = experts.moe_config
     if not applies(c.params_dtype, experts.quant):
         return
@@ -54,7 +56,7 @@ def check_named(experts, tensors: dict, prefix: str = "", what: str = "") -> Non
         codes, scale = tensors.get(f"{prefix}{side}_weight"), tensors.get(f"{prefix}{side}_scale")
         if isinstance(codes, torch.Tensor) and isinstance(scale, torch.Tensor):
             shards = 2 if side == "w13" and c.gated else None
-            check_stacks(c.params_dtype, experts.quant, codes, scale, f"{what}{side}", shards)
+            check_stacks(c.params_dtype, experts.quant, codes, scale, f"{what}{side}", shards, ids)
             pending_pairs(experts).forget(experts.specs[f"{side}_weight"].shards)
 
 
@@ -78,7 +80,7 @@ def check_state_dict(experts, state_dict: dict, prefix: str) -> None:
         if tuple(t.shape) != tuple(getattr(experts, name).shape):
             continue  # (refused by incoming_placement, naming the shapes)
         t = stored(spec, _plain(t), f"state dict entry {prefix + name!r}")
-        check_halves(experts, kind, [(slot, s, shard_of(spec, t[slot], s)) for slot in range(t.shape[0])
+        check_halves(experts, kind, [(slot, s, spec.shard_rows(t[slot], s)) for slot in range(t.shape[0])
                                      for s in spec.shards],
                      lambda slot, s: f"state dict entry {prefix}{name} of expert {ids[slot]} {s} (dequantised "
                                      f"with the layer's {_WORD[_OTHER[kind]]})")
@@ -125,32 +127,39 @@ def check_halves(experts, kind: str, halves, what) -> None:
 def cast_dtype_checked(experts, fn) -> torch.dtype | None:
     """The ``params_dtype`` a quantised :class:`~moekit.RoutedExperts`' ``_apply(fn)`` gives it
     (:func:`~.packed.cast_params_dtype`; None: unquantised, or no such layer), checked before anything moves:
-    ``ValueError`` where ``fn`` makes a bfloat16 / float32 weight-only layer a float16 one (``.half()``,
-    ``.to(torch.float16)``; the codes and scales are kept, :func:`~.packed.follow_params_dtype`) while a dequantised
-    weight of a slot and shard written (the loaded-record) passes float16's range (round 68: every token of the
-    expert came out NaN). The layer stays as it was. The layer holding it checks first too (``FusedMoE._apply``); a
+    ``ValueError`` where ``fn`` makes a bfloat16 / float32 layer a float16 one (``.half()``, ``.to(torch.float16)``)
+    while a weight-only layer's dequantised weight of a slot and shard written (the loaded-record; the codes and
+    scales are kept, :func:`~.packed.follow_params_dtype`) passes float16's range (round 68: every token of the expert
+    came out NaN), or a bias does (any quantised format: the biases convert with ``params_dtype``; round 69: one
+    became inf, unchecked). The layer stays as it was. The layer holding it checks first too (``FusedMoE._apply``); a
     module holding that one has moved its other children before it (torch's ``_apply`` goes depth first)."""
     if getattr(experts, "quant", None) is None or not hasattr(experts, "_record"):
         return None
     new = cast_params_dtype(experts, fn)
-    if new == experts._params_dtype or not applies(new, experts.quant):
+    if new == experts._params_dtype or new != torch.float16:
         return new
     mark = experts.__dict__.pop("_range16_cast", None)  # the layer holding it checked this very cast: not twice
     if mark is not None and mark.value is not None and mark.value() is fn:
         return new
     ids, written = experts.placement.local_logical_ids(), experts._record.written
     who = f"layer {experts.layer_name!r}" if experts.layer_name else "the layer"
-    for side in ("w13", "w2"):
+    for side in ("w13", "w2") if applies(new, experts.quant) else ():
         names = (f"{side}_weight", f"{side}_scale")
         whole = [_plain(getattr(experts, n).detach()) for n in names]
         if not all(values_checkable(t) for t in whole):
-            return new
+            continue
         for slot in range(experts.placement.num_local):
             for s in experts.specs[names[0]].shards:
                 if (slot, s, "weight") in written and (slot, s, "scale") in written:
                     codes, scale = (_held(experts, n, t, slot, s) for n, t in zip(names, whole))
                     check_range(new, dequantize_weight(codes, scale, experts.quant),
                                 f"{side} of expert {ids[slot]} {s} (dequantised; a cast of {who} to float16)")
+    for name in ("w13_bias", "w2_bias"):  # (an unset bias is 0: nothing to tell written from unwritten)
+        bias = getattr(experts, name)
+        if bias is not None and values_checkable(bias):
+            bias = _plain(bias.detach())
+            for slot in range(bias.shape[0]):
+                check_range(new, bias[slot], f"{name} of expert {ids[slot]} (a cast of {who} to float16)")
     try:  # (a method descriptor or methodcaller cannot be weakly referenced: checked twice then, review of r68)
         experts.__dict__["_range16_cast"] = Transient(weakref.ref(fn))
     except TypeError:
@@ -158,18 +167,10 @@ def cast_dtype_checked(experts, fn) -> torch.dtype | None:
     return new
 
 
-def shard_of(spec, t: torch.Tensor, shard: str) -> torch.Tensor:
-    """One slot's ``t`` (the layer's local ``[rows, ...]``) -> the part of ``shard`` (w13: gate rows, then up rows)."""
-    if not spec.w13 or len(spec.shards) == 1:
-        return t
-    n = t.shape[0] // len(spec.shards)
-    return t.narrow(0, spec.shards.index(shard) * n, n)
-
-
 def _held(experts, name: str, whole: torch.Tensor, slot: int, shard: str) -> torch.Tensor:
     """What the layer holds of ``name`` (``whole``, its tensor) for ``slot``'s ``shard``, in SPEC §8's packing (a
     re-laid layer's codes, ``packed_layout == "rega"``, laid back: :func:`~moekit.ops.w4_layout.unrelay_rega`)."""
-    t = shard_of(experts.specs[name], whole[slot], shard)
+    t = experts.specs[name].shard_rows(whole[slot], shard)
     return unrelay_rega(t) if experts.packed_layout == "rega" and name in RELAID_WEIGHTS else t
 
 

@@ -33,6 +33,7 @@ from ..ops.kernels import kernels_for
 from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
+from .adopt import adoptable
 from .assigned import assigned_whole, check_on_meta, own_names, remember_own
 from .layout import DOWN, SHARD_IDS, UP
 from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, swapped_in_whole,
@@ -361,28 +362,15 @@ class RoutedExperts(torch.nn.Module):
         scales by name (``w13_scale=``, ...) shaped and typed as the parameters. A
         ``torch.nn.Parameter`` is kept as it is (shared with its module); a tensor is wrapped. Packed 4-bit
         weights are taken in SPEC §8's packing and used so (``packed_layout`` becomes ``"spec"``: re-laying them
-        would change the owner's tensors)."""
-        given = dict(scales, w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias)
-        unknown = sorted(set(given) - set(self.specs) - {"w13_bias", "w2_bias"})
-        if unknown:
-            raise ValueError(f"adopt_weights: {unknown} are not tensors of this layer ({sorted(self.specs)})")
+        would change the owner's tensors). Everything is checked before the first tensor is adopted (:mod:`.adopt`;
+        a float16 weight-only 4-bit layer: ``ValueError`` where a dequantised weight passes float16's range)."""
+        given = adoptable(self, dict(scales, w13_weight=w13, w2_weight=w2, w13_bias=w13_bias, w2_bias=w2_bias))
         for name, spec in self.specs.items():
-            t = given.get(name)
-            if t is None:
-                raise ValueError(f"{name}: the layer holds it (has_bias={self.moe_config.has_bias}, "
-                                 f"quant={self.quant}), got no tensor")
-            old = getattr(self, name)
-            if tuple(t.shape) != tuple(old.shape):
-                raise ValueError(f"{name} must have shape {list(old.shape)}, got {list(t.shape)}")
-            if t.dtype != old.dtype:
-                raise TypeError(f"{name} must have dtype {old.dtype}, got {t.dtype}")
+            t = given[name]
             setattr(self, name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, requires_grad=False))
             self._record.mark(range(self.placement.num_local), spec.shards, spec.kind)
         self._input_scales.seed(self, self.specs)
         self.packed_layout = "spec"
-        for name in ("w13_bias", "w2_bias"):
-            if name not in self.specs and given[name] is not None:
-                raise ValueError(f"{name}: the layer has has_bias=False, got a tensor")
 
     # -- placement ----------------------------------------------------------------------------
     def set_physical_to_logical(self, physical_to_logical) -> ExpertPlacement:

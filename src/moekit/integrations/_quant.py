@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..experts.layout import FusedLayout, gate_up_rows, get_fused_layout
+from ..experts.params import check_range
 from ..loading.architectures import ArchSpec, checkpoint_block_key
 from ..loading.plan import LayerPlan
 from ..loading.quant_shared import QuantSharedMLP, shared_projs
@@ -298,6 +299,8 @@ def mxfp4_stacks(block, stacks: dict, spec: ArchSpec, plan: LayerPlan, fmt, dtyp
         if b13 is None or b2 is None:
             raise NotImplementedError(f"{what}: the plan has expert biases but the block holds none")
         b13 = gate_up_rows(b13, layout, bias=True)
+        for name, b in (("gate_up_proj_bias", b13), ("down_proj_bias", b2)):  # (round 69: a float16 model's went inf)
+            check_range(dtype, b.detach(), f"{what}.{name} (converted to the model's {dtype})")
         b13, b2 = (b if dtype is None or b.dtype == dtype else b.detach().to(dtype) for b in (b13, b2))
     w13, s13 = gate_up_rows(w13, layout), gate_up_rows(s13, layout)
     if swizzled:  # (transposed views of what unswizzle_data gave; no second copy where de-interleaving made one)

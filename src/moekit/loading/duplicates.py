@@ -1,6 +1,8 @@
 """Checkpoint keys of one MoE block that hold the same routed-expert tensor (round 68's audit: per-expert
 ``experts.5.gate_proj.weight`` beside ``experts.5.w1.weight``, or per-expert keys beside fused ``experts.gate_up_proj``
-stacks, loaded whichever was read last, silently; transformers loads one form or raises).
+stacks, loaded whichever was read last, silently; transformers loads one form or raises), or the same tensor of the
+layer's own (round 69: ``gate.weight`` beside ``router.gate.weight``, both read as the router's weight, the last one
+read kept: :func:`check_duplicate_own`).
 
 :func:`expert_targets` maps a block-relative moekit name to the ``(expert, shard, kind)`` tensors it writes, from the
 name alone, as :func:`~moekit.loading.keys.expand_key` and :func:`~moekit.experts.mapping.load_layer_weights` read it;
@@ -10,10 +12,14 @@ disjoint parts still load: a gated stack's gate and up halves stored apart, anot
 
 from __future__ import annotations
 
+import torch
+
 from ..experts.layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP
-from ..experts.mapping import EXPERT_KEY_RE, FUSED_KEY_RE, KIND_OF_SUFFIX
+from ..experts.mapping import EXPERT_KEY_RE, FUSED_KEY_RE, KIND_OF_SUFFIX, is_slot_tensor
+from ..experts.own_names import HALVES, own_target
 from ..ops.activation import is_gated
 from .archs.common import ArchSpec
+from .keys import expand_key
 from .plan import LayerPlan
 
 #: stacks of one projection of a gated layer's routed experts (:func:`~moekit.loading.keys.expand_key`)
@@ -70,3 +76,55 @@ def check_duplicate_experts(spec: ArchSpec, plan: LayerPlan, keys: dict[str, str
     raise ValueError(
         f"{plan.name}: expert {x}'s {shard} ({'/'.join(PROJ_NAMES[shard])}) {kind} is stored twice in the checkpoint, "
         f"as {keys[a]!r} and as {keys[b]!r}{also}: remove one (moekit does not guess which copy is current)")
+
+
+def check_duplicate_own(spec: ArchSpec, plan: LayerPlan, keys: dict[str, str], layer, read) -> None:
+    """``ValueError`` naming the block, the tensor and both checkpoint keys where two of ``keys`` (block-relative
+    moekit name -> checkpoint key) write one tensor of ``layer``'s own (a router weight, a selection bias, a shared
+    expert's weight: any but the routed experts', :func:`check_duplicate_experts`; both halves of a fused gate_up_proj
+    given apart are not two copies) and the two copies differ. Bit-identical copies (dtype, shape and bytes, as they
+    load: a transposed one read back) load: either gives the layer the same tensor, and a save writing one tensor
+    under two names (a renamed copy kept beside the original) is one transformers loads too. ``read(key)``: the
+    tensor (only the keys of such a pair are read), or None where it cannot be read (inspect: a shard not on disk,
+    warned of by itself)."""
+    own = {n for n, _ in layer.named_parameters()} | {n for n, b in layer.named_buffers() if b is not None}
+    writers: dict[str, list[tuple[str, int | None]]] = {}
+    for rel in sorted(keys):
+        if EXPERT_KEY_RE.search(rel) or FUSED_KEY_RE.search(rel) or expert_targets(spec, plan, rel):
+            continue
+        pname, half = own_target(rel, own)
+        if pname is not None and not is_slot_tensor(layer, pname):
+            writers.setdefault(pname, []).append((rel, half))
+    tensors: dict[str, torch.Tensor | None] = {}
+
+    def loaded(rel: str):
+        if rel not in tensors:
+            t = read(keys[rel])
+            tensors[rel] = None if t is None else expand_key(spec, plan, rel, t, keys[rel])[0][1]
+        return tensors[rel]
+
+    for pname, group in writers.items():
+        for i, (a, half_a) in enumerate(group):
+            for b, half_b in group[i + 1:]:
+                if half_a is not None and half_b is not None and half_a != half_b:
+                    continue  # (the gate rows and the up rows)
+                ta, tb = loaded(a), loaded(b)
+                if ta is None or tb is None or _same(_rows(ta, half_a, half_b), _rows(tb, half_b, half_a)):
+                    continue
+                half = half_a if half_a is not None else half_b
+                part = f" ({HALVES[half][:-1]} rows)" if half is not None else ""
+                raise ValueError(f"{plan.name}: {pname}{part} is stored twice in the checkpoint, as {keys[a]!r} and "
+                                 f"as {keys[b]!r}, and the two copies differ: remove one (moekit does not guess which "
+                                 "copy is current; bit-identical copies load)")
+
+
+def _rows(t: torch.Tensor, mine: int | None, other: int | None) -> torch.Tensor:
+    """``t``, or where it is a whole fused gate_up_proj (``mine`` None) met by one half (``other``), those rows."""
+    return t.chunk(2)[other] if mine is None and other is not None and t.dim() else t
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: one dtype, one shape, the same bytes (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))

@@ -15,7 +15,10 @@ shared experts in the format they load in: fp8 where the checkpoint is fp8 and i
 them, as :func:`moekit.load_moe_layers` keeps them, else bf16; in a full-precision checkpoint at the experts' dtype;
 the router's weight and bias as the loaded layer holds them, float32 where transformers keeps the gate so).
 A ``.safetensors`` file or index that cannot be read, and experts stored quantised (``F8_E4M3``, ``U8``, ``I32``)
-without a ``quantization_config``, are refused as :func:`moekit.load_moe_layers` refuses them (round 67).
+without a ``quantization_config``, are refused as :func:`moekit.load_moe_layers` refuses them (round 67); so is one
+tensor under two names (a routed expert's, round 68; one of the layer's own whose two copies differ, round 69: those
+two are read). Shard files the index names that are not on disk are told on stderr after the table, exit 1 where
+load_moe_layers would refuse the folder for them (:func:`~.inspect_files.missing_shards`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,8 @@ import torch
 from .._argparse import OneLineParser
 from ..ops.activation import is_gated
 from .architectures import checkpoint_block_key, plan_layers, raw_text_config, text_config
-from .duplicates import check_duplicate_experts
-from .files import checkpoint_files, config_dtype, path_hint, read_config, read_header
-from .keys import assign_keys
+from .files import config_dtype, path_hint, read_config
+from .inspect_files import block_keys, check_float_experts, missing_shards, stored_dtypes
 from .modules import build_layer
 from .plan import LayerPlan
 from .quant import checkpoint_formats, experts_format, quantization_dict
@@ -74,53 +76,6 @@ def _declared(config: dict) -> tuple[str, str] | None:
         return key, _TORCH_NAMES[config_dtype({key: config[key]}, "config.json")]
     except ValueError:
         return None
-
-
-def stored_dtypes(path: str, spec, plans: list[LayerPlan]) -> dict[str, dict[str, str]] | None:
-    """Returns block name -> {safetensors dtype (``"BF16"``, ``"F8_E4M3"``...): the first expert key stored in it}
-    for the routed expert weights of ``path``'s ``.safetensors`` headers (only the headers of the shards holding them
-    are read, no tensor); a block whose expert tensors are in no present shard is left out. None where the directory
-    has no ``.safetensors`` file (config.json alone). An unreadable index or shard raises the ``ValueError`` /
-    ``OSError`` naming it (round 67: it was taken for "no header", and the sizes shown at config.json's dtype); so do
-    a broken symlink and an expert tensor stored under two keys, as :func:`moekit.load_moe_layers` refuses them."""
-    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")) and not any(
-            name.endswith(".safetensors") for name in os.listdir(path)):
-        return None  # inspect shows the layout without them (round 68: not for a broken symlink, which is refused)
-    files = checkpoint_files(path)
-    assigned = assign_keys(spec, plans, files)
-    headers: dict[str, dict] = {}
-    out = {}
-    for p in plans:
-        check_duplicate_experts(spec, p, assigned.get(p.name, {}))  # (as load_moe_layers refuses them: round 68)
-        found: dict[str, str] = {}
-        for rel, key in sorted(assigned.get(p.name, {}).items()):
-            if not rel.startswith("experts.") or "bias" in rel or "scale" in rel or not os.path.isfile(files[key]):
-                continue
-            if files[key] not in headers:
-                headers[files[key]] = read_header(files[key])
-            if key in headers[files[key]]:
-                found.setdefault(headers[files[key]][key][0], key)
-        if found:
-            out[p.name] = found
-    return out
-
-
-#: the safetensors dtypes full-precision experts load from (others need config.json's quantization_config)
-_FLOAT_ST = ("BF16", "F16", "F32", "F64")
-
-
-def _check_float_experts(stored: dict[str, dict[str, str]], config: dict) -> None:
-    """Refuses full-precision experts stored in no float dtype (fp8, packed 4-bit: ``F8_E4M3``, ``U8``, ``I32``)
-    where config.json has no ``quantization_config``: :func:`moekit.load_moe_layers` refuses them (round 67: shown
-    as a full-precision dtype ``f8_e4m3``, exit 0). ``ValueError`` naming the block, the key and its dtype."""
-    if quantization_dict(config) is not None:
-        return
-    for block, found in stored.items():
-        bad = next((st for st in sorted(found) if st not in _FLOAT_ST), None)
-        if bad is not None:
-            raise ValueError(f"{block}: routed expert weights stored as {bad} ({found[bad]!r}), no float dtype, "
-                             "and config.json has no quantization_config (a quantised checkpoint needs the one it "
-                             "shipped with; load_moe_layers would refuse this checkpoint)")
 
 
 def _expert_bytes(p: LayerPlan, fmt, el: int = 2) -> int:
@@ -222,9 +177,9 @@ def _gate_bytes(p: LayerPlan, dtype: str | None, config: dict) -> int:
     return p.gate_dtype(load).itemsize
 
 
-def _check_builds(p: LayerPlan, fmt, config: dict) -> None:
+def _check_builds(p: LayerPlan, fmt, config: dict):
     """Build ``p``'s layer on the meta device, as :func:`moekit.load_moe_layers` builds it (its construction checks:
-    top-k, expert groups, format sizes...); an error names the block."""
+    top-k, expert groups, format sizes...), and return it; an error names the block."""
     dtype = _load_dtype(config)
     tensors = {}
     if p.has_score_bias:
@@ -233,7 +188,7 @@ def _check_builds(p: LayerPlan, fmt, config: dict) -> None:
     # a hash table's values are checked on the host (no meta tensor): the same layer routed by its scores instead
     plan = replace(p, hash_routing=False) if p.hash_routing else p
     try:
-        build_layer(plan, device="meta", dtype=dtype, backend="torch", tensors=tensors, quant_config=fmt)
+        return build_layer(plan, device="meta", dtype=dtype, backend="torch", tensors=tensors, quant_config=fmt)
     except (ValueError, TypeError, NotImplementedError) as err:
         kind = next(k for k in (NotImplementedError, TypeError, ValueError) if isinstance(err, k))
         raise kind(f"{p.name}: {err} (load_moe_layers would refuse this checkpoint)") from None
@@ -250,8 +205,9 @@ def rows(config: dict, path: str | None = None) -> tuple[str, list[dict]]:
     fmts = {p.name: experts_format(fmt, p) for p in plans}
     shared_fmts = {p.name: shared_format(dense_fmt, p, lambda rel, p=p: _ckpt_name(spec, p, rel)) for p in plans}
     full = [p for p in plans if fmts[p.name] is None]
-    stored = (stored_dtypes(path, spec, full) if path is not None and full else None) or {}
-    _check_float_experts(stored, config)
+    keys = block_keys(path, spec, plans) if path is not None else None
+    stored = stored_dtypes(keys, full) if keys is not None and full else {}
+    check_float_experts(stored, config)
     on_disk = {b: "+".join(sorted({_dtype_name(st) for st in found})) for b, found in stored.items()}
 
     def row_key(p: LayerPlan):
@@ -273,7 +229,9 @@ def rows(config: dict, path: str | None = None) -> tuple[str, list[dict]]:
             dtype, source = on_disk[p.name], "safetensors"
         el = 2 if f is not None else _element_bytes(dtype)
         gate_el = _gate_bytes(p, None if f is not None else dtype, config)  # (round 67: counted at el)
-        _check_builds(p, f, config)
+        layer = _check_builds(p, f, config)
+        for q in g if keys is not None else ():  # (one tensor of the layer's own under two names: as load refuses it)
+            keys.check_own_copies(q, layer)
         sf = shared_fmts[p.name]
         shared = f"1 x {p.shared_intermediate_size}" if p.shared_intermediate_size else "-"
         if p.shared_expert_gate:
@@ -359,6 +317,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
         config = read_config(args.path)
         arch, table = rows(config, args.path)
         text = render(arch, table, config)
+        shards = missing_shards(args.path, config)  # (round 69: an index's missing shards went unsaid)
     except (NotImplementedError, OSError, KeyError, ValueError, TypeError) as err:  # OSError: e.g. unreadable
         # one line (an unsupported model_type's error goes on with every supported type: its first line points there)
         first = str(err).partition("\n")[0]
@@ -373,7 +332,9 @@ def inspect_main(argv: list[str] | None = None) -> int:
     # the table is printed outside the checks (round 67: a failing stdout, `> /dev/full`, was blamed on config.json;
     # its OSError goes to the caller, `moekit`'s one line)
     print(text)
-    return 0
+    if shards is not None:  # (after the table: a refused checkpoint's layout is still shown, exit 1)
+        print(f"moekit inspect: {shards[0]}", file=sys.stderr)
+    return 1 if shards is not None and shards[1] else 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ..parallel.comm import check_group
 from ..parallel.sync import SettingsDiffer, fail_together
 from ..runner import MoERunner
 from .architectures import ArchSpec, checkpoint_block_key, plan_layers, raw_text_config
-from .duplicates import check_duplicate_experts
+from .duplicates import check_duplicate_experts, check_duplicate_own
 from .fields import construction_error
 from .files import checkpoint_files, config_dtype, read_config
 from .keys import (CONSTRUCTION, assign_keys, check_construction, check_not_transposed, construction_tensors,
@@ -175,6 +175,7 @@ def load_moe_layers(
                             raise
                         raise construction_error(err, plan, *source) from err
                     state = states[plan.name] = _LayerLoad(plan, layer)
+                    check_duplicate_own(spec, plan, keys, layer, reader.read)  # (round 69: before its tensors are read)
                     state.loaded.update(construction)  # (and a plan's own zero bias: no checkpoint's tensor)
                     state.loaded.update(("router.e_score_correction_bias",) if plan.zero_score_bias else ())
                     done.update(_dense(spec, state, dense_fmt, shipped, keys, reader, device))
