@@ -123,7 +123,7 @@ def run_demo(device: str | None = None, dtype: str | None = None, repeats: int =
             logits = layer.gate(x)
             out = layer(x, logits)
             ref = reference_copy(layer, shape)(x.to("cpu", torch.float64), logits.to("cpu", torch.float64))
-            routing = layer.router.route(x, logits)
+            routing = layer.router(x, logits)  # (forward: route on x's device, made current: round 69)
             seconds = time_events(lambda: layer(x), repeats, warmup=1, device=dev) / 1e3
         err = (out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)
         tol = 1e-4 if dt == torch.float32 else 1e-2

@@ -11,6 +11,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_callable, check_float_dtype, check_tensor
 from .experts.placement_state import PLACEMENT_KEY
+from .ops.device_guard import call_on_device
 
 #: what the gate reads: the routed input (SPEC §1) or the layer's input
 GATE_INPUTS = ("routed", "block")
@@ -141,7 +142,12 @@ def compute_router_logits(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     differentiable (e.g. for a load-balancing loss; pass them on: ``layer(hidden_states, logits)`` routes as
     ``layer(hidden_states)`` does).
 
-    hidden_states: [..., H_in] fp32/bf16/fp16 (leading dims flattened). A layer without a gate raises ValueError."""
+    hidden_states: [..., H_in] fp32/bf16/fp16 (leading dims flattened). A layer without a gate raises ValueError.
+    Runs on the CUDA device of ``hidden_states`` (made current where another one is: round 69)."""
+    return call_on_device(hidden_states, _router_logits_of, layer, hidden_states)
+
+
+def _router_logits_of(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     check_hidden(layer, hidden_states)
     h = hidden_states.reshape(-1, hidden_states.shape[-1])
     return layer._logits(h if layer.gate_input == "block" else layer._routed_input(h), None)

@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 
+from moekit.experts import graphed
 from moekit.experts.graphed import GraphCache
 
 
@@ -12,6 +13,7 @@ def install_fake_graphs(monkeypatch, graph_cls, runner):
     ``graph.run`` to ``runner(fn)``'s result called on the entry's static inputs into its static output."""
     monkeypatch.setattr(torch.cuda, "CUDAGraph", graph_cls)
     monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(graphed, "capture_stream", lambda index: None)  # (the device's capture stream: none on CPU)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

@@ -60,7 +60,7 @@ from .bench_quant import QUANT_FORMATS, experts_fn, layer_fn, measure_fp8_peak, 
 from .eager import bench_eager, summarize_eager
 from .plot import load_reference, write_plots
 from .shapes import MODELS, ModelShape
-from .timer import time_graph
+from .timer import runs_on_device, time_graph
 
 QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: weight formats that later releases add; named so that asking for one says so clearly
@@ -169,6 +169,7 @@ def build_layer(m: ModelShape, dtype, device, backend="triton"):
     return layer
 
 
+@runs_on_device
 def measure_ceilings(device) -> tuple[float, float, float]:
     """(copy bytes/s counting read + write, read-stream bytes/s, bf16 matmul FLOP/s at 8192³)."""
     src = torch.randn(256 * 1024 * 1024, device=device)
@@ -260,10 +261,10 @@ def bench_model(m: ModelShape, tokens, dtype, device, ceil: Ceilings, plan: Plan
 
 
 def _empty_cache(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None
 
 
+@runs_on_device
 def bench_routing(tokens, device, log) -> list[dict]:
     """DeepSeek-V3 grouped top-k: the Triton kernel against the torch twin."""
     from ..ops.kernels import kernels_for
@@ -297,12 +298,13 @@ def default_reference() -> Path | None:
     return path if path.is_file() else None
 
 
+@runs_on_device
 def run_bench(models: list[ModelShape], tokens: list[int], dtype: torch.dtype = torch.bfloat16, *,
               rotations: int = 4, baseline: bool = True, routing: bool = True, longcat_nozero: bool = True,
               out: Path | None = None, log=print, quant=None, eager_tokens=(), experts: bool = True,
               fast: bool = False, reference: Path | None = None, device="cuda", backend: str = "triton",
               timer: Callable = time_graph, settle_ms: float = SETTLE_MS) -> list[dict]:
-    """Benchmark ``models`` at ``tokens`` on the current CUDA device; write the JSON and plots to ``out``.
+    """Benchmark ``models`` at ``tokens`` on ``device`` (current for the run); write the JSON and plots to ``out``.
 
     Returns the rows. ``quant``: None, a format name, a comma list or a list (:func:`check_quants`):
     every format is timed side by side with the unquantised ``dtype``. ``longcat_nozero`` adds

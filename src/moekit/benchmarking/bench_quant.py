@@ -41,15 +41,17 @@ QUANT_FORMATS = {"fp8": Fp8BlockFormat(128, 128), "mxfp4": Mxfp4Format(), "int4"
 
 
 def measure_fp8_peak(device, timer: Callable | None = None) -> float:
-    """fp8 e4m3 matmul FLOP/s at 8192³ (``torch._scaled_mm``, bf16 output), as the bf16 peak is measured."""
-    from .timer import time_graph
+    """fp8 e4m3 matmul FLOP/s at 8192³ (``torch._scaled_mm``, bf16 output), as the bf16 peak is measured (with
+    ``device`` current: round 69)."""
+    from .timer import on_device, time_graph
 
     n = 8192
-    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
-    one = torch.ones((), device=device, dtype=torch.float32)
-    us = (timer or time_graph)(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                               [()], target_ms=50.0)
+    with on_device(device):
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        one = torch.ones((), device=device, dtype=torch.float32)
+        us = (timer or time_graph)(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
+                                                            out_dtype=torch.bfloat16), [()], target_ms=50.0)
     return 2 * n**3 / (us * 1e-6)
 
 

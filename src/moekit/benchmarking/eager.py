@@ -28,7 +28,7 @@ import torch
 
 from .._checks import DTYPE_SHORT
 from .shapes import ModelShape
-from .timer import time_graph
+from .timer import runs_on_device, time_graph
 
 EAGER_TOKENS = (1, 8, 64)
 
@@ -92,6 +92,7 @@ def eager_calls(m: ModelShape, layer, plain, t: int, dtype, device, rotations: i
     ]
 
 
+@runs_on_device
 def bench_eager(m: ModelShape, layer, tokens, dtype, device, log) -> list[dict]:
     """Rows ``{model, tokens, impl, us, host_us, ...}`` for shape ``m`` (``layer``: its FusedMoE)."""
     import moekit

@@ -16,6 +16,9 @@ Two ways to time a call on a CUDA device, both reporting a median (robust to a s
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import statistics
 import time
 from typing import Callable, Sequence
@@ -29,7 +32,7 @@ SETTLE_ABOVE_US = 1000.0
 
 def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, replays: int = 7,
                max_calls: int = 200, abort_above_us: float | None = None, warm_ms: float = 0.0,
-               settle_ms: float = 0.0, clocks: list | None = None) -> float:
+               settle_ms: float = 0.0, clocks: list | None = None, device=None) -> float:
     """Median µs per call of ``fn(*inputs[i % R])``, ``n`` calls captured in one CUDA graph.
 
     ``n`` is chosen so that one replay lasts about ``target_ms`` (at least ``R``, at most ``max_calls``).
@@ -44,63 +47,108 @@ def time_graph(fn: Callable, inputs: Sequence[tuple], target_ms: float = 25.0, r
     (median ~1.4 GHz, dipping to ~1 GHz; the first 0.2 s after an idle gap ran 2-4 % faster: round 29,
     ``benchmarks/power_probe.py``), so a row timed sooner depends on what ran before it.
     ``clocks``: if given, the SM clock (MHz, :func:`sm_clock_mhz`) read after each timed replay is appended to it.
+    ``device``: the CUDA device the calls, the graph and the events are on, made current around it all (None: the
+    device of the first CUDA tensor in ``inputs[0]``, else the current one; round 69: a cuda:1 call timed with
+    cuda:0 current captured and timed on cuda:0).
     """
-    est = eager_estimate_ms(fn, inputs)
-    if abort_above_us is not None and est * 1000.0 > abort_above_us:
-        return est * 1000.0
-    n = int(min(max_calls, max(len(inputs), round(target_ms / est))))
-    graph = capture_graph(fn, inputs, n)
-    t0 = torch.cuda.Event(enable_timing=True)
-    t1 = torch.cuda.Event(enable_timing=True)
-    t0.record()
-    graph.replay()
-    t1.record()
-    torch.cuda.synchronize()
-    warm = max(warm_ms, settle_ms) if est * 1000.0 >= SETTLE_ABOVE_US else warm_ms
-    for _ in range(int(warm // max(t0.elapsed_time(t1), 1e-3))):
-        graph.replay()
-    times = []
-    for _ in range(replays):
+    with on_device(device, inputs):
+        est = eager_estimate_ms(fn, inputs)
+        if abort_above_us is not None and est * 1000.0 > abort_above_us:
+            return est * 1000.0
+        n = int(min(max_calls, max(len(inputs), round(target_ms / est))))
+        graph = capture_graph(fn, inputs, n)
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
         t0.record()
         graph.replay()
         t1.record()
         torch.cuda.synchronize()
-        times.append(t0.elapsed_time(t1) * 1000.0 / n)
-        if clocks is not None:
-            clocks.append(sm_clock_mhz())
-    del graph
+        warm = max(warm_ms, settle_ms) if est * 1000.0 >= SETTLE_ABOVE_US else warm_ms
+        for _ in range(int(warm // max(t0.elapsed_time(t1), 1e-3))):
+            graph.replay()
+        times = []
+        for _ in range(replays):
+            t0.record()
+            graph.replay()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1) * 1000.0 / n)
+            if clocks is not None:
+                clocks.append(sm_clock_mhz())
+        del graph
     return statistics.median(times)
 
 
-def eager_estimate_ms(fn: Callable, inputs: Sequence[tuple]) -> float:
+def eager_estimate_ms(fn: Callable, inputs: Sequence[tuple], device=None) -> float:
     """Milliseconds per eager call of ``fn`` over the input sets (host time included), after one warm-up call per
-    set (compile, allocate); at least 1 µs."""
-    torch.cuda.synchronize()
-    for inp in inputs:
-        fn(*inp)
-    torch.cuda.synchronize()
-    t0 = torch.cuda.Event(enable_timing=True)
-    t1 = torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for inp in inputs:
-        fn(*inp)
-    t1.record()
-    torch.cuda.synchronize()
+    set (compile, allocate); at least 1 µs. ``device``: as :func:`time_graph`'s."""
+    with on_device(device, inputs):
+        torch.cuda.synchronize()
+        for inp in inputs:
+            fn(*inp)
+        torch.cuda.synchronize()
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for inp in inputs:
+            fn(*inp)
+        t1.record()
+        torch.cuda.synchronize()
     return max(t0.elapsed_time(t1) / len(inputs), 1e-3)
 
 
-def capture_graph(fn: Callable, inputs: Sequence[tuple], n: int) -> torch.cuda.CUDAGraph:
-    """One CUDA graph of ``n`` calls ``fn(*inputs[i % R])`` (captured on a side stream after a call there)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        fn(*inputs[0])
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(n):
-                fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
+def capture_graph(fn: Callable, inputs: Sequence[tuple], n: int, device=None) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``n`` calls ``fn(*inputs[i % R])`` (captured on a side stream after a call there).
+    ``device``: as :func:`time_graph`'s."""
+    with on_device(device, inputs):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            fn(*inputs[0])
+            with torch.cuda.graph(graph, stream=stream):
+                for i in range(n):
+                    fn(*inputs[i % len(inputs)])
+        torch.cuda.synchronize()
     return graph
+
+
+def on_device(device, inputs: Sequence[tuple] = ()) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device`` of ``device`` (None: of the first CUDA tensor in ``inputs[0]``, tuples and lists in it
+    looked into) where that is a CUDA device with an index (``"cuda:1"``); else a context that does nothing
+    (``"cuda"``, ``"cpu"``, no CUDA tensor: the current device stays). Never touches ``torch.cuda`` otherwise."""
+    if device is None:
+        device = _first_cuda_device(inputs[0] if inputs else ())
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is not None:
+            return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _first_cuda_device(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return torch.device("cuda", a.get_device())
+        if isinstance(a, (tuple, list)) and (found := _first_cuda_device(a)) is not None:
+            return found
+    return None
+
+
+def runs_on_device(fn: Callable) -> Callable:
+    """Decorator of a benchmark helper taking a ``device`` argument: the helper runs with that device current
+    (:func:`on_device`; round 69: ``run_bench(device="cuda:1")`` made its tensors there, and its streams, events,
+    graphs and Triton launches on the current device)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with on_device(bound.arguments.get("device")):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def sm_clock_mhz(device=None) -> int | None:

@@ -51,7 +51,7 @@ from ..ops.activation import is_gated
 from ..ops.config_heuristic import heuristic_capability
 from ..ops.triton_configs import clear_config_cache, device_key, shape_key, shape_table, user_config_dir
 from .shapes import ModelShape
-from .timer import time_graph
+from .timer import runs_on_device, time_graph
 from .tune_checks import base_failed, output_checks
 from .tune_space import arith, as_run, block_k, config_id, expected_rows, search, shape_arith, shape_block_k
 from .tune_tables import bucket_order, config_in_use, fill_missing, log_summary, merge_entries, out_table
@@ -149,6 +149,7 @@ def confirm(time_fn, base: dict, best: dict, rounds: int = 3) -> tuple[float, fl
     return statistics.median(times["base"]), statistics.median(times["best"])
 
 
+@runs_on_device  # (its problems, kernel launches, graphs and events on `device`: round 69)
 def tune_point(m: ModelShape, t: int, dtype, device, *, spec=None, call=None, pdl=False, min_gain=0.015,
                rotations=4, weights=None, fixed_bk=None, fixed_arith=None, deadline=None, quick=False,
                log=print, before: dict | None = None) -> tuple[dict, tuple, dict]:

@@ -10,8 +10,18 @@ threads (H100), and two layers of one pool corrupting each other.
 :meth:`GraphLock.take` is non-blocking: a caller that finds the graphs in use runs its forward eagerly (the same
 kernels; SPEC §9 makes graph replays and eager calls the same bits), so threads never wait on each other's host
 work. Holders on different CUDA streams are ordered on the device too: a holder whose current stream is not the
-last holder's makes its stream wait for the work the last holder enqueued (an event recorded on that stream at
-the switch; a holder on the same stream as the last pays nothing, stream order suffices).
+last holder's on the same device makes its stream wait for that stream (``wait_stream``: an event recorded on the
+last holder's stream at the switch). That waits for everything enqueued there up to the switch: the last holder's
+replays and reads, and also any work enqueued on that stream after the holder let go (a layer run on a side stream
+to overlap with the main stream waits, at each switch, for the main stream's work so far, unrelated work too). A
+holder on the same stream as the last pays nothing: stream order suffices. The last holder is kept per device
+(round 69: one last holder for all devices let a pool's layers on two GPUs skip the wait: cuda:0 stream A, then a
+cuda:1 call, then cuda:0 stream B ordered B after nothing, though A's replay could still be reading the static
+buffers B's replay overwrote).
+
+Captures run on :func:`capture_stream`, one side stream per device (round 69: torch.cuda.graph's default capture
+stream is one for the process, made on the device current at the first capture: a cuda:1 layer's capture after a
+cuda:0 one ran in a cuda:0 stream).
 """
 
 from __future__ import annotations
@@ -33,6 +43,24 @@ def _stream_id(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
+#: :func:`capture_stream`'s streams, by device index
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(index: int) -> torch.cuda.Stream:
+    """The side stream the internal graphs of CUDA device ``index`` are captured on, made at its first capture.
+
+    One per device for the process, as torch's own default capture stream is one for the process: every cache and
+    pool of a device captures on the same stream (so cuBLAS calls folded into the graphs allocate one workspace for
+    that stream, not one per pool, and a :class:`GraphCache` without a :class:`GraphPool` needs no stream of its
+    own). Nothing else is kept: a capture synchronises the device first (``torch.cuda.graph``) and leaves nothing
+    pending on the stream."""
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+    return stream
+
+
 class GraphLock:
     """A non-blocking lock over a set of graphs, ordering its holders' CUDA streams (see the module docs)."""
 
@@ -40,8 +68,8 @@ class GraphLock:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._last: torch.cuda.Stream | None = None  # the last holder's CUDA stream
-        self._last_id: tuple[int, int] | None = None  # its (device index, raw handle): the per-call comparison
+        self._last: dict[int, tuple[int, torch.cuda.Stream]] = {}  # device index -> its last holder's (raw, stream)
+        self._last_id: tuple[int, int] | None = None  # the last holder's (device index, raw handle): the per-call test
 
     def take(self, x: torch.Tensor) -> bool:
         """Hold the graphs for a forward on ``x``; False (nothing held) when another caller holds them. The per-call
@@ -58,11 +86,13 @@ class GraphLock:
                     # wait on work outside the capture; this forward runs the plain kernels
                     self._lock.release()
                     return False
-                last = self._last
-                stream = torch.cuda.current_stream(index)
-                if last is not None and last.device == stream.device:
-                    stream.wait_stream(last)  # the last holder's replays and reads, enqueued before it let go
-                self._last, self._last_id = stream, now
+                last = self._last.get(index)  # this device's last holder (round 69: not the last of any device)
+                if last is None or last[0] != now[1]:
+                    stream = torch.cuda.current_stream(index)
+                    if last is not None:
+                        stream.wait_stream(last[1])  # everything enqueued on the last holder's stream so far
+                    self._last[index] = (now[1], stream)
+                self._last_id = now
         return True
 
     def release(self) -> None:

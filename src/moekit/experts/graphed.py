@@ -81,7 +81,7 @@ import torch
 
 from .._checks import check_int
 from .graphed_raw import RawReplay, keeps_graph, rng_offset
-from .graph_lock import GraphLock, GraphPool
+from .graph_lock import GraphLock, GraphPool, capture_stream
 
 _Tensor = torch.Tensor
 
@@ -311,8 +311,10 @@ class GraphCache:
             static_out = None if rows is None or rows <= EXACT_GRAPH_TOKENS else self._buffer("out", out)[:rows]
             # torch.cuda.graph (not bare capture_begin/end): it registers the RNG generators with the
             # capture; bare calls left the default generator's offset tracking broken for later
-            # torch.rand calls ("Offset increment outside graph capture", seen on H200)
-            with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode="thread_local"):
+            # torch.rand calls ("Offset increment outside graph capture", seen on H200); on the device's own capture
+            # stream (round 69: torch's default one is made on the device current at the process's first capture)
+            with torch.cuda.graph(graph, pool=self._pool(), stream=capture_stream(device.index),
+                                  capture_error_mode="thread_local"):
                 result = fn(*static)
                 if static_out is None:
                     static_out = result

@@ -5,7 +5,8 @@
     fused_topk / fused_topk_bias / grouped_topk (seed)    -> kernels.route (kernels.hash_route)
 
 ``backend`` is "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"; see
-:func:`moekit.ops.kernels.resolve_backend`. Layers resolve their table once at construction and
+:func:`moekit.ops.kernels.resolve_backend`. The table's function runs with the input's CUDA device current
+(:mod:`.device_guard`: Triton launches on the current device). Layers resolve their table once at construction and
 call it directly; these fronts serve direct callers of the ops.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import KERNEL_DTYPES, NARROW_INT_DTYPES, check_float_dtype, check_same_device, check_tensor
+from .device_guard import call_on_device
 from .experts import check_experts_inputs
 from .experts_quant import check_quant_experts_inputs
 from .quant_config import parse_quant_config
@@ -85,8 +87,9 @@ def fused_experts(
         )
         if kernels.name == "triton":
             check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
-        return kernels.experts_quant(
-            hidden_states, w1, w2, topk_weights, topk_ids, fmt=fmt, **scales, activation=activation,
+        return call_on_device(  # (Triton launches on the current device: round 69, .device_guard)
+            hidden_states, kernels.experts_quant, hidden_states, w1, w2, topk_weights, topk_ids, fmt=fmt, **scales,
+            activation=activation,
             apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
             expert_map=expert_map, swiglu_limit=swiglu_limit, global_num_experts=global_num_experts,
         )
@@ -101,8 +104,8 @@ def fused_experts(
     )
     if kernels.name == "triton":
         check_float_dtype("hidden_states", hidden_states, KERNEL_DTYPES)
-    return kernels.experts(
-        hidden_states, w1, w2, topk_weights, topk_ids, activation=p.activation,
+    return call_on_device(
+        hidden_states, kernels.experts, hidden_states, w1, w2, topk_weights, topk_ids, activation=p.activation,
         apply_router_weight_on_input=apply_router_weight_on_input, w1_bias=w1_bias, w2_bias=w2_bias,
         expert_map=expert_map, swiglu_limit=swiglu_limit,
     )
@@ -200,8 +203,8 @@ def fused_topk_bias(
     check_hash_table(hash_indices_table, e, topk, check_range=kernels.checks_values, top_k_name="topk")
     check_same_device("hash_indices_table", hash_indices_table, "gating_output", gating_output)
     input_ids = check_input_ids(input_tokens, hash_indices_table, t, name="input_tokens")
-    return kernels.hash_route(gating_output, hash_indices_table, input_ids, spec, indices_type, ids_name="input_tokens",
-                              logits_name="gating_output")
+    return call_on_device(gating_output, kernels.hash_route, gating_output, hash_indices_table, input_ids, spec,
+                          indices_type, ids_name="input_tokens", logits_name="gating_output")
 
 
 def grouped_topk(
@@ -253,4 +256,5 @@ def _route(gating_output, spec: TopKSpec, bias, indices_type, backend: str, *, t
     check_indices_type(indices_type)
     kernels = _kernels(backend, gating_output)
     kernels.check_route(e, spec.top_k, top_k_name=top_k_name)
-    return kernels.route(gating_output, spec, bias, indices_type, logits_name="gating_output")
+    return call_on_device(gating_output, kernels.route, gating_output, spec, bias, indices_type,
+                          logits_name="gating_output")

@@ -113,17 +113,22 @@ class ForwardGuard:
 def agreed_forward(forward):
     """Decorator of a runner's forward: runs it under its executor's ``forward_guard()`` when it has one that
     answers a guard (a parallel executor with a flag-carrying collective), else calls it as it is (single-process
-    layers: no change)."""
+    layers: no change). Either way on the CUDA device of its input (``hidden_states``, the first argument), made
+    current around the call where another one is (round 69, :mod:`moekit.ops.device_guard`)."""
 
     @functools.wraps(forward)
-    def agreed(layer, *args, **kwargs):
+    def agreed(layer, hidden_states, *args, **kwargs):
+        x = hidden_states  # (device_guard.other_device inline: a call less per forward; on CPU it stops at is_cuda)
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(x.get_device()):
+                return agreed(layer, x, *args, **kwargs)  # (the device is current now: the common path)
         ex = layer.expert_executor
         if type(ex) is LocalExecutor:  # single-process layers: the plain call, no attribute probe (eager host time)
-            return forward(layer, *args, **kwargs)
+            return forward(layer, x, *args, **kwargs)
         start = getattr(ex, "forward_guard", None)
         if start is None:
-            return forward(layer, *args, **kwargs)
-        return guarded(start(), forward, layer, *args, **kwargs)
+            return forward(layer, x, *args, **kwargs)
+        return guarded(start(), forward, layer, x, *args, **kwargs)
 
     return agreed
 

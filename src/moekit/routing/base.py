@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_bool, check_finite, check_int, check_same_device, check_tensor, host_sync_allowed
+from ..ops.device_guard import call_on_device
 from ..ops.kernels import Kernels, kernels_for
 from ..ops.routing import TopKSpec, check_bias, check_gating, check_indices_type
 from ..types import RoutingMethodType, RoutingResult
@@ -141,7 +142,9 @@ class BaseRouter(torch.nn.Module):
               input_ids: torch.Tensor | None = None) -> RoutingResult:
         """The full :class:`RoutingResult` (the zero slots' weight sum included, no side channel).
 
-        hidden_states: [T, H]; router_logits: [T, N] float, same device; input_ids: [T] int (hash routing).
+        hidden_states: [T, H]; router_logits: [T, N] float, same device; input_ids: [T] int (hash routing). The
+        kernels run on the current CUDA device: :meth:`forward` / :meth:`select_experts` make ``hidden_states``'
+        device current first (the layer's forward did already for its call of ``route``).
         """
         check_tensor("hidden_states", hidden_states)
         if hidden_states.dim() != 2:  # (round 63: [B, 1, H] broadcast the zero experts' term into [B, B, H])
@@ -171,8 +174,9 @@ class BaseRouter(torch.nn.Module):
                 input_ids: torch.Tensor | None = None) -> RoutingResult:
         """``router(hidden_states, router_logits)``: :meth:`route`. A layer calls ``route`` itself (no module call
         on its hot path), so forward hooks on a layer's router run only for such direct calls (registering one
-        warns: :meth:`register_forward_hook`)."""
-        return self.route(hidden_states, router_logits, input_ids=input_ids)
+        warns: :meth:`register_forward_hook`). Runs on the CUDA device of ``hidden_states`` (made current where another
+        one is: round 69, :mod:`moekit.ops.device_guard`), as :meth:`select_experts` does."""
+        return call_on_device(hidden_states, self.route, hidden_states, router_logits, input_ids=input_ids)
 
     def register_forward_hook(self, hook, *args, **kwargs):
         _warn_hook("register_forward_hook")
@@ -184,8 +188,9 @@ class BaseRouter(torch.nn.Module):
 
     def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                        input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked)."""
-        result = self.route(hidden_states, router_logits, input_ids=input_ids)
+        """topk_weights: [T, K] float32, topk_ids: [T, K] int32 (zero-expert slots already masked); on the CUDA
+        device of ``hidden_states`` (:meth:`forward`)."""
+        result = call_on_device(hidden_states, self.route, hidden_states, router_logits, input_ids=input_ids)
         zero = result.zero_contribution(hidden_states)
         value = zero.to(hidden_states.dtype) if zero is not None else None
         if value is not None or hasattr(type(self), "zero_expert_output"):  # (only zero-expert routers have a reader:
