@@ -4,8 +4,8 @@
 ``PreTrainedModel`` holding a moekit layer loaded by ``from_pretrained`` was refused as "not loaded" (the loaded-record
 never saw the writes), so the standard loading path of such a model could not run.
 
-The rule (:func:`assigned_whole`): the parameters the layer allocated itself are noted (:func:`remember_own`); each expert
-tensor is either one of those, whose slots and shards the loaded-record must have seen written, or a parameter put
+The rule (:func:`assigned_whole`): the parameters the layer allocated itself are noted (:func:`remember_own`); each
+expert tensor is either one of those, whose slots and shards the loaded-record must have seen written, or a parameter put
 there from outside, read as a whole-tensor load with ``load_state_dict(assign=True)``'s checks: storage dtypes,
 scale values and float16's range (:func:`~.params.check_state_tensors`, :func:`~.range16.check_named`), and no slot
 or shard holding what a never-loaded layer holds (:func:`~.loaded_record.unset_slices`: NaN weights, NaN or 255
@@ -80,7 +80,8 @@ def assigned_whole(experts) -> bool:
     if relaid:
         raise RuntimeError(f"{relaid} of layer {experts.layer_name!r} were replaced by an assignment (transformers' "
                            "from_pretrained, accelerate), but this layer stores its 4-bit codes re-laid for its "
-                           "kernels; load them with load_state_dict(), load_expert_weights() or moekit.load_moe_layers()")
+                           "kernels; load them with load_state_dict(), load_expert_weights() or "
+                           "moekit.load_moe_layers()")
     for name, t in foreign.items():
         want = tuple(experts.specs[name].local_shape(experts.placement.num_local, experts.tp_rows))
         if tuple(t.shape) != want:

@@ -116,13 +116,9 @@ class GraphPlan:
         """Graphs may run now (read live, cheaply): no hook on a module every graph runs (the experts, their norm,
         the router's children), the output norm declared graph-safe (round 64: a user norm swapped in was captured)."""
         norm = experts._modules.get("expert_output_norm")  # (the dict: nn.Module.__getattr__ costs ~0.5 us)
-        if self.blocked or _hooked(experts) or (norm is not None and (
-                _hooked(norm) or not declared_graph_safe(norm))):
+        if self.blocked or _hooked(experts) or (norm is not None and (_hooked(norm) or not declared_graph_safe(norm))):
             return False
-        for m in self.router._modules.values():
-            if m is not None and _hooked(m):
-                return False
-        return True
+        return not any(m is not None and _hooked(m) for m in self.router._modules.values())
 
     def fingerprint(self) -> tuple:
         """Data pointers of the watched tensors, identity of the folded modules' children."""
@@ -131,8 +127,8 @@ class GraphPlan:
     def layout(self) -> tuple:
         """What the plan itself was decided from: the children of its modules and their hooks (by handle id: a hook
         removed and another added is a change)."""
-        return (tuple(m for d in self._children for m in d.values()),
-                tuple(tuple(d) for d in self._hooks), tuple("forward" in d for d in self._dicts))
+        return (tuple(m for d in self._children for m in d.values()), tuple(tuple(d) for d in self._hooks),
+                tuple("forward" in d for d in self._dicts))
 
     def stale(self) -> bool:
         """A child swapped or a hook added / removed since the plan was made: the fold rule must run again (round 64:
@@ -217,8 +213,8 @@ def _safe_module(m) -> bool:  # a module whose own class declares _moekit_graph_
     return isinstance(m, torch.nn.Module) and declared_graph_safe(m)
 
 
-def _hooked(m) -> bool:  # forward (pre-)hooks on module m, or its forward wrapped on the instance (accelerate's
-    # offloading hooks, a user's wrapper; round 69): never folded (a graph would run them at capture only)
+def _hooked(m) -> bool:  # forward (pre-)hooks on module m, or its forward wrapped on the instance (accelerate's hooks:
+    # round 69): never folded, and graphs stay off where every graph runs it (a replay would skip it)
     return bool(m._forward_hooks or m._forward_pre_hooks) or "forward" in m.__dict__
 
 
