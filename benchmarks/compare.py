@@ -68,7 +68,11 @@ def read_rows(path, what: str = "moekit bench JSON") -> tuple:
 
 
 def load_rows(path) -> list[dict]:
-    return [normalise(r) for r in read_rows(path)[1]]
+    """The rows of ``path``, normalised; a row without a ``device`` takes the file's (older files hold it once, in
+    their object: round 33's layer profiles)."""
+    data, rows = read_rows(path)
+    device = data.get("device") if isinstance(data, dict) else None
+    return [normalise(dict(r, device=device) if device and not r.get("device") else r) for r in rows]
 
 
 class Rows:

@@ -53,6 +53,12 @@ def load_reference(path) -> list[dict]:
     return rows
 
 
+def device_of(rows) -> str:
+    """The GPU the rows name (their ``device``), "" where none does (round 69: rows of older result files, e.g.
+    round 33's layer profiles, carry it in the file's object, not in each row: the plot raised ``KeyError``)."""
+    return next((r["device"] for r in rows if r.get("device")), "")
+
+
 def _pyplot():
     import matplotlib
 
@@ -103,7 +109,7 @@ def plot_roofline(rows, bw: float, peak: float, path: Path, fp8_peak: float | No
     ax.legend(handles=handles, fontsize=7, ncol=2)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("achieved TFLOP/s")
-    ax.set_title(f"MoE layer forward and experts step, {rows[0]['device'] if rows else ''}")
+    ax.set_title(f"MoE layer forward and experts step, {device_of(rows)}")
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -139,7 +145,7 @@ def plot_speed(rows, path: Path, reference=()) -> None:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(models):]:
         ax.set_visible(False)
-    fig.suptitle(f"µs per call against tokens, {rows[0]['device'] if rows else ''} (dashed: reference)", fontsize=10)
+    fig.suptitle(f"µs per call against tokens, {device_of(rows)} (dashed: reference)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

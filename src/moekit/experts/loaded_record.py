@@ -11,10 +11,12 @@ from torch.nn.utils import parametrize
 
 from .._checks import values_checkable
 from .layout import shards
+from .legacy_state import warn_zero_scales
 from .packed import follow_weight_dtype
 from .params import unset_input_scale, unset_mask, unset_value
 from .placement_state import Transient, buffer_keys_missing, maps_rebuilt, placement_loaded
 
+_ORDER = shards(True)  # gate, up, down: the order of messages
 _MISSING_KIND = {"weight": "", "bias": " bias", "scale": " scale", "input_scale": " input_scale"}
 
 
@@ -72,7 +74,8 @@ class LoadedRecord:
         self.needed = frozenset(needed)
         self.written: set[tuple[int, str, str]] = set()
         self.complete = False
-        self.unset_loaded = False  # a state dict loaded here held a never-loaded layer's values for some
+        self.unset_loaded = False  # a state dict loaded here held a never-loaded layer's values for some: "unset"
+        # (NaN / e8m0 255), or "legacy" (all-zero scales of a dict saved before round 62, version 1)
 
     def mark(self, slots, shard_ids, kind: str) -> None:
         self.written.update((slot, s, kind) for slot in slots for s in shard_ids)
@@ -102,13 +105,20 @@ class LoadedRecord:
             return
         missing = self.missing(logical_ids, gated)
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        why = ("; a state dict loaded into it held the values of a layer never loaded for them (NaN weights or "
-               "NaN scales)") if self.unset_loaded else ""
+        why = {"unset": "; a state dict loaded into it held the values of a layer never loaded for them (NaN weights "
+               "or NaN scales)", "legacy": _LEGACY}.get(self.unset_loaded, "")
         raise RuntimeError(
             f"layer {layer_name!r}: forward before the expert weights were loaded (missing "
             f"{', '.join(missing[:6])}{more}{why}); load them with load_expert_weights(), load_weights() "
-            "or moekit.load_moe_layers()"
+            "or moekit.load_moe_layers()" + (_LEGACY_WAY if self.unset_loaded == "legacy" else "")
         )
+
+
+#: why (and what to do) where a state dict saved before round 62 (version 1) marked experts never loaded (round 69)
+_LEGACY = ("; a state dict loaded into it held, for them, all-zero scales, the unset mark of state dicts saved "
+           "before round 62 (version 1): read as never loaded")
+_LEGACY_WAY = ("; if those zeros are real values (an all-zero padding expert), load the state dict without its "
+               "metadata instead (layer.load_state_dict(dict(sd)): all-zero scales are values since round 62)")
 
 
 class InputScales:
@@ -149,17 +159,19 @@ class InputScales:
 
 
 def state_loaded(experts, state_dict: dict, prefix: str, placement, incompatible: tuple[list, list],
-                 legacy: bool = False) -> None:
+                 legacy: bool | None = False) -> None:
     """After :class:`~moekit.RoutedExperts` copied a state dict: the placement it gives (``placement``, from
     :func:`~moekit.experts.placement_state.incoming_placement`), what it wrote marked loaded (an all-zero input scale
     is "not given", and so is a slot's shard still holding a never-loaded layer's values: :func:`unset_slices`; a
     quantised shard's codes with its scales), the input scales' record
     seeded, what loads convert to following an assigned dtype, and the maps derived from the placement where they
-    were on meta (weights assigned to a layer built there)."""
+    were on meta (weights assigned to a layer built there). ``legacy``: the state dict's version (its torch
+    ``_metadata``) was 1 (saved before round 62: all-zero scale shards read as never written); False: 2; None: it had
+    no version, all-zero scale shards read as values with a ``UserWarning`` (:mod:`.legacy_state`; round 69)."""
     unexpected_keys, missing_keys = incompatible
     placement_loaded(experts, placement, prefix, unexpected_keys)
     buffer_keys_missing(experts, prefix, missing_keys)
-    given, every, quantised = [], range(experts.placement.num_local), experts.quant is not None
+    given, every, quantised, zeros = [], range(experts.placement.num_local), experts.quant is not None, []
     for name, spec in experts.specs.items():
         key = prefix + name  # (a parametrized tensor's values are its 'original': round 63)
         key = f"{prefix}parametrizations.{name}.original" if parametrize.is_parametrized(experts, name) else key
@@ -172,11 +184,17 @@ def state_loaded(experts, state_dict: dict, prefix: str, placement, incompatible
             continue
         given.append(name)
         experts._record.mark(every, spec.shards, spec.kind)
-        for slot, s in unset_slices(spec, t, quantised, legacy):
+        for slot, s in unset_slices(spec, t, quantised, bool(legacy)):
             experts._record.unmark((slot,), (s,), spec.kind)
             if spec.kind == "scale":  # its codes mean nothing without it (and are not checked: any value is one)
                 experts._record.unmark((slot,), (s,), "weight")
-            experts._record.unset_loaded = True
+            record = experts._record
+            record.unset_loaded = "legacy" if legacy and spec.kind == "scale" else record.unset_loaded or "unset"
+        if legacy is None and spec.kind == "scale":  # no version metadata: all-zero scales are values (round 69)
+            ids = experts.placement.local_logical_ids()
+            zeros += [(ids[slot], _ORDER.index(s)) for slot, s in unset_slices(spec, t, quantised, True)]
+    if zeros:
+        warn_zero_scales(experts.layer_name, [f"expert {e} {_ORDER[i]} scale" for e, i in sorted(set(zeros))])
     experts._input_scales.seed(experts, given)
     follow_weight_dtype(experts)
     if not experts.w13_weight.is_meta and any(t is not None and t.is_meta for t in (

@@ -24,6 +24,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES
 from .layout import DOWN, GATE, PROJ_NAMES, SHARD_OF_PROJ, UP, FusedLayout, down_rows, gate_up_rows, get_fused_layout
+from .legacy_state import load_slots, saved_version
 from .own_names import HALVES, own_target
 
 EXPERT_KEY_RE = re.compile(
@@ -187,6 +188,7 @@ def load_layer_weights(
     own.update({n: b for n, b in layer.named_buffers() if b is not None})
     loaded = set() if loaded is None else loaded
     consumed, slots = set(), {}
+    version = saved_version(weights)  # a state_dict()'s experts version (its _metadata: 1 before round 62), or None
     if isinstance(weights, Mapping):  # (round 62: a dict raised "too many values to unpack")
         weights = weights.items()
     elif not isinstance(weights, Iterable) or isinstance(weights, (str, torch.Tensor)):
@@ -201,8 +203,7 @@ def load_layer_weights(
             raise ValueError(f"checkpoint entry {name!r} is on the meta device: it holds no values to load")
         m, f = _expert_key(name, getattr(layer, "layer_name", ""))
         if slots and (m is not None or f is not None):  # the stacks gathered so far first: the last write wins
-            layer.routed_experts.load_state_dict(slots, strict=False)
-            slots = {}
+            slots = load_slots(layer.routed_experts, slots, version)
         if m is not None:
             _load_expert(layer, name, tensor, m, keys)
         elif f is not None:
@@ -210,8 +211,7 @@ def load_layer_weights(
         elif (pname := _load_own(layer, name, tensor, own, slots, loaded)) is not None:
             loaded.add(pname)
         consumed.add(name)
-    if slots:  # one state dict (round 53's review: one key at a time was a partial one, refused once EPLB had moved)
-        layer.routed_experts.load_state_dict(slots, strict=False)
+    load_slots(layer.routed_experts, slots, version)  # one state dict (round 53's review: one key at a time: refused)
     getattr(layer.router, "forget_written_values", list)()  # (to_empty values written: compiled forwards, r68)
     return consumed
 

@@ -235,7 +235,7 @@ class RoutedExperts(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         relay_loaded(self, self._relaid_weights(), state_dict, prefix, local_metadata)
-        legacy = local_metadata.get("version", self._version) < 2  # (saved before round 62: zero scales unset)
+        legacy = local_metadata["version"] < 2 if "version" in local_metadata else None  # (None: no metadata; r69)
         state_loaded(self, state_dict, prefix, placement, (unexpected_keys, missing_keys), legacy)  # placement...
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

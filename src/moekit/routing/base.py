@@ -268,6 +268,20 @@ def check_values_set(router) -> None:
                            "likewise), or assign it, before a forward")
 
 
+def check_not_meta(router) -> None:
+    """``RuntimeError`` where a value buffer is still on meta at a forward on real tensors: a layer built on meta and
+    loaded with ``assign=True, strict=False`` from a state dict without it (saved before round 48, when neither was in
+    state dicts; round 69: the forward blamed a device mismatch)."""
+    names = [n for n in _VALUE_BUFFERS if (t := router._buffers.get(n)) is not None and t.is_meta]
+    if names:
+        raise RuntimeError(
+            f"{type(router).__name__}: {', '.join(names)} is on the meta device: it was never loaded (a state dict "
+            "saved before round 48 lacks router.e_score_correction_bias / router.hash_indices_table); before a "
+            "forward, assign it (layer.router.e_score_correction_bias = bias, the table likewise; or "
+            "layer.load_state_dict({'router.e_score_correction_bias': bias}, strict=False, assign=True)), or build the "
+            "layer on a real device with the bias / table given to it and load that state dict with strict=False")
+
+
 #: :func:`check_values_set` run eagerly from compiled code (it reads versions and values: round 68)
 check_values_set_eagerly = torch._disable_dynamo(check_values_set)  # (lazy: importing dynamo imports triton)
 
@@ -342,6 +356,9 @@ class ScoredRouter(BaseRouter):
         self._bias_dtype = None if e_score_correction_bias is None else e_score_correction_bias.dtype
 
     _apply = keep_bias_dtype
+    #: the bias dtype at construction (:func:`warn_bias_dtype`); a router pickled before round 64 has none (round 69:
+    #: its first forward raised AttributeError): None, no dtype warning
+    _bias_dtype: torch.dtype | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         # a state dict's selection bias is checked as the constructor's (round 53: a NaN one loaded silently)
@@ -374,6 +391,8 @@ class ScoredRouter(BaseRouter):
         """(w [T, K] float32, ids [T, K]) from the kernel table; inputs checked, rows unit-stride."""
         bias = self.e_score_correction_bias
         if bias is not None:
+            if bias.is_meta and not router_logits.is_meta:  # (never loaded: round 69)
+                check_not_meta(self)
             check_same_device("e_score_correction_bias", bias, "router_logits", router_logits)
             if bias.dtype != self._bias_dtype and not torch.compiler.is_compiling():
                 warn_bias_dtype(self, bias.dtype)

@@ -7,7 +7,7 @@ import torch
 from ..ops.kernels import Kernels
 from ..ops.routing import check_hash_table, check_input_ids
 from ..types import RoutingResult
-from .base import IndicesTypeGetter, ScoredRouter
+from .base import IndicesTypeGetter, ScoredRouter, check_not_meta
 
 
 class FusedTopKBiasRouter(ScoredRouter):
@@ -54,6 +54,8 @@ class FusedTopKBiasRouter(ScoredRouter):
     def _compute_routing(self, hidden_states, router_logits, indices_type, input_ids) -> RoutingResult:
         if self.hash_indices_table is None:
             return super()._compute_routing(hidden_states, router_logits, indices_type, input_ids)
+        if self.hash_indices_table.is_meta and not router_logits.is_meta:  # (never loaded: round 69)
+            check_not_meta(self)
         ids = check_input_ids(input_ids, self.hash_indices_table, router_logits.shape[0])  # the range: the table's
         return RoutingResult(*self.kernels.hash_route(router_logits, self.hash_indices_table, ids, self.spec,
                                                       indices_type))
