@@ -7,6 +7,7 @@ import torch
 
 from ._checks import declared_graph_safe
 from .experts.executor import LocalExecutor
+from .experts.routed import RoutedExperts
 
 
 def graph_safe(router, experts, executor) -> bool:
@@ -26,6 +27,13 @@ def before_swap(layer, name: str, value) -> None:
     ex = layer.__dict__.get("expert_executor")
     if ex is None or not isinstance(value, torch.nn.Module):  # (being built; or torch refuses the value itself)
         return
+    if name == "routed_experts" and not isinstance(value, RoutedExperts) and not isinstance(getattr(
+            value, "w13_weight", None), torch.Tensor):  # (a wrapper reading through to them, e.g. torch's
+        raise TypeError(  # checkpoint_wrapper, runs; round 69: PEFT's ParamWrapper failed with an AttributeError)
+            f"routed_experts must be a moekit RoutedExperts, got {type(value).__name__}: a wrapper around the expert "
+            "stacks (e.g. PEFT's LoRA target_parameters) is not supported on moekit layers; for LoRA on expert "
+            "stacks use transformers' experts switch (moekit.integrations.transformers.register() and "
+            "experts_implementation='moekit'), where PEFT wraps transformers' own stacks")
     experts = value if name == "routed_experts" else layer.routed_experts
     router = value if name == "router" else layer.router
     if name == "routed_experts" and value is not ex.experts:
