@@ -48,8 +48,13 @@ def block_tensors(block, spec: ArchSpec, plan: LayerPlan) -> dict[str, torch.Ten
         for pname, t in list(sub.named_parameters()) + list(sub.named_buffers()):
             if t.device.type == "meta":
                 raise ValueError(
-                    f"{plan.name}.{pre}{pname} is on the meta device (offloaded or not materialised); patch() "
-                    "needs the block's weights in memory"
+                    f"{plan.name}.{pre}{pname} is on the meta device (offloaded by accelerate, or not materialised); "
+                    "patch() needs the block's weights in memory (nothing was changed). Either load the model "
+                    "without offloading (no 'disk' / 'cpu' offload in device_map, a max_memory its weights fit in), "
+                    "or load it fully, patch(model), then dispatch it with accelerate (accelerate.cpu_offload / "
+                    "disk_offload / dispatch_model run on patched models), or call "
+                    "moekit.integrations.transformers.register() and load it with experts_implementation='moekit' "
+                    "(moekit's experts under transformers' blocks, which runs with offloaded weights)"
                 )
             own[rename_block_key(spec, pre + pname)] = t
     return own

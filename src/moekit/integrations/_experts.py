@@ -5,6 +5,7 @@ transformers experts module (its gate function as a moekit activation, its stack
 from __future__ import annotations
 
 import importlib
+import weakref
 
 import torch
 
@@ -110,7 +111,8 @@ def _input_stack(module):
 
 def experts_weights(module):
     """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) for ``fused_experts``: the
-    module's own stacks in moekit's layout, else converted once (cached on the module until they change)."""
+    module's own stacks in moekit's layout, else converted copies, cached on the module (:class:`_Converted`, in
+    ``_moekit_converted``) for as long as the tensors they were converted from are alive and unchanged."""
     b13, b2 = (module.gate_up_proj_bias, module.down_proj_bias) if module.has_bias else (None, None)
     w13 = _input_stack(module)
     if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True):
@@ -123,28 +125,65 @@ def experts_weights(module):
         # cache's key, an attribute write and is_inference() broke fullgraph and recompiled every call: views and
         # a cat the compiled graph holds)
         return convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
-    key = _fingerprint((w13, module.down_proj, b13, b2))
-    cache = getattr(module, "_moekit_converted", None)
-    if cache is None or not _same(cache[0], key):
+    sources = (w13, module.down_proj, b13, b2)
+    cache = module.__dict__.get(_CACHE)
+    if cache is None or not cache.made_from(sources):
         stacks = convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
-        cache = (key, tuple(t.detach() if t is not None else None for t in stacks))
-        module._moekit_converted = cache
-    return cache[1]
+        cache = _Converted(module, sources, tuple(t.detach() if t is not None else None for t in stacks))
+        module.__dict__[_CACHE] = cache
+    return cache.stacks
 
 
-def _fingerprint(tensors) -> tuple:
-    """What the converted copies were made from: each source tensor itself (a replaced one is another object), its
-    version counter (in-place edits; round 49: the biases and a replaced ``down_proj`` were not in the key, so edits to
-    them kept the stale copies), and its memory, dtype, device and shape (round 61: ``p.data = new`` and
-    ``model.to(dtype / device)`` keep the parameter object and its version, and the stale copies were used: wrong
-    logits, or a dtype error). Not seen: in-place edits through ``p.data`` (they bypass the version counter: edit
-    under ``torch.no_grad()`` instead) and of inference tensors (no version counter)."""
-    return tuple(None if t is None else (t, None if t.is_inference() else t._version, t.data_ptr(), t.dtype,
-                                         t.device, tuple(t.shape)) for t in tensors)
+#: attribute (in an experts module's ``__dict__``) holding its :class:`_Converted` stacks
+_CACHE = "_moekit_converted"
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return all((x is None) == (y is None) and (x is None or (x[0] is y[0] and x[1:] == y[1:])) for x, y in zip(a, b))
+class _Converted:
+    """The converted stacks of an experts module and what they were made from, which they never keep alive.
+
+    The key holds each source tensor by weak reference (round 69: it held them strongly): the cache is dropped from
+    its module as soon as one of them is freed. That is the whole rule for offloading: accelerate's offload hooks
+    (``device_map`` with ``"disk"`` / ``"cpu"`` offload, ``cpu_offload``, ``disk_offload``) put new parameter objects
+    in the module for each forward and meta ones after it, so the tensors a forward's copies were made from are freed
+    when the forward ends, and the copies with them: nothing stays in memory between calls (before, every offloaded
+    layer's sources and copies stayed). Beside each source: its version counter (in-place edits; round 49: the biases
+    and a replaced ``down_proj`` were not in the key, so edits to them kept the stale copies), and its memory, dtype,
+    device and shape (round 61: ``p.data = new`` and ``model.to(dtype / device)`` keep the parameter object and its
+    version, and the stale copies were used: wrong logits, or a dtype error). Not seen: in-place edits through
+    ``p.data`` (they bypass the version counter: edit under ``torch.no_grad()`` instead) and of inference tensors (no
+    version counter). Copies and pickles of the module do not carry it (it is made again at the next call)."""
+
+    __slots__ = ("key", "stacks", "__weakref__")
+
+    def __init__(self, module, sources, stacks):
+        owner, me = weakref.ref(module), weakref.ref(self)
+
+        def drop(_ref) -> None:  # a source was freed: the module forgets these copies (if they are still its own)
+            m, c = owner(), me()
+            if m is not None and c is not None and m.__dict__.get(_CACHE) is c:
+                del m.__dict__[_CACHE]
+
+        self.key = tuple(None if t is None else (weakref.ref(t, drop), *_state(t)) for t in sources)
+        self.stacks = stacks
+
+    def made_from(self, sources) -> bool:
+        """Whether ``sources`` are the tensors (same objects, unchanged) the stacks were converted from."""
+        return all((k is None) == (t is None) and (t is None or (k[0]() is t and k[1:] == _state(t)))
+                   for k, t in zip(self.key, sources))
+
+    def __reduce__(self):  # (a pickled module gets no cache: the weak references cannot be pickled)
+        return _no_cache, ()
+
+    def __deepcopy__(self, memo):  # (nor a copy: it would key the copies on the original's tensors)
+        return None
+
+
+def _no_cache() -> None:
+    return None
+
+
+def _state(t: torch.Tensor) -> tuple:
+    return None if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)
 
 
 def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):

@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from ._hooks import other_hf_hook
+
 #: routers whose recorded output is their softmax probabilities in float32, not their logits (by class name)
 PROBABILITIES = frozenset({"Gemma4TextRouter", "DiffusionGemmaTextRouter"})
 #: attribute (in a guarded model's ``__dict__``) holding the records its forward marked asked (:func:`mark_asked`)
@@ -198,11 +200,14 @@ def carry_hooks(src, dst) -> None:
 
 def warn_user_hooks(name: str, block, members=None) -> None:
     """A ``UserWarning`` naming the modules of the block ``name`` (a layer-level MoE: its decoder layer's ``members``)
-    that hold forward or forward-pre hooks other than transformers' capture hooks: :func:`~.transformers.patch`
-    replaces them, so they do not run while patched (round 63: they stopped silently); unpatch brings them back."""
-    hooked = [f"{name}.{rel}" if rel else name for rel, m in block.named_modules()
+    that hold forward or forward-pre hooks other than transformers' capture hooks, or an accelerate hook other than a
+    device hook (:mod:`._hooks`; round 69: ``_hf_hook`` was not looked at): :func:`~.transformers.patch` replaces
+    them, so they do not run while patched (round 63: they stopped silently); unpatch brings them back."""
+    hooked = [(f"{name}.{rel}" if rel else name) + (f" (accelerate {other_hf_hook(m)})" if other_hf_hook(m) else "")
+              for rel, m in block.named_modules()
               if (members is None or rel.split(".")[0] in members) and (m._forward_pre_hooks or any(
-                  getattr(h, "__module__", None) != _CAPTURE_MODULE for h in m._forward_hooks.values()))]
+                  getattr(h, "__module__", None) != _CAPTURE_MODULE for h in m._forward_hooks.values())
+                  or other_hf_hook(m))]
     if hooked:
         warnings.warn(f"patch(): forward hooks on {hooked} do not run while the block is patched (moekit replaces "
                       f"the module; unpatch() brings them back); register them on the patched module instead",

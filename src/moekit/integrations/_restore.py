@@ -2,12 +2,17 @@
 :func:`~moekit.integrations.transformers.unpatch` can go back: each stand-in holds, by reference, the module(s) it
 replaced, outside the module tree (not in ``parameters()``, ``state_dict()`` or ``modules()``: no tensor is counted
 twice, ``model.to()`` does not reach them); each guarded model holds the handle of its ``output_router_logits``
-pre-hook.
+pre-hook. The tensors of a kept module that the moekit layer holds itself (the same parameter or buffer objects) are
+held by weak reference only (:mod:`._weak`, :data:`WEAK`): the layer keeps them alive, and once it no longer holds them
+(replaced, offloaded) they are not kept in memory for ``unpatch()`` either.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._hooks import hand_back_device_hook
+from ._weak import WeakTensor, lost_bytes, strengthen, weaken_shared
 
 #: attribute (in the stand-in's ``__dict__``) holding what a stand-in replaced: the block (a ``MoEBlockAdapter``) or,
 #: for a layer-level MoE (Gemma 4), ``{member: module}`` of the decoder layer's MoE attributes (a ``LayerMoEAdapter``)
@@ -26,8 +31,14 @@ FREE_BYTES = 1 << 20
 #: beside ORIGINAL where the moekit layer holds converted copies of the block's expert stacks: a callable writing the
 #: layer's weights back into the kept block's stacks (what training changed), called by ``unpatch()``
 CARRY = "_moekit_carry_back"
-#: beside ORIGINAL: ``[(parameter, requires_grad)]`` of the original's parameters whose flag building the layer changed
+#: beside ORIGINAL: ``[(WeakTensor(parameter), requires_grad)]`` of the original's parameters whose flag building the
+#: layer changed
 FLAGS = "_moekit_requires_grad"
+#: beside ORIGINAL: ``[(module path in the original, "_parameters" | "_buffers", name, WeakTensor)]`` of the tensors
+#: the original holds by weak reference, its moekit layer's own objects (:func:`weaken_kept`; round 69: kept strongly,
+#: they pinned the weights once accelerate's offloading replaced the layer's parameters: ``patch()`` then
+#: ``disk_offload`` freed nothing); ``unpatch()`` holds them strongly again
+WEAK = "_moekit_weak_tensors"
 
 
 def extra_bytes(original, moe) -> tuple[int, int]:
@@ -88,24 +99,35 @@ def keep_original(stand_in, original, moe, restorable: bool, carry=None, flags=(
         if carry is not None:
             stand_in.__dict__[CARRY] = carry
         if flags:
-            stand_in.__dict__[FLAGS] = list(flags)
+            stand_in.__dict__[FLAGS] = [(WeakTensor(t), old) for t, old in flags]  # (the layer's, or the original's)
     else:
         stand_in.__dict__[DROPPED] = cost
+
+
+def weaken_kept(model) -> None:
+    """Hold the parameters and buffers of every kept original of ``model`` (:func:`keep_original`; not done before)
+    that are its moekit layer's own objects by weak reference (:func:`._weak.weaken_shared`, :data:`WEAK`): called
+    once ``patch()`` succeeded (a failed one puts the blocks back as they were)."""
+    for stand_in in model.modules():
+        original, moe = stand_in.__dict__.get(ORIGINAL), stand_in._modules.get("moe")
+        if original is not None and moe is not None and WEAK not in stand_in.__dict__:
+            stand_in.__dict__[WEAK] = weaken_shared(original, moe)
 
 
 def check_restorable(model) -> None:
     """Raise ``ValueError`` before anything is put back (:func:`restore_blocks` then restores all or nothing) when a
     stand-in of ``model`` dropped its original (:func:`keep_original`), or kept one that the moekit layer no longer
-    shares (its weights replaced after :func:`patch`: ``load_state_dict(assign=True)``, ``load_expert_weights``, ...;
-    putting the original back would restore the weights it had at patch time)."""
+    shares (its weights replaced after :func:`patch`: ``load_state_dict(assign=True)``, ``load_expert_weights``,
+    accelerate's offloading, ...; putting the original back would restore the weights it had at patch time, or
+    weights no longer there: those it held by weak reference, :data:`WEAK`, freed)."""
     dropped, stale = [], []
     for n, m in model.named_modules():
         if DROPPED in m.__dict__:
             dropped.append(f"{n or '<model>'} ({_size(m.__dict__[DROPPED])})")
         elif ORIGINAL in m.__dict__ and hasattr(m, "moe"):
-            now = extra_bytes(m.__dict__[ORIGINAL], m.moe)[0]
-            if now > m.__dict__.get(KEPT_COST, now):
-                stale.append(f"{n or '<model>'} ({_size(now)} no longer shared)")
+            now, lost = extra_bytes(m.__dict__[ORIGINAL], m.moe)[0], lost_bytes(m.__dict__.get(WEAK, ()), m.moe)
+            if now > m.__dict__.get(KEPT_COST, now) or lost:
+                stale.append(f"{n or '<model>'} ({_size(now + lost)} no longer shared)")
     if dropped:
         raise ValueError(
             f"unpatch(): {len(dropped)} block(s) were patched with converted copies of their weights and their "
@@ -114,8 +136,11 @@ def check_restorable(model) -> None:
     if stale:
         raise ValueError(
             f"unpatch(): the moekit layers of {len(stale)} block(s) no longer share the tensors of the blocks they "
-            f"replaced (their weights were replaced after patch()): {_few(stale)}; putting the blocks back would "
-            f"restore the weights they had at patch time; nothing was changed")
+            f"replaced (their weights were replaced after patch(): load_state_dict(assign=True), load_expert_weights, "
+            f"or accelerate's offloading, e.g. cpu_offload / disk_offload / dispatch_model with offload, which "
+            f"replaces the parameters): {_few(stale)}; putting the blocks back would restore the weights they had at "
+            f"patch time, or weights no longer in memory; nothing was changed. To get transformers' blocks back, "
+            f"load the model again (unpatch() before replacing or offloading its weights)")
 
 
 def _few(items: list) -> str:
@@ -131,6 +156,7 @@ def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
         original = module.__dict__.get(ORIGINAL)
         if original is None or not name:  # not a stand-in of patch(), or ``model`` itself (nothing to put it in)
             continue
+        strengthen(original, module.__dict__.pop(WEAK, ()))  # (all alive and the layer's: check_restorable)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(original, dict):  # layer-level: the layer's MoE attributes, the layer's path
@@ -144,7 +170,9 @@ def restore_blocks(model, stand_in_types: tuple[type, ...]) -> list[str]:
         module.__dict__.pop(KEPT_COST, None)
         module.__dict__.pop(CARRY, None)
         for t, old in module.__dict__.pop(FLAGS, ()):  # (quantised weights patch() froze: the block's own again)
-            t.requires_grad_(old)
+            t = t() if isinstance(t, WeakTensor) else t  # (a model patched before round 69 holds the parameter)
+            if t is not None:
+                t.requires_grad_(old)
     _remove_guards(model, stand_in_types)
     return restored
 
@@ -157,6 +185,7 @@ def _size(nbytes: int) -> str:
 
 
 def _put_back(parent, attr: str, original) -> None:
+    hand_back_device_hook(getattr(parent, attr), original)  # (accelerate's device hook: the stand-in's, ._hooks)
     mode = getattr(parent, attr).training
     if getattr(original, "training", mode) != mode:
         original.train(mode)  # the model's mode changed while patched

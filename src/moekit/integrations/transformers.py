@@ -44,9 +44,10 @@ from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
 from ._blocks import block_tensors, carry_back_of, check_block_settings, converted_stacks, moekit_from_block
 from ._blocks import train_time_routing
 from ._experts import moekit_experts_forward, quantised_experts_refused, quantised_interfaces
+from ._hooks import move_device_hook
 from ._model import _activation_dtype, _model_config_dict, _planned_blocks, check_patch_args, switch_interface
 from ._record import carry_hooks, make_record, mark_asked, original_router, warn_user_hooks
-from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks
+from ._restore import CARRY, GUARD, ORIGINAL, check_restorable, keep_original, restore_blocks, weaken_kept
 
 __all__ = ["LayerMoEAdapter", "MoEBlockAdapter", "check_registered", "moekit_experts_forward", "patch", "register",
            "unpatch"]
@@ -91,8 +92,9 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     input, and the other MoE attributes (router, the norms around the experts, now inside the moekit layer) become
     pass-throughs; the path returned is the layer's. The layers are planned from the model's config: a block whose
     routing settings (``top_k``, ``norm_topk_prob``, ...) differ from it raises ``ValueError`` before anything changes.
-    The replacements keep the replaced block's train/eval mode. The replaced modules are kept by reference (outside
-    the module tree) for :func:`unpatch` where that is free or ``restorable`` asks for it. Supported: the
+    The replacements keep the replaced block's train/eval mode and accelerate device hook (a dispatched model,
+    :mod:`._hooks`). The replaced modules are kept by reference (outside the module tree; the tensors the layers hold
+    themselves by weak reference) for :func:`unpatch` where that is free or ``restorable`` asks for it. Supported: the
     architectures of :func:`moekit.loading.architectures.supported_model_types`. Unsupported architectures raise
     ``NotImplementedError`` listing the supported ones; a model whose MoE blocks are not where its config says raises
     ``RuntimeError``; without transformers, ``ImportError``. All or nothing: a block whose moekit layer cannot be built
@@ -166,6 +168,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
             else:
                 adapter = MoEBlockAdapter(moe, plan, train_time_routing(module), record).train(module.training)
                 keep_original(adapter, module, moe, restorable, **kept)  # for unpatch()
+                move_device_hook(module, adapter)  # (accelerate's device hook goes with the block: ._hooks)
                 parent_name, _, attr = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 undo.append((parent, {attr: module}))
@@ -180,6 +183,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
         for t, old in reversed(flags):  # (a parameter two blocks share: its flag before the first)
             t.requires_grad_(old)
         raise
+    weaken_kept(model)  # (the kept blocks' tensors the layers hold: by weak reference, ._restore.WEAK)
     _guard_router_logits(model)
     return replaced
 
@@ -246,6 +250,7 @@ def _install_in_layer(layer, spec: ArchSpec, moe, restorable: bool, record, kept
             stand_in = _NoRouting()
         else:
             stand_in = torch.nn.Identity()
+        move_device_hook(originals[member], stand_in)
         setattr(layer, member, stand_in.train(layer.training))
 
 
@@ -260,10 +265,11 @@ def unpatch(model) -> list[str]:
 
     Returns the paths :func:`patch` returned (relative to ``model``, in module order), e.g.
     ``["model.layers.0.mlp", ...]``. The blocks put back are the original module objects (kept by reference by
-    :func:`patch`, with their parameters, hooks and attributes), each taking its stand-in's train/eval mode, so the
-    model's forward computes exactly what it computed before :func:`patch` (bit for bit) and ``output_router_logits``
-    works again. A model never patched, or unpatched already, is left as it is and gives ``[]``; :func:`patch`
-    may be called again afterwards. Adapters built by hand stay (no original), with their models' pre-hooks.
+    :func:`patch`, with their parameters, hooks and attributes; accelerate's device hook: the stand-in's, see
+    :mod:`._hooks`), each taking its stand-in's train/eval mode, so the model's forward computes exactly what it
+    computed before :func:`patch` (bit for bit) and ``output_router_logits`` works again. A model never patched, or
+    unpatched already, is left as it is and gives ``[]``; :func:`patch` may be called again afterwards. Adapters
+    built by hand stay (no original), with their models' pre-hooks.
 
     Memory: :func:`patch` keeps the replaced blocks by reference where the moekit layer shares the block's tensors
     (expert stacks in moekit's layout, ``[E, 2I, H]`` / ``[E, H, I]``: Mixtral, Qwen, DeepSeek, most types; small
@@ -273,16 +279,18 @@ def unpatch(model) -> list[str]:
     block only with ``patch(model, restorable=True)`` (the block's own stacks then stay in memory beside the copies
     until :func:`unpatch`); without it they were freed and :func:`unpatch` raises ``ValueError`` naming those blocks,
     before changing anything. It raises too, before changing anything, when a kept block's tensors are no longer
-    the layer's (its weights replaced after :func:`patch`, e.g. ``load_state_dict(assign=True)``: the block would
-    bring back the old weights, which it also keeps in memory until then). The kept blocks are not part of the
-    module tree: ``model.to()`` / ``.half()`` done while patched reach neither their converted stacks nor their
-    buffers (after moving or casting a patched model, call ``model.to(...)`` again once unpatched). What training
-    changed in converted copies is carried back: :func:`unpatch` first writes the layers' current expert weights
-    into the kept blocks' own stacks (in place, in their layout, dtype and device; values exact), so patch, train,
-    unpatch and ``save_pretrained`` saves the trained experts (an optimizer still holds the copies: build a new one
-    to train on after unpatching; small tensors held converted, e.g. a bf16 selection bias widened to float32, are
-    not carried back: edits to them while patched are lost). Quantised expert weights that :func:`patch` froze get
-    their ``requires_grad`` from before :func:`patch` back, whatever was set on them while patched.
+    the layer's (its weights replaced after :func:`patch`, e.g. ``load_state_dict(assign=True)``, or offloaded by
+    accelerate: ``cpu_offload`` / ``disk_offload`` / ``dispatch_model`` of a patched model; a kept block holds the
+    tensors its layer holds itself by weak reference, :mod:`._weak`, so those are freed then). The kept blocks are
+    not part of the module tree: ``model.to()`` / ``.half()`` done while patched reach neither their converted
+    stacks nor their buffers (after moving or casting a patched model, call ``model.to(...)`` again once
+    unpatched). What training changed in converted copies is carried back: :func:`unpatch` first writes the layers'
+    current expert weights into the kept blocks' own stacks (in place, in their layout, dtype and device; values
+    exact), so patch, train, unpatch and ``save_pretrained`` saves the trained experts (an optimizer still holds the
+    copies: build a new one to train on after unpatching; small tensors held converted, e.g. a bf16 selection bias
+    widened to float32, are not carried back: edits to them while patched are lost). Quantised expert weights that
+    :func:`patch` froze get their ``requires_grad`` from before :func:`patch` back, whatever was set on them while
+    patched.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch(): model must be a torch.nn.Module, got {type(model).__name__}")
