@@ -19,7 +19,8 @@ def _warn_state_dict(module, state_dict, prefix, local_metadata) -> None:
     """A patched block's ``state_dict`` holds moekit's names, which ``from_pretrained`` does not read: say so, and
     what ``unpatch`` needs (round 68: for a block patched with converted copies and no original kept, gpt-oss's, the
     advice to unpatch led to unpatch's refusal)."""
-    how = ("call moekit.integrations.transformers.unpatch(model) before save_pretrained" if DROPPED not in
+    how = ("call moekit.integrations.transformers.unpatch(model) before save_pretrained (a PEFT adapter: save it "
+           "while patched, PeftModel.save_pretrained, or merge_and_unload() before unpatch)" if DROPPED not in
            module.__dict__ else "unpatch(model) cannot restore this block (patched with converted copies of its "
            "weights, its original not kept): patch a freshly loaded model with patch(model, restorable=True) to save "
            "it in transformers' format later, or save moekit's state_dict")

@@ -25,6 +25,7 @@ from ..loading.architectures import BY_MODEL_TYPE, ArchSpec, raw_text_config, re
 from ..loading.keys import construction_tensors, field_hint, zero_width_shared_gate
 from ..loading.modules import build_layer
 from ..loading.plan import LayerPlan
+from ._restore import adapter_layers
 from ._quant import fp8_shared, fp8_stacks, is_quant_tensor, mxfp4_stacks, unplaced_quant_message
 
 #: moekit names of fused expert stacks and their biases / scales (``experts.gate_up_proj_scale_inv``...)
@@ -313,3 +314,13 @@ def check_block_settings(module: torch.nn.Module, plan: LayerPlan, name: str, co
                     f"{field} = {cfg!r} and moekit's plan from it runs {want!r} (the config edited after the model "
                     "was built?): transformers runs the block's value; make them agree (set the config before "
                     "building the model)")
+
+
+def check_no_adapters(name: str, module) -> None:
+    """``ValueError`` where a block holds PEFT adapter layers (``get_peft_model`` before ``patch()``): their wrapped
+    tensors have no place in a moekit layer (round 69: the refusal blamed the config's fields or a missing bias)."""
+    found = adapter_layers(module)
+    if found:
+        raise ValueError(f"{name} holds PEFT adapter layers ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}"
+                         "): patch() the model before get_peft_model(), or merge_and_unload() first; nothing was "
+                         "changed")

@@ -8,6 +8,7 @@ import importlib
 import weakref
 
 import torch
+from torch.nn.utils import parametrize
 
 from ..experts.layout import FusedLayout
 from ..ops.activation import (SOFTCAP_GATE, SOFTCAP_UP, SWIGLUOAI_ALPHA, activation_from_hf, gated_activation_from_hf,
@@ -88,8 +89,8 @@ def experts_activation(module) -> tuple[str, float | None]:
     """(moekit activation, swiglu_limit) equal to the experts module's gate function."""
     from transformers.integrations import moe as hf_moe
 
-    cls = type(module)
-    name = cls.__name__
+    cls = parametrize.type_before_parametrizations(module)  # (round 69: PEFT's LoRA on the stacks parametrizes
+    name = cls.__name__  # them, renaming the class "Parametrized...": gpt-oss's gate function was not found)
     if name in _GATE_FUNCTIONS:
         return _GATE_FUNCTIONS[name](module)
     if not getattr(module, "has_gate", True):  # non-gated (Nemotron-H): act(up x)

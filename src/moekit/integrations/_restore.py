@@ -114,6 +114,13 @@ def weaken_kept(model) -> None:
             stand_in.__dict__[WEAK] = weaken_shared(original, moe)
 
 
+def adapter_layers(module) -> list[str]:
+    """The paths of PEFT adapter layers inside ``module`` (a LoRA layer wrapping its ``base_layer``, a
+    ``modules_to_save`` wrapper): modules that neither transformers nor moekit built (round 69)."""
+    return [n for n, m in module.named_modules() if callable(getattr(type(m), "get_base_layer", None))
+            or "base_layer" in m._modules or ("original_module" in m._modules and "modules_to_save" in m._modules)]
+
+
 def check_restorable(model) -> None:
     """Raise ``ValueError`` before anything is put back (:func:`restore_blocks` then restores all or nothing) when a
     stand-in of ``model`` dropped its original (:func:`keep_original`), or kept one that the moekit layer no longer
@@ -121,6 +128,13 @@ def check_restorable(model) -> None:
     accelerate's offloading, ...; putting the original back would restore the weights it had at patch time, or
     weights no longer there: those it held by weak reference, :data:`WEAK`, freed)."""
     dropped, stale = [], []
+    adapted = [f"{n}.moe.{a}" for n, m in model.named_modules() if ORIGINAL in m.__dict__ and hasattr(m, "moe")
+               for a in adapter_layers(m.moe)]
+    if adapted:  # (round 69: unpatch() put the blocks back without them, silently dropping what they trained)
+        raise ValueError(f"unpatch(): PEFT adapter layers were added inside moekit layers after patch(): "
+                         f"{_few(adapted)}; putting the blocks back would drop them and what they learned. Merge "
+                         "them first (merge_and_unload()), or save the adapter while patched "
+                         "(PeftModel.save_pretrained); nothing was changed")
     for n, m in model.named_modules():
         if DROPPED in m.__dict__:
             dropped.append(f"{n or '<model>'} ({_size(m.__dict__[DROPPED])})")

@@ -42,7 +42,7 @@ from ..loading.fields import construction_error, gives, mentioned
 from ..loading.quant import checkpoint_formats
 from ._adapters import LayerMoEAdapter, MoEBlockAdapter, _NoRouting
 from ._blocks import block_tensors, carry_back_of, check_block_settings, converted_stacks, moekit_from_block
-from ._blocks import train_time_routing
+from ._blocks import check_no_adapters, train_time_routing
 from ._experts import moekit_experts_forward, quantised_experts_refused, quantised_interfaces
 from ._hooks import move_device_hook
 from ._model import _activation_dtype, _model_config_dict, _planned_blocks, check_patch_args, switch_interface
@@ -132,6 +132,7 @@ def patch(model, *, backend: str = "auto", eager_graph_tokens: int | None = None
     if _asks_router_logits(model):
         _refuse_unrecorded(model, "patch()", [why for name, why in records if name is None])
     for name, module, plan in blocks:  # (a block on the meta device, e.g. offloaded, raises before any is replaced)
+        check_no_adapters(name, module)
         block_tensors(module, spec, plan)
         check_block_settings(module, plan, name, config)
         warn_user_hooks(name, module, spec.ckpt_blocks if spec.layer_level else None)
