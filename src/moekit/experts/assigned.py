@@ -1,98 +1,43 @@
-"""Expert parameters put on a :class:`~moekit.RoutedExperts` by an assignment that bypasses its loaders: transformers'
-``from_pretrained`` (``setattr(module, name, Parameter(loaded))``) and accelerate's ``load_checkpoint_and_dispatch`` /
-``set_module_tensor_to_device`` (``module._parameters[name] = ...``). Round 69's audit: a user's own
-``PreTrainedModel`` holding a moekit layer loaded by ``from_pretrained`` was refused as "not loaded" (the loaded-record
-never saw the writes), so the standard loading path of such a model could not run.
+"""Expert tensors that transformers' ``from_pretrained`` assigns: it loads a model's parameters by
+``setattr(module, name, Parameter(loaded))``, marking each one it read from the checkpoint ``_is_hf_initialized``
+(missing keys get ``torch.empty_like`` without the mark). Round 69's audit: a user's own ``PreTrainedModel`` holding a
+moekit layer loaded by ``from_pretrained`` was refused as "not loaded" (the loaded-record never saw the writes).
 
-The rule (:func:`assigned_whole`): the parameters the layer allocated itself are noted (:func:`remember_own`); each
-expert tensor is either one of those, whose slots and shards the loaded-record must have seen written, or a parameter put
-there from outside, read as a whole-tensor load with ``load_state_dict(assign=True)``'s checks: storage dtypes,
-scale values and float16's range (:func:`~.params.check_state_tensors`, :func:`~.range16.check_named`), and no slot
-or shard holding what a never-loaded layer holds (:func:`~.loaded_record.unset_slices`: NaN weights, NaN or 255
-scales). Nothing is recorded: the answer is cached for these tensor objects (held weakly), so a parameter swapped
-back (``functional_call`` restoring the layer's own) is judged again. A layer storing its 4-bit codes re-laid
-(``packed_layout == "rega"``) refuses assigned codes (they come in SPEC §8's packing): ``RuntimeError``."""
+The rule (:func:`hf_assigned`, called by ``RoutedExperts.__setattr__``): a marked tensor assigned to an expert tensor
+name is loaded as ``load_state_dict({name: t}, strict=False, assign=True)`` would load it — the same checks (shape,
+storage dtypes, scale values, float16's range, never-loaded marks) and the loaded-record written for that tensor
+only; an unmarked one (a missing key's ``empty_like``, a user's own assignment) is not a load, as before. A layer whose
+placement a state dict carries (EPLB, expert or tensor parallelism) refuses it: transformers assigns the placement
+buffers raw and refills the non-persistent maps with ``empty_like`` (the review of round 69: slots and routing maps
+silently wrong). accelerate's ``load_checkpoint_and_dispatch`` writes ``module._parameters`` directly (no
+``setattr``): such a layer stays "not loaded" (load it with ``load_state_dict``). Round 69's review: a first version
+judged every assigned parameter at each forward (weak references broke ``torch.utils.swap_tensors``, missing keys'
+uninitialised memory was accepted, and offloaded layers re-scanned every call)."""
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-from torch.nn.utils import parametrize
 
-from .._checks import values_checkable
-from .loaded_record import unset_slices
-from .packed import RELAID_WEIGHTS
-from .params import check_state_tensors
-from .placement_state import Transient
-from .range16 import check_named
-
-def remember_own(experts, names=None) -> None:
-    """Note the current expert parameters of ``names`` (all when None) as the layer's own (held weakly; a copy or a
-    pickle of the layer starts without: every tensor is then its own, judged by the loaded-record alone)."""
-    held = experts.__dict__.get("_own_tensors")
-    own = {} if held is None or held.value is None else dict(held.value)
-    if names is not None and not own:  # (unknown stays unknown)
-        return
-    for name in experts.specs if names is None else names:
-        t = experts._parameters.get(name)
-        if t is not None:
-            own[name] = weakref.ref(t)
-    experts.__dict__["_own_tensors"] = Transient(own)
+_LOADING = "_hf_assign_loading"
 
 
-def own_names(experts) -> list[str]:
-    """The expert parameters that are the layer's own now (for :func:`remember_own` after an ``_apply`` that may
-    replace them: ``torch.__future__.set_overwrite_module_params_on_conversion``)."""
-    own = experts.__dict__.get("_own_tensors")
-    own = own.value if own is not None and own.value is not None else {}
-    return [n for n, r in own.items() if r() is experts._parameters.get(n)]
-
-
-def _foreign(experts, own: dict, name: str, t) -> bool:
-    r = own.get(name)
-    return isinstance(t, torch.nn.Parameter) and (r is None or r() is not t) and \
-        not parametrize.is_parametrized(experts, name)
-
-
-def assigned_whole(experts) -> bool:
-    """Whether ``experts`` may run although its loaded-record is incomplete: some expert parameters were assigned from
-    outside (module docstring) and hold loaded values, and every one of its own has every slot and shard written.
-    ``ValueError`` / ``TypeError`` where an assigned tensor has the wrong shape, dtype or scale values (as
-    ``load_state_dict(assign=True)`` would say); ``RuntimeError`` on a re-laid 4-bit layer."""
-    own = experts.__dict__.get("_own_tensors")
-    if own is None or own.value is None:  # (a copy or a pickle: the loaded-record alone)
+def hf_assigned(experts, name: str, value) -> bool:
+    """``experts.<name> = value`` is transformers' ``from_pretrained`` assigning a tensor it read: load it (module
+    docstring) and return True; else False (the caller sets the attribute as usual)."""
+    specs = experts.__dict__.get("specs")
+    if specs is None or name not in specs or getattr(value, "_is_hf_initialized", False) is not True \
+            or not isinstance(value, torch.Tensor) or experts.__dict__.get(_LOADING):
         return False
-    tensors = experts.expert_tensors()
-    foreign = {n: t for n, t in tensors.items() if _foreign(experts, own.value, n, t)}
-    if not foreign:
-        return False
-    written, slots = experts._record.written, range(experts.placement.num_local)
-    for name, spec in experts.specs.items():
-        if name not in foreign and any((slot, s, spec.kind) not in written for slot in slots for s in spec.shards):
-            return False
-    seen = experts.__dict__.get("_assigned_seen")
-    if seen is not None and seen.value is not None and [r() for r in seen.value] == list(foreign.values()):
-        return True
-    if not all(values_checkable(t) for t in foreign.values()):
-        return False  # (compile or capture: an eager call judges them first)
-    relaid = sorted(set(foreign) & set(RELAID_WEIGHTS)) if experts.packed_layout == "rega" else []
-    if relaid:
-        raise RuntimeError(f"{relaid} of layer {experts.layer_name!r} were replaced by an assignment (transformers' "
-                           "from_pretrained, accelerate), but this layer stores its 4-bit codes re-laid for its "
-                           "kernels; load them with load_state_dict(), load_expert_weights() or "
-                           "moekit.load_moe_layers()")
-    for name, t in foreign.items():
-        want = tuple(experts.specs[name].local_shape(experts.placement.num_local, experts.tp_rows))
-        if tuple(t.shape) != want:
-            raise ValueError(f"{name} of layer {experts.layer_name!r} was replaced by an assignment with shape "
-                             f"{list(t.shape)}; the layer holds {list(want)}")
-    check_state_tensors(experts, dict(foreign), "", assign=True)
-    quantised = experts.quant is not None
-    if any(unset_slices(experts.specs[n], t.detach(), quantised) for n, t in foreign.items()):
-        return False
-    check_named(experts, {n: t.detach() for n, t in tensors.items()}, "", "assigned ")
-    experts.__dict__["_assigned_seen"] = Transient([weakref.ref(t) for t in foreign.values()])
+    p = experts.placement
+    if p.ep_size > 1 or p.tp_size > 1 or p.num_physical != p.num_local or getattr(experts, "placement_movable", False):
+        raise ValueError(f"{name} of layer {experts.layer_name!r}: a layer whose state dict carries its placement "
+                         "(EPLB, expert or tensor parallelism) cannot be loaded by transformers' from_pretrained, which "
+                         "assigns the placement raw; load its state dict with load_state_dict()")
+    experts.__dict__[_LOADING] = True
+    try:
+        experts.load_state_dict({name: value}, strict=False, assign=True)
+    finally:
+        experts.__dict__.pop(_LOADING, None)
     return True
 
 

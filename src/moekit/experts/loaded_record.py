@@ -106,7 +106,7 @@ class LoadedRecord:
         missing = self.missing(logical_ids, gated)
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
         why = {"unset": "; a state dict loaded into it held the values of a layer never loaded for them (NaN weights "
-               "or NaN scales)", "legacy": _LEGACY}.get(self.unset_loaded, "")
+               "or NaN scales)", "legacy": _LEGACY}.get("unset" if self.unset_loaded is True else self.unset_loaded, "")
         raise RuntimeError(
             f"layer {layer_name!r}: forward before the expert weights were loaded (missing "
             f"{', '.join(missing[:6])}{more}{why}); load them with load_expert_weights(), load_weights() "

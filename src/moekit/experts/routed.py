@@ -34,7 +34,7 @@ from ..ops.quant_config import parse_quant_config
 from ..ops.quantize import quantize_weight
 from ..ops.w4_layout import packed_layout_for
 from .adopt import adoptable
-from .assigned import assigned_whole, check_on_meta, own_names, remember_own
+from .assigned import check_on_meta, hf_assigned
 from .layout import DOWN, SHARD_IDS, UP
 from .loaded_record import (InputScales, LoadedRecord, check_swapped_in, fill_unset, state_loaded, swapped_in_whole,
                             unset_value, values_kept, values_sample, writable)
@@ -134,20 +134,22 @@ class RoutedExperts(torch.nn.Module):
             # round 53's review) and loads as not loaded (loaded_record.unset_slices; rounds 55-56)
             setattr(self, name, torch.nn.Parameter(torch.full(spec.local_shape(p.num_local, self.tp_rows), unset_value(
                 spec, self.quant is not None), dtype=spec.dtype, device=device), requires_grad=False))
-        remember_own(self)  # (what an assignment puts here is judged by its values: experts/assigned.py)
         expert_map = None if p.ep_size == 1 and p.num_physical == p.num_local else p.expert_map(device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self._record = LoadedRecord((slot, s, spec.kind) for spec in self.specs.values() for s in spec.shards
                                     for slot in range(p.num_local))
         self._input_scales = InputScales()  # each expert's latest static input scale (every slot holds the largest)
 
+    def __setattr__(self, name, value):  # (transformers' from_pretrained assigns what it read: a load, assigned.py)
+        if not hf_assigned(self, name, value):
+            super().__setattr__(name, value)
+
     def _apply(self, fn, *args, **kwargs):
         # unquantised weights follow ``.to(dtype)``; quantised ones keep their storage dtypes (``keep_dtypes``) while
         # params_dtype (activations, outputs, biases) follows a float cast, as an unquantised layer's does
         # (float16 4-bit: a dequantised weight past float16's range is refused before anything moves: range16)
-        new, sample, own = cast_dtype_checked(self, fn), values_sample(self), own_names(self)
+        new, sample = cast_dtype_checked(self, fn), values_sample(self)
         out = super()._apply(fn if self.quant is None else keep_dtypes(fn), *args, **kwargs)
-        remember_own(self, own)  # (parameters replaced by torch's overwrite-on-conversion stay the layer's own)
         if not self.w13_weight.is_meta and not values_kept(sample, self):  # ``to_empty`` (from meta; round 63: or of
             maps_rebuilt(self)  # values): the maps hold garbage, the expert tensors are unset as at construction (a
             fill_unset(self)  # state dict saved before any load then loads as not loaded; rounds 55-56), none loaded
@@ -217,9 +219,9 @@ class RoutedExperts(torch.nn.Module):
         return self._record.missing(self.placement.local_logical_ids(), self.moe_config.gated)
 
     def check_loaded(self) -> None:
-        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (one attribute read once loaded),
-        swapped in whole (:func:`~.loaded_record.swapped_in_whole`) or assigned (:func:`~.assigned.assigned_whole`)."""
-        if not self._record.complete and not swapped_in_whole(self) and not assigned_whole(self):
+        """Raise ``RuntimeError`` unless every expert weight of this rank was loaded (one attribute read once loaded)
+        or swapped in whole (:func:`~.loaded_record.swapped_in_whole`)."""
+        if not self._record.complete and not swapped_in_whole(self):
             self._record.check(self.layer_name, self.placement.local_logical_ids(), self.moe_config.gated)
 
     def _relaid_weights(self) -> tuple[str, ...]:

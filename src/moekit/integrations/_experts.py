@@ -128,7 +128,7 @@ def experts_weights(module):
         return convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
     sources = (w13, module.down_proj, b13, b2)
     cache = module.__dict__.get(_CACHE)
-    if cache is None or not cache.made_from(sources):
+    if not isinstance(cache, _Converted) or not cache.made_from(sources):  # (a tuple: a round-68 pickle's cache)
         stacks = convert_stacks(w13, module.down_proj, b13, b2, w13.shape[0], layout)
         cache = _Converted(module, sources, tuple(t.detach() if t is not None else None for t in stacks))
         module.__dict__[_CACHE] = cache
