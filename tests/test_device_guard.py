@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from cuda_fakes import on as cuda_on  # noqa: E402
 
 import moekit
 from moekit.benchmarking import timer
@@ -19,23 +20,8 @@ from moekit.parallel.agree import agreed_forward
 E, K, H, I = 8, 2, 16, 8
 
 
-class CudaTensor(torch.Tensor):
-    """A CPU tensor that reads as a CUDA tensor of device ``dev`` (all the guard looks at)."""
-
-    dev = 0
-
-    @property
-    def is_cuda(self):
-        return True
-
-    def get_device(self):
-        return self.dev
-
-
 def on(dev: int) -> torch.Tensor:
-    t = torch.Tensor._make_subclass(CudaTensor, torch.empty(2, H))
-    t.dev = dev
-    return t
+    return cuda_on(dev, 2, H)
 
 
 @pytest.fixture

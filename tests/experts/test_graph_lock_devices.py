@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+from cuda_fakes import on  # noqa: E402
 
 from moekit.experts import graph_lock, graphed
 from moekit.experts.graph_lock import GraphPool, capture_stream
@@ -29,23 +30,6 @@ class FakeStream:
         return self.name
 
 
-class CudaTensor(torch.Tensor):
-    """A CPU tensor that reads as a CUDA tensor of device ``dev`` (all GraphLock.take looks at)."""
-
-    dev = 0
-
-    @property
-    def is_cuda(self):
-        return True
-
-    def get_device(self):
-        return self.dev
-
-
-def on(dev: int) -> torch.Tensor:
-    t = torch.Tensor._make_subclass(CudaTensor, torch.empty(1))
-    t.dev = dev
-    return t
 
 
 @pytest.fixture
