@@ -269,17 +269,15 @@ def check_values_set(router) -> None:
 
 
 def check_not_meta(router) -> None:
-    """``RuntimeError`` where a value buffer is still on meta at a forward on real tensors: a layer built on meta and
-    loaded with ``assign=True, strict=False`` from a state dict without it (saved before round 48, when neither was in
-    state dicts; round 69: the forward blamed a device mismatch)."""
+    """``RuntimeError`` where a value buffer is still on meta at a forward on real tensors: a meta-built layer loaded
+    with ``assign=True, strict=False`` from a state dict saved before round 48 (round 69: blamed a device mismatch)."""
     names = [n for n in _VALUE_BUFFERS if (t := router._buffers.get(n)) is not None and t.is_meta]
     if names:
         raise RuntimeError(
             f"{type(router).__name__}: {', '.join(names)} is on the meta device: it was never loaded (a state dict "
-            "saved before round 48 lacks router.e_score_correction_bias / router.hash_indices_table); before a "
-            "forward, assign it (layer.router.e_score_correction_bias = bias, the table likewise; or "
-            "layer.load_state_dict({'router.e_score_correction_bias': bias}, strict=False, assign=True)), or build the "
-            "layer on a real device with the bias / table given to it and load that state dict with strict=False")
+            "saved before round 48 lacks router.e_score_correction_bias / router.hash_indices_table); assign it before "
+            "a forward (layer.router.e_score_correction_bias = bias, the table likewise), or build the layer on a "
+            "real device with the bias / table given to it and load that state dict with strict=False")
 
 
 #: :func:`check_values_set` run eagerly from compiled code (it reads versions and values: round 68)
@@ -356,8 +354,7 @@ class ScoredRouter(BaseRouter):
         self._bias_dtype = None if e_score_correction_bias is None else e_score_correction_bias.dtype
 
     _apply = keep_bias_dtype
-    #: the bias dtype at construction (:func:`warn_bias_dtype`); a router pickled before round 64 has none (round 69:
-    #: its first forward raised AttributeError): None, no dtype warning
+    #: the bias dtype at construction (:func:`warn_bias_dtype`); None for a router pickled before round 64 (round 69)
     _bias_dtype: torch.dtype | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
